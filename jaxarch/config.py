@@ -1,0 +1,457 @@
+"""Configs: load `path.py[:arg]`, apply `--config.x=y` overrides, validate, save as JSON.
+
+A config file defines `get_config(arg)` returning an `ml_collections.ConfigDict`; `arg`
+picks a preset. Overrides follow `ml_collections.config_flags` syntax and are parsed by
+the type of the field they replace, so `train.steps=1e3` fails at load time instead of
+deep inside the trainer. Every mistake the user can make in a config is a `ConfigError`
+with a one-line message naming the key and what was expected.
+"""
+
+import ast
+from collections.abc import Callable, Sequence
+import difflib
+import hashlib
+import importlib.util
+import json
+import math
+import os
+from pathlib import Path
+import sys
+from typing import Any
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
+DTYPES = ('float32', 'bfloat16', 'float16')
+REMAT = ('none', 'full', 'dots')
+ATTENTION_IMPLS = ('xla', 'cudnn')
+SCHEDULES = ('cosine', 'wsd', 'constant')
+POSITIVE_INTS = (
+    'model.d_model', 'model.n_layers', 'model.n_heads', 'model.n_kv_heads', 'model.d_ff',
+    'model.vocab_size', 'model.max_len', 'data.seq_len', 'train.steps', 'train.batch_size',
+    'checkpoint.every_steps', 'checkpoint.keep', 'log.every_steps', 'log.eval_every_steps',
+    'log.eval_batches',
+)
+
+# Relative config paths that are not found from the working directory are looked up in
+# the checkout this package runs from (absent for an installed wheel).
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+  """A mistake in a config file, an override or their combination; one line for the user."""
+
+  def __init__(self, message: str):
+    prefix = 'config error: '
+    super().__init__(message if message.startswith(prefix) else prefix + message)
+
+
+# Loading.
+
+
+def load(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
+  """`configs/dense.py:tiny` plus `train.steps=50`-style overrides -> locked, valid config."""
+  path, arg = _split_spec(spec)
+  module = _import_file(_resolve_path(path))
+  get_config = getattr(module, 'get_config', None)
+  if not callable(get_config):
+    raise ConfigError(f'config file {path!r} does not define get_config(arg)')
+  try:
+    cfg = get_config(arg) if arg else get_config()
+  except ValueError as e:
+    # Config files report a bad preset as 'config error: ...'; keep their words.
+    if str(e).startswith('config error: '):
+      raise ConfigError(str(e)) from e
+    raise
+  if not isinstance(cfg, ConfigDict):
+    raise ConfigError(f'{path}: get_config returned {type(cfg).__name__}, not a ConfigDict')
+  cfg.lock()  # an override can only change a key the config file defines
+  for override in overrides:
+    apply_override(cfg, override)
+  return validate(cfg)
+
+
+def _split_spec(spec: str) -> tuple[str, str | None]:
+  # The preset is after the last ':' so paths may contain colons; `x.py` alone has none.
+  if spec.endswith('.py') or ':' not in spec:
+    return spec, None
+  path, arg = spec.rsplit(':', 1)
+  return path, arg or None
+
+
+def _resolve_path(path: str) -> Path:
+  p = Path(path).expanduser()
+  candidates = [p]
+  if not p.is_absolute() and (_REPO_ROOT / 'configs').is_dir():
+    candidates += [_REPO_ROOT / p, _REPO_ROOT / 'configs' / p]
+  for candidate in candidates:
+    if candidate.is_file():
+      return candidate
+  raise ConfigError(f'config file {path!r} not found '
+                    f'(looked in {", ".join(str((Path.cwd() / c).parent) for c in candidates)})')
+
+
+def _import_file(path: Path):
+  name = '_jaxarch_config_' + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  sys.modules[name] = module  # dataclasses and pickling look modules up by name
+  module_spec.loader.exec_module(module)
+  return module
+
+
+# Overrides.
+
+
+def apply_override(cfg: ConfigDict, override: str) -> None:
+  """Sets one `--config.a.b=v`, `config.a.b=v` or `a.b=v`, parsing `v` by the field's type."""
+  text = override.removeprefix('--').removeprefix('config.')
+  key, sep, raw = text.partition('=')
+  if not sep or not key:
+    raise ConfigError(f'override {override!r} must look like --config.section.key=value')
+  parent, name = _find_parent(cfg, key)
+  field_type = parent.get_type(name)
+  if field_type is ConfigDict:
+    raise ConfigError(f'{key} is a section; override its keys, e.g. '
+                      f'{key}.{next(iter(parent[name]), "name")}=...')
+  field = dict(parent.items(preserve_field_references=True))[name]
+  nullable = parent[name] is None or isinstance(field, ml_collections.FieldReference)
+  value = _parse(key, raw.strip(), field_type, nullable)
+  try:
+    parent[name] = value
+  except TypeError as e:
+    raise ConfigError(f'{key}={raw!r} must be {_article(field_type)}') from e
+
+
+def _find_parent(cfg: ConfigDict, key: str) -> tuple[ConfigDict, str]:
+  *sections, name = key.split('.')
+  node = cfg
+  for section in sections:
+    node = node.get(section) if isinstance(node, ConfigDict) else None
+  if not isinstance(node, ConfigDict) or name not in node:
+    raise ConfigError(_unknown_key_message(cfg, key))
+  return node, name
+
+
+def _unknown_key_message(cfg: ConfigDict, key: str) -> str:
+  match = difflib.get_close_matches(key, list(_all_keys(cfg)), n=1)
+  return f'unknown key {key!r}' + (f' (did you mean {match[0]!r}?)' if match else '')
+
+
+def _all_keys(cfg: ConfigDict, prefix: str = ''):
+  for name in cfg:
+    yield prefix + name
+    if isinstance(cfg[name], ConfigDict):
+      yield from _all_keys(cfg[name], f'{prefix}{name}.')
+
+
+def _parse(key: str, raw: str, field_type: type, nullable: bool) -> Any:
+  """`raw` as a value of `field_type`; `none` clears fields that are None or placeholders."""
+  if nullable and raw in ('none', 'None'):
+    return None
+  try:
+    if field_type is bool:
+      return {'true': True, 'false': False, '1': True, '0': False}[raw.lower()]
+    if field_type is int:
+      return int(raw)
+    if field_type is float:
+      return float(raw)
+    if field_type is str:
+      return raw
+    if field_type in (tuple, list):
+      value = ast.literal_eval(raw)
+      if not isinstance(value, (tuple, list)):
+        raise ValueError(raw)
+      return _as_tuples(value) if field_type is tuple else list(value)
+    if field_type is type(None):  # a None default takes any literal, else the string
+      try:
+        return ast.literal_eval(raw)
+      except (ValueError, SyntaxError):
+        return raw
+  except (KeyError, ValueError, SyntaxError) as e:
+    raise ConfigError(f'{key}={raw!r} must be {_article(field_type)}') from e
+  raise ConfigError(f'{key} has type {field_type.__name__}, which overrides cannot set')
+
+
+def _as_tuples(value):
+  # Nested sequences such as mesh.rules stay tuples however they were written.
+  return tuple(_as_tuples(v) for v in value) if isinstance(value, (tuple, list)) else value
+
+
+def _article(field_type: type) -> str:
+  return {
+      bool: 'a bool (true/false/1/0)',
+      int: 'an int',
+      float: 'a float',
+      str: 'a str',
+      tuple: "a tuple, written as a Python literal such as ('a', 'b')",
+      list: "a list, written as a Python literal such as ['a', 'b']",
+  }.get(field_type, f'a {field_type.__name__}')
+
+
+# Validation.
+
+Check = Callable[[ConfigDict], None]
+
+
+def _check_transformer(cfg: ConfigDict) -> None:
+  """The decoder-stack shape that every family builds on."""
+  m = cfg.model
+  head_dim = _get(cfg, 'model.head_dim')
+  if head_dim is not None:
+    _positive_int(cfg, 'model.head_dim')
+  elif m.d_model % m.n_heads:
+    raise ConfigError(f'model.d_model={m.d_model} must be divisible by model.n_heads='
+                      f'{m.n_heads} (or set model.head_dim)')
+  if m.n_heads % m.n_kv_heads:
+    raise ConfigError(f'model.n_heads={m.n_heads} must be divisible by model.n_kv_heads='
+                      f'{m.n_kv_heads} (grouped-query attention)')
+  if cfg.data.seq_len > m.max_len:
+    raise ConfigError(f'data.seq_len={cfg.data.seq_len} must be <= model.max_len={m.max_len}')
+  _choice(cfg, 'model.dtype', DTYPES)
+  _choice(cfg, 'model.param_dtype', DTYPES)
+  _choice(cfg, 'model.remat', REMAT)
+  _choice(cfg, 'model.attention_impl', ATTENTION_IMPLS)
+
+
+# model.family -> checks of the model it builds. A family adds the checks of its own
+# section here (e.g. 'moe': (_check_transformer, _check_moe)); the keys are the families.
+FAMILY_CHECKS: dict[str, tuple[Check, ...]] = {
+    'dense': (_check_transformer,),
+    'moe': (_check_transformer,),
+    'ultramem': (_check_transformer,),
+    'megabyte': (_check_transformer,),
+    'bita': (_check_transformer,),
+}
+
+# Block kind in model.block_pattern -> checks of its section (model.moe, model.ultramem),
+# run whenever the pattern uses the block, whatever the family; the keys are the kinds.
+BLOCK_CHECKS: dict[str, tuple[Check, ...]] = {
+    'dense': (),
+    'moe': (),
+    'ultramem': (),
+}
+
+
+def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
+  """Raises ConfigError on the first inconsistency; with `num_devices`, checks the mesh too."""
+  for key in POSITIVE_INTS:
+    _positive_int(cfg, key)
+  family = _choice(cfg, 'model.family', tuple(FAMILY_CHECKS))
+  pattern = _get(cfg, 'model.block_pattern')
+  if not isinstance(pattern, (tuple, list)) or not pattern:
+    raise ConfigError(f'model.block_pattern={pattern!r} must be a non-empty tuple of '
+                      f'block kinds from {", ".join(BLOCK_CHECKS)}')
+  for i, block in enumerate(pattern):
+    if block not in BLOCK_CHECKS:
+      raise ConfigError(f'model.block_pattern[{i}]={block!r} must be one of '
+                        f'{", ".join(BLOCK_CHECKS)}')
+  checks = list(FAMILY_CHECKS[family])
+  for block in pattern:
+    checks += BLOCK_CHECKS[block]
+  for check in dict.fromkeys(checks):  # each once, in order
+    check(cfg)
+  _check_train(cfg)
+  _check_mesh(cfg, num_devices)
+  return cfg
+
+
+def _check_train(cfg: ConfigDict) -> None:
+  _choice(cfg, 'train.schedule', SCHEDULES)
+  steps = cfg.train.steps
+  warmup = _number(cfg, 'train.warmup_steps', int)
+  if not 0 <= warmup <= steps:
+    raise ConfigError(f'train.warmup_steps={warmup} must be in [0, train.steps={steps}]')
+  if not _number(cfg, 'train.lr') > 0:
+    raise ConfigError(f'train.lr={cfg.train.lr} must be > 0')
+  for key in ('train.min_lr_ratio', 'train.decay_fraction'):
+    if not 0 <= _number(cfg, key) <= 1:
+      raise ConfigError(f'{key}={_get(cfg, key)} must be in [0, 1]')
+  if not _number(cfg, 'train.grad_clip') >= 0:
+    raise ConfigError(f'train.grad_clip={cfg.train.grad_clip} must be >= 0 (0: no clipping)')
+
+
+def _check_mesh(cfg: ConfigDict, num_devices: int | None) -> None:
+  _mesh_sizes(cfg)
+  rules = _get(cfg, 'mesh.rules')
+  if not isinstance(rules, (tuple, list)):
+    raise ConfigError(f'mesh.rules={rules!r} must be a tuple of (logical, mesh_axes) pairs')
+  seen = set()
+  for i, rule in enumerate(rules):
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+      raise ConfigError(f'mesh.rules[{i}]={rule!r} must be a (logical, mesh_axes) pair')
+    if rule[0] in seen:
+      raise ConfigError(f'mesh.rules[{i}] maps logical axis {rule[0]!r} a second time')
+    seen.add(rule[0])
+    axes = _rule_axes(rule[1])
+    if axes is None or any(a not in MESH_AXES for a in axes):
+      raise ConfigError(f'mesh.rules[{i}]={tuple(rule)!r}: mesh axes must be None, one of '
+                        f'{", ".join(MESH_AXES)} or a tuple of them')
+  if 'batch' not in seen:
+    raise ConfigError("mesh.rules has no entry for logical axis 'batch'")
+  if num_devices is None:
+    return
+  shape = mesh_shape(cfg, num_devices)
+  batch_axes = _rule_axes(dict(rules)['batch'])
+  split = math.prod(shape[a] for a in dict.fromkeys(batch_axes))
+  if cfg.train.batch_size % split:
+    sizes = ', '.join(f'{a}={shape[a]}' for a in batch_axes)
+    raise ConfigError(f'train.batch_size={cfg.train.batch_size} must be divisible by {split}, '
+                      f'the mesh axes the batch is split over ({sizes})')
+
+
+def _rule_axes(mesh_axes) -> tuple[str, ...] | None:
+  """A rule's mesh axes as a tuple; None where they are not None, a str or strs."""
+  if mesh_axes is None:
+    return ()
+  if isinstance(mesh_axes, str):
+    return (mesh_axes,)
+  if isinstance(mesh_axes, (tuple, list)) and all(isinstance(a, str) for a in mesh_axes):
+    return tuple(mesh_axes)
+  return None
+
+
+def _mesh_sizes(cfg: ConfigDict) -> tuple[dict[str, int], dict[str, int]]:
+  """(ici, dcn) sizes per axis, checked: positive or -1, one -1 in the whole mesh."""
+  result = []
+  for level in ('ici', 'dcn'):
+    section = _get(cfg, f'mesh.{level}')
+    extra = set(section) - set(MESH_AXES)
+    if extra:
+      raise ConfigError(f'mesh.{level}.{sorted(extra)[0]} is not a mesh axis; the axes are '
+                        f'{", ".join(MESH_AXES)}')
+    sizes = {}
+    for axis in MESH_AXES:
+      size = _get(cfg, f'mesh.{level}.{axis}')
+      if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+        raise ConfigError(f'mesh.{level}.{axis}={size!r} must be a positive int or -1 '
+                          f'(take the remaining devices)')
+      sizes[axis] = size
+    if list(sizes.values()).count(-1) > 1:
+      raise ConfigError(f'mesh.{level} ({_describe(sizes)}) has more than one -1; '
+                        f'at most one size can be inferred')
+    result.append(sizes)
+  ici, dcn = result
+  if -1 in ici.values() and -1 in dcn.values():
+    raise ConfigError(f'mesh.ici ({_describe(ici)}) and mesh.dcn ({_describe(dcn)}) both '
+                      f'have a -1; at most one size in the whole mesh can be inferred')
+  return ici, dcn
+
+
+def mesh_shape(cfg: ConfigDict, num_devices: int) -> dict[str, int]:
+  """Size of each mesh axis (ici × dcn) on `num_devices` devices, with the -1 resolved."""
+  if num_devices < 1:
+    raise ValueError(f'num_devices={num_devices} must be >= 1')
+  ici, dcn = _mesh_sizes(cfg)
+  where = f'mesh.ici ({_describe(ici)})'
+  if any(s != 1 for s in dcn.values()):
+    where += f' x mesh.dcn ({_describe(dcn)})'
+  fixed = math.prod(s for s in (*ici.values(), *dcn.values()) if s != -1)
+  if -1 in (*ici.values(), *dcn.values()):
+    if num_devices % fixed:
+      factors = [a for a in MESH_AXES if ici[a] != -1]
+      factors += [f'dcn.{a}' for a in MESH_AXES if dcn[a] not in (-1, 1)]
+      raise ConfigError(f'{where} does not divide the {num_devices} devices '
+                        f'({"*".join(factors)}={fixed})')
+    rest = num_devices // fixed
+  elif fixed != num_devices:
+    raise ConfigError(f'{where} uses {fixed} devices but there are {num_devices}; '
+                      f'make them multiply to {num_devices} or set one size to -1')
+  else:
+    rest = 1
+  return {a: (rest if ici[a] == -1 else ici[a]) * (rest if dcn[a] == -1 else dcn[a])
+          for a in MESH_AXES}
+
+
+def _describe(sizes: dict[str, int]) -> str:
+  return ', '.join(f'{a}={s}' for a, s in sizes.items())
+
+
+def _get(cfg: ConfigDict, key: str) -> Any:
+  node = cfg
+  for part in key.split('.'):
+    try:
+      node = node[part]
+    except (KeyError, AttributeError, TypeError):
+      raise ConfigError(f'missing key {key!r}') from None
+  return node
+
+
+def _positive_int(cfg: ConfigDict, key: str) -> int:
+  value = _get(cfg, key)
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ConfigError(f'{key}={value!r} must be a positive int')
+  return value
+
+
+def _number(cfg: ConfigDict, key: str, kind: type | tuple[type, ...] = (int, float)):
+  value = _get(cfg, key)
+  if isinstance(value, bool) or not isinstance(value, kind):
+    raise ConfigError(f'{key}={value!r} must be {"an int" if kind is int else "a number"}')
+  return value
+
+
+def _choice(cfg: ConfigDict, key: str, options: Sequence[str]) -> str:
+  value = _get(cfg, key)
+  if value not in options:
+    raise ConfigError(f'{key}={value!r} must be one of {", ".join(options)}')
+  return value
+
+
+# Saving the resolved config.
+
+
+def to_dict(cfg: ConfigDict | ml_collections.FrozenConfigDict) -> dict[str, Any]:
+  """The config as plain nested dicts (tuples kept), placeholders resolved to their values."""
+  return cfg.to_dict()
+
+
+def _to_json(cfg) -> str:
+  def unsupported(value):
+    raise ConfigError(f'{type(value).__name__} value {value!r} cannot be saved as JSON; '
+                      f'configs hold numbers, strings, bools, None and tuples')
+  return json.dumps(to_dict(cfg), sort_keys=True, indent=2, default=unsupported)
+
+
+def config_hash(cfg: ConfigDict) -> str:
+  """sha256 of the config's JSON: equal configs hash equally, whatever their key order."""
+  return hashlib.sha256(_to_json(cfg).encode()).hexdigest()
+
+
+def save(cfg: ConfigDict, path: str | os.PathLike) -> None:
+  """Writes the resolved config as JSON (workdir/config.json), readable by other tools."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(_to_json(cfg) + '\n')
+  tmp.replace(path)  # a reader never sees half a file
+
+
+def load_json(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ConfigDict:
+  """The config `save` wrote, with `overrides` applied, as a locked, validated ConfigDict.
+
+  JSON has no tuples; configs hold sequences as tuples (they are hashable and cannot be
+  mutated in place), so every JSON list comes back as a tuple.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise ConfigError(f'config file {str(path)!r} not found')
+  try:
+    tree = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConfigError(f'{path} is not valid JSON: {e}') from e
+  cfg = ConfigDict(_lists_to_tuples(tree))
+  cfg.lock()
+  for override in overrides:
+    apply_override(cfg, override)
+  return validate(cfg)
+
+
+def _lists_to_tuples(tree):
+  if isinstance(tree, dict):
+    return {k: _lists_to_tuples(v) for k, v in tree.items()}
+  if isinstance(tree, list):
+    return tuple(_lists_to_tuples(v) for v in tree)
+  return tree

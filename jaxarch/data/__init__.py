@@ -1,0 +1,8 @@
+"""Data: document sources (TFDS array_record builders), tokenizers and the Grain pipeline."""
+
+from jaxarch.data.pipeline import make_eval_dataset
+from jaxarch.data.pipeline import make_train_dataset
+from jaxarch.data.sources import open_source
+from jaxarch.data.sources import resolve_data_dir
+from jaxarch.data.tokenizers import ByteTokenizer
+from jaxarch.data.tokenizers import get_tokenizer

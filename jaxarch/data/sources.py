@@ -1,0 +1,216 @@
+"""Document sources: TFDS builders that write array_record once, read back by index.
+
+`data.source` picks one of three corpora:
+
+  default        the `.py` files of the running interpreter's standard library, so that
+                 training works with no download (about 30 MB of real text);
+  files:<glob>   local text files;
+  tfds:<name>    any TFDS dataset already prepared (as array_record) in the data dir.
+
+The first two are `GeneratorBasedBuilder`s that TFDS prepares without TensorFlow into the
+data directory (`data.data_dir`, else $JAXARCH_DATA_DIR, else the user's cache dir). TFDS
+writes into an `incomplete.*` directory and renames it when done, so an interrupted build
+leaves nothing that looks finished, and a finished one is never built again. Documents are
+split into train and validation by file, from a hash of the file's relative path, so the
+split is stable across machines and runs. The builder config name carries everything the
+content depends on (interpreter version, or a hash of the glob and the files' sizes and
+mtimes, and the validation fraction), so a change gets a fresh cache entry.
+"""
+
+import dataclasses
+import glob as globlib
+import hashlib
+import os
+import pathlib
+import platform
+import sysconfig
+import zlib
+
+import tensorflow_datasets as tfds
+
+_NOT_STDLIB = ('site-packages', 'dist-packages', '__pycache__')
+_SOURCE_ERROR = ("config error: data.source={!r} must be 'default', 'files:<glob>' or "
+                 "'tfds:<name>'")
+
+
+def resolve_data_dir(cfg_value: str | None) -> pathlib.Path:
+  """`data.data_dir`, else $JAXARCH_DATA_DIR, else $XDG_CACHE_HOME or ~/.cache /jaxarch/data."""
+  if cfg_value:
+    return pathlib.Path(cfg_value).expanduser()
+  if os.environ.get('JAXARCH_DATA_DIR'):
+    return pathlib.Path(os.environ['JAXARCH_DATA_DIR']).expanduser()
+  cache = os.environ.get('XDG_CACHE_HOME') or os.path.join('~', '.cache')
+  return pathlib.Path(cache).expanduser() / 'jaxarch' / 'data'
+
+
+def is_validation(relative_path: str, validation_fraction: float) -> bool:
+  """Whether a file belongs to the validation split; depends only on its relative path."""
+  return zlib.crc32(relative_path.encode('utf-8')) / 2**32 < validation_fraction
+
+
+@dataclasses.dataclass(eq=False, repr=False)
+class FilesConfig(tfds.core.BuilderConfig):
+  """The files of one corpus: their common root and paths relative to it."""
+
+  root: str = ''
+  files: tuple[str, ...] = ()
+  validation_fraction: float = 0.05
+
+  def __repr__(self) -> str:  # TFDS logs it on every open; keep thousands of paths out.
+    return f'FilesConfig({self.name!r}, root={self.root!r})'
+
+
+class _TextFilesBuilder(tfds.core.GeneratorBasedBuilder):
+  """One example per file, `{'text': raw bytes}`, split by file into train/validation."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  # Nothing is downloaded, so there is no checksums file to look up next to the code; TFDS
+  # 4.9.10 would otherwise need the undeclared `importlib_resources` package to find it.
+  code_path = None
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=self.__doc__,
+        features=tfds.features.FeaturesDict({'text': tfds.features.Text()}))
+
+  def _files(self) -> list[str]:
+    """Paths relative to `builder_config.root` of the files to read."""
+    return list(self.builder_config.files)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Everything is local.
+    fraction = self.builder_config.validation_fraction
+    files = self._files()
+    val = [f for f in files if is_validation(f, fraction)]
+    train = [f for f in files if not is_validation(f, fraction)]
+    if not train:  # A corpus of one or two files must still be trainable.
+      train, val = val, []
+    # TFDS refuses to write an empty split; open_source reads a missing one as empty.
+    splits = {'train': train, 'validation': val}
+    return {k: self._generate_examples(v) for k, v in splits.items() if v}
+
+  def _generate_examples(self, files):
+    root = pathlib.Path(self.builder_config.root)
+    for f in files:
+      yield f, {'text': (root / f).read_bytes()}
+
+
+class PythonStdlib(_TextFilesBuilder):
+  """The `.py` files of the running interpreter's standard library."""
+
+  def _files(self) -> list[str]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(self.builder_config.root):
+      dirnames[:] = sorted(d for d in dirnames if d not in _NOT_STDLIB)
+      rel = os.path.relpath(dirpath, self.builder_config.root)
+      files += [os.path.normpath(os.path.join(rel, f)) for f in sorted(filenames)
+                if f.endswith('.py')]
+    return files
+
+
+class TextFiles(_TextFilesBuilder):
+  """Local text files matched by a glob."""
+
+
+def _stdlib_config(validation_fraction: float) -> FilesConfig:
+  """Names the corpus by interpreter version; the files are listed only when building."""
+  name = (f'{platform.python_implementation().lower()}{platform.python_version()}'
+          f'-val{validation_fraction:g}')
+  return FilesConfig(name=name, root=sysconfig.get_paths()['stdlib'],
+                     validation_fraction=validation_fraction)
+
+
+def _files_config(source: str, pattern: str, validation_fraction: float) -> FilesConfig:
+  paths = sorted(pathlib.Path(p).resolve()
+                 for p in globlib.glob(os.path.expanduser(pattern), recursive=True))
+  paths = [p for p in paths if p.is_file()]
+  if not paths:
+    raise ValueError(f'config error: data.source={source!r}: no files match the glob '
+                     f'{pattern!r}')
+  root = pathlib.Path(os.path.commonpath([p.parent for p in paths]))
+  key = hashlib.sha256(repr((pattern, validation_fraction)).encode())
+  for p in paths:
+    st = p.stat()
+    key.update(f'{p}\0{st.st_size}\0{st.st_mtime_ns}\0'.encode())
+  return FilesConfig(name=f'files-{key.hexdigest()[:16]}', root=str(root),
+                     files=tuple(str(p.relative_to(root)) for p in paths),
+                     validation_fraction=validation_fraction)
+
+
+class TextSource:
+  """Random access to documents as `str`, over a TFDS array_record data source."""
+
+  def __init__(self, source, key: str):
+    self._source = source
+    self._key = key
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def _text(self, record) -> str:
+    text = record[self._key]
+    return text.decode('utf-8', errors='replace') if isinstance(text, bytes) else str(text)
+
+  def __getitem__(self, index: int) -> str:
+    return self._text(self._source[index])
+
+  def __getitems__(self, indices) -> list[str]:
+    if hasattr(self._source, '__getitems__'):
+      return [self._text(r) for r in self._source.__getitems__(indices)]
+    return [self[i] for i in indices]
+
+  def __repr__(self) -> str:
+    return f'TextSource({self._source!r}, key={self._key!r})'
+
+
+def _text_key(builder, source: str) -> str:
+  features = builder.info.features
+  for key, feature in features.items():
+    if isinstance(feature, tfds.features.Text):
+      return key
+  if 'text' in features:
+    return 'text'
+  raise ValueError(f'config error: data.source={source!r} has no text feature; its '
+                   f'features are {list(features)}')
+
+
+def _tfds_source(source: str, name: str, data_dir: pathlib.Path, split: str) -> TextSource:
+  builder = tfds.builder(name, data_dir=str(data_dir))
+  how = (f"prepare it once as array_record with: python -c \"import tensorflow_datasets as "
+         f"tfds; tfds.builder('{name}', data_dir='{data_dir}', "
+         f"file_format='array_record').download_and_prepare()\"")
+  if not builder.is_prepared():
+    raise ValueError(f'config error: data.source={source!r} is not prepared in {data_dir}; '
+                     f'{how}')
+  if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+    raise ValueError(f'config error: data.source={source!r} is prepared as '
+                     f'{builder.info.file_format.value} in {data_dir}, not array_record; '
+                     f'{how}')
+  splits = builder.info.splits
+  if split not in splits and split == 'validation' and 'test' in splits:
+    split = 'test'
+  if split not in splits:
+    raise ValueError(f'config error: data.source={source!r} has no split {split!r}; it has '
+                     f'{list(splits)}')
+  return TextSource(builder.as_data_source(split=split), _text_key(builder, source))
+
+
+def open_source(data_cfg, split: str) -> TextSource:
+  """Opens `split` ('train' or 'validation') of `data.source`, building it once if needed."""
+  source = data_cfg.source
+  data_dir = resolve_data_dir(data_cfg.get('data_dir'))
+  fraction = float(data_cfg.get('validation_fraction', 0.05))
+  if source.startswith('tfds:') and source[len('tfds:'):]:
+    return _tfds_source(source, source[len('tfds:'):], data_dir, split)
+  if source == 'default':
+    builder_cls, config = PythonStdlib, _stdlib_config(fraction)
+  elif source.startswith('files:') and source[len('files:'):]:
+    builder_cls, config = TextFiles, _files_config(source, source[len('files:'):], fraction)
+  else:
+    raise ValueError(_SOURCE_ERROR.format(source))
+  builder = builder_cls(config=config, data_dir=str(data_dir), file_format='array_record')
+  builder.download_and_prepare()  # A no-op once the version directory exists.
+  if split not in builder.info.splits:
+    return TextSource([], 'text')
+  return TextSource(builder.as_data_source(split=split), 'text')

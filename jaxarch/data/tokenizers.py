@@ -1,0 +1,132 @@
+"""Tokenizers: raw bytes by default, SentencePiece or HF `tokenizer.json` files on request.
+
+Every tokenizer exposes the same small surface the pipeline and trainer need: `encode`,
+`decode`, `vocab_size`, `pad_id`, `eod_id` (end of document, also used as BOS) and
+`byte_lengths[id]`, the number of UTF-8 bytes a token stands for, so that the trainer can
+report bits per byte = total_nats / ln 2 / total_bytes for any tokenizer.
+"""
+
+import numpy as np
+
+_SPEC_ERROR = ("config error: data.tokenizer={!r} must be 'bytes' or a path to a "
+               "SentencePiece .model or HF tokenizer.json file")
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as ids 0..255; byte 0 is real text, so the specials come after 255."""
+
+  pad_id = 256
+  eod_id = 257
+  vocab_size = 258
+
+  def __init__(self):
+    self.byte_lengths = np.zeros(self.vocab_size, np.int32)
+    self.byte_lengths[:256] = 1
+
+  def encode(self, text: str) -> list[int]:
+    return list(text.encode('utf-8'))
+
+  def decode(self, ids) -> str:
+    data = bytes(int(i) for i in np.asarray(ids).reshape(-1) if 0 <= i < 256)
+    return data.decode('utf-8', errors='replace')
+
+
+class SentencePieceTokenizer:
+  """A SentencePiece `.model`; its eos id ends documents, pad falls back to eos."""
+
+  def __init__(self, path: str):
+    try:
+      import sentencepiece  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError(f'data.tokenizer={path!r} needs SentencePiece: '
+                        'pip install sentencepiece') from e
+    self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
+    self.vocab_size = self._sp.get_piece_size()
+    self.eod_id = self._sp.eos_id()
+    if self.eod_id < 0:
+      raise ValueError(f'config error: data.tokenizer={path!r} has no eos piece to end '
+                       'documents with')
+    self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eod_id
+    lengths = []
+    for i in range(self.vocab_size):
+      if self._sp.is_control(i) or self._sp.is_unknown(i):
+        lengths.append(0)
+      elif self._sp.is_byte(i):
+        lengths.append(1)
+      else:
+        lengths.append(len(self._sp.id_to_piece(i).replace('\u2581', ' ').encode('utf-8')))
+    self.byte_lengths = np.asarray(lengths, np.int32)
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def decode(self, ids) -> str:
+    ids = [int(i) for i in np.asarray(ids).reshape(-1) if self.byte_lengths[i] > 0]
+    return self._sp.decode(ids)
+
+
+def _gpt2_byte_chars() -> set[str]:
+  """The printable characters byte-level BPE uses to spell the 256 bytes (GPT-2 scheme)."""
+  printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1),
+               *range(ord('®'), ord('ÿ') + 1)]
+  extra = [256 + n for n in range(256 - len(printable))]
+  return {chr(c) for c in printable + extra}
+
+
+class HFTokenizer:
+  """A HF `tokenizer.json`; eos-like special token ends documents, pad falls back to it."""
+
+  _EOS_NAMES = ('</s>', '<|endoftext|>', '<|end_of_text|>', '<eos>', '<|eos|>', '[SEP]')
+  _PAD_NAMES = ('<pad>', '<|pad|>', '[PAD]')
+
+  def __init__(self, path: str):
+    try:
+      import tokenizers  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError(f'data.tokenizer={path!r} needs HF tokenizers: '
+                        'pip install tokenizers') from e
+    self._tok = tokenizers.Tokenizer.from_file(path)
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    self.eod_id = self._first_id(self._EOS_NAMES)
+    if self.eod_id is None:
+      raise ValueError(f'config error: data.tokenizer={path!r} has none of the end-of-text '
+                       f'tokens {self._EOS_NAMES}')
+    pad_id = self._first_id(self._PAD_NAMES)
+    self.pad_id = self.eod_id if pad_id is None else pad_id
+    special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+    byte_chars = _gpt2_byte_chars()
+    lengths = []
+    for i in range(self.vocab_size):
+      piece = self._tok.id_to_token(i)
+      if i in special or piece is None:
+        lengths.append(0)
+      elif set(piece) <= byte_chars:  # byte-level BPE: one character per byte
+        lengths.append(len(piece))
+      else:
+        lengths.append(len(self._tok.decode([i], skip_special_tokens=False).encode('utf-8')))
+    self.byte_lengths = np.asarray(lengths, np.int32)
+
+  def _first_id(self, names):
+    for name in names:
+      i = self._tok.token_to_id(name)
+      if i is not None:
+        return i
+    return None
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids) -> str:
+    return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)],
+                            skip_special_tokens=True)
+
+
+def get_tokenizer(spec: str):
+  """Returns the tokenizer named by `data.tokenizer`."""
+  if spec == 'bytes':
+    return ByteTokenizer()
+  if spec.endswith('.model'):
+    return SentencePieceTokenizer(spec)
+  if spec.endswith('tokenizer.json'):
+    return HFTokenizer(spec)
+  raise ValueError(_SPEC_ERROR.format(spec))

@@ -1,0 +1,23 @@
+"""Token embeddings, with `attend` for a tied output head."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxarch.layers.params import normal, param
+
+
+class Embed(nnx.Module):
+
+  def __init__(self, vocab_size: int, dim: int, *, init_std: float = 0.02,
+               dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.embedding = param(rngs, normal(init_std), (vocab_size, dim), ('vocab', 'embed'),
+                           param_dtype, weight_decay=False)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)  # bt -> btd
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """Logits of a tied head: x @ embeddingᵀ."""
+    return jnp.einsum('btd,vd->btv', x, self.embedding[...].astype(self.dtype))

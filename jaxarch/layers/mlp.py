@@ -1,0 +1,25 @@
+"""SwiGLU feed-forward (Shazeer 2020): down(silu(x·W_gate) * x·W_up)."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxarch.layers.params import normal, param
+
+
+class SwiGLU(nnx.Module):
+
+  def __init__(self, d_model: int, d_ff: int, *, init_std: float = 0.02,
+               out_std: float | None = None, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.gate = param(rngs, normal(init_std), (d_model, d_ff), ('embed', 'mlp'), param_dtype)
+    self.up = param(rngs, normal(init_std), (d_model, d_ff), ('embed', 'mlp'), param_dtype)
+    self.down = param(rngs, normal(out_std or init_std), (d_ff, d_model), ('mlp', 'embed'),
+                      param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cast = lambda p: p[...].astype(self.dtype)
+    h = jax.nn.silu(jnp.einsum('btd,df->btf', x, cast(self.gate)))
+    h = h * jnp.einsum('btd,df->btf', x, cast(self.up))
+    return jnp.einsum('btf,fd->btd', h, cast(self.down))

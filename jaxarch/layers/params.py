@@ -1,0 +1,35 @@
+"""Parameter creation with logical sharding axes.
+
+Every weight in jaxarch is made here so that it carries, as Flax NNX metadata, the
+logical names of its axes (`embed`, `mlp`, `heads`, ...). `jaxarch.parallel.sharding`
+maps those names to mesh axes through `mesh.rules`; the modules never see the mesh.
+Eager sharding is off: shardings are applied once, by the jitted initialiser.
+"""
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[..., jax.Array]
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int],
+           axes: Sequence[str | None], dtype=jnp.float32, *,
+           weight_decay: bool = True, **metadata) -> nnx.Param:
+  """A trainable weight with logical `axes`; `weight_decay=False` for norms and embeddings."""
+  if len(axes) != len(shape):
+    raise ValueError(f'param of shape {tuple(shape)} needs {len(shape)} axis names, got {axes}')
+  value = init(rngs.params(), tuple(shape), dtype)
+  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False,
+                   weight_decay=weight_decay, **metadata)
+
+
+def normal(std: float) -> Initializer:
+  return jax.nn.initializers.normal(stddev=std)
+
+
+def truncated_normal(std: float) -> Initializer:
+  """Normal truncated at 2 sigma, rescaled so the std is `std`."""
+  return jax.nn.initializers.truncated_normal(stddev=std)

@@ -1,0 +1,36 @@
+"""Language models built from `jaxarch.layers`; `build` is the one constructor users call."""
+
+from collections.abc import Callable
+
+from flax import nnx
+import jax
+import ml_collections
+
+from jaxarch.models.transformer import BLOCKS, Transformer, register_block
+
+# model.family -> constructor(model_cfg, rngs=...). Later families register here.
+FAMILIES: dict[str, Callable[..., nnx.Module]] = {
+    'dense': Transformer,
+}
+
+
+def build(model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
+  """The language model of `model_cfg.family`: `model(tokens) -> logits [b, t, vocab]`."""
+  if model_cfg.family not in FAMILIES:
+    raise ValueError(f'config error: model.family={model_cfg.family!r} is not built yet; '
+                     f'available: {sorted(FAMILIES)}')
+  return FAMILIES[model_cfg.family](model_cfg, rngs=rngs)
+
+
+def param_counts(model: nnx.Module) -> dict[str, int]:
+  """Total, active-per-token and embedding-table parameter counts.
+
+  Modules with parameters that only some tokens use (experts, memory values) report
+  the inactive part through an `inactive_params()` method; dense models have none.
+  """
+  params = nnx.state(model, nnx.Param)
+  total = sum(x.size for x in jax.tree.leaves(params))
+  inactive = sum(m.inactive_params() for _, m in nnx.iter_graph(model)
+                 if hasattr(m, 'inactive_params'))
+  embedding = model.embed.embedding.get_value().size if hasattr(model, 'embed') else 0
+  return {'total': total, 'active': total - inactive, 'embedding': embedding}

@@ -1,0 +1,121 @@
+"""Decoder-only transformer with a per-layer block plan.
+
+`model.block_pattern` is repeated over the `n_layers` blocks, e.g. ('dense',) for a dense
+model or ('dense', 'moe') for MoE every other layer. Block types live in the `BLOCKS`
+registry; a new family registers its block here without touching the model or trainer.
+Families that need auxiliary losses sow them as `nnx.Intermediate` values named
+`aux_loss`; the trainer adds every one it finds to the loss.
+"""
+
+from collections.abc import Callable
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+import ml_collections
+
+from jaxarch.layers import Attention, Embed, RMSNorm, SwiGLU
+from jaxarch.layers.params import normal, param
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+# Block type name -> factory(model_cfg, layer_index, rngs) -> block module. A block maps
+# (x [b,t,d], positions [b,t], segment_ids [b,t]) -> x [b,t,d] including its residuals.
+BLOCKS: dict[str, Callable[..., nnx.Module]] = {}
+
+REMAT_POLICIES = {
+    'full': None,  # recompute everything in the backward pass
+    'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def register_block(name: str):
+  def register(factory):
+    BLOCKS[name] = factory
+    return factory
+  return register
+
+
+def head_dim(cfg: ml_collections.ConfigDict) -> int:
+  return cfg.head_dim or cfg.d_model // cfg.n_heads
+
+
+class DenseBlock(nnx.Module):
+  """Pre-norm attention + SwiGLU, each added to the residual stream."""
+
+  def __init__(self, attention: Attention, mlp: nnx.Module, d_model: int, *, eps: float,
+               dtype, param_dtype, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(d_model, eps=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.attn = attention
+    self.mlp_norm = RMSNorm(d_model, eps=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.mlp = mlp
+
+  def __call__(self, x, positions, segment_ids):
+    x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+    return x + self.mlp(self.mlp_norm(x))
+
+
+def make_attention(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Attention:
+  return Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, head_dim(cfg),
+                   rope_theta=cfg.rope_theta, init_std=cfg.init_std,
+                   out_std=residual_init_std(cfg), impl=cfg.attention_impl,
+                   dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype], rngs=rngs)
+
+
+def residual_init_std(cfg: ml_collections.ConfigDict) -> float:
+  """GPT-2 style: layers that write to the residual stream start scaled by 1/sqrt(2L)."""
+  return cfg.init_std / math.sqrt(2 * cfg.n_layers)
+
+
+@register_block('dense')
+def dense_block(cfg: ml_collections.ConfigDict, layer: int, rngs: nnx.Rngs) -> DenseBlock:
+  del layer  # every dense block is alike
+  dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+  mlp = SwiGLU(cfg.d_model, cfg.d_ff, init_std=cfg.init_std, out_std=residual_init_std(cfg),
+               dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  return DenseBlock(make_attention(cfg, rngs), mlp, cfg.d_model, eps=cfg.norm_eps,
+                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def block_plan(cfg: ml_collections.ConfigDict) -> list[str]:
+  pattern = tuple(cfg.block_pattern)
+  return [pattern[i % len(pattern)] for i in range(cfg.n_layers)]
+
+
+class Transformer(nnx.Module):
+  """tokens [b, t] -> logits [b, t, vocab] (fp32)."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    self.remat = cfg.remat
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs)
+    self.blocks = nnx.List([BLOCKS[kind](cfg, i, rngs) for i, kind in enumerate(block_plan(cfg))])
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype,
+                              param_dtype=param_dtype, rngs=rngs)
+    self.head = None if cfg.tie_embeddings else param(
+        rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'),
+        param_dtype)
+
+  def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
+    if segment_ids is None:
+      segment_ids = jnp.ones_like(tokens)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    x = self.embed(tokens)
+    for block in self.blocks:
+      x = self._run_block(block, x, positions, segment_ids)
+    x = self.final_norm(x)
+    if self.head is None:
+      logits = self.embed.attend(x)
+    else:
+      logits = jnp.einsum('btd,dv->btv', x, self.head[...].astype(x.dtype))
+    return logits.astype(jnp.float32)
+
+  def _run_block(self, block, x, positions, segment_ids):
+    if self.remat == 'none':
+      return block(x, positions, segment_ids)
+    run = nnx.remat(lambda b, *args: b(*args), policy=REMAT_POLICIES[self.remat])
+    return run(block, x, positions, segment_ids)

@@ -1,0 +1,5 @@
+"""Meshes, logical-axis sharding and multi-host setup."""
+
+from jaxarch.parallel.mesh import AXES, make_mesh
+from jaxarch.parallel.sharding import (batch_sharding, global_batch, logical_to_spec,
+                                       tree_shardings)

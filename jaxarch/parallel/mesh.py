@@ -1,0 +1,39 @@
+"""Device mesh from `mesh.ici` / `mesh.dcn`: axes ('data', 'fsdp', 'tensor', 'expert').
+
+`ici` sizes are the axes inside a slice or node (fast interconnect), `dcn` sizes the axes
+across slices or nodes; each mesh axis spans ici × dcn devices.
+"""
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh
+
+from jaxarch import config as config_lib
+
+AXES = ('data', 'fsdp', 'tensor', 'expert')
+
+
+def make_mesh(cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
+  """The mesh of the whole job; `cfg` is the full config, validated against the devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  config_lib.validate(cfg, num_devices=len(devices))
+  total = config_lib.mesh_shape(cfg, len(devices))
+  dcn = [_dcn_size(cfg.mesh, a, total[a]) for a in AXES]
+  shape = [total[a] for a in AXES]
+  if np.prod(dcn) > 1:
+    ici = [t // d for t, d in zip(shape, dcn)]
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+  elif devices[0].platform in ('tpu', 'gpu', 'cuda', 'rocm'):
+    grid = mesh_utils.create_device_mesh(shape, devices)  # topology-aware order
+  else:
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, AXES)
+
+
+def _dcn_size(mesh_cfg, axis: str, total: int) -> int:
+  dcn, ici = mesh_cfg.dcn[axis], mesh_cfg.ici[axis]
+  if dcn != -1:
+    return dcn
+  return total // ici if ici != -1 else 1

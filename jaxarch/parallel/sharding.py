@@ -1,0 +1,79 @@
+"""Logical axis names -> `PartitionSpec` / `NamedSharding`, through `mesh.rules`.
+
+Modules name the axes of their weights (`embed`, `mlp`, ...); the config maps names to
+mesh axes. Weights whose dimension does not divide the mesh axes it maps to are
+replicated along that dimension rather than failing (e.g. 2 KV heads on tensor=4).
+"""
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+Rules = Sequence[tuple[str, str | Sequence[str] | None]]
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def logical_to_spec(axes: Sequence[str | None], rules: Rules,
+                    shape: Sequence[int] | None = None, mesh: Mesh | None = None) -> P:
+  """('batch', 'length') -> P(('data', 'fsdp', 'expert'), None) under the default rules.
+
+  A mesh axis is used at most once per spec (first dimension wins), and with `shape` and
+  `mesh` given, mesh axes that do not divide a dimension are dropped.
+  """
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for i, name in enumerate(axes):
+    if name is None:
+      spec.append(None)
+      continue
+    if name not in table:
+      raise ValueError(f'config error: mesh.rules has no entry for logical axis {name!r}')
+    target = table[name]
+    target = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    kept = []
+    for axis in target:
+      if axis in used:
+        continue
+      if shape is not None and mesh is not None:
+        size = int(np.prod([mesh.shape[a] for a in kept + [axis]]))
+        if shape[i] % size:
+          continue
+      kept.append(axis)
+    used.update(kept)
+    spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  return P(*spec)
+
+
+def tree_shardings(tree, mesh: Mesh, rules: Rules):
+  """NamedShardings for a tree of (abstract) nnx Variables and plain arrays.
+
+  Variables are sharded by their `out_sharding` logical axes; everything else (optimizer
+  step counters, RNG keys, scalars) is replicated. Works for params, optimizer states
+  built from them (optax keeps the Variables), and whole train states.
+  """
+  def sharding(x):
+    if _is_variable(x):
+      axes = x.get_metadata().get('out_sharding')
+      value = x.get_value()
+      spec = P() if not axes else logical_to_spec(axes, rules, value.shape, mesh)
+      return x.replace(NamedSharding(mesh, spec))
+    return NamedSharding(mesh, P())
+  return jax.tree.map(sharding, tree, is_leaf=_is_variable)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+  """Sharding of [batch, length] input arrays."""
+  return NamedSharding(mesh, logical_to_spec(('batch', 'length'), rules))
+
+
+def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
+  """This process's rows -> global jax.Arrays laid out over the whole mesh."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
+                      local_batch)

@@ -1,0 +1,64 @@
+"""FLOPs accounting and model FLOPs utilisation (MFU): the one place for the convention.
+
+Convention (PaLM appendix B / Chinchilla): a training step costs, per token,
+
+  6 · N_matmul  +  6 · n_layers · seq_len · n_heads · head_dim
+
+- N_matmul is the number of parameters a token multiplies against: active parameters
+  minus the embedding table (a lookup, not a matmul), plus d_model·vocab when the output
+  head is tied to the embedding (then it is a matmul again). 6 = 2 (multiply-add) × 3
+  (forward, backward w.r.t. activations, backward w.r.t. weights).
+- Attention scores and the weighted sum of values cost 2·2·T·n_heads·head_dim per token
+  and layer in the forward pass for full attention; causal attention is counted at half
+  (only the lower triangle is useful work), hence 2·T·n·h forward and 6·T·n·h per step.
+- Not counted: norms, activations, softmax, RoPE, optimizer update (all O(N) or O(T·d)).
+
+MFU = achieved model FLOPs per second / peak dense bf16 FLOPs of the devices; remat
+recomputation is *not* counted as model FLOPs (that would be hardware FLOPs utilisation).
+"""
+
+import ml_collections
+
+# Peak dense bf16 FLOP/s per device, from the vendors' datasheets (no sparsity).
+PEAK_BF16_FLOPS = {
+    'H100': 989e12,  # SXM
+    'H200': 989e12,
+    'A100': 312e12,
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,  # v5e
+    'TPU v5e': 197e12,
+    'TPU v5p': 459e12,
+    'TPU v5': 459e12,
+    'TPU v6 lite': 918e12,  # v6e (Trillium)
+    'TPU v6e': 918e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """Peak bf16 FLOP/s for a `jax.Device.device_kind`, or None when unknown (e.g. CPU)."""
+  for name in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
+    if name.lower() in device_kind.lower():
+      return PEAK_BF16_FLOPS[name]
+  return None
+
+
+def matmul_params(model_cfg: ml_collections.ConfigDict, counts: dict[str, int]) -> int:
+  n = counts['active'] - counts['embedding']
+  if model_cfg.tie_embeddings:
+    n += model_cfg.d_model * model_cfg.vocab_size
+  return n
+
+
+def attention_flops_per_token(model_cfg: ml_collections.ConfigDict, seq_len: int) -> int:
+  head_dim = model_cfg.head_dim or model_cfg.d_model // model_cfg.n_heads
+  return 6 * model_cfg.n_layers * seq_len * model_cfg.n_heads * head_dim
+
+
+def train_flops_per_token(model_cfg: ml_collections.ConfigDict, counts: dict[str, int],
+                          seq_len: int) -> int:
+  return 6 * matmul_params(model_cfg, counts) + attention_flops_per_token(model_cfg, seq_len)
+
+
+def mfu(flops_per_second: float, num_devices: int, device_kind: str) -> float | None:
+  peak = peak_flops(device_kind)
+  return None if peak is None else flops_per_second / (peak * num_devices)

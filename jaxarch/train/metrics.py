@@ -1,0 +1,111 @@
+"""Where training metrics go: workdir/metrics.jsonl, TensorBoard events, a progress bar."""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+
+class MetricsWriter:
+  """One JSON object per logged step, and the same scalars as TensorBoard events.
+
+  Only process 0 writes, so multi-host runs produce one file.
+  """
+
+  def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0
+    self.path = Path(workdir) / 'metrics.jsonl'
+    self.tb = None
+    if self.enabled and tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self.tb = SummaryWriter(str(Path(workdir) / 'tensorboard'))
+
+  def write(self, step: int, metrics: dict):
+    if not self.enabled:
+      return
+    clean = {k: _scalar(v) for k, v in metrics.items()}
+    with self.path.open('a') as f:
+      f.write(json.dumps({'step': step, **clean}) + '\n')
+    if self.tb is not None:
+      for k, v in clean.items():
+        if isinstance(v, (int, float)) and math.isfinite(v):
+          self.tb.add_scalar(k, v, step)
+      self.tb.flush()
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+def _scalar(v):
+  v = v.item() if hasattr(v, 'item') else v
+  return float(v) if isinstance(v, float) else v
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+  path = Path(workdir) / 'metrics.jsonl'
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class ProgressBar:
+  """Step, loss, tokens/s, MFU and ETA on the terminal; plain log lines elsewhere."""
+
+  def __init__(self, total_steps: int, start_step: int, *, enabled: bool = True):
+    self.console = Console(stderr=True)
+    self.enabled = enabled and jax.process_index() == 0
+    self.live = self.enabled and self.console.is_terminal
+    self.progress = Progress(
+        TextColumn('[bold]train'), BarColumn(), MofNCompleteColumn(),
+        TextColumn('{task.fields[info]}'), TimeElapsedColumn(), TextColumn('eta'),
+        TimeRemainingColumn(), console=self.console, disable=not self.live)
+    self.task = self.progress.add_task('train', total=total_steps, completed=start_step,
+                                       info='compiling…')
+    self.last_print = 0.0
+
+  def __enter__(self):
+    self.progress.start()
+    return self
+
+  def __exit__(self, *exc):
+    self.progress.stop()
+
+  def update(self, step: int, metrics: dict):
+    info = format_metrics(metrics)
+    self.progress.update(self.task, completed=step, info=info)
+    if self.enabled and not self.live:
+      self.console.print(f'step {step}: {info}', highlight=False)
+
+  def print(self, message: str):
+    if self.enabled:
+      self.progress.console.print(message, highlight=False)
+
+
+def format_metrics(m: dict) -> str:
+  parts = []
+  if 'loss' in m:
+    parts.append(f'loss {m["loss"]:.4f}')
+  if 'eval_loss' in m:
+    parts.append(f'eval {m["eval_loss"]:.4f} ({m["eval_bpb"]:.3f} bpb)')
+  if 'tokens_per_s' in m:
+    parts.append(f'{m["tokens_per_s"]:,.0f} tok/s')
+  if m.get('mfu') is not None:
+    parts.append(f'MFU {100 * m["mfu"]:.1f}%')
+  return ' | '.join(parts)
+
+
+class Stopwatch:
+
+  def __init__(self):
+    self.start = time.perf_counter()
+
+  def lap(self) -> float:
+    now = time.perf_counter()
+    elapsed, self.start = now - self.start, now
+    return elapsed

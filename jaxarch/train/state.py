@@ -1,0 +1,72 @@
+"""The train state: a dict of (step, params, model_state, opt_state, rng), sharded.
+
+`params` are the model's `nnx.Param`s as an `nnx.State`; `model_state` is every other
+variable (buffers that families update outside the gradient). The model's structure
+(`graphdef`) is static and kept beside the state, never inside it.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxarch import models
+from jaxarch.parallel import batch_sharding, tree_shardings
+from jaxarch.train.optimizer import make_optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+  """What the step functions close over: the model structure, optimizer, shardings."""
+  graphdef: nnx.GraphDef
+  tx: optax.GradientTransformation
+  abstract_state: dict  # ShapeDtypeStructs carrying their shardings
+  shardings: dict
+  batch_sharding: jax.sharding.NamedSharding  # of every [batch, length] input
+  param_counts: dict
+  mesh: Mesh
+
+
+def _split(model: nnx.Module):
+  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+  return graphdef, params, model_state
+
+
+def make_setup(cfg: ml_collections.ConfigDict, mesh: Mesh) -> TrainSetup:
+  """Shapes, shardings and optimizer of the train state, without allocating it."""
+  abstract_model = nnx.eval_shape(lambda: models.build(cfg.model, rngs=nnx.Rngs(0)))
+  counts = models.param_counts(abstract_model)
+  graphdef, abstract_params, _ = _split(abstract_model)
+  tx = make_optimizer(cfg.train, abstract_params)
+  abstract = jax.eval_shape(lambda: _init_state(cfg, tx))
+  shardings = tree_shardings(abstract, mesh, cfg.mesh.rules)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  return TrainSetup(graphdef, tx, abstract, shardings,
+                    batch_sharding(mesh, cfg.mesh.rules), counts, mesh)
+
+
+def _init_state(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> dict:
+  key = jax.random.PRNGKey(cfg.train.seed)
+  init_key, train_key = jax.random.split(key)
+  _, params, model_state = _split(models.build(cfg.model, rngs=nnx.Rngs(init_key)))
+  return {
+      'step': jnp.zeros((), jnp.int32),
+      'params': params,
+      'model_state': model_state,
+      'opt_state': tx.init(params),
+      'rng': train_key,
+  }
+
+
+def init_state(cfg: ml_collections.ConfigDict, setup: TrainSetup) -> dict:
+  """A fresh train state, each array created directly in its shards."""
+  return jax.jit(lambda: _init_state(cfg, setup.tx), out_shardings=setup.shardings)()
+
+
+def merge_model(setup: TrainSetup, state: dict) -> nnx.Module:
+  return nnx.merge(setup.graphdef, state['params'], state['model_state'])

@@ -1,0 +1,89 @@
+"""Pure train and eval step functions: (state, batch) -> (state, metrics).
+
+A batch is a dict of int32 `[batch, length]` arrays: `inputs`, `targets`, `segment_ids`
+(0 marks padding, which carries no loss) and `positions`.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxarch.train.state import TrainSetup
+
+
+def cross_entropy(logits, targets, mask, z_loss: float = 0.0):
+  """Summed next-token NLL over unmasked tokens, and the optional z-loss (PaLM)."""
+  log_z = jax.nn.logsumexp(logits, axis=-1)  # bt
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  nll = (log_z - target_logit) * mask
+  z = z_loss * jnp.square(log_z) * mask
+  return nll.sum(), z.sum()
+
+
+def aux_losses(model: nnx.Module) -> dict[str, jax.Array]:
+  """Pops the `aux_loss` values that layers sowed, keyed by their module path."""
+  sown = nnx.pop(model, nnx.Intermediate)
+  losses = {}
+  for path, value in jax.tree_util.tree_leaves_with_path(sown):
+    names = [str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path]
+    if 'aux_loss' in names:
+      losses['/'.join(n for n in names if n not in ('value', 'aux_loss'))] = jnp.sum(value)
+  return losses
+
+
+def _forward(setup: TrainSetup, params, model_state, batch):
+  model = nnx.merge(setup.graphdef, params, model_state)
+  logits = model(batch['inputs'], batch['segment_ids'], batch['positions'])
+  aux = aux_losses(model)
+  return logits, aux, nnx.state(model, nnx.Not(nnx.Param))
+
+
+def make_train_step(setup: TrainSetup, *, z_loss: float = 0.0):
+  """The jitted, sharded train step; the incoming state's buffers are donated."""
+
+  def train_step(state, batch):
+    mask = (batch['segment_ids'] > 0).astype(jnp.float32)
+    num_tokens = jnp.maximum(mask.sum(), 1.0)
+
+    def loss_fn(params):
+      logits, aux, model_state = _forward(setup, params, state['model_state'], batch)
+      nll, z = cross_entropy(logits, batch['targets'], mask, z_loss)
+      loss = (nll + z) / num_tokens + sum(aux.values(), jnp.zeros(()))
+      return loss, (nll / num_tokens, aux, model_state)
+
+    (loss, (ce, aux, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state['params'])
+    updates, opt_state = setup.tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    metrics = {'loss': ce, 'total_loss': loss, 'grad_norm': optax.global_norm(grads),
+               'param_norm': optax.global_norm(params), 'tokens': num_tokens,
+               **{f'aux/{k}': v for k, v in aux.items()}}
+    new_state = dict(state, step=state['step'] + 1, params=params, opt_state=opt_state,
+                     model_state=model_state)
+    return new_state, metrics
+
+  replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(train_step, in_shardings=(setup.shardings, setup.batch_sharding),
+                 out_shardings=(setup.shardings, replicated), donate_argnums=(0,))
+
+
+def make_eval_step(setup: TrainSetup, byte_lengths):
+  """Summed NLL, token and byte counts of a batch; bits per byte = nll / ln2 / bytes."""
+  byte_lengths = jnp.asarray(byte_lengths, jnp.float32)
+
+  def eval_step(state, batch):
+    logits, _, _ = _forward(setup, state['params'], state['model_state'], batch)
+    mask = (batch['segment_ids'] > 0).astype(jnp.float32)
+    nll, _ = cross_entropy(logits, batch['targets'], mask)
+    num_bytes = (byte_lengths[batch['targets']] * mask).sum()
+    return {'nll': nll, 'tokens': mask.sum(), 'bytes': num_bytes}
+
+  return jax.jit(eval_step, in_shardings=(setup.shardings, setup.batch_sharding))
+
+
+def summarize_eval(totals: dict) -> dict:
+  return {'eval_loss': totals['nll'] / max(totals['tokens'], 1.0),
+          'eval_bpb': totals['nll'] / math.log(2) / max(totals['bytes'], 1.0)}

@@ -1,0 +1,63 @@
+"""Shared fixtures. 8 fake CPU devices, so that sharding and mesh changes are exercised."""
+
+import os
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from jaxarch import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+  """One prepared-data cache for the whole session (the default corpus is built once)."""
+  path = os.environ.get('JAXARCH_TEST_DATA_DIR') or str(tmp_path_factory.mktemp('data'))
+  return path
+
+
+def tiny_config(data_dir=None, **overrides):
+  """configs/dense.py:tiny shrunk further for unit tests; overrides as 'a.b': value."""
+  cfg = config_lib.load('configs/dense.py:tiny')
+  with cfg.unlocked():
+    cfg.model.d_model = 64
+    cfg.model.n_layers = 2
+    cfg.model.n_heads = 4
+    cfg.model.n_kv_heads = 2
+    cfg.model.d_ff = 128
+    cfg.model.max_len = 64
+    cfg.data.seq_len = 32
+    cfg.data.data_dir = data_dir
+    cfg.train.batch_size = 8
+    cfg.log.progress = False
+    cfg.log.tensorboard = False
+    for key, value in overrides.items():
+      section, *rest = key.split('.')
+      node = cfg[section]
+      for k in rest[:-1]:
+        node = node[k]
+      node[rest[-1]] = value
+  return cfg
+
+
+def make_batch(batch_size: int, seq_len: int, vocab: int = 258, seed: int = 0) -> dict:
+  """A random batch in the trainer's format: one document per row."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, vocab, (batch_size, seq_len + 1)).astype(np.int32)
+  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+          'segment_ids': np.ones((batch_size, seq_len), np.int32),
+          'positions': np.tile(np.arange(seq_len, dtype=np.int32), (batch_size, 1))}
+
+
+def mesh_config(cfg, data=1, fsdp=1, tensor=1, expert=1):
+  with cfg.unlocked():
+    cfg.mesh.ici.update(dict(data=data, fsdp=fsdp, tensor=tensor, expert=expert))
+  return cfg
+
+
+def devices(n: int):
+  return jax.devices()[:n]

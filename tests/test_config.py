@@ -1,0 +1,305 @@
+"""Config loading, overrides, validation and the JSON round trip (`jaxarch.config`)."""
+
+import json
+
+import ml_collections
+import pytest
+
+from jaxarch import config as config_lib
+
+DENSE = 'configs/dense.py'
+
+
+def tiny(*overrides):
+  return config_lib.load(f'{DENSE}:tiny', overrides)
+
+
+def error_of(fn, *args) -> str:
+  with pytest.raises(config_lib.ConfigError) as info:
+    fn(*args)
+  return str(info.value)
+
+
+# Loading.
+
+
+@pytest.mark.parametrize('preset, d_model, n_layers', [
+    ('tiny', 128, 4), ('151m', 1024, 12), ('680m', 1536, 24), ('1.6b', 2048, 32),
+])
+def test_preset_loads_with_its_shape_and_validates_on_8_devices(preset, d_model, n_layers):
+  cfg = config_lib.load(f'{DENSE}:{preset}')
+  assert (cfg.model.d_model, cfg.model.n_layers) == (d_model, n_layers)
+  config_lib.validate(cfg, num_devices=8)
+
+
+def test_preset_is_text_after_last_colon(tmp_path):
+  folder = tmp_path / 'runs:v2'  # a colon in the path itself
+  folder.mkdir()
+  (folder / 'dense.py').write_text((config_lib._REPO_ROOT / DENSE).read_text())
+  cfg = config_lib.load(f'{folder}/dense.py:1.6b')
+  assert cfg.model.d_model == 2048
+
+
+def test_spec_without_preset_gives_the_base_config():
+  cfg = config_lib.load(DENSE)
+  assert cfg.model.d_model == 1024 and cfg.data.seq_len == 1024
+
+
+def test_relative_path_falls_back_to_the_checkout(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert config_lib.load(f'{DENSE}:tiny').model.d_model == 128
+  assert config_lib.load('dense.py:tiny').model.d_model == 128
+
+
+def test_loaded_config_is_locked_but_not_frozen():
+  cfg = tiny()
+  cfg.train.steps = 7
+  with pytest.raises(AttributeError):
+    cfg.train.new_key = 1
+
+
+def test_unknown_preset_is_a_config_error():
+  message = error_of(config_lib.load, f'{DENSE}:huge')
+  assert message.startswith("config error: unknown preset 'huge'")
+
+
+def test_missing_file_is_a_config_error():
+  message = error_of(config_lib.load, 'nowhere/x.py:tiny')
+  assert message.startswith("config error: config file 'nowhere/x.py' not found")
+
+
+def test_file_without_get_config_is_a_config_error(tmp_path):
+  (tmp_path / 'empty.py').write_text('X = 1\n')
+  message = error_of(config_lib.load, str(tmp_path / 'empty.py'))
+  assert 'does not define get_config' in message
+
+
+# Overrides.
+
+
+@pytest.mark.parametrize('override, key, expected', [
+    ('train.steps=50', 'train.steps', 50),
+    ('train.lr=0.01', 'train.lr', 0.01),
+    ('train.lr=1', 'train.lr', 1.0),  # an int is a valid float
+    ('model.tie_embeddings=true', 'model.tie_embeddings', True),
+    ('checkpoint.async_save=0', 'checkpoint.async_save', False),
+    ("model.block_pattern=('dense', 'dense')", 'model.block_pattern', ('dense', 'dense')),
+    ("mesh.rules=[['batch', 'data'], ['length', None]]", 'mesh.rules',
+     (('batch', 'data'), ('length', None))),
+    ('model.head_dim=16', 'model.head_dim', 16),  # placeholder(int) parses as int
+    ('data.data_dir=none', 'data.data_dir', None),
+    ('model.remat=none', 'model.remat', 'none'),  # a str field keeps the word 'none'
+    ('mesh.ici.data=-1', 'mesh.ici.data', -1),
+])
+def test_override_is_parsed_by_field_type(override, key, expected):
+  value = config_lib._get(tiny(override), key)
+  assert value == expected and type(value) is type(expected)
+
+
+def test_placeholder_override_can_be_reset_to_none():
+  cfg = tiny('model.head_dim=16', 'model.head_dim=None')
+  assert cfg.model.head_dim is None
+
+
+@pytest.mark.parametrize('override', [
+    '--config.train.steps=50', 'config.train.steps=50', 'train.steps=50',
+])
+def test_override_accepts_all_three_prefix_forms(override):
+  assert tiny(override).train.steps == 50
+
+
+def test_unknown_key_suggests_the_closest():
+  assert error_of(tiny, 'train.stpes=5') == (
+      "config error: unknown key 'train.stpes' (did you mean 'train.steps'?)")
+  assert "did you mean 'train.steps'" in error_of(tiny, 'trian.steps=5')
+
+
+def test_override_cannot_add_a_key_below_a_leaf():
+  assert "unknown key 'train.steps.x'" in error_of(tiny, 'train.steps.x=1')
+
+
+@pytest.mark.parametrize('override, message', [
+    ('train.steps=abc', "config error: train.steps='abc' must be an int"),
+    ('train.steps=2.5', "config error: train.steps='2.5' must be an int"),
+    ('train.lr=fast', "config error: train.lr='fast' must be a float"),
+    ('model.tie_embeddings=maybe', "config error: model.tie_embeddings='maybe' must be a bool"),
+    ('model.block_pattern=dense', "config error: model.block_pattern='dense' must be a tuple"),
+    ('model.head_dim=wide', "config error: model.head_dim='wide' must be an int"),
+    ('train.steps=none', "config error: train.steps='none' must be an int"),
+])
+def test_wrong_type_names_key_and_expected_type(override, message):
+  assert error_of(tiny, override).startswith(message)
+
+
+def test_override_of_a_whole_section_is_refused():
+  assert 'mesh.ici is a section' in error_of(tiny, 'mesh.ici=4')
+
+
+# Validation.
+
+
+@pytest.mark.parametrize('key', config_lib.POSITIVE_INTS)
+def test_non_positive_int_is_refused(key):
+  assert error_of(tiny, f'{key}=0') == f'config error: {key}=0 must be a positive int'
+
+
+def test_d_model_must_divide_by_n_heads_unless_head_dim_is_set():
+  message = error_of(tiny, 'model.d_model=130')
+  assert message.startswith('config error: model.d_model=130 must be divisible by '
+                            'model.n_heads=4')
+  assert tiny('model.d_model=130', 'model.head_dim=32').model.d_model == 130
+
+
+def test_n_heads_must_divide_by_n_kv_heads():
+  assert error_of(tiny, 'model.n_kv_heads=3').startswith(
+      'config error: model.n_heads=4 must be divisible by model.n_kv_heads=3')
+
+
+def test_seq_len_must_fit_max_len():
+  assert error_of(tiny, 'data.seq_len=512') == (
+      'config error: data.seq_len=512 must be <= model.max_len=256')
+
+
+@pytest.mark.parametrize('override, key', [
+    ('model.dtype=fp8', 'model.dtype'),
+    ('model.param_dtype=int8', 'model.param_dtype'),
+    ('model.remat=some', 'model.remat'),
+    ('model.attention_impl=flash', 'model.attention_impl'),
+    ('model.family=mamba', 'model.family'),
+    ('train.schedule=linear', 'train.schedule'),
+])
+def test_unknown_choice_lists_the_options(override, key):
+  message = error_of(tiny, override)
+  assert message.startswith(f'config error: {key}=') and 'must be one of' in message
+
+
+def test_block_pattern_must_name_known_blocks():
+  message = error_of(tiny, "model.block_pattern=('dense', 'mamba')")
+  assert message.startswith("config error: model.block_pattern[1]='mamba' must be one of")
+  assert 'non-empty' in error_of(tiny, 'model.block_pattern=()')
+
+
+@pytest.mark.parametrize('overrides, key', [
+    (('train.warmup_steps=400',), 'train.warmup_steps'),  # tiny trains 300 steps
+    (('train.warmup_steps=-1',), 'train.warmup_steps'),
+    (('train.lr=0',), 'train.lr'),
+    (('train.min_lr_ratio=1.5',), 'train.min_lr_ratio'),
+    (('train.grad_clip=-1',), 'train.grad_clip'),
+])
+def test_train_values_out_of_range_are_refused(overrides, key):
+  assert error_of(tiny, *overrides).startswith(f'config error: {key}=')
+
+
+def test_every_family_shares_the_transformer_checks():
+  for family in config_lib.FAMILY_CHECKS:
+    assert config_lib._check_transformer in config_lib.FAMILY_CHECKS[family]
+  assert 'model.d_model=130' in error_of(tiny, 'model.family=ultramem', 'model.d_model=130')
+
+
+# Mesh.
+
+
+def test_mesh_that_does_not_divide_the_devices_is_refused():
+  cfg = tiny('mesh.ici.fsdp=3')
+  assert error_of(config_lib.validate, cfg, 8) == (
+      'config error: mesh.ici (data=-1, fsdp=3, tensor=1, expert=1) does not divide the '
+      '8 devices (fsdp*tensor*expert=3)')
+
+
+def test_fixed_mesh_must_use_every_device():
+  cfg = tiny('mesh.ici.data=2', 'mesh.ici.fsdp=2')
+  message = error_of(config_lib.validate, cfg, 8)
+  assert message.startswith('config error: mesh.ici (data=2, fsdp=2, tensor=1, expert=1) '
+                            'uses 4 devices but there are 8')
+  config_lib.validate(tiny('mesh.ici.data=2', 'mesh.ici.fsdp=4'), 8)
+
+
+def test_two_minus_ones_in_ici_are_refused():
+  assert 'more than one -1' in error_of(tiny, 'mesh.ici.fsdp=-1')
+
+
+def test_minus_one_in_both_ici_and_dcn_is_refused():
+  assert 'both have a -1' in error_of(tiny, 'mesh.dcn.data=-1')
+
+
+@pytest.mark.parametrize('override', ['mesh.ici.tensor=0', 'mesh.dcn.fsdp=-2'])
+def test_mesh_size_must_be_positive_or_minus_one(override):
+  assert 'must be a positive int or -1' in error_of(tiny, override)
+
+
+def test_batch_must_divide_by_its_data_parallel_size():
+  cfg = tiny('train.batch_size=12')
+  config_lib.validate(cfg)  # no devices given: nothing to divide by
+  message = error_of(config_lib.validate, cfg, 8)
+  assert message.startswith('config error: train.batch_size=12 must be divisible by 8')
+  # The same batch fits when only 4 of the 8 devices split it.
+  config_lib.validate(tiny('train.batch_size=12', 'mesh.ici.tensor=2'), 8)
+
+
+def test_mesh_shape_resolves_minus_one():
+  cfg = tiny('mesh.ici.fsdp=2', 'mesh.ici.tensor=2')
+  assert config_lib.mesh_shape(cfg, 8) == dict(data=2, fsdp=2, tensor=2, expert=1)
+
+
+def test_mesh_shape_multiplies_ici_by_dcn():
+  cfg = tiny('mesh.ici.fsdp=2', 'mesh.dcn.data=2')
+  assert config_lib.mesh_shape(cfg, 8) == dict(data=4, fsdp=2, tensor=1, expert=1)
+  cfg = tiny('mesh.ici.data=4', 'mesh.dcn.data=-1')
+  assert config_lib.mesh_shape(cfg, 8) == dict(data=8, fsdp=1, tensor=1, expert=1)
+
+
+@pytest.mark.parametrize('rules, fragment', [
+    ("(('batch', 'model'),)", "mesh axes must be None"),
+    ("(('batch',),)", 'must be a (logical, mesh_axes) pair'),
+    ("(('length', None),)", "no entry for logical axis 'batch'"),
+    ("(('batch', 'data'), ('batch', 'fsdp'))", 'a second time'),
+])
+def test_mesh_rules_must_be_pairs_of_known_axes(rules, fragment):
+  assert fragment in error_of(tiny, f'mesh.rules={rules}')
+
+
+# Errors are for people.
+
+
+@pytest.mark.parametrize('spec, overrides, key', [
+    (f'{DENSE}:tiny', ['train.stpes=1'], 'train.stpes'),
+    (f'{DENSE}:tiny', ['train.steps=abc'], 'train.steps'),
+    (f'{DENSE}:tiny', ['model.n_heads=3'], 'model.n_heads'),
+    (f'{DENSE}:tiny', ['mesh.ici.fsdp=-1'], 'mesh.ici'),
+    (f'{DENSE}:tiny', ['checkpoint.keep=0'], 'checkpoint.keep'),
+    (f'{DENSE}:nope', [], 'nope'),
+    ('missing.py', [], 'missing.py'),
+])
+def test_error_is_one_line_starting_with_config_error_and_naming_the_key(spec, overrides, key):
+  message = error_of(config_lib.load, spec, overrides)
+  assert message.startswith('config error: ') and '\n' not in message and key in message
+
+
+def test_config_error_is_a_value_error():
+  assert issubclass(config_lib.ConfigError, ValueError)
+
+
+def test_validate_names_a_missing_key():
+  cfg = tiny()
+  cfg.unlock()
+  del cfg.train['lr']
+  assert error_of(config_lib.validate, cfg) == "config error: missing key 'train.lr'"
+
+
+# Saving.
+
+
+def test_json_round_trip_restores_the_same_config(tmp_path):
+  cfg = tiny('model.head_dim=32', "model.block_pattern=('dense', 'dense')")
+  config_lib.save(cfg, tmp_path / 'run' / 'config.json')
+  restored = config_lib.load_json(tmp_path / 'run' / 'config.json')
+  assert isinstance(restored, ml_collections.ConfigDict)
+  assert config_lib.to_dict(restored) == config_lib.to_dict(cfg)
+  assert isinstance(restored.mesh.rules[0], tuple)
+  assert config_lib.config_hash(restored) == config_lib.config_hash(cfg)
+  assert json.loads((tmp_path / 'run' / 'config.json').read_text())['train']['steps'] == 300
+
+
+def test_hash_depends_on_values_only():
+  assert config_lib.config_hash(tiny()) == config_lib.config_hash(tiny())
+  assert config_lib.config_hash(tiny()) != config_lib.config_hash(tiny('train.seed=1'))

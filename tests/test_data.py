@@ -1,0 +1,337 @@
+"""Tests of the data package: tokenizer, TFDS sources and cache, Grain packing pipeline."""
+
+import importlib.util
+import json
+import pathlib
+import platform
+import sysconfig
+import time
+
+import numpy as np
+import pytest
+
+from jaxarch import data
+from jaxarch.data import sources
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EOD = data.ByteTokenizer.eod_id
+PAD = data.ByteTokenizer.pad_id
+
+
+def _dense_data_config():
+  spec = importlib.util.spec_from_file_location('dense_config', ROOT / 'configs' / 'dense.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config('tiny').data
+
+
+def _data_config(tmp_path, source, **overrides):
+  cfg = _dense_data_config()
+  cfg.source = source
+  cfg.data_dir = str(tmp_path / 'data')
+  cfg.seq_len = 16
+  cfg.validation_fraction = 0.25
+  cfg.update(overrides)
+  return cfg
+
+
+def _write_corpus(directory, num_docs=40, max_len=70, seed=0):
+  """Distinct documents of 0..max_len characters, with NUL bytes and non-ASCII."""
+  rng = np.random.default_rng(seed)
+  alphabet = list('abc \n\x00é€')
+  directory.mkdir(parents=True, exist_ok=True)
+  docs = {}
+  for i in range(num_docs):
+    text = f'{i}:' + ''.join(rng.choice(alphabet, size=rng.integers(0, max_len)))
+    (directory / f'doc_{i:02d}.txt').write_bytes(text.encode('utf-8'))
+    docs[f'doc_{i:02d}.txt'] = text
+  return docs
+
+
+@pytest.fixture
+def corpus(tmp_path):
+  """A `files:` config over 40 short documents, and the documents by relative path."""
+  docs = _write_corpus(tmp_path / 'corpus')
+  return _data_config(tmp_path, f'files:{tmp_path}/corpus/*.txt'), docs
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def _stream(batches, key):
+  """The non-padding tokens of all rows, in order: packing's view of the document stream."""
+  return np.concatenate([b[key][b['segment_ids'] > 0] for b in batches])
+
+
+def _documents(inputs):
+  """Complete documents of an inputs stream `eod d1 eod d2 ...`, as text."""
+  starts = np.flatnonzero(inputs == EOD)
+  return [bytes(inputs[a + 1:b].astype(np.uint8)).decode('utf-8')
+          for a, b in zip(starts[:-1], starts[1:])]
+
+
+def _batches_for(num_docs_tokens, batch_size, seq_len, epochs=1):
+  return num_docs_tokens * epochs // (batch_size * seq_len) + 2
+
+
+def _train_tokens(cfg):
+  source = data.open_source(cfg, 'train')
+  return sum(len(source[i].encode('utf-8')) + 1 for i in range(len(source)))
+
+
+# Tokenizers.
+
+
+def test_byte_tokenizer_roundtrips_zero_byte_and_non_ascii():
+  tok = data.ByteTokenizer()
+  text = 'a\x00b é€ 🙂'
+  ids = tok.encode(text)
+  assert ids[1] == 0 and len(ids) == len(text.encode('utf-8'))
+  assert tok.decode(ids) == text
+  assert tok.decode([tok.eod_id, *ids, tok.pad_id]) == text
+
+
+def test_byte_lengths_count_bytes_and_not_specials():
+  tok = data.get_tokenizer('bytes')
+  text = 'x\x00é€'
+  ids = tok.encode(text) + [tok.eod_id, tok.pad_id]
+  assert tok.vocab_size == 258 and len(tok.byte_lengths) == tok.vocab_size
+  assert tok.byte_lengths[ids].sum() == len(text.encode('utf-8'))
+  assert tok.pad_id >= 256 and tok.eod_id >= 256
+
+
+def test_unknown_tokenizer_spec_is_config_error():
+  with pytest.raises(ValueError, match=r"config error: data.tokenizer='gpt9'"):
+    data.get_tokenizer('gpt9')
+
+
+# Sources.
+
+
+@pytest.mark.parametrize('source', ['xyz', 'files:', 'tfds:'])
+def test_bad_source_spec_is_config_error(tmp_path, source):
+  cfg = _data_config(tmp_path, source)
+  with pytest.raises(ValueError, match=(
+      rf"config error: data.source='{source}' must be 'default', 'files:<glob>' or "
+      r"'tfds:<name>'")):
+    data.open_source(cfg, 'train')
+
+
+def test_files_glob_without_matches_names_the_glob(tmp_path):
+  cfg = _data_config(tmp_path, f'files:{tmp_path}/nothing/*.txt')
+  with pytest.raises(ValueError, match='no files match the glob .*nothing'):
+    data.open_source(cfg, 'train')
+
+
+def test_data_dir_is_config_then_env_then_user_cache(tmp_path, monkeypatch):
+  monkeypatch.setenv('JAXARCH_DATA_DIR', str(tmp_path / 'env'))
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+  assert data.resolve_data_dir(str(tmp_path / 'cfg')) == tmp_path / 'cfg'
+  assert data.resolve_data_dir(None) == tmp_path / 'env'
+  monkeypatch.delenv('JAXARCH_DATA_DIR')
+  assert data.resolve_data_dir(None) == tmp_path / 'xdg' / 'jaxarch' / 'data'
+  monkeypatch.delenv('XDG_CACHE_HOME')
+  assert data.resolve_data_dir(None) == pathlib.Path.home() / '.cache' / 'jaxarch' / 'data'
+
+
+def test_split_by_file_is_deterministic_and_disjoint(tmp_path, corpus):
+  cfg, docs = corpus
+  splits = {}
+  for data_dir in ('a', 'b'):  # Two independent builds.
+    cfg.data_dir = str(tmp_path / data_dir)
+    for split in ('train', 'validation'):
+      source = data.open_source(cfg, split)
+      splits[data_dir, split] = sorted(source[i] for i in range(len(source)))
+  assert splits['a', 'train'] == splits['b', 'train']
+  assert splits['a', 'validation'] == splits['b', 'validation']
+  train, val = set(splits['a', 'train']), set(splits['a', 'validation'])
+  assert val and not train & val and train | val == set(docs.values())
+  assert val == {t for f, t in docs.items() if sources.is_validation(f, 0.25)}
+
+
+def test_cache_is_built_once(corpus, monkeypatch):
+  cfg, _ = corpus
+  first = data.open_source(cfg, 'train')
+  files = {p: p.stat().st_mtime_ns for p in pathlib.Path(cfg.data_dir).rglob('*')}
+
+  def fail(*args):
+    raise AssertionError('rebuilt a prepared dataset')
+
+  monkeypatch.setattr(sources.TextFiles, '_generate_examples', fail)
+  second = data.open_source(cfg, 'train')
+  assert [second[i] for i in range(len(second))] == [first[i] for i in range(len(first))]
+  assert {p: p.stat().st_mtime_ns for p in pathlib.Path(cfg.data_dir).rglob('*')} == files
+
+
+def test_changed_files_are_rebuilt(tmp_path, corpus):
+  cfg, docs = corpus
+  before = data.open_source(cfg, 'train')
+  name = next(f for f in docs if not sources.is_validation(f, 0.25))
+  (tmp_path / 'corpus' / name).write_text('changed')
+  after = data.open_source(cfg, 'train')
+  assert 'changed' in {after[i] for i in range(len(after))}
+  assert 'changed' not in {before[i] for i in range(len(before))}
+
+
+def test_tfds_source_reads_a_prepared_array_record_dataset(corpus):
+  cfg, _ = corpus
+  built = data.open_source(cfg, 'train')
+  (config_dir,) = (pathlib.Path(cfg.data_dir) / 'text_files').iterdir()
+  cfg.source = f'tfds:text_files/{config_dir.name}'
+  source = data.open_source(cfg, 'train')
+  assert [source[i] for i in range(len(source))] == [built[i] for i in range(len(built))]
+
+
+def test_unprepared_tfds_source_says_how_to_prepare(tmp_path):
+  cfg = _data_config(tmp_path, 'tfds:mnist')
+  with pytest.raises(ValueError, match='is not prepared in .*download_and_prepare'):
+    data.open_source(cfg, 'train')
+
+
+# Pipeline.
+
+
+def test_train_batches_are_int32_with_local_batch_shape(corpus):
+  cfg, _ = corpus
+  ds = data.make_train_dataset(cfg, seed=0, global_batch_size=8, process_index=1,
+                               process_count=2)
+  batch = next(iter(ds))
+  assert set(batch) == {'inputs', 'targets', 'segment_ids', 'positions'}
+  for value in batch.values():
+    assert value.shape == (4, 16) and value.dtype == np.int32
+
+
+def test_packed_rows_have_consistent_segments_positions_and_targets(corpus):
+  cfg, _ = corpus
+  batches = _take(iter(data.make_train_dataset(cfg, seed=0, global_batch_size=4)), 30)
+  for b in batches:
+    for inputs, targets, seg, pos in zip(b['inputs'], b['targets'], b['segment_ids'],
+                                         b['positions']):
+      starts = np.flatnonzero(np.diff(seg, prepend=0) != 0)
+      ends = np.append(starts[1:], len(seg)) - 1
+      assert list(seg[starts]) == list(range(1, len(starts) + 1))
+      np.testing.assert_array_equal(pos, np.arange(len(seg)) - np.repeat(starts, np.diff(
+          np.append(starts, len(seg)))))
+      for s, e in zip(starts, ends):
+        np.testing.assert_array_equal(targets[s:e], inputs[s + 1:e + 1])
+        # A document's eod may only open a piece (as BOS) or close it (as last target).
+        assert EOD not in inputs[s + 1:e + 1] and EOD not in targets[s:e]
+  inputs, targets = _stream(batches, 'inputs'), _stream(batches, 'targets')
+  np.testing.assert_array_equal(targets[:-1], inputs[1:])  # Across rows too.
+
+
+def test_documents_longer_than_seq_len_are_split_with_all_bytes(tmp_path):
+  docs = _write_corpus(tmp_path / 'corpus', num_docs=6, max_len=200)
+  cfg = _data_config(tmp_path, f'files:{tmp_path}/corpus/*.txt', validation_fraction=0.0)
+  ds = data.make_train_dataset(cfg, seed=3, global_batch_size=2)
+  batches = _take(iter(ds), _batches_for(_train_tokens(cfg), 2, 16))
+  assert max(len(t.encode()) for t in docs.values()) > 4 * 16
+  assert sorted(_documents(_stream(batches, 'inputs'))[:6]) == sorted(docs.values())
+
+
+def test_shuffle_is_deterministic_given_the_seed(corpus):
+  cfg, _ = corpus
+
+  def first(seed):
+    ds = data.make_train_dataset(cfg, seed=seed, global_batch_size=4)
+    return _stream(_take(iter(ds), 20), 'inputs')
+
+  np.testing.assert_array_equal(first(0), first(0))
+  assert not np.array_equal(first(0), first(1))
+
+
+def test_each_epoch_is_a_new_order_of_the_same_documents(corpus):
+  cfg, _ = corpus
+  num_docs = len(data.open_source(cfg, 'train'))
+  ds = data.make_train_dataset(cfg, seed=0, global_batch_size=4)
+  batches = _take(iter(ds), _batches_for(_train_tokens(cfg), 4, 16, epochs=2))
+  docs = _documents(_stream(batches, 'inputs'))
+  epoch1, epoch2 = docs[:num_docs], docs[num_docs:2 * num_docs]
+  assert sorted(epoch1) == sorted(epoch2) and epoch1 != epoch2
+
+
+def test_process_shards_are_disjoint_and_cover_the_documents(corpus):
+  cfg, _ = corpus
+  source = data.open_source(cfg, 'train')
+  shards = []
+  for index in range(2):
+    num_docs = len(range(index, len(source), 2))
+    ds = data.make_train_dataset(cfg, seed=0, global_batch_size=4, process_index=index,
+                                 process_count=2)
+    batches = _take(iter(ds), _batches_for(_train_tokens(cfg), 2, 16))
+    shards.append(_documents(_stream(batches, 'inputs'))[:num_docs])
+  assert not set(shards[0]) & set(shards[1])
+  assert sorted(shards[0] + shards[1]) == sorted(source[i] for i in range(len(source)))
+
+
+def test_global_batch_must_divide_over_processes(corpus):
+  cfg, _ = corpus
+  with pytest.raises(ValueError, match='train.batch_size=6 must be divisible.*4'):
+    data.make_train_dataset(cfg, seed=0, global_batch_size=6, process_count=4)
+
+
+@pytest.mark.parametrize('through_json', [False, True])
+@pytest.mark.parametrize('skip', [0, 5])
+def test_iterator_state_resumes_exactly(corpus, skip, through_json):
+  cfg, _ = corpus
+  ds = data.make_train_dataset(cfg, seed=0, global_batch_size=4)
+  it = iter(ds)
+  _take(it, skip)
+  state = it.get_state()
+  if through_json:  # How Grain's Orbax handler stores it.
+    state = json.loads(json.dumps(state))
+  expected = _take(it, 3)
+  resumed = iter(data.make_train_dataset(cfg, seed=0, global_batch_size=4))
+  resumed.set_state(state)
+  for want, got in zip(expected, _take(resumed, 3)):
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_eval_batches_are_deterministic_finite_and_cover_validation(corpus):
+  cfg, _ = corpus
+  ds = data.make_eval_dataset(cfg, batch_size=4, num_batches=1000)
+  first, second = list(ds), list(ds)
+  assert 0 < len(first) < 1000 and len(first) == len(second)
+  for a, b in zip(first, second):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  source = data.open_source(cfg, 'validation')
+  inputs = np.append(_stream(first, 'inputs'), EOD)
+  assert _documents(inputs) == [source[i] for i in range(len(source))]
+  last = first[-1]
+  assert last['inputs'].shape == (4, 16)
+  assert np.all(last['inputs'][last['segment_ids'] == 0] == PAD)
+  assert len(list(data.make_eval_dataset(cfg, batch_size=4, num_batches=2))) == 2
+
+
+def test_eval_gives_every_process_num_batches(corpus):
+  cfg, _ = corpus
+  ds = data.make_eval_dataset(cfg, batch_size=8, num_batches=500, process_index=1,
+                              process_count=2)
+  batches = list(ds)
+  assert len(batches) == 500 and batches[-1]['inputs'].shape == (4, 16)
+  assert not batches[-1]['segment_ids'].any()
+
+
+def test_default_corpus_is_the_stdlib_split_by_file(tmp_path):
+  cfg = _data_config(tmp_path, 'default', validation_fraction=0.05)
+  start = time.time()
+  train = data.open_source(cfg, 'train')
+  build_seconds = time.time() - start
+  val = data.open_source(cfg, 'validation')
+  stdlib = pathlib.Path(sysconfig.get_paths()['stdlib'])
+  num_files = sum(1 for p in stdlib.rglob('*.py')
+                  if not {'site-packages', 'dist-packages', '__pycache__'}
+                  & set(p.relative_to(stdlib).parts))
+  assert len(train) + len(val) == num_files and 0 < len(val) < len(train) / 10
+  assert sum(len(train[i]) for i in range(len(train))) > 10_000_000
+  os_py = (stdlib / 'os.py').read_text('utf-8')
+  assert sources.is_validation('os.py', 0.05) == (os_py in {val[i] for i in range(len(val))})
+  (config_dir,) = (pathlib.Path(cfg.data_dir) / 'python_stdlib').iterdir()
+  assert platform.python_version() in config_dir.name  # One cache entry per interpreter.
+  batch = next(iter(data.make_train_dataset(cfg, seed=0, global_batch_size=16)))
+  assert batch['inputs'].shape == (16, 16)
+  print(f'default corpus: built in {build_seconds:.1f}s, {len(train)} train and '
+        f'{len(val)} validation documents')

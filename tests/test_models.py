@@ -1,0 +1,84 @@
+"""The transformer: shapes, causality, packing isolation, tied heads, remat."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from conftest import tiny_config
+from jaxarch import models
+
+
+def _model(**overrides):
+  cfg = tiny_config(**{'model.dtype': 'float32', **overrides})
+  return cfg, models.build(cfg.model, rngs=nnx.Rngs(0))
+
+
+def test_logits_have_batch_length_vocab_shape():
+  cfg, model = _model()
+  tokens = jnp.zeros((3, 17), jnp.int32)
+  assert model(tokens).shape == (3, 17, cfg.model.vocab_size)
+  assert model(tokens).dtype == jnp.float32
+
+
+def test_changing_token_t_changes_no_logit_before_t():
+  _, model = _model()
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, 256)
+  t = 11
+  changed = tokens.at[:, t].set((tokens[:, t] + 7) % 256)
+  a, b = model(tokens), model(changed)
+  np.testing.assert_array_equal(np.asarray(a[:, :t]), np.asarray(b[:, :t]))
+  assert not np.allclose(a[:, t:], b[:, t:])  # and the change is seen from t on
+
+
+def test_packed_documents_do_not_attend_across_boundaries():
+  _, model = _model()
+  key_a, key_b = jax.random.split(jax.random.PRNGKey(2))
+  doc_a = jax.random.randint(key_a, (1, 10), 0, 256)
+  doc_b = jax.random.randint(key_b, (1, 14), 0, 256)
+  packed = jnp.concatenate([doc_a, doc_b], axis=1)
+  segments = jnp.array([[1] * 10 + [2] * 14])
+  positions = jnp.array([list(range(10)) + list(range(14))])
+  out = model(packed, segments, positions)
+  np.testing.assert_allclose(out[:, :10], model(doc_a), atol=1e-5)
+  np.testing.assert_allclose(out[:, 10:], model(doc_b), atol=1e-5)
+
+
+def test_tied_head_has_no_separate_output_matrix():
+  cfg, tied = _model(**{'model.tie_embeddings': True})
+  _, untied = _model()
+  assert tied.head is None
+  count = lambda m: models.param_counts(m)['total']
+  assert count(untied) - count(tied) == cfg.model.d_model * cfg.model.vocab_size
+  assert tied(jnp.zeros((1, 5), jnp.int32)).shape[-1] == cfg.model.vocab_size
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+  tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 16), 0, 256)
+
+  def grads(remat):
+    _, model = _model(**{'model.remat': remat})
+    def loss(m):
+      return jnp.mean(jax.nn.log_softmax(m(tokens))[..., 0])
+    return nnx.grad(loss)(model)
+
+  plain, full, dots = grads('none'), grads('full'), grads('dots')
+  for other in (full, dots):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), plain, other)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  _, model = _model(**{'model.dtype': 'bfloat16'})
+  params = nnx.state(model, nnx.Param)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype('float32')}
+  out = model(jnp.ones((1, 8), jnp.int32))
+  assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_block_plan_repeats_the_pattern():
+  from jaxarch.models.transformer import block_plan  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config()
+  with cfg.unlocked():
+    cfg.model.n_layers = 5
+    cfg.model.block_pattern = ('dense', 'moe')
+  assert block_plan(cfg.model) == ['dense', 'moe', 'dense', 'moe', 'dense']

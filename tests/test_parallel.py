@@ -1,0 +1,61 @@
+"""Meshes from config, logical-axis rules, and weights that really are sharded."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from conftest import mesh_config, tiny_config
+from jaxarch import config as config_lib
+from jaxarch.parallel import logical_to_spec, make_mesh
+from jaxarch.train.state import init_state, make_setup
+
+
+def test_mesh_resolves_minus_one_over_eight_devices():
+  mesh = make_mesh(mesh_config(tiny_config(), data=-1, fsdp=2, tensor=2))
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 2, 'tensor': 2, 'expert': 1}
+
+
+def test_mesh_that_does_not_divide_devices_is_a_config_error():
+  with pytest.raises(config_lib.ConfigError, match='mesh'):
+    make_mesh(mesh_config(tiny_config(), data=-1, fsdp=3))
+
+
+def test_rules_map_logical_axes_to_mesh_axes():
+  rules = tiny_config().mesh.rules
+  assert logical_to_spec(('batch', 'length'), rules) == P(('data', 'fsdp', 'expert'), None)
+  assert logical_to_spec(('embed', 'mlp'), rules) == P('fsdp', 'tensor')
+
+
+def test_mesh_axis_that_does_not_divide_a_dimension_is_dropped():
+  mesh = make_mesh(mesh_config(tiny_config(), data=2, tensor=4))
+  # 2 kv heads cannot be split 4 ways: replicated along that dimension instead.
+  spec = logical_to_spec(('embed', 'kv_heads', 'head_dim'), tiny_config().mesh.rules,
+                         (64, 2, 16), mesh)
+  assert spec == P('fsdp', None, None)
+
+
+def test_fsdp_and_tensor_parallelism_really_shard_the_weights():
+  cfg = mesh_config(tiny_config(), data=2, fsdp=2, tensor=2)
+  setup = make_setup(cfg, make_mesh(cfg))
+  state = init_state(cfg, setup)
+  gate = state['params']['blocks'][0]['mlp']['gate'].get_value()  # [embed, mlp]
+  assert gate.sharding.spec == P('fsdp', 'tensor')
+  shard_shapes = {s.data.shape for s in gate.addressable_shards}
+  assert shard_shapes == {(gate.shape[0] // 2, gate.shape[1] // 2)}
+  # Adam's moments follow their parameter's sharding.
+  mu = jax.tree.leaves(state['opt_state'])
+  assert any(getattr(x, 'sharding', None) is not None and x.shape == gate.shape and
+             x.sharding.spec == P('fsdp', 'tensor') for x in mu)
+  q = state['params']['blocks'][0]['attn']['q_proj'].get_value()  # [embed, heads, head_dim]
+  assert q.sharding.spec == P('fsdp', 'tensor', None)
+
+
+def test_batch_is_split_over_data_and_fsdp():
+  cfg = mesh_config(tiny_config(), data=2, fsdp=2, tensor=2)
+  setup = make_setup(cfg, make_mesh(cfg))
+  assert setup.batch_sharding.spec == P(('data', 'fsdp', 'expert'), None)
+  batch = np.zeros((8, 32), np.int32)
+  from jaxarch.parallel import global_batch  # pylint: disable=g-import-not-at-top
+  arr = global_batch({'x': batch}, setup.batch_sharding)['x']
+  assert {s.data.shape for s in arr.addressable_shards} == {(2, 32)}

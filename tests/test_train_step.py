@@ -1,0 +1,91 @@
+"""The jitted train step: same numbers on 1 device and on a (data=2, fsdp=2, tensor=2) mesh."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from conftest import make_batch, mesh_config, tiny_config
+from jaxarch.parallel import global_batch, make_mesh
+from jaxarch.train.optimizer import learning_rate_schedule
+from jaxarch.train.state import init_state, make_setup
+from jaxarch.train.step import make_train_step
+
+
+def _steps(cfg, devices, n=2):
+  mesh = make_mesh(cfg, devices=devices)
+  setup = make_setup(cfg, mesh)
+  state = init_state(cfg, setup)
+  step = make_train_step(setup)
+  losses = []
+  for i in range(n):
+    batch = global_batch(make_batch(cfg.train.batch_size, cfg.data.seq_len, seed=i),
+                         setup.batch_sharding)
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
+  return losses, jax.device_get(state['params'])
+
+
+def test_eight_device_step_equals_one_device_step():
+  base = tiny_config(**{'model.dtype': 'float32'})
+  one_losses, one_params = _steps(mesh_config(base, data=1), jax.devices()[:1])
+  sharded = tiny_config(**{'model.dtype': 'float32'})
+  eight_losses, eight_params = _steps(mesh_config(sharded, data=2, fsdp=2, tensor=2),
+                                      jax.devices())
+  np.testing.assert_allclose(one_losses, eight_losses, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               one_params, eight_params)
+
+
+def test_loss_decreases_when_overfitting_one_batch():
+  cfg = mesh_config(tiny_config(**{'train.lr': 1e-2, 'train.warmup_steps': 1}), data=8)
+  setup = make_setup(cfg, make_mesh(cfg))
+  state = init_state(cfg, setup)
+  step = make_train_step(setup)
+  batch = global_batch(make_batch(8, cfg.data.seq_len), setup.batch_sharding)
+  losses = []
+  for _ in range(20):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
+  assert losses[-1] < 0.5 * losses[0]
+
+
+def test_padding_tokens_carry_no_loss():
+  cfg = mesh_config(tiny_config(), data=8)
+  setup = make_setup(cfg, make_mesh(cfg))
+  step = make_train_step(setup)
+  batch = make_batch(8, cfg.data.seq_len)
+  padded = {k: v.copy() for k, v in batch.items()}
+  padded['segment_ids'][:, 20:] = 0
+  padded['targets'][:, 20:] = 3  # garbage under the padding must not matter
+  other = {k: v.copy() for k, v in padded.items()}
+  other['targets'][:, 20:] = 200
+  loss = lambda b: float(step(init_state(cfg, setup), global_batch(b, setup.batch_sharding))[1]['loss'])
+  assert loss(padded) == pytest.approx(loss(other), rel=1e-6)
+
+
+def test_no_weight_decay_on_norms_and_embeddings():
+  cfg = mesh_config(tiny_config(**{'train.lr': 1e-2, 'train.weight_decay': 0.5}), data=8)
+  setup = make_setup(cfg, make_mesh(cfg))
+  state = init_state(cfg, setup)
+  # With zero gradients only weight decay moves a parameter.
+  zeros = jax.tree.map(np.zeros_like, state['params'])
+  updates, _ = setup.tx.update(zeros, setup.tx.init(state['params']), state['params'])
+  moved = lambda p: float(np.abs(np.asarray(p.get_value())).max())
+  assert moved(updates['embed']['embedding']) == 0.0
+  assert moved(updates['final_norm']['scale']) == 0.0
+  assert moved(updates['blocks'][0]['mlp']['gate']) > 0.0
+
+
+@pytest.mark.parametrize('schedule', ['cosine', 'wsd', 'constant'])
+def test_schedules_warm_up_then_reach_their_final_rate(schedule):
+  cfg = tiny_config(**{'train.schedule': schedule, 'train.steps': 100,
+                       'train.warmup_steps': 10, 'train.lr': 1.0,
+                       'train.min_lr_ratio': 0.1, 'train.decay_fraction': 0.2})
+  lr = learning_rate_schedule(cfg.train)
+  assert float(lr(0)) == pytest.approx(0.1)
+  assert float(lr(10)) == pytest.approx(1.0)
+  final = {'cosine': 0.1, 'wsd': 0.1, 'constant': 1.0}[schedule]
+  assert float(lr(100)) == pytest.approx(final, abs=1e-6)
+  if schedule == 'wsd':
+    assert float(lr(75)) == pytest.approx(1.0)  # still in the stable phase
