@@ -65,7 +65,7 @@ def get_config(arg=None):
   c.model.dtype = 'bfloat16'  # compute; parameters stay in param_dtype
   c.model.param_dtype = 'float32'
   c.model.remat = 'none'  # none | full | dots (save matmul outputs)
-  c.model.attention_impl = 'xla'  # xla | cudnn (jax.nn.dot_product_attention)
+  c.model.attention_impl = 'auto'  # auto (cuDNN flash on GPU in bf16, else XLA) | xla | cudnn
 
   # Data section.
   c.data = ml_collections.ConfigDict()
@@ -74,7 +74,6 @@ def get_config(arg=None):
   c.data.tokenizer = 'bytes'  # bytes | path to a SentencePiece .model or HF tokenizer.json
   c.data.data_dir = ml_collections.config_dict.placeholder(str)  # None: $JAXARCH_DATA_DIR or ~/.cache/jaxarch
   c.data.validation_fraction = 0.05  # default and files: sources, split by file
-  c.data.shuffle_buffer_docs = 0  # 0: global shuffle of the document index
 
   # Mesh section: ('data', 'fsdp', 'tensor', 'expert'); one size may be -1.
   c.mesh = ml_collections.ConfigDict()

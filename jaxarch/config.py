@@ -26,7 +26,7 @@ ConfigDict = ml_collections.ConfigDict
 MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
 DTYPES = ('float32', 'bfloat16', 'float16')
 REMAT = ('none', 'full', 'dots')
-ATTENTION_IMPLS = ('xla', 'cudnn')
+ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
 SCHEDULES = ('cosine', 'wsd', 'constant')
 POSITIVE_INTS = (
     'model.d_model', 'model.n_layers', 'model.n_heads', 'model.n_kv_heads', 'model.d_ff',

@@ -1,6 +1,7 @@
 """Tests of the data package: tokenizer, TFDS sources and cache, Grain packing pipeline."""
 
 import importlib.util
+import itertools
 import json
 import pathlib
 import platform
@@ -64,6 +65,12 @@ def _stream(batches, key):
   return np.concatenate([b[key][b['segment_ids'] > 0] for b in batches])
 
 
+def _row_streams(batches, key):
+  """`_stream` of each batch row: with one packing stream per row, each is one stream."""
+  return [_stream([{k: v[r:r + 1] for k, v in b.items()} for b in batches], key)
+          for r in range(len(batches[0][key]))]
+
+
 def _documents(inputs):
   """Complete documents of an inputs stream `eod d1 eod d2 ...`, as text."""
   starts = np.flatnonzero(inputs == EOD)
@@ -71,13 +78,29 @@ def _documents(inputs):
           for a, b in zip(starts[:-1], starts[1:])]
 
 
-def _batches_for(num_docs_tokens, batch_size, seq_len, epochs=1):
-  return num_docs_tokens * epochs // (batch_size * seq_len) + 2
+def _shuffled_documents(batches):
+  """The packed documents in the order of the shuffled sequence they were read from.
+
+  Row `r` packs documents `r, r + S, r + 2S, ...` of that sequence (S = rows per batch);
+  the result ends where a row's next complete document is still missing.
+  """
+  if not batches:
+    return []
+  per_row = [_documents(inputs) for inputs in _row_streams(batches, 'inputs')]
+  docs = []
+  for j in itertools.count():
+    for row in per_row:
+      if j >= len(row):
+        return docs
+      docs.append(row[j])
 
 
-def _train_tokens(cfg):
-  source = data.open_source(cfg, 'train')
-  return sum(len(source[i].encode('utf-8')) + 1 for i in range(len(source)))
+def _take_documents(iterator, num_docs):
+  """The first `num_docs` documents of the shuffled sequence, read from the batches."""
+  batches = []
+  while len(docs := _shuffled_documents(batches)) < num_docs:
+    batches += _take(iterator, 8)
+  return docs[:num_docs]
 
 
 # Tokenizers.
@@ -217,17 +240,18 @@ def test_packed_rows_have_consistent_segments_positions_and_targets(corpus):
         np.testing.assert_array_equal(targets[s:e], inputs[s + 1:e + 1])
         # A document's eod may only open a piece (as BOS) or close it (as last target).
         assert EOD not in inputs[s + 1:e + 1] and EOD not in targets[s:e]
-  inputs, targets = _stream(batches, 'inputs'), _stream(batches, 'targets')
-  np.testing.assert_array_equal(targets[:-1], inputs[1:])  # Across rows too.
+  # Across rows too: each row continues the same row of the previous batch.
+  for inputs, targets in zip(_row_streams(batches, 'inputs'),
+                             _row_streams(batches, 'targets')):
+    np.testing.assert_array_equal(targets[:-1], inputs[1:])
 
 
 def test_documents_longer_than_seq_len_are_split_with_all_bytes(tmp_path):
   docs = _write_corpus(tmp_path / 'corpus', num_docs=6, max_len=200)
   cfg = _data_config(tmp_path, f'files:{tmp_path}/corpus/*.txt', validation_fraction=0.0)
   ds = data.make_train_dataset(cfg, seed=3, global_batch_size=2)
-  batches = _take(iter(ds), _batches_for(_train_tokens(cfg), 2, 16))
   assert max(len(t.encode()) for t in docs.values()) > 4 * 16
-  assert sorted(_documents(_stream(batches, 'inputs'))[:6]) == sorted(docs.values())
+  assert sorted(_take_documents(iter(ds), 6)) == sorted(docs.values())
 
 
 def test_shuffle_is_deterministic_given_the_seed(corpus):
@@ -245,8 +269,7 @@ def test_each_epoch_is_a_new_order_of_the_same_documents(corpus):
   cfg, _ = corpus
   num_docs = len(data.open_source(cfg, 'train'))
   ds = data.make_train_dataset(cfg, seed=0, global_batch_size=4)
-  batches = _take(iter(ds), _batches_for(_train_tokens(cfg), 4, 16, epochs=2))
-  docs = _documents(_stream(batches, 'inputs'))
+  docs = _take_documents(iter(ds), 2 * num_docs)
   epoch1, epoch2 = docs[:num_docs], docs[num_docs:2 * num_docs]
   assert sorted(epoch1) == sorted(epoch2) and epoch1 != epoch2
 
@@ -259,8 +282,7 @@ def test_process_shards_are_disjoint_and_cover_the_documents(corpus):
     num_docs = len(range(index, len(source), 2))
     ds = data.make_train_dataset(cfg, seed=0, global_batch_size=4, process_index=index,
                                  process_count=2)
-    batches = _take(iter(ds), _batches_for(_train_tokens(cfg), 2, 16))
-    shards.append(_documents(_stream(batches, 'inputs'))[:num_docs])
+    shards.append(_take_documents(iter(ds), num_docs))
   assert not set(shards[0]) & set(shards[1])
   assert sorted(shards[0] + shards[1]) == sorted(source[i] for i in range(len(source)))
 
@@ -269,6 +291,22 @@ def test_global_batch_must_divide_over_processes(corpus):
   cfg, _ = corpus
   with pytest.raises(ValueError, match='train.batch_size=6 must be divisible.*4'):
     data.make_train_dataset(cfg, seed=0, global_batch_size=6, process_count=4)
+
+
+def test_rows_of_a_batch_come_from_different_documents(tmp_path):
+  # Four long documents of one marker letter each: ~30 rows per document.
+  directory = tmp_path / 'corpus'
+  directory.mkdir()
+  for letter in 'ABCD':
+    (directory / f'{letter}.txt').write_text(letter * 479)
+  cfg = _data_config(tmp_path, f'files:{directory}/*.txt', validation_fraction=0.0)
+
+  def letters_per_batch(**kwargs):
+    ds = data.make_train_dataset(cfg, seed=0, global_batch_size=4, **kwargs)
+    return [len(set(np.unique(b['inputs'])) & set(b'ABCD')) for b in _take(iter(ds), 100)]
+
+  assert min(letters_per_batch()) >= 3
+  assert np.mean(letters_per_batch(packing_streams=1)) < 1.5  # One document at a time.
 
 
 @pytest.mark.parametrize('through_json', [False, True])

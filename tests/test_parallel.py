@@ -59,3 +59,15 @@ def test_batch_is_split_over_data_and_fsdp():
   from jaxarch.parallel import global_batch  # pylint: disable=g-import-not-at-top
   arr = global_batch({'x': batch}, setup.batch_sharding)['x']
   assert {s.data.shape for s in arr.addressable_shards} == {(2, 32)}
+
+
+def test_dcn_axes_multiply_the_ici_axes():
+  cfg = tiny_config()
+  with cfg.unlocked():
+    cfg.mesh.ici.update(dict(data=1, fsdp=2, tensor=2, expert=1))
+    cfg.mesh.dcn.update(dict(data=2, fsdp=1, tensor=1, expert=1))
+  mesh = make_mesh(cfg)
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 2, 'tensor': 2, 'expert': 1}
+  # Each "slice" (a data index) holds one consecutive block of 4 devices.
+  ids = np.vectorize(lambda d: d.id)(mesh.devices)
+  assert sorted(ids[0].ravel()) == [0, 1, 2, 3] and sorted(ids[1].ravel()) == [4, 5, 6, 7]

@@ -10,9 +10,19 @@ arrays `[local_batch, seq_len]`:
   segment_ids       1, 2, ... for the document pieces of a row; 0 for padding
   positions         0-based position within each piece, restarting at every segment
 
+Training packs `S` streams side by side (default: one per batch row). Stream `i` packs
+documents `i, i + S, i + 2S, ...` of the process's shuffled, endlessly repeated document
+sequence, and a batch takes its rows from the streams in turn, so it holds pieces of `S`
+documents. With one stream, a long document (the stdlib averages ~140 rows of 128 bytes)
+fills whole batches by itself: their rows are highly correlated and the loss jumps from
+step to step. The streams are zipped with `ZipIterDataset`, whose state is just the list
+of the stream states; `InterleaveIterDataset` would add a prefetch thread per stream and
+bookkeeping for finite inputs, and a window shuffle of rows only mixes documents that are
+close in the sequence, so it would need thousands of rows in memory to do the same.
+
 The train iterator is a Grain `DatasetIterator`: `get_state()` is a small JSON-able dict
-(document index plus the slice of the document being packed) and `set_state()` resumes
-exactly, so the trainer can checkpoint it next to the model.
+(per stream: document index plus the slice of the document being packed) and
+`set_state()` resumes exactly, so the trainer can checkpoint it next to the model.
 """
 
 import functools
@@ -93,6 +103,16 @@ def _packed_rows(docs: grain.MapDataset, tokenizer, seq_len: int,
   return _JsonStatePacking(ds, seq_len).map(_Finalize(tokenizer.pad_id))
 
 
+class _Unzip(grain.experimental.FlatMapTransform):
+  """One row from each packing stream -> the rows one by one."""
+
+  def __init__(self, num_streams: int):
+    self.max_fan_out = num_streams
+
+  def flat_map(self, rows):
+    return rows
+
+
 def _local_batch_size(batch_size: int, process_count: int, key: str) -> int:
   if batch_size % process_count:
     raise ValueError(f'config error: {key}={batch_size} must be divisible by the number of '
@@ -109,41 +129,54 @@ def _documents(data_cfg, split: str, process_index: int,
 
 def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
                        process_index: int = 0, process_count: int = 1,
-                       num_threads: int = 0, prefetch: int = 2) -> grain.IterDataset:
+                       packing_streams: int | None = None, num_threads: int = 0,
+                       prefetch: int = 2) -> grain.IterDataset:
   """Endless packed training batches; each epoch is a new seeded shuffle of the documents.
 
-  `num_threads` read and tokenize documents in parallel (0: inline, enough for local
-  array_record files); `prefetch` batches are prepared ahead in a background thread.
+  Consecutive rows come from `packing_streams` different documents (default: the local
+  batch size, so every row of a batch does; 1 packs one document after another).
+  `num_threads` read and tokenize documents in parallel, shared out over the streams (0:
+  inline, enough for local array_record files); `prefetch` batches are prepared ahead in
+  a background thread.
   """
   local_batch = _local_batch_size(global_batch_size, process_count, 'train.batch_size')
+  num_streams = local_batch if packing_streams is None else packing_streams
+  if num_streams < 1:
+    raise ValueError(f'packing_streams={packing_streams} must be positive')
   tokenizer = tokenizers.get_tokenizer(data_cfg.tokenizer)
   docs = _documents(data_cfg, 'train', process_index, process_count)
   if not len(docs):  # pylint: disable=g-explicit-length-test
     raise ValueError(f'config error: data.source={data_cfg.source!r} has no training '
                      f'documents for process {process_index} of {process_count}')
-  window = data_cfg.get('shuffle_buffer_docs', 0)
-  if window:  # Local shuffle, for corpora too large to read in random order.
-    docs = grain.experimental.WindowShuffleMapDataset(docs, window_size=window,
-                                                      seed=seed % 2**32)
-  else:
-    docs = docs.shuffle(seed=seed % 2**32)
-  docs = docs.repeat()  # Reseeds the shuffle for each epoch.
-  rows = _packed_rows(docs, tokenizer, data_cfg.seq_len, num_threads)
+  # Repeat reseeds the shuffle each epoch; slicing the endless sequence (not the epoch)
+  # keeps every stream endless, and together the streams read each epoch exactly once.
+  docs = docs.shuffle(seed=seed % 2**32).repeat()
+  threads = -(-num_threads // num_streams)
+  streams = [_packed_rows(docs[i::num_streams], tokenizer, data_cfg.seq_len, threads)
+             for i in range(num_streams)]
+  rows = grain.experimental.FlatMapIterDataset(grain.experimental.ZipIterDataset(streams),
+                                               _Unzip(num_streams))
   batches = rows.batch(local_batch, drop_remainder=True)
   # A background thread prepares the next batches while the device runs a step; the state
   # it reports is still that of the last batch handed out.
   return grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
 
 
+def _padding_rows(num_rows: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+  """Rows with no document: pad_id tokens in segment 0."""
+  tokens = np.full((num_rows, seq_len), pad_id, np.int32)
+  zeros = np.zeros((num_rows, seq_len), np.int32)
+  return {'inputs': tokens, 'targets': tokens.copy(), 'segment_ids': zeros,
+          'positions': zeros.copy()}
+
+
 def _pad_batch(rows, *, batch_size: int, pad_id: int) -> dict[str, np.ndarray]:
-  """Stacks rows and fills the batch up with padding rows (pad_id tokens, segment 0)."""
+  """Stacks rows and fills the batch up to `batch_size` with padding rows."""
   batch = {k: np.stack([r[k] for r in rows]) for k in _FEATURES}
-  missing = batch_size - len(rows)
-  if missing:
-    fill = {'inputs': pad_id, 'targets': pad_id, 'segment_ids': 0, 'positions': 0}
-    batch = {k: np.concatenate([v, np.full((missing, v.shape[1]), fill[k], np.int32)])
-             for k, v in batch.items()}
-  return batch
+  if len(rows) == batch_size:
+    return batch
+  padding = _padding_rows(batch_size - len(rows), batch['inputs'].shape[1], pad_id)
+  return {k: np.concatenate([v, padding[k]]) for k, v in batch.items()}
 
 
 class EvalBatches:
@@ -170,7 +203,7 @@ class EvalBatches:
 
 def make_eval_dataset(data_cfg, *, batch_size: int, num_batches: int,
                       process_index: int = 0, process_count: int = 1) -> EvalBatches:
-  """Validation batches in file order, packed like training; the last may hold padding rows."""
+  """Validation batches in stored order, packed like training; the last may end in padding."""
   local_batch = _local_batch_size(batch_size, process_count, 'eval batch size')
   tokenizer = tokenizers.get_tokenizer(data_cfg.tokenizer)
   docs = _documents(data_cfg, 'validation', process_index, process_count)
@@ -179,9 +212,5 @@ def make_eval_dataset(data_cfg, *, batch_size: int, num_batches: int,
       _pad_batch, batch_size=local_batch, pad_id=tokenizer.pad_id))
   fill_batch = None
   if process_count > 1:
-    empty = {'inputs': np.full(data_cfg.seq_len, tokenizer.pad_id, np.int32),
-             'targets': np.full(data_cfg.seq_len, tokenizer.pad_id, np.int32),
-             'segment_ids': np.zeros(data_cfg.seq_len, np.int32),
-             'positions': np.zeros(data_cfg.seq_len, np.int32)}
-    fill_batch = _pad_batch([empty], batch_size=local_batch, pad_id=tokenizer.pad_id)
+    fill_batch = _padding_rows(local_batch, data_cfg.seq_len, tokenizer.pad_id)
   return EvalBatches(batches, num_batches, fill_batch)

@@ -34,7 +34,7 @@ _SOURCE_ERROR = ("config error: data.source={!r} must be 'default', 'files:<glob
 
 
 def resolve_data_dir(cfg_value: str | None) -> pathlib.Path:
-  """`data.data_dir`, else $JAXARCH_DATA_DIR, else $XDG_CACHE_HOME or ~/.cache /jaxarch/data."""
+  """`data.data_dir`, else $JAXARCH_DATA_DIR, else ($XDG_CACHE_HOME or ~/.cache)/jaxarch/data."""
   if cfg_value:
     return pathlib.Path(cfg_value).expanduser()
   if os.environ.get('JAXARCH_DATA_DIR'):

@@ -1,6 +1,6 @@
 """Building blocks of the models: each module declares the logical axes of its weights."""
 
-from jaxarch.layers.attention import Attention, attention_mask
+from jaxarch.layers.attention import Attention, document_mask
 from jaxarch.layers.embeddings import Embed
 from jaxarch.layers.mlp import SwiGLU
 from jaxarch.layers.norms import RMSNorm

@@ -12,12 +12,21 @@ from jaxarch.layers.params import normal, param
 from jaxarch.layers.rope import apply_rope
 
 
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
-  """[b, t] segment ids -> [b, 1, t, t] bool: causal and within one document."""
-  t = segment_ids.shape[-1]
-  causal = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
-  same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
-  return (causal[None] & same_doc)[:, None]
+def document_mask(segment_ids: jax.Array) -> jax.Array:
+  """[b, t] segment ids -> [b, 1, t, t] bool: query and key in the same document.
+
+  Causality is added by the attention kernel itself (`is_causal`), which lets cuDNN use
+  its native causal mask.
+  """
+  return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
+
+def _implementation(impl: str, dtype) -> str | None:
+  """'auto' is cuDNN flash attention where it runs (GPU, 16-bit), XLA elsewhere."""
+  if impl == 'auto':
+    on_gpu = jax.default_backend() == 'gpu'
+    impl = 'cudnn' if on_gpu and dtype in (jnp.bfloat16, jnp.float16) else 'xla'
+  return None if impl == 'xla' else impl
 
 
 class Attention(nnx.Module):
@@ -27,7 +36,7 @@ class Attention(nnx.Module):
                out_std: float | None = None, impl: str = 'xla', dtype=jnp.bfloat16,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.rope_theta = rope_theta
-    self.impl = None if impl == 'xla' else impl
+    self.impl = _implementation(impl, dtype)
     self.dtype = dtype
     init = normal(init_std)
     self.q_proj = param(rngs, init, (d_model, n_heads, head_dim),
@@ -46,6 +55,6 @@ class Attention(nnx.Module):
     v = jnp.einsum('btd,dkh->btkh', x, cast(self.v_proj))
     q = apply_rope(q, positions, self.rope_theta)
     k = apply_rope(k, positions, self.rope_theta)
-    out = jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segment_ids),
-                                       implementation=self.impl)  # btnh
+    out = jax.nn.dot_product_attention(q, k, v, mask=document_mask(segment_ids),
+                                       is_causal=True, implementation=self.impl)  # btnh
     return jnp.einsum('btnh,nhd->btd', out, cast(self.o_proj))

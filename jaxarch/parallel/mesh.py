@@ -22,9 +22,16 @@ def make_mesh(cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
   total = config_lib.mesh_shape(cfg, len(devices))
   dcn = [_dcn_size(cfg.mesh, a, total[a]) for a in AXES]
   shape = [total[a] for a in AXES]
-  if np.prod(dcn) > 1:
-    ici = [t // d for t, d in zip(shape, dcn)]
-    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+  ici = [t // d for t, d in zip(shape, dcn)]
+  if np.prod(dcn) > 1 and devices[0].platform != 'cpu':
+    # Slices (TPU) or processes (GPU nodes) are the granules that dcn axes span.
+    grid = mesh_utils.create_hybrid_device_mesh(
+        ici, dcn, devices, process_is_granule=not hasattr(devices[0], 'slice_index'))
+  elif np.prod(dcn) > 1:
+    # CPU stand-in for multi-slice: consecutive device blocks play the slices.
+    n = len(AXES)
+    grid = np.asarray(devices).reshape(dcn + ici)
+    grid = grid.transpose([j for i in range(n) for j in (i, n + i)]).reshape(shape)
   elif devices[0].platform in ('tpu', 'gpu', 'cuda', 'rocm'):
     grid = mesh_utils.create_device_mesh(shape, devices)  # topology-aware order
   else:

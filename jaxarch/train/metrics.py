@@ -76,11 +76,12 @@ class ProgressBar:
   def __exit__(self, *exc):
     self.progress.stop()
 
-  def update(self, step: int, metrics: dict):
+  def update(self, step: int, metrics: dict, *, keep: bool = False):
+    """Shows the metrics; `keep` also leaves them on a line of their own (e.g. evals)."""
     info = format_metrics(metrics)
     self.progress.update(self.task, completed=step, info=info)
-    if self.enabled and not self.live:
-      self.console.print(f'step {step}: {info}', highlight=False)
+    if self.enabled and (keep or not self.live):
+      self.progress.console.print(f'step {step}: {info}', highlight=False)
 
   def print(self, message: str):
     if self.enabled:

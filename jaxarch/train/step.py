@@ -58,8 +58,9 @@ def make_train_step(setup: TrainSetup, *, z_loss: float = 0.0):
         state['params'])
     updates, opt_state = setup.tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    metrics = {'loss': ce, 'total_loss': loss, 'grad_norm': optax.global_norm(grads),
-               'param_norm': optax.global_norm(params), 'tokens': num_tokens,
+    norm = optax.tree_utils.tree_norm
+    metrics = {'loss': ce, 'total_loss': loss, 'grad_norm': norm(grads),
+               'param_norm': norm(params), 'tokens': num_tokens,
                **{f'aux/{k}': v for k, v in aux.items()}}
     new_state = dict(state, step=state['step'] + 1, params=params, opt_state=opt_state,
                      model_state=model_state)

@@ -5,7 +5,6 @@ values, its parameter metadata), never through branches on `model.family`.
 """
 
 import json
-import logging
 from pathlib import Path
 
 import jax
@@ -17,12 +16,10 @@ from jaxarch import data
 from jaxarch.parallel import global_batch, make_mesh
 from jaxarch.train import flops
 from jaxarch.train.checkpoint import Checkpointer
+from jaxarch.train.metrics import MetricsWriter, ProgressBar, Stopwatch
 from jaxarch.train.optimizer import learning_rate_schedule
-from jaxarch.train.metrics import MetricsWriter, ProgressBar, Stopwatch, format_metrics
 from jaxarch.train.state import TrainSetup, init_state, make_setup
 from jaxarch.train.step import make_eval_step, make_train_step, summarize_eval
-
-log = logging.getLogger(__name__)
 
 
 def _tokenizer(cfg: ml_collections.ConfigDict):
@@ -34,17 +31,23 @@ def _tokenizer(cfg: ml_collections.ConfigDict):
   return tokenizer
 
 
-def _byte_lengths(tokenizer, vocab_size: int) -> np.ndarray:
-  lengths = np.zeros(vocab_size, np.float32)
+def _eval_step(cfg: ml_collections.ConfigDict, setup: TrainSetup):
+  """Eval step counting each target's bytes, for bits per byte under any tokenizer."""
+  lengths = np.zeros(cfg.model.vocab_size, np.float32)
+  tokenizer = _tokenizer(cfg)
   lengths[:tokenizer.vocab_size] = tokenizer.byte_lengths
-  return lengths
+  return make_eval_step(setup, lengths)
 
 
-def run_eval(cfg, setup: TrainSetup, state: dict, eval_step) -> dict:
-  """Loss and bits per byte over `log.eval_batches` batches of the validation split."""
-  batches = data.make_eval_dataset(
+def eval_batches(cfg: ml_collections.ConfigDict):
+  """The first `log.eval_batches` validation batches, the same on every pass."""
+  return data.make_eval_dataset(
       cfg.data, batch_size=cfg.train.batch_size, num_batches=cfg.log.eval_batches,
       process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def run_eval(setup: TrainSetup, state: dict, eval_step, batches) -> dict:
+  """Loss and bits per byte over the validation batches."""
   totals = {'nll': 0.0, 'tokens': 0.0, 'bytes': 0.0}
   for batch in batches:
     out = jax.device_get(eval_step(state, global_batch(batch, setup.batch_sharding)))
@@ -56,73 +59,73 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the final metrics."""
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  mesh = make_mesh(cfg)
-  tokenizer = _tokenizer(cfg)
-  setup = make_setup(cfg, mesh)
+  setup = make_setup(cfg, make_mesh(cfg))
+  eval_step = _eval_step(cfg, setup)
   config_lib.save(cfg, workdir / 'config.json')
 
-  train_data = data.make_train_dataset(
+  data_iter = iter(data.make_train_dataset(
       cfg.data, seed=cfg.train.seed, global_batch_size=cfg.train.batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  data_iter = iter(train_data)
+      process_index=jax.process_index(), process_count=jax.process_count()))
   checkpointer = Checkpointer(workdir, keep=cfg.checkpoint.keep,
                               async_save=cfg.checkpoint.async_save)
-  state, restored_step = checkpointer.restore(setup.abstract_state, data_iter)
-  if state is None:
-    state = init_state(cfg, setup)
-  start = int(state['step'])
-
-  train_step = make_train_step(setup, z_loss=cfg.train.z_loss)
-  eval_step = make_eval_step(setup, _byte_lengths(tokenizer, cfg.model.vocab_size))
   writer = MetricsWriter(workdir, tensorboard=cfg.log.tensorboard)
+  try:
+    state, restored_step = checkpointer.restore(setup.abstract_state, data_iter)
+    if state is None:
+      state = init_state(cfg, setup)
+    with ProgressBar(cfg.train.steps, int(state['step']), enabled=cfg.log.progress) as bar:
+      c = setup.param_counts
+      bar.print(f'{cfg.model.family} model: {c["total"]:,} parameters ({c["active"]:,} '
+                f'active per token), mesh {dict(setup.mesh.shape)}, {jax.device_count()} × '
+                f'{jax.devices()[0].device_kind}')
+      if restored_step is not None:
+        bar.print(f'resumed from {checkpointer.directory / str(restored_step)}')
+      return _loop(cfg, setup, state, data_iter, eval_step, checkpointer, writer, bar)
+  finally:
+    # Pending async saves complete even when the loop dies, so the last checkpoint stands.
+    checkpointer.close()
+    writer.close()
+    data_iter.close()
+
+
+def _loop(cfg, setup, state, data_iter, eval_step, checkpointer, writer, bar) -> dict:
+  validation = eval_batches(cfg)
+  train_step = make_train_step(setup, z_loss=cfg.train.z_loss)
+  schedule = learning_rate_schedule(cfg.train)
   flops_per_token = flops.train_flops_per_token(cfg.model, setup.param_counts,
                                                 cfg.data.seq_len)
-  device_kind = jax.devices()[0].device_kind
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-  schedule = learning_rate_schedule(cfg.train)
+  device_kind = jax.devices()[0].device_kind
+  final, pending, watch = {}, [], None
+  for step in range(int(state['step']) + 1, cfg.train.steps + 1):
+    state, metrics = train_step(state, global_batch(next(data_iter), setup.batch_sharding))
+    pending.append(metrics)
+    last = step == cfg.train.steps
 
-  final = {}
-  with ProgressBar(cfg.train.steps, start, enabled=cfg.log.progress) as bar:
-    c = setup.param_counts
-    bar.print(f'{cfg.model.family} model: {c["total"]:,} parameters ({c["active"]:,} active '
-              f'per token), mesh {dict(mesh.shape)}, {jax.device_count()} × {device_kind}')
-    if restored_step is not None:
-      bar.print(f'resumed from {checkpointer.directory / str(restored_step)}')
-    pending, watch, steps_timed = [], None, 0
-    for step in range(start + 1, cfg.train.steps + 1):
-      batch = global_batch(next(data_iter), setup.batch_sharding)
-      state, metrics = train_step(state, batch)
-      pending.append(metrics)
+    if step % cfg.log.every_steps == 0 or last:
+      # Averaged over the interval; fetching only here keeps the device queue full.
+      logged = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
+                for k in pending[0] if k != 'tokens'}
+      if watch is None:  # the first interval includes compilation: not timed
+        watch = Stopwatch()
+      else:
+        seconds = watch.lap()
+        logged['step_time_s'] = seconds / len(pending)
+        logged['tokens_per_s'] = tokens_per_step * len(pending) / seconds
+        logged['mfu'] = flops.mfu(logged['tokens_per_s'] * flops_per_token,
+                                  jax.device_count(), device_kind)
+      logged['lr'] = float(schedule(step - 1))  # optax counts updates from 0
+      pending = []
+      if step % cfg.log.eval_every_steps == 0 or last:
+        logged.update(run_eval(setup, state, eval_step, validation))
+        if watch is not None:
+          watch.lap()  # evaluation is not training throughput
+      writer.write(step, {k: v for k, v in logged.items() if v is not None})
+      bar.update(step, logged, keep='eval_loss' in logged)
+      final.update(logged)
 
-      if step % cfg.log.every_steps == 0 or step == cfg.train.steps:
-        averaged = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
-                    for k in pending[0]}
-        averaged.pop('tokens', None)
-        if watch is None:  # the first interval includes compilation: not timed
-          watch = Stopwatch()
-        else:
-          seconds = watch.lap()
-          steps_timed = len(pending)
-          averaged['step_time_s'] = seconds / steps_timed
-          averaged['tokens_per_s'] = tokens_per_step * steps_timed / seconds
-          averaged['mfu'] = flops.mfu(averaged['tokens_per_s'] * flops_per_token,
-                                      jax.device_count(), device_kind)
-        averaged['lr'] = float(schedule(step - 1))  # optax counts updates from 0
-        pending = []
-        final.update(averaged)
-        if step % cfg.log.eval_every_steps == 0 or step == cfg.train.steps:
-          averaged.update(run_eval(cfg, setup, state, eval_step))
-          final.update(averaged)
-          bar.print(f'step {step}: {format_metrics(averaged)}')
-          if watch is not None:
-            watch.lap()  # eval time is not training throughput
-        writer.write(step, {k: v for k, v in averaged.items() if v is not None})
-        bar.update(step, averaged)
-
-      if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.steps:
-        checkpointer.save(step, state, data_iter, force=True)
-  checkpointer.close()
-  writer.close()
+    if step % cfg.checkpoint.every_steps == 0 or last:
+      checkpointer.save(step, state, data_iter, force=True)
   final['step'] = int(state['step'])
   return final
 
@@ -130,16 +133,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
 def evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
              step: int | None = None) -> dict:
   """Validation loss and bits per byte of the run's latest (or given) checkpoint."""
-  mesh = make_mesh(cfg)
-  tokenizer = _tokenizer(cfg)
-  setup = make_setup(cfg, mesh)
-  checkpointer = Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=False)
+  setup = make_setup(cfg, make_mesh(cfg))
+  checkpointer = Checkpointer(workdir, async_save=False)
   state, restored = checkpointer.restore(setup.abstract_state, step=step)
   checkpointer.close()
   if state is None:
-    raise FileNotFoundError(f'no checkpoint in {Path(workdir) / "checkpoints"}; train first '
-                            f'with `jaxarch train --workdir={workdir}`')
-  eval_step = make_eval_step(setup, _byte_lengths(tokenizer, cfg.model.vocab_size))
-  result = {'step': restored, **run_eval(cfg, setup, state, eval_step)}
+    raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}; train first with '
+                            f'`jaxarch train --workdir={workdir}`')
+  result = {'step': restored,
+            **run_eval(setup, state, _eval_step(cfg, setup), eval_batches(cfg))}
   (Path(workdir) / f'eval_{restored}.json').write_text(json.dumps(result, indent=2))
   return result
