@@ -42,8 +42,8 @@ def _eval(args, overrides):
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog='jaxarch', description='Train and evaluate UltraMem, MoE, MEGABYTE, BiTA and '
-      'dense language models with JAX. Override any config key with --config.KEY=VALUE.')
+      prog='jaxarch', description='Train and evaluate jaxarch language models from config '
+      'files. Override any config key with --config.KEY=VALUE.')
   commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
   def command(name, func, help_text):
@@ -68,7 +68,7 @@ def main(argv=None):
   logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
   try:
     args.func(args, overrides)
-  except (config_lib.ConfigError, FileNotFoundError) as e:
+  except (config_lib.ConfigError, FileNotFoundError, ImportError) as e:
     print(f'jaxarch: {e}', file=sys.stderr)
     return 2
   except KeyboardInterrupt:

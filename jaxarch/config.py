@@ -89,8 +89,8 @@ def _resolve_path(path: str) -> Path:
   for candidate in candidates:
     if candidate.is_file():
       return candidate
-  raise ConfigError(f'config file {path!r} not found '
-                    f'(looked in {", ".join(str((Path.cwd() / c).parent) for c in candidates)})')
+  places = dict.fromkeys(str((Path.cwd() / c).parent) for c in candidates)
+  raise ConfigError(f'config file {path!r} not found (looked in {", ".join(places)})')
 
 
 def _import_file(path: Path):

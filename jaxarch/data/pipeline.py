@@ -31,6 +31,7 @@ import itertools
 import grain
 import numpy as np
 
+from jaxarch.config import ConfigError
 from jaxarch.data import sources
 from jaxarch.data import tokenizers
 
@@ -115,7 +116,7 @@ class _Unzip(grain.experimental.FlatMapTransform):
 
 def _local_batch_size(batch_size: int, process_count: int, key: str) -> int:
   if batch_size % process_count:
-    raise ValueError(f'config error: {key}={batch_size} must be divisible by the number of '
+    raise ConfigError(f'config error: {key}={batch_size} must be divisible by the number of '
                      f'processes ({process_count})')
   return batch_size // process_count
 
@@ -146,7 +147,7 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
   tokenizer = tokenizers.get_tokenizer(data_cfg.tokenizer)
   docs = _documents(data_cfg, 'train', process_index, process_count)
   if not len(docs):  # pylint: disable=g-explicit-length-test
-    raise ValueError(f'config error: data.source={data_cfg.source!r} has no training '
+    raise ConfigError(f'config error: data.source={data_cfg.source!r} has no training '
                      f'documents for process {process_index} of {process_count}')
   # Repeat reseeds the shuffle each epoch; slicing the endless sequence (not the epoch)
   # keeps every stream endless, and together the streams read each epoch exactly once.

@@ -28,6 +28,8 @@ import zlib
 
 import tensorflow_datasets as tfds
 
+from jaxarch.config import ConfigError
+
 _NOT_STDLIB = ('site-packages', 'dist-packages', '__pycache__')
 _SOURCE_ERROR = ("config error: data.source={!r} must be 'default', 'files:<glob>' or "
                  "'tfds:<name>'")
@@ -126,7 +128,7 @@ def _files_config(source: str, pattern: str, validation_fraction: float) -> File
                  for p in globlib.glob(os.path.expanduser(pattern), recursive=True))
   paths = [p for p in paths if p.is_file()]
   if not paths:
-    raise ValueError(f'config error: data.source={source!r}: no files match the glob '
+    raise ConfigError(f'config error: data.source={source!r}: no files match the glob '
                      f'{pattern!r}')
   root = pathlib.Path(os.path.commonpath([p.parent for p in paths]))
   key = hashlib.sha256(repr((pattern, validation_fraction)).encode())
@@ -171,7 +173,7 @@ def _text_key(builder, source: str) -> str:
       return key
   if 'text' in features:
     return 'text'
-  raise ValueError(f'config error: data.source={source!r} has no text feature; its '
+  raise ConfigError(f'config error: data.source={source!r} has no text feature; its '
                    f'features are {list(features)}')
 
 
@@ -181,17 +183,17 @@ def _tfds_source(source: str, name: str, data_dir: pathlib.Path, split: str) -> 
          f"tfds; tfds.builder('{name}', data_dir='{data_dir}', "
          f"file_format='array_record').download_and_prepare()\"")
   if not builder.is_prepared():
-    raise ValueError(f'config error: data.source={source!r} is not prepared in {data_dir}; '
+    raise ConfigError(f'config error: data.source={source!r} is not prepared in {data_dir}; '
                      f'{how}')
   if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
-    raise ValueError(f'config error: data.source={source!r} is prepared as '
+    raise ConfigError(f'config error: data.source={source!r} is prepared as '
                      f'{builder.info.file_format.value} in {data_dir}, not array_record; '
                      f'{how}')
   splits = builder.info.splits
   if split not in splits and split == 'validation' and 'test' in splits:
     split = 'test'
   if split not in splits:
-    raise ValueError(f'config error: data.source={source!r} has no split {split!r}; it has '
+    raise ConfigError(f'config error: data.source={source!r} has no split {split!r}; it has '
                      f'{list(splits)}')
   return TextSource(builder.as_data_source(split=split), _text_key(builder, source))
 
@@ -208,7 +210,7 @@ def open_source(data_cfg, split: str) -> TextSource:
   elif source.startswith('files:') and source[len('files:'):]:
     builder_cls, config = TextFiles, _files_config(source, source[len('files:'):], fraction)
   else:
-    raise ValueError(_SOURCE_ERROR.format(source))
+    raise ConfigError(_SOURCE_ERROR.format(source))
   builder = builder_cls(config=config, data_dir=str(data_dir), file_format='array_record')
   builder.download_and_prepare()  # A no-op once the version directory exists.
   if split not in builder.info.splits:

@@ -8,6 +8,8 @@ report bits per byte = total_nats / ln 2 / total_bytes for any tokenizer.
 
 import numpy as np
 
+from jaxarch.config import ConfigError
+
 _SPEC_ERROR = ("config error: data.tokenizer={!r} must be 'bytes' or a path to a "
                "SentencePiece .model or HF tokenizer.json file")
 
@@ -44,7 +46,7 @@ class SentencePieceTokenizer:
     self.vocab_size = self._sp.get_piece_size()
     self.eod_id = self._sp.eos_id()
     if self.eod_id < 0:
-      raise ValueError(f'config error: data.tokenizer={path!r} has no eos piece to end '
+      raise ConfigError(f'config error: data.tokenizer={path!r} has no eos piece to end '
                        'documents with')
     self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eod_id
     lengths = []
@@ -89,7 +91,7 @@ class HFTokenizer:
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     self.eod_id = self._first_id(self._EOS_NAMES)
     if self.eod_id is None:
-      raise ValueError(f'config error: data.tokenizer={path!r} has none of the end-of-text '
+      raise ConfigError(f'config error: data.tokenizer={path!r} has none of the end-of-text '
                        f'tokens {self._EOS_NAMES}')
     pad_id = self._first_id(self._PAD_NAMES)
     self.pad_id = self.eod_id if pad_id is None else pad_id
@@ -129,4 +131,4 @@ def get_tokenizer(spec: str):
     return SentencePieceTokenizer(spec)
   if spec.endswith('tokenizer.json'):
     return HFTokenizer(spec)
-  raise ValueError(_SPEC_ERROR.format(spec))
+  raise ConfigError(_SPEC_ERROR.format(spec))

@@ -1,4 +1,4 @@
-"""Meshes, logical-axis sharding and multi-host setup."""
+"""Device meshes from the config and logical-axis sharding of weights and batches."""
 
 from jaxarch.parallel.mesh import AXES, make_mesh
 from jaxarch.parallel.sharding import (batch_sharding, global_batch, logical_to_spec,

@@ -2,8 +2,6 @@
 
 from pathlib import Path
 
-import jax
-from flax import nnx
 
 from jaxarch import config as config_lib
 from jaxarch.parallel import make_mesh
