@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-
 from jaxarch import config as config_lib
 from jaxarch.parallel import make_mesh
 from jaxarch.train.checkpoint import Checkpointer
