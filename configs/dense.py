@@ -22,14 +22,15 @@ to a multiple of 128 so the output head shards evenly over the `tensor` axis.
 import ml_collections
 
 PRESETS = {
-    # CPU quick start: ~0.8M params, trains in a few minutes on 2 cores.
+    # CPU quick start: 0.89M params, 500 steps of 16 x 128 bytes in about 2.5 minutes on
+    # 2 cores, reaching about 2.6 validation bits per byte on the stdlib corpus.
     'tiny': dict(
         model=dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384,
                    max_len=256, dtype='float32'),
         data=dict(seq_len=128),
-        train=dict(steps=300, batch_size=16, lr=3e-3, warmup_steps=30),
-        checkpoint=dict(every_steps=100),
-        log=dict(every_steps=10, eval_every_steps=100, eval_batches=8),
+        train=dict(steps=500, batch_size=16, lr=3e-3, warmup_steps=50),
+        checkpoint=dict(every_steps=250),
+        log=dict(every_steps=10, eval_every_steps=250, eval_batches=8),
     ),
     '151m': dict(
         model=dict(d_model=1024, n_layers=12, n_heads=8, n_kv_heads=8, d_ff=2752),

@@ -66,6 +66,9 @@ def main(argv=None):
   overrides = [a for a in argv if a.startswith('--config.')]
   args = _parser().parse_args([a for a in argv if not a.startswith('--config.')])
   logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
+  # TFDS and Orbax chat through absl at WARNING about routine things; jaxarch's own
+  # warnings (e.g. an unreadable checkpoint skipped) use their module loggers.
+  logging.getLogger('absl').setLevel(logging.ERROR)
   try:
     args.func(args, overrides)
   except (config_lib.ConfigError, FileNotFoundError, ImportError) as e:

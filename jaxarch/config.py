@@ -216,22 +216,17 @@ def _check_transformer(cfg: ConfigDict) -> None:
   _choice(cfg, 'model.attention_impl', ATTENTION_IMPLS)
 
 
-# model.family -> checks of the model it builds. A family adds the checks of its own
-# section here (e.g. 'moe': (_check_transformer, _check_moe)); the keys are the families.
+# model.family -> checks of the model it builds; the keys are the families that exist.
+# A family adds itself with the checks of its own section, e.g.
+# 'megabyte': (_check_transformer, _check_megabyte).
 FAMILY_CHECKS: dict[str, tuple[Check, ...]] = {
     'dense': (_check_transformer,),
-    'moe': (_check_transformer,),
-    'ultramem': (_check_transformer,),
-    'megabyte': (_check_transformer,),
-    'bita': (_check_transformer,),
 }
 
-# Block kind in model.block_pattern -> checks of its section (model.moe, model.ultramem),
-# run whenever the pattern uses the block, whatever the family; the keys are the kinds.
+# Block kind in model.block_pattern -> checks of its section (e.g. 'moe': (_check_moe,)
+# for model.moe), run whenever the pattern uses the block, whatever the family.
 BLOCK_CHECKS: dict[str, tuple[Check, ...]] = {
     'dense': (),
-    'moe': (),
-    'ultramem': (),
 }
 
 
