@@ -26,7 +26,7 @@ def _losses(workdir):
 
 
 def test_metrics_checkpoints_and_config_are_written(tmp_path, data_dir):
-  result = train(_cfg(data_dir), tmp_path)
+  result = train(_cfg(data_dir, **{'log.tensorboard': True}), tmp_path)
   records = read_metrics(tmp_path)
   assert [r['step'] for r in records] == list(range(1, 21))
   evals = [r for r in records if 'eval_bpb' in r]
@@ -35,7 +35,8 @@ def test_metrics_checkpoints_and_config_are_written(tmp_path, data_dir):
   assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir()
                 if p.name.isdigit()) == [10, 15, 20]  # keep = 3
   assert config_lib.load_json(tmp_path / 'config.json').train.steps == 20
-  assert list((tmp_path / 'tensorboard').glob('events*')) or True  # tensorboard off here
+  events = list((tmp_path / 'tensorboard').glob('events.out.tfevents*'))
+  assert len(events) == 1 and events[0].stat().st_size > 0
 
 
 def test_interrupted_run_resumes_on_the_same_loss_curve(tmp_path, data_dir, monkeypatch):
