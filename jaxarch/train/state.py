@@ -29,6 +29,7 @@ class TrainSetup:
   batch_sharding: jax.sharding.NamedSharding  # of every [batch, length] input
   param_counts: dict
   mesh: Mesh
+  rules: tuple  # mesh.rules: logical axis -> mesh axes
 
 
 def _split(model: nnx.Module):
@@ -47,7 +48,7 @@ def make_setup(cfg: ml_collections.ConfigDict, mesh: Mesh) -> TrainSetup:
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   return TrainSetup(graphdef, tx, abstract, shardings,
-                    batch_sharding(mesh, cfg.mesh.rules), counts, mesh)
+                    batch_sharding(mesh, cfg.mesh.rules), counts, mesh, tuple(cfg.mesh.rules))
 
 
 def _init_state(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> dict:

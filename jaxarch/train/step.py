@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxarch.layers.signals import WindowCounter
+from jaxarch.parallel.context import logical_mesh
 from jaxarch.train.state import TrainSetup
 
 
@@ -23,22 +25,34 @@ def cross_entropy(logits, targets, mask, z_loss: float = 0.0):
   return nll.sum(), z.sum()
 
 
-def aux_losses(model: nnx.Module) -> dict[str, jax.Array]:
-  """Pops the `aux_loss` values that layers sowed, keyed by their module path."""
-  sown = nnx.pop(model, nnx.Intermediate)
-  losses = {}
-  for path, value in jax.tree_util.tree_leaves_with_path(sown):
-    names = [str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path]
-    if 'aux_loss' in names:
-      losses['/'.join(n for n in names if n not in ('value', 'aux_loss'))] = jnp.sum(value)
-  return losses
+def _key_name(key) -> str:
+  return str(getattr(key, 'key', getattr(key, 'name', getattr(key, 'idx', key))))
+
+
+def pop_signals(model: nnx.Module) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  """(aux losses, metrics) that layers sowed in this forward pass, keyed by module path.
+
+  See `jaxarch.layers.signals`: a layer sows `aux_loss` (summed into the loss) and
+  `metric_<name>` values (averaged when a layer ran several times).
+  """
+  losses, metrics = {}, {}
+  for path, sown in nnx.to_flat_state(nnx.pop(model, nnx.Intermediate)):
+    names = [_key_name(k) for k in path]
+    where, leaf = '/'.join(names[:-1]), names[-1]
+    values = [jnp.asarray(v, jnp.float32) for v in jax.tree.leaves(sown)]
+    if leaf == 'aux_loss':
+      losses[where] = sum(jnp.sum(v) for v in values)
+    elif leaf.startswith('metric_'):
+      metrics[f'{where}/{leaf.removeprefix("metric_")}'] = sum(values) / len(values)
+  return losses, metrics
 
 
 def _forward(setup: TrainSetup, params, model_state, batch):
   model = nnx.merge(setup.graphdef, params, model_state)
-  logits = model(batch['inputs'], batch['segment_ids'], batch['positions'])
-  aux = aux_losses(model)
-  return logits, aux, nnx.state(model, nnx.Not(nnx.Param))
+  with logical_mesh(setup.mesh, setup.rules):
+    logits = model(batch['inputs'], batch['segment_ids'], batch['positions'])
+  aux, metrics = pop_signals(model)
+  return logits, aux, metrics, nnx.state(model, nnx.Not(nnx.Param))
 
 
 def make_train_step(setup: TrainSetup, *, z_loss: float = 0.0):
@@ -49,19 +63,20 @@ def make_train_step(setup: TrainSetup, *, z_loss: float = 0.0):
     num_tokens = jnp.maximum(mask.sum(), 1.0)
 
     def loss_fn(params):
-      logits, aux, model_state = _forward(setup, params, state['model_state'], batch)
+      logits, aux, layer_metrics, model_state = _forward(
+          setup, params, state['model_state'], batch)
       nll, z = cross_entropy(logits, batch['targets'], mask, z_loss)
       loss = (nll + z) / num_tokens + sum(aux.values(), jnp.zeros(()))
-      return loss, (nll / num_tokens, aux, model_state)
+      return loss, (nll / num_tokens, aux, layer_metrics, model_state)
 
-    (loss, (ce, aux, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state['params'])
+    (loss, (ce, aux, layer_metrics, model_state)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state['params'])
     updates, opt_state = setup.tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     norm = optax.tree_utils.tree_norm
     metrics = {'loss': ce, 'total_loss': loss, 'grad_norm': norm(grads),
                'param_norm': norm(params), 'tokens': num_tokens,
-               **{f'aux/{k}': v for k, v in aux.items()}}
+               **{f'aux_loss/{k}': v for k, v in aux.items()}, **layer_metrics}
     new_state = dict(state, step=state['step'] + 1, params=params, opt_state=opt_state,
                      model_state=model_state)
     return new_state, metrics
@@ -76,13 +91,31 @@ def make_eval_step(setup: TrainSetup, byte_lengths):
   byte_lengths = jnp.asarray(byte_lengths, jnp.float32)
 
   def eval_step(state, batch):
-    logits, _, _ = _forward(setup, state['params'], state['model_state'], batch)
+    logits, _, _, _ = _forward(setup, state['params'], state['model_state'], batch)
     mask = (batch['segment_ids'] > 0).astype(jnp.float32)
     nll, _ = cross_entropy(logits, batch['targets'], mask)
     num_bytes = (byte_lengths[batch['targets']] * mask).sum()
     return {'nll': nll, 'tokens': mask.sum(), 'bytes': num_bytes}
 
   return jax.jit(eval_step, in_shardings=(setup.shardings, setup.batch_sharding))
+
+
+def make_window_reset(setup: TrainSetup):
+  """Zeroes every `WindowCounter` of the model state (after each logged step)."""
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  counters = [v for v in jax.tree.leaves(setup.abstract_state['model_state'], is_leaf=is_variable)
+              if isinstance(v, WindowCounter)]
+  if not counters:
+    return lambda state: state
+
+  def reset(state):
+    zero = lambda v: v.replace(jnp.zeros_like(v.get_value())) if isinstance(
+        v, WindowCounter) else v
+    model_state = jax.tree.map(zero, state['model_state'], is_leaf=is_variable)
+    return dict(state, model_state=model_state)
+
+  return jax.jit(reset, in_shardings=(setup.shardings,), out_shardings=setup.shardings,
+                 donate_argnums=(0,))
 
 
 def summarize_eval(totals: dict) -> dict:

@@ -19,7 +19,8 @@ from jaxarch.train.checkpoint import Checkpointer
 from jaxarch.train.metrics import MetricsWriter, ProgressBar, Stopwatch
 from jaxarch.train.optimizer import learning_rate_schedule
 from jaxarch.train.state import TrainSetup, init_state, make_setup
-from jaxarch.train.step import make_eval_step, make_train_step, summarize_eval
+from jaxarch.train.step import (make_eval_step, make_train_step, make_window_reset,
+                                summarize_eval)
 
 
 def _tokenizer(cfg: ml_collections.ConfigDict):
@@ -88,9 +89,22 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     data_iter.close()
 
 
+def _window_metrics(pending: list[dict]) -> dict:
+  """Step metrics of a logging window: averaged, except `window_*` counts (last value).
+
+  Fetching them only once per window keeps the device queue full.
+  """
+  def reduce(key):
+    values = [m[key] for m in pending]
+    return float(values[-1] if key.rsplit('/', 1)[-1].startswith('window_')
+                 else np.mean(values))
+  return {k: reduce(k) for k in pending[0] if k != 'tokens'}
+
+
 def _loop(cfg, setup, state, data_iter, eval_step, checkpointer, writer, bar) -> dict:
   validation = eval_batches(cfg)
   train_step = make_train_step(setup, z_loss=cfg.train.z_loss)
+  reset_windows = make_window_reset(setup)
   schedule = learning_rate_schedule(cfg.train)
   flops_per_token = flops.train_flops_per_token(cfg.model, setup.param_counts,
                                                 cfg.data.seq_len)
@@ -103,9 +117,8 @@ def _loop(cfg, setup, state, data_iter, eval_step, checkpointer, writer, bar) ->
     last = step == cfg.train.steps
 
     if step % cfg.log.every_steps == 0 or last:
-      # Averaged over the interval; fetching only here keeps the device queue full.
-      logged = {k: float(np.mean([m[k] for m in jax.device_get(pending)]))
-                for k in pending[0] if k != 'tokens'}
+      logged = _window_metrics(jax.device_get(pending))
+      state = reset_windows(state)
       if watch is None:  # the first interval includes compilation: not timed
         watch = Stopwatch()
       else:

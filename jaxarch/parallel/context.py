@@ -1,0 +1,48 @@
+"""The mesh and logical-axis rules in force while a step is traced.
+
+Most layers never need them: XLA propagates the shardings of weights and batches. Layers
+that must place work explicitly (a sharded memory-value lookup, expert all-to-all) read
+them here with `current()`; the train step enters `logical_mesh(...)` around its body, so
+the context exists exactly while the step is traced and nowhere else.
+"""
+
+import contextlib
+import contextvars
+from collections.abc import Sequence
+
+from jax.sharding import Mesh, PartitionSpec
+
+from jaxarch.parallel.sharding import Rules, logical_to_spec
+
+_CURRENT: contextvars.ContextVar = contextvars.ContextVar('jaxarch_logical_mesh', default=None)
+
+
+@contextlib.contextmanager
+def logical_mesh(mesh: Mesh, rules: Rules):
+  token = _CURRENT.set((mesh, tuple(rules)))
+  try:
+    yield
+  finally:
+    _CURRENT.reset(token)
+
+
+def current() -> tuple[Mesh, Rules] | None:
+  """(mesh, rules) inside `logical_mesh`, else None (e.g. a model run eagerly on one device)."""
+  return _CURRENT.get()
+
+
+def mesh_axes(logical: str) -> tuple[str, ...]:
+  """Mesh axes of size > 1 that a logical axis maps to in the current context; () outside."""
+  ctx = current()
+  if ctx is None:
+    return ()
+  mesh, rules = ctx
+  spec = logical_to_spec((logical,), rules)[0]
+  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+  return tuple(a for a in axes if mesh.shape[a] > 1)
+
+
+def spec(axes: Sequence[str | None]) -> PartitionSpec | None:
+  """PartitionSpec of logical `axes` under the current rules; None outside a context."""
+  ctx = current()
+  return None if ctx is None else logical_to_spec(axes, ctx[1])
