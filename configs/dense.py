@@ -112,6 +112,9 @@ def get_config(arg=None):
   c.train.eps = 1e-8
   c.train.grad_clip = 1.0
   c.train.z_loss = 0.0  # weight of log(Z)^2, stabilises large runs
+  # Parameter groups by their `optim_group` metadata, e.g. UltraMem's memory values:
+  # values=dict(lr_multiplier=4.0, multiplier_decay='linear'). See train/optimizer.py.
+  c.train.groups = ml_collections.ConfigDict()
 
   # Checkpoint section.
   c.checkpoint = ml_collections.ConfigDict()

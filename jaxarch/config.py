@@ -216,11 +216,48 @@ def _check_transformer(cfg: ConfigDict) -> None:
   _choice(cfg, 'model.attention_impl', ATTENTION_IMPLS)
 
 
+def _check_ultramem(cfg: ConfigDict) -> None:
+  """model.ultramem: a square table, a top-k the candidate grid can hold, valid placement."""
+  u = _get(cfg, 'model.ultramem')
+  for key in ('num_values', 'top_k', 'key_dim', 'value_dim', 'num_heads', 'tucker_rank',
+              'num_cores', 'ive_expansion'):
+    _positive_int(cfg, f'model.ultramem.{key}')
+  n = math.isqrt(u.num_values)
+  if n * n != u.num_values:
+    raise ConfigError(f'model.ultramem.num_values={u.num_values} must be a perfect square '
+                      f'(e.g. {n * n} or {(n + 1) ** 2})')
+  root = math.isqrt(u.ive_expansion)
+  if root * root != u.ive_expansion:
+    raise ConfigError(f'model.ultramem.ive_expansion={u.ive_expansion} must be a perfect '
+                      'square (each side gets sqrt(E) times more keys)')
+  if u.value_dim % u.num_cores:
+    raise ConfigError(f'model.ultramem.value_dim={u.value_dim} must be divisible by '
+                      f'model.ultramem.num_cores={u.num_cores}')
+  if u.top_m is not None:
+    _positive_int(cfg, 'model.ultramem.top_m')
+    if u.top_m > n * root:
+      raise ConfigError(f'model.ultramem.top_m={u.top_m} must be <= the keys per side '
+                        f'({n * root})')
+  grid = (u.top_m or n * root) ** 2
+  if u.top_k > min(grid, u.num_values * u.ive_expansion):
+    raise ConfigError(f'model.ultramem.top_k={u.top_k} must be <= the candidate grid '
+                      f'top_m**2={grid} and the number of values')
+  placement = u.placement
+  if not placement:
+    raise ConfigError('model.ultramem.placement must hold at least one (read, write) pair')
+  for i, pair in enumerate(placement):
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and
+            0 <= pair[0] <= pair[1] < cfg.model.n_layers):
+      raise ConfigError(f'model.ultramem.placement[{i}]={tuple(pair)!r} must be (read, '
+                        f'write) with 0 <= read <= write < model.n_layers={cfg.model.n_layers}')
+
+
 # model.family -> checks of the model it builds; the keys are the families that exist.
 # A family adds itself with the checks of its own section, e.g.
 # 'megabyte': (_check_transformer, _check_megabyte).
 FAMILY_CHECKS: dict[str, tuple[Check, ...]] = {
     'dense': (_check_transformer,),
+    'ultramem': (_check_transformer, _check_ultramem),
 }
 
 # Block kind in model.block_pattern -> checks of its section (e.g. 'moe': (_check_moe,)

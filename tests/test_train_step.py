@@ -89,3 +89,26 @@ def test_schedules_warm_up_then_reach_their_final_rate(schedule):
   assert float(lr(100)) == pytest.approx(final, abs=1e-6)
   if schedule == 'wsd':
     assert float(lr(75)) == pytest.approx(1.0)  # still in the stable phase
+
+
+def test_parameter_group_multiplier_decays_linearly_to_one():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jaxarch.train.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config(**{'train.steps': 100, 'train.warmup_steps': 0, 'train.lr': 1e-2,
+                       'train.schedule': 'constant', 'train.grad_clip': 0.0,
+                       'train.weight_decay': 0.0})
+  with cfg.unlocked():
+    cfg.train.groups.values = dict(lr_multiplier=4.0, multiplier_decay='linear')
+  params = nnx.State({'v': nnx.Param(jnp.zeros(3), optim_group='values'),
+                      'w': nnx.Param(jnp.zeros(3))})
+  tx = make_optimizer(cfg.train, params)
+  opt_state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  ratios = []
+  for _ in range(100):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    ratios.append(float(updates['v'].get_value()[0] / updates['w'].get_value()[0]))
+  assert ratios[0] == pytest.approx(4.0)
+  assert ratios[50] == pytest.approx(2.5)
+  assert ratios[-1] == pytest.approx(1.03)

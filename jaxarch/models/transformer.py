@@ -1,10 +1,14 @@
-"""Decoder-only transformer with a per-layer block plan.
+"""Decoder-only transformer with a per-layer block plan and skip-placed side layers.
 
 `model.block_pattern` is repeated over the `n_layers` blocks, e.g. ('dense',) for a dense
 model or ('dense', 'moe') for MoE every other layer. Block types live in the `BLOCKS`
 registry; a new family registers its block here without touching the model or trainer.
-Families that need auxiliary losses sow them as `nnx.Intermediate` values named
-`aux_loss`; the trainer adds every one it finds to the loss.
+
+Side layers (UltraMem memory layers) are placed by `(read, write)` pairs of block
+indices in `model.<kind>.placement`: the layer reads the residual stream after block
+`read` and its output is added to the residual stream after block `write` (>= read), so
+its lookup can overlap with the blocks in between. Kinds live in the `SIDE_LAYERS`
+registry. Layers report aux losses and metrics through `jaxarch.layers.signals`.
 """
 
 from collections.abc import Callable
@@ -23,6 +27,10 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float
 # Block type name -> factory(model_cfg, layer_index, rngs) -> block module. A block maps
 # (x [b,t,d], positions [b,t], segment_ids [b,t]) -> x [b,t,d] including its residuals.
 BLOCKS: dict[str, Callable[..., nnx.Module]] = {}
+
+# Config section name -> factory(model_cfg, rngs) -> side layer mapping x [b,t,d] to an
+# update [b,t,d] (its own pre-norm included), placed by `model.<name>.placement`.
+SIDE_LAYERS: dict[str, Callable[..., nnx.Module]] = {}
 
 REMAT_POLICIES = {
     'full': None,  # recompute everything in the backward pass
@@ -83,6 +91,12 @@ def block_plan(cfg: ml_collections.ConfigDict) -> list[str]:
   return [pattern[i % len(pattern)] for i in range(cfg.n_layers)]
 
 
+def side_placement(cfg: ml_collections.ConfigDict) -> list[tuple[str, int, int]]:
+  """(kind, read, write) of every side layer the config places."""
+  return [(kind, int(read), int(write)) for kind in SIDE_LAYERS if kind in cfg
+          for read, write in cfg[kind].placement]
+
+
 class Transformer(nnx.Module):
   """tokens [b, t] -> logits [b, t, vocab] (fp32)."""
 
@@ -92,6 +106,8 @@ class Transformer(nnx.Module):
     self.embed = Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, dtype=dtype,
                        param_dtype=param_dtype, rngs=rngs)
     self.blocks = nnx.List([BLOCKS[kind](cfg, i, rngs) for i, kind in enumerate(block_plan(cfg))])
+    self.placement = side_placement(cfg)
+    self.side_layers = nnx.List([SIDE_LAYERS[kind](cfg, rngs) for kind, _, _ in self.placement])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype,
                               param_dtype=param_dtype, rngs=rngs)
     self.head = None if cfg.tie_embeddings else param(
@@ -105,8 +121,14 @@ class Transformer(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = self.embed(tokens)
-    for block in self.blocks:
+    pending = {}  # side layer index -> its output, waiting for its write block
+    for i, block in enumerate(self.blocks):
       x = self._run_block(block, x, positions, segment_ids)
+      for j, (_, read, write) in enumerate(self.placement):
+        if read == i:
+          pending[j] = self.side_layers[j](x)
+        if write == i:
+          x = x + pending.pop(j)
     x = self.final_norm(x)
     if self.head is None:
       logits = self.embed.attend(x)

@@ -1,21 +1,20 @@
 """AdamW with warmup + cosine / WSD schedules, global-norm clipping and a decay mask.
 
 Weights created with `weight_decay=False` metadata (norm scales, embeddings) are not
-decayed. Families that want their own parameter groups (e.g. a learning-rate multiplier
-for memory values) mark their weights with `optim_group` metadata and register a
-transform in `GROUP_TRANSFORMS`.
+decayed. Weights with `optim_group=NAME` metadata (e.g. UltraMem's memory values) get the
+learning-rate multiplier that `train.groups.NAME` configures:
+
+  lr_multiplier    T: the group's learning rate is T times the schedule's
+  multiplier_decay 'linear' (T decays linearly to 1 over training, as the UltraMem
+                   release does: lr · (1 + (T−1)·max(0, 1 − step/steps))) or 'none'
 """
 
-from collections.abc import Callable
-
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
 
-# optim_group metadata value -> factory(train_cfg, schedule) -> extra optax transform
-# applied after AdamW to the weights of that group (identity for the default group).
-GROUP_TRANSFORMS: dict[str, Callable[..., optax.GradientTransformation]] = {}
 
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
@@ -56,10 +55,23 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params) -> optax.GradientTran
                       mask=lambda p: jax.tree.map(lambda m, _: m, decay_mask, p))
   chain = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
   groups = _metadata(params, 'optim_group', 'default')
-  names = set(jax.tree.leaves(groups))
-  if names - {'default'}:
-    transforms = {g: GROUP_TRANSFORMS[g](cfg, schedule) if g != 'default'
-                  else optax.identity() for g in names}
+  configured = cfg.get('groups') or {}
+  names = {g for g in jax.tree.leaves(groups) if g in configured}
+  if names:
+    labels = jax.tree.map(lambda g: g if g in names else 'default', groups)
+    transforms = {g: group_multiplier(cfg, configured[g]) for g in names}
+    transforms['default'] = optax.identity()
     adamw = optax.chain(adamw, optax.multi_transform(
-        transforms, lambda p: jax.tree.map(lambda g, _: g, groups, p)))
+        transforms, lambda p: jax.tree.map(lambda g, _: g, labels, p)))
   return optax.chain(*chain, adamw)
+
+
+def group_multiplier(cfg: ml_collections.ConfigDict,
+                     group: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Scales a group's AdamW updates, i.e. its learning rate, by the configured factor."""
+  top = float(group.lr_multiplier)
+  if group.get('multiplier_decay', 'none') == 'linear':
+    steps = max(cfg.steps, 1)
+    return optax.scale_by_schedule(
+        lambda count: 1.0 + (top - 1.0) * jnp.maximum(0.0, 1.0 - count / steps))
+  return optax.scale(top)
