@@ -82,3 +82,41 @@ def test_block_plan_repeats_the_pattern():
     cfg.model.n_layers = 5
     cfg.model.block_pattern = ('dense', 'moe')
   assert block_plan(cfg.model) == ['dense', 'moe', 'dense', 'moe', 'dense']
+
+
+def test_side_layer_reads_after_block_read_and_writes_after_block_write(monkeypatch):
+  from jaxarch.models import transformer  # pylint: disable=g-import-not-at-top
+  from jaxarch.train.step import run_model  # pylint: disable=g-import-not-at-top
+
+  class Probe(nnx.Module):
+    """Records its input; returns a fixed update so the write point is visible."""
+
+    def __init__(self, cfg, rngs):
+      del rngs
+      self.update = jnp.linspace(-1, 1, cfg.d_model)
+
+    def __call__(self, x):
+      self.sow(nnx.Intermediate, 'seen', x)
+      return jnp.broadcast_to(self.update, x.shape).astype(x.dtype)
+
+  monkeypatch.setitem(transformer.SIDE_LAYERS, 'probe', Probe)
+  cfg = tiny_config(**{'model.dtype': 'float32', 'model.n_layers': 4})
+  with cfg.unlocked():
+    cfg.model.probe = {'placement': ((1, 2),)}
+  model = models.build(cfg.model, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 12), 0, 256)
+  logits, sown = run_model(model, tokens)
+  seen = sown['side_layers'][0]['seen'].get_value()[0]
+
+  segments = jnp.ones_like(tokens)
+  positions = jnp.broadcast_to(jnp.arange(12), tokens.shape)
+  x = model.embed(tokens)
+  residuals = []
+  for i, block in enumerate(model.blocks):
+    x = block(x, positions, segments)
+    if i == 2:
+      x = x + model.side_layers[0].update
+    residuals.append(x)
+  np.testing.assert_allclose(seen, residuals[1], atol=1e-6)  # after block 1, before 2
+  expected = jnp.einsum('btd,dv->btv', model.final_norm(x), model.head.get_value())
+  np.testing.assert_allclose(logits, expected, atol=1e-5)

@@ -112,3 +112,41 @@ def test_parameter_group_multiplier_decays_linearly_to_one():
   assert ratios[0] == pytest.approx(4.0)
   assert ratios[50] == pytest.approx(2.5)
   assert ratios[-1] == pytest.approx(1.03)
+
+
+def test_sown_aux_losses_and_metrics_reach_the_step_metrics(monkeypatch):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jaxarch.layers import signals  # pylint: disable=g-import-not-at-top
+  from jaxarch.models import transformer  # pylint: disable=g-import-not-at-top
+
+  class Reporter(nnx.Module):
+    def __init__(self, cfg, rngs):
+      del cfg, rngs
+      self.calls = signals.WindowCounter(jnp.zeros((), jnp.int32))
+
+    def __call__(self, x):
+      signals.add_aux_loss(self, jnp.float32(0.25))
+      signals.add_metric(self, 'mean_input', jnp.mean(x))
+      self.calls.set_value(self.calls.get_value() + 1)
+      signals.add_metric(self, 'window_calls', self.calls.get_value())
+      return jnp.zeros_like(x)
+
+  monkeypatch.setitem(transformer.SIDE_LAYERS, 'reporter', Reporter)
+  cfg = mesh_config(tiny_config(), data=8)
+  with cfg.unlocked():
+    cfg.model.reporter = {'placement': ((0, 1),)}
+  setup = make_setup(cfg, make_mesh(cfg))
+  state = init_state(cfg, setup)
+  step = make_train_step(setup)
+  batch = global_batch(make_batch(8, cfg.data.seq_len), setup.batch_sharding)
+  state, m1 = step(state, batch)
+  state, m2 = step(state, batch)
+  assert float(m1['aux_loss/side_layers/0']) == pytest.approx(0.25)
+  assert float(m1['total_loss']) == pytest.approx(float(m1['loss']) + 0.25, rel=1e-6)
+  assert 'side_layers/0/mean_input' in m1
+  assert float(m2['side_layers/0/window_calls']) == 2
+  from jaxarch.train.step import make_window_reset  # pylint: disable=g-import-not-at-top
+  state = make_window_reset(setup)(state)
+  _, m3 = step(state, batch)
+  assert float(m3['side_layers/0/window_calls']) == 1

@@ -29,17 +29,25 @@ def _key_name(key) -> str:
   return str(getattr(key, 'key', getattr(key, 'name', getattr(key, 'idx', key))))
 
 
-def pop_signals(model: nnx.Module) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-  """(aux losses, metrics) that layers sowed in this forward pass, keyed by module path.
+def run_model(model: nnx.Module, *args):
+  """model(*args) and the `nnx.Intermediate` values its layers sowed on the way."""
+  if hasattr(nnx, 'capture'):  # flax >= 0.12.x
+    return nnx.capture(model, nnx.Intermediate)(*args)
+  out = model(*args)
+  return out, nnx.pop(model, nnx.Intermediate)
+
+
+def signals(sown) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  """(aux losses, metrics) that layers sowed in a forward pass, keyed by module path.
 
   See `jaxarch.layers.signals`: a layer sows `aux_loss` (summed into the loss) and
   `metric_<name>` values (averaged when a layer ran several times).
   """
   losses, metrics = {}, {}
-  for path, sown in nnx.to_flat_state(nnx.pop(model, nnx.Intermediate)):
+  for path, variable in nnx.to_flat_state(sown):
     names = [_key_name(k) for k in path]
     where, leaf = '/'.join(names[:-1]), names[-1]
-    values = [jnp.asarray(v, jnp.float32) for v in jax.tree.leaves(sown)]
+    values = [jnp.asarray(v, jnp.float32) for v in jax.tree.leaves(variable)]
     if leaf == 'aux_loss':
       losses[where] = sum(jnp.sum(v) for v in values)
     elif leaf.startswith('metric_'):
@@ -48,10 +56,12 @@ def pop_signals(model: nnx.Module) -> tuple[dict[str, jax.Array], dict[str, jax.
 
 
 def _forward(setup: TrainSetup, params, model_state, batch):
+  # Fresh Variables of this trace level, so that layers may update their state here.
+  model_state = jax.tree.map(lambda x: x, model_state)
   model = nnx.merge(setup.graphdef, params, model_state)
   with logical_mesh(setup.mesh, setup.rules):
-    logits = model(batch['inputs'], batch['segment_ids'], batch['positions'])
-  aux, metrics = pop_signals(model)
+    logits, sown = run_model(model, batch['inputs'], batch['segment_ids'], batch['positions'])
+  aux, metrics = signals(sown)
   return logits, aux, metrics, nnx.state(model, nnx.Not(nnx.Param))
 
 

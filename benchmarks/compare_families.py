@@ -1,0 +1,83 @@
+"""Families side by side at equal activated parameters: bits per byte, speed, sizes.
+
+  python benchmarks/compare_families.py [--steps=500] [--out=benchmarks/results/compare_families.json]
+
+Trains each family's `tiny` preset for the same steps on the same data (the default
+corpus, same seed and batch order) and evaluates it on the same validation batches. The
+dense baseline's d_ff is widened until its activated parameters per token match the
+largest activated count among the sparse families, so the comparison is at equal
+compute per token; sparse families keep their extra (inactive) parameters.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from flax import nnx
+from rich.console import Console
+from rich.table import Table
+
+from jaxarch import config as config_lib
+from jaxarch import models
+from jaxarch.train import train
+
+FAMILIES = ('ultramem',)  # sparse families compared against dense; MoE joins later
+
+
+def counts(cfg) -> dict:
+  return models.param_counts(nnx.eval_shape(lambda: models.build(cfg.model, rngs=nnx.Rngs(0))))
+
+
+def matched_dense(target_active: int, overrides) -> tuple:
+  """configs/dense.py:tiny with d_ff widened so its active parameters reach the target."""
+  cfg = config_lib.load('configs/dense.py:tiny', overrides)
+  base = counts(cfg)['active']
+  per_unit = 3 * cfg.model.d_model * cfg.model.n_layers  # SwiGLU params per unit of d_ff
+  extra = max(0, round((target_active - base) / per_unit / 8)) * 8
+  return config_lib.load('configs/dense.py:tiny',
+                         [*overrides, f'model.d_ff={cfg.model.d_ff + extra}'])
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--steps', type=int, default=500)
+  parser.add_argument('--workdir', help='keep the runs here (default: a temporary dir)')
+  parser.add_argument('--out', default='benchmarks/results/compare_families.json')
+  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  overrides = [f'train.steps={args.steps}', f'log.eval_every_steps={args.steps}',
+               f'checkpoint.every_steps={args.steps}', 'log.progress=false']
+  sparse = {f: config_lib.load(f'configs/{f}.py:tiny', overrides) for f in FAMILIES}
+  target = max(counts(cfg)['active'] for cfg in sparse.values())
+  runs = {'dense': matched_dense(target, overrides), **sparse}
+
+  root = Path(args.workdir or tempfile.mkdtemp(prefix='jaxarch-compare-'))
+  results = []
+  for name, cfg in runs.items():
+    c = counts(cfg)
+    start = time.perf_counter()
+    metrics = train(cfg, root / name)
+    results.append({'family': name, 'params_total': c['total'], 'params_active': c['active'],
+                    'steps': args.steps, 'eval_bpb': metrics['eval_bpb'],
+                    'eval_loss': metrics['eval_loss'], 'train_loss': metrics['loss'],
+                    'tokens_per_s': metrics.get('tokens_per_s'),
+                    'wall_s': time.perf_counter() - start})
+
+  table = Table(title=f'tiny presets, {args.steps} steps, default corpus, equal active params')
+  for column in ('family', 'total params', 'active params', 'val bpb', 'tokens/s', 'wall'):
+    table.add_column(column, justify='right')
+  for r in results:
+    table.add_row(r['family'], f'{r["params_total"]:,}', f'{r["params_active"]:,}',
+                  f'{r["eval_bpb"]:.3f}', f'{r["tokens_per_s"] or 0:,.0f}',
+                  f'{r["wall_s"]:.0f} s')
+  Console().print(table)
+  out = Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(results, indent=2) + '\n')
+  print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+  main()
