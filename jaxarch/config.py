@@ -217,32 +217,13 @@ def _check_transformer(cfg: ConfigDict) -> None:
 
 
 def _check_ultramem(cfg: ConfigDict) -> None:
-  """model.ultramem: a square table, a top-k the candidate grid can hold, valid placement."""
-  u = _get(cfg, 'model.ultramem')
-  for key in ('num_values', 'top_k', 'key_dim', 'value_dim', 'num_heads', 'tucker_rank',
-              'num_cores', 'ive_expansion'):
-    _positive_int(cfg, f'model.ultramem.{key}')
-  n = math.isqrt(u.num_values)
-  if n * n != u.num_values:
-    raise ConfigError(f'model.ultramem.num_values={u.num_values} must be a perfect square '
-                      f'(e.g. {n * n} or {(n + 1) ** 2})')
-  root = math.isqrt(u.ive_expansion)
-  if root * root != u.ive_expansion:
-    raise ConfigError(f'model.ultramem.ive_expansion={u.ive_expansion} must be a perfect '
-                      'square (each side gets sqrt(E) times more keys)')
-  if u.value_dim % u.num_cores:
-    raise ConfigError(f'model.ultramem.value_dim={u.value_dim} must be divisible by '
-                      f'model.ultramem.num_cores={u.num_cores}')
-  if u.top_m is not None:
-    _positive_int(cfg, 'model.ultramem.top_m')
-    if u.top_m > n * root:
-      raise ConfigError(f'model.ultramem.top_m={u.top_m} must be <= the keys per side '
-                        f'({n * root})')
-  grid = (u.top_m or n * root) ** 2
-  if u.top_k > min(grid, u.num_values * u.ive_expansion):
-    raise ConfigError(f'model.ultramem.top_k={u.top_k} must be <= the candidate grid '
-                      f'top_m**2={grid} and the number of values')
-  placement = u.placement
+  """model.ultramem: the layer's own checks, and a placement inside the stack."""
+  from jaxarch.layers.ultramem import check_config  # pylint: disable=g-import-not-at-top
+  try:
+    check_config(_get(cfg, 'model.ultramem'))
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  placement = _get(cfg, 'model.ultramem.placement')
   if not placement:
     raise ConfigError('model.ultramem.placement must hold at least one (read, write) pair')
   for i, pair in enumerate(placement):

@@ -91,11 +91,12 @@ def test_side_layer_reads_after_block_read_and_writes_after_block_write(monkeypa
   class Probe(nnx.Module):
     """Records its input; returns a fixed update so the write point is visible."""
 
-    def __init__(self, cfg, rngs):
-      del rngs
+    def __init__(self, cfg, index, rngs):
+      del index, rngs
       self.update = jnp.linspace(-1, 1, cfg.d_model)
 
-    def __call__(self, x):
+    def __call__(self, x, segment_ids):
+      del segment_ids
       self.sow(nnx.Intermediate, 'seen', x)
       return jnp.broadcast_to(self.update, x.shape).astype(x.dtype)
 

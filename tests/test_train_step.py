@@ -121,11 +121,12 @@ def test_sown_aux_losses_and_metrics_reach_the_step_metrics(monkeypatch):
   from jaxarch.models import transformer  # pylint: disable=g-import-not-at-top
 
   class Reporter(nnx.Module):
-    def __init__(self, cfg, rngs):
-      del cfg, rngs
+    def __init__(self, cfg, index, rngs):
+      del cfg, index, rngs
       self.calls = signals.WindowCounter(jnp.zeros((), jnp.int32))
 
-    def __call__(self, x):
+    def __call__(self, x, segment_ids):
+      del segment_ids
       signals.add_aux_loss(self, jnp.float32(0.25))
       signals.add_metric(self, 'mean_input', jnp.mean(x))
       self.calls.set_value(self.calls.get_value() + 1)

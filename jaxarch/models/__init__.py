@@ -6,11 +6,13 @@ from flax import nnx
 import jax
 import ml_collections
 
-from jaxarch.models.transformer import BLOCKS, Transformer, register_block
+from jaxarch.models import ultramem  # registers the memory side layer
+from jaxarch.models.transformer import BLOCKS, SIDE_LAYERS, Transformer, register_block
 
 # model.family -> constructor(model_cfg, rngs=...). Later families register here.
 FAMILIES: dict[str, Callable[..., nnx.Module]] = {
     'dense': Transformer,
+    'ultramem': Transformer,  # with model.ultramem.placement memory layers
 }
 
 

@@ -28,8 +28,9 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float
 # (x [b,t,d], positions [b,t], segment_ids [b,t]) -> x [b,t,d] including its residuals.
 BLOCKS: dict[str, Callable[..., nnx.Module]] = {}
 
-# Config section name -> factory(model_cfg, rngs) -> side layer mapping x [b,t,d] to an
-# update [b,t,d] (its own pre-norm included), placed by `model.<name>.placement`.
+# Config section name -> factory(model_cfg, index, rngs) -> side layer mapping
+# (x [b,t,d], segment_ids [b,t]) to an update [b,t,d] for the residual stream, placed by
+# `model.<name>.placement`; `index` counts the side layers of that kind.
 SIDE_LAYERS: dict[str, Callable[..., nnx.Module]] = {}
 
 REMAT_POLICIES = {
@@ -107,7 +108,8 @@ class Transformer(nnx.Module):
                        param_dtype=param_dtype, rngs=rngs)
     self.blocks = nnx.List([BLOCKS[kind](cfg, i, rngs) for i, kind in enumerate(block_plan(cfg))])
     self.placement = side_placement(cfg)
-    self.side_layers = nnx.List([SIDE_LAYERS[kind](cfg, rngs) for kind, _, _ in self.placement])
+    self.side_layers = nnx.List([SIDE_LAYERS[kind](cfg, i, rngs)
+                                 for i, (kind, _, _) in enumerate(self.placement)])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype,
                               param_dtype=param_dtype, rngs=rngs)
     self.head = None if cfg.tie_embeddings else param(
@@ -126,7 +128,7 @@ class Transformer(nnx.Module):
       x = self._run_block(block, x, positions, segment_ids)
       for j, (_, read, write) in enumerate(self.placement):
         if read == i:
-          pending[j] = self.side_layers[j](x)
+          pending[j] = self.side_layers[j](x, segment_ids)
         if write == i:
           x = x + pending.pop(j)
     x = self.final_norm(x)

@@ -1,0 +1,344 @@
+"""UltraMem memory layer (Huang et al., "Ultra-Sparse Memory Network", arXiv 2411.12364).
+
+A product-key memory: a table of `N = n²` values of which each token reads `top_k`, so
+parameters grow without growing compute. Per token and head (DESIGN.md §7.1):
+
+1. query `W_q x -> [2, d_k]` (row half, column half), each LayerNormed (gain d_k^-0.33);
+2. TDQKR: row and column scores `R, Cl [n', r]` against LayerNormed keys
+   `[2, n', d_k, r]` (`n' = n·√E`); the rank-1 approximation `u vᵀ` of the summed Tucker
+   cores `ΣC_i` ranks rows by `R·u` and columns by `Cl·v`; the top-m of each side span an
+   `m × m` grid scored exactly per core, `S_i = R C_i Clᵀ`; the best `top_k` by `Σ_i S_i`
+   are kept with their per-core scores `[top_k, c]`;
+3. IVE: a virtual index `row·n' + col` in `[0, E·N)` goes through a fixed affine
+   permutation `π(x) = (a·x + b) mod E·N` (`a` coprime to `E·N`; `a, b` drawn from
+   `permutation_seed`, so nothing of size E·N is stored); `physical = π mod N`,
+   `group = π div N`;
+4. the value (dim `d_v`) is split into `c` slices, slice `i` weighted by core `i`'s score;
+   the weighted sum of the selected values per group (`sparse_lookup`, all heads into the
+   same bags) gives `[E, d_v]`, flattened and projected to `d_model`.
+
+The caller applies the pre-norm (the transformer reads the normalised FFN input of the
+`read` block); this layer maps `x [b, s, d_model] -> [b, s, d_model]`.
+
+Choices where the paper leaves room, stated once here:
+- `top_m` (rows / columns kept per side) defaults to `top_k`, as the authors' release:
+  the `k × k` candidate grid holds k times more candidates than needed.
+- Rows and columns are ranked by `|R·u|` and `|Cl·v|` (`rank_by_magnitude=True`), not by
+  `R·u` as DESIGN §7.1 reads: with LayerNormed queries and keys the side scores are
+  symmetric around 0, and a large score is as often (−)·(−) as (+)·(+); ranking by the
+  signed value never searches the (−, −) quadrant. Measured recall of the true top-16 of
+  64K virtual values at init (tests/test_ultramem.py): 0.98 by magnitude, 0.49 signed.
+- Scores are the raw Tucker scores (no softmax), times one constant fixed at
+  construction, `score_scale`, so that the output variance at init does not depend on
+  `top_k` or `num_values`: raw top-k scores grow with `k` (more terms) and with `E·N`
+  (the k-th best of more candidates is larger). The constant is `sqrt(E / (H·k·E[S²]))`
+  with `E[S²]` the mean square of a top-k score at init (estimated from the init scales:
+  a top-k score is about the product of a top-√k row and a top-√k column score), so
+  that with values `~ N(0, 0.02²)` the output std is about 0.02 (measured 0.0198 and
+  0.0192 for (k, N) = (16, 1024) and (64, 16384)).
+- `u, v` are outside the gradient: they only choose candidates (a piecewise constant
+  function of them), and SVD gradients blow up when singular values nearly coincide.
+  Every non-deterministic forward (`deterministic=False`, the default; `nnx.Module.eval`
+  sets it) recomputes them from `stop_gradient(ΣC_i)` before scoring, flipping their sign
+  to agree with the stored vectors.
+- Heads share the value table and their reads are summed into the same bags.
+- IVE bags are computed as `E·c` lookups of `H·k` entries each (entries of other groups
+  weigh 0), so the XLA reference gathers E times the rows it needs; a kernel that skips
+  zero weights removes that.
+
+Reported through `jaxarch.layers.signals`: aux loss `aux_loss_weight · tucker_aux` (only
+when the weight is > 0); metrics `tucker_aux` (unweighted), `score_entropy` (entropy of
+`|Σ_i S_i| / Σ_k |Σ_i S_i|` over a token's top-k, averaged over tokens and heads) and
+`window_values_hit` (fraction of the N values read at least once in the logging window,
+from the `WindowCounter` `hits [N]`).
+"""
+
+import math
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxarch.kernels import sharded_sparse_lookup
+from jaxarch.layers import signals
+from jaxarch.layers.params import normal, param
+
+_MAX_VIRTUAL = 1 << 30  # int32 arithmetic of the IVE permutation
+
+
+class TuckerVectors(nnx.Variable):
+  """Leading singular vectors of ΣC_i: refreshed by the forward pass, never trained."""
+
+
+def default_top_m(top_k: int, keys_per_side: int) -> int:
+  return min(top_k, keys_per_side)
+
+
+def _isqrt_exact(x: int) -> int | None:
+  r = math.isqrt(x) if x >= 0 else -1
+  return r if r >= 0 and r * r == x else None
+
+
+def _check(num_values, top_k, value_dim, key_dim, tucker_rank, num_cores, ive_expansion,
+           num_heads, top_m, aux_loss_weight, aux_tau, query_conv, prefix='model.ultramem'):
+  def fail(key, value, what):
+    raise ValueError(f'config error: {prefix}.{key}={value!r} {what}')
+
+  for key, value in (('num_values', num_values), ('top_k', top_k), ('value_dim', value_dim),
+                     ('key_dim', key_dim), ('tucker_rank', tucker_rank),
+                     ('num_cores', num_cores), ('ive_expansion', ive_expansion),
+                     ('num_heads', num_heads)):
+    if not isinstance(value, (int, np.integer)) or value < 1:
+      fail(key, value, 'must be an integer >= 1')
+  n = _isqrt_exact(num_values)
+  if n is None:
+    near = round(math.sqrt(num_values)) ** 2
+    fail('num_values', num_values, f'must be a perfect square (e.g. {near})')
+  s = _isqrt_exact(ive_expansion)
+  if s is None:
+    fail('ive_expansion', ive_expansion,
+         'must be a perfect square (1, 4, 9, ...): each key side grows by its square root')
+  if num_values * ive_expansion >= _MAX_VIRTUAL:
+    fail('num_values', num_values, f'times ive_expansion={ive_expansion} must be < 2^30')
+  if value_dim % num_cores:
+    fail('value_dim', value_dim, f'must be divisible by num_cores={num_cores}')
+  side = n * s
+  if top_m is not None and not 1 <= top_m <= side:
+    fail('top_m', top_m, f'must be in [1, {side}] (keys per side = sqrt(num_values · '
+         'ive_expansion))')
+  m = default_top_m(top_k, side) if top_m is None else top_m
+  if top_k > m * m:
+    fail('top_k', top_k, f'must be <= top_m² = {m * m} (the candidate grid)')
+  if top_k > num_values:
+    fail('top_k', top_k, f'must be <= num_values={num_values}')
+  if aux_loss_weight < 0:
+    fail('aux_loss_weight', aux_loss_weight, 'must be >= 0')
+  if aux_tau < 0:
+    fail('aux_tau', aux_tau, 'must be >= 0')
+  if not isinstance(query_conv, (int, np.integer)) or query_conv < 0:
+    fail('query_conv', query_conv, 'must be an integer >= 0 (0 = no convolution)')
+  return m
+
+
+def check_config(cfg, prefix: str = 'model.ultramem') -> None:
+  """Raises a one-line `ValueError` naming the first inconsistent `model.ultramem` key."""
+  get = cfg.get
+  _check(get('num_values'), get('top_k'), get('value_dim'), get('key_dim'),
+         get('tucker_rank', 2), get('num_cores', 2), get('ive_expansion', 1),
+         get('num_heads', 1), get('top_m'), get('aux_loss_weight', 0.0),
+         get('aux_tau', 0.15), get('query_conv', 0), prefix=prefix)
+
+
+def _wide(dtype):
+  """fp32, or fp64 for fp64 inputs (finite-difference tests)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _layer_norm(x: jax.Array, axis: int = -1, eps: float = 1e-5) -> jax.Array:
+  x = x.astype(_wide(x.dtype))
+  mean = jnp.mean(x, axis=axis, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=axis, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def _affine_mod(x: jax.Array, a: int, b: int, mod: int) -> jax.Array:
+  """(a·x + b) mod `mod` for int32 x < mod < 2^30, by double-and-add over a's bits."""
+  r = jnp.zeros_like(x)
+  for bit in bin(a)[2:]:
+    r = (2 * r) % mod
+    if bit == '1':
+      r = (r + x) % mod
+  return (r + b) % mod
+
+
+def _tail_mean_square(k: float, n: int) -> float:
+  """E[X² | X among the top k of n standard normals] (Gaussian tail, k/n <= 1/2)."""
+  frac = min(k / n, 0.5)
+  a = statistics.NormalDist().inv_cdf(1 - frac)
+  density = math.exp(-a * a / 2) / math.sqrt(2 * math.pi)
+  return 1 + a * density / frac
+
+
+def _causal_depthwise_conv(x, kernel, segment_ids):
+  """y[t] = Σ_j kernel[K-1-j] · x[t-j], taps restricted to the same document."""
+  s = x.shape[1]
+  out = x * kernel[-1]
+  for j in range(1, kernel.shape[0]):
+    shifted = jnp.pad(x, ((0, 0), (j, 0), (0, 0)))[:, :s]
+    tap = shifted * kernel[-1 - j]
+    if segment_ids is not None:
+      same = jnp.pad(segment_ids, ((0, 0), (j, 0)), constant_values=-1)[:, :s] == segment_ids
+      tap = tap * same[..., None]
+    out = out + tap
+  return out
+
+
+class UltraMem(nnx.Module):
+  """x [b, s, d_model] (already normed) -> memory read [b, s, d_model]."""
+
+  def __init__(self, d_model: int, *, num_values: int, top_k: int, value_dim: int,
+               key_dim: int, tucker_rank: int = 2, num_cores: int = 2,
+               ive_expansion: int = 1, num_heads: int = 1, top_m: int | None = None,
+               aux_loss_weight: float = 0.0, aux_tau: float = 0.15, query_conv: int = 0,
+               rank_by_magnitude: bool = True, permutation_seed: int = 0,
+               lookup_impl: str = 'auto', dtype=jnp.bfloat16,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.top_m = _check(num_values, top_k, value_dim, key_dim, tucker_rank, num_cores,
+                        ive_expansion, num_heads, top_m, aux_loss_weight, aux_tau,
+                        query_conv)
+    self.num_values, self.top_k, self.value_dim = num_values, top_k, value_dim
+    self.num_heads, self.num_cores, self.expansion = num_heads, num_cores, ive_expansion
+    self.keys_per_side = math.isqrt(num_values) * math.isqrt(ive_expansion)
+    self.aux_loss_weight, self.aux_tau = aux_loss_weight, aux_tau
+    self.lookup_impl, self.dtype = lookup_impl, dtype
+    self.rank_by_magnitude = rank_by_magnitude
+    self.deterministic = False
+    h, c, r, d_k = num_heads, num_cores, tucker_rank, key_dim
+
+    # IVE permutation: affine mod E·N with a multiplier coprime to E·N.
+    virtual = num_values * ive_expansion
+    gen = np.random.default_rng(permutation_seed)
+    a = int(gen.integers(1, virtual)) if virtual > 1 else 1
+    while math.gcd(a, virtual) != 1:
+      a = int(gen.integers(1, virtual))
+    self.permutation = (a, int(gen.integers(0, virtual)) if virtual > 1 else 0)
+
+    self.query_conv = None if not query_conv else param(
+        rngs, lambda key, shape, dt: jnp.zeros(shape, dt).at[-1].set(1),  # identity at init
+        (query_conv, d_model), (None, 'embed'), param_dtype)
+    self.query_proj = param(rngs, normal(d_k ** -0.5), (d_model, h, 2, d_k),
+                            ('embed', None, None, None), param_dtype)
+    self.query_scale = param(rngs, jax.nn.initializers.constant(d_k ** -0.33), (h, 2, d_k),
+                             (None, None, None), param_dtype, weight_decay=False)
+    self.query_bias = param(rngs, jax.nn.initializers.zeros, (h, 2, d_k),
+                            (None, None, None), param_dtype, weight_decay=False)
+    self.keys = param(rngs, normal(d_k ** -0.5), (h, 2, self.keys_per_side, d_k, r),
+                      (None, None, None, None, None), param_dtype, weight_decay=False)
+    self.cores = param(rngs, jax.nn.initializers.uniform(1.0), (h, c, r, r),
+                       (None, None, None, None), param_dtype, weight_decay=False)
+    self.values = param(rngs, normal(0.02), (num_values, value_dim), ('values', None),
+                        param_dtype, weight_decay=False, optim_group='values')
+    self.out_proj = param(rngs, normal((ive_expansion * value_dim) ** -0.5),
+                          (ive_expansion * value_dim, d_model), (None, 'embed'), param_dtype)
+    u, v = self._leading_vectors(None)
+    self.u = TuckerVectors(u, out_sharding=(None, None), eager_sharding=False)
+    self.v = TuckerVectors(v, out_sharding=(None, None), eager_sharding=False)
+    self.hits = signals.WindowCounter(jnp.zeros((num_values,), jnp.int32),
+                                      out_sharding=('values',), eager_sharding=False)
+
+    # Raw scores at init: <LN(q)·g, LN(k)> has variance d_k·g² per rank component, and
+    # S_i = R C_i Clᵀ has variance (d_k·g²)²·E[ΣC²] = (d_k·g²)²·r²/3 (C ~ U(0, 1)).
+    # ΣC_i is close to rank 1 at init, so S ≈ σ₁(R·u)(Cl·v): the top k of the grid are
+    # roughly the products of the top √k rows and top √k columns of n' keys per side.
+    score_var = (d_k * d_k ** -0.66) ** 2 * r * r / 3
+    mean_square = score_var * _tail_mean_square(math.sqrt(top_k), self.keys_per_side) ** 2
+    self.score_scale = math.sqrt(ive_expansion / (h * top_k * mean_square))
+
+  def inactive_params(self) -> int:
+    """Value parameters a token does not read: N·d_v minus its H·k rows (upper bound on
+    distinct rows; IVE adds no reads, each virtual hit reads one physical row)."""
+    return (self.num_values - min(self.num_values, self.num_heads * self.top_k)) * self.value_dim
+
+  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    b, s, d_model = x.shape
+    if not self.deterministic:
+      u, v = self._leading_vectors(self.u[...])
+      self.u[...], self.v[...] = u, v
+    q = self.query(x, segment_ids).reshape(b * s, self.num_heads, 2, -1)
+    virtual, scores = self.retrieve(q)
+    physical, group = self.permute(virtual)
+    bags = self.read(physical, group, scores * self.score_scale)  # t (E·d_v)
+    out = jnp.einsum('tf,fd->td', bags.astype(self.dtype), self.out_proj[...].astype(self.dtype))
+    self._report(physical, scores)
+    return out.reshape(b, s, d_model)
+
+  def query(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """x [b, s, d] -> LayerNormed queries [b, s, heads, 2, d_k] (fp32)."""
+    x = x.astype(self.dtype)
+    if self.query_conv is not None:
+      x = _causal_depthwise_conv(x, self.query_conv[...].astype(self.dtype), segment_ids)
+    q = jnp.einsum('bsd,dhpk->bshpk', x, self.query_proj[...].astype(self.dtype))
+    return _layer_norm(q) * self.query_scale[...] + self.query_bias[...]
+
+  def side_scores(self, q: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """q [t, h, 2, d_k] -> row scores R, column scores Cl [t, h, n', r] (fp32)."""
+    keys = _layer_norm(self.keys[...], axis=-2).astype(self.dtype)  # h 2 n d r
+    q = q.astype(self.dtype)
+    score = lambda p: jnp.einsum('thd,hjdr->thjr', q[:, :, p], keys[:, p],
+                                 preferred_element_type=_wide(self.dtype))
+    return score(0), score(1)
+
+  def retrieve(self, q: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """q [t, h, 2, d_k] -> virtual indices [t, h, k] and per-core scores [t, h, k, c]."""
+    rows_all, cols_all = self.side_scores(q)
+    cores = self.cores[...].astype(rows_all.dtype)  # h c r r
+    m, sg = self.top_m, jax.lax.stop_gradient
+    u, v = sg(self.u[...]).astype(cores.dtype), sg(self.v[...]).astype(cores.dtype)
+    proxy = jnp.abs if self.rank_by_magnitude else (lambda s: s)
+    _, rows = jax.lax.top_k(proxy(jnp.einsum('thjr,hr->thj', sg(rows_all), u)), m)  # t h m
+    _, cols = jax.lax.top_k(proxy(jnp.einsum('thjr,hr->thj', sg(cols_all), v)), m)
+    r_top = jnp.take_along_axis(rows_all, rows[..., None], axis=2)  # t h m r
+    c_top = jnp.take_along_axis(cols_all, cols[..., None], axis=2)
+    grid = jnp.einsum('thar,hrs,thbs->thab', sg(r_top), sg(cores.sum(1)), sg(c_top))
+    _, best = jax.lax.top_k(grid.reshape(*grid.shape[:2], m * m), self.top_k)  # t h k
+    a, b = best // m, best % m
+    r_best = jnp.take_along_axis(r_top, a[..., None], axis=2)  # t h k r
+    c_best = jnp.take_along_axis(c_top, b[..., None], axis=2)
+    scores = jnp.einsum('thkr,hcrs,thks->thkc', r_best, cores, c_best)
+    virtual = (jnp.take_along_axis(rows, a, axis=2) * self.keys_per_side
+               + jnp.take_along_axis(cols, b, axis=2))
+    return virtual, scores
+
+  def permute(self, virtual: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Virtual index in [0, E·N) -> (physical row, IVE group)."""
+    a, b = self.permutation
+    p = _affine_mod(virtual.astype(jnp.int32), a, b, self.num_values * self.expansion)
+    return p % self.num_values, p // self.num_values
+
+  def read(self, physical: jax.Array, group: jax.Array, weights: jax.Array) -> jax.Array:
+    """Per-group, per-core weighted value sums: [t, h, k] x2, [t, h, k, c] -> [t, E·d_v].
+
+    The table is viewed as [N·c, d_v/c] (row p·c + i is slice i of value p): bag row
+    (t, g, i) sums slice i of the values of group g, weighted by core i's score.
+    """
+    t, h, k, c = weights.shape
+    e = self.expansion
+    in_group = group[..., None] == jnp.arange(e)  # t h k e
+    w = jnp.einsum('thkc,thke->techk', weights, in_group.astype(weights.dtype))
+    idx = physical[:, None] * c + jnp.arange(c)[None, :, None, None]  # t c h k
+    idx = jnp.broadcast_to(idx[:, None], (t, e, c, h, k))
+    bags = sharded_sparse_lookup(self.values[...], idx.reshape(t * e * c, h * k),
+                                 w.reshape(t * e * c, h * k), split=c, impl=self.lookup_impl)
+    return bags.reshape(t, e * self.value_dim)
+
+  def tucker_aux_loss(self) -> jax.Array:
+    """mean(relu(σ_2..r − τ)²) over heads of the singular values of ΣC_i."""
+    cores = self.cores[...]
+    sigma = jnp.linalg.svd(cores.astype(_wide(cores.dtype)).sum(1), compute_uv=False)
+    return jnp.mean(jnp.square(jax.nn.relu(sigma[:, 1:] - self.aux_tau))) if (
+        sigma.shape[-1] > 1) else jnp.zeros((), sigma.dtype)
+
+  def _leading_vectors(self, previous):
+    """(u, v) [h, r]: leading singular vectors of stop_gradient(ΣC_i), sign-aligned."""
+    core = jax.lax.stop_gradient(self.cores[...])
+    core = core.astype(_wide(core.dtype)).sum(1)
+    left, _, right = jnp.linalg.svd(core)
+    u, v = left[..., :, 0], right[..., 0, :]
+    ref = jnp.ones_like(u) if previous is None else previous.astype(u.dtype)
+    sign = jnp.where(jnp.sum(u * ref, axis=-1, keepdims=True) < 0, -1.0, 1.0)
+    return u * sign, v * sign
+
+  def _report(self, physical, scores):
+    aux = self.tucker_aux_loss()
+    if self.aux_loss_weight > 0:
+      signals.add_aux_loss(self, self.aux_loss_weight * aux)
+    signals.add_metric(self, 'tucker_aux', aux)
+    total = jnp.abs(jax.lax.stop_gradient(scores).sum(-1))  # t h k
+    p = total / jnp.maximum(total.sum(-1, keepdims=True), 1e-9)
+    entropy = -jnp.sum(p * jnp.log(jnp.maximum(p, 1e-9)), axis=-1)
+    signals.add_metric(self, 'score_entropy', jnp.mean(entropy))
+    hits = self.hits[...].at[physical.reshape(-1)].add(1)
+    self.hits[...] = hits
+    signals.add_metric(self, 'window_values_hit', jnp.mean((hits > 0).astype(jnp.float32)))

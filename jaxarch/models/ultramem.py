@@ -1,0 +1,42 @@
+"""UltraMem models: the transformer with memory layers placed by (read, write) pairs.
+
+`model.family = 'ultramem'` builds the same `Transformer` as a dense model; what makes it
+UltraMem is the `model.ultramem` section, whose `placement` puts one memory layer per
+pair: it reads the residual stream after block `read` (through its own RMSNorm) and adds
+its output to the residual stream after block `write`.
+"""
+
+import ml_collections
+from flax import nnx
+
+from jaxarch.layers import RMSNorm
+from jaxarch.layers.ultramem import UltraMem
+from jaxarch.models.transformer import DTYPES, SIDE_LAYERS
+
+
+class MemoryLayer(nnx.Module):
+  """Pre-norm + UltraMem: x [b, t, d] -> update [b, t, d] for the residual stream."""
+
+  def __init__(self, norm: RMSNorm, memory: UltraMem):
+    self.norm = norm
+    self.memory = memory
+
+  def __call__(self, x, segment_ids):
+    return self.memory(self.norm(x), segment_ids)
+
+
+def memory_layer(cfg: ml_collections.ConfigDict, index: int, rngs: nnx.Rngs) -> MemoryLayer:
+  u = cfg.ultramem
+  dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+  memory = UltraMem(
+      cfg.d_model, num_values=u.num_values, top_k=u.top_k, value_dim=u.value_dim,
+      key_dim=u.key_dim, tucker_rank=u.tucker_rank, num_cores=u.num_cores,
+      ive_expansion=u.ive_expansion, num_heads=u.num_heads, top_m=u.top_m,
+      aux_loss_weight=u.aux_loss_weight, aux_tau=u.aux_tau, query_conv=u.query_conv,
+      rank_by_magnitude=u.rank_by_magnitude, permutation_seed=index, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype,
+                 rngs=rngs)
+  return MemoryLayer(norm, memory)
+
+
+SIDE_LAYERS['ultramem'] = memory_layer

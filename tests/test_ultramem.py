@@ -1,0 +1,233 @@
+"""UltraMem memory layer: retrieval against brute force, gradients, sharding, init, state."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from conftest import mesh_config, tiny_config
+from jaxarch.layers import signals
+from jaxarch.layers.ultramem import UltraMem, check_config
+from jaxarch.parallel import make_mesh, tree_shardings
+from jaxarch.parallel.context import logical_mesh
+from jaxarch.train.step import run_model
+from jaxarch.train.step import signals as collect_signals
+
+
+def make_layer(d_model=32, num_values=64, top_k=8, value_dim=16, key_dim=8, num_heads=2,
+               ive_expansion=4, seed=0, dtype=jnp.float32, **kw):
+  return UltraMem(d_model, num_values=num_values, top_k=top_k, value_dim=value_dim,
+                  key_dim=key_dim, num_heads=num_heads, ive_expansion=ive_expansion,
+                  dtype=dtype, param_dtype=kw.pop('param_dtype', jnp.float32),
+                  rngs=nnx.Rngs(seed), **kw)
+
+
+def queries(layer, x):
+  return layer.query(x[None]).reshape(x.shape[0], layer.num_heads, 2, -1)
+
+
+def grid_scores(layer, q):
+  """Exact Tucker scores of every virtual value: [t, h, n'², c]."""
+  rows, cols = layer.side_scores(q)
+  s = jnp.einsum('thar,hcrs,thbs->thabc', rows, layer.cores[...], cols)
+  return s.reshape(*s.shape[:2], -1, s.shape[-1])
+
+
+def test_exhaustive_top_m_retrieves_the_brute_force_top_k():
+  layer = make_layer(top_m=16)  # n' = 8·√4 = 16 keys per side: every row and column
+  layer.cores[...] = jax.random.normal(jax.random.key(3), layer.cores.shape)  # not rank 1
+  q = queries(layer, jax.random.normal(jax.random.key(1), (12, 32)))
+  virtual, scores = nnx.jit(lambda m, q: m.retrieve(q))(layer, q)
+  full = nnx.jit(grid_scores)(layer, q)
+  best, want = jax.lax.top_k(full.sum(-1), layer.top_k)
+  np.testing.assert_array_equal(np.sort(virtual, -1), np.sort(want, -1))
+  np.testing.assert_allclose(scores.sum(-1), best, rtol=1e-4, atol=1e-4)
+  per_core = jnp.take_along_axis(full, virtual[..., None], axis=2)
+  np.testing.assert_allclose(scores, per_core, rtol=1e-4, atol=1e-4)
+
+
+@nnx.jit
+def recall(layer, x):
+  q = queries(layer, x)
+  virtual, _ = layer.retrieve(q)
+  _, want = jax.lax.top_k(grid_scores(layer, q).sum(-1), layer.top_k)
+  return (virtual[..., :, None] == want[..., None, :]).any(-1).mean()
+
+
+def test_recall_of_default_top_m_on_random_inputs():
+  # 64K virtual values (N = 64², E = 4), top-16 of them from a 16 x 16 candidate grid.
+  x = jax.random.normal(jax.random.key(1), (256, 64))
+  kw = dict(d_model=64, num_values=64 * 64, top_k=16, value_dim=32, key_dim=32)
+  measured = float(recall(make_layer(**kw), x))
+  assert measured > 0.95, measured  # measured 0.978
+  # Ranking rows and columns by the signed rank-1 score never searches (−)·(−) pairs.
+  signed = float(recall(make_layer(rank_by_magnitude=False, **kw), x))
+  assert signed < 0.6, signed  # measured 0.490
+
+
+def split_apply(layer):
+  """(params, f(params, x) -> out) with the layer's non-parameter state held fixed."""
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+  def apply(params, x):
+    model = nnx.merge(graphdef, params, jax.tree.map(lambda a: a, rest))
+    return model(x)
+  return params, apply
+
+
+def test_gradients_reach_every_weight_and_match_finite_differences():
+  with jax.enable_x64(True):
+    layer = make_layer(dtype=jnp.float64, param_dtype=jnp.float64, query_conv=2)
+    x = jax.random.normal(jax.random.key(1), (2, 5, 32), jnp.float64)
+    cot = jax.random.normal(jax.random.key(2), (2, 5, 32), jnp.float64)
+    params, apply = split_apply(layer)
+    loss = jax.jit(lambda p: jnp.sum(apply(p, x) * cot))
+    grads = jax.jit(jax.grad(loss))(params)
+    for name in ('query_conv', 'query_proj', 'query_scale', 'keys', 'cores', 'values',
+                 'out_proj'):
+      assert float(jnp.abs(grads[name].get_value()).max()) > 0, name
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(4), len(leaves))
+    direction = treedef.unflatten([jax.random.normal(k, l.shape, l.dtype)
+                                   for k, l in zip(keys, leaves)])
+    eps = 1e-6
+    shifted = lambda s: jax.tree.map(lambda p, d: p + s * eps * d, params, direction)
+    numeric = (loss(shifted(1.0)) - loss(shifted(-1.0))) / (2 * eps)
+    analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads),
+                                                   jax.tree.leaves(direction)))
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-6)
+
+
+def test_table_sharded_over_four_devices_matches_one_device():
+  cfg = mesh_config(tiny_config(), data=2, fsdp=2, tensor=2)
+  mesh = make_mesh(cfg)
+  layer = make_layer(num_values=256)
+  graphdef, state = nnx.split(layer)
+  x = jax.random.normal(jax.random.key(1), (8, 4, 32))
+  cot = jax.random.normal(jax.random.key(2), (8, 4, 32))
+
+  def step(state, x):
+    params, rest = nnx.split_state(state, nnx.Param, ...) if hasattr(nnx, 'split_state') \
+        else (nnx.filter_state(state, nnx.Param), nnx.filter_state(state, nnx.Not(nnx.Param)))
+
+    def loss(params):
+      model = nnx.merge(graphdef, params, jax.tree.map(lambda a: a, rest))
+      out = model(x)
+      return jnp.sum(out * cot), (out, nnx.state(model, signals.WindowCounter))
+    (_, (out, hits)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return out, grads, hits
+
+  want = jax.jit(step)(state, x)
+  shardings = tree_shardings(state, mesh, cfg.mesh.rules)
+  assert shardings['values'].get_value().spec == P(('fsdp', 'tensor'), None)
+  batch = NamedSharding(mesh, P(('data', 'fsdp', 'expert'), None, None))
+
+  def sharded_step(state, x):
+    with logical_mesh(mesh, cfg.mesh.rules):
+      return step(state, x)
+  got = jax.jit(sharded_step, in_shardings=(shardings, batch))(
+      jax.device_put(state, shardings), jax.device_put(x, batch))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+  assert got[1]['values'].get_value().sharding.spec[0] == ('fsdp', 'tensor')
+
+
+def init_output_std(top_k, num_values):
+  layer = make_layer(d_model=64, num_values=num_values, top_k=top_k, value_dim=32,
+                     key_dim=16)
+  x = jax.random.normal(jax.random.key(1), (4, 64, 64))
+  return float(jnp.std(nnx.jit(lambda m, x: m(x))(layer, x)))
+
+
+def test_output_variance_at_init_is_independent_of_top_k_and_num_values():
+  small, large = init_output_std(16, 1024), init_output_std(64, 16384)
+  assert 0.8 < (large / small) ** 2 < 1.25, (small, large)  # measured 0.0198, 0.0192
+  assert 0.01 < small < 0.04  # values ~ N(0, 0.02²) per unit of score weight
+
+
+def test_tucker_vectors_keep_their_sign_across_refreshes():
+  layer = make_layer()
+  x = jax.random.normal(jax.random.key(1), (1, 4, 32))
+  u0, v0 = layer.u[...], layer.v[...]
+  layer.u[...], layer.v[...] = -u0, -v0  # the stored sign is the one to keep
+  forward = nnx.jit(lambda m, x: m(x))
+  forward(layer, x)
+  np.testing.assert_allclose(layer.u[...], -u0, atol=1e-6)
+  np.testing.assert_allclose(layer.v[...], -v0, atol=1e-6)
+  for i in range(3):  # cores drift: u, v follow without flipping
+    previous = layer.u[...]
+    layer.cores[...] = layer.cores[...] + 0.1 * jax.random.normal(
+        jax.random.key(i), layer.cores.shape)
+    forward(layer, x)
+    assert bool(jnp.all(jnp.sum(layer.u[...] * previous, -1) > 0))
+  total = layer.cores[...].sum(1)
+  left, sigma, right = jnp.linalg.svd(total)
+  rank1 = sigma[:, 0, None, None] * left[:, :, 0, None] * right[:, None, 0, :]
+  u, v = layer.u[...], layer.v[...]
+  np.testing.assert_allclose(sigma[:, 0, None, None] * u[:, :, None] * v[:, None, :], rank1,
+                             atol=1e-5)
+
+
+def test_aux_loss_is_zero_for_rank_one_core_sum_and_positive_otherwise():
+  layer = make_layer(tucker_rank=3, aux_loss_weight=0.01)
+  a, b = jnp.arange(1.0, 4.0), jnp.array([0.5, -1.0, 2.0])
+  core = jnp.einsum('r,s->rs', a, b)
+  layer.cores[...] = jnp.broadcast_to(core / 2, layer.cores.shape)  # ΣC = a bᵀ per head
+  assert float(layer.tucker_aux_loss()) < 1e-10
+  layer.cores[...] = layer.cores[...] + jnp.eye(3)  # σ₂, σ₃ well above τ = 0.15
+  assert float(layer.tucker_aux_loss()) > 0.1
+  # Reported to the trainer: weighted loss and the unweighted metric.
+  _, sown = nnx.jit(run_model)(layer, jnp.ones((1, 2, 32)))
+  losses, metrics = collect_signals(sown)
+  aux = float(layer.tucker_aux_loss())
+  np.testing.assert_allclose(sum(losses.values()), 0.01 * aux, rtol=1e-5)
+  assert any(k.endswith('tucker_aux') for k in metrics)
+  assert {k.rsplit('/', 1)[-1] for k in metrics} >= {'score_entropy', 'window_values_hit'}
+
+
+def test_window_counter_counts_every_read():
+  layer = make_layer(num_values=256, top_k=8, num_heads=2)
+  x = jax.random.normal(jax.random.key(1), (2, 3, 32))
+  _, sown = nnx.jit(run_model)(layer, x)
+  _, metrics = collect_signals(sown)
+  hits = layer.hits[...]
+  assert hits.dtype == jnp.int32 and int(hits.sum()) == 2 * 3 * 2 * 8
+  hit = [v for k, v in metrics.items() if k.endswith('window_values_hit')][0]
+  np.testing.assert_allclose(hit, float((hits > 0).mean()))
+  assert layer.hits.get_metadata()['out_sharding'] == ('values',)
+
+
+def test_inactive_params_are_the_values_a_token_does_not_read():
+  layer = make_layer(num_values=256, top_k=8, num_heads=2, value_dim=16)
+  assert layer.inactive_params() == (256 - 2 * 8) * 16
+
+
+def ucfg(**overrides):
+  c = ml_collections.ConfigDict(dict(
+      num_values=1024, top_k=16, top_m=None, value_dim=64, key_dim=32, num_heads=2,
+      tucker_rank=2, num_cores=2, ive_expansion=4, aux_loss_weight=0.0, aux_tau=0.15,
+      query_conv=0))
+  c.update(overrides)
+  return c
+
+
+@pytest.mark.parametrize('overrides,message', [
+    (dict(num_values=1000), r'model\.ultramem\.num_values=1000 must be a perfect square '
+                            r'\(e\.g\. 1024\)'),
+    (dict(ive_expansion=2), r'model\.ultramem\.ive_expansion=2 must be a perfect square'),
+    (dict(value_dim=63, num_cores=2), r'model\.ultramem\.value_dim=63 must be divisible'),
+    (dict(top_k=300, top_m=16), r'model\.ultramem\.top_k=300 must be <= top_m² = 256'),
+    (dict(num_values=16, ive_expansion=16, top_k=20, top_m=16),
+     r'model\.ultramem\.top_k=20 must be <= num_values=16'),
+    (dict(top_m=65), r'model\.ultramem\.top_m=65 must be in \[1, 64\]'),
+    (dict(tucker_rank=0), r'model\.ultramem\.tucker_rank=0 must be an integer >= 1'),
+    (dict(query_conv=-1), r'model\.ultramem\.query_conv=-1 must be'),
+])
+def test_invalid_configs_are_one_line_errors(overrides, message):
+  check_config(ucfg())  # the base is valid
+  with pytest.raises(ValueError, match='^config error: ' + message) as info:
+    check_config(ucfg(**overrides))
+  assert '\n' not in str(info.value)
