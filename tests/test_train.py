@@ -97,3 +97,21 @@ def test_quick_start_preset_reaches_its_stated_bits_per_byte(tmp_path, data_dir)
     cfg.data.data_dir = data_dir
     cfg.log.progress = False
   assert train(cfg, tmp_path)['eval_bpb'] < 2.9
+
+
+def test_tiny_ultramem_trains_with_its_table_sharded(tmp_path, data_dir):
+  cfg = config_lib.load('configs/ultramem.py:tiny', [
+      'model.d_model=64', 'model.n_heads=4', 'model.n_kv_heads=2', 'model.d_ff=128',
+      'model.max_len=64', 'data.seq_len=32', 'train.batch_size=8', 'train.steps=30',
+      'train.warmup_steps=3', 'log.every_steps=5', 'log.eval_every_steps=30',
+      'log.eval_batches=2', 'checkpoint.every_steps=30', 'log.progress=false',
+      'log.tensorboard=false', 'mesh.ici.data=2', 'mesh.ici.fsdp=2', 'mesh.ici.tensor=2',
+      f'data.data_dir={data_dir}'])
+  result = train(cfg, tmp_path)
+  records = read_metrics(tmp_path)
+  assert records[-1]['loss'] < records[0]['loss'] - 1.0
+  for layer in (0, 1):
+    assert 0 < records[-1][f'side_layers/{layer}/memory/window_values_hit'] <= 1
+    assert f'side_layers/{layer}/memory/score_entropy' in records[-1]
+    assert f'side_layers/{layer}/memory/tucker_aux' in records[-1]
+  assert np.isfinite(result['eval_bpb'])
