@@ -10,15 +10,14 @@ compute per token; sparse families keep their extra (inactive) parameters.
 """
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from flax import nnx
-from rich.console import Console
-from rich.table import Table
+
+from report import emit
 
 from jaxarch import config as config_lib
 from jaxarch import models
@@ -65,19 +64,12 @@ def main(argv=None):
                     'tokens_per_s': metrics.get('tokens_per_s'),
                     'wall_s': time.perf_counter() - start})
 
-  table = Table(title=f'tiny presets, {args.steps} steps, default corpus, equal active params')
-  for column in ('family', 'total params', 'active params', 'val bpb', 'tokens/s', 'wall'):
-    table.add_column(column, justify='right')
-  for r in results:
-    table.add_row(r['family'], f'{r["params_total"]:,}', f'{r["params_active"]:,}',
-                  f'{r["eval_bpb"]:.3f}', f'{r["tokens_per_s"] or 0:,.0f}',
-                  f'{r["wall_s"]:.0f} s')
-  Console().print(table)
-  out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(results, indent=2) + '\n')
-  print(f'wrote {out}')
-
+  rows = [[r['family'], f'{r["params_total"]:,}', f'{r["params_active"]:,}',
+           f'{r["eval_bpb"]:.3f}', f'{r["tokens_per_s"] or 0:,.0f}', f'{r["wall_s"]:.0f} s']
+          for r in results]
+  emit(f'tiny presets, {args.steps} steps, default corpus, equal active params',
+       ('family', 'total params', 'active params', 'val bpb', 'tokens/s', 'wall'), rows,
+       results, args.out)
 
 if __name__ == '__main__':
   main()

@@ -10,17 +10,15 @@ kind (none on CPU). Prints a table and writes JSON with the device name.
 """
 
 import argparse
-import json
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
-from rich.console import Console
-from rich.table import Table
+
+from report import emit
 
 from jaxarch import config as config_lib
 from jaxarch.parallel import global_batch, make_mesh
@@ -91,22 +89,15 @@ def main(argv=None):
   result = {'config': args.config, 'overrides': overrides, 'host': platform.node(),
             'jax': jax.__version__, **benchmark(cfg, steps=args.steps, warmup=args.warmup)}
 
-  table = Table(title=f'train step: {args.config} on {result["num_devices"]} × '
-                f'{result["device_kind"]}')
-  for column in ('params', 'batch × seq', 'step time', 'tokens/s', 'TFLOP/s/device', 'MFU'):
-    table.add_column(column, justify='right')
   mfu = result['mfu']
-  table.add_row(f'{result["params_total"] / 1e6:,.1f}M',
-                f'{result["batch_size"]} × {result["seq_len"]}',
-                f'{1e3 * result["step_time_s"]:,.1f} ms', f'{result["tokens_per_s"]:,.0f}',
-                f'{result["model_tflops_per_device"]:.2f}',
-                '–' if mfu is None else f'{100 * mfu:.1f}%')
-  Console().print(table)
-  out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2) + '\n')
-  print(f'wrote {out}')
-
+  row = [f'{result["params_total"] / 1e6:,.1f}M',
+         f'{result["batch_size"]} × {result["seq_len"]}',
+         f'{1e3 * result["step_time_s"]:,.1f} ms', f'{result["tokens_per_s"]:,.0f}',
+         f'{result["model_tflops_per_device"]:.2f}',
+         '–' if mfu is None else f'{100 * mfu:.1f}%']
+  emit(f'train step: {args.config} on {result["num_devices"]} × {result["device_kind"]}',
+       ('params', 'batch × seq', 'step time', 'tokens/s', 'TFLOP/s/device', 'MFU'), [row],
+       result, args.out)
 
 if __name__ == '__main__':
   main()

@@ -10,7 +10,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import mesh_config, tiny_config
 from jaxarch.layers import signals
-from jaxarch.layers.ultramem import UltraMem, check_config
+from jaxarch.config import check_ultramem_config as check_config
+from jaxarch.layers.ultramem import UltraMem
 from jaxarch.parallel import make_mesh, tree_shardings
 from jaxarch.parallel.context import logical_mesh
 from jaxarch.train.step import run_model

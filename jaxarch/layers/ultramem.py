@@ -61,74 +61,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxarch.config import check_ultramem, default_top_m
 from jaxarch.kernels import sharded_sparse_lookup
 from jaxarch.layers import signals
 from jaxarch.layers.params import normal, param
 
-_MAX_VIRTUAL = 1 << 30  # int32 arithmetic of the IVE permutation
-
-
 class TuckerVectors(nnx.Variable):
   """Leading singular vectors of ΣC_i: refreshed by the forward pass, never trained."""
-
-
-def default_top_m(top_k: int, keys_per_side: int) -> int:
-  return min(top_k, keys_per_side)
-
-
-def _isqrt_exact(x: int) -> int | None:
-  r = math.isqrt(x) if x >= 0 else -1
-  return r if r >= 0 and r * r == x else None
-
-
-def _check(num_values, top_k, value_dim, key_dim, tucker_rank, num_cores, ive_expansion,
-           num_heads, top_m, aux_loss_weight, aux_tau, query_conv, prefix='model.ultramem'):
-  def fail(key, value, what):
-    raise ValueError(f'config error: {prefix}.{key}={value!r} {what}')
-
-  for key, value in (('num_values', num_values), ('top_k', top_k), ('value_dim', value_dim),
-                     ('key_dim', key_dim), ('tucker_rank', tucker_rank),
-                     ('num_cores', num_cores), ('ive_expansion', ive_expansion),
-                     ('num_heads', num_heads)):
-    if not isinstance(value, (int, np.integer)) or value < 1:
-      fail(key, value, 'must be an integer >= 1')
-  n = _isqrt_exact(num_values)
-  if n is None:
-    near = round(math.sqrt(num_values)) ** 2
-    fail('num_values', num_values, f'must be a perfect square (e.g. {near})')
-  s = _isqrt_exact(ive_expansion)
-  if s is None:
-    fail('ive_expansion', ive_expansion,
-         'must be a perfect square (1, 4, 9, ...): each key side grows by its square root')
-  if num_values * ive_expansion >= _MAX_VIRTUAL:
-    fail('num_values', num_values, f'times ive_expansion={ive_expansion} must be < 2^30')
-  if value_dim % num_cores:
-    fail('value_dim', value_dim, f'must be divisible by num_cores={num_cores}')
-  side = n * s
-  if top_m is not None and not 1 <= top_m <= side:
-    fail('top_m', top_m, f'must be in [1, {side}] (keys per side = sqrt(num_values · '
-         'ive_expansion))')
-  m = default_top_m(top_k, side) if top_m is None else top_m
-  if top_k > m * m:
-    fail('top_k', top_k, f'must be <= top_m² = {m * m} (the candidate grid)')
-  if top_k > num_values:
-    fail('top_k', top_k, f'must be <= num_values={num_values}')
-  if aux_loss_weight < 0:
-    fail('aux_loss_weight', aux_loss_weight, 'must be >= 0')
-  if aux_tau < 0:
-    fail('aux_tau', aux_tau, 'must be >= 0')
-  if not isinstance(query_conv, (int, np.integer)) or query_conv < 0:
-    fail('query_conv', query_conv, 'must be an integer >= 0 (0 = no convolution)')
-  return m
-
-
-def check_config(cfg, prefix: str = 'model.ultramem') -> None:
-  """Raises a one-line `ValueError` naming the first inconsistent `model.ultramem` key."""
-  get = cfg.get
-  _check(get('num_values'), get('top_k'), get('value_dim'), get('key_dim'),
-         get('tucker_rank', 2), get('num_cores', 2), get('ive_expansion', 1),
-         get('num_heads', 1), get('top_m'), get('aux_loss_weight', 0.0),
-         get('aux_tau', 0.15), get('query_conv', 0), prefix=prefix)
 
 
 def _wide(dtype):
@@ -185,7 +124,7 @@ class UltraMem(nnx.Module):
                rank_by_magnitude: bool = True, permutation_seed: int = 0,
                lookup_impl: str = 'auto', dtype=jnp.bfloat16,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
-    self.top_m = _check(num_values, top_k, value_dim, key_dim, tucker_rank, num_cores,
+    self.top_m = check_ultramem(num_values, top_k, value_dim, key_dim, tucker_rank, num_cores,
                         ive_expansion, num_heads, top_m, aux_loss_weight, aux_tau,
                         query_conv)
     self.num_values, self.top_k, self.value_dim = num_values, top_k, value_dim

@@ -1,0 +1,21 @@
+"""What every benchmark ends with: a table on the terminal and the full numbers as JSON."""
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def emit(title: str, columns, rows, data, out: str | Path):
+  """Prints `rows` (lists of already formatted cells) under `columns`; writes `data`."""
+  table = Table(title=title)
+  for column in columns:
+    table.add_column(column, justify='right')
+  for row in rows:
+    table.add_row(*row)
+  Console().print(table)
+  out = Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(data, indent=2) + '\n')
+  print(f'wrote {out}')

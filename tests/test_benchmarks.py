@@ -1,0 +1,41 @@
+"""The benchmark scripts run and write the JSON they promise (no timing is asserted)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'benchmarks'))
+
+import compare_families  # pylint: disable=g-import-not-at-top,wrong-import-position
+import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def test_train_step_benchmark_writes_its_record(tmp_path):
+  out = tmp_path / 'train_step.json'
+  train_step.main(['--config=configs/dense.py:tiny', '--steps=2', '--warmup=1',
+                   '--config.model.n_layers=2', '--config.data.seq_len=32',
+                   '--config.train.batch_size=8', f'--out={out}'])
+  record = json.loads(out.read_text())
+  assert record['device_kind'] and record['tokens_per_s'] > 0
+  assert record['params_total'] == record['params_active'] > 0
+
+
+def test_dense_baseline_is_widened_to_the_sparse_active_count():
+  target = compare_families.counts(
+      compare_families.config_lib.load('configs/ultramem.py:tiny'))['active']
+  dense = compare_families.matched_dense(target, [])
+  active = compare_families.counts(dense)['active']
+  per_unit = 3 * dense.model.d_model * dense.model.n_layers * 8
+  assert abs(active - target) <= per_unit / 2
+
+
+@pytest.mark.slow
+def test_compare_families_benchmark_writes_one_record_per_family(tmp_path, data_dir,
+                                                                monkeypatch):
+  monkeypatch.setenv('JAXARCH_DATA_DIR', data_dir)
+  out = tmp_path / 'compare.json'
+  compare_families.main(['--steps=20', f'--workdir={tmp_path / "runs"}', f'--out={out}'])
+  records = json.loads(out.read_text())
+  assert [r['family'] for r in records] == ['dense', 'ultramem']
