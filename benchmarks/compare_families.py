@@ -46,7 +46,8 @@ def main(argv=None):
   parser.add_argument('--workdir', help='keep the runs here (default: a temporary dir)')
   parser.add_argument('--out', default='benchmarks/results/compare_families.json')
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-  overrides = [f'train.steps={args.steps}', f'log.eval_every_steps={args.steps}',
+  overrides = [f'train.steps={args.steps}', f'train.warmup_steps={max(1, args.steps // 10)}',
+               f'log.eval_every_steps={args.steps}',
                f'checkpoint.every_steps={args.steps}', 'log.progress=false']
   sparse = {f: config_lib.load(f'configs/{f}.py:tiny', overrides) for f in FAMILIES}
   target = max(counts(cfg)['active'] for cfg in sparse.values())
