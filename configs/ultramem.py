@@ -67,7 +67,8 @@ def get_config(arg=None):
   u.key_dim = 192
   u.value_dim = 384
   u.top_k = 80  # values read per token and head
-  u.top_m = ml_collections.config_dict.placeholder(int)  # rows/cols kept per side; None: layer default
+  # Rows and columns kept per side; None means top_k (the release's choice).
+  u.top_m = ml_collections.config_dict.placeholder(int)
   u.num_heads = 2
   u.tucker_rank = 2
   u.num_cores = 2

@@ -40,7 +40,6 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxarch.parallel import context
-from jaxarch.parallel.sharding import logical_to_spec
 
 IMPLS = ('auto', 'xla', 'pallas', 'interpret')
 _CHUNK_ELEMENTS = 1 << 24  # bound on the transient gathered block T x chunk x D
@@ -137,13 +136,6 @@ def _lookup_bwd(residuals, g):
 _lookup.defvjp(_lookup_fwd, _lookup_bwd)
 
 
-def _value_axes(mesh, rules, rows: int) -> tuple[str, ...]:
-  """Mesh axes (size > 1) that split the table's rows, as the parameter is placed."""
-  spec = logical_to_spec(('values',), rules, (rows,), mesh)[0]
-  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-  return tuple(a for a in axes if mesh.shape[a] > 1)
-
-
 def sharded_sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Array, *,
                           split: int = 1, impl: str = 'auto') -> jax.Array:
   """`sparse_lookup` with the table split over the logical axis `values`; see module doc.
@@ -162,12 +154,11 @@ def sharded_sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Ar
   if d % split:
     raise ValueError(f'sharded_sparse_lookup: width {d} is not divisible by split={split}')
   view = lambda v: v.reshape(v.shape[0] * split, d // split)
-  ctx = context.current()
-  value_axes = () if ctx is None else _value_axes(ctx[0], ctx[1], n)
+  value_axes = context.mesh_axes('values', n)
   if not value_axes:
     return sparse_lookup(view(values), indices, weights, impl=impl)
-  mesh, _ = ctx
-  batch_axes = tuple(a for a in context.mesh_axes('batch') if mesh.shape[a] > 1)
+  mesh, _ = context.current()
+  batch_axes = context.mesh_axes('batch')
   shared = tuple(a for a in value_axes if a in batch_axes)  # split both rows and tokens
   rest = tuple(a for a in value_axes if a not in batch_axes)  # split rows only
   others = tuple(a for a in batch_axes if a not in value_axes)  # split tokens only

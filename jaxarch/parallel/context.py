@@ -8,9 +8,7 @@ the context exists exactly while the step is traced and nowhere else.
 
 import contextlib
 import contextvars
-from collections.abc import Sequence
-
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
 from jaxarch.parallel.sharding import Rules, logical_to_spec
 
@@ -31,18 +29,17 @@ def current() -> tuple[Mesh, Rules] | None:
   return _CURRENT.get()
 
 
-def mesh_axes(logical: str) -> tuple[str, ...]:
-  """Mesh axes of size > 1 that a logical axis maps to in the current context; () outside."""
+def mesh_axes(logical: str, size: int | None = None) -> tuple[str, ...]:
+  """Mesh axes of size > 1 that a logical axis maps to in the current context; () outside.
+
+  With `size`, the axes a dimension of that size is split over as `tree_shardings` places
+  it (mesh axes that do not divide it are dropped).
+  """
   ctx = current()
   if ctx is None:
     return ()
   mesh, rules = ctx
-  spec = logical_to_spec((logical,), rules)[0]
+  shape = None if size is None else (size,)
+  spec = logical_to_spec((logical,), rules, shape, mesh if shape else None)[0]
   axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
   return tuple(a for a in axes if mesh.shape[a] > 1)
-
-
-def spec(axes: Sequence[str | None]) -> PartitionSpec | None:
-  """PartitionSpec of logical `axes` under the current rules; None outside a context."""
-  ctx = current()
-  return None if ctx is None else logical_to_spec(axes, ctx[1])
