@@ -1,6 +1,10 @@
-"""sparse_lookup: the embedding-bag op, its VJP, and its sharded form on 8 fake devices."""
+"""sparse_lookup: the embedding-bag op, its kernels, its VJP, and its sharded form.
 
-import importlib
+The Pallas kernels run in Pallas' interpreter on CPU (`impl='interpret'` for the GPU
+kernels, `'interpret_tpu'` for the TPU kernels) against the pure-JAX reference.
+"""
+
+import functools
 import re
 
 import jax
@@ -8,15 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.ad_checkpoint import print_saved_residuals
+from jax.experimental import checkify
+from jax.test_util import check_grads
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import mesh_config, tiny_config
-from jaxarch.kernels import sharded_sparse_lookup, sparse_lookup
+from jaxarch.kernels import lookup_triton, lookup_xla, sharded_sparse_lookup, sparse_lookup
 from jaxarch.parallel import make_mesh
 from jaxarch.parallel.context import logical_mesh
 
-# The module, not the function that `jaxarch.kernels` re-exports under the same name.
-lookup_module = importlib.import_module('jaxarch.kernels.sparse_lookup')
+KERNEL_IMPLS = ('interpret', 'interpret_tpu')
 
 
 def reference(values, indices, weights):
@@ -55,7 +60,7 @@ def test_gradients_equal_naive_reference_with_repeated_indices():
 
 def test_chunked_loop_over_k_equals_reference(monkeypatch):
   values, indices, weights = random_case(k=8)
-  monkeypatch.setattr(lookup_module, '_CHUNK_ELEMENTS', 24 * 16 * 3)  # chunks of 3 slots
+  monkeypatch.setattr(lookup_xla, 'CHUNK_ELEMENTS', 24 * 16 * 3)  # chunks of 3 slots
   cot = jax.random.normal(jax.random.key(1), (24, 16))
   loss = lambda f: lambda v, w: jnp.sum(f(v, indices, w) * cot)
   np.testing.assert_allclose(sparse_lookup(values, indices, weights),
@@ -82,12 +87,135 @@ def test_backward_keeps_no_gathered_rows(capsys):
   assert '[7,5,16]' not in saved and '[64,16]' in saved  # the table itself, not T x K x D
 
 
-def test_unbuilt_or_unknown_impl_is_a_clear_error():
+def test_bad_impl_scatter_or_dtype_is_a_clear_error():
   values, indices, weights = random_case()
-  with pytest.raises(ValueError, match='not built yet'):
+  with pytest.raises(ValueError, match="impl='pallas' needs a GPU or TPU"):
     sparse_lookup(values, indices, weights, impl='pallas')
   with pytest.raises(ValueError, match='expected one of'):
     sparse_lookup(values, indices, weights, impl='cuda')
+  with pytest.raises(ValueError, match='scatter=.*expected one of'):
+    sparse_lookup(values, indices, weights, scatter='atomics')
+  with pytest.raises(ValueError, match='indices must be integers'):
+    sparse_lookup(values, indices.astype(jnp.float32), weights)
+  with pytest.raises(ValueError, match='float32/bfloat16/float16'):
+    sparse_lookup(values.astype(jnp.int8), indices, weights, impl='interpret')
+
+
+def test_auto_picks_xla_on_cpu():
+  from jaxarch.kernels.sparse_lookup import kernels_for  # pylint: disable=g-import-not-at-top
+  assert kernels_for('auto') == 'xla'
+  assert kernels_for('interpret') == 'triton_interpret'
+
+
+# (N, D, T, K): K=1 and T=1; ragged T with D = 3 column blocks of 128; heavy duplicates
+# (40 tokens x 16 slots over 7 rows); D not a multiple of 64 (padded); K = 256.
+KERNEL_SHAPES = [(64, 64, 1, 1), (100, 384, 37, 5), (7, 128, 40, 16), (300, 96, 20, 3),
+                 (50, 64, 9, 256)]
+
+
+def kernel_case(n, d, t, k, dtype, seed=0):
+  rng = np.random.default_rng(seed)
+  values = jnp.asarray(rng.normal(size=(n, d)), dtype)
+  indices = jnp.asarray(rng.integers(0, n, (t, k)), jnp.int32)
+  weights = jnp.asarray(rng.normal(size=(t, k)), jnp.float32)
+  cot = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
+  return values, indices, weights, cot
+
+
+@functools.partial(jax.jit, static_argnames=('impl', 'scatter'))
+def lookup_and_grads(values, indices, weights, cot, *, impl, scatter='sorted'):
+  """(forward in fp32, grad_values in fp32, grad_weights) of sum(lookup · cot)."""
+  fn = lambda v, w: sparse_lookup(v, indices, w, impl=impl, scatter=scatter)
+  out, vjp = jax.vjp(fn, values, weights)
+  grad_values, grad_w = vjp(cot.astype(out.dtype))
+  return out.astype(jnp.float32), grad_values.astype(jnp.float32), grad_w
+
+
+def kernel_cases():
+  """impl x scatter x dtype x shape; the TPU interpreter's K=256 cases (30 s each) are slow."""
+  for impl, scatter in [('interpret', 'sorted'), ('interpret', 'atomic'),
+                        ('interpret_tpu', 'sorted')]:
+    for dtype in (jnp.float32, jnp.bfloat16):
+      for shape in KERNEL_SHAPES:
+        marks = pytest.mark.slow if impl == 'interpret_tpu' and shape[3] == 256 else ()
+        yield pytest.param(impl, scatter, dtype, shape, marks=marks,
+                           id=f'{impl}-{scatter}-{jnp.dtype(dtype).name}-'
+                              + 'x'.join(map(str, shape)))
+
+
+@pytest.mark.parametrize('impl,scatter,dtype,shape', kernel_cases())
+def test_kernels_equal_reference(impl, scatter, dtype, shape):
+  values, indices, weights, cot = kernel_case(*shape, dtype)
+  got = lookup_and_grads(values, indices, weights, cot, impl=impl, scatter=scatter)
+  want = lookup_and_grads(values, indices, weights, cot, impl='xla')
+  # The output and grad_values are rounded to the table's dtype from fp32 sums that may
+  # differ in order; grad_weights stays fp32.
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2
+  for name, g, w in zip(('out', 'grad_values', 'grad_weights'), got, want):
+    np.testing.assert_allclose(g, w, rtol=tol, atol=tol * 4, err_msg=name)
+
+
+@pytest.mark.parametrize('impl', ('xla',) + KERNEL_IMPLS)
+def test_gradients_match_finite_differences(impl):
+  values, indices, weights, cot = kernel_case(5, 64, 3, 4, jnp.float32, seed=3)
+  indices = indices.at[0].set(2)  # one row read four times by a token
+  loss = lambda v, w: jnp.sum(jnp.tanh(sparse_lookup(v, indices, w, impl=impl)) * cot)
+  check_grads(loss, (values, weights), order=1, modes=['rev'], eps=1e-2,
+                            atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize('impl', ('xla',) + KERNEL_IMPLS)
+def test_jit_and_vmap(impl):
+  values, indices, weights, _ = kernel_case(50, 64, 30, 4, jnp.float32)
+  indices, weights = indices.reshape(3, 10, 4), weights.reshape(3, 10, 4)
+  one = lambda v, i, w: sparse_lookup(v, i, w, impl=impl)
+  want = jnp.stack([one(values, indices[b], weights[b]) for b in range(3)])
+  shared_table = jax.jit(jax.vmap(one, (None, 0, 0)))(values, indices, weights)
+  np.testing.assert_allclose(shared_table, want, rtol=1e-5, atol=1e-5)
+  tables = jnp.stack([values, 2 * values, -values])
+  per_table = jax.jit(jax.vmap(one))(tables, indices, weights)
+  np.testing.assert_allclose(per_table[1], 2 * want[1], rtol=1e-5, atol=1e-5)
+  grads = jax.grad(lambda v: jax.vmap(one, (None, 0, 0))(v, indices, weights).sum())(values)
+  want_grads = sum(jax.grad(lambda v: one(v, indices[b], weights[b]).sum())(values)
+                   for b in range(3))
+  np.testing.assert_allclose(grads, want_grads, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('impl', ('xla',) + KERNEL_IMPLS)
+def test_out_of_range_indices_never_leave_the_table(impl):
+  values, indices, weights, cot = kernel_case(8, 64, 6, 3, jnp.float32)
+  indices = indices.at[:, 0].set(-5).at[:, 1].set(8 + 3)
+  got = lookup_and_grads(values, indices, weights, cot, impl=impl)
+  clamped = lookup_and_grads(values, jnp.clip(indices, 0, 7), weights, cot, impl='xla')
+  for g, w in zip(got, clamped):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+  assert got[1].shape == (8, 64)
+
+
+def test_checked_mode_reports_out_of_range_indices():
+  values, indices, weights, _ = kernel_case(8, 64, 6, 3, jnp.float32)
+  checked = jax.jit(checkify.checkify(
+      lambda v, i, w: sparse_lookup(v, i, w, impl='interpret', checked=True)))
+  err, out = checked(values, indices, weights)
+  assert err.get() is None and out.shape == (6, 64)
+  err, _ = checked(values, indices.at[2, 1].set(8), weights)
+  with pytest.raises(checkify.JaxRuntimeError, match=r'outside the table \[0, 8\)'):
+    err.throw()
+  # Without checkify the check is a no-op: the index is clamped.
+  sparse_lookup(values, indices.at[2, 1].set(8), weights, checked=True)
+
+
+@pytest.mark.parametrize('scatter', ['sorted', 'atomic'])
+def test_triton_kernels_lower_for_cuda(scatter):
+  """The GPU kernels lower to Triton IR (compiling and running them needs a GPU)."""
+  shapes = (jax.ShapeDtypeStruct((1 << 26, 64), jnp.bfloat16),  # 2^26 rows: 64-bit offsets
+            jax.ShapeDtypeStruct((4099, 33), jnp.int32),
+            jax.ShapeDtypeStruct((4099, 33), jnp.float32),
+            jax.ShapeDtypeStruct((4099, 64), jnp.float32))
+  fn = lambda v, i, w, g: (lookup_triton.forward(v, i, w),
+                           lookup_triton.backward(v, i, w, g, scatter=scatter))
+  hlo = jax.jit(fn).trace(*shapes).lower(lowering_platforms=('cuda',)).as_text()
+  assert hlo.count('xla.gpu.triton') == 3
 
 
 def table_all_gathers(hlo: str, n: int, d: int) -> list[str]:
@@ -100,7 +228,8 @@ def table_all_gathers(hlo: str, n: int, d: int) -> list[str]:
   return found
 
 
-def test_sharded_lookup_equals_one_device_without_gathering_the_table():
+@pytest.mark.parametrize('impl', ['xla', 'interpret'])
+def test_sharded_lookup_equals_one_device_without_gathering_the_table(impl):
   cfg = mesh_config(tiny_config(), data=2, fsdp=2, tensor=2)
   mesh = make_mesh(cfg)
   n, d = 256, 16
@@ -113,8 +242,9 @@ def test_sharded_lookup_equals_one_device_without_gathering_the_table():
   table = NamedSharding(mesh, P(('fsdp', 'tensor'), None))
   with logical_mesh(mesh, cfg.mesh.rules):
     placed = jax.device_put(values, table)
-    forward = jax.jit(lambda v, w: sharded_sparse_lookup(v, indices, w))
-    backward = jax.jit(jax.grad(loss(sharded_sparse_lookup), (0, 1)))
+    lookup = functools.partial(sharded_sparse_lookup, impl=impl)
+    forward = jax.jit(lambda v, w: lookup(v, indices, w))
+    backward = jax.jit(jax.grad(loss(lookup), (0, 1)))
     np.testing.assert_allclose(forward(placed, weights), want, rtol=1e-5, atol=1e-5)
     grads = backward(placed, weights)
     for g, w in zip(grads, want_grads):

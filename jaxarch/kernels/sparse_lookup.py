@@ -10,10 +10,19 @@ only its inputs: the backward gathers the rows again.
   (repeated indices accumulate), in fp32;
 - `grad_weights[t, k] = <g[t], values[indices[t, k]]>`.
 
-Both directions loop over chunks of the K slots, so the transient gathered block is at
-most `T × chunk × D` (about 2^24 elements) rather than `T × K × D`. Accumulation is in
-fp32 (fp64 for fp64 tables); the output has `values`' dtype. Indices outside `[0, N)` are
-clamped to the table, so nothing outside it is ever read or written.
+**Implementations** (`impl`): `'xla'` is the pure-JAX reference (`lookup_xla`);
+`'pallas'` runs the Pallas kernels of the platform, Triton on GPU (`lookup_triton`) and
+Mosaic on TPU (`lookup_tpu`); `'interpret'` runs the GPU kernels and `'interpret_tpu'` the
+TPU kernels in Pallas' interpreter on any backend (the CPU tests); `'auto'` is `'pallas'`
+on GPU/TPU and `'xla'` on CPU. `scatter` picks how the table gradient is summed:
+`'sorted'` (rows sorted, each written once: deterministic) or `'atomic'` (fp32 atomic
+adds on GPU: run-to-run bit differences). Accumulation is in fp32 (fp64 for fp64 tables
+on the XLA path); the output has `values`' dtype. Pallas kernels need D to be a multiple
+of 64: other widths are zero-padded (a copy of the table: choose D accordingly).
+
+**Out-of-range indices** are clamped to `[0, N)`, so nothing outside the table is ever
+read or written. `checked=True` also reports them through `jax.experimental.checkify`
+(a no-op unless the caller runs under `checkify.checkify`).
 
 **Sharded lookup** (`sharded_sparse_lookup`). Inside `jaxarch.parallel.context.
 logical_mesh`, the table's rows are split over the mesh axes that the logical axis
@@ -21,7 +30,8 @@ logical_mesh`, the table's rows are split over the mesh axes that the logical ax
 fsdp`). Under `shard_map` each device:
 1. all-gathers the indices and weights of its token block over the value axes that also
    split the batch (`fsdp`), so it sees every token whose lookups its rows may serve;
-2. computes partial sums from the rows it owns, `[lo, hi)`: other indices get weight 0;
+2. computes partial sums from the rows it owns, `[lo, hi)`: other indices get weight 0
+   (which the Pallas kernels skip: no row is read for them);
 3. reduce-scatters the `[T, D]` partial outputs back over those axes and `psum`s them
    over the value axes that do not split the batch (`tensor`).
 Communicated: indices and weights (`[T, K]`) and outputs (`[T, D]`), never the table;
@@ -33,111 +43,145 @@ distribution (a device owning popular rows does more gathers). Rows split along 
 value *width* (Meta's memory layers) is the other design, not implemented here.
 """
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
+from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
+from jaxarch.config import LOOKUP_IMPLS as IMPLS, LOOKUP_SCATTERS as SCATTERS
+from jaxarch.kernels import lookup_tpu, lookup_triton, lookup_xla
 from jaxarch.parallel import context
 
-IMPLS = ('auto', 'xla', 'pallas', 'interpret')
-_CHUNK_ELEMENTS = 1 << 24  # bound on the transient gathered block T x chunk x D
+PALLAS_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+COLUMN_MULTIPLE = 64  # Pallas kernels' row width granularity
 
 
-def _resolve(impl: str) -> str:
+def kernels_for(impl: str) -> str:
+  """impl -> which kernels run: 'xla', 'triton', 'tpu' (compiled) or '*_interpret'."""
   if impl not in IMPLS:
     raise ValueError(f'sparse_lookup: impl={impl!r}; expected one of {IMPLS}')
-  if impl in ('pallas', 'interpret'):
-    raise ValueError(f'sparse_lookup: impl={impl!r} is not available: the Pallas GPU/TPU '
-                     "kernels are not built yet; use impl='xla' (or 'auto')")
+  if impl == 'interpret':
+    return 'triton_interpret'
+  if impl == 'interpret_tpu':
+    return 'tpu_interpret'
+  platform = jax.default_backend()
+  if impl == 'auto':
+    return {'gpu': 'triton', 'tpu': 'tpu'}.get(platform, 'xla')
+  if impl == 'pallas':
+    if platform not in ('gpu', 'tpu'):
+      raise ValueError(f"sparse_lookup: impl='pallas' needs a GPU or TPU, and this process "
+                       f"runs on {platform}; use impl='interpret' (the kernels in Pallas' "
+                       "interpreter) or impl='xla'")
+    return {'gpu': 'triton', 'tpu': 'tpu'}[platform]
   return 'xla'
 
 
 def sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Array, *,
-                  impl: str = 'auto') -> jax.Array:
+                  impl: str = 'auto', scatter: str = 'sorted',
+                  checked: bool = False) -> jax.Array:
   """values [N, D], indices [T, K] int, weights [T, K] -> [T, D] in values' dtype.
 
   Device-local semantics: under `jit` with a sharded table XLA may gather the table; use
   `sharded_sparse_lookup` for a table sharded over the logical axis `values`.
   """
-  _resolve(impl)
+  values, indices, weights = map(jnp.asarray, (values, indices, weights))
   if values.ndim != 2 or indices.ndim != 2 or indices.shape != weights.shape:
     raise ValueError(f'sparse_lookup: expected values [N, D], indices and weights [T, K]; '
                      f'got {values.shape}, {indices.shape}, {weights.shape}')
-  return _lookup(values, indices.astype(jnp.int32), weights)
+  kernels, indices = _prepare(values, indices, values.shape[0], impl, scatter, checked)
+  return _lookup(values, indices, weights, kernels, scatter)
 
 
-def _chunk(t: int, k: int, d: int) -> int:
-  return max(1, min(k, _CHUNK_ELEMENTS // max(1, t * d)))
+def _prepare(values, indices, num_rows, impl, scatter, checked):
+  """Checks the options, reports (`checked`) and clamps indices -> (kernels, int32 indices)."""
+  kernels = kernels_for(impl)
+  if scatter not in SCATTERS:
+    raise ValueError(f'sparse_lookup: scatter={scatter!r}; expected one of {SCATTERS}')
+  if not jnp.issubdtype(indices.dtype, jnp.integer):
+    raise ValueError(f'sparse_lookup: indices must be integers, got {indices.dtype}')
+  if kernels != 'xla' and values.dtype not in PALLAS_DTYPES:
+    raise ValueError(f'sparse_lookup: the Pallas kernels take float32/bfloat16/float16 '
+                     f"tables, got {values.dtype}; use impl='xla'")
+  if checked:
+    checkify.debug_check(jnp.all((indices >= 0) & (indices < num_rows)),
+                         f'sparse_lookup: an index is outside the table [0, {num_rows}) '
+                         '(it was clamped)')
+  return kernels, jnp.clip(indices, 0, num_rows - 1).astype(jnp.int32)
 
 
-def _chunked(indices: jax.Array, weights: jax.Array, chunk: int):
-  """[T, K] -> [K/chunk, T, chunk], K padded with index 0 / weight 0."""
-  t, k = indices.shape
-  pad = -k % chunk
-  indices = jnp.pad(indices, ((0, 0), (0, pad)))
-  weights = jnp.pad(weights, ((0, 0), (0, pad)))
-  split = lambda a: a.reshape(t, -1, chunk).transpose(1, 0, 2)
-  return split(indices), split(weights)
+def _accumulation_dtype(values: jax.Array):
+  return jnp.promote_types(values.dtype, jnp.float32)
 
 
-@jax.custom_vjp
-def _lookup(values, indices, weights):
-  return _forward(values, indices, weights)
+def _padded(values: jax.Array, kernels: str) -> jax.Array:
+  """Pallas kernels need D % 64 == 0: pad columns with zeros."""
+  pad = -values.shape[1] % COLUMN_MULTIPLE
+  if kernels == 'xla' or not pad:
+    return values
+  return jnp.pad(values, ((0, 0), (0, pad)))
 
 
-def _forward(values, indices, weights):
-  n, d = values.shape
-  t, k = indices.shape
-  acc = jnp.promote_types(values.dtype, jnp.float32)
-  indices = jnp.clip(indices, 0, n - 1)
-  idx, w = _chunked(indices, weights.astype(acc), _chunk(t, k, d))
-
-  def partial_sum(i, wc):
-    rows = values[i].astype(acc)  # t c d
-    return jnp.einsum('tc,tcd->td', wc, rows)
-
-  # The first chunk seeds the carry (so that it has the inputs' varying mesh axes
-  # inside shard_map); the scan adds the others.
-  out, _ = jax.lax.scan(lambda acc, c: (acc + partial_sum(*c), None),
-                        partial_sum(idx[0], w[0]), (idx[1:], w[1:]))
-  return out.astype(values.dtype)
+def _interpret(kernels: str):
+  if kernels == 'tpu_interpret':
+    return pltpu.InterpretParams()
+  return kernels.endswith('_interpret')
 
 
-def _lookup_fwd(values, indices, weights):
-  return _forward(values, indices, weights), (values, indices, weights)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _lookup(values, indices, weights, kernels, scatter):
+  return _forward(values, indices, weights, kernels, scatter)
 
 
-def _lookup_bwd(residuals, g):
+def _forward(values, indices, weights, kernels, scatter):
+  del scatter  # backward only
+  d = values.shape[1]
+  weights = weights.astype(_accumulation_dtype(values))
+  if kernels == 'xla':
+    out = lookup_xla.forward(values, indices, weights)
+  elif kernels.startswith('triton'):
+    out = lookup_triton.forward(_padded(values, kernels), indices, weights,
+                                interpret=_interpret(kernels))
+  else:
+    out = lookup_tpu.forward(_padded(values, kernels), indices, weights,
+                             interpret=_interpret(kernels))
+  return out[:, :d].astype(values.dtype)
+
+
+def _lookup_fwd(values, indices, weights, kernels, scatter):
+  return _forward(values, indices, weights, kernels, scatter), (values, indices, weights)
+
+
+def _lookup_bwd(kernels, scatter, residuals, g):
   values, indices, weights = residuals
   n, d = values.shape
-  t, k = indices.shape
-  acc = jnp.promote_types(values.dtype, jnp.float32)
-  chunk = _chunk(t, k, d)
-  idx, w = _chunked(jnp.clip(indices, 0, n - 1), weights.astype(acc), chunk)
-  g = g.astype(acc)
-
-  def body(grad_values, c):
-    i, wc = c
-    rows = values[i].astype(acc)  # t c d
-    grad_w = jnp.einsum('td,tcd->tc', g, rows)
-    contrib = jnp.einsum('tc,td->tcd', wc, g).reshape(-1, d)
-    grad_values = grad_values.at[i.reshape(-1)].add(contrib)  # repeated rows accumulate
-    return grad_values, grad_w
-
-  grad_values, grad_w0 = body(jnp.zeros((n, d), acc), (idx[0], w[0]))
-  grad_values, grad_w = jax.lax.scan(body, grad_values, (idx[1:], w[1:]))
-  grad_w = jnp.concatenate([grad_w0[None], grad_w]).transpose(1, 0, 2).reshape(t, -1)[:, :k]
+  acc = _accumulation_dtype(values)
+  w, g = weights.astype(acc), g.astype(acc)
+  if kernels == 'xla':
+    grad_values, grad_w = lookup_xla.backward(values, indices, w, g, scatter)
+  else:
+    padded = _padded(values, kernels)
+    g = jnp.pad(g, ((0, 0), (0, padded.shape[1] - d)))
+    if kernels.startswith('triton'):
+      grad_values, grad_w = lookup_triton.backward(padded, indices, w, g, scatter=scatter,
+                                                   interpret=_interpret(kernels))
+    else:
+        grad_values, grad_w = lookup_tpu.backward(padded, indices, w, g,
+                                                interpret=_interpret(kernels))
   int_zero = jnp.zeros(indices.shape, jax.dtypes.float0)
-  return grad_values.astype(values.dtype), int_zero, grad_w.astype(weights.dtype)
+  return (grad_values[:n, :d].astype(values.dtype), int_zero,
+          grad_w.astype(weights.dtype))
 
 
 _lookup.defvjp(_lookup_fwd, _lookup_bwd)
 
 
 def sharded_sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Array, *,
-                          split: int = 1, impl: str = 'auto') -> jax.Array:
+                          split: int = 1, impl: str = 'auto', scatter: str = 'sorted',
+                          checked: bool = False) -> jax.Array:
   """`sparse_lookup` with the table split over the logical axis `values`; see module doc.
 
   `split` views each row of `values [N, D]` as `split` rows of width `D / split` (index
@@ -149,14 +193,15 @@ def sharded_sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Ar
   those axes (as `tree_shardings` places a `('values', None)` parameter) and the token
   dimension of `indices` / `weights` over the `batch` axes.
   """
-  _resolve(impl)
   n, d = values.shape
   if d % split:
     raise ValueError(f'sharded_sparse_lookup: width {d} is not divisible by split={split}')
   view = lambda v: v.reshape(v.shape[0] * split, d // split)
   value_axes = context.mesh_axes('values', n)
   if not value_axes:
-    return sparse_lookup(view(values), indices, weights, impl=impl)
+    return sparse_lookup(view(values), indices, weights, impl=impl, scatter=scatter,
+                         checked=checked)
+  kernels, indices = _prepare(values, indices, n * split, impl, scatter, checked)
   mesh, _ = context.current()
   batch_axes = context.mesh_axes('batch')
   shared = tuple(a for a in value_axes if a in batch_axes)  # split both rows and tokens
@@ -166,9 +211,8 @@ def sharded_sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Ar
   t = indices.shape[0]
   shards = math.prod(mesh.shape[a] for a in batch_axes)
   pad = -t % shards
-  indices = jnp.pad(indices.astype(jnp.int32), ((0, pad), (0, 0)))
+  indices = jnp.pad(indices, ((0, pad), (0, 0)))
   weights = jnp.pad(weights, ((0, pad), (0, 0)))
-  indices = jnp.clip(indices, 0, n * split - 1)
   rows_per_shard = n * split // math.prod(mesh.shape[a] for a in value_axes)
   token_spec = P(batch_axes or None, None)
 
@@ -177,18 +221,22 @@ def sharded_sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Ar
     if shared:
       indices = jax.lax.all_gather(indices, shared, axis=0, tiled=True)
       weights = jax.lax.all_gather(weights, shared, axis=0, tiled=True)
-    if others:  # the table is replicated there: its gradient is summed over them
+    if others and check_vma:  # the table is replicated there: its gradient is summed
       values = jax.lax.pcast(values, others, to='varying')
     lo = jax.lax.axis_index(value_axes) * rows_per_shard
     mine = (indices >= lo) & (indices < lo + rows_per_shard)
     out = _lookup(values, jnp.where(mine, indices - lo, 0),
-                  jnp.where(mine, weights, jnp.zeros_like(weights)))
+                  jnp.where(mine, weights, jnp.zeros_like(weights)), kernels, scatter)
     if shared:
       out = jax.lax.psum_scatter(out, shared, scatter_dimension=0, tiled=True)
     if rest:
       out = jax.lax.psum(out, rest)
     return out
 
+  # Pallas' interpreter cannot yet trace its grid loop with varying-axes checks on (its
+  # loop carry loses them), so the kernels run with the checks off; the table gradient
+  # is then summed over `others` by shard_map's own transpose of a replicated input.
+  check_vma = kernels == 'xla'
   out = jax.shard_map(local, mesh=mesh, in_specs=(P(value_axes, None), token_spec, token_spec),
-                      out_specs=token_spec)(values, indices, weights)
+                      out_specs=token_spec, check_vma=check_vma)(values, indices, weights)
   return out[:t]
