@@ -14,7 +14,10 @@ def emit(title: str, columns, rows, data, out: str | Path):
     table.add_column(column, justify='right')
   for row in rows:
     table.add_row(*row)
-  Console().print(table)
+  console = Console()
+  if not console.is_terminal:  # a log file: do not squeeze wide tables to 80 columns
+    console = Console(width=200)
+  console.print(table)
   out = Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(data, indent=2) + '\n')

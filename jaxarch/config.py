@@ -28,6 +28,9 @@ MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
 DTYPES = ('float32', 'bfloat16', 'float16')
 REMAT = ('none', 'full', 'dots')
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
+# kernels.sparse_lookup: which kernels run the value lookup, and how its backward sums.
+LOOKUP_IMPLS = ('auto', 'xla', 'pallas', 'interpret', 'interpret_tpu')
+LOOKUP_SCATTERS = ('sorted', 'atomic')
 SCHEDULES = ('cosine', 'wsd', 'constant')
 POSITIVE_INTS = (
     'model.d_model', 'model.n_layers', 'model.n_heads', 'model.n_kv_heads', 'model.d_ff',
@@ -286,6 +289,8 @@ def check_ultramem_config(cfg, prefix: str = 'model.ultramem') -> None:
 def _check_ultramem(cfg: ConfigDict) -> None:
   """model.ultramem: the layer's shape rules, and a placement inside the stack."""
   check_ultramem_config(_get(cfg, 'model.ultramem'))
+  _choice(cfg, 'model.ultramem.lookup_impl', LOOKUP_IMPLS)
+  _choice(cfg, 'model.ultramem.lookup_scatter', LOOKUP_SCATTERS)
   placement = _get(cfg, 'model.ultramem.placement')
   if not placement:
     raise ConfigError('model.ultramem.placement must hold at least one (read, write) pair')

@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'benchmarks'))
 
 import compare_families  # pylint: disable=g-import-not-at-top,wrong-import-position
+import sparse_lookup  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -20,6 +21,17 @@ def test_train_step_benchmark_writes_its_record(tmp_path):
   record = json.loads(out.read_text())
   assert record['device_kind'] and record['tokens_per_s'] > 0
   assert record['params_total'] == record['params_active'] > 0
+
+
+def test_sparse_lookup_benchmark_times_the_xla_path_on_cpu(tmp_path, monkeypatch):
+  monkeypatch.setitem(sparse_lookup.GRIDS, 'cpu', [(40, 5, 64, 100, 'float32')])
+  out = tmp_path / 'sparse_lookup.json'
+  sparse_lookup.main(['--iters=1', f'--out={out}'])
+  data = json.loads(out.read_text())
+  assert data['copy_bandwidth'] > 0 and not data['pallas_timed']
+  (record,) = data['records']
+  assert record['forward_bytes'] == 40 * 5 * 64 * 4 + 40 * 64 * 4 + 2 * 40 * 5 * 4
+  assert record['xla_forward_s'] > 0 and record['xla_atomic_backward_s'] > 0
 
 
 def test_dense_baseline_is_widened_to_the_sparse_active_count():

@@ -122,7 +122,7 @@ class UltraMem(nnx.Module):
                ive_expansion: int = 1, num_heads: int = 1, top_m: int | None = None,
                aux_loss_weight: float = 0.0, aux_tau: float = 0.15, query_conv: int = 0,
                rank_by_magnitude: bool = True, permutation_seed: int = 0,
-               lookup_impl: str = 'auto', dtype=jnp.bfloat16,
+               lookup_impl: str = 'auto', lookup_scatter: str = 'sorted', dtype=jnp.bfloat16,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.top_m = check_ultramem(num_values, top_k, value_dim, key_dim, tucker_rank, num_cores,
                         ive_expansion, num_heads, top_m, aux_loss_weight, aux_tau,
@@ -131,7 +131,7 @@ class UltraMem(nnx.Module):
     self.num_heads, self.num_cores, self.expansion = num_heads, num_cores, ive_expansion
     self.keys_per_side = math.isqrt(num_values) * math.isqrt(ive_expansion)
     self.aux_loss_weight, self.aux_tau = aux_loss_weight, aux_tau
-    self.lookup_impl, self.dtype = lookup_impl, dtype
+    self.lookup_impl, self.lookup_scatter, self.dtype = lookup_impl, lookup_scatter, dtype
     self.rank_by_magnitude = rank_by_magnitude
     self.deterministic = False
     h, c, r, d_k = num_heads, num_cores, tucker_rank, key_dim
@@ -249,7 +249,8 @@ class UltraMem(nnx.Module):
     idx = physical[:, None] * c + jnp.arange(c)[None, :, None, None]  # t c h k
     idx = jnp.broadcast_to(idx[:, None], (t, e, c, h, k))
     bags = sharded_sparse_lookup(self.values[...], idx.reshape(t * e * c, h * k),
-                                 w.reshape(t * e * c, h * k), split=c, impl=self.lookup_impl)
+                                 w.reshape(t * e * c, h * k), split=c, impl=self.lookup_impl,
+                                 scatter=self.lookup_scatter)
     return bags.reshape(t, e * self.value_dim)
 
   def tucker_aux_loss(self) -> jax.Array:

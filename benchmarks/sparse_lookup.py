@@ -1,0 +1,138 @@
+"""The value lookup's kernels against the XLA reference: time, bandwidth, ratios.
+
+  python benchmarks/sparse_lookup.py [--grid=gpu|cpu] [--out=benchmarks/results/sparse_lookup.json]
+
+For each (T, K, D, N, dtype) of the grid, times the forward and the backward (both
+gradients) of `jaxarch.kernels.sparse_lookup` for `impl='xla'` and, on a GPU or TPU,
+`impl='pallas'` with each scatter mode. Forward bandwidth counts the bytes that must move:
+the K rows read per token plus the output written (plus indices and weights); the device's
+own copy bandwidth (`y = x + 1` over 1 GiB: read + write) is measured in the same run, so
+the forward's fraction of it is comparable across devices. Ratios are XLA time / Pallas
+time (> 1: the kernel is faster). On CPU only the XLA path runs (the Pallas kernels
+compile for GPU and TPU; on CPU they only run in the interpreter, which says nothing
+about speed).
+
+The grid is the UltraMem reference setting and around it: K = heads · top_k (2 · 80 =
+160 in the authors' release), D = a value row slice (d_v / cores = 192), N up to 2^24
+rows (the 151m preset has 1104² · 2 = 2.4M slices per layer; 2^24 bf16 rows of 192 are
+6 GiB).
+"""
+
+import argparse
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from report import emit
+
+from jaxarch.kernels import sparse_lookup
+
+GRIDS = {
+    # (T, K, D, N, dtype)
+    'gpu': [(t, k, d, n, dt) for dt in ('bfloat16', 'float32') for (t, k, d, n) in [
+        (8192, 32, 192, 1 << 20), (8192, 160, 192, 1 << 20), (65536, 160, 192, 1 << 22),
+        (16384, 160, 384, 1 << 24), (65536, 32, 256, 1 << 24), (4096, 256, 64, 1 << 26)]],
+    'cpu': [(256, 32, 128, 1 << 14, 'float32'), (1024, 160, 192, 1 << 16, 'bfloat16')],
+}
+
+
+def timed(fn, *args, iters: int) -> float:
+  """Median seconds per call of a jitted fn, after one compile-and-warm-up call."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def copy_bandwidth(iters: int, gib: float) -> float:
+  """Bytes per second of `x + 1` over a `gib` GiB array: read once, written once."""
+  x = jnp.zeros((int(gib * (1 << 30)) // 4,), jnp.float32)
+  seconds = timed(jax.jit(lambda x: x + 1), x, iters=iters)
+  return 2 * x.nbytes / seconds
+
+
+def case(t, k, d, n, dtype, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  values = jax.random.normal(keys[0], (n, d), dtype)
+  indices = jax.random.randint(keys[1], (t, k), 0, n, jnp.int32)
+  weights = jax.random.normal(keys[2], (t, k), jnp.float32)
+  cot = jax.random.normal(keys[3], (t, d), dtype)
+  return values, indices, weights, cot
+
+
+def lookup_fns(impl: str, scatter: str):
+  forward = jax.jit(lambda v, i, w: sparse_lookup(v, i, w, impl=impl, scatter=scatter))
+
+  @jax.jit
+  def backward(v, i, w, g):
+    _, vjp = jax.vjp(lambda v, w: sparse_lookup(v, i, w, impl=impl, scatter=scatter), v, w)
+    return vjp(g)
+
+  return forward, backward
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  on_accelerator = jax.default_backend() in ('gpu', 'tpu')
+  parser.add_argument('--grid', choices=tuple(GRIDS), default='gpu' if on_accelerator else 'cpu')
+  parser.add_argument('--iters', type=int, default=20 if on_accelerator else 3)
+  parser.add_argument('--out', default='benchmarks/results/sparse_lookup.json')
+  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+  device = jax.devices()[0]
+  impls = [('xla', 'sorted'), ('xla', 'atomic')]
+  if on_accelerator:
+    impls += [('pallas', 'sorted'), ('pallas', 'atomic')]
+  else:
+    print('CPU: timing the XLA path only (the Pallas kernels need a GPU or TPU)')
+  copy_bw = copy_bandwidth(args.iters, gib=1.0 if on_accelerator else 0.125)
+
+  records, rows = [], []
+  for t, k, d, n, dtype in GRIDS[args.grid]:
+    values, indices, weights, cot = case(t, k, d, n, jnp.dtype(dtype))
+    item = values.dtype.itemsize
+    moved = t * k * d * item + t * d * item + indices.nbytes + weights.nbytes
+    times = {}
+    for impl, scatter in impls:
+      forward, backward = lookup_fns(impl, scatter)
+      if scatter == 'sorted':  # the forward does not depend on the scatter mode
+        times[f'{impl}_forward_s'] = timed(forward, values, indices, weights, iters=args.iters)
+      times[f'{impl}_{scatter}_backward_s'] = timed(backward, values, indices, weights, cot,
+                                                    iters=args.iters)
+    record = dict(T=t, K=k, D=d, N=n, dtype=dtype, forward_bytes=moved, **times)
+    best = 'pallas' if on_accelerator else 'xla'
+    record['forward_bandwidth'] = moved / times[f'{best}_forward_s']
+    record['forward_fraction_of_copy'] = record['forward_bandwidth'] / copy_bw
+    if on_accelerator:
+      record['forward_ratio'] = times['xla_forward_s'] / times['pallas_forward_s']
+      xla_bwd = min(times['xla_sorted_backward_s'], times['xla_atomic_backward_s'])
+      for scatter in ('sorted', 'atomic'):
+        record[f'backward_ratio_{scatter}'] = xla_bwd / times[f'pallas_{scatter}_backward_s']
+    records.append(record)
+    fmt = lambda key: f'{record[key]:.2f}' if key in record else '-'
+    rows.append([str(t), str(k), str(d), f'2^{n.bit_length() - 1}', dtype,
+                 f'{times["xla_forward_s"] * 1e3:.3f}',
+                 f'{times.get("pallas_forward_s", float("nan")) * 1e3:.3f}',
+                 f'{record["forward_bandwidth"] / 1e9:.1f}',
+                 f'{record["forward_fraction_of_copy"]:.2f}', fmt('forward_ratio'),
+                 f'{min(times["xla_sorted_backward_s"], times["xla_atomic_backward_s"]) * 1e3:.3f}',
+                 fmt('backward_ratio_sorted'), fmt('backward_ratio_atomic')])
+    del values, indices, weights, cot
+
+  data = dict(device=str(device), device_kind=device.device_kind, platform=device.platform,
+              jax_version=jax.__version__, copy_bandwidth=copy_bw,
+              pallas_timed=on_accelerator, records=records)
+  emit(f'sparse_lookup on {device.device_kind} (copy bandwidth {copy_bw / 1e9:.1f} GB/s)',
+       ['T', 'K', 'D', 'N', 'dtype', 'xla fwd ms', 'pallas fwd ms', 'fwd GB/s', 'of copy',
+        'fwd ×', 'xla bwd ms', 'bwd × sorted', 'bwd × atomic'], rows, data, args.out)
+  return data
+
+
+if __name__ == '__main__':
+  main()
