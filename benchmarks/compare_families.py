@@ -23,7 +23,7 @@ from jaxarch import config as config_lib
 from jaxarch import models
 from jaxarch.train import train
 
-FAMILIES = ('ultramem',)  # sparse families compared against dense; MoE joins later
+FAMILIES = ('ultramem', 'moe')  # sparse families compared against dense
 
 
 def counts(cfg) -> dict:

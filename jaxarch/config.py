@@ -31,6 +31,7 @@ ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
 # kernels.sparse_lookup: which kernels run the value lookup, and how its backward sums.
 LOOKUP_IMPLS = ('auto', 'xla', 'pallas', 'interpret', 'interpret_tpu')
 LOOKUP_SCATTERS = ('sorted', 'atomic')
+MOE_GATES = ('softmax', 'sigmoid')
 SCHEDULES = ('cosine', 'wsd', 'constant')
 POSITIVE_INTS = (
     'model.d_model', 'model.n_layers', 'model.n_heads', 'model.n_kv_heads', 'model.d_ff',
@@ -301,18 +302,51 @@ def _check_ultramem(cfg: ConfigDict) -> None:
                         f'write) with 0 <= read <= write < model.n_layers={cfg.model.n_layers}')
 
 
+def _check_moe(cfg: ConfigDict) -> None:
+  """model.moe: expert counts, paths and balancing; experts must split over `expert`."""
+  e = _positive_int(cfg, 'model.moe.num_experts')
+  k = _positive_int(cfg, 'model.moe.top_k')
+  if k > e:
+    raise ConfigError(f'model.moe.top_k={k} must be <= model.moe.num_experts={e}')
+  _positive_int(cfg, 'model.moe.expert_d_ff')
+  shared = _number(cfg, 'model.moe.num_shared_experts', int)
+  if shared < 0:
+    raise ConfigError(f'model.moe.num_shared_experts={shared} must be >= 0')
+  _choice(cfg, 'model.moe.gate', MOE_GATES)
+  for key in ('model.moe.capacity_factor', 'model.moe.ep_capacity_factor'):
+    if _get(cfg, key) is not None and _number(cfg, key) <= 0:
+      raise ConfigError(f'{key}={_get(cfg, key)!r} must be > 0 (or None: dropless)')
+  for key in ('model.moe.aux_loss_weight', 'model.moe.z_loss_weight',
+              'model.moe.bias_update_rate'):
+    if _number(cfg, key) < 0:
+      raise ConfigError(f'{key}={_get(cfg, key)!r} must be >= 0')
+  expert = cfg.mesh.ici.expert * cfg.mesh.dcn.expert
+  if expert > 1 and e % expert:
+    raise ConfigError(f'model.moe.num_experts={e} must be divisible by the expert mesh axis '
+                      f'(mesh.ici.expert x mesh.dcn.expert = {expert})')
+
+
+def _check_moe_family(cfg: ConfigDict) -> None:
+  pattern = tuple(_get(cfg, 'model.block_pattern'))
+  if 'moe' not in pattern:
+    raise ConfigError(f"model.block_pattern={pattern!r} holds no 'moe' block, which "
+                      "model.family='moe' needs (e.g. ('moe',) or ('dense', 'moe'))")
+
+
 # model.family -> checks of the model it builds; the keys are the families that exist.
 # A family adds itself with the checks of its own section, e.g.
 # 'megabyte': (_check_transformer, _check_megabyte).
 FAMILY_CHECKS: dict[str, tuple[Check, ...]] = {
     'dense': (_check_transformer,),
     'ultramem': (_check_transformer, _check_ultramem),
+    'moe': (_check_transformer, _check_moe_family),
 }
 
 # Block kind in model.block_pattern -> checks of its section (e.g. 'moe': (_check_moe,)
 # for model.moe), run whenever the pattern uses the block, whatever the family.
 BLOCK_CHECKS: dict[str, tuple[Check, ...]] = {
     'dense': (),
+    'moe': (_check_moe,),
 }
 
 

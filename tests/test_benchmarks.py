@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'benchmarks'))
 
 import compare_families  # pylint: disable=g-import-not-at-top,wrong-import-position
+import moe  # pylint: disable=g-import-not-at-top,wrong-import-position
 import sparse_lookup  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -34,6 +35,16 @@ def test_sparse_lookup_benchmark_times_the_xla_path_on_cpu(tmp_path, monkeypatch
   assert record['xla_forward_s'] > 0 and record['xla_atomic_backward_s'] > 0
 
 
+def test_moe_benchmark_times_three_layers_per_case(tmp_path, monkeypatch):
+  monkeypatch.setitem(moe.GRIDS, 'cpu', dict(d_model=16, expert_d_ff=8, top_k=2,
+                                             experts=(4,), tokens=(32,), dtype='float32'))
+  out = tmp_path / 'moe.json'
+  moe.main(['--iters=1', f'--out={out}'])
+  (record,) = json.loads(out.read_text())['records']
+  for layer in ('dense', 'dropless', 'capacity'):
+    assert record[f'{layer}_tokens_per_s'] == pytest.approx(32 / record[f'{layer}_s'])
+
+
 def test_dense_baseline_is_widened_to_the_sparse_active_count():
   target = compare_families.counts(
       compare_families.config_lib.load('configs/ultramem.py:tiny'))['active']
@@ -50,4 +61,4 @@ def test_compare_families_benchmark_writes_one_record_per_family(tmp_path, data_
   out = tmp_path / 'compare.json'
   compare_families.main(['--steps=20', f'--workdir={tmp_path / "runs"}', f'--out={out}'])
   records = json.loads(out.read_text())
-  assert [r['family'] for r in records] == ['dense', 'ultramem']
+  assert [r['family'] for r in records] == ['dense', 'ultramem', 'moe']

@@ -115,3 +115,21 @@ def test_tiny_ultramem_trains_with_its_table_sharded(tmp_path, data_dir):
     assert f'side_layers/{layer}/memory/score_entropy' in records[-1]
     assert f'side_layers/{layer}/memory/tucker_aux' in records[-1]
   assert np.isfinite(result['eval_bpb'])
+
+
+def test_tiny_moe_trains_with_its_experts_split_over_four_devices(tmp_path, data_dir):
+  cfg = config_lib.load('configs/moe.py:tiny', [
+      'model.d_model=64', 'model.n_heads=4', 'model.n_kv_heads=2', 'model.moe.expert_d_ff=64',
+      'model.max_len=64', 'data.seq_len=32', 'train.batch_size=8', 'train.steps=30',
+      'train.warmup_steps=3', 'log.every_steps=5', 'log.eval_every_steps=30',
+      'log.eval_batches=2', 'checkpoint.every_steps=30', 'log.progress=false',
+      'log.tensorboard=false', 'mesh.ici.data=2', 'mesh.ici.expert=4',
+      f'data.data_dir={data_dir}'])
+  result = train(cfg, tmp_path)
+  records = read_metrics(tmp_path)
+  assert records[-1]['loss'] < records[0]['loss'] - 1.0
+  for layer in range(cfg.model.n_layers):
+    loads = [records[-1][f'blocks/{layer}/mlp/load_e{e}'] for e in range(8)]
+    assert abs(sum(loads) - 1.0) < 1e-4
+    assert records[-1][f'blocks/{layer}/mlp/dropped_fraction'] == 0.0  # dropless
+  assert np.isfinite(result['eval_bpb'])

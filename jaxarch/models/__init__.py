@@ -6,6 +6,7 @@ from flax import nnx
 import jax
 import ml_collections
 
+from jaxarch.models import moe  # registers the moe block
 from jaxarch.models import ultramem  # registers the memory side layer
 from jaxarch.models.transformer import BLOCKS, SIDE_LAYERS, Transformer, register_block
 
@@ -13,6 +14,7 @@ from jaxarch.models.transformer import BLOCKS, SIDE_LAYERS, Transformer, registe
 FAMILIES: dict[str, Callable[..., nnx.Module]] = {
     'dense': Transformer,
     'ultramem': Transformer,  # with model.ultramem.placement memory layers
+    'moe': Transformer,  # with 'moe' blocks in model.block_pattern
 }
 
 

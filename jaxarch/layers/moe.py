@@ -1,0 +1,259 @@
+"""Token-choice mixture of experts (DESIGN §7.2): router, SwiGLU experts, two execution paths.
+
+**Router** (fp32): logits `td,de->te`, gates by softmax or sigmoid, the top-k experts per
+token chosen by `gates + bias` (the bias is DeepSeek-V3's auxiliary-loss-free balancing:
+raised for under-loaded experts by `bias_update_rate · sign(mean load − load)` in every
+training forward pass, outside the gradient), weights = the chosen gates, renormalised to
+sum to 1 if asked. Losses: the Switch/GShard balance loss `E · Σ_e f_e · P_e` (`f_e` the
+fraction of assignments to expert e, `P_e` its mean gate probability) and the router
+z-loss `mean(logsumexp(logits)²)`.
+
+**Experts** run per device on its own tokens (inside `shard_map` over the batch axes),
+with the experts split over the mesh axes of the logical axis `expert`:
+- *dropless* (`capacity_factor=None`): assignments sorted by expert, one grouped matmul
+  per projection (`jax.lax.ragged_dot`), unsorted. The sort and unsort are permutations
+  with a custom VJP: their backward is a gather by the inverse permutation, not the
+  scatter-add that `take` would give.
+- *capacity* (`capacity_factor=c`): each expert takes at most `ceil(c · T·k / E)` of a
+  device's assignments (top-1 choices first, then top-2, ..., in token order); the rest
+  are dropped, pass through the residual only, and are counted.
+
+**Expert parallelism.** With the experts split over n devices, the capacity path sends
+its `[E, C, d]` buffers with one `all_to_all` there and back. The dropless path sends
+padded per-shard buffers: after the sort, the assignments bound for each shard are
+contiguous; each device sends `S` rows to every shard (`S = T·k`, the worst case, so
+nothing is ever dropped; or `ceil(ep_capacity_factor · T·k / n)` to bound the memory, in
+which case the overflow is dropped and counted), with their local expert ids, and the
+receiver runs the sort + grouped matmul on what arrived. `jax.lax.ragged_all_to_all`
+would send only the real rows, but XLA:CPU does not implement it (so it could not be
+tested here); the padded exchange works on every backend.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from jaxarch.config import MOE_GATES as GATES
+from jaxarch.layers import signals
+from jaxarch.layers.mlp import SwiGLU
+from jaxarch.layers.params import normal, param
+from jaxarch.parallel import context
+
+
+class RouterBias(nnx.Variable):
+  """Per-expert selection bias (auxiliary-loss-free balancing); not trained by gradients."""
+
+
+@jax.custom_vjp
+def permute(x: jax.Array, order: jax.Array, inverse: jax.Array) -> jax.Array:
+  """x[order]; `inverse` is the inverse permutation, used by the backward (a gather)."""
+  return x[order]
+
+
+def _permute_fwd(x, order, inverse):
+  return x[order], (order, inverse)
+
+
+def _permute_bwd(residuals, g):
+  order, inverse = residuals
+  zero = lambda a: jnp.zeros(a.shape, jax.dtypes.float0)
+  return g[inverse], zero(order), zero(inverse)
+
+
+permute.defvjp(_permute_fwd, _permute_bwd)
+
+
+def sort_by(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(order, inverse) that sort `keys` stably."""
+  order = jnp.argsort(keys, stable=True)
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
+  return order, inverse
+
+
+def grouped_swiglu(x, group_sizes, gate, up, down):
+  """Rows of x [m, d] in contiguous groups, one expert each -> [m, d]; rows past the groups give 0."""
+  h = jax.nn.silu(jax.lax.ragged_dot(x, gate, group_sizes))
+  h = h * jax.lax.ragged_dot(x, up, group_sizes)
+  return jax.lax.ragged_dot(h, down, group_sizes)
+
+
+def batched_swiglu(x, gate, up, down):
+  """x [e, c, d] through expert e's SwiGLU -> [e, c, d]."""
+  h = jax.nn.silu(jnp.einsum('ecd,edf->ecf', x, gate)) * jnp.einsum('ecd,edf->ecf', x, up)
+  return jnp.einsum('ecf,efd->ecd', h, down)
+
+
+class MoE(nnx.Module):
+  """x [b, s, d] (already normed) -> [b, s, d]: routed experts (+ shared experts)."""
+
+  def __init__(self, d_model: int, *, num_experts: int, top_k: int, expert_d_ff: int,
+               num_shared_experts: int = 0, capacity_factor: float | None = None,
+               ep_capacity_factor: float | None = None, gate: str = 'softmax',
+               renormalize: bool = True, aux_loss_weight: float = 0.01,
+               z_loss_weight: float = 0.0, bias_update_rate: float = 0.0,
+               init_std: float = 0.02, out_std: float | None = None, dtype=jnp.bfloat16,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if gate not in GATES:
+      raise ValueError(f'config error: model.moe.gate={gate!r}; expected one of {GATES}')
+    if not 1 <= top_k <= num_experts:
+      raise ValueError(f'config error: model.moe.top_k={top_k} must be in [1, num_experts='
+                       f'{num_experts}]')
+    self.num_experts, self.top_k, self.expert_d_ff = num_experts, top_k, expert_d_ff
+    self.capacity_factor, self.ep_capacity_factor = capacity_factor, ep_capacity_factor
+    self.gate, self.renormalize = gate, renormalize
+    self.aux_loss_weight, self.z_loss_weight = aux_loss_weight, z_loss_weight
+    self.bias_update_rate, self.dtype = bias_update_rate, dtype
+    self.deterministic = False  # True: no bias update (evaluation)
+    e, d, f = num_experts, d_model, expert_d_ff
+    self.router = param(rngs, normal(init_std), (d, e), ('embed', None), jnp.float32)
+    self.bias = RouterBias(jnp.zeros((e,), jnp.float32), out_sharding=(None,),
+                           eager_sharding=False)
+    self.w_gate = param(rngs, normal(init_std), (e, d, f), ('expert', 'embed', 'mlp'),
+                        param_dtype)
+    self.w_up = param(rngs, normal(init_std), (e, d, f), ('expert', 'embed', 'mlp'),
+                      param_dtype)
+    self.w_down = param(rngs, normal(out_std or init_std), (e, f, d),
+                        ('expert', 'mlp', 'embed'), param_dtype)
+    self.shared = SwiGLU(d, num_shared_experts * f, init_std=init_std, out_std=out_std,
+                         dtype=dtype, param_dtype=param_dtype, rngs=rngs
+                         ) if num_shared_experts else None
+
+  def inactive_params(self) -> int:
+    """The routed experts a token does not use."""
+    return (self.num_experts - self.top_k) * 3 * self.w_gate.shape[1] * self.expert_d_ff
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, s, d = x.shape
+    tokens = x.reshape(b * s, d)
+    weights, experts = self.route(tokens)
+    out = self.run_experts(tokens, experts, weights.astype(self.dtype))
+    out = out.reshape(b, s, d)
+    if self.shared is not None:
+      out = out + self.shared(x)
+    return out
+
+  def route(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """tokens [T, d] -> (weights [T, k] fp32, experts [T, k] int32); reports losses."""
+    e, k = self.num_experts, self.top_k
+    logits = jnp.einsum('td,de->te', tokens.astype(jnp.float32), self.router[...])
+    gates = jax.nn.softmax(logits) if self.gate == 'softmax' else jax.nn.sigmoid(logits)
+    bias = jax.lax.stop_gradient(self.bias[...])
+    _, experts = jax.lax.top_k(jax.lax.stop_gradient(gates) + bias, k)
+    weights = jnp.take_along_axis(gates, experts, axis=1)
+    if self.renormalize:
+      weights = weights / jnp.sum(weights, axis=1, keepdims=True)
+
+    load = jnp.zeros((e,), jnp.float32).at[experts.reshape(-1)].add(1.0) / experts.size
+    probs = gates / jnp.sum(gates, axis=1, keepdims=True)  # = gates for softmax
+    balance = e * jnp.sum(load * jnp.mean(probs, axis=0))
+    z_loss = jnp.mean(jax.nn.logsumexp(logits, axis=1) ** 2)
+    if self.aux_loss_weight or self.z_loss_weight:
+      signals.add_aux_loss(self, self.aux_loss_weight * balance + self.z_loss_weight * z_loss)
+    signals.add_metric(self, 'balance_loss', balance)
+    signals.add_metric(self, 'z_loss', z_loss)
+    for i in range(e):
+      signals.add_metric(self, f'load_e{i}', load[i])
+    if self.bias_update_rate and not self.deterministic:
+      self.bias[...] = bias + self.bias_update_rate * jnp.sign(1.0 / e - load)
+    return weights, experts.astype(jnp.int32)
+
+  def run_experts(self, tokens, experts, weights) -> jax.Array:
+    """Each device's tokens through their experts; experts split over the `expert` axes."""
+    params = tuple(w[...].astype(self.dtype) for w in (self.w_gate, self.w_up, self.w_down))
+    expert_axes = context.mesh_axes('expert', self.num_experts)
+    batch_axes = context.mesh_axes('batch')
+    if not batch_axes and not expert_axes:
+      out, dropped = self._local(tokens, experts, weights, *params, expert_axes=(), shards=1)
+    else:
+      mesh, _ = context.current()
+      shards = math.prod(mesh.shape[a] for a in expert_axes)
+      tok = P(batch_axes or None, None)
+      weight = P(expert_axes or None, None, None)
+
+      def local(*args):
+        out, dropped = self._local(*args, expert_axes=expert_axes, shards=shards)
+        return out, jax.lax.psum(dropped, batch_axes) if batch_axes else dropped
+
+      out, dropped = jax.shard_map(
+          local, mesh=mesh, in_specs=(tok, tok, tok, weight, weight, weight),
+          out_specs=(tok, P()))(tokens, experts, weights, *params)
+    signals.add_metric(self, 'dropped_fraction', dropped / experts.size)
+    return out
+
+  def _local(self, tokens, experts, weights, gate, up, down, *, expert_axes, shards):
+    """One device: tokens [T, d], experts/weights [T, k], its experts' weights -> [T, d]."""
+    t, d = tokens.shape
+    k = self.top_k
+    if self.capacity_factor is None:
+      y, dropped = self._dropless(tokens, experts, gate, up, down, expert_axes, shards)
+    else:
+      y, dropped = self._capacity(tokens, experts, gate, up, down, expert_axes, shards)
+    out = jnp.einsum('tk,tkd->td', weights, y.reshape(t, k, d))
+    return out, dropped.astype(jnp.float32)
+
+  def _dropless(self, tokens, experts, gate, up, down, expert_axes, shards):
+    """-> (y [T·k, d] per assignment in token-major order, dropped count)."""
+    t, d = tokens.shape
+    e, k = self.num_experts, self.top_k
+    flat = experts.reshape(-1)
+    order, inverse = sort_by(flat)
+    xs = permute(jnp.repeat(tokens, k, axis=0), order, inverse)  # sorted by expert
+    if shards == 1:
+      ys = grouped_swiglu(xs, jnp.bincount(flat, length=e), gate, up, down)
+      return permute(ys, inverse, order), jnp.zeros((), jnp.int32)
+
+    # Padded exchange: row p of the buffer for shard j is its p-th assignment.
+    local_e = e // shards
+    m = t * k
+    size = m if self.ep_capacity_factor is None else max(
+        1, min(m, math.ceil(self.ep_capacity_factor * m / shards)))
+    sorted_experts = flat[order]
+    counts = jnp.bincount(sorted_experts // local_e, length=shards)
+    starts = jnp.cumsum(counts) - counts
+    position = jnp.arange(size)
+    sent = position[None, :] < counts[:, None]  # j p
+    source = jnp.where(sent, starts[:, None] + position[None, :], 0)
+    send_x = jnp.where(sent[..., None], xs[source], 0).astype(xs.dtype)  # j p d
+    send_e = jnp.where(sent, sorted_experts[source] % local_e, local_e)  # local_e: empty
+    exchange = lambda a: jax.lax.all_to_all(a, expert_axes, 0, 0, tiled=True)
+    recv_x, recv_e = exchange(send_x).reshape(shards * size, d), exchange(send_e).reshape(-1)
+    order2, inverse2 = sort_by(recv_e)  # empty rows last: past every group
+    sizes = jnp.sum(recv_e[:, None] == jnp.arange(local_e), axis=0)
+    ys = grouped_swiglu(permute(recv_x, order2, inverse2), sizes, gate, up, down)
+    back = exchange(permute(ys, inverse2, order2).reshape(shards, size, d))  # j p d
+
+    shard = sorted_experts // local_e
+    rank = jnp.arange(m) - starts[shard]  # position of each sorted assignment in its buffer
+    kept = rank < size
+    ys_sorted = jnp.where(kept[:, None], back[shard, jnp.minimum(rank, size - 1)], 0)
+    return permute(ys_sorted.astype(xs.dtype), inverse, order), jnp.sum(~kept)
+
+  def _capacity(self, tokens, experts, gate, up, down, expert_axes, shards):
+    """-> (y [T·k, d] per assignment in token-major order, dropped count)."""
+    t, d = tokens.shape
+    e, k = self.num_experts, self.top_k
+    capacity = max(1, math.ceil(self.capacity_factor * t * k / e))
+    by_choice = experts.T.reshape(-1)  # top-1 choices of all tokens first, then top-2, ...
+    one_hot = jax.nn.one_hot(by_choice, e, dtype=jnp.int32)
+    position = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=1)
+    kept = position < capacity
+    slot = jnp.where(kept, by_choice * capacity + position, e * capacity)  # last: dropped
+    x = jnp.tile(tokens, (k, 1))  # by_choice order
+    buffer = jnp.zeros((e * capacity + 1, d), tokens.dtype).at[slot].set(x)
+    buffer = buffer[:-1].reshape(e, capacity, d)
+    if shards == 1:
+      y = batched_swiglu(buffer, gate, up, down)
+    else:
+      local_e = e // shards
+      exchange = lambda a: jax.lax.all_to_all(a, expert_axes, 0, 0, tiled=True)
+      recv = exchange(buffer.reshape(shards, local_e, capacity, d))  # source, e, c, d
+      recv = recv.transpose(1, 0, 2, 3).reshape(local_e, shards * capacity, d)
+      y = batched_swiglu(recv, gate, up, down)
+      y = y.reshape(local_e, shards, capacity, d).transpose(1, 0, 2, 3)
+      y = exchange(y).reshape(e, capacity, d)
+    y = jnp.concatenate([y.reshape(e * capacity, d), jnp.zeros((1, d), y.dtype)])[slot]
+    y = y.reshape(k, t, d).transpose(1, 0, 2).reshape(t * k, d)  # token-major
+    return y, jnp.sum(~kept)

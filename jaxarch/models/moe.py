@@ -1,0 +1,28 @@
+"""The `moe` block: attention + a routed mixture of SwiGLU experts (`layers.moe`).
+
+Placed by `model.block_pattern`, e.g. ('moe',) for experts in every layer or
+('dense', 'moe') for every other layer; `model.moe` configures the experts.
+"""
+
+import ml_collections
+from flax import nnx
+
+from jaxarch.layers.moe import MoE
+from jaxarch.models.transformer import (DTYPES, DenseBlock, make_attention, register_block,
+                                        residual_init_std)
+
+
+@register_block('moe')
+def moe_block(cfg: ml_collections.ConfigDict, layer: int, rngs: nnx.Rngs) -> DenseBlock:
+  del layer  # every MoE block is alike
+  m = cfg.moe
+  dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+  experts = MoE(cfg.d_model, num_experts=m.num_experts, top_k=m.top_k,
+                expert_d_ff=m.expert_d_ff, num_shared_experts=m.num_shared_experts,
+                capacity_factor=m.capacity_factor, ep_capacity_factor=m.ep_capacity_factor,
+                gate=m.gate, renormalize=m.renormalize, aux_loss_weight=m.aux_loss_weight,
+                z_loss_weight=m.z_loss_weight, bias_update_rate=m.bias_update_rate,
+                init_std=cfg.init_std, out_std=residual_init_std(cfg), dtype=dtype,
+                param_dtype=param_dtype, rngs=rngs)
+  return DenseBlock(make_attention(cfg, rngs), experts, cfg.d_model, eps=cfg.norm_eps,
+                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -1,0 +1,202 @@
+"""MoE layer: routing, dropless and capacity paths, expert parallelism, losses, training."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from conftest import make_batch, mesh_config, tiny_config
+from jaxarch import config as config_lib
+from jaxarch.layers.moe import MoE
+from jaxarch.parallel import global_batch, make_mesh, tree_shardings
+from jaxarch.parallel.context import logical_mesh
+from jaxarch.train.state import init_state, make_setup
+from jaxarch.train.step import make_train_step, run_model
+from jaxarch.train.step import signals as collect_signals
+
+
+def make_moe(num_experts=8, top_k=2, d_model=16, expert_d_ff=24, seed=0, **kw):
+  return MoE(d_model, num_experts=num_experts, top_k=top_k, expert_d_ff=expert_d_ff,
+             dtype=jnp.float32, rngs=nnx.Rngs(seed), **kw)
+
+
+def metric(sown, name: str) -> float:
+  """A metric the layer (the root module here) reported."""
+  return float(collect_signals(sown)[1][f'/{name}'])
+
+
+def naive(layer: MoE, x):
+  """Per token, per chosen expert: weight · SwiGLU_e(x_t), summed in Python."""
+  tokens = np.asarray(x.reshape(-1, x.shape[-1]))
+  weights, experts = layer.route(jnp.asarray(tokens))
+  gate, up, down = (np.asarray(w[...]) for w in (layer.w_gate, layer.w_up, layer.w_down))
+  out = np.zeros_like(tokens)
+  for t, row in enumerate(tokens):
+    for w, e in zip(np.asarray(weights[t]), np.asarray(experts[t])):
+      h = jax.nn.silu(row @ gate[e]) * (row @ up[e])
+      out[t] += w * np.asarray(h @ down[e])
+  return out.reshape(x.shape)
+
+
+def test_dropless_equals_a_naive_loop_over_the_chosen_experts():
+  layer = make_moe()
+  x = jax.random.normal(jax.random.key(1), (3, 5, 16))
+  np.testing.assert_allclose(layer(x), naive(layer, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('gate,renormalize', [('softmax', True), ('sigmoid', False)])
+def test_capacity_path_with_ample_capacity_equals_dropless(gate, renormalize):
+  dropless = make_moe(gate=gate, renormalize=renormalize)
+  capacity = make_moe(gate=gate, renormalize=renormalize, capacity_factor=8.0)  # C = T·k
+  x = jax.random.normal(jax.random.key(2), (2, 6, 16))
+  (out, sown) = run_model(capacity, x)
+  np.testing.assert_allclose(out, dropless(x), rtol=1e-5, atol=1e-5)
+  assert metric(sown, 'dropped_fraction') == 0.0
+
+
+def test_tight_capacity_drops_and_reports_the_dropped_fraction():
+  layer = make_moe(num_experts=4, top_k=1, capacity_factor=0.5)  # 2 of 4 slots per expert
+  x = jax.random.normal(jax.random.key(3), (1, 16, 16))
+  out, sown = run_model(layer, x)
+  dropped = metric(sown, 'dropped_fraction')
+  zero_rows = int(jnp.sum(jnp.all(out[0] == 0, axis=-1)))
+  assert dropped == zero_rows / 16 and dropped >= 0.5  # dropped tokens add nothing
+
+
+def test_balance_loss_equals_its_formula_on_a_hand_made_routing():
+  layer = make_moe(num_experts=4, top_k=1, d_model=4, aux_loss_weight=1.0, z_loss_weight=0.0)
+  layer.router[...] = 10.0 * jnp.eye(4)  # token i -> expert argmax(x_i)
+  x = jnp.eye(4)[jnp.array([0, 0, 0, 1])][None]  # experts 0, 0, 0, 1
+  _, sown = run_model(layer, x)
+  losses, _ = collect_signals(sown)
+  probs = jax.nn.softmax(10.0 * x[0], axis=-1)
+  f = jnp.array([0.75, 0.25, 0.0, 0.0])
+  want = 4 * jnp.sum(f * probs.mean(0))
+  np.testing.assert_allclose(sum(losses.values()), want, rtol=1e-6)
+  np.testing.assert_allclose(metric(sown, 'load_e0'), 0.75)
+  np.testing.assert_allclose(metric(sown, 'z_loss'),
+                             jnp.mean(jax.nn.logsumexp(10.0 * x[0], axis=-1) ** 2), rtol=1e-6)
+
+
+def test_router_and_every_expert_weight_get_gradients():
+  layer = make_moe(num_experts=4, top_k=2)
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+  x = jax.random.normal(jax.random.key(4), (4, 8, 16))
+
+  def loss(params):
+    out, sown = run_model(nnx.merge(graphdef, params, rest), x)
+    return jnp.sum(out ** 2) + sum(collect_signals(sown)[0].values())
+
+  grads = jax.grad(loss)(params)
+  for name in ('router', 'w_gate', 'w_up', 'w_down'):
+    assert float(jnp.abs(grads[name].get_value()).max()) > 0, name
+
+
+def test_sort_backward_is_a_gather_not_a_scatter():
+  layer = make_moe()
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+  x = jax.random.normal(jax.random.key(5), (2, 8, 16))
+  fn = lambda x: jnp.sum(nnx.merge(graphdef, params, rest)(x) ** 2)
+  hlo = jax.jit(jax.grad(fn)).lower(x).as_text()
+  # The only scatters left are the router's load count and the inverse permutation's
+  # construction (integer, [T·k]); no [T·k, d] float rows are scattered.
+  assert 'scatter' not in ''.join(l for l in hlo.splitlines() if 'f32[32,16]' in l
+                                  and 'scatter' in l)
+
+
+def test_bias_balancing_raises_the_bias_of_under_loaded_experts():
+  layer = make_moe(num_experts=4, top_k=1, bias_update_rate=0.1)
+  layer.router[...] = jnp.zeros_like(layer.router[...]).at[:, 0].set(1.0)
+  x = jnp.abs(jax.random.normal(jax.random.key(6), (1, 8, 16)))  # all prefer expert 0
+  layer(x)
+  np.testing.assert_allclose(layer.bias[...], [-0.1, 0.1, 0.1, 0.1])
+
+
+def step_on_mesh(layer, x, cot, mesh=None, rules=None):
+  """(out, grads) of sum(out · cot); with a mesh, sharded like the trainer shards it."""
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+  def fn(params, x):
+    def loss(params):
+      out = nnx.merge(graphdef, params, rest)(x)
+      return jnp.sum(out * cot), out
+    (_, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return out, grads
+
+  if mesh is None:
+    return jax.jit(fn)(params, x)
+  shardings = tree_shardings(params, mesh, rules)
+  batch = NamedSharding(mesh, P(('data', 'fsdp', 'expert'), None, None))
+
+  def sharded(params, x):
+    with logical_mesh(mesh, rules):
+      return fn(params, x)
+  return jax.jit(sharded)(jax.device_put(params, shardings), jax.device_put(x, batch))
+
+
+def test_dropless_expert_parallel_on_eight_devices_equals_one_device():
+  cfg = mesh_config(tiny_config(), data=2, expert=4)
+  mesh = make_mesh(cfg)
+  layer = make_moe(num_experts=8, top_k=2)
+  x = jax.random.normal(jax.random.key(7), (8, 6, 16))
+  cot = jax.random.normal(jax.random.key(8), (8, 6, 16))
+  want = step_on_mesh(layer, x, cot)
+  got = step_on_mesh(layer, x, cot, mesh, cfg.mesh.rules)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+  assert got[1]['w_gate'].get_value().sharding.spec[0] == 'expert'
+
+
+def test_capacity_path_across_expert_shards_equals_dropless_with_ample_capacity():
+  cfg = mesh_config(tiny_config(), data=2, expert=4)
+  mesh = make_mesh(cfg)
+  x = jax.random.normal(jax.random.key(9), (8, 6, 16))
+  cot = jax.random.normal(jax.random.key(10), (8, 6, 16))
+  want = step_on_mesh(make_moe(), x, cot)
+  got = step_on_mesh(make_moe(capacity_factor=8.0), x, cot, mesh, cfg.mesh.rules)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_bounded_expert_parallel_buffers_drop_and_count_the_overflow():
+  cfg = mesh_config(tiny_config(), data=2, expert=4)
+  mesh = make_mesh(cfg)
+  layer = make_moe(num_experts=8, top_k=2, ep_capacity_factor=0.25)
+  layer.router[...] = jnp.zeros_like(layer.router[...]).at[:, 0].set(5.0)  # crowd shard 0
+  x = jnp.abs(jax.random.normal(jax.random.key(11), (8, 6, 16)))
+  with logical_mesh(mesh, cfg.mesh.rules):
+    _, sown = nnx.jit(run_model)(layer, x)
+  assert metric(sown, 'dropped_fraction') > 0.2
+
+
+def test_invalid_moe_configs_are_one_line_errors():
+  with pytest.raises(config_lib.ConfigError, match=r'model\.moe\.top_k=9 must be <= '):
+    config_lib.load('configs/moe.py:tiny', ['model.moe.top_k=9'])
+  with pytest.raises(config_lib.ConfigError, match=r'divisible by the expert mesh axis'):
+    config_lib.validate(config_lib.load('configs/moe.py:tiny', [
+        'model.moe.num_experts=6', 'mesh.ici.expert=4', 'mesh.ici.data=2']), 8)
+  with pytest.raises(config_lib.ConfigError, match=r'model\.moe\.gate'):
+    config_lib.load('configs/moe.py:tiny', ['model.moe.gate=relu'])
+
+
+def test_moe_train_step_reports_load_losses_and_dropped_fraction():
+  cfg = config_lib.load('configs/moe.py:tiny', [
+      'model.d_model=32', 'model.n_heads=2', 'model.n_kv_heads=2', 'model.n_layers=2',
+      'model.moe.expert_d_ff=32', 'data.seq_len=16', 'train.batch_size=8',
+      'mesh.ici.data=2', 'mesh.ici.expert=4', 'model.moe.bias_update_rate=0.01'])
+  setup = make_setup(cfg, make_mesh(cfg))
+  state = init_state(cfg, setup)
+  step = make_train_step(setup)
+  losses = []
+  for i in range(3):
+    state, metrics = step(state, global_batch(make_batch(8, 16, seed=0), setup.batch_sharding))
+    losses.append(float(metrics['loss']))
+  assert losses[-1] < losses[0]
+  loads = [float(metrics[f'blocks/0/mlp/load_e{e}']) for e in range(8)]
+  np.testing.assert_allclose(sum(loads), 1.0, rtol=1e-5)
+  for name in ('balance_loss', 'z_loss', 'dropped_fraction'):
+    assert f'blocks/1/mlp/{name}' in metrics
+  bias = state['model_state']['blocks'][0]['mlp']['bias'].get_value()
+  assert float(jnp.abs(bias).max()) > 0  # updated outside the gradient, kept in the state
