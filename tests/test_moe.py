@@ -46,6 +46,14 @@ def test_dropless_equals_a_naive_loop_over_the_chosen_experts():
   np.testing.assert_allclose(layer(x), naive(layer, x), rtol=1e-5, atol=1e-5)
 
 
+def test_shared_experts_add_an_always_on_swiglu():
+  layer = make_moe(num_shared_experts=2)
+  x = jax.random.normal(jax.random.key(12), (2, 5, 16))
+  assert layer.shared.up.shape == (16, 2 * 24)
+  np.testing.assert_allclose(layer(x), naive(layer, x) + layer.shared(x), rtol=1e-5,
+                             atol=1e-5)
+
+
 @pytest.mark.parametrize('gate,renormalize', [('softmax', True), ('sigmoid', False)])
 def test_capacity_path_with_ample_capacity_equals_dropless(gate, renormalize):
   dropless = make_moe(gate=gate, renormalize=renormalize)
@@ -136,8 +144,10 @@ def step_on_mesh(layer, x, cot, mesh=None, rules=None):
   return jax.jit(sharded)(jax.device_put(params, shardings), jax.device_put(x, batch))
 
 
-def test_dropless_expert_parallel_on_eight_devices_equals_one_device():
-  cfg = mesh_config(tiny_config(), data=2, expert=4)
+@pytest.mark.parametrize('axes', [dict(data=2, expert=4), dict(fsdp=2, tensor=2, expert=2)],
+                         ids=['data2-expert4', 'fsdp2-tensor2-expert2'])
+def test_dropless_expert_parallel_on_eight_devices_equals_one_device(axes):
+  cfg = mesh_config(tiny_config(), **axes)
   mesh = make_mesh(cfg)
   layer = make_moe(num_experts=8, top_k=2)
   x = jax.random.normal(jax.random.key(7), (8, 6, 16))
@@ -185,7 +195,8 @@ def test_moe_train_step_reports_load_losses_and_dropped_fraction():
   cfg = config_lib.load('configs/moe.py:tiny', [
       'model.d_model=32', 'model.n_heads=2', 'model.n_kv_heads=2', 'model.n_layers=2',
       'model.moe.expert_d_ff=32', 'data.seq_len=16', 'train.batch_size=8',
-      'mesh.ici.data=2', 'mesh.ici.expert=4', 'model.moe.bias_update_rate=0.01'])
+      'mesh.ici.data=2', 'mesh.ici.expert=4', 'model.moe.bias_update_rate=0.01',
+      'model.remat=full'])  # the bias update also survives rematerialisation
   setup = make_setup(cfg, make_mesh(cfg))
   state = init_state(cfg, setup)
   step = make_train_step(setup)
