@@ -11,14 +11,13 @@ the device. Single device (expert parallelism is exercised by the tests).
 
 import argparse
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from report import emit
+from report import emit, timed
 
 from jaxarch.layers import SwiGLU
 from jaxarch.layers.moe import MoE
@@ -32,14 +31,6 @@ GRIDS = {
 }
 
 
-def timed(fn, *args, iters: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def train_fn(layer: nnx.Module):

@@ -2,6 +2,10 @@
 
 import json
 from pathlib import Path
+import time
+
+import jax
+import numpy as np
 
 from rich.console import Console
 from rich.table import Table
@@ -22,3 +26,14 @@ def emit(title: str, columns, rows, data, out: str | Path):
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(data, indent=2) + '\n')
   print(f'wrote {out}')
+
+
+def timed(fn, *args, iters: int) -> float:
+  """Median seconds per call of a jitted fn, after one compile-and-warm-up call."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))

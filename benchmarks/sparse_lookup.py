@@ -20,13 +20,12 @@ rows (the 151m preset has 1104² · 2 = 2.4M slices per layer; 2^24 bf16 rows of
 
 import argparse
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from report import emit
+from report import emit, timed
 
 from jaxarch.kernels import sparse_lookup
 
@@ -39,15 +38,6 @@ GRIDS = {
 }
 
 
-def timed(fn, *args, iters: int) -> float:
-  """Median seconds per call of a jitted fn, after one compile-and-warm-up call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def copy_bandwidth(iters: int, gib: float) -> float:

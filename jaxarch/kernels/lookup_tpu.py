@@ -154,6 +154,13 @@ def _gather_plan(values, t: int, k: int, smem_words: int, block_tokens: int | No
   return tb, slots, calls, blocks, tb * per_token
 
 
+def _gather_setup(values, indices, smem_words: int, block_tokens: int | None):
+  """-> (the table with whole row pairs, rows per packed pair, the gather plan)."""
+  values = _even_rows(values)
+  plan = _gather_plan(values, *indices.shape, smem_words, block_tokens)
+  return values, _packing(values.dtype), plan
+
+
 def _even_rows(values):
   """A 16-bit table with an odd row count gets a zero row, so that pairs stay aligned."""
   pad = -values.shape[0] % _packing(values.dtype)
@@ -190,9 +197,8 @@ def _token_blocks(indices, tpad: int, calls: int):
 def _forward(values, indices, weights, *, interpret, smem_words, block_tokens):
   t, k = indices.shape
   d = values.shape[1]
-  values = _even_rows(values)
-  pack = _packing(values.dtype)
-  tb, slots, calls, blocks, buf_bytes = _gather_plan(values, t, k, smem_words, block_tokens)
+  values, pack, (tb, slots, calls, blocks, buf_bytes) = _gather_setup(
+      values, indices, smem_words, block_tokens)
   tpad = calls * blocks * tb
   # The weight of slot pack·j + p is weights[t, j] if row indices[t, j] is the p-th of
   # its fetched group, else 0.
@@ -216,9 +222,8 @@ def _forward(values, indices, weights, *, interpret, smem_words, block_tokens):
 def _grad_weights(values, indices, g, *, interpret, smem_words, block_tokens):
   t, k = indices.shape
   d = values.shape[1]
-  values = _even_rows(values)
-  pack = _packing(values.dtype)
-  tb, slots, calls, blocks, buf_bytes = _gather_plan(values, t, k, smem_words, block_tokens)
+  values, pack, (tb, slots, calls, blocks, buf_bytes) = _gather_setup(
+      values, indices, smem_words, block_tokens)
   tpad = calls * blocks * tb
   gb = jnp.pad(g, ((0, tpad - t), (0, 0))).reshape(calls, blocks, tb, d)
 
