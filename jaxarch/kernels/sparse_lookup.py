@@ -68,16 +68,15 @@ def kernels_for(impl: str) -> str:
     return 'triton_interpret'
   if impl == 'interpret_tpu':
     return 'tpu_interpret'
+  if impl == 'xla':
+    return 'xla'
   platform = jax.default_backend()
-  if impl == 'auto':
-    return {'gpu': 'triton', 'tpu': 'tpu'}.get(platform, 'xla')
-  if impl == 'pallas':
-    if platform not in ('gpu', 'tpu'):
-      raise ValueError(f"sparse_lookup: impl='pallas' needs a GPU or TPU, and this process "
-                       f"runs on {platform}; use impl='interpret' (the kernels in Pallas' "
-                       "interpreter) or impl='xla'")
-    return {'gpu': 'triton', 'tpu': 'tpu'}[platform]
-  return 'xla'
+  compiled = {'gpu': 'triton', 'tpu': 'tpu'}.get(platform)
+  if impl == 'pallas' and compiled is None:
+    raise ValueError(f"sparse_lookup: impl='pallas' needs a GPU or TPU, and this process "
+                     f"runs on {platform}; use impl='interpret' (the kernels in Pallas' "
+                     "interpreter) or impl='xla'")
+  return compiled or 'xla'  # 'pallas', or 'auto' (XLA where no kernel compiles)
 
 
 def sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Array, *,
@@ -117,12 +116,10 @@ def _accumulation_dtype(values: jax.Array):
   return jnp.promote_types(values.dtype, jnp.float32)
 
 
-def _padded(values: jax.Array, kernels: str) -> jax.Array:
+def _padded(values: jax.Array) -> jax.Array:
   """Pallas kernels need D % 64 == 0: pad columns with zeros."""
   pad = -values.shape[1] % COLUMN_MULTIPLE
-  if kernels == 'xla' or not pad:
-    return values
-  return jnp.pad(values, ((0, 0), (0, pad)))
+  return jnp.pad(values, ((0, 0), (0, pad))) if pad else values
 
 
 def _interpret(kernels: str):
@@ -143,10 +140,10 @@ def _forward(values, indices, weights, kernels, scatter):
   if kernels == 'xla':
     out = lookup_xla.forward(values, indices, weights)
   elif kernels.startswith('triton'):
-    out = lookup_triton.forward(_padded(values, kernels), indices, weights,
+    out = lookup_triton.forward(_padded(values), indices, weights,
                                 interpret=_interpret(kernels))
   else:
-    out = lookup_tpu.forward(_padded(values, kernels), indices, weights,
+    out = lookup_tpu.forward(_padded(values), indices, weights,
                              interpret=_interpret(kernels))
   return out[:, :d].astype(values.dtype)
 
@@ -163,13 +160,13 @@ def _lookup_bwd(kernels, scatter, residuals, g):
   if kernels == 'xla':
     grad_values, grad_w = lookup_xla.backward(values, indices, w, g, scatter)
   else:
-    padded = _padded(values, kernels)
+    padded = _padded(values)
     g = jnp.pad(g, ((0, 0), (0, padded.shape[1] - d)))
     if kernels.startswith('triton'):
       grad_values, grad_w = lookup_triton.backward(padded, indices, w, g, scatter=scatter,
                                                    interpret=_interpret(kernels))
     else:
-        grad_values, grad_w = lookup_tpu.backward(padded, indices, w, g,
+      grad_values, grad_w = lookup_tpu.backward(padded, indices, w, g,
                                                 interpret=_interpret(kernels))
   int_zero = jnp.zeros(indices.shape, jax.dtypes.float0)
   return (grad_values[:n, :d].astype(values.dtype), int_zero,
