@@ -1,7 +1,8 @@
-"""`jaxarch` command line: train and evaluate language models from config files.
+"""`jaxarch` command line: train, evaluate and generate from language models.
 
   jaxarch train --config=configs/dense.py:tiny --workdir=/tmp/run [--config.train.steps=50]
   jaxarch eval  --workdir=/tmp/run            (config from the run, or --config=...)
+  jaxarch generate --workdir=/tmp/run --prompt="def " [--max_new_tokens=200 --top_p=0.9]
 """
 
 import argparse
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 from jaxarch import config as config_lib
+from jaxarch.infer.sampling import GenerateError
 
 
 def _config(args, overrides):
@@ -40,6 +42,41 @@ def _eval(args, overrides):
   print(json.dumps(result, indent=2))
 
 
+def _generate(args, overrides):
+  # pylint: disable=g-import-not-at-top
+  from jaxarch import infer
+  from jaxarch.data import get_tokenizer
+  from jaxarch.parallel import make_mesh
+  from jaxarch.train.pretrained import load_model
+  if overrides:
+    raise config_lib.ConfigError('config error: generate takes the config of its workdir; '
+                                 f'drop {overrides[0].split("=")[0]}')
+  cfg, model = load_model(args.workdir, step=args.step)
+  tokenizer = get_tokenizer(cfg.data.tokenizer)
+  # Documents were trained as [eod] + text: the eod id is the BOS the model expects.
+  prompts = [[tokenizer.eod_id] + tokenizer.encode(p) for p in args.prompt]
+  longest = max(map(len, prompts)) + args.max_new_tokens
+  if longest > cfg.model.max_len:
+    print(f'jaxarch: warning: {longest} positions exceed model.max_len={cfg.model.max_len}; '
+          'quality past the trained length is not guaranteed', file=sys.stderr)
+  sampled = (args.temperature, args.top_k, args.top_p) != (None, None, None)
+  method = args.method or ('sample' if sampled else 'greedy')
+  generator = infer.Generator(model, mesh=make_mesh(cfg), rules=cfg.mesh.rules)
+  outputs, stats = generator(
+      prompts, max_new_tokens=args.max_new_tokens, method=method,
+      temperature=1.0 if args.temperature is None else args.temperature,
+      top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p,
+      stop_ids=() if args.ignore_eod else (tokenizer.eod_id,), seed=args.seed)
+  for i, (prompt, new) in enumerate(zip(args.prompt, outputs)):
+    if i:
+      print('-' * 40)
+    print(prompt + tokenizer.decode(new))
+  print(f'jaxarch: {stats["new_tokens"]} new tokens in {stats["prefill_s"] + stats["decode_s"]:.2f}s, '
+        f'{stats["tokens_per_s"]:.1f} tokens/s ({stats["decode_step_s"] * 1e3:.1f} ms per '
+        f'decode step, batch {stats["batch"]}; compiled in {stats["compile_s"]:.1f}s)',
+        file=sys.stderr)
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='jaxarch', description='Train and evaluate jaxarch language models from config '
@@ -58,6 +95,23 @@ def _parser() -> argparse.ArgumentParser:
   command('train', _train, 'train a model, resuming from the workdir if it has checkpoints')
   command('eval', _eval, 'validation loss and bits per byte of a checkpoint').add_argument(
       '--step', type=int, help='checkpoint step (default: latest)')
+  gen = commands.add_parser('generate', help='continue prompts with the latest checkpoint',
+                            description='Continue prompts with a trained model (KV-cached '
+                            'decoding); greedy unless a sampling option is given.')
+  gen.add_argument('--workdir', required=True, help='the run to load (config and checkpoint)')
+  gen.add_argument('--prompt', action='append', required=True,
+                   help='text to continue; repeat for a batch of prompts')
+  gen.add_argument('--max_new_tokens', type=int, default=128)
+  gen.add_argument('--method', choices=('greedy', 'sample'),
+                   help='default: sample if --temperature/--top_k/--top_p is given')
+  gen.add_argument('--temperature', type=float)
+  gen.add_argument('--top_k', type=int, help='sample from the k most likely tokens')
+  gen.add_argument('--top_p', type=float, help='nucleus: the most likely tokens up to p')
+  gen.add_argument('--seed', type=int, default=0)
+  gen.add_argument('--ignore_eod', action='store_true',
+                   help='keep generating past the end-of-document token')
+  gen.add_argument('--step', type=int, help='checkpoint step (default: latest)')
+  gen.set_defaults(func=_generate)
   return parser
 
 
@@ -71,7 +125,7 @@ def main(argv=None):
   logging.getLogger('absl').setLevel(logging.ERROR)
   try:
     args.func(args, overrides)
-  except (config_lib.ConfigError, FileNotFoundError, ImportError) as e:
+  except (config_lib.ConfigError, FileNotFoundError, ImportError, GenerateError) as e:
     print(f'jaxarch: {e}', file=sys.stderr)
     return 2
   except KeyboardInterrupt:

@@ -95,8 +95,8 @@ def test_side_layer_reads_after_block_read_and_writes_after_block_write(monkeypa
       del index, rngs
       self.update = jnp.linspace(-1, 1, cfg.d_model)
 
-    def __call__(self, x, segment_ids):
-      del segment_ids
+    def __call__(self, x, positions, segment_ids):
+      del positions, segment_ids
       self.sow(nnx.Intermediate, 'seen', x)
       return jnp.broadcast_to(self.update, x.shape).astype(x.dtype)
 

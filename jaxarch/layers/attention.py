@@ -1,7 +1,16 @@
-"""Grouped-query self-attention with RoPE, causal and segment (packing) masks.
+"""Grouped-query self-attention with RoPE, causal and segment (packing) masks, KV cache.
 
 The attention itself is `jax.nn.dot_product_attention`, which handles grouped KV heads
 natively and dispatches to cuDNN flash attention on GPU when asked (`impl='cudnn'`).
+
+For generation (`jaxarch.infer`), `init_cache(batch, length)` preallocates the keys and
+values of `length` positions as `nnx.Cache` variables, sharded by the logical axes
+(batch, length, kv_heads, head_dim). With a cache, a call of several tokens is a prefill
+that starts every sequence at position 0 (it attends within itself, like training, and
+writes its keys and values to slots 0..t-1); a call of one token is a decode step that
+writes slot `positions[b]` of each sequence and attends to its slots `<= positions[b]`.
+Slots past a sequence's own position may hold a longer neighbour's padding from the
+prefill; they are never read before being overwritten.
 """
 
 import jax
@@ -47,6 +56,14 @@ class Attention(nnx.Module):
                         ('embed', 'kv_heads', 'head_dim'), param_dtype)
     self.o_proj = param(rngs, normal(out_std or init_std), (n_heads, head_dim, d_model),
                         ('heads', 'head_dim', 'embed'), param_dtype)
+    self.cache_k = self.cache_v = nnx.data(None)  # Cache variables once decoding
+
+  def init_cache(self, batch: int, length: int):
+    """Zeroed keys and values [batch, length, kv_heads, head_dim] for cached decoding."""
+    shape = (batch, length) + tuple(self.k_proj.shape[1:])
+    cache = lambda: nnx.Cache(jnp.zeros(shape, self.dtype), eager_sharding=False,
+                              out_sharding=('batch', 'length', 'kv_heads', 'head_dim'))
+    self.cache_k, self.cache_v = cache(), cache()
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     cast = lambda p: p[...].astype(self.dtype)
@@ -55,6 +72,21 @@ class Attention(nnx.Module):
     v = jnp.einsum('btd,dkh->btkh', x, cast(self.v_proj))
     q = apply_rope(q, positions, self.rope_theta)
     k = apply_rope(k, positions, self.rope_theta)
-    out = jax.nn.dot_product_attention(q, k, v, mask=document_mask(segment_ids),
-                                       is_causal=True, implementation=self.impl)  # btnh
+    if self.cache_k is not None and x.shape[1] == 1:
+      out = self._decode(q, k, v, positions[:, 0])
+    else:
+      if self.cache_k is not None:  # prefill from position 0
+        self.cache_k[...] = jax.lax.dynamic_update_slice_in_dim(self.cache_k[...], k, 0, 1)
+        self.cache_v[...] = jax.lax.dynamic_update_slice_in_dim(self.cache_v[...], v, 0, 1)
+      out = jax.nn.dot_product_attention(q, k, v, mask=document_mask(segment_ids),
+                                         is_causal=True, implementation=self.impl)  # btnh
     return jnp.einsum('btnh,nhd->btd', out, cast(self.o_proj))
+
+  def _decode(self, q, k, v, position):
+    """q, k, v [b, 1, ., h] at `position` [b] -> [b, 1, n, h] over the cached slots."""
+    rows = jnp.arange(q.shape[0])
+    keys = self.cache_k[...].at[rows, position].set(k[:, 0])  # b S k h
+    values = self.cache_v[...].at[rows, position].set(v[:, 0])
+    self.cache_k[...], self.cache_v[...] = keys, values
+    visible = jnp.arange(keys.shape[1]) <= position[:, None]  # b S
+    return jax.nn.dot_product_attention(q, keys, values, mask=visible[:, None, None, :])

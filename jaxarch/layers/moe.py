@@ -18,6 +18,10 @@ with the experts split over the mesh axes of the logical axis `expert`:
   device's assignments (top-1 choices first, then top-2, ..., in token order); the rest
   are dropped, pass through the residual only, and are counted.
 
+- dropless with few tokens on a device (`T·k <= E`, e.g. a decode step): each assignment
+  multiplies its expert's weights gathered by index, so only the chosen experts are read
+  from memory.
+
 **Expert parallelism.** With the experts split over n devices, the capacity path sends
 its `[E, C, d]` buffers with one `all_to_all` there and back. The dropless path sends
 padded per-shard buffers: after the sort, the assignments bound for each shard are
@@ -187,12 +191,23 @@ class MoE(nnx.Module):
     """One device: tokens [T, d], experts/weights [T, k], its experts' weights -> [T, d]."""
     t, d = tokens.shape
     k = self.top_k
-    if self.capacity_factor is None:
+    if self.capacity_factor is None and shards == 1 and t * k <= self.num_experts:
+      y, dropped = self._gathered(tokens, experts, gate, up, down), jnp.zeros((), jnp.int32)
+    elif self.capacity_factor is None:
       y, dropped = self._dropless(tokens, experts, gate, up, down, expert_axes, shards)
     else:
       y, dropped = self._capacity(tokens, experts, gate, up, down, expert_axes, shards)
     out = jnp.einsum('tk,tkd->td', weights, y.reshape(t, k, d))
     return out, dropped.astype(jnp.float32)
+
+  def _gathered(self, tokens, experts, gate, up, down):
+    """Few tokens (T·k <= E, a decode step): each assignment's expert weights gathered,
+    so only the chosen experts are read. -> y [T·k, d] token-major, nothing dropped."""
+    flat = experts.reshape(-1)
+    x = jnp.repeat(tokens, self.top_k, axis=0)  # m d
+    h = jax.nn.silu(jnp.einsum('md,mdf->mf', x, gate[flat]))
+    h = h * jnp.einsum('md,mdf->mf', x, up[flat])
+    return jnp.einsum('mf,mfd->md', h, down[flat])
 
   def _dropless(self, tokens, experts, gate, up, down, expert_axes, shards):
     """-> (y [T·k, d] per assignment in token-major order, dropped count)."""

@@ -166,6 +166,7 @@ class UltraMem(nnx.Module):
     self.v = TuckerVectors(v, out_sharding=(None, None), eager_sharding=False)
     self.hits = signals.WindowCounter(jnp.zeros((num_values,), jnp.int32),
                                       out_sharding=('values',), eager_sharding=False)
+    self.history = nnx.data(None)  # with query_conv: inputs while decoding (init_cache)
 
     # Raw scores at init: <LN(q)·g, LN(k)> has variance d_k·g² per rank component, and
     # S_i = R C_i Clᵀ has variance (d_k·g²)²·E[ΣC²] = (d_k·g²)²·r²/3 (C ~ U(0, 1)).
@@ -175,17 +176,25 @@ class UltraMem(nnx.Module):
     mean_square = score_var * _tail_mean_square(math.sqrt(top_k), self.keys_per_side) ** 2
     self.score_scale = math.sqrt(ive_expansion / (h * top_k * mean_square))
 
+  def init_cache(self, batch: int, length: int):
+    """For cached decoding: the query conv needs this layer's inputs of earlier positions."""
+    if self.query_conv is not None:
+      d_model = self.query_proj.shape[0]
+      self.history = nnx.Cache(jnp.zeros((batch, length, d_model), self.dtype),
+                               out_sharding=('batch', 'length', 'embed'), eager_sharding=False)
+
   def inactive_params(self) -> int:
     """Value parameters a token does not read: N·d_v minus its H·k rows (upper bound on
     distinct rows; IVE adds no reads, each virtual hit reads one physical row)."""
     return (self.num_values - min(self.num_values, self.num_heads * self.top_k)) * self.value_dim
 
-  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
     b, s, d_model = x.shape
     if not self.deterministic:
       u, v = self._leading_vectors(self.u[...])
       self.u[...], self.v[...] = u, v
-    q = self.query(x, segment_ids).reshape(b * s, self.num_heads, 2, -1)
+    q = self.query(x, segment_ids, positions).reshape(b * s, self.num_heads, 2, -1)
     virtual, scores = self.retrieve(q)
     physical, group = self.permute(virtual)
     bags = self.read(physical, group, scores * self.score_scale)  # t (E·d_v)
@@ -193,13 +202,35 @@ class UltraMem(nnx.Module):
     self._report(physical, scores)
     return out.reshape(b, s, d_model)
 
-  def query(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-    """x [b, s, d] -> LayerNormed queries [b, s, heads, 2, d_k] (fp32)."""
+  def query(self, x: jax.Array, segment_ids: jax.Array | None = None,
+            positions: jax.Array | None = None) -> jax.Array:
+    """x [b, s, d] -> LayerNormed queries [b, s, heads, 2, d_k] (fp32).
+
+    While decoding (`init_cache`), a call of several tokens is a prefill from position 0
+    and a call of one token continues each sequence at `positions [b, 1]`.
+    """
     x = x.astype(self.dtype)
     if self.query_conv is not None:
-      x = _causal_depthwise_conv(x, self.query_conv[...].astype(self.dtype), segment_ids)
+      kernel = self.query_conv[...].astype(self.dtype)
+      if self.history is not None and x.shape[1] == 1:
+        x = self._conv_step(x, kernel, positions[:, 0])
+      else:
+        if self.history is not None:
+          self.history[...] = jax.lax.dynamic_update_slice_in_dim(self.history[...], x, 0, 1)
+        x = _causal_depthwise_conv(x, kernel, segment_ids)
     q = jnp.einsum('bsd,dhpk->bshpk', x, self.query_proj[...].astype(self.dtype))
     return _layer_norm(q) * self.query_scale[...] + self.query_bias[...]
+
+  def _conv_step(self, x, kernel, position):
+    """The causal conv at one new position [b] per sequence, from the cached inputs."""
+    rows = jnp.arange(x.shape[0])
+    history = self.history[...].at[rows, position].set(x[:, 0])  # b S d
+    self.history[...] = history
+    out = x * kernel[-1]
+    for j in range(1, kernel.shape[0]):
+      earlier = history[rows, jnp.maximum(position - j, 0)][:, None]  # b 1 d
+      out = out + jnp.where((position >= j)[:, None, None], earlier * kernel[-1 - j], 0)
+    return out
 
   def side_scores(self, q: jax.Array) -> tuple[jax.Array, jax.Array]:
     """q [t, h, 2, d_k] -> row scores R, column scores Cl [t, h, n', r] (fp32)."""

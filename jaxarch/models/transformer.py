@@ -29,8 +29,8 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float
 BLOCKS: dict[str, Callable[..., nnx.Module]] = {}
 
 # Config section name -> factory(model_cfg, index, rngs) -> side layer mapping
-# (x [b,t,d], segment_ids [b,t]) to an update [b,t,d] for the residual stream, placed by
-# `model.<name>.placement`; `index` counts the side layers of that kind.
+# (x [b,t,d], positions [b,t], segment_ids [b,t]) to an update [b,t,d] for the residual
+# stream, placed by `model.<name>.placement`; `index` counts the side layers of that kind.
 SIDE_LAYERS: dict[str, Callable[..., nnx.Module]] = {}
 
 REMAT_POLICIES = {
@@ -107,7 +107,7 @@ class Transformer(nnx.Module):
     self.embed = Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, dtype=dtype,
                        param_dtype=param_dtype, rngs=rngs)
     self.blocks = nnx.List([BLOCKS[kind](cfg, i, rngs) for i, kind in enumerate(block_plan(cfg))])
-    self.placement = side_placement(cfg)
+    self.placement = tuple(side_placement(cfg))
     self.side_layers = nnx.List([SIDE_LAYERS[kind](cfg, i, rngs)
                                  for i, (kind, _, _) in enumerate(self.placement)])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype,
@@ -118,6 +118,12 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None) -> jax.Array:
+    return self.logits(self.features(tokens, segment_ids, positions))
+
+  def features(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
+    """tokens [b, t] -> final-normed hidden states [b, t, d]; `logits` maps them to the
+    vocabulary (generation only needs the last position of each prompt)."""
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
     if positions is None:
@@ -128,10 +134,13 @@ class Transformer(nnx.Module):
       x = self._run_block(block, x, positions, segment_ids)
       for j, (_, read, write) in enumerate(self.placement):
         if read == i:
-          pending[j] = self.side_layers[j](x, segment_ids)
+          pending[j] = self.side_layers[j](x, positions, segment_ids)
         if write == i:
           x = x + pending.pop(j)
-    x = self.final_norm(x)
+    return self.final_norm(x)
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """Hidden states [b, t, d] -> logits [b, t, vocab] (fp32)."""
     if self.head is None:
       logits = self.embed.attend(x)
     else:

@@ -1,0 +1,215 @@
+"""`generate`: batched prompts in, continuations out, with a compiled prefill and decode loop.
+
+Prompts of different lengths are right-padded to a bucket (a power of two, so a handful of
+shapes compile) and prefilled together; the decode loop is one `lax.while_loop` inside one
+jitted call, which writes each sequence's new token at its own position and stops when
+every sequence has produced a stop id or `max_new_tokens`. The batch is padded to a
+multiple of the mesh's batch shards with one-token dummy prompts.
+"""
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxarch.infer.decoding import add_caches, decode_step, for_inference, prefill
+from jaxarch.infer.sampling import GenerateError, Sampling, next_tokens
+from jaxarch.parallel import context
+from jaxarch.parallel.sharding import logical_to_spec
+
+_MIN_BUCKET = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shape:
+  """The static part of a call: one compiled prefill and decode loop per distinct value."""
+  batch: int
+  prompt_len: int
+  cache_len: int
+  max_new_tokens: int
+  sampling: Sampling
+  stop_ids: tuple[int, ...]
+
+
+class Generator:
+  """Compiled generation for one model; keep it to reuse the compiled functions.
+
+  `mesh` and `rules` (`cfg.mesh.rules`) place the caches and run expert-parallel and
+  sharded-memory layers as in training; without them XLA places everything by the
+  weights' shardings.
+  """
+
+  def __init__(self, model: nnx.Module, *, mesh: Mesh | None = None, rules=None):
+    if (mesh is None) != (rules is None):
+      raise GenerateError('generate: pass both mesh and rules (cfg.mesh.rules), or neither')
+    self.graphdef, self.state = nnx.split(for_inference(model))
+    self.mesh, self.rules = mesh, None if rules is None else tuple(map(tuple, rules))
+    self.vocab_size = _vocab_size(model)
+    self._compiled: dict[_Shape, tuple] = {}
+
+  def __call__(self, prompts: Sequence[Sequence[int]] | np.ndarray, *, max_new_tokens: int,
+               method: str = 'greedy', temperature: float = 1.0, top_k: int = 0,
+               top_p: float = 1.0, stop_ids: Sequence[int] = (), seed: int = 0
+               ) -> tuple[list[list[int]], dict]:
+    """-> (the new tokens of each prompt, ending with its stop id if one came; stats)."""
+    sampling = Sampling(method, float(temperature), int(top_k), float(top_p))
+    prompts = [list(map(int, p)) for p in prompts]
+    self._check(prompts, max_new_tokens, stop_ids)
+    n = len(prompts)
+    batch = _round_up(n, self._batch_shards())
+    lengths = np.array([len(p) for p in prompts] + [1] * (batch - n), np.int32)
+    prompt_len = max(_MIN_BUCKET, 1 << (int(lengths.max()) - 1).bit_length())
+    tokens = np.zeros((batch, prompt_len), np.int32)
+    for i, p in enumerate(prompts):
+      tokens[i, :len(p)] = p
+    shape = _Shape(batch, prompt_len, prompt_len + max_new_tokens, max_new_tokens, sampling,
+                   tuple(sorted(set(map(int, stop_ids)))))
+
+    start = time.perf_counter()
+    key = jax.random.PRNGKey(seed)
+    run_prefill, run_decode = self._compile(shape, tokens, lengths, key)
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    first, caches = run_prefill(self.state, tokens, lengths, key)
+    first.block_until_ready()
+    prefill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    out, steps, _ = run_decode(self.state, caches, first, lengths, key)
+    out, steps = np.asarray(out), int(steps)
+    decode_s = time.perf_counter() - start
+
+    results = [_until_stop(row, shape.stop_ids) for row in out[:n]]
+    new_tokens = sum(map(len, results))
+    stats = {
+        'batch': n, 'prompt_tokens': int(lengths[:n].sum()), 'new_tokens': new_tokens,
+        'forward_passes': steps, 'tokens_per_pass': new_tokens / max(steps * n, 1),
+        'compile_s': compile_s, 'prefill_s': prefill_s, 'decode_s': decode_s,
+        'tokens_per_s': new_tokens / max(prefill_s + decode_s, 1e-9),
+        'decode_step_s': decode_s / max(steps - 1, 1),
+    }
+    return results, stats
+
+  def _check(self, prompts, max_new_tokens, stop_ids):
+    if not prompts:
+      raise GenerateError('generate: no prompts')
+    if int(max_new_tokens) < 1:
+      raise GenerateError(f'generate: max_new_tokens={max_new_tokens} must be >= 1')
+    for i, p in enumerate(prompts):
+      if not p:
+        raise GenerateError(f'generate: prompt {i} is empty; start prompts with the '
+                         "tokenizer's eod id, which the models were trained to read as BOS")
+      bad = [t for t in p if not 0 <= t < self.vocab_size]
+      if bad:
+        raise GenerateError(f'generate: prompt {i} has token ids {bad[:5]} outside the '
+                         f'vocabulary [0, {self.vocab_size})')
+    bad = [t for t in stop_ids if not 0 <= int(t) < self.vocab_size]
+    if bad:
+      raise GenerateError(f'generate: stop_ids {bad} outside the vocabulary [0, {self.vocab_size})')
+
+  def _batch_shards(self) -> int:
+    if self.mesh is None:
+      return 1
+    spec = logical_to_spec(('batch',), self.rules)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    return math.prod(self.mesh.shape[a] for a in axes)
+
+  def _context(self):
+    if self.mesh is None:
+      return contextlib.nullcontext()
+    return context.logical_mesh(self.mesh, self.rules)
+
+  def _compile(self, shape: _Shape, tokens, lengths, key):
+    if shape not in self._compiled:
+      prefill_fn = jax.jit(lambda *a: self._prefill(shape, *a))
+      decode_fn = jax.jit(lambda *a: self._decode(shape, *a), donate_argnums=(1,))
+      run_prefill = prefill_fn.lower(self.state, tokens, lengths, key).compile()
+      first, caches = jax.tree.map(
+          lambda s, c: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=c),
+          jax.eval_shape(prefill_fn, self.state, tokens, lengths, key),
+          run_prefill.output_shardings)
+      run_decode = decode_fn.lower(self.state, caches, first, lengths, key).compile()
+      self._compiled[shape] = run_prefill, run_decode
+    return self._compiled[shape]
+
+  def _with_caches(self, shape: _Shape, state):
+    model = nnx.merge(self.graphdef, state)
+    add_caches(model, shape.batch, shape.cache_len, self.mesh, self.rules)
+    return model
+
+  def _prefill(self, shape: _Shape, state, tokens, lengths, key):
+    """-> (first new token [b], caches)."""
+    with self._context():
+      model = self._with_caches(shape, state)
+      logits = prefill(model, tokens, lengths)
+    first = next_tokens(logits, jax.random.fold_in(key, 0), shape.sampling)
+    return first, nnx.state(model, nnx.Cache)
+
+  def _decode(self, shape: _Shape, state, caches, first, lengths, key):
+    """-> (new tokens [b, max_new_tokens], forward passes including the prefill, caches).
+
+    The caches are returned only so that their donated buffers are updated in place.
+    """
+    with self._context():
+      graphdef, _, rest = nnx.split(self._with_caches(shape, state), nnx.Cache, ...)
+    stops = jnp.asarray(shape.stop_ids or (-1,), jnp.int32)
+    out = jnp.zeros((shape.batch, shape.max_new_tokens), jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, stops)
+
+    def unfinished(carry):
+      i, _, done, _ = carry
+      return (i < shape.max_new_tokens) & ~jnp.all(done)
+
+    def step(carry):
+      i, out, done, caches = carry
+      with self._context():
+        # Fresh Variables of this trace level: layers may write their (discarded) state.
+        model = nnx.merge(graphdef, caches, jax.tree.map(lambda x: x, rest))
+        logits = decode_step(model, out[:, i - 1], lengths + i - 1)
+      token = next_tokens(logits, jax.random.fold_in(key, i), shape.sampling)
+      out = out.at[:, i].set(jnp.where(done, 0, token))
+      return i + 1, out, done | jnp.isin(token, stops), nnx.state(model, nnx.Cache)
+
+    steps, out, _, caches = jax.lax.while_loop(unfinished, step,
+                                               (jnp.int32(1), out, done, caches))
+    return out, steps, caches
+
+
+def generate(model: nnx.Module, prompt_tokens, *, max_new_tokens: int,
+             method: str = 'greedy', mesh: Mesh | None = None, rules=None, **options
+             ) -> tuple[list[list[int]], dict]:
+  """Continues each prompt (a list of token ids) by up to `max_new_tokens` tokens.
+
+  `method`: 'greedy' or 'sample' (with `temperature`, `top_k`, `top_p`, `seed`);
+  `stop_ids` end a sequence (the stop id is kept as its last token). Returns the new
+  tokens of each prompt and statistics (tokens/s, forward passes, timings). Compiles on
+  every call; keep a `Generator` to generate repeatedly with one model.
+  """
+  return Generator(model, mesh=mesh, rules=rules)(
+      prompt_tokens, max_new_tokens=max_new_tokens, method=method, **options)
+
+
+def _vocab_size(model: nnx.Module) -> int:
+  embed = getattr(model, 'embed', None)
+  if embed is None:
+    raise GenerateError(f'generate: {type(model).__name__} has no token embedding (`embed`); '
+                     'pass a jaxarch language model')
+  return embed.embedding.shape[0]
+
+
+def _until_stop(row: np.ndarray, stop_ids: tuple[int, ...]) -> list[int]:
+  tokens = row.tolist()
+  for i, token in enumerate(tokens):
+    if token in stop_ids:
+      return tokens[:i + 1]
+  return tokens
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
