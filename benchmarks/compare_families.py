@@ -30,14 +30,14 @@ def counts(cfg) -> dict:
   return models.param_counts(nnx.eval_shape(lambda: models.build(cfg.model, rngs=nnx.Rngs(0))))
 
 
-def matched_dense(target_active: int, overrides) -> tuple:
-  """configs/dense.py:tiny with d_ff widened so its active parameters reach the target."""
-  cfg = config_lib.load('configs/dense.py:tiny', overrides)
+def matched_dense(target_active: int, overrides, preset: str = 'tiny'):
+  """configs/dense.py:<preset> with d_ff widened so its active parameters reach the target."""
+  spec = f'configs/dense.py:{preset}'
+  cfg = config_lib.load(spec, overrides)
   base = counts(cfg)['active']
   per_unit = 3 * cfg.model.d_model * cfg.model.n_layers  # SwiGLU params per unit of d_ff
   extra = max(0, round((target_active - base) / per_unit / 8)) * 8
-  return config_lib.load('configs/dense.py:tiny',
-                         [*overrides, f'model.d_ff={cfg.model.d_ff + extra}'])
+  return config_lib.load(spec, [*overrides, f'model.d_ff={cfg.model.d_ff + extra}'])
 
 
 def main(argv=None):

@@ -9,6 +9,7 @@ Their shapes are chosen here so that the non-embedding parameter count 12·d²·
 paper's name (SwiGLU with d_ff ≈ 8/3·d keeps 3·d·d_ff ≈ 8·d², attention keeps 4·d²):
 
   preset  d_model  layers  heads x head_dim  d_ff   non-embedding params
+  small   256      4       4 x 64             688    3.16M (CPU benchmarks and sweeps)
   151m    1024     12      8 x 128           2752   151.9M
   680m    1536     24      12 x 128          4096   679.5M
   1.6b    2048     32      16 x 128          5504   1.61B
@@ -31,6 +32,16 @@ PRESETS = {
         train=dict(steps=500, batch_size=16, lr=3e-3, warmup_steps=50),
         checkpoint=dict(every_steps=250),
         log=dict(every_steps=10, eval_every_steps=250, eval_batches=8),
+    ),
+    # CPU benchmarks and sweeps: 3.36M params; the base of the matched MoE and UltraMem
+    # `small` presets (26.2M total, 4.4M active each).
+    'small': dict(
+        model=dict(d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=688,
+                   max_len=1024, dtype='float32'),
+        data=dict(seq_len=256),
+        train=dict(steps=2000, batch_size=32, lr=2e-3, warmup_steps=100),
+        checkpoint=dict(every_steps=500),
+        log=dict(every_steps=20, eval_every_steps=500, eval_batches=8),
     ),
     '151m': dict(
         model=dict(d_model=1024, n_layers=12, n_heads=8, n_kv_heads=8, d_ff=2752),
@@ -75,6 +86,7 @@ def get_config(arg=None):
   c.data.tokenizer = 'bytes'  # bytes | path to a SentencePiece .model or HF tokenizer.json
   c.data.data_dir = ml_collections.config_dict.placeholder(str)  # None: $JAXARCH_DATA_DIR or ~/.cache/jaxarch
   c.data.validation_fraction = 0.05  # default and files: sources, split by file
+  c.data.pack_align = 1  # documents start at multiples of this (MEGABYTE: the patch size)
 
   # Mesh section: ('data', 'fsdp', 'tensor', 'expert'); one size may be -1.
   c.mesh = ml_collections.ConfigDict()

@@ -14,6 +14,7 @@ the presets below fix the layer mechanics to the authors' release (d_model 768, 
 that the total parameter count matches the paper's:
 
   preset  dense  memory layers (read:write)      n     values/layer  d_v   total (paper)  active
+  small   3.36M  0:2 1:3 (2)                     292   85,264        128   26.18M (-)     4.37M
   151m    151M   2:5 6:9 10:11 (3)               1104  1,218,816     512   2.05B (2.03B)  176M
   680m    680M   2:5 6:9 10:13 14:17 18:21 (5)   1460  2,131,600     768   8.95B (8.93B)  762M
   1.6b    1.61B  2:5 6:9 ... 26:29 (7)           1656  2,742,336     1024  21.46B (21.41B) 1.80B
@@ -44,6 +45,10 @@ PRESETS = {
     # CPU: 2 memory layers of 64x64 values on the tiny dense model.
     'tiny': dict(num_values=64 * 64, key_dim=32, value_dim=64, top_k=16, num_heads=2,
                  placement=((0, 2), (1, 3))),
+    # CPU benchmarks: 292x292 values in each of 2 layers on the small dense model,
+    # matched to configs/moe.py:small in total (26.18M) and active (4.37M) parameters.
+    'small': dict(num_values=292 * 292, key_dim=64, value_dim=128, top_k=32, num_heads=2,
+                  placement=((0, 2), (1, 3))),
     '151m': dict(num_values=1104 * 1104, key_dim=256, value_dim=512,
                  placement=_placement(3, 12)),
     '680m': dict(num_values=1460 * 1460, key_dim=384, value_dim=768,

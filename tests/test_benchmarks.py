@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'benchmarks'))
 
 import compare_families  # pylint: disable=g-import-not-at-top,wrong-import-position
+import decode  # pylint: disable=g-import-not-at-top,wrong-import-position
 import moe  # pylint: disable=g-import-not-at-top,wrong-import-position
 import sparse_lookup  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -43,6 +44,23 @@ def test_moe_benchmark_times_three_layers_per_case(tmp_path, monkeypatch):
   (record,) = json.loads(out.read_text())['records']
   for layer in ('dense', 'dropless', 'capacity'):
     assert record[f'{layer}_tokens_per_s'] == pytest.approx(32 / record[f'{layer}_s'])
+
+
+def test_decode_benchmark_times_each_family_and_moe_path(tmp_path):
+  out = tmp_path / 'decode.json'
+  decode.main(['--preset=tiny', '--batches=1', '--prompts=8', '--new_tokens=3',
+               '--repeats=1', f'--out={out}'])
+  records = json.loads(out.read_text())['records']
+  assert [r['family'] for r in records] == ['dense', 'moe_dropless', 'moe_capacity',
+                                            'ultramem']
+  for r in records:
+    assert r['tokens_per_s'] == pytest.approx(1e3 / r['decode_step_ms'])
+    # One token reads its active parameters, minus the embedding rows it does not use.
+    d_model, vocab = 128, 384
+    assert r['param_bytes_per_step'] == pytest.approx(
+        4 * (r['params_active'] - (vocab - 1) * d_model))
+    assert r['kv_bytes_per_step'] == 4 * (8 + 1.5) * 4 * 2 * 2 * 32  # 4 layers, 2 kv heads
+  assert records[0]['moe_over_ultramem'] > 0
 
 
 def test_dense_baseline_is_widened_to_the_sparse_active_count():

@@ -125,8 +125,8 @@ def test_sown_aux_losses_and_metrics_reach_the_step_metrics(monkeypatch):
       del cfg, index, rngs
       self.calls = signals.WindowCounter(jnp.zeros((), jnp.int32))
 
-    def __call__(self, x, segment_ids):
-      del segment_ids
+    def __call__(self, x, positions, segment_ids):
+      del positions, segment_ids
       signals.add_aux_loss(self, jnp.float32(0.25))
       signals.add_metric(self, 'mean_input', jnp.mean(x))
       self.calls.set_value(self.calls.get_value() + 1)

@@ -43,15 +43,18 @@ class Generator:
 
   `mesh` and `rules` (`cfg.mesh.rules`) place the caches and run expert-parallel and
   sharded-memory layers as in training; without them XLA places everything by the
-  weights' shardings.
+  weights' shardings. `moe_capacity_factor`: see `decoding.for_inference`.
   """
 
-  def __init__(self, model: nnx.Module, *, mesh: Mesh | None = None, rules=None):
+  def __init__(self, model: nnx.Module, *, mesh: Mesh | None = None, rules=None,
+               moe_capacity_factor: float | None = None):
     if (mesh is None) != (rules is None):
       raise GenerateError('generate: pass both mesh and rules (cfg.mesh.rules), or neither')
-    self.graphdef, self.state = nnx.split(for_inference(model))
+    model = for_inference(model, moe_capacity_factor=moe_capacity_factor)
+    self.graphdef, self.state = nnx.split(model)
     self.mesh, self.rules = mesh, None if rules is None else tuple(map(tuple, rules))
     self.vocab_size = _vocab_size(model)
+    self.patch_size = getattr(model, 'patch_size', 1)  # MEGABYTE prefills whole patches
     self._compiled: dict[_Shape, tuple] = {}
 
   def __call__(self, prompts: Sequence[Sequence[int]] | np.ndarray, *, max_new_tokens: int,
@@ -65,7 +68,8 @@ class Generator:
     n = len(prompts)
     batch = _round_up(n, self._batch_shards())
     lengths = np.array([len(p) for p in prompts] + [1] * (batch - n), np.int32)
-    prompt_len = max(_MIN_BUCKET, 1 << (int(lengths.max()) - 1).bit_length())
+    prompt_len = _round_up(max(_MIN_BUCKET, 1 << (int(lengths.max()) - 1).bit_length()),
+                           self.patch_size)
     tokens = np.zeros((batch, prompt_len), np.int32)
     for i, p in enumerate(prompts):
       tokens[i, :len(p)] = p
@@ -196,7 +200,7 @@ def generate(model: nnx.Module, prompt_tokens, *, max_new_tokens: int,
 
 
 def _vocab_size(model: nnx.Module) -> int:
-  embed = getattr(model, 'embed', None)
+  embed = getattr(model, 'embed', None) or getattr(model, 'local_embed', None)
   if embed is None:
     raise GenerateError(f'generate: {type(model).__name__} has no token embedding (`embed`); '
                      'pass a jaxarch language model')

@@ -98,18 +98,57 @@ def side_placement(cfg: ml_collections.ConfigDict) -> list[tuple[str, int, int]]
           for read, write in cfg[kind].placement]
 
 
-class Transformer(nnx.Module):
-  """tokens [b, t] -> logits [b, t, vocab] (fp32)."""
+class Stack(nnx.Module):
+  """The blocks of `model.block_pattern` and the side layers placed between them,
+  x [b, t, d] -> x [b, t, d] (residual stream, not normed). The transformer runs one over
+  its token embeddings; MEGABYTE one over patches and one inside each patch."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     self.remat = cfg.remat
-    self.embed = Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, dtype=dtype,
-                       param_dtype=param_dtype, rngs=rngs)
     self.blocks = nnx.List([BLOCKS[kind](cfg, i, rngs) for i, kind in enumerate(block_plan(cfg))])
     self.placement = tuple(side_placement(cfg))
     self.side_layers = nnx.List([SIDE_LAYERS[kind](cfg, i, rngs)
                                  for i, (kind, _, _) in enumerate(self.placement)])
+
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    return self.run_blocks(x, positions, segment_ids)
+
+  def run_blocks(self, x, positions, segment_ids):
+    pending = {}  # side layer index -> its output, waiting for its write block
+    for i, block in enumerate(self.blocks):
+      x = self._run_block(block, x, positions, segment_ids)
+      for j, (_, read, write) in enumerate(self.placement):
+        if read == i:
+          pending[j] = self.side_layers[j](x, positions, segment_ids)
+        if write == i:
+          x = x + pending.pop(j)
+    return x
+
+  def init_cache(self, batch: int, length: int):
+    """Decode caches of `length` positions in every layer that keeps some (`jaxarch.infer`)."""
+    for _, module in list(nnx.iter_graph(self)):
+      if module is not self and isinstance(module, nnx.Module) and hasattr(module, 'init_cache'):
+        module.init_cache(batch, length)
+
+  def _run_block(self, block, x, positions, segment_ids):
+    if self.remat == 'none':
+      return block(x, positions, segment_ids)
+    run = nnx.remat(lambda b, *args: b(*args), policy=REMAT_POLICIES[self.remat])
+    return run(block, x, positions, segment_ids)
+
+
+class Transformer(Stack):
+  """tokens [b, t] -> logits [b, t, vocab] (fp32).
+
+  For cached generation (`jaxarch.infer`): `init_cache`, then `prefill` once and
+  `decode_step` per new token.
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs)
+    super().__init__(cfg, rngs=rngs)
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype,
                               param_dtype=param_dtype, rngs=rngs)
     self.head = None if cfg.tie_embeddings else param(
@@ -128,16 +167,7 @@ class Transformer(nnx.Module):
       segment_ids = jnp.ones_like(tokens)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    x = self.embed(tokens)
-    pending = {}  # side layer index -> its output, waiting for its write block
-    for i, block in enumerate(self.blocks):
-      x = self._run_block(block, x, positions, segment_ids)
-      for j, (_, read, write) in enumerate(self.placement):
-        if read == i:
-          pending[j] = self.side_layers[j](x, positions, segment_ids)
-        if write == i:
-          x = x + pending.pop(j)
-    return self.final_norm(x)
+    return self.final_norm(self.run_blocks(self.embed(tokens), positions, segment_ids))
 
   def logits(self, x: jax.Array) -> jax.Array:
     """Hidden states [b, t, d] -> logits [b, t, vocab] (fp32)."""
@@ -147,8 +177,16 @@ class Transformer(nnx.Module):
       logits = jnp.einsum('btd,dv->btv', x, self.head[...].astype(x.dtype))
     return logits.astype(jnp.float32)
 
-  def _run_block(self, block, x, positions, segment_ids):
-    if self.remat == 'none':
-      return block(x, positions, segment_ids)
-    run = nnx.remat(lambda b, *args: b(*args), policy=REMAT_POLICIES[self.remat])
-    return run(block, x, positions, segment_ids)
+  def prefill(self, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Prompts [b, t] right-padded, `lengths` [b] -> next-token logits [b, vocab]; fills
+    the caches with positions 0..t-1 (the padding is overwritten before it is read)."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    segment_ids = (positions < lengths[:, None]).astype(jnp.int32)  # padding: 0
+    x = self.features(tokens, segment_ids, positions)
+    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # b 1 d
+    return self.logits(last)[:, 0]
+
+  def decode_step(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    """One new token per sequence, `tokens` [b] at `positions` [b] -> logits [b, vocab]."""
+    x = self.features(tokens[:, None], jnp.ones_like(tokens)[:, None], positions[:, None])
+    return self.logits(x)[:, 0]
