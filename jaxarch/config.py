@@ -333,13 +333,44 @@ def _check_moe_family(cfg: ConfigDict) -> None:
                       "model.family='moe' needs (e.g. ('moe',) or ('dense', 'moe'))")
 
 
+def _check_megabyte(cfg: ConfigDict) -> None:
+  """model.megabyte: patches that tile the global width and the rows; a local model."""
+  p = _positive_int(cfg, 'model.megabyte.patch_size')
+  if p < 2:
+    raise ConfigError(f'model.megabyte.patch_size={p} must be >= 2')
+  if cfg.model.d_model % p:
+    raise ConfigError(f'model.d_model={cfg.model.d_model} (the global width, patch_size x '
+                      f'byte embedding) must be divisible by model.megabyte.patch_size={p}')
+  if cfg.data.seq_len % p:
+    raise ConfigError(f'data.seq_len={cfg.data.seq_len} must be a multiple of '
+                      f'model.megabyte.patch_size={p}')
+  align = _number(cfg, 'data.pack_align', int)
+  if align % p:
+    raise ConfigError(f'data.pack_align={align} must be a multiple of model.megabyte.'
+                      f'patch_size={p}, so that every document starts on a patch boundary')
+  if cfg.data.tokenizer != 'bytes':
+    raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r}: MEGABYTE models bytes; use 'bytes'")
+  pad = _number(cfg, 'model.megabyte.pad_id', int)
+  if not 0 <= pad < cfg.model.vocab_size:
+    raise ConfigError(f'model.megabyte.pad_id={pad} must be in [0, model.vocab_size='
+                      f'{cfg.model.vocab_size})')
+  for key in ('d_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff'):
+    _positive_int(cfg, f'model.megabyte.local.{key}')
+  local = cfg.model.megabyte.local
+  if local.d_model % local.n_heads or local.n_heads % local.n_kv_heads:
+    raise ConfigError(f'model.megabyte.local: d_model={local.d_model}, n_heads='
+                      f'{local.n_heads}, n_kv_heads={local.n_kv_heads} must divide in turn')
+  if 'ultramem' in cfg.model:  # memory layers in the global model
+    _check_ultramem(cfg)
+
+
 # model.family -> checks of the model it builds; the keys are the families that exist.
-# A family adds itself with the checks of its own section, e.g.
-# 'megabyte': (_check_transformer, _check_megabyte).
+# A family adds itself with the checks of its own section.
 FAMILY_CHECKS: dict[str, tuple[Check, ...]] = {
     'dense': (_check_transformer,),
     'ultramem': (_check_transformer, _check_ultramem),
     'moe': (_check_transformer, _check_moe_family),
+    'megabyte': (_check_transformer, _check_megabyte),
 }
 
 # Block kind in model.block_pattern -> checks of its section (e.g. 'moe': (_check_moe,)

@@ -39,26 +39,35 @@ _FEATURES = ('inputs', 'targets', 'segment_ids', 'positions')
 
 
 class _Tokenize(grain.transforms.Map):
-  """Document text -> `{inputs: [eod] + ids, targets: ids + [eod]}`."""
+  """Document text -> `{inputs: [eod] + ids, targets: ids + [eod]}`, padded with pad_id to
+  a multiple of `align` tokens (so that every document starts on a multiple of `align`)."""
 
-  def __init__(self, tokenizer):
+  def __init__(self, tokenizer, align: int = 1):
     self._tokenizer = tokenizer
+    self._align = align
 
   def map(self, text: str) -> dict[str, np.ndarray]:
     ids = np.asarray(self._tokenizer.encode(text), np.int32)
     eod = np.array([self._tokenizer.eod_id], np.int32)
-    return {'inputs': np.concatenate([eod, ids]), 'targets': np.concatenate([ids, eod])}
+    inputs, targets = np.concatenate([eod, ids]), np.concatenate([ids, eod])
+    pad = -len(inputs) % self._align
+    if pad:
+      fill = np.full(pad, self._tokenizer.pad_id, np.int32)
+      inputs, targets = np.concatenate([inputs, fill]), np.concatenate([targets, fill])
+    return {'inputs': inputs, 'targets': targets}
 
 
 class _Finalize(grain.transforms.Map):
-  """Names the packing outputs and writes pad_id where no document is (packing writes 0)."""
+  """Names the packing outputs and marks padding: pad_id tokens in segment 0 (packing
+  writes 0 after the last document; alignment padding is pad_id inside a document)."""
 
   def __init__(self, pad_id: int):
     self._pad_id = pad_id
 
   def map(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     segment_ids = row['inputs_segment_ids'].astype(np.int32)
-    padding = segment_ids == 0
+    padding = (segment_ids == 0) | (row['inputs'] == self._pad_id)
+    segment_ids = np.where(padding, 0, segment_ids)
     return {
         'inputs': np.where(padding, self._pad_id, row['inputs']).astype(np.int32),
         'targets': np.where(padding, self._pad_id, row['targets']).astype(np.int32),
@@ -96,12 +105,19 @@ class _JsonStateIterator(grain.DatasetIterator):
     self._parent.set_state(dict(state, remainder_slices=slices))
 
 
-def _packed_rows(docs: grain.MapDataset, tokenizer, seq_len: int,
+def _packed_rows(docs: grain.MapDataset, tokenizer, data_cfg,
                  num_threads: int) -> grain.IterDataset:
+  """Rows of `data.seq_len` tokens; with `data.pack_align = n` every document starts at a
+  multiple of n (MEGABYTE: on a patch boundary), the gaps being padding."""
+  align = data_cfg.get('pack_align', 1)
+  if align > 1 and tokenizer.pad_id == tokenizer.eod_id:
+    raise ConfigError(f'config error: data.pack_align={align} needs a tokenizer whose pad id '
+                      f'differs from its eod id; data.tokenizer={data_cfg.tokenizer!r} pads '
+                      'with eod')
   # Tokenizing runs in the read threads; the iterator state stays a document index.
   read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * num_threads)
-  ds = docs.map(_Tokenize(tokenizer)).to_iter_dataset(read)
-  return _JsonStatePacking(ds, seq_len).map(_Finalize(tokenizer.pad_id))
+  ds = docs.map(_Tokenize(tokenizer, align)).to_iter_dataset(read)
+  return _JsonStatePacking(ds, data_cfg.seq_len).map(_Finalize(tokenizer.pad_id))
 
 
 class _Unzip(grain.experimental.FlatMapTransform):
@@ -153,7 +169,7 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
   # keeps every stream endless, and together the streams read each epoch exactly once.
   docs = docs.shuffle(seed=seed % 2**32).repeat()
   threads = -(-num_threads // num_streams)
-  streams = [_packed_rows(docs[i::num_streams], tokenizer, data_cfg.seq_len, threads)
+  streams = [_packed_rows(docs[i::num_streams], tokenizer, data_cfg, threads)
              for i in range(num_streams)]
   rows = grain.experimental.FlatMapIterDataset(grain.experimental.ZipIterDataset(streams),
                                                _Unzip(num_streams))
@@ -208,7 +224,7 @@ def make_eval_dataset(data_cfg, *, batch_size: int, num_batches: int,
   local_batch = _local_batch_size(batch_size, process_count, 'eval batch size')
   tokenizer = tokenizers.get_tokenizer(data_cfg.tokenizer)
   docs = _documents(data_cfg, 'validation', process_index, process_count)
-  rows = _packed_rows(docs, tokenizer, data_cfg.seq_len, num_threads=0)
+  rows = _packed_rows(docs, tokenizer, data_cfg, num_threads=0)
   batches = rows.batch(local_batch, batch_fn=functools.partial(
       _pad_batch, batch_size=local_batch, pad_id=tokenizer.pad_id))
   fill_batch = None

@@ -7,7 +7,9 @@ import jax
 import ml_collections
 
 from jaxarch.models import moe  # registers the moe block
+from jaxarch.models.megabyte import Megabyte
 from jaxarch.models import ultramem  # registers the memory side layer
+from jaxarch.layers import Embed
 from jaxarch.models.transformer import BLOCKS, SIDE_LAYERS, Transformer, register_block
 
 # model.family -> constructor(model_cfg, rngs=...). Later families register here.
@@ -15,6 +17,7 @@ FAMILIES: dict[str, Callable[..., nnx.Module]] = {
     'dense': Transformer,
     'ultramem': Transformer,  # with model.ultramem.placement memory layers
     'moe': Transformer,  # with 'moe' blocks in model.block_pattern
+    'megabyte': Megabyte,  # global model over patches + local model inside each patch
 }
 
 
@@ -36,5 +39,6 @@ def param_counts(model: nnx.Module) -> dict[str, int]:
   total = sum(x.size for x in jax.tree.leaves(params))
   inactive = sum(m.inactive_params() for _, m in nnx.iter_graph(model)
                  if hasattr(m, 'inactive_params'))
-  embedding = model.embed.embedding.get_value().size if hasattr(model, 'embed') else 0
+  embedding = sum(m.embedding.get_value().size for _, m in nnx.iter_graph(model)
+                  if isinstance(m, Embed))
   return {'total': total, 'active': total - inactive, 'embedding': embedding}
