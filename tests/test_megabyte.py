@@ -113,3 +113,17 @@ def test_tiny_megabyte_learns_on_the_default_corpus(tmp_path, data_dir):
                          'log.progress=false', 'log.tensorboard=false'), data=2, fsdp=2,
                     tensor=2)
   assert train(cfg, tmp_path)['eval_bpb'] < 4.5
+
+
+def test_flops_per_byte_count_the_global_model_once_per_patch():
+  from jaxarch.train import flops  # pylint: disable=g-import-not-at-top
+  cfg = _cfg('small')
+  model = nnx.eval_shape(lambda: models.build(cfg.model, rngs=nnx.Rngs(0)))
+  size = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+  p, t = cfg.model.megabyte.patch_size, cfg.data.seq_len
+  local = size(model.local_model) + model.to_local.size + model.local_embed.embedding.size
+  expected = (6 * (size(model.global_model) / p + local)
+              + 6 * 4 * (t // p) * 512 / p  # global attention: 4 layers, width 512
+              + 6 * 2 * p * 256)  # local attention: 2 layers, width 256
+  got = flops.train_flops_per_token(cfg.model, models.param_counts(model), t)
+  assert got == pytest.approx(expected, rel=0.01)  # norms and pads are counted as matmuls

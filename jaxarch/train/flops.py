@@ -12,6 +12,7 @@ Convention (PaLM appendix B / Chinchilla): a training step costs, per token,
   and layer in the forward pass for full attention; causal attention is counted at half
   (only the lower triangle is useful work), hence 2·T·n·h forward and 6·T·n·h per step.
 - Not counted: norms, activations, softmax, RoPE, optimizer update (all O(N) or O(T·d)).
+- MEGABYTE counts per byte (`megabyte_flops_per_byte`): its global model per patch.
 
 MFU = achieved model FLOPs per second / peak dense bf16 FLOPs of the devices; remat
 recomputation is *not* counted as model FLOPs (that would be hardware FLOPs utilisation).
@@ -55,8 +56,32 @@ def attention_flops_per_token(model_cfg: ml_collections.ConfigDict, seq_len: int
 
 
 def train_flops_per_token(model_cfg: ml_collections.ConfigDict, counts: dict[str, int],
-                          seq_len: int) -> int:
+                          seq_len: int) -> float:
+  if model_cfg.family == 'megabyte':
+    return megabyte_flops_per_byte(model_cfg, counts, seq_len)
   return 6 * matmul_params(model_cfg, counts) + attention_flops_per_token(model_cfg, seq_len)
+
+
+def _dense_block_params(d: int, n_heads: int, n_kv_heads: int, d_ff: int) -> int:
+  head_dim = d // n_heads
+  return 2 * d * n_heads * head_dim + 2 * d * n_kv_heads * head_dim + 3 * d * d_ff
+
+
+def megabyte_flops_per_byte(model_cfg: ml_collections.ConfigDict, counts: dict[str, int],
+                            seq_len: int) -> float:
+  """MEGABYTE per byte: the global model runs once per patch of P bytes over T/P patches,
+  the local model (with the global->local projection and the tied head) once per byte
+  over P positions."""
+  p, local = model_cfg.megabyte.patch_size, model_cfg.megabyte.local
+  d_g = model_cfg.d_model // p
+  local_matmul = (local.n_layers * _dense_block_params(local.d_model, local.n_heads,
+                                                      local.n_kv_heads, local.d_ff)
+                  + d_g * local.d_model)  # + the global->local projection
+  global_matmul = counts['active'] - counts['embedding'] - local_matmul
+  head = local.d_model * model_cfg.vocab_size  # tied to the local embedding
+  global_attention = attention_flops_per_token(model_cfg, seq_len // p) / p
+  local_attention = 6 * local.n_layers * p * local.d_model
+  return 6 * (global_matmul / p + local_matmul + head) + global_attention + local_attention
 
 
 def mfu(flops_per_second: float, num_devices: int, device_kind: str) -> float | None:
