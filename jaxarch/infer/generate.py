@@ -22,7 +22,6 @@ from jax.sharding import Mesh
 from jaxarch.infer.decoding import add_caches, decode_step, for_inference, prefill
 from jaxarch.infer.sampling import GenerateError, Sampling, next_tokens
 from jaxarch.parallel import context
-from jaxarch.parallel.sharding import logical_to_spec
 
 _MIN_BUCKET = 8
 
@@ -118,11 +117,8 @@ class Generator:
       raise GenerateError(f'generate: stop_ids {bad} outside the vocabulary [0, {self.vocab_size})')
 
   def _batch_shards(self) -> int:
-    if self.mesh is None:
-      return 1
-    spec = logical_to_spec(('batch',), self.rules)[0]
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
-    return math.prod(self.mesh.shape[a] for a in axes)
+    with self._context():
+      return math.prod(self.mesh.shape[a] for a in context.mesh_axes('batch'))
 
   def _context(self):
     if self.mesh is None:
