@@ -45,6 +45,12 @@ def local_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return local
 
 
+def _next_bytes(tokens: jax.Array) -> jax.Array:
+  """u [b, T] -> x [b, T], x[t] = u[t+1]: the bytes the positions predict. The last one is
+  unknown and filled with u's last; its patch is never a global input."""
+  return jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
+
+
 class PatchCache(nnx.Cache):
   """Per-sequence decoding state of MEGABYTE outside its attention caches."""
 
@@ -104,8 +110,7 @@ class Megabyte(nnx.Module):
     """u [b, T] -> global input of every patch [b, K, P·D_G] (shifted by one patch)."""
     b, t = tokens.shape
     p = self.patch_size
-    after = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)  # x; its last patch is unused
-    patches = self.embed_patch(after.reshape(b, t // p, p))
+    patches = self.embed_patch(_next_bytes(tokens).reshape(b, t // p, p))
     first = segment_ids[:, ::p]
     starts = jnp.concatenate([jnp.ones_like(first[:, :1], bool), first[:, 1:] != first[:, :-1]], 1)
     shifted = jnp.concatenate([patches[:, :1], patches[:, :-1]], axis=1)
@@ -159,8 +164,7 @@ class Megabyte(nnx.Module):
     current = (last // p)[:, None]  # the patch of each prompt's last byte
     rows = jnp.arange(b)[:, None]
     patch_tokens = tokens.reshape(b, t // p, p)[rows, current][:, 0]  # u's patch [b, P]
-    after = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
-    self.patch_bytes[...] = after.reshape(b, t // p, p)[rows, current][:, 0]  # x's patch
+    self.patch_bytes[...] = _next_bytes(tokens).reshape(b, t // p, p)[rows, current][:, 0]
     self.patch_out[...] = out[rows, current][:, 0]
     x = self.local_inputs(patch_tokens[:, None])[:, 0] + self.patch_out[...]
     local_positions = jnp.broadcast_to(jnp.arange(p), (b, p))
