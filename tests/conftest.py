@@ -61,3 +61,30 @@ def mesh_config(cfg, data=1, fsdp=1, tensor=1, expert=1):
 
 def devices(n: int):
   return jax.devices()[:n]
+
+
+def jitted(fn):
+  """fn(model, *args), compiled as a pure function of the model's state: the caches it
+  writes are put back; what layers sow is dropped (nnx.jit would keep it, and retrace)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  @jax.jit(static_argnums=0)
+  def run(graphdef, state, *args):
+    model = nnx.merge(graphdef, state)
+    return fn(model, *args), nnx.state(model, nnx.Cache)
+
+  def call(model, *args):
+    out, caches = run(*nnx.split(model), *args)
+    nnx.update(model, caches)
+    return out
+  return call
+
+
+def sharded_copy(model, cfg):
+  """(mesh, the model with its weights placed on the mesh as the trainer places them)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from jaxarch.parallel import make_mesh, tree_shardings  # pylint: disable=g-import-not-at-top
+  mesh = make_mesh(cfg)
+  graphdef, state = nnx.split(model)
+  state = jax.device_put(state, tree_shardings(state, mesh, cfg.mesh.rules))
+  return mesh, nnx.merge(graphdef, state)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import mesh_config
+from conftest import jitted, mesh_config, sharded_copy
 from jaxarch import cli, infer, models
 from jaxarch import config as config_lib
-from jaxarch.parallel import make_mesh, tree_shardings
+from jaxarch.parallel import make_mesh
 from jaxarch.train.checkpoint import Checkpointer
 from jaxarch.train.state import init_state, make_setup
 
@@ -35,31 +35,7 @@ def _config(family, **mesh):
   return mesh_config(config_lib.load(spec, ['model.dtype=float32', *overrides]), **mesh)
 
 
-def _sharded_copy(model, cfg):
-  """(mesh, the model with its weights placed on the mesh as the trainer places them)."""
-  mesh = make_mesh(cfg)
-  graphdef, state = nnx.split(model)
-  state = jax.device_put(state, tree_shardings(state, mesh, cfg.mesh.rules))
-  return mesh, nnx.merge(graphdef, state)
-
-
-def _jitted(fn):
-  """fn(model, *args), compiled as a pure function of the model's state: the caches it
-  writes are put back; what layers sow is dropped (nnx.jit would keep it, and retrace)."""
-
-  @jax.jit(static_argnums=0)
-  def run(graphdef, state, *args):
-    model = nnx.merge(graphdef, state)
-    return fn(model, *args), nnx.state(model, nnx.Cache)
-
-  def call(model, *args):
-    out, caches = run(*nnx.split(model), *args)
-    nnx.update(model, caches)
-    return out
-  return call
-
-
-_forward = _jitted(lambda model, tokens: model(tokens))
+_forward = jitted(lambda model, tokens: model(tokens))
 
 
 def _greedy_without_cache(model, prompt, steps):
@@ -85,9 +61,9 @@ def test_cached_decoding_gives_the_full_forward_logits_at_every_position(family)
   infer.add_caches(decoder, batch=2, length=32)
   lengths = jnp.array([5, 11])
   rows = jnp.arange(2)
-  logits = _jitted(infer.prefill)(decoder, tokens[:, :16], lengths)
+  logits = jitted(infer.prefill)(decoder, tokens[:, :16], lengths)
   np.testing.assert_allclose(logits, full[rows, lengths - 1], atol=1e-5)
-  decode_step = _jitted(infer.decode_step)
+  decode_step = jitted(infer.decode_step)
   for step in range(24 - 11):
     positions = lengths + step
     logits = decode_step(decoder, tokens[rows, positions], positions)
@@ -99,7 +75,7 @@ def test_cached_decoding_gives_the_full_forward_logits_at_every_position(family)
 def test_sharded_greedy_generation_equals_uncached_greedy_alone_or_in_a_batch(family):
   cfg = _config(family, **MESHES[family])
   model = models.build(cfg.model, rngs=nnx.Rngs(0))
-  mesh, sharded = _sharded_copy(model, cfg)
+  mesh, sharded = sharded_copy(model, cfg)
   generator = infer.Generator(sharded, mesh=mesh, rules=cfg.mesh.rules)
   prompts = [[257, 10, 11, 12], [257] + list(range(40, 61)), [257, 99]]
   batched, stats = generator(prompts, max_new_tokens=8)

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import mesh_config
+from conftest import jitted, mesh_config, sharded_copy
 from jaxarch import config as config_lib
 from jaxarch import models
 from jaxarch.data import make_train_dataset
-from jaxarch.parallel import make_mesh, tree_shardings
 from jaxarch.parallel.context import logical_mesh
 from jaxarch.train import train
 
@@ -26,9 +25,7 @@ def model():
   return models.build(_cfg().model, rngs=nnx.Rngs(0))
 
 
-@jax.jit(static_argnums=0)
-def _run(graphdef, state, tokens, segment_ids, positions):
-  return nnx.merge(graphdef, state)(tokens, segment_ids, positions)
+_run = jitted(lambda model, *inputs: model(*inputs))
 
 
 def _logits(model, tokens, segment_ids=None, positions=None):
@@ -36,7 +33,7 @@ def _logits(model, tokens, segment_ids=None, positions=None):
   if segment_ids is None:
     segment_ids = jnp.ones_like(tokens)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-  return _run(*nnx.split(model), tokens, jnp.asarray(segment_ids), jnp.asarray(positions))
+  return _run(model, tokens, jnp.asarray(segment_ids), jnp.asarray(positions))
 
 
 def test_changing_a_byte_changes_no_prediction_at_or_before_it(model):
@@ -79,9 +76,8 @@ def test_sharded_over_8_devices_equals_one_device():
   model.set_attributes(deterministic=True, raise_if_not_found=False)
   tokens = jnp.asarray(np.random.default_rng(3).integers(0, 256, (4, 32)), jnp.int32)
   single = _logits(model, tokens)
-  mesh = make_mesh(cfg)
-  graphdef, state = nnx.split(model)
-  state = jax.device_put(state, tree_shardings(state, mesh, cfg.mesh.rules))
+  mesh, sharded_model = sharded_copy(model, cfg)
+  graphdef, state = nnx.split(sharded_model)
 
   @jax.jit
   def sharded(state, tokens):
