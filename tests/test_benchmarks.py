@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'benchmarks'))
 
 import compare_families  # pylint: disable=g-import-not-at-top,wrong-import-position
 import decode  # pylint: disable=g-import-not-at-top,wrong-import-position
+import megabyte  # pylint: disable=g-import-not-at-top,wrong-import-position
 import moe  # pylint: disable=g-import-not-at-top,wrong-import-position
 import sparse_lookup  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -80,3 +81,41 @@ def test_compare_families_benchmark_writes_one_record_per_family(tmp_path, data_
   compare_families.main(['--steps=20', f'--workdir={tmp_path / "runs"}', f'--out={out}'])
   records = json.loads(out.read_text())
   assert [r['family'] for r in records] == ['dense', 'ultramem', 'moe']
+
+
+
+def test_megabyte_baseline_is_a_byte_transformer_of_equal_parameters():
+  mb = megabyte.config_lib.load('configs/megabyte.py:tiny')
+  transformer = megabyte.byte_transformer(mb)
+  assert transformer.model.family == 'dense' and transformer.data.pack_align == 1
+  assert transformer.model.d_model == mb.model.d_model
+  total = lambda c: compare_families.counts(c)['total']
+  assert abs(total(transformer) - total(mb)) <= 3 * 128 * transformer.model.n_layers * 4
+
+
+def _run_megabyte_benchmark(tmp_path, bpb_steps):
+  out = tmp_path / 'megabyte.json'
+  megabyte.main(['--seq_lens=64', '--batch_bytes=512', '--train_steps=1', '--gen_context=32',
+                 '--gen_batches=1', '--new_tokens=4', f'--bpb_steps={bpb_steps}',
+                 f'--workdir={tmp_path / "runs"}', f'--out={out}'])
+  return json.loads(out.read_text())
+
+
+def test_megabyte_benchmark_times_training_and_generation(tmp_path):
+  data = _run_megabyte_benchmark(tmp_path, bpb_steps=0)
+  assert [r['model'] for r in data['training']] == ['megabyte', 'transformer']
+  assert all(r['tokens_per_s'] > 0 and r['batch_size'] == 8 for r in data['training'])
+  flops_per_byte = {r['model']: r['flops_per_byte'] for r in data['training']}
+  assert flops_per_byte['megabyte'] < flops_per_byte['transformer']
+  assert all(r['bytes_per_s'] > 0 and r['prompt'] == 28 for r in data['generation'])
+  assert not data['quality']
+
+
+@pytest.mark.slow
+def test_megabyte_benchmark_trains_both_at_equal_compute(tmp_path, data_dir, monkeypatch):
+  monkeypatch.setenv('JAXARCH_DATA_DIR', data_dir)
+  quality = {r['model']: r for r in _run_megabyte_benchmark(tmp_path, bpb_steps=2)['quality']}
+  assert quality['transformer']['steps'] == 2
+  assert quality['megabyte']['steps'] > 2  # its cheaper bytes buy more steps
+  flops = [r['train_flops'] for r in quality.values()]
+  assert abs(flops[0] - flops[1]) / max(flops) < 0.5 / 2  # equal up to rounding one step
