@@ -5,6 +5,10 @@ shapes compile) and prefilled together; the decode loop is one `lax.while_loop` 
 jitted call, which writes each sequence's new token at its own position and stops when
 every sequence has produced a stop id or `max_new_tokens`. The batch is padded to a
 multiple of the mesh's batch shards with one-token dummy prompts.
+
+`method='bita'` (a BiTA model, `models.bita`) decodes greedily with a draft tree
+(`infer.tree`): each pass verifies the previous pass's candidates and drafts the next
+ones, and the caches keep only the accepted tokens; the output equals greedy decoding.
 """
 
 import contextlib
@@ -21,6 +25,7 @@ from jax.sharding import Mesh
 
 from jaxarch.infer.decoding import add_caches, decode_step, for_inference, prefill
 from jaxarch.infer.sampling import GenerateError, Sampling, next_tokens
+from jaxarch.infer.tree import DraftTree
 from jaxarch.parallel import context
 
 _MIN_BUCKET = 8
@@ -35,6 +40,7 @@ class _Shape:
   max_new_tokens: int
   sampling: Sampling
   stop_ids: tuple[int, ...]
+  tree: DraftTree | None = None  # method='bita'
 
 
 class Generator:
@@ -54,16 +60,22 @@ class Generator:
     self.mesh, self.rules = mesh, None if rules is None else tuple(map(tuple, rules))
     self.vocab_size = _vocab_size(model)
     self.patch_size = getattr(model, 'patch_size', 1)  # MEGABYTE prefills whole patches
+    self.num_mask_tokens = getattr(model, 'num_mask_tokens', None)  # BiTA
+    self.default_tree = getattr(model, 'draft_tree', None)
     self._compiled: dict[_Shape, tuple] = {}
 
   def __call__(self, prompts: Sequence[Sequence[int]] | np.ndarray, *, max_new_tokens: int,
                method: str = 'greedy', temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 1.0, stop_ids: Sequence[int] = (), seed: int = 0
-               ) -> tuple[list[list[int]], dict]:
-    """-> (the new tokens of each prompt, ending with its stop id if one came; stats)."""
+               top_p: float = 1.0, stop_ids: Sequence[int] = (), seed: int = 0,
+               draft_tree: Sequence[int] | None = None) -> tuple[list[list[int]], dict]:
+    """-> (the new tokens of each prompt, ending with its stop id if one came; stats).
+
+    `draft_tree`: candidates per level for method='bita' (default: the model's).
+    """
     sampling = Sampling(method, float(temperature), int(top_k), float(top_p))
     prompts = [list(map(int, p)) for p in prompts]
     self._check(prompts, max_new_tokens, stop_ids)
+    tree = self._draft_tree(draft_tree) if method == 'bita' else None
     n = len(prompts)
     batch = _round_up(n, self._batch_shards())
     lengths = np.array([len(p) for p in prompts] + [1] * (batch - n), np.int32)
@@ -72,8 +84,9 @@ class Generator:
     tokens = np.zeros((batch, prompt_len), np.int32)
     for i, p in enumerate(prompts):
       tokens[i, :len(p)] = p
-    shape = _Shape(batch, prompt_len, prompt_len + max_new_tokens, max_new_tokens, sampling,
-                   tuple(sorted(set(map(int, stop_ids)))))
+    room = 0 if tree is None else tree.size * (1 + self.num_mask_tokens)  # one tree call
+    shape = _Shape(batch, prompt_len, prompt_len + max_new_tokens + room, max_new_tokens,
+                   sampling, tuple(sorted(set(map(int, stop_ids)))), tree)
 
     start = time.perf_counter()
     key = jax.random.PRNGKey(seed)
@@ -84,11 +97,11 @@ class Generator:
     first.block_until_ready()
     prefill_s = time.perf_counter() - start
     start = time.perf_counter()
-    out, steps, _ = run_decode(self.state, caches, first, lengths, key)
+    out, steps, accepted, _ = run_decode(self.state, caches, first, lengths, key)
     out, steps = np.asarray(out), int(steps)
     decode_s = time.perf_counter() - start
 
-    results = [_until_stop(row, shape.stop_ids) for row in out[:n]]
+    results = [_until_stop(row, shape.stop_ids) for row in out[:n, :max_new_tokens]]
     new_tokens = sum(map(len, results))
     stats = {
         'batch': n, 'prompt_tokens': int(lengths[:n].sum()), 'new_tokens': new_tokens,
@@ -97,7 +110,22 @@ class Generator:
         'tokens_per_s': new_tokens / max(prefill_s + decode_s, 1e-9),
         'decode_step_s': decode_s / max(steps - 1, 1),
     }
+    if tree is not None:  # tokens per tree pass and sequence, the bonus token included
+      stats['accepted_per_pass'] = float(accepted[0] / max(accepted[1], 1))
     return results, stats
+
+  def _draft_tree(self, widths) -> DraftTree:
+    if self.num_mask_tokens is None:
+      raise GenerateError("generate: method='bita' needs a BiTA model (model.family='bita', "
+                          'trained with configs/bita.py on a base run)')
+    try:
+      tree = DraftTree(tuple(int(w) for w in (widths or self.default_tree)))
+    except (TypeError, ValueError) as e:
+      raise GenerateError(f'generate: {e}') from e
+    if tree.levels > self.num_mask_tokens:
+      raise GenerateError(f'generate: draft_tree {tree.widths} has {tree.levels} levels; '
+                          f'the model has {self.num_mask_tokens} mask tokens, one per level')
+    return tree
 
   def _check(self, prompts, max_new_tokens, stop_ids):
     if not prompts:
@@ -128,7 +156,8 @@ class Generator:
   def _compile(self, shape: _Shape, tokens, lengths, key):
     if shape not in self._compiled:
       prefill_fn = jax.jit(lambda *a: self._prefill(shape, *a))
-      decode_fn = jax.jit(lambda *a: self._decode(shape, *a), donate_argnums=(1,))
+      decode = self._decode if shape.tree is None else self._decode_tree
+      decode_fn = jax.jit(lambda *a: decode(shape, *a), donate_argnums=(1,))
       run_prefill = prefill_fn.lower(self.state, tokens, lengths, key).compile()
       first, caches = jax.tree.map(
           lambda s, c: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=c),
@@ -178,7 +207,60 @@ class Generator:
 
     steps, out, _, caches = jax.lax.while_loop(unfinished, step,
                                                (jnp.int32(1), out, done, caches))
-    return out, steps, caches
+    return out, steps, jnp.zeros(2, jnp.int32), caches
+
+  def _decode_tree(self, shape: _Shape, state, caches, first, lengths, key):
+    """BiTA: -> (new tokens [b, max_new_tokens + levels + 1], forward passes including the
+    prefill, [tokens produced by tree passes, sequence-passes], caches)."""
+    del key  # greedy
+    tree = shape.tree
+    with self._context():
+      graphdef, _, rest = nnx.split(self._with_caches(shape, state), nnx.Cache, ...)
+    b, rows, width = shape.batch, jnp.arange(shape.batch), max(tree.widths)
+    stops = jnp.asarray(shape.stop_ids or (-1,), jnp.int32)
+    slots = jnp.arange(tree.levels + 1)
+    out = jnp.zeros((b, shape.max_new_tokens + tree.levels + 1), jnp.int32).at[:, 0].set(first)
+    drafts = jnp.zeros((b, self.num_mask_tokens, width), jnp.int32)  # none before pass 1
+    count = jnp.ones(b, jnp.int32)
+    done = jnp.isin(first, stops) | (count >= shape.max_new_tokens)
+
+    def unfinished(carry):
+      return ~jnp.all(carry[3])
+
+    def step(carry):
+      i, out, count, done, root, cached, drafts, tally, caches = carry
+      with self._context():
+        model = nnx.merge(graphdef, caches, jax.tree.map(lambda x: x, rest))
+        nodes = tree.tokens(root, drafts)
+        positions = cached[:, None] + jnp.asarray(tree.depth)
+        node_logits, mask_logits = model.with_masks(
+            nodes, positions, jnp.asarray(tree.visible), jnp.asarray(tree.parent),
+            jnp.arange(tree.size), cached)
+        greedy = jnp.argmax(node_logits, axis=-1).astype(jnp.int32)
+        last, path = tree.accept(nodes, greedy, drafted=jnp.full(b, i > 1))
+        model.keep_path(path, cached)
+      depth = jnp.asarray(tree.depth)[last]
+      bonus = greedy[rows, last]
+      new = jnp.where(slots < depth[:, None], nodes[rows[:, None], jnp.roll(path, -1, 1)],
+                      bonus[:, None])  # the accepted candidates, then the bonus token
+      produced = jnp.where(done, 0, depth + 1)
+      kept = slots < produced[:, None]
+      out = out.at[rows[:, None], jnp.where(kept, count[:, None] + slots, out.shape[1])].set(
+          new, mode='drop')
+      stopped = jnp.any(kept & jnp.isin(new, stops), axis=1)
+      tally = tally + jnp.stack([produced.sum(), (~done).sum()])
+      cached = cached + produced
+      count = count + produced
+      root = jnp.where(done, root, bonus)
+      drafts = jax.lax.top_k(mask_logits[rows, last], width)[1].astype(jnp.int32)
+      done = done | stopped | (count >= shape.max_new_tokens)
+      return (i + 1, out, count, done, root, cached, drafts, tally,
+              nnx.state(model, nnx.Cache))
+
+    carry = (jnp.int32(1), out, count, done, first, lengths, drafts, jnp.zeros(2, jnp.int32),
+             caches)
+    steps, out, *_, tally, caches = jax.lax.while_loop(unfinished, step, carry)
+    return out, steps, tally, caches
 
 
 def generate(model: nnx.Module, prompt_tokens, *, max_new_tokens: int,
@@ -196,6 +278,7 @@ def generate(model: nnx.Module, prompt_tokens, *, max_new_tokens: int,
 
 
 def _vocab_size(model: nnx.Module) -> int:
+  model = getattr(model, 'base', model)  # BiTA: its base model's vocabulary
   embed = getattr(model, 'embed', None) or getattr(model, 'local_embed', None)
   if embed is None:
     raise GenerateError(f'generate: {type(model).__name__} has no token embedding (`embed`); '

@@ -5,7 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-METHODS = ('greedy', 'sample')
+METHODS = ('greedy', 'sample', 'bita')  # bita: greedy, several tokens per pass (infer.tree)
 
 
 class GenerateError(ValueError):
@@ -38,7 +38,7 @@ class Sampling:
 
 def next_tokens(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
   """logits [b, V] -> token ids [b] int32."""
-  if sampling.method == 'greedy':
+  if sampling.method in ('greedy', 'bita'):
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits.astype(jnp.float32) / sampling.temperature
   if sampling.top_k and sampling.top_k < logits.shape[-1]:

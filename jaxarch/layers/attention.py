@@ -11,12 +11,18 @@ writes its keys and values to slots 0..t-1); a call of one token is a decode ste
 writes slot `positions[b]` of each sequence and attends to its slots `<= positions[b]`.
 Slots past a sequence's own position may hold a longer neighbour's padding from the
 prefill; they are never read before being overwritten.
+
+A `Layout` (BiTA's mask groups and draft trees, `layers.layout`) replaces the causal and
+document masks by its own visibility; with a cache, the call is written after each
+sequence's cached slots and `keep_path` keeps the accepted tokens. A `prefix` of learned
+keys and values (BiTA's deep prompt) is seen by the tokens the layout marks.
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxarch.layers import layout as layout_lib
 from jaxarch.layers.params import normal, param
 from jaxarch.layers.rope import apply_rope
 
@@ -65,14 +71,23 @@ class Attention(nnx.Module):
                               out_sharding=('batch', 'length', 'kv_heads', 'head_dim'))
     self.cache_k, self.cache_v = cache(), cache()
 
-  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+  def keep_path(self, path: jax.Array, cached: jax.Array):
+    """After a tree call: keep the keys and values of its accepted path (see `Layout`)."""
+    self.cache_k[...] = layout_lib.keep_path(self.cache_k[...], path, cached)
+    self.cache_v[...] = layout_lib.keep_path(self.cache_v[...], path, cached)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+               layout: layout_lib.Layout | None = None, prefix=None) -> jax.Array:
+    """`prefix`: (keys, values) [p, kv_heads, head_dim], with a `layout` only."""
     cast = lambda p: p[...].astype(self.dtype)
     q = jnp.einsum('btd,dnh->btnh', x, cast(self.q_proj))
     k = jnp.einsum('btd,dkh->btkh', x, cast(self.k_proj))
     v = jnp.einsum('btd,dkh->btkh', x, cast(self.v_proj))
     q = apply_rope(q, positions, self.rope_theta)
     k = apply_rope(k, positions, self.rope_theta)
-    if self.cache_k is not None and x.shape[1] == 1:
+    if layout is not None:
+      out = self._with_layout(q, k, v, layout, prefix)
+    elif self.cache_k is not None and x.shape[1] == 1:
       out = self._decode(q, k, v, positions[:, 0])
     else:
       if self.cache_k is not None:  # prefill from position 0
@@ -90,3 +105,23 @@ class Attention(nnx.Module):
     self.cache_k[...], self.cache_v[...] = keys, values
     visible = jnp.arange(keys.shape[1]) <= position[:, None]  # b S
     return jax.nn.dot_product_attention(q, keys, values, mask=visible[:, None, None, :])
+
+  def _with_layout(self, q, k, v, layout, prefix):
+    """q, k, v [b, t, ., h] of a call laid out by `layout` -> [b, t, n, h]."""
+    b, t = q.shape[:2]
+    if layout.cached is None:  # the call is the whole context
+      keys, values = k, v
+      mask = jnp.broadcast_to(layout.visible, (b, t, t))
+    else:
+      keys = layout_lib.write_call(self.cache_k[...], k, layout.cached)
+      values = layout_lib.write_call(self.cache_v[...], v, layout.cached)
+      self.cache_k[...], self.cache_v[...] = keys, values
+      mask = layout_lib.cache_mask(layout, keys.shape[1])
+    if prefix is not None:
+      prefix_k, prefix_v = (jnp.broadcast_to(p.astype(self.dtype), (b, *p.shape))
+                            for p in prefix)
+      keys = jnp.concatenate([prefix_k, keys], axis=1)
+      values = jnp.concatenate([prefix_v, values], axis=1)
+      sees = jnp.broadcast_to(layout.sees_prefix[None, :, None], (b, t, prefix_k.shape[1]))
+      mask = jnp.concatenate([sees, mask], axis=2)
+    return jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None])

@@ -63,6 +63,7 @@ from flax import nnx
 
 from jaxarch.config import check_ultramem, default_top_m
 from jaxarch.kernels import sharded_sparse_lookup
+from jaxarch.layers import layout as layout_lib
 from jaxarch.layers import signals
 from jaxarch.layers.params import normal, param
 
@@ -188,13 +189,19 @@ class UltraMem(nnx.Module):
     distinct rows; IVE adds no reads, each virtual hit reads one physical row)."""
     return (self.num_values - min(self.num_values, self.num_heads * self.top_k)) * self.value_dim
 
+  def keep_path(self, path: jax.Array, cached: jax.Array):
+    """After a tree call: keep the query inputs of its accepted path (`layers.layout`)."""
+    if self.history is not None:
+      self.history[...] = layout_lib.keep_path(self.history[...], path, cached)
+
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None,
-               positions: jax.Array | None = None) -> jax.Array:
+               positions: jax.Array | None = None,
+               layout: layout_lib.Layout | None = None) -> jax.Array:
     b, s, d_model = x.shape
     if not self.deterministic:
       u, v = self._leading_vectors(self.u[...])
       self.u[...], self.v[...] = u, v
-    q = self.query(x, segment_ids, positions).reshape(b * s, self.num_heads, 2, -1)
+    q = self.query(x, segment_ids, positions, layout).reshape(b * s, self.num_heads, 2, -1)
     virtual, scores = self.retrieve(q)
     physical, group = self.permute(virtual)
     bags = self.read(physical, group, scores * self.score_scale)  # t (E·d_v)
@@ -203,7 +210,8 @@ class UltraMem(nnx.Module):
     return out.reshape(b, s, d_model)
 
   def query(self, x: jax.Array, segment_ids: jax.Array | None = None,
-            positions: jax.Array | None = None) -> jax.Array:
+            positions: jax.Array | None = None,
+            layout: layout_lib.Layout | None = None) -> jax.Array:
     """x [b, s, d] -> LayerNormed queries [b, s, heads, 2, d_k] (fp32).
 
     While decoding (`init_cache`), a call of several tokens is a prefill from position 0
@@ -212,7 +220,9 @@ class UltraMem(nnx.Module):
     x = x.astype(self.dtype)
     if self.query_conv is not None:
       kernel = self.query_conv[...].astype(self.dtype)
-      if self.history is not None and x.shape[1] == 1:
+      if layout is not None:
+        x = self._conv_along_paths(x, kernel, positions, layout)
+      elif self.history is not None and x.shape[1] == 1:
         x = self._conv_step(x, kernel, positions[:, 0])
       else:
         if self.history is not None:
@@ -230,6 +240,24 @@ class UltraMem(nnx.Module):
     for j in range(1, kernel.shape[0]):
       earlier = history[rows, jnp.maximum(position - j, 0)][:, None]  # b 1 d
       out = out + jnp.where((position >= j)[:, None, None], earlier * kernel[-1 - j], 0)
+    return out
+
+  def _conv_along_paths(self, x, kernel, positions, layout):
+    """The causal conv of a laid-out call: the taps follow each token's parents, then the
+    cached inputs before the call (`layers.layout`)."""
+    rows = jnp.arange(x.shape[0])[:, None]
+    if layout.cached is not None:
+      self.history[...] = layout_lib.write_call(self.history[...], x, layout.cached)
+    out = x * kernel[-1]
+    node = jnp.arange(x.shape[1])  # walks up each token's path
+    for j in range(1, kernel.shape[0]):
+      node = jnp.where(node >= 0, layout.parent[jnp.maximum(node, 0)], -1)
+      if layout.cached is None:
+        earlier, exists = x[:, jnp.maximum(node, 0)], jnp.broadcast_to(node >= 0, x.shape[:2])
+      else:
+        slot = jnp.where(node >= 0, layout.cached[:, None] + node, positions - j)  # b t
+        earlier, exists = self.history[...][rows, jnp.maximum(slot, 0)], slot >= 0
+      out = out + jnp.where(exists[..., None], earlier * kernel[-1 - j], 0)
     return out
 
   def side_scores(self, q: jax.Array) -> tuple[jax.Array, jax.Array]:

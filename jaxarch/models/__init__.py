@@ -7,6 +7,7 @@ import jax
 import ml_collections
 
 from jaxarch.models import moe  # registers the moe block
+from jaxarch.models.bita import Bita
 from jaxarch.models.megabyte import Megabyte
 from jaxarch.models import ultramem  # registers the memory side layer
 from jaxarch.layers import Embed
@@ -18,6 +19,7 @@ FAMILIES: dict[str, Callable[..., nnx.Module]] = {
     'ultramem': Transformer,  # with model.ultramem.placement memory layers
     'moe': Transformer,  # with 'moe' blocks in model.block_pattern
     'megabyte': Megabyte,  # global model over patches + local model inside each patch
+    'bita': Bita,  # a frozen dense/moe/ultramem model with BiTA's prompt and mask tokens
 }
 
 

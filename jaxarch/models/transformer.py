@@ -25,12 +25,13 @@ from jaxarch.layers.params import normal, param
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 # Block type name -> factory(model_cfg, layer_index, rngs) -> block module. A block maps
-# (x [b,t,d], positions [b,t], segment_ids [b,t]) -> x [b,t,d] including its residuals.
+# (x [b,t,d], positions [b,t], segment_ids [b,t]) -> x [b,t,d] including its residuals,
+# and takes an optional `layers.layout.Layout` and attention prefix (BiTA) after them.
 BLOCKS: dict[str, Callable[..., nnx.Module]] = {}
 
 # Config section name -> factory(model_cfg, index, rngs) -> side layer mapping
-# (x [b,t,d], positions [b,t], segment_ids [b,t]) to an update [b,t,d] for the residual
-# stream, placed by `model.<name>.placement`; `index` counts the side layers of that kind.
+# (x [b,t,d], positions [b,t], segment_ids [b,t], optional layout) to an update [b,t,d]
+# for the residual stream, placed by `model.<name>.placement`; `index` counts the side layers of that kind.
 SIDE_LAYERS: dict[str, Callable[..., nnx.Module]] = {}
 
 REMAT_POLICIES = {
@@ -60,8 +61,8 @@ class DenseBlock(nnx.Module):
     self.mlp_norm = RMSNorm(d_model, eps=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.mlp = mlp
 
-  def __call__(self, x, positions, segment_ids):
-    x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+  def __call__(self, x, positions, segment_ids, layout=None, prefix=None):
+    x = x + self.attn(self.attn_norm(x), positions, segment_ids, layout, prefix)
     return x + self.mlp(self.mlp_norm(x))
 
 
@@ -113,28 +114,38 @@ class Stack(nnx.Module):
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     return self.run_blocks(x, positions, segment_ids)
 
-  def run_blocks(self, x, positions, segment_ids):
+  def run_blocks(self, x, positions, segment_ids, layout=None, prefixes=None):
+    """`layout` (`layers.layout`) and per-block attention `prefixes`: BiTA's calls."""
+    extra = lambda i: () if layout is None else (layout, None if prefixes is None else prefixes[i])
     pending = {}  # side layer index -> its output, waiting for its write block
     for i, block in enumerate(self.blocks):
-      x = self._run_block(block, x, positions, segment_ids)
+      x = self._run_block(block, x, positions, segment_ids, *extra(i))
       for j, (_, read, write) in enumerate(self.placement):
         if read == i:
-          pending[j] = self.side_layers[j](x, positions, segment_ids)
+          pending[j] = self.side_layers[j](x, positions, segment_ids, *extra(i)[:1])
         if write == i:
           x = x + pending.pop(j)
     return x
 
   def init_cache(self, batch: int, length: int):
     """Decode caches of `length` positions in every layer that keeps some (`jaxarch.infer`)."""
-    for _, module in list(nnx.iter_graph(self)):
-      if module is not self and isinstance(module, nnx.Module) and hasattr(module, 'init_cache'):
-        module.init_cache(batch, length)
+    for layer in self._layers_with('init_cache'):
+      layer.init_cache(batch, length)
 
-  def _run_block(self, block, x, positions, segment_ids):
+  def keep_path(self, path: jax.Array, cached: jax.Array):
+    """After a tree call (`layers.layout`): every cache keeps only the accepted path."""
+    for layer in self._layers_with('keep_path'):
+      layer.keep_path(path, cached)
+
+  def _layers_with(self, method: str) -> list[nnx.Module]:
+    return [m for _, m in nnx.iter_graph(self)
+            if m is not self and isinstance(m, nnx.Module) and hasattr(m, method)]
+
+  def _run_block(self, block, x, *args):
     if self.remat == 'none':
-      return block(x, positions, segment_ids)
-    run = nnx.remat(lambda b, *args: b(*args), policy=REMAT_POLICIES[self.remat])
-    return run(block, x, positions, segment_ids)
+      return block(x, *args)
+    run = nnx.remat(lambda b, *a: b(*a), policy=REMAT_POLICIES[self.remat])
+    return run(block, x, *args)
 
 
 class Transformer(Stack):

@@ -21,8 +21,8 @@ class MemoryLayer(nnx.Module):
     self.norm = norm
     self.memory = memory
 
-  def __call__(self, x, positions, segment_ids):
-    return self.memory(self.norm(x), segment_ids, positions)
+  def __call__(self, x, positions, segment_ids, layout=None):
+    return self.memory(self.norm(x), segment_ids, positions, layout)
 
 
 def memory_layer(cfg: ml_collections.ConfigDict, index: int, rngs: nnx.Rngs) -> MemoryLayer:

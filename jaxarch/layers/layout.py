@@ -1,0 +1,57 @@
+"""Token layouts other than one causal sequence: BiTA's mask groups and draft trees.
+
+Training and ordinary decoding read one sequence per row, where each token sees the ones
+before it. BiTA feeds a call whose tokens form a tree instead: draft candidates that
+branch from one another, and groups of mask tokens hung after a token. A `Layout` says,
+for the t tokens of such a call, what each one sees:
+
+- `visible` [t, t]: token i sees token j of the call (its ancestors and itself);
+- `parent` [t]: the token before i on its path (a causal conv's previous input), or -1
+  when that token is before the call (in the cache, at position `positions[i] - 1`);
+- `sees_prefix` [t]: token i also sees the learned prompt prefix (only mask tokens do);
+- `cached` [b] or None: with decode caches, how many positions of each sequence are
+  cached; the call is written to the slots after them and sees all of them. The layers
+  then keep only the accepted path with `keep_path`.
+
+The layout is the same for every row of the batch (only `cached` differs), and tokens
+along a path have consecutive positions.
+"""
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class Layout:
+  visible: jax.Array
+  parent: jax.Array
+  sees_prefix: jax.Array
+  cached: jax.Array | None = None
+
+
+def keep_path(cache: jax.Array, path: jax.Array, cached: jax.Array) -> jax.Array:
+  """cache [b, S, ...] after a tree call written at slots `cached` [b] onwards -> the
+  cache with the call's tokens `path` [b, A] (call indices, increasing) moved to slots
+  cached .. cached+A-1, so that the cache holds only the accepted path."""
+  rows = jnp.arange(cache.shape[0])[:, None]
+  source = cached[:, None] + path
+  target = cached[:, None] + jnp.arange(path.shape[1])
+  return cache.at[rows, target].set(cache[rows, source], mode='drop')
+
+
+def write_call(cache: jax.Array, x: jax.Array, cached: jax.Array) -> jax.Array:
+  """cache [b, S, ...] with the call's x [b, t, ...] written at slots cached[b] + 0..t-1."""
+  rows = jnp.arange(x.shape[0])[:, None]
+  slots = cached[:, None] + jnp.arange(x.shape[1])
+  return cache.at[rows, slots].set(x.astype(cache.dtype), mode='drop')
+
+
+def cache_mask(layout: Layout, length: int) -> jax.Array:
+  """-> [b, t, length] bool: the cache slots each token of the call sees, once the call is
+  written after the cached ones: every cached slot, and the slots of its visible tokens."""
+  t = layout.visible.shape[0]
+  offset = jnp.arange(length)[None, :] - layout.cached[:, None]  # b S
+  in_call = (offset >= 0) & (offset < t)
+  seen = jnp.moveaxis(layout.visible[:, jnp.clip(offset, 0, t - 1)], 0, 1)  # b t S
+  return (offset < 0)[:, None, :] | (in_call[:, None, :] & seen)

@@ -1,0 +1,110 @@
+"""BiTA (arXiv 2401.12522): a frozen language model that drafts several tokens per pass.
+
+Two kinds of learned parameters are added to a frozen jaxarch transformer (dense, MoE or
+UltraMem), about 0.01-0.1% of it:
+
+- **prompt tokens**: per-layer keys and values (`num_prompt_tokens` of them, deep prompt
+  tuning) that only mask tokens see, so the model's ordinary outputs do not change;
+- **mask tokens**: `num_mask_tokens` = M learned input embeddings, one per offset. A group
+  of M mask tokens hung after a token at position a sits at positions a+1 .. a+M and
+  sees that token's past; mask m predicts the token at a+2+m (the token itself already
+  predicts a+1).
+
+`with_masks` runs the base model over tokens with any tree layout (a causal sequence in
+training, a draft tree in decoding) plus a mask group after chosen anchor tokens;
+`jaxarch.infer` builds the draft tree and verifies it. MEGABYTE is not wrapped: its
+global model consumes whole patches, so a draft tree of bytes would need a global step
+per candidate patch and its caches could not keep one accepted path cheaply.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from jaxarch.layers.layout import Layout
+from jaxarch.layers.params import normal, param
+from jaxarch.models.transformer import DTYPES, Transformer, head_dim
+
+
+def wrap_config(base: ml_collections.ConfigDict, bita: ml_collections.ConfigDict | dict
+                 ) -> ml_collections.ConfigDict:
+  """The model section of a BiTA model over a base model's section `base`."""
+  cfg = ml_collections.ConfigDict(base.to_dict())
+  cfg.family = 'bita'
+  cfg.bita = ml_collections.ConfigDict(dict(bita))
+  cfg.bita.base_family = base.family
+  return cfg
+
+
+def base_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The wrapped model's config: `cfg` without its `bita` section, of `bita.base_family`."""
+  base = ml_collections.ConfigDict({k: v for k, v in cfg.to_dict().items() if k != 'bita'})
+  base.family = cfg.bita.base_family
+  return base
+
+
+class Bita(nnx.Module):
+  """tokens [b, t] -> the base model's logits [b, t, vocab]; `with_masks` drafts."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    b = cfg.bita
+    self.num_mask_tokens = b.num_mask_tokens
+    self.draft_tree = tuple(b.draft_tree)  # candidates per level (`infer.tree`)
+    self.base = Transformer(base_config(cfg), rngs=rngs)
+    self.dtype = DTYPES[cfg.dtype]
+    param_dtype, init = DTYPES[cfg.param_dtype], normal(b.init_std)
+    shape = (cfg.n_layers, b.num_prompt_tokens, cfg.n_kv_heads, head_dim(cfg))
+    axes = (None, None, 'kv_heads', 'head_dim')
+    self.prompt_k = param(rngs, init, shape, axes, param_dtype, weight_decay=False)
+    self.prompt_v = param(rngs, init, shape, axes, param_dtype, weight_decay=False)
+    self.mask_embed = param(rngs, init, (b.num_mask_tokens, cfg.d_model), (None, 'embed'),
+                            param_dtype, weight_decay=False)
+
+  def __call__(self, tokens, segment_ids=None, positions=None):
+    return self.base(tokens, segment_ids, positions)
+
+  # Cached generation of the base model (greedy decoding is the base model's own).
+  def init_cache(self, batch: int, length: int):
+    self.base.init_cache(batch, length)
+
+  def prefill(self, tokens, lengths):
+    return self.base.prefill(tokens, lengths)
+
+  def decode_step(self, tokens, positions):
+    return self.base.decode_step(tokens, positions)
+
+  def keep_path(self, path, cached):
+    self.base.keep_path(path, cached)
+
+  def with_masks(self, tokens: jax.Array, positions: jax.Array, visible: jax.Array,
+                 parent: jax.Array, anchors: jax.Array, cached: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
+    """Tokens [b, n] at `positions` [b, n], laid out by `visible` [n, n] (ancestors and
+    self) and `parent` [n] (-1: before the call), with a mask group after each of the
+    tokens `anchors` [g] -> (token logits [b, n, vocab], mask logits [b, g, M, vocab]).
+
+    With decode caches, `cached` [b] positions of each sequence precede the call; the
+    call is written after them (`keep_path` then keeps the accepted tokens).
+    """
+    b, n = tokens.shape
+    g, m = anchors.shape[0], self.num_mask_tokens
+    group, offset = jnp.arange(g * m) // m, jnp.arange(g * m) % m
+    own_group = (group[:, None] == group[None, :]) & (offset[None, :] <= offset[:, None])
+    layout = Layout(
+        visible=jnp.block([[visible, jnp.zeros((n, g * m), bool)],
+                           [visible[anchors][group], own_group]]),
+        parent=jnp.concatenate([parent, jnp.where(offset == 0, anchors[group],
+                                                  n + jnp.arange(g * m) - 1)]),
+        sees_prefix=jnp.arange(n + g * m) >= n, cached=cached)
+    masks = jnp.broadcast_to(self.mask_embed[...].astype(self.dtype)[None, None],
+                             (b, g, m, self.mask_embed.shape[-1])).reshape(b, g * m, -1)
+    x = jnp.concatenate([self.base.embed(tokens), masks], axis=1)
+    positions = jnp.concatenate(
+        [positions, (positions[:, anchors][:, group] + 1 + offset).astype(positions.dtype)],
+        axis=1)
+    prefixes = [(k, v) for k, v in zip(self.prompt_k[...], self.prompt_v[...])]
+    x = self.base.run_blocks(x, positions, jnp.ones((b, n + g * m), jnp.int32), layout,
+                             prefixes)
+    logits = self.base.logits(self.base.final_norm(x))
+    return logits[:, :n], logits[:, n:].reshape(b, g, m, -1)
