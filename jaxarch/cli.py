@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
   gen.add_argument('--prompt', action='append', required=True,
                    help='text to continue; repeat for a batch of prompts')
   gen.add_argument('--max_new_tokens', type=int, default=128)
-  gen.add_argument('--method', choices=('greedy', 'sample'),
+  gen.add_argument('--method', choices=('greedy', 'sample', 'bita'),
                    help='default: sample if --temperature/--top_k/--top_p is given')
   gen.add_argument('--temperature', type=float)
   gen.add_argument('--top_k', type=int, help='sample from the k most likely tokens')
