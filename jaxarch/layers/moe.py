@@ -204,10 +204,8 @@ class MoE(nnx.Module):
     """Few tokens (T·k <= E, a decode step): each assignment's expert weights gathered,
     so only the chosen experts are read. -> y [T·k, d] token-major, nothing dropped."""
     flat = experts.reshape(-1)
-    x = jnp.repeat(tokens, self.top_k, axis=0)  # m d
-    h = jax.nn.silu(jnp.einsum('md,mdf->mf', x, gate[flat]))
-    h = h * jnp.einsum('md,mdf->mf', x, up[flat])
-    return jnp.einsum('mf,mfd->md', h, down[flat])
+    x = jnp.repeat(tokens, self.top_k, axis=0)[:, None]  # m 1 d: one "expert" per assignment
+    return batched_swiglu(x, gate[flat], up[flat], down[flat])[:, 0]
 
   def _dropless(self, tokens, experts, gate, up, down, expert_axes, shards):
     """-> (y [T·k, d] per assignment in token-major order, dropped count)."""
