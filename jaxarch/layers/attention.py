@@ -8,7 +8,8 @@ values of `length` positions as `nnx.Cache` variables, sharded by the logical ax
 (batch, length, kv_heads, head_dim). With a cache, a call of several tokens is a prefill
 that starts every sequence at position 0 (it attends within itself, like training, and
 writes its keys and values to slots 0..t-1); a call of one token is a decode step that
-writes slot `positions[b]` of each sequence and attends to its slots `<= positions[b]`.
+writes slot `positions[b]` of each sequence and attends to its slots `<= positions[b]` (the
+one-token `Layout`, below).
 Slots past a sequence's own position may hold a longer neighbour's padding from the
 prefill; they are never read before being overwritten.
 
@@ -85,10 +86,10 @@ class Attention(nnx.Module):
     v = jnp.einsum('btd,dkh->btkh', x, cast(self.v_proj))
     q = apply_rope(q, positions, self.rope_theta)
     k = apply_rope(k, positions, self.rope_theta)
+    if layout is None and self.cache_k is not None and x.shape[1] == 1:
+      layout = layout_lib.one_token(positions[:, 0])  # a decode step
     if layout is not None:
       out = self._with_layout(q, k, v, layout, prefix)
-    elif self.cache_k is not None and x.shape[1] == 1:
-      out = self._decode(q, k, v, positions[:, 0])
     else:
       if self.cache_k is not None:  # prefill from position 0
         self.cache_k[...] = jax.lax.dynamic_update_slice_in_dim(self.cache_k[...], k, 0, 1)
@@ -96,15 +97,6 @@ class Attention(nnx.Module):
       out = jax.nn.dot_product_attention(q, k, v, mask=document_mask(segment_ids),
                                          is_causal=True, implementation=self.impl)  # btnh
     return jnp.einsum('btnh,nhd->btd', out, cast(self.o_proj))
-
-  def _decode(self, q, k, v, position):
-    """q, k, v [b, 1, ., h] at `position` [b] -> [b, 1, n, h] over the cached slots."""
-    rows = jnp.arange(q.shape[0])
-    keys = self.cache_k[...].at[rows, position].set(k[:, 0])  # b S k h
-    values = self.cache_v[...].at[rows, position].set(v[:, 0])
-    self.cache_k[...], self.cache_v[...] = keys, values
-    visible = jnp.arange(keys.shape[1]) <= position[:, None]  # b S
-    return jax.nn.dot_product_attention(q, keys, values, mask=visible[:, None, None, :])
 
   def _with_layout(self, q, k, v, layout, prefix):
     """q, k, v [b, t, ., h] of a call laid out by `layout` -> [b, t, n, h]."""

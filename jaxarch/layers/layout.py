@@ -14,7 +14,8 @@ for the t tokens of such a call, what each one sees:
   then keep only the accepted path with `keep_path`.
 
 The layout is the same for every row of the batch (only `cached` differs), and tokens
-along a path have consecutive positions.
+along a path have consecutive positions. An ordinary decode step is the one-token layout
+(`one_token`).
 """
 
 import flax.struct
@@ -28,6 +29,12 @@ class Layout:
   parent: jax.Array
   sees_prefix: jax.Array
   cached: jax.Array | None = None
+
+
+def one_token(positions: jax.Array) -> Layout:
+  """A decode step: one new token per sequence, at `positions` [b], after its cached ones."""
+  return Layout(visible=jnp.ones((1, 1), bool), parent=jnp.full((1,), -1, jnp.int32),
+                sees_prefix=jnp.zeros((1,), bool), cached=positions)
 
 
 def keep_path(cache: jax.Array, path: jax.Array, cached: jax.Array) -> jax.Array:

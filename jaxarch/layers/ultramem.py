@@ -220,27 +220,16 @@ class UltraMem(nnx.Module):
     x = x.astype(self.dtype)
     if self.query_conv is not None:
       kernel = self.query_conv[...].astype(self.dtype)
+      if layout is None and self.history is not None and x.shape[1] == 1:
+        layout = layout_lib.one_token(positions[:, 0])  # a decode step
       if layout is not None:
         x = self._conv_along_paths(x, kernel, positions, layout)
-      elif self.history is not None and x.shape[1] == 1:
-        x = self._conv_step(x, kernel, positions[:, 0])
       else:
         if self.history is not None:
           self.history[...] = jax.lax.dynamic_update_slice_in_dim(self.history[...], x, 0, 1)
         x = _causal_depthwise_conv(x, kernel, segment_ids)
     q = jnp.einsum('bsd,dhpk->bshpk', x, self.query_proj[...].astype(self.dtype))
     return _layer_norm(q) * self.query_scale[...] + self.query_bias[...]
-
-  def _conv_step(self, x, kernel, position):
-    """The causal conv at one new position [b] per sequence, from the cached inputs."""
-    rows = jnp.arange(x.shape[0])
-    history = self.history[...].at[rows, position].set(x[:, 0])  # b S d
-    self.history[...] = history
-    out = x * kernel[-1]
-    for j in range(1, kernel.shape[0]):
-      earlier = history[rows, jnp.maximum(position - j, 0)][:, None]  # b 1 d
-      out = out + jnp.where((position >= j)[:, None, None], earlier * kernel[-1 - j], 0)
-    return out
 
   def _conv_along_paths(self, x, kernel, positions, layout):
     """The causal conv of a laid-out call: the taps follow each token's parents, then the
