@@ -58,14 +58,11 @@ def byte_transformer(mb: ml_collections.ConfigDict) -> ml_collections.ConfigDict
 
   def dense(n_layers: int, d_ff: int) -> ml_collections.ConfigDict:
     tree = config_lib.to_dict(mb)
-    tree['model']['family'] = 'dense'
-    tree['model'].update(n_layers=n_layers, d_ff=d_ff)
+    tree['model'].update(family='dense', n_layers=n_layers, d_ff=d_ff)
     for section in ('megabyte', 'ultramem'):
       tree['model'].pop(section, None)
     tree['data']['pack_align'] = 1
-    cfg = ml_collections.ConfigDict(tree)
-    cfg.lock()
-    return config_lib.validate(cfg)
+    return _validated(tree)
 
   d_ff = mb.model.d_ff
   one, two = (counts(dense(n, d_ff))['total'] for n in (1, 2))
@@ -82,10 +79,15 @@ def configs(preset: str, overrides) -> dict:
 
 def with_keys(cfg: ml_collections.ConfigDict, **values) -> ml_collections.ConfigDict:
   """A validated copy of `cfg` with `values` set, as `'model.max_len': 4096`-style keys."""
-  cfg = ml_collections.ConfigDict(config_lib.to_dict(cfg))
+  tree = config_lib.to_dict(cfg)
   for key, value in values.items():
     section, name = key.split('.')
-    cfg[section][name] = value
+    tree[section][name] = value
+  return _validated(tree)
+
+
+def _validated(tree: dict) -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict(tree)
   cfg.lock()
   return config_lib.validate(cfg)
 
@@ -101,9 +103,7 @@ def training_speed(runs: dict, seq_lens, batch_bytes: int, steps: int) -> list[d
       records.append(dict(model=name, seq_len=seq_len, batch_size=batch,
                           tokens_per_s=result['tokens_per_s'],
                           step_time_s=result['step_time_s'],
-                          flops_per_byte=flops.train_flops_per_token(
-                              cfg.model, counts(cfg), seq_len),
-                          mfu=result['mfu']))
+                          flops_per_byte=result['flops_per_token'], mfu=result['mfu']))
   return records
 
 
@@ -125,7 +125,8 @@ def generation_speed(runs: dict, context: int, batches, new_tokens: int) -> list
 
 
 def equal_compute_quality(runs: dict, steps: int, workdir: Path) -> list[dict]:
-  per_byte = {n: flops.train_flops_per_token(c.model, counts(c), c.data.seq_len)
+  sizes = {n: counts(c) for n, c in runs.items()}
+  per_byte = {n: flops.train_flops_per_token(c.model, sizes[n], c.data.seq_len)
               for n, c in runs.items()}
   records = []
   for name, cfg in runs.items():
@@ -137,7 +138,7 @@ def equal_compute_quality(runs: dict, steps: int, workdir: Path) -> list[dict]:
     bytes_seen = n * cfg.train.batch_size * cfg.data.seq_len
     records.append(dict(model=name, steps=n, train_bytes=bytes_seen,
                         train_flops=bytes_seen * per_byte[name], eval_bpb=metrics['eval_bpb'],
-                        train_loss=metrics['loss'], params_total=counts(cfg)['total']))
+                        train_loss=metrics['loss'], params_total=sizes[name]['total']))
   return records
 
 

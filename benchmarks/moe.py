@@ -31,8 +31,6 @@ GRIDS = {
 }
 
 
-
-
 def train_fn(layer: nnx.Module):
   """jitted (x -> grads of sum(layer(x)²) for the weights and x)."""
   graphdef, params, rest = nnx.split(layer, nnx.Param, ...)

@@ -38,8 +38,6 @@ GRIDS = {
 }
 
 
-
-
 def copy_bandwidth(iters: int, gib: float) -> float:
   """Bytes per second of `x + 1` over a `gib` GiB array: read once, written once."""
   x = jnp.zeros((int(gib * (1 << 30)) // 4,), jnp.float32)

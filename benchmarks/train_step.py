@@ -69,7 +69,7 @@ def benchmark(cfg, *, steps: int, warmup: int) -> dict:
       'attention_impl': cfg.model.attention_impl,
       'warmup_s': compile_s, 'step_time_s': step_s,
       'step_time_min_s': min(times), 'step_time_max_s': max(times),
-      'tokens_per_s': tokens / step_s,
+      'tokens_per_s': tokens / step_s, 'flops_per_token': per_token,
       'model_tflops_per_device': achieved / jax.device_count() / 1e12,
       'mfu': flops.mfu(achieved, jax.device_count(), device.device_kind),
       'final_loss': float(metrics['loss']),
