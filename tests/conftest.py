@@ -59,6 +59,23 @@ def mesh_config(cfg, data=1, fsdp=1, tensor=1, expert=1):
   return cfg
 
 
+# The generation tests' model of each family: its tiny preset, in fp32; the UltraMem one with its optional query conv, whose
+# decoding needs a cache of its own, and memory layers in skip placement (0->2, 1->3);
+# MEGABYTE (patches of 4) with an UltraMem layer in its global model.
+FAMILIES = {  # family -> (config spec, overrides)
+    'dense': ('configs/dense.py:tiny', ()),
+    'moe': ('configs/moe.py:tiny', ()),
+    'ultramem': ('configs/ultramem.py:tiny', ('model.ultramem.query_conv=3',)),
+    'megabyte': ('configs/megabyte.py:tiny_ultramem', ()),
+}
+
+
+def family_config(family, **mesh):
+  """FAMILIES[family] in fp32 on a mesh of the given axis sizes."""
+  spec, overrides = FAMILIES[family]
+  return mesh_config(config_lib.load(spec, ['model.dtype=float32', *overrides]), **mesh)
+
+
 def devices(n: int):
   return jax.devices()[:n]
 

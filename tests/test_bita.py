@@ -6,23 +6,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import family_config
 from jaxarch import config as config_lib
 from jaxarch import infer, models
 from jaxarch.infer.tree import DraftTree
 from jaxarch.models.bita import Bita, wrap_config
 
-BASES = {
-    'dense': ('configs/dense.py:tiny', ()),
-    'moe': ('configs/moe.py:tiny', ()),
-    'ultramem': ('configs/ultramem.py:tiny', ('model.ultramem.query_conv=3',)),
-}
+BASES = ('dense', 'moe', 'ultramem')  # the families BiTA wraps (conftest.FAMILIES)
 BITA = dict(num_prompt_tokens=4, num_mask_tokens=3, draft_tree=(5, 4, 3), init_std=0.02)
 
 
 def _bita_config(family, **bita):
-  spec, overrides = BASES[family]
-  base = config_lib.load(spec, ['model.dtype=float32', *overrides]).model
-  return wrap_config(base, {**BITA, **bita})
+  return wrap_config(family_config(family).model, {**BITA, **bita})
 
 
 def _prompts(n, seed=0):
@@ -30,7 +25,7 @@ def _prompts(n, seed=0):
   return [[257] + rng.integers(1, 256, rng.integers(1, 30)).tolist() for _ in range(n)]
 
 
-@pytest.mark.parametrize('family', sorted(BASES))
+@pytest.mark.parametrize('family', BASES)
 def test_bita_decoding_with_untrained_prompts_equals_greedy(family):
   model = models.build(_bita_config(family), rngs=nnx.Rngs(0))
   generator = infer.Generator(model)
@@ -62,7 +57,7 @@ class OracleBita(Bita):
     return node_logits, mask_logits + sign * jax.nn.one_hot(truth, mask_logits.shape[-1])
 
 
-@pytest.mark.parametrize('family', sorted(BASES))
+@pytest.mark.parametrize('family', BASES)
 @pytest.mark.parametrize('levels_right', [3, 1])
 def test_accepted_tokens_per_pass_on_a_hand_made_oracle(family, levels_right):
   # The first pass has no drafts yet and produces 1 token; each later pass accepts the

@@ -6,33 +6,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import jitted, mesh_config, sharded_copy
+from conftest import FAMILIES, family_config, jitted, mesh_config, sharded_copy
 from jaxarch import cli, infer, models
 from jaxarch import config as config_lib
 from jaxarch.parallel import make_mesh
 from jaxarch.train.checkpoint import Checkpointer
 from jaxarch.train.state import init_state, make_setup
 
-# Each family's tiny preset, in fp32; the UltraMem one with its optional query conv, whose
-# decoding needs a cache of its own, and memory layers in skip placement (0->2, 1->3);
-# MEGABYTE (patches of 4) with an UltraMem layer in its global model.
-FAMILIES = {
-    'dense': ('configs/dense.py:tiny', ()),
-    'moe': ('configs/moe.py:tiny', ()),
-    'ultramem': ('configs/ultramem.py:tiny', ('model.ultramem.query_conv=3',)),
-    'megabyte': ('configs/megabyte.py:tiny_ultramem', ()),
-}
 MESHES = {  # the 8 devices as each family is trained on them
     'dense': dict(data=2, fsdp=2, tensor=2),
     'moe': dict(data=2, expert=4),
     'ultramem': dict(data=2, fsdp=2, tensor=2),
     'megabyte': dict(data=2, fsdp=2, tensor=2),
 }
-
-
-def _config(family, **mesh):
-  spec, overrides = FAMILIES[family]
-  return mesh_config(config_lib.load(spec, ['model.dtype=float32', *overrides]), **mesh)
 
 
 _forward = jitted(lambda model, tokens: model(tokens))
@@ -54,7 +40,7 @@ def test_cached_decoding_gives_the_full_forward_logits_at_every_position(family)
   # Two prompts of lengths 5 and 11 prefilled together (bucket 16), then fed their
   # continuation one token per step up to position 23 (for MEGABYTE, the two sequences
   # cross patch boundaries at different steps). fp32; measured error <= 3e-7.
-  model = models.build(_config(family).model, rngs=nnx.Rngs(0))
+  model = models.build(family_config(family).model, rngs=nnx.Rngs(0))
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 24)), jnp.int32)
   decoder = infer.for_inference(model)
   full = _forward(decoder, tokens)  # b t v
@@ -73,7 +59,7 @@ def test_cached_decoding_gives_the_full_forward_logits_at_every_position(family)
 
 @pytest.mark.parametrize('family', sorted(FAMILIES))
 def test_sharded_greedy_generation_equals_uncached_greedy_alone_or_in_a_batch(family):
-  cfg = _config(family, **MESHES[family])
+  cfg = family_config(family, **MESHES[family])
   model = models.build(cfg.model, rngs=nnx.Rngs(0))
   mesh, sharded = sharded_copy(model, cfg)
   generator = infer.Generator(sharded, mesh=mesh, rules=cfg.mesh.rules)
@@ -99,7 +85,7 @@ def test_inference_mode_leaves_the_model_as_it_was():
 
 @pytest.fixture(scope='module')
 def dense_generator():
-  model = models.build(_config('dense').model, rngs=nnx.Rngs(1))
+  model = models.build(family_config('dense').model, rngs=nnx.Rngs(1))
   return infer.Generator(model)
 
 
