@@ -201,18 +201,23 @@ def _article(field_type: type) -> str:
 Check = Callable[[ConfigDict], None]
 
 
+def _check_heads(prefix: str, section: ConfigDict, hint: str = '') -> None:
+  """`<prefix>.d_model` split over the heads (unless head_dim is set), and query heads
+  grouped over KV heads."""
+  if section.get('head_dim') is None and section.d_model % section.n_heads:
+    raise ConfigError(f'{prefix}.d_model={section.d_model} must be divisible by '
+                      f'{prefix}.n_heads={section.n_heads}{hint}')
+  if section.n_heads % section.n_kv_heads:
+    raise ConfigError(f'{prefix}.n_heads={section.n_heads} must be divisible by '
+                      f'{prefix}.n_kv_heads={section.n_kv_heads} (grouped-query attention)')
+
+
 def _check_transformer(cfg: ConfigDict) -> None:
   """The decoder-stack shape that every family builds on."""
   m = cfg.model
-  head_dim = _get(cfg, 'model.head_dim')
-  if head_dim is not None:
+  if _get(cfg, 'model.head_dim') is not None:
     _positive_int(cfg, 'model.head_dim')
-  elif m.d_model % m.n_heads:
-    raise ConfigError(f'model.d_model={m.d_model} must be divisible by model.n_heads='
-                      f'{m.n_heads} (or set model.head_dim)')
-  if m.n_heads % m.n_kv_heads:
-    raise ConfigError(f'model.n_heads={m.n_heads} must be divisible by model.n_kv_heads='
-                      f'{m.n_kv_heads} (grouped-query attention)')
+  _check_heads('model', m, hint=' (or set model.head_dim)')
   if cfg.data.seq_len > m.max_len:
     raise ConfigError(f'data.seq_len={cfg.data.seq_len} must be <= model.max_len={m.max_len}')
   _choice(cfg, 'model.dtype', DTYPES)
@@ -356,10 +361,7 @@ def _check_megabyte(cfg: ConfigDict) -> None:
                       f'{cfg.model.vocab_size})')
   for key in ('d_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff'):
     _positive_int(cfg, f'model.megabyte.local.{key}')
-  local = cfg.model.megabyte.local
-  if local.d_model % local.n_heads or local.n_heads % local.n_kv_heads:
-    raise ConfigError(f'model.megabyte.local: d_model={local.d_model}, n_heads='
-                      f'{local.n_heads}, n_kv_heads={local.n_kv_heads} must divide in turn')
+  _check_heads('model.megabyte.local', cfg.model.megabyte.local)
   if 'ultramem' in cfg.model:  # memory layers in the global model
     _check_ultramem(cfg)
 
