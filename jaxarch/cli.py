@@ -3,6 +3,7 @@
   jaxarch train --config=configs/dense.py:tiny --workdir=/tmp/run [--config.train.steps=50]
   jaxarch eval  --workdir=/tmp/run            (config from the run, or --config=...)
   jaxarch generate --workdir=/tmp/run --prompt="def " [--max_new_tokens=200 --top_p=0.9]
+  jaxarch distill --workdir=/tmp/run --out=/tmp/run-distilled   (BiTA's training data)
 """
 
 import argparse
@@ -77,6 +78,18 @@ def _generate(args, overrides):
         file=sys.stderr)
 
 
+def _distill(args, overrides):
+  from jaxarch.infer.distill import distill  # pylint: disable=g-import-not-at-top
+  if overrides:
+    raise config_lib.ConfigError('config error: distill takes the config of its workdir; '
+                                 f'drop {overrides[0].split("=")[0]}')
+  summary = distill(args.workdir, args.out, num_prompts=args.num_prompts,
+                    validation_prompts=args.validation_prompts, prompt_len=args.prompt_len,
+                    max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                    seed=args.seed)
+  print(json.dumps(summary, indent=2))
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='jaxarch', description='Train and evaluate jaxarch language models from config '
@@ -112,6 +125,19 @@ def _parser() -> argparse.ArgumentParser:
                    help='keep generating past the end-of-document token')
   gen.add_argument('--step', type=int, help='checkpoint step (default: latest)')
   gen.set_defaults(func=_generate)
+  dis = commands.add_parser(
+      'distill', help="write a run's greedy continuations of its data (BiTA training data)",
+      description="Continue prompts drawn from a trained run's corpus greedily and write "
+      "prompt + continuation as an array_record dataset, read by data.source='distilled:OUT'.")
+  dis.add_argument('--workdir', required=True, help='the trained run (config and checkpoint)')
+  dis.add_argument('--out', required=True, help='a new directory for the dataset')
+  dis.add_argument('--num_prompts', type=int, default=2048, help='training sequences')
+  dis.add_argument('--validation_prompts', type=int, default=64)
+  dis.add_argument('--prompt_len', type=int, default=32, help='prompt tokens per sequence')
+  dis.add_argument('--max_new_tokens', type=int, default=96, help='continuation length')
+  dis.add_argument('--batch_size', type=int, default=64, help='prompts generated together')
+  dis.add_argument('--seed', type=int, default=0)
+  dis.set_defaults(func=_distill)
   return parser
 
 
@@ -125,7 +151,8 @@ def main(argv=None):
   logging.getLogger('absl').setLevel(logging.ERROR)
   try:
     args.func(args, overrides)
-  except (config_lib.ConfigError, FileNotFoundError, ImportError, GenerateError) as e:
+  except (config_lib.ConfigError, FileNotFoundError, FileExistsError, ImportError,
+          GenerateError) as e:
     print(f'jaxarch: {e}', file=sys.stderr)
     return 2
   except KeyboardInterrupt:

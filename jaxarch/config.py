@@ -53,6 +53,10 @@ class ConfigError(ValueError):
     super().__init__(message if message.startswith(prefix) else prefix + message)
 
 
+class UnknownKeyError(ConfigError):
+  """An override of a key that the config does not have."""
+
+
 # Loading.
 
 
@@ -73,8 +77,20 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
   if not isinstance(cfg, ConfigDict):
     raise ConfigError(f'{path}: get_config returned {type(cfg).__name__}, not a ConfigDict')
   cfg.lock()  # an override can only change a key the config file defines
+  complete = MODEL_FROM.get((cfg.get('model') or {}).get('family'))
+  deferred = []
   for override in overrides:
-    apply_override(cfg, override)
+    try:
+      apply_override(cfg, override)
+    except UnknownKeyError:
+      if complete is None:
+        raise
+      deferred.append(override)  # a key of the model section `complete` fills in
+  if complete is not None:
+    cfg = complete(cfg)
+    cfg.lock()
+    for override in deferred:
+      apply_override(cfg, override)
   return validate(cfg)
 
 
@@ -136,7 +152,7 @@ def _find_parent(cfg: ConfigDict, key: str) -> tuple[ConfigDict, str]:
   for section in sections:
     node = node.get(section) if isinstance(node, ConfigDict) else None
   if not isinstance(node, ConfigDict) or name not in node:
-    raise ConfigError(_unknown_key_message(cfg, key))
+    raise UnknownKeyError(_unknown_key_message(cfg, key))
   return node, name
 
 
@@ -366,6 +382,78 @@ def _check_megabyte(cfg: ConfigDict) -> None:
     _check_ultramem(cfg)
 
 
+# BiTA (`model.bita`, jaxarch/models/bita.py): a frozen base run plus prompt and mask tokens.
+
+BITA_BASES = ('dense', 'moe', 'ultramem')
+
+
+def bita_model(base: ConfigDict, bita: ConfigDict | dict) -> ConfigDict:
+  """The model section of a BiTA model over a base model's section `base`."""
+  cfg = ConfigDict(base.to_dict())
+  cfg.family = 'bita'
+  cfg.bita = ConfigDict(dict(bita))
+  cfg.bita.base_family = base.family
+  return cfg
+
+
+def _bita_from_base_run(cfg: ConfigDict) -> ConfigDict:
+  """configs/bita.py's `model.bita` section + the base run's model section and tokenizer."""
+  workdir = _get(cfg, 'model.bita.base_workdir')
+  if not workdir:
+    raise ConfigError('model.bita.base_workdir is required: the workdir of a trained '
+                      f'{", ".join(BITA_BASES)} run (--config.model.bita.base_workdir=DIR)')
+  saved = Path(workdir).expanduser() / 'config.json'
+  if not saved.is_file():
+    raise ConfigError(f'model.bita.base_workdir={workdir!r} has no config.json: is it a '
+                      'jaxarch workdir?')
+  base = load_json(saved)
+  if base.model.family not in BITA_BASES:
+    raise ConfigError(f'model.bita.base_workdir={workdir!r} holds a {base.model.family!r} '
+                      f'model; BiTA wraps {", ".join(BITA_BASES)} models')
+  tree = cfg.to_dict()
+  tree['model'] = bita_model(base.model, cfg.model.bita).to_dict()
+  if tree['data']['tokenizer'] is None:
+    tree['data']['tokenizer'] = base.data.tokenizer
+  elif tree['data']['tokenizer'] != base.data.tokenizer:
+    raise ConfigError(f'data.tokenizer={tree["data"]["tokenizer"]!r} differs from the base '
+                      f'run\'s {base.data.tokenizer!r}; leave it unset')
+  return ConfigDict(tree)
+
+
+def _check_bita(cfg: ConfigDict) -> None:
+  """model.bita over a base model section checked as its own family; distilled rows."""
+  base = _choice(cfg, 'model.bita.base_family', BITA_BASES)
+  for check in FAMILY_CHECKS[base]:
+    check(cfg)
+  _positive_int(cfg, 'model.bita.num_prompt_tokens')
+  masks = _positive_int(cfg, 'model.bita.num_mask_tokens')
+  tree = _get(cfg, 'model.bita.draft_tree')
+  if not (isinstance(tree, (tuple, list)) and tree and
+          all(isinstance(w, int) and w >= 1 for w in tree)):
+    raise ConfigError(f'model.bita.draft_tree={tree!r} must be a non-empty tuple of '
+                      'positive ints (candidates per level)')
+  if len(tree) > masks:
+    raise ConfigError(f'model.bita.draft_tree={tuple(tree)!r} has {len(tree)} levels; '
+                      f'model.bita.num_mask_tokens={masks} gives one mask token per level')
+  groups = _number(cfg, 'model.bita.train_groups', int)
+  if groups < 0:
+    raise ConfigError(f'model.bita.train_groups={groups} must be >= 0 (0: a mask group '
+                      'after every token)')
+  if not _number(cfg, 'model.bita.init_std') > 0:
+    raise ConfigError(f'model.bita.init_std={cfg.model.bita.init_std} must be > 0')
+  source = _get(cfg, 'data.source')
+  if not (isinstance(source, str) and source.startswith('distilled:')):
+    raise ConfigError(f'data.source={source!r}: BiTA trains on the base model\'s own '
+                      "continuations, 'distilled:<dir>' written by `jaxarch distill "
+                      "--workdir=BASE --out=DIR` (one sequence per row, not packed)")
+
+
+# model.family -> a function that completes a config whose model section is defined
+# elsewhere; overrides of model keys the config file lacks are applied after it.
+MODEL_FROM: dict[str, Callable[[ConfigDict], ConfigDict]] = {
+    'bita': _bita_from_base_run,
+}
+
 # model.family -> checks of the model it builds; the keys are the families that exist.
 # A family adds itself with the checks of its own section.
 FAMILY_CHECKS: dict[str, tuple[Check, ...]] = {
@@ -373,6 +461,7 @@ FAMILY_CHECKS: dict[str, tuple[Check, ...]] = {
     'ultramem': (_check_transformer, _check_ultramem),
     'moe': (_check_transformer, _check_moe_family),
     'megabyte': (_check_transformer, _check_megabyte),
+    'bita': (_check_bita,),
 }
 
 # Block kind in model.block_pattern -> checks of its section (e.g. 'moe': (_check_moe,)

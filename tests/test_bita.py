@@ -1,4 +1,7 @@
-"""BiTA: lossless tree decoding for every wrapped family, the tree, the statistics."""
+"""BiTA: lossless tree decoding for every wrapped family, the tree, the statistics; its
+config, distilled data and training with the base frozen."""
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -6,18 +9,23 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import family_config
+from conftest import FAMILIES, family_config, sharded_copy, tiny_config
 from jaxarch import config as config_lib
-from jaxarch import infer, models
+from jaxarch import data, infer, models
+from jaxarch.data.sources import write_distilled
+from jaxarch.infer.distill import distill
 from jaxarch.infer.tree import DraftTree
-from jaxarch.models.bita import Bita, wrap_config
+from jaxarch.models.bita import Bita
+from jaxarch.train import train
+from jaxarch.train.pretrained import load_model
 
 BASES = ('dense', 'moe', 'ultramem')  # the families BiTA wraps (conftest.FAMILIES)
-BITA = dict(num_prompt_tokens=4, num_mask_tokens=3, draft_tree=(5, 4, 3), init_std=0.02)
+BITA = dict(num_prompt_tokens=4, num_mask_tokens=3, draft_tree=(5, 4, 3), train_groups=0,
+            init_std=0.02)
 
 
 def _bita_config(family, **bita):
-  return wrap_config(family_config(family).model, {**BITA, **bita})
+  return config_lib.bita_model(family_config(family).model, {**BITA, **bita})
 
 
 def _prompts(n, seed=0):
@@ -114,3 +122,154 @@ def test_bita_needs_a_bita_model_and_a_tree_within_its_masks():
   with pytest.raises(infer.GenerateError, match='4 levels; the model has 3 mask tokens'):
     infer.Generator(model)([[257, 1]], max_new_tokens=2, method='bita',
                            draft_tree=(2, 2, 2, 2))
+
+
+# Running on a mesh: the sharded model drafts and verifies like the single-device one.
+
+MESHES = {'dense': dict(data=2, fsdp=2, tensor=2), 'moe': dict(data=2, expert=4)}
+
+
+@pytest.mark.parametrize('family', sorted(MESHES))
+def test_sharded_bita_decoding_equals_greedy(family):
+  cfg = family_config(family, **MESHES[family])
+  with cfg.unlocked():
+    cfg.model = config_lib.bita_model(cfg.model, BITA)
+    cfg.data.source = 'distilled:/not/read'
+  model = models.build(cfg.model, rngs=nnx.Rngs(0))
+  mesh, sharded = sharded_copy(model, cfg)
+  generator = infer.Generator(sharded, mesh=mesh, rules=cfg.mesh.rules)
+  prompts = _prompts(3, seed=1)
+  greedy, _ = generator(prompts, max_new_tokens=12)
+  drafted, _ = generator(prompts, max_new_tokens=12, method='bita')
+  assert drafted == greedy
+
+
+# Self-distillation data: one right-padded row per sequence, loss on the continuation.
+
+def _distilled_config(directory, seq_len=8):
+  cfg = tiny_config(**{'data.seq_len': seq_len})
+  with cfg.unlocked():
+    cfg.data.source = f'distilled:{directory}'
+  return cfg
+
+
+def test_distilled_sequences_become_rows_with_loss_on_the_continuation(tmp_path):
+  sequences = [(list(range(1, 1 + n)), p) for n, p in ((5, 2), (12, 3), (9, 4), (3, 1))]
+  write_distilled(tmp_path, {'train': sequences, 'validation': sequences[:3]})
+  cfg = _distilled_config(tmp_path)
+  batch = next(iter(data.make_eval_dataset(cfg.data, batch_size=4, num_batches=1)))
+  by_length = {int(s.sum()): i for i, s in enumerate(batch['segment_ids'])}
+  short, long = by_length[4], by_length[8]  # 5 tokens -> 4 rows; 12 -> cut at 8 + 1
+  pad = data.get_tokenizer('bytes').pad_id
+  np.testing.assert_array_equal(batch['inputs'][short], [1, 2, 3, 4] + [pad] * 4)
+  np.testing.assert_array_equal(batch['targets'][short], [2, 3, 4, 5] + [pad] * 4)
+  np.testing.assert_array_equal(batch['positions'][short], [0, 1, 2, 3, 0, 0, 0, 0])
+  # Prompt of 2: the target at index 1 (token 3) is the first continuation token.
+  np.testing.assert_array_equal(batch['loss_mask'][short], [0, 1, 1, 1, 0, 0, 0, 0])
+  np.testing.assert_array_equal(batch['targets'][long], range(2, 10))
+  np.testing.assert_array_equal(batch['loss_mask'][long], [0, 0, 1, 1, 1, 1, 1, 1])
+  assert not batch['segment_ids'][3].any() and not batch['loss_mask'][3].any()  # filler
+
+  train = iter(data.make_train_dataset(cfg.data, seed=0, global_batch_size=2))
+  next(train)
+  state = train.get_state()
+  expected = next(train)
+  resumed = iter(data.make_train_dataset(cfg.data, seed=0, global_batch_size=2))
+  resumed.set_state(state)
+  for key, value in next(resumed).items():
+    np.testing.assert_array_equal(value, expected[key])
+
+
+def test_distilled_sources_refuse_a_missing_or_reused_directory(tmp_path):
+  with pytest.raises(config_lib.ConfigError, match='jaxarch distill'):
+    data.make_eval_dataset(_distilled_config(tmp_path / 'none').data, batch_size=2,
+                           num_batches=1)
+  write_distilled(tmp_path, {'train': [([1, 2, 3], 1)]})
+  with pytest.raises(FileExistsError, match='new directory'):
+    write_distilled(tmp_path, {'train': [([1, 2, 3], 1)]})
+
+
+# The BiTA config: its model section and tokenizer come from the base run.
+
+def _base_workdir(path, family='dense'):
+  path.mkdir(parents=True, exist_ok=True)
+  config_lib.save(config_lib.load(FAMILIES[family][0]), path / 'config.json')
+  return path
+
+
+def _bita_load(base, *overrides, source='distilled:/data'):
+  return config_lib.load('configs/bita.py:tiny', [
+      f'model.bita.base_workdir={base}', f'data.source={source}', *overrides])
+
+
+def test_bita_config_takes_the_base_runs_model_and_overrides_its_keys(tmp_path):
+  base = _base_workdir(tmp_path / 'moe', 'moe')
+  cfg = _bita_load(base, 'model.remat=full', 'model.bita.num_prompt_tokens=8')
+  base_cfg = config_lib.load_json(base / 'config.json')
+  assert cfg.model.family == 'bita' and cfg.model.bita.base_family == 'moe'
+  assert cfg.model.moe.to_dict() == base_cfg.model.moe.to_dict()
+  assert cfg.model.remat == 'full' and cfg.model.bita.num_prompt_tokens == 8
+  assert cfg.data.tokenizer == base_cfg.data.tokenizer
+  config_lib.save(cfg, tmp_path / 'bita.json')  # a BiTA run's own config reloads as is
+  assert config_lib.load_json(tmp_path / 'bita.json').to_dict() == cfg.to_dict()
+
+
+def test_bita_config_errors_name_the_key(tmp_path):
+  base = _base_workdir(tmp_path / 'dense')
+  megabyte = _base_workdir(tmp_path / 'megabyte', 'megabyte')
+  load = lambda *o: config_lib.load('configs/bita.py:tiny', o)
+  assert 'model.bita.base_workdir is required' in error_of(load, 'data.source=distilled:/d')
+  assert 'has no config.json' in error_of(_bita_load, tmp_path)
+  assert "holds a 'megabyte' model" in error_of(_bita_load, megabyte)
+  assert "data.source='default'" in error_of(lambda: _bita_load(base, source='default'))
+  assert 'model.bita.draft_tree=(5, 4, 3, 2) has 4 levels' in error_of(
+      _bita_load, base, 'model.bita.draft_tree=(5, 4, 3, 2)')
+  assert "unknown key 'model.bita.num_masks'" in error_of(
+      _bita_load, base, 'model.bita.num_masks=2')
+  assert "data.tokenizer='x.model' differs" in error_of(_bita_load, base,
+                                                        'data.tokenizer=x.model')
+
+
+def error_of(fn, *args) -> str:
+  with pytest.raises(config_lib.ConfigError) as info:
+    fn(*args)
+  return str(info.value)
+
+
+# Training: base run -> distill -> BiTA run; only the prompt and mask tokens change.
+
+def test_bita_trains_only_its_tokens_and_decodes_losslessly(tmp_path, data_dir):
+  base_dir, out, bita_dir = tmp_path / 'base', tmp_path / 'distilled', tmp_path / 'bita'
+  train(tiny_config(data_dir, **{'train.steps': 20, 'train.warmup_steps': 2,
+                             'checkpoint.every_steps': 20}), base_dir)
+  summary = distill(base_dir, out, num_prompts=16, validation_prompts=8, prompt_len=8,
+                    max_new_tokens=24, batch_size=16)
+  assert summary['sequences'] == {'train': 16, 'validation': 8}
+  cfg = config_lib.load('configs/bita.py:tiny', [
+      f'model.bita.base_workdir={base_dir}', f'data.source=distilled:{out}',
+      'model.bita.num_prompt_tokens=4', 'model.bita.train_groups=8', 'data.seq_len=32',
+      'train.steps=24', 'train.batch_size=8', 'train.warmup_steps=2', 'log.every_steps=4',
+      'log.eval_every_steps=24', 'log.eval_batches=1', 'checkpoint.every_steps=24',
+      'log.progress=false', 'log.tensorboard=false', f'data.data_dir={data_dir}'])
+  final = train(cfg, bita_dir)
+  losses = [json.loads(line)['loss'] for line in (bita_dir / 'metrics.jsonl').open()]
+  assert losses[-1] < losses[0]
+  assert 0 <= final['mask0_top1'] <= 1 and np.isfinite(final['eval_loss'])
+
+  _, base = load_model(base_dir)
+  _, bita = load_model(bita_dir)
+  for (path, before), after in zip(nnx.to_flat_state(nnx.state(base, nnx.Param)),
+                                   jax.tree.leaves(nnx.state(bita.base, nnx.Param))):
+    np.testing.assert_array_equal(np.asarray(after), np.asarray(before.get_value()),
+                                  err_msg=str(path))
+  fresh = Bita(cfg.model, rngs=nnx.Rngs(0))
+  assert not np.array_equal(bita.mask_embed[...], fresh.mask_embed[...])
+  counts = models.param_counts(bita)
+  assert counts['trained'] == bita.prompt_k.size + bita.prompt_v.size + bita.mask_embed.size
+  assert counts['trained'] < counts['total'] / 20
+
+  prompts = _prompts(4, seed=2)
+  generator = infer.Generator(bita)
+  greedy, _ = generator(prompts, max_new_tokens=16)
+  drafted, stats = generator(prompts, max_new_tokens=16, method='bita')
+  assert drafted == greedy and stats['accepted_per_pass'] >= 1

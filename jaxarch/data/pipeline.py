@@ -20,6 +20,10 @@ of the stream states; `InterleaveIterDataset` would add a prefetch thread per st
 bookkeeping for finite inputs, and a window shuffle of rows only mixes documents that are
 close in the sequence, so it would need thousands of rows in memory to do the same.
 
+A `distilled:<dir>` source (prompts and a model's greedy continuations, for BiTA) is not
+packed: each sequence becomes one right-padded row, cut at `seq_len`, and the batch gains
+`loss_mask` (1 on the targets of the continuation, which alone carry loss).
+
 The train iterator is a Grain `DatasetIterator`: `get_state()` is a small JSON-able dict
 (per stream: document index plus the slice of the document being packed) and
 `set_state()` resumes exactly, so the trainer can checkpoint it next to the model.
@@ -120,6 +124,35 @@ def _packed_rows(docs: grain.MapDataset, tokenizer, data_cfg,
   return _JsonStatePacking(ds, data_cfg.seq_len).map(_Finalize(tokenizer.pad_id))
 
 
+class _SequenceRow(grain.transforms.Map):
+  """A distilled record -> one row of `seq_len`: a single segment, right-padded, with
+  `loss_mask` on the continuation's targets."""
+
+  def __init__(self, seq_len: int, pad_id: int):
+    self._seq_len = seq_len
+    self._pad_id = pad_id
+
+  def map(self, record) -> dict[str, np.ndarray]:
+    tokens = np.asarray(record['tokens'], np.int32)[:self._seq_len + 1]
+    n = len(tokens) - 1
+    row = _padding_rows(1, self._seq_len, self._pad_id)
+    row = {k: v[0] for k, v in row.items()}
+    row['inputs'][:n], row['targets'][:n] = tokens[:-1], tokens[1:]
+    row['segment_ids'][:n] = 1
+    row['positions'][:n] = np.arange(n)
+    row['loss_mask'] = np.zeros(self._seq_len, np.int32)
+    row['loss_mask'][max(int(record['prompt_length']) - 1, 0):n] = 1
+    return row
+
+
+def _sequence_rows(data_cfg, split: str, process_index: int, process_count: int):
+  """This process's shard of a distilled split, as `_SequenceRow`s."""
+  tokenizer = tokenizers.get_tokenizer(data_cfg.tokenizer)
+  sequences = sources.open_sequences(data_cfg, split)
+  rows = grain.MapDataset.source(sequences)[process_index::process_count]
+  return rows, _SequenceRow(data_cfg.seq_len, tokenizer.pad_id)
+
+
 class _Unzip(grain.experimental.FlatMapTransform):
   """One row from each packing stream -> the rows one by one."""
 
@@ -157,6 +190,14 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
   a background thread.
   """
   local_batch = _local_batch_size(global_batch_size, process_count, 'train.batch_size')
+  if data_cfg.source.startswith(sources.DISTILLED):
+    rows, to_row = _sequence_rows(data_cfg, 'train', process_index, process_count)
+    if not len(rows):  # pylint: disable=g-explicit-length-test
+      raise ConfigError(f'config error: data.source={data_cfg.source!r} has no training '
+                        f'sequences for process {process_index} of {process_count}')
+    batches = rows.shuffle(seed=seed % 2**32).repeat().map(to_row).batch(
+        local_batch, drop_remainder=True).to_iter_dataset()
+    return grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
   num_streams = local_batch if packing_streams is None else packing_streams
   if num_streams < 1:
     raise ValueError(f'packing_streams={packing_streams} must be positive')
@@ -179,20 +220,22 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
   return grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
 
 
-def _padding_rows(num_rows: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-  """Rows with no document: pad_id tokens in segment 0."""
-  tokens = np.full((num_rows, seq_len), pad_id, np.int32)
-  zeros = np.zeros((num_rows, seq_len), np.int32)
-  return {'inputs': tokens, 'targets': tokens.copy(), 'segment_ids': zeros,
-          'positions': zeros.copy()}
+def _padding_rows(num_rows: int, seq_len: int, pad_id: int,
+                  features=_FEATURES) -> dict[str, np.ndarray]:
+  """Rows with no document: pad_id tokens in segment 0 (and no `loss_mask`)."""
+  def fill(key):
+    value = pad_id if key in ('inputs', 'targets') else 0
+    return np.full((num_rows, seq_len), value, np.int32)
+  return {k: fill(k) for k in features}
 
 
 def _pad_batch(rows, *, batch_size: int, pad_id: int) -> dict[str, np.ndarray]:
   """Stacks rows and fills the batch up to `batch_size` with padding rows."""
-  batch = {k: np.stack([r[k] for r in rows]) for k in _FEATURES}
+  batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
   if len(rows) == batch_size:
     return batch
-  padding = _padding_rows(batch_size - len(rows), batch['inputs'].shape[1], pad_id)
+  padding = _padding_rows(batch_size - len(rows), batch['inputs'].shape[1], pad_id,
+                          tuple(batch))
   return {k: np.concatenate([v, padding[k]]) for k, v in batch.items()}
 
 
@@ -223,11 +266,17 @@ def make_eval_dataset(data_cfg, *, batch_size: int, num_batches: int,
   """Validation batches in stored order, packed like training; the last may end in padding."""
   local_batch = _local_batch_size(batch_size, process_count, 'eval batch size')
   tokenizer = tokenizers.get_tokenizer(data_cfg.tokenizer)
-  docs = _documents(data_cfg, 'validation', process_index, process_count)
-  rows = _packed_rows(docs, tokenizer, data_cfg, num_threads=0)
+  features = _FEATURES
+  if data_cfg.source.startswith(sources.DISTILLED):
+    sequences, to_row = _sequence_rows(data_cfg, 'validation', process_index, process_count)
+    rows = sequences.map(to_row).to_iter_dataset()
+    features += ('loss_mask',)
+  else:
+    docs = _documents(data_cfg, 'validation', process_index, process_count)
+    rows = _packed_rows(docs, tokenizer, data_cfg, num_threads=0)
   batches = rows.batch(local_batch, batch_fn=functools.partial(
       _pad_batch, batch_size=local_batch, pad_id=tokenizer.pad_id))
   fill_batch = None
   if process_count > 1:
-    fill_batch = _padding_rows(local_batch, data_cfg.seq_len, tokenizer.pad_id)
+    fill_batch = _padding_rows(local_batch, data_cfg.seq_len, tokenizer.pad_id, features)
   return EvalBatches(batches, num_batches, fill_batch)

@@ -1,11 +1,13 @@
 """Document sources: TFDS builders that write array_record once, read back by index.
 
-`data.source` picks one of three corpora:
+`data.source` picks one of these corpora:
 
-  default        the `.py` files of the running interpreter's standard library, so that
-                 training works with no download (about 30 MB of real text);
-  files:<glob>   local text files;
-  tfds:<name>    any TFDS dataset already prepared (as array_record) in the data dir.
+  default          the `.py` files of the running interpreter's standard library, so
+                   that training works with no download (about 30 MB of real text);
+  files:<glob>     local text files;
+  tfds:<name>      any TFDS dataset already prepared (as array_record) in the data dir;
+  distilled:<dir>  token sequences (a prompt and a model's greedy continuation) written
+                   by `jaxarch distill` into <dir> (`Distilled`); BiTA trains on them.
 
 The first two are `GeneratorBasedBuilder`s that TFDS prepares without TensorFlow into the
 data directory (`data.data_dir`, else $JAXARCH_DATA_DIR, else the user's cache dir). TFDS
@@ -26,13 +28,16 @@ import platform
 import sysconfig
 import zlib
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxarch.config import ConfigError
 
 _NOT_STDLIB = ('site-packages', 'dist-packages', '__pycache__')
-_SOURCE_ERROR = ("config error: data.source={!r} must be 'default', 'files:<glob>' or "
-                 "'tfds:<name>'")
+_SOURCE_ERROR = ("config error: data.source={!r} must be 'default', 'files:<glob>', "
+                 "'tfds:<name>' or 'distilled:<dir>'")
+DISTILLED = 'distilled:'
+
 
 
 def resolve_data_dir(cfg_value: str | None) -> pathlib.Path:
@@ -175,6 +180,66 @@ def _text_key(builder, source: str) -> str:
     return 'text'
   raise ConfigError(f'config error: data.source={source!r} has no text feature; its '
                    f'features are {list(features)}')
+
+
+@dataclasses.dataclass(eq=False, repr=False)
+class SequencesConfig(tfds.core.BuilderConfig):
+  """Token sequences per split, held in memory while the dataset is written."""
+
+  splits: dict | None = None  # split -> list of (tokens [n] int32, prompt_length)
+
+  def __repr__(self) -> str:
+    return f'SequencesConfig({self.name!r})'
+
+
+class Distilled(tfds.core.GeneratorBasedBuilder):
+  """A model's greedy continuations of prompts from its data: `{'tokens': prompt then
+  continuation, 'prompt_length'}`, one example per prompt."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  code_path = None  # see _TextFilesBuilder
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self, description=self.__doc__,
+        features=tfds.features.FeaturesDict({
+            'tokens': tfds.features.Tensor(shape=(None,), dtype=np.int32),
+            'prompt_length': np.int32}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {k: self._generate_examples(v) for k, v in self.builder_config.splits.items()
+            if v}
+
+  def _generate_examples(self, sequences):
+    for i, (tokens, prompt_length) in enumerate(sequences):
+      yield i, {'tokens': np.asarray(tokens, np.int32), 'prompt_length': prompt_length}
+
+
+def write_distilled(directory: str | os.PathLike, splits: dict) -> pathlib.Path:
+  """Writes `splits` (split -> [(tokens, prompt_length)]) as the array_record dataset that
+  `data.source='distilled:<directory>'` reads; TFDS makes it appear only when complete."""
+  builder = Distilled(config=SequencesConfig(name='greedy', splits=splits),
+                      data_dir=str(directory), file_format='array_record')
+  if builder.is_prepared():
+    raise FileExistsError(f'{builder.data_dir} exists already; distill into a new directory')
+  builder.download_and_prepare()
+  return pathlib.Path(builder.data_dir)
+
+
+def open_sequences(data_cfg, split: str):
+  """`split` of a `distilled:<dir>` source: records `{'tokens', 'prompt_length'}`."""
+  source = data_cfg.source
+  directory = pathlib.Path(source[len(DISTILLED):]).expanduser()
+  prepared = directory / 'distilled' / 'greedy' / str(Distilled.VERSION)
+  if not (prepared / 'dataset_info.json').is_file():
+    raise ConfigError(f'config error: data.source={source!r}: no distilled dataset in '
+                      f'{directory}; write one with `jaxarch distill --workdir=BASE '
+                      f'--out={directory}`')
+  builder = tfds.builder_from_directory(str(prepared))
+  if split not in builder.info.splits:
+    return []
+  return builder.as_data_source(split=split)
 
 
 def _tfds_source(source: str, name: str, data_dir: pathlib.Path, split: str) -> TextSource:

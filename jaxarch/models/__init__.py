@@ -22,6 +22,12 @@ FAMILIES: dict[str, Callable[..., nnx.Module]] = {
     'bita': Bita,  # a frozen dense/moe/ultramem model with BiTA's prompt and mask tokens
 }
 
+# model.family -> {sub-model attribute: workdir of the run whose weights it starts from}.
+# Fresh train states take those weights from the run's latest checkpoint.
+PRETRAINED_PARTS: dict[str, Callable[[ml_collections.ConfigDict], dict[str, str]]] = {
+    'bita': lambda model_cfg: {'base': model_cfg.bita.base_workdir},
+}
+
 
 def build(model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
   """The language model of `model_cfg.family`: `model(tokens) -> logits [b, t, vocab]`."""
@@ -32,15 +38,19 @@ def build(model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module
 
 
 def param_counts(model: nnx.Module) -> dict[str, int]:
-  """Total, active-per-token and embedding-table parameter counts.
+  """Total, active-per-token, embedding-table and trained parameter counts.
 
   Modules with parameters that only some tokens use (experts, memory values) report
   the inactive part through an `inactive_params()` method; dense models have none.
+  Parameters with `frozen=True` metadata (BiTA's base model) are not trained.
   """
   params = nnx.state(model, nnx.Param)
   total = sum(x.size for x in jax.tree.leaves(params))
+  frozen = sum(v.size for v in jax.tree.leaves(params, is_leaf=lambda x: isinstance(
+      x, nnx.Variable)) if v.get_metadata().get('frozen', False))
   inactive = sum(m.inactive_params() for _, m in nnx.iter_graph(model)
                  if hasattr(m, 'inactive_params'))
   embedding = sum(m.embedding.get_value().size for _, m in nnx.iter_graph(model)
                   if isinstance(m, Embed))
-  return {'total': total, 'active': total - inactive, 'embedding': embedding}
+  return {'total': total, 'active': total - inactive, 'embedding': embedding,
+          'trained': total - frozen}

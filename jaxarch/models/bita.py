@@ -22,19 +22,10 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from jaxarch.layers import signals
 from jaxarch.layers.layout import Layout
 from jaxarch.layers.params import normal, param
 from jaxarch.models.transformer import DTYPES, Transformer, head_dim
-
-
-def wrap_config(base: ml_collections.ConfigDict, bita: ml_collections.ConfigDict | dict
-                 ) -> ml_collections.ConfigDict:
-  """The model section of a BiTA model over a base model's section `base`."""
-  cfg = ml_collections.ConfigDict(base.to_dict())
-  cfg.family = 'bita'
-  cfg.bita = ml_collections.ConfigDict(dict(bita))
-  cfg.bita.base_family = base.family
-  return cfg
 
 
 def base_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -51,7 +42,16 @@ class Bita(nnx.Module):
     b = cfg.bita
     self.num_mask_tokens = b.num_mask_tokens
     self.draft_tree = tuple(b.draft_tree)  # candidates per level (`infer.tree`)
+    self.train_groups = b.train_groups  # mask groups per training row; 0: one per token
     self.base = Transformer(base_config(cfg), rngs=rngs)
+    # Frozen: no optimizer updates (`train.optimizer` reads the `frozen` metadata), no
+    # training-time state updates, and no auxiliary losses pulling on the new tokens.
+    for _, variable in nnx.iter_graph(self.base):
+      if isinstance(variable, nnx.Param):
+        variable.set_metadata('frozen', True)
+    self.base.set_attributes(deterministic=True, raise_if_not_found=False)
+    self.base.set_attributes(aux_loss_weight=0.0, z_loss_weight=0.0,
+                             raise_if_not_found=False)
     self.dtype = DTYPES[cfg.dtype]
     param_dtype, init = DTYPES[cfg.param_dtype], normal(b.init_std)
     shape = (cfg.n_layers, b.num_prompt_tokens, cfg.n_kv_heads, head_dim(cfg))
@@ -87,6 +87,13 @@ class Bita(nnx.Module):
     With decode caches, `cached` [b] positions of each sequence precede the call; the
     call is written after them (`keep_path` then keeps the accepted tokens).
     """
+    x = self._hidden(tokens, positions, visible, parent, anchors, cached)
+    logits = self.base.logits(self.base.final_norm(x))
+    b, n = tokens.shape
+    return logits[:, :n], logits[:, n:].reshape(b, anchors.shape[0], self.num_mask_tokens, -1)
+
+  def _hidden(self, tokens, positions, visible, parent, anchors, cached):
+    """`with_masks` up to the final norm -> [b, n + g·M, d]: the tokens, then the groups."""
     b, n = tokens.shape
     g, m = anchors.shape[0], self.num_mask_tokens
     group, offset = jnp.arange(g * m) // m, jnp.arange(g * m) % m
@@ -104,7 +111,36 @@ class Bita(nnx.Module):
         [positions, (positions[:, anchors][:, group] + 1 + offset).astype(positions.dtype)],
         axis=1)
     prefixes = [(k, v) for k, v in zip(self.prompt_k[...], self.prompt_v[...])]
-    x = self.base.run_blocks(x, positions, jnp.ones((b, n + g * m), jnp.int32), layout,
-                             prefixes)
-    logits = self.base.logits(self.base.final_norm(x))
-    return logits[:, :n], logits[:, n:].reshape(b, g, m, -1)
+    return self.base.run_blocks(x, positions, jnp.ones((b, n + g * m), jnp.int32), layout,
+                                prefixes)
+
+  def predictions(self, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The training objective on one-sequence rows: a mask group after `train_groups`
+    evenly spaced tokens (the release packs up to 64 per response), or after every token
+    -> (mask logits [b, g, M, vocab], targets [b, g, M], loss mask [b, g, M]).
+
+    Mask m after the input at index a predicts the target at a+1+m (the input at
+    a+2+m). A label counts when it is in the row's sequence and, with a `loss_mask`
+    batch feature (distilled data: the base model's continuation), marked there.
+    """
+    tokens, segments = batch['inputs'], batch['segment_ids']
+    b, t = tokens.shape
+    m = self.num_mask_tokens
+    g = min(self.train_groups or t, t)
+    anchors = jnp.arange(g) * t // g
+    x = self._hidden(tokens, batch['positions'], jnp.tril(jnp.ones((t, t), bool)),
+                     jnp.arange(t) - 1, anchors, None)
+    logits = self.base.logits(self.base.final_norm(x[:, t:])).reshape(b, g, m, -1)
+    label = anchors[:, None] + 1 + jnp.arange(m)  # g M: index into targets
+    inside = label < t
+    label = jnp.minimum(label, t - 1)
+    labelled = batch.get('loss_mask', segments > 0).astype(bool)
+    anchor_segment = segments[:, anchors, None]
+    mask = (inside & (segments[:, label] == anchor_segment) & labelled[:, label]
+            & (anchor_segment > 0))
+    targets = batch['targets'][:, label]
+    hits = (jnp.argmax(logits, -1) == targets) & mask  # b g M
+    for i in range(m):
+      signals.add_metric(self, f'mask{i}_top1', hits[..., i].sum() / jnp.maximum(
+          mask[..., i].sum(), 1))
+    return logits, targets, mask

@@ -13,6 +13,9 @@ Convention (PaLM appendix B / Chinchilla): a training step costs, per token,
   (only the lower triangle is useful work), hence 2·T·n·h forward and 6·T·n·h per step.
 - Not counted: norms, activations, softmax, RoPE, optimizer update (all O(N) or O(T·d)).
 - MEGABYTE counts per byte (`megabyte_flops_per_byte`): its global model per patch.
+- BiTA counts per sequence token (`bita_flops_per_token`): the frozen model runs over the
+  token and its M mask tokens, forward and backward w.r.t. activations only (4 · N per
+  token, no weight gradients), with attention over the (1+M)·T tokens of the row.
 
 MFU = achieved model FLOPs per second / peak dense bf16 FLOPs of the devices; remat
 recomputation is *not* counted as model FLOPs (that would be hardware FLOPs utilisation).
@@ -59,7 +62,17 @@ def train_flops_per_token(model_cfg: ml_collections.ConfigDict, counts: dict[str
                           seq_len: int) -> float:
   if model_cfg.family == 'megabyte':
     return megabyte_flops_per_byte(model_cfg, counts, seq_len)
+  if model_cfg.family == 'bita':
+    return bita_flops_per_token(model_cfg, counts, seq_len)
   return 6 * matmul_params(model_cfg, counts) + attention_flops_per_token(model_cfg, seq_len)
+
+
+def bita_flops_per_token(model_cfg: ml_collections.ConfigDict, counts: dict[str, int],
+                         seq_len: int) -> float:
+  """BiTA training: (1 + M) tokens per sequence token through the frozen model."""
+  rows = 1 + model_cfg.bita.num_mask_tokens
+  attention = attention_flops_per_token(model_cfg, rows * seq_len) * 4 / 6
+  return rows * (4 * matmul_params(model_cfg, counts) + attention)
 
 
 def _dense_block_params(d: int, n_heads: int, n_kv_heads: int, d_ff: int) -> int:

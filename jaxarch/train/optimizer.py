@@ -1,5 +1,7 @@
 """AdamW with warmup + cosine / WSD schedules, global-norm clipping and a decay mask.
 
+Weights created with `frozen=True` metadata (BiTA's base model) are not trained.
+
 Weights created with `weight_decay=False` metadata (norm scales, embeddings) are not
 decayed. Weights with `optim_group=NAME` metadata (e.g. UltraMem's memory values) get the
 learning-rate multiplier that `train.groups.NAME` configures:
@@ -46,6 +48,11 @@ def _metadata(tree, key, default):
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def frozen(params) -> dict:
+  """True at the parameters created with `frozen=True` metadata (BiTA's base model)."""
+  return _metadata(params, 'frozen', False)
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, params) -> optax.GradientTransformation:
   """The optimizer for `params` (an nnx.State of Params, abstract or concrete)."""
   schedule = learning_rate_schedule(cfg)
@@ -63,7 +70,16 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params) -> optax.GradientTran
     transforms['default'] = optax.identity()
     adamw = optax.chain(adamw, optax.multi_transform(
         transforms, lambda p: jax.tree.map(lambda g, _: g, labels, p)))
-  return optax.chain(*chain, adamw)
+  update = optax.chain(*chain, adamw)
+  is_frozen = frozen(params)
+  if any(jax.tree.leaves(is_frozen)):
+    # Frozen parameters get neither updates nor optimizer state; clipping sees only the
+    # trained ones.
+    labels = jax.tree.map(lambda f: 'frozen' if f else 'trained', is_frozen)
+    update = optax.multi_transform(
+        {'trained': update, 'frozen': optax.set_to_zero()},
+        lambda p: jax.tree.map(lambda label, _: label, labels, p))
+  return update
 
 
 def group_multiplier(cfg: ml_collections.ConfigDict,

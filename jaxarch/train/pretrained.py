@@ -1,11 +1,17 @@
-"""Loading a trained model back from its workdir (config.json + latest checkpoint)."""
+"""Loading trained weights back from a workdir (config.json + latest checkpoint): a whole
+model (`load_model`), or the sub-models a new run starts from (`with_pretrained_parts`)."""
 
 from pathlib import Path
 
+import jax
+import ml_collections
+from jax.sharding import Mesh
+
 from jaxarch import config as config_lib
+from jaxarch import models
 from jaxarch.parallel import make_mesh
 from jaxarch.train.checkpoint import Checkpointer
-from jaxarch.train.state import make_setup, merge_model
+from jaxarch.train.state import TrainSetup, make_setup, merge_model
 
 
 def load_model(workdir: str | Path, *, step: int | None = None, mesh_overrides=()):
@@ -35,3 +41,40 @@ def load_model(workdir: str | Path, *, step: int | None = None, mesh_overrides=(
   if state is None:
     raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}')
   return cfg, merge_model(setup, state)
+
+
+def _restored_params(workdir: Path, mesh: Mesh, mesh_cfg: ml_collections.ConfigDict):
+  """The params of `workdir`'s latest checkpoint, sharded over `mesh` as `mesh_cfg` says."""
+  tree = config_lib.load_json(workdir / 'config.json').to_dict()
+  tree['mesh'] = mesh_cfg.to_dict()
+  cfg = config_lib.validate(ml_collections.ConfigDict(tree))
+  setup = make_setup(cfg, mesh)
+  checkpointer = Checkpointer(workdir, async_save=False)
+  state, _ = checkpointer.restore(setup.abstract_state)
+  checkpointer.close()
+  if state is None:
+    raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}: train the run in '
+                            f'{workdir} first')
+  return state['params']
+
+
+def with_pretrained_parts(cfg: ml_collections.ConfigDict, setup: TrainSetup,
+                          state: dict) -> dict:
+  """A fresh train state whose sub-models (`models.PRETRAINED_PARTS`, e.g. BiTA's frozen
+  base) hold the weights of the runs they come from, resharded onto this run's mesh."""
+  parts = models.PRETRAINED_PARTS.get(cfg.model.family, lambda _: {})(cfg.model)
+  for name, workdir in parts.items():
+    fresh = state['params'][name]
+    restored = _restored_params(Path(workdir).expanduser(), setup.mesh, cfg.mesh)
+    fresh_leaves, treedef = jax.tree_util.tree_flatten_with_path(fresh)
+    restored_leaves = jax.tree_util.tree_flatten_with_path(restored)[0]
+    fresh_paths = [jax.tree_util.keystr(p) for p, _ in fresh_leaves]
+    if fresh_paths != [jax.tree_util.keystr(p) for p, _ in restored_leaves] or any(
+        a.shape != b.shape for (_, a), (_, b) in zip(fresh_leaves, restored_leaves)):
+      raise config_lib.ConfigError(
+          f'the checkpoint in {workdir} does not fit model part {name!r} of this config '
+          '(different parameter names or shapes)')
+    values = [jax.device_put(b, a.sharding)
+              for (_, a), (_, b) in zip(fresh_leaves, restored_leaves)]
+    state['params'][name] = jax.tree.unflatten(treedef, values)
+  return state

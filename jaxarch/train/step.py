@@ -13,6 +13,7 @@ from flax import nnx
 
 from jaxarch.layers.signals import WindowCounter
 from jaxarch.parallel.context import logical_mesh
+from jaxarch.train.optimizer import frozen
 from jaxarch.train.state import TrainSetup
 
 
@@ -29,12 +30,29 @@ def _key_name(key) -> str:
   return str(getattr(key, 'key', getattr(key, 'name', getattr(key, 'idx', key))))
 
 
-def run_model(model: nnx.Module, *args):
-  """model(*args) and the `nnx.Intermediate` values its layers sowed on the way."""
+def run_model(fn, *args):
+  """fn(*args) and the `nnx.Intermediate` values sown on the way; `fn` is a module, or a
+  function whose first argument is the module."""
   if hasattr(nnx, 'capture'):  # flax >= 0.12.x
-    return nnx.capture(model, nnx.Intermediate)(*args)
-  out = model(*args)
-  return out, nnx.pop(model, nnx.Intermediate)
+    return nnx.capture(fn, nnx.Intermediate)(*args)
+  out = fn(*args)
+  return out, nnx.pop(fn if isinstance(fn, nnx.Module) else args[0], nnx.Intermediate)
+
+
+def predictions(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(logits [..., vocab], targets [...], loss mask [...]): what the loss compares.
+
+  A language model predicts each next token, where `segment_ids > 0` (and `loss_mask`,
+  when the data marks which targets carry loss). A model with its own objective (BiTA:
+  future tokens at its mask positions) provides `predictions(batch)`.
+  """
+  if hasattr(model, 'predictions'):
+    return model.predictions(batch)
+  mask = batch['segment_ids'] > 0
+  if 'loss_mask' in batch:
+    mask &= batch['loss_mask'].astype(bool)
+  logits = model(batch['inputs'], batch['segment_ids'], batch['positions'])
+  return logits, batch['targets'], mask
 
 
 def signals(sown) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
@@ -51,35 +69,41 @@ def signals(sown) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     if leaf == 'aux_loss':
       losses[where] = sum(jnp.sum(v) for v in values)
     elif leaf.startswith('metric_'):
-      metrics[f'{where}/{leaf.removeprefix("metric_")}'] = sum(values) / len(values)
+      name = leaf.removeprefix('metric_')
+      metrics[f'{where}/{name}' if where else name] = sum(values) / len(values)
   return losses, metrics
 
 
 def _forward(setup: TrainSetup, params, model_state, batch):
+  """-> ((logits, targets, float loss mask), aux losses, metrics, new model state)."""
   # Fresh Variables of this trace level, so that layers may update their state here.
   model_state = jax.tree.map(lambda x: x, model_state)
   model = nnx.merge(setup.graphdef, params, model_state)
   with logical_mesh(setup.mesh, setup.rules):
-    logits, sown = run_model(model, batch['inputs'], batch['segment_ids'], batch['positions'])
+    (logits, targets, mask), sown = run_model(predictions, model, batch)
   aux, metrics = signals(sown)
-  return logits, aux, metrics, nnx.state(model, nnx.Not(nnx.Param))
+  return ((logits, targets, mask.astype(jnp.float32)), aux, metrics,
+          nnx.state(model, nnx.Not(nnx.Param)))
 
 
 def make_train_step(setup: TrainSetup, *, z_loss: float = 0.0):
   """The jitted, sharded train step; the incoming state's buffers are donated."""
+  is_frozen = frozen(setup.abstract_state['params'])
 
   def train_step(state, batch):
-    mask = (batch['segment_ids'] > 0).astype(jnp.float32)
-    num_tokens = jnp.maximum(mask.sum(), 1.0)
 
     def loss_fn(params):
-      logits, aux, layer_metrics, model_state = _forward(
+      # Frozen parameters get no gradient, so XLA drops their weight-gradient matmuls.
+      params = jax.tree.map(lambda f, p: jax.lax.stop_gradient(p) if f else p,
+                            is_frozen, params)
+      (logits, targets, mask), aux, layer_metrics, model_state = _forward(
           setup, params, state['model_state'], batch)
-      nll, z = cross_entropy(logits, batch['targets'], mask, z_loss)
+      num_tokens = jnp.maximum(mask.sum(), 1.0)
+      nll, z = cross_entropy(logits, targets, mask, z_loss)
       loss = (nll + z) / num_tokens + sum(aux.values(), jnp.zeros(()))
-      return loss, (nll / num_tokens, aux, layer_metrics, model_state)
+      return loss, (nll / num_tokens, num_tokens, aux, layer_metrics, model_state)
 
-    (loss, (ce, aux, layer_metrics, model_state)), grads = jax.value_and_grad(
+    (loss, (ce, num_tokens, aux, layer_metrics, model_state)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state['params'])
     updates, opt_state = setup.tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
@@ -101,10 +125,10 @@ def make_eval_step(setup: TrainSetup, byte_lengths):
   byte_lengths = jnp.asarray(byte_lengths, jnp.float32)
 
   def eval_step(state, batch):
-    logits, _, _, _ = _forward(setup, state['params'], state['model_state'], batch)
-    mask = (batch['segment_ids'] > 0).astype(jnp.float32)
-    nll, _ = cross_entropy(logits, batch['targets'], mask)
-    num_bytes = (byte_lengths[batch['targets']] * mask).sum()
+    (logits, targets, mask), _, _, _ = _forward(setup, state['params'],
+                                                state['model_state'], batch)
+    nll, _ = cross_entropy(logits, targets, mask)
+    num_bytes = (byte_lengths[targets] * mask).sum()
     return {'nll': nll, 'tokens': mask.sum(), 'bytes': num_bytes}
 
   return jax.jit(eval_step, in_shardings=(setup.shardings, setup.batch_sharding))

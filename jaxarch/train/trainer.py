@@ -18,6 +18,7 @@ from jaxarch.train import flops
 from jaxarch.train.checkpoint import Checkpointer
 from jaxarch.train.metrics import MetricsWriter, ProgressBar, Stopwatch
 from jaxarch.train.optimizer import learning_rate_schedule
+from jaxarch.train.pretrained import with_pretrained_parts
 from jaxarch.train.state import TrainSetup, init_state, make_setup
 from jaxarch.train.step import (make_eval_step, make_train_step, make_window_reset,
                                 summarize_eval)
@@ -73,12 +74,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   try:
     state, restored_step = checkpointer.restore(setup.abstract_state, data_iter)
     if state is None:
-      state = init_state(cfg, setup)
+      state = with_pretrained_parts(cfg, setup, init_state(cfg, setup))
     with ProgressBar(cfg.train.steps, int(state['step']), enabled=cfg.log.progress) as bar:
       c = setup.param_counts
+      trained = ('' if c['trained'] == c['total'] else
+                 f', {c["trained"]:,} trained ({c["trained"] / c["total"]:.3%})')
       bar.print(f'{cfg.model.family} model: {c["total"]:,} parameters ({c["active"]:,} '
-                f'active per token), mesh {dict(setup.mesh.shape)}, {jax.device_count()} × '
-                f'{jax.devices()[0].device_kind}')
+                f'active per token{trained}), mesh {dict(setup.mesh.shape)}, '
+                f'{jax.device_count()} × {jax.devices()[0].device_kind}')
       if restored_step is not None:
         bar.print(f'resumed from {checkpointer.directory / str(restored_step)}')
       return _loop(cfg, setup, state, data_iter, eval_step, checkpointer, writer, bar)

@@ -1,0 +1,75 @@
+"""Self-distillation data for BiTA: a trained model's greedy continuations of its own data.
+
+BiTA's mask tokens learn to predict what the frozen model would generate, so they are
+trained on the model's own greedy outputs (not on human text, whose next tokens the model
+would often not choose). `distill` draws prompts of `prompt_len` tokens from random
+places of random documents of the run's corpus (its train split for training, its
+validation split for validation), continues them greedily in batches, and writes
+`{'tokens': prompt + continuation, 'prompt_length'}` as an array_record dataset that
+`data.source='distilled:<out>'` reads (see `data.sources.Distilled`).
+
+  jaxarch distill --workdir=/tmp/base --out=/tmp/base-distilled
+"""
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from jaxarch import data
+from jaxarch.data import sources
+from jaxarch.infer.generate import Generator
+from jaxarch.parallel import make_mesh
+from jaxarch.train.pretrained import load_model
+
+
+def sample_prompts(data_cfg, split: str, num_prompts: int, prompt_len: int, seed: int,
+                   tokenizer) -> list[list[int]]:
+  """`num_prompts` windows of `prompt_len` tokens of `[eod] + document` (shorter when the
+  document is), each from a random document and start."""
+  documents = sources.open_source(data_cfg, split)
+  if not len(documents):  # pylint: disable=g-explicit-length-test
+    return []
+  rng = np.random.default_rng(seed)
+  prompts = []
+  for index in rng.integers(0, len(documents), num_prompts):
+    tokens = [tokenizer.eod_id] + tokenizer.encode(documents[int(index)])
+    start = int(rng.integers(0, max(len(tokens) - prompt_len, 0) + 1))
+    prompts.append(tokens[start:start + prompt_len])
+  return prompts
+
+
+def distill(workdir: str | Path, out: str | Path, *, num_prompts: int = 2048,
+            validation_prompts: int = 64, prompt_len: int = 32, max_new_tokens: int = 96,
+            batch_size: int = 64, seed: int = 0) -> dict:
+  """Writes the distilled dataset of the run in `workdir` to `out`; returns its summary."""
+  for name, value in (('num_prompts', num_prompts), ('prompt_len', prompt_len),
+                      ('max_new_tokens', max_new_tokens), ('batch_size', batch_size)):
+    if value < 1:
+      raise ValueError(f'distill: {name}={value} must be >= 1')
+  start = time.perf_counter()
+  cfg, model = load_model(workdir)
+  tokenizer = data.get_tokenizer(cfg.data.tokenizer)
+  generator = Generator(model, mesh=make_mesh(cfg), rules=cfg.mesh.rules)
+  splits, new_tokens = {}, 0
+  for i, (split, count) in enumerate((('train', num_prompts),
+                                      ('validation', validation_prompts))):
+    prompts = sample_prompts(cfg.data, split, count, prompt_len, seed + i, tokenizer)
+    splits[split] = []
+    for first in range(0, len(prompts), batch_size):
+      batch = prompts[first:first + batch_size]
+      continuations, _ = generator(batch, max_new_tokens=max_new_tokens,
+                                   stop_ids=(tokenizer.eod_id,))
+      splits[split] += [(p + c, len(p)) for p, c in zip(batch, continuations)]
+      new_tokens += sum(map(len, continuations))
+  written = sources.write_distilled(out, splits)
+  summary = {
+      'base_workdir': str(Path(workdir).absolute()), 'dataset': str(written),
+      'tokenizer': cfg.data.tokenizer, 'prompt_len': prompt_len,
+      'max_new_tokens': max_new_tokens, 'seed': seed,
+      'sequences': {k: len(v) for k, v in splits.items()}, 'new_tokens': new_tokens,
+      'seconds': round(time.perf_counter() - start, 1),
+  }
+  (Path(out) / 'distill.json').write_text(json.dumps(summary, indent=2) + '\n')
+  return summary
