@@ -25,7 +25,6 @@ N·(1 - (1 - H·k/N)^b) of N rows, uniform retrieval); KV cache: keys and values
 layer at the mean context length of the decode.
 """
 
-import argparse
 import sys
 
 import jax
@@ -33,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from compare_families import counts, matched_dense
-from report import emit
+from report import emit, ints, on_accelerator, scaled_parser
 
 from jaxarch import config as config_lib
 from jaxarch import infer, models
@@ -91,10 +90,7 @@ def time_decode(generator, batch: int, prompt: int, new_tokens: int, repeats: in
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  on_accelerator = jax.default_backend() in ('gpu', 'tpu')
-  scale = SCALES['gpu' if on_accelerator else 'cpu']
-  ints = lambda s: tuple(int(x) for x in s.split(','))
+  parser, scale = scaled_parser(__doc__, SCALES)
   parser.add_argument('--preset', default=scale['preset'])
   parser.add_argument('--batches', type=ints, default=scale['batches'])
   parser.add_argument('--prompts', type=ints, default=scale['prompts'])
@@ -102,7 +98,7 @@ def main(argv=None):
   parser.add_argument('--repeats', type=int, default=2)
   parser.add_argument('--out', default='benchmarks/results/decode.json')
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-  dtype = 'bfloat16' if on_accelerator else 'float32'
+  dtype = 'bfloat16' if on_accelerator() else 'float32'
   itemsize = np.dtype(dtype).itemsize
 
   built = {}

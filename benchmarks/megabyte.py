@@ -24,7 +24,6 @@ matches MEGABYTE's. Three measurements, all in one run:
 Compute is bf16 on accelerators, fp32 on CPU.
 """
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -35,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from compare_families import counts
-from report import emit
+from report import emit, ints, on_accelerator, scaled_parser
 from train_step import benchmark
 
 from jaxarch import config as config_lib
@@ -150,10 +149,7 @@ def ratio(records, key, **match):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  on_accelerator = jax.default_backend() in ('gpu', 'tpu')
-  scale = SCALES['gpu' if on_accelerator else 'cpu']
-  ints = lambda s: tuple(int(x) for x in s.split(','))
+  parser, scale = scaled_parser(__doc__, SCALES)
   parser.add_argument('--preset', default=scale['preset'], help='for the speed measurements')
   parser.add_argument('--seq_lens', type=ints, default=scale['seq_lens'])
   parser.add_argument('--batch_bytes', type=int, default=scale['batch_bytes'])
@@ -167,7 +163,7 @@ def main(argv=None):
   parser.add_argument('--workdir', help='keep the quality runs here (default: temporary)')
   parser.add_argument('--out', default='benchmarks/results/megabyte.json')
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-  dtype = 'bfloat16' if on_accelerator else 'float32'
+  dtype = 'bfloat16' if on_accelerator() else 'float32'
   overrides = [f'model.dtype={dtype}', f'model.param_dtype={dtype}']
 
   runs = configs(args.preset, overrides)

@@ -1,5 +1,6 @@
 """What every benchmark ends with: a table on the terminal and the full numbers as JSON."""
 
+import argparse
 import json
 from pathlib import Path
 import time
@@ -37,3 +38,19 @@ def timed(fn, *args, iters: int) -> float:
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
   return float(np.median(times))
+
+
+def on_accelerator() -> bool:
+  return jax.default_backend() in ('gpu', 'tpu')
+
+
+def ints(text: str) -> tuple[int, ...]:
+  """'1,8,64' -> (1, 8, 64), for list-valued flags."""
+  return tuple(int(x) for x in text.split(','))
+
+
+def scaled_parser(doc: str, scales: dict) -> tuple[argparse.ArgumentParser, dict]:
+  """A parser described by the script's docstring, and the defaults for this machine:
+  `scales['gpu']` on an accelerator, else `scales['cpu']`."""
+  parser = argparse.ArgumentParser(description=doc.split('\n')[0])
+  return parser, scales['gpu' if on_accelerator() else 'cpu']

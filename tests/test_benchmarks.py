@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'benchmarks'))
 
+import bita  # pylint: disable=g-import-not-at-top,wrong-import-position
 import compare_families  # pylint: disable=g-import-not-at-top,wrong-import-position
 import decode  # pylint: disable=g-import-not-at-top,wrong-import-position
 import megabyte  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -119,3 +120,21 @@ def test_megabyte_benchmark_trains_both_at_equal_compute(tmp_path, data_dir, mon
   assert quality['megabyte']['steps'] > 2  # its cheaper bytes buy more steps
   flops = [r['train_flops'] for r in quality.values()]
   assert abs(flops[0] - flops[1]) / max(flops) < 0.5 / 2  # equal up to rounding one step
+
+
+@pytest.mark.slow
+def test_bita_benchmark_runs_every_stage_and_checks_equality(tmp_path, data_dir,
+                                                             monkeypatch):
+  monkeypatch.setenv('JAXARCH_DATA_DIR', data_dir)
+  monkeypatch.setitem(bita.SCALES, 'cpu', dict(
+      preset='tiny', base_steps=10, base_batch=8, bita_steps=10, num_prompts=16,
+      prompt_len=8, distill_tokens=24, distill_batch=16, new_tokens=8))
+  out = tmp_path / 'bita.json'
+  bita.main([f'--workdir={tmp_path / "runs"}', '--eval_prompts=4', '--batches=1,2',
+             f'--out={out}'])
+  record = json.loads(out.read_text())
+  assert [r['batch'] for r in record['decode']] == [1, 2]
+  for r in record['decode']:
+    assert r['lossless'] and r['accepted_per_pass'] >= 1 and r['speedup'] > 0
+    assert 0 < r['new_tokens'] <= 4 * 8  # end-of-document may stop a prompt early
+  assert record['distill']['sequences']['train'] == 16
