@@ -2,7 +2,7 @@
 
   python benchmarks/bita.py [--preset=tiny|151m] [--workdir=DIR] [--base_steps=N]
                             [--bita_steps=N] [--num_prompts=N] [--eval_prompts=16]
-                            [--new_tokens=128] [--batches=1,8]
+                            [--new_tokens=128] [--batches=1,8] [--trees=5-4-3,1-1-1]
                             [--out=benchmarks/results/bita.json]
 
 The whole recipe, each stage resumed or skipped when `workdir` already holds it (so a
@@ -13,12 +13,16 @@ long run can be split over several calls):
    (`jaxarch distill`) into `workdir/distilled`;
 3. train BiTA's prompt and mask tokens (`configs/bita.py:<preset>`) in `workdir/bita`;
 4. decode `eval_prompts` held-out prompts (from the validation split of the corpus, so
-   never seen in distillation) at each batch size, greedily and with `method='bita'`, on
-   the same model and prompts, and check that the outputs are equal token for token.
+   never seen in distillation) at each batch size, greedily and with `method='bita'` for
+   each draft tree, on the same model and prompts, and check that the outputs are equal
+   token for token.
 
-Reported: mean accepted tokens per tree pass and sequence (the bonus token included),
-tokens per second of both (prefill and decode, compilation excluded: each shape runs once
-before it is timed) and their ratio. Compute is bf16 on accelerators, fp32 on CPU.
+Reported: mean accepted tokens per tree pass and sequence (the bonus token included), the
+time of a decode pass of both, tokens per second of both (prefill and decode, compilation
+excluded: each shape runs once before it is timed) and their ratio. A tree pass reads
+(1 + M) tokens per node (the paper's 5-4-3 tree: 52 tokens), so it pays off where a
+decode step is bound by reading the weights (accelerators) rather than by arithmetic
+(a CPU running a tiny model). Compute is bf16 on accelerators, fp32 on CPU.
 """
 
 import json
@@ -71,9 +75,9 @@ def stage_bita(workdir: Path, preset: str, steps: int, overrides) -> dict:
   return train(cfg, workdir / 'bita')
 
 
-def decode(workdir: Path, eval_prompts: int, prompt_len: int, batches, new_tokens: int
-           ) -> list[dict]:
-  """Greedy against BiTA decoding of the same held-out prompts, per batch size."""
+def decode(workdir: Path, eval_prompts: int, prompt_len: int, batches, new_tokens: int,
+           trees) -> list[dict]:
+  """Greedy against BiTA decoding of the same held-out prompts, per batch size and tree."""
   cfg, model = load_model(workdir / 'bita')
   tokenizer = data.get_tokenizer(cfg.data.tokenizer)
   base_cfg = config_lib.load_json(workdir / 'base' / 'config.json')
@@ -83,29 +87,46 @@ def decode(workdir: Path, eval_prompts: int, prompt_len: int, batches, new_token
   records = []
   for batch in batches:
     chunks = [prompts[i:i + batch] for i in range(0, len(prompts) - batch + 1, batch)]
-    result = {}
-    for method in ('greedy', 'bita'):
-      generator(chunks[0], max_new_tokens=new_tokens, method=method)  # compile, warm up
-      outputs, seconds, passes, accepted = [], 0.0, 0, []
-      for chunk in chunks:
-        out, stats = generator(chunk, max_new_tokens=new_tokens, method=method)
-        outputs += out
-        seconds += stats['prefill_s'] + stats['decode_s']
-        passes += stats['forward_passes']
-        accepted.append(stats.get('accepted_per_pass', 1.0))
-      tokens = sum(map(len, outputs))
-      result[method] = dict(outputs=outputs, tokens=tokens, seconds=seconds, passes=passes,
-                            tokens_per_s=tokens / seconds,
-                            accepted_per_pass=float(np.mean(accepted)))
-    greedy, bita = result['greedy'], result['bita']
-    records.append(dict(
-        batch=batch, prompts=sum(map(len, chunks)), new_tokens=bita['tokens'],
-        lossless=bita['outputs'] == greedy['outputs'],
-        accepted_per_pass=bita['accepted_per_pass'],
-        greedy_tokens_per_s=greedy['tokens_per_s'], bita_tokens_per_s=bita['tokens_per_s'],
-        speedup=bita['tokens_per_s'] / greedy['tokens_per_s'],
-        greedy_passes=greedy['passes'], bita_passes=bita['passes']))
+    run = lambda **kw: _timed_calls(generator, chunks, new_tokens, **kw)
+    greedy = run(method='greedy')
+    for tree in trees:
+      bita = run(method='bita', draft_tree=tree)
+      records.append(dict(
+          batch=batch, tree=list(tree), prompts=sum(map(len, chunks)),
+          new_tokens=bita['tokens'], lossless=bita['outputs'] == greedy['outputs'],
+          accepted_per_pass=bita['accepted_per_pass'],
+          greedy_tokens_per_s=greedy['tokens_per_s'], bita_tokens_per_s=bita['tokens_per_s'],
+          speedup=bita['tokens_per_s'] / greedy['tokens_per_s'],
+          greedy_passes=greedy['passes'], bita_passes=bita['passes'],
+          greedy_ms_per_pass=1e3 * greedy['decode_s'] / greedy['passes'],
+          bita_ms_per_pass=1e3 * bita['decode_s'] / bita['passes']))
   return records
+
+
+def _timed_calls(generator, chunks, new_tokens, **kwargs) -> dict:
+  """Every chunk of prompts generated once, after a compiling call of the same shape."""
+  generator(chunks[0], max_new_tokens=new_tokens, **kwargs)
+  outputs, seconds, decode_s, passes, accepted = [], 0.0, 0.0, 0, []
+  for chunk in chunks:
+    out, stats = generator(chunk, max_new_tokens=new_tokens, **kwargs)
+    outputs += out
+    seconds += stats['prefill_s'] + stats['decode_s']
+    decode_s += stats['decode_s']
+    passes += stats['forward_passes'] - 1  # the prefill is not a decode pass
+    accepted.append(stats.get('accepted_per_pass', 1.0))
+  tokens = sum(map(len, outputs))
+  return dict(outputs=outputs, tokens=tokens, seconds=seconds, decode_s=decode_s,
+              passes=passes, tokens_per_s=tokens / seconds,
+              accepted_per_pass=float(np.mean(accepted)))
+
+
+def _last_metrics(run: Path) -> dict:
+  """A finished stage's final metrics (its last logged values), as `train` returns them."""
+  path = run / 'metrics.jsonl'
+  metrics = {}
+  for line in path.read_text().splitlines() if path.exists() else []:
+    metrics.update(json.loads(line))
+  return metrics
 
 
 def main(argv=None):
@@ -119,6 +140,10 @@ def main(argv=None):
   parser.add_argument('--eval_prompts', type=int, default=16)
   parser.add_argument('--new_tokens', type=int, default=scale['new_tokens'])
   parser.add_argument('--batches', type=ints, default=(1, 8))
+  parser.add_argument('--trees', type=lambda t: [ints(x.replace('-', ',')) for x in
+                                                 t.split(',')],
+                      default=[(5, 4, 3), (1, 1, 1)],
+                      help='draft trees to compare, e.g. 5-4-3,1-1-1 (candidates per level)')
   parser.add_argument('--stages', default='base,distill,bita,decode',
                       help='the stages to run now (the others must be done already)')
   parser.add_argument('--out', default='benchmarks/results/bita.json')
@@ -130,27 +155,32 @@ def main(argv=None):
 
   record = dict(device=jax.devices()[0].device_kind, backend=jax.default_backend(),
                 preset=args.preset, dtype=dtype, workdir=str(workdir))
-  if 'base' in stages:
-    record['base'] = stage_base(workdir, args.preset, args.base_steps, scale['base_batch'],
-                                [f'model.dtype={dtype}'])
+  record['base'] = (stage_base(workdir, args.preset, args.base_steps, scale['base_batch'],
+                               [f'model.dtype={dtype}'])
+                    if 'base' in stages else _last_metrics(workdir / 'base'))
   if 'distill' in stages:
     record['distill'] = stage_distill(workdir, scale, args.num_prompts)
-  if 'bita' in stages:
-    record['bita'] = stage_bita(workdir, args.preset, args.bita_steps, [])
+  elif (workdir / 'distilled' / 'distill.json').exists():
+    record['distill'] = json.loads((workdir / 'distilled' / 'distill.json').read_text())
+  record['bita'] = (stage_bita(workdir, args.preset, args.bita_steps, [])
+                    if 'bita' in stages else _last_metrics(workdir / 'bita'))
   if 'decode' not in stages:
     print(json.dumps(record, indent=2, default=str))
     return record
   record['decode'] = decode(workdir, args.eval_prompts, scale['prompt_len'], args.batches,
-                            args.new_tokens)
+                            args.new_tokens, args.trees)
   record['seconds'] = time.perf_counter() - start
 
-  rows = [[f'b{r["batch"]} x {r["prompts"] // r["batch"]}', f'{r["new_tokens"]:,}',
+  rows = [[f'b{r["batch"]} x {r["prompts"] // r["batch"]}',
+           '-'.join(map(str, r['tree'])), f'{r["new_tokens"]:,}',
            'yes' if r['lossless'] else 'NO', f'{r["accepted_per_pass"]:.2f}',
+           f'{r["greedy_ms_per_pass"]:.2f} / {r["bita_ms_per_pass"]:.2f}',
            f'{r["greedy_tokens_per_s"]:,.0f}', f'{r["bita_tokens_per_s"]:,.0f}',
            f'{r["speedup"]:.2f}x'] for r in record['decode']]
   emit(f'BiTA on {args.preset} ({record["device"]}, {dtype})',
-       ['batch x calls', 'new tokens', 'equal to greedy', 'accepted / pass',
-        'greedy tok/s', 'BiTA tok/s', 'speedup'], rows, record, args.out)
+       ['batch x calls', 'tree', 'new tokens', 'equal to greedy', 'accepted / pass',
+        'ms per pass (greedy / BiTA)', 'greedy tok/s', 'BiTA tok/s', 'speedup'], rows,
+       record, args.out)
   if not all(r['lossless'] for r in record['decode']):
     print('BiTA output differs from greedy decoding', file=sys.stderr)
     sys.exit(1)

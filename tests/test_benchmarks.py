@@ -131,9 +131,10 @@ def test_bita_benchmark_runs_every_stage_and_checks_equality(tmp_path, data_dir,
       prompt_len=8, distill_tokens=24, distill_batch=16, new_tokens=8))
   out = tmp_path / 'bita.json'
   bita.main([f'--workdir={tmp_path / "runs"}', '--eval_prompts=4', '--batches=1,2',
-             f'--out={out}'])
+             '--trees=2-1,1-1-1', f'--out={out}'])
   record = json.loads(out.read_text())
-  assert [r['batch'] for r in record['decode']] == [1, 2]
+  assert [(r['batch'], r['tree']) for r in record['decode']] == [
+      (1, [2, 1]), (1, [1, 1, 1]), (2, [2, 1]), (2, [1, 1, 1])]
   for r in record['decode']:
     assert r['lossless'] and r['accepted_per_pass'] >= 1 and r['speedup'] > 0
     assert 0 < r['new_tokens'] <= 4 * 8  # end-of-document may stop a prompt early
