@@ -9,15 +9,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import FAMILIES, family_config, sharded_copy, tiny_config
+from conftest import FAMILIES, family_config, make_batch, sharded_copy, tiny_config
 from jaxarch import config as config_lib
 from jaxarch import data, infer, models
 from jaxarch.data.sources import write_distilled
 from jaxarch.infer.distill import distill
 from jaxarch.infer.tree import DraftTree
 from jaxarch.models.bita import Bita
+from jaxarch.layers.signals import WindowCounter
+from jaxarch.parallel import global_batch, make_mesh
 from jaxarch.train import train
 from jaxarch.train.pretrained import load_model
+from jaxarch.train.state import init_state, make_setup
+from jaxarch.train.step import make_train_step
 
 BASES = ('dense', 'moe', 'ultramem')  # the families BiTA wraps (conftest.FAMILIES)
 BITA = dict(num_prompt_tokens=4, num_mask_tokens=3, draft_tree=(5, 4, 3), train_groups=0,
@@ -65,8 +69,8 @@ class OracleBita(Bita):
     return node_logits, mask_logits + sign * jax.nn.one_hot(truth, mask_logits.shape[-1])
 
 
-@pytest.mark.parametrize('family', BASES)
-@pytest.mark.parametrize('levels_right', [3, 1])
+@pytest.mark.parametrize('family, levels_right',
+                         [('dense', 3), ('dense', 1), ('moe', 3), ('ultramem', 1)])
 def test_accepted_tokens_per_pass_on_a_hand_made_oracle(family, levels_right):
   # The first pass has no drafts yet and produces 1 token; each later pass accepts the
   # right levels plus the bonus token. Equal output also shows that the caches keep
@@ -236,8 +240,44 @@ def error_of(fn, *args) -> str:
   return str(info.value)
 
 
-# Training: base run -> distill -> BiTA run; only the prompt and mask tokens change.
+# Training: only the prompt and mask tokens change.
 
+def test_train_steps_leave_the_base_as_it_was_and_keep_no_optimizer_state_for_it():
+  cfg = family_config('moe', data=2, expert=4)
+  with cfg.unlocked():
+    cfg.model.moe.bias_update_rate = 0.01  # a training-time state update, off when frozen
+    cfg.model = config_lib.bita_model(cfg.model, {**BITA, 'train_groups': 8})
+    cfg.data.source = 'distilled:/not/read'
+    cfg.data.seq_len, cfg.train.batch_size, cfg.train.lr = 32, 8, 3e-2
+  setup = make_setup(cfg, make_mesh(cfg))
+  state = init_state(cfg, setup)
+  before = jax.device_get((state['params'], state['model_state']))
+  train_step = make_train_step(setup)
+  batch = make_batch(8, 32)
+  batch['loss_mask'] = (np.arange(32) >= 8).astype(np.int32)[None].repeat(8, 0)
+  for _ in range(3):
+    state, metrics = train_step(state, global_batch(batch, setup.batch_sharding))
+  flat = lambda tree: dict(nnx.to_flat_state(tree))
+  params, model_state = map(flat, jax.device_get((state['params'], state['model_state'])))
+  old_params, old_model_state = map(flat, before)
+  ours = {('prompt_k',), ('prompt_v',), ('mask_embed',)}
+  for path, value in old_params.items():
+    same = np.array_equal(params[path].get_value(), value.get_value())
+    assert same == (path not in ours), path  # the base stays, BiTA's tokens train
+  for path, value in old_model_state.items():
+    if not isinstance(value, WindowCounter):  # e.g. the router bias does not move
+      np.testing.assert_array_equal(model_state[path].get_value(), value.get_value(),
+                                    err_msg=str(path))
+  trained = setup.param_counts['trained']
+  assert trained == sum(old_params[p].get_value().size for p in ours)
+  moments = sum(x.size for x in jax.tree.leaves(state['opt_state']) if x.ndim)
+  assert moments == 2 * trained  # Adam's two moments, for the trained parameters only
+  assert 0 <= float(metrics['mask2_top1']) <= 1 and np.isfinite(float(metrics['loss']))
+
+
+# The whole recipe: base run -> distill -> BiTA run -> lossless decoding.
+
+@pytest.mark.slow
 def test_bita_trains_only_its_tokens_and_decodes_losslessly(tmp_path, data_dir):
   base_dir, out, bita_dir = tmp_path / 'base', tmp_path / 'distilled', tmp_path / 'bita'
   train(tiny_config(data_dir, **{'train.steps': 20, 'train.warmup_steps': 2,

@@ -136,8 +136,8 @@ def test_unknown_tokenizer_spec_is_config_error():
 def test_bad_source_spec_is_config_error(tmp_path, source):
   cfg = _data_config(tmp_path, source)
   with pytest.raises(ValueError, match=(
-      rf"config error: data.source='{source}' must be 'default', 'files:<glob>' or "
-      r"'tfds:<name>'")):
+      rf"config error: data.source='{source}' must be 'default', 'files:<glob>', "
+      r"'tfds:<name>' or 'distilled:<dir>'")):
     data.open_source(cfg, 'train')
 
 

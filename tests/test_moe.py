@@ -24,7 +24,7 @@ def make_moe(num_experts=8, top_k=2, d_model=16, expert_d_ff=24, seed=0, **kw):
 
 def metric(sown, name: str) -> float:
   """A metric the layer (the root module here) reported."""
-  return float(collect_signals(sown)[1][f'/{name}'])
+  return float(collect_signals(sown)[1][name])
 
 
 def naive(layer: MoE, x):

@@ -1,0 +1,190 @@
+"""Scaling-law sweeps: the fits recover known laws, the runner resumes, the report is written."""
+
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from jaxarch import cli
+from jaxarch import config as config_lib
+from jaxarch.sweep import FitError, fit_scaling_law, isoflop_fits, isoflop_minimum
+from jaxarch.sweep import plan, report, runner
+from jaxarch.train import train
+
+CHINCHILLA = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+
+
+def _law_records(law, budgets, sizes, noise, seed=0):
+  rng = np.random.default_rng(seed)
+  records = []
+  for budget in budgets:
+    for n in sizes:
+      d = budget / (6 * n)
+      loss = law['E'] + law['A'] / n ** law['alpha'] + law['B'] / d ** law['beta']
+      records.append(dict(params=n, tokens=d, budget=budget,
+                          loss=loss * math.exp(rng.normal(0, noise))))
+  return records
+
+
+def test_parametric_fit_recovers_a_known_law_from_noisy_runs():
+  records = _law_records(CHINCHILLA, [1e17, 1e18, 1e19, 1e20], np.geomspace(1e7, 1e10, 8),
+                         noise=0.005)
+  fit = fit_scaling_law(records, bootstrap=10)
+  assert fit['alpha'] == pytest.approx(0.34, abs=0.02)
+  assert fit['beta'] == pytest.approx(0.28, abs=0.02)
+  assert fit['E'] == pytest.approx(1.69, rel=0.03)
+  low, high = fit['intervals']['alpha']
+  assert low <= fit['alpha'] <= high
+
+
+def test_isoflop_profiles_find_the_known_optimum():
+  # A parabola in log N with its vertex at N = 3e8: found exactly, inside the sizes run.
+  sizes = np.geomspace(1e7, 1e10, 9)
+  vertex = isoflop_minimum(sizes, [2.0 + 0.05 * (math.log(n) - math.log(3e8)) ** 2
+                                   for n in sizes])
+  assert vertex['params'] == pytest.approx(3e8, rel=1e-6) and vertex['inside']
+  assert vertex['loss'] == pytest.approx(2.0)
+  # Under L(N, D) with D = C / 6N, N* grows as C^(beta / (alpha + beta)).
+  records = _law_records(CHINCHILLA, [1e18, 1e19, 1e20, 1e21], np.geomspace(1e7, 1e11, 13),
+                         noise=0.0)
+  iso = isoflop_fits(records)
+  expected = CHINCHILLA['beta'] / (CHINCHILLA['alpha'] + CHINCHILLA['beta'])
+  assert iso['params_exponent'] == pytest.approx(expected, abs=0.03)
+  assert iso['params_exponent'] + iso['tokens_exponent'] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_fits_refuse_too_few_or_concave_runs():
+  with pytest.raises(FitError, match='at least 5 runs'):
+    fit_scaling_law([dict(params=1e6, tokens=1e9, loss=3.0)] * 4)
+  with pytest.raises(FitError, match='no minimum'):
+    isoflop_minimum([1e6, 1e7, 1e8], [3.0, 3.5, 3.0])
+  with pytest.raises(FitError, match='3 or more model sizes'):
+    isoflop_minimum([1e6, 1e7], [3.0, 2.9])
+
+
+# The runner on tiny runs.
+
+def _sweep_file(tmp_path, data_dir, steps=(6, 6, 6)):
+  """A sweep of three dense widths at one budget."""
+  members = []
+  for width, n in zip((32, 48, 64), steps):
+    members.append({'config': 'configs/dense.py:tiny', 'name': f'd{width}', 'budget': 1e9,
+                    'model.d_model': width, 'model.d_ff': 2 * width, 'model.n_layers': 2,
+                    'data.seq_len': 32, 'train.batch_size': 8, 'train.steps': n,
+                    'train.warmup_steps': 1, 'log.every_steps': 3, 'log.eval_batches': 1,
+                    'log.eval_every_steps': n, 'checkpoint.every_steps': 3,
+                    'checkpoint.async_save': False, 'log.tensorboard': False,
+                    'data.data_dir': data_dir})
+  path = tmp_path / 'sweep.py'
+  path.write_text(f'def get_sweep(arg=None):\n  return {members!r}\n')
+  return str(path)
+
+
+def test_sweep_records_each_run_once_and_reports_failures(tmp_path, data_dir, monkeypatch):
+  # Stand-in training processes: they write the metrics a finished run leaves, or fail.
+  script = ('import json, sys, pathlib; d = pathlib.Path(sys.argv[1]); '
+            'sys.exit(3) if d.name == "d48" and not (d / "retry").exists() else None; '
+            '(d / "metrics.jsonl").write_text(json.dumps(dict(step=6, loss=2.0, '
+            'eval_loss=2.5, eval_bpb=3.0)) + "\\n")')
+  monkeypatch.setattr(runner, 'train_command',
+                      lambda run, run_dir: [sys.executable, '-c', script, str(run_dir)])
+  spec, workdir = _sweep_file(tmp_path, data_dir), tmp_path / 'sweep'
+  with pytest.raises(runner.SweepError, match='1 runs failed: d48'):
+    runner.run_sweep(spec, workdir, parallel=2, echo=lambda _: None)
+  assert sorted(r['name'] for r in runner.read_results(workdir)) == ['d32', 'd64']
+  (workdir / 'runs' / 'd48' / 'retry').write_text('')
+  messages = []
+  records = runner.run_sweep(spec, workdir, echo=messages.append)
+  assert '2 finished already, 1 to run' in messages[0]
+  assert [r['name'] for r in records] == ['d32', 'd64', 'd48']
+  d48 = records[-1]
+  assert d48['final_loss'] == 2.0 and d48['eval_loss'] == 2.5 and d48['bpb'] == 3.0
+  assert d48['tokens'] == 6 * 8 * 32 and d48['flops'] == pytest.approx(
+      d48['tokens'] * plan.flops_per_token(runner.load_sweep(spec)[1].config()))
+
+
+@pytest.mark.slow
+def test_sweep_runs_records_skips_finished_and_resumes_interrupted(tmp_path, data_dir):
+  workdir = tmp_path / 'sweep'
+  spec = _sweep_file(tmp_path, data_dir)
+  # An interrupted run: d48 got to its step-3 checkpoint before the sweep started.
+  (run,) = [r for r in runner.load_sweep(spec) if r.name == 'd48']
+  partial = run.config()
+  with partial.unlocked():
+    partial.train.steps = 3
+  train(partial, workdir / 'runs' / 'd48')
+  messages = []
+  records = runner.run_sweep(spec, workdir, parallel=2, echo=messages.append)
+  assert sorted(r['name'] for r in records) == ['d32', 'd48', 'd64']
+  assert '3 to run' in messages[0]
+  log = (workdir / 'runs' / 'd48' / 'train.log').read_text()
+  assert 'resumed from' in log
+  steps = [json.loads(l)['step'] for l in (workdir / 'runs' / 'd48' / 'metrics.jsonl').open()]
+  assert steps == [3, 6]  # the first 3 steps were not trained again
+  for r in records:
+    assert r['family'] == 'dense' and r['tokens'] == 6 * 8 * 32 and r['budget'] == 1e9
+    assert r['params_total'] == r['params_active'] > 0 and r['flops'] > 0
+    assert np.isfinite(r['final_loss']) and np.isfinite(r['eval_loss']) and r['bpb'] > 0
+  again = []
+  runner.run_sweep(spec, workdir, echo=again.append)
+  assert '3 finished already, 0 to run' in again[0]
+  assert len(runner.read_results(workdir)) == 3
+
+
+def test_report_writes_plots_and_tables(tmp_path):
+  workdir = tmp_path / 'sweep'
+  workdir.mkdir()
+  lines = []
+  for family, shift in (('dense', 0.0), ('moe', -0.05)):
+    for i, r in enumerate(_law_records(CHINCHILLA, [1e18, 1e19, 1e20],
+                                       np.geomspace(1e7, 1e10, 5), noise=0.002, seed=1)):
+      lines.append(dict(name=f'{family}-{i}', family=family, budget=r['budget'],
+                        params_total=r['params'], params_active=r['params'],
+                        tokens=r['tokens'], flops=6 * r['params'] * r['tokens'],
+                        final_loss=r['loss'], eval_loss=r['loss'] + shift, bpb=1.0))
+  (workdir / 'results.jsonl').write_text(''.join(json.dumps(l) + '\n' for l in lines))
+  assert cli.main(['fit', f'--workdir={workdir}', '--bootstrap=5']) == 0
+  out = workdir / 'report'
+  for name in ('loss_vs_compute.png', 'isoflop.png', 'frontier.png'):
+    assert (out / name).read_bytes()[:4] == b'\x89PNG'
+  text = (out / 'report.md').read_text()
+  assert '| dense |' in text and '| moe |' in text and 'N* ∝ C^a' in text
+  # MoE is 0.05 better at every budget in this made-up sweep.
+  rows = text.split('## Families at equal compute')[1].strip().splitlines()[2:]
+  assert len(rows) == 3 and all(row.endswith('| moe |') for row in rows)
+  fits = json.loads((out / 'fits.json').read_text())
+  assert fits['dense']['law']['alpha'] == pytest.approx(0.34, abs=0.05)
+
+
+def test_bad_sweep_configs_give_one_line_errors(tmp_path):
+  def error(body):
+    path = tmp_path / 'bad.py'
+    path.write_text(body)
+    with pytest.raises(config_lib.ConfigError) as info:
+      runner.load_sweep(str(path))
+    assert '\n' not in str(info.value)
+    return str(info.value)
+
+  assert 'does not define get_sweep' in error('x = 1\n')
+  assert 'non-empty list' in error('def get_sweep(arg=None):\n  return []\n')
+  assert "'config' and 'name'" in error("def get_sweep(arg=None):\n  return [{'name': 'a'}]\n")
+  assert "run 'a': config error: unknown key 'model.width'" in error(
+      "def get_sweep(arg=None):\n  return [{'config': 'configs/dense.py:tiny', 'name': 'a',"
+      " 'model.width': 3}]\n")
+  assert 'names must be unique' in error(
+      "def get_sweep(arg=None):\n  return [{'config': 'configs/dense.py:tiny', 'name': 'a'}]"
+      " * 2\n")
+  assert 'unknown sweep' in str(pytest.raises(
+      config_lib.ConfigError, runner.load_sweep, 'configs/sweeps/isoflop.py:nope').value)
+
+
+def test_isoflop_sweep_spends_each_budget():
+  runs = runner.load_sweep('configs/sweeps/isoflop.py:tiny')
+  assert len(runs) == 36 and len({r.name for r in runs}) == 36
+  for r in runs:
+    cfg = r.config()
+    spent = cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len * plan.flops_per_token(cfg)
+    assert spent == pytest.approx(r.budget, rel=0.05)
