@@ -4,6 +4,8 @@
   jaxarch eval  --workdir=/tmp/run            (config from the run, or --config=...)
   jaxarch generate --workdir=/tmp/run --prompt="def " [--max_new_tokens=200 --top_p=0.9]
   jaxarch distill --workdir=/tmp/run --out=/tmp/run-distilled   (BiTA's training data)
+  jaxarch sweep --config=configs/sweeps/isoflop.py:tiny --workdir=/tmp/sweep [--parallel=2]
+  jaxarch fit   --workdir=/tmp/sweep                 (scaling-law fits, plots, report.md)
 """
 
 import argparse
@@ -14,6 +16,8 @@ from pathlib import Path
 
 from jaxarch import config as config_lib
 from jaxarch.infer.sampling import GenerateError
+from jaxarch.sweep.fit import FitError
+from jaxarch.sweep.runner import SweepError
 
 
 def _config(args, overrides):
@@ -90,6 +94,30 @@ def _distill(args, overrides):
   print(json.dumps(summary, indent=2))
 
 
+def _sweep(args, overrides):
+  from jaxarch.sweep.runner import run_sweep  # pylint: disable=g-import-not-at-top
+  if overrides:
+    raise config_lib.ConfigError('config error: a sweep sets its runs\' keys in its sweep '
+                                 f'file; drop {overrides[0].split("=")[0]}')
+  records = run_sweep(args.config, args.workdir, parallel=args.parallel,
+                      launcher=args.launcher)
+  print(f'jaxarch: {len(records)} runs recorded in {Path(args.workdir) / "results.jsonl"}; '
+        f'fit them with `jaxarch fit --workdir={args.workdir}`', file=sys.stderr)
+
+
+def _fit(args, overrides):
+  from jaxarch.sweep.report import write_report  # pylint: disable=g-import-not-at-top
+  del overrides
+  out = Path(args.out) if args.out else Path(args.workdir) / 'report'
+  fits = write_report(args.workdir, out, params=args.params, bootstrap=args.bootstrap)
+  for family, entry in fits.items():
+    law = entry['law']
+    text = law.get('error') or (f'L = {law["E"]:.3f} + {law["A"]:.3g}/N^{law["alpha"]:.3f} + '
+                                f'{law["B"]:.3g}/D^{law["beta"]:.3f}')
+    print(f'{family}: {text}')
+  print(f'jaxarch: wrote {out / "report.md"} and its plots', file=sys.stderr)
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='jaxarch', description='Train and evaluate jaxarch language models from config '
@@ -138,6 +166,25 @@ def _parser() -> argparse.ArgumentParser:
   dis.add_argument('--batch_size', type=int, default=64, help='prompts generated together')
   dis.add_argument('--seed', type=int, default=0)
   dis.set_defaults(func=_distill)
+  sweep = commands.add_parser(
+      'sweep', help='run every run of a sweep config (resumable), recording results.jsonl',
+      description='Train each run of a sweep file in WORKDIR/runs/NAME, N at a time; '
+      'finished runs are skipped and interrupted ones resume from their checkpoint.')
+  sweep.add_argument('--config', required=True,
+                     help='sweep file and argument, e.g. configs/sweeps/isoflop.py:tiny')
+  sweep.add_argument('--workdir', required=True)
+  sweep.add_argument('--parallel', type=int, default=1, help='runs at a time')
+  sweep.add_argument('--launcher', help='render one cluster job per run instead of running')
+  sweep.set_defaults(func=_sweep)
+  fit = commands.add_parser('fit', help="fit scaling laws to a sweep's results; plots and "
+                            'a markdown report')
+  fit.add_argument('--workdir', required=True, help='the sweep workdir (results.jsonl)')
+  fit.add_argument('--out', help='default: WORKDIR/report')
+  fit.add_argument('--params', choices=('active', 'total'), default='active',
+                   help='N in the fits: active (per token) or total parameters')
+  fit.add_argument('--bootstrap', type=int, default=200,
+                   help='resamples for the intervals of the exponents (0: none)')
+  fit.set_defaults(func=_fit)
   return parser
 
 
@@ -152,7 +199,7 @@ def main(argv=None):
   try:
     args.func(args, overrides)
   except (config_lib.ConfigError, FileNotFoundError, FileExistsError, ImportError,
-          GenerateError) as e:
+          GenerateError, FitError, SweepError) as e:
     print(f'jaxarch: {e}', file=sys.stderr)
     return 2
   except KeyboardInterrupt:

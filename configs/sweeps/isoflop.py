@@ -1,0 +1,81 @@
+"""IsoFLOP sweeps: several model sizes at each of several compute budgets, per family.
+
+  jaxarch sweep --config=configs/sweeps/isoflop.py:tiny --workdir=runs/sweep-tiny
+  jaxarch fit --workdir=runs/sweep-tiny
+
+`get_sweep(arg)`:
+
+  dense | moe | ultramem | megabyte   one family's grid at GPU scale: 5 sizes at each of
+                                      the budgets 1e17, 3e17, 1e18, 3e18 FLOPs
+  cross_family                        the four grids together, for the family comparison
+  tiny                                the cross-family design at CPU scale: 3 sizes x 3
+                                      budgets x 4 families = 36 runs of a few hundred
+                                      steps, about 30 minutes on 2 cores
+
+Each size sets the width (and depth at GPU scale) of the family's preset; the sparse
+families keep their sparse part in proportion: MoE's experts are d_model·3/2 wide (top 2
+of 8: an active feed-forward like dense's 3·d_model), UltraMem's values are d_model wide
+and MEGABYTE's local model is half the global width. Tokens follow from each budget and
+size by the FLOPs convention of `jaxarch.train.flops` (`sweep.plan.isoflop_grid`).
+"""
+
+from jaxarch.sweep.plan import isoflop_grid
+
+FAMILIES = ('dense', 'moe', 'ultramem', 'megabyte')
+SPECS = {  # family -> (CPU preset, GPU preset)
+    'dense': ('configs/dense.py:tiny', 'configs/dense.py:small'),
+    'moe': ('configs/moe.py:tiny', 'configs/moe.py:small'),
+    'ultramem': ('configs/ultramem.py:tiny', 'configs/ultramem.py:small'),
+    'megabyte': ('configs/megabyte.py:tiny', 'configs/megabyte.py:small'),
+}
+
+
+def size(family: str, d_model: int, n_layers: int | None = None) -> dict:
+  """Overrides that give `family` a model of width `d_model` (and `n_layers`)."""
+  values = {'model.d_model': d_model, 'model.d_ff': 3 * d_model}
+  if n_layers is not None:
+    values['model.n_layers'] = n_layers
+  if family == 'moe':
+    values['model.moe.expert_d_ff'] = 3 * d_model // 2
+  elif family == 'ultramem':
+    values['model.ultramem.value_dim'] = d_model
+  elif family == 'megabyte':
+    local = d_model // 2
+    values.update({'model.megabyte.local.d_model': local,
+                   'model.megabyte.local.d_ff': 3 * local})
+  return values
+
+
+# CPU scale: 4 layers (UltraMem's tiny placement needs them), sequences of 64 tokens.
+TINY_WIDTHS = {'s': 48, 'm': 96, 'l': 160}
+TINY_BUDGETS = (1e11, 3e11, 1e12)
+TINY_COMMON = {'data.seq_len': 64, 'train.batch_size': 8, 'log.every_steps': 25,
+               'log.eval_batches': 4, 'model.n_layers': 4}
+
+# GPU scale: the `small` presets' sequence lengths, batch 64.
+SHAPES = {'xs': (256, 4), 's': (384, 6), 'm': (512, 8), 'l': (768, 10), 'xl': (1024, 12)}
+BUDGETS = (1e17, 3e17, 1e18, 3e18)
+COMMON = {'train.batch_size': 64}
+
+
+def _family(family: str, tiny: bool) -> list[dict]:
+  spec = SPECS[family][0 if tiny else 1]
+  if tiny:
+    common = dict(TINY_COMMON)
+    if family == 'megabyte':
+      common['model.n_layers'] = 2  # its global model; the local one has 2 more
+    sizes = {k: size(family, d) for k, d in TINY_WIDTHS.items()}
+    return isoflop_grid(family, spec, sizes, TINY_BUDGETS, common)
+  sizes = {k: size(family, d, n) for k, (d, n) in SHAPES.items()}
+  return isoflop_grid(family, spec, sizes, BUDGETS, COMMON)
+
+
+def get_sweep(arg=None):
+  if arg in FAMILIES:
+    return _family(arg, tiny=False)
+  if arg == 'cross_family':
+    return [run for family in FAMILIES for run in _family(family, tiny=False)]
+  if arg == 'tiny':
+    return [run for family in FAMILIES for run in _family(family, tiny=True)]
+  raise ValueError(f'config error: unknown sweep {arg!r} for configs/sweeps/isoflop.py; '
+                   f'expected one of {", ".join(FAMILIES)}, cross_family, tiny')

@@ -1,0 +1,157 @@
+"""Scaling-law fits (Hoffmann et al. 2022, "Chinchilla"): IsoFLOP parabolas and L(N, D).
+
+Records are dicts with at least `params` (N), `tokens` (D), `loss` and, for IsoFLOP
+profiles, `budget` (the compute C the run was planned for, in FLOPs).
+
+- **IsoFLOP profiles** (approach 2): at each budget, loss against log N is a parabola; its
+  vertex is the compute-optimal size N*(C), and D*(C) is read off the budget's (log N,
+  log D) line at N*. Power laws N* ∝ C^a and D* ∝ C^b are fitted through the vertices.
+- **Parametric fit** (approach 3): L(N, D) = E + A/N^α + B/D^β, fitted in log space,
+  log L ≈ LSE(a − α log N, b − β log D, e) with A = e^a, B = e^b, E = e^e, under a Huber
+  loss (δ = 1e-3) of the residuals, minimised by L-BFGS-B from the best points of a grid
+  of starts. Bootstrap resamples of the runs give intervals for the exponents.
+"""
+
+import itertools
+import math
+from collections import defaultdict
+
+import numpy as np
+from scipy import optimize, special
+
+HUBER_DELTA = 1e-3
+# Starting grid of (a, b, e, alpha, beta), coarser than the paper's; L-BFGS-B refines the
+# best `_STARTS` of them.
+_GRID = dict(a=(0.0, 5.0, 10.0, 15.0, 20.0, 25.0), b=(0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+             e=(-1.0, -0.5, 0.0, 0.5, 1.0), alpha=(0.0, 0.25, 0.5, 1.0, 1.5, 2.0),
+             beta=(0.0, 0.25, 0.5, 1.0, 1.5, 2.0))
+_STARTS = 16
+_BOUNDS = [(-10, 60), (-10, 60), (-5, 5), (0, 4), (0, 4)]
+
+
+class FitError(ValueError):
+  """Too few or unusable records for a fit."""
+
+
+def _columns(records, *keys):
+  try:
+    return [np.array([float(r[k]) for r in records]) for k in keys]
+  except KeyError as e:
+    raise FitError(f'fit: every record needs {", ".join(keys)}; one lacks {e}') from None
+
+
+def _objective(theta, log_n, log_d, log_l, delta):
+  """Summed Huber loss of the log-space residuals, and its gradient."""
+  a, b, e, alpha, beta = theta
+  terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
+  pred = special.logsumexp(terms, axis=0)
+  weights = np.exp(terms - pred)  # d pred / d term
+  r = pred - log_l
+  small = np.abs(r) <= delta
+  loss = np.where(small, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta)).sum()
+  dr = np.where(small, r, delta * np.sign(r))
+  grad = np.array([
+      (dr * weights[0]).sum(), (dr * weights[1]).sum(), (dr * weights[2]).sum(),
+      -(dr * weights[0] * log_n).sum(), -(dr * weights[1] * log_d).sum()])
+  return loss, grad
+
+
+def _grid_starts(log_n, log_d, log_l, delta, count):
+  grid = np.array(list(itertools.product(*_GRID.values())))  # S 5
+  a, b, e, alpha, beta = (grid[:, i, None] for i in range(5))
+  pred = np.logaddexp(np.logaddexp(a - alpha * log_n, b - beta * log_d), e)
+  r = np.abs(pred - log_l)
+  loss = np.where(r <= delta, 0.5 * r * r, delta * (r - 0.5 * delta)).sum(1)
+  return grid[np.argsort(loss)[:count]]
+
+
+def _fit(log_n, log_d, log_l, delta, starts):
+  best = None
+  for start in starts:
+    result = optimize.minimize(_objective, start, args=(log_n, log_d, log_l, delta),
+                               jac=True, method='L-BFGS-B', bounds=_BOUNDS)
+    if best is None or result.fun < best.fun:
+      best = result
+  return best
+
+
+def fit_scaling_law(records, *, delta: float = HUBER_DELTA, bootstrap: int = 0,
+                    seed: int = 0) -> dict:
+  """L(N, D) = E + A/N^alpha + B/D^beta through `records` (`params`, `tokens`, `loss`).
+
+  -> {E, A, B, alpha, beta, huber_loss, num_runs}, plus `intervals` {alpha, beta, E}
+  (5th and 95th percentiles over `bootstrap` resamples of the runs) when asked for.
+  """
+  n, d, loss = _columns(records, 'params', 'tokens', 'loss')
+  if len(n) < 5:
+    raise FitError(f'fit: L(N, D) has 5 parameters and needs at least 5 runs, got {len(n)}')
+  if np.any(n <= 0) or np.any(d <= 0) or np.any(loss <= 0):
+    raise FitError('fit: params, tokens and loss must all be positive')
+  log_n, log_d, log_l = np.log(n), np.log(d), np.log(loss)
+  best = _fit(log_n, log_d, log_l, delta, _grid_starts(log_n, log_d, log_l, delta, _STARTS))
+  a, b, e, alpha, beta = best.x
+  result = dict(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=float(alpha),
+                beta=float(beta), huber_loss=float(best.fun), num_runs=len(n))
+  if bootstrap:
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(bootstrap):
+      i = rng.integers(0, len(n), len(n))
+      fit = _fit(log_n[i], log_d[i], log_l[i], delta,
+                 [best.x, *_grid_starts(log_n[i], log_d[i], log_l[i], delta, 3)])
+      samples.append((fit.x[3], fit.x[4], math.exp(fit.x[2])))
+    samples = np.array(samples)
+    result['intervals'] = {k: [float(np.percentile(samples[:, j], 5)),
+                               float(np.percentile(samples[:, j], 95))]
+                           for j, k in enumerate(('alpha', 'beta', 'E'))}
+  return result
+
+
+def predict_loss(fit: dict, params, tokens):
+  """The fitted L(N, D)."""
+  return fit['E'] + fit['A'] / np.power(params, fit['alpha']) + fit['B'] / np.power(
+      tokens, fit['beta'])
+
+
+def isoflop_minimum(params, losses) -> dict:
+  """The vertex of the parabola loss = c2·x² + c1·x + c0 in x = log N -> {params, loss,
+  coefficients}; a profile that opens downwards has no minimum (FitError)."""
+  x = np.log(np.asarray(params, float))
+  if len(np.unique(x)) < 3:
+    raise FitError(f'fit: an IsoFLOP profile needs 3 or more model sizes, got {len(np.unique(x))}')
+  c2, c1, c0 = np.polyfit(x, np.asarray(losses, float), 2)
+  if c2 <= 0:
+    raise FitError('fit: the IsoFLOP profile has no minimum (loss is not convex in log N); '
+                   'widen the size range around the optimum')
+  x_opt = -c1 / (2 * c2)
+  return dict(params=float(math.exp(x_opt)), loss=float(c0 - c1 * c1 / (4 * c2)),
+              coefficients=[float(c2), float(c1), float(c0)],
+              inside=bool(x.min() <= x_opt <= x.max()))
+
+
+def isoflop_fits(records) -> dict:
+  """Per budget, the IsoFLOP vertex, and the power laws N*(C), D*(C) through them.
+
+  -> {'profiles': [{budget, params, tokens, loss, inside, coefficients}],
+      'params_exponent', 'params_coefficient', 'tokens_exponent', 'tokens_coefficient'}
+  (N* = params_coefficient · C^params_exponent; the laws need two or more budgets).
+  """
+  by_budget = defaultdict(list)
+  for r in records:
+    by_budget[float(r['budget'])].append(r)
+  profiles = []
+  for budget in sorted(by_budget):
+    runs = by_budget[budget]
+    n, d, loss = _columns(runs, 'params', 'tokens', 'loss')
+    vertex = isoflop_minimum(n, loss)
+    slope, intercept = np.polyfit(np.log(n), np.log(d), 1)  # the budget's N-D line
+    tokens = math.exp(intercept + slope * math.log(vertex['params']))
+    profiles.append(dict(budget=budget, tokens=tokens, **vertex))
+  result = {'profiles': profiles}
+  if len(profiles) >= 2:
+    log_c = np.log([p['budget'] for p in profiles])
+    for key in ('params', 'tokens'):
+      exponent, log_k = np.polyfit(log_c, np.log([p[key] for p in profiles]), 1)
+      result[f'{key}_exponent'] = float(exponent)
+      result[f'{key}_coefficient'] = float(math.exp(log_k))
+  return result

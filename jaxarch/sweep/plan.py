@@ -1,0 +1,110 @@
+"""Sweep definitions: what a `configs/sweeps/*.py` file returns, checked before any run.
+
+A sweep file defines `get_sweep(arg)` returning a list of runs, each a dict of config
+overrides (`'model.d_model': 256`) plus three reserved keys:
+
+  config   the config spec the overrides apply to, e.g. 'configs/moe.py:small'
+  name     unique within the sweep; the run's sub-workdir is DIR/runs/<name>
+  budget   (optional) the compute in FLOPs the run was planned for: its IsoFLOP group
+
+`isoflop_grid` builds the usual design: at each budget, several model sizes, each trained
+for the number of steps that spends the budget by the FLOPs convention of
+`jaxarch.train.flops` (so the tokens follow from the budget and the size).
+"""
+
+import dataclasses
+import functools
+import json
+from collections.abc import Sequence
+
+import ml_collections
+from flax import nnx
+
+from jaxarch import config as config_lib
+from jaxarch import models
+from jaxarch.train import flops
+
+RESERVED = ('config', 'name', 'budget')
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  name: str
+  spec: str  # config file and preset
+  overrides: tuple[str, ...]  # 'key=value' strings, as on the command line
+  budget: float | None
+
+  def config(self) -> ml_collections.ConfigDict:
+    return config_lib.load(self.spec, self.overrides)
+
+
+def _override(key: str, value) -> str:
+  return f'{key}={value!r}' if isinstance(value, (tuple, list)) else f'{key}={value}'
+
+
+def runs_from(members: Sequence[dict], where: str) -> list[Run]:
+  """The sweep's dicts as `Run`s, each config loaded and validated (a `ConfigError` names
+  the member and the key)."""
+  if not isinstance(members, (list, tuple)) or not members:
+    raise config_lib.ConfigError(f'{where}: get_sweep must return a non-empty list of run '
+                                 'dicts')
+  runs, seen = [], set()
+  for i, member in enumerate(members):
+    if not isinstance(member, dict) or 'config' not in member or 'name' not in member:
+      raise config_lib.ConfigError(f"{where}: run {i} must be a dict with 'config' and "
+                                   f"'name' keys, got {member!r:.80}")
+    name = str(member['name'])
+    if name in seen or not name or '/' in name:
+      raise config_lib.ConfigError(f'{where}: run {i} has name {name!r}; names must be '
+                                   'unique, non-empty and without "/"')
+    seen.add(name)
+    overrides = tuple(_override(k, v) for k, v in member.items() if k not in RESERVED)
+    budget = member.get('budget')
+    run = Run(name, str(member['config']), overrides, None if budget is None else float(budget))
+    try:
+      run.config()
+    except config_lib.ConfigError as e:
+      raise config_lib.ConfigError(f'{where}: run {name!r}: {e}') from None
+    runs.append(run)
+  return runs
+
+
+def param_counts(cfg: ml_collections.ConfigDict) -> dict[str, int]:
+  """Total and active parameter counts of a config's model, without allocating it."""
+  return dict(_model_counts(json.dumps(cfg.model.to_dict(), sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=256)  # a grid repeats each size at every budget
+def _model_counts(model_json: str) -> tuple:
+  model_cfg = ml_collections.ConfigDict(json.loads(model_json))
+  counts = models.param_counts(nnx.eval_shape(lambda: models.build(model_cfg,
+                                                                   rngs=nnx.Rngs(0))))
+  return tuple(counts.items())
+
+
+def flops_per_token(cfg: ml_collections.ConfigDict) -> float:
+  return flops.train_flops_per_token(cfg.model, param_counts(cfg), cfg.data.seq_len)
+
+
+def steps_for_budget(cfg: ml_collections.ConfigDict, budget: float) -> int:
+  """Train steps that spend `budget` FLOPs on the config's model and batch (at least 1)."""
+  tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+  return max(1, round(budget / (flops_per_token(cfg) * tokens_per_step)))
+
+
+def isoflop_grid(family: str, spec: str, sizes: dict[str, dict], budgets: Sequence[float],
+                 common: dict | None = None, *, warmup_fraction: float = 0.1) -> list[dict]:
+  """Runs of each size (name -> overrides) at each budget, steps from the budget."""
+  members = []
+  for budget in budgets:
+    for size, overrides in sizes.items():
+      values = {**(common or {}), **overrides}
+      cfg = config_lib.load(spec, [_override(k, v) for k, v in values.items()])
+      steps = steps_for_budget(cfg, budget)
+      members.append({
+          'config': spec, 'name': f'{family}-{size}-{budget:.0e}'.replace('+', ''),
+          'budget': budget, **values, 'train.steps': steps,
+          'train.warmup_steps': max(1, int(steps * warmup_fraction)),
+          'checkpoint.every_steps': max(1, min(steps, 500)),
+          'log.eval_every_steps': steps})
+  return members

@@ -1,0 +1,222 @@
+"""`jaxarch fit`: scaling-law fits per family, PNG plots and a markdown report.
+
+  jaxarch fit --workdir=DIR [--out=DIR/report] [--params=active|total] [--bootstrap=200]
+
+Reads DIR/results.jsonl (written by `jaxarch sweep`). Per family: the IsoFLOP vertices and
+the N*(C), D*(C) power laws through them, and L(N, D) = E + A/N^α + B/D^β (see
+`sweep.fit`). N is the active parameter count by default (what a token's FLOPs scale
+with; for MoE and UltraMem `--params=total` fits against all stored parameters), and the
+loss is the validation loss. Writes `loss_vs_compute.png`, `isoflop.png`, `frontier.png`
+and `report.md`, which compares the families at equal compute.
+"""
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use('Agg')  # files only; no display
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from jaxarch.sweep import fit as fit_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxarch.sweep.runner import read_results  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+COLORS = {'dense': 'tab:blue', 'moe': 'tab:orange', 'ultramem': 'tab:green',
+          'megabyte': 'tab:red', 'bita': 'tab:purple'}
+
+
+def fit_points(records, params: str = 'active') -> list[dict]:
+  """Records as fit inputs: {params, tokens, loss, budget, flops} (loss: validation)."""
+  points = []
+  for r in records:
+    loss = r.get('eval_loss') if r.get('eval_loss') is not None else r.get('final_loss')
+    if loss is None or not math.isfinite(loss):
+      continue
+    points.append(dict(params=r[f'params_{params}'], tokens=r['tokens'], loss=loss,
+                       budget=r.get('budget') or r['flops'], flops=r['flops'],
+                       name=r['name']))
+  return points
+
+
+def fit_families(records, *, params: str = 'active', bootstrap: int = 200) -> dict:
+  """family -> {points, isoflop, law (or the reason it could not be fitted)}."""
+  by_family = defaultdict(list)
+  for r in records:
+    by_family[r['family']].append(r)
+  fits = {}
+  for family, runs in sorted(by_family.items()):
+    points = fit_points(runs, params)
+    entry = {'points': points}
+    for key, fn in (('isoflop', lambda: fit_lib.isoflop_fits(points)),
+                    ('law', lambda: fit_lib.fit_scaling_law(points, bootstrap=bootstrap))):
+      try:
+        entry[key] = fn()
+      except fit_lib.FitError as e:
+        entry[key] = {'error': str(e)}
+    fits[family] = entry
+  return fits
+
+
+def _plot_loss_vs_compute(fits, path: Path):
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for family, entry in fits.items():
+    pts = entry['points']
+    ax.scatter([p['flops'] for p in pts], [p['loss'] for p in pts], s=14, alpha=0.6,
+               color=COLORS.get(family), label=family)
+    best = _best_per_budget(pts)
+    ax.plot([b['flops'] for b in best], [b['loss'] for b in best], color=COLORS.get(family))
+  ax.set(xscale='log', xlabel='training FLOPs', ylabel='validation loss',
+         title='Loss against compute (line: best run per budget)')
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def _best_per_budget(points):
+  best = {}
+  for p in points:
+    if p['budget'] not in best or p['loss'] < best[p['budget']]['loss']:
+      best[p['budget']] = p
+  return [best[b] for b in sorted(best)]
+
+
+def _plot_isoflop(fits, path: Path):
+  families = list(fits)
+  fig, axes = plt.subplots(1, len(families), figsize=(4 * len(families), 3.6), squeeze=False)
+  for ax, family in zip(axes[0], families):
+    entry = fits[family]
+    by_budget = defaultdict(list)
+    for p in entry['points']:
+      by_budget[p['budget']].append(p)
+    cmap = plt.get_cmap('viridis', max(len(by_budget), 2))
+    profiles = {p['budget']: p for p in entry['isoflop'].get('profiles', [])}
+    for i, budget in enumerate(sorted(by_budget)):
+      pts = sorted(by_budget[budget], key=lambda p: p['params'])
+      ax.scatter([p['params'] for p in pts], [p['loss'] for p in pts], color=cmap(i), s=14,
+                 label=f'{budget:.1e}')
+      if budget in profiles:
+        c2, c1, c0 = profiles[budget]['coefficients']
+        x = np.linspace(math.log(pts[0]['params']), math.log(pts[-1]['params']), 50)
+        ax.plot(np.exp(x), c2 * x * x + c1 * x + c0, color=cmap(i))
+        ax.scatter([profiles[budget]['params']], [profiles[budget]['loss']], color=cmap(i),
+                   marker='*', s=90, edgecolor='k')
+    ax.set(xscale='log', xlabel='parameters N', ylabel='validation loss', title=family)
+    ax.legend(title='FLOPs', fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def _plot_frontier(fits, path: Path):
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for family, entry in fits.items():
+    iso = entry['isoflop']
+    profiles = iso.get('profiles', [])
+    if not profiles:
+      continue
+    c = np.array([p['budget'] for p in profiles])
+    ax.scatter(c, [p['params'] for p in profiles], color=COLORS.get(family), label=family)
+    if 'params_exponent' in iso:
+      grid = np.geomspace(c.min() / 2, c.max() * 2, 20)
+      ax.plot(grid, iso['params_coefficient'] * grid ** iso['params_exponent'],
+              color=COLORS.get(family),
+              label=f'{family}: N* ∝ C^{iso["params_exponent"]:.2f}')
+  ax.set(xscale='log', yscale='log', xlabel='compute C (FLOPs)',
+         ylabel='compute-optimal N*', title='Compute-optimal model size')
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def _fmt(x, digits=3):
+  return '–' if x is None else f'{x:.{digits}g}'
+
+
+def markdown(fits, params: str, workdir: Path) -> str:
+  lines = [f'# Scaling-law report for {workdir}', '',
+           f'N = {params} parameters, D = training tokens, loss = validation loss (nats per '
+           'token), C = training FLOPs by the convention of `jaxarch.train.flops`.', '',
+           '![loss against compute](loss_vs_compute.png)', '', '![IsoFLOP profiles](isoflop.png)',
+           '', '![compute-optimal size](frontier.png)', '', '## Runs per family', '',
+           '| family | runs | budgets | N range | D range | best loss |', '|---|---|---|---|---|---|']
+  for family, entry in fits.items():
+    pts = entry['points']
+    n = [p['params'] for p in pts]
+    d = [p['tokens'] for p in pts]
+    lines.append(f'| {family} | {len(pts)} | {len({p["budget"] for p in pts})} | '
+                 f'{min(n):.3g}–{max(n):.3g} | {min(d):.3g}–{max(d):.3g} | '
+                 f'{min(p["loss"] for p in pts):.4f} |')
+  lines += ['', '## IsoFLOP profiles (approach 2)', '',
+            '| family | budget C | N* | D* | loss at N* | N* inside the sizes run |',
+            '|---|---|---|---|---|---|']
+  for family, entry in fits.items():
+    iso = entry['isoflop']
+    if 'error' in iso:
+      lines.append(f'| {family} | {iso["error"]} | | | | |')
+    for p in iso.get('profiles', []):
+      lines.append(f'| {family} | {p["budget"]:.3g} | {p["params"]:.3g} | {p["tokens"]:.3g} | '
+                   f'{p["loss"]:.4f} | {"yes" if p["inside"] else "no (extrapolated)"} |')
+  lines += ['', '| family | N* ∝ C^a | D* ∝ C^b |', '|---|---|---|']
+  for family, entry in fits.items():
+    iso = entry['isoflop']
+    lines.append(f'| {family} | a = {_fmt(iso.get("params_exponent"))} | '
+                 f'b = {_fmt(iso.get("tokens_exponent"))} |')
+  lines += ['', '## L(N, D) = E + A/N^α + B/D^β (approach 3)', '',
+            '| family | E | A | α (5–95%) | B | β (5–95%) | runs |', '|---|---|---|---|---|---|---|']
+  for family, entry in fits.items():
+    law = entry['law']
+    if 'error' in law:
+      lines.append(f'| {family} | {law["error"]} | | | | | |')
+      continue
+    ci = law.get('intervals', {})
+    interval = lambda k: (f' ({ci[k][0]:.2f}–{ci[k][1]:.2f})' if k in ci else '')
+    lines.append(f'| {family} | {law["E"]:.3f} | {law["A"]:.3g} | {law["alpha"]:.3f}'
+                 f'{interval("alpha")} | {law["B"]:.3g} | {law["beta"]:.3f}{interval("beta")} '
+                 f'| {law["num_runs"]} |')
+  lines += ['', '## Families at equal compute', '', _equal_compute_table(fits), '']
+  return '\n'.join(lines)
+
+
+def _equal_compute_table(fits) -> str:
+  """Best validation loss per family at each budget that every family ran."""
+  best = {f: {p['budget']: p for p in _best_per_budget(e['points'])} for f, e in fits.items()}
+  budgets = sorted(set.intersection(*(set(b) for b in best.values()))) if best else []
+  if not budgets:
+    return 'No budget was run by every family.'
+  families = list(fits)
+  rows = ['| budget C | ' + ' | '.join(families) + ' | best |',
+          '|---' * (len(families) + 2) + '|']
+  for budget in budgets:
+    losses = {f: best[f][budget]['loss'] for f in families}
+    winner = min(losses, key=losses.get)
+    rows.append(f'| {budget:.3g} | ' + ' | '.join(
+        f'{losses[f]:.4f} (N={best[f][budget]["params"]:.3g})' for f in families) +
+                f' | {winner} |')
+  return '\n'.join(rows)
+
+
+def write_report(workdir: str | Path, out: str | Path | None = None, *,
+                 params: str = 'active', bootstrap: int = 200) -> dict:
+  """Fits every family of DIR/results.jsonl; writes the plots, report.md and fits.json."""
+  workdir = Path(workdir)
+  records = read_results(workdir)
+  if not records:
+    raise FileNotFoundError(f'no runs in {workdir / "results.jsonl"}; run `jaxarch sweep '
+                            f'--workdir={workdir}` first')
+  if params not in ('active', 'total'):
+    raise ValueError(f"fit: params={params!r} must be 'active' or 'total'")
+  out = Path(out) if out else workdir / 'report'
+  out.mkdir(parents=True, exist_ok=True)
+  fits = fit_families(records, params=params, bootstrap=bootstrap)
+  _plot_loss_vs_compute(fits, out / 'loss_vs_compute.png')
+  _plot_isoflop(fits, out / 'isoflop.png')
+  _plot_frontier(fits, out / 'frontier.png')
+  (out / 'report.md').write_text(markdown(fits, params, workdir))
+  (out / 'fits.json').write_text(json.dumps(
+      {f: {k: v for k, v in e.items() if k != 'points'} for f, e in fits.items()}, indent=2))
+  return fits

@@ -1,0 +1,139 @@
+"""`jaxarch sweep`: every run of a sweep in its own sub-workdir, resumable, one record each.
+
+  jaxarch sweep --config=configs/sweeps/isoflop.py:tiny --workdir=DIR [--parallel=N]
+
+Run `name` trains in DIR/runs/<name> as `jaxarch train` would, in its own process (so one
+run's crash, or its XLA memory, never touches another), N at a time. When it finishes, one
+JSON line is appended to DIR/results.jsonl. A run whose name and config hash are already
+there is skipped; a run that was interrupted resumes from its last checkpoint, because
+`jaxarch train` does. Output of run `name` goes to DIR/runs/<name>/train.log.
+
+`--launcher=NAME` renders one job per run through `LAUNCHERS[NAME]` (the cluster targets of
+`jaxarch launch`) instead of running them here; the jobs run the same
+`jaxarch train --config=... --workdir=DIR/runs/<name> --config.k=v` command, and
+`jaxarch sweep --collect` then records the finished ones.
+"""
+
+import concurrent.futures
+import json
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from jaxarch import config as config_lib
+from jaxarch.sweep import plan
+
+RESULTS = 'results.jsonl'
+
+
+class SweepError(RuntimeError):
+  """Runs of a sweep failed; the message says which and where their logs are."""
+
+# Launcher name -> function(run, command, run_dir) -> path of the rendered job file.
+LAUNCHERS: dict[str, Callable[[plan.Run, list[str], Path], Path]] = {}
+
+
+def load_sweep(spec: str) -> list[plan.Run]:
+  """`configs/sweeps/x.py:arg` -> its runs, each config validated."""
+  path, arg = config_lib._split_spec(spec)  # pylint: disable=protected-access
+  module = config_lib._import_file(config_lib._resolve_path(path))  # pylint: disable=protected-access
+  get_sweep = getattr(module, 'get_sweep', None)
+  if not callable(get_sweep):
+    raise config_lib.ConfigError(f'sweep file {path!r} does not define get_sweep(arg)')
+  try:
+    members = get_sweep(arg) if arg else get_sweep()
+  except ValueError as e:
+    if str(e).startswith('config error: '):
+      raise config_lib.ConfigError(str(e)) from e
+    raise
+  return plan.runs_from(members, spec)
+
+
+def train_command(run: plan.Run, run_dir: Path) -> list[str]:
+  return [sys.executable, '-m', 'jaxarch.cli', 'train', f'--config={run.spec}',
+          f'--workdir={run_dir}', *[f'--config.{o}' for o in run.overrides]]
+
+
+def read_results(workdir: Path) -> list[dict]:
+  path = Path(workdir) / RESULTS
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def record(run: plan.Run, run_dir: Path, wall_s: float) -> dict:
+  """The results line of a finished run: sizes, tokens, FLOPs and its final metrics."""
+  cfg = run.config()
+  counts = plan.param_counts(cfg)
+  lines = [json.loads(l) for l in (run_dir / 'metrics.jsonl').read_text().splitlines() if l]
+  last = lambda key: next((m[key] for m in reversed(lines) if key in m), None)
+  tokens = last('step') * cfg.train.batch_size * cfg.data.seq_len
+  return {
+      'name': run.name, 'family': cfg.model.family, 'config': run.spec,
+      'overrides': list(run.overrides), 'budget': run.budget,
+      'params_total': counts['total'], 'params_active': counts['active'],
+      'params_embedding': counts['embedding'], 'tokens': tokens,
+      'flops': tokens * plan.flops_per_token(cfg), 'steps': last('step'),
+      'final_loss': last('loss'), 'eval_loss': last('eval_loss'), 'bpb': last('eval_bpb'),
+      'wall_s': round(wall_s, 1), 'config_hash': config_lib.config_hash(cfg),
+  }
+
+
+def _run_one(run: plan.Run, workdir: Path) -> tuple[plan.Run, float, int]:
+  run_dir = workdir / 'runs' / run.name
+  run_dir.mkdir(parents=True, exist_ok=True)
+  spent = run_dir / 'sweep_wall_s'  # wall time of earlier, interrupted attempts
+  before = float(spent.read_text()) if spent.exists() else 0.0
+  start = time.perf_counter()
+  with open(run_dir / 'train.log', 'a') as log:
+    code = subprocess.call(train_command(run, run_dir), stdout=log, stderr=subprocess.STDOUT)
+  total = before + time.perf_counter() - start
+  spent.write_text(f'{total:.1f}\n')
+  return run, total, code
+
+
+def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
+              launcher: str | None = None, echo=print) -> list[dict]:
+  """Runs (or renders) the sweep's unfinished runs; returns all records of the workdir."""
+  workdir = Path(workdir)
+  runs = load_sweep(spec)
+  if parallel < 1:
+    raise ValueError(f'sweep: parallel={parallel} must be >= 1')
+  if launcher is not None:
+    return render_jobs(runs, workdir, launcher, echo)
+  done = {(r['name'], r['config_hash']) for r in read_results(workdir)}
+  todo = [r for r in runs if (r.name, config_lib.config_hash(r.config())) not in done]
+  echo(f'sweep: {len(runs)} runs, {len(runs) - len(todo)} finished already, '
+       f'{len(todo)} to run, {parallel} at a time')
+  failed = []
+  with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+    for run, wall_s, code in pool.map(lambda r: _run_one(r, workdir), todo):
+      if code:
+        failed.append(run.name)
+        echo(f'sweep: {run.name} failed (exit {code}); see '
+             f'{workdir / "runs" / run.name / "train.log"}')
+        continue
+      line = record(run, workdir / 'runs' / run.name, wall_s)
+      with open(workdir / RESULTS, 'a') as results:
+        results.write(json.dumps(line) + '\n')
+      echo(f'sweep: {run.name} done: loss {line["final_loss"]:.4f}, eval '
+           f'{line["eval_loss"]:.4f}, {line["wall_s"]:.0f}s')
+  if failed:
+    raise SweepError(f'sweep: {len(failed)} runs failed: {", ".join(failed)}; run the '
+                       'sweep again to resume them')
+  return read_results(workdir)
+
+
+def render_jobs(runs, workdir: Path, launcher: str, echo=print) -> list[dict]:
+  if launcher not in LAUNCHERS:
+    known = ', '.join(sorted(LAUNCHERS)) or 'none yet'
+    raise config_lib.ConfigError(f'config error: --launcher={launcher!r} is not available '
+                                 f'(launchers: {known}); run locally without --launcher')
+  for run in runs:
+    run_dir = workdir / 'runs' / run.name
+    path = LAUNCHERS[launcher](run, train_command(run, run_dir), run_dir)
+    echo(f'sweep: {run.name}: {path}  ({shlex.join(train_command(run, run_dir)[:4])} ...)')
+  return read_results(workdir)
