@@ -48,7 +48,7 @@ def size(family: str, d_model: int, n_layers: int | None = None) -> dict:
 
 # CPU scale: 4 layers (UltraMem's tiny placement needs them), sequences of 64 tokens.
 TINY_WIDTHS = {'s': 48, 'm': 96, 'l': 160}
-TINY_BUDGETS = (1e11, 3e11, 1e12)
+TINY_BUDGETS = (5e10, 1.5e11, 5e11)
 TINY_COMMON = {'data.seq_len': 64, 'train.batch_size': 8, 'log.every_steps': 25,
                'log.eval_batches': 4, 'model.n_layers': 4}
 
