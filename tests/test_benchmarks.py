@@ -48,6 +48,7 @@ def test_moe_benchmark_times_three_layers_per_case(tmp_path, monkeypatch):
     assert record[f'{layer}_tokens_per_s'] == pytest.approx(32 / record[f'{layer}_s'])
 
 
+@pytest.mark.slow
 def test_decode_benchmark_times_each_family_and_moe_path(tmp_path):
   out = tmp_path / 'decode.json'
   decode.main(['--preset=tiny', '--batches=1', '--prompts=8', '--new_tokens=3',
@@ -102,6 +103,7 @@ def _run_megabyte_benchmark(tmp_path, bpb_steps):
   return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_megabyte_benchmark_times_training_and_generation(tmp_path):
   data = _run_megabyte_benchmark(tmp_path, bpb_steps=0)
   assert [r['model'] for r in data['training']] == ['megabyte', 'transformer']

@@ -37,7 +37,8 @@ def _prompts(n, seed=0):
   return [[257] + rng.integers(1, 256, rng.integers(1, 30)).tolist() for _ in range(n)]
 
 
-@pytest.mark.parametrize('family', BASES)
+@pytest.mark.parametrize('family', [  # moe and ultramem: also the oracle and sharded tests
+    'dense', *(pytest.param(f, marks=pytest.mark.slow) for f in ('moe', 'ultramem'))])
 def test_bita_decoding_with_untrained_prompts_equals_greedy(family):
   model = models.build(_bita_config(family), rngs=nnx.Rngs(0))
   generator = infer.Generator(model)

@@ -99,6 +99,7 @@ def test_quick_start_preset_reaches_its_stated_bits_per_byte(tmp_path, data_dir)
   assert train(cfg, tmp_path)['eval_bpb'] < 2.9
 
 
+@pytest.mark.slow
 def test_tiny_ultramem_trains_with_its_table_sharded(tmp_path, data_dir):
   cfg = config_lib.load('configs/ultramem.py:tiny', [
       'model.d_model=64', 'model.n_heads=4', 'model.n_kv_heads=2', 'model.d_ff=128',

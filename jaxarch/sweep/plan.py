@@ -102,7 +102,7 @@ def isoflop_grid(family: str, spec: str, sizes: dict[str, dict], budgets: Sequen
       cfg = config_lib.load(spec, [_override(k, v) for k, v in values.items()])
       steps = steps_for_budget(cfg, budget)
       members.append({
-          'config': spec, 'name': f'{family}-{size}-{budget:.0e}'.replace('+', ''),
+          'config': spec, 'name': f'{family}-{size}-{budget:.2g}'.replace('+', ''),
           'budget': budget, **values, 'train.steps': steps,
           'train.warmup_steps': max(1, int(steps * warmup_fraction)),
           'checkpoint.every_steps': max(1, min(steps, 500)),
