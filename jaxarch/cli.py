@@ -182,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
   fit.add_argument('--out', help='default: WORKDIR/report')
   fit.add_argument('--params', choices=('active', 'total'), default='active',
                    help='N in the fits: active (per token) or total parameters')
-  fit.add_argument('--bootstrap', type=int, default=200,
+  fit.add_argument('--bootstrap', type=int, default=100,
                    help='resamples for the intervals of the exponents (0: none)')
   fit.set_defaults(func=_fit)
   return parser

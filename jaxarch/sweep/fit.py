@@ -97,8 +97,7 @@ def fit_scaling_law(records, *, delta: float = HUBER_DELTA, bootstrap: int = 0,
     samples = []
     for _ in range(bootstrap):
       i = rng.integers(0, len(n), len(n))
-      fit = _fit(log_n[i], log_d[i], log_l[i], delta,
-                 [best.x, *_grid_starts(log_n[i], log_d[i], log_l[i], delta, 3)])
+      fit = _fit(log_n[i], log_d[i], log_l[i], delta, [best.x])
       samples.append((fit.x[3], fit.x[4], math.exp(fit.x[2])))
     samples = np.array(samples)
     result['intervals'] = {k: [float(np.percentile(samples[:, j], 5)),
@@ -134,7 +133,8 @@ def isoflop_fits(records) -> dict:
 
   -> {'profiles': [{budget, params, tokens, loss, inside, coefficients}],
       'params_exponent', 'params_coefficient', 'tokens_exponent', 'tokens_coefficient'}
-  (N* = params_coefficient · C^params_exponent; the laws need two or more budgets).
+  (N* = params_coefficient · C^params_exponent, through the vertices that lie inside the
+  sizes run at their budget; the laws need two or more of them).
   """
   by_budget = defaultdict(list)
   for r in records:
@@ -148,10 +148,12 @@ def isoflop_fits(records) -> dict:
     tokens = math.exp(intercept + slope * math.log(vertex['params']))
     profiles.append(dict(budget=budget, tokens=tokens, **vertex))
   result = {'profiles': profiles}
-  if len(profiles) >= 2:
-    log_c = np.log([p['budget'] for p in profiles])
+  # A vertex outside the sizes run is an extrapolation, not a measured optimum.
+  inside = [p for p in profiles if p['inside']]
+  if len(inside) >= 2:
+    log_c = np.log([p['budget'] for p in inside])
     for key in ('params', 'tokens'):
-      exponent, log_k = np.polyfit(log_c, np.log([p[key] for p in profiles]), 1)
+      exponent, log_k = np.polyfit(log_c, np.log([p[key] for p in inside]), 1)
       result[f'{key}_exponent'] = float(exponent)
       result[f'{key}_coefficient'] = float(math.exp(log_k))
   return result

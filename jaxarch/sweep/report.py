@@ -1,6 +1,6 @@
 """`jaxarch fit`: scaling-law fits per family, PNG plots and a markdown report.
 
-  jaxarch fit --workdir=DIR [--out=DIR/report] [--params=active|total] [--bootstrap=200]
+  jaxarch fit --workdir=DIR [--out=DIR/report] [--params=active|total] [--bootstrap=100]
 
 Reads DIR/results.jsonl (written by `jaxarch sweep`). Per family: the IsoFLOP vertices and
 the N*(C), D*(C) power laws through them, and L(N, D) = E + A/N^α + B/D^β (see
@@ -41,7 +41,7 @@ def fit_points(records, params: str = 'active') -> list[dict]:
   return points
 
 
-def fit_families(records, *, params: str = 'active', bootstrap: int = 200) -> dict:
+def fit_families(records, *, params: str = 'active', bootstrap: int = 100) -> dict:
   """family -> {points, isoflop, law (or the reason it could not be fitted)}."""
   by_family = defaultdict(list)
   for r in records:
@@ -102,6 +102,7 @@ def _plot_isoflop(fits, path: Path):
         c2, c1, c0 = profiles[budget]['coefficients']
         x = np.linspace(math.log(pts[0]['params']), math.log(pts[-1]['params']), 50)
         ax.plot(np.exp(x), c2 * x * x + c1 * x + c0, color=cmap(i))
+      if budget in profiles and profiles[budget]['inside']:
         ax.scatter([profiles[budget]['params']], [profiles[budget]['loss']], color=cmap(i),
                    marker='*', s=90, edgecolor='k')
     ax.set(xscale='log', xlabel='parameters N', ylabel='validation loss', title=family)
@@ -113,11 +114,13 @@ def _plot_isoflop(fits, path: Path):
 
 def _plot_frontier(fits, path: Path):
   fig, ax = plt.subplots(figsize=(6, 4))
+  drawn = False
   for family, entry in fits.items():
     iso = entry['isoflop']
-    profiles = iso.get('profiles', [])
+    profiles = [p for p in iso.get('profiles', []) if p['inside']]
     if not profiles:
       continue
+    drawn = True
     c = np.array([p['budget'] for p in profiles])
     ax.scatter(c, [p['params'] for p in profiles], color=COLORS.get(family), label=family)
     if 'params_exponent' in iso:
@@ -127,7 +130,11 @@ def _plot_frontier(fits, path: Path):
               label=f'{family}: N* ∝ C^{iso["params_exponent"]:.2f}')
   ax.set(xscale='log', yscale='log', xlabel='compute C (FLOPs)',
          ylabel='compute-optimal N*', title='Compute-optimal model size')
-  ax.legend(fontsize=7)
+  if drawn:
+    ax.legend(fontsize=7)
+  else:
+    ax.text(0.5, 0.5, 'no IsoFLOP minimum inside the sizes run', ha='center',
+            transform=ax.transAxes)
   fig.tight_layout()
   fig.savefig(path, dpi=90)
   plt.close(fig)
@@ -158,10 +165,20 @@ def markdown(fits, params: str, workdir: Path) -> str:
     iso = entry['isoflop']
     if 'error' in iso:
       lines.append(f'| {family} | {iso["error"]} | | | | |')
+    sizes = defaultdict(list)
+    for point in entry['points']:
+      sizes[point['budget']].append(point['params'])
     for p in iso.get('profiles', []):
-      lines.append(f'| {family} | {p["budget"]:.3g} | {p["params"]:.3g} | {p["tokens"]:.3g} | '
-                   f'{p["loss"]:.4f} | {"yes" if p["inside"] else "no (extrapolated)"} |')
-  lines += ['', '| family | N* ∝ C^a | D* ∝ C^b |', '|---|---|---|']
+      if p['inside']:
+        lines.append(f'| {family} | {p["budget"]:.3g} | {p["params"]:.3g} | '
+                     f'{p["tokens"]:.3g} | {p["loss"]:.4f} | yes |')
+      else:  # the vertex is an extrapolation: say only on which side of the sizes it is
+        run = sizes[p['budget']]
+        side = f'< {min(run):.3g}' if p['params'] < min(run) else f'> {max(run):.3g}'
+        lines.append(f'| {family} | {p["budget"]:.3g} | {side} | – | – | no: outside the '
+                     'sizes run |')
+  lines += ['', 'Power laws through the vertices inside the sizes run (two or more needed):',
+            '', '| family | N* ∝ C^a | D* ∝ C^b |', '|---|---|---|']
   for family, entry in fits.items():
     iso = entry['isoflop']
     lines.append(f'| {family} | a = {_fmt(iso.get("params_exponent"))} | '
@@ -201,7 +218,7 @@ def _equal_compute_table(fits) -> str:
 
 
 def write_report(workdir: str | Path, out: str | Path | None = None, *,
-                 params: str = 'active', bootstrap: int = 200) -> dict:
+                 params: str = 'active', bootstrap: int = 100) -> dict:
   """Fits every family of DIR/results.jsonl; writes the plots, report.md and fits.json."""
   workdir = Path(workdir)
   records = read_results(workdir)
