@@ -226,6 +226,11 @@ def _check_heads(prefix: str, section: ConfigDict, hint: str = '') -> None:
   if section.n_heads % section.n_kv_heads:
     raise ConfigError(f'{prefix}.n_heads={section.n_heads} must be divisible by '
                       f'{prefix}.n_kv_heads={section.n_kv_heads} (grouped-query attention)')
+  head_dim = section.get('head_dim') or section.d_model // section.n_heads
+  if head_dim % 2:
+    raise ConfigError(f'{prefix}: the head dimension {head_dim} (d_model={section.d_model} / '
+                      f'n_heads={section.n_heads}) must be even for rotary position '
+                      'embeddings; change the heads or the width')
 
 
 def _check_transformer(cfg: ConfigDict) -> None:

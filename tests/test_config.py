@@ -155,6 +155,13 @@ def test_n_heads_must_divide_by_n_kv_heads():
       'config error: model.n_heads=4 must be divisible by model.n_kv_heads=3')
 
 
+def test_rope_needs_an_even_head_dimension():
+  assert error_of(tiny, 'model.d_model=12').startswith(
+      'config error: model: the head dimension 3 (d_model=12 / n_heads=4) must be even')
+  assert error_of(tiny, 'model.head_dim=5').startswith(
+      'config error: model: the head dimension 5')
+
+
 def test_seq_len_must_fit_max_len():
   assert error_of(tiny, 'data.seq_len=512') == (
       'config error: data.seq_len=512 must be <= model.max_len=256')
