@@ -61,6 +61,11 @@ def test_fits_refuse_too_few_or_concave_runs():
     fit_scaling_law([dict(params=1e6, tokens=1e9, loss=3.0)] * 4)
   with pytest.raises(FitError, match='no minimum'):
     isoflop_minimum([1e6, 1e7, 1e8], [3.0, 3.5, 3.0])
+  # Loss rising with N all the way, and concave: the optimum is below the sizes run.
+  bound = isoflop_minimum([1e8, 1e6, 1e7], [3.6, 3.0, 3.5])
+  assert bound == {**bound, 'params': pytest.approx(1e6), 'loss': 3.0, 'inside': False,
+                   'side': 'below'}
+  assert isoflop_minimum([1e6, 1e7, 1e8], [3.0, 2.9, 2.3])['side'] == 'above'
   with pytest.raises(FitError, match='3 or more model sizes'):
     isoflop_minimum([1e6, 1e7], [3.0, 2.9])
 

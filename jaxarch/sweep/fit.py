@@ -114,18 +114,35 @@ def predict_loss(fit: dict, params, tokens):
 
 def isoflop_minimum(params, losses) -> dict:
   """The vertex of the parabola loss = c2·x² + c1·x + c0 in x = log N -> {params, loss,
-  coefficients}; a profile that opens downwards has no minimum (FitError)."""
+  coefficients, inside, side}.
+
+  `side` is None when the vertex lies inside the sizes run, else 'below' or 'above' them.
+  A profile that falls or rises all the way (e.g. the smallest model best at every size)
+  bounds the optimum: its best size is returned with `inside` False and the side the
+  optimum lies on. One with a maximum in the middle has no minimum (FitError).
+  """
   x = np.log(np.asarray(params, float))
+  y = np.asarray(losses, float)
   if len(np.unique(x)) < 3:
     raise FitError(f'fit: an IsoFLOP profile needs 3 or more model sizes, got {len(np.unique(x))}')
-  c2, c1, c0 = np.polyfit(x, np.asarray(losses, float), 2)
+  order = np.argsort(x)
+  x, y = x[order], y[order]
+  c2, c1, c0 = np.polyfit(x, y, 2)
+  coefficients = [float(c2), float(c1), float(c0)]
   if c2 <= 0:
-    raise FitError('fit: the IsoFLOP profile has no minimum (loss is not convex in log N); '
-                   'widen the size range around the optimum')
+    steps = np.diff(y)
+    if not (np.all(steps >= 0) or np.all(steps <= 0)):
+      raise FitError('fit: the IsoFLOP profile has no minimum (loss is not convex in log '
+                     'N); widen the size range around the optimum')
+    edge = 0 if y[0] <= y[-1] else -1
+    return dict(params=float(math.exp(x[edge])), loss=float(y[edge]),
+                coefficients=coefficients, inside=False,
+                side='below' if edge == 0 else 'above')
   x_opt = -c1 / (2 * c2)
+  inside = bool(x[0] <= x_opt <= x[-1])
   return dict(params=float(math.exp(x_opt)), loss=float(c0 - c1 * c1 / (4 * c2)),
-              coefficients=[float(c2), float(c1), float(c0)],
-              inside=bool(x.min() <= x_opt <= x.max()))
+              coefficients=coefficients, inside=inside,
+              side=None if inside else ('below' if x_opt < x[0] else 'above'))
 
 
 def isoflop_fits(records) -> dict:
@@ -143,7 +160,11 @@ def isoflop_fits(records) -> dict:
   for budget in sorted(by_budget):
     runs = by_budget[budget]
     n, d, loss = _columns(runs, 'params', 'tokens', 'loss')
-    vertex = isoflop_minimum(n, loss)
+    try:
+      vertex = isoflop_minimum(n, loss)
+    except FitError as e:  # this budget says nothing about the optimum; the others may
+      profiles.append(dict(budget=budget, error=str(e), inside=False))
+      continue
     slope, intercept = np.polyfit(np.log(n), np.log(d), 1)  # the budget's N-D line
     tokens = math.exp(intercept + slope * math.log(vertex['params']))
     profiles.append(dict(budget=budget, tokens=tokens, **vertex))

@@ -98,7 +98,7 @@ def _plot_isoflop(fits, path: Path):
       pts = sorted(by_budget[budget], key=lambda p: p['params'])
       ax.scatter([p['params'] for p in pts], [p['loss'] for p in pts], color=cmap(i), s=14,
                  label=f'{budget:.1e}')
-      if budget in profiles:
+      if 'coefficients' in profiles.get(budget, {}):
         c2, c1, c0 = profiles[budget]['coefficients']
         x = np.linspace(math.log(pts[0]['params']), math.log(pts[-1]['params']), 50)
         ax.plot(np.exp(x), c2 * x * x + c1 * x + c0, color=cmap(i))
@@ -169,12 +169,14 @@ def markdown(fits, params: str, workdir: Path) -> str:
     for point in entry['points']:
       sizes[point['budget']].append(point['params'])
     for p in iso.get('profiles', []):
-      if p['inside']:
+      if 'error' in p:
+        lines.append(f'| {family} | {p["budget"]:.3g} | {p["error"]} | | | |')
+      elif p['inside']:
         lines.append(f'| {family} | {p["budget"]:.3g} | {p["params"]:.3g} | '
                      f'{p["tokens"]:.3g} | {p["loss"]:.4f} | yes |')
       else:  # the vertex is an extrapolation: say only on which side of the sizes it is
         run = sizes[p['budget']]
-        side = f'< {min(run):.3g}' if p['params'] < min(run) else f'> {max(run):.3g}'
+        side = f'< {min(run):.3g}' if p['side'] == 'below' else f'> {max(run):.3g}'
         lines.append(f'| {family} | {p["budget"]:.3g} | {side} | – | – | no: outside the '
                      'sizes run |')
   lines += ['', 'Power laws through the vertices inside the sizes run (two or more needed):',
