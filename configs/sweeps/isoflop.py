@@ -8,9 +8,10 @@
   dense | moe | ultramem | megabyte   one family's grid at GPU scale: 5 sizes at each of
                                       the budgets 1e17, 3e17, 1e18, 3e18 FLOPs
   cross_family                        the four grids together, for the family comparison
-  tiny                                the cross-family design at CPU scale: 3 sizes x 3
-                                      budgets x 4 families = 36 runs of a few hundred
-                                      steps, about 30 minutes on 2 cores
+  tiny                                the cross-family design at CPU scale: 3 widths
+                                      (24, 48, 96) x 3 budgets (2.5e10 to 2.5e11) x 4
+                                      families = 36 runs of 12 to 6502 steps, 21 minutes
+                                      on 2 cores with --parallel=2 (docs/scaling)
 
 Each size sets the width (and depth at GPU scale) of the family's preset; the sparse
 families keep their sparse part in proportion: MoE's experts are d_model·3/2 wide (top 2
@@ -41,16 +42,20 @@ def size(family: str, d_model: int, n_layers: int | None = None) -> dict:
     values['model.ultramem.value_dim'] = d_model
   elif family == 'megabyte':
     local = d_model // 2
+    heads = 4 if local % 8 == 0 else 2  # an even head dimension, for RoPE
     values.update({'model.megabyte.local.d_model': local,
-                   'model.megabyte.local.d_ff': 3 * local})
+                   'model.megabyte.local.d_ff': 3 * local,
+                   'model.megabyte.local.n_heads': heads,
+                   'model.megabyte.local.n_kv_heads': heads})
   return values
 
 
-# CPU scale: 4 layers (UltraMem's tiny placement needs them), sequences of 64 tokens.
-TINY_WIDTHS = {'s': 48, 'm': 96, 'l': 160}
-TINY_BUDGETS = (5e10, 1.5e11, 5e11)
+# CPU scale: 4 layers (UltraMem's tiny placement needs them), sequences of 64 tokens,
+# 32 evaluation batches (16k bytes) so that families compare on more than noise.
+TINY_WIDTHS = {'s': 24, 'm': 48, 'l': 96}
+TINY_BUDGETS = (2.5e10, 7.5e10, 2.5e11)
 TINY_COMMON = {'data.seq_len': 64, 'train.batch_size': 8, 'log.every_steps': 25,
-               'log.eval_batches': 4, 'model.n_layers': 4}
+               'log.eval_batches': 32, 'model.n_layers': 4}
 
 # GPU scale: the `small` presets' sequence lengths, batch 64.
 SHAPES = {'xs': (256, 4), 's': (384, 6), 'm': (512, 8), 'l': (768, 10), 'xl': (1024, 12)}
