@@ -127,6 +127,10 @@ def get_config(arg=None):
   # Parameter groups by their `optim_group` metadata, e.g. UltraMem's memory values:
   # values=dict(lr_multiplier=4.0, multiplier_decay='linear'). See train/optimizer.py.
   c.train.groups = ml_collections.ConfigDict()
+  # A NaN or Inf loss or gradient is never applied; then: stop (with a report naming the
+  # step and the layers) | skip (counted; stops after max_consecutive_skips in a row).
+  c.train.nonfinite = 'stop'
+  c.train.max_consecutive_skips = 10
 
   # Checkpoint section.
   c.checkpoint = ml_collections.ConfigDict()

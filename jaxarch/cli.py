@@ -18,6 +18,9 @@ from jaxarch import config as config_lib
 from jaxarch.infer.sampling import GenerateError
 from jaxarch.sweep.fit import FitError
 from jaxarch.sweep.runner import SweepError
+from jaxarch.train.checkpoint import CheckpointError
+from jaxarch.train.nonfinite import NonFiniteError
+from jaxarch.train.workdir import WorkdirError
 
 
 def _config(args, overrides):
@@ -35,16 +38,34 @@ def _config(args, overrides):
   return cfg
 
 
+def _join_job(args) -> bool:
+  """Joins a multi-process job if this process is one (flags or cluster environment);
+  True on the process that reports."""
+  from jaxarch.parallel import distributed  # pylint: disable=g-import-not-at-top
+  launch = distributed.initialize(distributed.detect(
+      args.coordinator_address, args.num_processes, args.process_id))
+  if launch.source != 'single':
+    print(f'jaxarch: process {launch.process_id} of {launch.num_processes} '
+          f'({launch.source})', file=sys.stderr)
+  return not launch.process_id
+
+
 def _train(args, overrides):
+  cfg = _config(args, overrides)
+  reports = _join_job(args)
   from jaxarch.train import train  # pylint: disable=g-import-not-at-top
-  result = train(_config(args, overrides), args.workdir)
-  print(json.dumps(result, indent=2))
+  result = train(cfg, args.workdir)
+  if reports:
+    print(json.dumps(result, indent=2))
 
 
 def _eval(args, overrides):
+  cfg = _config(args, overrides)
+  reports = _join_job(args)
   from jaxarch.train import evaluate  # pylint: disable=g-import-not-at-top
-  result = evaluate(_config(args, overrides), args.workdir, step=args.step)
-  print(json.dumps(result, indent=2))
+  result = evaluate(cfg, args.workdir, step=args.step)
+  if reports:
+    print(json.dumps(result, indent=2))
 
 
 def _generate(args, overrides):
@@ -130,6 +151,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument('--workdir', required=True, help='checkpoints, metrics and logs go here')
     sub.add_argument('--data_dir', help='prepared-data cache (default: $JAXARCH_DATA_DIR '
                      'or ~/.cache/jaxarch/data)')
+    job = sub.add_argument_group('multi-process jobs (default: from SLURM, Open MPI, TPU '
+                                 'or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/'
+                                 'JAX_PROCESS_ID; else one process)')
+    job.add_argument('--coordinator_address', help="HOST:PORT of process 0's coordinator")
+    job.add_argument('--num_processes', type=int)
+    job.add_argument('--process_id', type=int)
     sub.set_defaults(func=func)
     return sub
 
@@ -199,7 +226,8 @@ def main(argv=None):
   try:
     args.func(args, overrides)
   except (config_lib.ConfigError, FileNotFoundError, FileExistsError, ImportError,
-          GenerateError, FitError, SweepError) as e:
+          GenerateError, FitError, SweepError, WorkdirError, CheckpointError,
+          NonFiniteError) as e:
     print(f'jaxarch: {e}', file=sys.stderr)
     return 2
   except KeyboardInterrupt:

@@ -33,11 +33,12 @@ LOOKUP_IMPLS = ('auto', 'xla', 'pallas', 'interpret', 'interpret_tpu')
 LOOKUP_SCATTERS = ('sorted', 'atomic')
 MOE_GATES = ('softmax', 'sigmoid')
 SCHEDULES = ('cosine', 'wsd', 'constant')
+NONFINITE = ('stop', 'skip')
 POSITIVE_INTS = (
     'model.d_model', 'model.n_layers', 'model.n_heads', 'model.n_kv_heads', 'model.d_ff',
     'model.vocab_size', 'model.max_len', 'data.seq_len', 'train.steps', 'train.batch_size',
     'checkpoint.every_steps', 'checkpoint.keep', 'log.every_steps', 'log.eval_every_steps',
-    'log.eval_batches',
+    'log.eval_batches', 'train.max_consecutive_skips',
 )
 
 # Relative config paths that are not found from the working directory are looked up in
@@ -502,6 +503,7 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
 
 def _check_train(cfg: ConfigDict) -> None:
   _choice(cfg, 'train.schedule', SCHEDULES)
+  _choice(cfg, 'train.nonfinite', NONFINITE)
   steps = cfg.train.steps
   warmup = _number(cfg, 'train.warmup_steps', int)
   if not 0 <= warmup <= steps:

@@ -1,11 +1,16 @@
-"""Checkpoints: exact round trip, resharding restore, resume, corrupt-checkpoint fallback."""
+"""Checkpoints: exact round trip, resharding restore, corrupt and partial checkpoints,
+checkpoints of another model, failed writes."""
+
+import errno
+import os
 
 import jax
 import numpy as np
+import pytest
 
-from conftest import make_batch, mesh_config, tiny_config
+from conftest import devices, make_batch, mesh_config, tiny_config
 from jaxarch.parallel import global_batch, make_mesh
-from jaxarch.train.checkpoint import Checkpointer
+from jaxarch.train.checkpoint import Checkpointer, CheckpointError
 from jaxarch.train.state import init_state, make_setup
 from jaxarch.train.step import make_train_step
 
@@ -74,3 +79,81 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
   assert at == 1
   assert 'unreadable' in caplog.text
   _assert_trees_equal(restored['params'], init_state(cfg, setup)['params'])  # step 1's
+
+
+def test_restore_on_fewer_devices_gives_the_same_next_loss(tmp_path):
+  saved_cfg = mesh_config(tiny_config(**{'model.dtype': 'float32'}), data=2, fsdp=4)
+  setup, step = _setup(saved_cfg)
+  state = init_state(saved_cfg, setup)
+  ckpt = Checkpointer(tmp_path)
+  ckpt.save(0, state)
+  ckpt.close()
+  expected = _next_loss(setup, step, state)
+  # Half the devices: what is left of a job after losing a host.
+  fewer_cfg = mesh_config(tiny_config(**{'model.dtype': 'float32'}), fsdp=2, tensor=2)
+  fewer = make_setup(fewer_cfg, make_mesh(fewer_cfg, devices(4)))
+  restored, _ = Checkpointer(tmp_path).restore(fewer.abstract_state)
+  assert all(x.sharding.mesh.size == 4 for x in jax.tree.leaves(restored))
+  np.testing.assert_allclose(_next_loss(fewer, make_train_step(fewer), restored), expected,
+                             rtol=1e-5)
+
+
+def test_checkpoint_of_another_model_is_an_error_not_skipped(tmp_path):
+  cfg = mesh_config(tiny_config(), data=8)
+  setup, _ = _setup(cfg)
+  ckpt = Checkpointer(tmp_path)
+  ckpt.save(1, init_state(cfg, setup))
+  ckpt.close()
+  wider = mesh_config(tiny_config(**{'model.d_ff': 256}), data=8)
+  with pytest.raises(CheckpointError, match=r'not of this model: .*differ in shape.*mlp'):
+    Checkpointer(tmp_path).restore(_setup(wider)[0].abstract_state)
+  deeper = mesh_config(tiny_config(**{'model.n_layers': 3}), data=8)
+  with pytest.raises(CheckpointError, match=r'arrays missing \(e\.g\. .*blocks/2'):
+    Checkpointer(tmp_path).restore(_setup(deeper)[0].abstract_state)
+  assert (tmp_path / 'checkpoints' / '1').is_dir()  # left as it was
+
+
+def test_partial_latest_checkpoint_is_moved_aside_and_the_previous_restored(tmp_path, caplog):
+  cfg = mesh_config(tiny_config(), data=8)
+  setup, step = _setup(cfg)
+  first = init_state(cfg, setup)
+  ckpt = Checkpointer(tmp_path)
+  ckpt.save(1, first)
+  ckpt.wait()
+  state, _ = step(first, global_batch(make_batch(8, 32), setup.batch_sharding))
+  ckpt.save(2, state)
+  ckpt.close()
+  # A copy that stopped half way: array files cut short, some missing.
+  files = sorted(f for f in (tmp_path / 'checkpoints' / '2' / 'state').rglob('*')
+                 if f.is_file() and f.parent.name == 'd')
+  for f in files[::2]:
+    f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])
+  for f in files[1::2]:
+    f.unlink()
+  ckpt = Checkpointer(tmp_path)
+  restored, at = ckpt.restore(setup.abstract_state)
+  assert at == 1 and 'unreadable' in caplog.text
+  _assert_trees_equal(restored['params'], init_state(cfg, setup)['params'])
+  assert not (tmp_path / 'checkpoints' / '2').exists()
+  assert [p.name.split('-')[0] for p in (tmp_path / 'corrupt_checkpoints').iterdir()] == ['2']
+  ckpt.save(2, state)  # the resumed run writes step 2 again
+  ckpt.close()
+  assert Checkpointer(tmp_path).restore(setup.abstract_state)[1] == 2
+
+
+def test_a_full_disk_is_a_one_line_error_naming_the_intact_checkpoint(tmp_path, monkeypatch):
+  cfg = mesh_config(tiny_config(), data=8)
+  setup, _ = _setup(cfg)
+  state = init_state(cfg, setup)
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  ckpt.save(1, state)
+
+  def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(ckpt.manager, 'save', no_space)
+  with pytest.raises(CheckpointError) as error:
+    ckpt.save(2, state)
+  message = str(error.value)
+  assert 'could not write checkpoint 2' in message and 'no space left' in message
+  assert 'checkpoint 1 is intact' in message and '\n' not in message

@@ -274,17 +274,25 @@ def test_each_epoch_is_a_new_order_of_the_same_documents(corpus):
   assert sorted(epoch1) == sorted(epoch2) and epoch1 != epoch2
 
 
-def test_process_shards_are_disjoint_and_cover_the_documents(corpus):
+def _assert_rows_of(global_batches, process_batches):
+  """Each global batch is the processes' batches stacked in process order."""
+  assert len(global_batches) == len(process_batches[0]) == len(process_batches[1])
+  for want, *parts in zip(global_batches, *process_batches):
+    for key in want:
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), want[key])
+
+
+def test_processes_read_their_own_rows_of_the_one_process_batches(corpus):
   cfg, _ = corpus
-  source = data.open_source(cfg, 'train')
-  shards = []
-  for index in range(2):
-    num_docs = len(range(index, len(source), 2))
-    ds = data.make_train_dataset(cfg, seed=0, global_batch_size=4, process_index=index,
-                                 process_count=2)
-    shards.append(_take_documents(iter(ds), num_docs))
-  assert not set(shards[0]) & set(shards[1])
-  assert sorted(shards[0] + shards[1]) == sorted(source[i] for i in range(len(source)))
+  make = lambda **kw: _take(iter(data.make_train_dataset(cfg, seed=0, global_batch_size=4,
+                                                          **kw)), 40)
+  alone = make()
+  shards = [make(process_index=p, process_count=2) for p in range(2)]
+  _assert_rows_of(alone, shards)
+  # Each process packs its own streams, i.e. its own documents (in the first epoch).
+  documents = [{d for row in _row_streams(shard[:4], 'inputs') for d in _documents(row)}
+               for shard in shards]
+  assert documents[0] and documents[1] and not documents[0] & documents[1]
 
 
 def test_global_batch_must_divide_over_processes(corpus):
@@ -344,13 +352,12 @@ def test_eval_batches_are_deterministic_finite_and_cover_validation(corpus):
   assert len(list(data.make_eval_dataset(cfg, batch_size=4, num_batches=2))) == 2
 
 
-def test_eval_gives_every_process_num_batches(corpus):
+def test_eval_batches_of_processes_are_their_rows_of_the_one_process_batches(corpus):
   cfg, _ = corpus
-  ds = data.make_eval_dataset(cfg, batch_size=8, num_batches=500, process_index=1,
-                              process_count=2)
-  batches = list(ds)
-  assert len(batches) == 500 and batches[-1]['inputs'].shape == (4, 16)
-  assert not batches[-1]['segment_ids'].any()
+  make = lambda **kw: list(data.make_eval_dataset(cfg, batch_size=8, num_batches=500, **kw))
+  shards = [make(process_index=p, process_count=2) for p in range(2)]
+  _assert_rows_of(make(), shards)
+  assert shards[1][-1]['inputs'].shape == (4, 16)
 
 
 def test_default_corpus_is_the_stdlib_split_by_file(tmp_path):

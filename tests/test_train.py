@@ -39,6 +39,7 @@ def test_metrics_checkpoints_and_config_are_written(tmp_path, data_dir):
   assert len(events) == 1 and events[0].stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_on_the_same_loss_curve(tmp_path, data_dir, monkeypatch):
   reference = tmp_path / 'reference'
   train(_cfg(data_dir), reference)

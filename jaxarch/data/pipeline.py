@@ -10,10 +10,11 @@ arrays `[local_batch, seq_len]`:
   segment_ids       1, 2, ... for the document pieces of a row; 0 for padding
   positions         0-based position within each piece, restarting at every segment
 
-Training packs `S` streams side by side (default: one per batch row). Stream `i` packs
-documents `i, i + S, i + 2S, ...` of the process's shuffled, endlessly repeated document
-sequence, and a batch takes its rows from the streams in turn, so it holds pieces of `S`
-documents. With one stream, a long document (the stdlib averages ~140 rows of 128 bytes)
+Training packs `S` streams side by side (default: one per row of the global batch).
+Stream `i` packs documents `i, i + S, i + 2S, ...` of the shuffled, endlessly repeated
+document sequence, and a batch takes its rows from the streams in turn, so it holds
+pieces of `S` documents. Each process reads only its own share of the streams, so the
+global batch does not depend on the number of processes. With one stream, a long document (the stdlib averages ~140 rows of 128 bytes)
 fills whole batches by itself: their rows are highly correlated and the loss jumps from
 step to step. The streams are zipped with `ZipIterDataset`, whose state is just the list
 of the stream states; `InterleaveIterDataset` would add a prefetch thread per stream and
@@ -145,16 +146,15 @@ class _SequenceRow(grain.transforms.Map):
     return row
 
 
-def _sequence_rows(data_cfg, split: str, process_index: int, process_count: int):
-  """This process's shard of a distilled split, as `_SequenceRow`s."""
+def _sequence_rows(data_cfg, split: str):
+  """A distilled split's sequences, and the map that makes each one a row."""
   tokenizer = tokenizers.get_tokenizer(data_cfg.tokenizer)
-  sequences = sources.open_sequences(data_cfg, split)
-  rows = grain.MapDataset.source(sequences)[process_index::process_count]
-  return rows, _SequenceRow(data_cfg.seq_len, tokenizer.pad_id)
+  sequences = grain.MapDataset.source(sources.open_sequences(data_cfg, split))
+  return sequences, _SequenceRow(data_cfg.seq_len, tokenizer.pad_id)
 
 
 class _Unzip(grain.experimental.FlatMapTransform):
-  """One row from each packing stream -> the rows one by one."""
+  """One row from each stream -> the rows one by one."""
 
   def __init__(self, num_streams: int):
     self.max_fan_out = num_streams
@@ -170,50 +170,59 @@ def _local_batch_size(batch_size: int, process_count: int, key: str) -> int:
   return batch_size // process_count
 
 
-def _documents(data_cfg, split: str, process_index: int,
-               process_count: int) -> grain.MapDataset:
-  """This process's shard of the split's documents: every `process_count`-th one."""
-  source = sources.open_source(data_cfg, split)
-  return grain.MapDataset.source(source)[process_index::process_count]
+def _process_streams(num_streams: int, process_index: int, process_count: int) -> range:
+  """The streams this process reads: its contiguous share of all of them."""
+  if num_streams % process_count:
+    raise ConfigError(f'config error: {num_streams} packing streams cannot be shared out '
+                      f'evenly over {process_count} processes')
+  share = num_streams // process_count
+  return range(process_index * share, (process_index + 1) * share)
+
+
+def _zip_rows(streams: list[grain.IterDataset]) -> grain.IterDataset:
+  """Rows from the streams in turn (the state is just the list of the stream states)."""
+  return grain.experimental.FlatMapIterDataset(grain.experimental.ZipIterDataset(streams),
+                                               _Unzip(len(streams)))
 
 
 def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
                        process_index: int = 0, process_count: int = 1,
                        packing_streams: int | None = None, num_threads: int = 0,
                        prefetch: int = 2) -> grain.IterDataset:
-  """Endless packed training batches; each epoch is a new seeded shuffle of the documents.
+  """Endless packed training batches of this process; each epoch is a new seeded shuffle.
 
-  Consecutive rows come from `packing_streams` different documents (default: the local
-  batch size, so every row of a batch does; 1 packs one document after another).
-  `num_threads` read and tokenize documents in parallel, shared out over the streams (0:
-  inline, enough for local array_record files); `prefetch` batches are prepared ahead in
-  a background thread.
+  There are `packing_streams` streams in all (default: one per row of the global batch),
+  and process `p` of `P` reads streams `p·S/P … (p+1)·S/P − 1` only. So each process
+  reads its own documents, and with the default the global batch (the processes' rows in
+  process order) is the same batch that one process would read: a run gives the same
+  losses on any number of processes. `num_threads` read and tokenize documents in
+  parallel, shared out over the streams (0: inline, enough for local array_record files);
+  `prefetch` batches are prepared ahead in a background thread.
   """
   local_batch = _local_batch_size(global_batch_size, process_count, 'train.batch_size')
-  if data_cfg.source.startswith(sources.DISTILLED):
-    rows, to_row = _sequence_rows(data_cfg, 'train', process_index, process_count)
-    if not len(rows):  # pylint: disable=g-explicit-length-test
-      raise ConfigError(f'config error: data.source={data_cfg.source!r} has no training '
-                        f'sequences for process {process_index} of {process_count}')
-    batches = rows.shuffle(seed=seed % 2**32).repeat().map(to_row).batch(
-        local_batch, drop_remainder=True).to_iter_dataset()
-    return grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
-  num_streams = local_batch if packing_streams is None else packing_streams
+  num_streams = global_batch_size if packing_streams is None else packing_streams
   if num_streams < 1:
     raise ValueError(f'packing_streams={packing_streams} must be positive')
-  tokenizer = tokenizers.get_tokenizer(data_cfg.tokenizer)
-  docs = _documents(data_cfg, 'train', process_index, process_count)
-  if not len(docs):  # pylint: disable=g-explicit-length-test
-    raise ConfigError(f'config error: data.source={data_cfg.source!r} has no training '
-                     f'documents for process {process_index} of {process_count}')
-  # Repeat reseeds the shuffle each epoch; slicing the endless sequence (not the epoch)
-  # keeps every stream endless, and together the streams read each epoch exactly once.
-  docs = docs.shuffle(seed=seed % 2**32).repeat()
-  threads = -(-num_threads // num_streams)
-  streams = [_packed_rows(docs[i::num_streams], tokenizer, data_cfg, threads)
-             for i in range(num_streams)]
-  rows = grain.experimental.FlatMapIterDataset(grain.experimental.ZipIterDataset(streams),
-                                               _Unzip(num_streams))
+  mine = _process_streams(num_streams, process_index, process_count)
+  if data_cfg.source.startswith(sources.DISTILLED):
+    sequences, to_row = _sequence_rows(data_cfg, 'train')
+    if not len(sequences):  # pylint: disable=g-explicit-length-test
+      raise ConfigError(f'config error: data.source={data_cfg.source!r} has no training '
+                        'sequences')
+    sequences = sequences.shuffle(seed=seed % 2**32).repeat()
+    rows = _zip_rows([sequences[i::num_streams].map(to_row).to_iter_dataset() for i in mine])
+  else:
+    tokenizer = tokenizers.get_tokenizer(data_cfg.tokenizer)
+    docs = grain.MapDataset.source(sources.open_source(data_cfg, 'train'))
+    if not len(docs):  # pylint: disable=g-explicit-length-test
+      raise ConfigError(f'config error: data.source={data_cfg.source!r} has no training '
+                        'documents')
+    # Repeat reseeds the shuffle each epoch; slicing the endless sequence (not the epoch)
+    # keeps every stream endless, and together the streams read each epoch exactly once.
+    docs = docs.shuffle(seed=seed % 2**32).repeat()
+    threads = -(-num_threads // len(mine))
+    rows = _zip_rows([_packed_rows(docs[i::num_streams], tokenizer, data_cfg, threads)
+                      for i in mine])
   batches = rows.batch(local_batch, drop_remainder=True)
   # A background thread prepares the next batches while the device runs a step; the state
   # it reports is still that of the last batch handed out.
@@ -242,23 +251,18 @@ def _pad_batch(rows, *, batch_size: int, pad_id: int) -> dict[str, np.ndarray]:
 class EvalBatches:
   """At most `num_batches` validation batches, the same ones on every pass.
 
-  With several processes every process yields exactly `num_batches` (all-padding batches
-  once its shard runs out), so that no process leaves an eval step the others are in.
+  Every process reads the same global batches and keeps its own rows of each, so all
+  processes run the same number of eval steps and the totals equal one process's.
   """
 
-  def __init__(self, batches: grain.IterDataset, num_batches: int, fill_batch):
+  def __init__(self, batches: grain.IterDataset, num_batches: int, rows: slice):
     self._batches = batches
     self._num_batches = num_batches
-    self._fill_batch = fill_batch
+    self._rows = rows
 
   def __iter__(self):
-    count = 0
     for batch in itertools.islice(self._batches, self._num_batches):
-      count += 1
-      yield batch
-    if self._fill_batch is not None:
-      for _ in range(self._num_batches - count):
-        yield {k: v.copy() for k, v in self._fill_batch.items()}
+      yield {k: v[self._rows] for k, v in batch.items()}
 
 
 def make_eval_dataset(data_cfg, *, batch_size: int, num_batches: int,
@@ -266,17 +270,13 @@ def make_eval_dataset(data_cfg, *, batch_size: int, num_batches: int,
   """Validation batches in stored order, packed like training; the last may end in padding."""
   local_batch = _local_batch_size(batch_size, process_count, 'eval batch size')
   tokenizer = tokenizers.get_tokenizer(data_cfg.tokenizer)
-  features = _FEATURES
   if data_cfg.source.startswith(sources.DISTILLED):
-    sequences, to_row = _sequence_rows(data_cfg, 'validation', process_index, process_count)
+    sequences, to_row = _sequence_rows(data_cfg, 'validation')
     rows = sequences.map(to_row).to_iter_dataset()
-    features += ('loss_mask',)
   else:
-    docs = _documents(data_cfg, 'validation', process_index, process_count)
+    docs = grain.MapDataset.source(sources.open_source(data_cfg, 'validation'))
     rows = _packed_rows(docs, tokenizer, data_cfg, num_threads=0)
-  batches = rows.batch(local_batch, batch_fn=functools.partial(
-      _pad_batch, batch_size=local_batch, pad_id=tokenizer.pad_id))
-  fill_batch = None
-  if process_count > 1:
-    fill_batch = _padding_rows(local_batch, data_cfg.seq_len, tokenizer.pad_id, features)
-  return EvalBatches(batches, num_batches, fill_batch)
+  batches = rows.batch(batch_size, batch_fn=functools.partial(
+      _pad_batch, batch_size=batch_size, pad_id=tokenizer.pad_id))
+  mine = slice(process_index * local_batch, (process_index + 1) * local_batch)
+  return EvalBatches(batches, num_batches, mine)

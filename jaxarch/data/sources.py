@@ -135,6 +135,9 @@ def _files_config(source: str, pattern: str, validation_fraction: float) -> File
   if not paths:
     raise ConfigError(f'config error: data.source={source!r}: no files match the glob '
                      f'{pattern!r}')
+  if not any(p.stat().st_size for p in paths):
+    raise ConfigError(f'config error: data.source={source!r}: the {len(paths)} files '
+                      f'matching {pattern!r} are all empty; there is nothing to train on')
   root = pathlib.Path(os.path.commonpath([p.parent for p in paths]))
   key = hashlib.sha256(repr((pattern, validation_fraction)).encode())
   for p in paths:

@@ -1,20 +1,57 @@
 """Orbax checkpoints of the train state and the data iterator, under workdir/checkpoints.
 
-Saves are asynchronous and atomic (Orbax writes a temporary directory and renames it
-once complete, so an interrupted save leaves no half checkpoint behind). A checkpoint
-that exists but fails to restore is reported and the previous one is tried, so a run
-loses at most the work since its last good checkpoint. Restoring into the abstract
-state of the current mesh reshards, whatever mesh the checkpoint was written on.
+Saves are asynchronous and atomic: Orbax writes a temporary directory and renames it once
+complete, so a save that is interrupted (kill -9, a node lost) leaves no checkpoint behind,
+only the previous ones. A checkpoint that exists but fails to restore (a file truncated or
+garbled on disk) is reported, moved to workdir/corrupt_checkpoints, and the previous one is
+tried, so a run loses at most the work since its last good checkpoint. A checkpoint whose
+arrays do not fit the model (another model's workdir) is an error, never skipped: training
+from scratch over it would lose it. Restoring into the abstract state of the current mesh
+reshards, whatever mesh the checkpoint was written on.
 """
 
+import contextlib
+import errno
 import logging
+import shutil
+import time
 from pathlib import Path
+
+import jax
 
 import grain
 import grain.checkpoint
 import orbax.checkpoint as ocp
 
+from jaxarch.train.step import tree_path
+
 log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint cannot be written or does not fit the model; one line for the user."""
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  """'params/blocks/0/mlp/gate/value' -> (shape, dtype) of every array of a state tree."""
+  return {tree_path(path): (tuple(x.shape), str(x.dtype))
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def mismatch(saved: dict, wanted: dict) -> str | None:
+  """How a checkpoint's arrays differ from the model's (`_shapes` maps), or None."""
+  missing = [k for k in wanted if k not in saved]
+  extra = [k for k in saved if k not in wanted]
+  if missing or extra:
+    parts = [f'{len(missing)} arrays missing (e.g. {missing[0]})' if missing else '',
+             f'{len(extra)} arrays the model lacks (e.g. {extra[0]})' if extra else '']
+    return ', '.join(p for p in parts if p)
+  differ = [k for k in wanted if saved[k] != wanted[k]]
+  if differ:
+    k = differ[0]
+    return (f'{len(differ)} arrays differ in shape or dtype, e.g. {k}: saved '
+            f'{saved[k][0]} {saved[k][1]}, model {wanted[k][0]} {wanted[k][1]}')
+  return None
 
 
 class Checkpointer:
@@ -28,6 +65,12 @@ class Checkpointer:
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'data': grain.checkpoint.CheckpointHandler()})
 
+  @staticmethod
+  def exists(workdir: str | Path) -> bool:
+    """Whether `workdir` has checkpoints (readable or not), without opening them."""
+    directory = Path(workdir) / 'checkpoints'
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
@@ -35,34 +78,97 @@ class Checkpointer:
     items = {'state': ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    with self._write_errors(step):
+      return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  @contextlib.contextmanager
+  def _write_errors(self, step: int | None):
+    """A failed write (disk full, permissions) -> a `CheckpointError` that names the
+    directory and the checkpoint that is still intact."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      os_error = _caused_by_os_error(e)
+      if os_error is None:
+        raise
+      reason = ('no space left on device' if os_error.errno == errno.ENOSPC
+                else os_error.strerror or str(os_error))
+      earlier = [s for s in self.manager.all_steps() if s != step]
+      intact = (f'checkpoint {max(earlier)} is intact' if earlier
+                else 'there is no earlier checkpoint')
+      raise CheckpointError(f'could not write checkpoint {step} in {self.directory}: '
+                            f'{reason}; {intact}. Free space (or fix permissions) and '
+                            'rerun to resume.') from e
 
   def restore(self, abstract_state: dict, data_iterator=None, *, step: int | None = None):
     """The newest restorable (state, step), or (None, None) if there is no checkpoint.
 
     `abstract_state` holds ShapeDtypeStructs with the target shardings; the data
-    iterator, if given, is set to its saved position in place.
+    iterator, if given, is set to its saved position in place. A checkpoint of another
+    model raises `CheckpointError`; an unreadable one is moved aside and the previous
+    one tried (with `step` given: raises).
     """
+    wanted = _shapes(abstract_state)
     steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
     for s in steps:
       items = {'state': ocp.args.StandardRestore(abstract_state)}
       if data_iterator is not None:
         items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
       try:
+        saved = _shapes(self.manager.item_metadata(s)['state'].tree)
+        if (why := mismatch(saved, wanted)) is not None:
+          raise CheckpointError(f'checkpoint {self.directory / str(s)} is not of this '
+                                f'model: {why}. Use a new --workdir, or the config the '
+                                'checkpoint was trained with.')
         restored = self.manager.restore(s, args=ocp.args.Composite(**items))
+      except CheckpointError:
+        raise
       except Exception as e:  # pylint: disable=broad-except
         if step is not None:
-          raise RuntimeError(f'checkpoint {self.directory / str(s)} could not be restored: '
-                             f'{type(e).__name__}: {e}') from e
-        log.warning('checkpoint %s is unreadable (%s: %s); trying the previous one',
-                    self.directory / str(s), type(e).__name__, str(e).splitlines()[0])
+          raise CheckpointError(f'checkpoint {self.directory / str(s)} could not be '
+                                f'restored: {type(e).__name__}: {_first_line(e)}') from e
+        log.warning('checkpoint %s is unreadable (%s: %s); moved to %s, trying the '
+                    'previous one', self.directory / str(s), type(e).__name__,
+                    _first_line(e), self._move_aside(s))
         continue
       return restored['state'], s
     return None, None
 
+  def _move_aside(self, step: int) -> Path:
+    """Moves an unreadable checkpoint out of the way (kept for inspection), so that the
+    resumed run can write that step again."""
+    target = self.directory.parent / 'corrupt_checkpoints' / f'{step}-{int(time.time())}'
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      shutil.move(self.directory / str(step), target)
+    _sync(f'jaxarch_move_aside_{step}')
+    self.manager.reload()
+    return target
+
   def wait(self):
-    self.manager.wait_until_finished()
+    with self._write_errors(self.manager.latest_step()):
+      self.manager.wait_until_finished()
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+
+def _caused_by_os_error(error) -> OSError | None:
+  while error is not None:
+    if isinstance(error, OSError):
+      return error
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _first_line(error: Exception) -> str:
+  return (str(error).strip().splitlines() or [''])[0][:300]
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)

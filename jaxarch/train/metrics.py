@@ -87,6 +87,11 @@ class ProgressBar:
     if self.enabled:
       self.progress.console.print(message, highlight=False)
 
+  def alert(self, message: str):
+    """Printed even with the progress display off: what the user must know."""
+    if jax.process_index() == 0:
+      self.progress.console.print(message, highlight=False, soft_wrap=True)
+
 
 def format_metrics(m: dict) -> str:
   parts = []

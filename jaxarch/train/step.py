@@ -86,8 +86,30 @@ def _forward(setup: TrainSetup, params, model_state, batch):
           nnx.state(model, nnx.Not(nnx.Param)))
 
 
+def leaf_norms(tree) -> jax.Array:
+  """[n_leaves] L2 norm of each array of `tree`, in `leaf_names` order."""
+  return jnp.stack([jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32))))
+                    for x in jax.tree.leaves(tree)])
+
+
+def leaf_names(tree) -> list[str]:
+  """'blocks/0/mlp/gate'-style names of the arrays of `tree`, in `jax.tree.leaves` order."""
+  return [tree_path(path).removesuffix('/value')
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def tree_path(path) -> str:
+  return '/'.join(_key_name(k) for k in path)
+
+
 def make_train_step(setup: TrainSetup, *, z_loss: float = 0.0):
-  """The jitted, sharded train step; the incoming state's buffers are donated."""
+  """The jitted, sharded train step; the incoming state's buffers are donated.
+
+  Its metrics include `nonfinite` (1 when the loss or a gradient was NaN or Inf, and the
+  update was not applied) and the norms of every parameter's gradient and value
+  (`layer_grad_norms`, `layer_param_norms`, in `leaf_names` order) for the trainer's
+  report on such a step.
+  """
   is_frozen = frozen(setup.abstract_state['params'])
 
   def train_step(state, batch):
@@ -107,12 +129,21 @@ def make_train_step(setup: TrainSetup, *, z_loss: float = 0.0):
         loss_fn, has_aux=True)(state['params'])
     updates, opt_state = setup.tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    norm = optax.tree_utils.tree_norm
-    metrics = {'loss': ce, 'total_loss': loss, 'grad_norm': norm(grads),
-               'param_norm': norm(params), 'tokens': num_tokens,
+    grad_norms = leaf_norms(grads)
+    grad_norm = jnp.sqrt(jnp.sum(jnp.square(grad_norms)))
+    # A non-finite loss or gradient never reaches the weights: the step keeps the old
+    # state (the selects fuse into the optimizer's elementwise update).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params = keep(params, state['params'])
+    metrics = {'loss': ce, 'total_loss': loss, 'grad_norm': grad_norm,
+               'param_norm': optax.tree_utils.tree_norm(params), 'tokens': num_tokens,
+               'nonfinite': 1.0 - finite.astype(jnp.float32),
+               'layer_grad_norms': grad_norms, 'layer_param_norms': leaf_norms(params),
                **{f'aux_loss/{k}': v for k, v in aux.items()}, **layer_metrics}
-    new_state = dict(state, step=state['step'] + 1, params=params, opt_state=opt_state,
-                     model_state=model_state)
+    new_state = dict(state, step=state['step'] + 1, params=params,
+                     opt_state=keep(opt_state, state['opt_state']),
+                     model_state=keep(model_state, state['model_state']))
     return new_state, metrics
 
   replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())

@@ -17,11 +17,14 @@ from jaxarch.parallel import global_batch, make_mesh
 from jaxarch.train import flops
 from jaxarch.train.checkpoint import Checkpointer
 from jaxarch.train.metrics import MetricsWriter, ProgressBar, Stopwatch
+from jaxarch.train.nonfinite import NonFiniteMonitor
 from jaxarch.train.optimizer import learning_rate_schedule
+from jaxarch.train.preemption import StopRequests
 from jaxarch.train.pretrained import with_pretrained_parts
 from jaxarch.train.state import TrainSetup, init_state, make_setup
-from jaxarch.train.step import (make_eval_step, make_train_step, make_window_reset,
-                                summarize_eval)
+from jaxarch.train.step import (leaf_names, make_eval_step, make_train_step,
+                                make_window_reset, summarize_eval)
+from jaxarch.train.workdir import check_workdir, state_bytes
 
 
 def _tokenizer(cfg: ml_collections.ConfigDict):
@@ -58,12 +61,18 @@ def run_eval(setup: TrainSetup, state: dict, eval_step, batches) -> dict:
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns the final metrics."""
+  """Trains (or resumes) the run in `workdir`; returns the final metrics.
+
+  SIGTERM or SIGINT ends it after the current step with a checkpoint (the result then
+  has `stopped`: the signal); the same call resumes it.
+  """
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   setup = make_setup(cfg, make_mesh(cfg))
+  check_workdir(workdir, cfg, state_bytes(setup.abstract_state),
+                has_checkpoints=Checkpointer.exists(workdir))
   eval_step = _eval_step(cfg, setup)
-  config_lib.save(cfg, workdir / 'config.json')
+  if jax.process_index() == 0:
+    config_lib.save(cfg, workdir / 'config.json')
 
   data_iter = iter(data.make_train_dataset(
       cfg.data, seed=cfg.train.seed, global_batch_size=cfg.train.batch_size,
@@ -75,7 +84,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     state, restored_step = checkpointer.restore(setup.abstract_state, data_iter)
     if state is None:
       state = with_pretrained_parts(cfg, setup, init_state(cfg, setup))
-    with ProgressBar(cfg.train.steps, int(state['step']), enabled=cfg.log.progress) as bar:
+    with (ProgressBar(cfg.train.steps, int(state['step']), enabled=cfg.log.progress) as bar,
+          StopRequests(sync_every=cfg.log.every_steps) as stop):
       c = setup.param_counts
       trained = ('' if c['trained'] == c['total'] else
                  f', {c["trained"]:,} trained ({c["trained"] / c["total"]:.3%})')
@@ -83,8 +93,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                 f'active per token{trained}), mesh {dict(setup.mesh.shape)}, '
                 f'{jax.device_count()} × {jax.devices()[0].device_kind}')
       if restored_step is not None:
-        bar.print(f'resumed from {checkpointer.directory / str(restored_step)}')
-      return _loop(cfg, setup, state, data_iter, eval_step, checkpointer, writer, bar)
+        bar.alert(f'resumed from {checkpointer.directory / str(restored_step)}')
+      return _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer,
+                   bar, stop)
   finally:
     # Pending async saves complete even when the loop dies, so the last checkpoint stands.
     checkpointer.close()
@@ -92,19 +103,26 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     data_iter.close()
 
 
+# Per-step metrics that are read by the trainer itself, not logged.
+_UNLOGGED = ('tokens', 'nonfinite', 'layer_grad_norms', 'layer_param_norms')
+
+
 def _window_metrics(pending: list[dict]) -> dict:
-  """Step metrics of a logging window: averaged, except `window_*` counts (last value).
+  """Step metrics of a logging window: averaged over its finite steps, except `window_*`
+  counts (last value).
 
   Fetching them only once per window keeps the device queue full.
   """
+  finite = [m for m in pending if not m['nonfinite']] or pending
   def reduce(key):
-    values = [m[key] for m in pending]
+    values = [m[key] for m in finite]
     return float(values[-1] if key.rsplit('/', 1)[-1].startswith('window_')
                  else np.mean(values))
-  return {k: reduce(k) for k in pending[0] if k != 'tokens'}
+  return {k: reduce(k) for k in pending[0] if k not in _UNLOGGED}
 
 
-def _loop(cfg, setup, state, data_iter, eval_step, checkpointer, writer, bar) -> dict:
+def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer, bar,
+          stop) -> dict:
   validation = eval_batches(cfg)
   train_step = make_train_step(setup, z_loss=cfg.train.z_loss)
   reset_windows = make_window_reset(setup)
@@ -113,14 +131,23 @@ def _loop(cfg, setup, state, data_iter, eval_step, checkpointer, writer, bar) ->
                                                 cfg.data.seq_len)
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
   device_kind = jax.devices()[0].device_kind
+  monitor = NonFiniteMonitor(cfg.train.nonfinite, cfg.train.max_consecutive_skips,
+                             leaf_names(setup.abstract_state['params']), workdir)
   final, pending, watch = {}, [], None
   for step in range(int(state['step']) + 1, cfg.train.steps + 1):
     state, metrics = train_step(state, global_batch(next(data_iter), setup.batch_sharding))
     pending.append(metrics)
+    stopping = stop.should_stop(step)  # no evaluation then: the grace period is short
     last = step == cfg.train.steps
 
-    if step % cfg.log.every_steps == 0 or last:
-      logged = _window_metrics(jax.device_get(pending))
+    if step % cfg.log.every_steps == 0 or last or stopping:
+      window = jax.device_get(pending)
+      skipped = monitor.check(step - len(window) + 1, window)
+      logged = _window_metrics(window)
+      if skipped:
+        logged['skipped_steps'] = skipped
+        bar.alert(f'step {step}: skipped {skipped} non-finite steps ({monitor.skipped} in '
+                  'this run); the weights were not updated on them')
       state = reset_windows(state)
       if watch is None:  # the first interval includes compilation: not timed
         watch = Stopwatch()
@@ -140,8 +167,14 @@ def _loop(cfg, setup, state, data_iter, eval_step, checkpointer, writer, bar) ->
       bar.update(step, logged, keep='eval_loss' in logged)
       final.update(logged)
 
-    if step % cfg.checkpoint.every_steps == 0 or last:
+    if step % cfg.checkpoint.every_steps == 0 or last or stopping:
       checkpointer.save(step, state, data_iter, force=True)
+    if stopping and not last:
+      checkpointer.wait()
+      bar.alert(f'jaxarch: {stop.received}: stopped after step {step}, checkpoint saved in '
+                f'{checkpointer.directory / str(step)}; run the same command to resume')
+      final['stopped'] = stop.received
+      break
   final['step'] = int(state['step'])
   return final
 

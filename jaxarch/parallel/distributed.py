@@ -1,0 +1,112 @@
+"""Multi-process jobs: one `jax.distributed` start-up, from flags or from the cluster.
+
+Where the processes learn who they are, first match wins:
+
+  flags     --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+  JAX_*     JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID (what the GKE
+            JobSet and Ray templates of `launch/` set, from the pod's completion index)
+  cluster   SLURM (srun with more than one task), Open MPI (mpirun -n N), a multi-host TPU
+            slice (TPU_WORKER_HOSTNAMES), or JAXARCH_DISTRIBUTED=1 for any other
+            environment `jax.distributed.initialize()` detects by itself (a GCE TPU VM
+            pod); JAX reads the addresses from the environment
+  none      a single process
+
+On CPU the processes exchange collectives through gloo, so a multi-process job can be run
+and tested on one machine.
+"""
+
+import dataclasses
+import os
+from collections.abc import Mapping
+
+import jax
+
+from jaxarch.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+  """How this process joins the job; `source` says where that was read from."""
+  source: str  # 'flags' | 'env' | 'slurm' | 'ompi' | 'tpu' | 'auto' | 'single'
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+  local_device_ids: tuple[int, ...] | None = None  # None: as JAX decides
+
+
+def _int(environ: Mapping[str, str], key: str, default: int = 1) -> int:
+  try:
+    return int(environ.get(key, default))
+  except ValueError:
+    raise ConfigError(f'environment variable {key}={environ[key]!r} must be an '
+                      'integer') from None
+
+
+def detect(coordinator_address: str | None = None, num_processes: int | None = None,
+           process_id: int | None = None,
+           environ: Mapping[str, str] = os.environ) -> Launch:
+  """Where this process's place in the job comes from (nothing is started)."""
+  flags = (coordinator_address, num_processes, process_id)
+  if any(f is not None for f in flags):
+    if any(f is None for f in flags):
+      raise ConfigError('--coordinator_address, --num_processes and --process_id go '
+                        'together; give all three or none')
+    return _checked(Launch('flags', coordinator_address, num_processes, process_id))
+  if 'JAX_COORDINATOR_ADDRESS' in environ:
+    missing = [k for k in ('JAX_NUM_PROCESSES', 'JAX_PROCESS_ID') if k not in environ]
+    if missing:
+      raise ConfigError(f'JAX_COORDINATOR_ADDRESS is set but {", ".join(missing)} is not; '
+                        'set all three for a multi-process job')
+    return _checked(Launch('env', environ['JAX_COORDINATOR_ADDRESS'],
+                           _int(environ, 'JAX_NUM_PROCESSES'), _int(environ, 'JAX_PROCESS_ID')))
+  if _int(environ, 'SLURM_NTASKS') > 1 and 'SLURM_PROCID' in environ:
+    return Launch('slurm', num_processes=_int(environ, 'SLURM_NTASKS'),
+                  process_id=_int(environ, 'SLURM_PROCID'),
+                  local_device_ids=_slurm_node_devices(environ))
+  if _int(environ, 'OMPI_COMM_WORLD_SIZE') > 1:
+    return Launch('ompi', num_processes=_int(environ, 'OMPI_COMM_WORLD_SIZE'),
+                  process_id=_int(environ, 'OMPI_COMM_WORLD_RANK', 0))
+  if len(environ.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1:
+    return Launch('tpu')
+  if environ.get('JAXARCH_DISTRIBUTED') == '1':
+    return Launch('auto')
+  return Launch('single')
+
+
+def _slurm_node_devices(environ: Mapping[str, str]) -> tuple[int, ...] | None:
+  """All GPUs of the node when SLURM runs one task per node (`launch/slurm`); else None.
+
+  Under SLURM, JAX gives each process only GPU `SLURM_LOCALID` (right for one task per
+  GPU), which would leave a one-task-per-node job on one GPU of each node.
+  """
+  per_node = environ.get('SLURM_NTASKS_PER_NODE') or environ.get('SLURM_STEP_TASKS_PER_NODE')
+  gpus = environ.get('SLURM_GPUS_ON_NODE', '')
+  if per_node and per_node.split('(')[0] == '1' and gpus.isdigit() and int(gpus) > 1:
+    return tuple(range(int(gpus)))
+  return None
+
+
+def _checked(launch: Launch) -> Launch:
+  if launch.num_processes < 1 or not 0 <= launch.process_id < launch.num_processes:
+    raise ConfigError(f'process_id={launch.process_id} must be in [0, num_processes='
+                      f'{launch.num_processes}) ({launch.source})')
+  host, sep, port = launch.coordinator_address.rpartition(':')
+  if not sep or not host or not port.isdigit():
+    raise ConfigError(f'coordinator address {launch.coordinator_address!r} must be '
+                      f'HOST:PORT ({launch.source})')
+  return launch
+
+
+def initialize(launch: Launch) -> Launch:
+  """Starts `jax.distributed` for a multi-process launch; call before any JAX computation."""
+  if launch.source == 'single':
+    return launch
+  # CPU processes (tests, or CPU clusters) need a collectives backend of their own.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if launch.source in ('flags', 'env'):
+    jax.distributed.initialize(launch.coordinator_address, launch.num_processes,
+                               launch.process_id)
+  else:  # JAX reads the cluster's own variables (SLURM_*, OMPI_*, TPU metadata)
+    jax.distributed.initialize(local_device_ids=launch.local_device_ids)
+  return dataclasses.replace(launch, num_processes=jax.process_count(),
+                             process_id=jax.process_index())

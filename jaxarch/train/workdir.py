@@ -1,0 +1,54 @@
+"""Checks of the workdir before any training work: writable, room for a checkpoint, and
+not holding another family's run."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import ml_collections
+
+
+class WorkdirError(RuntimeError):
+  """The workdir cannot hold this run; one line for the user."""
+
+
+def state_bytes(abstract_state) -> int:
+  """Bytes of one checkpoint of the train state (all shards together)."""
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+
+
+def check_workdir(workdir: Path, cfg: ml_collections.ConfigDict, checkpoint_bytes: int,
+                  has_checkpoints: bool) -> None:
+  """Raises `WorkdirError` if training in `workdir` would fail or overwrite another run."""
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / f'.write_test.{os.getpid()}.{jax.process_index()}'
+    probe.write_bytes(b'0' * 4096)
+    probe.unlink()
+  except OSError as e:
+    raise WorkdirError(f'workdir {workdir} is not writable ({e.strerror or e}); choose '
+                       'another --workdir or fix its permissions') from None
+  free = shutil.disk_usage(workdir).free
+  needed = int(checkpoint_bytes * 1.1) + (16 << 20)  # arrays, metadata, data state
+  if free < needed:
+    raise WorkdirError(f'workdir {workdir} has {free / 2**30:.2f} GiB free, but one '
+                       f'checkpoint of this run takes about {needed / 2**30:.2f} GiB; free '
+                       'space or choose another --workdir')
+  saved = workdir / 'config.json'
+  if has_checkpoints and saved.exists():
+    _check_same_model(saved, cfg)
+
+
+def _check_same_model(saved: Path, cfg: ml_collections.ConfigDict) -> None:
+  """Another family is an error here; a same-family model of other shapes is caught when
+  its checkpoint is restored (settings such as `model.remat` may change on resume)."""
+  try:
+    old = json.loads(saved.read_text()).get('model', {}).get('family')
+  except (OSError, json.JSONDecodeError, AttributeError):
+    return
+  if old != cfg.model.family:
+    raise WorkdirError(f'workdir {saved.parent} holds checkpoints of a {old} model, and '
+                       f'this config is {cfg.model.family}; use a new --workdir, or omit '
+                       '--config to resume the saved run')

@@ -1,0 +1,122 @@
+"""Multi-process jobs: where a process learns its place, and two CPU processes on
+localhost training together onto the losses of one process with the same global batch."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxarch import config as config_lib
+from jaxarch.config import ConfigError
+from jaxarch.parallel.distributed import Launch, detect
+from jaxarch.train import train
+from jaxarch.train.metrics import read_metrics
+
+
+def test_flags_come_first_then_jax_variables_then_the_cluster():
+  slurm = {'SLURM_NTASKS': '4', 'SLURM_PROCID': '2', 'SLURM_JOB_ID': '7'}
+  assert detect('h:1', 2, 1, environ=slurm) == Launch('flags', 'h:1', 2, 1)
+  jax_env = {'JAX_COORDINATOR_ADDRESS': 'h0:1234', 'JAX_NUM_PROCESSES': '8',
+             'JAX_PROCESS_ID': '3'}
+  assert detect(environ={**slurm, **jax_env}) == Launch('env', 'h0:1234', 8, 3)
+  assert detect(environ=slurm) == Launch('slurm', num_processes=4, process_id=2)
+  # One task per node: every GPU of the node, not only GPU SLURM_LOCALID.
+  per_node = {**slurm, 'SLURM_NTASKS_PER_NODE': '1', 'SLURM_GPUS_ON_NODE': '8'}
+  assert detect(environ=per_node).local_device_ids == tuple(range(8))
+  per_gpu = {**slurm, 'SLURM_NTASKS_PER_NODE': '8', 'SLURM_GPUS_ON_NODE': '8'}
+  assert detect(environ=per_gpu).local_device_ids is None
+  assert detect(environ={'OMPI_COMM_WORLD_SIZE': '2', 'OMPI_COMM_WORLD_RANK': '1'}) == (
+      Launch('ompi', num_processes=2, process_id=1))
+  assert detect(environ={'TPU_WORKER_HOSTNAMES': 'a,b'}).source == 'tpu'
+  assert detect(environ={'JAXARCH_DISTRIBUTED': '1'}).source == 'auto'
+  # One task, one TPU host, nothing: a single process.
+  for environ in ({'SLURM_NTASKS': '1', 'SLURM_PROCID': '0'}, {'TPU_WORKER_HOSTNAMES': 'a'},
+                  {}):
+    assert detect(environ=environ).source == 'single'
+
+
+@pytest.mark.parametrize('args, environ, message', [
+    (('h:1', None, None), {}, 'go together'),
+    (('h:1', 2, 2), {}, r'process_id=2 must be in \[0, num_processes=2\)'),
+    (('h', 2, 0), {}, "'h' must be HOST:PORT"),
+    ((None, None, None), {'JAX_COORDINATOR_ADDRESS': 'h:1'}, 'JAX_NUM_PROCESSES'),
+    ((None, None, None), {'SLURM_NTASKS': 'two', 'SLURM_PROCID': '0'}, 'SLURM_NTASKS'),
+])
+def test_inconsistent_launch_settings_are_one_line(args, environ, message):
+  with pytest.raises(ConfigError, match=message):
+    detect(*args, environ=environ)
+
+
+OVERRIDES = ['model.d_model=64', 'model.n_layers=2', 'model.d_ff=128', 'model.max_len=64',
+             'model.dtype=float32', 'data.seq_len=32', 'train.batch_size=8',
+             'train.steps=6', 'train.warmup_steps=2', 'checkpoint.every_steps=3',
+             'log.every_steps=1', 'log.eval_every_steps=6', 'log.eval_batches=2',
+             'log.progress=false', 'log.tensorboard=false', 'mesh.ici.data=2',
+             'mesh.ici.fsdp=2', 'mesh.ici.tensor=2']
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _train_in_two_processes(workdir, data_dir, environ_of):
+  """`jaxarch train` as processes 0 and 1 of a job, 4 CPU devices each."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu')
+  command = [sys.executable, '-m', 'jaxarch.cli', 'train', '--config=configs/dense.py:tiny',
+             f'--workdir={workdir}', f'--data_dir={data_dir}',
+             *[f'--config.{o}' for o in OVERRIDES]]
+  processes = [subprocess.Popen(command + extra, env={**env, **variables},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for extra, variables in map(environ_of, range(2))]
+  outputs = [p.communicate(timeout=300) for p in processes]
+  for p, (_, err) in zip(processes, outputs):
+    assert p.returncode == 0, err[-3000:]
+  return [err for _, err in outputs]
+
+
+def _one_process(tmp_path, data_dir) -> dict:
+  """Metrics by step of the run in one process with 8 devices, the same mesh (this also
+  prepares the data, which the two processes then only read)."""
+  cfg = config_lib.load('configs/dense.py:tiny', OVERRIDES + [f'data.data_dir={data_dir}'])
+  train(cfg, tmp_path / 'one')
+  return {r['step']: r for r in read_metrics(tmp_path / 'one')}
+
+
+def _assert_same_run(want, workdir):
+  got = {r['step']: r for r in read_metrics(workdir)}
+  assert sorted(got) == list(range(1, 7))
+  np.testing.assert_allclose([got[s]['loss'] for s in got], [want[s]['loss'] for s in got],
+                             rtol=1e-5)
+  np.testing.assert_allclose(got[6]['eval_loss'], want[6]['eval_loss'], rtol=1e-5)
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['3', '6']
+
+
+@pytest.mark.slow
+def test_two_processes_train_together_onto_the_one_process_losses(tmp_path, data_dir):
+  want = _one_process(tmp_path, data_dir)
+  port = _free_port()
+  errs = _train_in_two_processes(
+      tmp_path / 'two', data_dir,
+      lambda i: ([f'--coordinator_address=localhost:{port}', '--num_processes=2',
+                  f'--process_id={i}'], {}))
+  assert 'process 1 of 2 (flags)' in errs[1]
+  _assert_same_run(want, tmp_path / 'two')
+
+
+@pytest.mark.slow
+def test_two_processes_started_as_slurm_tasks(tmp_path, data_dir):
+  want = _one_process(tmp_path, data_dir)
+  port = _free_port()
+  slurm = lambda i: ([], {'SLURM_JOB_ID': '4242', 'SLURM_STEP_NODELIST': 'localhost',
+                          'SLURM_NTASKS': '2', 'SLURM_PROCID': str(i),
+                          'SLURM_LOCALID': str(i), 'SLURM_STEP_NUM_NODES': '1',
+                          'JAX_COORDINATOR_PORT': str(port)})
+  errs = _train_in_two_processes(tmp_path / 'slurm', data_dir, slurm)
+  assert 'process 0 of 2 (slurm)' in errs[0]
+  _assert_same_run(want, tmp_path / 'slurm')

@@ -1,0 +1,169 @@
+"""Faults in training: NaN and Inf steps, a corrupt checkpoint on resume, bad workdirs and
+bad inputs. Each ends in a resumed run or a one-line message, never in lost work."""
+
+import collections
+import json
+import os
+import shutil
+
+import grain
+import numpy as np
+import pytest
+
+from conftest import mesh_config, tiny_config
+from jaxarch import cli
+from jaxarch.train import train
+from jaxarch.train import trainer
+from jaxarch.train.metrics import read_metrics
+from jaxarch.train.nonfinite import NonFiniteError
+
+TINY = ['--config=configs/dense.py:tiny', '--config.model.d_model=64',
+        '--config.model.n_layers=2', '--config.model.d_ff=128', '--config.data.seq_len=32',
+        '--config.train.batch_size=8', '--config.train.steps=2',
+        '--config.train.warmup_steps=1', '--config.log.progress=false',
+        '--config.log.tensorboard=false', '--config.log.eval_batches=1']
+
+
+def _cfg(data_dir, **overrides):
+  base = {'train.steps': 10, 'train.warmup_steps': 2, 'checkpoint.every_steps': 2,
+          'log.every_steps': 5, 'log.eval_every_steps': 10, 'log.eval_batches': 1}
+  return mesh_config(tiny_config(data_dir, **{**base, **overrides}), data=8)
+
+
+class _Poison(grain.transforms.Map):
+  """Puts a token id past the vocabulary into the batches of the given steps: the
+  embedding lookup of such an id is NaN, as from a corrupt data file."""
+
+  def __init__(self, steps):
+    self.steps = set(steps)
+    self.step = 0
+
+  def map(self, batch):
+    self.step += 1
+    if self.step in self.steps:
+      batch = dict(batch, inputs=batch['inputs'].copy())
+      batch['inputs'][0, 0] = 10**6
+    return batch
+
+
+def _poison(monkeypatch, steps):
+  make = trainer.data.make_train_dataset
+  monkeypatch.setattr(trainer.data, 'make_train_dataset',
+                      lambda *a, **kw: make(*a, **kw).map(_Poison(steps)))
+
+
+def _run_cli(args, capsys) -> tuple[int, str]:
+  code = cli.main(args)
+  return code, capsys.readouterr().err.strip()
+
+
+# NaN and Inf.
+
+
+def test_nonfinite_step_stops_with_a_report_and_the_weights_untouched(tmp_path, data_dir,
+                                                                      monkeypatch):
+  _poison(monkeypatch, steps={3})
+  with pytest.raises(NonFiniteError) as error:
+    train(_cfg(data_dir), tmp_path)
+  message = str(error.value)
+  assert message.startswith('non-finite training at step 3: loss nan') and '\n' not in message
+  assert 'non-finite gradients in' in message and 'blocks/0/attn' in message
+  report = json.loads((tmp_path / 'nonfinite_step_3.json').read_text())
+  grads = {p['name']: p['grad_norm'] for p in report['parameters']}
+  assert report['step'] == 3 and grads['embed/embedding'] == 'nan'
+  assert all(isinstance(p['param_norm'], float) for p in report['parameters'])
+  assert not (tmp_path / 'metrics.jsonl').exists()  # stopped before logging step 5
+  # The checkpoint written after the bad step (4) holds finite weights, since the update
+  # was not applied: the run resumes from it.
+  monkeypatch.undo()
+  result = train(_cfg(data_dir), tmp_path)
+  assert [r['step'] for r in read_metrics(tmp_path)] == [5, 10]
+  assert result['step'] == 10 and np.isfinite(result['loss'])
+
+
+def test_skip_policy_counts_bad_steps_and_stops_after_too_many_in_a_row(
+    tmp_path, data_dir, monkeypatch):
+  _poison(monkeypatch, steps={3, 4, 7})
+  cfg = _cfg(data_dir, **{'train.nonfinite': 'skip', 'log.every_steps': 1})
+  result = train(cfg, tmp_path / 'skip')
+  records = {r['step']: r for r in read_metrics(tmp_path / 'skip')}
+  assert [s for s, r in records.items() if r.get('skipped_steps')] == [3, 4, 7]
+  assert all(np.isfinite(r['loss']) for s, r in records.items() if s not in (3, 4, 7))
+  # A skipped step leaves the weights as they were.
+  assert records[3]['param_norm'] == records[4]['param_norm'] == records[2]['param_norm']
+  assert records[5]['param_norm'] != records[4]['param_norm']
+  assert result['step'] == 10 and np.isfinite(result['eval_loss'])
+
+  _poison(monkeypatch, steps={3, 4, 5})
+  cfg = _cfg(data_dir, **{'train.nonfinite': 'skip', 'train.max_consecutive_skips': 2})
+  with pytest.raises(NonFiniteError, match=r'step 5: .*3 non-finite steps in a row'):
+    train(cfg, tmp_path / 'diverging')
+
+
+# Corrupt checkpoints.
+
+
+@pytest.mark.slow
+def test_training_resumes_past_a_corrupt_latest_checkpoint(tmp_path, data_dir, caplog):
+  cfg = _cfg(data_dir, **{'log.every_steps': 1})
+  train(cfg, tmp_path)
+  want = {r['step']: r['loss'] for r in read_metrics(tmp_path)}
+  for f in (tmp_path / 'checkpoints' / '10' / 'state').rglob('*'):
+    if f.is_file() and f.parent.name == 'd':
+      f.write_bytes(b'garbage')
+  result = train(cfg, tmp_path)
+  assert 'checkpoint' in caplog.text and 'unreadable' in caplog.text
+  assert (tmp_path / 'corrupt_checkpoints').is_dir() and result['step'] == 10
+  records = read_metrics(tmp_path)
+  assert [r['step'] for r in records[10:]] == [9, 10]  # resumed from step 8
+  assert records[-1]['loss'] == pytest.approx(want[10], rel=1e-6)
+
+
+# Bad workdirs and inputs: one line, exit code 2, before any training.
+
+
+def test_unwritable_workdir_is_one_line(tmp_path, data_dir, capsys):
+  (tmp_path / 'file').write_text('not a directory')
+  code, err = _run_cli(['train', *TINY, f'--workdir={tmp_path}/file/run',
+                        f'--data_dir={data_dir}'], capsys)
+  assert code == 2 and err.startswith('jaxarch: workdir') and 'not writable' in err
+  assert '\n' not in err
+
+
+def test_full_disk_is_found_before_training(tmp_path, data_dir, capsys, monkeypatch):
+  usage = collections.namedtuple('usage', 'total used free')
+  monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage(10**9, 10**9, 1000))
+  code, err = _run_cli(['train', *TINY, f'--workdir={tmp_path}/run',
+                        f'--data_dir={data_dir}'], capsys)
+  assert code == 2 and 'GiB free' in err and 'checkpoint of this run takes' in err
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_a_config_of_another_family_on_an_existing_run_is_refused(tmp_path, data_dir, capsys):
+  assert _run_cli(['train', *TINY, f'--workdir={tmp_path}', f'--data_dir={data_dir}'],
+                  capsys)[0] == 0
+  moe = [a.replace('dense.py', 'moe.py') for a in TINY] + ['--config.model.moe.expert_d_ff=64']
+  code, err = _run_cli(['train', *moe, f'--workdir={tmp_path}', f'--data_dir={data_dir}'],
+                       capsys)
+  assert code == 2 and 'holds checkpoints of a dense model' in err and 'moe' in err
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
+  # A dense model of another shape: its checkpoint does not fit, and is left alone.
+  code, err = _run_cli(['train', *TINY, '--config.model.d_ff=96', f'--workdir={tmp_path}',
+                        f'--data_dir={data_dir}'], capsys)
+  assert code == 2 and 'is not of this model' in err and 'mlp' in err
+  assert '\n' not in err
+
+
+@pytest.mark.parametrize('make_files, expected', [
+    (lambda d: None, 'no files match'),
+    (lambda d: [(d / f'{i}.txt').write_text('') for i in range(3)], 'are all empty'),
+])
+def test_missing_or_empty_corpus_is_one_line(tmp_path, data_dir, capsys, make_files,
+                                            expected):
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  make_files(corpus)
+  code, err = _run_cli(['train', *TINY, f'--workdir={tmp_path}/run',
+                        f'--data_dir={data_dir}', f'--config.data.source=files:{corpus}/*.txt'],
+                       capsys)
+  assert code == 2 and expected in err and '\n' not in err

@@ -1,0 +1,97 @@
+"""Preemption of real `jaxarch train` processes: SIGTERM ends one cleanly with a
+checkpoint, kill -9 loses only the steps since the last one, and either resumes onto the
+loss curve of a run that was never interrupted."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jaxarch import config as config_lib
+from jaxarch.train import train
+from jaxarch.train.metrics import read_metrics
+
+OVERRIDES = ['model.d_model=64', 'model.n_layers=2', 'model.d_ff=128', 'model.max_len=64',
+             'data.seq_len=32', 'train.batch_size=8', 'train.steps=40',
+             'train.warmup_steps=4', 'checkpoint.every_steps=10', 'log.every_steps=1',
+             'log.eval_every_steps=40', 'log.eval_batches=1', 'log.progress=false',
+             'log.tensorboard=false']
+
+
+def _overrides(data_dir):
+  return OVERRIDES + [f'data.data_dir={data_dir}']
+
+
+def _start(workdir, data_dir) -> subprocess.Popen:
+  command = [sys.executable, '-m', 'jaxarch.cli', 'train', '--config=configs/dense.py:tiny',
+             f'--workdir={workdir}', *[f'--config.{o}' for o in _overrides(data_dir)]]
+  return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=os.environ.copy())
+
+
+def _wait_for_step(process, workdir, step, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    records = read_metrics(workdir) if (workdir / 'metrics.jsonl').exists() else []
+    if records and records[-1]['step'] >= step:
+      return records[-1]['step']
+    assert process.poll() is None, process.communicate()
+    time.sleep(0.05)
+  raise TimeoutError(f'step {step} not reached')
+
+
+def _losses(workdir):
+  return {r['step']: r['loss'] for r in read_metrics(workdir)}  # the last logged wins
+
+
+def _reference(tmp_path, data_dir):
+  cfg = config_lib.load('configs/dense.py:tiny', _overrides(data_dir))
+  train(cfg, tmp_path / 'reference')
+  return _losses(tmp_path / 'reference')
+
+
+def _finish(workdir, data_dir):
+  process = _start(workdir, data_dir)
+  _, err = process.communicate(timeout=300)
+  assert process.returncode == 0, err
+  return err
+
+
+def test_sigterm_saves_a_checkpoint_exits_0_and_resumes_exactly(tmp_path, data_dir):
+  workdir = tmp_path / 'run'
+  process = _start(workdir, data_dir)
+  _wait_for_step(process, workdir, 13)
+  process.send_signal(signal.SIGTERM)
+  _, err = process.communicate(timeout=120)
+  assert process.returncode == 0, err
+  stopped = int(err.split('stopped after step ')[1].split(',')[0])
+  assert 13 <= stopped < 40 and 'run the same command to resume' in err
+  assert (workdir / 'checkpoints' / str(stopped)).is_dir()
+
+  assert f'resumed from {workdir / "checkpoints" / str(stopped)}' in _finish(workdir, data_dir)
+  want, got = _reference(tmp_path, data_dir), _losses(workdir)
+  assert sorted(got) == list(range(1, 41))
+  np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('seed', [0, 1])
+def test_kill_9_at_a_random_moment_loses_only_the_steps_since_the_checkpoint(
+    tmp_path, data_dir, seed):
+  workdir = tmp_path / 'run'
+  process = _start(workdir, data_dir)
+  at = random.Random(seed).randint(11, 35)  # after the first checkpoint, any phase
+  _wait_for_step(process, workdir, at)
+  time.sleep(random.Random(seed).random() * 0.2)
+  process.kill()
+  process.communicate()
+  killed_at = max(_losses(workdir))
+  _finish(workdir, data_dir)
+  want, got = _reference(tmp_path, data_dir), _losses(workdir)
+  assert sorted(got) == list(range(1, 41)) and killed_at < 40
+  np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-6)
