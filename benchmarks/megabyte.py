@@ -9,7 +9,7 @@ settings; its depth, then its feed-forward width, are chosen so that its paramet
 matches MEGABYTE's. Three measurements, all in one run:
 
 - **training**: tokens (bytes) per second of the jitted train step on synthetic bytes
-  (`train_step.benchmark`), and model FLOPs per byte (`jaxarch.train.flops`: MEGABYTE
+  (`jaxarch.train.throughput.measure`), and model FLOPs per byte (`jaxarch.train.flops`: MEGABYTE
   runs its global model once per patch), at each sequence length with the same number of
   bytes per batch;
 - **generation**: bytes per second of greedy decoding at `gen_context` bytes of context
@@ -35,11 +35,11 @@ from flax import nnx
 
 from compare_families import counts
 from report import emit, ints, on_accelerator, scaled_parser
-from train_step import benchmark
 
 from jaxarch import config as config_lib
 from jaxarch import infer, models
 from jaxarch.train import flops, train
+from jaxarch.train.throughput import measure
 
 SCALES = {
     'gpu': dict(preset='151m', seq_lens=(2048, 8192, 32768), batch_bytes=65536,
@@ -98,7 +98,7 @@ def training_speed(runs: dict, seq_lens, batch_bytes: int, steps: int) -> list[d
     for name, cfg in runs.items():
       cfg = with_keys(cfg, **{'data.seq_len': seq_len, 'train.batch_size': batch,
                               'model.max_len': max(seq_len, cfg.model.max_len)})
-      result = benchmark(cfg, steps=steps, warmup=2)
+      result = measure(cfg, steps=steps, warmup=2)
       records.append(dict(model=name, seq_len=seq_len, batch_size=batch,
                           tokens_per_s=result['tokens_per_s'],
                           step_time_s=result['step_time_s'],

@@ -2,6 +2,7 @@
 
   jaxarch train --config=configs/dense.py:tiny --workdir=/tmp/run [--config.train.steps=50]
   jaxarch eval  --workdir=/tmp/run            (config from the run, or --config=...)
+  jaxarch bench train --config=configs/dense.py:151m --workdir=/tmp/bench [--profile]
   jaxarch generate --workdir=/tmp/run --prompt="def " [--max_new_tokens=200 --top_p=0.9]
   jaxarch distill --workdir=/tmp/run --out=/tmp/run-distilled   (BiTA's training data)
   jaxarch sweep --config=configs/sweeps/isoflop.py:tiny --workdir=/tmp/sweep [--parallel=2]
@@ -66,6 +67,28 @@ def _eval(args, overrides):
   result = evaluate(cfg, args.workdir, step=args.step)
   if reports:
     print(json.dumps(result, indent=2))
+
+
+def _bench(args, overrides):
+  if not args.config:
+    raise config_lib.ConfigError('config error: bench needs --config, e.g. '
+                                 '--config=configs/dense.py:151m')
+  cfg = config_lib.load(args.config, overrides)
+  reports = _join_job(args)
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from jaxarch.train.throughput import measure, summary
+  workdir = Path(args.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  result = {'config': args.config, 'overrides': overrides, 'jax': jax.__version__,
+            **measure(cfg, steps=args.steps, warmup=args.warmup,
+                      profile_dir=workdir / 'profile' if args.profile else None)}
+  if reports:
+    (workdir / 'bench_train.json').write_text(json.dumps(result, indent=2) + '\n')
+    print(summary(result))
+    print(f'jaxarch: wrote {workdir / "bench_train.json"}'
+          + (f' and a profile trace in {result["profile_dir"]}' if args.profile else ''),
+          file=sys.stderr)
 
 
 def _generate(args, overrides):
@@ -163,6 +186,13 @@ def _parser() -> argparse.ArgumentParser:
   command('train', _train, 'train a model, resuming from the workdir if it has checkpoints')
   command('eval', _eval, 'validation loss and bits per byte of a checkpoint').add_argument(
       '--step', type=int, help='checkpoint step (default: latest)')
+  bench = command('bench', _bench, 'train-step throughput: tokens/s, step time, TFLOP/s '
+                  'per device and MFU on synthetic tokens')
+  bench.add_argument('what', choices=('train',), help='what to time')
+  bench.add_argument('--steps', type=int, default=10, help='timed steps')
+  bench.add_argument('--warmup', type=int, default=2, help='untimed steps (compilation)')
+  bench.add_argument('--profile', action='store_true',
+                     help='also write a jax.profiler trace of 3 steps to WORKDIR/profile')
   gen = commands.add_parser('generate', help='continue prompts with the latest checkpoint',
                             description='Continue prompts with a trained model (KV-cached '
                             'decoding); greedy unless a sampling option is given.')

@@ -1,0 +1,97 @@
+"""Train-step throughput of a config: tokens/s, step time, TFLOP/s per device and MFU.
+
+The jitted, sharded train step of the trainer runs on synthetic tokens (the data pipeline
+is measured by its own tests): `warmup` steps that include compilation, then `steps`
+timed ones, each waited for. FLOPs follow `jaxarch.train.flops` (6·N_active per token
+plus causal attention at half), MFU is against the peak bf16 FLOP/s of the device kind
+(None where unknown, e.g. CPU). With `profile_dir`, a `jax.profiler` trace of
+`profile_steps` more steps is written there (open it with TensorBoard's profile plugin
+or Perfetto).
+"""
+
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxarch.parallel import global_batch, make_mesh
+from jaxarch.train import flops
+from jaxarch.train.state import init_state, make_setup
+from jaxarch.train.step import make_train_step
+
+
+def synthetic_batch(batch_size: int, seq_len: int, vocab: int, seed: int) -> dict:
+  """Random byte tokens, one document per row, in the trainer's batch format."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, min(vocab, 256), (batch_size, seq_len + 1), dtype=np.int32)
+  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+          'segment_ids': np.ones((batch_size, seq_len), np.int32),
+          'positions': np.broadcast_to(np.arange(seq_len, dtype=np.int32),
+                                       (batch_size, seq_len)).copy()}
+
+
+def measure(cfg: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
+            profile_dir: str | Path | None = None, profile_steps: int = 3) -> dict:
+  """Times the train step of `cfg`; returns the numbers (and the trace's directory)."""
+  if steps < 1 or warmup < 1:
+    raise ValueError(f'throughput: steps={steps} and warmup={warmup} must be >= 1 (the '
+                     'first warm-up step compiles)')
+  setup = make_setup(cfg, make_mesh(cfg))
+  state = init_state(cfg, setup)
+  step = make_train_step(setup, z_loss=cfg.train.z_loss)
+  batches = [global_batch(synthetic_batch(cfg.train.batch_size, cfg.data.seq_len,
+                                          cfg.model.vocab_size, i), setup.batch_sharding)
+             for i in range(2)]
+  start = time.perf_counter()
+  for i in range(warmup):
+    state, metrics = step(state, batches[i % 2])
+  jax.block_until_ready(metrics)
+  warmup_s = time.perf_counter() - start
+  times = []
+  for i in range(steps):
+    start = time.perf_counter()
+    state, metrics = step(state, batches[i % 2])
+    jax.block_until_ready(metrics['loss'])
+    times.append(time.perf_counter() - start)
+  result = {}
+  if profile_dir is not None:
+    with jax.profiler.trace(str(profile_dir)):
+      for i in range(profile_steps):
+        with jax.profiler.StepTraceAnnotation('train', step_num=i):
+          state, metrics = step(state, batches[i % 2])
+      jax.block_until_ready(metrics['loss'])
+    result['profile_dir'] = str(profile_dir)
+  step_s = statistics.median(times)
+  tokens = cfg.train.batch_size * cfg.data.seq_len
+  per_token = flops.train_flops_per_token(cfg.model, setup.param_counts, cfg.data.seq_len)
+  device = jax.devices()[0]
+  achieved = per_token * tokens / step_s
+  return {
+      'family': cfg.model.family, 'device_kind': device.device_kind,
+      'platform': device.platform, 'num_devices': jax.device_count(),
+      'mesh': dict(setup.mesh.shape), 'params_total': setup.param_counts['total'],
+      'params_active': setup.param_counts['active'],
+      'batch_size': cfg.train.batch_size, 'seq_len': cfg.data.seq_len,
+      'dtype': cfg.model.dtype, 'remat': cfg.model.remat,
+      'attention_impl': cfg.model.attention_impl,
+      'warmup_s': warmup_s, 'step_time_s': step_s,
+      'step_time_min_s': min(times), 'step_time_max_s': max(times),
+      'tokens_per_s': tokens / step_s, 'flops_per_token': per_token,
+      'model_tflops_per_device': achieved / jax.device_count() / 1e12,
+      'mfu': flops.mfu(achieved, jax.device_count(), device.device_kind),
+      'final_loss': float(metrics['loss']), **result,
+  }
+
+
+def summary(result: dict) -> str:
+  """One line for the terminal."""
+  mfu = result['mfu']
+  return (f'{result["family"]} {result["params_active"] / 1e6:,.1f}M active, batch '
+          f'{result["batch_size"]} x {result["seq_len"]} on {result["num_devices"]} x '
+          f'{result["device_kind"]}: {1e3 * result["step_time_s"]:,.1f} ms/step, '
+          f'{result["tokens_per_s"]:,.0f} tokens/s, '
+          f'{result["model_tflops_per_device"]:.2f} TFLOP/s per device, MFU '
+          + ('n/a (no peak known for this device)' if mfu is None else f'{100 * mfu:.1f}%'))
