@@ -6,6 +6,8 @@
   jaxarch distill --workdir=/tmp/run --out=/tmp/run-distilled   (BiTA's training data)
   jaxarch sweep --config=configs/sweeps/isoflop.py:tiny --workdir=/tmp/sweep [--parallel=2]
   jaxarch fit   --workdir=/tmp/sweep                 (scaling-law fits, plots, report.md)
+  jaxarch launch --config=configs/dense.py:1.6b --target=slurm|gke|tpu-vm|ray --workdir=DIR
+                [--out=DIR] [--dry-run]             (a cluster job and its submit command)
 """
 
 import argparse
@@ -15,6 +17,7 @@ import sys
 from pathlib import Path
 
 from jaxarch import config as config_lib
+from jaxarch import launch as launch_lib
 from jaxarch.infer.sampling import GenerateError
 from jaxarch.sweep.fit import FitError
 from jaxarch.sweep.runner import SweepError
@@ -118,6 +121,29 @@ def _fit(args, overrides):
   print(f'jaxarch: wrote {out / "report.md"} and its plots', file=sys.stderr)
 
 
+def _launch(args, overrides):
+  cfg = config_lib.load(args.config, overrides)
+  if args.out:
+    out = Path(args.out)
+  elif '://' in args.workdir:
+    raise config_lib.ConfigError(f'config error: --workdir={args.workdir} is not a local '
+                                 'folder for the job files; give --out=DIR')
+  else:
+    out = Path(args.workdir) / 'launch'
+  job = launch_lib.render(args.target, cfg, spec=args.config, workdir=args.workdir,
+                          overrides=overrides, out=out)
+  if args.dry_run:
+    for path, text in job.files.items():
+      print(f'==> {path} <==\n{text}')
+    print(f'jaxarch: dry run, nothing written; submit with: {job.submit}', file=sys.stderr)
+  else:
+    launch_lib.write(job)
+    print(f'jaxarch: wrote {", ".join(map(str, job.files))}; submit with:', file=sys.stderr)
+    print(job.submit)
+  for alternative in job.alternatives:
+    print(f'jaxarch: or: {alternative}', file=sys.stderr)
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='jaxarch', description='Train and evaluate jaxarch language models from config '
@@ -185,6 +211,19 @@ def _parser() -> argparse.ArgumentParser:
   fit.add_argument('--bootstrap', type=int, default=100,
                    help='resamples for the intervals of the exponents (0: none)')
   fit.set_defaults(func=_fit)
+  launch = commands.add_parser(
+      'launch', help='render a training job for a cluster (SLURM, GKE, TPU VM, Ray)',
+      description='Render the training job of a config for a cluster from the templates in '
+      'launch/, after checking that launch.nodes x launch.devices_per_node matches the mesh; '
+      'write it under --out and print the command that submits it. Nothing is submitted.')
+  launch.add_argument('--config', required=True, help='e.g. configs/dense.py:1.6b')
+  launch.add_argument('--target', required=True, choices=launch_lib.TARGETS)
+  launch.add_argument('--workdir', required=True,
+                      help="the job's workdir as the cluster sees it (shared path or gs://)")
+  launch.add_argument('--out', help='where the job files go (default: WORKDIR/launch)')
+  launch.add_argument('--dry-run', action='store_true',
+                      help='print the job files and the submit command; write nothing')
+  launch.set_defaults(func=_launch)
   return parser
 
 
