@@ -99,13 +99,17 @@ def _distill(args, overrides):
 
 def _sweep(args, overrides):
   from jaxarch.sweep.runner import run_sweep  # pylint: disable=g-import-not-at-top
-  if overrides:
-    raise config_lib.ConfigError('config error: a sweep sets its runs\' keys in its sweep '
-                                 f'file; drop {overrides[0].split("=")[0]}')
+  # Rendered jobs may take the cluster's keys (launch.*) for every run; nothing else.
+  cluster = bool(args.launcher) and args.launcher != 'local'
+  for override in overrides:
+    if not (cluster and override.startswith('--config.launch.')):
+      raise config_lib.ConfigError('config error: a sweep sets its runs\' keys in its sweep '
+                                   f'file; drop {override.split("=")[0]}')
   records = run_sweep(args.config, args.workdir, parallel=args.parallel,
-                      launcher=args.launcher)
-  print(f'jaxarch: {len(records)} runs recorded in {Path(args.workdir) / "results.jsonl"}; '
-        f'fit them with `jaxarch fit --workdir={args.workdir}`', file=sys.stderr)
+                      launcher=args.launcher, launch_overrides=overrides)
+  if not cluster:
+    print(f'jaxarch: {len(records)} runs recorded in {Path(args.workdir) / "results.jsonl"}; '
+          f'fit them with `jaxarch fit --workdir={args.workdir}`', file=sys.stderr)
 
 
 def _fit(args, overrides):
@@ -200,7 +204,8 @@ def _parser() -> argparse.ArgumentParser:
                      help='sweep file and argument, e.g. configs/sweeps/isoflop.py:tiny')
   sweep.add_argument('--workdir', required=True)
   sweep.add_argument('--parallel', type=int, default=1, help='runs at a time')
-  sweep.add_argument('--launcher', help='render one cluster job per run instead of running')
+  sweep.add_argument('--launcher', help='render one cluster job per run instead of running: '
+                     f'{", ".join(launch_lib.TARGETS)} (their keys: --config.launch.KEY=VALUE)')
   sweep.set_defaults(func=_sweep)
   fit = commands.add_parser('fit', help="fit scaling laws to a sweep's results; plots and "
                             'a markdown report')

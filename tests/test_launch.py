@@ -205,3 +205,52 @@ def test_gpu_recipe_flags_are_known_to_the_installed_jaxlib():
 
   assert starts(launch.gpu_env()['XLA_FLAGS'])
   assert not starts('--xla_gpu_no_such_flag=true')
+
+
+# Sweeps render one job per run through the same targets.
+
+def _sweep_file(tmp_path):
+  members = [{'config': 'configs/dense.py:tiny', 'name': f'd{width}', 'model.d_model': width,
+              'model.d_ff': 2 * width, 'model.n_layers': 2} for width in (32, 64)]
+  path = tmp_path / 'sweep.py'
+  path.write_text(f'def get_sweep(arg=None):\n  return {members!r}\n')
+  return str(path)
+
+
+def test_sweep_renders_one_slurm_job_per_run(tmp_path, capsys):
+  workdir = tmp_path / 'sweep'
+  code = cli.main(['sweep', f'--config={_sweep_file(tmp_path)}', f'--workdir={workdir}',
+                   '--launcher=slurm', '--config.launch.partition=gpu'])
+  out = capsys.readouterr().out
+  assert code == 0
+  for width in (32, 64):
+    run_dir = workdir / 'runs' / f'd{width}'
+    path = run_dir / 'launch' / 'train.sbatch'
+    assert f'sweep: d{width}: sbatch {path}' in out
+    _bash_syntax_ok(path)
+    text = path.read_text()
+    assert f'#SBATCH --job-name=jaxarch-d{width}\n' in text
+    assert '#SBATCH --partition=gpu\n' in text
+    (srun,) = [line for line in text.splitlines() if line.startswith('srun ')]
+    assert shlex.split(srun)[2:] == [
+        'jaxarch', 'train', '--config=configs/dense.py:tiny', f'--workdir={run_dir}',
+        f'--config.model.d_model={width}', f'--config.model.d_ff={2 * width}',
+        '--config.model.n_layers=2']
+  assert sorted(p.name for p in (workdir / 'runs').iterdir()) == ['d32', 'd64']
+
+
+def test_sweep_launcher_errors_are_one_line(tmp_path, capsys):
+  spec, workdir = _sweep_file(tmp_path), tmp_path / 'sweep'
+  assert cli.main(['sweep', f'--config={spec}', f'--workdir={workdir}', '--launcher=pbs']) == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1
+  assert "--launcher='pbs' is not available (launchers: gke, ray, slurm, tpu-vm" in err
+  assert cli.main(['sweep', f'--config={spec}', f'--workdir={workdir}', '--launcher=slurm',
+                   '--config.train.steps=5']) == 2
+  assert 'drop --config.train.steps' in capsys.readouterr().err
+  assert cli.main(['sweep', f'--config={spec}', f'--workdir={workdir}', '--launcher=slurm',
+                   '--config.launch.devices_per_node=3']) == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1
+  assert "run 'd32': config error: train.batch_size=16 must be divisible by 3" in err
+  assert not workdir.exists()
