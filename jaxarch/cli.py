@@ -106,7 +106,8 @@ def _sweep(args, overrides):
       raise config_lib.ConfigError('config error: a sweep sets its runs\' keys in its sweep '
                                    f'file; drop {override.split("=")[0]}')
   records = run_sweep(args.config, args.workdir, parallel=args.parallel,
-                      launcher=args.launcher, launch_overrides=overrides)
+                      launcher=args.launcher, launch_overrides=overrides,
+                      collect_only=args.collect)
   if not cluster:
     print(f'jaxarch: {len(records)} runs recorded in {Path(args.workdir) / "results.jsonl"}; '
           f'fit them with `jaxarch fit --workdir={args.workdir}`', file=sys.stderr)
@@ -206,6 +207,8 @@ def _parser() -> argparse.ArgumentParser:
   sweep.add_argument('--parallel', type=int, default=1, help='runs at a time')
   sweep.add_argument('--launcher', help='render one cluster job per run instead of running: '
                      f'{", ".join(launch_lib.TARGETS)} (their keys: --config.launch.KEY=VALUE)')
+  sweep.add_argument('--collect', action='store_true',
+                     help='record the runs whose cluster jobs have finished, run nothing')
   sweep.set_defaults(func=_sweep)
   fit = commands.add_parser('fit', help="fit scaling laws to a sweep's results; plots and "
                             'a markdown report')

@@ -1,5 +1,6 @@
 """`jaxarch launch`: rendered cluster jobs are valid, add up with the mesh, and submit nothing."""
 
+import json
 import os
 import py_compile
 import shlex
@@ -237,6 +238,24 @@ def test_sweep_renders_one_slurm_job_per_run(tmp_path, capsys):
         f'--config.model.d_model={width}', f'--config.model.d_ff={2 * width}',
         '--config.model.n_layers=2']
   assert sorted(p.name for p in (workdir / 'runs').iterdir()) == ['d32', 'd64']
+
+
+def test_sweep_collect_records_the_jobs_that_finished(tmp_path, capsys):
+  spec, workdir = _sweep_file(tmp_path), tmp_path / 'sweep'
+  assert cli.main(['sweep', f'--config={spec}', f'--workdir={workdir}',
+                   '--launcher=slurm']) == 0
+  # The d32 job has finished on the cluster (its metrics reach train.steps); d64 has not.
+  steps = config_lib.load('configs/dense.py:tiny').train.steps
+  (workdir / 'runs' / 'd32' / 'metrics.jsonl').write_text(
+      json.dumps(dict(step=steps, loss=2.0, eval_loss=2.5, eval_bpb=3.0)) + '\n')
+  (workdir / 'runs' / 'd64' / 'metrics.jsonl').write_text(json.dumps(dict(step=3)) + '\n')
+  capsys.readouterr()
+  assert cli.main(['sweep', f'--config={spec}', f'--workdir={workdir}', '--collect']) == 0
+  assert '1 runs collected, 1 not finished (d64)' in capsys.readouterr().out
+  (record,) = [json.loads(l) for l in (workdir / 'results.jsonl').read_text().splitlines()]
+  assert record['name'] == 'd32' and record['eval_loss'] == 2.5 and record['wall_s'] is None
+  cli.main(['sweep', f'--config={spec}', f'--workdir={workdir}', '--collect'])
+  assert '0 runs collected, 1 not finished' in capsys.readouterr().out
 
 
 def test_sweep_launcher_errors_are_one_line(tmp_path, capsys):

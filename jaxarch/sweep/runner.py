@@ -75,8 +75,9 @@ def read_results(workdir: Path) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def record(run: plan.Run, run_dir: Path, wall_s: float) -> dict:
-  """The results line of a finished run: sizes, tokens, FLOPs and its final metrics."""
+def record(run: plan.Run, run_dir: Path, wall_s: float | None) -> dict:
+  """The results line of a finished run: sizes, tokens, FLOPs and its final metrics
+  (`wall_s` None: not timed here, e.g. a cluster job)."""
   cfg = run.config()
   counts = plan.param_counts(cfg)
   lines = [json.loads(l) for l in (run_dir / 'metrics.jsonl').read_text().splitlines() if l]
@@ -89,7 +90,8 @@ def record(run: plan.Run, run_dir: Path, wall_s: float) -> dict:
       'params_embedding': counts['embedding'], 'tokens': tokens,
       'flops': tokens * plan.flops_per_token(cfg), 'steps': last('step'),
       'final_loss': last('loss'), 'eval_loss': last('eval_loss'), 'bpb': last('eval_bpb'),
-      'wall_s': round(wall_s, 1), 'config_hash': config_lib.config_hash(cfg),
+      'wall_s': None if wall_s is None else round(wall_s, 1),
+      'config_hash': config_lib.config_hash(cfg),
   }
 
 
@@ -106,16 +108,43 @@ def _run_one(run: plan.Run, workdir: Path) -> tuple[plan.Run, float, int]:
   return run, total, code
 
 
+def collect(runs: list[plan.Run], workdir: Path, echo=print) -> list[dict]:
+  """Records the runs that finished elsewhere (the jobs `--launcher` wrote): those whose
+  metrics reached their last step; the others are left for a later collect."""
+  done = {(r['name'], r['config_hash']) for r in read_results(workdir)}
+  collected, waiting = [], []
+  for run in runs:
+    cfg = run.config()
+    if (run.name, config_lib.config_hash(cfg)) in done:
+      continue
+    run_dir = workdir / 'runs' / run.name
+    metrics = run_dir / 'metrics.jsonl'
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    if not lines or json.loads(lines[-1]).get('step') != cfg.train.steps:
+      waiting.append(run.name)
+      continue
+    line = record(run, run_dir, None)
+    with open(workdir / RESULTS, 'a') as results:
+      results.write(json.dumps(line) + '\n')
+    collected.append(run.name)
+  echo(f'sweep: {len(collected)} runs collected, {len(waiting)} not finished'
+       + (f' ({", ".join(waiting[:5])}{" ..." if len(waiting) > 5 else ""})' if waiting
+          else ''))
+  return read_results(workdir)
+
+
 def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
               launcher: str | None = None, launch_overrides: Sequence[str] = (),
-              echo=print) -> list[dict]:
+              collect_only: bool = False, echo=print) -> list[dict]:
   """Runs the sweep's unfinished runs (launcher None or 'local') and returns all records of
   the workdir, or renders every run as a cluster job, its `launch_overrides` (launch.k=v)
-  applied to each."""
+  applied to each; `collect_only` records the rendered jobs that have finished."""
   workdir = Path(workdir)
   runs = load_sweep(spec)
   if parallel < 1:
     raise ValueError(f'sweep: parallel={parallel} must be >= 1')
+  if collect_only:
+    return collect(runs, workdir, echo)
   if launcher not in (None, 'local'):
     extra = tuple(o.removeprefix('--').removeprefix('config.') for o in launch_overrides)
     runs = [dataclasses.replace(r, overrides=r.overrides + extra) for r in runs]
