@@ -6,6 +6,8 @@
   jaxarch distill --workdir=/tmp/run --out=/tmp/run-distilled   (BiTA's training data)
   jaxarch sweep --config=configs/sweeps/isoflop.py:tiny --workdir=/tmp/sweep [--parallel=2]
   jaxarch fit   --workdir=/tmp/sweep                 (scaling-law fits, plots, report.md)
+  jaxarch launch --config=configs/dense.py:1.6b --target=slurm|gke|tpu-vm|ray --workdir=DIR
+                [--out=DIR] [--dry-run]             (a cluster job and its submit command)
 """
 
 import argparse
@@ -15,6 +17,7 @@ import sys
 from pathlib import Path
 
 from jaxarch import config as config_lib
+from jaxarch import launch as launch_lib
 from jaxarch.infer.sampling import GenerateError
 from jaxarch.sweep.fit import FitError
 from jaxarch.sweep.runner import SweepError
@@ -117,13 +120,18 @@ def _distill(args, overrides):
 
 def _sweep(args, overrides):
   from jaxarch.sweep.runner import run_sweep  # pylint: disable=g-import-not-at-top
-  if overrides:
-    raise config_lib.ConfigError('config error: a sweep sets its runs\' keys in its sweep '
-                                 f'file; drop {overrides[0].split("=")[0]}')
+  # Rendered jobs may take the cluster's keys (launch.*) for every run; nothing else.
+  cluster = bool(args.launcher) and args.launcher != 'local'
+  for override in overrides:
+    if not (cluster and override.startswith('--config.launch.')):
+      raise config_lib.ConfigError('config error: a sweep sets its runs\' keys in its sweep '
+                                   f'file; drop {override.split("=")[0]}')
   records = run_sweep(args.config, args.workdir, parallel=args.parallel,
-                      launcher=args.launcher)
-  print(f'jaxarch: {len(records)} runs recorded in {Path(args.workdir) / "results.jsonl"}; '
-        f'fit them with `jaxarch fit --workdir={args.workdir}`', file=sys.stderr)
+                      launcher=args.launcher, launch_overrides=overrides,
+                      collect_only=args.collect)
+  if not cluster:
+    print(f'jaxarch: {len(records)} runs recorded in {Path(args.workdir) / "results.jsonl"}; '
+          f'fit them with `jaxarch fit --workdir={args.workdir}`', file=sys.stderr)
 
 
 def _fit(args, overrides):
@@ -137,6 +145,29 @@ def _fit(args, overrides):
                                 f'{law["B"]:.3g}/D^{law["beta"]:.3f}')
     print(f'{family}: {text}')
   print(f'jaxarch: wrote {out / "report.md"} and its plots', file=sys.stderr)
+
+
+def _launch(args, overrides):
+  cfg = config_lib.load(args.config, overrides)
+  if args.out:
+    out = Path(args.out)
+  elif '://' in args.workdir:
+    raise config_lib.ConfigError(f'config error: --workdir={args.workdir} is not a local '
+                                 'folder for the job files; give --out=DIR')
+  else:
+    out = Path(args.workdir) / 'launch'
+  job = launch_lib.render(args.target, cfg, spec=args.config, workdir=args.workdir,
+                          overrides=overrides, out=out)
+  if args.dry_run:
+    for path, text in job.files.items():
+      print(f'==> {path} <==\n{text}')
+    print(f'jaxarch: dry run, nothing written; submit with: {job.submit}', file=sys.stderr)
+  else:
+    launch_lib.write(job)
+    print(f'jaxarch: wrote {", ".join(map(str, job.files))}; submit with:', file=sys.stderr)
+    print(job.submit)
+  for alternative in job.alternatives:
+    print(f'jaxarch: or: {alternative}', file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -201,7 +232,10 @@ def _parser() -> argparse.ArgumentParser:
                      help='sweep file and argument, e.g. configs/sweeps/isoflop.py:tiny')
   sweep.add_argument('--workdir', required=True)
   sweep.add_argument('--parallel', type=int, default=1, help='runs at a time')
-  sweep.add_argument('--launcher', help='render one cluster job per run instead of running')
+  sweep.add_argument('--launcher', help='render one cluster job per run instead of running: '
+                     f'{", ".join(launch_lib.TARGETS)} (their keys: --config.launch.KEY=VALUE)')
+  sweep.add_argument('--collect', action='store_true',
+                     help='record the runs whose cluster jobs have finished, run nothing')
   sweep.set_defaults(func=_sweep)
   fit = commands.add_parser('fit', help="fit scaling laws to a sweep's results; plots and "
                             'a markdown report')
@@ -212,6 +246,19 @@ def _parser() -> argparse.ArgumentParser:
   fit.add_argument('--bootstrap', type=int, default=100,
                    help='resamples for the intervals of the exponents (0: none)')
   fit.set_defaults(func=_fit)
+  launch = commands.add_parser(
+      'launch', help='render a training job for a cluster (SLURM, GKE, TPU VM, Ray)',
+      description='Render the training job of a config for a cluster from the templates in '
+      'launch/, after checking that launch.nodes x launch.devices_per_node matches the mesh; '
+      'write it under --out and print the command that submits it. Nothing is submitted.')
+  launch.add_argument('--config', required=True, help='e.g. configs/dense.py:1.6b')
+  launch.add_argument('--target', required=True, choices=launch_lib.TARGETS)
+  launch.add_argument('--workdir', required=True,
+                      help="the job's workdir as the cluster sees it (shared path or gs://)")
+  launch.add_argument('--out', help='where the job files go (default: WORKDIR/launch)')
+  launch.add_argument('--dry-run', action='store_true',
+                      help='print the job files and the submit command; write nothing')
+  launch.set_defaults(func=_launch)
   return parser
 
 
