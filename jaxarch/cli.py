@@ -4,6 +4,7 @@
   jaxarch eval  --workdir=/tmp/run            (config from the run, or --config=...)
   jaxarch generate --workdir=/tmp/run --prompt="def " [--max_new_tokens=200 --top_p=0.9]
   jaxarch distill --workdir=/tmp/run --out=/tmp/run-distilled   (BiTA's training data)
+  jaxarch export --workdir=/tmp/run --out=/tmp/run-export [--format=stablehlo]
   jaxarch sweep --config=configs/sweeps/isoflop.py:tiny --workdir=/tmp/sweep [--parallel=2]
   jaxarch fit   --workdir=/tmp/sweep                 (scaling-law fits, plots, report.md)
   jaxarch launch --config=configs/dense.py:1.6b --target=slurm|gke|tpu-vm|ray --workdir=DIR
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from jaxarch import config as config_lib
 from jaxarch import launch as launch_lib
+from jaxarch.export.weights import ExportError
 from jaxarch.infer.sampling import GenerateError
 from jaxarch.sweep.fit import FitError
 from jaxarch.sweep.runner import SweepError
@@ -116,6 +118,27 @@ def _distill(args, overrides):
                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                     seed=args.seed)
   print(json.dumps(summary, indent=2))
+
+
+def _export(args, overrides):
+  # pylint: disable=g-import-not-at-top
+  from jaxarch.export import export_stablehlo, write_model
+  from jaxarch.train.pretrained import load_model
+  if overrides:
+    raise config_lib.ConfigError('config error: export takes the config of its workdir; '
+                                 f'drop {overrides[0].split("=")[0]}')
+  cfg, model = load_model(args.workdir, step=args.step)
+  source = f'{args.workdir} (checkpoint {args.step or "latest"})'
+  if args.format == 'safetensors':
+    out = write_model(model, cfg, args.out, source=source)
+  else:
+    max_len = args.max_len or cfg.model.max_len
+    out = export_stablehlo(model, cfg, args.out, batch_size=args.batch_size,
+                           prompt_len=args.prompt_len or max_len // 2, max_len=max_len,
+                           platforms=tuple(args.platforms.split(',')) if args.platforms
+                           else None, source=source)
+  print(f'jaxarch: wrote {", ".join(sorted(p.name for p in out.iterdir()))} to {out}',
+        file=sys.stderr)
 
 
 def _sweep(args, overrides):
@@ -224,6 +247,22 @@ def _parser() -> argparse.ArgumentParser:
   dis.add_argument('--batch_size', type=int, default=64, help='prompts generated together')
   dis.add_argument('--seed', type=int, default=0)
   dis.set_defaults(func=_distill)
+  exp = commands.add_parser(
+      'export', help="write a run's model as safetensors (+ config, tokenizer) or StableHLO",
+      description="Export the latest (or --step) checkpoint of a run: safetensors weights "
+      'with config.json and tokenizer.json, and for --format=stablehlo also the prefill '
+      'and decode step serialized with jax.export and a loader that needs no jaxarch.')
+  exp.add_argument('--workdir', required=True, help='the trained run')
+  exp.add_argument('--out', required=True, help='a new directory')
+  exp.add_argument('--format', choices=('safetensors', 'stablehlo'), default='safetensors')
+  exp.add_argument('--step', type=int, help='checkpoint step (default: latest)')
+  exp.add_argument('--batch_size', type=int, default=1, help='stablehlo: sequences per call')
+  exp.add_argument('--prompt_len', type=int, help='stablehlo: prompt length (default: '
+                   'max_len // 2)')
+  exp.add_argument('--max_len', type=int, help='stablehlo: cache positions (default: '
+                   'model.max_len)')
+  exp.add_argument('--platforms', help='stablehlo: e.g. cpu,cuda,tpu (default: this one)')
+  exp.set_defaults(func=_export)
   sweep = commands.add_parser(
       'sweep', help='run every run of a sweep config (resumable), recording results.jsonl',
       description='Train each run of a sweep file in WORKDIR/runs/NAME, N at a time; '
@@ -274,7 +313,7 @@ def main(argv=None):
     args.func(args, overrides)
   except (config_lib.ConfigError, FileNotFoundError, FileExistsError, ImportError,
           GenerateError, FitError, SweepError, WorkdirError, CheckpointError,
-          NonFiniteError) as e:
+          NonFiniteError, ExportError) as e:
     print(f'jaxarch: {e}', file=sys.stderr)
     return 2
   except KeyboardInterrupt:
