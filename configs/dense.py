@@ -146,6 +146,32 @@ def get_config(arg=None):
   c.log.tensorboard = True
   c.log.progress = True
 
+  # Launch section: the cluster `jaxarch launch` renders jobs for (launch/README.md). It
+  # describes where the run goes, not what it trains, so it is left out of config hashes.
+  # nodes x devices_per_node must be the mesh's device count (mesh.ici x mesh.dcn).
+  c.launch = ml_collections.ConfigDict()
+  c.launch.name = 'jaxarch'  # SLURM job, JobSet, xpk workload or TPU VM name ([a-z0-9-])
+  c.launch.nodes = 1  # hosts, one process each: SLURM nodes, GKE pods, TPU VM workers, Ray nodes
+  c.launch.devices_per_node = 8  # GPUs per node, or TPU chips per host (4 on v4 / v5p)
+  # GKE accelerator label: nvidia-* for GPU node pools (nvidia-h100-80gb, nvidia-h200-141gb),
+  # tpu-* for TPU slices (tpu-v5p-slice, tpu-v5-lite-podslice, tpu-v6e-slice).
+  c.launch.accelerator = 'nvidia-h100-80gb'
+  c.launch.tpu_type = 'v5p-8'  # TPU: xpk --tpu-type / the TPU VM's accelerator type
+  c.launch.tpu_topology = '2x2x1'  # TPU: chips of one slice, GKE's gke-tpu-topology
+  c.launch.slices = 1  # TPU multislice: slices joined over DCN, which mesh.dcn spans
+  c.launch.image = 'jaxarch:latest'  # GKE container image, built from launch/Dockerfile
+  c.launch.cluster = ml_collections.config_dict.placeholder(str)  # GKE cluster, for xpk
+  c.launch.project = ml_collections.config_dict.placeholder(str)  # None: gcloud's default
+  c.launch.zone = ml_collections.config_dict.placeholder(str)  # None: gcloud's default
+  c.launch.partition = ml_collections.config_dict.placeholder(str)  # SLURM; None: default
+  c.launch.account = ml_collections.config_dict.placeholder(str)  # SLURM; None: default
+  c.launch.time_limit = '24:00:00'  # SLURM --time
+  c.launch.max_restarts = 3  # GKE: JobSet restarts after a failure; training resumes
+  c.launch.coordinator_port = 1234  # jax.distributed coordinator on process 0's host
+  # Shell commands run on each host before training (SLURM, TPU VM), e.g.
+  # 'source ~/jaxarch/.venv/bin/activate'; GKE and Ray use the image / cluster as they are.
+  c.launch.setup = ''
+
   if arg:
     if arg not in PRESETS:
       raise ValueError(f'config error: unknown preset {arg!r} for configs/dense.py; '

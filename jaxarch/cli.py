@@ -5,8 +5,11 @@
   jaxarch bench train --config=configs/dense.py:151m --workdir=/tmp/bench [--profile]
   jaxarch generate --workdir=/tmp/run --prompt="def " [--max_new_tokens=200 --top_p=0.9]
   jaxarch distill --workdir=/tmp/run --out=/tmp/run-distilled   (BiTA's training data)
+  jaxarch export --workdir=/tmp/run --out=/tmp/run-export [--format=stablehlo]
   jaxarch sweep --config=configs/sweeps/isoflop.py:tiny --workdir=/tmp/sweep [--parallel=2]
   jaxarch fit   --workdir=/tmp/sweep                 (scaling-law fits, plots, report.md)
+  jaxarch launch --config=configs/dense.py:1.6b --target=slurm|gke|tpu-vm|ray --workdir=DIR
+                [--out=DIR] [--dry-run]             (a cluster job and its submit command)
 """
 
 import argparse
@@ -16,6 +19,8 @@ import sys
 from pathlib import Path
 
 from jaxarch import config as config_lib
+from jaxarch import launch as launch_lib
+from jaxarch.export.weights import ExportError
 from jaxarch.infer.sampling import GenerateError
 from jaxarch.sweep.fit import FitError
 from jaxarch.sweep.runner import SweepError
@@ -138,15 +143,41 @@ def _distill(args, overrides):
   print(json.dumps(summary, indent=2))
 
 
+def _export(args, overrides):
+  # pylint: disable=g-import-not-at-top
+  from jaxarch.export import export_stablehlo, write_model
+  from jaxarch.train.pretrained import load_model
+  if overrides:
+    raise config_lib.ConfigError('config error: export takes the config of its workdir; '
+                                 f'drop {overrides[0].split("=")[0]}')
+  cfg, model = load_model(args.workdir, step=args.step)
+  source = f'{args.workdir} (checkpoint {args.step or "latest"})'
+  if args.format == 'safetensors':
+    out = write_model(model, cfg, args.out, source=source)
+  else:
+    max_len = args.max_len or cfg.model.max_len
+    out = export_stablehlo(model, cfg, args.out, batch_size=args.batch_size,
+                           prompt_len=args.prompt_len or max_len // 2, max_len=max_len,
+                           platforms=tuple(args.platforms.split(',')) if args.platforms
+                           else None, source=source)
+  print(f'jaxarch: wrote {", ".join(sorted(p.name for p in out.iterdir()))} to {out}',
+        file=sys.stderr)
+
+
 def _sweep(args, overrides):
   from jaxarch.sweep.runner import run_sweep  # pylint: disable=g-import-not-at-top
-  if overrides:
-    raise config_lib.ConfigError('config error: a sweep sets its runs\' keys in its sweep '
-                                 f'file; drop {overrides[0].split("=")[0]}')
+  # Rendered jobs may take the cluster's keys (launch.*) for every run; nothing else.
+  cluster = bool(args.launcher) and args.launcher != 'local'
+  for override in overrides:
+    if not (cluster and override.startswith('--config.launch.')):
+      raise config_lib.ConfigError('config error: a sweep sets its runs\' keys in its sweep '
+                                   f'file; drop {override.split("=")[0]}')
   records = run_sweep(args.config, args.workdir, parallel=args.parallel,
-                      launcher=args.launcher)
-  print(f'jaxarch: {len(records)} runs recorded in {Path(args.workdir) / "results.jsonl"}; '
-        f'fit them with `jaxarch fit --workdir={args.workdir}`', file=sys.stderr)
+                      launcher=args.launcher, launch_overrides=overrides,
+                      collect_only=args.collect)
+  if not cluster:
+    print(f'jaxarch: {len(records)} runs recorded in {Path(args.workdir) / "results.jsonl"}; '
+          f'fit them with `jaxarch fit --workdir={args.workdir}`', file=sys.stderr)
 
 
 def _fit(args, overrides):
@@ -160,6 +191,29 @@ def _fit(args, overrides):
                                 f'{law["B"]:.3g}/D^{law["beta"]:.3f}')
     print(f'{family}: {text}')
   print(f'jaxarch: wrote {out / "report.md"} and its plots', file=sys.stderr)
+
+
+def _launch(args, overrides):
+  cfg = config_lib.load(args.config, overrides)
+  if args.out:
+    out = Path(args.out)
+  elif '://' in args.workdir:
+    raise config_lib.ConfigError(f'config error: --workdir={args.workdir} is not a local '
+                                 'folder for the job files; give --out=DIR')
+  else:
+    out = Path(args.workdir) / 'launch'
+  job = launch_lib.render(args.target, cfg, spec=args.config, workdir=args.workdir,
+                          overrides=overrides, out=out)
+  if args.dry_run:
+    for path, text in job.files.items():
+      print(f'==> {path} <==\n{text}')
+    print(f'jaxarch: dry run, nothing written; submit with: {job.submit}', file=sys.stderr)
+  else:
+    launch_lib.write(job)
+    print(f'jaxarch: wrote {", ".join(map(str, job.files))}; submit with:', file=sys.stderr)
+    print(job.submit)
+  for alternative in job.alternatives:
+    print(f'jaxarch: or: {alternative}', file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -223,6 +277,22 @@ def _parser() -> argparse.ArgumentParser:
   dis.add_argument('--batch_size', type=int, default=64, help='prompts generated together')
   dis.add_argument('--seed', type=int, default=0)
   dis.set_defaults(func=_distill)
+  exp = commands.add_parser(
+      'export', help="write a run's model as safetensors (+ config, tokenizer) or StableHLO",
+      description="Export the latest (or --step) checkpoint of a run: safetensors weights "
+      'with config.json and tokenizer.json, and for --format=stablehlo also the prefill '
+      'and decode step serialized with jax.export and a loader that needs no jaxarch.')
+  exp.add_argument('--workdir', required=True, help='the trained run')
+  exp.add_argument('--out', required=True, help='a new directory')
+  exp.add_argument('--format', choices=('safetensors', 'stablehlo'), default='safetensors')
+  exp.add_argument('--step', type=int, help='checkpoint step (default: latest)')
+  exp.add_argument('--batch_size', type=int, default=1, help='stablehlo: sequences per call')
+  exp.add_argument('--prompt_len', type=int, help='stablehlo: prompt length (default: '
+                   'max_len // 2)')
+  exp.add_argument('--max_len', type=int, help='stablehlo: cache positions (default: '
+                   'model.max_len)')
+  exp.add_argument('--platforms', help='stablehlo: e.g. cpu,cuda,tpu (default: this one)')
+  exp.set_defaults(func=_export)
   sweep = commands.add_parser(
       'sweep', help='run every run of a sweep config (resumable), recording results.jsonl',
       description='Train each run of a sweep file in WORKDIR/runs/NAME, N at a time; '
@@ -231,7 +301,10 @@ def _parser() -> argparse.ArgumentParser:
                      help='sweep file and argument, e.g. configs/sweeps/isoflop.py:tiny')
   sweep.add_argument('--workdir', required=True)
   sweep.add_argument('--parallel', type=int, default=1, help='runs at a time')
-  sweep.add_argument('--launcher', help='render one cluster job per run instead of running')
+  sweep.add_argument('--launcher', help='render one cluster job per run instead of running: '
+                     f'{", ".join(launch_lib.TARGETS)} (their keys: --config.launch.KEY=VALUE)')
+  sweep.add_argument('--collect', action='store_true',
+                     help='record the runs whose cluster jobs have finished, run nothing')
   sweep.set_defaults(func=_sweep)
   fit = commands.add_parser('fit', help="fit scaling laws to a sweep's results; plots and "
                             'a markdown report')
@@ -242,6 +315,19 @@ def _parser() -> argparse.ArgumentParser:
   fit.add_argument('--bootstrap', type=int, default=100,
                    help='resamples for the intervals of the exponents (0: none)')
   fit.set_defaults(func=_fit)
+  launch = commands.add_parser(
+      'launch', help='render a training job for a cluster (SLURM, GKE, TPU VM, Ray)',
+      description='Render the training job of a config for a cluster from the templates in '
+      'launch/, after checking that launch.nodes x launch.devices_per_node matches the mesh; '
+      'write it under --out and print the command that submits it. Nothing is submitted.')
+  launch.add_argument('--config', required=True, help='e.g. configs/dense.py:1.6b')
+  launch.add_argument('--target', required=True, choices=launch_lib.TARGETS)
+  launch.add_argument('--workdir', required=True,
+                      help="the job's workdir as the cluster sees it (shared path or gs://)")
+  launch.add_argument('--out', help='where the job files go (default: WORKDIR/launch)')
+  launch.add_argument('--dry-run', action='store_true',
+                      help='print the job files and the submit command; write nothing')
+  launch.set_defaults(func=_launch)
   return parser
 
 
@@ -257,7 +343,7 @@ def main(argv=None):
     args.func(args, overrides)
   except (config_lib.ConfigError, FileNotFoundError, FileExistsError, ImportError,
           GenerateError, FitError, SweepError, WorkdirError, CheckpointError,
-          NonFiniteError) as e:
+          NonFiniteError, ExportError) as e:
     print(f'jaxarch: {e}', file=sys.stderr)
     return 2
   except KeyboardInterrupt:

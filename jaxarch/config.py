@@ -652,16 +652,22 @@ def to_dict(cfg: ConfigDict | ml_collections.FrozenConfigDict) -> dict[str, Any]
   return cfg.to_dict()
 
 
-def _to_json(cfg) -> str:
+def _to_json(tree: dict[str, Any]) -> str:
   def unsupported(value):
     raise ConfigError(f'{type(value).__name__} value {value!r} cannot be saved as JSON; '
                       f'configs hold numbers, strings, bools, None and tuples')
-  return json.dumps(to_dict(cfg), sort_keys=True, indent=2, default=unsupported)
+  return json.dumps(tree, sort_keys=True, indent=2, default=unsupported)
+
+
+# Sections that say where a run goes, not what it trains: left out of config hashes, so
+# that a sweep keeps its records whichever cluster (or none) its runs were launched on.
+UNHASHED_SECTIONS = ('launch',)
 
 
 def config_hash(cfg: ConfigDict) -> str:
   """sha256 of the config's JSON: equal configs hash equally, whatever their key order."""
-  return hashlib.sha256(_to_json(cfg).encode()).hexdigest()
+  tree = {k: v for k, v in to_dict(cfg).items() if k not in UNHASHED_SECTIONS}
+  return hashlib.sha256(_to_json(tree).encode()).hexdigest()
 
 
 def save(cfg: ConfigDict, path: str | os.PathLike) -> None:
@@ -669,7 +675,7 @@ def save(cfg: ConfigDict, path: str | os.PathLike) -> None:
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(_to_json(cfg) + '\n')
+  tmp.write_text(_to_json(to_dict(cfg)) + '\n')
   tmp.replace(path)  # a reader never sees half a file
 
 

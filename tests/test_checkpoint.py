@@ -45,14 +45,19 @@ def test_save_restore_gives_identical_state_and_next_loss(tmp_path):
   assert _next_loss(setup, step, restored) == first
 
 
-def test_restore_onto_a_different_mesh_gives_the_same_next_loss(tmp_path):
-  saved_cfg = mesh_config(tiny_config(**{'model.dtype': 'float32'}), data=8)
-  setup, step = _setup(saved_cfg)
-  state = init_state(saved_cfg, setup)
+def _saved_initial_state(tmp_path, **mesh) -> float:
+  """Saves the initial state of an fp32 tiny run on `mesh`; -> its next-step loss."""
+  cfg = mesh_config(tiny_config(**{'model.dtype': 'float32'}), **mesh)
+  setup, step = _setup(cfg)
+  state = init_state(cfg, setup)
   ckpt = Checkpointer(tmp_path)
   ckpt.save(0, state)
   ckpt.close()
-  expected = _next_loss(setup, step, state)
+  return _next_loss(setup, step, state)
+
+
+def test_restore_onto_a_different_mesh_gives_the_same_next_loss(tmp_path):
+  expected = _saved_initial_state(tmp_path, data=8)
   other_cfg = mesh_config(tiny_config(**{'model.dtype': 'float32'}), fsdp=4, tensor=2)
   other, other_step = _setup(other_cfg)
   restored, _ = Checkpointer(tmp_path).restore(other.abstract_state)
@@ -61,7 +66,9 @@ def test_restore_onto_a_different_mesh_gives_the_same_next_loss(tmp_path):
   np.testing.assert_allclose(_next_loss(other, other_step, restored), expected, rtol=1e-5)
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+def _two_checkpoints(tmp_path):
+  """Checkpoints 1 (the initial state) and 2 (after one step) of a tiny run; -> (config,
+  setup, the state of step 2)."""
   cfg = mesh_config(tiny_config(), data=8)
   setup, step = _setup(cfg)
   state = init_state(cfg, setup)
@@ -71,6 +78,11 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
   state, _ = step(state, global_batch(make_batch(8, 32), setup.batch_sharding))
   ckpt.save(2, state)
   ckpt.close()
+  return cfg, setup, state
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+  cfg, setup, _ = _two_checkpoints(tmp_path)
   # Destroy the array data of step 2 (e.g. a disk that filled up during the write).
   for f in (tmp_path / 'checkpoints' / '2' / 'state').rglob('*'):
     if f.is_file() and f.suffix not in ('.json',) and f.name != '_METADATA':
@@ -82,13 +94,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
 
 
 def test_restore_on_fewer_devices_gives_the_same_next_loss(tmp_path):
-  saved_cfg = mesh_config(tiny_config(**{'model.dtype': 'float32'}), data=2, fsdp=4)
-  setup, step = _setup(saved_cfg)
-  state = init_state(saved_cfg, setup)
-  ckpt = Checkpointer(tmp_path)
-  ckpt.save(0, state)
-  ckpt.close()
-  expected = _next_loss(setup, step, state)
+  expected = _saved_initial_state(tmp_path, data=2, fsdp=4)
   # Half the devices: what is left of a job after losing a host.
   fewer_cfg = mesh_config(tiny_config(**{'model.dtype': 'float32'}), fsdp=2, tensor=2)
   fewer = make_setup(fewer_cfg, make_mesh(fewer_cfg, devices(4)))
@@ -114,15 +120,7 @@ def test_checkpoint_of_another_model_is_an_error_not_skipped(tmp_path):
 
 
 def test_partial_latest_checkpoint_is_moved_aside_and_the_previous_restored(tmp_path, caplog):
-  cfg = mesh_config(tiny_config(), data=8)
-  setup, step = _setup(cfg)
-  first = init_state(cfg, setup)
-  ckpt = Checkpointer(tmp_path)
-  ckpt.save(1, first)
-  ckpt.wait()
-  state, _ = step(first, global_batch(make_batch(8, 32), setup.batch_sharding))
-  ckpt.save(2, state)
-  ckpt.close()
+  cfg, setup, state = _two_checkpoints(tmp_path)
   # A copy that stopped half way: array files cut short, some missing.
   files = sorted(f for f in (tmp_path / 'checkpoints' / '2' / 'state').rglob('*')
                  if f.is_file() and f.parent.name == 'd')

@@ -9,18 +9,20 @@ there is skipped; a run that was interrupted resumes from its last checkpoint, b
 `jaxarch train` does. Output of run `name` goes to DIR/runs/<name>/train.log.
 
 `--launcher=NAME` renders one job per run through `LAUNCHERS[NAME]` (the cluster targets of
-`jaxarch launch`) instead of running them here; the jobs run the same
+`jaxarch launch`: slurm, gke, tpu-vm, ray) into DIR/runs/<name>/launch instead of running
+them here, and prints the command that submits each; the jobs run the same
 `jaxarch train --config=... --workdir=DIR/runs/<name> --config.k=v` command, and
 `jaxarch sweep --collect` then records the finished ones.
 """
 
 import concurrent.futures
+import dataclasses
+import functools
 import json
-import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from jaxarch import config as config_lib
@@ -32,8 +34,17 @@ RESULTS = 'results.jsonl'
 class SweepError(RuntimeError):
   """Runs of a sweep failed; the message says which and where their logs are."""
 
-# Launcher name -> function(run, command, run_dir) -> path of the rendered job file.
-LAUNCHERS: dict[str, Callable[[plan.Run, list[str], Path], Path]] = {}
+# Launcher name -> function(run, run_dir) that writes the run's job and returns the command
+# that submits it. jaxarch.launch's targets are added when a sweep first renders jobs
+# (imported then, as `jaxarch launch` itself needs nothing from sweeps).
+LAUNCHERS: dict[str, Callable[[plan.Run, Path], str]] = {}
+
+
+def launchers() -> dict[str, Callable[[plan.Run, Path], str]]:
+  from jaxarch import launch  # pylint: disable=g-import-not-at-top
+  for target in launch.TARGETS:
+    LAUNCHERS.setdefault(target, functools.partial(launch.render_run, target))
+  return LAUNCHERS
 
 
 def load_sweep(spec: str) -> list[plan.Run]:
@@ -64,8 +75,9 @@ def read_results(workdir: Path) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def record(run: plan.Run, run_dir: Path, wall_s: float) -> dict:
-  """The results line of a finished run: sizes, tokens, FLOPs and its final metrics."""
+def record(run: plan.Run, run_dir: Path, wall_s: float | None) -> dict:
+  """The results line of a finished run: sizes, tokens, FLOPs and its final metrics
+  (`wall_s` None: not timed here, e.g. a cluster job)."""
   cfg = run.config()
   counts = plan.param_counts(cfg)
   lines = [json.loads(l) for l in (run_dir / 'metrics.jsonl').read_text().splitlines() if l]
@@ -78,7 +90,8 @@ def record(run: plan.Run, run_dir: Path, wall_s: float) -> dict:
       'params_embedding': counts['embedding'], 'tokens': tokens,
       'flops': tokens * plan.flops_per_token(cfg), 'steps': last('step'),
       'final_loss': last('loss'), 'eval_loss': last('eval_loss'), 'bpb': last('eval_bpb'),
-      'wall_s': round(wall_s, 1), 'config_hash': config_lib.config_hash(cfg),
+      'wall_s': None if wall_s is None else round(wall_s, 1),
+      'config_hash': config_lib.config_hash(cfg),
   }
 
 
@@ -95,14 +108,46 @@ def _run_one(run: plan.Run, workdir: Path) -> tuple[plan.Run, float, int]:
   return run, total, code
 
 
+def collect(runs: list[plan.Run], workdir: Path, echo=print) -> list[dict]:
+  """Records the runs that finished elsewhere (the jobs `--launcher` wrote): those whose
+  metrics reached their last step; the others are left for a later collect."""
+  done = {(r['name'], r['config_hash']) for r in read_results(workdir)}
+  collected, waiting = [], []
+  for run in runs:
+    cfg = run.config()
+    if (run.name, config_lib.config_hash(cfg)) in done:
+      continue
+    run_dir = workdir / 'runs' / run.name
+    metrics = run_dir / 'metrics.jsonl'
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    if not lines or json.loads(lines[-1]).get('step') != cfg.train.steps:
+      waiting.append(run.name)
+      continue
+    line = record(run, run_dir, None)
+    with open(workdir / RESULTS, 'a') as results:
+      results.write(json.dumps(line) + '\n')
+    collected.append(run.name)
+  echo(f'sweep: {len(collected)} runs collected, {len(waiting)} not finished'
+       + (f' ({", ".join(waiting[:5])}{" ..." if len(waiting) > 5 else ""})' if waiting
+          else ''))
+  return read_results(workdir)
+
+
 def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
-              launcher: str | None = None, echo=print) -> list[dict]:
-  """Runs (or renders) the sweep's unfinished runs; returns all records of the workdir."""
+              launcher: str | None = None, launch_overrides: Sequence[str] = (),
+              collect_only: bool = False, echo=print) -> list[dict]:
+  """Runs the sweep's unfinished runs (launcher None or 'local') and returns all records of
+  the workdir, or renders every run as a cluster job, its `launch_overrides` (launch.k=v)
+  applied to each; `collect_only` records the rendered jobs that have finished."""
   workdir = Path(workdir)
   runs = load_sweep(spec)
   if parallel < 1:
     raise ValueError(f'sweep: parallel={parallel} must be >= 1')
-  if launcher is not None:
+  if collect_only:
+    return collect(runs, workdir, echo)
+  if launcher not in (None, 'local'):
+    extra = tuple(o.removeprefix('--').removeprefix('config.') for o in launch_overrides)
+    runs = [dataclasses.replace(r, overrides=r.overrides + extra) for r in runs]
     return render_jobs(runs, workdir, launcher, echo)
   done = {(r['name'], r['config_hash']) for r in read_results(workdir)}
   todo = [r for r in runs if (r.name, config_lib.config_hash(r.config())) not in done]
@@ -128,12 +173,17 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
 
 
 def render_jobs(runs, workdir: Path, launcher: str, echo=print) -> list[dict]:
-  if launcher not in LAUNCHERS:
-    known = ', '.join(sorted(LAUNCHERS)) or 'none yet'
+  """Writes one job per run with LAUNCHERS[launcher]; echoes the commands that submit them."""
+  known = launchers()
+  if launcher not in known:
     raise config_lib.ConfigError(f'config error: --launcher={launcher!r} is not available '
-                                 f'(launchers: {known}); run locally without --launcher')
+                                 f'(launchers: {", ".join(sorted(known))}, or local to run '
+                                 'here)')
   for run in runs:
-    run_dir = workdir / 'runs' / run.name
-    path = LAUNCHERS[launcher](run, train_command(run, run_dir), run_dir)
-    echo(f'sweep: {run.name}: {path}  ({shlex.join(train_command(run, run_dir)[:4])} ...)')
+    try:
+      submit = known[launcher](run, workdir / 'runs' / run.name)
+    except config_lib.ConfigError as e:
+      raise config_lib.ConfigError(f'run {run.name!r}: {e}') from None
+    echo(f'sweep: {run.name}: {submit}')
+  echo(f'sweep: {len(runs)} {launcher} jobs written; nothing was submitted')
   return read_results(workdir)

@@ -1,0 +1,5 @@
+"""Trained models out of jaxarch: safetensors weights with config and tokenizer, and the
+prefill and decode step as StableHLO (`jaxarch export`)."""
+
+from jaxarch.export.stablehlo import export_stablehlo
+from jaxarch.export.weights import ExportError, load_safetensors, write_model

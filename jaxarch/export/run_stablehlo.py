@@ -1,0 +1,74 @@
+"""Greedy generation from a `jaxarch export --format=stablehlo` directory.
+
+Needs only jax, numpy and safetensors: the model is the serialized StableHLO, not jaxarch
+code. This file is copied into every such directory.
+
+  python run_stablehlo.py DIR 257,100,101 [257,50 ...] [--max_new_tokens=32] [--ignore_eod]
+
+Prompts are token ids (the tokenizer is described in DIR/tokenizer.json; prompts start
+with its eod id, read as BOS). Prints one line of new ids per prompt.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import safetensors.flax
+from jax import export
+
+
+class StableHLOModel:
+  """The exported prefill and decode step with their weights."""
+
+  def __init__(self, directory):
+    directory = Path(directory)
+    self.spec = json.loads((directory / 'stablehlo.json').read_text())
+    self.weights = safetensors.flax.load_file(directory / 'model.safetensors')
+    self.prefill = export.deserialize((directory / 'prefill.stablehlo').read_bytes())
+    self.decode = export.deserialize((directory / 'decode.stablehlo').read_bytes())
+
+  def generate(self, prompts, *, max_new_tokens: int, stop_ids=None) -> list[list[int]]:
+    """New tokens of each prompt (a list of ids), ending with a stop id if one came
+    (default stop: the eod id), greedy."""
+    batch, prompt_len = self.spec['batch_size'], self.spec['prompt_len']
+    room = self.spec['max_len'] - max(map(len, prompts))
+    if len(prompts) > batch or max(map(len, prompts)) > prompt_len or max_new_tokens > room:
+      raise ValueError(f'{len(prompts)} prompts of up to {max(map(len, prompts))} tokens and '
+                       f'{max_new_tokens} new tokens do not fit the export: batch {batch}, '
+                       f'prompts of up to {prompt_len}, {self.spec["max_len"]} positions')
+    stops = {self.spec['eod_id']} if stop_ids is None else set(stop_ids)
+    tokens = np.zeros((batch, prompt_len), np.int32)
+    lengths = np.ones(batch, np.int32)  # unused rows: one-token dummy prompts
+    for i, prompt in enumerate(prompts):
+      tokens[i, :len(prompt)], lengths[i] = prompt, len(prompt)
+    logits, caches = self.prefill.call(self.weights, tokens, lengths)
+    out = [[] for _ in prompts]
+    for step in range(max_new_tokens):
+      new = np.asarray(jax.numpy.argmax(logits, axis=-1), np.int32)
+      for i, row in enumerate(out):
+        if not (row and row[-1] in stops):
+          row.append(int(new[i]))
+      if step + 1 == max_new_tokens or all(row[-1] in stops for row in out):
+        break
+      logits, caches = self.decode.call(self.weights, caches, new, lengths + step)
+    return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('directory')
+  parser.add_argument('prompts', nargs='+', help='comma-separated token ids')
+  parser.add_argument('--max_new_tokens', type=int, default=32)
+  parser.add_argument('--ignore_eod', action='store_true')
+  args = parser.parse_args()
+  model = StableHLOModel(args.directory)
+  prompts = [[int(t) for t in p.split(',')] for p in args.prompts]
+  for row in model.generate(prompts, max_new_tokens=args.max_new_tokens,
+                            stop_ids=() if args.ignore_eod else None):
+    print(','.join(map(str, row)))
+
+
+if __name__ == '__main__':
+  main()

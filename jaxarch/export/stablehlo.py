@@ -1,0 +1,112 @@
+"""A model's prefill and decode step as StableHLO (`jax.export`), run without jaxarch.
+
+  OUT/prefill.stablehlo   (weights, tokens [b, p], lengths [b]) -> (logits [b, vocab], caches)
+  OUT/decode.stablehlo    (weights, caches, tokens [b], positions [b]) -> (logits, caches)
+  OUT/model.safetensors   the weights both take, by name (as `export.weights` writes them)
+  OUT/stablehlo.json      batch size, prompt and cache lengths, vocabulary, special ids
+  OUT/run_stablehlo.py    the loader: greedy generation with jax, numpy and safetensors only
+
+`weights` and `caches` are dicts of arrays keyed by name. Prompts are right-padded to p
+tokens (a multiple of MEGABYTE's patch size), caches hold `max_len` positions, so a
+prompt of n tokens can be continued by up to `max_len - p` tokens. The functions are
+serialized for the platforms asked for (default: the one exporting), with the batch
+size fixed: `jax.export` bakes the shapes in.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from jaxarch.export import run_stablehlo
+from jaxarch.export.weights import ExportError, flat_arrays, write_model
+from jaxarch.infer.decoding import for_inference
+
+
+def _named(state: nnx.State) -> dict[str, tuple]:
+  return {'.'.join(map(str, path)): (path, variable)
+          for path, variable in nnx.to_flat_state(state)}
+
+
+def _state(template: dict[str, tuple], arrays: dict[str, jax.Array]) -> nnx.State:
+  """The State of `template` (`_named`) holding `arrays` instead."""
+  return nnx.from_flat_state([(path, variable.replace(arrays[name]))
+                              for name, (path, variable) in template.items()])
+
+
+def export_stablehlo(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path, *,
+                     batch_size: int, prompt_len: int, max_len: int,
+                     platforms: tuple[str, ...] | None = None, source: str = '') -> Path:
+  """Writes OUT as above for `model` (built from `cfg`)."""
+  patch = cfg.model.megabyte.patch_size if cfg.model.family == 'megabyte' else 1
+  if batch_size < 1 or prompt_len < 1 or prompt_len % patch:
+    raise ExportError(f'export: batch_size={batch_size} and prompt_len={prompt_len} must be '
+                      f'positive, prompt_len a multiple of the patch size {patch}')
+  if not prompt_len < max_len <= cfg.model.max_len:
+    raise ExportError(f'export: need prompt_len={prompt_len} < max_len={max_len} <= '
+                      f'model.max_len={cfg.model.max_len}')
+  out = write_model(model, cfg, out, source=source)
+  model = for_inference(model)
+  graphdef, weights_state = nnx.split(model)
+  weights_template = _named(weights_state)
+  weights = flat_arrays(model)
+
+  def with_caches(weights):
+    model = nnx.merge(graphdef, _state(weights_template, weights))
+    model.init_cache(batch_size, max_len)
+    return model
+
+  def caches_of(model) -> dict[str, jax.Array]:
+    return {name: v.get_value() for name, (_, v) in _named(nnx.state(model, nnx.Cache)).items()}
+
+  def prefill(weights, tokens, lengths):
+    model = with_caches(weights)
+    logits = model.prefill(tokens, lengths)
+    return logits.astype(jnp.float32), caches_of(model)
+
+  def decode(weights, caches, tokens, positions):
+    model = with_caches(weights)
+    nnx.update(model, _state(_named(nnx.state(model, nnx.Cache)), caches))
+    logits = model.decode_step(tokens, positions)
+    return logits.astype(jnp.float32), caches_of(model)
+
+  spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+  weight_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in weights.items()}
+  kwargs = {} if platforms is None else {'platforms': platforms}
+  exported_prefill = jax.export.export(jax.jit(prefill), **kwargs)(
+      weight_specs, spec((batch_size, prompt_len)), spec((batch_size,)))
+  _, cache_specs = jax.eval_shape(prefill, weight_specs, spec((batch_size, prompt_len)),
+                                  spec((batch_size,)))
+  exported_decode = jax.export.export(jax.jit(decode), **kwargs)(
+      weight_specs, cache_specs, spec((batch_size,)), spec((batch_size,)))
+  (out / 'prefill.stablehlo').write_bytes(exported_prefill.serialize())
+  (out / 'decode.stablehlo').write_bytes(exported_decode.serialize())
+  tokenizer = json.loads((out / 'tokenizer.json').read_text())
+  (out / 'stablehlo.json').write_text(json.dumps({
+      'batch_size': batch_size, 'prompt_len': prompt_len, 'max_len': max_len,
+      'vocab_size': tokenizer['vocab_size'], 'eod_id': tokenizer['eod_id'],
+      'pad_id': tokenizer['pad_id'], 'platforms': list(exported_prefill.platforms),
+  }, indent=2) + '\n')
+  shutil.copy(run_stablehlo.__file__, out / 'run_stablehlo.py')
+  with open(out / 'README.md', 'a') as readme:
+    readme.write(_README.format(batch=batch_size, prompt_len=prompt_len, max_len=max_len,
+                                platforms=', '.join(exported_prefill.platforms), out=out))
+  return out
+
+
+_README = """
+## StableHLO
+
+`prefill.stablehlo` and `decode.stablehlo` are the model's prefill and decode step
+serialized with `jax.export` for {platforms}: batch {batch}, prompts right-padded to
+{prompt_len} tokens, caches of {max_len} positions. `run_stablehlo.py` generates with them
+using only jax, numpy and safetensors (no jaxarch):
+
+```bash
+python {out}/run_stablehlo.py {out} 257,100,101,102 --max_new_tokens=32
+```
+"""

@@ -1,0 +1,138 @@
+"""A trained model as safetensors with stable flat names, its config and tokenizer, and back.
+
+  OUT/model.safetensors   every variable of the model (parameters, and buffers such as
+                          UltraMem's Tucker vectors), named by its path: 'embed.embedding',
+                          'blocks.3.attn.q_proj', 'blocks.1.mlp.gate'; a BiTA model's are
+                          'base.…' (the frozen model) beside 'prompt_k', 'prompt_v',
+                          'mask_embed'
+  OUT/config.json         the run's resolved config (`jaxarch.config.load_json` reads it)
+  OUT/tokenizer.json      how text becomes ids: the tokenizer spec and its special ids;
+                          a SentencePiece or tokenizer.json file is copied beside it
+  OUT/README.md           what the directory holds and how to load it
+
+Names are the module attribute paths joined by dots, so they change only when a module's
+attribute names do. `load_safetensors` builds the model from config.json with abstract
+shapes and fills in the arrays, checking that every name and shape matches.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import safetensors.flax
+from flax import nnx
+
+from jaxarch import config as config_lib
+from jaxarch import models
+from jaxarch.data import get_tokenizer
+
+WEIGHTS = 'model.safetensors'
+
+
+class ExportError(RuntimeError):
+  """An export directory that cannot be written or read back; one line for the user."""
+
+
+def _exported_state(model: nnx.Module) -> nnx.State:
+  """The variables that define the model's outputs: not decode caches nor sown values."""
+  return nnx.state(model, nnx.Not(nnx.Any(nnx.Cache, nnx.Intermediate)))
+
+
+def flat_arrays(model: nnx.Module) -> dict[str, jax.Array]:
+  """'blocks.3.attn.q_proj' -> array, for every exported variable of `model`."""
+  return {'.'.join(map(str, path)): variable.get_value()
+          for path, variable in nnx.to_flat_state(_exported_state(model))}
+
+
+def write_model(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path, *,
+                source: str = '') -> Path:
+  """Writes `model` (built from `cfg`) as OUT/{model.safetensors, config.json, ...}."""
+  out = Path(out)
+  if out.exists() and any(out.iterdir()):
+    raise ExportError(f'export: {out} exists and is not empty; choose a new --out')
+  out.mkdir(parents=True, exist_ok=True)
+  arrays = {k: jax.device_get(v) for k, v in flat_arrays(model).items()}
+  safetensors.flax.save_file(arrays, out / WEIGHTS,
+                             metadata={'format': 'jaxarch', 'family': cfg.model.family})
+  cfg = _with_portable_tokenizer(cfg, out)
+  config_lib.save(cfg, out / 'config.json')
+  tokenizer = get_tokenizer(_resolve_tokenizer(cfg.data.tokenizer, out))
+  (out / 'tokenizer.json').write_text(json.dumps({
+      'spec': cfg.data.tokenizer, 'vocab_size': tokenizer.vocab_size,
+      'eod_id': tokenizer.eod_id, 'pad_id': tokenizer.pad_id,
+      'bos': 'prompts start with eod_id, which the model was trained to read as BOS'},
+      indent=2) + '\n')
+  count = sum(int(np.prod(a.shape)) for a in arrays.values())
+  (out / 'README.md').write_text(_README.format(
+      family=cfg.model.family, source=source or 'a jaxarch run', arrays=len(arrays),
+      count=count, out=out))
+  return out
+
+
+def _with_portable_tokenizer(cfg, out: Path):
+  """A tokenizer file is copied into OUT and the config names it relative to OUT."""
+  spec = cfg.data.tokenizer
+  if spec == 'bytes' or not Path(spec).expanduser().is_file():
+    return cfg
+  source = Path(spec).expanduser()
+  shutil.copy(source, out / source.name)
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  cfg.data.tokenizer = source.name
+  return cfg
+
+
+def _resolve_tokenizer(spec: str, out: Path) -> str:
+  return str(out / spec) if spec != 'bytes' and (out / spec).is_file() else spec
+
+
+def load_safetensors(out: str | Path) -> tuple[ml_collections.ConfigDict, nnx.Module]:
+  """(config, model) from an export directory; the model's logits equal the run's."""
+  out = Path(out)
+  for name in ('config.json', WEIGHTS):
+    if not (out / name).is_file():
+      raise ExportError(f'export: {out / name} not found; is {out} a `jaxarch export` '
+                        'directory?')
+  cfg = config_lib.load_json(out / 'config.json')
+  with cfg.unlocked():
+    cfg.data.tokenizer = _resolve_tokenizer(cfg.data.tokenizer, out)
+  abstract = nnx.eval_shape(lambda: models.build(cfg.model, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  arrays = safetensors.flax.load_file(out / WEIGHTS)
+  wanted = dict(nnx.to_flat_state(_exported_state(abstract)))
+  names = {'.'.join(map(str, path)): path for path in wanted}
+  missing, extra = sorted(set(names) - set(arrays)), sorted(set(arrays) - set(names))
+  if missing or extra:
+    raise ExportError(f'export: {out / WEIGHTS} does not fit {cfg.model.family} config.json: '
+                      f'{len(missing)} names missing (e.g. {missing[:1]}), {len(extra)} '
+                      f'unknown (e.g. {extra[:1]})')
+  flat = dict(nnx.to_flat_state(state))
+  for name, path in names.items():
+    want, got = flat[path].get_value(), arrays[name]
+    if (tuple(want.shape), want.dtype) != (tuple(got.shape), got.dtype):
+      raise ExportError(f'export: {name} is {got.dtype}{list(got.shape)} in {out / WEIGHTS}, '
+                        f'the config expects {want.dtype}{list(want.shape)}')
+    flat[path].set_value(got)
+  return cfg, nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+_README = """# A jaxarch {family} model
+
+Exported from {source}: {arrays} arrays, {count:,} numbers.
+
+- `model.safetensors`: the weights (and buffers), named by module path
+  (`blocks.3.attn.q_proj`); read them with any safetensors library.
+- `config.json`: the run's config; `model` describes the architecture.
+- `tokenizer.json`: the tokenizer (`spec`) and its special ids. Prompts start with
+  `eod_id`, which the model reads as the beginning of a document.
+
+Load it back with jaxarch:
+
+```python
+from jaxarch.export import load_safetensors
+cfg, model = load_safetensors('{out}')
+logits = model(tokens)  # tokens: int32 [batch, length] -> [batch, length, vocab]
+```
+"""

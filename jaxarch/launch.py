@@ -1,0 +1,316 @@
+"""`jaxarch launch`: a config's training run rendered as a cluster job from launch/ templates.
+
+  jaxarch launch --config=configs/dense.py:1.6b --target=slurm --workdir=/shared/runs/1.6b \
+      --config.launch.nodes=4 --config.mesh.ici.fsdp=8 --config.mesh.dcn.data=4 [--dry-run]
+
+The `launch` config section describes the cluster; it must add up with the mesh
+(launch.nodes × launch.devices_per_node = the mesh's devices), which is checked here,
+before anything is written, rather than minutes into a job. Every process of the job runs
+`jaxarch train --config=SPEC --workdir=WORKDIR --config.k=v ...` (the overrides given to
+launch, less the launch.* ones) and finds the others as jaxarch.parallel.distributed
+expects:
+
+  slurm    one task per node under srun; jax.distributed reads SLURM's variables
+  gke      GPU: JAX_COORDINATOR_ADDRESS (pod 0's name in the JobSet's headless service),
+           JAX_NUM_PROCESSES and JAX_PROCESS_ID (the pod's completion index);
+           TPU: TPU_WORKER_HOSTNAMES, which GKE sets. Also the same job as an xpk command.
+  tpu-vm   `gcloud ... ssh --worker=all` with JAXARCH_DISTRIBUTED=1 on a multi-host TPU VM
+  ray      the entrypoint sets the JAX_* variables of each node from the first one's address
+
+Nothing here submits a job: `render` returns the files and the command that submits
+them, `write` writes the files.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shlex
+import string
+from collections.abc import Sequence
+from pathlib import Path
+
+from jaxarch import config as config_lib
+
+ConfigError = config_lib.ConfigError
+
+TEMPLATES = Path(__file__).resolve().parent.parent / 'launch'
+TARGETS = ('slurm', 'gke', 'tpu-vm', 'ray')
+# Targets and the accelerators they run on: GKE and its xpk command take both kinds.
+GPU_TARGETS = ('slurm', 'gke', 'ray')
+TPU_TARGETS = ('gke', 'tpu-vm')
+# TensorCores per chip by TPU generation, to count the chips of a type: v5p-32 has 16.
+# Other generations are not checked.
+TPU_CORES_PER_CHIP = {'v4': 2, 'v5p': 2, 'v5litepod': 1, 'v5e': 1, 'v6e': 1}
+# Kubernetes object names (JobSet pods add '-workers-0-0' and must stay within 63).
+NAME = re.compile(r'[a-z]([-a-z0-9]{0,38}[a-z0-9])?')
+
+
+@dataclasses.dataclass
+class Job:
+  files: dict[Path, str]  # path -> text, written by `write`
+  submit: str  # the command that submits the job
+  alternatives: tuple[str, ...] = ()  # other ways to submit the same job
+
+
+def train_command(spec: str, workdir: str | os.PathLike, overrides: Sequence[str]) -> list[str]:
+  """What every process runs: `--config.k=v`, `config.k=v` or `k=v` overrides, launch.* dropped."""
+  keys = [o.removeprefix('--').removeprefix('config.') for o in overrides]
+  return ['jaxarch', 'train', f'--config={spec}', f'--workdir={workdir}',
+          *[f'--config.{k}' for k in keys if not k.startswith('launch.')]]
+
+
+def render(target: str, cfg, *, spec: str, workdir: str | os.PathLike,
+           overrides: Sequence[str] = (), out: str | os.PathLike) -> Job:
+  """The job of `target` for the config (checked against its mesh), its files under `out`."""
+  if target not in TARGETS:
+    raise ConfigError(f'--target={target!r} must be one of {", ".join(TARGETS)}')
+  shape = check(cfg, target)
+  launch = cfg.launch
+  if _kind(launch.accelerator) == 'tpu':
+    where = (f'{launch.slices} x {launch.tpu_type} ({launch.nodes} hosts x '
+             f'{launch.devices_per_node} chips)')
+  else:
+    where = f'{launch.nodes} nodes x {launch.devices_per_node} {launch.accelerator}'
+  mesh = ' '.join(f'{a}={s}' for a, s in shape.items())
+  values = dict(name=launch.name, nodes=launch.nodes, coordinator_port=launch.coordinator_port,
+                description=f'{spec} on {where}, mesh {mesh}')
+  command = train_command(spec, workdir, overrides)
+  return _RENDER[target](launch, command, Path(out), values)
+
+
+def write(job: Job) -> None:
+  for path, text in job.files.items():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    if path.suffix in ('.sh', '.sbatch'):
+      path.chmod(0o755)
+
+
+def render_run(target: str, run, run_dir: Path) -> str:
+  """A sweep's run (`jaxarch.sweep.plan.Run`) as a job in RUN_DIR/launch, written; returns
+  the command that submits it. Jobs are named launch.name-RUN so that they do not clash."""
+  cfg = run.config()
+  cfg.launch.name = re.sub(r'[^a-z0-9-]+', '-', f'{cfg.launch.name}-{run.name}'.lower())
+  job = render(target, cfg, spec=run.spec, workdir=run_dir, overrides=run.overrides,
+               out=Path(run_dir) / 'launch')
+  write(job)
+  return job.submit
+
+
+# Checks: the cluster against the target and the mesh.
+
+
+def check(cfg, target: str) -> dict[str, int]:
+  """Raises ConfigError unless the launch section fits the target and the mesh; returns
+  the mesh's axis sizes on the cluster's devices."""
+  launch = cfg.launch
+  for key in ('nodes', 'devices_per_node', 'slices', 'coordinator_port'):
+    config_lib._positive_int(cfg, f'launch.{key}')  # pylint: disable=protected-access
+  if launch.coordinator_port > 65535:
+    raise ConfigError(f'launch.coordinator_port={launch.coordinator_port} must be a TCP port '
+                      '(1-65535)')
+  if not NAME.fullmatch(launch.name):
+    raise ConfigError(f'launch.name={launch.name!r} must be 1-40 lowercase letters, digits '
+                      "and '-', starting with a letter (it names pods and hosts)")
+  kind = _kind(launch.accelerator)
+  targets = GPU_TARGETS if kind == 'gpu' else TPU_TARGETS
+  if target not in targets:
+    raise ConfigError(f'launch.accelerator={launch.accelerator!r} is a {kind.upper()}; '
+                      f'--target={target} runs {"TPU" if kind == "gpu" else "GPU"} jobs '
+                      f'(for {kind.upper()}s: {", ".join(targets)})')
+  if kind == 'gpu' and launch.slices != 1:
+    raise ConfigError(f'launch.slices={launch.slices} is for TPU multislice; GPU jobs count '
+                      'their hosts in launch.nodes')
+  if kind == 'tpu':
+    _check_tpu(launch, target)
+  shape, dcn = _check_mesh(cfg)
+  if kind == 'tpu' and dcn != launch.slices:
+    raise ConfigError(f'{_sizes(cfg, "dcn")} spans {dcn} slices but launch.slices='
+                      f'{launch.slices}; make the mesh.dcn sizes multiply to {launch.slices}')
+  if kind == 'gpu' and dcn not in (1, launch.nodes):
+    raise ConfigError(f'{_sizes(cfg, "dcn")} spans {dcn} processes but there are '
+                      f'launch.nodes={launch.nodes}, one per node; make the mesh.dcn sizes '
+                      f'multiply to {launch.nodes}, or to 1 (ici then spans the nodes)')
+  config_lib.validate(cfg, num_devices=launch.nodes * launch.devices_per_node)  # the batch
+  return shape
+
+
+def _kind(accelerator: str) -> str:
+  if isinstance(accelerator, str) and accelerator.startswith('nvidia-'):
+    return 'gpu'
+  if isinstance(accelerator, str) and accelerator.startswith('tpu-'):
+    return 'tpu'
+  raise ConfigError(f'launch.accelerator={accelerator!r} must be a GKE accelerator name: '
+                    'nvidia-* for GPUs (nvidia-h100-80gb) or tpu-* for TPU slices '
+                    '(tpu-v5p-slice)')
+
+
+def _check_tpu(launch, target: str) -> None:
+  if launch.nodes % launch.slices:
+    raise ConfigError(f'launch.nodes={launch.nodes} hosts do not split evenly into '
+                      f'launch.slices={launch.slices}')
+  if target == 'tpu-vm' and launch.slices != 1:
+    raise ConfigError(f'launch.slices={launch.slices}: --target=tpu-vm runs on one TPU VM '
+                      'slice; run several slices with --target=gke')
+  hosts = launch.nodes // launch.slices
+  if target == 'gke' and launch.slices > 1 and hosts == 1:
+    raise ConfigError(f'launch.slices={launch.slices} slices of one host each: GKE joins '
+                      'multi-host slices only; use fewer, larger slices')
+  chips = hosts * launch.devices_per_node
+  per_slice = (f'launch.nodes={launch.nodes} / launch.slices={launch.slices} x '
+               f'launch.devices_per_node={launch.devices_per_node} = {chips} chips per slice')
+  topology = launch.tpu_topology
+  if not (isinstance(topology, str) and re.fullmatch(r'\d+(x\d+)+', topology)):
+    raise ConfigError(f'launch.tpu_topology={topology!r} must look like 2x2x4 (v4, v5p) or '
+                      '4x4 (v5e, v6e)')
+  if math.prod(map(int, topology.split('x'))) != chips:
+    raise ConfigError(f'launch.tpu_topology={topology} has '
+                      f'{math.prod(map(int, topology.split("x")))} chips but {per_slice}')
+  match = re.fullmatch(r'([a-z0-9]+)-(\d+)', str(launch.tpu_type))
+  if not match:
+    raise ConfigError(f'launch.tpu_type={launch.tpu_type!r} must look like v5p-32 '
+                      '(generation-cores)')
+  cores = TPU_CORES_PER_CHIP.get(match[1])
+  if cores and int(match[2]) != chips * cores:
+    raise ConfigError(f'launch.tpu_type={launch.tpu_type} has {int(match[2]) // cores} chips '
+                      f'but {per_slice} ({match[1]}-{chips * cores})')
+
+
+def _check_mesh(cfg) -> tuple[dict[str, int], int]:
+  """(size of each mesh axis, devices spanned by mesh.dcn) on the cluster's devices."""
+  launch = cfg.launch
+  devices = launch.nodes * launch.devices_per_node
+  ici, dcn = config_lib._mesh_sizes(cfg)  # pylint: disable=protected-access
+  sizes = (*ici.values(), *dcn.values())
+  fixed = math.prod(s for s in sizes if s != -1)
+  if (devices % fixed) if -1 in sizes else (fixed != devices):
+    needs = f'a multiple of {fixed}' if -1 in sizes else fixed
+    raise ConfigError(f'the mesh needs {needs} devices ({_sizes(cfg, "ici")}, '
+                      f'{_sizes(cfg, "dcn")}) but launch.nodes={launch.nodes} x '
+                      f'launch.devices_per_node={launch.devices_per_node} = {devices}')
+  shape = config_lib.mesh_shape(cfg, devices)
+  spanned = math.prod(dcn[a] if dcn[a] != -1 else shape[a] // ici[a] for a in dcn)
+  return shape, spanned
+
+
+def _sizes(cfg, level: str) -> str:
+  """'mesh.ici data=2 fsdp=8': the sizes that are not 1."""
+  sizes = [f'{a}={s}' for a, s in cfg.mesh[level].items() if s != 1]
+  return f'mesh.{level} {" ".join(sizes) or "1"}'
+
+
+# Rendering: templates in launch/ filled in with string.Template.
+
+
+def _template(template: str, /, **values) -> str:
+  """launch/TEMPLATE with ${key} filled in; a line that is only an empty ${key} goes."""
+  path = TEMPLATES / template
+  if not path.is_file():
+    raise FileNotFoundError(f'launch template {path} not found; `jaxarch launch` renders '
+                            'from a checkout of the repository (launch/)')
+  text = path.read_text()
+  for key, value in values.items():
+    if value == '':
+      text = re.sub(rf'^\$\{{{key}\}}\n', '', text, flags=re.M)
+  return string.Template(text).substitute(values)
+
+
+def gpu_env() -> dict[str, str]:
+  """launch/gpu.env as NAME -> value, its XLA_FLAGS lines joined."""
+  env = {}
+  for line in (TEMPLATES / 'gpu.env').read_text().splitlines():
+    line = line.strip()
+    if line and not line.startswith('#'):
+      name, _, value = line.partition('=')
+      env[name] = f'{env[name]} {value}' if name == 'XLA_FLAGS' and name in env else value
+  return env
+
+
+def _env_file(env: dict[str, str]) -> str:
+  return '# launch/gpu.env, XLA_FLAGS joined\n' + ''.join(f'{k}={v}\n' for k, v in env.items())
+
+
+def _gcloud_flags(launch) -> list[str]:
+  return [f'--{key}={launch[key]}' for key in ('project', 'zone') if launch[key]]
+
+
+def _slurm(launch, command, out, values) -> Job:
+  options = [f'#SBATCH --{key}={launch[key]}' for key in ('partition', 'account')
+             if launch[key]]
+  path = out / 'train.sbatch'
+  text = _template(
+      'slurm/train.sbatch', **values, gpus_per_node=launch.devices_per_node,
+      time_limit=launch.time_limit, chdir=shlex.quote(os.getcwd()),
+      site_options='\n'.join(options), setup=launch.setup,
+      gpu_env='\n'.join(f'export {k}={shlex.quote(v)}' for k, v in gpu_env().items()),
+      command=shlex.join(command))
+  return Job({path: text}, f'sbatch {shlex.quote(str(path))}')
+
+
+def _gke(launch, command, out, values) -> Job:
+  tpu = _kind(launch.accelerator) == 'tpu'
+  common = dict(values, image=launch.image, accelerator=launch.accelerator,
+                max_restarts=launch.max_restarts, command=json.dumps(command))
+  path = out / 'jobset.yaml'
+  if tpu:
+    files = {path: _template(
+        'gke/jobset-tpu.yaml', **common, slices=launch.slices,
+        hosts_per_slice=launch.nodes // launch.slices, topology=launch.tpu_topology,
+        chips_per_host=launch.devices_per_node)}
+  else:
+    env = ''.join(f'              - name: {k}\n                value: {json.dumps(v)}\n'
+                  for k, v in gpu_env().items())
+    files = {path: _template('gke/jobset-gpu.yaml', **common, gpus_per_node=
+                             launch.devices_per_node, gpu_env=env.rstrip('\n'))}
+  job = Job(files, f'kubectl apply -f {shlex.quote(str(path))}')
+  if launch.cluster:  # xpk needs to know the cluster; kubectl uses the current context
+    xpk = out / 'xpk.sh'
+    flags = [f'--cluster={launch.cluster}', f'--workload={launch.name}',
+             f'--docker-image={launch.image}', *_gcloud_flags(launch)]
+    shell = shlex.join(command)
+    if tpu:
+      flags += [f'--tpu-type={launch.tpu_type}', f'--num-slices={launch.slices}']
+    else:
+      # xpk sets JAX_COORDINATOR_ADDRESS (a host), JAX_COORDINATOR_PORT, NNODES and
+      # NODE_RANK; jaxarch reads HOST:PORT, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+      env_file = out / 'gpu.env'
+      files[env_file] = _env_file(gpu_env())
+      flags += [f'--device-type={launch.accelerator.removeprefix("nvidia-")}-'
+                f'{launch.devices_per_node}', f'--num-nodes={launch.nodes}',
+                f'--env-file={env_file}']
+      shell = ('JAX_COORDINATOR_ADDRESS=$JAX_COORDINATOR_ADDRESS:$JAX_COORDINATOR_PORT '
+               'JAX_NUM_PROCESSES=$NNODES JAX_PROCESS_ID=$NODE_RANK ' + shell)
+    flags = [shlex.quote(f) for f in flags] + [f'--command={shlex.quote(shell)}']
+    files[xpk] = _template('gke/xpk.sh', **values, flags=' \\\n  '.join(flags))
+    job.alternatives = (f'bash {shlex.quote(str(xpk))}',)
+  return job
+
+
+def _tpu_vm(launch, command, out, values) -> Job:
+  steps = [launch.setup] if launch.setup else []
+  # Several workers: every process joins jax.distributed, which reads the TPU metadata.
+  steps.append(('JAXARCH_DISTRIBUTED=1 ' if launch.nodes > 1 else '') + shlex.join(command))
+  flags = ''.join(f'{shlex.quote(f)} ' for f in _gcloud_flags(launch))
+  path = out / 'run.sh'
+  text = _template('tpu_vm/run.sh', **values, gcloud_flags=flags,
+                   remote_command=shlex.quote(' && '.join(steps)))
+  return Job({path: text}, f'bash {shlex.quote(str(path))}')
+
+
+def _ray(launch, command, out, values) -> Job:
+  entrypoint = ['python', 'entrypoint.py', f'--nodes={launch.nodes}',
+                f'--gpus_per_node={launch.devices_per_node}',
+                f'--port={launch.coordinator_port}', '--env_file=gpu.env', '--', *command]
+  submit = shlex.join(['ray', 'job', 'submit', f'--working-dir={out}', '--', *entrypoint])
+  in_script = 'ray job submit --working-dir="$(dirname "$0")" -- ' + shlex.join(entrypoint)
+  files = {
+      out / 'submit.sh': _template('ray/submit.sh', **values, submit=in_script),
+      out / 'entrypoint.py': (TEMPLATES / 'ray' / 'entrypoint.py').read_text(),
+      out / 'gpu.env': _env_file(gpu_env()),
+  }
+  return Job(files, submit, (f'bash {shlex.quote(str(out / "submit.sh"))}',))
+
+
+_RENDER = {'slurm': _slurm, 'gke': _gke, 'tpu-vm': _tpu_vm, 'ray': _ray}

@@ -1,0 +1,140 @@
+"""Export: safetensors round trips for every family, StableHLO that generates the same
+tokens as jaxarch without jaxarch, and the command line."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import safetensors.flax
+from flax import nnx
+
+from conftest import FAMILIES, family_config
+from jaxarch import cli
+from jaxarch import config as config_lib
+from jaxarch import infer, models
+from jaxarch.export import ExportError, export_stablehlo, load_safetensors, write_model
+from jaxarch.export.run_stablehlo import StableHLOModel
+from jaxarch.parallel import make_mesh
+from jaxarch.train.checkpoint import Checkpointer
+from jaxarch.train.pretrained import load_model
+from jaxarch.train.state import init_state, make_setup
+
+TOKENS = np.array([[257, 100, 101, 102, 103, 104, 105, 106]], np.int32)
+
+
+def _bita_config():
+  cfg = family_config('dense')
+  with cfg.unlocked():
+    cfg.model = config_lib.bita_model(cfg.model, dict(
+        num_prompt_tokens=4, num_mask_tokens=3, draft_tree=(2, 2), train_groups=0,
+        init_std=0.02))
+    cfg.data.source = 'distilled:/data/of/the/base/run'
+  return config_lib.validate(cfg)
+
+
+def _config(family):
+  return _bita_config() if family == 'bita' else family_config(family)
+
+
+def _model(cfg, seed=0):
+  return models.build(cfg.model, rngs=nnx.Rngs(seed))
+
+
+@pytest.mark.parametrize('family', [*FAMILIES, 'bita'])
+def test_safetensors_round_trip_gives_identical_logits(tmp_path, family):
+  cfg = _config(family)
+  model = _model(cfg)
+  write_model(model, cfg, tmp_path / 'out')
+  loaded_cfg, loaded = load_safetensors(tmp_path / 'out')
+  assert loaded_cfg.model.to_dict() == cfg.model.to_dict()
+  np.testing.assert_array_equal(np.asarray(loaded(TOKENS)), np.asarray(model(TOKENS)))
+  names = set(safetensors.flax.load_file(tmp_path / 'out' / 'model.safetensors'))
+  assert all(not n.endswith('.value') and '/' not in n for n in names)
+  if family == 'bita':  # the prompt parameters beside the frozen base
+    assert {'prompt_k', 'prompt_v', 'mask_embed'} <= names
+    assert 'base.blocks.0.attn.q_proj' in names
+  else:
+    assert 'blocks.0.attn.q_proj' in names or 'global_model.blocks.0.attn.q_proj' in names
+  tokenizer = json.loads((tmp_path / 'out' / 'tokenizer.json').read_text())
+  assert tokenizer == {**tokenizer, 'spec': 'bytes', 'vocab_size': 258, 'eod_id': 257}
+
+
+def test_loading_weights_of_another_shape_names_the_array(tmp_path):
+  cfg = family_config('dense')
+  write_model(_model(cfg), cfg, tmp_path / 'out')
+  saved = json.loads((tmp_path / 'out' / 'config.json').read_text())
+  saved['model']['d_ff'] = 2 * saved['model']['d_ff']
+  (tmp_path / 'out' / 'config.json').write_text(json.dumps(saved))
+  with pytest.raises(ExportError, match=r'blocks\.0\.mlp\.\w+ is float32\[\d+, \d+\]'):
+    load_safetensors(tmp_path / 'out')
+  with pytest.raises(ExportError, match='exists and is not empty'):
+    write_model(_model(cfg), cfg, tmp_path / 'out')
+
+
+@pytest.mark.parametrize('family', ['dense', 'megabyte'])
+def test_stablehlo_generates_the_tokens_of_jaxarch_generate(tmp_path, family):
+  cfg = _config(family)
+  model = _model(cfg, seed=1)
+  prompts = [[257, 100, 101, 102], [257, 50]]
+  export_stablehlo(model, cfg, tmp_path / 'out', batch_size=2, prompt_len=8, max_len=20)
+  want, _ = infer.generate(model, prompts, max_new_tokens=12, stop_ids=(257,))
+  got = StableHLOModel(tmp_path / 'out').generate(prompts, max_new_tokens=12)
+  assert got == want and len(got[0]) >= 1
+
+
+def test_stablehlo_loader_runs_without_jaxarch(tmp_path):
+  cfg = family_config('dense')
+  model = _model(cfg, seed=2)
+  out = export_stablehlo(model, cfg, tmp_path / 'out', batch_size=1, prompt_len=8,
+                         max_len=24)
+  want, _ = infer.generate(model, [[257, 72, 105]], max_new_tokens=10, stop_ids=())
+  # A fresh interpreter in which importing jaxarch fails.
+  code = ('import sys, runpy; sys.modules["jaxarch"] = None; '
+          f'sys.argv = ["run", "{out}", "257,72,105", "--max_new_tokens=10", "--ignore_eod"]; '
+          f'runpy.run_path("{out / "run_stablehlo.py"}", run_name="__main__")')
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          cwd=tmp_path, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split() == [','.join(map(str, want[0]))]
+
+
+def _workdir(tmp_path, family):
+  """A run's workdir: config.json and a checkpoint, as `jaxarch train` leaves them."""
+  cfg = family_config(family, data=8)
+  setup = make_setup(cfg, make_mesh(cfg))
+  checkpointer = Checkpointer(tmp_path / 'run', async_save=False)
+  checkpointer.save(1, init_state(cfg, setup))
+  checkpointer.close()
+  config_lib.save(cfg, tmp_path / 'run' / 'config.json')
+  return tmp_path / 'run'
+
+
+@pytest.mark.parametrize('fmt', ['safetensors', 'stablehlo'])
+def test_export_command_writes_the_run_s_latest_checkpoint(tmp_path, capsys, fmt):
+  workdir = _workdir(tmp_path, 'ultramem')
+  code = cli.main(['export', f'--workdir={workdir}', f'--out={tmp_path / "out"}',
+                   f'--format={fmt}', '--max_len=32', '--prompt_len=16'])
+  assert code == 0, capsys.readouterr().err
+  _, model = load_safetensors(tmp_path / 'out')
+  _, trained = load_model(workdir)
+  np.testing.assert_array_equal(np.asarray(model(TOKENS)), np.asarray(trained(TOKENS)))
+  if fmt == 'stablehlo':
+    want, _ = infer.generate(trained, [[257, 80, 81]], max_new_tokens=8, stop_ids=())
+    got = StableHLOModel(tmp_path / 'out').generate([[257, 80, 81]], max_new_tokens=8,
+                                                     stop_ids=())
+    assert got == want
+  assert cli.main(['export', f'--workdir={tmp_path / "nothing"}',
+                   f'--out={tmp_path / "out2"}']) == 2
+  assert 'config.json not found' in capsys.readouterr().err
+
+
+def test_unexportable_shapes_are_one_line(tmp_path):
+  cfg = family_config('megabyte')
+  with pytest.raises(ExportError, match='multiple of the patch size 4'):
+    export_stablehlo(_model(cfg), cfg, tmp_path / 'a', batch_size=1, prompt_len=6,
+                     max_len=20)
+  with pytest.raises(ExportError, match='max_len=999 <= model.max_len'):
+    export_stablehlo(_model(cfg), cfg, tmp_path / 'b', batch_size=1, prompt_len=8,
+                     max_len=999)

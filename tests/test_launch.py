@@ -1,0 +1,275 @@
+"""`jaxarch launch`: rendered cluster jobs are valid, add up with the mesh, and submit nothing."""
+
+import json
+import os
+import py_compile
+import shlex
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from jaxarch import cli
+from jaxarch import config as config_lib
+from jaxarch import launch
+
+SPEC = 'configs/dense.py:151m'
+# 4 nodes x 8 H100s = 32 GPUs: FSDP inside a node, data parallel across the 4 nodes.
+H100_4x8 = ['--config.launch.nodes=4', '--config.mesh.ici.fsdp=8', '--config.mesh.dcn.data=4']
+# 2 slices of v5p-32 (4 hosts x 4 chips each) = 32 chips: FSDP inside a slice.
+V5P_2x32 = ['--config.launch.accelerator=tpu-v5p-slice', '--config.launch.tpu_type=v5p-32',
+            '--config.launch.tpu_topology=2x2x4', '--config.launch.slices=2',
+            '--config.launch.nodes=8', '--config.launch.devices_per_node=4',
+            '--config.mesh.ici.fsdp=16', '--config.mesh.dcn.data=2']
+
+
+def _launch(capsys, target, out, *flags):
+  code = cli.main(['launch', f'--config={SPEC}', f'--target={target}',
+                   '--workdir=gs://bucket/runs/151m', f'--out={out}', *flags])
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err
+
+
+def _bash_syntax_ok(path):
+  result = subprocess.run(['bash', '-n', str(path)], capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+
+
+def _flags(script_text):
+  """The --key=value arguments of the shell command in a rendered script."""
+  words = shlex.split(script_text, comments=True)
+  return dict(w[2:].split('=', 1) for w in words if w.startswith('--') and '=' in w)
+
+
+def test_slurm_job_runs_one_process_per_node_and_is_valid_bash(tmp_path, capsys):
+  code, out, _ = _launch(capsys, 'slurm', tmp_path, *H100_4x8,
+                         '--config.launch.partition=gpu', '--config.train.steps=5000')
+  assert code == 0
+  path = tmp_path / 'train.sbatch'
+  assert out.strip() == f'sbatch {path}'
+  _bash_syntax_ok(path)
+  assert os.access(path, os.X_OK)
+  text = path.read_text()
+  for directive in ('--nodes=4', '--ntasks-per-node=1', '--gpus-per-node=8',
+                    '--partition=gpu'):
+    assert f'#SBATCH {directive}\n' in text
+  assert '--xla_gpu_enable_latency_hiding_scheduler=true' in text
+  assert 'export NCCL_DEBUG=WARN' in text
+  (srun,) = [line for line in text.splitlines() if line.startswith('srun ')]
+  assert shlex.split(srun)[2:] == [
+      'jaxarch', 'train', f'--config={SPEC}', '--workdir=gs://bucket/runs/151m',
+      '--config.mesh.ici.fsdp=8', '--config.mesh.dcn.data=4', '--config.train.steps=5000']
+
+
+def test_gke_gpu_jobset_has_one_pod_per_node_and_their_gpus(tmp_path, capsys):
+  code, out, err = _launch(capsys, 'gke', tmp_path, *H100_4x8, '--config.launch.name=dense',
+                           '--config.launch.cluster=train', '--config.launch.zone=us-east5-a')
+  assert code == 0 and out.strip() == f'kubectl apply -f {tmp_path / "jobset.yaml"}'
+  jobset = yaml.safe_load((tmp_path / 'jobset.yaml').read_text())
+  assert jobset['kind'] == 'JobSet' and jobset['metadata']['name'] == 'dense'
+  (workers,) = jobset['spec']['replicatedJobs']
+  job = workers['template']['spec']
+  assert workers['replicas'] == 1 and job['parallelism'] == job['completions'] == 4
+  pod = job['template']['spec']
+  (container,) = pod['containers']
+  gpus = container['resources']['limits']['nvidia.com/gpu']
+  assert gpus == 8 and workers['replicas'] * job['parallelism'] * gpus == 32
+  assert pod['nodeSelector'] == {'cloud.google.com/gke-accelerator': 'nvidia-h100-80gb'}
+  assert container['command'][:4] == ['jaxarch', 'train', f'--config={SPEC}',
+                                      '--workdir=gs://bucket/runs/151m']
+  env = {e['name']: e for e in container['env']}
+  # Pod 0 of the JobSet, by its headless-service name.
+  assert env['JAX_COORDINATOR_ADDRESS']['value'] == f'dense-{workers["name"]}-0-0.dense:1234'
+  assert env['JAX_NUM_PROCESSES']['value'] == '4'
+  assert env['JAX_PROCESS_ID']['valueFrom']['fieldRef']['fieldPath'] == (
+      "metadata.annotations['batch.kubernetes.io/job-completion-index']")
+  assert '--xla_gpu_enable_latency_hiding_scheduler=true' in env['XLA_FLAGS']['value']
+  # The same job through xpk.
+  xpk = tmp_path / 'xpk.sh'
+  _bash_syntax_ok(xpk)
+  flags = _flags(xpk.read_text())
+  assert flags['device-type'] == 'h100-80gb-8' and flags['num-nodes'] == '4'
+  assert flags['cluster'] == 'train' and flags['zone'] == 'us-east5-a'
+  assert 'JAX_PROCESS_ID=$NODE_RANK jaxarch train' in flags['command']
+  assert f'bash {xpk}' in err
+
+
+def test_gke_tpu_jobset_and_xpk_command_have_the_slices_and_chips(tmp_path, capsys):
+  code, _, _ = _launch(capsys, 'gke', tmp_path, *V5P_2x32, '--config.launch.cluster=train')
+  assert code == 0
+  jobset = yaml.safe_load((tmp_path / 'jobset.yaml').read_text())
+  (slices,) = jobset['spec']['replicatedJobs']
+  job = slices['template']['spec']
+  assert slices['replicas'] == 2 and job['parallelism'] == job['completions'] == 4
+  pod = job['template']['spec']
+  chips = pod['containers'][0]['resources']['limits']['google.com/tpu']
+  assert chips == 4 and slices['replicas'] * job['parallelism'] * chips == 32
+  assert pod['nodeSelector'] == {'cloud.google.com/gke-tpu-accelerator': 'tpu-v5p-slice',
+                                 'cloud.google.com/gke-tpu-topology': '2x2x4'}
+  xpk = tmp_path / 'xpk.sh'
+  _bash_syntax_ok(xpk)
+  flags = _flags(xpk.read_text())
+  assert flags['tpu-type'] == 'v5p-32' and flags['num-slices'] == '2'
+  assert shlex.split(flags['command'])[:3] == ['jaxarch', 'train', f'--config={SPEC}']
+
+
+def test_tpu_vm_script_runs_the_job_on_every_worker(tmp_path, capsys):
+  code, out, _ = _launch(capsys, 'tpu-vm', tmp_path, *V5P_2x32[:3],
+                         '--config.launch.nodes=4', '--config.launch.devices_per_node=4',
+                         '--config.mesh.ici.fsdp=16', '--config.launch.name=pod',
+                         '--config.launch.zone=us-east5-a',
+                         '--config.launch.setup=cd ~/jaxarch && source .venv/bin/activate')
+  assert code == 0
+  path = tmp_path / 'run.sh'
+  assert out.strip() == f'bash {path}'
+  _bash_syntax_ok(path)
+  words = shlex.split(path.read_text(), comments=True)
+  assert words[:6] == ['set', '-euo', 'pipefail', 'gcloud', 'compute', 'tpus']
+  assert words[6:9] == ['tpu-vm', 'ssh', 'pod'] and '--worker=all' in words
+  flags = _flags(path.read_text())
+  assert flags['zone'] == 'us-east5-a'
+  setup, train = flags['command'].split(' && JAXARCH_DISTRIBUTED=1 ')
+  assert setup == 'cd ~/jaxarch && source .venv/bin/activate'
+  assert shlex.split(train)[:3] == ['jaxarch', 'train', f'--config={SPEC}']
+
+
+def test_ray_entrypoint_compiles_and_the_submit_command_starts_it(tmp_path, capsys):
+  code, out, _ = _launch(capsys, 'ray', tmp_path, '--config.launch.nodes=2',
+                         '--config.mesh.ici.fsdp=8', '--config.mesh.dcn.data=2')
+  assert code == 0
+  py_compile.compile(str(tmp_path / 'entrypoint.py'), doraise=True)
+  assert shlex.split(out) == [
+      'ray', 'job', 'submit', f'--working-dir={tmp_path}', '--', 'python', 'entrypoint.py',
+      '--nodes=2', '--gpus_per_node=8', '--port=1234', '--env_file=gpu.env', '--',
+      'jaxarch', 'train', f'--config={SPEC}', '--workdir=gs://bucket/runs/151m',
+      '--config.mesh.ici.fsdp=8', '--config.mesh.dcn.data=2']
+  _bash_syntax_ok(tmp_path / 'submit.sh')
+  lines = (tmp_path / 'gpu.env').read_text().splitlines()
+  assert dict(l.split('=', 1) for l in lines if not l.startswith('#')) == launch.gpu_env()
+
+
+@pytest.mark.parametrize('flags, words', [
+    (['--config.launch.nodes=4', '--config.mesh.ici.data=2', '--config.mesh.ici.fsdp=8'],
+     'the mesh needs 16 devices (mesh.ici data=2 fsdp=8, mesh.dcn 1) but launch.nodes=4 x '
+     'launch.devices_per_node=8 = 32'),
+    (['--config.launch.nodes=4', '--config.mesh.ici.fsdp=3'],
+     'the mesh needs a multiple of 3 devices'),
+    (['--config.launch.nodes=4', '--config.mesh.ici.fsdp=8', '--config.mesh.dcn.data=2'],
+     'mesh.dcn data=2 spans 2 processes but there are launch.nodes=4'),
+    (['--config.launch.nodes=64', '--config.mesh.ici.fsdp=8'],
+     'train.batch_size=256 must be divisible by 512'),
+    (['--config.launch.accelerator=tpu-v5p-slice'], "'tpu-v5p-slice' is a TPU; --target=slurm"),
+    (['--config.launch.slices=2'], 'launch.slices=2 is for TPU multislice'),
+])
+def test_a_cluster_that_does_not_fit_the_mesh_is_a_one_line_error(tmp_path, capsys, flags,
+                                                                   words):
+  code, out, err = _launch(capsys, 'slurm', tmp_path / 'jobs', *flags)
+  assert code == 2 and not out and not (tmp_path / 'jobs').exists()
+  assert err.count('\n') == 1 and words in err, err
+
+
+def test_tpu_slices_must_match_their_type_and_topology(tmp_path, capsys):
+  code, _, err = _launch(capsys, 'gke', tmp_path, *V5P_2x32, '--config.launch.tpu_type=v5p-16')
+  assert code == 2 and 'launch.tpu_type=v5p-16 has 8 chips' in err and '16 chips per slice' in err
+  code, _, err = _launch(capsys, 'gke', tmp_path, *V5P_2x32, '--config.mesh.dcn.data=1',
+                         '--config.mesh.ici.fsdp=32')
+  assert code == 2 and 'spans 1 slices but launch.slices=2' in err
+
+
+def test_dry_run_prints_the_job_and_writes_nothing(tmp_path, capsys):
+  workdir = tmp_path / 'run'
+  code = cli.main(['launch', f'--config={SPEC}', '--target=slurm', f'--workdir={workdir}',
+                   *H100_4x8, '--dry-run'])
+  captured = capsys.readouterr()
+  assert code == 0 and not list(tmp_path.iterdir())
+  path = workdir / 'launch' / 'train.sbatch'
+  assert captured.out.startswith(f'==> {path} <==\n#!/bin/bash\n')
+  assert '#SBATCH --nodes=4' in captured.out
+  assert f'nothing written; submit with: sbatch {path}' in captured.err
+
+
+def test_launch_keys_leave_the_config_hash_alone():
+  base = config_lib.load(SPEC)
+  assert config_lib.config_hash(config_lib.load(SPEC, ['launch.nodes=4'])) == (
+      config_lib.config_hash(base))
+  assert config_lib.config_hash(config_lib.load(SPEC, ['train.seed=1'])) != (
+      config_lib.config_hash(base))
+
+
+def test_gpu_recipe_flags_are_known_to_the_installed_jaxlib():
+  # XLA aborts at start-up on a flag it does not know; the control shows that it would.
+  def starts(flags):
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS='cpu')
+    return subprocess.run([sys.executable, '-c', 'import jax; jax.devices()'], env=env,
+                          capture_output=True).returncode == 0
+
+  assert starts(launch.gpu_env()['XLA_FLAGS'])
+  assert not starts('--xla_gpu_no_such_flag=true')
+
+
+# Sweeps render one job per run through the same targets.
+
+def _sweep_file(tmp_path):
+  members = [{'config': 'configs/dense.py:tiny', 'name': f'd{width}', 'model.d_model': width,
+              'model.d_ff': 2 * width, 'model.n_layers': 2} for width in (32, 64)]
+  path = tmp_path / 'sweep.py'
+  path.write_text(f'def get_sweep(arg=None):\n  return {members!r}\n')
+  return str(path)
+
+
+def test_sweep_renders_one_slurm_job_per_run(tmp_path, capsys):
+  workdir = tmp_path / 'sweep'
+  code = cli.main(['sweep', f'--config={_sweep_file(tmp_path)}', f'--workdir={workdir}',
+                   '--launcher=slurm', '--config.launch.partition=gpu'])
+  out = capsys.readouterr().out
+  assert code == 0
+  for width in (32, 64):
+    run_dir = workdir / 'runs' / f'd{width}'
+    path = run_dir / 'launch' / 'train.sbatch'
+    assert f'sweep: d{width}: sbatch {path}' in out
+    _bash_syntax_ok(path)
+    text = path.read_text()
+    assert f'#SBATCH --job-name=jaxarch-d{width}\n' in text
+    assert '#SBATCH --partition=gpu\n' in text
+    (srun,) = [line for line in text.splitlines() if line.startswith('srun ')]
+    assert shlex.split(srun)[2:] == [
+        'jaxarch', 'train', '--config=configs/dense.py:tiny', f'--workdir={run_dir}',
+        f'--config.model.d_model={width}', f'--config.model.d_ff={2 * width}',
+        '--config.model.n_layers=2']
+  assert sorted(p.name for p in (workdir / 'runs').iterdir()) == ['d32', 'd64']
+
+
+def test_sweep_collect_records_the_jobs_that_finished(tmp_path, capsys):
+  spec, workdir = _sweep_file(tmp_path), tmp_path / 'sweep'
+  assert cli.main(['sweep', f'--config={spec}', f'--workdir={workdir}',
+                   '--launcher=slurm']) == 0
+  # The d32 job has finished on the cluster (its metrics reach train.steps); d64 has not.
+  steps = config_lib.load('configs/dense.py:tiny').train.steps
+  (workdir / 'runs' / 'd32' / 'metrics.jsonl').write_text(
+      json.dumps(dict(step=steps, loss=2.0, eval_loss=2.5, eval_bpb=3.0)) + '\n')
+  (workdir / 'runs' / 'd64' / 'metrics.jsonl').write_text(json.dumps(dict(step=3)) + '\n')
+  capsys.readouterr()
+  assert cli.main(['sweep', f'--config={spec}', f'--workdir={workdir}', '--collect']) == 0
+  assert '1 runs collected, 1 not finished (d64)' in capsys.readouterr().out
+  (record,) = [json.loads(l) for l in (workdir / 'results.jsonl').read_text().splitlines()]
+  assert record['name'] == 'd32' and record['eval_loss'] == 2.5 and record['wall_s'] is None
+  cli.main(['sweep', f'--config={spec}', f'--workdir={workdir}', '--collect'])
+  assert '0 runs collected, 1 not finished' in capsys.readouterr().out
+
+
+def test_sweep_launcher_errors_are_one_line(tmp_path, capsys):
+  spec, workdir = _sweep_file(tmp_path), tmp_path / 'sweep'
+  assert cli.main(['sweep', f'--config={spec}', f'--workdir={workdir}', '--launcher=pbs']) == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1
+  assert "--launcher='pbs' is not available (launchers: gke, ray, slurm, tpu-vm" in err
+  assert cli.main(['sweep', f'--config={spec}', f'--workdir={workdir}', '--launcher=slurm',
+                   '--config.train.steps=5']) == 2
+  assert 'drop --config.train.steps' in capsys.readouterr().err
+  assert cli.main(['sweep', f'--config={spec}', f'--workdir={workdir}', '--launcher=slurm',
+                   '--config.launch.devices_per_node=3']) == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1
+  assert "run 'd32': config error: train.batch_size=16 must be divisible by 3" in err
+  assert not workdir.exists()
