@@ -6,12 +6,15 @@ from pathlib import Path
 
 import pytest
 
+from jaxarch import cli
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'benchmarks'))
 
 import bita  # pylint: disable=g-import-not-at-top,wrong-import-position
 import compare_families  # pylint: disable=g-import-not-at-top,wrong-import-position
 import decode  # pylint: disable=g-import-not-at-top,wrong-import-position
 import megabyte  # pylint: disable=g-import-not-at-top,wrong-import-position
+import mfu  # pylint: disable=g-import-not-at-top,wrong-import-position
 import moe  # pylint: disable=g-import-not-at-top,wrong-import-position
 import sparse_lookup  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -25,6 +28,31 @@ def test_train_step_benchmark_writes_its_record(tmp_path):
   record = json.loads(out.read_text())
   assert record['device_kind'] and record['tokens_per_s'] > 0
   assert record['params_total'] == record['params_active'] > 0
+
+
+def test_bench_command_times_the_train_step_and_writes_a_profile(tmp_path, capsys):
+  code = cli.main(['bench', 'train', '--config=configs/moe.py:tiny', f'--workdir={tmp_path}',
+                   '--steps=2', '--warmup=1', '--profile', '--config.model.n_layers=2',
+                   '--config.data.seq_len=32', '--config.train.batch_size=8'])
+  assert code == 0
+  record = json.loads((tmp_path / 'bench_train.json').read_text())
+  assert record['family'] == 'moe' and record['tokens_per_s'] > 0
+  assert record['params_active'] < record['params_total']  # MoE: top 2 of 8 experts
+  assert record['model_tflops_per_device'] > 0 and record['step_time_s'] > 0
+  assert record['mfu'] is None  # no peak FLOP/s known for a CPU
+  traces = list((tmp_path / 'profile').rglob('*.xplane.pb'))
+  assert traces and traces[0].stat().st_size > 0
+  assert 'tokens/s' in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_mfu_benchmark_tables_each_case(tmp_path):
+  out = tmp_path / 'mfu.json'
+  mfu.main(['--cases=dense:tiny:8:none,ultramem:tiny:8:dots', '--steps=1', f'--out={out}'])
+  data = json.loads(out.read_text())
+  assert [r['case'] for r in data['results']] == ['dense:tiny:8:none', 'ultramem:tiny:8:dots']
+  assert data['results'][1]['remat'] == 'dots' and data['device_kind']
+  assert all(r['tokens_per_s'] > 0 for r in data['results'])
 
 
 def test_sparse_lookup_benchmark_times_the_xla_path_on_cpu(tmp_path, monkeypatch):

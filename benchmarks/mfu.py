@@ -1,0 +1,71 @@
+"""Train-step MFU of every family: one table, one JSON, with the device name.
+
+  python benchmarks/mfu.py [--cases=dense:680m:32:dots,moe:680m:16:dots ...] [--steps=10]
+      [--out=benchmarks/results/mfu.json]
+
+Each case is FAMILY:PRESET:BATCH:REMAT (sequences of `data.seq_len` tokens, bf16 compute
+on an accelerator) timed by `jaxarch.train.throughput.measure`, as `jaxarch bench train`
+does. On a GPU or TPU the default cases are the paper-scale presets whose MFU targets the
+docs track (dense ~1B at 45%, MoE and UltraMem 680m at 35% on one H100); on CPU the tiny
+presets, where MFU is not defined (no peak FLOP/s) and tokens/s is what is compared. A
+case that runs out of memory is reported as such, not as a crash of the whole table.
+"""
+
+import platform
+import sys
+
+import jax
+
+from report import emit, scaled_parser
+
+from jaxarch import config as config_lib
+from jaxarch.train.throughput import measure
+
+SCALES = {
+    'gpu': dict(cases='dense:151m:32:none,dense:680m:32:dots,dense:1.6b:16:dots,'
+                      'moe:680m:16:dots,ultramem:680m:16:dots,megabyte:151m:8:none',
+                steps=10),
+    'cpu': dict(cases='dense:tiny:16:none,moe:tiny:16:none,ultramem:tiny:16:none,'
+                      'megabyte:tiny:16:none', steps=5),
+}
+
+
+def run_case(case: str, steps: int) -> dict:
+  family, preset, batch, remat = case.split(':')
+  overrides = [f'train.batch_size={batch}', f'model.remat={remat}', 'mesh.ici.data=-1']
+  cfg = config_lib.load(f'configs/{family}.py:{preset}', overrides)
+  try:
+    return {'case': case, **measure(cfg, steps=steps, warmup=2)}
+  except Exception as e:  # pylint: disable=broad-except
+    if 'RESOURCE_EXHAUSTED' not in str(e) and 'out of memory' not in str(e).lower():
+      raise
+    return {'case': case, 'family': family, 'error': 'out of memory'}
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else argv
+  parser, defaults = scaled_parser(__doc__, SCALES)
+  parser.add_argument('--cases', default=defaults['cases'],
+                      help='comma-separated FAMILY:PRESET:BATCH:REMAT')
+  parser.add_argument('--steps', type=int, default=defaults['steps'], help='timed steps')
+  parser.add_argument('--out', default='benchmarks/results/mfu.json')
+  args = parser.parse_args(argv)
+  results = [run_case(case, args.steps) for case in args.cases.split(',')]
+  rows = []
+  for r in results:
+    if 'error' in r:
+      rows.append([r['case'], '–', '–', '–', '–', r['error']])
+      continue
+    rows.append([r['case'], f'{r["params_active"] / 1e6:,.1f}M / {r["params_total"] / 1e6:,.1f}M',
+                 f'{1e3 * r["step_time_s"]:,.1f} ms', f'{r["tokens_per_s"]:,.0f}',
+                 f'{r["model_tflops_per_device"]:.2f}',
+                 '–' if r['mfu'] is None else f'{100 * r["mfu"]:.1f}%'])
+  device = jax.devices()[0]
+  emit(f'train-step MFU on {jax.device_count()} × {device.device_kind}',
+       ('case', 'params active / total', 'step', 'tokens/s', 'TFLOP/s/device', 'MFU'), rows,
+       {'device_kind': device.device_kind, 'host': platform.node(), 'jax': jax.__version__,
+        'results': results}, args.out)
+
+
+if __name__ == '__main__':
+  main()
