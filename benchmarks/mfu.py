@@ -3,12 +3,16 @@
   python benchmarks/mfu.py [--cases=dense:680m:32:dots,moe:680m:16:dots ...] [--steps=10]
       [--out=benchmarks/results/mfu.json]
 
-Each case is FAMILY:PRESET:BATCH:REMAT (sequences of `data.seq_len` tokens, bf16 compute
-on an accelerator) timed by `jaxarch.train.throughput.measure`, as `jaxarch bench train`
-does. On a GPU or TPU the default cases are the paper-scale presets whose MFU targets the
-docs track (dense ~1B at 45%, MoE and UltraMem 680m at 35% on one H100); on CPU the tiny
-presets, where MFU is not defined (no peak FLOP/s) and tokens/s is what is compared. A
-case that runs out of memory is reported as such, not as a crash of the whole table.
+Each case is FAMILY:PRESET:BATCH:REMAT[:KEY=VALUE+KEY=VALUE] (sequences of `data.seq_len`
+tokens, bf16 compute on an accelerator) timed by `jaxarch.train.throughput.measure`, as
+`jaxarch bench train` does. On a GPU or TPU the default cases are the paper-scale presets
+whose MFU targets the docs track (dense ~1B at 45%, MoE and UltraMem 680m at 35% on one
+H100). The MoE and UltraMem 680m presets hold 8.7-9.0B parameters, 130 GiB with fp32
+AdamW state, more than one GPU holds: their one-GPU cases keep the active model and
+shrink the sparse part (16 experts: 2.35B total; a 512² table: 1.74B total). On CPU the
+cases are the tiny presets, where MFU is not defined (no peak FLOP/s) and tokens/s is what
+is compared. A case that runs out of memory is reported as such, not as a crash of the
+whole table.
 """
 
 import platform
@@ -23,7 +27,9 @@ from jaxarch.train.throughput import measure
 
 SCALES = {
     'gpu': dict(cases='dense:151m:32:none,dense:680m:32:dots,dense:1.6b:16:dots,'
-                      'moe:680m:16:dots,ultramem:680m:16:dots,megabyte:151m:8:none',
+                      'moe:680m:16:dots:model.moe.num_experts=16,'
+                      'ultramem:680m:16:dots:model.ultramem.num_values=262144,'
+                      'megabyte:151m:8:none',
                 steps=10),
     'cpu': dict(cases='dense:tiny:16:none,moe:tiny:16:none,ultramem:tiny:16:none,'
                       'megabyte:tiny:16:none', steps=5),
@@ -31,8 +37,9 @@ SCALES = {
 
 
 def run_case(case: str, steps: int) -> dict:
-  family, preset, batch, remat = case.split(':')
-  overrides = [f'train.batch_size={batch}', f'model.remat={remat}', 'mesh.ici.data=-1']
+  family, preset, batch, remat, *extra = case.split(':')
+  overrides = [f'train.batch_size={batch}', f'model.remat={remat}', 'mesh.ici.data=-1',
+               *[o for o in ':'.join(extra).split('+') if o]]
   cfg = config_lib.load(f'configs/{family}.py:{preset}', overrides)
   try:
     return {'case': case, **measure(cfg, steps=steps, warmup=2)}
@@ -46,7 +53,7 @@ def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   parser, defaults = scaled_parser(__doc__, SCALES)
   parser.add_argument('--cases', default=defaults['cases'],
-                      help='comma-separated FAMILY:PRESET:BATCH:REMAT')
+                      help='comma-separated FAMILY:PRESET:BATCH:REMAT[:KEY=VALUE+...]')
   parser.add_argument('--steps', type=int, default=defaults['steps'], help='timed steps')
   parser.add_argument('--out', default='benchmarks/results/mfu.json')
   args = parser.parse_args(argv)

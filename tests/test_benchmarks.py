@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from jaxarch import cli
+from jaxarch import config as config_lib
+from jaxarch.sweep import plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'benchmarks'))
 
@@ -48,10 +50,13 @@ def test_bench_command_times_the_train_step_and_writes_a_profile(tmp_path, capsy
 @pytest.mark.slow
 def test_mfu_benchmark_tables_each_case(tmp_path):
   out = tmp_path / 'mfu.json'
-  mfu.main(['--cases=dense:tiny:8:none,ultramem:tiny:8:dots', '--steps=1', f'--out={out}'])
+  cases = ['dense:tiny:8:none', 'ultramem:tiny:8:dots:model.ultramem.num_values=1024']
+  mfu.main([f'--cases={",".join(cases)}', '--steps=1', f'--out={out}'])
   data = json.loads(out.read_text())
-  assert [r['case'] for r in data['results']] == ['dense:tiny:8:none', 'ultramem:tiny:8:dots']
+  assert [r['case'] for r in data['results']] == cases
   assert data['results'][1]['remat'] == 'dots' and data['device_kind']
+  default = plan.param_counts(config_lib.load('configs/ultramem.py:tiny'))['total']
+  assert data['results'][1]['params_total'] < default  # the case's smaller table
   assert all(r['tokens_per_s'] > 0 for r in data['results'])
 
 
