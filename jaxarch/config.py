@@ -584,6 +584,14 @@ def _mesh_sizes(cfg: ConfigDict) -> tuple[dict[str, int], dict[str, int]]:
   return ici, dcn
 
 
+def dcn_size(mesh_cfg: ConfigDict, axis: str, total: int) -> int:
+  """How many slices (or processes) `axis` spans, of its `total` size from `mesh_shape`."""
+  dcn, ici = mesh_cfg.dcn[axis], mesh_cfg.ici[axis]
+  if dcn != -1:
+    return dcn
+  return total // ici if ici != -1 else 1
+
+
 def mesh_shape(cfg: ConfigDict, num_devices: int) -> dict[str, int]:
   """Size of each mesh axis (ici × dcn) on `num_devices` devices, with the -1 resolved."""
   if num_devices < 1:

@@ -191,7 +191,7 @@ def _check_mesh(cfg) -> tuple[dict[str, int], int]:
                       f'{_sizes(cfg, "dcn")}) but launch.nodes={launch.nodes} x '
                       f'launch.devices_per_node={launch.devices_per_node} = {devices}')
   shape = config_lib.mesh_shape(cfg, devices)
-  spanned = math.prod(dcn[a] if dcn[a] != -1 else shape[a] // ici[a] for a in dcn)
+  spanned = math.prod(config_lib.dcn_size(cfg.mesh, a, shape[a]) for a in dcn)
   return shape, spanned
 
 

@@ -20,7 +20,7 @@ def make_mesh(cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   config_lib.validate(cfg, num_devices=len(devices))
   total = config_lib.mesh_shape(cfg, len(devices))
-  dcn = [_dcn_size(cfg.mesh, a, total[a]) for a in AXES]
+  dcn = [config_lib.dcn_size(cfg.mesh, a, total[a]) for a in AXES]
   shape = [total[a] for a in AXES]
   ici = [t // d for t, d in zip(shape, dcn)]
   if np.prod(dcn) > 1 and devices[0].platform != 'cpu':
@@ -38,9 +38,3 @@ def make_mesh(cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
     grid = np.asarray(devices).reshape(shape)
   return Mesh(grid, AXES)
 
-
-def _dcn_size(mesh_cfg, axis: str, total: int) -> int:
-  dcn, ici = mesh_cfg.dcn[axis], mesh_cfg.ici[axis]
-  if dcn != -1:
-    return dcn
-  return total // ici if ici != -1 else 1
