@@ -17,10 +17,9 @@ import shutil
 import time
 from pathlib import Path
 
-import jax
-
 import grain
 import grain.checkpoint
+import jax
 import orbax.checkpoint as ocp
 
 from jaxarch.train.step import tree_path

@@ -92,6 +92,11 @@ def leaf_norms(tree) -> jax.Array:
                     for x in jax.tree.leaves(tree)])
 
 
+def _global_norm(norms: jax.Array) -> jax.Array:
+  """The L2 norm of a whole tree from its `leaf_norms`."""
+  return jnp.sqrt(jnp.sum(jnp.square(norms)))
+
+
 def leaf_names(tree) -> list[str]:
   """'blocks/0/mlp/gate'-style names of the arrays of `tree`, in `jax.tree.leaves` order."""
   return [tree_path(path).removesuffix('/value')
@@ -130,16 +135,17 @@ def make_train_step(setup: TrainSetup, *, z_loss: float = 0.0):
     updates, opt_state = setup.tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     grad_norms = leaf_norms(grads)
-    grad_norm = jnp.sqrt(jnp.sum(jnp.square(grad_norms)))
+    grad_norm = _global_norm(grad_norms)
     # A non-finite loss or gradient never reaches the weights: the step keeps the old
     # state (the selects fuse into the optimizer's elementwise update).
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     params = keep(params, state['params'])
+    param_norms = leaf_norms(params)
     metrics = {'loss': ce, 'total_loss': loss, 'grad_norm': grad_norm,
-               'param_norm': optax.tree_utils.tree_norm(params), 'tokens': num_tokens,
+               'param_norm': _global_norm(param_norms), 'tokens': num_tokens,
                'nonfinite': 1.0 - finite.astype(jnp.float32),
-               'layer_grad_norms': grad_norms, 'layer_param_norms': leaf_norms(params),
+               'layer_grad_norms': grad_norms, 'layer_param_norms': param_norms,
                **{f'aux_loss/{k}': v for k, v in aux.items()}, **layer_metrics}
     new_state = dict(state, step=state['step'] + 1, params=params,
                      opt_state=keep(opt_state, state['opt_state']),
