@@ -44,6 +44,13 @@ def _config(args, overrides):
   return cfg
 
 
+def _no_overrides(command: str, overrides) -> None:
+  """Commands that run a trained model take its saved config as it is."""
+  if overrides:
+    raise config_lib.ConfigError(f'config error: {command} takes the config of its '
+                                 f'workdir; drop {overrides[0].split("=")[0]}')
+
+
 def _join_job(args) -> bool:
   """Joins a multi-process job if this process is one (flags or cluster environment);
   True on the process that reports."""
@@ -75,10 +82,7 @@ def _eval(args, overrides):
 
 
 def _bench(args, overrides):
-  if not args.config:
-    raise config_lib.ConfigError('config error: bench needs --config, e.g. '
-                                 '--config=configs/dense.py:151m')
-  cfg = config_lib.load(args.config, overrides)
+  cfg = _config(args, overrides)
   reports = _join_job(args)
   # pylint: disable=g-import-not-at-top
   import jax
@@ -102,9 +106,7 @@ def _generate(args, overrides):
   from jaxarch.data import get_tokenizer
   from jaxarch.parallel import make_mesh
   from jaxarch.train.pretrained import load_model
-  if overrides:
-    raise config_lib.ConfigError('config error: generate takes the config of its workdir; '
-                                 f'drop {overrides[0].split("=")[0]}')
+  _no_overrides('generate', overrides)
   cfg, model = load_model(args.workdir, step=args.step)
   tokenizer = get_tokenizer(cfg.data.tokenizer)
   # Documents were trained as [eod] + text: the eod id is the BOS the model expects.
@@ -133,9 +135,7 @@ def _generate(args, overrides):
 
 def _distill(args, overrides):
   from jaxarch.infer.distill import distill  # pylint: disable=g-import-not-at-top
-  if overrides:
-    raise config_lib.ConfigError('config error: distill takes the config of its workdir; '
-                                 f'drop {overrides[0].split("=")[0]}')
+  _no_overrides('distill', overrides)
   summary = distill(args.workdir, args.out, num_prompts=args.num_prompts,
                     validation_prompts=args.validation_prompts, prompt_len=args.prompt_len,
                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -147,9 +147,7 @@ def _export(args, overrides):
   # pylint: disable=g-import-not-at-top
   from jaxarch.export import export_stablehlo, write_model
   from jaxarch.train.pretrained import load_model
-  if overrides:
-    raise config_lib.ConfigError('config error: export takes the config of its workdir; '
-                                 f'drop {overrides[0].split("=")[0]}')
+  _no_overrides('export', overrides)
   cfg, model = load_model(args.workdir, step=args.step)
   source = f'{args.workdir} (checkpoint {args.step or "latest"})'
   if args.format == 'safetensors':

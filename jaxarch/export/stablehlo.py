@@ -23,17 +23,12 @@ import ml_collections
 from flax import nnx
 
 from jaxarch.export import run_stablehlo
-from jaxarch.export.weights import ExportError, flat_arrays, write_model
+from jaxarch.export.weights import ExportError, flat_arrays, named_variables, write_model
 from jaxarch.infer.decoding import for_inference
 
 
-def _named(state: nnx.State) -> dict[str, tuple]:
-  return {'.'.join(map(str, path)): (path, variable)
-          for path, variable in nnx.to_flat_state(state)}
-
-
 def _state(template: dict[str, tuple], arrays: dict[str, jax.Array]) -> nnx.State:
-  """The State of `template` (`_named`) holding `arrays` instead."""
+  """The State of `template` (`named_variables`) holding `arrays` instead."""
   return nnx.from_flat_state([(path, variable.replace(arrays[name]))
                               for name, (path, variable) in template.items()])
 
@@ -42,7 +37,7 @@ def export_stablehlo(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str
                      batch_size: int, prompt_len: int, max_len: int,
                      platforms: tuple[str, ...] | None = None, source: str = '') -> Path:
   """Writes OUT as above for `model` (built from `cfg`)."""
-  patch = cfg.model.megabyte.patch_size if cfg.model.family == 'megabyte' else 1
+  patch = getattr(model, 'patch_size', 1)  # MEGABYTE prefills whole patches
   if batch_size < 1 or prompt_len < 1 or prompt_len % patch:
     raise ExportError(f'export: batch_size={batch_size} and prompt_len={prompt_len} must be '
                       f'positive, prompt_len a multiple of the patch size {patch}')
@@ -52,7 +47,7 @@ def export_stablehlo(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str
   out = write_model(model, cfg, out, source=source)
   model = for_inference(model)
   graphdef, weights_state = nnx.split(model)
-  weights_template = _named(weights_state)
+  weights_template = named_variables(weights_state)
   weights = flat_arrays(model)
 
   def with_caches(weights):
@@ -61,7 +56,8 @@ def export_stablehlo(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str
     return model
 
   def caches_of(model) -> dict[str, jax.Array]:
-    return {name: v.get_value() for name, (_, v) in _named(nnx.state(model, nnx.Cache)).items()}
+    caches = named_variables(nnx.state(model, nnx.Cache))
+    return {name: variable.get_value() for name, (_, variable) in caches.items()}
 
   def prefill(weights, tokens, lengths):
     model = with_caches(weights)
@@ -70,7 +66,7 @@ def export_stablehlo(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str
 
   def decode(weights, caches, tokens, positions):
     model = with_caches(weights)
-    nnx.update(model, _state(_named(nnx.state(model, nnx.Cache)), caches))
+    nnx.update(model, _state(named_variables(nnx.state(model, nnx.Cache)), caches))
     logits = model.decode_step(tokens, positions)
     return logits.astype(jnp.float32), caches_of(model)
 

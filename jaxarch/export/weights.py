@@ -41,10 +41,16 @@ def _exported_state(model: nnx.Module) -> nnx.State:
   return nnx.state(model, nnx.Not(nnx.Any(nnx.Cache, nnx.Intermediate)))
 
 
+def named_variables(state: nnx.State) -> dict[str, tuple]:
+  """'blocks.3.attn.q_proj' -> (path, variable) for every variable of `state`."""
+  return {'.'.join(map(str, path)): (path, variable)
+          for path, variable in nnx.to_flat_state(state)}
+
+
 def flat_arrays(model: nnx.Module) -> dict[str, jax.Array]:
   """'blocks.3.attn.q_proj' -> array, for every exported variable of `model`."""
-  return {'.'.join(map(str, path)): variable.get_value()
-          for path, variable in nnx.to_flat_state(_exported_state(model))}
+  return {name: variable.get_value()
+          for name, (_, variable) in named_variables(_exported_state(model)).items()}
 
 
 def write_model(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path, *,
@@ -101,8 +107,8 @@ def load_safetensors(out: str | Path) -> tuple[ml_collections.ConfigDict, nnx.Mo
   abstract = nnx.eval_shape(lambda: models.build(cfg.model, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   arrays = safetensors.flax.load_file(out / WEIGHTS)
-  wanted = dict(nnx.to_flat_state(_exported_state(abstract)))
-  names = {'.'.join(map(str, path)): path for path in wanted}
+  names = {name: path
+           for name, (path, _) in named_variables(_exported_state(abstract)).items()}
   missing, extra = sorted(set(names) - set(arrays)), sorted(set(arrays) - set(names))
   if missing or extra:
     raise ExportError(f'export: {out / WEIGHTS} does not fit {cfg.model.family} config.json: '
