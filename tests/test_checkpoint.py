@@ -3,6 +3,7 @@ checkpoints of another model, failed writes."""
 
 import errno
 import os
+import types
 
 import jax
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from conftest import devices, make_batch, mesh_config, tiny_config
 from jaxarch.parallel import global_batch, make_mesh
+from jaxarch.train import checkpoint
 from jaxarch.train.checkpoint import Checkpointer, CheckpointError
 from jaxarch.train.state import init_state, make_setup
 from jaxarch.train.step import make_train_step
@@ -81,18 +83,7 @@ def _two_checkpoints(tmp_path):
   return cfg, setup, state
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
-  cfg, setup, _ = _two_checkpoints(tmp_path)
-  # Destroy the array data of step 2 (e.g. a disk that filled up during the write).
-  for f in (tmp_path / 'checkpoints' / '2' / 'state').rglob('*'):
-    if f.is_file() and f.suffix not in ('.json',) and f.name != '_METADATA':
-      f.write_bytes(b'garbage')
-  restored, at = Checkpointer(tmp_path).restore(setup.abstract_state)
-  assert at == 1
-  assert 'unreadable' in caplog.text
-  _assert_trees_equal(restored['params'], init_state(cfg, setup)['params'])  # step 1's
-
-
+@pytest.mark.slow
 def test_restore_on_fewer_devices_gives_the_same_next_loss(tmp_path):
   expected = _saved_initial_state(tmp_path, data=2, fsdp=4)
   # Half the devices: what is left of a job after losing a host.
@@ -119,22 +110,37 @@ def test_checkpoint_of_another_model_is_an_error_not_skipped(tmp_path):
   assert (tmp_path / 'checkpoints' / '1').is_dir()  # left as it was
 
 
-def test_partial_latest_checkpoint_is_moved_aside_and_the_previous_restored(tmp_path, caplog):
-  cfg, setup, state = _two_checkpoints(tmp_path)
-  # A copy that stopped half way: array files cut short, some missing.
-  files = sorted(f for f in (tmp_path / 'checkpoints' / '2' / 'state').rglob('*')
-                 if f.is_file() and f.parent.name == 'd')
-  for f in files[::2]:
-    f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])
-  for f in files[1::2]:
-    f.unlink()
+def test_corrupt_or_partial_latest_checkpoint_is_moved_aside_and_the_previous_restored(
+    tmp_path, caplog, monkeypatch):
+  cfg, setup, state = _two_checkpoints(tmp_path)  # one setup serves both faults
+  # Both faults within one second: the second copy moved aside must not land in the first.
+  monkeypatch.setattr(checkpoint, 'time', types.SimpleNamespace(time=lambda: 1.7e9))
+  state_dir = tmp_path / 'checkpoints' / '2' / 'state'
+
+  def garbage():  # the array data destroyed (e.g. a disk that filled up during the write)
+    for f in state_dir.rglob('*'):
+      if f.is_file() and f.suffix != '.json' and f.name != '_METADATA':
+        f.write_bytes(b'garbage')
+
+  def partial():  # a copy that stopped half way: array files cut short, some missing
+    files = sorted(f for f in state_dir.rglob('*') if f.is_file() and f.parent.name == 'd')
+    for f in files[::2]:
+      f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])
+    for f in files[1::2]:
+      f.unlink()
+
   ckpt = Checkpointer(tmp_path)
-  restored, at = ckpt.restore(setup.abstract_state)
-  assert at == 1 and 'unreadable' in caplog.text
-  _assert_trees_equal(restored['params'], init_state(cfg, setup)['params'])
-  assert not (tmp_path / 'checkpoints' / '2').exists()
-  assert [p.name.split('-')[0] for p in (tmp_path / 'corrupt_checkpoints').iterdir()] == ['2']
-  ckpt.save(2, state)  # the resumed run writes step 2 again
+  for n, damage in enumerate((garbage, partial), start=1):
+    caplog.clear()
+    damage()
+    restored, at = ckpt.restore(setup.abstract_state)
+    assert at == 1 and 'unreadable' in caplog.text, damage.__name__
+    _assert_trees_equal(restored['params'], init_state(cfg, setup)['params'])  # step 1's
+    assert not (tmp_path / 'checkpoints' / '2').exists()
+    assert sorted(p.name.split('-')[0]
+                  for p in (tmp_path / 'corrupt_checkpoints').iterdir()) == ['2'] * n
+    ckpt.save(2, state)  # the resumed run writes step 2 again
+    ckpt.wait()
   ckpt.close()
   assert Checkpointer(tmp_path).restore(setup.abstract_state)[1] == 2
 

@@ -81,6 +81,7 @@ def test_nonfinite_step_stops_with_a_report_and_the_weights_untouched(tmp_path, 
   assert result['step'] == 10 and np.isfinite(result['loss'])
 
 
+@pytest.mark.slow
 def test_skip_policy_counts_bad_steps_and_stops_after_too_many_in_a_row(
     tmp_path, data_dir, monkeypatch):
   _poison(monkeypatch, steps={3, 4, 7})

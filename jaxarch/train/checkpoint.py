@@ -136,7 +136,12 @@ class Checkpointer:
   def _move_aside(self, step: int) -> Path:
     """Moves an unreadable checkpoint out of the way (kept for inspection), so that the
     resumed run can write that step again."""
-    target = self.directory.parent / 'corrupt_checkpoints' / f'{step}-{int(time.time())}'
+    stamp = f'{step}-{int(time.time())}'
+    target = self.directory.parent / 'corrupt_checkpoints' / stamp
+    n = 0
+    while target.exists():  # the same step moved aside again within the second
+      n += 1
+      target = target.with_name(f'{stamp}-{n}')
     if jax.process_index() == 0:
       target.parent.mkdir(parents=True, exist_ok=True)
       shutil.move(self.directory / str(step), target)
