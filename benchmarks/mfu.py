@@ -8,7 +8,7 @@ tokens, bf16 compute on an accelerator) timed by `jaxarch.train.throughput.measu
 `jaxarch bench train` does. On a GPU or TPU the default cases are the paper-scale presets
 whose MFU targets the docs track (dense ~1B at 45%, MoE and UltraMem 680m at 35% on one
 H100). The MoE and UltraMem 680m presets hold 8.7-9.0B parameters, 130 GiB with fp32
-AdamW state, more than one GPU holds: their one-GPU cases keep the active model and
+AdamW state and gradients, more than one H100 holds: their one-GPU cases keep the active model and
 shrink the sparse part (16 experts: 2.35B total; a 512² table: 1.74B total). On CPU the
 cases are the tiny presets, where MFU is not defined (no peak FLOP/s) and tokens/s is what
 is compared. A case that runs out of memory is reported as such, not as a crash of the
@@ -23,6 +23,7 @@ import jax
 from report import emit, scaled_parser
 
 from jaxarch import config as config_lib
+from jaxarch.train.memory import OutOfMemoryError
 from jaxarch.train.throughput import measure
 
 SCALES = {
@@ -43,6 +44,8 @@ def run_case(case: str, steps: int) -> dict:
   cfg = config_lib.load(f'configs/{family}.py:{preset}', overrides)
   try:
     return {'case': case, **measure(cfg, steps=steps, warmup=2)}
+  except OutOfMemoryError as e:  # the state alone: known before allocating
+    return {'case': case, 'family': family, 'error': 'state does not fit', 'detail': str(e)}
   except Exception as e:  # pylint: disable=broad-except
     if 'RESOURCE_EXHAUSTED' not in str(e) and 'out of memory' not in str(e).lower():
       raise

@@ -3,6 +3,7 @@
   jaxarch train --config=configs/dense.py:tiny --workdir=/tmp/run [--config.train.steps=50]
   jaxarch eval  --workdir=/tmp/run            (config from the run, or --config=...)
   jaxarch bench train --config=configs/dense.py:151m --workdir=/tmp/bench [--profile]
+  jaxarch bench memory --config=configs/moe.py:680m --workdir=/tmp/bench [--state_only]
   jaxarch generate --workdir=/tmp/run --prompt="def " [--max_new_tokens=200 --top_p=0.9]
   jaxarch distill --workdir=/tmp/run --out=/tmp/run-distilled   (BiTA's training data)
   jaxarch export --workdir=/tmp/run --out=/tmp/run-export [--format=stablehlo]
@@ -25,6 +26,7 @@ from jaxarch.infer.sampling import GenerateError
 from jaxarch.sweep.fit import FitError
 from jaxarch.sweep.runner import SweepError
 from jaxarch.train.checkpoint import CheckpointError
+from jaxarch.train.memory import OutOfMemoryError
 from jaxarch.train.nonfinite import NonFiniteError
 from jaxarch.train.workdir import WorkdirError
 
@@ -86,18 +88,25 @@ def _bench(args, overrides):
   reports = _join_job(args)
   # pylint: disable=g-import-not-at-top
   import jax
-  from jaxarch.train.throughput import measure, summary
+  from jaxarch.train import memory, throughput
   workdir = Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  result = {'config': args.config, 'overrides': overrides, 'jax': jax.__version__,
-            **measure(cfg, steps=args.steps, warmup=args.warmup,
-                      profile_dir=workdir / 'profile' if args.profile else None)}
+  if args.what == 'memory':
+    gib = args.device_memory_gib
+    result = memory.plan(cfg, compile_step=not args.state_only,
+                         device_memory=None if gib is None else int(gib * 2**30))
+    summary = memory.summary
+  else:
+    result = throughput.measure(cfg, steps=args.steps, warmup=args.warmup,
+                                profile_dir=workdir / 'profile' if args.profile else None)
+    summary = throughput.summary
+  result = {'config': args.config, 'overrides': overrides, 'jax': jax.__version__, **result}
   if reports:
-    (workdir / 'bench_train.json').write_text(json.dumps(result, indent=2) + '\n')
+    out = workdir / f'bench_{args.what}.json'
+    out.write_text(json.dumps(result, indent=2) + '\n')
     print(summary(result))
-    print(f'jaxarch: wrote {workdir / "bench_train.json"}'
-          + (f' and a profile trace in {result["profile_dir"]}' if args.profile else ''),
-          file=sys.stderr)
+    print(f'jaxarch: wrote {out}' + (f' and a profile trace in {result["profile_dir"]}'
+                                    if 'profile_dir' in result else ''), file=sys.stderr)
 
 
 def _generate(args, overrides):
@@ -238,13 +247,21 @@ def _parser() -> argparse.ArgumentParser:
   command('train', _train, 'train a model, resuming from the workdir if it has checkpoints')
   command('eval', _eval, 'validation loss and bits per byte of a checkpoint').add_argument(
       '--step', type=int, help='checkpoint step (default: latest)')
-  bench = command('bench', _bench, 'train-step throughput: tokens/s, step time, TFLOP/s '
-                  'per device and MFU on synthetic tokens')
-  bench.add_argument('what', choices=('train',), help='what to time')
+  bench = command('bench', _bench, 'train-step throughput (tokens/s, step time, TFLOP/s '
+                  'per device, MFU) or memory per device, on synthetic tokens')
+  bench.add_argument('what', choices=('train', 'memory'),
+                     help='train: time the train step; memory: bytes per device of the '
+                     'train state and the compiled step, without allocating them')
   bench.add_argument('--steps', type=int, default=10, help='timed steps')
   bench.add_argument('--warmup', type=int, default=2, help='untimed steps (compilation)')
   bench.add_argument('--profile', action='store_true',
                      help='also write a jax.profiler trace of 3 steps to WORKDIR/profile')
+  bench.add_argument('--state_only', action='store_true',
+                     help='memory: only the train state (exact, instant), not the compiled '
+                     'step')
+  bench.add_argument('--device_memory_gib', type=float,
+                     help="memory: plan for devices of this size (default: the present "
+                     "device's allocator limit; unknown on CPU)")
   gen = commands.add_parser('generate', help='continue prompts with the latest checkpoint',
                             description='Continue prompts with a trained model (KV-cached '
                             'decoding); greedy unless a sampling option is given.')
@@ -341,7 +358,7 @@ def main(argv=None):
     args.func(args, overrides)
   except (config_lib.ConfigError, FileNotFoundError, FileExistsError, ImportError,
           GenerateError, FitError, SweepError, WorkdirError, CheckpointError,
-          NonFiniteError, ExportError) as e:
+          NonFiniteError, ExportError, OutOfMemoryError) as e:
     print(f'jaxarch: {e}', file=sys.stderr)
     return 2
   except KeyboardInterrupt:

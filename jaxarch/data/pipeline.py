@@ -280,3 +280,14 @@ def make_eval_dataset(data_cfg, *, batch_size: int, num_batches: int,
       _pad_batch, batch_size=batch_size, pad_id=tokenizer.pad_id))
   mine = slice(process_index * local_batch, (process_index + 1) * local_batch)
   return EvalBatches(batches, num_batches, mine)
+
+
+def synthetic_batch(batch_size: int, seq_len: int, vocab: int, seed: int) -> dict:
+  """Random byte tokens, one document per row, in the batch format above: what the
+  throughput benchmark and the memory plan feed the train step."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, min(vocab, 256), (batch_size, seq_len + 1), dtype=np.int32)
+  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+          'segment_ids': np.ones((batch_size, seq_len), np.int32),
+          'positions': np.broadcast_to(np.arange(seq_len, dtype=np.int32),
+                                       (batch_size, seq_len)).copy()}

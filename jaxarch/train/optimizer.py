@@ -58,7 +58,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params) -> optax.GradientTran
   schedule = learning_rate_schedule(cfg)
   decay_mask = _metadata(params, 'weight_decay', True)
   adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                      weight_decay=cfg.weight_decay,
+                      weight_decay=cfg.weight_decay, mu_dtype=jnp.dtype(cfg.mu_dtype),
                       mask=lambda p: jax.tree.map(lambda m, _: m, decay_mask, p))
   chain = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
   groups = _metadata(params, 'optim_group', 'default')

@@ -15,22 +15,13 @@ from pathlib import Path
 
 import jax
 import ml_collections
-import numpy as np
 
+from jaxarch.data import synthetic_batch
 from jaxarch.parallel import global_batch, make_mesh
 from jaxarch.train import flops
+from jaxarch.train.memory import check_state_fits
 from jaxarch.train.state import init_state, make_setup
 from jaxarch.train.step import make_train_step
-
-
-def synthetic_batch(batch_size: int, seq_len: int, vocab: int, seed: int) -> dict:
-  """Random byte tokens, one document per row, in the trainer's batch format."""
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(0, min(vocab, 256), (batch_size, seq_len + 1), dtype=np.int32)
-  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
-          'segment_ids': np.ones((batch_size, seq_len), np.int32),
-          'positions': np.broadcast_to(np.arange(seq_len, dtype=np.int32),
-                                       (batch_size, seq_len)).copy()}
 
 
 def measure(cfg: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
@@ -40,6 +31,7 @@ def measure(cfg: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
     raise ValueError(f'throughput: steps={steps} and warmup={warmup} must be >= 1 (the '
                      'first warm-up step compiles)')
   setup = make_setup(cfg, make_mesh(cfg))
+  check_state_fits(cfg, setup)
   state = init_state(cfg, setup)
   step = make_train_step(setup, z_loss=cfg.train.z_loss)
   batches = [global_batch(synthetic_batch(cfg.train.batch_size, cfg.data.seq_len,

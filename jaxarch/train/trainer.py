@@ -16,6 +16,7 @@ from jaxarch import data
 from jaxarch.parallel import global_batch, make_mesh
 from jaxarch.train import flops
 from jaxarch.train.checkpoint import Checkpointer
+from jaxarch.train.memory import check_state_fits
 from jaxarch.train.metrics import MetricsWriter, ProgressBar, Stopwatch
 from jaxarch.train.nonfinite import NonFiniteMonitor
 from jaxarch.train.optimizer import learning_rate_schedule
@@ -70,6 +71,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   setup = make_setup(cfg, make_mesh(cfg))
   check_workdir(workdir, cfg, state_bytes(setup.abstract_state),
                 has_checkpoints=Checkpointer.exists(workdir))
+  check_state_fits(cfg, setup)
   eval_step = _eval_step(cfg, setup)
   if jax.process_index() == 0:
     config_lib.save(cfg, workdir / 'config.json')

@@ -1,0 +1,134 @@
+"""Device memory of a train step, known before anything is allocated.
+
+A 9B-parameter MoE holds 12 bytes per parameter of fp32 weights and AdamW moments (16 with
+the gradients): one GPU cannot hold that, and finding out by allocating it ends in a
+traceback from deep inside XLA. The state's bytes per device are exact without allocating:
+each array's shard under the config's mesh and `mesh.rules`. So the trainer and the
+throughput benchmark check them against the device's memory first, and `plan` adds what
+the compiled step needs on top (XLA's buffer assignment, `Compiled.memory_analysis()`),
+the compiler's own figure for the backend at hand: on a GPU or TPU close to what it will
+allocate; on CPU only indicative, as the CPU compiler neither fuses attention nor schedules
+for memory as the GPU compiler does.
+"""
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxarch.data import synthetic_batch
+from jaxarch.parallel import make_mesh
+from jaxarch.train.state import TrainSetup, make_setup
+from jaxarch.train.step import make_train_step
+
+GiB = 2**30
+
+
+class OutOfMemoryError(RuntimeError):
+  """The train state does not fit the devices; one line saying how to shard it."""
+
+
+def shard_bytes(tree) -> int:
+  """Bytes that one device holds of a tree of sharded `ShapeDtypeStruct`s (the largest
+  share: replicated arrays count whole on every device)."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+  return total
+
+
+def state_bytes_per_device(setup: TrainSetup) -> dict[str, int]:
+  """{'params', 'opt_state', 'other', 'total'}: the train state's bytes on one device."""
+  state = setup.abstract_state
+  parts = {'params': shard_bytes(state['params']),
+           'opt_state': shard_bytes(state['opt_state'])}
+  parts['other'] = shard_bytes(state) - sum(parts.values())
+  return {**parts, 'total': sum(parts.values())}
+
+
+def device_memory_bytes() -> int | None:
+  """What one device may allocate (the allocator's limit), or None where the backend does
+  not say (CPU)."""
+  stats = jax.local_devices()[0].memory_stats()
+  return None if not stats else stats.get('bytes_limit')
+
+
+def check_state_fits(cfg: ml_collections.ConfigDict, setup: TrainSetup,
+                     limit: int | None = None) -> None:
+  """Raises `OutOfMemoryError` if the train state alone exceeds a device's memory."""
+  limit = device_memory_bytes() if limit is None else limit
+  need = state_bytes_per_device(setup)
+  if limit is None or need['total'] <= limit:
+    return
+  # Shard it so that the state takes at most 60% of a device (the rest: activations).
+  shards = max(2, int(np.ceil(need['total'] / (0.6 * limit))))
+  devices = jax.device_count()
+  fits_here = [n for n in range(shards, devices + 1) if devices % n == 0]
+  hint = (f'shard it with --config.mesh.ici.fsdp={fits_here[0]}' if fits_here else
+          f'shard it over about {2 ** int(np.ceil(np.log2(shards)))} devices with '
+          'mesh.ici.fsdp')
+  mu = ('' if cfg.train.mu_dtype == 'bfloat16' else
+        ', or keep the first Adam moment in bf16 (--config.train.mu_dtype=bfloat16)')
+  raise OutOfMemoryError(
+      f'the train state takes {_size(need["total"])} per device (weights '
+      f'{_size(need["params"])}, optimizer {_size(need["opt_state"])}) under mesh '
+      f'{dict(setup.mesh.shape)}, and a {jax.devices()[0].device_kind} has '
+      f'{_size(limit)}: {hint}{mu}')
+
+
+def plan(cfg: ml_collections.ConfigDict, *, compile_step: bool = True,
+         device_memory: int | None = None) -> dict:
+  """Bytes per device of the train state and, with `compile_step`, of the compiled step
+  (arguments, outputs, temporaries, and their peak), without allocating anything.
+
+  `device_memory` (bytes) plans for another device than the present one, e.g. an 80 GB
+  GPU from a CPU with `--xla_force_host_platform_device_count` devices.
+  """
+  setup = make_setup(cfg, make_mesh(cfg))
+  state = state_bytes_per_device(setup)
+  limit = device_memory or device_memory_bytes()
+  result = {'family': cfg.model.family, 'device_kind': jax.devices()[0].device_kind,
+            'platform': jax.devices()[0].platform, 'num_devices': jax.device_count(),
+            'mesh': dict(setup.mesh.shape), 'params_total': setup.param_counts['total'],
+            'batch_size': cfg.train.batch_size, 'seq_len': cfg.data.seq_len,
+            'remat': cfg.model.remat, 'mu_dtype': cfg.train.mu_dtype,
+            'state_bytes': state, 'device_memory_bytes': limit}
+  if compile_step:
+    batch = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=setup.batch_sharding),
+        synthetic_batch(cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size, 0))
+    step = make_train_step(setup, z_loss=cfg.train.z_loss)
+    stats = step.lower(setup.abstract_state, batch).compile().memory_analysis()
+    compiled = {k: int(getattr(stats, f'{k}_size_in_bytes'))
+                for k in ('argument', 'output', 'alias', 'temp')}
+    # The donated state is updated in place (aliased): it is not counted twice.
+    compiled['peak'] = (compiled['argument'] + compiled['output'] - compiled['alias']
+                        + compiled['temp'])
+    result['compiled_bytes'] = compiled
+  need = result.get('compiled_bytes', {}).get('peak', state['total'])
+  result['fits'] = None if limit is None else need <= limit
+  return result
+
+
+def _size(num_bytes: int) -> str:
+  return (f'{num_bytes / GiB:,.2f} GiB' if num_bytes >= GiB / 10 else
+          f'{num_bytes / 2**20:,.1f} MiB')
+
+
+def summary(result: dict) -> str:
+  """A few lines for the terminal."""
+  state = result['state_bytes']
+  lines = [f'{result["family"]} ({result["params_total"] / 1e6:,.1f}M parameters), batch '
+           f'{result["batch_size"]} x {result["seq_len"]}, mesh {result["mesh"]} on '
+           f'{result["num_devices"]} x {result["device_kind"]}; per device:',
+           f'  train state   {_size(state["total"])} (weights {_size(state["params"])}, '
+           f'optimizer {_size(state["opt_state"])}, other {_size(state["other"])})']
+  if 'compiled_bytes' in result:
+    c = result['compiled_bytes']
+    lines.append(f'  compiled step {_size(c["peak"])} at peak ({_size(c["temp"])} '
+                 f'temporaries, as the {result["platform"]} compiler assigns them)')
+  limit = result['device_memory_bytes']
+  lines.append('  device memory unknown on this backend' if limit is None else
+               f'  device memory {_size(limit)}: ' + ('fits' if result['fits'] else
+                                                     'DOES NOT FIT'))
+  return '\n'.join(lines)

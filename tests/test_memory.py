@@ -1,0 +1,111 @@
+"""Memory per device, known before allocating: the state's shards under FSDP and expert
+parallelism, the compiled step's buffers, a bf16 first moment, and the one-line error of
+a state that does not fit."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import make_batch, mesh_config, tiny_config
+from jaxarch import cli
+from jaxarch import config as config_lib
+from jaxarch.parallel import global_batch, make_mesh
+from jaxarch.train import memory
+from jaxarch.train.state import init_state, make_setup
+from jaxarch.train.step import make_train_step
+from jaxarch.train.workdir import state_bytes
+
+
+def _setup(spec='configs/dense.py:tiny', *overrides, **mesh):
+  cfg = mesh_config(config_lib.load(spec, list(overrides)), **mesh)
+  return cfg, make_setup(cfg, make_mesh(cfg))
+
+
+def _allocated_bytes_on_device_0(tree) -> int:
+  """What the allocated arrays really hold on the first device."""
+  device = jax.devices()[0]
+  return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards
+             if s.device == device)
+
+
+@pytest.mark.parametrize('spec, mesh', [
+    ('configs/dense.py:tiny', dict(fsdp=8)),
+    ('configs/moe.py:tiny', dict(fsdp=4, expert=2)),
+    ('configs/ultramem.py:tiny', dict(fsdp=2, tensor=4)),
+])
+def test_state_bytes_per_device_are_what_each_device_holds(spec, mesh):
+  cfg, setup = _setup(spec, **mesh)
+  planned = memory.state_bytes_per_device(setup)
+  state = init_state(cfg, setup)
+  assert planned['total'] == _allocated_bytes_on_device_0(state)
+  assert planned['params'] == _allocated_bytes_on_device_0(state['params'])
+  # Sharded 8 ways, each device holds little more than an eighth: norm scales, and
+  # dimensions the axes do not divide (tiny's 2 KV heads on tensor=4), stay replicated.
+  _, replicated = _setup(spec, data=8)
+  whole = memory.state_bytes_per_device(replicated)['total']
+  assert whole == state_bytes(replicated.abstract_state)
+  assert whole / 8 <= planned['total'] < 0.25 * whole
+
+
+def test_a_bf16_first_moment_saves_two_bytes_per_parameter_and_still_trains():
+  def setup(mu_dtype):
+    cfg = mesh_config(tiny_config(**{'train.lr': 1e-2, 'train.warmup_steps': 1,
+                                     'train.mu_dtype': mu_dtype}), data=8)
+    return cfg, make_setup(cfg, make_mesh(cfg))
+  (_, f32), (cfg16, bf16) = setup('float32'), setup('bfloat16')
+  saved = (memory.state_bytes_per_device(f32)['opt_state']
+           - memory.state_bytes_per_device(bf16)['opt_state'])
+  assert saved == 2 * f32.param_counts['total']
+  mu = bf16.abstract_state['opt_state'][1][0].mu  # clip, then adamw's scale_by_adam
+  assert {x.dtype for x in jax.tree.leaves(mu)} == {jnp.dtype('bfloat16')}
+  # It overfits one batch as the float32 moment does (test_train_step).
+  state, step = init_state(cfg16, bf16), make_train_step(bf16)
+  batch = global_batch(make_batch(8, cfg16.data.seq_len), bf16.batch_sharding)
+  losses = []
+  for _ in range(20):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics['loss']))
+  assert losses[-1] < 0.5 * losses[0]
+  with pytest.raises(config_lib.ConfigError, match="train.mu_dtype='float16' must be one of"):
+    config_lib.load('configs/dense.py:tiny', ['train.mu_dtype=float16'])
+
+
+def test_plan_compiles_the_sharded_step_without_allocating_it():
+  cfg = mesh_config(tiny_config(), fsdp=4, data=2)
+  result = memory.plan(cfg, device_memory=1 << 40)
+  compiled, state = result['compiled_bytes'], result['state_bytes']
+  batch_bytes = sum(v.nbytes for v in make_batch(8, cfg.data.seq_len).values()) // 8
+  assert compiled['argument'] == state['total'] + batch_bytes  # per device, not in all
+  assert compiled['alias'] == state['total']  # the donated state is updated in place
+  assert compiled['peak'] >= state['total'] + compiled['temp'] and result['fits']
+  assert not memory.plan(cfg, compile_step=False, device_memory=state['total'] - 1)['fits']
+
+
+def test_a_state_too_big_for_the_device_is_one_line_naming_the_fix(tmp_path, capsys,
+                                                                   monkeypatch):
+  monkeypatch.setattr(memory, 'device_memory_bytes', lambda: 4 << 20)  # 4 MiB devices
+  code = cli.main(['train', '--config=configs/dense.py:tiny', f'--workdir={tmp_path / "run"}',
+                   '--config.mesh.ici.data=8'])
+  error = capsys.readouterr().err.strip()
+  assert code == 2 and '\n' not in error, error
+  assert error.startswith('jaxarch: the train state takes 10.1 MiB per device')
+  assert '--config.mesh.ici.fsdp=8' in error and 'mu_dtype=bfloat16' in error
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_bench_memory_plans_for_a_given_device_size(tmp_path, capsys):
+  args = ['bench', 'memory', '--config=configs/moe.py:680m', f'--workdir={tmp_path}',
+          '--state_only', '--device_memory_gib=80']
+  assert cli.main([*args, '--config.mesh.ici.data=-1']) == 0
+  alone = json.loads((tmp_path / 'bench_memory.json').read_text())
+  assert cli.main([*args, '--config.mesh.ici.data=1', '--config.mesh.ici.fsdp=8']) == 0
+  sharded = json.loads((tmp_path / 'bench_memory.json').read_text())
+  # 8.7B parameters: 12 bytes each of fp32 weights and AdamW moments on one device.
+  assert alone['state_bytes']['total'] == pytest.approx(12 * alone['params_total'], rel=1e-6)
+  assert not alone['fits'] and sharded['fits'] and 'compiled_bytes' not in sharded
+  assert np.isclose(sharded['state_bytes']['total'], alone['state_bytes']['total'] / 8,
+                    rtol=0.01)
+  assert 'DOES NOT FIT' in capsys.readouterr().out
