@@ -155,7 +155,7 @@ def kernel_cases():
                               + 'x'.join(map(str, shape)))
 
 
-@pytest.mark.parametrize('impl,scatter,dtype,shape', kernel_cases())
+@pytest.mark.parametrize('impl,scatter,dtype,shape', list(kernel_cases()))
 def test_kernels_equal_reference(impl, scatter, dtype, shape):
   values, indices, weights, cot = kernel_case(*shape, dtype)
   got = lookup_and_grads(values, indices, weights, cot, impl=impl, scatter=scatter)

@@ -17,9 +17,18 @@ class WindowCounter(nnx.Variable):
   """Counts that live for one logging window; zeroed by the trainer after each log."""
 
 
+def _sow(module: nnx.Module, name: str, value: jax.Array):
+  # Only the train step reads signals, through `nnx.capture` (which gives every submodule
+  # its `__captures__`). Elsewhere (generation, export) they are dropped, not attached to
+  # the module, which flax >= 0.12 deprecates. Older flax has no capture: `run_model` pops.
+  if hasattr(nnx, 'capture') and not hasattr(module, '__captures__'):
+    return
+  module.sow(nnx.Intermediate, name, value)
+
+
 def add_aux_loss(module: nnx.Module, value: jax.Array):
-  module.sow(nnx.Intermediate, 'aux_loss', value)
+  _sow(module, 'aux_loss', value)
 
 
 def add_metric(module: nnx.Module, name: str, value: jax.Array):
-  module.sow(nnx.Intermediate, f'metric_{name}', value)
+  _sow(module, f'metric_{name}', value)
