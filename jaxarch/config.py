@@ -692,7 +692,8 @@ def load_json(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ConfigD
   """The config `save` wrote, with `overrides` applied, as a locked, validated ConfigDict.
 
   JSON has no tuples; configs hold sequences as tuples (they are hashable and cannot be
-  mutated in place), so every JSON list comes back as a tuple.
+  mutated in place), so every JSON list comes back as a tuple. Keys of `RUN_SECTIONS`
+  that jaxarch gained after the run was saved take their defaults.
   """
   path = Path(path)
   if not path.is_file():
@@ -701,11 +702,36 @@ def load_json(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ConfigD
     tree = json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise ConfigError(f'{path} is not valid JSON: {e}') from e
-  cfg = ConfigDict(_lists_to_tuples(tree))
+  cfg = ConfigDict(_lists_to_tuples(_with_new_run_keys(tree)))
   cfg.lock()
   for override in overrides:
     apply_override(cfg, override)
   return validate(cfg)
+
+
+# Sections that say how to run, not what is trained: a key added to them after a run was
+# saved (e.g. train.mu_dtype) takes its default, which is the behaviour the run had, when
+# the run resumes. A missing key of the model or data is still an error.
+RUN_SECTIONS = ('train', 'checkpoint', 'log', 'launch')
+
+
+def _with_new_run_keys(tree: dict) -> dict:
+  try:
+    defaults = to_dict(load('configs/dense.py'))
+  except ConfigError:  # an installed package without configs/: nothing to fill from
+    return tree
+
+  def fill(saved: dict, default: dict):
+    for key, value in default.items():
+      if key not in saved:
+        saved[key] = value
+      elif isinstance(value, dict) and isinstance(saved[key], dict):
+        fill(saved[key], value)
+
+  for section in RUN_SECTIONS:
+    if isinstance(tree.get(section, {}), dict):
+      fill(tree.setdefault(section, {}), defaults[section])
+  return tree
 
 
 def _lists_to_tuples(tree):

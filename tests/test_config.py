@@ -312,6 +312,22 @@ def test_json_round_trip_restores_the_same_config(tmp_path):
   assert json.loads((tmp_path / 'run' / 'config.json').read_text())['train']['steps'] == 500
 
 
+def test_a_run_saved_before_newer_run_keys_resumes_with_their_defaults(tmp_path):
+  cfg = tiny()
+  path = tmp_path / 'config.json'
+  config_lib.save(cfg, path)
+  old = json.loads(path.read_text())
+  del old['train']['mu_dtype'], old['train']['nonfinite'], old['launch']  # not yet in jaxarch
+  old['train']['lr'] = 0.5  # the run's own values stay
+  path.write_text(json.dumps(old))
+  restored = config_lib.load_json(path)
+  assert (restored.train.mu_dtype, restored.train.nonfinite) == ('float32', 'stop')
+  assert restored.launch.nodes == 1 and restored.train.lr == 0.5
+  del old['model']['d_ff']  # what was trained is never guessed
+  path.write_text(json.dumps(old))
+  assert error_of(config_lib.load_json, path) == "config error: missing key 'model.d_ff'"
+
+
 def test_hash_depends_on_values_only():
   assert config_lib.config_hash(tiny()) == config_lib.config_hash(tiny())
   assert config_lib.config_hash(tiny()) != config_lib.config_hash(tiny('train.seed=1'))
