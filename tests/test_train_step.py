@@ -37,8 +37,10 @@ def test_eight_device_step_equals_one_device_step():
                one_params, eight_params)
 
 
-def test_loss_decreases_when_overfitting_one_batch():
-  cfg = mesh_config(tiny_config(**{'train.lr': 1e-2, 'train.warmup_steps': 1}), data=8)
+@pytest.mark.parametrize('mu_dtype', ['float32', 'bfloat16'])  # Adam's first moment
+def test_loss_decreases_when_overfitting_one_batch(mu_dtype):
+  cfg = mesh_config(tiny_config(**{'train.lr': 1e-2, 'train.warmup_steps': 1,
+                                   'train.mu_dtype': mu_dtype}), data=8)
   setup = make_setup(cfg, make_mesh(cfg))
   state = init_state(cfg, setup)
   step = make_train_step(setup)
