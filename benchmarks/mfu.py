@@ -7,12 +7,12 @@ Each case is FAMILY:PRESET:BATCH:REMAT[:KEY=VALUE+KEY=VALUE] (sequences of `data
 tokens, bf16 compute on an accelerator) timed by `jaxarch.train.throughput.measure`, as
 `jaxarch bench train` does. On a GPU or TPU the default cases are the paper-scale presets
 whose MFU targets the docs track (dense ~1B at 45%, MoE and UltraMem 680m at 35% on one
-H100). The MoE and UltraMem 680m presets hold 8.7-9.0B parameters, 130 GiB with fp32
-AdamW state and gradients, more than one H100 holds: their one-GPU cases keep the active model and
-shrink the sparse part (16 experts: 2.35B total; a 512² table: 1.74B total). On CPU the
-cases are the tiny presets, where MFU is not defined (no peak FLOP/s) and tokens/s is what
-is compared. A case that runs out of memory is reported as such, not as a crash of the
-whole table.
+H100). The MoE and UltraMem 680m presets hold 8.7-9.0B parameters, 130 GiB with fp32 AdamW
+state and gradients, more than one H100 holds: their one-GPU cases keep the active model
+and shrink the sparse part (16 experts: 2.35B total; a 512² table: 1.74B total). On CPU
+the cases are the tiny presets, where MFU is not defined (no peak FLOP/s) and tokens/s is
+what is compared. A case that runs out of memory is reported as such, not as a crash of
+the whole table.
 """
 
 import platform

@@ -53,10 +53,9 @@ def device_memory_bytes() -> int | None:
   return None if not stats else stats.get('bytes_limit')
 
 
-def check_state_fits(cfg: ml_collections.ConfigDict, setup: TrainSetup,
-                     limit: int | None = None) -> None:
+def check_state_fits(cfg: ml_collections.ConfigDict, setup: TrainSetup) -> None:
   """Raises `OutOfMemoryError` if the train state alone exceeds a device's memory."""
-  limit = device_memory_bytes() if limit is None else limit
+  limit = device_memory_bytes()
   need = state_bytes_per_device(setup)
   if limit is None or need['total'] <= limit:
     return
