@@ -112,6 +112,9 @@ def get_config(arg=None):
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100_000
   c.train.batch_size = 256  # global, in sequences
+  # Microbatches per step: gradients of batch_size / grad_accum_steps rows at a time, summed,
+  # when the whole batch's activations do not fit (same loss and update, more time).
+  c.train.grad_accum_steps = 1
   c.train.lr = 3e-4
   c.train.seed = 0
   c.train.schedule = 'cosine'  # cosine | wsd | constant

@@ -38,7 +38,7 @@ POSITIVE_INTS = (
     'model.d_model', 'model.n_layers', 'model.n_heads', 'model.n_kv_heads', 'model.d_ff',
     'model.vocab_size', 'model.max_len', 'data.seq_len', 'train.steps', 'train.batch_size',
     'checkpoint.every_steps', 'checkpoint.keep', 'log.every_steps', 'log.eval_every_steps',
-    'log.eval_batches', 'train.max_consecutive_skips',
+    'log.eval_batches', 'train.max_consecutive_skips', 'train.grad_accum_steps',
 )
 
 # Relative config paths that are not found from the working directory are looked up in
@@ -541,10 +541,13 @@ def _check_mesh(cfg: ConfigDict, num_devices: int | None) -> None:
   shape = mesh_shape(cfg, num_devices)
   batch_axes = _rule_axes(dict(rules)['batch'])
   split = math.prod(shape[a] for a in dict.fromkeys(batch_axes))
-  if cfg.train.batch_size % split:
+  accum = cfg.train.grad_accum_steps
+  if cfg.train.batch_size % (split * accum):
     sizes = ', '.join(f'{a}={shape[a]}' for a in batch_axes)
-    raise ConfigError(f'train.batch_size={cfg.train.batch_size} must be divisible by {split}, '
-                      f'the mesh axes the batch is split over ({sizes})')
+    why = f'{split}, the mesh axes the batch is split over ({sizes})'
+    if accum > 1:
+      why = f'{split * accum}: train.grad_accum_steps={accum} microbatches of {why}'
+    raise ConfigError(f'train.batch_size={cfg.train.batch_size} must be divisible by {why}')
 
 
 def _rule_axes(mesh_axes) -> tuple[str, ...] | None:

@@ -6,23 +6,27 @@ import optax
 import pytest
 
 from conftest import make_batch, mesh_config, tiny_config
+from jaxarch import config as config_lib
 from jaxarch.parallel import global_batch, make_mesh
 from jaxarch.train.optimizer import learning_rate_schedule
 from jaxarch.train.state import init_state, make_setup
 from jaxarch.train.step import make_train_step
 
 
-def _steps(cfg, devices, n=2):
+def _steps(cfg, devices, n=2, metrics_of=None):
   mesh = make_mesh(cfg, devices=devices)
   setup = make_setup(cfg, mesh)
   state = init_state(cfg, setup)
-  step = make_train_step(setup)
+  step = make_train_step(setup, grad_accum_steps=cfg.train.grad_accum_steps)
   losses = []
   for i in range(n):
-    batch = global_batch(make_batch(cfg.train.batch_size, cfg.data.seq_len, seed=i),
-                         setup.batch_sharding)
-    state, metrics = step(state, batch)
+    batch = make_batch(cfg.train.batch_size, cfg.data.seq_len, seed=i)
+    if i == 0:
+      batch['segment_ids'][:3, 20:] = 0  # microbatches of unequal token counts
+    state, metrics = step(state, global_batch(batch, setup.batch_sharding))
     losses.append(float(metrics['loss']))
+    if metrics_of is not None:
+      metrics_of.append(jax.device_get(metrics))
   return losses, jax.device_get(state['params'])
 
 
@@ -35,6 +39,40 @@ def test_eight_device_step_equals_one_device_step():
   np.testing.assert_allclose(one_losses, eight_losses, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                one_params, eight_params)
+
+
+def test_accumulated_microbatches_give_the_full_batch_step():
+  # Dense: the same loss and update to float precision, whatever the microbatches' tokens.
+  full = tiny_config(**{'model.dtype': 'float32', 'train.batch_size': 16})
+  want_losses, want_params = _steps(mesh_config(full, data=2, fsdp=2), jax.devices()[:4])
+  accum = tiny_config(**{'model.dtype': 'float32', 'train.batch_size': 16,
+                         'train.grad_accum_steps': 4})
+  losses, params = _steps(mesh_config(accum, data=2, fsdp=2), jax.devices()[:4])
+  np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               params, want_params)
+
+
+def test_accumulated_moe_steps_report_the_batch_s_tokens_and_aux_losses():
+  cfg = config_lib.load('configs/moe.py:tiny', [
+      'model.n_layers=2', 'data.seq_len=32', 'train.batch_size=16', 'model.dtype=float32'])
+  want = []
+  _steps(mesh_config(cfg, data=8), jax.devices(), n=1, metrics_of=want)
+  with cfg.unlocked():
+    cfg.train.grad_accum_steps = 2
+  got = []
+  _steps(mesh_config(cfg, data=8), jax.devices(), n=1, metrics_of=got)
+  assert got[0]['tokens'] == want[0]['tokens'] == 16 * 32 - 3 * 12
+  assert got[0]['loss'] == pytest.approx(want[0]['loss'], rel=1e-5)
+  aux = [k for k in want[0] if k.startswith('aux_loss/')]
+  assert aux and aux == [k for k in got[0] if k.startswith('aux_loss/')]
+  # Balance losses are nonlinear in the routed fractions: close, not equal.
+  for k in aux:
+    assert got[0][k] == pytest.approx(want[0][k], rel=0.2)
+  with pytest.raises(config_lib.ConfigError, match=r'batch_size=16 must be divisible by 32: '
+                     r'train.grad_accum_steps=4 microbatches of 8'):
+    config_lib.validate(mesh_config(config_lib.load('configs/moe.py:tiny', [
+        'train.batch_size=16', 'train.grad_accum_steps=4']), data=8), num_devices=8)
 
 
 @pytest.mark.parametrize('mu_dtype', ['float32', 'bfloat16'])  # Adam's first moment

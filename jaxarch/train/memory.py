@@ -96,7 +96,8 @@ def plan(cfg: ml_collections.ConfigDict, *, compile_step: bool = True,
     batch = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=setup.batch_sharding),
         synthetic_batch(cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size, 0))
-    step = make_train_step(setup, z_loss=cfg.train.z_loss)
+    step = make_train_step(setup, z_loss=cfg.train.z_loss,
+                           grad_accum_steps=cfg.train.grad_accum_steps)
     stats = step.lower(setup.abstract_state, batch).compile().memory_analysis()
     compiled = {k: int(getattr(stats, f'{k}_size_in_bytes'))
                 for k in ('argument', 'output', 'alias', 'temp')}

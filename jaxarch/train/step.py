@@ -107,8 +107,14 @@ def tree_path(path) -> str:
   return '/'.join(_key_name(k) for k in path)
 
 
-def make_train_step(setup: TrainSetup, *, z_loss: float = 0.0):
+def make_train_step(setup: TrainSetup, *, z_loss: float = 0.0,
+                    grad_accum_steps: int = 1):
   """The jitted, sharded train step; the incoming state's buffers are donated.
+
+  With `grad_accum_steps=A` the batch runs as A microbatches in a `lax.scan` (each spread
+  over all devices), summing gradients, so the global batch outgrows what one step's
+  activations leave room for. The loss is the same token mean over the whole batch; aux
+  losses (MoE balance) are the token-weighted mean of the microbatches' values.
 
   Its metrics include `nonfinite` (1 when the loss or a gradient was NaN or Inf, and the
   update was not applied) and the norms of every parameter's gradient and value
@@ -116,22 +122,62 @@ def make_train_step(setup: TrainSetup, *, z_loss: float = 0.0):
   report on such a step.
   """
   is_frozen = frozen(setup.abstract_state['params'])
+  batch_spec = setup.batch_sharding.spec
 
-  def train_step(state, batch):
+  def microbatch_grads(params, model_state, batch):
+    """Gradients of the summed NLL + z-loss, plus aux losses x tokens, of one microbatch:
+    sums that add up over microbatches, divided by the batch's tokens at the end."""
 
-    def loss_fn(params):
+    def objective(params):
       # Frozen parameters get no gradient, so XLA drops their weight-gradient matmuls.
       params = jax.tree.map(lambda f, p: jax.lax.stop_gradient(p) if f else p,
                             is_frozen, params)
-      (logits, targets, mask), aux, layer_metrics, model_state = _forward(
-          setup, params, state['model_state'], batch)
-      num_tokens = jnp.maximum(mask.sum(), 1.0)
+      (logits, targets, mask), aux, layer_metrics, new_model_state = _forward(
+          setup, params, model_state, batch)
+      tokens = mask.sum()
       nll, z = cross_entropy(logits, targets, mask, z_loss)
-      loss = (nll + z) / num_tokens + sum(aux.values(), jnp.zeros(()))
-      return loss, (nll / num_tokens, num_tokens, aux, layer_metrics, model_state)
+      aux = {k: v * tokens for k, v in aux.items()}
+      total = nll + z + sum(aux.values(), jnp.zeros(()))
+      return total, {'nll': nll, 'total': total, 'tokens': tokens, 'aux': aux,
+                     'metrics': layer_metrics, 'model_state': new_model_state}
 
-    (loss, (ce, num_tokens, aux, layer_metrics, model_state)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state['params'])
+    (_, out), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    return grads, out
+
+  def accumulate(params, model_state, batch):
+    if grad_accum_steps == 1:
+      return microbatch_grads(params, model_state, batch)
+
+    def split(x):  # [B, ...] -> [A, B/A, ...]: microbatch i takes rows i, i + A, ...
+      x = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:])
+      x = jnp.swapaxes(x, 0, 1)
+      spec = jax.sharding.PartitionSpec(None, *batch_spec, *[None] * (x.ndim - 3))
+      return jax.lax.with_sharding_constraint(
+          x, jax.sharding.NamedSharding(setup.mesh, spec))
+
+    def body(carry, microbatch):
+      grads, sums, model_state = carry
+      g, out = microbatch_grads(params, model_state, microbatch)
+      grads = jax.tree.map(jnp.add, grads, g)
+      sums = jax.tree.map(jnp.add, sums, {k: out[k] for k in sums})
+      return (grads, sums, out['model_state']), None
+
+    microbatches = jax.tree.map(split, batch)
+    first = jax.tree.map(lambda x: x[0], microbatches)
+    zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(
+        microbatch_grads, params, model_state, first))
+    sums = {k: zero[1][k] for k in ('nll', 'total', 'tokens', 'aux', 'metrics')}
+    (grads, sums, model_state), _ = jax.lax.scan(
+        body, (zero[0], sums, model_state), microbatches)
+    sums['metrics'] = jax.tree.map(lambda m: m / grad_accum_steps, sums['metrics'])
+    return grads, {**sums, 'model_state': model_state}
+
+  def train_step(state, batch):
+    grads, out = accumulate(state['params'], state['model_state'], batch)
+    num_tokens = jnp.maximum(out['tokens'], 1.0)
+    grads = jax.tree.map(lambda g: g / num_tokens.astype(g.dtype), grads)
+    loss = out['total'] / num_tokens
+    aux = {k: v / num_tokens for k, v in out['aux'].items()}
     updates, opt_state = setup.tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     grad_norms = leaf_norms(grads)
@@ -142,14 +188,14 @@ def make_train_step(setup: TrainSetup, *, z_loss: float = 0.0):
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     params = keep(params, state['params'])
     param_norms = leaf_norms(params)
-    metrics = {'loss': ce, 'total_loss': loss, 'grad_norm': grad_norm,
-               'param_norm': _global_norm(param_norms), 'tokens': num_tokens,
+    metrics = {'loss': out['nll'] / num_tokens, 'total_loss': loss, 'grad_norm': grad_norm,
+               'param_norm': _global_norm(param_norms), 'tokens': out['tokens'],
                'nonfinite': 1.0 - finite.astype(jnp.float32),
                'layer_grad_norms': grad_norms, 'layer_param_norms': param_norms,
-               **{f'aux_loss/{k}': v for k, v in aux.items()}, **layer_metrics}
+               **{f'aux_loss/{k}': v for k, v in aux.items()}, **out['metrics']}
     new_state = dict(state, step=state['step'] + 1, params=params,
                      opt_state=keep(opt_state, state['opt_state']),
-                     model_state=keep(model_state, state['model_state']))
+                     model_state=keep(out['model_state'], state['model_state']))
     return new_state, metrics
 
   replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())

@@ -33,7 +33,8 @@ def measure(cfg: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
   setup = make_setup(cfg, make_mesh(cfg))
   check_state_fits(cfg, setup)
   state = init_state(cfg, setup)
-  step = make_train_step(setup, z_loss=cfg.train.z_loss)
+  step = make_train_step(setup, z_loss=cfg.train.z_loss,
+                         grad_accum_steps=cfg.train.grad_accum_steps)
   batches = [global_batch(synthetic_batch(cfg.train.batch_size, cfg.data.seq_len,
                                           cfg.model.vocab_size, i), setup.batch_sharding)
              for i in range(2)]
