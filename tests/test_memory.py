@@ -75,6 +75,15 @@ def test_plan_compiles_the_sharded_step_without_allocating_it():
   assert not memory.plan(cfg, compile_step=False, device_memory=state['total'] - 1)['fits']
 
 
+def test_gradient_accumulation_shrinks_the_step_s_temporaries():
+  temp = {}
+  for accum in (1, 4):
+    cfg = mesh_config(tiny_config(**{'train.batch_size': 64, 'train.grad_accum_steps': accum}),
+                      data=8)
+    temp[accum] = memory.plan(cfg)['compiled_bytes']['temp']
+  assert temp[4] < 0.5 * temp[1], temp
+
+
 def test_a_state_too_big_for_the_device_is_one_line_naming_the_fix(tmp_path, capsys,
                                                                    monkeypatch):
   monkeypatch.setattr(memory, 'device_memory_bytes', lambda: 4 << 20)  # 4 MiB devices
