@@ -125,8 +125,10 @@ def make_train_step(setup: TrainSetup, *, z_loss: float = 0.0,
   batch_spec = setup.batch_sharding.spec
 
   def microbatch_grads(params, model_state, batch):
-    """Gradients of the summed NLL + z-loss, plus aux losses x tokens, of one microbatch:
-    sums that add up over microbatches, divided by the batch's tokens at the end."""
+    """Gradients of the summed NLL + z-loss, plus aux losses x tokens, of one microbatch,
+    over its size: sums that add up over microbatches, rescaled by size / the batch's
+    tokens at the end. (Divided by the constant size, the backward pass carries values of
+    a mean's magnitude, which a float16 step needs: a sum over many tokens overflows.)"""
 
     def objective(params):
       # Frozen parameters get no gradient, so XLA drops their weight-gradient matmuls.
@@ -138,8 +140,9 @@ def make_train_step(setup: TrainSetup, *, z_loss: float = 0.0,
       nll, z = cross_entropy(logits, targets, mask, z_loss)
       aux = {k: v * tokens for k, v in aux.items()}
       total = nll + z + sum(aux.values(), jnp.zeros(()))
-      return total, {'nll': nll, 'total': total, 'tokens': tokens, 'aux': aux,
-                     'metrics': layer_metrics, 'model_state': new_model_state}
+      return total / mask.size, {
+          'nll': nll, 'total': total, 'tokens': tokens, 'aux': aux, 'metrics': layer_metrics,
+          'size': jnp.float32(mask.size), 'model_state': new_model_state}
 
     (_, out), grads = jax.value_and_grad(objective, has_aux=True)(params)
     return grads, out
@@ -166,7 +169,7 @@ def make_train_step(setup: TrainSetup, *, z_loss: float = 0.0,
     first = jax.tree.map(lambda x: x[0], microbatches)
     zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(
         microbatch_grads, params, model_state, first))
-    sums = {k: zero[1][k] for k in ('nll', 'total', 'tokens', 'aux', 'metrics')}
+    sums = {k: zero[1][k] for k in ('nll', 'total', 'tokens', 'aux', 'metrics', 'size')}
     (grads, sums, model_state), _ = jax.lax.scan(
         body, (zero[0], sums, model_state), microbatches)
     sums['metrics'] = jax.tree.map(lambda m: m / grad_accum_steps, sums['metrics'])
@@ -175,7 +178,8 @@ def make_train_step(setup: TrainSetup, *, z_loss: float = 0.0,
   def train_step(state, batch):
     grads, out = accumulate(state['params'], state['model_state'], batch)
     num_tokens = jnp.maximum(out['tokens'], 1.0)
-    grads = jax.tree.map(lambda g: g / num_tokens.astype(g.dtype), grads)
+    rescale = out['size'] / grad_accum_steps / num_tokens  # one microbatch's size / tokens
+    grads = jax.tree.map(lambda g: g * rescale.astype(g.dtype), grads)
     loss = out['total'] / num_tokens
     aux = {k: v / num_tokens for k, v in out['aux'].items()}
     updates, opt_state = setup.tx.update(grads, state['opt_state'], state['params'])
