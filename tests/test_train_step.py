@@ -17,7 +17,7 @@ def _steps(cfg, devices, n=2, metrics_of=None):
   mesh = make_mesh(cfg, devices=devices)
   setup = make_setup(cfg, mesh)
   state = init_state(cfg, setup)
-  step = make_train_step(setup, grad_accum_steps=cfg.train.grad_accum_steps)
+  step = make_train_step(setup)
   losses = []
   for i in range(n):
     batch = make_batch(cfg.train.batch_size, cfg.data.seq_len, seed=i)

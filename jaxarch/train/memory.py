@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxarch.data import synthetic_batch
 from jaxarch.parallel import make_mesh
-from jaxarch.train.state import TrainSetup, make_setup
+from jaxarch.train.state import TrainSetup, describe, make_setup
 from jaxarch.train.step import make_train_step
 
 GiB = 2**30
@@ -86,18 +86,12 @@ def plan(cfg: ml_collections.ConfigDict, *, compile_step: bool = True,
   setup = make_setup(cfg, make_mesh(cfg))
   state = state_bytes_per_device(setup)
   limit = device_memory or device_memory_bytes()
-  result = {'family': cfg.model.family, 'device_kind': jax.devices()[0].device_kind,
-            'platform': jax.devices()[0].platform, 'num_devices': jax.device_count(),
-            'mesh': dict(setup.mesh.shape), 'params_total': setup.param_counts['total'],
-            'batch_size': cfg.train.batch_size, 'seq_len': cfg.data.seq_len,
-            'remat': cfg.model.remat, 'mu_dtype': cfg.train.mu_dtype,
-            'state_bytes': state, 'device_memory_bytes': limit}
+  result = {**describe(cfg, setup), 'state_bytes': state, 'device_memory_bytes': limit}
   if compile_step:
     batch = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=setup.batch_sharding),
         synthetic_batch(cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size, 0))
-    step = make_train_step(setup, z_loss=cfg.train.z_loss,
-                           grad_accum_steps=cfg.train.grad_accum_steps)
+    step = make_train_step(setup)
     stats = step.lower(setup.abstract_state, batch).compile().memory_analysis()
     compiled = {k: int(getattr(stats, f'{k}_size_in_bytes'))
                 for k in ('argument', 'output', 'alias', 'temp')}

@@ -21,7 +21,8 @@ from jaxarch.train.optimizer import make_optimizer
 
 @dataclasses.dataclass(frozen=True)
 class TrainSetup:
-  """What the step functions close over: the model structure, optimizer, shardings."""
+  """What the step functions close over: the model structure, optimizer, shardings, and
+  the loss and batching settings of `train`."""
   graphdef: nnx.GraphDef
   tx: optax.GradientTransformation
   abstract_state: dict  # ShapeDtypeStructs carrying their shardings
@@ -30,6 +31,8 @@ class TrainSetup:
   param_counts: dict
   mesh: Mesh
   rules: tuple  # mesh.rules: logical axis -> mesh axes
+  z_loss: float  # train.z_loss
+  grad_accum_steps: int  # train.grad_accum_steps: microbatches per step
 
 
 def _split(model: nnx.Module):
@@ -48,7 +51,22 @@ def make_setup(cfg: ml_collections.ConfigDict, mesh: Mesh) -> TrainSetup:
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   return TrainSetup(graphdef, tx, abstract, shardings,
-                    batch_sharding(mesh, cfg.mesh.rules), counts, mesh, tuple(cfg.mesh.rules))
+                    batch_sharding(mesh, cfg.mesh.rules), counts, mesh, tuple(cfg.mesh.rules),
+                    cfg.train.z_loss, cfg.train.grad_accum_steps)
+
+
+def describe(cfg: ml_collections.ConfigDict, setup: TrainSetup) -> dict:
+  """What a benchmark's record says about the run it measured: model, devices, mesh, batch
+  and the settings that change speed or memory."""
+  device = jax.devices()[0]
+  return {'family': cfg.model.family, 'device_kind': device.device_kind,
+          'platform': device.platform, 'num_devices': jax.device_count(),
+          'mesh': dict(setup.mesh.shape), 'params_total': setup.param_counts['total'],
+          'params_active': setup.param_counts['active'],
+          'batch_size': cfg.train.batch_size, 'seq_len': cfg.data.seq_len,
+          'grad_accum_steps': setup.grad_accum_steps, 'dtype': cfg.model.dtype,
+          'remat': cfg.model.remat, 'attention_impl': cfg.model.attention_impl,
+          'mu_dtype': cfg.train.mu_dtype}
 
 
 def _init_state(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> dict:

@@ -107,13 +107,12 @@ def tree_path(path) -> str:
   return '/'.join(_key_name(k) for k in path)
 
 
-def make_train_step(setup: TrainSetup, *, z_loss: float = 0.0,
-                    grad_accum_steps: int = 1):
+def make_train_step(setup: TrainSetup):
   """The jitted, sharded train step; the incoming state's buffers are donated.
 
-  With `grad_accum_steps=A` the batch runs as A microbatches in a `lax.scan` (each spread
-  over all devices), summing gradients, so the global batch outgrows what one step's
-  activations leave room for. The loss is the same token mean over the whole batch; aux
+  With `setup.grad_accum_steps=A` the batch runs as A microbatches in a `lax.scan` (each
+  spread over all devices), summing gradients, so the global batch outgrows what one
+  step's activations leave room for. The loss is the same token mean over the whole batch; aux
   losses (MoE balance) are the token-weighted mean of the microbatches' values.
 
   Its metrics include `nonfinite` (1 when the loss or a gradient was NaN or Inf, and the
@@ -123,12 +122,14 @@ def make_train_step(setup: TrainSetup, *, z_loss: float = 0.0,
   """
   is_frozen = frozen(setup.abstract_state['params'])
   batch_spec = setup.batch_sharding.spec
+  grad_accum_steps = setup.grad_accum_steps
 
   def microbatch_grads(params, model_state, batch):
     """Gradients of the summed NLL + z-loss, plus aux losses x tokens, of one microbatch,
-    over its size: sums that add up over microbatches, rescaled by size / the batch's
-    tokens at the end. (Divided by the constant size, the backward pass carries values of
-    a mean's magnitude, which a float16 step needs: a sum over many tokens overflows.)"""
+    over its number of input tokens: sums that add up over microbatches, rescaled by that
+    number / the batch's loss tokens at the end. (Divided by the constant, the backward
+    pass carries values of a mean's magnitude, which a float16 step needs: a sum over many
+    tokens overflows.)"""
 
     def objective(params):
       # Frozen parameters get no gradient, so XLA drops their weight-gradient matmuls.
@@ -137,12 +138,12 @@ def make_train_step(setup: TrainSetup, *, z_loss: float = 0.0,
       (logits, targets, mask), aux, layer_metrics, new_model_state = _forward(
           setup, params, model_state, batch)
       tokens = mask.sum()
-      nll, z = cross_entropy(logits, targets, mask, z_loss)
+      nll, z = cross_entropy(logits, targets, mask, setup.z_loss)
       aux = {k: v * tokens for k, v in aux.items()}
       total = nll + z + sum(aux.values(), jnp.zeros(()))
-      return total / mask.size, {
+      return total / batch['inputs'].size, {
           'nll': nll, 'total': total, 'tokens': tokens, 'aux': aux, 'metrics': layer_metrics,
-          'size': jnp.float32(mask.size), 'model_state': new_model_state}
+          'model_state': new_model_state}
 
     (_, out), grads = jax.value_and_grad(objective, has_aux=True)(params)
     return grads, out
@@ -169,7 +170,7 @@ def make_train_step(setup: TrainSetup, *, z_loss: float = 0.0,
     first = jax.tree.map(lambda x: x[0], microbatches)
     zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(
         microbatch_grads, params, model_state, first))
-    sums = {k: zero[1][k] for k in ('nll', 'total', 'tokens', 'aux', 'metrics', 'size')}
+    sums = {k: zero[1][k] for k in ('nll', 'total', 'tokens', 'aux', 'metrics')}
     (grads, sums, model_state), _ = jax.lax.scan(
         body, (zero[0], sums, model_state), microbatches)
     sums['metrics'] = jax.tree.map(lambda m: m / grad_accum_steps, sums['metrics'])
@@ -178,7 +179,8 @@ def make_train_step(setup: TrainSetup, *, z_loss: float = 0.0,
   def train_step(state, batch):
     grads, out = accumulate(state['params'], state['model_state'], batch)
     num_tokens = jnp.maximum(out['tokens'], 1.0)
-    rescale = out['size'] / grad_accum_steps / num_tokens  # one microbatch's size / tokens
+    microbatch_size = batch['inputs'].size // grad_accum_steps  # as microbatch_grads divides
+    rescale = microbatch_size / num_tokens
     grads = jax.tree.map(lambda g: g * rescale.astype(g.dtype), grads)
     loss = out['total'] / num_tokens
     aux = {k: v / num_tokens for k, v in out['aux'].items()}

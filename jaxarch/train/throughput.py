@@ -20,7 +20,7 @@ from jaxarch.data import synthetic_batch
 from jaxarch.parallel import global_batch, make_mesh
 from jaxarch.train import flops
 from jaxarch.train.memory import check_state_fits
-from jaxarch.train.state import init_state, make_setup
+from jaxarch.train.state import describe, init_state, make_setup
 from jaxarch.train.step import make_train_step
 
 
@@ -33,8 +33,7 @@ def measure(cfg: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
   setup = make_setup(cfg, make_mesh(cfg))
   check_state_fits(cfg, setup)
   state = init_state(cfg, setup)
-  step = make_train_step(setup, z_loss=cfg.train.z_loss,
-                         grad_accum_steps=cfg.train.grad_accum_steps)
+  step = make_train_step(setup)
   batches = [global_batch(synthetic_batch(cfg.train.batch_size, cfg.data.seq_len,
                                           cfg.model.vocab_size, i), setup.batch_sharding)
              for i in range(2)]
@@ -63,14 +62,7 @@ def measure(cfg: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
   device = jax.devices()[0]
   achieved = per_token * tokens / step_s
   return {
-      'family': cfg.model.family, 'device_kind': device.device_kind,
-      'platform': device.platform, 'num_devices': jax.device_count(),
-      'mesh': dict(setup.mesh.shape), 'params_total': setup.param_counts['total'],
-      'params_active': setup.param_counts['active'],
-      'batch_size': cfg.train.batch_size, 'seq_len': cfg.data.seq_len,
-      'dtype': cfg.model.dtype, 'remat': cfg.model.remat,
-      'attention_impl': cfg.model.attention_impl,
-      'warmup_s': warmup_s, 'step_time_s': step_s,
+      **describe(cfg, setup), 'warmup_s': warmup_s, 'step_time_s': step_s,
       'step_time_min_s': min(times), 'step_time_max_s': max(times),
       'tokens_per_s': tokens / step_s, 'flops_per_token': per_token,
       'model_tflops_per_device': achieved / jax.device_count() / 1e12,

@@ -126,8 +126,7 @@ def _window_metrics(pending: list[dict]) -> dict:
 def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer, bar,
           stop) -> dict:
   validation = eval_batches(cfg)
-  train_step = make_train_step(setup, z_loss=cfg.train.z_loss,
-                               grad_accum_steps=cfg.train.grad_accum_steps)
+  train_step = make_train_step(setup)
   reset_windows = make_window_reset(setup)
   schedule = learning_rate_schedule(cfg.train)
   flops_per_token = flops.train_flops_per_token(cfg.model, setup.param_counts,
