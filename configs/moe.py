@@ -61,6 +61,9 @@ def get_config(arg=None):
   m.aux_loss_weight = 0.01  # Switch/GShard balance loss
   m.z_loss_weight = 0.001  # router z-loss
   m.bias_update_rate = 0.0  # auxiliary-loss-free balancing step (DeepSeek-V3: 0.001)
+  # Dropless grouped matmuls: auto = Pallas (Triton) kernels on GPU, where XLA's ragged dot
+  # computes every expert for every row; jax.lax.ragged_dot elsewhere (native on TPU).
+  m.matmul_impl = 'auto'  # auto | xla | pallas | interpret
   m.update(PRESETS[arg])
   c.model.moe = m
   c.lock()

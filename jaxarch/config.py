@@ -32,6 +32,8 @@ ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
 LOOKUP_IMPLS = ('auto', 'xla', 'pallas', 'interpret', 'interpret_tpu')
 LOOKUP_SCATTERS = ('sorted', 'atomic')
 MOE_GATES = ('softmax', 'sigmoid')
+# kernels.grouped_matmul: which code runs dropless MoE's grouped matmuls.
+MOE_MATMUL_IMPLS = ('auto', 'xla', 'pallas', 'interpret')
 SCHEDULES = ('cosine', 'wsd', 'constant')
 NONFINITE = ('stop', 'skip')
 POSITIVE_INTS = (
@@ -340,6 +342,7 @@ def _check_moe(cfg: ConfigDict) -> None:
   if shared < 0:
     raise ConfigError(f'model.moe.num_shared_experts={shared} must be >= 0')
   _choice(cfg, 'model.moe.gate', MOE_GATES)
+  _choice(cfg, 'model.moe.matmul_impl', MOE_MATMUL_IMPLS)
   for key in ('model.moe.capacity_factor', 'model.moe.ep_capacity_factor'):
     if _get(cfg, key) is not None and _number(cfg, key) <= 0:
       raise ConfigError(f'{key}={_get(cfg, key)!r} must be > 0 (or None: dropless)')
@@ -716,6 +719,8 @@ def load_json(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ConfigD
 # saved (e.g. train.mu_dtype) takes its default, which is the behaviour the run had, when
 # the run resumes. A missing key of the model or data is still an error.
 RUN_SECTIONS = ('train', 'checkpoint', 'log', 'launch')
+# Model keys that pick kernels, which compute the same function: filled the same way.
+RUN_MODEL_KEYS = (('moe', 'matmul_impl'),)
 
 
 def _with_new_run_keys(tree: dict) -> dict:
@@ -734,6 +739,11 @@ def _with_new_run_keys(tree: dict) -> dict:
   for section in RUN_SECTIONS:
     if isinstance(tree.get(section, {}), dict):
       fill(tree.setdefault(section, {}), defaults[section])
+  model = tree.get('model')
+  for section, key in RUN_MODEL_KEYS:
+    if isinstance(model, dict) and isinstance(model.get(section), dict):
+      model[section].setdefault(
+          key, to_dict(load(f'configs/{section}.py:tiny'))['model'][section][key])
   return tree
 
 

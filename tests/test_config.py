@@ -328,6 +328,17 @@ def test_a_run_saved_before_newer_run_keys_resumes_with_their_defaults(tmp_path)
   assert error_of(config_lib.load_json, path) == "config error: missing key 'model.d_ff'"
 
 
+def test_a_moe_run_saved_before_the_kernel_choice_resumes_with_auto(tmp_path):
+  path = tmp_path / 'config.json'
+  config_lib.save(config_lib.load('configs/moe.py:tiny', []), path)
+  old = json.loads(path.read_text())
+  del old['model']['moe']['matmul_impl']  # a kernel choice: the same function either way
+  old['model']['moe']['top_k'] = 3
+  path.write_text(json.dumps(old))
+  restored = config_lib.load_json(path)
+  assert (restored.model.moe.matmul_impl, restored.model.moe.top_k) == ('auto', 3)
+
+
 def test_hash_depends_on_values_only():
   assert config_lib.config_hash(tiny()) == config_lib.config_hash(tiny())
   assert config_lib.config_hash(tiny()) != config_lib.config_hash(tiny('train.seed=1'))

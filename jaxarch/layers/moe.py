@@ -11,7 +11,8 @@ z-loss `mean(logsumexp(logits)²)`.
 **Experts** run per device on its own tokens (inside `shard_map` over the batch axes),
 with the experts split over the mesh axes of the logical axis `expert`:
 - *dropless* (`capacity_factor=None`): assignments sorted by expert, one grouped matmul
-  per projection (`jax.lax.ragged_dot`), unsorted. The sort and unsort are permutations
+  per projection (`kernels.grouped_matmul`: Pallas kernels on GPU, `ragged_dot`
+  elsewhere; `matmul_impl`), unsorted. The sort and unsort are permutations
   with a custom VJP: their backward is a gather by the inverse permutation, not the
   scatter-add that `take` would give.
 - *capacity* (`capacity_factor=c`): each expert takes at most `ceil(c · T·k / E)` of a
@@ -33,6 +34,7 @@ would send only the real rows, but XLA:CPU does not implement it (so it could no
 tested here); the padded exchange works on every backend.
 """
 
+import functools
 import math
 
 import jax
@@ -41,6 +43,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxarch.config import MOE_GATES as GATES
+from jaxarch.kernels.grouped_matmul import grouped_matmul
 from jaxarch.layers import signals
 from jaxarch.layers.mlp import SwiGLU
 from jaxarch.layers.params import normal, param
@@ -77,11 +80,11 @@ def sort_by(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
   return order, inverse
 
 
-def grouped_swiglu(x, group_sizes, gate, up, down):
+def grouped_swiglu(x, group_sizes, gate, up, down, impl='auto'):
   """Rows of x [m, d] in contiguous groups, one expert each -> [m, d]; rows past the groups give 0."""
-  h = jax.nn.silu(jax.lax.ragged_dot(x, gate, group_sizes))
-  h = h * jax.lax.ragged_dot(x, up, group_sizes)
-  return jax.lax.ragged_dot(h, down, group_sizes)
+  matmul = functools.partial(grouped_matmul, group_sizes=group_sizes, impl=impl)
+  h = jax.nn.silu(matmul(x, gate)) * matmul(x, up)
+  return matmul(h, down)
 
 
 def batched_swiglu(x, gate, up, down):
@@ -98,7 +101,7 @@ class MoE(nnx.Module):
                ep_capacity_factor: float | None = None, gate: str = 'softmax',
                renormalize: bool = True, aux_loss_weight: float = 0.01,
                z_loss_weight: float = 0.0, bias_update_rate: float = 0.0,
-               init_std: float = 0.02, out_std: float | None = None, dtype=jnp.bfloat16,
+               matmul_impl: str = 'auto', init_std: float = 0.02, out_std: float | None = None, dtype=jnp.bfloat16,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     if gate not in GATES:
       raise ValueError(f'config error: model.moe.gate={gate!r}; expected one of {GATES}')
@@ -110,6 +113,7 @@ class MoE(nnx.Module):
     self.gate, self.renormalize = gate, renormalize
     self.aux_loss_weight, self.z_loss_weight = aux_loss_weight, z_loss_weight
     self.bias_update_rate, self.dtype = bias_update_rate, dtype
+    self.matmul_impl = matmul_impl
     self.deterministic = False  # True: no bias update (evaluation)
     e, d, f = num_experts, d_model, expert_d_ff
     self.router = param(rngs, normal(init_std), (d, e), ('embed', None), jnp.float32)
@@ -215,7 +219,8 @@ class MoE(nnx.Module):
     order, inverse = sort_by(flat)
     xs = permute(jnp.repeat(tokens, k, axis=0), order, inverse)  # sorted by expert
     if shards == 1:
-      ys = grouped_swiglu(xs, jnp.bincount(flat, length=e), gate, up, down)
+      ys = grouped_swiglu(xs, jnp.bincount(flat, length=e), gate, up, down,
+                          self.matmul_impl)
       return permute(ys, inverse, order), jnp.zeros((), jnp.int32)
 
     # Padded exchange: row p of the buffer for shard j is its p-th assignment.
@@ -235,7 +240,8 @@ class MoE(nnx.Module):
     recv_x, recv_e = exchange(send_x).reshape(shards * size, d), exchange(send_e).reshape(-1)
     order2, inverse2 = sort_by(recv_e)  # empty rows last: past every group
     sizes = jnp.sum(recv_e[:, None] == jnp.arange(local_e), axis=0)
-    ys = grouped_swiglu(permute(recv_x, order2, inverse2), sizes, gate, up, down)
+    ys = grouped_swiglu(permute(recv_x, order2, inverse2), sizes, gate, up, down,
+                        self.matmul_impl)
     back = exchange(permute(ys, inverse2, order2).reshape(shards, size, d))  # j p d
 
     shard = sorted_experts // local_e

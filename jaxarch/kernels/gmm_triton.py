@@ -1,0 +1,157 @@
+"""Pallas GPU kernels (Triton backend) for the grouped matmul of dropless MoE.
+
+Rows of `x [M, K]` come in contiguous groups, one expert each (`group_sizes [G]`); group g
+multiplies expert g's `w[g] [K, N]`. Both kernels tile the rows in blocks of `block_m`; a
+tile may hold the end of one group and the start of the next, so work is listed per
+(tile, group) pair, as in megablox: at most `cdiv(M, block_m) + G - 1` pairs, each
+masking the tile's rows to its group. Only the FLOPs of the real rows are spent (plus the
+shared boundary tiles), where XLA's ragged-dot expansion computes every expert for every
+row.
+
+- `gmm`: `out[rows of g] = x[rows of g] @ w[g]` (or `@ w[g].T` with `transpose_rhs`, the
+  input gradient). Grid (pairs, column blocks); each program loops over K in blocks of
+  `block_k` with an fp32 accumulator. Rows past the last group are zero (the output
+  buffer is a zeroed input aliased to it).
+- `tgmm`: `out[g] = x[rows of g].T @ dy[rows of g]` (the weight gradient `[G, K, N]`).
+  Grid (groups, K blocks, N blocks); each program loops over its group's tiles only
+  (dynamic bounds), so an empty expert costs one store of zeros.
+
+Triton blocks have power-of-two sizes; K and N need not be multiples of them (columns past
+the edge are masked, e.g. an expert width of 1200 runs as 9 blocks of 128 and a masked
+tenth). `interpret=True` runs the same kernels on CPU (the tests do).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+BLOCK_M, BLOCK_N, BLOCK_K = 64, 128, 64
+NUM_WARPS, NUM_STAGES = 4, 3
+
+
+def _params():
+  return plt.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+
+
+def group_bounds(group_sizes: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
+  """(starts, ends) of each group's rows, clipped to the M rows there are."""
+  ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), m)
+  starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+  return starts, ends
+
+
+def schedule(group_sizes: jax.Array, m: int, block_m: int) -> tuple[jax.Array, jax.Array]:
+  """The (tile, group) pairs that hold rows, group-major, padded to the static bound
+  `cdiv(m, block_m) + G - 1`: (tile [P], group [P]); padding pairs have group G (none)."""
+  num_groups = group_sizes.shape[0]
+  starts, ends = group_bounds(group_sizes, m)
+  first = starts // block_m
+  tiles = jnp.where(ends > starts, (ends - 1) // block_m - first + 1, 0)  # g
+  offsets = jnp.cumsum(tiles)
+  pair = jnp.arange(pl.cdiv(m, block_m) + num_groups - 1, dtype=jnp.int32)
+  group = jnp.searchsorted(offsets, pair, side='right').astype(jnp.int32)  # G: padding
+  g = jnp.minimum(group, num_groups - 1)
+  tile = jnp.where(group < num_groups, first[g] + pair - (offsets[g] - tiles[g]), 0)
+  return tile.astype(jnp.int32), group
+
+
+def _span(start, block: int, limit: int):
+  """The block of a dimension of `limit` elements at `start`: its slice and live mask."""
+  start = pl.multiple_of(start, block)
+  return pl.ds(start, block), start + jnp.arange(block) < limit
+
+
+def _gmm_kernel(tile_ref, group_ref, starts_ref, ends_ref, x_ref, w_ref, zeros_ref, out_ref,
+                *, k: int, n: int, num_groups: int, block_m: int, block_n: int,
+                block_k: int, transpose_rhs: bool):
+  del zeros_ref  # aliased to out_ref: rows that no pair writes stay zero
+  pair, col_block = pl.program_id(0), pl.program_id(1)  # (read outside `when`: interpret)
+  group = group_ref[pair]
+
+  @pl.when(group < num_groups)
+  def _():
+    start, end = starts_ref[group], ends_ref[group]
+    row0 = tile_ref[pair] * block_m
+    rows = pl.ds(pl.multiple_of(row0, block_m), block_m)
+    row_ids = row0 + jnp.arange(block_m)
+    live = (row_ids >= start) & (row_ids < end)
+    cols, col_ok = _span(col_block * block_n, block_n, n)
+
+    def step(i, acc):
+      inner, inner_ok = _span(i * block_k, block_k, k)
+      a = plt.load(x_ref.at[rows, inner], mask=live[:, None] & inner_ok[None, :], other=0)
+      if transpose_rhs:  # w[g] is [N, K]
+        b = plt.load(w_ref.at[group, cols, inner], mask=col_ok[:, None] & inner_ok[None, :],
+                     other=0)
+      else:
+        b = plt.load(w_ref.at[group, inner, cols], mask=inner_ok[:, None] & col_ok[None, :],
+                     other=0)
+      return acc + plt.dot(a, b, trans_b=transpose_rhs).astype(jnp.float32)
+
+    acc = jax.lax.fori_loop(0, pl.cdiv(k, block_k), step,
+                            jnp.zeros((block_m, block_n), jnp.float32))
+    plt.store(out_ref.at[rows, cols], acc.astype(out_ref.dtype),
+              mask=live[:, None] & col_ok[None, :])
+
+
+def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool = False,
+        block_m: int = BLOCK_M, block_n: int = BLOCK_N, block_k: int = BLOCK_K,
+        interpret: bool = False) -> jax.Array:
+  """x [M, K], w [G, K, N] (or [G, N, K] with transpose_rhs) -> [M, N] in x's dtype."""
+  m, k = x.shape
+  num_groups = w.shape[0]
+  n = w.shape[1] if transpose_rhs else w.shape[2]
+  tile, group = schedule(group_sizes, m, block_m)
+  starts, ends = group_bounds(group_sizes, m)
+  kernel = functools.partial(_gmm_kernel, k=k, n=n, num_groups=num_groups,
+                             block_m=block_m, block_n=block_n, block_k=block_k,
+                             transpose_rhs=transpose_rhs)
+  return pl.pallas_call(
+      kernel, grid=(tile.shape[0], pl.cdiv(n, block_n)),
+      out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
+      input_output_aliases={6: 0}, compiler_params=_params(), interpret=interpret,
+      name='grouped_matmul',
+  )(tile, group, starts, ends, x, w, jnp.zeros((m, n), x.dtype))
+
+
+def _tgmm_kernel(starts_ref, ends_ref, x_ref, dy_ref, out_ref, *, k: int, n: int,
+                 block_m: int, block_n: int, block_k: int):
+  group = pl.program_id(0)
+  start, end = starts_ref[group], ends_ref[group]
+  inner, inner_ok = _span(pl.program_id(1) * block_k, block_k, k)
+  cols, col_ok = _span(pl.program_id(2) * block_n, block_n, n)
+
+  def step(t, acc):
+    row0 = t * block_m
+    rows = pl.ds(pl.multiple_of(row0, block_m), block_m)
+    row_ids = row0 + jnp.arange(block_m)
+    live = (row_ids >= start) & (row_ids < end)
+    a = plt.load(x_ref.at[rows, inner], mask=live[:, None] & inner_ok[None, :], other=0)
+    b = plt.load(dy_ref.at[rows, cols], mask=live[:, None] & col_ok[None, :], other=0)
+    return acc + plt.dot(a, b, trans_a=True).astype(jnp.float32)  # [bk, bn]
+
+  first = start // block_m
+  stop = jnp.where(end > start, (end - 1) // block_m + 1, first)
+  acc = jax.lax.fori_loop(first, stop, step, jnp.zeros((block_k, block_n), jnp.float32))
+  plt.store(out_ref.at[group, inner, cols], acc.astype(out_ref.dtype),
+            mask=inner_ok[:, None] & col_ok[None, :])
+
+
+def tgmm(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
+         block_m: int = BLOCK_M, block_n: int = BLOCK_N, block_k: int = BLOCK_K,
+         interpret: bool = False) -> jax.Array:
+  """x [M, K], dy [M, N] -> [G, K, N]: per group, its rows of x transposed times dy's."""
+  m, k = x.shape
+  n = dy.shape[1]
+  num_groups = group_sizes.shape[0]
+  starts, ends = group_bounds(group_sizes, m)
+  kernel = functools.partial(_tgmm_kernel, k=k, n=n, block_m=block_m, block_n=block_n,
+                             block_k=block_k)
+  return pl.pallas_call(
+      kernel, grid=(num_groups, pl.cdiv(k, block_k), pl.cdiv(n, block_n)),
+      out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype or x.dtype),
+      compiler_params=_params(), interpret=interpret, name='grouped_matmul_weight_grad',
+  )(starts, ends, x, dy)

@@ -1,0 +1,111 @@
+"""grouped_matmul: dropless MoE's grouped matmul, its Triton kernels and their VJP.
+
+The kernels run in Pallas' interpreter on CPU (`impl='interpret'`) against
+`jax.lax.ragged_dot`; small blocks make groups start and end inside tiles.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxarch.kernels import gmm_triton
+from jaxarch.kernels.grouped_matmul import _gmm, grouped_matmul, kernels_for
+from jaxarch.layers.moe import MoE
+
+SMALL_BLOCKS = dict(block_m=16, block_n=32, block_k=16, interpret=True)
+# Group sizes over 100 rows: an empty group, groups inside one tile and across several,
+# 7 rows past the last group (which give 0); everything in one group.
+GROUPS = {'ragged': [13, 0, 40, 30, 10], 'one_group': [0, 0, 100, 0, 0]}
+
+
+def case(sizes, m=100, k=40, n=72, dtype=jnp.float32, seed=0):
+  rng = np.random.default_rng(seed)
+  x, w, dy = (jnp.asarray(rng.normal(size=s), dtype)
+              for s in ((m, k), (len(sizes), k, n), (m, n)))
+  return x, w, jnp.asarray(sizes, jnp.int32), dy
+
+
+@pytest.mark.parametrize('groups', list(GROUPS))
+@pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_kernels_equal_ragged_dot(groups, dtype, tol):
+  x, w, sizes, dy = case(GROUPS[groups], dtype=dtype)
+  f32 = lambda a: np.asarray(a, np.float32)
+  want = jax.lax.ragged_dot(x, w, sizes, preferred_element_type=jnp.float32)
+  np.testing.assert_allclose(f32(gmm_triton.gmm(x, w, sizes, **SMALL_BLOCKS)), want,
+                             rtol=tol, atol=tol * 10)
+  want_t = jax.lax.ragged_dot(dy, jnp.swapaxes(w, 1, 2), sizes,
+                              preferred_element_type=jnp.float32)
+  np.testing.assert_allclose(
+      f32(gmm_triton.gmm(dy, w, sizes, transpose_rhs=True, **SMALL_BLOCKS)), want_t,
+      rtol=tol, atol=tol * 10)
+  want_w = jax.grad(lambda w: jnp.sum(jax.lax.ragged_dot(
+      x.astype(jnp.float32), w, sizes) * dy.astype(jnp.float32)))(w.astype(jnp.float32))
+  np.testing.assert_allclose(f32(gmm_triton.tgmm(x, dy, sizes, **SMALL_BLOCKS)), want_w,
+                             rtol=tol, atol=tol * 10)
+
+
+def test_rows_past_the_groups_are_zero_and_empty_groups_get_zero_gradient():
+  x, w, sizes, dy = case(GROUPS['ragged'])
+  assert not np.any(np.asarray(gmm_triton.gmm(x, w, sizes, **SMALL_BLOCKS))[93:])
+  assert not np.any(np.asarray(gmm_triton.tgmm(x, dy, sizes, **SMALL_BLOCKS))[1])
+
+
+def test_schedule_lists_each_tile_once_per_group_it_holds():
+  tile, group = gmm_triton.schedule(jnp.asarray([13, 0, 40, 30, 10]), 100, 16)
+  pairs = [(int(t), int(g)) for t, g in zip(tile, group) if g < 5]
+  # rows 0-12 | 13-52 | 53-82 | 83-92 in tiles of 16 rows
+  assert pairs == [(0, 0), (0, 2), (1, 2), (2, 2), (3, 2), (3, 3), (4, 3), (5, 3), (5, 4)]
+  assert len(tile) == 7 + 5 - 1  # the static bound: tiles + groups - 1
+
+
+def test_gradients_equal_ragged_dot_gradients():
+  x, w, sizes, dy = case(GROUPS['ragged'])
+  loss = lambda impl: lambda x, w: jnp.sum(grouped_matmul(x, w, sizes, impl=impl) * dy)
+  got = jax.jit(jax.grad(loss('interpret'), argnums=(0, 1)))(x, w)
+  want = jax.grad(loss('xla'), argnums=(0, 1))(x, w)
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_moe_layer_with_the_kernels_equals_ragged_dot():
+  make = lambda impl: MoE(16, num_experts=8, top_k=2, expert_d_ff=24, dtype=jnp.float32,
+                          matmul_impl=impl, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (3, 5, 16))
+
+  def grads(layer):
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+    loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p, rest)(x) ** 2)
+    return jax.grad(loss, argnums=(0, 1))(params, x)
+
+  got, want = grads(make('interpret')), grads(make('xla'))
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_kernels_lower_for_cuda():
+  """The GPU kernels lower to Triton IR at the 680m preset's shapes (running them needs a
+  GPU): 64 experts, d_model 1536, expert width 1200 (not a multiple of the blocks)."""
+  shapes = (jax.ShapeDtypeStruct((65536, 1536), jnp.bfloat16),
+            jax.ShapeDtypeStruct((64, 1536, 1200), jnp.bfloat16),
+            jax.ShapeDtypeStruct((64,), jnp.int32),
+            jax.ShapeDtypeStruct((65536, 1200), jnp.bfloat16))
+
+  def fn(x, w, sizes, dy):
+    out, vjp = jax.vjp(lambda x, w: _gmm(x, w, sizes, False), x, w)
+    return out, vjp(dy)
+
+  hlo = jax.jit(fn).trace(*shapes).lower(lowering_platforms=('cuda',)).as_text()
+  assert hlo.count('xla.gpu.triton') == 3  # forward, input gradient, weight gradient
+
+
+def test_bad_impl_or_shapes_are_clear_errors():
+  x, w, sizes, _ = case(GROUPS['ragged'])
+  with pytest.raises(ValueError, match="impl='pallas' needs a GPU"):
+    grouped_matmul(x, w, sizes, impl='pallas')
+  with pytest.raises(ValueError, match='expected one of'):
+    grouped_matmul(x, w, sizes, impl='triton')
+  with pytest.raises(ValueError, match=r'expected x \[M, K\], w \[G, K, N\]'):
+    grouped_matmul(x, w[:, :8], sizes)
+  assert kernels_for('auto') == 'xla' and kernels_for('interpret') == 'triton_interpret'
