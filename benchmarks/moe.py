@@ -3,10 +3,16 @@
   python benchmarks/moe.py [--grid=gpu|cpu] [--out=benchmarks/results/moe.json]
 
 Times forward + backward of one layer on `tokens × d_model` inputs, for each expert count
-and batch of the grid: the dropless path (sort + `ragged_dot`), the capacity path
-(factor 1.25), and a dense SwiGLU of width `top_k · expert_d_ff` (the same activated
-FLOPs per token, no routing). Prints tokens/s and the ratio to dense; writes JSON with
-the device. Single device (expert parallelism is exercised by the tests).
+and batch of the grid: the dropless path (sort + grouped matmul, `matmul_impl=auto`), the
+capacity path (factor 1.25), and a dense SwiGLU of width `top_k · expert_d_ff` (the same
+activated FLOPs per token, no routing). Prints tokens/s and the ratio to dense.
+
+A second table times the grouped matmul alone (forward + both gradients of one expert
+projection) per implementation: `jax.lax.ragged_dot` and, on GPU, the Pallas kernels
+(whose largest relative difference from `ragged_dot` is recorded). TFLOP/s count the real
+rows' FLOPs; `XLA FLOPs / real` is what XLA's cost analysis counts for `ragged_dot` over
+that, E where it computes every expert for every row. Writes JSON with the device.
+Single device (expert parallelism is exercised by the tests).
 """
 
 import argparse
@@ -19,15 +25,17 @@ from flax import nnx
 
 from report import emit, timed
 
+from jaxarch.kernels.grouped_matmul import grouped_matmul
 from jaxarch.layers import SwiGLU
 from jaxarch.layers.moe import MoE
 
 GRIDS = {
-    # d_model, expert_d_ff, top_k, experts, tokens
+    # d_model, expert_d_ff, top_k, experts, tokens (and tokens of the grouped-matmul table)
     'gpu': dict(d_model=1024, expert_d_ff=848, top_k=4, experts=(8, 32, 64),
-                tokens=(4096, 16384, 65536), dtype='bfloat16'),
+                tokens=(4096, 16384, 65536), matmul_tokens=(4096, 16384), dtype='bfloat16',
+                impls=('xla', 'pallas')),
     'cpu': dict(d_model=128, expert_d_ff=96, top_k=2, experts=(4, 16), tokens=(512, 2048),
-                dtype='float32'),
+                matmul_tokens=(2048,), dtype='float32', impls=('xla',)),
 }
 
 
@@ -42,6 +50,40 @@ def train_fn(layer: nnx.Module):
     return jax.grad(loss, argnums=(0, 1))(params, x)
 
   return lambda x: step(params, x)
+
+
+def grouped_matmul_case(experts: int, rows: int, d: int, f: int, dtype, impls, iters: int):
+  """Forward + gradients of x [rows, d] @ w[e] [d, f] over `experts` groups of random
+  sizes, per impl: seconds, real TFLOP/s, and (ragged_dot) XLA's FLOPs over the real."""
+  kx, kw, kd, kg = jax.random.split(jax.random.key(rows + experts), 4)
+  x = jax.random.normal(kx, (rows, d), dtype)
+  w = jax.random.normal(kw, (experts, d, f), dtype) / np.sqrt(d)
+  dy = jax.random.normal(kd, (rows, f), dtype)
+  sizes = jnp.bincount(jax.random.randint(kg, (rows,), 0, experts), length=experts)
+  real_flops = 3 * 2 * rows * d * f  # forward, input gradient, weight gradient
+  record = dict(experts=experts, rows=rows, d_model=d, expert_d_ff=f, real_flops=real_flops)
+  results = {}
+  for impl in impls:
+    fn = jax.jit(lambda x, w, impl=impl: jax.vjp(
+        lambda x, w: grouped_matmul(x, w, sizes, impl=impl), x, w)[1](dy))
+    try:
+      record[f'{impl}_s'] = timed(fn, x, w, iters=iters)
+    except Exception as e:  # pylint: disable=broad-except
+      if 'RESOURCE_EXHAUSTED' not in str(e) and 'out of memory' not in str(e).lower():
+        raise
+      record[f'{impl}_s'] = None  # ragged_dot's expansion did not fit
+      continue
+    record[f'{impl}_tflops'] = real_flops / record[f'{impl}_s'] / 1e12
+    results[impl] = fn(x, w)
+    if impl == 'xla':
+      cost = fn.lower(x, w).compile().cost_analysis()
+      record['xla_flops_over_real'] = float(cost['flops']) / real_flops
+  if 'pallas' in results and 'xla' in results:
+    record['pallas_max_rel_error'] = max(
+        float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+              / jnp.max(jnp.abs(b.astype(jnp.float32))))
+        for a, b in zip(results['pallas'], results['xla']))
+  return record
 
 
 def main(argv=None):
@@ -74,13 +116,24 @@ def main(argv=None):
                    *(f'{tokens / seconds[n]:,.0f}' for n in ('dense', 'dropless', 'capacity')),
                    f'{seconds["dense"] / seconds["dropless"]:.2f}',
                    f'{seconds["dense"] / seconds["capacity"]:.2f}'])
+  matmuls = [grouped_matmul_case(experts, tokens * k, d, f, dtype, g['impls'], args.iters)
+             for experts in g['experts'] for tokens in g['matmul_tokens']]
   device = jax.devices()[0]
   data = dict(device=str(device), device_kind=device.device_kind, jax_version=jax.__version__,
-              records=records)
+              records=records, grouped_matmul=matmuls)
   emit(f'MoE layer forward+backward on {device.device_kind} (d_model {d}, top-{k} of '
        f'experts with d_ff {f}; dense d_ff {k * f})',
        ['experts', 'tokens', 'dense tok/s', 'dropless tok/s', 'capacity tok/s',
         'dropless / dense', 'capacity / dense'], rows, data, args.out)
+  ms = lambda s: '–' if s is None else f'{1e3 * s:,.2f}'
+  emit(f'grouped matmul, forward + gradients: rows x {d} times each expert\'s {d} x {f}, '
+       f'on {device.device_kind}',
+       ['experts', 'rows', *(f'{impl} ms' for impl in g['impls']),
+        *(f'{impl} TFLOP/s' for impl in g['impls']), 'XLA FLOPs / real'],
+       [[str(r['experts']), str(r['rows']), *(ms(r[f'{i}_s']) for i in g['impls']),
+         *(f'{r[f"{i}_tflops"]:.3g}' if r[f'{i}_s'] else '–' for i in g['impls']),
+         f'{r["xla_flops_over_real"]:.1f}' if 'xla_flops_over_real' in r else '–']
+        for r in matmuls], data, args.out)
   return data
 
 
