@@ -6,7 +6,11 @@
 #
 # Each benchmark gets its share of SECONDS (default 480) and writes its JSON (with the
 # device name) to $OUT, which the device tool brings back; a benchmark that runs out of
-# time is cut off and the next one starts, so one slow case never costs the others.
+# time is cut off and the next one starts, so one slow case never costs the others
+# (mfu.py writes its JSON after every case). First the MoE grouped-matmul kernels against
+# ragged_dot (correctness and speed: dropless MoE runs them on GPU), then MFU per family
+# with each case's profile digested (where the device time goes); the traces stay on the
+# device, in /tmp.
 set -u
 budget=${1:-480}
 out=${OUT:-benchmarks/results}
@@ -25,9 +29,10 @@ run() {  # NAME SHARE_PERCENT COMMAND...
   echo "   exit $? ; $(tail -n 3 "$out/$name.log" | tr '\n' ' ')"
 }
 
-run mfu 45 python3 benchmarks/mfu.py --steps=10               # issue 13: MFU per family
-run decode 15 python3 benchmarks/decode.py                    # UltraMem vs MoE decoding
-run sparse_lookup 10 python3 benchmarks/sparse_lookup.py      # Pallas lookup vs XLA
-run moe 10 python3 benchmarks/moe.py                          # dropless vs capacity
-run megabyte 10 python3 benchmarks/megabyte.py                # MEGABYTE vs byte transformer
-run bita 10 python3 benchmarks/bita.py                        # accepted tokens per pass
+run grouped_matmul 8 python3 benchmarks/moe.py --tables=matmul   # MoE kernels vs ragged_dot
+run mfu 42 python3 benchmarks/mfu.py --steps=10 --profile --profile_dir=/tmp/jaxarch_traces
+run decode 14 python3 benchmarks/decode.py                    # UltraMem vs MoE decoding
+run sparse_lookup 9 python3 benchmarks/sparse_lookup.py       # Pallas lookup vs XLA
+run moe 9 python3 benchmarks/moe.py --tables=layers           # dropless vs capacity vs dense
+run megabyte 9 python3 benchmarks/megabyte.py                 # MEGABYTE vs byte transformer
+run bita 9 python3 benchmarks/bita.py                         # accepted tokens per pass

@@ -1,7 +1,7 @@
 """Train-step MFU of every family: one table, one JSON, with the device name.
 
   python benchmarks/mfu.py [--cases=dense:680m:32:dots,moe:680m:16:dots ...] [--steps=10]
-      [--out=benchmarks/results/mfu.json]
+      [--profile [--profile_dir=DIR]] [--out=benchmarks/results/mfu.json]
 
 Each case is FAMILY:PRESET:BATCH:REMAT[:KEY=VALUE+KEY=VALUE] (sequences of `data.seq_len`
 tokens, bf16 compute on an accelerator) timed by `jaxarch.train.throughput.measure`, as
@@ -11,12 +11,19 @@ H100). The MoE and UltraMem 680m presets hold 8.7-9.0B parameters, 130 GiB with 
 state and gradients, more than one H100 holds: their one-GPU cases keep the active model
 and shrink the sparse part (16 experts: 2.35B total; a 512² table: 1.74B total). On CPU
 the cases are the tiny presets, where MFU is not defined (no peak FLOP/s) and tokens/s is
-what is compared. A case that runs out of memory is reported as such, not as a crash of
-the whole table.
+what is compared. A case that runs out of memory (or fails otherwise) is reported as such
+in its row, not as a crash of the whole table. Each row also gives the FLOPs the compiled step executes over the model
+FLOPs (XLA's cost analysis), and with `--profile` where the device time goes (the kinds
+of `jaxarch.train.profile`: matmul, attention, collective, elementwise, ...), which is
+what limits the MFU; the traces stay in `--profile_dir`, the digests go into the JSON.
 """
 
+import json
 import platform
 import sys
+import tempfile
+import traceback
+from pathlib import Path
 
 import jax
 
@@ -37,19 +44,31 @@ SCALES = {
 }
 
 
-def run_case(case: str, steps: int) -> dict:
+def run_case(case: str, steps: int, profile_dir: Path | None = None) -> dict:
   family, preset, batch, remat, *extra = case.split(':')
   overrides = [f'train.batch_size={batch}', f'model.remat={remat}', 'mesh.ici.data=-1',
                *[o for o in ':'.join(extra).split('+') if o]]
   cfg = config_lib.load(f'configs/{family}.py:{preset}', overrides)
   try:
-    return {'case': case, **measure(cfg, steps=steps, warmup=2)}
+    trace_dir = None if profile_dir is None else profile_dir / case.replace(':', '_')
+    return {'case': case, **measure(cfg, steps=steps, warmup=2, profile_dir=trace_dir)}
   except OutOfMemoryError as e:  # the state alone: known before allocating
     return {'case': case, 'family': family, 'error': 'state does not fit', 'detail': str(e)}
   except Exception as e:  # pylint: disable=broad-except
-    if 'RESOURCE_EXHAUSTED' not in str(e) and 'out of memory' not in str(e).lower():
-      raise
-    return {'case': case, 'family': family, 'error': 'out of memory'}
+    if 'RESOURCE_EXHAUSTED' in str(e) or 'out of memory' in str(e).lower():
+      return {'case': case, 'family': family, 'error': 'out of memory'}
+    # Any other failure (e.g. a kernel that does not compile here) costs this row only.
+    traceback.print_exc()
+    return {'case': case, 'family': family, 'error': f'failed: {type(e).__name__}',
+            'detail': str(e)[:2000]}
+
+
+def time_by_kind(digest: dict | None) -> str:
+  """The three largest kinds of device time, e.g. 'matmul 61%, elementwise 22%, ...'."""
+  if digest is None:
+    return '–'
+  kinds = sorted(digest['kinds'].items(), key=lambda kv: -kv[1])[:3]
+  return ', '.join(f'{kind} {100 * share:.0f}%' for kind, share in kinds)
 
 
 def main(argv=None):
@@ -58,23 +77,36 @@ def main(argv=None):
   parser.add_argument('--cases', default=defaults['cases'],
                       help='comma-separated FAMILY:PRESET:BATCH:REMAT[:KEY=VALUE+...]')
   parser.add_argument('--steps', type=int, default=defaults['steps'], help='timed steps')
+  parser.add_argument('--profile', action='store_true',
+                      help='also trace 3 steps per case and digest where the time goes')
+  parser.add_argument('--profile_dir', help='where the traces go (default: a temp dir)')
   parser.add_argument('--out', default='benchmarks/results/mfu.json')
   args = parser.parse_args(argv)
-  results = [run_case(case, args.steps) for case in args.cases.split(',')]
+  profile_dir = None
+  if args.profile:
+    profile_dir = Path(args.profile_dir or tempfile.mkdtemp(prefix='jaxarch_mfu_'))
+  device = jax.devices()[0]
+  info = {'device_kind': device.device_kind, 'host': platform.node(), 'jax': jax.__version__}
+  results = []
+  for case in args.cases.split(','):
+    results.append(run_case(case, args.steps, profile_dir))
+    # Written after every case: a run cut off by a time limit keeps the finished ones.
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({**info, 'results': results}, indent=2) + '\n')
   rows = []
   for r in results:
     if 'error' in r:
-      rows.append([r['case'], '–', '–', '–', '–', r['error']])
+      rows.append([r['case'], '–', '–', '–', '–', r['error'], '–', '–'])
       continue
+    ratio = r['xla_flops_over_model']
     rows.append([r['case'], f'{r["params_active"] / 1e6:,.1f}M / {r["params_total"] / 1e6:,.1f}M',
                  f'{1e3 * r["step_time_s"]:,.1f} ms', f'{r["tokens_per_s"]:,.0f}',
                  f'{r["model_tflops_per_device"]:.2f}',
-                 '–' if r['mfu'] is None else f'{100 * r["mfu"]:.1f}%'])
-  device = jax.devices()[0]
+                 '–' if r['mfu'] is None else f'{100 * r["mfu"]:.1f}%',
+                 '–' if ratio is None else f'{ratio:.2f}', time_by_kind(r.get('profile'))])
   emit(f'train-step MFU on {jax.device_count()} × {device.device_kind}',
-       ('case', 'params active / total', 'step', 'tokens/s', 'TFLOP/s/device', 'MFU'), rows,
-       {'device_kind': device.device_kind, 'host': platform.node(), 'jax': jax.__version__,
-        'results': results}, args.out)
+       ('case', 'params active / total', 'step', 'tokens/s', 'TFLOP/s/device', 'MFU',
+        'XLA / model FLOPs', 'device time'), rows, {**info, 'results': results}, args.out)
 
 
 if __name__ == '__main__':

@@ -44,16 +44,25 @@ def test_bench_command_times_the_train_step_and_writes_a_profile(tmp_path, capsy
   assert record['mfu'] is None  # no peak FLOP/s known for a CPU
   traces = list((tmp_path / 'profile').rglob('*.xplane.pb'))
   assert traces and traces[0].stat().st_size > 0
-  assert 'tokens/s' in capsys.readouterr().out
+  # The trace, digested: device time by kind, the expert matmuls among it.
+  digest = record['profile']
+  assert digest['op_s'] > 0 and digest['kinds']['matmul'] > 0
+  assert sum(digest['kinds'].values()) == pytest.approx(1.0)
+  assert record['xla_flops_over_model'] > 1  # XLA:CPU's ragged_dot computes all 8 experts
+  out = capsys.readouterr().out
+  assert 'tokens/s' in out and 'device time' in out
 
 
 @pytest.mark.slow
 def test_mfu_benchmark_tables_each_case(tmp_path):
   out = tmp_path / 'mfu.json'
   cases = ['dense:tiny:8:none', 'ultramem:tiny:8:dots:model.ultramem.num_values=1024']
-  mfu.main([f'--cases={",".join(cases)}', '--steps=1', f'--out={out}'])
+  mfu.main([f'--cases={",".join(cases)}', '--steps=1', f'--out={out}', '--profile',
+            f'--profile_dir={tmp_path / "traces"}'])
   data = json.loads(out.read_text())
   assert [r['case'] for r in data['results']] == cases
+  assert all(r['profile']['kinds']['matmul'] > 0 for r in data['results'])
+  assert len(list((tmp_path / 'traces').rglob('*.xplane.pb'))) == 2
   assert data['results'][1]['remat'] == 'dots' and data['device_kind']
   default = plan.param_counts(config_lib.load('configs/ultramem.py:tiny'))['total']
   assert data['results'][1]['params_total'] < default  # the case's smaller table

@@ -4,9 +4,12 @@ The jitted, sharded train step of the trainer runs on synthetic tokens (the data
 is measured by its own tests): `warmup` steps that include compilation, then `steps`
 timed ones, each waited for. FLOPs follow `jaxarch.train.flops` (6·N_active per token
 plus causal attention at half), MFU is against the peak bf16 FLOP/s of the device kind
-(None where unknown, e.g. CPU). With `profile_dir`, a `jax.profiler` trace of
-`profile_steps` more steps is written there (open it with TensorBoard's profile plugin
-or Perfetto).
+(None where unknown, e.g. CPU). XLA's cost analysis of the compiled step gives the FLOPs
+it executes per device, over the model FLOPs: above 1 by rematerialisation, elementwise
+work and any expansion (e.g. `ragged_dot` computing every expert). With `profile_dir`, a
+`jax.profiler` trace of `profile_steps` more steps is written there (open it with
+TensorBoard's profile plugin or Perfetto) and digested by `jaxarch.train.profile`: the
+device time per step by kind of instruction (matmul, attention, collective, ...).
 """
 
 import statistics
@@ -18,7 +21,7 @@ import ml_collections
 
 from jaxarch.data import synthetic_batch
 from jaxarch.parallel import global_batch, make_mesh
-from jaxarch.train import flops
+from jaxarch.train import flops, profile
 from jaxarch.train.memory import check_state_fits
 from jaxarch.train.state import describe, init_state, make_setup
 from jaxarch.train.step import make_train_step
@@ -48,6 +51,7 @@ def measure(cfg: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
     state, metrics = step(state, batches[i % 2])
     jax.block_until_ready(metrics['loss'])
     times.append(time.perf_counter() - start)
+  compiled = step.lower(state, batches[0]).compile()  # the executable above, from the cache
   result = {}
   if profile_dir is not None:
     with jax.profiler.trace(str(profile_dir)):
@@ -56,27 +60,41 @@ def measure(cfg: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
           state, metrics = step(state, batches[i % 2])
       jax.block_until_ready(metrics['loss'])
     result['profile_dir'] = str(profile_dir)
+    result['profile'] = profile.digest(profile_dir, compiled.as_text(), profile_steps)
   step_s = statistics.median(times)
   tokens = cfg.train.batch_size * cfg.data.seq_len
   per_token = flops.train_flops_per_token(cfg.model, setup.param_counts, cfg.data.seq_len)
   device = jax.devices()[0]
   achieved = per_token * tokens / step_s
+  xla_flops = _xla_flops(compiled)
   return {
       **describe(cfg, setup), 'warmup_s': warmup_s, 'step_time_s': step_s,
       'step_time_min_s': min(times), 'step_time_max_s': max(times),
       'tokens_per_s': tokens / step_s, 'flops_per_token': per_token,
       'model_tflops_per_device': achieved / jax.device_count() / 1e12,
       'mfu': flops.mfu(achieved, jax.device_count(), device.device_kind),
+      'xla_flops_per_device': xla_flops,
+      'xla_flops_over_model': (None if xla_flops is None else
+                               xla_flops * jax.device_count() / (per_token * tokens)),
       'final_loss': float(metrics['loss']), **result,
   }
 
 
+def _xla_flops(compiled) -> float | None:
+  """FLOPs of one device's program by XLA's cost analysis (None where it gives none)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost['flops']) if cost and cost.get('flops', 0) > 0 else None
+
+
 def summary(result: dict) -> str:
-  """One line for the terminal."""
-  mfu = result['mfu']
-  return (f'{result["family"]} {result["params_active"] / 1e6:,.1f}M active, batch '
+  """One line for the terminal (two with a profile)."""
+  mfu, ratio = result['mfu'], result['xla_flops_over_model']
+  line = (f'{result["family"]} {result["params_active"] / 1e6:,.1f}M active, batch '
           f'{result["batch_size"]} x {result["seq_len"]} on {result["num_devices"]} x '
           f'{result["device_kind"]}: {1e3 * result["step_time_s"]:,.1f} ms/step, '
           f'{result["tokens_per_s"]:,.0f} tokens/s, '
           f'{result["model_tflops_per_device"]:.2f} TFLOP/s per device, MFU '
-          + ('n/a (no peak known for this device)' if mfu is None else f'{100 * mfu:.1f}%'))
+          + ('n/a (no peak known for this device)' if mfu is None else f'{100 * mfu:.1f}%')
+          + ('' if ratio is None else f'; XLA executes {ratio:.2f}x the model FLOPs'))
+  return line + (f'\n{profile.summary(result["profile"])}' if 'profile' in result else '')

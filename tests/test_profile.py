@@ -1,0 +1,101 @@
+"""profile: a train step's device time by kind of instruction, from its trace and HLO."""
+
+import jax
+import pytest
+
+from conftest import make_batch, mesh_config, tiny_config
+from jaxarch.parallel import global_batch, make_mesh
+from jaxarch.train import profile
+from jaxarch.train.state import init_state, make_setup
+from jaxarch.train.step import make_train_step
+
+# Instructions as a GPU compiler writes them (cuBLAS, cuDNN, Triton, async collectives).
+GPU_HLO = '''HloModule jit_train_step, is_scheduled=true
+
+%fused_dot (p0: bf16[64,64], p1: bf16[64,64]) -> bf16[64,64] {
+  %p0 = bf16[64,64]{1,0} parameter(0)
+  %p1 = bf16[64,64]{1,0} parameter(1)
+  ROOT %dot.1 = bf16[64,64]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_gather (p0: f32[64,8], p1: s32[4]) -> f32[4,8] {
+  %p0 = f32[64,8]{1,0} parameter(0)
+  %p1 = s32[4]{0} parameter(1)
+  %gather.1 = f32[4,8]{1,0} gather(%p0, %p1), offset_dims={1}, slice_sizes={1,8}
+  ROOT %exponential.1 = f32[4,8]{1,0} exponential(%gather.1)
+}
+
+%fused_add (p0: f32[8], p1: f32[8]) -> f32[8] {
+  %p0 = f32[8]{0} parameter(0)
+  %p1 = f32[8]{0} parameter(1)
+  ROOT %add.1 = f32[8]{0} add(%p0, %p1)
+}
+
+%fused_transpose (p0: f32[8,16]) -> f32[16,8] {
+  %p0 = f32[8,16]{1,0} parameter(0)
+  ROOT %transpose.1 = f32[16,8]{1,0} transpose(%p0), dimensions={1,0}
+}
+
+%async_computation (p0: f32[64]) -> f32[8] {
+  %p0 = f32[64]{0} parameter(0)
+  ROOT %reduce-scatter.1 = f32[8]{0} reduce-scatter(%p0), dimensions={0}, to_apply=%add
+}
+
+ENTRY %main (a: bf16[64,64], b: bf16[64,64], c: f32[8]) -> f32[8] {
+  %a = bf16[64,64]{1,0} parameter(0)
+  %b = bf16[64,64]{1,0} parameter(1)
+  %c = f32[8]{0} parameter(2)
+  %custom-call.1 = (bf16[64,64]{1,0}, s8[1024]{0}) custom-call(bf16[64,64]{1,0} %a, bf16[64,64]{1,0} %b), custom_call_target="__cublas$gemm", metadata={op_name="jit(train_step)/btd,df->btf/dot_general"}
+  %gemm_fusion_dot.2 = bf16[64,64]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_dot
+  %custom-call.2 = (bf16[64,64]{1,0}, f32[64]{0}) custom-call(%a, %b, %b), custom_call_target="__cudnn$fmhaSoftmax"
+  %custom-call.3 = bf16[64,64]{1,0} custom-call(%a, %b), custom_call_target="__gpu$xla.gpu.triton"
+  %input_gather_fusion = f32[4,8]{1,0} fusion(%x, %i), kind=kInput, calls=%fused_gather
+  %all-gather-start = (f32[8]{0}, f32[64]{0}) all-gather-start(f32[8]{0} %c), dimensions={0}
+  %all-gather-done = f32[64]{0} all-gather-done(%all-gather-start)
+  %reduce-scatter-start = ((f32[64]{0}), f32[8]{0}) async-start(f32[64]{0} %all-gather-done), calls=%async_computation
+  %transpose_fusion = f32[16,8]{1,0} fusion(%y), kind=kLoop, calls=%fused_transpose
+  %while.1 = (s32[], f32[8]{0}) while(%t), condition=%cond, body=%body
+  ROOT %loop_add_fusion = f32[8]{0} fusion(%c, %c), kind=kLoop, calls=%fused_add
+}
+'''
+
+
+def test_gpu_instructions_are_sorted_into_kinds():
+  module, kinds = profile.op_kinds(GPU_HLO)
+  assert module == 'jit_train_step'
+  expected = {'custom-call.1': 'matmul', 'gemm_fusion_dot.2': 'matmul',
+              'custom-call.2': 'attention', 'custom-call.3': 'kernel',
+              'input_gather_fusion': 'gather/scatter/sort', 'all-gather-start': 'collective',
+              'all-gather-done': 'collective', 'reduce-scatter-start': 'collective',
+              'transpose_fusion': 'copy', 'while.1': 'control',
+              'loop_add_fusion': 'elementwise'}
+  assert {name: kinds[name]['kind'] for name in expected} == expected
+  assert kinds['custom-call.1']['source'] == 'jit(train_step)/btd,df->btf/dot_general'
+
+
+def test_digest_of_a_sharded_step_names_its_collectives(tmp_path):
+  cfg = mesh_config(tiny_config(), data=1, fsdp=8)
+  setup = make_setup(cfg, make_mesh(cfg))
+  state = init_state(cfg, setup)
+  step = make_train_step(setup)
+  batch = global_batch(make_batch(8, cfg.data.seq_len), setup.batch_sharding)
+  state, _ = step(state, batch)
+  hlo = step.lower(state, batch).compile().as_text()
+  with jax.profiler.trace(str(tmp_path)):
+    for _ in range(2):
+      state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+
+  digest = profile.digest(tmp_path, hlo, steps=2, num_devices=8)
+  _, kinds = profile.op_kinds(hlo)
+  assert {'matmul', 'collective', 'elementwise'} <= set(digest['kinds'])  # FSDP gathers
+  assert sum(digest['kinds'].values()) == pytest.approx(1.0)
+  assert 0 <= digest['exposed_collective_s'] <= digest['busy_s']
+  for op in digest['top_ops']:
+    assert kinds[op['op']]['kind'] == op['kind'] and op['calls_per_step'] > 0
+  assert 'device time' in profile.summary(digest)
+
+
+def test_digest_without_a_trace_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match='no \\*.xplane.pb under'):
+    profile.digest(tmp_path, GPU_HLO, steps=1)
