@@ -741,9 +741,9 @@ def _with_new_run_keys(tree: dict) -> dict:
       fill(tree.setdefault(section, {}), defaults[section])
   model = tree.get('model')
   for section, key in RUN_MODEL_KEYS:
-    if isinstance(model, dict) and isinstance(model.get(section), dict):
-      model[section].setdefault(
-          key, to_dict(load(f'configs/{section}.py:tiny'))['model'][section][key])
+    saved = model.get(section) if isinstance(model, dict) else None
+    if isinstance(saved, dict) and key not in saved:
+      saved[key] = to_dict(load(f'configs/{section}.py:tiny'))['model'][section][key]
   return tree
 
 

@@ -101,8 +101,9 @@ class MoE(nnx.Module):
                ep_capacity_factor: float | None = None, gate: str = 'softmax',
                renormalize: bool = True, aux_loss_weight: float = 0.01,
                z_loss_weight: float = 0.0, bias_update_rate: float = 0.0,
-               matmul_impl: str = 'auto', init_std: float = 0.02, out_std: float | None = None, dtype=jnp.bfloat16,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               matmul_impl: str = 'auto', init_std: float = 0.02,
+               out_std: float | None = None, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     if gate not in GATES:
       raise ValueError(f'config error: model.moe.gate={gate!r}; expected one of {GATES}')
     if not 1 <= top_k <= num_experts:
