@@ -12,10 +12,12 @@ state and gradients, more than one H100 holds: their one-GPU cases keep the acti
 and shrink the sparse part (16 experts: 2.35B total; a 512² table: 1.74B total). On CPU
 the cases are the tiny presets, where MFU is not defined (no peak FLOP/s) and tokens/s is
 what is compared. A case that runs out of memory (or fails otherwise) is reported as such
-in its row, not as a crash of the whole table. Each row also gives the FLOPs the compiled step executes over the model
-FLOPs (XLA's cost analysis), and with `--profile` where the device time goes (the kinds
-of `jaxarch.train.profile`: matmul, attention, collective, elementwise, ...), which is
-what limits the MFU; the traces stay in `--profile_dir`, the digests go into the JSON.
+in its row, not as a crash of the whole table.
+
+Each row also gives the FLOPs the compiled step executes over the model FLOPs (XLA's cost
+analysis), and with `--profile` where the device time goes (the kinds of
+`jaxarch.train.profile`: matmul, attention, collective, elementwise, ...), which is what
+limits the MFU; the traces stay in `--profile_dir`, the digests go into the JSON.
 """
 
 import json
