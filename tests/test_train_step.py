@@ -53,6 +53,7 @@ def test_accumulated_microbatches_give_the_full_batch_step():
                params, want_params)
 
 
+@pytest.mark.slow
 def test_accumulated_moe_steps_report_the_batch_s_tokens_and_aux_losses():
   cfg = config_lib.load('configs/moe.py:tiny', [
       'model.n_layers=2', 'data.seq_len=32', 'train.batch_size=16', 'model.dtype=float32'])
