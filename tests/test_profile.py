@@ -1,5 +1,7 @@
 """profile: a train step's device time by kind of instruction, from its trace and HLO."""
 
+from types import SimpleNamespace
+
 import jax
 import pytest
 
@@ -99,3 +101,24 @@ def test_digest_of_a_sharded_step_names_its_collectives(tmp_path):
 def test_digest_without_a_trace_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match='no \\*.xplane.pb under'):
     profile.digest(tmp_path, GPU_HLO, steps=1)
+
+
+def test_gpu_planes_count_each_instruction_once_and_only_the_step_s():
+  """A GPU trace: kernels on stream lines (named by `hlo_op`), maybe the same
+  instructions again on an "XLA Ops" line; other programs' kernels are left out."""
+  event = lambda name, start, stats=(): SimpleNamespace(
+      name=name, start_ns=start, duration_ns=10, stats=list(stats))
+  kernel = lambda op, start, module='jit_train_step': event(
+      'sm90_xmma_gemm_bf16', start, [('hlo_op', op), ('hlo_module', module)])
+  line = lambda name, *events: SimpleNamespace(name=name, events=list(events))
+  streams = [line('Stream #13', kernel('custom-call.1', 0), kernel('loop_add_fusion', 20),
+                  kernel('custom-call.1', 40, module='jit_other'))]
+  space = SimpleNamespace(planes=[
+      SimpleNamespace(name='/device:GPU:0', lines=streams),
+      SimpleNamespace(name='/device:GPU:1', lines=[
+          *streams, line('XLA Ops', event('custom-call.1', 0), event('loop_add_fusion', 20))]),
+  ])
+  module, kinds = profile.op_kinds(GPU_HLO)
+  events = profile.instruction_events(space, module, kinds)
+  expected = [('custom-call.1', 0, 10), ('loop_add_fusion', 20, 30)]
+  assert events == {'/device:GPU:0': expected, '/device:GPU:1': expected}

@@ -120,6 +120,26 @@ def _union(intervals: list[tuple[int, int]]) -> int:
   return total
 
 
+def instruction_events(space, module: str, kinds: dict) -> dict[str, list]:
+  """Per trace plane, the (instruction, start_ns, end_ns) of `module`'s instructions."""
+  per_plane = collections.defaultdict(list)
+  for plane in space.planes:
+    lines = list(plane.lines)
+    # A device plane may hold both the kernels (per stream) and, derived from them, one
+    # event per instruction on its "XLA Ops" line: count the instructions once.
+    ops_lines = [line for line in lines if line.name == 'XLA Ops']
+    for line in ops_lines or lines:
+      for event in line.events:
+        stats = dict(event.stats)
+        if stats.get('hlo_module', module) != module:
+          continue
+        name = stats.get('hlo_op', event.name)
+        if name in kinds and kinds[name]['kind'] != 'control':
+          start = int(event.start_ns)
+          per_plane[plane.name].append((name, start, start + int(event.duration_ns)))
+  return per_plane
+
+
 def digest(trace_dir: str | Path, hlo_text: str, steps: int, *, top: int = 10,
            num_devices: int | None = None) -> dict:
   """Device time per step of the program `hlo_text` in the newest trace under `trace_dir`.
@@ -130,17 +150,7 @@ def digest(trace_dir: str | Path, hlo_text: str, steps: int, *, top: int = 10,
   """
   module, kinds = op_kinds(hlo_text)
   space = jax.profiler.ProfileData.from_file(str(_trace_file(trace_dir)))
-  per_plane = collections.defaultdict(list)  # plane -> [(instruction, start, end)]
-  for plane in space.planes:
-    for line in plane.lines:
-      for event in line.events:
-        stats = dict(event.stats)
-        if stats.get('hlo_module', module) != module:
-          continue
-        name = stats.get('hlo_op', event.name)
-        if name in kinds and kinds[name]['kind'] != 'control':
-          start = int(event.start_ns)
-          per_plane[plane.name].append((name, start, start + int(event.duration_ns)))
+  per_plane = instruction_events(space, module, kinds)
   # A GPU's kernels are on its device planes; host planes then only hold launches.
   device_planes = [p for p in per_plane if p.startswith('/device:')]
   planes = device_planes or list(per_plane)
