@@ -85,21 +85,22 @@ def op_kinds(hlo_text: str) -> tuple[str, dict[str, dict]]:
 
   order = ('matmul', 'attention', 'kernel', 'gather/scatter/sort', 'collective',
            'elementwise', 'copy')
-  cache = {}
 
-  def kind_of(name, opcode, rest, depth=0):
+  def kind_of(opcode, rest, depth=0):
     if opcode not in ('fusion', 'async-start', 'async-update', 'async-done') or depth > 8:
       return _kind(opcode, rest)
-    kinds = {kind_of(*inner, depth + 1)
-             for called in _CALLS.findall(rest) for inner in computations.get(called, ())}
+    kinds = {kind_of(inner_opcode, inner_rest, depth + 1)
+             for called in _CALLS.findall(rest)
+             for _, inner_opcode, inner_rest in computations.get(called, ())}
     return next((k for k in order if k in kinds), 'copy')
 
-  for instructions in computations.values():
-    for name, opcode, rest in instructions:
+  instructions = {}
+  for body in computations.values():
+    for name, opcode, rest in body:
       source = _OP_NAME.search(rest)
-      cache[name] = {'kind': kind_of(name, opcode, rest),
-                     'source': source.group(1) if source else opcode}
-  return (module.group(1) if module else ''), cache
+      instructions[name] = {'kind': kind_of(opcode, rest),
+                            'source': source.group(1) if source else opcode}
+  return (module.group(1) if module else ''), instructions
 
 
 def _trace_file(trace_dir: str | Path) -> Path:
