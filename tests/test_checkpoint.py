@@ -110,6 +110,9 @@ def test_checkpoint_of_another_model_is_an_error_not_skipped(tmp_path):
   assert (tmp_path / 'checkpoints' / '1').is_dir()  # left as it was
 
 
+# Reading the damaged files fails inside orbax, whose pending reads then call back into
+# its closed event loop ("Event loop is closed", unraisable): orbax's clean-up, not ours.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_corrupt_or_partial_latest_checkpoint_is_moved_aside_and_the_previous_restored(
     tmp_path, caplog, monkeypatch):
   cfg, setup, state = _two_checkpoints(tmp_path)  # one setup serves both faults
@@ -142,7 +145,9 @@ def test_corrupt_or_partial_latest_checkpoint_is_moved_aside_and_the_previous_re
     ckpt.save(2, state)  # the resumed run writes step 2 again
     ckpt.wait()
   ckpt.close()
-  assert Checkpointer(tmp_path).restore(setup.abstract_state)[1] == 2
+  again = Checkpointer(tmp_path)
+  assert again.restore(setup.abstract_state)[1] == 2
+  again.close()
 
 
 def test_a_full_disk_is_a_one_line_error_naming_the_intact_checkpoint(tmp_path, monkeypatch):
