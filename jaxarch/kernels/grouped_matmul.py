@@ -21,21 +21,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxarch.config import MOE_MATMUL_IMPLS as IMPLS
-from jaxarch.kernels import gmm_triton
+from jaxarch.kernels import dispatch, gmm_triton
 
 
 def kernels_for(impl: str) -> str:
   """impl -> which code runs: 'xla', 'triton' or 'triton_interpret'."""
-  if impl not in IMPLS:
-    raise ValueError(f'grouped_matmul: impl={impl!r}; expected one of {IMPLS}')
-  if impl == 'interpret':
-    return 'triton_interpret'
-  on_gpu = jax.default_backend() == 'gpu'
-  if impl == 'pallas' and not on_gpu:
-    raise ValueError(f"grouped_matmul: impl='pallas' needs a GPU, and this process runs on "
-                     f"{jax.default_backend()}; use impl='interpret' (the kernels in Pallas' "
-                     "interpreter) or impl='xla'")
-  return 'triton' if impl == 'pallas' or (impl == 'auto' and on_gpu) else 'xla'
+  return dispatch.kernels_for('grouped_matmul', impl, IMPLS, {'gpu': 'triton'})
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,

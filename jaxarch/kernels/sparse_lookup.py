@@ -53,7 +53,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 from jaxarch.config import LOOKUP_IMPLS as IMPLS, LOOKUP_SCATTERS as SCATTERS
-from jaxarch.kernels import lookup_tpu, lookup_triton, lookup_xla
+from jaxarch.kernels import dispatch, lookup_tpu, lookup_triton, lookup_xla
 from jaxarch.parallel import context
 
 PALLAS_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -62,21 +62,7 @@ COLUMN_MULTIPLE = 64  # Pallas kernels' row width granularity
 
 def kernels_for(impl: str) -> str:
   """impl -> which kernels run: 'xla', 'triton', 'tpu' (compiled) or '*_interpret'."""
-  if impl not in IMPLS:
-    raise ValueError(f'sparse_lookup: impl={impl!r}; expected one of {IMPLS}')
-  if impl == 'interpret':
-    return 'triton_interpret'
-  if impl == 'interpret_tpu':
-    return 'tpu_interpret'
-  if impl == 'xla':
-    return 'xla'
-  platform = jax.default_backend()
-  compiled = {'gpu': 'triton', 'tpu': 'tpu'}.get(platform)
-  if impl == 'pallas' and compiled is None:
-    raise ValueError(f"sparse_lookup: impl='pallas' needs a GPU or TPU, and this process "
-                     f"runs on {platform}; use impl='interpret' (the kernels in Pallas' "
-                     "interpreter) or impl='xla'")
-  return compiled or 'xla'  # 'pallas', or 'auto' (XLA where no kernel compiles)
+  return dispatch.kernels_for('sparse_lookup', impl, IMPLS, {'gpu': 'triton', 'tpu': 'tpu'})
 
 
 def sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Array, *,
