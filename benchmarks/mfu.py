@@ -32,6 +32,7 @@ import jax
 from report import emit, scaled_parser
 
 from jaxarch import config as config_lib
+from jaxarch.train import profile
 from jaxarch.train.memory import OutOfMemoryError
 from jaxarch.train.throughput import measure
 
@@ -63,14 +64,6 @@ def run_case(case: str, steps: int, profile_dir: Path | None = None) -> dict:
     traceback.print_exc()
     return {'case': case, 'family': family, 'error': f'failed: {type(e).__name__}',
             'detail': str(e)[:2000]}
-
-
-def time_by_kind(digest: dict | None) -> str:
-  """The three largest kinds of device time, e.g. 'matmul 61%, elementwise 22%, ...'."""
-  if digest is None:
-    return '–'
-  kinds = sorted(digest['kinds'].items(), key=lambda kv: -kv[1])[:3]
-  return ', '.join(f'{kind} {100 * share:.0f}%' for kind, share in kinds)
 
 
 def main(argv=None):
@@ -105,7 +98,8 @@ def main(argv=None):
                  f'{1e3 * r["step_time_s"]:,.1f} ms', f'{r["tokens_per_s"]:,.0f}',
                  f'{r["model_tflops_per_device"]:.2f}',
                  '–' if r['mfu'] is None else f'{100 * r["mfu"]:.1f}%',
-                 '–' if ratio is None else f'{ratio:.2f}', time_by_kind(r.get('profile'))])
+                 '–' if ratio is None else f'{ratio:.2f}',
+                 profile.kind_shares(r['profile'], top=3) if 'profile' in r else '–'])
   emit(f'train-step MFU on {jax.device_count()} × {device.device_kind}',
        ('case', 'params active / total', 'step', 'tokens/s', 'TFLOP/s/device', 'MFU',
         'XLA / model FLOPs', 'device time'), rows, {**info, 'results': results}, args.out)

@@ -28,6 +28,7 @@ from report import emit, timed
 from jaxarch.kernels.grouped_matmul import grouped_matmul
 from jaxarch.layers import SwiGLU
 from jaxarch.layers.moe import MoE
+from jaxarch.train import flops
 
 GRIDS = {
     # d_model, expert_d_ff, top_k, experts, tokens (and tokens of the grouped-matmul table)
@@ -75,8 +76,8 @@ def grouped_matmul_case(experts: int, rows: int, d: int, f: int, dtype, impls, i
     record[f'{impl}_tflops'] = real_flops / record[f'{impl}_s'] / 1e12
     results[impl] = fn(x, w)
     if impl == 'xla':
-      cost = fn.lower(x, w).compile().cost_analysis()
-      record['xla_flops_over_real'] = float(cost['flops']) / real_flops
+      record['xla_flops_over_real'] = (
+          flops.compiled_flops(fn.lower(x, w).compile()) / real_flops)
   if 'pallas' in results and 'xla' in results:
     record['pallas_max_rel_error'] = max(
         float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))

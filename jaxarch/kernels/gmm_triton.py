@@ -64,6 +64,13 @@ def _span(start, block: int, limit: int):
   return pl.ds(start, block), start + jnp.arange(block) < limit
 
 
+def _rows(tile, block_m: int, start, end):
+  """Row tile `tile`: its slice and which of its rows are in the group [start, end)."""
+  row0 = pl.multiple_of(tile * block_m, block_m)
+  row_ids = row0 + jnp.arange(block_m)
+  return pl.ds(row0, block_m), (row_ids >= start) & (row_ids < end)
+
+
 def _gmm_kernel(tile_ref, group_ref, starts_ref, ends_ref, x_ref, w_ref, zeros_ref, out_ref,
                 *, k: int, n: int, num_groups: int, block_m: int, block_n: int,
                 block_k: int, transpose_rhs: bool):
@@ -73,11 +80,7 @@ def _gmm_kernel(tile_ref, group_ref, starts_ref, ends_ref, x_ref, w_ref, zeros_r
 
   @pl.when(group < num_groups)
   def _():
-    start, end = starts_ref[group], ends_ref[group]
-    row0 = tile_ref[pair] * block_m
-    rows = pl.ds(pl.multiple_of(row0, block_m), block_m)
-    row_ids = row0 + jnp.arange(block_m)
-    live = (row_ids >= start) & (row_ids < end)
+    rows, live = _rows(tile_ref[pair], block_m, starts_ref[group], ends_ref[group])
     cols, col_ok = _span(col_block * block_n, block_n, n)
 
     def step(i, acc):
@@ -125,10 +128,7 @@ def _tgmm_kernel(starts_ref, ends_ref, x_ref, dy_ref, out_ref, *, k: int, n: int
   cols, col_ok = _span(pl.program_id(2) * block_n, block_n, n)
 
   def step(t, acc):
-    row0 = t * block_m
-    rows = pl.ds(pl.multiple_of(row0, block_m), block_m)
-    row_ids = row0 + jnp.arange(block_m)
-    live = (row_ids >= start) & (row_ids < end)
+    rows, live = _rows(t, block_m, start, end)
     a = plt.load(x_ref.at[rows, inner], mask=live[:, None] & inner_ok[None, :], other=0)
     b = plt.load(dy_ref.at[rows, cols], mask=live[:, None] & col_ok[None, :], other=0)
     return acc + plt.dot(a, b, trans_a=True).astype(jnp.float32)  # [bk, bn]

@@ -100,3 +100,11 @@ def megabyte_flops_per_byte(model_cfg: ml_collections.ConfigDict, counts: dict[s
 def mfu(flops_per_second: float, num_devices: int, device_kind: str) -> float | None:
   peak = peak_flops(device_kind)
   return None if peak is None else flops_per_second / (peak * num_devices)
+
+
+def compiled_flops(compiled) -> float | None:
+  """FLOPs of one device's program by XLA's cost analysis of a `jax.stages.Compiled`
+  (None where it gives none), to set against the model FLOPs above."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost['flops']) if cost and cost.get('flops', 0) > 0 else None

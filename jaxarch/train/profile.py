@@ -188,10 +188,15 @@ def digest(trace_dir: str | Path, hlo_text: str, steps: int, *, top: int = 10,
   }
 
 
+def kind_shares(result: dict, *, top: int | None = None, least: float = 0.0) -> str:
+  """The kinds by their share of device time, largest first: 'matmul 61%, copy 9%'."""
+  kinds = sorted(result['kinds'].items(), key=lambda kv: -kv[1])[:top]
+  return ', '.join(f'{k} {100 * v:.0f}%' for k, v in kinds if v >= least)
+
+
 def summary(result: dict) -> str:
   """One line: the kinds by their share of device time."""
-  kinds = sorted(result['kinds'].items(), key=lambda kv: -kv[1])
   return (f'device time {1e3 * result["op_s"]:,.1f} ms per step and device: '
-          + ', '.join(f'{k} {100 * v:.0f}%' for k, v in kinds if v >= 0.005)
+          + kind_shares(result, least=0.005)
           + (f'; collectives exposed {1e3 * result["exposed_collective_s"]:,.1f} ms'
              if result['exposed_collective_s'] > 0 else ''))

@@ -66,7 +66,7 @@ def measure(cfg: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
   per_token = flops.train_flops_per_token(cfg.model, setup.param_counts, cfg.data.seq_len)
   device = jax.devices()[0]
   achieved = per_token * tokens / step_s
-  xla_flops = _xla_flops(compiled)
+  xla_flops = flops.compiled_flops(compiled)
   return {
       **describe(cfg, setup), 'warmup_s': warmup_s, 'step_time_s': step_s,
       'step_time_min_s': min(times), 'step_time_max_s': max(times),
@@ -79,12 +79,6 @@ def measure(cfg: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
       'final_loss': float(metrics['loss']), **result,
   }
 
-
-def _xla_flops(compiled) -> float | None:
-  """FLOPs of one device's program by XLA's cost analysis (None where it gives none)."""
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost['flops']) if cost and cost.get('flops', 0) > 0 else None
 
 
 def summary(result: dict) -> str:
