@@ -23,7 +23,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax.ad_checkpoint import checkpoint_name
+
 from jaxarch.layers import layout as layout_lib
+from jaxarch.layers import remat
 from jaxarch.layers.params import normal, param
 from jaxarch.layers.rope import apply_rope
 
@@ -96,6 +99,7 @@ class Attention(nnx.Module):
         self.cache_v[...] = jax.lax.dynamic_update_slice_in_dim(self.cache_v[...], v, 0, 1)
       out = jax.nn.dot_product_attention(q, k, v, mask=document_mask(segment_ids),
                                          is_causal=True, implementation=self.impl)  # btnh
+    out = checkpoint_name(out, remat.ATTENTION)
     return jnp.einsum('btnh,nhd->btd', out, cast(self.o_proj))
 
   def _with_layout(self, q, k, v, layout, prefix):

@@ -34,17 +34,17 @@ would send only the real rows, but XLA:CPU does not implement it (so it could no
 tested here); the padded exchange works on every backend.
 """
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from jaxarch.config import MOE_GATES as GATES
 from jaxarch.kernels.grouped_matmul import grouped_matmul
-from jaxarch.layers import signals
+from jaxarch.layers import remat, signals
 from jaxarch.layers.mlp import SwiGLU
 from jaxarch.layers.params import normal, param
 from jaxarch.parallel import context
@@ -82,15 +82,18 @@ def sort_by(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def grouped_swiglu(x, group_sizes, gate, up, down, impl='auto'):
   """Rows of x [m, d] in contiguous groups, one expert each -> [m, d]; rows past the groups give 0."""
-  matmul = functools.partial(grouped_matmul, group_sizes=group_sizes, impl=impl)
+  def matmul(a, w):  # named: `model.remat=dots` keeps it (layers/remat.py)
+    return checkpoint_name(grouped_matmul(a, w, group_sizes, impl=impl), remat.EXPERT_MATMUL)
   h = jax.nn.silu(matmul(x, gate)) * matmul(x, up)
   return matmul(h, down)
 
 
 def batched_swiglu(x, gate, up, down):
   """x [e, c, d] through expert e's SwiGLU -> [e, c, d]."""
-  h = jax.nn.silu(jnp.einsum('ecd,edf->ecf', x, gate)) * jnp.einsum('ecd,edf->ecf', x, up)
-  return jnp.einsum('ecf,efd->ecd', h, down)
+  def matmul(spec, a, w):  # batched over experts: kept by `dots` only by its name
+    return checkpoint_name(jnp.einsum(spec, a, w), remat.EXPERT_MATMUL)
+  h = jax.nn.silu(matmul('ecd,edf->ecf', x, gate)) * matmul('ecd,edf->ecf', x, up)
+  return matmul('ecf,efd->ecd', h, down)
 
 
 class MoE(nnx.Module):

@@ -20,6 +20,7 @@ from flax import nnx
 import ml_collections
 
 from jaxarch.layers import Attention, Embed, RMSNorm, SwiGLU
+from jaxarch.layers import remat
 from jaxarch.layers.params import normal, param
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -33,12 +34,6 @@ BLOCKS: dict[str, Callable[..., nnx.Module]] = {}
 # (x [b,t,d], positions [b,t], segment_ids [b,t], optional layout) to an update [b,t,d]
 # for the residual stream, placed by `model.<name>.placement`; `index` counts the side layers of that kind.
 SIDE_LAYERS: dict[str, Callable[..., nnx.Module]] = {}
-
-REMAT_POLICIES = {
-    'full': None,  # recompute everything in the backward pass
-    'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
-
 
 def register_block(name: str):
   def register(factory):
@@ -144,7 +139,7 @@ class Stack(nnx.Module):
   def _run_block(self, block, x, *args):
     if self.remat == 'none':
       return block(x, *args)
-    run = nnx.remat(lambda b, *a: b(*a), policy=REMAT_POLICIES[self.remat])
+    run = nnx.remat(lambda b, *a: b(*a), policy=remat.POLICIES[self.remat])
     return run(block, x, *args)
 
 
