@@ -76,7 +76,8 @@ permute.defvjp(_permute_fwd, _permute_bwd)
 def sort_by(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(order, inverse) that sort `keys` stably."""
   order = jnp.argsort(keys, stable=True)
-  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype),
+                                                unique_indices=True)  # no atomics on GPU
   return order, inverse
 
 
