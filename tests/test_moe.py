@@ -144,15 +144,18 @@ def step_on_mesh(layer, x, cot, mesh=None, rules=None):
   return jax.jit(sharded)(jax.device_put(params, shardings), jax.device_put(x, batch))
 
 
-@pytest.mark.parametrize('axes', [dict(data=2, expert=4), dict(fsdp=2, tensor=2, expert=2)],
-                         ids=['data2-expert4', 'fsdp2-tensor2-expert2'])
-def test_dropless_expert_parallel_on_eight_devices_equals_one_device(axes):
+@pytest.mark.parametrize('axes,impl', [(dict(data=2, expert=4), 'xla'),
+                                       (dict(fsdp=2, tensor=2, expert=2), 'xla'),
+                                       (dict(data=2, expert=4), 'interpret')],
+                         ids=['data2-expert4', 'fsdp2-tensor2-expert2', 'gpu-kernels'])
+def test_dropless_expert_parallel_on_eight_devices_equals_one_device(axes, impl):
+  # 'gpu-kernels': the Pallas grouped matmuls (in the interpreter) inside shard_map.
   cfg = mesh_config(tiny_config(), **axes)
   mesh = make_mesh(cfg)
-  layer = make_moe(num_experts=8, top_k=2)
   x = jax.random.normal(jax.random.key(7), (8, 6, 16))
   cot = jax.random.normal(jax.random.key(8), (8, 6, 16))
-  want = step_on_mesh(layer, x, cot)
+  want = step_on_mesh(make_moe(num_experts=8, top_k=2), x, cot)
+  layer = make_moe(num_experts=8, top_k=2, matmul_impl=impl)
   got = step_on_mesh(layer, x, cot, mesh, cfg.mesh.rules)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)

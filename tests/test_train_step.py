@@ -192,3 +192,25 @@ def test_sown_aux_losses_and_metrics_reach_the_step_metrics(monkeypatch):
   state = make_window_reset(setup)(state)
   _, m3 = step(state, batch)
   assert float(m3['side_layers/0/window_calls']) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('spec', ['configs/moe.py:tiny', 'configs/ultramem.py:tiny',
+                                  'configs/megabyte.py:tiny_ultramem'])
+def test_gpu_train_step_lowers_for_cuda_on_a_mesh(spec, monkeypatch):
+  """The train step as `auto` builds it on a GPU (cuDNN attention, the Pallas kernels of
+  MoE and UltraMem), on 8 devices with experts split 4 ways, lowers for CUDA: running it
+  needs a GPU, lowering does not. (It found the kernels failing inside MoE's shard_map.)"""
+  fused = pytest.importorskip('jax._src.cudnn.fused_attention_stablehlo')
+  monkeypatch.setattr(fused, 'check_cudnn_version', lambda *a, **k: 90100)  # traced only
+  monkeypatch.setattr(fused, 'check_compute_capability', lambda *a, **k: True)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  cfg = config_lib.load(spec, ['model.dtype=bfloat16', 'model.remat=dots', 'data.seq_len=64',
+                               'train.batch_size=8', 'mesh.ici.data=2', 'mesh.ici.expert=4'])
+  setup = make_setup(cfg, make_mesh(cfg))
+  batch = global_batch(make_batch(8, 64), setup.batch_sharding)
+  lowered = make_train_step(setup).trace(init_state(cfg, setup), batch).lower(
+      lowering_platforms=('cuda',))
+  hlo = lowered.as_text()
+  assert 'xla.gpu.triton' in hlo  # the grouped matmuls / the value lookup
+  assert 'CustomSPMDPartitioning' in hlo  # cuDNN attention, partitioned when compiled

@@ -43,7 +43,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from jaxarch.config import MOE_GATES as GATES
-from jaxarch.kernels.grouped_matmul import grouped_matmul
+from jaxarch.kernels.grouped_matmul import grouped_matmul, kernels_for
 from jaxarch.layers import remat, signals
 from jaxarch.layers.mlp import SwiGLU
 from jaxarch.layers.params import normal, param
@@ -190,9 +190,13 @@ class MoE(nnx.Module):
         out, dropped = self._local(*args, expert_axes=expert_axes, shards=shards)
         return out, jax.lax.psum(dropped, batch_axes) if batch_axes else dropped
 
+      # Pallas kernels declare no varying mesh axes for their outputs, so they run with
+      # shard_map's checks off (as sparse_lookup's do); its transpose then sums the
+      # gradients of the weights over the axes they are replicated on.
+      check_vma = self.capacity_factor is not None or kernels_for(self.matmul_impl) == 'xla'
       out, dropped = jax.shard_map(
           local, mesh=mesh, in_specs=(tok, tok, tok, weight, weight, weight),
-          out_specs=(tok, P()))(tokens, experts, weights, *params)
+          out_specs=(tok, P()), check_vma=check_vma)(tokens, experts, weights, *params)
     signals.add_metric(self, 'dropped_fraction', dropped / experts.size)
     return out
 
