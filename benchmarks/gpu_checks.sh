@@ -29,9 +29,9 @@ run() {  # NAME SHARE_PERCENT COMMAND...
   echo "   exit $? ; $(tail -n 3 "$out/$name.log" | tr '\n' ' ')"
 }
 
-run grouped_matmul 8 python3 benchmarks/moe.py --tables=matmul   # MoE kernels vs ragged_dot
-run mfu 42 python3 benchmarks/mfu.py --steps=10 --profile --profile_dir=/tmp/jaxarch_traces
-run decode 14 python3 benchmarks/decode.py                    # UltraMem vs MoE decoding
+run grouped_matmul 12 python3 benchmarks/moe.py --tables=matmul   # MoE kernels vs ragged_dot
+run mfu 40 python3 benchmarks/mfu.py --steps=10 --profile --profile_dir=/tmp/jaxarch_traces
+run decode 12 python3 benchmarks/decode.py                    # UltraMem vs MoE decoding
 run sparse_lookup 9 python3 benchmarks/sparse_lookup.py       # Pallas lookup vs XLA
 run moe 9 python3 benchmarks/moe.py --tables=layers           # dropless vs capacity vs dense
 run megabyte 9 python3 benchmarks/megabyte.py                 # MEGABYTE vs byte transformer

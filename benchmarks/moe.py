@@ -9,8 +9,9 @@ activated FLOPs per token, no routing). Prints tokens/s and the ratio to dense.
 
 A second table times the grouped matmul alone (forward + both gradients of one expert
 projection) per implementation: `jax.lax.ragged_dot` and, on GPU, the Pallas kernels
-(whose largest relative difference from `ragged_dot` is recorded). TFLOP/s count the real
-rows' FLOPs; `XLA FLOPs / real` is what XLA's cost analysis counts for `ragged_dot` over
+(whose largest relative difference from `ragged_dot` is recorded), and at the largest
+expert count the kernels again with each of `tilings` (block sizes, warps, stages: which
+one to make the default). TFLOP/s count the real rows' FLOPs; `XLA FLOPs / real` is what XLA's cost analysis counts for `ragged_dot` over
 that, E where it computes every expert for every row. Writes JSON with the device.
 Single device (expert parallelism is exercised by the tests).
 """
@@ -25,6 +26,7 @@ from flax import nnx
 
 from report import emit, timed
 
+from jaxarch.kernels.gmm_triton import Tiling
 from jaxarch.kernels.grouped_matmul import grouped_matmul
 from jaxarch.layers import SwiGLU
 from jaxarch.layers.moe import MoE
@@ -34,9 +36,12 @@ GRIDS = {
     # d_model, expert_d_ff, top_k, experts, tokens (and tokens of the grouped-matmul table)
     'gpu': dict(d_model=1024, expert_d_ff=848, top_k=4, experts=(8, 32, 64),
                 tokens=(4096, 16384, 65536), matmul_tokens=(16384,), dtype='bfloat16',
-                impls=('xla', 'pallas')),
+                impls=('xla', 'pallas'),
+                # (block_m, block_n, block_k, warps, stages), besides the default
+                tilings=((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 64, 64, 4, 4),
+                         (64, 128, 32, 4, 4))),
     'cpu': dict(d_model=128, expert_d_ff=96, top_k=2, experts=(4, 16), tokens=(512, 2048),
-                matmul_tokens=(2048,), dtype='float32', impls=('xla',)),
+                matmul_tokens=(2048,), dtype='float32', impls=('xla',), tilings=()),
 }
 
 
@@ -53,9 +58,11 @@ def train_fn(layer: nnx.Module):
   return lambda x: step(params, x)
 
 
-def grouped_matmul_case(experts: int, rows: int, d: int, f: int, dtype, impls, iters: int):
+def grouped_matmul_case(experts: int, rows: int, d: int, f: int, dtype, impls, iters: int,
+                        tilings=()):
   """Forward + gradients of x [rows, d] @ w[e] [d, f] over `experts` groups of random
-  sizes, per impl: seconds, real TFLOP/s, and (ragged_dot) XLA's FLOPs over the real."""
+  sizes, per impl: seconds, real TFLOP/s, (ragged_dot) XLA's FLOPs over the real, (the
+  kernels) their largest difference from ragged_dot and their times with `tilings`."""
   kx, kw, kd, kg = jax.random.split(jax.random.key(rows + experts), 4)
   x = jax.random.normal(kx, (rows, d), dtype)
   w = jax.random.normal(kw, (experts, d, f), dtype) / np.sqrt(d)
@@ -63,27 +70,46 @@ def grouped_matmul_case(experts: int, rows: int, d: int, f: int, dtype, impls, i
   sizes = jnp.bincount(jax.random.randint(kg, (rows,), 0, experts), length=experts)
   real_flops = 3 * 2 * rows * d * f  # forward, input gradient, weight gradient
   record = dict(experts=experts, rows=rows, d_model=d, expert_d_ff=f, real_flops=real_flops)
-  results = {}
-  for impl in impls:
-    fn = jax.jit(lambda x, w, impl=impl: jax.vjp(
-        lambda x, w: grouped_matmul(x, w, sizes, impl=impl), x, w)[1](dy))
+  def run(impl, tiling=Tiling()):
+    """(jitted forward + gradients, seconds) or (None, error); never raises: ragged_dot's
+    expansion may not fit, a kernel may not compile here, and that is one cell only."""
+    fn = jax.jit(lambda x, w: jax.vjp(
+        lambda x, w: grouped_matmul(x, w, sizes, impl=impl, tiling=tiling), x, w)[1](dy))
     try:
-      record[f'{impl}_s'] = timed(fn, x, w, iters=iters)
+      return fn, timed(fn, x, w, iters=iters)
     except Exception as e:  # pylint: disable=broad-except
-      # ragged_dot's expansion may not fit; a kernel may not compile here: this cell only.
-      record[f'{impl}_s'], record[f'{impl}_error'] = None, f'{type(e).__name__}: {e}'[:2000]
+      return None, f'{type(e).__name__}: {e}'[:2000]
+
+  reference = None
+  for impl in impls:
+    fn, seconds = run(impl)
+    if fn is None:
+      record[f'{impl}_s'], record[f'{impl}_error'] = None, seconds
       continue
-    record[f'{impl}_tflops'] = real_flops / record[f'{impl}_s'] / 1e12
-    results[impl] = fn(x, w)
+    record[f'{impl}_s'], record[f'{impl}_tflops'] = seconds, real_flops / seconds / 1e12
     if impl == 'xla':
+      reference = fn(x, w)
       record['xla_flops_over_real'] = (
           flops.compiled_flops(fn.lower(x, w).compile()) / real_flops)
-  if 'pallas' in results and 'xla' in results:
-    record['pallas_max_rel_error'] = max(
-        float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
-              / jnp.max(jnp.abs(b.astype(jnp.float32))))
-        for a, b in zip(results['pallas'], results['xla']))
+    elif reference is not None:
+      record[f'{impl}_max_rel_error'] = max(
+          float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+                / jnp.max(jnp.abs(b.astype(jnp.float32))))
+          for a, b in zip(fn(x, w), reference))
+    if impl != 'xla' and tilings:
+      record[f'{impl}_tilings'] = [tiling_record(Tiling(*t), *run(impl, Tiling(*t)), real_flops)
+                                   for t in tilings]
   return record
+
+
+def tiling_record(tiling: Tiling, fn, seconds, real_flops: float) -> dict:
+  if fn is None:
+    return dict(tiling._asdict(), error=seconds)
+  return dict(tiling._asdict(), s=seconds, tflops=real_flops / seconds / 1e12)
+
+
+def tiling_name(t: dict) -> str:
+  return f'{t["block_m"]}x{t["block_n"]}x{t["block_k"]} w{t["num_warps"]} s{t["num_stages"]}'
 
 
 def main(argv=None):
@@ -137,21 +163,38 @@ def layer_table(g: dict, iters: int, data: dict, out: str) -> list[dict]:
 
 
 def matmul_table(g: dict, iters: int, data: dict, out: str) -> list[dict]:
-  """The grouped matmul alone, per implementation, expert count and batch."""
+  """The grouped matmul alone, per implementation, expert count and batch; the kernels'
+  tilings at the largest expert count."""
   d, f, k, impls = g['d_model'], g['expert_d_ff'], g['top_k'], g['impls']
   records = [grouped_matmul_case(experts, tokens * k, d, f, jnp.dtype(g['dtype']), impls,
-                                 iters)
+                                 iters, g['tilings'] if experts == max(g['experts']) else ())
              for experts in g['experts'] for tokens in g['matmul_tokens']]
+  kernels = [i for i in impls if i != 'xla']
   ms = lambda s: '–' if s is None else f'{1e3 * s:,.2f}'
   emit(f'grouped matmul, forward + gradients: rows x {d} times each expert\'s {d} x {f}, '
        f'on {data["device_kind"]}',
        ['experts', 'rows', *(f'{impl} ms' for impl in impls),
-        *(f'{impl} TFLOP/s' for impl in impls), 'XLA FLOPs / real'],
+        *(f'{impl} TFLOP/s' for impl in impls), 'XLA FLOPs / real',
+        *(f'{i} max rel. error' for i in kernels), *(f'{i} best tiling' for i in kernels)],
        [[str(r['experts']), str(r['rows']), *(ms(r[f'{i}_s']) for i in impls),
          *(f'{r[f"{i}_tflops"]:.3g}' if r[f'{i}_s'] else '–' for i in impls),
-         f'{r["xla_flops_over_real"]:.1f}' if 'xla_flops_over_real' in r else '–']
+         f'{r["xla_flops_over_real"]:.1f}' if 'xla_flops_over_real' in r else '–',
+         *(f'{r[f"{i}_max_rel_error"]:.1e}' if f'{i}_max_rel_error' in r else '–'
+           for i in kernels),
+         *(best_tiling(r, i) for i in kernels)]
         for r in records], {**data, 'grouped_matmul': records}, out)
   return records
+
+
+def best_tiling(record: dict, impl: str) -> str:
+  """The fastest of the default tiling and the swept ones, with its TFLOP/s."""
+  if not record.get(f'{impl}_tilings') or not record[f'{impl}_s']:
+    return '–'
+  default = dict(Tiling()._asdict(), tflops=record[f'{impl}_tflops'])
+  best = max([default, *(t for t in record[f'{impl}_tilings'] if 'tflops' in t)],
+             key=lambda t: t['tflops'])
+  return f'{tiling_name(best)}: {best["tflops"]:.3g}'
+
 
 if __name__ == '__main__':
   main()

@@ -83,7 +83,7 @@ def test_sparse_lookup_benchmark_times_the_xla_path_on_cpu(tmp_path, monkeypatch
 def test_moe_benchmark_times_three_layers_per_case(tmp_path, monkeypatch):
   monkeypatch.setitem(moe.GRIDS, 'cpu', dict(
       d_model=16, expert_d_ff=8, top_k=2, experts=(4,), tokens=(32,), matmul_tokens=(32,),
-      dtype='float32', impls=('xla', 'interpret')))
+      dtype='float32', impls=('xla', 'interpret'), tilings=((16, 16, 16, 4, 3),)))
   out = tmp_path / 'moe.json'
   moe.main(['--iters=1', f'--out={out}'])
   data = json.loads(out.read_text())
@@ -94,7 +94,9 @@ def test_moe_benchmark_times_three_layers_per_case(tmp_path, monkeypatch):
   assert matmul['rows'] == 64 and matmul['real_flops'] == 6 * 64 * 16 * 8
   # XLA:CPU expands ragged_dot into every one of the 4 experts: several times the real FLOPs.
   assert 3 < matmul['xla_flops_over_real'] < 6
-  assert matmul['interpret_s'] > 0
+  assert matmul['interpret_s'] > 0 and matmul['interpret_max_rel_error'] < 1e-5
+  (tiled,) = matmul['interpret_tilings']  # the kernels again with other blocks
+  assert tiled['block_m'] == 16 and tiled['tflops'] > 0
 
 
 @pytest.mark.slow

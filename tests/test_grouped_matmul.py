@@ -14,7 +14,8 @@ from jaxarch.kernels import gmm_triton
 from jaxarch.kernels.grouped_matmul import _gmm, grouped_matmul, kernels_for
 from jaxarch.layers.moe import MoE
 
-SMALL_BLOCKS = dict(block_m=16, block_n=32, block_k=16, interpret=True)
+SMALL_BLOCKS = dict(tiling=gmm_triton.Tiling(block_m=16, block_n=32, block_k=16),
+                    interpret=True)
 # Group sizes over 100 rows: an empty group, groups inside one tile and across several,
 # 7 rows past the last group (which give 0); everything in one group.
 GROUPS = {'ragged': [13, 0, 40, 30, 10], 'one_group': [0, 0, 100, 0, 0]}
@@ -93,7 +94,7 @@ def test_kernels_lower_for_cuda():
             jax.ShapeDtypeStruct((65536, 1200), jnp.bfloat16))
 
   def fn(x, w, sizes, dy):
-    out, vjp = jax.vjp(lambda x, w: _gmm(x, w, sizes, False), x, w)
+    out, vjp = jax.vjp(lambda x, w: _gmm(x, w, sizes, False, gmm_triton.Tiling()), x, w)
     return out, vjp(dy)
 
   hlo = jax.jit(fn).trace(*shapes).lower(lowering_platforms=('cuda',)).as_text()

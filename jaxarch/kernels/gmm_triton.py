@@ -22,18 +22,28 @@ tenth). `interpret=True` runs the same kernels on CPU (the tests do).
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-BLOCK_M, BLOCK_N, BLOCK_K = 64, 128, 64
-NUM_WARPS, NUM_STAGES = 4, 3
 
 
-def _params():
-  return plt.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+class Tiling(NamedTuple):
+  """Block sizes (powers of two: Triton's) and Triton's warps and pipeline stages.
+  The default is a common Hopper choice, not tuned here: `benchmarks/moe.py` times
+  others on a GPU."""
+  block_m: int = 64
+  block_n: int = 128
+  block_k: int = 64
+  num_warps: int = 4
+  num_stages: int = 3
+
+
+def _params(tiling: Tiling):
+  return plt.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages)
 
 
 def group_bounds(group_sizes: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
@@ -101,21 +111,20 @@ def _gmm_kernel(tile_ref, group_ref, starts_ref, ends_ref, x_ref, w_ref, zeros_r
 
 
 def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool = False,
-        block_m: int = BLOCK_M, block_n: int = BLOCK_N, block_k: int = BLOCK_K,
-        interpret: bool = False) -> jax.Array:
+        tiling: Tiling = Tiling(), interpret: bool = False) -> jax.Array:
   """x [M, K], w [G, K, N] (or [G, N, K] with transpose_rhs) -> [M, N] in x's dtype."""
   m, k = x.shape
   num_groups = w.shape[0]
   n = w.shape[1] if transpose_rhs else w.shape[2]
-  tile, group = schedule(group_sizes, m, block_m)
+  tile, group = schedule(group_sizes, m, tiling.block_m)
   starts, ends = group_bounds(group_sizes, m)
   kernel = functools.partial(_gmm_kernel, k=k, n=n, num_groups=num_groups,
-                             block_m=block_m, block_n=block_n, block_k=block_k,
-                             transpose_rhs=transpose_rhs)
+                             block_m=tiling.block_m, block_n=tiling.block_n,
+                             block_k=tiling.block_k, transpose_rhs=transpose_rhs)
   return pl.pallas_call(
-      kernel, grid=(tile.shape[0], pl.cdiv(n, block_n)),
+      kernel, grid=(tile.shape[0], pl.cdiv(n, tiling.block_n)),
       out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
-      input_output_aliases={6: 0}, compiler_params=_params(), interpret=interpret,
+      input_output_aliases={6: 0}, compiler_params=_params(tiling), interpret=interpret,
       name='grouped_matmul',
   )(tile, group, starts, ends, x, w, jnp.zeros((m, n), x.dtype))
 
@@ -141,17 +150,17 @@ def _tgmm_kernel(starts_ref, ends_ref, x_ref, dy_ref, out_ref, *, k: int, n: int
 
 
 def tgmm(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
-         block_m: int = BLOCK_M, block_n: int = BLOCK_N, block_k: int = BLOCK_K,
-         interpret: bool = False) -> jax.Array:
+         tiling: Tiling = Tiling(), interpret: bool = False) -> jax.Array:
   """x [M, K], dy [M, N] -> [G, K, N]: per group, its rows of x transposed times dy's."""
   m, k = x.shape
   n = dy.shape[1]
   num_groups = group_sizes.shape[0]
   starts, ends = group_bounds(group_sizes, m)
-  kernel = functools.partial(_tgmm_kernel, k=k, n=n, block_m=block_m, block_n=block_n,
-                             block_k=block_k)
+  kernel = functools.partial(_tgmm_kernel, k=k, n=n, block_m=tiling.block_m,
+                             block_n=tiling.block_n, block_k=tiling.block_k)
   return pl.pallas_call(
-      kernel, grid=(num_groups, pl.cdiv(k, block_k), pl.cdiv(n, block_n)),
+      kernel, grid=(num_groups, pl.cdiv(k, tiling.block_k), pl.cdiv(n, tiling.block_n)),
       out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype or x.dtype),
-      compiler_params=_params(), interpret=interpret, name='grouped_matmul_weight_grad',
+      compiler_params=_params(tiling), interpret=interpret,
+      name='grouped_matmul_weight_grad',
   )(starts, ends, x, dy)

@@ -30,8 +30,10 @@ def kernels_for(impl: str) -> str:
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
-                   impl: str = 'auto') -> jax.Array:
-  """x [M, K], w [G, K, N], group_sizes [G] int (sum <= M) -> [M, N] in x's dtype."""
+                   impl: str = 'auto', tiling: gmm_triton.Tiling = gmm_triton.Tiling()
+                   ) -> jax.Array:
+  """x [M, K], w [G, K, N], group_sizes [G] int (sum <= M) -> [M, N] in x's dtype;
+  `tiling`: the kernels' blocks and launch settings."""
   if x.ndim != 2 or w.ndim != 3 or group_sizes.shape != w.shape[:1] or x.shape[1] != w.shape[1]:
     raise ValueError(f'grouped_matmul: expected x [M, K], w [G, K, N], group_sizes [G]; got '
                      f'{x.shape}, {w.shape}, {group_sizes.shape}')
@@ -39,23 +41,25 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
   if kernels == 'xla':
     return jax.lax.ragged_dot(x, w, group_sizes)
   return _gmm(x, w.astype(x.dtype), group_sizes.astype(jnp.int32),
-              kernels == 'triton_interpret')
+              kernels == 'triton_interpret', tiling)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _gmm(x, w, group_sizes, interpret):
-  return gmm_triton.gmm(x, w, group_sizes, interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gmm(x, w, group_sizes, interpret, tiling):
+  return gmm_triton.gmm(x, w, group_sizes, tiling=tiling, interpret=interpret)
 
 
-def _gmm_fwd(x, w, group_sizes, interpret):
-  return _gmm(x, w, group_sizes, interpret), (x, w, group_sizes)
+def _gmm_fwd(x, w, group_sizes, interpret, tiling):
+  return _gmm(x, w, group_sizes, interpret, tiling), (x, w, group_sizes)
 
 
-def _gmm_bwd(interpret, residuals, dy):
+def _gmm_bwd(interpret, tiling, residuals, dy):
   x, w, group_sizes = residuals
   dy = dy.astype(x.dtype)
-  dx = gmm_triton.gmm(dy, w, group_sizes, transpose_rhs=True, interpret=interpret)
-  dw = gmm_triton.tgmm(x, dy, group_sizes, out_dtype=w.dtype, interpret=interpret)
+  dx = gmm_triton.gmm(dy, w, group_sizes, transpose_rhs=True, tiling=tiling,
+                      interpret=interpret)
+  dw = gmm_triton.tgmm(x, dy, group_sizes, out_dtype=w.dtype, tiling=tiling,
+                       interpret=interpret)
   return dx, dw, jnp.zeros(group_sizes.shape, jax.dtypes.float0)
 
 
