@@ -41,6 +41,10 @@ def test_bench_command_times_the_train_step_and_writes_a_profile(tmp_path, capsy
   assert record['family'] == 'moe' and record['tokens_per_s'] > 0
   assert record['params_active'] < record['params_total']  # MoE: top 2 of 8 experts
   assert record['model_tflops_per_device'] > 0 and record['step_time_s'] > 0
+  # Back to back, as the trainer runs: the tokens/s; one by one, waited for: the gap.
+  assert record['tokens_per_s'] == pytest.approx(8 * 32 / record['step_time_s'])
+  assert record['step_time_waited_min_s'] <= record['step_time_waited_median_s']
+  assert record['dispatch_gap_s'] >= 0
   assert record['mfu'] is None  # no peak FLOP/s known for a CPU
   traces = list((tmp_path / 'profile').rglob('*.xplane.pb'))
   assert traces and traces[0].stat().st_size > 0
