@@ -11,8 +11,9 @@ A second table times the grouped matmul alone (forward + both gradients of one e
 projection) per implementation: `jax.lax.ragged_dot` and, on GPU, the Pallas kernels
 (whose largest relative difference from `ragged_dot` is recorded), and at the largest
 expert count the kernels again with each of `tilings` (block sizes, warps, stages: which
-one to make the default). TFLOP/s count the real rows' FLOPs; `XLA FLOPs / real` is what XLA's cost analysis counts for `ragged_dot` over
-that, E where it computes every expert for every row. Writes JSON with the device.
+one to make the default). TFLOP/s count the real rows' FLOPs; `XLA FLOPs / real` is
+what XLA's cost analysis counts for `ragged_dot` over that, E where it computes every
+expert for every row. Writes JSON with the device.
 Single device (expert parallelism is exercised by the tests).
 """
 

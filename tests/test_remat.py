@@ -1,5 +1,8 @@
 """model.remat=dots keeps every matmul's output: the backward runs no matmul forward again."""
 
+import contextlib
+import io
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,7 +46,6 @@ def test_dots_recomputes_no_expert_matmul():
 
 def _saved(fn, *args) -> str:
   """What `jax.checkpoint(fn, policy=dots)` keeps for the backward, as jax prints it."""
-  import contextlib, io  # pylint: disable=g-import-not-at-top,multiple-imports
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     print_saved_residuals(jax.checkpoint(fn, policy=remat.POLICIES['dots']), *args)
@@ -79,5 +81,5 @@ def test_dots_keeps_cudnn_attention_forward_outputs(monkeypatch):
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn')
     return jnp.sum(checkpoint_name(out, remat.ATTENTION).astype(jnp.float32))
 
-  saved = _saved(fn, q, q, q)
-  assert f'f32[{b},{heads},{t}] output of {remat._CUDNN_ATTENTION_FORWARD}' in saved  # pylint: disable=protected-access
+  forward = remat._CUDNN_ATTENTION_FORWARD  # pylint: disable=protected-access
+  assert f'f32[{b},{heads},{t}] output of {forward}' in _saved(fn, q, q, q)  # statistics

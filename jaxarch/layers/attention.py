@@ -22,7 +22,6 @@ keys and values (BiTA's deep prompt) is seen by the tokens the layout marks.
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxarch.layers import layout as layout_lib

@@ -19,8 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 import ml_collections
 
-from jaxarch.layers import Attention, Embed, RMSNorm, SwiGLU
-from jaxarch.layers import remat
+from jaxarch.layers import Attention, Embed, RMSNorm, SwiGLU, remat
 from jaxarch.layers.params import normal, param
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -34,6 +33,7 @@ BLOCKS: dict[str, Callable[..., nnx.Module]] = {}
 # (x [b,t,d], positions [b,t], segment_ids [b,t], optional layout) to an update [b,t,d]
 # for the residual stream, placed by `model.<name>.placement`; `index` counts the side layers of that kind.
 SIDE_LAYERS: dict[str, Callable[..., nnx.Module]] = {}
+
 
 def register_block(name: str):
   def register(factory):

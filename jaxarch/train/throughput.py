@@ -6,11 +6,12 @@ timed ones dispatched back to back, as the trainer runs them (it waits for the d
 only when it logs): the step time is their wall time over `steps`. The same steps are
 also timed one by one, each waited for (min, median, max); the median's excess over the
 step time, `dispatch_gap_s`, is the host's time between two steps (launching the program
-with its hundreds of buffers), which back-to-back dispatch hides. FLOPs follow `jaxarch.train.flops` (6·N_active per token
-plus causal attention at half), MFU is against the peak bf16 FLOP/s of the device kind
-(None where unknown, e.g. CPU). XLA's cost analysis of the compiled step gives the FLOPs
-it executes per device, over the model FLOPs: above 1 by rematerialisation, elementwise
-work and any expansion (e.g. `ragged_dot` computing every expert). With `profile_dir`, a
+with its hundreds of buffers), which back-to-back dispatch hides. FLOPs follow
+`jaxarch.train.flops` (6·N_active per token plus causal attention at half), MFU is
+against the peak bf16 FLOP/s of the device kind (None where unknown, e.g. CPU). XLA's
+cost analysis of the compiled step gives the FLOPs it executes per device, over the model
+FLOPs: above 1 by rematerialisation, elementwise work and any expansion (e.g.
+`ragged_dot` computing every expert). With `profile_dir`, a
 `jax.profiler` trace of `profile_steps` more steps is written there (open it with
 TensorBoard's profile plugin or Perfetto) and digested by `jaxarch.train.profile`: the
 device time per step by kind of instruction (matmul, attention, collective, ...).
@@ -77,8 +78,8 @@ def measure(cfg: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
   xla_flops = flops.compiled_flops(compiled)
   return {
       **describe(cfg, setup), 'warmup_s': warmup_s, 'step_time_s': step_s,
-      'step_time_waited_min_s': min(times), 'step_time_waited_median_s': statistics.median(times),
-      'step_time_waited_max_s': max(times),
+      'step_time_waited_min_s': min(times), 'step_time_waited_max_s': max(times),
+      'step_time_waited_median_s': statistics.median(times),
       'dispatch_gap_s': max(0.0, statistics.median(times) - step_s),
       'tokens_per_s': tokens / step_s, 'flops_per_token': per_token,
       'model_tflops_per_device': achieved / jax.device_count() / 1e12,
