@@ -76,6 +76,16 @@ def family_config(family, **mesh):
   return mesh_config(config_lib.load(spec, ['model.dtype=float32', *overrides]), **mesh)
 
 
+@pytest.fixture
+def traced_as_on_gpu(monkeypatch):
+  """This test's code is traced as on a GPU, to lower for CUDA (running needs a GPU):
+  `auto` picks cuDNN attention and the Pallas kernels, and cuDNN's version checks pass."""
+  fused = pytest.importorskip('jax._src.cudnn.fused_attention_stablehlo')
+  monkeypatch.setattr(fused, 'check_cudnn_version', lambda *a, **k: 90100)
+  monkeypatch.setattr(fused, 'check_compute_capability', lambda *a, **k: True)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+
+
 def devices(n: int):
   return jax.devices()[:n]
 

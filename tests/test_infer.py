@@ -160,3 +160,26 @@ def test_generate_command_continues_prompts_from_the_latest_checkpoint(tmp_path,
   assert cli.main(['generate', '--workdir', str(tmp_path), '--prompt', 'x',
                    '--temperature', '-1']) == 2
   assert 'temperature=-1.0 must be > 0' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('family', ['moe', 'ultramem', 'megabyte'])
+def test_gpu_prefill_and_decode_step_lower_for_cuda(family, traced_as_on_gpu):
+  """Prefill and one decode step, as `auto` builds them on a GPU (cuDNN attention, the
+  Pallas kernels), lower for CUDA; what `benchmarks/decode.py` runs there."""
+  del traced_as_on_gpu
+  spec, overrides = FAMILIES[family]
+  cfg = config_lib.load(spec, ['model.dtype=bfloat16', *overrides])
+  model = infer.for_inference(models.build(cfg.model, rngs=nnx.Rngs(0)))
+  infer.add_caches(model, 4, 64)
+  graphdef, state = nnx.split(model)
+
+  def prefill_then_step(state, tokens, lengths):
+    model = nnx.merge(graphdef, state)
+    first = jnp.argmax(infer.prefill(model, tokens, lengths), axis=-1)
+    return infer.decode_step(model, first, lengths)
+
+  hlo = jax.jit(prefill_then_step).trace(
+      state, jnp.zeros((4, 32), jnp.int32), jnp.full((4,), 32)).lower(
+          lowering_platforms=('cuda',)).as_text()
+  assert 'xla.gpu.triton' in hlo and 'cudnn' in hlo  # the kernels; the prefill's attention

@@ -6,7 +6,6 @@ import io
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name, print_saved_residuals
 
@@ -68,12 +67,10 @@ def test_dots_keeps_the_attention_output_but_not_its_scores():
   assert f'[{b},{heads},{t},{t}]' not in saved  # the scores are recomputed
 
 
-def test_dots_keeps_cudnn_attention_forward_outputs(monkeypatch):
+def test_dots_keeps_cudnn_attention_forward_outputs(traced_as_on_gpu):
   # cuDNN's attention can be traced (not run) on a CPU once its version checks pass.
   # If jax renames the forward's primitive, `dots` would silently run it twice: this fails.
-  fused = pytest.importorskip('jax._src.cudnn.fused_attention_stablehlo')
-  monkeypatch.setattr(fused, 'check_cudnn_version', lambda *a, **k: 90100)
-  monkeypatch.setattr(fused, 'check_compute_capability', lambda *a, **k: True)
+  del traced_as_on_gpu
   b, t, heads, head_dim = 2, 128, 4, 64
   q = jnp.ones((b, t, heads, head_dim), jnp.bfloat16)
 

@@ -197,14 +197,11 @@ def test_sown_aux_losses_and_metrics_reach_the_step_metrics(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize('spec', ['configs/moe.py:tiny', 'configs/ultramem.py:tiny',
                                   'configs/megabyte.py:tiny_ultramem'])
-def test_gpu_train_step_lowers_for_cuda_on_a_mesh(spec, monkeypatch):
+def test_gpu_train_step_lowers_for_cuda_on_a_mesh(spec, traced_as_on_gpu):
   """The train step as `auto` builds it on a GPU (cuDNN attention, the Pallas kernels of
   MoE and UltraMem), on 8 devices with experts split 4 ways, lowers for CUDA: running it
   needs a GPU, lowering does not. (It found the kernels failing inside MoE's shard_map.)"""
-  fused = pytest.importorskip('jax._src.cudnn.fused_attention_stablehlo')
-  monkeypatch.setattr(fused, 'check_cudnn_version', lambda *a, **k: 90100)  # traced only
-  monkeypatch.setattr(fused, 'check_compute_capability', lambda *a, **k: True)
-  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  del traced_as_on_gpu
   cfg = config_lib.load(spec, ['model.dtype=bfloat16', 'model.remat=dots', 'data.seq_len=64',
                                'train.batch_size=8', 'mesh.ici.data=2', 'mesh.ici.expert=4'])
   setup = make_setup(cfg, make_mesh(cfg))
