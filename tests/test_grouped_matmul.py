@@ -70,7 +70,8 @@ def test_gradients_equal_ragged_dot_gradients():
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
 
 
-def test_moe_layer_with_the_kernels_equals_ragged_dot():
+@pytest.mark.slow  # the default suite runs the layer with the kernels expert-parallel
+def test_moe_layer_with_the_kernels_equals_ragged_dot():  # (test_moe.py, 'gpu-kernels')
   make = lambda impl: MoE(16, num_experts=8, top_k=2, expert_d_ff=24, dtype=jnp.float32,
                           matmul_impl=impl, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (3, 5, 16))

@@ -119,6 +119,7 @@ def test_tiny_ultramem_trains_with_its_table_sharded(tmp_path, data_dir):
   assert np.isfinite(result['eval_bpb'])
 
 
+@pytest.mark.slow  # test_moe.py's train step on the same mesh stays in the default suite
 def test_tiny_moe_trains_with_its_experts_split_over_four_devices(tmp_path, data_dir):
   cfg = config_lib.load('configs/moe.py:tiny', [
       'model.d_model=64', 'model.n_heads=4', 'model.n_kv_heads=2', 'model.moe.expert_d_ff=64',
