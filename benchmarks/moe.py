@@ -71,6 +71,7 @@ def grouped_matmul_case(experts: int, rows: int, d: int, f: int, dtype, impls, i
   sizes = jnp.bincount(jax.random.randint(kg, (rows,), 0, experts), length=experts)
   real_flops = 3 * 2 * rows * d * f  # forward, input gradient, weight gradient
   record = dict(experts=experts, rows=rows, d_model=d, expert_d_ff=f, real_flops=real_flops)
+
   def run(impl, tiling=Tiling()):
     """(jitted forward + gradients, seconds) or (None, error); never raises: ragged_dot's
     expansion may not fit, a kernel may not compile here, and that is one cell only."""
@@ -83,6 +84,9 @@ def grouped_matmul_case(experts: int, rows: int, d: int, f: int, dtype, impls, i
 
   reference = None
   for impl in impls:
+    if impl != 'xla' and tilings:  # also when the default tiling fails to compile
+      record[f'{impl}_tilings'] = [tiling_record(Tiling(*t), *run(impl, Tiling(*t)), real_flops)
+                                   for t in tilings]
     fn, seconds = run(impl)
     if fn is None:
       record[f'{impl}_s'], record[f'{impl}_error'] = None, seconds
@@ -97,9 +101,6 @@ def grouped_matmul_case(experts: int, rows: int, d: int, f: int, dtype, impls, i
           float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
                 / jnp.max(jnp.abs(b.astype(jnp.float32))))
           for a, b in zip(fn(x, w), reference))
-    if impl != 'xla' and tilings:
-      record[f'{impl}_tilings'] = [tiling_record(Tiling(*t), *run(impl, Tiling(*t)), real_flops)
-                                   for t in tilings]
   return record
 
 
@@ -189,11 +190,12 @@ def matmul_table(g: dict, iters: int, data: dict, out: str) -> list[dict]:
 
 def best_tiling(record: dict, impl: str) -> str:
   """The fastest of the default tiling and the swept ones, with its TFLOP/s."""
-  if not record.get(f'{impl}_tilings') or not record[f'{impl}_s']:
+  default = [dict(Tiling()._asdict(), tflops=record[f'{impl}_tflops'])
+             ] if record[f'{impl}_s'] else []
+  ran = default + [t for t in record.get(f'{impl}_tilings', []) if 'tflops' in t]
+  if not record.get(f'{impl}_tilings') or not ran:
     return '–'
-  default = dict(Tiling()._asdict(), tflops=record[f'{impl}_tflops'])
-  best = max([default, *(t for t in record[f'{impl}_tilings'] if 'tflops' in t)],
-             key=lambda t: t['tflops'])
+  best = max(ran, key=lambda t: t['tflops'])
   return f'{tiling_name(best)}: {best["tflops"]:.3g}'
 
 
