@@ -190,10 +190,10 @@ def matmul_table(g: dict, iters: int, data: dict, out: str) -> list[dict]:
 
 def best_tiling(record: dict, impl: str) -> str:
   """The fastest of the default tiling and the swept ones, with its TFLOP/s."""
-  default = [dict(Tiling()._asdict(), tflops=record[f'{impl}_tflops'])
-             ] if record[f'{impl}_s'] else []
-  ran = default + [t for t in record.get(f'{impl}_tilings', []) if 'tflops' in t]
-  if not record.get(f'{impl}_tilings') or not ran:
+  swept = record.get(f'{impl}_tilings')
+  ran = [dict(Tiling()._asdict(), tflops=record[f'{impl}_tflops'])] if record[f'{impl}_s'] else []
+  ran += [t for t in swept or () if 'tflops' in t]
+  if not swept or not ran:
     return '–'
   best = max(ran, key=lambda t: t['tflops'])
   return f'{tiling_name(best)}: {best["tflops"]:.3g}'
