@@ -1,7 +1,8 @@
 """Train-step MFU of every family: one table, one JSON, with the device name.
 
   python benchmarks/mfu.py [--cases=dense:680m:32:dots,moe:680m:16:dots ...] [--steps=10]
-      [--profile [--profile_dir=DIR]] [--out=benchmarks/results/mfu.json]
+      [--profile [--profile_dir=DIR]] [--moe_tiling_from=benchmarks/results/moe.json]
+      [--out=benchmarks/results/mfu.json]
 
 Each case is FAMILY:PRESET:BATCH:REMAT[:KEY=VALUE+KEY=VALUE] (sequences of `data.seq_len`
 tokens, bf16 compute on an accelerator) timed by `jaxarch.train.throughput.measure`, as
@@ -18,6 +19,10 @@ Each row also gives the FLOPs the compiled step executes over the model FLOPs (X
 analysis), and with `--profile` where the device time goes (the kinds of
 `jaxarch.train.profile`: matmul, attention, collective, elementwise, ...), which is what
 limits the MFU; the traces stay in `--profile_dir`, the digests go into the JSON.
+
+`--moe_tiling_from` runs the MoE cases with the fastest tiling of the grouped-matmul
+kernels that `benchmarks/moe.py --tables=matmul` found on this device (its JSON), as
+`model.moe.kernel_tiling`; each row records the overrides it ran with.
 """
 
 import json
@@ -32,6 +37,7 @@ import jax
 from report import emit, scaled_parser
 
 from jaxarch import config as config_lib
+from jaxarch.kernels.gmm_triton import Tiling
 from jaxarch.train import profile
 from jaxarch.train.memory import OutOfMemoryError
 from jaxarch.train.throughput import measure
@@ -49,14 +55,18 @@ SCALES = {
 }
 
 
-def run_case(case: str, steps: int, profile_dir: Path | None = None) -> dict:
+def run_case(case: str, steps: int, profile_dir: Path | None = None,
+             moe_tiling: str | None = None) -> dict:
+  """`moe_tiling`: an override of `model.moe.kernel_tiling` for the MoE family."""
   family, preset, batch, remat, *extra = case.split(':')
   overrides = [f'train.batch_size={batch}', f'model.remat={remat}', 'mesh.ici.data=-1',
-               *[o for o in ':'.join(extra).split('+') if o]]
+               *[o for o in ':'.join(extra).split('+') if o],
+               *([moe_tiling] if moe_tiling and family == 'moe' else [])]
   cfg = config_lib.load(f'configs/{family}.py:{preset}', overrides)
   try:
     trace_dir = None if profile_dir is None else profile_dir / case.replace(':', '_')
-    return {'case': case, **measure(cfg, steps=steps, warmup=2, profile_dir=trace_dir)}
+    return {'case': case, 'overrides': overrides,
+            **measure(cfg, steps=steps, warmup=2, profile_dir=trace_dir)}
   except OutOfMemoryError as e:  # the state alone: known before allocating
     return {'case': case, 'family': family, 'error': 'state does not fit', 'detail': str(e)}
   except Exception as e:  # pylint: disable=broad-except
@@ -68,6 +78,21 @@ def run_case(case: str, steps: int, profile_dir: Path | None = None) -> dict:
             'detail': str(e)[:2000]}
 
 
+def moe_tiling_override(path: str) -> str | None:
+  """`model.moe.kernel_tiling=(...)`: the fastest tiling in `benchmarks/moe.py`'s JSON, or
+  None (said) when it holds none: the kernels failed or the sweep did not finish."""
+  try:
+    records = json.loads(Path(path).read_text()).get('grouped_matmul', [])
+  except (OSError, json.JSONDecodeError) as e:
+    print(f'--moe_tiling_from: cannot read {path} ({e}); MoE keeps its configured tiling')
+    return None
+  best = [t for r in records for key, t in r.items() if key.endswith('_best_tiling') and t]
+  if not best:
+    print(f'--moe_tiling_from: {path} holds no timed tiling; MoE keeps its configured tiling')
+    return None
+  return f'model.moe.kernel_tiling={tuple(best[-1][f] for f in Tiling._fields)}'
+
+
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   parser, defaults = scaled_parser(__doc__, SCALES)
@@ -77,8 +102,11 @@ def main(argv=None):
   parser.add_argument('--profile', action='store_true',
                       help='also trace 3 steps per case and digest where the time goes')
   parser.add_argument('--profile_dir', help='where the traces go (default: a temp dir)')
+  parser.add_argument('--moe_tiling_from', help="benchmarks/moe.py's JSON: run the MoE cases "
+                      "with the fastest grouped-matmul tiling it found")
   parser.add_argument('--out', default='benchmarks/results/mfu.json')
   args = parser.parse_args(argv)
+  moe_tiling = moe_tiling_override(args.moe_tiling_from) if args.moe_tiling_from else None
   profile_dir = None
   if args.profile:
     profile_dir = Path(args.profile_dir or tempfile.mkdtemp(prefix='jaxarch_mfu_'))
@@ -86,7 +114,7 @@ def main(argv=None):
   info = {'device_kind': device.device_kind, 'host': platform.node(), 'jax': jax.__version__}
   results = []
   for case in args.cases.split(','):
-    results.append(run_case(case, args.steps, profile_dir))
+    results.append(run_case(case, args.steps, profile_dir, moe_tiling))
     # Written after every case: a run cut off by a time limit keeps the finished ones.
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({**info, 'results': results}, indent=2) + '\n')

@@ -11,9 +11,10 @@ A second table times the grouped matmul alone (forward + both gradients of one e
 projection) per implementation: `jax.lax.ragged_dot` and, on GPU, the Pallas kernels
 (whose largest relative difference from `ragged_dot` is recorded), and at the largest
 expert count the kernels again with each of `tilings` (block sizes, warps, stages: which
-one to make the default). TFLOP/s count the real rows' FLOPs; `XLA FLOPs / real` is
-what XLA's cost analysis counts for `ragged_dot` over that, E where it computes every
-expert for every row. Writes JSON with the device.
+one to make the default; the fastest is recorded as `<impl>_best_tiling`, which
+`benchmarks/mfu.py --moe_tiling_from` runs the MoE cases with). TFLOP/s count the real
+rows' FLOPs; `XLA FLOPs / real` is what XLA's cost analysis counts for `ragged_dot` over
+that, E where it computes every expert for every row. Writes JSON with the device.
 Single device (expert parallelism is exercised by the tests).
 """
 
@@ -101,6 +102,9 @@ def grouped_matmul_case(experts: int, rows: int, d: int, f: int, dtype, impls, i
           float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
                 / jnp.max(jnp.abs(b.astype(jnp.float32))))
           for a, b in zip(fn(x, w), reference))
+  for impl in impls:
+    if f'{impl}_tilings' in record:
+      record[f'{impl}_best_tiling'] = best_tiling(record, impl)
   return record
 
 
@@ -183,20 +187,22 @@ def matmul_table(g: dict, iters: int, data: dict, out: str) -> list[dict]:
          f'{r["xla_flops_over_real"]:.1f}' if 'xla_flops_over_real' in r else '–',
          *(f'{r[f"{i}_max_rel_error"]:.1e}' if f'{i}_max_rel_error' in r else '–'
            for i in kernels),
-         *(best_tiling(r, i) for i in kernels)]
+         *(best_tiling_cell(r, i) for i in kernels)]
         for r in records], {**data, 'grouped_matmul': records}, out)
   return records
 
 
-def best_tiling(record: dict, impl: str) -> str:
-  """The fastest of the default tiling and the swept ones, with its TFLOP/s."""
-  swept = record.get(f'{impl}_tilings')
+def best_tiling(record: dict, impl: str) -> dict | None:
+  """The fastest of the default tiling and the swept ones, with its TFLOP/s (None: none
+  ran). `benchmarks/mfu.py --moe_tiling_from` runs the MoE cases with it."""
   ran = [dict(Tiling()._asdict(), tflops=record[f'{impl}_tflops'])] if record[f'{impl}_s'] else []
-  ran += [t for t in swept or () if 'tflops' in t]
-  if not swept or not ran:
-    return '–'
-  best = max(ran, key=lambda t: t['tflops'])
-  return f'{tiling_name(best)}: {best["tflops"]:.3g}'
+  ran += [t for t in record[f'{impl}_tilings'] if 'tflops' in t]
+  return max(ran, key=lambda t: t['tflops']) if ran else None
+
+
+def best_tiling_cell(record: dict, impl: str) -> str:
+  best = record.get(f'{impl}_best_tiling')
+  return f'{tiling_name(best)}: {best["tflops"]:.3g}' if best else '–'
 
 
 if __name__ == '__main__':

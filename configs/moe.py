@@ -27,6 +27,7 @@ from pathlib import Path
 import ml_collections
 
 from jaxarch import config as config_lib
+from jaxarch.kernels.gmm_triton import Tiling
 
 PRESETS = {
     'tiny': dict(num_experts=8, top_k=2, expert_d_ff=192),
@@ -64,6 +65,9 @@ def get_config(arg=None):
   # Dropless grouped matmuls: auto = Pallas (Triton) kernels on GPU, where XLA's ragged dot
   # computes every expert for every row; jax.lax.ragged_dot elsewhere (native on TPU).
   m.matmul_impl = 'auto'  # auto | xla | pallas | interpret
+  # The kernels' (block_m, block_n, block_k, num_warps, num_stages); the same function
+  # whatever the tiling. `benchmarks/moe.py --tables=matmul` times others on a GPU.
+  m.kernel_tiling = tuple(Tiling())
   m.update(PRESETS[arg])
   c.model.moe = m
   c.lock()

@@ -343,6 +343,7 @@ def _check_moe(cfg: ConfigDict) -> None:
     raise ConfigError(f'model.moe.num_shared_experts={shared} must be >= 0')
   _choice(cfg, 'model.moe.gate', MOE_GATES)
   _choice(cfg, 'model.moe.matmul_impl', MOE_MATMUL_IMPLS)
+  _kernel_tiling(cfg, 'model.moe.kernel_tiling')
   for key in ('model.moe.capacity_factor', 'model.moe.ep_capacity_factor'):
     if _get(cfg, key) is not None and _number(cfg, key) <= 0:
       raise ConfigError(f'{key}={_get(cfg, key)!r} must be > 0 (or None: dropless)')
@@ -652,6 +653,20 @@ def _number(cfg: ConfigDict, key: str, kind: type | tuple[type, ...] = (int, flo
   return value
 
 
+def _kernel_tiling(cfg: ConfigDict, key: str) -> None:
+  """Triton's rules: power-of-two blocks of at least 16 (its dot's minimum), warps a
+  power of two up to 32, at least one pipeline stage."""
+  value = _get(cfg, key)
+  power_of_two = lambda v, low, high: low <= v <= high and not v & (v - 1)
+  ok = (isinstance(value, (tuple, list)) and len(value) == 5
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+  if not (ok and all(power_of_two(v, 16, 1024) for v in value[:3])
+          and power_of_two(value[3], 1, 32) and value[4] >= 1):
+    raise ConfigError(f'{key}={value!r} must be (block_m, block_n, block_k, num_warps, '
+                      'num_stages): blocks powers of two from 16 to 1024, warps a power of '
+                      'two up to 32, stages >= 1; e.g. (64, 128, 64, 4, 3)')
+
+
 def _choice(cfg: ConfigDict, key: str, options: Sequence[str]) -> str:
   value = _get(cfg, key)
   if value not in options:
@@ -720,7 +735,7 @@ def load_json(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ConfigD
 # the run resumes. A missing key of the model or data is still an error.
 RUN_SECTIONS = ('train', 'checkpoint', 'log', 'launch')
 # Model keys that pick kernels, which compute the same function: filled the same way.
-RUN_MODEL_KEYS = (('moe', 'matmul_impl'),)
+RUN_MODEL_KEYS = (('moe', 'matmul_impl'), ('moe', 'kernel_tiling'))
 
 
 def _with_new_run_keys(tree: dict) -> dict:

@@ -60,13 +60,19 @@ def test_bench_command_times_the_train_step_and_writes_a_profile(tmp_path, capsy
 @pytest.mark.slow
 def test_mfu_benchmark_tables_each_case(tmp_path):
   out = tmp_path / 'mfu.json'
-  cases = ['dense:tiny:8:none', 'ultramem:tiny:8:dots:model.ultramem.num_values=1024']
+  cases = ['dense:tiny:8:none', 'ultramem:tiny:8:dots:model.ultramem.num_values=1024',
+           'moe:tiny:8:none:model.n_layers=1']
+  tiling = dict(block_m=32, block_n=64, block_k=32, num_warps=8, num_stages=2, tflops=1.0)
+  (tmp_path / 'moe.json').write_text(json.dumps(
+      {'grouped_matmul': [{'experts': 8}, {'experts': 64, 'pallas_best_tiling': tiling}]}))
   mfu.main([f'--cases={",".join(cases)}', '--steps=1', f'--out={out}', '--profile',
-            f'--profile_dir={tmp_path / "traces"}'])
+            f'--profile_dir={tmp_path / "traces"}', f'--moe_tiling_from={tmp_path / "moe.json"}'])
   data = json.loads(out.read_text())
   assert [r['case'] for r in data['results']] == cases
   assert all(r['profile']['kinds']['matmul'] > 0 for r in data['results'])
-  assert len(list((tmp_path / 'traces').rglob('*.xplane.pb'))) == 2
+  assert len(list((tmp_path / 'traces').rglob('*.xplane.pb'))) == 3
+  tuned = 'model.moe.kernel_tiling=(32, 64, 32, 8, 2)'  # the MoE case only
+  assert [tuned in r['overrides'] for r in data['results']] == [False, False, True]
   assert data['results'][1]['remat'] == 'dots' and data['device_kind']
   default = plan.param_counts(config_lib.load('configs/ultramem.py:tiny'))['total']
   assert data['results'][1]['params_total'] < default  # the case's smaller table
@@ -101,6 +107,12 @@ def test_moe_benchmark_times_three_layers_per_case(tmp_path, monkeypatch):
   assert matmul['interpret_s'] > 0 and matmul['interpret_max_rel_error'] < 1e-5
   (tiled,) = matmul['interpret_tilings']  # the kernels again with other blocks
   assert tiled['block_m'] == 16 and tiled['tflops'] > 0
+  best = matmul['interpret_best_tiling']  # what mfu.py --moe_tiling_from runs MoE with
+  assert best['tflops'] == max(tiled['tflops'], matmul['interpret_tflops'])
+  cfg = config_lib.load('configs/moe.py:tiny', [mfu.moe_tiling_override(out)])
+  assert cfg.model.moe.kernel_tiling == (best['block_m'], best['block_n'], best['block_k'],
+                                         best['num_warps'], best['num_stages'])
+  assert mfu.moe_tiling_override(tmp_path / 'missing.json') is None  # said, not raised
 
 
 @pytest.mark.slow

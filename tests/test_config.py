@@ -332,11 +332,13 @@ def test_a_moe_run_saved_before_the_kernel_choice_resumes_with_auto(tmp_path):
   path = tmp_path / 'config.json'
   config_lib.save(config_lib.load('configs/moe.py:tiny', []), path)
   old = json.loads(path.read_text())
-  del old['model']['moe']['matmul_impl']  # a kernel choice: the same function either way
+  del old['model']['moe']['matmul_impl']  # kernel choices: the same function either way
+  del old['model']['moe']['kernel_tiling']
   old['model']['moe']['top_k'] = 3
   path.write_text(json.dumps(old))
   restored = config_lib.load_json(path)
   assert (restored.model.moe.matmul_impl, restored.model.moe.top_k) == ('auto', 3)
+  assert restored.model.moe.kernel_tiling == (64, 128, 64, 4, 3)
 
 
 def test_hash_depends_on_values_only():

@@ -9,6 +9,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import make_batch, mesh_config, tiny_config
 from jaxarch import config as config_lib
+from jaxarch import models
 from jaxarch.layers.moe import MoE
 from jaxarch.parallel import global_batch, make_mesh, tree_shardings
 from jaxarch.parallel.context import logical_mesh
@@ -192,6 +193,26 @@ def test_invalid_moe_configs_are_one_line_errors():
         'model.moe.num_experts=6', 'mesh.ici.expert=4', 'mesh.ici.data=2']), 8)
   with pytest.raises(config_lib.ConfigError, match=r'model\.moe\.gate'):
     config_lib.load('configs/moe.py:tiny', ['model.moe.gate=relu'])
+  for tiling in ('(64, 128, 64, 4)', '(48, 128, 64, 4, 3)', '(64, 128, 8, 4, 3)',
+                 '(64, 128, 64, 64, 3)', '(64, 128, 64, 4, 0)'):
+    with pytest.raises(config_lib.ConfigError,
+                       match=r'model\.moe\.kernel_tiling=.* must be \(block_m, block_n, '):
+      config_lib.load('configs/moe.py:tiny', [f'model.moe.kernel_tiling={tiling}'])
+
+
+def test_the_configured_kernel_tiling_is_what_the_gpu_kernels_launch_with(traced_as_on_gpu):
+  """`model.moe.kernel_tiling` reaches every Triton launch of the model (lowered for
+  CUDA: running needs a GPU); the default tiling is not used anywhere."""
+  del traced_as_on_gpu
+  cfg = config_lib.load('configs/moe.py:tiny', ['model.dtype=bfloat16', 'model.n_layers=1',
+                                                'model.moe.kernel_tiling=(32, 64, 32, 8, 2)'])
+  graphdef, state = nnx.split(models.build(cfg.model, rngs=nnx.Rngs(0)))
+  loss = lambda state, tokens: jnp.sum(nnx.merge(graphdef, state)(tokens))
+  hlo = jax.jit(jax.grad(loss)).trace(state, jnp.zeros((2, 16), jnp.int32)).lower(
+      lowering_platforms=('cuda',)).as_text()
+  launches = hlo.count('xla.gpu.triton')
+  assert launches == 9  # forward, input and weight gradients of three projections
+  assert hlo.count('num_warps = 8 : i32') == hlo.count('num_stages = 2 : i32') == launches
 
 
 def test_moe_train_step_reports_load_losses_and_dropped_fraction():

@@ -43,6 +43,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from jaxarch.config import MOE_GATES as GATES
+from jaxarch.kernels.gmm_triton import Tiling
 from jaxarch.kernels.grouped_matmul import grouped_matmul, kernels_for
 from jaxarch.layers import remat, signals
 from jaxarch.layers.mlp import SwiGLU
@@ -81,10 +82,11 @@ def sort_by(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
   return order, inverse
 
 
-def grouped_swiglu(x, group_sizes, gate, up, down, impl='auto'):
+def grouped_swiglu(x, group_sizes, gate, up, down, impl='auto', tiling=Tiling()):
   """Rows of x [m, d] in contiguous groups, one expert each -> [m, d]; rows past the groups give 0."""
   def matmul(a, w):  # named: `model.remat=dots` keeps it (layers/remat.py)
-    return checkpoint_name(grouped_matmul(a, w, group_sizes, impl=impl), remat.EXPERT_MATMUL)
+    return checkpoint_name(grouped_matmul(a, w, group_sizes, impl=impl, tiling=tiling),
+                           remat.EXPERT_MATMUL)
   h = jax.nn.silu(matmul(x, gate)) * matmul(x, up)
   return matmul(h, down)
 
@@ -105,8 +107,8 @@ class MoE(nnx.Module):
                ep_capacity_factor: float | None = None, gate: str = 'softmax',
                renormalize: bool = True, aux_loss_weight: float = 0.01,
                z_loss_weight: float = 0.0, bias_update_rate: float = 0.0,
-               matmul_impl: str = 'auto', init_std: float = 0.02,
-               out_std: float | None = None, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+               matmul_impl: str = 'auto', kernel_tiling: tuple[int, ...] = tuple(Tiling()),
+               init_std: float = 0.02, out_std: float | None = None, dtype=jnp.bfloat16, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     if gate not in GATES:
       raise ValueError(f'config error: model.moe.gate={gate!r}; expected one of {GATES}')
@@ -118,7 +120,7 @@ class MoE(nnx.Module):
     self.gate, self.renormalize = gate, renormalize
     self.aux_loss_weight, self.z_loss_weight = aux_loss_weight, z_loss_weight
     self.bias_update_rate, self.dtype = bias_update_rate, dtype
-    self.matmul_impl = matmul_impl
+    self.matmul_impl, self.kernel_tiling = matmul_impl, Tiling(*kernel_tiling)
     self.deterministic = False  # True: no bias update (evaluation)
     e, d, f = num_experts, d_model, expert_d_ff
     self.router = param(rngs, normal(init_std), (d, e), ('embed', None), jnp.float32)
@@ -229,7 +231,7 @@ class MoE(nnx.Module):
     xs = permute(jnp.repeat(tokens, k, axis=0), order, inverse)  # sorted by expert
     if shards == 1:
       ys = grouped_swiglu(xs, jnp.bincount(flat, length=e), gate, up, down,
-                          self.matmul_impl)
+                          self.matmul_impl, self.kernel_tiling)
       return permute(ys, inverse, order), jnp.zeros((), jnp.int32)
 
     # Padded exchange: row p of the buffer for shard j is its p-th assignment.
@@ -250,7 +252,7 @@ class MoE(nnx.Module):
     order2, inverse2 = sort_by(recv_e)  # empty rows last: past every group
     sizes = jnp.sum(recv_e[:, None] == jnp.arange(local_e), axis=0)
     ys = grouped_swiglu(permute(recv_x, order2, inverse2), sizes, gate, up, down,
-                        self.matmul_impl)
+                        self.matmul_impl, self.kernel_tiling)
     back = exchange(permute(ys, inverse2, order2).reshape(shards, size, d))  # j p d
 
     shard = sorted_experts // local_e
