@@ -7,9 +7,9 @@
 # Each benchmark gets its share of SECONDS (default 480) and writes its JSON (with the
 # device name) to $OUT, which the device tool brings back; a benchmark that runs out of
 # time is cut off and the next one starts, so one slow case never costs the others
-# (mfu.py writes its JSON after every case). First the MoE grouped-matmul kernels against
-# ragged_dot (correctness and speed: dropless MoE runs them on GPU; their fastest tiling
-# is what the MoE MFU case runs with), then MFU per family
+# (mfu.py and the grouped-matmul table write their JSON after every case). First the MoE
+# grouped-matmul kernels against ragged_dot (correctness and speed: dropless MoE runs them
+# on GPU; their fastest tiling is what the MoE MFU case runs with), then MFU per family
 # with each case's profile digested (where the device time goes); the traces stay on the
 # device, in /tmp.
 set -u
@@ -25,9 +25,12 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/devic
 run() {  # NAME SHARE_PERCENT COMMAND...
   local name=$1 share=$2; shift 2
   local seconds=$(( budget * share / 100 ))
+  local start=$SECONDS
   echo "== $name ($seconds s)"
-  timeout "$seconds" "$@" --out="$out/$name.json" > "$out/$name.log" 2>&1
-  echo "   exit $? ; $(tail -n 3 "$out/$name.log" | tr '\n' ' ')"
+  # The trainer turns SIGTERM into a clean stop and carries on (train/preemption.py), so
+  # the benchmarks that train are killed 5 s after it: the share is a hard limit.
+  timeout --kill-after=5 "$seconds" "$@" --out="$out/$name.json" > "$out/$name.log" 2>&1
+  echo "   exit $? after $(( SECONDS - start )) s; $(tail -n 3 "$out/$name.log" | tr '\n' ' ')"
 }
 
 run grouped_matmul 12 python3 benchmarks/moe.py --tables=matmul   # MoE kernels vs ragged_dot

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import jax
 
-from report import emit, scaled_parser
+from report import emit, save, scaled_parser
 
 from jaxarch import config as config_lib
 from jaxarch.kernels.gmm_triton import Tiling
@@ -115,9 +115,7 @@ def main(argv=None):
   results = []
   for case in args.cases.split(','):
     results.append(run_case(case, args.steps, profile_dir, moe_tiling))
-    # Written after every case: a run cut off by a time limit keeps the finished ones.
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({**info, 'results': results}, indent=2) + '\n')
+    save({**info, 'results': results}, args.out)
   rows = []
   for r in results:
     if 'error' in r:

@@ -9,12 +9,12 @@ activated FLOPs per token, no routing). Prints tokens/s and the ratio to dense.
 
 A second table times the grouped matmul alone (forward + both gradients of one expert
 projection) per implementation: `jax.lax.ragged_dot` and, on GPU, the Pallas kernels
-(whose largest relative difference from `ragged_dot` is recorded), and at the largest
-expert count the kernels again with each of `tilings` (block sizes, warps, stages: which
-one to make the default; the fastest is recorded as `<impl>_best_tiling`, which
-`benchmarks/mfu.py --moe_tiling_from` runs the MoE cases with). TFLOP/s count the real
-rows' FLOPs; `XLA FLOPs / real` is what XLA's cost analysis counts for `ragged_dot` over
-that, E where it computes every expert for every row. Writes JSON with the device.
+(whose largest relative difference from `ragged_dot` is recorded), and at one expert
+count (`tiling_experts`) the kernels again with each of `tilings` (block sizes, warps,
+stages: which one to make the default; the fastest is recorded as `<impl>_best_tiling`,
+which `benchmarks/mfu.py --moe_tiling_from` runs the MoE cases with). TFLOP/s count the
+real rows' FLOPs; `XLA FLOPs / real` is what XLA's cost analysis counts for `ragged_dot`
+over that, E where it computes every expert for every row. Writes JSON with the device.
 Single device (expert parallelism is exercised by the tests).
 """
 
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from report import emit, timed
+from report import emit, save, timed
 
 from jaxarch.kernels.gmm_triton import Tiling
 from jaxarch.kernels.grouped_matmul import grouped_matmul
@@ -35,15 +35,18 @@ from jaxarch.layers.moe import MoE
 from jaxarch.train import flops
 
 GRIDS = {
-    # d_model, expert_d_ff, top_k, experts, tokens (and tokens of the grouped-matmul table)
-    'gpu': dict(d_model=1024, expert_d_ff=848, top_k=4, experts=(8, 32, 64),
+    # d_model, expert_d_ff, top_k, experts, tokens (and tokens of the grouped-matmul table).
+    # GPU: the 680m preset's experts (1536 x 1200, top-4); the tilings are swept at the
+    # expert count of benchmarks/mfu.py's one-GPU MoE case (16), at its 16 x 1024 tokens.
+    'gpu': dict(d_model=1536, expert_d_ff=1200, top_k=4, experts=(8, 16, 64),
                 tokens=(4096, 16384, 65536), matmul_tokens=(16384,), dtype='bfloat16',
-                impls=('xla', 'pallas'),
+                impls=('xla', 'pallas'), tiling_experts=16,
                 # (block_m, block_n, block_k, warps, stages), besides the default
                 tilings=((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 64, 64, 4, 4),
                          (64, 128, 32, 4, 4))),
     'cpu': dict(d_model=128, expert_d_ff=96, top_k=2, experts=(4, 16), tokens=(512, 2048),
-                matmul_tokens=(2048,), dtype='float32', impls=('xla',), tilings=()),
+                matmul_tokens=(2048,), dtype='float32', impls=('xla',), tiling_experts=16,
+                tilings=()),
 }
 
 
@@ -170,11 +173,15 @@ def layer_table(g: dict, iters: int, data: dict, out: str) -> list[dict]:
 
 def matmul_table(g: dict, iters: int, data: dict, out: str) -> list[dict]:
   """The grouped matmul alone, per implementation, expert count and batch; the kernels'
-  tilings at the largest expert count."""
+  tilings at `tiling_experts`."""
   d, f, k, impls = g['d_model'], g['expert_d_ff'], g['top_k'], g['impls']
-  records = [grouped_matmul_case(experts, tokens * k, d, f, jnp.dtype(g['dtype']), impls,
-                                 iters, g['tilings'] if experts == max(g['experts']) else ())
-             for experts in g['experts'] for tokens in g['matmul_tokens']]
+  records = []
+  for experts in g['experts']:
+    for tokens in g['matmul_tokens']:
+      records.append(grouped_matmul_case(
+          experts, tokens * k, d, f, jnp.dtype(g['dtype']), impls, iters,
+          g['tilings'] if experts == g['tiling_experts'] else ()))
+      save({**data, 'grouped_matmul': records}, out)  # a run cut off keeps these
   kernels = [i for i in impls if i != 'xla']
   ms = lambda s: '–' if s is None else f'{1e3 * s:,.2f}'
   emit(f'grouped matmul, forward + gradients: rows x {d} times each expert\'s {d} x {f}, '

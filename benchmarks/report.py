@@ -23,10 +23,16 @@ def emit(title: str, columns, rows, data, out: str | Path):
   if not console.is_terminal:  # a log file: do not squeeze wide tables to 80 columns
     console = Console(width=200)
   console.print(table)
+  save(data, out)
+  print(f'wrote {out}')
+
+
+def save(data, out: str | Path):
+  """Writes `data` as JSON; also called after each case of a long benchmark, so a run cut
+  off by a time limit keeps the cases it finished."""
   out = Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(data, indent=2) + '\n')
-  print(f'wrote {out}')
 
 
 def timed(fn, *args, iters: int) -> float:

@@ -93,7 +93,8 @@ def test_sparse_lookup_benchmark_times_the_xla_path_on_cpu(tmp_path, monkeypatch
 def test_moe_benchmark_times_three_layers_per_case(tmp_path, monkeypatch):
   monkeypatch.setitem(moe.GRIDS, 'cpu', dict(
       d_model=16, expert_d_ff=8, top_k=2, experts=(4,), tokens=(32,), matmul_tokens=(32,),
-      dtype='float32', impls=('xla', 'interpret'), tilings=((16, 16, 16, 4, 3),)))
+      dtype='float32', impls=('xla', 'interpret'), tiling_experts=4,
+      tilings=((16, 16, 16, 4, 3),)))
   out = tmp_path / 'moe.json'
   moe.main(['--iters=1', f'--out={out}'])
   data = json.loads(out.read_text())
