@@ -15,7 +15,9 @@ the cases are the tiny presets, where MFU is not defined (no peak FLOP/s) and to
 what is compared. A case that runs out of memory (or fails otherwise) is reported as such
 in its row, not as a crash of the whole table.
 
-Each row also gives the FLOPs the compiled step executes over the model FLOPs (XLA's cost
+Each row also gives its model FLOP/s over what one large matmul reaches on the device,
+measured in the same run (`of matmul`: the share of the achievable rate, which a datasheet
+peak overstates), the FLOPs the compiled step executes over the model FLOPs (XLA's cost
 analysis), and with `--profile` where the device time goes (the kinds of
 `jaxarch.train.profile`: matmul, attention, collective, elementwise, ...), which is what
 limits the MFU; the traces stay in `--profile_dir`, the digests go into the JSON.
@@ -33,8 +35,9 @@ import traceback
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
-from report import emit, save, scaled_parser
+from report import emit, on_accelerator, save, scaled_parser, timed
 
 from jaxarch import config as config_lib
 from jaxarch.kernels.gmm_triton import Tiling
@@ -53,6 +56,10 @@ SCALES = {
     'cpu': dict(cases='dense:tiny:16:none,moe:tiny:16:none,ultramem:tiny:16:none,'
                       'megabyte:tiny:16:none', steps=5),
 }
+# The matmul whose rate is the device's achievable ceiling, measured in the same run:
+# (size, dtype). A datasheet peak is above what any matmul reaches (on this workplace's
+# H200, 8192³ bf16 on random data ran at 769-798 of the 989 TFLOP/s).
+CEILING = {'gpu': (8192, 'bfloat16'), 'cpu': (512, 'float32')}
 
 
 def run_case(case: str, steps: int, profile_dir: Path | None = None,
@@ -76,6 +83,12 @@ def run_case(case: str, steps: int, profile_dir: Path | None = None,
     traceback.print_exc()
     return {'case': case, 'family': family, 'error': f'failed: {type(e).__name__}',
             'detail': str(e)[:2000]}
+
+
+def matmul_ceiling(n: int, dtype: str) -> float:
+  """FLOP/s of one n × n × n matmul on random data, on one device."""
+  a, b = (jax.random.normal(k, (n, n), dtype) for k in jax.random.split(jax.random.key(0)))
+  return 2 * n ** 3 / timed(jax.jit(jnp.matmul), a, b, iters=10)
 
 
 def moe_tiling_override(path: str) -> str | None:
@@ -111,26 +124,35 @@ def main(argv=None):
   if args.profile:
     profile_dir = Path(args.profile_dir or tempfile.mkdtemp(prefix='jaxarch_mfu_'))
   device = jax.devices()[0]
-  info = {'device_kind': device.device_kind, 'host': platform.node(), 'jax': jax.__version__}
+  size, dtype = CEILING['gpu' if on_accelerator() else 'cpu']
+  ceiling = matmul_ceiling(size, dtype)
+  info = {'device_kind': device.device_kind, 'host': platform.node(), 'jax': jax.__version__,
+          'matmul_ceiling': {'size': size, 'dtype': dtype, 'tflops': ceiling / 1e12}}
   results = []
   for case in args.cases.split(','):
-    results.append(run_case(case, args.steps, profile_dir, moe_tiling))
+    result = run_case(case, args.steps, profile_dir, moe_tiling)
+    if 'error' not in result:  # the step's model FLOP/s over what a plain matmul reaches
+      result['of_matmul_ceiling'] = result['model_tflops_per_device'] * 1e12 / ceiling
+    results.append(result)
     save({**info, 'results': results}, args.out)
   rows = []
   for r in results:
     if 'error' in r:
-      rows.append([r['case'], '–', '–', '–', '–', r['error'], '–', '–'])
+      rows.append([r['case'], '–', '–', '–', '–', r['error'], '–', '–', '–'])
       continue
     ratio = r['xla_flops_over_model']
     rows.append([r['case'], f'{r["params_active"] / 1e6:,.1f}M / {r["params_total"] / 1e6:,.1f}M',
                  f'{1e3 * r["step_time_s"]:,.1f} ms', f'{r["tokens_per_s"]:,.0f}',
                  f'{r["model_tflops_per_device"]:.2f}',
                  '–' if r['mfu'] is None else f'{100 * r["mfu"]:.1f}%',
+                 f'{100 * r["of_matmul_ceiling"]:.1f}%',
                  '–' if ratio is None else f'{ratio:.2f}',
                  profile.kind_shares(r['profile'], top=3) if 'profile' in r else '–'])
-  emit(f'train-step MFU on {jax.device_count()} × {device.device_kind}',
+  emit(f'train-step MFU on {jax.device_count()} × {device.device_kind} (a {size}³ {dtype} '
+       f'matmul runs at {ceiling / 1e12:,.1f} TFLOP/s here)',
        ('case', 'params active / total', 'step', 'tokens/s', 'TFLOP/s/device', 'MFU',
-        'XLA / model FLOPs', 'device time'), rows, {**info, 'results': results}, args.out)
+        'of matmul', 'XLA / model FLOPs', 'device time'), rows, {**info, 'results': results},
+       args.out)
 
 
 if __name__ == '__main__':

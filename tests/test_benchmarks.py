@@ -73,6 +73,9 @@ def test_mfu_benchmark_tables_each_case(tmp_path):
   assert len(list((tmp_path / 'traces').rglob('*.xplane.pb'))) == 3
   tuned = 'model.moe.kernel_tiling=(32, 64, 32, 8, 2)'  # the MoE case only
   assert [tuned in r['overrides'] for r in data['results']] == [False, False, True]
+  ceiling = data['matmul_ceiling']['tflops']  # measured in the same run
+  for r in data['results']:
+    assert r['of_matmul_ceiling'] == pytest.approx(r['model_tflops_per_device'] / ceiling)
   assert data['results'][1]['remat'] == 'dots' and data['device_kind']
   default = plan.param_counts(config_lib.load('configs/ultramem.py:tiny'))['total']
   assert data['results'][1]['params_total'] < default  # the case's smaller table
