@@ -231,6 +231,23 @@ def test_triton_kernels_lower_for_cuda(scatter):
   assert hlo.count('xla.gpu.triton') == 3
 
 
+def test_entries_of_weight_zero_form_no_run_of_the_sorted_scatter():
+  """As a sharded table makes them (every index another device owns becomes row 0 with
+  weight 0): in one run they would be one program's serial sum; they sort last, in none."""
+  indices = jnp.array([[3, 0, 0, 5], [0, 3, 0, 0], [0, 0, 0, 0]], jnp.int32)
+  weights = jnp.array([[1.0, 0, 0, 2.0], [0, 0.5, 0, 0], [0, 0, 0, 0]])
+  order, rows, run_starts, num_runs = lookup_triton.sorted_runs(indices, weights, 8)
+  assert int(num_runs[0]) == 2
+  np.testing.assert_array_equal(rows[run_starts[:2]], [3, 5])
+  np.testing.assert_array_equal(run_starts[:3], [0, 2, 3])  # row 3 twice, row 5 once
+  np.testing.assert_array_equal(order[:3], [0, 5, 3])  # the entries' flat positions
+  values, _, _, cot = kernel_case(8, 64, 3, 4, jnp.float32)
+  got = lookup_and_grads(values, indices, weights, cot, impl='interpret')
+  want = lookup_and_grads(values, indices, weights, cot, impl='xla')
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
 def table_all_gathers(hlo: str, n: int, d: int) -> list[str]:
   """all-gather ops in compiled HLO whose result has the table's row count (n x d)."""
   found = []

@@ -15,10 +15,11 @@ as 3 column blocks of 128, with no padding read.
   `w · g[t]` into the rows it read. Fast, but the order of the sums (and so the last bits)
   varies from run to run.
 - `grad_values`, `scatter='sorted'`: the T·K (row, token, weight) entries are sorted by
-  row in XLA; a persistent grid of programs strides over the runs of equal rows, each
-  sums its run's `w · g[token]` in fp32 and writes its row once. Deterministic, no
-  atomics, written directly in the table's dtype. Untouched rows keep the zeros of the
-  aliased output buffer.
+  row in XLA (those of weight 0 last, in no run: `sorted_runs`); a persistent grid of
+  programs strides over the runs of equal rows, each sums its run's `w · g[token]` in
+  fp32 and writes its row once. Deterministic, no atomics, written directly in the
+  table's dtype. Untouched rows keep the zeros of the aliased output buffer. A row read
+  by very many tokens is still one program's serial sum.
 
 `interpret=True` runs the same kernels on CPU (the tests do). Inputs are validated by
 the caller: indices int32 in `[0, N)`, weights fp32, D a multiple of 64.
@@ -196,16 +197,32 @@ def _scatter_sorted_kernel(num_runs_ref, run_starts_ref, rows_ref, tokens_ref, w
                     lambda i, c: run(program + i * num_programs, c), 0)
 
 
+def sorted_runs(indices: jax.Array, weights: jax.Array, num_rows: int):
+  """The T·K entries sorted by row, in runs of one row each: (order [T·K], rows [T·K],
+  run_starts [T·K + 1], num_runs [1]); run r is entries run_starts[r]:run_starts[r + 1].
+
+  Entries of weight 0 add nothing, so they sort after every row (key `num_rows`) and form
+  no run. There are many: a sharded table sends every index another device owns to row 0
+  with weight 0 (`sparse_lookup.sharded_sparse_lookup`), and UltraMem's IVE gives each
+  entry weight 0 in all groups but its own. As one run they would make one program per
+  column block sum them all, serially.
+  """
+  entries = indices.size
+  live = weights.reshape(-1) != 0
+  keys = jnp.where(live, indices.reshape(-1), num_rows)
+  order = jnp.argsort(keys, stable=True)
+  rows = keys[order]
+  first = jnp.concatenate([jnp.ones((1,), bool), rows[1:] != rows[:-1]]) & (rows < num_rows)
+  num_live = jnp.sum(live, dtype=jnp.int32)  # the last run ends where the dead entries start
+  run_starts = jnp.nonzero(first, size=entries + 1, fill_value=num_live)[0].astype(jnp.int32)
+  return order, rows, run_starts, jnp.sum(first, dtype=jnp.int32)[None]
+
+
 def _scatter_sorted(indices, weights, g, num_rows, dtype, interpret):
   t, k = indices.shape
   d = g.shape[1]
   entries = t * k
-  flat = indices.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
-  rows = flat[order]
-  first = jnp.concatenate([jnp.ones((1,), bool), rows[1:] != rows[:-1]])
-  run_starts = jnp.nonzero(first, size=entries + 1, fill_value=entries)[0].astype(jnp.int32)
-  num_runs = jnp.sum(first, dtype=jnp.int32)[None]
+  order, rows, run_starts, num_runs = sorted_runs(indices, weights, num_rows)
   block_d = column_block(d)
   num_programs = min(entries, MAX_PROGRAMS)
   kernel = functools.partial(_scatter_sorted_kernel, num_programs=num_programs,
