@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from report import emit, save, timed
+from report import emit, max_rel_error, save, timed
 
 from jaxarch.kernels.gmm_triton import Tiling
 from jaxarch.kernels.grouped_matmul import grouped_matmul
@@ -101,10 +101,7 @@ def grouped_matmul_case(experts: int, rows: int, d: int, f: int, dtype, impls, i
       record['xla_flops_over_real'] = (
           flops.compiled_flops(fn.lower(x, w).compile()) / real_flops)
     elif reference is not None:
-      record[f'{impl}_max_rel_error'] = max(
-          float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
-                / jnp.max(jnp.abs(b.astype(jnp.float32))))
-          for a, b in zip(fn(x, w), reference))
+      record[f'{impl}_max_rel_error'] = max_rel_error(fn(x, w), reference)
   for impl in impls:
     if f'{impl}_tilings' in record:
       record[f'{impl}_best_tiling'] = best_tiling(record, impl)

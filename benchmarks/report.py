@@ -6,6 +6,7 @@ from pathlib import Path
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rich.console import Console
@@ -44,6 +45,19 @@ def timed(fn, *args, iters: int) -> float:
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
   return float(np.median(times))
+
+
+@jax.jit
+def _max_rel_error(got, want):
+  f32 = lambda a: a.astype(jnp.float32)
+  return jnp.max(jnp.abs(f32(got) - f32(want))) / jnp.max(jnp.abs(f32(want)))
+
+
+def max_rel_error(got, want) -> float:
+  """The largest difference between two sets of arrays over the largest magnitude of the
+  reference, the worst over the set: a kernel's check against its reference, fused by XLA
+  (no fp32 copies of large outputs)."""
+  return max(float(_max_rel_error(a, b)) for a, b in zip(got, want))
 
 
 def on_accelerator() -> bool:

@@ -4,7 +4,9 @@
 
 For each (T, K, D, N, dtype) of the grid, times the forward and the backward (both
 gradients) of `jaxarch.kernels.sparse_lookup` for `impl='xla'` and, on a GPU or TPU,
-`impl='pallas'` with each scatter mode. Forward bandwidth counts the bytes that must move:
+`impl='pallas'` with each scatter mode, and checks each against the first (XLA, sorted):
+`<impl>_<scatter>_max_rel_error`, the largest difference of the output and both gradients
+over the reference's largest magnitude (bf16 tables: about 1e-2 or less). Forward bandwidth counts the bytes that must move:
 the K rows read per token plus the output written (plus indices and weights); the device's
 own copy bandwidth (`y = x + 1` over 1 GiB: read + write) is measured in the same run, so
 the forward's fraction of it is comparable across devices. Ratios are XLA time / Pallas
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from report import emit, timed
+from report import emit, max_rel_error, timed
 
 from jaxarch.kernels import sparse_lookup
 
@@ -86,14 +88,22 @@ def main(argv=None):
     values, indices, weights, cot = case(t, k, d, n, jnp.dtype(dtype))
     item = values.dtype.itemsize
     moved = t * k * d * item + t * d * item + indices.nbytes + weights.nbytes
-    times = {}
+    times, errors, reference = {}, {}, None
     for impl, scatter in impls:
       forward, backward = lookup_fns(impl, scatter)
       if scatter == 'sorted':  # the forward does not depend on the scatter mode
         times[f'{impl}_forward_s'] = timed(forward, values, indices, weights, iters=args.iters)
       times[f'{impl}_{scatter}_backward_s'] = timed(backward, values, indices, weights, cot,
                                                     iters=args.iters)
-    record = dict(T=t, K=k, D=d, N=n, dtype=dtype, forward_bytes=moved, **times)
+      # (output, table gradient, weight gradient) against XLA's, sorted: the kernels' check
+      outputs = (forward(values, indices, weights), *backward(values, indices, weights, cot))
+      if reference is None:
+        reference = outputs
+      else:
+        errors[f'{impl}_{scatter}_max_rel_error'] = max_rel_error(outputs, reference)
+      del outputs
+    del reference
+    record = dict(T=t, K=k, D=d, N=n, dtype=dtype, forward_bytes=moved, **times, **errors)
     best = 'pallas' if on_accelerator else 'xla'
     record['forward_bandwidth'] = moved / times[f'{best}_forward_s']
     record['forward_fraction_of_copy'] = record['forward_bandwidth'] / copy_bw
@@ -110,7 +120,8 @@ def main(argv=None):
                  f'{record["forward_bandwidth"] / 1e9:.1f}',
                  f'{record["forward_fraction_of_copy"]:.2f}', fmt('forward_ratio'),
                  f'{min(times["xla_sorted_backward_s"], times["xla_atomic_backward_s"]) * 1e3:.3f}',
-                 fmt('backward_ratio_sorted'), fmt('backward_ratio_atomic')])
+                 fmt('backward_ratio_sorted'), fmt('backward_ratio_atomic'),
+                 f'{max(errors.values()):.1e}' if errors else '-'])
     del values, indices, weights, cot
 
   data = dict(device=str(device), device_kind=device.device_kind, platform=device.platform,
@@ -118,7 +129,8 @@ def main(argv=None):
               pallas_timed=on_accelerator, records=records)
   emit(f'sparse_lookup on {device.device_kind} (copy bandwidth {copy_bw / 1e9:.1f} GB/s)',
        ['T', 'K', 'D', 'N', 'dtype', 'xla fwd ms', 'pallas fwd ms', 'fwd GB/s', 'of copy',
-        'fwd ×', 'xla bwd ms', 'bwd × sorted', 'bwd × atomic'], rows, data, args.out)
+        'fwd ×', 'xla bwd ms', 'bwd × sorted', 'bwd × atomic', 'max rel. error'], rows, data,
+       args.out)
   return data
 
 

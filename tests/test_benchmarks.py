@@ -91,6 +91,7 @@ def test_sparse_lookup_benchmark_times_the_xla_path_on_cpu(tmp_path, monkeypatch
   (record,) = data['records']
   assert record['forward_bytes'] == 40 * 5 * 64 * 4 + 40 * 64 * 4 + 2 * 40 * 5 * 4
   assert record['xla_forward_s'] > 0 and record['xla_atomic_backward_s'] > 0
+  assert record['xla_atomic_max_rel_error'] < 1e-5  # each path is checked against the first
 
 
 def test_moe_benchmark_times_three_layers_per_case(tmp_path, monkeypatch):
