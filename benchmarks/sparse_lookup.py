@@ -6,10 +6,11 @@ For each (T, K, D, N, dtype) of the grid, times the forward and the backward (bo
 gradients) of `jaxarch.kernels.sparse_lookup` for `impl='xla'` and, on a GPU or TPU,
 `impl='pallas'` with each scatter mode, and checks each against the first (XLA, sorted):
 `<impl>_<scatter>_max_rel_error`, the largest difference of the output and both gradients
-over the reference's largest magnitude (bf16 tables: about 1e-2 or less). Forward bandwidth counts the bytes that must move:
-the K rows read per token plus the output written (plus indices and weights); the device's
-own copy bandwidth (`y = x + 1` over 1 GiB: read + write) is measured in the same run, so
-the forward's fraction of it is comparable across devices. Ratios are XLA time / Pallas
+over the reference's largest magnitude (bf16 tables: about 1e-2 or less). Forward
+bandwidth counts the bytes that must move: the K rows read per token plus the output
+written (plus indices and weights); the device's own copy bandwidth (`y = x + 1` over
+1 GiB: read + write) is measured in the same run, so the forward's fraction of it is
+comparable across devices. Ratios are XLA time / Pallas
 time (> 1: the kernel is faster). On CPU only the XLA path runs (the Pallas kernels
 compile for GPU and TPU; on CPU they only run in the interpreter, which says nothing
 about speed).

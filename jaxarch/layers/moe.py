@@ -108,8 +108,8 @@ class MoE(nnx.Module):
                renormalize: bool = True, aux_loss_weight: float = 0.01,
                z_loss_weight: float = 0.0, bias_update_rate: float = 0.0,
                matmul_impl: str = 'auto', kernel_tiling: tuple[int, ...] = tuple(Tiling()),
-               init_std: float = 0.02, out_std: float | None = None, dtype=jnp.bfloat16, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               init_std: float = 0.02, out_std: float | None = None, dtype=jnp.bfloat16,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     if gate not in GATES:
       raise ValueError(f'config error: model.moe.gate={gate!r}; expected one of {GATES}')
     if not 1 <= top_k <= num_experts:
