@@ -9,7 +9,8 @@
 # time is cut off and the next one starts, so one slow case never costs the others
 # (mfu.py and the grouped-matmul table write their JSON after every case). First the MoE
 # grouped-matmul kernels against ragged_dot (correctness and speed: dropless MoE runs them
-# on GPU; their fastest tiling is what the MoE MFU case runs with), then MFU per family
+# on GPU; the MoE MFU case runs with their fastest tiling, or with ragged_dot if they
+# failed or differ from it), then MFU per family
 # with each case's profile digested (where the device time goes); the traces stay on the
 # device, in /tmp.
 set -u
@@ -35,7 +36,7 @@ run() {  # NAME SHARE_PERCENT COMMAND...
 
 run grouped_matmul 12 python3 benchmarks/moe.py --tables=matmul   # MoE kernels vs ragged_dot
 run mfu 40 python3 benchmarks/mfu.py --steps=10 --profile --profile_dir=/tmp/jaxarch_traces \
-    --moe_tiling_from="$out/grouped_matmul.json"                # MoE with the fastest tiling
+    --moe_kernels_from="$out/grouped_matmul.json"       # MoE: the fastest tiling, or ragged_dot
 run decode 12 python3 benchmarks/decode.py                    # UltraMem vs MoE decoding
 run sparse_lookup 9 python3 benchmarks/sparse_lookup.py       # Pallas lookup vs XLA
 run moe 9 python3 benchmarks/moe.py --tables=layers           # dropless vs capacity vs dense

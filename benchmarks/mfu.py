@@ -1,7 +1,7 @@
 """Train-step MFU of every family: one table, one JSON, with the device name.
 
   python benchmarks/mfu.py [--cases=dense:680m:32:dots,moe:680m:16:dots ...] [--steps=10]
-      [--profile [--profile_dir=DIR]] [--moe_tiling_from=benchmarks/results/moe.json]
+      [--profile [--profile_dir=DIR]] [--moe_kernels_from=benchmarks/results/moe.json]
       [--out=benchmarks/results/mfu.json]
 
 Each case is FAMILY:PRESET:BATCH:REMAT[:KEY=VALUE+KEY=VALUE] (sequences of `data.seq_len`
@@ -22,9 +22,10 @@ analysis), and with `--profile` where the device time goes (the kinds of
 `jaxarch.train.profile`: matmul, attention, collective, elementwise, ...), which is what
 limits the MFU; the traces stay in `--profile_dir`, the digests go into the JSON.
 
-`--moe_tiling_from` runs the MoE cases with the fastest tiling of the grouped-matmul
+`--moe_kernels_from` runs the MoE cases with the fastest tiling of the grouped-matmul
 kernels that `benchmarks/moe.py --tables=matmul` found on this device (its JSON), as
-`model.moe.kernel_tiling`; each row records the overrides it ran with.
+`model.moe.kernel_tiling`, or with `ragged_dot` if the kernels failed there or differ from
+it; each row records the overrides it ran with.
 """
 
 import json
@@ -60,15 +61,19 @@ SCALES = {
 # (size, dtype). A datasheet peak is above what any matmul reaches (on this workplace's
 # H200, 8192³ bf16 on random data ran at 769-798 of the 989 TFLOP/s).
 CEILING = {'gpu': (8192, 'bfloat16'), 'cpu': (512, 'float32')}
+# Above this relative difference from ragged_dot (bf16 sums differ by about 1e-2 at most)
+# the grouped-matmul kernels are wrong, and the MoE cases of `--moe_kernels_from` do not
+# run them.
+MAX_KERNEL_ERROR = 0.05
 
 
 def run_case(case: str, steps: int, profile_dir: Path | None = None,
-             moe_tiling: str | None = None) -> dict:
-  """`moe_tiling`: an override of `model.moe.kernel_tiling` for the MoE family."""
+             moe_overrides: tuple[str, ...] = ()) -> dict:
+  """`moe_overrides`: the MoE family's kernel settings (`moe_kernel_overrides`)."""
   family, preset, batch, remat, *extra = case.split(':')
   overrides = [f'train.batch_size={batch}', f'model.remat={remat}', 'mesh.ici.data=-1',
                *[o for o in ':'.join(extra).split('+') if o],
-               *([moe_tiling] if moe_tiling and family == 'moe' else [])]
+               *(moe_overrides if family == 'moe' else ())]
   cfg = config_lib.load(f'configs/{family}.py:{preset}', overrides)
   try:
     trace_dir = None if profile_dir is None else profile_dir / case.replace(':', '_')
@@ -91,19 +96,30 @@ def matmul_ceiling(n: int, dtype: str) -> float:
   return 2 * n ** 3 / timed(jax.jit(jnp.matmul), a, b, iters=10)
 
 
-def moe_tiling_override(path: str) -> str | None:
-  """`model.moe.kernel_tiling=(...)`: the fastest tiling in `benchmarks/moe.py`'s JSON, or
-  None (said) when it holds none: the kernels failed or the sweep did not finish."""
+def moe_kernel_overrides(path: str) -> list[str]:
+  """How the MoE cases run, from what `benchmarks/moe.py --tables=matmul` measured on this
+  device (its JSON): with `ragged_dot` (`model.moe.matmul_impl=xla`) when the kernels
+  failed there or differ from it, else with their fastest tiling
+  (`model.moe.kernel_tiling`); as configured (said) when the JSON holds neither."""
   try:
     records = json.loads(Path(path).read_text()).get('grouped_matmul', [])
   except (OSError, json.JSONDecodeError) as e:
-    print(f'--moe_tiling_from: cannot read {path} ({e}); MoE keeps its configured tiling')
-    return None
-  best = [t for r in records for key, t in r.items() if key.endswith('_best_tiling') and t]
+    print(f'--moe_kernels_from: cannot read {path} ({e}); MoE runs as configured')
+    return []
+  kernels = lambda suffix: [(r['experts'], key, value) for r in records
+                            for key, value in r.items()
+                            if key.endswith(suffix) and not key.startswith('xla_')]
+  failed = [c for c in kernels('_error') if not c[1].endswith('_max_rel_error')]
+  failed += [c for c in kernels('_max_rel_error') if c[2] > MAX_KERNEL_ERROR]
+  if failed:
+    print(f'--moe_kernels_from: the grouped-matmul kernels failed or differ from ragged_dot '
+          f'in {path} ({failed[0]}); MoE runs with ragged_dot')
+    return ['model.moe.matmul_impl=xla']
+  best = [value for _, _, value in kernels('_best_tiling') if value]
   if not best:
-    print(f'--moe_tiling_from: {path} holds no timed tiling; MoE keeps its configured tiling')
-    return None
-  return f'model.moe.kernel_tiling={tuple(best[-1][f] for f in Tiling._fields)}'
+    print(f'--moe_kernels_from: {path} holds no timed tiling; MoE runs as configured')
+    return []
+  return [f'model.moe.kernel_tiling={tuple(best[-1][f] for f in Tiling._fields)}']
 
 
 def main(argv=None):
@@ -115,11 +131,12 @@ def main(argv=None):
   parser.add_argument('--profile', action='store_true',
                       help='also trace 3 steps per case and digest where the time goes')
   parser.add_argument('--profile_dir', help='where the traces go (default: a temp dir)')
-  parser.add_argument('--moe_tiling_from', help="benchmarks/moe.py's JSON: run the MoE cases "
-                      "with the fastest grouped-matmul tiling it found")
+  parser.add_argument('--moe_kernels_from', help="benchmarks/moe.py's JSON: run the MoE "
+                      'cases with the fastest grouped-matmul tiling it found (or ragged_dot '
+                      'if the kernels failed there)')
   parser.add_argument('--out', default='benchmarks/results/mfu.json')
   args = parser.parse_args(argv)
-  moe_tiling = moe_tiling_override(args.moe_tiling_from) if args.moe_tiling_from else None
+  moe_overrides = moe_kernel_overrides(args.moe_kernels_from) if args.moe_kernels_from else []
   profile_dir = None
   if args.profile:
     profile_dir = Path(args.profile_dir or tempfile.mkdtemp(prefix='jaxarch_mfu_'))
@@ -130,7 +147,7 @@ def main(argv=None):
           'matmul_ceiling': {'size': size, 'dtype': dtype, 'tflops': ceiling / 1e12}}
   results = []
   for case in args.cases.split(','):
-    result = run_case(case, args.steps, profile_dir, moe_tiling)
+    result = run_case(case, args.steps, profile_dir, tuple(moe_overrides))
     if 'error' not in result:  # the step's model FLOP/s over what a plain matmul reaches
       result['of_matmul_ceiling'] = result['model_tflops_per_device'] * 1e12 / ceiling
     results.append(result)

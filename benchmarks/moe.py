@@ -12,7 +12,7 @@ projection) per implementation: `jax.lax.ragged_dot` and, on GPU, the Pallas ker
 (whose largest relative difference from `ragged_dot` is recorded), and at one expert
 count (`tiling_experts`) the kernels again with each of `tilings` (block sizes, warps,
 stages: which one to make the default; the fastest is recorded as `<impl>_best_tiling`,
-which `benchmarks/mfu.py --moe_tiling_from` runs the MoE cases with). TFLOP/s count the
+which `benchmarks/mfu.py --moe_kernels_from` runs the MoE cases with). TFLOP/s count the
 real rows' FLOPs; `XLA FLOPs / real` is what XLA's cost analysis counts for `ragged_dot`
 over that, E where it computes every expert for every row. Writes JSON with the device.
 Single device (expert parallelism is exercised by the tests).
@@ -198,7 +198,7 @@ def matmul_table(g: dict, iters: int, data: dict, out: str) -> list[dict]:
 
 def best_tiling(record: dict, impl: str) -> dict | None:
   """The fastest of the default tiling and the swept ones, with its TFLOP/s (None: none
-  ran). `benchmarks/mfu.py --moe_tiling_from` runs the MoE cases with it."""
+  ran). `benchmarks/mfu.py --moe_kernels_from` runs the MoE cases with it."""
   ran = [dict(Tiling()._asdict(), tflops=record[f'{impl}_tflops'])] if record[f'{impl}_s'] else []
   ran += [t for t in record[f'{impl}_tilings'] if 'tflops' in t]
   return max(ran, key=lambda t: t['tflops']) if ran else None

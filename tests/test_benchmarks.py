@@ -66,7 +66,7 @@ def test_mfu_benchmark_tables_each_case(tmp_path):
   (tmp_path / 'moe.json').write_text(json.dumps(
       {'grouped_matmul': [{'experts': 8}, {'experts': 64, 'pallas_best_tiling': tiling}]}))
   mfu.main([f'--cases={",".join(cases)}', '--steps=1', f'--out={out}', '--profile',
-            f'--profile_dir={tmp_path / "traces"}', f'--moe_tiling_from={tmp_path / "moe.json"}'])
+            f'--profile_dir={tmp_path / "traces"}', f'--moe_kernels_from={tmp_path / "moe.json"}'])
   data = json.loads(out.read_text())
   assert [r['case'] for r in data['results']] == cases
   assert all(r['profile']['kinds']['matmul'] > 0 for r in data['results'])
@@ -112,12 +112,15 @@ def test_moe_benchmark_times_three_layers_per_case(tmp_path, monkeypatch):
   assert matmul['interpret_s'] > 0 and matmul['interpret_max_rel_error'] < 1e-5
   (tiled,) = matmul['interpret_tilings']  # the kernels again with other blocks
   assert tiled['block_m'] == 16 and tiled['tflops'] > 0
-  best = matmul['interpret_best_tiling']  # what mfu.py --moe_tiling_from runs MoE with
+  best = matmul['interpret_best_tiling']  # what mfu.py --moe_kernels_from runs MoE with
   assert best['tflops'] == max(tiled['tflops'], matmul['interpret_tflops'])
-  cfg = config_lib.load('configs/moe.py:tiny', [mfu.moe_tiling_override(out)])
+  cfg = config_lib.load('configs/moe.py:tiny', mfu.moe_kernel_overrides(out))
   assert cfg.model.moe.kernel_tiling == (best['block_m'], best['block_n'], best['block_k'],
                                          best['num_warps'], best['num_stages'])
-  assert mfu.moe_tiling_override(tmp_path / 'missing.json') is None  # said, not raised
+  assert mfu.moe_kernel_overrides(tmp_path / 'missing.json') == []  # said, not raised
+  data['grouped_matmul'][0]['interpret_max_rel_error'] = 0.3  # wrong kernels: ragged_dot
+  out.write_text(json.dumps(data))
+  assert mfu.moe_kernel_overrides(out) == ['model.moe.matmul_impl=xla']
 
 
 @pytest.mark.slow
