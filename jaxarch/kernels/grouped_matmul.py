@@ -12,7 +12,9 @@ elsewhere); `'pallas'` runs the Triton kernels of `gmm_triton` (GPU), with a cus
 whose input gradient is the grouped matmul by the transposed weights and whose weight
 gradient is the per-group `x.T @ dy` kernel; `'interpret'` runs those kernels in Pallas'
 interpreter on any backend (the CPU tests); `'auto'` is `'pallas'` on GPU and `'xla'`
-elsewhere. Accumulation is in fp32; outputs have x's dtype, the weight gradient w's.
+elsewhere. Accumulation is in fp32; outputs have x's dtype. The kernels take w in x's
+dtype, so the weight gradient is rounded to x's dtype before it is cast back to w's (the
+MoE layer casts its weights to the compute dtype first anyway).
 """
 
 import functools
