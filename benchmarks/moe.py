@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from report import emit, max_rel_error, save, timed
+from report import emit, max_rel_error, save, timed_or_error
 
 from jaxarch.kernels.gmm_triton import Tiling
 from jaxarch.kernels.grouped_matmul import grouped_matmul
@@ -81,10 +81,8 @@ def grouped_matmul_case(experts: int, rows: int, d: int, f: int, dtype, impls, i
     expansion may not fit, a kernel may not compile here, and that is one cell only."""
     fn = jax.jit(lambda x, w: jax.vjp(
         lambda x, w: grouped_matmul(x, w, sizes, impl=impl, tiling=tiling), x, w)[1](dy))
-    try:
-      return fn, timed(fn, x, w, iters=iters)
-    except Exception as e:  # pylint: disable=broad-except
-      return None, f'{type(e).__name__}: {e}'[:2000]
+    seconds = timed_or_error(fn, x, w, iters=iters)
+    return (None if isinstance(seconds, str) else fn), seconds
 
   reference = None
   for impl in impls:
@@ -151,16 +149,20 @@ def layer_table(g: dict, iters: int, data: dict, out: str) -> list[dict]:
               for name, cf in (('dropless', None), ('capacity', 1.25))}
     for tokens in g['tokens']:
       x = jax.random.normal(jax.random.key(tokens), (1, tokens, d), dtype)
-      seconds = {name: timed(fn, x, iters=iters) for name, fn in
-                 (('dense', dense), *layers.items())}
+      times = {name: timed_or_error(fn, x, iters=iters) for name, fn in
+               (('dense', dense), *layers.items())}
+      seconds = {n: t for n, t in times.items() if not isinstance(t, str)}
       record = dict(experts=experts, top_k=k, d_model=d, expert_d_ff=f, tokens=tokens,
                     dtype=g['dtype'], **{f'{n}_s': s for n, s in seconds.items()},
-                    **{f'{n}_tokens_per_s': tokens / s for n, s in seconds.items()})
+                    **{f'{n}_tokens_per_s': tokens / s for n, s in seconds.items()},
+                    **{f'{n}_error': t for n, t in times.items() if n not in seconds})
       records.append(record)
-      rows.append([str(experts), str(tokens),
-                   *(f'{tokens / seconds[n]:,.0f}' for n in ('dense', 'dropless', 'capacity')),
-                   f'{seconds["dense"] / seconds["dropless"]:.2f}',
-                   f'{seconds["dense"] / seconds["capacity"]:.2f}'])
+      save({**data, 'records': records}, out)  # a run cut off keeps these
+      rate = lambda n: f'{tokens / seconds[n]:,.0f}' if n in seconds else '–'
+      ratio = lambda n: (f'{seconds["dense"] / seconds[n]:.2f}'
+                         if {'dense', n} <= seconds.keys() else '–')
+      rows.append([str(experts), str(tokens), *map(rate, ('dense', 'dropless', 'capacity')),
+                   *map(ratio, ('dropless', 'capacity'))])
   emit(f'MoE layer forward+backward on {data["device_kind"]} (d_model {d}, top-{k} of '
        f'experts with d_ff {f}; dense d_ff {k * f})',
        ['experts', 'tokens', 'dense tok/s', 'dropless tok/s', 'capacity tok/s',

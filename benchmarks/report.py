@@ -47,6 +47,15 @@ def timed(fn, *args, iters: int) -> float:
   return float(np.median(times))
 
 
+def timed_or_error(fn, *args, iters: int) -> float | str:
+  """`timed`, or the error as text: a cell that does not compile or fit on this device
+  (a kernel, an expanded ragged_dot) costs that cell only, not the table."""
+  try:
+    return timed(fn, *args, iters=iters)
+  except Exception as e:  # pylint: disable=broad-except
+    return f'{type(e).__name__}: {e}'[:2000]
+
+
 @jax.jit
 def _max_rel_error(got, want):
   f32 = lambda a: a.astype(jnp.float32)

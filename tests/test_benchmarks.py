@@ -123,6 +123,23 @@ def test_moe_benchmark_times_three_layers_per_case(tmp_path, monkeypatch):
   assert mfu.moe_kernel_overrides(out) == ['model.moe.matmul_impl=xla']
 
 
+def test_a_moe_layer_that_fails_costs_its_cells_only(tmp_path, monkeypatch):
+  class NoCapacity(moe.MoE):  # as a kernel that does not compile on some device
+    def __call__(self, x):
+      if self.capacity_factor is not None:
+        raise RuntimeError('not on this device')
+      return super().__call__(x)
+
+  monkeypatch.setattr(moe, 'MoE', NoCapacity)
+  monkeypatch.setitem(moe.GRIDS, 'cpu', dict(
+      d_model=16, expert_d_ff=8, top_k=2, experts=(4,), tokens=(32,), dtype='float32'))
+  out = tmp_path / 'moe.json'
+  moe.main(['--iters=1', '--tables=layers', f'--out={out}'])
+  (record,) = json.loads(out.read_text())['records']
+  assert record['dropless_s'] > 0 and 'capacity_s' not in record
+  assert record['capacity_error'] == 'RuntimeError: not on this device'
+
+
 @pytest.mark.slow
 def test_decode_benchmark_times_each_family_and_moe_path(tmp_path):
   out = tmp_path / 'decode.json'
