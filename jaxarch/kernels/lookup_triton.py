@@ -23,6 +23,10 @@ as 3 column blocks of 128, with no padding read.
 
 `interpret=True` runs the same kernels on CPU (the tests do). Inputs are validated by
 the caller: indices int32 in `[0, N)`, weights fp32, D a multiple of 64.
+
+An entry of weight 0 is skipped: a NaN or Inf in its row does not reach the output, nor
+one in its token's output gradient the table gradient, where the XLA reference computes
+0 · NaN.
 """
 
 import functools
