@@ -41,7 +41,6 @@ import jax.numpy as jnp
 from report import emit, on_accelerator, save, scaled_parser, timed
 
 from jaxarch import config as config_lib
-from jaxarch.kernels.gmm_triton import Tiling
 from jaxarch.train import profile
 from jaxarch.train.memory import OutOfMemoryError
 from jaxarch.train.throughput import measure
@@ -61,10 +60,6 @@ SCALES = {
 # (size, dtype). A datasheet peak is above what any matmul reaches (on this workplace's
 # H200, 8192³ bf16 on random data ran at 769-798 of the 989 TFLOP/s).
 CEILING = {'gpu': (8192, 'bfloat16'), 'cpu': (512, 'float32')}
-# Above this relative difference from ragged_dot (bf16 sums differ by about 1e-2 at most)
-# the grouped-matmul kernels are wrong, and the MoE cases of `--moe_kernels_from` do not
-# run them.
-MAX_KERNEL_ERROR = 0.05
 
 
 def run_case(case: str, steps: int, profile_dir: Path | None = None,
@@ -97,29 +92,15 @@ def matmul_ceiling(n: int, dtype: str) -> float:
 
 
 def moe_kernel_overrides(path: str) -> list[str]:
-  """How the MoE cases run, from what `benchmarks/moe.py --tables=matmul` measured on this
-  device (its JSON): with `ragged_dot` (`model.moe.matmul_impl=xla`) when the kernels
-  failed there or differ from it, else with their fastest tiling
-  (`model.moe.kernel_tiling`); as configured (said) when the JSON holds neither."""
+  """How the MoE cases run, as `benchmarks/moe.py --tables=matmul` decided from what it
+  measured on this device (`mfu_overrides` in its JSON); as configured (said) without it."""
   try:
-    records = json.loads(Path(path).read_text()).get('grouped_matmul', [])
-  except (OSError, json.JSONDecodeError) as e:
-    print(f'--moe_kernels_from: cannot read {path} ({e}); MoE runs as configured')
+    overrides = json.loads(Path(path).read_text())['mfu_overrides']
+  except (OSError, json.JSONDecodeError, KeyError) as e:
+    print(f'--moe_kernels_from: no mfu_overrides in {path} ({e!r}); MoE runs as configured')
     return []
-  kernels = lambda suffix: [(r['experts'], key, value) for r in records
-                            for key, value in r.items()
-                            if key.endswith(suffix) and not key.startswith('xla_')]
-  failed = [c for c in kernels('_error') if not c[1].endswith('_max_rel_error')]
-  failed += [c for c in kernels('_max_rel_error') if c[2] > MAX_KERNEL_ERROR]
-  if failed:
-    print(f'--moe_kernels_from: the grouped-matmul kernels failed or differ from ragged_dot '
-          f'in {path} ({failed[0]}); MoE runs with ragged_dot')
-    return ['model.moe.matmul_impl=xla']
-  best = [value for _, _, value in kernels('_best_tiling') if value]
-  if not best:
-    print(f'--moe_kernels_from: {path} holds no timed tiling; MoE runs as configured')
-    return []
-  return [f'model.moe.kernel_tiling={tuple(best[-1][f] for f in Tiling._fields)}']
+  print(f'--moe_kernels_from: MoE runs with {overrides or "its configured kernels"}')
+  return overrides
 
 
 def main(argv=None):

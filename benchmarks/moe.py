@@ -11,10 +11,12 @@ A second table times the grouped matmul alone (forward + both gradients of one e
 projection) per implementation: `jax.lax.ragged_dot` and, on GPU, the Pallas kernels
 (whose largest relative difference from `ragged_dot` is recorded), and at one expert
 count (`tiling_experts`) the kernels again with each of `tilings` (block sizes, warps,
-stages: which one to make the default; the fastest is recorded as `<impl>_best_tiling`,
-which `benchmarks/mfu.py --moe_kernels_from` runs the MoE cases with). TFLOP/s count the
-real rows' FLOPs; `XLA FLOPs / real` is what XLA's cost analysis counts for `ragged_dot`
-over that, E where it computes every expert for every row. Writes JSON with the device.
+stages: which one to make the default; the fastest is recorded as `<impl>_best_tiling`).
+`mfu_overrides` says how `benchmarks/mfu.py --moe_kernels_from` runs its MoE cases after
+that: the fastest tiling, or `ragged_dot` if the kernels failed or differ from it. TFLOP/s
+count the real rows' FLOPs; `XLA FLOPs / real` is what XLA's cost analysis counts for
+`ragged_dot` over that, E where it computes every expert for every row. Writes JSON with
+the device.
 Single device (expert parallelism is exercised by the tests).
 """
 
@@ -48,6 +50,11 @@ GRIDS = {
                 matmul_tokens=(2048,), dtype='float32', impls=('xla',), tiling_experts=16,
                 tilings=()),
 }
+
+
+# Above this relative difference from ragged_dot (bf16 sums differ by about 1e-2 at most)
+# the grouped-matmul kernels are wrong, and benchmarks/mfu.py's MoE cases do not run them.
+MAX_KERNEL_ERROR = 0.05
 
 
 def train_fn(layer: nnx.Module):
@@ -130,7 +137,7 @@ def main(argv=None):
   data = dict(device=str(device), device_kind=device.device_kind, jax_version=jax.__version__)
   tables = args.tables.split(',')
   if 'matmul' in tables:  # first: the kernels' check against ragged_dot is the quick part
-    data['grouped_matmul'] = matmul_table(g, args.iters, data, args.out)
+    data.update(matmul_table(g, args.iters, data, args.out))
   if 'layers' in tables:
     data['records'] = layer_table(g, args.iters, data, args.out)
   return data
@@ -170,18 +177,19 @@ def layer_table(g: dict, iters: int, data: dict, out: str) -> list[dict]:
   return records
 
 
-def matmul_table(g: dict, iters: int, data: dict, out: str) -> list[dict]:
+def matmul_table(g: dict, iters: int, data: dict, out: str) -> dict:
   """The grouped matmul alone, per implementation, expert count and batch; the kernels'
-  tilings at `tiling_experts`."""
+  tilings at `tiling_experts`. -> {'grouped_matmul': records, 'mfu_overrides': ...}."""
   d, f, k, impls = g['d_model'], g['expert_d_ff'], g['top_k'], g['impls']
+  kernels = [i for i in impls if i != 'xla']
   records = []
   for experts in g['experts']:
     for tokens in g['matmul_tokens']:
       records.append(grouped_matmul_case(
           experts, tokens * k, d, f, jnp.dtype(g['dtype']), impls, iters,
           g['tilings'] if experts == g['tiling_experts'] else ()))
-      save({**data, 'grouped_matmul': records}, out)  # a run cut off keeps these
-  kernels = [i for i in impls if i != 'xla']
+      table = {'grouped_matmul': records, 'mfu_overrides': mfu_overrides(records, kernels)}
+      save({**data, **table}, out)  # a run cut off keeps these
   ms = lambda s: '–' if s is None else f'{1e3 * s:,.2f}'
   emit(f'grouped matmul, forward + gradients: rows x {d} times each expert\'s {d} x {f}, '
        f'on {data["device_kind"]}',
@@ -194,16 +202,28 @@ def matmul_table(g: dict, iters: int, data: dict, out: str) -> list[dict]:
          *(f'{r[f"{i}_max_rel_error"]:.1e}' if f'{i}_max_rel_error' in r else '–'
            for i in kernels),
          *(best_tiling_cell(r, i) for i in kernels)]
-        for r in records], {**data, 'grouped_matmul': records}, out)
-  return records
+        for r in records], {**data, **table}, out)
+  return table
 
 
 def best_tiling(record: dict, impl: str) -> dict | None:
   """The fastest of the default tiling and the swept ones, with its TFLOP/s (None: none
-  ran). `benchmarks/mfu.py --moe_kernels_from` runs the MoE cases with it."""
+  ran)."""
   ran = [dict(Tiling()._asdict(), tflops=record[f'{impl}_tflops'])] if record[f'{impl}_s'] else []
   ran += [t for t in record[f'{impl}_tilings'] if 'tflops' in t]
   return max(ran, key=lambda t: t['tflops']) if ran else None
+
+
+def mfu_overrides(records: list[dict], kernels: list[str]) -> list[str]:
+  """How `benchmarks/mfu.py --moe_kernels_from` runs its MoE cases after this table: with
+  `ragged_dot` when the kernels failed or differ from it, else with their fastest tiling;
+  as configured when no tiling was timed."""
+  for impl in kernels:
+    if any(f'{impl}_error' in r or r.get(f'{impl}_max_rel_error', 0) > MAX_KERNEL_ERROR
+           for r in records):
+      return ['model.moe.matmul_impl=xla']
+  best = [r[f'{i}_best_tiling'] for i in kernels for r in records if r.get(f'{i}_best_tiling')]
+  return [f'model.moe.kernel_tiling={tuple(best[-1][f] for f in Tiling._fields)}'] if best else []
 
 
 def best_tiling_cell(record: dict, impl: str) -> str:

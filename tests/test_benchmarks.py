@@ -62,9 +62,8 @@ def test_mfu_benchmark_tables_each_case(tmp_path):
   out = tmp_path / 'mfu.json'
   cases = ['dense:tiny:8:none', 'ultramem:tiny:8:dots:model.ultramem.num_values=1024',
            'moe:tiny:8:none:model.n_layers=1']
-  tiling = dict(block_m=32, block_n=64, block_k=32, num_warps=8, num_stages=2, tflops=1.0)
-  (tmp_path / 'moe.json').write_text(json.dumps(
-      {'grouped_matmul': [{'experts': 8}, {'experts': 64, 'pallas_best_tiling': tiling}]}))
+  (tmp_path / 'moe.json').write_text(json.dumps(  # as benchmarks/moe.py writes it
+      {'mfu_overrides': ['model.moe.kernel_tiling=(32, 64, 32, 8, 2)']}))
   mfu.main([f'--cases={",".join(cases)}', '--steps=1', f'--out={out}', '--profile',
             f'--profile_dir={tmp_path / "traces"}', f'--moe_kernels_from={tmp_path / "moe.json"}'])
   data = json.loads(out.read_text())
@@ -118,9 +117,10 @@ def test_moe_benchmark_times_three_layers_per_case(tmp_path, monkeypatch):
   assert cfg.model.moe.kernel_tiling == (best['block_m'], best['block_n'], best['block_k'],
                                          best['num_warps'], best['num_stages'])
   assert mfu.moe_kernel_overrides(tmp_path / 'missing.json') == []  # said, not raised
-  data['grouped_matmul'][0]['interpret_max_rel_error'] = 0.3  # wrong kernels: ragged_dot
-  out.write_text(json.dumps(data))
-  assert mfu.moe_kernel_overrides(out) == ['model.moe.matmul_impl=xla']
+  wrong = [{**matmul, 'interpret_max_rel_error': 0.3}]  # wrong kernels: ragged_dot
+  assert moe.mfu_overrides(wrong, ['interpret']) == ['model.moe.matmul_impl=xla']
+  failed = [{**matmul, 'interpret_error': 'RuntimeError: no Triton here'}]
+  assert moe.mfu_overrides(failed, ['interpret']) == ['model.moe.matmul_impl=xla']
 
 
 def test_a_moe_layer_that_fails_costs_its_cells_only(tmp_path, monkeypatch):
