@@ -176,7 +176,7 @@ def test_gradients_match_finite_differences(impl):
                             atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize('impl', ['xla', 'interpret',
+@pytest.mark.parametrize('impl', ['xla', pytest.param('interpret', marks=pytest.mark.slow),
                                   pytest.param('interpret_tpu', marks=pytest.mark.slow)])
 def test_jit_and_vmap(impl):
   values, indices, weights, _ = kernel_case(50, 64, 30, 4, jnp.float32)
@@ -229,6 +229,12 @@ def test_triton_kernels_lower_for_cuda(scatter):
                            lookup_triton.backward(v, i, w, g, scatter=scatter))
   hlo = jax.jit(fn).trace(*shapes).lower(lowering_platforms=('cuda',)).as_text()
   assert hlo.count('xla.gpu.triton') == 3
+  bags = jax.ShapeDtypeStruct((4099, 33), jnp.int32)
+  g = jax.ShapeDtypeStruct((4099, 3, 64), jnp.float32)
+  fn = lambda v, i, w, b, g: (lookup_triton.forward(v, i, w, bags=b, num_bags=3),
+                              lookup_triton.backward(v, i, w, g, bags=b, scatter=scatter))
+  hlo = jax.jit(fn).trace(*shapes[:3], bags, g).lower(lowering_platforms=('cuda',)).as_text()
+  assert hlo.count('xla.gpu.triton') == 3
 
 
 def test_entries_of_weight_zero_form_no_run_of_the_sorted_scatter():
@@ -248,6 +254,55 @@ def test_entries_of_weight_zero_form_no_run_of_the_sorted_scatter():
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
+def bagged_reference(values, indices, weights, bags, num_bags):
+  """Naive gather-then-sum into bags, in fp32: [T, B, D]."""
+  rows = values[indices].astype(jnp.float32)
+  one_hot = jax.nn.one_hot(bags, num_bags, dtype=jnp.float32)
+  return jnp.einsum('tk,tkb,tkd->tbd', weights.astype(jnp.float32), one_hot, rows)
+
+
+def bagged_case(n, d, t, k, num_bags, dtype=jnp.float32, seed=0):
+  values, indices, weights, _ = kernel_case(n, d, t, k, dtype, seed)
+  rng = np.random.default_rng(seed + 1)
+  bags = jnp.asarray(rng.integers(0, num_bags, (t, k)), jnp.int32)
+  cot = jnp.asarray(rng.normal(size=(t, num_bags, d)), jnp.float32)
+  return values, indices, weights.at[:, 0].set(0.0), bags, cot  # weight-0 entries too
+
+
+# The GPU kernels with both scatters on ragged T and 3 column blocks; the TPU kernels
+# (which run one lookup per bag) on D=96, padded.
+@pytest.mark.parametrize('impl,scatter,shape', [
+    ('xla', 'sorted', (50, 96, 20, 6)), ('interpret', 'sorted', (100, 384, 37, 5)),
+    ('interpret', 'atomic', (100, 384, 37, 5)),
+    pytest.param('interpret_tpu', 'sorted', (50, 96, 20, 6), marks=pytest.mark.slow)])
+def test_bags_equal_the_naive_bagged_sum(impl, scatter, shape):
+  num_bags = 3
+  values, indices, weights, bags, cot = bagged_case(*shape, num_bags)
+
+  def loss(f):
+    return lambda v, w: jnp.sum(f(v, indices, w, bags, num_bags) * cot)
+  op = lambda v, i, w, b, nb: sparse_lookup(v, i, w, bags=b, num_bags=nb, impl=impl,
+                                            scatter=scatter)
+  out = jax.jit(op, static_argnums=4)(values, indices, weights, bags, num_bags)
+  assert out.shape == (shape[2], num_bags, shape[1])
+  np.testing.assert_allclose(out, bagged_reference(values, indices, weights, bags, num_bags),
+                             rtol=1e-5, atol=1e-5)
+  got = jax.jit(jax.grad(loss(op), (0, 1)))(values, weights)
+  want = jax.grad(loss(bagged_reference), (0, 1))(values, weights)
+  for name, g, w in zip(('grad_values', 'grad_weights'), got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_bad_bags_are_a_clear_error():
+  values, indices, weights = random_case()
+  with pytest.raises(ValueError, match=r'bags must be integers shaped like indices'):
+    sparse_lookup(values, indices, weights, bags=indices[:, :2], num_bags=2)
+  with pytest.raises(ValueError, match=r'bags must be integers'):
+    sparse_lookup(values, indices, weights, bags=weights, num_bags=2)
+  with pytest.raises(ValueError, match=r'num_bags must be a positive int, got 0'):
+    sparse_lookup(values, indices, weights, bags=indices, num_bags=0)
+
+
 def table_all_gathers(hlo: str, n: int, d: int) -> list[str]:
   """all-gather ops in compiled HLO whose result has the table's row count (n x d)."""
   found = []
@@ -258,21 +313,26 @@ def table_all_gathers(hlo: str, n: int, d: int) -> list[str]:
   return found
 
 
-@pytest.mark.parametrize('impl', ['xla', 'interpret'])
-def test_sharded_lookup_equals_one_device_without_gathering_the_table(impl):
+@pytest.mark.parametrize('impl,num_bags', [('xla', None), ('interpret', None), ('xla', 3),
+                                           pytest.param('interpret', 3, marks=pytest.mark.slow)])
+def test_sharded_lookup_equals_one_device_without_gathering_the_table(impl, num_bags):
   cfg = mesh_config(tiny_config(), data=2, fsdp=2, tensor=2)
   mesh = make_mesh(cfg)
   n, d = 256, 16
   values, indices, weights = random_case(n=n, d=d, t=40, k=8)  # 40 tokens: padded to 4 shards
-  cot = jax.random.normal(jax.random.key(2), (40, d))
+  bags = None if num_bags is None else indices % num_bags
+  cot = jax.random.normal(jax.random.key(2), (40,) + ((num_bags,) if bags is not None else ())
+                          + (d,))
+  unsharded = functools.partial(sparse_lookup, bags=bags, num_bags=num_bags or 1)
   loss = lambda f: lambda v, w: jnp.sum(f(v, indices, w) * cot)
-  want = sparse_lookup(values, indices, weights)
-  want_grads = jax.grad(loss(sparse_lookup), (0, 1))(values, weights)
+  want = unsharded(values, indices, weights)
+  want_grads = jax.grad(loss(unsharded), (0, 1))(values, weights)
 
   table = NamedSharding(mesh, P(('fsdp', 'tensor'), None))
   with logical_mesh(mesh, cfg.mesh.rules):
     placed = jax.device_put(values, table)
-    lookup = functools.partial(sharded_sparse_lookup, impl=impl)
+    lookup = functools.partial(sharded_sparse_lookup, bags=bags, num_bags=num_bags or 1,
+                               impl=impl)
     forward = jax.jit(lambda v, w: lookup(v, indices, w))
     backward = jax.jit(jax.grad(loss(lookup), (0, 1)))
     np.testing.assert_allclose(forward(placed, weights), want, rtol=1e-5, atol=1e-5)

@@ -10,6 +10,13 @@ only its inputs: the backward gathers the rows again.
   (repeated indices accumulate), in fp32;
 - `grad_weights[t, k] = <g[t], values[indices[t, k]]>`.
 
+**Bags** (`bags [T, K]`, ints in `[0, B)`): token t has B outputs and entry (t, k) adds
+to `out[t, bags[t, k]]`; `g[t]` above is then `g[t, bags[t, k]]`. This is UltraMem's IVE,
+where a token's entries fall in E groups: one lookup of the token's K entries instead of
+E lookups of K slots each, E-1 of every E weighing 0 (which would still be E× the loop
+steps, the sort keys of the sorted scatter and the `grad_weights` dots). The XLA and GPU
+kernels take bags; the TPU kernels run the E lookups (zero weights are skipped there too).
+
 **Implementations** (`impl`): `'xla'` is the pure-JAX reference (`lookup_xla`);
 `'pallas'` runs the Pallas kernels of the platform, Triton on GPU (`lookup_triton`) and
 Mosaic on TPU (`lookup_tpu`); `'interpret'` runs the GPU kernels and `'interpret_tpu'` the
@@ -66,9 +73,10 @@ def kernels_for(impl: str) -> str:
 
 
 def sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Array, *,
-                  impl: str = 'auto', scatter: str = 'sorted',
-                  checked: bool = False) -> jax.Array:
-  """values [N, D], indices [T, K] int, weights [T, K] -> [T, D] in values' dtype.
+                  bags: jax.Array | None = None, num_bags: int = 1, impl: str = 'auto',
+                  scatter: str = 'sorted', checked: bool = False) -> jax.Array:
+  """values [N, D], indices [T, K] int, weights [T, K] -> [T, D] in values' dtype; with
+  `bags [T, K]` int in `[0, num_bags)`: -> [T, num_bags, D] (see the module doc).
 
   Device-local semantics: under `jit` with a sharded table XLA may gather the table; use
   `sharded_sparse_lookup` for a table sharded over the logical axis `values`.
@@ -77,17 +85,30 @@ def sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Array, *,
   if values.ndim != 2 or indices.ndim != 2 or indices.shape != weights.shape:
     raise ValueError(f'sparse_lookup: expected values [N, D], indices and weights [T, K]; '
                      f'got {values.shape}, {indices.shape}, {weights.shape}')
-  kernels, indices = _prepare(values, indices, values.shape[0], impl, scatter, checked)
-  return _lookup(values, indices, weights, kernels, scatter)
+  kernels, indices, bags = _prepare(values, indices, bags, num_bags, values.shape[0], impl,
+                                    scatter, checked)
+  return _bagged_lookup(values, indices, weights, bags, num_bags, kernels, scatter)
 
 
-def _prepare(values, indices, num_rows, impl, scatter, checked):
-  """Checks the options, reports (`checked`) and clamps indices -> (kernels, int32 indices)."""
+def _prepare(values, indices, bags, num_bags, num_rows, impl, scatter, checked):
+  """Checks the options, reports (`checked`) and clamps indices and bags ->
+  (kernels, int32 indices, int32 bags or None)."""
   kernels = kernels_for(impl)
   if scatter not in SCATTERS:
     raise ValueError(f'sparse_lookup: scatter={scatter!r}; expected one of {SCATTERS}')
   if not jnp.issubdtype(indices.dtype, jnp.integer):
     raise ValueError(f'sparse_lookup: indices must be integers, got {indices.dtype}')
+  if bags is not None:
+    bags = jnp.asarray(bags)
+    if bags.shape != indices.shape or not jnp.issubdtype(bags.dtype, jnp.integer):
+      raise ValueError(f'sparse_lookup: bags must be integers shaped like indices '
+                       f'{indices.shape}, got {bags.dtype}{list(bags.shape)}')
+    if not isinstance(num_bags, int) or num_bags < 1:
+      raise ValueError(f'sparse_lookup: num_bags must be a positive int, got {num_bags!r}')
+    if checked:
+      checkify.debug_check(jnp.all((bags >= 0) & (bags < num_bags)),
+                           f'sparse_lookup: a bag is outside [0, {num_bags}) (it was clamped)')
+    bags = jnp.clip(bags, 0, num_bags - 1).astype(jnp.int32)
   if kernels != 'xla' and values.dtype not in PALLAS_DTYPES:
     raise ValueError(f'sparse_lookup: the Pallas kernels take float32/bfloat16/float16 '
                      f"tables, got {values.dtype}; use impl='xla'")
@@ -95,7 +116,7 @@ def _prepare(values, indices, num_rows, impl, scatter, checked):
     checkify.debug_check(jnp.all((indices >= 0) & (indices < num_rows)),
                          f'sparse_lookup: an index is outside the table [0, {num_rows}) '
                          '(it was clamped)')
-  return kernels, jnp.clip(indices, 0, num_rows - 1).astype(jnp.int32)
+  return kernels, jnp.clip(indices, 0, num_rows - 1).astype(jnp.int32), bags
 
 
 def _accumulation_dtype(values: jax.Array):
@@ -114,62 +135,80 @@ def _interpret(kernels: str):
   return kernels.endswith('_interpret')
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _lookup(values, indices, weights, kernels, scatter):
-  return _forward(values, indices, weights, kernels, scatter)
+def _bagged_lookup(values, indices, weights, bags, num_bags, kernels, scatter):
+  """The TPU kernels take no bags: there, bag b is a lookup of all K slots, those of other
+  bags weighing 0."""
+  if bags is None or not kernels.startswith('tpu'):
+    return _lookup(values, indices, weights, bags, kernels, scatter, num_bags)
+  t, k = indices.shape
+  in_bag = bags[:, None] == jnp.arange(num_bags)[:, None]  # t b k
+  out = _lookup(values, jnp.broadcast_to(indices[:, None], in_bag.shape).reshape(-1, k),
+                jnp.where(in_bag, weights[:, None], 0).reshape(-1, k), None, kernels,
+                scatter, 1)
+  return out.reshape(t, num_bags, -1)
 
 
-def _forward(values, indices, weights, kernels, scatter):
-  del scatter  # backward only
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _lookup(values, indices, weights, bags, kernels, scatter, num_bags):
+  return _forward(values, indices, weights, bags, kernels, num_bags)
+
+
+def _forward(values, indices, weights, bags, kernels, num_bags):
   d = values.shape[1]
   weights = weights.astype(_accumulation_dtype(values))
   if kernels == 'xla':
-    out = lookup_xla.forward(values, indices, weights)
+    out = lookup_xla.forward(values, indices, weights, bags, num_bags)
   elif kernels.startswith('triton'):
-    out = lookup_triton.forward(_padded(values), indices, weights,
-                                interpret=_interpret(kernels))
+    out = lookup_triton.forward(_padded(values), indices, weights, bags=bags,
+                                num_bags=num_bags, interpret=_interpret(kernels))
   else:
     out = lookup_tpu.forward(_padded(values), indices, weights,
                              interpret=_interpret(kernels))
-  return out[:, :d].astype(values.dtype)
+  return out[..., :d].astype(values.dtype)
 
 
-def _lookup_fwd(values, indices, weights, kernels, scatter):
-  return _forward(values, indices, weights, kernels, scatter), (values, indices, weights)
+def _lookup_fwd(values, indices, weights, bags, kernels, scatter, num_bags):
+  del scatter  # backward only
+  return (_forward(values, indices, weights, bags, kernels, num_bags),
+          (values, indices, weights, bags))
 
 
-def _lookup_bwd(kernels, scatter, residuals, g):
-  values, indices, weights = residuals
+def _lookup_bwd(kernels, scatter, num_bags, residuals, g):
+  del num_bags  # g's shape
+  values, indices, weights, bags = residuals
   n, d = values.shape
   acc = _accumulation_dtype(values)
   w, g = weights.astype(acc), g.astype(acc)
   if kernels == 'xla':
-    grad_values, grad_w = lookup_xla.backward(values, indices, w, g, scatter)
+    grad_values, grad_w = lookup_xla.backward(values, indices, w, g, scatter, bags)
   else:
     padded = _padded(values)
-    g = jnp.pad(g, ((0, 0), (0, padded.shape[1] - d)))
+    g = jnp.pad(g, [(0, 0)] * (g.ndim - 1) + [(0, padded.shape[1] - d)])
     if kernels.startswith('triton'):
-      grad_values, grad_w = lookup_triton.backward(padded, indices, w, g, scatter=scatter,
+      grad_values, grad_w = lookup_triton.backward(padded, indices, w, g, bags=bags,
+                                                   scatter=scatter,
                                                    interpret=_interpret(kernels))
     else:
       grad_values, grad_w = lookup_tpu.backward(padded, indices, w, g,
                                                 interpret=_interpret(kernels))
-  int_zero = jnp.zeros(indices.shape, jax.dtypes.float0)
-  return (grad_values[:n, :d].astype(values.dtype), int_zero,
-          grad_w.astype(weights.dtype))
+  int_zero = lambda a: None if a is None else jnp.zeros(a.shape, jax.dtypes.float0)
+  return (grad_values[:n, :d].astype(values.dtype), int_zero(indices),
+          grad_w.astype(weights.dtype), int_zero(bags))
 
 
 _lookup.defvjp(_lookup_fwd, _lookup_bwd)
 
 
 def sharded_sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Array, *,
-                          split: int = 1, impl: str = 'auto', scatter: str = 'sorted',
+                          bags: jax.Array | None = None, num_bags: int = 1, split: int = 1,
+                          impl: str = 'auto', scatter: str = 'sorted',
                           checked: bool = False) -> jax.Array:
   """`sparse_lookup` with the table split over the logical axis `values`; see module doc.
 
   `split` views each row of `values [N, D]` as `split` rows of width `D / split` (index
   `p·split + i` is slice `i` of row `p`), so indices are in `[0, N·split)` and the output
-  is `[T, D / split]`; the view is taken on each device's own rows.
+  is `[T, D / split]` (with bags `[T, num_bags, D / split]`); the view is taken on each
+  device's own rows.
 
   Outside a `logical_mesh` context, or when `values` maps to no mesh axis of size > 1,
   this is `sparse_lookup`. Inside, `values` is expected to be placed with rows split over
@@ -182,9 +221,10 @@ def sharded_sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Ar
   view = lambda v: v.reshape(v.shape[0] * split, d // split)
   value_axes = context.mesh_axes('values', n)
   if not value_axes:
-    return sparse_lookup(view(values), indices, weights, impl=impl, scatter=scatter,
-                         checked=checked)
-  kernels, indices = _prepare(values, indices, n * split, impl, scatter, checked)
+    return sparse_lookup(view(values), indices, weights, bags=bags, num_bags=num_bags,
+                         impl=impl, scatter=scatter, checked=checked)
+  kernels, indices, bags = _prepare(values, indices, bags, num_bags, n * split, impl, scatter,
+                                    checked)
   mesh, _ = context.current()
   batch_axes = context.mesh_axes('batch')
   shared = tuple(a for a in value_axes if a in batch_axes)  # split both rows and tokens
@@ -194,22 +234,23 @@ def sharded_sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Ar
   t = indices.shape[0]
   shards = math.prod(mesh.shape[a] for a in batch_axes)
   pad = -t % shards
-  indices = jnp.pad(indices, ((0, pad), (0, 0)))
-  weights = jnp.pad(weights, ((0, pad), (0, 0)))
+  tokens = [jnp.pad(a, ((0, pad), (0, 0))) for a in (indices, weights, bags) if a is not None]
   rows_per_shard = n * split // math.prod(mesh.shape[a] for a in value_axes)
   token_spec = P(batch_axes or None, None)
 
-  def local(values, indices, weights):
+  def local(values, indices, weights, bags=None):
     values = view(values)
     if shared:
-      indices = jax.lax.all_gather(indices, shared, axis=0, tiled=True)
-      weights = jax.lax.all_gather(weights, shared, axis=0, tiled=True)
+      indices, weights, bags = (None if a is None else
+                                jax.lax.all_gather(a, shared, axis=0, tiled=True)
+                                for a in (indices, weights, bags))
     if others and check_vma:  # the table is replicated there: its gradient is summed
       values = jax.lax.pcast(values, others, to='varying')
     lo = jax.lax.axis_index(value_axes) * rows_per_shard
     mine = (indices >= lo) & (indices < lo + rows_per_shard)
-    out = _lookup(values, jnp.where(mine, indices - lo, 0),
-                  jnp.where(mine, weights, jnp.zeros_like(weights)), kernels, scatter)
+    out = _bagged_lookup(values, jnp.where(mine, indices - lo, 0),
+                         jnp.where(mine, weights, jnp.zeros_like(weights)), bags, num_bags,
+                         kernels, scatter)
     if shared:
       out = jax.lax.psum_scatter(out, shared, scatter_dimension=0, tiled=True)
     if rest:
@@ -220,6 +261,7 @@ def sharded_sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Ar
   # loop carry loses them), so the kernels run with the checks off; the table gradient
   # is then summed over `others` by shard_map's own transpose of a replicated input.
   check_vma = kernels == 'xla'
-  out = jax.shard_map(local, mesh=mesh, in_specs=(P(value_axes, None), token_spec, token_spec),
-                      out_specs=token_spec, check_vma=check_vma)(values, indices, weights)
+  in_specs = (P(value_axes, None),) + (token_spec,) * len(tokens)
+  out = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=token_spec,
+                      check_vma=check_vma)(values, *tokens)
   return out[:t]
