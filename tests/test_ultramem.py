@@ -104,6 +104,22 @@ def test_gradients_reach_every_weight_and_match_finite_differences():
     np.testing.assert_allclose(analytic, numeric, rtol=1e-6)
 
 
+@pytest.mark.parametrize('impl', ['xla', 'interpret'])
+def test_read_sums_each_groups_values_slice_by_core(impl):
+  """IVE and multi-core scoring: bag (t, group, slice i) = Σ score_i · slice i of the value."""
+  layer = make_layer(num_values=64, value_dim=128, num_cores=2, lookup_impl=impl)
+  e, c, (t, h, k) = 4, 2, (5, 2, 8)
+  keys = jax.random.split(jax.random.key(3), 3)
+  physical = jax.random.randint(keys[0], (t, h, k), 0, 64)
+  group = jax.random.randint(keys[1], (t, h, k), 0, e)
+  weights = jax.random.normal(keys[2], (t, h, k, c))
+  rows = layer.values[...].reshape(64, c, -1)[physical]  # t h k c d
+  want = jnp.einsum('thke,thkc,thkcd->tecd', jax.nn.one_hot(group, e), weights, rows)
+  got = nnx.jit(lambda m, *a: m.read(*a))(layer, physical, group, weights)
+  np.testing.assert_allclose(got, want.reshape(t, -1),
+                             rtol=1e-5, atol=1e-6)
+
+
 def test_table_sharded_over_four_devices_matches_one_device():
   cfg = mesh_config(tiny_config(), data=2, fsdp=2, tensor=2)
   mesh = make_mesh(cfg)

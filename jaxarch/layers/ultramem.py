@@ -42,9 +42,10 @@ Choices where the paper leaves room, stated once here:
   sets it) recomputes them from `stop_gradient(ΣC_i)` before scoring, flipping their sign
   to agree with the stored vectors.
 - Heads share the value table and their reads are summed into the same bags.
-- IVE bags are computed as `E·c` lookups of `H·k` entries each (entries of other groups
-  weigh 0), so the XLA reference gathers E times the rows it needs; a kernel that skips
-  zero weights removes that.
+- IVE groups are the bags of one lookup (`sparse_lookup(..., bags=group)`): `c` lookup
+  rows of `H·k` entries per token, each entry summed into its group's bag, so every
+  selected value row is read once (not `E·c` rows of `H·k` slots, `E − 1` of every `E`
+  weighing 0).
 
 Reported through `jaxarch.layers.signals`: aux loss `aux_loss_weight · tucker_aux` (only
 when the weight is > 0); metrics `tucker_aux` (unweighted), `score_entropy` (entropy of
@@ -287,19 +288,21 @@ class UltraMem(nnx.Module):
   def read(self, physical: jax.Array, group: jax.Array, weights: jax.Array) -> jax.Array:
     """Per-group, per-core weighted value sums: [t, h, k] x2, [t, h, k, c] -> [t, E·d_v].
 
-    The table is viewed as [N·c, d_v/c] (row p·c + i is slice i of value p): bag row
-    (t, g, i) sums slice i of the values of group g, weighted by core i's score.
+    The table is viewed as [N·c, d_v/c] (row p·c + i is slice i of value p): lookup row
+    (t, i) reads slice i of the token's H·k values, weighted by core i's score, into the
+    bag of each value's group.
     """
     t, h, k, c = weights.shape
     e = self.expansion
-    in_group = group[..., None] == jnp.arange(e)  # t h k e
-    w = jnp.einsum('thkc,thke->techk', weights, in_group.astype(weights.dtype))
     idx = physical[:, None] * c + jnp.arange(c)[None, :, None, None]  # t c h k
-    idx = jnp.broadcast_to(idx[:, None], (t, e, c, h, k))
-    bags = sharded_sparse_lookup(self.values[...], idx.reshape(t * e * c, h * k),
-                                 w.reshape(t * e * c, h * k), split=c, impl=self.lookup_impl,
-                                 scatter=self.lookup_scatter)
-    return bags.reshape(t, e * self.value_dim)
+    bags = jnp.broadcast_to(group[:, None], idx.shape) if e > 1 else None
+    out = sharded_sparse_lookup(
+        self.values[...], idx.reshape(t * c, h * k),
+        weights.transpose(0, 3, 1, 2).reshape(t * c, h * k),
+        bags=None if bags is None else bags.reshape(t * c, h * k), num_bags=e, split=c,
+        impl=self.lookup_impl, scatter=self.lookup_scatter)  # (t c) [e] (d_v/c)
+    out = out.reshape(t, c, e, self.value_dim // c)
+    return out.transpose(0, 2, 1, 3).reshape(t, e * self.value_dim)
 
   def tucker_aux_loss(self) -> jax.Array:
     """mean(relu(σ_2..r − τ)²) over heads of the singular values of ΣC_i."""
