@@ -19,6 +19,11 @@ The grid is the UltraMem reference setting and around it: K = heads · top_k (2 
 160 in the authors' release), D = a value row slice (d_v / cores = 192), N up to 2^24
 rows (the 151m preset has 1104² · 2 = 2.4M slices per layer; 2^24 bf16 rows of 192 are
 6 GiB).
+
+A second table times UltraMem's IVE read, forward and backward together, both ways: one
+lookup whose entries go to E bags (`bags=`, what the layer runs) against E lookups of all
+K slots, those of other bags weighing 0 (what it ran before). Ratio = E lookups' time /
+bags' time, per implementation; `max_rel_error` compares the two (output and gradients).
 """
 
 import argparse
@@ -38,6 +43,12 @@ GRIDS = {
         (8192, 32, 192, 1 << 20), (8192, 160, 192, 1 << 20), (65536, 160, 192, 1 << 22),
         (16384, 160, 384, 1 << 24), (65536, 32, 256, 1 << 24), (4096, 256, 64, 1 << 26)]],
     'cpu': [(256, 32, 128, 1 << 14, 'float32'), (1024, 160, 192, 1 << 16, 'bfloat16')],
+}
+# (T, K, D, N, dtype, E): UltraMem's lookup rows (tokens · cores), H·k entries, IVE groups;
+# 'gpu' is the 680m preset (slices of 768 / 2, 1460² · 2 of them) at 16K tokens per device.
+BAG_GRIDS = {
+    'gpu': [(32768, 160, 384, 1 << 22, 'bfloat16', 4)],
+    'cpu': [(1024, 160, 128, 1 << 16, 'float32', 4)],
 }
 
 
@@ -66,6 +77,53 @@ def lookup_fns(impl: str, scatter: str):
     return vjp(g)
 
   return forward, backward
+
+
+def ive_read_fns(impl: str, num_bags: int):
+  """(bags, E lookups): fn(values, indices, weights, bags, cot) -> (out, grad_values,
+  grad_weights), each jitted."""
+  def bagged(v, i, w, b):
+    return sparse_lookup(v, i, w, bags=b, num_bags=num_bags, impl=impl)
+
+  def each_bag(v, i, w, b):
+    t, k = i.shape
+    in_bag = b[:, None] == jnp.arange(num_bags)[:, None]  # t e k
+    out = sparse_lookup(v, jnp.broadcast_to(i[:, None], in_bag.shape).reshape(-1, k),
+                        jnp.where(in_bag, w[:, None], 0).reshape(-1, k), impl=impl)
+    return out.reshape(t, num_bags, -1)
+
+  def with_grads(lookup):
+    def fn(v, i, w, b, g):
+      out, vjp = jax.vjp(lambda v, w: lookup(v, i, w, b), v, w)
+      return (out, *vjp(g))
+    return jax.jit(fn)
+
+  return with_grads(bagged), with_grads(each_bag)
+
+
+def ive_read_table(grid, impls, iters: int):
+  """Times the IVE read both ways (module doc) -> (records, rows)."""
+  records, rows = [], []
+  for t, k, d, n, dtype, e in grid:
+    values, indices, weights, _ = case(t, k, d, n, jnp.dtype(dtype))
+    keys = jax.random.split(jax.random.key(1), 2)
+    bags = jax.random.randint(keys[0], (t, k), 0, e, jnp.int32)
+    cot = jax.random.normal(keys[1], (t, e, d), values.dtype)
+    inputs = (values, indices, weights, bags, cot)
+    record = dict(T=t, K=k, D=d, N=n, dtype=dtype, E=e)
+    for impl in impls:
+      bagged, each_bag = ive_read_fns(impl, e)
+      record[f'{impl}_bags_s'] = timed(bagged, *inputs, iters=iters)
+      record[f'{impl}_each_bag_s'] = timed(each_bag, *inputs, iters=iters)
+      record[f'{impl}_ratio'] = record[f'{impl}_each_bag_s'] / record[f'{impl}_bags_s']
+      record[f'{impl}_max_rel_error'] = max_rel_error(bagged(*inputs), each_bag(*inputs))
+      rows.append([str(t), str(k), str(d), f'2^{n.bit_length() - 1}', dtype, str(e), impl,
+                   f'{record[f"{impl}_bags_s"] * 1e3:.2f}',
+                   f'{record[f"{impl}_each_bag_s"] * 1e3:.2f}',
+                   f'{record[f"{impl}_ratio"]:.2f}', f'{record[f"{impl}_max_rel_error"]:.1e}'])
+    records.append(record)
+    del values, indices, weights, bags, cot, inputs
+  return records, rows
 
 
 def main(argv=None):
@@ -132,6 +190,12 @@ def main(argv=None):
        ['T', 'K', 'D', 'N', 'dtype', 'xla fwd ms', 'pallas fwd ms', 'fwd GB/s', 'of copy',
         'fwd ×', 'xla bwd ms', 'bwd × sorted', 'bwd × atomic', 'max rel. error'], rows, data,
        args.out)
+
+  bag_impls = ['xla', 'pallas'] if on_accelerator else ['xla']
+  data['ive_read'], rows = ive_read_table(BAG_GRIDS[args.grid], bag_impls, args.iters)
+  emit(f'UltraMem IVE read, forward + backward, on {device.device_kind}: bags vs one '
+       'lookup per bag', ['T', 'K', 'D', 'N', 'dtype', 'E', 'impl', 'bags ms',
+                          'E lookups ms', 'ratio', 'max rel. error'], rows, data, args.out)
   return data
 
 

@@ -83,6 +83,7 @@ def test_mfu_benchmark_tables_each_case(tmp_path):
 
 def test_sparse_lookup_benchmark_times_the_xla_path_on_cpu(tmp_path, monkeypatch):
   monkeypatch.setitem(sparse_lookup.GRIDS, 'cpu', [(40, 5, 64, 100, 'float32')])
+  monkeypatch.setitem(sparse_lookup.BAG_GRIDS, 'cpu', [(40, 6, 64, 100, 'float32', 3)])
   out = tmp_path / 'sparse_lookup.json'
   sparse_lookup.main(['--iters=1', f'--out={out}'])
   data = json.loads(out.read_text())
@@ -91,6 +92,9 @@ def test_sparse_lookup_benchmark_times_the_xla_path_on_cpu(tmp_path, monkeypatch
   assert record['forward_bytes'] == 40 * 5 * 64 * 4 + 40 * 64 * 4 + 2 * 40 * 5 * 4
   assert record['xla_forward_s'] > 0 and record['xla_atomic_backward_s'] > 0
   assert record['xla_atomic_max_rel_error'] < 1e-5  # each path is checked against the first
+  (ive,) = data['ive_read']  # the IVE read both ways, the same sums
+  assert ive['xla_ratio'] == pytest.approx(ive['xla_each_bag_s'] / ive['xla_bags_s'])
+  assert ive['xla_max_rel_error'] < 1e-5
 
 
 def test_moe_benchmark_times_three_layers_per_case(tmp_path, monkeypatch):
