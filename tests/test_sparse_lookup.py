@@ -293,6 +293,22 @@ def test_bags_equal_the_naive_bagged_sum(impl, scatter, shape):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize('impl', ['xla', 'interpret'])
+def test_bags_under_vmap(impl):
+  values, indices, weights, bags, _ = bagged_case(50, 64, 12, 4, 3)
+  batched = lambda a: a.reshape(3, 4, 4)
+  one = lambda v, i, w, b: sparse_lookup(v, i, w, bags=b, num_bags=3, impl=impl)
+  many = jax.vmap(one, (None, 0, 0, 0))
+  got = jax.jit(many)(values, *map(batched, (indices, weights, bags)))
+  want = bagged_reference(values, indices, weights, bags, 3)
+  np.testing.assert_allclose(got.reshape(want.shape), want, rtol=1e-5, atol=1e-5)
+  grad = jax.jit(jax.grad(lambda v: jnp.sum(many(v, *map(batched, (indices, weights, bags)))
+                                            ** 2)))(values)
+  want_grad = jax.grad(lambda v: jnp.sum(bagged_reference(v, indices, weights, bags, 3)
+                                         ** 2))(values)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_bags_are_a_clear_error():
   values, indices, weights = random_case()
   with pytest.raises(ValueError, match=r'bags must be integers shaped like indices'):
@@ -301,6 +317,8 @@ def test_bad_bags_are_a_clear_error():
     sparse_lookup(values, indices, weights, bags=weights, num_bags=2)
   with pytest.raises(ValueError, match=r'num_bags must be a positive int, got 0'):
     sparse_lookup(values, indices, weights, bags=indices, num_bags=0)
+  with pytest.raises(ValueError, match=r'num_bags=3 needs bags'):
+    sparse_lookup(values, indices, weights, num_bags=3)
 
 
 def table_all_gathers(hlo: str, n: int, d: int) -> list[str]:

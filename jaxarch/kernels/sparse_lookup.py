@@ -15,7 +15,7 @@ to `out[t, bags[t, k]]`; `g[t]` above is then `g[t, bags[t, k]]`. This is UltraM
 where a token's entries fall in E groups: one lookup of the token's K entries instead of
 E lookups of K slots each, E-1 of every E weighing 0 (which would still be E× the loop
 steps, the sort keys of the sorted scatter and the `grad_weights` dots). The XLA and GPU
-kernels take bags; the TPU kernels run the E lookups (zero weights are skipped there too).
+kernels take bags; the TPU kernels run the E lookups (E× the row DMAs: not yet measured).
 
 **Implementations** (`impl`): `'xla'` is the pure-JAX reference (`lookup_xla`);
 `'pallas'` runs the Pallas kernels of the platform, Triton on GPU (`lookup_triton`) and
@@ -35,12 +35,13 @@ read or written. `checked=True` also reports them through `jax.experimental.chec
 logical_mesh`, the table's rows are split over the mesh axes that the logical axis
 `values` maps to (e.g. `fsdp × tensor`), tokens over the `batch` axes (e.g. `data ×
 fsdp`). Under `shard_map` each device:
-1. all-gathers the indices and weights of its token block over the value axes that also
-   split the batch (`fsdp`), so it sees every token whose lookups its rows may serve;
+1. all-gathers the indices and weights (and bags) of its token block over the value axes
+   that also split the batch (`fsdp`), so it sees every token whose lookups its rows may
+   serve;
 2. computes partial sums from the rows it owns, `[lo, hi)`: other indices get weight 0
    (which the Pallas kernels skip: no row is read for them);
-3. reduce-scatters the `[T, D]` partial outputs back over those axes and `psum`s them
-   over the value axes that do not split the batch (`tensor`).
+3. reduce-scatters the `[T, D]` (with bags `[T, B, D]`) partial outputs back over those
+   axes and `psum`s them over the value axes that do not split the batch (`tensor`).
 Communicated: indices and weights (`[T, K]`) and outputs (`[T, D]`), never the table;
 autodiff through `shard_map` gives the backward, where the table gradient stays sharded
 and the output cotangent is all-gathered over the same axes (the table-shard gradient is
@@ -52,6 +53,7 @@ value *width* (Meta's memory layers) is the other design, not implemented here.
 
 import functools
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -98,12 +100,16 @@ def _prepare(values, indices, bags, num_bags, num_rows, impl, scatter, checked):
     raise ValueError(f'sparse_lookup: scatter={scatter!r}; expected one of {SCATTERS}')
   if not jnp.issubdtype(indices.dtype, jnp.integer):
     raise ValueError(f'sparse_lookup: indices must be integers, got {indices.dtype}')
-  if bags is not None:
+  if bags is None:
+    if num_bags != 1:
+      raise ValueError(f'sparse_lookup: num_bags={num_bags!r} needs bags (which bag each '
+                       'entry adds to)')
+  else:
     bags = jnp.asarray(bags)
     if bags.shape != indices.shape or not jnp.issubdtype(bags.dtype, jnp.integer):
       raise ValueError(f'sparse_lookup: bags must be integers shaped like indices '
                        f'{indices.shape}, got {bags.dtype}{list(bags.shape)}')
-    if not isinstance(num_bags, int) or num_bags < 1:
+    if isinstance(num_bags, bool) or not isinstance(num_bags, numbers.Integral) or num_bags < 1:
       raise ValueError(f'sparse_lookup: num_bags must be a positive int, got {num_bags!r}')
     if checked:
       checkify.debug_check(jnp.all((bags >= 0) & (bags < num_bags)),
