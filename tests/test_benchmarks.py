@@ -127,6 +127,20 @@ def test_moe_benchmark_times_three_layers_per_case(tmp_path, monkeypatch):
   assert moe.mfu_overrides(failed, ['interpret']) == ['model.moe.matmul_impl=xla']
 
 
+def test_an_mfu_case_whose_kernels_fail_is_measured_again_on_xla(monkeypatch):
+  def measure(cfg, **_):  # as lookup kernels that do not compile on some device
+    if cfg.model.family == 'dense' or cfg.model.ultramem.lookup_impl != 'xla':
+      raise RuntimeError('Triton compile failed')
+    return {'step_time_s': 1.0}
+
+  monkeypatch.setattr(mfu, 'measure', measure)
+  result = mfu.run_case('ultramem:tiny:4:none', steps=1)
+  assert result['step_time_s'] == 1.0 and 'Triton compile failed' in result['kernels_failed']
+  assert result['overrides'][-1] == 'model.ultramem.lookup_impl=xla'
+  failed = mfu.run_case('dense:tiny:4:none', steps=1)  # no other path: the error stays
+  assert failed['error'] == 'failed: RuntimeError' and 'kernels_failed' not in failed
+
+
 def test_a_moe_layer_that_fails_costs_its_cells_only(tmp_path, monkeypatch):
   class NoCapacity(moe.MoE):  # as a kernel that does not compile on some device
     def __call__(self, x):
