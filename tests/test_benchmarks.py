@@ -97,6 +97,14 @@ def test_sparse_lookup_benchmark_times_the_xla_path_on_cpu(tmp_path, monkeypatch
   assert ive['xla_max_rel_error'] < 1e-5
 
 
+def test_ive_read_kernels_that_fail_cost_their_row_only(monkeypatch):
+  def fails(*_):
+    raise RuntimeError('no Triton here')
+  monkeypatch.setattr(sparse_lookup, 'ive_read_fns', lambda impl, e: (fails, fails))
+  records, rows = sparse_lookup.ive_read_table([(8, 4, 64, 16, 'float32', 2)], ['xla'], 1)
+  assert 'no Triton here' in records[0]['xla_error'] and rows[0][-4:] == ['–'] * 4
+
+
 def test_moe_benchmark_times_three_layers_per_case(tmp_path, monkeypatch):
   monkeypatch.setitem(moe.GRIDS, 'cpu', dict(
       d_model=16, expert_d_ff=8, top_k=2, experts=(4,), tokens=(32,), matmul_tokens=(32,),
