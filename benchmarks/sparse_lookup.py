@@ -20,10 +20,11 @@ The grid is the UltraMem reference setting and around it: K = heads · top_k (2 
 rows (the 151m preset has 1104² · 2 = 2.4M slices per layer; 2^24 bf16 rows of 192 are
 6 GiB).
 
-A second table times UltraMem's IVE read, forward and backward together, both ways: one
+A first table times UltraMem's IVE read, forward and backward together, both ways: one
 lookup whose entries go to E bags (`bags=`, what the layer runs) against E lookups of all
 K slots, those of other bags weighing 0 (what it ran before). Ratio = E lookups' time /
 bags' time, per implementation; `max_rel_error` compares the two (output and gradients).
+The JSON is written after each case, so a run cut off by a time limit keeps what it did.
 """
 
 import argparse
@@ -33,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from report import emit, max_rel_error, timed, timed_or_error
+from report import emit, max_rel_error, save, timed, timed_or_error
 
 from jaxarch.kernels import sparse_lookup
 
@@ -147,7 +148,16 @@ def main(argv=None):
     print('CPU: timing the XLA path only (the Pallas kernels need a GPU or TPU)')
   copy_bw = copy_bandwidth(args.iters, gib=1.0 if on_accelerator else 0.125)
 
-  records, rows = [], []
+  data = dict(device=str(device), device_kind=device.device_kind, platform=device.platform,
+              jax_version=jax.__version__, copy_bandwidth=copy_bw,
+              pallas_timed=on_accelerator, ive_read=[], records=[])
+  bag_impls = ['xla', 'pallas'] if on_accelerator else ['xla']
+  data['ive_read'], rows = ive_read_table(BAG_GRIDS[args.grid], bag_impls, args.iters)
+  emit(f'UltraMem IVE read, forward + backward, on {device.device_kind}: bags vs one '
+       'lookup per bag', ['T', 'K', 'D', 'N', 'dtype', 'E', 'impl', 'bags ms',
+                          'E lookups ms', 'ratio', 'max rel. error'], rows, data, args.out)
+
+  rows = []
   for t, k, d, n, dtype in GRIDS[args.grid]:
     values, indices, weights, cot = case(t, k, d, n, jnp.dtype(dtype))
     item = values.dtype.itemsize
@@ -176,7 +186,8 @@ def main(argv=None):
       xla_bwd = min(times['xla_sorted_backward_s'], times['xla_atomic_backward_s'])
       for scatter in ('sorted', 'atomic'):
         record[f'backward_ratio_{scatter}'] = xla_bwd / times[f'pallas_{scatter}_backward_s']
-    records.append(record)
+    data['records'].append(record)
+    save(data, args.out)
     fmt = lambda key: f'{record[key]:.2f}' if key in record else '-'
     rows.append([str(t), str(k), str(d), f'2^{n.bit_length() - 1}', dtype,
                  f'{times["xla_forward_s"] * 1e3:.3f}',
@@ -188,19 +199,10 @@ def main(argv=None):
                  f'{max(errors.values()):.1e}' if errors else '-'])
     del values, indices, weights, cot
 
-  data = dict(device=str(device), device_kind=device.device_kind, platform=device.platform,
-              jax_version=jax.__version__, copy_bandwidth=copy_bw,
-              pallas_timed=on_accelerator, records=records)
   emit(f'sparse_lookup on {device.device_kind} (copy bandwidth {copy_bw / 1e9:.1f} GB/s)',
        ['T', 'K', 'D', 'N', 'dtype', 'xla fwd ms', 'pallas fwd ms', 'fwd GB/s', 'of copy',
         'fwd ×', 'xla bwd ms', 'bwd × sorted', 'bwd × atomic', 'max rel. error'], rows, data,
        args.out)
-
-  bag_impls = ['xla', 'pallas'] if on_accelerator else ['xla']
-  data['ive_read'], rows = ive_read_table(BAG_GRIDS[args.grid], bag_impls, args.iters)
-  emit(f'UltraMem IVE read, forward + backward, on {device.device_kind}: bags vs one '
-       'lookup per bag', ['T', 'K', 'D', 'N', 'dtype', 'E', 'impl', 'bags ms',
-                          'E lookups ms', 'ratio', 'max rel. error'], rows, data, args.out)
   return data
 
 

@@ -100,6 +100,7 @@ def test_documents_start_on_patch_boundaries_in_packed_rows(data_dir):
   assert (inputs[segments > 0] < 258).all()
 
 
+@pytest.mark.slow  # 60 train steps on 8 devices (1 min); the dense learning test is default
 def test_tiny_megabyte_learns_on_the_default_corpus(tmp_path, data_dir):
   # From ~8.6 bpb at initialisation to under 4.5 in 60 steps, like the dense test.
   cfg = mesh_config(_cfg('tiny', f'data.data_dir={data_dir}', 'train.steps=60',
