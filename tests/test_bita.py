@@ -71,7 +71,8 @@ class OracleBita(Bita):
 
 
 @pytest.mark.parametrize('family, levels_right',
-                         [('dense', 3), ('dense', 1), ('moe', 3), ('ultramem', 1)])
+                         [('dense', 3), ('dense', 1), ('moe', 3),
+                          pytest.param('ultramem', 1, marks=pytest.mark.slow)])
 def test_accepted_tokens_per_pass_on_a_hand_made_oracle(family, levels_right):
   # The first pass has no drafts yet and produces 1 token; each later pass accepts the
   # right levels plus the bonus token. Equal output also shows that the caches keep
@@ -134,7 +135,7 @@ def test_bita_needs_a_bita_model_and_a_tree_within_its_masks():
 MESHES = {'dense': dict(data=2, fsdp=2, tensor=2), 'moe': dict(data=2, expert=4)}
 
 
-@pytest.mark.parametrize('family', sorted(MESHES))
+@pytest.mark.parametrize('family', ['dense', pytest.param('moe', marks=pytest.mark.slow)])
 def test_sharded_bita_decoding_equals_greedy(family):
   cfg = family_config(family, **MESHES[family])
   with cfg.unlocked():

@@ -31,7 +31,7 @@ def _allocated_bytes_on_device_0(tree) -> int:
 
 
 @pytest.mark.parametrize('spec, mesh', [
-    ('configs/dense.py:tiny', dict(fsdp=8)),
+    pytest.param('configs/dense.py:tiny', dict(fsdp=8), marks=pytest.mark.slow),
     ('configs/moe.py:tiny', dict(fsdp=4, expert=2)),
     ('configs/ultramem.py:tiny', dict(fsdp=2, tensor=4)),
 ])

@@ -182,15 +182,17 @@ def test_jit_and_vmap(impl):
   values, indices, weights, _ = kernel_case(50, 64, 30, 4, jnp.float32)
   indices, weights = indices.reshape(3, 10, 4), weights.reshape(3, 10, 4)
   one = lambda v, i, w: sparse_lookup(v, i, w, impl=impl)
-  want = jnp.stack([one(values, indices[b], weights[b]) for b in range(3)])
+  one_jitted = jax.jit(one)  # the references, one batch element at a time
+  want = jnp.stack([one_jitted(values, indices[b], weights[b]) for b in range(3)])
   shared_table = jax.jit(jax.vmap(one, (None, 0, 0)))(values, indices, weights)
   np.testing.assert_allclose(shared_table, want, rtol=1e-5, atol=1e-5)
   tables = jnp.stack([values, 2 * values, -values])
   per_table = jax.jit(jax.vmap(one))(tables, indices, weights)
   np.testing.assert_allclose(per_table[1], 2 * want[1], rtol=1e-5, atol=1e-5)
-  grads = jax.grad(lambda v: jax.vmap(one, (None, 0, 0))(v, indices, weights).sum())(values)
-  want_grads = sum(jax.grad(lambda v: one(v, indices[b], weights[b]).sum())(values)
-                   for b in range(3))
+  grads = jax.jit(jax.grad(lambda v: jax.vmap(one, (None, 0, 0))(v, indices, weights).sum()))(
+      values)
+  grad_one = jax.jit(jax.grad(lambda v, i, w: one_jitted(v, i, w).sum()))
+  want_grads = sum(grad_one(values, indices[b], weights[b]) for b in range(3))
   np.testing.assert_allclose(grads, want_grads, rtol=1e-5, atol=1e-5)
 
 

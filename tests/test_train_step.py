@@ -41,6 +41,7 @@ def test_eight_device_step_equals_one_device_step():
                one_params, eight_params)
 
 
+@pytest.mark.slow  # 36 s; by default accumulation runs in tests/test_memory.py
 def test_accumulated_microbatches_give_the_full_batch_step():
   # Dense: the same loss and update to float precision, whatever the microbatches' tokens.
   full = tiny_config(**{'model.dtype': 'float32', 'train.batch_size': 16})
@@ -76,7 +77,8 @@ def test_accumulated_moe_steps_report_the_batch_s_tokens_and_aux_losses():
         'train.batch_size=16', 'train.grad_accum_steps=4']), data=8), num_devices=8)
 
 
-@pytest.mark.parametrize('mu_dtype', ['float32', 'bfloat16'])  # Adam's first moment
+@pytest.mark.parametrize('mu_dtype', [  # Adam's first moment; float32 is the default
+    'float32', pytest.param('bfloat16', marks=pytest.mark.slow)])
 def test_loss_decreases_when_overfitting_one_batch(mu_dtype):
   cfg = mesh_config(tiny_config(**{'train.lr': 1e-2, 'train.warmup_steps': 1,
                                    'train.mu_dtype': mu_dtype}), data=8)
