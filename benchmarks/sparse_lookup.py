@@ -37,6 +37,7 @@ import numpy as np
 from report import emit, max_rel_error, save, timed, timed_or_error
 
 from jaxarch.kernels import sparse_lookup
+from jaxarch.kernels.sparse_lookup import one_lookup_per_bag
 
 GRIDS = {
     # (T, K, D, N, dtype)
@@ -87,11 +88,8 @@ def ive_read_fns(impl: str, num_bags: int):
     return sparse_lookup(v, i, w, bags=b, num_bags=num_bags, impl=impl)
 
   def each_bag(v, i, w, b):
-    t, k = i.shape
-    in_bag = b[:, None] == jnp.arange(num_bags)[:, None]  # t e k
-    out = sparse_lookup(v, jnp.broadcast_to(i[:, None], in_bag.shape).reshape(-1, k),
-                        jnp.where(in_bag, w[:, None], 0).reshape(-1, k), impl=impl)
-    return out.reshape(t, num_bags, -1)
+    out = sparse_lookup(v, *one_lookup_per_bag(i, w, b, num_bags), impl=impl)
+    return out.reshape(i.shape[0], num_bags, -1)
 
   def with_grads(lookup):
     def fn(v, i, w, b, g):

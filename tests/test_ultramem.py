@@ -116,8 +116,7 @@ def test_read_sums_each_groups_values_slice_by_core(impl):
   rows = layer.values[...].reshape(64, c, -1)[physical]  # t h k c d
   want = jnp.einsum('thke,thkc,thkcd->tecd', jax.nn.one_hot(group, e), weights, rows)
   got = nnx.jit(lambda m, *a: m.read(*a))(layer, physical, group, weights)
-  np.testing.assert_allclose(got, want.reshape(t, -1),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got, want.reshape(t, -1), rtol=1e-5, atol=1e-6)
 
 
 def test_table_sharded_over_four_devices_matches_one_device():

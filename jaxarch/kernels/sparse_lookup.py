@@ -141,17 +141,23 @@ def _interpret(kernels: str):
   return kernels.endswith('_interpret')
 
 
-def _bagged_lookup(values, indices, weights, bags, num_bags, kernels, scatter):
-  """The TPU kernels take no bags: there, bag b is a lookup of all K slots, those of other
-  bags weighing 0."""
-  if bags is None or not kernels.startswith('tpu'):
-    return _lookup(values, indices, weights, bags, kernels, scatter, num_bags)
+def one_lookup_per_bag(indices: jax.Array, weights: jax.Array, bags: jax.Array,
+                       num_bags: int) -> tuple[jax.Array, jax.Array]:
+  """Bags as plain lookups: [T, K] x3 -> indices and weights [T·B, K], row t·B + b holding
+  all K slots of token t, those of other bags at weight 0 (E× the slots)."""
   t, k = indices.shape
   in_bag = bags[:, None] == jnp.arange(num_bags)[:, None]  # t b k
-  out = _lookup(values, jnp.broadcast_to(indices[:, None], in_bag.shape).reshape(-1, k),
-                jnp.where(in_bag, weights[:, None], 0).reshape(-1, k), None, kernels,
+  return (jnp.broadcast_to(indices[:, None], in_bag.shape).reshape(t * num_bags, k),
+          jnp.where(in_bag, weights[:, None], 0).reshape(t * num_bags, k))
+
+
+def _bagged_lookup(values, indices, weights, bags, num_bags, kernels, scatter):
+  """The TPU kernels take no bags: there, they run `one_lookup_per_bag`."""
+  if bags is None or not kernels.startswith('tpu'):
+    return _lookup(values, indices, weights, bags, kernels, scatter, num_bags)
+  out = _lookup(values, *one_lookup_per_bag(indices, weights, bags, num_bags), None, kernels,
                 scatter, 1)
-  return out.reshape(t, num_bags, -1)
+  return out.reshape(indices.shape[0], num_bags, -1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))

@@ -295,11 +295,10 @@ class UltraMem(nnx.Module):
     t, h, k, c = weights.shape
     e = self.expansion
     idx = physical[:, None] * c + jnp.arange(c)[None, :, None, None]  # t c h k
-    bags = jnp.broadcast_to(group[:, None], idx.shape) if e > 1 else None
+    bags = jnp.broadcast_to(group[:, None], idx.shape).reshape(t * c, h * k) if e > 1 else None
     out = sharded_sparse_lookup(
         self.values[...], idx.reshape(t * c, h * k),
-        weights.transpose(0, 3, 1, 2).reshape(t * c, h * k),
-        bags=None if bags is None else bags.reshape(t * c, h * k), num_bags=e, split=c,
+        weights.transpose(0, 3, 1, 2).reshape(t * c, h * k), bags=bags, num_bags=e, split=c,
         impl=self.lookup_impl, scatter=self.lookup_scatter)  # (t c) [e] (d_v/c)
     out = out.reshape(t, c, e, self.value_dim // c)
     return out.transpose(0, 2, 1, 3).reshape(t, e * self.value_dim)
