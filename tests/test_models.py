@@ -84,7 +84,7 @@ def test_block_plan_repeats_the_pattern():
   assert block_plan(cfg.model) == ['dense', 'moe', 'dense', 'moe', 'dense']
 
 
-def test_side_layer_reads_after_block_read_and_writes_after_block_write(monkeypatch):
+def test_side_layer_reads_the_ffn_input_of_block_read_and_writes_after_block_write(monkeypatch):
   from jaxarch.models import transformer  # pylint: disable=g-import-not-at-top
   from jaxarch.train.step import run_model  # pylint: disable=g-import-not-at-top
 
@@ -112,12 +112,12 @@ def test_side_layer_reads_after_block_read_and_writes_after_block_write(monkeypa
   segments = jnp.ones_like(tokens)
   positions = jnp.broadcast_to(jnp.arange(12), tokens.shape)
   x = model.embed(tokens)
-  residuals = []
   for i, block in enumerate(model.blocks):
+    if i == 1:  # block 1's FFN input, normed: its residual stream after attention
+      ffn_input = block.mlp_norm(x + block.attn(block.attn_norm(x), positions, segments))
     x = block(x, positions, segments)
     if i == 2:
       x = x + model.side_layers[0].update
-    residuals.append(x)
-  np.testing.assert_allclose(seen, residuals[1], atol=1e-6)  # after block 1, before 2
+  np.testing.assert_allclose(seen, ffn_input, atol=1e-6)
   expected = jnp.einsum('btd,dv->btv', model.final_norm(x), model.head.get_value())
   np.testing.assert_allclose(logits, expected, atol=1e-5)

@@ -5,9 +5,10 @@ model or ('dense', 'moe') for MoE every other layer. Block types live in the `BL
 registry; a new family registers its block here without touching the model or trainer.
 
 Side layers (UltraMem memory layers) are placed by `(read, write)` pairs of block
-indices in `model.<kind>.placement`: the layer reads the residual stream after block
-`read` and its output is added to the residual stream after block `write` (>= read), so
-its lookup can overlap with the blocks in between. Kinds live in the `SIDE_LAYERS`
+indices in `model.<kind>.placement`: the layer reads the normalised FFN input of block
+`read` (the residual stream after its attention, through its FFN's norm; DESIGN.md §7.1)
+and its output is added to the residual stream after block `write` (>= read), so its
+lookup can overlap with the blocks in between. Kinds live in the `SIDE_LAYERS`
 registry. Layers report aux losses and metrics through `jaxarch.layers.signals`.
 """
 
@@ -27,6 +28,8 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float
 # Block type name -> factory(model_cfg, layer_index, rngs) -> block module. A block maps
 # (x [b,t,d], positions [b,t], segment_ids [b,t]) -> x [b,t,d] including its residuals,
 # and takes an optional `layers.layout.Layout` and attention prefix (BiTA) after them.
+# A block that side layers read also splits at its FFN, as `DenseBlock` does:
+# `ffn_input(x, ...) -> (x, normed)` and `ffn(x, normed) -> x`.
 BLOCKS: dict[str, Callable[..., nnx.Module]] = {}
 
 # Config section name -> factory(model_cfg, index, rngs) -> side layer mapping
@@ -57,8 +60,16 @@ class DenseBlock(nnx.Module):
     self.mlp = mlp
 
   def __call__(self, x, positions, segment_ids, layout=None, prefix=None):
+    return self.ffn(*self.ffn_input(x, positions, segment_ids, layout, prefix))
+
+  def ffn_input(self, x, positions, segment_ids, layout=None, prefix=None):
+    """-> (residual stream after attention, its normed copy: the FFN's input, which
+    side layers placed at this block read too)."""
     x = x + self.attn(self.attn_norm(x), positions, segment_ids, layout, prefix)
-    return x + self.mlp(self.mlp_norm(x))
+    return x, self.mlp_norm(x)
+
+  def ffn(self, x, normed):
+    return x + self.mlp(normed)
 
 
 def make_attention(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Attention:
@@ -103,6 +114,11 @@ class Stack(nnx.Module):
     self.remat = cfg.remat
     self.blocks = nnx.List([BLOCKS[kind](cfg, i, rngs) for i, kind in enumerate(block_plan(cfg))])
     self.placement = tuple(side_placement(cfg))
+    for kind, read, _ in self.placement:
+      if not hasattr(self.blocks[read], 'ffn_input'):
+        raise ValueError(f'model.{kind}.placement reads block {read}, a '
+                         f'{block_plan(cfg)[read]!r} block, which has no FFN input to read '
+                         '(`ffn_input`); place the layer at another block')
     self.side_layers = nnx.List([SIDE_LAYERS[kind](cfg, i, rngs)
                                  for i, (kind, _, _) in enumerate(self.placement)])
 
@@ -114,10 +130,16 @@ class Stack(nnx.Module):
     extra = lambda i: () if layout is None else (layout, None if prefixes is None else prefixes[i])
     pending = {}  # side layer index -> its output, waiting for its write block
     for i, block in enumerate(self.blocks):
-      x = self._run_block(block, x, positions, segment_ids, *extra(i))
-      for j, (_, read, write) in enumerate(self.placement):
-        if read == i:
-          pending[j] = self.side_layers[j](x, positions, segment_ids, *extra(i)[:1])
+      readers = [j for j, (_, read, _) in enumerate(self.placement) if read == i]
+      if readers:
+        x, normed = self._remat(type(block).ffn_input, block, x, positions, segment_ids,
+                                *extra(i))
+        for j in readers:
+          pending[j] = self.side_layers[j](normed, positions, segment_ids, *extra(i)[:1])
+        x = self._remat(type(block).ffn, block, x, normed)
+      else:
+        x = self._remat(type(block).__call__, block, x, positions, segment_ids, *extra(i))
+      for j, (_, _, write) in enumerate(self.placement):
         if write == i:
           x = x + pending.pop(j)
     return x
@@ -136,11 +158,11 @@ class Stack(nnx.Module):
     return [m for _, m in nnx.iter_graph(self)
             if m is not self and isinstance(m, nnx.Module) and hasattr(m, method)]
 
-  def _run_block(self, block, x, *args):
+  def _remat(self, method, block, *args):
+    """method(block, *args), rematerialised as `model.remat` says."""
     if self.remat == 'none':
-      return block(x, *args)
-    run = nnx.remat(lambda b, *a: b(*a), policy=remat.POLICIES[self.remat])
-    return run(block, x, *args)
+      return method(block, *args)
+    return nnx.remat(method, policy=remat.POLICIES[self.remat])(block, *args)
 
 
 class Transformer(Stack):

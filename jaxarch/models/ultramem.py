@@ -2,27 +2,26 @@
 
 `model.family = 'ultramem'` builds the same `Transformer` as a dense model; what makes it
 UltraMem is the `model.ultramem` section, whose `placement` puts one memory layer per
-pair: it reads the residual stream after block `read` (through its own RMSNorm) and adds
-its output to the residual stream after block `write`.
+pair: it reads the normalised FFN input of block `read` (what that block's FFN reads,
+DESIGN.md §7.1) and adds its output to the residual stream after block `write`.
 """
 
 import ml_collections
 from flax import nnx
 
-from jaxarch.layers import RMSNorm
 from jaxarch.layers.ultramem import UltraMem
 from jaxarch.models.transformer import DTYPES, SIDE_LAYERS
 
 
 class MemoryLayer(nnx.Module):
-  """Pre-norm + UltraMem: x [b, t, d] -> update [b, t, d] for the residual stream."""
+  """UltraMem as a side layer: normed x [b, t, d] -> update [b, t, d] for the residual
+  stream."""
 
-  def __init__(self, norm: RMSNorm, memory: UltraMem):
-    self.norm = norm
+  def __init__(self, memory: UltraMem):
     self.memory = memory
 
   def __call__(self, x, positions, segment_ids, layout=None):
-    return self.memory(self.norm(x), segment_ids, positions, layout)
+    return self.memory(x, segment_ids, positions, layout)
 
 
 def memory_layer(cfg: ml_collections.ConfigDict, index: int, rngs: nnx.Rngs) -> MemoryLayer:
@@ -36,9 +35,7 @@ def memory_layer(cfg: ml_collections.ConfigDict, index: int, rngs: nnx.Rngs) -> 
       rank_by_magnitude=u.rank_by_magnitude, lookup_impl=u.lookup_impl,
       lookup_scatter=u.lookup_scatter, permutation_seed=index, dtype=dtype,
       param_dtype=param_dtype, rngs=rngs)
-  norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype,
-                 rngs=rngs)
-  return MemoryLayer(norm, memory)
+  return MemoryLayer(memory)
 
 
 SIDE_LAYERS['ultramem'] = memory_layer
