@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import devices, make_batch, mesh_config, tiny_config
+from jaxarch import data
 from jaxarch.parallel import global_batch, make_mesh
 from jaxarch.train import checkpoint
 from jaxarch.train.checkpoint import Checkpointer, CheckpointError
@@ -113,7 +114,7 @@ def test_checkpoint_of_another_model_is_an_error_not_skipped(tmp_path):
 # Reading the damaged files fails inside orbax, whose pending reads then call back into
 # its closed event loop ("Event loop is closed", unraisable): orbax's clean-up, not ours.
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
-def test_corrupt_or_partial_latest_checkpoint_is_moved_aside_and_the_previous_restored(
+def test_corrupt_or_partial_latest_checkpoint_is_skipped_moved_aside_by_the_trainer(
     tmp_path, caplog, monkeypatch):
   cfg, setup, state = _two_checkpoints(tmp_path)  # one setup serves both faults
   # Both faults within one second: the second copy moved aside must not land in the first.
@@ -134,9 +135,12 @@ def test_corrupt_or_partial_latest_checkpoint_is_moved_aside_and_the_previous_re
 
   ckpt = Checkpointer(tmp_path)
   for n, damage in enumerate((garbage, partial), start=1):
-    caplog.clear()
     damage()
-    restored, at = ckpt.restore(setup.abstract_state)
+    caplog.clear()
+    assert ckpt.restore(setup.abstract_state)[1] == 1  # a reader: skipped, left in place
+    assert 'unreadable' in caplog.text and (tmp_path / 'checkpoints' / '2').is_dir()
+    caplog.clear()
+    restored, at = ckpt.restore(setup.abstract_state, move_aside=True)  # the trainer
     assert at == 1 and 'unreadable' in caplog.text, damage.__name__
     _assert_trees_equal(restored['params'], init_state(cfg, setup)['params'])  # step 1's
     assert not (tmp_path / 'checkpoints' / '2').exists()
@@ -148,6 +152,56 @@ def test_corrupt_or_partial_latest_checkpoint_is_moved_aside_and_the_previous_re
   again = Checkpointer(tmp_path)
   assert again.restore(setup.abstract_state)[1] == 2
   again.close()
+
+
+def test_running_out_of_memory_while_restoring_is_an_error_that_keeps_the_checkpoint(
+    tmp_path, monkeypatch):
+  _, setup, _ = _two_checkpoints(tmp_path)
+  ckpt = Checkpointer(tmp_path)
+
+  def out_of_memory(*args, **kwargs):
+    raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GiB')
+
+  monkeypatch.setattr(ckpt.manager, 'restore', out_of_memory)
+  with pytest.raises(CheckpointError, match='ran out of device memory.*kept'):
+    ckpt.restore(setup.abstract_state, move_aside=True)
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['1', '2']
+
+
+def test_data_positions_of_another_process_count_leave_the_iterator_and_restore_the_state(
+    tmp_path, data_dir, caplog):
+  cfg = mesh_config(tiny_config(data_dir), data=8)
+  setup, _ = _setup(cfg)
+  state = init_state(cfg, setup)
+  fresh = lambda: iter(data.make_train_dataset(cfg.data, seed=0, global_batch_size=8))
+  first, saved = fresh(), fresh()
+  first_batch = next(first)
+  next(saved)
+  ckpt = Checkpointer(tmp_path)
+  ckpt.save(1, state, saved)
+  ckpt.close()
+  after_saved = next(saved)
+  for it in (first, saved):
+    it.close()
+
+  def restored_next_batch():
+    it = fresh()
+    try:
+      restored, at = Checkpointer(tmp_path).restore(setup.abstract_state, it)
+      _assert_trees_equal(restored, state)
+      return at, next(it)
+    finally:
+      it.close()
+
+  at, batch = restored_next_batch()  # same process count: the saved position
+  assert at == 1 and (batch['inputs'] == after_saved['inputs']).all()
+  data_files = list((tmp_path / 'checkpoints' / '1' / 'data').glob('process_*.json'))
+  assert [f.name for f in data_files] == ['process_0-of-1.json']
+  data_files[0].rename(data_files[0].with_name('process_0-of-2.json'))  # saved by 2
+  caplog.clear()
+  at, batch = restored_next_batch()
+  assert at == 1 and (batch['inputs'] == first_batch['inputs']).all()  # afresh
+  assert 'process_0-of-2.json' in caplog.text and 'start afresh' in caplog.text
 
 
 def test_a_full_disk_is_a_one_line_error_naming_the_intact_checkpoint(tmp_path, monkeypatch):

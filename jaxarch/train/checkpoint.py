@@ -3,11 +3,16 @@
 Saves are asynchronous and atomic: Orbax writes a temporary directory and renames it once
 complete, so a save that is interrupted (kill -9, a node lost) leaves no checkpoint behind,
 only the previous ones. A checkpoint that exists but fails to restore (a file truncated or
-garbled on disk) is reported, moved to workdir/corrupt_checkpoints, and the previous one is
-tried, so a run loses at most the work since its last good checkpoint. A checkpoint whose
-arrays do not fit the model (another model's workdir) is an error, never skipped: training
-from scratch over it would lose it. Restoring into the abstract state of the current mesh
-reshards, whatever mesh the checkpoint was written on.
+garbled on disk) is reported and the previous one is tried, so a run loses at most the work
+since its last good checkpoint; the resuming trainer also moves it to
+workdir/corrupt_checkpoints, so that it can write that step again (readers such as
+`evaluate` leave the workdir as it is). Running out of memory while restoring is an error,
+not a sign of corruption. A checkpoint whose arrays do not fit the model (another model's
+workdir) is an error, never skipped: training from scratch over it would lose it.
+Restoring into the abstract state of the current mesh reshards, whatever mesh the
+checkpoint was written on; the data iterators' positions carry over only to the same
+number of processes (each process saves its own), otherwise the state is restored and the
+iterators start afresh, with a warning.
 """
 
 import contextlib
@@ -99,39 +104,62 @@ class Checkpointer:
                             f'{reason}; {intact}. Free space (or fix permissions) and '
                             'rerun to resume.') from e
 
-  def restore(self, abstract_state: dict, data_iterator=None, *, step: int | None = None):
+  def restore(self, abstract_state: dict, data_iterator=None, *, step: int | None = None,
+              move_aside: bool = False):
     """The newest restorable (state, step), or (None, None) if there is no checkpoint.
 
     `abstract_state` holds ShapeDtypeStructs with the target shardings; the data
     iterator, if given, is set to its saved position in place. A checkpoint of another
-    model raises `CheckpointError`; an unreadable one is moved aside and the previous
-    one tried (with `step` given: raises).
+    model raises `CheckpointError`; an unreadable one is skipped for the previous one
+    (with `step` given: raises), and with `move_aside` (the run that resumes and will
+    write again) moved to workdir/corrupt_checkpoints.
     """
     wanted = _shapes(abstract_state)
     steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
     for s in steps:
-      items = {'state': ocp.args.StandardRestore(abstract_state)}
-      if data_iterator is not None:
-        items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
       try:
         saved = _shapes(self.manager.item_metadata(s)['state'].tree)
         if (why := mismatch(saved, wanted)) is not None:
           raise CheckpointError(f'checkpoint {self.directory / str(s)} is not of this '
                                 f'model: {why}. Use a new --workdir, or the config the '
                                 'checkpoint was trained with.')
+        items = {'state': ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None and self._data_position_fits(s):
+          items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(s, args=ocp.args.Composite(**items))
       except CheckpointError:
         raise
       except Exception as e:  # pylint: disable=broad-except
+        where = self.directory / str(s)
+        if _out_of_memory(e):
+          raise CheckpointError(f'restoring checkpoint {where} ran out of device memory '
+                                f'({_first_line(e)}); the checkpoint is kept. Restore on '
+                                'more devices (--config.mesh.ici.fsdp) or with a smaller '
+                                'state.') from e
         if step is not None:
-          raise CheckpointError(f'checkpoint {self.directory / str(s)} could not be '
-                                f'restored: {type(e).__name__}: {_first_line(e)}') from e
-        log.warning('checkpoint %s is unreadable (%s: %s); moved to %s, trying the '
-                    'previous one', self.directory / str(s), type(e).__name__,
-                    _first_line(e), self._move_aside(s))
+          raise CheckpointError(f'checkpoint {where} could not be restored: '
+                                f'{type(e).__name__}: {_first_line(e)}') from e
+        moved = f'moved to {self._move_aside(s)}, ' if move_aside else ''
+        log.warning('checkpoint %s is unreadable (%s: %s); %strying the previous one', where,
+                    type(e).__name__, _first_line(e), moved)
         continue
       return restored['state'], s
     return None, None
+
+  def _data_position_fits(self, step: int) -> bool:
+    """Whether checkpoint `step` holds this process's data position (grain saves one file
+    per process, named by the process count); if not, says so and leaves the iterator."""
+    data = self.directory / str(step) / 'data'
+    if not data.is_dir():  # saved without a data iterator
+      return False
+    if (data / f'process_{jax.process_index()}-of-{jax.process_count()}.json').exists():
+      return True
+    saved = sorted(p.name for p in data.glob('process_*-of-*.json'))
+    log.warning('checkpoint %s holds the data positions of other processes (%s), not of '
+                'process %d of %d: the state is restored, the data iterators start afresh',
+                self.directory / str(step), ', '.join(saved[:2]) or 'none',
+                jax.process_index(), jax.process_count())
+    return False
 
   def _move_aside(self, step: int) -> Path:
     """Moves an unreadable checkpoint out of the way (kept for inspection), so that the
@@ -166,6 +194,14 @@ def _caused_by_os_error(error) -> OSError | None:
       return error
     error = error.__cause__ or error.__context__
   return None
+
+
+def _out_of_memory(error) -> bool:
+  while error is not None:
+    if 'RESOURCE_EXHAUSTED' in str(error) or 'out of memory' in str(error).lower():
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 def _first_line(error: Exception) -> str:

@@ -83,7 +83,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                               async_save=cfg.checkpoint.async_save)
   writer = MetricsWriter(workdir, tensorboard=cfg.log.tensorboard)
   try:
-    state, restored_step = checkpointer.restore(setup.abstract_state, data_iter)
+    state, restored_step = checkpointer.restore(setup.abstract_state, data_iter,
+                                                      move_aside=True)
     if state is None:
       state = with_pretrained_parts(cfg, setup, init_state(cfg, setup))
     with (ProgressBar(cfg.train.steps, int(state['step']), enabled=cfg.log.progress) as bar,
