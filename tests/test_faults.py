@@ -12,7 +12,9 @@ import pytest
 
 from conftest import mesh_config, tiny_config
 from jaxarch import cli
-from jaxarch.train import train
+from jaxarch import config as config_lib
+from jaxarch.config import load_json
+from jaxarch.train import evaluate, train
 from jaxarch.train import trainer
 from jaxarch.train.metrics import read_metrics
 from jaxarch.train.nonfinite import NonFiniteError
@@ -153,6 +155,7 @@ def test_a_config_of_another_family_on_an_existing_run_is_refused(tmp_path, data
                         f'--data_dir={data_dir}'], capsys)
   assert code == 2 and 'is not of this model' in err and 'mlp' in err
   assert '\n' not in err
+  assert load_json(tmp_path / 'config.json').model.d_ff != 96  # still the checkpoints'
 
 
 @pytest.mark.parametrize('make_files, expected', [
@@ -168,3 +171,18 @@ def test_missing_or_empty_corpus_is_one_line(tmp_path, data_dir, capsys, make_fi
                         f'--data_dir={data_dir}', f'--config.data.source=files:{corpus}/*.txt'],
                        capsys)
   assert code == 2 and expected in err and '\n' not in err
+
+
+def test_a_corpus_without_validation_data_trains_without_eval_and_cannot_be_evaluated(
+    tmp_path, data_dir, capsys):
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  (corpus / 'only.txt').write_text('a single file: all of it is training data. ' * 40)
+  cfg = _cfg(data_dir, **{'train.steps': 2, 'log.every_steps': 1, 'log.eval_every_steps': 1,
+                          'data.source': f'files:{corpus}/*.txt'})
+  result = train(cfg, tmp_path / 'run')
+  assert result['step'] == 2 and 'eval_loss' not in result
+  assert not any('eval_loss' in r for r in read_metrics(tmp_path / 'run'))
+  assert 'has no validation data' in ' '.join(capsys.readouterr().err.split())  # wrapped
+  with pytest.raises(config_lib.ConfigError, match='no validation data.*nothing to evaluate'):
+    evaluate(cfg, tmp_path / 'run')

@@ -52,6 +52,17 @@ def eval_batches(cfg: ml_collections.ConfigDict):
       process_index=jax.process_index(), process_count=jax.process_count())
 
 
+def no_validation_data(cfg: ml_collections.ConfigDict) -> str | None:
+  """Why the run has nothing to evaluate on, or None: its validation split is empty (a
+  corpus of few files, split by file, may put none in validation)."""
+  if next(iter(eval_batches(cfg)), None) is not None:
+    return None
+  fraction = cfg.data.get('validation_fraction')
+  split = '' if fraction is None else f' (data.validation_fraction={fraction} of its files)'
+  return f'data.source={cfg.data.source!r} has no validation data{split}'
+
+
+
 def run_eval(setup: TrainSetup, state: dict, eval_step, batches) -> dict:
   """Loss and bits per byte over the validation batches."""
   totals = {'nll': 0.0, 'tokens': 0.0, 'bytes': 0.0}
@@ -73,8 +84,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                 has_checkpoints=Checkpointer.exists(workdir))
   check_state_fits(cfg, setup)
   eval_step = _eval_step(cfg, setup)
-  if jax.process_index() == 0:
-    config_lib.save(cfg, workdir / 'config.json')
 
   data_iter = iter(data.make_train_dataset(
       cfg.data, seed=cfg.train.seed, global_batch_size=cfg.train.batch_size,
@@ -87,6 +96,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                                                       move_aside=True)
     if state is None:
       state = with_pretrained_parts(cfg, setup, init_state(cfg, setup))
+    if jax.process_index() == 0:  # only once the checkpoints are known to be this model's
+      config_lib.save(cfg, workdir / 'config.json')
     with (ProgressBar(cfg.train.steps, int(state['step']), enabled=cfg.log.progress) as bar,
           StopRequests(sync_every=cfg.log.every_steps) as stop):
       c = setup.param_counts
@@ -127,6 +138,9 @@ def _window_metrics(pending: list[dict]) -> dict:
 def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer, bar,
           stop) -> dict:
   validation = eval_batches(cfg)
+  if (missing := no_validation_data(cfg)) is not None:
+    bar.alert(f'{missing}: the run reports no eval_loss; raise the fraction or add files')
+    validation = None
   train_step = make_train_step(setup)
   reset_windows = make_window_reset(setup)
   schedule = learning_rate_schedule(cfg.train)
@@ -142,8 +156,10 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
     pending.append(metrics)
     stopping = stop.should_stop(step)  # no evaluation then: the grace period is short
     last = step == cfg.train.steps
+    evaluating = validation is not None and (
+        last or (step % cfg.log.eval_every_steps == 0 and not stopping))
 
-    if step % cfg.log.every_steps == 0 or last or stopping:
+    if step % cfg.log.every_steps == 0 or last or stopping or evaluating:
       window = jax.device_get(pending)
       skipped = monitor.check(step - len(window) + 1, window)
       logged = _window_metrics(window)
@@ -162,7 +178,7 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
                                   jax.device_count(), device_kind)
       logged['lr'] = float(schedule(step - 1))  # optax counts updates from 0
       pending = []
-      if step % cfg.log.eval_every_steps == 0 or last:
+      if evaluating:
         logged.update(run_eval(setup, state, eval_step, validation))
         if watch is not None:
           watch.lap()  # evaluation is not training throughput
@@ -185,6 +201,9 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
 def evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
              step: int | None = None) -> dict:
   """Validation loss and bits per byte of the run's latest (or given) checkpoint."""
+  if (missing := no_validation_data(cfg)) is not None:
+    raise config_lib.ConfigError(f'config error: {missing}: nothing to evaluate on; raise '
+                                 'the fraction or add files')
   setup = make_setup(cfg, make_mesh(cfg))
   checkpointer = Checkpointer(workdir, async_save=False)
   state, restored = checkpointer.restore(setup.abstract_state, step=step)
