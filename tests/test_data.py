@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxarch import data
+from jaxarch.data import pipeline
 from jaxarch.data import sources
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -380,3 +381,22 @@ def test_default_corpus_is_the_stdlib_split_by_file(tmp_path):
   assert batch['inputs'].shape == (16, 16)
   print(f'default corpus: built in {build_seconds:.1f}s, {len(train)} train and '
         f'{len(val)} validation documents')
+
+
+def test_a_tokenizer_that_pads_with_eod_keeps_each_documents_bos():
+  """Without a pad token (Llama-2's SentencePiece, GPT-2's tokenizer.json) pad == eod,
+  which is also every document's first input: it stays in its document."""
+  eod = 9
+  row = {'inputs': np.array([eod, 1, 2, eod, 5, eod, 0, 0]),  # a doc, a doc, a cut doc, end
+         'targets': np.array([1, 2, eod, 5, eod, 7, 0, 0]),
+         'inputs_segment_ids': np.array([1, 1, 1, 2, 2, 3, 0, 0]),
+         'inputs_positions': np.array([0, 1, 2, 0, 1, 0, 0, 0])}
+  out = pipeline._Finalize(pad_id=eod).map(row)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(out['segment_ids'], [1, 1, 1, 2, 2, 3, 0, 0])
+  np.testing.assert_array_equal(out['inputs'], [eod, 1, 2, eod, 5, eod, eod, eod])
+  np.testing.assert_array_equal(out['targets'], [1, 2, eod, 5, eod, 7, eod, eod])
+  aligned = dict(row, inputs=np.array([eod, 1, 2, 256, eod, 5, 0, 0]),  # pad 256 != eod:
+                 targets=np.array([1, 2, eod, 256, 5, eod, 0, 0]),  # alignment padding
+                 inputs_segment_ids=np.array([1, 1, 1, 1, 2, 2, 0, 0]))
+  out = pipeline._Finalize(pad_id=256).map(aligned)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(out['segment_ids'], [1, 1, 1, 0, 2, 2, 0, 0])

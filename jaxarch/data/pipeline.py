@@ -63,15 +63,18 @@ class _Tokenize(grain.transforms.Map):
 
 
 class _Finalize(grain.transforms.Map):
-  """Names the packing outputs and marks padding: pad_id tokens in segment 0 (packing
-  writes 0 after the last document; alignment padding is pad_id inside a document)."""
+  """Names the packing outputs and marks padding: segment 0 (packing writes 0 after the
+  last document) and alignment padding inside a document, where input and target are
+  both pad_id. (Not every pad_id input: a tokenizer without a pad token pads with its eod,
+  which is also each document's first input, its BOS.)"""
 
   def __init__(self, pad_id: int):
     self._pad_id = pad_id
 
   def map(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     segment_ids = row['inputs_segment_ids'].astype(np.int32)
-    padding = (segment_ids == 0) | (row['inputs'] == self._pad_id)
+    padding = (segment_ids == 0) | ((row['inputs'] == self._pad_id)
+                                     & (row['targets'] == self._pad_id))
     segment_ids = np.where(padding, 0, segment_ids)
     return {
         'inputs': np.where(padding, self._pad_id, row['inputs']).astype(np.int32),
