@@ -7,7 +7,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import mesh_config, tiny_config
 from jaxarch import config as config_lib
-from jaxarch.parallel import logical_to_spec, make_mesh
+from jaxarch.parallel import data_shard, logical_to_spec, make_mesh
 from jaxarch.train.state import init_state, make_setup
 
 
@@ -59,6 +59,24 @@ def test_batch_is_split_over_data_and_fsdp():
   from jaxarch.parallel import global_batch  # pylint: disable=g-import-not-at-top
   arr = global_batch({'x': batch}, setup.batch_sharding)['x']
   assert {s.data.shape for s in arr.addressable_shards} == {(2, 32)}
+
+
+def test_each_process_loads_the_rows_its_devices_hold():
+  """Simulated processes (`process_of`): with `tensor` inside a process each process loads
+  its own quarter; with one device per process the two of a tensor pair hold the same
+  rows and load the same slice; a layout that gives processes unequal rows is refused."""
+  cfg = mesh_config(tiny_config(), data=4, tensor=2)
+  sharding = make_setup(cfg, make_mesh(cfg)).batch_sharding
+  ids = np.vectorize(lambda d: d.id)(make_mesh(cfg).devices)  # [data, fsdp, tensor, expert]
+  pair = {i: n for n, i in enumerate(ids.reshape(4, 2).ravel())}  # device -> mesh position
+  within = lambda first: (lambda d: (pair[d.id] - first) % 8 // 2)  # tensor pair = process
+  assert [data_shard(sharding, 8, within(2 * p))[0] for p in range(4)] == [0, 1, 2, 3]
+  assert data_shard(sharding, 8, within(0)) == (0, 4)
+  across = lambda first: (lambda d: (pair[d.id] - first) % 8)  # a process per device
+  assert [data_shard(sharding, 8, across(p)) for p in range(8)] == [
+      (i // 2, 4) for i in range(8)]
+  with pytest.raises(ValueError, match='unequal or overlapping rows'):
+    data_shard(sharding, 8, lambda d: int(pair[d.id] >= 2))  # 2 rows and 6 rows
 
 
 def test_dcn_axes_multiply_the_ici_axes():

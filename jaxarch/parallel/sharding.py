@@ -5,6 +5,7 @@ mesh axes. Weights whose dimension does not divide the mesh axes it maps to are
 replicated along that dimension rather than failing (e.g. 2 KV heads on tensor=4).
 """
 
+import collections
 from collections.abc import Sequence
 
 import jax
@@ -77,3 +78,23 @@ def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
   """This process's rows -> global jax.Arrays laid out over the whole mesh."""
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
                       local_batch)
+
+
+
+def data_shard(sharding: NamedSharding, batch_size: int,
+               process_of=lambda device: device.process_index) -> tuple[int, int]:
+  """(index, count): this process loads slice `index` of `count` equal slices of the
+  global batch, as many rows as its devices hold under the batch `sharding`. That is one
+  slice per process unless a mesh axis that does not split the batch (e.g. `tensor`)
+  spans processes: processes whose devices hold the same rows load the same slice
+  (`global_batch` then places each process's rows on its devices)."""
+  held = collections.defaultdict(set)  # process -> the (start, stop) row ranges it holds
+  for device, index in sharding.devices_indices_map((batch_size, 1)).items():
+    held[process_of(device)].add(index[0].indices(batch_size)[:2])
+  slices = sorted({frozenset(rows) for rows in held.values()}, key=min)
+  sizes = [sum(b - a for a, b in rows) for rows in slices]
+  if len(set(sizes)) > 1 or sum(sizes) != batch_size:
+    raise ValueError(f'the batch sharding gives processes unequal or overlapping rows of '
+                     f'the global batch of {batch_size} ({[sorted(r) for r in slices]}); '
+                     'shape the mesh so that processes hold equal shares of the batch axes')
+  return slices.index(frozenset(held[jax.process_index()])), len(slices)

@@ -13,7 +13,7 @@ import numpy as np
 
 from jaxarch import config as config_lib
 from jaxarch import data
-from jaxarch.parallel import global_batch, make_mesh
+from jaxarch.parallel import data_shard, global_batch, make_mesh
 from jaxarch.train import flops
 from jaxarch.train.checkpoint import Checkpointer
 from jaxarch.train.memory import check_state_fits
@@ -45,11 +45,14 @@ def _eval_step(cfg: ml_collections.ConfigDict, setup: TrainSetup):
   return make_eval_step(setup, lengths)
 
 
-def eval_batches(cfg: ml_collections.ConfigDict):
-  """The first `log.eval_batches` validation batches, the same on every pass."""
+def eval_batches(cfg: ml_collections.ConfigDict, setup: TrainSetup | None = None):
+  """The first `log.eval_batches` validation batches, the same on every pass: this
+  process's rows of them (all rows without a `setup`)."""
+  index, count = (0, 1) if setup is None else data_shard(setup.batch_sharding,
+                                                         cfg.train.batch_size)
   return data.make_eval_dataset(
       cfg.data, batch_size=cfg.train.batch_size, num_batches=cfg.log.eval_batches,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=index, process_count=count)
 
 
 def no_validation_data(cfg: ml_collections.ConfigDict) -> str | None:
@@ -85,9 +88,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   check_state_fits(cfg, setup)
   eval_step = _eval_step(cfg, setup)
 
+  index, count = data_shard(setup.batch_sharding, cfg.train.batch_size)
   data_iter = iter(data.make_train_dataset(
       cfg.data, seed=cfg.train.seed, global_batch_size=cfg.train.batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count()))
+      process_index=index, process_count=count))
   checkpointer = Checkpointer(workdir, keep=cfg.checkpoint.keep,
                               async_save=cfg.checkpoint.async_save)
   writer = MetricsWriter(workdir, tensorboard=cfg.log.tensorboard)
@@ -137,7 +141,7 @@ def _window_metrics(pending: list[dict]) -> dict:
 
 def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer, bar,
           stop) -> dict:
-  validation = eval_batches(cfg)
+  validation = eval_batches(cfg, setup)
   if (missing := no_validation_data(cfg)) is not None:
     bar.alert(f'{missing}: the run reports no eval_loss; raise the fraction or add files')
     validation = None
@@ -212,6 +216,6 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
     raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}; train first with '
                             f'`jaxarch train --workdir={workdir}`')
   result = {'step': restored,
-            **run_eval(setup, state, _eval_step(cfg, setup), eval_batches(cfg))}
+            **run_eval(setup, state, _eval_step(cfg, setup), eval_batches(cfg, setup))}
   (Path(workdir) / f'eval_{restored}.json').write_text(json.dumps(result, indent=2))
   return result
