@@ -21,7 +21,7 @@ bytes), the one reported at 0.991 bits per byte; with SwiGLU feed-forwards of 8/
 it has 1.40B parameters to the paper's 1.3B + 218M. `151m` puts the dense 151m preset's
 stack (1024 x 12) in the global model and a local model of half its width, so that it
 compares with the 151m presets of the other families. The paper's init (normal, std
-0.006, truncated) and Adam (0.9, 0.98) are used at paper scale; the small presets keep
+0.006, truncated at 2σ) and Adam (0.9, 0.98) are used at paper scale; the small presets keep
 the project's defaults, which train faster at their width.
 """
 
@@ -72,6 +72,7 @@ def get_config(arg=None):
 
   if p.get('paper_init'):
     c.model.init_std = 0.006
+    c.model.init_truncation = 2.0
     c.train.b2 = 0.98
     c.train.warmup_steps = 500
 

@@ -36,6 +36,7 @@ MOE_GATES = ('softmax', 'sigmoid')
 MOE_MATMUL_IMPLS = ('auto', 'xla', 'pallas', 'interpret')
 SCHEDULES = ('cosine', 'wsd', 'constant')
 NONFINITE = ('stop', 'skip')
+GROUP_DECAYS = ('none', 'linear')  # train.groups.<name>.multiplier_decay
 POSITIVE_INTS = (
     'model.d_model', 'model.n_layers', 'model.n_heads', 'model.n_kv_heads', 'model.d_ff',
     'model.vocab_size', 'model.max_len', 'data.seq_len', 'train.steps', 'train.batch_size',
@@ -500,6 +501,11 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
     checks += BLOCK_CHECKS[block]
   for check in dict.fromkeys(checks):  # each once, in order
     check(cfg)
+  if not _number(cfg, 'model.init_std') > 0:
+    raise ConfigError(f'model.init_std={cfg.model.init_std} must be > 0')
+  if not _number(cfg, 'model.init_truncation') >= 0:
+    raise ConfigError(f'model.init_truncation={cfg.model.init_truncation} must be >= 0 '
+                      '(0: no truncation; else in standard deviations, e.g. 2)')
   _check_train(cfg)
   _check_mesh(cfg, num_devices)
   return cfg
@@ -520,6 +526,34 @@ def _check_train(cfg: ConfigDict) -> None:
       raise ConfigError(f'{key}={_get(cfg, key)} must be in [0, 1]')
   if not _number(cfg, 'train.grad_clip') >= 0:
     raise ConfigError(f'train.grad_clip={cfg.train.grad_clip} must be >= 0 (0: no clipping)')
+  for key in ('train.b1', 'train.b2'):
+    if not 0 <= _number(cfg, key) < 1:
+      raise ConfigError(f'{key}={_get(cfg, key)} must be in [0, 1)')
+  if not _number(cfg, 'train.eps') > 0:
+    raise ConfigError(f'train.eps={cfg.train.eps} must be > 0')
+  for key in ('train.weight_decay', 'train.z_loss'):
+    if not _number(cfg, key) >= 0:
+      raise ConfigError(f'{key}={_get(cfg, key)} must be >= 0')
+  for name, group in (_get(cfg, 'train.groups') or {}).items():
+    _check_group(f'train.groups.{name}', group)
+
+
+def _check_group(key: str, group) -> None:
+  """A parameter group's settings (`train.optimizer.group_multiplier`)."""
+  if not isinstance(group, (dict, ConfigDict)):
+    raise ConfigError(f'{key}={group!r} must be a section with lr_multiplier and, '
+                      'optionally, multiplier_decay')
+  unknown = sorted(set(group) - {'lr_multiplier', 'multiplier_decay'})
+  if unknown:
+    raise ConfigError(f'{key}.{unknown[0]} is not a group setting; expected lr_multiplier '
+                      'and, optionally, multiplier_decay')
+  multiplier = group.get('lr_multiplier')
+  if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or multiplier <= 0:
+    raise ConfigError(f'{key}.lr_multiplier={multiplier!r} must be a number > 0')
+  decay = group.get('multiplier_decay', 'none')
+  if decay not in GROUP_DECAYS:
+    raise ConfigError(f'{key}.multiplier_decay={decay!r} must be one of '
+                      f'{", ".join(GROUP_DECAYS)}')
 
 
 def _check_mesh(cfg: ConfigDict, num_devices: int | None) -> None:
@@ -736,6 +770,8 @@ def load_json(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ConfigD
 RUN_SECTIONS = ('train', 'checkpoint', 'log', 'launch')
 # Model keys that pick kernels, which compute the same function: filled the same way.
 RUN_MODEL_KEYS = (('moe', 'matmul_impl'), ('moe', 'kernel_tiling'))
+# Model keys that only shape the initial weights (a saved run's are in its checkpoints).
+INIT_MODEL_KEYS = ('init_truncation',)
 
 
 def _with_new_run_keys(tree: dict) -> dict:
@@ -755,6 +791,9 @@ def _with_new_run_keys(tree: dict) -> dict:
     if isinstance(tree.get(section, {}), dict):
       fill(tree.setdefault(section, {}), defaults[section])
   model = tree.get('model')
+  for key in INIT_MODEL_KEYS:
+    if isinstance(model, dict) and key not in model:
+      model[key] = defaults['model'][key]
   for section, key in RUN_MODEL_KEYS:
     saved = model.get(section) if isinstance(model, dict) else None
     if isinstance(saved, dict) and key not in saved:

@@ -162,6 +162,40 @@ def test_rope_needs_an_even_head_dimension():
       'config error: model: the head dimension 5')
 
 
+@pytest.mark.parametrize('overrides, message', [
+    (['model.init_truncation=-1.0'], 'model.init_truncation=-1.0 must be >= 0'),
+    (['model.init_std=0.0'], 'model.init_std=0.0 must be > 0'),
+    (['train.b2=1.0'], 'train.b2=1.0 must be in [0, 1)'),
+    (['train.eps=0.0'], 'train.eps=0.0 must be > 0'),
+    (['train.weight_decay=-0.1'], 'train.weight_decay=-0.1 must be >= 0'),
+])
+def test_init_and_adam_settings_are_checked(overrides, message):
+  assert error_of(tiny, *overrides).startswith(f'config error: {message}')
+
+
+def test_parameter_group_settings_are_checked():
+  load = lambda *o: config_lib.load('configs/ultramem.py:tiny', list(o))
+  assert 'lr_multiplier=0.0 must be a number > 0' in error_of(
+      load, 'train.groups.values.lr_multiplier=0.0')
+  assert "multiplier_decay='Linear' must be one of none, linear" in error_of(
+      load, 'train.groups.values.multiplier_decay=Linear')
+  cfg = load()
+  with cfg.unlocked():
+    cfg.train.groups['values'].warmup = 10
+  assert 'train.groups.values.warmup is not a group setting' in error_of(
+      config_lib.validate, cfg)
+  with cfg.unlocked():
+    del cfg.train.groups['values']['warmup']
+    cfg.train.groups.valuse = cfg.train.groups['values']  # a typo: no such parameter group
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from jaxarch import models  # pylint: disable=g-import-not-at-top
+  from jaxarch.train.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
+  params = nnx.state(nnx.eval_shape(lambda: models.build(cfg.model, rngs=nnx.Rngs(0))),
+                     nnx.Param)
+  assert 'train.groups.valuse names no parameter group of this model' in error_of(
+      make_optimizer, cfg.train, params)
+
+
 def test_seq_len_must_fit_max_len():
   assert error_of(tiny, 'data.seq_len=512') == (
       'config error: data.seq_len=512 must be <= model.max_len=256')
@@ -339,6 +373,9 @@ def test_a_moe_run_saved_before_the_kernel_choice_resumes_with_auto(tmp_path):
   restored = config_lib.load_json(path)
   assert (restored.model.moe.matmul_impl, restored.model.moe.top_k) == ('auto', 3)
   assert restored.model.moe.kernel_tiling == (64, 128, 64, 4, 3)
+  del old['model']['init_truncation']  # shapes only the initial weights
+  path.write_text(json.dumps(old))
+  assert config_lib.load_json(path).model.init_truncation == 0.0
 
 
 def test_hash_depends_on_values_only():

@@ -124,3 +124,21 @@ def test_flops_per_byte_count_the_global_model_once_per_patch():
               + 6 * 2 * p * 256)  # local attention: 2 layers, width 256
   got = flops.train_flops_per_token(cfg.model, models.param_counts(model), t)
   assert got == pytest.approx(expected, rel=0.01)  # norms and pads are counted as matmuls
+
+
+def test_the_paper_init_is_a_normal_cut_at_two_sigma():
+  """`model.init_truncation=2` (the 151m and 1.5b presets, arXiv 2305.07185): every
+  normal-initialised weight stays within ±2σ of its own std, whose spread is 0.88σ."""
+  cfg = config_lib.load('configs/megabyte.py:tiny', ['model.init_std=0.006',
+                                                     'model.init_truncation=2.0'])
+  assert config_lib.load('configs/megabyte.py:151m').model.init_truncation == 2.0
+  model = models.build(cfg.model, rngs=nnx.Rngs(0))
+  embedding = model.local_embed.embedding.get_value()
+  assert float(jnp.abs(embedding).max()) <= 0.012
+  assert 0.85 * 0.006 < float(embedding.std()) < 0.91 * 0.006
+  for path, w in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    if 'norm' not in '/'.join(map(str, path)):  # norm scales start at 1
+      assert float(jnp.abs(w.get_value()).max()) <= 0.012, path
+  plain = models.build(config_lib.load('configs/megabyte.py:tiny', ['model.init_std=0.006']
+                                       ).model, rngs=nnx.Rngs(0))
+  assert float(jnp.abs(plain.local_embed.embedding.get_value()).max()) > 0.012

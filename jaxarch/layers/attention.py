@@ -51,19 +51,19 @@ class Attention(nnx.Module):
 
   def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
                rope_theta: float = 10_000.0, init_std: float = 0.02,
-               out_std: float | None = None, impl: str = 'xla', dtype=jnp.bfloat16,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               out_std: float | None = None, init_truncation: float = 0.0, impl: str = 'xla',
+               dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.rope_theta = rope_theta
     self.impl = _implementation(impl, dtype)
     self.dtype = dtype
-    init = normal(init_std)
+    init = normal(init_std, init_truncation)
     self.q_proj = param(rngs, init, (d_model, n_heads, head_dim),
                         ('embed', 'heads', 'head_dim'), param_dtype)
     self.k_proj = param(rngs, init, (d_model, n_kv_heads, head_dim),
                         ('embed', 'kv_heads', 'head_dim'), param_dtype)
     self.v_proj = param(rngs, init, (d_model, n_kv_heads, head_dim),
                         ('embed', 'kv_heads', 'head_dim'), param_dtype)
-    self.o_proj = param(rngs, normal(out_std or init_std), (n_heads, head_dim, d_model),
+    self.o_proj = param(rngs, normal(out_std or init_std, init_truncation), (n_heads, head_dim, d_model),
                         ('heads', 'head_dim', 'embed'), param_dtype)
     self.cache_k = self.cache_v = nnx.data(None)  # Cache variables once decoding
 

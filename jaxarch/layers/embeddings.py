@@ -10,9 +10,10 @@ from jaxarch.layers.params import normal, param
 class Embed(nnx.Module):
 
   def __init__(self, vocab_size: int, dim: int, *, init_std: float = 0.02,
-               dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               init_truncation: float = 0.0, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     self.dtype = dtype
-    self.embedding = param(rngs, normal(init_std), (vocab_size, dim), ('vocab', 'embed'),
+    self.embedding = param(rngs, normal(init_std, init_truncation), (vocab_size, dim), ('vocab', 'embed'),
                            param_dtype, weight_decay=False)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:

@@ -10,13 +10,13 @@ from jaxarch.layers.params import normal, param
 class SwiGLU(nnx.Module):
 
   def __init__(self, d_model: int, d_ff: int, *, init_std: float = 0.02,
-               out_std: float | None = None, dtype=jnp.bfloat16, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               out_std: float | None = None, init_truncation: float = 0.0,
+               dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.dtype = dtype
-    self.gate = param(rngs, normal(init_std), (d_model, d_ff), ('embed', 'mlp'), param_dtype)
-    self.up = param(rngs, normal(init_std), (d_model, d_ff), ('embed', 'mlp'), param_dtype)
-    self.down = param(rngs, normal(out_std or init_std), (d_ff, d_model), ('mlp', 'embed'),
-                      param_dtype)
+    init, out = normal(init_std, init_truncation), normal(out_std or init_std, init_truncation)
+    self.gate = param(rngs, init, (d_model, d_ff), ('embed', 'mlp'), param_dtype)
+    self.up = param(rngs, init, (d_model, d_ff), ('embed', 'mlp'), param_dtype)
+    self.down = param(rngs, out, (d_ff, d_model), ('mlp', 'embed'), param_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     cast = lambda p: p[...].astype(self.dtype)

@@ -108,8 +108,9 @@ class MoE(nnx.Module):
                renormalize: bool = True, aux_loss_weight: float = 0.01,
                z_loss_weight: float = 0.0, bias_update_rate: float = 0.0,
                matmul_impl: str = 'auto', kernel_tiling: tuple[int, ...] = tuple(Tiling()),
-               init_std: float = 0.02, out_std: float | None = None, dtype=jnp.bfloat16,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               init_std: float = 0.02, out_std: float | None = None,
+               init_truncation: float = 0.0, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     if gate not in GATES:
       raise ValueError(f'config error: model.moe.gate={gate!r}; expected one of {GATES}')
     if not 1 <= top_k <= num_experts:
@@ -123,16 +124,18 @@ class MoE(nnx.Module):
     self.matmul_impl, self.kernel_tiling = matmul_impl, Tiling(*kernel_tiling)
     self.deterministic = False  # True: no bias update (evaluation)
     e, d, f = num_experts, d_model, expert_d_ff
-    self.router = param(rngs, normal(init_std), (d, e), ('embed', None), jnp.float32)
+    init, out = normal(init_std, init_truncation), normal(out_std or init_std, init_truncation)
+    self.router = param(rngs, init, (d, e), ('embed', None), jnp.float32)
     self.bias = RouterBias(jnp.zeros((e,), jnp.float32), out_sharding=(None,),
                            eager_sharding=False)
-    self.w_gate = param(rngs, normal(init_std), (e, d, f), ('expert', 'embed', 'mlp'),
+    self.w_gate = param(rngs, init, (e, d, f), ('expert', 'embed', 'mlp'),
                         param_dtype)
-    self.w_up = param(rngs, normal(init_std), (e, d, f), ('expert', 'embed', 'mlp'),
+    self.w_up = param(rngs, init, (e, d, f), ('expert', 'embed', 'mlp'),
                       param_dtype)
-    self.w_down = param(rngs, normal(out_std or init_std), (e, f, d),
+    self.w_down = param(rngs, out, (e, f, d),
                         ('expert', 'mlp', 'embed'), param_dtype)
     self.shared = SwiGLU(d, num_shared_experts * f, init_std=init_std, out_std=out_std,
+                         init_truncation=init_truncation,
                          dtype=dtype, param_dtype=param_dtype, rngs=rngs
                          ) if num_shared_experts else None
 

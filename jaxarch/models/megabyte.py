@@ -64,9 +64,11 @@ class Megabyte(nnx.Module):
     p = self.patch_size = cfg.megabyte.patch_size
     d_g, d_l = cfg.d_model // p, local.d_model
     self.dtype, self.pad_id = dtype, cfg.megabyte.pad_id
-    init = normal(cfg.init_std)
-    self.global_embed = Embed(cfg.vocab_size, d_g, init_std=cfg.init_std, dtype=dtype,
+    init = normal(cfg.init_std, cfg.init_truncation)
+    embed = lambda dim: Embed(cfg.vocab_size, dim, init_std=cfg.init_std,
+                              init_truncation=cfg.init_truncation, dtype=dtype,
                               param_dtype=param_dtype, rngs=rngs)
+    self.global_embed = embed(d_g)
     self.slot_embed = param(rngs, init, (p, d_g), (None, 'embed'), param_dtype,
                             weight_decay=False)
     self.pad_patch = param(rngs, init, (cfg.d_model,), ('embed',), param_dtype,
@@ -75,8 +77,7 @@ class Megabyte(nnx.Module):
     self.global_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype,
                                param_dtype=param_dtype, rngs=rngs)
     self.to_local = param(rngs, init, (d_g, d_l), (None, 'embed'), param_dtype)
-    self.local_embed = Embed(cfg.vocab_size, d_l, init_std=cfg.init_std, dtype=dtype,
-                             param_dtype=param_dtype, rngs=rngs)
+    self.local_embed = embed(d_l)
     self.local_pad = param(rngs, init, (d_l,), ('embed',), param_dtype, weight_decay=False)
     self.local_model = Stack(local, rngs=rngs)
     self.final_norm = RMSNorm(d_l, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype,

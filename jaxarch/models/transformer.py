@@ -75,7 +75,8 @@ class DenseBlock(nnx.Module):
 def make_attention(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Attention:
   return Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, head_dim(cfg),
                    rope_theta=cfg.rope_theta, init_std=cfg.init_std,
-                   out_std=residual_init_std(cfg), impl=cfg.attention_impl,
+                   out_std=residual_init_std(cfg), init_truncation=cfg.init_truncation,
+                   impl=cfg.attention_impl,
                    dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype], rngs=rngs)
 
 
@@ -89,6 +90,7 @@ def dense_block(cfg: ml_collections.ConfigDict, layer: int, rngs: nnx.Rngs) -> D
   del layer  # every dense block is alike
   dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
   mlp = SwiGLU(cfg.d_model, cfg.d_ff, init_std=cfg.init_std, out_std=residual_init_std(cfg),
+               init_truncation=cfg.init_truncation,
                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
   return DenseBlock(make_attention(cfg, rngs), mlp, cfg.d_model, eps=cfg.norm_eps,
                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -174,13 +176,14 @@ class Transformer(Stack):
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
-    self.embed = Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, dtype=dtype,
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std,
+                       init_truncation=cfg.init_truncation, dtype=dtype,
                        param_dtype=param_dtype, rngs=rngs)
     super().__init__(cfg, rngs=rngs)
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype,
                               param_dtype=param_dtype, rngs=rngs)
     self.head = None if cfg.tie_embeddings else param(
-        rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'),
+        rngs, normal(cfg.init_std, cfg.init_truncation), (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'),
         param_dtype)
 
   def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,

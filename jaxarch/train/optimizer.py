@@ -17,6 +17,8 @@ import ml_collections
 import optax
 from flax import nnx
 
+from jaxarch.config import ConfigError
+
 
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
@@ -63,7 +65,11 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params) -> optax.GradientTran
   chain = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
   groups = _metadata(params, 'optim_group', 'default')
   configured = cfg.get('groups') or {}
-  names = {g for g in jax.tree.leaves(groups) if g in configured}
+  present = set(jax.tree.leaves(groups))
+  if unknown := sorted(set(configured) - present):
+    raise ConfigError(f'config error: train.groups.{unknown[0]} names no parameter group of '
+                      f'this model (its groups: {", ".join(sorted(present))})')
+  names = {g for g in present if g in configured}
   if names:
     labels = jax.tree.map(lambda g: g if g in names else 'default', groups)
     transforms = {g: group_multiplier(cfg, configured[g]) for g in names}
