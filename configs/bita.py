@@ -37,6 +37,7 @@ PRESETS = {
 
 
 def get_config(arg=None):
+  arg = arg or '151m'  # no preset: the 151m one, as configs/dense.py's defaults
   if arg not in PRESETS:
     raise ValueError(f'config error: unknown preset {arg!r} for configs/bita.py; '
                      f'expected one of {sorted(PRESETS)}')

@@ -47,6 +47,7 @@ PRESETS = {
 
 
 def get_config(arg=None):
+  arg = arg or '151m'  # no preset: the 151m one, as configs/dense.py's defaults
   composed = arg == 'tiny_ultramem'
   preset = 'tiny' if composed else arg
   if preset not in PRESETS:

@@ -381,3 +381,11 @@ def test_a_moe_run_saved_before_the_kernel_choice_resumes_with_auto(tmp_path):
 def test_hash_depends_on_values_only():
   assert config_lib.config_hash(tiny()) == config_lib.config_hash(tiny())
   assert config_lib.config_hash(tiny()) != config_lib.config_hash(tiny('train.seed=1'))
+
+
+@pytest.mark.parametrize('family', ['dense', 'moe', 'ultramem', 'megabyte'])
+def test_a_config_file_without_a_preset_gives_its_151m_preset(family):
+  default = config_lib.to_dict(config_lib.load(f'configs/{family}.py'))
+  assert default['model']['family'] == family
+  if family != 'dense':  # dense's defaults are its 151m shape, with the base run settings
+    assert default == config_lib.to_dict(config_lib.load(f'configs/{family}.py:151m'))
