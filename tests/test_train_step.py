@@ -41,6 +41,27 @@ def test_eight_device_step_equals_one_device_step():
                one_params, eight_params)
 
 
+def test_a_skipped_nonfinite_step_keeps_the_weights_and_moments_but_counts_the_step():
+  cfg = mesh_config(tiny_config(), data=8)
+  setup = make_setup(cfg, make_mesh(cfg))
+  state = init_state(cfg, setup)
+  before = jax.device_get(state)
+  batch = make_batch(cfg.train.batch_size, cfg.data.seq_len)
+  batch['inputs'][0, 0] = 10**6  # past the vocabulary: a NaN embedding, as corrupt data
+  state, metrics = make_train_step(setup)(state, global_batch(batch, setup.batch_sharding))
+  after = jax.device_get(state)
+  assert float(metrics['nonfinite']) == 1 and int(after['step']) == 1
+  jax.tree.map(np.testing.assert_array_equal, after['params'], before['params'])
+  counts = []
+  def check(path, new, old):
+    if getattr(path[-1], 'name', None) == 'count':
+      counts.append(int(new))  # the schedule moves on with the step
+    else:
+      np.testing.assert_array_equal(new, old)  # Adam's moments are untouched
+  jax.tree_util.tree_map_with_path(check, after['opt_state'], before['opt_state'])
+  assert counts and set(counts) == {1}
+
+
 @pytest.mark.slow  # 36 s; by default accumulation runs in tests/test_memory.py
 def test_accumulated_microbatches_give_the_full_batch_step():
   # Dense: the same loss and update to float precision, whatever the microbatches' tokens.

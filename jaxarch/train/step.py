@@ -199,14 +199,24 @@ def make_train_step(setup: TrainSetup):
                'nonfinite': 1.0 - finite.astype(jnp.float32),
                'layer_grad_norms': grad_norms, 'layer_param_norms': param_norms,
                **{f'aux_loss/{k}': v for k, v in aux.items()}, **out['metrics']}
-    new_state = dict(state, step=state['step'] + 1, params=params,
-                     opt_state=keep(opt_state, state['opt_state']),
+    # The optimizer's step counts advance on a skipped step too: its schedules (the
+    # learning rate, UltraMem's value multiplier) stay on `step`, as the trainer logs them.
+    opt_state = jax.tree_util.tree_map_with_path(
+        lambda path, n, o: n if _is_count(path) else jnp.where(finite, n, o),
+        opt_state, state['opt_state'])
+    new_state = dict(state, step=state['step'] + 1, params=params, opt_state=opt_state,
                      model_state=keep(out['model_state'], state['model_state']))
     return new_state, metrics
 
   replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
   return jax.jit(train_step, in_shardings=(setup.shardings, setup.batch_sharding),
                  out_shardings=(setup.shardings, replicated), donate_argnums=(0,))
+
+
+def _is_count(path) -> bool:
+  """Whether an optimizer-state leaf is an optax step count (`ScaleByAdamState.count`,
+  `ScaleByScheduleState.count`, ...)."""
+  return bool(path) and getattr(path[-1], 'name', None) == 'count'
 
 
 def make_eval_step(setup: TrainSetup, byte_lengths):
