@@ -235,3 +235,25 @@ def test_moe_train_step_reports_load_losses_and_dropped_fraction():
     assert f'blocks/1/mlp/{name}' in metrics
   bias = state['model_state']['blocks'][0]['mlp']['bias'].get_value()
   assert float(jnp.abs(bias).max()) > 0  # updated outside the gradient, kept in the state
+
+
+def test_the_router_bias_moves_once_per_step_with_microbatches():
+  """Two equal microbatches: both route with the step's bias and the step moves it as one
+  step on one of them does (not twice, nor the second with a moved bias)."""
+  overrides = ['model.d_model=32', 'model.n_heads=2', 'model.n_kv_heads=2',
+               'model.n_layers=1', 'model.moe.expert_d_ff=32', 'data.seq_len=16',
+               'model.dtype=float32', 'mesh.ici.data=4', 'model.moe.bias_update_rate=0.01']
+
+  def bias_after_one_step(batch, accum):
+    cfg = config_lib.load('configs/moe.py:tiny', overrides + [
+        f'train.batch_size={len(batch["inputs"])}', f'train.grad_accum_steps={accum}'])
+    setup = make_setup(cfg, make_mesh(cfg, devices=jax.devices()[:4]))
+    state, _ = make_train_step(setup)(init_state(cfg, setup),
+                                      global_batch(batch, setup.batch_sharding))
+    return state['model_state']['blocks'][0]['mlp']['bias'].get_value()
+
+  half = make_batch(4, 16, seed=1)
+  twice = {k: np.repeat(v, 2, axis=0) for k, v in half.items()}  # microbatch i: rows i::2
+  one_step = bias_after_one_step(half, accum=1)
+  assert float(jnp.abs(one_step).max()) == pytest.approx(0.01)
+  np.testing.assert_allclose(bias_after_one_step(twice, accum=2), one_step, atol=1e-7)

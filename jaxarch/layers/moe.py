@@ -51,7 +51,7 @@ from jaxarch.layers.params import normal, param
 from jaxarch.parallel import context
 
 
-class RouterBias(nnx.Variable):
+class RouterBias(signals.PerStepState):
   """Per-expert selection bias (auxiliary-loss-free balancing); not trained by gradients."""
 
 

@@ -3,6 +3,7 @@
 - `add_aux_loss(module, value)`: a scalar added to the training loss.
 - `add_metric(module, name, value)`: a scalar logged as `<module path>/<name>` (averaged
   over the logging window).
+- `PerStepState`: a non-trainable variable moved once per step (see below).
 - `WindowCounter`: a non-trainable variable that the trainer zeroes after every logged
   step, so a layer can count what happened during the window (e.g. which memory values
   were read); metrics computed from it are logged with their last value, and their names
@@ -15,6 +16,13 @@ from flax import nnx
 
 class WindowCounter(nnx.Variable):
   """Counts that live for one logging window; zeroed by the trainer after each log."""
+
+
+class PerStepState(nnx.Variable):
+  """A non-trainable value a layer moves once per training step from what the step's
+  batch did (MoE's router bias). With microbatches (`train.grad_accum_steps`) every
+  microbatch starts from the step's value and the step applies the mean of their moves,
+  so the value moves once per step, as without them."""
 
 
 def _sow(module: nnx.Module, name: str, value: jax.Array):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxarch.layers.signals import WindowCounter
+from jaxarch.layers.signals import PerStepState, WindowCounter
 from jaxarch.parallel.context import logical_mesh
 from jaxarch.train.optimizer import frozen
 from jaxarch.train.state import TrainSetup
@@ -103,6 +103,10 @@ def leaf_names(tree) -> list[str]:
           for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
 def tree_path(path) -> str:
   return '/'.join(_key_name(k) for k in path)
 
@@ -159,20 +163,37 @@ def make_train_step(setup: TrainSetup):
       return jax.lax.with_sharding_constraint(
           x, jax.sharding.NamedSharding(setup.mesh, spec))
 
+    # `PerStepState` variables start every microbatch from the step's values; the step
+    # applies the mean of the microbatches' moves.
+    flat, treedef = jax.tree.flatten(model_state, is_leaf=_is_variable)
+    per_step = [i for i, v in enumerate(flat) if isinstance(v, PerStepState)]
+    values = lambda state: [jax.tree.flatten(state, is_leaf=_is_variable)[0][i].get_value()
+                            for i in per_step]
+    start = values(model_state)
+
+    def with_values(state, new):
+      leaves = jax.tree.flatten(state, is_leaf=_is_variable)[0]
+      for i, value in zip(per_step, new):
+        leaves[i] = leaves[i].replace(value)
+      return jax.tree.unflatten(treedef, leaves)
+
     def body(carry, microbatch):
-      grads, sums, model_state = carry
-      g, out = microbatch_grads(params, model_state, microbatch)
+      grads, sums, model_state, moved = carry
+      g, out = microbatch_grads(params, with_values(model_state, start), microbatch)
       grads = jax.tree.map(jnp.add, grads, g)
       sums = jax.tree.map(jnp.add, sums, {k: out[k] for k in sums})
-      return (grads, sums, out['model_state']), None
+      moved = [m + v - s for m, v, s in zip(moved, values(out['model_state']), start)]
+      return (grads, sums, out['model_state'], moved), None
 
     microbatches = jax.tree.map(split, batch)
     first = jax.tree.map(lambda x: x[0], microbatches)
     zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(
         microbatch_grads, params, model_state, first))
     sums = {k: zero[1][k] for k in ('nll', 'total', 'tokens', 'aux', 'metrics')}
-    (grads, sums, model_state), _ = jax.lax.scan(
-        body, (zero[0], sums, model_state), microbatches)
+    (grads, sums, model_state, moved), _ = jax.lax.scan(
+        body, (zero[0], sums, model_state, [jnp.zeros_like(s) for s in start]), microbatches)
+    model_state = with_values(model_state,
+                              [s + m / grad_accum_steps for s, m in zip(start, moved)])
     sums['metrics'] = jax.tree.map(lambda m: m / grad_accum_steps, sums['metrics'])
     return grads, {**sums, 'model_state': model_state}
 
