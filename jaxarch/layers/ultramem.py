@@ -9,10 +9,9 @@ parameters grow without growing compute. Per token and head (DESIGN.md §7.1):
    cores `ΣC_i` ranks rows by `R·u` and columns by `Cl·v`; the top-m of each side span an
    `m × m` grid scored exactly per core, `S_i = R C_i Clᵀ`; the best `top_k` by `Σ_i S_i`
    are kept with their per-core scores `[top_k, c]`;
-3. IVE: a virtual index `row·n' + col` in `[0, E·N)` goes through a fixed affine
-   permutation `π(x) = (a·x + b) mod E·N` (`a` coprime to `E·N`; `a, b` drawn from
-   `permutation_seed`, so nothing of size E·N is stored); `physical = π mod N`,
-   `group = π div N`;
+3. IVE: a virtual index `row·n' + col` in `[0, E·N)` goes through a fixed pseudo-random
+   permutation `π` (`IvePermutation`, drawn from `permutation_seed`, so nothing of size
+   E·N is stored); `physical = π mod N`, `group = π div N`;
 4. the value (dim `d_v`) is split into `c` slices, slice `i` weighted by core `i`'s score;
    the weighted sum of the selected values per group (`sparse_lookup`, all heads into the
    same bags) gives `[E, d_v]`, flattened and projected to `d_model`.
@@ -54,6 +53,7 @@ when the weight is > 0); metrics `tucker_aux` (unweighted), `score_entropy` (ent
 from the `WindowCounter` `hits [N]`).
 """
 
+import dataclasses
 import math
 import statistics
 
@@ -84,14 +84,53 @@ def _layer_norm(x: jax.Array, axis: int = -1, eps: float = 1e-5) -> jax.Array:
   return (x - mean) * jax.lax.rsqrt(var + eps)
 
 
-def _affine_mod(x: jax.Array, a: int, b: int, mod: int) -> jax.Array:
-  """(a·x + b) mod `mod` for int32 x < mod < 2^30, by double-and-add over a's bits."""
+def _mul_mod(x: jax.Array, m: jax.Array, mod: int) -> jax.Array:
+  """x·m mod `mod` for int32 x, m in [0, mod), mod < 2^30 (no int64 needed): double and
+  add over m's bits."""
   r = jnp.zeros_like(x)
-  for bit in bin(a)[2:]:
+  for bit in reversed(range(mod.bit_length())):
     r = (2 * r) % mod
-    if bit == '1':
-      r = (r + x) % mod
-  return (r + b) % mod
+    r = jnp.where((m >> bit) & 1, (r + x) % mod, r)
+  return r
+
+
+@dataclasses.dataclass(frozen=True)
+class IvePermutation:
+  """The IVE map π of [0, E·N) onto itself, as (physical, group) of x = hi·N + lo: three
+  bijective rounds over the pair (hi in [0, E), lo in [0, N)): lo ← a_hi·lo + b_hi (mod N,
+  a_hi coprime to N); hi ← hi + hash(lo) (mod E); lo ← a'_hi·lo + b'_hi. The E virtual
+  values that share a physical one are then spread over the grid pseudo-randomly; an
+  affine map of x alone would make `x mod N` decide the physical value, so that they would
+  all sit in one column at fixed row offsets. Hashable (a static attribute of the layer)."""
+  num_values: int
+  expansion: int
+  rounds: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]  # ((a_hi), (b_hi)) x 2
+  key: int  # odd: a multiplicative hash of lo
+
+  @classmethod
+  def draw(cls, num_values: int, expansion: int, seed: int) -> 'IvePermutation':
+    n, gen = num_values, np.random.default_rng(seed)
+
+    def coprime():
+      while True:
+        a = int(gen.integers(1, n)) if n > 1 else 1
+        if math.gcd(a, n) == 1:
+          return a
+
+    rounds = tuple((tuple(coprime() for _ in range(expansion)),
+                    tuple(int(b) for b in gen.integers(0, n, expansion))) for _ in range(2))
+    return cls(num_values, expansion, rounds, int(gen.integers(0, 2**31)) * 2 + 1)
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """int32 virtual indices -> (physical index, group)."""
+    n, e = self.num_values, self.expansion
+    affine = lambda r, hi, lo: (_mul_mod(lo, jnp.asarray(r[0], jnp.int32)[hi], n)
+                                + jnp.asarray(r[1], jnp.int32)[hi]) % n
+    hi, lo = x // n, x % n
+    lo = affine(self.rounds[0], hi, lo)
+    mixed = (lo.astype(jnp.uint32) * np.uint32(self.key)) >> 16
+    hi = (hi + (mixed % np.uint32(e)).astype(jnp.int32)) % e
+    return affine(self.rounds[1], hi, lo), hi
 
 
 def _tail_mean_square(k: float, n: int) -> float:
@@ -138,13 +177,7 @@ class UltraMem(nnx.Module):
     self.deterministic = False
     h, c, r, d_k = num_heads, num_cores, tucker_rank, key_dim
 
-    # IVE permutation: affine mod E·N with a multiplier coprime to E·N.
-    virtual = num_values * ive_expansion
-    gen = np.random.default_rng(permutation_seed)
-    a = int(gen.integers(1, virtual)) if virtual > 1 else 1
-    while math.gcd(a, virtual) != 1:
-      a = int(gen.integers(1, virtual))
-    self.permutation = (a, int(gen.integers(0, virtual)) if virtual > 1 else 0)
+    self.permutation = IvePermutation.draw(num_values, ive_expansion, permutation_seed)
 
     self.query_conv = None if not query_conv else param(
         rngs, lambda key, shape, dt: jnp.zeros(shape, dt).at[-1].set(1),  # identity at init
@@ -281,9 +314,7 @@ class UltraMem(nnx.Module):
 
   def permute(self, virtual: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Virtual index in [0, E·N) -> (physical row, IVE group)."""
-    a, b = self.permutation
-    p = _affine_mod(virtual.astype(jnp.int32), a, b, self.num_values * self.expansion)
-    return p % self.num_values, p // self.num_values
+    return self.permutation(virtual.astype(jnp.int32))
 
   def read(self, physical: jax.Array, group: jax.Array, weights: jax.Array) -> jax.Array:
     """Per-group, per-core weighted value sums: [t, h, k] x2, [t, h, k, c] -> [t, E·d_v].
