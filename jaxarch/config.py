@@ -42,6 +42,7 @@ POSITIVE_INTS = (
     'model.vocab_size', 'model.max_len', 'data.seq_len', 'train.steps', 'train.batch_size',
     'checkpoint.every_steps', 'checkpoint.keep', 'log.every_steps', 'log.eval_every_steps',
     'log.eval_batches', 'train.max_consecutive_skips', 'train.grad_accum_steps',
+    'data.pack_align',
 )
 
 # Relative config paths that are not found from the working directory are looked up in

@@ -259,3 +259,11 @@ def test_bita_benchmark_runs_every_stage_and_checks_equality(tmp_path, data_dir,
     assert r['lossless'] and r['accepted_per_pass'] >= 1 and r['speedup'] > 0
     assert 0 < r['new_tokens'] <= 4 * 8  # end-of-document may stop a prompt early
   assert record['distill']['sequences']['train'] == 16
+
+
+def test_peak_flops_tell_h100_variants_apart():
+  from jaxarch.train import flops  # pylint: disable=g-import-not-at-top
+  assert flops.peak_flops('NVIDIA H100 80GB HBM3') == 989e12  # SXM
+  assert flops.peak_flops('NVIDIA H100 PCIe') == 756e12
+  assert flops.peak_flops('NVIDIA H100 NVL') == 835e12
+  assert flops.peak_flops('NVIDIA H200') == 989e12 and flops.peak_flops('cpu') is None

@@ -1,6 +1,7 @@
 """The jitted train step: same numbers on 1 device and on a (data=2, fsdp=2, tensor=2) mesh."""
 
 import jax
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -153,6 +154,9 @@ def test_schedules_warm_up_then_reach_their_final_rate(schedule):
   assert float(lr(100)) == pytest.approx(final, abs=1e-6)
   if schedule == 'wsd':
     assert float(lr(75)) == pytest.approx(1.0)  # still in the stable phase
+    # A cool-down longer than the steps after warm-up ends on time all the same.
+    late = learning_rate_schedule(ml_collections.ConfigDict(dict(cfg.train, decay_fraction=0.95)))
+    assert float(late(100)) == pytest.approx(0.1, abs=1e-6)
 
 
 def test_parameter_group_multiplier_decays_linearly_to_one():

@@ -26,6 +26,8 @@ import ml_collections
 # Peak dense bf16 FLOP/s per device, from the vendors' datasheets (no sparsity).
 PEAK_BF16_FLOPS = {
     'H100': 989e12,  # SXM
+    'H100 PCIe': 756e12,
+    'H100 NVL': 835e12,
     'H200': 989e12,
     'A100': 312e12,
     'TPU v4': 275e12,

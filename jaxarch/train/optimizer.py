@@ -20,7 +20,6 @@ from flax import nnx
 from jaxarch.config import ConfigError
 
 
-
 def learning_rate_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
   """`train` section -> lr(step). Warmup is linear from lr/warmup_steps in all three."""
   warmup = optax.linear_schedule(cfg.lr / max(cfg.warmup_steps, 1), cfg.lr,
@@ -32,7 +31,7 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
   elif cfg.schedule == 'wsd':
     # Warmup-stable-decay (MiniCPM): constant, then a linear cool-down at the end, so a
     # run can be extended or branched from any stable-phase checkpoint.
-    cooldown = max(int(cfg.steps * cfg.decay_fraction), 1)
+    cooldown = min(max(int(cfg.steps * cfg.decay_fraction), 1), decay_steps)  # ends on time
     stable = max(decay_steps - cooldown, 0)
     main = optax.join_schedules(
         [optax.constant_schedule(cfg.lr), optax.linear_schedule(cfg.lr, final, cooldown)],
