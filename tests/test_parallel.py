@@ -89,3 +89,16 @@ def test_dcn_axes_multiply_the_ici_axes():
   # Each "slice" (a data index) holds one consecutive block of 4 devices.
   ids = np.vectorize(lambda d: d.id)(mesh.devices)
   assert sorted(ids[0].ravel()) == [0, 1, 2, 3] and sorted(ids[1].ravel()) == [4, 5, 6, 7]
+
+
+def test_a_large_weight_that_loses_a_mesh_axis_is_reported(caplog):
+  """A vocabulary of 50257 (GPT-2) does not divide over tensor=2: its embedding, head and
+  their Adam moments are replicated along it, which a user should hear of."""
+  cfg = mesh_config(tiny_config(**{'model.vocab_size': 50257, 'model.d_model': 64}),
+                    data=4, tensor=2)
+  make_setup(cfg, make_mesh(cfg))
+  assert "vocab=50257 over tensor=2" in caplog.text and '2 large weights' in caplog.text
+  caplog.clear()
+  small = mesh_config(tiny_config(**{'model.vocab_size': 385}), data=4, tensor=2)
+  make_setup(small, make_mesh(small))  # small weights: replicating them is fine
+  assert 'replicated' not in caplog.text

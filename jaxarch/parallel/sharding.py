@@ -7,6 +7,8 @@ replicated along that dimension rather than failing (e.g. 2 KV heads on tensor=4
 
 import collections
 from collections.abc import Sequence
+import logging
+import math
 
 import jax
 import numpy as np
@@ -14,6 +16,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
+LARGE_WEIGHT = 1 << 20  # elements: replicating a weight this large is worth a warning
+log = logging.getLogger(__name__)
 
 
 def _is_variable(x) -> bool:
@@ -21,11 +25,13 @@ def _is_variable(x) -> bool:
 
 
 def logical_to_spec(axes: Sequence[str | None], rules: Rules,
-                    shape: Sequence[int] | None = None, mesh: Mesh | None = None) -> P:
+                    shape: Sequence[int] | None = None, mesh: Mesh | None = None,
+                    dropped: list | None = None) -> P:
   """('batch', 'length') -> P(('data', 'fsdp', 'expert'), None) under the default rules.
 
   A mesh axis is used at most once per spec (first dimension wins), and with `shape` and
-  `mesh` given, mesh axes that do not divide a dimension are dropped.
+  `mesh` given, mesh axes that do not divide a dimension are dropped (and listed in
+  `dropped` as (logical name, size, mesh axis)).
   """
   table = dict(rules)
   used: set[str] = set()
@@ -45,6 +51,8 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules,
       if shape is not None and mesh is not None:
         size = int(np.prod([mesh.shape[a] for a in kept + [axis]]))
         if shape[i] % size:
+          if dropped is not None:
+            dropped.append((name, shape[i], axis))
           continue
       kept.append(axis)
     used.update(kept)
@@ -59,14 +67,28 @@ def tree_shardings(tree, mesh: Mesh, rules: Rules):
   step counters, RNG keys, scalars) is replicated. Works for params, optimizer states
   built from them (optax keeps the Variables), and whole train states.
   """
-  def sharding(x):
+  replicated = {}  # large weights that lost a mesh axis: path -> (shape, what was dropped)
+
+  def sharding(path, x):
     if _is_variable(x):
       axes = x.get_metadata().get('out_sharding')
       value = x.get_value()
-      spec = P() if not axes else logical_to_spec(axes, rules, value.shape, mesh)
+      dropped = []
+      spec = P() if not axes else logical_to_spec(axes, rules, value.shape, mesh, dropped)
+      if dropped and math.prod(value.shape) >= LARGE_WEIGHT:
+        replicated.setdefault(value.shape + tuple(dropped), (jax.tree_util.keystr(path),
+                                                              value.shape, dropped[0]))
       return x.replace(NamedSharding(mesh, spec))
     return NamedSharding(mesh, P())
-  return jax.tree.map(sharding, tree, is_leaf=_is_variable)
+
+  shardings = jax.tree_util.tree_map_with_path(sharding, tree, is_leaf=_is_variable)
+  if replicated:
+    path, shape, (name, size, axis) = next(iter(replicated.values()))
+    log.warning('%d large weights are replicated along mesh axes that do not divide them, '
+                'e.g. %s %s: %s=%d over %s=%d; pad that dimension or map %r elsewhere in '
+                'mesh.rules', len(replicated), path, list(shape), name, size, axis,
+                mesh.shape[axis], name)
+  return shardings
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
