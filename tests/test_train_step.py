@@ -238,3 +238,19 @@ def test_gpu_train_step_lowers_for_cuda_on_a_mesh(spec, traced_as_on_gpu):
   hlo = lowered.as_text()
   assert 'xla.gpu.triton' in hlo  # the grouped matmuls / the value lookup
   assert 'CustomSPMDPartitioning' in hlo  # cuDNN attention, partitioned when compiled
+
+
+def test_evaluation_runs_in_the_train_steps_microbatches_with_the_same_sums():
+  from jaxarch.train.step import make_eval_step  # pylint: disable=g-import-not-at-top
+  batch = make_batch(8, 32, seed=2)
+  batch['segment_ids'][:3, 20:] = 0  # microbatches of unequal token counts
+  totals = []
+  for accum in (1, 2):
+    cfg = mesh_config(tiny_config(**{'model.dtype': 'float32',
+                                     'train.grad_accum_steps': accum}), data=4)
+    setup = make_setup(cfg, make_mesh(cfg, devices=jax.devices()[:4]))
+    step = make_eval_step(setup, np.ones(cfg.model.vocab_size, np.float32))
+    out = step(init_state(cfg, setup), global_batch(batch, setup.batch_sharding))
+    totals.append({k: float(v) for k, v in out.items()})
+  assert totals[0]['tokens'] == totals[1]['tokens'] == 8 * 32 - 3 * 12
+  assert totals[0]['nll'] == pytest.approx(totals[1]['nll'], rel=1e-5)

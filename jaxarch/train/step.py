@@ -125,7 +125,6 @@ def make_train_step(setup: TrainSetup):
   report on such a step.
   """
   is_frozen = frozen(setup.abstract_state['params'])
-  batch_spec = setup.batch_sharding.spec
   grad_accum_steps = setup.grad_accum_steps
 
   def microbatch_grads(params, model_state, batch):
@@ -156,13 +155,6 @@ def make_train_step(setup: TrainSetup):
     if grad_accum_steps == 1:
       return microbatch_grads(params, model_state, batch)
 
-    def split(x):  # [B, ...] -> [A, B/A, ...]: microbatch i takes rows i, i + A, ...
-      x = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:])
-      x = jnp.swapaxes(x, 0, 1)
-      spec = jax.sharding.PartitionSpec(None, *batch_spec, *[None] * (x.ndim - 3))
-      return jax.lax.with_sharding_constraint(
-          x, jax.sharding.NamedSharding(setup.mesh, spec))
-
     # `PerStepState` variables start every microbatch from the step's values; the step
     # applies the mean of the microbatches' moves.
     flat, treedef = jax.tree.flatten(model_state, is_leaf=_is_variable)
@@ -185,7 +177,7 @@ def make_train_step(setup: TrainSetup):
       moved = [m + v - s for m, v, s in zip(moved, values(out['model_state']), start)]
       return (grads, sums, out['model_state'], moved), None
 
-    microbatches = jax.tree.map(split, batch)
+    microbatches = _microbatches(setup, batch)
     first = jax.tree.map(lambda x: x[0], microbatches)
     zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(
         microbatch_grads, params, model_state, first))
@@ -240,16 +232,40 @@ def _is_count(path) -> bool:
   return bool(path) and getattr(path[-1], 'name', None) == 'count'
 
 
+def _microbatches(setup: TrainSetup, batch: dict) -> dict:
+  """[B, ...] -> [A, B/A, ...] (A = `setup.grad_accum_steps`): microbatch i takes rows
+  i, i + A, ..., so that each is spread over the batch's devices as the batch is."""
+  a = setup.grad_accum_steps
+
+  def split(x):
+    x = jnp.swapaxes(x.reshape(x.shape[0] // a, a, *x.shape[1:]), 0, 1)
+    spec = jax.sharding.PartitionSpec(None, *setup.batch_sharding.spec,
+                                      *[None] * (x.ndim - 3))
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(setup.mesh, spec))
+
+  return jax.tree.map(split, batch)
+
+
 def make_eval_step(setup: TrainSetup, byte_lengths):
-  """Summed NLL, token and byte counts of a batch; bits per byte = nll / ln2 / bytes."""
+  """Summed NLL, token and byte counts of a batch; bits per byte = nll / ln2 / bytes. With
+  `train.grad_accum_steps=A` the batch runs as A microbatches, as in training, so that an
+  evaluation fits wherever the train step does."""
   byte_lengths = jnp.asarray(byte_lengths, jnp.float32)
 
-  def eval_step(state, batch):
+  def sums(state, batch):
     (logits, targets, mask), _, _, _ = _forward(setup, state['params'],
                                                 state['model_state'], batch)
     nll, _ = cross_entropy(logits, targets, mask)
     num_bytes = (byte_lengths[targets] * mask).sum()
     return {'nll': nll, 'tokens': mask.sum(), 'bytes': num_bytes}
+
+  def eval_step(state, batch):
+    if setup.grad_accum_steps == 1:
+      return sums(state, batch)
+    add = lambda total, microbatch: (jax.tree.map(jnp.add, total, sums(state, microbatch)),
+                                     None)
+    zero = {k: jnp.zeros((), jnp.float32) for k in ('nll', 'tokens', 'bytes')}
+    return jax.lax.scan(add, zero, _microbatches(setup, batch))[0]
 
   return jax.jit(eval_step, in_shardings=(setup.shardings, setup.batch_sharding))
 
