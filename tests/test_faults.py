@@ -156,6 +156,15 @@ def test_a_config_of_another_family_on_an_existing_run_is_refused(tmp_path, data
   assert code == 2 and 'is not of this model' in err and 'mlp' in err
   assert '\n' not in err
   assert load_json(tmp_path / 'config.json').model.d_ff != 96  # still the checkpoints'
+  # Another batch size: the state resumes; the saved data position (one packing stream
+  # per row) does not apply, and is not mistaken for a corrupt checkpoint.
+  code, err = _run_cli(['train', *TINY, '--config.train.batch_size=16',
+                        '--config.train.steps=3', f'--workdir={tmp_path}',
+                        f'--data_dir={data_dir}'], capsys)
+  err = ' '.join(err.split())
+  assert code == 0 and 'resumed from' in err and 'train.batch_size 8 -> 16' in err, err
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '3']
+  assert not (tmp_path / 'corrupt_checkpoints').exists()
 
 
 @pytest.mark.parametrize('make_files, expected', [

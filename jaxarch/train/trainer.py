@@ -55,6 +55,25 @@ def eval_batches(cfg: ml_collections.ConfigDict, setup: TrainSetup | None = None
       process_index=index, process_count=count)
 
 
+# What decides which documents go into which rows: if one changes, a saved data position
+# means other documents (e.g. another batch size, another number of packing streams).
+_DATA_LAYOUT = ('train.batch_size', 'train.seed', 'data.source', 'data.seq_len',
+                'data.tokenizer', 'data.validation_fraction', 'data.pack_align')
+
+
+def data_changes(workdir: Path, cfg: ml_collections.ConfigDict) -> str | None:
+  """What of `_DATA_LAYOUT` changed since the run in `workdir` was saved, e.g.
+  'train.batch_size 32 -> 64', or None (same, or no saved run)."""
+  saved = workdir / 'config.json'
+  if not saved.exists():
+    return None
+  old, new = json.loads(saved.read_text()), json.loads(json.dumps(config_lib.to_dict(cfg)))
+  get = lambda tree, key: tree.get(key.split('.')[0], {}).get(key.split('.')[1])
+  changes = [f'{k} {get(old, k)} -> {get(new, k)}' for k in _DATA_LAYOUT
+             if get(old, k) != get(new, k)]
+  return ', '.join(changes) or None
+
+
 def no_validation_data(cfg: ml_collections.ConfigDict) -> str | None:
   """Why the run has nothing to evaluate on, or None: its validation split is empty (a
   corpus of few files, split by file, may put none in validation)."""
@@ -96,8 +115,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                               async_save=cfg.checkpoint.async_save)
   writer = MetricsWriter(workdir, tensorboard=cfg.log.tensorboard)
   try:
-    state, restored_step = checkpointer.restore(setup.abstract_state, data_iter,
-                                                      move_aside=True)
+    changed = data_changes(workdir, cfg)
+    state, restored_step = checkpointer.restore(
+        setup.abstract_state, None if changed else data_iter, move_aside=True)
     if state is None:
       state = with_pretrained_parts(cfg, setup, init_state(cfg, setup))
     if jax.process_index() == 0:  # only once the checkpoints are known to be this model's
@@ -112,6 +132,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                 f'{jax.device_count()} × {jax.devices()[0].device_kind}')
       if restored_step is not None:
         bar.alert(f'resumed from {checkpointer.directory / str(restored_step)}')
+        if changed:
+          bar.alert(f'{changed} since the checkpoint: its data position does not apply; '
+                    'the data iterators start afresh')
       return _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer,
                    bar, stop)
   finally:
