@@ -14,13 +14,16 @@ so it may hold `moe` blocks or `ultramem` memory layers: `tiny_ultramem` shows o
   small         8  512 x 4 (8)                256 x 2 (4)               1024     14.4M
   151m          8  1024 x 12 (8)              512 x 6 (8)               8192     171M
   1.5b          8  2048 x 24 (16)             1024 x 15 (16)            8192     1.40B
+  text          8  2048 x 14 (16)             1024 x 18 (16)            8192     937M
 
 `1.5b` is the paper's PG-19 ratio-study model (arXiv 2305.07185 §6: a 1.3B global model
 of width 2048 x 24 layers and a 218M local model of 1024 x 15 layers, patch 8, 8192
 bytes), the one reported at 0.991 bits per byte; with SwiGLU feed-forwards of 8/3 width
 it has 1.40B parameters to the paper's 1.3B + 218M. `151m` puts the dense 151m preset's
 stack (1024 x 12) in the global model and a local model of half its width, so that it
-compares with the 151m presets of the other families. The paper's init (normal, std
+compares with the 151m presets of the other families. `text` is the paper's
+compute-matched text model (§5: global 2048 x 14, local 1024 x 18, patch 8, 8192 bytes),
+the one compared with a byte transformer at equal compute. The paper's init (normal, std
 0.006, truncated at 2σ) and Adam (0.9, 0.98) are used at paper scale; the small presets keep
 the project's defaults, which train faster at their width.
 """
@@ -42,6 +45,9 @@ PRESETS = {
                  seq_len=8192, paper_init=True),
     '1.5b': dict(patch_size=8, d_model=2048, n_layers=24, n_heads=16, n_kv_heads=16,
                  d_ff=5504, local=dict(d_model=1024, n_layers=15, n_heads=16, n_kv_heads=16,
+                                       d_ff=2752), seq_len=8192, paper_init=True),
+    'text': dict(patch_size=8, d_model=2048, n_layers=14, n_heads=16, n_kv_heads=16,
+                 d_ff=5504, local=dict(d_model=1024, n_layers=18, n_heads=16, n_kv_heads=16,
                                        d_ff=2752), seq_len=8192, paper_init=True),
 }
 
