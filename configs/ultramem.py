@@ -85,6 +85,7 @@ def get_config(arg=None):
   # pairs two negative side scores, whose product is large (recall 0.98 vs 0.49 at init).
   u.rank_by_magnitude = True
   u.query_conv = 0  # kernel of the optional causal depthwise conv on the query input
+  u.heads_per_query = 1  # 2: pairs of heads share one query (an option of the release)
   # Value lookup kernels: 'auto' is Pallas on GPU/TPU, XLA on CPU (kernels.sparse_lookup).
   # The table gradient is summed 'sorted' (deterministic) or 'atomic' (GPU fp32 atomics).
   u.lookup_impl = 'auto'

@@ -267,7 +267,7 @@ def _isqrt_exact(x: int) -> int | None:
 
 def check_ultramem(num_values, top_k, value_dim, key_dim, tucker_rank, num_cores,
                    ive_expansion, num_heads, top_m, aux_loss_weight, aux_tau, query_conv,
-                   prefix='model.ultramem'):
+                   heads_per_query=1, prefix='model.ultramem'):
   """The UltraMem layer's shape rules, shared by the layer and `validate`; returns top_m."""
   def fail(key, value, what):
     raise ConfigError(f'config error: {prefix}.{key}={value!r} {what}')
@@ -305,6 +305,10 @@ def check_ultramem(num_values, top_k, value_dim, key_dim, tucker_rank, num_cores
     fail('aux_tau', aux_tau, 'must be >= 0')
   if not isinstance(query_conv, (int, np.integer)) or query_conv < 0:
     fail('query_conv', query_conv, 'must be an integer >= 0 (0 = no convolution)')
+  if (not isinstance(heads_per_query, (int, np.integer)) or heads_per_query < 1
+      or num_heads % heads_per_query):
+    fail('heads_per_query', heads_per_query,
+         f'must be an integer >= 1 that divides num_heads={num_heads}')
   return m
 
 
@@ -314,7 +318,8 @@ def check_ultramem_config(cfg, prefix: str = 'model.ultramem') -> None:
   check_ultramem(get('num_values'), get('top_k'), get('value_dim'), get('key_dim'),
          get('tucker_rank', 2), get('num_cores', 2), get('ive_expansion', 1),
          get('num_heads', 1), get('top_m'), get('aux_loss_weight', 0.0),
-         get('aux_tau', 0.15), get('query_conv', 0), prefix=prefix)
+         get('aux_tau', 0.15), get('query_conv', 0), get('heads_per_query', 1),
+         prefix=prefix)
 
 
 

@@ -301,3 +301,16 @@ def test_ive_permutation_is_a_bijection_that_scatters_the_sharers_over_the_grid(
   same_column = np.mean([len(set(c)) < e for c in columns])
   assert same_column < 0.2  # random: 1 - (63·62·61)/64³ = 9%; affine in x: 100%
   assert perm == ultramem.IvePermutation.draw(n_values, e, seed=3)  # fixed by the seed
+
+
+def test_heads_may_share_one_query_in_pairs():
+  x = jax.random.normal(jax.random.PRNGKey(1), (5, 32))
+  shared = make_layer(num_heads=4, heads_per_query=2)
+  assert shared.query_proj.shape == (32, 2, 2, 8)  # two queries for four heads
+  q = queries(shared, x)
+  np.testing.assert_array_equal(q[:, 0], q[:, 1])
+  np.testing.assert_array_equal(q[:, 2], q[:, 3])
+  assert not np.allclose(q[:, 1], q[:, 2])
+  assert shared(x[None]).shape == (1, 5, 32)
+  with pytest.raises(config_lib.ConfigError, match='heads_per_query=3 must be an integer'):
+    make_layer(num_heads=4, heads_per_query=3)

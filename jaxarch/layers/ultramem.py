@@ -4,6 +4,7 @@ A product-key memory: a table of `N = n²` values of which each token reads `top
 parameters grow without growing compute. Per token and head (DESIGN.md §7.1):
 
 1. query `W_q x -> [2, d_k]` (row half, column half), each LayerNormed (gain d_k^-0.33);
+   `heads_per_query` adjacent heads may share one (2: pairs, an option of the release);
 2. TDQKR: row and column scores `R, Cl [n', r]` against LayerNormed keys
    `[2, n', d_k, r]` (`n' = n·√E`); the rank-1 approximation `u vᵀ` of the summed Tucker
    cores `ΣC_i` ranks rows by `R·u` and columns by `Cl·v`; the top-m of each side span an
@@ -162,12 +163,13 @@ class UltraMem(nnx.Module):
                key_dim: int, tucker_rank: int = 2, num_cores: int = 2,
                ive_expansion: int = 1, num_heads: int = 1, top_m: int | None = None,
                aux_loss_weight: float = 0.0, aux_tau: float = 0.15, query_conv: int = 0,
-               rank_by_magnitude: bool = True, permutation_seed: int = 0,
+               heads_per_query: int = 1, rank_by_magnitude: bool = True, permutation_seed: int = 0,
                lookup_impl: str = 'auto', lookup_scatter: str = 'sorted', dtype=jnp.bfloat16,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.top_m = check_ultramem(num_values, top_k, value_dim, key_dim, tucker_rank, num_cores,
                         ive_expansion, num_heads, top_m, aux_loss_weight, aux_tau,
-                        query_conv)
+                        query_conv, heads_per_query)
+    self.heads_per_query = heads_per_query
     self.num_values, self.top_k, self.value_dim = num_values, top_k, value_dim
     self.num_heads, self.num_cores, self.expansion = num_heads, num_cores, ive_expansion
     self.keys_per_side = math.isqrt(num_values) * math.isqrt(ive_expansion)
@@ -182,11 +184,12 @@ class UltraMem(nnx.Module):
     self.query_conv = None if not query_conv else param(
         rngs, lambda key, shape, dt: jnp.zeros(shape, dt).at[-1].set(1),  # identity at init
         (query_conv, d_model), (None, 'embed'), param_dtype)
-    self.query_proj = param(rngs, normal(d_k ** -0.5), (d_model, h, 2, d_k),
+    q = h // heads_per_query  # distinct queries; each serves heads_per_query heads
+    self.query_proj = param(rngs, normal(d_k ** -0.5), (d_model, q, 2, d_k),
                             ('embed', None, None, None), param_dtype)
-    self.query_scale = param(rngs, jax.nn.initializers.constant(d_k ** -0.33), (h, 2, d_k),
+    self.query_scale = param(rngs, jax.nn.initializers.constant(d_k ** -0.33), (q, 2, d_k),
                              (None, None, None), param_dtype, weight_decay=False)
-    self.query_bias = param(rngs, jax.nn.initializers.zeros, (h, 2, d_k),
+    self.query_bias = param(rngs, jax.nn.initializers.zeros, (q, 2, d_k),
                             (None, None, None), param_dtype, weight_decay=False)
     self.keys = param(rngs, normal(d_k ** -0.5), (h, 2, self.keys_per_side, d_k, r),
                       (None, None, None, None, None), param_dtype, weight_decay=False)
@@ -263,7 +266,8 @@ class UltraMem(nnx.Module):
           self.history[...] = jax.lax.dynamic_update_slice_in_dim(self.history[...], x, 0, 1)
         x = _causal_depthwise_conv(x, kernel, segment_ids)
     q = jnp.einsum('bsd,dhpk->bshpk', x, self.query_proj[...].astype(self.dtype))
-    return _layer_norm(q) * self.query_scale[...] + self.query_bias[...]
+    q = _layer_norm(q) * self.query_scale[...] + self.query_bias[...]
+    return jnp.repeat(q, self.heads_per_query, axis=2)  # heads sharing a query: adjacent
 
   def _conv_along_paths(self, x, kernel, positions, layout):
     """The causal conv of a laid-out call: the taps follow each token's parents, then the

@@ -32,6 +32,7 @@ def memory_layer(cfg: ml_collections.ConfigDict, index: int, rngs: nnx.Rngs) -> 
       key_dim=u.key_dim, tucker_rank=u.tucker_rank, num_cores=u.num_cores,
       ive_expansion=u.ive_expansion, num_heads=u.num_heads, top_m=u.top_m,
       aux_loss_weight=u.aux_loss_weight, aux_tau=u.aux_tau, query_conv=u.query_conv,
+      heads_per_query=u.heads_per_query,
       rank_by_magnitude=u.rank_by_magnitude, lookup_impl=u.lookup_impl,
       lookup_scatter=u.lookup_scatter, permutation_seed=index, dtype=dtype,
       param_dtype=param_dtype, rngs=rngs)
