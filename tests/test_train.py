@@ -1,6 +1,7 @@
 """End to end: `jaxarch.train.train` learns, logs, checkpoints and resumes exactly."""
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -136,3 +137,17 @@ def test_tiny_moe_trains_with_its_experts_split_over_four_devices(tmp_path, data
     assert abs(sum(loads) - 1.0) < 1e-4
     assert records[-1][f'blocks/{layer}/mlp/dropped_fraction'] == 0.0  # dropless
   assert np.isfinite(result['eval_bpb'])
+
+
+def test_the_stopwatch_leaves_out_paused_time(monkeypatch):
+  """Evaluations and checkpoint saves run paused: throughput and MFU count training only."""
+  from jaxarch.train import metrics  # pylint: disable=g-import-not-at-top
+  clock = iter([0.0, 3.0, 10.0, 12.0, 12.0, 12.5, 13.5])
+  monkeypatch.setattr(metrics, 'time', types.SimpleNamespace(perf_counter=lambda: next(clock)))
+  watch = metrics.Stopwatch()  # 0
+  with watch.paused():  # 3 .. 10: 7 s paused
+    pass
+  assert watch.lap() == 5.0  # 12 - 0 - 7
+  with watch.paused():  # 12 .. 12.5
+    pass
+  assert watch.lap() == 1.0  # 13.5 - 12 - 0.5

@@ -1,5 +1,6 @@
 """Where training metrics go: workdir/metrics.jsonl, TensorBoard events, a progress bar."""
 
+import contextlib
 import json
 import math
 import time
@@ -115,3 +116,12 @@ class Stopwatch:
     now = time.perf_counter()
     elapsed, self.start = now - self.start, now
     return elapsed
+
+  @contextlib.contextmanager
+  def paused(self):
+    """Time spent inside does not count towards the next lap (evaluations, checkpoints)."""
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.start += time.perf_counter() - start

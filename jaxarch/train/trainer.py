@@ -4,6 +4,7 @@ Everything family-specific reaches this loop through the model (its sown `aux_lo
 values, its parameter metadata), never through branches on `model.family`.
 """
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -162,6 +163,10 @@ def _window_metrics(pending: list[dict]) -> dict:
   return {k: reduce(k) for k in pending[0] if k not in _UNLOGGED}
 
 
+def _paused(watch: Stopwatch | None):
+  return contextlib.nullcontext() if watch is None else watch.paused()
+
+
 def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer, bar,
           stop) -> dict:
   validation = eval_batches(cfg, setup)
@@ -206,15 +211,15 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
       logged['lr'] = float(schedule(step - 1))  # optax counts updates from 0
       pending = []
       if evaluating:
-        logged.update(run_eval(setup, state, eval_step, validation))
-        if watch is not None:
-          watch.lap()  # evaluation is not training throughput
+        with _paused(watch):  # evaluation is not training throughput
+          logged.update(run_eval(setup, state, eval_step, validation))
       writer.write(step, {k: v for k, v in logged.items() if v is not None})
       bar.update(step, logged, keep='eval_loss' in logged)
       final.update(logged)
 
     if step % cfg.checkpoint.every_steps == 0 or last or stopping:
-      checkpointer.save(step, state, data_iter, force=True)
+      with _paused(watch):  # nor is saving a checkpoint
+        checkpointer.save(step, state, data_iter, force=True)
     if stopping and not last:
       checkpointer.wait()
       bar.alert(f'jaxarch: {stop.received}: stopped after step {step}, checkpoint saved in '
