@@ -16,6 +16,7 @@ from jaxarch import config as config_lib
 from jaxarch.config import load_json
 from jaxarch.train import evaluate, train
 from jaxarch.train import trainer
+from jaxarch.train.checkpoint import CheckpointError
 from jaxarch.train.metrics import read_metrics
 from jaxarch.train.nonfinite import NonFiniteError
 
@@ -118,8 +119,15 @@ def test_training_resumes_past_a_corrupt_latest_checkpoint(tmp_path, data_dir, c
   assert 'checkpoint' in caplog.text and 'unreadable' in caplog.text
   assert (tmp_path / 'corrupt_checkpoints').is_dir() and result['step'] == 10
   records = read_metrics(tmp_path)
-  assert [r['step'] for r in records[10:]] == [9, 10]  # resumed from step 8
+  assert [r['step'] for r in records] == list(range(1, 11))  # 9 and 10 logged again, once
   assert records[-1]['loss'] == pytest.approx(want[10], rel=1e-6)
+  # Every checkpoint unreadable: an error, not a silent start from step 0.
+  for f in (tmp_path / 'checkpoints').rglob('*'):
+    if f.is_file() and f.parent.name == 'd':
+      f.write_bytes(b'garbage')
+  with pytest.raises(CheckpointError, match='no checkpoint in .* could be restored'):
+    train(cfg, tmp_path)
+  assert len(read_metrics(tmp_path)) == 10  # nothing trained, nothing forgotten
 
 
 # Bad workdirs and inputs: one line, exit code 2, before any training.
@@ -165,6 +173,9 @@ def test_a_config_of_another_family_on_an_existing_run_is_refused(tmp_path, data
   assert code == 0 and 'resumed from' in err and 'train.batch_size 8 -> 16' in err, err
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '3']
   assert not (tmp_path / 'corrupt_checkpoints').exists()
+  code, err = _run_cli(['train', *TINY, f'--workdir={tmp_path}', f'--data_dir={data_dir}'],
+                       capsys)  # train.steps=2, below the run's step 3
+  assert code == 2 and 'train.steps=2 is below the step of the run' in err
 
 
 @pytest.mark.parametrize('make_files, expected', [

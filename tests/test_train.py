@@ -22,7 +22,7 @@ def _cfg(data_dir, **overrides):
 
 
 def _losses(workdir):
-  """Last logged train loss per step (a resumed run logs some steps twice)."""
+  """Logged train loss per step."""
   return {m['step']: m['loss'] for m in read_metrics(workdir)}
 
 

@@ -38,6 +38,17 @@ class MetricsWriter:
           self.tb.add_scalar(k, v, step)
       self.tb.flush()
 
+  def drop_after(self, step: int):
+    """Forgets the records of steps after `step`: a resumed run logs them again."""
+    if not self.enabled or not self.path.exists():
+      return
+    lines = self.path.read_text().splitlines(keepends=True)
+    kept = [l for l in lines if l.strip() and json.loads(l)['step'] <= step]
+    if len(kept) < len(lines):
+      tmp = self.path.with_name(self.path.name + '.tmp')
+      tmp.write_text(''.join(kept))
+      tmp.replace(self.path)
+
   def close(self):
     if self.tb is not None:
       self.tb.close()

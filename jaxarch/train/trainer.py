@@ -16,7 +16,7 @@ from jaxarch import config as config_lib
 from jaxarch import data
 from jaxarch.parallel import data_shard, global_batch, make_mesh
 from jaxarch.train import flops
-from jaxarch.train.checkpoint import Checkpointer
+from jaxarch.train.checkpoint import Checkpointer, CheckpointError
 from jaxarch.train.memory import check_state_fits
 from jaxarch.train.metrics import MetricsWriter, ProgressBar, Stopwatch
 from jaxarch.train.nonfinite import NonFiniteMonitor
@@ -117,12 +117,22 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   writer = MetricsWriter(workdir, tensorboard=cfg.log.tensorboard)
   try:
     changed = data_changes(workdir, cfg)
+    had_checkpoints = Checkpointer.exists(workdir)
     state, restored_step = checkpointer.restore(
         setup.abstract_state, None if changed else data_iter, move_aside=True)
+    if state is None and had_checkpoints:
+      raise CheckpointError(f'no checkpoint in {checkpointer.directory} could be restored '
+                            f'(all moved to {workdir / "corrupt_checkpoints"}, see the warnings '
+                            'above); run again to train from step 0, or restore one by hand')
+    if restored_step is not None and restored_step > cfg.train.steps:
+      raise config_lib.ConfigError(
+          f'config error: train.steps={cfg.train.steps} is below the step of the run in '
+          f'{workdir} ({restored_step}); raise it to train on, or use a new --workdir')
     if state is None:
       state = with_pretrained_parts(cfg, setup, init_state(cfg, setup))
     if jax.process_index() == 0:  # only once the checkpoints are known to be this model's
       config_lib.save(cfg, workdir / 'config.json')
+    writer.drop_after(restored_step or 0)  # the steps logged after the checkpoint rerun
     with (ProgressBar(cfg.train.steps, int(state['step']), enabled=cfg.log.progress) as bar,
           StopRequests(sync_every=cfg.log.every_steps) as stop):
       c = setup.param_counts
