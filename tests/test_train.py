@@ -76,6 +76,10 @@ def test_evaluate_and_load_use_the_latest_checkpoint(tmp_path, data_dir):
   assert ev['step'] == 10
   assert ev['eval_bpb'] == pytest.approx(result['eval_bpb'], rel=1e-5)
   assert json.loads((tmp_path / 'eval_10.json').read_text())['step'] == 10
+  # A run whose mesh wants more devices than there are (a pod run evaluated on one host)
+  # is evaluated on a data-parallel mesh of the devices here.
+  pod = mesh_config(config_lib.load_json(tmp_path / 'config.json'), data=16)
+  assert evaluate(pod, tmp_path)['eval_bpb'] == pytest.approx(ev['eval_bpb'], rel=1e-4)
   loaded_cfg, model = load(tmp_path)
   assert loaded_cfg.model.d_model == cfg.model.d_model
   assert model(np.zeros((1, 4), np.int32)).shape == (1, 4, cfg.model.vocab_size)

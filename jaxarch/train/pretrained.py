@@ -1,6 +1,7 @@
 """Loading trained weights back from a workdir (config.json + latest checkpoint): a whole
 model (`load_model`), or the sub-models a new run starts from (`with_pretrained_parts`)."""
 
+import copy
 from pathlib import Path
 
 import jax
@@ -14,6 +15,24 @@ from jaxarch.train.checkpoint import Checkpointer
 from jaxarch.train.state import TrainSetup, make_setup, merge_model
 
 
+# A data-parallel mesh of every device here: what a run whose own mesh does not fit runs on.
+DATA_PARALLEL = ('mesh.ici.data=-1', 'mesh.ici.fsdp=1', 'mesh.ici.tensor=1',
+                 'mesh.ici.expert=1', 'mesh.dcn.data=1', 'mesh.dcn.fsdp=1', 'mesh.dcn.tensor=1',
+                 'mesh.dcn.expert=1')
+
+
+def mesh_here(cfg: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, Mesh]:
+  """(config, mesh) to run a trained model on these devices: the run's own mesh when it
+  fits them, else a data-parallel one (e.g. a pod checkpoint evaluated on one GPU)."""
+  try:
+    return cfg, make_mesh(cfg)
+  except config_lib.ConfigError:
+    cfg = copy.deepcopy(cfg)
+    for override in DATA_PARALLEL:
+      config_lib.apply_override(cfg, override)
+    return cfg, make_mesh(config_lib.validate(cfg))
+
+
 def load_model(workdir: str | Path, *, step: int | None = None, mesh_overrides=()):
   """(config, model) restored from `workdir`.
 
@@ -25,15 +44,7 @@ def load_model(workdir: str | Path, *, step: int | None = None, mesh_overrides=(
   saved = workdir / 'config.json'
   if not saved.exists():
     raise FileNotFoundError(f'{saved} not found: is {workdir} a jaxarch workdir?')
-  cfg = config_lib.load_json(saved, mesh_overrides)
-  try:
-    mesh = make_mesh(cfg)
-  except config_lib.ConfigError:
-    cfg = config_lib.load_json(saved, ['mesh.ici.data=-1', 'mesh.ici.fsdp=1',
-                                       'mesh.ici.tensor=1', 'mesh.ici.expert=1',
-                                       'mesh.dcn.data=1', 'mesh.dcn.fsdp=1',
-                                       'mesh.dcn.tensor=1', 'mesh.dcn.expert=1'])
-    mesh = make_mesh(cfg)
+  cfg, mesh = mesh_here(config_lib.load_json(saved, mesh_overrides))
   setup = make_setup(cfg, mesh)
   checkpointer = Checkpointer(workdir, async_save=False)
   state, _ = checkpointer.restore(setup.abstract_state, step=step)

@@ -22,7 +22,7 @@ from jaxarch.train.metrics import MetricsWriter, ProgressBar, Stopwatch
 from jaxarch.train.nonfinite import NonFiniteMonitor
 from jaxarch.train.optimizer import learning_rate_schedule
 from jaxarch.train.preemption import StopRequests
-from jaxarch.train.pretrained import with_pretrained_parts
+from jaxarch.train.pretrained import mesh_here, with_pretrained_parts
 from jaxarch.train.state import TrainSetup, init_state, make_setup
 from jaxarch.train.step import (leaf_names, make_eval_step, make_train_step,
                                 make_window_reset, summarize_eval)
@@ -246,7 +246,8 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
   if (missing := no_validation_data(cfg)) is not None:
     raise config_lib.ConfigError(f'config error: {missing}: nothing to evaluate on; raise '
                                  'the fraction or add files')
-  setup = make_setup(cfg, make_mesh(cfg))
+  cfg, mesh = mesh_here(cfg)
+  setup = make_setup(cfg, mesh)
   checkpointer = Checkpointer(workdir, async_save=False)
   state, restored = checkpointer.restore(setup.abstract_state, step=step)
   checkpointer.close()
