@@ -213,6 +213,11 @@ def test_unprepared_tfds_source_says_how_to_prepare(tmp_path):
     data.open_source(cfg, 'train')
 
 
+def test_an_unknown_tfds_dataset_is_one_line_with_close_names(tmp_path):
+  with pytest.raises(ValueError, match=r"TFDS has no dataset 'mnis' \(did you mean .*mnist"):
+    data.open_source(_data_config(tmp_path, 'tfds:mnis'), 'train')
+
+
 # Pipeline.
 
 

@@ -20,6 +20,7 @@ mtimes, and the validation fraction), so a change gets a fresh cache entry.
 """
 
 import dataclasses
+import difflib
 import glob as globlib
 import hashlib
 import os
@@ -246,7 +247,14 @@ def open_sequences(data_cfg, split: str):
 
 
 def _tfds_source(source: str, name: str, data_dir: pathlib.Path, split: str) -> TextSource:
-  builder = tfds.builder(name, data_dir=str(data_dir))
+  try:
+    builder = tfds.builder(name, data_dir=str(data_dir))
+  except tfds.core.registered.DatasetNotFoundError as e:
+    close = difflib.get_close_matches(name.split('/')[0].split(':')[0],
+                                      tfds.list_builders(with_community_datasets=False), n=3)
+    hint = f' (did you mean {", ".join(close)}?)' if close else ''
+    raise ConfigError(f'config error: data.source={source!r}: TFDS has no dataset {name!r}'
+                      f'{hint}; see `tfds.list_builders()`') from e
   how = (f"prepare it once as array_record with: python -c \"import tensorflow_datasets as "
          f"tfds; tfds.builder('{name}', data_dir='{data_dir}', "
          f"file_format='array_record').download_and_prepare()\"")
