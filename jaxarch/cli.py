@@ -154,19 +154,23 @@ def _distill(args, overrides):
 
 def _export(args, overrides):
   # pylint: disable=g-import-not-at-top
-  from jaxarch.export import export_stablehlo, write_model
+  from jaxarch.export import all_or_nothing, export_stablehlo, write_model
+  from jaxarch.train.checkpoint import Checkpointer
   from jaxarch.train.pretrained import load_model
   _no_overrides('export', overrides)
   cfg, model = load_model(args.workdir, step=args.step)
-  source = f'{args.workdir} (checkpoint {args.step or "latest"})'
-  if args.format == 'safetensors':
-    out = write_model(model, cfg, args.out, source=source)
-  else:
-    max_len = args.max_len or cfg.model.max_len
-    out = export_stablehlo(model, cfg, args.out, batch_size=args.batch_size,
-                           prompt_len=args.prompt_len or max_len // 2, max_len=max_len,
-                           platforms=tuple(args.platforms.split(',')) if args.platforms
-                           else None, source=source)
+  step = args.step or Checkpointer.latest(args.workdir)
+  source = f'{args.workdir} (checkpoint {step})'
+  with all_or_nothing(args.out) as partial:
+    if args.format == 'safetensors':
+      write_model(model, cfg, partial, source=source)
+    else:
+      max_len = args.max_len or cfg.model.max_len
+      export_stablehlo(model, cfg, partial, batch_size=args.batch_size,
+                       prompt_len=args.prompt_len or max_len // 2, max_len=max_len,
+                       platforms=tuple(args.platforms.split(',')) if args.platforms
+                       else None, source=source)
+  out = Path(args.out)
   print(f'jaxarch: wrote {", ".join(sorted(p.name for p in out.iterdir()))} to {out}',
         file=sys.stderr)
 

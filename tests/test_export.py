@@ -131,9 +131,18 @@ def test_export_command_writes_the_run_s_latest_checkpoint(tmp_path, capsys, fmt
                                 np.asarray(logits(trained, TOKENS)))
   if fmt == 'safetensors':
     assert not (out / 'prefill.stablehlo').exists()
+    assert oct((out / 'model.safetensors').stat().st_mode)[-3:] == oct(
+        (out / 'config.json').stat().st_mode)[-3:]
+    assert 'checkpoint 1)' in (out / 'README.md').read_text()
     assert cli.main(['export', f'--workdir={tmp_path / "nothing"}',
                      f'--out={tmp_path / "out2"}']) == 2
     assert 'config.json not found' in capsys.readouterr().err
+    # A failed export leaves nothing behind that blocks the next try.
+    assert cli.main(['export', f'--workdir={workdir}', f'--out={tmp_path / "out3"}',
+                     '--format=stablehlo', '--platforms=gpu']) == 2
+    assert "platform 'gpu' is not one of cpu, cuda" in capsys.readouterr().err
+    assert not (tmp_path / 'out3').exists()
+    assert not [p for p in tmp_path.iterdir() if 'partial' in p.name]
   else:
     want, _ = infer.generate(trained, [[257, 80, 81]], max_new_tokens=8, stop_ids=())
     got = StableHLOModel(out).generate([[257, 80, 81]], max_new_tokens=8, stop_ids=())

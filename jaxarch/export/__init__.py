@@ -2,4 +2,5 @@
 prefill and decode step as StableHLO (`jaxarch export`)."""
 
 from jaxarch.export.stablehlo import export_stablehlo
-from jaxarch.export.weights import ExportError, load_safetensors, write_model
+from jaxarch.export.weights import (ExportError, all_or_nothing, load_safetensors,
+                                    write_model)

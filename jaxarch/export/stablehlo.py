@@ -33,6 +33,9 @@ def _state(template: dict[str, tuple], arrays: dict[str, jax.Array]) -> nnx.Stat
                               for name, (path, variable) in template.items()])
 
 
+PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # jax.export's lowering platforms
+
+
 def export_stablehlo(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path, *,
                      batch_size: int, prompt_len: int, max_len: int,
                      platforms: tuple[str, ...] | None = None, source: str = '') -> Path:
@@ -44,6 +47,10 @@ def export_stablehlo(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str
   if not prompt_len < max_len <= cfg.model.max_len:
     raise ExportError(f'export: need prompt_len={prompt_len} < max_len={max_len} <= '
                       f'model.max_len={cfg.model.max_len}')
+  unknown = [p for p in platforms or () if p not in PLATFORMS]
+  if unknown:
+    raise ExportError(f'export: platform {unknown[0]!r} is not one of {", ".join(PLATFORMS)} '
+                      '(jax.export\'s names: cuda for NVIDIA GPUs)')
   out = write_model(model, cfg, out, source=source)
   model = for_inference(model)
   graphdef, weights_state = nnx.split(model)

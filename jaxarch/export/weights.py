@@ -15,8 +15,11 @@ attribute names do. `load_safetensors` builds the model from config.json with ab
 shapes and fills in the arrays, checking that every name and shape matches.
 """
 
+import contextlib
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import jax
@@ -53,6 +56,25 @@ def flat_arrays(model: nnx.Module) -> dict[str, jax.Array]:
           for name, (_, variable) in named_variables(_exported_state(model)).items()}
 
 
+@contextlib.contextmanager
+def all_or_nothing(out: str | Path):
+  """Yields a fresh directory beside `out` to write an export into; it becomes `out` once
+  the writing succeeded, and is removed if it failed, so a failed export leaves nothing
+  that blocks the next try."""
+  out = Path(out)
+  if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    raise ExportError(f'export: {out} exists and is not empty; choose a new --out')
+  out.parent.mkdir(parents=True, exist_ok=True)
+  partial = Path(tempfile.mkdtemp(prefix=f'.{out.name}.partial-', dir=out.parent))
+  try:
+    yield partial
+    if out.exists():
+      out.rmdir()  # empty, as checked
+    partial.rename(out)
+  finally:
+    shutil.rmtree(partial, ignore_errors=True)
+
+
 def write_model(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path, *,
                 source: str = '') -> Path:
   """Writes `model` (built from `cfg`) as OUT/{model.safetensors, config.json, ...}."""
@@ -63,6 +85,9 @@ def write_model(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Pa
   arrays = {k: jax.device_get(v) for k, v in flat_arrays(model).items()}
   safetensors.flax.save_file(arrays, out / WEIGHTS,
                              metadata={'format': 'jaxarch', 'family': cfg.model.family})
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(out / WEIGHTS, 0o666 & ~umask)  # as the other files (it is written 0600)
   cfg = _with_portable_tokenizer(cfg, out)
   config_lib.save(cfg, out / 'config.json')
   tokenizer = get_tokenizer(_resolve_tokenizer(cfg.data.tokenizer, out))

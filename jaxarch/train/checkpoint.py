@@ -75,6 +75,14 @@ class Checkpointer:
     directory = Path(workdir) / 'checkpoints'
     return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
+  @staticmethod
+  def latest(workdir: str | Path) -> int | None:
+    """The newest checkpoint step in `workdir` by its directory names, without opening it."""
+    directory = Path(workdir) / 'checkpoints'
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if (
+        directory.is_dir()) else []
+    return max(steps, default=None)
+
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
