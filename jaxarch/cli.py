@@ -325,8 +325,10 @@ def _parser() -> argparse.ArgumentParser:
   sweep.add_argument('--collect', action='store_true',
                      help='record the runs whose cluster jobs have finished, run nothing')
   sweep.set_defaults(func=_sweep)
-  fit = commands.add_parser('fit', help="fit scaling laws to a sweep's results; plots and "
-                            'a markdown report')
+  fit = commands.add_parser(
+      'fit', help="fit scaling laws to a sweep's results; plots and a markdown report",
+      description="Fit each family of a sweep's results.jsonl (IsoFLOP parabolas and "
+      'L(N, D) = E + A/N^alpha + B/D^beta), plot them and write report.md and fits.json.')
   fit.add_argument('--workdir', required=True, help='the sweep workdir (results.jsonl)')
   fit.add_argument('--out', help='default: WORKDIR/report')
   fit.add_argument('--params', choices=('active', 'total'), default='active',

@@ -111,7 +111,9 @@ def _resolve_path(path: str) -> Path:
   p = Path(path).expanduser()
   candidates = [p]
   if not p.is_absolute() and (_REPO_ROOT / 'configs').is_dir():
-    candidates += [_REPO_ROOT / p, _REPO_ROOT / 'configs' / p]
+    candidates.append(_REPO_ROOT / p)
+    if p.parts[:1] != ('configs',):
+      candidates.append(_REPO_ROOT / 'configs' / p)
   for candidate in candidates:
     if candidate.is_file():
       return candidate

@@ -206,3 +206,6 @@ def test_a_corpus_without_validation_data_trains_without_eval_and_cannot_be_eval
   assert 'has no validation data' in ' '.join(capsys.readouterr().err.split())  # wrapped
   with pytest.raises(config_lib.ConfigError, match='no validation data.*nothing to evaluate'):
     evaluate(cfg, tmp_path / 'run')
+  with pytest.raises(FileNotFoundError, match='no checkpoint in'):
+    evaluate(_cfg(data_dir), tmp_path / 'missing')
+  assert not (tmp_path / 'missing').exists()  # a reader creates nothing

@@ -176,7 +176,7 @@ def test_bad_sweep_configs_give_one_line_errors(tmp_path):
   assert 'does not define get_sweep' in error('x = 1\n')
   assert 'non-empty list' in error('def get_sweep(arg=None):\n  return []\n')
   assert "'config' and 'name'" in error("def get_sweep(arg=None):\n  return [{'name': 'a'}]\n")
-  assert "run 'a': config error: unknown key 'model.width'" in error(
+  assert "run 'a': unknown key 'model.width'" in error(
       "def get_sweep(arg=None):\n  return [{'config': 'configs/dense.py:tiny', 'name': 'a',"
       " 'model.width': 3}]\n")
   assert 'names must be unique' in error(

@@ -64,7 +64,8 @@ def runs_from(members: Sequence[dict], where: str) -> list[Run]:
     try:
       run.config()
     except config_lib.ConfigError as e:
-      raise config_lib.ConfigError(f'{where}: run {name!r}: {e}') from None
+      why = str(e).removeprefix('config error: ')  # said once, before the sweep's name
+      raise config_lib.ConfigError(f'{where}: run {name!r}: {why}') from None
     runs.append(run)
   return runs
 

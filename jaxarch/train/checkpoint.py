@@ -213,7 +213,10 @@ def _out_of_memory(error) -> bool:
 
 
 def _first_line(error: Exception) -> str:
-  return (str(error).strip().splitlines() or [''])[0][:300]
+  """The error's first line, without TensorStore's pointer to its details (a bound
+  method's repr)."""
+  line = (str(error).strip().splitlines() or [''])[0]
+  return line.split(' [source locations=')[0].split(' See full TensorStore details')[0][:300]
 
 
 def _sync(name: str) -> None:

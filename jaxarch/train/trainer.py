@@ -246,6 +246,9 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
   if (missing := no_validation_data(cfg)) is not None:
     raise config_lib.ConfigError(f'config error: {missing}: nothing to evaluate on; raise '
                                  'the fraction or add files')
+  if not Checkpointer.exists(workdir):  # before the Checkpointer, which creates its dir
+    raise FileNotFoundError(f'no checkpoint in {Path(workdir) / "checkpoints"}; train first '
+                            f'with `jaxarch train --workdir={workdir}`')
   cfg, mesh = mesh_here(cfg)
   setup = make_setup(cfg, mesh)
   checkpointer = Checkpointer(workdir, async_save=False)
