@@ -352,10 +352,26 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  """(config overrides '--config.K=V', the other arguments); '--config.K V' (the absl flags
+  form) counts as '--config.K=V'."""
+  overrides, rest, i = [], [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith('--config.') and '=' not in arg and i + 1 < len(argv) and (
+        not argv[i + 1].startswith('--')):
+      overrides.append(f'{arg}={argv[i + 1]}')
+      i += 2
+      continue
+    (overrides if arg.startswith('--config.') else rest).append(arg)
+    i += 1
+  return overrides, rest
+
+
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
-  overrides = [a for a in argv if a.startswith('--config.')]
-  args = _parser().parse_args([a for a in argv if not a.startswith('--config.')])
+  overrides, rest = split_overrides(list(argv))
+  args = _parser().parse_args(rest)
   logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
   # TFDS and Orbax chat through absl at WARNING about routine things; jaxarch's own
   # warnings (e.g. an unreadable checkpoint skipped) use their module loggers.

@@ -389,3 +389,13 @@ def test_a_config_file_without_a_preset_gives_its_151m_preset(family):
   assert default['model']['family'] == family
   if family != 'dense':  # dense's defaults are its 151m shape, with the base run settings
     assert default == config_lib.to_dict(config_lib.load(f'configs/{family}.py:151m'))
+
+
+def test_command_line_overrides_take_both_flag_forms():
+  from jaxarch.cli import split_overrides  # pylint: disable=g-import-not-at-top
+  overrides, rest = split_overrides(['train', '--config=configs/dense.py:tiny',
+                                     '--config.train.steps', '3', '--config.mesh.ici.data',
+                                     '-1', '--config.model.remat=full', '--workdir=w'])
+  assert overrides == ['--config.train.steps=3', '--config.mesh.ici.data=-1',
+                       '--config.model.remat=full']
+  assert rest == ['train', '--config=configs/dense.py:tiny', '--workdir=w']
