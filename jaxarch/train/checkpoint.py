@@ -25,6 +25,7 @@ from pathlib import Path
 import grain
 import grain.checkpoint
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxarch.train.step import tree_path
@@ -138,20 +139,25 @@ class Checkpointer:
       except CheckpointError:
         raise
       except Exception as e:  # pylint: disable=broad-except
-        where = self.directory / str(s)
-        if _out_of_memory(e):
-          raise CheckpointError(f'restoring checkpoint {where} ran out of device memory '
-                                f'({_first_line(e)}); the checkpoint is kept. Restore on '
-                                'more devices (--config.mesh.ici.fsdp) or with a smaller '
-                                'state.') from e
-        if step is not None:
-          raise CheckpointError(f'checkpoint {where} could not be restored: '
-                                f'{type(e).__name__}: {_first_line(e)}') from e
-        moved = f'moved to {self._move_aside(s)}, ' if move_aside else ''
-        log.warning('checkpoint %s is unreadable (%s: %s); %strying the previous one', where,
-                    type(e).__name__, _first_line(e), moved)
-        continue
-      return restored['state'], s
+        error = e
+      else:
+        error = None
+      # Every process acts on the worst outcome of all: a read may fail on one host only.
+      outcome = _worst_everywhere(0 if error is None else 2 if _out_of_memory(error) else 1)
+      if outcome == 0:
+        return restored['state'], s
+      where = self.directory / str(s)
+      what = (f'{type(error).__name__}: {_first_line(error)}' if error is not None
+              else 'it failed on another process')
+      if outcome == 2:
+        raise CheckpointError(f'restoring checkpoint {where} ran out of device memory '
+                              f'({what}); the checkpoint is kept. Restore on more devices '
+                              '(--config.mesh.ici.fsdp) or with a smaller state.') from error
+      if step is not None:
+        raise CheckpointError(f'checkpoint {where} could not be restored: {what}') from error
+      moved = f'moved to {self._move_aside(s)}, ' if move_aside else ''
+      log.warning('checkpoint %s is unreadable (%s); %strying the previous one', where, what,
+                  moved)
     return None, None
 
   def _data_position_fits(self, step: int) -> bool:
@@ -217,6 +223,14 @@ def _first_line(error: Exception) -> str:
   method's repr)."""
   line = (str(error).strip().splitlines() or [''])[0]
   return line.split(' [source locations=')[0].split(' See full TensorStore details')[0][:300]
+
+
+def _worst_everywhere(code: int) -> int:
+  """The largest of every process's `code` (0: restored, 1: unreadable, 2: out of memory)."""
+  if jax.process_count() == 1:
+    return code
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(np.max(multihost_utils.process_allgather(np.int32(code))))
 
 
 def _sync(name: str) -> None:
