@@ -85,7 +85,6 @@ def no_validation_data(cfg: ml_collections.ConfigDict) -> str | None:
   return f'data.source={cfg.data.source!r} has no validation data{split}'
 
 
-
 def run_eval(setup: TrainSetup, state: dict, eval_step, batches) -> dict:
   """Loss and bits per byte over the validation batches."""
   totals = {'nll': 0.0, 'tokens': 0.0, 'bytes': 0.0}
@@ -103,8 +102,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   """
   workdir = Path(workdir)
   setup = make_setup(cfg, make_mesh(cfg))
+  had_checkpoints = Checkpointer.exists(workdir)
   check_workdir(workdir, cfg, state_bytes(setup.abstract_state),
-                has_checkpoints=Checkpointer.exists(workdir))
+                has_checkpoints=had_checkpoints)
   check_state_fits(cfg, setup)
   eval_step = _eval_step(cfg, setup)
 
@@ -117,7 +117,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   writer = MetricsWriter(workdir, tensorboard=cfg.log.tensorboard)
   try:
     changed = data_changes(workdir, cfg)
-    had_checkpoints = Checkpointer.exists(workdir)
     state, restored_step = checkpointer.restore(
         setup.abstract_state, None if changed else data_iter, move_aside=True)
     if state is None and had_checkpoints:
