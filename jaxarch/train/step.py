@@ -272,8 +272,8 @@ def make_eval_step(setup: TrainSetup, byte_lengths):
 
 def make_window_reset(setup: TrainSetup):
   """Zeroes every `WindowCounter` of the model state (after each logged step)."""
-  is_variable = lambda x: isinstance(x, nnx.Variable)
-  counters = [v for v in jax.tree.leaves(setup.abstract_state['model_state'], is_leaf=is_variable)
+  counters = [v for v in jax.tree.leaves(setup.abstract_state['model_state'],
+                                         is_leaf=_is_variable)
               if isinstance(v, WindowCounter)]
   if not counters:
     return lambda state: state
@@ -281,7 +281,7 @@ def make_window_reset(setup: TrainSetup):
   def reset(state):
     zero = lambda v: v.replace(jnp.zeros_like(v.get_value())) if isinstance(
         v, WindowCounter) else v
-    model_state = jax.tree.map(zero, state['model_state'], is_leaf=is_variable)
+    model_state = jax.tree.map(zero, state['model_state'], is_leaf=_is_variable)
     return dict(state, model_state=model_state)
 
   return jax.jit(reset, in_shardings=(setup.shardings,), out_shardings=setup.shardings,
