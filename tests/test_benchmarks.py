@@ -20,6 +20,7 @@ import mfu  # pylint: disable=g-import-not-at-top,wrong-import-position
 import moe  # pylint: disable=g-import-not-at-top,wrong-import-position
 import sparse_lookup  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+import ultramem_aux  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def test_train_step_benchmark_writes_its_record(tmp_path):
@@ -267,3 +268,41 @@ def test_peak_flops_tell_h100_variants_apart():
   assert flops.peak_flops('NVIDIA H100 PCIe') == 756e12
   assert flops.peak_flops('NVIDIA H100 NVL') == 835e12
   assert flops.peak_flops('NVIDIA H200') == 989e12 and flops.peak_flops('cpu') is None
+
+
+def test_the_aux_loss_sweep_and_its_table(tmp_path):
+  """The sweep file's runs differ in the aux-loss weight only; the table reads each run's
+  metrics and checkpoint (here: two runs saved at init, as `jaxarch sweep` leaves them)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jaxarch.parallel import make_mesh  # pylint: disable=g-import-not-at-top
+  from jaxarch.sweep import runner  # pylint: disable=g-import-not-at-top
+  from jaxarch.train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  from jaxarch.train.state import init_state, make_setup  # pylint: disable=g-import-not-at-top
+  runs = runner.load_sweep('configs/sweeps/ultramem_aux.py:tiny')
+  assert [r.config().model.ultramem.aux_loss_weight for r in runs] == [0.0, 1e-3, 1e-2]
+  assert len({config_lib.config_hash(r.config()) for r in runs}) == 3
+  for i, weight in enumerate((0.0, 0.01)):
+    cfg = config_lib.load('configs/ultramem.py:tiny', [
+        f'model.ultramem.aux_loss_weight={weight}', 'model.n_layers=4', 'mesh.ici.data=8',
+        f'train.seed={i}'])
+    run = tmp_path / 'runs' / f'aux_{weight:g}'
+    setup = make_setup(cfg, make_mesh(cfg))
+    checkpointer = Checkpointer(run, async_save=False)
+    checkpointer.save(10, init_state(cfg, setup))
+    checkpointer.close()
+    config_lib.save(cfg, run / 'config.json')
+    (run / 'metrics.jsonl').write_text(json.dumps(
+        {'step': 10, 'loss': 2.0, 'side_layers/0/memory/tucker_aux': 0.5 * i,
+         'side_layers/1/memory/tucker_aux': 0.25}) + '\n')
+    with (tmp_path / 'results.jsonl').open('a') as f:
+      f.write(json.dumps({'name': run.name, 'steps': 10, 'final_loss': 2.0,
+                          'eval_loss': 2.1 + i, 'bpb': 3.0}) + '\n')
+  ultramem_aux.main([f'--workdir={tmp_path}', f'--out={tmp_path / "aux.json"}'])
+  results = json.loads((tmp_path / 'aux.json').read_text())['results']
+  assert [r['aux_loss_weight'] for r in results] == [0.0, 0.01]
+  assert results[1]['tucker_aux'] == [0.5, 0.25] and results[1]['eval_loss'] == 3.1
+  _, model = ultramem_aux.load_model(tmp_path / 'runs' / 'aux_0')
+  s = np.linalg.svd(np.asarray(model.side_layers[0].memory.cores.get_value()).sum(1),
+                    compute_uv=False)
+  assert results[0]['sigma2_over_sigma1'][0] == pytest.approx((s[:, 1] / s[:, 0]).max(),
+                                                              rel=1e-5)
