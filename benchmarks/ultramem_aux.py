@@ -1,7 +1,8 @@
 """What UltraMem's Tucker aux loss does: the table of a `configs/sweeps/ultramem_aux.py` sweep.
 
   jaxarch sweep --config=configs/sweeps/ultramem_aux.py:tiny --workdir=runs/aux-tiny
-  python benchmarks/ultramem_aux.py --workdir=runs/aux-tiny [--out=benchmarks/results/ultramem_aux.json]
+  python benchmarks/ultramem_aux.py --workdir=runs/aux-tiny \
+      [--out=benchmarks/results/ultramem_aux.json]
 
 Per aux-loss weight (the sweep's runs, the same model, data and seed otherwise): the final
 train and validation losses, bits per byte, and per memory layer the unweighted

@@ -63,8 +63,9 @@ class Attention(nnx.Module):
                         ('embed', 'kv_heads', 'head_dim'), param_dtype)
     self.v_proj = param(rngs, init, (d_model, n_kv_heads, head_dim),
                         ('embed', 'kv_heads', 'head_dim'), param_dtype)
-    self.o_proj = param(rngs, normal(out_std or init_std, init_truncation), (n_heads, head_dim, d_model),
-                        ('heads', 'head_dim', 'embed'), param_dtype)
+    self.o_proj = param(rngs, normal(out_std or init_std, init_truncation),
+                        (n_heads, head_dim, d_model), ('heads', 'head_dim', 'embed'),
+                        param_dtype)
     self.cache_k = self.cache_v = nnx.data(None)  # Cache variables once decoding
 
   def init_cache(self, batch: int, length: int):

@@ -13,8 +13,8 @@ class Embed(nnx.Module):
                init_truncation: float = 0.0, dtype=jnp.bfloat16, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     self.dtype = dtype
-    self.embedding = param(rngs, normal(init_std, init_truncation), (vocab_size, dim), ('vocab', 'embed'),
-                           param_dtype, weight_decay=False)
+    self.embedding = param(rngs, normal(init_std, init_truncation), (vocab_size, dim),
+                           ('vocab', 'embed'), param_dtype, weight_decay=False)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)  # bt -> btd

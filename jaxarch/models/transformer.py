@@ -183,8 +183,8 @@ class Transformer(Stack):
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype,
                               param_dtype=param_dtype, rngs=rngs)
     self.head = None if cfg.tie_embeddings else param(
-        rngs, normal(cfg.init_std, cfg.init_truncation), (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'),
-        param_dtype)
+        rngs, normal(cfg.init_std, cfg.init_truncation), (cfg.d_model, cfg.vocab_size),
+        ('embed', 'vocab'), param_dtype)
 
   def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None) -> jax.Array:
