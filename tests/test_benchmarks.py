@@ -270,17 +270,24 @@ def test_peak_flops_tell_h100_variants_apart():
   assert flops.peak_flops('NVIDIA H200') == 989e12 and flops.peak_flops('cpu') is None
 
 
-def test_the_aux_loss_sweep_and_its_table(tmp_path):
-  """The sweep file's runs differ in the aux-loss weight only; the table reads each run's
-  metrics and checkpoint (here: two runs saved at init, as `jaxarch sweep` leaves them)."""
+def test_the_aux_loss_sweep_differs_in_the_weight_only():
+  from jaxarch.sweep import runner  # pylint: disable=g-import-not-at-top
+  for scale in ('tiny', 'small'):
+    runs = runner.load_sweep(f'configs/sweeps/ultramem_aux.py:{scale}')
+    configs = [config_lib.to_dict(r.config()) for r in runs]
+    assert [c['model']['ultramem']['aux_loss_weight'] for c in configs] == [0.0, 1e-3, 1e-2]
+    for c in configs:
+      c['model']['ultramem']['aux_loss_weight'] = 0.0
+    assert configs[0] == configs[1] == configs[2]
+
+
+@pytest.mark.slow  # 32 s
+def test_the_aux_loss_table_reads_each_runs_metrics_and_cores(tmp_path):
+  """Two runs saved at init, as `jaxarch sweep` leaves them."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jaxarch.parallel import make_mesh  # pylint: disable=g-import-not-at-top
-  from jaxarch.sweep import runner  # pylint: disable=g-import-not-at-top
   from jaxarch.train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
   from jaxarch.train.state import init_state, make_setup  # pylint: disable=g-import-not-at-top
-  runs = runner.load_sweep('configs/sweeps/ultramem_aux.py:tiny')
-  assert [r.config().model.ultramem.aux_loss_weight for r in runs] == [0.0, 1e-3, 1e-2]
-  assert len({config_lib.config_hash(r.config()) for r in runs}) == 3
   for i, weight in enumerate((0.0, 0.01)):
     cfg = config_lib.load('configs/ultramem.py:tiny', [
         f'model.ultramem.aux_loss_weight={weight}', 'model.n_layers=4', 'mesh.ici.data=8',

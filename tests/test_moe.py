@@ -237,6 +237,7 @@ def test_moe_train_step_reports_load_losses_and_dropped_fraction():
   assert float(jnp.abs(bias).max()) > 0  # updated outside the gradient, kept in the state
 
 
+@pytest.mark.slow  # 29 s
 def test_the_router_bias_moves_once_per_step_with_microbatches():
   """Two equal microbatches: both route with the step's bias and the step moves it as one
   step on one of them does (not twice, nor the second with a moved bias)."""

@@ -240,6 +240,7 @@ def test_gpu_train_step_lowers_for_cuda_on_a_mesh(spec, traced_as_on_gpu):
   assert 'CustomSPMDPartitioning' in hlo  # cuDNN attention, partitioned when compiled
 
 
+@pytest.mark.slow  # 20 s
 def test_evaluation_runs_in_the_train_steps_microbatches_with_the_same_sums():
   from jaxarch.train.step import make_eval_step  # pylint: disable=g-import-not-at-top
   batch = make_batch(8, 32, seed=2)

@@ -311,6 +311,5 @@ def test_heads_may_share_one_query_in_pairs():
   np.testing.assert_array_equal(q[:, 0], q[:, 1])
   np.testing.assert_array_equal(q[:, 2], q[:, 3])
   assert not np.allclose(q[:, 1], q[:, 2])
-  assert shared(x[None]).shape == (1, 5, 32)
   with pytest.raises(config_lib.ConfigError, match='heads_per_query=3 must be an integer'):
     make_layer(num_heads=4, heads_per_query=3)
