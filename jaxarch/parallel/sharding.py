@@ -67,7 +67,9 @@ def tree_shardings(tree, mesh: Mesh, rules: Rules):
   step counters, RNG keys, scalars) is replicated. Works for params, optimizer states
   built from them (optax keeps the Variables), and whole train states.
   """
-  replicated = {}  # large weights that lost a mesh axis: path -> (shape, what was dropped)
+  # Large weights that lost a mesh axis, keyed by shape and what was dropped, so that a
+  # weight counts once, not once more per Adam moment: -> (first path, shape, first drop).
+  replicated = {}
 
   def sharding(path, x):
     if _is_variable(x):
