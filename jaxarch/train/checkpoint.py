@@ -73,8 +73,7 @@ class Checkpointer:
   @staticmethod
   def exists(workdir: str | Path) -> bool:
     """Whether `workdir` has checkpoints (readable or not), without opening them."""
-    directory = Path(workdir) / 'checkpoints'
-    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+    return Checkpointer.latest(workdir) is not None
 
   @staticmethod
   def latest(workdir: str | Path) -> int | None:
@@ -202,20 +201,20 @@ class Checkpointer:
       self.manager.close()
 
 
-def _caused_by_os_error(error) -> OSError | None:
+def _chain(error):
+  """The error and the errors it was raised from or while handling."""
   while error is not None:
-    if isinstance(error, OSError):
-      return error
+    yield error
     error = error.__cause__ or error.__context__
-  return None
+
+
+def _caused_by_os_error(error) -> OSError | None:
+  return next((e for e in _chain(error) if isinstance(e, OSError)), None)
 
 
 def _out_of_memory(error) -> bool:
-  while error is not None:
-    if 'RESOURCE_EXHAUSTED' in str(error) or 'out of memory' in str(error).lower():
-      return True
-    error = error.__cause__ or error.__context__
-  return False
+  return any('RESOURCE_EXHAUSTED' in str(e) or 'out of memory' in str(e).lower()
+             for e in _chain(error))
 
 
 def _first_line(error: Exception) -> str:
