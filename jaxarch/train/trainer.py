@@ -46,11 +46,10 @@ def _eval_step(cfg: ml_collections.ConfigDict, setup: TrainSetup):
   return make_eval_step(setup, lengths)
 
 
-def eval_batches(cfg: ml_collections.ConfigDict, setup: TrainSetup | None = None):
+def eval_batches(cfg: ml_collections.ConfigDict, setup: TrainSetup):
   """The first `log.eval_batches` validation batches, the same on every pass: this
-  process's rows of them (all rows without a `setup`)."""
-  index, count = (0, 1) if setup is None else data_shard(setup.batch_sharding,
-                                                         cfg.train.batch_size)
+  process's rows of them."""
+  index, count = data_shard(setup.batch_sharding, cfg.train.batch_size)
   return data.make_eval_dataset(
       cfg.data, batch_size=cfg.train.batch_size, num_batches=cfg.log.eval_batches,
       process_index=index, process_count=count)
@@ -75,10 +74,11 @@ def data_changes(workdir: Path, cfg: ml_collections.ConfigDict) -> str | None:
   return ', '.join(changes) or None
 
 
-def no_validation_data(cfg: ml_collections.ConfigDict) -> str | None:
-  """Why the run has nothing to evaluate on, or None: its validation split is empty (a
-  corpus of few files, split by file, may put none in validation)."""
-  if next(iter(eval_batches(cfg)), None) is not None:
+def no_validation_data(cfg: ml_collections.ConfigDict, batches) -> str | None:
+  """Why the run has nothing to evaluate on, or None: its validation `batches`
+  (`eval_batches`) are none (a corpus of few files, split by file, may put none in
+  validation)."""
+  if next(iter(batches), None) is not None:
     return None
   fraction = cfg.data.get('validation_fraction')
   split = '' if fraction is None else f' (data.validation_fraction={fraction} of its files)'
@@ -179,7 +179,7 @@ def _paused(watch: Stopwatch | None):
 def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer, bar,
           stop) -> dict:
   validation = eval_batches(cfg, setup)
-  if (missing := no_validation_data(cfg)) is not None:
+  if (missing := no_validation_data(cfg, validation)) is not None:
     bar.alert(f'{missing}: the run reports no eval_loss; raise the fraction or add files')
     validation = None
   train_step = make_train_step(setup)
@@ -242,14 +242,15 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
 def evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
              step: int | None = None) -> dict:
   """Validation loss and bits per byte of the run's latest (or given) checkpoint."""
-  if (missing := no_validation_data(cfg)) is not None:
-    raise config_lib.ConfigError(f'config error: {missing}: nothing to evaluate on; raise '
-                                 'the fraction or add files')
   if not Checkpointer.exists(workdir):  # before the Checkpointer, which creates its dir
     raise FileNotFoundError(f'no checkpoint in {Path(workdir) / "checkpoints"}; train first '
                             f'with `jaxarch train --workdir={workdir}`')
   cfg, mesh = mesh_here(cfg)
   setup = make_setup(cfg, mesh)
+  batches = eval_batches(cfg, setup)
+  if (missing := no_validation_data(cfg, batches)) is not None:
+    raise config_lib.ConfigError(f'config error: {missing}: nothing to evaluate on; raise '
+                                 'the fraction or add files')
   checkpointer = Checkpointer(workdir, async_save=False)
   state, restored = checkpointer.restore(setup.abstract_state, step=step)
   checkpointer.close()
@@ -257,6 +258,6 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
     raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}; train first with '
                             f'`jaxarch train --workdir={workdir}`')
   result = {'step': restored,
-            **run_eval(setup, state, _eval_step(cfg, setup), eval_batches(cfg, setup))}
+            **run_eval(setup, state, _eval_step(cfg, setup), batches)}
   (Path(workdir) / f'eval_{restored}.json').write_text(json.dumps(result, indent=2))
   return result
