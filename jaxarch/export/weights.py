@@ -56,14 +56,20 @@ def flat_arrays(model: nnx.Module) -> dict[str, jax.Array]:
           for name, (_, variable) in named_variables(_exported_state(model)).items()}
 
 
+def _free(out: str | Path) -> Path:
+  """`out`, refused if something is there already (an empty directory is free)."""
+  out = Path(out)
+  if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    raise ExportError(f'export: {out} exists and is not empty; choose a new --out')
+  return out
+
+
 @contextlib.contextmanager
 def all_or_nothing(out: str | Path):
   """Yields a fresh directory beside `out` to write an export into; it becomes `out` once
   the writing succeeded, and is removed if it failed, so a failed export leaves nothing
   that blocks the next try."""
-  out = Path(out)
-  if out.exists() and (not out.is_dir() or any(out.iterdir())):
-    raise ExportError(f'export: {out} exists and is not empty; choose a new --out')
+  out = _free(out)
   out.parent.mkdir(parents=True, exist_ok=True)
   partial = Path(tempfile.mkdtemp(prefix=f'.{out.name}.partial-', dir=out.parent))
   try:
@@ -78,9 +84,7 @@ def all_or_nothing(out: str | Path):
 def write_model(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path, *,
                 source: str = '') -> Path:
   """Writes `model` (built from `cfg`) as OUT/{model.safetensors, config.json, ...}."""
-  out = Path(out)
-  if out.exists() and any(out.iterdir()):
-    raise ExportError(f'export: {out} exists and is not empty; choose a new --out')
+  out = _free(out)
   out.mkdir(parents=True, exist_ok=True)
   arrays = {k: jax.device_get(v) for k, v in flat_arrays(model).items()}
   safetensors.flax.save_file(arrays, out / WEIGHTS,
