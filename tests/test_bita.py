@@ -15,7 +15,7 @@ from jaxarch import data, infer, models
 from jaxarch.data.sources import write_distilled
 from jaxarch.infer.distill import distill
 from jaxarch.infer.tree import DraftTree
-from jaxarch.models.bita import Bita
+from jaxarch.models.bita import Bita, spread_anchors
 from jaxarch.layers.signals import WindowCounter
 from jaxarch.parallel import global_batch, make_mesh
 from jaxarch.train import train
@@ -128,6 +128,56 @@ def test_bita_needs_a_bita_model_and_a_tree_within_its_masks():
   with pytest.raises(infer.GenerateError, match='4 levels; the model has 3 mask tokens'):
     infer.Generator(model)([[257, 1]], max_new_tokens=2, method='bita',
                            draft_tree=(2, 2, 2, 2))
+
+
+# Training rows: mask groups hang after tokens of each row's own labelled part.
+
+def test_training_anchors_spread_over_the_useful_tokens_of_each_row():
+  useful = np.zeros((3, 12), bool)
+  useful[0, 2:10] = True  # 8 useful tokens, 4 groups: every other one
+  useful[1, [3, 7]] = True  # 2 useful tokens, 4 groups: each once, 2 groups unused
+  anchors, real = map(np.asarray, spread_anchors(jnp.asarray(useful), 4))  # row 2: none
+  assert anchors[0].tolist() == [2, 4, 6, 8] and real[0].all()
+  assert anchors[1][real[1]].tolist() == [3, 7] and real[1].sum() == 2
+  assert not real[2].any() and (anchors < 12).all()
+
+
+@pytest.mark.parametrize('family', ['dense', 'ultramem'])  # ultramem: its query conv too
+def test_mask_groups_hang_in_the_continuation_and_see_only_their_own_sequence(family):
+  model = models.build(_bita_config(family, train_groups=4), rngs=nnx.Rngs(0))
+  t = 24
+  batch = make_batch(2, t)
+  # Row 0: a prompt of 6 and a continuation up to 16, then padding. Row 1: two sequences
+  # of 10 and 14 packed, the loss on the second one's continuation only.
+  segments = np.zeros((2, t), np.int32)
+  segments[0, :16], segments[1, :10], segments[1, 10:] = 1, 1, 2
+  positions = np.zeros((2, t), np.int32)
+  positions[0, :16], positions[1, :10], positions[1, 10:] = range(16), range(10), range(14)
+  loss_mask = np.zeros((2, t), np.int32)
+  loss_mask[0, 5:15], loss_mask[1, 14:23] = 1, 1
+  batch.update(segment_ids=segments, positions=positions, loss_mask=loss_mask)
+  logits, _, mask = model.predictions(batch)
+  assert np.asarray(mask[..., 0]).all()  # every group's first mask has its label
+
+  other = dict(batch, inputs=batch['inputs'].copy())
+  other['inputs'][1, :10] = (other['inputs'][1, :10] + 1) % 256  # the other sequence
+  np.testing.assert_allclose(model.predictions(other)[0][1], logits[1], atol=1e-5)
+  other['inputs'][1, 12] = (other['inputs'][1, 12] + 1) % 256  # before every anchor
+  assert not np.allclose(model.predictions(other)[0][1], logits[1], atol=1e-5)
+
+
+@pytest.mark.parametrize('family', ['dense', 'ultramem'])
+def test_mask_groups_per_row_equal_each_row_on_its_own(family):
+  model = models.build(_bita_config(family), rngs=nnx.Rngs(0))
+  tokens = jnp.asarray(make_batch(2, 12)['inputs'])
+  positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
+  visible, parent = jnp.tril(jnp.ones((12, 12), bool)), jnp.arange(12) - 1
+  anchors = jnp.array([[2, 5, 9], [0, 4, 11]])
+  token_logits, mask_logits = model.with_masks(tokens, positions, visible, parent, anchors)
+  for i in range(2):
+    alone = model.with_masks(tokens[i:i + 1], positions[i:i + 1], visible, parent, anchors[i])
+    np.testing.assert_allclose(token_logits[i], alone[0][0], atol=1e-5)
+    np.testing.assert_allclose(mask_logits[i], alone[1][0], atol=1e-5)
 
 
 # Running on a mesh: the sharded model drafts and verifies like the single-device one.

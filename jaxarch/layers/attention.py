@@ -107,7 +107,7 @@ class Attention(nnx.Module):
     b, t = q.shape[:2]
     if layout.cached is None:  # the call is the whole context
       keys, values = k, v
-      mask = jnp.broadcast_to(layout.visible, (b, t, t))
+      mask = layout.visible_rows(b)
     else:
       keys = layout_lib.write_call(self.cache_k[...], k, layout.cached)
       values = layout_lib.write_call(self.cache_v[...], v, layout.cached)

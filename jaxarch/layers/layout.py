@@ -5,16 +5,19 @@ before it. BiTA feeds a call whose tokens form a tree instead: draft candidates 
 branch from one another, and groups of mask tokens hung after a token. A `Layout` says,
 for the t tokens of such a call, what each one sees:
 
-- `visible` [t, t]: token i sees token j of the call (its ancestors and itself);
-- `parent` [t]: the token before i on its path (a causal conv's previous input), or -1
-  when that token is before the call (in the cache, at position `positions[i] - 1`);
+- `visible` [t, t], or [b, t, t] per row: token i sees token j of the call (its
+  ancestors and itself);
+- `parent` [t], or [b, t] per row: the token before i on its path (a causal conv's
+  previous input), or -1 when that token is before the call (in the cache, at position
+  `positions[i] - 1`);
 - `sees_prefix` [t]: token i also sees the learned prompt prefix (only mask tokens do);
 - `cached` [b] or None: with decode caches, how many positions of each sequence are
   cached; the call is written to the slots after them and sees all of them. The layers
   then keep only the accepted path with `keep_path`.
 
-The layout is the same for every row of the batch (only `cached` differs), and tokens
-along a path have consecutive positions. An ordinary decode step is the one-token layout
+A draft tree has the same layout in every row (only `cached` differs); BiTA's training
+rows hang their mask groups after tokens of their own (`visible` and `parent` per row).
+Tokens along a path have consecutive positions. An ordinary decode step is the one-token layout
 (`one_token`).
 """
 
@@ -29,6 +32,14 @@ class Layout:
   parent: jax.Array
   sees_prefix: jax.Array
   cached: jax.Array | None = None
+
+  def visible_rows(self, b: int) -> jax.Array:
+    """`visible`, shared or per row -> [b, t, t]."""
+    return jnp.broadcast_to(self.visible, (b, *self.visible.shape[-2:]))
+
+  def parent_rows(self, b: int) -> jax.Array:
+    """`parent`, shared or per row -> [b, t]."""
+    return jnp.broadcast_to(self.parent, (b, self.parent.shape[-1]))
 
 
 def one_token(positions: jax.Array) -> Layout:
@@ -57,8 +68,9 @@ def write_call(cache: jax.Array, x: jax.Array, cached: jax.Array) -> jax.Array:
 def cache_mask(layout: Layout, length: int) -> jax.Array:
   """-> [b, t, length] bool: the cache slots each token of the call sees, once the call is
   written after the cached ones: every cached slot, and the slots of its visible tokens."""
-  t = layout.visible.shape[0]
+  b, t = layout.cached.shape[0], layout.visible.shape[-1]
   offset = jnp.arange(length)[None, :] - layout.cached[:, None]  # b S
   in_call = (offset >= 0) & (offset < t)
-  seen = jnp.moveaxis(layout.visible[:, jnp.clip(offset, 0, t - 1)], 0, 1)  # b t S
+  seen = jnp.take_along_axis(layout.visible_rows(b), jnp.clip(offset, 0, t - 1)[:, None],
+                             axis=2)  # b t S
   return (offset < 0)[:, None, :] | (in_call[:, None, :] & seen)

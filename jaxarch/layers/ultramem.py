@@ -276,11 +276,12 @@ class UltraMem(nnx.Module):
     if layout.cached is not None:
       self.history[...] = layout_lib.write_call(self.history[...], x, layout.cached)
     out = x * kernel[-1]
-    node = jnp.arange(x.shape[1])  # walks up each token's path
+    parent = layout.parent_rows(x.shape[0])
+    node = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])  # walks up each path: b t
     for j in range(1, kernel.shape[0]):
-      node = jnp.where(node >= 0, layout.parent[jnp.maximum(node, 0)], -1)
+      node = jnp.where(node >= 0, jnp.take_along_axis(parent, jnp.maximum(node, 0), 1), -1)
       if layout.cached is None:
-        earlier, exists = x[:, jnp.maximum(node, 0)], jnp.broadcast_to(node >= 0, x.shape[:2])
+        earlier, exists = x[rows, jnp.maximum(node, 0)], node >= 0
       else:
         slot = jnp.where(node >= 0, layout.cached[:, None] + node, positions - j)  # b t
         earlier, exists = self.history[...][rows, jnp.maximum(slot, 0)], slot >= 0

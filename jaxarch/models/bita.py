@@ -83,6 +83,7 @@ class Bita(nnx.Module):
     """Tokens [b, n] at `positions` [b, n], laid out by `visible` [n, n] (ancestors and
     self) and `parent` [n] (-1: before the call), with a mask group after each of the
     tokens `anchors` [g] -> (token logits [b, n, vocab], mask logits [b, g, M, vocab]).
+    `visible`, `parent` and `anchors` may also differ per row ([b, n, n], [b, n], [b, g]).
 
     With decode caches, `cached` [b] positions of each sequence precede the call; the
     call is written after them (`keep_path` then keeps the accepted tokens).
@@ -90,57 +91,83 @@ class Bita(nnx.Module):
     x = self._hidden(tokens, positions, visible, parent, anchors, cached)
     logits = self.base.logits(self.base.final_norm(x))
     b, n = tokens.shape
-    return logits[:, :n], logits[:, n:].reshape(b, anchors.shape[0], self.num_mask_tokens, -1)
+    return logits[:, :n], logits[:, n:].reshape(b, anchors.shape[-1], self.num_mask_tokens, -1)
 
   def _hidden(self, tokens, positions, visible, parent, anchors, cached):
     """`with_masks` up to the final norm -> [b, n + g·M, d]: the tokens, then the groups."""
     b, n = tokens.shape
-    g, m = anchors.shape[0], self.num_mask_tokens
+    g, m = anchors.shape[-1], self.num_mask_tokens
+    calls = Layout(visible, parent, jnp.zeros(n, bool))
+    visible, parent = calls.visible_rows(b), calls.parent_rows(b)
     group, offset = jnp.arange(g * m) // m, jnp.arange(g * m) % m
     own_group = (group[:, None] == group[None, :]) & (offset[None, :] <= offset[:, None])
+    anchor = jnp.broadcast_to(anchors, (b, g))[:, group]  # b gM: each mask token's anchor
+    rows = jnp.arange(b)[:, None]
     layout = Layout(
-        visible=jnp.block([[visible, jnp.zeros((n, g * m), bool)],
-                           [visible[anchors][group], own_group]]),
-        parent=jnp.concatenate([parent, jnp.where(offset == 0, anchors[group],
-                                                  n + jnp.arange(g * m) - 1)]),
+        visible=jnp.concatenate([
+            jnp.concatenate([visible, jnp.zeros((b, n, g * m), bool)], axis=2),
+            jnp.concatenate([visible[rows, anchor],
+                             jnp.broadcast_to(own_group, (b, g * m, g * m))], axis=2)],
+            axis=1),
+        parent=jnp.concatenate(
+            [parent, jnp.where(offset == 0, anchor, n + jnp.arange(g * m) - 1)], axis=1),
         sees_prefix=jnp.arange(n + g * m) >= n, cached=cached)
     masks = jnp.broadcast_to(self.mask_embed[...].astype(self.dtype)[None, None],
                              (b, g, m, self.mask_embed.shape[-1])).reshape(b, g * m, -1)
     x = jnp.concatenate([self.base.embed(tokens), masks], axis=1)
     positions = jnp.concatenate(
-        [positions, (positions[:, anchors][:, group] + 1 + offset).astype(positions.dtype)],
-        axis=1)
+        [positions, (positions[rows, anchor] + 1 + offset).astype(positions.dtype)], axis=1)
     prefixes = [(k, v) for k, v in zip(self.prompt_k[...], self.prompt_v[...])]
     return self.base.run_blocks(x, positions, jnp.ones((b, n + g * m), jnp.int32), layout,
                                 prefixes)
 
   def predictions(self, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The training objective on one-sequence rows: a mask group after `train_groups`
-    evenly spaced tokens (the release packs up to 64 per response), or after every token
-    -> (mask logits [b, g, M, vocab], targets [b, g, M], loss mask [b, g, M]).
+    """The training objective: a mask group after `train_groups` tokens of each row,
+    spread evenly over its labelled part (the release packs up to 64 per response), or
+    after every token -> (mask logits [b, g, M, vocab], targets [b, g, M], loss mask
+    [b, g, M]).
 
     Mask m after the input at index a predicts the target at a+1+m (the input at
-    a+2+m). A label counts when it is in the row's sequence and, with a `loss_mask`
+    a+2+m). A label counts when it is in the anchor's sequence and, with a `loss_mask`
     batch feature (distilled data: the base model's continuation), marked there.
     """
     tokens, segments = batch['inputs'], batch['segment_ids']
     b, t = tokens.shape
     m = self.num_mask_tokens
-    g = min(self.train_groups or t, t)
-    anchors = jnp.arange(g) * t // g
-    x = self._hidden(tokens, batch['positions'], jnp.tril(jnp.ones((t, t), bool)),
-                     jnp.arange(t) - 1, anchors, None)
-    logits = self.base.logits(self.base.final_norm(x[:, t:])).reshape(b, g, m, -1)
-    label = anchors[:, None] + 1 + jnp.arange(m)  # g M: index into targets
+    labelled = batch.get('loss_mask', segments > 0).astype(bool)
+    # An anchor is useful when its first mask's label counts.
+    same = segments[:, 1:] == segments[:, :-1]
+    useful = jnp.zeros((b, t), bool).at[:, :-1].set(labelled[:, 1:] & same
+                                                     & (segments[:, :-1] > 0))
+    anchors, real = spread_anchors(useful, min(self.train_groups or t, t))  # b g
+    # Each token sees its own sequence only, as in the base model's training.
+    visible = jnp.tril(jnp.ones((t, t), bool)) & (segments[:, :, None] == segments[:, None])
+    parent = jnp.concatenate([jnp.full((b, 1), -1), jnp.where(same, jnp.arange(t - 1), -1)], 1)
+    x = self._hidden(tokens, batch['positions'], visible, parent, anchors, None)
+    logits = self.base.logits(self.base.final_norm(x[:, t:]))
+    logits = logits.reshape(b, anchors.shape[1], m, -1)
+    label = anchors[..., None] + 1 + jnp.arange(m)  # b g M: index into targets
     inside = label < t
     label = jnp.minimum(label, t - 1)
-    labelled = batch.get('loss_mask', segments > 0).astype(bool)
-    anchor_segment = segments[:, anchors, None]
-    mask = (inside & (segments[:, label] == anchor_segment) & labelled[:, label]
-            & (anchor_segment > 0))
-    targets = batch['targets'][:, label]
+    rows = jnp.arange(b)[:, None, None]
+    anchor_segment = jnp.take_along_axis(segments, anchors, axis=1)[..., None]
+    mask = (real[..., None] & inside & (segments[rows, label] == anchor_segment)
+            & labelled[rows, label] & (anchor_segment > 0))
+    targets = batch['targets'][rows, label]
     hits = (jnp.argmax(logits, -1) == targets) & mask  # b g M
     for i in range(m):
       signals.add_metric(self, f'mask{i}_top1', hits[..., i].sum() / jnp.maximum(
           mask[..., i].sum(), 1))
     return logits, targets, mask
+
+
+def spread_anchors(useful: jax.Array, g: int) -> tuple[jax.Array, jax.Array]:
+  """useful [b, t] bool -> g token indices per row spread evenly over its useful tokens
+  [b, g], and which of them are real [b, g]: a row with fewer than g useful tokens takes
+  each once, and the rest of its groups count for nothing."""
+  count = useful.sum(axis=1, keepdims=True)  # b 1
+  rank = jnp.arange(g) * count // g  # b g: take the rank-th useful token (from 0)
+  upto = jnp.cumsum(useful, axis=1)  # b t: useful tokens up to each one
+  anchors = jax.vmap(jnp.searchsorted)(upto, rank + 1)  # the first with rank+1 up to it
+  new = jnp.concatenate([jnp.ones_like(rank[:, :1], bool), rank[:, 1:] > rank[:, :-1]], 1)
+  return jnp.minimum(anchors, useful.shape[1] - 1).astype(jnp.int32), new & (rank < count)
