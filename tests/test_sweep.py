@@ -40,6 +40,17 @@ def test_parametric_fit_recovers_a_known_law_from_noisy_runs():
   assert low <= fit['alpha'] <= high
 
 
+def test_parametric_fit_runs_to_the_minimum_of_a_small_huber_loss():
+  # A law whose A/N^alpha term is small: scipy's default tolerances stopped L-BFGS-B at
+  # alpha = 1.03 on these noise-free runs (its Huber loss ~1e-4 looked converged).
+  law = dict(E=0.8, A=50.0, B=200.0, alpha=0.5, beta=0.35)
+  fit = fit_scaling_law(_law_records(law, [1e17, 1e18, 1e19, 1e20],
+                                     np.geomspace(1e7, 1e10, 8), noise=0.0))
+  assert fit['alpha'] == pytest.approx(0.5, abs=1e-3)
+  assert fit['beta'] == pytest.approx(0.35, abs=1e-3)
+  assert fit['E'] == pytest.approx(0.8, rel=1e-3) and fit['huber_loss'] < 1e-12
+
+
 def test_isoflop_profiles_find_the_known_optimum():
   # A parabola in log N with its vertex at N = 3e8: found exactly, inside the sizes run.
   sizes = np.geomspace(1e7, 1e10, 9)
@@ -88,27 +99,72 @@ def _sweep_file(tmp_path, data_dir, steps=(6, 6, 6)):
   return str(path)
 
 
-def test_sweep_records_each_run_once_and_reports_failures(tmp_path, data_dir, monkeypatch):
-  # Stand-in training processes: they write the metrics a finished run leaves, or fail.
-  script = ('import json, sys, pathlib; d = pathlib.Path(sys.argv[1]); '
-            'sys.exit(3) if d.name == "d48" and not (d / "retry").exists() else None; '
-            '(d / "metrics.jsonl").write_text(json.dumps(dict(step=6, loss=2.0, '
-            'eval_loss=2.5, eval_bpb=3.0)) + "\\n")')
+def _stand_in_training(monkeypatch):
+  """Training processes that write the metrics a run leaves: d32 has no validation data;
+  d48 fails and d64 stops at step 3 of 6 (a signal), until a `retry` file is there."""
+  script = (
+      'import json, sys, pathlib; d = pathlib.Path(sys.argv[1]); retry = (d / "retry").exists()\n'
+      'if d.name == "d48" and not retry: sys.exit(3)\n'
+      'step = 3 if d.name == "d64" and not retry else 6\n'
+      'line = dict(step=step, loss=2.0) if d.name == "d32" else dict(step=step, loss=2.0, '
+      'eval_loss=2.5, eval_bpb=3.0)\n'
+      '(d / "metrics.jsonl").write_text(json.dumps(line) + "\\n")\n')
   monkeypatch.setattr(runner, 'train_command',
                       lambda run, run_dir: [sys.executable, '-c', script, str(run_dir)])
+
+
+def test_sweep_records_finished_runs_once_and_reports_failed_and_stopped_ones(
+    tmp_path, data_dir, monkeypatch, capsys):
+  _stand_in_training(monkeypatch)
   spec, workdir = _sweep_file(tmp_path, data_dir), tmp_path / 'sweep'
-  with pytest.raises(runner.SweepError, match='1 runs failed: d48'):
-    runner.run_sweep(spec, workdir, parallel=2, echo=lambda _: None)
-  assert sorted(r['name'] for r in runner.read_results(workdir)) == ['d32', 'd64']
-  (workdir / 'runs' / 'd48' / 'retry').write_text('')
+  messages = []
+  with pytest.raises(runner.SweepError, match='2 runs failed or stopped: (d48, d64|d64, d48)'):
+    runner.run_sweep(spec, workdir, parallel=2, echo=messages.append)
+  assert 'sweep: d64 stopped at step 3 of 6' in ' '.join(messages)
+  (d32,) = runner.read_results(workdir)
+  assert d32['name'] == 'd32' and d32['eval_loss'] is None and d32['final_loss'] == 2.0
+  # A sweep killed while writing a record leaves a torn line: skipped, with a warning.
+  with open(workdir / runner.RESULTS, 'a') as results:
+    results.write('{"name": "d48", "fam')
+  for name in ('d48', 'd64'):
+    (workdir / 'runs' / name / 'retry').write_text('')
   messages = []
   records = runner.run_sweep(spec, workdir, echo=messages.append)
-  assert '2 finished already, 1 to run' in messages[0]
-  assert [r['name'] for r in records] == ['d32', 'd64', 'd48']
-  d48 = records[-1]
+  assert '1 finished already, 2 to run' in messages[0]
+  assert 'results.jsonl:2 is not a run record' in capsys.readouterr().err
+  assert [r['name'] for r in records] == ['d32', 'd48', 'd64']
+  d48 = records[1]
   assert d48['final_loss'] == 2.0 and d48['eval_loss'] == 2.5 and d48['bpb'] == 3.0
   assert d48['tokens'] == 6 * 8 * 32 and d48['flops'] == pytest.approx(
       d48['tokens'] * plan.flops_per_token(runner.load_sweep(spec)[1].config()))
+
+
+def test_sweep_moves_aside_a_run_trained_under_an_edited_config(tmp_path, data_dir,
+                                                                monkeypatch):
+  _stand_in_training(monkeypatch)
+  spec, workdir = _sweep_file(tmp_path, data_dir), tmp_path / 'sweep'
+  (run,) = [r for r in runner.load_sweep(spec) if r.name == 'd32']
+  old = run.config()
+  with old.unlocked():
+    old.train.lr = 0.3  # the sweep file said 0.3 when d32 was trained
+  old_dir = workdir / 'runs' / 'd32'
+  config_lib.save(old, old_dir / 'config.json')
+  (old_dir / 'metrics.jsonl').write_text(json.dumps(dict(step=6, loss=9.0)) + '\n')
+  messages = []
+  with pytest.raises(runner.SweepError):  # d48 and d64 fail and stop, as above
+    runner.run_sweep(spec, workdir, echo=messages.append)
+  assert any('d32: its config changed' in m and 'train.lr 0.3 -> ' in m for m in messages)
+  (moved,) = workdir.glob('runs/d32.replaced-*')
+  assert json.loads((moved / 'metrics.jsonl').read_text())['loss'] == 9.0
+  assert runner.read_results(workdir)[0]['final_loss'] == 2.0  # trained afresh
+
+
+def test_one_sweep_at_a_time_in_a_workdir(tmp_path, data_dir):
+  spec, workdir = _sweep_file(tmp_path, data_dir), tmp_path / 'sweep'
+  workdir.mkdir()
+  with runner._only_sweep_in(workdir):  # pylint: disable=protected-access
+    with pytest.raises(runner.SweepError, match='another jaxarch sweep is running'):
+      runner.run_sweep(spec, workdir, echo=lambda _: None)
 
 
 @pytest.mark.slow
@@ -121,6 +177,8 @@ def test_sweep_runs_records_skips_finished_and_resumes_interrupted(tmp_path, dat
   with partial.unlocked():
     partial.train.steps = 3
   train(partial, workdir / 'runs' / 'd48')
+  # ... under the run's own config (a run stopped at step 3 of 6 would have saved it).
+  config_lib.save(run.config(), workdir / 'runs' / 'd48' / 'config.json')
   messages = []
   records = runner.run_sweep(spec, workdir, parallel=2, echo=messages.append)
   assert sorted(r['name'] for r in records) == ['d32', 'd48', 'd64']
@@ -150,6 +208,9 @@ def test_report_writes_plots_and_tables(tmp_path):
                         params_total=r['params'], params_active=r['params'],
                         tokens=r['tokens'], flops=6 * r['params'] * r['tokens'],
                         final_loss=r['loss'], eval_loss=r['loss'] + shift, bpb=1.0))
+  for i in range(3):  # a family whose every run diverged
+    lines.append(dict(lines[i], name=f'ultramem-{i}', family='ultramem', eval_loss=math.nan))
+  lines.append(dict(lines[-4], name='moe-no-validation', budget=1e21, eval_loss=None))
   (workdir / 'results.jsonl').write_text(''.join(json.dumps(l) + '\n' for l in lines))
   assert cli.main(['fit', f'--workdir={workdir}', '--bootstrap=5']) == 0
   out = workdir / 'report'
@@ -157,6 +218,8 @@ def test_report_writes_plots_and_tables(tmp_path):
     assert (out / name).read_bytes()[:4] == b'\x89PNG'
   text = (out / 'report.md').read_text()
   assert '| dense |' in text and '| moe |' in text and 'N* ∝ C^a' in text
+  assert '| ultramem | 0 of 3 with a finite loss |' in text
+  assert 'moe: 1 runs had no validation data' in text
   # MoE is 0.05 better at every budget in this made-up sweep.
   rows = text.split('## Families at equal compute')[1].strip().splitlines()[2:]
   assert len(rows) == 3 and all(row.endswith('| moe |') for row in rows)
@@ -182,6 +245,16 @@ def test_bad_sweep_configs_give_one_line_errors(tmp_path):
   assert 'names must be unique' in error(
       "def get_sweep(arg=None):\n  return [{'config': 'configs/dense.py:tiny', 'name': 'a'}]"
       " * 2\n")
+  assert "budget='1e17 FLOPs' must be a positive number" in error(
+      "def get_sweep(arg=None):\n  return [{'config': 'configs/dense.py:tiny', 'name': 'a',"
+      " 'budget': '1e17 FLOPs'}]\n")
+  assert 'budget=0 must be a positive' in error(
+      "def get_sweep(arg=None):\n  return [{'config': 'configs/dense.py:tiny', 'name': 'a',"
+      " 'budget': 0}]\n")
+  path = tmp_path / 'no_arg.py'
+  path.write_text("def get_sweep():\n  return [{'config': 'configs/dense.py:tiny', 'name': 'a'}]\n")
+  assert "takes no argument" in str(pytest.raises(
+      config_lib.ConfigError, runner.load_sweep, f'{path}:small').value)
   assert 'unknown sweep' in str(pytest.raises(
       config_lib.ConfigError, runner.load_sweep, 'configs/sweeps/isoflop.py:nope').value)
 

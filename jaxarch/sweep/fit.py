@@ -27,6 +27,9 @@ _GRID = dict(a=(0.0, 5.0, 10.0, 15.0, 20.0, 25.0), b=(0.0, 5.0, 10.0, 15.0, 20.0
              beta=(0.0, 0.25, 0.5, 1.0, 1.5, 2.0))
 _STARTS = 16
 _BOUNDS = [(-10, 60), (-10, 60), (-5, 5), (0, 4), (0, 4)]
+# The summed Huber loss of good fits is ~1e-4 and below, so scipy's default tolerances
+# (relative to max(|f|, 1)) would stop L-BFGS-B on the plateau long before the minimum.
+_TOLERANCES = dict(ftol=1e-15, gtol=1e-10, maxiter=10_000)
 
 
 class FitError(ValueError):
@@ -69,7 +72,8 @@ def _fit(log_n, log_d, log_l, delta, starts):
   best = None
   for start in starts:
     result = optimize.minimize(_objective, start, args=(log_n, log_d, log_l, delta),
-                               jac=True, method='L-BFGS-B', bounds=_BOUNDS)
+                               jac=True, method='L-BFGS-B', bounds=_BOUNDS,
+                               options=_TOLERANCES)
     if best is None or result.fun < best.fun:
       best = result
   return best

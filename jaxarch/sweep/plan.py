@@ -60,7 +60,15 @@ def runs_from(members: Sequence[dict], where: str) -> list[Run]:
     seen.add(name)
     overrides = tuple(_override(k, v) for k, v in member.items() if k not in RESERVED)
     budget = member.get('budget')
-    run = Run(name, str(member['config']), overrides, None if budget is None else float(budget))
+    if budget is not None:
+      try:
+        budget = float(budget)
+      except (TypeError, ValueError):
+        budget = None
+      if budget is None or not 0 < budget < float('inf'):
+        raise config_lib.ConfigError(f'{where}: run {name!r}: budget={member["budget"]!r} '
+                                     'must be a positive number of FLOPs, e.g. 1e18')
+    run = Run(name, str(member['config']), overrides, budget)
     try:
       run.config()
     except config_lib.ConfigError as e:
@@ -100,7 +108,12 @@ def isoflop_grid(family: str, spec: str, sizes: dict[str, dict], budgets: Sequen
   for budget in budgets:
     for size, overrides in sizes.items():
       values = {**(common or {}), **overrides}
-      cfg = config_lib.load(spec, [_override(k, v) for k, v in values.items()])
+      try:
+        cfg = config_lib.load(spec, [_override(k, v) for k, v in values.items()])
+      except config_lib.ConfigError as e:
+        why = str(e).removeprefix('config error: ')
+        raise config_lib.ConfigError(f'isoflop_grid({family!r}, {spec!r}): size {size!r}: '
+                                     f'{why}') from None
       steps = steps_for_budget(cfg, budget)
       members.append({
           'config': spec, 'name': f'{family}-{size}-{budget:.2g}'.replace('+', ''),

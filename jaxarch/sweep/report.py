@@ -29,15 +29,18 @@ COLORS = {'dense': 'tab:blue', 'moe': 'tab:orange', 'ultramem': 'tab:green',
 
 
 def fit_points(records, params: str = 'active') -> list[dict]:
-  """Records as fit inputs: {params, tokens, loss, budget, flops} (loss: validation)."""
+  """Records as fit inputs: {params, tokens, loss, budget, flops, validation} (loss: the
+  validation loss, or the final training loss of a run without validation data); runs
+  without a finite loss (diverged) are left out."""
   points = []
   for r in records:
-    loss = r.get('eval_loss') if r.get('eval_loss') is not None else r.get('final_loss')
+    validation = r.get('eval_loss') is not None
+    loss = r['eval_loss'] if validation else r.get('final_loss')
     if loss is None or not math.isfinite(loss):
       continue
     points.append(dict(params=r[f'params_{params}'], tokens=r['tokens'], loss=loss,
                        budget=r.get('budget') or r['flops'], flops=r['flops'],
-                       name=r['name']))
+                       name=r['name'], validation=validation))
   return points
 
 
@@ -49,7 +52,7 @@ def fit_families(records, *, params: str = 'active', bootstrap: int = 100) -> di
   fits = {}
   for family, runs in sorted(by_family.items()):
     points = fit_points(runs, params)
-    entry = {'points': points}
+    entry = {'points': points, 'runs': len(runs)}
     for key, fn in (('isoflop', lambda: fit_lib.isoflop_fits(points)),
                     ('law', lambda: fit_lib.fit_scaling_law(points, bootstrap=bootstrap))):
       try:
@@ -151,13 +154,25 @@ def markdown(fits, params: str, workdir: Path) -> str:
            '![loss against compute](loss_vs_compute.png)', '', '![IsoFLOP profiles](isoflop.png)',
            '', '![compute-optimal size](frontier.png)', '', '## Runs per family', '',
            '| family | runs | budgets | N range | D range | best loss |', '|---|---|---|---|---|---|']
+  notes = []
   for family, entry in fits.items():
     pts = entry['points']
+    if not pts:
+      lines.append(f'| {family} | 0 of {entry["runs"]} with a finite loss | | | | |')
+      continue
     n = [p['params'] for p in pts]
     d = [p['tokens'] for p in pts]
     lines.append(f'| {family} | {len(pts)} | {len({p["budget"] for p in pts})} | '
                  f'{min(n):.3g}–{max(n):.3g} | {min(d):.3g}–{max(d):.3g} | '
                  f'{min(p["loss"] for p in pts):.4f} |')
+    if len(pts) < entry['runs']:
+      notes.append(f'{family}: {entry["runs"] - len(pts)} runs without a finite loss '
+                   '(diverged) are left out.')
+    training = sum(not p['validation'] for p in pts)
+    if training:
+      notes.append(f'{family}: {training} runs had no validation data; their loss is the '
+                   'final training loss.')
+  lines += [''] + notes if notes else []
   lines += ['', '## IsoFLOP profiles (approach 2)', '',
             '| family | budget C | N* | D* | loss at N* | N* inside the sizes run |',
             '|---|---|---|---|---|---|']
@@ -203,11 +218,12 @@ def markdown(fits, params: str, workdir: Path) -> str:
 
 def _equal_compute_table(fits) -> str:
   """Best validation loss per family at each budget that every family ran."""
-  best = {f: {p['budget']: p for p in _best_per_budget(e['points'])} for f, e in fits.items()}
+  best = {f: {p['budget']: p for p in _best_per_budget(e['points'])}
+          for f, e in fits.items() if e['points']}
   budgets = sorted(set.intersection(*(set(b) for b in best.values()))) if best else []
   if not budgets:
     return 'No budget was run by every family.'
-  families = list(fits)
+  families = list(best)
   rows = ['| budget C | ' + ' | '.join(families) + ' | best |',
           '|---' * (len(families) + 2) + '|']
   for budget in budgets:

@@ -5,20 +5,28 @@
 Run `name` trains in DIR/runs/<name> as `jaxarch train` would, in its own process (so one
 run's crash, or its XLA memory, never touches another), N at a time. When it finishes, one
 JSON line is appended to DIR/results.jsonl. A run whose name and config hash are already
-there is skipped; a run that was interrupted resumes from its last checkpoint, because
-`jaxarch train` does. Output of run `name` goes to DIR/runs/<name>/train.log.
+there is skipped; a run that was interrupted (or stopped by a signal: it is not recorded)
+resumes from its last checkpoint, because `jaxarch train` does. A run whose config was
+edited since its directory was trained starts afresh, the old directory moved aside.
+Output of run `name` goes to DIR/runs/<name>/train.log. One sweep at a time runs in a
+workdir (DIR/.sweep.lock).
 
 `--launcher=NAME` renders one job per run through `LAUNCHERS[NAME]` (the cluster targets of
 `jaxarch launch`: slurm, gke, tpu-vm, ray) into DIR/runs/<name>/launch instead of running
 them here, and prints the command that submits each; the jobs run the same
 `jaxarch train --config=... --workdir=DIR/runs/<name> --config.k=v` command, and
-`jaxarch sweep --collect` then records the finished ones.
+`jaxarch sweep --collect` then records the finished ones (those that ran under the
+run's present config).
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import fcntl
 import functools
+import inspect
 import json
+import os
 import subprocess
 import sys
 import time
@@ -54,6 +62,9 @@ def load_sweep(spec: str) -> list[plan.Run]:
   get_sweep = getattr(module, 'get_sweep', None)
   if not callable(get_sweep):
     raise config_lib.ConfigError(f'sweep file {path!r} does not define get_sweep(arg)')
+  if arg and not inspect.signature(get_sweep).parameters:
+    raise config_lib.ConfigError(f'sweep file {path!r}: get_sweep() takes no argument, and '
+                                 f'{spec!r} passes {arg!r}; drop ":{arg}"')
   try:
     members = get_sweep(arg) if arg else get_sweep()
   except ValueError as e:
@@ -69,10 +80,47 @@ def train_command(run: plan.Run, run_dir: Path) -> list[str]:
 
 
 def read_results(workdir: Path) -> list[dict]:
+  """The records of DIR/results.jsonl, the latest one of each run name (a run whose config
+  changed is recorded again). A line that is not a record (a sweep killed while writing
+  it) is skipped with a warning: its run is run or collected again."""
   path = Path(workdir) / RESULTS
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  latest = {}
+  for number, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+      record = json.loads(line) if line.strip() else None
+      if record is not None:
+        latest.pop(record['name'], None)  # the latest record goes last
+        latest[record['name']] = record
+    except (json.JSONDecodeError, KeyError, TypeError):
+      print(f'sweep: warning: {path}:{number} is not a run record; skipped', file=sys.stderr)
+  return list(latest.values())
+
+
+def append_record(workdir: Path, record: dict) -> None:
+  """Appends one line to DIR/results.jsonl, on a line of its own even after a torn one,
+  and on disk before the next run starts."""
+  with open(Path(workdir) / RESULTS, 'a+b') as results:
+    results.seek(0, os.SEEK_END)
+    if results.tell():
+      results.seek(-1, os.SEEK_END)
+      if results.read(1) != b'\n':
+        results.write(b'\n')
+    results.write(json.dumps(record).encode() + b'\n')
+    results.flush()
+    os.fsync(results.fileno())
+
+
+def last_step(run_dir: Path) -> int | None:
+  """The last step the run in `run_dir` logged (None: none yet)."""
+  metrics = run_dir / 'metrics.jsonl'
+  for line in reversed(metrics.read_text().splitlines() if metrics.exists() else []):
+    try:
+      return int(json.loads(line)['step'])
+    except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+      continue
+  return None
 
 
 def record(run: plan.Run, run_dir: Path, wall_s: float | None) -> dict:
@@ -95,8 +143,9 @@ def record(run: plan.Run, run_dir: Path, wall_s: float | None) -> dict:
   }
 
 
-def _run_one(run: plan.Run, workdir: Path) -> tuple[plan.Run, float, int]:
+def _run_one(run: plan.Run, workdir: Path, echo) -> tuple[plan.Run, float, int]:
   run_dir = workdir / 'runs' / run.name
+  _move_aside_if_changed(run, run_dir, echo)
   run_dir.mkdir(parents=True, exist_ok=True)
   spent = run_dir / 'sweep_wall_s'  # wall time of earlier, interrupted attempts
   before = float(spent.read_text()) if spent.exists() else 0.0
@@ -106,6 +155,43 @@ def _run_one(run: plan.Run, workdir: Path) -> tuple[plan.Run, float, int]:
   total = before + time.perf_counter() - start
   spent.write_text(f'{total:.1f}\n')
   return run, total, code
+
+
+def _move_aside_if_changed(run: plan.Run, run_dir: Path, echo) -> None:
+  """A run directory trained under another config than the sweep's run now has (the sweep
+  file was edited) is moved aside, so that the run trains afresh instead of resuming, or
+  re-recording, the old one."""
+  changed = config_changes(run, run_dir)
+  if not changed:
+    return
+  stale = run_dir.with_name(f'{run.name}.replaced-{time.strftime("%Y%m%d-%H%M%S")}')
+  run_dir.rename(stale)
+  echo(f'sweep: {run.name}: its config changed since {run_dir} was trained ({changed}); '
+       f'the old run is now {stale.name}, and this one trains from step 0')
+
+
+def config_changes(run: plan.Run, run_dir: Path) -> str | None:
+  """How the config `run_dir` was trained under differs from the run's, e.g.
+  'train.lr 0.003 -> 0.3', or None (the same, or not trained yet)."""
+  saved = run_dir / 'config.json'
+  if not saved.exists():
+    return None
+  old = _flat(json.loads(saved.read_text()))
+  new = _flat(json.loads(json.dumps(config_lib.to_dict(run.config()))))
+  changed = [f'{k} {old.get(k)} -> {new.get(k)}' for k in sorted(old.keys() | new.keys())
+             if old.get(k) != new.get(k)
+             and k.split('.')[0] not in config_lib.UNHASHED_SECTIONS]
+  return (', '.join(changed[:3]) + (' ...' if len(changed) > 3 else '')) or None
+
+
+def _flat(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
 
 
 def collect(runs: list[plan.Run], workdir: Path, echo=print) -> list[dict]:
@@ -118,14 +204,16 @@ def collect(runs: list[plan.Run], workdir: Path, echo=print) -> list[dict]:
     if (run.name, config_lib.config_hash(cfg)) in done:
       continue
     run_dir = workdir / 'runs' / run.name
-    metrics = run_dir / 'metrics.jsonl'
-    lines = metrics.read_text().splitlines() if metrics.exists() else []
-    if not lines or json.loads(lines[-1]).get('step') != cfg.train.steps:
+    if last_step(run_dir) != cfg.train.steps:
       waiting.append(run.name)
       continue
-    line = record(run, run_dir, None)
-    with open(workdir / RESULTS, 'a') as results:
-      results.write(json.dumps(line) + '\n')
+    changed = config_changes(run, run_dir)
+    if changed:  # the job that ran was rendered from an earlier version of the sweep
+      waiting.append(run.name)
+      echo(f'sweep: {run.name}: {run_dir} was trained under another config ({changed}); '
+           'render and submit its job again')
+      continue
+    append_record(workdir, record(run, run_dir, None))
     collected.append(run.name)
   echo(f'sweep: {len(collected)} runs collected, {len(waiting)} not finished'
        + (f' ({", ".join(waiting[:5])}{" ..." if len(waiting) > 5 else ""})' if waiting
@@ -149,27 +237,49 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
     extra = tuple(o.removeprefix('--').removeprefix('config.') for o in launch_overrides)
     runs = [dataclasses.replace(r, overrides=r.overrides + extra) for r in runs]
     return render_jobs(runs, workdir, launcher, echo)
-  done = {(r['name'], r['config_hash']) for r in read_results(workdir)}
-  todo = [r for r in runs if (r.name, config_lib.config_hash(r.config())) not in done]
-  echo(f'sweep: {len(runs)} runs, {len(runs) - len(todo)} finished already, '
-       f'{len(todo)} to run, {parallel} at a time')
-  failed = []
-  with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
-    for run, wall_s, code in pool.map(lambda r: _run_one(r, workdir), todo):
-      if code:
-        failed.append(run.name)
-        echo(f'sweep: {run.name} failed (exit {code}); see '
-             f'{workdir / "runs" / run.name / "train.log"}')
-        continue
-      line = record(run, workdir / 'runs' / run.name, wall_s)
-      with open(workdir / RESULTS, 'a') as results:
-        results.write(json.dumps(line) + '\n')
-      echo(f'sweep: {run.name} done: loss {line["final_loss"]:.4f}, eval '
-           f'{line["eval_loss"]:.4f}, {line["wall_s"]:.0f}s')
+  workdir.mkdir(parents=True, exist_ok=True)
+  with _only_sweep_in(workdir):
+    done = {(r['name'], r['config_hash']) for r in read_results(workdir)}
+    todo = [r for r in runs if (r.name, config_lib.config_hash(r.config())) not in done]
+    echo(f'sweep: {len(runs)} runs, {len(runs) - len(todo)} finished already, '
+         f'{len(todo)} to run, {parallel} at a time')
+    failed = []
+    with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+      running = [pool.submit(_run_one, r, workdir, echo) for r in todo]
+      for future in concurrent.futures.as_completed(running):  # recorded as they finish
+        run, wall_s, code = future.result()
+        run_dir = workdir / 'runs' / run.name
+        step, steps = last_step(run_dir), run.config().train.steps
+        if code or step != steps:
+          failed.append(run.name)
+          why = f'failed (exit {code})' if code else f'stopped at step {step} of {steps}'
+          echo(f'sweep: {run.name} {why}; see {run_dir / "train.log"}')
+          continue
+        line = record(run, run_dir, wall_s)
+        append_record(workdir, line)
+        echo(f'sweep: {run.name} done: loss {_fmt(line["final_loss"])}, eval '
+             f'{_fmt(line["eval_loss"])}, {line["wall_s"]:.0f}s')
   if failed:
-    raise SweepError(f'sweep: {len(failed)} runs failed: {", ".join(failed)}; run the '
-                       'sweep again to resume them')
+    raise SweepError(f'sweep: {len(failed)} runs failed or stopped: {", ".join(failed)}; run '
+                     'the sweep again to resume them')
   return read_results(workdir)
+
+
+def _fmt(loss: float | None) -> str:
+  return '–' if loss is None else f'{loss:.4f}'
+
+
+@contextlib.contextmanager
+def _only_sweep_in(workdir: Path):
+  """Holds DIR/.sweep.lock: two sweeps in one workdir would train the same run directories
+  at once and record them twice."""
+  with open(workdir / '.sweep.lock', 'w') as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise SweepError(f'sweep: another jaxarch sweep is running in {workdir}; wait for it '
+                       'or use another --workdir') from None
+    yield
 
 
 def render_jobs(runs, workdir: Path, launcher: str, echo=print) -> list[dict]:
@@ -180,6 +290,7 @@ def render_jobs(runs, workdir: Path, launcher: str, echo=print) -> list[dict]:
                                  f'(launchers: {", ".join(sorted(known))}, or local to run '
                                  'here)')
   for run in runs:
+    _move_aside_if_changed(run, workdir / 'runs' / run.name, echo)
     try:
       submit = known[launcher](run, workdir / 'runs' / run.name)
     except config_lib.ConfigError as e:
