@@ -166,12 +166,25 @@ def test_split_by_file_is_deterministic_and_disjoint(tmp_path, corpus):
     cfg.data_dir = str(tmp_path / data_dir)
     for split in ('train', 'validation'):
       source = data.open_source(cfg, split)
-      splits[data_dir, split] = sorted(source[i] for i in range(len(source)))
+      splits[data_dir, split] = sorted(source[i].decode() for i in range(len(source)))
   assert splits['a', 'train'] == splits['b', 'train']
   assert splits['a', 'validation'] == splits['b', 'validation']
   train, val = set(splits['a', 'train']), set(splits['a', 'validation'])
   assert val and not train & val and train | val == set(docs.values())
   assert val == {t for f, t in docs.items() if sources.is_validation(f, 0.25)}
+
+
+def test_a_byte_model_reads_files_that_are_not_utf8_as_they_are(tmp_path):
+  (tmp_path / 'docs').mkdir()
+  raw = {'latin1.txt': b'caf\xe9 cr\xe8me\n', 'nul.txt': b'a\x00b\xff'}
+  for name, content in raw.items():
+    (tmp_path / 'docs' / name).write_bytes(content)
+  cfg = _data_config(tmp_path, f'files:{tmp_path}/docs/*.txt')
+  read = [s[i] for split in ('train', 'validation')
+          for s in [data.open_source(cfg, split)] for i in range(len(s))]
+  assert sorted(read) == sorted(raw.values())
+  tokenizer = data.get_tokenizer('bytes')
+  assert tokenizer.encode(raw['latin1.txt']) == list(raw['latin1.txt'])  # 0xe9 is one id
 
 
 def test_cache_is_built_once(corpus, monkeypatch):
@@ -194,8 +207,8 @@ def test_changed_files_are_rebuilt(tmp_path, corpus):
   name = next(f for f in docs if not sources.is_validation(f, 0.25))
   (tmp_path / 'corpus' / name).write_text('changed')
   after = data.open_source(cfg, 'train')
-  assert 'changed' in {after[i] for i in range(len(after))}
-  assert 'changed' not in {before[i] for i in range(len(before))}
+  assert b'changed' in {after[i] for i in range(len(after))}
+  assert b'changed' not in {before[i] for i in range(len(before))}
 
 
 def test_tfds_source_reads_a_prepared_array_record_dataset(corpus):
@@ -351,7 +364,7 @@ def test_eval_batches_are_deterministic_finite_and_cover_validation(corpus):
       np.testing.assert_array_equal(a[key], b[key])
   source = data.open_source(cfg, 'validation')
   inputs = np.append(_stream(first, 'inputs'), EOD)
-  assert _documents(inputs) == [source[i] for i in range(len(source))]
+  assert _documents(inputs) == [source[i].decode() for i in range(len(source))]
   last = first[-1]
   assert last['inputs'].shape == (4, 16)
   assert np.all(last['inputs'][last['segment_ids'] == 0] == PAD)

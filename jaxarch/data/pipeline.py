@@ -51,7 +51,7 @@ class _Tokenize(grain.transforms.Map):
     self._tokenizer = tokenizer
     self._align = align
 
-  def map(self, text: str) -> dict[str, np.ndarray]:
+  def map(self, text: bytes) -> dict[str, np.ndarray]:
     ids = np.asarray(self._tokenizer.encode(text), np.int32)
     eod = np.array([self._tokenizer.eod_id], np.int32)
     inputs, targets = np.concatenate([eod, ids]), np.concatenate([ids, eod])

@@ -150,7 +150,9 @@ def _files_config(source: str, pattern: str, validation_fraction: float) -> File
 
 
 class TextSource:
-  """Random access to documents as `str`, over a TFDS array_record data source."""
+  """Random access to documents as the `bytes` stored (text features UTF-8 encoded), over
+  a TFDS array_record data source: a byte model reads files as they are, even those that
+  are not UTF-8; other tokenizers decode them (`tokenizers.as_text`)."""
 
   def __init__(self, source, key: str):
     self._source = source
@@ -159,16 +161,16 @@ class TextSource:
   def __len__(self) -> int:
     return len(self._source)
 
-  def _text(self, record) -> str:
+  def _document(self, record) -> bytes:
     text = record[self._key]
-    return text.decode('utf-8', errors='replace') if isinstance(text, bytes) else str(text)
+    return text if isinstance(text, bytes) else str(text).encode('utf-8')
 
-  def __getitem__(self, index: int) -> str:
-    return self._text(self._source[index])
+  def __getitem__(self, index: int) -> bytes:
+    return self._document(self._source[index])
 
-  def __getitems__(self, indices) -> list[str]:
+  def __getitems__(self, indices) -> list[bytes]:
     if hasattr(self._source, '__getitems__'):
-      return [self._text(r) for r in self._source.__getitems__(indices)]
+      return [self._document(r) for r in self._source.__getitems__(indices)]
     return [self[i] for i in indices]
 
   def __repr__(self) -> str:

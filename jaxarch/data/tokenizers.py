@@ -1,7 +1,7 @@
 """Tokenizers: raw bytes by default, SentencePiece or HF `tokenizer.json` files on request.
 
-Every tokenizer exposes the same small surface the pipeline and trainer need: `encode`,
-`decode`, `vocab_size`, `pad_id`, `eod_id` (end of document, also used as BOS) and
+Every tokenizer exposes the same small surface the pipeline and trainer need: `encode`
+(of `str`, or of a document's stored `bytes`), `decode`, `vocab_size`, `pad_id`, `eod_id` (end of document, also used as BOS) and
 `byte_lengths[id]`, the number of UTF-8 bytes a token stands for, so that the trainer can
 report bits per byte = total_nats / ln 2 / total_bytes for any tokenizer.
 """
@@ -12,6 +12,12 @@ from jaxarch.config import ConfigError
 
 _SPEC_ERROR = ("config error: data.tokenizer={!r} must be 'bytes' or a path to a "
                "SentencePiece .model or HF tokenizer.json file")
+
+
+def as_text(text: str | bytes) -> str:
+  """A document for a tokenizer of text: stored bytes decoded as UTF-8 (invalid bytes
+  become U+FFFD)."""
+  return text.decode('utf-8', errors='replace') if isinstance(text, bytes) else text
 
 
 class ByteTokenizer:
@@ -25,8 +31,8 @@ class ByteTokenizer:
     self.byte_lengths = np.zeros(self.vocab_size, np.int32)
     self.byte_lengths[:256] = 1
 
-  def encode(self, text: str) -> list[int]:
-    return list(text.encode('utf-8'))
+  def encode(self, text: str | bytes) -> list[int]:
+    return list(text if isinstance(text, bytes) else text.encode('utf-8'))
 
   def decode(self, ids) -> str:
     data = bytes(int(i) for i in np.asarray(ids).reshape(-1) if 0 <= i < 256)
@@ -59,8 +65,8 @@ class SentencePieceTokenizer:
         lengths.append(len(self._sp.id_to_piece(i).replace('\u2581', ' ').encode('utf-8')))
     self.byte_lengths = np.asarray(lengths, np.int32)
 
-  def encode(self, text: str) -> list[int]:
-    return self._sp.encode(text)
+  def encode(self, text: str | bytes) -> list[int]:
+    return self._sp.encode(as_text(text))
 
   def decode(self, ids) -> str:
     ids = [int(i) for i in np.asarray(ids).reshape(-1) if self.byte_lengths[i] > 0]
@@ -115,8 +121,8 @@ class HFTokenizer:
         return i
     return None
 
-  def encode(self, text: str) -> list[int]:
-    return self._tok.encode(text, add_special_tokens=False).ids
+  def encode(self, text: str | bytes) -> list[int]:
+    return self._tok.encode(as_text(text), add_special_tokens=False).ids
 
   def decode(self, ids) -> str:
     return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)],
