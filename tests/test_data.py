@@ -354,6 +354,22 @@ def test_iterator_state_resumes_exactly(corpus, skip, through_json):
       np.testing.assert_array_equal(got[key], want[key])
 
 
+def test_a_position_saved_under_another_layout_is_refused(corpus, caplog):
+  # Batch 4 saved a position; restored into batch 8 (4 -> 8 streams) it would name other
+  # documents: the iterator warns and starts afresh instead.
+  cfg, _ = corpus
+  it = iter(data.make_train_dataset(cfg, seed=0, global_batch_size=4))
+  _take(it, 5)
+  state = json.loads(json.dumps(it.get_state()))
+  fresh = _take(iter(data.make_train_dataset(cfg, seed=0, global_batch_size=8)), 2)
+  resumed = iter(data.make_train_dataset(cfg, seed=0, global_batch_size=8))
+  with caplog.at_level('WARNING'):
+    resumed.set_state(state)
+  assert 'batch_size 4 -> 8' in caplog.text and 'streams 4 -> 8' in caplog.text
+  for want, got in zip(fresh, _take(resumed, 2)):
+    np.testing.assert_array_equal(got['inputs'], want['inputs'])
+
+
 def test_eval_batches_are_deterministic_finite_and_cover_validation(corpus):
   cfg, _ = corpus
   ds = data.make_eval_dataset(cfg, batch_size=4, num_batches=1000)

@@ -26,12 +26,14 @@ packed: each sequence becomes one right-padded row, cut at `seq_len`, and the ba
 `loss_mask` (1 on the targets of the continuation, which alone carry loss).
 
 The train iterator is a Grain `DatasetIterator`: `get_state()` is a small JSON-able dict
-(per stream: document index plus the slice of the document being packed) and
-`set_state()` resumes exactly, so the trainer can checkpoint it next to the model.
+(per stream: document index plus the slice of the document being packed, and the layout:
+batch size, seed, streams, source, ...) and `set_state()` resumes exactly, so the trainer
+can checkpoint it next to the model; a position of another layout is refused.
 """
 
 import functools
 import itertools
+import logging
 
 import grain
 import numpy as np
@@ -39,6 +41,8 @@ import numpy as np
 from jaxarch.config import ConfigError
 from jaxarch.data import sources
 from jaxarch.data import tokenizers
+
+log = logging.getLogger(__name__)
 
 _FEATURES = ('inputs', 'targets', 'segment_ids', 'positions')
 
@@ -229,7 +233,52 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
   batches = rows.batch(local_batch, drop_remainder=True)
   # A background thread prepares the next batches while the device runs a step; the state
   # it reports is still that of the last batch handed out.
-  return grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
+  batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
+  layout = dict(source=data_cfg.source, tokenizer=data_cfg.get('tokenizer'),
+                seq_len=data_cfg.seq_len, pack_align=data_cfg.get('pack_align', 1),
+                validation_fraction=data_cfg.get('validation_fraction'),
+                batch_size=global_batch_size, seed=seed, streams=num_streams)
+  return _WithLayout(batches, layout)
+
+
+class _WithLayout(grain.IterDataset):
+  """Batches whose saved position names the layout it is a position in (`_LayoutIterator`)."""
+
+  def __init__(self, parent: grain.IterDataset, layout: dict):
+    super().__init__(parent)
+    self._layout = layout
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _LayoutIterator(self._parent.__iter__(), self._layout)
+
+
+class _LayoutIterator(grain.DatasetIterator):
+  """A saved data position means other documents under another layout (batch size, seed,
+  streams, source, ...): restored into a different one it would repeat or skip documents
+  silently, so such a position is refused with a warning and reading starts afresh."""
+
+  def __init__(self, parent: grain.DatasetIterator, layout: dict):
+    super().__init__(parent)
+    self._layout = layout
+
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self):
+    return {'layout': self._layout, 'position': self._parent.get_state()}
+
+  def set_state(self, state):
+    if 'layout' not in state:  # saved before positions named their layout
+      self._parent.set_state(state)
+      return
+    saved = state['layout']
+    changed = [f'{k} {saved.get(k)} -> {v}' for k, v in self._layout.items()
+               if saved.get(k) != v]
+    if changed:
+      log.warning('the saved data position is of another data layout (%s): the data start '
+                  'afresh', ', '.join(changed))
+      return
+    self._parent.set_state(state['position'])
 
 
 def _padding_rows(num_rows: int, seq_len: int, pad_id: int,
