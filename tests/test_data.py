@@ -7,9 +7,11 @@ import pathlib
 import platform
 import sysconfig
 import time
+import types
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from jaxarch import data
 from jaxarch.data import pipeline
@@ -218,6 +220,44 @@ def test_tfds_source_reads_a_prepared_array_record_dataset(corpus):
   cfg.source = f'tfds:text_files/{config_dir.name}'
   source = data.open_source(cfg, 'train')
   assert [source[i] for i in range(len(source))] == [built[i] for i in range(len(built))]
+
+
+class ArticlesForTest(tfds.core.GeneratorBasedBuilder):
+  """A TFDS dataset as many are: a title before the text, and only a train split."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  code_path = None  # as jaxarch's own builders: no checksums file to look for
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+        {'title': tfds.features.Text(), 'text': tfds.features.Text(),
+         'body': tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {'train': self._generate_examples()}
+
+  def _generate_examples(self):
+    for i in range(3):
+      yield i, {'title': f'title {i}', 'text': f'text {i}', 'body': f'body {i}'}
+
+
+def test_tfds_source_reads_its_text_feature_and_may_lack_validation(tmp_path):
+  cfg = _data_config(tmp_path, 'tfds:articles_for_test')
+  ArticlesForTest(data_dir=cfg.data_dir, file_format='array_record').download_and_prepare()
+  train = data.open_source(cfg, 'train')
+  assert sorted(train[i] for i in range(len(train))) == [b'text 0', b'text 1', b'text 2']
+  assert not len(data.open_source(cfg, 'validation'))  # pylint: disable=g-explicit-length-test
+  cfg.text_key = 'body'
+  assert data.open_source(cfg, 'train')[0].startswith(b'body ')
+  cfg.text_key = 'summary'
+  with pytest.raises(ValueError, match=r"data.text_key='summary' is not a feature .*'body'"):
+    data.open_source(cfg, 'train')
+  # Without a `text` feature, two text features are a choice the config must make.
+  two = types.SimpleNamespace(info=types.SimpleNamespace(features={
+      'title': tfds.features.Text(), 'body': tfds.features.Text()}))
+  with pytest.raises(ValueError, match=r"text features \['title', 'body'\].*data.text_key"):
+    sources._text_key(two, 'tfds:x', None)  # pylint: disable=protected-access
 
 
 def test_unprepared_tfds_source_says_how_to_prepare(tmp_path):

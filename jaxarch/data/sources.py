@@ -23,6 +23,7 @@ import dataclasses
 import difflib
 import glob as globlib
 import hashlib
+import logging
 import os
 import pathlib
 import platform
@@ -34,6 +35,7 @@ import tensorflow_datasets as tfds
 
 from jaxarch.config import ConfigError
 
+log = logging.getLogger(__name__)
 _NOT_STDLIB = ('site-packages', 'dist-packages', '__pycache__')
 _SOURCE_ERROR = ("config error: data.source={!r} must be 'default', 'files:<glob>', "
                  "'tfds:<name>' or 'distilled:<dir>'")
@@ -177,15 +179,23 @@ class TextSource:
     return f'TextSource({self._source!r}, key={self._key!r})'
 
 
-def _text_key(builder, source: str) -> str:
+def _text_key(builder, source: str, text_key: str | None) -> str:
+  """The feature of a TFDS dataset's examples to read: `data.text_key`, else `text`, else
+  its only text feature (a dataset with a title and a body must say which)."""
   features = builder.info.features
-  for key, feature in features.items():
-    if isinstance(feature, tfds.features.Text):
-      return key
+  texts = [k for k, f in features.items() if isinstance(f, tfds.features.Text)]
+  if text_key is not None:
+    if text_key not in features:
+      raise ConfigError(f'config error: data.text_key={text_key!r} is not a feature of '
+                        f'data.source={source!r}; its features are {list(features)}')
+    return text_key
   if 'text' in features:
     return 'text'
-  raise ConfigError(f'config error: data.source={source!r} has no text feature; its '
-                   f'features are {list(features)}')
+  if len(texts) == 1:
+    return texts[0]
+  what = f'has text features {texts}, none named' if texts else 'has no feature'
+  raise ConfigError(f"config error: data.source={source!r} {what} 'text'; its features are "
+                    f'{list(features)}: name the one to read with --config.data.text_key=NAME')
 
 
 @dataclasses.dataclass(eq=False, repr=False)
@@ -248,7 +258,8 @@ def open_sequences(data_cfg, split: str):
   return builder.as_data_source(split=split)
 
 
-def _tfds_source(source: str, name: str, data_dir: pathlib.Path, split: str) -> TextSource:
+def _tfds_source(source: str, name: str, data_dir: pathlib.Path, split: str,
+                 text_key: str | None) -> TextSource:
   try:
     builder = tfds.builder(name, data_dir=str(data_dir))
   except tfds.core.registered.DatasetNotFoundError as e:
@@ -268,12 +279,16 @@ def _tfds_source(source: str, name: str, data_dir: pathlib.Path, split: str) -> 
                      f'{builder.info.file_format.value} in {data_dir}, not array_record; '
                      f'{how}')
   splits = builder.info.splits
+  key = _text_key(builder, source, text_key)
   if split not in splits and split == 'validation' and 'test' in splits:
+    log.info('data.source=%r has no validation split; its test split validates', source)
     split = 'test'
+  if split not in splits and split == 'validation':  # the run trains without evaluating
+    return TextSource([], key)
   if split not in splits:
     raise ConfigError(f'config error: data.source={source!r} has no split {split!r}; it has '
                      f'{list(splits)}')
-  return TextSource(builder.as_data_source(split=split), _text_key(builder, source))
+  return TextSource(builder.as_data_source(split=split), key)
 
 
 def open_source(data_cfg, split: str) -> TextSource:
@@ -282,7 +297,8 @@ def open_source(data_cfg, split: str) -> TextSource:
   data_dir = resolve_data_dir(data_cfg.get('data_dir'))
   fraction = float(data_cfg.get('validation_fraction', 0.05))
   if source.startswith('tfds:') and source[len('tfds:'):]:
-    return _tfds_source(source, source[len('tfds:'):], data_dir, split)
+    return _tfds_source(source, source[len('tfds:'):], data_dir, split,
+                        data_cfg.get('text_key'))
   if source == 'default':
     builder_cls, config = PythonStdlib, _stdlib_config(fraction)
   elif source.startswith('files:') and source[len('files:'):]:
