@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 from jaxarch import data
 from jaxarch.data import pipeline
 from jaxarch.data import sources
+from jaxarch.data import tokenizers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EOD = data.ByteTokenizer.eod_id
@@ -474,3 +475,58 @@ def test_a_tokenizer_that_pads_with_eod_keeps_each_documents_bos():
                  inputs_segment_ids=np.array([1, 1, 1, 1, 2, 2, 0, 0]))
   out = pipeline._Finalize(pad_id=256).map(aligned)  # pylint: disable=protected-access
   np.testing.assert_array_equal(out['segment_ids'], [1, 1, 1, 0, 2, 2, 0, 0])
+
+
+# HF tokenizer.json files: bits per byte needs each token's UTF-8 bytes.
+
+def _gpt2_style_tokenizer(path):
+  """Byte-level BPE (GPT-2): every byte a character of its own alphabet, no merges."""
+  hf = pytest.importorskip('tokenizers')
+  alphabet = sorted(tokenizers._gpt2_byte_chars())  # pylint: disable=protected-access
+  tok = hf.Tokenizer(hf.models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+  tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = hf.decoders.ByteLevel()
+  tok.add_special_tokens([hf.AddedToken('<|endoftext|>', special=True)])
+  tok.save(str(path))
+  return str(path)
+
+
+def _llama_style_tokenizer(path):
+  """SentencePiece-style BPE (Llama-2): '▁' for spaces, bytes as <0xNN> pieces."""
+  hf = pytest.importorskip('tokenizers')
+  vocab = {'<unk>': 0, '<s>': 1, '</s>': 2, **{f'<0x{b:02X}>': 3 + b for b in range(256)}}
+  for piece in ['▁', 't', 'h', 'e', 'c', 'a', 'f', 'é', '▁t', '▁th', '▁the', '▁c', '▁ca',
+                '▁caf', '▁café']:
+    vocab[piece] = len(vocab)
+  merges = [('▁', 't'), ('▁t', 'h'), ('▁th', 'e'), ('▁', 'c'), ('▁c', 'a'), ('▁ca', 'f'),
+            ('▁caf', 'é')]
+  tok = hf.Tokenizer(hf.models.BPE(vocab=vocab, merges=merges, byte_fallback=True,
+                                   unk_token='<unk>', fuse_unk=True))
+  tok.normalizer = hf.normalizers.Sequence([hf.normalizers.Prepend('▁'),
+                                            hf.normalizers.Replace(' ', '▁')])
+  tok.decoder = hf.decoders.Sequence([
+      hf.decoders.Replace('▁', ' '), hf.decoders.ByteFallback(), hf.decoders.Fuse(),
+      hf.decoders.Strip(' ', 1, 0)])
+  tok.add_special_tokens([hf.AddedToken(t, special=True) for t in ('<unk>', '<s>', '</s>')])
+  tok.save(str(path))
+  return str(path)
+
+
+@pytest.mark.parametrize('style', ['gpt2', 'llama'])
+def test_hf_tokenizer_counts_the_bytes_of_its_tokens(tmp_path, style):
+  make = _gpt2_style_tokenizer if style == 'gpt2' else _llama_style_tokenizer
+  tokenizer = data.get_tokenizer(make(tmp_path / 'tokenizer.json'))
+  for text in ['the café the', 'the ∑', 'a\x00b ü']:
+    ids = tokenizer.encode(text)
+    # Llama's decoder drops the space its normalizer adds in front: counted, as a byte
+    # of the first word ('▁the'), like SentencePiece files.
+    expected = len(text.encode()) + (style == 'llama')
+    assert int(tokenizer.byte_lengths[ids].sum()) == expected, (text, ids)
+    assert tokenizer.decode(ids) == text
+
+
+def test_hf_tokenizer_reads_special_token_text_as_text(tmp_path):
+  tokenizer = data.get_tokenizer(_gpt2_style_tokenizer(tmp_path / 'tokenizer.json'))
+  text = 'x = "<|endoftext|>"'  # as in many code files
+  ids = tokenizer.encode(text)
+  assert tokenizer.eod_id not in ids and tokenizer.decode(ids) == text

@@ -6,6 +6,10 @@ Every tokenizer exposes the same small surface the pipeline and trainer need: `e
 report bits per byte = total_nats / ln 2 / total_bytes for any tokenizer.
 """
 
+import functools
+import json
+import re
+
 import numpy as np
 
 from jaxarch.config import ConfigError
@@ -81,6 +85,10 @@ def _gpt2_byte_chars() -> set[str]:
   return {chr(c) for c in printable + extra}
 
 
+_GPT2_BYTE_CHARS = _gpt2_byte_chars()
+_BYTE_FALLBACK = re.compile(r'<0x[0-9A-Fa-f]{2}>')
+
+
 class HFTokenizer:
   """A HF `tokenizer.json`; eos-like special token ends documents, pad falls back to it."""
 
@@ -101,18 +109,31 @@ class HFTokenizer:
                        f'tokens {self._EOS_NAMES}')
     pad_id = self._first_id(self._PAD_NAMES)
     self.pad_id = self.eod_id if pad_id is None else pad_id
+    # Text that spells a special token (e.g. "<|endoftext|>" in a code file) is text, not
+    # the end of a document.
+    self._tok.encode_special_tokens = True
     special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
-    byte_chars = _gpt2_byte_chars()
-    lengths = []
-    for i in range(self.vocab_size):
-      piece = self._tok.id_to_token(i)
-      if i in special or piece is None:
-        lengths.append(0)
-      elif set(piece) <= byte_chars:  # byte-level BPE: one character per byte
-        lengths.append(len(piece))
-      else:
-        lengths.append(len(self._tok.decode([i], skip_special_tokens=False).encode('utf-8')))
-    self.byte_lengths = np.asarray(lengths, np.int32)
+    self.byte_lengths = np.asarray([0 if i in special else self._piece_bytes(i)
+                                    for i in range(self.vocab_size)], np.int32)
+
+  @functools.cached_property
+  def _byte_level(self) -> bool:
+    """GPT-2-style byte-level BPE, whose pieces spell each byte as one character."""
+    tree = json.loads(self._tok.to_str())
+    return 'ByteLevel' in json.dumps([tree.get('pre_tokenizer'), tree.get('decoder')])
+
+  def _piece_bytes(self, i: int) -> int:
+    """The UTF-8 bytes token i stands for."""
+    piece = self._tok.id_to_token(i)
+    if piece is None:
+      return 0
+    if self._byte_level and set(piece) <= _GPT2_BYTE_CHARS:
+      return len(piece)
+    if _BYTE_FALLBACK.fullmatch(piece):  # SentencePiece-style byte fallback: <0xE2>
+      return 1
+    if '\u2581' in piece:  # SentencePiece-style word start: a space (stripped on decode)
+      return len(piece.replace('\u2581', ' ').encode('utf-8'))
+    return len(self._tok.decode([i], skip_special_tokens=False).encode('utf-8'))
 
   def _first_id(self, names):
     for name in names:
