@@ -5,6 +5,8 @@ import itertools
 import json
 import pathlib
 import platform
+import subprocess
+import sys
 import sysconfig
 import time
 import types
@@ -530,3 +532,19 @@ def test_hf_tokenizer_reads_special_token_text_as_text(tmp_path):
   text = 'x = "<|endoftext|>"'  # as in many code files
   ids = tokenizer.encode(text)
   assert tokenizer.eod_id not in ids and tokenizer.decode(ids) == text
+
+
+def test_processes_that_start_together_build_the_corpus_once(tmp_path):
+  # Each process of a run opens the data; on a fresh data dir they all find it unbuilt.
+  _write_corpus(tmp_path / 'corpus', num_docs=400, max_len=2000)
+  script = ('import sys, json; from jaxarch import data; import ml_collections; '
+            'cfg = ml_collections.ConfigDict(json.loads(sys.argv[1])); '
+            "print(len(data.open_source(cfg, 'train')))")
+  cfg = json.dumps(dict(source=f'files:{tmp_path}/corpus/*.txt', seq_len=16,
+                        data_dir=str(tmp_path / 'data'), tokenizer='bytes',
+                        validation_fraction=0.25, pack_align=1))
+  runs = [subprocess.Popen([sys.executable, '-c', script, cfg], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True) for _ in range(3)]
+  outputs = [run.communicate(timeout=300) for run in runs]
+  assert [run.returncode for run in runs] == [0, 0, 0], [err[-500:] for _, err in outputs]
+  assert len({out.split()[-1] for out, _ in outputs}) == 1  # the same documents

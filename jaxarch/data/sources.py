@@ -21,6 +21,7 @@ mtimes, and the validation fraction), so a change gets a fresh cache entry.
 
 import dataclasses
 import difflib
+import fcntl
 import glob as globlib
 import hashlib
 import logging
@@ -305,8 +306,23 @@ def open_source(data_cfg, split: str) -> TextSource:
     builder_cls, config = TextFiles, _files_config(source, source[len('files:'):], fraction)
   else:
     raise ConfigError(_SOURCE_ERROR.format(source))
-  builder = builder_cls(config=config, data_dir=str(data_dir), file_format='array_record')
-  builder.download_and_prepare()  # A no-op once the version directory exists.
+  builder = _prepared(builder_cls, config, data_dir)
   if split not in builder.info.splits:
     return TextSource([], 'text')
   return TextSource(builder.as_data_source(split=split), 'text')
+
+
+def _prepared(builder_cls, config, data_dir: pathlib.Path):
+  """The builder of `config`, its dataset written once: the processes of a run that start
+  together wait for the one that writes it (a lock file in the data dir), and one that
+  lost a race on storage without locks reads what the winner wrote."""
+  make = lambda: builder_cls(config=config, data_dir=str(data_dir), file_format='array_record')
+  data_dir.mkdir(parents=True, exist_ok=True)
+  with open(data_dir / f'.{config.name}.lock', 'a') as lock:  # 'a': leaves it as it is
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      make().download_and_prepare()  # a no-op once the version directory exists
+    except FileExistsError:  # TFDS's final rename found the version directory written
+      if not make().is_prepared():
+        raise
+  return make()
