@@ -110,13 +110,19 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   eval_step = _eval_step(cfg, setup)
 
   index, count = data_shard(setup.batch_sharding, cfg.train.batch_size)
-  data_iter = iter(data.make_train_dataset(
-      cfg.data, seed=cfg.train.seed, global_batch_size=cfg.train.batch_size,
-      process_index=index, process_count=count))
-  checkpointer = Checkpointer(workdir, keep=cfg.checkpoint.keep,
-                              async_save=cfg.checkpoint.async_save)
-  writer = MetricsWriter(workdir, tensorboard=cfg.log.tensorboard)
-  try:
+  # Closed however the run ends (an unclosed iterator's read threads abort the interpreter
+  # at exit); pending async saves complete even when the loop dies, so the last
+  # checkpoint stands.
+  with contextlib.ExitStack() as cleanup:
+    data_iter = iter(data.make_train_dataset(
+        cfg.data, seed=cfg.train.seed, global_batch_size=cfg.train.batch_size,
+        process_index=index, process_count=count))
+    cleanup.callback(data_iter.close)
+    writer = MetricsWriter(workdir, tensorboard=cfg.log.tensorboard)
+    cleanup.callback(writer.close)
+    checkpointer = Checkpointer(workdir, keep=cfg.checkpoint.keep,
+                                async_save=cfg.checkpoint.async_save)
+    cleanup.callback(checkpointer.close)
     changed = data_changes(workdir, cfg)
     state, restored_step = checkpointer.restore(
         setup.abstract_state, None if changed else data_iter, move_aside=True)
@@ -148,11 +154,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                     'the data iterators start afresh')
       return _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer,
                    bar, stop)
-  finally:
-    # Pending async saves complete even when the loop dies, so the last checkpoint stands.
-    checkpointer.close()
-    writer.close()
-    data_iter.close()
 
 
 # Per-step metrics that are read by the trainer itself, not logged.
