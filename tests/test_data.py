@@ -151,6 +151,10 @@ def test_files_glob_without_matches_names_the_glob(tmp_path):
   cfg = _data_config(tmp_path, f'files:{tmp_path}/nothing/*.txt')
   with pytest.raises(ValueError, match='no files match the glob .*nothing'):
     data.open_source(cfg, 'train')
+  (tmp_path / 'docs').mkdir()
+  cfg = _data_config(tmp_path, f'files:{tmp_path}/docs')  # a directory, not a glob
+  with pytest.raises(ValueError, match=r"use 'files:.*/docs/\*\*/\*'"):
+    data.open_source(cfg, 'train')
 
 
 def test_data_dir_is_config_then_env_then_user_cache(tmp_path, monkeypatch):

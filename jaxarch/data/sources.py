@@ -137,8 +137,11 @@ def _files_config(source: str, pattern: str, validation_fraction: float) -> File
                  for p in globlib.glob(os.path.expanduser(pattern), recursive=True))
   paths = [p for p in paths if p.is_file()]
   if not paths:
+    hint = ''
+    if os.path.isdir(os.path.expanduser(pattern)):
+      hint = f"; for the files under that directory use 'files:{pattern.rstrip('/')}/**/*'"
     raise ConfigError(f'config error: data.source={source!r}: no files match the glob '
-                     f'{pattern!r}')
+                     f'{pattern!r}{hint}')
   if not any(p.stat().st_size for p in paths):
     raise ConfigError(f'config error: data.source={source!r}: the {len(paths)} files '
                       f'matching {pattern!r} are all empty; there is nothing to train on')
