@@ -300,17 +300,40 @@ def _tpu_vm(launch, command, out, values) -> Job:
 
 
 def _ray(launch, command, out, values) -> Job:
+  command, configs = _ray_command(command, out)
+  # The command travels as JSON: Ray's CLI would join its words for a shell on the head
+  # node without quoting them (an override like block_pattern=('dense','moe') breaks).
   entrypoint = ['python', 'entrypoint.py', f'--nodes={launch.nodes}',
                 f'--gpus_per_node={launch.devices_per_node}',
-                f'--port={launch.coordinator_port}', '--env_file=gpu.env', '--', *command]
+                f'--port={launch.coordinator_port}', '--env_file=gpu.env',
+                '--command_file=command.json']
   submit = shlex.join(['ray', 'job', 'submit', f'--working-dir={out}', '--', *entrypoint])
   in_script = 'ray job submit --working-dir="$(dirname "$0")" -- ' + shlex.join(entrypoint)
   files = {
       out / 'submit.sh': _template('ray/submit.sh', **values, submit=in_script),
       out / 'entrypoint.py': (TEMPLATES / 'ray' / 'entrypoint.py').read_text(),
+      out / 'command.json': json.dumps(command) + '\n',
       out / 'gpu.env': _env_file(gpu_env()),
+      **configs,
   }
   return Job(files, submit, (f'bash {shlex.quote(str(out / "submit.sh"))}',))
+
+
+def _ray_command(command: list[str], out: Path) -> tuple[list[str], dict[Path, str]]:
+  """Ray runs the job in a copy of its folder on each node, so the config file travels in
+  it, with its neighbours (a config may load them: bita.py reads dense.py), and the
+  workdir must be a path that every node shares -> (the command, the config files)."""
+  workdir = command[3].removeprefix('--workdir=')
+  if not (workdir.startswith('/') or '://' in workdir):
+    raise ConfigError(f'--workdir={workdir!r}: a Ray job runs in a temporary copy of its '
+                      'folder on each node; give an absolute path (or a gs:// URL) on '
+                      'storage that every node shares')
+  given = command[2].removeprefix('--config=')
+  path, arg = config_lib._split_spec(given)  # pylint: disable=protected-access
+  source = config_lib._resolve_path(path)  # pylint: disable=protected-access
+  files = {out / 'configs' / p.name: p.read_text() for p in source.parent.glob('*.py')}
+  spec = f'configs/{source.name}' + (f':{arg}' if arg else '')
+  return [*command[:2], f'--config={spec}', *command[3:]], files
 
 
 _RENDER = {'slurm': _slurm, 'gke': _gke, 'tpu-vm': _tpu_vm, 'ray': _ray}

@@ -141,12 +141,23 @@ def test_ray_entrypoint_compiles_and_the_submit_command_starts_it(tmp_path, caps
   py_compile.compile(str(tmp_path / 'entrypoint.py'), doraise=True)
   assert shlex.split(out) == [
       'ray', 'job', 'submit', f'--working-dir={tmp_path}', '--', 'python', 'entrypoint.py',
-      '--nodes=2', '--gpus_per_node=8', '--port=1234', '--env_file=gpu.env', '--',
+      '--nodes=2', '--gpus_per_node=8', '--port=1234', '--env_file=gpu.env',
+      '--command_file=command.json']
+  # The command goes as JSON (no shell re-splits it), its config in the job's folder.
+  assert json.loads((tmp_path / 'command.json').read_text()) == [
       'jaxarch', 'train', f'--config={SPEC}', '--workdir=gs://bucket/runs/151m',
       '--config.mesh.ici.fsdp=8', '--config.mesh.dcn.data=2']
+  assert (tmp_path / 'configs' / 'dense.py').read_text() == open('configs/dense.py').read()
   _bash_syntax_ok(tmp_path / 'submit.sh')
   lines = (tmp_path / 'gpu.env').read_text().splitlines()
   assert dict(l.split('=', 1) for l in lines if not l.startswith('#')) == launch.gpu_env()
+
+
+def test_ray_job_refuses_a_workdir_its_nodes_do_not_share(tmp_path, capsys):
+  code = cli.main(['launch', f'--config={SPEC}', '--target=ray', '--workdir=runs/151m',
+                   f'--out={tmp_path}'])
+  assert code == 2
+  assert "--workdir='runs/151m': a Ray job runs in a temporary copy" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('flags, words', [

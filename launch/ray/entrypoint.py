@@ -1,17 +1,21 @@
 """Ray job entrypoint: one `jaxarch train` process per node, joined by jax.distributed.
 
   ray job submit --working-dir=DIR -- python entrypoint.py --nodes=4 --gpus_per_node=8 \
-      [--port=1234] [--env_file=gpu.env] -- jaxarch train --config=... --workdir=...
+      [--port=1234] [--env_file=gpu.env] --command_file=command.json
+  (or, instead of --command_file: -- jaxarch train --config=... --workdir=...)
 
 Ray reserves one bundle of a node's GPUs on each of `--nodes` nodes (a STRICT_SPREAD
 placement group), asks the first bundle's node for its address, and runs the command in
 every bundle with JAX_COORDINATOR_ADDRESS (that address and `--port`), JAX_NUM_PROCESSES
 and JAX_PROCESS_ID set, plus the NAME=value settings of `--env_file`. The job fails if any
-process fails. Copied next to the job by `jaxarch launch --target=ray` (launch/ray/); it
-needs only Ray, so it runs on a head node without jaxarch.
+process fails. `--command_file` holds the command as a JSON list, which no shell re-splits
+on the way (Ray's CLI joins the words after `--` for a shell without quoting them).
+Copied next to the job by `jaxarch launch --target=ray` (launch/ray/); it needs only Ray,
+so it runs on a head node without jaxarch.
 """
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -50,9 +54,13 @@ def main(argv=None) -> int:
   parser.add_argument('--gpus_per_node', type=int, required=True)
   parser.add_argument('--port', type=int, default=1234, help='jax.distributed coordinator')
   parser.add_argument('--env_file', help='NAME=value settings for every process')
+  parser.add_argument('--command_file', help='the command, a JSON list of words')
   parser.add_argument('command', nargs=argparse.REMAINDER, help='-- jaxarch train ...')
   args = parser.parse_args(argv)
   command = args.command[1:] if args.command[:1] == ['--'] else args.command
+  if args.command_file:
+    with open(args.command_file) as f:
+      command = json.load(f)
   if not command:
     parser.error('give the command after --, e.g. -- jaxarch train --config=...')
   env = read_env(args.env_file) if args.env_file else {}
