@@ -268,24 +268,44 @@ def _gke(launch, command, out, values) -> Job:
   if launch.cluster:  # xpk needs to know the cluster; kubectl uses the current context
     xpk = out / 'xpk.sh'
     flags = [f'--cluster={launch.cluster}', f'--workload={launch.name}',
-             f'--docker-image={launch.image}', *_gcloud_flags(launch)]
+             f'--docker-image={launch.image}', f'--max-restarts={launch.max_restarts}',
+             *_gcloud_flags(launch)]
+    env_flag = []
     shell = shlex.join(command)
     if tpu:
       flags += [f'--tpu-type={launch.tpu_type}', f'--num-slices={launch.slices}']
     else:
       # xpk sets JAX_COORDINATOR_ADDRESS (a host), JAX_COORDINATOR_PORT, NNODES and
       # NODE_RANK; jaxarch reads HOST:PORT, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
-      env_file = out / 'gpu.env'
-      files[env_file] = _env_file(gpu_env())
-      flags += [f'--device-type={launch.accelerator.removeprefix("nvidia-")}-'
-                f'{launch.devices_per_node}', f'--num-nodes={launch.nodes}',
-                f'--env-file={env_file}']
+      files[out / 'gpu.env'] = _env_file(gpu_env())
+      env_flag = ['--env-file="$(dirname "$0")/gpu.env"']  # wherever the script is run from
+      flags += [f'--device-type={_xpk_device_type(launch)}', f'--num-nodes={launch.nodes}']
       shell = ('JAX_COORDINATOR_ADDRESS=$JAX_COORDINATOR_ADDRESS:$JAX_COORDINATOR_PORT '
                'JAX_NUM_PROCESSES=$NNODES JAX_PROCESS_ID=$NODE_RANK ' + shell)
-    flags = [shlex.quote(f) for f in flags] + [f'--command={shlex.quote(shell)}']
+    flags = [shlex.quote(f) for f in flags] + env_flag + [f'--command={shlex.quote(shell)}']
     files[xpk] = _template('gke/xpk.sh', **values, flags=' \\\n  '.join(flags))
     job.alternatives = (f'bash {shlex.quote(str(xpk))}',)
   return job
+
+
+# xpk's GPU device types: (GKE accelerator, GPUs per node) -> its --device-type.
+XPK_GPU_DEVICE_TYPES = {
+    **{('nvidia-l4', n): f'l4-{n}' for n in (1, 2, 4, 8)},
+    **{('nvidia-tesla-a100', n): f'a100-40gb-{n}' for n in (1, 2, 4, 8)},
+    ('nvidia-h100-80gb', 8): 'h100-80gb-8', ('nvidia-h100-mega-80gb', 8): 'h100-mega-80gb-8',
+    ('nvidia-h200-141gb', 8): 'h200-141gb-8', ('nvidia-b200', 8): 'b200-8',
+    ('nvidia-gb200', 4): 'gb200-4',
+}
+
+
+def _xpk_device_type(launch) -> str:
+  device = XPK_GPU_DEVICE_TYPES.get((launch.accelerator, launch.devices_per_node))
+  if device is None:
+    known = ', '.join(f'{a} x {n}' for a, n in XPK_GPU_DEVICE_TYPES)
+    raise ConfigError(f'launch.accelerator={launch.accelerator!r} with launch.devices_per_node='
+                      f'{launch.devices_per_node} is not an xpk GPU device type (xpk knows '
+                      f'{known}); leave launch.cluster unset to write the JobSet only')
+  return device
 
 
 def _tpu_vm(launch, command, out, values) -> Job:

@@ -91,8 +91,15 @@ def test_gke_gpu_jobset_has_one_pod_per_node_and_their_gpus(tmp_path, capsys):
   flags = _flags(xpk.read_text())
   assert flags['device-type'] == 'h100-80gb-8' and flags['num-nodes'] == '4'
   assert flags['cluster'] == 'train' and flags['zone'] == 'us-east5-a'
+  assert flags['max-restarts'] == '3'  # as the JobSet's maxRestarts
+  assert flags['env-file'] == '$(dirname $0)/gpu.env'  # next to the script, from anywhere
   assert 'JAX_PROCESS_ID=$NODE_RANK jaxarch train' in flags['command']
   assert f'bash {xpk}' in err
+  # xpk names its GPU device types; a node shape it does not know is refused.
+  code, _, err = _launch(capsys, 'gke', tmp_path, '--config.launch.nodes=8',
+                         '--config.launch.devices_per_node=4', '--config.mesh.ici.fsdp=4',
+                         '--config.mesh.dcn.data=8', '--config.launch.cluster=train')
+  assert code == 2 and "'nvidia-h100-80gb' with launch.devices_per_node=4 is not an xpk" in err
 
 
 def test_gke_tpu_jobset_and_xpk_command_have_the_slices_and_chips(tmp_path, capsys):

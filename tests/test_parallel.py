@@ -1,5 +1,7 @@
 """Meshes from config, logical-axis rules, and weights that really are sharded."""
 
+import types
+
 import jax
 import numpy as np
 import pytest
@@ -89,6 +91,17 @@ def test_dcn_axes_multiply_the_ici_axes():
   # Each "slice" (a data index) holds one consecutive block of 4 devices.
   ids = np.vectorize(lambda d: d.id)(mesh.devices)
   assert sorted(ids[0].ravel()) == [0, 1, 2, 3] and sorted(ids[1].ravel()) == [4, 5, 6, 7]
+
+
+def test_dcn_axes_that_do_not_match_the_jobs_processes_are_a_config_error():
+  # One process with 8 GPUs (stand-ins: only what make_mesh reads before the mesh).
+  gpus = [types.SimpleNamespace(platform='gpu', process_index=0, id=i) for i in range(8)]
+  cfg = mesh_config(tiny_config(), fsdp=4)
+  with cfg.unlocked():
+    cfg.mesh.ici.data, cfg.mesh.dcn.data = 1, 2
+  with pytest.raises(config_lib.ConfigError,
+                     match='mesh.dcn data=2 spans 2 processes but the job has 1'):
+    make_mesh(cfg, gpus)
 
 
 def test_a_large_weight_that_loses_a_mesh_axis_is_reported(caplog):

@@ -25,8 +25,17 @@ def make_mesh(cfg: ml_collections.ConfigDict, devices=None) -> Mesh:
   ici = [t // d for t, d in zip(shape, dcn)]
   if np.prod(dcn) > 1 and devices[0].platform != 'cpu':
     # Slices (TPU) or processes (GPU nodes) are the granules that dcn axes span.
-    grid = mesh_utils.create_hybrid_device_mesh(
-        ici, dcn, devices, process_is_granule=not hasattr(devices[0], 'slice_index'))
+    slices = devices[0].platform == 'tpu' and hasattr(devices[0], 'slice_index')
+    granules = len({d.slice_index if slices else d.process_index for d in devices})
+    if granules != np.prod(dcn):
+      spanned = ' '.join(f'{a}={d}' for a, d in zip(AXES, dcn) if d > 1)
+      kind = 'slices' if slices else 'processes'
+      raise config_lib.ConfigError(
+          f'config error: mesh.dcn {spanned} spans {np.prod(dcn)} {kind} but the job has '
+          f'{granules}; set mesh.dcn to the {kind} of the job (and mesh.ici to the devices '
+          'of each)')
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                                process_is_granule=not slices)
   elif np.prod(dcn) > 1:
     # CPU stand-in for multi-slice: consecutive device blocks play the slices.
     n = len(AXES)
