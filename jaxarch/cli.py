@@ -126,7 +126,8 @@ def _generate(args, overrides):
           'quality past the trained length is not guaranteed', file=sys.stderr)
   sampled = (args.temperature, args.top_k, args.top_p) != (None, None, None)
   method = args.method or ('sample' if sampled else 'greedy')
-  generator = infer.Generator(model, mesh=make_mesh(cfg), rules=cfg.mesh.rules)
+  generator = infer.Generator(model, mesh=make_mesh(cfg), rules=cfg.mesh.rules,
+                              vocab_limit=tokenizer.vocab_size)
   outputs, stats = generator(
       prompts, max_new_tokens=args.max_new_tokens, method=method,
       temperature=1.0 if args.temperature is None else args.temperature,

@@ -112,6 +112,36 @@ def test_generation_stops_at_a_stop_id(dense_generator):
   assert stats['forward_passes'] == len(stopped)  # the loop ends when every row stopped
 
 
+def test_temperature_zero_samples_the_most_likely_token(dense_generator):
+  prompts = [[257, 40, 41], [257, 50]]
+  greedy, _ = dense_generator(prompts, max_new_tokens=6)
+  assert dense_generator(prompts, max_new_tokens=6, method='sample', temperature=0,
+                         top_p=0.9)[0] == greedy
+
+
+def test_rows_that_fill_the_batch_out_to_the_mesh_stop_at_once():
+  # One prompt on a data=8 mesh: 7 stand-in rows fill the batch; the loop ends with the
+  # prompt's stop, and the statistics count the prompt alone.
+  cfg = mesh_config(config_lib.load('configs/dense.py:tiny', ['model.dtype=float32']), data=8)
+  mesh, model = sharded_copy(models.build(cfg.model, rngs=nnx.Rngs(0)), cfg)
+  generator = infer.Generator(model, mesh=mesh, rules=cfg.mesh.rules)
+  prompt = [[257, 30, 31, 32]]
+  (free,), _ = generator(prompt, max_new_tokens=12)
+  (stopped,), stats = generator(prompt, max_new_tokens=12, stop_ids=[free[2]])
+  assert stopped == free[:free.index(free[2]) + 1]
+  assert stats['forward_passes'] == len(stopped) and stats['tokens_per_pass'] == 1.0
+
+
+def test_ids_beyond_the_tokenizers_vocabulary_are_never_generated():
+  # The byte tokenizer has 258 ids; the model's vocabulary is padded to 384.
+  model = models.build(config_lib.load('configs/dense.py:tiny').model, rngs=nnx.Rngs(1))
+  prompts = [[257, i] for i in range(40, 48)]
+  free, _ = infer.Generator(model)(prompts, max_new_tokens=16)
+  assert max(map(max, free)) >= 258  # an untrained model picks padding ids too
+  limited, _ = infer.Generator(model, vocab_limit=258)(prompts, max_new_tokens=16)
+  assert max(map(max, limited)) < 258
+
+
 def test_sampling_keeps_only_the_top_k_and_nucleus_tokens():
   probs = np.array([0.5, 0.3, 0.15, 0.05])
   logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs)), (4000, 4))
@@ -123,6 +153,12 @@ def test_sampling_keeps_only_the_top_k_and_nucleus_tokens():
   assert set(draw(top_p=0.7)) == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3
   assert set(draw(top_p=0.5)) == {0}
   assert set(draw(temperature=0.05)) == {0}
+  # Ties at the edge: of four equally likely tokens, top_p=0.3 keeps two, top_k=3 three.
+  tied = jnp.zeros((4000, 4))
+  draw = lambda **kw: set(np.asarray(infer.next_tokens(
+      tied, jax.random.PRNGKey(0), infer.Sampling('sample', **kw))).tolist())
+  assert len(draw(top_p=0.3)) == 2 and len(draw(top_k=3)) == 3
+  assert len(draw(top_k=3, top_p=0.3)) == 1  # top-p of the three (1/3 each)
   greedy = infer.next_tokens(logits[:2], None, infer.Sampling())
   np.testing.assert_array_equal(greedy, [0, 0])
 
@@ -131,7 +167,8 @@ def test_sampling_keeps_only_the_top_k_and_nucleus_tokens():
     (dict(prompts=[[257], []]), 'prompt 1 is empty'),
     (dict(prompts=[[257, 999]]), 'token ids [999] outside the vocabulary [0, 384)'),
     (dict(method='beam'), "method='beam'"),
-    (dict(method='sample', temperature=0.0), 'temperature=0.0 must be > 0'),
+    (dict(method='sample', temperature=-1.0), 'temperature=-1.0 must be > 0'),
+    (dict(top_p=0.9), "top_p choose among tokens for method='sample'"),  # greedy
     (dict(method='sample', top_p=1.5), 'top_p=1.5'),
     (dict(max_new_tokens=0), 'max_new_tokens=0'),
 ])

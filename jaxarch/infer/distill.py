@@ -51,7 +51,8 @@ def distill(workdir: str | Path, out: str | Path, *, num_prompts: int = 2048,
   start = time.perf_counter()
   cfg, model = load_model(workdir)
   tokenizer = data.get_tokenizer(cfg.data.tokenizer)
-  generator = Generator(model, mesh=make_mesh(cfg), rules=cfg.mesh.rules)
+  generator = Generator(model, mesh=make_mesh(cfg), rules=cfg.mesh.rules,
+                        vocab_limit=tokenizer.vocab_size)
   splits, new_tokens = {}, 0
   for i, (split, count) in enumerate((('train', num_prompts),
                                       ('validation', validation_prompts))):

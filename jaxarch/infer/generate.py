@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxarch.infer.decoding import add_caches, decode_step, for_inference, prefill
-from jaxarch.infer.sampling import GenerateError, Sampling, next_tokens
+from jaxarch.infer.sampling import GenerateError, Sampling, next_tokens, within_vocab
 from jaxarch.infer.tree import DraftTree
 from jaxarch.parallel import context
 
@@ -49,16 +49,19 @@ class Generator:
   `mesh` and `rules` (`cfg.mesh.rules`) place the caches and run expert-parallel and
   sharded-memory layers as in training; without them XLA places everything by the
   weights' shardings. `moe_capacity_factor`: see `decoding.for_inference`.
+  `vocab_limit`: the tokenizer's vocabulary size; the ids of the model's vocabulary
+  padding beyond it are never generated (None: any id of the model's vocabulary).
   """
 
   def __init__(self, model: nnx.Module, *, mesh: Mesh | None = None, rules=None,
-               moe_capacity_factor: float | None = None):
+               moe_capacity_factor: float | None = None, vocab_limit: int | None = None):
     if (mesh is None) != (rules is None):
       raise GenerateError('generate: pass both mesh and rules (cfg.mesh.rules), or neither')
     model = for_inference(model, moe_capacity_factor=moe_capacity_factor)
     self.graphdef, self.state = nnx.split(model)
     self.mesh, self.rules = mesh, None if rules is None else tuple(map(tuple, rules))
     self.vocab_size = _vocab_size(model)
+    self.vocab_limit = vocab_limit
     self.patch_size = getattr(model, 'patch_size', 1)  # MEGABYTE prefills whole patches
     self.num_mask_tokens = getattr(model, 'num_mask_tokens', None)  # BiTA
     self.default_tree = getattr(model, 'draft_tree', None)
@@ -72,6 +75,8 @@ class Generator:
 
     `draft_tree`: candidates per level for method='bita' (default: the model's).
     """
+    if method == 'sample' and temperature == 0:  # as in vLLM and HF: the most likely
+      method, top_k, top_p = 'greedy', 0, 1.0
     sampling = Sampling(method, float(temperature), int(top_k), float(top_p))
     prompts = [list(map(int, p)) for p in prompts]
     self._check(prompts, max_new_tokens, stop_ids)
@@ -79,6 +84,7 @@ class Generator:
     n = len(prompts)
     batch = _round_up(n, self._batch_shards())
     lengths = np.array([len(p) for p in prompts] + [1] * (batch - n), np.int32)
+    live = np.arange(batch) < n  # the rest fill the batch out to the mesh: done at once
     prompt_len = _round_up(max(_MIN_BUCKET, 1 << (int(lengths.max()) - 1).bit_length()),
                            self.patch_size)
     tokens = np.zeros((batch, prompt_len), np.int32)
@@ -90,22 +96,25 @@ class Generator:
 
     start = time.perf_counter()
     key = jax.random.PRNGKey(seed)
-    run_prefill, run_decode = self._compile(shape, tokens, lengths, key)
+    run_prefill, run_decode = self._compile(shape, tokens, lengths, live, key)
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
     first, caches = run_prefill(self.state, tokens, lengths, key)
     first.block_until_ready()
     prefill_s = time.perf_counter() - start
     start = time.perf_counter()
-    out, steps, accepted, _ = run_decode(self.state, caches, first, lengths, key)
+    out, steps, accepted, _ = run_decode(self.state, caches, first, lengths, live, key)
     out, steps = np.asarray(out), int(steps)
     decode_s = time.perf_counter() - start
 
     results = [_until_stop(row, shape.stop_ids) for row in out[:n, :max_new_tokens]]
     new_tokens = sum(map(len, results))
+    # Passes each sequence took until it stopped: one per token, or with BiTA the prefill
+    # and its tree passes.
+    passes = new_tokens if tree is None else n + int(accepted[1])
     stats = {
         'batch': n, 'prompt_tokens': int(lengths[:n].sum()), 'new_tokens': new_tokens,
-        'forward_passes': steps, 'tokens_per_pass': new_tokens / max(steps * n, 1),
+        'forward_passes': steps, 'tokens_per_pass': new_tokens / max(passes, 1),
         'compile_s': compile_s, 'prefill_s': prefill_s, 'decode_s': decode_s,
         'tokens_per_s': new_tokens / max(prefill_s + decode_s, 1e-9),
         'decode_step_s': decode_s / max(steps - 1, 1),
@@ -153,7 +162,7 @@ class Generator:
       return contextlib.nullcontext()
     return context.logical_mesh(self.mesh, self.rules)
 
-  def _compile(self, shape: _Shape, tokens, lengths, key):
+  def _compile(self, shape: _Shape, tokens, lengths, live, key):
     if shape not in self._compiled:
       prefill_fn = jax.jit(lambda *a: self._prefill(shape, *a))
       decode = self._decode if shape.tree is None else self._decode_tree
@@ -163,7 +172,7 @@ class Generator:
           lambda s, c: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=c),
           jax.eval_shape(prefill_fn, self.state, tokens, lengths, key),
           run_prefill.output_shardings)
-      run_decode = decode_fn.lower(self.state, caches, first, lengths, key).compile()
+      run_decode = decode_fn.lower(self.state, caches, first, lengths, live, key).compile()
       self._compiled[shape] = run_prefill, run_decode
     return self._compiled[shape]
 
@@ -176,11 +185,11 @@ class Generator:
     """-> (first new token [b], caches)."""
     with self._context():
       model = self._with_caches(shape, state)
-      logits = prefill(model, tokens, lengths)
+      logits = within_vocab(prefill(model, tokens, lengths), self.vocab_limit)
     first = next_tokens(logits, jax.random.fold_in(key, 0), shape.sampling)
     return first, nnx.state(model, nnx.Cache)
 
-  def _decode(self, shape: _Shape, state, caches, first, lengths, key):
+  def _decode(self, shape: _Shape, state, caches, first, lengths, live, key):
     """-> (new tokens [b, max_new_tokens], forward passes including the prefill, caches).
 
     The caches are returned only so that their donated buffers are updated in place.
@@ -189,7 +198,7 @@ class Generator:
       graphdef, _, rest = nnx.split(self._with_caches(shape, state), nnx.Cache, ...)
     stops = jnp.asarray(shape.stop_ids or (-1,), jnp.int32)
     out = jnp.zeros((shape.batch, shape.max_new_tokens), jnp.int32).at[:, 0].set(first)
-    done = jnp.isin(first, stops)
+    done = jnp.isin(first, stops) | ~live
 
     def unfinished(carry):
       i, _, done, _ = carry
@@ -200,7 +209,8 @@ class Generator:
       with self._context():
         # Fresh Variables of this trace level: layers may write their (discarded) state.
         model = nnx.merge(graphdef, caches, jax.tree.map(lambda x: x, rest))
-        logits = decode_step(model, out[:, i - 1], lengths + i - 1)
+        logits = within_vocab(decode_step(model, out[:, i - 1], lengths + i - 1),
+                              self.vocab_limit)
       token = next_tokens(logits, jax.random.fold_in(key, i), shape.sampling)
       out = out.at[:, i].set(jnp.where(done, 0, token))
       return i + 1, out, done | jnp.isin(token, stops), nnx.state(model, nnx.Cache)
@@ -209,7 +219,7 @@ class Generator:
                                                (jnp.int32(1), out, done, caches))
     return out, steps, jnp.zeros(2, jnp.int32), caches
 
-  def _decode_tree(self, shape: _Shape, state, caches, first, lengths, key):
+  def _decode_tree(self, shape: _Shape, state, caches, first, lengths, live, key):
     """BiTA: -> (new tokens [b, max_new_tokens + levels + 1], forward passes including the
     prefill, [tokens produced by tree passes, sequence-passes], caches)."""
     del key  # greedy
@@ -222,7 +232,7 @@ class Generator:
     out = jnp.zeros((b, shape.max_new_tokens + tree.levels + 1), jnp.int32).at[:, 0].set(first)
     drafts = jnp.zeros((b, self.num_mask_tokens, width), jnp.int32)  # none before pass 1
     count = jnp.ones(b, jnp.int32)
-    done = jnp.isin(first, stops) | (count >= shape.max_new_tokens)
+    done = jnp.isin(first, stops) | (count >= shape.max_new_tokens) | ~live
 
     def unfinished(carry):
       return ~jnp.all(carry[3])
@@ -233,9 +243,10 @@ class Generator:
         model = nnx.merge(graphdef, caches, jax.tree.map(lambda x: x, rest))
         nodes = tree.tokens(root, drafts)
         positions = cached[:, None] + jnp.asarray(tree.depth)
-        node_logits, mask_logits = model.with_masks(
-            nodes, positions, jnp.asarray(tree.visible), jnp.asarray(tree.parent),
-            jnp.arange(tree.size), cached)
+        node_logits, mask_logits = (
+            within_vocab(x, self.vocab_limit) for x in model.with_masks(
+                nodes, positions, jnp.asarray(tree.visible), jnp.asarray(tree.parent),
+                jnp.arange(tree.size), cached))
         greedy = jnp.argmax(node_logits, axis=-1).astype(jnp.int32)
         last, path = tree.accept(nodes, greedy, drafted=jnp.full(b, i > 1))
         model.keep_path(path, cached)
