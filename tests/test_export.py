@@ -84,8 +84,17 @@ def test_stablehlo_generates_the_tokens_of_jaxarch_generate(tmp_path, family):
   prompts = [[257, 100, 101, 102], [257, 50]]
   export_stablehlo(model, cfg, tmp_path / 'out', batch_size=2, prompt_len=8, max_len=20)
   want, _ = infer.generate(model, prompts, max_new_tokens=12, stop_ids=(257,))
-  got = StableHLOModel(tmp_path / 'out').generate(prompts, max_new_tokens=12)
+  exported = StableHLOModel(tmp_path / 'out')
+  got = exported.generate(prompts, max_new_tokens=12)
   assert got == want and len(got[0]) >= 1
+  # As many new tokens as the caches hold: the last is never written to them.
+  most = 20 + 1 - len(prompts[0])
+  want, _ = infer.generate(model, prompts, max_new_tokens=most, stop_ids=())
+  assert exported.generate(prompts, max_new_tokens=most, stop_ids=()) == want
+  with pytest.raises(ValueError, match='do not fit the export'):
+    exported.generate(prompts, max_new_tokens=most + 1)
+  with pytest.raises(ValueError, match='one or more token ids'):
+    exported.generate([[257], []], max_new_tokens=4)
 
 
 def test_stablehlo_loader_runs_without_jaxarch(tmp_path):

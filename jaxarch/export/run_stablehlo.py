@@ -33,7 +33,11 @@ class StableHLOModel:
     """New tokens of each prompt (a list of ids), ending with a stop id if one came
     (default stop: the eod id), greedy."""
     batch, prompt_len = self.spec['batch_size'], self.spec['prompt_len']
-    room = self.spec['max_len'] - max(map(len, prompts))
+    if not prompts or not all(prompts):
+      raise ValueError('give one or more prompts, each of one or more token ids (start '
+                       f'with the eod id, {self.spec["eod_id"]})')
+    # The last new token is never written to the caches: up to max_len + 1 - n of them.
+    room = self.spec['max_len'] + 1 - max(map(len, prompts))
     if len(prompts) > batch or max(map(len, prompts)) > prompt_len or max_new_tokens > room:
       raise ValueError(f'{len(prompts)} prompts of up to {max(map(len, prompts))} tokens and '
                        f'{max_new_tokens} new tokens do not fit the export: batch {batch}, '

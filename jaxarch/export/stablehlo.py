@@ -8,7 +8,8 @@
 
 `weights` and `caches` are dicts of arrays keyed by name. Prompts are right-padded to p
 tokens (a multiple of MEGABYTE's patch size), caches hold `max_len` positions, so a
-prompt of n tokens can be continued by up to `max_len - p` tokens. The functions are
+prompt of n tokens can be continued by up to `max_len + 1 - n` tokens (the last new
+token is not written to them). The functions are
 serialized for the platforms asked for (default: the one exporting), with the batch
 size fixed: `jax.export` bakes the shapes in.
 """
