@@ -150,10 +150,17 @@ def test_sweep_moves_aside_a_run_trained_under_an_edited_config(tmp_path, data_d
   old_dir = workdir / 'runs' / 'd32'
   config_lib.save(old, old_dir / 'config.json')
   (old_dir / 'metrics.jsonl').write_text(json.dumps(dict(step=6, loss=9.0)) + '\n')
+  # d48's was saved by a jaxarch that had no train.grad_accum_steps yet: the same config.
+  (d48,) = [r for r in runner.load_sweep(spec) if r.name == 'd48']
+  saved = json.loads(json.dumps(config_lib.to_dict(d48.config())))
+  del saved['train']['grad_accum_steps']
+  (workdir / 'runs' / 'd48').mkdir()
+  (workdir / 'runs' / 'd48' / 'config.json').write_text(json.dumps(saved))
   messages = []
   with pytest.raises(runner.SweepError):  # d48 and d64 fail and stop, as above
     runner.run_sweep(spec, workdir, echo=messages.append)
   assert any('d32: its config changed' in m and 'train.lr 0.3 -> ' in m for m in messages)
+  assert not any('d48: its config changed' in m for m in messages)
   (moved,) = workdir.glob('runs/d32.replaced-*')
   assert json.loads((moved / 'metrics.jsonl').read_text())['loss'] == 9.0
   assert runner.read_results(workdir)[0]['final_loss'] == 2.0  # trained afresh

@@ -176,8 +176,12 @@ def config_changes(run: plan.Run, run_dir: Path) -> str | None:
   saved = run_dir / 'config.json'
   if not saved.exists():
     return None
-  old = _flat(json.loads(saved.read_text()))
-  new = _flat(json.loads(json.dumps(config_lib.to_dict(run.config()))))
+  as_json = lambda cfg: _flat(json.loads(json.dumps(config_lib.to_dict(cfg))))
+  try:  # read as jaxarch reads it: keys added since then take their defaults
+    old = as_json(config_lib.load_json(saved))
+  except config_lib.ConfigError:  # no longer a valid config: compared as it is
+    old = _flat(json.loads(saved.read_text()))
+  new = as_json(run.config())
   changed = [f'{k} {old.get(k)} -> {new.get(k)}' for k in sorted(old.keys() | new.keys())
              if old.get(k) != new.get(k)
              and k.split('.')[0] not in config_lib.UNHASHED_SECTIONS]
