@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from compare_families import counts, matched_dense
-from report import emit, ints, on_accelerator, scaled_parser
+from report import emit, ints, on_accelerator, save, scaled_parser
 
 from jaxarch import config as config_lib
 from jaxarch import infer, models
@@ -110,7 +110,12 @@ def main(argv=None):
       built[name] = dict(model=model, params_total=c['total'], params_active=c['active'],
                          generator=infer.Generator(model, moe_capacity_factor=capacity))
 
+  device = jax.devices()[0]
   records, rows = [], []
+  data = dict(device=str(device), device_kind=device.device_kind, jax_version=jax.__version__,
+              preset=args.preset, dtype=dtype, new_tokens=args.new_tokens,
+              params={n: (b['params_total'], b['params_active']) for n, b in built.items()},
+              records=records)
   for prompt in args.prompts:
     for batch in args.batches:
       context = prompt + args.new_tokens / 2
@@ -132,6 +137,7 @@ def main(argv=None):
         record.update(moe_best_path=best_moe, moe_over_ultramem=moe_ratio,
                       dense_over_ultramem=dense_ratio)
       records.extend(case.values())
+      save(data, args.out)  # a run cut off by a time limit keeps the cases it finished
       ms = lambda n: f'{case[n]["decode_step_ms"]:.2f}'
       mb = lambda n: f'{case[n]["param_bytes_per_step"] / 2**20:,.1f}'
       rows.append([str(prompt), str(batch), ms('dense'), ms('moe_dropless'),
@@ -140,11 +146,6 @@ def main(argv=None):
                    f'{dense_ratio:.2f}', mb('dense'), mb('moe_dropless'), mb('ultramem'),
                    f'{case["ultramem"]["kv_bytes_per_step"] / 2**20:,.1f}'])
 
-  device = jax.devices()[0]
-  data = dict(device=str(device), device_kind=device.device_kind, jax_version=jax.__version__,
-              preset=args.preset, dtype=dtype, new_tokens=args.new_tokens,
-              params={n: (b['params_total'], b['params_active']) for n, b in built.items()},
-              records=records)
   sizes = ', '.join(f'{n} {t / 1e6:.1f}M/{a / 1e6:.2f}M' for n, (t, a) in data['params'].items()
                     if n != 'moe_capacity')
   emit(f'Decode on {device.device_kind}, {args.preset} presets in {dtype} (total/active: '

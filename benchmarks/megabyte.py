@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from compare_families import counts
-from report import emit, ints, on_accelerator, scaled_parser
+from report import emit, ints, on_accelerator, save, scaled_parser
 
 from jaxarch import config as config_lib
 from jaxarch import infer, models
@@ -170,12 +170,22 @@ def main(argv=None):
   params = {n: counts(c)['total'] for n, c in runs.items()}
   shapes = {n: f'{c.model.d_model}x{c.model.n_layers} d_ff {c.model.d_ff}'
             for n, c in runs.items()}
-  training = training_speed(runs, args.seq_lens, args.batch_bytes, args.train_steps)
-  generation = generation_speed(runs, args.gen_context, args.gen_batches, args.new_tokens)
+  device = jax.devices()[0]
+  data = dict(device=str(device), device_kind=device.device_kind, jax_version=jax.__version__,
+              preset=args.preset, bpb_preset=args.bpb_preset, dtype=dtype, params=params,
+              shapes=shapes, training=[], generation=[], quality=[])
+  # Saved after each part: a run cut off by a time limit keeps the parts it finished.
+  training = data['training'] = training_speed(runs, args.seq_lens, args.batch_bytes,
+                                               args.train_steps)
+  save(data, args.out)
+  generation = data['generation'] = generation_speed(runs, args.gen_context,
+                                                     args.gen_batches, args.new_tokens)
+  save(data, args.out)
   quality = []
   if args.bpb_steps:
     root = Path(args.workdir or tempfile.mkdtemp(prefix='jaxarch-megabyte-'))
-    quality = equal_compute_quality(configs(args.bpb_preset, []), args.bpb_steps, root)
+    quality = data['quality'] = equal_compute_quality(configs(args.bpb_preset, []),
+                                                      args.bpb_steps, root)
 
   rows = []
   for seq_len in args.seq_lens:
@@ -201,10 +211,6 @@ def main(argv=None):
                  f'{get["megabyte"]["steps"]} / {get["transformer"]["steps"]} steps '
                  f'({args.bpb_preset})'])
 
-  device = jax.devices()[0]
-  data = dict(device=str(device), device_kind=device.device_kind, jax_version=jax.__version__,
-              preset=args.preset, bpb_preset=args.bpb_preset, dtype=dtype, params=params,
-              shapes=shapes, training=training, generation=generation, quality=quality)
   emit(f'MEGABYTE vs byte transformer on {device.device_kind}, {args.preset} '
        f'({params["megabyte"] / 1e6:.2f}M: {shapes["megabyte"]} global; transformer '
        f'{params["transformer"] / 1e6:.2f}M: {shapes["transformer"]}), {dtype}',

@@ -9,6 +9,7 @@ import pytest
 from jaxarch import cli
 from jaxarch import config as config_lib
 from jaxarch.sweep import plan
+from jaxarch.train import profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'benchmarks'))
 
@@ -58,6 +59,20 @@ def test_bench_command_times_the_train_step_and_writes_a_profile(tmp_path, capsy
   assert 'tokens/s' in out and 'device time' in out
 
 
+def test_a_trace_the_digest_cannot_read_costs_the_digest_only(tmp_path, monkeypatch):
+  def digest(*_):  # as a GPU trace in a format the digest does not know
+    raise ValueError('no instructions of the step in the trace')
+
+  monkeypatch.setattr(profile, 'digest', digest)
+  code = cli.main(['bench', 'train', '--config=configs/dense.py:tiny', f'--workdir={tmp_path}',
+                   '--steps=1', '--warmup=1', '--profile', '--config.model.n_layers=1',
+                   '--config.data.seq_len=32', '--config.train.batch_size=8'])
+  record = json.loads((tmp_path / 'bench_train.json').read_text())
+  assert code == 0 and record['step_time_s'] > 0 and 'profile' not in record
+  assert record['profile_error'] == 'ValueError: no instructions of the step in the trace'
+  assert list((tmp_path / 'profile').rglob('*.xplane.pb'))  # the trace is kept
+
+
 @pytest.mark.slow
 def test_mfu_benchmark_tables_each_case(tmp_path):
   out = tmp_path / 'mfu.json'
@@ -98,6 +113,19 @@ def test_sparse_lookup_benchmark_times_the_xla_path_on_cpu(tmp_path, monkeypatch
   assert ive['xla_max_rel_error'] < 1e-5
 
 
+def test_sparse_lookup_kernels_that_fail_on_a_gpu_cost_their_cells_only(tmp_path, monkeypatch):
+  # As on a GPU whose Triton kernels fail: here they fail for want of a GPU.
+  monkeypatch.setattr(sparse_lookup.jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(sparse_lookup, 'copy_bandwidth', lambda iters, gib: 1e9)
+  monkeypatch.setitem(sparse_lookup.GRIDS, 'cpu', [(40, 5, 64, 100, 'float32')])
+  monkeypatch.setitem(sparse_lookup.BAG_GRIDS, 'cpu', [(40, 6, 64, 100, 'float32', 3)])
+  out = tmp_path / 'sparse_lookup.json'
+  sparse_lookup.main(['--iters=1', '--grid=cpu', f'--out={out}'])
+  (record,) = json.loads(out.read_text())['records']
+  assert record['xla_forward_s'] > 0 and 'pallas_sorted_error' in record
+  assert 'forward_ratio' not in record and 'pallas_forward_s' not in record
+
+
 def test_ive_read_kernels_that_fail_cost_their_row_only(monkeypatch):
   def fails(*_):
     raise RuntimeError('no Triton here')
@@ -134,6 +162,8 @@ def test_moe_benchmark_times_three_layers_per_case(tmp_path, monkeypatch):
   assert moe.mfu_overrides(wrong, ['interpret']) == ['model.moe.matmul_impl=xla']
   failed = [{**matmul, 'interpret_error': 'RuntimeError: no Triton here'}]
   assert moe.mfu_overrides(failed, ['interpret']) == ['model.moe.matmul_impl=xla']
+  unchecked = [{k: v for k, v in matmul.items() if k != 'interpret_max_rel_error'}]
+  assert moe.mfu_overrides(unchecked, ['interpret']) == ['model.moe.matmul_impl=xla']
 
 
 def test_an_mfu_case_whose_kernels_fail_is_measured_again_on_xla(monkeypatch):

@@ -109,7 +109,8 @@ def _plot_isoflop(fits, path: Path):
         ax.scatter([profiles[budget]['params']], [profiles[budget]['loss']], color=cmap(i),
                    marker='*', s=90, edgecolor='k')
     ax.set(xscale='log', xlabel='parameters N', ylabel='validation loss', title=family)
-    ax.legend(title='FLOPs', fontsize=7)
+    if by_budget:  # a family whose every run diverged has no points to name
+      ax.legend(title='FLOPs', fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=90)
   plt.close(fig)

@@ -70,7 +70,10 @@ def measure(cfg: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
           state, metrics = step(state, batches[i % 2])
       jax.block_until_ready(metrics['loss'])
     result['profile_dir'] = str(profile_dir)
-    result['profile'] = profile.digest(profile_dir, compiled.as_text(), profile_steps)
+    try:  # the trace is kept either way; a digest it cannot read costs the digest only
+      result['profile'] = profile.digest(profile_dir, compiled.as_text(), profile_steps)
+    except Exception as e:  # pylint: disable=broad-except
+      result['profile_error'] = f'{type(e).__name__}: {e}'
   tokens = cfg.train.batch_size * cfg.data.seq_len
   per_token = flops.train_flops_per_token(cfg.model, setup.param_counts, cfg.data.seq_len)
   device = jax.devices()[0]
