@@ -1,9 +1,10 @@
 """Tokenizers: raw bytes by default, SentencePiece or HF `tokenizer.json` files on request.
 
 Every tokenizer exposes the same small surface the pipeline and trainer need: `encode`
-(of `str`, or of a document's stored `bytes`), `decode`, `vocab_size`, `pad_id`, `eod_id` (end of document, also used as BOS) and
-`byte_lengths[id]`, the number of UTF-8 bytes a token stands for, so that the trainer can
-report bits per byte = total_nats / ln 2 / total_bytes for any tokenizer.
+(of `str`, or of a document's stored `bytes`), `decode`, `vocab_size`, `pad_id`, `eod_id`
+(end of document, also used as BOS) and `byte_lengths[id]`, the number of UTF-8 bytes a
+token stands for, so that the trainer can report bits per byte = total_nats / ln 2 /
+total_bytes for any tokenizer.
 """
 
 import functools
