@@ -37,6 +37,7 @@ import tensorflow_datasets as tfds
 from jaxarch.config import ConfigError
 
 log = logging.getLogger(__name__)
+
 _NOT_STDLIB = ('site-packages', 'dist-packages', '__pycache__')
 _SOURCE_ERROR = ("config error: data.source={!r} must be 'default', 'files:<glob>', "
                  "'tfds:<name>' or 'distilled:<dir>'")
