@@ -59,6 +59,7 @@ def test_bench_command_times_the_train_step_and_writes_a_profile(tmp_path, capsy
   assert 'tokens/s' in out and 'device time' in out
 
 
+@pytest.mark.slow
 def test_a_trace_the_digest_cannot_read_costs_the_digest_only(tmp_path, monkeypatch):
   def digest(*_):  # as a GPU trace in a format the digest does not know
     raise ValueError('no instructions of the step in the trace')
@@ -113,6 +114,7 @@ def test_sparse_lookup_benchmark_times_the_xla_path_on_cpu(tmp_path, monkeypatch
   assert ive['xla_max_rel_error'] < 1e-5
 
 
+@pytest.mark.slow
 def test_sparse_lookup_kernels_that_fail_on_a_gpu_cost_their_cells_only(tmp_path, monkeypatch):
   # As on a GPU whose Triton kernels fail: here they fail for want of a GPU.
   monkeypatch.setattr(sparse_lookup.jax, 'default_backend', lambda: 'gpu')
