@@ -45,6 +45,10 @@ from jaxarch.data import tokenizers
 log = logging.getLogger(__name__)
 
 _FEATURES = ('inputs', 'targets', 'segment_ids', 'positions')
+# The `data` keys that decide which documents go into which rows, with the batch size,
+# seed and streams: a saved train position is a position under these values only.
+LAYOUT_KEYS = ('source', 'text_key', 'tokenizer', 'seq_len', 'pack_align',
+               'validation_fraction')
 
 
 class _Tokenize(grain.transforms.Map):
@@ -234,11 +238,8 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
   # A background thread prepares the next batches while the device runs a step; the state
   # it reports is still that of the last batch handed out.
   batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
-  layout = dict(source=data_cfg.source, text_key=data_cfg.get('text_key'),
-                tokenizer=data_cfg.get('tokenizer'),
-                seq_len=data_cfg.seq_len, pack_align=data_cfg.get('pack_align', 1),
-                validation_fraction=data_cfg.get('validation_fraction'),
-                batch_size=global_batch_size, seed=seed, streams=num_streams)
+  layout = {**{k: data_cfg.get(k) for k in LAYOUT_KEYS}, 'batch_size': global_batch_size,
+            'seed': seed, 'streams': num_streams}
   return _WithLayout(batches, layout)
 
 

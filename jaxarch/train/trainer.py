@@ -57,9 +57,8 @@ def eval_batches(cfg: ml_collections.ConfigDict, setup: TrainSetup):
 
 # What decides which documents go into which rows: if one changes, a saved data position
 # means other documents (e.g. another batch size, another number of packing streams).
-_DATA_LAYOUT = ('train.batch_size', 'train.seed', 'data.source', 'data.seq_len',
-                'data.tokenizer', 'data.validation_fraction', 'data.pack_align',
-                'data.text_key')
+_DATA_LAYOUT = ('train.batch_size', 'train.seed',
+                *(f'data.{k}' for k in data.pipeline.LAYOUT_KEYS))
 
 
 def data_changes(workdir: Path, cfg: ml_collections.ConfigDict) -> str | None:
