@@ -103,6 +103,21 @@ def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(dense_generator):
   assert sample(5, top_k=1) == greedy
 
 
+def test_sampling_values_stop_ids_and_lengths_are_traced_not_compiled_again():
+  generator = infer.Generator(models.build(family_config('dense').model, rngs=nnx.Rngs(1)))
+  prompts = [[257, 1, 2, 3], [257, 4]]
+  sample = lambda **kw: generator(prompts, method='sample', seed=3, **kw)[0]
+  greedy, _ = generator(prompts, max_new_tokens=12)
+  assert sample(max_new_tokens=12, temperature=1.3) != greedy
+  assert sample(max_new_tokens=12, temperature=1e-4) == greedy  # the new value counts
+  assert sample(max_new_tokens=12, top_p=0.9) != greedy
+  assert sample(max_new_tokens=12, top_k=1, temperature=2.0) == greedy
+  assert generator(prompts, max_new_tokens=5)[0] == [row[:5] for row in greedy]
+  stop = greedy[0][2]
+  assert generator(prompts, max_new_tokens=9, stop_ids=[stop])[0][0] == greedy[0][:3]
+  assert len(generator._compiled) == 3  # greedy; sample; sample with top-k or top-p
+
+
 def test_generation_stops_at_a_stop_id(dense_generator):
   prompt = [[257, 30, 31, 32]]
   (free,), _ = dense_generator(prompt, max_new_tokens=10)

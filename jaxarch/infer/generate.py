@@ -4,7 +4,9 @@ Prompts of different lengths are right-padded to a bucket (a power of two, so a 
 shapes compile) and prefilled together; the decode loop is one `lax.while_loop` inside one
 jitted call, which writes each sequence's new token at its own position and stops when
 every sequence has produced a stop id or `max_new_tokens`. The batch is padded to a
-multiple of the mesh's batch shards with one-token dummy prompts.
+multiple of the mesh's batch shards with one-token dummy prompts. `max_new_tokens` (rounded
+up to a bucket for the output and caches), the sampling values and the stop ids are traced
+arguments, so changing them does not compile again.
 
 `method='bita'` (a BiTA model, `models.bita`) decodes greedily with a draft tree
 (`infer.tree`): each pass verifies the previous pass's candidates and drafts the next
@@ -24,11 +26,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxarch.infer.decoding import add_caches, decode_step, for_inference, prefill
-from jaxarch.infer.sampling import GenerateError, Sampling, next_tokens, within_vocab
+from jaxarch.infer.sampling import GenerateError, Sampling, choose, within_vocab
 from jaxarch.infer.tree import DraftTree
 from jaxarch.parallel import context
 
 _MIN_BUCKET = 8
+_NEW_TOKENS_BUCKET = 64  # output and cache room for new tokens: a multiple of this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +40,10 @@ class _Shape:
   batch: int
   prompt_len: int
   cache_len: int
-  max_new_tokens: int
-  sampling: Sampling
-  stop_ids: tuple[int, ...]
+  new_tokens: int  # the room for them: max_new_tokens rounded up to a bucket
+  method: str
+  filtered: bool  # Sampling.filtered
+  num_stops: int  # stop ids, padded with -1 to a power of two
   tree: DraftTree | None = None  # method='bita'
 
 
@@ -90,24 +94,29 @@ class Generator:
     tokens = np.zeros((batch, prompt_len), np.int32)
     for i, p in enumerate(prompts):
       tokens[i, :len(p)] = p
-    room = 0 if tree is None else tree.size * (1 + self.num_mask_tokens)  # one tree call
-    shape = _Shape(batch, prompt_len, prompt_len + max_new_tokens + room, max_new_tokens,
-                   sampling, tuple(sorted(set(map(int, stop_ids)))), tree)
+    new_room = _round_up(max_new_tokens, _NEW_TOKENS_BUCKET)
+    tree_room = 0 if tree is None else tree.size * (1 + self.num_mask_tokens)  # one call
+    stop_ids = sorted(set(map(int, stop_ids)))
+    stops = np.full(1 << (max(len(stop_ids), 1) - 1).bit_length(), -1, np.int32)
+    stops[:len(stop_ids)] = stop_ids
+    shape = _Shape(batch, prompt_len, prompt_len + new_room + tree_room, new_room,
+                   sampling.method, sampling.filtered, len(stops), tree)
+    given = (lengths, live, np.int32(max_new_tokens), sampling.values(), stops,
+             jax.random.PRNGKey(seed))
 
     start = time.perf_counter()
-    key = jax.random.PRNGKey(seed)
-    run_prefill, run_decode = self._compile(shape, tokens, lengths, live, key)
+    run_prefill, run_decode = self._compile(shape, tokens, given)
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    first, caches = run_prefill(self.state, tokens, lengths, key)
+    first, caches = run_prefill(self.state, tokens, *given)
     first.block_until_ready()
     prefill_s = time.perf_counter() - start
     start = time.perf_counter()
-    out, steps, accepted, _ = run_decode(self.state, caches, first, lengths, live, key)
+    out, steps, accepted, _ = run_decode(self.state, caches, first, *given)
     out, steps = np.asarray(out), int(steps)
     decode_s = time.perf_counter() - start
 
-    results = [_until_stop(row, shape.stop_ids) for row in out[:n, :max_new_tokens]]
+    results = [_until_stop(row, stop_ids) for row in out[:n, :max_new_tokens]]
     new_tokens = sum(map(len, results))
     # Passes each sequence took until it stopped: one per token, or with BiTA the prefill
     # and its tree passes.
@@ -162,17 +171,17 @@ class Generator:
       return contextlib.nullcontext()
     return context.logical_mesh(self.mesh, self.rules)
 
-  def _compile(self, shape: _Shape, tokens, lengths, live, key):
+  def _compile(self, shape: _Shape, tokens, given):
     if shape not in self._compiled:
       prefill_fn = jax.jit(lambda *a: self._prefill(shape, *a))
       decode = self._decode if shape.tree is None else self._decode_tree
       decode_fn = jax.jit(lambda *a: decode(shape, *a), donate_argnums=(1,))
-      run_prefill = prefill_fn.lower(self.state, tokens, lengths, key).compile()
+      run_prefill = prefill_fn.lower(self.state, tokens, *given).compile()
       first, caches = jax.tree.map(
           lambda s, c: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=c),
-          jax.eval_shape(prefill_fn, self.state, tokens, lengths, key),
+          jax.eval_shape(prefill_fn, self.state, tokens, *given),
           run_prefill.output_shardings)
-      run_decode = decode_fn.lower(self.state, caches, first, lengths, live, key).compile()
+      run_decode = decode_fn.lower(self.state, caches, first, *given).compile()
       self._compiled[shape] = run_prefill, run_decode
     return self._compiled[shape]
 
@@ -181,28 +190,29 @@ class Generator:
     add_caches(model, shape.batch, shape.cache_len, self.mesh, self.rules)
     return model
 
-  def _prefill(self, shape: _Shape, state, tokens, lengths, key):
+  def _prefill(self, shape: _Shape, state, tokens, lengths, live, limit, values, stops, key):
     """-> (first new token [b], caches)."""
+    del live, limit, stops  # the decode loop's
     with self._context():
       model = self._with_caches(shape, state)
       logits = within_vocab(prefill(model, tokens, lengths), self.vocab_limit)
-    first = next_tokens(logits, jax.random.fold_in(key, 0), shape.sampling)
+    first = choose(logits, jax.random.fold_in(key, 0), shape.method, shape.filtered, values)
     return first, nnx.state(model, nnx.Cache)
 
-  def _decode(self, shape: _Shape, state, caches, first, lengths, live, key):
+  def _decode(self, shape: _Shape, state, caches, first, lengths, live, limit, values, stops,
+              key):
     """-> (new tokens [b, max_new_tokens], forward passes including the prefill, caches).
 
     The caches are returned only so that their donated buffers are updated in place.
     """
     with self._context():
       graphdef, _, rest = nnx.split(self._with_caches(shape, state), nnx.Cache, ...)
-    stops = jnp.asarray(shape.stop_ids or (-1,), jnp.int32)
-    out = jnp.zeros((shape.batch, shape.max_new_tokens), jnp.int32).at[:, 0].set(first)
+    out = jnp.zeros((shape.batch, shape.new_tokens), jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, stops) | ~live
 
     def unfinished(carry):
       i, _, done, _ = carry
-      return (i < shape.max_new_tokens) & ~jnp.all(done)
+      return (i < limit) & ~jnp.all(done)
 
     def step(carry):
       i, out, done, caches = carry
@@ -211,7 +221,7 @@ class Generator:
         model = nnx.merge(graphdef, caches, jax.tree.map(lambda x: x, rest))
         logits = within_vocab(decode_step(model, out[:, i - 1], lengths + i - 1),
                               self.vocab_limit)
-      token = next_tokens(logits, jax.random.fold_in(key, i), shape.sampling)
+      token = choose(logits, jax.random.fold_in(key, i), shape.method, shape.filtered, values)
       out = out.at[:, i].set(jnp.where(done, 0, token))
       return i + 1, out, done | jnp.isin(token, stops), nnx.state(model, nnx.Cache)
 
@@ -219,20 +229,20 @@ class Generator:
                                                (jnp.int32(1), out, done, caches))
     return out, steps, jnp.zeros(2, jnp.int32), caches
 
-  def _decode_tree(self, shape: _Shape, state, caches, first, lengths, live, key):
-    """BiTA: -> (new tokens [b, max_new_tokens + levels + 1], forward passes including the
+  def _decode_tree(self, shape: _Shape, state, caches, first, lengths, live, limit, values,
+                   stops, key):
+    """BiTA: -> (new tokens [b, new_tokens + levels + 1], forward passes including the
     prefill, [tokens produced by tree passes, sequence-passes], caches)."""
-    del key  # greedy
+    del values, key  # greedy
     tree = shape.tree
     with self._context():
       graphdef, _, rest = nnx.split(self._with_caches(shape, state), nnx.Cache, ...)
     b, rows, width = shape.batch, jnp.arange(shape.batch), max(tree.widths)
-    stops = jnp.asarray(shape.stop_ids or (-1,), jnp.int32)
     slots = jnp.arange(tree.levels + 1)
-    out = jnp.zeros((b, shape.max_new_tokens + tree.levels + 1), jnp.int32).at[:, 0].set(first)
+    out = jnp.zeros((b, shape.new_tokens + tree.levels + 1), jnp.int32).at[:, 0].set(first)
     drafts = jnp.zeros((b, self.num_mask_tokens, width), jnp.int32)  # none before pass 1
     count = jnp.ones(b, jnp.int32)
-    done = jnp.isin(first, stops) | (count >= shape.max_new_tokens) | ~live
+    done = jnp.isin(first, stops) | (count >= limit) | ~live
 
     def unfinished(carry):
       return ~jnp.all(carry[3])
@@ -264,7 +274,7 @@ class Generator:
       count = count + produced
       root = jnp.where(done, root, bonus)
       drafts = jax.lax.top_k(mask_logits[rows, last], width)[1].astype(jnp.int32)
-      done = done | stopped | (count >= shape.max_new_tokens)
+      done = done | stopped | (count >= limit)
       return (i + 1, out, count, done, root, cached, drafts, tally,
               nnx.state(model, nnx.Cache))
 
@@ -297,7 +307,7 @@ def _vocab_size(model: nnx.Module) -> int:
   return embed.embedding.shape[0]
 
 
-def _until_stop(row: np.ndarray, stop_ids: tuple[int, ...]) -> list[int]:
+def _until_stop(row: np.ndarray, stop_ids: Sequence[int]) -> list[int]:
   tokens = row.tolist()
   for i, token in enumerate(tokens):
     if token in stop_ids:

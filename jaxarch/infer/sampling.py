@@ -4,6 +4,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 METHODS = ('greedy', 'sample', 'bita')  # bita: greedy, several tokens per pass (infer.tree)
 
@@ -14,10 +15,11 @@ class GenerateError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-  """How `generate` picks tokens; hashable, so it is a static argument of the jitted loop.
+  """How `generate` picks tokens, checked when made.
 
   `top_k=0` and `top_p=1.0` keep every token. Top-k is applied before top-p, and both
-  on the logits divided by the temperature.
+  on the logits divided by the temperature. A compiled loop depends only on `method` and
+  `filtered`; the values are its traced arguments (`values`).
   """
   method: str = 'greedy'
   temperature: float = 1.0
@@ -42,6 +44,15 @@ class Sampling:
     if not 0 < self.top_p <= 1:
       raise GenerateError(f'generate: top_p={self.top_p} must be in (0, 1]')
 
+  @property
+  def filtered(self) -> bool:
+    """Whether top-k or top-p may drop tokens: a sort of the vocabulary per step."""
+    return self.method == 'sample' and (self.top_k > 0 or self.top_p < 1)
+
+  def values(self) -> np.ndarray:
+    """[temperature, top_k, top_p] float32: the traced part of the setting."""
+    return np.array([self.temperature, self.top_k, self.top_p], np.float32)
+
 
 def within_vocab(logits: jax.Array, limit: int | None) -> jax.Array:
   """logits [..., V] with the ids from `limit` on (a model's vocabulary padded beyond its
@@ -53,31 +64,33 @@ def within_vocab(logits: jax.Array, limit: int | None) -> jax.Array:
 
 def next_tokens(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
   """logits [b, V] -> token ids [b] int32."""
-  if sampling.method in ('greedy', 'bita'):
+  return choose(logits, key, sampling.method, sampling.filtered, sampling.values())
+
+
+def choose(logits: jax.Array, key: jax.Array, method: str, filtered: bool,
+           values: jax.Array) -> jax.Array:
+  """`next_tokens` with `values` ([temperature, top_k, top_p]) traced, so that one compiled
+  loop serves every setting of a method: logits [b, V] -> token ids [b] int32."""
+  if method in ('greedy', 'bita'):
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits.astype(jnp.float32) / sampling.temperature
-  vocab = logits.shape[-1]
-  top_k = sampling.top_k if 0 < sampling.top_k < vocab else 0
-  if top_k or sampling.top_p < 1:
-    logits = _keep_most_likely(logits, top_k, sampling.top_p)
+  temperature, top_k, top_p = values[0], values[1], values[2]
+  logits = logits.astype(jnp.float32) / temperature
+  if filtered:
+    logits = _keep_most_likely(logits, top_k, top_p)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _keep_most_likely(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+def _keep_most_likely(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
   """Keeps the `top_k` most likely tokens (0: all), then the fewest of those whose
   probability reaches `top_p`, by rank: of tokens tied at the edge, only as many as fit."""
   rows = jnp.arange(logits.shape[0])[:, None]
-  if top_p >= 1:  # top-k alone: no sort of the vocabulary
-    chosen = jax.lax.top_k(logits, top_k)[1]
-    keep = jnp.zeros(logits.shape, bool).at[rows, chosen].set(True)
-    return jnp.where(keep, logits, -jnp.inf)
   order = jnp.argsort(-logits, axis=-1, stable=True)  # b V: most likely first
   ordered = jnp.take_along_axis(logits, order, axis=-1)
   rank = jnp.arange(logits.shape[-1])
-  if top_k:
-    ordered = jnp.where(rank < top_k, ordered, -jnp.inf)
+  ordered = jnp.where((top_k <= 0) | (rank < top_k), ordered, -jnp.inf)
   probs = jax.nn.softmax(ordered, axis=-1)
   before = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ahead of each
-  kept = (before < top_p) & (ordered > -jnp.inf)  # the first is always kept
+  # The first is always kept; top_p=1 keeps all, however the sum rounds.
+  kept = ((before < top_p) | (top_p >= 1)) & (ordered > -jnp.inf)
   keep = jnp.zeros(logits.shape, bool).at[rows, order].set(kept)
   return jnp.where(keep, logits, -jnp.inf)
