@@ -56,6 +56,7 @@ def test_safetensors_round_trip_gives_identical_logits(tmp_path, family):
                                 np.asarray(logits(model, TOKENS)))
   names = set(safetensors.flax.load_file(tmp_path / 'out' / 'model.safetensors'))
   assert all(not n.endswith('.value') and '/' not in n for n in names)
+  assert not any(n.endswith('.hits') for n in names)  # training statistics stay behind
   if family == 'bita':  # the prompt parameters beside the frozen base
     assert {'prompt_k', 'prompt_v', 'mask_embed'} <= names
     assert 'base.blocks.0.attn.q_proj' in names

@@ -26,6 +26,7 @@ from flax import nnx
 from jaxarch.export import run_stablehlo
 from jaxarch.export.weights import ExportError, flat_arrays, named_variables, write_model
 from jaxarch.infer.decoding import for_inference
+from jaxarch.layers.signals import WindowCounter
 
 
 def _state(template: dict[str, tuple], arrays: dict[str, jax.Array]) -> nnx.State:
@@ -54,12 +55,14 @@ def export_stablehlo(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str
                       '(jax.export\'s names: cuda for NVIDIA GPUs)')
   out = write_model(model, cfg, out, source=source)
   model = for_inference(model)
-  graphdef, weights_state = nnx.split(model)
+  graphdef, counters, weights_state = nnx.split(model, WindowCounter, ...)
   weights_template = named_variables(weights_state)
   weights = flat_arrays(model)
 
   def with_caches(weights):
-    model = nnx.merge(graphdef, _state(weights_template, weights))
+    # Training statistics are built as zeros inside: neither inputs nor constants.
+    zeros = jax.tree.map(jnp.zeros_like, counters)
+    model = nnx.merge(graphdef, zeros, _state(weights_template, weights))
     model.init_cache(batch_size, max_len)
     return model
 

@@ -1,7 +1,8 @@
 """A trained model as safetensors with stable flat names, its config and tokenizer, and back.
 
   OUT/model.safetensors   every variable of the model (parameters, and buffers such as
-                          UltraMem's Tucker vectors), named by its path: 'embed.embedding',
+                          UltraMem's Tucker vectors; not training statistics such as its
+                          hit counters), named by its path: 'embed.embedding',
                           'blocks.3.attn.q_proj', 'blocks.1.mlp.gate'; a BiTA model's are
                           'base.…' (the frozen model) beside 'prompt_k', 'prompt_v',
                           'mask_embed'
@@ -31,6 +32,7 @@ from flax import nnx
 from jaxarch import config as config_lib
 from jaxarch import models
 from jaxarch.data import get_tokenizer
+from jaxarch.layers.signals import WindowCounter
 
 WEIGHTS = 'model.safetensors'
 
@@ -40,8 +42,9 @@ class ExportError(RuntimeError):
 
 
 def _exported_state(model: nnx.Module) -> nnx.State:
-  """The variables that define the model's outputs: not decode caches nor sown values."""
-  return nnx.state(model, nnx.Not(nnx.Any(nnx.Cache, nnx.Intermediate)))
+  """The variables that define the model's outputs: not decode caches, sown values nor
+  training statistics (`WindowCounter`s, which start at zero)."""
+  return nnx.state(model, nnx.Not(nnx.Any(nnx.Cache, nnx.Intermediate, WindowCounter)))
 
 
 def named_variables(state: nnx.State) -> dict[str, tuple]:
@@ -138,6 +141,8 @@ def load_safetensors(out: str | Path) -> tuple[ml_collections.ConfigDict, nnx.Mo
   arrays = safetensors.flax.load_file(out / WEIGHTS)
   names = {name: path
            for name, (path, _) in named_variables(_exported_state(abstract)).items()}
+  counters = named_variables(nnx.state(abstract, WindowCounter))
+  arrays = {k: v for k, v in arrays.items() if k not in counters}  # exports before 2026-12
   missing, extra = sorted(set(names) - set(arrays)), sorted(set(arrays) - set(names))
   if missing or extra:
     raise ExportError(f'export: {out / WEIGHTS} does not fit {cfg.model.family} config.json: '
@@ -150,6 +155,8 @@ def load_safetensors(out: str | Path) -> tuple[ml_collections.ConfigDict, nnx.Mo
       raise ExportError(f'export: {name} is {got.dtype}{list(got.shape)} in {out / WEIGHTS}, '
                         f'the config expects {want.dtype}{list(want.shape)}')
     flat[path].set_value(got)
+  for _, (path, counter) in counters.items():
+    flat[path].set_value(np.zeros(counter.get_value().shape, counter.get_value().dtype))
   return cfg, nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
