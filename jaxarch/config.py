@@ -594,6 +594,23 @@ def _check_mesh(cfg: ConfigDict, num_devices: int | None) -> None:
     if accum > 1:
       why = f'{split * accum}: train.grad_accum_steps={accum} microbatches of {why}'
     raise ConfigError(f'train.batch_size={cfg.train.batch_size} must be divisible by {why}')
+  if 'moe' in tuple(_get(cfg, 'model.block_pattern')):
+    _check_expert_split(cfg, shape, dict(rules))
+
+
+def _check_expert_split(cfg: ConfigDict, shape: dict[str, int], rules: dict) -> None:
+  """The mesh axes experts are split over, as resolved (-1 included): they divide the
+  experts, and split the batch too, so each expert shard routes tokens of its own."""
+  axes = [a for a in dict.fromkeys(_rule_axes(rules.get('expert'))) if shape[a] > 1]
+  sizes = ', '.join(f'{a}={shape[a]}' for a in axes)
+  split, e = math.prod(shape[a] for a in axes), cfg.model.moe.num_experts
+  if e % split:
+    raise ConfigError(f'model.moe.num_experts={e} must be divisible by {split}, the mesh axes '
+                      f'experts are split over ({sizes})')
+  missing = [a for a in axes if a not in _rule_axes(rules['batch'])]
+  if missing:
+    raise ConfigError(f"mesh.rules: 'batch' -> {rules['batch']!r} must include the mesh axes "
+                      f"experts are split over ({sizes}); {', '.join(missing)} is missing")
 
 
 def _rule_axes(mesh_axes) -> tuple[str, ...] | None:

@@ -282,6 +282,20 @@ def test_batch_must_divide_by_its_data_parallel_size():
   config_lib.validate(tiny('train.batch_size=12', 'mesh.ici.tensor=2'), 8)
 
 
+def test_experts_split_as_resolved_must_divide_and_split_the_batch_too():
+  moe = lambda *o: config_lib.load('configs/moe.py:tiny', overrides=list(o))
+  cfg = moe('mesh.ici.data=1', 'mesh.ici.expert=-1', 'model.moe.num_experts=12')
+  assert error_of(config_lib.validate, cfg, 8) == (
+      'config error: model.moe.num_experts=12 must be divisible by 8, the mesh axes experts '
+      'are split over (expert=8)')
+  cfg = moe('mesh.ici.data=2', 'mesh.ici.expert=4', "mesh.rules=(('batch', ('data', "
+            "'fsdp')), ('expert', 'expert'))")
+  assert error_of(config_lib.validate, cfg, 8) == (
+      "config error: mesh.rules: 'batch' -> ('data', 'fsdp') must include the mesh axes "
+      'experts are split over (expert=4); expert is missing')
+  config_lib.validate(moe('mesh.ici.data=1', 'mesh.ici.expert=-1'), 8)
+
+
 def test_mesh_shape_resolves_minus_one():
   cfg = tiny('mesh.ici.fsdp=2', 'mesh.ici.tensor=2')
   assert config_lib.mesh_shape(cfg, 8) == dict(data=2, fsdp=2, tensor=2, expert=1)
