@@ -40,6 +40,7 @@ from jaxarch import config as config_lib
 from jaxarch import data, infer
 from jaxarch.infer.distill import distill, sample_prompts
 from jaxarch.train import train
+from jaxarch.train.metrics import final_metrics
 from jaxarch.train.pretrained import load_model
 
 SCALES = {
@@ -120,15 +121,6 @@ def _timed_calls(generator, chunks, new_tokens, **kwargs) -> dict:
               accepted_per_pass=float(np.mean(accepted)))
 
 
-def _last_metrics(run: Path) -> dict:
-  """A finished stage's final metrics (its last logged values), as `train` returns them."""
-  path = run / 'metrics.jsonl'
-  metrics = {}
-  for line in path.read_text().splitlines() if path.exists() else []:
-    metrics.update(json.loads(line))
-  return metrics
-
-
 def main(argv=None):
   parser, scale = scaled_parser(__doc__, SCALES)
   parser.add_argument('--preset', default=scale['preset'])
@@ -157,13 +149,13 @@ def main(argv=None):
                 preset=args.preset, dtype=dtype, workdir=str(workdir))
   record['base'] = (stage_base(workdir, args.preset, args.base_steps, scale['base_batch'],
                                [f'model.dtype={dtype}'])
-                    if 'base' in stages else _last_metrics(workdir / 'base'))
+                    if 'base' in stages else final_metrics(workdir / 'base'))
   if 'distill' in stages:
     record['distill'] = stage_distill(workdir, scale, args.num_prompts)
   elif (workdir / 'distilled' / 'distill.json').exists():
     record['distill'] = json.loads((workdir / 'distilled' / 'distill.json').read_text())
   record['bita'] = (stage_bita(workdir, args.preset, args.bita_steps, [])
-                    if 'bita' in stages else _last_metrics(workdir / 'bita'))
+                    if 'bita' in stages else final_metrics(workdir / 'bita'))
   if 'decode' not in stages:
     print(json.dumps(record, indent=2, default=str))
     return record

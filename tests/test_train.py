@@ -11,7 +11,7 @@ from jaxarch import config as config_lib
 from jaxarch import load
 from jaxarch.train import evaluate, train
 from jaxarch.train import trainer
-from jaxarch.train.metrics import read_metrics
+from jaxarch.train.metrics import MetricsWriter, read_metrics
 
 
 def _cfg(data_dir, **overrides):
@@ -38,6 +38,25 @@ def test_metrics_checkpoints_and_config_are_written(tmp_path, data_dir):
   assert config_lib.load_json(tmp_path / 'config.json').train.steps == 20
   events = list((tmp_path / 'tensorboard').glob('events.out.tfevents*'))
   assert len(events) == 1 and events[0].stat().st_size > 0
+
+  # Submitted again: nothing to train, the same final metrics; a line cut short by a
+  # crash is dropped.
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 21, "lo')
+  again = train(_cfg(data_dir, **{'log.tensorboard': True, 'log.every_steps': 4}), tmp_path)
+  assert (again['step'], again['loss'], again['eval_bpb']) == (
+      20, result['loss'], result['eval_bpb'])
+  assert read_metrics(tmp_path) == records
+  assert (tmp_path / 'metrics.jsonl').read_text().endswith('}\n')
+
+
+def test_non_finite_metrics_are_written_as_null(tmp_path):
+  writer = MetricsWriter(tmp_path, tensorboard=False)
+  writer.write(3, {'loss': float('nan'), 'grad_norm': np.float32(np.inf), 'lr': 0.5})
+  line = (tmp_path / 'metrics.jsonl').read_text()
+  refuse = lambda token: pytest.fail(f'{token} is not JSON')
+  assert json.loads(line, parse_constant=refuse) == {
+      'step': 3, 'loss': None, 'grad_norm': None, 'lr': 0.5}
 
 
 @pytest.mark.slow

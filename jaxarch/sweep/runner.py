@@ -35,6 +35,7 @@ from pathlib import Path
 
 from jaxarch import config as config_lib
 from jaxarch.sweep import plan
+from jaxarch.train.metrics import final_metrics
 
 RESULTS = 'results.jsonl'
 
@@ -114,13 +115,7 @@ def append_record(workdir: Path, record: dict) -> None:
 
 def last_step(run_dir: Path) -> int | None:
   """The last step the run in `run_dir` logged (None: none yet)."""
-  metrics = run_dir / 'metrics.jsonl'
-  for line in reversed(metrics.read_text().splitlines() if metrics.exists() else []):
-    try:
-      return int(json.loads(line)['step'])
-    except (ValueError, KeyError, TypeError):  # a line cut short by a kill
-      continue
-  return None
+  return final_metrics(run_dir).get('step')
 
 
 def record(run: plan.Run, run_dir: Path, wall_s: float | None) -> dict:
@@ -128,8 +123,7 @@ def record(run: plan.Run, run_dir: Path, wall_s: float | None) -> dict:
   (`wall_s` None: not timed here, e.g. a cluster job)."""
   cfg = run.config()
   counts = plan.param_counts(cfg)
-  lines = [json.loads(l) for l in (run_dir / 'metrics.jsonl').read_text().splitlines() if l]
-  last = lambda key: next((m[key] for m in reversed(lines) if key in m), None)
+  last = final_metrics(run_dir).get
   tokens = last('step') * cfg.train.batch_size * cfg.data.seq_len
   return {
       'name': run.name, 'family': cfg.model.family, 'config': run.spec,

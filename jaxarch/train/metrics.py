@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -15,7 +16,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 class MetricsWriter:
   """One JSON object per logged step, and the same scalars as TensorBoard events.
 
-  Only process 0 writes, so multi-host runs produce one file.
+  Only process 0 writes, so multi-host runs produce one file. A non-finite value is
+  written as null, so that every line is standard JSON (jq, pandas, JavaScript).
   """
 
   def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
@@ -30,8 +32,9 @@ class MetricsWriter:
     if not self.enabled:
       return
     clean = {k: _scalar(v) for k, v in metrics.items()}
+    line = json.dumps({'step': step, **clean}, allow_nan=False)
     with self.path.open('a') as f:
-      f.write(json.dumps({'step': step, **clean}) + '\n')
+      f.write(line + '\n')
     if self.tb is not None:
       for k, v in clean.items():
         if isinstance(v, (int, float)) and math.isfinite(v):
@@ -39,14 +42,18 @@ class MetricsWriter:
       self.tb.flush()
 
   def drop_after(self, step: int):
-    """Forgets the records of steps after `step`: a resumed run logs them again."""
+    """Forgets the records of steps after `step`, which a resumed run logs again, and a
+    last line cut short by a crash."""
     if not self.enabled or not self.path.exists():
       return
-    lines = self.path.read_text().splitlines(keepends=True)
-    kept = [l for l in lines if l.strip() and json.loads(l)['step'] <= step]
-    if len(kept) < len(lines):
+    records, torn = _read(self.path)
+    kept = [r for r in records if r['step'] <= step]
+    if torn:
+      logging.warning('jaxarch: %s: dropped %d line(s) cut short (a crash while writing)',
+                      self.path, torn)
+    if torn or len(kept) < len(records):
       tmp = self.path.with_name(self.path.name + '.tmp')
-      tmp.write_text(''.join(kept))
+      tmp.write_text(''.join(json.dumps(r, allow_nan=False) + '\n' for r in kept))
       tmp.replace(self.path)
 
   def close(self):
@@ -56,14 +63,36 @@ class MetricsWriter:
 
 def _scalar(v):
   v = v.item() if hasattr(v, 'item') else v
-  return float(v) if isinstance(v, float) else v
+  if isinstance(v, float):
+    return float(v) if math.isfinite(v) else None
+  return v
+
+
+def _read(path: Path) -> tuple[list[dict], int]:
+  """(the records of a metrics file, how many lines could not be read)."""
+  records, torn = [], 0
+  for line in path.read_text().splitlines() if path.exists() else []:
+    try:
+      record = json.loads(line)
+      if not isinstance(record.get('step'), int):
+        raise ValueError('no step')
+      records.append(record)
+    except (ValueError, AttributeError):
+      torn += bool(line.strip())
+  return records, torn
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:
-  path = Path(workdir) / 'metrics.jsonl'
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  """The records of workdir/metrics.jsonl, in order; a line cut short is left out."""
+  return _read(Path(workdir) / 'metrics.jsonl')[0]
+
+
+def final_metrics(workdir: str | Path) -> dict:
+  """Each metric's last logged value, as `train` returns them ({} before any)."""
+  final = {}
+  for record in read_metrics(workdir):
+    final.update(record)
+  return final
 
 
 class ProgressBar:

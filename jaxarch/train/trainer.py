@@ -18,7 +18,7 @@ from jaxarch.parallel import data_shard, global_batch, make_mesh
 from jaxarch.train import flops
 from jaxarch.train.checkpoint import Checkpointer, CheckpointError
 from jaxarch.train.memory import check_state_fits
-from jaxarch.train.metrics import MetricsWriter, ProgressBar, Stopwatch
+from jaxarch.train.metrics import MetricsWriter, ProgressBar, Stopwatch, final_metrics
 from jaxarch.train.nonfinite import NonFiniteMonitor
 from jaxarch.train.optimizer import learning_rate_schedule
 from jaxarch.train.preemption import StopRequests
@@ -179,6 +179,10 @@ def _paused(watch: Stopwatch | None):
 
 def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer, bar,
           stop) -> dict:
+  if int(state['step']) >= cfg.train.steps:  # a finished run submitted again
+    bar.alert(f'the run in {workdir} reached train.steps={cfg.train.steps} already; '
+              'nothing to train (its last metrics follow)')
+    return {**final_metrics(workdir), 'step': int(state['step'])}
   validation = eval_batches(cfg, setup)
   if (missing := no_validation_data(cfg, validation)) is not None:
     bar.alert(f'{missing}: the run reports no eval_loss; raise the fraction or add files')
