@@ -42,16 +42,20 @@ def test_eight_device_step_equals_one_device_step():
                one_params, eight_params)
 
 
-def test_a_skipped_nonfinite_step_keeps_the_weights_and_moments_but_counts_the_step():
-  cfg = mesh_config(tiny_config(), data=8)
+@pytest.mark.parametrize('cause', ['corrupt data', 'overflowing weights'])
+def test_a_skipped_nonfinite_step_keeps_the_weights_and_moments_but_counts_the_step(cause):
+  overrides = {'train.lr': 1e30, 'train.grad_clip': 0.0} if 'weights' in cause else {}
+  cfg = mesh_config(tiny_config(**overrides), data=8)
   setup = make_setup(cfg, make_mesh(cfg))
   state = init_state(cfg, setup)
   before = jax.device_get(state)
   batch = make_batch(cfg.train.batch_size, cfg.data.seq_len)
-  batch['inputs'][0, 0] = 10**6  # past the vocabulary: a NaN embedding, as corrupt data
+  if cause == 'corrupt data':
+    batch['inputs'][0, 0] = 10**6  # past the vocabulary: a NaN embedding
   state, metrics = make_train_step(setup)(state, global_batch(batch, setup.batch_sharding))
   after = jax.device_get(state)
   assert float(metrics['nonfinite']) == 1 and int(after['step']) == 1
+  assert np.isfinite(metrics['param_norm'])  # the norm of the weights kept
   jax.tree.map(np.testing.assert_array_equal, after['params'], before['params'])
   counts = []
   def check(path, new, old):
@@ -180,6 +184,15 @@ def test_parameter_group_multiplier_decays_linearly_to_one():
   assert ratios[0] == pytest.approx(4.0)
   assert ratios[50] == pytest.approx(2.5)
   assert ratios[-1] == pytest.approx(1.03)
+
+
+def test_optimizer_state_has_one_structure_with_or_without_clipping():
+  from jaxarch.train.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
+  cfg = mesh_config(tiny_config(), data=8)
+  params = make_setup(cfg, make_mesh(cfg)).abstract_state['params']
+  structure = lambda clip: jax.tree.structure(jax.eval_shape(make_optimizer(
+      ml_collections.ConfigDict(dict(cfg.train, grad_clip=clip)), params).init, params))
+  assert structure(0.0) == structure(1.0)  # a run resumes with clipping turned on
 
 
 def test_sown_aux_losses_and_metrics_reach_the_step_metrics(monkeypatch):

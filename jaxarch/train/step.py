@@ -201,12 +201,15 @@ def make_train_step(setup: TrainSetup):
     params = optax.apply_updates(state['params'], updates)
     grad_norms = leaf_norms(grads)
     grad_norm = _global_norm(grad_norms)
-    # A non-finite loss or gradient never reaches the weights: the step keeps the old
-    # state (the selects fuse into the optimizer's elementwise update).
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    param_norms = leaf_norms(params)
+    # A non-finite loss or gradient, or weights whose norm overflows, never reach the
+    # weights: the step keeps the old state (the selects fuse into the optimizer's
+    # elementwise update).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(
+        _global_norm(param_norms))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     params = keep(params, state['params'])
-    param_norms = leaf_norms(params)
+    param_norms = keep(param_norms, leaf_norms(state['params']))
     metrics = {'loss': out['nll'] / num_tokens, 'total_loss': loss, 'grad_norm': grad_norm,
                'param_norm': _global_norm(param_norms), 'tokens': out['tokens'],
                'nonfinite': 1.0 - finite.astype(jnp.float32),
