@@ -61,7 +61,9 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params) -> optax.GradientTran
   adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                       weight_decay=cfg.weight_decay, mu_dtype=jnp.dtype(cfg.mu_dtype),
                       mask=lambda p: jax.tree.map(lambda m, _: m, decay_mask, p))
-  chain = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+  # Without clipping, identity keeps the place: the optimizer state has the same
+  # structure either way, so a run can be resumed with clipping turned on or off.
+  clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity()
   groups = _metadata(params, 'optim_group', 'default')
   configured = cfg.get('groups') or {}
   present = set(jax.tree.leaves(groups))
@@ -75,7 +77,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params) -> optax.GradientTran
     transforms['default'] = optax.identity()
     adamw = optax.chain(adamw, optax.multi_transform(
         transforms, lambda p: jax.tree.map(lambda g, _: g, labels, p)))
-  update = optax.chain(*chain, adamw)
+  update = optax.chain(clip, adamw)
   is_frozen = frozen(params)
   if any(jax.tree.leaves(is_frozen)):
     # Frozen parameters get neither updates nor optimizer state; clipping sees only the
