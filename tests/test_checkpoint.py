@@ -206,6 +206,37 @@ def test_data_positions_of_another_process_count_leave_the_iterator_and_restore_
   assert 'process_0-of-2.json' in caplog.text and 'start afresh' in caplog.text
 
 
+@pytest.mark.parametrize('damage', ['garbled array bytes', 'data position lost'])
+def test_a_damaged_latest_checkpoint_is_detected_and_the_previous_one_used(
+    tmp_path, data_dir, damage, caplog):
+  cfg = mesh_config(tiny_config(data_dir), data=8)
+  setup, _ = _setup(cfg)
+  state = init_state(cfg, setup)
+  it = iter(data.make_train_dataset(cfg.data, seed=0, global_batch_size=8))
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  ckpt.save(1, state, it)
+  ckpt.save(2, jax.tree.map(lambda x: x + 1 if x.dtype == np.float32 else x, state), it)
+  ckpt.close()
+  latest = tmp_path / 'checkpoints' / '2'
+  if damage == 'garbled array bytes':  # in the middle of the largest file: the arrays'
+    f = max((f for f in (latest / 'state').rglob('*') if f.is_file()),
+            key=lambda f: f.stat().st_size)
+    data_bytes = bytearray(f.read_bytes())
+    middle = len(data_bytes) // 2
+    data_bytes[middle:middle + 64] = bytes(b ^ 0xFF for b in data_bytes[middle:middle + 64])
+    f.write_bytes(bytes(data_bytes))
+  else:  # a copy cut short
+    for f in (latest / 'data').glob('process_*'):
+      f.unlink()
+  try:
+    restored, at = Checkpointer(tmp_path).restore(setup.abstract_state, it, move_aside=True)
+  finally:
+    it.close()
+  assert at == 1 and 'checkpoint' in caplog.text and 'unreadable' in caplog.text
+  _assert_trees_equal(restored, state)
+  assert [p.name.split('-')[0] for p in (tmp_path / 'corrupt_checkpoints').iterdir()] == ['2']
+
+
 def test_a_full_disk_is_a_one_line_error_naming_the_intact_checkpoint(tmp_path, monkeypatch):
   cfg = mesh_config(tiny_config(), data=8)
   setup, _ = _setup(cfg)

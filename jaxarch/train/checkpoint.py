@@ -2,8 +2,10 @@
 
 Saves are asynchronous and atomic: Orbax writes a temporary directory and renames it once
 complete, so a save that is interrupted (kill -9, a node lost) leaves no checkpoint behind,
-only the previous ones. A checkpoint that exists but fails to restore (a file truncated or
-garbled on disk) is reported and the previous one is tried, so a run loses at most the work
+only the previous ones. Each checkpoint holds a checksum of every array, computed on the
+devices as it is saved and checked after it is read. A checkpoint that exists but fails to
+restore (a file truncated or garbled on disk, a data position missing, an array that does
+not match its checksum) is reported and the previous one is tried, so a run loses at most the work
 since its last good checkpoint; the resuming trainer also moves it to
 workdir/corrupt_checkpoints, so that it can write that step again (readers such as
 `evaluate` leave the workdir as it is). Running out of memory while restoring is an error,
@@ -25,6 +27,7 @@ from pathlib import Path
 import grain
 import grain.checkpoint
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -68,6 +71,7 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'checksums': ocp.JsonCheckpointHandler(),
                        'data': grain.checkpoint.CheckpointHandler()})
 
   @staticmethod
@@ -87,7 +91,8 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: dict, data_iterator=None, *, force: bool = False) -> bool:
-    items = {'state': ocp.args.StandardSave(state)}
+    items = {'state': ocp.args.StandardSave(state),
+             'checksums': ocp.args.JsonSave(checksums(state))}
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
     with self._write_errors(step):
@@ -132,9 +137,13 @@ class Checkpointer:
                                 f'model: {why}. Use a new --workdir, or the config the '
                                 'checkpoint was trained with.')
         items = {'state': ocp.args.StandardRestore(abstract_state)}
+        if (self.directory / str(s) / 'checksums').is_dir():  # not before 2026-12
+          items['checksums'] = ocp.args.JsonRestore()
         if data_iterator is not None and self._data_position_fits(s):
           items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(s, args=ocp.args.Composite(**items))
+        if 'checksums' in items:
+          _verify(restored['state'], restored['checksums'])
       except CheckpointError:
         raise
       except Exception as e:  # pylint: disable=broad-except
@@ -168,6 +177,8 @@ class Checkpointer:
     if (data / f'process_{jax.process_index()}-of-{jax.process_count()}.json').exists():
       return True
     saved = sorted(p.name for p in data.glob('process_*-of-*.json'))
+    if not saved:  # written with a data position that is gone: a partial copy
+      raise FileNotFoundError(f'{data} holds no data position')
     log.warning('checkpoint %s holds the data positions of other processes (%s), not of '
                 'process %d of %d: the state is restored, the data iterators start afresh',
                 self.directory / str(step), ', '.join(saved[:2]) or 'none',
@@ -199,6 +210,45 @@ class Checkpointer:
       self.wait()
     finally:
       self.manager.close()
+
+
+def _bits(x: jax.Array) -> jax.Array:
+  """x's bit patterns as unsigned ints (a typed PRNG key's key data)."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  return jax.lax.bitcast_convert_type(
+      x, {1: jnp.uint8, 2: jnp.uint16}.get(x.dtype.itemsize, jnp.uint32))
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+  """A uint32 sum of x's bit patterns weighted by position: a flipped bit or moved block
+  changes it, and it is the same on any mesh (integer sums do not depend on their order)."""
+  bits = _bits(x).astype(jnp.uint32)
+  index = jnp.zeros(bits.shape, jnp.uint32)
+  for axis, size in enumerate(bits.shape):
+    index = index * jnp.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis)
+  return jnp.sum(bits * (index * jnp.uint32(2654435761) + jnp.uint32(1)), dtype=jnp.uint32)
+
+
+@jax.jit
+def _checksums(state) -> list[jax.Array]:
+  return [_checksum(x) for x in jax.tree.leaves(state)]
+
+
+def checksums(state) -> dict[str, int]:
+  """'params/blocks/0/mlp/gate/value' -> the checksum of that array of a state tree."""
+  paths = [tree_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+  return dict(zip(paths, map(int, jax.device_get(_checksums(state)))))
+
+
+def _verify(state, saved: dict[str, int]) -> None:
+  """Raises if an array of a restored state does not match the checksum it was saved with."""
+  bad = [k for k, v in checksums(state).items() if k in saved and saved[k] != v]
+  if bad:
+    raise ValueError(f'{len(bad)} arrays do not match their checksums (e.g. {bad[0]}): '
+                     'the data on disk are garbled')
 
 
 def _chain(error):
