@@ -144,7 +144,8 @@ def get_config(arg=None):
   # Checkpoint section.
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 1_000
-  c.checkpoint.keep = 3
+  c.checkpoint.keep = 3  # the last ones
+  c.checkpoint.keep_best = True  # and the one with the lowest eval_loss
   c.checkpoint.async_save = True
 
   # Logging and eval section.

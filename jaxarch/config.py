@@ -522,6 +522,7 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
 def _check_train(cfg: ConfigDict) -> None:
   _choice(cfg, 'train.schedule', SCHEDULES)
   _choice(cfg, 'train.nonfinite', NONFINITE)
+  _choice(cfg, 'checkpoint.keep_best', (True, False))
   _choice(cfg, 'train.mu_dtype', ('float32', 'bfloat16'))
   steps = cfg.train.steps
   warmup = _number(cfg, 'train.warmup_steps', int)

@@ -237,6 +237,23 @@ def test_a_damaged_latest_checkpoint_is_detected_and_the_previous_one_used(
   assert [p.name.split('-')[0] for p in (tmp_path / 'corrupt_checkpoints').iterdir()] == ['2']
 
 
+def test_the_last_checkpoints_and_the_best_evaluated_one_are_kept(tmp_path):
+  state = {'w': np.arange(4, dtype=np.float32), 'step': np.int32(0)}
+  kept = lambda: sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir())
+  ckpt = Checkpointer(tmp_path, keep=1, keep_best=True, async_save=False)
+  for step, eval_loss in [(1, 2.0), (2, 1.0), (3, None), (4, 3.0), (5, float('nan'))]:
+    ckpt.save(step, state, eval_loss=eval_loss)
+  assert kept() == [2, 5]
+  ckpt.close()
+  again = Checkpointer(tmp_path, keep=1, keep_best=True, async_save=False)  # resumed
+  again.save(6, state)
+  assert kept() == [2, 6]  # the best one's eval_loss was read back
+  again.save(7, state, eval_loss=0.5)
+  again.save(8, state)
+  assert kept() == [7, 8]
+  again.close()
+
+
 def test_a_full_disk_is_a_one_line_error_naming_the_intact_checkpoint(tmp_path, monkeypatch):
   cfg = mesh_config(tiny_config(), data=8)
   setup, _ = _setup(cfg)

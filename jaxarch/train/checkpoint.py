@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as preservation
 
 from jaxarch.train.step import tree_path
 
@@ -63,11 +64,22 @@ def mismatch(saved: dict, wanted: dict) -> str | None:
 
 
 class Checkpointer:
+  """The run's checkpoints: the last `keep`, and with `keep_best` also the one saved with
+  the lowest `eval_loss` (`save(eval_loss=)`)."""
 
-  def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str | Path, *, keep: int = 3, keep_best: bool = False,
+               async_save: bool = True):
     self.directory = Path(workdir).absolute() / 'checkpoints'
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
+    eval_loss = lambda metrics: metrics['eval_loss']
+    policies = [preservation.LatestN(n=keep)]
+    if keep_best:
+      policies.append(preservation.BestN(get_metric_fn=eval_loss, reverse=True, n=1,
+                                         keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=preservation.AnyPreservationPolicy(policies), create=True,
+        enable_async_checkpointing=async_save,
+        # Orbax writes a checkpoint's metrics (read back by BestN) only when it has a best_fn.
+        best_fn=eval_loss if keep_best else None, best_mode='min')
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
@@ -90,13 +102,16 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: dict, data_iterator=None, *, force: bool = False) -> bool:
+  def save(self, step: int, state: dict, data_iterator=None, *, eval_loss: float | None = None,
+           force: bool = False) -> bool:
     items = {'state': ocp.args.StandardSave(state),
              'checksums': ocp.args.JsonSave(checksums(state))}
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
     with self._write_errors(step):
-      return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+      finite = eval_loss is not None and np.isfinite(eval_loss)
+      return self.manager.save(step, args=ocp.args.Composite(**items), force=force,
+                               metrics={'eval_loss': float(eval_loss)} if finite else None)
 
   @contextlib.contextmanager
   def _write_errors(self, step: int | None):

@@ -120,6 +120,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     writer = MetricsWriter(workdir, tensorboard=cfg.log.tensorboard)
     cleanup.callback(writer.close)
     checkpointer = Checkpointer(workdir, keep=cfg.checkpoint.keep,
+                                keep_best=cfg.checkpoint.keep_best,
                                 async_save=cfg.checkpoint.async_save)
     cleanup.callback(checkpointer.close)
     changed = data_changes(workdir, cfg)
@@ -233,7 +234,8 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
 
     if step % cfg.checkpoint.every_steps == 0 or last or stopping:
       with _paused(watch):  # nor is saving a checkpoint
-        checkpointer.save(step, state, data_iter, force=True)
+        checkpointer.save(step, state, data_iter, force=True,
+                          eval_loss=logged.get('eval_loss') if evaluating else None)
     if stopping and not last:
       checkpointer.wait()
       bar.alert(f'jaxarch: {stop.received}: stopped after step {step}, checkpoint saved in '
