@@ -104,6 +104,15 @@ def test_evaluate_and_load_use_the_latest_checkpoint(tmp_path, data_dir):
   assert model(np.zeros((1, 4), np.int32)).shape == (1, 4, cfg.model.vocab_size)
 
 
+def test_a_run_whose_mesh_does_not_fit_the_devices_here_gets_one_that_does():
+  from jaxarch.train.pretrained import mesh_here  # pylint: disable=g-import-not-at-top
+  pod = mesh_config(tiny_config(**{'train.batch_size': 48}), data=4, fsdp=4)  # 16 devices
+  assert dict(mesh_here(pod)[1].shape) == dict(data=8, fsdp=1, tensor=1, expert=1)
+  with pod.unlocked():
+    pod.train.batch_size = 12  # not a multiple of the 8 devices here
+  assert dict(mesh_here(pod)[1].shape) == dict(data=4, fsdp=1, tensor=2, expert=1)
+
+
 def test_tiny_training_lowers_validation_bits_per_byte(tmp_path, data_dir):
   # From ~8.6 bpb at initialisation (log2 of the vocab) to under 4.5 in 60 steps.
   cfg = _cfg(data_dir, **{'train.steps': 60, 'train.batch_size': 16, 'data.seq_len': 64,

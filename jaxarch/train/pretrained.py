@@ -2,6 +2,7 @@
 model (`load_model`), or the sub-models a new run starts from (`with_pretrained_parts`)."""
 
 import copy
+import math
 from pathlib import Path
 
 import jax
@@ -15,21 +16,20 @@ from jaxarch.train.checkpoint import Checkpointer
 from jaxarch.train.state import TrainSetup, make_setup, merge_model
 
 
-# A data-parallel mesh of every device here: what a run whose own mesh does not fit runs on.
-DATA_PARALLEL = ('mesh.ici.data=-1', 'mesh.ici.fsdp=1', 'mesh.ici.tensor=1',
-                 'mesh.ici.expert=1', 'mesh.dcn.data=1', 'mesh.dcn.fsdp=1', 'mesh.dcn.tensor=1',
-                 'mesh.dcn.expert=1')
-
-
 def mesh_here(cfg: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, Mesh]:
   """(config, mesh) to run a trained model on these devices: the run's own mesh when it
-  fits them, else a data-parallel one (e.g. a pod checkpoint evaluated on one GPU)."""
+  fits them, else a data-parallel one (e.g. a pod checkpoint evaluated on one GPU), with
+  the devices the batch does not divide over on `tensor` (a batch of 12 on 8 devices:
+  data=4, tensor=2)."""
   try:
     return cfg, make_mesh(cfg)
   except config_lib.ConfigError:
     cfg = copy.deepcopy(cfg)
-    for override in DATA_PARALLEL:
-      config_lib.apply_override(cfg, override)
+    n = jax.device_count()
+    data = math.gcd(cfg.train.batch_size // cfg.train.grad_accum_steps, n)
+    for axis, size in dict(data=data, fsdp=1, tensor=n // data, expert=1).items():
+      config_lib.apply_override(cfg, f'mesh.ici.{axis}={size}')
+      config_lib.apply_override(cfg, f'mesh.dcn.{axis}=1')
     return cfg, make_mesh(config_lib.validate(cfg))
 
 
