@@ -27,6 +27,11 @@ def test_rules_map_logical_axes_to_mesh_axes():
   rules = tiny_config().mesh.rules
   assert logical_to_spec(('batch', 'length'), rules) == P(('data', 'fsdp', 'expert'), None)
   assert logical_to_spec(('embed', 'mlp'), rules) == P('fsdp', 'tensor')
+  misspelt = (('batch', 'data'), ('embed', 'fsdp'), ('mpl', 'tensor'))
+  with pytest.raises(config_lib.ConfigError, match=(
+      "^config error: mesh.rules has no entry for logical axis 'mlp', which the model uses "
+      r"\(is 'mpl' a misspelling of it\?\)$")):
+    logical_to_spec(('embed', 'mlp'), misspelt)
 
 
 def test_mesh_axis_that_does_not_divide_a_dimension_is_dropped():

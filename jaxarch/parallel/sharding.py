@@ -7,6 +7,7 @@ replicated along that dimension rather than failing (e.g. 2 KV heads on tensor=4
 
 import collections
 from collections.abc import Sequence
+import difflib
 import logging
 import math
 
@@ -14,6 +15,8 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxarch import config as config_lib
 
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 LARGE_WEIGHT = 1 << 20  # elements: replicating a weight this large is worth a warning
@@ -41,7 +44,10 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules,
       spec.append(None)
       continue
     if name not in table:
-      raise ValueError(f'config error: mesh.rules has no entry for logical axis {name!r}')
+      close = difflib.get_close_matches(name, table, n=1)
+      raise config_lib.ConfigError(
+          f'mesh.rules has no entry for logical axis {name!r}, which the model '
+          f'uses' + (f' (is {close[0]!r} a misspelling of it?)' if close else ''))
     target = table[name]
     target = () if target is None else (target,) if isinstance(target, str) else tuple(target)
     kept = []
