@@ -66,8 +66,16 @@ class UnknownKeyError(ConfigError):
 
 
 def load(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
-  """`configs/dense.py:tiny` plus `train.steps=50`-style overrides -> locked, valid config."""
+  """`configs/dense.py:tiny` plus `train.steps=50`-style overrides -> locked, valid config.
+
+  A run's saved `config.json` loads too (`load_json`), so a run can be trained again.
+  """
   path, arg = _split_spec(spec)
+  if path.endswith('.json'):
+    if arg:
+      raise ConfigError(f'config file {path!r} is a saved config: it takes no preset '
+                        f'(:{arg})')
+    return load_json(_resolve_path(path), overrides)
   module = _import_file(_resolve_path(path))
   get_config = getattr(module, 'get_config', None)
   if not callable(get_config):
@@ -124,6 +132,9 @@ def _resolve_path(path: str) -> Path:
 def _import_file(path: Path):
   name = '_jaxarch_config_' + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
   module_spec = importlib.util.spec_from_file_location(name, path)
+  if module_spec is None:
+    raise ConfigError(f'config file {str(path)!r} is neither a Python file defining '
+                      "get_config(arg) nor a run's saved config.json")
   module = importlib.util.module_from_spec(module_spec)
   sys.modules[name] = module  # dataclasses and pickling look modules up by name
   module_spec.loader.exec_module(module)
@@ -802,7 +813,7 @@ INIT_MODEL_KEYS = ('init_truncation',)
 
 def _with_new_run_keys(tree: dict) -> dict:
   try:
-    defaults = to_dict(load('configs/dense.py'))
+    defaults = to_dict(load(str(_REPO_ROOT / 'configs' / 'dense.py')))  # not ./configs
   except ConfigError:  # an installed package without configs/: nothing to fill from
     return tree
 
@@ -823,7 +834,8 @@ def _with_new_run_keys(tree: dict) -> dict:
   for section, key in RUN_MODEL_KEYS:
     saved = model.get(section) if isinstance(model, dict) else None
     if isinstance(saved, dict) and key not in saved:
-      saved[key] = to_dict(load(f'configs/{section}.py:tiny'))['model'][section][key]
+      shipped = _REPO_ROOT / 'configs' / f'{section}.py'
+      saved[key] = to_dict(load(f'{shipped}:tiny'))['model'][section][key]
   return tree
 
 

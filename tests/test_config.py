@@ -74,6 +74,28 @@ def test_file_without_get_config_is_a_config_error(tmp_path):
   assert 'does not define get_config' in message
 
 
+
+def test_a_saved_config_json_loads_and_other_files_are_config_errors(tmp_path):
+  config_lib.save(tiny(), tmp_path / 'config.json')
+  again = config_lib.load(str(tmp_path / 'config.json'), ['train.steps=700'])
+  assert again.train.steps == 700 and again.model.to_dict() == tiny().model.to_dict()
+  assert 'takes no preset' in error_of(config_lib.load, f'{tmp_path / "config.json"}:tiny')
+  (tmp_path / 'notes.txt').write_text('steps: 7\n')
+  assert "neither a Python file defining get_config(arg) nor a run's saved config.json" in (
+      error_of(config_lib.load, str(tmp_path / 'notes.txt')))
+
+
+def test_a_saved_config_takes_new_keys_from_the_shipped_configs_not_the_working_dir(
+    tmp_path, monkeypatch):
+  saved = config_lib.to_dict(tiny())
+  del saved['checkpoint']['keep_best']  # saved before the key existed
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  (tmp_path / 'configs').mkdir()
+  (tmp_path / 'configs' / 'dense.py').write_text('raise RuntimeError("a user\'s own")\n')
+  monkeypatch.chdir(tmp_path)
+  assert config_lib.load_json(tmp_path / 'config.json').checkpoint.keep_best is True
+
+
 # Overrides.
 
 
