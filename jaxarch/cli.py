@@ -53,6 +53,17 @@ def _no_overrides(command: str, overrides) -> None:
                                  f'workdir; drop {overrides[0].split("=")[0]}')
 
 
+def _at_least_one(text: str) -> int:
+  """An argparse type: a count of at least one."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{text!r} is not a whole number') from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'{value} must be >= 1')
+  return value
+
+
 def _join_job(args) -> bool:
   """Joins a multi-process job if this process is one (flags or cluster environment);
   True on the process that reports."""
@@ -194,7 +205,7 @@ def _sweep(args, overrides):
 
 def _fit(args, overrides):
   from jaxarch.sweep.report import write_report  # pylint: disable=g-import-not-at-top
-  del overrides
+  _no_overrides('fit', overrides)
   out = Path(args.out) if args.out else Path(args.workdir) / 'report'
   fits = write_report(args.workdir, out, params=args.params, bootstrap=args.bootstrap)
   for family, entry in fits.items():
@@ -257,8 +268,9 @@ def _parser() -> argparse.ArgumentParser:
   bench.add_argument('what', choices=('train', 'memory'),
                      help='train: time the train step; memory: bytes per device of the '
                      'train state and the compiled step, without allocating them')
-  bench.add_argument('--steps', type=int, default=10, help='timed steps')
-  bench.add_argument('--warmup', type=int, default=2, help='untimed steps (compilation)')
+  bench.add_argument('--steps', type=_at_least_one, default=10, help='timed steps')
+  bench.add_argument('--warmup', type=_at_least_one, default=2,
+                     help='untimed steps (the first compiles)')
   bench.add_argument('--profile', action='store_true',
                      help='also write a jax.profiler trace of 3 steps to WORKDIR/profile')
   bench.add_argument('--state_only', action='store_true',
@@ -320,7 +332,7 @@ def _parser() -> argparse.ArgumentParser:
   sweep.add_argument('--config', required=True,
                      help='sweep file and argument, e.g. configs/sweeps/isoflop.py:tiny')
   sweep.add_argument('--workdir', required=True)
-  sweep.add_argument('--parallel', type=int, default=1, help='runs at a time')
+  sweep.add_argument('--parallel', type=_at_least_one, default=1, help='runs at a time')
   sweep.add_argument('--launcher', help='render one cluster job per run instead of running: '
                      f'{", ".join(launch_lib.TARGETS)} (their keys: --config.launch.KEY=VALUE)')
   sweep.add_argument('--collect', action='store_true',

@@ -141,6 +141,16 @@ def test_unwritable_workdir_is_one_line(tmp_path, data_dir, capsys):
   assert '\n' not in err
 
 
+def test_counts_below_one_and_overrides_fit_does_not_take_are_one_line(tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(['bench', 'train', *TINY, f'--workdir={tmp_path}/bench', '--steps=0'])
+  assert exit_.value.code == 2 and 'argument --steps: 0 must be >= 1' in (
+      capsys.readouterr().err)
+  assert not (tmp_path / 'bench').exists()
+  code, err = _run_cli(['fit', f'--workdir={tmp_path}', '--config.train.steps=3'], capsys)
+  assert code == 2 and err.endswith('drop --config.train.steps')
+
+
 def test_full_disk_is_found_before_training(tmp_path, data_dir, capsys, monkeypatch):
   usage = collections.namedtuple('usage', 'total used free')
   monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage(10**9, 10**9, 1000))
