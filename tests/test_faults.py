@@ -75,12 +75,13 @@ def test_nonfinite_step_stops_with_a_report_and_the_weights_untouched(tmp_path, 
   grads = {p['name']: p['grad_norm'] for p in report['parameters']}
   assert report['step'] == 3 and grads['embed/embedding'] == 'nan'
   assert all(isinstance(p['param_norm'], float) for p in report['parameters'])
-  assert not (tmp_path / 'metrics.jsonl').exists()  # stopped before logging step 5
-  # The checkpoint written after the bad step (4) holds finite weights, since the update
-  # was not applied: the run resumes from it.
+  # Found when the next checkpoint (4) ends the logging window, before it is written: the
+  # run resumes from checkpoint 2, the last one before the bad step.
+  assert [r['step'] for r in read_metrics(tmp_path)] == [2]
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
   monkeypatch.undo()
   result = train(_cfg(data_dir), tmp_path)
-  assert [r['step'] for r in read_metrics(tmp_path)] == [5, 10]
+  assert [r['step'] for r in read_metrics(tmp_path)] == [2, 4, 5, 6, 8, 10]
   assert result['step'] == 10 and np.isfinite(result['loss'])
 
 

@@ -29,7 +29,8 @@ def _losses(workdir):
 def test_metrics_checkpoints_and_config_are_written(tmp_path, data_dir):
   result = train(_cfg(data_dir, **{'log.tensorboard': True, 'log.every_steps': 4}), tmp_path)
   records = read_metrics(tmp_path)
-  assert [r['step'] for r in records] == [4, 8, 10, 12, 16, 20]  # evaluations log too
+  # Evaluations and checkpoints (every 5) end a logging window too.
+  assert [r['step'] for r in records] == [4, 5, 8, 10, 12, 15, 16, 20]
   evals = [r for r in records if 'eval_bpb' in r]
   assert [r['step'] for r in evals] == [10, 20]
   assert result['step'] == 20 and np.isfinite(result['eval_bpb'])

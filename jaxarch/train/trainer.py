@@ -205,8 +205,11 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
     last = step == cfg.train.steps
     evaluating = validation is not None and (
         last or (step % cfg.log.eval_every_steps == 0 and not stopping))
+    saving = step % cfg.checkpoint.every_steps == 0 or last or stopping
 
-    if step % cfg.log.every_steps == 0 or last or stopping or evaluating:
+    # A checkpoint ends a logging window: its steps are checked for non-finite values
+    # before they are saved, and a resumed run's windows are those of an uninterrupted one.
+    if step % cfg.log.every_steps == 0 or saving or evaluating:
       window = jax.device_get(pending)
       skipped = monitor.check(step - len(window) + 1, window)
       logged = _window_metrics(window)
@@ -232,7 +235,7 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
       bar.update(step, logged, keep='eval_loss' in logged)
       final.update(logged)
 
-    if step % cfg.checkpoint.every_steps == 0 or last or stopping:
+    if saving:
       with _paused(watch):  # nor is saving a checkpoint
         checkpointer.save(step, state, data_iter, force=True,
                           eval_loss=logged.get('eval_loss') if evaluating else None)
