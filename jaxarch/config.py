@@ -539,8 +539,8 @@ def _check_train(cfg: ConfigDict) -> None:
   warmup = _number(cfg, 'train.warmup_steps', int)
   if not 0 <= warmup <= steps:
     raise ConfigError(f'train.warmup_steps={warmup} must be in [0, train.steps={steps}]')
-  if not _number(cfg, 'train.lr') > 0:
-    raise ConfigError(f'train.lr={cfg.train.lr} must be > 0')
+  if not 0 < _number(cfg, 'train.lr') < math.inf:
+    raise ConfigError(f'train.lr={cfg.train.lr} must be > 0 and finite')
   for key in ('train.min_lr_ratio', 'train.decay_fraction'):
     if not 0 <= _number(cfg, key) <= 1:
       raise ConfigError(f'{key}={_get(cfg, key)} must be in [0, 1]')

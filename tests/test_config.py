@@ -246,6 +246,7 @@ def test_block_pattern_must_name_known_blocks():
     (('train.warmup_steps=600',), 'train.warmup_steps'),  # tiny trains 500 steps
     (('train.warmup_steps=-1',), 'train.warmup_steps'),
     (('train.lr=0',), 'train.lr'),
+    (('train.lr=inf',), 'train.lr'),
     (('train.min_lr_ratio=1.5',), 'train.min_lr_ratio'),
     (('train.grad_clip=-1',), 'train.grad_clip'),
 ])
