@@ -517,6 +517,10 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
                         f'{", ".join(BLOCK_CHECKS)}')
   checks = list(FAMILY_CHECKS[family])
   for block in pattern:
+    if BLOCK_CHECKS[block] and not isinstance(cfg.model.get(block), ConfigDict):
+      raise ConfigError(f'model.block_pattern={tuple(pattern)!r} has {block!r} blocks, whose '
+                        f'settings (model.{block}) come with configs/{block}.py; start from '
+                        f'it (--config=configs/{block}.py:<preset>)')
     checks += BLOCK_CHECKS[block]
   for check in dict.fromkeys(checks):  # each once, in order
     check(cfg)

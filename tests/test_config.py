@@ -240,6 +240,8 @@ def test_block_pattern_must_name_known_blocks():
   message = error_of(tiny, "model.block_pattern=('dense', 'mamba')")
   assert message.startswith("config error: model.block_pattern[1]='mamba' must be one of")
   assert 'non-empty' in error_of(tiny, 'model.block_pattern=()')
+  assert "'moe' blocks, whose settings (model.moe) come with configs/moe.py" in error_of(
+      tiny, "model.block_pattern=('dense', 'moe')")
 
 
 @pytest.mark.parametrize('overrides, key', [
