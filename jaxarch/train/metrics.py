@@ -20,13 +20,19 @@ class MetricsWriter:
   written as null, so that every line is standard JSON (jq, pandas, JavaScript).
   """
 
-  def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
+  def __init__(self, workdir: str | Path, *, tensorboard: bool = True, after_step: int = 0):
+    """`after_step`: where the run (re)starts; the records of later steps, which it logs
+    again, are forgotten in both."""
     self.enabled = jax.process_index() == 0
     self.path = Path(workdir) / 'metrics.jsonl'
     self.tb = None
-    if self.enabled and tensorboard:
+    if not self.enabled:
+      return
+    self._drop_after(after_step)
+    if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self.tb = SummaryWriter(str(Path(workdir) / 'tensorboard'))
+      # TensorBoard hides the events of steps >= purge_step written before it.
+      self.tb = SummaryWriter(str(Path(workdir) / 'tensorboard'), purge_step=after_step + 1)
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
@@ -41,10 +47,9 @@ class MetricsWriter:
           self.tb.add_scalar(k, v, step)
       self.tb.flush()
 
-  def drop_after(self, step: int):
-    """Forgets the records of steps after `step`, which a resumed run logs again, and a
-    last line cut short by a crash."""
-    if not self.enabled or not self.path.exists():
+  def _drop_after(self, step: int):
+    """Forgets the records of steps after `step`, and a last line cut short by a crash."""
+    if not self.path.exists():
       return
     records, torn = _read(self.path)
     kept = [r for r in records if r['step'] <= step]

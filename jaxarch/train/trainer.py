@@ -117,8 +117,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         cfg.data, seed=cfg.train.seed, global_batch_size=cfg.train.batch_size,
         process_index=index, process_count=count))
     cleanup.callback(data_iter.close)
-    writer = MetricsWriter(workdir, tensorboard=cfg.log.tensorboard)
-    cleanup.callback(writer.close)
     checkpointer = Checkpointer(workdir, keep=cfg.checkpoint.keep,
                                 keep_best=cfg.checkpoint.keep_best,
                                 async_save=cfg.checkpoint.async_save)
@@ -138,7 +136,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
       state = with_pretrained_parts(cfg, setup, init_state(cfg, setup))
     if jax.process_index() == 0:  # only once the checkpoints are known to be this model's
       config_lib.save(cfg, workdir / 'config.json')
-    writer.drop_after(restored_step or 0)  # the steps logged after the checkpoint rerun
+    # The steps logged after the checkpoint run again: their records are forgotten.
+    writer = MetricsWriter(workdir, tensorboard=cfg.log.tensorboard,
+                           after_step=restored_step or 0)
+    cleanup.callback(writer.close)
     with (ProgressBar(cfg.train.steps, int(state['step']), enabled=cfg.log.progress) as bar,
           StopRequests(sync_every=cfg.log.every_steps) as stop):
       c = setup.param_counts
