@@ -6,11 +6,13 @@
 `model.d_model` and the other top-level shape keys describe the global model (its width
 is P·D_G, the concatenated byte embeddings of a patch); `model.megabyte.local` the local
 one. The global model is built from `model.block_pattern` like any jaxarch transformer,
-so it may hold `moe` blocks or `ultramem` memory layers: `tiny_ultramem` shows one.
+so it may hold `moe` blocks or `ultramem` memory layers: `tiny_ultramem` and `tiny_moe`
+show them.
 
   preset        P  global d x layers (heads)  local d x layers (heads)  context  params
   tiny          4  128 x 2 (4)                64 x 2 (4)                128      0.57M
   tiny_ultramem 4  tiny + 1 memory layer of 32x32 values (0.64M active)  128      0.70M
+  tiny_moe      4  tiny, block 2 of 4 experts x 192, top 2 (0.57M active) 128      0.72M
   small         8  512 x 4 (8)                256 x 2 (4)               1024     14.4M
   151m          8  1024 x 12 (8)              512 x 6 (8)               8192     171M
   1.5b          8  2048 x 24 (16)             1024 x 15 (16)            8192     1.40B
@@ -52,13 +54,15 @@ PRESETS = {
 }
 
 
+COMPOSED = ('tiny_ultramem', 'tiny_moe')  # tiny with memory layers or MoE blocks
+
+
 def get_config(arg=None):
   arg = arg or '151m'  # no preset: the 151m one, as configs/dense.py's defaults
-  composed = arg == 'tiny_ultramem'
-  preset = 'tiny' if composed else arg
+  preset = 'tiny' if arg in COMPOSED else arg
   if preset not in PRESETS:
     raise ValueError(f'config error: unknown preset {arg!r} for configs/megabyte.py; '
-                     f'expected one of {sorted([*PRESETS, "tiny_ultramem"])}')
+                     f'expected one of {sorted([*PRESETS, *COMPOSED])}')
   p = dict(PRESETS[preset])
   dense = 'tiny' if preset in ('tiny', 'small') else '151m'
   c = config_lib.load(f'{Path(__file__).with_name("dense.py")}:{dense}')
@@ -83,11 +87,17 @@ def get_config(arg=None):
     c.train.b2 = 0.98
     c.train.warmup_steps = 500
 
-  if composed:  # the global model with UltraMem memory layers
+  if arg == 'tiny_ultramem':  # the global model with UltraMem memory layers
     u = config_lib.load(f'{Path(__file__).with_name("ultramem.py")}:tiny').model.ultramem
     u.unlock()
     u.num_values = 32 * 32
     u.placement = ((0, 1),)
     c.model.ultramem = u
+  if arg == 'tiny_moe':  # the global model's second block routes over 4 experts
+    m = config_lib.load(f'{Path(__file__).with_name("moe.py")}:tiny').model.moe
+    m.unlock()
+    m.num_experts, m.top_k, m.expert_d_ff = 4, 2, 192
+    c.model.moe = m
+    c.model.block_pattern = ('dense', 'moe')
   c.lock()
   return c

@@ -518,9 +518,11 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
   checks = list(FAMILY_CHECKS[family])
   for block in pattern:
     if BLOCK_CHECKS[block] and not isinstance(cfg.model.get(block), ConfigDict):
+      start = (f'configs/megabyte.py:tiny_{block}' if family == 'megabyte'
+               else f'configs/{block}.py:<preset>')
       raise ConfigError(f'model.block_pattern={tuple(pattern)!r} has {block!r} blocks, whose '
-                        f'settings (model.{block}) come with configs/{block}.py; start from '
-                        f'it (--config=configs/{block}.py:<preset>)')
+                        f'settings (model.{block}) this config lacks; start from a config '
+                        f'that has them (--config={start})')
     checks += BLOCK_CHECKS[block]
   for check in dict.fromkeys(checks):  # each once, in order
     check(cfg)

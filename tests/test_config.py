@@ -240,8 +240,12 @@ def test_block_pattern_must_name_known_blocks():
   message = error_of(tiny, "model.block_pattern=('dense', 'mamba')")
   assert message.startswith("config error: model.block_pattern[1]='mamba' must be one of")
   assert 'non-empty' in error_of(tiny, 'model.block_pattern=()')
-  assert "'moe' blocks, whose settings (model.moe) come with configs/moe.py" in error_of(
-      tiny, "model.block_pattern=('dense', 'moe')")
+  assert "(model.moe) this config lacks; start from a config that has them (--config=" \
+      'configs/moe.py:<preset>)' in error_of(tiny, "model.block_pattern=('dense', 'moe')")
+  megabyte = config_lib.load('configs/megabyte.py:tiny')
+  with pytest.raises(config_lib.ConfigError, match=r'--config=configs/megabyte.py:tiny_moe'):
+    config_lib.apply_override(megabyte, "model.block_pattern=('dense', 'moe')")
+    config_lib.validate(megabyte)
 
 
 @pytest.mark.parametrize('overrides, key', [

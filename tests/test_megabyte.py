@@ -70,9 +70,12 @@ def test_packed_documents_see_only_themselves(model):
   np.testing.assert_allclose(packed[:, 8:18], _logits(model, b[None]), atol=1e-5)
 
 
-def test_sharded_over_8_devices_equals_one_device():
-  # With an UltraMem layer in the global model, its value table split over fsdp x tensor.
-  cfg = mesh_config(_cfg('tiny_ultramem'), data=2, fsdp=2, tensor=2)
+@pytest.mark.parametrize('preset, mesh', [
+    ('tiny_ultramem', dict(data=2, fsdp=2, tensor=2)),  # the value table over fsdp x tensor
+    ('tiny_moe', dict(data=2, expert=2, tensor=2)),  # the global model's experts over expert
+])
+def test_sharded_over_8_devices_equals_one_device(preset, mesh):
+  cfg = mesh_config(_cfg(preset), **mesh)
   model = models.build(cfg.model, rngs=nnx.Rngs(3))
   model.set_attributes(deterministic=True, raise_if_not_found=False)
   tokens = jnp.asarray(np.random.default_rng(3).integers(0, 256, (4, 32)), jnp.int32)
