@@ -3,10 +3,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from conftest import tiny_config
 from jaxarch import models
+from jaxarch.config import ConfigError
+from jaxarch.layers.attention import Attention
 
 
 def _model(**overrides):
@@ -121,3 +124,13 @@ def test_side_layer_reads_the_ffn_input_of_block_read_and_writes_after_block_wri
   np.testing.assert_allclose(seen, ffn_input, atol=1e-6)
   expected = jnp.einsum('btd,dv->btv', model.final_norm(x), model.head.get_value())
   np.testing.assert_allclose(logits, expected, atol=1e-5)
+
+
+def test_cudnn_attention_runs_as_xla_off_a_gpu_and_needs_16_bit_on_one(caplog, request):
+  build = lambda dtype: Attention(32, 2, 2, 16, impl='cudnn', dtype=dtype, rngs=nnx.Rngs(0))
+  assert build(jnp.float32).impl is None  # a GPU run's config, loaded on CPU
+  assert "attention_impl='cudnn' runs on GPUs" in caplog.text
+  request.getfixturevalue('traced_as_on_gpu')
+  assert build(jnp.bfloat16).impl == 'cudnn'
+  with pytest.raises(ConfigError, match="needs model.dtype bfloat16 or float16.*not float32"):
+    build(jnp.float32)

@@ -19,15 +19,21 @@ sequence's cached slots and `keep_path` keeps the accepted tokens. A `prefix` of
 keys and values (BiTA's deep prompt) is seen by the tokens the layout marks.
 """
 
+import logging
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxarch.config import ConfigError
+
 from jaxarch.layers import layout as layout_lib
 from jaxarch.layers import remat
 from jaxarch.layers.params import normal, param
 from jaxarch.layers.rope import apply_rope
+
+log = logging.getLogger(__name__)
 
 
 def document_mask(segment_ids: jax.Array) -> jax.Array:
@@ -40,10 +46,20 @@ def document_mask(segment_ids: jax.Array) -> jax.Array:
 
 
 def _implementation(impl: str, dtype) -> str | None:
-  """'auto' is cuDNN flash attention where it runs (GPU, 16-bit), XLA elsewhere."""
+  """'auto' is cuDNN flash attention where it runs (GPU, 16-bit), XLA elsewhere. 'cudnn'
+  off a GPU is XLA too (the same function: a GPU run loads anywhere), with a warning."""
+  on_gpu = jax.default_backend() == 'gpu'
+  sixteen_bit = dtype in (jnp.bfloat16, jnp.float16)
   if impl == 'auto':
-    on_gpu = jax.default_backend() == 'gpu'
-    impl = 'cudnn' if on_gpu and dtype in (jnp.bfloat16, jnp.float16) else 'xla'
+    impl = 'cudnn' if on_gpu and sixteen_bit else 'xla'
+  elif impl == 'cudnn' and not on_gpu:
+    log.warning("model.attention_impl='cudnn' runs on GPUs; attention runs on XLA on %s",
+                jax.default_backend())
+    impl = 'xla'
+  elif impl == 'cudnn' and not sixteen_bit:
+    raise ConfigError(f"config error: model.attention_impl='cudnn' needs model.dtype "
+                      f'bfloat16 or float16 (cuDNN flash attention), not '
+                      f'{jnp.dtype(dtype).name}; use auto or xla')
   return None if impl == 'xla' else impl
 
 
