@@ -58,5 +58,10 @@ def prefill(model: nnx.Module, tokens: jax.Array, lengths: jax.Array) -> jax.Arr
 
 
 def decode_step(model: nnx.Module, tokens: jax.Array, positions: jax.Array) -> jax.Array:
-  """One new token per sequence, `tokens` [b] at `positions` [b] -> logits [b, vocab]."""
+  """One new token per sequence, `tokens` [b] at `positions` [b] -> logits [b, vocab].
+
+  Positions must be below the caches' `length` (`add_caches`): a token at or past it is
+  not written, and its logits are wrong, unchecked inside jit. `Generator` sizes the
+  caches for its calls.
+  """
   return model.decode_step(tokens, positions)
