@@ -75,6 +75,8 @@ def get_config(arg=None):
   c.model.norm_eps = 1e-6
   c.model.init_std = 0.02
   c.model.init_truncation = 0.0  # > 0: the normal init cut at ±this many std (MEGABYTE: 2)
+  # GPT-2: the layers that write to the residual stream start at init_std / sqrt(2·layers).
+  c.model.residual_init_scale = True
   c.model.dtype = 'bfloat16'  # compute; parameters stay in param_dtype
   c.model.param_dtype = 'float32'
   c.model.remat = 'none'  # none | full | dots (save matmul outputs)

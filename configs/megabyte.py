@@ -26,8 +26,9 @@ stack (1024 x 12) in the global model and a local model of half its width, so th
 compares with the 151m presets of the other families. `text` is the paper's
 compute-matched text model (§5: global 2048 x 14, local 1024 x 18, patch 8, 8192 bytes),
 the one compared with a byte transformer at equal compute. The paper's init (normal, std
-0.006, truncated at 2σ) and Adam (0.9, 0.98) are used at paper scale; the small presets keep
-the project's defaults, which train faster at their width.
+0.006 for every weight, residual writes included, truncated at 2σ) and Adam (0.9, 0.98)
+are used at paper scale; the small presets keep the project's defaults, which train faster
+at their width.
 """
 
 from pathlib import Path
@@ -84,6 +85,7 @@ def get_config(arg=None):
   if p.get('paper_init'):
     c.model.init_std = 0.006
     c.model.init_truncation = 2.0
+    c.model.residual_init_scale = False  # one std for every weight, as in the paper
     c.train.b2 = 0.98
     c.train.warmup_steps = 500
 

@@ -528,6 +528,7 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
     check(cfg)
   if not _number(cfg, 'model.init_std') > 0:
     raise ConfigError(f'model.init_std={cfg.model.init_std} must be > 0')
+  _choice(cfg, 'model.residual_init_scale', (True, False))
   if not _number(cfg, 'model.init_truncation') >= 0:
     raise ConfigError(f'model.init_truncation={cfg.model.init_truncation} must be >= 0 '
                       '(0: no truncation; else in standard deviations, e.g. 2)')
@@ -814,7 +815,7 @@ RUN_SECTIONS = ('train', 'checkpoint', 'log', 'launch')
 # Model keys that pick kernels, which compute the same function: filled the same way.
 RUN_MODEL_KEYS = (('moe', 'matmul_impl'), ('moe', 'kernel_tiling'))
 # Model keys that only shape the initial weights (a saved run's are in its checkpoints).
-INIT_MODEL_KEYS = ('init_truncation',)
+INIT_MODEL_KEYS = ('init_truncation', 'residual_init_scale')
 
 
 def _with_new_run_keys(tree: dict) -> dict:

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from conftest import tiny_config
+from jaxarch import config as config_lib
 from jaxarch import models
 from jaxarch.config import ConfigError
 from jaxarch.layers.attention import Attention
@@ -134,3 +135,15 @@ def test_cudnn_attention_runs_as_xla_off_a_gpu_and_needs_16_bit_on_one(caplog, r
   assert build(jnp.bfloat16).impl == 'cudnn'
   with pytest.raises(ConfigError, match="needs model.dtype bfloat16 or float16.*not float32"):
     build(jnp.float32)
+
+
+def test_residual_writes_start_smaller_unless_every_weight_takes_one_std():
+  o_proj_std = lambda scaled: float(jnp.std(models.build(
+      tiny_config(**{'model.residual_init_scale': scaled}).model,
+      rngs=nnx.Rngs(0)).blocks[0].attn.o_proj[...]))
+  layers = tiny_config().model.n_layers
+  assert o_proj_std(False) == pytest.approx(0.02, rel=0.05)
+  assert o_proj_std(True) == pytest.approx(0.02 / np.sqrt(2 * layers), rel=0.05)
+  paper = config_lib.load('configs/megabyte.py:1.5b').model  # the paper's init
+  assert (paper.init_std, paper.init_truncation, paper.residual_init_scale) == (
+      0.006, 2.0, False)

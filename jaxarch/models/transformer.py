@@ -81,8 +81,10 @@ def make_attention(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Attention:
 
 
 def residual_init_std(cfg: ml_collections.ConfigDict) -> float:
-  """GPT-2 style: layers that write to the residual stream start scaled by 1/sqrt(2L)."""
-  return cfg.init_std / math.sqrt(2 * cfg.n_layers)
+  """GPT-2 style: layers that write to the residual stream start scaled by 1/sqrt(2L)
+  (`model.residual_init_scale`)."""
+  return cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.residual_init_scale else (
+      cfg.init_std)
 
 
 @register_block('dense')
