@@ -27,7 +27,6 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxarch.config import ConfigError
-
 from jaxarch.layers import layout as layout_lib
 from jaxarch.layers import remat
 from jaxarch.layers.params import normal, param
@@ -57,7 +56,7 @@ def _implementation(impl: str, dtype) -> str | None:
                 jax.default_backend())
     impl = 'xla'
   elif impl == 'cudnn' and not sixteen_bit:
-    raise ConfigError(f"config error: model.attention_impl='cudnn' needs model.dtype "
+    raise ConfigError(f"model.attention_impl='cudnn' needs model.dtype "
                       f'bfloat16 or float16 (cuDNN flash attention), not '
                       f'{jnp.dtype(dtype).name}; use auto or xla')
   return None if impl == 'xla' else impl
