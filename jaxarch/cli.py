@@ -175,13 +175,13 @@ def _export(args, overrides):
   source = f'{args.workdir} (checkpoint {step})'
   with all_or_nothing(args.out) as partial:
     if args.format == 'safetensors':
-      write_model(model, cfg, partial, source=source)
+      write_model(model, cfg, partial, source=source, final=args.out)
     else:
       max_len = args.max_len or cfg.model.max_len
       export_stablehlo(model, cfg, partial, batch_size=args.batch_size,
                        prompt_len=args.prompt_len or max_len // 2, max_len=max_len,
                        platforms=tuple(args.platforms.split(',')) if args.platforms
-                       else None, source=source)
+                       else None, source=source, final=args.out)
   out = Path(args.out)
   print(f'jaxarch: wrote {", ".join(sorted(p.name for p in out.iterdir()))} to {out}',
         file=sys.stderr)

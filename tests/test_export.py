@@ -15,6 +15,7 @@ from jaxarch import cli
 from jaxarch import config as config_lib
 from jaxarch import infer, models
 from jaxarch.export import ExportError, export_stablehlo, load_safetensors, write_model
+from jaxarch.data import get_tokenizer
 from jaxarch.export.run_stablehlo import StableHLOModel
 from jaxarch.parallel import make_mesh
 from jaxarch.train.checkpoint import Checkpointer
@@ -167,3 +168,19 @@ def test_unexportable_shapes_are_one_line(tmp_path):
   with pytest.raises(ExportError, match='max_len=999 <= model.max_len'):
     export_stablehlo(_model(cfg), cfg, tmp_path / 'b', batch_size=1, prompt_len=8,
                      max_len=999)
+
+
+def test_an_hf_tokenizer_json_keeps_its_file_and_the_readme_names_the_final_folder(tmp_path):
+  from test_data import _gpt2_style_tokenizer  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'hf').mkdir()
+  cfg = family_config('dense')
+  with cfg.unlocked():
+    cfg.data.tokenizer = _gpt2_style_tokenizer(tmp_path / 'hf' / 'tokenizer.json')
+  write_model(_model(cfg), cfg, tmp_path / 'partial', final=tmp_path / 'out')
+  loaded_cfg, _ = load_safetensors(tmp_path / 'partial')
+  tokenizer = get_tokenizer(loaded_cfg.data.tokenizer)  # the copy, not the export's spec
+  assert tokenizer.encode('hi')
+  assert loaded_cfg.data.tokenizer.endswith('tokenizer/tokenizer.json')
+  assert json.loads((tmp_path / 'partial' / 'tokenizer.json').read_text())['eod_id'] == 256
+  readme = (tmp_path / 'partial' / 'README.md').read_text()
+  assert f"load_safetensors('{tmp_path / 'out'}')" in readme and 'partial' not in readme

@@ -40,8 +40,9 @@ PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # jax.export's lowering platforms
 
 def export_stablehlo(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path, *,
                      batch_size: int, prompt_len: int, max_len: int,
-                     platforms: tuple[str, ...] | None = None, source: str = '') -> Path:
-  """Writes OUT as above for `model` (built from `cfg`)."""
+                     platforms: tuple[str, ...] | None = None, source: str = '',
+                     final: str | Path | None = None) -> Path:
+  """Writes OUT as above for `model` (built from `cfg`); `final`: as for `write_model`."""
   patch = getattr(model, 'patch_size', 1)  # MEGABYTE prefills whole patches
   if batch_size < 1 or prompt_len < 1 or prompt_len % patch:
     raise ExportError(f'export: batch_size={batch_size} and prompt_len={prompt_len} must be '
@@ -53,7 +54,7 @@ def export_stablehlo(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str
   if unknown:
     raise ExportError(f'export: platform {unknown[0]!r} is not one of {", ".join(PLATFORMS)} '
                       '(jax.export\'s names: cuda for NVIDIA GPUs)')
-  out = write_model(model, cfg, out, source=source)
+  out = write_model(model, cfg, out, source=source, final=final)
   model = for_inference(model)
   graphdef, counters, weights_state = nnx.split(model, WindowCounter, ...)
   weights_template = named_variables(weights_state)
@@ -101,7 +102,8 @@ def export_stablehlo(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str
   shutil.copy(run_stablehlo.__file__, out / 'run_stablehlo.py')
   with open(out / 'README.md', 'a') as readme:
     readme.write(_README.format(batch=batch_size, prompt_len=prompt_len, max_len=max_len,
-                                platforms=', '.join(exported_prefill.platforms), out=out))
+                                platforms=', '.join(exported_prefill.platforms),
+                                out=final or out))
   return out
 
 

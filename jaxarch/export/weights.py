@@ -8,7 +8,8 @@
                           'mask_embed'
   OUT/config.json         the run's resolved config (`jaxarch.config.load_json` reads it)
   OUT/tokenizer.json      how text becomes ids: the tokenizer spec and its special ids;
-                          a SentencePiece or tokenizer.json file is copied beside it
+                          a SentencePiece or tokenizer.json file is copied into
+                          OUT/tokenizer/ (so an HF `tokenizer.json` keeps its name)
   OUT/README.md           what the directory holds and how to load it
 
 Names are the module attribute paths joined by dots, so they change only when a module's
@@ -85,8 +86,11 @@ def all_or_nothing(out: str | Path):
 
 
 def write_model(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path, *,
-                source: str = '') -> Path:
-  """Writes `model` (built from `cfg`) as OUT/{model.safetensors, config.json, ...}."""
+                source: str = '', final: str | Path | None = None) -> Path:
+  """Writes `model` (built from `cfg`) as OUT/{model.safetensors, config.json, ...}.
+
+  `final`: where OUT will be once written (`all_or_nothing`), named in its README.
+  """
   out = _free(out)
   out.mkdir(parents=True, exist_ok=True)
   arrays = {k: jax.device_get(v) for k, v in flat_arrays(model).items()}
@@ -106,19 +110,21 @@ def write_model(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Pa
   count = sum(int(np.prod(a.shape)) for a in arrays.values())
   (out / 'README.md').write_text(_README.format(
       family=cfg.model.family, source=source or 'a jaxarch run', arrays=len(arrays),
-      count=count, out=out))
+      count=count, out=final or out))
   return out
 
 
 def _with_portable_tokenizer(cfg, out: Path):
-  """A tokenizer file is copied into OUT and the config names it relative to OUT."""
+  """A tokenizer file is copied into OUT/tokenizer/ and the config names it relative to
+  OUT; a folder of its own, since OUT/tokenizer.json is the export's own."""
   spec = cfg.data.tokenizer
   if spec == 'bytes' or not Path(spec).expanduser().is_file():
     return cfg
   source = Path(spec).expanduser()
-  shutil.copy(source, out / source.name)
+  (out / 'tokenizer').mkdir()
+  shutil.copy(source, out / 'tokenizer' / source.name)
   cfg = ml_collections.ConfigDict(cfg.to_dict())
-  cfg.data.tokenizer = source.name
+  cfg.data.tokenizer = f'tokenizer/{source.name}'
   return cfg
 
 
