@@ -21,6 +21,7 @@ import contextlib
 import errno
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -143,6 +144,7 @@ class Checkpointer:
     write again) moved to workdir/corrupt_checkpoints.
     """
     wanted = _shapes(abstract_state)
+    _quiet_closed_loop_reports()  # before a read can fail
     steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
     for s in steps:
       try:
@@ -264,6 +266,23 @@ def _verify(state, saved: dict[str, int]) -> None:
   if bad:
     raise ValueError(f'{len(bad)} arrays do not match their checksums (e.g. {bad[0]}): '
                      'the data on disk are garbled')
+
+
+def _quiet_closed_loop_reports() -> None:
+  """After a restore fails, TensorStore reads still in flight call back into Orbax's
+  closed event loop, and Python reports each as an unraisable 'Event loop is closed'
+  traceback (hundreds of lines). Those reports are dropped; every other passes through."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_closed_loop_reports', False):
+    return
+
+  def hook(report):
+    if not (report.exc_type is RuntimeError and
+            str(report.exc_value) == 'Event loop is closed'):
+      previous(report)
+
+  hook.drops_closed_loop_reports = True
+  sys.unraisablehook = hook
 
 
 def _chain(error):
