@@ -18,7 +18,7 @@ from jaxarch.train import evaluate, train
 from jaxarch.train import trainer
 from jaxarch.train.checkpoint import CheckpointError
 from jaxarch.train.metrics import read_metrics
-from jaxarch.train.nonfinite import NonFiniteError
+from jaxarch.train.nonfinite import NonFiniteError, NonFiniteMonitor
 
 TINY = ['--config=configs/dense.py:tiny', '--config.model.d_model=64',
         '--config.model.n_layers=2', '--config.model.d_ff=128', '--config.data.seq_len=32',
@@ -71,6 +71,7 @@ def test_nonfinite_step_stops_with_a_report_and_the_weights_untouched(tmp_path, 
   message = str(error.value)
   assert message.startswith('non-finite training at step 3: loss nan') and '\n' not in message
   assert 'non-finite gradients in' in message and 'blocks/0/attn' in message
+  assert 'The last checkpoint (2) is intact' in message and message.endswith('to resume.')
   report = json.loads((tmp_path / 'nonfinite_step_3.json').read_text())
   grads = {p['name']: p['grad_norm'] for p in report['parameters']}
   assert report['step'] == 3 and grads['embed/embedding'] == 'nan'
@@ -103,6 +104,18 @@ def test_skip_policy_counts_bad_steps_and_stops_after_too_many_in_a_row(
   cfg = _cfg(data_dir, **{'train.nonfinite': 'skip', 'train.max_consecutive_skips': 2})
   with pytest.raises(NonFiniteError, match=r'step 5: .*3 non-finite steps in a row'):
     train(cfg, tmp_path / 'diverging')
+
+
+def test_weights_that_would_overflow_are_named_and_a_run_without_checkpoints_says_so(
+    tmp_path):
+  monitor = NonFiniteMonitor('stop', 10, ['embed/embedding', 'head'], tmp_path)
+  overflow = {'nonfinite': 1.0, 'loss': 5.5, 'grad_norm': 2.0,
+              'layer_grad_norms': [1.0, 1.7], 'layer_param_norms': [3.0, 4.0]}
+  with pytest.raises(NonFiniteError) as error:
+    monitor.check(1, [overflow])
+  message = str(error.value)
+  assert "the update would have made the weights' norm overflow" in message
+  assert 'No checkpoint was written yet' in message and message.endswith('and rerun.')
 
 
 # Corrupt checkpoints.

@@ -1,6 +1,7 @@
 """NaN and Inf in training: never applied, then skipped or reported, as the config says.
 
-The train step never applies an update whose loss or gradient norm is not finite (see
+The train step never applies an update whose loss or gradient norm is not finite, or
+that would make the weights' norm overflow (see
 `step.make_train_step`), so the weights stay those of the last good step. The trainer
 reads the step flags at each logging step and then, by `train.nonfinite`:
 
@@ -18,6 +19,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxarch.train.checkpoint import Checkpointer
+
 
 class NonFiniteError(RuntimeError):
   """Training met a NaN or Inf it was configured not to skip; the message is the report."""
@@ -27,13 +30,16 @@ class NonFiniteMonitor:
   """Applies the policy to the per-step metrics of each logging window."""
 
   def __init__(self, policy: str, max_consecutive: int, names: list[str],
-               workdir: str | Path, skipped: int = 0):
+               workdir: str | Path, skipped: int = 0, checkpointer: Checkpointer | None = None):
+    """`checkpointer`: the run's, whose pending saves complete before the report names
+    the last checkpoint."""
     self.policy = policy
     self.max_consecutive = max_consecutive
     self.names = names
     self.workdir = Path(workdir)
     self.skipped = skipped  # in this process's lifetime
     self.consecutive = 0
+    self.checkpointer = checkpointer
 
   def check(self, first_step: int, window: list[dict]) -> int:
     """Steps skipped in `window` (per-step host metrics from `first_step` on); raises
@@ -64,18 +70,24 @@ class NonFiniteMonitor:
     if bad:
       worst = (f'non-finite gradients in {len(bad)} of {len(grads)} parameters, e.g. '
                f'{", ".join(bad[:3])}')
+    elif np.isfinite(float(metrics['loss'])) and np.isfinite(float(metrics['grad_norm'])):
+      worst = "the update would have made the weights' norm overflow"
     else:  # a non-finite loss with finite gradients: the largest ones
       order = np.argsort(-grads)[:3]
       worst = 'largest gradient norms ' + ', '.join(f'{self.names[i]} {grads[i]:.3g}'
                                                      for i in order)
     why = (f'{self.consecutive} non-finite steps in a row (train.max_consecutive_skips='
            f'{self.max_consecutive})' if self.policy == 'skip' else 'train.nonfinite=stop')
+    if self.checkpointer is not None:
+      self.checkpointer.wait()
+    latest = Checkpointer.latest(self.workdir)
+    saved = ('No checkpoint was written yet' if latest is None else
+             f'The last checkpoint ({latest}) is intact')
     return (f'non-finite training at step {step}: loss {float(metrics["loss"]):.4g}, '
             f'gradient norm {float(metrics["grad_norm"]):.4g}; the update was not applied; '
-            f'{worst}. Stopped ({why}); all parameter statistics are in '
-            f'{path}. The last checkpoint is intact: lower train.lr, raise '
-            'train.warmup_steps or train.grad_clip, or set train.nonfinite=skip, and rerun '
-            'to resume.')
+            f'{worst}. Stopped ({why}); all parameter statistics are in {path}. {saved}: '
+            'lower train.lr, raise train.warmup_steps or train.grad_clip, or set '
+            'train.nonfinite=skip, and rerun' + (' to resume.' if latest else '.'))
 
 
 def _json_float(x) -> float | str:

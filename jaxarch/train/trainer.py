@@ -197,7 +197,8 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
   device_kind = jax.devices()[0].device_kind
   monitor = NonFiniteMonitor(cfg.train.nonfinite, cfg.train.max_consecutive_skips,
-                             leaf_names(setup.abstract_state['params']), workdir)
+                             leaf_names(setup.abstract_state['params']), workdir,
+                             checkpointer=checkpointer)
   final, pending, watch = {}, [], None
   for step in range(int(state['step']) + 1, cfg.train.steps + 1):
     state, metrics = train_step(state, global_batch(next(data_iter), setup.batch_sharding))
