@@ -58,6 +58,10 @@ def test_non_finite_metrics_are_written_as_null(tmp_path):
   refuse = lambda token: pytest.fail(f'{token} is not JSON')
   assert json.loads(line, parse_constant=refuse) == {
       'step': 3, 'loss': None, 'grad_norm': None, 'lr': 0.5}
+  # A file of an older version, with NaN, resumed at step 1: rewritten as standard JSON.
+  (tmp_path / 'metrics.jsonl').write_text('{"step": 1, "loss": NaN}\n{"step": 2}\n')
+  MetricsWriter(tmp_path, tensorboard=False, after_step=1)
+  assert (tmp_path / 'metrics.jsonl').read_text() == '{"step": 1, "loss": null}\n'
 
 
 @pytest.mark.slow

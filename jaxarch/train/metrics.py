@@ -38,9 +38,9 @@ class MetricsWriter:
     if not self.enabled:
       return
     clean = {k: _scalar(v) for k, v in metrics.items()}
-    line = json.dumps({'step': step, **clean}, allow_nan=False)
+    line = _line({'step': step, **clean})
     with self.path.open('a') as f:
-      f.write(line + '\n')
+      f.write(line)
     if self.tb is not None:
       for k, v in clean.items():
         if isinstance(v, (int, float)) and math.isfinite(v):
@@ -58,12 +58,17 @@ class MetricsWriter:
                       self.path, torn)
     if torn or len(kept) < len(records):
       tmp = self.path.with_name(self.path.name + '.tmp')
-      tmp.write_text(''.join(json.dumps(r, allow_nan=False) + '\n' for r in kept))
+      tmp.write_text(''.join(map(_line, kept)))  # NaN of older versions becomes null
       tmp.replace(self.path)
 
   def close(self):
     if self.tb is not None:
       self.tb.close()
+
+
+def _line(record: dict) -> str:
+  """One record as a line of standard JSON: non-finite values as null."""
+  return json.dumps({k: _scalar(v) for k, v in record.items()}, allow_nan=False) + '\n'
 
 
 def _scalar(v):
