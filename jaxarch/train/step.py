@@ -209,7 +209,9 @@ def make_train_step(setup: TrainSetup):
         _global_norm(param_norms))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     params = keep(params, state['params'])
-    param_norms = keep(param_norms, leaf_norms(state['params']))
+    # The kept weights' norms: read again only on a skipped step.
+    param_norms = jax.lax.cond(finite, lambda: param_norms,
+                               lambda: leaf_norms(state['params']))
     metrics = {'loss': out['nll'] / num_tokens, 'total_loss': loss, 'grad_norm': grad_norm,
                'param_norm': _global_norm(param_norms), 'tokens': out['tokens'],
                'nonfinite': 1.0 - finite.astype(jnp.float32),
