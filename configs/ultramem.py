@@ -90,6 +90,10 @@ def get_config(arg=None):
   # The table gradient is summed 'sorted' (deterministic) or 'atomic' (GPU fp32 atomics).
   u.lookup_impl = 'auto'
   u.lookup_scatter = 'sorted'
+  # A sharded table is split by 'rows' over the mesh axes of `values` (each device sums
+  # the reads of its rows) or along its 'width' (every device reads its columns of
+  # every row: balanced whatever rows are popular). kernels/sharded_lookup.py.
+  u.table_split = 'rows'
   u.placement = ((2, 5), (6, 9), (10, 13), (14, 17))
   u.update(PRESETS[arg])
   c.model.ultramem = u

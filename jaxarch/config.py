@@ -31,6 +31,7 @@ ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
 # kernels.sparse_lookup: which kernels run the value lookup, and how its backward sums.
 LOOKUP_IMPLS = ('auto', 'xla', 'pallas', 'interpret', 'interpret_tpu')
 LOOKUP_SCATTERS = ('sorted', 'atomic')
+TABLE_SPLITS = ('rows', 'width')  # how a sharded memory table is split (kernels.sharded_lookup)
 MOE_GATES = ('softmax', 'sigmoid')
 # kernels.grouped_matmul: which code runs dropless MoE's grouped matmuls.
 MOE_MATMUL_IMPLS = ('auto', 'xla', 'pallas', 'interpret')
@@ -341,6 +342,7 @@ def _check_ultramem(cfg: ConfigDict) -> None:
   check_ultramem_config(_get(cfg, 'model.ultramem'))
   _choice(cfg, 'model.ultramem.lookup_impl', LOOKUP_IMPLS)
   _choice(cfg, 'model.ultramem.lookup_scatter', LOOKUP_SCATTERS)
+  _choice(cfg, 'model.ultramem.table_split', TABLE_SPLITS)
   placement = _get(cfg, 'model.ultramem.placement')
   if not placement:
     raise ConfigError('model.ultramem.placement must hold at least one (read, write) pair')

@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jaxarch import cli
@@ -20,6 +21,7 @@ import megabyte  # pylint: disable=g-import-not-at-top,wrong-import-position
 import mfu  # pylint: disable=g-import-not-at-top,wrong-import-position
 import moe  # pylint: disable=g-import-not-at-top,wrong-import-position
 import sparse_lookup  # pylint: disable=g-import-not-at-top,wrong-import-position
+import table_split  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 import ultramem_aux  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -237,6 +239,29 @@ def test_compare_families_benchmark_writes_one_record_per_family(tmp_path, data_
 
 
 
+def test_row_shard_imbalance_is_the_busiest_shards_reads_over_the_mean():
+  counts = np.array([4, 0, 0, 0, 2, 2, 2, 2])
+  assert table_split.imbalance(counts, 2) == pytest.approx(8 / 6)
+  assert table_split.imbalance(np.ones(8), 4) == 1.0
+
+
+@pytest.mark.slow  # two compiles and a short training run
+def test_table_split_benchmark_measures_both_designs_and_the_load(tmp_path, data_dir,
+                                                                  monkeypatch):
+  monkeypatch.setenv('JAXARCH_DATA_DIR', data_dir)
+  out = tmp_path / 'table_split.json'
+  table_split.main(['--meshes=data2_fsdp2_tensor2', '--steps=1', '--batch_size=8',
+                    '--train_steps=2', '--eval_batches=1', f'--workdir={tmp_path}',
+                    f'--out={out}'])
+  record = json.loads(out.read_text())
+  (step,) = record['step']
+  assert step['rows_step_s'] > 0 and step['width_step_s'] > 0
+  assert step['width_collectives']['all-to-all'] > 0  # width's output exchange
+  assert [(r['model'], r['layer']) for r in record['load']] == [
+      ('init', 0), ('init', 1), ('step 2', 0), ('step 2', 1)]
+  assert all(r[f'rows_{s}_shards'] >= 1 for r in record['load'] for s in (2, 4, 8))
+
+
 def test_megabyte_baseline_is_a_byte_transformer_of_equal_parameters():
   mb = megabyte.config_lib.load('configs/megabyte.py:tiny')
   transformer = megabyte.byte_transformer(mb)
@@ -316,7 +341,6 @@ def test_the_aux_loss_sweep_differs_in_the_weight_only():
 @pytest.mark.slow  # 32 s
 def test_the_aux_loss_table_reads_each_runs_metrics_and_cores(tmp_path):
   """Two runs saved at init, as `jaxarch sweep` leaves them."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from jaxarch.parallel import make_mesh  # pylint: disable=g-import-not-at-top
   from jaxarch.train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
   from jaxarch.train.state import init_state, make_setup  # pylint: disable=g-import-not-at-top

@@ -236,6 +236,13 @@ def test_unknown_choice_lists_the_options(override, key):
   assert message.startswith(f'config error: {key}=') and 'must be one of' in message
 
 
+def test_unknown_table_split_lists_the_designs():
+  load = lambda *o: config_lib.load('configs/ultramem.py:tiny', list(o))
+  assert load().model.ultramem.table_split == 'rows'
+  assert error_of(load, 'model.ultramem.table_split=cols') == (
+      "config error: model.ultramem.table_split='cols' must be one of rows, width")
+
+
 def test_block_pattern_must_name_known_blocks():
   message = error_of(tiny, "model.block_pattern=('dense', 'mamba')")
   assert message.startswith("config error: model.block_pattern[1]='mamba' must be one of")

@@ -75,6 +75,11 @@ def test_gpu_instructions_are_sorted_into_kinds():
   assert kinds['custom-call.1']['source'] == 'jit(train_step)/btd,df->btf/dot_general'
 
 
+def test_collective_bytes_count_each_collective_once():
+  """An asynchronous pair counts once (its -done), a wrapped one by its inner instruction."""
+  assert profile.collective_bytes(GPU_HLO) == {'all-gather': 64 * 4, 'reduce-scatter': 8 * 4}
+
+
 def test_digest_of_a_sharded_step_names_its_collectives(tmp_path):
   cfg = mesh_config(tiny_config(), data=1, fsdp=8)
   setup = make_setup(cfg, make_mesh(cfg))
@@ -96,6 +101,7 @@ def test_digest_of_a_sharded_step_names_its_collectives(tmp_path):
   for op in digest['top_ops']:
     assert kinds[op['op']]['kind'] == op['kind'] and op['calls_per_step'] > 0
   assert 'device time' in profile.summary(digest)
+  assert profile.collective_bytes(hlo)['all-gather'] > 0  # FSDP gathers the weights
 
 
 def test_digest_without_a_trace_is_a_clear_error(tmp_path):

@@ -17,7 +17,8 @@ from jax.test_util import check_grads
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import mesh_config, tiny_config
-from jaxarch.kernels import lookup_triton, lookup_xla, sharded_sparse_lookup, sparse_lookup
+from jaxarch.kernels import (lookup_triton, lookup_xla, sharded_sparse_lookup,
+                             sliced_sparse_lookup, sparse_lookup)
 from jaxarch.parallel import make_mesh
 from jaxarch.parallel.context import logical_mesh
 
@@ -364,3 +365,67 @@ def test_sharded_lookup_equals_one_device_without_gathering_the_table(impl, num_
       hlo = fn.lower(placed, weights).compile().as_text()
       assert 'all-gather' in hlo or 'all_gather' in hlo  # tokens are gathered over fsdp
       assert not table_all_gathers(hlo, n, d)
+
+
+def sliced_case(n=256, d=32, t=40, k=6, s=2, num_bags=3, seed=0):
+  """A table, indices, per-slice weights [T, K, S], bags, and the naive output [T, B, D]."""
+  values, indices, _ = random_case(n=n, d=d, t=t, k=k, seed=seed)
+  rng = np.random.default_rng(seed + 1)
+  weights = jnp.asarray(rng.normal(size=(t, k, s)), jnp.float32)
+  bags = jnp.asarray(rng.integers(0, num_bags, (t, k)), jnp.int32)
+  rows = values[indices].reshape(t, k, s, d // s)
+  naive = jnp.einsum('tkb,tks,tksc->tbsc', jax.nn.one_hot(bags, num_bags), weights, rows)
+  return values, indices, weights, bags, naive.reshape(t, num_bags, d)
+
+
+@pytest.mark.parametrize('table_split', ['rows', 'width'])
+def test_sliced_lookup_weighs_each_slice_of_a_row_by_its_own_weight(table_split):
+  values, indices, weights, bags, want = sliced_case()
+  got = sliced_sparse_lookup(values, indices, weights, bags=bags, num_bags=3,
+                             table_split=table_split)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  got = sliced_sparse_lookup(values, indices, weights, table_split=table_split)  # one bag
+  np.testing.assert_allclose(got, want.sum(1, keepdims=True), rtol=1e-5, atol=1e-5)
+
+
+REVERSED = (('batch', ('fsdp', 'data')), ('values', ('tensor', 'fsdp')))  # other axis orders
+
+
+@pytest.mark.parametrize('impl,sizes,rules', [
+    ('xla', dict(data=2, fsdp=2, tensor=2), ()), ('xla', dict(data=2, tensor=4), ()),
+    ('xla', dict(data=1, fsdp=8), ()), ('xla', dict(data=2, fsdp=2, tensor=2), REVERSED),
+    ('interpret', dict(data=2, fsdp=2, tensor=2), ())])
+def test_table_split_by_width_equals_one_device_without_gathering_the_table(impl, sizes, rules,
+                                                                           caplog):
+  """Meta's design: every device reads its columns of every row; the table stays split."""
+  cfg = mesh_config(tiny_config(), **sizes)
+  rules = [r for r in cfg.mesh.rules if r[0] not in dict(rules)] + list(rules)
+  value_axes = dict(rules)['values']
+  mesh = make_mesh(cfg)
+  values, indices, weights, bags, want = sliced_case()
+  cot = jax.random.normal(jax.random.key(2), want.shape)
+  loss = lambda f: lambda v, w: jnp.sum(f(v, w) * cot)
+  unsharded = lambda v, w: sliced_sparse_lookup(v, indices, w, bags=bags, num_bags=3)
+  want_grads = jax.grad(loss(unsharded), (0, 1))(values, weights)
+  lookup = lambda v, w: sliced_sparse_lookup(v, indices, w, bags=bags, num_bags=3,
+                                             table_split='width', impl=impl)
+  with logical_mesh(mesh, rules):
+    placed = jax.device_put(values, NamedSharding(mesh, P(None, value_axes)))
+    forward, backward = jax.jit(lookup), jax.jit(jax.grad(loss(lookup), (0, 1)))
+    np.testing.assert_allclose(forward(placed, weights), want, rtol=1e-5, atol=1e-5)
+    grads = backward(placed, weights)
+    for g, w in zip(grads, want_grads):
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    assert grads[0].sharding.spec[1] == value_axes  # the table gradient stays split
+    for fn in (forward, backward):
+      assert not table_all_gathers(fn.lower(placed, weights).compile().as_text(), 256, 32)
+  # Each device's rows are 32 / 4 = 8 columns wide: the Pallas kernels pad them to 64.
+  assert ('pad to a multiple of 64' in caplog.text) == (impl == 'interpret')
+
+
+def test_sliced_lookup_rejects_bad_shapes_and_splits():
+  values, indices, weights, _, _ = sliced_case()
+  with pytest.raises(ValueError, match=r"table_split='cols'; expected one of \('rows', 'width'\)"):
+    sliced_sparse_lookup(values, indices, weights, table_split='cols')
+  with pytest.raises(ValueError, match=r'weights \[T, K, S\] with S dividing D'):
+    sliced_sparse_lookup(values, indices, weights[..., :1].repeat(3, -1))

@@ -107,10 +107,12 @@ def test_gradients_reach_every_weight_and_match_finite_differences():
     np.testing.assert_allclose(analytic, numeric, rtol=1e-6)
 
 
-@pytest.mark.parametrize('impl', ['xla', 'interpret'])
-def test_read_sums_each_groups_values_slice_by_core(impl):
+@pytest.mark.parametrize('impl,table_split', [('xla', 'rows'), ('interpret', 'rows'),
+                                               ('xla', 'width'), ('interpret', 'width')])
+def test_read_sums_each_groups_values_slice_by_core(impl, table_split):
   """IVE and multi-core scoring: bag (t, group, slice i) = Σ score_i · slice i of the value."""
-  layer = make_layer(num_values=64, value_dim=128, num_cores=2, lookup_impl=impl)
+  layer = make_layer(num_values=64, value_dim=128, num_cores=2, lookup_impl=impl,
+                     table_split=table_split)
   e, c, (t, h, k) = 4, 2, (5, 2, 8)
   keys = jax.random.split(jax.random.key(3), 3)
   physical = jax.random.randint(keys[0], (t, h, k), 0, 64)
@@ -119,13 +121,15 @@ def test_read_sums_each_groups_values_slice_by_core(impl):
   rows = layer.values[...].reshape(64, c, -1)[physical]  # t h k c d
   want = jnp.einsum('thke,thkc,thkcd->tecd', jax.nn.one_hot(group, e), weights, rows)
   got = nnx.jit(lambda m, *a: m.read(*a))(layer, physical, group, weights)
-  np.testing.assert_allclose(got, want.reshape(t, -1), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got, want.reshape(t, e, -1), rtol=1e-5, atol=1e-6)
 
 
-def test_table_sharded_over_four_devices_matches_one_device():
+@pytest.mark.parametrize('table_split', ['rows', 'width'])
+def test_table_sharded_over_four_devices_matches_one_device(table_split):
   cfg = mesh_config(tiny_config(), data=2, fsdp=2, tensor=2)
   mesh = make_mesh(cfg)
-  layer = make_layer(num_values=256)
+  layer = make_layer(num_values=256, table_split=table_split)
+  table = 0 if table_split == 'rows' else 1  # the dimension split over fsdp x tensor
   graphdef, state = nnx.split(layer)
   x = jax.random.normal(jax.random.key(1), (8, 4, 32))
   cot = jax.random.normal(jax.random.key(2), (8, 4, 32))
@@ -143,7 +147,7 @@ def test_table_sharded_over_four_devices_matches_one_device():
 
   want = jax.jit(step)(state, x)
   shardings = tree_shardings(state, mesh, cfg.mesh.rules)
-  assert shardings['values'].get_value().spec == P(('fsdp', 'tensor'), None)
+  assert shardings['values'].get_value().spec[table] == ('fsdp', 'tensor')
   batch = NamedSharding(mesh, P(('data', 'fsdp', 'expert'), None, None))
 
   def sharded_step(state, x):
@@ -153,7 +157,7 @@ def test_table_sharded_over_four_devices_matches_one_device():
       jax.device_put(state, shardings), jax.device_put(x, batch))
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
-  assert got[1]['values'].get_value().sharding.spec[0] == ('fsdp', 'tensor')
+  assert got[1]['values'].get_value().sharding.spec[table] == ('fsdp', 'tensor')
 
 
 def init_output_std(top_k, num_values):
@@ -254,14 +258,14 @@ def test_invalid_configs_are_one_line_errors(overrides, message):
   assert '\n' not in str(info.value)
 
 
-def ultramem_steps(impl: str, scatter: str = 'sorted', n: int = 1):
+def ultramem_steps(impl: str, scatter: str = 'sorted', n: int = 1, table_split: str = 'rows'):
   """Losses and updated params of n train steps of a small UltraMem on a 2x2x2 mesh."""
   cfg = config_lib.load('configs/ultramem.py:tiny', [
       'model.d_model=64', 'model.n_heads=4', 'model.n_kv_heads=2', 'model.d_ff=128',
       'model.max_len=64', 'data.seq_len=16', 'train.batch_size=8', 'model.dtype=float32',
       'model.ultramem.num_values=1024', 'mesh.ici.data=2', 'mesh.ici.fsdp=2',
       'mesh.ici.tensor=2', f'model.ultramem.lookup_impl={impl}',
-      f'model.ultramem.lookup_scatter={scatter}'])
+      f'model.ultramem.lookup_scatter={scatter}', f'model.ultramem.table_split={table_split}'])
   setup = make_setup(cfg, make_mesh(cfg))
   state = init_state(cfg, setup)
   step = make_train_step(setup)
@@ -282,6 +286,15 @@ def test_train_steps_with_pallas_lookup_equal_the_xla_lookup(scatter):
   np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                got_params, want_params)
+
+
+def test_train_steps_with_the_table_split_by_width_equal_split_by_rows():
+  """DESIGN §7.1's two sharding designs train the same model: same losses and params."""
+  want_losses, want_params = ultramem_steps('xla', n=2)
+  got_losses, got_params = ultramem_steps('xla', n=2, table_split='width')
+  np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_ive_permutation_is_a_bijection_that_scatters_the_sharers_over_the_grid():

@@ -2,4 +2,6 @@
 dropless MoE's grouped matmul."""
 
 from jaxarch.kernels.grouped_matmul import grouped_matmul
-from jaxarch.kernels.sparse_lookup import sharded_sparse_lookup, sparse_lookup
+from jaxarch.kernels.sharded_lookup import (sharded_sparse_lookup, sliced_sparse_lookup,
+                                            width_sharded_sparse_lookup)
+from jaxarch.kernels.sparse_lookup import sparse_lookup

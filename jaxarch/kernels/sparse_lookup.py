@@ -31,39 +31,20 @@ of 64: other widths are zero-padded (a copy of the table: choose D accordingly).
 read or written. `checked=True` also reports them through `jax.experimental.checkify`
 (a no-op unless the caller runs under `checkify.checkify`).
 
-**Sharded lookup** (`sharded_sparse_lookup`). Inside `jaxarch.parallel.context.
-logical_mesh`, the table's rows are split over the mesh axes that the logical axis
-`values` maps to (e.g. `fsdp × tensor`), tokens over the `batch` axes (e.g. `data ×
-fsdp`). Under `shard_map` each device:
-1. all-gathers the indices and weights (and bags) of its token block over the value axes
-   that also split the batch (`fsdp`), so it sees every token whose lookups its rows may
-   serve;
-2. computes partial sums from the rows it owns, `[lo, hi)`: other indices get weight 0
-   (which the Pallas kernels skip: no row is read for them);
-3. reduce-scatters the `[T, D]` (with bags `[T, B, D]`) partial outputs back over those
-   axes and `psum`s them over the value axes that do not split the batch (`tensor`).
-Communicated: indices and weights (`[T, K]`) and outputs (`[T, D]`), never the table;
-autodiff through `shard_map` gives the backward, where the table gradient stays sharded
-and the output cotangent is all-gathered over the same axes (the table-shard gradient is
-then summed over the batch axes that do not split the table, e.g. `data`, like the
-gradient of any data-parallel weight). Load follows the index
-distribution (a device owning popular rows does more gathers). Rows split along the
-value *width* (Meta's memory layers) is the other design, not implemented here.
+**Sharded tables** (`kernels.sharded_lookup`): the table split by rows or along its
+width over the mesh axes of the logical axis `values`.
 """
 
 import functools
-import math
 import numbers
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import PartitionSpec as P
 
 from jaxarch.config import LOOKUP_IMPLS as IMPLS, LOOKUP_SCATTERS as SCATTERS
 from jaxarch.kernels import dispatch, lookup_tpu, lookup_triton, lookup_xla
-from jaxarch.parallel import context
 
 PALLAS_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 COLUMN_MULTIPLE = 64  # Pallas kernels' row width granularity
@@ -81,18 +62,18 @@ def sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Array, *,
   `bags [T, K]` int in `[0, num_bags)`: -> [T, num_bags, D] (see the module doc).
 
   Device-local semantics: under `jit` with a sharded table XLA may gather the table; use
-  `sharded_sparse_lookup` for a table sharded over the logical axis `values`.
+  `kernels.sharded_lookup` for a table sharded over the logical axis `values`.
   """
   values, indices, weights = map(jnp.asarray, (values, indices, weights))
   if values.ndim != 2 or indices.ndim != 2 or indices.shape != weights.shape:
     raise ValueError(f'sparse_lookup: expected values [N, D], indices and weights [T, K]; '
                      f'got {values.shape}, {indices.shape}, {weights.shape}')
-  kernels, indices, bags = _prepare(values, indices, bags, num_bags, values.shape[0], impl,
+  kernels, indices, bags = prepare(values, indices, bags, num_bags, values.shape[0], impl,
                                     scatter, checked)
-  return _bagged_lookup(values, indices, weights, bags, num_bags, kernels, scatter)
+  return bagged_lookup(values, indices, weights, bags, num_bags, kernels, scatter)
 
 
-def _prepare(values, indices, bags, num_bags, num_rows, impl, scatter, checked):
+def prepare(values, indices, bags, num_bags, num_rows, impl, scatter, checked):
   """Checks the options, reports (`checked`) and clamps indices and bags ->
   (kernels, int32 indices, int32 bags or None)."""
   kernels = kernels_for(impl)
@@ -151,8 +132,10 @@ def one_lookup_per_bag(indices: jax.Array, weights: jax.Array, bags: jax.Array,
           jnp.where(in_bag, weights[:, None], 0).reshape(t * num_bags, k))
 
 
-def _bagged_lookup(values, indices, weights, bags, num_bags, kernels, scatter):
-  """The TPU kernels take no bags: there, they run `one_lookup_per_bag`."""
+def bagged_lookup(values, indices, weights, bags, num_bags, kernels, scatter):
+  """`sparse_lookup` on `prepare`d inputs (the sharded forms call it on each device's rows).
+
+  The TPU kernels take no bags: there, they run `one_lookup_per_bag`."""
   if bags is None or not kernels.startswith('tpu'):
     return _lookup(values, indices, weights, bags, kernels, scatter, num_bags)
   out = _lookup(values, *one_lookup_per_bag(indices, weights, bags, num_bags), None, kernels,
@@ -209,71 +192,3 @@ def _lookup_bwd(kernels, scatter, num_bags, residuals, g):
 
 
 _lookup.defvjp(_lookup_fwd, _lookup_bwd)
-
-
-def sharded_sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Array, *,
-                          bags: jax.Array | None = None, num_bags: int = 1, split: int = 1,
-                          impl: str = 'auto', scatter: str = 'sorted',
-                          checked: bool = False) -> jax.Array:
-  """`sparse_lookup` with the table split over the logical axis `values`; see module doc.
-
-  `split` views each row of `values [N, D]` as `split` rows of width `D / split` (index
-  `p·split + i` is slice `i` of row `p`), so indices are in `[0, N·split)` and the output
-  is `[T, D / split]` (with bags `[T, num_bags, D / split]`); the view is taken on each
-  device's own rows.
-
-  Outside a `logical_mesh` context, or when `values` maps to no mesh axis of size > 1,
-  this is `sparse_lookup`. Inside, `values` is expected to be placed with rows split over
-  those axes (as `tree_shardings` places a `('values', None)` parameter) and the token
-  dimension of `indices` / `weights` over the `batch` axes.
-  """
-  n, d = values.shape
-  if d % split:
-    raise ValueError(f'sharded_sparse_lookup: width {d} is not divisible by split={split}')
-  view = lambda v: v.reshape(v.shape[0] * split, d // split)
-  value_axes = context.mesh_axes('values', n)
-  if not value_axes:
-    return sparse_lookup(view(values), indices, weights, bags=bags, num_bags=num_bags,
-                         impl=impl, scatter=scatter, checked=checked)
-  kernels, indices, bags = _prepare(values, indices, bags, num_bags, n * split, impl, scatter,
-                                    checked)
-  mesh, _ = context.current()
-  batch_axes = context.mesh_axes('batch')
-  shared = tuple(a for a in value_axes if a in batch_axes)  # split both rows and tokens
-  rest = tuple(a for a in value_axes if a not in batch_axes)  # split rows only
-  others = tuple(a for a in batch_axes if a not in value_axes)  # split tokens only
-
-  t = indices.shape[0]
-  shards = math.prod(mesh.shape[a] for a in batch_axes)
-  pad = -t % shards
-  tokens = [jnp.pad(a, ((0, pad), (0, 0))) for a in (indices, weights, bags) if a is not None]
-  rows_per_shard = n * split // math.prod(mesh.shape[a] for a in value_axes)
-  token_spec = P(batch_axes or None, None)
-
-  def local(values, indices, weights, bags=None):
-    values = view(values)
-    if shared:
-      indices, weights, bags = (None if a is None else
-                                jax.lax.all_gather(a, shared, axis=0, tiled=True)
-                                for a in (indices, weights, bags))
-    if others and check_vma:  # the table is replicated there: its gradient is summed
-      values = jax.lax.pcast(values, others, to='varying')
-    lo = jax.lax.axis_index(value_axes) * rows_per_shard
-    mine = (indices >= lo) & (indices < lo + rows_per_shard)
-    out = _bagged_lookup(values, jnp.where(mine, indices - lo, 0),
-                         jnp.where(mine, weights, jnp.zeros_like(weights)), bags, num_bags,
-                         kernels, scatter)
-    if shared:
-      out = jax.lax.psum_scatter(out, shared, scatter_dimension=0, tiled=True)
-    if rest:
-      out = jax.lax.psum(out, rest)
-    return out
-
-  # Pallas' interpreter cannot yet trace its grid loop with varying-axes checks on (its
-  # loop carry loses them), so the kernels run with the checks off; the table gradient
-  # is then summed over `others` by shard_map's own transpose of a replicated input.
-  check_vma = kernels == 'xla'
-  in_specs = (P(value_axes, None),) + (token_spec,) * len(tokens)
-  out = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=token_spec,
-                      check_vma=check_vma)(values, *tokens)
-  return out[:t]

@@ -63,8 +63,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxarch.config import check_ultramem, default_top_m
-from jaxarch.kernels import sharded_sparse_lookup
+from jaxarch.config import TABLE_SPLITS, check_ultramem, default_top_m
+from jaxarch.kernels import sliced_sparse_lookup
 from jaxarch.layers import layout as layout_lib
 from jaxarch.layers import signals
 from jaxarch.layers.params import normal, param
@@ -164,8 +164,9 @@ class UltraMem(nnx.Module):
                ive_expansion: int = 1, num_heads: int = 1, top_m: int | None = None,
                aux_loss_weight: float = 0.0, aux_tau: float = 0.15, query_conv: int = 0,
                heads_per_query: int = 1, rank_by_magnitude: bool = True, permutation_seed: int = 0,
-               lookup_impl: str = 'auto', lookup_scatter: str = 'sorted', dtype=jnp.bfloat16,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               lookup_impl: str = 'auto', lookup_scatter: str = 'sorted',
+               table_split: str = 'rows', dtype=jnp.bfloat16, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     self.top_m = check_ultramem(num_values, top_k, value_dim, key_dim, tucker_rank, num_cores,
                         ive_expansion, num_heads, top_m, aux_loss_weight, aux_tau,
                         query_conv, heads_per_query)
@@ -175,6 +176,9 @@ class UltraMem(nnx.Module):
     self.keys_per_side = math.isqrt(num_values) * math.isqrt(ive_expansion)
     self.aux_loss_weight, self.aux_tau = aux_loss_weight, aux_tau
     self.lookup_impl, self.lookup_scatter, self.dtype = lookup_impl, lookup_scatter, dtype
+    if table_split not in TABLE_SPLITS:
+      raise ValueError(f'UltraMem: table_split={table_split!r}; expected one of {TABLE_SPLITS}')
+    self.table_split = table_split
     self.rank_by_magnitude = rank_by_magnitude
     self.deterministic = False
     h, c, r, d_k = num_heads, num_cores, tucker_rank, key_dim
@@ -195,7 +199,8 @@ class UltraMem(nnx.Module):
                       (None, None, None, None, None), param_dtype, weight_decay=False)
     self.cores = param(rngs, jax.nn.initializers.uniform(1.0), (h, c, r, r),
                        (None, None, None, None), param_dtype, weight_decay=False)
-    self.values = param(rngs, normal(0.02), (num_values, value_dim), ('values', None),
+    table_axes = ('values', None) if table_split == 'rows' else (None, 'values')
+    self.values = param(rngs, normal(0.02), (num_values, value_dim), table_axes,
                         param_dtype, weight_decay=False, optim_group='values')
     self.out_proj = param(rngs, normal((ive_expansion * value_dim) ** -0.5),
                           (ive_expansion * value_dim, d_model), (None, 'embed'), param_dtype)
@@ -241,8 +246,9 @@ class UltraMem(nnx.Module):
     q = self.query(x, segment_ids, positions, layout).reshape(b * s, self.num_heads, 2, -1)
     virtual, scores = self.retrieve(q)
     physical, group = self.permute(virtual)
-    bags = self.read(physical, group, scores * self.score_scale)  # t (E·d_v)
-    out = jnp.einsum('tf,fd->td', bags.astype(self.dtype), self.out_proj[...].astype(self.dtype))
+    bags = self.read(physical, group, scores * self.score_scale)  # t E d_v
+    out_proj = self.out_proj[...].reshape(self.expansion, self.value_dim, d_model)
+    out = jnp.einsum('tev,evd->td', bags.astype(self.dtype), out_proj.astype(self.dtype))
     self._report(physical, scores)
     return out.reshape(b, s, d_model)
 
@@ -322,22 +328,17 @@ class UltraMem(nnx.Module):
     return self.permutation(virtual.astype(jnp.int32))
 
   def read(self, physical: jax.Array, group: jax.Array, weights: jax.Array) -> jax.Array:
-    """Per-group, per-core weighted value sums: [t, h, k] x2, [t, h, k, c] -> [t, E·d_v].
+    """Per-group, per-core weighted value sums: [t, h, k] x2, [t, h, k, c] -> [t, E, d_v].
 
-    The table is viewed as [N·c, d_v/c] (row p·c + i is slice i of value p): lookup row
-    (t, i) reads slice i of the token's H·k values, weighted by core i's score, into the
-    bag of each value's group.
+    Slice i of each of the token's H·k values (d_v/c columns) is weighted by core i's
+    score and summed into the bag of the value's group (`kernels.sliced_sparse_lookup`).
     """
     t, h, k, c = weights.shape
     e = self.expansion
-    idx = physical[:, None] * c + jnp.arange(c)[None, :, None, None]  # t c h k
-    bags = jnp.broadcast_to(group[:, None], idx.shape).reshape(t * c, h * k) if e > 1 else None
-    out = sharded_sparse_lookup(
-        self.values[...], idx.reshape(t * c, h * k),
-        weights.transpose(0, 3, 1, 2).reshape(t * c, h * k), bags=bags, num_bags=e, split=c,
-        impl=self.lookup_impl, scatter=self.lookup_scatter)  # (t c) [e] (d_v/c)
-    out = out.reshape(t, c, e, self.value_dim // c)
-    return out.transpose(0, 2, 1, 3).reshape(t, e * self.value_dim)
+    return sliced_sparse_lookup(
+        self.values[...], physical.reshape(t, h * k), weights.reshape(t, h * k, c),
+        bags=group.reshape(t, h * k) if e > 1 else None, num_bags=e,
+        table_split=self.table_split, impl=self.lookup_impl, scatter=self.lookup_scatter)
 
   def tucker_aux_loss(self) -> jax.Array:
     """mean(relu(σ_2..r − τ)²) over heads of the singular values of ΣC_i."""

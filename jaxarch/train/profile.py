@@ -15,6 +15,7 @@ so `exposed_collective_s` counts only the time when nothing else ran.
 """
 
 import collections
+import math
 import re
 from pathlib import Path
 
@@ -101,6 +102,39 @@ def op_kinds(hlo_text: str) -> tuple[str, dict[str, dict]]:
       instructions[name] = {'kind': kind_of(opcode, rest),
                             'source': source.group(1) if source else opcode}
   return (module.group(1) if module else ''), instructions
+
+
+_SHAPE = re.compile(r'\b([a-z]+\d*)\[([\d,]*)\]')
+_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1, 's16': 2, 'u16': 2,
+          'f16': 2, 'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8,
+          'c64': 8, 'c128': 16}
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+  """Bytes each device's collectives produce per run of the program, by opcode.
+
+  Counted from the compiled (per-device) HLO: the result of each collective instruction
+  (of an asynchronous pair, its `-done`), an instruction in a loop body once. What crosses
+  the links follows from it: about (n-1)/n of an all-gather's result over n devices, twice
+  that for an all-reduce, (n-1)× a reduce-scatter's result.
+  """
+  total = collections.Counter()
+  for line in hlo_text.splitlines():
+    m = _INSTRUCTION.match(line)
+    if not m:
+      continue
+    head = ' ' + m.group(2).split(', metadata=')[0]
+    opcode = _OPCODE.search(head)
+    if not opcode:
+      continue
+    name = opcode.group(1)
+    base = name.removesuffix('-done')
+    if base not in _COLLECTIVES or name.endswith('-start') or base in ('send', 'recv'):
+      continue
+    result = head[:opcode.start()]
+    total[base] += sum(_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(',') if d)
+                       for dtype, dims in _SHAPE.findall(result))
+  return dict(sorted(total.items()))
 
 
 def _trace_file(trace_dir: str | Path) -> Path:

@@ -88,6 +88,7 @@ def measure(cfg: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
       'model_tflops_per_device': achieved / jax.device_count() / 1e12,
       'mfu': flops.mfu(achieved, jax.device_count(), device.device_kind),
       'xla_flops_per_device': xla_flops,
+      'collective_bytes_per_device': profile.collective_bytes(compiled.as_text()),
       'xla_flops_over_model': (None if xla_flops is None else
                                xla_flops * jax.device_count() / (per_token * tokens)),
       'final_loss': float(metrics['loss']), **result,
