@@ -147,8 +147,10 @@ def step_on_mesh(layer, x, cot, mesh=None, rules=None):
 
 @pytest.mark.parametrize('axes,impl', [(dict(data=2, expert=4), 'xla'),
                                        (dict(fsdp=2, tensor=2, expert=2), 'xla'),
-                                       (dict(data=2, expert=4), 'interpret')],
-                         ids=['data2-expert4', 'fsdp2-tensor2-expert2', 'gpu-kernels'])
+                                       (dict(data=2, expert=4), 'interpret'),
+                                       (dict(data=1, tensor=2, expert=4), 'interpret')],
+                         ids=['data2-expert4', 'fsdp2-tensor2-expert2', 'gpu-kernels',
+                              'gpu-kernels-tensor2'])
 def test_dropless_expert_parallel_on_eight_devices_equals_one_device(axes, impl):
   # 'gpu-kernels': the Pallas grouped matmuls (in the interpreter) inside shard_map.
   cfg = mesh_config(tiny_config(), **axes)
@@ -172,6 +174,44 @@ def test_capacity_path_across_expert_shards_equals_dropless_with_ample_capacity(
   got = step_on_mesh(make_moe(capacity_factor=8.0), x, cot, mesh, cfg.mesh.rules)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('capacity_factor,tokens', [(8.0, 6), (None, 1)],
+                         ids=['capacity', 'decode-size'])
+def test_experts_split_over_tensor_by_hidden_units_equal_one_device(capacity_factor, tokens):
+  """tensor=2 halves every expert's hidden units on each device; outputs are summed."""
+  cfg = mesh_config(tiny_config(), data=4, tensor=2)
+  mesh = make_mesh(cfg)
+  x = jax.random.normal(jax.random.key(12), (8, tokens, 16))
+  cot = jax.random.normal(jax.random.key(13), (8, tokens, 16))
+  want = step_on_mesh(make_moe(), x, cot)
+  got = step_on_mesh(make_moe(capacity_factor=capacity_factor), x, cot, mesh, cfg.mesh.rules)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+  assert got[1]['w_down'].get_value().sharding.spec[1] == 'tensor'
+
+
+def per_device_flops(axes) -> float:
+  """XLA's FLOPs per device of the layer's forward and backward on 8 devices."""
+  cfg = mesh_config(tiny_config(), **axes)
+  mesh = make_mesh(cfg)
+  graphdef, params, rest = nnx.split(make_moe(expert_d_ff=64), nnx.Param, ...)
+  x = jax.random.normal(jax.random.key(14), (8, 64, 16))
+
+  def loss(params, x):
+    with logical_mesh(mesh, cfg.mesh.rules):
+      return jnp.sum(nnx.merge(graphdef, params, rest)(x))
+  placed = jax.device_put(params, tree_shardings(params, mesh, cfg.mesh.rules))
+  x = jax.device_put(x, NamedSharding(mesh, P(('data', 'fsdp', 'expert'), None, None)))
+  cost = jax.jit(jax.grad(loss)).lower(placed, x).compile().cost_analysis()
+  return (cost[0] if isinstance(cost, list) else cost)['flops']
+
+
+def test_tensor_parallel_devices_do_not_repeat_each_others_expert_work():
+  """tensor=2 holds twice the tokens of data=2 per device and half of each expert: the
+  same FLOPs (before hidden-unit parallelism: twice, 33.3M against 16.7M)."""
+  split = per_device_flops(dict(data=1, tensor=2, expert=4))
+  assert split / per_device_flops(dict(data=2, expert=4)) < 1.1  # measured 1.02
 
 
 def test_bounded_expert_parallel_buffers_drop_and_count_the_overflow():

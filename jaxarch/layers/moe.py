@@ -23,6 +23,11 @@ with the experts split over the mesh axes of the logical axis `expert`:
   multiplies its expert's weights gathered by index, so only the chosen experts are read
   from memory.
 
+**Hidden-unit parallelism.** Mesh axes that split the experts' `mlp` dimension but not
+the tokens (`tensor` under the default rules) split each expert's SwiGLU as in Megatron:
+each device computes its hidden units of every assignment and the outputs are summed
+over those axes (one `psum` of `[T, d]`), so no two devices compute the same product.
+
 **Expert parallelism.** With the experts split over n devices, the capacity path sends
 its `[E, C, d]` buffers with one `all_to_all` there and back. The dropless path sends
 padded per-shard buffers: after the sort, the assignments bound for each shard are
@@ -183,16 +188,23 @@ class MoE(nnx.Module):
     params = tuple(w[...].astype(self.dtype) for w in (self.w_gate, self.w_up, self.w_down))
     expert_axes = context.mesh_axes('expert', self.num_experts)
     batch_axes = context.mesh_axes('batch')
-    if not batch_axes and not expert_axes:
+    # Axes that split the experts' hidden units but not the tokens (`tensor`): each of
+    # their devices computes its slice of every expert's SwiGLU, summed after `down`.
+    hidden_axes = tuple(a for a in context.mesh_axes('mlp', self.expert_d_ff)
+                        if a not in batch_axes and a not in expert_axes)
+    if not batch_axes and not expert_axes and not hidden_axes:
       out, dropped = self._local(tokens, experts, weights, *params, expert_axes=(), shards=1)
     else:
       mesh, _ = context.current()
       shards = math.prod(mesh.shape[a] for a in expert_axes)
       tok = P(batch_axes or None, None)
-      weight = P(expert_axes or None, None, None)
+      into = P(expert_axes or None, None, hidden_axes or None)  # gate, up: e d f
+      out_of = P(expert_axes or None, hidden_axes or None, None)  # down: e f d
 
       def local(*args):
         out, dropped = self._local(*args, expert_axes=expert_axes, shards=shards)
+        if hidden_axes:
+          out = jax.lax.psum(out, hidden_axes)
         return out, jax.lax.psum(dropped, batch_axes) if batch_axes else dropped
 
       # Pallas kernels declare no varying mesh axes for their outputs, so they run with
@@ -200,7 +212,7 @@ class MoE(nnx.Module):
       # gradients of the weights over the axes they are replicated on.
       check_vma = self.capacity_factor is not None or kernels_for(self.matmul_impl) == 'xla'
       out, dropped = jax.shard_map(
-          local, mesh=mesh, in_specs=(tok, tok, tok, weight, weight, weight),
+          local, mesh=mesh, in_specs=(tok, tok, tok, into, into, out_of),
           out_specs=(tok, P()), check_vma=check_vma)(tokens, experts, weights, *params)
     signals.add_metric(self, 'dropped_fraction', dropped / experts.size)
     return out
