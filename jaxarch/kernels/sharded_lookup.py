@@ -62,15 +62,16 @@ def sliced_sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Arr
     raise ValueError(f'sliced_sparse_lookup: table_split={table_split!r}; expected one of '
                      f'{TABLE_SPLITS}')
   t, k, s = _check_sliced(values, indices, weights)
-  options = dict(bags=bags, num_bags=num_bags, impl=impl, scatter=scatter, checked=checked)
+  options = dict(num_bags=num_bags, impl=impl, scatter=scatter, checked=checked)
   if table_split == 'width':
-    return width_sharded_sparse_lookup(values, indices, weights, **options).reshape(
-        t, num_bags, -1)
+    return width_sharded_sparse_lookup(values, indices, weights, bags=bags,
+                                       **options).reshape(t, num_bags, -1)
   rows = indices[:, None] * s + jnp.arange(s)[None, :, None]  # t s k
-  each = lambda a: jnp.broadcast_to(a[:, None], rows.shape).reshape(t * s, k)
+  if bags is not None:
+    bags = jnp.broadcast_to(bags[:, None], rows.shape).reshape(t * s, k)
   out = sharded_sparse_lookup(
       values, rows.reshape(t * s, k), weights.transpose(0, 2, 1).reshape(t * s, k),
-      split=s, **options | dict(bags=None if bags is None else each(bags)))  # (t s) [b] d/s
+      bags=bags, split=s, **options)  # (t s) [b] d/s
   return out.reshape(t, s, num_bags, -1).transpose(0, 2, 1, 3).reshape(t, num_bags, -1)
 
 
