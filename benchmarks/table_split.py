@@ -49,7 +49,7 @@ MESHES = {
 SHARDS = (2, 4, 8)
 
 
-def step_rows(preset: str, meshes, steps: int, batch: int, out: str) -> list[dict]:
+def step_cases(preset: str, meshes, steps: int, batch: int, out: str) -> list[dict]:
   if jax.device_count() < 8:
     print(f'skipping the step table: it needs 8 devices, {jax.device_count()} here '
           '(on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=8)')
@@ -93,7 +93,7 @@ def imbalance(counts: np.ndarray, shards: int) -> float:
   return float(per_shard.max() / per_shard.mean())
 
 
-def load_rows(train_steps: int, eval_batches: int, workdir: Path) -> list[dict]:
+def load_cases(train_steps: int, eval_batches: int, workdir: Path) -> list[dict]:
   preset = 'configs/ultramem.py:tiny'
   warmup = min(config_lib.load(preset).train.warmup_steps, train_steps)
   cfg = config_lib.load(preset, [f'train.steps={train_steps}', f'train.warmup_steps={warmup}'])
@@ -129,7 +129,7 @@ def main(argv=None):
   meshes = args.meshes.split(',') if args.meshes else []
   if unknown := set(meshes) - set(MESHES):
     parser.error(f'--meshes: unknown {sorted(unknown)}; expected some of {list(MESHES)}')
-  result['step'] = step_rows(args.preset, meshes, args.steps, args.batch_size, args.out)
+  result['step'] = step_cases(args.preset, meshes, args.steps, args.batch_size, args.out)
   if result['step']:
     emit(f'ultramem:{args.preset} train step, table split by rows vs width ({device})',
          ('mesh', 'rows s', 'width s', 'rows/width', 'rows MiB', 'width MiB', 'rows/width'),
@@ -139,7 +139,7 @@ def main(argv=None):
           for r in result['step']], result, args.out)
   if args.train_steps:
     with tempfile.TemporaryDirectory() as tmp:
-      result['load'] = load_rows(args.train_steps, args.eval_batches,
+      result['load'] = load_cases(args.train_steps, args.eval_batches,
                                  Path(args.workdir or tmp) / 'ultramem_tiny')
     emit("rows design: the busiest row shard's reads / the mean (width: 1 by construction)",
          ('model', 'layer', 'reads', 'values read', *[f'{s} shards' for s in SHARDS]),
