@@ -288,6 +288,7 @@ def test_train_steps_with_pallas_lookup_equal_the_xla_lookup(scatter):
                got_params, want_params)
 
 
+@pytest.mark.slow  # 40 s; the layer on a 2x2x2 mesh is checked by default
 def test_train_steps_with_the_table_split_by_width_equal_split_by_rows():
   """DESIGN §7.1's two sharding designs train the same model: same losses and params."""
   want_losses, want_params = ultramem_steps('xla', n=2)
