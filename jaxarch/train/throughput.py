@@ -62,6 +62,7 @@ def measure(cfg: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
   jax.block_until_ready(metrics)
   step_s = (time.perf_counter() - start) / steps
   compiled = step.lower(state, batches[0]).compile()  # the executable above, from the cache
+  hlo = compiled.as_text()
   result = {}
   if profile_dir is not None:
     with jax.profiler.trace(str(profile_dir)):
@@ -71,7 +72,7 @@ def measure(cfg: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
       jax.block_until_ready(metrics['loss'])
     result['profile_dir'] = str(profile_dir)
     try:  # the trace is kept either way; a digest it cannot read costs the digest only
-      result['profile'] = profile.digest(profile_dir, compiled.as_text(), profile_steps)
+      result['profile'] = profile.digest(profile_dir, hlo, profile_steps)
     except Exception as e:  # pylint: disable=broad-except
       result['profile_error'] = f'{type(e).__name__}: {e}'
   tokens = cfg.train.batch_size * cfg.data.seq_len
@@ -88,7 +89,7 @@ def measure(cfg: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
       'model_tflops_per_device': achieved / jax.device_count() / 1e12,
       'mfu': flops.mfu(achieved, jax.device_count(), device.device_kind),
       'xla_flops_per_device': xla_flops,
-      'collective_bytes_per_device': profile.collective_bytes(compiled.as_text()),
+      'collective_bytes_per_device': profile.collective_bytes(hlo),
       'xla_flops_over_model': (None if xla_flops is None else
                                xla_flops * jax.device_count() / (per_token * tokens)),
       'final_loss': float(metrics['loss']), **result,
