@@ -340,6 +340,27 @@ def test_each_epoch_is_a_new_order_of_the_same_documents(corpus):
   assert sorted(epoch1) == sorted(epoch2) and epoch1 != epoch2
 
 
+@pytest.mark.parametrize('process_index, process_count', [(0, 1), (1, 2)])
+def test_epoch_counts_the_documents_read(corpus, process_index, process_count):
+  cfg, _ = corpus
+  num_docs = len(data.open_source(cfg, 'train'))
+  it = iter(data.make_train_dataset(cfg, seed=0, global_batch_size=4,
+                                    process_index=process_index, process_count=process_count))
+  started, epochs = 0, []
+  for _ in range(40):
+    batch = next(it)
+    started += int((batch['inputs'] == EOD).sum())  # every document starts with eod
+    epochs.append(it.epoch())
+    # This process's streams stand for all 4; the count lags by a few documents a stream.
+    assert abs(epochs[-1] * num_docs - started * process_count) <= 3 * 4
+  assert epochs == sorted(epochs) and epochs[-1] > 1.5
+  resumed = iter(data.make_train_dataset(cfg, seed=0, global_batch_size=4,
+                                         process_index=process_index,
+                                         process_count=process_count))
+  resumed.set_state(json.loads(json.dumps(it.get_state())))
+  assert resumed.epoch() == epochs[-1]
+
+
 def _assert_rows_of(global_batches, process_batches):
   """Each global batch is the processes' batches stacked in process order."""
   assert len(global_batches) == len(process_batches[0]) == len(process_batches[1])

@@ -220,6 +220,7 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
     if not len(sequences):  # pylint: disable=g-explicit-length-test
       raise ConfigError(f'config error: data.source={data_cfg.source!r} has no training '
                         'sequences')
+    num_documents = len(sequences)
     sequences = sequences.shuffle(seed=seed % 2**32).repeat()
     rows = _zip_rows([sequences[i::num_streams].map(to_row).to_iter_dataset() for i in mine])
   else:
@@ -228,6 +229,7 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
     if not len(docs):  # pylint: disable=g-explicit-length-test
       raise ConfigError(f'config error: data.source={data_cfg.source!r} has no training '
                         'documents')
+    num_documents = len(docs)
     # Repeat reseeds the shuffle each epoch; slicing the endless sequence (not the epoch)
     # keeps every stream endless, and together the streams read each epoch exactly once.
     docs = docs.shuffle(seed=seed % 2**32).repeat()
@@ -240,18 +242,31 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
   batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
   layout = {**{k: data_cfg.get(k) for k in LAYOUT_KEYS}, 'batch_size': global_batch_size,
             'seed': seed, 'streams': num_streams}
-  return _WithLayout(batches, layout)
+  # This process's streams read at the pace of all of them: they stand for the whole.
+  documents_per_epoch = num_documents * len(mine) / num_streams
+  return _WithLayout(batches, layout, documents_per_epoch)
 
 
 class _WithLayout(grain.IterDataset):
   """Batches whose saved position names the layout it is a position in (`_LayoutIterator`)."""
 
-  def __init__(self, parent: grain.IterDataset, layout: dict):
+  def __init__(self, parent: grain.IterDataset, layout: dict, documents_per_epoch: float):
     super().__init__(parent)
     self._layout = layout
+    self._documents_per_epoch = documents_per_epoch
 
   def __iter__(self) -> grain.DatasetIterator:
-    return _LayoutIterator(self._parent.__iter__(), self._layout)
+    return _LayoutIterator(self._parent.__iter__(), self._layout, self._documents_per_epoch)
+
+
+def _documents_started(position) -> int:
+  """The documents the streams of a saved position have taken up: the sum of the
+  `next_index` of each stream's document reader (the only indices in the position)."""
+  if isinstance(position, dict):
+    return sum(v if k == 'next_index' else _documents_started(v) for k, v in position.items())
+  if isinstance(position, (list, tuple)):
+    return sum(_documents_started(v) for v in position)
+  return 0
 
 
 class _LayoutIterator(grain.DatasetIterator):
@@ -259,12 +274,18 @@ class _LayoutIterator(grain.DatasetIterator):
   streams, source, ...): restored into a different one it would repeat or skip documents
   silently, so such a position is refused with a warning and reading starts afresh."""
 
-  def __init__(self, parent: grain.DatasetIterator, layout: dict):
+  def __init__(self, parent: grain.DatasetIterator, layout: dict, documents_per_epoch: float):
     super().__init__(parent)
     self._layout = layout
+    self._documents_per_epoch = documents_per_epoch
 
   def __next__(self):
     return next(self._parent)
+
+  def epoch(self) -> float:
+    """Epochs of the training documents read so far (0.5: half of them), as the position
+    counts them: it lags the batches by the few documents per stream the packing holds."""
+    return _documents_started(self._parent.get_state()) / self._documents_per_epoch
 
   def get_state(self):
     return {'layout': self._layout, 'position': self._parent.get_state()}

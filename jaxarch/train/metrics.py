@@ -150,6 +150,8 @@ def format_metrics(m: dict) -> str:
     parts.append(f'loss {m["loss"]:.4f}')
   if 'eval_loss' in m:
     parts.append(f'eval {m["eval_loss"]:.4f} ({m["eval_bpb"]:.3f} bpb)')
+  if 'epoch' in m:
+    parts.append(f'epoch {m["epoch"]:.2f}')
   if 'tokens_per_s' in m:
     parts.append(f'{m["tokens_per_s"]:,.0f} tok/s')
   if m.get('mfu') is not None:
