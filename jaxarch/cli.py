@@ -28,7 +28,7 @@ from jaxarch.sweep.runner import SweepError
 from jaxarch.train.checkpoint import CheckpointError
 from jaxarch.train.memory import OutOfMemoryError
 from jaxarch.train.nonfinite import NonFiniteError
-from jaxarch.train.workdir import WorkdirError
+from jaxarch.train.workdir import WorkdirError, local_workdir
 
 
 def _config(args, overrides):
@@ -218,13 +218,7 @@ def _fit(args, overrides):
 
 def _launch(args, overrides):
   cfg = config_lib.load(args.config, overrides)
-  if args.out:
-    out = Path(args.out)
-  elif '://' in args.workdir:
-    raise config_lib.ConfigError(f'config error: --workdir={args.workdir} is not a local '
-                                 'folder for the job files; give --out=DIR')
-  else:
-    out = Path(args.workdir) / 'launch'
+  out = Path(args.out) if args.out else local_workdir(args.workdir) / 'launch'
   job = launch_lib.render(args.target, cfg, spec=args.config, workdir=args.workdir,
                           overrides=overrides, out=out)
   if args.dry_run:
@@ -357,7 +351,7 @@ def _parser() -> argparse.ArgumentParser:
   launch.add_argument('--config', required=True, help='e.g. configs/dense.py:1.6b')
   launch.add_argument('--target', required=True, choices=launch_lib.TARGETS)
   launch.add_argument('--workdir', required=True,
-                      help="the job's workdir as the cluster sees it (shared path or gs://)")
+                      help="the job's workdir as the cluster sees it (a shared or mounted path)")
   launch.add_argument('--out', help='where the job files go (default: WORKDIR/launch)')
   launch.add_argument('--dry-run', action='store_true',
                       help='print the job files and the submit command; write nothing')

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jaxarch import config as config_lib
+from jaxarch.train.workdir import local_workdir
 
 ConfigError = config_lib.ConfigError
 
@@ -76,7 +77,7 @@ def render(target: str, cfg, *, spec: str, workdir: str | os.PathLike,
   mesh = ' '.join(f'{a}={s}' for a, s in shape.items())
   values = dict(name=launch.name, nodes=launch.nodes, coordinator_port=launch.coordinator_port,
                 description=f'{spec} on {where}, mesh {mesh}')
-  command = train_command(spec, workdir, overrides)
+  command = train_command(spec, local_workdir(workdir), overrides)
   return _RENDER[target](launch, command, Path(out), values)
 
 
@@ -344,10 +345,10 @@ def _ray_command(command: list[str], out: Path) -> tuple[list[str], dict[Path, s
   it, with its neighbours (a config may load them: bita.py reads dense.py), and the
   workdir must be a path that every node shares -> (the command, the config files)."""
   workdir = command[3].removeprefix('--workdir=')
-  if not (workdir.startswith('/') or '://' in workdir):
+  if not workdir.startswith('/'):
     raise ConfigError(f'--workdir={workdir!r}: a Ray job runs in a temporary copy of its '
-                      'folder on each node; give an absolute path (or a gs:// URL) on '
-                      'storage that every node shares')
+                      'folder on each node; give an absolute path on storage that every '
+                      'node shares')
   given = command[2].removeprefix('--config=')
   path, arg = config_lib._split_spec(given)  # pylint: disable=protected-access
   source = config_lib._resolve_path(path)  # pylint: disable=protected-access

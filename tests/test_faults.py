@@ -2,6 +2,7 @@
 bad inputs. Each ends in a resumed run or a one-line message, never in lost work."""
 
 import collections
+import fcntl
 import json
 import os
 import shutil
@@ -153,6 +154,26 @@ def test_unwritable_workdir_is_one_line(tmp_path, data_dir, capsys):
                         f'--data_dir={data_dir}'], capsys)
   assert code == 2 and err.startswith('jaxarch: workdir') and 'not writable' in err
   assert '\n' not in err
+
+
+@pytest.mark.parametrize('command', [
+    ['train', *TINY], ['sweep', '--config=configs/sweeps/isoflop.py:tiny'],
+    ['launch', *TINY, '--target=slurm', '--dry-run']])
+def test_a_bucket_url_workdir_is_one_line(tmp_path, monkeypatch, capsys, command):
+  monkeypatch.chdir(tmp_path)  # `gs://b/run` used to become the folder gs:/b/run here
+  code, err = _run_cli([*command, '--workdir=gs://b/run'], capsys)
+  assert code == 2 and 'mount the bucket' in err and '\n' not in err
+  assert not (tmp_path / 'gs:').exists()
+
+
+def test_a_second_trainer_in_a_workdir_is_one_line(tmp_path, data_dir, capsys):
+  (tmp_path / 'run').mkdir()
+  with open(tmp_path / 'run' / '.train.lock.0', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a trainer holds the workdir
+    code, err = _run_cli(['train', *TINY, f'--workdir={tmp_path}/run',
+                          f'--data_dir={data_dir}'], capsys)
+  assert code == 2 and 'in use by another jaxarch train' in err
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
 
 
 def test_counts_below_one_and_overrides_fit_does_not_take_are_one_line(tmp_path, capsys):

@@ -26,7 +26,7 @@ V5P_2x32 = ['--config.launch.accelerator=tpu-v5p-slice', '--config.launch.tpu_ty
 
 def _launch(capsys, target, out, *flags):
   code = cli.main(['launch', f'--config={SPEC}', f'--target={target}',
-                   '--workdir=gs://bucket/runs/151m', f'--out={out}', *flags])
+                   '--workdir=/gcs/bucket/runs/151m', f'--out={out}', *flags])
   captured = capsys.readouterr()
   return code, captured.out, captured.err
 
@@ -58,7 +58,7 @@ def test_slurm_job_runs_one_process_per_node_and_is_valid_bash(tmp_path, capsys)
   assert 'export NCCL_DEBUG=WARN' in text
   (srun,) = [line for line in text.splitlines() if line.startswith('srun ')]
   assert shlex.split(srun)[2:] == [
-      'jaxarch', 'train', f'--config={SPEC}', '--workdir=gs://bucket/runs/151m',
+      'jaxarch', 'train', f'--config={SPEC}', '--workdir=/gcs/bucket/runs/151m',
       '--config.mesh.ici.fsdp=8', '--config.mesh.dcn.data=4', '--config.train.steps=5000']
 
 
@@ -77,7 +77,7 @@ def test_gke_gpu_jobset_has_one_pod_per_node_and_their_gpus(tmp_path, capsys):
   assert gpus == 8 and workers['replicas'] * job['parallelism'] * gpus == 32
   assert pod['nodeSelector'] == {'cloud.google.com/gke-accelerator': 'nvidia-h100-80gb'}
   assert container['command'][:4] == ['jaxarch', 'train', f'--config={SPEC}',
-                                      '--workdir=gs://bucket/runs/151m']
+                                      '--workdir=/gcs/bucket/runs/151m']
   env = {e['name']: e for e in container['env']}
   # Pod 0 of the JobSet, by its headless-service name.
   assert env['JAX_COORDINATOR_ADDRESS']['value'] == f'dense-{workers["name"]}-0-0.dense:1234'
@@ -152,7 +152,7 @@ def test_ray_entrypoint_compiles_and_the_submit_command_starts_it(tmp_path, caps
       '--command_file=command.json']
   # The command goes as JSON (no shell re-splits it), its config in the job's folder.
   assert json.loads((tmp_path / 'command.json').read_text()) == [
-      'jaxarch', 'train', f'--config={SPEC}', '--workdir=gs://bucket/runs/151m',
+      'jaxarch', 'train', f'--config={SPEC}', '--workdir=/gcs/bucket/runs/151m',
       '--config.mesh.ici.fsdp=8', '--config.mesh.dcn.data=2']
   assert (tmp_path / 'configs' / 'dense.py').read_text() == open('configs/dense.py').read()
   _bash_syntax_ok(tmp_path / 'submit.sh')

@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import signal
+import subprocess
 import sys
 
 import numpy as np
@@ -172,6 +175,14 @@ def test_one_sweep_at_a_time_in_a_workdir(tmp_path, data_dir):
   with runner._only_sweep_in(workdir):  # pylint: disable=protected-access
     with pytest.raises(runner.SweepError, match='another jaxarch sweep is running'):
       runner.run_sweep(spec, workdir, echo=lambda _: None)
+
+
+def test_sigterm_to_the_sweep_goes_on_to_its_trainers():
+  trainers = {subprocess.Popen(['sleep', '60']) for _ in range(2)}
+  with runner._stopping_trainers_on_sigterm(trainers):  # pylint: disable=protected-access
+    os.kill(os.getpid(), signal.SIGTERM)
+    codes = [t.wait(timeout=10) for t in trainers]
+  assert codes == [-signal.SIGTERM] * 2  # and the sweep itself lives on to report them
 
 
 @pytest.mark.slow

@@ -27,8 +27,10 @@ import functools
 import inspect
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,6 +38,7 @@ from pathlib import Path
 from jaxarch import config as config_lib
 from jaxarch.sweep import plan
 from jaxarch.train.metrics import final_metrics
+from jaxarch.train.workdir import local_workdir
 
 RESULTS = 'results.jsonl'
 
@@ -137,15 +140,20 @@ def record(run: plan.Run, run_dir: Path, wall_s: float | None) -> dict:
   }
 
 
-def _run_one(run: plan.Run, workdir: Path, echo) -> tuple[plan.Run, float, int]:
+def _run_one(run: plan.Run, workdir: Path, echo,
+             trainers: set) -> tuple[plan.Run, float, int]:
   run_dir = workdir / 'runs' / run.name
   _move_aside_if_changed(run, run_dir, echo)
   run_dir.mkdir(parents=True, exist_ok=True)
   spent = run_dir / 'sweep_wall_s'  # wall time of earlier, interrupted attempts
   before = float(spent.read_text()) if spent.exists() else 0.0
   start = time.perf_counter()
-  with open(run_dir / 'train.log', 'a') as log:
-    code = subprocess.call(train_command(run, run_dir), stdout=log, stderr=subprocess.STDOUT)
+  with (open(run_dir / 'train.log', 'a') as log,
+        subprocess.Popen(train_command(run, run_dir), stdout=log,
+                         stderr=subprocess.STDOUT) as trainer):
+    trainers.add(trainer)
+    code = trainer.wait()
+    trainers.discard(trainer)
   total = before + time.perf_counter() - start
   spent.write_text(f'{total:.1f}\n')
   return run, total, code
@@ -225,7 +233,7 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
   """Runs the sweep's unfinished runs (launcher None or 'local') and returns all records of
   the workdir, or renders every run as a cluster job, its `launch_overrides` (launch.k=v)
   applied to each; `collect_only` records the rendered jobs that have finished."""
-  workdir = Path(workdir)
+  workdir = local_workdir(workdir)
   runs = load_sweep(spec)
   if parallel < 1:
     raise ValueError(f'sweep: parallel={parallel} must be >= 1')
@@ -241,9 +249,10 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
     todo = [r for r in runs if (r.name, config_lib.config_hash(r.config())) not in done]
     echo(f'sweep: {len(runs)} runs, {len(runs) - len(todo)} finished already, '
          f'{len(todo)} to run, {parallel} at a time')
-    failed = []
-    with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
-      running = [pool.submit(_run_one, r, workdir, echo) for r in todo]
+    failed, trainers = [], set()
+    with (_stopping_trainers_on_sigterm(trainers),
+          concurrent.futures.ThreadPoolExecutor(parallel) as pool):
+      running = [pool.submit(_run_one, r, workdir, echo, trainers) for r in todo]
       for future in concurrent.futures.as_completed(running):  # recorded as they finish
         run, wall_s, code = future.result()
         run_dir = workdir / 'runs' / run.name
@@ -265,6 +274,26 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
 
 def _fmt(loss: float | None) -> str:
   return '–' if loss is None else f'{loss:.4f}'
+
+
+@contextlib.contextmanager
+def _stopping_trainers_on_sigterm(trainers: set):
+  """SIGTERM to the sweep goes on to its running trainers, which checkpoint and stop, so
+  the sweep ends with its runs unrecorded and resumable. (Otherwise they would train on,
+  orphaned, beside the trainers of the next sweep. Ctrl-C reaches them through the
+  terminal's process group.)"""
+  def stop(signum, frame):
+    del frame
+    for trainer in list(trainers):
+      trainer.send_signal(signum)
+  if threading.current_thread() is not threading.main_thread():  # signals need it
+    yield
+    return
+  previous = signal.signal(signal.SIGTERM, stop)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

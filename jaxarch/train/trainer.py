@@ -26,7 +26,7 @@ from jaxarch.train.pretrained import mesh_here, with_pretrained_parts
 from jaxarch.train.state import TrainSetup, init_state, make_setup
 from jaxarch.train.step import (leaf_names, make_eval_step, make_train_step,
                                 make_window_reset, summarize_eval)
-from jaxarch.train.workdir import check_workdir, state_bytes
+from jaxarch.train.workdir import check_workdir, local_workdir, only_trainer_in, state_bytes
 
 
 def _tokenizer(cfg: ml_collections.ConfigDict):
@@ -100,7 +100,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   SIGTERM or SIGINT ends it after the current step with a checkpoint (the result then
   has `stopped`: the signal); the same call resumes it.
   """
-  workdir = Path(workdir)
+  workdir = local_workdir(workdir)
   setup = make_setup(cfg, make_mesh(cfg))
   had_checkpoints = Checkpointer.exists(workdir)
   check_workdir(workdir, cfg, state_bytes(setup.abstract_state),
@@ -113,6 +113,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   # at exit); pending async saves complete even when the loop dies, so the last
   # checkpoint stands.
   with contextlib.ExitStack() as cleanup:
+    cleanup.enter_context(only_trainer_in(workdir))
     data_iter = iter(data.make_train_dataset(
         cfg.data, seed=cfg.train.seed, global_batch_size=cfg.train.batch_size,
         process_index=index, process_count=count))

@@ -1,6 +1,8 @@
-"""Checks of the workdir before any training work: writable, room for a checkpoint, and
-not holding another family's run."""
+"""Checks of the workdir before any training work: a local path, writable, room for a
+checkpoint, not holding another family's run, and no other trainer in it."""
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -12,6 +14,29 @@ import ml_collections
 
 class WorkdirError(RuntimeError):
   """The workdir cannot hold this run; one line for the user."""
+
+
+def local_workdir(workdir: str | os.PathLike) -> Path:
+  """The workdir as a path; a URL is refused, since the metrics, configs and locks are
+  written with local file operations (`gs://b/x` would become the relative folder `gs:/b/x`)."""
+  if '://' in str(workdir):
+    raise WorkdirError(f'--workdir={workdir}: jaxarch writes runs to a filesystem path; mount '
+                       'the bucket (gcsfuse, or the GCS FUSE CSI driver on GKE, e.g. at '
+                       '/gcs/BUCKET) and give the mounted path')
+  return Path(workdir)
+
+
+@contextlib.contextmanager
+def only_trainer_in(workdir: Path):
+  """Holds WORKDIR/.train.lock.<process> while training: two trainers in one workdir (a run
+  started twice, or a sweep's orphan) would write each other's checkpoints and metrics."""
+  with open(workdir / f'.train.lock.{jax.process_index()}', 'w') as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise WorkdirError(f'workdir {workdir} is in use by another jaxarch train; wait for it, '
+                         'stop it, or use another --workdir') from None
+    yield
 
 
 def state_bytes(abstract_state) -> int:
