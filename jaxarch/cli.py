@@ -124,6 +124,7 @@ def _generate(args, overrides):
   # pylint: disable=g-import-not-at-top
   from jaxarch import infer
   from jaxarch.data import get_tokenizer
+  from jaxarch.data.tokenizers import decode_continuation
   from jaxarch.parallel import make_mesh
   from jaxarch.train.pretrained import load_model
   _no_overrides('generate', overrides)
@@ -144,10 +145,10 @@ def _generate(args, overrides):
       temperature=1.0 if args.temperature is None else args.temperature,
       top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p,
       stop_ids=() if args.ignore_eod else (tokenizer.eod_id,), seed=args.seed)
-  for i, (prompt, new) in enumerate(zip(args.prompt, outputs)):
+  for i, (text, ids, new) in enumerate(zip(args.prompt, prompts, outputs)):
     if i:
       print('-' * 40)
-    print(prompt + tokenizer.decode(new))
+    print(text + decode_continuation(tokenizer, ids[1:], new))  # ids[0]: the BOS
   print(f'jaxarch: {stats["new_tokens"]} new tokens in {stats["prefill_s"] + stats["decode_s"]:.2f}s, '
         f'{stats["tokens_per_s"]:.1f} tokens/s ({stats["decode_step_s"] * 1e3:.1f} ms per '
         f'decode step, batch {stats["batch"]}; compiled in {stats["compile_s"]:.1f}s)',

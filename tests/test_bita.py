@@ -243,6 +243,11 @@ def test_distilled_sources_refuse_a_missing_or_reused_directory(tmp_path):
   write_distilled(tmp_path, {'train': [([1, 2, 3], 1)]})
   with pytest.raises(FileExistsError, match='new directory'):
     write_distilled(tmp_path, {'train': [([1, 2, 3], 1)]})
+  # `distill` finds it before loading and running the model (there is none in `nowhere`).
+  with pytest.raises(FileExistsError, match='new directory'):
+    distill(tmp_path / 'nowhere', tmp_path)
+  with pytest.raises(ValueError, match='--validation_prompts=-1 must be >= 0'):
+    distill(tmp_path / 'nowhere', tmp_path / 'new', validation_prompts=-1)
 
 
 # The BiTA config: its model section and tokenizer come from the base run.

@@ -552,6 +552,27 @@ def test_hf_tokenizer_counts_the_bytes_of_its_tokens(tmp_path, style):
     assert tokenizer.decode(ids) == text
 
 
+@pytest.mark.parametrize('style', ['gpt2', 'llama'])
+def test_a_continuation_keeps_its_first_words_space(tmp_path, style):
+  make = _gpt2_style_tokenizer if style == 'gpt2' else _llama_style_tokenizer
+  tokenizer = data.get_tokenizer(make(tmp_path / 'tokenizer.json'))
+  prompt = tokenizer.encode('the')
+  if style == 'llama':  # '▁the ▁café' (the normalizer puts ▁ in front): decoded alone,
+    new = tokenizer.encode('the café')  # the decoder strips the space it stands for
+    assert tokenizer.decode(new) == 'the café'
+  else:
+    new = tokenizer.encode(' the café')
+  assert tokenizers.decode_continuation(tokenizer, prompt, new) == ' the café'
+
+
+def test_missing_or_garbled_tokenizer_files_are_config_errors(tmp_path):
+  with pytest.raises(ValueError, match=r"data.tokenizer='/nowhere/tokenizer.json': no such"):
+    data.get_tokenizer('/nowhere/tokenizer.json')
+  (tmp_path / 'tokenizer.json').write_text('{"not": "a tokenizer"}')
+  with pytest.raises(ValueError, match='cannot be read as a tokenizer file'):
+    data.get_tokenizer(str(tmp_path / 'tokenizer.json'))
+
+
 def test_hf_tokenizer_reads_special_token_text_as_text(tmp_path):
   tokenizer = data.get_tokenizer(_gpt2_style_tokenizer(tmp_path / 'tokenizer.json'))
   text = 'x = "<|endoftext|>"'  # as in many code files

@@ -240,12 +240,23 @@ class Distilled(tfds.core.GeneratorBasedBuilder):
 def write_distilled(directory: str | os.PathLike, splits: dict) -> pathlib.Path:
   """Writes `splits` (split -> [(tokens, prompt_length)]) as the array_record dataset that
   `data.source='distilled:<directory>'` reads; TFDS makes it appear only when complete."""
-  builder = Distilled(config=SequencesConfig(name='greedy', splits=splits),
-                      data_dir=str(directory), file_format='array_record')
-  if builder.is_prepared():
-    raise FileExistsError(f'{builder.data_dir} exists already; distill into a new directory')
+  builder = _distilled_builder(directory, splits)
+  check_no_distilled(directory)
   builder.download_and_prepare()
   return pathlib.Path(builder.data_dir)
+
+
+def _distilled_builder(directory, splits: dict) -> 'Distilled':
+  return Distilled(config=SequencesConfig(name='greedy', splits=splits),
+                   data_dir=str(directory), file_format='array_record')
+
+
+def check_no_distilled(directory: str | os.PathLike) -> None:
+  """Raises FileExistsError if `directory` holds a distilled dataset already (checked
+  before the generation that would fill it, which may take hours)."""
+  builder = _distilled_builder(directory, {})
+  if builder.is_prepared():
+    raise FileExistsError(f'{builder.data_dir} exists already; distill into a new directory')
 
 
 def open_sequences(data_cfg, split: str):

@@ -9,6 +9,7 @@ total_bytes for any tokenizer.
 
 import functools
 import json
+import os
 import re
 
 import numpy as np
@@ -44,6 +45,18 @@ class ByteTokenizer:
     return data.decode('utf-8', errors='replace')
 
 
+def _load(path: str, load):
+  """The tokenizer `load()` reads from `path`; a missing or unreadable file is a config
+  error (the libraries raise bare Exceptions and OSErrors)."""
+  if not os.path.isfile(path):
+    raise ConfigError(f'config error: data.tokenizer={path!r}: no such file')
+  try:
+    return load()
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f'config error: data.tokenizer={path!r} cannot be read as a tokenizer '
+                      f'file: {str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
+
+
 class SentencePieceTokenizer:
   """A SentencePiece `.model`; its eos id ends documents, pad falls back to eos."""
 
@@ -53,7 +66,7 @@ class SentencePieceTokenizer:
     except ImportError as e:
       raise ImportError(f'data.tokenizer={path!r} needs SentencePiece: '
                         'pip install sentencepiece') from e
-    self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
+    self._sp = _load(path, lambda: sentencepiece.SentencePieceProcessor(model_file=path))
     self.vocab_size = self._sp.get_piece_size()
     self.eod_id = self._sp.eos_id()
     if self.eod_id < 0:
@@ -102,7 +115,7 @@ class HFTokenizer:
     except ImportError as e:
       raise ImportError(f'data.tokenizer={path!r} needs HF tokenizers: '
                         'pip install tokenizers') from e
-    self._tok = tokenizers.Tokenizer.from_file(path)
+    self._tok = _load(path, lambda: tokenizers.Tokenizer.from_file(path))
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     self.eod_id = self._first_id(self._EOS_NAMES)
     if self.eod_id is None:
@@ -149,6 +162,16 @@ class HFTokenizer:
   def decode(self, ids) -> str:
     return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)],
                             skip_special_tokens=True)
+
+
+def decode_continuation(tokenizer, prompt_ids, new_ids) -> str:
+  """The text `new_ids` add to `prompt_ids`. Decoded alone, a continuation would lose its
+  first word's space with SentencePiece-style decoders, which strip the text's leading one."""
+  prompt_ids, new_ids = list(prompt_ids), list(new_ids)
+  before, whole = tokenizer.decode(prompt_ids), tokenizer.decode(prompt_ids + new_ids)
+  if whole.startswith(before):
+    return whole[len(before):]
+  return tokenizer.decode(new_ids)  # the prompt's end merged with the continuation
 
 
 def get_tokenizer(spec: str):

@@ -20,6 +20,7 @@ import numpy as np
 from jaxarch import data
 from jaxarch.data import sources
 from jaxarch.infer.generate import Generator
+from jaxarch.infer.sampling import GenerateError
 from jaxarch.parallel import make_mesh
 from jaxarch.train.pretrained import load_model
 
@@ -44,10 +45,14 @@ def distill(workdir: str | Path, out: str | Path, *, num_prompts: int = 2048,
             validation_prompts: int = 64, prompt_len: int = 32, max_new_tokens: int = 96,
             batch_size: int = 64, seed: int = 0) -> dict:
   """Writes the distilled dataset of the run in `workdir` to `out`; returns its summary."""
-  for name, value in (('num_prompts', num_prompts), ('prompt_len', prompt_len),
-                      ('max_new_tokens', max_new_tokens), ('batch_size', batch_size)):
-    if value < 1:
-      raise ValueError(f'distill: {name}={value} must be >= 1')
+  for name, value, least in (('num_prompts', num_prompts, 1),
+                             ('validation_prompts', validation_prompts, 0),
+                             ('prompt_len', prompt_len, 1),
+                             ('max_new_tokens', max_new_tokens, 1),
+                             ('batch_size', batch_size, 1)):
+    if value < least:
+      raise GenerateError(f'distill: --{name}={value} must be >= {least}')
+  sources.check_no_distilled(out)
   start = time.perf_counter()
   cfg, model = load_model(workdir)
   tokenizer = data.get_tokenizer(cfg.data.tokenizer)
