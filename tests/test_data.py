@@ -183,6 +183,23 @@ def test_split_by_file_is_deterministic_and_disjoint(tmp_path, corpus):
   assert val == {t for f, t in docs.items() if sources.is_validation(f, 0.25)}
 
 
+def test_a_file_keeps_its_split_when_the_corpus_gains_a_folder(tmp_path):
+  docs = _write_corpus(tmp_path / 'corpus' / 'wiki')
+  cfg = _data_config(tmp_path, f'files:{tmp_path}/corpus/**/*.txt')
+
+  def validation():
+    source = data.open_source(cfg, 'validation')
+    return {source[i].decode() for i in range(len(source))}
+
+  before = validation()
+  assert before == {t for f, t in docs.items() if sources.is_validation(f'wiki/{f}', 0.25)}
+  # Under the files' common folder, which moves from corpus/wiki to corpus here, every
+  # path would change, and with it the split (all 10 validation files moved).
+  (tmp_path / 'corpus' / 'code').mkdir()
+  (tmp_path / 'corpus' / 'code' / 'new.txt').write_text('new')
+  assert validation() - {'new'} == before
+
+
 def test_a_byte_model_reads_files_that_are_not_utf8_as_they_are(tmp_path):
   (tmp_path / 'docs').mkdir()
   raw = {'latin1.txt': b'caf\xe9 cr\xe8me\n', 'nul.txt': b'a\x00b\xff'}

@@ -146,14 +146,31 @@ def _files_config(source: str, pattern: str, validation_fraction: float) -> File
   if not any(p.stat().st_size for p in paths):
     raise ConfigError(f'config error: data.source={source!r}: the {len(paths)} files '
                       f'matching {pattern!r} are all empty; there is nothing to train on')
-  root = pathlib.Path(os.path.commonpath([p.parent for p in paths]))
-  key = hashlib.sha256(repr((pattern, validation_fraction)).encode())
+  root = _glob_root(pattern, paths)
+  key = hashlib.sha256(repr((pattern, validation_fraction, 'split by path from the glob\'s '
+                             'root')).encode())
   for p in paths:
     st = p.stat()
     key.update(f'{p}\0{st.st_size}\0{st.st_mtime_ns}\0'.encode())
   return FilesConfig(name=f'files-{key.hexdigest()[:16]}', root=str(root),
                      files=tuple(str(p.relative_to(root)) for p in paths),
                      validation_fraction=validation_fraction)
+
+
+def _glob_root(pattern: str, paths: list[pathlib.Path]) -> pathlib.Path:
+  """The folder a glob starts from (`a/b` of `a/b/**/*.txt`), which files added later share:
+  paths relative to it, and so the validation split, stay as they are when a new
+  subfolder appears (the files' common folder would move). Their common folder if they
+  are not all under it (symlinks resolved elsewhere)."""
+  fixed = []
+  for part in pathlib.Path(os.path.expanduser(pattern)).parts[:-1]:
+    if globlib.has_magic(part):
+      break
+    fixed.append(part)
+  root = pathlib.Path(*fixed).resolve() if fixed else pathlib.Path.cwd()
+  if all(p.is_relative_to(root) for p in paths):
+    return root
+  return pathlib.Path(os.path.commonpath([p.parent for p in paths]))
 
 
 class TextSource:
