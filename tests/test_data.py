@@ -455,6 +455,23 @@ def test_a_position_saved_under_another_layout_is_refused(corpus, caplog):
     np.testing.assert_array_equal(got['inputs'], want['inputs'])
 
 
+def test_a_position_in_a_corpus_that_gained_files_is_refused(corpus, tmp_path, caplog):
+  cfg, _ = corpus
+  it = iter(data.make_train_dataset(cfg, seed=0, global_batch_size=4))
+  _take(it, 5)
+  state = json.loads(json.dumps(it.get_state()))
+  for i in range(8):  # some of them are training files
+    (tmp_path / 'corpus' / f'new_{i}.txt').write_text(f'new document {i}')
+  grown = data.make_train_dataset(cfg, seed=0, global_batch_size=4)
+  fresh = _take(iter(grown), 2)
+  resumed = iter(grown)
+  with caplog.at_level('WARNING'):
+    resumed.set_state(state)
+  assert 'documents 30 -> ' in caplog.text
+  for want, got in zip(fresh, _take(resumed, 2)):
+    np.testing.assert_array_equal(got['inputs'], want['inputs'])
+
+
 def test_eval_batches_are_deterministic_finite_and_cover_validation(corpus):
   cfg, _ = corpus
   ds = data.make_eval_dataset(cfg, batch_size=4, num_batches=1000)

@@ -240,8 +240,9 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
   # A background thread prepares the next batches while the device runs a step; the state
   # it reports is still that of the last batch handed out.
   batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
+  # The documents' count: a corpus that gained or lost files is shuffled into another order.
   layout = {**{k: data_cfg.get(k) for k in LAYOUT_KEYS}, 'batch_size': global_batch_size,
-            'seed': seed, 'streams': num_streams}
+            'seed': seed, 'streams': num_streams, 'documents': num_documents}
   # This process's streams read at the pace of all of them: they stand for the whole.
   documents_per_epoch = num_documents * len(mine) / num_streams
   return _WithLayout(batches, layout, documents_per_epoch)
@@ -271,7 +272,7 @@ def _documents_started(position) -> int:
 
 class _LayoutIterator(grain.DatasetIterator):
   """A saved data position means other documents under another layout (batch size, seed,
-  streams, source, ...): restored into a different one it would repeat or skip documents
+  streams, source, number of documents, ...): restored into a different one it would repeat or skip documents
   silently, so such a position is refused with a warning and reading starts afresh."""
 
   def __init__(self, parent: grain.DatasetIterator, layout: dict, documents_per_epoch: float):
@@ -295,8 +296,8 @@ class _LayoutIterator(grain.DatasetIterator):
       self._parent.set_state(state)
       return
     saved = state['layout']
-    changed = [f'{k} {saved.get(k)} -> {v}' for k, v in self._layout.items()
-               if saved.get(k) != v]
+    changed = [f'{k} {saved[k]} -> {v}' for k, v in self._layout.items()
+               if k in saved and saved[k] != v]  # (keys added since are not compared)
     if changed:
       log.warning('the saved data position is of another data layout (%s): the data start '
                   'afresh', ', '.join(changed))
