@@ -84,6 +84,26 @@ def test_fits_refuse_too_few_or_concave_runs():
     isoflop_minimum([1e6, 1e7], [3.0, 2.9])
 
 
+def test_a_vertex_between_the_sizes_whose_best_run_is_an_end_one_is_not_inside():
+  # Convex in log N, but falling all the way (docs/scaling's UltraMem at 7.5e10): the
+  # vertex lies between the sizes, yet nothing brackets it.
+  vertex = isoflop_minimum([1.25e5, 2.5e5, 6.9e5], [2.549, 2.569, 2.803])
+  assert vertex['params'] < 6.9e5 and not vertex['inside'] and vertex['side'] == 'below'
+  assert vertex['bound'] == pytest.approx(2.5e5)  # the optimum lies below the second size
+  # Chinchilla's L(N, D) at one budget, the sizes stopping at N*: the best run is the
+  # largest, and the fitted vertex must not feed the power law.
+  a, b = CHINCHILLA['alpha'], CHINCHILLA['beta']
+  g = (a * CHINCHILLA['A'] / (b * CHINCHILLA['B'])) ** (1 / (a + b))
+  optimum = g * (1e20 / 6) ** (b / (a + b))  # N* at C = 1e20
+  records = _law_records(CHINCHILLA, [1e20], np.geomspace(optimum / 30, optimum, 5),
+                         noise=0.0)
+  losses = [r['loss'] for r in records]
+  assert np.argmin(losses) == 4  # the largest size is best
+  vertex = isoflop_minimum([r['params'] for r in records], losses)
+  assert vertex['params'] < optimum  # a vertex between the sizes run, too small
+  assert not vertex['inside'] and vertex['side'] == 'above'
+
+
 # The runner on tiny runs.
 
 def _sweep_file(tmp_path, data_dir, steps=(6, 6, 6)):

@@ -120,7 +120,10 @@ def isoflop_minimum(params, losses) -> dict:
   """The vertex of the parabola loss = c2·x² + c1·x + c0 in x = log N -> {params, loss,
   coefficients, inside, side}.
 
-  `side` is None when the vertex lies inside the sizes run, else 'below' or 'above' them.
+  `side` is None when the vertex lies inside the sizes run and the best run has a worse
+  one on each side (bracketed), else 'below' or 'above' them: the side the optimum lies
+  on, and `bound` the size it lies below or above (the smallest or largest size, or the
+  next one in when only the best run is at an end).
   A profile that falls or rises all the way (e.g. the smallest model best at every size)
   bounds the optimum: its best size is returned with `inside` False and the side the
   optimum lies on. One with a maximum in the middle has no minimum (FitError).
@@ -141,12 +144,19 @@ def isoflop_minimum(params, losses) -> dict:
     edge = 0 if y[0] <= y[-1] else -1
     return dict(params=float(math.exp(x[edge])), loss=float(y[edge]),
                 coefficients=coefficients, inside=False,
-                side='below' if edge == 0 else 'above')
+                side='below' if edge == 0 else 'above', bound=float(math.exp(x[edge])))
   x_opt = -c1 / (2 * c2)
-  inside = bool(x[0] <= x_opt <= x[-1])
+  best = int(np.argmin(y))
+  if x_opt < x[0] or x_opt > x[-1]:
+    side, bound = ('below', x[0]) if x_opt < x[0] else ('above', x[-1])
+  elif best in (0, len(y) - 1):  # a vertex between the sizes, but the best run is an end
+    # one: the optimum is only known to lie before the next size in
+    side, bound = ('below', x[1]) if best == 0 else ('above', x[-2])
+  else:
+    side, bound = None, x_opt
   return dict(params=float(math.exp(x_opt)), loss=float(c0 - c1 * c1 / (4 * c2)),
-              coefficients=coefficients, inside=inside,
-              side=None if inside else ('below' if x_opt < x[0] else 'above'))
+              coefficients=coefficients, inside=side is None, side=side,
+              bound=float(math.exp(bound)))
 
 
 def isoflop_fits(records) -> dict:

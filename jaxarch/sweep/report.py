@@ -181,20 +181,17 @@ def markdown(fits, params: str, workdir: Path) -> str:
     iso = entry['isoflop']
     if 'error' in iso:
       lines.append(f'| {family} | {iso["error"]} | | | | |')
-    sizes = defaultdict(list)
-    for point in entry['points']:
-      sizes[point['budget']].append(point['params'])
     for p in iso.get('profiles', []):
       if 'error' in p:
         lines.append(f'| {family} | {p["budget"]:.3g} | {p["error"]} | | | |')
       elif p['inside']:
         lines.append(f'| {family} | {p["budget"]:.3g} | {p["params"]:.3g} | '
                      f'{p["tokens"]:.3g} | {p["loss"]:.4f} | yes |')
-      else:  # the vertex is an extrapolation: say only on which side of the sizes it is
-        run = sizes[p['budget']]
-        side = f'< {min(run):.3g}' if p['side'] == 'below' else f'> {max(run):.3g}'
-        lines.append(f'| {family} | {p["budget"]:.3g} | {side} | – | – | no: outside the '
-                     'sizes run |')
+      else:  # not bracketed by the sizes: say only on which side of them it is
+        side = f'< {p["bound"]:.3g}' if p['side'] == 'below' else f'> {p["bound"]:.3g}'
+        end = 'smallest' if p['side'] == 'below' else 'largest'
+        lines.append(f'| {family} | {p["budget"]:.3g} | {side} | – | – | no: the {end} '
+                     'size is best |')
   lines += ['', 'Power laws through the vertices inside the sizes run (two or more needed):',
             '', '| family | N* ∝ C^a | D* ∝ C^b |', '|---|---|---|']
   for family, entry in fits.items():
