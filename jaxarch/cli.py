@@ -53,15 +53,19 @@ def _no_overrides(command: str, overrides) -> None:
                                  f'workdir; drop {overrides[0].split("=")[0]}')
 
 
-def _at_least_one(text: str) -> int:
-  """An argparse type: a count of at least one."""
+def _count(text: str, least: int = 0) -> int:
+  """An argparse type: a count of at least `least`."""
   try:
     value = int(text)
   except ValueError:
     raise argparse.ArgumentTypeError(f'{text!r} is not a whole number') from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f'{value} must be >= 1')
+  if value < least:
+    raise argparse.ArgumentTypeError(f'{value} must be >= {least}')
   return value
+
+
+def _at_least_one(text: str) -> int:
+  return _count(text, least=1)
 
 
 def _join_job(args) -> bool:
@@ -341,7 +345,7 @@ def _parser() -> argparse.ArgumentParser:
   fit.add_argument('--out', help='default: WORKDIR/report')
   fit.add_argument('--params', choices=('active', 'total'), default='active',
                    help='N in the fits: active (per token) or total parameters')
-  fit.add_argument('--bootstrap', type=int, default=100,
+  fit.add_argument('--bootstrap', type=_count, default=100,
                    help='resamples for the intervals of the exponents (0: none)')
   fit.set_defaults(func=_fit)
   launch = commands.add_parser(

@@ -182,6 +182,10 @@ def test_counts_below_one_and_overrides_fit_does_not_take_are_one_line(tmp_path,
   assert exit_.value.code == 2 and 'argument --steps: 0 must be >= 1' in (
       capsys.readouterr().err)
   assert not (tmp_path / 'bench').exists()
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(['fit', f'--workdir={tmp_path}', '--bootstrap=-1'])
+  assert exit_.value.code == 2 and 'argument --bootstrap: -1 must be >= 0' in (
+      capsys.readouterr().err)
   code, err = _run_cli(['fit', f'--workdir={tmp_path}', '--config.train.steps=3'], capsys)
   assert code == 2 and err.endswith('drop --config.train.steps')
 

@@ -264,6 +264,22 @@ def test_report_writes_plots_and_tables(tmp_path):
   fits = json.loads((out / 'fits.json').read_text())
   assert fits['dense']['law']['alpha'] == pytest.approx(0.34, abs=0.05)
 
+  # Every run diverged, in two families: a report that says so, not a matplotlib traceback.
+  (workdir / 'results.jsonl').write_text(''.join(
+      json.dumps(dict(l, eval_loss=math.nan, final_loss=math.nan)) + '\n' for l in lines))
+  assert cli.main(['fit', f'--workdir={workdir}', '--out=' + str(tmp_path / 'nan')]) == 0
+  assert '| dense | 0 of 15 with a finite loss |' in (tmp_path / 'nan' / 'report.md').read_text()
+
+
+def test_fits_refuse_losses_that_are_not_finite_numbers():
+  records = _law_records(CHINCHILLA, [1e18, 1e19], np.geomspace(1e7, 1e10, 4), noise=0.0)
+  for bad in (math.nan, None, math.inf):
+    broken = [dict(records[0], loss=bad), *records[1:]]
+    with pytest.raises(FitError, match='loss must be'):
+      fit_scaling_law(broken)
+    with pytest.raises(FitError, match='loss must be'):
+      isoflop_minimum([r['params'] for r in broken[:4]], [r['loss'] for r in broken[:4]])
+
 
 def test_bad_sweep_configs_give_one_line_errors(tmp_path):
   def error(body):
@@ -283,6 +299,8 @@ def test_bad_sweep_configs_give_one_line_errors(tmp_path):
   assert 'names must be unique' in error(
       "def get_sweep(arg=None):\n  return [{'config': 'configs/dense.py:tiny', 'name': 'a'}]"
       " * 2\n")
+  assert 'not "." or ".."' in error(  # '..' would train in the sweep's workdir itself
+      "def get_sweep(arg=None):\n  return [{'config': 'configs/dense.py:tiny', 'name': '..'}]\n")
   assert "budget='1e17 FLOPs' must be a positive number" in error(
       "def get_sweep(arg=None):\n  return [{'config': 'configs/dense.py:tiny', 'name': 'a',"
       " 'budget': '1e17 FLOPs'}]\n")

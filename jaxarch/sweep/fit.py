@@ -38,9 +38,16 @@ class FitError(ValueError):
 
 def _columns(records, *keys):
   try:
-    return [np.array([float(r[k]) for r in records]) for k in keys]
+    columns = [np.array([float(r[k]) for r in records]) for k in keys]
   except KeyError as e:
     raise FitError(f'fit: every record needs {", ".join(keys)}; one lacks {e}') from None
+  except (TypeError, ValueError) as e:  # None, or text
+    raise FitError(f'fit: {", ".join(keys)} must be numbers ({e})') from None
+  for key, column in zip(keys, columns):
+    if not np.all(np.isfinite(column)):
+      raise FitError(f'fit: {key} must be finite; {np.sum(~np.isfinite(column))} records '
+                     'have NaN or inf (leave out the runs that diverged)')
+  return columns
 
 
 def _objective(theta, log_n, log_d, log_l, delta):
@@ -118,7 +125,7 @@ def predict_loss(fit: dict, params, tokens):
 
 def isoflop_minimum(params, losses) -> dict:
   """The vertex of the parabola loss = c2·x² + c1·x + c0 in x = log N -> {params, loss,
-  coefficients, inside, side}.
+  coefficients, inside, side, bound}.
 
   `side` is None when the vertex lies inside the sizes run and the best run has a worse
   one on each side (bracketed), else 'below' or 'above' them: the side the optimum lies
@@ -129,7 +136,10 @@ def isoflop_minimum(params, losses) -> dict:
   optimum lies on. One with a maximum in the middle has no minimum (FitError).
   """
   x = np.log(np.asarray(params, float))
-  y = np.asarray(losses, float)
+  y = np.asarray(losses, float)  # None -> NaN
+  if not np.all(np.isfinite(y)):
+    raise FitError(f'fit: loss must be finite; {np.sum(~np.isfinite(y))} of the IsoFLOP '
+                   'profile\'s runs have NaN or inf (leave out the runs that diverged)')
   if len(np.unique(x)) < 3:
     raise FitError(f'fit: an IsoFLOP profile needs 3 or more model sizes, got {len(np.unique(x))}')
   order = np.argsort(x)

@@ -54,9 +54,9 @@ def runs_from(members: Sequence[dict], where: str) -> list[Run]:
       raise config_lib.ConfigError(f"{where}: run {i} must be a dict with 'config' and "
                                    f"'name' keys, got {member!r:.80}")
     name = str(member['name'])
-    if name in seen or not name or '/' in name:
+    if name in seen or name in ('', '.', '..') or '/' in name:
       raise config_lib.ConfigError(f'{where}: run {i} has name {name!r}; names must be '
-                                   'unique, non-empty and without "/"')
+                                   'unique folder names (not "." or "..", no "/")')
     seen.add(name)
     overrides = tuple(_override(k, v) for k, v in member.items() if k not in RESERVED)
     budget = member.get('budget')

@@ -71,9 +71,13 @@ def _plot_loss_vs_compute(fits, path: Path):
                color=COLORS.get(family), label=family)
     best = _best_per_budget(pts)
     ax.plot([b['flops'] for b in best], [b['loss'] for b in best], color=COLORS.get(family))
-  ax.set(xscale='log', xlabel='training FLOPs', ylabel='validation loss',
+  ax.set(xlabel='training FLOPs', ylabel='validation loss',
          title='Loss against compute (line: best run per budget)')
-  ax.legend()
+  if any(entry['points'] for entry in fits.values()):
+    ax.set_xscale('log')
+    ax.legend()
+  else:  # a log axis with no data fails to lay out
+    ax.text(0.5, 0.5, 'no run with a finite loss', ha='center', transform=ax.transAxes)
   fig.tight_layout()
   fig.savefig(path, dpi=90)
   plt.close(fig)
