@@ -91,9 +91,11 @@ def write(job: Job) -> None:
 
 def render_run(target: str, run, run_dir: Path) -> str:
   """A sweep's run (`jaxarch.sweep.plan.Run`) as a job in RUN_DIR/launch, written; returns
-  the command that submits it. Jobs are named launch.name-RUN so that they do not clash."""
+  the command that submits it. Jobs are named launch.name-RUN so that they do not clash,
+  except on a TPU VM, whose launch.name names the VM they all run on (one at a time)."""
   cfg = run.config()
-  cfg.launch.name = re.sub(r'[^a-z0-9-]+', '-', f'{cfg.launch.name}-{run.name}'.lower())
+  if target != 'tpu-vm':
+    cfg.launch.name = re.sub(r'[^a-z0-9-]+', '-', f'{cfg.launch.name}-{run.name}'.lower())
   job = render(target, cfg, spec=run.spec, workdir=run_dir, overrides=run.overrides,
                out=Path(run_dir) / 'launch')
   write(job)
@@ -112,6 +114,10 @@ def check(cfg, target: str) -> dict[str, int]:
   if launch.coordinator_port > 65535:
     raise ConfigError(f'launch.coordinator_port={launch.coordinator_port} must be a TCP port '
                       '(1-65535)')
+  for key, value in launch.items():  # each one lands on one line of a script or YAML file
+    if isinstance(value, str) and any(c in value for c in '\n\r'):
+      raise ConfigError(f'launch.{key}={value!r} must be one line; join setup commands with '
+                        "'&&' or ';'")
   if not NAME.fullmatch(launch.name):
     raise ConfigError(f'launch.name={launch.name!r} must be 1-40 lowercase letters, digits '
                       "and '-', starting with a letter (it names pods and hosts)")

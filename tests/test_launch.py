@@ -179,6 +179,8 @@ def test_ray_job_refuses_a_workdir_its_nodes_do_not_share(tmp_path, capsys):
      'train.batch_size=256 must be divisible by 512'),
     (['--config.launch.accelerator=tpu-v5p-slice'], "'tpu-v5p-slice' is a TPU; --target=slurm"),
     (['--config.launch.slices=2'], 'launch.slices=2 is for TPU multislice'),
+    (['--config.launch.time_limit=1:00:00\nrm -rf ~'],  # a second line of the script
+     "launch.time_limit='1:00:00\\nrm -rf ~' must be one line"),
 ])
 def test_a_cluster_that_does_not_fit_the_mesh_is_a_one_line_error(tmp_path, capsys, flags,
                                                                    words):
@@ -256,6 +258,18 @@ def test_sweep_renders_one_slurm_job_per_run(tmp_path, capsys):
         f'--config.model.d_model={width}', f'--config.model.d_ff={2 * width}',
         '--config.model.n_layers=2']
   assert sorted(p.name for p in (workdir / 'runs').iterdir()) == ['d32', 'd64']
+
+
+def test_sweep_tpu_vm_jobs_run_on_the_named_vm(tmp_path, capsys):
+  workdir = tmp_path / 'sweep'
+  assert cli.main(['sweep', f'--config={_sweep_file(tmp_path)}', f'--workdir={workdir}',
+                   '--launcher=tpu-vm', '--config.launch.name=pod',
+                   '--config.launch.accelerator=tpu-v5p-slice',
+                   '--config.launch.tpu_type=v5p-8', '--config.launch.tpu_topology=2x2x1',
+                   '--config.launch.nodes=1', '--config.launch.devices_per_node=4']) == 0
+  for width in (32, 64):  # launch.name is the VM's name here, not a job's
+    text = (workdir / 'runs' / f'd{width}' / 'launch' / 'run.sh').read_text()
+    assert 'tpu-vm ssh pod ' in text and f'pod-d{width}' not in text
 
 
 def test_sweep_collect_records_the_jobs_that_finished(tmp_path, capsys):
