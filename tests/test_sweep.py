@@ -322,3 +322,12 @@ def test_isoflop_sweep_spends_each_budget():
     cfg = r.config()
     spent = cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len * plan.flops_per_token(cfg)
     assert spent == pytest.approx(r.budget, rel=0.05)
+
+
+def test_isoflop_grid_refuses_a_budget_its_step_rounding_misses():
+  sizes = {'s': {'model.d_model': 32, 'model.d_ff': 64, 'model.n_layers': 2}}
+  (run,) = plan.isoflop_grid('dense', 'configs/dense.py:tiny', sizes, [1e9])
+  one_step = 1e9 / run['train.steps']
+  with pytest.raises(config_lib.ConfigError, match=r"size 's' at budget .*: 1 steps spend "
+                     r'.*x the budget; raise the budget'):
+    plan.isoflop_grid('dense', 'configs/dense.py:tiny', sizes, [one_step / 3])

@@ -115,6 +115,12 @@ def isoflop_grid(family: str, spec: str, sizes: dict[str, dict], budgets: Sequen
         raise config_lib.ConfigError(f'isoflop_grid({family!r}, {spec!r}): size {size!r}: '
                                      f'{why}') from None
       steps = steps_for_budget(cfg, budget)
+      spent = steps * flops_per_token(cfg) * cfg.train.batch_size * cfg.data.seq_len
+      if abs(spent / budget - 1) > 0.1:  # the fits would put the run at the wrong compute
+        raise config_lib.ConfigError(
+            f'isoflop_grid({family!r}, {spec!r}): size {size!r} at budget {budget:.3g}: '
+            f'{steps} steps spend {spent:.3g} FLOPs, {spent / budget:.2f}x the budget; '
+            'raise the budget or leave the size out')
       members.append({
           'config': spec, 'name': f'{family}-{size}-{budget:.2g}'.replace('+', ''),
           'budget': budget, **values, 'train.steps': steps,
