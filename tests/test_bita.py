@@ -128,6 +128,12 @@ def test_bita_needs_a_bita_model_and_a_tree_within_its_masks():
   with pytest.raises(infer.GenerateError, match='4 levels; the model has 3 mask tokens'):
     infer.Generator(model)([[257, 1]], max_new_tokens=2, method='bita',
                            draft_tree=(2, 2, 2, 2))
+  generator = infer.Generator(model, vocab_limit=258)
+  for tree, words in [((), 'has no levels'), ((300,), 'more candidates than the 258 tokens')]:
+    with pytest.raises(infer.GenerateError, match=words):
+      generator([[257, 1]], max_new_tokens=2, method='bita', draft_tree=tree)
+  with pytest.raises(infer.GenerateError, match="draft_tree is for method='bita'"):
+    generator([[257, 1]], max_new_tokens=2, draft_tree=(2,))
 
 
 # Training rows: mask groups hang after tokens of each row's own labelled part.

@@ -155,6 +155,8 @@ def test_ids_beyond_the_tokenizers_vocabulary_are_never_generated():
   assert max(map(max, free)) >= 258  # an untrained model picks padding ids too
   limited, _ = infer.Generator(model, vocab_limit=258)(prompts, max_new_tokens=16)
   assert max(map(max, limited)) < 258
+  limited, _ = infer.generate(model, prompts, max_new_tokens=16, vocab_limit=258)
+  assert max(map(max, limited)) < 258
 
 
 def test_sampling_keeps_only_the_top_k_and_nucleus_tokens():

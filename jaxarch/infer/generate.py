@@ -84,6 +84,8 @@ class Generator:
     sampling = Sampling(method, float(temperature), int(top_k), float(top_p))
     prompts = [list(map(int, p)) for p in prompts]
     self._check(prompts, max_new_tokens, stop_ids)
+    if draft_tree is not None and method != 'bita':
+      raise GenerateError(f"generate: draft_tree is for method='bita', not {method!r}")
     tree = self._draft_tree(draft_tree) if method == 'bita' else None
     n = len(prompts)
     batch = _round_up(n, self._batch_shards())
@@ -136,10 +138,17 @@ class Generator:
     if self.num_mask_tokens is None:
       raise GenerateError("generate: method='bita' needs a BiTA model (model.family='bita', "
                           'trained with configs/bita.py on a base run)')
+    if widths is not None and not len(widths):
+      raise GenerateError('generate: draft_tree=() has no levels; give one width per level, '
+                          'or None for the model\'s own tree')
     try:
-      tree = DraftTree(tuple(int(w) for w in (widths or self.default_tree)))
+      tree = DraftTree(tuple(int(w) for w in (self.default_tree if widths is None else widths)))
     except (TypeError, ValueError) as e:
       raise GenerateError(f'generate: {e}') from e
+    vocab = self.vocab_limit or self.vocab_size
+    if max(tree.widths) > vocab:
+      raise GenerateError(f'generate: draft_tree {tree.widths} asks for more candidates '
+                          f'than the {vocab} tokens of the vocabulary')
     if tree.levels > self.num_mask_tokens:
       raise GenerateError(f'generate: draft_tree {tree.widths} has {tree.levels} levels; '
                           f'the model has {self.num_mask_tokens} mask tokens, one per level')
@@ -285,16 +294,17 @@ class Generator:
 
 
 def generate(model: nnx.Module, prompt_tokens, *, max_new_tokens: int,
-             method: str = 'greedy', mesh: Mesh | None = None, rules=None, **options
-             ) -> tuple[list[list[int]], dict]:
+             method: str = 'greedy', mesh: Mesh | None = None, rules=None,
+             vocab_limit: int | None = None, **options) -> tuple[list[list[int]], dict]:
   """Continues each prompt (a list of token ids) by up to `max_new_tokens` tokens.
 
   `method`: 'greedy' or 'sample' (with `temperature`, `top_k`, `top_p`, `seed`);
   `stop_ids` end a sequence (the stop id is kept as its last token). Returns the new
   tokens of each prompt and statistics (tokens/s, forward passes, timings). Compiles on
-  every call; keep a `Generator` to generate repeatedly with one model.
+  every call; keep a `Generator` to generate repeatedly with one model. `vocab_limit`:
+  the tokenizer's vocabulary, below the model's padded one (ids past it are never chosen).
   """
-  return Generator(model, mesh=mesh, rules=rules)(
+  return Generator(model, mesh=mesh, rules=rules, vocab_limit=vocab_limit)(
       prompt_tokens, max_new_tokens=max_new_tokens, method=method, **options)
 
 
