@@ -91,6 +91,11 @@ def test_accepted_tokens_per_pass_on_a_hand_made_oracle(family, levels_right):
   assert drafted == [g[:new] for g in greedy]
   assert stats['forward_passes'] == 1 + 1 + 5  # prefill, the draftless pass, 5 full ones
   assert stats['accepted_per_pass'] == pytest.approx((new - 1) / 6)
+  # One token fewer: the last pass still accepts as many, but the stats count the tokens
+  # returned (they counted the one past max_new_tokens too).
+  drafted, stats = infer.Generator(oracle)(prompts, max_new_tokens=new - 1, method='bita')
+  assert drafted == [g[:new - 1] for g in greedy] and stats['forward_passes'] == 7
+  assert stats['accepted_per_pass'] == pytest.approx((new - 2) / 6)
 
 
 def test_the_tree_mask_lets_each_node_see_exactly_its_ancestors():

@@ -277,8 +277,12 @@ class Generator:
       kept = slots < produced[:, None]
       out = out.at[rows[:, None], jnp.where(kept, count[:, None] + slots, out.shape[1])].set(
           new, mode='drop')
-      stopped = jnp.any(kept & jnp.isin(new, stops), axis=1)
-      tally = tally + jnp.stack([produced.sum(), (~done).sum()])
+      at_stop = kept & jnp.isin(new, stops)
+      stopped = jnp.any(at_stop, axis=1)
+      # The statistics count the tokens returned: none past a stop or max_new_tokens.
+      returned = jnp.minimum(jnp.where(stopped, jnp.argmax(at_stop, axis=1) + 1, produced),
+                             jnp.maximum(limit - count, 0))
+      tally = tally + jnp.stack([returned.sum(), (~done).sum()])
       cached = cached + produced
       count = count + produced
       root = jnp.where(done, root, bonus)
