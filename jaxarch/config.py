@@ -535,8 +535,19 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
     raise ConfigError(f'model.init_truncation={cfg.model.init_truncation} must be >= 0 '
                       '(0: no truncation; else in standard deviations, e.g. 2)')
   _check_train(cfg)
+  _check_data(cfg)
   _check_mesh(cfg, num_devices)
   return cfg
+
+
+def _check_data(cfg: ConfigDict) -> None:
+  if not 0 <= _number(cfg, 'data.validation_fraction') < 1:
+    raise ConfigError(f'data.validation_fraction={cfg.data.validation_fraction} must be in '
+                      '[0, 1): the share of files held out for validation')
+  # Packing aligns documents within a row; rows of another length shift the next row's.
+  if cfg.data.seq_len % cfg.data.pack_align:
+    raise ConfigError(f'data.seq_len={cfg.data.seq_len} must be a multiple of '
+                      f'data.pack_align={cfg.data.pack_align}')
 
 
 def _check_train(cfg: ConfigDict) -> None:

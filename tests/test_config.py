@@ -190,8 +190,10 @@ def test_rope_needs_an_even_head_dimension():
     (['train.b2=1.0'], 'train.b2=1.0 must be in [0, 1)'),
     (['train.eps=0.0'], 'train.eps=0.0 must be > 0'),
     (['train.weight_decay=-0.1'], 'train.weight_decay=-0.1 must be >= 0'),
+    (['data.validation_fraction=2.0'], 'data.validation_fraction=2.0 must be in [0, 1)'),
+    (['data.pack_align=5'], 'data.seq_len=128 must be a multiple of data.pack_align=5'),
 ])
-def test_init_and_adam_settings_are_checked(overrides, message):
+def test_init_adam_and_data_settings_are_checked(overrides, message):
   assert error_of(tiny, *overrides).startswith(f'config error: {message}')
 
 

@@ -282,6 +282,19 @@ def test_tfds_source_reads_its_text_feature_and_may_lack_validation(tmp_path):
       'title': tfds.features.Text(), 'body': tfds.features.Text()}))
   with pytest.raises(ValueError, match=r"text features \['title', 'body'\].*data.text_key"):
     sources._text_key(two, 'tfds:x', None)  # pylint: disable=protected-access
+  ids = types.SimpleNamespace(info=types.SimpleNamespace(features={
+      'text': tfds.features.Text(), 'tokens': tfds.features.Sequence(np.int32)}))
+  with pytest.raises(ValueError, match=r"'tokens' .* is a Sequence feature, not text"):
+    sources._text_key(ids, 'tfds:x', 'tokens')  # pylint: disable=protected-access
+
+
+def test_a_data_dir_that_cannot_be_made_is_a_config_error(tmp_path, corpus):
+  cfg, _ = corpus
+  (tmp_path / 'file').write_text('not a folder')
+  cfg.data_dir = str(tmp_path / 'file' / 'data')
+  with pytest.raises(ValueError, match=r'data directory .*/file/data cannot be made .*'
+                     'data.data_dir'):
+    data.open_source(cfg, 'train')
 
 
 def test_unprepared_tfds_source_says_how_to_prepare(tmp_path):

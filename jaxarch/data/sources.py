@@ -210,6 +210,10 @@ def _text_key(builder, source: str, text_key: str | None) -> str:
     if text_key not in features:
       raise ConfigError(f'config error: data.text_key={text_key!r} is not a feature of '
                         f'data.source={source!r}; its features are {list(features)}')
+    if text_key not in texts:  # token ids or numbers would be read as their str()
+      raise ConfigError(f'config error: data.text_key={text_key!r} of data.source={source!r} '
+                        f'is a {type(features[text_key]).__name__} feature, not text; its '
+                        f'text features are {texts}')
     return text_key
   if 'text' in features:
     return 'text'
@@ -349,7 +353,12 @@ def _prepared(builder_cls, config, data_dir: pathlib.Path):
   together wait for the one that writes it (a lock file in the data dir), and one that
   lost a race on storage without locks reads what the winner wrote."""
   make = lambda: builder_cls(config=config, data_dir=str(data_dir), file_format='array_record')
-  data_dir.mkdir(parents=True, exist_ok=True)
+  try:
+    data_dir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f'config error: the data directory {data_dir} cannot be made '
+                      f'({e.strerror or e}); set data.data_dir (or --data_dir, or '
+                      '$JAXARCH_DATA_DIR) to a writable folder') from None
   with open(data_dir / f'.{config.name}.lock', 'a') as lock:  # 'a': leaves it as it is
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
