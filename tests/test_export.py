@@ -85,13 +85,16 @@ def test_stablehlo_generates_the_tokens_of_jaxarch_generate(tmp_path, family):
   model = _model(cfg, seed=1)
   prompts = [[257, 100, 101, 102], [257, 50]]
   export_stablehlo(model, cfg, tmp_path / 'out', batch_size=2, prompt_len=8, max_len=20)
-  want, _ = infer.generate(model, prompts, max_new_tokens=12, stop_ids=(257,))
+  want, _ = infer.generate(model, prompts, max_new_tokens=12, stop_ids=(257,), vocab_limit=258)
   exported = StableHLOModel(tmp_path / 'out')
   got = exported.generate(prompts, max_new_tokens=12)
   assert got == want and len(got[0]) >= 1
+  # The untrained model prefers some of the padding ids (258-383): never generated.
+  free, _ = infer.generate(model, prompts, max_new_tokens=12, stop_ids=(257,))
+  assert max(map(max, free)) >= 258 > max(map(max, got))
   # As many new tokens as the caches hold: the last is never written to them.
   most = 20 + 1 - len(prompts[0])
-  want, _ = infer.generate(model, prompts, max_new_tokens=most, stop_ids=())
+  want, _ = infer.generate(model, prompts, max_new_tokens=most, stop_ids=(), vocab_limit=258)
   assert exported.generate(prompts, max_new_tokens=most, stop_ids=()) == want
   with pytest.raises(ValueError, match='do not fit the export'):
     exported.generate(prompts, max_new_tokens=most + 1)
@@ -104,7 +107,8 @@ def test_stablehlo_loader_runs_without_jaxarch(tmp_path):
   model = _model(cfg, seed=2)
   out = export_stablehlo(model, cfg, tmp_path / 'out', batch_size=1, prompt_len=8,
                          max_len=24)
-  want, _ = infer.generate(model, [[257, 72, 105]], max_new_tokens=10, stop_ids=())
+  want, _ = infer.generate(model, [[257, 72, 105]], max_new_tokens=10, stop_ids=(),
+                           vocab_limit=258)
   # A fresh interpreter in which importing jaxarch fails.
   code = ('import sys, runpy; sys.modules["jaxarch"] = None; '
           f'sys.argv = ["run", "{out}", "257,72,105", "--max_new_tokens=10", "--ignore_eod"]; '
@@ -155,7 +159,8 @@ def test_export_command_writes_the_run_s_latest_checkpoint(tmp_path, capsys, fmt
     assert not (tmp_path / 'out3').exists()
     assert not [p for p in tmp_path.iterdir() if 'partial' in p.name]
   else:
-    want, _ = infer.generate(trained, [[257, 80, 81]], max_new_tokens=8, stop_ids=())
+    want, _ = infer.generate(trained, [[257, 80, 81]], max_new_tokens=8, stop_ids=(),
+                             vocab_limit=258)
     got = StableHLOModel(out).generate([[257, 80, 81]], max_new_tokens=8, stop_ids=())
     assert got == want
 

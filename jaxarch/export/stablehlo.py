@@ -1,7 +1,9 @@
 """A model's prefill and decode step as StableHLO (`jax.export`), run without jaxarch.
 
-  OUT/prefill.stablehlo   (weights, tokens [b, p], lengths [b]) -> (logits [b, vocab], caches)
+  OUT/prefill.stablehlo   (weights, tokens [b, p], lengths [b]) -> (logits [b, V], caches)
   OUT/decode.stablehlo    (weights, caches, tokens [b], positions [b]) -> (logits, caches)
+                          (V: the model's padded vocabulary; ids from the tokenizer's
+                          `vocab_size` on have logit -inf, so they are never chosen)
   OUT/model.safetensors   the weights both take, by name (as `export.weights` writes them)
   OUT/stablehlo.json      batch size, prompt and cache lengths, vocabulary, special ids
   OUT/run_stablehlo.py    the loader: greedy generation with jax, numpy and safetensors only
@@ -26,6 +28,7 @@ from flax import nnx
 from jaxarch.export import run_stablehlo
 from jaxarch.export.weights import ExportError, flat_arrays, named_variables, write_model
 from jaxarch.infer.decoding import for_inference
+from jaxarch.infer.sampling import within_vocab
 from jaxarch.layers.signals import WindowCounter
 
 
@@ -59,6 +62,7 @@ def export_stablehlo(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str
   graphdef, counters, weights_state = nnx.split(model, WindowCounter, ...)
   weights_template = named_variables(weights_state)
   weights = flat_arrays(model)
+  vocab_size = json.loads((out / 'tokenizer.json').read_text())['vocab_size']
 
   def with_caches(weights):
     # Training statistics are built as zeros inside: neither inputs nor constants.
@@ -74,13 +78,13 @@ def export_stablehlo(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str
   def prefill(weights, tokens, lengths):
     model = with_caches(weights)
     logits = model.prefill(tokens, lengths)
-    return logits.astype(jnp.float32), caches_of(model)
+    return within_vocab(logits.astype(jnp.float32), vocab_size), caches_of(model)
 
   def decode(weights, caches, tokens, positions):
     model = with_caches(weights)
     nnx.update(model, _state(named_variables(nnx.state(model, nnx.Cache)), caches))
     logits = model.decode_step(tokens, positions)
-    return logits.astype(jnp.float32), caches_of(model)
+    return within_vocab(logits.astype(jnp.float32), vocab_size), caches_of(model)
 
   spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32)
   weight_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in weights.items()}
