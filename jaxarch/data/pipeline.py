@@ -231,7 +231,10 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
                         'documents')
     num_documents = len(docs)
     # Repeat reseeds the shuffle each epoch; slicing the endless sequence (not the epoch)
-    # keeps every stream endless, and together the streams read each epoch exactly once.
+    # keeps every stream endless. Each stream reads its share of every epoch once, at the
+    # pace of its documents' lengths: at a given step some streams are further on than
+    # others, so an epoch's worth of tokens holds some documents of the next epoch and
+    # misses some of this one (with one stream, `packing_streams=1`, none).
     docs = docs.shuffle(seed=seed % 2**32).repeat()
     threads = -(-num_threads // len(mine))
     rows = _zip_rows([_packed_rows(docs[i::num_streams], tokenizer, data_cfg, threads)
