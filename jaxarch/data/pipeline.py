@@ -275,8 +275,9 @@ def _documents_started(position) -> int:
 
 class _LayoutIterator(grain.DatasetIterator):
   """A saved data position means other documents under another layout (batch size, seed,
-  streams, source, number of documents, ...): restored into a different one it would repeat or skip documents
-  silently, so such a position is refused with a warning and reading starts afresh."""
+  streams, source, number of documents, ...): restored into a different one it would
+  repeat or skip documents silently, so such a position is refused with a warning and
+  reading starts afresh."""
 
   def __init__(self, parent: grain.DatasetIterator, layout: dict, documents_per_epoch: float):
     super().__init__(parent)

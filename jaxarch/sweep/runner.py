@@ -22,7 +22,6 @@ run's present config).
 import concurrent.futures
 import contextlib
 import dataclasses
-import fcntl
 import functools
 import inspect
 import json
@@ -38,7 +37,7 @@ from pathlib import Path
 from jaxarch import config as config_lib
 from jaxarch.sweep import plan
 from jaxarch.train.metrics import final_metrics
-from jaxarch.train.workdir import local_workdir
+from jaxarch.train.workdir import held_alone, local_workdir
 
 RESULTS = 'results.jsonl'
 
@@ -296,17 +295,12 @@ def _stopping_trainers_on_sigterm(trainers: set):
     signal.signal(signal.SIGTERM, previous)
 
 
-@contextlib.contextmanager
 def _only_sweep_in(workdir: Path):
   """Holds DIR/.sweep.lock: two sweeps in one workdir would train the same run directories
   at once and record them twice."""
-  with open(workdir / '.sweep.lock', 'w') as lock:
-    try:
-      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      raise SweepError(f'sweep: another jaxarch sweep is running in {workdir}; wait for it '
-                       'or use another --workdir') from None
-    yield
+  return held_alone(workdir / '.sweep.lock', SweepError(
+      f'sweep: another jaxarch sweep is running in {workdir}; wait for it or use another '
+      '--workdir'))
 
 
 def render_jobs(runs, workdir: Path, launcher: str, echo=print) -> list[dict]:

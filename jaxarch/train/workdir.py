@@ -27,16 +27,23 @@ def local_workdir(workdir: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def only_trainer_in(workdir: Path):
-  """Holds WORKDIR/.train.lock.<process> while training: two trainers in one workdir (a run
-  started twice, or a sweep's orphan) would write each other's checkpoints and metrics."""
-  with open(workdir / f'.train.lock.{jax.process_index()}', 'w') as lock:
+def held_alone(lock_file: Path, busy: Exception):
+  """Holds an exclusive lock on `lock_file` for the block; raises `busy` if another
+  process holds it (the lock ends with the process, however it ends)."""
+  with open(lock_file, 'w') as lock:
     try:
       fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      raise WorkdirError(f'workdir {workdir} is in use by another jaxarch train; wait for it, '
-                         'stop it, or use another --workdir') from None
+      raise busy from None
     yield
+
+
+def only_trainer_in(workdir: Path):
+  """Holds WORKDIR/.train.lock.<process> while training: two trainers in one workdir (a run
+  started twice, or a sweep's orphan) would write each other's checkpoints and metrics."""
+  return held_alone(workdir / f'.train.lock.{jax.process_index()}', WorkdirError(
+      f'workdir {workdir} is in use by another jaxarch train; wait for it, stop it, or use '
+      'another --workdir'))
 
 
 def state_bytes(abstract_state) -> int:
