@@ -261,8 +261,8 @@ class Distilled(tfds.core.GeneratorBasedBuilder):
 def write_distilled(directory: str | os.PathLike, splits: dict) -> pathlib.Path:
   """Writes `splits` (split -> [(tokens, prompt_length)]) as the array_record dataset that
   `data.source='distilled:<directory>'` reads; TFDS makes it appear only when complete."""
-  builder = _distilled_builder(directory, splits)
   check_no_distilled(directory)
+  builder = _distilled_builder(directory, splits)
   builder.download_and_prepare()
   return pathlib.Path(builder.data_dir)
 

@@ -159,8 +159,9 @@ def isoflop_minimum(params, losses) -> dict:
   best = int(np.argmin(y))
   if x_opt < x[0] or x_opt > x[-1]:
     side, bound = ('below', x[0]) if x_opt < x[0] else ('above', x[-1])
-  elif best in (0, len(y) - 1):  # a vertex between the sizes, but the best run is an end
-    # one: the optimum is only known to lie before the next size in
+  elif best in (0, len(y) - 1):
+    # The vertex lies between the sizes, but the best run is the smallest or the largest:
+    # the optimum is only known to lie before the next size in.
     side, bound = ('below', x[1]) if best == 0 else ('above', x[-2])
   else:
     side, bound = None, x_opt
