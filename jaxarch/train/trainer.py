@@ -230,7 +230,8 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
         logged['mfu'] = flops.mfu(logged['tokens_per_s'] * flops_per_token,
                                   jax.device_count(), device_kind)
       logged['lr'] = float(schedule(step - 1))  # optax counts updates from 0
-      logged['epoch'] = data_iter.epoch()
+      if hasattr(data_iter, 'epoch'):  # not on a wrapped iterator (e.g. a `.map` over it)
+        logged['epoch'] = data_iter.epoch()
       pending = []
       if evaluating:
         with _paused(watch):  # evaluation is not training throughput
