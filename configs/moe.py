@@ -1,7 +1,7 @@
 """Mixture-of-experts transformer: the dense model with routed SwiGLU experts.
 
   jaxarch train --config=configs/moe.py:tiny --workdir=/tmp/jaxarch/moe-tiny
-  jaxarch train --config=configs/moe.py:151m --workdir=gs://bucket/moe-151m
+  jaxarch train --config=configs/moe.py:151m --workdir=/gcs/BUCKET/moe-151m
 
 The paper presets are UltraMem's baselines (arXiv 2411.12364): the dense preset of the
 same name with every FFN replaced by 64 fine-grained experts, top-4, sized so that the
@@ -55,7 +55,8 @@ def get_config(arg=None):
   m.num_shared_experts = 0  # always-on experts of the same width
   m.gate = 'softmax'  # softmax | sigmoid
   m.renormalize = True  # the chosen gates sum to 1
-  # None: dropless (sort + grouped matmul); c: each expert takes ceil(c·T·k/E) tokens.
+  # None: dropless (sort + grouped matmul); c: each expert takes ceil(c·s·k/E) tokens of
+  # each sequence (of length s), first come first served.
   m.capacity_factor = ml_collections.config_dict.placeholder(float)
   # Dropless across expert shards: None sends worst-case buffers (never drops); c bounds
   # each shard's buffer to ceil(c·T·k/shards) rows and drops the overflow.

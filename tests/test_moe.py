@@ -74,6 +74,34 @@ def test_tight_capacity_drops_and_reports_the_dropped_fraction():
   assert dropped == zero_rows / 16 and dropped >= 0.5  # dropped tokens add nothing
 
 
+def test_capacity_is_first_come_first_served_per_sequence():
+  """All tokens of a row choose expert 0, which takes 2 per row: each row keeps its first
+  two tokens, whatever the other row holds."""
+  layer = make_moe(num_experts=4, top_k=1, d_model=4, capacity_factor=1.0)  # 8·1/4 = 2
+  layer.router[...] = 10.0 * jnp.eye(4)
+  x = jnp.stack([jnp.eye(4)[jnp.zeros(8, int)], jnp.eye(4)[jnp.array([0, 1] * 4)]])
+  out, sown = run_model(layer, x)
+  kept = np.any(np.asarray(out) != 0, axis=-1)
+  np.testing.assert_array_equal(kept, [[1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0]])
+  assert metric(sown, 'dropped_fraction') == 10 / 16
+
+
+def test_tight_capacity_stays_causal_and_independent_of_the_other_rows():
+  """Changing token t changes no output before t, and a row's output is the same alone
+  or in a batch (GShard's batch-wide top-1-first order breaks both)."""
+  layer = make_moe(num_experts=4, top_k=2, capacity_factor=1.0)
+  x = jax.random.normal(jax.random.key(5), (2, 24, 16))
+  out = np.asarray(layer(x))
+  assert np.mean(np.all(out == 0, axis=-1)) < 0.5  # some, not all, are dropped
+  _, sown = run_model(layer, x)
+  assert metric(sown, 'dropped_fraction') > 0
+  for t in (3, 11, 23):
+    changed = np.asarray(layer(x.at[:, t].set(jax.random.normal(jax.random.key(t), (2, 16)))))
+    np.testing.assert_array_equal(changed[:, :t], out[:, :t])
+    assert not np.allclose(changed[:, t], out[:, t])
+  np.testing.assert_array_equal(np.asarray(layer(x[1:])), out[1:])
+
+
 def test_balance_loss_equals_its_formula_on_a_hand_made_routing():
   layer = make_moe(num_experts=4, top_k=1, d_model=4, aux_loss_weight=1.0, z_loss_weight=0.0)
   layer.router[...] = 10.0 * jnp.eye(4)  # token i -> expert argmax(x_i)

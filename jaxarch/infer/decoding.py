@@ -25,7 +25,8 @@ def for_inference(model: nnx.Module, *, moe_capacity_factor: float | None = None
     router bias);
   - MoE runs dropless by default (`moe_capacity_factor=None`): no token is dropped, and a
     sequence's output does not depend on the other sequences of the batch. A factor
-    selects the capacity path instead (padded batched matmuls; overflow dropped);
+    selects the capacity path instead (padded batched matmuls; a prompt's overflow is
+    dropped, as in training, while a decode step, one token per sequence, drops none);
   - no rematerialisation (there is no backward pass).
   """
   model = nnx.merge(*nnx.split(model))  # new module objects sharing the arrays

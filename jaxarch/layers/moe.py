@@ -15,9 +15,13 @@ with the experts split over the mesh axes of the logical axis `expert`:
   elsewhere; `matmul_impl`), unsorted. The sort and unsort are permutations
   with a custom VJP: their backward is a gather by the inverse permutation, not the
   scatter-add that `take` would give.
-- *capacity* (`capacity_factor=c`): each expert takes at most `ceil(c · T·k / E)` of a
-  device's assignments (top-1 choices first, then top-2, ..., in token order); the rest
-  are dropped, pass through the residual only, and are counted.
+- *capacity* (`capacity_factor=c`): each expert takes at most `ceil(c · s·k / E)` of a
+  sequence's s·k assignments, first come first served in token order (a token's top-1
+  to top-k, then the next token's); the rest are dropped, pass through the residual
+  only, and are counted. So whether a token is dropped depends only on the tokens
+  before it in its own sequence: the model stays causal and independent of the batch's
+  other rows (ranking all top-1 choices of the batch first, as GShard does, lets a later
+  token or another row push an earlier token out).
 
 - dropless with few tokens on a device (`T·k <= E`, e.g. a decode step): each assignment
   multiplies its expert's weights gathered by index, so only the chosen experts are read
@@ -152,7 +156,7 @@ class MoE(nnx.Module):
     b, s, d = x.shape
     tokens = x.reshape(b * s, d)
     weights, experts = self.route(tokens)
-    out = self.run_experts(tokens, experts, weights.astype(self.dtype))
+    out = self.run_experts(tokens, experts, weights.astype(self.dtype), seq_len=s)
     out = out.reshape(b, s, d)
     if self.shared is not None:
       out = out + self.shared(x)
@@ -183,8 +187,9 @@ class MoE(nnx.Module):
       self.bias[...] = bias + self.bias_update_rate * jnp.sign(1.0 / e - load)
     return weights, experts.astype(jnp.int32)
 
-  def run_experts(self, tokens, experts, weights) -> jax.Array:
-    """Each device's tokens through their experts; experts split over the `expert` axes."""
+  def run_experts(self, tokens, experts, weights, *, seq_len: int) -> jax.Array:
+    """Each device's tokens (whole sequences of `seq_len`, row-major) through their
+    experts; experts split over the `expert` axes."""
     params = tuple(w[...].astype(self.dtype) for w in (self.w_gate, self.w_up, self.w_down))
     expert_axes = context.mesh_axes('expert', self.num_experts)
     batch_axes = context.mesh_axes('batch')
@@ -193,7 +198,8 @@ class MoE(nnx.Module):
     hidden_axes = tuple(a for a in context.mesh_axes('mlp', self.expert_d_ff)
                         if a not in batch_axes and a not in expert_axes)
     if not batch_axes and not expert_axes and not hidden_axes:
-      out, dropped = self._local(tokens, experts, weights, *params, expert_axes=(), shards=1)
+      out, dropped = self._local(tokens, experts, weights, *params, expert_axes=(), shards=1,
+                                 seq_len=seq_len)
     else:
       mesh, _ = context.current()
       shards = math.prod(mesh.shape[a] for a in expert_axes)
@@ -202,7 +208,8 @@ class MoE(nnx.Module):
       out_of = P(expert_axes or None, hidden_axes or None, None)  # down: e f d
 
       def local(*args):
-        out, dropped = self._local(*args, expert_axes=expert_axes, shards=shards)
+        out, dropped = self._local(*args, expert_axes=expert_axes, shards=shards,
+                                   seq_len=seq_len)
         if hidden_axes:
           out = jax.lax.psum(out, hidden_axes)
         return out, jax.lax.psum(dropped, batch_axes) if batch_axes else dropped
@@ -217,7 +224,8 @@ class MoE(nnx.Module):
     signals.add_metric(self, 'dropped_fraction', dropped / experts.size)
     return out
 
-  def _local(self, tokens, experts, weights, gate, up, down, *, expert_axes, shards):
+  def _local(self, tokens, experts, weights, gate, up, down, *, expert_axes, shards,
+             seq_len):
     """One device: tokens [T, d], experts/weights [T, k], its experts' weights -> [T, d]."""
     t, d = tokens.shape
     k = self.top_k
@@ -226,7 +234,8 @@ class MoE(nnx.Module):
     elif self.capacity_factor is None:
       y, dropped = self._dropless(tokens, experts, gate, up, down, expert_axes, shards)
     else:
-      y, dropped = self._capacity(tokens, experts, gate, up, down, expert_axes, shards)
+      y, dropped = self._capacity(tokens, experts, gate, up, down, expert_axes, shards,
+                                  seq_len)
     out = jnp.einsum('tk,tkd->td', weights, y.reshape(t, k, d))
     return out, dropped.astype(jnp.float32)
 
@@ -276,29 +285,35 @@ class MoE(nnx.Module):
     ys_sorted = jnp.where(kept[:, None], back[shard, jnp.minimum(rank, size - 1)], 0)
     return permute(ys_sorted.astype(xs.dtype), inverse, order), jnp.sum(~kept)
 
-  def _capacity(self, tokens, experts, gate, up, down, expert_axes, shards):
-    """-> (y [T·k, d] per assignment in token-major order, dropped count)."""
+  def _capacity(self, tokens, experts, gate, up, down, expert_axes, shards, seq_len):
+    """-> (y [T·k, d] per assignment in token-major order, dropped count).
+
+    Expert e's buffer holds `capacity` rows per sequence: row (g, p) is the p-th of
+    sequence g's assignments to e in token-major order."""
     t, d = tokens.shape
     e, k = self.num_experts, self.top_k
-    capacity = max(1, math.ceil(self.capacity_factor * t * k / e))
-    by_choice = experts.T.reshape(-1)  # top-1 choices of all tokens first, then top-2, ...
-    one_hot = jax.nn.one_hot(by_choice, e, dtype=jnp.int32)
-    position = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=1)
-    kept = position < capacity
-    slot = jnp.where(kept, by_choice * capacity + position, e * capacity)  # last: dropped
-    x = jnp.tile(tokens, (k, 1))  # by_choice order
-    buffer = jnp.zeros((e * capacity + 1, d), tokens.dtype).at[slot].set(x)
-    buffer = buffer[:-1].reshape(e, capacity, d)
+    s = seq_len if t % seq_len == 0 else t  # (a device holding part of a sequence: one group)
+    g = t // s
+    capacity = max(1, math.ceil(self.capacity_factor * s * k / e))
+    chosen = experts.reshape(g, s * k)  # token-major within each sequence
+    one_hot = jax.nn.one_hot(chosen, e, dtype=jnp.int32)  # g m e
+    position = jnp.sum((jnp.cumsum(one_hot, axis=1) - 1) * one_hot, axis=2)  # g m
+    kept = (position < capacity).reshape(-1)
+    rows = g * capacity  # per expert
+    slot = (chosen * rows + jnp.arange(g)[:, None] * capacity + position).reshape(-1)
+    slot = jnp.where(kept, slot, e * rows)  # the last row: dropped
+    x = jnp.repeat(tokens, k, axis=0)  # token-major
+    buffer = jnp.zeros((e * rows + 1, d), tokens.dtype).at[slot].set(x)
+    buffer = buffer[:-1].reshape(e, rows, d)
     if shards == 1:
       y = batched_swiglu(buffer, gate, up, down)
     else:
       local_e = e // shards
       exchange = lambda a: jax.lax.all_to_all(a, expert_axes, 0, 0, tiled=True)
-      recv = exchange(buffer.reshape(shards, local_e, capacity, d))  # source, e, c, d
-      recv = recv.transpose(1, 0, 2, 3).reshape(local_e, shards * capacity, d)
+      recv = exchange(buffer.reshape(shards, local_e, rows, d))  # source, e, rows, d
+      recv = recv.transpose(1, 0, 2, 3).reshape(local_e, shards * rows, d)
       y = batched_swiglu(recv, gate, up, down)
-      y = y.reshape(local_e, shards, capacity, d).transpose(1, 0, 2, 3)
-      y = exchange(y).reshape(e, capacity, d)
-    y = jnp.concatenate([y.reshape(e * capacity, d), jnp.zeros((1, d), y.dtype)])[slot]
-    y = y.reshape(k, t, d).transpose(1, 0, 2).reshape(t * k, d)  # token-major
+      y = y.reshape(local_e, shards, rows, d).transpose(1, 0, 2, 3)
+      y = exchange(y).reshape(e, rows, d)
+    y = jnp.concatenate([y.reshape(e * rows, d), jnp.zeros((1, d), y.dtype)])[slot]
     return y, jnp.sum(~kept)
