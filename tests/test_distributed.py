@@ -64,20 +64,27 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _train_in_two_processes(workdir, data_dir, environ_of):
-  """`jaxarch train` as processes 0 and 1 of a job, 4 CPU devices each."""
+def _train_in_two_processes(workdir, data_dir, environ_of, *, expect_code=0):
+  """`jaxarch train` as processes 0 and 1 of a job, 4 CPU devices each; `workdir` may be
+  one per process."""
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
              JAX_PLATFORMS='cpu')
+  workdirs = workdir if isinstance(workdir, list) else [workdir] * 2
   command = [sys.executable, '-m', 'jaxarch.cli', 'train', '--config=configs/dense.py:tiny',
-             f'--workdir={workdir}', f'--data_dir={data_dir}',
-             *[f'--config.{o}' for o in OVERRIDES]]
-  processes = [subprocess.Popen(command + extra, env={**env, **variables},
+             f'--data_dir={data_dir}', *[f'--config.{o}' for o in OVERRIDES]]
+  processes = [subprocess.Popen(command + [f'--workdir={workdirs[i]}'] + extra,
+                                env={**env, **variables},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for extra, variables in map(environ_of, range(2))]
+               for i, (extra, variables) in enumerate(map(environ_of, range(2)))]
   outputs = [p.communicate(timeout=300) for p in processes]
   for p, (_, err) in zip(processes, outputs):
-    assert p.returncode == 0, err[-3000:]
+    assert p.returncode == expect_code, err[-3000:]
   return [err for _, err in outputs]
+
+
+def _flags(port):
+  return lambda i: ([f'--coordinator_address=localhost:{port}', '--num_processes=2',
+                     f'--process_id={i}'], {})
 
 
 def _one_process(tmp_path, data_dir) -> dict:
@@ -100,13 +107,22 @@ def _assert_same_run(want, workdir):
 @pytest.mark.slow
 def test_two_processes_train_together_onto_the_one_process_losses(tmp_path, data_dir):
   want = _one_process(tmp_path, data_dir)
-  port = _free_port()
-  errs = _train_in_two_processes(
-      tmp_path / 'two', data_dir,
-      lambda i: ([f'--coordinator_address=localhost:{port}', '--num_processes=2',
-                  f'--process_id={i}'], {}))
+  errs = _train_in_two_processes(tmp_path / 'two', data_dir, _flags(_free_port()))
   assert 'process 1 of 2 (flags)' in errs[1]
   _assert_same_run(want, tmp_path / 'two')
+  assert not list((tmp_path / 'two').glob('.shared_check.*'))
+
+
+@pytest.mark.slow
+def test_a_workdir_the_processes_do_not_share_is_one_line_on_each(tmp_path, data_dir):
+  """Host-local workdirs (here: one folder per process) would leave each host a part of
+  every checkpoint; both processes stop before training."""
+  errs = _train_in_two_processes([tmp_path / 'host0', tmp_path / 'host1'], data_dir,
+                                 _flags(_free_port()), expect_code=2)
+  for err in errs:
+    assert 'is not shared by the job\'s processes: process(es) 1 do not see' in err, err[-3000:]
+    assert 'Traceback' not in err
+  assert not (tmp_path / 'host0' / 'checkpoints').exists()
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""Checks of the workdir before any training work: a local path, writable, room for a
-checkpoint, not holding another family's run, and no other trainer in it."""
+"""Checks of the workdir before any training work: a local path, writable, shared by all
+processes, room for a checkpoint, not holding another family's run, and no other trainer
+in it."""
 
 import contextlib
 import fcntl
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import jax
 import ml_collections
+import numpy as np
 
 
 class WorkdirError(RuntimeError):
@@ -62,6 +64,7 @@ def check_workdir(workdir: Path, cfg: ml_collections.ConfigDict, checkpoint_byte
   except OSError as e:
     raise WorkdirError(f'workdir {workdir} is not writable ({e.strerror or e}); choose '
                        'another --workdir or fix its permissions') from None
+  _check_shared(workdir)
   free = shutil.disk_usage(workdir).free
   needed = int(checkpoint_bytes * 1.1) + (16 << 20)  # arrays, metadata, data state
   if free < needed:
@@ -71,6 +74,35 @@ def check_workdir(workdir: Path, cfg: ml_collections.ConfigDict, checkpoint_byte
   saved = workdir / 'config.json'
   if has_checkpoints and saved.exists():
     _check_same_model(saved, cfg)
+
+
+def _check_shared(workdir: Path) -> None:
+  """Every process must see process 0's files: each writes its own checkpoint shards and
+  process 0 the metadata, so a host-local workdir would leave no host a whole checkpoint."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  # A name new to every host: no stale file or cached lookup can answer for it.
+  token = np.asarray(multihost_utils.broadcast_one_to_all(
+      np.frombuffer(os.urandom(8), np.uint8))).tobytes().hex()
+  probe = workdir / f'.shared_check.{token}'
+  if jax.process_index() == 0:
+    probe.write_text(token)
+  multihost_utils.sync_global_devices('jaxarch_shared_check_written')
+  try:
+    seen = probe.read_text() == token
+  except OSError:
+    seen = False
+  seen_by = multihost_utils.process_allgather(np.int32(seen))
+  if jax.process_index() == 0:
+    probe.unlink()
+  blind = [i for i, ok in enumerate(np.ravel(seen_by)) if not ok]
+  if blind:
+    raise WorkdirError(
+        f'workdir {workdir} is not shared by the job\'s processes: process(es) '
+        f'{", ".join(map(str, blind))} do not see a file process 0 wrote there; every process '
+        'writes checkpoint shards into it, so give a path on a shared filesystem or a mounted '
+        'bucket')
 
 
 def _check_same_model(saved: Path, cfg: ml_collections.ConfigDict) -> None:
