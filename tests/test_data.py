@@ -612,6 +612,32 @@ def test_a_continuation_keeps_its_first_words_space(tmp_path, style):
   assert tokenizers.decode_continuation(tokenizer, prompt, new) == ' the café'
 
 
+def _sentencepiece_model(path):
+  """A small BPE model with byte fallback, eos and pad, trained here on a few lines."""
+  spm = pytest.importorskip('sentencepiece')
+  lines = ['the café is open', 'the cat sat on the mat', 'a ∑ of bytes ü'] * 50
+  with open(path, 'wb') as f:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=f, vocab_size=300, model_type='bpe',
+        byte_fallback=True, character_coverage=1.0, unk_id=0, eos_id=1, pad_id=2, bos_id=-1,
+        minloglevel=2)
+  return str(path)
+
+
+def test_sentencepiece_model_counts_bytes_and_decodes_continuations(tmp_path):
+  tokenizer = data.get_tokenizer(_sentencepiece_model(tmp_path / 'sp.model'))
+  assert (tokenizer.vocab_size, tokenizer.eod_id, tokenizer.pad_id) == (300, 1, 2)
+  for text in ['the café the', 'the ∑', 'a\x00b ü', 'zebra ☃']:  # ☃, z: byte fallback
+    ids = tokenizer.encode(text)
+    # The '▁' SentencePiece puts in front of the text is counted, as with Llama's files.
+    assert int(tokenizer.byte_lengths[ids].sum()) == len(text.encode()) + 1, (text, ids)
+    assert tokenizer.decode(ids) == text
+  assert tokenizer.decode(tokenizer.encode('the cat') + [tokenizer.eod_id]) == 'the cat'
+  new = tokenizer.encode('cat sat')
+  assert tokenizer.decode(new) == 'cat sat'  # decoded alone, the first word loses its space
+  assert tokenizers.decode_continuation(tokenizer, tokenizer.encode('the'), new) == ' cat sat'
+
+
 def test_missing_or_garbled_tokenizer_files_are_config_errors(tmp_path):
   with pytest.raises(ValueError, match=r"data.tokenizer='/nowhere/tokenizer.json': no such"):
     data.get_tokenizer('/nowhere/tokenizer.json')
