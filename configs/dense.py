@@ -14,7 +14,7 @@ paper's name (SwiGLU with d_ff ≈ 8/3·d keeps 3·d·d_ff ≈ 8·d², attention
   680m    1536     24      12 x 128          4096   679.5M
   1.6b    2048     32      16 x 128          5504   1.61B
 
-  jaxarch train --config=configs/dense.py:151m --workdir=gs://bucket/dense-151m
+  jaxarch train --config=configs/dense.py:151m --workdir=/gcs/BUCKET/dense-151m
 
 The byte tokenizer (vocab 256 + specials) is the default; `model.vocab_size` is padded
 to a multiple of 128 so the output head shards evenly over the `tensor` axis.

@@ -1,7 +1,7 @@
 """MEGABYTE: a global transformer over patches of bytes and a local one inside each patch.
 
   jaxarch train --config=configs/megabyte.py:tiny --workdir=/tmp/jaxarch/megabyte-tiny
-  jaxarch train --config=configs/megabyte.py:1.5b --workdir=gs://bucket/megabyte-1.5b
+  jaxarch train --config=configs/megabyte.py:1.5b --workdir=/gcs/BUCKET/megabyte-1.5b
 
 `model.d_model` and the other top-level shape keys describe the global model (its width
 is P·D_G, the concatenated byte embeddings of a patch); `model.megabyte.local` the local

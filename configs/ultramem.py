@@ -1,7 +1,7 @@
 """UltraMem: the dense transformer of configs/dense.py plus skip-placed memory layers.
 
   jaxarch train --config=configs/ultramem.py:tiny --workdir=/tmp/jaxarch/ultramem-tiny
-  jaxarch train --config=configs/ultramem.py:151m --workdir=gs://bucket/ultramem-151m
+  jaxarch train --config=configs/ultramem.py:151m --workdir=/gcs/BUCKET/ultramem-151m
 
 The paper (arXiv 2411.12364, Table 1) pairs each dense baseline with an UltraMem model of
 about 13x its parameters ("x12" memory) at the dense model's compute: 151M -> 2.03B,

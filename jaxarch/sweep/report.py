@@ -155,7 +155,8 @@ def _fmt(x, digits=3):
 def markdown(fits, params: str, workdir: Path) -> str:
   lines = [f'# Scaling-law report for {workdir}', '',
            f'N = {params} parameters, D = training tokens, loss = validation loss (nats per '
-           'token), C = training FLOPs by the convention of `jaxarch.train.flops`.', '',
+           "token of the runs' tokenizer: per byte for byte-level models), C = training FLOPs "
+           'by the convention of `jaxarch.train.flops`.', '',
            '![loss against compute](loss_vs_compute.png)', '', '![IsoFLOP profiles](isoflop.png)',
            '', '![compute-optimal size](frontier.png)', '', '## Runs per family', '',
            '| family | runs | budgets | N range | D range | best loss |', '|---|---|---|---|---|---|']

@@ -6,6 +6,7 @@ values, its parameter metadata), never through branches on `model.family`.
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 
 import jax
@@ -274,5 +275,10 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
                             f'`jaxarch train --workdir={workdir}`')
   result = {'step': restored,
             **run_eval(setup, state, _eval_step(cfg, setup), batches)}
-  (Path(workdir) / f'eval_{restored}.json').write_text(json.dumps(result, indent=2))
+  out = Path(workdir) / f'eval_{restored}.json'
+  try:
+    if jax.process_index() == 0:
+      out.write_text(json.dumps(result, indent=2))
+  except OSError as e:  # a read-only run: the result is still returned (and printed)
+    logging.getLogger(__name__).warning('could not write %s: %s', out, e.strerror or e)
   return result
