@@ -17,6 +17,7 @@ import math
 import os
 from pathlib import Path
 import sys
+import traceback
 from typing import Any
 
 import ml_collections
@@ -81,13 +82,7 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
   get_config = getattr(module, 'get_config', None)
   if not callable(get_config):
     raise ConfigError(f'config file {path!r} does not define get_config(arg)')
-  try:
-    cfg = get_config(arg) if arg else get_config()
-  except ValueError as e:
-    # Config files report a bad preset as 'config error: ...'; keep their words.
-    if str(e).startswith('config error: '):
-      raise ConfigError(str(e)) from e
-    raise
+  cfg = call_config_function(module, get_config, arg)
   if not isinstance(cfg, ConfigDict):
     raise ConfigError(f'{path}: get_config returned {type(cfg).__name__}, not a ConfigDict')
   cfg.lock()  # an override can only change a key the config file defines
@@ -138,8 +133,35 @@ def _import_file(path: Path):
                       "get_config(arg) nor a run's saved config.json")
   module = importlib.util.module_from_spec(module_spec)
   sys.modules[name] = module  # dataclasses and pickling look modules up by name
-  module_spec.loader.exec_module(module)
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f'config error: {path}:{e.lineno}: {e.msg}'
+                      + (f' ({e.text.strip()})' if e.text else '')) from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise _error_in(path, e, 'importing it') from None
   return module
+
+
+def call_config_function(module, function, arg: str | None):
+  """`function(arg)` (or `function()`) of a config or sweep file; what it raises is one
+  line naming the file and line ('config error: ...' ValueErrors keep their words)."""
+  try:
+    return function(arg) if arg else function()
+  except Exception as e:  # pylint: disable=broad-except
+    if isinstance(e, ValueError) and str(e).startswith('config error: '):
+      raise ConfigError(str(e)) from None  # how config files report a bad preset
+    call = f'{function.__name__}({arg!r})' if arg else f'{function.__name__}()'
+    raise _error_in(Path(module.__file__), e, call) from None
+
+
+def _error_in(path: Path, error: Exception, what: str) -> ConfigError:
+  """`error`, raised by user code in `path`, as one line at its innermost line there."""
+  lines = [f.lineno for f in traceback.extract_tb(error.__traceback__)
+           if Path(f.filename) == path]
+  where = f'{path}:{lines[-1]}' if lines else str(path)
+  return ConfigError(f'config error: {where}: {what} raised {type(error).__name__}: '
+                     f'{str(error).splitlines()[0] if str(error) else ""}')
 
 
 # Overrides.
@@ -528,8 +550,11 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
     checks += BLOCK_CHECKS[block]
   for check in dict.fromkeys(checks):  # each once, in order
     check(cfg)
-  if not _number(cfg, 'model.init_std') > 0:
-    raise ConfigError(f'model.init_std={cfg.model.init_std} must be > 0')
+  for key in ('model.init_std', 'model.rope_theta'):
+    if not 0 < _number(cfg, key) < math.inf:
+      raise ConfigError(f'{key}={_get(cfg, key)} must be > 0 and finite')
+  if not 0 <= _number(cfg, 'model.norm_eps') < math.inf:
+    raise ConfigError(f'model.norm_eps={cfg.model.norm_eps} must be >= 0 and finite')
   _choice(cfg, 'model.residual_init_scale', (True, False))
   if not _number(cfg, 'model.init_truncation') >= 0:
     raise ConfigError(f'model.init_truncation={cfg.model.init_truncation} must be >= 0 '
@@ -569,8 +594,8 @@ def _check_train(cfg: ConfigDict) -> None:
   for key in ('train.b1', 'train.b2'):
     if not 0 <= _number(cfg, key) < 1:
       raise ConfigError(f'{key}={_get(cfg, key)} must be in [0, 1)')
-  if not _number(cfg, 'train.eps') > 0:
-    raise ConfigError(f'train.eps={cfg.train.eps} must be > 0')
+  if not 0 < _number(cfg, 'train.eps') < math.inf:
+    raise ConfigError(f'train.eps={cfg.train.eps} must be > 0 and finite')
   for key in ('train.weight_decay', 'train.z_loss'):
     if not _number(cfg, key) >= 0:
       raise ConfigError(f'{key}={_get(cfg, key)} must be >= 0')

@@ -187,6 +187,9 @@ def test_rope_needs_an_even_head_dimension():
 @pytest.mark.parametrize('overrides, message', [
     (['model.init_truncation=-1.0'], 'model.init_truncation=-1.0 must be >= 0'),
     (['model.init_std=0.0'], 'model.init_std=0.0 must be > 0'),
+    (['model.init_std=inf'], 'model.init_std=inf must be > 0 and finite'),
+    (['model.rope_theta=0.0'], 'model.rope_theta=0.0 must be > 0'),
+    (['model.norm_eps=-1.0'], 'model.norm_eps=-1.0 must be >= 0'),
     (['train.b2=1.0'], 'train.b2=1.0 must be in [0, 1)'),
     (['train.eps=0.0'], 'train.eps=0.0 must be > 0'),
     (['train.weight_decay=-0.1'], 'train.weight_decay=-0.1 must be >= 0'),
@@ -451,3 +454,16 @@ def test_command_line_overrides_take_both_flag_forms():
   assert overrides == ['--config.train.steps=3', '--config.mesh.ici.data=-1',
                        '--config.model.remat=full']
   assert rest == ['train', '--config=configs/dense.py:tiny', '--workdir=w']
+
+
+@pytest.mark.parametrize('source, spec, message', [
+    ('def get_config(arg=None)\n  return 1\n', 'c.py',
+     "c.py:1: expected ':' (def get_config(arg=None))"),
+    ('PRESETS = {}\ndef get_config(arg):\n  return PRESETS[arg]\n', 'c.py:big',
+     "c.py:3: get_config('big') raised KeyError: 'big'"),
+    ('x = undefined_name\n', 'c.py', "c.py:1: importing it raised NameError: name"),
+])
+def test_a_broken_config_file_is_one_line_at_its_line(tmp_path, source, spec, message):
+  (tmp_path / 'c.py').write_text(source)
+  assert error_of(config_lib.load, f'{tmp_path}/{spec}').startswith(
+      f'config error: {tmp_path}/{message}')

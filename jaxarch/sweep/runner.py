@@ -68,12 +68,7 @@ def load_sweep(spec: str) -> list[plan.Run]:
   if arg and not inspect.signature(get_sweep).parameters:
     raise config_lib.ConfigError(f'sweep file {path!r}: get_sweep() takes no argument, and '
                                  f'{spec!r} passes {arg!r}; drop ":{arg}"')
-  try:
-    members = get_sweep(arg) if arg else get_sweep()
-  except ValueError as e:
-    if str(e).startswith('config error: '):
-      raise config_lib.ConfigError(str(e)) from e
-    raise
+  members = config_lib.call_config_function(module, get_sweep, arg)
   return plan.runs_from(members, spec)
 
 
