@@ -80,6 +80,12 @@ def test_fits_refuse_too_few_or_concave_runs():
   assert bound == {**bound, 'params': pytest.approx(1e6), 'loss': 3.0, 'inside': False,
                    'side': 'below'}
   assert isoflop_minimum([1e6, 1e7, 1e8], [3.0, 2.9, 2.3])['side'] == 'above'
+  # Linear in log N: the fitted curvature is rounding noise, its vertex at exp(±huge).
+  linear = [dict(params=n, tokens=1e17 / n, loss=loss, budget=1e17)
+            for n, loss in zip([1e5, 2e5, 4e5], [3.0, 3.1, 3.2])]
+  (profile,) = isoflop_fits(linear)['profiles']
+  assert profile == {**profile, 'params': pytest.approx(1e5), 'tokens': pytest.approx(1e12),
+                     'inside': False, 'side': 'below'}
   with pytest.raises(FitError, match='3 or more model sizes'):
     isoflop_minimum([1e6, 1e7], [3.0, 2.9])
 
@@ -235,7 +241,7 @@ def test_sweep_runs_records_skips_finished_and_resumes_interrupted(tmp_path, dat
   assert len(runner.read_results(workdir)) == 3
 
 
-def test_report_writes_plots_and_tables(tmp_path):
+def test_report_writes_plots_and_tables(tmp_path, capsys):
   workdir = tmp_path / 'sweep'
   workdir.mkdir()
   lines = []
@@ -249,8 +255,15 @@ def test_report_writes_plots_and_tables(tmp_path):
   for i in range(3):  # a family whose every run diverged
     lines.append(dict(lines[i], name=f'ultramem-{i}', family='ultramem', eval_loss=math.nan))
   lines.append(dict(lines[-4], name='moe-no-validation', budget=1e21, eval_loss=None))
-  (workdir / 'results.jsonl').write_text(''.join(json.dumps(l) + '\n' for l in lines))
+  # Hand-edited records: skipped, each with a warning.
+  broken = [{k: v for k, v in lines[0].items() if k != 'family'} | {'name': 'no-family'},
+            dict(lines[0], name='text-loss', eval_loss='nan')]
+  (workdir / 'results.jsonl').write_text(''.join(json.dumps(l) + '\n'
+                                                 for l in lines + broken))
   assert cli.main(['fit', f'--workdir={workdir}', '--bootstrap=5']) == 0
+  err = capsys.readouterr().err
+  assert "run 'no-family' lacks 'family'; skipped" in err
+  assert "run 'text-loss' has eval_loss='nan', not a number; skipped" in err
   out = workdir / 'report'
   for name in ('loss_vs_compute.png', 'isoflop.png', 'frontier.png'):
     assert (out / name).read_bytes()[:4] == b'\x89PNG'

@@ -146,7 +146,11 @@ def isoflop_minimum(params, losses) -> dict:
   x, y = x[order], y[order]
   c2, c1, c0 = np.polyfit(x, y, 2)
   coefficients = [float(c2), float(c1), float(c0)]
-  if c2 <= 0:
+  x_opt = -c1 / (2 * c2) if c2 > 0 else None
+  span = x[-1] - x[0]
+  # No curvature, or too little to place a vertex within one span of the sizes run (a
+  # profile linear in log N up to rounding would put it at exp(±1e15)).
+  if x_opt is None or not x[0] - span <= x_opt <= x[-1] + span:
     steps = np.diff(y)
     if not (np.all(steps >= 0) or np.all(steps <= 0)):
       raise FitError('fit: the IsoFLOP profile has no minimum (loss is not convex in log '
@@ -155,7 +159,6 @@ def isoflop_minimum(params, losses) -> dict:
     return dict(params=float(math.exp(x[edge])), loss=float(y[edge]),
                 coefficients=coefficients, inside=False,
                 side='below' if edge == 0 else 'above', bound=float(math.exp(x[edge])))
-  x_opt = -c1 / (2 * c2)
   best = int(np.argmin(y))
   if x_opt < x[0] or x_opt > x[-1]:
     side, bound = ('below', x[0]) if x_opt < x[0] else ('above', x[-1])

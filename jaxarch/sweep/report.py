@@ -12,6 +12,7 @@ and `report.md`, which compares the families at equal compute.
 
 import json
 import math
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -42,6 +43,31 @@ def fit_points(records, params: str = 'active') -> list[dict]:
                        budget=r.get('budget') or r['flops'], flops=r['flops'],
                        name=r['name'], validation=validation))
   return points
+
+
+def _problem(record: dict, params: str) -> str | None:
+  """What keeps a results.jsonl record (hand-edited, or of another tool) out of the fits."""
+  for key in ('family', f'params_{params}', 'tokens'):
+    if key not in record:
+      return f'lacks {key!r}'
+  if record.get('budget') is None and record.get('flops') is None:
+    return "lacks 'budget' and 'flops'"
+  for key in (f'params_{params}', 'tokens', 'budget', 'flops', 'eval_loss', 'final_loss'):
+    value = record.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+      return f'has {key}={value!r}, not a number'
+  return None
+
+
+def usable_records(records, params: str, path) -> list[dict]:
+  """The records a fit can read; the others are skipped with a warning naming the run."""
+  kept = []
+  for r in records:
+    if (problem := _problem(r, params)) is None:
+      kept.append(r)
+    else:
+      print(f'fit: warning: {path}: run {r.get("name")!r} {problem}; skipped', file=sys.stderr)
+  return kept
 
 
 def fit_families(records, *, params: str = 'active', bootstrap: int = 100) -> dict:
@@ -242,12 +268,12 @@ def write_report(workdir: str | Path, out: str | Path | None = None, *,
                  params: str = 'active', bootstrap: int = 100) -> dict:
   """Fits every family of DIR/results.jsonl; writes the plots, report.md and fits.json."""
   workdir = Path(workdir)
-  records = read_results(workdir)
+  if params not in ('active', 'total'):
+    raise ValueError(f"fit: params={params!r} must be 'active' or 'total'")
+  records = usable_records(read_results(workdir), params, workdir / 'results.jsonl')
   if not records:
     raise FileNotFoundError(f'no runs in {workdir / "results.jsonl"}; run `jaxarch sweep '
                             f'--workdir={workdir}` first')
-  if params not in ('active', 'total'):
-    raise ValueError(f"fit: params={params!r} must be 'active' or 'total'")
   out = Path(out) if out else workdir / 'report'
   out.mkdir(parents=True, exist_ok=True)
   fits = fit_families(records, params=params, bootstrap=bootstrap)
