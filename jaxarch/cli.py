@@ -68,6 +68,17 @@ def _at_least_one(text: str) -> int:
   return _count(text, least=1)
 
 
+def _positive(text: str) -> float:
+  """An argparse type: a finite number > 0."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+  if not 0 < value < float('inf'):
+    raise argparse.ArgumentTypeError(f'{value} must be > 0')
+  return value
+
+
 def _join_job(args) -> bool:
   """Joins a multi-process job if this process is one (flags or cluster environment);
   True on the process that reports."""
@@ -275,7 +286,7 @@ def _parser() -> argparse.ArgumentParser:
   bench.add_argument('--state_only', action='store_true',
                      help='memory: only the train state (exact, instant), not the compiled '
                      'step')
-  bench.add_argument('--device_memory_gib', type=float,
+  bench.add_argument('--device_memory_gib', type=_positive,
                      help="memory: plan for devices of this size (default: the present "
                      "device's allocator limit; unknown on CPU)")
   gen = commands.add_parser('generate', help='continue prompts with the latest checkpoint',

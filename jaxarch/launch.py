@@ -46,6 +46,7 @@ TPU_TARGETS = ('gke', 'tpu-vm')
 TPU_CORES_PER_CHIP = {'v4': 2, 'v5p': 2, 'v5litepod': 1, 'v5e': 1, 'v6e': 1}
 # Kubernetes object names (JobSet pods add '-workers-0-0' and must stay within 63).
 NAME = re.compile(r'[a-z]([-a-z0-9]{0,38}[a-z0-9])?')
+SLURM_TIME = re.compile(r'(\d+-)?\d+(:\d+){0,2}|UNLIMITED|INFINITE', re.IGNORECASE)
 
 
 @dataclasses.dataclass
@@ -118,6 +119,11 @@ def check(cfg, target: str) -> dict[str, int]:
     if isinstance(value, str) and any(c in value for c in '\n\r'):
       raise ConfigError(f'launch.{key}={value!r} must be one line; join setup commands with '
                         "'&&' or ';'")
+  if not SLURM_TIME.fullmatch(str(launch.time_limit)):
+    raise ConfigError(f'launch.time_limit={launch.time_limit!r} must be a SLURM time: '
+                      'MM, HH:MM:SS, D-HH[:MM[:SS]] or UNLIMITED')
+  if not isinstance(launch.max_restarts, int) or launch.max_restarts < 0:
+    raise ConfigError(f'launch.max_restarts={launch.max_restarts!r} must be >= 0')
   if not NAME.fullmatch(launch.name):
     raise ConfigError(f'launch.name={launch.name!r} must be 1-40 lowercase letters, digits '
                       "and '-', starting with a letter (it names pods and hosts)")

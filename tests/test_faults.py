@@ -166,6 +166,27 @@ def test_a_bucket_url_workdir_is_one_line(tmp_path, monkeypatch, capsys, command
   assert not (tmp_path / 'gs:').exists()
 
 
+@pytest.mark.parametrize('command', [
+    ['train', *TINY], ['sweep', '--config=configs/sweeps/isoflop.py:tiny'],
+    ['launch', *TINY, '--target=slurm', '--dry-run'], ['fit', '--workdir=WORKDIR', '--out=FILE'],
+    ['distill', '--workdir=WORKDIR', '--out=FILE'],
+    ['bench', 'memory', *TINY, '--state_only', '--device_memory_gib=-1']])
+def test_a_file_where_a_directory_goes_is_one_line(tmp_path, capsys, command):
+  (tmp_path / 'file').write_text('not a directory')
+  (tmp_path / 'run').mkdir()
+  (tmp_path / 'run' / 'results.jsonl').write_text('{"name": "x"}\n')
+  args = [a.replace('WORKDIR', str(tmp_path / 'run')).replace('FILE', str(tmp_path / 'file'))
+          for a in command]
+  if not any(a.startswith('--workdir') for a in args):
+    args.append(f'--workdir={tmp_path / "file"}')
+  try:
+    code, err = _run_cli(args, capsys)
+  except SystemExit as e:  # argparse
+    code, err = e.code, capsys.readouterr().err.splitlines()[-1]
+  assert code == 2 and ('is a file' in err or 'must be > 0' in err), err
+  assert '\n' not in err.strip()
+
+
 def test_a_second_trainer_in_a_workdir_is_one_line(tmp_path, data_dir, capsys):
   (tmp_path / 'run').mkdir()
   with open(tmp_path / 'run' / '.train.lock.0', 'w') as lock:

@@ -13,6 +13,7 @@ import yaml
 from jaxarch import cli
 from jaxarch import config as config_lib
 from jaxarch import launch
+from jaxarch import launch
 
 SPEC = 'configs/dense.py:151m'
 # 4 nodes x 8 H100s = 32 GPUs: FSDP inside a node, data parallel across the 4 nodes.
@@ -181,12 +182,21 @@ def test_ray_job_refuses_a_workdir_its_nodes_do_not_share(tmp_path, capsys):
     (['--config.launch.slices=2'], 'launch.slices=2 is for TPU multislice'),
     (['--config.launch.time_limit=1:00:00\nrm -rf ~'],  # a second line of the script
      "launch.time_limit='1:00:00\\nrm -rf ~' must be one line"),
+    (['--config.launch.time_limit=forever'], "launch.time_limit='forever' must be a SLURM time"),
+    (['--config.launch.max_restarts=-1'], 'launch.max_restarts=-1 must be >= 0'),
 ])
 def test_a_cluster_that_does_not_fit_the_mesh_is_a_one_line_error(tmp_path, capsys, flags,
                                                                    words):
   code, out, err = _launch(capsys, 'slurm', tmp_path / 'jobs', *flags)
   assert code == 2 and not out and not (tmp_path / 'jobs').exists()
   assert err.count('\n') == 1 and words in err, err
+
+
+def test_slurm_time_limits_in_every_form_sbatch_takes():
+  for ok in ('90', '90:30', '24:00:00', '2-0', '2-12:00', '2-12:00:00', 'UNLIMITED'):
+    assert launch.SLURM_TIME.fullmatch(ok), ok
+  for bad in ('forever', '1h', '24:00:00:00', '-1', ''):
+    assert not launch.SLURM_TIME.fullmatch(bad), bad
 
 
 def test_tpu_slices_must_match_their_type_and_topology(tmp_path, capsys):

@@ -275,6 +275,8 @@ def _distilled_builder(directory, splits: dict) -> 'Distilled':
 def check_no_distilled(directory: str | os.PathLike) -> None:
   """Raises FileExistsError if `directory` holds a distilled dataset already (checked
   before the generation that would fill it, which may take hours)."""
+  if pathlib.Path(directory).exists() and not pathlib.Path(directory).is_dir():
+    raise FileExistsError(f'{directory} is a file; distill into a new directory')
   builder = _distilled_builder(directory, {})
   if builder.is_prepared():
     raise FileExistsError(f'{builder.data_dir} exists already; distill into a new directory')

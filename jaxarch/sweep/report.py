@@ -270,11 +270,13 @@ def write_report(workdir: str | Path, out: str | Path | None = None, *,
   workdir = Path(workdir)
   if params not in ('active', 'total'):
     raise ValueError(f"fit: params={params!r} must be 'active' or 'total'")
+  out = Path(out) if out else workdir / 'report'
+  if out.exists() and not out.is_dir():
+    raise FileExistsError(f'fit: --out={out} is a file; give a directory for the report')
   records = usable_records(read_results(workdir), params, workdir / 'results.jsonl')
   if not records:
     raise FileNotFoundError(f'no runs in {workdir / "results.jsonl"}; run `jaxarch sweep '
                             f'--workdir={workdir}` first')
-  out = Path(out) if out else workdir / 'report'
   out.mkdir(parents=True, exist_ok=True)
   fits = fit_families(records, params=params, bootstrap=bootstrap)
   _plot_loss_vs_compute(fits, out / 'loss_vs_compute.png')

@@ -25,6 +25,8 @@ def local_workdir(workdir: str | os.PathLike) -> Path:
     raise WorkdirError(f'--workdir={workdir}: jaxarch writes runs to a filesystem path; mount '
                        'the bucket (gcsfuse, or the GCS FUSE CSI driver on GKE, e.g. at '
                        '/gcs/BUCKET) and give the mounted path')
+  if Path(workdir).exists() and not Path(workdir).is_dir():
+    raise WorkdirError(f'--workdir={workdir} is a file; give a directory (new or a run\'s)')
   return Path(workdir)
 
 
