@@ -259,6 +259,10 @@ def test_distilled_sources_refuse_a_missing_or_reused_directory(tmp_path):
     distill(tmp_path / 'nowhere', tmp_path)
   with pytest.raises(ValueError, match='--validation_prompts=-1 must be >= 0'):
     distill(tmp_path / 'nowhere', tmp_path / 'new', validation_prompts=-1)
+  # Prompts that fill the rows leave nothing to train on: refused, not a loss of 0.
+  (tmp_path / 'distill.json').write_text(json.dumps({'prompt_len': 300}))
+  with pytest.raises(config_lib.ConfigError, match='prompts of up to 300 tokens'):
+    data.make_eval_dataset(_distilled_config(tmp_path).data, batch_size=2, num_batches=1)
 
 
 # The BiTA config: its model section and tokenizer come from the base run.

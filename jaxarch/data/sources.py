@@ -24,6 +24,7 @@ import difflib
 import fcntl
 import glob as globlib
 import hashlib
+import json
 import logging
 import os
 import pathlib
@@ -282,6 +283,20 @@ def check_no_distilled(directory: str | os.PathLike) -> None:
     raise FileExistsError(f'{builder.data_dir} exists already; distill into a new directory')
 
 
+def _check_room_for_continuations(data_cfg, summary: pathlib.Path) -> None:
+  """Rows keep a sequence's first `seq_len` tokens: prompts that fill them leave no
+  continuation to train on (BiTA's first mask needs the token two past its anchor)."""
+  try:
+    prompt_len = int(json.loads(summary.read_text())['prompt_len'])
+  except (OSError, ValueError, KeyError, TypeError):
+    return  # written by hand, without a summary: nothing to check against
+  if prompt_len + 2 > data_cfg.seq_len:
+    raise ConfigError(f'config error: data.source={data_cfg.source!r} holds prompts of up to '
+                      f'{prompt_len} tokens (its distill.json), which leave no continuation '
+                      f'in rows of data.seq_len={data_cfg.seq_len}; raise data.seq_len above '
+                      f'{prompt_len + 1} or distill with a shorter --prompt_len')
+
+
 def open_sequences(data_cfg, split: str):
   """`split` of a `distilled:<dir>` source: records `{'tokens', 'prompt_length'}`."""
   source = data_cfg.source
@@ -291,6 +306,7 @@ def open_sequences(data_cfg, split: str):
     raise ConfigError(f'config error: data.source={source!r}: no distilled dataset in '
                       f'{directory}; write one with `jaxarch distill --workdir=BASE '
                       f'--out={directory}`')
+  _check_room_for_continuations(data_cfg, directory / 'distill.json')
   builder = tfds.builder_from_directory(str(prepared))
   if split not in builder.info.splits:
     return []

@@ -12,6 +12,7 @@ validation split for validation), continues them greedily in batches, and writes
 """
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -55,6 +56,11 @@ def distill(workdir: str | Path, out: str | Path, *, num_prompts: int = 2048,
   sources.check_no_distilled(out)
   start = time.perf_counter()
   cfg, model = load_model(workdir)
+  if prompt_len + max_new_tokens > cfg.model.max_len:
+    logging.getLogger(__name__).warning(
+        'distill: prompt_len=%d + max_new_tokens=%d positions exceed model.max_len=%d; the '
+        'continuations past the trained length may be poor', prompt_len, max_new_tokens,
+        cfg.model.max_len)
   tokenizer = data.get_tokenizer(cfg.data.tokenizer)
   generator = Generator(model, mesh=make_mesh(cfg), rules=cfg.mesh.rules,
                         vocab_limit=tokenizer.vocab_size)
