@@ -186,6 +186,11 @@ def _export(args, overrides):
   from jaxarch.train.checkpoint import Checkpointer
   from jaxarch.train.pretrained import load_model
   _no_overrides('export', overrides)
+  only_stablehlo = [f'--{k}' for k in ('batch_size', 'prompt_len', 'max_len', 'platforms')
+                    if getattr(args, k) is not None]
+  if args.format == 'safetensors' and only_stablehlo:
+    raise ExportError(f'export: {", ".join(only_stablehlo)} '
+                      f'{"is" if len(only_stablehlo) == 1 else "are"} for --format=stablehlo only')
   cfg, model = load_model(args.workdir, step=args.step)
   step = args.step or Checkpointer.latest(args.workdir)
   source = f'{args.workdir} (checkpoint {step})'
@@ -193,9 +198,10 @@ def _export(args, overrides):
     if args.format == 'safetensors':
       write_model(model, cfg, partial, source=source, final=args.out)
     else:
-      max_len = args.max_len or cfg.model.max_len
-      export_stablehlo(model, cfg, partial, batch_size=args.batch_size,
-                       prompt_len=args.prompt_len or max_len // 2, max_len=max_len,
+      max_len = cfg.model.max_len if args.max_len is None else args.max_len
+      export_stablehlo(model, cfg, partial, batch_size=args.batch_size or 1,
+                       prompt_len=max(max_len // 2, 1) if args.prompt_len is None
+                       else args.prompt_len, max_len=max_len,
                        platforms=tuple(args.platforms.split(',')) if args.platforms
                        else None, source=source, final=args.out)
   out = Path(args.out)
@@ -328,11 +334,12 @@ def _parser() -> argparse.ArgumentParser:
   exp.add_argument('--out', required=True, help='a new directory')
   exp.add_argument('--format', choices=('safetensors', 'stablehlo'), default='safetensors')
   exp.add_argument('--step', type=int, help='checkpoint step (default: latest)')
-  exp.add_argument('--batch_size', type=int, default=1, help='stablehlo: sequences per call')
-  exp.add_argument('--prompt_len', type=int, help='stablehlo: prompt length (default: '
-                   'max_len // 2)')
-  exp.add_argument('--max_len', type=int, help='stablehlo: cache positions (default: '
-                   'model.max_len)')
+  exp.add_argument('--batch_size', type=_at_least_one,
+                   help='stablehlo: sequences per call (default: 1)')
+  exp.add_argument('--prompt_len', type=_at_least_one, help='stablehlo: prompt length '
+                   '(default: max_len // 2)')
+  exp.add_argument('--max_len', type=_at_least_one, help='stablehlo: cache positions '
+                   '(default: model.max_len)')
   exp.add_argument('--platforms', help='stablehlo: e.g. cpu,cuda,tpu (default: this one)')
   exp.set_defaults(func=_export)
   sweep = commands.add_parser(

@@ -138,8 +138,8 @@ def test_export_command_writes_the_run_s_latest_checkpoint(tmp_path, capsys, fmt
   workdir = _workdir(tmp_path, 'ultramem')
   _, trained = load_model(workdir)
   out = tmp_path / fmt
-  code = cli.main(['export', f'--workdir={workdir}', f'--out={out}', f'--format={fmt}',
-                   '--max_len=32', '--prompt_len=16'])
+  sizes = ['--max_len=32', '--prompt_len=16'] if fmt == 'stablehlo' else []
+  code = cli.main(['export', f'--workdir={workdir}', f'--out={out}', f'--format={fmt}', *sizes])
   assert code == 0, capsys.readouterr().err
   _, model = load_safetensors(out)  # both formats write the weights
   np.testing.assert_array_equal(np.asarray(logits(model, TOKENS)),
@@ -189,3 +189,12 @@ def test_an_hf_tokenizer_json_keeps_its_file_and_the_readme_names_the_final_fold
   assert json.loads((tmp_path / 'partial' / 'tokenizer.json').read_text())['eod_id'] == 256
   readme = (tmp_path / 'partial' / 'README.md').read_text()
   assert f"load_safetensors('{tmp_path / 'out'}')" in readme and 'partial' not in readme
+
+
+def test_export_options_of_the_other_format_or_out_of_range_are_one_line(tmp_path, capsys):
+  run = ['export', f'--workdir={tmp_path}/run', f'--out={tmp_path}/out']
+  assert cli.main([*run, '--max_len=99']) == 2  # safetensors has no max_len: not ignored
+  assert 'jaxarch: export: --max_len is for --format=stablehlo only' in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    cli.main([*run, '--format=stablehlo', '--max_len=-4'])
+  assert 'argument --max_len: -4 must be >= 1' in capsys.readouterr().err
