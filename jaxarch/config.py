@@ -843,7 +843,13 @@ def load_json(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ConfigD
   cfg.lock()
   for override in overrides:
     apply_override(cfg, override)
-  return validate(cfg)
+  try:
+    return validate(cfg)
+  except ConfigError as e:
+    if not str(e).startswith('config error: missing key'):
+      raise
+    raise ConfigError(f'{path}: {str(e).removeprefix("config error: ")} (an older or edited '
+                      'saved config)') from None
 
 
 # Sections that say how to run, not what is trained: a key added to them after a run was

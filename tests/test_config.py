@@ -414,7 +414,8 @@ def test_a_run_saved_before_newer_run_keys_resumes_with_their_defaults(tmp_path)
   assert restored.launch.nodes == 1 and restored.train.lr == 0.5
   del old['model']['d_ff']  # what was trained is never guessed
   path.write_text(json.dumps(old))
-  assert error_of(config_lib.load_json, path) == "config error: missing key 'model.d_ff'"
+  assert error_of(config_lib.load_json, path) == (
+      f"config error: {path}: missing key 'model.d_ff' (an older or edited saved config)")
 
 
 def test_a_moe_run_saved_before_the_kernel_choice_resumes_with_auto(tmp_path):

@@ -297,7 +297,10 @@ def test_sweep_collect_records_the_jobs_that_finished(tmp_path, capsys):
   (record,) = [json.loads(l) for l in (workdir / 'results.jsonl').read_text().splitlines()]
   assert record['name'] == 'd32' and record['eval_loss'] == 2.5 and record['wall_s'] is None
   cli.main(['sweep', f'--config={spec}', f'--workdir={workdir}', '--collect'])
-  assert '0 runs collected, 1 not finished' in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert '0 runs collected, 1 not finished' in out and 'does not exist' not in out
+  cli.main(['sweep', f'--config={spec}', f'--workdir={tmp_path}/fresh', '--collect'])
+  assert 'runs does not exist: --collect records the runs' in capsys.readouterr().out
 
 
 def test_sweep_launcher_errors_are_one_line(tmp_path, capsys):

@@ -11,6 +11,7 @@ from jaxarch import config as config_lib
 from jaxarch import load
 from jaxarch.train import evaluate, train
 from jaxarch.train import trainer
+from jaxarch.train.checkpoint import CheckpointError
 from jaxarch.train.metrics import MetricsWriter, read_metrics
 
 
@@ -103,6 +104,8 @@ def test_evaluate_and_load_use_the_latest_checkpoint(tmp_path, data_dir):
   assert ev['step'] == 10
   assert ev['eval_bpb'] == pytest.approx(result['eval_bpb'], rel=1e-5)
   assert json.loads((tmp_path / 'eval_10.json').read_text())['step'] == 10
+  with pytest.raises(CheckpointError, match=r'no checkpoint of step 42 in .*; its steps: .*10$'):
+    evaluate(cfg, tmp_path, step=42)
   # A run whose mesh wants more devices than there are (a pod run evaluated on one host)
   # is evaluated on a data-parallel mesh of the devices here.
   # Its result file cannot be written here (as in a read-only run): still evaluated.

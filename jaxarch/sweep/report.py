@@ -66,7 +66,7 @@ def usable_records(records, params: str, path) -> list[dict]:
     if (problem := _problem(r, params)) is None:
       kept.append(r)
     else:
-      print(f'fit: warning: {path}: run {r.get("name")!r} {problem}; skipped', file=sys.stderr)
+      print(f'jaxarch: warning: {path}: run {r.get("name")!r} {problem}; skipped', file=sys.stderr)
   return kept
 
 

@@ -92,7 +92,7 @@ def read_results(workdir: Path) -> list[dict]:
         latest.pop(record['name'], None)  # the latest record goes last
         latest[record['name']] = record
     except (json.JSONDecodeError, KeyError, TypeError):
-      print(f'sweep: warning: {path}:{number} is not a run record; skipped', file=sys.stderr)
+      print(f'jaxarch: warning: {path}:{number} is not a run record; skipped', file=sys.stderr)
   return list(latest.values())
 
 
@@ -218,6 +218,10 @@ def collect(runs: list[plan.Run], workdir: Path, echo=print) -> list[dict]:
   echo(f'sweep: {len(collected)} runs collected, {len(waiting)} not finished'
        + (f' ({", ".join(waiting[:5])}{" ..." if len(waiting) > 5 else ""})' if waiting
           else ''))
+  if not (workdir / 'runs').is_dir():
+    echo(f'sweep: {workdir / "runs"} does not exist: --collect records the runs that the jobs '
+         'rendered by --launcher trained there; run those jobs first, or drop --collect to '
+         'train here')
   return read_results(workdir)
 
 

@@ -145,8 +145,11 @@ class Checkpointer:
     """
     wanted = _shapes(abstract_state)
     _quiet_closed_loop_reports()  # before a read can fail
-    steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
-    for s in steps:
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if step is not None and step not in steps:
+      raise CheckpointError(f'no checkpoint of step {step} in {self.directory}; its steps: '
+                            f'{", ".join(map(str, sorted(steps))) or "none"}')
+    for s in [step] if step is not None else steps:
       try:
         saved = _shapes(self.manager.item_metadata(s)['state'].tree)
         if (why := mismatch(saved, wanted)) is not None:
