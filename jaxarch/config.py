@@ -583,7 +583,8 @@ def _check_train(cfg: ConfigDict) -> None:
   steps = cfg.train.steps
   warmup = _number(cfg, 'train.warmup_steps', int)
   if not 0 <= warmup <= steps:
-    raise ConfigError(f'train.warmup_steps={warmup} must be in [0, train.steps={steps}]')
+    raise ConfigError(f'train.warmup_steps={warmup} must be in [0, train.steps={steps}]; '
+                      f'for a short run set --config.train.warmup_steps={max(steps // 10, 0)}')
   if not 0 < _number(cfg, 'train.lr') < math.inf:
     raise ConfigError(f'train.lr={cfg.train.lr} must be > 0 and finite')
   for key in ('train.min_lr_ratio', 'train.decay_fraction'):

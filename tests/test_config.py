@@ -191,6 +191,8 @@ def test_rope_needs_an_even_head_dimension():
     (['model.rope_theta=0.0'], 'model.rope_theta=0.0 must be > 0'),
     (['model.norm_eps=-1.0'], 'model.norm_eps=-1.0 must be >= 0'),
     (['train.b2=1.0'], 'train.b2=1.0 must be in [0, 1)'),
+    (['train.steps=30'], 'train.warmup_steps=50 must be in [0, train.steps=30]; for a short '
+     'run set --config.train.warmup_steps=3'),
     (['train.eps=0.0'], 'train.eps=0.0 must be > 0'),
     (['train.weight_decay=-0.1'], 'train.weight_decay=-0.1 must be >= 0'),
     (['data.validation_fraction=2.0'], 'data.validation_fraction=2.0 must be in [0, 1)'),
