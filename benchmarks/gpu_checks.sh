@@ -2,7 +2,7 @@
 # The GPU measurements that CPU-only sessions owe, in priority order, as one device call:
 #
 #   ../shared/tools/device-wheels.sh flatbuffers         # here, once: wheels the device lacks
-#   device run, carry [".device-wheels"]:  bash benchmarks/gpu_checks.sh [SECONDS]
+#   device run, carry [".device-wheels"], timeout_s 560:  bash benchmarks/gpu_checks.sh [SECONDS]
 #
 # Each benchmark gets its share of SECONDS (default 420) and writes its JSON (with the
 # device name) to $OUT, which the device tool brings back; a benchmark that runs out of
@@ -13,26 +13,39 @@
 # failed or differ from it), then MFU per family
 # with each case's profile digested (where the device time goes); the traces stay on the
 # device, in /tmp.
+#
+# The device tool brings back at most 8 files from $OUT, so there the JSON and logs are
+# written to a folder in /tmp and packed into `$OUT/gpu_checks.tgz` after every benchmark
+# (with `summary.txt` beside it): a call cut off by its limit still returns what finished.
+# Unpack here with `tar -xzf gpu_checks.tgz -C benchmarks/results`. Without $OUT (run by
+# hand) they go to benchmarks/results.
 set -u
 budget=${1:-420}  # leaves the device call's limit room for start-up, pip and nvidia-smi
-out=${OUT:-benchmarks/results}
+out=benchmarks/results
+[ -n "${OUT:-}" ] && out=/tmp/jaxarch_gpu_checks
 export PYTHONUNBUFFERED=1  # a benchmark cut off by its share keeps its last lines in the log
 mkdir -p "$out"
+pack() {  # everything so far back to the device tool: one archive and the summary
+  [ -n "${OUT:-}" ] || return 0
+  tar -czf "$OUT/gpu_checks.tgz.part" -C "$out" . && mv "$OUT/gpu_checks.tgz.part" "$OUT/gpu_checks.tgz"
+}
+summary() { echo "$@" | tee -a "$out/summary.txt"; [ -z "${OUT:-}" ] || cp "$out/summary.txt" "$OUT/"; }
 if compgen -G '.device-wheels/*.whl' > /dev/null; then
   python3 -m pip install -q --no-deps .device-wheels/*.whl
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
+summary "device: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader)"
 
 run() {  # NAME SHARE_PERCENT COMMAND...
   local name=$1 share=$2; shift 2
   local seconds=$(( budget * share / 100 ))
   local start=$SECONDS
-  echo "== $name ($seconds s)"
+  summary "== $name ($seconds s)"
   # The trainer turns SIGTERM into a clean stop and carries on (train/preemption.py), so
   # the benchmarks that train are killed 5 s after it: the share is a hard limit.
   timeout --kill-after=5 "$seconds" "$@" --out="$out/$name.json" > "$out/$name.log" 2>&1
-  echo "   exit $? after $(( SECONDS - start )) s; $(tail -n 3 "$out/$name.log" | tr '\n' ' ')"
+  summary "   exit $? after $(( SECONDS - start )) s; $(tail -n 3 "$out/$name.log" | tr '\n' ' ')"
+  pack
 }
 
 run grouped_matmul 12 python3 benchmarks/moe.py --tables=matmul   # MoE kernels vs ragged_dot
