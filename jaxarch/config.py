@@ -64,6 +64,11 @@ class UnknownKeyError(ConfigError):
   """An override of a key that the config does not have."""
 
 
+class MissingKeyError(ConfigError):
+  """A key that validation needs and the config lacks (a saved config of an older jaxarch,
+  or one edited by hand)."""
+
+
 # Loading.
 
 
@@ -752,7 +757,7 @@ def _get(cfg: ConfigDict, key: str) -> Any:
     try:
       node = node[part]
     except (KeyError, AttributeError, TypeError):
-      raise ConfigError(f'missing key {key!r}') from None
+      raise MissingKeyError(f'missing key {key!r}') from None
   return node
 
 
@@ -846,9 +851,7 @@ def load_json(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ConfigD
     apply_override(cfg, override)
   try:
     return validate(cfg)
-  except ConfigError as e:
-    if not str(e).startswith('config error: missing key'):
-      raise
+  except MissingKeyError as e:
     raise ConfigError(f'{path}: {str(e).removeprefix("config error: ")} (an older or edited '
                       'saved config)') from None
 
