@@ -129,6 +129,8 @@ def main(argv=None):
             prefill_s=timing['prefill_s'], compile_s=timing['compile_s'],
             param_bytes_per_step=param_bytes_per_step(b['model'], batch),
             kv_bytes_per_step=kv_bytes_per_step(b['model'], batch, context, itemsize))
+        records.append(case[name])
+        save(data, args.out)  # a run cut off by a time limit keeps the models it timed
       best_moe = min(MOE_PATHS, key=lambda n: case[n]['decode_step_ms'])
       ultramem = case['ultramem']['decode_step_ms']
       moe_ratio = case[best_moe]['decode_step_ms'] / ultramem
@@ -136,8 +138,7 @@ def main(argv=None):
       for record in case.values():
         record.update(moe_best_path=best_moe, moe_over_ultramem=moe_ratio,
                       dense_over_ultramem=dense_ratio)
-      records.extend(case.values())
-      save(data, args.out)  # a run cut off by a time limit keeps the cases it finished
+      save(data, args.out)
       ms = lambda n: f'{case[n]["decode_step_ms"]:.2f}'
       mb = lambda n: f'{case[n]["param_bytes_per_step"] / 2**20:,.1f}'
       rows.append([str(prompt), str(batch), ms('dense'), ms('moe_dropless'),

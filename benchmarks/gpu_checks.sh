@@ -2,9 +2,9 @@
 # The GPU measurements that CPU-only sessions owe, in priority order, as one device call:
 #
 #   ../shared/tools/device-wheels.sh flatbuffers         # here, once: wheels the device lacks
-#   device run, carry [".device-wheels"], timeout_s 560:  bash benchmarks/gpu_checks.sh [SECONDS]
+#   device run, carry [".device-wheels"], timeout_s 590:  bash benchmarks/gpu_checks.sh [SECONDS]
 #
-# Each benchmark gets its share of SECONDS (default 420) and writes its JSON (with the
+# Each benchmark gets its share of SECONDS (default 480) and writes its JSON (with the
 # device name) to $OUT, which the device tool brings back; a benchmark that runs out of
 # time is cut off and the next one starts, so one slow case never costs the others
 # (each writes its JSON after every case). First the MoE
@@ -20,7 +20,7 @@
 # Unpack here with `tar -xzf gpu_checks.tgz -C benchmarks/results`. Without $OUT (run by
 # hand) they go to benchmarks/results.
 set -u
-budget=${1:-420}  # leaves the device call's limit room for start-up, pip and nvidia-smi
+budget=${1:-480}  # leaves the device call's limit (590 s) room for pip and the kills
 out=benchmarks/results
 [ -n "${OUT:-}" ] && out=/tmp/jaxarch_gpu_checks
 export PYTHONUNBUFFERED=1  # a benchmark cut off by its share keeps its last lines in the log
@@ -35,6 +35,7 @@ if compgen -G '.device-wheels/*.whl' > /dev/null; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 summary "device: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader)"
+summary "$(python3 -c 'import sys, jax, flax, orbax.checkpoint as o; print("python", sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__, "orbax", o.__version__)' 2>&1 | tail -n 1)"
 
 run() {  # NAME SHARE_PERCENT COMMAND...
   local name=$1 share=$2; shift 2
@@ -55,7 +56,7 @@ run mfu 40 python3 benchmarks/mfu.py --steps=10 --profile --profile_dir=/tmp/jax
 # grids, MEGABYTE's equal-compute quality run and BiTA's whole recipe (a trained 151m base,
 # distillation, BiTA training: `python benchmarks/bita.py --workdir=DIR`, resumable by
 # stage) need calls of their own.
-run decode 15 python3 benchmarks/decode.py --batches=1,64 --prompts=2048 --repeats=1
+run decode 15 python3 benchmarks/decode.py --batches=1,64 --prompts=2048  # best of 2
 run sparse_lookup 12 python3 benchmarks/sparse_lookup.py      # Pallas lookup vs XLA
 run moe 9 python3 benchmarks/moe.py --tables=layers           # dropless vs capacity vs dense
 run megabyte 12 python3 benchmarks/megabyte.py --seq_lens=8192 --gen_batches=1 --bpb_steps=0

@@ -91,8 +91,8 @@ def _validated(tree: dict) -> ml_collections.ConfigDict:
   return config_lib.validate(cfg)
 
 
-def training_speed(runs: dict, seq_lens, batch_bytes: int, steps: int) -> list[dict]:
-  records = []
+def training_speed(runs: dict, seq_lens, batch_bytes: int, steps: int, records: list,
+                   saved) -> list[dict]:
   for seq_len in seq_lens:
     batch = max(1, batch_bytes // seq_len)
     for name, cfg in runs.items():
@@ -103,11 +103,12 @@ def training_speed(runs: dict, seq_lens, batch_bytes: int, steps: int) -> list[d
                           tokens_per_s=result['tokens_per_s'],
                           step_time_s=result['step_time_s'],
                           flops_per_byte=result['flops_per_token'], mfu=result['mfu']))
+      saved()
   return records
 
 
-def generation_speed(runs: dict, context: int, batches, new_tokens: int) -> list[dict]:
-  records = []
+def generation_speed(runs: dict, context: int, batches, new_tokens: int, records: list,
+                     saved) -> list[dict]:
   prompt = context - new_tokens
   for name, cfg in runs.items():
     cfg = with_keys(cfg, **{'model.max_len': max(2 * context, cfg.model.max_len)})
@@ -120,6 +121,7 @@ def generation_speed(runs: dict, context: int, batches, new_tokens: int) -> list
                           new_tokens=new_tokens, bytes_per_s=batch / best['decode_step_s'],
                           decode_step_ms=1e3 * best['decode_step_s'],
                           prefill_s=best['prefill_s'], compile_s=stats[0]['compile_s']))
+      saved()
   return records
 
 
@@ -174,13 +176,12 @@ def main(argv=None):
   data = dict(device=str(device), device_kind=device.device_kind, jax_version=jax.__version__,
               preset=args.preset, bpb_preset=args.bpb_preset, dtype=dtype, params=params,
               shapes=shapes, training=[], generation=[], quality=[])
-  # Saved after each part: a run cut off by a time limit keeps the parts it finished.
-  training = data['training'] = training_speed(runs, args.seq_lens, args.batch_bytes,
-                                               args.train_steps)
-  save(data, args.out)
-  generation = data['generation'] = generation_speed(runs, args.gen_context,
-                                                     args.gen_batches, args.new_tokens)
-  save(data, args.out)
+  # Saved after each record: a run cut off by a time limit keeps the ones it finished.
+  saved = lambda: save(data, args.out)
+  training = training_speed(runs, args.seq_lens, args.batch_bytes, args.train_steps,
+                            data['training'], saved)
+  generation = generation_speed(runs, args.gen_context, args.gen_batches, args.new_tokens,
+                                data['generation'], saved)
   quality = []
   if args.bpb_steps:
     root = Path(args.workdir or tempfile.mkdtemp(prefix='jaxarch-megabyte-'))

@@ -157,15 +157,17 @@ def main(argv=None):
       rows.append([name, '–', '–', '–', '–', r['error'], '–', '–', '–'])
       continue
     ratio = r['xla_flops_over_model']
+    opaque = '*' if r['opaque_kernels'] else ''  # XLA counts no FLOPs inside them
     rows.append([name, f'{r["params_active"] / 1e6:,.1f}M / {r["params_total"] / 1e6:,.1f}M',
                  f'{1e3 * r["step_time_s"]:,.1f} ms', f'{r["tokens_per_s"]:,.0f}',
                  f'{r["model_tflops_per_device"]:.2f}',
                  '–' if r['mfu'] is None else f'{100 * r["mfu"]:.1f}%',
                  f'{100 * r["of_matmul_ceiling"]:.1f}%',
-                 '–' if ratio is None else f'{ratio:.2f}',
+                 '–' if ratio is None else f'{ratio:.2f}{opaque}',
                  profile.kind_shares(r['profile'], top=3) if 'profile' in r else '–'])
   emit(f'train-step MFU on {jax.device_count()} × {device.device_kind} (a {size}³ {dtype} '
-       f'matmul runs at {ceiling / 1e12:,.1f} TFLOP/s here)',
+       f'matmul runs at {ceiling / 1e12:,.1f} TFLOP/s here; *: XLA\'s count leaves out '
+       'its Pallas and cuDNN attention kernels)',
        ('case', 'params active / total', 'step', 'tokens/s', 'TFLOP/s/device', 'MFU',
         'of matmul', 'XLA / model FLOPs', 'device time'), rows, {**info, 'results': results},
        args.out)

@@ -89,9 +89,12 @@ def grouped_matmul_case(experts: int, rows: int, d: int, f: int, dtype, impls, i
   def run(impl, tiling=Tiling()):
     """(jitted forward + gradients, seconds) or (None, error); never raises: ragged_dot's
     expansion may not fit, a kernel may not compile here, and that is one cell only."""
-    fn = jax.jit(lambda x, w: jax.vjp(
-        lambda x, w: grouped_matmul(x, w, sizes, impl=impl, tiling=tiling), x, w)[1](dy))
-    seconds = timed_or_error(fn, x, w, iters=iters)
+    @jax.jit
+    def fn(x, w, dy, sizes):  # all arguments: a closed-over array is a constant per compile
+      y, backward = jax.vjp(
+          lambda x, w: grouped_matmul(x, w, sizes, impl=impl, tiling=tiling), x, w)
+      return (y, *backward(dy))  # y too, or XLA drops the forward product as unused
+    seconds = timed_or_error(fn, x, w, dy, sizes, iters=iters)
     return (None if isinstance(seconds, str) else fn), seconds
 
   reference = None
@@ -105,11 +108,11 @@ def grouped_matmul_case(experts: int, rows: int, d: int, f: int, dtype, impls, i
       continue
     record[f'{impl}_s'], record[f'{impl}_tflops'] = seconds, real_flops / seconds / 1e12
     if impl == 'xla':
-      reference = fn(x, w)
-      executed = flops.compiled_flops(fn.lower(x, w).compile())  # None: not reported
+      reference = fn(x, w, dy, sizes)
+      executed = flops.compiled_flops(fn.lower(x, w, dy, sizes).compile())  # None: unknown
       record['xla_flops_over_real'] = None if executed is None else executed / real_flops
-    elif reference is not None:
-      record[f'{impl}_max_rel_error'] = max_rel_error(fn(x, w), reference)
+    elif reference is not None:  # the product and both gradients
+      record[f'{impl}_max_rel_error'] = max_rel_error(fn(x, w, dy, sizes), reference)
   for impl in impls:
     if f'{impl}_tilings' in record:
       record[f'{impl}_best_tiling'] = best_tiling(record, impl)

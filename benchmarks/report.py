@@ -33,7 +33,9 @@ def save(data, out: str | Path):
   off by a time limit keeps the cases it finished."""
   out = Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(data, indent=2) + '\n')
+  part = out.with_name(out.name + '.part')  # a kill mid-write keeps the last whole file
+  part.write_text(json.dumps(data, indent=2) + '\n')
+  part.replace(out)
 
 
 def timed(fn, *args, iters: int) -> float:

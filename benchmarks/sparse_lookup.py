@@ -119,7 +119,12 @@ def ive_read_table(grid, impls, iters: int):
         rows.append(cells + ['–'] * 4)
         continue
       record[f'{impl}_bags_s'] = bags_s
-      record[f'{impl}_each_bag_s'] = timed(each_bag, *inputs, iters=iters)
+      each_s = timed_or_error(each_bag, *inputs, iters=iters)
+      if isinstance(each_s, str):  # E lookups need E times the memory: may not fit
+        record[f'{impl}_each_bag_error'] = each_s
+        rows.append(cells + [f'{bags_s * 1e3:.2f}'] + ['–'] * 3)
+        continue
+      record[f'{impl}_each_bag_s'] = each_s
       record[f'{impl}_ratio'] = record[f'{impl}_each_bag_s'] / bags_s
       record[f'{impl}_max_rel_error'] = max_rel_error(bagged(*inputs), each_bag(*inputs))
       rows.append(cells + [f'{bags_s * 1e3:.2f}', f'{record[f"{impl}_each_bag_s"] * 1e3:.2f}',
@@ -184,24 +189,29 @@ def main(argv=None):
     del reference
     record = dict(T=t, K=k, D=d, N=n, dtype=dtype, forward_bytes=moved, **times, **errors,
                   **failed)
-    best = 'pallas' if 'pallas_forward_s' in times else 'xla'
-    record['forward_bandwidth'] = moved / times[f'{best}_forward_s']
-    record['forward_fraction_of_copy'] = record['forward_bandwidth'] / copy_bw
-    if 'pallas_forward_s' in times:
+    # Any cell may have failed (out of memory, a kernel that does not compile): the
+    # ratios need both of their times.
+    forward = [times[f'{i}_forward_s'] for i in ('pallas', 'xla') if f'{i}_forward_s' in times]
+    if forward:  # the kernel's when it ran
+      record['forward_bandwidth'] = moved / forward[0]
+      record['forward_fraction_of_copy'] = record['forward_bandwidth'] / copy_bw
+    if 'pallas_forward_s' in times and 'xla_forward_s' in times:
       record['forward_ratio'] = times['xla_forward_s'] / times['pallas_forward_s']
-    xla_bwd = min(times['xla_sorted_backward_s'], times['xla_atomic_backward_s'])
+    xla_bwd = min((times[f'xla_{m}_backward_s'] for m in ('sorted', 'atomic')
+                   if f'xla_{m}_backward_s' in times), default=None)
+    if xla_bwd is not None:
+      record['xla_backward_s'] = xla_bwd
     for scatter in ('sorted', 'atomic'):
-      if f'pallas_{scatter}_backward_s' in times:
+      if f'pallas_{scatter}_backward_s' in times and xla_bwd is not None:
         record[f'backward_ratio_{scatter}'] = xla_bwd / times[f'pallas_{scatter}_backward_s']
     data['records'].append(record)
     save(data, args.out)
-    fmt = lambda key: f'{record[key]:.2f}' if key in record else '-'
+    fmt = lambda key, scale=1.0, digits=2: (f'{record[key] * scale:.{digits}f}'
+                                            if key in record else '-')
     rows.append([str(t), str(k), str(d), f'2^{n.bit_length() - 1}', dtype,
-                 f'{times["xla_forward_s"] * 1e3:.3f}',
-                 f'{times.get("pallas_forward_s", float("nan")) * 1e3:.3f}',
-                 f'{record["forward_bandwidth"] / 1e9:.1f}',
-                 f'{record["forward_fraction_of_copy"]:.2f}', fmt('forward_ratio'),
-                 f'{min(times["xla_sorted_backward_s"], times["xla_atomic_backward_s"]) * 1e3:.3f}',
+                 fmt('xla_forward_s', 1e3, 3), fmt('pallas_forward_s', 1e3, 3),
+                 fmt('forward_bandwidth', 1e-9, 1), fmt('forward_fraction_of_copy'),
+                 fmt('forward_ratio'), fmt('xla_backward_s', 1e3, 3),
                  fmt('backward_ratio_sorted'), fmt('backward_ratio_atomic'),
                  f'{max(errors.values()):.1e}' if errors else '-'])
     del values, indices, weights, cot

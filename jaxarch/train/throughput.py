@@ -11,12 +11,16 @@ with its hundreds of buffers), which back-to-back dispatch hides. FLOPs follow
 against the peak bf16 FLOP/s of the device kind (None where unknown, e.g. CPU). XLA's
 cost analysis of the compiled step gives the FLOPs it executes per device, over the model
 FLOPs: above 1 by rematerialisation, elementwise work and any expansion (e.g.
-`ragged_dot` computing every expert). With `profile_dir`, a
+`ragged_dot` computing every expert). The analysis does not see inside kernels that XLA
+calls opaquely (Pallas' Triton or Mosaic kernels, cuDNN attention): `opaque_kernels`
+counts them, and where there are some the ratio leaves their FLOPs out. With `profile_dir`, a
 `jax.profiler` trace of `profile_steps` more steps is written there (open it with
 TensorBoard's profile plugin or Perfetto) and digested by `jaxarch.train.profile`: the
 device time per step by kind of instruction (matmul, attention, collective, ...).
 """
 
+import collections
+import re
 import statistics
 import time
 from pathlib import Path
@@ -92,9 +96,21 @@ def measure(cfg: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
       'collective_bytes_per_device': profile.collective_bytes(hlo),
       'xla_flops_over_model': (None if xla_flops is None else
                                xla_flops * jax.device_count() / (per_token * tokens)),
+      'opaque_kernels': opaque_kernels(hlo),
       'final_loss': float(metrics['loss']), **result,
   }
 
+
+# Custom calls whose FLOPs XLA's cost analysis cannot see: Pallas kernels (Triton, Mosaic)
+# and cuDNN's fused attention. cuBLAS gemms and cuDNN convolutions it counts.
+_OPAQUE = ('triton', 'mosaic', 'tpu_custom_call', 'fmha')
+
+
+def opaque_kernels(hlo: str) -> dict[str, int]:
+  """{custom-call target: count} of the kernels in a compiled HLO that XLA's cost
+  analysis counts no FLOPs for."""
+  targets = re.findall(r'custom_call_target="([^"]+)"', hlo)
+  return dict(collections.Counter(t for t in targets if any(k in t.lower() for k in _OPAQUE)))
 
 
 def summary(result: dict) -> str:
@@ -106,5 +122,6 @@ def summary(result: dict) -> str:
           f'{result["tokens_per_s"]:,.0f} tokens/s, '
           f'{result["model_tflops_per_device"]:.2f} TFLOP/s per device, MFU '
           + ('n/a (no peak known for this device)' if mfu is None else f'{100 * mfu:.1f}%')
-          + ('' if ratio is None else f'; XLA executes {ratio:.2f}x the model FLOPs'))
+          + ('' if ratio is None else f'; XLA executes {ratio:.2f}x the model FLOPs')
+          + (' (not counting its opaque kernels)' if ratio and result['opaque_kernels'] else ''))
   return line + (f'\n{profile.summary(result["profile"])}' if 'profile' in result else '')
