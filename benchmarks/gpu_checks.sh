@@ -2,6 +2,7 @@
 # The GPU measurements that CPU-only sessions owe, in priority order, as one device call:
 #
 #   ../shared/tools/device-wheels.sh flatbuffers         # here, once: wheels the device lacks
+#   pip download --no-deps -d .device-wheels/fallback flax==0.12.12  # see below
 #   device run, carry [".device-wheels"], timeout_s 590:  bash benchmarks/gpu_checks.sh [SECONDS]
 #
 # Each benchmark gets its share of SECONDS (default 480) and writes its JSON (with the
@@ -34,6 +35,13 @@ if compgen -G '.device-wheels/*.whl' > /dev/null; then
   python3 -m pip install -q --no-deps .device-wheels/*.whl
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The image's flax may not import under its jax (flax 0.12.8 does not under jax 0.11.2) or
+# be older than jaxarch needs; then the flax carried in .device-wheels/fallback, if any
+# (here: pip download --no-deps -d .device-wheels/fallback flax==0.12.12).
+if ! python3 -c 'import jaxarch.models' 2> /dev/null \
+    && compgen -G '.device-wheels/fallback/*.whl' > /dev/null; then
+  python3 -m pip install -q --no-deps .device-wheels/fallback/*.whl
+fi
 summary "device: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader)"
 summary "$(python3 -c 'import sys, jax, flax, orbax.checkpoint as o; print("python", sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__, "orbax", o.__version__)' 2>&1 | tail -n 1)"
 

@@ -1,6 +1,8 @@
 """Shared fixtures. 8 fake CPU devices, so that sharding and mesh changes are exercised."""
 
+import contextlib
 import os
+from unittest import mock
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
@@ -84,6 +86,23 @@ def traced_as_on_gpu(monkeypatch):
   monkeypatch.setattr(fused, 'check_cudnn_version', lambda *a, **k: 90100)
   monkeypatch.setattr(fused, 'check_compute_capability', lambda *a, **k: True)
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+
+
+def lower_for_cuda(fn, *args) -> str:
+  """The HLO of `jax.jit(fn)` on `args` lowered for NVIDIA GPUs, here without one.
+
+  Pallas' Triton lowering of jax >= 0.11 builds for the GPU it runs on, so here it is told
+  the GPU: an H100. (jax's own way, an abstract mesh of abstract GPUs, cannot lower a
+  program that needs concrete devices, such as the MoE layer's `shard_map`.)"""
+  with contextlib.ExitStack() as stack:
+    try:
+      from jax._src.pallas.triton import gpu_info  # pylint: disable=g-import-not-at-top
+    except ImportError:  # jax < 0.11 asks for no GPU
+      gpu_info = None
+    if gpu_info is not None:
+      h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
+      stack.enter_context(mock.patch.object(gpu_info, 'get_gpu_info', lambda: h100))
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',)).as_text()
 
 
 def devices(n: int):

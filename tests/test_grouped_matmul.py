@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import lower_for_cuda
 from jaxarch.kernels import gmm_triton
 from jaxarch.kernels.grouped_matmul import _gmm, grouped_matmul, kernels_for
 from jaxarch.layers.moe import MoE
@@ -98,7 +99,7 @@ def test_kernels_lower_for_cuda():
     out, vjp = jax.vjp(lambda x, w: _gmm(x, w, sizes, False, gmm_triton.Tiling()), x, w)
     return out, vjp(dy)
 
-  hlo = jax.jit(fn).trace(*shapes).lower(lowering_platforms=('cuda',)).as_text()
+  hlo = lower_for_cuda(fn, *shapes)
   assert hlo.count('xla.gpu.triton') == 3  # forward, input gradient, weight gradient
 
 

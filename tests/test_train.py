@@ -35,9 +35,11 @@ def test_metrics_checkpoints_and_config_are_written(tmp_path, data_dir):
   evals = [r for r in records if 'eval_bpb' in r]
   assert [r['step'] for r in evals] == [10, 20]
   assert result['step'] == 20 and np.isfinite(result['eval_bpb'])
-  # Logged; 0 here, as the stdlib's files are long and the count lags by the documents the
-  # packing holds (test_data checks the values).
-  assert [r['epoch'] for r in records] == [0.0] * len(records)
+  # Logged; near 0 here: 20 small batches of a corpus of megabytes (the Python stdlib, whose
+  # files differ by version), lagging by the documents the packing holds (test_data checks
+  # the values).
+  epochs = [r['epoch'] for r in records]
+  assert epochs == sorted(epochs) and 0 <= epochs[-1] < 0.01
   assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir()
                 if p.name.isdigit()) == [10, 15, 20]  # keep = 3
   assert config_lib.load_json(tmp_path / 'config.json').train.steps == 20
