@@ -86,22 +86,31 @@ def traced_as_on_gpu(monkeypatch):
   monkeypatch.setattr(fused, 'check_cudnn_version', lambda *a, **k: 90100)
   monkeypatch.setattr(fused, 'check_compute_capability', lambda *a, **k: True)
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  if gpu_info := _triton_gpu_info():  # the Pallas kernels are built for an H100
+    monkeypatch.setattr(gpu_info, 'get_gpu_info', _h100(gpu_info))
+
+
+def _triton_gpu_info():
+  """Pallas' Triton lowering of jax >= 0.11 builds for the GPU it runs on, read through
+  this module (None before 0.11, which asks for none). Tests that lower for CUDA here tell
+  it an H100. (jax's own way, an abstract mesh of abstract GPUs, cannot lower a program
+  that needs concrete devices, such as the MoE layer's `shard_map`.)"""
+  try:
+    from jax._src.pallas.triton import gpu_info  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return gpu_info
+
+
+def _h100(gpu_info):
+  return lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
 
 
 def lower_for_cuda(fn, *args) -> str:
-  """The HLO of `jax.jit(fn)` on `args` lowered for NVIDIA GPUs, here without one.
-
-  Pallas' Triton lowering of jax >= 0.11 builds for the GPU it runs on, so here it is told
-  the GPU: an H100. (jax's own way, an abstract mesh of abstract GPUs, cannot lower a
-  program that needs concrete devices, such as the MoE layer's `shard_map`.)"""
+  """The HLO of `jax.jit(fn)` on `args` lowered for NVIDIA GPUs, here without one."""
   with contextlib.ExitStack() as stack:
-    try:
-      from jax._src.pallas.triton import gpu_info  # pylint: disable=g-import-not-at-top
-    except ImportError:  # jax < 0.11 asks for no GPU
-      gpu_info = None
-    if gpu_info is not None:
-      h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
-      stack.enter_context(mock.patch.object(gpu_info, 'get_gpu_info', lambda: h100))
+    if gpu_info := _triton_gpu_info():
+      stack.enter_context(mock.patch.object(gpu_info, 'get_gpu_info', _h100(gpu_info)))
     return jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',)).as_text()
 
 
