@@ -28,9 +28,13 @@ export PYTHONUNBUFFERED=1  # a benchmark cut off by its share keeps its last lin
 mkdir -p "$out"
 pack() {  # everything so far back to the device tool: one archive and the summary
   [ -n "${OUT:-}" ] || return 0
-  tar -czf "$OUT/gpu_checks.tgz.part" -C "$out" . && mv "$OUT/gpu_checks.tgz.part" "$OUT/gpu_checks.tgz"
+  tar -czf "$OUT/gpu_checks.tgz.part" -C "$out" . \
+    && mv "$OUT/gpu_checks.tgz.part" "$OUT/gpu_checks.tgz"
 }
-summary() { echo "$@" | tee -a "$out/summary.txt"; [ -z "${OUT:-}" ] || cp "$out/summary.txt" "$OUT/"; }
+summary() {  # a line on the terminal and in summary.txt (in $OUT at once)
+  echo "$@" | tee -a "$out/summary.txt"
+  [ -z "${OUT:-}" ] || cp "$out/summary.txt" "$OUT/"
+}
 if compgen -G '.device-wheels/*.whl' > /dev/null; then
   python3 -m pip install -q --no-deps .device-wheels/*.whl
 fi
@@ -43,11 +47,14 @@ if ! python3 -c 'import jaxarch.models' 2> /dev/null \
   python3 -m pip install -q --no-deps .device-wheels/fallback/*.whl
 fi
 summary "device: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader)"
-summary "$(python3 -c 'import sys, jax, flax, orbax.checkpoint as o; print("python", sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__, "orbax", o.__version__)' 2>&1 | tail -n 1)"
+summary "$(python3 -c 'import sys, jax, flax, orbax.checkpoint as ocp
+print("python", sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__,
+      "orbax", ocp.__version__)' 2>&1 | tail -n 1)"
 
 run() {  # NAME SHARE_PERCENT COMMAND...
   local name=$1 share=$2; shift 2
   local seconds=$(( budget * share / 100 ))
+  (( seconds >= 1 )) || seconds=1  # `timeout 0` would not limit it at all
   local start=$SECONDS
   summary "== $name ($seconds s)"
   # The trainer turns SIGTERM into a clean stop and carries on (train/preemption.py), so

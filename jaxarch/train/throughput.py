@@ -13,10 +13,11 @@ cost analysis of the compiled step gives the FLOPs it executes per device, over 
 FLOPs: above 1 by rematerialisation, elementwise work and any expansion (e.g.
 `ragged_dot` computing every expert). The analysis does not see inside kernels that XLA
 calls opaquely (Pallas' Triton or Mosaic kernels, cuDNN attention): `opaque_kernels`
-counts them, and where there are some the ratio leaves their FLOPs out. With `profile_dir`, a
-`jax.profiler` trace of `profile_steps` more steps is written there (open it with
-TensorBoard's profile plugin or Perfetto) and digested by `jaxarch.train.profile`: the
-device time per step by kind of instruction (matmul, attention, collective, ...).
+counts them, and where there are some the ratio leaves their FLOPs out. With
+`profile_dir`, a `jax.profiler` trace of `profile_steps` more steps is written there
+(open it with TensorBoard's profile plugin or Perfetto) and digested by
+`jaxarch.train.profile`: the device time per step by kind of instruction (matmul,
+attention, collective, ...).
 """
 
 import collections
