@@ -10,7 +10,7 @@ import pytest
 from jaxarch import cli
 from jaxarch import config as config_lib
 from jaxarch.sweep import plan
-from jaxarch.train import profile, throughput
+from jaxarch.train import profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'benchmarks'))
 
@@ -41,8 +41,8 @@ def test_opaque_kernels_are_the_custom_calls_xla_counts_no_flops_for():
   call = '%c = bf16[8,8] custom-call(%a, %b), custom_call_target="{}", backend_config={{}}\n'
   hlo = ''.join(call.format(t) for t in (
       '__gpu$xla.gpu.triton', '__gpu$xla.gpu.triton', '__cudnn$fmhaSoftmax',
-      '__cublas$lt$matmul', 'tpu_custom_call'))
-  assert throughput.opaque_kernels(hlo) == {
+      '__cublas$lt$matmul', '__cudnn$convForward', 'tpu_custom_call'))
+  assert profile.opaque_kernels(hlo) == {
       '__gpu$xla.gpu.triton': 2, '__cudnn$fmhaSoftmax': 1, 'tpu_custom_call': 1}
 
 

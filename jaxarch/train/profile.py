@@ -42,11 +42,19 @@ def _custom_call_kind(target: str) -> str:
   target = target.lower()
   if 'fmha' in target or 'flash' in target or 'attention' in target:
     return 'attention'
-  if 'gemm' in target or 'matmul' in target or 'cublas' in target:
-    return 'matmul'
+  if 'gemm' in target or 'matmul' in target or 'cublas' in target or 'conv' in target:
+    return 'matmul'  # as the `dot` and `convolution` instructions
   if 'topk' in target or 'sort' in target:
     return 'gather/scatter/sort'
   return 'kernel'  # Pallas (Triton, Mosaic) and other hand-written kernels
+
+
+def opaque_kernels(hlo_text: str) -> dict[str, int]:
+  """{custom-call target: count} of the kernels whose FLOPs XLA's cost analysis cannot
+  see: Pallas kernels (Triton, Mosaic) and cuDNN's fused attention (cuBLAS gemms and cuDNN
+  convolutions it counts)."""
+  return dict(collections.Counter(t for t in _TARGET.findall(hlo_text)
+                                  if _custom_call_kind(t) in ('attention', 'kernel')))
 
 
 def _kind(opcode: str, rest: str) -> str:

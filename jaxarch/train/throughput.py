@@ -20,8 +20,6 @@ counts them, and where there are some the ratio leaves their FLOPs out. With
 attention, collective, ...).
 """
 
-import collections
-import re
 import statistics
 import time
 from pathlib import Path
@@ -97,21 +95,9 @@ def measure(cfg: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
       'collective_bytes_per_device': profile.collective_bytes(hlo),
       'xla_flops_over_model': (None if xla_flops is None else
                                xla_flops * jax.device_count() / (per_token * tokens)),
-      'opaque_kernels': opaque_kernels(hlo),
+      'opaque_kernels': profile.opaque_kernels(hlo),
       'final_loss': float(metrics['loss']), **result,
   }
-
-
-# Custom calls whose FLOPs XLA's cost analysis cannot see: Pallas kernels (Triton, Mosaic)
-# and cuDNN's fused attention. cuBLAS gemms and cuDNN convolutions it counts.
-_OPAQUE = ('triton', 'mosaic', 'tpu_custom_call', 'fmha')
-
-
-def opaque_kernels(hlo: str) -> dict[str, int]:
-  """{custom-call target: count} of the kernels in a compiled HLO that XLA's cost
-  analysis counts no FLOPs for."""
-  targets = re.findall(r'custom_call_target="([^"]+)"', hlo)
-  return dict(collections.Counter(t for t in targets if any(k in t.lower() for k in _OPAQUE)))
 
 
 def summary(result: dict) -> str:
