@@ -1,8 +1,6 @@
 """Shared fixtures. 8 fake CPU devices, so that sharding and mesh changes are exercised."""
 
-import contextlib
 import os
-from unittest import mock
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
@@ -79,39 +77,28 @@ def family_config(family, **mesh):
 
 
 @pytest.fixture
-def traced_as_on_gpu(monkeypatch):
+def triton_builds_for_an_h100(monkeypatch):
+  """Pallas' Triton lowering of jax >= 0.11 builds for the GPU it runs on; tests that
+  lower for CUDA here tell it an H100 (jax before 0.11 asks for none). jax's own way, an
+  abstract mesh of abstract GPUs, cannot lower a program that needs concrete devices, such
+  as the MoE layer's `shard_map`."""
+  try:
+    from jax._src.pallas.triton import gpu_info  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
+  monkeypatch.setattr(gpu_info, 'get_gpu_info', lambda: h100)
+
+
+@pytest.fixture
+def traced_as_on_gpu(monkeypatch, triton_builds_for_an_h100):
   """This test's code is traced as on a GPU, to lower for CUDA (running needs a GPU):
   `auto` picks cuDNN attention and the Pallas kernels, and cuDNN's version checks pass."""
+  del triton_builds_for_an_h100  # requested for its patch
   fused = pytest.importorskip('jax._src.cudnn.fused_attention_stablehlo')
   monkeypatch.setattr(fused, 'check_cudnn_version', lambda *a, **k: 90100)
   monkeypatch.setattr(fused, 'check_compute_capability', lambda *a, **k: True)
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  if gpu_info := _triton_gpu_info():  # the Pallas kernels are built for an H100
-    monkeypatch.setattr(gpu_info, 'get_gpu_info', _h100(gpu_info))
-
-
-def _triton_gpu_info():
-  """Pallas' Triton lowering of jax >= 0.11 builds for the GPU it runs on, read through
-  this module (None before 0.11, which asks for none). Tests that lower for CUDA here tell
-  it an H100. (jax's own way, an abstract mesh of abstract GPUs, cannot lower a program
-  that needs concrete devices, such as the MoE layer's `shard_map`.)"""
-  try:
-    from jax._src.pallas.triton import gpu_info  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
-  return gpu_info
-
-
-def _h100(gpu_info):
-  return lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
-
-
-def lower_for_cuda(fn, *args) -> str:
-  """The HLO of `jax.jit(fn)` on `args` lowered for NVIDIA GPUs, here without one."""
-  with contextlib.ExitStack() as stack:
-    if gpu_info := _triton_gpu_info():
-      stack.enter_context(mock.patch.object(gpu_info, 'get_gpu_info', _h100(gpu_info)))
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',)).as_text()
 
 
 def devices(n: int):

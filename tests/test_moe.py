@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import lower_for_cuda, make_batch, mesh_config, tiny_config
+from conftest import make_batch, mesh_config, tiny_config
 from jaxarch import config as config_lib
 from jaxarch import models
 from jaxarch.layers.moe import MoE
@@ -276,7 +276,8 @@ def test_the_configured_kernel_tiling_is_what_the_gpu_kernels_launch_with(traced
                                                 'model.moe.kernel_tiling=(32, 64, 32, 8, 2)'])
   graphdef, state = nnx.split(models.build(cfg.model, rngs=nnx.Rngs(0)))
   loss = lambda state, tokens: jnp.sum(nnx.merge(graphdef, state)(tokens))
-  hlo = lower_for_cuda(jax.grad(loss), state, jnp.zeros((2, 16), jnp.int32))
+  hlo = jax.jit(jax.grad(loss)).trace(state, jnp.zeros((2, 16), jnp.int32)).lower(
+      lowering_platforms=('cuda',)).as_text()
   launches = hlo.count('xla.gpu.triton')
   assert launches == 9  # forward, input and weight gradients of three projections
   assert hlo.count('num_warps = 8 : i32') == hlo.count('num_stages = 2 : i32') == launches

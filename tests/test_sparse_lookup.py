@@ -16,7 +16,7 @@ from jax.experimental import checkify
 from jax.test_util import check_grads
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import lower_for_cuda, mesh_config, tiny_config
+from conftest import mesh_config, tiny_config
 from jaxarch.kernels import (lookup_triton, lookup_xla, sharded_sparse_lookup,
                              sliced_sparse_lookup, sparse_lookup)
 from jaxarch.parallel import make_mesh
@@ -222,6 +222,7 @@ def test_checked_mode_reports_out_of_range_indices():
 
 
 @pytest.mark.parametrize('scatter', ['sorted', 'atomic'])
+@pytest.mark.usefixtures('triton_builds_for_an_h100')
 def test_triton_kernels_lower_for_cuda(scatter):
   """The GPU kernels lower to Triton IR (compiling and running them needs a GPU)."""
   shapes = (jax.ShapeDtypeStruct((1 << 26, 64), jnp.bfloat16),  # 2^26 rows: 64-bit offsets
@@ -230,13 +231,13 @@ def test_triton_kernels_lower_for_cuda(scatter):
             jax.ShapeDtypeStruct((4099, 64), jnp.float32))
   fn = lambda v, i, w, g: (lookup_triton.forward(v, i, w),
                            lookup_triton.backward(v, i, w, g, scatter=scatter))
-  hlo = lower_for_cuda(fn, *shapes)
+  hlo = jax.jit(fn).trace(*shapes).lower(lowering_platforms=('cuda',)).as_text()
   assert hlo.count('xla.gpu.triton') == 3
   bags = jax.ShapeDtypeStruct((4099, 33), jnp.int32)
   g = jax.ShapeDtypeStruct((4099, 3, 64), jnp.float32)
   fn = lambda v, i, w, b, g: (lookup_triton.forward(v, i, w, bags=b, num_bags=3),
                               lookup_triton.backward(v, i, w, g, bags=b, scatter=scatter))
-  hlo = lower_for_cuda(fn, *shapes[:3], bags, g)
+  hlo = jax.jit(fn).trace(*shapes[:3], bags, g).lower(lowering_platforms=('cuda',)).as_text()
   assert hlo.count('xla.gpu.triton') == 3
 
 
