@@ -589,7 +589,7 @@ def _check_train(cfg: ConfigDict) -> None:
   warmup = _number(cfg, 'train.warmup_steps', int)
   if not 0 <= warmup <= steps:
     raise ConfigError(f'train.warmup_steps={warmup} must be in [0, train.steps={steps}]; '
-                      f'for a short run set --config.train.warmup_steps={max(steps // 10, 0)}')
+                      f'for a short run set --config.train.warmup_steps={steps // 10}')
   if not 0 < _number(cfg, 'train.lr') < math.inf:
     raise ConfigError(f'train.lr={cfg.train.lr} must be > 0 and finite')
   for key in ('train.min_lr_ratio', 'train.decay_fraction'):
