@@ -1,6 +1,7 @@
 """Tests of the data package: tokenizer, TFDS sources and cache, Grain packing pipeline."""
 
 import importlib.util
+import io
 import itertools
 import json
 import pathlib
@@ -198,6 +199,57 @@ def test_a_file_keeps_its_split_when_the_corpus_gains_a_folder(tmp_path):
   (tmp_path / 'corpus' / 'code').mkdir()
   (tmp_path / 'corpus' / 'code' / 'new.txt').write_text('new')
   assert validation() - {'new'} == before
+
+
+def test_a_big_file_is_read_as_pieces_cut_after_newlines(tmp_path, monkeypatch):
+  """One file of ~11 pieces: they tile it in order, start after a newline (or, in a line
+  longer than the search, on a UTF-8 character), fall in both splits, and fill the rows
+  of a batch with different text (read whole, every stream packed the same document)."""
+  monkeypatch.setattr(sources, 'DOCUMENT_BYTES', 1000)
+  monkeypatch.setattr(sources, '_NEWLINE_SEARCH', 100)
+  rng = np.random.default_rng(0)
+  lines = [''.join(rng.choice(list('abcdé€ '), size=rng.integers(0, 90))) for _ in range(200)]
+  lines[60] = 'é' * 700  # 1400 bytes without a newline: a cut inside it
+  text = ('\n'.join(lines) + '\n').encode()
+  (tmp_path / 'docs').mkdir()
+  (tmp_path / 'docs' / 'one.txt').write_bytes(text)
+  cfg = _data_config(tmp_path, f'files:{tmp_path}/docs/one.txt')
+  splits = [data.open_source(cfg, split) for split in ('train', 'validation')]
+  assert all(len(s) for s in splits)
+  pieces = sorted((p for s in splits for p in (s[i] for i in range(len(s)))), key=text.find)
+  assert len(pieces) == sources.num_pieces(len(text)) == -(-len(text) // 1000)
+  assert b''.join(pieces) == text
+  starts = np.cumsum([0] + [len(p) for p in pieces[:-1]])
+  for i, (piece, start) in enumerate(zip(pieces, starts)):
+    piece.decode('utf-8')  # never cut inside a character
+    assert i * 1000 <= start < i * 1000 + 100 and len(piece) <= 1100
+    assert start == 0 or text[start - 1:start] == b'\n' or (
+        'é' * 50).encode() in text[start - 100:start + 100]
+  batch = next(iter(data.make_train_dataset(cfg, seed=0, global_batch_size=4)))
+  assert len({bytes(row) for row in batch['inputs']}) == 4
+
+
+def test_fewer_documents_than_rows_is_warned(tmp_path, caplog):
+  (tmp_path / 'docs').mkdir()
+  (tmp_path / 'docs' / 'small.txt').write_text('one small file\n' * 20)
+  cfg = _data_config(tmp_path, f'files:{tmp_path}/docs/*.txt')
+  with caplog.at_level('WARNING', logger=pipeline.__name__):
+    next(iter(data.make_train_dataset(cfg, seed=0, global_batch_size=4)))
+  assert '1 training documents for 4 packing streams' in caplog.text
+
+
+@pytest.mark.parametrize('content, starts', [
+    (b'a' * 999 + b'\n' + b'b', [0, 1000]),  # the newline just before the nominal start
+    (b'a' * 1000 + b'\n', [0, 1000]),  # the last byte is never a piece's start
+    (b'a' * 1010 + b'\nb', [0, 1011]),
+    (b'a' * 999 + 'é'.encode() + b'a' * 200, [0, 1001]),  # 0xc3 0xa9 across the cut
+])
+def test_pieces_start_after_a_newline_and_are_never_empty(monkeypatch, content, starts):
+  monkeypatch.setattr(sources, 'DOCUMENT_BYTES', 1000)
+  monkeypatch.setattr(sources, '_NEWLINE_SEARCH', 100)
+  file = io.BytesIO(content)
+  assert [sources._piece_start(file, i, len(content))  # pylint: disable=protected-access
+          for i in range(sources.num_pieces(len(content)))] == starts
 
 
 def test_a_byte_model_reads_files_that_are_not_utf8_as_they_are(tmp_path):
@@ -517,10 +569,10 @@ def test_default_corpus_is_the_stdlib_split_by_file(tmp_path):
   build_seconds = time.time() - start
   val = data.open_source(cfg, 'validation')
   stdlib = pathlib.Path(sysconfig.get_paths()['stdlib'])
-  num_files = sum(1 for p in stdlib.rglob('*.py')
-                  if not {'site-packages', 'dist-packages', '__pycache__'}
-                  & set(p.relative_to(stdlib).parts))
-  assert len(train) + len(val) == num_files and 0 < len(val) < len(train) / 10
+  num_documents = sum(sources.num_pieces(p.stat().st_size) for p in stdlib.rglob('*.py')
+                      if not {'site-packages', 'dist-packages', '__pycache__'}
+                      & set(p.relative_to(stdlib).parts))
+  assert len(train) + len(val) == num_documents and 0 < len(val) < len(train) / 10
   assert sum(len(train[i]) for i in range(len(train))) > 10_000_000
   os_py = (stdlib / 'os.py').read_text('utf-8')
   assert sources.is_validation('os.py', 0.05) == (os_py in {val[i] for i in range(len(val))})

@@ -14,9 +14,10 @@ Training packs `S` streams side by side (default: one per row of the global batc
 Stream `i` packs documents `i, i + S, i + 2S, ...` of the shuffled, endlessly repeated
 document sequence, and a batch takes its rows from the streams in turn, so it holds
 pieces of `S` documents. Each process reads only its own share of the streams, so the
-global batch does not depend on the number of processes. With one stream, a long document (the stdlib averages ~140 rows of 128 bytes)
-fills whole batches by itself: their rows are highly correlated and the loss jumps from
-step to step. The streams are zipped with `ZipIterDataset`, whose state is just the list
+global batch does not depend on the number of processes. With one stream, a long document
+(the stdlib averages ~140 rows of 128 bytes) fills whole batches by itself: their rows are
+highly correlated and the loss jumps from step to step. With fewer documents than
+streams, streams start on the same document (a warning says so). The streams are zipped with `ZipIterDataset`, whose state is just the list
 of the stream states; `InterleaveIterDataset` would add a prefetch thread per stream and
 bookkeeping for finite inputs, and a window shuffle of rows only mixes documents that are
 close in the sequence, so it would need thousands of rows in memory to do the same.
@@ -230,6 +231,12 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
       raise ConfigError(f'config error: data.source={data_cfg.source!r} has no training '
                         'documents')
     num_documents = len(docs)
+    if num_documents < num_streams:
+      log.warning('data.source=%r has %d training documents for %d packing streams (one '
+                  'per row of the global batch): streams start on the same documents, so '
+                  'rows of a batch repeat each other; a file over %d bytes is read as '
+                  'several documents', data_cfg.source, num_documents, num_streams,
+                  sources.DOCUMENT_BYTES)
     # Repeat reseeds the shuffle each epoch; slicing the endless sequence (not the epoch)
     # keeps every stream endless. Each stream reads its share of every epoch once, at the
     # pace of its documents' lengths: at a given step some streams are further on than

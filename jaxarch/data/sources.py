@@ -12,11 +12,15 @@
 The first two are `GeneratorBasedBuilder`s that TFDS prepares without TensorFlow into the
 data directory (`data.data_dir`, else $JAXARCH_DATA_DIR, else the user's cache dir). TFDS
 writes into an `incomplete.*` directory and renames it when done, so an interrupted build
-leaves nothing that looks finished, and a finished one is never built again. Documents are
-split into train and validation by file, from a hash of the file's relative path, so the
-split is stable across machines and runs. The builder config name carries everything the
-content depends on (interpreter version, or a hash of the glob and the files' sizes and
-mtimes, and the validation fraction), so a change gets a fresh cache entry.
+leaves nothing that looks finished, and a finished one is never built again. A file is one
+document; a file over `DOCUMENT_BYTES` is several, cut just after a newline, so that a
+corpus of one big file (enwik8, a book) shuffles, gives the rows of a batch different
+text, has a validation split, and is never held in memory whole. Documents are split into
+train and validation by a hash of the file's relative path (with the piece's index for a
+big file's pieces), so the split is stable across machines and runs. The builder config
+name carries everything the content depends on (interpreter version, or a hash of the
+glob and the files' sizes and mtimes, and the validation fraction), so a change gets a
+fresh cache entry.
 """
 
 import dataclasses
@@ -40,6 +44,11 @@ from jaxarch.config import ConfigError
 log = logging.getLogger(__name__)
 
 _NOT_STDLIB = ('site-packages', 'dist-packages', '__pycache__')
+# Files longer than this are read as pieces of about this size (the stdlib has none).
+DOCUMENT_BYTES = 1 << 20
+# How far past a piece's nominal start a newline is looked for; without one it starts on
+# the next UTF-8 character.
+_NEWLINE_SEARCH = 1 << 16
 _SOURCE_ERROR = ("config error: data.source={!r} must be 'default', 'files:<glob>', "
                  "'tfds:<name>' or 'distilled:<dir>'")
 DISTILLED = 'distilled:'
@@ -57,8 +66,34 @@ def resolve_data_dir(cfg_value: str | None) -> pathlib.Path:
 
 
 def is_validation(relative_path: str, validation_fraction: float) -> bool:
-  """Whether a file belongs to the validation split; depends only on its relative path."""
+  """Whether a document belongs to the validation split; depends only on its name (the
+  file's relative path, and `#i` for piece i of a file over `DOCUMENT_BYTES`)."""
   return zlib.crc32(relative_path.encode('utf-8')) / 2**32 < validation_fraction
+
+
+def num_pieces(size: int) -> int:
+  """The documents a file of `size` bytes is read as."""
+  return max(1, -(-size // DOCUMENT_BYTES))
+
+
+def _piece_start(file, index: int, size: int) -> int:
+  """Where piece `index` of a file starts: just after the first newline from its nominal
+  start `index · DOCUMENT_BYTES` on (within `_NEWLINE_SEARCH` bytes), else on the first
+  UTF-8 character there. Never at or past the last byte, so no piece is empty, and before
+  the next nominal start, so the pieces are in order."""
+  if index == 0:
+    return 0
+  nominal = index * DOCUMENT_BYTES
+  file.seek(nominal - 1)
+  window = file.read(min(_NEWLINE_SEARCH, size - nominal))  # up to the last byte but one
+  newline = window.find(b'\n')
+  if newline >= 0:
+    return nominal + newline
+  continuation = 0  # bytes 10xxxxxx continue the character before them
+  while (continuation < min(3, len(window) - 1)
+         and window[1 + continuation] & 0xC0 == 0x80):
+    continuation += 1
+  return nominal + continuation
 
 
 @dataclasses.dataclass(eq=False, repr=False)
@@ -74,9 +109,12 @@ class FilesConfig(tfds.core.BuilderConfig):
 
 
 class _TextFilesBuilder(tfds.core.GeneratorBasedBuilder):
-  """One example per file, `{'text': raw bytes}`, split by file into train/validation."""
+  """One example per file, or per piece of a file over `DOCUMENT_BYTES`: `{'text': raw
+  bytes}`, split into train/validation by name (`is_validation`)."""
 
-  VERSION = tfds.core.Version('1.0.0')
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'One document per file.',
+                   '1.1.0': 'Files over DOCUMENT_BYTES are read as pieces, cut at newlines.'}
   # Nothing is downloaded, so there is no checksums file to look up next to the code; TFDS
   # 4.9.10 would otherwise need the undeclared `importlib_resources` package to find it.
   code_path = None
@@ -94,19 +132,31 @@ class _TextFilesBuilder(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # Everything is local.
     fraction = self.builder_config.validation_fraction
-    files = self._files()
-    val = [f for f in files if is_validation(f, fraction)]
-    train = [f for f in files if not is_validation(f, fraction)]
-    if not train:  # A corpus of one or two files must still be trainable.
+    root = pathlib.Path(self.builder_config.root)
+    documents = []  # (name, file, its size, piece index)
+    for f in self._files():
+      size = (root / f).stat().st_size
+      pieces = num_pieces(size)
+      documents += [(f if pieces == 1 else f'{f}#{i}', f, size, i) for i in range(pieces)]
+    val = [d for d in documents if is_validation(d[0], fraction)]
+    train = [d for d in documents if not is_validation(d[0], fraction)]
+    if not train:  # A corpus of one or two small files must still be trainable.
       train, val = val, []
     # TFDS refuses to write an empty split; open_source reads a missing one as empty.
     splits = {'train': train, 'validation': val}
     return {k: self._generate_examples(v) for k, v in splits.items() if v}
 
-  def _generate_examples(self, files):
+  def _generate_examples(self, documents):
     root = pathlib.Path(self.builder_config.root)
-    for f in files:
-      yield f, {'text': (root / f).read_bytes()}
+    for name, f, size, index in documents:
+      with open(root / f, 'rb') as file:
+        if num_pieces(size) == 1:
+          yield name, {'text': file.read()}
+          continue
+        start = _piece_start(file, index, size)
+        end = size if index + 1 == num_pieces(size) else _piece_start(file, index + 1, size)
+        file.seek(start)
+        yield name, {'text': file.read(end - start)}
 
 
 class PythonStdlib(_TextFilesBuilder):
