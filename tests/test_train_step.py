@@ -268,3 +268,20 @@ def test_evaluation_runs_in_the_train_steps_microbatches_with_the_same_sums():
     totals.append({k: float(v) for k, v in out.items()})
   assert totals[0]['tokens'] == totals[1]['tokens'] == 8 * 32 - 3 * 12
   assert totals[0]['nll'] == pytest.approx(totals[1]['nll'], rel=1e-5)
+
+
+@pytest.mark.slow  # 60 s: UltraMem's step compiled twice
+def test_a_window_count_over_microbatches_is_the_whole_batch_s():
+  """`window_values_hit` counts the memory values read so far in the window: over
+  microbatches its step value is the last one's (the mean would miss the later reads)."""
+  cfg = config_lib.load('configs/ultramem.py:tiny', [
+      'data.seq_len=32', 'train.batch_size=16', 'model.dtype=float32'])
+  hit = {}
+  for accum in (1, 4):
+    with cfg.unlocked():
+      cfg.train.grad_accum_steps = accum
+    metrics = []
+    _steps(mesh_config(cfg, data=4), jax.devices()[:4], n=1, metrics_of=metrics)
+    hit[accum] = {k: float(v) for k, v in metrics[0].items() if 'window_values_hit' in k}
+  assert hit[1] and 0 < min(hit[1].values()) < 1
+  assert hit[4] == pytest.approx(hit[1], rel=1e-6)

@@ -40,3 +40,9 @@ def add_aux_loss(module: nnx.Module, value: jax.Array):
 
 def add_metric(module: nnx.Module, name: str, value: jax.Array):
   _sow(module, f'metric_{name}', value)
+
+
+def is_window_metric(key: str) -> bool:
+  """Whether a logged metric (`<module path>/<name>`) counts over the logging window, so
+  that its last value, not the mean, is the window's (and a step's, over microbatches)."""
+  return key.rsplit('/', 1)[-1].startswith('window_')

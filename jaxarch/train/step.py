@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxarch.layers.signals import PerStepState, WindowCounter
+from jaxarch.layers.signals import PerStepState, WindowCounter, is_window_metric
 from jaxarch.parallel.context import logical_mesh
 from jaxarch.train.optimizer import frozen
 from jaxarch.train.state import TrainSetup
@@ -174,6 +174,9 @@ def make_train_step(setup: TrainSetup):
       g, out = microbatch_grads(params, with_values(model_state, start), microbatch)
       grads = jax.tree.map(jnp.add, grads, g)
       sums = jax.tree.map(jnp.add, sums, {k: out[k] for k in sums})
+      # A window count's metric already counts the microbatches before: its last value.
+      sums['metrics'] = {k: out['metrics'][k] if is_window_metric(k) else v
+                         for k, v in sums['metrics'].items()}
       moved = [m + v - s for m, v, s in zip(moved, values(out['model_state']), start)]
       return (grads, sums, out['model_state'], moved), None
 
@@ -186,7 +189,8 @@ def make_train_step(setup: TrainSetup):
         body, (zero[0], sums, model_state, [jnp.zeros_like(s) for s in start]), microbatches)
     model_state = with_values(model_state,
                               [s + m / grad_accum_steps for s, m in zip(start, moved)])
-    sums['metrics'] = jax.tree.map(lambda m: m / grad_accum_steps, sums['metrics'])
+    sums['metrics'] = {k: v if is_window_metric(k) else v / grad_accum_steps
+                       for k, v in sums['metrics'].items()}
     return grads, {**sums, 'model_state': model_state}
 
   def train_step(state, batch):

@@ -15,6 +15,7 @@ import numpy as np
 
 from jaxarch import config as config_lib
 from jaxarch import data
+from jaxarch.layers.signals import is_window_metric
 from jaxarch.parallel import data_shard, global_batch, make_mesh
 from jaxarch.train import flops
 from jaxarch.train.checkpoint import Checkpointer, CheckpointError
@@ -172,8 +173,7 @@ def _window_metrics(pending: list[dict]) -> dict:
   finite = [m for m in pending if not m['nonfinite']] or pending
   def reduce(key):
     values = [m[key] for m in finite]
-    return float(values[-1] if key.rsplit('/', 1)[-1].startswith('window_')
-                 else np.mean(values))
+    return float(values[-1] if is_window_metric(key) else np.mean(values))
   return {k: reduce(k) for k in pending[0] if k not in _UNLOGGED}
 
 
