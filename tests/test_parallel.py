@@ -120,3 +120,19 @@ def test_a_large_weight_that_loses_a_mesh_axis_is_reported(caplog):
   small = mesh_config(tiny_config(**{'model.vocab_size': 385}), data=4, tensor=2)
   make_setup(small, make_mesh(small))  # small weights: replicating them is fine
   assert 'replicated' not in caplog.text
+
+
+def test_a_data_by_fsdp_step_compiles_without_replicating_activations(capfd):
+  """XLA's SPMD partitioner warns when it can reach a layout only by gathering a whole
+  tensor. The embedding's rows, laid out like the table's `d` over fsdp, did so on every
+  data x fsdp mesh, gathering the whole batch's embeddings and their gradient (at tiny,
+  the step's collectives moved 4x the bytes)."""
+  from jaxarch.train.step import make_train_step  # pylint: disable=g-import-not-at-top
+  cfg = mesh_config(tiny_config(**{'model.d_model': 48, 'model.n_layers': 1}), data=2, fsdp=4)
+  setup = make_setup(cfg, make_mesh(cfg))
+  state = jax.eval_shape(lambda: init_state(cfg, setup))
+  batch = {k: jax.ShapeDtypeStruct((8, 32), np.int32, sharding=setup.batch_sharding)
+           for k in ('inputs', 'targets', 'segment_ids', 'positions')}
+  capfd.readouterr()
+  make_train_step(setup).lower(state, batch).compile()  # a shape no other test compiles
+  assert 'Involuntary full rematerialization' not in capfd.readouterr().err

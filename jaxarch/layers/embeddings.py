@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxarch.layers.params import normal, param
+from jaxarch.parallel import context
 
 
 class Embed(nnx.Module):
@@ -17,7 +18,13 @@ class Embed(nnx.Module):
                            ('vocab', 'embed'), param_dtype, weight_decay=False)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)  # bt -> btd
+    # The table whole along `d` (FSDP gathers a weight before use), and the rows split by
+    # batch like the tokens. Left to XLA, the rows take the table's split of `d` over
+    # fsdp, and on a data x fsdp mesh their gradient cannot reach that layout but through
+    # a full gather of the activations ("involuntary full rematerialization").
+    table = context.constrain(self.embedding[...], ('vocab', None))
+    x = jnp.take(table, tokens, axis=0).astype(self.dtype)  # bt -> btd
+    return context.constrain(x, ('batch', 'length', None))
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Logits of a tied head: x @ embeddingᵀ."""

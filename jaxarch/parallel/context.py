@@ -8,7 +8,9 @@ the context exists exactly while the step is traced and nowhere else.
 
 import contextlib
 import contextvars
-from jax.sharding import Mesh
+
+import jax
+from jax.sharding import Mesh, NamedSharding
 
 from jaxarch.parallel.sharding import Rules, logical_to_spec
 
@@ -43,3 +45,15 @@ def mesh_axes(logical: str, size: int | None = None) -> tuple[str, ...]:
   spec = logical_to_spec((logical,), rules, shape, mesh if shape else None)[0]
   axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
   return tuple(a for a in axes if mesh.shape[a] > 1)
+
+
+def constrain(x: jax.Array, logical_axes) -> jax.Array:
+  """`x` laid out as its logical axes say (e.g. ('batch', 'length', None)) in the current
+  context; as it is outside. For a value whose layout XLA would otherwise take from a
+  weight's, where the two disagree (see `Embed`)."""
+  ctx = current()
+  if ctx is None:
+    return x
+  mesh, rules = ctx
+  spec = logical_to_spec(logical_axes, rules, x.shape, mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
