@@ -23,8 +23,8 @@ class Embed(nnx.Module):
     # fsdp, and on a data x fsdp mesh their gradient cannot reach that layout but through
     # a full gather of the activations ("involuntary full rematerialization").
     table = context.constrain(self.embedding[...], ('vocab', None))
-    x = jnp.take(table, tokens, axis=0).astype(self.dtype)  # bt -> btd
-    return context.constrain(x, ('batch', 'length', None))
+    x = jnp.take(table, tokens, axis=0).astype(self.dtype)  # b... -> b...d
+    return context.constrain(x, ('batch',) + (None,) * tokens.ndim)
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Logits of a tied head: x @ embeddingᵀ."""
