@@ -17,10 +17,11 @@ pieces of `S` documents. Each process reads only its own share of the streams, s
 global batch does not depend on the number of processes. With one stream, a long document
 (the stdlib averages ~140 rows of 128 bytes) fills whole batches by itself: their rows are
 highly correlated and the loss jumps from step to step. With fewer documents than
-streams, streams start on the same document (a warning says so). The streams are zipped with `ZipIterDataset`, whose state is just the list
-of the stream states; `InterleaveIterDataset` would add a prefetch thread per stream and
-bookkeeping for finite inputs, and a window shuffle of rows only mixes documents that are
-close in the sequence, so it would need thousands of rows in memory to do the same.
+streams, streams start on the same document (a warning says so). The streams are zipped
+with `ZipIterDataset`, whose state is just the list of the stream states;
+`InterleaveIterDataset` would add a prefetch thread per stream and bookkeeping for finite
+inputs, and a window shuffle of rows only mixes documents that are close in the sequence,
+so it would need thousands of rows in memory to do the same.
 
 A `distilled:<dir>` source (prompts and a model's greedy continuations, for BiTA) is not
 packed: each sequence becomes one right-padded row, cut at `seq_len`, and the batch gains

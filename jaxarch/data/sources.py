@@ -150,9 +150,6 @@ class _TextFilesBuilder(tfds.core.GeneratorBasedBuilder):
     root = pathlib.Path(self.builder_config.root)
     for name, f, size, index in documents:
       with open(root / f, 'rb') as file:
-        if num_pieces(size) == 1:
-          yield name, {'text': file.read()}
-          continue
         start = _piece_start(file, index, size)
         end = size if index + 1 == num_pieces(size) else _piece_start(file, index + 1, size)
         file.seek(start)
