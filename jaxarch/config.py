@@ -818,8 +818,13 @@ UNHASHED_SECTIONS = ('launch',)
 
 def config_hash(cfg: ConfigDict) -> str:
   """sha256 of the config's JSON: equal configs hash equally, whatever their key order."""
-  tree = {k: v for k, v in to_dict(cfg).items() if k not in UNHASHED_SECTIONS}
-  return hashlib.sha256(_to_json(tree).encode()).hexdigest()
+  return tree_hash(to_dict(cfg))
+
+
+def tree_hash(tree: dict[str, Any]) -> str:
+  """`config_hash` of a config as nested dicts, e.g. a saved config.json as it was read."""
+  hashed = {k: v for k, v in tree.items() if k not in UNHASHED_SECTIONS}
+  return hashlib.sha256(_to_json(hashed).encode()).hexdigest()
 
 
 def save(cfg: ConfigDict, path: str | os.PathLike) -> None:

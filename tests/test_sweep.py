@@ -195,6 +195,40 @@ def test_sweep_moves_aside_a_run_trained_under_an_edited_config(tmp_path, data_d
   assert runner.read_results(workdir)[0]['final_loss'] == 2.0  # trained afresh
 
 
+def test_a_run_recorded_before_jaxarch_gained_a_config_key_is_not_run_again(
+    tmp_path, data_dir, monkeypatch):
+  _stand_in_training(monkeypatch)
+  spec, workdir = _sweep_file(tmp_path, data_dir), tmp_path / 'sweep'
+  with pytest.raises(runner.SweepError):  # d48 fails and d64 stops; d32 is recorded
+    runner.run_sweep(spec, workdir, echo=lambda _: None)
+  launched = []
+  run_one = runner._run_one  # pylint: disable=protected-access
+  monkeypatch.setattr(runner, '_run_one',
+                      lambda run, *args: (launched.append(run.name), run_one(run, *args))[1])
+  (d32,) = [r for r in runner.load_sweep(spec) if r.name == 'd32']
+  (record,) = runner.read_results(workdir)
+
+  def recorded_by_an_earlier_jaxarch(**changes):
+    saved = json.loads(json.dumps(config_lib.to_dict(d32.config())))
+    del saved['train']['grad_accum_steps']  # a key that jaxarch did not have yet
+    saved['train'].update(changes)
+    (workdir / 'runs' / 'd32' / 'config.json').write_text(json.dumps(saved))
+    runner.append_record(workdir, {**record, 'config_hash': config_lib.tree_hash(saved)})
+
+  recorded_by_an_earlier_jaxarch()
+  messages = []
+  with pytest.raises(runner.SweepError):
+    runner.run_sweep(spec, workdir, echo=messages.append)
+  assert '1 finished already, 2 to run' in messages[0] and 'd32' not in launched
+  (again,) = [r for r in runner.read_results(workdir) if r['name'] == 'd32']
+  assert again == {**record, 'config_hash': config_lib.config_hash(d32.config())}
+  # Another config, not only a key gained: d32 trains again.
+  recorded_by_an_earlier_jaxarch(lr=0.3)
+  with pytest.raises(runner.SweepError):
+    runner.run_sweep(spec, workdir, echo=lambda _: None)
+  assert 'd32' in launched
+
+
 def test_one_sweep_at_a_time_in_a_workdir(tmp_path, data_dir):
   spec, workdir = _sweep_file(tmp_path, data_dir), tmp_path / 'sweep'
   workdir.mkdir()

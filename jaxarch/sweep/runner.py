@@ -5,7 +5,8 @@
 Run `name` trains in DIR/runs/<name> as `jaxarch train` would, in its own process (so one
 run's crash, or its XLA memory, never touches another), N at a time. When it finishes, one
 JSON line is appended to DIR/results.jsonl. A run whose name and config hash are already
-there is skipped; a run that was interrupted (or stopped by a signal: it is not recorded)
+there is skipped (also one recorded before jaxarch gained config keys whose defaults keep
+its config); a run that was interrupted (or stopped by a signal: it is not recorded)
 resumes from its last checkpoint, because `jaxarch train` does. A run whose config was
 edited since its directory was trained starts afresh, the old directory moved aside.
 Output of run `name` goes to DIR/runs/<name>/train.log. One sweep at a time runs in a
@@ -134,6 +135,42 @@ def record(run: plan.Run, run_dir: Path, wall_s: float | None) -> dict:
   }
 
 
+def recorded_runs(runs: list[plan.Run], workdir: Path) -> set[str]:
+  """Names of the runs whose record in DIR/results.jsonl stands.
+
+  A record stands when it was made under the run's present config hash, or under the
+  config its directory's config.json holds when that config is the run's present one
+  with keys jaxarch gained since, at their defaults (what `config_changes` reads). Such a
+  record is written again under the new hash, so that upgrading jaxarch does not restore
+  every finished run of a sweep to learn that it is finished.
+  """
+  records = {r['name']: r for r in read_results(workdir)}
+  standing = set()
+  for run in runs:
+    old = records.get(run.name)
+    if old is None:
+      continue
+    cfg = run.config()
+    new_hash = config_lib.config_hash(cfg)
+    if old['config_hash'] != new_hash:
+      run_dir = workdir / 'runs' / run.name
+      if not (_saved_hash(run_dir) == old['config_hash']
+              and last_step(run_dir) == cfg.train.steps
+              and config_changes(run, run_dir) is None):
+        continue
+      append_record(workdir, {**old, 'config_hash': new_hash})
+    standing.add(run.name)
+  return standing
+
+
+def _saved_hash(run_dir: Path) -> str | None:
+  """The config hash of the config.json that `run_dir` was trained under."""
+  try:
+    return config_lib.tree_hash(json.loads((run_dir / 'config.json').read_text()))
+  except (OSError, ValueError, AttributeError):  # none, or not a config
+    return None
+
+
 def _run_one(run: plan.Run, workdir: Path, echo,
              trainers: set) -> tuple[plan.Run, float, int]:
   run_dir = workdir / 'runs' / run.name
@@ -197,11 +234,11 @@ def _flat(tree: dict, prefix: str = '') -> dict:
 def collect(runs: list[plan.Run], workdir: Path, echo=print) -> list[dict]:
   """Records the runs that finished elsewhere (the jobs `--launcher` wrote): those whose
   metrics reached their last step; the others are left for a later collect."""
-  done = {(r['name'], r['config_hash']) for r in read_results(workdir)}
+  done = recorded_runs(runs, workdir)
   collected, waiting = [], []
   for run in runs:
     cfg = run.config()
-    if (run.name, config_lib.config_hash(cfg)) in done:
+    if run.name in done:
       continue
     run_dir = workdir / 'runs' / run.name
     if last_step(run_dir) != cfg.train.steps:
@@ -243,8 +280,8 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
     return render_jobs(runs, workdir, launcher, echo)
   workdir.mkdir(parents=True, exist_ok=True)
   with _only_sweep_in(workdir):
-    done = {(r['name'], r['config_hash']) for r in read_results(workdir)}
-    todo = [r for r in runs if (r.name, config_lib.config_hash(r.config())) not in done]
+    done = recorded_runs(runs, workdir)
+    todo = [r for r in runs if r.name not in done]
     echo(f'sweep: {len(runs)} runs, {len(runs) - len(todo)} finished already, '
          f'{len(todo)} to run, {parallel} at a time')
     failed, trainers = [], set()
