@@ -18,7 +18,7 @@ from jaxarch.infer.tree import DraftTree
 from jaxarch.models.bita import Bita, spread_anchors
 from jaxarch.layers.signals import WindowCounter
 from jaxarch.parallel import global_batch, make_mesh
-from jaxarch.train import train
+from jaxarch.train import flops, train
 from jaxarch.train.pretrained import load_model
 from jaxarch.train.state import init_state, make_setup
 from jaxarch.train.step import make_train_step
@@ -288,6 +288,22 @@ def test_bita_config_takes_the_base_runs_model_and_overrides_its_keys(tmp_path):
   assert cfg.data.tokenizer == base_cfg.data.tokenizer
   config_lib.save(cfg, tmp_path / 'bita.json')  # a BiTA run's own config reloads as is
   assert config_lib.load_json(tmp_path / 'bita.json').to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize('train_groups', [32, 0])  # the tiny preset's, one per token
+def test_bita_model_flops_are_at_most_what_its_step_executes(tmp_path, train_groups):
+  # The step runs backward over the tokens too and attends densely over the mask groups:
+  # XLA counts more FLOPs than the useful ones, never fewer (measured 1.8x and 2.0x).
+  cfg = _bita_load(_base_workdir(tmp_path / 'dense'), 'model.dtype=float32',
+                   f'model.bita.train_groups={train_groups}')
+  setup = make_setup(cfg, make_mesh(cfg))
+  batch = global_batch(data.synthetic_batch(cfg.train.batch_size, cfg.data.seq_len,
+                                            cfg.model.vocab_size, 0), setup.batch_sharding)
+  compiled = make_train_step(setup).lower(setup.abstract_state, batch).compile()
+  executed = flops.compiled_flops(compiled) * jax.device_count()
+  model = (flops.train_flops_per_token(cfg.model, setup.param_counts, cfg.data.seq_len)
+           * cfg.train.batch_size * cfg.data.seq_len)
+  assert 1 <= executed / model <= 3, executed / model
 
 
 def test_bita_config_errors_name_the_key(tmp_path):

@@ -13,9 +13,11 @@ Convention (PaLM appendix B / Chinchilla): a training step costs, per token,
   (only the lower triangle is useful work), hence 2·T·n·h forward and 6·T·n·h per step.
 - Not counted: norms, activations, softmax, RoPE, optimizer update (all O(N) or O(T·d)).
 - MEGABYTE counts per byte (`megabyte_flops_per_byte`): its global model per patch.
-- BiTA counts per sequence token (`bita_flops_per_token`): the frozen model runs over the
-  token and its M mask tokens, forward and backward w.r.t. activations only (4 · N per
-  token, no weight gradients), with attention over the (1+M)·T tokens of the row.
+- BiTA counts per sequence token (`bita_flops_per_token`): the frozen model runs forward
+  over the T tokens of a row (2 · N each; nothing trainable lies behind them, so their
+  backward pass is no useful work), and forward and backward w.r.t. activations over its
+  g·M mask tokens (4 · N each, no weight gradients; g = `bita.train_groups` groups, one
+  per token when 0). A mask token sees its anchor's past, as much as a causal token sees.
 
 MFU = achieved model FLOPs per second / peak dense bf16 FLOPs of the devices; remat
 recomputation is *not* counted as model FLOPs (that would be hardware FLOPs utilisation).
@@ -71,10 +73,13 @@ def train_flops_per_token(model_cfg: ml_collections.ConfigDict, counts: dict[str
 
 def bita_flops_per_token(model_cfg: ml_collections.ConfigDict, counts: dict[str, int],
                          seq_len: int) -> float:
-  """BiTA training: (1 + M) tokens per sequence token through the frozen model."""
-  rows = 1 + model_cfg.bita.num_mask_tokens
-  attention = attention_flops_per_token(model_cfg, rows * seq_len) * 4 / 6
-  return rows * (4 * matmul_params(model_cfg, counts) + attention)
+  """BiTA training: a forward pass per token, and g·M/T mask tokens per token forward
+  and backward through the frozen model."""
+  n = matmul_params(model_cfg, counts)
+  attention = attention_flops_per_token(model_cfg, seq_len)  # forward 1/3, backward 2/3
+  groups = min(model_cfg.bita.train_groups or seq_len, seq_len)  # as `Bita.predictions`
+  masks_per_token = groups * model_cfg.bita.num_mask_tokens / seq_len
+  return 2 * n + attention / 3 + masks_per_token * (4 * n + attention)
 
 
 def _dense_block_params(d: int, n_heads: int, n_kv_heads: int, d_ff: int) -> int:
