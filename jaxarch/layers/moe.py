@@ -34,11 +34,11 @@ over those axes (one `psum` of `[T, d]`), so no two devices compute the same pro
 
 **Expert parallelism.** With the experts split over n devices, the capacity path sends
 its `[E, C, d]` buffers with one `all_to_all` there and back. The dropless path sends
-padded per-shard buffers: after the sort, the assignments bound for each shard are
-contiguous; each device sends `S` rows to every shard (`S = T·k`, the worst case, so
-nothing is ever dropped; or `ceil(ep_capacity_factor · T·k / n)` to bound the memory, in
-which case the overflow is dropped and counted), with their local expert ids, and the
-receiver runs the sort + grouped matmul on what arrived. `jax.lax.ragged_all_to_all`
+padded per-shard buffers: each device sends every shard `S` rows per sequence (`S = s·k`,
+the worst case, so nothing is ever dropped; or `ceil(ep_capacity_factor · s·k / n)` to
+bound the memory, in which case a sequence's overflow is dropped first come first served,
+as in the capacity path, so the model stays causal, and counted), with their local expert
+ids, and the receiver runs the sort + grouped matmul on what arrived. `jax.lax.ragged_all_to_all`
 would send only the real rows, but XLA:CPU does not implement it (so it could not be
 tested here); the padded exchange works on every backend.
 """
@@ -89,6 +89,33 @@ def sort_by(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
   inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype),
                                                 unique_indices=True)  # no atomics on GPU
   return order, inverse
+
+
+def first_come_slots(buckets: jax.Array, num_buckets: int, per_group: int
+                     ) -> tuple[jax.Array, jax.Array]:
+  """buckets [g, m]: the bucket of each of group g's m assignments, in token order ->
+  (slot [g·m], kept [g·m]). Bucket b's rows in a buffer of `num_buckets · g · per_group`
+  hold `per_group` rows per group, row (g, p) its p-th assignment to b: first come first
+  served, so whether one is kept depends only on the assignments before it in its group.
+  A dropped assignment's slot is the buffer's size (one row past it)."""
+  g = buckets.shape[0]
+  one_hot = jax.nn.one_hot(buckets, num_buckets, dtype=jnp.int32)  # g m b
+  position = jnp.sum((jnp.cumsum(one_hot, axis=1) - 1) * one_hot, axis=2)  # g m
+  kept = (position < per_group).reshape(-1)
+  rows = g * per_group  # per bucket
+  slot = (buckets * rows + jnp.arange(g)[:, None] * per_group + position).reshape(-1)
+  return jnp.where(kept, slot, num_buckets * rows), kept
+
+
+def scatter_rows(x: jax.Array, slot: jax.Array, rows: int, fill=0) -> jax.Array:
+  """x [m, ...] into a buffer [rows, ...] at `slot` (slot `rows`: dropped); others `fill`."""
+  buffer = jnp.full((rows + 1, *x.shape[1:]), fill, x.dtype).at[slot].set(x)
+  return buffer[:-1]
+
+
+def gather_rows(buffer: jax.Array, slot: jax.Array) -> jax.Array:
+  """buffer [rows, d] at `slot` [m] -> [m, d]; zeros where slot is `rows` (dropped)."""
+  return jnp.concatenate([buffer, jnp.zeros((1, buffer.shape[1]), buffer.dtype)])[slot]
 
 
 def grouped_swiglu(x, group_sizes, gate, up, down, impl='auto', tiling=Tiling()):
@@ -232,7 +259,8 @@ class MoE(nnx.Module):
     if self.capacity_factor is None and shards == 1 and t * k <= self.num_experts:
       y, dropped = self._gathered(tokens, experts, gate, up, down), jnp.zeros((), jnp.int32)
     elif self.capacity_factor is None:
-      y, dropped = self._dropless(tokens, experts, gate, up, down, expert_axes, shards)
+      y, dropped = self._dropless(tokens, experts, gate, up, down, expert_axes, shards,
+                                  seq_len)
     else:
       y, dropped = self._capacity(tokens, experts, gate, up, down, expert_axes, shards,
                                   seq_len)
@@ -246,44 +274,38 @@ class MoE(nnx.Module):
     x = jnp.repeat(tokens, self.top_k, axis=0)[:, None]  # m 1 d: one "expert" per assignment
     return batched_swiglu(x, gate[flat], up[flat], down[flat])[:, 0]
 
-  def _dropless(self, tokens, experts, gate, up, down, expert_axes, shards):
+  def _dropless(self, tokens, experts, gate, up, down, expert_axes, shards, seq_len):
     """-> (y [T·k, d] per assignment in token-major order, dropped count)."""
     t, d = tokens.shape
     e, k = self.num_experts, self.top_k
     flat = experts.reshape(-1)
-    order, inverse = sort_by(flat)
-    xs = permute(jnp.repeat(tokens, k, axis=0), order, inverse)  # sorted by expert
     if shards == 1:
+      order, inverse = sort_by(flat)
+      xs = permute(jnp.repeat(tokens, k, axis=0), order, inverse)  # sorted by expert
       ys = grouped_swiglu(xs, jnp.bincount(flat, length=e), gate, up, down,
                           self.matmul_impl, self.kernel_tiling)
       return permute(ys, inverse, order), jnp.zeros((), jnp.int32)
 
-    # Padded exchange: row p of the buffer for shard j is its p-th assignment.
+    # Padded exchange: the buffer for shard j holds `per_seq` rows per sequence, row
+    # (g, p) sequence g's p-th assignment bound for j (token-major), with its local expert.
     local_e = e // shards
-    m = t * k
-    size = m if self.ep_capacity_factor is None else max(
-        1, min(m, math.ceil(self.ep_capacity_factor * m / shards)))
-    sorted_experts = flat[order]
-    counts = jnp.bincount(sorted_experts // local_e, length=shards)
-    starts = jnp.cumsum(counts) - counts
-    position = jnp.arange(size)
-    sent = position[None, :] < counts[:, None]  # j p
-    source = jnp.where(sent, starts[:, None] + position[None, :], 0)
-    send_x = jnp.where(sent[..., None], xs[source], 0).astype(xs.dtype)  # j p d
-    send_e = jnp.where(sent, sorted_experts[source] % local_e, local_e)  # local_e: empty
+    s = seq_len if t % seq_len == 0 else t  # (a device holding part of a sequence: one group)
+    g = t // s
+    per_seq = s * k if self.ep_capacity_factor is None else max(
+        1, min(s * k, math.ceil(self.ep_capacity_factor * s * k / shards)))
+    slot, kept = first_come_slots((flat // local_e).reshape(g, s * k), shards, per_seq)
+    rows = shards * g * per_seq
+    send_x = scatter_rows(jnp.repeat(tokens, k, axis=0), slot, rows)
+    send_e = scatter_rows(flat % local_e, slot, rows, fill=local_e)  # local_e: empty
     exchange = lambda a: jax.lax.all_to_all(a, expert_axes, 0, 0, tiled=True)
-    recv_x, recv_e = exchange(send_x).reshape(shards * size, d), exchange(send_e).reshape(-1)
-    order2, inverse2 = sort_by(recv_e)  # empty rows last: past every group
+    recv_x = exchange(send_x.reshape(shards, -1, d)).reshape(rows, d)
+    recv_e = exchange(send_e.reshape(shards, -1)).reshape(rows)
+    order, inverse = sort_by(recv_e)  # empty rows last: past every group
     sizes = jnp.sum(recv_e[:, None] == jnp.arange(local_e), axis=0)
-    ys = grouped_swiglu(permute(recv_x, order2, inverse2), sizes, gate, up, down,
+    ys = grouped_swiglu(permute(recv_x, order, inverse), sizes, gate, up, down,
                         self.matmul_impl, self.kernel_tiling)
-    back = exchange(permute(ys, inverse2, order2).reshape(shards, size, d))  # j p d
-
-    shard = sorted_experts // local_e
-    rank = jnp.arange(m) - starts[shard]  # position of each sorted assignment in its buffer
-    kept = rank < size
-    ys_sorted = jnp.where(kept[:, None], back[shard, jnp.minimum(rank, size - 1)], 0)
-    return permute(ys_sorted.astype(xs.dtype), inverse, order), jnp.sum(~kept)
+    back = exchange(permute(ys, inverse, order).reshape(shards, -1, d)).reshape(rows, d)
+    return gather_rows(back, slot).astype(tokens.dtype), jnp.sum(~kept)
 
   def _capacity(self, tokens, experts, gate, up, down, expert_axes, shards, seq_len):
     """-> (y [T·k, d] per assignment in token-major order, dropped count).
@@ -295,16 +317,9 @@ class MoE(nnx.Module):
     s = seq_len if t % seq_len == 0 else t  # (a device holding part of a sequence: one group)
     g = t // s
     capacity = max(1, math.ceil(self.capacity_factor * s * k / e))
-    chosen = experts.reshape(g, s * k)  # token-major within each sequence
-    one_hot = jax.nn.one_hot(chosen, e, dtype=jnp.int32)  # g m e
-    position = jnp.sum((jnp.cumsum(one_hot, axis=1) - 1) * one_hot, axis=2)  # g m
-    kept = (position < capacity).reshape(-1)
+    slot, kept = first_come_slots(experts.reshape(g, s * k), e, capacity)
     rows = g * capacity  # per expert
-    slot = (chosen * rows + jnp.arange(g)[:, None] * capacity + position).reshape(-1)
-    slot = jnp.where(kept, slot, e * rows)  # the last row: dropped
-    x = jnp.repeat(tokens, k, axis=0)  # token-major
-    buffer = jnp.zeros((e * rows + 1, d), tokens.dtype).at[slot].set(x)
-    buffer = buffer[:-1].reshape(e, rows, d)
+    buffer = scatter_rows(jnp.repeat(tokens, k, axis=0), slot, e * rows).reshape(e, rows, d)
     if shards == 1:
       y = batched_swiglu(buffer, gate, up, down)
     else:
@@ -315,5 +330,4 @@ class MoE(nnx.Module):
       y = batched_swiglu(recv, gate, up, down)
       y = y.reshape(local_e, shards, rows, d).transpose(1, 0, 2, 3)
       y = exchange(y).reshape(e, rows, d)
-    y = jnp.concatenate([y.reshape(e * rows, d), jnp.zeros((1, d), y.dtype)])[slot]
-    return y, jnp.sum(~kept)
+    return gather_rows(y.reshape(e * rows, d), slot), jnp.sum(~kept)
