@@ -19,7 +19,8 @@ from jaxarch.models.bita import Bita, spread_anchors
 from jaxarch.layers.signals import WindowCounter
 from jaxarch.parallel import global_batch, make_mesh
 from jaxarch.train import flops, train
-from jaxarch.train.pretrained import load_model
+from jaxarch.train.checkpoint import Checkpointer
+from jaxarch.train.pretrained import load_model, with_pretrained_parts
 from jaxarch.train.state import init_state, make_setup
 from jaxarch.train.step import make_train_step
 
@@ -304,6 +305,36 @@ def test_bita_model_flops_are_at_most_what_its_step_executes(tmp_path, train_gro
   model = (flops.train_flops_per_token(cfg.model, setup.param_counts, cfg.data.seq_len)
            * cfg.train.batch_size * cfg.data.seq_len)
   assert 1 <= executed / model <= 3, executed / model
+
+
+def test_bita_base_takes_the_base_runs_state_with_its_weights(tmp_path):
+  """UltraMem's Tucker vectors (like the MoE router's bias) are state, not weights, and
+  decide what the model computes: the frozen base takes them from the base run too."""
+  base_dir = tmp_path / 'base'
+  base_cfg = config_lib.load(FAMILIES['ultramem'][0], [
+      'train.lr=0.1', 'train.warmup_steps=0', 'train.batch_size=8', 'data.seq_len=16'])
+  setup = make_setup(base_cfg, make_mesh(base_cfg))
+  state, step = init_state(base_cfg, setup), make_train_step(setup)
+  for i in range(2):  # large steps: the cores, and so u and v, move
+    state, _ = step(state, global_batch(make_batch(8, 16, seed=i), setup.batch_sharding))
+  checkpointer = Checkpointer(base_dir, async_save=False)
+  checkpointer.save(2, state)
+  checkpointer.close()
+  config_lib.save(base_cfg, base_dir / 'config.json')
+
+  cfg = _bita_load(base_dir, 'data.seq_len=16', 'train.batch_size=8')
+  bita_setup = make_setup(cfg, make_mesh(cfg))
+  # The read counts of the base run's last logging window are its metrics: not taken.
+  variables = lambda state: [v.get_value() for v in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, nnx.Variable)) if not isinstance(v, WindowCounter)]
+  fresh = init_state(cfg, bita_setup)
+  fresh_base = jax.device_get(variables(fresh['model_state']['base']))
+  got = variables(with_pretrained_parts(cfg, bita_setup, fresh)['model_state']['base'])
+  want = variables(state['model_state'])
+  assert len(want) == 4  # u and v of each of the two memory layers
+  assert not any(np.allclose(a, b) for a, b in zip(fresh_base, want))
+  for g, w in zip(got, want, strict=True):
+    np.testing.assert_array_equal(g, w)
 
 
 def test_bita_config_errors_name_the_key(tmp_path):

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import jax
 import ml_collections
+from flax import nnx
 from jax.sharding import Mesh
 
 from jaxarch import config as config_lib
 from jaxarch import models
+from jaxarch.layers.signals import WindowCounter
 from jaxarch.parallel import make_mesh
 from jaxarch.train.checkpoint import Checkpointer
 from jaxarch.train.state import TrainSetup, make_setup, merge_model
@@ -54,8 +56,9 @@ def load_model(workdir: str | Path, *, step: int | None = None, mesh_overrides=(
   return cfg, merge_model(setup, state)
 
 
-def _restored_params(workdir: Path, mesh: Mesh, mesh_cfg: ml_collections.ConfigDict):
-  """The params of `workdir`'s latest checkpoint, sharded over `mesh` as `mesh_cfg` says."""
+def _restored_model(workdir: Path, mesh: Mesh, mesh_cfg: ml_collections.ConfigDict) -> dict:
+  """The params and model state of `workdir`'s latest checkpoint, sharded over `mesh` as
+  `mesh_cfg` says."""
   tree = config_lib.load_json(workdir / 'config.json').to_dict()
   tree['mesh'] = mesh_cfg.to_dict()
   cfg = config_lib.validate(ml_collections.ConfigDict(tree))
@@ -66,26 +69,32 @@ def _restored_params(workdir: Path, mesh: Mesh, mesh_cfg: ml_collections.ConfigD
   if state is None:
     raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}: train the run in '
                             f'{workdir} first')
-  return state['params']
+  return state
 
 
 def with_pretrained_parts(cfg: ml_collections.ConfigDict, setup: TrainSetup,
                           state: dict) -> dict:
   """A fresh train state whose sub-models (`models.PRETRAINED_PARTS`, e.g. BiTA's frozen
-  base) hold the weights of the runs they come from, resharded onto this run's mesh."""
+  base) are the models of the runs they come from, resharded onto this run's mesh: their
+  weights and their other state, which the function depends on too (UltraMem's Tucker
+  vectors, the MoE router's bias)."""
   parts = models.PRETRAINED_PARTS.get(cfg.model.family, lambda _: {})(cfg.model)
+  is_variable = lambda x: isinstance(x, nnx.Variable)
   for name, workdir in parts.items():
-    fresh = state['params'][name]
-    restored = _restored_params(Path(workdir).expanduser(), setup.mesh, cfg.mesh)
-    fresh_leaves, treedef = jax.tree_util.tree_flatten_with_path(fresh)
-    restored_leaves = jax.tree_util.tree_flatten_with_path(restored)[0]
-    fresh_paths = [jax.tree_util.keystr(p) for p, _ in fresh_leaves]
-    if fresh_paths != [jax.tree_util.keystr(p) for p, _ in restored_leaves] or any(
-        a.shape != b.shape for (_, a), (_, b) in zip(fresh_leaves, restored_leaves)):
-      raise config_lib.ConfigError(
-          f'the checkpoint in {workdir} does not fit model part {name!r} of this config '
-          '(different parameter names or shapes)')
-    values = [jax.device_put(b, a.sharding)
-              for (_, a), (_, b) in zip(fresh_leaves, restored_leaves)]
-    state['params'][name] = jax.tree.unflatten(treedef, values)
+    restored = _restored_model(Path(workdir).expanduser(), setup.mesh, cfg.mesh)
+    for collection in ('params', 'model_state'):
+      fresh, treedef = jax.tree_util.tree_flatten_with_path(state[collection][name],
+                                                            is_leaf=is_variable)
+      old = jax.tree_util.tree_flatten_with_path(restored[collection], is_leaf=is_variable)[0]
+      if [jax.tree_util.keystr(p) for p, _ in fresh] != [
+          jax.tree_util.keystr(p) for p, _ in old] or any(
+              a.shape != b.shape for (_, a), (_, b) in zip(fresh, old)):
+        raise config_lib.ConfigError(
+            f'the checkpoint in {workdir} does not fit model part {name!r} of this config '
+            f'(different {collection} names or shapes)')
+      # The read counts of the last logging window are the base run's metrics, not state.
+      values = [a if isinstance(a, WindowCounter) else
+                a.replace(jax.device_put(b.get_value(), a.get_value().sharding))
+                for (_, a), (_, b) in zip(fresh, old)]
+      state[collection][name] = jax.tree.unflatten(treedef, values)
   return state
