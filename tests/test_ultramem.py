@@ -18,8 +18,9 @@ from jaxarch.layers import ultramem
 from jaxarch.layers.ultramem import UltraMem
 from jaxarch.parallel import global_batch, make_mesh, tree_shardings
 from jaxarch.parallel.context import logical_mesh
-from jaxarch.train.state import init_state, make_setup
-from jaxarch.train.step import make_train_step, run_model
+from jaxarch.infer import for_inference
+from jaxarch.train.state import init_state, make_setup, merge_model
+from jaxarch.train.step import cross_entropy, make_eval_step, make_train_step, run_model
 from jaxarch.train.step import signals as collect_signals
 
 
@@ -275,6 +276,29 @@ def ultramem_steps(impl: str, scatter: str = 'sorted', n: int = 1, table_split: 
     state, metrics = step(state, batch)
     losses.append(float(metrics['loss']))
   return losses, jax.device_get(state['params'])
+
+
+def test_evaluation_scores_the_model_that_generation_serves():
+  """The Tucker vectors a checkpoint holds were computed from the cores before its last
+  update: evaluation reads them as `generate` does, rather than computing new ones."""
+  cfg = config_lib.load('configs/ultramem.py:tiny', [
+      'model.d_model=64', 'model.n_heads=4', 'model.n_kv_heads=2', 'model.d_ff=128',
+      'data.seq_len=16', 'train.batch_size=8', 'model.dtype=float32', 'train.lr=0.1',
+      'train.warmup_steps=0'])  # large steps: the cores move away from u, v
+  setup = make_setup(cfg, make_mesh(cfg))
+  state, step = init_state(cfg, setup), make_train_step(setup)
+  for i in range(3):
+    state, _ = step(state, global_batch(make_batch(8, 16, seed=i), setup.batch_sharding))
+  batch = make_batch(8, 16, seed=9)
+  model = for_inference(merge_model(setup, state))
+  layer = next(m for _, m in nnx.iter_graph(model) if isinstance(m, UltraMem))
+  assert not np.allclose(layer._leading_vectors(layer.u[...])[0], layer.u[...], atol=1e-3)
+  logits = nnx.jit(lambda m, b: m(b['inputs'], b['segment_ids'], b['positions']))(
+      model, batch)
+  nll, _ = cross_entropy(logits, batch['targets'], batch['segment_ids'] > 0)
+  got = make_eval_step(setup, np.ones(cfg.model.vocab_size))(
+      state, global_batch(batch, setup.batch_sharding))
+  np.testing.assert_allclose(got['nll'], nll, rtol=1e-5)
 
 
 @pytest.mark.slow  # the kernels themselves are checked against the reference by default

@@ -74,11 +74,16 @@ def signals(sown) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
   return losses, metrics
 
 
-def _forward(setup: TrainSetup, params, model_state, batch):
-  """-> ((logits, targets, float loss mask), aux losses, metrics, new model state)."""
+def _forward(setup: TrainSetup, params, model_state, batch, *, deterministic: bool = False):
+  """-> ((logits, targets, float loss mask), aux losses, metrics, new model state).
+
+  `deterministic`: the model as it is served (`infer.for_inference`), its state read, not
+  updated (UltraMem's Tucker vectors, the MoE router's bias)."""
   # Fresh Variables of this trace level, so that layers may update their state here.
   model_state = jax.tree.map(lambda x: x, model_state)
   model = nnx.merge(setup.graphdef, params, model_state)
+  if deterministic:
+    model.set_attributes(deterministic=True, raise_if_not_found=False)
   with logical_mesh(setup.mesh, setup.rules):
     (logits, targets, mask), sown = run_model(predictions, model, batch)
   aux, metrics = signals(sown)
@@ -258,12 +263,13 @@ def _microbatches(setup: TrainSetup, batch: dict) -> dict:
 def make_eval_step(setup: TrainSetup, byte_lengths):
   """Summed NLL, token and byte counts of a batch; bits per byte = nll / ln2 / bytes. With
   `train.grad_accum_steps=A` the batch runs as A microbatches, as in training, so that an
-  evaluation fits wherever the train step does."""
+  evaluation fits wherever the train step does. The model runs as `generate` runs it."""
   byte_lengths = jnp.asarray(byte_lengths, jnp.float32)
 
   def sums(state, batch):
     (logits, targets, mask), _, _, _ = _forward(setup, state['params'],
-                                                state['model_state'], batch)
+                                                state['model_state'], batch,
+                                                deterministic=True)
     nll, _ = cross_entropy(logits, targets, mask)
     num_bytes = (byte_lengths[targets] * mask).sum()
     return {'nll': nll, 'tokens': mask.sum(), 'bytes': num_bytes}
