@@ -90,11 +90,13 @@ def get_config(arg=None):
     c.train.warmup_steps = 500
 
   if arg == 'tiny_ultramem':  # the global model with UltraMem memory layers
-    u = config_lib.load(f'{Path(__file__).with_name("ultramem.py")}:tiny').model.ultramem
+    ultramem = config_lib.load(f'{Path(__file__).with_name("ultramem.py")}:tiny')
+    u = ultramem.model.ultramem
     u.unlock()
     u.num_values = 32 * 32
     u.placement = ((0, 1),)
     c.model.ultramem = u
+    c.train.groups = ultramem.train.groups  # the values' learning-rate multiplier
   if arg == 'tiny_moe':  # the global model's second block routes over 4 experts
     m = config_lib.load(f'{Path(__file__).with_name("moe.py")}:tiny').model.moe
     m.unlock()

@@ -186,6 +186,20 @@ def test_parameter_group_multiplier_decays_linearly_to_one():
   assert ratios[-1] == pytest.approx(1.03)
 
 
+@pytest.mark.parametrize('spec', ['configs/ultramem.py:tiny', 'configs/ultramem.py:680m',
+                                  'configs/megabyte.py:tiny_ultramem'])
+def test_shipped_presets_configure_every_parameter_group_of_their_model(spec):
+  """UltraMem's values learn T=4 times faster at first (DESIGN §7.1); a preset whose model
+  has them but not `train.groups.values` trains them at 1x, silently."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from jaxarch import models  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.load(spec)
+  model = nnx.eval_shape(lambda: models.build(cfg.model, rngs=nnx.Rngs(0)))
+  groups = {v.get_metadata().get('optim_group', 'default')
+            for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
+  assert groups - {'default'} == set(cfg.train.groups) == {'values'}
+
+
 def test_optimizer_state_has_one_structure_with_or_without_clipping():
   from jaxarch.train.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
   cfg = mesh_config(tiny_config(), data=8)
