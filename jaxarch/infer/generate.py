@@ -245,7 +245,11 @@ class Generator:
     del values, key  # greedy
     tree = shape.tree
     with self._context():
-      graphdef, _, rest = nnx.split(self._with_caches(shape, state), nnx.Cache, ...)
+      model = self._with_caches(shape, state)
+      # A tree pass is many tokens of one sequence, where a MoE capacity path could drop
+      # a candidate that greedy decoding (one token per sequence: none dropped) keeps.
+      model.set_attributes(capacity_factor=None, raise_if_not_found=False)
+      graphdef, _, rest = nnx.split(model, nnx.Cache, ...)
     b, rows, width = shape.batch, jnp.arange(shape.batch), max(tree.widths)
     slots = jnp.arange(tree.levels + 1)
     out = jnp.zeros((b, shape.new_tokens + tree.levels + 1), jnp.int32).at[:, 0].set(first)
