@@ -386,6 +386,10 @@ def _check_moe(cfg: ConfigDict) -> None:
   k = _positive_int(cfg, 'model.moe.top_k')
   if k > e:
     raise ConfigError(f'model.moe.top_k={k} must be <= model.moe.num_experts={e}')
+  if k == 1 and _get(cfg, 'model.moe.renormalize'):
+    raise ConfigError('model.moe.renormalize=True with model.moe.top_k=1 makes every gate '
+                      'weight 1, so the router learns only from the balance loss; set '
+                      'model.moe.renormalize=False (the Switch Transformer top-1 form)')
   _positive_int(cfg, 'model.moe.expert_d_ff')
   shared = _number(cfg, 'model.moe.num_shared_experts', int)
   if shared < 0:

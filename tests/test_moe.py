@@ -272,6 +272,9 @@ def test_invalid_moe_configs_are_one_line_errors():
         'model.moe.num_experts=6', 'mesh.ici.expert=4', 'mesh.ici.data=2']), 8)
   with pytest.raises(config_lib.ConfigError, match=r'model\.moe\.gate'):
     config_lib.load('configs/moe.py:tiny', ['model.moe.gate=relu'])
+  with pytest.raises(config_lib.ConfigError, match=r'model\.moe\.renormalize=True with '):
+    config_lib.load('configs/moe.py:tiny', ['model.moe.top_k=1'])
+  config_lib.load('configs/moe.py:tiny', ['model.moe.top_k=1', 'model.moe.renormalize=False'])
   for tiling in ('(64, 128, 64, 4)', '(48, 128, 64, 4, 3)', '(64, 128, 8, 4, 3)',
                  '(64, 128, 64, 64, 3)', '(64, 128, 64, 4, 0)'):
     with pytest.raises(config_lib.ConfigError,
