@@ -3,6 +3,7 @@ checkpoints of another model, failed writes."""
 
 import errno
 import os
+import shutil
 import types
 
 import jax
@@ -207,7 +208,8 @@ def test_data_positions_of_another_process_count_leave_the_iterator_and_restore_
   assert 'process_0-of-2.json' in caplog.text and 'start afresh' in caplog.text
 
 
-@pytest.mark.parametrize('damage', ['garbled array bytes', 'data position lost'])
+@pytest.mark.parametrize('damage', ['garbled array bytes', 'data position lost',
+                                    'data item lost', 'checksums lost'])
 def test_a_damaged_latest_checkpoint_is_detected_and_the_previous_one_used(
     tmp_path, data_dir, damage, caplog):
   cfg = mesh_config(tiny_config(data_dir), data=8)
@@ -226,9 +228,11 @@ def test_a_damaged_latest_checkpoint_is_detected_and_the_previous_one_used(
     middle = len(data_bytes) // 2
     data_bytes[middle:middle + 64] = bytes(b ^ 0xFF for b in data_bytes[middle:middle + 64])
     f.write_bytes(bytes(data_bytes))
-  else:  # a copy cut short
+  elif damage == 'data position lost':  # a copy cut short
     for f in (latest / 'data').glob('process_*'):
       f.unlink()
+  else:  # a copy that left out a whole item (its arrays could not be verified)
+    shutil.rmtree(latest / damage.split()[0])
   try:
     restored, at = Checkpointer(tmp_path).restore(setup.abstract_state, it, move_aside=True)
   finally:
@@ -271,3 +275,9 @@ def test_a_full_disk_is_a_one_line_error_naming_the_intact_checkpoint(tmp_path, 
   message = str(error.value)
   assert 'could not write checkpoint 2' in message and 'no space left' in message
   assert 'checkpoint 1 is intact' in message and '\n' not in message
+  # Closing on the same full disk (the trainer's cleanup) says so in one line, too.
+  close = ckpt.manager.close
+  monkeypatch.setattr(ckpt.manager, 'close', no_space)
+  with pytest.raises(CheckpointError, match='no space left.*checkpoint 1 is intact'):
+    ckpt.close()
+  close()

@@ -17,9 +17,10 @@ from jaxarch import config as config_lib
 from jaxarch.config import load_json
 from jaxarch.train import evaluate, train
 from jaxarch.train import trainer
-from jaxarch.train.checkpoint import CheckpointError
-from jaxarch.train.metrics import read_metrics
+from jaxarch.train.checkpoint import Checkpointer, CheckpointError
+from jaxarch.train.metrics import MetricsWriter, read_metrics
 from jaxarch.train.nonfinite import NonFiniteError, NonFiniteMonitor
+from jaxarch.train.workdir import WorkdirError
 
 TINY = ['--config=configs/dense.py:tiny', '--config.model.d_model=64',
         '--config.model.n_layers=2', '--config.model.d_ff=128', '--config.data.seq_len=32',
@@ -152,8 +153,32 @@ def test_unwritable_workdir_is_one_line(tmp_path, data_dir, capsys):
   (tmp_path / 'file').write_text('not a directory')
   code, err = _run_cli(['train', *TINY, f'--workdir={tmp_path}/file/run',
                         f'--data_dir={data_dir}'], capsys)
-  assert code == 2 and err.startswith('jaxarch: workdir') and 'not writable' in err
+  assert code == 2 and err.startswith(f'jaxarch: {tmp_path}/file/run') and 'not writable' in err
   assert '\n' not in err
+  # Its checkpoint directory too: found before training, not at the first save.
+  (tmp_path / 'run').mkdir()
+  (tmp_path / 'run' / 'checkpoints').write_text('not a directory')
+  code, err = _run_cli(['train', *TINY, f'--workdir={tmp_path}/run', f'--data_dir={data_dir}'],
+                       capsys)
+  assert code == 2 and f'{tmp_path}/run/checkpoints is a file' in err and '\n' not in err
+  assert not (tmp_path / 'run' / 'metrics.jsonl').exists()
+
+
+def test_a_damaged_saved_config_makes_the_data_position_unknown_not_a_traceback(tmp_path):
+  cfg = tiny_config()
+  config_lib.save(cfg, tmp_path / 'config.json')
+  assert trainer.data_changes(tmp_path, cfg) is None
+  for damaged in ('{"train": ', '[]', '{"train": [], "data": null}'):
+    (tmp_path / 'config.json').write_text(damaged)
+    changed = trainer.data_changes(tmp_path, cfg)
+    assert changed and ('unreadable' in changed or 'train.batch_size None -> 8' in changed)
+
+
+def test_metrics_that_cannot_be_written_are_one_line(tmp_path):
+  writer = MetricsWriter(tmp_path, tensorboard=False)
+  (tmp_path / 'metrics.jsonl').mkdir()  # as a full disk or a lost permission would fail
+  with pytest.raises(WorkdirError, match='could not write the metrics of step 5 to .*resume'):
+    writer.write(5, {'loss': 1.0})
 
 
 @pytest.mark.parametrize('command', [
@@ -194,7 +219,7 @@ def test_a_second_trainer_in_a_workdir_is_one_line(tmp_path, data_dir, capsys):
     code, err = _run_cli(['train', *TINY, f'--workdir={tmp_path}/run',
                           f'--data_dir={data_dir}'], capsys)
   assert code == 2 and 'in use by another jaxarch train' in err
-  assert not (tmp_path / 'run' / 'checkpoints').exists()
+  assert not Checkpointer.exists(tmp_path / 'run')
 
 
 def test_counts_below_one_and_overrides_fit_does_not_take_are_one_line(tmp_path, capsys):

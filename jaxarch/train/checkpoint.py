@@ -4,8 +4,8 @@ Saves are asynchronous and atomic: Orbax writes a temporary directory and rename
 complete, so a save that is interrupted (kill -9, a node lost) leaves no checkpoint behind,
 only the previous ones. Each checkpoint holds a checksum of every array, computed on the
 devices as it is saved and checked after it is read. A checkpoint that exists but fails to
-restore (a file truncated or garbled on disk, a data position missing, an array that does
-not match its checksum) is reported and the previous one is tried, so a run loses at most
+restore (a file truncated or garbled on disk, a data position or the checksums missing,
+an array that does not match its checksum) is reported and the previous one is tried, so a run loses at most
 the work since its last good checkpoint; the resuming trainer also moves it to
 workdir/corrupt_checkpoints, so that it can write that step again (readers such as
 `evaluate` leave the workdir as it is). Running out of memory while restoring is an error,
@@ -19,6 +19,7 @@ iterators start afresh, with a warning.
 
 import contextlib
 import errno
+import json
 import logging
 import shutil
 import sys
@@ -34,6 +35,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as preservation
 
 from jaxarch.train.step import tree_path
+from jaxarch.train.workdir import CHECKPOINTS
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str | Path, *, keep: int = 3, keep_best: bool = False,
                async_save: bool = True):
-    self.directory = Path(workdir).absolute() / 'checkpoints'
+    self.directory = Path(workdir).absolute() / CHECKPOINTS
     eval_loss = lambda metrics: metrics['eval_loss']
     policies = [preservation.LatestN(n=keep)]
     if keep_best:
@@ -95,7 +97,7 @@ class Checkpointer:
   @staticmethod
   def latest(workdir: str | Path) -> int | None:
     """The newest checkpoint step in `workdir` by its directory names, without opening it."""
-    directory = Path(workdir) / 'checkpoints'
+    directory = Path(workdir) / CHECKPOINTS
     steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if (
         directory.is_dir()) else []
     return max(steps, default=None)
@@ -129,9 +131,10 @@ class Checkpointer:
       earlier = [s for s in self.manager.all_steps() if s != step]
       intact = (f'checkpoint {max(earlier)} is intact' if earlier
                 else 'there is no earlier checkpoint')
-      raise CheckpointError(f'could not write checkpoint {step} in {self.directory}: '
-                            f'{reason}; {intact}. Free space (or fix permissions) and '
-                            'rerun to resume.') from e
+      what = 'the checkpoints' if step is None else f'checkpoint {step}'
+      raise CheckpointError(f'could not write {what} in {self.directory}: {reason}; '
+                            f'{intact}. Free space (or fix permissions) and rerun to '
+                            'resume.') from e
 
   def restore(self, abstract_state: dict, data_iterator=None, *, step: int | None = None,
               move_aside: bool = False):
@@ -150,14 +153,18 @@ class Checkpointer:
       raise CheckpointError(f'no checkpoint of step {step} in {self.directory}; its steps: '
                             f'{", ".join(map(str, sorted(steps))) or "none"}')
     for s in [step] if step is not None else steps:
+      where = self.directory / str(s)
       try:
+        # Items written and since lost (a partial copy): unverifiable, or no data position.
+        if lost := _lost_items(where) - (set() if data_iterator is not None else {'data'}):
+          raise FileNotFoundError(f'its {" and ".join(sorted(lost))} went missing')
         saved = _shapes(self.manager.item_metadata(s)['state'].tree)
         if (why := mismatch(saved, wanted)) is not None:
           raise CheckpointError(f'checkpoint {self.directory / str(s)} is not of this '
                                 f'model: {why}. Use a new --workdir, or the config the '
                                 'checkpoint was trained with.')
         items = {'state': ocp.args.StandardRestore(abstract_state)}
-        if (self.directory / str(s) / 'checksums').is_dir():  # not before 2026-12
+        if (where / 'checksums').is_dir():  # not before 2026-12
           items['checksums'] = ocp.args.JsonRestore()
         if data_iterator is not None and self._data_position_fits(s):
           items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -174,7 +181,6 @@ class Checkpointer:
       outcome = _worst_everywhere(0 if error is None else 2 if _out_of_memory(error) else 1)
       if outcome == 0:
         return restored['state'], s
-      where = self.directory / str(s)
       what = (f'{type(error).__name__}: {_first_line(error)}' if error is not None
               else 'it failed on another process')
       if outcome == 2:
@@ -229,7 +235,18 @@ class Checkpointer:
     try:
       self.wait()
     finally:
-      self.manager.close()
+      with self._write_errors(None):  # e.g. the disk is still full
+        self.manager.close()
+
+
+def _lost_items(step_dir: Path) -> set[str]:
+  """The items that Orbax recorded writing into a checkpoint and that are not there (a
+  partial copy); none when it recorded none."""
+  try:
+    listed = json.loads((step_dir / '_CHECKPOINT_METADATA').read_text())['item_handlers']
+    return {name for name in listed if not (step_dir / name).is_dir()}
+  except (OSError, ValueError, KeyError, TypeError):
+    return set()
 
 
 def _bits(x: jax.Array) -> jax.Array:

@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
+from jaxarch.train.workdir import WorkdirError
+
 
 class MetricsWriter:
   """One JSON object per logged step, and the same scalars as TensorBoard events.
@@ -39,13 +41,18 @@ class MetricsWriter:
       return
     clean = {k: _scalar(v) for k, v in metrics.items()}
     line = _line({'step': step, **clean})
-    with self.path.open('a') as f:
-      f.write(line)
-    if self.tb is not None:
-      for k, v in clean.items():
-        if isinstance(v, (int, float)) and math.isfinite(v):
-          self.tb.add_scalar(k, v, step)
-      self.tb.flush()
+    try:
+      with self.path.open('a') as f:
+        f.write(line)
+      if self.tb is not None:
+        for k, v in clean.items():
+          if isinstance(v, (int, float)) and math.isfinite(v):
+            self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+    except OSError as e:  # disk full, permissions: the run resumes from its last checkpoint
+      raise WorkdirError(f'could not write the metrics of step {step} to {self.path.parent} '
+                         f'({e.strerror or e}); free space (or fix permissions) and rerun '
+                         'to resume from the last checkpoint') from None
 
   def _drop_after(self, step: int):
     """Forgets the records of steps after `step`, and a last line cut short by a crash."""

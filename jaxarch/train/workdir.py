@@ -14,6 +14,10 @@ import ml_collections
 import numpy as np
 
 
+# Where a run's checkpoints go, inside its workdir.
+CHECKPOINTS = 'checkpoints'
+
+
 class WorkdirError(RuntimeError):
   """The workdir cannot hold this run; one line for the user."""
 
@@ -58,14 +62,7 @@ def state_bytes(abstract_state) -> int:
 def check_workdir(workdir: Path, cfg: ml_collections.ConfigDict, checkpoint_bytes: int,
                   has_checkpoints: bool) -> None:
   """Raises `WorkdirError` if training in `workdir` would fail or overwrite another run."""
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / f'.write_test.{os.getpid()}.{jax.process_index()}'
-    probe.write_bytes(b'0' * 4096)
-    probe.unlink()
-  except OSError as e:
-    raise WorkdirError(f'workdir {workdir} is not writable ({e.strerror or e}); choose '
-                       'another --workdir or fix its permissions') from None
+  _check_writable(workdir)
   _check_shared(workdir)
   free = shutil.disk_usage(workdir).free
   needed = int(checkpoint_bytes * 1.1) + (16 << 20)  # arrays, metadata, data state
@@ -76,6 +73,19 @@ def check_workdir(workdir: Path, cfg: ml_collections.ConfigDict, checkpoint_byte
   saved = workdir / 'config.json'
   if has_checkpoints and saved.exists():
     _check_same_model(saved, cfg)
+  _check_writable(workdir / CHECKPOINTS)  # now, not at the first save after hours of steps
+
+
+def _check_writable(directory: Path) -> None:
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f'.write_test.{os.getpid()}.{jax.process_index()}'
+    probe.write_bytes(b'0' * 4096)
+    probe.unlink()
+  except OSError as e:
+    what = ('is a file, not a directory' if directory.exists() and not directory.is_dir()
+            else f'is not writable ({e.strerror or e})')
+    raise WorkdirError(f'{directory} {what}; choose another --workdir or fix it') from None
 
 
 def _check_shared(workdir: Path) -> None:
