@@ -183,16 +183,14 @@ def _distill(args, overrides):
 def _export(args, overrides):
   # pylint: disable=g-import-not-at-top
   from jaxarch.export import all_or_nothing, export_stablehlo, write_model
-  from jaxarch.train.checkpoint import Checkpointer
-  from jaxarch.train.pretrained import load_model
+  from jaxarch.train.pretrained import load_checkpoint
   _no_overrides('export', overrides)
   only_stablehlo = [f'--{k}' for k in ('batch_size', 'prompt_len', 'max_len', 'platforms')
                     if getattr(args, k) is not None]
   if args.format == 'safetensors' and only_stablehlo:
     raise ExportError(f'export: {", ".join(only_stablehlo)} '
                       f'{"is" if len(only_stablehlo) == 1 else "are"} for --format=stablehlo only')
-  cfg, model = load_model(args.workdir, step=args.step)
-  step = args.step or Checkpointer.latest(args.workdir)
+  cfg, model, step = load_checkpoint(args.workdir, step=args.step)
   source = f'{args.workdir} (checkpoint {step})'
   with all_or_nothing(args.out) as partial:
     if args.format == 'safetensors':

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import safetensors.flax
@@ -17,6 +18,7 @@ from jaxarch import infer, models
 from jaxarch.export import ExportError, export_stablehlo, load_safetensors, write_model
 from jaxarch.data import get_tokenizer
 from jaxarch.export.run_stablehlo import StableHLOModel
+from jaxarch.layers.signals import WindowCounter
 from jaxarch.parallel import make_mesh
 from jaxarch.train.checkpoint import Checkpointer
 from jaxarch.train.pretrained import load_model
@@ -58,6 +60,9 @@ def test_safetensors_round_trip_gives_identical_logits(tmp_path, family):
   names = set(safetensors.flax.load_file(tmp_path / 'out' / 'model.safetensors'))
   assert all(not n.endswith('.value') and '/' not in n for n in names)
   assert not any(n.endswith('.hits') for n in names)  # training statistics stay behind
+  for _, counter in nnx.iter_graph(loaded):  # ... and start at zero, as device arrays
+    if isinstance(counter, WindowCounter):
+      assert isinstance(counter.get_value(), jax.Array) and not counter.get_value().any()
   if family == 'bita':  # the prompt parameters beside the frozen base
     assert {'prompt_k', 'prompt_v', 'mask_embed'} <= names
     assert 'base.blocks.0.attn.q_proj' in names
@@ -137,6 +142,7 @@ def _workdir(tmp_path, family):
 def test_export_command_writes_the_run_s_latest_checkpoint(tmp_path, capsys, fmt):
   workdir = _workdir(tmp_path, 'ultramem')
   _, trained = load_model(workdir)
+  (workdir / 'checkpoints' / '2').mkdir()  # a newer checkpoint that cannot be read
   out = tmp_path / fmt
   sizes = ['--max_len=32', '--prompt_len=16'] if fmt == 'stablehlo' else []
   code = cli.main(['export', f'--workdir={workdir}', f'--out={out}', f'--format={fmt}', *sizes])

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import safetensors.flax
@@ -162,7 +163,7 @@ def load_safetensors(out: str | Path) -> tuple[ml_collections.ConfigDict, nnx.Mo
                         f'the config expects {want.dtype}{list(want.shape)}')
     flat[path].set_value(got)
   for _, (path, counter) in counters.items():
-    flat[path].set_value(np.zeros(counter.get_value().shape, counter.get_value().dtype))
+    flat[path].set_value(jnp.zeros(counter.get_value().shape, counter.get_value().dtype))
   return cfg, nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 

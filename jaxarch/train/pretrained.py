@@ -42,6 +42,13 @@ def load_model(workdir: str | Path, *, step: int | None = None, mesh_overrides=(
   resharded onto a data-parallel mesh of the local devices (e.g. a pod checkpoint
   loaded on one GPU).
   """
+  cfg, model, _ = load_checkpoint(workdir, step=step, mesh_overrides=mesh_overrides)
+  return cfg, model
+
+
+def load_checkpoint(workdir: str | Path, *, step: int | None = None, mesh_overrides=()):
+  """`load_model`, and the step of the checkpoint restored: the latest readable one (an
+  unreadable newer one is skipped, with a warning) when `step` is None."""
   workdir = Path(workdir)
   saved = workdir / 'config.json'
   if not saved.exists():
@@ -49,11 +56,11 @@ def load_model(workdir: str | Path, *, step: int | None = None, mesh_overrides=(
   cfg, mesh = mesh_here(config_lib.load_json(saved, mesh_overrides))
   setup = make_setup(cfg, mesh)
   checkpointer = Checkpointer(workdir, async_save=False)
-  state, _ = checkpointer.restore(setup.abstract_state, step=step)
+  state, restored = checkpointer.restore(setup.abstract_state, step=step)
   checkpointer.close()
   if state is None:
     raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}')
-  return cfg, merge_model(setup, state)
+  return cfg, merge_model(setup, state), restored
 
 
 def _restored_model(workdir: Path, mesh: Mesh, mesh_cfg: ml_collections.ConfigDict) -> dict:
