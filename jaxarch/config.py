@@ -575,6 +575,9 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
 
 
 def _check_data(cfg: ConfigDict) -> None:
+  for key, example in (('data.source', 'default'), ('data.tokenizer', 'bytes')):
+    if not isinstance(_get(cfg, key), (str, type(None))):  # a hand-edited config.json
+      raise ConfigError(f'{key}={_get(cfg, key)!r} must be a string, e.g. {example!r}')
   if not 0 <= _number(cfg, 'data.validation_fraction') < 1:
     raise ConfigError(f'data.validation_fraction={cfg.data.validation_fraction} must be in '
                       '[0, 1): the share of files held out for validation')
@@ -854,6 +857,9 @@ def load_json(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ConfigD
     tree = json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise ConfigError(f'{path} is not valid JSON: {e}') from e
+  if not isinstance(tree, dict):
+    raise ConfigError(f'{path} holds a JSON {type(tree).__name__}, not a config (an object '
+                      'of sections: model, data, train, ...)')
   cfg = ConfigDict(_lists_to_tuples(_with_new_run_keys(tree)))
   cfg.lock()
   for override in overrides:

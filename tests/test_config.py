@@ -83,6 +83,17 @@ def test_a_saved_config_json_loads_and_other_files_are_config_errors(tmp_path):
   (tmp_path / 'notes.txt').write_text('steps: 7\n')
   assert "neither a Python file defining get_config(arg) nor a run's saved config.json" in (
       error_of(config_lib.load, str(tmp_path / 'notes.txt')))
+  # Hand-edited or damaged saved configs: one line naming the file or the key.
+  for text, message in (('[]', 'holds a JSON list, not a config'),
+                        ('null', 'holds a JSON NoneType, not a config'),
+                        ('{"model": ', 'is not valid JSON')):
+    (tmp_path / 'bad.json').write_text(text)
+    assert message in error_of(config_lib.load_json, tmp_path / 'bad.json')
+  edited = json.loads((tmp_path / 'config.json').read_text())
+  edited['data']['tokenizer'] = 7
+  (tmp_path / 'edited.json').write_text(json.dumps(edited))
+  assert "data.tokenizer=7 must be a string, e.g. 'bytes'" in error_of(
+      config_lib.load_json, tmp_path / 'edited.json')
 
 
 def test_a_saved_config_takes_new_keys_from_the_shipped_configs_not_the_working_dir(

@@ -69,8 +69,19 @@ def data_changes(workdir: Path, cfg: ml_collections.ConfigDict) -> str | None:
   saved = workdir / 'config.json'
   if not saved.exists():
     return None
-  old, new = json.loads(saved.read_text()), json.loads(json.dumps(config_lib.to_dict(cfg)))
-  get = lambda tree, key: tree.get(key.split('.')[0], {}).get(key.split('.')[1])
+  try:
+    old = json.loads(saved.read_text())
+  except (OSError, ValueError):
+    old = None
+  if not isinstance(old, dict):  # its data position cannot be trusted either
+    return f'the data layout (unknown: {saved} is unreadable)'
+  new = json.loads(json.dumps(config_lib.to_dict(cfg)))
+
+  def get(tree, key):
+    section, name = key.split('.')
+    values = tree.get(section)
+    return values.get(name) if isinstance(values, dict) else None
+
   changes = [f'{k} {get(old, k)} -> {get(new, k)}' for k in _DATA_LAYOUT
              if get(old, k) != get(new, k)]
   return ', '.join(changes) or None
