@@ -5,10 +5,10 @@ complete, so a save that is interrupted (kill -9, a node lost) leaves no checkpo
 only the previous ones. Each checkpoint holds a checksum of every array, computed on the
 devices as it is saved and checked after it is read. A checkpoint that exists but fails to
 restore (a file truncated or garbled on disk, a data position or the checksums missing,
-an array that does not match its checksum) is reported and the previous one is tried, so a run loses at most
-the work since its last good checkpoint; the resuming trainer also moves it to
-workdir/corrupt_checkpoints, so that it can write that step again (readers such as
-`evaluate` leave the workdir as it is). Running out of memory while restoring is an error,
+an array that does not match its checksum) is reported and the previous one is tried, so
+a run loses at most the work since its last good checkpoint; the resuming trainer also
+moves it to workdir/corrupt_checkpoints, so that it can write that step again (readers
+such as `evaluate` leave the workdir as it is). Running out of memory while restoring is an error,
 not a sign of corruption. A checkpoint whose arrays do not fit the model (another model's
 workdir) is an error, never skipped: training from scratch over it would lose it.
 Restoring into the abstract state of the current mesh reshards, whatever mesh the

@@ -90,6 +90,8 @@ def with_pretrained_parts(cfg: ml_collections.ConfigDict, setup: TrainSetup,
   for name, workdir in parts.items():
     restored = _restored_model(Path(workdir).expanduser(), setup.mesh, cfg.mesh)
     for collection in ('params', 'model_state'):
+      if name not in state[collection]:  # e.g. a dense model keeps no state beside weights
+        continue
       fresh, treedef = jax.tree_util.tree_flatten_with_path(state[collection][name],
                                                             is_leaf=is_variable)
       old = jax.tree_util.tree_flatten_with_path(restored[collection], is_leaf=is_variable)[0]
