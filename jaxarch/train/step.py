@@ -263,7 +263,8 @@ def _microbatches(setup: TrainSetup, batch: dict) -> dict:
 def make_eval_step(setup: TrainSetup, byte_lengths):
   """Summed NLL, token and byte counts of a batch; bits per byte = nll / ln2 / bytes. With
   `train.grad_accum_steps=A` the batch runs as A microbatches, as in training, so that an
-  evaluation fits wherever the train step does. The model runs as `generate` runs it."""
+  evaluation fits wherever the train step does. The model's state is read as `generate`
+  reads it, not updated (`_forward(deterministic=True)`)."""
   byte_lengths = jnp.asarray(byte_lengths, jnp.float32)
 
   def sums(state, batch):
