@@ -179,6 +179,11 @@ def get_config(arg=None):
   c.launch.account = ml_collections.config_dict.placeholder(str)  # SLURM; None: default
   c.launch.time_limit = '24:00:00'  # SLURM --time
   c.launch.max_restarts = 3  # GKE: JobSet restarts after a failure; training resumes
+  # Seconds from SIGTERM to the kill that the job asks for: room for the processes to agree
+  # at the next logging step (log.every_steps) and write a checkpoint. GKE pods get it
+  # as their grace period (Kubernetes' default is 30 s); SLURM sends SIGTERM this long
+  # before the time limit.
+  c.launch.stop_grace_s = 300
   c.launch.coordinator_port = 1234  # jax.distributed coordinator on process 0's host
   # Shell commands run on each host before training (SLURM, TPU VM), e.g.
   # 'source ~/jaxarch/.venv/bin/activate'; GKE and Ray use the image / cluster as they are.

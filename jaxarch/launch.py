@@ -110,7 +110,7 @@ def check(cfg, target: str) -> dict[str, int]:
   """Raises ConfigError unless the launch section fits the target and the mesh; returns
   the mesh's axis sizes on the cluster's devices."""
   launch = cfg.launch
-  for key in ('nodes', 'devices_per_node', 'slices', 'coordinator_port'):
+  for key in ('nodes', 'devices_per_node', 'slices', 'coordinator_port', 'stop_grace_s'):
     config_lib._positive_int(cfg, f'launch.{key}')  # pylint: disable=protected-access
   if launch.coordinator_port > 65535:
     raise ConfigError(f'launch.coordinator_port={launch.coordinator_port} must be a TCP port '
@@ -255,7 +255,8 @@ def _slurm(launch, command, out, values) -> Job:
   path = out / 'train.sbatch'
   text = _template(
       'slurm/train.sbatch', **values, gpus_per_node=launch.devices_per_node,
-      time_limit=launch.time_limit, chdir=shlex.quote(os.getcwd()),
+      time_limit=launch.time_limit, stop_grace_s=launch.stop_grace_s,
+      chdir=shlex.quote(os.getcwd()),
       site_options='\n'.join(options), setup=launch.setup,
       gpu_env='\n'.join(f'export {k}={shlex.quote(v)}' for k, v in gpu_env().items()),
       command=shlex.join(command))
@@ -265,7 +266,8 @@ def _slurm(launch, command, out, values) -> Job:
 def _gke(launch, command, out, values) -> Job:
   tpu = _kind(launch.accelerator) == 'tpu'
   common = dict(values, image=launch.image, accelerator=launch.accelerator,
-                max_restarts=launch.max_restarts, command=json.dumps(command))
+                max_restarts=launch.max_restarts, stop_grace_s=launch.stop_grace_s,
+                command=json.dumps(command))
   path = out / 'jobset.yaml'
   if tpu:
     files = {path: _template(

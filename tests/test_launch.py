@@ -53,7 +53,7 @@ def test_slurm_job_runs_one_process_per_node_and_is_valid_bash(tmp_path, capsys)
   assert os.access(path, os.X_OK)
   text = path.read_text()
   for directive in ('--nodes=4', '--ntasks-per-node=1', '--gpus-per-node=8',
-                    '--partition=gpu'):
+                    '--partition=gpu', '--signal=TERM@300'):  # time to stop with a checkpoint
     assert f'#SBATCH {directive}\n' in text
   assert '--xla_gpu_enable_latency_hiding_scheduler=true' in text
   assert 'export NCCL_DEBUG=WARN' in text
@@ -77,6 +77,7 @@ def test_gke_gpu_jobset_has_one_pod_per_node_and_their_gpus(tmp_path, capsys):
   gpus = container['resources']['limits']['nvidia.com/gpu']
   assert gpus == 8 and workers['replicas'] * job['parallelism'] * gpus == 32
   assert pod['nodeSelector'] == {'cloud.google.com/gke-accelerator': 'nvidia-h100-80gb'}
+  assert pod['terminationGracePeriodSeconds'] == 300  # Kubernetes' 30 s is too short to stop
   assert container['command'][:4] == ['jaxarch', 'train', f'--config={SPEC}',
                                       '--workdir=/gcs/bucket/runs/151m']
   env = {e['name']: e for e in container['env']}
@@ -184,6 +185,7 @@ def test_ray_job_refuses_a_workdir_its_nodes_do_not_share(tmp_path, capsys):
      "launch.time_limit='1:00:00\\nrm -rf ~' must be one line"),
     (['--config.launch.time_limit=forever'], "launch.time_limit='forever' must be a SLURM time"),
     (['--config.launch.max_restarts=-1'], 'launch.max_restarts=-1 must be >= 0'),
+    (['--config.launch.stop_grace_s=0'], 'launch.stop_grace_s=0 must be'),
 ])
 def test_a_cluster_that_does_not_fit_the_mesh_is_a_one_line_error(tmp_path, capsys, flags,
                                                                    words):
