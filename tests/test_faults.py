@@ -17,7 +17,7 @@ from jaxarch import config as config_lib
 from jaxarch.config import load_json
 from jaxarch.train import evaluate, train
 from jaxarch.train import trainer
-from jaxarch.train.checkpoint import Checkpointer, CheckpointError
+from jaxarch.train.checkpoint import CheckpointError
 from jaxarch.train.metrics import MetricsWriter, read_metrics
 from jaxarch.train.nonfinite import NonFiniteError, NonFiniteMonitor
 from jaxarch.train.workdir import WorkdirError
@@ -219,7 +219,7 @@ def test_a_second_trainer_in_a_workdir_is_one_line(tmp_path, data_dir, capsys):
     code, err = _run_cli(['train', *TINY, f'--workdir={tmp_path}/run',
                           f'--data_dir={data_dir}'], capsys)
   assert code == 2 and 'in use by another jaxarch train' in err
-  assert not Checkpointer.exists(tmp_path / 'run')
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
 
 
 def test_counts_below_one_and_overrides_fit_does_not_take_are_one_line(tmp_path, capsys):

@@ -73,7 +73,9 @@ def check_workdir(workdir: Path, cfg: ml_collections.ConfigDict, checkpoint_byte
   saved = workdir / 'config.json'
   if has_checkpoints and saved.exists():
     _check_same_model(saved, cfg)
-  _check_writable(workdir / CHECKPOINTS)  # now, not at the first save after hours of steps
+  checkpoints = workdir / CHECKPOINTS  # found now, not at the first save hours later
+  if checkpoints.exists() or checkpoints.is_symlink():  # else made in the writable workdir
+    _check_writable(checkpoints)
 
 
 def _check_writable(directory: Path) -> None:
