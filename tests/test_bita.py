@@ -308,7 +308,8 @@ def test_bita_config_takes_the_base_runs_model_and_overrides_its_keys(tmp_path):
   assert config_lib.load_json(tmp_path / 'bita.json').to_dict() == cfg.to_dict()
 
 
-@pytest.mark.parametrize('train_groups', [32, 0])  # the tiny preset's, one per token
+@pytest.mark.parametrize('train_groups', [  # the tiny preset's; one group per token
+    32, pytest.param(0, marks=pytest.mark.slow)])
 def test_bita_model_flops_are_at_most_what_its_step_executes(tmp_path, train_groups):
   # The step runs backward over the tokens too and attends densely over the mask groups:
   # XLA counts more FLOPs than the useful ones, never fewer (measured 1.8x and 2.0x).
@@ -324,6 +325,7 @@ def test_bita_model_flops_are_at_most_what_its_step_executes(tmp_path, train_gro
   assert 1 <= executed / model <= 3, executed / model
 
 
+@pytest.mark.slow  # 37 s
 def test_bita_base_takes_the_base_runs_state_with_its_weights(tmp_path):
   """UltraMem's Tucker vectors (like the MoE router's bias) are state, not weights, and
   decide what the model computes: the frozen base takes them from the base run too."""

@@ -278,6 +278,7 @@ def ultramem_steps(impl: str, scatter: str = 'sorted', n: int = 1, table_split: 
   return losses, jax.device_get(state['params'])
 
 
+@pytest.mark.slow  # 24 s
 def test_evaluation_scores_the_model_that_generation_serves():
   """The Tucker vectors a checkpoint holds were computed from the cores before its last
   update: evaluation reads them as `generate` does, rather than computing new ones."""
