@@ -139,7 +139,7 @@ class Bita(nnx.Module):
     same = segments[:, 1:] == segments[:, :-1]
     useful = jnp.zeros((b, t), bool).at[:, :-1].set(labelled[:, 1:] & same
                                                      & (segments[:, :-1] > 0))
-    anchors, real = spread_anchors(useful, min(self.train_groups or t, t))  # b g
+    anchors, real = spread_anchors(useful, mask_groups(self.train_groups, t))  # b g
     # Each token sees its own sequence only, as in the base model's training.
     visible = jnp.tril(jnp.ones((t, t), bool)) & (segments[:, :, None] == segments[:, None])
     parent = jnp.concatenate([jnp.full((b, 1), -1), jnp.where(same, jnp.arange(t - 1), -1)], 1)
@@ -159,6 +159,11 @@ class Bita(nnx.Module):
       signals.add_metric(self, f'mask{i}_top1', hits[..., i].sum() / jnp.maximum(
           mask[..., i].sum(), 1))
     return logits, targets, mask
+
+
+def mask_groups(train_groups: int, length: int) -> int:
+  """Mask groups per training row of `length` tokens: `train_groups`, one per token if 0."""
+  return min(train_groups or length, length)
 
 
 def spread_anchors(useful: jax.Array, g: int) -> tuple[jax.Array, jax.Array]:

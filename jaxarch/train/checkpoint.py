@@ -8,8 +8,8 @@ restore (a file truncated or garbled on disk, a data position or the checksums m
 an array that does not match its checksum) is reported and the previous one is tried, so
 a run loses at most the work since its last good checkpoint; the resuming trainer also
 moves it to workdir/corrupt_checkpoints, so that it can write that step again (readers
-such as `evaluate` leave the workdir as it is). Running out of memory while restoring is an error,
-not a sign of corruption. A checkpoint whose arrays do not fit the model (another model's
+such as `evaluate` leave the workdir as it is). Running out of memory while restoring is
+an error, not a sign of corruption. A checkpoint whose arrays do not fit the model (another model's
 workdir) is an error, never skipped: training from scratch over it would lose it.
 Restoring into the abstract state of the current mesh reshards, whatever mesh the
 checkpoint was written on; the data iterators' positions carry over only to the same

@@ -25,6 +25,8 @@ recomputation is *not* counted as model FLOPs (that would be hardware FLOPs util
 
 import ml_collections
 
+from jaxarch.models.bita import mask_groups
+
 # Peak dense bf16 FLOP/s per device, from the vendors' datasheets (no sparsity).
 PEAK_BF16_FLOPS = {
     'H100': 989e12,  # SXM
@@ -77,7 +79,7 @@ def bita_flops_per_token(model_cfg: ml_collections.ConfigDict, counts: dict[str,
   and backward through the frozen model."""
   n = matmul_params(model_cfg, counts)
   attention = attention_flops_per_token(model_cfg, seq_len)  # forward 1/3, backward 2/3
-  groups = min(model_cfg.bita.train_groups or seq_len, seq_len)  # as `Bita.predictions`
+  groups = mask_groups(model_cfg.bita.train_groups, seq_len)
   masks_per_token = groups * model_cfg.bita.num_mask_tokens / seq_len
   return 2 * n + attention / 3 + masks_per_token * (4 * n + attention)
 
