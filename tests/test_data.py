@@ -4,6 +4,7 @@ import importlib.util
 import io
 import itertools
 import json
+import os
 import pathlib
 import platform
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from jaxarch import data
+from jaxarch.config import ConfigError
 from jaxarch.data import pipeline
 from jaxarch.data import sources
 from jaxarch.data import tokenizers
@@ -156,6 +158,46 @@ def test_files_glob_without_matches_names_the_glob(tmp_path):
   cfg = _data_config(tmp_path, f'files:{tmp_path}/docs')  # a directory, not a glob
   with pytest.raises(ValueError, match=r"use 'files:.*/docs/\*\*/\*'"):
     data.open_source(cfg, 'train')
+
+
+def test_a_file_reached_twice_by_the_glob_is_read_once(tmp_path):
+  (tmp_path / 'c' / 'v1').mkdir(parents=True)
+  (tmp_path / 'c' / 'v1' / 'a.txt').write_text('only once')
+  (tmp_path / 'c' / 'latest').symlink_to(tmp_path / 'c' / 'v1')
+  source = data.open_source(_data_config(tmp_path, f'files:{tmp_path}/c/**/*.txt',
+                                         validation_fraction=0.0), 'train')
+  assert [source[i] for i in range(len(source))] == [b'only once']
+
+
+def test_unreadable_files_and_names_are_config_errors_naming_the_file(tmp_path, monkeypatch):
+  (tmp_path / 'c').mkdir()
+  (tmp_path / 'c' / 'a.txt').write_text('text')
+  (tmp_path / 'c' / 'b.txt').write_text('text')
+  cfg = _data_config(tmp_path, f'files:{tmp_path}/c/*.txt')
+  real_access = sources.os.access  # root reads any file: a refused read is simulated
+  monkeypatch.setattr(sources.os, 'access',
+                      lambda p, mode: not str(p).endswith('b.txt') and real_access(p, mode))
+  with pytest.raises(ConfigError, match=r"1 of the files cannot be read .*b\.txt"):
+    data.open_source(cfg, 'train')
+  monkeypatch.undo()
+  (tmp_path / 'c' / os.fsdecode(b'caf\xe9.txt')).write_text('latin-1 name')
+  with pytest.raises(ConfigError, match='is not UTF-8.*rename it'):
+    data.open_source(cfg, 'train')
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'delete'])
+def test_a_damaged_prepared_dataset_says_which_folder_to_delete(corpus, damage):
+  cfg, _ = corpus
+  source = data.open_source(cfg, 'train')
+  assert source[0]
+  record = next(pathlib.Path(cfg.data_dir).rglob('*-train.array_record-*'))
+  if damage == 'truncate':
+    record.write_bytes(record.read_bytes()[:50])
+  else:
+    record.unlink()
+  with pytest.raises(ConfigError, match=f'cannot be read .*delete {record.parent} and '
+                     'it is prepared again'):
+    data.open_source(cfg, 'train')[0]
 
 
 def test_data_dir_is_config_then_env_then_user_cache(tmp_path, monkeypatch):
@@ -649,6 +691,20 @@ def test_hf_tokenizer_counts_the_bytes_of_its_tokens(tmp_path, style):
     expected = len(text.encode()) + (style == 'llama')
     assert int(tokenizer.byte_lengths[ids].sum()) == expected, (text, ids)
     assert tokenizer.decode(ids) == text
+
+
+def test_hf_vocab_size_covers_its_largest_id_and_a_home_path_is_expanded(tmp_path,
+                                                                         monkeypatch):
+  hf = pytest.importorskip('tokenizers')
+  tok = hf.Tokenizer(hf.models.WordLevel({'a': 0, 'b': 1, '<unk>': 2, 'c': 7, '</s>': 9},
+                                         unk_token='<unk>'))
+  tok.pre_tokenizer = hf.pre_tokenizers.Whitespace()
+  (tmp_path / 'tok').mkdir()
+  tok.save(str(tmp_path / 'tok' / 'tokenizer.json'))
+  monkeypatch.setenv('HOME', str(tmp_path))
+  tokenizer = data.get_tokenizer('~/tok/tokenizer.json')
+  assert tokenizer.encode('a b c') == [0, 1, 7] and tokenizer.eod_id == 9
+  assert tokenizer.vocab_size == 10 and len(tokenizer.byte_lengths) == 10
 
 
 @pytest.mark.parametrize('style', ['gpt2', 'llama'])

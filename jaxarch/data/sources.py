@@ -23,6 +23,7 @@ glob and the files' sizes and mtimes, and the validation fraction), so a change 
 fresh cache entry.
 """
 
+import contextlib
 import dataclasses
 import difflib
 import fcntl
@@ -182,8 +183,9 @@ def _stdlib_config(validation_fraction: float) -> FilesConfig:
 
 
 def _files_config(source: str, pattern: str, validation_fraction: float) -> FilesConfig:
-  paths = sorted(pathlib.Path(p).resolve()
-                 for p in globlib.glob(os.path.expanduser(pattern), recursive=True))
+  # A set: a symlink into the glob, or a second `**`, lists a file again.
+  paths = sorted({pathlib.Path(p).resolve()
+                  for p in globlib.glob(os.path.expanduser(pattern), recursive=True)})
   paths = [p for p in paths if p.is_file()]
   if not paths:
     hint = ''
@@ -191,6 +193,18 @@ def _files_config(source: str, pattern: str, validation_fraction: float) -> File
       hint = f"; for the files under that directory use 'files:{pattern.rstrip('/')}/**/*'"
     raise ConfigError(f'config error: data.source={source!r}: no files match the glob '
                      f'{pattern!r}{hint}')
+  unreadable = [p for p in paths if not os.access(p, os.R_OK)]
+  if unreadable:
+    raise ConfigError(f'config error: data.source={source!r}: {len(unreadable)} of the '
+                      f'files cannot be read (permission denied), e.g. {str(unreadable[0])!r}; '
+                      'make them readable or narrow the glob')
+  for p in paths:
+    try:
+      str(p).encode('utf-8')
+    except UnicodeEncodeError:
+      raise ConfigError(f'config error: data.source={source!r}: the file name {str(p)!r} is '
+                        'not UTF-8 (documents are named by their paths); rename it or '
+                        'narrow the glob') from None
   if not any(p.stat().st_size for p in paths):
     raise ConfigError(f'config error: data.source={source!r}: the {len(paths)} files '
                       f'matching {pattern!r} are all empty; there is nothing to train on')
@@ -226,9 +240,10 @@ class TextSource:
   a TFDS array_record data source: a byte model reads files as they are, even those that
   are not UTF-8; other tokenizers decode them (`tokenizers.as_text`)."""
 
-  def __init__(self, source, key: str):
+  def __init__(self, source, key: str, damaged: str = ''):
     self._source = source
     self._key = key
+    self._damaged = damaged  # what to do when the prepared files cannot be read
 
   def __len__(self) -> int:
     return len(self._source)
@@ -238,12 +253,23 @@ class TextSource:
     return text if isinstance(text, bytes) else str(text).encode('utf-8')
 
   def __getitem__(self, index: int) -> bytes:
-    return self._document(self._source[index])
+    with self._reading():
+      return self._document(self._source[index])
 
   def __getitems__(self, indices) -> list[bytes]:
     if hasattr(self._source, '__getitems__'):
-      return [self._document(r) for r in self._source.__getitems__(indices)]
+      with self._reading():
+        return [self._document(r) for r in self._source.__getitems__(indices)]
     return [self[i] for i in indices]
+
+  @contextlib.contextmanager
+  def _reading(self):
+    """array_record reads lazily: a truncated or deleted file shows at the first read."""
+    try:
+      yield
+    except (RuntimeError, OSError) as e:
+      raise ConfigError(f'the prepared dataset cannot be read ({str(e).splitlines()[0]}); '
+                        f'{self._damaged}') from None
 
   def __repr__(self) -> str:
     return f'TextSource({self._source!r}, key={self._key!r})'
@@ -390,7 +416,8 @@ def _tfds_source(source: str, name: str, data_dir: pathlib.Path, split: str,
   if split not in splits:
     raise ConfigError(f'config error: data.source={source!r} has no split {split!r}; it has '
                      f'{list(splits)}')
-  return TextSource(builder.as_data_source(split=split), key)
+  return TextSource(builder.as_data_source(split=split), key,
+                    f'data.source={source!r} is damaged in {builder.data_dir}; {how}')
 
 
 def open_source(data_cfg, split: str) -> TextSource:
@@ -410,7 +437,9 @@ def open_source(data_cfg, split: str) -> TextSource:
   builder = _prepared(builder_cls, config, data_dir)
   if split not in builder.info.splits:
     return TextSource([], 'text')
-  return TextSource(builder.as_data_source(split=split), 'text')
+  return TextSource(builder.as_data_source(split=split), 'text',
+                    f'delete {builder.data_dir} and it is prepared again from '
+                    f'data.source={source!r}')
 
 
 def _prepared(builder_cls, config, data_dir: pathlib.Path):

@@ -116,7 +116,8 @@ class HFTokenizer:
       raise ImportError(f'data.tokenizer={path!r} needs HF tokenizers: '
                         'pip install tokenizers') from e
     self._tok = _load(path, lambda: tokenizers.Tokenizer.from_file(path))
-    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    # The largest id + 1: a vocabulary may leave ids unused, which its size would not count.
+    self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
     self.eod_id = self._first_id(self._EOS_NAMES)
     if self.eod_id is None:
       raise ConfigError(f'config error: data.tokenizer={path!r} has none of the end-of-text '
@@ -178,6 +179,7 @@ def get_tokenizer(spec: str):
   """Returns the tokenizer named by `data.tokenizer`."""
   if spec == 'bytes':
     return ByteTokenizer()
+  spec = os.path.expanduser(spec)
   if spec.endswith('.model'):
     return SentencePieceTokenizer(spec)
   if spec.endswith('tokenizer.json'):
