@@ -88,6 +88,22 @@ def test_fits_refuse_too_few_or_concave_runs():
                      'inside': False, 'side': 'below'}
   with pytest.raises(FitError, match='3 or more model sizes'):
     isoflop_minimum([1e6, 1e7], [3.0, 2.9])
+  # One model size (or one token count) leaves A and alpha undetermined.
+  with pytest.raises(FitError, match='3 or more distinct params'):
+    fit_scaling_law([dict(params=1e7, tokens=t, loss=2 + 1e3 / t ** 0.3)
+                     for t in np.geomspace(1e8, 1e10, 8)])
+  # A size of 0 (a foreign record) is this budget's error, not numpy's.
+  (profile,) = isoflop_fits([dict(params=n, tokens=1e8, loss=loss, budget=1e15)
+                             for n, loss in ((0, 2.0), (1e6, 1.5), (2e6, 1.8))])['profiles']
+  assert 'params must be positive' in profile['error']
+
+
+def test_a_size_run_twice_is_an_end_whichever_record_comes_first():
+  runs = [(1e6, 2.0), (1e6, 1.5), (2e6, 1.6), (4e6, 1.9)]  # the smallest size is best
+  for records in (runs, runs[1::-1] + runs[2:]):
+    vertex = isoflop_minimum(*zip(*records))
+    assert not vertex['inside'] and vertex['side'] == 'below'
+    assert vertex['bound'] == pytest.approx(2e6)  # the next size in, not the same one
 
 
 def test_a_vertex_between_the_sizes_whose_best_run_is_an_end_one_is_not_inside():
@@ -208,12 +224,14 @@ def test_a_run_recorded_before_jaxarch_gained_a_config_key_is_not_run_again(
   (d32,) = [r for r in runner.load_sweep(spec) if r.name == 'd32']
   (record,) = runner.read_results(workdir)
 
-  def recorded_by_an_earlier_jaxarch(**changes):
+  def recorded_by_an_earlier_jaxarch(hashed=True, **changes):
     saved = json.loads(json.dumps(config_lib.to_dict(d32.config())))
     del saved['train']['grad_accum_steps']  # a key that jaxarch did not have yet
     saved['train'].update(changes)
     (workdir / 'runs' / 'd32' / 'config.json').write_text(json.dumps(saved))
-    runner.append_record(workdir, {**record, 'config_hash': config_lib.tree_hash(saved)})
+    line = {**record, 'config_hash': config_lib.tree_hash(saved)}
+    runner.append_record(workdir, line if hashed else
+                         {k: v for k, v in line.items() if k != 'config_hash'})
 
   recorded_by_an_earlier_jaxarch()
   messages = []
@@ -222,6 +240,10 @@ def test_a_run_recorded_before_jaxarch_gained_a_config_key_is_not_run_again(
   assert '1 finished already, 2 to run' in messages[0] and 'd32' not in launched
   (again,) = [r for r in runner.read_results(workdir) if r['name'] == 'd32']
   assert again == {**record, 'config_hash': config_lib.config_hash(d32.config())}
+  recorded_by_an_earlier_jaxarch(hashed=False)  # a line written by hand stands as well
+  with pytest.raises(runner.SweepError):
+    runner.run_sweep(spec, workdir, echo=lambda _: None)
+  assert 'd32' not in launched
   # Another config, not only a key gained: d32 trains again.
   recorded_by_an_earlier_jaxarch(lr=0.3)
   with pytest.raises(runner.SweepError):

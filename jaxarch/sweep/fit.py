@@ -98,6 +98,12 @@ def fit_scaling_law(records, *, delta: float = HUBER_DELTA, bootstrap: int = 0,
     raise FitError(f'fit: L(N, D) has 5 parameters and needs at least 5 runs, got {len(n)}')
   if np.any(n <= 0) or np.any(d <= 0) or np.any(loss <= 0):
     raise FitError('fit: params, tokens and loss must all be positive')
+  for key, column in (('params', n), ('tokens', d)):
+    # Each of A/N^alpha and B/D^beta adds two unknowns to the floor E: three sizes of
+    # each at least, or the fit returns a law the runs do not determine.
+    if len(np.unique(column)) < 3:
+      raise FitError(f'fit: L(N, D) needs 3 or more distinct {key} values, got '
+                     f'{len(np.unique(column))}; vary both the model size and the tokens')
   log_n, log_d, log_l = np.log(n), np.log(d), np.log(loss)
   best = _fit(log_n, log_d, log_l, delta, _grid_starts(log_n, log_d, log_l, delta, _STARTS))
   a, b, e, alpha, beta = best.x
@@ -135,6 +141,8 @@ def isoflop_minimum(params, losses) -> dict:
   bounds the optimum: its best size is returned with `inside` False and the side the
   optimum lies on. One with a maximum in the middle has no minimum (FitError).
   """
+  if np.any(np.asarray(params, float) <= 0):
+    raise FitError('fit: params must be positive')
   x = np.log(np.asarray(params, float))
   y = np.asarray(losses, float)  # None -> NaN
   if not np.all(np.isfinite(y)):
@@ -142,8 +150,9 @@ def isoflop_minimum(params, losses) -> dict:
                    'profile\'s runs have NaN or inf (leave out the runs that diverged)')
   if len(np.unique(x)) < 3:
     raise FitError(f'fit: an IsoFLOP profile needs 3 or more model sizes, got {len(np.unique(x))}')
-  order = np.argsort(x)
+  order = np.argsort(x, kind='stable')
   x, y = x[order], y[order]
+  sizes = np.unique(x)  # a size may be run twice (two seeds, or equal active params)
   c2, c1, c0 = np.polyfit(x, y, 2)
   coefficients = [float(c2), float(c1), float(c0)]
   x_opt = -c1 / (2 * c2) if c2 > 0 else None
@@ -162,10 +171,10 @@ def isoflop_minimum(params, losses) -> dict:
   best = int(np.argmin(y))
   if x_opt < x[0] or x_opt > x[-1]:
     side, bound = ('below', x[0]) if x_opt < x[0] else ('above', x[-1])
-  elif best in (0, len(y) - 1):
+  elif x[best] in (sizes[0], sizes[-1]):
     # The vertex lies between the sizes, but the best run is the smallest or the largest:
     # the optimum is only known to lie before the next size in.
-    side, bound = ('below', x[1]) if best == 0 else ('above', x[-2])
+    side, bound = ('below', sizes[1]) if x[best] == sizes[0] else ('above', sizes[-2])
   else:
     side, bound = None, x_opt
   return dict(params=float(math.exp(x_opt)), loss=float(c0 - c1 * c1 / (4 * c2)),
@@ -189,6 +198,8 @@ def isoflop_fits(records) -> dict:
     runs = by_budget[budget]
     n, d, loss = _columns(runs, 'params', 'tokens', 'loss')
     try:
+      if np.any(d <= 0):
+        raise FitError('fit: tokens must be positive')
       vertex = isoflop_minimum(n, loss)
     except FitError as e:  # this budget says nothing about the optimum; the others may
       profiles.append(dict(budget=budget, error=str(e), inside=False))

@@ -138,11 +138,12 @@ def record(run: plan.Run, run_dir: Path, wall_s: float | None) -> dict:
 def recorded_runs(runs: list[plan.Run], workdir: Path) -> set[str]:
   """Names of the runs whose record in DIR/results.jsonl stands.
 
-  A record stands when it was made under the run's present config hash, or under the
-  config its directory's config.json holds when that config is the run's present one
-  with keys jaxarch gained since, at their defaults (what `config_changes` reads). Such a
-  record is written again under the new hash, so that upgrading jaxarch does not restore
-  every finished run of a sweep to learn that it is finished.
+  A record stands when it was made under the run's present config hash, or under (or,
+  without a hash, beside) the config its directory's config.json holds when that config
+  is the run's present one with keys jaxarch gained since, at their defaults (what
+  `config_changes` reads). Such a record is written again under the new hash, so that
+  upgrading jaxarch does not restore every finished run of a sweep to learn that it is
+  finished.
   """
   records = {r['name']: r for r in read_results(workdir)}
   standing = set()
@@ -152,9 +153,11 @@ def recorded_runs(runs: list[plan.Run], workdir: Path) -> set[str]:
       continue
     cfg = run.config()
     new_hash = config_lib.config_hash(cfg)
-    if old['config_hash'] != new_hash:
+    old_hash = old.get('config_hash')  # None in a line written by hand
+    if old_hash != new_hash:
       run_dir = workdir / 'runs' / run.name
-      if not (_saved_hash(run_dir) == old['config_hash']
+      saved_hash = _saved_hash(run_dir)
+      if not (saved_hash is not None and old_hash in (None, saved_hash)
               and last_step(run_dir) == cfg.train.steps
               and config_changes(run, run_dir) is None):
         continue
