@@ -108,6 +108,14 @@ def test_auto_picks_xla_on_cpu():
   assert kernels_for('interpret') == 'triton_interpret'
 
 
+def test_auto_picks_xla_for_a_table_the_kernels_do_not_take(monkeypatch):
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')  # 'auto' would pick Triton
+  values, indices, weights = random_case()
+  table = values.astype(jnp.int8)
+  np.testing.assert_allclose(sparse_lookup(table, indices, weights),
+                             sparse_lookup(table, indices, weights, impl='xla'))
+
+
 # (N, D, T, K): K=1 and T=1; ragged T with D = 3 column blocks of 128; heavy duplicates
 # (40 tokens x 16 slots over 7 rows); D not a multiple of 64 (padded); K = 256.
 KERNEL_SHAPES = [(64, 64, 1, 1), (100, 384, 37, 5), (7, 128, 40, 16), (300, 96, 20, 3),

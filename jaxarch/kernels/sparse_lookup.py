@@ -96,6 +96,8 @@ def prepare(values, indices, bags, num_bags, num_rows, impl, scatter, checked):
       checkify.debug_check(jnp.all((bags >= 0) & (bags < num_bags)),
                            f'sparse_lookup: a bag is outside [0, {num_bags}) (it was clamped)')
     bags = jnp.clip(bags, 0, num_bags - 1).astype(jnp.int32)
+  if impl == 'auto' and values.dtype not in PALLAS_DTYPES:
+    kernels = 'xla'  # e.g. a float64 table: the kernels take 16- and 32-bit floats
   if kernels != 'xla' and values.dtype not in PALLAS_DTYPES:
     raise ValueError(f'sparse_lookup: the Pallas kernels take float32/bfloat16/float16 '
                      f"tables, got {values.dtype}; use impl='xla'")
