@@ -195,6 +195,33 @@ def test_mask_groups_hang_in_the_continuation_and_see_only_their_own_sequence(fa
   assert not np.allclose(model.predictions(other)[0][1], logits[1], atol=1e-5)
 
 
+@pytest.mark.parametrize('family', ['dense', 'ultramem'])  # ultramem: its query conv too
+def test_training_groups_read_the_tokens_pass_as_one_call_with_the_tokens_would(family):
+  # Training runs the tokens forward into the caches, then the mask groups alone.
+  model = models.build(_bita_config(family, train_groups=5, init_std=0.5), rngs=nnx.Rngs(0))
+  t = 24
+  batch = make_batch(2, t)
+  segments = np.zeros((2, t), np.int32)
+  segments[0, :16], segments[1, :10], segments[1, 10:] = 1, 1, 2
+  positions = np.zeros((2, t), np.int32)
+  # Row 1's second sequence continues a document of the previous row (positions from 7).
+  positions[0, :16], positions[1, :10], positions[1, 10:] = range(16), range(10), range(7, 21)
+  batch.update(segment_ids=segments, positions=positions)
+  logits, _, mask = model.predictions(batch)
+  assert model.base.blocks[0].attn.cache_k is None  # the caches are the call's own
+
+  segments = jnp.asarray(segments)
+  same = segments[:, 1:] == segments[:, :-1]
+  visible = jnp.tril(jnp.ones((t, t), bool)) & (segments[:, :, None] == segments[:, None])
+  parent = jnp.concatenate([jnp.full((2, 1), -1), jnp.where(same, jnp.arange(t - 1), -1)], 1)
+  useful = jnp.zeros((2, t), bool).at[:, :-1].set(same & (segments[:, 1:] > 0))
+  anchors, real = spread_anchors(useful, 5)
+  assert real.all()
+  _, one_call = model.with_masks(jnp.asarray(batch['inputs']), jnp.asarray(positions),
+                                 visible, parent, anchors)
+  np.testing.assert_allclose(logits, one_call, atol=2e-5)
+
+
 @pytest.mark.parametrize('family', ['dense', 'ultramem'])
 def test_mask_groups_per_row_equal_each_row_on_its_own(family):
   model = models.build(_bita_config(family), rngs=nnx.Rngs(0))
@@ -308,11 +335,13 @@ def test_bita_config_takes_the_base_runs_model_and_overrides_its_keys(tmp_path):
   assert config_lib.load_json(tmp_path / 'bita.json').to_dict() == cfg.to_dict()
 
 
-@pytest.mark.parametrize('train_groups', [  # the tiny preset's; one group per token
-    32, pytest.param(0, marks=pytest.mark.slow)])
-def test_bita_model_flops_are_at_most_what_its_step_executes(tmp_path, train_groups):
-  # The step runs backward over the tokens too and attends densely over the mask groups:
-  # XLA counts more FLOPs than the useful ones, never fewer (measured 1.8x and 2.0x).
+@pytest.mark.parametrize('train_groups,most', [  # the tiny preset's; one group per token
+    (32, 1.25), pytest.param(0, 1.9, marks=pytest.mark.slow)])
+def test_bita_model_flops_are_at_most_what_its_step_executes(tmp_path, train_groups, most):
+  # XLA counts more FLOPs than the useful ones, never fewer: each mask token attends to
+  # the whole row and its whole group call, and the model does not count those hidden
+  # by the masks. Measured 1.11x and 1.66x; running the tokens in the mask groups' call,
+  # with their backward pass, gave 1.82x and 2.05x.
   cfg = _bita_load(_base_workdir(tmp_path / 'dense'), 'model.dtype=float32',
                    f'model.bita.train_groups={train_groups}')
   setup = make_setup(cfg, make_mesh(cfg))
@@ -322,7 +351,7 @@ def test_bita_model_flops_are_at_most_what_its_step_executes(tmp_path, train_gro
   executed = flops.compiled_flops(compiled) * jax.device_count()
   model = (flops.train_flops_per_token(cfg.model, setup.param_counts, cfg.data.seq_len)
            * cfg.train.batch_size * cfg.data.seq_len)
-  assert 1 <= executed / model <= 3, executed / model
+  assert 1 <= executed / model <= most, executed / model
 
 
 @pytest.mark.slow  # 37 s

@@ -81,7 +81,7 @@ class Attention(nnx.Module):
     self.o_proj = param(rngs, normal(out_std or init_std, init_truncation),
                         (n_heads, head_dim, d_model), ('heads', 'head_dim', 'embed'),
                         param_dtype)
-    self.cache_k = self.cache_v = nnx.data(None)  # Cache variables once decoding
+    self.drop_cache()
 
   def init_cache(self, batch: int, length: int):
     """Zeroed keys and values [batch, length, kv_heads, head_dim] for cached decoding."""
@@ -89,6 +89,9 @@ class Attention(nnx.Module):
     cache = lambda: nnx.Cache(jnp.zeros(shape, self.dtype), eager_sharding=False,
                               out_sharding=('batch', 'length', 'kv_heads', 'head_dim'))
     self.cache_k, self.cache_v = cache(), cache()
+
+  def drop_cache(self):
+    self.cache_k = self.cache_v = nnx.data(None)  # Cache variables once decoding
 
   def keep_path(self, path: jax.Array, cached: jax.Array):
     """After a tree call: keep the keys and values of its accepted path (see `Layout`)."""
@@ -120,7 +123,11 @@ class Attention(nnx.Module):
   def _with_layout(self, q, k, v, layout, prefix):
     """q, k, v [b, t, ., h] of a call laid out by `layout` -> [b, t, n, h]."""
     b, t = q.shape[:2]
-    if layout.cached is None:  # the call is the whole context
+    if layout.context is not None:  # the caches hold whole rows, which the call reads
+      keys = jnp.concatenate([self.cache_k[...], k], axis=1)
+      values = jnp.concatenate([self.cache_v[...], v], axis=1)
+      mask = jnp.concatenate([layout.context, layout.visible_rows(b)], axis=2)
+    elif layout.cached is None:  # the call is the whole context
       keys, values = k, v
       mask = layout.visible_rows(b)
     else:

@@ -14,11 +14,15 @@ for the t tokens of such a call, what each one sees:
 - `cached` [b] or None: with decode caches, how many positions of each sequence are
   cached; the call is written to the slots after them and sees all of them. The layers
   then keep only the accepted path with `keep_path`.
+- `context` [b, t, S] and `context_offset` [b, t], or None: with caches that hold whole
+  rows (BiTA's training fills them with a pass over the row's tokens), the cached slots
+  each token of the call sees, and where its path continues in them: position p before
+  the call sits at slot p + `context_offset`. The call reads the caches, never writes them.
 
 A draft tree has the same layout in every row (only `cached` differs); BiTA's training
-rows hang their mask groups after tokens of their own (`visible` and `parent` per row).
-Tokens along a path have consecutive positions. An ordinary decode step is the one-token layout
-(`one_token`).
+call is the mask groups alone, each seeing its own anchor's past in the caches
+(`context`, per row). Tokens along a path have consecutive positions. An ordinary decode
+step is the one-token layout (`one_token`).
 """
 
 import flax.struct
@@ -32,6 +36,8 @@ class Layout:
   parent: jax.Array
   sees_prefix: jax.Array
   cached: jax.Array | None = None
+  context: jax.Array | None = None
+  context_offset: jax.Array | None = None
 
   def visible_rows(self, b: int) -> jax.Array:
     """`visible`, shared or per row -> [b, t, t]."""

@@ -209,7 +209,7 @@ class UltraMem(nnx.Module):
     self.v = TuckerVectors(v, out_sharding=(None, None), eager_sharding=False)
     self.hits = signals.WindowCounter(jnp.zeros((num_values,), jnp.int32),
                                       out_sharding=('values',), eager_sharding=False)
-    self.history = nnx.data(None)  # with query_conv: inputs while decoding (init_cache)
+    self.drop_cache()
 
     # Raw scores at init: <LN(q)·g, LN(k)> has variance d_k·g² per rank component, and
     # S_i = R C_i Clᵀ has variance (d_k·g²)²·E[ΣC²] = (d_k·g²)²·r²/3 (C ~ U(0, 1)).
@@ -225,6 +225,9 @@ class UltraMem(nnx.Module):
       d_model = self.query_proj.shape[0]
       self.history = nnx.Cache(jnp.zeros((batch, length, d_model), self.dtype),
                                out_sharding=('batch', 'length', 'embed'), eager_sharding=False)
+
+  def drop_cache(self):
+    self.history = nnx.data(None)  # with query_conv: inputs while decoding (init_cache)
 
   def inactive_params(self) -> int:
     """Value parameters a token does not read: N·d_v minus its H·k rows (upper bound on
@@ -286,7 +289,13 @@ class UltraMem(nnx.Module):
     node = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])  # walks up each path: b t
     for j in range(1, kernel.shape[0]):
       node = jnp.where(node >= 0, jnp.take_along_axis(parent, jnp.maximum(node, 0), 1), -1)
-      if layout.cached is None:
+      if layout.context is not None:  # the caches hold whole rows; position p at p + offset
+        slot = jnp.clip(positions - j + layout.context_offset, 0, layout.context.shape[-1] - 1)
+        earlier = jnp.where((node >= 0)[..., None], x[rows, jnp.maximum(node, 0)],
+                            self.history[...][rows, slot])
+        exists = (node >= 0) | (jnp.take_along_axis(layout.context, slot[..., None], 2)[..., 0]
+                                & (positions - j + layout.context_offset >= 0))
+      elif layout.cached is None:
         earlier, exists = x[rows, jnp.maximum(node, 0)], node >= 0
       else:
         slot = jnp.where(node >= 0, layout.cached[:, None] + node, positions - j)  # b t

@@ -10,13 +10,16 @@ UltraMem), about 0.01-0.1% of it:
   sees that token's past; mask m predicts the token at a+2+m (the token itself already
   predicts a+1).
 
-`with_masks` runs the base model over tokens with any tree layout (a causal sequence in
-training, a draft tree in decoding) plus a mask group after chosen anchor tokens;
-`jaxarch.infer` builds the draft tree and verifies it. MEGABYTE is not wrapped: its
+`with_masks` runs the base model over tokens with any tree layout (a draft tree in
+decoding) plus a mask group after chosen anchor tokens; `jaxarch.infer` builds the draft
+tree and verifies it. Training (`predictions`) runs the frozen model forward over the
+rows' tokens first, filling its caches, then only the mask groups, which read their
+anchors' past there: no backward pass runs over the tokens. MEGABYTE is not wrapped: its
 global model consumes whole patches, so a draft tree of bytes would need a global step
 per candidate patch and its caches could not keep one accepted path cheaply.
 """
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -96,30 +99,67 @@ class Bita(nnx.Module):
   def _hidden(self, tokens, positions, visible, parent, anchors, cached):
     """`with_masks` up to the final norm -> [b, n + g·M, d]: the tokens, then the groups."""
     b, n = tokens.shape
-    g, m = anchors.shape[-1], self.num_mask_tokens
     calls = Layout(visible, parent, jnp.zeros(n, bool))
     visible, parent = calls.visible_rows(b), calls.parent_rows(b)
-    group, offset = jnp.arange(g * m) // m, jnp.arange(g * m) % m
-    own_group = (group[:, None] == group[None, :]) & (offset[None, :] <= offset[:, None])
-    anchor = jnp.broadcast_to(anchors, (b, g))[:, group]  # b gM: each mask token's anchor
+    groups = self._groups(positions, anchors)
     rows = jnp.arange(b)[:, None]
     layout = Layout(
         visible=jnp.concatenate([
-            jnp.concatenate([visible, jnp.zeros((b, n, g * m), bool)], axis=2),
-            jnp.concatenate([visible[rows, anchor],
-                             jnp.broadcast_to(own_group, (b, g * m, g * m))], axis=2)],
+            jnp.concatenate([visible, jnp.zeros((b, n, groups.size), bool)], axis=2),
+            jnp.concatenate([visible[rows, groups.anchor], groups.visible], axis=2)],
             axis=1),
-        parent=jnp.concatenate(
-            [parent, jnp.where(offset == 0, anchor, n + jnp.arange(g * m) - 1)], axis=1),
-        sees_prefix=jnp.arange(n + g * m) >= n, cached=cached)
-    masks = jnp.broadcast_to(self.mask_embed[...].astype(self.dtype)[None, None],
-                             (b, g, m, self.mask_embed.shape[-1])).reshape(b, g * m, -1)
-    x = jnp.concatenate([self.base.embed(tokens), masks], axis=1)
-    positions = jnp.concatenate(
-        [positions, (positions[rows, anchor] + 1 + offset).astype(positions.dtype)], axis=1)
-    prefixes = [(k, v) for k, v in zip(self.prompt_k[...], self.prompt_v[...])]
-    return self.base.run_blocks(x, positions, jnp.ones((b, n + g * m), jnp.int32), layout,
-                                prefixes)
+        parent=jnp.concatenate([parent, jnp.where(groups.parent >= 0, n + groups.parent,
+                                                  groups.anchor)], axis=1),
+        sees_prefix=jnp.arange(n + groups.size) >= n, cached=cached)
+    x = jnp.concatenate([self.base.embed(tokens), groups.inputs], axis=1)
+    positions = jnp.concatenate([positions, groups.positions], axis=1)
+    return self.base.run_blocks(x, positions, jnp.ones((b, n + groups.size), jnp.int32),
+                                layout, self._prompts())
+
+  def _hidden_after_tokens(self, tokens, segments, positions, anchors):
+    """Training's mask groups after a causal pass over the packed rows `tokens` [b, t] ->
+    [b, g·M, d] up to the final norm.
+
+    The tokens' pass only fills the layers' caches: nothing trainable lies behind it, so
+    it runs forward only (as the base model's own training runs), and the groups' pass
+    reads the keys, values and conv inputs of each group's anchor and its past there.
+    """
+    b, t = tokens.shape
+    self.base.init_cache(b, t)
+    self.base.run_blocks(self.base.embed(tokens), positions, segments)
+    groups = self._groups(positions, anchors)
+    rows = jnp.arange(b)[:, None]
+    # A group sees its anchor's sequence up to the anchor, as the anchor does.
+    context = ((jnp.arange(t) <= groups.anchor[..., None])
+               & (segments[:, None, :] == segments[rows, groups.anchor][..., None]))
+    layout = Layout(groups.visible, groups.parent, jnp.ones(groups.size, bool),
+                    context=context,
+                    context_offset=groups.anchor - positions[rows, groups.anchor])
+    x = self.base.run_blocks(groups.inputs, groups.positions,
+                             jnp.ones((b, groups.size), jnp.int32), layout, self._prompts())
+    self.base.drop_cache()
+    return x
+
+  def _groups(self, positions, anchors) -> '_Groups':
+    """The mask groups hung after the tokens `anchors` [g] or [b, g] at `positions` [b, n]."""
+    b = positions.shape[0]
+    g, m = anchors.shape[-1], self.num_mask_tokens
+    group, offset = jnp.arange(g * m) // m, jnp.arange(g * m) % m
+    anchor = jnp.broadcast_to(anchors, (b, g))[:, group]  # b gM: each mask token's anchor
+    own_group = (group[:, None] == group[None, :]) & (offset[None, :] <= offset[:, None])
+    inputs = jnp.broadcast_to(self.mask_embed[...].astype(self.dtype)[None, None],
+                              (b, g, m, self.mask_embed.shape[-1])).reshape(b, g * m, -1)
+    return _Groups(
+        anchor=anchor, inputs=inputs,
+        positions=(positions[jnp.arange(b)[:, None], anchor] + 1 + offset).astype(
+            positions.dtype),
+        visible=jnp.broadcast_to(own_group, (b, g * m, g * m)),
+        parent=jnp.broadcast_to(jnp.where(offset == 0, -1, jnp.arange(g * m) - 1),
+                                (b, g * m)))
+
+  def _prompts(self) -> list[tuple[jax.Array, jax.Array]]:
+    """The deep prompt's keys and values of each layer, seen by the mask tokens."""
+    return list(zip(self.prompt_k[...], self.prompt_v[...]))
 
   def predictions(self, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The training objective: a mask group after `train_groups` tokens of each row,
@@ -140,11 +180,8 @@ class Bita(nnx.Module):
     useful = jnp.zeros((b, t), bool).at[:, :-1].set(labelled[:, 1:] & same
                                                      & (segments[:, :-1] > 0))
     anchors, real = spread_anchors(useful, mask_groups(self.train_groups, t))  # b g
-    # Each token sees its own sequence only, as in the base model's training.
-    visible = jnp.tril(jnp.ones((t, t), bool)) & (segments[:, :, None] == segments[:, None])
-    parent = jnp.concatenate([jnp.full((b, 1), -1), jnp.where(same, jnp.arange(t - 1), -1)], 1)
-    x = self._hidden(tokens, batch['positions'], visible, parent, anchors, None)
-    logits = self.base.logits(self.base.final_norm(x[:, t:]))
+    x = self._hidden_after_tokens(tokens, segments, batch['positions'], anchors)
+    logits = self.base.logits(self.base.final_norm(x))
     logits = logits.reshape(b, anchors.shape[1], m, -1)
     label = anchors[..., None] + 1 + jnp.arange(m)  # b g M: index into targets
     inside = label < t
@@ -159,6 +196,20 @@ class Bita(nnx.Module):
       signals.add_metric(self, f'mask{i}_top1', hits[..., i].sum() / jnp.maximum(
           mask[..., i].sum(), 1))
     return logits, targets, mask
+
+
+@flax.struct.dataclass
+class _Groups:
+  """Mask groups of a call, per row: g·M mask tokens, each group's offsets in order."""
+  anchor: jax.Array  # [b, gM] index of each mask token's anchor token
+  inputs: jax.Array  # [b, gM, d] the mask embeddings
+  positions: jax.Array  # [b, gM] the anchor's position + 1 + offset
+  visible: jax.Array  # [b, gM, gM] each mask token sees its group's earlier offsets
+  parent: jax.Array  # [b, gM] the previous offset in its group, -1 (the anchor) for the first
+
+  @property
+  def size(self) -> int:
+    return self.anchor.shape[1]
 
 
 def mask_groups(train_groups: int, length: int) -> int:

@@ -153,6 +153,10 @@ class Stack(nnx.Module):
     for layer in self._layers_with('init_cache'):
       layer.init_cache(batch, length)
 
+  def drop_cache(self):
+    for layer in self._layers_with('drop_cache'):
+      layer.drop_cache()
+
   def keep_path(self, path: jax.Array, cached: jax.Array):
     """After a tree call (`layers.layout`): every cache keeps only the accepted path."""
     for layer in self._layers_with('keep_path'):
