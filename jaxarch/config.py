@@ -10,6 +10,7 @@ with a one-line message naming the key and what was expected.
 import ast
 from collections.abc import Callable, Sequence
 import difflib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -97,7 +98,7 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
     try:
       apply_override(cfg, override)
     except UnknownKeyError:
-      if complete is None:
+      if complete is None or not _completed_later(cfg, override):
         raise
       deferred.append(override)  # a key of the model section `complete` fills in
   if complete is not None:
@@ -170,6 +171,13 @@ def _error_in(path: Path, error: Exception, what: str) -> ConfigError:
 
 
 # Overrides.
+
+
+def _completed_later(cfg: ConfigDict, override: str) -> bool:
+  """Whether `override` sets a key that `MODEL_FROM` may add: one of the model section
+  itself, or of a model subsection the config file lacks (not a typo in one it has)."""
+  key = override.removeprefix('--').removeprefix('config.').partition('=')[0].split('.')
+  return key[0] == 'model' and (len(key) == 2 or key[1] not in cfg.get('model', {}))
 
 
 def apply_override(cfg: ConfigDict, override: str) -> None:
@@ -374,10 +382,12 @@ def _check_ultramem(cfg: ConfigDict) -> None:
   if not placement:
     raise ConfigError('model.ultramem.placement must hold at least one (read, write) pair')
   for i, pair in enumerate(placement):
-    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and
-            0 <= pair[0] <= pair[1] < cfg.model.n_layers):
-      raise ConfigError(f'model.ultramem.placement[{i}]={tuple(pair)!r} must be (read, '
-                        f'write) with 0 <= read <= write < model.n_layers={cfg.model.n_layers}')
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+            and 0 <= pair[0] <= pair[1] < cfg.model.n_layers):
+      raise ConfigError(f'model.ultramem.placement[{i}]={pair!r} must be (read, write) with '
+                        f'0 <= read <= write < model.n_layers={cfg.model.n_layers}, e.g. '
+                        'placement=((1, 2),)')
 
 
 def _check_moe(cfg: ConfigDict) -> None:
@@ -860,7 +870,7 @@ def load_json(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ConfigD
   if not isinstance(tree, dict):
     raise ConfigError(f'{path} holds a JSON {type(tree).__name__}, not a config (an object '
                       'of sections: model, data, train, ...)')
-  cfg = ConfigDict(_lists_to_tuples(_with_new_run_keys(tree)))
+  cfg = ConfigDict(_with_placeholders(_lists_to_tuples(_with_new_run_keys(tree)), path))
   cfg.lock()
   for override in overrides:
     apply_override(cfg, override)
@@ -907,6 +917,47 @@ def _with_new_run_keys(tree: dict) -> dict:
       shipped = _REPO_ROOT / 'configs' / f'{section}.py'
       saved[key] = to_dict(load(f'{shipped}:tiny'))['model'][section][key]
   return tree
+
+
+def _with_placeholders(tree: dict, path: Path) -> dict:
+  """`tree` with the keys the shipped configs leave optional (`placeholder(type)`, e.g.
+  model.moe.capacity_factor) as typed placeholders again: JSON keeps only their values,
+  so an override could not set None, or a saved None any type."""
+  for key, field_type in _shipped_placeholders().items():
+    *sections, name = key.split('.')
+    parent = tree
+    for section in sections:
+      parent = parent.get(section) if isinstance(parent, dict) else None
+    if isinstance(parent, dict) and name in parent:
+      reference = ml_collections.config_dict.placeholder(field_type)
+      try:
+        if parent[name] is not None:
+          reference.set(parent[name])
+      except TypeError:
+        raise ConfigError(f'{path}: {key}={parent[name]!r} must be '
+                          f'{_article(field_type)} or None') from None
+      parent[name] = reference
+  return tree
+
+
+@functools.cache
+def _shipped_placeholders() -> dict[str, type]:
+  """Dotted key -> type of every optional key of the shipped families' configs."""
+  found = {}
+
+  def collect(cfg: ConfigDict, prefix: str):
+    for name, value in cfg.items(preserve_field_references=True):
+      if isinstance(value, ml_collections.FieldReference):
+        found[prefix + name] = value.get_type()
+      elif isinstance(value, ConfigDict):
+        collect(value, f'{prefix}{name}.')
+
+  for family in ('dense', 'moe', 'ultramem', 'megabyte'):
+    try:
+      collect(load(f'{_REPO_ROOT / "configs" / family}.py:tiny'), '')
+    except ConfigError:  # an installed package without configs/: nothing to restore
+      pass
+  return found
 
 
 def _lists_to_tuples(tree):

@@ -397,6 +397,8 @@ def test_bita_config_errors_name_the_key(tmp_path):
       _bita_load, base, 'model.bita.draft_tree=(5, 4, 3, 2)')
   assert "unknown key 'model.bita.num_masks'" in error_of(
       _bita_load, base, 'model.bita.num_masks=2')
+  assert "unknown key 'model.bita.base_workdr' (did you mean 'model.bita.base_workdir'" in (
+      error_of(load, 'model.bita.base_workdr=/a/run'))  # not 'base_workdir is required'
   assert "data.tokenizer='x.model' differs" in error_of(_bita_load, base,
                                                         'data.tokenizer=x.model')
 

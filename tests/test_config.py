@@ -254,6 +254,13 @@ def test_unknown_choice_lists_the_options(override, key):
   assert message.startswith(f'config error: {key}=') and 'must be one of' in message
 
 
+@pytest.mark.parametrize('placement', ['(1, 2)', "((1, 'a'),)", '((2, 1),)', '((0, 4),)'])
+def test_an_ultramem_placement_must_be_pairs_of_block_indices(placement):
+  with pytest.raises(config_lib.ConfigError, match=r'model.ultramem.placement\[0\]=.* must '
+                     r'be \(read, write\) with 0 <= read <= write < model.n_layers=4'):
+    config_lib.load('configs/ultramem.py:tiny', [f'model.ultramem.placement={placement}'])
+
+
 def test_unknown_table_split_lists_the_designs():
   load = lambda *o: config_lib.load('configs/ultramem.py:tiny', list(o))
   assert load().model.ultramem.table_split == 'rows'
@@ -412,6 +419,20 @@ def test_json_round_trip_restores_the_same_config(tmp_path):
   assert isinstance(restored.mesh.rules[0], tuple)
   assert config_lib.config_hash(restored) == config_lib.config_hash(cfg)
   assert json.loads((tmp_path / 'run' / 'config.json').read_text())['train']['steps'] == 500
+
+
+def test_a_saved_config_keeps_its_optional_keys_optional(tmp_path):
+  cfg = config_lib.load('configs/moe.py:tiny', ['model.moe.capacity_factor=1.25',
+                                                'launch.partition=gpu'])
+  config_lib.save(cfg, tmp_path / 'config.json')
+  restored = config_lib.load_json(tmp_path / 'config.json', [
+      'model.moe.capacity_factor=none', 'launch.partition=none', 'model.head_dim=16'])
+  assert restored.model.moe.capacity_factor is None and restored.launch.partition is None
+  assert restored.model.head_dim == 16  # saved as None: still an int
+  with pytest.raises(config_lib.ConfigError, match='model.head_dim=.*must be an int'):
+    config_lib.load_json(tmp_path / 'config.json', ['model.head_dim=1.5'])
+  assert config_lib.config_hash(config_lib.load_json(tmp_path / 'config.json')) == (
+      config_lib.config_hash(cfg))
 
 
 def test_a_run_saved_before_newer_run_keys_resumes_with_their_defaults(tmp_path):
