@@ -84,10 +84,14 @@ def render(target: str, cfg, *, spec: str, workdir: str | os.PathLike,
 
 def write(job: Job) -> None:
   for path, text in job.files.items():
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    if path.suffix in ('.sh', '.sbatch'):
-      path.chmod(0o755)
+    try:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_text(text)
+      if path.suffix in ('.sh', '.sbatch'):
+        path.chmod(0o755)
+    except OSError as e:  # e.g. WORKDIR/launch, where WORKDIR is the cluster's path
+      raise ConfigError(f'the job cannot be written to {path} ({e.strerror or e}); give '
+                        '--out=DIR, a folder here to write it to') from None
 
 
 def render_run(target: str, run, run_dir: Path) -> str:
@@ -366,7 +370,9 @@ def _ray_command(command: list[str], out: Path) -> tuple[list[str], dict[Path, s
   given = command[2].removeprefix('--config=')
   path, arg = config_lib._split_spec(given)  # pylint: disable=protected-access
   source = config_lib._resolve_path(path)  # pylint: disable=protected-access
-  files = {out / 'configs' / p.name: p.read_text() for p in source.parent.glob('*.py')}
+  # A run's saved config.json travels alone; a .py config with the files it may load.
+  neighbours = source.parent.glob('*.py') if source.suffix == '.py' else []
+  files = {out / 'configs' / p.name: p.read_text() for p in [*neighbours, source]}
   spec = f'configs/{source.name}' + (f':{arg}' if arg else '')
   return [*command[:2], f'--config={spec}', *command[3:]], files
 

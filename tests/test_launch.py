@@ -162,6 +162,26 @@ def test_ray_entrypoint_compiles_and_the_submit_command_starts_it(tmp_path, caps
   assert dict(l.split('=', 1) for l in lines if not l.startswith('#')) == launch.gpu_env()
 
 
+def test_a_ray_job_from_a_runs_config_json_carries_that_file(tmp_path, capsys):
+  config_lib.save(config_lib.load(SPEC), tmp_path / 'run' / 'config.json')
+  code = cli.main(['launch', f'--config={tmp_path}/run/config.json', '--target=ray',
+                   '--workdir=/gcs/bucket/runs/again', f'--out={tmp_path}/job'])
+  assert code == 0, capsys.readouterr().err
+  command = json.loads((tmp_path / 'job' / 'command.json').read_text())
+  assert command[2] == '--config=configs/config.json'
+  assert [p.name for p in (tmp_path / 'job' / 'configs').iterdir()] == ['config.json']
+  assert config_lib.load_json(tmp_path / 'job' / 'configs' / 'config.json').to_dict() == (
+      config_lib.load(SPEC).to_dict())
+
+
+def test_a_job_that_cannot_be_written_says_to_give_out(tmp_path, capsys):
+  (tmp_path / 'file').write_text('')
+  code = cli.main(['launch', f'--config={SPEC}', '--target=slurm',
+                   f'--workdir={tmp_path}/file/runs/151m'])  # WORKDIR/launch: not a folder
+  assert code == 2
+  assert 'the job cannot be written to' in capsys.readouterr().err
+
+
 def test_ray_job_refuses_a_workdir_its_nodes_do_not_share(tmp_path, capsys):
   code = cli.main(['launch', f'--config={SPEC}', '--target=ray', '--workdir=runs/151m',
                    f'--out={tmp_path}'])
