@@ -137,6 +137,15 @@ def test_cudnn_attention_runs_as_xla_off_a_gpu_and_needs_16_bit_on_one(caplog, r
     build(jnp.float32)
 
 
+@pytest.mark.parametrize('spec, key', [('configs/ultramem.py:tiny', 'model.ultramem.lookup_impl'),
+                                       ('configs/moe.py:tiny', 'model.moe.matmul_impl')])
+def test_compiled_kernels_off_a_gpu_are_a_config_error_naming_the_key(spec, key):
+  cfg = config_lib.load(spec, [f'{key}=pallas'])  # a GPU job's config loads anywhere
+  with pytest.raises(ConfigError, match=f"{key}='pallas' needs a GPU.*runs on cpu; use "
+                     f"{key}='interpret'"):
+    models.build(cfg.model, rngs=nnx.Rngs(0))
+
+
 def test_residual_writes_start_smaller_unless_every_weight_takes_one_std():
   o_proj_std = lambda scaled: float(jnp.std(models.build(
       tiny_config(**{'model.residual_init_scale': scaled}).model,

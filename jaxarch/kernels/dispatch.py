@@ -9,11 +9,12 @@ kernels where the op has them, else `'xla'`.
 import jax
 
 
-def kernels_for(op: str, impl: str, impls: tuple[str, ...], compiled: dict[str, str]) -> str:
+def kernels_for(op: str, impl: str, impls: tuple[str, ...], compiled: dict[str, str],
+                key: str = 'impl') -> str:
   """impl -> 'xla', a kernel family of `compiled` (platform -> family, e.g. {'gpu':
-  'triton'}), or '<family>_interpret'."""
+  'triton'}), or '<family>_interpret'. Errors name `impl` as `key` (a config key)."""
   if impl not in impls:
-    raise ValueError(f'{op}: impl={impl!r}; expected one of {impls}')
+    raise ValueError(f'{op}: {key}={impl!r}; expected one of {impls}')
   if impl == 'interpret':
     return 'triton_interpret'
   if impl == 'interpret_tpu':
@@ -24,7 +25,7 @@ def kernels_for(op: str, impl: str, impls: tuple[str, ...], compiled: dict[str, 
   kernels = compiled.get(platform)
   if impl == 'pallas' and kernels is None:
     needs = ' or '.join(p.upper() for p in compiled)
-    raise ValueError(f"{op}: impl='pallas' needs a {needs}, and this process runs on "
-                     f"{platform}; use impl='interpret' (the kernels in Pallas' interpreter) "
-                     "or impl='xla'")
+    raise ValueError(f"{op}: {key}='pallas' needs a {needs}, and this process runs on "
+                     f"{platform}; use {key}='interpret' (the kernels in Pallas' "
+                     f"interpreter) or {key}='xla'")
   return kernels or 'xla'  # 'pallas', or 'auto' (XLA where no kernel compiles)

@@ -26,9 +26,9 @@ from jaxarch.config import MOE_MATMUL_IMPLS as IMPLS
 from jaxarch.kernels import dispatch, gmm_triton
 
 
-def kernels_for(impl: str) -> str:
+def kernels_for(impl: str, key: str = 'impl') -> str:
   """impl -> which code runs: 'xla', 'triton' or 'triton_interpret'."""
-  return dispatch.kernels_for('grouped_matmul', impl, IMPLS, {'gpu': 'triton'})
+  return dispatch.kernels_for('grouped_matmul', impl, IMPLS, {'gpu': 'triton'}, key)
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,

@@ -50,9 +50,9 @@ PALLAS_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 COLUMN_MULTIPLE = 64  # Pallas kernels' row width granularity
 
 
-def kernels_for(impl: str) -> str:
+def kernels_for(impl: str, key: str = 'impl') -> str:
   """impl -> which kernels run: 'xla', 'triton', 'tpu' (compiled) or '*_interpret'."""
-  return dispatch.kernels_for('sparse_lookup', impl, IMPLS, {'gpu': 'triton', 'tpu': 'tpu'})
+  return dispatch.kernels_for('sparse_lookup', impl, IMPLS, {'gpu': 'triton', 'tpu': 'tpu'}, key)
 
 
 def sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Array, *,

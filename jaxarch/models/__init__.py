@@ -6,6 +6,9 @@ from flax import nnx
 import jax
 import ml_collections
 
+from jaxarch.config import ConfigError
+from jaxarch.kernels.grouped_matmul import kernels_for as matmul_kernels
+from jaxarch.kernels.sparse_lookup import kernels_for as lookup_kernels
 from jaxarch.models import moe  # registers the moe block
 from jaxarch.models.bita import Bita
 from jaxarch.models.megabyte import Megabyte
@@ -34,7 +37,22 @@ def build(model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module
   if model_cfg.family not in FAMILIES:
     raise ValueError(f'config error: model.family={model_cfg.family!r} is not built yet; '
                      f'available: {sorted(FAMILIES)}')
+  _check_kernels(model_cfg)
   return FAMILIES[model_cfg.family](model_cfg, rngs=rngs)
+
+
+# Kernel choices that depend on the platform the model runs on, so that they are checked
+# here and not with the config (`jaxarch launch` renders a GPU job's config anywhere).
+_KERNELS = {('ultramem', 'lookup_impl'): lookup_kernels, ('moe', 'matmul_impl'): matmul_kernels}
+
+
+def _check_kernels(model_cfg: ml_collections.ConfigDict) -> None:
+  for (section, key), kernels_for in _KERNELS.items():
+    if section in model_cfg and key in model_cfg[section]:
+      try:
+        kernels_for(model_cfg[section][key], key=f'model.{section}.{key}')
+      except ValueError as e:
+        raise ConfigError(f'config error: {str(e).split(": ", 1)[1]}') from None
 
 
 def param_counts(model: nnx.Module) -> dict[str, int]:
