@@ -110,6 +110,20 @@ def render_run(target: str, run, run_dir: Path) -> str:
 # Checks: the cluster against the target and the mesh.
 
 
+def _slurm_seconds(time: str) -> int | None:
+  """A `SLURM_TIME` in seconds (MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]); None: unlimited."""
+  if time.upper() in ('UNLIMITED', 'INFINITE'):
+    return None
+  days, _, clock = time.rpartition('-')
+  parts = [int(p) for p in clock.split(':')]
+  if days:
+    hours, minutes, seconds = parts + [0] * (3 - len(parts))
+    return ((int(days) * 24 + hours) * 60 + minutes) * 60 + seconds
+  if len(parts) < 3:  # minutes[:seconds]
+    return parts[0] * 60 + (parts[1] if len(parts) == 2 else 0)
+  return (parts[0] * 60 + parts[1]) * 60 + parts[2]
+
+
 def check(cfg, target: str) -> dict[str, int]:
   """Raises ConfigError unless the launch section fits the target and the mesh; returns
   the mesh's axis sizes on the cluster's devices."""
@@ -126,6 +140,11 @@ def check(cfg, target: str) -> dict[str, int]:
   if not SLURM_TIME.fullmatch(str(launch.time_limit)):
     raise ConfigError(f'launch.time_limit={launch.time_limit!r} must be a SLURM time: '
                       'MM, HH:MM:SS, D-HH[:MM[:SS]] or UNLIMITED')
+  limit = _slurm_seconds(str(launch.time_limit))
+  if target == 'slurm' and limit is not None and launch.stop_grace_s >= limit:
+    raise ConfigError(f'launch.stop_grace_s={launch.stop_grace_s} must be shorter than '
+                      f'launch.time_limit={launch.time_limit!r} ({limit} s): SLURM sends '
+                      'SIGTERM that long before the limit, so the run would stop at once')
   if not isinstance(launch.max_restarts, int) or launch.max_restarts < 0:
     raise ConfigError(f'launch.max_restarts={launch.max_restarts!r} must be >= 0')
   if not NAME.fullmatch(launch.name):

@@ -206,6 +206,8 @@ def test_ray_job_refuses_a_workdir_its_nodes_do_not_share(tmp_path, capsys):
     (['--config.launch.time_limit=forever'], "launch.time_limit='forever' must be a SLURM time"),
     (['--config.launch.max_restarts=-1'], 'launch.max_restarts=-1 must be >= 0'),
     (['--config.launch.stop_grace_s=0'], 'launch.stop_grace_s=0 must be'),
+    (['--config.launch.time_limit=10', '--config.launch.stop_grace_s=600'],
+     "launch.stop_grace_s=600 must be shorter than launch.time_limit='10' (600 s)"),
 ])
 def test_a_cluster_that_does_not_fit_the_mesh_is_a_one_line_error(tmp_path, capsys, flags,
                                                                    words):
@@ -219,6 +221,9 @@ def test_slurm_time_limits_in_every_form_sbatch_takes():
     assert launch.SLURM_TIME.fullmatch(ok), ok
   for bad in ('forever', '1h', '24:00:00:00', '-1', ''):
     assert not launch.SLURM_TIME.fullmatch(bad), bad
+  seconds = [launch._slurm_seconds(t)  # pylint: disable=protected-access
+             for t in ('90', '90:30', '24:00:00', '2-0', '2-12:00', '2-12:00:30', 'UNLIMITED')]
+  assert seconds == [5400, 5430, 86400, 172800, 216000, 216030, None]
 
 
 def test_tpu_slices_must_match_their_type_and_topology(tmp_path, capsys):
