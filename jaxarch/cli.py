@@ -115,7 +115,7 @@ def _bench(args, overrides):
   # pylint: disable=g-import-not-at-top
   import jax
   from jaxarch.train import memory, throughput
-  workdir = Path(args.workdir)
+  workdir = local_workdir(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   if args.what == 'memory':
     gib = args.device_memory_gib

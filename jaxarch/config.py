@@ -527,6 +527,9 @@ MODEL_FROM: dict[str, Callable[[ConfigDict], ConfigDict]] = {
     'bita': _bita_from_base_run,
 }
 
+# Families whose model has a section of their own (model.<family>).
+FAMILY_SECTIONS = ('ultramem', 'megabyte', 'bita')
+
 # model.family -> checks of the model it builds; the keys are the families that exist.
 # A family adds itself with the checks of its own section.
 FAMILY_CHECKS: dict[str, tuple[Check, ...]] = {
@@ -550,6 +553,10 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
   for key in POSITIVE_INTS:
     _positive_int(cfg, key)
   family = _choice(cfg, 'model.family', tuple(FAMILY_CHECKS))
+  if family in FAMILY_SECTIONS and not isinstance(cfg.model.get(family), ConfigDict):
+    raise ConfigError(f'model.family={family!r} needs its settings (model.{family}), which '
+                      f'this config lacks; start from a config that has them '
+                      f'(--config=configs/{family}.py:<preset>)')
   pattern = _get(cfg, 'model.block_pattern')
   if not isinstance(pattern, (tuple, list)) or not pattern:
     raise ConfigError(f'model.block_pattern={pattern!r} must be a non-empty tuple of '

@@ -390,6 +390,7 @@ def test_mesh_rules_must_be_pairs_of_known_axes(rules, fragment):
     (f'{DENSE}:tiny', ['checkpoint.keep=0'], 'checkpoint.keep'),
     (f'{DENSE}:nope', [], 'nope'),
     ('missing.py', [], 'missing.py'),
+    (f'{DENSE}:tiny', ['model.family=ultramem'], 'configs/ultramem.py'),  # no model.ultramem
 ])
 def test_error_is_one_line_starting_with_config_error_and_naming_the_key(spec, overrides, key):
   message = error_of(config_lib.load, spec, overrides)

@@ -96,6 +96,13 @@ def test_a_state_too_big_for_the_device_is_one_line_naming_the_fix(tmp_path, cap
   assert not (tmp_path / 'run' / 'checkpoints').exists()
 
 
+def test_bench_refuses_a_workdir_that_is_a_file(tmp_path, capsys):
+  (tmp_path / 'file').write_text('')
+  args = ['bench', 'memory', '--config=configs/dense.py:tiny', f'--workdir={tmp_path}/file']
+  assert cli.main(args) == 2
+  assert 'is a file; give a directory' in capsys.readouterr().err
+
+
 def test_bench_memory_plans_for_a_given_device_size(tmp_path, capsys):
   args = ['bench', 'memory', '--config=configs/moe.py:680m', f'--workdir={tmp_path}',
           '--state_only', '--device_memory_gib=80']
