@@ -195,7 +195,8 @@ def test_mask_groups_hang_in_the_continuation_and_see_only_their_own_sequence(fa
   assert not np.allclose(model.predictions(other)[0][1], logits[1], atol=1e-5)
 
 
-@pytest.mark.parametrize('family', ['dense', 'ultramem'])  # ultramem: its query conv too
+@pytest.mark.parametrize('family', [  # ultramem: attention and its query conv
+    pytest.param('dense', marks=pytest.mark.slow), 'ultramem'])
 def test_training_groups_read_the_tokens_pass_as_one_call_with_the_tokens_would(family):
   # Training runs the tokens forward into the caches, then the mask groups alone.
   model = models.build(_bita_config(family, train_groups=5, init_std=0.5), rngs=nnx.Rngs(0))
