@@ -27,6 +27,7 @@ from jaxarch.sweep.fit import FitError
 from jaxarch.sweep.runner import SweepError
 from jaxarch.train.checkpoint import CheckpointError
 from jaxarch.train.memory import OutOfMemoryError
+from jaxarch.train.metrics import standard_json
 from jaxarch.train.nonfinite import NonFiniteError
 from jaxarch.train.workdir import WorkdirError, local_workdir
 
@@ -97,7 +98,7 @@ def _train(args, overrides):
   from jaxarch.train import train  # pylint: disable=g-import-not-at-top
   result = train(cfg, args.workdir)
   if reports:
-    print(json.dumps(result, indent=2))
+    print(standard_json(result, indent=2))
 
 
 def _eval(args, overrides):
@@ -106,7 +107,7 @@ def _eval(args, overrides):
   from jaxarch.train import evaluate  # pylint: disable=g-import-not-at-top
   result = evaluate(cfg, args.workdir, step=args.step)
   if reports:
-    print(json.dumps(result, indent=2))
+    print(standard_json(result, indent=2))
 
 
 def _bench(args, overrides):
@@ -129,7 +130,7 @@ def _bench(args, overrides):
   result = {'config': args.config, 'overrides': overrides, 'jax': jax.__version__, **result}
   if reports:
     out = workdir / f'bench_{args.what}.json'
-    out.write_text(json.dumps(result, indent=2) + '\n')
+    out.write_text(standard_json(result, indent=2) + '\n')
     print(summary(result))
     print(f'jaxarch: wrote {out}' + (f' and a profile trace in {result["profile_dir"]}'
                                     if 'profile_dir' in result else ''), file=sys.stderr)

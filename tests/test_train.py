@@ -12,7 +12,7 @@ from jaxarch import load
 from jaxarch.train import evaluate, train
 from jaxarch.train import trainer
 from jaxarch.train.checkpoint import CheckpointError
-from jaxarch.train.metrics import MetricsWriter, read_metrics
+from jaxarch.train.metrics import MetricsWriter, read_metrics, standard_json
 
 
 def _cfg(data_dir, **overrides):
@@ -68,6 +68,11 @@ def test_non_finite_metrics_are_written_as_null(tmp_path):
   (tmp_path / 'metrics.jsonl').write_text('{"step": 1, "loss": NaN}\n{"step": 2}\n')
   MetricsWriter(tmp_path, tensorboard=False, after_step=1)
   assert (tmp_path / 'metrics.jsonl').read_text() == '{"step": 1, "loss": null}\n'
+  # What `jaxarch train`, `eval` and `bench` print or write: nested, with arrays.
+  printed = standard_json({'loss': np.float32(np.nan), 'eval': {'bpb': float('inf')},
+                           'norms': np.array([1.5, np.nan]), 'steps': [1, 2]}, indent=2)
+  assert json.loads(printed, parse_constant=refuse) == {
+      'loss': None, 'eval': {'bpb': None}, 'norms': [1.5, None], 'steps': [1, 2]}
 
 
 @pytest.mark.slow

@@ -75,7 +75,19 @@ class MetricsWriter:
 
 def _line(record: dict) -> str:
   """One record as a line of standard JSON: non-finite values as null."""
-  return json.dumps({k: _scalar(v) for k, v in record.items()}, allow_nan=False) + '\n'
+  return standard_json(record) + '\n'
+
+
+def standard_json(tree, **kwargs) -> str:
+  """`tree` (dicts, lists, numbers, arrays) as standard JSON, which strict parsers (jq,
+  JavaScript) read: non-finite numbers as null, not NaN."""
+  def clean(x):
+    if isinstance(x, dict):
+      return {k: clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)) or getattr(x, 'ndim', 0):
+      return [clean(v) for v in x]
+    return _scalar(x)
+  return json.dumps(clean(tree), allow_nan=False, **kwargs)
 
 
 def _scalar(v):

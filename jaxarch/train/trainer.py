@@ -20,7 +20,8 @@ from jaxarch.parallel import data_shard, global_batch, make_mesh
 from jaxarch.train import flops
 from jaxarch.train.checkpoint import Checkpointer, CheckpointError
 from jaxarch.train.memory import check_state_fits
-from jaxarch.train.metrics import MetricsWriter, ProgressBar, Stopwatch, final_metrics
+from jaxarch.train.metrics import (MetricsWriter, ProgressBar, Stopwatch, final_metrics,
+                                   standard_json)
 from jaxarch.train.nonfinite import NonFiniteMonitor
 from jaxarch.train.optimizer import learning_rate_schedule
 from jaxarch.train.preemption import StopRequests
@@ -289,7 +290,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
   out = Path(workdir) / f'eval_{restored}.json'
   try:
     if jax.process_index() == 0:
-      out.write_text(json.dumps(result, indent=2))
+      out.write_text(standard_json(result, indent=2))
   except OSError as e:  # a read-only run: the result is still returned (and printed)
     logging.getLogger(__name__).warning('could not write %s: %s', out, e.strerror or e)
   return result
