@@ -170,6 +170,13 @@ def test_sampling_keeps_only_the_top_k_and_nucleus_tokens():
   assert set(draw(top_p=0.7)) == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3
   assert set(draw(top_p=0.5)) == {0}
   assert set(draw(temperature=0.05)) == {0}
+  # Tiny temperatures tend to greedy: 1e-39 overflowed float32 to +inf for every token
+  # above 0 (all of them here) and picked the first.
+  shifted = logits[:8] - 10.0  # every logit negative
+  assert set(np.asarray(infer.next_tokens(shifted, jax.random.PRNGKey(0), infer.Sampling(
+      'sample', temperature=1e-39))).tolist()) == {0}
+  assert set(np.asarray(infer.next_tokens(shifted[:, ::-1], jax.random.PRNGKey(0),
+                                          infer.Sampling('sample', temperature=1e-39)))) == {3}
   # Ties at the edge: of four equally likely tokens, top_p=0.3 keeps two, top_k=3 three.
   tied = jnp.zeros((4000, 4))
   draw = lambda **kw: set(np.asarray(infer.next_tokens(
@@ -185,6 +192,7 @@ def test_sampling_keeps_only_the_top_k_and_nucleus_tokens():
     (dict(prompts=[[257, 999]]), 'token ids [999] outside the vocabulary [0, 384)'),
     (dict(method='beam'), "method='beam'"),
     (dict(method='sample', temperature=-1.0), 'temperature=-1.0 must be > 0'),
+    (dict(method='sample', temperature=float('inf')), 'temperature=inf must be > 0 and finite'),
     (dict(top_p=0.9), "top_p choose among tokens for method='sample'"),  # greedy
     (dict(method='sample', top_p=1.5), 'top_p=1.5'),
     (dict(max_new_tokens=0), 'max_new_tokens=0'),

@@ -1,6 +1,7 @@
 """Choosing the next token from logits: greedy, or sampling with temperature, top-k, top-p."""
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +37,8 @@ class Sampling:
             f'method={self.method!r} takes the most likely one (got temperature='
             f'{self.temperature}, top_k={self.top_k}, top_p={self.top_p})')
       return
-    if not self.temperature > 0:
-      raise GenerateError(f'generate: temperature={self.temperature} must be > 0 '
+    if not 0 < self.temperature < math.inf:
+      raise GenerateError(f'generate: temperature={self.temperature} must be > 0 and finite '
                           "(0: use method='greedy' for the most likely token)")
     if self.top_k < 0:
       raise GenerateError(f'generate: top_k={self.top_k} must be >= 0 (0 keeps every token)')
@@ -74,7 +75,10 @@ def choose(logits: jax.Array, key: jax.Array, method: str, filtered: bool,
   if method in ('greedy', 'bita'):
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   temperature, top_k, top_p = values[0], values[1], values[2]
-  logits = logits.astype(jnp.float32) / temperature
+  # From each row's maximum, so that a tiny temperature overflows to -inf only away from
+  # the most likely token (the limit is greedy), never to +inf.
+  logits = logits.astype(jnp.float32)
+  logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
   if filtered:
     logits = _keep_most_likely(logits, top_k, top_p)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
