@@ -3,6 +3,7 @@ parallelism, the compiled step's buffers, a bf16 first moment, and the one-line 
 a state that does not fit."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -92,8 +93,16 @@ def test_a_state_too_big_for_the_device_is_one_line_naming_the_fix(tmp_path, cap
   error = capsys.readouterr().err.strip()
   assert code == 2 and '\n' not in error, error
   assert error.startswith('jaxarch: the train state takes 10.1 MiB per device')
-  assert '--config.mesh.ici.fsdp=8' in error and 'mu_dtype=bfloat16' in error
+  assert 'shard it with --config.mesh.ici.fsdp=8 --config.mesh.ici.data=-1,' in error
+  assert 'mu_dtype=bfloat16' in error
   assert not (tmp_path / 'run' / 'checkpoints').exists()
+  # Beside a tensor axis the hint is an fsdp that fits it (8 would need 16 devices).
+  code = cli.main(['train', '--config=configs/dense.py:tiny', f'--workdir={tmp_path / "run"}',
+                   '--config.mesh.ici.tensor=2'])
+  hint = re.search(r'shard it with (.*?),', capsys.readouterr().err).group(1).split()
+  assert code == 2 and hint == ['--config.mesh.ici.fsdp=4']
+  config_lib.validate(config_lib.load('configs/dense.py:tiny', ['mesh.ici.tensor=2', *hint]),
+                      jax.device_count())
 
 
 def test_bench_refuses_a_workdir_that_is_a_file(tmp_path, capsys):

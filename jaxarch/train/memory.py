@@ -11,10 +11,13 @@ allocate; on CPU only indicative, as the CPU compiler neither fuses attention no
 for memory as the GPU compiler does.
 """
 
+import copy
+
 import jax
 import ml_collections
 import numpy as np
 
+from jaxarch import config as config_lib
 from jaxarch.data import synthetic_batch
 from jaxarch.parallel import make_mesh
 from jaxarch.train.state import TrainSetup, describe, make_setup
@@ -59,20 +62,38 @@ def check_state_fits(cfg: ml_collections.ConfigDict, setup: TrainSetup) -> None:
   need = state_bytes_per_device(setup)
   if limit is None or need['total'] <= limit:
     return
-  # Shard it so that the state takes at most 60% of a device (the rest: activations).
-  shards = max(2, int(np.ceil(need['total'] / (0.6 * limit))))
-  devices = jax.device_count()
-  fits_here = [n for n in range(shards, devices + 1) if devices % n == 0]
-  hint = (f'shard it with --config.mesh.ici.fsdp={fits_here[0]}' if fits_here else
-          f'shard it over about {2 ** int(np.ceil(np.log2(shards)))} devices with '
-          'mesh.ici.fsdp')
   mu = ('' if cfg.train.mu_dtype == 'bfloat16' else
         ', or keep the first Adam moment in bf16 (--config.train.mu_dtype=bfloat16)')
   raise OutOfMemoryError(
       f'the train state takes {_size(need["total"])} per device (weights '
       f'{_size(need["params"])}, optimizer {_size(need["opt_state"])}) under mesh '
       f'{dict(setup.mesh.shape)}, and a {jax.devices()[0].device_kind} has '
-      f'{_size(limit)}: {hint}{mu}')
+      f'{_size(limit)}: {_sharding_hint(cfg, setup, need["total"], limit)}{mu}')
+
+
+def _sharding_hint(cfg: ml_collections.ConfigDict, setup: TrainSetup, need: int,
+                   limit: int) -> str:
+  """The smallest mesh.ici.fsdp, on these devices and beside the mesh's other axes, that
+  brings the state to at most 60% of a device (the rest: activations), as overrides that
+  validate; the data axis takes what is left."""
+  devices, fsdp = jax.device_count(), setup.mesh.shape['fsdp']
+  dcn_free = -1 not in cfg.mesh.dcn.values()
+  for n in range(2, devices + 1):
+    overrides = {'fsdp': n, **({'data': -1} if dcn_free and cfg.mesh.ici.data != -1 else {})}
+    candidate = copy.deepcopy(cfg)
+    with candidate.unlocked():
+      candidate.mesh.ici.update(overrides)
+    try:
+      config_lib.validate(candidate, devices)
+      shards = config_lib.mesh_shape(candidate, devices)['fsdp']
+    except config_lib.ConfigError:
+      continue
+    if need * fsdp / shards <= 0.6 * limit:
+      return 'shard it with ' + ' '.join(f'--config.mesh.ici.{k}={v}'
+                                         for k, v in overrides.items())
+  factor = need * fsdp / (0.6 * limit)
+  return (f'shard it over about {2 ** int(np.ceil(np.log2(factor)))} devices with '
+          'mesh.ici.fsdp')
 
 
 def plan(cfg: ml_collections.ConfigDict, *, compile_step: bool = True,
