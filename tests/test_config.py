@@ -297,7 +297,7 @@ def test_every_family_shares_the_transformer_checks():
     assert config_lib._check_transformer in config_lib.FAMILY_CHECKS[family]
   assert 'model.d_model=130' in error_of(tiny, 'model.d_model=130')
   assert "model.family='mamba' must be one of dense" in error_of(tiny, 'model.family=mamba')
-  assert "'model.bita.base_family'" in error_of(tiny, 'model.family=bita')
+  assert 'needs its settings (model.bita)' in error_of(tiny, 'model.family=bita')
   assert 'model.megabyte.patch_size' in error_of(tiny, 'model.family=megabyte')
   assert "model.block_pattern=('dense',) holds no 'moe' block" in error_of(
       tiny, 'model.family=moe')

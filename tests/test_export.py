@@ -84,7 +84,7 @@ def test_loading_weights_of_another_shape_names_the_array(tmp_path):
     write_model(_model(cfg), cfg, tmp_path / 'out')
 
 
-@pytest.mark.parametrize('family', ['dense', 'megabyte'])
+@pytest.mark.parametrize('family', ['dense', pytest.param('megabyte', marks=pytest.mark.slow)])
 def test_stablehlo_generates_the_tokens_of_jaxarch_generate(tmp_path, family):
   cfg = _config(family)
   model = _model(cfg, seed=1)
