@@ -70,6 +70,16 @@ FAMILIES = {  # family -> (config spec, overrides)
 }
 
 
+def with_random_query_convs(model, seed=0):
+  """`model` with random UltraMem query-conv kernels: at init they are the identity, whose
+  zero earlier taps would hide how a call reads the inputs before each token."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  for i, (_, layer) in enumerate(nnx.iter_graph(model)):
+    if getattr(layer, 'query_conv', None) is not None:
+      layer.query_conv[...] = jax.random.normal(jax.random.key(seed + i), layer.query_conv.shape)
+  return model
+
+
 def family_config(family, **mesh):
   """FAMILIES[family] in fp32 on a mesh of the given axis sizes."""
   spec, overrides = FAMILIES[family]

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import FAMILIES, family_config, make_batch, sharded_copy, tiny_config
+from conftest import (FAMILIES, family_config, make_batch, sharded_copy, tiny_config,
+                      with_random_query_convs)
 from jaxarch import config as config_lib
 from jaxarch import data, infer, models
 from jaxarch.data.sources import write_distilled
@@ -41,7 +42,7 @@ def _prompts(n, seed=0):
 @pytest.mark.parametrize('family', [  # moe and ultramem: also the oracle and sharded tests
     'dense', *(pytest.param(f, marks=pytest.mark.slow) for f in ('moe', 'ultramem'))])
 def test_bita_decoding_with_untrained_prompts_equals_greedy(family):
-  model = models.build(_bita_config(family), rngs=nnx.Rngs(0))
+  model = with_random_query_convs(models.build(_bita_config(family), rngs=nnx.Rngs(0)))
   generator = infer.Generator(model)
   prompts = _prompts(5)
   greedy, _ = generator(prompts, max_new_tokens=24)
@@ -202,10 +203,8 @@ def test_training_groups_read_the_tokens_pass_as_one_call_with_the_tokens_would(
   # Training runs the tokens forward into the caches, then the mask groups alone.
   # A group after every token: one after the first of each document too, whose conv taps
   # must stop at the document's start.
-  model = models.build(_bita_config(family, train_groups=0, init_std=0.5), rngs=nnx.Rngs(0))
-  for i, (_, layer) in enumerate(nnx.iter_graph(model)):
-    if getattr(layer, 'query_conv', None) is not None:  # every tap counts, not the identity
-      layer.query_conv[...] = jax.random.normal(jax.random.key(i), layer.query_conv.shape)
+  model = with_random_query_convs(models.build(
+      _bita_config(family, train_groups=0, init_std=0.5), rngs=nnx.Rngs(0)))
   t = 24
   batch = make_batch(2, t)
   segments = np.zeros((2, t), np.int32)

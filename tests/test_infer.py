@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import FAMILIES, family_config, jitted, mesh_config, sharded_copy
+from conftest import (FAMILIES, family_config, jitted, mesh_config, sharded_copy,
+                      with_random_query_convs)
 from jaxarch import cli, infer, models
 from jaxarch import config as config_lib
 from jaxarch.parallel import make_mesh
@@ -40,7 +41,7 @@ def test_cached_decoding_gives_the_full_forward_logits_at_every_position(family)
   # Two prompts of lengths 5 and 11 prefilled together (bucket 16), then fed their
   # continuation one token per step up to position 23 (for MEGABYTE, the two sequences
   # cross patch boundaries at different steps). fp32; measured error <= 3e-7.
-  model = models.build(family_config(family).model, rngs=nnx.Rngs(0))
+  model = with_random_query_convs(models.build(family_config(family).model, rngs=nnx.Rngs(0)))
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 24)), jnp.int32)
   decoder = infer.for_inference(model)
   full = _forward(decoder, tokens)  # b t v
@@ -63,7 +64,7 @@ def test_cached_decoding_gives_the_full_forward_logits_at_every_position(family)
     pytest.param('megabyte', marks=pytest.mark.slow)])
 def test_sharded_greedy_generation_equals_uncached_greedy_alone_or_in_a_batch(family):
   cfg = family_config(family, **MESHES[family])
-  model = models.build(cfg.model, rngs=nnx.Rngs(0))
+  model = with_random_query_convs(models.build(cfg.model, rngs=nnx.Rngs(0)))
   mesh, sharded = sharded_copy(model, cfg)
   generator = infer.Generator(sharded, mesh=mesh, rules=cfg.mesh.rules)
   prompts = [[257, 10, 11, 12], [257] + list(range(40, 61)), [257, 99]]
