@@ -271,7 +271,7 @@ def _distilled_config(directory, seq_len=8):
   return cfg
 
 
-def test_distilled_sequences_become_rows_with_loss_on_the_continuation(tmp_path):
+def test_distilled_sequences_become_rows_with_loss_on_the_continuation(tmp_path, caplog):
   sequences = [(list(range(1, 1 + n)), p) for n, p in ((5, 2), (12, 3), (9, 4), (3, 1))]
   write_distilled(tmp_path, {'train': sequences, 'validation': sequences[:3]})
   cfg = _distilled_config(tmp_path)
@@ -288,6 +288,9 @@ def test_distilled_sequences_become_rows_with_loss_on_the_continuation(tmp_path)
   np.testing.assert_array_equal(batch['loss_mask'][long], [0, 0, 1, 1, 1, 1, 1, 1])
   assert not batch['segment_ids'][3].any() and not batch['loss_mask'][3].any()  # filler
 
+  with caplog.at_level('WARNING', logger='jaxarch.data.pipeline'):
+    next(iter(data.make_train_dataset(cfg.data, seed=0, global_batch_size=8)))
+  assert '4 training sequences for 8 packing streams' in caplog.text
   train = iter(data.make_train_dataset(cfg.data, seed=0, global_batch_size=2))
   next(train)
   state = train.get_state()

@@ -198,6 +198,15 @@ def _zip_rows(streams: list[grain.IterDataset]) -> grain.IterDataset:
                                                _Unzip(len(streams)))
 
 
+def _warn_if_fewer_than_streams(data_cfg, count: int, num_streams: int, what: str):
+  if count < num_streams:
+    log.warning('data.source=%r has %d training %s for %d packing streams (one per row of '
+                'the global batch): streams start on the same %s, so rows of a batch '
+                'repeat each other%s', data_cfg.source, count, what, num_streams, what,
+                f'; a file over {sources.DOCUMENT_BYTES} bytes is read as several documents'
+                if what == 'documents' else '')
+
+
 def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
                        process_index: int = 0, process_count: int = 1,
                        packing_streams: int | None = None, num_threads: int = 0,
@@ -223,6 +232,7 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
       raise ConfigError(f'config error: data.source={data_cfg.source!r} has no training '
                         'sequences')
     num_documents = len(sequences)
+    _warn_if_fewer_than_streams(data_cfg, num_documents, num_streams, 'sequences')
     sequences = sequences.shuffle(seed=seed % 2**32).repeat()
     rows = _zip_rows([sequences[i::num_streams].map(to_row).to_iter_dataset() for i in mine])
   else:
@@ -232,12 +242,7 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
       raise ConfigError(f'config error: data.source={data_cfg.source!r} has no training '
                         'documents')
     num_documents = len(docs)
-    if num_documents < num_streams:
-      log.warning('data.source=%r has %d training documents for %d packing streams (one '
-                  'per row of the global batch): streams start on the same documents, so '
-                  'rows of a batch repeat each other; a file over %d bytes is read as '
-                  'several documents', data_cfg.source, num_documents, num_streams,
-                  sources.DOCUMENT_BYTES)
+    _warn_if_fewer_than_streams(data_cfg, num_documents, num_streams, 'documents')
     # Repeat reseeds the shuffle each epoch; slicing the endless sequence (not the epoch)
     # keeps every stream endless. Each stream reads its share of every epoch once, at the
     # pace of its documents' lengths: at a given step some streams are further on than
