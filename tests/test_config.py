@@ -298,7 +298,7 @@ def test_every_family_shares_the_transformer_checks():
   assert 'model.d_model=130' in error_of(tiny, 'model.d_model=130')
   assert "model.family='mamba' must be one of dense" in error_of(tiny, 'model.family=mamba')
   assert 'needs its settings (model.bita)' in error_of(tiny, 'model.family=bita')
-  assert 'model.megabyte.patch_size' in error_of(tiny, 'model.family=megabyte')
+  assert 'needs its settings (model.megabyte)' in error_of(tiny, 'model.family=megabyte')
   assert "model.block_pattern=('dense',) holds no 'moe' block" in error_of(
       tiny, 'model.family=moe')
 
