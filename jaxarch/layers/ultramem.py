@@ -290,11 +290,12 @@ class UltraMem(nnx.Module):
     for j in range(1, kernel.shape[0]):
       node = jnp.where(node >= 0, jnp.take_along_axis(parent, jnp.maximum(node, 0), 1), -1)
       if layout.context is not None:  # the caches hold whole rows; position p at p + offset
-        slot = jnp.clip(positions - j + layout.context_offset, 0, layout.context.shape[-1] - 1)
+        at = positions - j + layout.context_offset  # b t: the cached slot, maybe before 0
+        slot = jnp.clip(at, 0, layout.context.shape[-1] - 1)
         earlier = jnp.where((node >= 0)[..., None], x[rows, jnp.maximum(node, 0)],
                             self.history[...][rows, slot])
-        exists = (node >= 0) | (jnp.take_along_axis(layout.context, slot[..., None], 2)[..., 0]
-                                & (positions - j + layout.context_offset >= 0))
+        seen = jnp.take_along_axis(layout.context, slot[..., None], 2)[..., 0]
+        exists = (node >= 0) | (seen & (at >= 0))
       elif layout.cached is None:
         earlier, exists = x[rows, jnp.maximum(node, 0)], node >= 0
       else:

@@ -52,7 +52,7 @@ def _check_kernels(model_cfg: ml_collections.ConfigDict) -> None:
       try:
         kernels_for(model_cfg[section][key], key=f'model.{section}.{key}')
       except ValueError as e:
-        raise ConfigError(f'config error: {str(e).split(": ", 1)[1]}') from None
+        raise ConfigError(str(e)) from None
 
 
 def param_counts(model: nnx.Module) -> dict[str, int]:
