@@ -34,6 +34,8 @@ from jaxarch.layers.rope import apply_rope
 
 log = logging.getLogger(__name__)
 
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # a hidden key's logit, as jax.nn uses
+
 
 def document_mask(segment_ids: jax.Array) -> jax.Array:
   """[b, t] segment ids -> [b, 1, t, t] bool: query and key in the same document.
@@ -124,10 +126,8 @@ class Attention(nnx.Module):
     """q, k, v [b, t, ., h] of a call laid out by `layout` -> [b, t, n, h]."""
     b, t = q.shape[:2]
     if layout.context is not None:  # the caches hold whole rows, which the call reads
-      keys = jnp.concatenate([self.cache_k[...], k], axis=1)
-      values = jnp.concatenate([self.cache_v[...], v], axis=1)
-      mask = jnp.concatenate([layout.context, layout.visible_rows(b)], axis=2)
-    elif layout.cached is None:  # the call is the whole context
+      return self._groups_after_context(q, k, v, layout, prefix)
+    if layout.cached is None:  # the call is the whole context
       keys, values = k, v
       mask = layout.visible_rows(b)
     else:
@@ -143,3 +143,34 @@ class Attention(nnx.Module):
       sees = jnp.broadcast_to(layout.sees_prefix[None, :, None], (b, t, prefix_k.shape[1]))
       mask = jnp.concatenate([sees, mask], axis=2)
     return jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None])
+
+  def _groups_after_context(self, q, k, v, layout, prefix):
+    """q, k, v [b, g·M, ., h] of groups of M tokens that each see the cached slots
+    `layout.context` marks, the prefix, and their own group (`visible` [M, M]) ->
+    [b, g·M, n, h]: one softmax over the three. Written out so that a token's logits over
+    the call span its own group only: g·M² of them, not the (g·M)² of one masked call."""
+    b, t, n, h = q.shape
+    kv, m = k.shape[2], layout.visible.shape[-1]
+    g = t // m
+    shared_k, shared_v, sees = self.cache_k[...], self.cache_v[...], layout.context
+    if prefix is not None:
+      prefix_k, prefix_v = (jnp.broadcast_to(p.astype(self.dtype), (b, *p.shape))
+                            for p in prefix)
+      shared_k = jnp.concatenate([prefix_k, shared_k], axis=1)
+      shared_v = jnp.concatenate([prefix_v, shared_v], axis=1)
+      sees = jnp.concatenate([jnp.broadcast_to(layout.sees_prefix[None, :, None],
+                                               (b, t, prefix_k.shape[1])), sees], axis=2)
+    s = shared_k.shape[1]
+    q = q.reshape(b, g, m, kv, n // kv, h)  # query heads grouped by their kv head: k r
+    own_k, own_v = (x.reshape(b, g, m, kv, h) for x in (k, v))
+    logits = jnp.concatenate([
+        jnp.einsum('bgmkrh,bskh->bgmkrs', q, shared_k, preferred_element_type=jnp.float32),
+        jnp.einsum('bgmkrh,bgjkh->bgmkrj', q, own_k, preferred_element_type=jnp.float32)],
+        axis=-1) * h ** -0.5
+    mask = jnp.concatenate([
+        sees.reshape(b, g, m, 1, 1, s),
+        jnp.broadcast_to(layout.visible[:, None, None, :], (b, g, m, 1, 1, m))], axis=-1)
+    probs = jax.nn.softmax(jnp.where(mask, logits, _MASKED), axis=-1).astype(self.dtype)
+    out = (jnp.einsum('bgmkrs,bskh->bgmkrh', probs[..., :s], shared_v)
+           + jnp.einsum('bgmkrj,bgjkh->bgmkrh', probs[..., s:], own_v))
+    return out.reshape(b, t, n, h)

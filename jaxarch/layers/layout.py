@@ -18,6 +18,8 @@ for the t tokens of such a call, what each one sees:
   rows (BiTA's training fills them with a pass over the row's tokens), the cached slots
   each token of the call sees, and where its path continues in them: position p before
   the call sits at slot p + `context_offset`. The call reads the caches, never writes them.
+  Such a call is groups of M consecutive tokens that see no other group, and `visible`
+  is [M, M], one group's (attention then spans g·M² pairs of the call, not (g·M)²).
 
 A draft tree has the same layout in every row (only `cached` differs); BiTA's training
 call is the mask groups alone, each seeing its own anchor's past in the caches

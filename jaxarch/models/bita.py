@@ -132,8 +132,9 @@ class Bita(nnx.Module):
     # A group sees its anchor's sequence up to the anchor, as the anchor does.
     context = ((jnp.arange(t) <= groups.anchor[..., None])
                & (segments[:, None, :] == segments[rows, groups.anchor][..., None]))
-    layout = Layout(groups.visible, groups.parent, jnp.ones(groups.size, bool),
-                    context=context,
+    m = self.num_mask_tokens
+    layout = Layout(jnp.tril(jnp.ones((m, m), bool)), groups.parent,
+                    jnp.ones(groups.size, bool), context=context,
                     context_offset=groups.anchor - positions[rows, groups.anchor])
     x = self.base.run_blocks(groups.inputs, groups.positions,
                              jnp.ones((b, groups.size), jnp.int32), layout, self._prompts())
