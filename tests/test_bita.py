@@ -80,26 +80,34 @@ class OracleBita(Bita):
   def with_masks(self, tokens, positions, visible, parent, anchors, cached=None):
     node_logits, mask_logits = super().with_masks(tokens, positions, visible, parent,
                                                   anchors, cached)
+    return node_logits, self._known(mask_logits, positions[:, anchors])
+
+  def prefill_with_masks(self, tokens, lengths):
+    logits, mask_logits = super().prefill_with_masks(tokens, lengths)
+    return logits, self._known(mask_logits[:, None], (lengths - 1)[:, None])[:, 0]
+
+  def _known(self, mask_logits, anchor_positions):
+    """mask logits [b, g, M, vocab] of groups after tokens at `anchor_positions` [b, g]."""
     m = jnp.arange(self.num_mask_tokens)
-    target = positions[:, anchors, None] + 2 + m  # b g M
+    target = anchor_positions[..., None] + 2 + m  # b g M
     truth = jnp.take_along_axis(
         self.reference, jnp.minimum(target, self.reference.shape[1] - 1).reshape(
             target.shape[0], -1), axis=1).reshape(target.shape)
     sign = jnp.where(m < self.levels_right, 100.0, -100.0)[:, None]  # first or last
-    return node_logits, mask_logits + sign * jax.nn.one_hot(truth, mask_logits.shape[-1])
+    return mask_logits + sign * jax.nn.one_hot(truth, mask_logits.shape[-1])
 
 
 @pytest.mark.parametrize('family, levels_right',
                          [('dense', 3), ('dense', 1), ('moe', 3),
                           pytest.param('ultramem', 1, marks=pytest.mark.slow)])
 def test_accepted_tokens_per_pass_on_a_hand_made_oracle(family, levels_right):
-  # The first pass has no drafts yet and produces 1 token; each later pass accepts the
-  # right levels plus the bonus token. Equal output also shows that the caches keep
-  # exactly the accepted path.
+  # The prefill produces 1 token and drafts after it; each tree pass, the first too,
+  # accepts the right levels plus the bonus token. Equal output also shows that the
+  # caches keep exactly the accepted path.
   cfg = _bita_config(family)
   prompts = [[257, 5, 6, 7], [257] + list(range(40, 61))]
   base = models.build(cfg, rngs=nnx.Rngs(0))
-  new = 2 + 5 * (levels_right + 1)
+  new = 1 + 5 * (levels_right + 1)
   greedy, _ = infer.Generator(base)(prompts, max_new_tokens=new + 8)
   length = max(map(len, prompts)) + new + 8
   reference = np.zeros((len(prompts), length), np.int32)
@@ -108,13 +116,13 @@ def test_accepted_tokens_per_pass_on_a_hand_made_oracle(family, levels_right):
   oracle = OracleBita(cfg, reference, levels_right, rngs=nnx.Rngs(0))
   drafted, stats = infer.Generator(oracle)(prompts, max_new_tokens=new, method='bita')
   assert drafted == [g[:new] for g in greedy]
-  assert stats['forward_passes'] == 1 + 1 + 5  # prefill, the draftless pass, 5 full ones
-  assert stats['accepted_per_pass'] == pytest.approx((new - 1) / 6)
+  assert stats['forward_passes'] == 1 + 5  # the prefill, 5 tree passes
+  assert stats['accepted_per_pass'] == levels_right + 1
   # One token fewer: the last pass still accepts as many, but the stats count the tokens
   # returned (they counted the one past max_new_tokens too).
   drafted, stats = infer.Generator(oracle)(prompts, max_new_tokens=new - 1, method='bita')
-  assert drafted == [g[:new - 1] for g in greedy] and stats['forward_passes'] == 7
-  assert stats['accepted_per_pass'] == pytest.approx((new - 2) / 6)
+  assert drafted == [g[:new - 1] for g in greedy] and stats['forward_passes'] == 6
+  assert stats['accepted_per_pass'] == pytest.approx((new - 2) / 5)
 
 
 def test_the_tree_mask_lets_each_node_see_exactly_its_ancestors():

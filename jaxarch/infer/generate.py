@@ -9,8 +9,9 @@ up to a bucket for the output and caches), the sampling values and the stop ids 
 arguments, so changing them does not compile again.
 
 `method='bita'` (a BiTA model, `models.bita`) decodes greedily with a draft tree
-(`infer.tree`): each pass verifies the previous pass's candidates and drafts the next
-ones, and the caches keep only the accepted tokens; the output equals greedy decoding.
+(`infer.tree`): each pass verifies the previous pass's candidates (the prefill's, for the
+first) and drafts the next ones, and the caches keep only the accepted tokens; the output
+equals greedy decoding.
 """
 
 import contextlib
@@ -110,11 +111,10 @@ class Generator:
     run_prefill, run_decode = self._compile(shape, tokens, given)
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    first, caches = run_prefill(self.state, tokens, *given)
-    first.block_until_ready()
+    start_tokens, caches = jax.block_until_ready(run_prefill(self.state, tokens, *given))
     prefill_s = time.perf_counter() - start
     start = time.perf_counter()
-    out, steps, accepted, _ = run_decode(self.state, caches, first, *given)
+    out, steps, accepted, _ = run_decode(self.state, caches, start_tokens, *given)
     out, steps = np.asarray(out), int(steps)
     decode_s = time.perf_counter() - start
 
@@ -200,12 +200,19 @@ class Generator:
     return model
 
   def _prefill(self, shape: _Shape, state, tokens, lengths, live, limit, values, stops, key):
-    """-> (first new token [b], caches)."""
+    """-> (first new token [b], or with BiTA (it, the drafts after it [b, M, width]);
+    caches)."""
     del live, limit, stops  # the decode loop's
     with self._context():
       model = self._with_caches(shape, state)
-      logits = within_vocab(prefill(model, tokens, lengths), self.vocab_limit)
+      if shape.tree is None:
+        logits = prefill(model, tokens, lengths)
+      else:
+        logits, mask_logits = model.prefill_with_masks(tokens, lengths)
+    logits = within_vocab(logits, self.vocab_limit)
     first = choose(logits, jax.random.fold_in(key, 0), shape.method, shape.filtered, values)
+    if shape.tree is not None:
+      first = first, _drafts(within_vocab(mask_logits, self.vocab_limit), shape.tree)
     return first, nnx.state(model, nnx.Cache)
 
   def _decode(self, shape: _Shape, state, caches, first, lengths, live, limit, values, stops,
@@ -238,11 +245,12 @@ class Generator:
                                                (jnp.int32(1), out, done, caches))
     return out, steps, jnp.zeros(2, jnp.int32), caches
 
-  def _decode_tree(self, shape: _Shape, state, caches, first, lengths, live, limit, values,
+  def _decode_tree(self, shape: _Shape, state, caches, start, lengths, live, limit, values,
                    stops, key):
     """BiTA: -> (new tokens [b, new_tokens + levels + 1], forward passes including the
     prefill, [tokens produced by tree passes, sequence-passes], caches)."""
     del values, key  # greedy
+    first, drafts = start
     tree = shape.tree
     with self._context():
       model = self._with_caches(shape, state)
@@ -250,10 +258,9 @@ class Generator:
       # a candidate that greedy decoding (one token per sequence: none dropped) keeps.
       model.set_attributes(capacity_factor=None, raise_if_not_found=False)
       graphdef, _, rest = nnx.split(model, nnx.Cache, ...)
-    b, rows, width = shape.batch, jnp.arange(shape.batch), max(tree.widths)
+    b, rows = shape.batch, jnp.arange(shape.batch)
     slots = jnp.arange(tree.levels + 1)
     out = jnp.zeros((b, shape.new_tokens + tree.levels + 1), jnp.int32).at[:, 0].set(first)
-    drafts = jnp.zeros((b, self.num_mask_tokens, width), jnp.int32)  # none before pass 1
     count = jnp.ones(b, jnp.int32)
     done = jnp.isin(first, stops) | (count >= limit) | ~live
 
@@ -271,7 +278,7 @@ class Generator:
                 nodes, positions, jnp.asarray(tree.visible), jnp.asarray(tree.parent),
                 jnp.arange(tree.size), cached))
         greedy = jnp.argmax(node_logits, axis=-1).astype(jnp.int32)
-        last, path = tree.accept(nodes, greedy, drafted=jnp.full(b, i > 1))
+        last, path = tree.accept(nodes, greedy)
         model.keep_path(path, cached)
       depth = jnp.asarray(tree.depth)[last]
       bonus = greedy[rows, last]
@@ -290,7 +297,7 @@ class Generator:
       cached = cached + produced
       count = count + produced
       root = jnp.where(done, root, bonus)
-      drafts = jax.lax.top_k(mask_logits[rows, last], width)[1].astype(jnp.int32)
+      drafts = _drafts(mask_logits[rows, last], tree)
       done = done | stopped | (count >= limit)
       return (i + 1, out, count, done, root, cached, drafts, tally,
               nnx.state(model, nnx.Cache))
@@ -314,6 +321,11 @@ def generate(model: nnx.Module, prompt_tokens, *, max_new_tokens: int,
   """
   return Generator(model, mesh=mesh, rules=rules, vocab_limit=vocab_limit)(
       prompt_tokens, max_new_tokens=max_new_tokens, method=method, **options)
+
+
+def _drafts(mask_logits: jax.Array, tree: DraftTree) -> jax.Array:
+  """Mask logits [b, M, vocab] -> the most likely tokens of each mask [b, M, widest level]."""
+  return jax.lax.top_k(mask_logits, max(tree.widths))[1].astype(jnp.int32)
 
 
 def _vocab_size(model: nnx.Module) -> int:

@@ -84,15 +84,13 @@ class DraftTree:
     candidates = drafts[:, np.maximum(level, 0), rank]
     return jnp.where(level < 0, root[:, None], candidates).astype(jnp.int32)
 
-  def accept(self, tokens: jax.Array, greedy: jax.Array, drafted: jax.Array | None = None
-             ) -> tuple[jax.Array, jax.Array]:
+  def accept(self, tokens: jax.Array, greedy: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Node tokens and the base model's greedy choice after each node, [b, N] ->
-    (the deepest accepted node [b], the accepted path [b, levels + 1] of node indices).
-    Rows not `drafted` [b] (no drafts yet) accept the root only."""
-    accepted = [jnp.ones(tokens.shape[:1], bool) if drafted is None else drafted]
+    (the deepest accepted node [b], the accepted path [b, levels + 1] of node indices)."""
+    accepted = [jnp.ones(tokens.shape[:1], bool)]
     for u in range(1, self.size):
       p = int(self.parent[u])
       accepted.append(accepted[p] & (tokens[:, u] == greedy[:, p]))
-    accepted = jnp.stack(accepted, axis=1).at[:, 0].set(True)
+    accepted = jnp.stack(accepted, axis=1)
     last = jnp.argmax(jnp.where(accepted, self.depth, -1), axis=1)
     return last, jnp.asarray(self.paths)[last]

@@ -152,7 +152,8 @@ class Attention(nnx.Module):
     b, t, n, h = q.shape
     kv, m = k.shape[2], layout.visible.shape[-1]
     g = t // m
-    shared_k, shared_v, sees = self.cache_k[...], self.cache_v[...], layout.context
+    sees = layout.context
+    shared_k, shared_v = (c[...][:, :sees.shape[-1]] for c in (self.cache_k, self.cache_v))
     if prefix is not None:
       prefix_k, prefix_v = (jnp.broadcast_to(p.astype(self.dtype), (b, *p.shape))
                             for p in prefix)

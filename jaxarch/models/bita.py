@@ -11,8 +11,8 @@ UltraMem), about 0.01-0.1% of it:
   predicts a+1).
 
 `with_masks` runs the base model over tokens with any tree layout (a draft tree in
-decoding) plus a mask group after chosen anchor tokens; `jaxarch.infer` builds the draft
-tree and verifies it. Training (`predictions`) runs the frozen model forward over the
+decoding) plus a mask group after chosen anchor tokens, and `prefill_with_masks` drafts
+after a prompt; `jaxarch.infer` builds the draft tree and verifies it. Training (`predictions`) runs the frozen model forward over the
 rows' tokens first, filling its caches, then only the mask groups, which read their
 anchors' past there: no backward pass runs over the tokens. MEGABYTE is not wrapped: its
 global model consumes whole patches, so a draft tree of bytes would need a global step
@@ -74,6 +74,17 @@ class Bita(nnx.Module):
   def prefill(self, tokens, lengths):
     return self.base.prefill(tokens, lengths)
 
+  def prefill_with_masks(self, tokens: jax.Array, lengths: jax.Array
+                         ) -> tuple[jax.Array, jax.Array]:
+    """`prefill` with a mask group after each prompt's last token -> (next-token logits
+    [b, vocab], mask logits [b, M, vocab]): the first tree pass then verifies drafts, as
+    every later one does (the release appends the masks to the prompt's pass too)."""
+    logits = self.base.prefill(tokens, lengths)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    segments = (positions < lengths[:, None]).astype(jnp.int32)  # padding: 0
+    x = self._groups_after_cached(segments, positions, (lengths - 1)[:, None])
+    return logits, self.base.logits(self.base.final_norm(x))
+
   def decode_step(self, tokens, positions):
     return self.base.decode_step(tokens, positions)
 
@@ -127,6 +138,15 @@ class Bita(nnx.Module):
     b, t = tokens.shape
     self.base.init_cache(b, t)
     self.base.run_blocks(self.base.embed(tokens), positions, segments)
+    x = self._groups_after_cached(segments, positions, anchors)
+    self.base.drop_cache()
+    return x
+
+  def _groups_after_cached(self, segments, positions, anchors):
+    """Mask groups after the tokens `anchors` [b, g] of rows whose tokens fill the first
+    slots of the caches, with `segments` and `positions` [b, t] -> [b, g·M, d] up to the
+    final norm."""
+    b, t = segments.shape
     groups = self._groups(positions, anchors)
     rows = jnp.arange(b)[:, None]
     # A group sees its anchor's sequence up to the anchor, as the anchor does.
@@ -136,10 +156,9 @@ class Bita(nnx.Module):
     layout = Layout(jnp.tril(jnp.ones((m, m), bool)), groups.parent,
                     jnp.ones(groups.size, bool), context=context,
                     context_offset=groups.anchor - positions[rows, groups.anchor])
-    x = self.base.run_blocks(groups.inputs, groups.positions,
-                             jnp.ones((b, groups.size), jnp.int32), layout, self._prompts())
-    self.base.drop_cache()
-    return x
+    return self.base.run_blocks(groups.inputs, groups.positions,
+                                jnp.ones((b, groups.size), jnp.int32), layout,
+                                self._prompts())
 
   def _groups(self, positions, anchors) -> '_Groups':
     """The mask groups hung after the tokens `anchors` [g] or [b, g] at `positions` [b, n]."""
