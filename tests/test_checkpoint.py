@@ -156,20 +156,35 @@ def test_corrupt_or_partial_latest_checkpoint_is_skipped_moved_aside_by_the_trai
   again.close()
 
 
-def test_running_out_of_memory_while_restoring_is_an_error_that_keeps_the_checkpoint(
-    tmp_path, monkeypatch):
+# TensorStore reports failed reads and writes as ValueErrors whose text holds the errno.
+def _tensorstore_error(code: str, errno_: int) -> ValueError:
+  return ValueError(f'{code}: Error writing "params.x/0" in OCDBT database at local file '
+                    '"/ckpt/2.orbax-checkpoint-tmp/": Failed to write 511420 bytes to file '
+                    f"11: {os.strerror(errno_)} [os_error_code='{errno_}']")
+
+
+@pytest.mark.parametrize('error,says', [
+    (RuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GiB'),
+     'ran out of device memory.*kept'),
+    # Not the checkpoint's fault: moving the checkpoints aside would lose them all.
+    (OSError(errno.EIO, os.strerror(errno.EIO)), 'could not be read.*checkpoints are kept'),
+    (_tensorstore_error('PERMISSION_DENIED', errno.EACCES), 'Permission denied.*are kept'),
+], ids=['out_of_memory', 'io_error', 'permission'])
+def test_a_restore_that_fails_for_want_of_memory_or_a_readable_disk_keeps_the_checkpoints(
+    tmp_path, monkeypatch, error, says):
   cfg = mesh_config(tiny_config(), data=8)
   setup, _ = _setup(cfg)
   ckpt = Checkpointer(tmp_path, async_save=False)
   ckpt.save(1, init_state(cfg, setup))
+  ckpt.save(2, init_state(cfg, setup))
 
-  def out_of_memory(*args, **kwargs):
-    raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GiB')
+  def fail(*args, **kwargs):
+    raise error
 
-  monkeypatch.setattr(ckpt.manager, 'restore', out_of_memory)
-  with pytest.raises(CheckpointError, match='ran out of device memory.*kept'):
+  monkeypatch.setattr(ckpt.manager, 'restore', fail)
+  with pytest.raises(CheckpointError, match=says):
     ckpt.restore(setup.abstract_state, move_aside=True)
-  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['1']
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['1', '2']
 
 
 def test_data_positions_of_another_process_count_leave_the_iterator_and_restore_the_state(
@@ -259,7 +274,11 @@ def test_the_last_checkpoints_and_the_best_evaluated_one_are_kept(tmp_path):
   again.close()
 
 
-def test_a_full_disk_is_a_one_line_error_naming_the_intact_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize('failure', [
+    OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+    _tensorstore_error('RESOURCE_EXHAUSTED', errno.ENOSPC)], ids=['os_error', 'tensorstore'])
+def test_a_full_disk_is_a_one_line_error_naming_the_intact_checkpoint(tmp_path, monkeypatch,
+                                                                       failure):
   cfg = mesh_config(tiny_config(), data=8)
   setup, _ = _setup(cfg)
   state = init_state(cfg, setup)
@@ -267,7 +286,7 @@ def test_a_full_disk_is_a_one_line_error_naming_the_intact_checkpoint(tmp_path, 
   ckpt.save(1, state)
 
   def no_space(*args, **kwargs):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    raise failure
 
   monkeypatch.setattr(ckpt.manager, 'save', no_space)
   with pytest.raises(CheckpointError) as error:
@@ -281,3 +300,39 @@ def test_a_full_disk_is_a_one_line_error_naming_the_intact_checkpoint(tmp_path, 
   with pytest.raises(CheckpointError, match='no space left.*checkpoint 1 is intact'):
     ckpt.close()
   close()
+
+
+def test_a_failed_asynchronous_write_is_named_by_its_own_step(tmp_path, monkeypatch):
+  # It surfaces as the next checkpoint is saved, which must not take the blame.
+  cfg = mesh_config(tiny_config(), data=8)
+  setup, _ = _setup(cfg)
+  state = init_state(cfg, setup)
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  ckpt.save(1, state)
+  ckpt.save(2, state)
+
+  def no_space(*args, **kwargs):
+    raise _tensorstore_error('RESOURCE_EXHAUSTED', errno.ENOSPC)
+
+  monkeypatch.setattr(ckpt.manager, 'wait_until_finished', no_space)
+  with pytest.raises(CheckpointError,
+                     match='could not write checkpoint 2 .*no space left.*checkpoint 1 is'):
+    ckpt.save(3, state)
+  monkeypatch.undo()
+  ckpt.close()
+
+
+def test_readers_say_whether_there_is_no_checkpoint_or_none_restores_and_write_nothing(
+    tmp_path):
+  cfg = mesh_config(tiny_config(), data=8)
+  setup, _ = _setup(cfg)
+  with pytest.raises(FileNotFoundError, match='no checkpoint in .*train first'):
+    Checkpointer.read(tmp_path, setup.abstract_state)
+  assert not (tmp_path / 'checkpoints').exists()  # a reader creates nothing
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  ckpt.save(1, init_state(cfg, setup))
+  ckpt.close()
+  shutil.rmtree(tmp_path / 'checkpoints' / '1' / 'state')
+  with pytest.raises(CheckpointError, match='none of the checkpoints in .* could be restored'):
+    Checkpointer.read(tmp_path, setup.abstract_state)
+  assert (tmp_path / 'checkpoints' / '1').is_dir()  # left where it was

@@ -146,6 +146,17 @@ def test_training_resumes_past_a_corrupt_latest_checkpoint(tmp_path, data_dir, c
   assert len(read_metrics(tmp_path)) == 10  # nothing trained, nothing forgotten
 
 
+def test_config_json_changes_only_with_a_checkpoint_of_the_new_config(tmp_path, data_dir):
+  # `load` and `eval` build the model from config.json: it must be the config the
+  # newest checkpoint was trained with.
+  train(_cfg(data_dir, **{'train.steps': 2}), tmp_path)
+  saved = lambda: load_json(tmp_path / 'config.json')
+  train(_cfg(data_dir, **{'train.steps': 2, 'model.rope_theta': 500.0}), tmp_path)
+  assert saved().model.rope_theta == 10_000  # a finished run: nothing trained, nothing saved
+  train(_cfg(data_dir, **{'train.steps': 4, 'model.rope_theta': 500.0}), tmp_path)
+  assert saved().model.rope_theta == 500  # saved with checkpoint 4
+
+
 # Bad workdirs and inputs: one line, exit code 2, before any training.
 
 

@@ -9,8 +9,10 @@ an array that does not match its checksum) is reported and the previous one is t
 a run loses at most the work since its last good checkpoint; the resuming trainer also
 moves it to workdir/corrupt_checkpoints, so that it can write that step again (readers
 such as `evaluate` leave the workdir as it is). Running out of memory while restoring is
-an error, not a sign of corruption. A checkpoint whose arrays do not fit the model (another model's
-workdir) is an error, never skipped: training from scratch over it would lose it.
+an error, not a sign of corruption, and so is a read that the filesystem refuses (EIO,
+EACCES, a stale network mount): the checkpoints stay where they are. A checkpoint whose
+arrays do not fit the model (another model's workdir) is an error, never skipped:
+training from scratch over it would lose it.
 Restoring into the abstract state of the current mesh reshards, whatever mesh the
 checkpoint was written on; the data iterators' positions carry over only to the same
 number of processes (each process saves its own), otherwise the state is restored and the
@@ -21,6 +23,8 @@ import contextlib
 import errno
 import json
 import logging
+import os
+import re
 import shutil
 import sys
 import time
@@ -83,6 +87,8 @@ class Checkpointer:
         enable_async_checkpointing=async_save,
         # Orbax writes a checkpoint's metrics (read back by BestN) only when it has a best_fn.
         best_fn=eval_loss if keep_best else None, best_mode='min')
+    self._saving = None  # the step of the last save, which may still be being written
+    _shorten_write_error_reports()
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
@@ -111,10 +117,40 @@ class Checkpointer:
              'checksums': ocp.args.JsonSave(checksums(state))}
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+    self.wait()  # a failed asynchronous write is named by its own step
     with self._write_errors(step):
       finite = eval_loss is not None and np.isfinite(eval_loss)
-      return self.manager.save(step, args=ocp.args.Composite(**items), force=force,
-                               metrics={'eval_loss': float(eval_loss)} if finite else None)
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force,
+                                metrics={'eval_loss': float(eval_loss)} if finite else None)
+    self._saving = step
+    return saved
+
+  @property
+  def saved_any(self) -> bool:
+    """Whether this Checkpointer has saved a checkpoint (or is saving one)."""
+    return self._saving is not None
+
+  @classmethod
+  def read(cls, workdir: str | Path, abstract_state: dict, *, step: int | None = None):
+    """(state, step) of `workdir`'s newest restorable (or given) checkpoint, for readers
+    (evaluation, loading a model): writes nothing, and says why there is none."""
+    cls.require(workdir)  # before the manager, which would create the directory
+    checkpointer = cls(workdir, async_save=False)
+    try:
+      state, restored = checkpointer.restore(abstract_state, step=step)
+    finally:
+      checkpointer.close()
+    if state is None:
+      raise CheckpointError(f'none of the checkpoints in {checkpointer.directory} could be '
+                            'restored (see the warnings above)')
+    return state, restored
+
+  @classmethod
+  def require(cls, workdir: str | Path) -> None:
+    """Raises, saying how to make one, if `workdir` has no checkpoints."""
+    if not cls.exists(workdir):
+      raise FileNotFoundError(f'no checkpoint in {Path(workdir).absolute() / CHECKPOINTS}; '
+                              f'train first with `jaxarch train --workdir={workdir}`')
 
   @contextlib.contextmanager
   def _write_errors(self, step: int | None):
@@ -132,6 +168,7 @@ class Checkpointer:
       intact = (f'checkpoint {max(earlier)} is intact' if earlier
                 else 'there is no earlier checkpoint')
       what = 'the checkpoints' if step is None else f'checkpoint {step}'
+      self._saving = None
       raise CheckpointError(f'could not write {what} in {self.directory}: {reason}; '
                             f'{intact}. Free space (or fix permissions) and rerun to '
                             'resume.') from e
@@ -178,15 +215,19 @@ class Checkpointer:
       else:
         error = None
       # Every process acts on the worst outcome of all: a read may fail on one host only.
-      outcome = _worst_everywhere(0 if error is None else 2 if _out_of_memory(error) else 1)
-      if outcome == 0:
+      outcome = _worst_everywhere(_outcome(error))
+      if outcome == _RESTORED:
         return restored['state'], s
       what = (f'{type(error).__name__}: {_first_line(error)}' if error is not None
               else 'it failed on another process')
-      if outcome == 2:
+      if outcome == _OUT_OF_MEMORY:
         raise CheckpointError(f'restoring checkpoint {where} ran out of device memory '
                               f'({what}); the checkpoint is kept. Restore on more devices '
                               '(--config.mesh.ici.fsdp) or with a smaller state.') from error
+      if outcome == _REFUSED:
+        raise CheckpointError(f'checkpoint {where} could not be read ({what}); the '
+                              'checkpoints are kept. Fix the filesystem or its '
+                              'permissions and rerun.') from error
       if step is not None:
         raise CheckpointError(f'checkpoint {where} could not be restored: {what}') from error
       moved = f'moved to {self._move_aside(s)}, ' if move_aside else ''
@@ -228,7 +269,7 @@ class Checkpointer:
     return target
 
   def wait(self):
-    with self._write_errors(self.manager.latest_step()):
+    with self._write_errors(self._saving):
       self.manager.wait_until_finished()
 
   def close(self):
@@ -305,6 +346,23 @@ def _quiet_closed_loop_reports() -> None:
   sys.unraisablehook = hook
 
 
+def _shorten_write_error_reports() -> None:
+  """Orbax's save threads log each failed write (a full disk) with its traceback, a few
+  hundred lines before the one-line `CheckpointError` that says the same; such reports
+  keep their first line only. Other reports pass through whole."""
+  absl_logger = logging.getLogger('absl')
+  if any(getattr(f, 'shortens_write_errors', False) for f in absl_logger.filters):
+    return
+
+  def shorten(record: logging.LogRecord) -> bool:
+    if record.exc_info and _caused_by_os_error(record.exc_info[1]) is not None:
+      record.exc_info = record.exc_text = None
+    return True
+
+  shorten.shortens_write_errors = True
+  absl_logger.addFilter(shorten)
+
+
 def _chain(error):
   """The error and the errors it was raised from or while handling."""
   while error is not None:
@@ -313,12 +371,40 @@ def _chain(error):
 
 
 def _caused_by_os_error(error) -> OSError | None:
-  return next((e for e in _chain(error) if isinstance(e, OSError)), None)
+  """The OSError behind `error`: raised as one, or reported in the text of TensorStore's
+  errors ("... No space left on device [os_error_code='28']")."""
+  for e in _chain(error):
+    if isinstance(e, OSError):
+      return e
+    if code := re.search(r"os_error_code='?(\d+)", str(e)):
+      return OSError(int(code[1]), os.strerror(int(code[1])))
+  return None
 
 
 def _out_of_memory(error) -> bool:
+  if (os_error := _caused_by_os_error(error)) is not None and os_error.errno == errno.ENOSPC:
+    return False  # TensorStore's RESOURCE_EXHAUSTED for a full disk
   return any('RESOURCE_EXHAUSTED' in str(e) or 'out of memory' in str(e).lower()
              for e in _chain(error))
+
+
+# What a failed restore says: worse outcomes have larger codes (`_worst_everywhere`).
+_RESTORED, _UNREADABLE, _OUT_OF_MEMORY, _REFUSED = range(4)
+# Reads the filesystem refuses, which say nothing about the checkpoint's data.
+_REFUSING_ERRNOS = {errno.EIO, errno.EACCES, errno.EPERM, errno.ESTALE, errno.EMFILE,
+                    errno.ENFILE, errno.ENOMEM, errno.ETIMEDOUT, errno.ENOTCONN,
+                    errno.EHOSTDOWN, errno.ECONNREFUSED, errno.ECONNRESET}
+
+
+def _outcome(error: Exception | None) -> int:
+  if error is None:
+    return _RESTORED
+  if _out_of_memory(error):
+    return _OUT_OF_MEMORY
+  os_error = _caused_by_os_error(error)
+  if os_error is not None and os_error.errno in _REFUSING_ERRNOS:
+    return _REFUSED
+  return _UNREADABLE
 
 
 def _first_line(error: Exception) -> str:
@@ -329,7 +415,7 @@ def _first_line(error: Exception) -> str:
 
 
 def _worst_everywhere(code: int) -> int:
-  """The largest of every process's `code` (0: restored, 1: unreadable, 2: out of memory)."""
+  """The largest of every process's `code` (`_outcome`)."""
   if jax.process_count() == 1:
     return code
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top

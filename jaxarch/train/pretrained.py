@@ -55,11 +55,7 @@ def load_checkpoint(workdir: str | Path, *, step: int | None = None, mesh_overri
     raise FileNotFoundError(f'{saved} not found: is {workdir} a jaxarch workdir?')
   cfg, mesh = mesh_here(config_lib.load_json(saved, mesh_overrides))
   setup = make_setup(cfg, mesh)
-  checkpointer = Checkpointer(workdir, async_save=False)
-  state, restored = checkpointer.restore(setup.abstract_state, step=step)
-  checkpointer.close()
-  if state is None:
-    raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}')
+  state, restored = Checkpointer.read(workdir, setup.abstract_state, step=step)
   return cfg, merge_model(setup, state), restored
 
 
@@ -70,13 +66,7 @@ def _restored_model(workdir: Path, mesh: Mesh, mesh_cfg: ml_collections.ConfigDi
   tree['mesh'] = mesh_cfg.to_dict()
   cfg = config_lib.validate(ml_collections.ConfigDict(tree))
   setup = make_setup(cfg, mesh)
-  checkpointer = Checkpointer(workdir, async_save=False)
-  state, _ = checkpointer.restore(setup.abstract_state)
-  checkpointer.close()
-  if state is None:
-    raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}: train the run in '
-                            f'{workdir} first')
-  return state
+  return Checkpointer.read(workdir, setup.abstract_state)[0]
 
 
 def with_pretrained_parts(cfg: ml_collections.ConfigDict, setup: TrainSetup,

@@ -149,8 +149,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
           f'{workdir} ({restored_step}); raise it to train on, or use a new --workdir')
     if state is None:
       state = with_pretrained_parts(cfg, setup, init_state(cfg, setup))
-    if jax.process_index() == 0:  # only once the checkpoints are known to be this model's
-      config_lib.save(cfg, workdir / 'config.json')
+      _save_config(cfg, workdir)  # a resumed run's, with its first checkpoint
     # The steps logged after the checkpoint run again: their records are forgotten.
     writer = MetricsWriter(workdir, tensorboard=cfg.log.tensorboard,
                            after_step=restored_step or 0)
@@ -187,6 +186,14 @@ def _window_metrics(pending: list[dict]) -> dict:
     values = [m[key] for m in finite]
     return float(values[-1] if is_window_metric(key) else np.mean(values))
   return {k: reduce(k) for k in pending[0] if k not in _UNLOGGED}
+
+
+def _save_config(cfg: ml_collections.ConfigDict, workdir: Path) -> None:
+  """workdir/config.json, which `load`, `eval` and resumes read: the config of the run's
+  newest checkpoints, so written only once they are known to be this model's, and by a
+  resumed run (whose config may differ) only as it saves its first checkpoint."""
+  if jax.process_index() == 0:
+    config_lib.save(cfg, workdir / 'config.json')
 
 
 def _paused(watch: Stopwatch | None):
@@ -254,6 +261,8 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
       final.update(logged)
 
     if saving:
+      if not checkpointer.saved_any:
+        _save_config(cfg, workdir)
       with _paused(watch):  # nor is saving a checkpoint
         checkpointer.save(step, state, data_iter, force=True,
                           eval_loss=logged.get('eval_loss') if evaluating else None)
@@ -270,21 +279,14 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
 def evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
              step: int | None = None) -> dict:
   """Validation loss and bits per byte of the run's latest (or given) checkpoint."""
-  if not Checkpointer.exists(workdir):  # before the Checkpointer, which creates its dir
-    raise FileNotFoundError(f'no checkpoint in {Path(workdir) / "checkpoints"}; train first '
-                            f'with `jaxarch train --workdir={workdir}`')
+  Checkpointer.require(workdir)  # before building anything
   cfg, mesh = mesh_here(cfg)
   setup = make_setup(cfg, mesh)
   batches = eval_batches(cfg, setup)
   if (missing := no_validation_data(cfg, batches)) is not None:
     raise config_lib.ConfigError(f'config error: {missing}: nothing to evaluate on; raise '
                                  'the fraction or add files')
-  checkpointer = Checkpointer(workdir, async_save=False)
-  state, restored = checkpointer.restore(setup.abstract_state, step=step)
-  checkpointer.close()
-  if state is None:
-    raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}; train first with '
-                            f'`jaxarch train --workdir={workdir}`')
+  state, restored = Checkpointer.read(workdir, setup.abstract_state, step=step)
   result = {'step': restored,
             **run_eval(setup, state, _eval_step(cfg, setup), batches)}
   out = Path(workdir) / f'eval_{restored}.json'
