@@ -199,8 +199,7 @@ def _export(args, overrides):
     else:
       max_len = cfg.model.max_len if args.max_len is None else args.max_len
       export_stablehlo(model, cfg, partial, batch_size=args.batch_size or 1,
-                       prompt_len=max(max_len // 2, 1) if args.prompt_len is None
-                       else args.prompt_len, max_len=max_len,
+                       prompt_len=args.prompt_len, max_len=max_len,
                        platforms=tuple(args.platforms.split(',')) if args.platforms
                        else None, source=source, final=args.out)
   out = Path(args.out)

@@ -89,9 +89,11 @@ def test_stablehlo_generates_the_tokens_of_jaxarch_generate(tmp_path, family):
   cfg = _config(family)
   model = _model(cfg, seed=1)
   prompts = [[257, 100, 101, 102], [257, 50]]
-  export_stablehlo(model, cfg, tmp_path / 'out', batch_size=2, prompt_len=8, max_len=20)
+  export_stablehlo(model, cfg, tmp_path / 'out', batch_size=2, prompt_len=None, max_len=20)
   want, _ = infer.generate(model, prompts, max_new_tokens=12, stop_ids=(257,), vocab_limit=258)
   exported = StableHLOModel(tmp_path / 'out')
+  # By default half the positions hold the prompt: whole patches of MEGABYTE's 4 bytes.
+  assert exported.spec['prompt_len'] == (8 if family == 'megabyte' else 10)
   got = exported.generate(prompts, max_new_tokens=12)
   assert got == want and len(got[0]) >= 1
   # The untrained model prefers some of the padding ids (258-383): never generated.

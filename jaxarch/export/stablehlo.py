@@ -42,11 +42,14 @@ PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # jax.export's lowering platforms
 
 
 def export_stablehlo(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path, *,
-                     batch_size: int, prompt_len: int, max_len: int,
+                     batch_size: int, prompt_len: int | None, max_len: int,
                      platforms: tuple[str, ...] | None = None, source: str = '',
                      final: str | Path | None = None) -> Path:
-  """Writes OUT as above for `model` (built from `cfg`); `final`: as for `write_model`."""
+  """Writes OUT as above for `model` (built from `cfg`); `final`: as for `write_model`.
+  `prompt_len` None: half of `max_len`, in whole patches for MEGABYTE."""
   patch = getattr(model, 'patch_size', 1)  # MEGABYTE prefills whole patches
+  if prompt_len is None:
+    prompt_len = max(max_len // 2 // patch, 1) * patch
   if batch_size < 1 or prompt_len < 1 or prompt_len % patch:
     raise ExportError(f'export: batch_size={batch_size} and prompt_len={prompt_len} must be '
                       f'positive, prompt_len a multiple of the patch size {patch}')
