@@ -69,6 +69,7 @@ def get_config(arg=None):
   c = config_lib.load(f'{Path(__file__).with_name("dense.py")}:{dense}')
   c.unlock()
   c.model.family = 'megabyte'
+  c.model.tie_embeddings = True  # the head is the local byte embedding's (DESIGN 7.3)
   for key in ('d_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff'):
     c.model[key] = p[key]
   seq_len = p.get('seq_len', c.data.seq_len)

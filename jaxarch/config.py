@@ -444,6 +444,9 @@ def _check_megabyte(cfg: ConfigDict) -> None:
                       f'patch_size={p}, so that every document starts on a patch boundary')
   if cfg.data.tokenizer != 'bytes':
     raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r}: MEGABYTE models bytes; use 'bytes'")
+  if not cfg.model.tie_embeddings:
+    raise ConfigError('model.tie_embeddings=False: a MEGABYTE head is always tied to its '
+                      'local byte embedding; set it True')
   pad = _number(cfg, 'model.megabyte.pad_id', int)
   if not 0 <= pad < cfg.model.vocab_size:
     raise ConfigError(f'model.megabyte.pad_id={pad} must be in [0, model.vocab_size='
@@ -899,6 +902,9 @@ INIT_MODEL_KEYS = ('init_truncation', 'residual_init_scale')
 
 
 def _with_new_run_keys(tree: dict) -> dict:
+  model = tree.get('model')
+  if isinstance(model, dict) and model.get('family') == 'megabyte':
+    model['tie_embeddings'] = True  # always tied; saved as False before 2026-12-03
   try:
     defaults = to_dict(load(str(_REPO_ROOT / 'configs' / 'dense.py')))  # not ./configs
   except ConfigError:  # an installed package without configs/: nothing to fill from

@@ -469,6 +469,19 @@ def test_a_moe_run_saved_before_the_kernel_choice_resumes_with_auto(tmp_path):
   assert config_lib.load_json(path).model.init_truncation == 0.0
 
 
+def test_a_megabyte_head_is_tied_and_runs_saved_saying_otherwise_still_load(tmp_path):
+  # The head was always the local byte embedding's; configs said False until 2026-12-03.
+  assert config_lib.load('configs/megabyte.py:tiny').model.tie_embeddings
+  assert 'a MEGABYTE head is always tied' in error_of(
+      config_lib.load, 'configs/megabyte.py:tiny', ['model.tie_embeddings=false'])
+  path = tmp_path / 'config.json'
+  config_lib.save(config_lib.load('configs/megabyte.py:tiny'), path)
+  old = json.loads(path.read_text())
+  old['model']['tie_embeddings'] = False
+  path.write_text(json.dumps(old))
+  assert config_lib.load_json(path).model.tie_embeddings
+
+
 def test_hash_depends_on_values_only():
   assert config_lib.config_hash(tiny()) == config_lib.config_hash(tiny())
   assert config_lib.config_hash(tiny()) != config_lib.config_hash(tiny('train.seed=1'))
