@@ -146,6 +146,13 @@ def test_compiled_kernels_off_a_gpu_are_a_config_error_naming_the_key(spec, key)
     models.build(cfg.model, rngs=nnx.Rngs(0))
 
 
+def test_float16_off_a_gpu_is_a_config_error_naming_the_key():
+  # XLA:CPU refuses float16 attention with float32 sums at compile time, deep in a step.
+  cfg = config_lib.load('configs/dense.py:tiny', ['model.dtype=float16'])
+  with pytest.raises(ConfigError, match="model.dtype='float16' runs on GPUs, not on cpu"):
+    models.build(cfg.model, rngs=nnx.Rngs(0))
+
+
 def test_residual_writes_start_smaller_unless_every_weight_takes_one_std():
   o_proj_std = lambda scaled: float(jnp.std(models.build(
       tiny_config(**{'model.residual_init_scale': scaled}).model,

@@ -37,7 +37,7 @@ def build(model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module
   if model_cfg.family not in FAMILIES:
     raise ValueError(f'config error: model.family={model_cfg.family!r} is not built yet; '
                      f'available: {sorted(FAMILIES)}')
-  _check_kernels(model_cfg)
+  _check_runs_here(model_cfg)
   return FAMILIES[model_cfg.family](model_cfg, rngs=rngs)
 
 
@@ -46,7 +46,12 @@ def build(model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module
 _KERNELS = {('ultramem', 'lookup_impl'): lookup_kernels, ('moe', 'matmul_impl'): matmul_kernels}
 
 
-def _check_kernels(model_cfg: ml_collections.ConfigDict) -> None:
+def _check_runs_here(model_cfg: ml_collections.ConfigDict) -> None:
+  if model_cfg.dtype == 'float16' and jax.default_backend() != 'gpu':
+    # jax.nn.dot_product_attention asks for float16 products summed in float32, which
+    # only GPUs compile (XLA:CPU and TPUs refuse them at compile time).
+    raise ConfigError(f"config error: model.dtype='float16' runs on GPUs, not on "
+                      f'{jax.default_backend()}; use bfloat16 (or float32)')
   for (section, key), kernels_for in _KERNELS.items():
     if section in model_cfg and key in model_cfg[section]:
       try:
