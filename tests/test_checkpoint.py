@@ -255,6 +255,12 @@ def test_a_damaged_latest_checkpoint_is_detected_and_the_previous_one_used(
   assert at == 1 and 'checkpoint' in caplog.text and 'unreadable' in caplog.text
   _assert_trees_equal(restored, state)
   assert [p.name.split('-')[0] for p in (tmp_path / 'corrupt_checkpoints').iterdir()] == ['2']
+  if damage == 'checksums lost':  # with the metadata that listed them: not silent either
+    shutil.rmtree(tmp_path / 'checkpoints' / '1' / 'checksums')
+    (tmp_path / 'checkpoints' / '1' / '_CHECKPOINT_METADATA').unlink()
+    caplog.clear()
+    restored, at = Checkpointer(tmp_path).restore(setup.abstract_state)
+    assert at == 1 and 'has no checksums: its arrays are restored unverified' in caplog.text
 
 
 def test_the_last_checkpoints_and_the_best_evaluated_one_are_kept(tmp_path):

@@ -201,8 +201,11 @@ class Checkpointer:
                                 f'model: {why}. Use a new --workdir, or the config the '
                                 'checkpoint was trained with.')
         items = {'state': ocp.args.StandardRestore(abstract_state)}
-        if (where / 'checksums').is_dir():  # not before 2026-12
+        if (where / 'checksums').is_dir():
           items['checksums'] = ocp.args.JsonRestore()
+        else:  # written before 2026-12, or lost with the metadata that listed them
+          log.warning('checkpoint %s has no checksums: its arrays are restored unverified',
+                      where)
         if data_iterator is not None and self._data_position_fits(s):
           items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(s, args=ocp.args.Composite(**items))
