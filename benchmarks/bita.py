@@ -140,6 +140,9 @@ def main(argv=None):
                       help='the stages to run now (the others must be done already)')
   parser.add_argument('--out', default='benchmarks/results/bita.json')
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  if not all(0 < b <= args.eval_prompts for b in args.batches):  # now, not after training
+    parser.error(f'--batches={",".join(map(str, args.batches))}: each must be in 1..'
+                 f'--eval_prompts={args.eval_prompts}')
   workdir = Path(args.workdir or tempfile.mkdtemp(prefix='jaxarch-bita-'))
   dtype = 'bfloat16' if on_accelerator() else 'float32'
   stages = set(args.stages.split(','))

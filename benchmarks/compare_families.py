@@ -6,7 +6,8 @@ Trains each family's `tiny` preset for the same steps on the same data (the defa
 corpus, same seed and batch order) and evaluates it on the same validation batches. The
 dense baseline's d_ff is widened until its activated parameters per token match the
 largest activated count among the sparse families, so the comparison is at equal
-compute per token; sparse families keep their extra (inactive) parameters.
+compute per token; sparse families keep their extra (inactive) parameters. Writes JSON
+with the device.
 """
 
 import argparse
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from flax import nnx
 
-from report import emit
+from report import device_info, emit
 
 from jaxarch import config as config_lib
 from jaxarch import models
@@ -70,7 +71,7 @@ def main(argv=None):
           for r in results]
   emit(f'tiny presets, {args.steps} steps, default corpus, equal active params',
        ('family', 'total params', 'active params', 'val bpb', 'tokens/s', 'wall'), rows,
-       results, args.out)
+       {**device_info(), 'results': results}, args.out)
 
 if __name__ == '__main__':
   main()

@@ -185,7 +185,7 @@ def main(argv=None):
   quality = []
   if args.bpb_steps:
     root = Path(args.workdir or tempfile.mkdtemp(prefix='jaxarch-megabyte-'))
-    quality = data['quality'] = equal_compute_quality(configs(args.bpb_preset, []),
+    quality = data['quality'] = equal_compute_quality(configs(args.bpb_preset, overrides),
                                                       args.bpb_steps, root)
 
   rows = []

@@ -67,13 +67,22 @@ CEILING = {'gpu': (8192, 'bfloat16'), 'cpu': (512, 'float32')}
 XLA_PATHS = {'moe': 'model.moe.matmul_impl=xla', 'ultramem': 'model.ultramem.lookup_impl=xla'}
 
 
-def run_case(case: str, steps: int, profile_dir: Path | None = None,
-             moe_overrides: tuple[str, ...] = ()) -> dict:
-  """`moe_overrides`: the MoE family's kernel settings (`moe_kernel_overrides`)."""
-  family, preset, batch, remat, *extra = case.split(':')
+def parse_case(case: str, moe_overrides=()) -> tuple[str, str, list[str]]:
+  """FAMILY:PRESET:BATCH:REMAT[:KEY=VALUE+...] -> (family, preset, config overrides);
+  `moe_overrides`: the MoE family's kernel settings (`moe_kernel_overrides`)."""
+  parts = case.split(':')
+  if len(parts) < 4 or not all(parts[:4]):
+    raise ValueError('expected FAMILY:PRESET:BATCH:REMAT[:KEY=VALUE+...]')
+  family, preset, batch, remat, *extra = parts
   overrides = [f'train.batch_size={batch}', f'model.remat={remat}', 'mesh.ici.data=-1',
                *[o for o in ':'.join(extra).split('+') if o],
                *(moe_overrides if family == 'moe' else ())]
+  return family, preset, overrides
+
+
+def run_case(case: str, steps: int, profile_dir: Path | None = None,
+             moe_overrides: tuple[str, ...] = ()) -> dict:
+  family, preset, overrides = parse_case(case, moe_overrides)
   result = _measured(case, family, preset, overrides, steps, profile_dir)
   xla = XLA_PATHS.get(family)
   if result.get('error', '').startswith('failed') and xla and xla not in overrides:
@@ -135,6 +144,12 @@ def main(argv=None):
   parser.add_argument('--out', default='benchmarks/results/mfu.json')
   args = parser.parse_args(argv)
   moe_overrides = moe_kernel_overrides(args.moe_kernels_from) if args.moe_kernels_from else []
+  for case in args.cases.split(','):  # a typo in the last case fails now, not after the rest
+    try:
+      family, preset, overrides = parse_case(case, moe_overrides)
+      config_lib.load(f'configs/{family}.py:{preset}', overrides)
+    except ValueError as e:  # config_lib.ConfigError too
+      parser.error(f'--cases: {case}: {e}')
   profile_dir = None
   if args.profile:
     profile_dir = Path(args.profile_dir or tempfile.mkdtemp(prefix='jaxarch_mfu_'))

@@ -11,7 +11,8 @@ A second table times the grouped matmul alone (forward + both gradients of one e
 projection) per implementation: `jax.lax.ragged_dot` and, on GPU, the Pallas kernels
 (whose largest relative difference from `ragged_dot` is recorded), and at one expert
 count (`tiling_experts`) the kernels again with each of `tilings` (block sizes, warps,
-stages: which one to make the default; the fastest is recorded as `<impl>_best_tiling`).
+stages: which one to make the default; each checked against `ragged_dot` too, the fastest
+that matches it is recorded as `<impl>_best_tiling`).
 `mfu_overrides` says how `benchmarks/mfu.py --moe_kernels_from` runs its MoE cases after
 that: the fastest tiling, or `ragged_dot` if the kernels failed or differ from it. TFLOP/s
 count the real rows' FLOPs; `XLA FLOPs / real` is what XLA's cost analysis counts for
@@ -97,11 +98,20 @@ def grouped_matmul_case(experts: int, rows: int, d: int, f: int, dtype, impls, i
     seconds = timed_or_error(fn, x, w, dy, sizes, iters=iters)
     return (None if isinstance(seconds, str) else fn), seconds
 
+  def tiling_record(impl, tiling: Tiling) -> dict:
+    """A swept tiling's time and, like the default's, its difference from ragged_dot:
+    the fastest goes to benchmarks/mfu.py, so a wrong one must not look best."""
+    fn, seconds = run(impl, tiling)
+    if fn is None:
+      return dict(tiling._asdict(), error=seconds)
+    checked = {} if reference is None else {
+        'max_rel_error': max_rel_error(fn(x, w, dy, sizes), reference)}
+    return dict(tiling._asdict(), s=seconds, tflops=real_flops / seconds / 1e12, **checked)
+
   reference = None
   for impl in impls:
     if impl != 'xla' and tilings:  # also when the default tiling fails to compile
-      record[f'{impl}_tilings'] = [tiling_record(Tiling(*t), *run(impl, Tiling(*t)), real_flops)
-                                   for t in tilings]
+      record[f'{impl}_tilings'] = [tiling_record(impl, Tiling(*t)) for t in tilings]
     fn, seconds = run(impl)
     if fn is None:
       record[f'{impl}_s'], record[f'{impl}_error'] = None, seconds
@@ -117,12 +127,6 @@ def grouped_matmul_case(experts: int, rows: int, d: int, f: int, dtype, impls, i
     if f'{impl}_tilings' in record:
       record[f'{impl}_best_tiling'] = best_tiling(record, impl)
   return record
-
-
-def tiling_record(tiling: Tiling, fn, seconds, real_flops: float) -> dict:
-  if fn is None:
-    return dict(tiling._asdict(), error=seconds)
-  return dict(tiling._asdict(), s=seconds, tflops=real_flops / seconds / 1e12)
 
 
 def tiling_name(t: dict) -> str:
@@ -213,11 +217,20 @@ def matmul_table(g: dict, iters: int, data: dict, out: str) -> dict:
 
 
 def best_tiling(record: dict, impl: str) -> dict | None:
-  """The fastest of the default tiling and the swept ones, with its TFLOP/s (None: none
-  ran)."""
-  ran = [dict(Tiling()._asdict(), tflops=record[f'{impl}_tflops'])] if record[f'{impl}_s'] else []
-  ran += [t for t in record[f'{impl}_tilings'] if 'tflops' in t]
-  return max(ran, key=lambda t: t['tflops']) if ran else None
+  """The fastest of the default tiling and the swept ones that match ragged_dot, with its
+  TFLOP/s (None: none ran and matched)."""
+  ran = [t for t in record[f'{impl}_tilings'] if 'tflops' in t]
+  if record[f'{impl}_s']:  # the default tiling
+    ran.insert(0, dict(Tiling()._asdict(), tflops=record[f'{impl}_tflops'],
+                       max_rel_error=record.get(f'{impl}_max_rel_error', math.inf)))
+  correct = [t for t in ran if matches(t.get('max_rel_error', math.inf))]  # unchecked: out
+  return max(correct, key=lambda t: t['tflops'], default=None)
+
+
+def matches(error: float) -> bool:
+  """Whether a kernel's difference from ragged_dot is within the limit; a NaN is not
+  (`NaN > limit` is False, hence `<=`)."""
+  return error <= MAX_KERNEL_ERROR
 
 
 def mfu_overrides(records: list[dict], kernels: list[str]) -> list[str]:
@@ -225,7 +238,7 @@ def mfu_overrides(records: list[dict], kernels: list[str]) -> list[str]:
   `ragged_dot` when the kernels failed or differ from it, else with their fastest tiling;
   as configured when no tiling was timed."""
   for impl in kernels:  # unchecked (no ragged_dot reference ran) counts as failed
-    if any(f'{impl}_error' in r or r.get(f'{impl}_max_rel_error', math.inf) > MAX_KERNEL_ERROR
+    if any(f'{impl}_error' in r or not matches(r.get(f'{impl}_max_rel_error', math.inf))
            for r in records if f'{impl}_s' in r):
       return ['model.moe.matmul_impl=xla']
   best = [r[f'{i}_best_tiling'] for i in kernels for r in records if r.get(f'{i}_best_tiling')]

@@ -1,7 +1,7 @@
 """What every benchmark ends with: a table on the terminal and the full numbers as JSON."""
 
 import argparse
-import json
+import math
 from pathlib import Path
 import time
 
@@ -11,6 +11,8 @@ import numpy as np
 
 from rich.console import Console
 from rich.table import Table
+
+from jaxarch.train.metrics import standard_json
 
 
 def emit(title: str, columns, rows, data, out: str | Path):
@@ -34,7 +36,7 @@ def save(data, out: str | Path):
   out = Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
   part = out.with_name(out.name + '.part')  # a kill mid-write keeps the last whole file
-  part.write_text(json.dumps(data, indent=2) + '\n')
+  part.write_text(standard_json(data, indent=2) + '\n')  # NaN as null: strict JSON
   part.replace(out)
 
 
@@ -52,8 +54,13 @@ def timed(fn, *args, iters: int) -> float:
 def timed_or_error(fn, *args, iters: int) -> float | str:
   """`timed`, or the error as text: a cell that does not compile or fit on this device
   (a kernel, an expanded ragged_dot) costs that cell only, not the table."""
+  return or_error(timed, fn, *args, iters=iters)
+
+
+def or_error(fn, *args, **kwargs):
+  """`fn(*args, **kwargs)`, or the error as text (see `timed_or_error`)."""
   try:
-    return timed(fn, *args, iters=iters)
+    return fn(*args, **kwargs)
   except Exception as e:  # pylint: disable=broad-except
     return f'{type(e).__name__}: {e}'[:2000]
 
@@ -67,8 +74,16 @@ def _max_rel_error(got, want):
 def max_rel_error(got, want) -> float:
   """The largest difference between two sets of arrays over the largest magnitude of the
   reference, the worst over the set: a kernel's check against its reference, fused by XLA
-  (no fp32 copies of large outputs)."""
-  return max(float(_max_rel_error(a, b)) for a, b in zip(got, want))
+  (no fp32 copies of large outputs). A NaN or infinity anywhere counts as an infinite error:
+  `max` would skip a NaN, and `nan > limit` is False."""
+  errors = [float(_max_rel_error(a, b)) for a, b in zip(got, want)]
+  return max(e if math.isfinite(e) else math.inf for e in errors)
+
+
+def device_info() -> dict:
+  """What every benchmark JSON starts with: the device it ran on."""
+  device = jax.devices()[0]
+  return dict(device=str(device), device_kind=device.device_kind, jax_version=jax.__version__)
 
 
 def on_accelerator() -> bool:

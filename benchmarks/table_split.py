@@ -49,7 +49,9 @@ MESHES = {
 SHARDS = (2, 4, 8)
 
 
-def step_cases(preset: str, meshes, steps: int, batch: int, out: str) -> list[dict]:
+def step_cases(preset: str, meshes, steps: int, batch: int, out: str,
+               info: dict) -> list[dict]:
+  """Both designs' step per mesh; `info` (the device) heads each partial save."""
   if jax.device_count() < 8:
     print(f'skipping the step table: it needs 8 devices, {jax.device_count()} here '
           '(on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=8)')
@@ -69,7 +71,7 @@ def step_cases(preset: str, meshes, steps: int, batch: int, out: str) -> list[di
     case['step_ratio'] = case['rows_step_s'] / case['width_step_s']
     case['collective_ratio'] = case['rows_collective_mb'] / case['width_collective_mb']
     rows.append(case)
-    save({'step': rows}, out)
+    save({**info, 'step': rows}, out)  # a run cut off keeps these
   return rows
 
 
@@ -129,7 +131,8 @@ def main(argv=None):
   meshes = args.meshes.split(',') if args.meshes else []
   if unknown := set(meshes) - set(MESHES):
     parser.error(f'--meshes: unknown {sorted(unknown)}; expected some of {list(MESHES)}')
-  result['step'] = step_cases(args.preset, meshes, args.steps, args.batch_size, args.out)
+  result['step'] = step_cases(args.preset, meshes, args.steps, args.batch_size, args.out,
+                              result)
   if result['step']:
     emit(f'ultramem:{args.preset} train step, table split by rows vs width ({device})',
          ('mesh', 'rows s', 'width s', 'rows/width', 'rows MiB', 'width MiB', 'rows/width'),

@@ -19,6 +19,7 @@ import jax
 from report import emit
 
 from jaxarch import config as config_lib
+from jaxarch.cli import at_least_one, split_overrides
 from jaxarch.train.throughput import measure
 
 
@@ -26,16 +27,20 @@ def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--config', default='configs/dense.py:tiny')
-  parser.add_argument('--steps', type=int, default=10, help='timed steps')
-  parser.add_argument('--warmup', type=int, default=2, help='untimed steps (compilation)')
+  parser.add_argument('--steps', type=at_least_one, default=10, help='timed steps')
+  parser.add_argument('--warmup', type=at_least_one, default=2,
+                      help='untimed steps (compilation)')
   parser.add_argument('--out', default='benchmarks/results/train_step.json')
   parser.add_argument('--profile', help='also write a jax.profiler trace of 3 steps here')
-  overrides = [a for a in argv if a.startswith('--config.')]
-  args = parser.parse_args([a for a in argv if not a.startswith('--config.')])
-  cfg = config_lib.load(args.config, overrides)
+  overrides, rest = split_overrides(list(argv))  # as `jaxarch bench train` takes them
+  args = parser.parse_args(rest)
+  try:  # a bad preset, override or mesh: one line naming the key, as the jaxarch CLI says it
+    cfg = config_lib.load(args.config, overrides)
+    measured = measure(cfg, steps=args.steps, warmup=args.warmup, profile_dir=args.profile)
+  except config_lib.ConfigError as e:
+    parser.error(str(e))
   result = {'config': args.config, 'overrides': overrides, 'host': platform.node(),
-            'jax': jax.__version__,
-            **measure(cfg, steps=args.steps, warmup=args.warmup, profile_dir=args.profile)}
+            'jax': jax.__version__, **measured}
 
   mfu = result['mfu']
   row = [f'{result["params_total"] / 1e6:,.1f}M',

@@ -65,7 +65,8 @@ def _count(text: str, least: int = 0) -> int:
   return value
 
 
-def _at_least_one(text: str) -> int:
+def at_least_one(text: str) -> int:
+  """An argparse type: a count of at least 1 (the benchmarks take it too)."""
   return _count(text, least=1)
 
 
@@ -282,8 +283,8 @@ def _parser() -> argparse.ArgumentParser:
   bench.add_argument('what', choices=('train', 'memory'),
                      help='train: time the train step; memory: bytes per device of the '
                      'train state and the compiled step, without allocating them')
-  bench.add_argument('--steps', type=_at_least_one, default=10, help='timed steps')
-  bench.add_argument('--warmup', type=_at_least_one, default=2,
+  bench.add_argument('--steps', type=at_least_one, default=10, help='timed steps')
+  bench.add_argument('--warmup', type=at_least_one, default=2,
                      help='untimed steps (the first compiles)')
   bench.add_argument('--profile', action='store_true',
                      help='also write a jax.profiler trace of 3 steps to WORKDIR/profile')
@@ -332,11 +333,11 @@ def _parser() -> argparse.ArgumentParser:
   exp.add_argument('--out', required=True, help='a new directory')
   exp.add_argument('--format', choices=('safetensors', 'stablehlo'), default='safetensors')
   exp.add_argument('--step', type=int, help='checkpoint step (default: latest)')
-  exp.add_argument('--batch_size', type=_at_least_one,
+  exp.add_argument('--batch_size', type=at_least_one,
                    help='stablehlo: sequences per call (default: 1)')
-  exp.add_argument('--prompt_len', type=_at_least_one, help='stablehlo: prompt length '
+  exp.add_argument('--prompt_len', type=at_least_one, help='stablehlo: prompt length '
                    '(default: max_len // 2)')
-  exp.add_argument('--max_len', type=_at_least_one, help='stablehlo: cache positions '
+  exp.add_argument('--max_len', type=at_least_one, help='stablehlo: cache positions '
                    '(default: model.max_len)')
   exp.add_argument('--platforms', help='stablehlo: e.g. cpu,cuda,tpu (default: this one)')
   exp.set_defaults(func=_export)
@@ -347,7 +348,7 @@ def _parser() -> argparse.ArgumentParser:
   sweep.add_argument('--config', required=True,
                      help='sweep file and argument, e.g. configs/sweeps/isoflop.py:tiny')
   sweep.add_argument('--workdir', required=True)
-  sweep.add_argument('--parallel', type=_at_least_one, default=1, help='runs at a time')
+  sweep.add_argument('--parallel', type=at_least_one, default=1, help='runs at a time')
   sweep.add_argument('--launcher', help='render one cluster job per run instead of running: '
                      f'{", ".join(launch_lib.TARGETS)} (their keys: --config.launch.KEY=VALUE)')
   sweep.add_argument('--collect', action='store_true',

@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -20,6 +21,7 @@ import decode  # pylint: disable=g-import-not-at-top,wrong-import-position
 import megabyte  # pylint: disable=g-import-not-at-top,wrong-import-position
 import mfu  # pylint: disable=g-import-not-at-top,wrong-import-position
 import moe  # pylint: disable=g-import-not-at-top,wrong-import-position
+import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 import sparse_lookup  # pylint: disable=g-import-not-at-top,wrong-import-position
 import table_split  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -35,6 +37,18 @@ def test_train_step_benchmark_writes_its_record(tmp_path):
   assert record['device_kind'] and record['tokens_per_s'] > 0
   assert record['params_total'] == record['params_active'] > 0
   assert record['opaque_kernels'] == {}  # XLA:CPU runs no kernel it cannot count
+
+
+@pytest.mark.parametrize('argv, says', [
+    (['--steps=0'], 'argument --steps: 0 must be >= 1'),
+    (['--config=configs/dense.py:nope'], "unknown preset 'nope'"),
+    (['--config.model.nosuch=1'], "unknown key 'model.nosuch'"),
+    (['--config.train.batch_size', '3'], 'train.batch_size=3 must be divisible by 8'),
+])
+def test_train_step_benchmark_says_a_bad_flag_in_one_line(argv, says, tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    train_step.main([*argv, f'--out={tmp_path / "train_step.json"}'])
+  assert says in capsys.readouterr().err
 
 
 def test_opaque_kernels_are_the_custom_calls_xla_counts_no_flops_for():
@@ -110,6 +124,19 @@ def test_mfu_benchmark_tables_each_case(tmp_path):
   assert all(r['tokens_per_s'] > 0 for r in data['results'])
 
 
+@pytest.mark.parametrize('cases', [
+    'dense:tiny', 'dense:tiny:8:none,moe:tiny:8:none:model.moe.top_k=99'])
+def test_mfu_benchmark_refuses_a_bad_case_before_measuring_any(cases, tmp_path, monkeypatch,
+                                                                capsys):
+  def measured(*_, **__):
+    raise AssertionError('measured before the cases were checked')
+  monkeypatch.setattr(mfu, 'matmul_ceiling', measured)
+  monkeypatch.setattr(mfu, 'measure', measured)
+  with pytest.raises(SystemExit):
+    mfu.main([f'--cases={cases}', f'--out={tmp_path / "mfu.json"}'])
+  assert f'--cases: {cases.split(",")[-1]}: ' in capsys.readouterr().err
+
+
 def test_sparse_lookup_benchmark_times_the_xla_path_on_cpu(tmp_path, monkeypatch):
   monkeypatch.setitem(sparse_lookup.GRIDS, 'cpu', [(40, 5, 64, 100, 'float32')])
   monkeypatch.setitem(sparse_lookup.BAG_GRIDS, 'cpu', [(40, 6, 64, 100, 'float32', 3)])
@@ -138,6 +165,27 @@ def test_sparse_lookup_kernels_that_fail_on_a_gpu_cost_their_cells_only(tmp_path
   (record,) = json.loads(out.read_text())['records']
   assert record['xla_forward_s'] > 0 and 'pallas_sorted_error' in record
   assert 'forward_ratio' not in record and 'pallas_forward_s' not in record
+
+
+def test_a_lookup_kernel_whose_forward_fails_costs_its_cells_only(tmp_path, monkeypatch):
+  # As a GPU where the Pallas forward does not compile but the atomic backward (whose jit
+  # drops the unused forward) does: its check, which calls the forward, fails.
+  def fails(*_):
+    raise RuntimeError('forward kernel does not compile here')
+  lookup_fns = sparse_lookup.lookup_fns
+  monkeypatch.setattr(sparse_lookup, 'lookup_fns', lambda impl, scatter: (
+      lookup_fns(impl, scatter) if impl == 'xla' else (fails, lookup_fns('xla', scatter)[1])))
+  monkeypatch.setattr(sparse_lookup.jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(sparse_lookup, 'copy_bandwidth', lambda iters, gib: 1e9)
+  monkeypatch.setattr(sparse_lookup, 'ive_read_table', lambda grid, impls, iters: ([], []))
+  monkeypatch.setitem(sparse_lookup.GRIDS, 'cpu', [(40, 5, 64, 100, 'float32')])
+  out = tmp_path / 'sparse_lookup.json'
+  sparse_lookup.main(['--iters=1', '--grid=cpu', f'--out={out}'])
+  (record,) = json.loads(out.read_text())['records']
+  assert 'does not compile' in record['pallas_sorted_error']
+  assert 'does not compile' in record['pallas_atomic_error']
+  assert 'pallas_atomic_backward_s' not in record and 'backward_ratio_atomic' not in record
+  assert 'pallas_atomic_max_rel_error' not in record and record['xla_forward_s'] > 0
 
 
 def test_ive_read_kernels_that_fail_cost_their_row_only(monkeypatch):
@@ -187,7 +235,7 @@ def test_moe_benchmark_times_three_layers_per_case(tmp_path, monkeypatch):
   assert 3.5 < matmul['xla_flops_over_real'] < 6  # the forward counts too: about 4
   assert matmul['interpret_s'] > 0 and matmul['interpret_max_rel_error'] < 1e-5
   (tiled,) = matmul['interpret_tilings']  # the kernels again with other blocks
-  assert tiled['block_m'] == 16 and tiled['tflops'] > 0
+  assert tiled['block_m'] == 16 and tiled['tflops'] > 0 and tiled['max_rel_error'] < 1e-5
   best = matmul['interpret_best_tiling']  # what mfu.py --moe_kernels_from runs MoE with
   assert best['tflops'] == max(tiled['tflops'], matmul['interpret_tflops'])
   cfg = config_lib.load('configs/moe.py:tiny', mfu.moe_kernel_overrides(out))
@@ -200,6 +248,47 @@ def test_moe_benchmark_times_three_layers_per_case(tmp_path, monkeypatch):
   assert moe.mfu_overrides(failed, ['interpret']) == ['model.moe.matmul_impl=xla']
   unchecked = [{k: v for k, v in matmul.items() if k != 'interpret_max_rel_error'}]
   assert moe.mfu_overrides(unchecked, ['interpret']) == ['model.moe.matmul_impl=xla']
+
+
+def test_a_kernel_whose_outputs_or_gradients_are_nan_fails_its_check():
+  ones, nan = np.ones(3, np.float32), np.array([np.nan, 1, 1], np.float32)
+  assert report.max_rel_error((ones, nan), (ones, ones)) == np.inf  # max() skips a late NaN
+  assert report.max_rel_error((nan, ones), (ones, ones)) == np.inf
+  record = {'pallas_s': 1.0, 'pallas_max_rel_error': float('nan')}  # NaN > limit is False
+  assert moe.mfu_overrides([record], ['pallas']) == ['model.moe.matmul_impl=xla']
+
+
+def test_a_swept_tiling_that_differs_from_ragged_dot_is_never_chosen(monkeypatch):
+  real = moe.grouped_matmul
+  def grouped_matmul(x, w, sizes, *, impl, tiling=None):  # 'pallas' wrong with 32-row blocks
+    y = real(x, w, sizes, impl='xla')
+    return 0 * y if impl == 'pallas' and tiling.block_m == 32 else y
+
+  monkeypatch.setattr(moe, 'grouped_matmul', grouped_matmul)
+  record = moe.grouped_matmul_case(4, 64, 16, 8, jnp.float32, ('xla', 'pallas'), iters=1,
+                                   tilings=((32, 64, 32, 4, 2), (16, 64, 32, 4, 2)))
+  wrong, right = record['pallas_tilings']
+  assert wrong['max_rel_error'] == pytest.approx(1.0) and right['max_rel_error'] < 1e-6
+  unchecked = dict(right, block_m=128)
+  del unchecked['max_rel_error']
+  nan = dict(right, block_m=256, max_rel_error=float('nan'))
+  for t in wrong, unchecked, nan:  # each the fastest: none of them may be chosen
+    t['tflops'] = 1e3 * max(record['pallas_tflops'], right['tflops'])
+  record['pallas_tilings'] += [unchecked, nan]
+  best = moe.best_tiling(record, 'pallas')
+  assert best['block_m'] in (16, moe.Tiling().block_m)
+  record['pallas_best_tiling'] = best
+  assert moe.mfu_overrides([record], ['pallas']) == [
+      f'model.moe.kernel_tiling={tuple(best[f] for f in moe.Tiling._fields)}']
+
+
+def test_benchmark_json_is_strict_json_with_nan_as_null(tmp_path):
+  report.save({'max_rel_error': float('nan'), 'tflops': [1.0, float('inf')]},
+              tmp_path / 'r.json')
+  def refuse(token):
+    raise ValueError(f'not standard JSON: {token}')
+  assert json.loads((tmp_path / 'r.json').read_text(), parse_constant=refuse) == {
+      'max_rel_error': None, 'tflops': [1.0, None]}
 
 
 def test_an_mfu_case_whose_kernels_fail_is_measured_again_on_xla(monkeypatch):
@@ -266,8 +355,20 @@ def test_compare_families_benchmark_writes_one_record_per_family(tmp_path, data_
   monkeypatch.setenv('JAXARCH_DATA_DIR', data_dir)
   out = tmp_path / 'compare.json'
   compare_families.main(['--steps=20', f'--workdir={tmp_path / "runs"}', f'--out={out}'])
-  records = json.loads(out.read_text())
-  assert [r['family'] for r in records] == ['dense', 'ultramem', 'moe']
+  data = json.loads(out.read_text())
+  assert [r['family'] for r in data['results']] == ['dense', 'ultramem', 'moe']
+  assert data['device_kind']
+
+
+def test_compare_families_json_names_the_device(tmp_path, monkeypatch):
+  monkeypatch.setattr(compare_families, 'counts', lambda cfg: {'total': 2, 'active': 1})
+  monkeypatch.setattr(compare_families, 'train', lambda cfg, workdir: {
+      'eval_bpb': 2.0, 'eval_loss': 1.4, 'loss': 1.5})
+  out = tmp_path / 'compare.json'
+  compare_families.main(['--steps=2', f'--workdir={tmp_path}', f'--out={out}'])
+  data = json.loads(out.read_text())
+  assert data['device_kind'] and data['jax_version']
+  assert [r['family'] for r in data['results']] == ['dense', 'ultramem', 'moe']
 
 
 
@@ -275,6 +376,20 @@ def test_row_shard_imbalance_is_the_busiest_shards_reads_over_the_mean():
   counts = np.array([4, 0, 0, 0, 2, 2, 2, 2])
   assert table_split.imbalance(counts, 2) == pytest.approx(8 / 6)
   assert table_split.imbalance(np.ones(8), 4) == 1.0
+
+
+def test_table_split_saves_the_device_with_each_finished_mesh(tmp_path, monkeypatch):
+  def measure(cfg, steps):  # the second mesh is cut off, as by a time limit
+    if cfg.mesh.ici.data == 2:
+      raise KeyboardInterrupt
+    return {'step_time_s': 1.0, 'collective_bytes_per_device': {'all-to-all': 2**20}}
+
+  monkeypatch.setattr(table_split, 'measure', measure)
+  out = tmp_path / 'table_split.json'
+  with pytest.raises(KeyboardInterrupt):
+    table_split.main(['--meshes=fsdp8,data2_fsdp4', '--train_steps=0', f'--out={out}'])
+  saved = json.loads(out.read_text())
+  assert saved['device'] and [r['mesh'] for r in saved['step']] == ['fsdp8']
 
 
 @pytest.mark.slow  # two compiles and a short training run
@@ -309,6 +424,26 @@ def _run_megabyte_benchmark(tmp_path, bpb_steps):
                  '--gen_batches=1', '--new_tokens=4', f'--bpb_steps={bpb_steps}',
                  f'--workdir={tmp_path / "runs"}', f'--out={out}'])
   return json.loads(out.read_text())
+
+
+def test_megabyte_quality_run_computes_in_the_speed_runs_dtype(tmp_path, monkeypatch):
+  class Stop(Exception):
+    pass
+  def quality(*_):
+    raise Stop
+  calls = []
+  def configs(preset, overrides):
+    calls.append(overrides)
+    return {}
+  monkeypatch.setattr(megabyte, 'on_accelerator', lambda: True)  # bf16
+  monkeypatch.setattr(megabyte, 'configs', configs)
+  monkeypatch.setattr(megabyte, 'training_speed', lambda *_: [])
+  monkeypatch.setattr(megabyte, 'generation_speed', lambda *_: [])
+  monkeypatch.setattr(megabyte, 'equal_compute_quality', quality)
+  with pytest.raises(Stop):
+    megabyte.main(['--bpb_steps=1', f'--workdir={tmp_path}', f'--out={tmp_path / "mb.json"}'])
+  speed, bpb = calls
+  assert 'model.dtype=bfloat16' in speed and bpb == speed
 
 
 @pytest.mark.slow
@@ -349,6 +484,14 @@ def test_bita_benchmark_runs_every_stage_and_checks_equality(tmp_path, data_dir,
     assert r['lossless'] and r['accepted_per_pass'] >= 1 and r['speedup'] > 0
     assert 0 < r['new_tokens'] <= 4 * 8  # end-of-document may stop a prompt early
   assert record['distill']['sequences']['train'] == 16
+
+
+def test_bita_refuses_batches_above_the_eval_prompts_before_training(tmp_path, monkeypatch,
+                                                                     capsys):
+  monkeypatch.setattr(bita, 'stage_base', lambda *_: pytest.fail('trained first'))
+  with pytest.raises(SystemExit):
+    bita.main([f'--workdir={tmp_path}', '--eval_prompts=4', '--batches=1,8'])
+  assert '--batches=1,8' in capsys.readouterr().err
 
 
 def test_peak_flops_tell_h100_variants_apart():
