@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from compare_families import counts, matched_dense
-from report import emit, ints, on_accelerator, save, scaled_parser
+from report import device_info, emit, ints, on_accelerator, save, scaled_parser
 
 from jaxarch import config as config_lib
 from jaxarch import infer, models
@@ -112,8 +112,7 @@ def main(argv=None):
 
   device = jax.devices()[0]
   records, rows = [], []
-  data = dict(device=str(device), device_kind=device.device_kind, jax_version=jax.__version__,
-              preset=args.preset, dtype=dtype, new_tokens=args.new_tokens,
+  data = dict(**device_info(), preset=args.preset, dtype=dtype, new_tokens=args.new_tokens,
               params={n: (b['params_total'], b['params_active']) for n, b in built.items()},
               records=records)
   for prompt in args.prompts:

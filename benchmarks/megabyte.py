@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from compare_families import counts
-from report import emit, ints, on_accelerator, save, scaled_parser
+from report import device_info, emit, ints, on_accelerator, save, scaled_parser
 
 from jaxarch import config as config_lib
 from jaxarch import infer, models
@@ -173,8 +173,7 @@ def main(argv=None):
   shapes = {n: f'{c.model.d_model}x{c.model.n_layers} d_ff {c.model.d_ff}'
             for n, c in runs.items()}
   device = jax.devices()[0]
-  data = dict(device=str(device), device_kind=device.device_kind, jax_version=jax.__version__,
-              preset=args.preset, bpb_preset=args.bpb_preset, dtype=dtype, params=params,
+  data = dict(**device_info(), preset=args.preset, bpb_preset=args.bpb_preset, dtype=dtype, params=params,
               shapes=shapes, training=[], generation=[], quality=[])
   # Saved after each record: a run cut off by a time limit keeps the ones it finished.
   saved = lambda: save(data, args.out)

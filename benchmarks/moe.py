@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from report import emit, max_rel_error, save, timed_or_error
+from report import device_info, emit, max_rel_error, save, timed_or_error
 
 from jaxarch.kernels.gmm_triton import Tiling
 from jaxarch.kernels.grouped_matmul import grouped_matmul
@@ -143,8 +143,7 @@ def main(argv=None):
   parser.add_argument('--out', default='benchmarks/results/moe.json')
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   g = GRIDS[args.grid]
-  device = jax.devices()[0]
-  data = dict(device=str(device), device_kind=device.device_kind, jax_version=jax.__version__)
+  data = device_info()
   tables = args.tables.split(',')
   if 'matmul' in tables:  # first: the kernels' check against ragged_dot is the quick part
     data.update(matmul_table(g, args.iters, data, args.out))

@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from report import emit, max_rel_error, or_error, save, timed, timed_or_error
+from report import (device_info, emit, max_rel_error, or_error, save, timed,
+                    timed_or_error)
 
 from jaxarch.kernels import sparse_lookup
 from jaxarch.kernels.sparse_lookup import one_lookup_per_bag
@@ -156,8 +157,7 @@ def main(argv=None):
     print('CPU: timing the XLA path only (the Pallas kernels need a GPU or TPU)')
   copy_bw = copy_bandwidth(args.iters, gib=1.0 if on_accelerator else 0.125)
 
-  data = dict(device=str(device), device_kind=device.device_kind, platform=device.platform,
-              jax_version=jax.__version__, copy_bandwidth=copy_bw,
+  data = dict(**device_info(), platform=device.platform, copy_bandwidth=copy_bw,
               pallas_timed=on_accelerator, ive_read=[], records=[])
   bag_impls = ['xla', 'pallas'] if on_accelerator else ['xla']
   data['ive_read'], rows = ive_read_table(BAG_GRIDS[args.grid], bag_impls, args.iters)
