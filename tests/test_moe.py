@@ -151,6 +151,31 @@ def test_bias_balancing_raises_the_bias_of_under_loaded_experts():
   np.testing.assert_allclose(layer.bias[...], [-0.1, 0.1, 0.1, 0.1])
 
 
+def test_padding_tokens_count_in_no_routing_statistic_nor_the_bias_move():
+  # A row's padding (segment 0) carries no loss; it must not pull on the router either.
+  layer = make_moe(num_experts=4, top_k=2, bias_update_rate=0.1, z_loss_weight=0.001)
+  real = jnp.arange(8)[None, :] < jnp.array([[5], [8]])  # row 0: 3 padding tokens
+  x = jax.random.normal(jax.random.key(6), (2, 8, 16))
+  noise = jnp.where(real[..., None], x, 5.0 * jax.random.normal(jax.random.key(7), x.shape))
+
+  def statistics(x, real):
+    layer.bias[...] = jnp.zeros(4)
+    out, sown = run_model(layer, x, real)
+    losses, metrics = collect_signals(sown)
+    return out, sum(losses.values()), metrics, layer.bias[...]
+
+  out, loss, metrics, bias = statistics(x, real)
+  noisy_out, noisy_loss, noisy_metrics, noisy_bias = statistics(noise, real)
+  np.testing.assert_allclose(noisy_out[real], out[real], rtol=1e-6)
+  np.testing.assert_allclose(noisy_loss, loss, rtol=1e-6)
+  for name, value in metrics.items():
+    np.testing.assert_allclose(noisy_metrics[name], value, rtol=1e-6, err_msg=name)
+  np.testing.assert_array_equal(noisy_bias, bias)
+  assert abs(sum(metrics[f'load_e{e}'] for e in range(4)) - 1.0) < 1e-6
+  counted = statistics(noise, None)  # the padding counted: the statistics move
+  assert not np.allclose(counted[1], loss, rtol=1e-3)
+
+
 def step_on_mesh(layer, x, cot, mesh=None, rules=None):
   """(out, grads) of sum(out · cot); with a mesh, sharded like the trainer shards it."""
   graphdef, params, rest = nnx.split(layer, nnx.Param, ...)

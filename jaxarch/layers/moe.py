@@ -6,7 +6,8 @@ raised for under-loaded experts by `bias_update_rate · sign(mean load − load)
 training forward pass, outside the gradient), weights = the chosen gates, renormalised to
 sum to 1 if asked. Losses: the Switch/GShard balance loss `E · Σ_e f_e · P_e` (`f_e` the
 fraction of assignments to expert e, `P_e` its mean gate probability) and the router
-z-loss `mean(logsumexp(logits)²)`.
+z-loss `mean(logsumexp(logits)²)`. These statistics and the bias move count only the tokens
+that are not padding (`real`): what fills a row's end would otherwise pull on the router.
 
 **Experts** run per device on its own tokens (inside `shard_map` over the batch axes),
 with the experts split over the mesh axes of the logical axis `expert`:
@@ -179,18 +180,22 @@ class MoE(nnx.Module):
     """The routed experts a token does not use."""
     return (self.num_experts - self.top_k) * 3 * self.w_gate.shape[1] * self.expert_d_ff
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, real: jax.Array | None = None) -> jax.Array:
+    """x [b, s, d]; `real` [b, s]: the tokens that are not padding (None: all), the only
+    ones the routing statistics count."""
     b, s, d = x.shape
     tokens = x.reshape(b * s, d)
-    weights, experts = self.route(tokens)
+    weights, experts = self.route(tokens, None if real is None else real.reshape(b * s))
     out = self.run_experts(tokens, experts, weights.astype(self.dtype), seq_len=s)
     out = out.reshape(b, s, d)
     if self.shared is not None:
       out = out + self.shared(x)
     return out
 
-  def route(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """tokens [T, d] -> (weights [T, k] fp32, experts [T, k] int32); reports losses."""
+  def route(self, tokens: jax.Array, real: jax.Array | None = None
+            ) -> tuple[jax.Array, jax.Array]:
+    """tokens [T, d] -> (weights [T, k] fp32, experts [T, k] int32); reports losses and
+    moves the bias by the statistics of the `real` [T] tokens (None: all)."""
     e, k = self.num_experts, self.top_k
     logits = jnp.einsum('td,de->te', tokens.astype(jnp.float32), self.router[...])
     gates = jax.nn.softmax(logits) if self.gate == 'softmax' else jax.nn.sigmoid(logits)
@@ -200,18 +205,24 @@ class MoE(nnx.Module):
     if self.renormalize:
       weights = weights / jnp.sum(weights, axis=1, keepdims=True)
 
-    load = jnp.zeros((e,), jnp.float32).at[experts.reshape(-1)].add(1.0) / experts.size
+    real = jnp.ones(tokens.shape[:1], jnp.float32) if real is None else real.astype(
+        jnp.float32)
+    count = jnp.maximum(jnp.sum(real), 1.0)
+    mean = lambda x: jnp.tensordot(real, x, axes=1) / count  # over the real tokens
+    load = jnp.zeros((e,), jnp.float32).at[experts.reshape(-1)].add(
+        jnp.repeat(real, k)) / (count * k)
     probs = gates / jnp.sum(gates, axis=1, keepdims=True)  # = gates for softmax
-    balance = e * jnp.sum(load * jnp.mean(probs, axis=0))
-    z_loss = jnp.mean(jax.nn.logsumexp(logits, axis=1) ** 2)
+    balance = e * jnp.sum(load * mean(probs))
+    z_loss = mean(jax.nn.logsumexp(logits, axis=1) ** 2)
     if self.aux_loss_weight or self.z_loss_weight:
       signals.add_aux_loss(self, self.aux_loss_weight * balance + self.z_loss_weight * z_loss)
     signals.add_metric(self, 'balance_loss', balance)
     signals.add_metric(self, 'z_loss', z_loss)
     for i in range(e):
       signals.add_metric(self, f'load_e{i}', load[i])
-    if self.bias_update_rate and not self.deterministic:
-      self.bias[...] = bias + self.bias_update_rate * jnp.sign(1.0 / e - load)
+    if self.bias_update_rate and not self.deterministic:  # not on a batch of padding alone
+      self.bias[...] = bias + jnp.where(jnp.sum(real) > 0, self.bias_update_rate, 0.0
+                                        ) * jnp.sign(1.0 / e - load)
     return weights, experts.astype(jnp.int32)
 
   def run_experts(self, tokens, experts, weights, *, seq_len: int) -> jax.Array:

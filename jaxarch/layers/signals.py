@@ -22,7 +22,10 @@ class PerStepState(nnx.Variable):
   """A non-trainable value a layer moves once per training step from what the step's
   batch did (MoE's router bias). With microbatches (`train.grad_accum_steps`) every
   microbatch starts from the step's value and the step applies the mean of their moves,
-  so the value moves once per step, as without them."""
+  so the value moves once per step. That mean is the move of the whole batch where the
+  move is linear in the batch's statistics; MoE's bias moves by a sign, so there it is
+  the mean of the microbatches' signs (0 where two disagree), not the sign of the
+  batch's mean load as without microbatches."""
 
 
 def _sow(module: nnx.Module, name: str, value: jax.Array):

@@ -1,4 +1,5 @@
-"""The `moe` block: attention + a routed mixture of SwiGLU experts (`layers.moe`).
+"""The `moe` block: attention + a routed mixture of SwiGLU experts (`layers.moe`), whose
+routing statistics (load, balance and z-losses, the bias update) skip padding tokens.
 
 Placed by `model.block_pattern`, e.g. ('moe',) for experts in every layer or
 ('dense', 'moe') for every other layer; `model.moe` configures the experts.
@@ -12,8 +13,14 @@ from jaxarch.models.transformer import (DTYPES, DenseBlock, make_attention, regi
                                         residual_init_std)
 
 
+class MoEBlock(DenseBlock):
+
+  def ffn(self, x, normed, segment_ids):
+    return x + self.mlp(normed, real=segment_ids > 0)  # padding: segment 0
+
+
 @register_block('moe')
-def moe_block(cfg: ml_collections.ConfigDict, layer: int, rngs: nnx.Rngs) -> DenseBlock:
+def moe_block(cfg: ml_collections.ConfigDict, layer: int, rngs: nnx.Rngs) -> MoEBlock:
   del layer  # every MoE block is alike
   m = cfg.moe
   dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
@@ -26,5 +33,5 @@ def moe_block(cfg: ml_collections.ConfigDict, layer: int, rngs: nnx.Rngs) -> Den
                 init_std=cfg.init_std, out_std=residual_init_std(cfg),
                 init_truncation=cfg.init_truncation, dtype=dtype,
                 param_dtype=param_dtype, rngs=rngs)
-  return DenseBlock(make_attention(cfg, rngs), experts, cfg.d_model, eps=cfg.norm_eps,
-                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  return MoEBlock(make_attention(cfg, rngs), experts, cfg.d_model, eps=cfg.norm_eps,
+                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -29,7 +29,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float
 # (x [b,t,d], positions [b,t], segment_ids [b,t]) -> x [b,t,d] including its residuals,
 # and takes an optional `layers.layout.Layout` and attention prefix (BiTA) after them.
 # A block that side layers read also splits at its FFN, as `DenseBlock` does:
-# `ffn_input(x, ...) -> (x, normed)` and `ffn(x, normed) -> x`.
+# `ffn_input(x, ...) -> (x, normed)` and `ffn(x, normed, segment_ids) -> x`.
 BLOCKS: dict[str, Callable[..., nnx.Module]] = {}
 
 # Config section name -> factory(model_cfg, index, rngs) -> side layer mapping
@@ -60,7 +60,7 @@ class DenseBlock(nnx.Module):
     self.mlp = mlp
 
   def __call__(self, x, positions, segment_ids, layout=None, prefix=None):
-    return self.ffn(*self.ffn_input(x, positions, segment_ids, layout, prefix))
+    return self.ffn(*self.ffn_input(x, positions, segment_ids, layout, prefix), segment_ids)
 
   def ffn_input(self, x, positions, segment_ids, layout=None, prefix=None):
     """-> (residual stream after attention, its normed copy: the FFN's input, which
@@ -68,7 +68,8 @@ class DenseBlock(nnx.Module):
     x = x + self.attn(self.attn_norm(x), positions, segment_ids, layout, prefix)
     return x, self.mlp_norm(x)
 
-  def ffn(self, x, normed):
+  def ffn(self, x, normed, segment_ids):
+    del segment_ids  # which tokens are padding: for FFNs that route (`models.moe`)
     return x + self.mlp(normed)
 
 
@@ -140,7 +141,7 @@ class Stack(nnx.Module):
                                 *extra(i))
         for j in readers:
           pending[j] = self.side_layers[j](normed, positions, segment_ids, *extra(i)[:1])
-        x = self._remat(type(block).ffn, block, x, normed)
+        x = self._remat(type(block).ffn, block, x, normed, segment_ids)
       else:
         x = self._remat(type(block).__call__, block, x, positions, segment_ids, *extra(i))
       for j, (_, _, write) in enumerate(self.placement):
