@@ -173,8 +173,8 @@ def main(argv=None):
   shapes = {n: f'{c.model.d_model}x{c.model.n_layers} d_ff {c.model.d_ff}'
             for n, c in runs.items()}
   device = jax.devices()[0]
-  data = dict(**device_info(), preset=args.preset, bpb_preset=args.bpb_preset, dtype=dtype, params=params,
-              shapes=shapes, training=[], generation=[], quality=[])
+  data = dict(**device_info(), preset=args.preset, bpb_preset=args.bpb_preset, dtype=dtype,
+              params=params, shapes=shapes, training=[], generation=[], quality=[])
   # Saved after each record: a run cut off by a time limit keeps the ones it finished.
   saved = lambda: save(data, args.out)
   training = training_speed(runs, args.seq_lens, args.batch_bytes, args.train_steps,

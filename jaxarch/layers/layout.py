@@ -16,8 +16,9 @@ for the t tokens of such a call, what each one sees:
   then keep only the accepted path with `keep_path`.
 - `context` [b, t, S] and `context_offset` [b, t], or None: with caches whose first S
   slots hold whole rows (BiTA's training fills them with a pass over the row's tokens,
-  its decoding with the prefill), the cached slots each token of the call sees, and where its path continues in them: position p before
-  the call sits at slot p + `context_offset`. The call reads the caches, never writes them.
+  its decoding with the prefill), the cached slots each token of the call sees, and
+  where its path continues in them: position p before the call sits at slot
+  p + `context_offset`. The call reads the caches, never writes them.
   Such a call is groups of M consecutive tokens that see no other group, and `visible`
   is [M, M], one group's (attention then spans g·M² pairs of the call, not (g·M)²).
 

@@ -12,9 +12,10 @@ UltraMem), about 0.01-0.1% of it:
 
 `with_masks` runs the base model over tokens with any tree layout (a draft tree in
 decoding) plus a mask group after chosen anchor tokens, and `prefill_with_masks` drafts
-after a prompt; `jaxarch.infer` builds the draft tree and verifies it. Training (`predictions`) runs the frozen model forward over the
-rows' tokens first, filling its caches, then only the mask groups, which read their
-anchors' past there: no backward pass runs over the tokens. MEGABYTE is not wrapped: its
+after a prompt; `jaxarch.infer` builds the draft tree and verifies it. Training
+(`predictions`) runs the frozen model forward over the rows' tokens first, filling its
+caches, then only the mask groups, which read their anchors' past there: no backward
+pass runs over the tokens. MEGABYTE is not wrapped: its
 global model consumes whole patches, so a draft tree of bytes would need a global step
 per candidate patch and its caches could not keep one accepted path cheaply.
 """

@@ -14,6 +14,7 @@ from jaxarch.models.transformer import (DTYPES, DenseBlock, make_attention, regi
 
 
 class MoEBlock(DenseBlock):
+  """A `DenseBlock` whose FFN is a `layers.moe.MoE`, told which tokens are padding."""
 
   def ffn(self, x, normed, segment_ids):
     return x + self.mlp(normed, real=segment_ids > 0)  # padding: segment 0
