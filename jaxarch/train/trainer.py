@@ -149,7 +149,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
           f'{workdir} ({restored_step}); raise it to train on, or use a new --workdir')
     if state is None:
       state = with_pretrained_parts(cfg, setup, init_state(cfg, setup))
-      _save_config(cfg, workdir)  # a resumed run's, with its first checkpoint
+      _save_config(cfg, workdir)  # a new run's now; a resumed run's with its first save
     # The steps logged after the checkpoint run again: their records are forgotten.
     writer = MetricsWriter(workdir, tensorboard=cfg.log.tensorboard,
                            after_step=restored_step or 0)
