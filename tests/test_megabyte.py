@@ -137,7 +137,11 @@ def test_the_paper_init_is_a_normal_cut_at_two_sigma():
   normal-initialised weight stays within ±2σ of its own std, whose spread is 0.88σ."""
   cfg = config_lib.load('configs/megabyte.py:tiny', ['model.init_std=0.006',
                                                      'model.init_truncation=2.0'])
-  assert config_lib.load('configs/megabyte.py:151m').model.init_truncation == 2.0
+  paper = config_lib.load('configs/megabyte.py:151m')
+  assert paper.model.init_truncation == 2.0
+  # Adam (0.9, 0.98) without weight decay, clip 1.0, 500 warm-up steps (DESIGN 7.3).
+  assert (paper.train.b1, paper.train.b2, paper.train.weight_decay) == (0.9, 0.98, 0.0)
+  assert (paper.train.grad_clip, paper.train.warmup_steps) == (1.0, 500)
   model = models.build(cfg.model, rngs=nnx.Rngs(0))
   embedding = model.local_embed.embedding.get_value()
   assert float(jnp.abs(embedding).max()) <= 0.012
