@@ -124,7 +124,7 @@ class Attention(nnx.Module):
 
   def _with_layout(self, q, k, v, layout, prefix):
     """q, k, v [b, t, ., h] of a call laid out by `layout` -> [b, t, n, h]."""
-    b, t = q.shape[:2]
+    b = q.shape[0]
     if layout.context is not None:  # the caches hold whole rows, which the call reads
       return self._groups_after_context(q, k, v, layout, prefix)
     if layout.cached is None:  # the call is the whole context
@@ -135,14 +135,21 @@ class Attention(nnx.Module):
       values = layout_lib.write_call(self.cache_v[...], v, layout.cached)
       self.cache_k[...], self.cache_v[...] = keys, values
       mask = layout_lib.cache_mask(layout, keys.shape[1])
-    if prefix is not None:
-      prefix_k, prefix_v = (jnp.broadcast_to(p.astype(self.dtype), (b, *p.shape))
-                            for p in prefix)
-      keys = jnp.concatenate([prefix_k, keys], axis=1)
-      values = jnp.concatenate([prefix_v, values], axis=1)
-      sees = jnp.broadcast_to(layout.sees_prefix[None, :, None], (b, t, prefix_k.shape[1]))
-      mask = jnp.concatenate([sees, mask], axis=2)
+    keys, values, mask = self._with_prefix(keys, values, mask, layout, prefix)
     return jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None])
+
+  def _with_prefix(self, keys, values, mask, layout, prefix):
+    """keys, values [b, S, k, h] and mask [b, t, S] with the prefix's keys and values put
+    first, seen by the tokens `layout.sees_prefix` marks (unchanged without a prefix)."""
+    if prefix is None:
+      return keys, values, mask
+    b, t = mask.shape[:2]
+    prefix_k, prefix_v = (jnp.broadcast_to(p.astype(self.dtype), (b, *p.shape))
+                          for p in prefix)
+    sees = jnp.broadcast_to(layout.sees_prefix[None, :, None], (b, t, prefix_k.shape[1]))
+    return (jnp.concatenate([prefix_k, keys], axis=1),
+            jnp.concatenate([prefix_v, values], axis=1),
+            jnp.concatenate([sees, mask], axis=2))
 
   def _groups_after_context(self, q, k, v, layout, prefix):
     """q, k, v [b, g·M, ., h] of groups of M tokens that each see the cached slots
@@ -152,15 +159,10 @@ class Attention(nnx.Module):
     b, t, n, h = q.shape
     kv, m = k.shape[2], layout.visible.shape[-1]
     g = t // m
-    sees = layout.context
-    shared_k, shared_v = (c[...][:, :sees.shape[-1]] for c in (self.cache_k, self.cache_v))
-    if prefix is not None:
-      prefix_k, prefix_v = (jnp.broadcast_to(p.astype(self.dtype), (b, *p.shape))
-                            for p in prefix)
-      shared_k = jnp.concatenate([prefix_k, shared_k], axis=1)
-      shared_v = jnp.concatenate([prefix_v, shared_v], axis=1)
-      sees = jnp.concatenate([jnp.broadcast_to(layout.sees_prefix[None, :, None],
-                                               (b, t, prefix_k.shape[1])), sees], axis=2)
+    cached = layout.context.shape[-1]
+    shared_k, shared_v, sees = self._with_prefix(
+        self.cache_k[...][:, :cached], self.cache_v[...][:, :cached], layout.context, layout,
+        prefix)
     s = shared_k.shape[1]
     q = q.reshape(b, g, m, kv, n // kv, h)  # query heads grouped by their kv head: k r
     own_k, own_v = (x.reshape(b, g, m, kv, h) for x in (k, v))
