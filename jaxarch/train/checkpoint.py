@@ -125,11 +125,6 @@ class Checkpointer:
     self._saving = step
     return saved
 
-  @property
-  def saved_any(self) -> bool:
-    """Whether this Checkpointer has saved a checkpoint (or is saving one)."""
-    return self._saving is not None
-
   @classmethod
   def read(cls, workdir: str | Path, abstract_state: dict, *, step: int | None = None):
     """(state, step) of `workdir`'s newest restorable (or given) checkpoint, for readers

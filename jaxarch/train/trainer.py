@@ -221,6 +221,7 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
                              leaf_names(setup.abstract_state['params']), workdir,
                              checkpointer=checkpointer)
   final, pending, watch = {}, [], None
+  config_unsaved = int(state['step']) > 0  # resumed: `_save_config` with its first save
   for step in range(int(state['step']) + 1, cfg.train.steps + 1):
     state, metrics = train_step(state, global_batch(next(data_iter), setup.batch_sharding))
     pending.append(metrics)
@@ -261,8 +262,9 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
       final.update(logged)
 
     if saving:
-      if not checkpointer.saved_any:
+      if config_unsaved:
         _save_config(cfg, workdir)
+        config_unsaved = False
       with _paused(watch):  # nor is saving a checkpoint
         checkpointer.save(step, state, data_iter, force=True,
                           eval_loss=logged.get('eval_loss') if evaluating else None)
