@@ -27,8 +27,8 @@ compares with the 151m presets of the other families. `text` is the paper's
 compute-matched text model (§5: global 2048 x 14, local 1024 x 18, patch 8, 8192 bytes),
 the one compared with a byte transformer at equal compute. The paper's init (normal, std
 0.006 for every weight, residual writes included, truncated at 2σ) and Adam (0.9, 0.98,
-no weight decay) are used at paper scale; the small presets keep the project's defaults, which train faster
-at their width.
+no weight decay) are used at paper scale; the small presets keep the project's defaults,
+which train faster at their width.
 """
 
 from pathlib import Path
