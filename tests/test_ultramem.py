@@ -207,7 +207,7 @@ def test_aux_loss_is_zero_for_rank_one_core_sum_and_positive_otherwise():
   assert float(layer.tucker_aux_loss()) > 0.1
   # Reported to the trainer: weighted loss and the unweighted metric.
   _, sown = nnx.jit(run_model)(layer, jnp.ones((1, 2, 32)))
-  losses, metrics = collect_signals(sown)
+  losses, metrics, _ = collect_signals(sown)
   aux = float(layer.tucker_aux_loss())
   np.testing.assert_allclose(sum(losses.values()), 0.01 * aux, rtol=1e-5)
   assert any(k.endswith('tucker_aux') for k in metrics)
@@ -218,7 +218,7 @@ def test_window_counter_counts_every_read():
   layer = make_layer(num_values=256, top_k=8, num_heads=2)
   x = jax.random.normal(jax.random.key(1), (2, 3, 32))
   _, sown = nnx.jit(run_model)(layer, x)
-  _, metrics = collect_signals(sown)
+  _, metrics, _ = collect_signals(sown)
   hits = layer.hits[...]
   assert hits.dtype == jnp.int32 and int(hits.sum()) == 2 * 3 * 2 * 8
   hit = [v for k, v in metrics.items() if k.endswith('window_values_hit')][0]

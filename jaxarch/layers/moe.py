@@ -2,8 +2,8 @@
 
 **Router** (fp32): logits `td,de->te`, gates by softmax or sigmoid, the top-k experts per
 token chosen by `gates + bias` (the bias is DeepSeek-V3's auxiliary-loss-free balancing:
-raised for under-loaded experts by `bias_update_rate · sign(mean load − load)` in every
-training forward pass, outside the gradient), weights = the chosen gates, renormalised to
+raised for under-loaded experts by `bias_update_rate · sign(mean load − load)` once per
+training step, from the load of the step's whole batch, outside the gradient), weights = the chosen gates, renormalised to
 sum to 1 if asked. Losses: the Switch/GShard balance loss `E · Σ_e f_e · P_e` (`f_e` the
 fraction of assignments to expert e, `P_e` its mean gate probability) and the router
 z-loss `mean(logsumexp(logits)²)`. These statistics and the bias move count only the tokens
@@ -194,13 +194,12 @@ class MoE(nnx.Module):
 
   def route(self, tokens: jax.Array, real: jax.Array | None = None
             ) -> tuple[jax.Array, jax.Array]:
-    """tokens [T, d] -> (weights [T, k] fp32, experts [T, k] int32); reports losses and
-    moves the bias by the statistics of the `real` [T] tokens (None: all)."""
+    """tokens [T, d] -> (weights [T, k] fp32, experts [T, k] int32); reports losses,
+    metrics and the bias's step statistic over the `real` [T] tokens (None: all)."""
     e, k = self.num_experts, self.top_k
     logits = jnp.einsum('td,de->te', tokens.astype(jnp.float32), self.router[...])
     gates = jax.nn.softmax(logits) if self.gate == 'softmax' else jax.nn.sigmoid(logits)
-    bias = jax.lax.stop_gradient(self.bias[...])
-    _, experts = jax.lax.top_k(jax.lax.stop_gradient(gates) + bias, k)
+    _, experts = jax.lax.top_k(jax.lax.stop_gradient(gates + self.bias[...]), k)
     weights = jnp.take_along_axis(gates, experts, axis=1)
     if self.renormalize:
       weights = weights / jnp.sum(weights, axis=1, keepdims=True)
@@ -209,8 +208,9 @@ class MoE(nnx.Module):
         jnp.float32)
     count = jnp.maximum(jnp.sum(real), 1.0)
     mean = lambda x: jnp.tensordot(real, x, axes=1) / count  # over the real tokens
-    load = jnp.zeros((e,), jnp.float32).at[experts.reshape(-1)].add(
-        jnp.repeat(real, k)) / (count * k)
+    assignments = jnp.zeros((e,), jnp.float32).at[experts.reshape(-1)].add(
+        jnp.repeat(real, k))  # of the real tokens to each expert
+    load = assignments / (count * k)
     probs = gates / jnp.sum(gates, axis=1, keepdims=True)  # = gates for softmax
     balance = e * jnp.sum(load * mean(probs))
     z_loss = mean(jax.nn.logsumexp(logits, axis=1) ** 2)
@@ -220,10 +220,17 @@ class MoE(nnx.Module):
     signals.add_metric(self, 'z_loss', z_loss)
     for i in range(e):
       signals.add_metric(self, f'load_e{i}', load[i])
-    if self.bias_update_rate and not self.deterministic:  # not on a batch of padding alone
-      self.bias[...] = bias + jnp.where(jnp.sum(real) > 0, self.bias_update_rate, 0.0
-                                        ) * jnp.sign(1.0 / e - load)
+    if self.bias_update_rate and not self.deterministic:
+      signals.add_step_statistic(self, 'assignments', assignments)
     return weights, experts.astype(jnp.int32)
+
+  def end_step(self, assignments: jax.Array):
+    """Moves the bias by the load of the step's batch: `assignments` [E], the real
+    tokens' assignments to each expert (not on a batch of padding alone)."""
+    total = jnp.sum(assignments)
+    load = assignments / jnp.maximum(total, 1.0)
+    self.bias[...] = self.bias[...] + jnp.where(total > 0, self.bias_update_rate, 0.0
+                                                ) * jnp.sign(1.0 / self.num_experts - load)
 
   def run_experts(self, tokens, experts, weights, *, seq_len: int) -> jax.Array:
     """Each device's tokens (whole sequences of `seq_len`, row-major) through their

@@ -3,7 +3,8 @@
 - `add_aux_loss(module, value)`: a scalar added to the training loss.
 - `add_metric(module, name, value)`: a scalar logged as `<module path>/<name>` (averaged
   over the logging window).
-- `PerStepState`: a non-trainable variable moved once per step (see below).
+- `PerStepState` and `add_step_statistic(module, name, value)`: a non-trainable variable
+  that the layer's `end_step` moves once per step from sums over the step's batch.
 - `WindowCounter`: a non-trainable variable that the trainer zeroes after every logged
   step, so a layer can count what happened during the window (e.g. which memory values
   were read); metrics computed from it are logged with their last value, and their names
@@ -20,12 +21,11 @@ class WindowCounter(nnx.Variable):
 
 class PerStepState(nnx.Variable):
   """A non-trainable value a layer moves once per training step from what the step's
-  batch did (MoE's router bias). With microbatches (`train.grad_accum_steps`) every
-  microbatch starts from the step's value and the step applies the mean of their moves,
-  so the value moves once per step. That mean is the move of the whole batch where the
-  move is linear in the batch's statistics; MoE's bias moves by a sign, so there it is
-  the mean of the microbatches' signs (0 where two disagree), not the sign of the
-  batch's mean load as without microbatches."""
+  whole batch did (MoE's router bias). The forward pass only reports sums over its tokens
+  (`add_step_statistic`); the train step adds them up over its microbatches
+  (`train.grad_accum_steps`) and then calls the layer's `end_step(**sums)`. So with
+  microbatches every one routes with the step's value, and the value moves as it would
+  on the whole batch at once, also where the move is not linear in the sums (a sign)."""
 
 
 def _sow(module: nnx.Module, name: str, value: jax.Array):
@@ -43,6 +43,12 @@ def add_aux_loss(module: nnx.Module, value: jax.Array):
 
 def add_metric(module: nnx.Module, name: str, value: jax.Array):
   _sow(module, f'metric_{name}', value)
+
+
+def add_step_statistic(module: nnx.Module, name: str, value: jax.Array):
+  """A sum over the forward pass's tokens, passed to `module.end_step(name=...)` once the
+  step has added up every microbatch's (and every call's, if the module ran twice)."""
+  _sow(module, f'step_{name}', value)
 
 
 def is_window_metric(key: str) -> bool:

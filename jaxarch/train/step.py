@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxarch.layers.signals import PerStepState, WindowCounter, is_window_metric
+from jaxarch.layers.signals import WindowCounter, is_window_metric
 from jaxarch.parallel.context import logical_mesh
 from jaxarch.train.optimizer import frozen
 from jaxarch.train.state import TrainSetup
@@ -55,13 +55,16 @@ def predictions(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array, j
   return logits, batch['targets'], mask
 
 
-def signals(sown) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-  """(aux losses, metrics) that layers sowed in a forward pass, keyed by module path.
+def signals(sown) -> tuple[dict[str, jax.Array], dict[str, jax.Array],
+                           dict[str, dict[str, jax.Array]]]:
+  """(aux losses, metrics, step statistics) that layers sowed in a forward pass, keyed by
+  module path.
 
-  See `jaxarch.layers.signals`: a layer sows `aux_loss` (summed into the loss) and
-  `metric_<name>` values (averaged when a layer ran several times).
+  See `jaxarch.layers.signals`: a layer sows `aux_loss` (summed into the loss),
+  `metric_<name>` values (averaged when a layer ran several times) and `step_<name>` sums
+  (summed; statistics[path][name] is for that layer's `end_step`).
   """
-  losses, metrics = {}, {}
+  losses, metrics, statistics = {}, {}, {}
   for path, variable in nnx.to_flat_state(sown):
     names = [_key_name(k) for k in path]
     where, leaf = '/'.join(names[:-1]), names[-1]
@@ -71,11 +74,14 @@ def signals(sown) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     elif leaf.startswith('metric_'):
       name = leaf.removeprefix('metric_')
       metrics[f'{where}/{name}' if where else name] = sum(values) / len(values)
-  return losses, metrics
+    elif leaf.startswith('step_'):
+      statistics.setdefault(where, {})[leaf.removeprefix('step_')] = sum(values)
+  return losses, metrics, statistics
 
 
 def _forward(setup: TrainSetup, params, model_state, batch, *, deterministic: bool = False):
-  """-> ((logits, targets, float loss mask), aux losses, metrics, new model state).
+  """-> ((logits, targets, float loss mask), aux losses, metrics, step statistics, new
+  model state).
 
   `deterministic`: the model as it is served (`infer.for_inference`), its state read, not
   updated (UltraMem's Tucker vectors, the MoE router's bias)."""
@@ -86,9 +92,21 @@ def _forward(setup: TrainSetup, params, model_state, batch, *, deterministic: bo
     model.set_attributes(deterministic=True, raise_if_not_found=False)
   with logical_mesh(setup.mesh, setup.rules):
     (logits, targets, mask), sown = run_model(predictions, model, batch)
-  aux, metrics = signals(sown)
-  return ((logits, targets, mask.astype(jnp.float32)), aux, metrics,
+  aux, metrics, statistics = signals(sown)
+  return ((logits, targets, mask.astype(jnp.float32)), aux, metrics, statistics,
           nnx.state(model, nnx.Not(nnx.Param)))
+
+
+def _end_step(setup: TrainSetup, params, model_state, statistics):
+  """The model state after every layer that reported step statistics moved its
+  `PerStepState` by the step's sums (`end_step`)."""
+  if not statistics:
+    return model_state
+  model = nnx.merge(setup.graphdef, params, jax.tree.map(lambda x: x, model_state))
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Module) and (where := tree_path(path)) in statistics:
+      node.end_step(**statistics[where])
+  return nnx.state(model, nnx.Not(nnx.Param))
 
 
 def leaf_norms(tree) -> jax.Array:
@@ -122,7 +140,9 @@ def make_train_step(setup: TrainSetup):
   With `setup.grad_accum_steps=A` the batch runs as A microbatches in a `lax.scan` (each
   spread over all devices), summing gradients, so the global batch outgrows what one
   step's activations leave room for. The loss is the same token mean over the whole batch; aux
-  losses (MoE balance) are the token-weighted mean of the microbatches' values.
+  losses (MoE balance) are the token-weighted mean of the microbatches' values. A layer's
+  `PerStepState` (the MoE router's bias) stays put through the microbatches and moves
+  once at the end, by the statistics of the whole batch.
 
   Its metrics include `nonfinite` (1 when the loss or a gradient was NaN or Inf, and the
   update was not applied) and the norms of every parameter's gradient and value
@@ -143,7 +163,7 @@ def make_train_step(setup: TrainSetup):
       # Frozen parameters get no gradient, so XLA drops their weight-gradient matmuls.
       params = jax.tree.map(lambda f, p: jax.lax.stop_gradient(p) if f else p,
                             is_frozen, params)
-      (logits, targets, mask), aux, layer_metrics, new_model_state = _forward(
+      (logits, targets, mask), aux, layer_metrics, statistics, new_model_state = _forward(
           setup, params, model_state, batch)
       tokens = mask.sum()
       nll, z = cross_entropy(logits, targets, mask, setup.z_loss)
@@ -151,7 +171,7 @@ def make_train_step(setup: TrainSetup):
       total = nll + z + sum(aux.values(), jnp.zeros(()))
       return total / batch['inputs'].size, {
           'nll': nll, 'total': total, 'tokens': tokens, 'aux': aux, 'metrics': layer_metrics,
-          'model_state': new_model_state}
+          'statistics': statistics, 'model_state': new_model_state}
 
     (_, out), grads = jax.value_and_grad(objective, has_aux=True)(params)
     return grads, out
@@ -160,46 +180,30 @@ def make_train_step(setup: TrainSetup):
     if grad_accum_steps == 1:
       return microbatch_grads(params, model_state, batch)
 
-    # `PerStepState` variables start every microbatch from the step's values; the step
-    # applies the mean of the microbatches' moves.
-    flat, treedef = jax.tree.flatten(model_state, is_leaf=_is_variable)
-    per_step = [i for i, v in enumerate(flat) if isinstance(v, PerStepState)]
-    values = lambda state: [jax.tree.flatten(state, is_leaf=_is_variable)[0][i].get_value()
-                            for i in per_step]
-    start = values(model_state)
-
-    def with_values(state, new):
-      leaves = jax.tree.flatten(state, is_leaf=_is_variable)[0]
-      for i, value in zip(per_step, new):
-        leaves[i] = leaves[i].replace(value)
-      return jax.tree.unflatten(treedef, leaves)
-
     def body(carry, microbatch):
-      grads, sums, model_state, moved = carry
-      g, out = microbatch_grads(params, with_values(model_state, start), microbatch)
+      grads, sums, model_state = carry
+      g, out = microbatch_grads(params, model_state, microbatch)
       grads = jax.tree.map(jnp.add, grads, g)
       sums = jax.tree.map(jnp.add, sums, {k: out[k] for k in sums})
       # A window count's metric already counts the microbatches before: its last value.
       sums['metrics'] = {k: out['metrics'][k] if is_window_metric(k) else v
                          for k, v in sums['metrics'].items()}
-      moved = [m + v - s for m, v, s in zip(moved, values(out['model_state']), start)]
-      return (grads, sums, out['model_state'], moved), None
+      return (grads, sums, out['model_state']), None
 
     microbatches = _microbatches(setup, batch)
     first = jax.tree.map(lambda x: x[0], microbatches)
     zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(
         microbatch_grads, params, model_state, first))
-    sums = {k: zero[1][k] for k in ('nll', 'total', 'tokens', 'aux', 'metrics')}
-    (grads, sums, model_state, moved), _ = jax.lax.scan(
-        body, (zero[0], sums, model_state, [jnp.zeros_like(s) for s in start]), microbatches)
-    model_state = with_values(model_state,
-                              [s + m / grad_accum_steps for s, m in zip(start, moved)])
+    sums = {k: zero[1][k] for k in ('nll', 'total', 'tokens', 'aux', 'metrics', 'statistics')}
+    (grads, sums, model_state), _ = jax.lax.scan(body, (zero[0], sums, model_state),
+                                                 microbatches)
     sums['metrics'] = {k: v if is_window_metric(k) else v / grad_accum_steps
                        for k, v in sums['metrics'].items()}
     return grads, {**sums, 'model_state': model_state}
 
   def train_step(state, batch):
     grads, out = accumulate(state['params'], state['model_state'], batch)
+    model_state = _end_step(setup, state['params'], out['model_state'], out['statistics'])
     num_tokens = jnp.maximum(out['tokens'], 1.0)
     microbatch_size = batch['inputs'].size // grad_accum_steps  # as microbatch_grads divides
     rescale = microbatch_size / num_tokens
@@ -232,7 +236,7 @@ def make_train_step(setup: TrainSetup):
         lambda path, n, o: n if _is_count(path) else jnp.where(finite, n, o),
         opt_state, state['opt_state'])
     new_state = dict(state, step=state['step'] + 1, params=params, opt_state=opt_state,
-                     model_state=keep(out['model_state'], state['model_state']))
+                     model_state=keep(model_state, state['model_state']))
     return new_state, metrics
 
   replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
@@ -268,9 +272,8 @@ def make_eval_step(setup: TrainSetup, byte_lengths):
   byte_lengths = jnp.asarray(byte_lengths, jnp.float32)
 
   def sums(state, batch):
-    (logits, targets, mask), _, _, _ = _forward(setup, state['params'],
-                                                state['model_state'], batch,
-                                                deterministic=True)
+    (logits, targets, mask), *_ = _forward(setup, state['params'], state['model_state'],
+                                           batch, deterministic=True)
     nll, _ = cross_entropy(logits, targets, mask)
     num_bytes = (byte_lengths[targets] * mask).sum()
     return {'nll': nll, 'tokens': mask.sum(), 'bytes': num_bytes}
