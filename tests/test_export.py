@@ -17,6 +17,7 @@ from jaxarch import config as config_lib
 from jaxarch import infer, models
 from jaxarch.export import ExportError, export_stablehlo, load_safetensors, write_model
 from jaxarch.data import get_tokenizer
+from jaxarch.export import run_stablehlo
 from jaxarch.export.run_stablehlo import StableHLOModel
 from jaxarch.layers.signals import WindowCounter
 from jaxarch.parallel import make_mesh
@@ -109,6 +110,28 @@ def test_stablehlo_generates_the_tokens_of_jaxarch_generate(tmp_path, family):
     exported.generate([[257], []], max_new_tokens=4)
 
 
+@pytest.mark.parametrize('family', ['dense', pytest.param('moe', marks=pytest.mark.slow),
+                                    'ultramem'])
+def test_stablehlo_exports_from_a_gpu_for_it_and_for_other_platforms(
+    tmp_path, monkeypatch, family, traced_as_on_gpu):
+  # On a GPU, `auto` traces cuDNN attention (bf16) and the Triton lookups and matmuls:
+  # custom calls that jax.export refuses to serialize, and that lower for CUDA alone.
+  del traced_as_on_gpu
+  spec, overrides = FAMILIES[family]
+  cfg = config_lib.load(spec, ['model.dtype=bfloat16', *overrides])
+  model = _model(cfg)
+  for platforms in (('cuda',), ('cpu',)):
+    out = export_stablehlo(model, cfg, tmp_path / platforms[0], batch_size=1, prompt_len=8,
+                           max_len=16, platforms=platforms)
+    assert json.loads((out / 'stablehlo.json').read_text())['platforms'] == list(platforms)
+  monkeypatch.undo()  # back on the CPU: the CPU program generates the model's tokens
+  want, _ = infer.generate(_model(cfg), [[257, 72, 105]], max_new_tokens=6, stop_ids=(),
+                           vocab_limit=258)
+  got = StableHLOModel(tmp_path / 'cpu').generate([[257, 72, 105]], max_new_tokens=6,
+                                                   stop_ids=())
+  assert got == want
+
+
 def test_stablehlo_loader_runs_without_jaxarch(tmp_path):
   cfg = family_config('dense')
   model = _model(cfg, seed=2)
@@ -124,6 +147,25 @@ def test_stablehlo_loader_runs_without_jaxarch(tmp_path):
                           cwd=tmp_path, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.split() == [','.join(map(str, want[0]))]
+
+
+def test_stablehlo_loader_refuses_bad_ids_lengths_and_folders_in_one_line(
+    tmp_path, monkeypatch, capsys):
+  cfg = family_config('dense')
+  out = export_stablehlo(_model(cfg), cfg, tmp_path / 'out', batch_size=1, prompt_len=8,
+                         max_len=24)
+  # Ids past the tokenizer's vocabulary read garbage in the exported gather, silently.
+  with pytest.raises(ValueError, match=r'token ids \[300\] are outside the vocabulary'):
+    StableHLOModel(out).generate([[257, 300]], max_new_tokens=2)
+  for argv, message in (([str(out), '257,x'], "'257,x' is not comma-separated token ids"),
+                        ([str(out), '257,1', '--max_new_tokens=99'], 'do not fit the export'),
+                        ([str(out), '257,1', '--max_new_tokens=0'], 'must be >= 1'),
+                        ([str(tmp_path), '257'], 'has no stablehlo.json')):
+    monkeypatch.setattr(sys, 'argv', ['run_stablehlo.py', *argv])
+    with pytest.raises(SystemExit) as exited:
+      run_stablehlo.main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and message in err and 'Traceback' not in err, err
 
 
 def _workdir(tmp_path, family):

@@ -102,6 +102,8 @@ def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(dense_generator):
   assert first != sample(4, temperature=1.3, top_p=0.95)
   greedy, _ = dense_generator(prompts, max_new_tokens=12)
   assert sample(5, top_k=1) == greedy
+  # Seeds past 32 bits draw differently (jax without x64 keeps the low 32 bits of a seed).
+  assert sample(3 + 2**32, temperature=1.3, top_p=0.95) != first
 
 
 def test_sampling_values_stop_ids_and_lengths_are_traced_not_compiled_again():
@@ -126,6 +128,17 @@ def test_generation_stops_at_a_stop_id(dense_generator):
   (stopped,), stats = dense_generator(prompt, max_new_tokens=10, stop_ids=[stop])
   assert stopped == free[:free.index(stop) + 1]
   assert stats['forward_passes'] == len(stopped)  # the loop ends when every row stopped
+
+
+def test_one_stop_id_or_none_and_prompts_as_an_array(dense_generator):
+  prompts = [[257, 30, 31, 32], [257, 40, 41, 42]]
+  free, _ = dense_generator(prompts, max_new_tokens=6)
+  stop = free[0][2]
+  assert dense_generator(prompts, max_new_tokens=6, stop_ids=stop)[0] == dense_generator(
+      prompts, max_new_tokens=6, stop_ids=[stop])[0]
+  assert dense_generator(prompts, max_new_tokens=6, stop_ids=None)[0] == free
+  assert dense_generator(np.array(prompts), max_new_tokens=np.int64(6))[0] == free
+  assert dense_generator(jnp.array(prompts), max_new_tokens=6)[0] == free
 
 
 def test_temperature_zero_samples_the_most_likely_token(dense_generator):
@@ -197,6 +210,13 @@ def test_sampling_keeps_only_the_top_k_and_nucleus_tokens():
     (dict(top_p=0.9), "top_p choose among tokens for method='sample'"),  # greedy
     (dict(method='sample', top_p=1.5), 'top_p=1.5'),
     (dict(max_new_tokens=0), 'max_new_tokens=0'),
+    # Not deep TypeErrors, and text of digits is not read as ids ('12' -> [1, 2]).
+    (dict(prompts=[257, 1, 2]), 'each a list of token ids'),  # one prompt, not in a list
+    (dict(prompts=['12']), 'each a list of token ids'),
+    (dict(prompts=np.array([257, 1, 2])), 'each a list of token ids'),
+    (dict(max_new_tokens=5.5), 'max_new_tokens=5.5 must be an int'),
+    (dict(method='sample', top_k=2.5), 'top_k=2.5 must be an int'),  # not top-2
+    (dict(stop_ids=['x']), "stop_ids=['x'] must be token ids"),
 ])
 def test_bad_generation_arguments_are_one_line_errors(dense_generator, kwargs, message):
   kwargs = {'prompts': [[257, 1]], 'max_new_tokens': 4, **kwargs}

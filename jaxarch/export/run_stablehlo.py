@@ -24,6 +24,9 @@ class StableHLOModel:
 
   def __init__(self, directory):
     directory = Path(directory)
+    if not (directory / 'stablehlo.json').is_file():
+      raise ValueError(f'{directory} has no stablehlo.json: give a directory written by '
+                       '`jaxarch export --format=stablehlo`')
     self.spec = json.loads((directory / 'stablehlo.json').read_text())
     self.weights = safetensors.flax.load_file(directory / 'model.safetensors')
     self.prefill = export.deserialize((directory / 'prefill.stablehlo').read_bytes())
@@ -36,6 +39,12 @@ class StableHLOModel:
     if not prompts or not all(prompts):
       raise ValueError('give one or more prompts, each of one or more token ids (start '
                        f'with the eod id, {self.spec["eod_id"]})')
+    vocab = self.spec['vocab_size']
+    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+    if bad:  # the exported gather would read garbage for them, silently
+      raise ValueError(f'token ids {bad[:5]} are outside the vocabulary [0, {vocab})')
+    if max_new_tokens < 1:
+      raise ValueError(f'max_new_tokens={max_new_tokens} must be >= 1')
     # The last new token is never written to the caches: up to max_len + 1 - n of them.
     room = self.spec['max_len'] + 1 - max(map(len, prompts))
     if len(prompts) > batch or max(map(len, prompts)) > prompt_len or max_new_tokens > room:
@@ -60,17 +69,27 @@ class StableHLOModel:
     return out
 
 
+def _ids(text: str) -> list[int]:
+  try:
+    return [int(t) for t in text.split(',')]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{text!r} is not comma-separated token ids') from None
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('directory')
-  parser.add_argument('prompts', nargs='+', help='comma-separated token ids')
+  parser.add_argument('prompts', nargs='+', type=_ids, help='comma-separated token ids')
   parser.add_argument('--max_new_tokens', type=int, default=32)
   parser.add_argument('--ignore_eod', action='store_true')
   args = parser.parse_args()
-  model = StableHLOModel(args.directory)
-  prompts = [[int(t) for t in p.split(',')] for p in args.prompts]
-  for row in model.generate(prompts, max_new_tokens=args.max_new_tokens,
-                            stop_ids=() if args.ignore_eod else None):
+  try:  # a bad directory, prompt or length: one line, as argparse's own errors
+    rows = StableHLOModel(args.directory).generate(
+        args.prompts, max_new_tokens=args.max_new_tokens,
+        stop_ids=() if args.ignore_eod else None)
+  except ValueError as e:
+    parser.error(str(e))
+  for row in rows:
     print(','.join(map(str, row)))
 
 

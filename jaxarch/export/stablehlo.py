@@ -12,8 +12,9 @@
 tokens (a multiple of MEGABYTE's patch size), caches hold `max_len` positions, so a
 prompt of n tokens can be continued by up to `max_len + 1 - n` tokens (the last new
 token is not written to them). The functions are
-serialized for the platforms asked for (default: the one exporting), with the batch
-size fixed: `jax.export` bakes the shapes in.
+serialized for the platforms asked for (default: the one exporting), with XLA's attention
+and kernels (the TPU lookup kernels for TPUs alone) and the batch size fixed: `jax.export`
+bakes the shapes in.
 """
 
 import json
@@ -39,6 +40,7 @@ def _state(template: dict[str, tuple], arrays: dict[str, jax.Array]) -> nnx.Stat
 
 
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # jax.export's lowering platforms
+_BACKENDS = {'cpu': 'cpu', 'cuda': 'gpu', 'rocm': 'gpu', 'tpu': 'tpu'}  # -> jax's backend
 
 
 def export_stablehlo(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path, *,
@@ -62,6 +64,14 @@ def export_stablehlo(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str
                       '(jax.export\'s names: cuda for NVIDIA GPUs)')
   out = write_model(model, cfg, out, source=source, final=final)
   model = for_inference(model)
+  targets = {_BACKENDS[p] for p in platforms} if platforms else {jax.default_backend()}
+  if targets != {'tpu'} or jax.default_backend() != 'tpu':
+    # The kernels chosen when traced here lower for this platform alone, and jax.export
+    # refuses to serialize cuDNN attention and Triton kernels (custom calls without
+    # compatibility guarantees): XLA's attention, lookups and matmuls, save the TPU
+    # lookup kernels for TPUs alone (a stable custom call).
+    model.set_attributes(impl=None, lookup_impl='xla', matmul_impl='xla',
+                         raise_if_not_found=False)
   graphdef, counters, weights_state = nnx.split(model, WindowCounter, ...)
   weights_template = named_variables(weights_state)
   weights = flat_arrays(model)

@@ -17,6 +17,7 @@ equals greedy decoding.
 import contextlib
 import dataclasses
 import math
+import operator
 import time
 from collections.abc import Sequence
 
@@ -82,8 +83,10 @@ class Generator:
     """
     if method == 'sample' and temperature == 0:  # as in vLLM and HF: the most likely
       method, top_k, top_p = 'greedy', 0, 1.0
-    sampling = Sampling(method, float(temperature), int(top_k), float(top_p))
-    prompts = [list(map(int, p)) for p in prompts]
+    sampling = Sampling(method, float(temperature), _whole('top_k', top_k), float(top_p))
+    prompts = _token_lists(prompts)
+    max_new_tokens = _whole('max_new_tokens', max_new_tokens)
+    stop_ids = _stop_ids(stop_ids)
     self._check(prompts, max_new_tokens, stop_ids)
     if draft_tree is not None and method != 'bita':
       raise GenerateError(f"generate: draft_tree is for method='bita', not {method!r}")
@@ -99,13 +102,13 @@ class Generator:
       tokens[i, :len(p)] = p
     new_room = _round_up(max_new_tokens, _NEW_TOKENS_BUCKET)
     tree_room = 0 if tree is None else tree.size * (1 + self.num_mask_tokens)  # one call
-    stop_ids = sorted(set(map(int, stop_ids)))
+    stop_ids = sorted(set(stop_ids))
     stops = np.full(1 << (max(len(stop_ids), 1) - 1).bit_length(), -1, np.int32)
     stops[:len(stop_ids)] = stop_ids
     shape = _Shape(batch, prompt_len, prompt_len + new_room + tree_room, new_room,
                    sampling.method, sampling.filtered, len(stops), tree)
     given = (lengths, live, np.int32(max_new_tokens), sampling.values(), stops,
-             jax.random.PRNGKey(seed))
+             _key(seed))
 
     start = time.perf_counter()
     run_prefill, run_decode = self._compile(shape, tokens, given)
@@ -157,7 +160,7 @@ class Generator:
   def _check(self, prompts, max_new_tokens, stop_ids):
     if not prompts:
       raise GenerateError('generate: no prompts')
-    if int(max_new_tokens) < 1:
+    if max_new_tokens < 1:
       raise GenerateError(f'generate: max_new_tokens={max_new_tokens} must be >= 1')
     for i, p in enumerate(prompts):
       if not p:
@@ -167,7 +170,7 @@ class Generator:
       if bad:
         raise GenerateError(f'generate: prompt {i} has token ids {bad[:5]} outside the '
                          f'vocabulary [0, {self.vocab_size})')
-    bad = [t for t in stop_ids if not 0 <= int(t) < self.vocab_size]
+    bad = [t for t in stop_ids if not 0 <= t < self.vocab_size]
     if bad:
       raise GenerateError(f'generate: stop_ids {bad} outside the vocabulary [0, {self.vocab_size})')
 
@@ -314,10 +317,11 @@ def generate(model: nnx.Module, prompt_tokens, *, max_new_tokens: int,
   """Continues each prompt (a list of token ids) by up to `max_new_tokens` tokens.
 
   `method`: 'greedy' or 'sample' (with `temperature`, `top_k`, `top_p`, `seed`);
-  `stop_ids` end a sequence (the stop id is kept as its last token). Returns the new
-  tokens of each prompt and statistics (tokens/s, forward passes, timings). Compiles on
-  every call; keep a `Generator` to generate repeatedly with one model. `vocab_limit`:
-  the tokenizer's vocabulary, below the model's padded one (ids past it are never chosen).
+  `stop_ids` (ids, or one id) end a sequence (the stop id is kept as its last token).
+  Returns the new tokens of each prompt and statistics (tokens/s, forward passes,
+  timings). Compiles on every call; keep a `Generator` to generate repeatedly with one
+  model. `vocab_limit`: the tokenizer's vocabulary, below the model's padded one (ids past
+  it are never chosen).
   """
   return Generator(model, mesh=mesh, rules=rules, vocab_limit=vocab_limit)(
       prompt_tokens, max_new_tokens=max_new_tokens, method=method, **options)
@@ -335,6 +339,48 @@ def _vocab_size(model: nnx.Module) -> int:
     raise GenerateError(f'generate: {type(model).__name__} has no token embedding (`embed`); '
                      'pass a jaxarch language model')
   return embed.embedding.shape[0]
+
+
+def _token_lists(prompts) -> list[list[int]]:
+  """The prompts as lists of ids. A flat list of ids, text or non-integer ids are refused
+  here by name: they would fail deep inside, or text of digits would read as ids."""
+  if isinstance(prompts, (np.ndarray, jax.Array)):
+    prompts = np.asarray(prompts).tolist()
+  try:  # a str's characters are no ids either
+    return [[operator.index(t) for t in p] for p in prompts]
+  except TypeError:
+    raise GenerateError(
+        f'generate: prompts must be a list of prompts, each a list of token ids (ints), e.g. '
+        f'[[257, 72, 105]]; got {str(prompts)[:60]} (encode text with the tokenizer)') from None
+
+
+def _whole(name: str, value) -> int:
+  try:
+    return operator.index(value)
+  except TypeError:
+    raise GenerateError(f'generate: {name}={value!r} must be an int') from None
+
+
+def _key(seed) -> np.ndarray:
+  """The PRNG key of a 64-bit `seed`, as `jax.random.PRNGKey` makes it with x64 on; without,
+  it keeps the low 32 bits only, so that seeds 2**32 and 0 would draw the same tokens."""
+  seed = _whole('seed', seed)
+  if not -2**63 <= seed < 2**64:
+    raise GenerateError(f'generate: seed={seed} does not fit 64 bits')
+  seed %= 2**64
+  return np.array([seed >> 32, seed & 0xffffffff], np.uint32)
+
+
+def _stop_ids(stop_ids) -> list[int]:
+  """`stop_ids` as a list: one id or None (no stop) are taken as well."""
+  if stop_ids is None:
+    return []
+  if isinstance(stop_ids, (int, np.integer)):
+    return [int(stop_ids)]
+  try:
+    return [operator.index(t) for t in stop_ids]
+  except TypeError:
+    raise GenerateError(f'generate: stop_ids={stop_ids!r} must be token ids (ints)') from None
 
 
 def _until_stop(row: np.ndarray, stop_ids: Sequence[int]) -> list[int]:
