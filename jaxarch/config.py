@@ -40,6 +40,9 @@ MOE_MATMUL_IMPLS = ('auto', 'xla', 'pallas', 'interpret')
 SCHEDULES = ('cosine', 'wsd', 'constant')
 NONFINITE = ('stop', 'skip')
 GROUP_DECAYS = ('none', 'linear')  # train.groups.<name>.multiplier_decay
+DATA_SOURCE_KINDS = ('files:', 'tfds:', 'distilled:')  # each with its argument after it
+DATA_SOURCE_ERROR = ("data.source={!r} must be 'default', 'files:<glob>', 'tfds:<name>' or "
+                     "'distilled:<dir>'")
 POSITIVE_INTS = (
     'model.d_model', 'model.n_layers', 'model.n_heads', 'model.n_kv_heads', 'model.d_ff',
     'model.vocab_size', 'model.max_len', 'data.seq_len', 'train.steps', 'train.batch_size',
@@ -598,6 +601,11 @@ def _check_data(cfg: ConfigDict) -> None:
   for key, example in (('data.source', 'default'), ('data.tokenizer', 'bytes')):
     if not isinstance(_get(cfg, key), (str, type(None))):  # a hand-edited config.json
       raise ConfigError(f'{key}={_get(cfg, key)!r} must be a string, e.g. {example!r}')
+  source = _get(cfg, 'data.source')
+  # Checked here too, not only when the data opens: a sweep's runs fail before they start.
+  if isinstance(source, str) and not (source == 'default' or any(
+      source.startswith(kind) and source[len(kind):] for kind in DATA_SOURCE_KINDS)):
+    raise ConfigError(DATA_SOURCE_ERROR.format(source))
   if not 0 <= _number(cfg, 'data.validation_fraction') < 1:
     raise ConfigError(f'data.validation_fraction={cfg.data.validation_fraction} must be in '
                       '[0, 1): the share of files held out for validation')

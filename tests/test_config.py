@@ -213,6 +213,15 @@ def test_init_adam_and_data_settings_are_checked(overrides, message):
   assert error_of(tiny, *overrides).startswith(f'config error: {message}')
 
 
+@pytest.mark.parametrize('source', ['None', 'nope:x', 'files:', 'tfds:', 'distilled:'])
+def test_a_data_source_of_no_known_form_is_refused_at_load(source):
+  # Found before a sweep's runs start, not in each run's train.log (or cluster job).
+  assert error_of(tiny, f'data.source={source}') == (
+      f"config error: data.source='{source}' must be 'default', 'files:<glob>', "
+      "'tfds:<name>' or 'distilled:<dir>'")
+  for good in ('default', 'files:/corpus/*.txt', 'tfds:lm1b'):
+    assert tiny(f'data.source={good}').data.source == good
+
 def test_parameter_group_settings_are_checked():
   load = lambda *o: config_lib.load('configs/ultramem.py:tiny', list(o))
   assert 'lr_multiplier=0.0 must be a number > 0' in error_of(

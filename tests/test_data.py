@@ -13,6 +13,7 @@ import sysconfig
 import time
 import types
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -200,6 +201,28 @@ def test_a_damaged_prepared_dataset_says_which_folder_to_delete(corpus, damage):
     data.open_source(cfg, 'train')[0]
 
 
+@pytest.mark.parametrize('damage', ['truncate', 'delete'])
+def test_a_damaged_distilled_dataset_says_what_to_do(tmp_path, damage):
+  sequences = [(np.arange(i, i + 20) % 256, 5) for i in range(12)]
+  written = sources.write_distilled(tmp_path / 'distilled', {'train': sequences})
+  cfg = _data_config(tmp_path, f'distilled:{tmp_path}/distilled')
+  batches = iter(pipeline.make_train_dataset(cfg, seed=0, global_batch_size=4))
+  assert next(batches)['loss_mask'].sum() == 4 * (16 - 4)  # targets 4..15 of each row
+  batches.close()
+  record = next(pathlib.Path(written).rglob('*-train.array_record-*'))
+  if damage == 'truncate':
+    record.write_bytes(record.read_bytes()[:50])
+  else:
+    record.unlink()
+  batches = iter(pipeline.make_train_dataset(cfg, seed=0, global_batch_size=4))
+  try:
+    with pytest.raises(ConfigError, match=f'cannot be read .*damaged in {written}; delete '
+                       f'{tmp_path}/distilled and distill it again'):
+      next(batches)
+  finally:
+    batches.close()
+
+
 def test_data_dir_is_config_then_env_then_user_cache(tmp_path, monkeypatch):
   monkeypatch.setenv('JAXARCH_DATA_DIR', str(tmp_path / 'env'))
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
@@ -382,6 +405,17 @@ def test_tfds_source_reads_its_text_feature_and_may_lack_validation(tmp_path):
     sources._text_key(ids, 'tfds:x', 'tokens')  # pylint: disable=protected-access
 
 
+def test_a_tfds_source_without_validation_is_not_told_to_raise_the_fraction(tmp_path):
+  """data.validation_fraction splits files: it would give a TFDS dataset no validation."""
+  from jaxarch.train import trainer  # pylint: disable=g-import-not-at-top
+  cfg = _data_config(tmp_path, 'tfds:articles_for_test')
+  ArticlesForTest(data_dir=cfg.data_dir, file_format='array_record').download_and_prepare()
+  batches = pipeline.make_eval_dataset(cfg, batch_size=2, num_batches=1)
+  why = trainer.no_validation_data(ml_collections.ConfigDict({'data': cfg}), batches)
+  assert why == ("data.source='tfds:articles_for_test' has no validation data (its TFDS "
+                 "splits include no 'validation' or 'test')")
+
+
 def test_a_data_dir_that_cannot_be_made_is_a_config_error(tmp_path, corpus):
   cfg, _ = corpus
   (tmp_path / 'file').write_text('not a folder')
@@ -391,10 +425,58 @@ def test_a_data_dir_that_cannot_be_made_is_a_config_error(tmp_path, corpus):
     data.open_source(cfg, 'train')
 
 
-def test_unprepared_tfds_source_says_how_to_prepare(tmp_path):
+def test_a_prepared_corpus_is_read_where_nothing_can_be_written(corpus):
+  """A shared, read-only data dir: no lock is taken for a dataset written already, and one
+  that is not written yet is a config error naming the folder."""
+  cfg, _ = corpus
+  first = data.open_source(cfg, 'train')
+  for lock in pathlib.Path(cfg.data_dir).glob('.*.lock'):  # opening it now fails, as root too
+    lock.unlink()
+    lock.mkdir()
+  second = data.open_source(cfg, 'train')
+  assert [second[i] for i in range(len(second))] == [first[i] for i in range(len(first))]
+  cfg.validation_fraction = 0.5  # another corpus, not written yet, under an unwritable lock
+  glob = cfg.source[len('files:'):]
+  name = sources._files_config(cfg.source, glob, 0.5).name  # pylint: disable=protected-access
+  (pathlib.Path(cfg.data_dir) / f'.{name}.lock').mkdir()
+  with pytest.raises(ConfigError, match=r'data directory .* cannot be made or written to .*'
+                     'data.source=.*data.data_dir'):
+    data.open_source(cfg, 'train')
+
+
+def test_unprepared_tfds_source_says_how_to_prepare(tmp_path, monkeypatch):
+  monkeypatch.setattr(tfds.core.constants, 'DATA_DIR', str(tmp_path / 'tfds'))  # not a home's
   cfg = _data_config(tmp_path, 'tfds:mnist')
   with pytest.raises(ValueError, match='is not prepared in .*download_and_prepare'):
     data.open_source(cfg, 'train')
+
+
+def test_a_tfds_source_prepared_in_tfds_own_data_dir_names_it(tmp_path, monkeypatch):
+  """Not a re-download (the hint above) when TFDS's own data dir holds it already."""
+  tfds_home = tmp_path / 'tensorflow_datasets'
+  ArticlesForTest(data_dir=str(tfds_home), file_format='array_record').download_and_prepare()
+  monkeypatch.setattr(tfds.core.constants, 'DATA_DIR', str(tfds_home))  # $TFDS_DATA_DIR
+  cfg = _data_config(tmp_path, 'tfds:articles_for_test')
+  with pytest.raises(ConfigError, match=f'is not prepared in .*; it is prepared in TFDS\'s '
+                     f'{tfds_home}: set --config.data.data_dir={tfds_home}$'):
+    data.open_source(cfg, 'train')
+  cfg.data_dir = str(tfds_home)
+  assert len(data.open_source(cfg, 'train')) == 3
+
+
+@pytest.mark.parametrize('name, why', [
+    ('mnist:9.9.9', 'Dataset mnist cannot be loaded at version 9.9.9, only: '),
+    ('mnist/foo', 'BuilderConfig foo not found with version '),
+    ('mnist ', 'Parsing builder name string mnist  failed.')])
+def test_a_tfds_version_or_config_it_lacks_is_one_line(tmp_path, name, why):
+  """Not TFDS's AssertionError or many-line ValueError, which the CLI would not catch."""
+  with pytest.raises(ConfigError) as error:
+    data.open_source(_data_config(tmp_path, f'tfds:{name}'), 'train')
+  message = str(error.value)
+  assert message.startswith(f"config error: data.source='tfds:{name}': TFDS cannot open "
+                            f"'{name}': {why}")
+  assert message.endswith(' (the form is tfds:<dataset>[/<config>][:<version>])')
+  assert '\n' not in message and 'Here are' not in message
 
 
 def test_an_unknown_tfds_dataset_is_one_line_with_close_names(tmp_path):

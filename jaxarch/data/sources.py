@@ -34,13 +34,14 @@ import logging
 import os
 import pathlib
 import platform
+import re
 import sysconfig
 import zlib
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxarch.config import ConfigError
+from jaxarch.config import DATA_SOURCE_ERROR, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,6 @@ DOCUMENT_BYTES = 1 << 20
 # How far past a piece's nominal start a newline is looked for; without one it starts on
 # the next UTF-8 character.
 _NEWLINE_SEARCH = 1 << 16
-_SOURCE_ERROR = ("config error: data.source={!r} must be 'default', 'files:<glob>', "
-                 "'tfds:<name>' or 'distilled:<dir>'")
 DISTILLED = 'distilled:'
 
 
@@ -275,6 +274,14 @@ class TextSource:
     return f'TextSource({self._source!r}, key={self._key!r})'
 
 
+class RecordSource(TextSource):
+  """The records as they are (a `distilled:` source's sequences), read as `TextSource`
+  reads: a damaged or deleted file is one line that says what to do."""
+
+  def _document(self, record):
+    return record
+
+
 def _text_key(builder, source: str, text_key: str | None) -> str:
   """The feature of a TFDS dataset's examples to read: `data.text_key`, else `text`, else
   its only text feature (a dataset with a title and a body must say which)."""
@@ -383,7 +390,23 @@ def open_sequences(data_cfg, split: str):
   builder = tfds.builder_from_directory(str(prepared))
   if split not in builder.info.splits:
     return []
-  return builder.as_data_source(split=split)
+  return RecordSource(builder.as_data_source(split=split), '',
+                      f'data.source={source!r} is damaged in {prepared}; delete {directory} '
+                      'and distill it again')
+
+
+def _prepared_in_tfds_dirs(name: str, data_dir: pathlib.Path) -> str | None:
+  """TFDS's own data dir ($TFDS_DATA_DIR, else ~/tensorflow_datasets, and those added) in
+  which `name` is prepared, if any: where TFDS downloads put a dataset, not jaxarch's."""
+  for other in tfds.core.utils.file_utils.list_data_dirs():
+    if pathlib.Path(other).expanduser().resolve() == data_dir.expanduser().resolve():
+      continue
+    try:
+      if tfds.builder(name, data_dir=str(other)).is_prepared():
+        return str(other)
+    except Exception:  # pylint: disable=broad-except  (not there, or unreadable: no hint)
+      continue
+  return None
 
 
 def _tfds_source(source: str, name: str, data_dir: pathlib.Path, split: str,
@@ -391,15 +414,27 @@ def _tfds_source(source: str, name: str, data_dir: pathlib.Path, split: str,
   try:
     builder = tfds.builder(name, data_dir=str(data_dir))
   except tfds.core.registered.DatasetNotFoundError as e:
+    if (other := _prepared_in_tfds_dirs(name, data_dir)) is not None:
+      raise ConfigError(f'config error: data.source={source!r} is not in the data directory '
+                        f'{data_dir} but in TFDS\'s {other}: set '
+                        f'--config.data.data_dir={other}') from None
     close = difflib.get_close_matches(name.split('/')[0].split(':')[0],
                                       tfds.list_builders(with_community_datasets=False), n=3)
     hint = f' (did you mean {", ".join(close)}?)' if close else ''
     raise ConfigError(f'config error: data.source={source!r}: TFDS has no dataset {name!r}'
                       f'{hint}; see `tfds.list_builders()`') from e
+  except (ValueError, AssertionError) as e:  # a config or version it lacks, a malformed name
+    why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    why = re.sub(r'^Failed to construct dataset .*?builder_kwargs ".*?": ', '', why)
+    raise ConfigError(f'config error: data.source={source!r}: TFDS cannot open {name!r}: '
+                      f'{why.split(" Here are ")[0].strip()} (the form is '
+                      'tfds:<dataset>[/<config>][:<version>])') from None
   how = (f"prepare it once as array_record with: python -c \"import tensorflow_datasets as "
          f"tfds; tfds.builder('{name}', data_dir='{data_dir}', "
          f"file_format='array_record').download_and_prepare()\"")
   if not builder.is_prepared():
+    if (other := _prepared_in_tfds_dirs(name, data_dir)) is not None:
+      how = f'it is prepared in TFDS\'s {other}: set --config.data.data_dir={other}'
     raise ConfigError(f'config error: data.source={source!r} is not prepared in {data_dir}; '
                      f'{how}')
   if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
@@ -433,8 +468,8 @@ def open_source(data_cfg, split: str) -> TextSource:
   elif source.startswith('files:') and source[len('files:'):]:
     builder_cls, config = TextFiles, _files_config(source, source[len('files:'):], fraction)
   else:
-    raise ConfigError(_SOURCE_ERROR.format(source))
-  builder = _prepared(builder_cls, config, data_dir)
+    raise ConfigError('config error: ' + DATA_SOURCE_ERROR.format(source))
+  builder = _prepared(builder_cls, config, data_dir, source)
   if split not in builder.info.splits:
     return TextSource([], 'text')
   return TextSource(builder.as_data_source(split=split), 'text',
@@ -442,18 +477,23 @@ def open_source(data_cfg, split: str) -> TextSource:
                     f'data.source={source!r}')
 
 
-def _prepared(builder_cls, config, data_dir: pathlib.Path):
+def _prepared(builder_cls, config, data_dir: pathlib.Path, source: str):
   """The builder of `config`, its dataset written once: the processes of a run that start
   together wait for the one that writes it (a lock file in the data dir), and one that
-  lost a race on storage without locks reads what the winner wrote."""
+  lost a race on storage without locks reads what the winner wrote. A dataset written
+  already is read without the lock: a shared data dir may be read-only."""
   make = lambda: builder_cls(config=config, data_dir=str(data_dir), file_format='array_record')
+  if (builder := make()).is_prepared():  # TFDS renames a finished dataset into place
+    return builder
   try:
     data_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(data_dir / f'.{config.name}.lock', 'a')  # 'a': leaves it as it is
   except OSError as e:
-    raise ConfigError(f'config error: the data directory {data_dir} cannot be made '
-                      f'({e.strerror or e}); set data.data_dir (or --data_dir, or '
-                      '$JAXARCH_DATA_DIR) to a writable folder') from None
-  with open(data_dir / f'.{config.name}.lock', 'a') as lock:  # 'a': leaves it as it is
+    raise ConfigError(f'config error: the data directory {data_dir} cannot be made or '
+                      f'written to ({e.strerror or e}), where data.source={source!r} is '
+                      'prepared once; set data.data_dir (or --data_dir, or $JAXARCH_DATA_DIR) '
+                      'to a writable folder') from None
+  with lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
       make().download_and_prepare()  # a no-op once the version directory exists

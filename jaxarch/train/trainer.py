@@ -91,12 +91,19 @@ def data_changes(workdir: Path, cfg: ml_collections.ConfigDict) -> str | None:
 def no_validation_data(cfg: ml_collections.ConfigDict, batches) -> str | None:
   """Why the run has nothing to evaluate on, or None: its validation `batches`
   (`eval_batches`) are none (a corpus of few files, split by file, may put none in
-  validation)."""
+  validation), and what would give it some: `data.validation_fraction` splits only the
+  files of `default` and `files:` sources."""
   if next(iter(batches), None) is not None:
     return None
-  fraction = cfg.data.get('validation_fraction')
-  split = '' if fraction is None else f' (data.validation_fraction={fraction} of its files)'
-  return f'data.source={cfg.data.source!r} has no validation data{split}'
+  source = cfg.data.source
+  if source.startswith('tfds:'):
+    why = "its TFDS splits include no 'validation' or 'test'"
+  elif source.startswith(data.sources.DISTILLED):
+    why = 'distill it again with --validation_prompts above 0'
+  else:
+    why = (f'data.validation_fraction={cfg.data.get("validation_fraction")} of its files; '
+           'raise the fraction or add files')
+  return f'data.source={source!r} has no validation data ({why})'
 
 
 def run_eval(setup: TrainSetup, state: dict, eval_step, batches) -> dict:
@@ -208,7 +215,7 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
     return {**final_metrics(workdir), 'step': int(state['step'])}
   validation = eval_batches(cfg, setup)
   if (missing := no_validation_data(cfg, validation)) is not None:
-    bar.alert(f'{missing}: the run reports no eval_loss; raise the fraction or add files')
+    bar.alert(f'{missing}: the run reports no eval_loss')
     validation = None
   train_step = make_train_step(setup)
   reset_windows = make_window_reset(setup)
@@ -286,8 +293,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
   setup = make_setup(cfg, mesh)
   batches = eval_batches(cfg, setup)
   if (missing := no_validation_data(cfg, batches)) is not None:
-    raise config_lib.ConfigError(f'config error: {missing}: nothing to evaluate on; raise '
-                                 'the fraction or add files')
+    raise config_lib.ConfigError(f'config error: {missing}: nothing to evaluate on')
   state, restored = Checkpointer.read(workdir, setup.abstract_state, step=step)
   result = {'step': restored,
             **run_eval(setup, state, _eval_step(cfg, setup), batches)}
