@@ -343,5 +343,7 @@ def test_sweep_launcher_errors_are_one_line(tmp_path, capsys):
                    '--config.launch.devices_per_node=3']) == 2
   err = capsys.readouterr().err
   assert err.count('\n') == 1
-  assert "run 'd32': config error: train.batch_size=16 must be divisible by 3" in err
+  # 'config error:' once, before the run's name, as a bad sweep file says it.
+  assert "config error: run 'd32': train.batch_size=16 must be divisible by 3" in err
+  assert err.count('config error') == 1
   assert not workdir.exists()

@@ -52,6 +52,12 @@ def test_parametric_fit_runs_to_the_minimum_of_a_small_huber_loss():
   assert fit['alpha'] == pytest.approx(0.5, abs=1e-3)
   assert fit['beta'] == pytest.approx(0.35, abs=1e-3)
   assert fit['E'] == pytest.approx(0.8, rel=1e-3) and fit['huber_loss'] < 1e-12
+  assert fit['at_bound'] == []
+  # No floor in reach of the runs: E goes to the search's bound e^-5, which is said.
+  law = dict(E=1e-4, A=50.0, B=200.0, alpha=0.5, beta=0.35)
+  fit = fit_scaling_law(_law_records(law, [1e17, 1e18, 1e19, 1e20],
+                                     np.geomspace(1e7, 1e10, 8), noise=0.0))
+  assert fit['E'] == pytest.approx(math.exp(-5)) and fit['at_bound'] == ['E']
 
 
 def test_isoflop_profiles_find_the_known_optimum():
@@ -97,6 +103,28 @@ def test_fits_refuse_too_few_or_concave_runs():
                              for n, loss in ((0, 2.0), (1e6, 1.5), (2e6, 1.8))])['profiles']
   assert 'params must be positive' in profile['error']
 
+
+def test_a_law_with_an_exponent_at_zero_is_refused_not_reported():
+  # Flat losses: alpha = 0 fitted best, and E = 1, A = 1 came back as if they were measured
+  # (any E + A = 2 fits as well).
+  grid = [(n, d) for n in (1e6, 2e6, 4e6) for d in (1e8, 2e8, 4e8)]
+  with pytest.raises(FitError, match='does not fall with params'):
+    fit_scaling_law([dict(params=n, tokens=d, loss=2.0) for n, d in grid])
+  # Loss that grows with the tokens: beta = 0 at best.
+  with pytest.raises(FitError, match='does not fall with tokens'):
+    fit_scaling_law([dict(params=n, tokens=d, loss=2 + 300 / n ** 0.3 + d / 1e9)
+                     for n, d in grid])
+
+
+def test_isoflop_fits_name_a_missing_or_bad_budget():
+  runs = [dict(params=n, tokens=1e17 / (6 * n), loss=3.0 + (math.log(n) - 14) ** 2)
+          for n in (1e5, 1e6, 1e7)]
+  for bad in ({}, {'budget': None}, {'budget': math.nan}):
+    broken = [{k: v for k, v in r.items() if k != 'budget'} | bad for r in runs]
+    with pytest.raises(FitError, match='budget'):
+      isoflop_fits(broken)
+  with pytest.raises(FitError, match='budget must be positive'):
+    isoflop_fits([dict(r, budget=-1e17) for r in runs])
 
 def test_a_size_run_twice_is_an_end_whichever_record_comes_first():
   runs = [(1e6, 2.0), (1e6, 1.5), (2e6, 1.6), (4e6, 1.9)]  # the smallest size is best
@@ -209,6 +237,26 @@ def test_sweep_moves_aside_a_run_trained_under_an_edited_config(tmp_path, data_d
   (moved,) = workdir.glob('runs/d32.replaced-*')
   assert json.loads((moved / 'metrics.jsonl').read_text())['loss'] == 9.0
   assert runner.read_results(workdir)[0]['final_loss'] == 2.0  # trained afresh
+
+
+def test_a_run_directory_with_a_torn_config_json_or_wall_time_is_trained_again(
+    tmp_path, data_dir, monkeypatch):
+  # A JSONDecodeError traceback from the sweep's worker thread before.
+  _stand_in_training(monkeypatch)
+  spec, workdir = _sweep_file(tmp_path, data_dir), tmp_path / 'sweep'
+  for name, text in (('d32', '{"model": {"d_mod'), ('d48', '[1, 2]')):
+    (workdir / 'runs' / name).mkdir(parents=True)
+    (workdir / 'runs' / name / 'config.json').write_text(text)
+  (workdir / 'runs' / 'd64').mkdir()
+  (workdir / 'runs' / 'd64' / 'sweep_wall_s').write_text('')  # a ValueError, too
+  messages = []
+  with pytest.raises(runner.SweepError):  # d48 and d64 fail and stop, as above
+    runner.run_sweep(spec, workdir, echo=messages.append)
+  assert any('d32: its config changed' in m and 'config.json is not a config' in m
+             for m in messages)
+  assert len(list(workdir.glob('runs/d*.replaced-*'))) == 2
+  assert [r['name'] for r in runner.read_results(workdir)] == ['d32']
+  assert float((workdir / 'runs' / 'd64' / 'sweep_wall_s').read_text()) < 60
 
 
 def test_a_run_recorded_before_jaxarch_gained_a_config_key_is_not_run_again(
@@ -332,6 +380,7 @@ def test_report_writes_plots_and_tables(tmp_path, capsys):
   assert len(rows) == 3 and all(row.endswith('| moe |') for row in rows)
   fits = json.loads((out / 'fits.json').read_text())
   assert fits['dense']['law']['alpha'] == pytest.approx(0.34, abs=0.05)
+  assert fits['dense']['law']['at_bound'] == [] and 'held at a bound' not in text
 
   # Every run diverged, in two families: a report that says so, not a matplotlib traceback.
   (workdir / 'results.jsonl').write_text(''.join(
@@ -339,6 +388,29 @@ def test_report_writes_plots_and_tables(tmp_path, capsys):
   assert cli.main(['fit', f'--workdir={workdir}', '--out=' + str(tmp_path / 'nan')]) == 0
   assert '| dense | 0 of 15 with a finite loss |' in (tmp_path / 'nan' / 'report.md').read_text()
 
+
+def test_report_reads_records_without_flops_and_skips_bad_sizes(tmp_path, capsys):
+  # Records written by another tool: the planned budget but no 'flops' (a KeyError
+  # traceback before), a negative budget or a zero size (numpy's LinAlgError) and no family.
+  lines = [dict(name=f'd-{i}', family='dense', budget=r['budget'], params_active=r['params'],
+                tokens=r['tokens'], eval_loss=r['loss'])
+           for i, r in enumerate(_law_records(CHINCHILLA, [1e18, 1e19, 1e20],
+                                              np.geomspace(1e7, 1e10, 5), noise=0.0))]
+  lines += [dict(lines[0], name='minus', budget=-1.0), dict(lines[1], name='zero', tokens=0),
+            dict(lines[2], name='null', family=None)]  # a TypeError, sorting the families
+  (tmp_path / 'results.jsonl').write_text(''.join(json.dumps(l) + '\n' for l in lines))
+  assert cli.main(['fit', f'--workdir={tmp_path}', '--bootstrap=0']) == 0
+  err = capsys.readouterr().err
+  assert "run 'minus' has budget=-1.0, not a positive finite number; skipped" in err
+  assert "run 'zero' has tokens=0, not a positive finite number; skipped" in err
+  assert "run 'null' has family=None, not a family name; skipped" in err
+  fits = json.loads((tmp_path / 'report' / 'fits.json').read_text())
+  assert fits['dense']['law']['alpha'] == pytest.approx(0.34, abs=1e-3)
+  assert fits['dense']['isoflop']['params_exponent'] > 0
+  # Every record unusable: not 'no runs ...; run `jaxarch sweep` first'.
+  assert cli.main(['fit', f'--workdir={tmp_path}', '--params=total', '--bootstrap=0']) == 2
+  err = capsys.readouterr().err
+  assert 'none of the 18 runs in' in err and 'run `jaxarch sweep' not in err
 
 def test_fits_refuse_losses_that_are_not_finite_numbers():
   records = _law_records(CHINCHILLA, [1e18, 1e19], np.geomspace(1e7, 1e10, 4), noise=0.0)
@@ -384,6 +456,25 @@ def test_bad_sweep_configs_give_one_line_errors(tmp_path):
       config_lib.ConfigError, runner.load_sweep, 'configs/sweeps/isoflop.py:nope').value)
 
 
+def test_sweep_files_may_hold_numpy_values_and_misspelt_reserved_keys_are_named(tmp_path):
+  path = tmp_path / 'np_sweep.py'
+  path.write_text(
+      'import numpy as np\n'
+      'def get_sweep(arg=None):\n'
+      "  return [{'config': 'configs/dense.py:tiny', 'name': f'lr{i}', 'train.lr': lr,\n"
+      "           'model.d_model': np.int64(64),\n"
+      "           'mesh.rules': (('batch', (np.str_('data'), 'fsdp')), ('embed', None))}\n"
+      '          for i, lr in enumerate(np.geomspace(1e-4, 1e-2, 3).astype(np.float32))]\n')
+  runs = runner.load_sweep(str(path))  # np.str_ in a tuple: "must be a tuple" before
+  cfg = runs[2].config()
+  assert cfg.train.lr == 0.01 and cfg.model.d_model == 64
+  assert cfg.mesh.rules[0] == ('batch', ('data', 'fsdp'))
+  path.write_text("def get_sweep(arg=None):\n  return [{'config': 'configs/dense.py:tiny', "
+                  "'name': 'a', 'budegt': 1e17}]\n")
+  with pytest.raises(config_lib.ConfigError, match=r"run 'a': unknown key 'budegt' \(did "
+                     r"you mean 'budget'\?\)"):
+    runner.load_sweep(str(path))
+
 def test_isoflop_sweep_spends_each_budget():
   runs = runner.load_sweep('configs/sweeps/isoflop.py:tiny')
   assert len(runs) == 36 and len({r.name for r in runs}) == 36
@@ -392,6 +483,14 @@ def test_isoflop_sweep_spends_each_budget():
     spent = cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len * plan.flops_per_token(cfg)
     assert spent == pytest.approx(r.budget, rel=0.05)
 
+
+def test_isoflop_grid_names_tell_close_budgets_apart():
+  # Both were 'dense-s-1.2e11' before: a duplicate-name error for names the user never wrote.
+  sizes = {'s': {'model.d_model': 32, 'model.d_ff': 64, 'model.n_layers': 2}}
+  grid = plan.isoflop_grid('dense', 'configs/dense.py:tiny', sizes, [1e11, 1.2e11, 1.24e11])
+  assert [m['name'] for m in grid] == ['dense-s-1e11', 'dense-s-1.2e11', 'dense-s-1.24e11']
+  assert plan.isoflop_grid('dense', 'configs/dense.py:tiny', sizes, [2.5e11])[0]['name'] == (
+      'dense-s-2.5e11')  # the names of sweeps run before are kept
 
 def test_isoflop_grid_refuses_a_budget_its_step_rounding_misses():
   sizes = {'s': {'model.d_model': 32, 'model.d_ff': 64, 'model.n_layers': 2}}

@@ -90,7 +90,8 @@ def fit_scaling_law(records, *, delta: float = HUBER_DELTA, bootstrap: int = 0,
                     seed: int = 0) -> dict:
   """L(N, D) = E + A/N^alpha + B/D^beta through `records` (`params`, `tokens`, `loss`).
 
-  -> {E, A, B, alpha, beta, huber_loss, num_runs}, plus `intervals` {alpha, beta, E}
+  -> {E, A, B, alpha, beta, huber_loss, num_runs, at_bound (those of E, A, B, alpha, beta
+  that the search's bounds hold, not the runs)}, plus `intervals` {alpha, beta, E}
   (5th and 95th percentiles over `bootstrap` resamples of the runs) when asked for.
   """
   n, d, loss = _columns(records, 'params', 'tokens', 'loss')
@@ -107,8 +108,19 @@ def fit_scaling_law(records, *, delta: float = HUBER_DELTA, bootstrap: int = 0,
   log_n, log_d, log_l = np.log(n), np.log(d), np.log(loss)
   best = _fit(log_n, log_d, log_l, delta, _grid_starts(log_n, log_d, log_l, delta, _STARTS))
   a, b, e, alpha, beta = best.x
+  for key, exponent, column in (('alpha', alpha, 'params'), ('beta', beta, 'tokens')):
+    # At 0, A/N^alpha is a constant that E absorbs: E and A (or B) could be anything.
+    if exponent <= _BOUNDS[3][0] + 1e-6:
+      raise FitError(f'fit: the loss does not fall with {column} in these runs ({key} = 0 '
+                     'fits best), so L(N, D) does not determine E; check the runs, or add '
+                     f'runs over a wider range of {column}')
   result = dict(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=float(alpha),
-                beta=float(beta), huber_loss=float(best.fun), num_runs=len(n))
+                beta=float(beta), huber_loss=float(best.fun), num_runs=len(n),
+                # Held by the search's bounds, not by the runs: e.g. E = e^-5 = 0.0067 is
+                # "no floor seen", not a measured irreducible loss.
+                at_bound=[key for key, x, (low, high) in zip(('A', 'B', 'E', 'alpha', 'beta'),
+                                                              best.x, _BOUNDS)
+                          if x <= low + 1e-6 or x >= high - 1e-6])
   if bootstrap:
     rng = np.random.default_rng(seed)
     samples = []
@@ -190,9 +202,12 @@ def isoflop_fits(records) -> dict:
   (N* = params_coefficient · C^params_exponent, through the vertices that lie inside the
   sizes run at their budget; the laws need two or more of them).
   """
+  (budgets,) = _columns(records, 'budget')
+  if np.any(budgets <= 0):
+    raise FitError('fit: budget must be positive FLOPs')
   by_budget = defaultdict(list)
-  for r in records:
-    by_budget[float(r['budget'])].append(r)
+  for budget, r in zip(budgets, records):
+    by_budget[float(budget)].append(r)
   profiles = []
   for budget in sorted(by_budget):
     runs = by_budget[budget]

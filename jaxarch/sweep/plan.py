@@ -13,11 +13,13 @@ for the number of steps that spends the budget by the FLOPs convention of
 """
 
 import dataclasses
+import difflib
 import functools
 import json
 from collections.abc import Sequence
 
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from jaxarch import config as config_lib
@@ -38,7 +40,18 @@ class Run:
     return config_lib.load(self.spec, self.overrides)
 
 
+def _plain(value):
+  """numpy scalars and arrays (np.geomspace, ...) as Python values, whose repr is a
+  literal the override parser reads (numpy 2 writes np.float64(0.1) inside a tuple)."""
+  if isinstance(value, (tuple, list, np.ndarray)):
+    return (tuple if isinstance(value, tuple) else list)(_plain(v) for v in value)
+  if isinstance(value, np.floating):  # float32's own shortest digits, as str() writes them
+    return float(str(value))
+  return value.item() if isinstance(value, np.generic) else value
+
+
 def _override(key: str, value) -> str:
+  value = _plain(value)
   return f'{key}={value!r}' if isinstance(value, (tuple, list)) else f'{key}={value}'
 
 
@@ -58,6 +71,11 @@ def runs_from(members: Sequence[dict], where: str) -> list[Run]:
       raise config_lib.ConfigError(f'{where}: run {i} has name {name!r}; names must be '
                                    'unique folder names (not "." or "..", no "/")')
     seen.add(name)
+    for key in member:  # a reserved key misspelt would be taken for a config key
+      if key not in RESERVED and '.' not in str(key) and (
+          near := difflib.get_close_matches(str(key), RESERVED, n=1)):
+        raise config_lib.ConfigError(f'{where}: run {name!r}: unknown key {key!r} (did you '
+                                     f'mean {near[0]!r}?)')
     overrides = tuple(_override(k, v) for k, v in member.items() if k not in RESERVED)
     budget = member.get('budget')
     if budget is not None:
@@ -101,10 +119,21 @@ def steps_for_budget(cfg: ml_collections.ConfigDict, budget: float) -> int:
   return max(1, round(budget / (flops_per_token(cfg) * tokens_per_step)))
 
 
+def _budget_labels(budgets: Sequence[float]) -> dict[float, str]:
+  """Budget -> its part of the run names ('1e17'): two significant digits, or as many as
+  tell the budgets apart (1.2e17 and 1.24e17 would both be '1.2e17')."""
+  distinct = set(map(float, budgets))
+  for digits in range(2, 18):  # 17 tell any two floats apart
+    labels = {b: f'{b:.{digits}g}'.replace('+', '') for b in distinct}
+    if len(set(labels.values())) == len(distinct):
+      return labels
+  raise AssertionError(budgets)
+
+
 def isoflop_grid(family: str, spec: str, sizes: dict[str, dict], budgets: Sequence[float],
                  common: dict | None = None, *, warmup_fraction: float = 0.1) -> list[dict]:
   """Runs of each size (name -> overrides) at each budget, steps from the budget."""
-  members = []
+  members, labels = [], _budget_labels(budgets)
   for budget in budgets:
     for size, overrides in sizes.items():
       values = {**(common or {}), **overrides}
@@ -122,7 +151,7 @@ def isoflop_grid(family: str, spec: str, sizes: dict[str, dict], budgets: Sequen
             f'{steps} steps spend {spent:.3g} FLOPs, {spent / budget:.2f}x the budget; '
             'raise the budget or leave the size out')
       members.append({
-          'config': spec, 'name': f'{family}-{size}-{budget:.2g}'.replace('+', ''),
+          'config': spec, 'name': f'{family}-{size}-{labels[float(budget)]}',
           'budget': budget, **values, 'train.steps': steps,
           'train.warmup_steps': max(1, int(steps * warmup_fraction)),
           'checkpoint.every_steps': max(1, min(steps, 500)),

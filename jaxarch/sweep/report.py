@@ -39,8 +39,9 @@ def fit_points(records, params: str = 'active') -> list[dict]:
     loss = r['eval_loss'] if validation else r.get('final_loss')
     if loss is None or not math.isfinite(loss):
       continue
+    budget = r.get('budget') or r['flops']
     points.append(dict(params=r[f'params_{params}'], tokens=r['tokens'], loss=loss,
-                       budget=r.get('budget') or r['flops'], flops=r['flops'],
+                       budget=budget, flops=r.get('flops') or budget,  # planned, if not run
                        name=r['name'], validation=validation))
   return points
 
@@ -50,12 +51,18 @@ def _problem(record: dict, params: str) -> str | None:
   for key in ('family', f'params_{params}', 'tokens'):
     if key not in record:
       return f'lacks {key!r}'
+  if not isinstance(record['family'], str) or not record['family']:  # fits sort by it
+    return f"has family={record['family']!r}, not a family name"
   if record.get('budget') is None and record.get('flops') is None:
     return "lacks 'budget' and 'flops'"
   for key in (f'params_{params}', 'tokens', 'budget', 'flops', 'eval_loss', 'final_loss'):
     value = record.get(key)
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
       return f'has {key}={value!r}, not a number'
+  for key in (f'params_{params}', 'tokens', 'budget', 'flops'):  # logs of them are taken
+    value = record.get(key)
+    if value is not None and not 0 < value < math.inf:
+      return f'has {key}={value!r}, not a positive finite number'
   return None
 
 
@@ -231,6 +238,7 @@ def markdown(fits, params: str, workdir: Path) -> str:
                  f'b = {_fmt(iso.get("tokens_exponent"))} |')
   lines += ['', '## L(N, D) = E + A/N^α + B/D^β (approach 3)', '',
             '| family | E | A | α (5–95%) | B | β (5–95%) | runs |', '|---|---|---|---|---|---|---|']
+  bound_notes = []
   for family, entry in fits.items():
     law = entry['law']
     if 'error' in law:
@@ -241,6 +249,12 @@ def markdown(fits, params: str, workdir: Path) -> str:
     lines.append(f'| {family} | {law["E"]:.3f} | {law["A"]:.3g} | {law["alpha"]:.3f}'
                  f'{interval("alpha")} | {law["B"]:.3g} | {law["beta"]:.3f}{interval("beta")} '
                  f'| {law["num_runs"]} |')
+    if law.get('at_bound'):
+      held = law['at_bound']
+      bound_notes.append(f'{family}: {", ".join(held)} held at a bound of the fit\'s search '
+                         '(E >= 0.0067, 0 <= α, β <= 4), not by the runs, which do not '
+                         f'determine {"it" if len(held) == 1 else "them"}.')
+  lines += [''] + bound_notes if bound_notes else []
   lines += ['', '## Families at equal compute', '', _equal_compute_table(fits), '']
   return '\n'.join(lines)
 
@@ -273,7 +287,11 @@ def write_report(workdir: str | Path, out: str | Path | None = None, *,
   out = Path(out) if out else workdir / 'report'
   if out.exists() and not out.is_dir():
     raise FileExistsError(f'fit: --out={out} is a file; give a directory for the report')
-  records = usable_records(read_results(workdir), params, workdir / 'results.jsonl')
+  found = read_results(workdir)
+  records = usable_records(found, params, workdir / 'results.jsonl')
+  if found and not records:  # not "run the sweep first": it ran
+    raise fit_lib.FitError(f'fit: none of the {len(found)} runs in {workdir / "results.jsonl"} '
+                           f'can be fitted with --params={params} (see the warnings above)')
   if not records:
     raise FileNotFoundError(f'no runs in {workdir / "results.jsonl"}; run `jaxarch sweep '
                             f'--workdir={workdir}` first')

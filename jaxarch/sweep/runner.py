@@ -180,7 +180,10 @@ def _run_one(run: plan.Run, workdir: Path, echo,
   _move_aside_if_changed(run, run_dir, echo)
   run_dir.mkdir(parents=True, exist_ok=True)
   spent = run_dir / 'sweep_wall_s'  # wall time of earlier, interrupted attempts
-  before = float(spent.read_text()) if spent.exists() else 0.0
+  try:
+    before = float(spent.read_text())
+  except (OSError, ValueError):  # none yet, or torn by a kill while it was written
+    before = 0.0
   start = time.perf_counter()
   with (open(run_dir / 'train.log', 'a') as log,
         subprocess.Popen(train_command(run, run_dir), stdout=log,
@@ -216,7 +219,10 @@ def config_changes(run: plan.Run, run_dir: Path) -> str | None:
   try:  # read as jaxarch reads it: keys added since then take their defaults
     old = as_json(config_lib.load_json(saved))
   except config_lib.ConfigError:  # no longer a valid config: compared as it is
-    old = _flat(json.loads(saved.read_text()))
+    try:
+      old = _flat(json.loads(saved.read_text()))
+    except (ValueError, AttributeError):  # torn or hand-edited: not a config at all
+      return f'{saved.name} is not a config'
   new = as_json(run.config())
   changed = [f'{k} {old.get(k)} -> {new.get(k)}' for k in sorted(old.keys() | new.keys())
              if old.get(k) != new.get(k)
@@ -354,7 +360,8 @@ def render_jobs(runs, workdir: Path, launcher: str, echo=print) -> list[dict]:
     try:
       submit = known[launcher](run, workdir / 'runs' / run.name)
     except config_lib.ConfigError as e:
-      raise config_lib.ConfigError(f'run {run.name!r}: {e}') from None
+      why = str(e).removeprefix('config error: ')  # said once, before the run's name
+      raise config_lib.ConfigError(f'run {run.name!r}: {why}') from None
     echo(f'sweep: {run.name}: {submit}')
   echo(f'sweep: {len(runs)} {launcher} jobs written; nothing was submitted')
   return read_results(workdir)
