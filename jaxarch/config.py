@@ -417,7 +417,8 @@ def _check_moe(cfg: ConfigDict) -> None:
               'model.moe.bias_update_rate'):
     if _number(cfg, key) < 0:
       raise ConfigError(f'{key}={_get(cfg, key)!r} must be >= 0')
-  expert = cfg.mesh.ici.expert * cfg.mesh.dcn.expert
+  ici, dcn = _mesh_sizes(cfg)  # checked first: a hand-edited config.json may hold anything
+  expert = ici['expert'] * dcn['expert']
   if expert > 1 and e % expert:
     raise ConfigError(f'model.moe.num_experts={e} must be divisible by the expert mesh axis '
                       f'(mesh.ici.expert x mesh.dcn.expert = {expert})')
@@ -727,6 +728,9 @@ def _mesh_sizes(cfg: ConfigDict) -> tuple[dict[str, int], dict[str, int]]:
   result = []
   for level in ('ici', 'dcn'):
     section = _get(cfg, f'mesh.{level}')
+    if not isinstance(section, (dict, ConfigDict)):
+      raise ConfigError(f'mesh.{level}={section!r} must be a section of mesh axis sizes '
+                        f'({", ".join(f"{a}=N" for a in MESH_AXES)})')
     extra = set(section) - set(MESH_AXES)
     if extra:
       raise ConfigError(f'mesh.{level}.{sorted(extra)[0]} is not a mesh axis; the axes are '

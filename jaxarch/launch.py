@@ -22,6 +22,7 @@ them, `write` writes the files.
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -100,11 +101,22 @@ def render_run(target: str, run, run_dir: Path) -> str:
   except on a TPU VM, whose launch.name names the VM they all run on (one at a time)."""
   cfg = run.config()
   if target != 'tpu-vm':
-    cfg.launch.name = re.sub(r'[^a-z0-9-]+', '-', f'{cfg.launch.name}-{run.name}'.lower())
+    cfg.launch.name = _run_job_name(cfg.launch.name, run.name)
   job = render(target, cfg, spec=run.spec, workdir=run_dir, overrides=run.overrides,
                out=Path(run_dir) / 'launch')
   write(job)
   return job.submit
+
+
+def _run_job_name(name: str, run: str) -> str:
+  """NAME-RUN as a job name that `check` takes: a run name with capitals, '_' or a last
+  '.', or one that makes it longer than 40, would fail as a bad launch.name the user never
+  wrote. A long one is cut, with a hash of the run's name that keeps the runs apart."""
+  joined = re.sub(r'[^a-z0-9-]+', '-', f'{name}-{run}'.lower()).strip('-')
+  if len(joined) <= 40:
+    return joined
+  digest = hashlib.sha1(run.encode()).hexdigest()[:8]
+  return f'{joined[:31].rstrip("-")}-{digest}'
 
 
 # Checks: the cluster against the target and the mesh.

@@ -136,3 +136,42 @@ def test_two_processes_started_as_slurm_tasks(tmp_path, data_dir):
   errs = _train_in_two_processes(tmp_path / 'slurm', data_dir, slurm)
   assert 'process 0 of 2 (slurm)' in errs[0]
   _assert_same_run(want, tmp_path / 'slurm')
+
+
+_BENCH_BATCH = '''
+import sys
+from jaxarch.parallel import distributed
+distributed.initialize(distributed.detect(sys.argv[1], 2, int(sys.argv[2])))
+from jaxarch import config as config_lib
+from jaxarch.train import throughput
+class Stepped(Exception):
+  pass
+def first_step(setup):
+  def step(state, batch):
+    raise Stepped(batch['inputs'].shape)
+  return step
+throughput.make_train_step = first_step
+cfg = config_lib.load('configs/dense.py:tiny', sys.argv[3:])
+try:
+  throughput.measure(cfg, steps=1, warmup=1)
+except Stepped as e:
+  print('global batch', e.args[0])
+'''
+
+
+@pytest.mark.slow
+def test_bench_in_two_processes_steps_the_configured_global_batch():
+  """Each process of `jaxarch bench train` passes on its share of the synthetic batch: all
+  of it made a batch of 2 x train.batch_size rows, while tokens/s and MFU counted one."""
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu')
+  overrides = ['model.d_model=64', 'model.n_layers=1', 'model.d_ff=128', 'data.seq_len=32',
+               'train.batch_size=8', 'mesh.ici.data=-1']
+  processes = [subprocess.Popen([sys.executable, '-c', _BENCH_BATCH, f'localhost:{port}',
+                                 str(i), *overrides], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for p in processes:
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    assert 'global batch (8, 32)' in out, out + err[-3000:]

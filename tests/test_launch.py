@@ -347,3 +347,36 @@ def test_sweep_launcher_errors_are_one_line(tmp_path, capsys):
   assert "config error: run 'd32': train.batch_size=16 must be divisible by 3" in err
   assert err.count('config error') == 1
   assert not workdir.exists()
+
+
+def test_sweep_run_names_become_job_names_that_check_takes(tmp_path):
+  """launch.name-RUN, lowercased: a run name ending in '.' or making it longer than 40
+  failed as a bad launch.name; long ones are cut, with a hash that keeps them apart."""
+  import types  # pylint: disable=g-import-not-at-top
+  names = {}
+  for name in ('Run_1.', 'ultramem-151m-values-2m-1.5e18-a', 'ultramem-151m-values-2m-1.5e18-b'):
+    run = types.SimpleNamespace(name=name, spec='configs/dense.py:tiny', overrides=[],
+                                config=lambda: config_lib.load('configs/dense.py:tiny'))
+    launch.render_run('gke', run, tmp_path / name)
+    names[name] = yaml.safe_load((tmp_path / name / 'launch' / 'jobset.yaml').read_text())[
+        'metadata']['name']
+  assert names['Run_1.'] == 'jaxarch-run-1'
+  long_a, long_b = names['ultramem-151m-values-2m-1.5e18-a'], names[
+      'ultramem-151m-values-2m-1.5e18-b']
+  assert long_a != long_b and launch.NAME.fullmatch(long_a) and launch.NAME.fullmatch(long_b)
+
+
+def test_slurm_setup_can_add_xla_flags_to_the_gpu_recipe(tmp_path, capsys):
+  """launch.setup ran before the recipe's `export XLA_FLAGS=...`, which dropped any flag
+  it set (a dump folder, a tuning flag); it now runs after, with the recipe's in place."""
+  setup = 'export XLA_FLAGS="$XLA_FLAGS --xla_dump_to=/tmp/dump"'
+  assert _launch(capsys, 'slurm', tmp_path, *H100_4x8, f'--config.launch.setup={setup}')[0] == 0
+  (tmp_path / 'bin').mkdir()
+  srun = tmp_path / 'bin' / 'srun'
+  srun.write_text('#!/bin/sh\necho "$XLA_FLAGS"\n')
+  srun.chmod(0o755)
+  env = dict(os.environ, PATH=f'{tmp_path / "bin"}:{os.environ["PATH"]}')
+  flags = subprocess.run(['bash', str(tmp_path / 'train.sbatch')], env=env, check=True,
+                         capture_output=True, text=True).stdout.split()
+  assert '--xla_dump_to=/tmp/dump' in flags
+  assert '--xla_gpu_enable_latency_hiding_scheduler=true' in flags

@@ -136,3 +136,38 @@ def test_a_data_by_fsdp_step_compiles_without_replicating_activations(capfd):
   capfd.readouterr()
   make_train_step(setup).lower(state, batch).compile()  # a shape no other test compiles
   assert 'Involuntary full rematerialization' not in capfd.readouterr().err
+
+
+def test_ici_sizes_that_split_a_tpu_torus_axis_still_make_a_mesh(monkeypatch, caplog):
+  """tensor=2 on a 4x4x4 TPU v4 slice is no product of whole torus axes; mesh_utils
+  refused it with a NotImplementedError traceback. The mesh splits an axis instead, with a
+  warning (MaxText's allow_split_physical_axes)."""
+  import itertools  # pylint: disable=g-import-not-at-top
+  from jaxarch.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  tpus = [types.SimpleNamespace(platform='tpu', id=i, coords=(x, y, z), core_on_chip=0,
+                                device_kind='TPU v4', process_index=i // 4, slice_index=0)
+          for i, (z, y, x) in enumerate(itertools.product(range(4), repeat=3))]
+  monkeypatch.setattr(mesh_lib, 'Mesh', lambda grid, axes: grid)  # stand-ins: the grid
+  cfg = mesh_config(tiny_config(**{'train.batch_size': 64}), data=1, fsdp=-1, tensor=2)
+  grid = make_mesh(cfg, tpus)
+  assert grid.shape == (1, 32, 2, 1)
+  assert sorted(d.id for d in grid.ravel()) == list(range(64))
+  assert 'splits physical axes of the device torus' in caplog.text
+
+
+@pytest.mark.parametrize('spec, key, value, message', [
+    ('configs/moe.py:tiny', 'ici', {'data': -1, 'fsdp': 1, 'tensor': 1, 'expert': '2'},
+     r"mesh.ici.expert='2' must be a positive int or -1"),
+    ('configs/moe.py:tiny', 'dcn', None, 'mesh.dcn=None must be a section of mesh axis sizes'),
+    ('configs/dense.py:tiny', 'ici', 8, 'mesh.ici=8 must be a section of mesh axis sizes'),
+])
+def test_a_hand_edited_mesh_in_config_json_is_a_one_line_error(tmp_path, spec, key, value,
+                                                              message):
+  """A TypeError or AttributeError traceback before (the MoE check read the sizes first)."""
+  import json  # pylint: disable=g-import-not-at-top
+  config_lib.save(config_lib.load(spec), tmp_path / 'config.json')
+  tree = json.loads((tmp_path / 'config.json').read_text())
+  tree['mesh'][key] = value
+  (tmp_path / 'config.json').write_text(json.dumps(tree))
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(config_lib.load_json(tmp_path / 'config.json'), num_devices=8)

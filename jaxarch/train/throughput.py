@@ -28,7 +28,7 @@ import jax
 import ml_collections
 
 from jaxarch.data import synthetic_batch
-from jaxarch.parallel import global_batch, make_mesh
+from jaxarch.parallel import data_shard, global_batch, make_mesh
 from jaxarch.train import flops, profile
 from jaxarch.train.memory import check_state_fits
 from jaxarch.train.state import describe, init_state, make_setup
@@ -45,9 +45,7 @@ def measure(cfg: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
   check_state_fits(cfg, setup)
   state = init_state(cfg, setup)
   step = make_train_step(setup)
-  batches = [global_batch(synthetic_batch(cfg.train.batch_size, cfg.data.seq_len,
-                                          cfg.model.vocab_size, i), setup.batch_sharding)
-             for i in range(2)]
+  batches = [_global_synthetic_batch(cfg, setup, i) for i in range(2)]
   start = time.perf_counter()
   for i in range(warmup):
     state, metrics = step(state, batches[i % 2])
@@ -98,6 +96,17 @@ def measure(cfg: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
       'opaque_kernels': profile.opaque_kernels(hlo),
       'final_loss': float(metrics['loss']), **result,
   }
+
+
+def _global_synthetic_batch(cfg: ml_collections.ConfigDict, setup, seed: int) -> dict:
+  """A synthetic batch of train.batch_size rows over the whole job. Every process draws the
+  same rows and passes on its share, as the trainer's data loader does: given all of them,
+  `global_batch` would build a batch as many times larger as there are processes."""
+  rows = synthetic_batch(cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size, seed)
+  index, count = data_shard(setup.batch_sharding, cfg.train.batch_size)
+  share = cfg.train.batch_size // count
+  return global_batch({k: v[index * share:(index + 1) * share] for k, v in rows.items()},
+                      setup.batch_sharding)
 
 
 def summary(result: dict) -> str:
