@@ -21,6 +21,7 @@ from flax import nnx
 import ml_collections
 
 from jaxarch.layers import Attention, Embed, RMSNorm, SwiGLU, remat
+from jaxarch.layers.embeddings import head_logits
 from jaxarch.layers.params import normal, param
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -210,10 +211,8 @@ class Transformer(Stack):
   def logits(self, x: jax.Array) -> jax.Array:
     """Hidden states [b, t, d] -> logits [b, t, vocab] (fp32)."""
     if self.head is None:
-      logits = self.embed.attend(x)
-    else:
-      logits = jnp.einsum('btd,dv->btv', x, self.head[...].astype(x.dtype))
-    return logits.astype(jnp.float32)
+      return self.embed.attend(x)
+    return head_logits(x, self.head[...].astype(x.dtype))
 
   def prefill(self, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
     """Prompts [b, t] right-padded, `lengths` [b] -> next-token logits [b, vocab]; fills
