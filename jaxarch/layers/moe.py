@@ -3,11 +3,12 @@
 **Router** (fp32): logits `td,de->te`, gates by softmax or sigmoid, the top-k experts per
 token chosen by `gates + bias` (the bias is DeepSeek-V3's auxiliary-loss-free balancing:
 raised for under-loaded experts by `bias_update_rate · sign(mean load − load)` once per
-training step, from the load of the step's whole batch, outside the gradient), weights = the chosen gates, renormalised to
-sum to 1 if asked. Losses: the Switch/GShard balance loss `E · Σ_e f_e · P_e` (`f_e` the
-fraction of assignments to expert e, `P_e` its mean gate probability) and the router
-z-loss `mean(logsumexp(logits)²)`. These statistics and the bias move count only the tokens
-that are not padding (`real`): what fills a row's end would otherwise pull on the router.
+training step, from the load of the step's whole batch, outside the gradient), weights =
+the chosen gates, renormalised to sum to 1 if asked. Losses: the Switch/GShard balance
+loss `E · Σ_e f_e · P_e` (`f_e` the fraction of assignments to expert e, `P_e` its mean
+gate probability) and the router z-loss `mean(logsumexp(logits)²)`. These statistics and
+the bias move count only the tokens that are not padding (`real`): what fills a row's end
+would otherwise pull on the router.
 
 **Experts** run per device on its own tokens (inside `shard_map` over the batch axes),
 with the experts split over the mesh axes of the logical axis `expert`:
