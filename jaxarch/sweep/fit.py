@@ -27,6 +27,8 @@ _GRID = dict(a=(0.0, 5.0, 10.0, 15.0, 20.0, 25.0), b=(0.0, 5.0, 10.0, 15.0, 20.0
              beta=(0.0, 0.25, 0.5, 1.0, 1.5, 2.0))
 _STARTS = 16
 _BOUNDS = [(-10, 60), (-10, 60), (-5, 5), (0, 4), (0, 4)]
+SEARCH_BOUNDS = (f'E >= {math.exp(_BOUNDS[2][0]):.2g}, {_BOUNDS[3][0]} <= α, β <= '
+                 f'{_BOUNDS[3][1]}')  # for reports, of the parameters that fits reach
 # The summed Huber loss of good fits is ~1e-4 and below, so scipy's default tolerances
 # (relative to max(|f|, 1)) would stop L-BFGS-B on the plateau long before the minimum.
 _TOLERANCES = dict(ftol=1e-15, gtol=1e-10, maxiter=10_000)

@@ -252,7 +252,7 @@ def markdown(fits, params: str, workdir: Path) -> str:
     if law.get('at_bound'):
       held = law['at_bound']
       bound_notes.append(f'{family}: {", ".join(held)} held at a bound of the fit\'s search '
-                         '(E >= 0.0067, 0 <= α, β <= 4), not by the runs, which do not '
+                         f'({fit_lib.SEARCH_BOUNDS}), not by the runs, which do not '
                          f'determine {"it" if len(held) == 1 else "them"}.')
   lines += [''] + bound_notes if bound_notes else []
   lines += ['', '## Families at equal compute', '', _equal_compute_table(fits), '']
