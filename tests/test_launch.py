@@ -380,3 +380,18 @@ def test_slurm_setup_can_add_xla_flags_to_the_gpu_recipe(tmp_path, capsys):
                          capture_output=True, text=True).stdout.split()
   assert '--xla_dump_to=/tmp/dump' in flags
   assert '--xla_gpu_enable_latency_hiding_scheduler=true' in flags
+
+
+def test_slurm_stops_when_setup_fails(tmp_path, capsys):
+  """launch.setup ran before `set -e`, so a venv that was not there let srun start the
+  job with whatever python the node had; a failing setup now ends the script."""
+  setup = 'source /no/such/venv/bin/activate'
+  assert _launch(capsys, 'slurm', tmp_path, *H100_4x8, f'--config.launch.setup={setup}')[0] == 0
+  (tmp_path / 'bin').mkdir()
+  srun = tmp_path / 'bin' / 'srun'
+  srun.write_text('#!/bin/sh\necho srun ran\n')
+  srun.chmod(0o755)
+  env = dict(os.environ, PATH=f'{tmp_path / "bin"}:{os.environ["PATH"]}')
+  done = subprocess.run(['bash', str(tmp_path / 'train.sbatch')], env=env,
+                        capture_output=True, text=True)
+  assert done.returncode != 0 and 'srun ran' not in done.stdout
