@@ -22,6 +22,7 @@ from report import device_info, emit
 
 from jaxarch import config as config_lib
 from jaxarch import models
+from jaxarch.cli import at_least_one
 from jaxarch.train import train
 
 FAMILIES = ('ultramem', 'moe')  # sparse families compared against dense
@@ -43,7 +44,7 @@ def matched_dense(target_active: int, overrides, preset: str = 'tiny'):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--steps', type=int, default=500)
+  parser.add_argument('--steps', type=at_least_one, default=500)
   parser.add_argument('--workdir', help='keep the runs here (default: a temporary dir)')
   parser.add_argument('--out', default='benchmarks/results/compare_families.json')
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)

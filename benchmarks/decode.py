@@ -36,6 +36,7 @@ from report import device_info, emit, ints, on_accelerator, save, scaled_parser
 
 from jaxarch import config as config_lib
 from jaxarch import infer, models
+from jaxarch.cli import at_least_one
 from jaxarch.layers.attention import Attention
 from jaxarch.layers.moe import MoE
 from jaxarch.layers.ultramem import UltraMem
@@ -94,8 +95,8 @@ def main(argv=None):
   parser.add_argument('--preset', default=scale['preset'])
   parser.add_argument('--batches', type=ints, default=scale['batches'])
   parser.add_argument('--prompts', type=ints, default=scale['prompts'])
-  parser.add_argument('--new_tokens', type=int, default=scale['new_tokens'])
-  parser.add_argument('--repeats', type=int, default=2)
+  parser.add_argument('--new_tokens', type=at_least_one, default=scale['new_tokens'])
+  parser.add_argument('--repeats', type=at_least_one, default=2)
   parser.add_argument('--out', default='benchmarks/results/decode.json')
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   dtype = 'bfloat16' if on_accelerator() else 'float32'

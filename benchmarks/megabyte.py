@@ -38,6 +38,7 @@ from report import device_info, emit, ints, on_accelerator, save, scaled_parser
 
 from jaxarch import config as config_lib
 from jaxarch import infer, models
+from jaxarch.cli import at_least_one
 from jaxarch.train import flops, train
 from jaxarch.train.throughput import measure
 
@@ -155,16 +156,19 @@ def main(argv=None):
   parser.add_argument('--preset', default=scale['preset'], help='for the speed measurements')
   parser.add_argument('--seq_lens', type=ints, default=scale['seq_lens'])
   parser.add_argument('--batch_bytes', type=int, default=scale['batch_bytes'])
-  parser.add_argument('--train_steps', type=int, default=5, help='timed train steps')
+  parser.add_argument('--train_steps', type=at_least_one, default=5, help='timed train steps')
   parser.add_argument('--gen_context', type=int, default=scale['gen_context'])
   parser.add_argument('--gen_batches', type=ints, default=scale['gen_batches'])
-  parser.add_argument('--new_tokens', type=int, default=scale['new_tokens'])
+  parser.add_argument('--new_tokens', type=at_least_one, default=scale['new_tokens'])
   parser.add_argument('--bpb_preset', default=scale['bpb_preset'])
   parser.add_argument('--bpb_steps', type=int, default=scale['bpb_steps'],
                       help="the transformer's training steps; 0 skips the quality run")
   parser.add_argument('--workdir', help='keep the quality runs here (default: temporary)')
   parser.add_argument('--out', default='benchmarks/results/megabyte.json')
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  if args.gen_context <= args.new_tokens:  # the prompt is the context less the new bytes
+    parser.error(f'--gen_context={args.gen_context} must exceed --new_tokens='
+                 f'{args.new_tokens}')
   dtype = 'bfloat16' if on_accelerator() else 'float32'
   overrides = [f'model.dtype={dtype}', f'model.param_dtype={dtype}']
 

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from report import emit, on_accelerator, save, scaled_parser, timed
 
 from jaxarch import config as config_lib
+from jaxarch.cli import at_least_one
 from jaxarch.train import profile
 from jaxarch.train.memory import OutOfMemoryError
 from jaxarch.train.throughput import measure
@@ -134,7 +135,8 @@ def main(argv=None):
   parser, defaults = scaled_parser(__doc__, SCALES)
   parser.add_argument('--cases', default=defaults['cases'],
                       help='comma-separated FAMILY:PRESET:BATCH:REMAT[:KEY=VALUE+...]')
-  parser.add_argument('--steps', type=int, default=defaults['steps'], help='timed steps')
+  parser.add_argument('--steps', type=at_least_one, default=defaults['steps'],
+                      help='timed steps')
   parser.add_argument('--profile', action='store_true',
                       help='also trace 3 steps per case and digest where the time goes')
   parser.add_argument('--profile_dir', help='where the traces go (default: a temp dir)')

@@ -32,6 +32,7 @@ from flax import nnx
 
 from report import device_info, emit, max_rel_error, save, timed_or_error
 
+from jaxarch.cli import at_least_one
 from jaxarch.kernels.gmm_triton import Tiling
 from jaxarch.kernels.grouped_matmul import grouped_matmul
 from jaxarch.layers import SwiGLU
@@ -137,7 +138,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   on_accelerator = jax.default_backend() in ('gpu', 'tpu')
   parser.add_argument('--grid', choices=tuple(GRIDS), default='gpu' if on_accelerator else 'cpu')
-  parser.add_argument('--iters', type=int, default=10 if on_accelerator else 3)
+  parser.add_argument('--iters', type=at_least_one, default=10 if on_accelerator else 3)
   parser.add_argument('--tables', default='matmul,layers',
                       help='which tables: matmul (the grouped matmul per impl), layers')
   parser.add_argument('--out', default='benchmarks/results/moe.json')
@@ -145,6 +146,8 @@ def main(argv=None):
   g = GRIDS[args.grid]
   data = device_info()
   tables = args.tables.split(',')
+  if unknown := set(tables) - {'matmul', 'layers'}:  # else a typo runs nothing, silently
+    parser.error(f'--tables: unknown {sorted(unknown)}; expected matmul, layers or both')
   if 'matmul' in tables:  # first: the kernels' check against ragged_dot is the quick part
     data.update(matmul_table(g, args.iters, data, args.out))
   if 'layers' in tables:

@@ -37,6 +37,7 @@ import numpy as np
 from report import (device_info, emit, max_rel_error, or_error, save, timed,
                     timed_or_error)
 
+from jaxarch.cli import at_least_one
 from jaxarch.kernels import sparse_lookup
 from jaxarch.kernels.sparse_lookup import one_lookup_per_bag
 
@@ -145,7 +146,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   on_accelerator = jax.default_backend() in ('gpu', 'tpu')
   parser.add_argument('--grid', choices=tuple(GRIDS), default='gpu' if on_accelerator else 'cpu')
-  parser.add_argument('--iters', type=int, default=20 if on_accelerator else 3)
+  parser.add_argument('--iters', type=at_least_one, default=20 if on_accelerator else 3)
   parser.add_argument('--out', default='benchmarks/results/sparse_lookup.json')
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 

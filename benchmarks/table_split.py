@@ -32,6 +32,7 @@ from report import emit, save
 
 from jaxarch import config as config_lib
 from jaxarch import data, models
+from jaxarch.cli import at_least_one
 from jaxarch.layers import signals
 from jaxarch.train import train
 from jaxarch.train.pretrained import load_model
@@ -116,7 +117,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--preset', default='tiny', help='configs/ultramem.py preset')
   parser.add_argument('--meshes', default=','.join(MESHES), help=f'some of {", ".join(MESHES)}')
-  parser.add_argument('--steps', type=int, default=5, help='timed steps per case')
+  parser.add_argument('--steps', type=at_least_one, default=5, help='timed steps per case')
   parser.add_argument('--batch_size', type=int, default=16)
   parser.add_argument('--train_steps', type=int, default=300,
                       help='steps of ultramem:tiny before counting reads (0: skip the load)')

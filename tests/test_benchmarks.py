@@ -51,6 +51,27 @@ def test_train_step_benchmark_says_a_bad_flag_in_one_line(argv, says, tmp_path, 
   assert says in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('script, argv, says', [
+    (mfu, ['--steps=0'], 'argument --steps: 0 must be >= 1'),
+    (moe, ['--iters=0'], 'argument --iters: 0 must be >= 1'),
+    (moe, ['--tables=matmull'], "--tables: unknown ['matmull']"),  # ran nothing, exit 0
+    (sparse_lookup, ['--iters=0'], 'argument --iters: 0 must be >= 1'),
+    (decode, ['--repeats=0'], 'argument --repeats: 0 must be >= 1'),
+    (decode, ['--new_tokens=0'], 'argument --new_tokens: 0 must be >= 1'),
+    (megabyte, ['--train_steps=0'], 'argument --train_steps: 0 must be >= 1'),
+    (megabyte, ['--gen_context=64', '--new_tokens=64'], '--gen_context=64 must exceed'),
+    (table_split, ['--steps=0'], 'argument --steps: 0 must be >= 1'),
+    (compare_families, ['--steps=0'], 'argument --steps: 0 must be >= 1'),
+])
+def test_benchmarks_say_a_bad_count_in_one_line(script, argv, says, tmp_path, capsys):
+  # They used to fail every case after compiling it (mfu: a table of `failed` rows),
+  # divide by an empty median, or run no table at all.
+  with pytest.raises(SystemExit):
+    script.main([*argv, f'--out={tmp_path / "out.json"}'])
+  assert says in capsys.readouterr().err
+  assert not (tmp_path / 'out.json').exists()
+
+
 def test_opaque_kernels_are_the_custom_calls_xla_counts_no_flops_for():
   call = '%c = bf16[8,8] custom-call(%a, %b), custom_call_target="{}", backend_config={{}}\n'
   hlo = ''.join(call.format(t) for t in (
@@ -494,12 +515,16 @@ def test_bita_refuses_batches_above_the_eval_prompts_before_training(tmp_path, m
   assert '--batches=1,8' in capsys.readouterr().err
 
 
-def test_peak_flops_tell_h100_variants_apart():
+def test_peak_flops_tell_h100_and_h200_variants_apart():
   from jaxarch.train import flops  # pylint: disable=g-import-not-at-top
-  assert flops.peak_flops('NVIDIA H100 80GB HBM3') == 989e12  # SXM
+  assert flops.peak_flops('NVIDIA H100 80GB HBM3') == 989.4e12  # SXM
   assert flops.peak_flops('NVIDIA H100 PCIe') == 756e12
   assert flops.peak_flops('NVIDIA H100 NVL') == 835e12
-  assert flops.peak_flops('NVIDIA H200') == 989e12 and flops.peak_flops('cpu') is None
+  assert flops.peak_flops('NVIDIA H200') == 989.4e12 and flops.peak_flops('cpu') is None
+  assert flops.peak_flops('NVIDIA H200 NVL') == 835e12  # was the SXM part's 989
+  assert [flops.peak_flops(k) for k in ('NVIDIA A100-SXM4-80GB', 'TPU v4', 'TPU v5 lite',
+                                        'TPU v5', 'TPU v5p', 'TPU v6 lite')] == [
+      312e12, 275e12, 197e12, 459e12, 459e12, 918e12]
 
 
 def test_the_aux_loss_sweep_differs_in_the_weight_only():

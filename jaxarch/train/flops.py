@@ -14,25 +14,32 @@ Convention (PaLM appendix B / Chinchilla): a training step costs, per token,
 - Not counted: norms, activations, softmax, RoPE, optimizer update (all O(N) or O(T·d)).
 - MEGABYTE counts per byte (`megabyte_flops_per_byte`): its global model per patch.
 - BiTA counts per sequence token (`bita_flops_per_token`): the frozen model runs forward
-  over the T tokens of a row (2 · N each; nothing trainable lies behind them, so their
-  backward pass is no useful work), and forward and backward w.r.t. activations over its
-  g·M mask tokens (4 · N each, no weight gradients; g = `bita.train_groups` groups, one
-  per token when 0). A mask token sees its anchor's past, as much as a causal token sees.
+  over the T tokens of a row only to fill its caches (nothing trainable lies behind them,
+  so their backward pass is no useful work): 2 · N each less what no cache needs, the
+  output head and the last block but its key and value projections (with any side layer
+  written after it); then forward and backward w.r.t. activations over its g·M mask
+  tokens (4 · N each, no weight gradients; g = `bita.train_groups` groups, one per token
+  when 0). A mask token sees its anchor's past, as much as a causal token sees.
 
 MFU = achieved model FLOPs per second / peak dense bf16 FLOPs of the devices; remat
 recomputation is *not* counted as model FLOPs (that would be hardware FLOPs utilisation).
 """
 
+from flax import nnx
 import ml_collections
 
-from jaxarch.models.bita import mask_groups
+from jaxarch import models
+from jaxarch.models.bita import base_config, mask_groups
+from jaxarch.models.transformer import BLOCKS, SIDE_LAYERS, block_plan, side_placement
 
-# Peak dense bf16 FLOP/s per device, from the vendors' datasheets (no sparsity).
+# Peak dense bf16 FLOP/s per device, from the vendors' datasheets (half the sparse figure:
+# 1,978.9 TFLOP/s on an H100 or H200 SXM). The longest name found in the device kind wins.
 PEAK_BF16_FLOPS = {
-    'H100': 989e12,  # SXM
+    'H100': 989.4e12,  # SXM
     'H100 PCIe': 756e12,
     'H100 NVL': 835e12,
-    'H200': 989e12,
+    'H200': 989.4e12,  # SXM
+    'H200 NVL': 835e12,  # not the SXM part's peak
     'A100': 312e12,
     'TPU v4': 275e12,
     'TPU v5 lite': 197e12,  # v5e
@@ -75,13 +82,34 @@ def train_flops_per_token(model_cfg: ml_collections.ConfigDict, counts: dict[str
 
 def bita_flops_per_token(model_cfg: ml_collections.ConfigDict, counts: dict[str, int],
                          seq_len: int) -> float:
-  """BiTA training: a forward pass per token, and g·M/T mask tokens per token forward
-  and backward through the frozen model."""
+  """BiTA training: a forward pass per token that fills the caches, and g·M/T mask tokens
+  per token forward and backward through the frozen model."""
   n = matmul_params(model_cfg, counts)
   attention = attention_flops_per_token(model_cfg, seq_len)  # forward 1/3, backward 2/3
   groups = mask_groups(model_cfg.bita.train_groups, seq_len)
   masks_per_token = groups * model_cfg.bita.num_mask_tokens / seq_len
-  return 2 * n + attention / 3 + masks_per_token * (4 * n + attention)
+  tokens = (2 * (n - _cache_free_params(model_cfg))
+            + attention / 3 * (model_cfg.n_layers - 1) / model_cfg.n_layers)
+  return tokens + masks_per_token * (4 * n + attention)
+
+
+def _cache_free_params(model_cfg: ml_collections.ConfigDict) -> int:
+  """Active parameters of BiTA's frozen model that its tokens' pass leaves unused (XLA
+  drops them): the output head, and the last block (with the side layers written after
+  it) but for the key and value projections that fill its cache."""
+  base = base_config(model_cfg)
+  last = base.n_layers - 1
+
+  def build():
+    rngs = nnx.Rngs(0)
+    return [BLOCKS[block_plan(base)[last]](base, last, rngs),
+            *(SIDE_LAYERS[kind](base, i, rngs)
+              for i, (kind, _, write) in enumerate(side_placement(base)) if write == last)]
+
+  block, *sides = nnx.eval_shape(build)
+  used = block.attn.k_proj.size + block.attn.v_proj.size
+  return (base.d_model * base.vocab_size
+          + sum(models.param_counts(m)['active'] for m in (block, *sides)) - used)
 
 
 def _dense_block_params(d: int, n_heads: int, n_kv_heads: int, d_ff: int) -> int:
