@@ -490,6 +490,7 @@ def _bita_from_base_run(cfg: ConfigDict) -> ConfigDict:
   if base.model.family not in BITA_BASES:
     raise ConfigError(f'model.bita.base_workdir={workdir!r} holds a {base.model.family!r} '
                       f'model; BiTA wraps {", ".join(BITA_BASES)} models')
+  _check_distilled_from(_get(cfg, 'data.source'), workdir)
   tree = cfg.to_dict()
   tree['model'] = bita_model(base.model, cfg.model.bita).to_dict()
   if tree['data']['tokenizer'] is None:
@@ -498,6 +499,27 @@ def _bita_from_base_run(cfg: ConfigDict) -> ConfigDict:
     raise ConfigError(f'data.tokenizer={tree["data"]["tokenizer"]!r} differs from the base '
                       f'run\'s {base.data.tokenizer!r}; leave it unset')
   return ConfigDict(tree)
+
+
+def _check_distilled_from(source, base_workdir: str) -> None:
+  """BiTA's masks learn what its own base generates: continuations distilled from another
+  run (its `distill.json` says which) would teach drafts that this base rejects, which
+  trains without a sign of it and decodes no faster."""
+  if not (isinstance(source, str) and source.startswith('distilled:')):
+    return
+  summary = Path(source[len('distilled:'):]).expanduser() / 'distill.json'
+  try:
+    distilled_from = json.loads(summary.read_text())['base_workdir']
+  except (OSError, ValueError, KeyError, TypeError):
+    return  # written by hand, without a summary: nothing to check against
+  distilled_from = Path(distilled_from).expanduser()
+  # A base run copied or moved since (to shared storage) leaves no other run at the path.
+  if distilled_from.exists() and distilled_from.resolve() != Path(
+      base_workdir).expanduser().resolve():
+    raise ConfigError(f'data.source={source!r} holds the continuations of {distilled_from} '
+                      f'(its distill.json), not of model.bita.base_workdir={base_workdir!r}; '
+                      f'distill the base: jaxarch distill --workdir={base_workdir} --out=NEW_DIR '
+                      "(or, if that run is a copy of this base, set distill.json's base_workdir)")
 
 
 def _check_bita(cfg: ConfigDict) -> None:

@@ -422,6 +422,20 @@ def test_bita_config_errors_name_the_key(tmp_path):
                                                         'data.tokenizer=x.model')
 
 
+def test_bita_data_must_be_distilled_from_its_own_base(tmp_path):
+  # Continuations of another run would train drafts that this base rejects, silently.
+  base, other = _base_workdir(tmp_path / 'base'), _base_workdir(tmp_path / 'other')
+  distilled = tmp_path / 'distilled'
+  distilled.mkdir()
+  (distilled / 'distill.json').write_text(json.dumps({'base_workdir': str(other.absolute()),
+                                                      'prompt_len': 8}))
+  assert f'holds the continuations of {other.absolute()}' in error_of(
+      lambda: _bita_load(base, source=f'distilled:{distilled}'))
+  assert _bita_load(other, source=f'distilled:{distilled}').model.family == 'bita'
+  other.rename(tmp_path / 'moved')  # the distilled-from run copied elsewhere: unchecked
+  assert _bita_load(base, source=f'distilled:{distilled}').model.family == 'bita'
+
+
 def error_of(fn, *args) -> str:
   with pytest.raises(config_lib.ConfigError) as info:
     fn(*args)

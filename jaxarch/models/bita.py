@@ -29,7 +29,7 @@ from flax import nnx
 from jaxarch.layers import signals
 from jaxarch.layers.layout import Layout
 from jaxarch.layers.params import normal, param
-from jaxarch.models.transformer import DTYPES, Transformer, head_dim
+from jaxarch.models.transformer import DTYPES, Transformer, head_dim, prompt_rows
 
 
 def base_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -81,8 +81,7 @@ class Bita(nnx.Module):
     [b, vocab], mask logits [b, M, vocab]): the first tree pass then verifies drafts, as
     every later one does (the release appends the masks to the prompt's pass too)."""
     logits = self.base.prefill(tokens, lengths)
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    segments = (positions < lengths[:, None]).astype(jnp.int32)  # padding: 0
+    positions, segments = prompt_rows(tokens, lengths)
     x = self._groups_after_cached(segments, positions, (lengths - 1)[:, None])
     return logits, self.base.logits(self.base.final_norm(x))
 

@@ -46,6 +46,13 @@ def register_block(name: str):
   return register
 
 
+def prompt_rows(tokens: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Prompts [b, t] right-padded, `lengths` [b] -> (positions, segment ids) [b, t]: the
+  slots 0..t-1 the prefill fills, and 1 on each prompt, 0 on its padding."""
+  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+  return positions, (positions < lengths[:, None]).astype(jnp.int32)
+
+
 def head_dim(cfg: ml_collections.ConfigDict) -> int:
   return cfg.head_dim or cfg.d_model // cfg.n_heads
 
@@ -217,8 +224,7 @@ class Transformer(Stack):
   def prefill(self, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
     """Prompts [b, t] right-padded, `lengths` [b] -> next-token logits [b, vocab]; fills
     the caches with positions 0..t-1 (the padding is overwritten before it is read)."""
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    segment_ids = (positions < lengths[:, None]).astype(jnp.int32)  # padding: 0
+    positions, segment_ids = prompt_rows(tokens, lengths)
     x = self.features(tokens, segment_ids, positions)
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # b 1 d
     return self.logits(last)[:, 0]
