@@ -32,7 +32,7 @@ from flax import nnx
 
 from jaxarch.layers import Embed, RMSNorm
 from jaxarch.layers.params import normal, param
-from jaxarch.models.transformer import DTYPES, Stack
+from jaxarch.models.transformer import DTYPES, Stack, prompt_rows
 
 
 def local_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -157,8 +157,7 @@ class Megabyte(nnx.Module):
     """
     b, t = tokens.shape
     p = self.patch_size
-    positions = jnp.broadcast_to(jnp.arange(t), tokens.shape)
-    segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
+    positions, segment_ids = prompt_rows(tokens, lengths)
     patches = self.global_inputs(tokens, jnp.ones_like(tokens))  # one document per row
     out = self.global_outputs(patches, positions[:, ::p] // p, segment_ids[:, ::p])
     last = lengths - 1
