@@ -112,3 +112,13 @@ def test_bad_impl_or_shapes_are_clear_errors():
   with pytest.raises(ValueError, match=r'expected x \[M, K\], w \[G, K, N\]'):
     grouped_matmul(x, w[:, :8], sizes)
   assert kernels_for('auto') == 'xla' and kernels_for('interpret') == 'triton_interpret'
+
+
+@pytest.mark.parametrize('impl', ['xla', 'interpret'])
+def test_output_has_the_dtype_of_x_whatever_the_weights(impl):
+  """bf16 rows times fp32 weights: bf16 out from every impl (ragged_dot alone promotes)."""
+  x, w, sizes, _ = case(GROUPS['ragged'], dtype=jnp.bfloat16)
+  out = grouped_matmul(x, w.astype(jnp.float32), sizes, impl=impl)
+  assert out.dtype == jnp.bfloat16
+  want = jax.lax.ragged_dot(x, w, sizes, preferred_element_type=jnp.float32)
+  np.testing.assert_allclose(np.asarray(out, np.float32), want, rtol=2e-2, atol=0.2)

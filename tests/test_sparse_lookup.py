@@ -397,6 +397,20 @@ def test_sliced_lookup_weighs_each_slice_of_a_row_by_its_own_weight(table_split)
   np.testing.assert_allclose(got, want.sum(1, keepdims=True), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('table_split', ['rows', 'width'])
+def test_sliced_lookup_clamps_whole_rows(table_split):
+  """An index past the table reads every slice of row N-1 (and one below it, of row 0),
+  as `sparse_lookup` does; `checked` reports it against the N rows."""
+  values, indices, weights, bags, _ = sliced_case(n=16, t=4)
+  bad = indices.at[0, 0].set(16).at[1, 1].set(-3)
+  lookup = lambda i, **kw: sliced_sparse_lookup(values, i, weights, bags=bags, num_bags=3,
+                                                table_split=table_split, **kw)
+  np.testing.assert_allclose(lookup(bad), lookup(jnp.clip(bad, 0, 15)), rtol=1e-6)
+  err, _ = jax.jit(checkify.checkify(lambda i: lookup(i, checked=True)))(bad)
+  with pytest.raises(checkify.JaxRuntimeError, match=r'outside the table \[0, 16\)'):
+    err.throw()
+
+
 REVERSED = (('batch', ('fsdp', 'data')), ('values', ('tensor', 'fsdp')))  # other axis orders
 
 

@@ -40,8 +40,8 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
     raise ValueError(f'grouped_matmul: expected x [M, K], w [G, K, N], group_sizes [G]; got '
                      f'{x.shape}, {w.shape}, {group_sizes.shape}')
   kernels = kernels_for(impl)
-  if kernels == 'xla':
-    return jax.lax.ragged_dot(x, w, group_sizes)
+  if kernels == 'xla':  # ragged_dot would promote to a wider w's dtype: out in x's, as documented
+    return jax.lax.ragged_dot(x, w, group_sizes).astype(x.dtype)
   return _gmm(x, w.astype(x.dtype), group_sizes.astype(jnp.int32),
               kernels == 'triton_interpret', tiling)
 

@@ -45,7 +45,8 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxarch.config import TABLE_SPLITS
-from jaxarch.kernels.sparse_lookup import COLUMN_MULTIPLE, bagged_lookup, prepare, sparse_lookup
+from jaxarch.kernels.sparse_lookup import (COLUMN_MULTIPLE, bagged_lookup, prepare,
+                                           report_out_of_range, sparse_lookup)
 from jaxarch.parallel import context
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,11 @@ def sliced_sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Arr
   if table_split == 'width':
     return width_sharded_sparse_lookup(values, indices, weights, bags=bags,
                                        **options).reshape(t, num_bags, -1)
+  if checked:
+    report_out_of_range(indices, values.shape[0])
+  # Whole rows are clamped (as `width` and `sparse_lookup` do): clamping the slice rows
+  # below would read slice S-1 of row N-1 for every slice of an index past the table.
+  indices = jnp.clip(indices, 0, values.shape[0] - 1)
   rows = indices[:, None] * s + jnp.arange(s)[None, :, None]  # t s k
   if bags is not None:
     bags = jnp.broadcast_to(bags[:, None], rows.shape).reshape(t * s, k)

@@ -102,10 +102,15 @@ def prepare(values, indices, bags, num_bags, num_rows, impl, scatter, checked):
     raise ValueError(f'sparse_lookup: the Pallas kernels take float32/bfloat16/float16 '
                      f"tables, got {values.dtype}; use impl='xla'")
   if checked:
-    checkify.debug_check(jnp.all((indices >= 0) & (indices < num_rows)),
-                         f'sparse_lookup: an index is outside the table [0, {num_rows}) '
-                         '(it was clamped)')
+    report_out_of_range(indices, num_rows)
   return kernels, jnp.clip(indices, 0, num_rows - 1).astype(jnp.int32), bags
+
+
+def report_out_of_range(indices: jax.Array, num_rows: int):
+  """`checked`: reports indices outside `[0, num_rows)` through checkify."""
+  checkify.debug_check(jnp.all((indices >= 0) & (indices < num_rows)),
+                       f'sparse_lookup: an index is outside the table [0, {num_rows}) '
+                       '(it was clamped)')
 
 
 def _accumulation_dtype(values: jax.Array):
