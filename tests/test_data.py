@@ -307,7 +307,11 @@ def test_fewer_documents_than_rows_is_warned(tmp_path, caplog):
     (b'a' * 999 + b'\n' + b'b', [0, 1000]),  # the newline just before the nominal start
     (b'a' * 1000 + b'\n', [0, 1000]),  # the last byte is never a piece's start
     (b'a' * 1010 + b'\nb', [0, 1011]),
-    (b'a' * 999 + 'é'.encode() + b'a' * 200, [0, 1001]),  # 0xc3 0xa9 across the cut
+    (b'a' * 999 + 'é'.encode() + b'a' * 200, [0, 999]),  # 0xc3 0xa9 across the cut
+    # The file ends inside the character across the cut: the last piece is that character
+    # (it used to start on its last byte, 0xac, which is not UTF-8).
+    (b'a' * 999 + '€'.encode(), [0, 999]),
+    (b'a' * 998 + '𝄞'.encode(), [0, 998]),  # four bytes, three of them past the cut
 ])
 def test_pieces_start_after_a_newline_and_are_never_empty(monkeypatch, content, starts):
   monkeypatch.setattr(sources, 'DOCUMENT_BYTES', 1000)

@@ -49,7 +49,7 @@ _NOT_STDLIB = ('site-packages', 'dist-packages', '__pycache__')
 # Files longer than this are read as pieces of about this size (the stdlib has none).
 DOCUMENT_BYTES = 1 << 20
 # How far past a piece's nominal start a newline is looked for; without one it starts on
-# the next UTF-8 character.
+# the UTF-8 character there.
 _NEWLINE_SEARCH = 1 << 16
 DISTILLED = 'distilled:'
 
@@ -79,8 +79,9 @@ def num_pieces(size: int) -> int:
 def _piece_start(file, index: int, size: int) -> int:
   """Where piece `index` of a file starts: just after the first newline from its nominal
   start `index · DOCUMENT_BYTES` on (within `_NEWLINE_SEARCH` bytes), else on the first
-  UTF-8 character there. Never at or past the last byte, so no piece is empty, and before
-  the next nominal start, so the pieces are in order."""
+  byte of the UTF-8 character that holds the nominal start (looking back, so that a
+  character ending the file is never cut). Never past the nominal start's byte, so no
+  piece is empty, and the pieces are in order."""
   if index == 0:
     return 0
   nominal = index * DOCUMENT_BYTES
@@ -89,11 +90,12 @@ def _piece_start(file, index: int, size: int) -> int:
   newline = window.find(b'\n')
   if newline >= 0:
     return nominal + newline
-  continuation = 0  # bytes 10xxxxxx continue the character before them
-  while (continuation < min(3, len(window) - 1)
-         and window[1 + continuation] & 0xC0 == 0x80):
-    continuation += 1
-  return nominal + continuation
+  file.seek(nominal - 3)
+  head = file.read(4)  # the nominal start's byte and the 3 before it
+  back = 0  # bytes 10xxxxxx continue the character before them
+  while back < 3 and head[3 - back] & 0xC0 == 0x80:
+    back += 1
+  return nominal - back
 
 
 @dataclasses.dataclass(eq=False, repr=False)
