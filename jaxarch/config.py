@@ -642,6 +642,8 @@ def _check_train(cfg: ConfigDict) -> None:
   _choice(cfg, 'train.schedule', SCHEDULES)
   _choice(cfg, 'train.nonfinite', NONFINITE)
   _choice(cfg, 'checkpoint.keep_best', (True, False))
+  _choice(cfg, 'checkpoint.async_save', (True, False))  # 'no' in a hand-edited config.json
+  _number(cfg, 'train.seed', int)
   _choice(cfg, 'train.mu_dtype', ('float32', 'bfloat16'))
   steps = cfg.train.steps
   warmup = _number(cfg, 'train.warmup_steps', int)
@@ -850,10 +852,10 @@ def _kernel_tiling(cfg: ConfigDict, key: str) -> None:
                       'two up to 32, stages >= 1; e.g. (64, 128, 64, 4, 3)')
 
 
-def _choice(cfg: ConfigDict, key: str, options: Sequence[str]) -> str:
+def _choice(cfg: ConfigDict, key: str, options: Sequence) -> Any:
   value = _get(cfg, key)
-  if value not in options:
-    raise ConfigError(f'{key}={value!r} must be one of {", ".join(options)}')
+  if value not in options:  # options may be True, False
+    raise ConfigError(f'{key}={value!r} must be one of {", ".join(map(str, options))}')
   return value
 
 

@@ -280,6 +280,33 @@ def test_the_last_checkpoints_and_the_best_evaluated_one_are_kept(tmp_path):
   again.close()
 
 
+def test_a_save_cut_short_by_a_kill_is_removed_by_the_next_writer_not_by_readers(tmp_path):
+  state = {'w': np.arange(4, dtype=np.float32), 'step': np.int32(0)}
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  ckpt.save(1, state)
+  ckpt.close()
+  # What kill -9 during the save of step 2 leaves: Orbax's temporary directory, which no
+  # later save of another step replaces (up to a checkpoint's size on disk, each time).
+  cut_short = tmp_path / 'checkpoints' / '2.orbax-checkpoint-tmp'
+  shutil.copytree(tmp_path / 'checkpoints' / '1', cut_short)
+  Checkpointer(tmp_path).close()  # a reader (e.g. `jaxarch eval` while a run saves)
+  assert cut_short.is_dir()
+  writer = Checkpointer(tmp_path, async_save=False, remove_interrupted=True)  # the trainer
+  writer.save(3, state)
+  writer.close()
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['1', '3']
+
+
+def test_a_file_named_like_a_step_is_no_checkpoint(tmp_path):
+  # Orbax lists no step for it: counted as one, the trainer refused to start ("no
+  # checkpoint could be restored, all moved aside") on every run, having moved nothing.
+  (tmp_path / 'checkpoints').mkdir()
+  (tmp_path / 'checkpoints' / '7').write_text('notes')
+  assert not Checkpointer.exists(tmp_path) and Checkpointer.latest(tmp_path) is None
+  (tmp_path / 'checkpoints' / '5').mkdir()
+  assert Checkpointer.latest(tmp_path) == 5
+
+
 @pytest.mark.parametrize('failure', [
     OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
     _tensorstore_error('RESOURCE_EXHAUSTED', errno.ENOSPC)], ids=['os_error', 'tensorstore'])

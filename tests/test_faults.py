@@ -146,13 +146,23 @@ def test_training_resumes_past_a_corrupt_latest_checkpoint(tmp_path, data_dir, c
   assert len(read_metrics(tmp_path)) == 10  # nothing trained, nothing forgotten
 
 
-def test_config_json_changes_only_with_a_checkpoint_of_the_new_config(tmp_path, data_dir):
+def test_config_json_changes_only_with_a_checkpoint_of_the_new_config(tmp_path, data_dir,
+                                                                      monkeypatch):
   # `load` and `eval` build the model from config.json: it must be the config the
   # newest checkpoint was trained with.
   train(_cfg(data_dir, **{'train.steps': 2}), tmp_path)
   saved = lambda: load_json(tmp_path / 'config.json')
   train(_cfg(data_dir, **{'train.steps': 2, 'model.rope_theta': 500.0}), tmp_path)
   assert saved().model.rope_theta == 10_000  # a finished run: nothing trained, nothing saved
+
+  def killed(*args, **kwargs):  # the machine goes away while checkpoint 4 is being written
+    raise KeyboardInterrupt
+
+  with monkeypatch.context() as patch:
+    patch.setattr(trainer.Checkpointer, 'save', killed)
+    with pytest.raises(KeyboardInterrupt):
+      train(_cfg(data_dir, **{'train.steps': 4, 'model.rope_theta': 500.0}), tmp_path)
+  assert saved().model.rope_theta == 10_000  # checkpoint 2 is still the newest
   train(_cfg(data_dir, **{'train.steps': 4, 'model.rope_theta': 500.0}), tmp_path)
   assert saved().model.rope_theta == 500  # saved with checkpoint 4
 
@@ -190,6 +200,27 @@ def test_metrics_that_cannot_be_written_are_one_line(tmp_path):
   (tmp_path / 'metrics.jsonl').mkdir()  # as a full disk or a lost permission would fail
   with pytest.raises(WorkdirError, match='could not write the metrics of step 5 to .*resume'):
     writer.write(5, {'loss': 1.0})
+
+
+@pytest.mark.parametrize('section,key,value', [
+    ('checkpoint', 'keep_best', 'no'), ('checkpoint', 'async_save', 'no'),
+    ('train', 'seed', '0')])
+def test_a_hand_edited_saved_config_of_the_wrong_type_is_one_line(tmp_path, section, key,
+                                                                   value):
+  config_lib.save(tiny_config(), tmp_path / 'config.json')
+  edited = json.loads((tmp_path / 'config.json').read_text())
+  edited[section][key] = value
+  (tmp_path / 'config.json').write_text(json.dumps(edited))
+  with pytest.raises(config_lib.ConfigError, match=f"^config error: {section}.{key}='"):
+    load_json(tmp_path / 'config.json')
+
+
+def test_a_config_that_cannot_be_saved_is_one_line(tmp_path):
+  # Saved with a resumed run's first checkpoint, hours in: a full disk is no traceback.
+  (tmp_path / 'config.json').mkdir()  # fails as a full disk or a lost permission would
+  (tmp_path / 'config.json' / 'x').touch()
+  with pytest.raises(WorkdirError, match='could not write .*config.json.*resume'):
+    trainer._save_config(tiny_config(), tmp_path)  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize('command', [

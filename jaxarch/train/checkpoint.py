@@ -12,7 +12,8 @@ such as `evaluate` leave the workdir as it is). Running out of memory while rest
 an error, not a sign of corruption, and so is a read that the filesystem refuses (EIO,
 EACCES, a stale network mount): the checkpoints stay where they are. A checkpoint whose
 arrays do not fit the model (another model's workdir) is an error, never skipped:
-training from scratch over it would lose it.
+training from scratch over it would lose it. What an interrupted save leaves (a temporary
+directory, up to a checkpoint in size) is deleted by the next trainer.
 Restoring into the abstract state of the current mesh reshards, whatever mesh the
 checkpoint was written on; the data iterators' positions carry over only to the same
 number of processes (each process saves its own), otherwise the state is restored and the
@@ -75,7 +76,10 @@ class Checkpointer:
   the lowest `eval_loss` (`save(eval_loss=)`)."""
 
   def __init__(self, workdir: str | Path, *, keep: int = 3, keep_best: bool = False,
-               async_save: bool = True):
+               async_save: bool = True, remove_interrupted: bool = False):
+    """`remove_interrupted`: deletes the temporary directories of saves that a kill
+    interrupted (each up to a checkpoint's size, and never finished by a later save of
+    another step); only for the run that writes, as a reader's could be a save in progress."""
     self.directory = Path(workdir).absolute() / CHECKPOINTS
     eval_loss = lambda metrics: metrics['eval_loss']
     policies = [preservation.LatestN(n=keep)]
@@ -88,12 +92,24 @@ class Checkpointer:
         # Orbax writes a checkpoint's metrics (read back by BestN) only when it has a best_fn.
         best_fn=eval_loss if keep_best else None, best_mode='min')
     self._saving = None  # the step of the last save, which may still be being written
+    if remove_interrupted:
+      self._remove_interrupted_saves()
     _shorten_write_error_reports()
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'checksums': ocp.JsonCheckpointHandler(),
                        'data': grain.checkpoint.CheckpointHandler()})
+
+  def _remove_interrupted_saves(self) -> None:
+    """Deletes what saves cut short by a kill left: Orbax's temporary directories (its own
+    `cleanup_tmp_directories` runs in a thread, which a run that ends at once, e.g. on a
+    config error, leaves to fail at interpreter exit)."""
+    if jax.process_index() == 0 and self.directory.is_dir():
+      for path in self.directory.glob(f'*{ocp.path.atomicity_types.TMP_DIR_SUFFIX}*'):
+        log.warning('removing %s, a save that was interrupted', path)
+        shutil.rmtree(path, ignore_errors=True)  # garbage: never a reason to stop
+    _sync('jaxarch_remove_interrupted_saves')
 
   @staticmethod
   def exists(workdir: str | Path) -> bool:
@@ -102,9 +118,10 @@ class Checkpointer:
 
   @staticmethod
   def latest(workdir: str | Path) -> int | None:
-    """The newest checkpoint step in `workdir` by its directory names, without opening it."""
+    """The newest checkpoint step in `workdir` by its directory names, without opening it
+    (a file of such a name is none: Orbax does not list it, so it could not be restored)."""
     directory = Path(workdir) / CHECKPOINTS
-    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if (
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()] if (
         directory.is_dir()) else []
     return max(steps, default=None)
 

@@ -29,7 +29,8 @@ from jaxarch.train.pretrained import mesh_here, with_pretrained_parts
 from jaxarch.train.state import TrainSetup, init_state, make_setup
 from jaxarch.train.step import (leaf_names, make_eval_step, make_train_step,
                                 make_window_reset, summarize_eval)
-from jaxarch.train.workdir import check_workdir, local_workdir, only_trainer_in, state_bytes
+from jaxarch.train.workdir import (WorkdirError, check_workdir, local_workdir, only_trainer_in,
+                                   state_bytes)
 
 
 def _tokenizer(cfg: ml_collections.ConfigDict):
@@ -141,7 +142,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     cleanup.callback(data_iter.close)
     checkpointer = Checkpointer(workdir, keep=cfg.checkpoint.keep,
                                 keep_best=cfg.checkpoint.keep_best,
-                                async_save=cfg.checkpoint.async_save)
+                                async_save=cfg.checkpoint.async_save,
+                                remove_interrupted=True)  # the workdir's only trainer
     cleanup.callback(checkpointer.close)
     changed = data_changes(workdir, cfg)
     state, restored_step = checkpointer.restore(
@@ -198,9 +200,16 @@ def _window_metrics(pending: list[dict]) -> dict:
 def _save_config(cfg: ml_collections.ConfigDict, workdir: Path) -> None:
   """workdir/config.json, which `load`, `eval` and resumes read: the config of the run's
   newest checkpoints, so written only once they are known to be this model's, and by a
-  resumed run (whose config may differ) only as it saves its first checkpoint."""
-  if jax.process_index() == 0:
+  resumed run (whose config may differ) only once its first checkpoint is written (a kill
+  during that save leaves the previous checkpoint newest)."""
+  if jax.process_index() != 0:
+    return
+  try:
     config_lib.save(cfg, workdir / 'config.json')
+  except OSError as e:  # disk full, permissions: as for the metrics
+    raise WorkdirError(f'could not write {workdir / "config.json"} ({e.strerror or e}); free '
+                       'space (or fix permissions) and rerun to resume from the last '
+                       'checkpoint') from None
 
 
 def _paused(watch: Stopwatch | None):
@@ -269,12 +278,13 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
       final.update(logged)
 
     if saving:
-      if config_unsaved:
-        _save_config(cfg, workdir)
-        config_unsaved = False
       with _paused(watch):  # nor is saving a checkpoint
         checkpointer.save(step, state, data_iter, force=True,
                           eval_loss=logged.get('eval_loss') if evaluating else None)
+        if config_unsaved:  # once that checkpoint is on disk, not while it is written
+          checkpointer.wait()
+          _save_config(cfg, workdir)
+          config_unsaved = False
     if stopping and not last:
       checkpointer.wait()
       bar.alert(f'jaxarch: {stop.received}: stopped after step {step}, checkpoint saved in '
