@@ -120,6 +120,17 @@ def test_weights_that_would_overflow_are_named_and_a_run_without_checkpoints_say
   assert 'No checkpoint was written yet' in message and message.endswith('and rerun.')
 
 
+def test_a_report_whose_statistics_cannot_be_written_still_reports(tmp_path):
+  # A full disk raised OSError from the report, which hid the non-finite step behind it.
+  (tmp_path / 'nonfinite_step_1.json').mkdir()  # fails as a full disk would
+  monitor = NonFiniteMonitor('stop', 10, ['embed/embedding', 'head'], tmp_path)
+  nan = {'nonfinite': 1.0, 'loss': float('nan'), 'grad_norm': float('nan'),
+         'layer_grad_norms': [1.0, float('nan')], 'layer_param_norms': [3.0, 4.0]}
+  with pytest.raises(NonFiniteError, match=r'non-finite training at step 1: .*statistics '
+                     r'could not be written to .*nonfinite_step_1.json \(Is a directory\)'):
+    monitor.check(1, [nan])
+
+
 # Corrupt checkpoints.
 
 

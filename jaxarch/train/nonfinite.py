@@ -62,10 +62,14 @@ class NonFiniteMonitor:
     stats = [{'name': n, 'grad_norm': _json_float(g), 'param_norm': _json_float(p)}
              for n, g, p in zip(self.names, grads, params)]
     path = self.workdir / f'nonfinite_step_{step}.json'
+    where = f'all parameter statistics are in {path}'
     if jax.process_index() == 0:
-      path.write_text(json.dumps({'step': step, 'loss': _json_float(metrics['loss']),
-                                  'grad_norm': _json_float(metrics['grad_norm']),
-                                  'parameters': stats}, indent=1) + '\n')
+      try:
+        path.write_text(json.dumps({'step': step, 'loss': _json_float(metrics['loss']),
+                                    'grad_norm': _json_float(metrics['grad_norm']),
+                                    'parameters': stats}, indent=1) + '\n')
+      except OSError as e:  # a full disk must not hide the report behind a traceback
+        where = f'the parameter statistics could not be written to {path} ({e.strerror or e})'
     bad = [n for n, g in zip(self.names, grads) if not np.isfinite(g)]
     if bad:
       worst = (f'non-finite gradients in {len(bad)} of {len(grads)} parameters, e.g. '
@@ -85,7 +89,7 @@ class NonFiniteMonitor:
              f'The last checkpoint ({latest}) is intact')
     return (f'non-finite training at step {step}: loss {float(metrics["loss"]):.4g}, '
             f'gradient norm {float(metrics["grad_norm"]):.4g}; the update was not applied; '
-            f'{worst}. Stopped ({why}); all parameter statistics are in {path}. {saved}: '
+            f'{worst}. Stopped ({why}); {where}. {saved}: '
             'lower train.lr, raise train.warmup_steps or train.grad_clip, or set '
             'train.nonfinite=skip, and rerun' + (' to resume.' if latest else '.'))
 
