@@ -2,6 +2,7 @@
 checkpoints of another model, failed writes."""
 
 import errno
+import json
 import os
 import shutil
 import types
@@ -261,6 +262,19 @@ def test_a_damaged_latest_checkpoint_is_detected_and_the_previous_one_used(
     caplog.clear()
     restored, at = Checkpointer(tmp_path).restore(setup.abstract_state)
     assert at == 1 and 'has no checksums: its arrays are restored unverified' in caplog.text
+
+
+def test_arrays_without_a_checksum_are_restored_with_a_warning(tmp_path, caplog):
+  # A checksums file emptied by hand (or written in part) verified nothing, silently.
+  state = {'w': np.arange(4, dtype=np.float32), 'b': np.ones(2, np.float32)}
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  ckpt.save(1, state)
+  ckpt.close()
+  listed = next((tmp_path / 'checkpoints' / '1' / 'checksums').glob('*'))
+  listed.write_text(json.dumps({'b': json.loads(listed.read_text())['b']}))
+  restored, at = Checkpointer(tmp_path).restore(jax.tree.map(np.zeros_like, state))
+  assert at == 1 and (restored['w'] == state['w']).all()
+  assert 'no checksums for 1 of its 2 arrays (e.g. w)' in caplog.text
 
 
 def test_the_last_checkpoints_and_the_best_evaluated_one_are_kept(tmp_path):
