@@ -105,8 +105,13 @@ def test_checkpoint_of_another_model_is_an_error_not_skipped(tmp_path):
   ckpt.save(1, init_state(cfg, setup))
   ckpt.close()
   wider = mesh_config(tiny_config(**{'model.d_ff': 256}), data=8)
-  with pytest.raises(CheckpointError, match=r'not of this model: .*differ in shape.*mlp'):
+  with pytest.raises(CheckpointError, match=r'not of this model: .*differ in shape.*e\.g\. '
+                     r'params/.*mlp'):  # a parameter, not its optimizer moments
     Checkpointer(tmp_path).restore(_setup(wider)[0].abstract_state)
+  moments = mesh_config(tiny_config(**{'train.mu_dtype': 'bfloat16'}), data=8)
+  with pytest.raises(CheckpointError, match=r'holds the optimizer state of another config '
+                     r'\(train.mu_dtype\?\): .*saved .* float32, model .* bfloat16'):
+    Checkpointer(tmp_path).restore(_setup(moments)[0].abstract_state)
   deeper = mesh_config(tiny_config(**{'model.n_layers': 3}), data=8)
   with pytest.raises(CheckpointError, match=r'arrays missing \(e\.g\. .*blocks/2'):
     Checkpointer(tmp_path).restore(_setup(deeper)[0].abstract_state)

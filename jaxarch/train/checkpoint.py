@@ -56,17 +56,21 @@ def _shapes(tree) -> dict[str, tuple]:
 
 
 def mismatch(saved: dict, wanted: dict) -> str | None:
-  """How a checkpoint's arrays differ from the model's (`_shapes` maps), or None."""
-  missing = [k for k in wanted if k not in saved]
-  extra = [k for k in saved if k not in wanted]
+  """How a checkpoint's arrays differ from the model's (`_shapes` maps), or None; the
+  examples are parameters where any differ (the optimizer's arrays only repeat them)."""
+  params_first = lambda keys: sorted(keys, key=lambda k: not k.startswith('params/'))
+  missing = params_first(k for k in wanted if k not in saved)
+  extra = params_first(k for k in saved if k not in wanted)
   if missing or extra:
     parts = [f'{len(missing)} arrays missing (e.g. {missing[0]})' if missing else '',
              f'{len(extra)} arrays the model lacks (e.g. {extra[0]})' if extra else '']
-    return ', '.join(p for p in parts if p)
-  differ = [k for k in wanted if saved[k] != wanted[k]]
+    return 'is not of this model: ' + ', '.join(p for p in parts if p)
+  differ = params_first(k for k in wanted if saved[k] != wanted[k])
   if differ:
     k = differ[0]
-    return (f'{len(differ)} arrays differ in shape or dtype, e.g. {k}: saved '
+    what = ('is not of this model' if k.startswith('params/') else
+            'holds the optimizer state of another config (train.mu_dtype?)')
+    return (f'{what}: {len(differ)} arrays differ in shape or dtype, e.g. {k}: saved '
             f'{saved[k][0]} {saved[k][1]}, model {wanted[k][0]} {wanted[k][1]}')
   return None
 
@@ -209,9 +213,8 @@ class Checkpointer:
           raise FileNotFoundError(f'its {" and ".join(sorted(lost))} went missing')
         saved = _shapes(self.manager.item_metadata(s)['state'].tree)
         if (why := mismatch(saved, wanted)) is not None:
-          raise CheckpointError(f'checkpoint {self.directory / str(s)} is not of this '
-                                f'model: {why}. Use a new --workdir, or the config the '
-                                'checkpoint was trained with.')
+          raise CheckpointError(f'checkpoint {self.directory / str(s)} {why}. Use a new '
+                                '--workdir, or the config the checkpoint was trained with.')
         items = {'state': ocp.args.StandardRestore(abstract_state)}
         if (where / 'checksums').is_dir():
           items['checksums'] = ocp.args.JsonRestore()
