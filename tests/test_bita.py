@@ -373,6 +373,21 @@ def test_bita_model_flops_are_at_most_what_its_step_executes(tmp_path, train_gro
   assert 1 <= executed / model <= most, executed / model
 
 
+def test_a_base_key_override_that_changes_shapes_is_named(tmp_path):
+  # It said only 'different params names or shapes', not which array or why.
+  base_cfg = config_lib.load(FAMILIES['dense'][0])
+  setup = make_setup(base_cfg, make_mesh(base_cfg))
+  checkpointer = Checkpointer(tmp_path, async_save=False)
+  checkpointer.save(1, init_state(base_cfg, setup))
+  checkpointer.close()
+  config_lib.save(base_cfg, tmp_path / 'config.json')
+  cfg = _bita_load(tmp_path, f'model.d_ff={2 * base_cfg.model.d_ff}')
+  bita_setup = make_setup(cfg, make_mesh(cfg))
+  with pytest.raises(config_lib.ConfigError, match=r"part 'base' .*\(params: .*mlp.* is "
+                     r"\(.*\) here, \(.*\) saved\); an override of a model key"):
+    with_pretrained_parts(cfg, bita_setup, init_state(cfg, bita_setup))
+
+
 @pytest.mark.slow  # 37 s
 def test_bita_base_takes_the_base_runs_state_with_its_weights(tmp_path):
   """UltraMem's Tucker vectors (like the MoE router's bias) are state, not weights, and

@@ -69,6 +69,18 @@ def _restored_model(workdir: Path, mesh: Mesh, mesh_cfg: ml_collections.ConfigDi
   return Checkpointer.read(workdir, setup.abstract_state)[0]
 
 
+def _difference(fresh, old) -> str | None:
+  """The first difference of two flattened (path, variable) lists, or None."""
+  for (path, a), (old_path, b) in zip(fresh, old):
+    if path != old_path:
+      return f'{jax.tree_util.keystr(path)} here, {jax.tree_util.keystr(old_path)} saved'
+    if a.shape != b.shape:
+      return f'{jax.tree_util.keystr(path)} is {a.shape} here, {b.shape} saved'
+  if len(fresh) != len(old):
+    return f'{len(fresh)} arrays here, {len(old)} saved'
+  return None
+
+
 def with_pretrained_parts(cfg: ml_collections.ConfigDict, setup: TrainSetup,
                           state: dict) -> dict:
   """A fresh train state whose sub-models (`models.PRETRAINED_PARTS`, e.g. BiTA's frozen
@@ -85,12 +97,11 @@ def with_pretrained_parts(cfg: ml_collections.ConfigDict, setup: TrainSetup,
       fresh, treedef = jax.tree_util.tree_flatten_with_path(state[collection][name],
                                                             is_leaf=is_variable)
       old = jax.tree_util.tree_flatten_with_path(restored[collection], is_leaf=is_variable)[0]
-      if [jax.tree_util.keystr(p) for p, _ in fresh] != [
-          jax.tree_util.keystr(p) for p, _ in old] or any(
-              a.shape != b.shape for (_, a), (_, b) in zip(fresh, old)):
+      if why := _difference(fresh, old):
         raise config_lib.ConfigError(
             f'the checkpoint in {workdir} does not fit model part {name!r} of this config '
-            f'(different {collection} names or shapes)')
+            f'({collection}: {why}); an override of a model key that sets its shapes '
+            'cannot apply to a pretrained part')
       # The read counts of the last logging window are the base run's metrics, not state.
       values = [a if isinstance(a, WindowCounter) else
                 a.replace(jax.device_put(b.get_value(), a.get_value().sharding))
