@@ -59,7 +59,8 @@ def get_config(arg=None):
   # each sequence (of length s), first come first served.
   m.capacity_factor = ml_collections.config_dict.placeholder(float)
   # Dropless across expert shards: None sends worst-case buffers (never drops); c bounds
-  # each shard's buffer to ceil(c·T·k/shards) rows and drops the overflow.
+  # each sequence's rows in each shard's buffer to ceil(c·s·k/shards) and drops the
+  # overflow, first come first served.
   m.ep_capacity_factor = ml_collections.config_dict.placeholder(float)
   m.aux_loss_weight = 0.01  # Switch/GShard balance loss
   m.z_loss_weight = 0.001  # router z-loss

@@ -86,6 +86,24 @@ def test_capacity_is_first_come_first_served_per_sequence():
   assert metric(sown, 'dropped_fraction') == 10 / 16
 
 
+def test_the_dropped_fraction_counts_only_the_real_tokens_assignments():
+  """As `test_capacity_is_first_come_first_served_per_sequence`, with row 0 real for its
+  first 3 tokens only: 1 of its 3 real assignments and 4 of row 1's 8 are dropped, 5 of
+  11 (counting the padding, which comes last and is dropped first: 10 of 16). The same
+  on 8 devices, with the experts split over 4 of them."""
+  layer = make_moe(num_experts=4, top_k=1, d_model=4, capacity_factor=1.0)
+  layer.router[...] = 10.0 * jnp.eye(4)
+  x = jnp.stack([jnp.eye(4)[jnp.zeros(8, int)], jnp.eye(4)[jnp.array([0, 1] * 4)]])
+  real = jnp.arange(8)[None, :] < jnp.array([[3], [8]])
+  _, sown = run_model(layer, x, real)
+  assert metric(sown, 'dropped_fraction') == pytest.approx(5 / 11)
+  cfg = mesh_config(tiny_config(), data=2, expert=4)
+  mesh = make_mesh(cfg)
+  with logical_mesh(mesh, cfg.mesh.rules):
+    _, sown = nnx.jit(run_model)(layer, jnp.tile(x, (4, 1, 1)), jnp.tile(real, (4, 1)))
+  assert metric(sown, 'dropped_fraction') == pytest.approx(5 / 11)
+
+
 def test_tight_capacity_stays_causal_and_independent_of_the_other_rows():
   """Changing token t changes no output before t, and a row's output is the same alone
   or in a batch (GShard's batch-wide top-1-first order breaks both)."""

@@ -226,6 +226,34 @@ def test_window_counter_counts_every_read():
   assert layer.hits.get_metadata()['out_sharding'] == ('values',)
 
 
+def test_padding_tokens_count_in_no_value_usage_metric():
+  """Row 0 ends in 3 padding tokens (segment 0): whatever they hold, the reads and the
+  score entropy are those of the 5 + 8 real tokens alone (counting the padding, the
+  noisy padding's reads and entropy would move them)."""
+  layer = make_layer(num_values=256, top_k=8, num_heads=2)
+  segment_ids = jnp.stack([jnp.array([1] * 5 + [0] * 3), jnp.array([1] * 4 + [2] * 4)])
+  real = segment_ids > 0
+  x = jax.random.normal(jax.random.key(1), (2, 8, 32))
+  noise = jnp.where(real[..., None], x, 5.0 * jax.random.normal(jax.random.key(2), x.shape))
+  run = nnx.jit(run_model)
+
+  def usage(x, segment_ids):
+    layer.hits[...] = jnp.zeros_like(layer.hits[...])
+    _, sown = run(layer, x, segment_ids)
+    return layer.hits[...], collect_signals(sown)[1]
+
+  hits, metrics = usage(x, segment_ids)
+  noisy_hits, noisy_metrics = usage(noise, segment_ids)
+  assert int(hits.sum()) == 13 * 2 * 8  # real tokens x heads x top_k
+  np.testing.assert_array_equal(noisy_hits, hits)
+  for name in ('score_entropy', 'window_values_hit'):
+    np.testing.assert_allclose(noisy_metrics[name], metrics[name], rtol=1e-6)
+  alone_hits, alone = usage(x[real][None], None)  # the real tokens alone, no padding
+  np.testing.assert_array_equal(alone_hits, hits)
+  for name in ('score_entropy', 'window_values_hit'):
+    np.testing.assert_allclose(alone[name], metrics[name], rtol=1e-5)
+
+
 def test_inactive_params_are_the_values_a_token_does_not_read():
   layer = make_layer(num_values=256, top_k=8, num_heads=2, value_dim=16)
   assert layer.inactive_params() == (256 - 2 * 8) * 16

@@ -6,9 +6,10 @@ raised for under-loaded experts by `bias_update_rate · sign(mean load − load)
 training step, from the load of the step's whole batch, outside the gradient), weights =
 the chosen gates, renormalised to sum to 1 if asked. Losses: the Switch/GShard balance
 loss `E · Σ_e f_e · P_e` (`f_e` the fraction of assignments to expert e, `P_e` its mean
-gate probability) and the router z-loss `mean(logsumexp(logits)²)`. These statistics and
-the bias move count only the tokens that are not padding (`real`): what fills a row's end
-would otherwise pull on the router.
+gate probability) and the router z-loss `mean(logsumexp(logits)²)`. These statistics,
+the bias move and the dropped fraction count only the tokens that are not padding
+(`real`): what fills a row's end would otherwise pull on the router (and, coming last
+in its row, is the first to be dropped).
 
 **Experts** run per device on its own tokens (inside `shard_map` over the batch axes),
 with the experts split over the mesh axes of the logical axis `expert`:
@@ -186,8 +187,9 @@ class MoE(nnx.Module):
     ones the routing statistics count."""
     b, s, d = x.shape
     tokens = x.reshape(b * s, d)
-    weights, experts = self.route(tokens, None if real is None else real.reshape(b * s))
-    out = self.run_experts(tokens, experts, weights.astype(self.dtype), seq_len=s)
+    real = None if real is None else real.reshape(b * s)
+    weights, experts = self.route(tokens, real)
+    out = self.run_experts(tokens, experts, weights.astype(self.dtype), seq_len=s, real=real)
     out = out.reshape(b, s, d)
     if self.shared is not None:
       out = out + self.shared(x)
@@ -233,9 +235,12 @@ class MoE(nnx.Module):
     self.bias[...] = self.bias[...] + jnp.where(total > 0, self.bias_update_rate, 0.0
                                                 ) * jnp.sign(1.0 / self.num_experts - load)
 
-  def run_experts(self, tokens, experts, weights, *, seq_len: int) -> jax.Array:
+  def run_experts(self, tokens, experts, weights, *, seq_len: int,
+                  real: jax.Array | None = None) -> jax.Array:
     """Each device's tokens (whole sequences of `seq_len`, row-major) through their
-    experts; experts split over the `expert` axes."""
+    experts; experts split over the `expert` axes. The dropped fraction counts the
+    assignments of the `real` [T] tokens (None: all)."""
+    real = jnp.ones(tokens.shape[:1], bool) if real is None else real.astype(bool)
     params = tuple(w[...].astype(self.dtype) for w in (self.w_gate, self.w_up, self.w_down))
     expert_axes = context.mesh_axes('expert', self.num_experts)
     batch_axes = context.mesh_axes('batch')
@@ -244,12 +249,12 @@ class MoE(nnx.Module):
     hidden_axes = tuple(a for a in context.mesh_axes('mlp', self.expert_d_ff)
                         if a not in batch_axes and a not in expert_axes)
     if not batch_axes and not expert_axes and not hidden_axes:
-      out, dropped = self._local(tokens, experts, weights, *params, expert_axes=(), shards=1,
-                                 seq_len=seq_len)
+      out, dropped = self._local(tokens, experts, weights, real, *params, expert_axes=(),
+                                 shards=1, seq_len=seq_len)
     else:
       mesh, _ = context.current()
       shards = math.prod(mesh.shape[a] for a in expert_axes)
-      tok = P(batch_axes or None, None)
+      tok, per_token = P(batch_axes or None, None), P(batch_axes or None)
       into = P(expert_axes or None, None, hidden_axes or None)  # gate, up: e d f
       out_of = P(expert_axes or None, hidden_axes or None, None)  # down: e f d
 
@@ -265,18 +270,20 @@ class MoE(nnx.Module):
       # gradients of the weights over the axes they are replicated on.
       check_vma = self.capacity_factor is not None or kernels_for(self.matmul_impl) == 'xla'
       out, dropped = jax.shard_map(
-          local, mesh=mesh, in_specs=(tok, tok, tok, into, into, out_of),
-          out_specs=(tok, P()), check_vma=check_vma)(tokens, experts, weights, *params)
-    signals.add_metric(self, 'dropped_fraction', dropped / experts.size)
+          local, mesh=mesh, in_specs=(tok, tok, tok, per_token, into, into, out_of),
+          out_specs=(tok, P()), check_vma=check_vma)(tokens, experts, weights, real, *params)
+    signals.add_metric(self, 'dropped_fraction',
+                       dropped / jnp.maximum(jnp.sum(real) * self.top_k, 1))
     return out
 
-  def _local(self, tokens, experts, weights, gate, up, down, *, expert_axes, shards,
+  def _local(self, tokens, experts, weights, real, gate, up, down, *, expert_axes, shards,
              seq_len):
-    """One device: tokens [T, d], experts/weights [T, k], its experts' weights -> [T, d]."""
+    """One device: tokens [T, d], experts/weights [T, k], real [T], its experts' weights
+    -> ([T, d], the real tokens' dropped assignments)."""
     t, d = tokens.shape
     k = self.top_k
     if self.capacity_factor is None and shards == 1 and t * k <= self.num_experts:
-      y, dropped = self._gathered(tokens, experts, gate, up, down), jnp.zeros((), jnp.int32)
+      y, dropped = self._gathered(tokens, experts, gate, up, down), jnp.zeros(t * k, bool)
     elif self.capacity_factor is None:
       y, dropped = self._dropless(tokens, experts, gate, up, down, expert_axes, shards,
                                   seq_len)
@@ -284,7 +291,7 @@ class MoE(nnx.Module):
       y, dropped = self._capacity(tokens, experts, gate, up, down, expert_axes, shards,
                                   seq_len)
     out = jnp.einsum('tk,tkd->td', weights, y.reshape(t, k, d))
-    return out, dropped.astype(jnp.float32)
+    return out, jnp.sum(dropped & jnp.repeat(real, k)).astype(jnp.float32)
 
   def _gathered(self, tokens, experts, gate, up, down):
     """Few tokens (T·k <= E, a decode step): each assignment's expert weights gathered,
@@ -294,7 +301,7 @@ class MoE(nnx.Module):
     return batched_swiglu(x, gate[flat], up[flat], down[flat])[:, 0]
 
   def _dropless(self, tokens, experts, gate, up, down, expert_axes, shards, seq_len):
-    """-> (y [T·k, d] per assignment in token-major order, dropped count)."""
+    """-> (y [T·k, d] per assignment in token-major order, dropped [T·k])."""
     t, d = tokens.shape
     e, k = self.num_experts, self.top_k
     flat = experts.reshape(-1)
@@ -303,7 +310,7 @@ class MoE(nnx.Module):
       xs = permute(jnp.repeat(tokens, k, axis=0), order, inverse)  # sorted by expert
       ys = grouped_swiglu(xs, jnp.bincount(flat, length=e), gate, up, down,
                           self.matmul_impl, self.kernel_tiling)
-      return permute(ys, inverse, order), jnp.zeros((), jnp.int32)
+      return permute(ys, inverse, order), jnp.zeros(t * k, bool)
 
     # Padded exchange: the buffer for shard j holds `per_seq` rows per sequence, row
     # (g, p) sequence g's p-th assignment bound for j (token-major), with its local expert.
@@ -324,10 +331,10 @@ class MoE(nnx.Module):
     ys = grouped_swiglu(permute(recv_x, order, inverse), sizes, gate, up, down,
                         self.matmul_impl, self.kernel_tiling)
     back = exchange(permute(ys, inverse, order).reshape(shards, -1, d)).reshape(rows, d)
-    return gather_rows(back, slot).astype(tokens.dtype), jnp.sum(~kept)
+    return gather_rows(back, slot).astype(tokens.dtype), ~kept
 
   def _capacity(self, tokens, experts, gate, up, down, expert_axes, shards, seq_len):
-    """-> (y [T·k, d] per assignment in token-major order, dropped count).
+    """-> (y [T·k, d] per assignment in token-major order, dropped [T·k]).
 
     Expert e's buffer holds `capacity` rows per sequence: row (g, p) is the p-th of
     sequence g's assignments to e in token-major order."""
@@ -349,4 +356,4 @@ class MoE(nnx.Module):
       y = batched_swiglu(recv, gate, up, down)
       y = y.reshape(local_e, shards, rows, d).transpose(1, 0, 2, 3)
       y = exchange(y).reshape(e, rows, d)
-    return gather_rows(y.reshape(e * rows, d), slot), jnp.sum(~kept)
+    return gather_rows(y.reshape(e * rows, d), slot), ~kept

@@ -51,7 +51,8 @@ Reported through `jaxarch.layers.signals`: aux loss `aux_loss_weight · tucker_a
 when the weight is > 0); metrics `tucker_aux` (unweighted), `score_entropy` (entropy of
 `|Σ_i S_i| / Σ_k |Σ_i S_i|` over a token's top-k, averaged over tokens and heads) and
 `window_values_hit` (fraction of the N values read at least once in the logging window,
-from the `WindowCounter` `hits [N]`).
+from the `WindowCounter` `hits [N]`); both count only the tokens that are not padding
+(`segment_ids > 0`), whose reads would otherwise pass for used values.
 """
 
 import dataclasses
@@ -252,7 +253,8 @@ class UltraMem(nnx.Module):
     bags = self.read(physical, group, scores * self.score_scale)  # t E d_v
     out_proj = self.out_proj[...].reshape(self.expansion, self.value_dim, d_model)
     out = jnp.einsum('tev,evd->td', bags.astype(self.dtype), out_proj.astype(self.dtype))
-    self._report(physical, scores)
+    real = None if segment_ids is None else (segment_ids > 0).reshape(b * s)  # not padding
+    self._report(physical, scores, real)
     return out.reshape(b, s, d_model)
 
   def query(self, x: jax.Array, segment_ids: jax.Array | None = None,
@@ -367,15 +369,20 @@ class UltraMem(nnx.Module):
     sign = jnp.where(jnp.sum(u * ref, axis=-1, keepdims=True) < 0, -1.0, 1.0)
     return u * sign, v * sign
 
-  def _report(self, physical, scores):
+  def _report(self, physical, scores, real=None):
+    """Aux loss and metrics; the usage metrics count the `real` [t] tokens (None: all)."""
+    real = jnp.ones(physical.shape[:1], jnp.int32) if real is None else real.astype(jnp.int32)
     aux = self.tucker_aux_loss()
     if self.aux_loss_weight > 0:
       signals.add_aux_loss(self, self.aux_loss_weight * aux)
     signals.add_metric(self, 'tucker_aux', aux)
     total = jnp.abs(jax.lax.stop_gradient(scores).sum(-1))  # t h k
     p = total / jnp.maximum(total.sum(-1, keepdims=True), 1e-9)
-    entropy = -jnp.sum(p * jnp.log(jnp.maximum(p, 1e-9)), axis=-1)
-    signals.add_metric(self, 'score_entropy', jnp.mean(entropy))
-    hits = self.hits[...].at[physical.reshape(-1)].add(1)
+    entropy = -jnp.sum(p * jnp.log(jnp.maximum(p, 1e-9)), axis=-1)  # t h
+    weight = real.astype(entropy.dtype)
+    signals.add_metric(self, 'score_entropy', jnp.sum(weight @ entropy) / jnp.maximum(
+        jnp.sum(weight) * entropy.shape[1], 1.0))
+    hits = self.hits[...].at[physical.reshape(-1)].add(
+        jnp.broadcast_to(real[:, None, None], physical.shape).reshape(-1))
     self.hits[...] = hits
     signals.add_metric(self, 'window_values_hit', jnp.mean((hits > 0).astype(jnp.float32)))
