@@ -366,32 +366,31 @@ def test_sweep_run_names_become_job_names_that_check_takes(tmp_path):
   assert long_a != long_b and launch.NAME.fullmatch(long_a) and launch.NAME.fullmatch(long_b)
 
 
-def test_slurm_setup_can_add_xla_flags_to_the_gpu_recipe(tmp_path, capsys):
-  """launch.setup ran before the recipe's `export XLA_FLAGS=...`, which dropped any flag
-  it set (a dump folder, a tuning flag); it now runs after, with the recipe's in place."""
-  setup = 'export XLA_FLAGS="$XLA_FLAGS --xla_dump_to=/tmp/dump"'
+def _run_sbatch_with_setup(tmp_path, capsys, setup: str) -> subprocess.CompletedProcess:
+  """Renders the SLURM job with `launch.setup`, then runs it with an `srun` that prints
+  the XLA_FLAGS it was started with."""
   assert _launch(capsys, 'slurm', tmp_path, *H100_4x8, f'--config.launch.setup={setup}')[0] == 0
   (tmp_path / 'bin').mkdir()
   srun = tmp_path / 'bin' / 'srun'
-  srun.write_text('#!/bin/sh\necho "$XLA_FLAGS"\n')
+  srun.write_text('#!/bin/sh\necho "srun ran with $XLA_FLAGS"\n')
   srun.chmod(0o755)
   env = dict(os.environ, PATH=f'{tmp_path / "bin"}:{os.environ["PATH"]}')
-  flags = subprocess.run(['bash', str(tmp_path / 'train.sbatch')], env=env, check=True,
-                         capture_output=True, text=True).stdout.split()
-  assert '--xla_dump_to=/tmp/dump' in flags
+  return subprocess.run(['bash', str(tmp_path / 'train.sbatch')], env=env,
+                        capture_output=True, text=True)
+
+
+def test_slurm_setup_can_add_xla_flags_to_the_gpu_recipe(tmp_path, capsys):
+  """launch.setup ran before the recipe's `export XLA_FLAGS=...`, which dropped any flag
+  it set (a dump folder, a tuning flag); it now runs after, with the recipe's in place."""
+  done = _run_sbatch_with_setup(
+      tmp_path, capsys, 'export XLA_FLAGS="$XLA_FLAGS --xla_dump_to=/tmp/dump"')
+  flags = done.stdout.split()
+  assert done.returncode == 0 and '--xla_dump_to=/tmp/dump' in flags
   assert '--xla_gpu_enable_latency_hiding_scheduler=true' in flags
 
 
 def test_slurm_stops_when_setup_fails(tmp_path, capsys):
   """launch.setup ran before `set -e`, so a venv that was not there let srun start the
   job with whatever python the node had; a failing setup now ends the script."""
-  setup = 'source /no/such/venv/bin/activate'
-  assert _launch(capsys, 'slurm', tmp_path, *H100_4x8, f'--config.launch.setup={setup}')[0] == 0
-  (tmp_path / 'bin').mkdir()
-  srun = tmp_path / 'bin' / 'srun'
-  srun.write_text('#!/bin/sh\necho srun ran\n')
-  srun.chmod(0o755)
-  env = dict(os.environ, PATH=f'{tmp_path / "bin"}:{os.environ["PATH"]}')
-  done = subprocess.run(['bash', str(tmp_path / 'train.sbatch')], env=env,
-                        capture_output=True, text=True)
+  done = _run_sbatch_with_setup(tmp_path, capsys, 'source /no/such/venv/bin/activate')
   assert done.returncode != 0 and 'srun ran' not in done.stdout
