@@ -502,7 +502,8 @@ def test_bita_benchmark_runs_every_stage_and_checks_equality(tmp_path, data_dir,
   assert [(r['batch'], r['tree']) for r in record['decode']] == [
       (1, [2, 1]), (1, [1, 1, 1]), (2, [2, 1]), (2, [1, 1, 1])]
   for r in record['decode']:
-    assert r['lossless'] and r['accepted_per_pass'] >= 1 and r['speedup'] > 0
+    assert r['lossless'] and r['equal_sequences'] == r['prompts']
+    assert r['accepted_per_pass'] >= 1 and r['speedup'] > 0
     assert 0 < r['new_tokens'] <= 4 * 8  # end-of-document may stop a prompt early
   assert record['distill']['sequences']['train'] == 16
 
