@@ -1,6 +1,8 @@
 """The jitted train step: same numbers on 1 device and on a (data=2, fsdp=2, tensor=2) mesh."""
 
+from flax import nnx
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -9,7 +11,7 @@ import pytest
 from conftest import make_batch, mesh_config, tiny_config
 from jaxarch import config as config_lib
 from jaxarch.parallel import global_batch, make_mesh
-from jaxarch.train.optimizer import learning_rate_schedule
+from jaxarch.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxarch.train.state import init_state, make_setup
 from jaxarch.train.step import make_train_step
 
@@ -164,9 +166,6 @@ def test_schedules_warm_up_then_reach_their_final_rate(schedule):
 
 
 def test_parameter_group_multiplier_decays_linearly_to_one():
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jaxarch.train.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
   cfg = tiny_config(**{'train.steps': 100, 'train.warmup_steps': 0, 'train.lr': 1e-2,
                        'train.schedule': 'constant', 'train.grad_clip': 0.0,
                        'train.weight_decay': 0.0})
@@ -186,12 +185,31 @@ def test_parameter_group_multiplier_decays_linearly_to_one():
   assert ratios[-1] == pytest.approx(1.03)
 
 
+def test_parameter_groups_and_frozen_parameters_together():
+  """A model with frozen weights and a configured group (BiTA over an UltraMem base with
+  `train.groups.values`): the frozen stay put, the group keeps its multiplier."""
+  cfg = tiny_config(**{'train.steps': 100, 'train.warmup_steps': 0, 'train.lr': 1e-2,
+                       'train.schedule': 'constant', 'train.grad_clip': 0.0,
+                       'train.weight_decay': 0.0})
+  with cfg.unlocked():
+    cfg.train.groups.values = dict(lr_multiplier=4.0, multiplier_decay='none')
+  params = nnx.State({'base': nnx.Param(jnp.zeros(3), frozen=True),
+                      'v': nnx.Param(jnp.zeros(3), optim_group='values'),
+                      'w': nnx.Param(jnp.zeros(3))})
+  tx = make_optimizer(cfg.train, params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  update = lambda name: float(updates[name].get_value()[0])
+  assert update('base') == 0.0
+  assert update('w') == pytest.approx(-1e-2)
+  assert update('v') == pytest.approx(-4e-2)
+
+
 @pytest.mark.parametrize('spec', ['configs/ultramem.py:tiny', 'configs/ultramem.py:680m',
                                   'configs/megabyte.py:tiny_ultramem'])
 def test_shipped_presets_configure_every_parameter_group_of_their_model(spec):
   """UltraMem's values learn T=4 times faster at first (DESIGN §7.1); a preset whose model
   has them but not `train.groups.values` trains them at 1x, silently."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   from jaxarch import models  # pylint: disable=g-import-not-at-top
   cfg = config_lib.load(spec)
   model = nnx.eval_shape(lambda: models.build(cfg.model, rngs=nnx.Rngs(0)))
@@ -201,7 +219,6 @@ def test_shipped_presets_configure_every_parameter_group_of_their_model(spec):
 
 
 def test_optimizer_state_has_one_structure_with_or_without_clipping():
-  from jaxarch.train.optimizer import make_optimizer  # pylint: disable=g-import-not-at-top
   cfg = mesh_config(tiny_config(), data=8)
   params = make_setup(cfg, make_mesh(cfg)).abstract_state['params']
   structure = lambda clip: jax.tree.structure(jax.eval_shape(make_optimizer(
@@ -210,8 +227,6 @@ def test_optimizer_state_has_one_structure_with_or_without_clipping():
 
 
 def test_sown_aux_losses_and_metrics_reach_the_step_metrics(monkeypatch):
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jaxarch.layers import signals  # pylint: disable=g-import-not-at-top
   from jaxarch.models import transformer  # pylint: disable=g-import-not-at-top
 

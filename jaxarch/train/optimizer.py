@@ -72,20 +72,21 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params) -> optax.GradientTran
                       f'this model (its groups: {", ".join(sorted(present))})')
   names = {g for g in present if g in configured}
   if names:
-    labels = jax.tree.map(lambda g: g if g in names else 'default', groups)
+    group_labels = jax.tree.map(lambda g: g if g in names else 'default', groups)
     transforms = {g: group_multiplier(cfg, configured[g]) for g in names}
     transforms['default'] = optax.identity()
     adamw = optax.chain(adamw, optax.multi_transform(
-        transforms, lambda p: jax.tree.map(lambda g, _: g, labels, p)))
+        transforms, lambda p: jax.tree.map(lambda g, _: g, group_labels, p)))
   update = optax.chain(clip, adamw)
   is_frozen = frozen(params)
   if any(jax.tree.leaves(is_frozen)):
     # Frozen parameters get neither updates nor optimizer state; clipping sees only the
     # trained ones.
-    labels = jax.tree.map(lambda f: 'frozen' if f else 'trained', is_frozen)
+    # (Its own name: the group labels' function above reads its variable when called.)
+    trained_labels = jax.tree.map(lambda f: 'frozen' if f else 'trained', is_frozen)
     update = optax.multi_transform(
         {'trained': update, 'frozen': optax.set_to_zero()},
-        lambda p: jax.tree.map(lambda label, _: label, labels, p))
+        lambda p: jax.tree.map(lambda label, _: label, trained_labels, p))
   return update
 
 
