@@ -214,8 +214,23 @@ def _find_parent(cfg: ConfigDict, key: str) -> tuple[ConfigDict, str]:
 
 
 def _unknown_key_message(cfg: ConfigDict, key: str) -> str:
-  match = difflib.get_close_matches(key, list(_all_keys(cfg)), n=1)
-  return f'unknown key {key!r}' + (f' (did you mean {match[0]!r}?)' if match else '')
+  """Names the closest key; where a section of `key` is absent (`model.moe` in a dense
+  config) only keys as deep are close, and without one the sections that exist are listed."""
+  *sections, _ = key.split('.')
+  node, depth = cfg, 0
+  while depth < len(sections) and isinstance(node.get(sections[depth]), ConfigDict):
+    node, depth = node[sections[depth]], depth + 1
+  no_section = depth < len(sections) and sections[depth] not in node
+  keys = [k for k in _all_keys(cfg) if not no_section or k.count('.') == key.count('.')]
+  match = difflib.get_close_matches(key, keys, n=1)
+  if match:
+    return f'unknown key {key!r} (did you mean {match[0]!r}?)'
+  if not no_section:
+    return f'unknown key {key!r}'
+  where = '.'.join(sections[:depth]) or 'the config'
+  subsections = [name for name in node if isinstance(node[name], ConfigDict)]
+  return (f'unknown key {key!r}: {where} has no section {sections[depth]!r}'
+          + (f' (its sections: {", ".join(subsections)})' if subsections else ''))
 
 
 def _all_keys(cfg: ConfigDict, prefix: str = ''):
@@ -302,6 +317,7 @@ def _check_transformer(cfg: ConfigDict) -> None:
   _choice(cfg, 'model.param_dtype', DTYPES)
   _choice(cfg, 'model.remat', REMAT)
   _choice(cfg, 'model.attention_impl', ATTENTION_IMPLS)
+  _choice(cfg, 'model.tie_embeddings', (True, False))
 
 # UltraMem (`model.ultramem`, jaxarch/layers/ultramem.py).
 
@@ -375,9 +391,19 @@ def check_ultramem_config(cfg, prefix: str = 'model.ultramem') -> None:
 
 
 
+# Every key the memory layer is built from: check_ultramem_config has defaults for some,
+# the model build has none, so a saved config lacking one must fail here, not there.
+ULTRAMEM_KEYS = ('num_values', 'top_k', 'value_dim', 'key_dim', 'tucker_rank', 'num_cores',
+                 'ive_expansion', 'num_heads', 'top_m', 'aux_loss_weight', 'aux_tau',
+                 'query_conv', 'heads_per_query')
+
+
 def _check_ultramem(cfg: ConfigDict) -> None:
   """model.ultramem: the layer's shape rules, and a placement inside the stack."""
+  for key in ULTRAMEM_KEYS:
+    _get(cfg, f'model.ultramem.{key}')
   check_ultramem_config(_get(cfg, 'model.ultramem'))
+  _choice(cfg, 'model.ultramem.rank_by_magnitude', (True, False))
   _choice(cfg, 'model.ultramem.lookup_impl', LOOKUP_IMPLS)
   _choice(cfg, 'model.ultramem.lookup_scatter', LOOKUP_SCATTERS)
   _choice(cfg, 'model.ultramem.table_split', TABLE_SPLITS)
@@ -399,7 +425,8 @@ def _check_moe(cfg: ConfigDict) -> None:
   k = _positive_int(cfg, 'model.moe.top_k')
   if k > e:
     raise ConfigError(f'model.moe.top_k={k} must be <= model.moe.num_experts={e}')
-  if k == 1 and _get(cfg, 'model.moe.renormalize'):
+  _choice(cfg, 'model.moe.renormalize', (True, False))  # the build reads it at any top_k
+  if k == 1 and cfg.model.moe.renormalize:
     raise ConfigError('model.moe.renormalize=True with model.moe.top_k=1 makes every gate '
                       'weight 1, so the router learns only from the balance loss; set '
                       'model.moe.renormalize=False (the Switch Transformer top-1 form)')
@@ -446,7 +473,7 @@ def _check_megabyte(cfg: ConfigDict) -> None:
   if align % p:
     raise ConfigError(f'data.pack_align={align} must be a multiple of model.megabyte.'
                       f'patch_size={p}, so that every document starts on a patch boundary')
-  if cfg.data.tokenizer != 'bytes':
+  if _get(cfg, 'data.tokenizer') != 'bytes':
     raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r}: MEGABYTE models bytes; use 'bytes'")
   if not cfg.model.tie_embeddings:
     raise ConfigError('model.tie_embeddings=False: a MEGABYTE head is always tied to its '
@@ -931,8 +958,11 @@ def load_json(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ConfigD
 # saved (e.g. train.mu_dtype) takes its default, which is the behaviour the run had, when
 # the run resumes. A missing key of the model or data is still an error.
 RUN_SECTIONS = ('train', 'checkpoint', 'log', 'launch')
-# Model keys that pick kernels, which compute the same function: filled the same way.
-RUN_MODEL_KEYS = (('moe', 'matmul_impl'), ('moe', 'kernel_tiling'))
+# Model keys that pick kernels, which compute the same function, or that jaxarch gained
+# with a default that is what older runs did (heads_per_query=1): filled the same way.
+RUN_MODEL_KEYS = (('moe', 'matmul_impl'), ('moe', 'kernel_tiling'), ('ultramem', 'lookup_impl'),
+                  ('ultramem', 'lookup_scatter'), ('ultramem', 'table_split'),
+                  ('ultramem', 'heads_per_query'))
 # Model keys that only shape the initial weights (a saved run's are in its checkpoints).
 INIT_MODEL_KEYS = ('init_truncation', 'residual_init_scale')
 

@@ -147,6 +147,15 @@ def test_unknown_key_suggests_the_closest():
   assert "did you mean 'train.steps'" in error_of(tiny, 'trian.steps=5')
 
 
+def test_unknown_section_is_named_not_matched_to_a_key_of_another_depth():
+  # Before: "unknown key 'model.moe.top_k' (did you mean 'model.d_model'?)".
+  assert error_of(tiny, 'model.moe.top_k=2') == (
+      "config error: unknown key 'model.moe.top_k': model has no section 'moe'")
+  assert error_of(tiny, 'nosection.x=1') == (
+      "config error: unknown key 'nosection.x': the config has no section 'nosection' (its "
+      'sections: checkpoint, data, launch, log, mesh, model, train)')
+
+
 def test_override_cannot_add_a_key_below_a_leaf():
   assert "unknown key 'train.steps.x'" in error_of(tiny, 'train.steps.x=1')
 
@@ -476,6 +485,40 @@ def test_a_moe_run_saved_before_the_kernel_choice_resumes_with_auto(tmp_path):
   del old['model']['init_truncation']  # shapes only the initial weights
   path.write_text(json.dumps(old))
   assert config_lib.load_json(path).model.init_truncation == 0.0
+
+
+def test_an_ultramem_run_saved_before_its_kernel_and_query_keys_resumes(tmp_path):
+  path = tmp_path / 'config.json'
+  config_lib.save(config_lib.load('configs/ultramem.py:tiny'), path)
+  old = json.loads(path.read_text())
+  for key in ('lookup_impl', 'lookup_scatter', 'table_split', 'heads_per_query'):
+    del old['model']['ultramem'][key]  # added after the first UltraMem runs
+  path.write_text(json.dumps(old))
+  u = config_lib.load_json(path).model.ultramem
+  assert (u.lookup_impl, u.lookup_scatter, u.table_split, u.heads_per_query) == (
+      'auto', 'sorted', 'rows', 1)
+
+
+@pytest.mark.parametrize('spec, section, key', [
+    ('configs/dense.py:tiny', ('model',), 'tie_embeddings'),
+    ('configs/moe.py:tiny', ('model', 'moe'), 'renormalize'),
+    ('configs/ultramem.py:tiny', ('model', 'ultramem'), 'num_cores'),
+    ('configs/ultramem.py:tiny', ('model', 'ultramem'), 'rank_by_magnitude'),
+    ('configs/megabyte.py:tiny', ('data',), 'tokenizer'),
+])
+def test_a_saved_config_lacking_a_key_the_model_reads_is_one_line(tmp_path, spec, section, key):
+  # Before: these loaded (or raised AttributeError) and the model build failed with a traceback.
+  path = tmp_path / 'config.json'
+  config_lib.save(config_lib.load(spec), path)
+  old = json.loads(path.read_text())
+  parent = old
+  for name in section:
+    parent = parent[name]
+  del parent[key]
+  path.write_text(json.dumps(old))
+  assert error_of(config_lib.load_json, path) == (
+      f"config error: {path}: missing key '{'.'.join((*section, key))}' (an older or edited "
+      'saved config)')
 
 
 def test_a_megabyte_head_is_tied_and_runs_saved_saying_otherwise_still_load(tmp_path):
