@@ -8,7 +8,7 @@ from flax import nnx
 
 from conftest import jitted, mesh_config, sharded_copy
 from jaxarch import config as config_lib
-from jaxarch import models
+from jaxarch import infer, models
 from jaxarch.data import make_train_dataset
 from jaxarch.layers.params import normal
 from jaxarch.parallel.context import logical_mesh
@@ -27,6 +27,7 @@ def model():
 
 
 _run = jitted(lambda model, *inputs: model(*inputs))
+_forward = jitted(lambda model, tokens: model(tokens))
 
 
 def _logits(model, tokens, segment_ids=None, positions=None):
@@ -35,6 +36,42 @@ def _logits(model, tokens, segment_ids=None, positions=None):
     segment_ids = jnp.ones_like(tokens)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
   return _run(model, tokens, jnp.asarray(segment_ids), jnp.asarray(positions))
+
+
+def _reference_logits(model, x):
+  """DESIGN 7.3 written out on the byte stream x [T] that the positions predict, with the
+  model's weights and its global and local stacks: the global input of patch k is the
+  concatenation of the global embeddings (+ slot) of patch k-1 of x, a pad patch at k = 0;
+  the local input at byte p is slice p of the global output projected by w_GL, plus the
+  local embedding of byte p-1 (a pad byte at p = 0)."""
+  p = model.patch_size
+  k = -(-len(x) // p)
+  x = np.concatenate([x, np.zeros(k * p - len(x), int)])  # after the last byte: never read
+  table = np.asarray(model.global_embed.embedding[...])
+  slots = np.asarray(model.slot_embed[...])
+  patches = [np.asarray(model.pad_patch[...])]
+  patches += [np.concatenate([table[x[(i - 1) * p + j]] + slots[j] for j in range(p)])
+              for i in range(1, k)]
+  positions = jnp.arange(k)[None]
+  h = model.global_model(jnp.asarray(np.stack(patches))[None], positions,
+                         jnp.ones_like(positions))
+  h = np.asarray(model.global_norm(h))[0].reshape(k, p, -1)
+  local_table = np.asarray(model.local_embed.embedding[...])
+  previous = [np.asarray(model.local_pad[...]) if j % p == 0 else local_table[x[j - 1]]
+              for j in range(k * p)]
+  x_local = h.reshape(k * p, -1) @ np.asarray(model.to_local[...]) + np.stack(previous)
+  local_positions = jnp.broadcast_to(jnp.arange(p), (k, p))
+  y = model.local_model(jnp.asarray(x_local.reshape(k, p, -1), jnp.float32),
+                        local_positions, jnp.ones_like(local_positions))
+  return np.asarray(model.logits(y)).reshape(k * p, -1)
+
+
+@pytest.mark.parametrize('first', [257, 65])  # a document's start; a continuation row
+def test_logits_equal_the_design_written_out_on_the_predicted_bytes(model, first):
+  # Inputs u = [first] + x[:-1] predict x; u[0] is not read (the module docstring).
+  x = np.random.default_rng(4).integers(0, 256, 13)  # 3 patches and a byte
+  logits = _logits(model, np.concatenate([[first], x[:-1]])[None])[0]
+  np.testing.assert_allclose(logits, _reference_logits(model, x)[:13], atol=1e-5)
 
 
 def test_changing_a_byte_changes_no_prediction_at_or_before_it(model):
@@ -151,3 +188,27 @@ def test_the_paper_init_is_a_normal_cut_at_two_sigma():
       assert float(jnp.abs(w.get_value()).max()) <= 0.012, path
   untruncated = normal(0.006)(jax.random.PRNGKey(0), embedding.shape)
   assert float(jnp.abs(untruncated).max()) > 0.012
+
+
+def test_cached_generation_equals_the_full_forward_for_prompts_of_every_length_mod_p(model):
+  # Prompts of 1 .. 2P+2 bytes (1, P-1, P, P+1, ...) prefilled together, with other bytes
+  # after each prompt in the prefill buffer, then decoded across several patch boundaries.
+  rng = np.random.default_rng(5)
+  lengths = np.arange(1, 2 * P + 3)
+  batch, width, total = len(lengths), 3 * P, 3 * P + 8
+  tokens = jnp.asarray(rng.integers(0, 256, (batch, total)), jnp.int32)
+  decoder = infer.for_inference(model)
+  full = np.asarray(_forward(decoder, tokens))
+  infer.add_caches(decoder, batch=batch, length=total)
+  prompts = np.asarray(tokens[:, :width]).copy()
+  for i, n in enumerate(lengths):
+    prompts[i, n:] = rng.integers(0, 256, width - n)
+  rows = np.arange(batch)
+  logits = jitted(infer.prefill)(decoder, jnp.asarray(prompts), jnp.asarray(lengths))
+  np.testing.assert_allclose(logits, full[rows, lengths - 1], atol=1e-5)
+  decode_step = jitted(infer.decode_step)
+  for step in range(total - lengths.max()):
+    positions = lengths + step
+    logits = decode_step(decoder, tokens[rows, positions], jnp.asarray(positions))
+    np.testing.assert_allclose(logits, full[rows, positions], atol=1e-5,
+                               err_msg=f'positions {positions}')

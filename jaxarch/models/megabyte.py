@@ -2,7 +2,7 @@
 a local transformer inside each patch.
 
 The model reads the pipeline's `inputs` u (a document is `[eod] + bytes`) and predicts
-`targets`, the next byte: position t predicts x[t] = u[t+1] from u[0..t]. With K = T/P
+`targets`, the next byte: position t predicts x[t] = u[t+1] from u[1..t]. With K = T/P
 patches, in the paper's terms on the byte stream x:
 
 - **global** (width P·D_G = `model.d_model`, the `model` blocks: `dense`, `moe` or
@@ -20,6 +20,13 @@ from the logits). Packed rows must start every document on a patch boundary
 (`data.pack_align`, which configs/megabyte.py sets to P): a patch then never mixes two
 documents, the global model masks attention across documents, and the first patch of a
 document gets the pad patch instead of the previous document's bytes.
+
+A row's first input u[0] is never read: the model sees only the stream x it predicts,
+and the pad patch and pad byte stand in before x[0]. At a document's start u[0] is the
+eod (BOS), so nothing is lost; a row that continues a document from the previous row
+starts with a real byte, the previous row's last target, which a byte transformer reads
+and MEGABYTE does not: one byte less context per continuation row (its first prediction
+has none), most rows when documents are longer than `data.seq_len`.
 
 Generation (`jaxarch.infer`) keeps two KV caches: the global model steps once per patch,
 when a sequence reaches a patch boundary, and the local model once per byte.
