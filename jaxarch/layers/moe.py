@@ -210,7 +210,7 @@ class MoE(nnx.Module):
     real = jnp.ones(tokens.shape[:1], jnp.float32) if real is None else real.astype(
         jnp.float32)
     count = jnp.maximum(jnp.sum(real), 1.0)
-    mean = lambda x: jnp.tensordot(real, x, axes=1) / count  # over the real tokens
+    mean = lambda x: signals.real_mean(x, real)
     assignments = jnp.zeros((e,), jnp.float32).at[experts.reshape(-1)].add(
         jnp.repeat(real, k))  # of the real tokens to each expert
     load = assignments / (count * k)

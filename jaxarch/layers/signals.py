@@ -12,6 +12,7 @@
 """
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 
@@ -49,6 +50,13 @@ def add_step_statistic(module: nnx.Module, name: str, value: jax.Array):
   """A sum over the forward pass's tokens, passed to `module.end_step(name=...)` once the
   step has added up every microbatch's (and every call's, if the module ran twice)."""
   _sow(module, f'step_{name}', value)
+
+
+def real_mean(x: jax.Array, real: jax.Array | None = None) -> jax.Array:
+  """x [T, ...] averaged over the `real` [T] tokens (None: all): a layer's statistics
+  leave out the padding that fills a row's end."""
+  real = jnp.ones(x.shape[:1], jnp.float32) if real is None else real.astype(jnp.float32)
+  return jnp.tensordot(real, x, axes=1) / jnp.maximum(jnp.sum(real), 1.0)
 
 
 def is_window_metric(key: str) -> bool:

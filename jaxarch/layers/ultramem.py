@@ -371,7 +371,6 @@ class UltraMem(nnx.Module):
 
   def _report(self, physical, scores, real=None):
     """Aux loss and metrics; the usage metrics count the `real` [t] tokens (None: all)."""
-    real = jnp.ones(physical.shape[:1], jnp.int32) if real is None else real.astype(jnp.int32)
     aux = self.tucker_aux_loss()
     if self.aux_loss_weight > 0:
       signals.add_aux_loss(self, self.aux_loss_weight * aux)
@@ -379,10 +378,9 @@ class UltraMem(nnx.Module):
     total = jnp.abs(jax.lax.stop_gradient(scores).sum(-1))  # t h k
     p = total / jnp.maximum(total.sum(-1, keepdims=True), 1e-9)
     entropy = -jnp.sum(p * jnp.log(jnp.maximum(p, 1e-9)), axis=-1)  # t h
-    weight = real.astype(entropy.dtype)
-    signals.add_metric(self, 'score_entropy', jnp.sum(weight @ entropy) / jnp.maximum(
-        jnp.sum(weight) * entropy.shape[1], 1.0))
-    hits = self.hits[...].at[physical.reshape(-1)].add(
-        jnp.broadcast_to(real[:, None, None], physical.shape).reshape(-1))
+    signals.add_metric(self, 'score_entropy', jnp.mean(signals.real_mean(entropy, real)))
+    reads = 1 if real is None else jnp.broadcast_to(
+        real[:, None, None], physical.shape).reshape(-1).astype(jnp.int32)
+    hits = self.hits[...].at[physical.reshape(-1)].add(reads)
     self.hits[...] = hits
     signals.add_metric(self, 'window_values_hit', jnp.mean((hits > 0).astype(jnp.float32)))

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
-from jaxarch.train.workdir import WorkdirError
+from jaxarch.train.workdir import unwritable
 
 
 class MetricsWriter:
@@ -50,9 +50,7 @@ class MetricsWriter:
             self.tb.add_scalar(k, v, step)
         self.tb.flush()
     except OSError as e:  # disk full, permissions: the run resumes from its last checkpoint
-      raise WorkdirError(f'could not write the metrics of step {step} to {self.path.parent} '
-                         f'({e.strerror or e}); free space (or fix permissions) and rerun '
-                         'to resume from the last checkpoint') from None
+      raise unwritable(f'the metrics of step {step} to {self.path.parent}', e) from None
 
   def _drop_after(self, step: int):
     """Forgets the records of steps after `step`, and a last line cut short by a crash."""

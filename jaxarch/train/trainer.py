@@ -29,8 +29,8 @@ from jaxarch.train.pretrained import mesh_here, with_pretrained_parts
 from jaxarch.train.state import TrainSetup, init_state, make_setup
 from jaxarch.train.step import (leaf_names, make_eval_step, make_train_step,
                                 make_window_reset, summarize_eval)
-from jaxarch.train.workdir import (WorkdirError, check_workdir, local_workdir, only_trainer_in,
-                                   state_bytes)
+from jaxarch.train.workdir import (check_workdir, local_workdir, only_trainer_in, state_bytes,
+                                   unwritable)
 
 
 def _tokenizer(cfg: ml_collections.ConfigDict):
@@ -207,9 +207,7 @@ def _save_config(cfg: ml_collections.ConfigDict, workdir: Path) -> None:
   try:
     config_lib.save(cfg, workdir / 'config.json')
   except OSError as e:  # disk full, permissions: as for the metrics
-    raise WorkdirError(f'could not write {workdir / "config.json"} ({e.strerror or e}); free '
-                       'space (or fix permissions) and rerun to resume from the last '
-                       'checkpoint') from None
+    raise unwritable(str(workdir / 'config.json'), e) from None
 
 
 def _paused(watch: Stopwatch | None):

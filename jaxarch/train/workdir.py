@@ -22,6 +22,13 @@ class WorkdirError(RuntimeError):
   """The workdir cannot hold this run; one line for the user."""
 
 
+def unwritable(what: str, error: OSError) -> WorkdirError:
+  """A file of the run that could not be written (disk full, permissions): the run
+  resumes from its last checkpoint once that is mended."""
+  return WorkdirError(f'could not write {what} ({error.strerror or error}); free space (or '
+                      'fix permissions) and rerun to resume from the last checkpoint')
+
+
 def local_workdir(workdir: str | os.PathLike) -> Path:
   """The workdir as a path; a URL is refused, since the metrics, configs and locks are
   written with local file operations (`gs://b/x` would become the relative folder `gs:/b/x`)."""
