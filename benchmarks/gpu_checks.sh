@@ -1,29 +1,39 @@
 #!/usr/bin/env bash
-# The GPU measurements that CPU-only sessions owe, in priority order, as one device call:
+# The GPU measurements that CPU-only sessions owe, in priority order, as two device calls:
 #
 #   ../shared/tools/device-wheels.sh flatbuffers         # here, once: wheels the device lacks
 #   pip download --no-deps -d .device-wheels/fallback flax==0.12.12  # see below
-#   device run, carry [".device-wheels"], timeout_s 590:  bash benchmarks/gpu_checks.sh [SECONDS]
+#   device run, carry [".device-wheels"], timeout_s 330:  bash benchmarks/gpu_checks.sh 1
+#   device run, at once (warm), same carry and limit:     bash benchmarks/gpu_checks.sh 2
 #
-# Each benchmark gets its share of SECONDS (default 480) and writes its JSON (with the
-# device name) to $OUT, which the device tool brings back; a benchmark that runs out of
-# time is cut off and the next one starts, so one slow case never costs the others
-# (each writes its JSON after every case). First the MoE
-# grouped-matmul kernels against ragged_dot (correctness and speed: dropless MoE runs them
-# on GPU; the MoE MFU case runs with their fastest tiling, or with ragged_dot if they
-# failed or differ from it), then MFU per family
-# with each case's profile digested (where the device time goes); the traces stay on the
-# device, in /tmp.
+# A session's 15 minutes of device time hold the machine's start and two such calls, so a
+# first call that fails (an install, an import) can be fixed and run again instead of the
+# second. Part 1 is the MoE grouped-matmul kernels against ragged_dot (correctness and
+# speed: dropless MoE runs them on GPU; the MoE MFU case runs with their fastest tiling,
+# or with ragged_dot if they failed or differ from it), then MFU per family with each
+# case's profile digested (where the device time goes; the traces stay on the device, in
+# /tmp). Part 2 is decode, the lookup kernels, the MoE layers and MEGABYTE. `all` runs
+# both in one call (480 s). Each benchmark gets its share of the part's SECONDS and writes
+# its JSON (with the device name) to $OUT, which the device tool brings back; a benchmark
+# that runs out of time is cut off and the next one starts, so one slow case never costs
+# the others (each writes its JSON after every case).
 #
 # The device tool brings back at most 8 files from $OUT, so there the JSON and logs are
 # written to a folder in /tmp and packed into `$OUT/gpu_checks.tgz` after every benchmark
-# (with `summary.txt` beside it): a call cut off by its limit still returns what finished.
+# (with `summary.txt` beside it; part 2's archive holds part 1's files too, when the
+# machine stayed warm): a call cut off by its limit still returns what finished.
 # Unpack here with `tar -xzf gpu_checks.tgz -C benchmarks/results`. Without $OUT (run by
 # hand) they go to benchmarks/results.
 set -u
-budget=${1:-480}  # leaves the device call's limit (590 s) room for pip and the kills
+part=${1:-all}
+case $part in  # each default leaves its call's limit room for pip and the kills
+  1) budget=${2:-270} ;;
+  2) budget=${2:-250} ;;
+  all) budget=${2:-480} ;;
+  *) echo "usage: bash benchmarks/gpu_checks.sh [1|2|all] [SECONDS]" >&2; exit 2 ;;
+esac
 out=benchmarks/results
-[ -n "${OUT:-}" ] && out=/tmp/jaxarch_gpu_checks
+[ -n "${OUT:-}" ] && out=${TMPDIR:-/tmp}/jaxarch_gpu_checks
 export PYTHONUNBUFFERED=1  # a benchmark cut off by its share keeps its last lines in the log
 mkdir -p "$out"
 pack() {  # everything so far back to the device tool: one archive and the summary
@@ -51,9 +61,14 @@ summary "$(python3 -c 'import sys, jax, flax, orbax.checkpoint as ocp
 print("python", sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__,
       "orbax", ocp.__version__)' 2>&1 | tail -n 1)"
 
-run() {  # NAME SHARE_PERCENT COMMAND...
-  local name=$1 share=$2; shift 2
-  local seconds=$(( budget * share / 100 ))
+# Shares are out of 100 for `all`: part 1 holds 52 of them, part 2 the other 48.
+case $part in 1) shares=52 ;; 2) shares=48 ;; all) shares=100 ;; esac
+summary "part $part: $budget s"
+
+run() {  # PART NAME SHARE COMMAND...
+  local in_part=$1 name=$2 share=$3; shift 3
+  [ "$part" = all ] || [ "$part" = "$in_part" ] || return 0
+  local seconds=$(( budget * share / shares ))
   (( seconds >= 1 )) || seconds=1  # `timeout 0` would not limit it at all
   local start=$SECONDS
   summary "== $name ($seconds s)"
@@ -64,14 +79,14 @@ run() {  # NAME SHARE_PERCENT COMMAND...
   pack
 }
 
-run grouped_matmul 12 python3 benchmarks/moe.py --tables=matmul   # MoE kernels vs ragged_dot
-run mfu 40 python3 benchmarks/mfu.py --steps=10 --profile --profile_dir=/tmp/jaxarch_traces \
+run 1 grouped_matmul 12 python3 benchmarks/moe.py --tables=matmul  # MoE kernels vs ragged_dot
+run 1 mfu 40 python3 benchmarks/mfu.py --steps=10 --profile --profile_dir=/tmp/jaxarch_traces \
     --moe_kernels_from="$out/grouped_matmul.json"       # MoE: the fastest tiling, or ragged_dot
 # The rest at the sizes that fit their shares (each saves after every case); their full
 # grids, MEGABYTE's equal-compute quality run and BiTA's whole recipe (a trained 151m base,
 # distillation, BiTA training: `python benchmarks/bita.py --workdir=DIR`, resumable by
 # stage) need calls of their own.
-run decode 15 python3 benchmarks/decode.py --batches=1,64 --prompts=2048  # best of 2
-run sparse_lookup 12 python3 benchmarks/sparse_lookup.py      # Pallas lookup vs XLA
-run moe 9 python3 benchmarks/moe.py --tables=layers           # dropless vs capacity vs dense
-run megabyte 12 python3 benchmarks/megabyte.py --seq_lens=8192 --gen_batches=1 --bpb_steps=0
+run 2 decode 15 python3 benchmarks/decode.py --batches=1,64 --prompts=2048  # best of 2
+run 2 sparse_lookup 12 python3 benchmarks/sparse_lookup.py      # Pallas lookup vs XLA
+run 2 moe 9 python3 benchmarks/moe.py --tables=layers           # dropless vs capacity vs dense
+run 2 megabyte 12 python3 benchmarks/megabyte.py --seq_lens=8192 --gen_batches=1 --bpb_steps=0

@@ -134,20 +134,27 @@ def tiling_name(t: dict) -> str:
   return f'{t["block_m"]}x{t["block_n"]}x{t["block_k"]} w{t["num_warps"]} s{t["num_stages"]}'
 
 
+def table_names(text: str) -> list[str]:
+  """`--tables`, checked as it is parsed: a typo would otherwise run nothing, silently."""
+  tables = text.split(',')
+  if unknown := set(tables) - {'matmul', 'layers'}:
+    raise argparse.ArgumentTypeError(f'unknown {sorted(unknown)}; expected matmul, layers '
+                                     'or both')
+  return tables
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   on_accelerator = jax.default_backend() in ('gpu', 'tpu')
   parser.add_argument('--grid', choices=tuple(GRIDS), default='gpu' if on_accelerator else 'cpu')
   parser.add_argument('--iters', type=at_least_one, default=10 if on_accelerator else 3)
-  parser.add_argument('--tables', default='matmul,layers',
+  parser.add_argument('--tables', type=table_names, default='matmul,layers',
                       help='which tables: matmul (the grouped matmul per impl), layers')
   parser.add_argument('--out', default='benchmarks/results/moe.json')
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   g = GRIDS[args.grid]
   data = device_info()
-  tables = args.tables.split(',')
-  if unknown := set(tables) - {'matmul', 'layers'}:  # else a typo runs nothing, silently
-    parser.error(f'--tables: unknown {sorted(unknown)}; expected matmul, layers or both')
+  tables = args.tables
   if 'matmul' in tables:  # first: the kernels' check against ragged_dot is the quick part
     data.update(matmul_table(g, args.iters, data, args.out))
   if 'layers' in tables:

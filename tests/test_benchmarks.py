@@ -1,7 +1,11 @@
 """The benchmark scripts run and write the JSON they promise (no timing is asserted)."""
 
+import argparse
 import json
+import re
+import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -570,3 +574,56 @@ def test_the_aux_loss_table_reads_each_runs_metrics_and_cores(tmp_path):
                     compute_uv=False)
   assert results[0]['sigma2_over_sigma1'][0] == pytest.approx((s[:, 1] / s[:, 0]).max(),
                                                               rel=1e-5)
+
+
+class _Parsed(Exception):
+  """Raised in place of running a benchmark whose flags were parsed."""
+
+
+@pytest.mark.parametrize('part, budget, benchmarks', [
+    ('1', 270, ['moe', 'mfu']),
+    ('2', 250, ['decode', 'sparse_lookup', 'moe', 'megabyte']),
+])
+def test_each_gpu_checks_call_runs_its_benchmarks_with_flags_they_accept(
+    part, budget, benchmarks, tmp_path, monkeypatch):
+  """The device call runs once, on scarce time: a flag a benchmark refuses would cost its
+  share. The script runs with a `python3` that records its arguments; each benchmark's own
+  parser then reads them."""
+  bin_dir, out = tmp_path / 'bin', tmp_path / 'out'
+  bin_dir.mkdir()
+  out.mkdir()
+  calls = tmp_path / 'calls.jsonl'
+  (bin_dir / 'python3').write_text(
+      f'#!/bin/sh\nexec {sys.executable} -c "import json, sys; '
+      f"open('{calls}', 'a').write(json.dumps(sys.argv[1:]) + '\\n')\" \"$@\"\n")
+  (bin_dir / 'nvidia-smi').write_text('#!/bin/sh\necho "Test GPU, 1 MiB"\n')
+  for stub in bin_dir.iterdir():
+    stub.chmod(0o755)
+  root = Path(__file__).resolve().parent.parent
+  env = {'PATH': f'{bin_dir}:/usr/bin:/bin', 'OUT': str(out), 'TMPDIR': str(tmp_path)}
+  done = subprocess.run(['bash', 'benchmarks/gpu_checks.sh', part], cwd=root, env=env,
+                        capture_output=True, text=True, check=True)
+  assert f'part {part}: {budget} s' in done.stdout
+  seconds = [int(s) for s in re.findall(r'^== \w+ \((\d+) s\)$', done.stdout, re.M)]
+  assert budget - len(seconds) <= sum(seconds) <= budget  # the shares fill the part
+  with tarfile.open(out / 'gpu_checks.tgz') as packed:
+    assert './summary.txt' in packed.getnames()
+  runs = [json.loads(line) for line in calls.read_text().splitlines()]
+  runs = [argv for argv in runs if argv[0].startswith('benchmarks/')]
+  assert [Path(argv[0]).stem for argv in runs] == benchmarks
+  real_parse = argparse.ArgumentParser.parse_args
+  def parse_only(self, args=None, namespace=None):
+    raise _Parsed(real_parse(self, args, namespace))
+  monkeypatch.setattr(argparse.ArgumentParser, 'parse_args', parse_only)
+  scripts = {'moe': moe, 'mfu': mfu, 'decode': decode, 'sparse_lookup': sparse_lookup,
+             'megabyte': megabyte}
+  for script, *argv in runs:
+    with pytest.raises(_Parsed) as parsed:
+      scripts[Path(script).stem].main(argv)
+    assert parsed.value.args[0].out.startswith(str(tmp_path))
+
+
+def test_gpu_checks_names_its_parts_when_given_another():
+  done = subprocess.run(['bash', 'benchmarks/gpu_checks.sh', '3'], capture_output=True,
+                        text=True, cwd=Path(__file__).resolve().parent.parent, check=False)
+  assert done.returncode == 2 and 'gpu_checks.sh [1|2|all]' in done.stderr
