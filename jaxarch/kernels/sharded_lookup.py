@@ -37,6 +37,7 @@ entry (t, k) weighs slice i by `weights[t, k, i]`. `sliced_sparse_lookup` takes 
 slice i of row p); width cuts each device's columns at slice boundaries.
 """
 
+import functools
 import logging
 import math
 
@@ -136,6 +137,14 @@ def sharded_sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Ar
   return out[:t]
 
 
+@functools.cache  # once per process: every layer and the backward pass would repeat it
+def _warn_padded_columns(part: int):
+  log.warning('sparse_lookup: the table split by width reads rows of %d columns, which the '
+              'Pallas kernels pad to a multiple of %d (a copy of the table on each call): '
+              'choose value_dim so that value_dim / lcm(devices of `values`, num_cores) is '
+              'a multiple of %d, or table_split=rows', part, COLUMN_MULTIPLE, COLUMN_MULTIPLE)
+
+
 def width_sharded_sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Array, *,
                                 bags: jax.Array | None = None, num_bags: int = 1,
                                 impl: str = 'auto', scatter: str = 'sorted',
@@ -159,10 +168,7 @@ def width_sharded_sparse_lookup(values: jax.Array, indices: jax.Array, weights: 
   check_vma = _check_vma(kernels)
   part = math.gcd(columns, d // weights.shape[-1])  # columns per row read (_columns)
   if kernels != 'xla' and part % COLUMN_MULTIPLE:
-    log.warning('sparse_lookup: the table split by width reads rows of %d columns, which the '
-                'Pallas kernels pad to a multiple of %d (a copy of the table on each call): '
-                'choose value_dim so that value_dim / lcm(devices of `values`, num_cores) is '
-                'a multiple of %d, or table_split=rows', part, COLUMN_MULTIPLE, COLUMN_MULTIPLE)
+    _warn_padded_columns(part)
 
   def local(values, indices, weights, bags=None):
     indices, weights, bags = _gather_tokens(shared, indices, weights, bags)

@@ -42,6 +42,7 @@ PEAK_BF16_FLOPS = {
     'H200 NVL': 835e12,  # not the SXM part's peak
     'A100': 312e12,
     'TPU v4': 275e12,
+    'TPU v4 lite': 138e12,  # v4i, the inference part
     'TPU v5 lite': 197e12,  # v5e
     'TPU v5e': 197e12,
     'TPU v5p': 459e12,
