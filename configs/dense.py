@@ -90,7 +90,8 @@ def get_config(arg=None):
   c.data.data_dir = ml_collections.config_dict.placeholder(str)  # None: $JAXARCH_DATA_DIR or ~/.cache/jaxarch
   c.data.validation_fraction = 0.05  # default and files: sources, split by document
   c.data.pack_align = 1  # documents start at multiples of this (MEGABYTE: the patch size)
-  # tfds: the feature of each example to read (None: `text`, or the only text feature)
+  # tfds: the feature of each example to read (None: `text`, or the only text feature);
+  # other sources are plain text and warn that it is unread
   c.data.text_key = ml_collections.config_dict.placeholder(str)
 
   # Mesh section: ('data', 'fsdp', 'tensor', 'expert'); one size may be -1.

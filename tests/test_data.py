@@ -170,6 +170,15 @@ def test_a_file_reached_twice_by_the_glob_is_read_once(tmp_path):
   assert [source[i] for i in range(len(source))] == [b'only once']
 
 
+def test_a_text_key_given_to_a_files_source_is_said_to_be_unread(corpus, caplog):
+  cfg, _ = corpus
+  cfg.text_key = 'body'
+  sources._warn_text_key_unread.cache_clear()  # pylint: disable=protected-access
+  for split in ('train', 'validation'):
+    assert len(data.open_source(cfg, split))
+  assert caplog.text.count("data.text_key='body' is not read") == 1
+
+
 def test_unreadable_files_and_names_are_config_errors_naming_the_file(tmp_path, monkeypatch):
   (tmp_path / 'c').mkdir()
   (tmp_path / 'c' / 'a.txt').write_text('text')

@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import difflib
 import fcntl
+import functools
 import glob as globlib
 import hashlib
 import json
@@ -471,12 +472,21 @@ def open_source(data_cfg, split: str) -> TextSource:
     builder_cls, config = TextFiles, _files_config(source, source[len('files:'):], fraction)
   else:
     raise ConfigError('config error: ' + DATA_SOURCE_ERROR.format(source))
+  if data_cfg.get('text_key') is not None:
+    _warn_text_key_unread(source, data_cfg.text_key)
   builder = _prepared(builder_cls, config, data_dir, source)
   if split not in builder.info.splits:
     return TextSource([], 'text')
   return TextSource(builder.as_data_source(split=split), 'text',
                     f'delete {builder.data_dir} and it is prepared again from '
                     f'data.source={source!r}')
+
+
+@functools.cache  # once, not for every split opened
+def _warn_text_key_unread(source: str, text_key: str) -> None:
+  # A warning, not an error: a run saved with the key resumes with its data position.
+  log.warning('data.text_key=%r is not read: it names a feature of a tfds: source, and '
+              'data.source=%r is read as plain text files; drop the key', text_key, source)
 
 
 def _prepared(builder_cls, config, data_dir: pathlib.Path, source: str):
