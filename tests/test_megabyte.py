@@ -212,3 +212,10 @@ def test_cached_generation_equals_the_full_forward_for_prompts_of_every_length_m
     logits = decode_step(decoder, tokens[rows, positions], jnp.asarray(positions))
     np.testing.assert_allclose(logits, full[rows, positions], atol=1e-5,
                                err_msg=f'positions {positions}')
+
+
+def test_prefill_of_a_prompt_buffer_not_in_whole_patches_says_so(model):
+  decoder = infer.for_inference(model)
+  infer.add_caches(decoder, batch=1, length=4 * P)
+  with pytest.raises(ValueError, match=rf'whole patches of {P} bytes, not {P + 1}: pad them'):
+    infer.prefill(decoder, jnp.zeros((1, P + 1), jnp.int32), jnp.array([P]))

@@ -164,6 +164,9 @@ class Megabyte(nnx.Module):
     """
     b, t = tokens.shape
     p = self.patch_size
+    if t % p:  # else a reshape fails deep inside JAX
+      raise ValueError(f'MEGABYTE prefill takes prompts padded to whole patches of {p} bytes, '
+                       f'not {t}: pad them on the right (lengths says where each ends)')
     positions, segment_ids = prompt_rows(tokens, lengths)
     patches = self.global_inputs(tokens, jnp.ones_like(tokens))  # one document per row
     out = self.global_outputs(patches, positions[:, ::p] // p, segment_ids[:, ::p])
