@@ -55,13 +55,14 @@ def _problem(record: dict, params: str) -> str | None:
     return f"has family={record['family']!r}, not a family name"
   if record.get('budget') is None and record.get('flops') is None:
     return "lacks 'budget' and 'flops'"
-  for key in (f'params_{params}', 'tokens', 'budget', 'flops', 'eval_loss', 'final_loss'):
+  logged = (f'params_{params}', 'tokens', 'budget', 'flops')  # the fits take their logs
+  for key in (*logged, 'eval_loss', 'final_loss'):
     value = record.get(key)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+    if value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
       return f'has {key}={value!r}, not a number'
-  for key in (f'params_{params}', 'tokens', 'budget', 'flops'):  # logs of them are taken
-    value = record.get(key)
-    if value is not None and not 0 < value < math.inf:
+    if key in logged and not 0 < value < math.inf:
       return f'has {key}={value!r}, not a positive finite number'
   return None
 
