@@ -314,3 +314,19 @@ def test_a_window_count_over_microbatches_is_the_whole_batch_s():
     hit[accum] = {k: float(v) for k, v in metrics[0].items() if 'window_values_hit' in k}
   assert hit[1] and 0 < min(hit[1].values()) < 1
   assert hit[4] == pytest.approx(hit[1], rel=1e-6)
+
+
+def test_microbatched_evaluation_runs_with_remat():
+  """The eval step's microbatch scan closes over the parameters: remat's merge of them
+  inside the scan raised TraceContextError (train.grad_accum_steps=2 with model.remat)."""
+  from jaxarch.train.step import make_eval_step  # pylint: disable=g-import-not-at-top
+  batch = make_batch(8, 32, seed=2)
+  totals = []
+  for accum, policy in ((1, 'none'), (2, 'dots')):
+    cfg = mesh_config(tiny_config(**{'model.dtype': 'float32', 'model.remat': policy,
+                                     'train.grad_accum_steps': accum}), data=2)
+    setup = make_setup(cfg, make_mesh(cfg, devices=jax.devices()[:2]))
+    step = make_eval_step(setup, np.ones(cfg.model.vocab_size, np.float32))
+    out = step(init_state(cfg, setup), global_batch(batch, setup.batch_sharding))
+    totals.append({k: float(v) for k, v in out.items()})
+  assert totals[1]['nll'] == pytest.approx(totals[0]['nll'], rel=1e-5)

@@ -85,8 +85,10 @@ def _forward(setup: TrainSetup, params, model_state, batch, *, deterministic: bo
 
   `deterministic`: the model as it is served (`infer.for_inference`), its state read, not
   updated (UltraMem's Tucker vectors, the MoE router's bias)."""
-  # Fresh Variables of this trace level, so that layers may update their state here.
-  model_state = jax.tree.map(lambda x: x, model_state)
+  # Fresh Variables of this trace level, so that layers may update their state here, and
+  # `nnx.remat` may merge parameters closed over from an outer trace (the microbatch scan
+  # of an eval step, where no gradient makes them fresh).
+  params, model_state = jax.tree.map(lambda x: x, (params, model_state))
   model = nnx.merge(setup.graphdef, params, model_state)
   if deterministic:
     model.set_attributes(deterministic=True, raise_if_not_found=False)
