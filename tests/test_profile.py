@@ -80,6 +80,58 @@ def test_collective_bytes_count_each_collective_once():
   assert profile.collective_bytes(GPU_HLO) == {'all-gather': 64 * 4, 'reduce-scatter': 8 * 4}
 
 
+LOOP_HLO = '''HloModule jit_train_step
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %sum = f32[] add(%x, %y)
+}
+
+%reduce_in_body (p0: f32[16]) -> f32[16] {
+  %p0 = f32[16]{0} parameter(0)
+  ROOT %all-reduce.2 = f32[16]{0} all-reduce(%p0), to_apply=%add
+}
+
+%body (t: (s32[], f32[16])) -> (s32[], f32[16]) {
+  %t = (s32[], f32[16]{0}) parameter(0)
+  %g = f32[16]{0} get-tuple-element(%t), index=1
+  %all-reduce.1 = f32[16]{0} all-reduce(%g), to_apply=%add
+  %fusion.1 = f32[16]{0} fusion(%all-reduce.1), kind=kLoop, calls=%reduce_in_body
+  %i = s32[] get-tuple-element(%t), index=0
+  ROOT %next = (s32[], f32[16]{0}) tuple(%i, %fusion.1)
+}
+
+%cond (t: (s32[], f32[16])) -> pred[] {
+  %t = (s32[], f32[16]{0}) parameter(0)
+  ROOT %go = pred[] constant(true)
+}
+
+%unknown_body (t: (s32[], f32[16])) -> (s32[], f32[16]) {
+  %t = (s32[], f32[16]{0}) parameter(0)
+  %g = f32[16]{0} get-tuple-element(%t), index=1
+  %all-gather.2 = f32[16]{0} all-gather(%g), dimensions={0}
+  %i = s32[] get-tuple-element(%t), index=0
+  ROOT %next = (s32[], f32[16]{0}) tuple(%i, %all-gather.2)
+}
+
+ENTRY %main (a: (s32[], f32[16])) -> f32[16] {
+  %a = (s32[], f32[16]{0}) parameter(0)
+  %while.1 = (s32[], f32[16]{0}) while(%a), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %while.2 = (s32[], f32[16]{0}) while(%while.1), condition=%cond, body=%unknown_body
+  %out = f32[16]{0} get-tuple-element(%while.2), index=1
+  ROOT %all-gather.1 = f32[128]{0} all-gather(%out), dimensions={0}
+}
+'''
+
+
+def test_collective_bytes_count_a_loop_body_as_often_as_it_runs():
+  """Gradient accumulation's microbatch loop runs its body A times (XLA knows the trip
+  count); what the body calls runs as often; a loop of unknown length counts once."""
+  assert profile.collective_bytes(LOOP_HLO) == {'all-reduce': 3 * (16 + 16) * 4,
+                                                'all-gather': (128 + 16) * 4}
+
+
 def test_digest_of_a_sharded_step_names_its_collectives(tmp_path):
   cfg = mesh_config(tiny_config(), data=1, fsdp=8)
   setup = make_setup(cfg, make_mesh(cfg))

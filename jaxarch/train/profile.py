@@ -15,6 +15,7 @@ so `exposed_collective_s` counts only the time when nothing else ran.
 """
 
 import collections
+import functools
 import math
 import re
 from pathlib import Path
@@ -34,6 +35,7 @@ _COMPUTATION = re.compile(r'^(?:ENTRY )?%?([\w.-]+) .*\{$')
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.-]+) = (.*)$')
 _OPCODE = re.compile(r' ([a-z][a-z0-9-]*)\(')
 _CALLS = re.compile(r'(?:calls|to_apply|body)=%?([\w.-]+)')
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
@@ -75,6 +77,46 @@ def _kind(opcode: str, rest: str) -> str:
   return 'elementwise'
 
 
+def _computations(hlo_text: str) -> tuple[str, str | None, dict[str, list]]:
+  """The module's name, its entry computation's, and per computation its instructions as
+  (name, opcode, the text after ' = ')."""
+  module = re.match(r'HloModule ([\w.-]+)', hlo_text)
+  computations, current, entry = collections.defaultdict(list), None, None
+  for line in hlo_text.splitlines():
+    if (m := _COMPUTATION.match(line)) and ' = ' not in line:
+      current = m.group(1)
+      entry = current if line.startswith('ENTRY ') else entry
+    elif current and (m := _INSTRUCTION.match(line)):
+      rest = m.group(2)
+      opcode = _OPCODE.search(' ' + rest.split(', metadata=')[0])
+      computations[current].append((m.group(1), opcode.group(1) if opcode else '', rest))
+  return (module.group(1) if module else ''), entry, computations
+
+
+def _runs_per_program(entry: str | None, computations: dict[str, list]) -> dict[str, int]:
+  """How many times each computation runs in one run of the program: a while loop's body
+  as many times as its known trip count (e.g. the microbatches of gradient accumulation),
+  what a computation calls as often as it runs. One not reached from the entry (or a
+  loop whose trip count XLA does not know) counts once."""
+  callers = collections.defaultdict(list)
+  for caller, body in computations.items():
+    for _, opcode, rest in body:
+      if opcode in ('async-update', 'async-done'):
+        continue  # the async-start's call stands for the pair
+      times = 1
+      if opcode == 'while' and (trips := _TRIP_COUNT.search(rest)):
+        times = int(trips.group(1))
+      for called in _CALLS.findall(rest):
+        callers[called].append((caller, times))
+
+  @functools.cache
+  def runs(name: str) -> int:
+    if name == entry or not callers[name]:
+      return 1
+    return sum(runs(caller) * times for caller, times in callers[name])
+  return {name: runs(name) for name in computations}
+
+
 def op_kinds(hlo_text: str) -> tuple[str, dict[str, dict]]:
   """The module's name and, per instruction name, its kind and source (`op_name`).
 
@@ -82,16 +124,7 @@ def op_kinds(hlo_text: str) -> tuple[str, dict[str, dict]]:
   computations it calls: matmul, attention, kernel, gather/scatter/sort, collective, then
   elementwise, and copy only when it does nothing but move data.
   """
-  module = re.match(r'HloModule ([\w.-]+)', hlo_text)
-  computations, current = collections.defaultdict(list), None
-  for line in hlo_text.splitlines():
-    if (m := _COMPUTATION.match(line)) and ' = ' not in line:
-      current = m.group(1)
-    elif current and (m := _INSTRUCTION.match(line)):
-      rest = m.group(2)
-      opcode = _OPCODE.search(' ' + rest.split(', metadata=')[0])
-      computations[current].append((m.group(1), opcode.group(1) if opcode else '', rest))
-
+  module, _, computations = _computations(hlo_text)
   order = ('matmul', 'attention', 'kernel', 'gather/scatter/sort', 'collective',
            'elementwise', 'copy')
 
@@ -109,7 +142,7 @@ def op_kinds(hlo_text: str) -> tuple[str, dict[str, dict]]:
       source = _OP_NAME.search(rest)
       instructions[name] = {'kind': kind_of(opcode, rest),
                             'source': source.group(1) if source else opcode}
-  return (module.group(1) if module else ''), instructions
+  return module, instructions
 
 
 _SHAPE = re.compile(r'\b([a-z]+\d*)\[([\d,]*)\]')
@@ -122,26 +155,23 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
   """Bytes each device's collectives produce per run of the program, by opcode.
 
   Counted from the compiled (per-device) HLO: the result of each collective instruction
-  (of an asynchronous pair, its `-done`), an instruction in a loop body once. What crosses
-  the links follows from it: about (n-1)/n of an all-gather's result over n devices, twice
-  that for an all-reduce, (n-1)× a reduce-scatter's result.
+  (of an asynchronous pair, its `-done`), an instruction in a loop body as many times as
+  the loop runs. What crosses the links follows from it: about (n-1)/n of an all-gather's
+  result over n devices, twice that for an all-reduce, (n-1)× a reduce-scatter's result.
   """
+  _, entry, computations = _computations(hlo_text)
+  runs = _runs_per_program(entry, computations)
   total = collections.Counter()
-  for line in hlo_text.splitlines():
-    m = _INSTRUCTION.match(line)
-    if not m:
-      continue
-    head = ' ' + m.group(2).split(', metadata=')[0]
-    opcode = _OPCODE.search(head)
-    if not opcode:
-      continue
-    name = opcode.group(1)
-    base = name.removesuffix('-done')
-    if base not in _COLLECTIVES or name.endswith('-start') or base in ('send', 'recv'):
-      continue
-    result = head[:opcode.start()]
-    total[base] += sum(_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(',') if d)
-                       for dtype, dims in _SHAPE.findall(result))
+  for computation, body in computations.items():
+    for _, opcode, rest in body:
+      base = opcode.removesuffix('-done')
+      if base not in _COLLECTIVES or opcode.endswith('-start') or base in ('send', 'recv'):
+        continue
+      head = ' ' + rest.split(', metadata=')[0]
+      result = head[:_OPCODE.search(head).start()]
+      total[base] += runs[computation] * sum(
+          _BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(',') if d)
+          for dtype, dims in _SHAPE.findall(result))
   return dict(sorted(total.items()))
 
 

@@ -11,7 +11,10 @@ with its hundreds of buffers), which back-to-back dispatch hides. FLOPs follow
 against the peak bf16 FLOP/s of the device kind (None where unknown, e.g. CPU). XLA's
 cost analysis of the compiled step gives the FLOPs it executes per device, over the model
 FLOPs: above 1 by rematerialisation, elementwise work and any expansion (e.g.
-`ragged_dot` computing every expert). The analysis does not see inside kernels that XLA
+`ragged_dot` computing every expert). It counts a loop's body once: with
+`train.grad_accum_steps=A` its figure is taken A times, as the microbatch loop runs
+(the update after the loop, a few FLOPs per parameter, then counts A times too).
+Collective bytes count each collective as often as it runs, in a loop too. The analysis does not see inside kernels that XLA
 calls opaquely (Pallas' Triton or Mosaic kernels, cuDNN attention): `opaque_kernels`
 counts them, and where there are some the ratio leaves their FLOPs out. With
 `profile_dir`, a `jax.profiler` trace of `profile_steps` more steps is written there
@@ -81,6 +84,8 @@ def measure(cfg: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
   device = jax.devices()[0]
   achieved = per_token * tokens / step_s
   xla_flops = flops.compiled_flops(compiled)
+  if xla_flops is not None:  # the analysis counts the microbatch loop's body once
+    xla_flops *= cfg.train.grad_accum_steps
   return {
       **describe(cfg, setup), 'warmup_s': warmup_s, 'step_time_s': step_s,
       'step_time_waited_min_s': min(times), 'step_time_waited_max_s': max(times),
