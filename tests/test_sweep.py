@@ -177,7 +177,7 @@ def _stand_in_training(monkeypatch):
   d48 fails and d64 stops at step 3 of 6 (a signal), until a `retry` file is there."""
   script = (
       'import json, sys, pathlib; d = pathlib.Path(sys.argv[1]); retry = (d / "retry").exists()\n'
-      'if d.name == "d48" and not retry: sys.exit(3)\n'
+      'if d.name == "d48" and not retry: sys.exit("jaxarch: config error: train.batch_size")\n'
       'step = 3 if d.name == "d64" and not retry else 6\n'
       'line = dict(step=step, loss=2.0) if d.name == "d32" else dict(step=step, loss=2.0, '
       'eval_loss=2.5, eval_bpb=3.0)\n'
@@ -194,6 +194,8 @@ def test_sweep_records_finished_runs_once_and_reports_failed_and_stopped_ones(
   with pytest.raises(runner.SweepError, match='2 runs failed or stopped: (d48, d64|d64, d48)'):
     runner.run_sweep(spec, workdir, parallel=2, echo=messages.append)
   assert 'sweep: d64 stopped at step 3 of 6' in ' '.join(messages)
+  assert 'sweep: d48 failed (exit 1): jaxarch: config error: train.batch_size; see' in (
+      ' '.join(messages))  # the run's own error, as only the run checks the mesh
   (d32,) = runner.read_results(workdir)
   assert d32['name'] == 'd32' and d32['eval_loss'] is None and d32['final_loss'] == 2.0
   # A sweep killed while writing a record leaves a torn line: skipped, with a warning.

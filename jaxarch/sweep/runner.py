@@ -303,7 +303,8 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
         step, steps = last_step(run_dir), run.config().train.steps
         if code or step != steps:
           failed.append(run.name)
-          why = f'failed (exit {code})' if code else f'stopped at step {step} of {steps}'
+          why = (f'failed (exit {code}): {_last_line(run_dir / "train.log")}' if code else
+                 f'stopped at step {step} of {steps}')
           echo(f'sweep: {run.name} {why}; see {run_dir / "train.log"}')
           continue
         line = record(run, run_dir, wall_s)
@@ -314,6 +315,18 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
     raise SweepError(f'sweep: {len(failed)} runs failed or stopped: {", ".join(failed)}; run '
                      'the sweep again to resume them')
   return read_results(workdir)
+
+
+def _last_line(log: Path) -> str:
+  """The last line a failed run wrote: its error (a config that does not fit the
+  devices, say, which only the run itself can check, as it alone holds them)."""
+  try:
+    with open(log, 'rb') as f:
+      f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+      lines = f.read().decode(errors='replace').strip().splitlines()
+  except OSError:
+    return '(no log)'
+  return lines[-1].strip() if lines else '(an empty log)'
 
 
 def _fmt(loss: float | None) -> str:
