@@ -116,8 +116,21 @@ def test_weights_that_would_overflow_are_named_and_a_run_without_checkpoints_say
   with pytest.raises(NonFiniteError) as error:
     monitor.check(1, [overflow])
   message = str(error.value)
-  assert "the update would have made the weights' norm overflow" in message
+  assert ("the update would have made the weights' norm overflow; largest gradient norms "
+          'head 1.7, embed/embedding 1') in message  # it named no parameter
   assert 'No checkpoint was written yet' in message and message.endswith('and rerun.')
+  assert 'set train.nonfinite=skip' in message
+
+
+def test_a_skip_policy_that_stops_advises_more_skips_not_the_policy_it_has(tmp_path):
+  monitor = NonFiniteMonitor('skip', 1, ['embed/embedding', 'head'], tmp_path)
+  bad = {'nonfinite': 1.0, 'loss': float('nan'), 'grad_norm': 2.0,
+         'layer_grad_norms': [1.0, 1.7], 'layer_param_norms': [3.0, 4.0]}
+  monitor.check(1, [bad])  # skipped
+  with pytest.raises(NonFiniteError, match=r'step 2: .*2 non-finite steps in a row') as error:
+    monitor.check(2, [bad])
+  assert 'or raise train.max_consecutive_skips, and rerun' in str(error.value)
+  assert 'set train.nonfinite=skip' not in str(error.value)  # it is set
 
 
 def test_a_report_whose_statistics_cannot_be_written_still_reports(tmp_path):

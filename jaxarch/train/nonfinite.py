@@ -71,15 +71,15 @@ class NonFiniteMonitor:
       except OSError as e:  # a full disk must not hide the report behind a traceback
         where = f'the parameter statistics could not be written to {path} ({e.strerror or e})'
     bad = [n for n, g in zip(self.names, grads) if not np.isfinite(g)]
+    largest = 'largest gradient norms ' + ', '.join(f'{self.names[i]} {grads[i]:.3g}'
+                                                    for i in np.argsort(-grads)[:3])
     if bad:
       worst = (f'non-finite gradients in {len(bad)} of {len(grads)} parameters, e.g. '
                f'{", ".join(bad[:3])}')
     elif np.isfinite(float(metrics['loss'])) and np.isfinite(float(metrics['grad_norm'])):
-      worst = "the update would have made the weights' norm overflow"
-    else:  # a non-finite loss with finite gradients: the largest ones
-      order = np.argsort(-grads)[:3]
-      worst = 'largest gradient norms ' + ', '.join(f'{self.names[i]} {grads[i]:.3g}'
-                                                     for i in order)
+      worst = f"the update would have made the weights' norm overflow; {largest}"
+    else:  # a non-finite loss with finite gradients
+      worst = largest
     why = (f'{self.consecutive} non-finite steps in a row (train.max_consecutive_skips='
            f'{self.max_consecutive})' if self.policy == 'skip' else 'train.nonfinite=stop')
     if self.checkpointer is not None:
@@ -90,8 +90,10 @@ class NonFiniteMonitor:
     return (f'non-finite training at step {step}: loss {float(metrics["loss"]):.4g}, '
             f'gradient norm {float(metrics["grad_norm"]):.4g}; the update was not applied; '
             f'{worst}. Stopped ({why}); {where}. {saved}: '
-            'lower train.lr, raise train.warmup_steps or train.grad_clip, or set '
-            'train.nonfinite=skip, and rerun' + (' to resume.' if latest else '.'))
+            'lower train.lr, raise train.warmup_steps or train.grad_clip, or '
+            + ('raise train.max_consecutive_skips' if self.policy == 'skip' else
+               'set train.nonfinite=skip')
+            + ', and rerun' + (' to resume.' if latest else '.'))
 
 
 def _json_float(x) -> float | str:
