@@ -1,4 +1,4 @@
-"""UltraMem's two table-sharding designs side by side (DESIGN.md §7.1: measure both).
+"""UltraMem's two table-sharding designs side by side (two known designs: measure both).
 
   python benchmarks/table_split.py [--preset=tiny] [--steps=5] [--train_steps=300] \
       [--meshes=fsdp8,...] [--out=benchmarks/results/table_split.json]

@@ -39,7 +39,7 @@ def _logits(model, tokens, segment_ids=None, positions=None):
 
 
 def _reference_logits(model, x):
-  """DESIGN 7.3 written out on the byte stream x [T] that the positions predict, with the
+  """MEGABYTE's paper written out on the byte stream x [T] that the positions predict, with the
   model's weights and its global and local stacks: the global input of patch k is the
   concatenation of the global embeddings (+ slot) of patch k-1 of x, a pad patch at k = 0;
   the local input at byte p is slice p of the global output projected by w_GL, plus the
@@ -176,7 +176,7 @@ def test_the_paper_init_is_a_normal_cut_at_two_sigma():
                                                      'model.init_truncation=2.0'])
   paper = config_lib.load('configs/megabyte.py:151m')
   assert paper.model.init_truncation == 2.0
-  # Adam (0.9, 0.98) without weight decay, clip 1.0, 500 warm-up steps (DESIGN 7.3).
+  # Adam (0.9, 0.98) without weight decay, clip 1.0, 500 warm-up steps (as the MEGABYTE paper).
   assert (paper.train.b1, paper.train.b2, paper.train.weight_decay) == (0.9, 0.98, 0.0)
   assert (paper.train.grad_clip, paper.train.warmup_steps) == (1.0, 500)
   model = models.build(cfg.model, rngs=nnx.Rngs(0))

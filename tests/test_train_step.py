@@ -208,7 +208,7 @@ def test_parameter_groups_and_frozen_parameters_together():
 @pytest.mark.parametrize('spec', ['configs/ultramem.py:tiny', 'configs/ultramem.py:680m',
                                   'configs/megabyte.py:tiny_ultramem'])
 def test_shipped_presets_configure_every_parameter_group_of_their_model(spec):
-  """UltraMem's values learn T=4 times faster at first (DESIGN §7.1); a preset whose model
+  """UltraMem's values learn T=4 times faster at first (its paper); a preset whose model
   has them but not `train.groups.values` trains them at 1x, silently."""
   from jaxarch import models  # pylint: disable=g-import-not-at-top
   cfg = config_lib.load(spec)

@@ -343,7 +343,7 @@ def test_train_steps_with_pallas_lookup_equal_the_xla_lookup(scatter):
 
 @pytest.mark.slow  # 40 s; the layer on a 2x2x2 mesh is checked by default
 def test_train_steps_with_the_table_split_by_width_equal_split_by_rows():
-  """DESIGN §7.1's two sharding designs train the same model: same losses and params."""
+  """UltraMem's two table-sharding designs train the same model: same losses and params."""
   want_losses, want_params = ultramem_steps('xla', n=2)
   got_losses, got_params = ultramem_steps('xla', n=2, table_split='width')
   np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)

@@ -3,7 +3,7 @@
   jaxarch sweep --config=configs/sweeps/ultramem_aux.py:tiny --workdir=runs/aux-tiny
   python benchmarks/ultramem_aux.py --workdir=runs/aux-tiny   # the table: loss, tucker_aux
 
-The loss (DESIGN §7.1) is the mean of relu(σ_i − τ)² over the non-leading singular values
+The paper's loss is the mean of relu(σ_i − τ)² over the non-leading singular values
 σ_2..σ_r of the summed Tucker cores ΣC_i (τ = 0.15): it pulls ΣC_i towards rank one, the
 approximation by which rows and columns are chosen before the exact scores. The authors'
 release defines a weight of 0.001 and keeps it off; `model.ultramem.aux_loss_weight` is the

@@ -1,6 +1,6 @@
 """`sparse_lookup` on a table sharded over the mesh axes of the logical axis `values`.
 
-Two designs (DESIGN.md §7.1), both under `shard_map` inside `parallel.context.
+Two known designs, both under `shard_map` inside `parallel.context.
 logical_mesh`, tokens split over the `batch` axes. Value axes that also split the batch
 (`fsdp` under the default rules) are *shared*; those that do not (`tensor`) are *rest*;
 batch axes that do not split the table (`data`) are *others*.

@@ -1,4 +1,4 @@
-"""Token-choice mixture of experts (DESIGN §7.2): router, SwiGLU experts, two execution paths.
+"""Token-choice mixture of experts: router, SwiGLU experts, two execution paths.
 
 **Router** (fp32): logits `td,de->te`, gates by softmax or sigmoid, the top-k experts per
 token chosen by `gates + bias` (the bias is DeepSeek-V3's auxiliary-loss-free balancing:

@@ -1,7 +1,7 @@
 """UltraMem memory layer (Huang et al., "Ultra-Sparse Memory Network", arXiv 2411.12364).
 
 A product-key memory: a table of `N = n²` values of which each token reads `top_k`, so
-parameters grow without growing compute. Per token and head (DESIGN.md §7.1):
+parameters grow without growing compute. Per token and head (UltraMem, arXiv 2411.12364):
 
 1. query `W_q x -> [2, d_k]` (row half, column half), each LayerNormed (gain d_k^-0.33);
    `heads_per_query` adjacent heads may share one (2: pairs, an option of the release);
@@ -24,7 +24,7 @@ Choices where the paper leaves room, stated once here:
 - `top_m` (rows / columns kept per side) defaults to `top_k`, as the authors' release:
   the `k × k` candidate grid holds k times more candidates than needed.
 - Rows and columns are ranked by `|R·u|` and `|Cl·v|` (`rank_by_magnitude=True`), not by
-  `R·u` as DESIGN §7.1 reads: with LayerNormed queries and keys the side scores are
+  `R·u` as the paper reads: with LayerNormed queries and keys the side scores are
   symmetric around 0, and a large score is as often (−)·(−) as (+)·(+); ranking by the
   signed value never searches the (−, −) quadrant. Measured recall of the true top-16 of
   64K virtual values at init (tests/test_ultramem.py): 0.98 by magnitude, 0.49 signed.

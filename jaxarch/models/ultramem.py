@@ -3,7 +3,7 @@
 `model.family = 'ultramem'` builds the same `Transformer` as a dense model; what makes it
 UltraMem is the `model.ultramem` section, whose `placement` puts one memory layer per
 pair: it reads the normalised FFN input of block `read` (what that block's FFN reads,
-DESIGN.md §7.1) and adds its output to the residual stream after block `write`.
+arXiv 2411.12364) and adds its output to the residual stream after block `write`.
 """
 
 import ml_collections
