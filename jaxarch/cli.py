@@ -39,7 +39,8 @@ def _config(args, overrides):
     saved = Path(args.workdir) / 'config.json'
     if not saved.exists():
       raise config_lib.ConfigError(
-          f'config error: --config is required (no {saved} from an earlier run)')
+          f'config error: no --config, and {args.workdir} holds no run to take it from '
+          f'(no {saved}): pass --config, or the --workdir of a training run')
     cfg = config_lib.load_json(saved, overrides)
   if args.data_dir:
     with cfg.unlocked():

@@ -302,6 +302,17 @@ def test_counts_below_one_and_overrides_fit_does_not_take_are_one_line(tmp_path,
   assert code == 2 and err.endswith('drop --config.train.steps')
 
 
+@pytest.mark.parametrize('command', [['eval'], ['train'], ['fit']])
+def test_a_workdir_that_holds_no_run_is_one_line_saying_what_to_pass(tmp_path, capsys, command):
+  code, err = _run_cli([*command, f'--workdir={tmp_path}'], capsys)
+  assert code == 2 and '\n' not in err
+  if command == ['fit']:
+    assert err.endswith(f'run `jaxarch sweep --config=SWEEP_FILE.py[:ARG] --workdir={tmp_path}` '
+                        'first')
+  else:  # eval said "--config is required", which evaluates no trained run
+    assert err.endswith('pass --config, or the --workdir of a training run')
+
+
 def test_full_disk_is_found_before_training(tmp_path, data_dir, capsys, monkeypatch):
   usage = collections.namedtuple('usage', 'total used free')
   monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage(10**9, 10**9, 1000))

@@ -295,7 +295,7 @@ def write_report(workdir: str | Path, out: str | Path | None = None, *,
                            f'can be fitted with --params={params} (see the warnings above)')
   if not records:
     raise FileNotFoundError(f'no runs in {workdir / "results.jsonl"}; run `jaxarch sweep '
-                            f'--workdir={workdir}` first')
+                            f'--config=SWEEP_FILE.py[:ARG] --workdir={workdir}` first')
   out.mkdir(parents=True, exist_ok=True)
   fits = fit_families(records, params=params, bootstrap=bootstrap)
   _plot_loss_vs_compute(fits, out / 'loss_vs_compute.png')
