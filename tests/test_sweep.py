@@ -76,6 +76,19 @@ def test_isoflop_profiles_find_the_known_optimum():
   assert iso['params_exponent'] + iso['tokens_exponent'] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_a_profile_whose_runs_bracket_the_optimum_is_not_called_a_bound():
+  """The best run has a worse one on each side, yet the parabola through all five sizes
+  put its vertex below the smallest: the report said the smallest size was best."""
+  sizes = [1.56e8, 3.12e8, 6.24e8, 1.25e9, 2.50e9]
+  losses = [2.133, 2.125, 2.284, 2.481, 2.701]  # a noisy Chinchilla profile
+  vertex = isoflop_minimum(sizes, losses)
+  assert vertex['inside'] and vertex['side'] is None
+  assert 1.56e8 < vertex['params'] < 6.24e8 and vertex['loss'] <= 2.125
+  c2, c1, c0 = vertex['coefficients']  # the parabola through the best size and its two
+  for n, loss in zip(sizes[:3], losses[:3]):  # neighbours, which the plot draws
+    assert c2 * math.log(n) ** 2 + c1 * math.log(n) + c0 == pytest.approx(loss)
+
+
 def test_fits_refuse_too_few_or_concave_runs():
   with pytest.raises(FitError, match='at least 5 runs'):
     fit_scaling_law([dict(params=1e6, tokens=1e9, loss=3.0)] * 4)

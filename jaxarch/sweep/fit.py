@@ -150,7 +150,9 @@ def isoflop_minimum(params, losses) -> dict:
   `side` is None when the vertex lies inside the sizes run and the best run has a worse
   one on each side (bracketed), else 'below' or 'above' them: the side the optimum lies
   on, and `bound` the size it lies below or above (the smallest or largest size, or the
-  next one in when only the best run is at an end).
+  next one in when only the best run is at an end). Where the best run has a worse one on
+  each side but the parabola through all sizes puts its vertex outside them, the vertex
+  is that of the parabola through the best size and its two neighbours.
   A profile that falls or rises all the way (e.g. the smallest model best at every size)
   bounds the optimum: its best size is returned with `inside` False and the side the
   optimum lies on. One with a maximum in the middle has no minimum (FitError).
@@ -168,8 +170,21 @@ def isoflop_minimum(params, losses) -> dict:
   x, y = x[order], y[order]
   sizes = np.unique(x)  # a size may be run twice (two seeds, or equal active params)
   c2, c1, c0 = np.polyfit(x, y, 2)
-  coefficients = [float(c2), float(c1), float(c0)]
   x_opt = -c1 / (2 * c2) if c2 > 0 else None
+  best = int(np.argmin(y))
+  i = int(np.searchsorted(sizes, x[best]))
+  if 0 < i < len(sizes) - 1 and (x_opt is None or not x[0] <= x_opt <= x[-1]):
+    # The runs bracket the optimum (the best one has a worse one on each side) where the
+    # parabola through all of them does not (a profile far from a parabola over a wide
+    # range): the vertex of the parabola through the best size and its neighbours, which
+    # lies between them.
+    near = (x >= sizes[i - 1]) & (x <= sizes[i + 1])
+    c2, c1, c0 = np.polyfit(x[near], y[near], 2)
+    if c2 <= 0:  # repeated runs at a size can make even these three concave
+      raise FitError('fit: the IsoFLOP profile has no minimum around its best run (loss is '
+                     'not convex in log N there); widen the size range around the optimum')
+    x_opt = -c1 / (2 * c2)
+  coefficients = [float(c2), float(c1), float(c0)]
   span = x[-1] - x[0]
   # No curvature, or too little to place a vertex within one span of the sizes run (a
   # profile linear in log N up to rounding would put it at exp(±1e15)).
@@ -182,7 +197,6 @@ def isoflop_minimum(params, losses) -> dict:
     return dict(params=float(math.exp(x[edge])), loss=float(y[edge]),
                 coefficients=coefficients, inside=False,
                 side='below' if edge == 0 else 'above', bound=float(math.exp(x[edge])))
-  best = int(np.argmin(y))
   if x_opt < x[0] or x_opt > x[-1]:
     side, bound = ('below', x[0]) if x_opt < x[0] else ('above', x[-1])
   elif x[best] in (sizes[0], sizes[-1]):
