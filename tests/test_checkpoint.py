@@ -229,6 +229,39 @@ def test_data_positions_of_another_process_count_leave_the_iterator_and_restore_
   assert 'process_0-of-2.json' in caplog.text and 'start afresh' in caplog.text
 
 
+def test_a_damaged_checkpoint_does_not_leave_its_data_position_for_the_previous_one(
+    tmp_path, data_dir, caplog):
+  # Checkpoint 2's position is set on the iterator before its arrays fail their checksum;
+  # checkpoint 1's position does not apply (saved by another process count, or under
+  # another layout): the state of step 1 must go with data that start afresh, not with
+  # the data after step 2's position.
+  cfg = mesh_config(tiny_config(data_dir), data=8)
+  setup, _ = _setup(cfg)
+  state = init_state(cfg, setup)
+  fresh = lambda: iter(data.make_train_dataset(cfg.data, seed=0, global_batch_size=8))
+  it = fresh()
+  first_batch = next(it)
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  ckpt.save(1, state, it)
+  for _ in range(3):
+    next(it)
+  ckpt.save(2, state, it)
+  ckpt.close()
+  it.close()
+  one = tmp_path / 'checkpoints' / '1' / 'data' / 'process_0-of-1.json'
+  one.rename(one.with_name('process_0-of-2.json'))  # saved by 2 processes
+  checksums = tmp_path / 'checkpoints' / '2' / 'checksums' / 'metadata'
+  saved = json.loads(checksums.read_text())
+  checksums.write_text(json.dumps(jax.tree.map(lambda x: x + 1, saved)))  # a bit flipped
+  it = fresh()
+  try:
+    restored, at = Checkpointer(tmp_path).restore(setup.abstract_state, it, move_aside=True)
+    assert at == 1 and 'unreadable' in caplog.text and 'start afresh' in caplog.text
+    assert (next(it)['inputs'] == first_batch['inputs']).all()
+  finally:
+    it.close()
+
+
 @pytest.mark.parametrize('damage', ['garbled array bytes', 'data position lost',
                                     'data item lost', 'checksums lost'])
 def test_a_damaged_latest_checkpoint_is_detected_and_the_previous_one_used(
