@@ -193,12 +193,17 @@ def test_a_restore_that_fails_for_want_of_memory_or_a_readable_disk_keeps_the_ch
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['1', '2']
 
 
-def test_data_positions_of_another_process_count_leave_the_iterator_and_restore_the_state(
-    tmp_path, data_dir, caplog):
+def _state_and_data(data_dir):
+  """(setup, state, a function making a fresh training-data iterator) of `tiny` on data=8."""
   cfg = mesh_config(tiny_config(data_dir), data=8)
   setup, _ = _setup(cfg)
-  state = init_state(cfg, setup)
   fresh = lambda: iter(data.make_train_dataset(cfg.data, seed=0, global_batch_size=8))
+  return setup, init_state(cfg, setup), fresh
+
+
+def test_data_positions_of_another_process_count_leave_the_iterator_and_restore_the_state(
+    tmp_path, data_dir, caplog):
+  setup, state, fresh = _state_and_data(data_dir)
   first, saved = fresh(), fresh()
   first_batch = next(first)
   next(saved)
@@ -235,10 +240,7 @@ def test_a_damaged_checkpoint_does_not_leave_its_data_position_for_the_previous_
   # checkpoint 1's position does not apply (saved by another process count, or under
   # another layout): the state of step 1 must go with data that start afresh, not with
   # the data after step 2's position.
-  cfg = mesh_config(tiny_config(data_dir), data=8)
-  setup, _ = _setup(cfg)
-  state = init_state(cfg, setup)
-  fresh = lambda: iter(data.make_train_dataset(cfg.data, seed=0, global_batch_size=8))
+  setup, state, fresh = _state_and_data(data_dir)
   it = fresh()
   first_batch = next(it)
   ckpt = Checkpointer(tmp_path, async_save=False)
