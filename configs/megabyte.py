@@ -69,7 +69,7 @@ def get_config(arg=None):
   c = config_lib.load(f'{Path(__file__).with_name("dense.py")}:{dense}')
   c.unlock()
   c.model.family = 'megabyte'
-  c.model.tie_embeddings = True  # the head is the local byte embedding's (the paper's)
+  c.model.tie_embeddings = True  # the head is the local byte embedding's, as in the paper
   for key in ('d_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff'):
     c.model[key] = p[key]
   seq_len = p.get('seq_len', c.data.seq_len)
@@ -88,7 +88,7 @@ def get_config(arg=None):
     c.model.init_truncation = 2.0
     c.model.residual_init_scale = False  # one std for every weight, as in the paper
     c.train.b2 = 0.98
-    c.train.weight_decay = 0.0  # Adam, as the paper trains (the paper's), not AdamW
+    c.train.weight_decay = 0.0  # Adam, as the paper trains, not AdamW
     c.train.warmup_steps = 500
 
   if arg == 'tiny_ultramem':  # the global model with UltraMem memory layers

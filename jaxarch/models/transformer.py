@@ -6,9 +6,9 @@ registry; a new family registers its block here without touching the model or tr
 
 Side layers (UltraMem memory layers) are placed by `(read, write)` pairs of block
 indices in `model.<kind>.placement`: the layer reads the normalised FFN input of block
-`read` (the residual stream after its attention, through its FFN's norm; UltraMem, arXiv 2411.12364)
-and its output is added to the residual stream after block `write` (>= read), so its
-lookup can overlap with the blocks in between. Kinds live in the `SIDE_LAYERS`
+`read` (the residual stream after its attention, through its FFN's norm; UltraMem, arXiv
+2411.12364) and its output is added to the residual stream after block `write` (>= read),
+so its lookup can overlap with the blocks in between. Kinds live in the `SIDE_LAYERS`
 registry. Layers report aux losses and metrics through `jaxarch.layers.signals`.
 """
 

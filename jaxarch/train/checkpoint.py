@@ -202,13 +202,13 @@ class Checkpointer:
     wanted = _shapes(abstract_state)
     _quiet_closed_loop_reports()  # before a read can fail
     steps = sorted(self.manager.all_steps(), reverse=True)
+    if step is not None and step not in steps:
+      raise CheckpointError(f'no checkpoint of step {step} in {self.directory}; its steps: '
+                            f'{", ".join(map(str, sorted(steps))) or "none"}')
     # A checkpoint that fails after its data position was set (a checksum, another
     # process) must not leave that position for an earlier checkpoint whose own does not
     # apply (another layout or process count): each attempt starts where the iterator was.
     start = data_iterator.get_state() if data_iterator is not None else None
-    if step is not None and step not in steps:
-      raise CheckpointError(f'no checkpoint of step {step} in {self.directory}; its steps: '
-                            f'{", ".join(map(str, sorted(steps))) or "none"}')
     for s in [step] if step is not None else steps:
       where = self.directory / str(s)
       if start is not None:

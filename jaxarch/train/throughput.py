@@ -14,11 +14,11 @@ FLOPs: above 1 by rematerialisation, elementwise work and any expansion (e.g.
 `ragged_dot` computing every expert). It counts a loop's body once: with
 `train.grad_accum_steps=A` its figure is taken A times, as the microbatch loop runs
 (the update after the loop, a few FLOPs per parameter, then counts A times too).
-Collective bytes count each collective as often as it runs, in a loop too. The analysis does not see inside kernels that XLA
-calls opaquely (Pallas' Triton or Mosaic kernels, cuDNN attention): `opaque_kernels`
-counts them, and where there are some the ratio leaves their FLOPs out. With
-`profile_dir`, a `jax.profiler` trace of `profile_steps` more steps is written there
-(open it with TensorBoard's profile plugin or Perfetto) and digested by
+Collective bytes count each collective as often as it runs, in a loop too. The analysis
+does not see inside kernels that XLA calls opaquely (Pallas' Triton or Mosaic kernels,
+cuDNN attention): `opaque_kernels` counts them, and where there are some the ratio
+leaves their FLOPs out. With `profile_dir`, a `jax.profiler` trace of `profile_steps`
+more steps is written there (open it with TensorBoard's profile plugin or Perfetto) and digested by
 `jaxarch.train.profile`: the device time per step by kind of instruction (matmul,
 attention, collective, ...).
 """
