@@ -32,6 +32,7 @@ as `kernels_failed`, so one kernel fault does not cost the family's MFU row.
 """
 
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -51,11 +52,10 @@ from jaxarch.train.throughput import measure
 
 SCALES = {
     # The cases not yet measured on a GPU first: a run cut off by its time limit keeps
-    # the cases it finished (the dense 151m and 680m rows are in docs/performance.md).
-    'gpu': dict(cases='moe:680m:16:dots:model.moe.num_experts=16,'
-                      'ultramem:680m:16:dots:model.ultramem.num_values=262144,'
-                      'dense:1.6b:16:dots,megabyte:151m:8:none,dense:680m:32:dots,'
-                      'dense:151m:32:none',
+    # the cases it finished (the others' rows are in docs/performance.md).
+    'gpu': dict(cases='ultramem:680m:16:dots:model.ultramem.num_values=262144,'
+                      'megabyte:151m:8:none,moe:680m:16:dots:model.moe.num_experts=16,'
+                      'dense:1.6b:16:dots,dense:680m:32:dots,dense:151m:32:none',
                 steps=10),
     'cpu': dict(cases='dense:tiny:16:none,moe:tiny:16:none,ultramem:tiny:16:none,'
                       'megabyte:tiny:16:none', steps=5),
@@ -130,6 +130,15 @@ def moe_kernel_overrides(path: str) -> list[str]:
   return overrides
 
 
+def device_time(digest: dict | None) -> str:
+  """The profile's three largest kinds, and how much of the step it names if too little."""
+  if digest is None:
+    return '–'
+  named = digest.get('of_step', 1.0)
+  return profile.kind_shares(digest, top=3) + (
+      f' (of {100 * named:.0f}% of the step)' if named < profile.LEAST_NAMED else '')
+
+
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   parser, defaults = scaled_parser(__doc__, SCALES)
@@ -159,6 +168,7 @@ def main(argv=None):
   size, dtype = CEILING['gpu' if on_accelerator() else 'cpu']
   ceiling = matmul_ceiling(size, dtype)
   info = {'device_kind': device.device_kind, 'host': platform.node(), 'jax': jax.__version__,
+          'xla_flags': os.environ.get('XLA_FLAGS', ''),
           'matmul_ceiling': {'size': size, 'dtype': dtype, 'tflops': ceiling / 1e12}}
   results = []
   for case in args.cases.split(','):
@@ -181,10 +191,10 @@ def main(argv=None):
                  '–' if r['mfu'] is None else f'{100 * r["mfu"]:.1f}%',
                  f'{100 * r["of_matmul_ceiling"]:.1f}%',
                  '–' if ratio is None else f'{ratio:.2f}{opaque}',
-                 profile.kind_shares(r['profile'], top=3) if 'profile' in r else '–'])
+                 device_time(r.get('profile'))])
   emit(f'train-step MFU on {jax.device_count()} × {device.device_kind} (a {size}³ {dtype} '
        f'matmul runs at {ceiling / 1e12:,.1f} TFLOP/s here; *: XLA\'s count leaves out '
-       'its Pallas and cuDNN attention kernels)',
+       'the kernels it calls: cuBLAS, cuDNN, Pallas)',
        ('case', 'params active / total', 'step', 'tokens/s', 'TFLOP/s/device', 'MFU',
         'of matmul', 'XLA / model FLOPs', 'device time'), rows, {**info, 'results': results},
        args.out)

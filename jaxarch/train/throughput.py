@@ -16,8 +16,8 @@ FLOPs: above 1 by rematerialisation, elementwise work and any expansion (e.g.
 (the update after the loop, a few FLOPs per parameter, then counts A times too).
 Collective bytes count each collective as often as it runs, in a loop too. The analysis
 does not see inside kernels that XLA calls opaquely (Pallas' Triton or Mosaic kernels,
-cuDNN attention): `opaque_kernels` counts them, and where there are some the ratio
-leaves their FLOPs out. With `profile_dir`, a `jax.profiler` trace of `profile_steps`
+cuDNN attention, and on a GPU cuBLAS's matmuls too): `opaque_kernels` counts them, and
+where there are some the ratio leaves their FLOPs out. With `profile_dir`, a `jax.profiler` trace of `profile_steps`
 more steps is written there (open it with TensorBoard's profile plugin or Perfetto) and digested by
 `jaxarch.train.profile`: the device time per step by kind of instruction (matmul,
 attention, collective, ...).
@@ -79,6 +79,8 @@ def measure(cfg: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
       result['profile'] = profile.digest(profile_dir, hlo, profile_steps)
     except Exception as e:  # pylint: disable=broad-except
       result['profile_error'] = f'{type(e).__name__}: {e}'
+  if 'profile' in result:  # the share of the step that the trace names instructions for
+    result['profile']['of_step'] = result['profile']['busy_s'] / step_s
   tokens = cfg.train.batch_size * cfg.data.seq_len
   per_token = flops.train_flops_per_token(cfg.model, setup.param_counts, cfg.data.seq_len)
   device = jax.devices()[0]
