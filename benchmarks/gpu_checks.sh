@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
 # The GPU measurements that CPU-only sessions owe, in priority order, as two device calls:
 #
-#   ../shared/tools/device-wheels.sh flatbuffers         # here, once: wheels the device lacks
-#   pip download --no-deps -d .device-wheels/fallback flax==0.12.12  # see below
+#   ../shared/tools/device-wheels.sh flatbuffers portpicker   # here, once: wheels the device
+#   pip wheel --no-deps -w .device-wheels promise              # lacks (grain and tfds need
+#   pip download --no-deps -d .device-wheels/fallback flax==0.12.12  # the last two; see below)
 #   device run, carry [".device-wheels"], timeout_s 330:  bash benchmarks/gpu_checks.sh 1
 #   device run, at once (warm), same carry and limit:     bash benchmarks/gpu_checks.sh 2
 #
-# A session's 15 minutes of device time hold the machine's start and two such calls, so a
-# first call that fails (an install, an import) can be fixed and run again instead of the
-# second. Part 1 is the MoE grouped-matmul kernels against ragged_dot (correctness and
-# speed: dropless MoE runs them on GPU; the MoE MFU case runs with their fastest tiling,
-# or with ragged_dot if they failed or differ from it), then MFU per family with each
-# case's profile digested (where the device time goes; the traces stay on the device, in
-# /tmp). Part 2 is decode, the lookup kernels, the MoE layers and MEGABYTE. `all` runs
-# both in one call (480 s). Each benchmark gets its share of the part's SECONDS and writes
-# its JSON (with the device name) to $OUT, which the device tool brings back; a benchmark
-# that runs out of time is cut off and the next one starts, so one slow case never costs
-# the others (each writes its JSON after every case).
+# The script installs the wheels itself, with `python3 -m pip` (the image's `pip` belongs to
+# another Python), and stops at once if jaxarch does not import. A session's 15 minutes of
+# device time hold the machine's start and two such calls, so a first call that fails can
+# be fixed and run again instead of the second.
+#
+# What was measured on an H200 on 2026-12-04 (docs/performance.md) is not run again: dense
+# 1.6b and MoE 680m MFU, the grouped-matmul kernels and the lookup kernels, decode at batch
+# 1, the MoE layers. Part 1 is MFU of the cases not yet measured (UltraMem 680m, MEGABYTE
+# 151m first; see benchmarks/mfu.py), profiled with XLA's command buffers (CUDA graphs)
+# off, since the trace does not attribute their kernels to instructions; MoE runs with the
+# fastest kernel tiling recorded on the H200. Part 2 is decode at batch 64 (MoE against
+# UltraMem where the weights read differ), MEGABYTE, and the grouped-matmul tilings again.
+# Each benchmark gets its share of the part's SECONDS and writes its JSON (with the device
+# name) to $OUT, which the device tool brings back; a benchmark that runs out of time is cut
+# off and the next one starts, so one slow case never costs the others (each writes its
+# JSON after every case). Compiles are long: 38 s for the dense 1.6b step, 66 s for MoE.
 #
 # The device tool brings back at most 8 files from $OUT, so there the JSON and logs are
 # written to a folder in /tmp and packed into `$OUT/gpu_checks.tgz` after every benchmark
@@ -56,6 +62,11 @@ if ! python3 -c 'import jaxarch.models' 2> /dev/null \
     && compgen -G '.device-wheels/fallback/*.whl' > /dev/null; then
   python3 -m pip install -q --no-deps .device-wheels/fallback/*.whl
 fi
+if ! python3 -c 'import jaxarch.train' 2> "$out/import.log"; then  # not worth a share each
+  summary "jaxarch does not import: $(tail -n 1 "$out/import.log")"
+  pack
+  exit 1
+fi
 summary "device: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader)"
 summary "$(python3 -c 'import sys, jax, flax, orbax.checkpoint as ocp
 print("python", sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__,
@@ -79,14 +90,15 @@ run() {  # PART NAME SHARE COMMAND...
   pack
 }
 
-run 1 grouped_matmul 12 python3 benchmarks/moe.py --tables=matmul  # MoE kernels vs ragged_dot
-run 1 mfu 40 python3 benchmarks/mfu.py --steps=10 --profile --profile_dir=/tmp/jaxarch_traces \
-    --moe_kernels_from="$out/grouped_matmul.json"       # MoE: the fastest tiling, or ragged_dot
+# MFU with the graphs off (recorded as `xla_flags` in its JSON): a step of 0.3 s barely
+# depends on launch overhead, and the profile can then name the instructions.
+XLA_FLAGS="--xla_gpu_enable_command_buffer= ${XLA_FLAGS:-}" \
+  run 1 mfu 52 python3 benchmarks/mfu.py --steps=5 --profile --profile_dir=/tmp/jaxarch_traces \
+    --moe_kernels_from=benchmarks/records/grouped_matmul_h200.json
 # The rest at the sizes that fit their shares (each saves after every case); their full
 # grids, MEGABYTE's equal-compute quality run and BiTA's whole recipe (a trained 151m base,
 # distillation, BiTA training: `python benchmarks/bita.py --workdir=DIR`, resumable by
 # stage) need calls of their own.
-run 2 decode 15 python3 benchmarks/decode.py --batches=1,64 --prompts=2048  # best of 2
-run 2 sparse_lookup 12 python3 benchmarks/sparse_lookup.py      # Pallas lookup vs XLA
-run 2 moe 9 python3 benchmarks/moe.py --tables=layers           # dropless vs capacity vs dense
-run 2 megabyte 12 python3 benchmarks/megabyte.py --seq_lens=8192 --gen_batches=1 --bpb_steps=0
+run 2 decode 20 python3 benchmarks/decode.py --batches=64 --prompts=2048 --repeats=1
+run 2 megabyte 16 python3 benchmarks/megabyte.py --seq_lens=8192 --gen_batches=1 --bpb_steps=0
+run 2 grouped_matmul 12 python3 benchmarks/moe.py --tables=matmul  # kernels vs ragged_dot
