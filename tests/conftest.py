@@ -1,6 +1,8 @@
 """Shared fixtures. 8 fake CPU devices, so that sharding and mesh changes are exercised."""
 
 import os
+import shutil
+import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
@@ -11,6 +13,32 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from jaxarch import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+# Many tests compile the same small programs (a tiny train step, a decode step): one
+# compilation cache shared by the run's workers and the trainers they start compiles each
+# once, which saves about a fifth of the suite's time on 2 cores. One folder per run,
+# made by the first process (the controller, under xdist) and removed at its end, so no
+# run reads another's executables.
+_CACHE_SETTINGS = {'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0.1',
+                   'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+_OWN_CACHE = pytest.StashKey[str]()
+
+
+def pytest_configure(config):
+  if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='jaxarch-tests-jit-')
+    os.environ.update(_CACHE_SETTINGS)
+    config.stash[_OWN_CACHE] = os.environ['JAX_COMPILATION_CACHE_DIR']
+  jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+  for name, value in _CACHE_SETTINGS.items():  # jax read the variables when imported
+    kind = type(getattr(jax.config, name.lower()))  # float seconds, int bytes
+    jax.config.update(name.lower(), kind(os.environ.get(name, value)))
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE in config.stash:
+    shutil.rmtree(config.stash[_OWN_CACHE], ignore_errors=True)
 
 
 @pytest.fixture(scope='session')

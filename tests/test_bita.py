@@ -51,6 +51,7 @@ def test_bita_decoding_with_untrained_prompts_equals_greedy(family):
   assert stats['accepted_per_pass'] >= 1
 
 
+@pytest.mark.slow
 def test_bita_decoding_equals_greedy_under_a_moe_capacity_factor():
   """A tree pass must not drop candidates that greedy decoding, one token per sequence,
   keeps (found with a tight factor and strong experts: 2 of 4 rows differed)."""
@@ -98,7 +99,7 @@ class OracleBita(Bita):
 
 
 @pytest.mark.parametrize('family, levels_right',
-                         [('dense', 3), ('dense', 1), ('moe', 3),
+                         [('dense', 3), ('dense', 1), pytest.param('moe', 3, marks=pytest.mark.slow),
                           pytest.param('ultramem', 1, marks=pytest.mark.slow)])
 def test_accepted_tokens_per_pass_on_a_hand_made_oracle(family, levels_right):
   # The prefill produces 1 token and drafts after it; each tree pass, the first too,
@@ -353,7 +354,8 @@ def test_bita_config_takes_the_base_runs_model_and_overrides_its_keys(tmp_path):
 
 
 @pytest.mark.parametrize('train_groups,most', [  # the tiny preset's; one group per token
-    (1, 1.15), (32, 1.2), pytest.param(0, 1.25, marks=pytest.mark.slow)])
+    (1, 1.15), pytest.param(32, 1.2, marks=pytest.mark.slow),
+    pytest.param(0, 1.25, marks=pytest.mark.slow)])
 def test_bita_model_flops_are_at_most_what_its_step_executes(tmp_path, train_groups, most):
   # XLA counts more FLOPs than the useful ones, never fewer: each mask token attends to
   # its anchor's whole row, and the model does not count the slots hidden by the masks.
@@ -373,6 +375,7 @@ def test_bita_model_flops_are_at_most_what_its_step_executes(tmp_path, train_gro
   assert 1 <= executed / model <= most, executed / model
 
 
+@pytest.mark.slow
 def test_a_base_key_override_that_changes_shapes_is_named(tmp_path):
   # It said only 'different params names or shapes', not which array or why.
   base_cfg = config_lib.load(FAMILIES['dense'][0])

@@ -111,7 +111,7 @@ def test_stablehlo_generates_the_tokens_of_jaxarch_generate(tmp_path, family):
 
 
 @pytest.mark.parametrize('family', ['dense', pytest.param('moe', marks=pytest.mark.slow),
-                                    'ultramem'])
+                                    pytest.param('ultramem', marks=pytest.mark.slow)])
 def test_stablehlo_exports_from_a_gpu_for_it_and_for_other_platforms(
     tmp_path, monkeypatch, family, traced_as_on_gpu):
   # On a GPU, `auto` traces cuDNN attention (bf16) and the Triton lookups and matmuls:
@@ -179,10 +179,8 @@ def _workdir(tmp_path, family):
   return tmp_path / 'run'
 
 
-@pytest.mark.parametrize('fmt', [
-    'safetensors',
-    # The StableHLO export itself (prefill and decode) is tested through the API above.
-    pytest.param('stablehlo', marks=pytest.mark.slow)])
+@pytest.mark.slow  # the command; the formats themselves are tested through the API above
+@pytest.mark.parametrize('fmt', ['safetensors', 'stablehlo'])
 def test_export_command_writes_the_run_s_latest_checkpoint(tmp_path, capsys, fmt):
   workdir = _workdir(tmp_path, 'ultramem')
   _, trained = load_model(workdir)

@@ -58,10 +58,10 @@ def test_cached_decoding_gives_the_full_forward_logits_at_every_position(family)
                                err_msg=f'positions {positions}')
 
 
-# MEGABYTE's caches are checked against the full forward by default (above); sharded, slow.
+# Every family's caches are checked against the full forward by default (above); sharded,
+# the dense model by default and the others in the slow run.
 @pytest.mark.parametrize('family', [
-    *(f for f in sorted(FAMILIES) if f != 'megabyte'),
-    pytest.param('megabyte', marks=pytest.mark.slow)])
+    *(f if f == 'dense' else pytest.param(f, marks=pytest.mark.slow) for f in sorted(FAMILIES))])
 def test_sharded_greedy_generation_equals_uncached_greedy_alone_or_in_a_batch(family):
   cfg = family_config(family, **MESHES[family])
   model = with_random_query_convs(models.build(cfg.model, rngs=nnx.Rngs(0)))

@@ -108,7 +108,8 @@ def test_packed_documents_see_only_themselves(model):
 
 
 @pytest.mark.parametrize('preset, mesh', [
-    ('tiny_ultramem', dict(data=2, fsdp=2, tensor=2)),  # the value table over fsdp x tensor
+    pytest.param('tiny_ultramem', dict(data=2, fsdp=2, tensor=2),  # the table over fsdp x tensor
+                 marks=pytest.mark.slow),
     ('tiny_moe', dict(data=2, expert=2, tensor=2)),  # the global model's experts over expert
 ])
 def test_sharded_over_8_devices_equals_one_device(preset, mesh):

@@ -33,7 +33,7 @@ def _allocated_bytes_on_device_0(tree) -> int:
 
 @pytest.mark.parametrize('spec, mesh', [
     pytest.param('configs/dense.py:tiny', dict(fsdp=8), marks=pytest.mark.slow),
-    ('configs/moe.py:tiny', dict(fsdp=4, expert=2)),
+    pytest.param('configs/moe.py:tiny', dict(fsdp=4, expert=2), marks=pytest.mark.slow),
     ('configs/ultramem.py:tiny', dict(fsdp=2, tensor=4)),
 ])
 def test_state_bytes_per_device_are_what_each_device_holds(spec, mesh):
@@ -76,6 +76,7 @@ def test_plan_compiles_the_sharded_step_without_allocating_it():
   assert not memory.plan(cfg, compile_step=False, device_memory=state['total'] - 1)['fits']
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_shrinks_the_step_s_temporaries():
   temp = {}
   for accum in (1, 4):

@@ -132,6 +132,7 @@ def test_collective_bytes_count_a_loop_body_as_often_as_it_runs():
                                                 'all-gather': (128 + 16) * 4}
 
 
+@pytest.mark.slow
 def test_digest_of_a_sharded_step_names_its_collectives(tmp_path):
   cfg = mesh_config(tiny_config(), data=1, fsdp=8)
   setup = make_setup(cfg, make_mesh(cfg))
