@@ -32,6 +32,7 @@ import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 import ultramem_aux  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_writes_its_record(tmp_path):
   out = tmp_path / 'train_step.json'
   train_step.main(['--config=configs/dense.py:tiny', '--steps=2', '--warmup=1',
@@ -43,6 +44,7 @@ def test_train_step_benchmark_writes_its_record(tmp_path):
   assert record['opaque_kernels'] == {}  # XLA:CPU runs no kernel it cannot count
 
 
+@pytest.mark.slow
 def test_train_step_counts_each_microbatch_of_gradient_accumulation():
   """XLA's cost analysis counts a loop's body once: with the batch in two microbatches it
   gave half the FLOPs per model FLOP (0.55x against 1.09x), and the data-parallel
@@ -193,6 +195,7 @@ def test_mfu_benchmark_refuses_a_bad_case_before_measuring_any(cases, tmp_path, 
   assert f'--cases: {cases.split(",")[-1]}: ' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sparse_lookup_benchmark_times_the_xla_path_on_cpu(tmp_path, monkeypatch):
   monkeypatch.setitem(sparse_lookup.GRIDS, 'cpu', [(40, 5, 64, 100, 'float32')])
   monkeypatch.setitem(sparse_lookup.BAG_GRIDS, 'cpu', [(40, 6, 64, 100, 'float32', 3)])
@@ -274,6 +277,7 @@ def test_lookup_cells_that_run_out_of_memory_cost_their_cells_only(tmp_path, mon
   assert ive['xla_bags_s'] > 0 and 'out of memory' in ive['xla_each_bag_error']
 
 
+@pytest.mark.slow
 def test_moe_benchmark_times_three_layers_per_case(tmp_path, monkeypatch):
   monkeypatch.setitem(moe.GRIDS, 'cpu', dict(
       d_model=16, expert_d_ff=8, top_k=2, experts=(4,), tokens=(32,), matmul_tokens=(32,),
@@ -290,6 +294,7 @@ def test_moe_benchmark_times_three_layers_per_case(tmp_path, monkeypatch):
   # XLA:CPU expands ragged_dot into every one of the 4 experts: 4 times the real FLOPs.
   assert 3.5 < matmul['xla_flops_over_real'] < 6  # the forward counts too: about 4
   assert matmul['interpret_s'] > 0 and matmul['interpret_max_rel_error'] < 1e-5
+  assert matmul['xla_forward_tflops'] > 0 and matmul['interpret_forward_tflops'] > 0
   (tiled,) = matmul['interpret_tilings']  # the kernels again with other blocks
   assert tiled['block_m'] == 16 and tiled['tflops'] > 0 and tiled['max_rel_error'] < 1e-5
   best = matmul['interpret_best_tiling']  # what mfu.py --moe_kernels_from runs MoE with
