@@ -17,10 +17,11 @@ FLOPs: above 1 by rematerialisation, elementwise work and any expansion (e.g.
 Collective bytes count each collective as often as it runs, in a loop too. The analysis
 does not see inside kernels that XLA calls opaquely (Pallas' Triton or Mosaic kernels,
 cuDNN attention, and on a GPU cuBLAS's matmuls too): `opaque_kernels` counts them, and
-where there are some the ratio leaves their FLOPs out. With `profile_dir`, a `jax.profiler` trace of `profile_steps`
-more steps is written there (open it with TensorBoard's profile plugin or Perfetto) and digested by
-`jaxarch.train.profile`: the device time per step by kind of instruction (matmul,
-attention, collective, ...).
+where there are some the ratio leaves their FLOPs out. With `profile_dir`, a
+`jax.profiler` trace of `profile_steps` more steps is written there (open it with
+TensorBoard's profile plugin or Perfetto) and digested by `jaxarch.train.profile`: the
+device time per step by kind of instruction (matmul, attention, collective, ...), and
+`of_step`, the share of the step it names.
 """
 
 import statistics
