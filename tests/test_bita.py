@@ -99,7 +99,8 @@ class OracleBita(Bita):
 
 
 @pytest.mark.parametrize('family, levels_right',
-                         [('dense', 3), ('dense', 1), pytest.param('moe', 3, marks=pytest.mark.slow),
+                         [('dense', 3), ('dense', 1),
+                          pytest.param('moe', 3, marks=pytest.mark.slow),
                           pytest.param('ultramem', 1, marks=pytest.mark.slow)])
 def test_accepted_tokens_per_pass_on_a_hand_made_oracle(family, levels_right):
   # The prefill produces 1 token and drafts after it; each tree pass, the first too,

@@ -134,11 +134,12 @@ def test_a_data_by_fsdp_step_compiles_without_replicating_activations(capfd):
   batch = {k: jax.ShapeDtypeStruct((8, 32), np.int32, sharding=setup.batch_sharding)
            for k in ('inputs', 'targets', 'segment_ids', 'positions')}
   capfd.readouterr()
+  cached = jax.config.jax_enable_compilation_cache
   jax.config.update('jax_enable_compilation_cache', False)  # XLA warns only when it compiles
   try:
     make_train_step(setup).lower(state, batch).compile()
   finally:
-    jax.config.update('jax_enable_compilation_cache', True)
+    jax.config.update('jax_enable_compilation_cache', cached)
   assert 'Involuntary full rematerialization' not in capfd.readouterr().err
 
 

@@ -53,9 +53,10 @@ def _custom_call_kind(target: str) -> str:
 
 def opaque_kernels(hlo_text: str) -> dict[str, int]:
   """{custom-call target: count} of the kernels whose FLOPs XLA's cost analysis cannot
-  see: every custom call that computes, i.e. Pallas kernels (Triton, Mosaic), cuDNN's fused
-  attention and also cuBLAS gemms and cuDNN convolutions (on an H200 under jax 0.11.2 the
-  dense 1.6b step, whose matmuls are cuBLAS calls, read 0.25 XLA / model FLOPs)."""
+  see: every custom call but sorts and top-k (which do no FLOPs), i.e. Pallas kernels
+  (Triton, Mosaic), cuDNN's fused attention and also cuBLAS gemms and cuDNN convolutions
+  (on an H200 under jax 0.11.2 the dense 1.6b step, whose matmuls are cuBLAS calls, read
+  0.25 XLA / model FLOPs)."""
   return dict(collections.Counter(t for t in _TARGET.findall(hlo_text)
                                   if _custom_call_kind(t) != 'gather/scatter/sort'))
 
