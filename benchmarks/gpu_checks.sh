@@ -13,12 +13,16 @@
 # be fixed and run again instead of the second.
 #
 # What was measured on an H200 on 2026-12-04 (docs/performance.md) is not run again: dense
-# 1.6b and MoE 680m MFU, the grouped-matmul kernels and the lookup kernels, decode at batch
-# 1, the MoE layers. Part 1 is MFU of the cases not yet measured (UltraMem 680m, MEGABYTE
-# 151m first; see benchmarks/mfu.py), profiled with XLA's command buffers (CUDA graphs)
-# off, since the trace does not attribute their kernels to instructions; MoE runs with the
-# fastest kernel tiling recorded on the H200. Part 2 is decode at batch 64 (MoE against
-# UltraMem where the weights read differ), MEGABYTE, and the grouped-matmul tilings again.
+# 1.6b MFU, the lookup kernels, decode at batch 1, the MoE layers. Part 1 starts with the
+# grouped matmul at the one-GPU MoE case's 16 experts: the Triton kernels (MoE 680m reached
+# 25.8% MFU with them, target 35%) against jax's Mosaic GPU ragged dot (`matmul_impl=
+# mosaic`, never run on a GPU yet), each over its tilings, and the two weight-gradient
+# kernels alone. Then MFU (benchmarks/mfu.py) of MoE 680m with the fastest kernels that
+# table found (or the H200's recorded Triton tiling if it found none), UltraMem 680m and
+# MEGABYTE 151m, profiled with XLA's command buffers (CUDA graphs) off, since the trace does
+# not attribute their kernels to instructions. Part 2 is decode at batch 64 (MoE against
+# UltraMem where the weights read differ), MEGABYTE, and the grouped matmul at 8 and 64
+# experts.
 # Each benchmark gets its share of the part's SECONDS and writes its JSON (with the device
 # name) to $OUT, which the device tool brings back; a benchmark that runs out of time is cut
 # off and the next one starts, so one slow case never costs the others (each writes its
@@ -90,15 +94,19 @@ run() {  # PART NAME SHARE COMMAND...
   pack
 }
 
+run 1 grouped_matmul 17 python3 benchmarks/moe.py --tables=matmul --experts=16
+kernels_from=benchmarks/records/grouped_matmul_h200.json  # unless the table above finished
+[ -s "$out/grouped_matmul.json" ] && kernels_from=$out/grouped_matmul.json
 # MFU with the graphs off (recorded as `xla_flags` in its JSON): a step of 0.3 s barely
 # depends on launch overhead, and the profile can then name the instructions.
 XLA_FLAGS="--xla_gpu_enable_command_buffer= ${XLA_FLAGS:-}" \
-  run 1 mfu 52 python3 benchmarks/mfu.py --steps=5 --profile --profile_dir=/tmp/jaxarch_traces \
-    --moe_kernels_from=benchmarks/records/grouped_matmul_h200.json
+  run 1 mfu 35 python3 benchmarks/mfu.py --steps=5 --profile --profile_dir=/tmp/jaxarch_traces \
+    --moe_kernels_from="$kernels_from" --cases=moe:680m:16:dots:model.moe.num_experts=16,\
+ultramem:680m:16:dots:model.ultramem.num_values=262144,megabyte:151m:8:none
 # The rest at the sizes that fit their shares (each saves after every case); their full
 # grids, MEGABYTE's equal-compute quality run and BiTA's whole recipe (a trained 151m base,
 # distillation, BiTA training: `python benchmarks/bita.py --workdir=DIR`, resumable by
 # stage) need calls of their own.
 run 2 decode 20 python3 benchmarks/decode.py --batches=64 --prompts=2048 --repeats=1
 run 2 megabyte 16 python3 benchmarks/megabyte.py --seq_lens=8192 --gen_batches=1 --bpb_steps=0
-run 2 grouped_matmul 12 python3 benchmarks/moe.py --tables=matmul  # kernels vs ragged_dot
+run 2 grouped_matmul_8_64 12 python3 benchmarks/moe.py --tables=matmul --experts=8,64

@@ -1,6 +1,7 @@
 """MoE layer throughput: dropless vs capacity vs the dense layer of the same active width.
 
-  python benchmarks/moe.py [--grid=gpu|cpu] [--out=benchmarks/results/moe.json]
+  python benchmarks/moe.py [--grid=gpu|cpu] [--tables=matmul,layers] [--experts=8,16]
+      [--out=benchmarks/results/moe.json]
 
 Times forward + backward of one layer on `tokens × d_model` inputs, for each expert count
 and batch of the grid: the dropless path (sort + grouped matmul, `matmul_impl=auto`), the
@@ -8,15 +9,19 @@ capacity path (factor 1.25), and a dense SwiGLU of width `top_k · expert_d_ff` 
 activated FLOPs per token, no routing). Prints tokens/s and the ratio to dense.
 
 A second table times the grouped matmul alone (forward + both gradients of one expert
-projection) per implementation: `jax.lax.ragged_dot` and, on GPU, the Pallas kernels
-(whose largest relative difference from `ragged_dot` is recorded), and at one expert
-count (`tiling_experts`) the kernels again with each of `tilings` (block sizes, warps,
-stages: which one to make the default; each checked against `ragged_dot` too, the fastest
-that matches it is recorded as `<impl>_best_tiling`). The forward alone is timed too
-(`<impl>_forward_tflops`): set against the whole, it says whether the gradients' kernels
-or the forward's hold the rate down.
+projection) per implementation: `jax.lax.ragged_dot` and, on GPU, the Triton kernels
+(`pallas`) and jax's Mosaic GPU ragged dot (`mosaic`, Hopper; its weight gradient is
+Triton's), whose largest relative differences from `ragged_dot` are recorded; at one
+expert count (`tiling_experts`) each kernel family again with each of its `tilings`
+(block sizes and launch settings: which one to make the default; each checked against
+`ragged_dot` too, the fastest that matches it is recorded as `<impl>_best_tiling`). The
+forward alone is timed too (`<impl>_forward_tflops`): set against the whole, it says
+whether the gradients' kernels or the forward's hold the rate down; with `mosaic`, the
+weight gradient alone is timed for both families (`weight_grad_<family>_tflops`, the Mosaic
+one checked against `ragged_dot`'s), which says whether Mosaic's should replace Triton's.
 `mfu_overrides` says how `benchmarks/mfu.py --moe_kernels_from` runs its MoE cases after
-that: the fastest tiling, or `ragged_dot` if the kernels failed or differ from it. TFLOP/s
+that: the fastest kernel family at its fastest tiling, or `ragged_dot` if no family ran
+and matched it. TFLOP/s
 count the real rows' FLOPs; `XLA FLOPs / real` is what XLA's cost analysis counts for
 `ragged_dot` over that, E where it computes every expert for every row. Writes JSON with
 the device.
@@ -35,6 +40,8 @@ from flax import nnx
 from report import device_info, emit, max_rel_error, save, timed_or_error
 
 from jaxarch.cli import at_least_one
+from jaxarch.kernels import gmm_mosaic, gmm_triton
+from jaxarch.kernels.gmm_mosaic import MosaicTiling
 from jaxarch.kernels.gmm_triton import Tiling
 from jaxarch.kernels.grouped_matmul import grouped_matmul
 from jaxarch.layers import SwiGLU
@@ -47,16 +54,25 @@ GRIDS = {
     # expert count of benchmarks/mfu.py's one-GPU MoE case (16), at its 16 x 1024 tokens.
     'gpu': dict(d_model=1536, expert_d_ff=1200, top_k=4, experts=(8, 16, 64),
                 tokens=(4096, 16384, 65536), matmul_tokens=(16384,), dtype='bfloat16',
-                impls=('xla', 'pallas'), tiling_experts=16,
-                # (block_m, block_n, block_k, warps, stages), besides the default: around
-                # the fastest on an H200 (128, 128, 64, 8, 3: 246 TFLOP/s; 128 x 256 x 64
-                # with 3 stages asked for more shared memory than a block may use)
-                tilings=((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4),
-                         (128, 256, 64, 8, 2), (256, 128, 64, 8, 2), (128, 128, 128, 8, 2))),
+                impls=('xla', 'pallas', 'mosaic'), tiling_experts=16, tilings={
+                    # Triton's (block_m, block_n, block_k, warps, stages), besides the
+                    # default: around the fastest on an H200 (128, 128, 64, 8, 3: 246
+                    # TFLOP/s; 128 x 256 x 64 with 3 stages asked for more shared memory
+                    # than a block may use)
+                    'pallas': ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4),
+                               (128, 256, 64, 8, 2), (256, 128, 64, 8, 2), (128, 128, 128, 8, 2)),
+                    # Mosaic's (block_m, block_n, block_k, steps in flight, grid_block_n),
+                    # besides the default (128, 128, 64, 4, 8): jax's sweep of its kernel
+                    'mosaic': ((128, 128, 64, 4, 1), (128, 128, 64, 4, 16), (128, 256, 64, 3, 8),
+                               (128, 192, 64, 4, 8), (64, 128, 64, 4, 8), (128, 128, 64, 2, 8))}),
     'cpu': dict(d_model=128, expert_d_ff=96, top_k=2, experts=(4, 16), tokens=(512, 2048),
                 matmul_tokens=(2048,), dtype='float32', impls=('xla',), tiling_experts=16,
-                tilings=()),
+                tilings={}),
 }
+# Each kernel family's tiling: its type and the config key that sets it.
+TILINGS = {'pallas': (Tiling, 'kernel_tiling'), 'interpret': (Tiling, 'kernel_tiling'),
+           'mosaic': (MosaicTiling, 'mosaic_tiling'),
+           'interpret_mosaic': (MosaicTiling, 'mosaic_tiling')}
 
 
 # Above this relative difference from ragged_dot (bf16 sums differ by about 1e-2 at most)
@@ -78,10 +94,11 @@ def train_fn(layer: nnx.Module):
 
 
 def grouped_matmul_case(experts: int, rows: int, d: int, f: int, dtype, impls, iters: int,
-                        tilings=()):
+                        tilings=None):
   """Forward + gradients of x [rows, d] @ w[e] [d, f] over `experts` groups of random
   sizes, per impl: seconds, real TFLOP/s, (ragged_dot) XLA's FLOPs over the real, (the
-  kernels) their largest difference from ragged_dot and their times with `tilings`."""
+  kernels) their largest difference from ragged_dot and their times with `tilings[impl]`."""
+  tilings = tilings or {}
   kx, kw, kd, kg = jax.random.split(jax.random.key(rows + experts), 4)
   x = jax.random.normal(kx, (rows, d), dtype)
   # Scaled in fp32: numpy's float64 scale would promote bf16 weights to fp32 (not a weak
@@ -92,18 +109,23 @@ def grouped_matmul_case(experts: int, rows: int, d: int, f: int, dtype, impls, i
   real_flops = 3 * 2 * rows * d * f  # forward, input gradient, weight gradient
   record = dict(experts=experts, rows=rows, d_model=d, expert_d_ff=f, real_flops=real_flops)
 
-  def run(impl, tiling=Tiling()):
+  def product(impl, tiling=None):
+    """x, w, sizes -> the grouped matmul with `impl` at `tiling` (None: the default)."""
+    kwargs = {} if tiling is None else {'mosaic_tiling' if isinstance(
+        tiling, MosaicTiling) else 'tiling': tiling}
+    return lambda x, w, sizes: grouped_matmul(x, w, sizes, impl=impl, **kwargs)
+
+  def run(impl, tiling=None):
     """(jitted forward + gradients, seconds) or (None, error); never raises: ragged_dot's
     expansion may not fit, a kernel may not compile here, and that is one cell only."""
     @jax.jit
     def fn(x, w, dy, sizes):  # all arguments: a closed-over array is a constant per compile
-      y, backward = jax.vjp(
-          lambda x, w: grouped_matmul(x, w, sizes, impl=impl, tiling=tiling), x, w)
+      y, backward = jax.vjp(lambda x, w: product(impl, tiling)(x, w, sizes), x, w)
       return (y, *backward(dy))  # y too, or XLA drops the forward product as unused
     seconds = timed_or_error(fn, x, w, dy, sizes, iters=iters)
     return (None if isinstance(seconds, str) else fn), seconds
 
-  def tiling_record(impl, tiling: Tiling) -> dict:
+  def tiling_record(impl, tiling) -> dict:
     """A swept tiling's time and, like the default's, its difference from ragged_dot:
     the fastest goes to benchmarks/mfu.py, so a wrong one must not look best."""
     fn, seconds = run(impl, tiling)
@@ -115,15 +137,15 @@ def grouped_matmul_case(experts: int, rows: int, d: int, f: int, dtype, impls, i
 
   reference = None
   for impl in impls:
-    if impl != 'xla' and tilings:  # also when the default tiling fails to compile
-      record[f'{impl}_tilings'] = [tiling_record(impl, Tiling(*t)) for t in tilings]
+    if impl != 'xla' and tilings.get(impl):  # also when the default tiling fails to compile
+      tiling_type = TILINGS[impl][0]
+      record[f'{impl}_tilings'] = [tiling_record(impl, tiling_type(*t)) for t in tilings[impl]]
     fn, seconds = run(impl)
     if fn is None:
       record[f'{impl}_s'], record[f'{impl}_error'] = None, seconds
       continue
     record[f'{impl}_s'], record[f'{impl}_tflops'] = seconds, real_flops / seconds / 1e12
-    forward = timed_or_error(jax.jit(lambda x, w, sizes, impl=impl: grouped_matmul(
-        x, w, sizes, impl=impl)), x, w, sizes, iters=iters)
+    forward = timed_or_error(jax.jit(product(impl)), x, w, sizes, iters=iters)
     if not isinstance(forward, str):  # one third of the real FLOPs
       record[f'{impl}_forward_tflops'] = real_flops / 3 / forward / 1e12
     if impl == 'xla':
@@ -132,14 +154,41 @@ def grouped_matmul_case(experts: int, rows: int, d: int, f: int, dtype, impls, i
       record['xla_flops_over_real'] = None if executed is None else executed / real_flops
     elif reference is not None:  # the product and both gradients
       record[f'{impl}_max_rel_error'] = max_rel_error(fn(x, w, dy, sizes), reference)
+    if impl == 'mosaic':
+      record.update(weight_gradients(x, dy, sizes, real_flops / 3, iters,
+                                     None if reference is None else reference[2]))
   for impl in impls:
     if f'{impl}_tilings' in record:
       record[f'{impl}_best_tiling'] = best_tiling(record, impl)
   return record
 
 
+def weight_gradients(x, dy, sizes, flops: int, iters: int, reference) -> dict:
+  """The weight gradient alone (x.T @ dy per group, `flops` of them) by Triton's kernel
+  and by jax's transposed Mosaic ragged dot (GPU only: no CPU interpreter runs it), the
+  Mosaic one's difference from `reference` (ragged_dot's) recorded: which is faster."""
+  record = {}
+  for family, kernel in (('triton', lambda x, dy, sizes: gmm_triton.tgmm(x, dy, sizes)),
+                         ('mosaic', gmm_mosaic.tgmm)):
+    fn = jax.jit(kernel)
+    seconds = timed_or_error(fn, x, dy, sizes, iters=iters)
+    if isinstance(seconds, str):
+      record[f'weight_grad_{family}_error'] = seconds
+      continue
+    record[f'weight_grad_{family}_tflops'] = flops / seconds / 1e12
+    if reference is not None:
+      record[f'weight_grad_{family}_max_rel_error'] = max_rel_error(
+          (fn(x, dy, sizes),), (reference,))
+  return record
+
+
 def tiling_name(t: dict) -> str:
-  return f'{t["block_m"]}x{t["block_n"]}x{t["block_k"]} w{t["num_warps"]} s{t["num_stages"]}'
+  """'128x128x64 w8 s3' (Triton: warps, stages) or '128x128x64 c4 g8' (Mosaic: copies
+  in flight, grid_block_n)."""
+  blocks = f'{t["block_m"]}x{t["block_n"]}x{t["block_k"]}'
+  if 'num_warps' in t:
+    return f'{blocks} w{t["num_warps"]} s{t["num_stages"]}'
+  return f'{blocks} c{t["max_concurrent_steps"]} g{t["grid_block_n"]}'
 
 
 def table_names(text: str) -> list[str]:
@@ -151,6 +200,16 @@ def table_names(text: str) -> list[str]:
   return tables
 
 
+def expert_counts(text: str) -> tuple[int, ...]:
+  try:
+    counts = tuple(int(v) for v in text.split(','))
+  except ValueError:
+    counts = ()
+  if not counts or min(counts) < 1:
+    raise argparse.ArgumentTypeError(f'{text!r}: expected expert counts >= 1, e.g. 8,16')
+  return counts
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   on_accelerator = jax.default_backend() in ('gpu', 'tpu')
@@ -158,9 +217,11 @@ def main(argv=None):
   parser.add_argument('--iters', type=at_least_one, default=10 if on_accelerator else 3)
   parser.add_argument('--tables', type=table_names, default='matmul,layers',
                       help='which tables: matmul (the grouped matmul per impl), layers')
+  parser.add_argument('--experts', type=expert_counts,
+                      help="expert counts instead of the grid's, e.g. 16 (comma-separated)")
   parser.add_argument('--out', default='benchmarks/results/moe.json')
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-  g = GRIDS[args.grid]
+  g = GRIDS[args.grid] if args.experts is None else dict(GRIDS[args.grid], experts=args.experts)
   data = device_info()
   tables = args.tables
   if 'matmul' in tables:  # first: the kernels' check against ragged_dot is the quick part
@@ -230,6 +291,12 @@ def matmul_table(g: dict, iters: int, data: dict, out: str) -> dict:
            for i in kernels),
          *(best_tiling_cell(r, i) for i in kernels)]
         for r in records], {**data, **table}, out)
+  for r in records:  # with mosaic: which weight-gradient kernel is faster
+    rates = {f: r[f'weight_grad_{f}_tflops'] for f in ('triton', 'mosaic')
+             if f'weight_grad_{f}_tflops' in r}
+    if rates:
+      print(f'weight gradient alone, {r["experts"]} experts: ' + ', '.join(
+          f'{f} {t:.3g} TFLOP/s' for f, t in rates.items()))
   return table
 
 
@@ -238,7 +305,7 @@ def best_tiling(record: dict, impl: str) -> dict | None:
   TFLOP/s (None: none ran and matched)."""
   ran = [t for t in record[f'{impl}_tilings'] if 'tflops' in t]
   if record[f'{impl}_s']:  # the default tiling
-    ran.insert(0, dict(Tiling()._asdict(), tflops=record[f'{impl}_tflops'],
+    ran.insert(0, dict(TILINGS[impl][0]()._asdict(), tflops=record[f'{impl}_tflops'],
                        max_rel_error=record.get(f'{impl}_max_rel_error', math.inf)))
   correct = [t for t in ran if matches(t.get('max_rel_error', math.inf))]  # unchecked: out
   return max(correct, key=lambda t: t['tflops'], default=None)
@@ -252,14 +319,28 @@ def matches(error: float) -> bool:
 
 def mfu_overrides(records: list[dict], kernels: list[str]) -> list[str]:
   """How `benchmarks/mfu.py --moe_kernels_from` runs its MoE cases after this table: with
-  `ragged_dot` when the kernels failed or differ from it, else with their fastest tiling;
-  as configured when no tiling was timed."""
-  for impl in kernels:  # unchecked (no ragged_dot reference ran) counts as failed
-    if any(f'{impl}_error' in r or not matches(r.get(f'{impl}_max_rel_error', math.inf))
-           for r in records if f'{impl}_s' in r):
-      return ['model.moe.matmul_impl=xla']
-  best = [r[f'{i}_best_tiling'] for i in kernels for r in records if r.get(f'{i}_best_tiling')]
-  return [f'model.moe.kernel_tiling={tuple(best[-1][f] for f in Tiling._fields)}'] if best else []
+  the fastest kernel family that ran and matched `ragged_dot` in every record, at its
+  fastest tiling (as configured when no tiling was timed); with `ragged_dot` when none
+  did. Mosaic's weight gradient is Triton's, so a Mosaic choice keeps Triton's tiling."""
+  good = [impl for impl in kernels  # unchecked (no ragged_dot reference ran): failed
+          if not any(f'{impl}_error' in r or not matches(r.get(f'{impl}_max_rel_error',
+                                                                math.inf))
+                     for r in records if f'{impl}_s' in r)]
+  if not good:
+    return ['model.moe.matmul_impl=xla']
+  best = {impl: [r[f'{impl}_best_tiling'] for r in records if r.get(f'{impl}_best_tiling')]
+          for impl in good}
+  fastest = max(good, key=lambda i: best[i][-1]['tflops'] if best[i] else 0.0)
+
+  def tiling(impl):
+    tiling_type, key = TILINGS[impl]
+    return f'model.moe.{key}={tuple(best[impl][-1][f] for f in tiling_type._fields)}'
+
+  overrides = [tiling(fastest)] if best[fastest] else []
+  if TILINGS[fastest][1] == 'mosaic_tiling':  # not what `auto` runs
+    overrides.insert(0, f'model.moe.matmul_impl={fastest}')
+    overrides += [tiling(i) for i in good if TILINGS[i][1] == 'kernel_tiling' and best[i]]
+  return overrides
 
 
 def best_tiling_cell(record: dict, impl: str) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 import ml_collections
 
 from jaxarch import config as config_lib
+from jaxarch.kernels.gmm_mosaic import MosaicTiling
 from jaxarch.kernels.gmm_triton import Tiling
 
 PRESETS = {
@@ -66,11 +67,14 @@ def get_config(arg=None):
   m.z_loss_weight = 0.001  # router z-loss
   m.bias_update_rate = 0.0  # auxiliary-loss-free balancing step (DeepSeek-V3: 0.001)
   # Dropless grouped matmuls: auto = Pallas (Triton) kernels on GPU, where XLA's ragged dot
-  # computes every expert for every row; jax.lax.ragged_dot elsewhere (native on TPU).
-  m.matmul_impl = 'auto'  # auto | xla | pallas | interpret
-  # The kernels' (block_m, block_n, block_k, num_warps, num_stages); the same function
-  # whatever the tiling. `benchmarks/moe.py --tables=matmul` times others on a GPU.
+  # computes every expert for every row; jax.lax.ragged_dot elsewhere (native on TPU);
+  # mosaic = jax's Mosaic GPU ragged dot (Hopper) for the product and the input gradient.
+  m.matmul_impl = 'auto'  # auto | xla | pallas | mosaic | interpret | interpret_mosaic
+  # The Triton kernels' (block_m, block_n, block_k, num_warps, num_stages); the same
+  # function whatever the tiling. `benchmarks/moe.py --tables=matmul` times others on a GPU.
   m.kernel_tiling = tuple(Tiling())
+  # The Mosaic GPU kernels' (block_m, block_n, block_k, max_concurrent_steps, grid_block_n).
+  m.mosaic_tiling = tuple(MosaicTiling())
   m.update(PRESETS[arg])
   c.model.moe = m
   c.lock()

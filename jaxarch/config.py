@@ -36,7 +36,7 @@ LOOKUP_SCATTERS = ('sorted', 'atomic')
 TABLE_SPLITS = ('rows', 'width')  # how a sharded memory table is split (kernels.sharded_lookup)
 MOE_GATES = ('softmax', 'sigmoid')
 # kernels.grouped_matmul: which code runs dropless MoE's grouped matmuls.
-MOE_MATMUL_IMPLS = ('auto', 'xla', 'pallas', 'interpret')
+MOE_MATMUL_IMPLS = ('auto', 'xla', 'pallas', 'mosaic', 'interpret', 'interpret_mosaic')
 SCHEDULES = ('cosine', 'wsd', 'constant')
 NONFINITE = ('stop', 'skip')
 GROUP_DECAYS = ('none', 'linear')  # train.groups.<name>.multiplier_decay
@@ -436,7 +436,12 @@ def _check_moe(cfg: ConfigDict) -> None:
     raise ConfigError(f'model.moe.num_shared_experts={shared} must be >= 0')
   _choice(cfg, 'model.moe.gate', MOE_GATES)
   _choice(cfg, 'model.moe.matmul_impl', MOE_MATMUL_IMPLS)
+  if 'mosaic' in cfg.model.moe.matmul_impl and cfg.model.dtype == 'float32':
+    raise ConfigError(f'model.moe.matmul_impl={cfg.model.moe.matmul_impl!r}: the Mosaic GPU '
+                      'kernels multiply bfloat16 or float16 rows, and model.dtype=float32; '
+                      "set model.dtype=bfloat16 or model.moe.matmul_impl='pallas'")
   _kernel_tiling(cfg, 'model.moe.kernel_tiling')
+  _mosaic_tiling(cfg, 'model.moe.mosaic_tiling')
   for key in ('model.moe.capacity_factor', 'model.moe.ep_capacity_factor'):
     if _get(cfg, key) is not None and _number(cfg, key) <= 0:
       raise ConfigError(f'{key}={_get(cfg, key)!r} must be > 0 (or None: dropless)')
@@ -879,6 +884,21 @@ def _kernel_tiling(cfg: ConfigDict, key: str) -> None:
                       'two up to 32, stages >= 1; e.g. (64, 128, 64, 4, 3)')
 
 
+def _mosaic_tiling(cfg: ConfigDict, key: str) -> None:
+  """jax's Mosaic GPU ragged dot: output blocks in whole warpgroup tiles (64 rows), a
+  contraction block whose bf16 rows fill a shared-memory swizzle (32 to 128 elements), at
+  least two copies in flight (the pipeline releases each a step late)."""
+  value = _get(cfg, key)
+  ok = (isinstance(value, (tuple, list)) and len(value) == 5
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+  if not (ok and all(v in (64, 128, 192, 256) for v in value[:2])
+          and value[2] in (32, 64, 128) and 2 <= value[3] <= 8 and value[4] >= 1):
+    raise ConfigError(f'{key}={value!r} must be (block_m, block_n, block_k, '
+                      'max_concurrent_steps, grid_block_n): blocks m and n of 64, 128, 192 '
+                      'or 256, block k of 32, 64 or 128, 2 to 8 steps in flight, '
+                      'grid_block_n >= 1; e.g. (128, 128, 64, 4, 8)')
+
+
 def _choice(cfg: ConfigDict, key: str, options: Sequence) -> Any:
   value = _get(cfg, key)
   if value not in options:  # options may be True, False
@@ -960,7 +980,8 @@ def load_json(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ConfigD
 RUN_SECTIONS = ('train', 'checkpoint', 'log', 'launch')
 # Model keys that pick kernels, which compute the same function, or that jaxarch gained
 # with a default that is what older runs did (heads_per_query=1): filled the same way.
-RUN_MODEL_KEYS = (('moe', 'matmul_impl'), ('moe', 'kernel_tiling'), ('ultramem', 'lookup_impl'),
+RUN_MODEL_KEYS = (('moe', 'matmul_impl'), ('moe', 'kernel_tiling'), ('moe', 'mosaic_tiling'),
+                  ('ultramem', 'lookup_impl'),
                   ('ultramem', 'lookup_scatter'), ('ultramem', 'table_split'),
                   ('ultramem', 'heads_per_query'))
 # Model keys that only shape the initial weights (a saved run's are in its checkpoints).

@@ -282,7 +282,7 @@ def test_moe_benchmark_times_three_layers_per_case(tmp_path, monkeypatch):
   monkeypatch.setitem(moe.GRIDS, 'cpu', dict(
       d_model=16, expert_d_ff=8, top_k=2, experts=(4,), tokens=(32,), matmul_tokens=(32,),
       dtype='float32', impls=('xla', 'interpret'), tiling_experts=4,
-      tilings=((16, 16, 16, 4, 3),)))
+      tilings={'interpret': ((16, 16, 16, 4, 3),)}))
   out = tmp_path / 'moe.json'
   moe.main(['--iters=1', f'--out={out}'])
   data = json.loads(out.read_text())
@@ -321,13 +321,13 @@ def test_a_kernel_whose_outputs_or_gradients_are_nan_fails_its_check():
 
 def test_a_swept_tiling_that_differs_from_ragged_dot_is_never_chosen(monkeypatch):
   real = moe.grouped_matmul
-  def grouped_matmul(x, w, sizes, *, impl, tiling=None):  # 'pallas' wrong with 32-row blocks
+  def grouped_matmul(x, w, sizes, *, impl, tiling=moe.Tiling()):  # 'pallas': wrong at 32 rows
     y = real(x, w, sizes, impl='xla')
     return 0 * y if impl == 'pallas' and tiling.block_m == 32 else y
 
   monkeypatch.setattr(moe, 'grouped_matmul', grouped_matmul)
   record = moe.grouped_matmul_case(4, 64, 16, 8, jnp.float32, ('xla', 'pallas'), iters=1,
-                                   tilings=((32, 64, 32, 4, 2), (16, 64, 32, 4, 2)))
+                                   tilings={'pallas': ((32, 64, 32, 4, 2), (16, 64, 32, 4, 2))})
   wrong, right = record['pallas_tilings']
   assert wrong['max_rel_error'] == pytest.approx(1.0) and right['max_rel_error'] < 1e-6
   unchecked = dict(right, block_m=128)
@@ -341,6 +341,38 @@ def test_a_swept_tiling_that_differs_from_ragged_dot_is_never_chosen(monkeypatch
   record['pallas_best_tiling'] = best
   assert moe.mfu_overrides([record], ['pallas']) == [
       f'model.moe.kernel_tiling={tuple(best[f] for f in moe.Tiling._fields)}']
+
+
+def test_mfu_runs_moe_with_the_fastest_kernel_family_that_matches_ragged_dot():
+  """Mosaic faster and right: mfu.py runs it at its best tiling, with Triton's best for
+  the weight gradient (Mosaic's takes Triton's); Mosaic wrong: Triton at its best."""
+  triton = dict(moe.Tiling(128, 128, 64, 8, 3)._asdict(), tflops=246.0)
+  mosaic = dict(moe.MosaicTiling(128, 256, 64, 3, 8)._asdict(), tflops=480.0)
+  record = {'pallas_s': 1.0, 'pallas_max_rel_error': 0.0, 'pallas_best_tiling': triton,
+            'mosaic_s': 0.5, 'mosaic_max_rel_error': 0.0, 'mosaic_best_tiling': mosaic}
+  overrides = moe.mfu_overrides([record], ['pallas', 'mosaic'])
+  assert overrides == ['model.moe.matmul_impl=mosaic',
+                       'model.moe.mosaic_tiling=(128, 256, 64, 3, 8)',
+                       'model.moe.kernel_tiling=(128, 128, 64, 8, 3)']
+  moe_cfg = config_lib.load('configs/moe.py:tiny', overrides).model.moe
+  assert (moe_cfg.matmul_impl, moe_cfg.mosaic_tiling) == ('mosaic', (128, 256, 64, 3, 8))
+  wrong = dict(record, mosaic_max_rel_error=0.3)
+  assert moe.mfu_overrides([wrong], ['pallas', 'mosaic']) == [
+      'model.moe.kernel_tiling=(128, 128, 64, 8, 3)']
+  slower = dict(record, mosaic_best_tiling=dict(mosaic, tflops=100.0))
+  assert moe.mfu_overrides([slower], ['pallas', 'mosaic']) == [
+      'model.moe.kernel_tiling=(128, 128, 64, 8, 3)']
+  failed = dict(wrong, pallas_error='RuntimeError: no Triton here')
+  assert moe.mfu_overrides([failed], ['pallas', 'mosaic']) == ['model.moe.matmul_impl=xla']
+  assert moe.tiling_name(mosaic) == '128x256x64 c3 g8'
+
+
+def test_weight_gradient_kernels_that_cannot_run_here_are_cells_with_their_error():
+  """On CPU neither compiled kernel runs (Triton's needs a GPU, Mosaic's a Hopper's SM
+  count): each is a recorded error, not a failed benchmark."""
+  x, dy = jnp.ones((64, 16), jnp.bfloat16), jnp.ones((64, 8), jnp.bfloat16)
+  record = moe.weight_gradients(x, dy, jnp.asarray([30, 34]), 3 * 2 * 64 * 16 * 8, 1, None)
+  assert set(record) == {'weight_grad_triton_error', 'weight_grad_mosaic_error'}
 
 
 def test_benchmark_json_is_strict_json_with_nan_as_null(tmp_path):
@@ -617,7 +649,7 @@ class _Parsed(Exception):
 
 
 @pytest.mark.parametrize('part, budget, benchmarks', [
-    ('1', 270, ['mfu']),
+    ('1', 270, ['moe', 'mfu']),
     ('2', 250, ['decode', 'megabyte', 'moe']),
 ])
 def test_each_gpu_checks_call_runs_its_benchmarks_with_flags_they_accept(
@@ -652,6 +684,8 @@ def test_each_gpu_checks_call_runs_its_benchmarks_with_flags_they_accept(
   # MFU's profile names instructions only with XLA's command buffers (CUDA graphs) off
   assert ('--xla_gpu_enable_command_buffer=' in flags.get('benchmarks/mfu.py', '')
           ) == ('mfu' in benchmarks)
+  if 'mfu' in benchmarks:  # the grouped-matmul table wrote nothing: the H200's record
+    assert '--moe_kernels_from=benchmarks/records/grouped_matmul_h200.json' in runs[-1]
   real_parse = argparse.ArgumentParser.parse_args
   def parse_only(self, args=None, namespace=None):
     raise _Parsed(real_parse(self, args, namespace))

@@ -1,7 +1,8 @@
-"""grouped_matmul: dropless MoE's grouped matmul, its Triton kernels and their VJP.
+"""grouped_matmul: dropless MoE's grouped matmul, its Triton and Mosaic GPU kernels and
+their VJP.
 
-The kernels run in Pallas' interpreter on CPU (`impl='interpret'`) against
-`jax.lax.ragged_dot`; small blocks make groups start and end inside tiles.
+The kernels run in Pallas' interpreters on CPU (`impl='interpret'`, `'interpret_mosaic'`)
+against `jax.lax.ragged_dot`; small blocks make groups start and end inside tiles.
 """
 
 import jax
@@ -10,12 +11,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxarch.kernels import gmm_triton
-from jaxarch.kernels.grouped_matmul import _gmm, grouped_matmul, kernels_for
+from jaxarch.kernels import gmm_mosaic, gmm_triton
+from jaxarch.kernels.grouped_matmul import _gmm, _Kernels, grouped_matmul, kernels_for
 from jaxarch.layers.moe import MoE
 
 SMALL_BLOCKS = dict(tiling=gmm_triton.Tiling(block_m=16, block_n=32, block_k=16),
                     interpret=True)
+# The Mosaic GPU kernels' smallest blocks (one warpgroup's 64 rows); 100 x 40 rows times
+# 40 x 72 weights are padded to them on every side.
+MOSAIC_BLOCKS = dict(tiling=gmm_mosaic.MosaicTiling(64, 64, 64, 2, 1), interpret=True)
 # Group sizes over 100 rows: an empty group, groups inside one tile and across several,
 # 7 rows past the last group (which give 0); everything in one group.
 GROUPS = {'ragged': [13, 0, 40, 30, 10], 'one_group': [0, 0, 100, 0, 0]}
@@ -86,6 +90,26 @@ def test_moe_layer_with_the_kernels_equals_ragged_dot():  # (test_moe.py, 'gpu-k
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
 
 
+def test_moe_layer_with_the_mosaic_kernels_equals_ragged_dot():
+  """One device: Pallas' Mosaic GPU interpreter deadlocks inside `shard_map` over several
+  CPU devices, so the expert-parallel layer is checked with the Triton kernels only."""
+  make = lambda impl: MoE(16, num_experts=8, top_k=2, expert_d_ff=24, dtype=jnp.bfloat16,
+                          matmul_impl=impl, kernel_tiling=tuple(SMALL_BLOCKS['tiling']),
+                          mosaic_tiling=tuple(MOSAIC_BLOCKS['tiling']), rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (3, 5, 16), jnp.bfloat16)
+
+  def grads(layer):
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+    loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p, rest)(x).astype(jnp.float32) ** 2)
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+
+  got, want = grads(make('interpret_mosaic')), grads(make('xla'))
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    scale = float(np.max(np.abs(np.asarray(r, np.float32))))
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
+                               rtol=2e-2, atol=2e-2 * scale)
+
+
 @pytest.mark.usefixtures('triton_builds_for_an_h100')
 def test_kernels_lower_for_cuda():
   """The GPU kernels lower to Triton IR at the 680m preset's shapes (running them needs a
@@ -96,11 +120,93 @@ def test_kernels_lower_for_cuda():
             jax.ShapeDtypeStruct((65536, 1200), jnp.bfloat16))
 
   def fn(x, w, sizes, dy):
-    out, vjp = jax.vjp(lambda x, w: _gmm(x, w, sizes, False, gmm_triton.Tiling()), x, w)
+    out, vjp = jax.vjp(lambda x, w: _gmm(x, w, sizes, _Kernels(
+        'triton', gmm_triton.Tiling(), gmm_mosaic.MosaicTiling())), x, w)
     return out, vjp(dy)
 
   hlo = jax.jit(fn).trace(*shapes).lower(lowering_platforms=('cuda',)).as_text()
   assert hlo.count('xla.gpu.triton') == 3  # forward, input gradient, weight gradient
+
+
+@pytest.mark.parametrize('groups', list(GROUPS))
+def test_mosaic_kernels_equal_ragged_dot(groups):
+  """jax's Mosaic GPU ragged dot, padded to its blocks, for the product and (on the
+  transposed weights) the input gradient; the rows past the groups are 0."""
+  x, w, sizes, dy = case(GROUPS[groups], dtype=jnp.bfloat16)
+  f32 = lambda a: np.asarray(a, np.float32)
+  got = f32(gmm_mosaic.gmm(x, w, sizes, **MOSAIC_BLOCKS))
+  np.testing.assert_allclose(got, jax.lax.ragged_dot(x, w, sizes, preferred_element_type=
+                                                     jnp.float32), rtol=2e-2, atol=0.2)
+  assert not np.any(got[int(sizes.sum()):])
+  np.testing.assert_allclose(
+      f32(gmm_mosaic.gmm(dy, w, sizes, transpose_rhs=True, **MOSAIC_BLOCKS)),
+      jax.lax.ragged_dot(dy, jnp.swapaxes(w, 1, 2), sizes, preferred_element_type=jnp.float32),
+      rtol=2e-2, atol=0.2)
+
+
+def test_mosaic_gradients_equal_ragged_dot_gradients():
+  """impl='interpret_mosaic': the Mosaic forward and input gradient, Triton's weight
+  gradient, through the custom VJP (bf16: the kernels' dtype)."""
+  x, w, sizes, dy = case(GROUPS['ragged'], dtype=jnp.bfloat16)
+  def loss(impl):
+    return lambda x, w: jnp.sum((grouped_matmul(
+        x, w, sizes, impl=impl, tiling=SMALL_BLOCKS['tiling'],
+        mosaic_tiling=MOSAIC_BLOCKS['tiling']) * dy).astype(jnp.float32))
+  got = jax.jit(jax.grad(loss('interpret_mosaic'), argnums=(0, 1)))(x, w)
+  want = jax.grad(loss('xla'), argnums=(0, 1))(x, w)
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
+                               rtol=2e-2, atol=0.3)
+
+
+@pytest.fixture
+def gpu_with_132_sms(monkeypatch):
+  """jax's transposed Mosaic ragged dot sizes its grid by the first device's SM count,
+  which a CPU device lacks; tests that lower it for CUDA here see an H100/H200's."""
+  from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu as kernel_module
+  real = jax.devices
+  class Gpu:
+    core_count = 132
+    def __init__(self, device):
+      self.device = device
+    def __getattr__(self, name):
+      return getattr(self.device, name)
+  view = type('JaxOnAGpu', (), {'__getattr__': lambda self, name: getattr(jax, name),
+                                'devices': staticmethod(lambda *a: [Gpu(d) for d in real(*a)])})
+  monkeypatch.setattr(kernel_module, 'jax', view())
+
+
+@pytest.mark.usefixtures('triton_builds_for_an_h100', 'gpu_with_132_sms')
+def test_mosaic_kernels_lower_for_cuda():
+  """At the 680m preset's shapes (16 experts, d_model 1536, expert width 1200: padded to
+  the blocks), impl='mosaic' lowers to two Mosaic GPU kernels (product, input gradient)
+  and Triton's weight gradient; jax's transposed Mosaic kernel, which the benchmark times
+  for the weight gradient, lowers too (running either needs a Hopper GPU)."""
+  shapes = (jax.ShapeDtypeStruct((65536, 1536), jnp.bfloat16),
+            jax.ShapeDtypeStruct((16, 1536, 1200), jnp.bfloat16),
+            jax.ShapeDtypeStruct((16,), jnp.int32),
+            jax.ShapeDtypeStruct((65536, 1200), jnp.bfloat16))
+  kernels = _Kernels('mosaic', gmm_triton.Tiling(), gmm_mosaic.MosaicTiling())
+
+  def fn(x, w, sizes, dy):
+    out, vjp = jax.vjp(lambda x, w: _gmm(x, w, sizes, kernels), x, w)
+    return out, vjp(dy)
+
+  hlo = jax.jit(fn).trace(*shapes).lower(lowering_platforms=('cuda',)).as_text()
+  assert hlo.count('custom_call @mosaic_gpu') == 2 and hlo.count('xla.gpu.triton') == 1
+  x, _, sizes, dy = shapes
+  hlo = jax.jit(gmm_mosaic.tgmm).trace(x, dy, sizes).lower(lowering_platforms=('cuda',))
+  assert hlo.as_text().count('custom_call @mosaic_gpu') == 1
+
+
+def test_mosaic_impl_errors_name_what_to_use_instead():
+  x, w, sizes, _ = case(GROUPS['ragged'], dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"impl='mosaic' needs a Hopper GPU .* runs on cpu; "
+                                       r"use impl='pallas'"):
+    grouped_matmul(x, w, sizes, impl='mosaic')
+  with pytest.raises(ValueError, match='bfloat16 or float16 rows, not float32'):
+    grouped_matmul(x.astype(jnp.float32), w, sizes, impl='interpret_mosaic')
+  assert kernels_for('interpret_mosaic') == 'mosaic_interpret'
 
 
 def test_bad_impl_or_shapes_are_clear_errors():

@@ -326,6 +326,15 @@ def test_invalid_moe_configs_are_one_line_errors():
     with pytest.raises(config_lib.ConfigError,
                        match=r'model\.moe\.kernel_tiling=.* must be \(block_m, block_n, '):
       config_lib.load('configs/moe.py:tiny', [f'model.moe.kernel_tiling={tiling}'])
+  for tiling in ('(128, 128, 64, 4)', '(96, 128, 64, 4, 8)', '(128, 128, 16, 4, 8)',
+                 '(128, 128, 64, 1, 8)', '(128, 128, 64, 4, 0)'):
+    with pytest.raises(config_lib.ConfigError, match=r'model\.moe\.mosaic_tiling=.* must be '
+                                                     r'\(block_m, block_n, block_k, max_conc'):
+      config_lib.load('configs/moe.py:tiny', [f'model.moe.mosaic_tiling={tiling}'])
+  with pytest.raises(config_lib.ConfigError, match=r"matmul_impl='mosaic': the Mosaic GPU "
+                                                   r'kernels multiply bfloat16 .* model\.dtype='):
+    config_lib.load('configs/moe.py:tiny', ['model.moe.matmul_impl=mosaic',
+                                            'model.dtype=float32'])
 
 
 def test_the_configured_kernel_tiling_is_what_the_gpu_kernels_launch_with(traced_as_on_gpu):
@@ -341,6 +350,29 @@ def test_the_configured_kernel_tiling_is_what_the_gpu_kernels_launch_with(traced
   launches = hlo.count('xla.gpu.triton')
   assert launches == 9  # forward, input and weight gradients of three projections
   assert hlo.count('num_warps = 8 : i32') == hlo.count('num_stages = 2 : i32') == launches
+
+
+def test_the_configured_mosaic_tiling_is_what_the_mosaic_kernels_get(traced_as_on_gpu,
+                                                                     monkeypatch):
+  """`model.moe.matmul_impl=mosaic`: each projection's product and input gradient lower to
+  jax's Mosaic GPU ragged dot with `model.moe.mosaic_tiling`, its weight gradient to
+  Triton's kernel (lowered for CUDA: running needs a Hopper GPU)."""
+  del traced_as_on_gpu
+  from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu  # pylint: disable=g-import-not-at-top
+  calls, kernel = [], ragged_dot_mgpu.ragged_dot
+  monkeypatch.setattr(ragged_dot_mgpu, 'ragged_dot',
+                      lambda *args, **kw: calls.append(kw) or kernel(*args, **kw))
+  cfg = config_lib.load('configs/moe.py:tiny', [
+      'model.dtype=bfloat16', 'model.n_layers=1', 'model.moe.matmul_impl=mosaic',
+      'model.moe.mosaic_tiling=(64, 192, 32, 3, 2)'])
+  graphdef, state = nnx.split(models.build(cfg.model, rngs=nnx.Rngs(0)))
+  loss = lambda state, tokens: jnp.sum(nnx.merge(graphdef, state)(tokens))
+  hlo = jax.jit(jax.grad(loss)).trace(state, jnp.zeros((2, 16), jnp.int32)).lower(
+      lowering_platforms=('cuda',)).as_text()
+  assert hlo.count('custom_call @mosaic_gpu') == 6 and hlo.count('xla.gpu.triton') == 3
+  fields = ('block_m', 'block_n', 'block_k', 'max_concurrent_steps', 'grid_block_n')
+  assert len(calls) == 6 and {tuple(kw[f] for f in fields) for kw in calls} == {
+      (64, 192, 32, 3, 2)}
 
 
 def test_moe_train_step_reports_load_losses_and_dropped_fraction():

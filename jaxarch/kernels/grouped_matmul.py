@@ -10,58 +10,82 @@ CPU: the compiled train step of `moe:tiny`, 8 experts top-2, counts 5.8x the mod
 **Implementations** (`impl`): `'xla'` is `ragged_dot` (native on TPU, the reference
 elsewhere); `'pallas'` runs the Triton kernels of `gmm_triton` (GPU), with a custom VJP
 whose input gradient is the grouped matmul by the transposed weights and whose weight
-gradient is the per-group `x.T @ dy` kernel; `'interpret'` runs those kernels in Pallas'
-interpreter on any backend (the CPU tests); `'auto'` is `'pallas'` on GPU and `'xla'`
+gradient is the per-group `x.T @ dy` kernel; `'mosaic'` (Hopper) runs the forward and the
+input gradient with jax's Mosaic GPU ragged dot (`gmm_mosaic`) and the weight gradient
+with the Triton kernel; `'interpret'` / `'interpret_mosaic'` run those kernels in Pallas'
+interpreters on any backend (the CPU tests); `'auto'` is `'pallas'` on GPU and `'xla'`
 elsewhere. Accumulation is in fp32; outputs have x's dtype. The kernels take w in x's
 dtype, so the weight gradient is rounded to x's dtype before it is cast back to w's (the
 MoE layer casts its weights to the compute dtype first anyway).
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxarch.config import MOE_MATMUL_IMPLS as IMPLS
-from jaxarch.kernels import dispatch, gmm_triton
+from jaxarch.kernels import dispatch, gmm_mosaic, gmm_triton
 
 
 def kernels_for(impl: str, key: str = 'impl') -> str:
-  """impl -> which code runs: 'xla', 'triton' or 'triton_interpret'."""
+  """impl -> which code runs: 'xla', 'triton', 'mosaic' or '<either>_interpret'."""
   return dispatch.kernels_for('grouped_matmul', impl, IMPLS, {'gpu': 'triton'}, key)
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
-                   impl: str = 'auto', tiling: gmm_triton.Tiling = gmm_triton.Tiling()
+                   impl: str = 'auto', tiling: gmm_triton.Tiling = gmm_triton.Tiling(),
+                   mosaic_tiling: gmm_mosaic.MosaicTiling = gmm_mosaic.MosaicTiling()
                    ) -> jax.Array:
   """x [M, K], w [G, K, N], group_sizes [G] int (sum <= M) -> [M, N] in x's dtype;
-  `tiling`: the kernels' blocks and launch settings."""
+  `tiling`: the Triton kernels' blocks and launch settings (with `'mosaic'`, the weight
+  gradient's); `mosaic_tiling`: the Mosaic GPU kernels'."""
   if x.ndim != 2 or w.ndim != 3 or group_sizes.shape != w.shape[:1] or x.shape[1] != w.shape[1]:
     raise ValueError(f'grouped_matmul: expected x [M, K], w [G, K, N], group_sizes [G]; got '
                      f'{x.shape}, {w.shape}, {group_sizes.shape}')
   kernels = kernels_for(impl)
   if kernels == 'xla':  # ragged_dot would promote to a wider w's dtype: out in x's, as documented
     return jax.lax.ragged_dot(x, w, group_sizes).astype(x.dtype)
+  if kernels.startswith('mosaic'):
+    gmm_mosaic.check_dtype(x.dtype)
   return _gmm(x, w.astype(x.dtype), group_sizes.astype(jnp.int32),
-              kernels == 'triton_interpret', tiling)
+              _Kernels(kernels, tiling, mosaic_tiling))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _gmm(x, w, group_sizes, interpret, tiling):
-  return gmm_triton.gmm(x, w, group_sizes, tiling=tiling, interpret=interpret)
+class _Kernels(NamedTuple):
+  """Which kernels the custom VJP runs, with their tilings (hashable: a static argument)."""
+  name: str  # 'triton', 'mosaic' or '<either>_interpret'
+  tiling: gmm_triton.Tiling
+  mosaic_tiling: gmm_mosaic.MosaicTiling
+
+  @property
+  def interpret(self) -> bool:
+    return self.name.endswith('_interpret')
+
+  def gmm(self, x, w, group_sizes, transpose_rhs=False):
+    if self.name.startswith('mosaic'):
+      return gmm_mosaic.gmm(x, w, group_sizes, transpose_rhs=transpose_rhs,
+                            tiling=self.mosaic_tiling, interpret=self.interpret)
+    return gmm_triton.gmm(x, w, group_sizes, transpose_rhs=transpose_rhs, tiling=self.tiling,
+                          interpret=self.interpret)
 
 
-def _gmm_fwd(x, w, group_sizes, interpret, tiling):
-  return _gmm(x, w, group_sizes, interpret, tiling), (x, w, group_sizes)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gmm(x, w, group_sizes, kernels):
+  return kernels.gmm(x, w, group_sizes)
 
 
-def _gmm_bwd(interpret, tiling, residuals, dy):
+def _gmm_fwd(x, w, group_sizes, kernels):
+  return _gmm(x, w, group_sizes, kernels), (x, w, group_sizes)
+
+
+def _gmm_bwd(kernels, residuals, dy):
   x, w, group_sizes = residuals
   dy = dy.astype(x.dtype)
-  dx = gmm_triton.gmm(dy, w, group_sizes, transpose_rhs=True, tiling=tiling,
-                      interpret=interpret)
-  dw = gmm_triton.tgmm(x, dy, group_sizes, out_dtype=w.dtype, tiling=tiling,
-                       interpret=interpret)
+  dx = kernels.gmm(dy, w, group_sizes, transpose_rhs=True)
+  dw = gmm_triton.tgmm(x, dy, group_sizes, out_dtype=w.dtype, tiling=kernels.tiling,
+                       interpret=kernels.interpret)
   return dx, dw, jnp.zeros(group_sizes.shape, jax.dtypes.float0)
 
 

@@ -55,6 +55,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from jaxarch.config import MOE_GATES as GATES
+from jaxarch.kernels.gmm_mosaic import MosaicTiling
 from jaxarch.kernels.gmm_triton import Tiling
 from jaxarch.kernels.grouped_matmul import grouped_matmul, kernels_for
 from jaxarch.layers import remat, signals
@@ -121,11 +122,12 @@ def gather_rows(buffer: jax.Array, slot: jax.Array) -> jax.Array:
   return jnp.concatenate([buffer, jnp.zeros((1, buffer.shape[1]), buffer.dtype)])[slot]
 
 
-def grouped_swiglu(x, group_sizes, gate, up, down, impl='auto', tiling=Tiling()):
+def grouped_swiglu(x, group_sizes, gate, up, down, impl='auto', tiling=Tiling(),
+                   mosaic_tiling=MosaicTiling()):
   """Rows of x [m, d] in contiguous groups, one expert each -> [m, d]; rows past the groups give 0."""
   def matmul(a, w):  # named: `model.remat=dots` keeps it (layers/remat.py)
-    return checkpoint_name(grouped_matmul(a, w, group_sizes, impl=impl, tiling=tiling),
-                           remat.EXPERT_MATMUL)
+    return checkpoint_name(grouped_matmul(a, w, group_sizes, impl=impl, tiling=tiling,
+                                          mosaic_tiling=mosaic_tiling), remat.EXPERT_MATMUL)
   h = jax.nn.silu(matmul(x, gate)) * matmul(x, up)
   return matmul(h, down)
 
@@ -147,6 +149,7 @@ class MoE(nnx.Module):
                renormalize: bool = True, aux_loss_weight: float = 0.01,
                z_loss_weight: float = 0.0, bias_update_rate: float = 0.0,
                matmul_impl: str = 'auto', kernel_tiling: tuple[int, ...] = tuple(Tiling()),
+               mosaic_tiling: tuple[int, ...] = tuple(MosaicTiling()),
                init_std: float = 0.02, out_std: float | None = None,
                init_truncation: float = 0.0, dtype=jnp.bfloat16, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
@@ -161,6 +164,7 @@ class MoE(nnx.Module):
     self.aux_loss_weight, self.z_loss_weight = aux_loss_weight, z_loss_weight
     self.bias_update_rate, self.dtype = bias_update_rate, dtype
     self.matmul_impl, self.kernel_tiling = matmul_impl, Tiling(*kernel_tiling)
+    self.mosaic_tiling = MosaicTiling(*mosaic_tiling)
     self.deterministic = False  # True: no bias update (evaluation)
     e, d, f = num_experts, d_model, expert_d_ff
     init, out = normal(init_std, init_truncation), normal(out_std or init_std, init_truncation)
@@ -309,7 +313,7 @@ class MoE(nnx.Module):
       order, inverse = sort_by(flat)
       xs = permute(jnp.repeat(tokens, k, axis=0), order, inverse)  # sorted by expert
       ys = grouped_swiglu(xs, jnp.bincount(flat, length=e), gate, up, down,
-                          self.matmul_impl, self.kernel_tiling)
+                          self.matmul_impl, self.kernel_tiling, self.mosaic_tiling)
       return permute(ys, inverse, order), jnp.zeros(t * k, bool)
 
     # Padded exchange: the buffer for shard j holds `per_seq` rows per sequence, row
@@ -329,7 +333,7 @@ class MoE(nnx.Module):
     order, inverse = sort_by(recv_e)  # empty rows last: past every group
     sizes = jnp.sum(recv_e[:, None] == jnp.arange(local_e), axis=0)
     ys = grouped_swiglu(permute(recv_x, order, inverse), sizes, gate, up, down,
-                        self.matmul_impl, self.kernel_tiling)
+                        self.matmul_impl, self.kernel_tiling, self.mosaic_tiling)
     back = exchange(permute(ys, inverse, order).reshape(shards, -1, d)).reshape(rows, d)
     return gather_rows(back, slot).astype(tokens.dtype), ~kept
 
