@@ -22,13 +22,15 @@ analysis), and with `--profile` where the device time goes (the kinds of
 `jaxarch.train.profile`: matmul, attention, collective, elementwise, ...), which is what
 limits the MFU; the traces stay in `--profile_dir`, the digests go into the JSON.
 
-`--moe_kernels_from` runs the MoE cases with the fastest tiling of the grouped-matmul
-kernels that `benchmarks/moe.py --tables=matmul` found on this device (its JSON), as
-`model.moe.kernel_tiling`, or with `ragged_dot` if the kernels failed there or differ from
-it; each row records the overrides it ran with. A MoE or UltraMem case whose Pallas
-kernels fail on the device (a kernel that does not compile there) is measured again on
-XLA's path (`ragged_dot`, the XLA lookup): its row is marked `[xla]` and keeps the failure
-as `kernels_failed`, so one kernel fault does not cost the family's MFU row.
+`--moe_kernels_from` runs the MoE cases with the fastest grouped-matmul kernels that
+`benchmarks/moe.py --tables=matmul` found on this device (its JSON): Triton's at their
+fastest `model.moe.kernel_tiling`, or Mosaic GPU's (`matmul_impl=mosaic`) at their fastest
+`mosaic_tiling`, or `ragged_dot` if no kernels ran there and matched it; each row records
+the overrides it ran with. A MoE or UltraMem case whose Pallas kernels fail on the device
+(a kernel that does not compile there) is measured again on XLA's path (`ragged_dot`, the
+XLA lookup), a MoE case on the Mosaic kernels first on Triton's: its row is marked
+`[xla]` or `[pallas]` and keeps the first failure as `kernels_failed`, so one kernel fault
+does not cost the family's MFU row.
 """
 
 import json
@@ -66,6 +68,7 @@ SCALES = {
 CEILING = {'gpu': (8192, 'bfloat16'), 'cpu': (512, 'float32')}
 # A family's Pallas kernels off: how a case whose kernels fail is measured again.
 XLA_PATHS = {'moe': 'model.moe.matmul_impl=xla', 'ultramem': 'model.ultramem.lookup_impl=xla'}
+MOSAIC, TRITON = 'model.moe.matmul_impl=mosaic', 'model.moe.matmul_impl=pallas'
 
 
 def parse_case(case: str, moe_overrides=()) -> tuple[str, str, list[str]]:
@@ -85,12 +88,17 @@ def run_case(case: str, steps: int, profile_dir: Path | None = None,
              moe_overrides: tuple[str, ...] = ()) -> dict:
   family, preset, overrides = parse_case(case, moe_overrides)
   result = _measured(case, family, preset, overrides, steps, profile_dir)
-  xla = XLA_PATHS.get(family)
-  if result.get('error', '').startswith('failed') and xla and xla not in overrides:
-    print(f'{case}: {result["error"]}; measured again with {xla}')
-    failure = result['detail']
-    result = _measured(case, family, preset, [*overrides, xla], steps, profile_dir)
-    result['kernels_failed'] = failure
+  # MoE on the Mosaic kernels falls back to Triton's, then (as any family) to XLA's path.
+  fallbacks = [TRITON] if MOSAIC in overrides else []
+  fallbacks += [XLA_PATHS[family]] if family in XLA_PATHS else []
+  for fallback in fallbacks:
+    if not result.get('error', '').startswith('failed') or fallback in overrides:
+      break
+    print(f'{case}: {result["error"]}; measured again with {fallback}')
+    failure = result.get('kernels_failed', result['detail'])
+    overrides = [*overrides, fallback]
+    result = _measured(case, family, preset, overrides, steps, profile_dir)
+    result.update(kernels_failed=failure, fallback=fallback.split('=')[1])
   return result
 
 
@@ -179,7 +187,7 @@ def main(argv=None):
     save({**info, 'results': results}, args.out)
   rows = []
   for r in results:
-    name = r['case'] + (' [xla]' if 'kernels_failed' in r else '')
+    name = r['case'] + (f' [{r["fallback"]}]' if 'fallback' in r else '')
     if 'error' in r:
       rows.append([name, '–', '–', '–', '–', r['error'], '–', '–', '–'])
       continue

@@ -63,7 +63,7 @@ GRIDS = {
                                (128, 256, 64, 8, 2), (256, 128, 64, 8, 2), (128, 128, 128, 8, 2)),
                     # Mosaic's (block_m, block_n, block_k, steps in flight, grid_block_n),
                     # besides the default (128, 128, 64, 4, 8): jax's sweep of its kernel
-                    'mosaic': ((128, 128, 64, 4, 1), (128, 128, 64, 4, 16), (128, 256, 64, 3, 8),
+                    'mosaic': ((128, 128, 64, 4, 1), (128, 128, 64, 4, 16), (192, 128, 64, 4, 8),
                                (128, 192, 64, 4, 8), (64, 128, 64, 4, 8), (128, 128, 64, 2, 8))}),
     'cpu': dict(d_model=128, expert_d_ff=96, top_k=2, experts=(4, 16), tokens=(512, 2048),
                 matmul_tokens=(2048,), dtype='float32', impls=('xla',), tiling_experts=16,
@@ -94,10 +94,11 @@ def train_fn(layer: nnx.Module):
 
 
 def grouped_matmul_case(experts: int, rows: int, d: int, f: int, dtype, impls, iters: int,
-                        tilings=None):
+                        tilings=None, progress=lambda record: None):
   """Forward + gradients of x [rows, d] @ w[e] [d, f] over `experts` groups of random
   sizes, per impl: seconds, real TFLOP/s, (ragged_dot) XLA's FLOPs over the real, (the
-  kernels) their largest difference from ragged_dot and their times with `tilings[impl]`."""
+  kernels) their largest difference from ragged_dot and their times with `tilings[impl]`.
+  `progress(record)` after each timing: a run cut off by its limit keeps what it timed."""
   tilings = tilings or {}
   kx, kw, kd, kg = jax.random.split(jax.random.key(rows + experts), 4)
   x = jax.random.normal(kx, (rows, d), dtype)
@@ -136,14 +137,13 @@ def grouped_matmul_case(experts: int, rows: int, d: int, f: int, dtype, impls, i
     return dict(tiling._asdict(), s=seconds, tflops=real_flops / seconds / 1e12, **checked)
 
   reference = None
-  for impl in impls:
-    if impl != 'xla' and tilings.get(impl):  # also when the default tiling fails to compile
-      tiling_type = TILINGS[impl][0]
-      record[f'{impl}_tilings'] = [tiling_record(impl, tiling_type(*t)) for t in tilings[impl]]
-    fn, seconds = run(impl)
+
+  def default(impl, fn, seconds):
+    """The record of `impl` at its default tiling, checked against ragged_dot."""
+    nonlocal reference
     if fn is None:
       record[f'{impl}_s'], record[f'{impl}_error'] = None, seconds
-      continue
+      return
     record[f'{impl}_s'], record[f'{impl}_tflops'] = seconds, real_flops / seconds / 1e12
     forward = timed_or_error(jax.jit(product(impl)), x, w, sizes, iters=iters)
     if not isinstance(forward, str):  # one third of the real FLOPs
@@ -157,9 +157,16 @@ def grouped_matmul_case(experts: int, rows: int, d: int, f: int, dtype, impls, i
     if impl == 'mosaic':
       record.update(weight_gradients(x, dy, sizes, real_flops / 3, iters,
                                      None if reference is None else reference[2]))
-  for impl in impls:
-    if f'{impl}_tilings' in record:
-      record[f'{impl}_best_tiling'] = best_tiling(record, impl)
+
+  for impl in impls:  # each at its default tiling, then (also if that failed) the others
+    default(impl, *run(impl))
+    progress(record)
+    if impl != 'xla' and tilings.get(impl):
+      record[f'{impl}_tilings'] = []
+      for t in tilings[impl]:
+        record[f'{impl}_tilings'].append(tiling_record(impl, TILINGS[impl][0](*t)))
+        record[f'{impl}_best_tiling'] = best_tiling(record, impl)
+        progress(record)
   return record
 
 
@@ -271,13 +278,17 @@ def matmul_table(g: dict, iters: int, data: dict, out: str) -> dict:
   d, f, k, impls = g['d_model'], g['expert_d_ff'], g['top_k'], g['impls']
   kernels = [i for i in impls if i != 'xla']
   records = []
+  def tables(records):
+    return {'grouped_matmul': records, 'mfu_overrides': mfu_overrides(records, kernels)}
+
   for experts in g['experts']:
     for tokens in g['matmul_tokens']:
       records.append(grouped_matmul_case(
           experts, tokens * k, d, f, jnp.dtype(g['dtype']), impls, iters,
-          g['tilings'] if experts == g['tiling_experts'] else ()))
-      table = {'grouped_matmul': records, 'mfu_overrides': mfu_overrides(records, kernels)}
-      save({**data, **table}, out)  # a run cut off keeps these
+          g['tilings'] if experts == g['tiling_experts'] else None,
+          # a run cut off keeps what it timed
+          progress=lambda record: save({**data, **tables([*records, record])}, out)))
+      table = tables(records)
   ms = lambda s: '–' if s is None else f'{1e3 * s:,.2f}'
   emit(f'grouped matmul, forward + gradients: rows x {d} times each expert\'s {d} x {f}, '
        f'on {data["device_kind"]}',

@@ -885,17 +885,18 @@ def _kernel_tiling(cfg: ConfigDict, key: str) -> None:
 
 
 def _mosaic_tiling(cfg: ConfigDict, key: str) -> None:
-  """jax's Mosaic GPU ragged dot: output blocks in whole warpgroup tiles (64 rows), a
+  """jax's Mosaic GPU ragged dot: output blocks in whole warpgroup tiles (64 rows) whose
+  fp32 accumulator one warpgroup's registers hold (jax sweeps 64, 128 and 192), a
   contraction block whose bf16 rows fill a shared-memory swizzle (32 to 128 elements), at
   least two copies in flight (the pipeline releases each a step late)."""
   value = _get(cfg, key)
   ok = (isinstance(value, (tuple, list)) and len(value) == 5
         and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
-  if not (ok and all(v in (64, 128, 192, 256) for v in value[:2])
+  if not (ok and all(v in (64, 128, 192) for v in value[:2])
           and value[2] in (32, 64, 128) and 2 <= value[3] <= 8 and value[4] >= 1):
     raise ConfigError(f'{key}={value!r} must be (block_m, block_n, block_k, '
-                      'max_concurrent_steps, grid_block_n): blocks m and n of 64, 128, 192 '
-                      'or 256, block k of 32, 64 or 128, 2 to 8 steps in flight, '
+                      'max_concurrent_steps, grid_block_n): blocks m and n of 64, 128 or '
+                      '192, block k of 32, 64 or 128, 2 to 8 steps in flight, '
                       'grid_block_n >= 1; e.g. (128, 128, 64, 4, 8)')
 
 

@@ -326,8 +326,13 @@ def test_a_swept_tiling_that_differs_from_ragged_dot_is_never_chosen(monkeypatch
     return 0 * y if impl == 'pallas' and tiling.block_m == 32 else y
 
   monkeypatch.setattr(moe, 'grouped_matmul', grouped_matmul)
+  saved = []  # what a run cut off after each timing keeps
   record = moe.grouped_matmul_case(4, 64, 16, 8, jnp.float32, ('xla', 'pallas'), iters=1,
-                                   tilings={'pallas': ((32, 64, 32, 4, 2), (16, 64, 32, 4, 2))})
+                                   tilings={'pallas': ((32, 64, 32, 4, 2), (16, 64, 32, 4, 2))},
+                                   progress=lambda r: saved.append(json.loads(json.dumps(r))))
+  assert ['pallas_s' in r for r in saved] == [False, True, True, True]
+  assert [len(r.get('pallas_tilings', ())) for r in saved] == [0, 0, 1, 2]
+  assert saved[2]['pallas_best_tiling'] and saved[-1] == json.loads(json.dumps(record))
   wrong, right = record['pallas_tilings']
   assert wrong['max_rel_error'] == pytest.approx(1.0) and right['max_rel_error'] < 1e-6
   unchecked = dict(right, block_m=128)
@@ -347,15 +352,15 @@ def test_mfu_runs_moe_with_the_fastest_kernel_family_that_matches_ragged_dot():
   """Mosaic faster and right: mfu.py runs it at its best tiling, with Triton's best for
   the weight gradient (Mosaic's takes Triton's); Mosaic wrong: Triton at its best."""
   triton = dict(moe.Tiling(128, 128, 64, 8, 3)._asdict(), tflops=246.0)
-  mosaic = dict(moe.MosaicTiling(128, 256, 64, 3, 8)._asdict(), tflops=480.0)
+  mosaic = dict(moe.MosaicTiling(192, 128, 64, 3, 8)._asdict(), tflops=480.0)
   record = {'pallas_s': 1.0, 'pallas_max_rel_error': 0.0, 'pallas_best_tiling': triton,
             'mosaic_s': 0.5, 'mosaic_max_rel_error': 0.0, 'mosaic_best_tiling': mosaic}
   overrides = moe.mfu_overrides([record], ['pallas', 'mosaic'])
   assert overrides == ['model.moe.matmul_impl=mosaic',
-                       'model.moe.mosaic_tiling=(128, 256, 64, 3, 8)',
+                       'model.moe.mosaic_tiling=(192, 128, 64, 3, 8)',
                        'model.moe.kernel_tiling=(128, 128, 64, 8, 3)']
-  moe_cfg = config_lib.load('configs/moe.py:tiny', overrides).model.moe
-  assert (moe_cfg.matmul_impl, moe_cfg.mosaic_tiling) == ('mosaic', (128, 256, 64, 3, 8))
+  moe_cfg = config_lib.load('configs/moe.py:tiny', ['model.dtype=bfloat16', *overrides]).model.moe
+  assert (moe_cfg.matmul_impl, moe_cfg.mosaic_tiling) == ('mosaic', (192, 128, 64, 3, 8))
   wrong = dict(record, mosaic_max_rel_error=0.3)
   assert moe.mfu_overrides([wrong], ['pallas', 'mosaic']) == [
       'model.moe.kernel_tiling=(128, 128, 64, 8, 3)']
@@ -364,7 +369,7 @@ def test_mfu_runs_moe_with_the_fastest_kernel_family_that_matches_ragged_dot():
       'model.moe.kernel_tiling=(128, 128, 64, 8, 3)']
   failed = dict(wrong, pallas_error='RuntimeError: no Triton here')
   assert moe.mfu_overrides([failed], ['pallas', 'mosaic']) == ['model.moe.matmul_impl=xla']
-  assert moe.tiling_name(mosaic) == '128x256x64 c3 g8'
+  assert moe.tiling_name(mosaic) == '192x128x64 c3 g8'
 
 
 def test_weight_gradient_kernels_that_cannot_run_here_are_cells_with_their_error():
@@ -394,8 +399,31 @@ def test_an_mfu_case_whose_kernels_fail_is_measured_again_on_xla(monkeypatch):
   result = mfu.run_case('ultramem:tiny:4:none', steps=1)
   assert result['step_time_s'] == 1.0 and 'Triton compile failed' in result['kernels_failed']
   assert result['overrides'][-1] == 'model.ultramem.lookup_impl=xla'
+  assert result['fallback'] == 'xla'
   failed = mfu.run_case('dense:tiny:4:none', steps=1)  # no other path: the error stays
   assert failed['error'] == 'failed: RuntimeError' and 'kernels_failed' not in failed
+
+
+def test_an_mfu_moe_case_whose_mosaic_kernels_fail_is_measured_on_triton_then_xla(
+    monkeypatch):
+  ran = []
+  def measure(cfg, **_):  # Mosaic fails; Triton too when asked to
+    ran.append(cfg.model.moe.matmul_impl)
+    if cfg.model.moe.matmul_impl == 'mosaic' or cfg.model.moe.matmul_impl in fail:
+      raise RuntimeError(f'{cfg.model.moe.matmul_impl} failed')
+    return {'step_time_s': 1.0}
+
+  monkeypatch.setattr(mfu, 'measure', measure)
+  case = 'moe:tiny:4:none:model.dtype=bfloat16'
+  fail = ()
+  result = mfu.run_case(case, steps=1, moe_overrides=(mfu.MOSAIC,))
+  assert ran == ['mosaic', 'pallas'] and result['fallback'] == 'pallas'
+  assert 'mosaic failed' in result['kernels_failed']
+  ran.clear()
+  fail = ('pallas',)
+  result = mfu.run_case(case, steps=1, moe_overrides=(mfu.MOSAIC,))
+  assert ran == ['mosaic', 'pallas', 'xla'] and result['fallback'] == 'xla'
+  assert 'mosaic failed' in result['kernels_failed']  # the first failure is the one kept
 
 
 def test_a_moe_layer_that_fails_costs_its_cells_only(tmp_path, monkeypatch):

@@ -326,7 +326,8 @@ def test_invalid_moe_configs_are_one_line_errors():
     with pytest.raises(config_lib.ConfigError,
                        match=r'model\.moe\.kernel_tiling=.* must be \(block_m, block_n, '):
       config_lib.load('configs/moe.py:tiny', [f'model.moe.kernel_tiling={tiling}'])
-  for tiling in ('(128, 128, 64, 4)', '(96, 128, 64, 4, 8)', '(128, 128, 16, 4, 8)',
+  for tiling in ('(128, 128, 64, 4)', '(96, 128, 64, 4, 8)', '(128, 256, 64, 4, 8)',
+                 '(128, 128, 16, 4, 8)',
                  '(128, 128, 64, 1, 8)', '(128, 128, 64, 4, 0)'):
     with pytest.raises(config_lib.ConfigError, match=r'model\.moe\.mosaic_tiling=.* must be '
                                                      r'\(block_m, block_n, block_k, max_conc'):
