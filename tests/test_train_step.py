@@ -264,15 +264,18 @@ def test_sown_aux_losses_and_metrics_reach_the_step_metrics(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('spec', ['configs/moe.py:tiny', 'configs/ultramem.py:tiny',
-                                  'configs/megabyte.py:tiny_ultramem'])
+@pytest.mark.parametrize('spec', ['configs/moe.py:tiny', 'configs/moe.py:tiny:mosaic',
+                                  'configs/ultramem.py:tiny', 'configs/megabyte.py:tiny_ultramem'])
 def test_gpu_train_step_lowers_for_cuda_on_a_mesh(spec, traced_as_on_gpu):
   """The train step as `auto` builds it on a GPU (cuDNN attention, the Pallas kernels of
   MoE and UltraMem), on 8 devices with experts split 4 ways, lowers for CUDA: running it
-  needs a GPU, lowering does not. (It found the kernels failing inside MoE's shard_map.)"""
+  needs a GPU, lowering does not. (It found the kernels failing inside MoE's shard_map.)
+  `:mosaic`: MoE with `matmul_impl=mosaic` (jax's Mosaic GPU ragged dot)."""
   del traced_as_on_gpu
+  spec, mosaic = spec.removesuffix(':mosaic'), spec.endswith(':mosaic')
   cfg = config_lib.load(spec, ['model.dtype=bfloat16', 'model.remat=dots', 'data.seq_len=64',
-                               'train.batch_size=8', 'mesh.ici.data=2', 'mesh.ici.expert=4'])
+                               'train.batch_size=8', 'mesh.ici.data=2', 'mesh.ici.expert=4',
+                               *(['model.moe.matmul_impl=mosaic'] if mosaic else [])])
   setup = make_setup(cfg, make_mesh(cfg))
   batch = global_batch(make_batch(8, 64), setup.batch_sharding)
   lowered = make_train_step(setup).trace(init_state(cfg, setup), batch).lower(
@@ -280,6 +283,7 @@ def test_gpu_train_step_lowers_for_cuda_on_a_mesh(spec, traced_as_on_gpu):
   hlo = lowered.as_text()
   assert 'xla.gpu.triton' in hlo  # the grouped matmuls / the value lookup
   assert 'CustomSPMDPartitioning' in hlo  # cuDNN attention, partitioned when compiled
+  assert ('custom_call @mosaic_gpu' in hlo) == mosaic
 
 
 @pytest.mark.slow  # 20 s
