@@ -322,17 +322,18 @@ def best_tiling(record: dict, impl: str) -> dict | None:
   return max(correct, key=lambda t: t['tflops'], default=None)
 
 
-def matches(error: float) -> bool:
+def matches(error: float | None) -> bool:
   """Whether a kernel's difference from ragged_dot is within the limit; a NaN is not
-  (`NaN > limit` is False, hence `<=`)."""
-  return error <= MAX_KERNEL_ERROR
+  (`NaN > limit` is False, hence `<=`), nor a NaN read back from JSON (None)."""
+  return error is not None and error <= MAX_KERNEL_ERROR
 
 
 def mfu_overrides(records: list[dict], kernels: list[str]) -> list[str]:
   """How `benchmarks/mfu.py --moe_kernels_from` runs its MoE cases after this table: with
   the fastest kernel family that ran and matched `ragged_dot` in every record, at its
   fastest tiling (as configured when no tiling was timed); with `ragged_dot` when none
-  did. Mosaic's weight gradient is Triton's, so a Mosaic choice keeps Triton's tiling."""
+  did. Mosaic's weight gradient is Triton's, so a Mosaic choice keeps Triton's tiling, or
+  jax's transposed Mosaic kernel where that matched ragged_dot and was faster."""
   good = [impl for impl in kernels  # unchecked (no ragged_dot reference ran): failed
           if not any(f'{impl}_error' in r or not matches(r.get(f'{impl}_max_rel_error',
                                                                 math.inf))
@@ -351,7 +352,19 @@ def mfu_overrides(records: list[dict], kernels: list[str]) -> list[str]:
   if TILINGS[fastest][1] == 'mosaic_tiling':  # not what `auto` runs
     overrides.insert(0, f'model.moe.matmul_impl={fastest}')
     overrides += [tiling(i) for i in good if TILINGS[i][1] == 'kernel_tiling' and best[i]]
+    if fastest == 'mosaic' and mosaic_weight_grad_wins(records):
+      overrides.append('model.moe.mosaic_weight_grad=mosaic')
   return overrides
+
+
+def mosaic_weight_grad_wins(records: list[dict]) -> bool:
+  """Whether jax's transposed Mosaic kernel matched ragged_dot's weight gradient and beat
+  Triton's in every record that timed both (and at least one did)."""
+  both = [r for r in records
+          if {'weight_grad_mosaic_tflops', 'weight_grad_triton_tflops'} <= r.keys()]
+  return bool(both) and all(
+      matches(r.get('weight_grad_mosaic_max_rel_error', math.inf))
+      and r['weight_grad_mosaic_tflops'] > r['weight_grad_triton_tflops'] for r in both)
 
 
 def best_tiling_cell(record: dict, impl: str) -> str:

@@ -37,6 +37,7 @@ TABLE_SPLITS = ('rows', 'width')  # how a sharded memory table is split (kernels
 MOE_GATES = ('softmax', 'sigmoid')
 # kernels.grouped_matmul: which code runs dropless MoE's grouped matmuls.
 MOE_MATMUL_IMPLS = ('auto', 'xla', 'pallas', 'mosaic', 'interpret', 'interpret_mosaic')
+MOE_WEIGHT_GRADS = ('triton', 'mosaic')  # which kernel takes the weight gradient with 'mosaic'
 SCHEDULES = ('cosine', 'wsd', 'constant')
 NONFINITE = ('stop', 'skip')
 GROUP_DECAYS = ('none', 'linear')  # train.groups.<name>.multiplier_decay
@@ -442,6 +443,10 @@ def _check_moe(cfg: ConfigDict) -> None:
                       "set model.dtype=bfloat16 or model.moe.matmul_impl='pallas'")
   _kernel_tiling(cfg, 'model.moe.kernel_tiling')
   _mosaic_tiling(cfg, 'model.moe.mosaic_tiling')
+  if (_choice(cfg, 'model.moe.mosaic_weight_grad', MOE_WEIGHT_GRADS) == 'mosaic'
+      and cfg.model.moe.matmul_impl != 'mosaic'):
+    raise ConfigError(f"model.moe.mosaic_weight_grad='mosaic' goes with model.moe.matmul_impl="
+                      f"'mosaic', not {cfg.model.moe.matmul_impl!r} (no interpreter runs it)")
   for key in ('model.moe.capacity_factor', 'model.moe.ep_capacity_factor'):
     if _get(cfg, key) is not None and _number(cfg, key) <= 0:
       raise ConfigError(f'{key}={_get(cfg, key)!r} must be > 0 (or None: dropless)')
@@ -982,6 +987,7 @@ RUN_SECTIONS = ('train', 'checkpoint', 'log', 'launch')
 # Model keys that pick kernels, which compute the same function, or that jaxarch gained
 # with a default that is what older runs did (heads_per_query=1): filled the same way.
 RUN_MODEL_KEYS = (('moe', 'matmul_impl'), ('moe', 'kernel_tiling'), ('moe', 'mosaic_tiling'),
+                  ('moe', 'mosaic_weight_grad'),
                   ('ultramem', 'lookup_impl'),
                   ('ultramem', 'lookup_scatter'), ('ultramem', 'table_split'),
                   ('ultramem', 'heads_per_query'))

@@ -361,6 +361,14 @@ def test_mfu_runs_moe_with_the_fastest_kernel_family_that_matches_ragged_dot():
                        'model.moe.kernel_tiling=(128, 128, 64, 8, 3)']
   moe_cfg = config_lib.load('configs/moe.py:tiny', ['model.dtype=bfloat16', *overrides]).model.moe
   assert (moe_cfg.matmul_impl, moe_cfg.mosaic_tiling) == ('mosaic', (192, 128, 64, 3, 8))
+  # jax's transposed Mosaic kernel: right and faster than Triton's weight gradient
+  grads = dict(weight_grad_triton_tflops=250.0, weight_grad_mosaic_tflops=500.0,
+               weight_grad_mosaic_max_rel_error=0.0)
+  assert moe.mfu_overrides([{**record, **grads}], ['pallas', 'mosaic']) == [
+      *overrides, 'model.moe.mosaic_weight_grad=mosaic']
+  for worse in (dict(weight_grad_mosaic_max_rel_error=0.3), dict(weight_grad_mosaic_tflops=1.0),
+                dict(weight_grad_mosaic_max_rel_error=None)):
+    assert moe.mfu_overrides([{**record, **grads, **worse}], ['pallas', 'mosaic']) == overrides
   wrong = dict(record, mosaic_max_rel_error=0.3)
   assert moe.mfu_overrides([wrong], ['pallas', 'mosaic']) == [
       'model.moe.kernel_tiling=(128, 128, 64, 8, 3)']

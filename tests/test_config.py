@@ -478,12 +478,14 @@ def test_a_moe_run_saved_before_the_kernel_choice_resumes_with_auto(tmp_path):
   del old['model']['moe']['matmul_impl']  # kernel choices: the same function either way
   del old['model']['moe']['kernel_tiling']
   del old['model']['moe']['mosaic_tiling']
+  del old['model']['moe']['mosaic_weight_grad']
   old['model']['moe']['top_k'] = 3
   path.write_text(json.dumps(old))
   restored = config_lib.load_json(path)
   assert (restored.model.moe.matmul_impl, restored.model.moe.top_k) == ('auto', 3)
   assert restored.model.moe.kernel_tiling == (64, 128, 64, 4, 3)
   assert restored.model.moe.mosaic_tiling == (128, 128, 64, 4, 8)
+  assert restored.model.moe.mosaic_weight_grad == 'triton'
   del old['model']['init_truncation']  # shapes only the initial weights
   path.write_text(json.dumps(old))
   assert config_lib.load_json(path).model.init_truncation == 0.0

@@ -180,23 +180,23 @@ def gpu_with_132_sms(monkeypatch):
 def test_mosaic_kernels_lower_for_cuda():
   """At the 680m preset's shapes (16 experts, d_model 1536, expert width 1200: padded to
   the blocks), impl='mosaic' lowers to two Mosaic GPU kernels (product, input gradient)
-  and Triton's weight gradient; jax's transposed Mosaic kernel, which the benchmark times
-  for the weight gradient, lowers too (running either needs a Hopper GPU)."""
+  and Triton's weight gradient, or with `mosaic_weight_grad='mosaic'` three Mosaic kernels
+  (jax's transposed one for the weight gradient); running them needs a Hopper GPU."""
   shapes = (jax.ShapeDtypeStruct((65536, 1536), jnp.bfloat16),
             jax.ShapeDtypeStruct((16, 1536, 1200), jnp.bfloat16),
             jax.ShapeDtypeStruct((16,), jnp.int32),
             jax.ShapeDtypeStruct((65536, 1200), jnp.bfloat16))
-  kernels = _Kernels('mosaic', gmm_triton.Tiling(), gmm_mosaic.MosaicTiling())
+  def lowered(weight_grad):
+    kernels = _Kernels('mosaic', gmm_triton.Tiling(), gmm_mosaic.MosaicTiling(), weight_grad)
+    def fn(x, w, sizes, dy):
+      out, vjp = jax.vjp(lambda x, w: _gmm(x, w, sizes, kernels), x, w)
+      return out, vjp(dy)
+    return jax.jit(fn).trace(*shapes).lower(lowering_platforms=('cuda',)).as_text()
 
-  def fn(x, w, sizes, dy):
-    out, vjp = jax.vjp(lambda x, w: _gmm(x, w, sizes, kernels), x, w)
-    return out, vjp(dy)
-
-  hlo = jax.jit(fn).trace(*shapes).lower(lowering_platforms=('cuda',)).as_text()
+  hlo = lowered('triton')
   assert hlo.count('custom_call @mosaic_gpu') == 2 and hlo.count('xla.gpu.triton') == 1
-  x, _, sizes, dy = shapes
-  hlo = jax.jit(gmm_mosaic.tgmm).trace(x, dy, sizes).lower(lowering_platforms=('cuda',))
-  assert hlo.as_text().count('custom_call @mosaic_gpu') == 1
+  hlo = lowered('mosaic')  # jax's transposed Mosaic kernel for the weight gradient
+  assert hlo.count('custom_call @mosaic_gpu') == 3 and 'xla.gpu.triton' not in hlo
 
 
 def test_mosaic_impl_errors_name_what_to_use_instead():
@@ -206,6 +206,11 @@ def test_mosaic_impl_errors_name_what_to_use_instead():
     grouped_matmul(x, w, sizes, impl='mosaic')
   with pytest.raises(ValueError, match='bfloat16 or float16 rows, not float32'):
     grouped_matmul(x.astype(jnp.float32), w, sizes, impl='interpret_mosaic')
+  for impl, weight_grad in (('interpret_mosaic', 'mosaic'), ('xla', 'mosaic'),
+                            ('interpret_mosaic', 'cutlass')):
+    with pytest.raises(ValueError, match=rf"mosaic_weight_grad='{weight_grad}' must be one "
+                                         r"of \('triton', 'mosaic'\), and 'mosaic' goes with"):
+      grouped_matmul(x, w, sizes, impl=impl, mosaic_weight_grad=weight_grad)
   assert kernels_for('interpret_mosaic') == 'mosaic_interpret'
 
 

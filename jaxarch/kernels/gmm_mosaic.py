@@ -10,9 +10,9 @@ one persistent program per SM): `jax.experimental.pallas.ops.gpu.ragged_dot_mgpu
 - `gmm`: `out[rows of g] = x[rows of g] @ w[g]`, or `@ w[g].T` (the input gradient: the
   weights are transposed first, a copy of the weights and not of the rows, so one kernel
   serves both, and Pallas' interpreter runs it);
-- `tgmm`: `out[g] = x[rows of g].T @ dy[rows of g]` (the weight gradient), GPU only and
-  not yet on the model's path (see its docstring): `grouped_matmul(impl='mosaic')` takes
-  its weight gradient from `gmm_triton.tgmm`.
+- `tgmm`: `out[g] = x[rows of g].T @ dy[rows of g]` (the weight gradient), GPU only (see
+  its docstring): `grouped_matmul(impl='mosaic')` takes its weight gradient from
+  `gmm_triton.tgmm` unless `mosaic_weight_grad='mosaic'`.
 
 What the wrappers add. The kernels need block-aligned sizes (the contraction a multiple
 of `block_k`; the weight gradient's dimensions multiples of `block_m` and `block_n`), so
@@ -104,10 +104,10 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bo
 def tgmm(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, *,
          tiling: MosaicTiling = MosaicTiling()) -> jax.Array:
   """x [M, K], dy [M, N] -> [G, K, N] in x's dtype: per group, its rows of x transposed
-  times dy's (jax's `transposed_ragged_dot`). GPU only, and not on the model's path:
-  jax 0.10's interpreter cannot run its transposed `wgmma` operand, so no CPU test checks
-  its numbers; `benchmarks/moe.py` times it against `gmm_triton.tgmm` and checks it
-  against `ragged_dot` on the GPU."""
+  times dy's (jax's `transposed_ragged_dot`). GPU only: jax 0.10's interpreter cannot run
+  its transposed `wgmma` operand, so no CPU test checks its numbers (tests lower it for
+  CUDA); `benchmarks/moe.py` times it against `gmm_triton.tgmm` and checks it against
+  `ragged_dot` on the GPU, and only then does `mfu.py --moe_kernels_from` train with it."""
   from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu  # (lazy)
   check_dtype(x.dtype)
   dy = dy.astype(x.dtype)

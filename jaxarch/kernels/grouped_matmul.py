@@ -12,11 +12,13 @@ elsewhere); `'pallas'` runs the Triton kernels of `gmm_triton` (GPU), with a cus
 whose input gradient is the grouped matmul by the transposed weights and whose weight
 gradient is the per-group `x.T @ dy` kernel; `'mosaic'` (Hopper) runs the forward and the
 input gradient with jax's Mosaic GPU ragged dot (`gmm_mosaic`) and the weight gradient
-with the Triton kernel; `'interpret'` / `'interpret_mosaic'` run those kernels in Pallas'
-interpreters on any backend (the CPU tests); `'auto'` is `'pallas'` on GPU and `'xla'`
-elsewhere. Accumulation is in fp32; outputs have x's dtype. The kernels take w in x's
-dtype, so the weight gradient is rounded to x's dtype before it is cast back to w's (the
-MoE layer casts its weights to the compute dtype first anyway).
+with the Triton kernel, or with jax's transposed Mosaic ragged dot if
+`mosaic_weight_grad='mosaic'` (GPU only: `benchmarks/moe.py` checks it against
+`ragged_dot` on the GPU, no CPU test can); `'interpret'` / `'interpret_mosaic'` run the
+other kernels in Pallas' interpreters on any backend (the CPU tests); `'auto'` is
+`'pallas'` on GPU and `'xla'` elsewhere. Accumulation is in fp32; outputs have x's dtype.
+The kernels take w in x's dtype, so the weight gradient is rounded to x's dtype before it
+is cast back to w's (the MoE layer casts its weights to the compute dtype first anyway).
 """
 
 import functools
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxarch.config import MOE_MATMUL_IMPLS as IMPLS
+from jaxarch.config import MOE_WEIGHT_GRADS as WEIGHT_GRADS
 from jaxarch.kernels import dispatch, gmm_mosaic, gmm_triton
 
 
@@ -36,21 +39,27 @@ def kernels_for(impl: str, key: str = 'impl') -> str:
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
                    impl: str = 'auto', tiling: gmm_triton.Tiling = gmm_triton.Tiling(),
-                   mosaic_tiling: gmm_mosaic.MosaicTiling = gmm_mosaic.MosaicTiling()
-                   ) -> jax.Array:
+                   mosaic_tiling: gmm_mosaic.MosaicTiling = gmm_mosaic.MosaicTiling(),
+                   mosaic_weight_grad: str = 'triton') -> jax.Array:
   """x [M, K], w [G, K, N], group_sizes [G] int (sum <= M) -> [M, N] in x's dtype;
   `tiling`: the Triton kernels' blocks and launch settings (with `'mosaic'`, the weight
-  gradient's); `mosaic_tiling`: the Mosaic GPU kernels'."""
+  gradient's); `mosaic_tiling`: the Mosaic GPU kernels'; `mosaic_weight_grad`: with
+  `impl='mosaic'`, which kernel computes the weight gradient ('triton' or 'mosaic')."""
   if x.ndim != 2 or w.ndim != 3 or group_sizes.shape != w.shape[:1] or x.shape[1] != w.shape[1]:
     raise ValueError(f'grouped_matmul: expected x [M, K], w [G, K, N], group_sizes [G]; got '
                      f'{x.shape}, {w.shape}, {group_sizes.shape}')
   kernels = kernels_for(impl)
+  if mosaic_weight_grad not in WEIGHT_GRADS or (mosaic_weight_grad == 'mosaic'
+                                                and kernels != 'mosaic'):
+    raise ValueError(f'grouped_matmul: mosaic_weight_grad={mosaic_weight_grad!r} must be one '
+                     f"of {WEIGHT_GRADS}, and 'mosaic' goes with impl='mosaic' (GPU only: "
+                     f'no interpreter runs that kernel); got impl={impl!r}')
   if kernels == 'xla':  # ragged_dot would promote to a wider w's dtype: out in x's, as documented
     return jax.lax.ragged_dot(x, w, group_sizes).astype(x.dtype)
   if kernels.startswith('mosaic'):
     gmm_mosaic.check_dtype(x.dtype)
   return _gmm(x, w.astype(x.dtype), group_sizes.astype(jnp.int32),
-              _Kernels(kernels, tiling, mosaic_tiling))
+              _Kernels(kernels, tiling, mosaic_tiling, mosaic_weight_grad))
 
 
 class _Kernels(NamedTuple):
@@ -58,6 +67,7 @@ class _Kernels(NamedTuple):
   name: str  # 'triton', 'mosaic' or '<either>_interpret'
   tiling: gmm_triton.Tiling
   mosaic_tiling: gmm_mosaic.MosaicTiling
+  weight_grad: str = 'triton'  # or 'mosaic': jax's transposed Mosaic ragged dot
 
   @property
   def interpret(self) -> bool:
@@ -84,8 +94,11 @@ def _gmm_bwd(kernels, residuals, dy):
   x, w, group_sizes = residuals
   dy = dy.astype(x.dtype)
   dx = kernels.gmm(dy, w, group_sizes, transpose_rhs=True)
-  dw = gmm_triton.tgmm(x, dy, group_sizes, out_dtype=w.dtype, tiling=kernels.tiling,
-                       interpret=kernels.interpret)
+  if kernels.weight_grad == 'mosaic':
+    dw = gmm_mosaic.tgmm(x, dy, group_sizes, tiling=kernels.mosaic_tiling).astype(w.dtype)
+  else:
+    dw = gmm_triton.tgmm(x, dy, group_sizes, out_dtype=w.dtype, tiling=kernels.tiling,
+                         interpret=kernels.interpret)
   return dx, dw, jnp.zeros(group_sizes.shape, jax.dtypes.float0)
 
 

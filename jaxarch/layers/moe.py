@@ -122,12 +122,11 @@ def gather_rows(buffer: jax.Array, slot: jax.Array) -> jax.Array:
   return jnp.concatenate([buffer, jnp.zeros((1, buffer.shape[1]), buffer.dtype)])[slot]
 
 
-def grouped_swiglu(x, group_sizes, gate, up, down, impl='auto', tiling=Tiling(),
-                   mosaic_tiling=MosaicTiling()):
-  """Rows of x [m, d] in contiguous groups, one expert each -> [m, d]; rows past the groups give 0."""
+def grouped_swiglu(x, group_sizes, gate, up, down, **kernels):
+  """Rows of x [m, d] in contiguous groups, one expert each -> [m, d]; rows past the
+  groups give 0. `kernels`: `grouped_matmul`'s choice of kernels and their settings."""
   def matmul(a, w):  # named: `model.remat=dots` keeps it (layers/remat.py)
-    return checkpoint_name(grouped_matmul(a, w, group_sizes, impl=impl, tiling=tiling,
-                                          mosaic_tiling=mosaic_tiling), remat.EXPERT_MATMUL)
+    return checkpoint_name(grouped_matmul(a, w, group_sizes, **kernels), remat.EXPERT_MATMUL)
   h = jax.nn.silu(matmul(x, gate)) * matmul(x, up)
   return matmul(h, down)
 
@@ -150,6 +149,7 @@ class MoE(nnx.Module):
                z_loss_weight: float = 0.0, bias_update_rate: float = 0.0,
                matmul_impl: str = 'auto', kernel_tiling: tuple[int, ...] = tuple(Tiling()),
                mosaic_tiling: tuple[int, ...] = tuple(MosaicTiling()),
+               mosaic_weight_grad: str = 'triton',
                init_std: float = 0.02, out_std: float | None = None,
                init_truncation: float = 0.0, dtype=jnp.bfloat16, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
@@ -164,7 +164,7 @@ class MoE(nnx.Module):
     self.aux_loss_weight, self.z_loss_weight = aux_loss_weight, z_loss_weight
     self.bias_update_rate, self.dtype = bias_update_rate, dtype
     self.matmul_impl, self.kernel_tiling = matmul_impl, Tiling(*kernel_tiling)
-    self.mosaic_tiling = MosaicTiling(*mosaic_tiling)
+    self.mosaic_tiling, self.mosaic_weight_grad = MosaicTiling(*mosaic_tiling), mosaic_weight_grad
     self.deterministic = False  # True: no bias update (evaluation)
     e, d, f = num_experts, d_model, expert_d_ff
     init, out = normal(init_std, init_truncation), normal(out_std or init_std, init_truncation)
@@ -297,6 +297,11 @@ class MoE(nnx.Module):
     out = jnp.einsum('tk,tkd->td', weights, y.reshape(t, k, d))
     return out, jnp.sum(dropped & jnp.repeat(real, k)).astype(jnp.float32)
 
+  def _kernels(self) -> dict:
+    """`grouped_matmul`'s kernel settings, as configured."""
+    return dict(impl=self.matmul_impl, tiling=self.kernel_tiling,
+                mosaic_tiling=self.mosaic_tiling, mosaic_weight_grad=self.mosaic_weight_grad)
+
   def _gathered(self, tokens, experts, gate, up, down):
     """Few tokens (T·k <= E, a decode step): each assignment's expert weights gathered,
     so only the chosen experts are read. -> y [T·k, d] token-major, nothing dropped."""
@@ -313,7 +318,7 @@ class MoE(nnx.Module):
       order, inverse = sort_by(flat)
       xs = permute(jnp.repeat(tokens, k, axis=0), order, inverse)  # sorted by expert
       ys = grouped_swiglu(xs, jnp.bincount(flat, length=e), gate, up, down,
-                          self.matmul_impl, self.kernel_tiling, self.mosaic_tiling)
+                          **self._kernels())
       return permute(ys, inverse, order), jnp.zeros(t * k, bool)
 
     # Padded exchange: the buffer for shard j holds `per_seq` rows per sequence, row
@@ -333,7 +338,7 @@ class MoE(nnx.Module):
     order, inverse = sort_by(recv_e)  # empty rows last: past every group
     sizes = jnp.sum(recv_e[:, None] == jnp.arange(local_e), axis=0)
     ys = grouped_swiglu(permute(recv_x, order, inverse), sizes, gate, up, down,
-                        self.matmul_impl, self.kernel_tiling, self.mosaic_tiling)
+                        **self._kernels())
     back = exchange(permute(ys, inverse, order).reshape(shards, -1, d)).reshape(rows, d)
     return gather_rows(back, slot).astype(tokens.dtype), ~kept
 
