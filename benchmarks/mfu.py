@@ -68,7 +68,9 @@ SCALES = {
 CEILING = {'gpu': (8192, 'bfloat16'), 'cpu': (512, 'float32')}
 # A family's Pallas kernels off: how a case whose kernels fail is measured again.
 XLA_PATHS = {'moe': 'model.moe.matmul_impl=xla', 'ultramem': 'model.ultramem.lookup_impl=xla'}
-MOSAIC, TRITON = 'model.moe.matmul_impl=mosaic', 'model.moe.matmul_impl=pallas'
+MOSAIC = 'model.moe.matmul_impl=mosaic'
+# Triton's kernels, also for the weight gradient (which goes with the Mosaic kernels only).
+TRITON = ('model.moe.matmul_impl=pallas', 'model.moe.mosaic_weight_grad=triton')
 
 
 def parse_case(case: str, moe_overrides=()) -> tuple[str, str, list[str]]:
@@ -90,21 +92,24 @@ def run_case(case: str, steps: int, profile_dir: Path | None = None,
   result = _measured(case, family, preset, overrides, steps, profile_dir)
   # MoE on the Mosaic kernels falls back to Triton's, then (as any family) to XLA's path.
   fallbacks = [TRITON] if MOSAIC in overrides else []
-  fallbacks += [XLA_PATHS[family]] if family in XLA_PATHS else []
+  fallbacks += [(XLA_PATHS[family],)] if family in XLA_PATHS else []
   for fallback in fallbacks:
-    if not result.get('error', '').startswith('failed') or fallback in overrides:
+    if not result.get('error', '').startswith('failed') or fallback[0] in overrides:
       break
-    print(f'{case}: {result["error"]}; measured again with {fallback}')
+    print(f'{case}: {result["error"]}; measured again with {" ".join(fallback)}')
     failure = result.get('kernels_failed', result['detail'])
-    overrides = [*overrides, fallback]
+    overrides = [*overrides, *fallback]
     result = _measured(case, family, preset, overrides, steps, profile_dir)
-    result.update(kernels_failed=failure, fallback=fallback.split('=')[1])
+    result.update(kernels_failed=failure, fallback=fallback[0].split('=')[1])
   return result
 
 
 def _measured(case, family, preset, overrides, steps, profile_dir) -> dict:
   """`measure`'s record of one case, or its error (a failure costs this row only)."""
-  cfg = config_lib.load(f'configs/{family}.py:{preset}', overrides)
+  try:
+    cfg = config_lib.load(f'configs/{family}.py:{preset}', overrides)
+  except config_lib.ConfigError as e:  # e.g. overrides read from another run's JSON
+    return {'case': case, 'family': family, 'error': 'config error', 'detail': str(e)}
   try:
     trace_dir = None if profile_dir is None else profile_dir / case.replace(':', '_')
     return {'case': case, 'overrides': overrides,

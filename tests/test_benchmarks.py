@@ -424,7 +424,8 @@ def test_an_mfu_moe_case_whose_mosaic_kernels_fail_is_measured_on_triton_then_xl
   monkeypatch.setattr(mfu, 'measure', measure)
   case = 'moe:tiny:4:none:model.dtype=bfloat16'
   fail = ()
-  result = mfu.run_case(case, steps=1, moe_overrides=(mfu.MOSAIC,))
+  result = mfu.run_case(case, steps=1, moe_overrides=(
+      mfu.MOSAIC, 'model.moe.mosaic_weight_grad=mosaic'))  # which Triton's path drops
   assert ran == ['mosaic', 'pallas'] and result['fallback'] == 'pallas'
   assert 'mosaic failed' in result['kernels_failed']
   ran.clear()
@@ -432,6 +433,8 @@ def test_an_mfu_moe_case_whose_mosaic_kernels_fail_is_measured_on_triton_then_xl
   result = mfu.run_case(case, steps=1, moe_overrides=(mfu.MOSAIC,))
   assert ran == ['mosaic', 'pallas', 'xla'] and result['fallback'] == 'xla'
   assert 'mosaic failed' in result['kernels_failed']  # the first failure is the one kept
+  bad = mfu.run_case('moe:tiny:4:none', steps=1, moe_overrides=('model.moe.top_k=0',))
+  assert bad['error'] == 'config error' and 'model.moe.top_k' in bad['detail']  # one row
 
 
 def test_a_moe_layer_that_fails_costs_its_cells_only(tmp_path, monkeypatch):
