@@ -94,13 +94,13 @@ run() {  # PART NAME SHARE COMMAND...
   pack
 }
 
-run 1 grouped_matmul 17 python3 benchmarks/moe.py --tables=matmul --experts=16
+run 1 grouped_matmul 20 python3 benchmarks/moe.py --tables=matmul --experts=16
 kernels_from=benchmarks/records/grouped_matmul_h200.json  # unless the table above finished
 [ -s "$out/grouped_matmul.json" ] && kernels_from=$out/grouped_matmul.json
 # MFU with the graphs off (recorded as `xla_flags` in its JSON): a step of 0.3 s barely
 # depends on launch overhead, and the profile can then name the instructions.
 XLA_FLAGS="--xla_gpu_enable_command_buffer= ${XLA_FLAGS:-}" \
-  run 1 mfu 35 python3 benchmarks/mfu.py --steps=5 --profile --profile_dir=/tmp/jaxarch_traces \
+  run 1 mfu 32 python3 benchmarks/mfu.py --steps=5 --profile --profile_dir=/tmp/jaxarch_traces \
     --moe_kernels_from="$kernels_from" --cases=moe:680m:16:dots:model.moe.num_experts=16,\
 ultramem:680m:16:dots:model.ultramem.num_values=262144,megabyte:151m:8:none
 # The rest at the sizes that fit their shares (each saves after every case); their full
