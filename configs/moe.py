@@ -76,7 +76,8 @@ def get_config(arg=None):
   # The Mosaic GPU kernels' (block_m, block_n, block_k, max_concurrent_steps, grid_block_n).
   m.mosaic_tiling = tuple(MosaicTiling())
   # With mosaic, the weight gradient's kernel: triton, or mosaic (jax's transposed ragged
-  # dot, GPU only; benchmarks/moe.py checks it against ragged_dot on the GPU).
+  # dot, GPU only; benchmarks/moe.py checks it against ragged_dot on the GPU). The other
+  # impls ignore it.
   m.mosaic_weight_grad = 'triton'
   m.update(PRESETS[arg])
   c.model.moe = m

@@ -444,9 +444,10 @@ def _check_moe(cfg: ConfigDict) -> None:
   _kernel_tiling(cfg, 'model.moe.kernel_tiling')
   _mosaic_tiling(cfg, 'model.moe.mosaic_tiling')
   if (_choice(cfg, 'model.moe.mosaic_weight_grad', MOE_WEIGHT_GRADS) == 'mosaic'
-      and cfg.model.moe.matmul_impl != 'mosaic'):
-    raise ConfigError(f"model.moe.mosaic_weight_grad='mosaic' goes with model.moe.matmul_impl="
-                      f"'mosaic', not {cfg.model.moe.matmul_impl!r} (no interpreter runs it)")
+      and cfg.model.moe.matmul_impl == 'interpret_mosaic'):
+    raise ConfigError("model.moe.mosaic_weight_grad='mosaic' runs on a GPU only (no "
+                      "interpreter runs it): with model.moe.matmul_impl='interpret_mosaic' "
+                      "set it to 'triton'")
   for key in ('model.moe.capacity_factor', 'model.moe.ep_capacity_factor'):
     if _get(cfg, key) is not None and _number(cfg, key) <= 0:
       raise ConfigError(f'{key}={_get(cfg, key)!r} must be > 0 (or None: dropless)')

@@ -336,9 +336,11 @@ def test_invalid_moe_configs_are_one_line_errors():
                                                    r'kernels multiply bfloat16 .* model\.dtype='):
     config_lib.load('configs/moe.py:tiny', ['model.moe.matmul_impl=mosaic',
                                             'model.dtype=float32'])
-  with pytest.raises(config_lib.ConfigError, match=r"mosaic_weight_grad='mosaic' goes with "
-                                                   r"model\.moe\.matmul_impl='mosaic', not 'auto'"):
-    config_lib.load('configs/moe.py:tiny', ['model.moe.mosaic_weight_grad=mosaic'])
+  with pytest.raises(config_lib.ConfigError, match=r"mosaic_weight_grad='mosaic' runs on a "
+                                                   r"GPU only .*matmul_impl='interpret_mosaic'"):
+    config_lib.load('configs/moe.py:tiny', ['model.moe.mosaic_weight_grad=mosaic',
+                                            'model.moe.matmul_impl=interpret_mosaic',
+                                            'model.dtype=bfloat16'])
 
 
 def test_the_configured_kernel_tiling_is_what_the_gpu_kernels_launch_with(traced_as_on_gpu):
