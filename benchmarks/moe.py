@@ -176,8 +176,7 @@ def weight_gradients(x, dy, sizes, flops: int, iters: int, reference) -> dict:
   and by jax's transposed Mosaic ragged dot (GPU only: no CPU interpreter runs it), the
   Mosaic one's difference from `reference` (ragged_dot's) recorded: which is faster."""
   record = {}
-  for family, kernel in (('triton', lambda x, dy, sizes: gmm_triton.tgmm(x, dy, sizes)),
-                         ('mosaic', gmm_mosaic.tgmm)):
+  for family, kernel in (('triton', gmm_triton.tgmm), ('mosaic', gmm_mosaic.tgmm)):
     fn = jax.jit(kernel)
     seconds = timed_or_error(fn, x, dy, sizes, iters=iters)
     if isinstance(seconds, str):
@@ -279,8 +278,9 @@ def matmul_table(g: dict, iters: int, data: dict, out: str) -> dict:
   d, f, k, impls = g['d_model'], g['expert_d_ff'], g['top_k'], g['impls']
   kernels = [i for i in impls if i != 'xla']
   records = []
-  def tables(records):
-    return {'grouped_matmul': records, 'mfu_overrides': mfu_overrides(records, kernels)}
+
+  def table_of(done: list[dict]) -> dict:
+    return {'grouped_matmul': done, 'mfu_overrides': mfu_overrides(done, kernels)}
 
   for experts in g['experts']:
     for tokens in g['matmul_tokens']:
@@ -288,8 +288,8 @@ def matmul_table(g: dict, iters: int, data: dict, out: str) -> dict:
           experts, tokens * k, d, f, jnp.dtype(g['dtype']), impls, iters,
           g['tilings'] if experts == g['tiling_experts'] else None,
           # a run cut off keeps what it timed
-          progress=lambda record: save({**data, **tables([*records, record])}, out)))
-      table = tables(records)
+          progress=lambda record: save({**data, **table_of([*records, record])}, out)))
+      table = table_of(records)
   ms = lambda s: '–' if s is None else f'{1e3 * s:,.2f}'
   emit(f'grouped matmul, forward + gradients: rows x {d} times each expert\'s {d} x {f}, '
        f'on {data["device_kind"]}',
