@@ -239,6 +239,18 @@ def test_dropless_expert_parallel_on_eight_devices_equals_one_device(axes, impl)
   assert got[1]['w_gate'].get_value().sharding.spec[0] == 'expert'
 
 
+def test_the_mosaic_interpreter_on_several_devices_is_an_error_not_a_hang():
+  """Pallas' Mosaic GPU interpreter deadlocks inside shard_map over several CPU devices
+  (test_grouped_matmul runs the Mosaic layer on one device)."""
+  cfg = mesh_config(tiny_config(), data=2, expert=4)
+  x = jax.random.normal(jax.random.key(7), (8, 6, 16), jnp.bfloat16)
+  layer = MoE(16, num_experts=8, top_k=2, expert_d_ff=24, dtype=jnp.bfloat16,
+              matmul_impl='interpret_mosaic', rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"'interpret_mosaic' runs on one device: .*\(this mesh "
+                                       r"has 8\); use 'interpret'"):
+    step_on_mesh(layer, x, x, make_mesh(cfg), cfg.mesh.rules)
+
+
 def test_capacity_path_across_expert_shards_equals_dropless_with_ample_capacity():
   cfg = mesh_config(tiny_config(), data=2, expert=4)
   mesh = make_mesh(cfg)

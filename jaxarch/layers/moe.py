@@ -257,6 +257,11 @@ class MoE(nnx.Module):
                                  shards=1, seq_len=seq_len)
     else:
       mesh, _ = context.current()
+      if mesh.size > 1 and kernels_for(self.matmul_impl) == 'mosaic_interpret':
+        raise ValueError(f"model.moe.matmul_impl='interpret_mosaic' runs on one device: "
+                         f"Pallas' Mosaic GPU interpreter hangs inside shard_map over several "
+                         f"(this mesh has {mesh.size}); use 'interpret' (Triton's kernels) or "
+                         f"'xla' on a mesh")
       shards = math.prod(mesh.shape[a] for a in expert_axes)
       tok, per_token = P(batch_axes or None, None), P(batch_axes or None)
       into = P(expert_axes or None, None, hidden_axes or None)  # gate, up: e d f
