@@ -66,7 +66,7 @@ def _rows_in_groups(out: jax.Array, group_sizes: jax.Array) -> jax.Array:
   return jnp.where(jnp.arange(out.shape[0])[:, None] < total, out, jnp.zeros((), out.dtype))
 
 
-def check_dtype(dtype) -> None:
+def _check_dtype(dtype) -> None:
   """A clear error for rows the kernels cannot multiply (they would fail deep in Mosaic)."""
   if dtype not in DTYPES:
     raise ValueError(f'grouped_matmul: the Mosaic GPU kernels multiply bfloat16 or float16 '
@@ -86,7 +86,7 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bo
         tiling: MosaicTiling = MosaicTiling(), interpret: bool = False) -> jax.Array:
   """x [M, K], w [G, K, N] (or [G, N, K] with transpose_rhs) -> [M, N] in x's dtype."""
   from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu  # (lazy: Mosaic GPU's 0.3 s)
-  check_dtype(x.dtype)
+  _check_dtype(x.dtype)
   w = w.astype(x.dtype)
   if transpose_rhs:  # a copy of the weights (not of the rows), which the kernel then
     w = jnp.swapaxes(w, 1, 2)  # streams as it does the forward's (and the interpreter runs)
@@ -109,7 +109,7 @@ def tgmm(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, *,
   CUDA); `benchmarks/moe.py` times it against `gmm_triton.tgmm` and checks it against
   `ragged_dot` on the GPU, and only then does `mfu.py --moe_kernels_from` train with it."""
   from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu  # (lazy)
-  check_dtype(x.dtype)
+  _check_dtype(x.dtype)
   dy = dy.astype(x.dtype)
   k, n = x.shape[1], dy.shape[1]
   # The kernel's contraction runs over the rows, in blocks of block_k rows.
