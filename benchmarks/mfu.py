@@ -147,9 +147,9 @@ def device_time(digest: dict | None) -> str:
   """The profile's three largest kinds, and how much of the step it names if too little."""
   if digest is None:
     return '–'
-  named = digest.get('of_step', 1.0)
+  named = profile.named_too_little(digest)
   return profile.kind_shares(digest, top=3) + (
-      f' (of {100 * named:.0f}% of the step)' if named < profile.LEAST_NAMED else '')
+      '' if named is None else f' (of {100 * named:.0f}% of the step)')
 
 
 def main(argv=None):

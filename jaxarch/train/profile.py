@@ -274,13 +274,19 @@ def kind_shares(result: dict, *, top: int | None = None, least: float = 0.0) -> 
 LEAST_NAMED = 0.5
 
 
+def named_too_little(result: dict) -> float | None:
+  """The share of the step a digest names, where it is below `LEAST_NAMED` (else None)."""
+  named = result.get('of_step', 1.0)
+  return named if named < LEAST_NAMED else None
+
+
 def summary(result: dict) -> str:
   """One line: the kinds by their share of device time."""
-  named = result.get('of_step', 1.0)
+  named = named_too_little(result)
   return (f'device time {1e3 * result["op_s"]:,.1f} ms per step and device: '
           + kind_shares(result, least=0.005)
           + (f'; collectives exposed {1e3 * result["exposed_collective_s"]:,.1f} ms'
              if result['exposed_collective_s'] > 0 else '')
           + (f'; only {100 * named:.0f}% of the step is named by instruction (on a GPU '
              'profile with XLA_FLAGS=--xla_gpu_enable_command_buffer= : CUDA graphs hide '
-             'the instructions in them)' if named < LEAST_NAMED else ''))
+             'the instructions in them)' if named is not None else ''))
