@@ -7,6 +7,7 @@ import os
 import shutil
 import types
 
+import grain
 import jax
 import numpy as np
 import pytest
@@ -197,22 +198,31 @@ def _state_and_data(data_dir):
   """(setup, state, a function making a fresh training-data iterator) of `tiny` on data=8."""
   cfg = mesh_config(tiny_config(data_dir), data=8)
   setup, _ = _setup(cfg)
-  fresh = lambda: iter(data.make_train_dataset(cfg.data, seed=0, global_batch_size=8))
+  fresh = lambda **kw: iter(data.make_train_dataset(
+      cfg.data, seed=0, **{'global_batch_size': 8, **kw}))
   return setup, init_state(cfg, setup), fresh
 
 
-def test_data_positions_of_another_process_count_leave_the_iterator_and_restore_the_state(
-    tmp_path, data_dir, caplog):
+def _save_data_positions(where, iterators):
+  """Replaces checkpoint `where`'s data positions with those of `iterators`, as that many
+  processes would have saved them."""
+  for old in (where / 'data').glob('process_*.json'):
+    old.unlink()
+  for index, it in enumerate(iterators):
+    name = f'process_{index}-of-{len(iterators)}.json'
+    (where / 'data' / name).write_text(json.dumps(it.get_state()))
+
+
+def test_data_positions_of_another_process_count_are_shared_out_again(tmp_path, data_dir,
+                                                                     caplog):
   setup, state, fresh = _state_and_data(data_dir)
-  first, saved = fresh(), fresh()
-  first_batch = next(first)
+  saved = fresh()
   next(saved)
   ckpt = Checkpointer(tmp_path)
   ckpt.save(1, state, saved)
   ckpt.close()
   after_saved = next(saved)
-  for it in (first, saved):
-    it.close()
+  saved.close()
 
   def restored_next_batch():
     it = fresh()
@@ -225,21 +235,32 @@ def test_data_positions_of_another_process_count_leave_the_iterator_and_restore_
 
   at, batch = restored_next_batch()  # same process count: the saved position
   assert at == 1 and (batch['inputs'] == after_saved['inputs']).all()
-  data_files = list((tmp_path / 'checkpoints' / '1' / 'data').glob('process_*.json'))
-  assert [f.name for f in data_files] == ['process_0-of-1.json']
-  data_files[0].rename(data_files[0].with_name('process_0-of-2.json'))  # saved by 2
+  where = tmp_path / 'checkpoints' / '1'
+  assert [f.name for f in (where / 'data').glob('process_*.json')] == ['process_0-of-1.json']
+  two = [fresh(process_index=p, process_count=2) for p in range(2)]  # saved by 2 processes
+  for it in two:
+    next(it)
+  _save_data_positions(where, two)
+  at, batch = restored_next_batch()  # their streams, dealt out to this one process
+  assert at == 1 and (batch['inputs'] == after_saved['inputs']).all()
+  plain = iter(grain.MapDataset.range(10).to_iter_dataset())  # cannot share positions out
   caplog.clear()
-  at, batch = restored_next_batch()
-  assert at == 1 and (batch['inputs'] == first_batch['inputs']).all()  # afresh
-  assert 'process_0-of-2.json' in caplog.text and 'start afresh' in caplog.text
+  assert Checkpointer(tmp_path).restore(setup.abstract_state, plain)[1] == 1
+  assert next(plain) == 0
+  assert ('the data positions of other processes (process_0-of-2.json, process_1-of-2.json)'
+          in caplog.text and 'start afresh' in caplog.text)
+  (where / 'data' / 'process_1-of-2.json').unlink()  # a partial copy
+  with pytest.raises(CheckpointError, match=r'could not be restored: FileNotFoundError: .*'
+                     r'incomplete set of data positions \(process_0-of-2.json\)'):
+    Checkpointer(tmp_path).restore(setup.abstract_state, fresh(), step=1)
 
 
 def test_a_damaged_checkpoint_does_not_leave_its_data_position_for_the_previous_one(
     tmp_path, data_dir, caplog):
   # Checkpoint 2's position is set on the iterator before its arrays fail their checksum;
-  # checkpoint 1's position does not apply (saved by another process count, or under
-  # another layout): the state of step 1 must go with data that start afresh, not with
-  # the data after step 2's position.
+  # checkpoint 1's position does not apply (saved by 2 processes under another batch
+  # size): the state of step 1 must go with data that start afresh, not with the data
+  # after step 2's position.
   setup, state, fresh = _state_and_data(data_dir)
   it = fresh()
   first_batch = next(it)
@@ -250,15 +271,18 @@ def test_a_damaged_checkpoint_does_not_leave_its_data_position_for_the_previous_
   ckpt.save(2, state, it)
   ckpt.close()
   it.close()
-  one = tmp_path / 'checkpoints' / '1' / 'data' / 'process_0-of-1.json'
-  one.rename(one.with_name('process_0-of-2.json'))  # saved by 2 processes
+  other = [fresh(global_batch_size=4, process_index=p, process_count=2) for p in range(2)]
+  for other_it in other:
+    next(other_it)
+  _save_data_positions(tmp_path / 'checkpoints' / '1', other)
   checksums = tmp_path / 'checkpoints' / '2' / 'checksums' / 'metadata'
   saved = json.loads(checksums.read_text())
   checksums.write_text(json.dumps(jax.tree.map(lambda x: x + 1, saved)))  # a bit flipped
   it = fresh()
   try:
     restored, at = Checkpointer(tmp_path).restore(setup.abstract_state, it, move_aside=True)
-    assert at == 1 and 'unreadable' in caplog.text and 'start afresh' in caplog.text
+    assert at == 1 and 'unreadable' in caplog.text and 'batch_size 4 -> 8' in caplog.text
+    assert 'start afresh' in caplog.text
     assert (next(it)['inputs'] == first_batch['inputs']).all()
   finally:
     it.close()

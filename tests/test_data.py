@@ -674,6 +674,59 @@ def test_a_position_in_a_corpus_that_gained_files_is_refused(corpus, tmp_path, c
     np.testing.assert_array_equal(got['inputs'], want['inputs'])
 
 
+def _global_batches(iterators, n):
+  """n global batches: each process's rows, in process order."""
+  return [{k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+          for parts in zip(*[_take(it, n) for it in iterators])]
+
+
+@pytest.mark.parametrize('saved_by, resumed_on', [(2, 1), (1, 4), (4, 2)])
+def test_a_position_resumes_exactly_on_another_number_of_processes(corpus, saved_by,
+                                                                   resumed_on):
+  # A pod restarted on fewer or more hosts: the processes' saved positions, put end to
+  # end and shared out again, go on with the batches the old process count would read.
+  cfg, _ = corpus
+  make = lambda index, count: iter(data.make_train_dataset(
+      cfg, seed=0, global_batch_size=8, process_index=index, process_count=count))
+  want = _global_batches([make(0, 1)], 6)
+  before = [make(p, saved_by) for p in range(saved_by)]
+  _global_batches(before, 3)
+  states = [json.loads(json.dumps(it.get_state())) for it in before]
+  after = [make(p, resumed_on) for p in range(resumed_on)]
+  for it in after:
+    it.set_state_of_processes(states)
+  for expected, got in zip(want[3:], _global_batches(after, 3)):
+    for key in expected:
+      np.testing.assert_array_equal(got[key], expected[key])
+
+
+def test_positions_that_cannot_be_shared_out_again_say_why(corpus, caplog):
+  cfg, _ = corpus
+  make = lambda index, count, **kw: iter(data.make_train_dataset(
+      cfg, seed=0, process_index=index, process_count=count, **kw))
+  # 3 rows per process from 2 streams each: a batch ends inside a round of the streams.
+  odd = [make(p, 2, global_batch_size=6, packing_streams=4) for p in range(2)]
+  _global_batches(odd, 1)
+  with pytest.raises(ValueError, match='inside a round of the streams'):
+    make(0, 1, global_batch_size=6, packing_streams=4).set_state_of_processes(
+        [it.get_state() for it in odd])
+  # The seed of a process's position differs from the other's.
+  mixed = [make(0, 2, global_batch_size=8), iter(data.make_train_dataset(
+      cfg, seed=1, global_batch_size=8, process_index=1, process_count=2))]
+  _global_batches(mixed, 1)
+  with pytest.raises(ValueError, match='different or unnamed layouts'):
+    make(0, 1, global_batch_size=8).set_state_of_processes([it.get_state() for it in mixed])
+  # Another batch size resuming: refused with the changed keys, reading afresh.
+  saved = [make(p, 2, global_batch_size=8) for p in range(2)]
+  _global_batches(saved, 2)
+  fresh = _take(make(0, 1, global_batch_size=4), 1)
+  resumed = make(0, 1, global_batch_size=4)
+  with caplog.at_level('WARNING'):
+    resumed.set_state_of_processes([it.get_state() for it in saved])
+  assert 'batch_size 8 -> 4' in caplog.text
+  np.testing.assert_array_equal(_take(resumed, 1)[0]['inputs'], fresh[0]['inputs'])
+
+
 def test_eval_batches_are_deterministic_finite_and_cover_validation(corpus):
   cfg, _ = corpus
   ds = data.make_eval_dataset(cfg, batch_size=4, num_batches=1000)

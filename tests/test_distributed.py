@@ -2,6 +2,7 @@
 localhost training together onto the losses of one process with the same global batch."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -87,12 +88,12 @@ def _flags(port):
                      f'--process_id={i}'], {})
 
 
-def _one_process(tmp_path, data_dir) -> dict:
+def _one_process(tmp_path, data_dir, workdir='one') -> dict:
   """Metrics by step of the run in one process with 8 devices, the same mesh (this also
   prepares the data, which the two processes then only read)."""
   cfg = config_lib.load('configs/dense.py:tiny', OVERRIDES + [f'data.data_dir={data_dir}'])
-  train(cfg, tmp_path / 'one')
-  return {r['step']: r for r in read_metrics(tmp_path / 'one')}
+  train(cfg, tmp_path / workdir)
+  return {r['step']: r for r in read_metrics(tmp_path / workdir)}
 
 
 def _assert_same_run(want, workdir):
@@ -105,12 +106,25 @@ def _assert_same_run(want, workdir):
 
 
 @pytest.mark.slow
-def test_two_processes_train_together_onto_the_one_process_losses(tmp_path, data_dir):
+def test_two_processes_train_together_onto_the_one_process_losses(tmp_path, data_dir,
+                                                                  caplog):
   want = _one_process(tmp_path, data_dir)
   errs = _train_in_two_processes(tmp_path / 'two', data_dir, _flags(_free_port()))
   assert 'process 1 of 2 (flags)' in errs[1]
   _assert_same_run(want, tmp_path / 'two')
   assert not list((tmp_path / 'two').glob('.shared_check.*'))
+  # Resumed from step 3 in one process, the two processes' data positions are shared out
+  # again: steps 4-6 read the batches they would have read, onto the same losses.
+  shutil.copytree(tmp_path / 'two', tmp_path / 'resumed')
+  shutil.rmtree(tmp_path / 'resumed' / 'checkpoints' / '6')
+  (tmp_path / 'resumed' / 'metrics.jsonl').unlink()  # so the records read are the new ones
+  with caplog.at_level('INFO'):
+    resumed = _one_process(tmp_path, data_dir, 'resumed')
+  assert 'data positions of 2 processes shared out over 1' in caplog.text
+  assert 'start afresh' not in caplog.text
+  assert sorted(resumed) == [4, 5, 6]
+  np.testing.assert_allclose([resumed[s]['loss'] for s in (4, 5, 6)],
+                             [want[s]['loss'] for s in (4, 5, 6)], rtol=1e-5)
 
 
 @pytest.mark.slow

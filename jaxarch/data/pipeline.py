@@ -30,11 +30,14 @@ packed: each sequence becomes one right-padded row, cut at `seq_len`, and the ba
 The train iterator is a Grain `DatasetIterator`: `get_state()` is a small JSON-able dict
 (per stream: document index plus the slice of the document being packed, and the layout:
 batch size, seed, streams, source, ...) and `set_state()` resumes exactly, so the trainer
-can checkpoint it next to the model; a position of another layout is refused.
+can checkpoint it next to the model; a position of another layout is refused. The
+processes' positions together are those of all the streams, so a job resumed on another
+number of processes shares them out again (`set_state_of_processes`).
 """
 
 import functools
 import itertools
+import json
 import logging
 
 import grain
@@ -261,19 +264,22 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
             'seed': seed, 'streams': num_streams, 'documents': num_documents}
   # This process's streams read at the pace of all of them: they stand for the whole.
   documents_per_epoch = num_documents * len(mine) / num_streams
-  return _WithLayout(batches, layout, documents_per_epoch)
+  return _WithLayout(batches, layout, documents_per_epoch, mine)
 
 
 class _WithLayout(grain.IterDataset):
   """Batches whose saved position names the layout it is a position in (`_LayoutIterator`)."""
 
-  def __init__(self, parent: grain.IterDataset, layout: dict, documents_per_epoch: float):
+  def __init__(self, parent: grain.IterDataset, layout: dict, documents_per_epoch: float,
+               streams: range):
     super().__init__(parent)
     self._layout = layout
     self._documents_per_epoch = documents_per_epoch
+    self._streams = streams
 
   def __iter__(self) -> grain.DatasetIterator:
-    return _LayoutIterator(self._parent.__iter__(), self._layout, self._documents_per_epoch)
+    return _LayoutIterator(self._parent.__iter__(), self._layout, self._documents_per_epoch,
+                           self._streams)
 
 
 def _documents_started(position) -> int:
@@ -292,10 +298,12 @@ class _LayoutIterator(grain.DatasetIterator):
   repeat or skip documents silently, so such a position is refused with a warning and
   reading starts afresh."""
 
-  def __init__(self, parent: grain.DatasetIterator, layout: dict, documents_per_epoch: float):
+  def __init__(self, parent: grain.DatasetIterator, layout: dict, documents_per_epoch: float,
+               streams: range):
     super().__init__(parent)
     self._layout = layout
     self._documents_per_epoch = documents_per_epoch
+    self._streams = streams  # the streams this process reads, of all `layout['streams']`
 
   def __next__(self):
     return next(self._parent)
@@ -320,6 +328,39 @@ class _LayoutIterator(grain.DatasetIterator):
                   'afresh', ', '.join(changed))
       return
     self._parent.set_state(state['position'])
+
+  def set_state_of_processes(self, states: list[dict]):
+    """Resumes from the positions that another number of processes saved (`states`, in
+    process order). Each saved its own streams' places; put end to end they are the places
+    of all the streams, and this process takes its own share of them. With one stream per
+    row of the global batch (the default) the global batches then go on exactly as on the
+    old process count. Raises ValueError saying why when the positions do not add up."""
+    layouts = {json.dumps(s.get('layout'), sort_keys=True) for s in states}
+    if len(layouts) != 1 or 'layout' not in states[0]:
+      raise ValueError('the processes saved positions of different or unnamed layouts')
+    streams, taken = [], set()
+    for state in states:
+      try:  # a FlatMap's state over the zip of the streams (`_zip_rows`), through the
+        # batching and the prefetch, which keep their parent's state
+        own, consumed = state['position']['parent']['parents'], state['position'][
+            'next_index_in_buffer']
+      except (KeyError, TypeError):
+        raise ValueError('a saved position is not one of packing streams') from None
+      streams += own
+      taken.add('none' if consumed == 0 else 'all' if consumed == len(own) else 'some')
+    if len(streams) != states[0]['layout']['streams']:
+      raise ValueError(f'the positions hold {len(streams)} streams, their layout '
+                       f'{states[0]["layout"]["streams"]}')
+    if len(taken) != 1 or 'some' in taken:
+      raise ValueError('a batch ended inside a round of the streams (the streams are not '
+                       'the rows of the batch), so some rows read are not in the positions')
+    if len(streams) != self._layout['streams']:  # set_state says which layout key changed
+      self.set_state(states[0])
+      return
+    mine = [streams[i] for i in self._streams]
+    self.set_state({'layout': states[0]['layout'], 'position': {
+        'parent': {'parents': mine},
+        'next_index_in_buffer': len(mine) if taken == {'all'} else 0}})
 
 
 def _padding_rows(num_rows: int, seq_len: int, pad_id: int,

@@ -15,9 +15,11 @@ arrays do not fit the model (another model's workdir) is an error, never skipped
 training from scratch over it would lose it. What an interrupted save leaves (a temporary
 directory, up to a checkpoint in size) is deleted by the next trainer.
 Restoring into the abstract state of the current mesh reshards, whatever mesh the
-checkpoint was written on; the data iterators' positions carry over only to the same
-number of processes (each process saves its own), otherwise the state is restored and the
-iterators start afresh, with a warning.
+checkpoint was written on. Each process saves its data iterator's position; resumed on
+another number of processes (a pod restarted on fewer or more hosts), the iterators share
+out the saved positions again (jaxarch's training data: their packing streams), so the
+data go on where they stopped; positions that cannot be shared out (another iterator)
+leave the iterators to start afresh, with a warning.
 """
 
 import contextlib
@@ -43,6 +45,8 @@ from jaxarch.train.step import tree_path
 from jaxarch.train.workdir import CHECKPOINTS
 
 log = logging.getLogger(__name__)
+
+_OWN_POSITION = 'own'  # a data position grain saved for this process and process count
 
 
 class CheckpointError(RuntimeError):
@@ -227,11 +231,15 @@ class Checkpointer:
         else:  # written before 2026-12, or lost with the metadata that listed them
           log.warning('checkpoint %s has no checksums: its arrays are restored unverified',
                       where)
-        if data_iterator is not None and self._data_position_fits(s):
+        position = (self._data_position(s, data_iterator) if data_iterator is not None
+                    else None)
+        if position == _OWN_POSITION:
           items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(s, args=ocp.args.Composite(**items))
         if 'checksums' in items:
           _verify(restored['state'], restored['checksums'], where)
+        if isinstance(position, list):
+          self._deal_data_position(s, data_iterator, position)
       except CheckpointError:
         raise
       except Exception as e:  # pylint: disable=broad-except
@@ -259,22 +267,48 @@ class Checkpointer:
                   moved)
     return None, None
 
-  def _data_position_fits(self, step: int) -> bool:
-    """Whether checkpoint `step` holds this process's data position (grain saves one file
-    per process, named by the process count); if not, says so and leaves the iterator."""
+  def _data_position(self, step: int, data_iterator) -> str | list[dict] | None:
+    """The data position of checkpoint `step` for this process: `_OWN_POSITION` where grain
+    saved one for this process and process count; where another process count saved it,
+    the positions of all those processes, in process order (for `_deal_data_position`);
+    None where there is none to use (says why)."""
     data = self.directory / str(step) / 'data'
     if not data.is_dir():  # saved without a data iterator
-      return False
-    if (data / f'process_{jax.process_index()}-of-{jax.process_count()}.json').exists():
-      return True
-    saved = sorted(p.name for p in data.glob('process_*-of-*.json'))
+      return None
+    index, count = jax.process_index(), jax.process_count()
+    if (data / f'process_{index}-of-{count}.json').exists():
+      return _OWN_POSITION
+    saved = {}
+    for path in data.glob('process_*-of-*.json'):
+      if m := re.fullmatch(r'process_(\d+)-of-(\d+)\.json', path.name):
+        saved.setdefault(int(m[2]), {})[int(m[1])] = path
+    found = sorted(p.name for p in data.glob('process_*'))
+    names = ', '.join(found[:4]) + (f' and {len(found) - 4} more' if len(found) > 4 else '')
     if not saved:  # written with a data position that is gone: a partial copy
       raise FileNotFoundError(f'{data} holds no data position')
+    if len(saved) > 1 or any(set(files) != set(range(n)) for n, files in saved.items()):
+      raise FileNotFoundError(f'{data} holds an incomplete set of data positions ({names})')
+    ((saved_count, files),) = saved.items()
+    if hasattr(data_iterator, 'set_state_of_processes'):
+      return [json.loads(files[i].read_text()) for i in range(saved_count)]
     log.warning('checkpoint %s holds the data positions of other processes (%s), not of '
                 'process %d of %d: the state is restored, the data iterators start afresh',
-                self.directory / str(step), ', '.join(saved[:2]) or 'none',
-                jax.process_index(), jax.process_count())
-    return False
+                self.directory / str(step), names, index, count)
+    return None
+
+  def _deal_data_position(self, step: int, data_iterator, states: list[dict]):
+    """Sets the iterator to its share of the positions that `len(states)` processes saved
+    (a run resumed on another number of hosts); where they cannot be shared out, says why
+    and leaves the iterator, whose data then start afresh."""
+    try:
+      data_iterator.set_state_of_processes(states)
+    except ValueError as e:
+      log.warning('checkpoint %s holds the data positions of %d processes, which cannot be '
+                  'shared out over %d (%s): the state is restored, the data iterators start '
+                  'afresh', self.directory / str(step), len(states), jax.process_count(), e)
+    else:
+      log.info('checkpoint %s: the data positions of %d processes shared out over %d',
+               self.directory / str(step), len(states), jax.process_count())
 
   def _move_aside(self, step: int) -> Path:
     """Moves an unreadable checkpoint out of the way (kept for inspection), so that the
