@@ -494,6 +494,8 @@ def test_train_steps_leave_the_base_as_it_was_and_keep_no_optimizer_state_for_it
   moments = sum(x.size for x in jax.tree.leaves(state['opt_state']) if x.ndim)
   assert moments == 2 * trained  # Adam's two moments, for the trained parameters only
   assert 0 <= float(metrics['mask2_top1']) <= 1 and np.isfinite(float(metrics['loss']))
+  ours_norm = np.sqrt(sum(np.sum(np.square(params[p].get_value())) for p in ours))
+  np.testing.assert_allclose(float(metrics['param_norm']), ours_norm, rtol=1e-5)
 
 
 # The whole recipe: base run -> distill -> BiTA run -> lossless decoding.

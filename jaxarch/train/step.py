@@ -8,6 +8,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -152,6 +153,8 @@ def make_train_step(setup: TrainSetup):
   report on such a step.
   """
   is_frozen = frozen(setup.abstract_state['params'])
+  # `param_norm` is of the weights that train (BiTA's frozen base would swamp its tokens').
+  trained = np.flatnonzero([not f for f in jax.tree.leaves(is_frozen)])
   grad_accum_steps = setup.grad_accum_steps
 
   def microbatch_grads(params, model_state, batch):
@@ -228,7 +231,7 @@ def make_train_step(setup: TrainSetup):
     param_norms = jax.lax.cond(finite, lambda: param_norms,
                                lambda: leaf_norms(state['params']))
     metrics = {'loss': out['nll'] / num_tokens, 'total_loss': loss, 'grad_norm': grad_norm,
-               'param_norm': _global_norm(param_norms), 'tokens': out['tokens'],
+               'param_norm': _global_norm(param_norms[trained]), 'tokens': out['tokens'],
                'nonfinite': 1.0 - finite.astype(jnp.float32),
                'layer_grad_norms': grad_norms, 'layer_param_norms': param_norms,
                **{f'aux_loss/{k}': v for k, v in aux.items()}, **out['metrics']}
