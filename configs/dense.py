@@ -88,7 +88,7 @@ def get_config(arg=None):
   c.data.seq_len = 1024
   c.data.tokenizer = 'bytes'  # bytes | path to a SentencePiece .model or HF tokenizer.json
   c.data.data_dir = ml_collections.config_dict.placeholder(str)  # None: $JAXARCH_DATA_DIR or ~/.cache/jaxarch
-  c.data.validation_fraction = 0.05  # default and files: sources, split by document
+  c.data.validation_fraction = 0.05  # split by document; of tfds: without validation/test
   c.data.pack_align = 1  # documents start at multiples of this (MEGABYTE: the patch size)
   # tfds: the feature of each example to read (None: `text`, or the only text feature);
   # other sources are plain text and warn that it is unread

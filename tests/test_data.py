@@ -391,13 +391,19 @@ class ArticlesForTest(tfds.core.GeneratorBasedBuilder):
     del dl_manager
     return {'train': self._generate_examples()}
 
+  num_examples = 3
+
   def _generate_examples(self):
-    for i in range(3):
+    for i in range(self.num_examples):
       yield i, {'title': f'title {i}', 'text': f'text {i}', 'body': f'body {i}'}
 
 
+class ManyArticlesForTest(ArticlesForTest):
+  num_examples = 200
+
+
 def test_tfds_source_reads_its_text_feature_and_may_lack_validation(tmp_path):
-  cfg = _data_config(tmp_path, 'tfds:articles_for_test')
+  cfg = _data_config(tmp_path, 'tfds:articles_for_test', validation_fraction=0.0)
   ArticlesForTest(data_dir=cfg.data_dir, file_format='array_record').download_and_prepare()
   train = data.open_source(cfg, 'train')
   assert sorted(train[i] for i in range(len(train))) == [b'text 0', b'text 1', b'text 2']
@@ -418,15 +424,31 @@ def test_tfds_source_reads_its_text_feature_and_may_lack_validation(tmp_path):
     sources._text_key(ids, 'tfds:x', 'tokens')  # pylint: disable=protected-access
 
 
-def test_a_tfds_source_without_validation_is_not_told_to_raise_the_fraction(tmp_path):
-  """data.validation_fraction splits files: it would give a TFDS dataset no validation."""
+def test_a_tfds_source_with_only_a_train_split_holds_out_a_fraction_of_it(tmp_path, caplog):
+  cfg = _data_config(tmp_path, 'tfds:many_articles_for_test', validation_fraction=0.1)
+  ManyArticlesForTest(data_dir=cfg.data_dir, file_format='array_record').download_and_prepare()
+  texts = lambda split: [source[i] for source in [data.open_source(cfg, split)]
+                         for i in range(len(source))]
+  with caplog.at_level('INFO'):
+    train, val = texts('train'), texts('validation')
+  assert 'data.validation_fraction=0.1 of its train records (by index) validate' in caplog.text
+  assert 10 <= len(val) <= 30 and not set(train) & set(val)
+  assert sorted(train + val) == sorted(f'text {i}'.encode() for i in range(200))
+  assert (train, val) == (texts('train'), texts('validation'))  # the same on every open
+  cfg.validation_fraction = 0.0  # all of it trains, nothing validates
+  assert sorted(texts('train')) == sorted(train + val) and not texts('validation')
+
+
+def test_a_tfds_source_without_validation_is_told_to_raise_the_fraction(tmp_path):
+  """3 records and data.validation_fraction=0.01: by their hashes, none held out."""
   from jaxarch.train import trainer  # pylint: disable=g-import-not-at-top
-  cfg = _data_config(tmp_path, 'tfds:articles_for_test')
+  cfg = _data_config(tmp_path, 'tfds:articles_for_test', validation_fraction=0.01)
   ArticlesForTest(data_dir=cfg.data_dir, file_format='array_record').download_and_prepare()
   batches = pipeline.make_eval_dataset(cfg, batch_size=2, num_batches=1)
   why = trainer.no_validation_data(ml_collections.ConfigDict({'data': cfg}), batches)
   assert why == ("data.source='tfds:articles_for_test' has no validation data (its TFDS "
-                 "splits include no 'validation' or 'test')")
+                 "splits include no 'validation' or 'test', and data.validation_fraction=0.01 "
+                 "of its train records is none; raise the fraction)")
 
 
 def test_a_data_dir_that_cannot_be_made_is_a_config_error(tmp_path, corpus):
@@ -469,7 +491,7 @@ def test_a_tfds_source_prepared_in_tfds_own_data_dir_names_it(tmp_path, monkeypa
   tfds_home = tmp_path / 'tensorflow_datasets'
   ArticlesForTest(data_dir=str(tfds_home), file_format='array_record').download_and_prepare()
   monkeypatch.setattr(tfds.core.constants, 'DATA_DIR', str(tfds_home))  # $TFDS_DATA_DIR
-  cfg = _data_config(tmp_path, 'tfds:articles_for_test')
+  cfg = _data_config(tmp_path, 'tfds:articles_for_test', validation_fraction=0.0)
   with pytest.raises(ConfigError, match=f'is not prepared in .*; it is prepared in TFDS\'s '
                      f'{tfds_home}: set --config.data.data_dir={tfds_home}$'):
     data.open_source(cfg, 'train')

@@ -412,8 +412,39 @@ def _prepared_in_tfds_dirs(name: str, data_dir: pathlib.Path) -> str | None:
   return None
 
 
+class _Records:
+  """The records of a data source at `indices` (a split carved out of another)."""
+
+  def __init__(self, source, indices: np.ndarray):
+    self._source = source
+    self._indices = indices
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, index: int):
+    return self._source[int(self._indices[index])]
+
+  def __getitems__(self, indices):
+    wanted = [int(self._indices[i]) for i in indices]
+    if hasattr(self._source, '__getitems__'):
+      return self._source.__getitems__(wanted)
+    return [self._source[i] for i in wanted]
+
+  def __repr__(self) -> str:
+    return f'_Records({self._source!r}, {len(self)} of {len(self._source)})'
+
+
+def _held_out(records, split: str, fraction: float) -> _Records:
+  """`split` ('train' or 'validation') of records that come as one split, by a hash of
+  each record's index (`is_validation`), so the split stays put across runs."""
+  held_out = np.array([is_validation(f'record {i}', fraction) for i in range(len(records))],
+                      bool)
+  return _Records(records, np.flatnonzero(held_out == (split == 'validation')))
+
+
 def _tfds_source(source: str, name: str, data_dir: pathlib.Path, split: str,
-                 text_key: str | None) -> TextSource:
+                 text_key: str | None, validation_fraction: float) -> TextSource:
   try:
     builder = tfds.builder(name, data_dir=str(data_dir))
   except tfds.core.registered.DatasetNotFoundError as e:
@@ -446,16 +477,27 @@ def _tfds_source(source: str, name: str, data_dir: pathlib.Path, split: str,
                      f'{how}')
   splits = builder.info.splits
   key = _text_key(builder, source, text_key)
+  damaged = f'data.source={source!r} is damaged in {builder.data_dir}; {how}'
   if split not in splits and split == 'validation' and 'test' in splits:
     log.info('data.source=%r has no validation split; its test split validates', source)
     split = 'test'
-  if split not in splits and split == 'validation':  # the run trains without evaluating
-    return TextSource([], key)
+  if 'validation' not in splits and 'test' not in splits and split in ('train', 'validation'):
+    if 'train' in splits and validation_fraction > 0:
+      _log_held_out(source, validation_fraction)
+      return TextSource(_held_out(builder.as_data_source(split='train'), split,
+                                  validation_fraction), key, damaged)
+    if split == 'validation':  # the run trains on all of it, without evaluating
+      return TextSource([], key)
   if split not in splits:
     raise ConfigError(f'config error: data.source={source!r} has no split {split!r}; it has '
                      f'{list(splits)}')
-  return TextSource(builder.as_data_source(split=split), key,
-                    f'data.source={source!r} is damaged in {builder.data_dir}; {how}')
+  return TextSource(builder.as_data_source(split=split), key, damaged)
+
+
+@functools.cache  # once, not for every split opened
+def _log_held_out(source: str, fraction: float) -> None:
+  log.info('data.source=%r has no validation or test split: data.validation_fraction=%g of '
+           'its train records (by index) validate, the rest train', source, fraction)
 
 
 def open_source(data_cfg, split: str) -> TextSource:
@@ -465,7 +507,7 @@ def open_source(data_cfg, split: str) -> TextSource:
   fraction = float(data_cfg.get('validation_fraction', 0.05))
   if source.startswith('tfds:') and source[len('tfds:'):]:
     return _tfds_source(source, source[len('tfds:'):], data_dir, split,
-                        data_cfg.get('text_key'))
+                        data_cfg.get('text_key'), fraction)
   if source == 'default':
     builder_cls, config = PythonStdlib, _stdlib_config(fraction)
   elif source.startswith('files:') and source[len('files:'):]:

@@ -92,13 +92,16 @@ def data_changes(workdir: Path, cfg: ml_collections.ConfigDict) -> str | None:
 def no_validation_data(cfg: ml_collections.ConfigDict, batches) -> str | None:
   """Why the run has nothing to evaluate on, or None: its validation `batches`
   (`eval_batches`) are none (a corpus of few files, split by file, may put none in
-  validation), and what would give it some: `data.validation_fraction` splits only the
-  files of `default` and `files:` sources."""
+  validation), and what would give it some: `data.validation_fraction` splits the files of
+  `default` and `files:` sources, and the train records of a TFDS dataset that has no
+  validation or test split."""
   if next(iter(batches), None) is not None:
     return None
   source = cfg.data.source
   if source.startswith('tfds:'):
-    why = "its TFDS splits include no 'validation' or 'test'"
+    why = ("its TFDS splits include no 'validation' or 'test', and data.validation_fraction="
+           f"{cfg.data.get('validation_fraction')} of its train records is none; raise the "
+           'fraction')
   elif source.startswith(data.sources.DISTILLED):
     why = 'distill it again with --validation_prompts above 0'
   else:
