@@ -108,6 +108,20 @@ def test_skip_policy_counts_bad_steps_and_stops_after_too_many_in_a_row(
     train(cfg, tmp_path / 'diverging')
 
 
+def test_a_resumed_run_goes_on_counting_the_nonfinite_steps_in_a_row(tmp_path, data_dir,
+                                                                     monkeypatch):
+  # Steps 3 and 4 are skipped and the run stops with checkpoint 4; resumed, its first step
+  # is the third bad one in a row, past train.max_consecutive_skips=2.
+  cfg = lambda steps: _cfg(data_dir, **{'train.nonfinite': 'skip', 'train.steps': steps,
+                                        'train.max_consecutive_skips': 2})
+  _poison(monkeypatch, steps={3, 4})
+  train(cfg(4), tmp_path)
+  monkeypatch.undo()
+  _poison(monkeypatch, steps={1})  # the resumed iterator's first batch: step 5
+  with pytest.raises(NonFiniteError, match=r'step 5: .*3 non-finite steps in a row'):
+    train(cfg(10), tmp_path)
+
+
 def test_weights_that_would_overflow_are_named_and_a_run_without_checkpoints_says_so(
     tmp_path):
   monitor = NonFiniteMonitor('stop', 10, ['embed/embedding', 'head'], tmp_path)

@@ -137,7 +137,9 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state: dict, data_iterator=None, *, eval_loss: float | None = None,
-           force: bool = False) -> bool:
+           force: bool = False, run_state: dict | None = None) -> bool:
+    """`run_state`: JSON values of the trainer's own that a resumed run continues from
+    (`run_state(step)`), such as the non-finite steps in a row so far."""
     items = {'state': ocp.args.StandardSave(state),
              'checksums': ocp.args.JsonSave(checksums(state))}
     if data_iterator is not None:
@@ -146,9 +148,15 @@ class Checkpointer:
     with self._write_errors(step):
       finite = eval_loss is not None and np.isfinite(eval_loss)
       saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force,
-                                metrics={'eval_loss': float(eval_loss)} if finite else None)
+                                metrics={'eval_loss': float(eval_loss)} if finite else None,
+                                custom_metadata=run_state)
     self._saving = step
     return saved
+
+  def run_state(self, step: int) -> dict:
+    """The `run_state` saved with checkpoint `step`; {} where none was (written before
+    2026-12-04, or by a reader)."""
+    return dict(self.manager.metadata(step).custom_metadata or {})
 
   @classmethod
   def read(cls, workdir: str | Path, abstract_state: dict, *, step: int | None = None):

@@ -30,15 +30,18 @@ class NonFiniteMonitor:
   """Applies the policy to the per-step metrics of each logging window."""
 
   def __init__(self, policy: str, max_consecutive: int, names: list[str],
-               workdir: str | Path, skipped: int = 0, checkpointer: Checkpointer | None = None):
+               workdir: str | Path, skipped: int = 0, checkpointer: Checkpointer | None = None,
+               consecutive: int = 0):
     """`checkpointer`: the run's, whose pending saves complete before the report names
-    the last checkpoint."""
+    the last checkpoint; `consecutive`: the non-finite steps in a row that ended the
+    checkpoint a resumed run starts from (a run that resumes does not start the count
+    again)."""
     self.policy = policy
     self.max_consecutive = max_consecutive
     self.names = names
     self.workdir = Path(workdir)
     self.skipped = skipped  # in this process's lifetime
-    self.consecutive = 0
+    self.consecutive = consecutive
     self.checkpointer = checkpointer
 
   def check(self, first_step: int, window: list[dict]) -> int:

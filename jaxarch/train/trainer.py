@@ -183,6 +183,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                    bar, stop)
 
 
+# The run state saved with each checkpoint: the non-finite steps in a row that end it.
+_IN_A_ROW = 'nonfinite_steps_in_a_row'
+
 # Per-step metrics that are read by the trainer itself, not logged.
 _UNLOGGED = ('tokens', 'nonfinite', 'layer_grad_norms', 'layer_param_norms')
 
@@ -234,9 +237,11 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
                                                 cfg.data.seq_len)
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
   device_kind = jax.devices()[0].device_kind
-  monitor = NonFiniteMonitor(cfg.train.nonfinite, cfg.train.max_consecutive_skips,
-                             leaf_names(setup.abstract_state['params']), workdir,
-                             checkpointer=checkpointer)
+  start = int(state['step'])  # a resumed run's: that of its checkpoint
+  monitor = NonFiniteMonitor(
+      cfg.train.nonfinite, cfg.train.max_consecutive_skips,
+      leaf_names(setup.abstract_state['params']), workdir, checkpointer=checkpointer,
+      consecutive=checkpointer.run_state(start).get(_IN_A_ROW, 0) if start else 0)
   final, pending, watch = {}, [], None
   config_unsaved = int(state['step']) > 0  # resumed: `_save_config` with its first save
   for step in range(int(state['step']) + 1, cfg.train.steps + 1):
@@ -281,7 +286,8 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
     if saving:
       with _paused(watch):  # nor is saving a checkpoint
         checkpointer.save(step, state, data_iter, force=True,
-                          eval_loss=logged.get('eval_loss') if evaluating else None)
+                          eval_loss=logged.get('eval_loss') if evaluating else None,
+                          run_state={_IN_A_ROW: monitor.consecutive})
         if config_unsaved:  # once that checkpoint is on disk, not while it is written
           checkpointer.wait()
           _save_config(cfg, workdir)
