@@ -1002,10 +1002,9 @@ def _with_new_run_keys(tree: dict) -> dict:
   model = tree.get('model')
   if isinstance(model, dict) and model.get('family') == 'megabyte':
     model['tie_embeddings'] = True  # always tied; saved as False before 2026-12-03
-  try:
-    defaults = to_dict(load(str(_REPO_ROOT / 'configs' / 'dense.py')))  # not ./configs
-  except ConfigError:  # an installed package without configs/: nothing to fill from
+  if (dense := _shipped('dense', None)) is None:  # nothing to fill from
     return tree
+  defaults = to_dict(dense)
 
   def fill(saved: dict, default: dict):
     for key, value in default.items():
@@ -1024,9 +1023,18 @@ def _with_new_run_keys(tree: dict) -> dict:
   for section, key in RUN_MODEL_KEYS:
     saved = model.get(section) if isinstance(model, dict) else None
     if isinstance(saved, dict) and key not in saved:
-      shipped = _REPO_ROOT / 'configs' / f'{section}.py'
-      saved[key] = to_dict(load(f'{shipped}:tiny'))['model'][section][key]
+      saved[key] = to_dict(_shipped(section))['model'][section][key]
   return tree
+
+
+@functools.cache
+def _shipped(family: str, arg: str | None = 'tiny') -> ConfigDict | None:
+  """The shipped `configs/<family>.py[:arg]` (of the package, not ./configs), loaded once;
+  None in an installed package without configs/. Read it only: it is shared."""
+  try:
+    return load(str(_REPO_ROOT / 'configs' / f'{family}.py') + (f':{arg}' if arg else ''))
+  except ConfigError:
+    return None
 
 
 def _with_placeholders(tree: dict, path: Path) -> dict:
@@ -1063,10 +1071,8 @@ def _shipped_placeholders() -> dict[str, type]:
         collect(value, f'{prefix}{name}.')
 
   for family in ('dense', 'moe', 'ultramem', 'megabyte'):
-    try:
-      collect(load(f'{_REPO_ROOT / "configs" / family}.py:tiny'), '')
-    except ConfigError:  # an installed package without configs/: nothing to restore
-      pass
+    if (shipped := _shipped(family)) is not None:  # else nothing to restore
+      collect(shipped, '')
   return found
 
 
