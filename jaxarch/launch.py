@@ -45,6 +45,11 @@ TPU_TARGETS = ('gke', 'tpu-vm')
 # TensorCores per chip by TPU generation, to count the chips of a type: v5p-32 has 16.
 # Other generations are not checked.
 TPU_CORES_PER_CHIP = {'v4': 2, 'v5p': 2, 'v5litepod': 1, 'v5e': 1, 'v6e': 1}
+# GKE's accelerator labels of each TPU generation's node pools.
+TPU_ACCELERATORS = {'v4': ('tpu-v4-podslice',), 'v5p': ('tpu-v5p-slice',),
+                    'v5litepod': ('tpu-v5-lite-podslice', 'tpu-v5-lite-device'),
+                    'v5e': ('tpu-v5-lite-podslice', 'tpu-v5-lite-device'),
+                    'v6e': ('tpu-v6e-slice',)}
 # Kubernetes object names (JobSet pods add '-workers-0-0' and must stay within 63).
 NAME = re.compile(r'[a-z]([-a-z0-9]{0,38}[a-z0-9])?')
 SLURM_TIME = re.compile(r'(\d+-)?\d+(:\d+){0,2}|UNLIMITED|INFINITE', re.IGNORECASE)
@@ -224,6 +229,11 @@ def _check_tpu(launch, target: str) -> None:
   if cores and int(match[2]) != chips * cores:
     raise ConfigError(f'launch.tpu_type={launch.tpu_type} has {int(match[2]) // cores} chips '
                       f'but {per_slice} ({match[1]}-{chips * cores})')
+  labels = TPU_ACCELERATORS.get(match[1], (launch.accelerator,))
+  if launch.accelerator not in labels:  # the job would wait for nodes of another chip
+    raise ConfigError(f'launch.accelerator={launch.accelerator!r} does not label {match[1]} '
+                      f'nodes, which launch.tpu_type={launch.tpu_type} asks for; set '
+                      f'launch.accelerator={labels[0]!r}')
 
 
 def _check_mesh(cfg) -> tuple[dict[str, int], int]:

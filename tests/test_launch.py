@@ -232,6 +232,10 @@ def test_tpu_slices_must_match_their_type_and_topology(tmp_path, capsys):
   code, _, err = _launch(capsys, 'gke', tmp_path, *V5P_2x32, '--config.mesh.dcn.data=1',
                          '--config.mesh.ici.fsdp=32')
   assert code == 2 and 'spans 1 slices but launch.slices=2' in err
+  code, _, err = _launch(capsys, 'gke', tmp_path, *V5P_2x32, '--config.launch.tpu_type=v4-32')
+  assert code == 2 and ("launch.accelerator='tpu-v5p-slice' does not label v4 nodes, which "
+                        "launch.tpu_type=v4-32 asks for; set launch.accelerator="
+                        "'tpu-v4-podslice'") in err
 
 
 def test_dry_run_prints_the_job_and_writes_nothing(tmp_path, capsys):
