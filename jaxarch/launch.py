@@ -368,7 +368,19 @@ def _xpk_device_type(launch) -> str:
   return device
 
 
+def _require_shared_workdir(command: list[str], why: str) -> None:
+  """A relative --workdir of a job whose hosts do not start in one shared folder would
+  be a different folder on each."""
+  workdir = command[3].removeprefix('--workdir=')
+  if not workdir.startswith('/'):
+    raise ConfigError(f'--workdir={workdir!r}: {why}; give an absolute path on storage that '
+                      'every node shares')
+
+
 def _tpu_vm(launch, command, out, values) -> Job:
+  if launch.nodes > 1:
+    _require_shared_workdir(command, 'each TPU VM worker runs the command in its own home '
+                            'directory')
   steps = [launch.setup] if launch.setup else []
   # Several workers: every process joins jax.distributed, which reads the TPU metadata.
   steps.append(('JAXARCH_DISTRIBUTED=1 ' if launch.nodes > 1 else '') + shlex.join(command))
@@ -403,11 +415,8 @@ def _ray_command(command: list[str], out: Path) -> tuple[list[str], dict[Path, s
   """Ray runs the job in a copy of its folder on each node, so the config file travels in
   it, with its neighbours (a config may load them: bita.py reads dense.py), and the
   workdir must be a path that every node shares -> (the command, the config files)."""
-  workdir = command[3].removeprefix('--workdir=')
-  if not workdir.startswith('/'):
-    raise ConfigError(f'--workdir={workdir!r}: a Ray job runs in a temporary copy of its '
-                      'folder on each node; give an absolute path on storage that every '
-                      'node shares')
+  _require_shared_workdir(command, 'a Ray job runs in a temporary copy of its folder on '
+                          'each node')
   given = command[2].removeprefix('--config=')
   path, arg = config_lib._split_spec(given)  # pylint: disable=protected-access
   source = config_lib._resolve_path(path)  # pylint: disable=protected-access

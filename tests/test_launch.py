@@ -182,11 +182,20 @@ def test_a_job_that_cannot_be_written_says_to_give_out(tmp_path, capsys):
   assert 'the job cannot be written to' in capsys.readouterr().err
 
 
-def test_ray_job_refuses_a_workdir_its_nodes_do_not_share(tmp_path, capsys):
+def test_ray_and_multi_host_tpu_vm_jobs_refuse_a_workdir_their_nodes_do_not_share(tmp_path,
+                                                                                   capsys):
   code = cli.main(['launch', f'--config={SPEC}', '--target=ray', '--workdir=runs/151m',
                    f'--out={tmp_path}'])
   assert code == 2
   assert "--workdir='runs/151m': a Ray job runs in a temporary copy" in capsys.readouterr().err
+  tpu_vm = ['launch', f'--config={SPEC}', '--target=tpu-vm', '--workdir=runs/151m',
+            f'--out={tmp_path}', *V5P_2x32[:3], '--config.launch.devices_per_node=4']
+  assert cli.main(tpu_vm + ['--config.launch.nodes=4', '--config.mesh.ici.fsdp=16']) == 2
+  assert ("--workdir='runs/151m': each TPU VM worker runs the command in its own home "
+          'directory; give an absolute path') in capsys.readouterr().err
+  assert cli.main(tpu_vm + ['--config.launch.nodes=1', '--config.launch.tpu_type=v5p-8',
+                            '--config.launch.tpu_topology=2x2x1',
+                            '--config.mesh.ici.fsdp=4']) == 0  # one host: its own folder
 
 
 @pytest.mark.parametrize('flags, words', [
