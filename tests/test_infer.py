@@ -106,6 +106,21 @@ def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(dense_generator):
   assert sample(3 + 2**32, temperature=1.3, top_p=0.95) != first
 
 
+def test_a_prompt_with_its_own_seed_draws_the_same_tokens_wherever_it_stands(dense_generator):
+  a, b, c = [257, 1, 2, 3], [257, 4], [257, 9, 9]
+  sample = lambda prompts, seed: dense_generator(prompts, max_new_tokens=10, method='sample',
+                                                 temperature=1.5, seed=seed)[0]
+  alone = sample([a], [11])[0]
+  assert sample([b, a], [5, 11])[1] == alone  # another place, another batch
+  assert sample([c, b, a], [7, 5, 11])[2] == alone
+  assert sample([a, a], [11, 12])[0] == alone != sample([a, a], [11, 12])[1]
+  # One seed for the call: copies of a prompt draw by their places, differently.
+  twice = sample([a, a], 11)
+  assert twice[0] != twice[1] and twice == sample([a, a], 11)
+  with pytest.raises(infer.GenerateError, match='2 seeds for 3 prompts'):
+    sample([a, b, c], [1, 2])
+
+
 def test_sampling_values_stop_ids_and_lengths_are_traced_not_compiled_again():
   generator = infer.Generator(models.build(family_config('dense').model, rngs=nnx.Rngs(1)))
   prompts = [[257, 1, 2, 3], [257, 4]]

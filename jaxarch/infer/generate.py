@@ -75,10 +75,14 @@ class Generator:
 
   def __call__(self, prompts: Sequence[Sequence[int]] | np.ndarray, *, max_new_tokens: int,
                method: str = 'greedy', temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 1.0, stop_ids: Sequence[int] = (), seed: int = 0,
+               top_p: float = 1.0, stop_ids: Sequence[int] = (),
+               seed: int | Sequence[int] = 0,
                draft_tree: Sequence[int] | None = None) -> tuple[list[list[int]], dict]:
     """-> (the new tokens of each prompt, ending with its stop id if one came; stats).
 
+    `seed`: one for the call (each prompt then draws by its place in `prompts`, so copies
+    of a prompt draw differently), or one per prompt (a prompt then draws the same tokens
+    with its seed in any call, wherever it stands among any others: a request's seed).
     `draft_tree`: candidates per level for method='bita' (default: the model's).
     """
     if method == 'sample' and temperature == 0:  # as in vLLM and HF: the most likely
@@ -108,7 +112,7 @@ class Generator:
     shape = _Shape(batch, prompt_len, prompt_len + new_room + tree_room, new_room,
                    sampling.method, sampling.filtered, len(stops), tree)
     given = (lengths, live, np.int32(max_new_tokens), sampling.values(), stops,
-             _key(seed))
+             _row_keys(seed, n, batch))
 
     start = time.perf_counter()
     run_prefill, run_decode = self._compile(shape, tokens, given)
@@ -202,7 +206,7 @@ class Generator:
     add_caches(model, shape.batch, shape.cache_len, self.mesh, self.rules)
     return model
 
-  def _prefill(self, shape: _Shape, state, tokens, lengths, live, limit, values, stops, key):
+  def _prefill(self, shape: _Shape, state, tokens, lengths, live, limit, values, stops, keys):
     """-> (first new token [b], or with BiTA (it, the drafts after it [b, M, width]);
     caches)."""
     del live, limit, stops  # the decode loop's
@@ -213,13 +217,13 @@ class Generator:
       else:
         logits, mask_logits = model.prefill_with_masks(tokens, lengths)
     logits = within_vocab(logits, self.vocab_limit)
-    first = choose(logits, jax.random.fold_in(key, 0), shape.method, shape.filtered, values)
+    first = choose(logits, _at_step(keys, 0), shape.method, shape.filtered, values)
     if shape.tree is not None:
       first = first, _drafts(within_vocab(mask_logits, self.vocab_limit), shape.tree)
     return first, nnx.state(model, nnx.Cache)
 
   def _decode(self, shape: _Shape, state, caches, first, lengths, live, limit, values, stops,
-              key):
+              keys):
     """-> (new tokens [b, max_new_tokens], forward passes including the prefill, caches).
 
     The caches are returned only so that their donated buffers are updated in place.
@@ -240,7 +244,7 @@ class Generator:
         model = nnx.merge(graphdef, caches, jax.tree.map(lambda x: x, rest))
         logits = within_vocab(decode_step(model, out[:, i - 1], lengths + i - 1),
                               self.vocab_limit)
-      token = choose(logits, jax.random.fold_in(key, i), shape.method, shape.filtered, values)
+      token = choose(logits, _at_step(keys, i), shape.method, shape.filtered, values)
       out = out.at[:, i].set(jnp.where(done, 0, token))
       return i + 1, out, done | jnp.isin(token, stops), nnx.state(model, nnx.Cache)
 
@@ -249,10 +253,10 @@ class Generator:
     return out, steps, jnp.zeros(2, jnp.int32), caches
 
   def _decode_tree(self, shape: _Shape, state, caches, start, lengths, live, limit, values,
-                   stops, key):
+                   stops, keys):
     """BiTA: -> (new tokens [b, new_tokens + levels + 1], forward passes including the
     prefill, [tokens produced by tree passes, sequence-passes], caches)."""
-    del values, key  # greedy
+    del values, keys  # greedy
     first, drafts = start
     tree = shape.tree
     with self._context():
@@ -369,6 +373,23 @@ def _key(seed) -> np.ndarray:
     raise GenerateError(f'generate: seed={seed} does not fit 64 bits')
   seed %= 2**64
   return np.array([seed >> 32, seed & 0xffffffff], np.uint32)
+
+
+def _row_keys(seed, n: int, batch: int) -> np.ndarray:
+  """[batch, 2] uint32: the PRNG key of each row. One seed per prompt: that seed's key,
+  whatever the row; one seed for the call: its key folded with each row's index."""
+  if isinstance(seed, (Sequence, np.ndarray)) and not isinstance(seed, str):
+    if len(seed) != n:
+      raise GenerateError(f'generate: {len(seed)} seeds for {n} prompts; give one seed per '
+                          'prompt, or one int for the call')
+    return np.stack([_key(s) for s in seed] + [_key(0)] * (batch - n))
+  base = _key(seed)
+  return np.asarray(jax.vmap(jax.random.fold_in, (None, 0))(base, np.arange(batch)))
+
+
+def _at_step(keys: jax.Array, i) -> jax.Array:
+  """Each row's key [b, 2] for the token of step `i`."""
+  return jax.vmap(jax.random.fold_in, (0, None))(keys, i)
 
 
 def _stop_ids(stop_ids) -> list[int]:

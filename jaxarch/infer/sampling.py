@@ -64,14 +64,17 @@ def within_vocab(logits: jax.Array, limit: int | None) -> jax.Array:
 
 
 def next_tokens(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-  """logits [b, V] -> token ids [b] int32."""
+  """logits [b, V] -> token ids [b] int32; `key` one for all rows, or one per row [b]."""
+  if key is not None and jnp.ndim(key) == 1:
+    key = jax.random.split(key, logits.shape[0])
   return choose(logits, key, sampling.method, sampling.filtered, sampling.values())
 
 
-def choose(logits: jax.Array, key: jax.Array, method: str, filtered: bool,
+def choose(logits: jax.Array, keys: jax.Array, method: str, filtered: bool,
            values: jax.Array) -> jax.Array:
   """`next_tokens` with `values` ([temperature, top_k, top_p]) traced, so that one compiled
-  loop serves every setting of a method: logits [b, V] -> token ids [b] int32."""
+  loop serves every setting of a method: logits [b, V], a key per row [b] -> token ids [b]
+  int32. A row's draw depends on its logits and key only, not on the other rows."""
   if method in ('greedy', 'bita'):
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   temperature, top_k, top_p = values[0], values[1], values[2]
@@ -81,7 +84,7 @@ def choose(logits: jax.Array, key: jax.Array, method: str, filtered: bool,
   logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
   if filtered:
     logits = _keep_most_likely(logits, top_k, top_p)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
 def _keep_most_likely(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
