@@ -722,6 +722,29 @@ def test_a_position_resumes_exactly_on_another_number_of_processes(corpus, saved
       np.testing.assert_array_equal(got[key], expected[key])
 
 
+def test_positions_of_processes_sharing_or_swapping_their_streams_resume_exactly(corpus):
+  # Four processes in pairs on two data shards (a `tensor` axis across hosts), the second
+  # pair reading the first shard: their positions name the streams they read.
+  cfg, _ = corpus
+  make = lambda index, count: iter(data.make_train_dataset(
+      cfg, seed=0, global_batch_size=8, process_index=index, process_count=count))
+  want = _global_batches([make(0, 1)], 4)
+  shards = [make(p, 2) for p in range(2)]
+  _global_batches(shards, 2)
+  first, second = (json.loads(json.dumps(it.get_state())) for it in shards)
+  resumed = make(0, 1)
+  resumed.set_state_of_processes([second, second, first, first])
+  for expected, got in zip(want[2:], _global_batches([resumed], 2)):
+    np.testing.assert_array_equal(got['inputs'], expected['inputs'])
+  with pytest.raises(ValueError, match=r'hold streams \[4, 5, 6, 7\]\.\.\., not the 8'):
+    make(0, 1).set_state_of_processes([second, second])
+  # Saved before positions named their streams: one shard per process, in process order.
+  legacy = make(0, 1)
+  legacy.set_state_of_processes([{k: v for k, v in state.items() if k != 'streams'}
+                                 for state in (first, second)])
+  np.testing.assert_array_equal(_take(legacy, 1)[0]['inputs'], want[2]['inputs'])
+
+
 def test_positions_that_cannot_be_shared_out_again_say_why(corpus, caplog):
   cfg, _ = corpus
   make = lambda index, count, **kw: iter(data.make_train_dataset(

@@ -314,7 +314,8 @@ class _LayoutIterator(grain.DatasetIterator):
     return _documents_started(self._parent.get_state()) / self._documents_per_epoch
 
   def get_state(self):
-    return {'layout': self._layout, 'position': self._parent.get_state()}
+    return {'layout': self._layout, 'streams': [self._streams.start, self._streams.stop],
+            'position': self._parent.get_state()}
 
   def set_state(self, state):
     if 'layout' not in state:  # saved before positions named their layout
@@ -331,14 +332,15 @@ class _LayoutIterator(grain.DatasetIterator):
 
   def set_state_of_processes(self, states: list[dict]):
     """Resumes from the positions that another number of processes saved (`states`, in
-    process order). Each saved its own streams' places; put end to end they are the places
-    of all the streams, and this process takes its own share of them. With one stream per
-    row of the global batch (the default) the global batches then go on exactly as on the
-    old process count. Raises ValueError saying why when the positions do not add up."""
+    process order). Each saved the places of the streams it read (`streams`: their
+    range); together they are the places of all the streams, and this process takes its
+    own share of them. With one stream per row of the global batch (the default) the
+    global batches then go on exactly as on the old process count. Raises ValueError
+    saying why when the positions do not add up."""
     layouts = {json.dumps(s.get('layout'), sort_keys=True) for s in states}
     if len(layouts) != 1 or 'layout' not in states[0]:
       raise ValueError('the processes saved positions of different or unnamed layouts')
-    streams, taken = [], set()
+    places, taken, start = {}, set(), 0
     for state in states:
       try:  # a FlatMap's state over the zip of the streams (`_zip_rows`), through the
         # batching and the prefetch, which keep their parent's state
@@ -346,18 +348,23 @@ class _LayoutIterator(grain.DatasetIterator):
             'next_index_in_buffer']
       except (KeyError, TypeError):
         raise ValueError('a saved position is not one of packing streams') from None
-      streams += own
+      # Processes that read the same streams (a mesh axis that does not split the batch
+      # spans processes) saved the same places; saved before 2026-12-04: in process order.
+      first = state.get('streams', (start, start + len(own)))[0]
+      places.update({first + i: place for i, place in enumerate(own)})
+      start = first + len(own)
       taken.add('none' if consumed == 0 else 'all' if consumed == len(own) else 'some')
-    if len(streams) != states[0]['layout']['streams']:
-      raise ValueError(f'the positions hold {len(streams)} streams, their layout '
-                       f'{states[0]["layout"]["streams"]}')
+    num_streams = states[0]['layout']['streams']
+    if sorted(places) != list(range(num_streams)):
+      raise ValueError(f'the positions hold streams {sorted(places)[:8]}..., not the '
+                       f'{num_streams} of their layout')
     if len(taken) != 1 or 'some' in taken:
       raise ValueError('a batch ended inside a round of the streams (the streams are not '
                        'the rows of the batch), so some rows read are not in the positions')
-    if len(streams) != self._layout['streams']:  # set_state says which layout key changed
+    if num_streams != self._layout['streams']:  # set_state says which layout key changed
       self.set_state(states[0])
       return
-    mine = [streams[i] for i in self._streams]
+    mine = [places[i] for i in self._streams]
     self.set_state({'layout': states[0]['layout'], 'position': {
         'parent': {'parents': mine},
         'next_index_in_buffer': len(mine) if taken == {'all'} else 0}})
