@@ -217,7 +217,7 @@ def test_data_positions_of_another_process_count_are_shared_out_again(tmp_path, 
                                                                      caplog):
   setup, state, fresh = _state_and_data(data_dir)
   saved = fresh()
-  next(saved)
+  first_batch = next(saved)
   ckpt = Checkpointer(tmp_path)
   ckpt.save(1, state, saved)
   ckpt.close()
@@ -243,6 +243,15 @@ def test_data_positions_of_another_process_count_are_shared_out_again(tmp_path, 
   _save_data_positions(where, two)
   at, batch = restored_next_batch()  # their streams, dealt out to this one process
   assert at == 1 and (batch['inputs'] == after_saved['inputs']).all()
+  # A position of other streams than this process reads (under another mesh) in the
+  # file of this process: not applied to its streams; with the other processes' gone,
+  # the data start afresh.
+  _save_data_positions(where, [two[1]])
+  caplog.clear()
+  at, batch = restored_next_batch()
+  assert at == 1 and (batch['inputs'] == first_batch['inputs']).all()
+  assert 'hold streams [4, 5, 6, 7]..., not the 8' in caplog.text
+  _save_data_positions(where, two)
   plain = iter(grain.MapDataset.range(10).to_iter_dataset())  # cannot share positions out
   caplog.clear()
   assert Checkpointer(tmp_path).restore(setup.abstract_state, plain)[1] == 1

@@ -330,6 +330,12 @@ class _LayoutIterator(grain.DatasetIterator):
       return
     self._parent.set_state(state['position'])
 
+  def reads_streams_of(self, state: dict) -> bool:
+    """Whether `state` was saved by a process that read this one's streams (so far as it
+    says: saved before 2026-12-04, it does not)."""
+    mine = [self._streams.start, self._streams.stop]
+    return list(state.get('streams', mine)) == mine
+
   def set_state_of_processes(self, states: list[dict]):
     """Resumes from the positions that another number of processes saved (`states`, in
     process order). Each saved the places of the streams it read (`streams`: their

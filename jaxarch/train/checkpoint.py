@@ -277,15 +277,19 @@ class Checkpointer:
 
   def _data_position(self, step: int, data_iterator) -> str | list[dict] | None:
     """The data position of checkpoint `step` for this process: `_OWN_POSITION` where grain
-    saved one for this process and process count; where another process count saved it,
-    the positions of all those processes, in process order (for `_deal_data_position`);
-    None where there is none to use (says why)."""
+    saved one for this process and process count, of the streams it reads; otherwise
+    (another process count, or a mesh that gives this process other streams) the
+    positions of all the processes that saved, in process order (for
+    `_deal_data_position`); None where there is none to use (says why)."""
     data = self.directory / str(step) / 'data'
     if not data.is_dir():  # saved without a data iterator
       return None
     index, count = jax.process_index(), jax.process_count()
-    if (data / f'process_{index}-of-{count}.json').exists():
-      return _OWN_POSITION
+    own = data / f'process_{index}-of-{count}.json'
+    dealing = hasattr(data_iterator, 'set_state_of_processes')
+    if own.exists():
+      if not dealing or data_iterator.reads_streams_of(json.loads(own.read_text())):
+        return _OWN_POSITION
     saved = {}
     for path in data.glob('process_*-of-*.json'):
       if m := re.fullmatch(r'process_(\d+)-of-(\d+)\.json', path.name):
@@ -297,7 +301,7 @@ class Checkpointer:
     if len(saved) > 1 or any(set(files) != set(range(n)) for n, files in saved.items()):
       raise FileNotFoundError(f'{data} holds an incomplete set of data positions ({names})')
     ((saved_count, files),) = saved.items()
-    if hasattr(data_iterator, 'set_state_of_processes'):
+    if dealing:
       return [json.loads(files[i].read_text()) for i in range(saved_count)]
     log.warning('checkpoint %s holds the data positions of other processes (%s), not of '
                 'process %d of %d: the state is restored, the data iterators start afresh',
