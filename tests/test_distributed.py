@@ -29,8 +29,15 @@ def test_flags_come_first_then_jax_variables_then_the_cluster():
   assert detect(environ=per_node).local_device_ids == tuple(range(8))
   per_gpu = {**slurm, 'SLURM_NTASKS_PER_NODE': '8', 'SLURM_GPUS_ON_NODE': '8'}
   assert detect(environ=per_gpu).local_device_ids is None
-  assert detect(environ={'OMPI_COMM_WORLD_SIZE': '2', 'OMPI_COMM_WORLD_RANK': '1'}) == (
+  ompi = {'OMPI_COMM_WORLD_SIZE': '2', 'OMPI_COMM_WORLD_RANK': '1'}
+  assert detect(environ={**ompi, 'CUDA_VISIBLE_DEVICES': ''}) == (
       Launch('ompi', num_processes=2, process_id=1))
+  # mpirun --npernode 1: every GPU of the node, as for SLURM.
+  gpus = {'CUDA_VISIBLE_DEVICES': '0,1,2,3'}
+  assert detect(environ={**ompi, **gpus, 'OMPI_COMM_WORLD_LOCAL_SIZE': '1'}
+                ).local_device_ids == (0, 1, 2, 3)
+  assert detect(environ={**ompi, **gpus, 'OMPI_COMM_WORLD_LOCAL_SIZE': '4'}
+                ).local_device_ids is None
   assert detect(environ={'TPU_WORKER_HOSTNAMES': 'a,b'}).source == 'tpu'
   assert detect(environ={'JAXARCH_DISTRIBUTED': '1'}).source == 'auto'
   # One task, one TPU host, nothing: a single process.

@@ -16,6 +16,7 @@ and tested on one machine.
 """
 
 import dataclasses
+import glob
 import os
 from collections.abc import Mapping
 
@@ -65,7 +66,9 @@ def detect(coordinator_address: str | None = None, num_processes: int | None = N
                   local_device_ids=_slurm_node_devices(environ))
   if _int(environ, 'OMPI_COMM_WORLD_SIZE') > 1:
     return Launch('ompi', num_processes=_int(environ, 'OMPI_COMM_WORLD_SIZE'),
-                  process_id=_int(environ, 'OMPI_COMM_WORLD_RANK', 0))
+                  process_id=_int(environ, 'OMPI_COMM_WORLD_RANK', 0),
+                  local_device_ids=_node_devices(environ.get('OMPI_COMM_WORLD_LOCAL_SIZE'),
+                                                 _visible_gpus(environ)))
   if len(environ.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1:
     return Launch('tpu')
   if environ.get('JAXARCH_DISTRIBUTED') == '1':
@@ -74,16 +77,27 @@ def detect(coordinator_address: str | None = None, num_processes: int | None = N
 
 
 def _slurm_node_devices(environ: Mapping[str, str]) -> tuple[int, ...] | None:
-  """All GPUs of the node when SLURM runs one task per node (`launch/slurm`); else None.
-
-  Under SLURM, JAX gives each process only GPU `SLURM_LOCALID` (right for one task per
-  GPU), which would leave a one-task-per-node job on one GPU of each node.
-  """
+  """`_node_devices` of a SLURM task: its tasks per node, the GPUs SLURM gave the node."""
   per_node = environ.get('SLURM_NTASKS_PER_NODE') or environ.get('SLURM_STEP_TASKS_PER_NODE')
   gpus = environ.get('SLURM_GPUS_ON_NODE', '')
-  if per_node and per_node.split('(')[0] == '1' and gpus.isdigit() and int(gpus) > 1:
-    return tuple(range(int(gpus)))
-  return None
+  return _node_devices(per_node and per_node.split('(')[0], int(gpus) if gpus.isdigit() else 0)
+
+
+def _node_devices(tasks_per_node: str | None, gpus: int) -> tuple[int, ...] | None:
+  """All `gpus` of the node when one task runs per node (`launch/slurm`, `mpirun
+  --npernode 1`); else None. JAX gives each process of SLURM or Open MPI only the GPU of
+  its local rank (right for one task per GPU), which would leave a one-task-per-node job
+  on one GPU of each node."""
+  return tuple(range(gpus)) if tasks_per_node == '1' and gpus > 1 else None
+
+
+def _visible_gpus(environ: Mapping[str, str]) -> int:
+  """The GPUs of this node a process may use: those CUDA_VISIBLE_DEVICES lists, else the
+  node's /dev/nvidiaN devices (none on a CPU or TPU host)."""
+  visible = environ.get('CUDA_VISIBLE_DEVICES')
+  if visible is not None:
+    return len([d for d in visible.split(',') if d.strip()])
+  return len(glob.glob('/dev/nvidia[0-9]*'))
 
 
 def _checked(launch: Launch) -> Launch:
