@@ -158,6 +158,9 @@ def check(cfg, target: str) -> dict[str, int]:
     raise ConfigError(f'launch.time_limit={launch.time_limit!r} must be a SLURM time: '
                       'MM, HH:MM:SS, D-HH[:MM[:SS]] or UNLIMITED')
   limit = _slurm_seconds(str(launch.time_limit))
+  if target == 'slurm' and launch.stop_grace_s > 65535:
+    raise ConfigError(f'launch.stop_grace_s={launch.stop_grace_s} is past the 65535 seconds '
+                      "that SLURM's --signal=TERM@SECONDS takes")
   if target == 'slurm' and limit is not None and launch.stop_grace_s >= limit:
     raise ConfigError(f'launch.stop_grace_s={launch.stop_grace_s} must be shorter than '
                       f'launch.time_limit={launch.time_limit!r} ({limit} s): SLURM sends '

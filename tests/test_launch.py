@@ -217,6 +217,8 @@ def test_ray_and_multi_host_tpu_vm_jobs_refuse_a_workdir_their_nodes_do_not_shar
     (['--config.launch.stop_grace_s=0'], 'launch.stop_grace_s=0 must be'),
     (['--config.launch.time_limit=10', '--config.launch.stop_grace_s=600'],
      "launch.stop_grace_s=600 must be shorter than launch.time_limit='10' (600 s)"),
+    (['--config.launch.time_limit=UNLIMITED', '--config.launch.stop_grace_s=70000'],
+     "launch.stop_grace_s=70000 is past the 65535 seconds that SLURM's --signal"),
 ])
 def test_a_cluster_that_does_not_fit_the_mesh_is_a_one_line_error(tmp_path, capsys, flags,
                                                                    words):
