@@ -437,9 +437,13 @@ class _Records:
 
 def _held_out(records, split: str, fraction: float) -> _Records:
   """`split` ('train' or 'validation') of records that come as one split, by a hash of
-  each record's index (`is_validation`), so the split stays put across runs."""
-  held_out = np.array([is_validation(f'record {i}', fraction) for i in range(len(records))],
-                      bool)
+  each record's index (splitmix64, vectorized: millions of records in well under a
+  second), so the split stays put across runs."""
+  x = np.arange(len(records), dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+  x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  x ^= x >> np.uint64(31)
+  held_out = (x >> np.uint64(11)).astype(np.float64) / 2**53 < fraction
   return _Records(records, np.flatnonzero(held_out == (split == 'validation')))
 
 
