@@ -437,6 +437,18 @@ def test_fits_refuse_losses_that_are_not_finite_numbers():
       isoflop_minimum([r['params'] for r in broken[:4]], [r['loss'] for r in broken[:4]])
 
 
+def test_a_hand_written_budget_its_steps_do_not_spend_is_warned(caplog):
+  run = {'config': 'configs/dense.py:tiny', 'name': 'a', 'train.warmup_steps': 1}
+  cfg = config_lib.load('configs/dense.py:tiny', ['train.steps=10', 'train.warmup_steps=1'])
+  spent = plan.train_flops(cfg)
+  with caplog.at_level('WARNING'):
+    plan.runs_from([dict(run, budget=spent * 1.05, **{'train.steps': 10})], 'sweep.py')
+  assert not caplog.text  # within 10%
+  plan.runs_from([dict(run, budget=spent * 2, **{'train.steps': 10})], 'sweep.py')
+  assert ("sweep.py: run 'a': 10 steps spend" in caplog.text
+          and '0.50x its budget' in caplog.text and '; 20 steps would spend it' in caplog.text)
+
+
 def test_bad_sweep_configs_give_one_line_errors(tmp_path):
   def error(body):
     path = tmp_path / 'bad.py'

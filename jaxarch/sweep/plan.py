@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import logging
 from collections.abc import Sequence
 
 import ml_collections
@@ -27,6 +28,8 @@ from jaxarch import models
 from jaxarch.train import flops
 
 RESERVED = ('config', 'name', 'budget')
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +91,15 @@ def runs_from(members: Sequence[dict], where: str) -> list[Run]:
                                      'must be a positive number of FLOPs, e.g. 1e18')
     run = Run(name, str(member['config']), overrides, budget)
     try:
-      run.config()
+      cfg = run.config()
     except config_lib.ConfigError as e:
       why = str(e).removeprefix('config error: ')  # said once, before the sweep's name
       raise config_lib.ConfigError(f'{where}: run {name!r}: {why}') from None
+    if budget is not None and abs((spent := train_flops(cfg)) / budget - 1) > 0.1:
+      # A hand-written run (isoflop_grid's are checked): the fits take it for its budget.
+      log.warning('%s: run %r: %d steps spend %.3g FLOPs, %.2fx its budget %.3g, and the '
+                  'IsoFLOP fits count it at its budget; %d steps would spend it', where, name,
+                  cfg.train.steps, spent, spent / budget, budget, steps_for_budget(cfg, budget))
     runs.append(run)
   return runs
 
@@ -111,6 +119,11 @@ def _model_counts(model_json: str) -> tuple:
 
 def flops_per_token(cfg: ml_collections.ConfigDict) -> float:
   return flops.train_flops_per_token(cfg.model, param_counts(cfg), cfg.data.seq_len)
+
+
+def train_flops(cfg: ml_collections.ConfigDict) -> float:
+  """The FLOPs of the config's whole run (`train.steps` of its batch)."""
+  return cfg.train.steps * flops_per_token(cfg) * cfg.train.batch_size * cfg.data.seq_len
 
 
 def steps_for_budget(cfg: ml_collections.ConfigDict, budget: float) -> int:
@@ -144,7 +157,8 @@ def isoflop_grid(family: str, spec: str, sizes: dict[str, dict], budgets: Sequen
         raise config_lib.ConfigError(f'isoflop_grid({family!r}, {spec!r}): size {size!r}: '
                                      f'{why}') from None
       steps = steps_for_budget(cfg, budget)
-      spent = steps * flops_per_token(cfg) * cfg.train.batch_size * cfg.data.seq_len
+      cfg.train.steps = steps
+      spent = train_flops(cfg)
       if abs(spent / budget - 1) > 0.1:  # the fits would put the run at the wrong compute
         raise config_lib.ConfigError(
             f'isoflop_grid({family!r}, {spec!r}): size {size!r} at budget {budget:.3g}: '
