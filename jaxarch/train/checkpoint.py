@@ -290,11 +290,11 @@ class Checkpointer:
     if own.exists():
       if not dealing or data_iterator.reads_streams_of(json.loads(own.read_text())):
         return _OWN_POSITION
+    found = sorted(p.name for p in data.glob('process_*'))  # one listing (on GCS: a call)
     saved = {}
-    for path in data.glob('process_*-of-*.json'):
-      if m := re.fullmatch(r'process_(\d+)-of-(\d+)\.json', path.name):
-        saved.setdefault(int(m[2]), {})[int(m[1])] = path
-    found = sorted(p.name for p in data.glob('process_*'))
+    for name in found:
+      if m := re.fullmatch(r'process_(\d+)-of-(\d+)\.json', name):
+        saved.setdefault(int(m[2]), {})[int(m[1])] = data / name
     names = ', '.join(found[:4]) + (f' and {len(found) - 4} more' if len(found) > 4 else '')
     if not saved:  # written with a data position that is gone: a partial copy
       raise FileNotFoundError(f'{data} holds no data position')
