@@ -499,6 +499,37 @@ def test_a_tfds_source_prepared_in_tfds_own_data_dir_names_it(tmp_path, monkeypa
   assert len(data.open_source(cfg, 'train')) == 3
 
 
+class HubStoriesForTest(ArticlesForTest, skip_registration=True):
+  """Written as TFDS's Hugging Face builder writes `huggingface:acme__stories`: a folder
+  named after the repo, and no builder code of that name."""
+  name = 'acme__stories'
+
+
+def test_a_prepared_hugging_face_dataset_is_read_without_the_hub(tmp_path, monkeypatch):
+  """TFDS's own builder asks the Hub before it looks at the disk: offline, as on a pod,
+  that failed after a minute of retries even with the copy prepared."""
+  def hub(*args, **kwargs):
+    raise AssertionError(f'the Hugging Face builder was asked for: {args} {kwargs}')
+  monkeypatch.setattr(tfds.core.dataset_builders.huggingface_dataset_builder, 'builder', hub)
+  monkeypatch.setattr(tfds.core.constants, 'DATA_DIR', str(tmp_path / 'tfds'))  # not a home's
+  cfg = _data_config(tmp_path, 'tfds:huggingface:acme__stories', validation_fraction=0.0)
+  with pytest.raises(ConfigError, match=r"'tfds:huggingface:acme__stories' is not prepared in "
+                     r".*where the Hugging Face Hub can be reached .*pip install datasets.*"
+                     r"tfds.builder\('huggingface:acme__stories'.*then copy .*acme__stories "
+                     r"here if that was another machine$"):
+    data.open_source(cfg, 'train')
+  HubStoriesForTest(data_dir=cfg.data_dir, file_format='array_record').download_and_prepare()
+  assert (pathlib.Path(cfg.data_dir) / 'acme__stories' / '1.0.0' / 'features.json').is_file()
+  train = data.open_source(cfg, 'train')
+  assert sorted(train[i] for i in range(len(train))) == [b'text 0', b'text 1', b'text 2']
+  cfg.source = 'tfds:huggingface:acme__stories:1.0.0'
+  assert len(data.open_source(cfg, 'train')) == 3
+  cfg.source = 'tfds:huggingface:acme__stories/default'  # a config that was not prepared
+  with pytest.raises(ConfigError, match=r"is not prepared in .*acme__stories holds 1.0.0: "
+                     r"name the one to read as tfds:huggingface:<dataset>"):
+    data.open_source(cfg, 'train')
+
+
 @pytest.mark.parametrize('name, why', [
     ('mnist:9.9.9', 'Dataset mnist cannot be loaded at version 9.9.9, only: '),
     ('mnist/foo', 'BuilderConfig foo not found with version '),

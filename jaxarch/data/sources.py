@@ -6,6 +6,7 @@
                    that training works with no download (about 30 MB of real text);
   files:<glob>     local text files;
   tfds:<name>      any TFDS dataset already prepared (as array_record) in the data dir;
+                   `tfds:huggingface:<owner>__<repo>` is read from its files offline;
   distilled:<dir>  token sequences (a prompt and a model's greedy continuation) written
                    by `jaxarch distill` into <dir> (`Distilled`); BiTA trains on them.
 
@@ -53,6 +54,7 @@ DOCUMENT_BYTES = 1 << 20
 # the UTF-8 character there.
 _NEWLINE_SEARCH = 1 << 16
 DISTILLED = 'distilled:'
+HUGGINGFACE = 'huggingface:'  # a TFDS namespace: tfds:huggingface:<owner>__<repo>
 
 
 
@@ -405,11 +407,55 @@ def _prepared_in_tfds_dirs(name: str, data_dir: pathlib.Path) -> str | None:
     if pathlib.Path(other).expanduser().resolve() == data_dir.expanduser().resolve():
       continue
     try:
-      if tfds.builder(name, data_dir=str(other)).is_prepared():
+      builder = _builder(name, pathlib.Path(other))
+      if builder is not None and builder.is_prepared():
         return str(other)
     except Exception:  # pylint: disable=broad-except  (not there, or unreadable: no hint)
       continue
   return None
+
+
+def _builder(name: str, data_dir: pathlib.Path):
+  """TFDS's builder of `name` in `data_dir`; for a `huggingface:` dataset, its prepared copy
+  there, or None. TFDS's own builder of a Hugging Face dataset asks the Hub for the
+  repository's metadata before it looks at the disk (and needs the `datasets` package), so
+  where there is no network, as on most pods, it fails even for a copy prepared already.
+  The copy is where that builder writes it: `<data_dir>/<name>[/<config>]/<version>`."""
+  if not name.startswith(HUGGINGFACE):
+    return tfds.builder(name, data_dir=str(data_dir))
+  try:
+    return tfds.core.read_only_builder.builder_from_files(name[len(HUGGINGFACE):],
+                                                          data_dir=str(data_dir))
+  except tfds.core.registered.DatasetNotFoundError:
+    return None
+
+
+def _how_to_prepare(name: str, data_dir: pathlib.Path) -> str:
+  command = (f"python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', "
+             f"data_dir='{data_dir}', file_format='array_record').download_and_prepare()\"")
+  if not name.startswith(HUGGINGFACE):
+    return f'prepare it once as array_record with: {command}'
+  return (f'prepare it once as array_record, where the Hugging Face Hub can be reached and '
+          f'with `pip install datasets` (a repo owner/name is named owner__name), by: '
+          f'{command}; then copy '
+          f'{_huggingface_folder(name, data_dir)} here if that was another machine')
+
+
+def _huggingface_folder(name: str, data_dir: pathlib.Path) -> pathlib.Path:
+  return data_dir / re.split('[/:]', name[len(HUGGINGFACE):])[0]
+
+
+def _prepared_elsewhere_in(name: str, data_dir: pathlib.Path) -> str:
+  """The configs and versions of a `huggingface:` dataset that are prepared, when the one
+  named is not: TFDS finds a copy only at the config and version asked for (or the only
+  config's latest version)."""
+  if not name.startswith(HUGGINGFACE):
+    return ''
+  folder = _huggingface_folder(name, data_dir)
+  found = sorted(str(info.parent.relative_to(folder))
+                 for info in folder.glob('**/dataset_info.json'))
+  return (f' ({folder} holds {", ".join(found)}: name the one to read as '
+          'tfds:huggingface:<dataset>[/<config>][:<version>])') if found else ''
 
 
 class _Records:
@@ -450,7 +496,7 @@ def _held_out(records, split: str, fraction: float) -> _Records:
 def _tfds_source(source: str, name: str, data_dir: pathlib.Path, split: str,
                  text_key: str | None, validation_fraction: float) -> TextSource:
   try:
-    builder = tfds.builder(name, data_dir=str(data_dir))
+    builder = _builder(name, data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     if (other := _prepared_in_tfds_dirs(name, data_dir)) is not None:
       raise ConfigError(f'config error: data.source={source!r} is not in the data directory '
@@ -467,14 +513,12 @@ def _tfds_source(source: str, name: str, data_dir: pathlib.Path, split: str,
     raise ConfigError(f'config error: data.source={source!r}: TFDS cannot open {name!r}: '
                       f'{why.split(" Here are ")[0].strip()} (the form is '
                       'tfds:<dataset>[/<config>][:<version>])') from None
-  how = (f"prepare it once as array_record with: python -c \"import tensorflow_datasets as "
-         f"tfds; tfds.builder('{name}', data_dir='{data_dir}', "
-         f"file_format='array_record').download_and_prepare()\"")
-  if not builder.is_prepared():
+  how = _how_to_prepare(name, data_dir)
+  if builder is None or not builder.is_prepared():
     if (other := _prepared_in_tfds_dirs(name, data_dir)) is not None:
       how = f'it is prepared in TFDS\'s {other}: set --config.data.data_dir={other}'
     raise ConfigError(f'config error: data.source={source!r} is not prepared in {data_dir}; '
-                     f'{how}')
+                     f'{how}{_prepared_elsewhere_in(name, data_dir)}')
   if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
     raise ConfigError(f'config error: data.source={source!r} is prepared as '
                      f'{builder.info.file_format.value} in {data_dir}, not array_record; '
