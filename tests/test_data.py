@@ -917,6 +917,24 @@ def test_hf_tokenizer_counts_the_bytes_of_its_tokens(tmp_path, style):
     assert tokenizer.decode(ids) == text
 
 
+def test_wordpiece_pieces_count_the_text_they_stand_for(tmp_path):
+  """BERT-style WordPiece: '##s' is one byte of a word, 'the' three and the space before
+  it (the first word's too, as with SentencePiece), ',' one; decoded alone, a piece would
+  count '##' and no space."""
+  hf = pytest.importorskip('tokenizers')
+  pieces = ['[PAD]', '[UNK]', '[SEP]', 'the', 'caf', '##é', '##s', ',', '.', 'cat']
+  tok = hf.Tokenizer(hf.models.WordPiece({t: i for i, t in enumerate(pieces)},
+                                         unk_token='[UNK]'))
+  tok.pre_tokenizer = hf.pre_tokenizers.BertPreTokenizer()
+  tok.decoder = hf.decoders.WordPiece()
+  tok.add_special_tokens([hf.AddedToken(t, special=True) for t in ('[PAD]', '[UNK]', '[SEP]')])
+  tok.save(str(tmp_path / 'tokenizer.json'))
+  tokenizer = data.get_tokenizer(str(tmp_path / 'tokenizer.json'))
+  for text in ['the cafés, the cat.', 'cat', 'the café.']:
+    ids = tokenizer.encode(text)
+    assert int(tokenizer.byte_lengths[ids].sum()) == len(text.encode()) + 1, (text, ids)
+
+
 def test_hf_vocab_size_covers_its_largest_id_and_a_home_path_is_expanded(tmp_path,
                                                                          monkeypatch):
   hf = pytest.importorskip('tokenizers')

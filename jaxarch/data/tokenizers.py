@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import re
+import unicodedata
 
 import numpy as np
 
@@ -100,6 +101,13 @@ def _gpt2_byte_chars() -> set[str]:
 
 
 _GPT2_BYTE_CHARS = _gpt2_byte_chars()
+
+
+def _is_punctuation(char: str) -> bool:
+  """As BERT's pre-tokenizer decides: Unicode punctuation, or ASCII that is not a letter,
+  a digit or a space."""
+  return unicodedata.category(char).startswith('P') or (
+      char.isascii() and not char.isalnum() and not char.isspace())
 _BYTE_FALLBACK = re.compile(r'<0x[0-9A-Fa-f]{2}>')
 
 
@@ -132,16 +140,34 @@ class HFTokenizer:
                                     for i in range(self.vocab_size)], np.int32)
 
   @functools.cached_property
+  def _tree(self) -> dict:
+    return json.loads(self._tok.to_str())
+
+  @functools.cached_property
   def _byte_level(self) -> bool:
     """GPT-2-style byte-level BPE, whose pieces spell each byte as one character."""
-    tree = json.loads(self._tok.to_str())
-    return 'ByteLevel' in json.dumps([tree.get('pre_tokenizer'), tree.get('decoder')])
+    return 'ByteLevel' in json.dumps([self._tree.get('pre_tokenizer'),
+                                      self._tree.get('decoder')])
+
+  @functools.cached_property
+  def _wordpiece_prefix(self) -> str | None:
+    """BERT-style WordPiece's prefix of the pieces that continue a word ('##')."""
+    model = self._tree.get('model') or {}
+    return model.get('continuing_subword_prefix') if model.get('type') == 'WordPiece' else None
 
   def _piece_bytes(self, i: int) -> int:
     """The UTF-8 bytes token i stands for."""
     piece = self._tok.id_to_token(i)
     if piece is None:
       return 0
+    if (prefix := self._wordpiece_prefix) is not None:
+      # WordPiece pieces hold no spaces: a piece that continues a word stands for its text
+      # after the prefix; one that starts a word, also for the space before it, unless it is
+      # punctuation (split off words, usually with no space before). So its bits per byte
+      # are close, not exact (like the text its normaliser may have lowercased).
+      if prefix and piece.startswith(prefix) and piece != prefix:
+        return len(piece[len(prefix):].encode('utf-8'))
+      return len(piece.encode('utf-8')) + (not all(map(_is_punctuation, piece)))
     if self._byte_level and set(piece) <= _GPT2_BYTE_CHARS:
       return len(piece)
     if _BYTE_FALLBACK.fullmatch(piece):  # SentencePiece-style byte fallback: <0xE2>
