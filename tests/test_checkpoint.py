@@ -456,3 +456,30 @@ def test_readers_say_whether_there_is_no_checkpoint_or_none_restores_and_write_n
   with pytest.raises(CheckpointError, match='none of the checkpoints in .* could be restored'):
     Checkpointer.read(tmp_path, setup.abstract_state)
   assert (tmp_path / 'checkpoints' / '1').is_dir()  # left where it was
+
+
+def test_a_data_position_lost_with_the_metadata_is_not_silent(tmp_path, data_dir, caplog):
+  # A partial copy that lost the data item and the metadata that listed it: the state
+  # cannot come with its data position, and that must not pass unnoticed.
+  cfg = mesh_config(tiny_config(data_dir), data=8)
+  setup = make_setup(cfg, make_mesh(cfg))
+  state = init_state(cfg, setup)
+  it = iter(data.make_train_dataset(cfg.data, seed=0, global_batch_size=8))
+  first = next(it)
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  ckpt.save(1, state, it)
+  next(it)
+  ckpt.save(2, state, it)
+  ckpt.close()
+  it.close()
+  latest = tmp_path / 'checkpoints' / '2'
+  shutil.rmtree(latest / 'data')
+  (latest / '_CHECKPOINT_METADATA').unlink()
+  it = iter(data.make_train_dataset(cfg.data, seed=0, global_batch_size=8))
+  try:
+    restored, at = Checkpointer(tmp_path).restore(setup.abstract_state, it, move_aside=True)
+    batch = next(it)
+  finally:
+    it.close()
+  resumed_at_start = (batch['inputs'] == first['inputs']).all()
+  assert at == 1 or (resumed_at_start and 'afresh' in caplog.text)

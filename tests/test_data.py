@@ -367,6 +367,18 @@ def test_changed_files_are_rebuilt(tmp_path, corpus):
   assert b'changed' not in {before[i] for i in range(len(before))}
 
 
+def test_a_file_named_like_a_piece_of_a_big_file_is_one_line(tmp_path, monkeypatch):
+  monkeypatch.setattr(sources, 'DOCUMENT_BYTES', 64)
+  monkeypatch.setattr(sources, '_NEWLINE_SEARCH', 16)
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  (corpus / 'a').write_text('line\n' * 30)  # 150 bytes: pieces a#0, a#1, a#2
+  (corpus / 'a#1').write_text('hello')
+  cfg = _data_config(tmp_path, f'files:{corpus}/*')
+  with pytest.raises(ConfigError, match=r"the file 'a' is over 64 bytes.*a#1 has one"):
+    sources.open_source(cfg, 'train')
+
+
 def test_tfds_source_reads_a_prepared_array_record_dataset(corpus):
   cfg, _ = corpus
   built = data.open_source(cfg, 'train')

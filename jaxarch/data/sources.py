@@ -213,6 +213,7 @@ def _files_config(source: str, pattern: str, validation_fraction: float) -> File
     raise ConfigError(f'config error: data.source={source!r}: the {len(paths)} files '
                       f'matching {pattern!r} are all empty; there is nothing to train on')
   root = _glob_root(pattern, paths)
+  _check_piece_names(source, {str(p.relative_to(root)): p.stat().st_size for p in paths})
   key = hashlib.sha256(repr((pattern, validation_fraction, 'split by path from the glob\'s '
                              'root')).encode())
   for p in paths:
@@ -221,6 +222,18 @@ def _files_config(source: str, pattern: str, validation_fraction: float) -> File
   return FilesConfig(name=f'files-{key.hexdigest()[:16]}', root=str(root),
                      files=tuple(str(p.relative_to(root)) for p in paths),
                      validation_fraction=validation_fraction)
+
+
+def _check_piece_names(source: str, sizes: dict[str, int]) -> None:
+  """Refuses a corpus where a piece of a big file (`name#i`) is named like another file:
+  both would be one document name (TFDS refuses duplicate keys with a traceback)."""
+  for name, size in sizes.items():
+    for i in range(num_pieces(size) if size > DOCUMENT_BYTES else 0):
+      if f'{name}#{i}' in sizes:
+        raise ConfigError(f'config error: data.source={source!r}: the file {name!r} is over '
+                          f'{DOCUMENT_BYTES} bytes, so its pieces are named {name}#0, '
+                          f'{name}#1, ...; the file {name}#{i} has one of those names: '
+                          'rename it or narrow the glob')
 
 
 def _glob_root(pattern: str, paths: list[pathlib.Path]) -> pathlib.Path:

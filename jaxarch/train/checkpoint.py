@@ -282,7 +282,11 @@ class Checkpointer:
     positions of all the processes that saved, in process order (for
     `_deal_data_position`); None where there is none to use (says why)."""
     data = self.directory / str(step) / 'data'
-    if not data.is_dir():  # saved without a data iterator
+    if not data.is_dir():  # saved without a data iterator, or lost with the metadata
+      if not (self.directory / str(step) / '_CHECKPOINT_METADATA').is_file():
+        log.warning('checkpoint %s has no data position (nor the metadata that would list '
+                    'it): the state is restored, the data iterators start afresh',
+                    self.directory / str(step))
       return None
     index, count = jax.process_index(), jax.process_count()
     own = data / f'process_{index}-of-{count}.json'
