@@ -511,6 +511,49 @@ def test_isoflop_sweep_spends_each_budget():
     assert spent == pytest.approx(r.budget, rel=0.05)
 
 
+def test_near_optimum_keeps_the_sizes_around_a_budgets_chinchilla_optimum():
+  flops = {'a': 6e6, 'b': 6e7, 'c': 6e8, 'd': 6e9, 'e': 6e10}  # 6·N per token
+  budget = 120 * 1e8 ** 2  # C = 6·N·(20·N): the optimum is c's N = 1e8
+  assert plan.near_optimum(flops, budget, 3) == ['b', 'c', 'd']
+  assert plan.near_optimum(flops, budget, 1) == ['c']
+  assert plan.near_optimum(flops, budget * 100, 2) == ['c', 'd']  # N* 10x: between c and d
+  assert plan.near_optimum(flops, budget, 5) == list(flops)
+  # 80 tokens per parameter halve the optimum's N: 'b' is then nearer than 'd'.
+  assert plan.near_optimum(flops, budget, 2, tokens_per_param=80) == ['b', 'c']
+
+
+def test_isoflop_grid_per_budget_trains_each_budget_near_its_optimum():
+  sizes = {'s': {'model.d_model': 32, 'model.d_ff': 64, 'model.n_layers': 2},
+           'l': {'model.d_model': 128, 'model.d_ff': 256, 'model.n_layers': 2}}
+  per_token = {k: plan.flops_per_token(config_lib.load(
+      'configs/dense.py:tiny', [f'{key}={value}' for key, value in v.items()]))
+      for k, v in sizes.items()}
+  budgets = [per_token[k] ** 2 / 0.3 for k in ('s', 'l')]  # each size's own optimum
+  grid = plan.isoflop_grid('dense', 'configs/dense.py:tiny', sizes, budgets, per_budget=1)
+  assert [(m['name'].split('-')[1], m['budget']) for m in grid] == list(zip('sl', budgets))
+  assert len(plan.isoflop_grid('dense', 'configs/dense.py:tiny', sizes, budgets)) == 4
+
+
+@pytest.mark.slow
+def test_the_gpu_isoflop_grids_bracket_each_budgets_likely_optimum():
+  """Each budget's sizes lie on both sides of the optimum it is centred on (the earlier
+  grid's largest size was about the optimum at 3e18), in bf16, with lr falling as 1/width."""
+  runs = runner.load_sweep('configs/sweeps/isoflop.py:cross_family')
+  by_budget = {}
+  for run in runs:
+    cfg = run.config()
+    by_budget.setdefault((cfg.model.family, run.budget), []).append(cfg)
+  assert len(by_budget) == 16 and all(len(c) == 5 for c in by_budget.values())
+  for (family, budget), configs in by_budget.items():
+    per_param = 80 if family == 'megabyte' else 20
+    optimum = math.sqrt(6 * budget / per_param)
+    per_token = sorted(plan.flops_per_token(c) for c in configs)
+    assert per_token[0] < optimum < per_token[-1], (family, budget)
+    for c in configs:
+      assert c.model.dtype == 'bfloat16' and c.data.seq_len == 1024
+      assert c.train.lr == pytest.approx(2e-3 * 256 / c.model.d_model)
+
+
 def test_isoflop_grid_names_tell_close_budgets_apart():
   # Both were 'dense-s-1.2e11' before: a duplicate-name error for names the user never wrote.
   sizes = {'s': {'model.d_model': 32, 'model.d_ff': 64, 'model.n_layers': 2}}

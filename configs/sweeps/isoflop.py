@@ -5,8 +5,9 @@
 
 `get_sweep(arg)`:
 
-  dense | moe | ultramem | megabyte   one family's grid at GPU scale: 5 sizes at each of
-                                      the budgets 1e17, 3e17, 1e18, 3e18 FLOPs
+  dense | moe | ultramem | megabyte   one family's grid at GPU scale: at each of the
+                                      budgets 1e17, 3e17, 1e18, 3e18 FLOPs, the 5 of 8
+                                      sizes (4M to 1.3B dense) nearest its optimum
   cross_family                        the four grids together, for the family comparison
   tiny                                the cross-family design at CPU scale: 3 widths
                                       (24, 48, 96) x 3 budgets (2.5e10 to 2.5e11) x 4
@@ -18,9 +19,16 @@ families keep their sparse part in proportion: MoE's experts are d_model·3/2 wi
 of 8: an active feed-forward like dense's 3·d_model), UltraMem's values are d_model wide
 and MEGABYTE's local model is half the global width. Tokens follow from each budget and
 size by the FLOPs convention of `jaxarch.train.flops` (`sweep.plan.isoflop_grid`).
+
+At GPU scale a budget trains only the sizes around its likely optimum (Chinchilla's 20
+tokens per parameter; 80 bytes per parameter for MEGABYTE, as a BPE token holds about 4
+bytes of English), so that each IsoFLOP profile has sizes on both sides of its minimum
+and no budget is spent on a model far from it. The runs are bf16 on sequences of 1024,
+and the learning rate falls as 1/width from 2e-3 at width 256 (as GPT-3's table does
+with model size).
 """
 
-from jaxarch.sweep.plan import isoflop_grid
+from jaxarch.sweep.plan import TOKENS_PER_PARAM, isoflop_grid
 
 FAMILIES = ('dense', 'moe', 'ultramem', 'megabyte')
 SPECS = {  # family -> (CPU preset, GPU preset)
@@ -57,10 +65,14 @@ TINY_BUDGETS = (2.5e10, 7.5e10, 2.5e11)
 TINY_COMMON = {'data.seq_len': 64, 'train.batch_size': 8, 'log.every_steps': 25,
                'log.eval_batches': 32, 'model.n_layers': 4}
 
-# GPU scale: the `small` presets' sequence lengths, batch 64.
-SHAPES = {'xs': (256, 4), 's': (384, 6), 'm': (512, 8), 'l': (768, 10), 'xl': (1024, 12)}
+# GPU scale: a ladder of (width, depth), each budget taking the 5 nearest its optimum.
+SHAPES = {'xs': (256, 4), 's': (384, 6), 'm': (512, 8), 'l': (768, 10), 'xl': (1024, 12),
+          '2xl': (1280, 16), '3xl': (1536, 20), '4xl': (2048, 24)}
 BUDGETS = (1e17, 3e17, 1e18, 3e18)
-COMMON = {'train.batch_size': 64}
+PER_BUDGET = 5
+COMMON = {'train.batch_size': 64, 'data.seq_len': 1024, 'model.dtype': 'bfloat16'}
+LR_AT_256 = 2e-3  # the `small` presets' rate, at their width
+BYTES_PER_PARAM = 4 * TOKENS_PER_PARAM  # MEGABYTE's tokens are bytes, about 4 a BPE token
 
 
 def _family(family: str, tiny: bool) -> list[dict]:
@@ -71,8 +83,10 @@ def _family(family: str, tiny: bool) -> list[dict]:
       common['model.n_layers'] = 2  # its global model; the local one has 2 more
     sizes = {k: size(family, d) for k, d in TINY_WIDTHS.items()}
     return isoflop_grid(family, spec, sizes, TINY_BUDGETS, common)
-  sizes = {k: size(family, d, n) for k, (d, n) in SHAPES.items()}
-  return isoflop_grid(family, spec, sizes, BUDGETS, COMMON)
+  sizes = {k: {**size(family, d, n), 'train.lr': LR_AT_256 * 256 / d}
+           for k, (d, n) in SHAPES.items()}
+  return isoflop_grid(family, spec, sizes, BUDGETS, COMMON, per_budget=PER_BUDGET,
+                      tokens_per_param=BYTES_PER_PARAM if family == 'megabyte' else TOKENS_PER_PARAM)
 
 
 def get_sweep(arg=None):

@@ -12,11 +12,13 @@ for the number of steps that spends the budget by the FLOPs convention of
 `jaxarch.train.flops` (so the tokens follow from the budget and the size).
 """
 
+import copy
 import dataclasses
 import difflib
 import functools
 import json
 import logging
+import math
 from collections.abc import Sequence
 
 import ml_collections
@@ -143,19 +145,44 @@ def _budget_labels(budgets: Sequence[float]) -> dict[float, str]:
   raise AssertionError(budgets)
 
 
+# Chinchilla's compute-optimal models read about 20 tokens per parameter: C = 6·N·D with
+# D = 20·N puts the optimum near 6·N = sqrt(0.3·C) FLOPs per token.
+TOKENS_PER_PARAM = 20
+
+
+def near_optimum(flops_per_size: dict[str, float], budget: float, count: int,
+                 tokens_per_param: float = TOKENS_PER_PARAM) -> list[str]:
+  """The `count` sizes whose training FLOPs per token lie nearest (in log) to a
+  compute-optimal model's at `budget`, in their given order: an IsoFLOP profile needs
+  sizes on both sides of its optimum, and a size far from it costs the whole budget for a
+  point the parabola barely uses (a 3M-parameter model at 3e18 FLOPs trains for days)."""
+  optimum = math.sqrt(6 * budget / tokens_per_param)
+  nearest = sorted(flops_per_size, key=lambda s: abs(math.log(flops_per_size[s] / optimum)))
+  return [s for s in flops_per_size if s in nearest[:count]]
+
+
 def isoflop_grid(family: str, spec: str, sizes: dict[str, dict], budgets: Sequence[float],
-                 common: dict | None = None, *, warmup_fraction: float = 0.1) -> list[dict]:
-  """Runs of each size (name -> overrides) at each budget, steps from the budget."""
-  members, labels = [], _budget_labels(budgets)
+                 common: dict | None = None, *, per_budget: int | None = None,
+                 tokens_per_param: float = TOKENS_PER_PARAM,
+                 warmup_fraction: float = 0.1) -> list[dict]:
+  """Runs of sizes (name -> overrides) at each budget, steps from the budget: every size,
+  or with `per_budget` the ones nearest the budget's likely optimum (`near_optimum`)."""
+  members, labels, configs = [], _budget_labels(budgets), {}
+  for size, overrides in sizes.items():
+    values = {**(common or {}), **overrides}
+    try:
+      configs[size] = config_lib.load(spec, [_override(k, v) for k, v in values.items()])
+    except config_lib.ConfigError as e:
+      why = str(e).removeprefix('config error: ')
+      raise config_lib.ConfigError(f'isoflop_grid({family!r}, {spec!r}): size {size!r}: '
+                                   f'{why}') from None
   for budget in budgets:
-    for size, overrides in sizes.items():
-      values = {**(common or {}), **overrides}
-      try:
-        cfg = config_lib.load(spec, [_override(k, v) for k, v in values.items()])
-      except config_lib.ConfigError as e:
-        why = str(e).removeprefix('config error: ')
-        raise config_lib.ConfigError(f'isoflop_grid({family!r}, {spec!r}): size {size!r}: '
-                                     f'{why}') from None
+    chosen = list(sizes)
+    if per_budget is not None:
+      chosen = near_optimum({s: flops_per_token(configs[s]) for s in sizes}, budget,
+                            per_budget, tokens_per_param)
+    for size in chosen:
+      values, cfg = {**(common or {}), **sizes[size]}, copy.deepcopy(configs[size])
       steps = steps_for_budget(cfg, budget)
       cfg.train.steps = steps
       spent = train_flops(cfg)
