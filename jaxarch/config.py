@@ -681,7 +681,9 @@ def _check_train(cfg: ConfigDict) -> None:
   _choice(cfg, 'train.nonfinite', NONFINITE)
   _choice(cfg, 'checkpoint.keep_best', (True, False))
   _choice(cfg, 'checkpoint.async_save', (True, False))  # 'no' in a hand-edited config.json
-  _number(cfg, 'train.seed', int)
+  seed = _number(cfg, 'train.seed', int)
+  if not 0 <= seed < 2**32:  # jax.random.PRNGKey's range (int64 overflows; x64 off: mod 2^32)
+    raise ConfigError(f'train.seed={seed} must be in [0, 2^32)')
   _choice(cfg, 'train.mu_dtype', ('float32', 'bfloat16'))
   steps = cfg.train.steps
   warmup = _number(cfg, 'train.warmup_steps', int)
@@ -701,8 +703,8 @@ def _check_train(cfg: ConfigDict) -> None:
   if not 0 < _number(cfg, 'train.eps') < math.inf:
     raise ConfigError(f'train.eps={cfg.train.eps} must be > 0 and finite')
   for key in ('train.weight_decay', 'train.z_loss'):
-    if not _number(cfg, key) >= 0:
-      raise ConfigError(f'{key}={_get(cfg, key)} must be >= 0')
+    if not 0 <= _number(cfg, key) < math.inf:
+      raise ConfigError(f'{key}={_get(cfg, key)} must be >= 0 and finite')
   for name, group in (_get(cfg, 'train.groups') or {}).items():
     _check_group(f'train.groups.{name}', group)
 
@@ -717,8 +719,9 @@ def _check_group(key: str, group) -> None:
     raise ConfigError(f'{key}.{unknown[0]} is not a group setting; expected lr_multiplier '
                       'and, optionally, multiplier_decay')
   multiplier = group.get('lr_multiplier')
-  if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or multiplier <= 0:
-    raise ConfigError(f'{key}.lr_multiplier={multiplier!r} must be a number > 0')
+  if (isinstance(multiplier, bool) or not isinstance(multiplier, (int, float))
+      or not 0 < multiplier < math.inf):
+    raise ConfigError(f'{key}.lr_multiplier={multiplier!r} must be a number > 0 and finite')
   decay = group.get('multiplier_decay', 'none')
   if decay not in GROUP_DECAYS:
     raise ConfigError(f'{key}.multiplier_decay={decay!r} must be one of '

@@ -235,6 +235,9 @@ def test_parameter_group_settings_are_checked():
   load = lambda *o: config_lib.load('configs/ultramem.py:tiny', list(o))
   assert 'lr_multiplier=0.0 must be a number > 0' in error_of(
       load, 'train.groups.values.lr_multiplier=0.0')
+  for bad in ('nan', 'inf'):  # every step non-finite
+    assert f'lr_multiplier={bad} must be a number > 0 and finite' in error_of(
+        load, f'train.groups.values.lr_multiplier={bad}')
   assert "multiplier_decay='Linear' must be one of none, linear" in error_of(
       load, 'train.groups.values.multiplier_decay=Linear')
   cfg = load()
@@ -305,6 +308,12 @@ def test_block_pattern_must_name_known_blocks():
     (('train.lr=inf',), 'train.lr'),
     (('train.min_lr_ratio=1.5',), 'train.min_lr_ratio'),
     (('train.grad_clip=-1',), 'train.grad_clip'),
+    # Each was accepted, and every step was then non-finite (advice: lower train.lr).
+    (('train.weight_decay=inf',), 'train.weight_decay'),
+    (('train.z_loss=inf',), 'train.z_loss'),
+    # Accepted; the initialiser then raised OverflowError (2^63), or took 2^32 as seed 0.
+    (('train.seed=9223372036854775808',), 'train.seed'),
+    (('train.seed=4294967296',), 'train.seed'),
 ])
 def test_train_values_out_of_range_are_refused(overrides, key):
   assert error_of(tiny, *overrides).startswith(f'config error: {key}=')
