@@ -168,6 +168,8 @@ def test_bita_needs_a_bita_model_and_a_tree_within_its_masks():
       generator([[257, 1]], max_new_tokens=2, method='bita', draft_tree=tree)
   with pytest.raises(infer.GenerateError, match="draft_tree is for method='bita'"):
     generator([[257, 1]], max_new_tokens=2, draft_tree=(2,))
+  with pytest.raises(infer.GenerateError, match='draft_tree=2; give candidates per level'):
+    generator([[257, 1]], max_new_tokens=2, method='bita', draft_tree=2)  # was a TypeError
 
 
 # Training rows: mask groups hang after tokens of each row's own labelled part.

@@ -216,6 +216,29 @@ def test_sampling_keeps_only_the_top_k_and_nucleus_tokens():
   np.testing.assert_array_equal(greedy, [0, 0])
 
 
+def test_sampling_values_below_float32s_range_keep_the_most_likely_token():
+  # top_p=1e-46 and temperature=1e-46 round to 0 in float32: top-p then kept no token,
+  # and 0/0 at the most likely one sorted it last; both drew token 0, not the argmax.
+  logits = jnp.array([[0.0, 3.0, 1.0, 2.0], [5.0, 1.0, 0.0, 0.0]])
+  for kwargs in (dict(top_p=1e-46), dict(temperature=1e-46, top_k=2),
+                 dict(temperature=1e-46, top_p=0.9), dict(temperature=1e-46)):
+    draws = infer.next_tokens(logits, jax.random.PRNGKey(0), infer.Sampling('sample', **kwargs))
+    assert np.asarray(draws).tolist() == [1, 0], kwargs
+
+
+def test_a_vocab_limit_below_one_is_refused_not_generating_token_0():
+  model = models.build(family_config('dense').model, rngs=nnx.Rngs(1))
+  for limit in (0, -5):  # every logit -inf: greedy drew id 0 at every step, silently
+    with pytest.raises(infer.GenerateError, match=f'vocab_limit={limit} must be >= 1'):
+      infer.Generator(model, vocab_limit=limit)
+
+
+def test_one_seed_as_a_0d_array_is_one_seed(dense_generator):
+  sample = lambda seed: dense_generator([[257, 1, 2]], max_new_tokens=4, method='sample',
+                                        seed=seed)[0]
+  assert sample(np.array(3)) == sample(3)  # was: TypeError, len() of unsized object
+
+
 @pytest.mark.parametrize('kwargs, message', [
     (dict(prompts=[[257], []]), 'prompt 1 is empty'),
     (dict(prompts=[[257, 999]]), 'token ids [999] outside the vocabulary [0, 384)'),
@@ -232,6 +255,9 @@ def test_sampling_keeps_only_the_top_k_and_nucleus_tokens():
     (dict(max_new_tokens=5.5), 'max_new_tokens=5.5 must be an int'),
     (dict(method='sample', top_k=2.5), 'top_k=2.5 must be an int'),  # not top-2
     (dict(stop_ids=['x']), "stop_ids=['x'] must be token ids"),
+    # Were a bare ValueError / TypeError from float().
+    (dict(method='sample', temperature='hot'), "temperature='hot' must be a number"),
+    (dict(method='sample', top_p=None), 'top_p=None must be a number'),
 ])
 def test_bad_generation_arguments_are_one_line_errors(dense_generator, kwargs, message):
   kwargs = {'prompts': [[257, 1]], 'max_new_tokens': 4, **kwargs}

@@ -63,6 +63,9 @@ class Generator:
                moe_capacity_factor: float | None = None, vocab_limit: int | None = None):
     if (mesh is None) != (rules is None):
       raise GenerateError('generate: pass both mesh and rules (cfg.mesh.rules), or neither')
+    if vocab_limit is not None and _whole('vocab_limit', vocab_limit) < 1:
+      raise GenerateError(f'generate: vocab_limit={vocab_limit} must be >= 1 (the '
+                          "tokenizer's vocabulary size), or None for the model's")
     model = for_inference(model, moe_capacity_factor=moe_capacity_factor)
     self.graphdef, self.state = nnx.split(model)
     self.mesh, self.rules = mesh, None if rules is None else tuple(map(tuple, rules))
@@ -87,7 +90,8 @@ class Generator:
     """
     if method == 'sample' and temperature == 0:  # as in vLLM and HF: the most likely
       method, top_k, top_p = 'greedy', 0, 1.0
-    sampling = Sampling(method, float(temperature), _whole('top_k', top_k), float(top_p))
+    sampling = Sampling(method, _real('temperature', temperature), _whole('top_k', top_k),
+                        _real('top_p', top_p))
     prompts = _token_lists(prompts)
     max_new_tokens = _whole('max_new_tokens', max_new_tokens)
     stop_ids = _stop_ids(stop_ids)
@@ -145,6 +149,10 @@ class Generator:
     if self.num_mask_tokens is None:
       raise GenerateError("generate: method='bita' needs a BiTA model (model.family='bita', "
                           'trained with configs/bita.py on a base run)')
+    if widths is not None and (isinstance(widths, str) or not isinstance(
+        widths, (Sequence, np.ndarray))):
+      raise GenerateError(f'generate: draft_tree={widths!r}; give candidates per level, '
+                          'e.g. (5, 4, 3)')
     if widths is not None and not len(widths):
       raise GenerateError('generate: draft_tree=() has no levels; give one width per level, '
                           'or None for the model\'s own tree')
@@ -365,6 +373,15 @@ def _whole(name: str, value) -> int:
     raise GenerateError(f'generate: {name}={value!r} must be an int') from None
 
 
+def _real(name: str, value) -> float:
+  try:  # text of digits is refused too, as for the ids
+    if isinstance(value, (str, bytes)):
+      raise TypeError
+    return float(value)
+  except (TypeError, ValueError):
+    raise GenerateError(f'generate: {name}={value!r} must be a number') from None
+
+
 def _key(seed) -> np.ndarray:
   """The PRNG key of a 64-bit `seed`, as `jax.random.PRNGKey` makes it with x64 on; without,
   it keeps the low 32 bits only, so that seeds 2**32 and 0 would draw the same tokens."""
@@ -378,6 +395,8 @@ def _key(seed) -> np.ndarray:
 def _row_keys(seed, n: int, batch: int) -> np.ndarray:
   """[batch, 2] uint32: the PRNG key of each row. One seed per prompt: that seed's key,
   whatever the row; one seed for the call: its key folded with each row's index."""
+  if isinstance(seed, np.ndarray) and seed.ndim == 0:  # one seed, as an array
+    seed = seed.item()
   if isinstance(seed, (Sequence, np.ndarray)) and not isinstance(seed, str):
     if len(seed) != n:
       raise GenerateError(f'generate: {len(seed)} seeds for {n} prompts; give one seed per '

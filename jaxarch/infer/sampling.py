@@ -51,8 +51,11 @@ class Sampling:
     return self.method == 'sample' and (self.top_k > 0 or self.top_p < 1)
 
   def values(self) -> np.ndarray:
-    """[temperature, top_k, top_p] float32: the traced part of the setting."""
-    return np.array([self.temperature, self.top_k, self.top_p], np.float32)
+    """[temperature, top_k, top_p] float32: the traced part of the setting. A temperature
+    below float32's range would round to 0 (0/0 at the most likely token); the smallest
+    normal float32 picks the same token, as any temperature that small does."""
+    temperature = max(self.temperature, float(np.finfo(np.float32).tiny))
+    return np.array([temperature, self.top_k, self.top_p], np.float32)
 
 
 def within_vocab(logits: jax.Array, limit: int | None) -> jax.Array:
@@ -97,7 +100,8 @@ def _keep_most_likely(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> 
   ordered = jnp.where((top_k <= 0) | (rank < top_k), ordered, -jnp.inf)
   probs = jax.nn.softmax(ordered, axis=-1)
   before = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ahead of each
-  # The first is always kept; top_p=1 keeps all, however the sum rounds.
-  kept = ((before < top_p) | (top_p >= 1)) & (ordered > -jnp.inf)
+  # The first is always kept (also when top_p rounds to 0 in float32); top_p=1 keeps all,
+  # however the sum rounds.
+  kept = ((before < top_p) | (rank == 0) | (top_p >= 1)) & (ordered > -jnp.inf)
   keep = jnp.zeros(logits.shape, bool).at[rows, order].set(kept)
   return jnp.where(keep, logits, -jnp.inf)
