@@ -6,7 +6,7 @@
   jaxarch bench memory --config=configs/moe.py:680m --workdir=/tmp/bench [--state_only]
   jaxarch generate --workdir=/tmp/run --prompt="def " [--max_new_tokens=200 --top_p=0.9]
   jaxarch distill --workdir=/tmp/run --out=/tmp/run-distilled   (BiTA's training data)
-  jaxarch export --workdir=/tmp/run --out=/tmp/run-export [--format=stablehlo]
+  jaxarch export --workdir=/tmp/run --out=/tmp/run-export [--format=hf|stablehlo]
   jaxarch sweep --config=configs/sweeps/isoflop.py:tiny --workdir=/tmp/sweep [--parallel=2]
   jaxarch fit   --workdir=/tmp/sweep                 (scaling-law fits, plots, report.md)
   jaxarch launch --config=configs/dense.py:1.6b --target=slurm|gke|tpu-vm|ray --workdir=DIR
@@ -185,19 +185,24 @@ def _distill(args, overrides):
 
 def _export(args, overrides):
   # pylint: disable=g-import-not-at-top
-  from jaxarch.export import all_or_nothing, export_stablehlo, write_model
+  from jaxarch.export import all_or_nothing, export_stablehlo, write_llama, write_model
+  from jaxarch.export.huggingface import check_exportable
   from jaxarch.train.pretrained import load_checkpoint
   _no_overrides('export', overrides)
   only_stablehlo = [f'--{k}' for k in ('batch_size', 'prompt_len', 'max_len', 'platforms')
                     if getattr(args, k) is not None]
-  if args.format == 'safetensors' and only_stablehlo:
+  if args.format != 'stablehlo' and only_stablehlo:
     raise ExportError(f'export: {", ".join(only_stablehlo)} '
                       f'{"is" if len(only_stablehlo) == 1 else "are"} for --format=stablehlo only')
   cfg, model, step = load_checkpoint(args.workdir, step=args.step)
   source = f'{args.workdir} (checkpoint {step})'
+  if args.format == 'hf':
+    check_exportable(cfg)  # before a directory is made for it
   with all_or_nothing(args.out) as partial:
     if args.format == 'safetensors':
       write_model(model, cfg, partial, source=source, final=args.out)
+    elif args.format == 'hf':
+      write_llama(model, cfg, partial, source=source, final=args.out)
     else:
       max_len = cfg.model.max_len if args.max_len is None else args.max_len
       export_stablehlo(model, cfg, partial, batch_size=args.batch_size or 1,
@@ -328,11 +333,14 @@ def _parser() -> argparse.ArgumentParser:
   exp = commands.add_parser(
       'export', help="write a run's model as safetensors (+ config, tokenizer) or StableHLO",
       description="Export the latest (or --step) checkpoint of a run: safetensors weights "
-      'with config.json and tokenizer.json, and for --format=stablehlo also the prefill '
-      'and decode step serialized with jax.export and a loader that needs no jaxarch.')
+      'with config.json and tokenizer.json; for --format=hf a dense model in Hugging '
+      "Face's Llama format; for --format=stablehlo also the prefill and decode step "
+      'serialized with jax.export and a loader that needs no jaxarch.')
   exp.add_argument('--workdir', required=True, help='the trained run')
   exp.add_argument('--out', required=True, help='a new directory')
-  exp.add_argument('--format', choices=('safetensors', 'stablehlo'), default='safetensors')
+  exp.add_argument('--format', choices=('safetensors', 'hf', 'stablehlo'), default='safetensors',
+                   help="hf: a dense model as Hugging Face's LlamaForCausalLM (transformers, "
+                   'vLLM)')
   exp.add_argument('--step', type=int, help='checkpoint step (default: latest)')
   exp.add_argument('--batch_size', type=at_least_one,
                    help='stablehlo: sequences per call (default: 1)')

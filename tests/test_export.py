@@ -9,13 +9,15 @@ import jax
 import numpy as np
 import pytest
 import safetensors.flax
+import safetensors.numpy
 from flax import nnx
 
 from conftest import FAMILIES, family_config, jitted
 from jaxarch import cli
 from jaxarch import config as config_lib
 from jaxarch import infer, models
-from jaxarch.export import ExportError, export_stablehlo, load_safetensors, write_model
+from jaxarch.export import (ExportError, export_stablehlo, load_safetensors, write_llama,
+                            write_model)
 from jaxarch.data import get_tokenizer
 from jaxarch.export import run_stablehlo
 from jaxarch.export.run_stablehlo import StableHLOModel
@@ -246,3 +248,86 @@ def test_export_options_of_the_other_format_or_out_of_range_are_one_line(tmp_pat
   with pytest.raises(SystemExit):
     cli.main([*run, '--format=stablehlo', '--max_len=-4'])
   assert 'argument --max_len: -4 must be >= 1' in capsys.readouterr().err
+
+
+# Hugging Face's Llama format (--format=hf).
+
+
+def _llama_logits(arrays: dict, config: dict, ids: list[int]) -> np.ndarray:
+  """LlamaForCausalLM's forward as transformers computes it, in float64 numpy from the
+  exported names and config.json: rotate_half rotary embeddings, key/value heads repeated
+  for their query heads, torch's [out, in] weights."""
+  w = lambda name: arrays[name].astype(np.float64)
+  h, n, kv = (config[k] for k in ('head_dim', 'num_attention_heads', 'num_key_value_heads'))
+  norm = lambda x, weight: x / np.sqrt((x * x).mean(-1, keepdims=True)
+                                       + config['rms_norm_eps']) * weight
+  t = len(ids)
+  angles = np.arange(t)[:, None] / config['rope_theta'] ** (np.arange(0, h, 2) / h)
+  cos, sin = (f(np.concatenate([angles, angles], -1))[:, None] for f in (np.cos, np.sin))
+  rope = lambda x: x * cos + np.concatenate([-x[..., h // 2:], x[..., :h // 2]], -1) * sin
+  causal = np.tril(np.ones((t, t), bool))
+  x = w('model.embed_tokens.weight')[ids]
+  for i in range(config['num_hidden_layers']):
+    at = lambda name: w(f'model.layers.{i}.{name}.weight')  # pylint: disable=cell-var-from-loop
+    a = norm(x, at('input_layernorm'))
+    q = rope((a @ at('self_attn.q_proj').T).reshape(t, n, h))
+    k = np.repeat(rope((a @ at('self_attn.k_proj').T).reshape(t, kv, h)), n // kv, axis=1)
+    v = np.repeat((a @ at('self_attn.v_proj').T).reshape(t, kv, h), n // kv, axis=1)
+    scores = np.where(causal, np.einsum('qnh,knh->nqk', q, k) / np.sqrt(h), -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    x = x + np.einsum('nqk,knh->qnh', probs, v).reshape(t, n * h) @ at('self_attn.o_proj').T
+    m = norm(x, at('post_attention_layernorm'))
+    gate = m @ at('mlp.gate_proj').T
+    x = x + (gate / (1 + np.exp(-gate)) * (m @ at('mlp.up_proj').T)) @ at('mlp.down_proj').T
+  head = w('lm_head.weight') if 'lm_head.weight' in arrays else w('model.embed_tokens.weight')
+  return norm(x, w('model.norm.weight')) @ head.T
+
+
+@pytest.mark.parametrize('tied', [False, True])
+def test_hf_export_is_a_llama_with_the_models_logits(tmp_path, tied):
+  """Checked once against transformers 5.25 itself (LlamaForCausalLM.from_pretrained:
+  logits within 3e-6, the same token ids from its tokenizer); here against a numpy Llama."""
+  cfg = family_config('dense')
+  with cfg.unlocked():
+    cfg.model.tie_embeddings = tied
+  model = _model(cfg)
+  write_llama(model, cfg, tmp_path / 'out')
+  config = json.loads((tmp_path / 'out' / 'config.json').read_text())
+  assert config['architectures'] == ['LlamaForCausalLM'] and config['tie_word_embeddings'] == tied
+  assert (config['bos_token_id'], config['eos_token_id'], config['pad_token_id']) == (257, 257, 256)
+  arrays = safetensors.numpy.load_file(tmp_path / 'out' / 'model.safetensors')
+  assert ('lm_head.weight' in arrays) != tied
+  np.testing.assert_allclose(_llama_logits(arrays, config, TOKENS[0]),
+                             np.asarray(logits(model, TOKENS))[0], atol=2e-5, rtol=1e-5)
+
+
+def test_hf_export_of_the_byte_tokenizer_reads_text_as_jaxarch_does(tmp_path):
+  hf = pytest.importorskip('tokenizers')
+  cfg = family_config('dense')
+  write_llama(_model(cfg), cfg, tmp_path / 'out')
+  tokenizer = hf.Tokenizer.from_file(str(tmp_path / 'out' / 'tokenizer.json'))
+  tokenizer.encode_special_tokens = True  # what split_special_tokens asks of transformers
+  text = 'déf main():\n\t\x00 ∑ <pad>'  # every byte its own id, specials' text as text
+  ids = tokenizer.encode(text).ids
+  assert ids == [257, *text.encode()]  # the BOS it trained with, then the bytes
+  assert tokenizer.decode(ids) == text  # the BOS skipped
+  config = json.loads((tmp_path / 'out' / 'tokenizer_config.json').read_text())
+  assert (config['bos_token'], config['eos_token'], config['pad_token']) == (
+      '<|endoftext|>', '<|endoftext|>', '<pad>')
+  assert config['split_special_tokens']
+  # jaxarch reads it as a tokenizer.json too: the same ids, pad and end of document.
+  again = get_tokenizer(str(tmp_path / 'out' / 'tokenizer.json'))
+  assert (again.encode(text), again.eod_id, again.pad_id) == (list(text.encode()), 257, 256)
+  assert again.byte_lengths[:256].tolist() == [1] * 256
+
+
+def test_hf_export_refuses_the_families_llama_is_not(tmp_path, capsys):
+  moe = family_config('moe')
+  with pytest.raises(ExportError, match=r"--format=hf writes dense models \(LlamaForCausalLM\); "
+                     r"this run is a moe model .*use --format=safetensors or stablehlo"):
+    write_llama(_model(moe), moe, tmp_path / 'moe')
+  assert cli.main(['export', f'--workdir={_workdir(tmp_path, "moe")}',
+                   f'--out={tmp_path / "out"}', '--format=hf']) == 2
+  assert 'writes dense models' in capsys.readouterr().err
+  assert not (tmp_path / 'out').exists()

@@ -84,6 +84,9 @@ class SentencePieceTokenizer:
         lengths.append(len(self._sp.id_to_piece(i).replace('\u2581', ' ').encode('utf-8')))
     self.byte_lengths = np.asarray(lengths, np.int32)
 
+  def token(self, i: int) -> str:
+    return self._sp.id_to_piece(i)
+
   def encode(self, text: str | bytes) -> list[int]:
     return self._sp.encode(as_text(text))
 
@@ -182,6 +185,9 @@ class HFTokenizer:
       if i is not None:
         return i
     return None
+
+  def token(self, i: int) -> str:
+    return self._tok.id_to_token(i)
 
   def encode(self, text: str | bytes) -> list[int]:
     return self._tok.encode(as_text(text), add_special_tokens=False).ids

@@ -69,6 +69,13 @@ def _free(out: str | Path) -> Path:
   return out
 
 
+def readable(path: Path, mode: int = 0o666) -> None:
+  """`path` given the permissions the user's umask gives new files (or directories)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, mode & ~umask)
+
+
 @contextlib.contextmanager
 def all_or_nothing(out: str | Path):
   """Yields a fresh directory beside `out` to write an export into; it becomes `out` once
@@ -79,6 +86,7 @@ def all_or_nothing(out: str | Path):
   partial = Path(tempfile.mkdtemp(prefix=f'.{out.name}.partial-', dir=out.parent))
   try:
     yield partial
+    readable(partial, 0o777)  # made 0700, as a temporary directory is
     if out.exists():
       out.rmdir()  # empty, as checked
     partial.rename(out)
@@ -97,9 +105,7 @@ def write_model(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Pa
   arrays = {k: jax.device_get(v) for k, v in flat_arrays(model).items()}
   safetensors.flax.save_file(arrays, out / WEIGHTS,
                              metadata={'format': 'jaxarch', 'family': cfg.model.family})
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(out / WEIGHTS, 0o666 & ~umask)  # as the other files (it is written 0600)
+  readable(out / WEIGHTS)  # as the other files (it is written 0600)
   cfg = _with_portable_tokenizer(cfg, out)
   config_lib.save(cfg, out / 'config.json')
   tokenizer = get_tokenizer(_resolve_tokenizer(cfg.data.tokenizer, out))

@@ -1,0 +1,198 @@
+"""A dense model as a Hugging Face Llama checkpoint (`jaxarch export --format=hf`), the
+format that `transformers`, vLLM, TGI, SGLang and llama.cpp's converter read.
+
+jaxarch's dense transformer is Llama's architecture: pre-norm RMSNorm blocks, grouped-query
+attention with rotary embeddings over the two halves of each head (`rotate_half`), a
+SwiGLU feed-forward and no biases. So the export renames and transposes (torch's `Linear`
+keeps [out, in]):
+
+  embed.embedding        [V, d]     -> model.embed_tokens.weight        [V, d]
+  blocks.i.attn.q_proj   [d, n, h]  -> model.layers.i.self_attn.q_proj.weight [n·h, d]
+  blocks.i.attn.k_proj, v_proj      -> ...k_proj.weight, v_proj.weight  [kv·h, d]
+  blocks.i.attn.o_proj   [n, h, d]  -> ...self_attn.o_proj.weight       [d, n·h]
+  blocks.i.mlp.gate, up  [d, f]     -> ...mlp.gate_proj.weight, up_proj.weight [f, d]
+  blocks.i.mlp.down      [f, d]     -> ...mlp.down_proj.weight          [d, f]
+  blocks.i.attn_norm, mlp_norm      -> ...input_layernorm, post_attention_layernorm
+  final_norm, head       [d, V]     -> model.norm.weight, lm_head.weight [V, d]
+
+The vocabulary keeps its padding to a multiple of 128 (the tokenizer's ids come first).
+The weights are stored in their training dtype (float32); `torch_dtype` names the compute
+dtype the model trained in. The tokenizer comes along in Hugging Face's form: the byte
+tokenizer as a byte-level BPE without merges (ids 0-255 are the bytes, as in jaxarch), a
+`tokenizer.json` as it is, a SentencePiece model as `tokenizer.model`. Every text starts
+with the end-of-document id, the BOS the model trained with: the tokenizer adds it.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import safetensors.numpy
+from flax import nnx
+
+from jaxarch.data import get_tokenizer
+from jaxarch.data.tokenizers import ByteTokenizer
+from jaxarch.export.weights import ExportError, flat_arrays, readable
+
+PAD, EOD = '<pad>', '<|endoftext|>'  # the byte tokenizer's specials, 256 and 257
+
+
+def check_exportable(cfg: ml_collections.ConfigDict) -> None:
+  """Only a plain dense model is a Llama; the other families have no such equivalent."""
+  if cfg.model.family != 'dense' or set(cfg.model.block_pattern) != {'dense'}:
+    raise ExportError(f'export: --format=hf writes dense models (LlamaForCausalLM); this '
+                      f'run is a {cfg.model.family} model with blocks '
+                      f'{tuple(cfg.model.block_pattern)}: use --format=safetensors or '
+                      'stablehlo')
+
+
+def llama_config(cfg: ml_collections.ConfigDict, tokenizer) -> dict:
+  """config.json of `transformers.LlamaConfig` for the run's model."""
+  m = cfg.model
+  return {
+      'architectures': ['LlamaForCausalLM'], 'model_type': 'llama',
+      'vocab_size': m.vocab_size, 'hidden_size': m.d_model, 'intermediate_size': m.d_ff,
+      'num_hidden_layers': m.n_layers, 'num_attention_heads': m.n_heads,
+      'num_key_value_heads': m.n_kv_heads, 'head_dim': m.head_dim or m.d_model // m.n_heads,
+      'hidden_act': 'silu', 'max_position_embeddings': m.max_len,
+      'rms_norm_eps': m.norm_eps, 'rope_theta': m.rope_theta, 'rope_scaling': None,
+      'tie_word_embeddings': bool(m.tie_embeddings), 'attention_bias': False,
+      'mlp_bias': False, 'attention_dropout': 0.0, 'initializer_range': m.init_std,
+      'bos_token_id': tokenizer.eod_id, 'eos_token_id': tokenizer.eod_id,
+      'pad_token_id': tokenizer.pad_id, 'torch_dtype': m.dtype, 'use_cache': True,
+  }
+
+
+def llama_arrays(model: nnx.Module, cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """The model's weights under Llama's names and layouts (module docstring)."""
+  ours = {k: np.asarray(jax.device_get(v)) for k, v in flat_arrays(model).items()}
+  d = cfg.model.d_model
+  out = {'model.embed_tokens.weight': ours.pop('embed.embedding'),
+         'model.norm.weight': ours.pop('final_norm.scale')}
+  if 'head' in ours:
+    out['lm_head.weight'] = ours.pop('head').T
+  for i in range(cfg.model.n_layers):
+    ours_i = lambda name: ours.pop(f'blocks.{i}.{name}')  # pylint: disable=cell-var-from-loop
+    at = f'model.layers.{i}.'
+    for name in ('q_proj', 'k_proj', 'v_proj'):
+      out[f'{at}self_attn.{name}.weight'] = ours_i(f'attn.{name}').reshape(d, -1).T
+    out[f'{at}self_attn.o_proj.weight'] = ours_i('attn.o_proj').reshape(-1, d).T
+    out[f'{at}mlp.gate_proj.weight'] = ours_i('mlp.gate').T
+    out[f'{at}mlp.up_proj.weight'] = ours_i('mlp.up').T
+    out[f'{at}mlp.down_proj.weight'] = ours_i('mlp.down').T
+    out[f'{at}input_layernorm.weight'] = ours_i('attn_norm.scale')
+    out[f'{at}post_attention_layernorm.weight'] = ours_i('mlp_norm.scale')
+  if ours:  # a dense model with weights Llama lacks: refuse rather than drop them
+    raise ExportError(f'export: --format=hf has no Llama name for {sorted(ours)[:3]}')
+  return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def byte_tokenizer_json() -> dict:
+  """jaxarch's byte tokenizer in `tokenizers`' format: byte-level BPE with no merges, so
+  each byte is one token whose id is the byte (ids in byte order, not GPT-2's); 256 is
+  <pad> and 257 <|endoftext|>, which starts every text."""
+  printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1),
+               *range(ord('®'), ord('ÿ') + 1)]
+  extra = iter(range(256, 512))
+  char = {b: chr(b if b in printable else next(extra)) for b in range(256)}  # GPT-2's map
+  special = lambda i, text: {'id': i, 'content': text, 'single_word': False,
+                             'lstrip': False, 'rstrip': False, 'normalized': False,
+                             'special': True}
+  return {
+      'version': '1.0', 'truncation': None, 'padding': None,
+      'added_tokens': [special(ByteTokenizer.pad_id, PAD), special(ByteTokenizer.eod_id, EOD)],
+      'normalizer': None,
+      'pre_tokenizer': {'type': 'ByteLevel', 'add_prefix_space': False, 'trim_offsets': False,
+                        'use_regex': False},
+      'post_processor': _bos_template(EOD, ByteTokenizer.eod_id),
+      'decoder': {'type': 'ByteLevel', 'add_prefix_space': False, 'trim_offsets': False,
+                  'use_regex': False},
+      'model': {'type': 'BPE', 'dropout': None, 'unk_token': None,
+                'continuing_subword_prefix': None, 'end_of_word_suffix': None,
+                'fuse_unk': False, 'byte_fallback': False, 'ignore_merges': False,
+                'vocab': {**{char[b]: b for b in range(256)}, PAD: ByteTokenizer.pad_id,
+                          EOD: ByteTokenizer.eod_id},
+                'merges': []},
+  }
+
+
+def _bos_template(token: str, token_id: int) -> dict:
+  """A post-processor that starts every text with `token` (the model's BOS)."""
+  piece = lambda kind: {kind: {'id': 'A' if kind == 'Sequence' else token, 'type_id': 0}}
+  return {'type': 'TemplateProcessing',
+          'single': [piece('SpecialToken'), piece('Sequence')],
+          'pair': [piece('SpecialToken'), piece('Sequence'),
+                   {'Sequence': {'id': 'B', 'type_id': 0}}],
+          'special_tokens': {token: {'id': token, 'ids': [token_id], 'tokens': [token]}}}
+
+
+def _write_tokenizer(spec: str, tokenizer, out: Path, max_len: int) -> None:
+  """tokenizer.json (+ tokenizer.model) and tokenizer_config.json in Hugging Face's form."""
+  if spec == 'bytes':
+    (out / 'tokenizer.json').write_text(json.dumps(byte_tokenizer_json(), indent=1) + '\n')
+    names = {'bos_token': EOD, 'eos_token': EOD, 'pad_token': PAD}
+    extra = {'tokenizer_class': 'PreTrainedTokenizerFast'}
+  elif spec.endswith('.model'):  # SentencePiece: Llama's slow/fast tokenizer reads it
+    shutil.copy(Path(spec).expanduser(), out / 'tokenizer.model')
+    eod = tokenizer.token(tokenizer.eod_id)
+    names = {'bos_token': eod, 'eos_token': eod, 'pad_token': tokenizer.token(tokenizer.pad_id)}
+    extra = {'tokenizer_class': 'LlamaTokenizer', 'add_bos_token': True,
+             'add_eos_token': False, 'legacy': False}
+  else:  # a tokenizer.json: as it is, with the eod token made its BOS
+    tree = json.loads(Path(spec).expanduser().read_text())
+    eod = tokenizer.token(tokenizer.eod_id)
+    tree['post_processor'] = _bos_template(eod, tokenizer.eod_id)
+    (out / 'tokenizer.json').write_text(json.dumps(tree, ensure_ascii=False) + '\n')
+    names = {'bos_token': eod, 'eos_token': eod, 'pad_token': tokenizer.token(tokenizer.pad_id)}
+    extra = {'tokenizer_class': 'PreTrainedTokenizerFast'}
+  # Text that spells a special token is text, as jaxarch trained on it ('<pad>' in a file).
+  (out / 'tokenizer_config.json').write_text(json.dumps(
+      {**names, **extra, 'model_max_length': max_len, 'clean_up_tokenization_spaces': False,
+       'split_special_tokens': True}, indent=2) + '\n')
+  (out / 'special_tokens_map.json').write_text(json.dumps(names, indent=2) + '\n')
+
+
+def write_llama(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path, *,
+                source: str = '', final: str | Path | None = None) -> Path:
+  """Writes a dense `model` as OUT/{config.json, model.safetensors, tokenizer files,
+  generation_config.json, README.md}, for `LlamaForCausalLM.from_pretrained(OUT)`."""
+  check_exportable(cfg)
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  tokenizer = get_tokenizer(cfg.data.tokenizer)
+  arrays = llama_arrays(model, cfg)
+  # transformers reads a safetensors file only if it says it holds torch tensors.
+  safetensors.numpy.save_file(arrays, out / 'model.safetensors', metadata={'format': 'pt'})
+  readable(out / 'model.safetensors')
+  (out / 'config.json').write_text(json.dumps(llama_config(cfg, tokenizer), indent=2) + '\n')
+  (out / 'generation_config.json').write_text(json.dumps(
+      {'bos_token_id': tokenizer.eod_id, 'eos_token_id': tokenizer.eod_id,
+       'pad_token_id': tokenizer.pad_id}, indent=2) + '\n')
+  _write_tokenizer(cfg.data.tokenizer, tokenizer, out, cfg.model.max_len)
+  count = sum(int(a.size) for a in arrays.values())
+  (out / 'README.md').write_text(_README.format(source=source or 'a jaxarch run',
+                                                count=count, out=final or out,
+                                                vocab=tokenizer.vocab_size))
+  return out
+
+
+_README = """# A jaxarch dense model in Hugging Face's Llama format
+
+Exported from {source}: {count:,} numbers (float32), `LlamaForCausalLM`.
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained('{out}')
+tokenizer = AutoTokenizer.from_pretrained('{out}')
+ids = tokenizer('def main(', return_tensors='pt').input_ids  # starts with the BOS it trained with
+out = model.generate(ids, max_new_tokens=64, do_sample=False)
+print(tokenizer.decode(out[0], skip_special_tokens=True))
+```
+
+or serve it with vLLM (`vllm serve {out}`). The vocabulary is padded past the tokenizer's
+{vocab} ids. No text holds the padding ids, so training made them unlikely, but a sampler
+may still draw one (jaxarch's `generate` never offers them); decoding skips them.
+"""
