@@ -187,6 +187,8 @@ def _export(args, overrides):
   # pylint: disable=g-import-not-at-top
   from jaxarch.export import all_or_nothing, export_stablehlo, write_llama, write_model
   from jaxarch.export.huggingface import check_exportable
+  from jaxarch.export.stablehlo import PLATFORMS
+  from jaxarch.export.weights import free_out
   from jaxarch.train.pretrained import load_checkpoint
   _no_overrides('export', overrides)
   only_stablehlo = [f'--{k}' for k in ('batch_size', 'prompt_len', 'max_len', 'platforms')
@@ -194,7 +196,16 @@ def _export(args, overrides):
   if args.format != 'stablehlo' and only_stablehlo:
     raise ExportError(f'export: {", ".join(only_stablehlo)} '
                       f'{"is" if len(only_stablehlo) == 1 else "are"} for --format=stablehlo only')
-  cfg, model, step = load_checkpoint(args.workdir, step=args.step)
+  # What needs no model is checked before the checkpoint is read (minutes for a big one).
+  free_out(args.out)
+  platforms = tuple(args.platforms.split(',')) if args.platforms else None
+  unknown = [p for p in platforms or () if p not in PLATFORMS]
+  if unknown:
+    raise ExportError(f'export: platform {unknown[0]!r} is not one of {", ".join(PLATFORMS)} '
+                      '(jax.export\'s names: cuda for NVIDIA GPUs)')
+  _, model, step = load_checkpoint(args.workdir, step=args.step)
+  # The run's config as saved: load_checkpoint's has the mesh of the devices here.
+  cfg = config_lib.load_json(Path(args.workdir) / 'config.json')
   source = f'{args.workdir} (checkpoint {step})'
   if args.format == 'hf':
     check_exportable(cfg)  # before a directory is made for it
@@ -207,8 +218,7 @@ def _export(args, overrides):
       max_len = cfg.model.max_len if args.max_len is None else args.max_len
       export_stablehlo(model, cfg, partial, batch_size=args.batch_size or 1,
                        prompt_len=args.prompt_len, max_len=max_len,
-                       platforms=tuple(args.platforms.split(',')) if args.platforms
-                       else None, source=source, final=args.out)
+                       platforms=platforms, source=source, final=args.out)
   out = Path(args.out)
   print(f'jaxarch: wrote {", ".join(sorted(p.name for p in out.iterdir()))} to {out}',
         file=sys.stderr)

@@ -970,7 +970,7 @@ def load_json(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ConfigD
     raise ConfigError(f'config file {str(path)!r} not found')
   try:
     tree = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
+  except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError: bytes that are not text
     raise ConfigError(f'{path} is not valid JSON: {e}') from e
   if not isinstance(tree, dict):
     raise ConfigError(f'{path} holds a JSON {type(tree).__name__}, not a config (an object '

@@ -331,6 +331,18 @@ def test_distilled_sources_refuse_a_missing_or_reused_directory(tmp_path):
     data.make_eval_dataset(_distilled_config(tmp_path).data, batch_size=2, num_batches=1)
 
 
+def test_distill_refuses_a_negative_seed_and_a_run_trained_on_distilled_data(tmp_path):
+  # numpy's generators take no negative seed: was a ValueError traceback from numpy.
+  with pytest.raises(ValueError, match='--seed=-1 must be >= 0'):
+    distill(tmp_path / 'nowhere', tmp_path / 'new', seed=-1)
+  # A BiTA run (or any run on distilled data) has no text to draw prompts from: was
+  # "data.source='distilled:...' must be ... or 'distilled:<dir>'", after loading the model.
+  (tmp_path / 'bita').mkdir()
+  config_lib.save(_distilled_config(tmp_path / 'data'), tmp_path / 'bita' / 'config.json')
+  with pytest.raises(ValueError, match='distill the base run'):
+    distill(tmp_path / 'bita', tmp_path / 'new')
+
+
 # The BiTA config: its model section and tokenizer come from the base run.
 
 def _base_workdir(path, family='dense'):

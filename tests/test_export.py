@@ -24,6 +24,7 @@ from jaxarch.export.run_stablehlo import StableHLOModel
 from jaxarch.layers.signals import WindowCounter
 from jaxarch.parallel import make_mesh
 from jaxarch.train.checkpoint import Checkpointer
+from jaxarch.train import pretrained
 from jaxarch.train.pretrained import load_model
 from jaxarch.train.state import init_state, make_setup
 
@@ -213,6 +214,47 @@ def test_export_command_writes_the_run_s_latest_checkpoint(tmp_path, capsys, fmt
                              vocab_limit=258)
     got = StableHLOModel(out).generate([[257, 80, 81]], max_new_tokens=8, stop_ids=())
     assert got == want
+
+
+def test_export_checks_out_and_platforms_before_reading_the_checkpoint(tmp_path, capsys,
+                                                                     monkeypatch):
+  def never(*args, **kwargs):
+    raise AssertionError('the checkpoint was read (minutes for a big model) before --out')
+  monkeypatch.setattr(pretrained, 'load_checkpoint', never)
+  (tmp_path / 'out').mkdir()
+  (tmp_path / 'out' / 'weights').write_text('')
+  run = ['export', f'--workdir={tmp_path}/run']
+  assert cli.main([*run, f'--out={tmp_path}/out']) == 2
+  assert 'exists and is not empty' in capsys.readouterr().err
+  assert cli.main([*run, f'--out={tmp_path}/new', '--format=stablehlo', '--platforms=gpu']) == 2
+  assert "platform 'gpu' is not one of" in capsys.readouterr().err
+
+
+def test_exported_config_is_the_run_s_own_when_exported_on_other_devices(tmp_path, capsys):
+  workdir = _workdir(tmp_path, 'dense')
+  saved = json.loads((workdir / 'config.json').read_text())
+  saved['mesh']['dcn']['data'] = 2  # trained on two hosts of 8: 16 devices, not the 8 here
+  (workdir / 'config.json').write_text(json.dumps(saved))
+  assert cli.main(['export', f'--workdir={workdir}', f'--out={tmp_path / "out"}']) == 0, (
+      capsys.readouterr().err)
+  exported = json.loads((tmp_path / 'out' / 'config.json').read_text())
+  assert exported['mesh'] == saved['mesh']  # was the mesh of the devices it was loaded on
+
+
+def test_a_damaged_export_directory_is_one_line(tmp_path):
+  cfg = family_config('dense')
+  out = export_stablehlo(_model(cfg), cfg, tmp_path / 'out', batch_size=1, prompt_len=8,
+                         max_len=24)
+  weights = (out / 'model.safetensors').read_bytes()
+  (out / 'model.safetensors').write_bytes(weights[:100])  # cut short
+  with pytest.raises(ExportError, match='model.safetensors cannot be read'):
+    load_safetensors(out)
+  with pytest.raises(ValueError, match='is not a whole `jaxarch export'):
+    StableHLOModel(out)
+  (out / 'model.safetensors').write_bytes(weights)
+  (out / 'decode.stablehlo').unlink()
+  with pytest.raises(ValueError, match='is not a whole `jaxarch export'):
+    StableHLOModel(out)
 
 
 def test_unexportable_shapes_are_one_line(tmp_path):

@@ -316,6 +316,15 @@ def test_counts_below_one_and_overrides_fit_does_not_take_are_one_line(tmp_path,
   assert code == 2 and err.endswith('drop --config.train.steps')
 
 
+@pytest.mark.parametrize('command', ['eval', 'export', 'generate'])
+def test_a_config_json_that_is_not_text_is_one_line(tmp_path, capsys, command):
+  (tmp_path / 'config.json').write_bytes(b'\xff\xfe{"model": {}}')
+  args = {'eval': [], 'export': [f'--out={tmp_path}/out'], 'generate': ['--prompt=x']}
+  code, err = _run_cli([command, f'--workdir={tmp_path}', *args[command]], capsys)
+  assert code == 2 and err.startswith('jaxarch: config error:') and 'not valid JSON' in err
+  assert '\n' not in err
+
+
 @pytest.mark.parametrize('command', [['eval'], ['train'], ['fit']])
 def test_a_workdir_that_holds_no_run_is_one_line_saying_what_to_pass(tmp_path, capsys, command):
   code, err = _run_cli([*command, f'--workdir={tmp_path}'], capsys)

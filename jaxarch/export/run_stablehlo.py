@@ -27,10 +27,14 @@ class StableHLOModel:
     if not (directory / 'stablehlo.json').is_file():
       raise ValueError(f'{directory} has no stablehlo.json: give a directory written by '
                        '`jaxarch export --format=stablehlo`')
-    self.spec = json.loads((directory / 'stablehlo.json').read_text())
-    self.weights = safetensors.flax.load_file(directory / 'model.safetensors')
-    self.prefill = export.deserialize((directory / 'prefill.stablehlo').read_bytes())
-    self.decode = export.deserialize((directory / 'decode.stablehlo').read_bytes())
+    try:
+      self.spec = json.loads((directory / 'stablehlo.json').read_text())
+      self.weights = safetensors.flax.load_file(directory / 'model.safetensors')
+      self.prefill = export.deserialize((directory / 'prefill.stablehlo').read_bytes())
+      self.decode = export.deserialize((directory / 'decode.stablehlo').read_bytes())
+    except Exception as e:  # pylint: disable=broad-except  # a file missing, cut short, garbled
+      raise ValueError(f'{directory} is not a whole `jaxarch export --format=stablehlo` '
+                       f'directory ({type(e).__name__}: {e}); export it again') from None
 
   def generate(self, prompts, *, max_new_tokens: int, stop_ids=None) -> list[list[int]]:
     """New tokens of each prompt (a list of ids), ending with a stop id if one came

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import safetensors
 import safetensors.flax
 from flax import nnx
 
@@ -61,7 +62,7 @@ def flat_arrays(model: nnx.Module) -> dict[str, jax.Array]:
           for name, (_, variable) in named_variables(_exported_state(model)).items()}
 
 
-def _free(out: str | Path) -> Path:
+def free_out(out: str | Path) -> Path:
   """`out`, refused if something is there already (an empty directory is free)."""
   out = Path(out)
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -81,7 +82,7 @@ def all_or_nothing(out: str | Path):
   """Yields a fresh directory beside `out` to write an export into; it becomes `out` once
   the writing succeeded, and is removed if it failed, so a failed export leaves nothing
   that blocks the next try."""
-  out = _free(out)
+  out = free_out(out)
   out.parent.mkdir(parents=True, exist_ok=True)
   partial = Path(tempfile.mkdtemp(prefix=f'.{out.name}.partial-', dir=out.parent))
   try:
@@ -100,7 +101,7 @@ def write_model(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Pa
 
   `final`: where OUT will be once written (`all_or_nothing`), named in its README.
   """
-  out = _free(out)
+  out = free_out(out)
   out.mkdir(parents=True, exist_ok=True)
   arrays = {k: jax.device_get(v) for k, v in flat_arrays(model).items()}
   safetensors.flax.save_file(arrays, out / WEIGHTS,
@@ -151,7 +152,11 @@ def load_safetensors(out: str | Path) -> tuple[ml_collections.ConfigDict, nnx.Mo
     cfg.data.tokenizer = _resolve_tokenizer(cfg.data.tokenizer, out)
   abstract = nnx.eval_shape(lambda: models.build(cfg.model, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
-  arrays = safetensors.flax.load_file(out / WEIGHTS)
+  try:
+    arrays = safetensors.flax.load_file(out / WEIGHTS)
+  except safetensors.SafetensorError as e:  # cut short or garbled
+    raise ExportError(f'export: {out / WEIGHTS} cannot be read ({e}); export the run '
+                      'again') from None
   names = {name: path
            for name, (path, _) in named_variables(_exported_state(abstract)).items()}
   counters = named_variables(nnx.state(abstract, WindowCounter))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxarch import config as config_lib
 from jaxarch import data
 from jaxarch.data import sources
 from jaxarch.infer.generate import Generator
@@ -50,10 +51,18 @@ def distill(workdir: str | Path, out: str | Path, *, num_prompts: int = 2048,
                              ('validation_prompts', validation_prompts, 0),
                              ('prompt_len', prompt_len, 1),
                              ('max_new_tokens', max_new_tokens, 1),
-                             ('batch_size', batch_size, 1)):
+                             ('batch_size', batch_size, 1),
+                             ('seed', seed, 0)):  # numpy's generators take no negative seed
     if value < least:
       raise GenerateError(f'distill: --{name}={value} must be >= {least}')
   sources.check_no_distilled(out)
+  saved = Path(workdir) / 'config.json'
+  if saved.is_file():  # before the model is loaded: prompts come from the run's text
+    source = config_lib.load_json(saved).data.source
+    if source.startswith(sources.DISTILLED):
+      raise GenerateError(f'distill: {workdir} was trained on data.source={source!r}, which '
+                          'has no text to draw prompts from; distill the base run, trained '
+                          "on 'default', 'files:<glob>' or 'tfds:<name>'")
   start = time.perf_counter()
   cfg, model = load_model(workdir)
   if prompt_len + max_new_tokens > cfg.model.max_len:
