@@ -314,6 +314,17 @@ def test_a_run_recorded_before_jaxarch_gained_a_config_key_is_not_run_again(
   assert 'd32' in launched
 
 
+def test_a_results_jsonl_with_bytes_that_are_not_text_is_read_past_them(tmp_path, capsys):
+  record = {'name': 'd32', 'family': 'dense', 'params_active': 1000, 'tokens': 10**5,
+            'flops': 10**12, 'eval_loss': 2.0}
+  (tmp_path / 'results.jsonl').write_bytes(json.dumps(record).encode() + b'\n\xff\xfe\x00\n')
+  assert [r['name'] for r in runner.read_results(tmp_path)] == ['d32']
+  assert 'results.jsonl:2 is not a run record; skipped' in capsys.readouterr().err
+  (tmp_path / 'other' / 'results.jsonl').mkdir(parents=True)  # not a file at all
+  assert cli.main(['fit', f'--workdir={tmp_path / "other"}']) == 2
+  assert 'results.jsonl cannot be read' in capsys.readouterr().err
+
+
 def test_one_sweep_at_a_time_in_a_workdir(tmp_path, data_dir):
   spec, workdir = _sweep_file(tmp_path, data_dir), tmp_path / 'sweep'
   workdir.mkdir()
@@ -328,6 +339,65 @@ def test_sigterm_to_the_sweep_goes_on_to_its_trainers():
     os.kill(os.getpid(), signal.SIGTERM)
     codes = [t.wait(timeout=10) for t in trainers]
   assert codes == [-signal.SIGTERM] * 2  # and the sweep itself lives on to report them
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_sweep_starts_no_more_runs(tmp_path, data_dir, monkeypatch, signum):
+  """SIGTERM (or Ctrl-C) stopped the running trainers, and the sweep then started every
+  run still queued; after Ctrl-C they trained unrecorded, the sweep blocked until the last."""
+  script = ('import json, os, sys, time, pathlib; d = pathlib.Path(sys.argv[1])\n'
+            '(d / "started").write_text("")\n'
+            f'if d.name == "d32": os.kill(os.getppid(), {int(signum)})\n'
+            'time.sleep(2)\n'
+            '(d / "metrics.jsonl").write_text(json.dumps(dict(step=6, loss=2.0)) + "\\n")\n')
+  monkeypatch.setattr(runner, 'train_command',
+                      lambda run, run_dir: [sys.executable, '-c', script, str(run_dir)])
+  spec, workdir = _sweep_file(tmp_path, data_dir), tmp_path / 'sweep'
+  expected = KeyboardInterrupt if signum == signal.SIGINT else runner.SweepError
+  with pytest.raises(expected) as info:
+    runner.run_sweep(spec, workdir, echo=lambda _: None)
+  assert sorted(p.parent.name for p in workdir.glob('runs/*/started')) == ['d32']
+  if signum == signal.SIGTERM:
+    assert '1 runs failed or stopped: d32; 2 not started' in str(info.value)
+  assert runner.read_results(workdir) == []
+
+
+def test_a_run_whose_preset_was_edited_while_it_trained_is_not_recorded(
+    tmp_path, data_dir, monkeypatch):
+  """The record took the config hash of the edited preset, so the next sweep skipped a
+  run that had trained under the old one."""
+  preset = tmp_path / 'preset.py'
+  preset.write_text("from jaxarch import config as c\n"
+                    "def get_config(arg=None):\n"
+                    "  cfg = c.load('configs/dense.py:tiny')\n"
+                    "  cfg.train.lr = 0.001\n"
+                    "  return cfg\n")
+  sweep = tmp_path / 'sweep.py'
+  sweep.write_text('def get_sweep(arg=None):\n  return [%r]\n' % {
+      'config': str(preset), 'name': 'a', 'train.steps': 6, 'train.warmup_steps': 1,
+      'data.data_dir': data_dir})
+  # A trainer that saves its config, as `jaxarch train` does; the user edits the preset
+  # for the next experiment while it trains.
+  script = ('import json, sys, pathlib\n'
+            'from jaxarch import config as c\n'
+            'd = pathlib.Path(sys.argv[1]); c.save(c.load(sys.argv[2], sys.argv[3:]), '
+            'd / "config.json")\n'
+            f'p = pathlib.Path({str(preset)!r}); p.write_text(p.read_text().replace('
+            '"0.001", "0.003"))\n'
+            '(d / "metrics.jsonl").write_text(json.dumps(dict(step=6, loss=2.0)) + "\\n")\n')
+  monkeypatch.setattr(runner, 'train_command', lambda run, run_dir: [
+      sys.executable, '-c', script, str(run_dir), run.spec, *run.overrides])
+  workdir = tmp_path / 'w'
+  messages = []
+  with pytest.raises(runner.SweepError, match='1 runs failed or stopped: a'):
+    runner.run_sweep(str(sweep), workdir, echo=messages.append)
+  assert any('train.lr 0.001 -> 0.003' in m for m in messages)
+  assert runner.read_results(workdir) == []
+  # The next sweep trains it afresh, under the config it has now (the edit is done).
+  (record,) = runner.run_sweep(str(sweep), workdir, echo=messages.append)
+  assert record['config_hash'] == config_lib.tree_hash(
+      json.loads((workdir / 'runs' / 'a' / 'config.json').read_text()))
+  assert len(list(workdir.glob('runs/a.replaced-*'))) == 1
 
 
 @pytest.mark.slow

@@ -85,14 +85,19 @@ def read_results(workdir: Path) -> list[dict]:
   path = Path(workdir) / RESULTS
   if not path.exists():
     return []
+  try:
+    lines = path.read_bytes().splitlines()
+  except OSError as e:  # e.g. a folder of that name
+    raise SweepError(f'{path} cannot be read ({e.strerror or e}); move it aside to start '
+                     'the records afresh') from None
   latest = {}
-  for number, line in enumerate(path.read_text().splitlines(), 1):
-    try:
-      record = json.loads(line) if line.strip() else None
+  for number, line in enumerate(lines, 1):
+    try:  # decoded line by line: bytes that are not UTF-8 spoil only their own line
+      record = json.loads(line.decode()) if line.strip() else None
       if record is not None:
         latest.pop(record['name'], None)  # the latest record goes last
         latest[record['name']] = record
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):  # JSONDecodeError, UnicodeDecodeError
       print(f'jaxarch: warning: {path}:{number} is not a run record; skipped', file=sys.stderr)
   return list(latest.values())
 
@@ -174,8 +179,11 @@ def _saved_hash(run_dir: Path) -> str | None:
     return None
 
 
-def _run_one(run: plan.Run, workdir: Path, echo,
-             trainers: set) -> tuple[plan.Run, float, int]:
+def _run_one(run: plan.Run, workdir: Path, echo, trainers: set,
+             stop: threading.Event) -> tuple[plan.Run, float, int | None]:
+  """Trains the run; exit code None: not started, as the sweep was told to stop."""
+  if stop.is_set():
+    return run, 0.0, None
   run_dir = workdir / 'runs' / run.name
   _move_aside_if_changed(run, run_dir, echo)
   run_dir.mkdir(parents=True, exist_ok=True)
@@ -189,6 +197,8 @@ def _run_one(run: plan.Run, workdir: Path, echo,
         subprocess.Popen(train_command(run, run_dir), stdout=log,
                          stderr=subprocess.STDOUT) as trainer):
     trainers.add(trainer)
+    if stop.is_set():  # the stop came as it started, after the sweep signalled the others
+      trainer.send_signal(signal.SIGTERM)
     code = trainer.wait()
     trainers.discard(trainer)
   total = before + time.perf_counter() - start
@@ -293,27 +303,44 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
     todo = [r for r in runs if r.name not in done]
     echo(f'sweep: {len(runs)} runs, {len(runs) - len(todo)} finished already, '
          f'{len(todo)} to run, {parallel} at a time')
-    failed, trainers = [], set()
-    with (_stopping_trainers_on_sigterm(trainers),
+    failed, not_started, trainers, stop = [], [], set(), threading.Event()
+    with (_stopping_trainers_on_sigterm(trainers, stop),
           concurrent.futures.ThreadPoolExecutor(parallel) as pool):
-      running = [pool.submit(_run_one, r, workdir, echo, trainers) for r in todo]
-      for future in concurrent.futures.as_completed(running):  # recorded as they finish
-        run, wall_s, code = future.result()
-        run_dir = workdir / 'runs' / run.name
-        step, steps = last_step(run_dir), run.config().train.steps
-        if code or step != steps:
-          failed.append(run.name)
-          why = (f'failed (exit {code}): {_last_line(run_dir / "train.log")}' if code else
-                 f'stopped at step {step} of {steps}')
-          echo(f'sweep: {run.name} {why}; see {run_dir / "train.log"}')
-          continue
-        line = record(run, run_dir, wall_s)
-        append_record(workdir, line)
-        echo(f'sweep: {run.name} done: loss {_fmt(line["final_loss"])}, eval '
-             f'{_fmt(line["eval_loss"])}, {line["wall_s"]:.0f}s')
-  if failed:
-    raise SweepError(f'sweep: {len(failed)} runs failed or stopped: {", ".join(failed)}; run '
-                     'the sweep again to resume them')
+      running = [pool.submit(_run_one, r, workdir, echo, trainers, stop) for r in todo]
+      try:
+        for future in concurrent.futures.as_completed(running):  # recorded as they finish
+          run, wall_s, code = future.result()
+          if code is None:
+            not_started.append(run.name)
+            continue
+          run_dir = workdir / 'runs' / run.name
+          step, steps = last_step(run_dir), run.config().train.steps
+          # Its config file (a preset the sweep names) edited while it trained: the run is
+          # not the sweep's run now, and a record would stand for the new config.
+          changed = None if code or step != steps else config_changes(run, run_dir)
+          if code or step != steps or changed:
+            failed.append(run.name)
+            why = (f'failed (exit {code}): {_last_line(run_dir / "train.log")}' if code else
+                   f'stopped at step {step} of {steps}' if step != steps else
+                   f'trained under a config that has changed since it started ({changed})')
+            echo(f'sweep: {run.name} {why}; see {run_dir / "train.log"}')
+            continue
+          line = record(run, run_dir, wall_s)
+          append_record(workdir, line)
+          echo(f'sweep: {run.name} done: loss {_fmt(line["final_loss"])}, eval '
+               f'{_fmt(line["eval_loss"])}, {line["wall_s"]:.0f}s')
+      except BaseException:  # Ctrl-C: start no more runs, and stop the running ones
+        stop.set()
+        for future in running:
+          future.cancel()
+        for trainer in list(trainers):
+          trainer.send_signal(signal.SIGTERM)  # a second SIGINT would stop them unsaved
+        raise
+  if failed or not_started:
+    raise SweepError(
+        f'sweep: {len(failed)} runs failed or stopped: {", ".join(failed) or "none"}'
+        + (f'; {len(not_started)} not started, as the sweep was stopped' if not_started
+           else '') + '; run the sweep again to resume them')
   return read_results(workdir)
 
 
@@ -334,13 +361,15 @@ def _fmt(loss: float | None) -> str:
 
 
 @contextlib.contextmanager
-def _stopping_trainers_on_sigterm(trainers: set):
-  """SIGTERM to the sweep goes on to its running trainers, which checkpoint and stop, so
-  the sweep ends with its runs unrecorded and resumable. (Otherwise they would train on,
-  orphaned, beside the trainers of the next sweep. Ctrl-C reaches them through the
-  terminal's process group.)"""
+def _stopping_trainers_on_sigterm(trainers: set, stopping: threading.Event | None = None):
+  """SIGTERM to the sweep goes on to its running trainers, which checkpoint and stop, and
+  sets `stopping`, so that no other run starts: the sweep ends with its runs unrecorded
+  and resumable. (Otherwise they would train on, orphaned, beside the trainers of the next
+  sweep. Ctrl-C reaches them through the terminal's process group.)"""
   def stop(signum, frame):
     del frame
+    if stopping is not None:
+      stopping.set()
     for trainer in list(trainers):
       trainer.send_signal(signum)
   if threading.current_thread() is not threading.main_thread():  # signals need it
