@@ -185,7 +185,7 @@ def _distill(args, overrides):
 
 def _export(args, overrides):
   # pylint: disable=g-import-not-at-top
-  from jaxarch.export import all_or_nothing, export_stablehlo, write_llama, write_model
+  from jaxarch.export import all_or_nothing, export_stablehlo, write_hf, write_model
   from jaxarch.export.huggingface import check_exportable
   from jaxarch.export.stablehlo import PLATFORMS
   from jaxarch.export.weights import free_out
@@ -213,7 +213,7 @@ def _export(args, overrides):
     if args.format == 'safetensors':
       write_model(model, cfg, partial, source=source, final=args.out)
     elif args.format == 'hf':
-      write_llama(model, cfg, partial, source=source, final=args.out)
+      write_hf(model, cfg, partial, source=source, final=args.out)
     else:
       max_len = cfg.model.max_len if args.max_len is None else args.max_len
       export_stablehlo(model, cfg, partial, batch_size=args.batch_size or 1,
@@ -341,16 +341,17 @@ def _parser() -> argparse.ArgumentParser:
   dis.add_argument('--seed', type=int, default=0)
   dis.set_defaults(func=_distill)
   exp = commands.add_parser(
-      'export', help="write a run's model as safetensors (+ config, tokenizer) or StableHLO",
+      'export', help="write a run's model as safetensors (+ config, tokenizer), Hugging "
+      "Face's format or StableHLO",
       description="Export the latest (or --step) checkpoint of a run: safetensors weights "
-      'with config.json and tokenizer.json; for --format=hf a dense model in Hugging '
-      "Face's Llama format; for --format=stablehlo also the prefill and decode step "
-      'serialized with jax.export and a loader that needs no jaxarch.')
+      'with config.json and tokenizer.json; for --format=hf a dense or MoE model in '
+      "Hugging Face's Llama or Mixtral format; for --format=stablehlo also the prefill and "
+      'decode step serialized with jax.export and a loader that needs no jaxarch.')
   exp.add_argument('--workdir', required=True, help='the trained run')
   exp.add_argument('--out', required=True, help='a new directory')
   exp.add_argument('--format', choices=('safetensors', 'hf', 'stablehlo'), default='safetensors',
-                   help="hf: a dense model as Hugging Face's LlamaForCausalLM (transformers, "
-                   'vLLM)')
+                   help="hf: a dense or MoE model as Hugging Face's Llama or Mixtral "
+                   '(transformers, vLLM)')
   exp.add_argument('--step', type=int, help='checkpoint step (default: latest)')
   exp.add_argument('--batch_size', type=at_least_one,
                    help='stablehlo: sequences per call (default: 1)')

@@ -2,6 +2,7 @@
 tokens as jaxarch without jaxarch, and the command line."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -16,8 +17,8 @@ from conftest import FAMILIES, family_config, jitted
 from jaxarch import cli
 from jaxarch import config as config_lib
 from jaxarch import infer, models
-from jaxarch.export import (ExportError, export_stablehlo, load_safetensors, write_llama,
-                            write_model)
+from jaxarch.export import (ExportError, all_or_nothing, export_stablehlo, load_safetensors,
+                            write_hf, write_model)
 from jaxarch.data import get_tokenizer
 from jaxarch.export import run_stablehlo
 from jaxarch.export.run_stablehlo import StableHLOModel
@@ -320,23 +321,36 @@ def _llama_logits(arrays: dict, config: dict, ids: list[int]) -> np.ndarray:
     probs /= probs.sum(-1, keepdims=True)
     x = x + np.einsum('nqk,knh->qnh', probs, v).reshape(t, n * h) @ at('self_attn.o_proj').T
     m = norm(x, at('post_attention_layernorm'))
-    gate = m @ at('mlp.gate_proj').T
-    x = x + (gate / (1 + np.exp(-gate)) * (m @ at('mlp.up_proj').T)) @ at('mlp.down_proj').T
+    swiglu = lambda m, gate, up, down: (gate * (m @ up.T) / (1 + np.exp(-gate))) @ down.T
+    if f'model.layers.{i}.mlp.gate_proj.weight' in arrays:  # Llama
+      x = x + swiglu(m, m @ at('mlp.gate_proj').T, at('mlp.up_proj'), at('mlp.down_proj'))
+      continue
+    # Mixtral: softmax over the experts, the top k renormalised, their SwiGLUs summed.
+    probs = np.exp(m @ at('block_sparse_moe.gate').T)
+    probs /= probs.sum(-1, keepdims=True)
+    for row, token_probs in enumerate(probs):
+      chosen = np.argsort(-token_probs)[:config['num_experts_per_tok']]
+      for j in chosen:
+        expert = lambda name: at(f'block_sparse_moe.experts.{j}.{name}')  # pylint: disable=cell-var-from-loop
+        x[row] += token_probs[j] / token_probs[chosen].sum() * swiglu(
+            m[row], m[row] @ expert('w1').T, expert('w3'), expert('w2'))
   head = w('lm_head.weight') if 'lm_head.weight' in arrays else w('model.embed_tokens.weight')
   return norm(x, w('model.norm.weight')) @ head.T
 
 
-@pytest.mark.parametrize('tied', [False, True])
-def test_hf_export_is_a_llama_with_the_models_logits(tmp_path, tied):
-  """Checked once against transformers 5.25 itself (LlamaForCausalLM.from_pretrained:
-  logits within 3e-6, the same token ids from its tokenizer); here against a numpy Llama."""
-  cfg = family_config('dense')
+@pytest.mark.parametrize('family, tied', [('dense', False), ('dense', True), ('moe', False)])
+def test_hf_export_is_a_llama_or_mixtral_with_the_models_logits(tmp_path, family, tied):
+  """Checked once against transformers 5.25 itself (from_pretrained: logits within 3e-6,
+  the same token ids from its tokenizer); here against a numpy Llama and Mixtral."""
+  cfg = family_config(family)
   with cfg.unlocked():
     cfg.model.tie_embeddings = tied
   model = _model(cfg)
-  write_llama(model, cfg, tmp_path / 'out')
+  write_hf(model, cfg, tmp_path / 'out')
   config = json.loads((tmp_path / 'out' / 'config.json').read_text())
-  assert config['architectures'] == ['LlamaForCausalLM'] and config['tie_word_embeddings'] == tied
+  assert config['architectures'] == [{'dense': 'LlamaForCausalLM',
+                                      'moe': 'MixtralForCausalLM'}[family]]
+  assert config['tie_word_embeddings'] == tied
   assert (config['bos_token_id'], config['eos_token_id'], config['pad_token_id']) == (257, 257, 256)
   arrays = safetensors.numpy.load_file(tmp_path / 'out' / 'model.safetensors')
   assert ('lm_head.weight' in arrays) != tied
@@ -347,7 +361,7 @@ def test_hf_export_is_a_llama_with_the_models_logits(tmp_path, tied):
 def test_hf_export_of_the_byte_tokenizer_reads_text_as_jaxarch_does(tmp_path):
   hf = pytest.importorskip('tokenizers')
   cfg = family_config('dense')
-  write_llama(_model(cfg), cfg, tmp_path / 'out')
+  write_hf(_model(cfg), cfg, tmp_path / 'out')
   tokenizer = hf.Tokenizer.from_file(str(tmp_path / 'out' / 'tokenizer.json'))
   tokenizer.encode_special_tokens = True  # what split_special_tokens asks of transformers
   text = 'déf main():\n\t\x00 ∑ <pad>'  # every byte its own id, specials' text as text
@@ -364,12 +378,35 @@ def test_hf_export_of_the_byte_tokenizer_reads_text_as_jaxarch_does(tmp_path):
   assert again.byte_lengths[:256].tolist() == [1] * 256
 
 
-def test_hf_export_refuses_the_families_llama_is_not(tmp_path, capsys):
-  moe = family_config('moe')
-  with pytest.raises(ExportError, match=r"--format=hf writes dense models \(LlamaForCausalLM\); "
-                     r"this run is a moe model .*use --format=safetensors or stablehlo"):
-    write_llama(_model(moe), moe, tmp_path / 'moe')
-  assert cli.main(['export', f'--workdir={_workdir(tmp_path, "moe")}',
+@pytest.mark.parametrize('family, overrides, why', [
+    ('ultramem', [], 'this run is a ultramem model'),
+    ('moe', ["model.block_pattern=('dense', 'moe')"], 'mix dense and moe layers'),
+    ('moe', ['model.moe.num_shared_experts=1'], 'a Mixtral has no shared experts'),
+    ('moe', ['model.moe.renormalize=False'], 'renormalised over the top k'),
+    ('moe', ['model.moe.gate=sigmoid'], "a Mixtral's gates are a softmax"),
+    ('moe', ['model.moe.bias_update_rate=0.001'], 'no router bias'),
+])
+def test_hf_export_refuses_what_llama_and_mixtral_are_not(tmp_path, family, overrides, why):
+  cfg = family_config(family)
+  for override in overrides:
+    config_lib.apply_override(cfg, override)
+  with pytest.raises(ExportError, match=f'--format=hf writes dense models as LlamaForCausalLM '
+                     f'.*; .*{why}.*: use --format=safetensors or stablehlo'):
+    write_hf(_model(config_lib.validate(cfg)), cfg, tmp_path / 'out')
+
+
+def test_hf_export_command_refuses_before_it_writes(tmp_path, capsys):
+  assert cli.main(['export', f'--workdir={_workdir(tmp_path, "megabyte")}',
                    f'--out={tmp_path / "out"}', '--format=hf']) == 2
-  assert 'writes dense models' in capsys.readouterr().err
+  assert 'this run is a megabyte model' in capsys.readouterr().err
   assert not (tmp_path / 'out').exists()
+
+
+def test_an_export_directory_gets_the_permissions_of_the_umask(tmp_path):
+  umask = os.umask(0o022)
+  try:
+    with all_or_nothing(tmp_path / 'out') as partial:
+      (partial / 'file').write_text('x')
+  finally:
+    os.umask(umask)
+  assert oct((tmp_path / 'out').stat().st_mode)[-3:] == '755'  # mkdtemp made it 700

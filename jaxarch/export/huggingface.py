@@ -1,10 +1,11 @@
-"""A dense model as a Hugging Face Llama checkpoint (`jaxarch export --format=hf`), the
+"""A dense or MoE model as a Hugging Face checkpoint (`jaxarch export --format=hf`), the
 format that `transformers`, vLLM, TGI, SGLang and llama.cpp's converter read.
 
 jaxarch's dense transformer is Llama's architecture: pre-norm RMSNorm blocks, grouped-query
 attention with rotary embeddings over the two halves of each head (`rotate_half`), a
-SwiGLU feed-forward and no biases. So the export renames and transposes (torch's `Linear`
-keeps [out, in]):
+SwiGLU feed-forward and no biases. Its MoE model with experts in every block, softmax
+gates renormalised over the top k, no shared experts and no router bias is Mixtral's. So
+the export renames and transposes (torch's `Linear` keeps [out, in]):
 
   embed.embedding        [V, d]     -> model.embed_tokens.weight        [V, d]
   blocks.i.attn.q_proj   [d, n, h]  -> model.layers.i.self_attn.q_proj.weight [n·h, d]
@@ -12,6 +13,9 @@ keeps [out, in]):
   blocks.i.attn.o_proj   [n, h, d]  -> ...self_attn.o_proj.weight       [d, n·h]
   blocks.i.mlp.gate, up  [d, f]     -> ...mlp.gate_proj.weight, up_proj.weight [f, d]
   blocks.i.mlp.down      [f, d]     -> ...mlp.down_proj.weight          [d, f]
+  blocks.i.mlp.router    [d, E]     -> ...block_sparse_moe.gate.weight  [E, d]
+  blocks.i.mlp.w_gate, w_up, w_down [E, ...]
+                                    -> ...block_sparse_moe.experts.j.w1, w3, w2 .weight
   blocks.i.attn_norm, mlp_norm      -> ...input_layernorm, post_attention_layernorm
   final_norm, head       [d, V]     -> model.norm.weight, lm_head.weight [V, d]
 
@@ -38,22 +42,39 @@ from jaxarch.data.tokenizers import ByteTokenizer
 from jaxarch.export.weights import ExportError, flat_arrays, readable
 
 PAD, EOD = '<pad>', '<|endoftext|>'  # the byte tokenizer's specials, 256 and 257
+ARCHITECTURES = {'dense': 'LlamaForCausalLM', 'moe': 'MixtralForCausalLM'}
 
 
 def check_exportable(cfg: ml_collections.ConfigDict) -> None:
-  """Only a plain dense model is a Llama; the other families have no such equivalent."""
-  if cfg.model.family != 'dense' or set(cfg.model.block_pattern) != {'dense'}:
-    raise ExportError(f'export: --format=hf writes dense models (LlamaForCausalLM); this '
-                      f'run is a {cfg.model.family} model with blocks '
-                      f'{tuple(cfg.model.block_pattern)}: use --format=safetensors or '
-                      'stablehlo')
-
-
-def llama_config(cfg: ml_collections.ConfigDict, tokenizer) -> dict:
-  """config.json of `transformers.LlamaConfig` for the run's model."""
+  """A dense model is a Llama, a MoE model of Mixtral's routing a Mixtral; the other
+  families and routings have no such equivalent."""
   m = cfg.model
-  return {
-      'architectures': ['LlamaForCausalLM'], 'model_type': 'llama',
+  kinds = set(m.block_pattern)
+  why = None
+  if m.family not in ARCHITECTURES:
+    why = f'this run is a {m.family} model'
+  elif kinds != ({'dense'} if m.family == 'dense' else {'moe'}):
+    why = f'its blocks {tuple(m.block_pattern)} mix dense and moe layers'
+  elif m.family == 'moe':
+    moe = m.moe
+    why = ('a Mixtral has no shared experts' if moe.num_shared_experts else
+           "a Mixtral's gates are a softmax" if moe.gate != 'softmax' else
+           "a Mixtral's gates are renormalised over the top k" if not moe.renormalize else
+           'a Mixtral has no router bias (model.moe.bias_update_rate)'
+           if moe.bias_update_rate else None)
+  if why is not None:
+    raise ExportError(f'export: --format=hf writes dense models as LlamaForCausalLM and MoE '
+                      f'models with experts in every block, softmax gates renormalised '
+                      f'over the top k and no shared experts as MixtralForCausalLM; {why}: '
+                      'use --format=safetensors or stablehlo')
+
+
+def hf_config(cfg: ml_collections.ConfigDict, tokenizer) -> dict:
+  """config.json of `transformers.LlamaConfig` or `MixtralConfig` for the run's model."""
+  m = cfg.model
+  config = {
+      'architectures': [ARCHITECTURES[m.family]],
+      'model_type': 'llama' if m.family == 'dense' else 'mixtral',
       'vocab_size': m.vocab_size, 'hidden_size': m.d_model, 'intermediate_size': m.d_ff,
       'num_hidden_layers': m.n_layers, 'num_attention_heads': m.n_heads,
       'num_key_value_heads': m.n_kv_heads, 'head_dim': m.head_dim or m.d_model // m.n_heads,
@@ -64,10 +85,17 @@ def llama_config(cfg: ml_collections.ConfigDict, tokenizer) -> dict:
       'bos_token_id': tokenizer.eod_id, 'eos_token_id': tokenizer.eod_id,
       'pad_token_id': tokenizer.pad_id, 'torch_dtype': m.dtype, 'use_cache': True,
   }
+  if m.family == 'moe':
+    config.update({'intermediate_size': m.moe.expert_d_ff,
+                   'num_local_experts': m.moe.num_experts,
+                   'num_experts_per_tok': m.moe.top_k, 'sliding_window': None,
+                   'output_router_logits': False,
+                   'router_aux_loss_coef': m.moe.aux_loss_weight})
+  return config
 
 
-def llama_arrays(model: nnx.Module, cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-  """The model's weights under Llama's names and layouts (module docstring)."""
+def hf_arrays(model: nnx.Module, cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """The model's weights under Llama's or Mixtral's names and layouts (module docstring)."""
   ours = {k: np.asarray(jax.device_get(v)) for k, v in flat_arrays(model).items()}
   d = cfg.model.d_model
   out = {'model.embed_tokens.weight': ours.pop('embed.embedding'),
@@ -80,13 +108,21 @@ def llama_arrays(model: nnx.Module, cfg: ml_collections.ConfigDict) -> dict[str,
     for name in ('q_proj', 'k_proj', 'v_proj'):
       out[f'{at}self_attn.{name}.weight'] = ours_i(f'attn.{name}').reshape(d, -1).T
     out[f'{at}self_attn.o_proj.weight'] = ours_i('attn.o_proj').reshape(-1, d).T
-    out[f'{at}mlp.gate_proj.weight'] = ours_i('mlp.gate').T
-    out[f'{at}mlp.up_proj.weight'] = ours_i('mlp.up').T
-    out[f'{at}mlp.down_proj.weight'] = ours_i('mlp.down').T
+    if cfg.model.family == 'dense':
+      out[f'{at}mlp.gate_proj.weight'] = ours_i('mlp.gate').T
+      out[f'{at}mlp.up_proj.weight'] = ours_i('mlp.up').T
+      out[f'{at}mlp.down_proj.weight'] = ours_i('mlp.down').T
+    else:
+      if ours_i('mlp.bias').any():  # selection bias: Mixtral has none
+        raise ExportError(f'export: block {i} routes with a bias, which a Mixtral lacks')
+      out[f'{at}block_sparse_moe.gate.weight'] = ours_i('mlp.router').T
+      for name, hf in (('w_gate', 'w1'), ('w_down', 'w2'), ('w_up', 'w3')):
+        for j, weight in enumerate(ours_i(f'mlp.{name}')):  # [d, f] or [f, d] per expert
+          out[f'{at}block_sparse_moe.experts.{j}.{hf}.weight'] = weight.T
     out[f'{at}input_layernorm.weight'] = ours_i('attn_norm.scale')
     out[f'{at}post_attention_layernorm.weight'] = ours_i('mlp_norm.scale')
-  if ours:  # a dense model with weights Llama lacks: refuse rather than drop them
-    raise ExportError(f'export: --format=hf has no Llama name for {sorted(ours)[:3]}')
+  if ours:  # weights these architectures lack: refuse rather than drop them
+    raise ExportError(f'export: --format=hf has no Hugging Face name for {sorted(ours)[:3]}')
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
@@ -155,33 +191,34 @@ def _write_tokenizer(spec: str, tokenizer, out: Path, max_len: int) -> None:
   (out / 'special_tokens_map.json').write_text(json.dumps(names, indent=2) + '\n')
 
 
-def write_llama(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path, *,
-                source: str = '', final: str | Path | None = None) -> Path:
-  """Writes a dense `model` as OUT/{config.json, model.safetensors, tokenizer files,
-  generation_config.json, README.md}, for `LlamaForCausalLM.from_pretrained(OUT)`."""
+def write_hf(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path, *,
+             source: str = '', final: str | Path | None = None) -> Path:
+  """Writes `model` as OUT/{config.json, model.safetensors, tokenizer files,
+  generation_config.json, README.md}, for `AutoModelForCausalLM.from_pretrained(OUT)`."""
   check_exportable(cfg)
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
   tokenizer = get_tokenizer(cfg.data.tokenizer)
-  arrays = llama_arrays(model, cfg)
+  arrays = hf_arrays(model, cfg)
   # transformers reads a safetensors file only if it says it holds torch tensors.
   safetensors.numpy.save_file(arrays, out / 'model.safetensors', metadata={'format': 'pt'})
   readable(out / 'model.safetensors')
-  (out / 'config.json').write_text(json.dumps(llama_config(cfg, tokenizer), indent=2) + '\n')
+  (out / 'config.json').write_text(json.dumps(hf_config(cfg, tokenizer), indent=2) + '\n')
   (out / 'generation_config.json').write_text(json.dumps(
       {'bos_token_id': tokenizer.eod_id, 'eos_token_id': tokenizer.eod_id,
        'pad_token_id': tokenizer.pad_id}, indent=2) + '\n')
   _write_tokenizer(cfg.data.tokenizer, tokenizer, out, cfg.model.max_len)
   count = sum(int(a.size) for a in arrays.values())
-  (out / 'README.md').write_text(_README.format(source=source or 'a jaxarch run',
-                                                count=count, out=final or out,
-                                                vocab=tokenizer.vocab_size))
+  (out / 'README.md').write_text(_README.format(
+      source=source or 'a jaxarch run', count=count, out=final or out,
+      vocab=tokenizer.vocab_size, family=cfg.model.family,
+      architecture=ARCHITECTURES[cfg.model.family]))
   return out
 
 
-_README = """# A jaxarch dense model in Hugging Face's Llama format
+_README = """# A jaxarch {family} model in Hugging Face's format
 
-Exported from {source}: {count:,} numbers (float32), `LlamaForCausalLM`.
+Exported from {source}: {count:,} numbers (float32), `{architecture}`.
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
