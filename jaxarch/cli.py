@@ -16,6 +16,7 @@
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -417,10 +418,22 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
   return overrides, rest
 
 
+def _expand_home(args) -> None:
+  """`~` in the paths of a command that runs here: the shell leaves `--workdir=~/run`
+  alone (a tilde is expanded only at the start of a word), which would make a folder
+  named `~`. A launched job's paths are the cluster's, and stay as written."""
+  if args.command == 'launch':
+    return
+  for name in ('workdir', 'out', 'data_dir', 'config'):
+    if isinstance(getattr(args, name, None), str):
+      setattr(args, name, os.path.expanduser(getattr(args, name)))
+
+
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   overrides, rest = split_overrides(list(argv))
   args = _parser().parse_args(rest)
+  _expand_home(args)
   logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
   # TFDS and Orbax chat through absl at WARNING about routine things; jaxarch's own
   # warnings (e.g. an unreadable checkpoint skipped) use their module loggers.

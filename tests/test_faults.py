@@ -11,6 +11,7 @@ import grain
 import numpy as np
 import pytest
 
+import jaxarch
 from conftest import mesh_config, tiny_config
 from jaxarch import cli
 from jaxarch import config as config_lib
@@ -404,3 +405,19 @@ def test_a_corpus_without_validation_data_trains_without_eval_and_cannot_be_eval
   with pytest.raises(FileNotFoundError, match='no checkpoint in'):
     evaluate(_cfg(data_dir), tmp_path / 'missing')
   assert not (tmp_path / 'missing').exists()  # a reader creates nothing
+
+
+def test_a_tilde_in_a_commands_paths_is_the_home_directory(tmp_path, monkeypatch, capsys):
+  """`--workdir=~/run` reaches the program unexpanded (the shell expands a tilde only at
+  the start of a word): it named a folder `~` in the current directory."""
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  monkeypatch.chdir(tmp_path)
+  code, err = _run_cli(['eval', '--workdir=~/run'], capsys)
+  assert code == 2 and f"{tmp_path / 'home' / 'run' / 'config.json'}" in err, err
+  code, err = _run_cli(['export', '--workdir=~/run', '--out=~/out'], capsys)
+  assert code == 2 and f"{tmp_path / 'home' / 'run'}" in err, err
+  code, err = _run_cli(['train', '--config=~/nowhere.py:tiny', '--workdir=~/run'], capsys)
+  assert code == 2 and f"{tmp_path / 'home' / 'nowhere.py'}" in err, err
+  with pytest.raises(FileNotFoundError, match=str(tmp_path / 'home' / 'run')):
+    jaxarch.load('~/run')
+  assert not (tmp_path / '~').exists()

@@ -49,7 +49,7 @@ def load_model(workdir: str | Path, *, step: int | None = None, mesh_overrides=(
 def load_checkpoint(workdir: str | Path, *, step: int | None = None, mesh_overrides=()):
   """`load_model`, and the step of the checkpoint restored: the latest readable one (an
   unreadable newer one is skipped, with a warning) when `step` is None."""
-  workdir = Path(workdir)
+  workdir = Path(workdir).expanduser()
   saved = workdir / 'config.json'
   if not saved.exists():
     raise FileNotFoundError(f'{saved} not found: is {workdir} a jaxarch workdir?')
