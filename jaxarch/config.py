@@ -12,13 +12,13 @@ from collections.abc import Callable, Sequence
 import difflib
 import functools
 import hashlib
-import importlib.util
 import json
 import math
 import os
 from pathlib import Path
 import sys
 import traceback
+import types
 from typing import Any
 
 import ml_collections
@@ -136,15 +136,18 @@ def _resolve_path(path: str) -> Path:
 
 
 def _import_file(path: Path):
+  """The config or sweep file as a module, compiled from its text each time: Python's
+  bytecode cache would serve the old code of a file rewritten within the same second at
+  the same size (a sweep file a script edits), and it litters the configs' folders."""
   name = '_jaxarch_config_' + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
-  module_spec = importlib.util.spec_from_file_location(name, path)
-  if module_spec is None:
+  if path.suffix != '.py':
     raise ConfigError(f'config file {str(path)!r} is neither a Python file defining '
                       "get_config(arg) nor a run's saved config.json")
-  module = importlib.util.module_from_spec(module_spec)
+  module = types.ModuleType(name)
+  module.__file__ = str(path)
   sys.modules[name] = module  # dataclasses and pickling look modules up by name
   try:
-    module_spec.loader.exec_module(module)
+    exec(compile(path.read_bytes(), str(path), 'exec'), module.__dict__)  # pylint: disable=exec-used
   except SyntaxError as e:
     raise ConfigError(f'config error: {path}:{e.lineno}: {e.msg}'
                       + (f' ({e.text.strip()})' if e.text else '')) from None

@@ -1,6 +1,7 @@
 """Config loading, overrides, validation and the JSON round trip (`jaxarch.config`)."""
 
 import json
+import sys
 
 import ml_collections
 import pytest
@@ -581,3 +582,15 @@ def test_a_broken_config_file_is_one_line_at_its_line(tmp_path, source, spec, me
   (tmp_path / 'c.py').write_text(source)
   assert error_of(config_lib.load, f'{tmp_path}/{spec}').startswith(
       f'config error: {tmp_path}/{message}')
+
+
+def test_a_config_file_rewritten_within_a_second_is_read_anew(tmp_path, monkeypatch):
+  """Python's bytecode cache keys a file by its mtime in whole seconds and its size: a
+  sweep file a script rewrote at once, to the same length, ran its old code."""
+  monkeypatch.setattr(sys, 'dont_write_bytecode', False)  # as outside this test setup
+  path = tmp_path / 'sweep.py'
+  for budget in ('1e17', '3e17'):
+    path.write_text(f'def get_sweep(arg=None):\n  return [{budget}]\n')
+    module = config_lib._import_file(path)  # pylint: disable=protected-access
+    assert module.get_sweep() == [float(budget)]
+  assert not (tmp_path / '__pycache__').exists()
