@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -312,6 +313,24 @@ def test_a_run_recorded_before_jaxarch_gained_a_config_key_is_not_run_again(
   with pytest.raises(runner.SweepError):
     runner.run_sweep(spec, workdir, echo=lambda _: None)
   assert 'd32' in launched
+
+
+def test_a_finished_run_given_another_budget_is_relabelled_not_trained(
+    tmp_path, data_dir, monkeypatch):
+  """The budget labels a run for the IsoFLOP fits and is not part of its config: a sweep
+  file that corrects it left the old one in results.jsonl, and the fits used it."""
+  _stand_in_training(monkeypatch)
+  spec, workdir = _sweep_file(tmp_path, data_dir), tmp_path / 'sweep'
+  with pytest.raises(runner.SweepError):  # d48 fails and d64 stops; d32 is recorded
+    runner.run_sweep(spec, workdir, echo=lambda _: None)
+  text = pathlib.Path(spec).read_text()
+  pathlib.Path(spec).write_text(text.replace("'budget': 1000000000.0", "'budget': 2e9"))
+  messages = []
+  with pytest.raises(runner.SweepError):
+    runner.run_sweep(spec, workdir, echo=messages.append)
+  assert '1 finished already, 2 to run' in messages[0]
+  (d32,) = [r for r in runner.read_results(workdir) if r['name'] == 'd32']
+  assert d32['budget'] == 2e9
 
 
 def test_a_results_jsonl_with_bytes_that_are_not_text_is_read_past_them(tmp_path, capsys):

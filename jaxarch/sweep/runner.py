@@ -148,7 +148,7 @@ def recorded_runs(runs: list[plan.Run], workdir: Path) -> set[str]:
   is the run's present one with keys jaxarch gained since, at their defaults (what
   `config_changes` reads). Such a record is written again under the new hash, so that
   upgrading jaxarch does not restore every finished run of a sweep to learn that it is
-  finished.
+  finished; and with the run's present `budget`, which may have been relabelled.
   """
   records = {r['name']: r for r in read_results(workdir)}
   standing = set()
@@ -166,7 +166,10 @@ def recorded_runs(runs: list[plan.Run], workdir: Path) -> set[str]:
               and last_step(run_dir) == cfg.train.steps
               and config_changes(run, run_dir) is None):
         continue
-      append_record(workdir, {**old, 'config_hash': new_hash})
+    # The budget is the fits' label of the run, not part of its config: a new one is
+    # recorded without training again.
+    if (now := {**old, 'config_hash': new_hash, 'budget': run.budget}) != old:
+      append_record(workdir, now)
     standing.add(run.name)
   return standing
 
