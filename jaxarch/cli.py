@@ -7,6 +7,7 @@
   jaxarch generate --workdir=/tmp/run --prompt="def " [--max_new_tokens=200 --top_p=0.9]
   jaxarch distill --workdir=/tmp/run --out=/tmp/run-distilled   (BiTA's training data)
   jaxarch export --workdir=/tmp/run --out=/tmp/run-export [--format=hf|stablehlo]
+  jaxarch import --hf=/models/llama --workdir=/tmp/llama   (a Hugging Face Llama as a run)
   jaxarch sweep --config=configs/sweeps/isoflop.py:tiny --workdir=/tmp/sweep [--parallel=2]
   jaxarch fit   --workdir=/tmp/sweep                 (scaling-law fits, plots, report.md)
   jaxarch launch --config=configs/dense.py:1.6b --target=slurm|gke|tpu-vm|ray --workdir=DIR
@@ -182,6 +183,19 @@ def _distill(args, overrides):
                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                     seed=args.seed)
   print(json.dumps(summary, indent=2))
+
+
+def _import(args, overrides):
+  from jaxarch.export.huggingface import import_hf  # pylint: disable=g-import-not-at-top
+  for override in overrides:  # the model's keys are the checkpoint's
+    if override.startswith('--config.model.'):
+      raise config_lib.ConfigError(f'config error: {override.split("=")[0]} is set by the '
+                                   'checkpoint; import sets train, data and mesh keys only')
+  workdir = import_hf(args.hf, args.workdir,
+                      [o.removeprefix('--config.') for o in overrides])
+  print(f'jaxarch: {args.hf} is the run {workdir} at step 0; continue it with `jaxarch train '
+        f'--workdir={workdir}` (raise --config.train.steps), or generate from it',
+        file=sys.stderr)
 
 
 def _export(args, overrides):
@@ -362,6 +376,15 @@ def _parser() -> argparse.ArgumentParser:
                    '(default: model.max_len)')
   exp.add_argument('--platforms', help='stablehlo: e.g. cpu,cuda,tpu (default: this one)')
   exp.set_defaults(func=_export)
+  imp = commands.add_parser(
+      'import', help="make a run of a Hugging Face Llama or Mixtral checkpoint",
+      description='Write a new workdir holding a Hugging Face LlamaForCausalLM or '
+      'MixtralForCausalLM checkpoint (safetensors) as a jaxarch run at step 0: its config '
+      '(train, data and mesh keys from the 151m preset and --config.KEY=VALUE), tokenizer '
+      'and weights, for generate, eval, distill, BiTA, or train to go on from.')
+  imp.add_argument('--hf', required=True, help='the Hugging Face checkpoint directory')
+  imp.add_argument('--workdir', required=True, help='a new directory for the run')
+  imp.set_defaults(func=_import)
   sweep = commands.add_parser(
       'sweep', help='run every run of a sweep config (resumable), recording results.jsonl',
       description='Train each run of a sweep file in WORKDIR/runs/NAME, N at a time; '
@@ -424,7 +447,7 @@ def _expand_home(args) -> None:
   named `~`. A launched job's paths are the cluster's, and stay as written."""
   if args.command == 'launch':
     return
-  for name in ('workdir', 'out', 'data_dir', 'config'):
+  for name in ('workdir', 'out', 'data_dir', 'config', 'hf'):
     if isinstance(getattr(args, name, None), str):
       setattr(args, name, os.path.expanduser(getattr(args, name)))
 

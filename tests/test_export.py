@@ -410,3 +410,60 @@ def test_an_export_directory_gets_the_permissions_of_the_umask(tmp_path):
   finally:
     os.umask(umask)
   assert oct((tmp_path / 'out').stat().st_mode)[-3:] == '755'  # mkdtemp made it 700
+
+
+@pytest.mark.parametrize('family, tied', [('dense', True), ('moe', False)])
+def test_an_hf_checkpoint_imports_as_a_run_with_its_logits(tmp_path, family, tied):
+  """Exported as Llama or Mixtral (checked against numpy above and transformers once),
+  imported back: the same logits from `jaxarch.load`. Checked once against checkpoints
+  transformers 5.25 wrote itself (a tied Llama and a Mixtral, rope_theta 500000):
+  logits within 2.4e-7, and exported again, transformers' logits exactly."""
+  cfg = family_config(family)
+  with cfg.unlocked():
+    cfg.model.tie_embeddings = tied
+    cfg.model.rope_theta = 500_000.0
+  model = _model(cfg)
+  write_hf(model, cfg, tmp_path / 'hf')
+  assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "run"}',
+                   '--config.train.steps=7', '--config.train.warmup_steps=1']) == 0
+  imported_cfg, imported = load_model(tmp_path / 'run')
+  for key in ('d_model', 'n_layers', 'n_heads', 'n_kv_heads', 'vocab_size',
+              'tie_embeddings', 'rope_theta', 'norm_eps', 'family'):
+    assert imported_cfg.model[key] == cfg.model[key], key
+  if family == 'moe':  # a Mixtral has no dense feed-forward: d_ff is unused
+    for key in ('num_experts', 'top_k', 'expert_d_ff'):
+      assert imported_cfg.model.moe[key] == cfg.model.moe[key], key
+  else:
+    assert imported_cfg.model.d_ff == cfg.model.d_ff
+  assert imported_cfg.train.steps == 7 and imported_cfg.model.dtype == 'float32'
+  np.testing.assert_array_equal(np.asarray(logits(imported, TOKENS)),
+                                np.asarray(logits(model, TOKENS)))
+  tokenizer = get_tokenizer(imported_cfg.data.tokenizer)  # the export's, copied into the run
+  assert (tokenizer.eod_id, tokenizer.encode('hi')) == (257, [104, 105])
+
+
+def test_an_hf_checkpoint_of_another_kind_or_a_used_workdir_is_one_line(tmp_path, capsys):
+  cfg = family_config('dense')
+  write_hf(_model(cfg), cfg, tmp_path / 'hf')
+  config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+  (tmp_path / 'used').mkdir()
+  (tmp_path / 'used' / 'file').write_text('x')
+  for change, message in [
+      ({'model_type': 'qwen2'}, "model_type='qwen2' (jaxarch reads 'llama' and 'mixtral')"),
+      ({'rope_scaling': {'rope_type': 'llama3', 'factor': 8.0}}, "rope scaling {'rope_type'"),
+      ({'rope_scaling': None, 'rope_parameters': {'rope_type': 'yarn', 'factor': 4.0}},
+       "rope scaling {'rope_type': 'yarn'"),
+      ({'attention_bias': True}, 'attention_bias=true')]:
+    (tmp_path / 'hf' / 'config.json').write_text(json.dumps({**config, **change}))
+    assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "a"}']) == 2
+    assert f'{message}' in capsys.readouterr().err
+  (tmp_path / 'hf' / 'config.json').write_text(json.dumps(config))
+  assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "used"}']) == 2
+  assert 'exists and is not empty' in capsys.readouterr().err
+  assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "b"}',
+                   '--config.model.d_model=64']) == 2
+  assert 'model.d_model is set by the checkpoint' in capsys.readouterr().err
+  assert cli.main(['import', f'--hf={tmp_path}', f'--workdir={tmp_path / "c"}']) == 2
+  assert 'is it a Hugging Face checkpoint' in capsys.readouterr().err.replace('is ' + str(
+      tmp_path) + ' a', 'is it a')
+  assert not any((tmp_path / name).exists() for name in 'abc')

@@ -19,6 +19,10 @@ the export renames and transposes (torch's `Linear` keeps [out, in]):
   blocks.i.attn_norm, mlp_norm      -> ...input_layernorm, post_attention_layernorm
   final_norm, head       [d, V]     -> model.norm.weight, lm_head.weight [V, d]
 
+`import_hf` goes the other way (`jaxarch import --hf=DIR --workdir=NEW`): a Llama or Mixtral
+checkpoint becomes a jaxarch run at step 0, which `generate`, `eval`, `distill` and BiTA
+read as any run, and `jaxarch train` continues (fine-tuning, continued pretraining).
+
 The vocabulary keeps its padding to a multiple of 128 (the tokenizer's ids come first).
 The weights are stored in their training dtype (float32); `torch_dtype` names the compute
 dtype the model trained in. The tokenizer comes along in Hugging Face's form: the byte
@@ -37,9 +41,11 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
+from jaxarch import config as config_lib
 from jaxarch.data import get_tokenizer
 from jaxarch.data.tokenizers import ByteTokenizer
-from jaxarch.export.weights import ExportError, flat_arrays, readable
+from jaxarch.export.weights import (ExportError, all_or_nothing, flat_arrays, free_out,
+                                    named_variables, readable)
 
 PAD, EOD = '<pad>', '<|endoftext|>'  # the byte tokenizer's specials, 256 and 257
 ARCHITECTURES = {'dense': 'LlamaForCausalLM', 'moe': 'MixtralForCausalLM'}
@@ -80,10 +86,12 @@ def hf_config(cfg: ml_collections.ConfigDict, tokenizer) -> dict:
       'num_key_value_heads': m.n_kv_heads, 'head_dim': m.head_dim or m.d_model // m.n_heads,
       'hidden_act': 'silu', 'max_position_embeddings': m.max_len,
       'rms_norm_eps': m.norm_eps, 'rope_theta': m.rope_theta, 'rope_scaling': None,
+      'rope_parameters': {'rope_type': 'default', 'rope_theta': m.rope_theta},
       'tie_word_embeddings': bool(m.tie_embeddings), 'attention_bias': False,
       'mlp_bias': False, 'attention_dropout': 0.0, 'initializer_range': m.init_std,
       'bos_token_id': tokenizer.eod_id, 'eos_token_id': tokenizer.eod_id,
-      'pad_token_id': tokenizer.pad_id, 'torch_dtype': m.dtype, 'use_cache': True,
+      'pad_token_id': tokenizer.pad_id, 'torch_dtype': m.dtype, 'dtype': m.dtype,
+      'use_cache': True,
   }
   if m.family == 'moe':
     config.update({'intermediate_size': m.moe.expert_d_ff,
@@ -124,6 +132,148 @@ def hf_arrays(model: nnx.Module, cfg: ml_collections.ConfigDict) -> dict[str, np
   if ours:  # weights these architectures lack: refuse rather than drop them
     raise ExportError(f'export: --format=hf has no Hugging Face name for {sorted(ours)[:3]}')
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def our_arrays(hf: dict[str, np.ndarray], cfg: ml_collections.ConfigDict
+               ) -> dict[str, np.ndarray]:
+  """`hf_arrays` undone: Hugging Face's names and layouts -> jaxarch's."""
+  m = cfg.model
+  n, kv, h = m.n_heads, m.n_kv_heads, m.head_dim or m.d_model // m.n_heads
+  hf = dict(hf)
+  take = lambda name: hf.pop(name)
+  ours = {'embed.embedding': take('model.embed_tokens.weight'),
+          'final_norm.scale': take('model.norm.weight')}
+  if not m.tie_embeddings:
+    ours['head'] = take('lm_head.weight').T
+  for i in range(m.n_layers):
+    at, to = f'model.layers.{i}.', f'blocks.{i}.'
+    for name, heads in (('q_proj', n), ('k_proj', kv), ('v_proj', kv)):
+      ours[f'{to}attn.{name}'] = take(f'{at}self_attn.{name}.weight').T.reshape(-1, heads, h)
+    ours[f'{to}attn.o_proj'] = take(f'{at}self_attn.o_proj.weight').T.reshape(n, h, -1)
+    if m.family == 'dense':
+      for name, hf_name in (('gate', 'gate_proj'), ('up', 'up_proj'), ('down', 'down_proj')):
+        ours[f'{to}mlp.{name}'] = take(f'{at}mlp.{hf_name}.weight').T
+    else:
+      ours[f'{to}mlp.router'] = take(f'{at}block_sparse_moe.gate.weight').T
+      ours[f'{to}mlp.bias'] = np.zeros((m.moe.num_experts,), np.float32)
+      for name, hf_name in (('w_gate', 'w1'), ('w_down', 'w2'), ('w_up', 'w3')):
+        ours[f'{to}mlp.{name}'] = np.stack([
+            take(f'{at}block_sparse_moe.experts.{j}.{hf_name}.weight').T
+            for j in range(m.moe.num_experts)])
+    ours[f'{to}attn_norm.scale'] = take(f'{at}input_layernorm.weight')
+    ours[f'{to}mlp_norm.scale'] = take(f'{at}post_attention_layernorm.weight')
+  hf.pop('lm_head.weight', None)  # a tied head saved anyway
+  if hf:
+    raise ExportError(f'import: {len(hf)} arrays have no place in a {m.family} model, e.g. '
+                      f'{sorted(hf)[:2]}')
+  return ours
+
+
+def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.ConfigDict:
+  """The jaxarch config of a Llama or Mixtral `config.json` (train, data and mesh keys:
+  the preset's, then `overrides`); refuses what jaxarch's models do not compute."""
+  kind = hf_config.get('model_type')
+  family = {'llama': 'dense', 'mixtral': 'moe'}.get(kind)
+  # transformers 5 writes `rope_parameters` and `dtype` where 4 wrote `rope_theta`,
+  # `rope_scaling` and `torch_dtype`.
+  rope = hf_config.get('rope_parameters') or {}
+  scaling = hf_config.get('rope_scaling') or (
+      rope if rope.get('rope_type', 'default') != 'default' else None)
+  unsupported = (
+      f"model_type={kind!r} (jaxarch reads 'llama' and 'mixtral')" if family is None else
+      f'rope scaling {scaling!r}' if scaling else
+      'attention_bias=true' if hf_config.get('attention_bias') else
+      'mlp_bias=true' if hf_config.get('mlp_bias') else
+      f"hidden_act={hf_config.get('hidden_act')!r}"
+      if hf_config.get('hidden_act', 'silu') != 'silu' else
+      f"sliding_window={hf_config['sliding_window']}" if hf_config.get('sliding_window')
+      else None)
+  if unsupported:
+    raise ExportError(f'import: the checkpoint has {unsupported}, which jaxarch\'s models do '
+                      'not compute')
+  cfg = config_lib.load(f'configs/{family}.py:151m')
+  n = hf_config['num_attention_heads']
+  model = {
+      'd_model': hf_config['hidden_size'], 'n_layers': hf_config['num_hidden_layers'],
+      'n_heads': n, 'n_kv_heads': hf_config.get('num_key_value_heads') or n,
+      'head_dim': hf_config.get('head_dim') or hf_config['hidden_size'] // n,
+      'd_ff': hf_config['intermediate_size'], 'vocab_size': hf_config['vocab_size'],
+      'max_len': hf_config.get('max_position_embeddings', 2048),
+      'tie_embeddings': bool(hf_config.get('tie_word_embeddings', False)),
+      'rope_theta': float(hf_config.get('rope_theta') or rope.get('rope_theta', 10_000.0)),
+      'norm_eps': float(hf_config.get('rms_norm_eps', 1e-6)),
+      'dtype': ('float32' if (hf_config.get('dtype') or hf_config.get('torch_dtype'))
+                == 'float32' else 'bfloat16')}
+  if family == 'moe':
+    model.update({'moe.num_experts': hf_config['num_local_experts'],
+                  'moe.top_k': hf_config['num_experts_per_tok'],
+                  'moe.expert_d_ff': hf_config['intermediate_size']})
+  settings = [f'model.{k}={v}' for k, v in model.items()]
+  settings += [f'data.tokenizer={tokenizer}',
+               f'data.seq_len={min(cfg.data.seq_len, model["max_len"])}', *overrides]
+  for setting in settings:
+    config_lib.apply_override(cfg, setting)
+  return config_lib.validate(cfg)
+
+
+def read_hf(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+  """(config.json, arrays) of a Hugging Face checkpoint: one safetensors file, or the
+  shards its index names."""
+  directory = Path(directory).expanduser()
+  if not (directory / 'config.json').is_file():
+    raise ExportError(f'import: {directory / "config.json"} not found; is {directory} a '
+                      'Hugging Face checkpoint (save_pretrained)?')
+  hf_config = json.loads((directory / 'config.json').read_text())
+  index = directory / 'model.safetensors.index.json'
+  files = (sorted(set(json.loads(index.read_text())['weight_map'].values()))
+           if index.is_file() else ['model.safetensors'])
+  arrays = {}
+  for name in files:
+    if not (directory / name).is_file():
+      raise ExportError(f'import: {directory / name} not found (only safetensors weights '
+                        'are read; convert a pytorch_model.bin with save_pretrained)')
+    arrays.update(safetensors.numpy.load_file(directory / name))
+  return hf_config, {k: np.asarray(v, np.float32) for k, v in arrays.items()}
+
+
+def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
+  """A jaxarch run at step 0 in a new `workdir` from a Hugging Face Llama or Mixtral
+  checkpoint: config.json, the tokenizer (copied into workdir/tokenizer/) and a
+  checkpoint holding its weights (with a fresh optimizer state)."""
+  # pylint: disable=g-import-not-at-top  (the trainer's modules, for this command only)
+  from jaxarch.train.checkpoint import Checkpointer
+  from jaxarch.train.pretrained import mesh_here
+  from jaxarch.train.state import init_state, make_setup
+  directory, workdir = Path(directory).expanduser(), Path(workdir).expanduser().absolute()
+  free_out(workdir)
+  hf_config, hf = read_hf(directory)
+  tokenizer = next((directory / f for f in ('tokenizer.json', 'tokenizer.model')
+                    if (directory / f).is_file()), None)
+  if tokenizer is None:
+    raise ExportError(f'import: {directory} holds no tokenizer.json or tokenizer.model')
+  cfg = run_config(hf_config, str(workdir / 'tokenizer' / tokenizer.name), overrides)
+  arrays = our_arrays(hf, cfg)
+  cfg, mesh = mesh_here(cfg)
+  setup = make_setup(cfg, mesh)
+  state = init_state(cfg, setup)
+  for collection in ('params', 'model_state'):
+    for name, (_, variable) in named_variables(state[collection]).items():
+      if name not in arrays:
+        continue  # e.g. the window counters, which start at zero
+      want, got = variable.get_value(), arrays.pop(name)
+      if tuple(want.shape) != got.shape:
+        raise ExportError(f'import: {name} is {list(got.shape)} in the checkpoint, the '
+                          f'config expects {list(want.shape)}')
+      variable.set_value(jax.device_put(got.astype(want.dtype), want.sharding))
+  assert not arrays, sorted(arrays)  # our_arrays names exactly the model's variables
+  with all_or_nothing(workdir) as partial:  # a failed import leaves no half-made run
+    (partial / 'tokenizer').mkdir()
+    shutil.copy(tokenizer, partial / 'tokenizer' / tokenizer.name)
+    config_lib.save(cfg, partial / 'config.json')
+    checkpointer = Checkpointer(partial, async_save=False)
+    checkpointer.save(0, state, force=True)
+    checkpointer.close()
+  return workdir
 
 
 def byte_tokenizer_json() -> dict:
