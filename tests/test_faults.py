@@ -21,7 +21,7 @@ from jaxarch.train import trainer
 from jaxarch.train.checkpoint import CheckpointError
 from jaxarch.train.metrics import MetricsWriter, read_metrics
 from jaxarch.train.nonfinite import NonFiniteError, NonFiniteMonitor
-from jaxarch.train.workdir import WorkdirError
+from jaxarch.train.workdir import WorkdirError, check_workdir
 
 TINY = ['--config=configs/dense.py:tiny', '--config.model.d_model=64',
         '--config.model.n_layers=2', '--config.model.d_ff=128', '--config.data.seq_len=32',
@@ -421,3 +421,17 @@ def test_a_tilde_in_a_commands_paths_is_the_home_directory(tmp_path, monkeypatch
   with pytest.raises(FileNotFoundError, match=str(tmp_path / 'home' / 'run')):
     jaxarch.load('~/run')
   assert not (tmp_path / '~').exists()
+
+
+def test_free_space_is_counted_where_the_checkpoints_go(tmp_path, monkeypatch):
+  # The checkpoints folder linked to another disk (a big volume, or a full one): the
+  # checkpoint is written there, so that disk's free space decides.
+  full_disk = tmp_path / 'full_disk'
+  full_disk.mkdir()
+  (tmp_path / 'run').mkdir()
+  (tmp_path / 'run' / 'checkpoints').symlink_to(full_disk)
+  usage = collections.namedtuple('usage', 'total used free')
+  free = lambda path: 1000 if os.path.realpath(path).startswith(str(full_disk)) else 10**12
+  monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage(10**12, 0, free(path)))
+  with pytest.raises(WorkdirError, match='GiB free, but one checkpoint'):
+    check_workdir(tmp_path / 'run', tiny_config(), 10**6, has_checkpoints=False)

@@ -95,3 +95,32 @@ def test_kill_9_at_a_random_moment_loses_only_the_steps_since_the_checkpoint(
   want, got = _reference(tmp_path, data_dir), _losses(workdir)
   assert sorted(got) == list(range(1, 41)) and killed_at < 40
   np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-6)
+
+
+# A process that sends itself SIGTERM as it starts to restore its checkpoint (a job
+# preempted while it restarts: restoring a large state takes minutes).
+_SIGTERM_WHILE_RESTORING = '''
+import os, signal, sys
+from jaxarch.train import checkpoint
+restore = checkpoint.Checkpointer.restore
+def restore_after_sigterm(*args, **kwargs):
+  os.kill(os.getpid(), signal.SIGTERM)
+  return restore(*args, **kwargs)
+checkpoint.Checkpointer.restore = restore_after_sigterm
+from jaxarch import cli
+sys.exit(cli.main(sys.argv[1:]))
+'''
+
+
+def test_sigterm_before_the_first_step_exits_0_saying_so(tmp_path, data_dir):
+  workdir = tmp_path / 'run'
+  train(config_lib.load('configs/dense.py:tiny', _overrides(data_dir) + ['train.steps=4']),
+        workdir)
+  process = subprocess.run(
+      [sys.executable, '-c', _SIGTERM_WHILE_RESTORING, 'train', '--config=configs/dense.py:tiny',
+       f'--workdir={workdir}', *[f'--config.{o}' for o in _overrides(data_dir)]],
+      capture_output=True, text=True, timeout=300, env=os.environ.copy())
+  assert process.returncode == 0, process.stderr
+  assert 'SIGTERM' in process.stderr and 'run the same command to resume' in process.stderr
+  assert max(_losses(workdir)) == 4  # nothing trained, nothing lost
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['4']

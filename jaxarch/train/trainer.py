@@ -126,6 +126,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   has `stopped`: the signal); the same call resumes it.
   """
   workdir = local_workdir(workdir)
+  # From the start: a job preempted while it builds or restores its state (minutes for a
+  # large one) stops once that is done, saying so, instead of dying of the signal.
+  with StopRequests(sync_every=cfg.log.every_steps) as stop:
+    return _train(cfg, workdir, stop)
+
+
+def _train(cfg: ml_collections.ConfigDict, workdir: Path, stop: StopRequests) -> dict:
   setup = make_setup(cfg, make_mesh(cfg))
   had_checkpoints = Checkpointer.exists(workdir)
   check_workdir(workdir, cfg, state_bytes(setup.abstract_state),
@@ -166,8 +173,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     writer = MetricsWriter(workdir, tensorboard=cfg.log.tensorboard,
                            after_step=restored_step or 0)
     cleanup.callback(writer.close)
-    with (ProgressBar(cfg.train.steps, int(state['step']), enabled=cfg.log.progress) as bar,
-          StopRequests(sync_every=cfg.log.every_steps) as stop):
+    with ProgressBar(cfg.train.steps, int(state['step']), enabled=cfg.log.progress) as bar:
       c = setup.param_counts
       trained = ('' if c['trained'] == c['total'] else
                  f', {c["trained"]:,} trained ({c["trained"] / c["total"]:.3%})')
@@ -179,6 +185,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         if changed:
           bar.alert(f'{changed} since the checkpoint: its data position does not apply; '
                     'the data iterators start afresh')
+      if stop.should_stop(0):  # a signal while starting: nothing trained, nothing to save
+        kept = (f'checkpoint {checkpointer.directory / str(restored_step)} is unchanged'
+                if restored_step is not None else 'no checkpoint was written yet')
+        bar.alert(f'jaxarch: {stop.received}: stopped before training; {kept}; run the same '
+                  'command to resume')
+        return {'stopped': stop.received, 'step': int(state['step'])}
       return _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer,
                    bar, stop)
 

@@ -71,16 +71,19 @@ def check_workdir(workdir: Path, cfg: ml_collections.ConfigDict, checkpoint_byte
   """Raises `WorkdirError` if training in `workdir` would fail or overwrite another run."""
   _check_writable(workdir)
   _check_shared(workdir)
-  free = shutil.disk_usage(workdir).free
+  checkpoints = workdir / CHECKPOINTS  # found now, not at the first save hours later
+  # Where the checkpoints are written: their folder may be a link to another disk.
+  measured = checkpoints if checkpoints.is_dir() else workdir
+  free = shutil.disk_usage(measured).free
   needed = int(checkpoint_bytes * 1.1) + (16 << 20)  # arrays, metadata, data state
   if free < needed:
-    raise WorkdirError(f'workdir {workdir} has {free / 2**30:.2f} GiB free, but one '
+    where = f'workdir {workdir}' if measured == workdir else f'{checkpoints.resolve()}'
+    raise WorkdirError(f'{where} has {free / 2**30:.2f} GiB free, but one '
                        f'checkpoint of this run takes about {needed / 2**30:.2f} GiB; free '
                        'space or choose another --workdir')
   saved = workdir / 'config.json'
   if has_checkpoints and saved.exists():
     _check_same_model(saved, cfg)
-  checkpoints = workdir / CHECKPOINTS  # found now, not at the first save hours later
   if checkpoints.exists() or checkpoints.is_symlink():  # else made in the writable workdir
     _check_writable(checkpoints)
 
