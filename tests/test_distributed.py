@@ -29,7 +29,8 @@ def test_flags_come_first_then_jax_variables_then_the_cluster():
   assert detect(environ=per_node).local_device_ids == tuple(range(8))
   per_gpu = {**slurm, 'SLURM_NTASKS_PER_NODE': '8', 'SLURM_GPUS_ON_NODE': '8'}
   assert detect(environ=per_gpu).local_device_ids is None
-  ompi = {'OMPI_COMM_WORLD_SIZE': '2', 'OMPI_COMM_WORLD_RANK': '1'}
+  ompi = {'OMPI_COMM_WORLD_SIZE': '2', 'OMPI_COMM_WORLD_RANK': '1',  # mpirun of Open MPI 4
+          'OMPI_MCA_orte_hnp_uri': '1531576320.0;tcp://10.96.0.1:34911'}
   assert detect(environ={**ompi, 'CUDA_VISIBLE_DEVICES': ''}) == (
       Launch('ompi', num_processes=2, process_id=1))
   # mpirun --npernode 1: every GPU of the node, as for SLURM.
@@ -44,6 +45,23 @@ def test_flags_come_first_then_jax_variables_then_the_cluster():
   for environ in ({'SLURM_NTASKS': '1', 'SLURM_PROCID': '0'}, {'TPU_WORKER_HOSTNAMES': 'a'},
                   {}):
     assert detect(environ=environ).source == 'single'
+
+
+def test_mpirun_of_open_mpi_5_takes_the_coordinator_from_jax_coordinator_address():
+  """Open MPI 5's mpirun (PRRTE) sets OMPI_COMM_WORLD_* but not OMPI_MCA_orte_hnp_uri, the
+  only place JAX looks for the coordinator: `jaxarch train` under it ended in a
+  `ValueError: coordinator_address should be defined` traceback."""
+  ompi5 = {'OMPI_COMM_WORLD_SIZE': '4', 'OMPI_COMM_WORLD_RANK': '3',
+           'OMPI_COMM_WORLD_LOCAL_RANK': '1', 'OMPI_COMM_WORLD_LOCAL_SIZE': '2',
+           'CUDA_VISIBLE_DEVICES': '0,1'}
+  with pytest.raises(ConfigError, match='^config error: mpirun of Open MPI 5 .*'
+                     'set JAX_COORDINATOR_ADDRESS=HOST:PORT'):
+    detect(environ=ompi5)
+  # mpirun -x JAX_COORDINATOR_ADDRESS: rank and size from mpirun, a GPU per process.
+  assert detect(environ={**ompi5, 'JAX_COORDINATOR_ADDRESS': 'node0:1234'}) == Launch(
+      'ompi', 'node0:1234', 4, 3, (1,))
+  assert detect(environ={**ompi5, 'JAX_COORDINATOR_ADDRESS': 'node0:1234',
+                         'OMPI_COMM_WORLD_LOCAL_SIZE': '1'}).local_device_ids == (0, 1)
 
 
 @pytest.mark.parametrize('args, environ, message', [

@@ -86,6 +86,29 @@ def test_each_process_loads_the_rows_its_devices_hold():
     data_shard(sharding, 8, lambda d: int(pair[d.id] >= 2))  # 2 rows and 6 rows
 
 
+def test_a_sequence_sharded_batch_is_loaded_and_placed_by_its_rows():
+  """`length` mapped to a mesh axis (sequence sharding; the step runs it): the trainer's
+  and bench's `data_shard` raised an IndivisibleError traceback, laying the rows over a
+  [batch, 1] array; and processes that hold other columns of the same rows must pass the
+  same whole rows (simulated here: a process per tensor index)."""
+  from jaxarch.parallel import global_batch  # pylint: disable=g-import-not-at-top
+  cfg = mesh_config(tiny_config(), data=4, tensor=2)
+  with cfg.unlocked():
+    cfg.mesh.rules = tuple((k, 'tensor') if k == 'length' else (k, v)
+                           for k, v in cfg.mesh.rules)
+  mesh = make_mesh(cfg)
+  sharding = make_setup(cfg, mesh).batch_sharding
+  assert sharding.spec == P(('data', 'fsdp', 'expert'), 'tensor')
+  assert data_shard(sharding, 8) == (0, 1)
+  tensor_of = {d.id: t for t in range(2) for d in mesh.devices[:, :, t].ravel()}
+  assert data_shard(sharding, 8, lambda d: tensor_of[d.id]) == (0, 1)
+  batch = np.arange(8 * 32, dtype=np.int32).reshape(8, 32)
+  arr = global_batch({'x': batch}, sharding)['x']
+  assert arr.shape == (8, 32)
+  for shard in arr.addressable_shards:
+    np.testing.assert_array_equal(shard.data, batch[shard.index])
+
+
 def test_dcn_axes_multiply_the_ici_axes():
   cfg = tiny_config()
   with cfg.unlocked():

@@ -35,6 +35,9 @@ class Launch:
   local_device_ids: tuple[int, ...] | None = None  # None: as JAX decides
 
 
+_ORTE_URI = 'OMPI_MCA_orte_hnp_uri'  # set by mpirun of Open MPI 4, read by JAX
+
+
 def _int(environ: Mapping[str, str], key: str, default: int = 1) -> int:
   try:
     return int(environ.get(key, default))
@@ -53,7 +56,10 @@ def detect(coordinator_address: str | None = None, num_processes: int | None = N
       raise ConfigError('--coordinator_address, --num_processes and --process_id go '
                         'together; give all three or none')
     return _checked(Launch('flags', coordinator_address, num_processes, process_id))
-  if 'JAX_COORDINATOR_ADDRESS' in environ:
+  # mpirun of Open MPI 5 (PRRTE) sets no OMPI_MCA_orte_hnp_uri, from which JAX reads the
+  # coordinator under Open MPI 4: JAX_COORDINATOR_ADDRESS names it, mpirun the rest.
+  ompi5 = _int(environ, 'OMPI_COMM_WORLD_SIZE') > 1 and _ORTE_URI not in environ
+  if 'JAX_COORDINATOR_ADDRESS' in environ and not ompi5:
     missing = [k for k in ('JAX_NUM_PROCESSES', 'JAX_PROCESS_ID') if k not in environ]
     if missing:
       raise ConfigError(f'JAX_COORDINATOR_ADDRESS is set but {", ".join(missing)} is not; '
@@ -65,10 +71,24 @@ def detect(coordinator_address: str | None = None, num_processes: int | None = N
                   process_id=_int(environ, 'SLURM_PROCID'),
                   local_device_ids=_slurm_node_devices(environ))
   if _int(environ, 'OMPI_COMM_WORLD_SIZE') > 1:
-    return Launch('ompi', num_processes=_int(environ, 'OMPI_COMM_WORLD_SIZE'),
-                  process_id=_int(environ, 'OMPI_COMM_WORLD_RANK', 0),
-                  local_device_ids=_node_devices(environ.get('OMPI_COMM_WORLD_LOCAL_SIZE'),
-                                                 _visible_gpus(environ)))
+    gpus = _visible_gpus(environ)
+    launch = Launch('ompi', num_processes=_int(environ, 'OMPI_COMM_WORLD_SIZE'),
+                    process_id=_int(environ, 'OMPI_COMM_WORLD_RANK', 0),
+                    local_device_ids=_node_devices(environ.get('OMPI_COMM_WORLD_LOCAL_SIZE'),
+                                                   gpus))
+    if not ompi5:
+      return launch
+    if 'JAX_COORDINATOR_ADDRESS' not in environ:
+      raise ConfigError('mpirun of Open MPI 5 does not tell jax.distributed where the job\'s '
+                        'coordinator is (no OMPI_MCA_orte_hnp_uri); set '
+                        'JAX_COORDINATOR_ADDRESS=HOST:PORT, HOST the node of rank 0 (e.g. '
+                        'mpirun -x JAX_COORDINATOR_ADDRESS=$(hostname):1234 ...)')
+    local = launch.local_device_ids
+    if local is None and gpus and _int(environ, 'OMPI_COMM_WORLD_LOCAL_SIZE') > 1:
+      local = (_int(environ, 'OMPI_COMM_WORLD_LOCAL_RANK', 0),)  # a GPU per process, as JAX
+    return _checked(dataclasses.replace(
+        launch, coordinator_address=environ['JAX_COORDINATOR_ADDRESS'],
+        local_device_ids=local))
   if len(environ.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1:
     return Launch('tpu')
   if environ.get('JAXARCH_DISTRIBUTED') == '1':
@@ -117,9 +137,9 @@ def initialize(launch: Launch) -> Launch:
     return launch
   # CPU processes (tests, or CPU clusters) need a collectives backend of their own.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  if launch.source in ('flags', 'env'):
+  if launch.coordinator_address is not None:  # flags, env, Open MPI 5
     jax.distributed.initialize(launch.coordinator_address, launch.num_processes,
-                               launch.process_id)
+                               launch.process_id, local_device_ids=launch.local_device_ids)
   else:  # JAX reads the cluster's own variables (SLURM_*, OMPI_*, TPU metadata)
     jax.distributed.initialize(local_device_ids=launch.local_device_ids)
   return dataclasses.replace(launch, num_processes=jax.process_count(),

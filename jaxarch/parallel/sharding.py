@@ -105,9 +105,19 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
 
 
 def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
-  """This process's rows -> global jax.Arrays laid out over the whole mesh."""
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
-                      local_batch)
+  """This process's rows -> global jax.Arrays laid out over the whole mesh.
+
+  Each process passes whole rows: where `length` is split over mesh axes (sequence
+  sharding), each device takes its columns of them, also across processes."""
+  splits = math.prod(sharding.mesh.shape[a] for a in _spec_axes(sharding.spec, 0))
+  _, count = data_shard(sharding, splits)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+      sharding, x, (x.shape[0] * count, *x.shape[1:])), local_batch)
+
+
+def _spec_axes(spec: P, dim: int) -> tuple[str, ...]:
+  entry = spec[dim] if dim < len(spec) else None
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 
@@ -119,7 +129,9 @@ def data_shard(sharding: NamedSharding, batch_size: int,
   spans processes: processes whose devices hold the same rows load the same slice
   (`global_batch` then places each process's rows on its devices)."""
   held = collections.defaultdict(set)  # process -> the (start, stop) row ranges it holds
-  for device, index in sharding.devices_indices_map((batch_size, 1)).items():
+  # Rows only: the other dimensions (`length`, when sequence-sharded) do not decide them.
+  by_row = NamedSharding(sharding.mesh, P(sharding.spec[0] if len(sharding.spec) else None))
+  for device, index in by_row.devices_indices_map((batch_size,)).items():
     held[process_of(device)].add(index[0].indices(batch_size)[:2])
   slices = sorted({frozenset(rows) for rows in held.values()}, key=min)
   sizes = [sum(b - a for a, b in rows) for rows in slices]
