@@ -18,7 +18,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from report import emit
+from report import device_info, emit
 
 from jaxarch.sweep.runner import read_results
 from jaxarch.train.metrics import read_metrics
@@ -60,7 +60,7 @@ def main(argv=None):
                  ' '.join(f'{r:.3f}' for r in ratios)])
   emit('UltraMem Tucker aux loss', ['weight', 'steps', 'train loss', 'eval loss', 'bpb',
                                     'tucker_aux per layer', 'σ2/σ1 per layer'],
-       rows, {'workdir': str(root), 'results': results}, args.out)
+       rows, {**device_info(), 'workdir': str(root), 'results': results}, args.out)
 
 
 if __name__ == '__main__':

@@ -673,7 +673,9 @@ def test_the_aux_loss_table_reads_each_runs_metrics_and_cores(tmp_path):
       f.write(json.dumps({'name': run.name, 'steps': 10, 'final_loss': 2.0,
                           'eval_loss': 2.1 + i, 'bpb': 3.0}) + '\n')
   ultramem_aux.main([f'--workdir={tmp_path}', f'--out={tmp_path / "aux.json"}'])
-  results = json.loads((tmp_path / 'aux.json').read_text())['results']
+  record = json.loads((tmp_path / 'aux.json').read_text())
+  assert record['device_kind']  # as every benchmark's JSON: the device it ran on
+  results = record['results']
   assert [r['aux_loss_weight'] for r in results] == [0.0, 0.01]
   assert results[1]['tucker_aux'] == [0.5, 0.25] and results[1]['eval_loss'] == 3.1
   _, model = ultramem_aux.load_model(tmp_path / 'runs' / 'aux_0')
