@@ -467,3 +467,55 @@ def test_an_hf_checkpoint_of_another_kind_or_a_used_workdir_is_one_line(tmp_path
   assert 'is it a Hugging Face checkpoint' in capsys.readouterr().err.replace('is ' + str(
       tmp_path) + ' a', 'is it a')
   assert not any((tmp_path / name).exists() for name in 'abc')
+
+
+def test_a_damaged_hf_checkpoint_or_tokenizer_is_one_line_and_makes_no_run(tmp_path, capsys):
+  """Each was a traceback (KeyError, JSONDecodeError, SafetensorError), or, for the
+  tokenizer, a run that `generate` and `train` then refused. Checked with transformers
+  5.25 that a checkpoint missing a tensor or a key is not one it reads either."""
+  cfg = family_config('dense')
+  write_hf(_model(cfg), cfg, tmp_path / 'hf')
+  good = {p.name: p.read_bytes() for p in (tmp_path / 'hf').iterdir()}
+  config = json.loads(good['config.json'])
+  arrays = safetensors.numpy.load_file(tmp_path / 'hf' / 'model.safetensors')
+  without = {k: v for k, v in arrays.items() if k != 'model.layers.1.mlp.up_proj.weight'}
+  damages = [
+      ('model.safetensors', lambda: safetensors.numpy.save_file(without, tmp_path / 'x.st'),
+       'the checkpoint has no model.layers.1.mlp.up_proj.weight'),
+      ('model.safetensors', lambda: good['model.safetensors'][:100],
+       'model.safetensors cannot be read as safetensors'),
+      ('config.json', lambda: b'{not json', 'config.json is not JSON'),
+      ('config.json', lambda: json.dumps({k: v for k, v in config.items()
+                                          if k != 'intermediate_size'}).encode(),
+       'config.json has no integer intermediate_size'),
+      ('tokenizer.json', lambda: b'{garbage', 'cannot be read as a tokenizer file'),
+      ('tokenizer.json', lambda: good['tokenizer.json'].replace(b'<|endoftext|>', b'<|x|>'),
+       'has none of the end-of-text tokens'),
+  ]
+  for i, (name, damaged, message) in enumerate(damages):
+    data = damaged()
+    if data is None:  # written to x.st
+      data = (tmp_path / 'x.st').read_bytes()
+    (tmp_path / 'hf' / name).write_bytes(data)
+    assert cli.main(['import', f'--hf={tmp_path / "hf"}',
+                     f'--workdir={tmp_path / f"run{i}"}']) == 2, message
+    err = capsys.readouterr().err
+    assert message in err and err.count('\n') == 1 and 'Traceback' not in err, err
+    assert not (tmp_path / f'run{i}').exists()
+    (tmp_path / 'hf' / name).write_bytes(good[name])
+
+
+def test_an_hf_config_with_default_rope_scaling_imports(tmp_path):
+  """transformers 4.4x configs may say rope_scaling={'rope_type': 'default'} (or 'type'),
+  which transformers 5.25 reads as plain rotary embeddings (rope_parameters' default):
+  imported with the same logits, not refused as a scaling."""
+  cfg = family_config('dense')
+  model = _model(cfg)
+  write_hf(model, cfg, tmp_path / 'hf')
+  config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+  for i, scaling in enumerate([{'rope_type': 'default'}, {'type': 'default'}]):
+    (tmp_path / 'hf' / 'config.json').write_text(json.dumps({**config, 'rope_scaling': scaling}))
+    assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / str(i)}']) == 0
+    _, imported = load_model(tmp_path / str(i))
+    np.testing.assert_array_equal(np.asarray(logits(imported, TOKENS)),
+                                  np.asarray(logits(model, TOKENS)))

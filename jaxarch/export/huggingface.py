@@ -140,7 +140,13 @@ def our_arrays(hf: dict[str, np.ndarray], cfg: ml_collections.ConfigDict
   m = cfg.model
   n, kv, h = m.n_heads, m.n_kv_heads, m.head_dim or m.d_model // m.n_heads
   hf = dict(hf)
-  take = lambda name: hf.pop(name)
+
+  def take(name):
+    if name not in hf:
+      raise ExportError(f'import: the checkpoint has no {name}, which a {m.family} model of '
+                        'its config.json needs')
+    return hf.pop(name)
+
   ours = {'embed.embedding': take('model.embed_tokens.weight'),
           'final_norm.scale': take('model.norm.weight')}
   if not m.tie_embeddings:
@@ -176,9 +182,11 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
   family = {'llama': 'dense', 'mixtral': 'moe'}.get(kind)
   # transformers 5 writes `rope_parameters` and `dtype` where 4 wrote `rope_theta`,
   # `rope_scaling` and `torch_dtype`.
+  # A scaling of type 'default' (transformers 4.4x wrote {'rope_type': 'default'}) is none.
   rope = hf_config.get('rope_parameters') or {}
-  scaling = hf_config.get('rope_scaling') or (
-      rope if rope.get('rope_type', 'default') != 'default' else None)
+  plain = lambda rope: rope.get('rope_type', rope.get('type', 'default')) == 'default'
+  scaling = next((r for r in (hf_config.get('rope_scaling') or {}, rope) if not plain(r)),
+                 None)
   unsupported = (
       f"model_type={kind!r} (jaxarch reads 'llama' and 'mixtral')" if family is None else
       f'rope scaling {scaling!r}' if scaling else
@@ -191,6 +199,14 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
   if unsupported:
     raise ExportError(f'import: the checkpoint has {unsupported}, which jaxarch\'s models do '
                       'not compute')
+  required = ['hidden_size', 'num_hidden_layers', 'num_attention_heads',
+              'intermediate_size', 'vocab_size']
+  if family == 'moe':
+    required += ['num_local_experts', 'num_experts_per_tok']
+  missing = [k for k in required if not isinstance(hf_config.get(k), int)]
+  if missing:
+    raise ExportError(f'import: config.json has no integer {missing[0]}, which a '
+                      f'{kind} checkpoint\'s config.json holds')
   cfg = config_lib.load(f'configs/{family}.py:151m')
   n = hf_config['num_attention_heads']
   model = {
@@ -223,16 +239,34 @@ def read_hf(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
   if not (directory / 'config.json').is_file():
     raise ExportError(f'import: {directory / "config.json"} not found; is {directory} a '
                       'Hugging Face checkpoint (save_pretrained)?')
-  hf_config = json.loads((directory / 'config.json').read_text())
+  def read_json(path):
+    try:
+      tree = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+      raise ExportError(f'import: {path} is not JSON: {e}') from None
+    if not isinstance(tree, dict):
+      raise ExportError(f'import: {path} holds no JSON object')
+    return tree
+
+  hf_config = read_json(directory / 'config.json')
   index = directory / 'model.safetensors.index.json'
-  files = (sorted(set(json.loads(index.read_text())['weight_map'].values()))
-           if index.is_file() else ['model.safetensors'])
+  if index.is_file():
+    weight_map = read_json(index).get('weight_map')
+    if not isinstance(weight_map, dict):
+      raise ExportError(f'import: {index} has no weight_map')
+    files = sorted(set(map(str, weight_map.values())))
+  else:
+    files = ['model.safetensors']
   arrays = {}
   for name in files:
     if not (directory / name).is_file():
       raise ExportError(f'import: {directory / name} not found (only safetensors weights '
                         'are read; convert a pytorch_model.bin with save_pretrained)')
-    arrays.update(safetensors.numpy.load_file(directory / name))
+    try:
+      arrays.update(safetensors.numpy.load_file(directory / name))
+    except Exception as e:  # pylint: disable=broad-except  (SafetensorError, a bad dtype)
+      raise ExportError(f'import: {directory / name} cannot be read as safetensors: '
+                        f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
   return hf_config, {k: np.asarray(v, np.float32) for k, v in arrays.items()}
 
 
@@ -251,7 +285,13 @@ def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
                     if (directory / f).is_file()), None)
   if tokenizer is None:
     raise ExportError(f'import: {directory} holds no tokenizer.json or tokenizer.model')
+  # Read now, as the run will read it: an unreadable tokenizer, or one without an
+  # end-of-document token, is refused before a run that cannot train or generate is made.
+  ids = get_tokenizer(str(tokenizer)).vocab_size
   cfg = run_config(hf_config, str(workdir / 'tokenizer' / tokenizer.name), overrides)
+  if ids > cfg.model.vocab_size:
+    raise ExportError(f'import: {tokenizer} has {ids} ids, more than the model\'s '
+                      f'vocab_size={cfg.model.vocab_size}')
   arrays = our_arrays(hf, cfg)
   cfg, mesh = mesh_here(cfg)
   setup = make_setup(cfg, mesh)
