@@ -881,6 +881,30 @@ def test_a_tokenizer_that_pads_with_eod_keeps_each_documents_bos():
   np.testing.assert_array_equal(out['segment_ids'], [1, 1, 1, 0, 2, 2, 0, 0])
 
 
+def test_an_empty_document_keeps_its_target_when_pad_is_eod(tmp_path):
+  """An empty document is the input eod (its BOS) with the target eod; with a tokenizer
+  that pads with eod (GPT-2's), that is not padding: the target carries loss."""
+  tokenizer_path = _gpt2_style_tokenizer(tmp_path / 'tokenizer.json')
+  directory = tmp_path / 'corpus'
+  directory.mkdir()
+  for i in range(12):
+    (directory / f'doc_{i:02d}.txt').write_text('' if i % 2 else f'doc {i} text')
+  cfg = _data_config(tmp_path, f'files:{directory}/*.txt', tokenizer=tokenizer_path,
+                     validation_fraction=0.5)
+  tokenizer = data.get_tokenizer(tokenizer_path)
+  assert tokenizer.pad_id == tokenizer.eod_id
+  source = data.open_source(cfg, 'validation')
+  documents = [tokenizer.encode(source[i]) for i in range(len(source))]
+  assert [] in documents and any(documents)
+  batches = list(data.make_eval_dataset(cfg, batch_size=2, num_batches=100))
+  # Every document's targets (its ids, then eod) carry loss, the empty ones' eod too.
+  assert sum(int((b['segment_ids'] > 0).sum()) for b in batches) == sum(
+      len(ids) + 1 for ids in documents)
+  np.testing.assert_array_equal(
+      _stream(batches, 'targets'),
+      np.concatenate([ids + [tokenizer.eod_id] for ids in documents]))
+
+
 # HF tokenizer.json files: bits per byte needs each token's UTF-8 bytes.
 
 def _gpt2_style_tokenizer(path):

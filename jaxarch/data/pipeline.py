@@ -77,17 +77,22 @@ class _Tokenize(grain.transforms.Map):
 
 class _Finalize(grain.transforms.Map):
   """Names the packing outputs and marks padding: segment 0 (packing writes 0 after the
-  last document) and alignment padding inside a document, where input and target are
-  both pad_id. (Not every pad_id input: a tokenizer without a pad token pads with its eod,
-  which is also each document's first input, its BOS.)"""
+  last document) and, when documents are `aligned` (`data.pack_align` > 1), alignment
+  padding inside a document, where input and target are both pad_id. (Not every pad_id
+  input: a tokenizer without a pad token pads with its eod, which is also each document's
+  first input, its BOS; and an empty document is the single input eod with the target eod,
+  which is why only aligned documents, whose tokenizer must have a pad token, look for
+  alignment padding.)"""
 
-  def __init__(self, pad_id: int):
+  def __init__(self, pad_id: int, aligned: bool = True):
     self._pad_id = pad_id
+    self._aligned = aligned
 
   def map(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     segment_ids = row['inputs_segment_ids'].astype(np.int32)
-    padding = (segment_ids == 0) | ((row['inputs'] == self._pad_id)
-                                     & (row['targets'] == self._pad_id))
+    padding = segment_ids == 0
+    if self._aligned:
+      padding |= (row['inputs'] == self._pad_id) & (row['targets'] == self._pad_id)
     segment_ids = np.where(padding, 0, segment_ids)
     return {
         'inputs': np.where(padding, self._pad_id, row['inputs']).astype(np.int32),
@@ -138,7 +143,7 @@ def _packed_rows(docs: grain.MapDataset, tokenizer, data_cfg,
   # Tokenizing runs in the read threads; the iterator state stays a document index.
   read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * num_threads)
   ds = docs.map(_Tokenize(tokenizer, align)).to_iter_dataset(read)
-  return _JsonStatePacking(ds, data_cfg.seq_len).map(_Finalize(tokenizer.pad_id))
+  return _JsonStatePacking(ds, data_cfg.seq_len).map(_Finalize(tokenizer.pad_id, align > 1))
 
 
 class _SequenceRow(grain.transforms.Map):
