@@ -16,8 +16,9 @@ from jaxarch import data, infer, models
 from jaxarch.data.sources import write_distilled
 from jaxarch.infer.distill import distill
 from jaxarch.infer.tree import DraftTree
-from jaxarch.models.bita import Bita, spread_anchors
+from jaxarch.layers.rope import apply_rope
 from jaxarch.layers.signals import WindowCounter
+from jaxarch.models.bita import Bita, spread_anchors
 from jaxarch.parallel import global_batch, make_mesh
 from jaxarch.train import flops, train
 from jaxarch.train.checkpoint import Checkpointer
@@ -550,3 +551,65 @@ def test_bita_trains_only_its_tokens_and_decodes_losslessly(tmp_path, data_dir):
   greedy, _ = generator(prompts, max_new_tokens=16)
   drafted, stats = generator(prompts, max_new_tokens=16, method='bita')
   assert drafted == greedy and stats['accepted_per_pass'] >= 1
+
+
+def _reference_mask_logits(model, tokens, positions, start, anchor):
+  """An independent dense forward of one sequence tokens[start..anchor] then the M mask
+  tokens, causal, the masks (only) also seeing each layer's prompt keys and values."""
+  base, m = model.base, model.num_mask_tokens
+  n = anchor + 1 - start
+  x = jnp.concatenate([base.embed(jnp.asarray(tokens[start:anchor + 1])[None]),
+                       model.mask_embed[...][None]], 1)
+  pos = jnp.concatenate([jnp.asarray(positions[start:anchor + 1]),
+                         positions[anchor] + 1 + jnp.arange(m)])[None]
+  sees = jnp.concatenate([jnp.broadcast_to((jnp.arange(n + m) >= n)[:, None],
+                                           (n + m, model.prompt_k.shape[1])),
+                          jnp.tril(jnp.ones((n + m, n + m), bool))], 1)
+  for layer, block in enumerate(base.blocks):
+    attn, h = block.attn, block.attn_norm(x)
+    rope = lambda y: apply_rope(y, pos, attn.rope_theta)
+    q = rope(jnp.einsum('btd,dnh->btnh', h, attn.q_proj[...]))
+    k = jnp.concatenate([model.prompt_k[...][layer][None],
+                         rope(jnp.einsum('btd,dkh->btkh', h, attn.k_proj[...]))], 1)
+    v = jnp.concatenate([model.prompt_v[...][layer][None],
+                         jnp.einsum('btd,dkh->btkh', h, attn.v_proj[...])], 1)
+    k, v = (jnp.repeat(y, q.shape[2] // y.shape[2], 2) for y in (k, v))
+    scores = jnp.einsum('bqnh,bknh->bnqk', q, k) / np.sqrt(q.shape[-1])
+    probs = jax.nn.softmax(jnp.where(sees, scores, -1e30), -1)
+    x = x + jnp.einsum('bqnh,nhd->bqd', jnp.einsum('bnqk,bknh->bqnh', probs, v),
+                       attn.o_proj[...])
+    x = x + block.mlp(block.mlp_norm(x))
+  return np.asarray(base.logits(base.final_norm(x))[0, n:])
+
+
+def test_training_mask_logits_targets_and_loss_mask_match_an_independent_reference():
+  model = models.build(_bita_config('dense', train_groups=0, init_std=0.5), rngs=nnx.Rngs(0))
+  t, rng = 20, np.random.default_rng(1)
+  sequence = rng.integers(1, 256, (2, t + 1)).astype(np.int32)
+  segments, positions = np.zeros((2, t), np.int32), np.zeros((2, t), np.int32)
+  segments[0, :14], segments[1, :8], segments[1, 8:] = 1, 1, 2
+  positions[0, :14], positions[1, :8], positions[1, 8:] = range(14), range(8), range(12)
+  loss_mask = np.zeros((2, t), np.int32)
+  loss_mask[0, 4:13], loss_mask[1, 10:19] = 1, 1  # continuations ending inside the rows
+  batch = dict(inputs=sequence[:, :-1], targets=sequence[:, 1:], segment_ids=segments,
+               positions=positions, loss_mask=loss_mask)
+  logits, targets, mask = map(np.asarray, nnx.jit(type(model).predictions)(model, batch))
+  useful = np.zeros((2, t), bool)
+  useful[:, :-1] = (segments[:, :-1] > 0) & (segments[:, 1:] == segments[:, :-1]) & (
+      loss_mask[:, 1:] > 0)
+  anchors, real = map(np.asarray, spread_anchors(jnp.asarray(useful), t))
+  for r in range(2):
+    assert anchors[r][real[r]].tolist() == np.flatnonzero(useful[r]).tolist()
+    assert not mask[r][~real[r]].any()
+    for g in np.flatnonzero(real[r]):
+      a, s = anchors[r, g], segments[r, anchors[r, g]]
+      start = int(np.flatnonzero(segments[r] == s)[0])
+      np.testing.assert_allclose(
+          logits[r, g], _reference_mask_logits(model, batch['inputs'][r], positions[r],
+                                               start, a), atol=1e-4)
+      for m in range(3):  # mask m predicts the input two past the anchor, plus m
+        label = a + 1 + m
+        counts = label < t and segments[r, label] == s and loss_mask[r, label] == 1
+        assert bool(mask[r, g, m]) == counts, (r, a, m)
+        if counts:
+          assert targets[r, g, m] == sequence[r, a + 2 + m]
