@@ -202,7 +202,7 @@ def _export(args, overrides):
   # pylint: disable=g-import-not-at-top
   from jaxarch.export import all_or_nothing, export_stablehlo, write_hf, write_model
   from jaxarch.export.huggingface import check_exportable
-  from jaxarch.export.stablehlo import PLATFORMS
+  from jaxarch.export.stablehlo import check_platforms
   from jaxarch.export.weights import free_out
   from jaxarch.train.pretrained import load_checkpoint
   _no_overrides('export', overrides)
@@ -214,10 +214,7 @@ def _export(args, overrides):
   # What needs no model is checked before the checkpoint is read (minutes for a big one).
   free_out(args.out)
   platforms = tuple(args.platforms.split(',')) if args.platforms else None
-  unknown = [p for p in platforms or () if p not in PLATFORMS]
-  if unknown:
-    raise ExportError(f'export: platform {unknown[0]!r} is not one of {", ".join(PLATFORMS)} '
-                      '(jax.export\'s names: cuda for NVIDIA GPUs)')
+  check_platforms(platforms)
   _, model, step = load_checkpoint(args.workdir, step=args.step)
   # The run's config as saved: load_checkpoint's has the mesh of the devices here.
   cfg = config_lib.load_json(Path(args.workdir) / 'config.json')

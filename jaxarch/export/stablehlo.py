@@ -43,6 +43,14 @@ PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # jax.export's lowering platforms
 _BACKENDS = {'cpu': 'cpu', 'cuda': 'gpu', 'rocm': 'gpu', 'tpu': 'tpu'}  # -> jax's backend
 
 
+def check_platforms(platforms: tuple[str, ...] | None) -> None:
+  """Refuses a platform `jax.export` cannot lower for, in one line."""
+  unknown = [p for p in platforms or () if p not in PLATFORMS]
+  if unknown:
+    raise ExportError(f'export: platform {unknown[0]!r} is not one of {", ".join(PLATFORMS)} '
+                      '(jax.export\'s names: cuda for NVIDIA GPUs)')
+
+
 def export_stablehlo(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path, *,
                      batch_size: int, prompt_len: int | None, max_len: int,
                      platforms: tuple[str, ...] | None = None, source: str = '',
@@ -58,10 +66,7 @@ def export_stablehlo(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str
   if not prompt_len < max_len <= cfg.model.max_len:
     raise ExportError(f'export: need prompt_len={prompt_len} < max_len={max_len} <= '
                       f'model.max_len={cfg.model.max_len}')
-  unknown = [p for p in platforms or () if p not in PLATFORMS]
-  if unknown:
-    raise ExportError(f'export: platform {unknown[0]!r} is not one of {", ".join(PLATFORMS)} '
-                      '(jax.export\'s names: cuda for NVIDIA GPUs)')
+  check_platforms(platforms)
   out = write_model(model, cfg, out, source=source, final=final)
   model = for_inference(model)
   targets = {_BACKENDS[p] for p in platforms} if platforms else {jax.default_backend()}
