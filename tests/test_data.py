@@ -910,7 +910,7 @@ def test_an_empty_document_keeps_its_target_when_pad_is_eod(tmp_path):
 def _gpt2_style_tokenizer(path):
   """Byte-level BPE (GPT-2): every byte a character of its own alphabet, no merges."""
   hf = pytest.importorskip('tokenizers')
-  alphabet = sorted(tokenizers._gpt2_byte_chars())  # pylint: disable=protected-access
+  alphabet = sorted(tokenizers.gpt2_byte_chars().values())
   tok = hf.Tokenizer(hf.models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
   tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = hf.decoders.ByteLevel()

@@ -95,15 +95,17 @@ class SentencePieceTokenizer:
     return self._sp.decode(ids)
 
 
-def _gpt2_byte_chars() -> set[str]:
-  """The printable characters byte-level BPE uses to spell the 256 bytes (GPT-2 scheme)."""
-  printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1),
-               *range(ord('®'), ord('ÿ') + 1)]
-  extra = [256 + n for n in range(256 - len(printable))]
-  return {chr(c) for c in printable + extra}
+def gpt2_byte_chars() -> dict[int, str]:
+  """Byte -> the printable character byte-level BPE spells it with (GPT-2's scheme): a
+  printable byte is itself, the others take characters from 256 on, in byte order."""
+  printable = {*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1),
+               *range(ord('®'), ord('ÿ') + 1)}
+  extra = iter(range(256, 512))
+  return {b: chr(b if b in printable else next(extra)) for b in range(256)}
 
 
-_GPT2_BYTE_CHARS = _gpt2_byte_chars()
+_GPT2_BYTE_CHARS = set(gpt2_byte_chars().values())
+_BYTE_FALLBACK = re.compile(r'<0x[0-9A-Fa-f]{2}>')
 
 
 def _is_punctuation(char: str) -> bool:
@@ -111,7 +113,6 @@ def _is_punctuation(char: str) -> bool:
   a digit or a space."""
   return unicodedata.category(char).startswith('P') or (
       char.isascii() and not char.isalnum() and not char.isspace())
-_BYTE_FALLBACK = re.compile(r'<0x[0-9A-Fa-f]{2}>')
 
 
 class HFTokenizer:

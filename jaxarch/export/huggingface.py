@@ -43,12 +43,14 @@ from flax import nnx
 
 from jaxarch import config as config_lib
 from jaxarch.data import get_tokenizer
-from jaxarch.data.tokenizers import ByteTokenizer
+from jaxarch.data.tokenizers import ByteTokenizer, gpt2_byte_chars
 from jaxarch.export.weights import (ExportError, all_or_nothing, flat_arrays, free_out,
                                     named_variables, readable)
+from jaxarch.models.transformer import head_dim
 
 PAD, EOD = '<pad>', '<|endoftext|>'  # the byte tokenizer's specials, 256 and 257
 ARCHITECTURES = {'dense': 'LlamaForCausalLM', 'moe': 'MixtralForCausalLM'}
+MODEL_TYPES = {'dense': 'llama', 'moe': 'mixtral'}  # config.json's `model_type`
 
 
 def check_exportable(cfg: ml_collections.ConfigDict) -> None:
@@ -80,10 +82,10 @@ def hf_config(cfg: ml_collections.ConfigDict, tokenizer) -> dict:
   m = cfg.model
   config = {
       'architectures': [ARCHITECTURES[m.family]],
-      'model_type': 'llama' if m.family == 'dense' else 'mixtral',
+      'model_type': MODEL_TYPES[m.family],
       'vocab_size': m.vocab_size, 'hidden_size': m.d_model, 'intermediate_size': m.d_ff,
       'num_hidden_layers': m.n_layers, 'num_attention_heads': m.n_heads,
-      'num_key_value_heads': m.n_kv_heads, 'head_dim': m.head_dim or m.d_model // m.n_heads,
+      'num_key_value_heads': m.n_kv_heads, 'head_dim': head_dim(m),
       'hidden_act': 'silu', 'max_position_embeddings': m.max_len,
       'rms_norm_eps': m.norm_eps, 'rope_theta': m.rope_theta, 'rope_scaling': None,
       'rope_parameters': {'rope_type': 'default', 'rope_theta': m.rope_theta},
@@ -138,7 +140,7 @@ def our_arrays(hf: dict[str, np.ndarray], cfg: ml_collections.ConfigDict
                ) -> dict[str, np.ndarray]:
   """`hf_arrays` undone: Hugging Face's names and layouts -> jaxarch's."""
   m = cfg.model
-  n, kv, h = m.n_heads, m.n_kv_heads, m.head_dim or m.d_model // m.n_heads
+  n, kv, h = m.n_heads, m.n_kv_heads, head_dim(m)
   hf = dict(hf)
 
   def take(name):
@@ -179,7 +181,7 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
   """The jaxarch config of a Llama or Mixtral `config.json` (train, data and mesh keys:
   the preset's, then `overrides`); refuses what jaxarch's models do not compute."""
   kind = hf_config.get('model_type')
-  family = {'llama': 'dense', 'mixtral': 'moe'}.get(kind)
+  family = {t: f for f, t in MODEL_TYPES.items()}.get(kind)
   # transformers 5 writes `rope_parameters` and `dtype` where 4 wrote `rope_theta`,
   # `rope_scaling` and `torch_dtype`.
   # A scaling of type 'default' (transformers 4.4x wrote {'rope_type': 'default'}) is none.
@@ -320,10 +322,7 @@ def byte_tokenizer_json() -> dict:
   """jaxarch's byte tokenizer in `tokenizers`' format: byte-level BPE with no merges, so
   each byte is one token whose id is the byte (ids in byte order, not GPT-2's); 256 is
   <pad> and 257 <|endoftext|>, which starts every text."""
-  printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1),
-               *range(ord('®'), ord('ÿ') + 1)]
-  extra = iter(range(256, 512))
-  char = {b: chr(b if b in printable else next(extra)) for b in range(256)}  # GPT-2's map
+  char = gpt2_byte_chars()
   special = lambda i, text: {'id': i, 'content': text, 'single_word': False,
                              'lstrip': False, 'rstrip': False, 'normalized': False,
                              'special': True}
@@ -361,19 +360,18 @@ def _write_tokenizer(spec: str, tokenizer, out: Path, max_len: int) -> None:
     (out / 'tokenizer.json').write_text(json.dumps(byte_tokenizer_json(), indent=1) + '\n')
     names = {'bos_token': EOD, 'eos_token': EOD, 'pad_token': PAD}
     extra = {'tokenizer_class': 'PreTrainedTokenizerFast'}
-  elif spec.endswith('.model'):  # SentencePiece: Llama's slow/fast tokenizer reads it
-    shutil.copy(Path(spec).expanduser(), out / 'tokenizer.model')
+  else:  # a tokenizer file: its eod token is the BOS
     eod = tokenizer.token(tokenizer.eod_id)
     names = {'bos_token': eod, 'eos_token': eod, 'pad_token': tokenizer.token(tokenizer.pad_id)}
-    extra = {'tokenizer_class': 'LlamaTokenizer', 'add_bos_token': True,
-             'add_eos_token': False, 'legacy': False}
-  else:  # a tokenizer.json: as it is, with the eod token made its BOS
-    tree = json.loads(Path(spec).expanduser().read_text())
-    eod = tokenizer.token(tokenizer.eod_id)
-    tree['post_processor'] = _bos_template(eod, tokenizer.eod_id)
-    (out / 'tokenizer.json').write_text(json.dumps(tree, ensure_ascii=False) + '\n')
-    names = {'bos_token': eod, 'eos_token': eod, 'pad_token': tokenizer.token(tokenizer.pad_id)}
-    extra = {'tokenizer_class': 'PreTrainedTokenizerFast'}
+    if spec.endswith('.model'):  # SentencePiece: Llama's slow/fast tokenizer reads it
+      shutil.copy(Path(spec).expanduser(), out / 'tokenizer.model')
+      extra = {'tokenizer_class': 'LlamaTokenizer', 'add_bos_token': True,
+               'add_eos_token': False, 'legacy': False}
+    else:  # a tokenizer.json: as it is, with the eod token put in front of every text
+      tree = json.loads(Path(spec).expanduser().read_text())
+      tree['post_processor'] = _bos_template(eod, tokenizer.eod_id)
+      (out / 'tokenizer.json').write_text(json.dumps(tree, ensure_ascii=False) + '\n')
+      extra = {'tokenizer_class': 'PreTrainedTokenizerFast'}
   # Text that spells a special token is text, as jaxarch trained on it ('<pad>' in a file).
   (out / 'tokenizer_config.json').write_text(json.dumps(
       {**names, **extra, 'model_max_length': max_len, 'clean_up_tokenization_spaces': False,
