@@ -209,18 +209,18 @@ def _files_config(source: str, pattern: str, validation_fraction: float) -> File
       raise ConfigError(f'config error: data.source={source!r}: the file name {str(p)!r} is '
                         'not UTF-8 (documents are named by their paths); rename it or '
                         'narrow the glob') from None
-  if not any(p.stat().st_size for p in paths):
+  stats = [p.stat() for p in paths]  # once: a corpus may be a million files
+  if not any(st.st_size for st in stats):
     raise ConfigError(f'config error: data.source={source!r}: the {len(paths)} files '
                       f'matching {pattern!r} are all empty; there is nothing to train on')
   root = _glob_root(pattern, paths)
-  _check_piece_names(source, {str(p.relative_to(root)): p.stat().st_size for p in paths})
+  files = tuple(str(p.relative_to(root)) for p in paths)
+  _check_piece_names(source, {f: st.st_size for f, st in zip(files, stats)})
   key = hashlib.sha256(repr((pattern, validation_fraction, 'split by path from the glob\'s '
                              'root')).encode())
-  for p in paths:
-    st = p.stat()
+  for p, st in zip(paths, stats):
     key.update(f'{p}\0{st.st_size}\0{st.st_mtime_ns}\0'.encode())
-  return FilesConfig(name=f'files-{key.hexdigest()[:16]}', root=str(root),
-                     files=tuple(str(p.relative_to(root)) for p in paths),
+  return FilesConfig(name=f'files-{key.hexdigest()[:16]}', root=str(root), files=files,
                      validation_fraction=validation_fraction)
 
 
