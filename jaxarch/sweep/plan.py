@@ -12,7 +12,6 @@ for the number of steps that spends the budget by the FLOPs convention of
 `jaxarch.train.flops` (so the tokens follow from the budget and the size).
 """
 
-import copy
 import dataclasses
 import difflib
 import functools
@@ -123,9 +122,10 @@ def flops_per_token(cfg: ml_collections.ConfigDict) -> float:
   return flops.train_flops_per_token(cfg.model, param_counts(cfg), cfg.data.seq_len)
 
 
-def train_flops(cfg: ml_collections.ConfigDict) -> float:
-  """The FLOPs of the config's whole run (`train.steps` of its batch)."""
-  return cfg.train.steps * flops_per_token(cfg) * cfg.train.batch_size * cfg.data.seq_len
+def train_flops(cfg: ml_collections.ConfigDict, steps: int | None = None) -> float:
+  """The FLOPs of `steps` (default: `train.steps`) of the config's batch."""
+  steps = cfg.train.steps if steps is None else steps
+  return steps * flops_per_token(cfg) * cfg.train.batch_size * cfg.data.seq_len
 
 
 def steps_for_budget(cfg: ml_collections.ConfigDict, budget: float) -> int:
@@ -167,25 +167,24 @@ def isoflop_grid(family: str, spec: str, sizes: dict[str, dict], budgets: Sequen
                  warmup_fraction: float = 0.1) -> list[dict]:
   """Runs of sizes (name -> overrides) at each budget, steps from the budget: every size,
   or with `per_budget` the ones nearest the budget's likely optimum (`near_optimum`)."""
-  members, labels, configs = [], _budget_labels(budgets), {}
-  for size, overrides in sizes.items():
-    values = {**(common or {}), **overrides}
+  members, labels = [], _budget_labels(budgets)
+  values = {size: {**(common or {}), **overrides} for size, overrides in sizes.items()}
+  configs = {}
+  for size, overrides in values.items():
     try:
-      configs[size] = config_lib.load(spec, [_override(k, v) for k, v in values.items()])
+      configs[size] = config_lib.load(spec, [_override(k, v) for k, v in overrides.items()])
     except config_lib.ConfigError as e:
       why = str(e).removeprefix('config error: ')
       raise config_lib.ConfigError(f'isoflop_grid({family!r}, {spec!r}): size {size!r}: '
                                    f'{why}') from None
+  per_token = {size: flops_per_token(cfg) for size, cfg in configs.items()}
   for budget in budgets:
-    chosen = list(sizes)
-    if per_budget is not None:
-      chosen = near_optimum({s: flops_per_token(configs[s]) for s in sizes}, budget,
-                            per_budget, tokens_per_param)
+    chosen = list(sizes) if per_budget is None else near_optimum(
+        per_token, budget, per_budget, tokens_per_param)
     for size in chosen:
-      values, cfg = {**(common or {}), **sizes[size]}, copy.deepcopy(configs[size])
+      cfg = configs[size]
       steps = steps_for_budget(cfg, budget)
-      cfg.train.steps = steps
-      spent = train_flops(cfg)
+      spent = train_flops(cfg, steps)
       if abs(spent / budget - 1) > 0.1:  # the fits would put the run at the wrong compute
         raise config_lib.ConfigError(
             f'isoflop_grid({family!r}, {spec!r}): size {size!r} at budget {budget:.3g}: '
@@ -193,7 +192,7 @@ def isoflop_grid(family: str, spec: str, sizes: dict[str, dict], budgets: Sequen
             'raise the budget or leave the size out')
       members.append({
           'config': spec, 'name': f'{family}-{size}-{labels[float(budget)]}',
-          'budget': budget, **values, 'train.steps': steps,
+          'budget': budget, **values[size], 'train.steps': steps,
           'train.warmup_steps': max(1, int(steps * warmup_fraction)),
           'checkpoint.every_steps': max(1, min(steps, 500)),
           'log.eval_every_steps': steps})
