@@ -255,8 +255,8 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
       leaf_names(setup.abstract_state['params']), workdir, checkpointer=checkpointer,
       consecutive=checkpointer.run_state(start).get(_IN_A_ROW, 0) if start else 0)
   final, pending, watch = {}, [], None
-  config_unsaved = int(state['step']) > 0  # resumed: `_save_config` with its first save
-  for step in range(int(state['step']) + 1, cfg.train.steps + 1):
+  config_unsaved = start > 0  # resumed: `_save_config` with its first save
+  for step in range(start + 1, cfg.train.steps + 1):
     state, metrics = train_step(state, global_batch(next(data_iter), setup.batch_sharding))
     pending.append(metrics)
     stopping = stop.should_stop(step)  # no evaluation then: the grace period is short
