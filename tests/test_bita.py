@@ -407,6 +407,28 @@ def test_a_base_key_override_that_changes_shapes_is_named(tmp_path):
     with_pretrained_parts(cfg, bita_setup, init_state(cfg, bita_setup))
 
 
+def test_bita_warns_when_its_base_trained_on_since_the_distillation(tmp_path, caplog):
+  # distill.json names the base's step; a later checkpoint generates other continuations.
+  base_cfg = config_lib.load(FAMILIES['dense'][0])
+  setup = make_setup(base_cfg, make_mesh(base_cfg))
+  checkpointer = Checkpointer(tmp_path / 'base', async_save=False)
+  checkpointer.save(3, init_state(base_cfg, setup))
+  checkpointer.close()
+  config_lib.save(base_cfg, tmp_path / 'base' / 'config.json')
+  for distilled_at, warned in ((1, True), (3, False)):
+    distilled = tmp_path / f'distilled{distilled_at}'
+    distilled.mkdir()
+    (distilled / 'distill.json').write_text(json.dumps(
+        {'base_workdir': str(tmp_path / 'base'), 'base_step': distilled_at}))
+    cfg = _bita_load(tmp_path / 'base', source=f'distilled:{distilled}')
+    bita_setup = make_setup(cfg, make_mesh(cfg))
+    caplog.clear()
+    with caplog.at_level('WARNING', logger='jaxarch.train.pretrained'):
+      with_pretrained_parts(cfg, bita_setup, init_state(cfg, bita_setup))
+    assert ('was distilled from step 1 of' in caplog.text) == warned, caplog.text
+    assert ('latest checkpoint is now step 3; distill it again' in caplog.text) == warned
+
+
 @pytest.mark.slow  # 37 s
 def test_bita_base_takes_the_base_runs_state_with_its_weights(tmp_path):
   """UltraMem's Tucker vectors (like the MoE router's bias) are state, not weights, and
@@ -522,7 +544,7 @@ def test_bita_trains_only_its_tokens_and_decodes_losslessly(tmp_path, data_dir):
                              'checkpoint.every_steps': 20}), base_dir)
   summary = distill(base_dir, out, num_prompts=16, validation_prompts=8, prompt_len=8,
                     max_new_tokens=24, batch_size=16)
-  assert summary['sequences'] == {'train': 16, 'validation': 8}
+  assert summary['sequences'] == {'train': 16, 'validation': 8} and summary['base_step'] == 20
   cfg = config_lib.load('configs/bita.py:tiny', [
       f'model.bita.base_workdir={base_dir}', f'data.source=distilled:{out}',
       'model.bita.num_prompt_tokens=4', 'model.bita.train_groups=8', 'data.seq_len=32',

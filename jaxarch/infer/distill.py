@@ -24,7 +24,7 @@ from jaxarch.data import sources
 from jaxarch.infer.generate import Generator
 from jaxarch.infer.sampling import GenerateError
 from jaxarch.parallel import make_mesh
-from jaxarch.train.pretrained import load_model
+from jaxarch.train.pretrained import load_checkpoint
 
 
 def sample_prompts(data_cfg, split: str, num_prompts: int, prompt_len: int, seed: int,
@@ -64,7 +64,7 @@ def distill(workdir: str | Path, out: str | Path, *, num_prompts: int = 2048,
                           'has no text to draw prompts from; distill the base run, trained '
                           "on 'default', 'files:<glob>' or 'tfds:<name>'")
   start = time.perf_counter()
-  cfg, model = load_model(workdir)
+  cfg, model, base_step = load_checkpoint(workdir)
   if prompt_len + max_new_tokens > cfg.model.max_len:
     logging.getLogger(__name__).warning(
         'distill: prompt_len=%d + max_new_tokens=%d positions exceed model.max_len=%d; the '
@@ -86,7 +86,7 @@ def distill(workdir: str | Path, out: str | Path, *, num_prompts: int = 2048,
       new_tokens += sum(map(len, continuations))
   written = sources.write_distilled(out, splits)
   summary = {
-      'base_workdir': str(Path(workdir).absolute()), 'dataset': str(written),
+      'base_workdir': str(Path(workdir).absolute()), 'base_step': base_step, 'dataset': str(written),
       'tokenizer': cfg.data.tokenizer, 'prompt_len': prompt_len,
       'max_new_tokens': max_new_tokens, 'seed': seed,
       'sequences': {k: len(v) for k, v in splits.items()}, 'new_tokens': new_tokens,

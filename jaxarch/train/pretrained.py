@@ -2,6 +2,8 @@
 model (`load_model`), or the sub-models a new run starts from (`with_pretrained_parts`)."""
 
 import copy
+import json
+import logging
 import math
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from jax.sharding import Mesh
 
 from jaxarch import config as config_lib
 from jaxarch import models
+from jaxarch.data import sources
 from jaxarch.layers.signals import WindowCounter
 from jaxarch.parallel import make_mesh
 from jaxarch.train.checkpoint import Checkpointer
@@ -59,14 +62,32 @@ def load_checkpoint(workdir: str | Path, *, step: int | None = None, mesh_overri
   return cfg, merge_model(setup, state), restored
 
 
-def _restored_model(workdir: Path, mesh: Mesh, mesh_cfg: ml_collections.ConfigDict) -> dict:
+def _restored_model(workdir: Path, mesh: Mesh,
+                    mesh_cfg: ml_collections.ConfigDict) -> tuple[dict, int]:
   """The params and model state of `workdir`'s latest checkpoint, sharded over `mesh` as
-  `mesh_cfg` says."""
+  `mesh_cfg` says, and its step."""
   tree = config_lib.load_json(workdir / 'config.json').to_dict()
   tree['mesh'] = mesh_cfg.to_dict()
   cfg = config_lib.validate(ml_collections.ConfigDict(tree))
   setup = make_setup(cfg, mesh)
-  return Checkpointer.read(workdir, setup.abstract_state)[0]
+  return Checkpointer.read(workdir, setup.abstract_state)
+
+
+def _check_distilled_step(source: str, workdir: Path, step: int) -> None:
+  """Continuations distilled from another checkpoint of the base teach drafts that the
+  weights restored now may reject: the run trains without a sign of it."""
+  if not source.startswith(sources.DISTILLED):
+    return
+  summary = Path(source[len(sources.DISTILLED):]).expanduser() / 'distill.json'
+  try:
+    distilled_at = json.loads(summary.read_text())['base_step']
+  except (OSError, ValueError, KeyError, TypeError):
+    return  # distilled before the step was recorded, or written by hand
+  if distilled_at != step:
+    logging.getLogger(__name__).warning(
+        '%s was distilled from step %s of %s, whose latest checkpoint is now step %d; '
+        'distill it again (jaxarch distill) so that the drafts learn what it generates now',
+        summary.parent, distilled_at, workdir, step)
 
 
 def _difference(fresh, old) -> str | None:
@@ -90,7 +111,8 @@ def with_pretrained_parts(cfg: ml_collections.ConfigDict, setup: TrainSetup,
   parts = models.PRETRAINED_PARTS.get(cfg.model.family, lambda _: {})(cfg.model)
   is_variable = lambda x: isinstance(x, nnx.Variable)
   for name, workdir in parts.items():
-    restored = _restored_model(Path(workdir).expanduser(), setup.mesh, cfg.mesh)
+    restored, step = _restored_model(Path(workdir).expanduser(), setup.mesh, cfg.mesh)
+    _check_distilled_step(cfg.data.source, workdir, step)
     for collection in ('params', 'model_state'):
       if name not in state[collection]:  # e.g. a dense model keeps no state beside weights
         continue
