@@ -268,6 +268,7 @@ def _fit(args, overrides):
 def _launch(args, overrides):
   cfg = config_lib.load(args.config, overrides)
   out = Path(args.out) if args.out else local_workdir(args.workdir) / 'launch'
+  out = out.expanduser()  # written here, where `~` is this home (the job's paths stay as given)
   job = launch_lib.render(args.target, cfg, spec=args.config, workdir=args.workdir,
                           overrides=overrides, out=out)
   if args.dry_run:

@@ -313,9 +313,11 @@ def _slurm(launch, command, out, values) -> Job:
 
 def _gke(launch, command, out, values) -> Job:
   tpu = _kind(launch.accelerator) == 'tpu'
+  # Kubernetes expands $(VAR) in a container's command and reads $$ as $: each $ doubled
+  # stays the $ it was (an override's path, say).
   common = dict(values, image=launch.image, accelerator=launch.accelerator,
                 max_restarts=launch.max_restarts, stop_grace_s=launch.stop_grace_s,
-                command=json.dumps(command))
+                command=json.dumps([word.replace('$', '$$') for word in command]))
   path = out / 'jobset.yaml'
   if tpu:
     files = {path: _template(

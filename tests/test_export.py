@@ -14,6 +14,7 @@ import safetensors.numpy
 from flax import nnx
 
 from conftest import FAMILIES, family_config, jitted
+import jaxarch
 from jaxarch import cli
 from jaxarch import config as config_lib
 from jaxarch import infer, models
@@ -181,6 +182,20 @@ def _workdir(tmp_path, family):
   checkpointer.close()
   config_lib.save(cfg, tmp_path / 'run' / 'config.json')
   return tmp_path / 'run'
+
+
+def test_jaxarch_load_takes_a_run_or_its_export_directory(tmp_path):
+  """`jaxarch.load` is the from_pretrained of jaxarch: an export directory (no checkpoints)
+  loads with the run's logits, instead of saying to train in it."""
+  workdir = _workdir(tmp_path, 'dense')
+  _, model = jaxarch.load(workdir)
+  write_model(model, config_lib.load_json(workdir / 'config.json'), tmp_path / 'export')
+  cfg, exported = jaxarch.load(tmp_path / 'export')
+  assert cfg.model.family == 'dense'
+  np.testing.assert_array_equal(np.asarray(logits(exported, TOKENS)),
+                                np.asarray(logits(model, TOKENS)))
+  with pytest.raises(FileNotFoundError, match='config.json not found'):
+    jaxarch.load(tmp_path / 'missing')
 
 
 @pytest.mark.slow  # the command; the formats themselves are tested through the API above

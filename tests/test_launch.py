@@ -123,6 +123,39 @@ def test_gke_tpu_jobset_and_xpk_command_have_the_slices_and_chips(tmp_path, caps
   assert shlex.split(flags['command'])[:3] == ['jaxarch', 'train', f'--config={SPEC}']
 
 
+def _kubernetes_expand(text, env):
+  """What the kubelet runs for a container command word: $(NAME) of a defined variable is
+  its value, $$ is $, anything else stays (Kubernetes' third_party/forked expansion)."""
+  out, i = [], 0
+  while i < len(text):
+    if text[i] == '$' and text[i + 1:i + 2] == '$':
+      out.append('$')
+      i += 2
+    elif text[i] == '$' and text[i + 1:i + 2] == '(' and ')' in text[i:]:
+      end = text.index(')', i)
+      name = text[i + 2:end]
+      out.append(env.get(name, text[i:end + 1]))
+      i = end + 1
+    else:
+      out.append(text[i])
+      i += 1
+  return ''.join(out)
+
+
+@pytest.mark.parametrize('flags', [H100_4x8, V5P_2x32])
+def test_gke_pods_run_overrides_with_dollars_as_given(tmp_path, capsys, flags):
+  source = 'files:/data/a$$b/$(JAX_NUM_PROCESSES)/$x/*.txt'
+  code, _, _ = _launch(capsys, 'gke', tmp_path, *flags, f'--config.data.source={source}')
+  assert code == 0
+  jobset = yaml.safe_load((tmp_path / 'jobset.yaml').read_text())
+  (container,) = jobset['spec']['replicatedJobs'][0]['template']['spec']['template'][
+      'spec']['containers']
+  env = {e['name']: e.get('value', '0') for e in container.get('env', [])}
+  env.setdefault('JAX_NUM_PROCESSES', '8')  # a TPU pod's: GKE sets its own variables
+  command = [_kubernetes_expand(word, env) for word in container['command']]
+  assert f'--config.data.source={source}' in command
+
+
 def test_tpu_vm_script_runs_the_job_on_every_worker(tmp_path, capsys):
   code, out, _ = _launch(capsys, 'tpu-vm', tmp_path, *V5P_2x32[:3],
                          '--config.launch.nodes=4', '--config.launch.devices_per_node=4',
@@ -259,6 +292,25 @@ def test_dry_run_prints_the_job_and_writes_nothing(tmp_path, capsys):
   assert captured.out.startswith(f'==> {path} <==\n#!/bin/bash\n')
   assert '#SBATCH --nodes=4' in captured.out
   assert f'nothing written; submit with: sbatch {path}' in captured.err
+
+
+def test_a_tilde_in_workdir_or_out_writes_the_job_under_this_home(tmp_path, capsys,
+                                                                    monkeypatch):
+  """The shell leaves `--workdir=~/run` alone: the job files go to this machine's home (not
+  to a folder named `~` here), while the job keeps the workdir as written, for its hosts'
+  home."""
+  config = f'--config={os.path.abspath(SPEC)}'
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  monkeypatch.chdir(tmp_path)
+  assert cli.main(['launch', config, '--target=slurm', '--workdir=~/runs/a', *H100_4x8]) == 0
+  path = tmp_path / 'home' / 'runs' / 'a' / 'launch' / 'train.sbatch'
+  assert capsys.readouterr().out.strip() == f'sbatch {path}'
+  (srun,) = [line for line in path.read_text().splitlines() if line.startswith('srun ')]
+  assert '--workdir=~/runs/a' in shlex.split(srun)
+  assert cli.main(['launch', config, '--target=slurm', '--workdir=/shared/b', '--out=~/jobs/b',
+                   *H100_4x8]) == 0
+  assert (tmp_path / 'home' / 'jobs' / 'b' / 'train.sbatch').is_file()
+  assert not (tmp_path / '~').exists()
 
 
 def test_launch_keys_leave_the_config_hash_alone():
