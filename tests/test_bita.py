@@ -468,6 +468,9 @@ def test_bita_config_errors_name_the_key(tmp_path):
   assert 'has no config.json' in error_of(_bita_load, tmp_path)
   assert "holds a 'megabyte' model" in error_of(_bita_load, megabyte)
   assert "data.source='default'" in error_of(lambda: _bita_load(base, source='default'))
+  # `jaxarch bench` trains on random tokens: what it needs, said (it read as training data).
+  assert "`jaxarch bench`, which reads no data, takes any 'distilled:<dir>'" in error_of(
+      lambda: _bita_load(base, source='default'))
   assert 'model.bita.draft_tree=(5, 4, 3, 2) has 4 levels' in error_of(
       _bita_load, base, 'model.bita.draft_tree=(5, 4, 3, 2)')
   assert "unknown key 'model.bita.num_masks'" in error_of(
