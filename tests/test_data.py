@@ -998,15 +998,17 @@ def test_a_continuation_keeps_its_first_words_space(tmp_path, style):
   assert tokenizers.decode_continuation(tokenizer, prompt, new) == ' the café'
 
 
-def _sentencepiece_model(path):
-  """A small BPE model with byte fallback, eos and pad, trained here on a few lines."""
+def _sentencepiece_model(path, lines=None, **options):
+  """A small BPE model with byte fallback, eos and pad, trained here on a few lines (or on
+  `lines`, with trainer `options` changed)."""
   spm = pytest.importorskip('sentencepiece')
-  lines = ['the café is open', 'the cat sat on the mat', 'a ∑ of bytes ü'] * 50
+  lines = lines or ['the café is open', 'the cat sat on the mat', 'a ∑ of bytes ü'] * 50
+  options = dict(dict(vocab_size=300, model_type='bpe', byte_fallback=True,
+                      character_coverage=1.0, unk_id=0, eos_id=1, pad_id=2, bos_id=-1),
+                 **options)
   with open(path, 'wb') as f:
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=f, vocab_size=300, model_type='bpe',
-        byte_fallback=True, character_coverage=1.0, unk_id=0, eos_id=1, pad_id=2, bos_id=-1,
-        minloglevel=2)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=f,
+                                   minloglevel=2, **options)
   return str(path)
 
 

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -21,7 +22,7 @@ from jaxarch import infer, models
 from jaxarch.export import (ExportError, all_or_nothing, export_stablehlo, load_safetensors,
                             write_hf, write_model)
 from jaxarch.data import get_tokenizer
-from jaxarch.export import run_stablehlo
+from jaxarch.export import hf_tokenizer, run_stablehlo
 from jaxarch.export.run_stablehlo import StableHLOModel
 from jaxarch.layers.signals import WindowCounter
 from jaxarch.parallel import make_mesh
@@ -391,6 +392,65 @@ def test_hf_export_of_the_byte_tokenizer_reads_text_as_jaxarch_does(tmp_path):
   again = get_tokenizer(str(tmp_path / 'out' / 'tokenizer.json'))
   assert (again.encode(text), again.eod_id, again.pad_id) == (list(text.encode()), 257, 256)
   assert again.byte_lengths[:256].tolist() == [1] * 256
+
+
+# Llama's SentencePiece settings (identity rule, spaces kept, byte fallback) and the
+# defaults (nmt_nfkc, extra spaces removed, unknown characters as <unk>).
+LLAMA_BPE = dict(model_type='bpe', normalization_rule_name='identity',
+                 remove_extra_whitespaces=False)
+DEFAULT_UNIGRAM = dict(model_type='unigram', byte_fallback=False)
+
+
+@pytest.mark.parametrize('options', [LLAMA_BPE, DEFAULT_UNIGRAM], ids=['bpe', 'unigram'])
+def test_hf_export_of_a_sentencepiece_model_reads_text_as_jaxarch_does(tmp_path, options):
+  """transformers' LlamaTokenizer read the copied .model without its normaliser: spaces,
+  tabs and NFKC text got other ids. Checked by hand with transformers 5.25's AutoTokenizer
+  too."""
+  from test_data import _sentencepiece_model  # pylint: disable=g-import-not-at-top
+  hf = pytest.importorskip('tokenizers')
+  source = Path(hf_tokenizer.__file__).read_text()
+  cfg = family_config('dense')
+  with cfg.unlocked():
+    cfg.data.tokenizer = _sentencepiece_model(
+        tmp_path / 'sp.model', lines=source.splitlines()[:300], vocab_size=400, **options)
+    cfg.model.vocab_size = 512  # room for the tokenizer's 400 ids
+  write_hf(_model(cfg), cfg, tmp_path / 'out')
+  assert (tmp_path / 'out' / 'tokenizer.model').read_bytes() == (
+      Path(cfg.data.tokenizer).read_bytes())  # beside it, for llama.cpp's converter
+  ours = get_tokenizer(cfg.data.tokenizer)
+  tokenizer = hf.Tokenizer.from_file(str(tmp_path / 'out' / 'tokenizer.json'))
+  tokenizer.encode_special_tokens = True  # what split_special_tokens asks of transformers
+  texts = ['', ' ', '  two  leading, three   inside, trailing  ', 'a\r\nb\r',
+           '\tdef f( x ):\n\n\treturn x\n', 'ﬁne ＡＢＣ ｆｕｌｌ ① ㍿', 'emoji 😀 and ☃', '😀',
+           'x = "</s>" + "<unk>" + "<pad>" + "<0x41>"', '▁a ▁', source[4000:8000]]
+  for text in texts:
+    ids = ours.encode(text)
+    assert tokenizer.encode(text).ids == [ours.eod_id, *ids], text  # the BOS, then jaxarch's
+    assert tokenizer.decode([ours.eod_id, *ids]) == ours.decode(ids), text
+    if options is LLAMA_BPE and '▁' not in text:  # every character kept, unknown as bytes
+      assert ours.decode(ids) == text
+  # Imported back, the run reads the SentencePiece model, not the conversion of it.
+  assert cli.main(['import', f'--hf={tmp_path / "out"}', f'--workdir={tmp_path / "run"}']) == 0
+  imported = config_lib.load_json(tmp_path / 'run' / 'config.json').data.tokenizer
+  assert imported == str(tmp_path / 'run' / 'tokenizer' / 'tokenizer.model')
+
+
+def test_hf_export_of_a_sentencepiece_model_no_tokenizer_json_reads_alike(tmp_path, caplog):
+  """A CHAR model goes as tokenizer.model for LlamaTokenizer, with a warning saying why: the
+  weights export all the same."""
+  from test_data import _sentencepiece_model  # pylint: disable=g-import-not-at-top
+  cfg = family_config('dense')
+  with cfg.unlocked():
+    cfg.data.tokenizer = _sentencepiece_model(tmp_path / 'sp.model', model_type='char',
+                                              vocab_size=40, byte_fallback=False)
+  with caplog.at_level('WARNING', logger='jaxarch.export.hf_tokenizer'):
+    write_hf(_model(cfg), cfg, tmp_path / 'out')
+  assert 'goes as tokenizer.model alone' in caplog.text
+  assert 'since its model_type is CHAR' in caplog.text
+  assert not (tmp_path / 'out' / 'tokenizer.json').exists()
+  assert (tmp_path / 'out' / 'tokenizer.model').is_file()
+  settings = json.loads((tmp_path / 'out' / 'tokenizer_config.json').read_text())
+  assert settings['tokenizer_class'] == 'LlamaTokenizer'
 
 
 @pytest.mark.parametrize('family, overrides, why', [

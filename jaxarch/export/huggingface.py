@@ -25,10 +25,9 @@ read as any run, and `jaxarch train` continues (fine-tuning, continued pretraini
 
 The vocabulary keeps its padding to a multiple of 128 (the tokenizer's ids come first).
 The weights are stored in their training dtype (float32); `torch_dtype` names the compute
-dtype the model trained in. The tokenizer comes along in Hugging Face's form: the byte
-tokenizer as a byte-level BPE without merges (ids 0-255 are the bytes, as in jaxarch), a
-`tokenizer.json` as it is, a SentencePiece model as `tokenizer.model`. Every text starts
-with the end-of-document id, the BOS the model trained with: the tokenizer adds it.
+dtype the model trained in. The tokenizer comes along in Hugging Face's form
+(`hf_tokenizer`): every text starts with the end-of-document id, the BOS the model trained
+with, and the tokenizer adds it.
 """
 
 import json
@@ -43,12 +42,11 @@ from flax import nnx
 
 from jaxarch import config as config_lib
 from jaxarch.data import get_tokenizer
-from jaxarch.data.tokenizers import ByteTokenizer, gpt2_byte_chars
+from jaxarch.export.hf_tokenizer import write_tokenizer
 from jaxarch.export.weights import (ExportError, all_or_nothing, flat_arrays, free_out,
                                     named_variables, readable)
 from jaxarch.models.transformer import head_dim
 
-PAD, EOD = '<pad>', '<|endoftext|>'  # the byte tokenizer's specials, 256 and 257
 ARCHITECTURES = {'dense': 'LlamaForCausalLM', 'moe': 'MixtralForCausalLM'}
 MODEL_TYPES = {'dense': 'llama', 'moe': 'mixtral'}  # config.json's `model_type`
 
@@ -283,7 +281,8 @@ def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
   directory, workdir = Path(directory).expanduser(), Path(workdir).expanduser().absolute()
   free_out(workdir)
   hf_config, hf = read_hf(directory)
-  tokenizer = next((directory / f for f in ('tokenizer.json', 'tokenizer.model')
+  # A SentencePiece model before a tokenizer.json converted from it (Llama 2 has both).
+  tokenizer = next((directory / f for f in ('tokenizer.model', 'tokenizer.json')
                     if (directory / f).is_file()), None)
   if tokenizer is None:
     raise ExportError(f'import: {directory} holds no tokenizer.json or tokenizer.model')
@@ -318,67 +317,6 @@ def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
   return workdir
 
 
-def byte_tokenizer_json() -> dict:
-  """jaxarch's byte tokenizer in `tokenizers`' format: byte-level BPE with no merges, so
-  each byte is one token whose id is the byte (ids in byte order, not GPT-2's); 256 is
-  <pad> and 257 <|endoftext|>, which starts every text."""
-  char = gpt2_byte_chars()
-  special = lambda i, text: {'id': i, 'content': text, 'single_word': False,
-                             'lstrip': False, 'rstrip': False, 'normalized': False,
-                             'special': True}
-  return {
-      'version': '1.0', 'truncation': None, 'padding': None,
-      'added_tokens': [special(ByteTokenizer.pad_id, PAD), special(ByteTokenizer.eod_id, EOD)],
-      'normalizer': None,
-      'pre_tokenizer': {'type': 'ByteLevel', 'add_prefix_space': False, 'trim_offsets': False,
-                        'use_regex': False},
-      'post_processor': _bos_template(EOD, ByteTokenizer.eod_id),
-      'decoder': {'type': 'ByteLevel', 'add_prefix_space': False, 'trim_offsets': False,
-                  'use_regex': False},
-      'model': {'type': 'BPE', 'dropout': None, 'unk_token': None,
-                'continuing_subword_prefix': None, 'end_of_word_suffix': None,
-                'fuse_unk': False, 'byte_fallback': False, 'ignore_merges': False,
-                'vocab': {**{char[b]: b for b in range(256)}, PAD: ByteTokenizer.pad_id,
-                          EOD: ByteTokenizer.eod_id},
-                'merges': []},
-  }
-
-
-def _bos_template(token: str, token_id: int) -> dict:
-  """A post-processor that starts every text with `token` (the model's BOS)."""
-  piece = lambda kind: {kind: {'id': 'A' if kind == 'Sequence' else token, 'type_id': 0}}
-  return {'type': 'TemplateProcessing',
-          'single': [piece('SpecialToken'), piece('Sequence')],
-          'pair': [piece('SpecialToken'), piece('Sequence'),
-                   {'Sequence': {'id': 'B', 'type_id': 0}}],
-          'special_tokens': {token: {'id': token, 'ids': [token_id], 'tokens': [token]}}}
-
-
-def _write_tokenizer(spec: str, tokenizer, out: Path, max_len: int) -> None:
-  """tokenizer.json (+ tokenizer.model) and tokenizer_config.json in Hugging Face's form."""
-  if spec == 'bytes':
-    (out / 'tokenizer.json').write_text(json.dumps(byte_tokenizer_json(), indent=1) + '\n')
-    names = {'bos_token': EOD, 'eos_token': EOD, 'pad_token': PAD}
-    extra = {'tokenizer_class': 'PreTrainedTokenizerFast'}
-  else:  # a tokenizer file: its eod token is the BOS
-    eod = tokenizer.token(tokenizer.eod_id)
-    names = {'bos_token': eod, 'eos_token': eod, 'pad_token': tokenizer.token(tokenizer.pad_id)}
-    if spec.endswith('.model'):  # SentencePiece: Llama's slow/fast tokenizer reads it
-      shutil.copy(Path(spec).expanduser(), out / 'tokenizer.model')
-      extra = {'tokenizer_class': 'LlamaTokenizer', 'add_bos_token': True,
-               'add_eos_token': False, 'legacy': False}
-    else:  # a tokenizer.json: as it is, with the eod token put in front of every text
-      tree = json.loads(Path(spec).expanduser().read_text())
-      tree['post_processor'] = _bos_template(eod, tokenizer.eod_id)
-      (out / 'tokenizer.json').write_text(json.dumps(tree, ensure_ascii=False) + '\n')
-      extra = {'tokenizer_class': 'PreTrainedTokenizerFast'}
-  # Text that spells a special token is text, as jaxarch trained on it ('<pad>' in a file).
-  (out / 'tokenizer_config.json').write_text(json.dumps(
-      {**names, **extra, 'model_max_length': max_len, 'clean_up_tokenization_spaces': False,
-       'split_special_tokens': True}, indent=2) + '\n')
-  (out / 'special_tokens_map.json').write_text(json.dumps(names, indent=2) + '\n')
-
-
 def write_hf(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path, *,
              source: str = '', final: str | Path | None = None) -> Path:
   """Writes `model` as OUT/{config.json, model.safetensors, tokenizer files,
@@ -395,7 +333,7 @@ def write_hf(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path,
   (out / 'generation_config.json').write_text(json.dumps(
       {'bos_token_id': tokenizer.eod_id, 'eos_token_id': tokenizer.eod_id,
        'pad_token_id': tokenizer.pad_id}, indent=2) + '\n')
-  _write_tokenizer(cfg.data.tokenizer, tokenizer, out, cfg.model.max_len)
+  write_tokenizer(cfg.data.tokenizer, tokenizer, out, cfg.model.max_len)
   count = sum(int(a.size) for a in arrays.values())
   (out / 'README.md').write_text(_README.format(
       source=source or 'a jaxarch run', count=count, out=final or out,
