@@ -47,6 +47,30 @@ def test_dropless_equals_a_naive_loop_over_the_chosen_experts():
   np.testing.assert_allclose(layer(x), naive(layer, x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('gate,renormalize', [('softmax', True), ('sigmoid', True),
+                                               ('sigmoid', False)])
+def test_routing_equals_a_numpy_top_k_of_gates_plus_bias(gate, renormalize):
+  """DESIGN §7.2 in numpy: experts = top-k of gate + bias, weights = their gates (without
+  the bias), renormalised if asked; out = Σ weight · SwiGLU_expert(x)."""
+  layer = make_moe(top_k=3, gate=gate, renormalize=renormalize)
+  layer.bias[...] = 0.3 * jax.random.normal(jax.random.key(7), (8,))
+  x = np.asarray(jax.random.normal(jax.random.key(1), (2, 5, 16))).reshape(-1, 16)
+  router, gate_w, up, down = (np.asarray(w[...], np.float64) for w in (
+      layer.router, layer.w_gate, layer.w_up, layer.w_down))
+  logits = x @ router
+  gates = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True) if gate == 'softmax'
+           else 1 / (1 + np.exp(-logits)))
+  silu = lambda a: a / (1 + np.exp(-a))
+  want = np.zeros_like(x)
+  for t in range(len(x)):
+    chosen = np.argsort(-(gates[t] + np.asarray(layer.bias[...])))[:3]
+    weights = gates[t, chosen] / (gates[t, chosen].sum() if renormalize else 1)
+    for w, e in zip(weights, chosen):
+      want[t] += w * (silu(x[t] @ gate_w[e]) * (x[t] @ up[e])) @ down[e]
+  got = layer(jnp.asarray(x).reshape(2, 5, 16)).reshape(-1, 16)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_shared_experts_add_an_always_on_swiglu():
   layer = make_moe(num_shared_experts=2)
   x = jax.random.normal(jax.random.key(12), (2, 5, 16))

@@ -56,6 +56,52 @@ def test_exhaustive_top_m_retrieves_the_brute_force_top_k():
   np.testing.assert_allclose(scores, per_core, rtol=1e-4, atol=1e-4)
 
 
+def numpy_forward(layer, x):
+  """DESIGN §7.1 written out per token and head in numpy: LayerNormed query halves (gain,
+  bias) and keys (over d_k), side scores, rows and columns ranked by |R·u| and |Cl·v|
+  (u, v: leading singular vectors of ΣC_i), the top-m grid scored exactly per core, the
+  best k by Σ_i S_i; value slice i weighted by core i's score into the bag of its IVE
+  group; the E bags flattened through the output projection."""
+  get = lambda v: np.asarray(v[...], np.float64)
+  w_q, gain, bias, keys, cores, values, w_out = map(get, (
+      layer.query_proj, layer.query_scale, layer.query_bias, layer.keys, layer.cores,
+      layer.values, layer.out_proj))
+  norm = lambda a, axis: (a - a.mean(axis, keepdims=True)) / np.sqrt(
+      a.var(axis, keepdims=True) + 1e-5)
+  q = norm(np.einsum('td,dhpk->thpk', x, w_q), -1) * gain + bias
+  q = np.repeat(q, layer.heads_per_query, axis=1)  # adjacent heads share a query
+  keys = norm(keys, 3)
+  n_side, m, e = keys.shape[2], layer.top_m, layer.expansion
+  slice_of = np.arange(values.shape[1]) * layer.num_cores // values.shape[1]
+  bags = np.zeros((len(x), e, values.shape[1]))
+  for h in range(layer.num_heads):
+    left, _, right = np.linalg.svd(cores[h].sum(0))
+    for t in range(len(x)):
+      rows = np.einsum('k,jkr->jr', q[t, h, 0], keys[h, 0])  # n' r
+      cols = np.einsum('k,jkr->jr', q[t, h, 1], keys[h, 1])
+      top_rows = np.argsort(-np.abs(rows @ left[:, 0]))[:m]
+      top_cols = np.argsort(-np.abs(cols @ right[0]))[:m]
+      grid = [(np.einsum('r,crs,s->c', rows[a], cores[h], cols[b]), a * n_side + b)
+              for a in top_rows for b in top_cols]
+      for scores, virtual in sorted(grid, key=lambda z: -z[0].sum())[:layer.top_k]:
+        physical, group = (int(a[0]) for a in layer.permute(jnp.array([virtual])))
+        bags[t, group] += scores[slice_of] * layer.score_scale * values[physical]
+  return bags.reshape(len(x), -1) @ w_out
+
+
+@pytest.mark.parametrize('kw', [dict(), dict(heads_per_query=2),
+                                dict(ive_expansion=1, top_m=5, num_cores=4)])
+def test_forward_equals_the_design_written_out_in_numpy(kw):
+  with jax.enable_x64(True):
+    layer = make_layer(dtype=jnp.float64, param_dtype=jnp.float64, **kw)
+    layer.cores[...] = jax.random.uniform(jax.random.key(5), layer.cores.shape, jnp.float64)
+    layer.query_bias[...] = 0.1 * jax.random.normal(jax.random.key(6), layer.query_bias.shape,
+                                                    jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (1, 6, 32), jnp.float64)
+    np.testing.assert_allclose(layer(x)[0], numpy_forward(layer, np.asarray(x[0])),
+                               rtol=1e-9, atol=1e-12)
+
+
 @nnx.jit
 def recall(layer, x):
   q = queries(layer, x)
