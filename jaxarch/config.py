@@ -578,6 +578,11 @@ def _check_bita(cfg: ConfigDict) -> None:
   if len(tree) > masks:
     raise ConfigError(f'model.bita.draft_tree={tuple(tree)!r} has {len(tree)} levels; '
                       f'model.bita.num_mask_tokens={masks} gives one mask token per level')
+  if len(tree) < masks:  # the masks past the tree would train and never draft
+    raise ConfigError(f'model.bita.draft_tree={tuple(tree)!r} has {len(tree)} levels for '
+                      f'model.bita.num_mask_tokens={masks}; give each mask a level, e.g. '
+                      f'model.bita.draft_tree={tuple(max(5 - m, 1) for m in range(masks))!r} '
+                      '(a decode may still use fewer: Generator(...)(..., draft_tree=...))')
   groups = _number(cfg, 'model.bita.train_groups', int)
   if groups < 0:
     raise ConfigError(f'model.bita.train_groups={groups} must be >= 0 (0: a mask group '

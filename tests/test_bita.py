@@ -473,6 +473,10 @@ def test_bita_config_errors_name_the_key(tmp_path):
       lambda: _bita_load(base, source='default'))
   assert 'model.bita.draft_tree=(5, 4, 3, 2) has 4 levels' in error_of(
       _bita_load, base, 'model.bita.draft_tree=(5, 4, 3, 2)')
+  # A fourth mask would train and never draft (DESIGN: level m holds mask m's top 5 - m).
+  assert ('has 3 levels for model.bita.num_mask_tokens=4; give each mask a level, e.g. '
+          'model.bita.draft_tree=(5, 4, 3, 2)') in error_of(
+              _bita_load, base, 'model.bita.num_mask_tokens=4')
   assert "unknown key 'model.bita.num_masks'" in error_of(
       _bita_load, base, 'model.bita.num_masks=2')
   assert "unknown key 'model.bita.base_workdr' (did you mean 'model.bita.base_workdir'" in (

@@ -39,7 +39,7 @@ def _bita_config():
   cfg = family_config('dense')
   with cfg.unlocked():
     cfg.model = config_lib.bita_model(cfg.model, dict(
-        num_prompt_tokens=4, num_mask_tokens=3, draft_tree=(2, 2), train_groups=0,
+        num_prompt_tokens=4, num_mask_tokens=3, draft_tree=(2, 2, 2), train_groups=0,
         init_std=0.02))
     cfg.data.source = 'distilled:/data/of/the/base/run'
   return config_lib.validate(cfg)
