@@ -593,8 +593,8 @@ def _check_bita(cfg: ConfigDict) -> None:
   if not (isinstance(source, str) and source.startswith('distilled:')):
     raise ConfigError(f'data.source={source!r}: BiTA trains on the base model\'s own '
                       "continuations, 'distilled:<dir>' written by `jaxarch distill "
-                      "--workdir=BASE --out=DIR` (one sequence per row, not packed); `jaxarch bench`, "
-                      "which reads no data, takes any 'distilled:<dir>'")
+                      "--workdir=BASE --out=DIR` (one sequence per row, not packed); "
+                      "`jaxarch bench`, which reads no data, takes any 'distilled:<dir>'")
 
 
 # model.family -> a function that completes a config whose model section is defined

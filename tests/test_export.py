@@ -499,6 +499,10 @@ def test_an_hf_checkpoint_imports_as_a_run_with_its_logits(tmp_path, family, tie
     cfg.model.rope_theta = 500_000.0
   model = _model(cfg)
   write_hf(model, cfg, tmp_path / 'hf')
+  if family == 'moe':  # Mixtral configs may name a window: one of all positions is none
+    config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+    (tmp_path / 'hf' / 'config.json').write_text(json.dumps(
+        {**config, 'sliding_window': config['max_position_embeddings']}))
   assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "run"}',
                    '--config.train.steps=7', '--config.train.warmup_steps=1']) == 0
   imported_cfg, imported = load_model(tmp_path / 'run')
@@ -517,6 +521,39 @@ def test_an_hf_checkpoint_imports_as_a_run_with_its_logits(tmp_path, family, tie
   assert (tokenizer.eod_id, tokenizer.encode('hi')) == (257, [104, 105])
 
 
+def test_a_mistral_imports_as_a_llama_unless_its_window_is_narrower_than_the_run(
+    tmp_path, capsys):
+  """MistralForCausalLM has Llama's names and layout; its config.json may give head_dim
+  (Mistral-Nemo: 128, not 5120 / 32) and a sliding_window. A window of at least
+  max_position_embeddings (the run's model.max_len) masks nothing the run reaches. Checked
+  once against transformers 5.25's own tiny Mistrals (window null or 256 of 256 positions,
+  head_dim 32 of 64 / 4 heads; float32 and bfloat16 safetensors): logits within 5e-6."""
+  cfg = family_config('dense')
+  with cfg.unlocked():
+    cfg.model.head_dim = 48  # d_model=128 / 4 heads would be 32
+    cfg.model.rope_theta = 1e6
+  model = _model(config_lib.validate(cfg))
+  write_hf(model, cfg, tmp_path / 'hf')
+  config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+  config.update(model_type='mistral', architectures=['MistralForCausalLM'])
+  max_len = config['max_position_embeddings']
+  for window in (None, max_len):
+    (tmp_path / 'hf' / 'config.json').write_text(json.dumps({**config, 'sliding_window': window}))
+    run = tmp_path / f'window{window}'
+    assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={run}']) == 0
+    imported_cfg, imported = load_model(run)
+    assert (imported_cfg.model.head_dim, imported_cfg.model.max_len) == (48, max_len)
+    np.testing.assert_array_equal(np.asarray(logits(imported, TOKENS)),
+                                  np.asarray(logits(model, TOKENS)))
+  capsys.readouterr()
+  (tmp_path / 'hf' / 'config.json').write_text(json.dumps({**config, 'sliding_window': 128}))
+  assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "narrow"}']) == 2
+  err = capsys.readouterr().err
+  assert (f'sliding_window=128, narrower than the max_position_embeddings={max_len} positions'
+          in err and 'max_position_embeddings <= 128 in config.json' in err), err
+  assert err.count('\n') == 1 and not (tmp_path / 'narrow').exists()
+
+
 def test_an_hf_checkpoint_of_another_kind_or_a_used_workdir_is_one_line(tmp_path, capsys):
   cfg = family_config('dense')
   write_hf(_model(cfg), cfg, tmp_path / 'hf')
@@ -524,7 +561,10 @@ def test_an_hf_checkpoint_of_another_kind_or_a_used_workdir_is_one_line(tmp_path
   (tmp_path / 'used').mkdir()
   (tmp_path / 'used' / 'file').write_text('x')
   for change, message in [
-      ({'model_type': 'qwen2'}, "model_type='qwen2' (jaxarch reads 'llama' and 'mixtral')"),
+      ({'model_type': 'qwen2'}, "model_type='qwen2' (jaxarch reads 'llama', 'mistral', "
+                                "'mixtral')"),
+      ({'model_type': 'mixtral', 'sliding_window': 4096, 'max_position_embeddings': 32768},
+       'sliding_window=4096, narrower than the max_position_embeddings=32768 positions'),
       ({'rope_scaling': {'rope_type': 'llama3', 'factor': 8.0}}, "rope scaling {'rope_type'"),
       ({'rope_scaling': None, 'rope_parameters': {'rope_type': 'yarn', 'factor': 4.0}},
        "rope scaling {'rope_type': 'yarn'"),

@@ -19,9 +19,16 @@ the export renames and transposes (torch's `Linear` keeps [out, in]):
   blocks.i.attn_norm, mlp_norm      -> ...input_layernorm, post_attention_layernorm
   final_norm, head       [d, V]     -> model.norm.weight, lm_head.weight [V, d]
 
-`import_hf` goes the other way (`jaxarch import --hf=DIR --workdir=NEW`): a Llama or Mixtral
-checkpoint becomes a jaxarch run at step 0, which `generate`, `eval`, `distill` and BiTA
-read as any run, and `jaxarch train` continues (fine-tuning, continued pretraining).
+`import_hf` goes the other way (`jaxarch import --hf=DIR --workdir=NEW`): a Llama, Mistral
+or Mixtral checkpoint becomes a jaxarch run at step 0, which `generate`, `eval`, `distill`
+and BiTA read as any run, and `jaxarch train` continues (fine-tuning, continued
+pretraining). A Mistral is a Llama's names and layouts (an explicit `head_dim`, as
+Mistral-Nemo's 128 for 5120 / 32 heads, becomes model.head_dim). Its `sliding_window`, and
+a Mixtral's, is read only when null or at least `max_position_embeddings`, the run's
+model.max_len (data.seq_len is at most it, `generate` warns past it): such a window masks
+nothing (transformers lets a query see the keys less than the window before it). A
+narrower one (Mistral 7B v0.1: 4096 of 32768) is refused, as are rope scaling, biases and
+other architectures.
 
 The vocabulary keeps its padding to a multiple of 128 (the tokenizer's ids come first).
 The weights are stored in their training dtype (float32); `torch_dtype` names the compute
@@ -49,6 +56,8 @@ from jaxarch.models.transformer import head_dim
 
 ARCHITECTURES = {'dense': 'LlamaForCausalLM', 'moe': 'MixtralForCausalLM'}
 MODEL_TYPES = {'dense': 'llama', 'moe': 'mixtral'}  # config.json's `model_type`
+# What import reads: a Mistral is a Llama's names and layout with a sliding window.
+IMPORTS = {'llama': 'dense', 'mistral': 'dense', 'mixtral': 'moe'}
 
 
 def check_exportable(cfg: ml_collections.ConfigDict) -> None:
@@ -176,10 +185,19 @@ def our_arrays(hf: dict[str, np.ndarray], cfg: ml_collections.ConfigDict
 
 
 def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.ConfigDict:
-  """The jaxarch config of a Llama or Mixtral `config.json` (train, data and mesh keys:
+  """The jaxarch config of a Llama, Mistral or Mixtral `config.json` (train, data and mesh keys:
   the preset's, then `overrides`); refuses what jaxarch's models do not compute."""
   kind = hf_config.get('model_type')
-  family = {t: f for f, t in MODEL_TYPES.items()}.get(kind)
+  family = IMPORTS.get(kind)
+  max_len = hf_config.get('max_position_embeddings', 2048)  # the run's model.max_len
+  # Mistral's window: a query at q sees keys at q - window < k <= q (transformers'
+  # `sliding_window_overlay`), so one of at least max_len positions masks nothing within
+  # the run's model.max_len (data.seq_len <= it; import takes no model.* override).
+  window = hf_config.get('sliding_window')
+  full = window is None or (isinstance(window, int) and isinstance(max_len, int)
+                            and window >= max_len)
+  narrow = None if full else (f'sliding_window={window!r}, narrower than the '
+                              f'max_position_embeddings={max_len!r} positions the run takes')
   # transformers 5 writes `rope_parameters` and `dtype` where 4 wrote `rope_theta`,
   # `rope_scaling` and `torch_dtype`.
   # A scaling of type 'default' (transformers 4.4x wrote {'rope_type': 'default'}) is none.
@@ -188,17 +206,21 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
   scaling = next((r for r in (hf_config.get('rope_scaling') or {}, rope) if not plain(r)),
                  None)
   unsupported = (
-      f"model_type={kind!r} (jaxarch reads 'llama' and 'mixtral')" if family is None else
+      f"model_type={kind!r} (jaxarch reads {', '.join(map(repr, IMPORTS))})"
+      if family is None else
       f'rope scaling {scaling!r}' if scaling else
       'attention_bias=true' if hf_config.get('attention_bias') else
       'mlp_bias=true' if hf_config.get('mlp_bias') else
       f"hidden_act={hf_config.get('hidden_act')!r}"
       if hf_config.get('hidden_act', 'silu') != 'silu' else
-      f"sliding_window={hf_config['sliding_window']}" if hf_config.get('sliding_window')
-      else None)
+      narrow)
   if unsupported:
+    # Within its window a Mistral is a Llama: a run of that many positions computes it.
+    hint = (f'; with max_position_embeddings <= {window} in config.json it imports as a run '
+            'of that many positions' if unsupported == narrow and isinstance(window, int)
+            else '')
     raise ExportError(f'import: the checkpoint has {unsupported}, which jaxarch\'s models do '
-                      'not compute')
+                      f'not compute{hint}')
   required = ['hidden_size', 'num_hidden_layers', 'num_attention_heads',
               'intermediate_size', 'vocab_size']
   if family == 'moe':
@@ -214,7 +236,7 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
       'n_heads': n, 'n_kv_heads': hf_config.get('num_key_value_heads') or n,
       'head_dim': hf_config.get('head_dim') or hf_config['hidden_size'] // n,
       'd_ff': hf_config['intermediate_size'], 'vocab_size': hf_config['vocab_size'],
-      'max_len': hf_config.get('max_position_embeddings', 2048),
+      'max_len': max_len,
       'tie_embeddings': bool(hf_config.get('tie_word_embeddings', False)),
       'rope_theta': float(hf_config.get('rope_theta') or rope.get('rope_theta', 10_000.0)),
       'norm_eps': float(hf_config.get('rms_norm_eps', 1e-6)),
@@ -271,8 +293,8 @@ def read_hf(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
-  """A jaxarch run at step 0 in a new `workdir` from a Hugging Face Llama or Mixtral
-  checkpoint: config.json, the tokenizer (copied into workdir/tokenizer/) and a
+  """A jaxarch run at step 0 in a new `workdir` from a Hugging Face Llama, Mistral or
+  Mixtral checkpoint: config.json, the tokenizer (copied into workdir/tokenizer/) and a
   checkpoint holding its weights (with a fresh optimizer state)."""
   # pylint: disable=g-import-not-at-top  (the trainer's modules, for this command only)
   from jaxarch.train.checkpoint import Checkpointer
