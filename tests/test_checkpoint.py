@@ -483,3 +483,24 @@ def test_a_data_position_lost_with_the_metadata_is_not_silent(tmp_path, data_dir
     it.close()
   resumed_at_start = (batch['inputs'] == first['inputs']).all()
   assert at == 1 or (resumed_at_start and 'afresh' in caplog.text)
+
+
+def test_a_garbled_eval_loss_is_a_damaged_checkpoint_not_a_crash(tmp_path, caplog):
+  # Orbax reads every checkpoint's eval_loss as it opens the directory: one cut short by a
+  # bad copy stopped every resume, evaluation and load with a JSONDecodeError.
+  state = {'w': np.arange(4, dtype=np.float32)}
+  ckpt = Checkpointer(tmp_path, keep_best=True, async_save=False)  # as the trainer's
+  ckpt.save(1, state, eval_loss=2.0)
+  ckpt.save(2, {'w': state['w'] + 1}, eval_loss=1.0)
+  ckpt.close()
+  metrics = tmp_path / 'checkpoints' / '2' / 'metrics' / 'metrics'
+  metrics.write_text(metrics.read_text()[:7])
+  target = jax.tree.map(np.zeros_like, state)
+  restored, at = Checkpointer.read(tmp_path, target)  # a reader: skipped, left in place
+  assert at == 1 and (restored['w'] == state['w']).all() and metrics.exists()
+  assert 'its eval_loss (metrics/metrics) is garbled' in caplog.text
+  trainer = Checkpointer(tmp_path, keep_best=True, remove_interrupted=True)  # resuming
+  restored, at = trainer.restore(target, move_aside=True)
+  trainer.close()
+  assert at == 1 and (restored['w'] == state['w']).all()
+  assert [p.name.split('-')[0] for p in (tmp_path / 'corrupt_checkpoints').iterdir()] == ['2']

@@ -89,6 +89,10 @@ class Checkpointer:
     interrupted (each up to a checkpoint's size, and never finished by a later save of
     another step); only for the run that writes, as a reader's could be a save in progress."""
     self.directory = Path(workdir).absolute() / CHECKPOINTS
+    self._saving = None  # the step of the last save, which may still be being written
+    if remove_interrupted:
+      self._remove_interrupted_saves()
+    garbled = self._garbled_metrics(move_aside=remove_interrupted)
     eval_loss = lambda metrics: metrics['eval_loss']
     policies = [preservation.LatestN(n=keep)]
     if keep_best:
@@ -98,10 +102,8 @@ class Checkpointer:
         preservation_policy=preservation.AnyPreservationPolicy(policies), create=True,
         enable_async_checkpointing=async_save,
         # Orbax writes a checkpoint's metrics (read back by BestN) only when it has a best_fn.
-        best_fn=eval_loss if keep_best else None, best_mode='min')
-    self._saving = None  # the step of the last save, which may still be being written
-    if remove_interrupted:
-      self._remove_interrupted_saves()
+        best_fn=eval_loss if keep_best else None, best_mode='min',
+        lightweight_initialize=bool(garbled))  # a reader's: opened without reading metrics
     _shorten_write_error_reports()
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
@@ -118,6 +120,33 @@ class Checkpointer:
         log.warning('removing %s, a save that was interrupted', path)
         shutil.rmtree(path, ignore_errors=True)  # garbage: never a reason to stop
     _sync('jaxarch_remove_interrupted_saves')
+
+  def _garbled_metrics(self, move_aside: bool) -> list[int]:
+    """The steps whose saved eval_loss (`metrics/metrics`) is unreadable: Orbax reads every
+    one when it opens the directory, and one cut short or garbled would stop every resume,
+    evaluation and load there. The writer moves those checkpoints aside (damaged, as in
+    `restore`); a reader leaves them, and its `restore` skips them (Orbax reads the metrics
+    again there)."""
+    garbled = []
+    paths = self.directory.glob('*/metrics/metrics') if self.directory.is_dir() else []
+    for path in paths:
+      if not path.parent.parent.name.isdigit():
+        continue
+      try:
+        valid = isinstance(json.loads(path.read_text()), dict)
+      except ValueError:  # JSON or UTF-8
+        valid = False
+      if not valid:
+        garbled.append(int(path.parent.parent.name))
+    for step in sorted(garbled):
+      where = self.directory / str(step)
+      if move_aside:
+        log.warning('checkpoint %s is unreadable (its eval_loss, metrics/metrics, is '
+                    'garbled); moved to %s, trying the previous one', where,
+                    self._move_step_aside(step))
+      else:
+        log.warning('checkpoint %s: its eval_loss (metrics/metrics) is garbled', where)
+    return [] if move_aside else garbled
 
   @staticmethod
   def exists(workdir: str | Path) -> bool:
@@ -329,6 +358,11 @@ class Checkpointer:
   def _move_aside(self, step: int) -> Path:
     """Moves an unreadable checkpoint out of the way (kept for inspection), so that the
     resumed run can write that step again."""
+    target = self._move_step_aside(step)
+    self.manager.reload()
+    return target
+
+  def _move_step_aside(self, step: int) -> Path:
     stamp = f'{step}-{int(time.time())}'
     target = self.directory.parent / 'corrupt_checkpoints' / stamp
     n = 0
@@ -339,7 +373,6 @@ class Checkpointer:
       target.parent.mkdir(parents=True, exist_ok=True)
       shutil.move(self.directory / str(step), target)
     _sync(f'jaxarch_move_aside_{step}')
-    self.manager.reload()
     return target
 
   def wait(self):
