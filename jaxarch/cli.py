@@ -15,6 +15,7 @@
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -84,6 +85,46 @@ def _positive(text: str) -> float:
   return value
 
 
+class DeviceError(RuntimeError):
+  """The devices cannot be started, or a step does not fit them; one line for the user."""
+
+
+def _check_backend() -> None:
+  """A JAX_PLATFORMS that names a platform jax cannot start here (`gpu` on a CPU host, or
+  `cuda` without its plugin) fails inside jax as a traceback; call after `_join_job`'s
+  distributed initialization, which must come first."""
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    jax.devices()
+  except (RuntimeError, AssertionError) as e:  # jax asserts where no backend came up
+    reason = str(e).split(' (set JAX_PLATFORMS')[0] or 'no backend started'
+    platforms = os.environ.get('JAX_PLATFORMS')
+    raise DeviceError(
+        (f'JAX_PLATFORMS={platforms!r} names a platform jax cannot start here ({reason}); '
+         'unset it to use the devices present, or install jax for that platform, e.g. '
+         "pip install 'jax[cuda12]'") if platforms else
+        f'jax could not start a device backend ({reason})') from None
+
+
+@contextlib.contextmanager
+def _step_memory(cfg):
+  """XLA running out of device memory in a step (on CPU, or past the trainer's check of
+  the state) is a traceback from deep inside jax; this says what to change."""
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    detail = str(e).split('RESOURCE_EXHAUSTED: ', 1)[-1].splitlines()[0].rstrip('.')
+    raise DeviceError(
+        f'out of device memory ({detail}) with train.batch_size={cfg.train.batch_size} x '
+        f'data.seq_len={cfg.data.seq_len} on {jax.device_count()} '
+        f'{jax.devices()[0].platform} devices: lower --config.train.batch_size (or raise '
+        '--config.train.grad_accum_steps), set --config.model.remat=full, or shard with '
+        '--config.mesh.ici.fsdp; `jaxarch bench memory` plans it without allocating') from None
+
+
 def _join_job(args) -> bool:
   """Joins a multi-process job if this process is one (flags or cluster environment);
   True on the process that reports."""
@@ -93,6 +134,7 @@ def _join_job(args) -> bool:
   if launch.source != 'single':
     print(f'jaxarch: process {launch.process_id} of {launch.num_processes} '
           f'({launch.source})', file=sys.stderr)
+  _check_backend()
   return not launch.process_id
 
 
@@ -100,7 +142,8 @@ def _train(args, overrides):
   cfg = _config(args, overrides)
   reports = _join_job(args)
   from jaxarch.train import train  # pylint: disable=g-import-not-at-top
-  result = train(cfg, args.workdir)
+  with _step_memory(cfg):
+    result = train(cfg, args.workdir)
   if reports:
     print(standard_json(result, indent=2))
 
@@ -109,7 +152,8 @@ def _eval(args, overrides):
   cfg = _config(args, overrides)
   reports = _join_job(args)
   from jaxarch.train import evaluate  # pylint: disable=g-import-not-at-top
-  result = evaluate(cfg, args.workdir, step=args.step)
+  with _step_memory(cfg):
+    result = evaluate(cfg, args.workdir, step=args.step)
   if reports:
     print(standard_json(result, indent=2))
 
@@ -128,8 +172,9 @@ def _bench(args, overrides):
                          device_memory=None if gib is None else int(gib * 2**30))
     summary = memory.summary
   else:
-    result = throughput.measure(cfg, steps=args.steps, warmup=args.warmup,
-                                profile_dir=workdir / 'profile' if args.profile else None)
+    with _step_memory(cfg):
+      result = throughput.measure(cfg, steps=args.steps, warmup=args.warmup,
+                                  profile_dir=workdir / 'profile' if args.profile else None)
     summary = throughput.summary
   result = {'config': args.config, 'overrides': overrides, 'jax': jax.__version__, **result}
   if reports:
@@ -148,6 +193,7 @@ def _generate(args, overrides):
   from jaxarch.parallel import make_mesh
   from jaxarch.train.pretrained import load_model
   _no_overrides('generate', overrides)
+  _check_backend()
   cfg, model = load_model(args.workdir, step=args.step)
   tokenizer = get_tokenizer(cfg.data.tokenizer)
   # Documents were trained as [eod] + text: the eod id is the BOS the model expects.
@@ -178,6 +224,7 @@ def _generate(args, overrides):
 def _distill(args, overrides):
   from jaxarch.infer.distill import distill  # pylint: disable=g-import-not-at-top
   _no_overrides('distill', overrides)
+  _check_backend()
   summary = distill(args.workdir, args.out, num_prompts=args.num_prompts,
                     validation_prompts=args.validation_prompts, prompt_len=args.prompt_len,
                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -191,6 +238,7 @@ def _import(args, overrides):
     if override.startswith('--config.model.'):
       raise config_lib.ConfigError(f'config error: {override.split("=")[0]} is set by the '
                                    'checkpoint; import sets train, data and mesh keys only')
+  _check_backend()
   workdir = import_hf(args.hf, args.workdir,
                       [o.removeprefix('--config.') for o in overrides])
   print(f'jaxarch: {args.hf} is the run {workdir} at step 0; continue it with `jaxarch train '
@@ -215,6 +263,7 @@ def _export(args, overrides):
   free_out(args.out)
   platforms = tuple(args.platforms.split(',')) if args.platforms else None
   check_platforms(platforms)
+  _check_backend()
   _, model, step = load_checkpoint(args.workdir, step=args.step)
   # The run's config as saved: load_checkpoint's has the mesh of the devices here.
   cfg = config_lib.load_json(Path(args.workdir) / 'config.json')
@@ -451,10 +500,54 @@ def _expand_home(args) -> None:
       setattr(args, name, os.path.expanduser(getattr(args, name)))
 
 
+def _empty_path(args) -> str | None:
+  """`--workdir=$RUN` with RUN unset passes an empty path, which would be the current
+  directory: a run's checkpoints written into it, or a run resumed from its config.json."""
+  for name in ('workdir', 'out', 'data_dir', 'config', 'hf'):
+    value = getattr(args, name, None)
+    if isinstance(value, str) and not value.strip():
+      return f'--{name} is empty (an unset shell variable?); give a path'
+  return None
+
+
+def _closest_key(spec: str | None, key: str) -> str | None:
+  """The key of config `spec` that `key` probably means, if the config loads."""
+  try:
+    return config_lib.closest_key(config_lib.load(spec), key) if spec else None
+  except config_lib.ConfigError:
+    return None
+
+
+def _misplaced(command: str, config: str | None, unknown: list[str]) -> str | None:
+  """What an argument argparse does not know was probably meant as: a config override
+  without its `--config.` (`steps=5`, MaxText's form, or `--train.steps=5`), the config
+  without `--config=`, or `--config` for a command that takes its workdir's."""
+  for arg in unknown:
+    name, eq, value = arg.lstrip('-').partition('=')
+    if name == 'config':
+      return f'{command} takes the config of its --workdir; drop {arg}'
+    if not eq and ('.py' in arg or arg.endswith('.json')):
+      return f'{arg}: give the config as --config={arg}'
+    if eq and name and all(part.isidentifier() for part in name.split('.')):
+      key = _closest_key(config, name) or name
+      return (f'{arg}: config overrides are --config.KEY=VALUE, e.g. '
+              f'--config.{key}={value}')
+  return None
+
+
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   overrides, rest = split_overrides(list(argv))
-  args = _parser().parse_args(rest)
+  parser = _parser()
+  args, unknown = parser.parse_known_args(rest)
+  if unknown:
+    if (hint := _misplaced(args.command, getattr(args, 'config', None), unknown)) is None:
+      parser.error(f'unrecognized arguments: {" ".join(unknown)}')
+    print(f'jaxarch: {hint}', file=sys.stderr)
+    return 2
+  if (problem := _empty_path(args)) is not None:
+    print(f'jaxarch: {problem}', file=sys.stderr)
+    return 2
   _expand_home(args)
   logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
   # TFDS and Orbax chat through absl at WARNING about routine things; jaxarch's own
@@ -464,7 +557,7 @@ def main(argv=None):
     args.func(args, overrides)
   except (config_lib.ConfigError, FileNotFoundError, FileExistsError, ImportError,
           GenerateError, FitError, SweepError, WorkdirError, CheckpointError,
-          NonFiniteError, ExportError, OutOfMemoryError) as e:
+          NonFiniteError, ExportError, OutOfMemoryError, DeviceError) as e:
     print(f'jaxarch: {e}', file=sys.stderr)
     return 2
   except KeyboardInterrupt:

@@ -217,18 +217,68 @@ def _find_parent(cfg: ConfigDict, key: str) -> tuple[ConfigDict, str]:
   return node, name
 
 
-def _unknown_key_message(cfg: ConfigDict, key: str) -> str:
-  """Names the closest key; where a section of `key` is absent (`model.moe` in a dense
-  config) only keys as deep are close, and without one the sections that exist are listed."""
+# MaxText's names for keys of ours, which its users type first (`learning_rate=1e-3`);
+# matched on the last part of an unknown key.
+MAXTEXT_KEYS = {
+    'learning_rate': 'train.lr', 'per_device_batch_size': 'train.batch_size',
+    'global_batch_size_to_train_on': 'train.batch_size',
+    'gradient_accumulation_steps': 'train.grad_accum_steps',
+    'gradient_clipping_threshold': 'train.grad_clip', 'adam_b1': 'train.b1',
+    'adam_b2': 'train.b2', 'adam_eps': 'train.eps', 'adam_weight_decay': 'train.weight_decay',
+    'base_emb_dim': 'model.d_model',
+    'emb_dim': 'model.d_model', 'base_num_decoder_layers': 'model.n_layers',
+    'num_decoder_layers': 'model.n_layers', 'base_num_query_heads': 'model.n_heads',
+    'num_query_heads': 'model.n_heads', 'base_num_kv_heads': 'model.n_kv_heads',
+    'num_kv_heads': 'model.n_kv_heads', 'base_mlp_dim': 'model.d_ff', 'mlp_dim': 'model.d_ff',
+    'weight_dtype': 'model.param_dtype', 'remat_policy': 'model.remat',
+    'logits_via_embedding': 'model.tie_embeddings', 'max_target_length': 'data.seq_len',
+    'tokenizer_path': 'data.tokenizer', 'dataset_path': 'data.data_dir',
+    'dataset_name': 'data.source', 'checkpoint_period': 'checkpoint.every_steps',
+    'eval_interval': 'log.eval_every_steps', 'num_experts': 'model.moe.num_experts',
+    'num_experts_per_tok': 'model.moe.top_k',
+    **{f'{level}_{axis}_parallelism': f'mesh.{level}.{axis}'
+       for level in ('ici', 'dcn') for axis in ('data', 'fsdp', 'tensor', 'expert')},
+}
+
+
+def closest_key(cfg: ConfigDict, key: str) -> str | None:
+  """The key of `cfg` that `key` was probably meant as: MaxText's name for it, the one key
+  ending in it (`steps` -> `train.steps`), or the closest spelling; None if none is close.
+  Where a section of `key` is absent (`model.moe` in a dense config) only keys as deep are
+  close."""
+  keys = list(_all_keys(cfg))
+  name = key.split('.')[-1]
+  if MAXTEXT_KEYS.get(name) in keys:
+    return MAXTEXT_KEYS[name]
+  ending = [k for k in keys if k.endswith('.' + key)]
+  if len(ending) == 1:
+    return ending[0]
+  if _missing_section(cfg, key)[2]:
+    keys = [k for k in keys if k.count('.') == key.count('.')]
+  match = difflib.get_close_matches(key, keys, n=1)
+  return match[0] if match else None
+
+
+def _missing_section(cfg: ConfigDict, key: str) -> tuple[ConfigDict, int, bool]:
+  """(the deepest section of `key` in `cfg`, its depth, whether a section of key is absent)."""
   *sections, _ = key.split('.')
   node, depth = cfg, 0
   while depth < len(sections) and isinstance(node.get(sections[depth]), ConfigDict):
     node, depth = node[sections[depth]], depth + 1
-  no_section = depth < len(sections) and sections[depth] not in node
-  keys = [k for k in _all_keys(cfg) if not no_section or k.count('.') == key.count('.')]
-  match = difflib.get_close_matches(key, keys, n=1)
+  return node, depth, depth < len(sections) and sections[depth] not in node
+
+
+def _unknown_key_message(cfg: ConfigDict, key: str) -> str:
+  """Names the closest key, or without one the sections that exist."""
+  match = closest_key(cfg, key)
   if match:
-    return f'unknown key {key!r} (did you mean {match[0]!r}?)'
+    name = key.split('.')[-1]
+    if MAXTEXT_KEYS.get(name) != match:
+      return f'unknown key {key!r} (did you mean {match!r}?)'
+    note = ', the global batch in sequences' if name == 'per_device_batch_size' else ''
+    return f"unknown key {key!r} (MaxText's {name} is {match!r} here{note})"
+  *sections, _ = key.split('.')
+  node, depth, no_section = _missing_section(cfg, key)
   if not no_section:
     return f'unknown key {key!r}'
   where = '.'.join(sections[:depth]) or 'the config'

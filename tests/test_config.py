@@ -148,6 +148,18 @@ def test_unknown_key_suggests_the_closest():
   assert "did you mean 'train.steps'" in error_of(tiny, 'trian.steps=5')
 
 
+def test_unknown_key_names_ours_for_maxtexts_and_a_key_without_its_section():
+  # Before: 'learning_rate' had no suggestion and 'train.learning_rate' 'train.min_lr_ratio'.
+  assert error_of(tiny, 'train.learning_rate=1e-3') == (
+      "config error: unknown key 'train.learning_rate' (MaxText's learning_rate is "
+      "'train.lr' here)")
+  assert "MaxText's learning_rate is 'train.lr'" in error_of(tiny, 'learning_rate=1e-3')
+  assert "MaxText's ici_fsdp_parallelism is 'mesh.ici.fsdp'" in error_of(
+      tiny, 'ici_fsdp_parallelism=4')
+  assert 'the global batch in sequences' in error_of(tiny, 'per_device_batch_size=4')
+  assert "did you mean 'train.warmup_steps'" in error_of(tiny, 'warmup_steps=0')
+
+
 def test_unknown_section_is_named_not_matched_to_a_key_of_another_depth():
   # Before: "unknown key 'model.moe.top_k' (did you mean 'model.d_model'?)".
   assert error_of(tiny, 'model.moe.top_k=2') == (

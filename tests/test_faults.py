@@ -8,6 +8,7 @@ import os
 import shutil
 
 import grain
+import jax
 import numpy as np
 import pytest
 
@@ -435,3 +436,74 @@ def test_free_space_is_counted_where_the_checkpoints_go(tmp_path, monkeypatch):
   monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage(10**12, 0, free(path)))
   with pytest.raises(WorkdirError, match='GiB free, but one checkpoint'):
     check_workdir(tmp_path / 'run', tiny_config(), 10**6, has_checkpoints=False)
+
+
+@pytest.mark.parametrize('args, message', [
+    # MaxText's `key=value` and an override that lost its `config.`: argparse said
+    # "unrecognized arguments" and nothing of --config.KEY=VALUE.
+    (['train', *TINY, 'steps=5'], 'steps=5: config overrides are --config.KEY=VALUE, e.g. '
+     '--config.train.steps=5'),
+    (['train', *TINY, '--train.steps=5'], '--train.steps=5: config overrides are '
+     '--config.KEY=VALUE, e.g. --config.train.steps=5'),
+    (['train', 'configs/dense.py:tiny'],
+     'configs/dense.py:tiny: give the config as --config=configs/dense.py:tiny'),
+    (['generate', '--prompt=x', '--config=configs/dense.py:tiny'],
+     'generate takes the config of its --workdir; drop --config=configs/dense.py:tiny')])
+def test_a_misplaced_argument_says_what_it_should_be(tmp_path, capsys, args, message):
+  code, err = _run_cli([*args, f'--workdir={tmp_path}/run'], capsys)
+  assert code == 2 and err == f'jaxarch: {message}'
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('args', [
+    ['train', *TINY, '--workdir='], ['train', '--config=', '--workdir=RUN'],
+    ['export', '--workdir=RUN', '--out= ']])
+def test_an_empty_path_is_refused_not_taken_as_the_current_directory(
+    tmp_path, monkeypatch, capsys, args):
+  # `--workdir=$RUN` with RUN unset trained into the current directory; an empty --config
+  # resumed the workdir's run without saying so.
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'run').mkdir()
+  code, err = _run_cli([a.replace('RUN', str(tmp_path / 'run')) for a in args], capsys)
+  assert code == 2 and err.endswith('is empty (an unset shell variable?); give a path')
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['run']
+
+
+@pytest.mark.parametrize('error', [
+    AssertionError(),  # JAX_PLATFORMS=cuda without the CUDA plugin
+    RuntimeError("Unable to initialize backend 'rocm': Backend 'rocm' is not in the list of "
+                 "known backends: ['cpu', 'tpu']. (set JAX_PLATFORMS='' to automatically "
+                 'choose an available backend)')])
+@pytest.mark.parametrize('command', [['train', *TINY], ['generate', '--prompt=x']])
+def test_a_platform_jax_cannot_start_is_one_line(tmp_path, monkeypatch, capsys, error,
+                                                 command):
+  def devices(*_):
+    raise error
+  (tmp_path / 'run').mkdir()
+  (tmp_path / 'run' / 'config.json').write_text(json.dumps(tiny_config().to_dict()))
+  monkeypatch.setenv('JAX_PLATFORMS', 'gpu')
+  monkeypatch.setattr(jax, 'devices', devices)
+  code, err = _run_cli([*command, f'--workdir={tmp_path}/run'], capsys)
+  assert code == 2 and '\n' not in err
+  assert err.startswith("jaxarch: JAX_PLATFORMS='gpu' names a platform jax cannot start here")
+  assert err.endswith("unset it to use the devices present, or install jax for that platform, "
+                      "e.g. pip install 'jax[cuda12]'")
+  assert sorted(p.name for p in (tmp_path / 'run').iterdir()) == ['config.json']
+
+
+def test_a_step_out_of_device_memory_says_what_to_change(tmp_path, data_dir, monkeypatch,
+                                                        capsys):
+  # What XLA raises when a step's buffers do not fit (CPU, whose memory the trainer cannot
+  # check first, said this as a traceback).
+  def step_that_does_not_fit(*_):
+    raise jax.errors.JaxRuntimeError(
+        'RESOURCE_EXHAUSTED: Out of memory allocating 56506685520 bytes.')
+  monkeypatch.setattr(trainer, 'make_train_step', lambda setup: step_that_does_not_fit)
+  args = ['train', *TINY, f'--workdir={tmp_path}/run', f'--data_dir={data_dir}']
+  code, err = _run_cli(args, capsys)
+  err = err.splitlines()[-1]  # after the data preparation's progress
+  assert code == 2 and err.startswith('jaxarch: out of device memory (Out of memory allocating 56506685520 '
+                        'bytes) with train.batch_size=8 x data.seq_len=32 on 8 cpu devices: '
+                        'lower --config.train.batch_size')
+  monkeypatch.undo()  # a batch that fits, in the same workdir
+  assert _run_cli(args, capsys)[0] == 0
