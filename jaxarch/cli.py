@@ -489,13 +489,16 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
   return overrides, rest
 
 
+_PATH_FLAGS = ('workdir', 'out', 'data_dir', 'config', 'hf')  # the flags that name paths
+
+
 def _expand_home(args) -> None:
   """`~` in the paths of a command that runs here: the shell leaves `--workdir=~/run`
   alone (a tilde is expanded only at the start of a word), which would make a folder
   named `~`. A launched job's paths are the cluster's, and stay as written."""
   if args.command == 'launch':
     return
-  for name in ('workdir', 'out', 'data_dir', 'config', 'hf'):
+  for name in _PATH_FLAGS:
     if isinstance(getattr(args, name, None), str):
       setattr(args, name, os.path.expanduser(getattr(args, name)))
 
@@ -503,7 +506,7 @@ def _expand_home(args) -> None:
 def _empty_path(args) -> str | None:
   """`--workdir=$RUN` with RUN unset passes an empty path, which would be the current
   directory: a run's checkpoints written into it, or a run resumed from its config.json."""
-  for name in ('workdir', 'out', 'data_dir', 'config', 'hf'):
+  for name in _PATH_FLAGS:
     value = getattr(args, name, None)
     if isinstance(value, str) and not value.strip():
       return f'--{name} is empty (an unset shell variable?); give a path'

@@ -592,16 +592,25 @@ def _bita_from_base_run(cfg: ConfigDict) -> ConfigDict:
   return ConfigDict(tree)
 
 
+def distill_summary(source) -> dict:
+  """The `distill.json` that `jaxarch distill` wrote beside a 'distilled:<dir>' source's
+  sequences, or {} (another source, or sequences written by hand without one)."""
+  if not (isinstance(source, str) and source.startswith('distilled:')):
+    return {}
+  try:
+    summary = json.loads((Path(source[len('distilled:'):]).expanduser() /
+                          'distill.json').read_text())
+  except (OSError, ValueError):  # missing, or not JSON (or not UTF-8)
+    return {}
+  return summary if isinstance(summary, dict) else {}
+
+
 def _check_distilled_from(source, base_workdir: str) -> None:
   """BiTA's masks learn what its own base generates: continuations distilled from another
   run (its `distill.json` says which) would teach drafts that this base rejects, which
   trains without a sign of it and decodes no faster."""
-  if not (isinstance(source, str) and source.startswith('distilled:')):
-    return
-  summary = Path(source[len('distilled:'):]).expanduser() / 'distill.json'
-  try:
-    distilled_from = json.loads(summary.read_text())['base_workdir']
-  except (OSError, ValueError, KeyError, TypeError):
+  distilled_from = distill_summary(source).get('base_workdir')
+  if distilled_from is None:
     return  # written by hand, without a summary: nothing to check against
   distilled_from = Path(distilled_from).expanduser()
   # A base run copied or moved since (to shared storage) leaves no other run at the path.

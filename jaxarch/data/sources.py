@@ -31,7 +31,6 @@ import fcntl
 import functools
 import glob as globlib
 import hashlib
-import json
 import logging
 import os
 import pathlib
@@ -43,7 +42,7 @@ import zlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxarch.config import DATA_SOURCE_ERROR, ConfigError
+from jaxarch.config import DATA_SOURCE_ERROR, ConfigError, distill_summary
 
 log = logging.getLogger(__name__)
 
@@ -381,12 +380,12 @@ def check_no_distilled(directory: str | os.PathLike) -> None:
     raise FileExistsError(f'{builder.data_dir} exists already; distill into a new directory')
 
 
-def _check_room_for_continuations(data_cfg, summary: pathlib.Path) -> None:
+def _check_room_for_continuations(data_cfg) -> None:
   """Rows keep a sequence's first `seq_len` tokens: prompts that fill them leave no
   continuation to train on (BiTA's first mask needs the token two past its anchor)."""
   try:
-    prompt_len = int(json.loads(summary.read_text())['prompt_len'])
-  except (OSError, ValueError, KeyError, TypeError):
+    prompt_len = int(distill_summary(data_cfg.source)['prompt_len'])
+  except (ValueError, KeyError, TypeError):
     return  # written by hand, without a summary: nothing to check against
   if prompt_len + 2 > data_cfg.seq_len:
     raise ConfigError(f'config error: data.source={data_cfg.source!r} holds prompts of up to '
@@ -404,7 +403,7 @@ def open_sequences(data_cfg, split: str):
     raise ConfigError(f'config error: data.source={source!r}: no distilled dataset in '
                       f'{directory}; write one with `jaxarch distill --workdir=BASE '
                       f'--out={directory}`')
-  _check_room_for_continuations(data_cfg, directory / 'distill.json')
+  _check_room_for_continuations(data_cfg)
   builder = tfds.builder_from_directory(str(prepared))
   if split not in builder.info.splits:
     return []

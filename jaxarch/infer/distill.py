@@ -86,8 +86,8 @@ def distill(workdir: str | Path, out: str | Path, *, num_prompts: int = 2048,
       new_tokens += sum(map(len, continuations))
   written = sources.write_distilled(out, splits)
   summary = {
-      'base_workdir': str(Path(workdir).absolute()), 'base_step': base_step, 'dataset': str(written),
-      'tokenizer': cfg.data.tokenizer, 'prompt_len': prompt_len,
+      'base_workdir': str(Path(workdir).absolute()), 'base_step': base_step,
+      'dataset': str(written), 'tokenizer': cfg.data.tokenizer, 'prompt_len': prompt_len,
       'max_new_tokens': max_new_tokens, 'seed': seed,
       'sequences': {k: len(v) for k, v in splits.items()}, 'new_tokens': new_tokens,
       'seconds': round(time.perf_counter() - start, 1),

@@ -2,7 +2,6 @@
 model (`load_model`), or the sub-models a new run starts from (`with_pretrained_parts`)."""
 
 import copy
-import json
 import logging
 import math
 from pathlib import Path
@@ -14,7 +13,6 @@ from jax.sharding import Mesh
 
 from jaxarch import config as config_lib
 from jaxarch import models
-from jaxarch.data import sources
 from jaxarch.layers.signals import WindowCounter
 from jaxarch.parallel import make_mesh
 from jaxarch.train.checkpoint import Checkpointer
@@ -76,18 +74,12 @@ def _restored_model(workdir: Path, mesh: Mesh,
 def _check_distilled_step(source: str, workdir: Path, step: int) -> None:
   """Continuations distilled from another checkpoint of the base teach drafts that the
   weights restored now may reject: the run trains without a sign of it."""
-  if not source.startswith(sources.DISTILLED):
-    return
-  summary = Path(source[len(sources.DISTILLED):]).expanduser() / 'distill.json'
-  try:
-    distilled_at = json.loads(summary.read_text())['base_step']
-  except (OSError, ValueError, KeyError, TypeError):
-    return  # distilled before the step was recorded, or written by hand
-  if distilled_at != step:
+  distilled_at = config_lib.distill_summary(source).get('base_step')
+  if distilled_at is not None and distilled_at != step:  # None: before it was recorded
     logging.getLogger(__name__).warning(
-        '%s was distilled from step %s of %s, whose latest checkpoint is now step %d; '
-        'distill it again (jaxarch distill) so that the drafts learn what it generates now',
-        summary.parent, distilled_at, workdir, step)
+        'data.source=%r was distilled from step %s of %s, whose latest checkpoint is now '
+        'step %d; distill it again (jaxarch distill) so that the drafts learn what it '
+        'generates now', source, distilled_at, workdir, step)
 
 
 def _difference(fresh, old) -> str | None:
