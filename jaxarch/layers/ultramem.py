@@ -40,7 +40,9 @@ Choices where the paper leaves room, stated once here:
   function of them), and SVD gradients blow up when singular values nearly coincide.
   Every non-deterministic forward (`deterministic=False`, the default; `nnx.Module.eval`
   sets it) recomputes them from `stop_gradient(ΣC_i)` before scoring, flipping their sign
-  to agree with the stored vectors.
+  to agree with the stored vectors; the trainer's step recomputes them again after the
+  update (`refresh_state`), so the vectors a checkpoint holds are of its cores and
+  evaluation and serving, which only read them, rank by the same vectors.
 - Heads share the value table and their reads are summed into the same bags.
 - IVE groups are the bags of one lookup (`sparse_lookup(..., bags=group)`): `c` lookup
   rows of `H·k` entries per token, each entry summed into its group's bag, so every
@@ -245,8 +247,7 @@ class UltraMem(nnx.Module):
                layout: layout_lib.Layout | None = None) -> jax.Array:
     b, s, d_model = x.shape
     if not self.deterministic:
-      u, v = self._leading_vectors(self.u[...])
-      self.u[...], self.v[...] = u, v
+      self.refresh_state()  # for training loops other than the trainer's step
     q = self.query(x, segment_ids, positions, layout).reshape(b * s, self.num_heads, 2, -1)
     virtual, scores = self.retrieve(q)
     physical, group = self.permute(virtual)
@@ -358,6 +359,10 @@ class UltraMem(nnx.Module):
     sigma = jnp.linalg.svd(cores.astype(_wide(cores.dtype)).sum(1), compute_uv=False)
     return jnp.mean(jnp.square(jax.nn.relu(sigma[:, 1:] - self.aux_tau))) if (
         sigma.shape[-1] > 1) else jnp.zeros((), sigma.dtype)
+
+  def refresh_state(self):
+    """`u, v` of the current cores (the trainer calls it after each update)."""
+    self.u[...], self.v[...] = self._leading_vectors(self.u[...])
 
   def _leading_vectors(self, previous):
     """(u, v) [h, r]: leading singular vectors of stop_gradient(ΣC_i), sign-aligned."""

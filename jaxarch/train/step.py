@@ -112,6 +112,19 @@ def _end_step(setup: TrainSetup, params, model_state, statistics):
   return nnx.state(model, nnx.Not(nnx.Param))
 
 
+def _refresh_state(setup: TrainSetup, params, model_state):
+  """The model state after every layer whose state derives from its weights (UltraMem's
+  Tucker vectors) recomputed it from the updated ones (`refresh_state`): a checkpoint's
+  state is then its weights', which evaluation and serving read without refreshing."""
+  model = nnx.merge(setup.graphdef, params, jax.tree.map(lambda x: x, model_state))
+  refreshed = False
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Module) and hasattr(node, 'refresh_state'):
+      node.refresh_state()
+      refreshed = True
+  return nnx.state(model, nnx.Not(nnx.Param)) if refreshed else model_state
+
+
 def leaf_norms(tree) -> jax.Array:
   """[n_leaves] L2 norm of each array of `tree`, in `leaf_names` order."""
   return jnp.stack([jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32))))
@@ -240,8 +253,9 @@ def make_train_step(setup: TrainSetup):
     opt_state = jax.tree_util.tree_map_with_path(
         lambda path, n, o: n if _is_count(path) else jnp.where(finite, n, o),
         opt_state, state['opt_state'])
+    model_state = _refresh_state(setup, params, keep(model_state, state['model_state']))
     new_state = dict(state, step=state['step'] + 1, params=params, opt_state=opt_state,
-                     model_state=keep(model_state, state['model_state']))
+                     model_state=model_state)
     return new_state, metrics
 
   replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
