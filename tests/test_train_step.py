@@ -218,6 +218,33 @@ def test_shipped_presets_configure_every_parameter_group_of_their_model(spec):
   assert groups - {'default'} == set(cfg.train.groups) == {'values'}
 
 
+def test_given_weights_start_the_state_in_their_shards_and_their_memory():
+  """`init_state(given=...)` (an import): the given arrays are the state's, sharded as
+  the state is, with the optimizer state made from them; their device buffers become
+  the state's (donated) and the rest of the state is initialised as without them."""
+  cfg = mesh_config(tiny_config(), fsdp=4, tensor=2)
+  setup = make_setup(cfg, make_mesh(cfg))
+  fresh = init_state(cfg, setup)
+  rng = np.random.default_rng(0)
+  embedding = rng.normal(size=fresh['params']['embed']['embedding'].shape).astype(np.float32)
+  q_proj = jax.device_put(
+      rng.normal(size=fresh['params']['blocks'][0]['attn']['q_proj'].shape).astype(np.float32),
+      fresh['params']['blocks'][0]['attn']['q_proj'].sharding)
+  state = init_state(cfg, setup, given={'embed.embedding': embedding,
+                                        'blocks.0.attn.q_proj': q_proj})
+  assert q_proj.is_deleted()  # its buffer is the state's
+  got = state['params']['embed']['embedding']
+  np.testing.assert_array_equal(got, embedding)
+  assert got.sharding == setup.shardings['params']['embed']['embedding'].get_value()
+  assert state['params']['blocks'][0]['attn']['q_proj'].sharding == (
+      setup.shardings['params']['blocks'][0]['attn']['q_proj'].get_value())
+  unchanged = lambda s: jax.tree.map(np.asarray, (s['params']['blocks'][1], s['model_state'],
+                                                  s['opt_state'], s['rng'], s['step']))
+  jax.tree.map(np.testing.assert_array_equal, unchanged(state), unchanged(fresh))
+  with pytest.raises(ValueError, match='has no variable blocks.9.attn.q_proj'):
+    init_state(cfg, setup, given={'blocks.9.attn.q_proj': embedding})
+
+
 def test_optimizer_state_has_one_structure_with_or_without_clipping():
   cfg = mesh_config(tiny_config(), data=8)
   params = make_setup(cfg, make_mesh(cfg)).abstract_state['params']

@@ -50,8 +50,8 @@ from flax import nnx
 from jaxarch import config as config_lib
 from jaxarch.data import get_tokenizer
 from jaxarch.export.hf_tokenizer import write_tokenizer
-from jaxarch.export.weights import (ExportError, all_or_nothing, flat_arrays, free_out,
-                                    named_variables, readable)
+from jaxarch.export.weights import ExportError, all_or_nothing, flat_arrays, free_out, readable
+from jaxarch.models import named_variables
 from jaxarch.models.transformer import head_dim
 
 ARCHITECTURES = {'dense': 'LlamaForCausalLM', 'moe': 'MixtralForCausalLM'}
@@ -316,19 +316,18 @@ def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
     raise ExportError(f'import: {tokenizer} has {ids} ids, more than the model\'s '
                       f'vocab_size={cfg.model.vocab_size}')
   arrays = our_arrays(hf, cfg)
+  del hf  # its arrays are now arrays' (views or copies): host memory for one model
   cfg, mesh = mesh_here(cfg)
   setup = make_setup(cfg, mesh)
-  state = init_state(cfg, setup)
-  for collection in ('params', 'model_state'):
-    for name, (_, variable) in named_variables(state[collection]).items():
-      if name not in arrays:
-        continue  # e.g. the window counters, which start at zero
-      want, got = variable.get_value(), arrays.pop(name)
-      if tuple(want.shape) != got.shape:
-        raise ExportError(f'import: {name} is {list(got.shape)} in the checkpoint, the '
-                          f'config expects {list(want.shape)}')
-      variable.set_value(jax.device_put(got.astype(want.dtype), want.sharding))
-  assert not arrays, sorted(arrays)  # our_arrays names exactly the model's variables
+  expected = {name: variable.get_value().shape for collection in ('params', 'model_state')
+              for name, (_, variable) in named_variables(setup.abstract_state[collection]
+                                                         ).items()}
+  for name, got in arrays.items():  # our_arrays names model variables; window counters
+    if tuple(expected[name]) != got.shape:  # and the like start at zero
+      raise ExportError(f'import: {name} is {list(got.shape)} in the checkpoint, the '
+                        f'config expects {list(expected[name])}')
+  state = init_state(cfg, setup, given=arrays)  # no random weights made to be replaced
+  del arrays
   with all_or_nothing(workdir) as partial:  # a failed import leaves no half-made run
     (partial / 'tokenizer').mkdir()
     shutil.copy(tokenizer, partial / 'tokenizer' / tokenizer.name)

@@ -27,10 +27,11 @@ import ml_collections
 from flax import nnx
 
 from jaxarch.export import run_stablehlo
-from jaxarch.export.weights import ExportError, flat_arrays, named_variables, write_model
+from jaxarch.export.weights import ExportError, flat_arrays, write_model
 from jaxarch.infer.decoding import for_inference
 from jaxarch.infer.sampling import within_vocab
 from jaxarch.layers.signals import WindowCounter
+from jaxarch.models import named_variables
 
 
 def _state(template: dict[str, tuple], arrays: dict[str, jax.Array]) -> nnx.State:

@@ -36,6 +36,7 @@ from jaxarch import config as config_lib
 from jaxarch import models
 from jaxarch.data import get_tokenizer
 from jaxarch.layers.signals import WindowCounter
+from jaxarch.models import named_variables
 
 WEIGHTS = 'model.safetensors'
 
@@ -48,12 +49,6 @@ def _exported_state(model: nnx.Module) -> nnx.State:
   """The variables that define the model's outputs: not decode caches, sown values nor
   training statistics (`WindowCounter`s, which start at zero)."""
   return nnx.state(model, nnx.Not(nnx.Any(nnx.Cache, nnx.Intermediate, WindowCounter)))
-
-
-def named_variables(state: nnx.State) -> dict[str, tuple]:
-  """'blocks.3.attn.q_proj' -> (path, variable) for every variable of `state`."""
-  return {'.'.join(map(str, path)): (path, variable)
-          for path, variable in nnx.to_flat_state(state)}
 
 
 def flat_arrays(model: nnx.Module) -> dict[str, jax.Array]:

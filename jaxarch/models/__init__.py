@@ -77,3 +77,10 @@ def param_counts(model: nnx.Module) -> dict[str, int]:
                   if isinstance(m, Embed))
   return {'total': total, 'active': total - inactive, 'embedding': embedding,
           'trained': total - frozen}
+
+
+def named_variables(state: nnx.State) -> dict[str, tuple]:
+  """'blocks.3.attn.q_proj' -> (path, variable) for every variable of `state`: the names
+  of exports and imports."""
+  return {'.'.join(map(str, path)): (path, variable)
+          for path, variable in nnx.to_flat_state(state)}

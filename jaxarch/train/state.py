@@ -15,6 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxarch import models
+from jaxarch.models import named_variables
 from jaxarch.parallel import batch_sharding, tree_shardings
 from jaxarch.train.optimizer import make_optimizer
 
@@ -69,10 +70,23 @@ def describe(cfg: ml_collections.ConfigDict, setup: TrainSetup) -> dict:
           'mu_dtype': cfg.train.mu_dtype}
 
 
-def _init_state(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> dict:
+def _with_values(state: nnx.State, values: dict) -> nnx.State:
+  """`state` with the variables that `values` names (`named_variables`) holding its arrays."""
+  named = named_variables(state)
+  for name, value in values.items():
+    if name in named:
+      variable = named[name][1]
+      variable.set_value(value.astype(variable.get_value().dtype))
+  return state
+
+
+def _init_state(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                given: dict | None = None) -> dict:
   key = jax.random.PRNGKey(cfg.train.seed)
   init_key, train_key = jax.random.split(key)
   _, params, model_state = _split(models.build(cfg.model, rngs=nnx.Rngs(init_key)))
+  if given:
+    params, model_state = _with_values(params, given), _with_values(model_state, given)
   return {
       'step': jnp.zeros((), jnp.int32),
       'params': params,
@@ -82,9 +96,26 @@ def _init_state(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation
   }
 
 
-def init_state(cfg: ml_collections.ConfigDict, setup: TrainSetup) -> dict:
-  """A fresh train state, each array created directly in its shards."""
-  return jax.jit(lambda: _init_state(cfg, setup.tx), out_shardings=setup.shardings)()
+def init_state(cfg: ml_collections.ConfigDict, setup: TrainSetup,
+               given: dict | None = None) -> dict:
+  """A fresh train state, each array created directly in its shards.
+
+  `given` (name -> array, names of `named_variables` of the params and model state; an
+  imported checkpoint's weights) replaces those initial values before the optimizer state
+  is made from them. Each given array goes straight to its own shards and becomes the
+  state's (its device buffer is donated), and the random values it replaces are never
+  made (XLA drops what no output reads): a model is imported in its train state's memory.
+  """
+  if not given:
+    return jax.jit(lambda: _init_state(cfg, setup.tx), out_shardings=setup.shardings)()
+  shardings = {**named_variables(setup.shardings['params']),
+               **named_variables(setup.shardings['model_state'])}
+  unknown = sorted(set(given) - set(shardings))
+  if unknown:
+    raise ValueError(f'init_state: the model has no variable {unknown[0]}')
+  given = jax.device_put(given, {name: shardings[name][1].get_value() for name in given})
+  return jax.jit(lambda given: _init_state(cfg, setup.tx, given),
+                 out_shardings=setup.shardings, donate_argnums=0)(given)
 
 
 def merge_model(setup: TrainSetup, state: dict) -> nnx.Module:
