@@ -243,6 +243,8 @@ def test_export_checks_out_and_platforms_before_reading_the_checkpoint(tmp_path,
   run = ['export', f'--workdir={tmp_path}/run']
   assert cli.main([*run, f'--out={tmp_path}/out']) == 2
   assert 'exists and is not empty' in capsys.readouterr().err
+  assert cli.main([*run, f'--out={tmp_path}/out/weights']) == 2
+  assert f'--out={tmp_path}/out/weights is a file' in capsys.readouterr().err
   assert cli.main([*run, f'--out={tmp_path}/new', '--format=stablehlo', '--platforms=gpu']) == 2
   assert "platform 'gpu' is not one of" in capsys.readouterr().err
 

@@ -515,6 +515,11 @@ def test_report_reads_records_without_flops_and_skips_bad_sizes(tmp_path, capsys
   assert cli.main(['fit', f'--workdir={tmp_path}', '--params=total', '--bootstrap=0']) == 2
   err = capsys.readouterr().err
   assert 'none of the 18 runs in' in err and 'run `jaxarch sweep' not in err
+  # A training run's workdir given for a sweep's: said so, not "run the sweep first".
+  (tmp_path / 'run').mkdir()
+  (tmp_path / 'run' / 'config.json').write_text('{}')
+  assert cli.main(['fit', f'--workdir={tmp_path / "run"}']) == 2
+  assert f"{tmp_path / 'run'} is a training run's workdir" in capsys.readouterr().err
 
 def test_fits_refuse_losses_that_are_not_finite_numbers():
   records = _law_records(CHINCHILLA, [1e18, 1e19], np.geomspace(1e7, 1e10, 4), noise=0.0)

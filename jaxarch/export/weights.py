@@ -60,7 +60,9 @@ def flat_arrays(model: nnx.Module) -> dict[str, jax.Array]:
 def free_out(out: str | Path) -> Path:
   """`out`, refused if something is there already (an empty directory is free)."""
   out = Path(out)
-  if out.exists() and (not out.is_dir() or any(out.iterdir())):
+  if out.exists() and not out.is_dir():
+    raise ExportError(f'export: --out={out} is a file; give a new directory for the export')
+  if out.exists() and any(out.iterdir()):
     raise ExportError(f'export: {out} exists and is not empty; choose a new --out')
   return out
 

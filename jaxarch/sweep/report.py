@@ -294,6 +294,11 @@ def write_report(workdir: str | Path, out: str | Path | None = None, *,
     raise fit_lib.FitError(f'fit: none of the {len(found)} runs in {workdir / "results.jsonl"} '
                            f'can be fitted with --params={params} (see the warnings above)')
   if not records:
+    # A training run's workdir (its config.json beside checkpoints/) is one run, not a sweep.
+    if (workdir / 'config.json').is_file():
+      raise FileNotFoundError(f'no runs in {workdir / "results.jsonl"}: {workdir} is a '
+                              'training run\'s workdir; give `jaxarch fit` the --workdir of '
+                              'a `jaxarch sweep`')
     raise FileNotFoundError(f'no runs in {workdir / "results.jsonl"}; run `jaxarch sweep '
                             f'--config=SWEEP_FILE.py[:ARG] --workdir={workdir}` first')
   out.mkdir(parents=True, exist_ok=True)
