@@ -90,6 +90,9 @@ def get_config(arg=None):
   c.data.data_dir = ml_collections.config_dict.placeholder(str)  # None: $JAXARCH_DATA_DIR or ~/.cache/jaxarch
   c.data.validation_fraction = 0.05  # split by document; of tfds: without validation/test
   c.data.pack_align = 1  # documents start at multiples of this (MEGABYTE: the patch size)
+  # The id each document and prompt starts with; None: the tokenizer's end-of-document id.
+  # `jaxarch import` sets a Llama's own (`<s>`: 1, Llama 3's `<|begin_of_text|>`: 128000).
+  c.data.bos_id = ml_collections.config_dict.placeholder(int)
   # tfds: the feature of each example to read (None: `text`, or the only text feature);
   # other sources are plain text and warn that it is unread
   c.data.text_key = ml_collections.config_dict.placeholder(str)

@@ -188,7 +188,7 @@ def _bench(args, overrides):
 def _generate(args, overrides):
   # pylint: disable=g-import-not-at-top
   from jaxarch import infer
-  from jaxarch.data import get_tokenizer
+  from jaxarch.data import bos_id, get_tokenizer
   from jaxarch.data.tokenizers import decode_continuation
   from jaxarch.parallel import make_mesh
   from jaxarch.train.pretrained import load_model
@@ -196,8 +196,8 @@ def _generate(args, overrides):
   _check_backend()
   cfg, model = load_model(args.workdir, step=args.step)
   tokenizer = get_tokenizer(cfg.data.tokenizer)
-  # Documents were trained as [eod] + text: the eod id is the BOS the model expects.
-  prompts = [[tokenizer.eod_id] + tokenizer.encode(p) for p in args.prompt]
+  # Documents were trained as [bos] + text (bos: data.bos_id, by default the eod id).
+  prompts = [[bos_id(cfg.data, tokenizer)] + tokenizer.encode(p) for p in args.prompt]
   longest = max(map(len, prompts)) + args.max_new_tokens
   if longest > cfg.model.max_len:
     print(f'jaxarch: warning: {longest} positions exceed model.max_len={cfg.model.max_len}; '

@@ -589,6 +589,13 @@ def _bita_from_base_run(cfg: ConfigDict) -> ConfigDict:
   elif tree['data']['tokenizer'] != base.data.tokenizer:
     raise ConfigError(f'data.tokenizer={tree["data"]["tokenizer"]!r} differs from the base '
                       f'run\'s {base.data.tokenizer!r}; leave it unset')
+  # BiTA's prompts start as the base run's documents did (an imported Llama's `<s>`).
+  bos = base.data.get('bos_id')
+  if tree['data'].get('bos_id') is None:
+    tree['data']['bos_id'] = bos
+  elif tree['data']['bos_id'] != bos:
+    raise ConfigError(f'data.bos_id={tree["data"]["bos_id"]!r} differs from the base run\'s '
+                      f'{bos!r}; leave it unset')
   return ConfigDict(tree)
 
 
@@ -738,6 +745,12 @@ def _check_data(cfg: ConfigDict) -> None:
   if not 0 <= _number(cfg, 'data.validation_fraction') < 1:
     raise ConfigError(f'data.validation_fraction={cfg.data.validation_fraction} must be in '
                       '[0, 1): the share of files held out for validation')
+  # Read with get: a run saved before the key starts documents with eod, as it trained.
+  bos, vocab = cfg.data.get('bos_id'), cfg.model.vocab_size
+  if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int)
+                          or not 0 <= bos < vocab):
+    raise ConfigError(f'data.bos_id={bos!r} must be a token id in [0, model.vocab_size='
+                      f"{vocab}), or None (the tokenizer's end-of-document id)")
   # Packing aligns documents within a row; rows of another length shift the next row's.
   if cfg.data.seq_len % cfg.data.pack_align:
     raise ConfigError(f'data.seq_len={cfg.data.seq_len} must be a multiple of '

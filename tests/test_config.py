@@ -230,6 +230,9 @@ def test_rope_needs_an_even_head_dimension():
     (['train.weight_decay=-0.1'], 'train.weight_decay=-0.1 must be >= 0'),
     (['data.validation_fraction=2.0'], 'data.validation_fraction=2.0 must be in [0, 1)'),
     (['data.pack_align=5'], 'data.seq_len=128 must be a multiple of data.pack_align=5'),
+    (['data.bos_id=-1'], "data.bos_id=-1 must be a token id in [0, model.vocab_size=384), "
+     "or None (the tokenizer's end-of-document id)"),
+    (['data.bos_id=384'], 'data.bos_id=384 must be a token id in [0, model.vocab_size=384)'),
 ])
 def test_init_adam_and_data_settings_are_checked(overrides, message):
   assert error_of(tiny, *overrides).startswith(f'config error: {message}')
@@ -491,6 +494,34 @@ def test_a_run_saved_before_newer_run_keys_resumes_with_their_defaults(tmp_path)
   path.write_text(json.dumps(old))
   assert error_of(config_lib.load_json, path) == (
       f"config error: {path}: missing key 'model.d_ff' (an older or edited saved config)")
+
+
+def test_data_bos_id_defaults_to_none_and_a_run_saved_without_it_loads(tmp_path):
+  """None: documents start with the tokenizer's eod, as before the key (an imported Llama
+  sets its own BOS); a saved config keeps the key optional, an older one lacks it."""
+  assert tiny().data.bos_id is None and tiny('data.bos_id=1').data.bos_id == 1
+  path = tmp_path / 'config.json'
+  config_lib.save(tiny('data.bos_id=1'), path)
+  assert config_lib.load_json(path).data.bos_id == 1
+  assert config_lib.load_json(path, ['data.bos_id=none']).data.bos_id is None
+  old = json.loads(path.read_text())
+  del old['data']['bos_id']
+  path.write_text(json.dumps(old))
+  assert config_lib.load_json(path).data.get('bos_id') is None
+
+
+def test_a_bita_config_takes_the_base_runs_bos(tmp_path):
+  """BiTA's prompts start as its base run's documents did (an imported Llama's <s>)."""
+  (tmp_path / 'base').mkdir()
+  config_lib.save(tiny('data.bos_id=65'), tmp_path / 'base' / 'config.json')
+  load = lambda *overrides: config_lib.load('configs/bita.py:tiny', [
+      f'model.bita.base_workdir={tmp_path / "base"}', 'data.source=distilled:/data',
+      *overrides])
+  assert load().data.bos_id == 65 and load('data.bos_id=65').data.bos_id == 65
+  config_lib.save(load(), tmp_path / 'bita.json')  # what `generate` of the BiTA run reads
+  assert config_lib.load_json(tmp_path / 'bita.json').data.bos_id == 65
+  assert error_of(load, 'data.bos_id=1') == (
+      "config error: data.bos_id=1 differs from the base run's 65; leave it unset")
 
 
 def test_a_moe_run_saved_before_the_kernel_choice_resumes_with_auto(tmp_path):

@@ -905,6 +905,65 @@ def test_an_empty_document_keeps_its_target_when_pad_is_eod(tmp_path):
       np.concatenate([ids + [tokenizer.eod_id] for ids in documents]))
 
 
+def _llama_corpus(tmp_path, **overrides):
+  """Documents (every second one empty) read with a Llama-style tokenizer: <s> 1, </s> 2,
+  no pad token (pad = eod = 2)."""
+  tokenizer_path = _llama_style_tokenizer(tmp_path / 'tokenizer.json')
+  directory = tmp_path / 'corpus'
+  directory.mkdir()
+  for i in range(12):
+    (directory / f'doc_{i:02d}.txt').write_text('' if i % 2 else f'the café {i}')
+  cfg = _data_config(tmp_path, f'files:{directory}/*.txt', tokenizer=tokenizer_path,
+                     **{'validation_fraction': 0.5, **overrides})
+  return cfg, data.get_tokenizer(tokenizer_path)
+
+
+@pytest.mark.parametrize('bos', [None, 1])
+def test_documents_start_with_data_bos_id_and_end_with_eod(tmp_path, bos):
+  """Llama's `<s> doc </s>`: inputs [bos] + ids, targets ids + [eod]; the default BOS is the
+  eod, as jaxarch's own models train. An empty document is <s> -> </s>, not padding."""
+  cfg, tokenizer = _llama_corpus(tmp_path, bos_id=bos)
+  source = data.open_source(cfg, 'validation')
+  documents = [tokenizer.encode(source[i]) for i in range(len(source))]
+  assert [] in documents and any(documents)
+  batches = list(data.make_eval_dataset(cfg, batch_size=2, num_batches=100))
+  first = 2 if bos is None else bos
+  np.testing.assert_array_equal(_stream(batches, 'inputs'),
+                                np.concatenate([[first] + ids for ids in documents]))
+  np.testing.assert_array_equal(_stream(batches, 'targets'),
+                                np.concatenate([ids + [2] for ids in documents]))
+
+
+def test_a_train_position_holds_under_another_bos(tmp_path):
+  """A document is one token longer under any BOS: a position saved under the eod as BOS
+  goes on with the same documents, and rows, under `<s>` (an imported run set right)."""
+  cfg, _ = _llama_corpus(tmp_path, validation_fraction=0.0)
+  iterator = iter(data.make_train_dataset(cfg, seed=0, global_batch_size=2))
+  _take(iterator, 3)
+  state = iterator.get_state()
+  want = _take(iterator, 4)
+  cfg.bos_id = 1
+  resumed = iter(data.make_train_dataset(cfg, seed=0, global_batch_size=2))
+  resumed.set_state(json.loads(json.dumps(state)))
+  for a, b in zip(want, _take(resumed, 4)):
+    np.testing.assert_array_equal(b['segment_ids'], a['segment_ids'])
+    np.testing.assert_array_equal(b['targets'], a['targets'])
+    starts = (a['positions'] == 0) & (a['segment_ids'] > 0) & (a['inputs'] == 2)
+    np.testing.assert_array_equal(b['inputs'], np.where(starts, 1, a['inputs']))
+    assert starts.any()
+
+
+@pytest.mark.parametrize('bos', [258, -1, True])
+def test_a_bos_id_outside_the_tokenizer_is_one_line(bos):
+  cfg = _dense_data_config()  # model.vocab_size 384 takes 258; the byte tokenizer has 258
+  cfg.bos_id = bos
+  with pytest.raises(ConfigError) as error:
+    data.bos_id(cfg, data.ByteTokenizer())
+  assert str(error.value) == (f"config error: data.bos_id={bos!r} must be an id of "
+                              "data.tokenizer='bytes', in [0, 258), or None (its "
+                              "end-of-document id, 257)")
+
+
 # HF tokenizer.json files: bits per byte needs each token's UTF-8 bytes.
 
 def _gpt2_style_tokenizer(path):

@@ -101,6 +101,7 @@ def test_stablehlo_generates_the_tokens_of_jaxarch_generate(tmp_path, family):
   exported = StableHLOModel(tmp_path / 'out')
   # By default half the positions hold the prompt: whole patches of MEGABYTE's 4 bytes.
   assert exported.spec['prompt_len'] == (8 if family == 'megabyte' else 10)
+  assert exported.bos_id == exported.spec['bos_id'] == 257  # the eod: the default BOS
   got = exported.generate(prompts, max_new_tokens=12)
   assert got == want and len(got[0]) >= 1
   # The untrained model prefers some of the padding ids (258-383): never generated.
@@ -620,6 +621,51 @@ def test_a_damaged_hf_checkpoint_or_tokenizer_is_one_line_and_makes_no_run(tmp_p
     assert message in err and err.count('\n') == 1 and 'Traceback' not in err, err
     assert not (tmp_path / f'run{i}').exists()
     (tmp_path / 'hf' / name).write_bytes(good[name])
+
+
+def test_an_hf_checkpoint_imports_with_its_own_bos_and_exports_it_again(tmp_path, capsys):
+  """A Llama reads `<s> text </s>`: config.json's bos_token_id, when not the tokenizer's
+  eod, becomes data.bos_id, and the export names it again (config.json,
+  generation_config.json, the tokenizer's BOS). Checked once with transformers 5.25: a tiny
+  LlamaForCausalLM it wrote (<s> 1, </s> 2) imports and `jaxarch generate` gives its
+  greedy `model.generate` tokens for the same prompt, which it tokenizes as [1, ...]."""
+  from test_data import _llama_style_tokenizer  # pylint: disable=g-import-not-at-top
+  hf = pytest.importorskip('tokenizers')
+  (tmp_path / 'tok').mkdir()
+  cfg = family_config('dense')
+  with cfg.unlocked():
+    cfg.data.tokenizer = _llama_style_tokenizer(tmp_path / 'tok' / 'tokenizer.json')
+  write_hf(_model(cfg), cfg, tmp_path / 'hf')
+  config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+  assert (config['bos_token_id'], config['eos_token_id']) == (2, 2)  # the run's default
+  imported = {}
+  for name, bos in (('own', 1), ('eod', 2), ('none', None)):
+    change = {} if bos is None else {'bos_token_id': bos}
+    (tmp_path / 'hf' / 'config.json').write_text(json.dumps(
+        {**{k: v for k, v in config.items() if k != 'bos_token_id'}, **change}))
+    assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / name}']) == 0
+    imported[name] = config_lib.load_json(tmp_path / name / 'config.json').data.bos_id
+  assert imported == {'own': 1, 'eod': None, 'none': None}
+
+  cfg, model = load_model(tmp_path / 'own')
+  write_hf(model, cfg, tmp_path / 'again')
+  read = lambda name: json.loads((tmp_path / 'again' / name).read_text())
+  assert (read('config.json')['bos_token_id'], read('config.json')['eos_token_id']) == (1, 2)
+  assert read('generation_config.json')['bos_token_id'] == 1
+  assert (read('tokenizer_config.json')['bos_token'],
+          read('tokenizer_config.json')['eos_token']) == ('<s>', '</s>')
+  tokenizer = hf.Tokenizer.from_file(str(tmp_path / 'again' / 'tokenizer.json'))
+  ours = get_tokenizer(cfg.data.tokenizer)
+  assert tokenizer.encode('the café').ids == [1, *ours.encode('the café')]
+  write_model(model, cfg, tmp_path / 'weights')  # and the safetensors export's spec
+  assert json.loads((tmp_path / 'weights' / 'tokenizer.json').read_text())['bos_id'] == 1
+
+  capsys.readouterr()
+  (tmp_path / 'hf' / 'config.json').write_text(json.dumps({**config, 'bos_token_id': 999}))
+  assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "bad"}']) == 2
+  err = capsys.readouterr().err
+  assert 'config.json has bos_token_id=999, which is no id of' in err, err
+  assert err.count('\n') == 1 and not (tmp_path / 'bad').exists()
 
 
 def test_an_hf_config_with_default_rope_scaling_imports(tmp_path):

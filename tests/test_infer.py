@@ -289,6 +289,37 @@ def test_generate_command_continues_prompts_from_the_latest_checkpoint(tmp_path,
   assert 'temperature=-1.0 must be > 0' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('bos, first', [('none', 257), ('65', 65)])
+def test_generate_command_starts_prompts_with_the_runs_bos(tmp_path, monkeypatch, bos, first):
+  """data.bos_id (an imported Llama's <s>), else the tokenizer's eod, as documents start."""
+  cfg = mesh_config(config_lib.load('configs/dense.py:tiny', [f'data.bos_id={bos}']), data=8)
+  config_lib.save(cfg, tmp_path / 'config.json')
+  checkpointer = Checkpointer(tmp_path, async_save=False)
+  checkpointer.save(0, init_state(cfg, make_setup(cfg, make_mesh(cfg))))
+  checkpointer.close()
+  prompts, generate = [], infer.Generator.__call__
+
+  def spy(self, batch, **kwargs):
+    prompts.extend(batch)
+    return generate(self, batch, **kwargs)
+
+  monkeypatch.setattr(infer.Generator, '__call__', spy)
+  assert cli.main(['generate', '--workdir', str(tmp_path), '--prompt', 'hi',
+                   '--max_new_tokens', '2']) == 0
+  assert prompts == [[first, *b'hi']]
+
+
+def test_distill_prompts_start_with_the_runs_bos(tmp_path):
+  from test_data import _data_config, _write_corpus  # pylint: disable=g-import-not-at-top
+  from jaxarch.data import ByteTokenizer  # pylint: disable=g-import-not-at-top
+  from jaxarch.infer.distill import sample_prompts  # pylint: disable=g-import-not-at-top
+  _write_corpus(tmp_path / 'corpus', num_docs=8, max_len=20)
+  cfg = _data_config(tmp_path, f'files:{tmp_path}/corpus/*.txt', bos_id=65)
+  # Prompts longer than every document: each is a whole document, from its start.
+  prompts = sample_prompts(cfg, 'train', 6, 64, 0, ByteTokenizer())
+  assert len(prompts) == 6 and all(p[0] == 65 and 257 not in p for p in prompts)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('family', ['moe', 'ultramem', 'megabyte'])
 def test_gpu_prefill_and_decode_step_lower_for_cuda(family, traced_as_on_gpu):

@@ -6,4 +6,5 @@ from jaxarch.data.pipeline import synthetic_batch
 from jaxarch.data.sources import open_source
 from jaxarch.data.sources import resolve_data_dir
 from jaxarch.data.tokenizers import ByteTokenizer
+from jaxarch.data.tokenizers import bos_id
 from jaxarch.data.tokenizers import get_tokenizer

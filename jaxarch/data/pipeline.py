@@ -1,8 +1,9 @@
 """Grain pipeline: documents -> tokens -> rows of `seq_len` packed with segment ids -> batches.
 
-Each document becomes `inputs = [eod] + ids` and `targets = ids + [eod]`: the leading eod
-acts as BOS, and the last target of a document is its eod, so no target ever belongs to
-another document. Concat-then-split packing fills every row completely; a document longer
+Each document becomes `inputs = [bos] + ids` and `targets = ids + [eod]`: the BOS is the
+tokenizer's eod unless `data.bos_id` names another (an imported Llama's `<s>`: Llama's
+`<s> doc </s>`), and the last target of a document is its eod, so no target ever belongs
+to another document. Concat-then-split packing fills every row completely; a document longer
 than a row continues in the next one instead of being cut off. A batch is a dict of int32
 arrays `[local_batch, seq_len]`:
 
@@ -51,23 +52,26 @@ log = logging.getLogger(__name__)
 
 _FEATURES = ('inputs', 'targets', 'segment_ids', 'positions')
 # The `data` keys that decide which documents go into which rows, with the batch size,
-# seed and streams: a saved train position is a position under these values only.
+# seed and streams: a saved train position is a position under these values only. Not
+# `bos_id`: a document is one token longer under any BOS, so its position holds.
 LAYOUT_KEYS = ('source', 'text_key', 'tokenizer', 'seq_len', 'pack_align',
                'validation_fraction')
 
 
 class _Tokenize(grain.transforms.Map):
-  """Document text -> `{inputs: [eod] + ids, targets: ids + [eod]}`, padded with pad_id to
+  """Document text -> `{inputs: [bos] + ids, targets: ids + [eod]}`, padded with pad_id to
   a multiple of `align` tokens (so that every document starts on a multiple of `align`)."""
 
-  def __init__(self, tokenizer, align: int = 1):
+  def __init__(self, tokenizer, align: int = 1, bos: int | None = None):
     self._tokenizer = tokenizer
     self._align = align
+    self._bos = tokenizer.eod_id if bos is None else bos
 
   def map(self, text: bytes) -> dict[str, np.ndarray]:
     ids = np.asarray(self._tokenizer.encode(text), np.int32)
+    bos = np.array([self._bos], np.int32)
     eod = np.array([self._tokenizer.eod_id], np.int32)
-    inputs, targets = np.concatenate([eod, ids]), np.concatenate([ids, eod])
+    inputs, targets = np.concatenate([bos, ids]), np.concatenate([ids, eod])
     pad = -len(inputs) % self._align
     if pad:
       fill = np.full(pad, self._tokenizer.pad_id, np.int32)
@@ -79,10 +83,11 @@ class _Finalize(grain.transforms.Map):
   """Names the packing outputs and marks padding: segment 0 (packing writes 0 after the
   last document) and, when documents are `aligned` (`data.pack_align` > 1), alignment
   padding inside a document, where input and target are both pad_id. (Not every pad_id
-  input: a tokenizer without a pad token pads with its eod, which is also each document's
-  first input, its BOS; and an empty document is the single input eod with the target eod,
-  which is why only aligned documents, whose tokenizer must have a pad token, look for
-  alignment padding.)"""
+  input: a tokenizer without a pad token pads with its eod, which is each document's last
+  target and, by default, its first input, its BOS; and an empty document is the single
+  input BOS with the target eod, which is why only aligned documents, whose tokenizer must
+  have a pad token, look for alignment padding. A `data.bos_id` that is the pad id is
+  never padding either: its target is the document's first id or its eod.)"""
 
   def __init__(self, pad_id: int, aligned: bool = True):
     self._pad_id = pad_id
@@ -142,7 +147,8 @@ def _packed_rows(docs: grain.MapDataset, tokenizer, data_cfg,
                       'with eod')
   # Tokenizing runs in the read threads; the iterator state stays a document index.
   read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * num_threads)
-  ds = docs.map(_Tokenize(tokenizer, align)).to_iter_dataset(read)
+  ds = docs.map(_Tokenize(tokenizer, align, tokenizers.bos_id(data_cfg, tokenizer)))
+  ds = ds.to_iter_dataset(read)
   return _JsonStatePacking(ds, data_cfg.seq_len).map(_Finalize(tokenizer.pad_id, align > 1))
 
 

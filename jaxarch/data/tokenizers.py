@@ -2,9 +2,9 @@
 
 Every tokenizer exposes the same small surface the pipeline and trainer need: `encode`
 (of `str`, or of a document's stored `bytes`), `decode`, `vocab_size`, `pad_id`, `eod_id`
-(end of document, also used as BOS) and `byte_lengths[id]`, the number of UTF-8 bytes a
-token stands for, so that the trainer can report bits per byte = total_nats / ln 2 /
-total_bytes for any tokenizer.
+(end of document, also the BOS unless `data.bos_id` names another: `bos_id`) and
+`byte_lengths[id]`, the number of UTF-8 bytes a token stands for, so that the trainer can
+report bits per byte = total_nats / ln 2 / total_bytes for any tokenizer.
 """
 
 import functools
@@ -206,6 +206,20 @@ def decode_continuation(tokenizer, prompt_ids, new_ids) -> str:
   if whole.startswith(before):
     return whole[len(before):]
   return tokenizer.decode(new_ids)  # the prompt's end merged with the continuation
+
+
+def bos_id(data_cfg, tokenizer) -> int:
+  """The id every document and prompt starts with: `data.bos_id`, or (None, the default)
+  the tokenizer's eod id, which jaxarch's own models train with. An imported Llama reads
+  its own BOS (`<s>`, `<|begin_of_text|>`), which `jaxarch import` sets."""
+  bos = data_cfg.get('bos_id')
+  if bos is None:
+    return tokenizer.eod_id
+  if isinstance(bos, bool) or not isinstance(bos, int) or not 0 <= bos < tokenizer.vocab_size:
+    raise ConfigError(f'config error: data.bos_id={bos!r} must be an id of data.tokenizer='
+                      f'{data_cfg.get("tokenizer")!r}, in [0, {tokenizer.vocab_size}), or None '
+                      f'(its end-of-document id, {tokenizer.eod_id})')
+  return bos
 
 
 def get_tokenizer(spec: str):

@@ -5,7 +5,8 @@ The byte tokenizer goes as a byte-level BPE without merges (ids 0-255 are the by
 in jaxarch), a `tokenizer.json` as it is, a SentencePiece model as a `tokenizer.json`
 converted from it (and the `.model` beside it as `tokenizer.model`, for llama.cpp's
 converter). Every text
-starts with the end-of-document id, the BOS the model trained with: the tokenizer adds it.
+starts with the BOS the model trained with (`data.bos_id`, by default the end-of-document
+id): the tokenizer adds it.
 
 transformers' LlamaTokenizer reads a `.model` without its normaliser, so runs of spaces,
 tabs, newlines and NFKC text got other ids than `sp.encode`. The conversion
@@ -44,10 +45,15 @@ from jaxarch.data.tokenizers import ByteTokenizer, gpt2_byte_chars
 PAD, EOD = '<pad>', '<|endoftext|>'  # the byte tokenizer's specials, 256 and 257
 
 
-def byte_tokenizer_json() -> dict:
+def _byte_token(i: int) -> str:
+  """The byte tokenizer's id `i` as `byte_tokenizer_json` spells it."""
+  return {ByteTokenizer.pad_id: PAD, ByteTokenizer.eod_id: EOD}.get(i) or gpt2_byte_chars()[i]
+
+
+def byte_tokenizer_json(bos: int = ByteTokenizer.eod_id) -> dict:
   """jaxarch's byte tokenizer in `tokenizers`' format: byte-level BPE with no merges, so
   each byte is one token whose id is the byte (ids in byte order, not GPT-2's); 256 is
-  <pad> and 257 <|endoftext|>, which starts every text."""
+  <pad> and 257 <|endoftext|>, which starts every text unless `bos` is another id."""
   char = gpt2_byte_chars()
   return {
       'version': '1.0', 'truncation': None, 'padding': None,
@@ -55,7 +61,7 @@ def byte_tokenizer_json() -> dict:
       'normalizer': None,
       'pre_tokenizer': {'type': 'ByteLevel', 'add_prefix_space': False, 'trim_offsets': False,
                         'use_regex': False},
-      'post_processor': _bos_template(EOD, ByteTokenizer.eod_id),
+      'post_processor': _bos_template(_byte_token(bos), bos),
       'decoder': {'type': 'ByteLevel', 'add_prefix_space': False, 'trim_offsets': False,
                   'use_regex': False},
       'model': {'type': 'BPE', 'dropout': None, 'unk_token': None,
@@ -233,15 +239,19 @@ def _bos_template(token: str, token_id: int) -> dict:
           'special_tokens': {token: {'id': token, 'ids': [token_id], 'tokens': [token]}}}
 
 
-def write_tokenizer(spec: str, tokenizer, out: Path, max_len: int) -> None:
-  """tokenizer.json (+ tokenizer.model) and tokenizer_config.json in Hugging Face's form."""
+def write_tokenizer(spec: str, tokenizer, out: Path, max_len: int,
+                    bos: int | None = None) -> None:
+  """tokenizer.json (+ tokenizer.model) and tokenizer_config.json in Hugging Face's form;
+  texts start with `bos` (the run's `data.bos_id`; None: the eod id)."""
+  bos = tokenizer.eod_id if bos is None else bos
   if spec == 'bytes':
-    (out / 'tokenizer.json').write_text(json.dumps(byte_tokenizer_json(), indent=1) + '\n')
-    names = {'bos_token': EOD, 'eos_token': EOD, 'pad_token': PAD}
+    (out / 'tokenizer.json').write_text(json.dumps(byte_tokenizer_json(bos), indent=1) + '\n')
+    names = {'bos_token': _byte_token(bos), 'eos_token': EOD, 'pad_token': PAD}
     extra = {'tokenizer_class': 'PreTrainedTokenizerFast'}
-  else:  # a tokenizer file: its eod token is the BOS
+  else:  # a tokenizer file
     eod = tokenizer.token(tokenizer.eod_id)
-    names = {'bos_token': eod, 'eos_token': eod, 'pad_token': tokenizer.token(tokenizer.pad_id)}
+    names = {'bos_token': tokenizer.token(bos), 'eos_token': eod,
+             'pad_token': tokenizer.token(tokenizer.pad_id)}
     extra = {'tokenizer_class': 'PreTrainedTokenizerFast'}
     tree = None
     if spec.endswith('.model'):  # SentencePiece: converted, and the file beside it
@@ -259,7 +269,7 @@ def write_tokenizer(spec: str, tokenizer, out: Path, max_len: int) -> None:
     else:  # a tokenizer.json: as it is
       tree = json.loads(Path(spec).expanduser().read_text())
     if tree is not None:
-      tree['post_processor'] = _bos_template(eod, tokenizer.eod_id)  # eod before every text
+      tree['post_processor'] = _bos_template(names['bos_token'], bos)  # before every text
       (out / 'tokenizer.json').write_text(json.dumps(tree, ensure_ascii=False) + '\n')
   # Text that spells a special token is text, as jaxarch trained on it ('<pad>' in a file).
   (out / 'tokenizer_config.json').write_text(json.dumps(

@@ -22,19 +22,21 @@ the export renames and transposes (torch's `Linear` keeps [out, in]):
 `import_hf` goes the other way (`jaxarch import --hf=DIR --workdir=NEW`): a Llama, Mistral
 or Mixtral checkpoint becomes a jaxarch run at step 0, which `generate`, `eval`, `distill`
 and BiTA read as any run, and `jaxarch train` continues (fine-tuning, continued
-pretraining). A Mistral is a Llama's names and layouts (an explicit `head_dim`, as
-Mistral-Nemo's 128 for 5120 / 32 heads, becomes model.head_dim). Its `sliding_window`, and
-a Mixtral's, is read only when null or at least `max_position_embeddings`, the run's
-model.max_len (data.seq_len is at most it, `generate` warns past it): such a window masks
-nothing (transformers lets a query see the keys less than the window before it). A
-narrower one (Mistral 7B v0.1: 4096 of 32768) is refused, as are rope scaling, biases and
-other architectures.
+pretraining), its documents and prompts starting with the checkpoint's own BOS
+(config.json's `bos_token_id`, as `data.bos_id`). A Mistral is a Llama's names and
+layouts (an explicit `head_dim`, as Mistral-Nemo's 128 for 5120 / 32 heads, becomes
+model.head_dim). Its `sliding_window`, and a Mixtral's, is read only when null or at
+least `max_position_embeddings`, the run's model.max_len (data.seq_len is at most it,
+`generate` warns past it): such a window masks nothing (transformers lets a query see the
+keys less than the window before it). A narrower one (Mistral 7B v0.1: 4096 of 32768) is
+refused, as are rope scaling, biases and other architectures.
 
 The vocabulary keeps its padding to a multiple of 128 (the tokenizer's ids come first).
 The weights are stored in their training dtype (float32); `torch_dtype` names the compute
 dtype the model trained in. The tokenizer comes along in Hugging Face's form
-(`hf_tokenizer`): every text starts with the end-of-document id, the BOS the model trained
-with, and the tokenizer adds it.
+(`hf_tokenizer`): every text starts with the BOS the model trained with (`data.bos_id`:
+by default the end-of-document id; an imported Llama's own `<s>`, which import reads from
+config.json's `bos_token_id`), and the tokenizer adds it.
 """
 
 import json
@@ -48,7 +50,7 @@ import safetensors.numpy
 from flax import nnx
 
 from jaxarch import config as config_lib
-from jaxarch.data import get_tokenizer
+from jaxarch.data import bos_id, get_tokenizer
 from jaxarch.export.hf_tokenizer import write_tokenizer
 from jaxarch.export.weights import ExportError, all_or_nothing, flat_arrays, free_out, readable
 from jaxarch.models import named_variables
@@ -98,7 +100,7 @@ def hf_config(cfg: ml_collections.ConfigDict, tokenizer) -> dict:
       'rope_parameters': {'rope_type': 'default', 'rope_theta': m.rope_theta},
       'tie_word_embeddings': bool(m.tie_embeddings), 'attention_bias': False,
       'mlp_bias': False, 'attention_dropout': 0.0, 'initializer_range': m.init_std,
-      'bos_token_id': tokenizer.eod_id, 'eos_token_id': tokenizer.eod_id,
+      'bos_token_id': bos_id(cfg.data, tokenizer), 'eos_token_id': tokenizer.eod_id,
       'pad_token_id': tokenizer.pad_id, 'torch_dtype': m.dtype, 'dtype': m.dtype,
       'use_cache': True,
   }
@@ -292,10 +294,25 @@ def read_hf(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
   return hf_config, {k: np.asarray(v, np.float32) for k, v in arrays.items()}
 
 
+def _bos_setting(hf_config: dict, tokenizer, path: Path) -> list[str]:
+  """`data.bos_id=N` when config.json's `bos_token_id` is not the tokenizer's eod: the
+  token the checkpoint was pretrained to read first (Llama 2's and Mistral's `<s>`, 1;
+  Llama 3's `<|begin_of_text|>`, 128000). None named: the default, the eod id."""
+  bos = hf_config.get('bos_token_id')
+  if bos is None or bos == tokenizer.eod_id:
+    return []
+  if (isinstance(bos, bool) or not isinstance(bos, int)
+      or not 0 <= bos < tokenizer.vocab_size or tokenizer.token(bos) is None):
+    raise ExportError(f'import: config.json has bos_token_id={bos!r}, which is no id of '
+                      f'{path} (ids 0 to {tokenizer.vocab_size - 1})')
+  return [f'data.bos_id={bos}']
+
+
 def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
   """A jaxarch run at step 0 in a new `workdir` from a Hugging Face Llama, Mistral or
-  Mixtral checkpoint: config.json, the tokenizer (copied into workdir/tokenizer/) and a
-  checkpoint holding its weights (with a fresh optimizer state)."""
+  Mixtral checkpoint: config.json (with the checkpoint's BOS as data.bos_id), the
+  tokenizer (copied into workdir/tokenizer/) and a checkpoint holding its weights (with a
+  fresh optimizer state)."""
   # pylint: disable=g-import-not-at-top  (the trainer's modules, for this command only)
   from jaxarch.train.checkpoint import Checkpointer
   from jaxarch.train.pretrained import mesh_here
@@ -310,8 +327,10 @@ def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
     raise ExportError(f'import: {directory} holds no tokenizer.json or tokenizer.model')
   # Read now, as the run will read it: an unreadable tokenizer, or one without an
   # end-of-document token, is refused before a run that cannot train or generate is made.
-  ids = get_tokenizer(str(tokenizer)).vocab_size
-  cfg = run_config(hf_config, str(workdir / 'tokenizer' / tokenizer.name), overrides)
+  reader = get_tokenizer(str(tokenizer))
+  ids = reader.vocab_size
+  cfg = run_config(hf_config, str(workdir / 'tokenizer' / tokenizer.name),
+                   [*_bos_setting(hf_config, reader, tokenizer), *overrides])
   if ids > cfg.model.vocab_size:
     raise ExportError(f'import: {tokenizer} has {ids} ids, more than the model\'s '
                       f'vocab_size={cfg.model.vocab_size}')
@@ -351,10 +370,11 @@ def write_hf(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path,
   safetensors.numpy.save_file(arrays, out / 'model.safetensors', metadata={'format': 'pt'})
   readable(out / 'model.safetensors')
   (out / 'config.json').write_text(json.dumps(hf_config(cfg, tokenizer), indent=2) + '\n')
+  bos = bos_id(cfg.data, tokenizer)
   (out / 'generation_config.json').write_text(json.dumps(
-      {'bos_token_id': tokenizer.eod_id, 'eos_token_id': tokenizer.eod_id,
+      {'bos_token_id': bos, 'eos_token_id': tokenizer.eod_id,
        'pad_token_id': tokenizer.pad_id}, indent=2) + '\n')
-  write_tokenizer(cfg.data.tokenizer, tokenizer, out, cfg.model.max_len)
+  write_tokenizer(cfg.data.tokenizer, tokenizer, out, cfg.model.max_len, bos)
   count = sum(int(a.size) for a in arrays.values())
   (out / 'README.md').write_text(_README.format(
       source=source or 'a jaxarch run', count=count, out=final or out,

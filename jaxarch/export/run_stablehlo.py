@@ -6,7 +6,8 @@ code. This file is copied into every such directory.
   python run_stablehlo.py DIR 257,100,101 [257,50 ...] [--max_new_tokens=32] [--ignore_eod]
 
 Prompts are token ids (the tokenizer is described in DIR/tokenizer.json; prompts start
-with its eod id, read as BOS). Prints one line of new ids per prompt.
+with its bos_id, the eod id unless the run set another). Prints one line of new ids per
+prompt.
 """
 
 import argparse
@@ -35,6 +36,8 @@ class StableHLOModel:
     except Exception as e:  # pylint: disable=broad-except  # a file missing, cut short, garbled
       raise ValueError(f'{directory} is not a whole `jaxarch export --format=stablehlo` '
                        f'directory ({type(e).__name__}: {e}); export it again') from None
+    # The id prompts start with (exports before 2026-12-05 name none: their eod id).
+    self.bos_id = self.spec.get('bos_id', self.spec['eod_id'])
 
   def generate(self, prompts, *, max_new_tokens: int, stop_ids=None) -> list[list[int]]:
     """New tokens of each prompt (a list of ids), ending with a stop id if one came
@@ -42,7 +45,7 @@ class StableHLOModel:
     batch, prompt_len = self.spec['batch_size'], self.spec['prompt_len']
     if not prompts or not all(prompts):
       raise ValueError('give one or more prompts, each of one or more token ids (start '
-                       f'with the eod id, {self.spec["eod_id"]})')
+                       f'with the BOS id, {self.bos_id})')
     vocab = self.spec['vocab_size']
     bad = [t for p in prompts for t in p if not 0 <= t < vocab]
     if bad:  # the exported gather would read garbage for them, silently

@@ -120,13 +120,14 @@ def export_stablehlo(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str
   (out / 'stablehlo.json').write_text(json.dumps({
       'batch_size': batch_size, 'prompt_len': prompt_len, 'max_len': max_len,
       'vocab_size': tokenizer['vocab_size'], 'eod_id': tokenizer['eod_id'],
-      'pad_id': tokenizer['pad_id'], 'platforms': list(exported_prefill.platforms),
+      'bos_id': tokenizer['bos_id'], 'pad_id': tokenizer['pad_id'],
+      'platforms': list(exported_prefill.platforms),
   }, indent=2) + '\n')
   shutil.copy(run_stablehlo.__file__, out / 'run_stablehlo.py')
   with open(out / 'README.md', 'a') as readme:
     readme.write(_README.format(batch=batch_size, prompt_len=prompt_len, max_len=max_len,
                                 platforms=', '.join(exported_prefill.platforms),
-                                out=final or out))
+                                out=final or out, bos=tokenizer['bos_id']))
   return out
 
 
@@ -139,6 +140,6 @@ serialized with `jax.export` for {platforms}: batch {batch}, prompts right-padde
 using only jax, numpy and safetensors (no jaxarch):
 
 ```bash
-python {out}/run_stablehlo.py {out} 257,100,101,102 --max_new_tokens=32
+python {out}/run_stablehlo.py {out} {bos},100,101,102 --max_new_tokens=32
 ```
 """

@@ -34,7 +34,7 @@ from flax import nnx
 
 from jaxarch import config as config_lib
 from jaxarch import models
-from jaxarch.data import get_tokenizer
+from jaxarch.data import bos_id, get_tokenizer
 from jaxarch.layers.signals import WindowCounter
 from jaxarch.models import named_variables
 
@@ -110,7 +110,8 @@ def write_model(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Pa
   (out / 'tokenizer.json').write_text(json.dumps({
       'spec': cfg.data.tokenizer, 'vocab_size': tokenizer.vocab_size,
       'eod_id': tokenizer.eod_id, 'pad_id': tokenizer.pad_id,
-      'bos': 'prompts start with eod_id, which the model was trained to read as BOS'},
+      'bos_id': bos_id(cfg.data, tokenizer),
+      'bos': 'prompts start with bos_id, which the model was trained to read as BOS'},
       indent=2) + '\n')
   count = sum(int(np.prod(a.shape)) for a in arrays.values())
   (out / 'README.md').write_text(_README.format(
@@ -183,7 +184,7 @@ Exported from {source}: {arrays} arrays, {count:,} numbers.
   (`blocks.3.attn.q_proj`); read them with any safetensors library.
 - `config.json`: the run's config; `model` describes the architecture.
 - `tokenizer.json`: the tokenizer (`spec`) and its special ids. Prompts start with
-  `eod_id`, which the model reads as the beginning of a document.
+  `bos_id`, which the model reads as the beginning of a document.
 
 Load it back with jaxarch:
 

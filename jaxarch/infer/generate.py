@@ -177,7 +177,7 @@ class Generator:
     for i, p in enumerate(prompts):
       if not p:
         raise GenerateError(f'generate: prompt {i} is empty; start prompts with the '
-                         "tokenizer's eod id, which the models were trained to read as BOS")
+                         "run's BOS (data.bos_id; by default the tokenizer's eod id)")
       bad = [t for t in p if not 0 <= t < self.vocab_size]
       if bad:
         raise GenerateError(f'generate: prompt {i} has token ids {bad[:5]} outside the '

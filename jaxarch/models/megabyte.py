@@ -1,7 +1,7 @@
 """MEGABYTE (Yu et al., arXiv 2305.07185): a global transformer over patches of P bytes and
 a local transformer inside each patch.
 
-The model reads the pipeline's `inputs` u (a document is `[eod] + bytes`) and predicts
+The model reads the pipeline's `inputs` u (a document is `[bos] + bytes`) and predicts
 `targets`, the next byte: position t predicts x[t] = u[t+1] from u[1..t]. With K = T/P
 patches, in the paper's terms on the byte stream x:
 
@@ -23,10 +23,10 @@ document gets the pad patch instead of the previous document's bytes.
 
 A row's first input u[0] is never read: the model sees only the stream x it predicts,
 and the pad patch and pad byte stand in before x[0]. At a document's start u[0] is the
-eod (BOS), so nothing is lost; a row that continues a document from the previous row
-starts with a real byte, the previous row's last target, which a byte transformer reads
-and MEGABYTE does not: one byte less context per continuation row (its first prediction
-has none), most rows when documents are longer than `data.seq_len`.
+BOS (by default the eod), so nothing is lost; a row that continues a document from the
+previous row starts with a real byte, the previous row's last target, which a byte
+transformer reads and MEGABYTE does not: one byte less context per continuation row (its
+first prediction has none), most rows when documents are longer than `data.seq_len`.
 
 Generation (`jaxarch.infer`) keeps two KV caches: the global model steps once per patch,
 when a sequence reaches a patch boundary, and the local model once per byte.
