@@ -22,7 +22,7 @@ from jaxarch.models.bita import Bita, spread_anchors
 from jaxarch.parallel import global_batch, make_mesh
 from jaxarch.train import flops, train
 from jaxarch.train.checkpoint import Checkpointer
-from jaxarch.train.pretrained import load_model, with_pretrained_parts
+from jaxarch.train.pretrained import initial_state, load_model
 from jaxarch.train.state import init_state, make_setup
 from jaxarch.train.step import make_train_step
 
@@ -404,7 +404,7 @@ def test_a_base_key_override_that_changes_shapes_is_named(tmp_path):
   bita_setup = make_setup(cfg, make_mesh(cfg))
   with pytest.raises(config_lib.ConfigError, match=r"part 'base' .*\(params: .*mlp.* is "
                      r"\(.*\) here, \(.*\) saved\); an override of a model key"):
-    with_pretrained_parts(cfg, bita_setup, init_state(cfg, bita_setup))
+    initial_state(cfg, bita_setup)
 
 
 def test_bita_warns_when_its_base_trained_on_since_the_distillation(tmp_path, caplog):
@@ -424,7 +424,7 @@ def test_bita_warns_when_its_base_trained_on_since_the_distillation(tmp_path, ca
     bita_setup = make_setup(cfg, make_mesh(cfg))
     caplog.clear()
     with caplog.at_level('WARNING', logger='jaxarch.train.pretrained'):
-      with_pretrained_parts(cfg, bita_setup, init_state(cfg, bita_setup))
+      initial_state(cfg, bita_setup)
     assert ('was distilled from step 1 of' in caplog.text) == warned, caplog.text
     assert ('latest checkpoint is now step 3; distill it again' in caplog.text) == warned
 
@@ -452,7 +452,7 @@ def test_bita_base_takes_the_base_runs_state_with_its_weights(tmp_path):
       state, is_leaf=lambda x: isinstance(x, nnx.Variable)) if not isinstance(v, WindowCounter)]
   fresh = init_state(cfg, bita_setup)
   fresh_base = jax.device_get(variables(fresh['model_state']['base']))
-  got = variables(with_pretrained_parts(cfg, bita_setup, fresh)['model_state']['base'])
+  got = variables(initial_state(cfg, bita_setup)['model_state']['base'])
   want = variables(state['model_state'])
   assert len(want) == 4  # u and v of each of the two memory layers
   assert not any(np.allclose(a, b) for a, b in zip(fresh_base, want))

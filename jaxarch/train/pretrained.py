@@ -1,5 +1,5 @@
 """Loading trained weights back from a workdir (config.json + latest checkpoint): a whole
-model (`load_model`), or the sub-models a new run starts from (`with_pretrained_parts`)."""
+model (`load_model`), or the sub-models a new run starts from (`initial_state`)."""
 
 import copy
 import logging
@@ -16,7 +16,8 @@ from jaxarch import models
 from jaxarch.layers.signals import WindowCounter
 from jaxarch.parallel import make_mesh
 from jaxarch.train.checkpoint import Checkpointer
-from jaxarch.train.state import TrainSetup, make_setup, merge_model
+from jaxarch.models import named_variables
+from jaxarch.train.state import TrainSetup, init_state, make_setup, merge_model
 
 
 def mesh_here(cfg: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, Mesh]:
@@ -94,22 +95,23 @@ def _difference(fresh, old) -> str | None:
   return None
 
 
-def with_pretrained_parts(cfg: ml_collections.ConfigDict, setup: TrainSetup,
-                          state: dict) -> dict:
+def initial_state(cfg: ml_collections.ConfigDict, setup: TrainSetup) -> dict:
   """A fresh train state whose sub-models (`models.PRETRAINED_PARTS`, e.g. BiTA's frozen
   base) are the models of the runs they come from, resharded onto this run's mesh: their
   weights and their other state, which the function depends on too (UltraMem's Tucker
-  vectors, the MoE router's bias)."""
+  vectors, the MoE router's bias). They go straight into the state (`init_state`'s
+  `given`): no random copy of a base model is made beside them."""
   parts = models.PRETRAINED_PARTS.get(cfg.model.family, lambda _: {})(cfg.model)
   is_variable = lambda x: isinstance(x, nnx.Variable)
+  given = {}
   for name, workdir in parts.items():
     restored, step = _restored_model(Path(workdir).expanduser(), setup.mesh, cfg.mesh)
     _check_distilled_step(cfg.data.source, workdir, step)
     for collection in ('params', 'model_state'):
-      if name not in state[collection]:  # e.g. a dense model keeps no state beside weights
+      if name not in setup.abstract_state[collection]:  # e.g. a dense model keeps no state
         continue
-      fresh, treedef = jax.tree_util.tree_flatten_with_path(state[collection][name],
-                                                            is_leaf=is_variable)
+      fresh = jax.tree_util.tree_flatten_with_path(
+          setup.abstract_state[collection][name], is_leaf=is_variable)[0]
       old = jax.tree_util.tree_flatten_with_path(restored[collection], is_leaf=is_variable)[0]
       if why := _difference(fresh, old):
         raise config_lib.ConfigError(
@@ -117,8 +119,7 @@ def with_pretrained_parts(cfg: ml_collections.ConfigDict, setup: TrainSetup,
             f'({collection}: {why}); an override of a model key that sets its shapes '
             'cannot apply to a pretrained part')
       # The read counts of the last logging window are the base run's metrics, not state.
-      values = [a if isinstance(a, WindowCounter) else
-                a.replace(jax.device_put(b.get_value(), a.get_value().sharding))
-                for (_, a), (_, b) in zip(fresh, old)]
-      state[collection][name] = jax.tree.unflatten(treedef, values)
-  return state
+      given.update({f'{name}.{key}': variable.get_value() for key, (_, variable)
+                    in named_variables(restored[collection]).items()
+                    if not isinstance(variable, WindowCounter)})
+  return init_state(cfg, setup, given=given)

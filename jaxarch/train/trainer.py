@@ -25,8 +25,8 @@ from jaxarch.train.metrics import (MetricsWriter, ProgressBar, Stopwatch, final_
 from jaxarch.train.nonfinite import NonFiniteMonitor
 from jaxarch.train.optimizer import learning_rate_schedule
 from jaxarch.train.preemption import StopRequests
-from jaxarch.train.pretrained import mesh_here, with_pretrained_parts
-from jaxarch.train.state import TrainSetup, init_state, make_setup
+from jaxarch.train.pretrained import initial_state, mesh_here
+from jaxarch.train.state import TrainSetup, make_setup
 from jaxarch.train.step import (leaf_names, make_eval_step, make_train_step,
                                 make_window_reset, summarize_eval)
 from jaxarch.train.workdir import (check_workdir, local_workdir, only_trainer_in, state_bytes,
@@ -167,7 +167,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, stop: StopRequests) ->
           f'config error: train.steps={cfg.train.steps} is below the step of the run in '
           f'{workdir} ({restored_step}); raise it to train on, or use a new --workdir')
     if state is None:
-      state = with_pretrained_parts(cfg, setup, init_state(cfg, setup))
+      state = initial_state(cfg, setup)
       _save_config(cfg, workdir)  # a new run's now; a resumed run's with its first save
     # The steps logged after the checkpoint run again: their records are forgotten.
     writer = MetricsWriter(workdir, tensorboard=cfg.log.tensorboard,
