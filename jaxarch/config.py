@@ -30,6 +30,7 @@ MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
 DTYPES = ('float32', 'bfloat16', 'float16')
 REMAT = ('none', 'full', 'dots')
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
+ROPE_SCALINGS = ('none', 'llama3')  # model.rope_scaling.type (layers.rope)
 # kernels.sparse_lookup: which kernels run the value lookup, and how its backward sums.
 LOOKUP_IMPLS = ('auto', 'xla', 'pallas', 'interpret', 'interpret_tpu')
 LOOKUP_SCATTERS = ('sorted', 'atomic')
@@ -721,6 +722,7 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
   for key in ('model.init_std', 'model.rope_theta'):
     if not 0 < _number(cfg, key) < math.inf:
       raise ConfigError(f'{key}={_get(cfg, key)} must be > 0 and finite')
+  _check_rope_scaling(cfg)
   if not 0 <= _number(cfg, 'model.norm_eps') < math.inf:
     raise ConfigError(f'model.norm_eps={cfg.model.norm_eps} must be >= 0 and finite')
   _choice(cfg, 'model.residual_init_scale', (True, False))
@@ -731,6 +733,22 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
   _check_data(cfg)
   _check_mesh(cfg, num_devices)
   return cfg
+
+
+def _check_rope_scaling(cfg: ConfigDict) -> None:
+  """model.rope_scaling: Llama 3.1's bands (transformers' checks, as errors)."""
+  if _choice(cfg, 'model.rope_scaling.type', ROPE_SCALINGS) == 'none':
+    return
+  key = 'model.rope_scaling.'
+  if not 1 <= _number(cfg, key + 'factor') < math.inf:
+    raise ConfigError(f'{key}factor={cfg.model.rope_scaling.factor} must be >= 1 and finite '
+                      '(how many times longer the slow wavelengths turn, e.g. 8)')
+  low = _number(cfg, key + 'low_freq_factor')
+  high = _number(cfg, key + 'high_freq_factor')
+  if not 0 < low < high < math.inf:
+    raise ConfigError(f'{key}low_freq_factor={low} and high_freq_factor={high} must be '
+                      '0 < low_freq_factor < high_freq_factor, finite (Llama 3.1: 1 and 4)')
+  _positive_int(cfg, key + 'original_max_len')
 
 
 def _check_data(cfg: ConfigDict) -> None:
@@ -1078,8 +1096,10 @@ RUN_MODEL_KEYS = (('moe', 'matmul_impl'), ('moe', 'kernel_tiling'), ('moe', 'mos
                   ('ultramem', 'lookup_impl'),
                   ('ultramem', 'lookup_scatter'), ('ultramem', 'table_split'),
                   ('ultramem', 'heads_per_query'))
-# Model keys that only shape the initial weights (a saved run's are in its checkpoints).
+# Model keys that only shape the initial weights (a saved run's are in its checkpoints),
+# and those jaxarch gained whose default is what older runs computed (no rope scaling).
 INIT_MODEL_KEYS = ('init_truncation', 'residual_init_scale')
+NEW_MODEL_KEYS = ('rope_scaling',)
 
 
 def _with_new_run_keys(tree: dict) -> dict:
@@ -1101,7 +1121,7 @@ def _with_new_run_keys(tree: dict) -> dict:
     if isinstance(tree.get(section, {}), dict):
       fill(tree.setdefault(section, {}), defaults[section])
   model = tree.get('model')
-  for key in INIT_MODEL_KEYS:
+  for key in INIT_MODEL_KEYS + NEW_MODEL_KEYS:
     if isinstance(model, dict) and key not in model:
       model[key] = defaults['model'][key]
   for section, key in RUN_MODEL_KEYS:

@@ -1,5 +1,6 @@
 """Shared fixtures. 8 fake CPU devices, so that sharding and mesh changes are exercised."""
 
+import math
 import os
 import shutil
 import tempfile
@@ -70,6 +71,23 @@ def tiny_config(data_dir=None, **overrides):
         node = node[k]
       node[rest[-1]] = value
   return cfg
+
+
+def llama3_frequencies(freqs, factor, low_freq_factor, high_freq_factor, original_max_len):
+  """Llama 3.1's rope scaling of inverse frequencies, in float64 numpy, one frequency at a
+  time as Meta's reference (`apply_scaling` of llama-models) writes it."""
+  out = []
+  for freq in freqs:
+    wavelength = 2 * math.pi / freq
+    if wavelength < original_max_len / high_freq_factor:
+      out.append(freq)
+    elif wavelength > original_max_len / low_freq_factor:
+      out.append(freq / factor)
+    else:
+      smooth = ((original_max_len / wavelength - low_freq_factor)
+                / (high_freq_factor - low_freq_factor))
+      out.append((1 - smooth) * freq / factor + smooth * freq)
+  return np.array(out)
 
 
 def make_batch(batch_size: int, seq_len: int, vocab: int = 258, seed: int = 0) -> dict:

@@ -163,7 +163,8 @@ def test_unknown_key_names_ours_for_maxtexts_and_a_key_without_its_section():
 def test_unknown_section_is_named_not_matched_to_a_key_of_another_depth():
   # Before: "unknown key 'model.moe.top_k' (did you mean 'model.d_model'?)".
   assert error_of(tiny, 'model.moe.top_k=2') == (
-      "config error: unknown key 'model.moe.top_k': model has no section 'moe'")
+      "config error: unknown key 'model.moe.top_k': model has no section 'moe' (its "
+      'sections: rope_scaling)')
   assert error_of(tiny, 'nosection.x=1') == (
       "config error: unknown key 'nosection.x': the config has no section 'nosection' (its "
       'sections: checkpoint, data, launch, log, mesh, model, train)')
@@ -222,6 +223,17 @@ def test_rope_needs_an_even_head_dimension():
     (['model.init_std=0.0'], 'model.init_std=0.0 must be > 0'),
     (['model.init_std=inf'], 'model.init_std=inf must be > 0 and finite'),
     (['model.rope_theta=0.0'], 'model.rope_theta=0.0 must be > 0'),
+    (['model.rope_scaling.type=yarn'], "model.rope_scaling.type='yarn' must be one of none, "
+     'llama3'),
+    (['model.rope_scaling.type=llama3', 'model.rope_scaling.factor=0.5'],
+     'model.rope_scaling.factor=0.5 must be >= 1 and finite'),
+    (['model.rope_scaling.type=llama3', 'model.rope_scaling.low_freq_factor=4.0'],
+     'model.rope_scaling.low_freq_factor=4.0 and high_freq_factor=4.0 must be 0 < '
+     'low_freq_factor < high_freq_factor'),
+    (['model.rope_scaling.type=llama3', 'model.rope_scaling.low_freq_factor=0.0'],
+     'model.rope_scaling.low_freq_factor=0.0 and high_freq_factor=4.0 must be 0 <'),
+    (['model.rope_scaling.type=llama3', 'model.rope_scaling.original_max_len=0'],
+     'model.rope_scaling.original_max_len=0 must be a positive int'),
     (['model.norm_eps=-1.0'], 'model.norm_eps=-1.0 must be >= 0'),
     (['train.b2=1.0'], 'train.b2=1.0 must be in [0, 1)'),
     (['train.steps=30'], 'train.warmup_steps=50 must be in [0, train.steps=30]; for a short '
@@ -542,6 +554,15 @@ def test_a_moe_run_saved_before_the_kernel_choice_resumes_with_auto(tmp_path):
   del old['model']['init_truncation']  # shapes only the initial weights
   path.write_text(json.dumps(old))
   assert config_lib.load_json(path).model.init_truncation == 0.0
+
+
+def test_a_run_saved_before_rope_scaling_loads_without_it(tmp_path):
+  path = tmp_path / 'config.json'
+  config_lib.save(config_lib.load('configs/dense.py:tiny'), path)
+  old = json.loads(path.read_text())
+  del old['model']['rope_scaling']  # added for Llama 3.1's; older runs computed none
+  path.write_text(json.dumps(old))
+  assert config_lib.load_json(path).model.rope_scaling.type == 'none'
 
 
 def test_an_ultramem_run_saved_before_its_kernel_and_query_keys_resumes(tmp_path):

@@ -14,7 +14,7 @@ import safetensors.flax
 import safetensors.numpy
 from flax import nnx
 
-from conftest import FAMILIES, family_config, jitted
+from conftest import FAMILIES, family_config, jitted, llama3_frequencies
 import jaxarch
 from jaxarch import cli
 from jaxarch import config as config_lib
@@ -22,7 +22,7 @@ from jaxarch import infer, models
 from jaxarch.export import (ExportError, all_or_nothing, export_stablehlo, load_safetensors,
                             write_hf, write_model)
 from jaxarch.data import get_tokenizer
-from jaxarch.export import hf_tokenizer, run_stablehlo
+from jaxarch.export import hf_tokenizer, huggingface, run_stablehlo
 from jaxarch.export.run_stablehlo import StableHLOModel
 from jaxarch.layers.signals import WindowCounter
 from jaxarch.parallel import make_mesh
@@ -317,14 +317,21 @@ def test_export_options_of_the_other_format_or_out_of_range_are_one_line(tmp_pat
 
 def _llama_logits(arrays: dict, config: dict, ids: list[int]) -> np.ndarray:
   """LlamaForCausalLM's forward as transformers computes it, in float64 numpy from the
-  exported names and config.json: rotate_half rotary embeddings, key/value heads repeated
-  for their query heads, torch's [out, in] weights."""
+  exported names and config.json: rotate_half rotary embeddings (with Llama 3.1's scaling
+  when rope_parameters name it), key/value heads repeated for their query heads, torch's
+  [out, in] weights."""
   w = lambda name: arrays[name].astype(np.float64)
   h, n, kv = (config[k] for k in ('head_dim', 'num_attention_heads', 'num_key_value_heads'))
   norm = lambda x, weight: x / np.sqrt((x * x).mean(-1, keepdims=True)
                                        + config['rms_norm_eps']) * weight
   t = len(ids)
-  angles = np.arange(t)[:, None] / config['rope_theta'] ** (np.arange(0, h, 2) / h)
+  freqs = 1 / config['rope_theta'] ** (np.arange(0, h, 2) / h)
+  rope = config['rope_parameters']
+  if rope['rope_type'] == 'llama3':
+    freqs = llama3_frequencies(freqs, rope['factor'], rope['low_freq_factor'],
+                               rope['high_freq_factor'],
+                               rope['original_max_position_embeddings'])
+  angles = np.arange(t)[:, None] * freqs
   cos, sin = (f(np.concatenate([angles, angles], -1))[:, None] for f in (np.cos, np.sin))
   rope = lambda x: x * cos + np.concatenate([-x[..., h // 2:], x[..., :h // 2]], -1) * sin
   causal = np.tril(np.ones((t, t), bool))
@@ -568,7 +575,7 @@ def test_an_hf_checkpoint_of_another_kind_or_a_used_workdir_is_one_line(tmp_path
                                 "'mixtral')"),
       ({'model_type': 'mixtral', 'sliding_window': 4096, 'max_position_embeddings': 32768},
        'sliding_window=4096, narrower than the max_position_embeddings=32768 positions'),
-      ({'rope_scaling': {'rope_type': 'llama3', 'factor': 8.0}}, "rope scaling {'rope_type'"),
+      ({'rope_scaling': {'rope_type': 'dynamic', 'factor': 8.0}}, "rope scaling {'rope_type'"),
       ({'rope_scaling': None, 'rope_parameters': {'rope_type': 'yarn', 'factor': 4.0}},
        "rope scaling {'rope_type': 'yarn'"),
       ({'attention_bias': True}, 'attention_bias=true')]:
@@ -585,6 +592,88 @@ def test_an_hf_checkpoint_of_another_kind_or_a_used_workdir_is_one_line(tmp_path
   assert 'is it a Hugging Face checkpoint' in capsys.readouterr().err.replace('is ' + str(
       tmp_path) + ' a', 'is it a')
   assert not any((tmp_path / name).exists() for name in 'abc')
+
+
+LLAMA3 = {'rope_type': 'llama3', 'factor': 32.0, 'low_freq_factor': 1.0,
+          'high_freq_factor': 4.0, 'original_max_position_embeddings': 64}
+
+
+def test_llama3_rope_scaling_exports_in_both_spellings_and_imports_back(tmp_path):
+  """Llama 3.1's and 3.2's scaling: written as transformers 4's rope_scaling and 5's
+  rope_parameters, logits those of a numpy Llama with Meta's scaling on positions past the
+  original context of 64, and imported back the same setting and logits. Checked once with
+  transformers 5.25: a tiny Llama 3.2-style model it wrote gives its logits within 8.3e-7
+  and greedy tokens, and this export read back by it its logits exactly (README)."""
+  cfg = family_config('dense')  # head_dim 32: its 16 frequencies span the three bands
+  with cfg.unlocked():
+    cfg.model.rope_scaling.update(type='llama3', factor=32.0, original_max_len=64)
+  model = _model(config_lib.validate(cfg))
+  write_hf(model, cfg, tmp_path / 'hf')
+  config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+  assert config['rope_scaling'] == LLAMA3
+  assert config['rope_parameters'] == {**LLAMA3, 'rope_theta': 10_000.0}
+  tokens = np.random.default_rng(0).integers(0, 256, (1, 96)).astype(np.int32)
+  arrays = safetensors.numpy.load_file(tmp_path / 'hf' / 'model.safetensors')
+  np.testing.assert_allclose(_llama_logits(arrays, config, tokens[0]),
+                             np.asarray(logits(model, tokens))[0], atol=2e-5, rtol=1e-5)
+  assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "run"}']) == 0
+  imported_cfg, imported = load_model(tmp_path / 'run')
+  assert imported_cfg.model.rope_scaling == cfg.model.rope_scaling
+  np.testing.assert_array_equal(np.asarray(logits(imported, tokens)),
+                                np.asarray(logits(model, tokens)))
+
+
+# Llama 3.1 8B's config.json as transformers 4.43 wrote it, shrunk.
+LLAMA31 = {'model_type': 'llama', 'hidden_size': 64, 'num_hidden_layers': 2,
+           'num_attention_heads': 4, 'num_key_value_heads': 2, 'intermediate_size': 128,
+           'vocab_size': 384, 'max_position_embeddings': 131072, 'rope_theta': 500000.0,
+           'rope_scaling': {'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+                            'original_max_position_embeddings': 8192,
+                            'rope_type': 'llama3'}}
+
+
+@pytest.mark.parametrize('spelling', ['transformers4', 'type', 'transformers5', 'no_original'])
+def test_an_hf_config_with_llama3_rope_scaling_sets_model_rope_scaling(spelling):
+  """transformers 4 writes `rope_scaling` beside `rope_theta` (4.4x also `type`), 5.25
+  `rope_parameters` holding both; without original_max_position_embeddings transformers
+  takes max_position_embeddings."""
+  config, scaling = dict(LLAMA31), dict(LLAMA31['rope_scaling'])
+  original = 8192
+  if spelling == 'type':
+    scaling['type'] = scaling.pop('rope_type')
+  elif spelling == 'no_original':
+    del scaling['original_max_position_embeddings']
+    config['max_position_embeddings'] = original = 2048
+  if spelling == 'transformers5':
+    del config['rope_scaling'], config['rope_theta']
+    config['rope_parameters'] = {**scaling, 'factor': 8, 'rope_theta': 500000.0}
+  else:
+    config['rope_scaling'] = scaling
+  model = huggingface.run_config(config, 'bytes').model
+  assert model.rope_theta == 500000.0
+  assert model.rope_scaling.to_dict() == {
+      'type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+      'original_max_len': original}
+
+
+@pytest.mark.parametrize('scaling, message', [
+    *(({'rope_type': kind, 'factor': 4.0}, f"rope scaling {{'rope_type': '{kind}'")
+      for kind in ('yarn', 'linear', 'dynamic', 'longrope')),
+    ({'type': 'yarn', 'factor': 4.0}, "rope scaling {'type': 'yarn'"),
+    ({**LLAMA3, 'low_freq_factor': None}, 'has no number low_freq_factor, which rope_type '
+     'llama3 needs'),
+    ({**LLAMA3, 'original_max_position_embeddings': 64.5},
+     'has no integer original_max_position_embeddings'),
+    ({**LLAMA3, 'factor': 0.5}, 'model.rope_scaling.factor=0.5 must be >= 1'),
+    ({**LLAMA3, 'high_freq_factor': 1.0}, 'model.rope_scaling.low_freq_factor=1.0 and '
+     'high_freq_factor=1.0 must be 0 < low_freq_factor < high_freq_factor'),
+])
+def test_other_or_bad_rope_scalings_are_refused_in_one_line(scaling, message):
+  for spelling in ('rope_scaling', 'rope_parameters'):
+    config = {**{k: v for k, v in LLAMA31.items() if k != 'rope_scaling'}, spelling: scaling}
+    with pytest.raises((ExportError, config_lib.ConfigError)) as e:
+      huggingface.run_config(config, 'bytes')
+    assert message in str(e.value) and '\n' not in str(e.value), str(e.value)
 
 
 def test_a_damaged_hf_checkpoint_or_tokenizer_is_one_line_and_makes_no_run(tmp_path, capsys):

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import tiny_config
+from conftest import llama3_frequencies, tiny_config
 from jaxarch import config as config_lib
 from jaxarch import models
 from jaxarch.config import ConfigError
 from jaxarch.layers.attention import Attention
 from jaxarch.layers.embeddings import head_logits
+from jaxarch.layers.rope import Llama3Scaling, rope_frequencies
 
 
 def _model(**overrides):
@@ -194,3 +195,44 @@ def test_head_logits_differentiate_as_the_plain_matmul_with_bf16_backward_matmul
   backward = str(jax.make_jaxpr(jax.grad(loss(head_logits), (0, 1)))(*bf16))
   assert backward.count('bf16[2,3,8] = dot_general') == 1  # not in fp32 against bf16
   assert backward.count('bf16[8,16] = dot_general') == 1
+
+
+def test_llama3_rope_frequencies_follow_meta_s_formula_in_each_band():
+  """Hand-picked so that the 16 wavelengths 2π·10000^(i/16) of a 32-wide head fall in all
+  three bands of an original context of 64: under 64 / 4 kept, over 64 / 1 stretched 32
+  times, between interpolated."""
+  plain = 10_000.0 ** (-np.arange(16) / 16)
+  wavelengths = 2 * np.pi / plain
+  assert (wavelengths < 16).sum() == 2 and (wavelengths > 64).sum() == 11
+  scaling = Llama3Scaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_len=64)
+  want = llama3_frequencies(plain, *scaling)
+  np.testing.assert_allclose(rope_frequencies(16, 10_000.0, scaling), want, rtol=1e-6)
+  np.testing.assert_allclose(want[:2], plain[:2])
+  np.testing.assert_allclose(want[5:], plain[5:] / 32)
+  assert all(p / 32 < w < p for p, w in zip(plain[2:5], want[2:5]))
+  np.testing.assert_allclose(rope_frequencies(16, 10_000.0), plain, rtol=1e-6)  # none
+
+
+def test_llama3_rope_scaling_changes_the_model_only_past_its_kept_band():
+  """A pretraining context longer than every wavelength keeps them all: the logits are
+  bitwise those without scaling (the default); a short one changes them."""
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, 48)), jnp.int32)
+  _, plain = _model()
+  for original, same in ((10 ** 9, True), (64, False)):
+    _, scaled = _model(**{'model.rope_scaling.type': 'llama3',
+                          'model.rope_scaling.original_max_len': original})
+    assert np.array_equal(scaled(tokens), plain(tokens)) == same, original
+
+
+@pytest.mark.parametrize('spec', ['configs/dense.py:tiny', 'configs/moe.py:tiny',
+                                  'configs/megabyte.py:tiny'])
+def test_every_attention_layer_takes_the_rope_scaling(spec):
+  """MEGABYTE's local model too, whose config keeps the global one's plain keys."""
+  cfg = config_lib.load(spec, ['model.rope_scaling.type=llama3',
+                               'model.rope_scaling.factor=32.0'])
+  model = nnx.eval_shape(lambda: models.build(cfg.model, rngs=nnx.Rngs(0)))
+  layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, Attention)]
+  assert len(layers) == cfg.model.n_layers + cfg.model.get('megabyte', {}).get(
+      'local', {}).get('n_layers', 0)
+  assert {a.rope_scaling for a in layers} == {Llama3Scaling(32.0, 1.0, 4.0, 8192)}

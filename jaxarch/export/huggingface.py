@@ -29,7 +29,8 @@ model.head_dim). Its `sliding_window`, and a Mixtral's, is read only when null o
 least `max_position_embeddings`, the run's model.max_len (data.seq_len is at most it,
 `generate` warns past it): such a window masks nothing (transformers lets a query see the
 keys less than the window before it). A narrower one (Mistral 7B v0.1: 4096 of 32768) is
-refused, as are rope scaling, biases and other architectures.
+refused, as are biases, other architectures and rope scalings other than Llama 3.1's
+`llama3` (model.rope_scaling), which the export writes back.
 
 The vocabulary keeps its padding to a multiple of 128 (the tokenizer's ids come first).
 The weights are stored in their training dtype (float32); `torch_dtype` names the compute
@@ -96,8 +97,10 @@ def hf_config(cfg: ml_collections.ConfigDict, tokenizer) -> dict:
       'num_hidden_layers': m.n_layers, 'num_attention_heads': m.n_heads,
       'num_key_value_heads': m.n_kv_heads, 'head_dim': head_dim(m),
       'hidden_act': 'silu', 'max_position_embeddings': m.max_len,
-      'rms_norm_eps': m.norm_eps, 'rope_theta': m.rope_theta, 'rope_scaling': None,
-      'rope_parameters': {'rope_type': 'default', 'rope_theta': m.rope_theta},
+      'rms_norm_eps': m.norm_eps, 'rope_theta': m.rope_theta,
+      'rope_scaling': hf_rope_scaling(m),
+      'rope_parameters': {**(hf_rope_scaling(m) or {'rope_type': 'default'}),
+                          'rope_theta': m.rope_theta},
       'tie_word_embeddings': bool(m.tie_embeddings), 'attention_bias': False,
       'mlp_bias': False, 'attention_dropout': 0.0, 'initializer_range': m.init_std,
       'bos_token_id': bos_id(cfg.data, tokenizer), 'eos_token_id': tokenizer.eod_id,
@@ -111,6 +114,17 @@ def hf_config(cfg: ml_collections.ConfigDict, tokenizer) -> dict:
                    'output_router_logits': False,
                    'router_aux_loss_coef': m.moe.aux_loss_weight})
   return config
+
+
+def hf_rope_scaling(m: ml_collections.ConfigDict) -> dict | None:
+  """model.rope_scaling as config.json's `rope_scaling` (transformers 4; 5 reads it as
+  `rope_parameters` with the theta): None when there is none."""
+  s = m.rope_scaling
+  if s.type == 'none':
+    return None
+  return {'rope_type': s.type, 'factor': s.factor, 'low_freq_factor': s.low_freq_factor,
+          'high_freq_factor': s.high_freq_factor,
+          'original_max_position_embeddings': s.original_max_len}
 
 
 def hf_arrays(model: nnx.Module, cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
@@ -203,14 +217,15 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
   # transformers 5 writes `rope_parameters` and `dtype` where 4 wrote `rope_theta`,
   # `rope_scaling` and `torch_dtype`.
   # A scaling of type 'default' (transformers 4.4x wrote {'rope_type': 'default'}) is none.
+  # Llama 3.1's and 3.2's `llama3` is model.rope_scaling; the other types are refused.
   rope = hf_config.get('rope_parameters') or {}
-  plain = lambda rope: rope.get('rope_type', rope.get('type', 'default')) == 'default'
-  scaling = next((r for r in (hf_config.get('rope_scaling') or {}, rope) if not plain(r)),
-                 None)
+  rope_type = lambda r: r.get('rope_type', r.get('type', 'default'))
+  scaling = next((r for r in (hf_config.get('rope_scaling') or {}, rope)
+                  if rope_type(r) != 'default'), None)
   unsupported = (
       f"model_type={kind!r} (jaxarch reads {', '.join(map(repr, IMPORTS))})"
       if family is None else
-      f'rope scaling {scaling!r}' if scaling else
+      f'rope scaling {scaling!r}' if scaling and rope_type(scaling) != 'llama3' else
       'attention_bias=true' if hf_config.get('attention_bias') else
       'mlp_bias=true' if hf_config.get('mlp_bias') else
       f"hidden_act={hf_config.get('hidden_act')!r}"
@@ -244,6 +259,8 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
       'norm_eps': float(hf_config.get('rms_norm_eps', 1e-6)),
       'dtype': ('float32' if (hf_config.get('dtype') or hf_config.get('torch_dtype'))
                 == 'float32' else 'bfloat16')}
+  if scaling:  # llama3
+    model.update(_llama3_settings(hf_config, scaling, max_len))
   if family == 'moe':
     model.update({'moe.num_experts': hf_config['num_local_experts'],
                   'moe.top_k': hf_config['num_experts_per_tok'],
@@ -254,6 +271,26 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
   for setting in settings:
     config_lib.apply_override(cfg, setting)
   return config_lib.validate(cfg)
+
+
+def _llama3_settings(hf_config: dict, scaling: dict, max_len) -> dict:
+  """model.rope_scaling.* of a `rope_type: llama3` scaling. As transformers, the original
+  context is a top-level original_max_position_embeddings, else the scaling's, else
+  max_position_embeddings."""
+  def fail(what):
+    raise ExportError(f"import: config.json's rope scaling {scaling!r} has no {what}, which "
+                      'rope_type llama3 needs')
+
+  factors = ('factor', 'low_freq_factor', 'high_freq_factor')
+  for key in factors:
+    if isinstance(scaling.get(key), bool) or not isinstance(scaling.get(key), (int, float)):
+      fail(f'number {key}')
+  original = hf_config.get('original_max_position_embeddings',
+                           scaling.get('original_max_position_embeddings', max_len))
+  if isinstance(original, bool) or not isinstance(original, int):
+    fail('integer original_max_position_embeddings')
+  return {'rope_scaling.type': 'llama3', 'rope_scaling.original_max_len': original,
+          **{f'rope_scaling.{key}': scaling[key] for key in factors}}
 
 
 def read_hf(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]:

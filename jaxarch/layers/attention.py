@@ -30,7 +30,7 @@ from jaxarch.config import ConfigError
 from jaxarch.layers import layout as layout_lib
 from jaxarch.layers import remat
 from jaxarch.layers.params import normal, param
-from jaxarch.layers.rope import apply_rope
+from jaxarch.layers.rope import Llama3Scaling, apply_rope
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,11 @@ def _implementation(impl: str, dtype) -> str | None:
 class Attention(nnx.Module):
 
   def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
-               rope_theta: float = 10_000.0, init_std: float = 0.02,
+               rope_theta: float = 10_000.0, rope_scaling: Llama3Scaling | None = None,
+               init_std: float = 0.02,
                out_std: float | None = None, init_truncation: float = 0.0, impl: str = 'xla',
                dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    self.rope_theta = rope_theta
+    self.rope_theta, self.rope_scaling = rope_theta, rope_scaling
     self.impl = _implementation(impl, dtype)
     self.dtype = dtype
     init = normal(init_std, init_truncation)
@@ -107,8 +108,8 @@ class Attention(nnx.Module):
     q = jnp.einsum('btd,dnh->btnh', x, cast(self.q_proj))
     k = jnp.einsum('btd,dkh->btkh', x, cast(self.k_proj))
     v = jnp.einsum('btd,dkh->btkh', x, cast(self.v_proj))
-    q = apply_rope(q, positions, self.rope_theta)
-    k = apply_rope(k, positions, self.rope_theta)
+    q = apply_rope(q, positions, self.rope_theta, self.rope_scaling)
+    k = apply_rope(k, positions, self.rope_theta, self.rope_scaling)
     if layout is None and self.cache_k is not None and x.shape[1] == 1:
       layout = layout_lib.one_token(positions[:, 0])  # a decode step
     if layout is not None:

@@ -43,9 +43,11 @@ from jaxarch.models.transformer import DTYPES, Stack, prompt_rows
 
 
 def local_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The local model's config: the model section with `megabyte.local`'s shape, dense blocks."""
+  """The local model's config: the model section with `megabyte.local`'s shape, dense blocks
+  (rotary embeddings as the global model's)."""
   local = ml_collections.ConfigDict({k: v for k, v in cfg.items()
-                                     if not isinstance(v, ml_collections.ConfigDict)})
+                                     if not isinstance(v, ml_collections.ConfigDict)
+                                     or k == 'rope_scaling'})
   local.update(cfg.megabyte.local.to_dict())
   local.block_pattern = ('dense',)
   local.head_dim = None

@@ -23,6 +23,7 @@ import ml_collections
 from jaxarch.layers import Attention, Embed, RMSNorm, SwiGLU, remat
 from jaxarch.layers.embeddings import head_logits
 from jaxarch.layers.params import normal, param
+from jaxarch.layers.rope import Llama3Scaling
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -83,10 +84,19 @@ class DenseBlock(nnx.Module):
 
 def make_attention(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Attention:
   return Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, head_dim(cfg),
-                   rope_theta=cfg.rope_theta, init_std=cfg.init_std,
+                   rope_theta=cfg.rope_theta, rope_scaling=rope_scaling(cfg),
+                   init_std=cfg.init_std,
                    out_std=residual_init_std(cfg), init_truncation=cfg.init_truncation,
                    impl=cfg.attention_impl,
                    dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype], rngs=rngs)
+
+
+def rope_scaling(cfg: ml_collections.ConfigDict) -> Llama3Scaling | None:
+  """`model.rope_scaling` as the attention layers take it: None for type 'none'."""
+  s = cfg.rope_scaling
+  if s.type == 'none':
+    return None
+  return Llama3Scaling(s.factor, s.low_freq_factor, s.high_freq_factor, s.original_max_len)
 
 
 def residual_init_std(cfg: ml_collections.ConfigDict) -> float:
