@@ -78,6 +78,8 @@ def get_config(arg=None):
   c.model.rope_scaling = ml_collections.ConfigDict(dict(
       type='none', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
       original_max_len=8192))
+  # Biases on the query, key and value projections, as Qwen2's (`jaxarch import` sets it).
+  c.model.qkv_bias = False
   c.model.norm_eps = 1e-6
   c.model.init_std = 0.02
   c.model.init_truncation = 0.0  # > 0: the normal init cut at ±this many std (MEGABYTE: 2)

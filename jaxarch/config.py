@@ -726,6 +726,7 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
   if not 0 <= _number(cfg, 'model.norm_eps') < math.inf:
     raise ConfigError(f'model.norm_eps={cfg.model.norm_eps} must be >= 0 and finite')
   _choice(cfg, 'model.residual_init_scale', (True, False))
+  _choice(cfg, 'model.qkv_bias', (True, False))
   if not _number(cfg, 'model.init_truncation') >= 0:
     raise ConfigError(f'model.init_truncation={cfg.model.init_truncation} must be >= 0 '
                       '(0: no truncation; else in standard deviations, e.g. 2)')
@@ -1097,9 +1098,10 @@ RUN_MODEL_KEYS = (('moe', 'matmul_impl'), ('moe', 'kernel_tiling'), ('moe', 'mos
                   ('ultramem', 'lookup_scatter'), ('ultramem', 'table_split'),
                   ('ultramem', 'heads_per_query'))
 # Model keys that only shape the initial weights (a saved run's are in its checkpoints),
-# and those jaxarch gained whose default is what older runs computed (no rope scaling).
+# and those jaxarch gained whose default is what older runs computed (no rope scaling, no
+# q/k/v biases).
 INIT_MODEL_KEYS = ('init_truncation', 'residual_init_scale')
-NEW_MODEL_KEYS = ('rope_scaling',)
+NEW_MODEL_KEYS = ('rope_scaling', 'qkv_bias')
 
 
 def _with_new_run_keys(tree: dict) -> dict:

@@ -565,6 +565,22 @@ def test_a_run_saved_before_rope_scaling_loads_without_it(tmp_path):
   assert config_lib.load_json(path).model.rope_scaling.type == 'none'
 
 
+@pytest.mark.parametrize('spec', ['configs/dense.py:tiny', 'configs/moe.py:tiny',
+                                  'configs/megabyte.py:tiny'])
+def test_a_run_saved_before_qkv_bias_loads_without_biases(tmp_path, spec):
+  path = tmp_path / 'config.json'
+  config_lib.save(config_lib.load(spec), path)
+  old = json.loads(path.read_text())
+  del old['model']['qkv_bias']  # added for Qwen2's; older runs had none
+  path.write_text(json.dumps(old))
+  assert config_lib.load_json(path).model.qkv_bias is False
+  old['model']['qkv_bias'] = 'yes'  # hand-edited
+  path.write_text(json.dumps(old))
+  with pytest.raises(config_lib.ConfigError,
+                     match="model.qkv_bias='yes' must be one of True, False"):
+    config_lib.load_json(path)
+
+
 def test_an_ultramem_run_saved_before_its_kernel_and_query_keys_resumes(tmp_path):
   path = tmp_path / 'config.json'
   config_lib.save(config_lib.load('configs/ultramem.py:tiny'), path)

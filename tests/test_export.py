@@ -24,6 +24,7 @@ from jaxarch.export import (ExportError, all_or_nothing, export_stablehlo, load_
 from jaxarch.data import get_tokenizer
 from jaxarch.export import hf_tokenizer, huggingface, run_stablehlo
 from jaxarch.export.run_stablehlo import StableHLOModel
+from jaxarch.layers.attention import Attention
 from jaxarch.layers.signals import WindowCounter
 from jaxarch.parallel import make_mesh
 from jaxarch.train.checkpoint import Checkpointer
@@ -319,7 +320,8 @@ def _llama_logits(arrays: dict, config: dict, ids: list[int]) -> np.ndarray:
   """LlamaForCausalLM's forward as transformers computes it, in float64 numpy from the
   exported names and config.json: rotate_half rotary embeddings (with Llama 3.1's scaling
   when rope_parameters name it), key/value heads repeated for their query heads, torch's
-  [out, in] weights."""
+  [out, in] weights; Qwen2's q, k and v biases, when there are some, added before the
+  rotation."""
   w = lambda name: arrays[name].astype(np.float64)
   h, n, kv = (config[k] for k in ('head_dim', 'num_attention_heads', 'num_key_value_heads'))
   norm = lambda x, weight: x / np.sqrt((x * x).mean(-1, keepdims=True)
@@ -339,9 +341,13 @@ def _llama_logits(arrays: dict, config: dict, ids: list[int]) -> np.ndarray:
   for i in range(config['num_hidden_layers']):
     at = lambda name: w(f'model.layers.{i}.{name}.weight')  # pylint: disable=cell-var-from-loop
     a = norm(x, at('input_layernorm'))
-    q = rope((a @ at('self_attn.q_proj').T).reshape(t, n, h))
-    k = np.repeat(rope((a @ at('self_attn.k_proj').T).reshape(t, kv, h)), n // kv, axis=1)
-    v = np.repeat((a @ at('self_attn.v_proj').T).reshape(t, kv, h), n // kv, axis=1)
+    # pylint: disable=cell-var-from-loop
+    bias = lambda name: (w(f'model.layers.{i}.self_attn.{name}.bias')
+                         if f'model.layers.{i}.self_attn.{name}.bias' in arrays else 0)
+    proj = lambda name: a @ at(f'self_attn.{name}').T + bias(name)
+    q = rope(proj('q_proj').reshape(t, n, h))
+    k = np.repeat(rope(proj('k_proj').reshape(t, kv, h)), n // kv, axis=1)
+    v = np.repeat(proj('v_proj').reshape(t, kv, h), n // kv, axis=1)
     scores = np.where(causal, np.einsum('qnh,knh->nqk', q, k) / np.sqrt(h), -np.inf)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
@@ -470,6 +476,7 @@ def test_hf_export_of_a_sentencepiece_model_no_tokenizer_json_reads_alike(tmp_pa
     ('moe', ['model.moe.renormalize=False'], 'renormalised over the top k'),
     ('moe', ['model.moe.gate=sigmoid'], "a Mixtral's gates are a softmax"),
     ('moe', ['model.moe.bias_update_rate=0.001'], 'no router bias'),
+    ('moe', ['model.qkv_bias=True'], 'a Mixtral has no attention biases'),
 ])
 def test_hf_export_refuses_what_llama_and_mixtral_are_not(tmp_path, family, overrides, why):
   cfg = family_config(family)
@@ -571,8 +578,8 @@ def test_an_hf_checkpoint_of_another_kind_or_a_used_workdir_is_one_line(tmp_path
   (tmp_path / 'used').mkdir()
   (tmp_path / 'used' / 'file').write_text('x')
   for change, message in [
-      ({'model_type': 'qwen2'}, "model_type='qwen2' (jaxarch reads 'llama', 'mistral', "
-                                "'mixtral')"),
+      ({'model_type': 'qwen3'}, "model_type='qwen3' (jaxarch reads 'llama', 'mistral', "
+                                "'mixtral', 'qwen2')"),
       ({'model_type': 'mixtral', 'sliding_window': 4096, 'max_position_embeddings': 32768},
        'sliding_window=4096, narrower than the max_position_embeddings=32768 positions'),
       ({'rope_scaling': {'rope_type': 'dynamic', 'factor': 8.0}}, "rope scaling {'rope_type'"),
@@ -592,6 +599,110 @@ def test_an_hf_checkpoint_of_another_kind_or_a_used_workdir_is_one_line(tmp_path
   assert 'is it a Hugging Face checkpoint' in capsys.readouterr().err.replace('is ' + str(
       tmp_path) + ' a', 'is it a')
   assert not any((tmp_path / name).exists() for name in 'abc')
+
+
+def _random_qkv_biases(model, seed=0):
+  """The model with non-zero q, k and v biases (they start at zero)."""
+  rng = np.random.default_rng(seed)
+  for _, layer in nnx.iter_graph(model):
+    if isinstance(layer, Attention):
+      for bias in (layer.q_bias, layer.k_bias, layer.v_bias):
+        bias[...] = rng.normal(0, 0.5, bias.shape).astype(np.float32)
+  return model
+
+
+@pytest.mark.parametrize('tied', [False, True])
+def test_qkv_biases_export_as_a_qwen2_and_import_back_with_the_same_logits(tmp_path, tied):
+  """A dense model with q/k/v biases is a Qwen2ForCausalLM: its logits those of a numpy
+  Qwen2, imported back the same run and logits. Checked once with transformers 5.25: tiny
+  Qwen2s it wrote with random biases, tied and untied, give its logits within 5.1e-6, its
+  greedy tokens, and exported again, its logits exactly (README)."""
+  cfg = family_config('dense')
+  with cfg.unlocked():
+    cfg.model.qkv_bias = True
+    cfg.model.tie_embeddings = tied
+  model = _random_qkv_biases(_model(config_lib.validate(cfg)))
+  write_hf(model, cfg, tmp_path / 'hf')
+  config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+  assert (config['architectures'], config['model_type']) == (['Qwen2ForCausalLM'], 'qwen2')
+  assert config['use_sliding_window'] is False and 'attention_bias' not in config
+  arrays = safetensors.numpy.load_file(tmp_path / 'hf' / 'model.safetensors')
+  assert sorted(k for k in arrays if k.startswith('model.layers.0.') and 'bias' in k) == [
+      f'model.layers.0.self_attn.{p}_proj.bias' for p in 'kqv']
+  assert arrays['model.layers.0.self_attn.q_proj.bias'].shape == (4 * 32,)
+  assert arrays['model.layers.0.self_attn.k_proj.bias'].shape == (2 * 32,)
+  want = np.asarray(logits(model, TOKENS))[0]
+  np.testing.assert_allclose(_llama_logits(arrays, config, TOKENS[0]), want, atol=2e-5,
+                             rtol=1e-5)
+  without = {k: v for k, v in arrays.items() if not k.endswith('.bias')}
+  assert np.abs(_llama_logits(without, config, TOKENS[0]) - want).max() > 0.1
+  assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "run"}']) == 0
+  imported_cfg, imported = load_model(tmp_path / 'run')
+  assert imported_cfg.model.qkv_bias and imported_cfg.model.tie_embeddings == tied
+  np.testing.assert_array_equal(np.asarray(logits(imported, TOKENS)),
+                                np.asarray(logits(model, TOKENS)))
+
+
+# Qwen2.5's config.json as transformers 4 wrote it, shrunk, with a window (Qwen2Config's
+# default 4096) narrower than its positions beside use_sliding_window false.
+QWEN25 = {'architectures': ['Qwen2ForCausalLM'], 'model_type': 'qwen2', 'hidden_size': 64,
+          'num_hidden_layers': 2, 'num_attention_heads': 4, 'num_key_value_heads': 2,
+          'intermediate_size': 128, 'vocab_size': 384, 'max_position_embeddings': 32768,
+          'max_window_layers': 21, 'rope_theta': 1000000.0, 'sliding_window': 4096,
+          'use_sliding_window': False, 'tie_word_embeddings': True,
+          'torch_dtype': 'bfloat16', 'rms_norm_eps': 1e-06, 'hidden_act': 'silu'}
+
+
+@pytest.mark.parametrize('spelling', ['transformers4', 'transformers5', 'no_use_key',
+                                      'window_used_but_wide'])
+def test_a_qwen2_config_imports_as_a_dense_model_with_qkv_biases(spelling):
+  """transformers 5.25 writes rope_parameters, layer_types and a null window; a window
+  is unused unless use_sliding_window is true (Qwen2Config's default: false)."""
+  config = dict(QWEN25)
+  if spelling == 'transformers5':
+    del config['rope_theta'], config['torch_dtype']
+    config.update(sliding_window=None, dtype='bfloat16', layer_types=['full_attention'] * 2,
+                  rope_parameters={'rope_type': 'default', 'rope_theta': 1000000.0})
+  elif spelling == 'no_use_key':
+    del config['use_sliding_window']
+  elif spelling == 'window_used_but_wide':
+    config.update(use_sliding_window=True, sliding_window=32768)
+  model = huggingface.run_config(config, 'bytes').model
+  assert (model.family, model.qkv_bias, model.tie_embeddings) == ('dense', True, True)
+  assert (model.rope_theta, model.max_len, model.dtype) == (1e6, 32768, 'bfloat16')
+
+
+def test_a_used_narrow_qwen2_window_and_other_biases_are_refused_in_one_line():
+  for change, message in [
+      ({'use_sliding_window': True}, 'sliding_window=4096, narrower than the '
+       'max_position_embeddings=32768 positions'),
+      ({'model_type': 'mistral', 'use_sliding_window': False},  # a Qwen2 key only
+       'sliding_window=4096, narrower'),
+      ({'mlp_bias': True}, 'mlp_bias=true')]:
+    with pytest.raises(ExportError) as e:
+      huggingface.run_config({**QWEN25, **change}, 'bytes')
+    assert message in str(e.value) and '\n' not in str(e.value), str(e.value)
+
+
+def test_a_qwen2_checkpoint_with_an_o_proj_bias_or_without_a_qkv_bias_is_one_line(
+    tmp_path, capsys):
+  cfg = family_config('dense')
+  with cfg.unlocked():
+    cfg.model.qkv_bias = True
+  write_hf(_model(config_lib.validate(cfg)), cfg, tmp_path / 'hf')
+  path = tmp_path / 'hf' / 'model.safetensors'
+  arrays = safetensors.numpy.load_file(path)
+  o_bias = 'model.layers.1.self_attn.o_proj.bias'
+  for changed, message in [
+      ({**arrays, o_bias: np.ones(128, np.float32)},
+       f"1 arrays have no place in a dense model, e.g. ['{o_bias}']"),
+      ({k: v for k, v in arrays.items() if k != 'model.layers.1.self_attn.v_proj.bias'},
+       'the checkpoint has no model.layers.1.self_attn.v_proj.bias')]:
+    safetensors.numpy.save_file(changed, path, metadata={'format': 'pt'})
+    assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "run"}']) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count('\n') == 1, err
+    assert not (tmp_path / 'run').exists()
 
 
 LLAMA3 = {'rope_type': 'llama3', 'factor': 32.0, 'low_freq_factor': 1.0,

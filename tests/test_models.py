@@ -236,3 +236,73 @@ def test_every_attention_layer_takes_the_rope_scaling(spec):
   assert len(layers) == cfg.model.n_layers + cfg.model.get('megabyte', {}).get(
       'local', {}).get('n_layers', 0)
   assert {a.rope_scaling for a in layers} == {Llama3Scaling(32.0, 1.0, 4.0, 8192)}
+
+
+def _attention_layers(model):
+  return [m for _, m in nnx.iter_graph(model) if isinstance(m, Attention)]
+
+
+def test_qkv_biases_are_zero_undecayed_params_of_the_heads_shapes_only_when_asked():
+  """Off (the default), the params tree is as before: no bias leaves."""
+  _, plain = _model()
+  names = lambda m: {'.'.join(map(str, path))
+                     for path, _ in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+  assert not any('bias' in name for name in names(plain))
+  cfg, biased = _model(**{'model.qkv_bias': True})
+  added = names(biased) - names(plain)
+  assert added == {f'blocks.{i}.attn.{p}_bias' for i in range(cfg.model.n_layers)
+                   for p in 'qkv'}
+  attn = biased.blocks[0].attn
+  n, kv, h = 4, 2, cfg.model.d_model // 4
+  for bias, shape, axes in ((attn.q_bias, (n, h), ('heads', 'head_dim')),
+                            (attn.k_bias, (kv, h), ('kv_heads', 'head_dim')),
+                            (attn.v_bias, (kv, h), ('kv_heads', 'head_dim'))):
+    assert bias.shape == shape and not bias[...].any()
+    assert bias.get_metadata()['out_sharding'] == axes
+    assert bias.get_metadata()['weight_decay'] is False
+
+
+def test_qkv_biases_are_added_before_the_rotation():
+  """Against the attention written out: biases added to q, k and v, then q and k rotated.
+  Zero biases compute the layer without them."""
+  layer = Attention(32, 4, 2, 8, qkv_bias=True, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  plain = Attention(32, 4, 2, 8, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  for name in ('q_proj', 'k_proj', 'v_proj', 'o_proj'):
+    getattr(plain, name)[...] = getattr(layer, name)[...]
+  x = jax.random.normal(jax.random.PRNGKey(8), (2, 6, 32))
+  positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
+  segments = jnp.ones((2, 6), jnp.int32)
+  np.testing.assert_array_equal(layer(x, positions, segments), plain(x, positions, segments))
+  keys = jax.random.split(jax.random.PRNGKey(9), 3)
+  for key, bias in zip(keys, (layer.q_bias, layer.k_bias, layer.v_bias)):
+    bias[...] = jax.random.normal(key, bias.shape)
+  angles = np.arange(6)[:, None] / 10_000.0 ** (np.arange(0, 8, 2) / 8)  # t h/2
+  cos, sin = (f(np.concatenate([angles, angles], -1))[:, None] for f in (np.cos, np.sin))
+  rope = lambda u: u * cos + np.concatenate([-u[..., 4:], u[..., :4]], -1) * sin
+  w = lambda p: np.asarray(p[...], np.float64)
+  xs = np.asarray(x, np.float64)
+  q = rope(np.einsum('btd,dnh->btnh', xs, w(layer.q_proj)) + w(layer.q_bias))
+  k = np.repeat(rope(np.einsum('btd,dkh->btkh', xs, w(layer.k_proj)) + w(layer.k_bias)), 2, 2)
+  v = np.repeat(np.einsum('btd,dkh->btkh', xs, w(layer.v_proj)) + w(layer.v_bias), 2, 2)
+  scores = np.einsum('bqnh,bknh->bnqk', q, k) / np.sqrt(8)
+  scores = np.where(np.tril(np.ones((6, 6), bool)), scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  want = np.einsum('bnqk,bknh,nhd->bqd', probs, v, w(layer.o_proj))
+  got = layer(x, positions, segments)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  assert np.abs(got - plain(x, positions, segments)).max() > 0.1
+
+
+@pytest.mark.parametrize('spec', ['configs/dense.py:tiny', 'configs/moe.py:tiny',
+                                  'configs/megabyte.py:tiny'])
+def test_every_attention_layer_takes_the_qkv_bias(spec):
+  cfg = config_lib.load(spec, ['model.qkv_bias=True'])
+  model = nnx.eval_shape(lambda: models.build(cfg.model, rngs=nnx.Rngs(0)))
+  layers = _attention_layers(model)
+  assert len(layers) == cfg.model.n_layers + cfg.model.get('megabyte', {}).get(
+      'local', {}).get('n_layers', 0)
+  assert all(a.q_bias is not None and a.v_bias is not None for a in layers)
+  plain = nnx.eval_shape(lambda: models.build(config_lib.load(spec).model,
+                                              rngs=nnx.Rngs(0)))
+  assert all(a.q_bias is None for a in _attention_layers(plain))

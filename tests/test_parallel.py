@@ -3,13 +3,17 @@
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import mesh_config, tiny_config
 from jaxarch import config as config_lib
-from jaxarch.parallel import data_shard, logical_to_spec, make_mesh
+from jaxarch.layers.attention import Attention
+from jaxarch.parallel import data_shard, logical_to_spec, make_mesh, tree_shardings
+from jaxarch.parallel.context import logical_mesh
 from jaxarch.train.state import init_state, make_setup
 
 
@@ -199,3 +203,41 @@ def test_a_hand_edited_mesh_in_config_json_is_a_one_line_error(tmp_path, spec, k
   (tmp_path / 'config.json').write_text(json.dumps(tree))
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate(config_lib.load_json(tmp_path / 'config.json'), num_devices=8)
+
+
+def test_tensor_parallel_attention_with_qkv_biases_equals_one_device():
+  """The biases are split over `tensor` as their projections' heads: with random ones the
+  outputs and gradients on (data=2, fsdp=2, tensor=2) are one device's."""
+  cfg = mesh_config(tiny_config(), data=2, fsdp=2, tensor=2)
+  mesh = make_mesh(cfg)
+  layer = Attention(64, 4, 2, 16, qkv_bias=True, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  keys = jax.random.split(jax.random.key(1), 5)
+  for key, bias in zip(keys, (layer.q_bias, layer.k_bias, layer.v_bias)):
+    bias[...] = jax.random.normal(key, bias.shape)
+  x = jax.random.normal(keys[3], (8, 6, 64))
+  cot = jax.random.normal(keys[4], (8, 6, 64))
+  positions = jnp.broadcast_to(jnp.arange(6), (8, 6))
+  segments = jnp.ones((8, 6), jnp.int32)
+  graphdef, params = nnx.split(layer, nnx.Param)
+
+  def step(params, x):
+    def loss(params):
+      out = nnx.merge(graphdef, params)(x, positions, segments)
+      return jnp.sum(out * cot), out
+    (_, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return out, grads
+
+  def sharded(params, x):
+    with logical_mesh(mesh, cfg.mesh.rules):
+      return step(params, x)
+
+  want = jax.jit(step)(params, x)
+  shardings = tree_shardings(params, mesh, cfg.mesh.rules)
+  batch = NamedSharding(mesh, P(('data', 'fsdp', 'expert'), None, None))
+  got = jax.jit(sharded)(jax.device_put(params, shardings), jax.device_put(x, batch))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+  grads = got[1]
+  assert grads['q_bias'].get_value().sharding.spec == P('tensor', None)
+  assert grads['k_bias'].get_value().sharding.spec == P('tensor', None)
+  assert np.abs(np.asarray(grads['v_bias'].get_value())).max() > 0

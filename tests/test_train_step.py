@@ -135,16 +135,19 @@ def test_padding_tokens_carry_no_loss():
   assert loss(padded) == pytest.approx(loss(other), rel=1e-6)
 
 
-def test_no_weight_decay_on_norms_and_embeddings():
-  cfg = tiny_config(**{'train.lr': 1e-2, 'train.weight_decay': 0.5})
+def test_no_weight_decay_on_norms_embeddings_and_biases():
+  cfg = tiny_config(**{'train.lr': 1e-2, 'train.weight_decay': 0.5, 'model.qkv_bias': True})
   setup = make_setup(cfg, make_mesh(cfg, jax.devices()[:1]))
   state = init_state(cfg, setup)
+  bias = state['params']['blocks'][0]['attn']['q_bias']
+  bias.set_value(bias.get_value() + 1)  # they start at zero, which decay leaves
   # With zero gradients only weight decay moves a parameter.
   zeros = jax.tree.map(np.zeros_like, state['params'])
   updates, _ = jax.jit(setup.tx.update)(zeros, setup.tx.init(state['params']), state['params'])
   moved = lambda p: float(np.abs(np.asarray(p.get_value())).max())
   assert moved(updates['embed']['embedding']) == 0.0
   assert moved(updates['final_norm']['scale']) == 0.0
+  assert moved(updates['blocks'][0]['attn']['q_bias']) == 0.0
   assert moved(updates['blocks'][0]['mlp']['gate']) > 0.0
 
 

@@ -3,13 +3,17 @@ format that `transformers`, vLLM, TGI, SGLang and llama.cpp's converter read.
 
 jaxarch's dense transformer is Llama's architecture: pre-norm RMSNorm blocks, grouped-query
 attention with rotary embeddings over the two halves of each head (`rotate_half`), a
-SwiGLU feed-forward and no biases. Its MoE model with experts in every block, softmax
-gates renormalised over the top k, no shared experts and no router bias is Mixtral's. So
-the export renames and transposes (torch's `Linear` keeps [out, in]):
+SwiGLU feed-forward and no biases. With biases on the query, key and value projections
+(model.qkv_bias), added before the rotation, it is Qwen2's (Qwen2.5's), exported as
+`Qwen2ForCausalLM` with its sliding window off. Its MoE model with experts in every block,
+softmax gates renormalised over the top k, no shared experts and no router bias is
+Mixtral's. So the export renames and transposes (torch's `Linear` keeps [out, in]):
 
   embed.embedding        [V, d]     -> model.embed_tokens.weight        [V, d]
   blocks.i.attn.q_proj   [d, n, h]  -> model.layers.i.self_attn.q_proj.weight [n·h, d]
   blocks.i.attn.k_proj, v_proj      -> ...k_proj.weight, v_proj.weight  [kv·h, d]
+  blocks.i.attn.q_bias   [n, h]     -> ...q_proj.bias                   [n·h]
+  blocks.i.attn.k_bias, v_bias      -> ...k_proj.bias, v_proj.bias      [kv·h]
   blocks.i.attn.o_proj   [n, h, d]  -> ...self_attn.o_proj.weight       [d, n·h]
   blocks.i.mlp.gate, up  [d, f]     -> ...mlp.gate_proj.weight, up_proj.weight [f, d]
   blocks.i.mlp.down      [f, d]     -> ...mlp.down_proj.weight          [d, f]
@@ -19,18 +23,21 @@ the export renames and transposes (torch's `Linear` keeps [out, in]):
   blocks.i.attn_norm, mlp_norm      -> ...input_layernorm, post_attention_layernorm
   final_norm, head       [d, V]     -> model.norm.weight, lm_head.weight [V, d]
 
-`import_hf` goes the other way (`jaxarch import --hf=DIR --workdir=NEW`): a Llama, Mistral
-or Mixtral checkpoint becomes a jaxarch run at step 0, which `generate`, `eval`, `distill`
-and BiTA read as any run, and `jaxarch train` continues (fine-tuning, continued
+`import_hf` goes the other way (`jaxarch import --hf=DIR --workdir=NEW`): a Llama, Mistral,
+Qwen2 or Mixtral checkpoint becomes a jaxarch run at step 0, which `generate`, `eval`,
+`distill` and BiTA read as any run, and `jaxarch train` continues (fine-tuning, continued
 pretraining), its documents and prompts starting with the checkpoint's own BOS
 (config.json's `bos_token_id`, as `data.bos_id`). A Mistral is a Llama's names and
 layouts (an explicit `head_dim`, as Mistral-Nemo's 128 for 5120 / 32 heads, becomes
-model.head_dim). Its `sliding_window`, and a Mixtral's, is read only when null or at
-least `max_position_embeddings`, the run's model.max_len (data.seq_len is at most it,
-`generate` warns past it): such a window masks nothing (transformers lets a query see the
-keys less than the window before it). A narrower one (Mistral 7B v0.1: 4096 of 32768) is
-refused, as are biases, other architectures and rope scalings other than Llama 3.1's
-`llama3` (model.rope_scaling), which the export writes back.
+model.head_dim). A Qwen2 (model_type qwen2: Qwen2, Qwen2.5) is a Llama with biases on
+q_proj, k_proj and v_proj (model.qkv_bias; one on o_proj is refused). Its `sliding_window`
+is unused unless `use_sliding_window` is true (Qwen2.5 writes false beside a window of
+131072); a used one, a Mistral's and a Mixtral's, is read only when null or at least
+`max_position_embeddings`, the run's model.max_len (data.seq_len is at most it, `generate`
+warns past it): such a window masks nothing (transformers lets a query see the keys less
+than the window before it). A narrower one (Mistral 7B v0.1: 4096 of 32768) is refused,
+as are other biases (attention_bias, mlp_bias), other architectures and rope scalings
+other than Llama 3.1's `llama3` (model.rope_scaling), which the export writes back.
 
 The vocabulary keeps its padding to a multiple of 128 (the tokenizer's ids come first).
 The weights are stored in their training dtype (float32); `torch_dtype` names the compute
@@ -59,13 +66,22 @@ from jaxarch.models.transformer import head_dim
 
 ARCHITECTURES = {'dense': 'LlamaForCausalLM', 'moe': 'MixtralForCausalLM'}
 MODEL_TYPES = {'dense': 'llama', 'moe': 'mixtral'}  # config.json's `model_type`
-# What import reads: a Mistral is a Llama's names and layout with a sliding window.
-IMPORTS = {'llama': 'dense', 'mistral': 'dense', 'mixtral': 'moe'}
+# What import reads: a Mistral is a Llama's names and layout with a sliding window, a
+# Qwen2 a Llama with biases on q, k and v (model.qkv_bias).
+IMPORTS = {'llama': 'dense', 'mistral': 'dense', 'mixtral': 'moe', 'qwen2': 'dense'}
+
+
+def architecture(m: ml_collections.ConfigDict) -> tuple[str, str]:
+  """config.json's (architecture, model_type) of a model section: a dense model with
+  q/k/v biases is a Qwen2."""
+  if m.family == 'dense' and m.qkv_bias:
+    return 'Qwen2ForCausalLM', 'qwen2'
+  return ARCHITECTURES[m.family], MODEL_TYPES[m.family]
 
 
 def check_exportable(cfg: ml_collections.ConfigDict) -> None:
-  """A dense model is a Llama, a MoE model of Mixtral's routing a Mixtral; the other
-  families and routings have no such equivalent."""
+  """A dense model is a Llama (a Qwen2 with q/k/v biases), a MoE model of Mixtral's
+  routing a Mixtral; the other families and routings have no such equivalent."""
   m = cfg.model
   kinds = set(m.block_pattern)
   why = None
@@ -79,20 +95,23 @@ def check_exportable(cfg: ml_collections.ConfigDict) -> None:
            "a Mixtral's gates are a softmax" if moe.gate != 'softmax' else
            "a Mixtral's gates are renormalised over the top k" if not moe.renormalize else
            'a Mixtral has no router bias (model.moe.bias_update_rate)'
-           if moe.bias_update_rate else None)
+           if moe.bias_update_rate else
+           'a Mixtral has no attention biases (model.qkv_bias)' if m.qkv_bias else None)
   if why is not None:
-    raise ExportError(f'export: --format=hf writes dense models as LlamaForCausalLM and MoE '
-                      f'models with experts in every block, softmax gates renormalised '
-                      f'over the top k and no shared experts as MixtralForCausalLM; {why}: '
+    raise ExportError(f'export: --format=hf writes dense models as LlamaForCausalLM (with '
+                      f'model.qkv_bias as Qwen2ForCausalLM) and MoE models with experts in '
+                      f'every block, softmax gates renormalised over the top k and no shared '
+                      f'experts as MixtralForCausalLM; {why}: '
                       'use --format=safetensors or stablehlo')
 
 
 def hf_config(cfg: ml_collections.ConfigDict, tokenizer) -> dict:
-  """config.json of `transformers.LlamaConfig` or `MixtralConfig` for the run's model."""
+  """config.json of `transformers.LlamaConfig`, `Qwen2Config` or `MixtralConfig` for the
+  run's model."""
   m = cfg.model
+  name, model_type = architecture(m)
   config = {
-      'architectures': [ARCHITECTURES[m.family]],
-      'model_type': MODEL_TYPES[m.family],
+      'architectures': [name], 'model_type': model_type,
       'vocab_size': m.vocab_size, 'hidden_size': m.d_model, 'intermediate_size': m.d_ff,
       'num_hidden_layers': m.n_layers, 'num_attention_heads': m.n_heads,
       'num_key_value_heads': m.n_kv_heads, 'head_dim': head_dim(m),
@@ -113,6 +132,11 @@ def hf_config(cfg: ml_collections.ConfigDict, tokenizer) -> dict:
                    'num_experts_per_tok': m.moe.top_k, 'sliding_window': None,
                    'output_router_logits': False,
                    'router_aux_loss_coef': m.moe.aux_loss_weight})
+  if model_type == 'qwen2':  # its biases are fixed (q, k, v), its window off, as 5.25 writes
+    del config['attention_bias'], config['mlp_bias']
+    config.update({'use_sliding_window': False, 'sliding_window': None,
+                   'max_window_layers': m.n_layers,
+                   'layer_types': ['full_attention'] * m.n_layers})
   return config
 
 
@@ -140,6 +164,8 @@ def hf_arrays(model: nnx.Module, cfg: ml_collections.ConfigDict) -> dict[str, np
     at = f'model.layers.{i}.'
     for name in ('q_proj', 'k_proj', 'v_proj'):
       out[f'{at}self_attn.{name}.weight'] = ours_i(f'attn.{name}').reshape(d, -1).T
+      if cfg.model.qkv_bias:  # [heads, h] -> [heads·h]
+        out[f'{at}self_attn.{name}.bias'] = ours_i(f'attn.{name[0]}_bias').reshape(-1)
     out[f'{at}self_attn.o_proj.weight'] = ours_i('attn.o_proj').reshape(-1, d).T
     if cfg.model.family == 'dense':
       out[f'{at}mlp.gate_proj.weight'] = ours_i('mlp.gate').T
@@ -180,6 +206,8 @@ def our_arrays(hf: dict[str, np.ndarray], cfg: ml_collections.ConfigDict
     at, to = f'model.layers.{i}.', f'blocks.{i}.'
     for name, heads in (('q_proj', n), ('k_proj', kv), ('v_proj', kv)):
       ours[f'{to}attn.{name}'] = take(f'{at}self_attn.{name}.weight').T.reshape(-1, heads, h)
+      if m.qkv_bias:
+        ours[f'{to}attn.{name[0]}_bias'] = take(f'{at}self_attn.{name}.bias').reshape(heads, h)
     ours[f'{to}attn.o_proj'] = take(f'{at}self_attn.o_proj.weight').T.reshape(n, h, -1)
     if m.family == 'dense':
       for name, hf_name in (('gate', 'gate_proj'), ('up', 'up_proj'), ('down', 'down_proj')):
@@ -201,8 +229,9 @@ def our_arrays(hf: dict[str, np.ndarray], cfg: ml_collections.ConfigDict
 
 
 def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.ConfigDict:
-  """The jaxarch config of a Llama, Mistral or Mixtral `config.json` (train, data and mesh keys:
-  the preset's, then `overrides`); refuses what jaxarch's models do not compute."""
+  """The jaxarch config of a Llama, Mistral, Qwen2 or Mixtral `config.json` (train, data
+  and mesh keys: the preset's, then `overrides`); refuses what jaxarch's models do not
+  compute."""
   kind = hf_config.get('model_type')
   family = IMPORTS.get(kind)
   max_len = hf_config.get('max_position_embeddings', 2048)  # the run's model.max_len
@@ -210,6 +239,8 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
   # `sliding_window_overlay`), so one of at least max_len positions masks nothing within
   # the run's model.max_len (data.seq_len <= it; import takes no model.* override).
   window = hf_config.get('sliding_window')
+  if kind == 'qwen2' and not hf_config.get('use_sliding_window', False):
+    window = None  # off: transformers drops it (Qwen2.5's 131072 of 32768 positions)
   full = window is None or (isinstance(window, int) and isinstance(max_len, int)
                             and window >= max_len)
   narrow = None if full else (f'sliding_window={window!r}, narrower than the '
@@ -255,6 +286,7 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
       'd_ff': hf_config['intermediate_size'], 'vocab_size': hf_config['vocab_size'],
       'max_len': max_len,
       'tie_embeddings': bool(hf_config.get('tie_word_embeddings', False)),
+      'qkv_bias': kind == 'qwen2',
       'rope_theta': float(hf_config.get('rope_theta') or rope.get('rope_theta', 10_000.0)),
       'norm_eps': float(hf_config.get('rms_norm_eps', 1e-6)),
       'dtype': ('float32' if (hf_config.get('dtype') or hf_config.get('torch_dtype'))
@@ -346,8 +378,8 @@ def _bos_setting(hf_config: dict, tokenizer, path: Path) -> list[str]:
 
 
 def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
-  """A jaxarch run at step 0 in a new `workdir` from a Hugging Face Llama, Mistral or
-  Mixtral checkpoint: config.json (with the checkpoint's BOS as data.bos_id), the
+  """A jaxarch run at step 0 in a new `workdir` from a Hugging Face Llama, Mistral, Qwen2
+  or Mixtral checkpoint: config.json (with the checkpoint's BOS as data.bos_id), the
   tokenizer (copied into workdir/tokenizer/) and a checkpoint holding its weights (with a
   fresh optimizer state)."""
   # pylint: disable=g-import-not-at-top  (the trainer's modules, for this command only)
@@ -416,7 +448,7 @@ def write_hf(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path,
   (out / 'README.md').write_text(_README.format(
       source=source or 'a jaxarch run', count=count, out=final or out,
       vocab=tokenizer.vocab_size, family=cfg.model.family,
-      architecture=ARCHITECTURES[cfg.model.family]))
+      architecture=architecture(cfg.model)[0]))
   return out
 
 

@@ -70,7 +70,8 @@ class Attention(nnx.Module):
                rope_theta: float = 10_000.0, rope_scaling: Llama3Scaling | None = None,
                init_std: float = 0.02,
                out_std: float | None = None, init_truncation: float = 0.0, impl: str = 'xla',
-               dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               qkv_bias: bool = False, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     self.rope_theta, self.rope_scaling = rope_theta, rope_scaling
     self.impl = _implementation(impl, dtype)
     self.dtype = dtype
@@ -84,6 +85,13 @@ class Attention(nnx.Module):
     self.o_proj = param(rngs, normal(out_std or init_std, init_truncation),
                         (n_heads, head_dim, d_model), ('heads', 'head_dim', 'embed'),
                         param_dtype)
+    # Qwen2's biases on q, k and v (none on o), added before the rotation; sharded as the
+    # projections' heads, not decayed, as norms and embeddings.
+    bias = lambda heads, axis: param(rngs, jax.nn.initializers.zeros, (heads, head_dim),
+                                     (axis, 'head_dim'), param_dtype, weight_decay=False)
+    self.q_bias = bias(n_heads, 'heads') if qkv_bias else None
+    self.k_bias = bias(n_kv_heads, 'kv_heads') if qkv_bias else None
+    self.v_bias = bias(n_kv_heads, 'kv_heads') if qkv_bias else None
     self.drop_cache()
 
   def init_cache(self, batch: int, length: int):
@@ -108,6 +116,8 @@ class Attention(nnx.Module):
     q = jnp.einsum('btd,dnh->btnh', x, cast(self.q_proj))
     k = jnp.einsum('btd,dkh->btkh', x, cast(self.k_proj))
     v = jnp.einsum('btd,dkh->btkh', x, cast(self.v_proj))
+    if self.q_bias is not None:
+      q, k, v = q + cast(self.q_bias), k + cast(self.k_bias), v + cast(self.v_bias)
     q = apply_rope(q, positions, self.rope_theta, self.rope_scaling)
     k = apply_rope(k, positions, self.rope_theta, self.rope_scaling)
     if layout is None and self.cache_k is not None and x.shape[1] == 1:
