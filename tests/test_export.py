@@ -778,6 +778,8 @@ def test_an_hf_config_with_llama3_rope_scaling_sets_model_rope_scaling(spelling)
     ({**LLAMA3, 'factor': 0.5}, 'model.rope_scaling.factor=0.5 must be >= 1'),
     ({**LLAMA3, 'high_freq_factor': 1.0}, 'model.rope_scaling.low_freq_factor=1.0 and '
      'high_freq_factor=1.0 must be 0 < low_freq_factor < high_freq_factor'),
+    ('llama3', "='llama3'; expected an object such as"),  # an AttributeError before
+    ([LLAMA3], '; expected an object such as'),
 ])
 def test_other_or_bad_rope_scalings_are_refused_in_one_line(scaling, message):
   for spelling in ('rope_scaling', 'rope_parameters'):

@@ -249,6 +249,10 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
   # `rope_scaling` and `torch_dtype`.
   # A scaling of type 'default' (transformers 4.4x wrote {'rope_type': 'default'}) is none.
   # Llama 3.1's and 3.2's `llama3` is model.rope_scaling; the other types are refused.
+  for key in ('rope_scaling', 'rope_parameters'):
+    if not isinstance(hf_config.get(key) or {}, dict):
+      raise ExportError(f'import: config.json has {key}={hf_config[key]!r}; expected an '
+                        'object such as {"rope_type": "llama3", "factor": 8.0, ...} or null')
   rope = hf_config.get('rope_parameters') or {}
   rope_type = lambda r: r.get('rope_type', r.get('type', 'default'))
   scaling = next((r for r in (hf_config.get('rope_scaling') or {}, rope)
