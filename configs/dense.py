@@ -101,6 +101,9 @@ def get_config(arg=None):
   # The id each document and prompt starts with; None: the tokenizer's end-of-document id.
   # `jaxarch import` sets a Llama's own (`<s>`: 1, Llama 3's `<|begin_of_text|>`: 128000).
   c.data.bos_id = ml_collections.config_dict.placeholder(int)
+  # Ids besides the end-of-document id at which generation stops: an instruct model's end
+  # of turn (`jaxarch import` sets Llama 3's `<|eot_id|>` 128009, Qwen2.5's `<|im_end|>`).
+  c.data.stop_ids = ()
   # tfds: the feature of each example to read (None: `text`, or the only text feature);
   # other sources are plain text and warn that it is unread
   c.data.text_key = ml_collections.config_dict.placeholder(str)

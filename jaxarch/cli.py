@@ -188,7 +188,7 @@ def _bench(args, overrides):
 def _generate(args, overrides):
   # pylint: disable=g-import-not-at-top
   from jaxarch import infer
-  from jaxarch.data import bos_id, get_tokenizer
+  from jaxarch.data import bos_id, get_tokenizer, stop_ids
   from jaxarch.data.tokenizers import decode_continuation
   from jaxarch.parallel import make_mesh
   from jaxarch.train.pretrained import load_model
@@ -210,7 +210,8 @@ def _generate(args, overrides):
       prompts, max_new_tokens=args.max_new_tokens, method=method,
       temperature=1.0 if args.temperature is None else args.temperature,
       top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p,
-      stop_ids=() if args.ignore_eod else (tokenizer.eod_id,), seed=args.seed)
+      # The eod, and an imported instruct model's end of turn (data.stop_ids).
+      stop_ids=() if args.ignore_eod else stop_ids(cfg.data, tokenizer), seed=args.seed)
   for i, (text, ids, new) in enumerate(zip(args.prompt, prompts, outputs)):
     if i:
       print('-' * 40)
@@ -386,7 +387,8 @@ def _parser() -> argparse.ArgumentParser:
   gen.add_argument('--top_p', type=float, help='nucleus: the most likely tokens up to p')
   gen.add_argument('--seed', type=int, default=0)
   gen.add_argument('--ignore_eod', action='store_true',
-                   help='keep generating past the end-of-document token')
+                   help='keep generating past the end-of-document token and the '
+                   'data.stop_ids (an instruct model\'s end of turn), up to --max_new_tokens')
   gen.add_argument('--step', type=int, help='checkpoint step (default: latest)')
   gen.set_defaults(func=_generate)
   dis = commands.add_parser(

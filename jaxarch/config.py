@@ -597,6 +597,13 @@ def _bita_from_base_run(cfg: ConfigDict) -> ConfigDict:
   elif tree['data']['bos_id'] != bos:
     raise ConfigError(f'data.bos_id={tree["data"]["bos_id"]!r} differs from the base run\'s '
                       f'{bos!r}; leave it unset')
+  # And its generation stops where the base's does (an imported instruct model's end of turn).
+  stops = tuple(base.data.get('stop_ids', ()))
+  if not tree['data'].get('stop_ids'):
+    tree['data']['stop_ids'] = stops
+  elif tuple(tree['data']['stop_ids']) != stops:
+    raise ConfigError(f'data.stop_ids={tuple(tree["data"]["stop_ids"])!r} differs from the '
+                      f'base run\'s {stops!r}; leave it unset')
   return ConfigDict(tree)
 
 
@@ -770,6 +777,12 @@ def _check_data(cfg: ConfigDict) -> None:
                           or not 0 <= bos < vocab):
     raise ConfigError(f'data.bos_id={bos!r} must be a token id in [0, model.vocab_size='
                       f"{vocab}), or None (the tokenizer's end-of-document id)")
+  stops = cfg.data.get('stop_ids', ())
+  if not isinstance(stops, (tuple, list)) or not all(
+      isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in stops):
+    raise ConfigError(f'data.stop_ids={stops!r} must be a tuple of token ids in [0, '
+                      f'model.vocab_size={vocab}), e.g. (128009,): where generation stops '
+                      'besides the end-of-document id')
   # Packing aligns documents within a row; rows of another length shift the next row's.
   if cfg.data.seq_len % cfg.data.pack_align:
     raise ConfigError(f'data.seq_len={cfg.data.seq_len} must be a multiple of '
@@ -1102,6 +1115,9 @@ RUN_MODEL_KEYS = (('moe', 'matmul_impl'), ('moe', 'kernel_tiling'), ('moe', 'mos
 # q/k/v biases).
 INIT_MODEL_KEYS = ('init_truncation', 'residual_init_scale')
 NEW_MODEL_KEYS = ('rope_scaling', 'qkv_bias')
+# Data keys jaxarch gained whose default is what older runs did (generation stopped at the
+# end-of-document id alone).
+NEW_DATA_KEYS = ('stop_ids',)
 
 
 def _with_new_run_keys(tree: dict) -> dict:
@@ -1126,6 +1142,10 @@ def _with_new_run_keys(tree: dict) -> dict:
   for key in INIT_MODEL_KEYS + NEW_MODEL_KEYS:
     if isinstance(model, dict) and key not in model:
       model[key] = defaults['model'][key]
+  data = tree.get('data')
+  for key in NEW_DATA_KEYS:
+    if isinstance(data, dict) and key not in data:
+      data[key] = defaults['data'][key]
   for section, key in RUN_MODEL_KEYS:
     saved = model.get(section) if isinstance(model, dict) else None
     if isinstance(saved, dict) and key not in saved:

@@ -245,6 +245,12 @@ def test_rope_needs_an_even_head_dimension():
     (['data.bos_id=-1'], "data.bos_id=-1 must be a token id in [0, model.vocab_size=384), "
      "or None (the tokenizer's end-of-document id)"),
     (['data.bos_id=384'], 'data.bos_id=384 must be a token id in [0, model.vocab_size=384)'),
+    (['data.stop_ids=(5, 384)'], 'data.stop_ids=(5, 384) must be a tuple of token ids in '
+     '[0, model.vocab_size=384), e.g. (128009,): where generation stops besides the '
+     'end-of-document id'),
+    (['data.stop_ids=(-1,)'], 'data.stop_ids=(-1,) must be a tuple of token ids'),
+    (['data.stop_ids=(True,)'], 'data.stop_ids=(True,) must be a tuple of token ids'),
+    (['data.stop_ids=5'], "data.stop_ids='5' must be a tuple"),
 ])
 def test_init_adam_and_data_settings_are_checked(overrides, message):
   assert error_of(tiny, *overrides).startswith(f'config error: {message}')
@@ -534,6 +540,43 @@ def test_a_bita_config_takes_the_base_runs_bos(tmp_path):
   assert config_lib.load_json(tmp_path / 'bita.json').data.bos_id == 65
   assert error_of(load, 'data.bos_id=1') == (
       "config error: data.bos_id=1 differs from the base run's 65; leave it unset")
+
+
+def test_data_stop_ids_default_to_empty_and_a_run_saved_without_them_loads(tmp_path):
+  """(): generation stops at the eod alone, as before the key (an imported instruct model
+  sets its end of turn); an older saved config lacks the key and loads with the default."""
+  assert tiny().data.stop_ids == ()
+  assert tiny('data.stop_ids=[7, 9]').data.stop_ids == (7, 9)
+  path = tmp_path / 'config.json'
+  config_lib.save(tiny('data.stop_ids=(7, 9)'), path)
+  assert config_lib.load_json(path).data.stop_ids == (7, 9)
+  old = json.loads(path.read_text())
+  del old['data']['stop_ids']
+  path.write_text(json.dumps(old))
+  assert config_lib.load_json(path).data.stop_ids == ()
+  # A hand-edited one is checked as an override is.
+  path.write_text(json.dumps({**old, 'data': {**old['data'], 'stop_ids': [7, 'x']}}))
+  assert error_of(config_lib.load_json, path).startswith(
+      "config error: data.stop_ids=(7, 'x') must be a tuple of token ids")
+
+
+def test_a_bita_config_takes_the_base_runs_stop_ids(tmp_path):
+  """BiTA's generation stops where its base run's does (an imported model's end of turn)."""
+  (tmp_path / 'base').mkdir()
+  config_lib.save(tiny('data.stop_ids=(65, 66)'), tmp_path / 'base' / 'config.json')
+  load = lambda *overrides: config_lib.load('configs/bita.py:tiny', [
+      f'model.bita.base_workdir={tmp_path / "base"}', 'data.source=distilled:/data',
+      *overrides])
+  assert load().data.stop_ids == (65, 66) == load('data.stop_ids=(65, 66)').data.stop_ids
+  config_lib.save(load(), tmp_path / 'bita.json')  # what `generate` of the BiTA run reads
+  assert config_lib.load_json(tmp_path / 'bita.json').data.stop_ids == (65, 66)
+  assert error_of(load, 'data.stop_ids=(1,)') == (
+      "config error: data.stop_ids=(1,) differs from the base run's (65, 66); leave it unset")
+  # A base saved before the key stops at the eod alone, as its BiTA run.
+  base = json.loads((tmp_path / 'base' / 'config.json').read_text())
+  del base['data']['stop_ids']
+  (tmp_path / 'base' / 'config.json').write_text(json.dumps(base))
+  assert load().data.stop_ids == ()
 
 
 def test_a_moe_run_saved_before_the_kernel_choice_resumes_with_auto(tmp_path):

@@ -964,6 +964,27 @@ def test_a_bos_id_outside_the_tokenizer_is_one_line(bos):
                               "end-of-document id, 257)")
 
 
+def test_stop_ids_are_the_eod_then_data_stop_ids_each_once():
+  """Generation stops at the eod and at an instruct model's end of turn; the eod comes
+  first, as the only stop of a run without the key (a config saved before it)."""
+  cfg = _dense_data_config()
+  assert data.stop_ids(cfg, data.ByteTokenizer()) == (257,)
+  cfg.stop_ids = (10, 257, 3, 10)
+  assert data.stop_ids(cfg, data.ByteTokenizer()) == (257, 10, 3)
+  del cfg['stop_ids']
+  assert data.stop_ids(cfg, data.ByteTokenizer()) == (257,)
+
+
+@pytest.mark.parametrize('stop', [258, -1, True])
+def test_a_stop_id_outside_the_tokenizer_is_one_line(stop):
+  cfg = _dense_data_config()  # model.vocab_size 384 takes 258; the byte tokenizer has 258
+  cfg.stop_ids = (10, stop)
+  with pytest.raises(ConfigError) as error:
+    data.stop_ids(cfg, data.ByteTokenizer())
+  assert str(error.value) == (f"config error: data.stop_ids=(10, {stop!r}) must be ids of "
+                              f"data.tokenizer='bytes', in [0, 258); {stop!r} is not")
+
+
 # HF tokenizer.json files: bits per byte needs each token's UTF-8 bytes.
 
 def _gpt2_style_tokenizer(path):

@@ -118,6 +118,37 @@ def test_stablehlo_generates_the_tokens_of_jaxarch_generate(tmp_path, family):
     exported.generate([[257], []], max_new_tokens=4)
 
 
+def test_stablehlo_stops_at_the_runs_stop_ids_by_default(tmp_path, monkeypatch, capsys):
+  """The exports carry data.stop_ids (an instruct model's end of turn) after the eod:
+  tokenizer.json and stablehlo.json list them, and run_stablehlo.py stops at each unless
+  told otherwise; an export written before the list stops at its eod alone."""
+  cfg = family_config('dense')
+  model = _model(cfg, seed=1)
+  prompts = [[257, 100, 101, 102], [257, 50]]
+  free, _ = infer.generate(model, prompts, max_new_tokens=8, stop_ids=(257,), vocab_limit=258)
+  assert len(free[0]) == 8 and 257 not in free[0][:3]
+  stop = free[0][2]  # the model's third greedy token of the first prompt, as an end of turn
+  with cfg.unlocked():
+    cfg.data.stop_ids = (stop, 257)
+  export_stablehlo(model, cfg, tmp_path / 'out', batch_size=2, prompt_len=None, max_len=16)
+  read = lambda name: json.loads((tmp_path / 'out' / name).read_text())
+  assert read('tokenizer.json')['stop_ids'] == read('stablehlo.json')['stop_ids'] == [257, stop]
+  want, _ = infer.generate(model, prompts, max_new_tokens=8, stop_ids=(257, stop),
+                           vocab_limit=258)
+  assert want[0] == free[0][:free[0].index(stop) + 1]
+  assert StableHLOModel(tmp_path / 'out').generate(prompts, max_new_tokens=8) == want
+  for flags, row in (([], want[0]), (['--ignore_eod'], free[0])):  # no 257 in free[0]
+    monkeypatch.setattr(sys, 'argv', ['run_stablehlo.py', str(tmp_path / 'out'),
+                                      '257,100,101,102', '--max_new_tokens=8', *flags])
+    capsys.readouterr()
+    run_stablehlo.main()
+    assert capsys.readouterr().out == ','.join(map(str, row)) + '\n'
+  spec = read('stablehlo.json')
+  del spec['stop_ids']  # as exports before the list were written
+  (tmp_path / 'out' / 'stablehlo.json').write_text(json.dumps(spec))
+  assert StableHLOModel(tmp_path / 'out').generate(prompts, max_new_tokens=8) == free
+
+
 @pytest.mark.parametrize('family', ['dense', pytest.param('moe', marks=pytest.mark.slow),
                                     pytest.param('ultramem', marks=pytest.mark.slow)])
 def test_stablehlo_exports_from_a_gpu_for_it_and_for_other_platforms(
@@ -868,6 +899,73 @@ def test_an_hf_checkpoint_imports_with_its_own_bos_and_exports_it_again(tmp_path
   err = capsys.readouterr().err
   assert 'config.json has bos_token_id=999, which is no id of' in err, err
   assert err.count('\n') == 1 and not (tmp_path / 'bad').exists()
+
+
+def _instruct_tokenizer(path) -> tuple[str, int]:
+  """A Llama-style tokenizer.json with an end-of-turn token after its pieces (as Llama 3
+  Instruct's `<|eot_id|>` 128009 beside `<|end_of_text|>`): its path and that id."""
+  from test_data import _llama_style_tokenizer  # pylint: disable=g-import-not-at-top
+  hf = pytest.importorskip('tokenizers')
+  tok = hf.Tokenizer.from_file(_llama_style_tokenizer(path))
+  tok.add_special_tokens([hf.AddedToken('<|eot_id|>', special=True)])
+  tok.save(str(path))
+  return str(path), tok.token_to_id('<|eot_id|>')
+
+
+def test_an_hf_checkpoint_imports_its_end_of_turn_as_stop_ids_and_exports_it_again(
+    tmp_path, capsys):
+  """An instruct model ends its turn with another token than the eod: the eos_token_ids of
+  generation_config.json and config.json (an id or a list) besides the eod become
+  data.stop_ids, and the export lists them after the eod in generation_config.json, where
+  transformers' generate stops at each (config.json keeps the eod). Checked once with
+  transformers 5.25: a tiny LlamaForCausalLM with eos_token_id [</s>, <|eot_id|>] that
+  greedily emits <|eot_id|> stops there in `model.generate` and, imported, in `jaxarch
+  generate` (which ran on to --max_new_tokens before)."""
+  (tmp_path / 'tok').mkdir()
+  path, eot = _instruct_tokenizer(tmp_path / 'tok' / 'tokenizer.json')
+  cfg = family_config('dense')
+  with cfg.unlocked():
+    cfg.data.tokenizer = path
+  hf_dir = tmp_path / 'hf'
+  write_hf(_model(cfg), cfg, hf_dir)
+  read = lambda directory, name: json.loads((directory / name).read_text())
+  assert read(hf_dir, 'generation_config.json')['eos_token_id'] == 2  # the eod alone
+  config = read(hf_dir, 'config.json')
+  assert config['eos_token_id'] == 2
+
+  def stops(generation, eos=2):
+    """data.stop_ids import sets for generation_config.json's and config.json's ids."""
+    (hf_dir / 'generation_config.json').unlink(missing_ok=True)
+    if generation is not None:
+      (hf_dir / 'generation_config.json').write_text(json.dumps({'eos_token_id': generation}))
+    # pylint: disable-next=protected-access
+    setting = huggingface._stop_setting(hf_dir, {**config, 'eos_token_id': eos},
+                                        get_tokenizer(path), Path(path))
+    return config_lib.load('configs/dense.py:tiny', setting).data.stop_ids
+
+  assert stops(None) == stops(2) == stops([2]) == ()  # a base model's: the eod alone
+  assert stops(eot) == stops([2, eot]) == stops(None, [2, eot]) == stops(None, eot) == (eot,)
+  assert stops([eot, 2], [2, 5, eot]) == (eot, 5)  # both files, each id once
+
+  (hf_dir / 'generation_config.json').write_text(json.dumps({'eos_token_id': [2, eot]}))
+  assert cli.main(['import', f'--hf={hf_dir}', f'--workdir={tmp_path / "run"}']) == 0
+  cfg, model = load_model(tmp_path / 'run')
+  assert cfg.data.stop_ids == (eot,)
+  write_hf(model, cfg, tmp_path / 'again')
+  assert read(tmp_path / 'again', 'generation_config.json')['eos_token_id'] == [2, eot]
+  assert read(tmp_path / 'again', 'config.json')['eos_token_id'] == 2
+
+  capsys.readouterr()
+  for name, eos, unknown in (('generation_config.json', [2, 999], 999),
+                             ('config.json', True, True)):
+    (hf_dir / 'generation_config.json').write_text(json.dumps(
+        {'eos_token_id': eos if name == 'generation_config.json' else 2}))
+    (hf_dir / 'config.json').write_text(json.dumps(
+        {**config, 'eos_token_id': eos if name == 'config.json' else 2}))
+    assert cli.main(['import', f'--hf={hf_dir}', f'--workdir={tmp_path / "bad"}']) == 2
+    err = capsys.readouterr().err
+    assert f'{name} has eos_token_id={eos!r}, and {unknown!r} is no id of' in err, err
+    assert err.count('\n') == 1 and not (tmp_path / 'bad').exists()
 
 
 def test_an_hf_config_with_default_rope_scaling_imports(tmp_path):

@@ -309,6 +309,40 @@ def test_generate_command_starts_prompts_with_the_runs_bos(tmp_path, monkeypatch
   assert prompts == [[first, *b'hi']]
 
 
+def test_generate_command_stops_at_the_runs_stop_ids_too(tmp_path, monkeypatch, capsys):
+  """An imported instruct model ends its turn with another token than the eod (Llama 3's
+  <|eot_id|>): data.stop_ids stops `generate` there too; --ignore_eod stops at none."""
+  cfg = mesh_config(config_lib.load('configs/dense.py:tiny'), data=8)
+  checkpointer = Checkpointer(tmp_path, async_save=False)
+  checkpointer.save(0, init_state(cfg, make_setup(cfg, make_mesh(cfg))))
+  checkpointer.close()
+  calls, generate = [], infer.Generator.__call__
+
+  def spy(self, batch, **kwargs):
+    out = generate(self, batch, **kwargs)
+    calls.append((kwargs['stop_ids'], out[0][0]))
+    return out
+
+  monkeypatch.setattr(infer.Generator, '__call__', spy)
+  run = lambda *flags: cli.main(['generate', '--workdir', str(tmp_path), '--prompt', 'hi',
+                                 '--max_new_tokens', '8', *flags])
+  config_lib.save(cfg, tmp_path / 'config.json')
+  assert run('--ignore_eod') == 0
+  _, free = calls.pop()
+  assert len(free) == 8 and 257 not in free[:3]
+  stop = free[2]  # the untrained model's third greedy token, as an end of turn
+  with cfg.unlocked():
+    cfg.data.stop_ids = (stop,)
+  config_lib.save(cfg, tmp_path / 'config.json')
+  capsys.readouterr()
+  assert run() == 0
+  stops, got = calls.pop()
+  assert tuple(stops) == (257, stop) and got == free[:free.index(stop) + 1]
+  assert f'{len(got)} new tokens' in capsys.readouterr().err
+  assert run('--ignore_eod') == 0
+  assert calls.pop() == ((), free)
+
+
 def test_distill_prompts_start_with_the_runs_bos(tmp_path):
   from test_data import _data_config, _write_corpus  # pylint: disable=g-import-not-at-top
   from jaxarch.data import ByteTokenizer  # pylint: disable=g-import-not-at-top
@@ -318,6 +352,30 @@ def test_distill_prompts_start_with_the_runs_bos(tmp_path):
   # Prompts longer than every document: each is a whole document, from its start.
   prompts = sample_prompts(cfg, 'train', 6, 64, 0, ByteTokenizer())
   assert len(prompts) == 6 and all(p[0] == 65 and 257 not in p for p in prompts)
+
+
+def test_distill_stops_where_generate_does(tmp_path, monkeypatch):
+  """Distilled continuations end at the eod or at data.stop_ids, as `generate`'s."""
+  from test_data import _write_corpus  # pylint: disable=g-import-not-at-top
+  from jaxarch.infer.distill import distill  # pylint: disable=g-import-not-at-top
+  _write_corpus(tmp_path / 'corpus', num_docs=8, max_len=20)
+  cfg = mesh_config(config_lib.load('configs/dense.py:tiny', [
+      f'data.source=files:{tmp_path}/corpus/*.txt', f'data.data_dir={tmp_path / "data"}',
+      'data.stop_ids=(65, 66)']), data=8)
+  config_lib.save(cfg, tmp_path / 'run' / 'config.json')
+  checkpointer = Checkpointer(tmp_path / 'run', async_save=False)
+  checkpointer.save(0, init_state(cfg, make_setup(cfg, make_mesh(cfg))))
+  checkpointer.close()
+  stops, generate = set(), infer.Generator.__call__
+
+  def spy(self, batch, **kwargs):
+    stops.add(tuple(kwargs['stop_ids']))
+    return generate(self, batch, **kwargs)
+
+  monkeypatch.setattr(infer.Generator, '__call__', spy)
+  distill(tmp_path / 'run', tmp_path / 'out', num_prompts=2, validation_prompts=1,
+          prompt_len=4, max_new_tokens=2, batch_size=2)
+  assert stops == {(257, 65, 66)}
 
 
 @pytest.mark.slow

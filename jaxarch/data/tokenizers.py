@@ -2,9 +2,10 @@
 
 Every tokenizer exposes the same small surface the pipeline and trainer need: `encode`
 (of `str`, or of a document's stored `bytes`), `decode`, `vocab_size`, `pad_id`, `eod_id`
-(end of document, also the BOS unless `data.bos_id` names another: `bos_id`) and
-`byte_lengths[id]`, the number of UTF-8 bytes a token stands for, so that the trainer can
-report bits per byte = total_nats / ln 2 / total_bytes for any tokenizer.
+(end of document, also the BOS unless `data.bos_id` names another: `bos_id`; generation
+stops at it and at `data.stop_ids`: `stop_ids`) and `byte_lengths[id]`, the number of
+UTF-8 bytes a token stands for, so that the trainer can report bits per byte =
+total_nats / ln 2 / total_bytes for any tokenizer.
 """
 
 import functools
@@ -220,6 +221,22 @@ def bos_id(data_cfg, tokenizer) -> int:
                       f'{data_cfg.get("tokenizer")!r}, in [0, {tokenizer.vocab_size}), or None '
                       f'(its end-of-document id, {tokenizer.eod_id})')
   return bos
+
+
+def stop_ids(data_cfg, tokenizer) -> tuple[int, ...]:
+  """The ids at which generation stops: the tokenizer's eod first, then `data.stop_ids`
+  (an imported instruct model's end of turn: Llama 3's `<|eot_id|>`, Qwen2.5's
+  `<|im_end|>`, which `jaxarch import` sets), each once. A run saved before the key
+  stops at the eod alone, as it did."""
+  ids = [tokenizer.eod_id]
+  for i in data_cfg.get('stop_ids') or ():
+    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < tokenizer.vocab_size:
+      raise ConfigError(f'config error: data.stop_ids={tuple(data_cfg.stop_ids)!r} must be ids '
+                        f'of data.tokenizer={data_cfg.get("tokenizer")!r}, in [0, '
+                        f'{tokenizer.vocab_size}); {i!r} is not')
+    if i not in ids:
+      ids.append(i)
+  return tuple(ids)
 
 
 def get_tokenizer(spec: str):

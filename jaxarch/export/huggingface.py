@@ -27,24 +27,29 @@ Mixtral's. So the export renames and transposes (torch's `Linear` keeps [out, in
 Qwen2 or Mixtral checkpoint becomes a jaxarch run at step 0, which `generate`, `eval`,
 `distill` and BiTA read as any run, and `jaxarch train` continues (fine-tuning, continued
 pretraining), its documents and prompts starting with the checkpoint's own BOS
-(config.json's `bos_token_id`, as `data.bos_id`). A Mistral is a Llama's names and
-layouts (an explicit `head_dim`, as Mistral-Nemo's 128 for 5120 / 32 heads, becomes
-model.head_dim). A Qwen2 (model_type qwen2: Qwen2, Qwen2.5) is a Llama with biases on
-q_proj, k_proj and v_proj (model.qkv_bias; one on o_proj is refused). Its `sliding_window`
-is unused unless `use_sliding_window` is true (Qwen2.5 writes false beside a window of
-131072); a used one, a Mistral's and a Mixtral's, is read only when null or at least
-`max_position_embeddings`, the run's model.max_len (data.seq_len is at most it, `generate`
-warns past it): such a window masks nothing (transformers lets a query see the keys less
-than the window before it). A narrower one (Mistral 7B v0.1: 4096 of 32768) is refused,
-as are other biases (attention_bias, mlp_bias), other architectures and rope scalings
-other than Llama 3.1's `llama3` (model.rope_scaling), which the export writes back.
+(config.json's `bos_token_id`, as `data.bos_id`), its generation stopping at its own
+end-of-turn ids too (generation_config.json's and config.json's `eos_token_id`s besides
+the tokenizer's end of document, as `data.stop_ids`: Llama 3's `<|eot_id|>`). A Mistral
+is a Llama's names and layouts (an explicit `head_dim`, as Mistral-Nemo's 128 for 5120 /
+32 heads, becomes model.head_dim). A Qwen2 (model_type qwen2: Qwen2, Qwen2.5) is a Llama
+with biases on q_proj, k_proj and v_proj (model.qkv_bias; one on o_proj is refused). Its
+`sliding_window` is unused unless `use_sliding_window` is true (Qwen2.5 writes false
+beside a window of 131072); a used one, a Mistral's and a Mixtral's, is read only when
+null or at least `max_position_embeddings`, the run's model.max_len (data.seq_len is at
+most it, `generate` warns past it): such a window masks nothing (transformers lets a
+query see the keys less than the window before it). A narrower one (Mistral 7B v0.1: 4096
+of 32768) is refused, as are other biases (attention_bias, mlp_bias), other architectures
+and rope scalings other than Llama 3.1's `llama3` (model.rope_scaling), which the export
+writes back.
 
 The vocabulary keeps its padding to a multiple of 128 (the tokenizer's ids come first).
 The weights are stored in their training dtype (float32); `torch_dtype` names the compute
 dtype the model trained in. The tokenizer comes along in Hugging Face's form
 (`hf_tokenizer`): every text starts with the BOS the model trained with (`data.bos_id`:
 by default the end-of-document id; an imported Llama's own `<s>`, which import reads from
-config.json's `bos_token_id`), and the tokenizer adds it.
+config.json's `bos_token_id`), and the tokenizer adds it. generation_config.json's
+`eos_token_id` lists the end-of-document id and `data.stop_ids` (when there are any),
+at all of which transformers' `generate` stops; config.json's is the end of document.
 """
 
 import json
@@ -58,7 +63,7 @@ import safetensors.numpy
 from flax import nnx
 
 from jaxarch import config as config_lib
-from jaxarch.data import bos_id, get_tokenizer
+from jaxarch.data import bos_id, get_tokenizer, stop_ids
 from jaxarch.export.hf_tokenizer import write_tokenizer
 from jaxarch.export.weights import ExportError, all_or_nothing, flat_arrays, free_out, readable
 from jaxarch.models import named_variables
@@ -329,6 +334,16 @@ def _llama3_settings(hf_config: dict, scaling: dict, max_len) -> dict:
           **{f'rope_scaling.{key}': scaling[key] for key in factors}}
 
 
+def _read_json(path: Path) -> dict:
+  try:
+    tree = json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ExportError(f'import: {path} is not JSON: {e}') from None
+  if not isinstance(tree, dict):
+    raise ExportError(f'import: {path} holds no JSON object')
+  return tree
+
+
 def read_hf(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
   """(config.json, arrays) of a Hugging Face checkpoint: one safetensors file, or the
   shards its index names."""
@@ -336,19 +351,10 @@ def read_hf(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
   if not (directory / 'config.json').is_file():
     raise ExportError(f'import: {directory / "config.json"} not found; is {directory} a '
                       'Hugging Face checkpoint (save_pretrained)?')
-  def read_json(path):
-    try:
-      tree = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-      raise ExportError(f'import: {path} is not JSON: {e}') from None
-    if not isinstance(tree, dict):
-      raise ExportError(f'import: {path} holds no JSON object')
-    return tree
-
-  hf_config = read_json(directory / 'config.json')
+  hf_config = _read_json(directory / 'config.json')
   index = directory / 'model.safetensors.index.json'
   if index.is_file():
-    weight_map = read_json(index).get('weight_map')
+    weight_map = _read_json(index).get('weight_map')
     if not isinstance(weight_map, dict):
       raise ExportError(f'import: {index} has no weight_map')
     files = sorted(set(map(str, weight_map.values())))
@@ -381,11 +387,32 @@ def _bos_setting(hf_config: dict, tokenizer, path: Path) -> list[str]:
   return [f'data.bos_id={bos}']
 
 
+def _stop_setting(directory: Path, hf_config: dict, tokenizer, path: Path) -> list[str]:
+  """`data.stop_ids=(...)` of the `eos_token_id`s (an id or a list) of
+  generation_config.json and config.json besides the tokenizer's eod: where an instruct
+  model ends its turn (Llama 3's `<|eot_id|>` 128009 beside `<|end_of_text|>`, Qwen2.5's
+  `<|im_end|>` 151645 beside `<|endoftext|>`), at which its generation stops."""
+  found = []
+  generation = directory / 'generation_config.json'
+  for name, config in (('generation_config.json',
+                        _read_json(generation) if generation.is_file() else {}),
+                       ('config.json', hf_config)):
+    eos = config.get('eos_token_id')
+    for i in eos if isinstance(eos, list) else [] if eos is None else [eos]:
+      if (isinstance(i, bool) or not isinstance(i, int)
+          or not 0 <= i < tokenizer.vocab_size or tokenizer.token(i) is None):
+        raise ExportError(f'import: {name} has eos_token_id={eos!r}, and {i!r} is no id of '
+                          f'{path} (ids 0 to {tokenizer.vocab_size - 1})')
+      if i != tokenizer.eod_id and i not in found:
+        found.append(i)
+  return [f'data.stop_ids={tuple(found)!r}'] if found else []
+
+
 def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
   """A jaxarch run at step 0 in a new `workdir` from a Hugging Face Llama, Mistral, Qwen2
-  or Mixtral checkpoint: config.json (with the checkpoint's BOS as data.bos_id), the
-  tokenizer (copied into workdir/tokenizer/) and a checkpoint holding its weights (with a
-  fresh optimizer state)."""
+  or Mixtral checkpoint: config.json (with the checkpoint's BOS as data.bos_id and its
+  end-of-turn ids as data.stop_ids), the tokenizer (copied into workdir/tokenizer/) and a
+  checkpoint holding its weights (with a fresh optimizer state)."""
   # pylint: disable=g-import-not-at-top  (the trainer's modules, for this command only)
   from jaxarch.train.checkpoint import Checkpointer
   from jaxarch.train.pretrained import mesh_here
@@ -403,7 +430,8 @@ def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
   reader = get_tokenizer(str(tokenizer))
   ids = reader.vocab_size
   cfg = run_config(hf_config, str(workdir / 'tokenizer' / tokenizer.name),
-                   [*_bos_setting(hf_config, reader, tokenizer), *overrides])
+                   [*_bos_setting(hf_config, reader, tokenizer),
+                    *_stop_setting(directory, hf_config, reader, tokenizer), *overrides])
   if ids > cfg.model.vocab_size:
     raise ExportError(f'import: {tokenizer} has {ids} ids, more than the model\'s '
                       f'vocab_size={cfg.model.vocab_size}')
@@ -443,9 +471,11 @@ def write_hf(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path,
   safetensors.numpy.save_file(arrays, out / 'model.safetensors', metadata={'format': 'pt'})
   readable(out / 'model.safetensors')
   (out / 'config.json').write_text(json.dumps(hf_config(cfg, tokenizer), indent=2) + '\n')
-  bos = bos_id(cfg.data, tokenizer)
+  bos, stops = bos_id(cfg.data, tokenizer), list(stop_ids(cfg.data, tokenizer))
+  # transformers' generate stops at any of a list (an instruct model's end of turn too);
+  # config.json's eos_token_id stays the end of document.
   (out / 'generation_config.json').write_text(json.dumps(
-      {'bos_token_id': bos, 'eos_token_id': tokenizer.eod_id,
+      {'bos_token_id': bos, 'eos_token_id': stops if len(stops) > 1 else stops[0],
        'pad_token_id': tokenizer.pad_id}, indent=2) + '\n')
   write_tokenizer(cfg.data.tokenizer, tokenizer, out, cfg.model.max_len, bos)
   count = sum(int(a.size) for a in arrays.values())

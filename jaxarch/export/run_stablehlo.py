@@ -6,8 +6,9 @@ code. This file is copied into every such directory.
   python run_stablehlo.py DIR 257,100,101 [257,50 ...] [--max_new_tokens=32] [--ignore_eod]
 
 Prompts are token ids (the tokenizer is described in DIR/tokenizer.json; prompts start
-with its bos_id, the eod id unless the run set another). Prints one line of new ids per
-prompt.
+with its bos_id, the eod id unless the run set another). Generation stops at the
+stop_ids of DIR/stablehlo.json (the eod id, and an instruct model's end of turn) unless
+--ignore_eod. Prints one line of new ids per prompt.
 """
 
 import argparse
@@ -38,10 +39,12 @@ class StableHLOModel:
                        f'directory ({type(e).__name__}: {e}); export it again') from None
     # The id prompts start with (exports before 2026-12-05 name none: their eod id).
     self.bos_id = self.spec.get('bos_id', self.spec['eod_id'])
+    # Where generation stops (older exports name none: their eod id alone).
+    self.stop_ids = list(self.spec.get('stop_ids', [self.spec['eod_id']]))
 
   def generate(self, prompts, *, max_new_tokens: int, stop_ids=None) -> list[list[int]]:
     """New tokens of each prompt (a list of ids), ending with a stop id if one came
-    (default stop: the eod id), greedy."""
+    (default: the export's stop_ids, the eod id first), greedy."""
     batch, prompt_len = self.spec['batch_size'], self.spec['prompt_len']
     if not prompts or not all(prompts):
       raise ValueError('give one or more prompts, each of one or more token ids (start '
@@ -58,7 +61,7 @@ class StableHLOModel:
       raise ValueError(f'{len(prompts)} prompts of up to {max(map(len, prompts))} tokens and '
                        f'{max_new_tokens} new tokens do not fit the export: batch {batch}, '
                        f'prompts of up to {prompt_len}, {self.spec["max_len"]} positions')
-    stops = {self.spec['eod_id']} if stop_ids is None else set(stop_ids)
+    stops = set(self.stop_ids if stop_ids is None else stop_ids)
     tokens = np.zeros((batch, prompt_len), np.int32)
     lengths = np.ones(batch, np.int32)  # unused rows: one-token dummy prompts
     for i, prompt in enumerate(prompts):
@@ -88,7 +91,8 @@ def main():
   parser.add_argument('directory')
   parser.add_argument('prompts', nargs='+', type=_ids, help='comma-separated token ids')
   parser.add_argument('--max_new_tokens', type=int, default=32)
-  parser.add_argument('--ignore_eod', action='store_true')
+  parser.add_argument('--ignore_eod', action='store_true',
+                      help='generate --max_new_tokens, past the eod id and the stop_ids')
   args = parser.parse_args()
   try:  # a bad directory, prompt or length: one line, as argparse's own errors
     rows = StableHLOModel(args.directory).generate(

@@ -6,6 +6,7 @@
                           `vocab_size` on have logit -inf, so they are never chosen)
   OUT/model.safetensors   the weights both take, by name (as `export.weights` writes them)
   OUT/stablehlo.json      batch size, prompt and cache lengths, vocabulary, special ids
+                          (stop_ids: the eod and any end of turn, where generation stops)
   OUT/run_stablehlo.py    the loader: greedy generation with jax, numpy and safetensors only
 
 `weights` and `caches` are dicts of arrays keyed by name. Prompts are right-padded to p
@@ -121,6 +122,7 @@ def export_stablehlo(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str
       'batch_size': batch_size, 'prompt_len': prompt_len, 'max_len': max_len,
       'vocab_size': tokenizer['vocab_size'], 'eod_id': tokenizer['eod_id'],
       'bos_id': tokenizer['bos_id'], 'pad_id': tokenizer['pad_id'],
+      'stop_ids': tokenizer['stop_ids'],  # run_stablehlo.py's default stops
       'platforms': list(exported_prefill.platforms),
   }, indent=2) + '\n')
   shutil.copy(run_stablehlo.__file__, out / 'run_stablehlo.py')

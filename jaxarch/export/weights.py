@@ -7,7 +7,8 @@
                           'base.…' (the frozen model) beside 'prompt_k', 'prompt_v',
                           'mask_embed'
   OUT/config.json         the run's resolved config (`jaxarch.config.load_json` reads it)
-  OUT/tokenizer.json      how text becomes ids: the tokenizer spec and its special ids;
+  OUT/tokenizer.json      how text becomes ids: the tokenizer spec and its special ids
+                          (bos_id, and stop_ids: where generation stops);
                           a SentencePiece or tokenizer.json file is copied into
                           OUT/tokenizer/ (so an HF `tokenizer.json` keeps its name)
   OUT/README.md           what the directory holds and how to load it
@@ -34,7 +35,7 @@ from flax import nnx
 
 from jaxarch import config as config_lib
 from jaxarch import models
-from jaxarch.data import bos_id, get_tokenizer
+from jaxarch.data import bos_id, get_tokenizer, stop_ids
 from jaxarch.layers.signals import WindowCounter
 from jaxarch.models import named_variables
 
@@ -110,8 +111,9 @@ def write_model(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Pa
   (out / 'tokenizer.json').write_text(json.dumps({
       'spec': cfg.data.tokenizer, 'vocab_size': tokenizer.vocab_size,
       'eod_id': tokenizer.eod_id, 'pad_id': tokenizer.pad_id,
-      'bos_id': bos_id(cfg.data, tokenizer),
-      'bos': 'prompts start with bos_id, which the model was trained to read as BOS'},
+      'bos_id': bos_id(cfg.data, tokenizer), 'stop_ids': list(stop_ids(cfg.data, tokenizer)),
+      'bos': 'prompts start with bos_id, which the model was trained to read as BOS',
+      'stop': 'generation stops at any of stop_ids: the eod_id, then an end of turn'},
       indent=2) + '\n')
   count = sum(int(np.prod(a.shape)) for a in arrays.values())
   (out / 'README.md').write_text(_README.format(
@@ -184,7 +186,8 @@ Exported from {source}: {arrays} arrays, {count:,} numbers.
   (`blocks.3.attn.q_proj`); read them with any safetensors library.
 - `config.json`: the run's config; `model` describes the architecture.
 - `tokenizer.json`: the tokenizer (`spec`) and its special ids. Prompts start with
-  `bos_id`, which the model reads as the beginning of a document.
+  `bos_id`, which the model reads as the beginning of a document; generation stops at
+  any of `stop_ids` (`eod_id`, and an instruct model's end of turn).
 
 Load it back with jaxarch:
 

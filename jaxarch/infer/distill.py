@@ -72,6 +72,7 @@ def distill(workdir: str | Path, out: str | Path, *, num_prompts: int = 2048,
         'continuations past the trained length may be poor', prompt_len, max_new_tokens,
         cfg.model.max_len)
   tokenizer = data.get_tokenizer(cfg.data.tokenizer)
+  stops = data.stop_ids(cfg.data, tokenizer)  # the eod, and an instruct model's end of turn
   generator = Generator(model, mesh=make_mesh(cfg), rules=cfg.mesh.rules,
                         vocab_limit=tokenizer.vocab_size)
   splits, new_tokens = {}, 0
@@ -82,7 +83,7 @@ def distill(workdir: str | Path, out: str | Path, *, num_prompts: int = 2048,
     for first in range(0, len(prompts), batch_size):
       batch = prompts[first:first + batch_size]
       continuations, _ = generator(batch, max_new_tokens=max_new_tokens,
-                                   stop_ids=(tokenizer.eod_id,))
+                                   stop_ids=stops)
       splits[split] += [(p + c, len(p)) for p, c in zip(batch, continuations)]
       new_tokens += sum(map(len, continuations))
   written = sources.write_distilled(out, splits)
