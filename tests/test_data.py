@@ -884,14 +884,8 @@ def test_a_tokenizer_that_pads_with_eod_keeps_each_documents_bos():
 def test_an_empty_document_keeps_its_target_when_pad_is_eod(tmp_path):
   """An empty document is the input eod (its BOS) with the target eod; with a tokenizer
   that pads with eod (GPT-2's), that is not padding: the target carries loss."""
-  tokenizer_path = _gpt2_style_tokenizer(tmp_path / 'tokenizer.json')
-  directory = tmp_path / 'corpus'
-  directory.mkdir()
-  for i in range(12):
-    (directory / f'doc_{i:02d}.txt').write_text('' if i % 2 else f'doc {i} text')
-  cfg = _data_config(tmp_path, f'files:{directory}/*.txt', tokenizer=tokenizer_path,
-                     validation_fraction=0.5)
-  tokenizer = data.get_tokenizer(tokenizer_path)
+  cfg, tokenizer = _half_empty_corpus(
+      tmp_path, _gpt2_style_tokenizer(tmp_path / 'tokenizer.json'), 'doc {} text')
   assert tokenizer.pad_id == tokenizer.eod_id
   source = data.open_source(cfg, 'validation')
   documents = [tokenizer.encode(source[i]) for i in range(len(source))]
@@ -905,17 +899,23 @@ def test_an_empty_document_keeps_its_target_when_pad_is_eod(tmp_path):
       np.concatenate([ids + [tokenizer.eod_id] for ids in documents]))
 
 
-def _llama_corpus(tmp_path, **overrides):
-  """Documents (every second one empty) read with a Llama-style tokenizer: <s> 1, </s> 2,
-  no pad token (pad = eod = 2)."""
-  tokenizer_path = _llama_style_tokenizer(tmp_path / 'tokenizer.json')
+def _half_empty_corpus(tmp_path, tokenizer_path, text, **overrides):
+  """(config, tokenizer) of 12 documents, every second one empty, the others `text` with
+  their number, half of them held out."""
   directory = tmp_path / 'corpus'
   directory.mkdir()
   for i in range(12):
-    (directory / f'doc_{i:02d}.txt').write_text('' if i % 2 else f'the café {i}')
+    (directory / f'doc_{i:02d}.txt').write_text('' if i % 2 else text.format(i))
   cfg = _data_config(tmp_path, f'files:{directory}/*.txt', tokenizer=tokenizer_path,
                      **{'validation_fraction': 0.5, **overrides})
   return cfg, data.get_tokenizer(tokenizer_path)
+
+
+def _llama_corpus(tmp_path, **overrides):
+  """Documents (every second one empty) read with a Llama-style tokenizer: <s> 1, </s> 2,
+  no pad token (pad = eod = 2)."""
+  return _half_empty_corpus(tmp_path, _llama_style_tokenizer(tmp_path / 'tokenizer.json'),
+                            'the café {}', **overrides)
 
 
 @pytest.mark.parametrize('bos', [None, 1])
