@@ -430,9 +430,9 @@ def _parser() -> argparse.ArgumentParser:
       'import', help="make a run of a Hugging Face Llama, Mistral, Qwen2 or Mixtral checkpoint",
       description='Write a new workdir holding a Hugging Face LlamaForCausalLM, '
       'MistralForCausalLM, Qwen2ForCausalLM or MixtralForCausalLM checkpoint '
-      '(safetensors) as a jaxarch run at step 0: its config (train, data and mesh keys from the 151m preset and '
-      '--config.KEY=VALUE), tokenizer and weights, for generate, eval, distill, BiTA, or '
-      'train to go on from.')
+      '(safetensors) as a jaxarch run at step 0: its config (train, data and mesh keys '
+      'from the 151m preset and --config.KEY=VALUE), tokenizer and weights, for generate, '
+      'eval, distill, BiTA, or train to go on from.')
   imp.add_argument('--hf', required=True, help='the Hugging Face checkpoint directory')
   imp.add_argument('--workdir', required=True, help='a new directory for the run')
   imp.set_defaults(func=_import)

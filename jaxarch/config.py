@@ -773,13 +773,11 @@ def _check_data(cfg: ConfigDict) -> None:
                       '[0, 1): the share of files held out for validation')
   # Read with get: a run saved before the key starts documents with eod, as it trained.
   bos, vocab = cfg.data.get('bos_id'), cfg.model.vocab_size
-  if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int)
-                          or not 0 <= bos < vocab):
+  if bos is not None and not is_token_id(bos, vocab):
     raise ConfigError(f'data.bos_id={bos!r} must be a token id in [0, model.vocab_size='
                       f"{vocab}), or None (the tokenizer's end-of-document id)")
   stops = cfg.data.get('stop_ids', ())
-  if not isinstance(stops, (tuple, list)) or not all(
-      isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in stops):
+  if not isinstance(stops, (tuple, list)) or not all(is_token_id(t, vocab) for t in stops):
     raise ConfigError(f'data.stop_ids={stops!r} must be a tuple of token ids in [0, '
                       f'model.vocab_size={vocab}), e.g. (128009,): where generation stops '
                       'besides the end-of-document id')
@@ -978,6 +976,11 @@ def _get(cfg: ConfigDict, key: str) -> Any:
   return node
 
 
+def is_token_id(value, vocab_size: int) -> bool:
+  """Whether `value` is an int id in [0, vocab_size) (not a bool, a float or a string)."""
+  return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab_size
+
+
 def _positive_int(cfg: ConfigDict, key: str) -> int:
   value = _get(cfg, key)
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -1111,13 +1114,10 @@ RUN_MODEL_KEYS = (('moe', 'matmul_impl'), ('moe', 'kernel_tiling'), ('moe', 'mos
                   ('ultramem', 'lookup_scatter'), ('ultramem', 'table_split'),
                   ('ultramem', 'heads_per_query'))
 # Model keys that only shape the initial weights (a saved run's are in its checkpoints),
-# and those jaxarch gained whose default is what older runs computed (no rope scaling, no
-# q/k/v biases).
-INIT_MODEL_KEYS = ('init_truncation', 'residual_init_scale')
-NEW_MODEL_KEYS = ('rope_scaling', 'qkv_bias')
-# Data keys jaxarch gained whose default is what older runs did (generation stopped at the
-# end-of-document id alone).
-NEW_DATA_KEYS = ('stop_ids',)
+# and model and data keys that jaxarch gained with a default that is what older runs did
+# (no rope scaling, no q/k/v biases, generation stopping at the end-of-document id alone).
+FILLED_KEYS = (('model', 'init_truncation'), ('model', 'residual_init_scale'),
+               ('model', 'rope_scaling'), ('model', 'qkv_bias'), ('data', 'stop_ids'))
 
 
 def _with_new_run_keys(tree: dict) -> dict:
@@ -1138,14 +1138,10 @@ def _with_new_run_keys(tree: dict) -> dict:
   for section in RUN_SECTIONS:
     if isinstance(tree.get(section, {}), dict):
       fill(tree.setdefault(section, {}), defaults[section])
-  model = tree.get('model')
-  for key in INIT_MODEL_KEYS + NEW_MODEL_KEYS:
-    if isinstance(model, dict) and key not in model:
-      model[key] = defaults['model'][key]
-  data = tree.get('data')
-  for key in NEW_DATA_KEYS:
-    if isinstance(data, dict) and key not in data:
-      data[key] = defaults['data'][key]
+  for section, key in FILLED_KEYS:
+    saved = tree.get(section)
+    if isinstance(saved, dict) and key not in saved:
+      saved[key] = defaults[section][key]
   for section, key in RUN_MODEL_KEYS:
     saved = model.get(section) if isinstance(model, dict) else None
     if isinstance(saved, dict) and key not in saved:

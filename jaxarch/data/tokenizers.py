@@ -16,7 +16,7 @@ import unicodedata
 
 import numpy as np
 
-from jaxarch.config import ConfigError
+from jaxarch.config import ConfigError, is_token_id
 
 _SPEC_ERROR = ("config error: data.tokenizer={!r} must be 'bytes' or a path to a "
                "SentencePiece .model or HF tokenizer.json file")
@@ -216,7 +216,7 @@ def bos_id(data_cfg, tokenizer) -> int:
   bos = data_cfg.get('bos_id')
   if bos is None:
     return tokenizer.eod_id
-  if isinstance(bos, bool) or not isinstance(bos, int) or not 0 <= bos < tokenizer.vocab_size:
+  if not is_token_id(bos, tokenizer.vocab_size):
     raise ConfigError(f'config error: data.bos_id={bos!r} must be an id of data.tokenizer='
                       f'{data_cfg.get("tokenizer")!r}, in [0, {tokenizer.vocab_size}), or None '
                       f'(its end-of-document id, {tokenizer.eod_id})')
@@ -230,7 +230,7 @@ def stop_ids(data_cfg, tokenizer) -> tuple[int, ...]:
   stops at the eod alone, as it did."""
   ids = [tokenizer.eod_id]
   for i in data_cfg.get('stop_ids') or ():
-    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < tokenizer.vocab_size:
+    if not is_token_id(i, tokenizer.vocab_size):
       raise ConfigError(f'config error: data.stop_ids={tuple(data_cfg.stop_ids)!r} must be ids '
                         f'of data.tokenizer={data_cfg.get("tokenizer")!r}, in [0, '
                         f'{tokenizer.vocab_size}); {i!r} is not')

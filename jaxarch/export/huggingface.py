@@ -380,8 +380,7 @@ def _bos_setting(hf_config: dict, tokenizer, path: Path) -> list[str]:
   bos = hf_config.get('bos_token_id')
   if bos is None or bos == tokenizer.eod_id:
     return []
-  if (isinstance(bos, bool) or not isinstance(bos, int)
-      or not 0 <= bos < tokenizer.vocab_size or tokenizer.token(bos) is None):
+  if not config_lib.is_token_id(bos, tokenizer.vocab_size) or tokenizer.token(bos) is None:
     raise ExportError(f'import: config.json has bos_token_id={bos!r}, which is no id of '
                       f'{path} (ids 0 to {tokenizer.vocab_size - 1})')
   return [f'data.bos_id={bos}']
@@ -399,8 +398,7 @@ def _stop_setting(directory: Path, hf_config: dict, tokenizer, path: Path) -> li
                        ('config.json', hf_config)):
     eos = config.get('eos_token_id')
     for i in eos if isinstance(eos, list) else [] if eos is None else [eos]:
-      if (isinstance(i, bool) or not isinstance(i, int)
-          or not 0 <= i < tokenizer.vocab_size or tokenizer.token(i) is None):
+      if not config_lib.is_token_id(i, tokenizer.vocab_size) or tokenizer.token(i) is None:
         raise ExportError(f'import: {name} has eos_token_id={eos!r}, and {i!r} is no id of '
                           f'{path} (ids 0 to {tokenizer.vocab_size - 1})')
       if i != tokenizer.eod_id and i not in found:
