@@ -80,6 +80,9 @@ def get_config(arg=None):
       original_max_len=8192))
   # Biases on the query, key and value projections, as Qwen2's (`jaxarch import` sets it).
   c.model.qkv_bias = False
+  # An RMSNorm over each head's query and key before the rotation, as Qwen3's (`jaxarch
+  # import` sets it).
+  c.model.qk_norm = False
   c.model.norm_eps = 1e-6
   c.model.init_std = 0.02
   c.model.init_truncation = 0.0  # > 0: the normal init cut at ±this many std (MEGABYTE: 2)

@@ -734,6 +734,7 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
     raise ConfigError(f'model.norm_eps={cfg.model.norm_eps} must be >= 0 and finite')
   _choice(cfg, 'model.residual_init_scale', (True, False))
   _choice(cfg, 'model.qkv_bias', (True, False))
+  _choice(cfg, 'model.qk_norm', (True, False))
   if not _number(cfg, 'model.init_truncation') >= 0:
     raise ConfigError(f'model.init_truncation={cfg.model.init_truncation} must be >= 0 '
                       '(0: no truncation; else in standard deviations, e.g. 2)')
@@ -1115,9 +1116,10 @@ RUN_MODEL_KEYS = (('moe', 'matmul_impl'), ('moe', 'kernel_tiling'), ('moe', 'mos
                   ('ultramem', 'heads_per_query'))
 # Model keys that only shape the initial weights (a saved run's are in its checkpoints),
 # and model and data keys that jaxarch gained with a default that is what older runs did
-# (no rope scaling, no q/k/v biases, generation stopping at the end-of-document id alone).
+# (no rope scaling, no q/k/v biases, no QK-norm, generation stopping at the end-of-document id alone).
 FILLED_KEYS = (('model', 'init_truncation'), ('model', 'residual_init_scale'),
-               ('model', 'rope_scaling'), ('model', 'qkv_bias'), ('data', 'stop_ids'))
+               ('model', 'rope_scaling'), ('model', 'qkv_bias'), ('model', 'qk_norm'),
+               ('data', 'stop_ids'))
 
 
 def _with_new_run_keys(tree: dict) -> dict:

@@ -608,19 +608,20 @@ def test_a_run_saved_before_rope_scaling_loads_without_it(tmp_path):
   assert config_lib.load_json(path).model.rope_scaling.type == 'none'
 
 
+@pytest.mark.parametrize('key', ['qkv_bias', 'qk_norm'])  # added for Qwen2's and Qwen3's
 @pytest.mark.parametrize('spec', ['configs/dense.py:tiny', 'configs/moe.py:tiny',
                                   'configs/megabyte.py:tiny'])
-def test_a_run_saved_before_qkv_bias_loads_without_biases(tmp_path, spec):
+def test_a_run_saved_before_qkv_bias_or_qk_norm_loads_without_them(tmp_path, spec, key):
   path = tmp_path / 'config.json'
   config_lib.save(config_lib.load(spec), path)
   old = json.loads(path.read_text())
-  del old['model']['qkv_bias']  # added for Qwen2's; older runs had none
+  del old['model'][key]  # older runs had none
   path.write_text(json.dumps(old))
-  assert config_lib.load_json(path).model.qkv_bias is False
-  old['model']['qkv_bias'] = 'yes'  # hand-edited
+  assert config_lib.load_json(path).model[key] is False
+  old['model'][key] = 'yes'  # hand-edited
   path.write_text(json.dumps(old))
   with pytest.raises(config_lib.ConfigError,
-                     match="model.qkv_bias='yes' must be one of True, False"):
+                     match=f"model.{key}='yes' must be one of True, False"):
     config_lib.load_json(path)
 
 

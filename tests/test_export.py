@@ -352,7 +352,9 @@ def _llama_logits(arrays: dict, config: dict, ids: list[int]) -> np.ndarray:
   exported names and config.json: rotate_half rotary embeddings (with Llama 3.1's scaling
   when rope_parameters name it), key/value heads repeated for their query heads, torch's
   [out, in] weights; Qwen2's q, k and v biases, when there are some, added before the
-  rotation."""
+  rotation, and Qwen3's RMSNorm of each head's query and key (q_norm, k_norm) before it
+  too. MoE blocks are Mixtral's or, under Qwen3-MoE's names, with its gates renormalised
+  over the top k only when norm_topk_prob says so."""
   w = lambda name: arrays[name].astype(np.float64)
   h, n, kv = (config[k] for k in ('head_dim', 'num_attention_heads', 'num_key_value_heads'))
   norm = lambda x, weight: x / np.sqrt((x * x).mean(-1, keepdims=True)
@@ -376,8 +378,10 @@ def _llama_logits(arrays: dict, config: dict, ids: list[int]) -> np.ndarray:
     bias = lambda name: (w(f'model.layers.{i}.self_attn.{name}.bias')
                          if f'model.layers.{i}.self_attn.{name}.bias' in arrays else 0)
     proj = lambda name: a @ at(f'self_attn.{name}').T + bias(name)
-    q = rope(proj('q_proj').reshape(t, n, h))
-    k = np.repeat(rope(proj('k_proj').reshape(t, kv, h)), n // kv, axis=1)
+    qk_norm = lambda x, name: (norm(x, at(f'self_attn.{name}'))
+                               if f'model.layers.{i}.self_attn.{name}.weight' in arrays else x)
+    q = rope(qk_norm(proj('q_proj').reshape(t, n, h), 'q_norm'))
+    k = np.repeat(rope(qk_norm(proj('k_proj').reshape(t, kv, h), 'k_norm')), n // kv, axis=1)
     v = np.repeat(proj('v_proj').reshape(t, kv, h), n // kv, axis=1)
     scores = np.where(causal, np.einsum('qnh,knh->nqk', q, k) / np.sqrt(h), -np.inf)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
@@ -389,14 +393,19 @@ def _llama_logits(arrays: dict, config: dict, ids: list[int]) -> np.ndarray:
       x = x + swiglu(m, m @ at('mlp.gate_proj').T, at('mlp.up_proj'), at('mlp.down_proj'))
       continue
     # Mixtral: softmax over the experts, the top k renormalised, their SwiGLUs summed.
-    probs = np.exp(m @ at('block_sparse_moe.gate').T)
+    qwen = config['model_type'] == 'qwen3_moe'
+    module, (w_gate, w_up, w_down) = (('mlp', ('gate_proj', 'up_proj', 'down_proj')) if qwen
+                                      else ('block_sparse_moe', ('w1', 'w3', 'w2')))
+    renormalize = config['norm_topk_prob'] if qwen else True
+    probs = np.exp(m @ at(f'{module}.gate').T)
     probs /= probs.sum(-1, keepdims=True)
     for row, token_probs in enumerate(probs):
       chosen = np.argsort(-token_probs)[:config['num_experts_per_tok']]
+      total = token_probs[chosen].sum() if renormalize else 1.0
       for j in chosen:
-        expert = lambda name: at(f'block_sparse_moe.experts.{j}.{name}')  # pylint: disable=cell-var-from-loop
-        x[row] += token_probs[j] / token_probs[chosen].sum() * swiglu(
-            m[row], m[row] @ expert('w1').T, expert('w3'), expert('w2'))
+        expert = lambda name: at(f'{module}.experts.{j}.{name}')  # pylint: disable=cell-var-from-loop
+        x[row] += token_probs[j] / total * swiglu(
+            m[row], m[row] @ expert(w_gate).T, expert(w_up), expert(w_down))
   head = w('lm_head.weight') if 'lm_head.weight' in arrays else w('model.embed_tokens.weight')
   return norm(x, w('model.norm.weight')) @ head.T
 
@@ -505,6 +514,7 @@ def test_hf_export_of_a_sentencepiece_model_no_tokenizer_json_reads_alike(tmp_pa
     ('moe', ["model.block_pattern=('dense', 'moe')"], 'mix dense and moe layers'),
     ('moe', ['model.moe.num_shared_experts=1'], 'a Mixtral has no shared experts'),
     ('moe', ['model.moe.renormalize=False'], 'renormalised over the top k'),
+    ('dense', ['model.qkv_bias=True', 'model.qk_norm=True'], 'a Qwen3 no q/k/v biases'),
     ('moe', ['model.moe.gate=sigmoid'], "a Mixtral's gates are a softmax"),
     ('moe', ['model.moe.bias_update_rate=0.001'], 'no router bias'),
     ('moe', ['model.qkv_bias=True'], 'a Mixtral has no attention biases'),
@@ -609,8 +619,8 @@ def test_an_hf_checkpoint_of_another_kind_or_a_used_workdir_is_one_line(tmp_path
   (tmp_path / 'used').mkdir()
   (tmp_path / 'used' / 'file').write_text('x')
   for change, message in [
-      ({'model_type': 'qwen3'}, "model_type='qwen3' (jaxarch reads 'llama', 'mistral', "
-                                "'mixtral', 'qwen2')"),
+      ({'model_type': 'gemma2'}, "model_type='gemma2' (jaxarch reads 'llama', 'mistral', "
+                                 "'mixtral', 'qwen2', 'qwen3', 'qwen3_moe')"),
       ({'model_type': 'mixtral', 'sliding_window': 4096, 'max_position_embeddings': 32768},
        'sliding_window=4096, narrower than the max_position_embeddings=32768 positions'),
       ({'rope_scaling': {'rope_type': 'dynamic', 'factor': 8.0}}, "rope scaling {'rope_type'"),
@@ -734,6 +744,107 @@ def test_a_qwen2_checkpoint_with_an_o_proj_bias_or_without_a_qkv_bias_is_one_lin
     err = capsys.readouterr().err
     assert message in err and err.count('\n') == 1, err
     assert not (tmp_path / 'run').exists()
+
+
+def _random_qk_norms(model, seed=0):
+  """The model with QK-norm scales other than their initial ones."""
+  rng = np.random.default_rng(seed)
+  for _, layer in nnx.iter_graph(model):
+    if isinstance(layer, Attention):
+      for norm in (layer.q_norm, layer.k_norm):
+        norm.scale[...] = rng.normal(1, 0.5, norm.scale.shape).astype(np.float32)
+  return model
+
+
+@pytest.mark.parametrize('family, renormalize', [('dense', True), ('moe', True),
+                                                 ('moe', False)])
+def test_qk_norm_exports_as_a_qwen3_or_qwen3_moe_and_imports_back_with_the_same_logits(
+    tmp_path, family, renormalize):
+  """QK-norm makes a dense model a Qwen3ForCausalLM and a MoE model a Qwen3MoeForCausalLM,
+  whose gates may skip the renormalisation (norm_topk_prob): logits those of a numpy
+  Qwen3, imported back the same run and logits. Checked once with transformers 5.25: tiny
+  Qwen3 and Qwen3-MoE models it wrote (random norms, head_dim 32 of 64 / 4 heads,
+  norm_topk_prob true and false) give its logits within 1.7e-5, its 40 greedy tokens, and
+  exported again, its logits exactly (README)."""
+  cfg = family_config(family)
+  with cfg.unlocked():
+    cfg.model.qk_norm = True
+    if family == 'moe':
+      cfg.model.moe.renormalize = renormalize
+  model = _random_qk_norms(_model(config_lib.validate(cfg)))
+  write_hf(model, cfg, tmp_path / 'hf')
+  config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+  want_kind = {'dense': ('Qwen3ForCausalLM', 'qwen3'),
+               'moe': ('Qwen3MoeForCausalLM', 'qwen3_moe')}[family]
+  assert (config['architectures'], config['model_type']) == ([want_kind[0]], want_kind[1])
+  assert config['use_sliding_window'] is False and 'mlp_bias' not in config
+  if family == 'moe':  # the names of Qwen3-MoE's checkpoints, not transformers 5's
+    assert 'num_local_experts' not in config
+    assert (config['num_experts'], config['moe_intermediate_size'], config['norm_topk_prob'],
+            config['intermediate_size']) == (cfg.model.moe.num_experts,
+                                             cfg.model.moe.expert_d_ff, renormalize,
+                                             cfg.model.d_ff)
+  arrays = safetensors.numpy.load_file(tmp_path / 'hf' / 'model.safetensors')
+  h = config['head_dim']
+  assert arrays['model.layers.1.self_attn.k_norm.weight'].shape == (h,)
+  assert (family == 'moe') == ('model.layers.0.mlp.experts.3.up_proj.weight' in arrays)
+  want = np.asarray(logits(model, TOKENS))[0]
+  np.testing.assert_allclose(_llama_logits(arrays, config, TOKENS[0]), want, atol=2e-5,
+                             rtol=1e-5)
+  without = {k: v for k, v in arrays.items() if '_norm.' not in k or 'layernorm' in k}
+  assert np.abs(_llama_logits(without, config, TOKENS[0]) - want).max() > 0.1
+  assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "run"}']) == 0
+  imported_cfg, imported = load_model(tmp_path / 'run')
+  assert imported_cfg.model.qk_norm and not imported_cfg.model.qkv_bias
+  if family == 'moe':
+    assert imported_cfg.model.moe.renormalize == renormalize
+    assert imported_cfg.model.moe.expert_d_ff == cfg.model.moe.expert_d_ff
+  np.testing.assert_array_equal(np.asarray(logits(imported, TOKENS)),
+                                np.asarray(logits(model, TOKENS)))
+
+
+# Qwen3-30B-A3B's config.json (transformers 4.51), shrunk.
+QWEN3_MOE = {'architectures': ['Qwen3MoeForCausalLM'], 'model_type': 'qwen3_moe',
+             'hidden_size': 64, 'intermediate_size': 192, 'moe_intermediate_size': 48,
+             'num_experts': 8, 'num_experts_per_tok': 2, 'norm_topk_prob': True,
+             'decoder_sparse_step': 1, 'mlp_only_layers': [], 'num_hidden_layers': 2,
+             'num_attention_heads': 4, 'num_key_value_heads': 2, 'head_dim': 32,
+             'vocab_size': 384, 'max_position_embeddings': 40960, 'max_window_layers': 48,
+             'rope_theta': 1000000.0, 'sliding_window': None, 'use_sliding_window': False,
+             'attention_bias': False, 'tie_word_embeddings': False,
+             'torch_dtype': 'bfloat16', 'rms_norm_eps': 1e-06, 'hidden_act': 'silu'}
+
+
+@pytest.mark.parametrize('spelling', ['transformers4', 'transformers5', 'no_norm_key'])
+def test_a_qwen3_moe_config_imports_as_a_moe_model_with_qk_norm(spelling):
+  """transformers 5.25 writes num_local_experts where the Hub's configs say num_experts;
+  Qwen3MoeConfig's norm_topk_prob defaults to false."""
+  config = dict(QWEN3_MOE)
+  if spelling == 'transformers5':
+    config['num_local_experts'] = config.pop('num_experts')
+  elif spelling == 'no_norm_key':
+    del config['norm_topk_prob']
+  model = huggingface.run_config(config, 'bytes').model
+  assert (model.family, model.qk_norm, model.qkv_bias) == ('moe', True, False)
+  assert (model.moe.num_experts, model.moe.top_k, model.moe.expert_d_ff) == (8, 2, 48)
+  assert (model.d_ff, model.head_dim, model.max_len) == (192, 32, 40960)
+  assert model.moe.renormalize == (spelling != 'no_norm_key')
+  dense = huggingface.run_config({**QWEN3_MOE, 'model_type': 'qwen3',
+                                  'architectures': ['Qwen3ForCausalLM']}, 'bytes').model
+  assert (dense.family, dense.qk_norm, dense.d_ff) == ('dense', True, 192)
+
+
+def test_qwen3_moe_dense_blocks_and_a_used_narrow_window_are_refused_in_one_line():
+  for change, message in [
+      ({'decoder_sparse_step': 2}, 'decoder_sparse_step=2 (dense blocks between the MoE ones)'),
+      ({'mlp_only_layers': [1]}, 'mlp_only_layers=[1] (dense blocks among the MoE ones)'),
+      ({'use_sliding_window': True, 'sliding_window': 4096},
+       'sliding_window=4096, narrower than the max_position_embeddings=40960 positions'),
+      ({'num_experts': None}, 'no integer num_experts'),
+      ({'attention_bias': True}, 'attention_bias=true')]:
+    with pytest.raises(ExportError) as e:
+      huggingface.run_config({**QWEN3_MOE, **change}, 'bytes')
+    assert message in str(e.value) and '\n' not in str(e.value), str(e.value)
 
 
 LLAMA3 = {'rope_type': 'llama3', 'factor': 32.0, 'low_freq_factor': 1.0,

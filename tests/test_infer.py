@@ -36,12 +36,18 @@ def _greedy_without_cache(model, prompt, steps):
   return tokens[0, n:].tolist()
 
 
-@pytest.mark.parametrize('family', sorted(FAMILIES))
-def test_cached_decoding_gives_the_full_forward_logits_at_every_position(family):
+@pytest.mark.parametrize('family, overrides', [
+    *((family, ()) for family in sorted(FAMILIES)),
+    ('dense', ('model.qkv_bias=True', 'model.qk_norm=True'))])  # a Qwen2's and a Qwen3's
+def test_cached_decoding_gives_the_full_forward_logits_at_every_position(family, overrides):
   # Two prompts of lengths 5 and 11 prefilled together (bucket 16), then fed their
   # continuation one token per step up to position 23 (for MEGABYTE, the two sequences
   # cross patch boundaries at different steps). fp32; measured error <= 3e-7.
-  model = with_random_query_convs(models.build(family_config(family).model, rngs=nnx.Rngs(0)))
+  cfg = family_config(family)
+  for override in overrides:
+    config_lib.apply_override(cfg, override)
+  model = with_random_query_convs(models.build(config_lib.validate(cfg).model,
+                                               rngs=nnx.Rngs(0)))
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 24)), jnp.int32)
   decoder = infer.for_inference(model)
   full = _forward(decoder, tokens)  # b t v

@@ -294,15 +294,68 @@ def test_qkv_biases_are_added_before_the_rotation():
   assert np.abs(got - plain(x, positions, segments)).max() > 0.1
 
 
+@pytest.mark.parametrize('key, part', [('qkv_bias', 'q_bias'), ('qk_norm', 'q_norm')])
 @pytest.mark.parametrize('spec', ['configs/dense.py:tiny', 'configs/moe.py:tiny',
-                                  'configs/megabyte.py:tiny'])
-def test_every_attention_layer_takes_the_qkv_bias(spec):
-  cfg = config_lib.load(spec, ['model.qkv_bias=True'])
+                                  'configs/megabyte.py:tiny', 'configs/ultramem.py:tiny'])
+def test_every_attention_layer_takes_the_qkv_bias_and_qk_norm(spec, key, part):
+  cfg = config_lib.load(spec, [f'model.{key}=True'])
   model = nnx.eval_shape(lambda: models.build(cfg.model, rngs=nnx.Rngs(0)))
   layers = _attention_layers(model)
   assert len(layers) == cfg.model.n_layers + cfg.model.get('megabyte', {}).get(
       'local', {}).get('n_layers', 0)
-  assert all(a.q_bias is not None and a.v_bias is not None for a in layers)
+  assert all(getattr(a, part) is not None for a in layers)
   plain = nnx.eval_shape(lambda: models.build(config_lib.load(spec).model,
                                               rngs=nnx.Rngs(0)))
-  assert all(a.q_bias is None for a in _attention_layers(plain))
+  assert all(getattr(a, part) is None for a in _attention_layers(plain))
+
+
+def test_qk_norm_scales_are_undecayed_ones_of_the_head_width_only_when_asked():
+  _, plain = _model()
+  names = lambda m: {'.'.join(map(str, path))
+                     for path, _ in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+  cfg, normed = _model(**{'model.qk_norm': True, 'model.head_dim': 24})
+  assert names(normed) - names(plain) == {f'blocks.{i}.attn.{p}_norm.scale'
+                                          for i in range(cfg.model.n_layers) for p in 'qk'}
+  for norm in (normed.blocks[0].attn.q_norm, normed.blocks[1].attn.k_norm):
+    assert norm.scale.shape == (24,) and (norm.scale[...] == 1).all()
+    assert norm.scale.get_metadata()['weight_decay'] is False
+    assert norm.eps == cfg.model.norm_eps
+
+
+def test_qk_norm_normalises_each_heads_query_and_key_before_the_rotation():
+  """Against the attention written out; and the property QK-norm is for: the logits no
+  longer grow with the query and key weights (scaling them changes nothing)."""
+  layer = Attention(32, 4, 2, 8, qk_norm=True, norm_eps=1e-6, init_std=0.2,
+                    dtype=jnp.float32, rngs=nnx.Rngs(0))
+  plain = Attention(32, 4, 2, 8, init_std=0.2, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  for name in ('q_proj', 'k_proj', 'v_proj', 'o_proj'):
+    getattr(plain, name)[...] = getattr(layer, name)[...]
+  keys = jax.random.split(jax.random.PRNGKey(3), 3)
+  layer.q_norm.scale[...] = 1 + 0.5 * jax.random.normal(keys[0], (8,))
+  layer.k_norm.scale[...] = 1 + 0.5 * jax.random.normal(keys[1], (8,))
+  x = jax.random.normal(keys[2], (2, 6, 32))
+  positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
+  segments = jnp.ones((2, 6), jnp.int32)
+  angles = np.arange(6)[:, None] / 10_000.0 ** (np.arange(0, 8, 2) / 8)  # t h/2
+  cos, sin = (f(np.concatenate([angles, angles], -1))[:, None] for f in (np.cos, np.sin))
+  rope = lambda u: u * cos + np.concatenate([-u[..., 4:], u[..., :4]], -1) * sin
+  w = lambda p: np.asarray(p[...], np.float64)
+  norm = lambda u, scale: u / np.sqrt((u * u).mean(-1, keepdims=True) + 1e-6) * w(scale)
+  xs = np.asarray(x, np.float64)
+  q = rope(norm(np.einsum('btd,dnh->btnh', xs, w(layer.q_proj)), layer.q_norm.scale))
+  k = np.repeat(rope(norm(np.einsum('btd,dkh->btkh', xs, w(layer.k_proj)),
+                          layer.k_norm.scale)), 2, 2)
+  v = np.repeat(np.einsum('btd,dkh->btkh', xs, w(layer.v_proj)), 2, 2)
+  scores = np.einsum('bqnh,bknh->bnqk', q, k) / np.sqrt(8)
+  scores = np.where(np.tril(np.ones((6, 6), bool)), scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  want = np.einsum('bnqk,bknh,nhd->bqd', probs, v, w(layer.o_proj))
+  got = layer(x, positions, segments)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  for attn in (layer, plain):
+    before = attn(x, positions, segments)
+    attn.q_proj[...] *= 10.0
+    attn.k_proj[...] *= 10.0
+    change = np.abs(attn(x, positions, segments) - before).max()
+    assert (change < 1e-4) if attn is layer else (change > 0.1), change

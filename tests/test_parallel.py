@@ -205,13 +205,17 @@ def test_a_hand_edited_mesh_in_config_json_is_a_one_line_error(tmp_path, spec, k
     config_lib.validate(config_lib.load_json(tmp_path / 'config.json'), num_devices=8)
 
 
-def test_tensor_parallel_attention_with_qkv_biases_equals_one_device():
-  """The biases are split over `tensor` as their projections' heads: with random ones the
-  outputs and gradients on (data=2, fsdp=2, tensor=2) are one device's."""
+def test_tensor_parallel_attention_with_qkv_biases_and_qk_norm_equals_one_device():
+  """The biases are split over `tensor` as their projections' heads, the QK-norm scales
+  are whole on every device: with random ones the outputs and gradients on (data=2,
+  fsdp=2, tensor=2) are one device's."""
   cfg = mesh_config(tiny_config(), data=2, fsdp=2, tensor=2)
   mesh = make_mesh(cfg)
-  layer = Attention(64, 4, 2, 16, qkv_bias=True, dtype=jnp.float32, rngs=nnx.Rngs(0))
-  keys = jax.random.split(jax.random.key(1), 5)
+  layer = Attention(64, 4, 2, 16, qkv_bias=True, qk_norm=True, dtype=jnp.float32,
+                    rngs=nnx.Rngs(0))
+  keys = jax.random.split(jax.random.key(1), 7)
+  for key, weight in zip(keys[5:], (layer.q_norm.scale, layer.k_norm.scale)):
+    weight[...] = 1 + jax.random.normal(key, weight.shape)
   for key, bias in zip(keys, (layer.q_bias, layer.k_bias, layer.v_bias)):
     bias[...] = jax.random.normal(key, bias.shape)
   x = jax.random.normal(keys[3], (8, 6, 64))
@@ -241,3 +245,5 @@ def test_tensor_parallel_attention_with_qkv_biases_equals_one_device():
   assert grads['q_bias'].get_value().sharding.spec == P('tensor', None)
   assert grads['k_bias'].get_value().sharding.spec == P('tensor', None)
   assert np.abs(np.asarray(grads['v_bias'].get_value())).max() > 0
+  assert grads['k_norm']['scale'].get_value().sharding.spec in (P(), P(None))
+  assert np.abs(np.asarray(grads['q_norm']['scale'].get_value())).max() > 0

@@ -136,7 +136,8 @@ def test_padding_tokens_carry_no_loss():
 
 
 def test_no_weight_decay_on_norms_embeddings_and_biases():
-  cfg = tiny_config(**{'train.lr': 1e-2, 'train.weight_decay': 0.5, 'model.qkv_bias': True})
+  cfg = tiny_config(**{'train.lr': 1e-2, 'train.weight_decay': 0.5, 'model.qkv_bias': True,
+                       'model.qk_norm': True})
   setup = make_setup(cfg, make_mesh(cfg, jax.devices()[:1]))
   state = init_state(cfg, setup)
   bias = state['params']['blocks'][0]['attn']['q_bias']
@@ -148,6 +149,7 @@ def test_no_weight_decay_on_norms_embeddings_and_biases():
   assert moved(updates['embed']['embedding']) == 0.0
   assert moved(updates['final_norm']['scale']) == 0.0
   assert moved(updates['blocks'][0]['attn']['q_bias']) == 0.0
+  assert moved(updates['blocks'][0]['attn']['k_norm']['scale']) == 0.0
   assert moved(updates['blocks'][0]['mlp']['gate']) > 0.0
 
 

@@ -5,9 +5,12 @@ jaxarch's dense transformer is Llama's architecture: pre-norm RMSNorm blocks, gr
 attention with rotary embeddings over the two halves of each head (`rotate_half`), a
 SwiGLU feed-forward and no biases. With biases on the query, key and value projections
 (model.qkv_bias), added before the rotation, it is Qwen2's (Qwen2.5's), exported as
-`Qwen2ForCausalLM` with its sliding window off. Its MoE model with experts in every block,
-softmax gates renormalised over the top k, no shared experts and no router bias is
-Mixtral's. So the export renames and transposes (torch's `Linear` keeps [out, in]):
+`Qwen2ForCausalLM` with its sliding window off; with an RMSNorm over each head's query and
+key before the rotation (model.qk_norm) it is Qwen3's. Its MoE model with experts in every
+block, softmax gates renormalised over the top k, no shared experts and no router bias is
+Mixtral's; with QK-norm, Qwen3-MoE's (whose `norm_topk_prob` may also leave the top k's
+gates as the softmax gave them). So the export renames and transposes (torch's `Linear`
+keeps [out, in]):
 
   embed.embedding        [V, d]     -> model.embed_tokens.weight        [V, d]
   blocks.i.attn.q_proj   [d, n, h]  -> model.layers.i.self_attn.q_proj.weight [n·h, d]
@@ -15,25 +18,33 @@ Mixtral's. So the export renames and transposes (torch's `Linear` keeps [out, in
   blocks.i.attn.q_bias   [n, h]     -> ...q_proj.bias                   [n·h]
   blocks.i.attn.k_bias, v_bias      -> ...k_proj.bias, v_proj.bias      [kv·h]
   blocks.i.attn.o_proj   [n, h, d]  -> ...self_attn.o_proj.weight       [d, n·h]
+  blocks.i.attn.q_norm.scale, k_norm.scale [h]
+                                    -> ...self_attn.q_norm.weight, k_norm.weight [h]
   blocks.i.mlp.gate, up  [d, f]     -> ...mlp.gate_proj.weight, up_proj.weight [f, d]
   blocks.i.mlp.down      [f, d]     -> ...mlp.down_proj.weight          [d, f]
   blocks.i.mlp.router    [d, E]     -> ...block_sparse_moe.gate.weight  [E, d]
   blocks.i.mlp.w_gate, w_up, w_down [E, ...]
                                     -> ...block_sparse_moe.experts.j.w1, w3, w2 .weight
+                                       (Qwen3-MoE: ...mlp.gate.weight and
+                                        ...mlp.experts.j.gate_proj, up_proj, down_proj)
   blocks.i.attn_norm, mlp_norm      -> ...input_layernorm, post_attention_layernorm
   final_norm, head       [d, V]     -> model.norm.weight, lm_head.weight [V, d]
 
 `import_hf` goes the other way (`jaxarch import --hf=DIR --workdir=NEW`): a Llama, Mistral,
-Qwen2 or Mixtral checkpoint becomes a jaxarch run at step 0, which `generate`, `eval`,
-`distill` and BiTA read as any run, and `jaxarch train` continues (fine-tuning, continued
-pretraining), its documents and prompts starting with the checkpoint's own BOS
-(config.json's `bos_token_id`, as `data.bos_id`), its generation stopping at its own
-end-of-turn ids too (generation_config.json's and config.json's `eos_token_id`s besides
-the tokenizer's end of document, as `data.stop_ids`: Llama 3's `<|eot_id|>`). A Mistral
+Qwen2, Qwen3, Mixtral or Qwen3-MoE checkpoint becomes a jaxarch run at step 0, which
+`generate`, `eval`, `distill` and BiTA read as any run, and `jaxarch train` continues
+(fine-tuning, continued pretraining), its documents and prompts starting with the
+checkpoint's own BOS (config.json's `bos_token_id`, as `data.bos_id`), its generation
+stopping at its own end-of-turn ids too (generation_config.json's and config.json's
+`eos_token_id`s besides the tokenizer's end of document, as `data.stop_ids`: Llama 3's
+`<|eot_id|>`). A Mistral
 is a Llama's names and layouts (an explicit `head_dim`, as Mistral-Nemo's 128 for 5120 /
 32 heads, becomes model.head_dim). A Qwen2 (model_type qwen2: Qwen2, Qwen2.5) is a Llama
-with biases on q_proj, k_proj and v_proj (model.qkv_bias; one on o_proj is refused). Its
-`sliding_window` is unused unless `use_sliding_window` is true (Qwen2.5 writes false
+with biases on q_proj, k_proj and v_proj (model.qkv_bias; one on o_proj is refused). A
+Qwen3 is a Llama with q_norm and k_norm (model.qk_norm), a Qwen3-MoE a Mixtral with them,
+its experts `moe_intermediate_size` wide; one with dense blocks among the MoE ones
+(decoder_sparse_step > 1, mlp_only_layers) is refused. A Qwen's `sliding_window` is
+unused unless `use_sliding_window` is true (Qwen2.5 writes false
 beside a window of 131072); a used one, a Mistral's and a Mixtral's, is read only when
 null or at least `max_position_embeddings`, the run's model.max_len (data.seq_len is at
 most it, `generate` warns past it): such a window masks nothing (transformers lets a
@@ -72,21 +83,34 @@ from jaxarch.models.transformer import head_dim
 ARCHITECTURES = {'dense': 'LlamaForCausalLM', 'moe': 'MixtralForCausalLM'}
 MODEL_TYPES = {'dense': 'llama', 'moe': 'mixtral'}  # config.json's `model_type`
 # What import reads: a Mistral is a Llama's names and layout with a sliding window, a
-# Qwen2 a Llama with biases on q, k and v (model.qkv_bias).
-IMPORTS = {'llama': 'dense', 'mistral': 'dense', 'mixtral': 'moe', 'qwen2': 'dense'}
+# Qwen2 a Llama with biases on q, k and v (model.qkv_bias), a Qwen3 one with QK-norm
+# (model.qk_norm), a Qwen3-MoE a Mixtral with QK-norm and its own names.
+IMPORTS = {'llama': 'dense', 'mistral': 'dense', 'mixtral': 'moe', 'qwen2': 'dense',
+           'qwen3': 'dense', 'qwen3_moe': 'moe'}
+# Where a MoE block's router and experts are: (module, {ours: theirs}).
+MOE_NAMES = {'mixtral': ('block_sparse_moe', {'w_gate': 'w1', 'w_down': 'w2', 'w_up': 'w3'}),
+             'qwen3_moe': ('mlp', {'w_gate': 'gate_proj', 'w_down': 'down_proj',
+                                   'w_up': 'up_proj'})}
+# Model types whose `sliding_window` is used only with `use_sliding_window: true`.
+WINDOW_SWITCHED = ('qwen2', 'qwen3', 'qwen3_moe')
 
 
 def architecture(m: ml_collections.ConfigDict) -> tuple[str, str]:
   """config.json's (architecture, model_type) of a model section: a dense model with
-  q/k/v biases is a Qwen2."""
+  q/k/v biases is a Qwen2, one with QK-norm a Qwen3, a MoE model with QK-norm a
+  Qwen3-MoE."""
   if m.family == 'dense' and m.qkv_bias:
     return 'Qwen2ForCausalLM', 'qwen2'
+  if m.qk_norm:
+    return {'dense': ('Qwen3ForCausalLM', 'qwen3'),
+            'moe': ('Qwen3MoeForCausalLM', 'qwen3_moe')}.get(m.family, ('', ''))
   return ARCHITECTURES[m.family], MODEL_TYPES[m.family]
 
 
 def check_exportable(cfg: ml_collections.ConfigDict) -> None:
-  """A dense model is a Llama (a Qwen2 with q/k/v biases), a MoE model of Mixtral's
-  routing a Mixtral; the other families and routings have no such equivalent."""
+  """A dense model is a Llama (a Qwen2 with q/k/v biases, a Qwen3 with QK-norm), a MoE
+  model of Mixtral's routing a Mixtral (a Qwen3-MoE with QK-norm, whose gates may skip the
+  renormalisation); the other families and routings have no such equivalent."""
   m = cfg.model
   kinds = set(m.block_pattern)
   why = None
@@ -94,25 +118,29 @@ def check_exportable(cfg: ml_collections.ConfigDict) -> None:
     why = f'this run is a {m.family} model'
   elif kinds != ({'dense'} if m.family == 'dense' else {'moe'}):
     why = f'its blocks {tuple(m.block_pattern)} mix dense and moe layers'
+  elif m.qkv_bias and m.qk_norm:
+    why = 'a Qwen2 has no QK-norm and a Qwen3 no q/k/v biases (model.qkv_bias)'
   elif m.family == 'moe':
     moe = m.moe
     why = ('a Mixtral has no shared experts' if moe.num_shared_experts else
            "a Mixtral's gates are a softmax" if moe.gate != 'softmax' else
-           "a Mixtral's gates are renormalised over the top k" if not moe.renormalize else
+           "a Mixtral's gates are renormalised over the top k (a Qwen3-MoE's may not be: "
+           'with model.qk_norm)' if not (moe.renormalize or m.qk_norm) else
            'a Mixtral has no router bias (model.moe.bias_update_rate)'
            if moe.bias_update_rate else
            'a Mixtral has no attention biases (model.qkv_bias)' if m.qkv_bias else None)
   if why is not None:
     raise ExportError(f'export: --format=hf writes dense models as LlamaForCausalLM (with '
-                      f'model.qkv_bias as Qwen2ForCausalLM) and MoE models with experts in '
-                      f'every block, softmax gates renormalised over the top k and no shared '
-                      f'experts as MixtralForCausalLM; {why}: '
-                      'use --format=safetensors or stablehlo')
+                      f'model.qkv_bias as Qwen2ForCausalLM, with model.qk_norm as '
+                      f'Qwen3ForCausalLM) and MoE models with experts in every block, '
+                      f'softmax gates renormalised over the top k and no shared experts as '
+                      f'MixtralForCausalLM (with model.qk_norm as Qwen3MoeForCausalLM); '
+                      f'{why}: use --format=safetensors or stablehlo')
 
 
 def hf_config(cfg: ml_collections.ConfigDict, tokenizer) -> dict:
-  """config.json of `transformers.LlamaConfig`, `Qwen2Config` or `MixtralConfig` for the
-  run's model."""
+  """config.json of `transformers.LlamaConfig`, `Qwen2Config`, `Qwen3Config`,
+  `MixtralConfig` or `Qwen3MoeConfig` for the run's model."""
   m = cfg.model
   name, model_type = architecture(m)
   config = {
@@ -137,11 +165,20 @@ def hf_config(cfg: ml_collections.ConfigDict, tokenizer) -> dict:
                    'num_experts_per_tok': m.moe.top_k, 'sliding_window': None,
                    'output_router_logits': False,
                    'router_aux_loss_coef': m.moe.aux_loss_weight})
-  if model_type == 'qwen2':  # its biases are fixed (q, k, v), its window off, as 5.25 writes
-    del config['attention_bias'], config['mlp_bias']
+  if model_type == 'qwen3_moe':  # Qwen3MoeConfig's names; d_ff is its dense layers' width
+    del config['num_local_experts']
+    config.update({'intermediate_size': m.d_ff, 'moe_intermediate_size': m.moe.expert_d_ff,
+                   'num_experts': m.moe.num_experts, 'norm_topk_prob': m.moe.renormalize,
+                   'decoder_sparse_step': 1, 'mlp_only_layers': []})
+  if model_type not in ('llama', 'mixtral'):  # Qwens have no MLP biases to name
+    del config['mlp_bias']
+  if model_type == 'qwen2':  # its biases are fixed (q, k, v)
+    del config['attention_bias']
+  if model_type in WINDOW_SWITCHED:  # the window off, as transformers 5.25 writes it
     config.update({'use_sliding_window': False, 'sliding_window': None,
-                   'max_window_layers': m.n_layers,
-                   'layer_types': ['full_attention'] * m.n_layers})
+                   'max_window_layers': m.n_layers})
+    if model_type != 'qwen3_moe':  # whose attention reads no layer types
+      config['layer_types'] = ['full_attention'] * m.n_layers
   return config
 
 
@@ -157,9 +194,11 @@ def hf_rope_scaling(m: ml_collections.ConfigDict) -> dict | None:
 
 
 def hf_arrays(model: nnx.Module, cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-  """The model's weights under Llama's or Mixtral's names and layouts (module docstring)."""
+  """The model's weights under Llama's, Mixtral's or the Qwens' names and layouts (module
+  docstring)."""
   ours = {k: np.asarray(jax.device_get(v)) for k, v in flat_arrays(model).items()}
   d = cfg.model.d_model
+  moe_module, expert_names = MOE_NAMES.get(architecture(cfg.model)[1], (None, {}))
   out = {'model.embed_tokens.weight': ours.pop('embed.embedding'),
          'model.norm.weight': ours.pop('final_norm.scale')}
   if 'head' in ours:
@@ -172,17 +211,20 @@ def hf_arrays(model: nnx.Module, cfg: ml_collections.ConfigDict) -> dict[str, np
       if cfg.model.qkv_bias:  # [heads, h] -> [heads·h]
         out[f'{at}self_attn.{name}.bias'] = ours_i(f'attn.{name[0]}_bias').reshape(-1)
     out[f'{at}self_attn.o_proj.weight'] = ours_i('attn.o_proj').reshape(-1, d).T
+    if cfg.model.qk_norm:  # [head_dim], shared by the heads
+      for name in ('q_norm', 'k_norm'):
+        out[f'{at}self_attn.{name}.weight'] = ours_i(f'attn.{name}.scale')
     if cfg.model.family == 'dense':
       out[f'{at}mlp.gate_proj.weight'] = ours_i('mlp.gate').T
       out[f'{at}mlp.up_proj.weight'] = ours_i('mlp.up').T
       out[f'{at}mlp.down_proj.weight'] = ours_i('mlp.down').T
     else:
-      if ours_i('mlp.bias').any():  # selection bias: Mixtral has none
+      if ours_i('mlp.bias').any():  # selection bias: Mixtral and Qwen3-MoE have none
         raise ExportError(f'export: block {i} routes with a bias, which a Mixtral lacks')
-      out[f'{at}block_sparse_moe.gate.weight'] = ours_i('mlp.router').T
-      for name, hf in (('w_gate', 'w1'), ('w_down', 'w2'), ('w_up', 'w3')):
+      out[f'{at}{moe_module}.gate.weight'] = ours_i('mlp.router').T
+      for name, hf in expert_names.items():
         for j, weight in enumerate(ours_i(f'mlp.{name}')):  # [d, f] or [f, d] per expert
-          out[f'{at}block_sparse_moe.experts.{j}.{hf}.weight'] = weight.T
+          out[f'{at}{moe_module}.experts.{j}.{hf}.weight'] = weight.T
     out[f'{at}input_layernorm.weight'] = ours_i('attn_norm.scale')
     out[f'{at}post_attention_layernorm.weight'] = ours_i('mlp_norm.scale')
   if ours:  # weights these architectures lack: refuse rather than drop them
@@ -195,6 +237,7 @@ def our_arrays(hf: dict[str, np.ndarray], cfg: ml_collections.ConfigDict
   """`hf_arrays` undone: Hugging Face's names and layouts -> jaxarch's."""
   m = cfg.model
   n, kv, h = m.n_heads, m.n_kv_heads, head_dim(m)
+  moe_module, expert_names = MOE_NAMES.get(architecture(m)[1], (None, {}))
   hf = dict(hf)
 
   def take(name):
@@ -214,15 +257,18 @@ def our_arrays(hf: dict[str, np.ndarray], cfg: ml_collections.ConfigDict
       if m.qkv_bias:
         ours[f'{to}attn.{name[0]}_bias'] = take(f'{at}self_attn.{name}.bias').reshape(heads, h)
     ours[f'{to}attn.o_proj'] = take(f'{at}self_attn.o_proj.weight').T.reshape(n, h, -1)
+    if m.qk_norm:
+      for name in ('q_norm', 'k_norm'):
+        ours[f'{to}attn.{name}.scale'] = take(f'{at}self_attn.{name}.weight')
     if m.family == 'dense':
       for name, hf_name in (('gate', 'gate_proj'), ('up', 'up_proj'), ('down', 'down_proj')):
         ours[f'{to}mlp.{name}'] = take(f'{at}mlp.{hf_name}.weight').T
     else:
-      ours[f'{to}mlp.router'] = take(f'{at}block_sparse_moe.gate.weight').T
+      ours[f'{to}mlp.router'] = take(f'{at}{moe_module}.gate.weight').T
       ours[f'{to}mlp.bias'] = np.zeros((m.moe.num_experts,), np.float32)
-      for name, hf_name in (('w_gate', 'w1'), ('w_down', 'w2'), ('w_up', 'w3')):
+      for name, hf_name in expert_names.items():
         ours[f'{to}mlp.{name}'] = np.stack([
-            take(f'{at}block_sparse_moe.experts.{j}.{hf_name}.weight').T
+            take(f'{at}{moe_module}.experts.{j}.{hf_name}.weight').T
             for j in range(m.moe.num_experts)])
     ours[f'{to}attn_norm.scale'] = take(f'{at}input_layernorm.weight')
     ours[f'{to}mlp_norm.scale'] = take(f'{at}post_attention_layernorm.weight')
@@ -234,9 +280,9 @@ def our_arrays(hf: dict[str, np.ndarray], cfg: ml_collections.ConfigDict
 
 
 def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.ConfigDict:
-  """The jaxarch config of a Llama, Mistral, Qwen2 or Mixtral `config.json` (train, data
-  and mesh keys: the preset's, then `overrides`); refuses what jaxarch's models do not
-  compute."""
+  """The jaxarch config of a Llama, Mistral, Qwen2, Qwen3, Mixtral or Qwen3-MoE
+  `config.json` (train, data and mesh keys: the preset's, then `overrides`); refuses what
+  jaxarch's models do not compute."""
   kind = hf_config.get('model_type')
   family = IMPORTS.get(kind)
   max_len = hf_config.get('max_position_embeddings', 2048)  # the run's model.max_len
@@ -244,7 +290,7 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
   # `sliding_window_overlay`), so one of at least max_len positions masks nothing within
   # the run's model.max_len (data.seq_len <= it; import takes no model.* override).
   window = hf_config.get('sliding_window')
-  if kind == 'qwen2' and not hf_config.get('use_sliding_window', False):
+  if kind in WINDOW_SWITCHED and not hf_config.get('use_sliding_window', False):
     window = None  # off: transformers drops it (Qwen2.5's 131072 of 32768 positions)
   full = window is None or (isinstance(window, int) and isinstance(max_len, int)
                             and window >= max_len)
@@ -270,6 +316,10 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
       'mlp_bias=true' if hf_config.get('mlp_bias') else
       f"hidden_act={hf_config.get('hidden_act')!r}"
       if hf_config.get('hidden_act', 'silu') != 'silu' else
+      f"decoder_sparse_step={hf_config['decoder_sparse_step']!r} (dense blocks between "
+      'the MoE ones)' if hf_config.get('decoder_sparse_step', 1) != 1 else
+      f"mlp_only_layers={hf_config['mlp_only_layers']!r} (dense blocks among the MoE ones)"
+      if hf_config.get('mlp_only_layers') else
       narrow)
   if unsupported:
     # Within its window a Mistral is a Llama: a run of that many positions computes it.
@@ -280,8 +330,12 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
                       f'not compute{hint}')
   required = ['hidden_size', 'num_hidden_layers', 'num_attention_heads',
               'intermediate_size', 'vocab_size']
+  experts = 'num_local_experts'  # Qwen3-MoE's checkpoints name it num_experts
+  if kind == 'qwen3_moe':
+    experts = 'num_experts' if 'num_experts' in hf_config else experts
+    required += ['moe_intermediate_size']
   if family == 'moe':
-    required += ['num_local_experts', 'num_experts_per_tok']
+    required += [experts, 'num_experts_per_tok']
   missing = [k for k in required if not isinstance(hf_config.get(k), int)]
   if missing:
     raise ExportError(f'import: config.json has no integer {missing[0]}, which a '
@@ -295,7 +349,7 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
       'd_ff': hf_config['intermediate_size'], 'vocab_size': hf_config['vocab_size'],
       'max_len': max_len,
       'tie_embeddings': bool(hf_config.get('tie_word_embeddings', False)),
-      'qkv_bias': kind == 'qwen2',
+      'qkv_bias': kind == 'qwen2', 'qk_norm': kind in ('qwen3', 'qwen3_moe'),
       'rope_theta': float(hf_config.get('rope_theta') or rope.get('rope_theta', 10_000.0)),
       'norm_eps': float(hf_config.get('rms_norm_eps', 1e-6)),
       'dtype': ('float32' if (hf_config.get('dtype') or hf_config.get('torch_dtype'))
@@ -303,9 +357,13 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
   if scaling:  # llama3
     model.update(_llama3_settings(hf_config, scaling, max_len))
   if family == 'moe':
-    model.update({'moe.num_experts': hf_config['num_local_experts'],
+    model.update({'moe.num_experts': hf_config[experts],
                   'moe.top_k': hf_config['num_experts_per_tok'],
-                  'moe.expert_d_ff': hf_config['intermediate_size']})
+                  'moe.expert_d_ff': hf_config.get('moe_intermediate_size',
+                                                   hf_config['intermediate_size']),
+                  # Qwen3-MoE's gates are renormalised over the top k only when asked.
+                  'moe.renormalize': kind != 'qwen3_moe' or
+                                     bool(hf_config.get('norm_topk_prob', False))})
   settings = [f'model.{k}={v}' for k, v in model.items()]
   settings += [f'data.tokenizer={tokenizer}',
                f'data.seq_len={min(cfg.data.seq_len, model["max_len"])}', *overrides]

@@ -29,6 +29,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxarch.config import ConfigError
 from jaxarch.layers import layout as layout_lib
 from jaxarch.layers import remat
+from jaxarch.layers.norms import RMSNorm
 from jaxarch.layers.params import normal, param
 from jaxarch.layers.rope import Llama3Scaling, apply_rope
 
@@ -70,8 +71,8 @@ class Attention(nnx.Module):
                rope_theta: float = 10_000.0, rope_scaling: Llama3Scaling | None = None,
                init_std: float = 0.02,
                out_std: float | None = None, init_truncation: float = 0.0, impl: str = 'xla',
-               qkv_bias: bool = False, dtype=jnp.bfloat16, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               qkv_bias: bool = False, qk_norm: bool = False, norm_eps: float = 1e-6,
+               dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.rope_theta, self.rope_scaling = rope_theta, rope_scaling
     self.impl = _implementation(impl, dtype)
     self.dtype = dtype
@@ -92,6 +93,13 @@ class Attention(nnx.Module):
     self.q_bias = bias(n_heads, 'heads') if qkv_bias else None
     self.k_bias = bias(n_kv_heads, 'kv_heads') if qkv_bias else None
     self.v_bias = bias(n_kv_heads, 'kv_heads') if qkv_bias else None
+    # QK-norm (Qwen3's): an RMSNorm over each head's query and key, one scale [head_dim]
+    # shared by the heads, before the rotation. It bounds the attention logits by the
+    # scales, whatever the projections' size.
+    norm = lambda: RMSNorm(head_dim, eps=norm_eps, dtype=dtype, param_dtype=param_dtype,
+                           rngs=rngs)
+    self.q_norm = norm() if qk_norm else None
+    self.k_norm = norm() if qk_norm else None
     self.drop_cache()
 
   def init_cache(self, batch: int, length: int):
@@ -118,6 +126,8 @@ class Attention(nnx.Module):
     v = jnp.einsum('btd,dkh->btkh', x, cast(self.v_proj))
     if self.q_bias is not None:
       q, k, v = q + cast(self.q_bias), k + cast(self.k_bias), v + cast(self.v_bias)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
     q = apply_rope(q, positions, self.rope_theta, self.rope_scaling)
     k = apply_rope(k, positions, self.rope_theta, self.rope_scaling)
     if layout is None and self.cache_k is not None and x.shape[1] == 1:

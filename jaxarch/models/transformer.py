@@ -87,7 +87,8 @@ def make_attention(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Attention:
                    rope_theta=cfg.rope_theta, rope_scaling=rope_scaling(cfg),
                    init_std=cfg.init_std,
                    out_std=residual_init_std(cfg), init_truncation=cfg.init_truncation,
-                   impl=cfg.attention_impl, qkv_bias=cfg.qkv_bias,
+                   impl=cfg.attention_impl, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm,
+                   norm_eps=cfg.norm_eps,
                    dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype], rngs=rngs)
 
 
