@@ -1066,12 +1066,53 @@ def tree_hash(tree: dict[str, Any]) -> str:
   return hashlib.sha256(_to_json(hashed).encode()).hexdigest()
 
 
+# Keys that may name a file of the run itself (an import's or an export's copy of its
+# tokenizer, DIR/tokenizer/NAME): its config.json names such a file relative to the run's
+# directory, so that the directory keeps working when it is moved or copied.
+RUN_FILES = ('data.tokenizer',)
+
+
+def run_file_path(spec, run_dir: str | os.PathLike):
+  """A RUN_FILES value to open: a relative name of a file in `run_dir` (as the run's
+  config.json holds it) as that file's path; anything else as given."""
+  if not isinstance(spec, str) or spec == 'bytes' or os.path.isabs(os.path.expanduser(spec)):
+    return spec
+  path = os.path.abspath(os.path.join(run_dir, spec))
+  return path if os.path.isfile(path) else spec
+
+
+def run_file_name(spec, run_dir: str | os.PathLike):
+  """A RUN_FILES value as the config.json of the run in `run_dir` names it: a file in the
+  run relative to it ('tokenizer/tokenizer.json'); anything else as given."""
+  path = run_file_path(spec, run_dir)
+  if not isinstance(path, str) or path == 'bytes' or not os.path.isfile(
+      os.path.expanduser(path)):
+    return spec
+  file = Path(os.path.abspath(os.path.expanduser(path)))
+  directory = Path(os.path.abspath(run_dir))
+  if not file.is_relative_to(directory):  # one of them reached through a link
+    file, directory = file.resolve(), directory.resolve()
+  return file.relative_to(directory).as_posix() if file.is_relative_to(directory) else spec
+
+
+def run_files(tree: dict, run_dir: str | os.PathLike, convert: Callable) -> dict:
+  """A config as nested dicts with its RUN_FILES values converted (`run_file_name`,
+  `run_file_path`); other sections shared with `tree`."""
+  tree = dict(tree)
+  for key in RUN_FILES:
+    section, name = key.split('.')
+    if isinstance(tree.get(section), dict) and name in tree[section]:
+      tree[section] = {**tree[section], name: convert(tree[section][name], run_dir)}
+  return tree
+
+
 def save(cfg: ConfigDict, path: str | os.PathLike) -> None:
-  """Writes the resolved config as JSON (workdir/config.json), readable by other tools."""
+  """Writes the resolved config as JSON (workdir/config.json), readable by other tools;
+  the run's own files named relative to it (`RUN_FILES`)."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(_to_json(to_dict(cfg)) + '\n')
+  tmp.write_text(_to_json(run_files(to_dict(cfg), path.parent, run_file_name)) + '\n')
   tmp.replace(path)  # a reader never sees half a file
 
 
@@ -1080,7 +1121,8 @@ def load_json(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ConfigD
 
   JSON has no tuples; configs hold sequences as tuples (they are hashable and cannot be
   mutated in place), so every JSON list comes back as a tuple. Keys of `RUN_SECTIONS`
-  that jaxarch gained after the run was saved take their defaults.
+  that jaxarch gained after the run was saved take their defaults. The run's own files
+  (`RUN_FILES`, named relative to the directory of `path`) come back as their paths.
   """
   path = Path(path)
   if not path.is_file():
@@ -1092,6 +1134,7 @@ def load_json(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ConfigD
   if not isinstance(tree, dict):
     raise ConfigError(f'{path} holds a JSON {type(tree).__name__}, not a config (an object '
                       'of sections: model, data, train, ...)')
+  tree = run_files(tree, path.parent, run_file_path)
   cfg = ConfigDict(_with_placeholders(_lists_to_tuples(_with_new_run_keys(tree)), path))
   cfg.lock()
   for override in overrides:

@@ -425,9 +425,14 @@ def _ray_command(command: list[str], out: Path) -> tuple[list[str], dict[Path, s
   given = command[2].removeprefix('--config=')
   path, arg = config_lib._split_spec(given)  # pylint: disable=protected-access
   source = config_lib._resolve_path(path)  # pylint: disable=protected-access
-  # A run's saved config.json travels alone; a .py config with the files it may load.
+  # A run's saved config.json travels alone, naming the run's own files (its tokenizer) by
+  # their paths; a .py config with the files it may load.
   neighbours = source.parent.glob('*.py') if source.suffix == '.py' else []
   files = {out / 'configs' / p.name: p.read_text() for p in [*neighbours, source]}
+  if source.suffix == '.json':
+    tree = config_lib.run_files(json.loads(source.read_text()), source.parent,
+                                config_lib.run_file_path)
+    files[out / 'configs' / source.name] = json.dumps(tree, sort_keys=True, indent=2) + '\n'
   spec = f'configs/{source.name}' + (f':{arg}' if arg else '')
   return [*command[:2], f'--config={spec}', *command[3:]], files
 

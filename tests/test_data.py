@@ -722,6 +722,39 @@ def test_a_position_saved_under_another_layout_is_refused(corpus, caplog):
     np.testing.assert_array_equal(got['inputs'], want['inputs'])
 
 
+def test_a_position_holds_in_its_run_moved_and_one_saved_with_the_tokenizer_path_too(
+    corpus, tmp_path, caplog):
+  """A run's own tokenizer (an import's copy) is a layout key: named relative to the run
+  (`run_dir`), a saved position holds once the run is moved, where its path changed; one
+  saved with the file's path (before such names) holds in the run where it is."""
+  cfg, _ = corpus
+  run = tmp_path / 'run'
+  (run / 'tokenizer').mkdir(parents=True)
+  cfg.tokenizer = _gpt2_style_tokenizer(run / 'tokenizer' / 'tokenizer.json')
+  make = lambda **kw: iter(data.make_train_dataset(cfg, seed=0, global_batch_size=4, **kw))
+  positions = {}
+  for name, kw in (('by path', {}), ('in the run', {'run_dir': run})):
+    it = make(**kw)
+    _take(it, 5)
+    positions[name] = json.loads(json.dumps(it.get_state()))
+  expected = _take(it, 2)
+  assert positions['by path']['layout']['tokenizer'] == cfg.tokenizer
+  assert positions['in the run']['layout']['tokenizer'] == 'tokenizer/tokenizer.json'
+  resumed = make(run_dir=run)
+  with caplog.at_level('WARNING'):
+    resumed.set_state(positions['by path'])
+  got = _take(resumed, 2)
+  run.rename(tmp_path / 'moved')
+  cfg.tokenizer = str(tmp_path / 'moved' / 'tokenizer' / 'tokenizer.json')
+  resumed = make(run_dir=tmp_path / 'moved')
+  with caplog.at_level('WARNING'):
+    resumed.set_state(positions['in the run'])
+  assert 'another data layout' not in caplog.text
+  for batches in (got, _take(resumed, 2)):
+    for want, batch in zip(expected, batches):
+      np.testing.assert_array_equal(batch['inputs'], want['inputs'])
+
+
 def test_a_position_in_a_corpus_that_gained_files_is_refused(corpus, tmp_path, caplog):
   cfg, _ = corpus
   it = iter(data.make_train_dataset(cfg, seed=0, global_batch_size=4))

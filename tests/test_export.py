@@ -3,6 +3,7 @@ tokens as jaxarch without jaxarch, and the command line."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -577,6 +578,53 @@ def test_an_hf_checkpoint_imports_as_a_run_with_its_logits(tmp_path, family, tie
                                 np.asarray(logits(model, TOKENS)))
   tokenizer = get_tokenizer(imported_cfg.data.tokenizer)  # the export's, copied into the run
   assert (tokenizer.eod_id, tokenizer.encode('hi')) == (257, [104, 105])
+
+
+def test_an_imported_run_works_moved_or_copied_with_its_original_deleted(tmp_path, capsys):
+  """Its config.json names its copy of the tokenizer relative to the run, which was its
+  path at import: every command stopped on the run moved ('data.tokenizer=...: no such
+  file'). Each command that reads a run, on it moved and on a copy of it."""
+  from test_data import _write_corpus  # pylint: disable=g-import-not-at-top
+  cfg = family_config('dense')
+  model = _model(cfg)
+  write_hf(model, cfg, tmp_path / 'hf')
+  _write_corpus(tmp_path / 'corpus', num_docs=8)
+  run = tmp_path / 'run'
+  assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={run}',
+                   f'--config.data.source=files:{tmp_path}/corpus/*.txt',
+                   '--config.data.validation_fraction=0.25', '--config.data.seq_len=16',
+                   f'--config.data.data_dir={tmp_path / "data"}', '--config.train.batch_size=8',
+                   '--config.log.eval_batches=1']) == 0
+  shutil.copytree(run, tmp_path / 'copied')
+  run.rename(tmp_path / 'moved')  # gone for both
+  for name in ('moved', 'copied'):
+    workdir = tmp_path / name
+    loaded_cfg, loaded = jaxarch.load(workdir)
+    assert loaded_cfg.data.tokenizer == str(workdir / 'tokenizer' / 'tokenizer.json')
+    np.testing.assert_array_equal(np.asarray(logits(loaded, TOKENS)),
+                                  np.asarray(logits(model, TOKENS)))
+    capsys.readouterr()
+    for command in (['generate', '--prompt=hi', '--max_new_tokens=2'], ['eval'],
+                    ['export', f'--out={tmp_path / name}-weights'],
+                    ['export', f'--out={tmp_path / name}-hf', '--format=hf'],
+                    ['distill', f'--out={tmp_path / name}-distilled', '--num_prompts=2',
+                     '--validation_prompts=1', '--prompt_len=4', '--max_new_tokens=2']):
+      assert cli.main([command[0], f'--workdir={workdir}', *command[1:]]) == 0, (
+          command, capsys.readouterr().err)
+    _, exported = load_safetensors(tmp_path / f'{name}-weights')
+    np.testing.assert_array_equal(np.asarray(logits(exported, TOKENS)),
+                                  np.asarray(logits(model, TOKENS)))
+    assert (tmp_path / f'{name}-hf' / 'tokenizer.json').is_file()
+    # BiTA over the moved base: its tokenizer is the base's copy, named by its path.
+    bita = config_lib.load('configs/bita.py:tiny', [
+        f'model.bita.base_workdir={workdir}',
+        f'data.source=distilled:{tmp_path / name}-distilled'])
+    assert bita.data.tokenizer == loaded_cfg.data.tokenizer
+    config_lib.save(bita, tmp_path / f'{name}-bita' / 'config.json')
+    assert config_lib.load_json(tmp_path / f'{name}-bita' / 'config.json').to_dict() == (
+        bita.to_dict())
+    assert json.loads((workdir / 'config.json').read_text())['data']['tokenizer'] == (
+        'tokenizer/tokenizer.json')
 
 
 def test_a_mistral_imports_as_a_llama_unless_its_window_is_narrower_than_the_run(

@@ -235,6 +235,38 @@ def test_a_damaged_saved_config_makes_the_data_position_unknown_not_a_traceback(
     assert changed and ('unreadable' in changed or 'train.batch_size None -> 8' in changed)
 
 
+def test_a_runs_own_tokenizer_is_named_in_it_so_a_moved_run_keeps_its_data_layout(tmp_path):
+  """config.json names a tokenizer in the run (an import's copy) relative to the run and
+  reads it back as its path there: moved, the run has the same data layout (no data
+  position dropped on resume); an older config.json naming its path reads as before, a
+  tokenizer outside the run stays as given, and another tokenizer is a layout change."""
+  from test_data import _gpt2_style_tokenizer  # pylint: disable=g-import-not-at-top
+  run, moved = tmp_path / 'run', tmp_path / 'moved'
+  (run / 'tokenizer').mkdir(parents=True)
+  cfg = tiny_config(**{'data.tokenizer': _gpt2_style_tokenizer(
+      run / 'tokenizer' / 'tokenizer.json')})
+  config_lib.save(cfg, run / 'config.json')
+  saved = lambda: json.loads((moved / 'config.json').read_text())
+  run.rename(moved)
+  assert saved()['data']['tokenizer'] == 'tokenizer/tokenizer.json'
+  moved_cfg = load_json(moved / 'config.json')
+  assert moved_cfg.data.tokenizer == str(moved / 'tokenizer' / 'tokenizer.json')
+  assert trainer.data_changes(moved, moved_cfg) is None
+  config_lib.save(moved_cfg, moved / 'config.json')  # as a resumed run saves it again
+  assert saved()['data']['tokenizer'] == 'tokenizer/tokenizer.json'
+  older = saved()
+  older['data']['tokenizer'] = moved_cfg.data.tokenizer
+  (moved / 'config.json').write_text(json.dumps(older))
+  assert load_json(moved / 'config.json').data.tokenizer == moved_cfg.data.tokenizer
+  assert trainer.data_changes(moved, moved_cfg) is None
+  with moved_cfg.unlocked():
+    moved_cfg.data.tokenizer = _gpt2_style_tokenizer(tmp_path / 'tokenizer.json')
+  assert trainer.data_changes(moved, moved_cfg) == (
+      f'data.tokenizer tokenizer/tokenizer.json -> {tmp_path / "tokenizer.json"}')
+  config_lib.save(moved_cfg, moved / 'config.json')
+  assert saved()['data']['tokenizer'] == str(tmp_path / 'tokenizer.json')
+
+
 def test_metrics_that_cannot_be_written_are_one_line(tmp_path):
   writer = MetricsWriter(tmp_path, tensorboard=False)
   (tmp_path / 'metrics.jsonl').mkdir()  # as a full disk or a lost permission would fail

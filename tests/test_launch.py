@@ -205,6 +205,18 @@ def test_a_ray_job_from_a_runs_config_json_carries_that_file(tmp_path, capsys):
   assert [p.name for p in (tmp_path / 'job' / 'configs').iterdir()] == ['config.json']
   assert config_lib.load_json(tmp_path / 'job' / 'configs' / 'config.json').to_dict() == (
       config_lib.load(SPEC).to_dict())
+  # A run's own tokenizer, named relative to the run in its config.json: by its path in
+  # the file that travels without the run.
+  from test_data import _gpt2_style_tokenizer  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'imported' / 'tokenizer').mkdir(parents=True)
+  tokenizer = _gpt2_style_tokenizer(tmp_path / 'imported' / 'tokenizer' / 'tokenizer.json')
+  config_lib.save(config_lib.load(SPEC, [f'data.tokenizer={tokenizer}']),
+                  tmp_path / 'imported' / 'config.json')
+  assert cli.main(['launch', f'--config={tmp_path}/imported/config.json', '--target=ray',
+                   '--workdir=/gcs/bucket/runs/again', f'--out={tmp_path}/job2']) == 0
+  carried = tmp_path / 'job2' / 'configs' / 'config.json'
+  assert json.loads(carried.read_text())['data']['tokenizer'] == tokenizer
+  assert config_lib.load_json(carried).data.tokenizer == tokenizer
 
 
 def test_a_job_that_cannot_be_written_says_to_give_out(tmp_path, capsys):

@@ -1,12 +1,14 @@
 """End to end: `jaxarch.train.train` learns, logs, checkpoints and resumes exactly."""
 
 import json
+import shutil
 import types
 
 import numpy as np
 import pytest
 
 from conftest import mesh_config, tiny_config
+from jaxarch import cli
 from jaxarch import config as config_lib
 from jaxarch import load
 from jaxarch.train import evaluate, train
@@ -102,6 +104,44 @@ def test_interrupted_run_resumes_on_the_same_loss_curve(tmp_path, data_dir, monk
   assert sorted(got) == list(range(1, 21))
   np.testing.assert_allclose([got[s] for s in range(11, 21)],
                              [want[s] for s in range(11, 21)], rtol=1e-6)
+
+
+@pytest.mark.slow  # five short runs
+def test_a_moved_or_copied_run_resumes_from_its_checkpoint_and_data_position(
+    tmp_path, data_dir, capsys, caplog):
+  """A run holding its tokenizer (as an imported one does), moved, or copied with the
+  original deleted: `jaxarch train --workdir=NEW` goes on as the run never stopped (its
+  checkpoint and data position, no layout change), and moved again after that resume
+  (which saves config.json again), it still does."""
+  from test_data import _gpt2_style_tokenizer  # pylint: disable=g-import-not-at-top
+
+  def cfg(workdir, steps):
+    (workdir / 'tokenizer').mkdir(parents=True, exist_ok=True)
+    return _cfg(data_dir, **{
+        'train.steps': steps, 'train.schedule': 'constant', 'checkpoint.every_steps': 2,
+        'log.eval_batches': 1, 'data.tokenizer': _gpt2_style_tokenizer(
+            workdir / 'tokenizer' / 'tokenizer.json')})
+
+  def resume(workdir, steps):
+    capsys.readouterr()
+    caplog.clear()
+    assert cli.main(['train', f'--workdir={workdir}', f'--config.train.steps={steps}']) == 0
+    out = ''.join(capsys.readouterr())
+    assert 'resumed from' in out and 'since the checkpoint' not in out, out
+    assert 'another data layout' not in caplog.text
+    got = _losses(workdir)
+    np.testing.assert_allclose([got[s] for s in range(1, steps + 1)],
+                               [want[s] for s in range(1, steps + 1)], rtol=1e-6)
+
+  train(cfg(tmp_path / 'reference', 6), tmp_path / 'reference')  # never stopped
+  want = _losses(tmp_path / 'reference')
+  train(cfg(tmp_path / 'run', 2), tmp_path / 'run')
+  shutil.copytree(tmp_path / 'run', tmp_path / 'copied')
+  (tmp_path / 'run').rename(tmp_path / 'moved')  # gone for both
+  resume(tmp_path / 'copied', 4)
+  resume(tmp_path / 'moved', 4)
+  (tmp_path / 'moved').rename(tmp_path / 'moved_again')
+  resume(tmp_path / 'moved_again', 6)
 
 
 def test_evaluate_and_load_use_the_latest_checkpoint(tmp_path, data_dir):

@@ -44,7 +44,7 @@ import logging
 import grain
 import numpy as np
 
-from jaxarch.config import ConfigError
+from jaxarch.config import ConfigError, run_file_name
 from jaxarch.data import sources
 from jaxarch.data import tokenizers
 
@@ -224,7 +224,7 @@ def _warn_if_fewer_than_streams(data_cfg, count: int, num_streams: int, what: st
 def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
                        process_index: int = 0, process_count: int = 1,
                        packing_streams: int | None = None, num_threads: int = 0,
-                       prefetch: int = 2) -> grain.IterDataset:
+                       prefetch: int = 2, run_dir=None) -> grain.IterDataset:
   """Endless packed training batches of this process; each epoch is a new seeded shuffle.
 
   There are `packing_streams` streams in all (default: one per row of the global batch),
@@ -233,7 +233,9 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
   process order) is the same batch that one process would read: a run gives the same
   losses on any number of processes. `num_threads` read and tokenize documents in
   parallel, shared out over the streams (0: inline, enough for local array_record files);
-  `prefetch` batches are prepared ahead in a background thread.
+  `prefetch` batches are prepared ahead in a background thread. `run_dir`: the run that
+  saves the positions, whose own files (its tokenizer) the layout names relative to it,
+  so that a position holds in the run moved or copied.
   """
   local_batch = _local_batch_size(global_batch_size, process_count, 'train.batch_size')
   num_streams = global_batch_size if packing_streams is None else packing_streams
@@ -275,22 +277,31 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
             'seed': seed, 'streams': num_streams, 'documents': num_documents}
   # This process's streams read at the pace of all of them: they stand for the whole.
   documents_per_epoch = num_documents * len(mine) / num_streams
-  return _WithLayout(batches, layout, documents_per_epoch, mine)
+  return _WithLayout(batches, _in_run(layout, run_dir), documents_per_epoch, mine, run_dir)
+
+
+def _in_run(layout: dict, run_dir) -> dict:
+  """`layout` with the run's own files named as its config.json names them (relative to
+  `run_dir`): positions saved before, with the file's path, compare equal too."""
+  if run_dir is None or 'tokenizer' not in layout:
+    return layout
+  return {**layout, 'tokenizer': run_file_name(layout['tokenizer'], run_dir)}
 
 
 class _WithLayout(grain.IterDataset):
   """Batches whose saved position names the layout it is a position in (`_LayoutIterator`)."""
 
   def __init__(self, parent: grain.IterDataset, layout: dict, documents_per_epoch: float,
-               streams: range):
+               streams: range, run_dir=None):
     super().__init__(parent)
     self._layout = layout
     self._documents_per_epoch = documents_per_epoch
     self._streams = streams
+    self._run_dir = run_dir
 
   def __iter__(self) -> grain.DatasetIterator:
     return _LayoutIterator(self._parent.__iter__(), self._layout, self._documents_per_epoch,
-                           self._streams)
+                           self._streams, self._run_dir)
 
 
 def _documents_started(position) -> int:
@@ -310,11 +321,12 @@ class _LayoutIterator(grain.DatasetIterator):
   reading starts afresh."""
 
   def __init__(self, parent: grain.DatasetIterator, layout: dict, documents_per_epoch: float,
-               streams: range):
+               streams: range, run_dir=None):
     super().__init__(parent)
     self._layout = layout
     self._documents_per_epoch = documents_per_epoch
     self._streams = streams  # the streams this process reads, of all `layout['streams']`
+    self._run_dir = run_dir
 
   def __next__(self):
     return next(self._parent)
@@ -332,7 +344,7 @@ class _LayoutIterator(grain.DatasetIterator):
     if 'layout' not in state:  # saved before positions named their layout
       self._parent.set_state(state)
       return
-    saved = state['layout']
+    saved = _in_run(state['layout'], self._run_dir)
     changed = [f'{k} {saved[k]} -> {v}' for k, v in self._layout.items()
                if k in saved and saved[k] != v]  # (keys added since are not compared)
     if changed:

@@ -64,7 +64,6 @@ at all of which transformers' `generate` stops; config.json's is the end of docu
 """
 
 import json
-import shutil
 from pathlib import Path
 
 import jax
@@ -76,7 +75,8 @@ from flax import nnx
 from jaxarch import config as config_lib
 from jaxarch.data import bos_id, get_tokenizer, stop_ids
 from jaxarch.export.hf_tokenizer import write_tokenizer
-from jaxarch.export.weights import ExportError, all_or_nothing, flat_arrays, free_out, readable
+from jaxarch.export.weights import (ExportError, all_or_nothing, copy_tokenizer, flat_arrays,
+                                    free_out, readable)
 from jaxarch.models import named_variables
 from jaxarch.models.transformer import head_dim
 
@@ -485,7 +485,7 @@ def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
   # end-of-document token, is refused before a run that cannot train or generate is made.
   reader = get_tokenizer(str(tokenizer))
   ids = reader.vocab_size
-  cfg = run_config(hf_config, str(workdir / 'tokenizer' / tokenizer.name),
+  cfg = run_config(hf_config, str(tokenizer),
                    [*_bos_setting(hf_config, reader, tokenizer),
                     *_stop_setting(directory, hf_config, reader, tokenizer), *overrides])
   if ids > cfg.model.vocab_size:
@@ -505,9 +505,8 @@ def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
   state = init_state(cfg, setup, given=arrays)  # no random weights made to be replaced
   del arrays
   with all_or_nothing(workdir) as partial:  # a failed import leaves no half-made run
-    (partial / 'tokenizer').mkdir()
-    shutil.copy(tokenizer, partial / 'tokenizer' / tokenizer.name)
-    config_lib.save(cfg, partial / 'config.json')
+    # Named relative to the run in its config.json: the run can be moved or copied.
+    config_lib.save(copy_tokenizer(cfg, partial), partial / 'config.json')
     checkpointer = Checkpointer(partial, async_save=False)
     checkpointer.save(0, state, force=True)
     checkpointer.close()

@@ -105,11 +105,12 @@ def write_model(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Pa
   safetensors.flax.save_file(arrays, out / WEIGHTS,
                              metadata={'format': 'jaxarch', 'family': cfg.model.family})
   readable(out / WEIGHTS)  # as the other files (it is written 0600)
-  cfg = _with_portable_tokenizer(cfg, out)
+  cfg = copy_tokenizer(cfg, out)
   config_lib.save(cfg, out / 'config.json')
-  tokenizer = get_tokenizer(_resolve_tokenizer(cfg.data.tokenizer, out))
+  tokenizer = get_tokenizer(cfg.data.tokenizer)
   (out / 'tokenizer.json').write_text(json.dumps({
-      'spec': cfg.data.tokenizer, 'vocab_size': tokenizer.vocab_size,
+      'spec': config_lib.run_file_name(cfg.data.tokenizer, out),
+      'vocab_size': tokenizer.vocab_size,
       'eod_id': tokenizer.eod_id, 'pad_id': tokenizer.pad_id,
       'bos_id': bos_id(cfg.data, tokenizer), 'stop_ids': list(stop_ids(cfg.data, tokenizer)),
       'bos': 'prompts start with bos_id, which the model was trained to read as BOS',
@@ -122,9 +123,10 @@ def write_model(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Pa
   return out
 
 
-def _with_portable_tokenizer(cfg, out: Path):
-  """A tokenizer file is copied into OUT/tokenizer/ and the config names it relative to
-  OUT; a folder of its own, since OUT/tokenizer.json is the export's own."""
+def copy_tokenizer(cfg, out: Path):
+  """`cfg` naming a copy of its tokenizer file in OUT/tokenizer/, which OUT's config.json
+  names relative to OUT (`config_lib.save`), so that OUT can be moved or copied; a folder
+  of its own, since an export's OUT/tokenizer.json is its own."""
   spec = cfg.data.tokenizer
   if spec == 'bytes' or not Path(spec).expanduser().is_file():
     return cfg
@@ -132,12 +134,8 @@ def _with_portable_tokenizer(cfg, out: Path):
   (out / 'tokenizer').mkdir()
   shutil.copy(source, out / 'tokenizer' / source.name)
   cfg = ml_collections.ConfigDict(cfg.to_dict())
-  cfg.data.tokenizer = f'tokenizer/{source.name}'
+  cfg.data.tokenizer = str(out / 'tokenizer' / source.name)
   return cfg
-
-
-def _resolve_tokenizer(spec: str, out: Path) -> str:
-  return str(out / spec) if spec != 'bytes' and (out / spec).is_file() else spec
 
 
 def load_safetensors(out: str | Path) -> tuple[ml_collections.ConfigDict, nnx.Module]:
@@ -147,9 +145,7 @@ def load_safetensors(out: str | Path) -> tuple[ml_collections.ConfigDict, nnx.Mo
     if not (out / name).is_file():
       raise ExportError(f'export: {out / name} not found; is {out} a `jaxarch export` '
                         'directory?')
-  cfg = config_lib.load_json(out / 'config.json')
-  with cfg.unlocked():
-    cfg.data.tokenizer = _resolve_tokenizer(cfg.data.tokenizer, out)
+  cfg = config_lib.load_json(out / 'config.json')  # its tokenizer the copy in OUT
   abstract = nnx.eval_shape(lambda: models.build(cfg.model, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   try:

@@ -67,7 +67,8 @@ _DATA_LAYOUT = ('train.batch_size', 'train.seed',
 
 def data_changes(workdir: Path, cfg: ml_collections.ConfigDict) -> str | None:
   """What of `_DATA_LAYOUT` changed since the run in `workdir` was saved, e.g.
-  'train.batch_size 32 -> 64', or None (same, or no saved run)."""
+  'train.batch_size 32 -> 64', or None (same, or no saved run). The run's own files are
+  compared by their names in the run (`config_lib.RUN_FILES`), which a move keeps."""
   saved = workdir / 'config.json'
   if not saved.exists():
     return None
@@ -78,6 +79,8 @@ def data_changes(workdir: Path, cfg: ml_collections.ConfigDict) -> str | None:
   if not isinstance(old, dict):  # its data position cannot be trusted either
     return f'the data layout (unknown: {saved} is unreadable)'
   new = json.loads(json.dumps(config_lib.to_dict(cfg)))
+  old, new = (config_lib.run_files(tree, workdir, config_lib.run_file_name)
+              for tree in (old, new))
 
   def get(tree, key):
     section, name = key.split('.')
@@ -148,7 +151,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, stop: StopRequests) ->
     cleanup.enter_context(only_trainer_in(workdir))
     data_iter = iter(data.make_train_dataset(
         cfg.data, seed=cfg.train.seed, global_batch_size=cfg.train.batch_size,
-        process_index=index, process_count=count))
+        process_index=index, process_count=count, run_dir=workdir))
     cleanup.callback(data_iter.close)
     checkpointer = Checkpointer(workdir, keep=cfg.checkpoint.keep,
                                 keep_best=cfg.checkpoint.keep_best,
