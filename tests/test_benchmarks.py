@@ -650,6 +650,19 @@ def test_the_aux_loss_sweep_differs_in_the_weight_only():
     assert configs[0] == configs[1] == configs[2]
 
 
+def test_the_qk_norm_sweep_differs_in_the_rate_and_the_norm_only():
+  from jaxarch.sweep import runner  # pylint: disable=g-import-not-at-top
+  runs = runner.load_sweep('configs/sweeps/qk_norm.py:tiny')
+  configs = [config_lib.to_dict(r.config()) for r in runs]
+  assert [(c['train']['lr'], c['model']['qk_norm']) for c in configs] == [
+      (lr, qk) for lr in (1e-2, 3e-2, 1e-1) for qk in (False, True)]
+  assert len({r.name for r in runs}) == 6
+  for c in configs:
+    c['train']['lr'], c['model']['qk_norm'] = 0.0, False
+  assert all(c == configs[0] for c in configs)
+  assert configs[0]['train']['steps'] == 300
+
+
 @pytest.mark.slow  # 32 s
 def test_the_aux_loss_table_reads_each_runs_metrics_and_cores(tmp_path):
   """Two runs saved at init, as `jaxarch sweep` leaves them."""

@@ -262,6 +262,30 @@ def test_qkv_biases_are_zero_undecayed_params_of_the_heads_shapes_only_when_aske
     assert bias.get_metadata()['weight_decay'] is False
 
 
+_f64 = lambda p: np.asarray(p[...], np.float64)
+
+
+def _projected(x, proj) -> np.ndarray:
+  """x [b, t, d] @ proj [d, heads, h] -> [b, t, heads, h], in float64."""
+  return np.einsum('btd,dnh->btnh', np.asarray(x, np.float64), _f64(proj))
+
+
+def _written_out_attention(q, k, v, o_proj) -> np.ndarray:
+  """Causal attention of q [b, t, n, 8] and k, v [b, t, kv, 8] before the rotation (theta
+  10000, rotate_half), each kv head shared by n // kv query heads -> [b, t, d]."""
+  t, h = q.shape[1], q.shape[-1]
+  angles = np.arange(t)[:, None] / 10_000.0 ** (np.arange(0, h, 2) / h)  # t h/2
+  cos, sin = (f(np.concatenate([angles, angles], -1))[:, None] for f in (np.cos, np.sin))
+  rope = lambda u: u * cos + np.concatenate([-u[..., h // 2:], u[..., :h // 2]], -1) * sin
+  group = q.shape[2] // k.shape[2]
+  q, k, v = rope(q), np.repeat(rope(k), group, 2), np.repeat(v, group, 2)
+  scores = np.einsum('bqnh,bknh->bnqk', q, k) / np.sqrt(h)
+  scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  return np.einsum('bnqk,bknh,nhd->bqd', probs, v, _f64(o_proj))
+
+
 def test_qkv_biases_are_added_before_the_rotation():
   """Against the attention written out: biases added to q, k and v, then q and k rotated.
   Zero biases compute the layer without them."""
@@ -276,19 +300,10 @@ def test_qkv_biases_are_added_before_the_rotation():
   keys = jax.random.split(jax.random.PRNGKey(9), 3)
   for key, bias in zip(keys, (layer.q_bias, layer.k_bias, layer.v_bias)):
     bias[...] = jax.random.normal(key, bias.shape)
-  angles = np.arange(6)[:, None] / 10_000.0 ** (np.arange(0, 8, 2) / 8)  # t h/2
-  cos, sin = (f(np.concatenate([angles, angles], -1))[:, None] for f in (np.cos, np.sin))
-  rope = lambda u: u * cos + np.concatenate([-u[..., 4:], u[..., :4]], -1) * sin
-  w = lambda p: np.asarray(p[...], np.float64)
-  xs = np.asarray(x, np.float64)
-  q = rope(np.einsum('btd,dnh->btnh', xs, w(layer.q_proj)) + w(layer.q_bias))
-  k = np.repeat(rope(np.einsum('btd,dkh->btkh', xs, w(layer.k_proj)) + w(layer.k_bias)), 2, 2)
-  v = np.repeat(np.einsum('btd,dkh->btkh', xs, w(layer.v_proj)) + w(layer.v_bias), 2, 2)
-  scores = np.einsum('bqnh,bknh->bnqk', q, k) / np.sqrt(8)
-  scores = np.where(np.tril(np.ones((6, 6), bool)), scores, -np.inf)
-  probs = np.exp(scores - scores.max(-1, keepdims=True))
-  probs /= probs.sum(-1, keepdims=True)
-  want = np.einsum('bnqk,bknh,nhd->bqd', probs, v, w(layer.o_proj))
+  q, k, v = (_projected(x, p) + _f64(b) for p, b in ((layer.q_proj, layer.q_bias),
+                                                     (layer.k_proj, layer.k_bias),
+                                                     (layer.v_proj, layer.v_bias)))
+  want = _written_out_attention(q, k, v, layer.o_proj)
   got = layer(x, positions, segments)
   np.testing.assert_allclose(got, want, atol=1e-5)
   assert np.abs(got - plain(x, positions, segments)).max() > 0.1
@@ -336,21 +351,10 @@ def test_qk_norm_normalises_each_heads_query_and_key_before_the_rotation():
   x = jax.random.normal(keys[2], (2, 6, 32))
   positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
   segments = jnp.ones((2, 6), jnp.int32)
-  angles = np.arange(6)[:, None] / 10_000.0 ** (np.arange(0, 8, 2) / 8)  # t h/2
-  cos, sin = (f(np.concatenate([angles, angles], -1))[:, None] for f in (np.cos, np.sin))
-  rope = lambda u: u * cos + np.concatenate([-u[..., 4:], u[..., :4]], -1) * sin
-  w = lambda p: np.asarray(p[...], np.float64)
-  norm = lambda u, scale: u / np.sqrt((u * u).mean(-1, keepdims=True) + 1e-6) * w(scale)
-  xs = np.asarray(x, np.float64)
-  q = rope(norm(np.einsum('btd,dnh->btnh', xs, w(layer.q_proj)), layer.q_norm.scale))
-  k = np.repeat(rope(norm(np.einsum('btd,dkh->btkh', xs, w(layer.k_proj)),
-                          layer.k_norm.scale)), 2, 2)
-  v = np.repeat(np.einsum('btd,dkh->btkh', xs, w(layer.v_proj)), 2, 2)
-  scores = np.einsum('bqnh,bknh->bnqk', q, k) / np.sqrt(8)
-  scores = np.where(np.tril(np.ones((6, 6), bool)), scores, -np.inf)
-  probs = np.exp(scores - scores.max(-1, keepdims=True))
-  probs /= probs.sum(-1, keepdims=True)
-  want = np.einsum('bnqk,bknh,nhd->bqd', probs, v, w(layer.o_proj))
+  norm = lambda u, scale: u / np.sqrt((u * u).mean(-1, keepdims=True) + 1e-6) * _f64(scale)
+  q = norm(_projected(x, layer.q_proj), layer.q_norm.scale)
+  k = norm(_projected(x, layer.k_proj), layer.k_norm.scale)
+  want = _written_out_attention(q, k, _projected(x, layer.v_proj), layer.o_proj)
   got = layer(x, positions, segments)
   np.testing.assert_allclose(got, want, atol=1e-5)
   for attn in (layer, plain):
