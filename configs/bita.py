@@ -58,6 +58,7 @@ def get_config(arg=None):
 
   c.data.source = ml_collections.config_dict.placeholder(str)  # distilled:<dir>
   c.data.tokenizer = ml_collections.config_dict.placeholder(str)  # None: the base run's
+  c.data.add_bos = ml_collections.config_dict.placeholder(bool)  # None: the base run's
   c.data.seq_len = p['seq_len']
 
   c.train.steps = p['steps']

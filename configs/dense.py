@@ -104,6 +104,9 @@ def get_config(arg=None):
   # The id each document and prompt starts with; None: the tokenizer's end-of-document id.
   # `jaxarch import` sets a Llama's own (`<s>`: 1, Llama 3's `<|begin_of_text|>`: 128000).
   c.data.bos_id = ml_collections.config_dict.placeholder(int)
+  # False: no BOS at all, documents and prompts are the text's ids alone, as Qwen's
+  # tokenizers encode them (`jaxarch import` sets it for a Qwen2, Qwen2.5, Qwen3).
+  c.data.add_bos = True
   # Ids besides the end-of-document id at which generation stops: an instruct model's end
   # of turn (`jaxarch import` sets Llama 3's `<|eot_id|>` 128009, Qwen2.5's `<|im_end|>`).
   c.data.stop_ids = ()

@@ -196,8 +196,16 @@ def _generate(args, overrides):
   _check_backend()
   cfg, model = load_model(args.workdir, step=args.step)
   tokenizer = get_tokenizer(cfg.data.tokenizer)
-  # Documents were trained as [bos] + text (bos: data.bos_id, by default the eod id).
-  prompts = [[bos_id(cfg.data, tokenizer)] + tokenizer.encode(p) for p in args.prompt]
+  # Documents were trained as [bos] + text (bos: data.bos_id, by default the eod id), or
+  # as the text alone (data.add_bos=False: an imported Qwen's).
+  bos = bos_id(cfg.data, tokenizer)
+  start = [] if bos is None else [bos]
+  prompts = [start + tokenizer.encode(p) for p in args.prompt]
+  for i, prompt in enumerate(prompts):
+    if not prompt:  # nothing to continue: no BOS is made up for it
+      raise GenerateError(f'generate: --prompt {args.prompt[i]!r} (prompt {i}) is no tokens '
+                          'and the run starts prompts with no BOS (data.add_bos=False); '
+                          'give some text')
   longest = max(map(len, prompts)) + args.max_new_tokens
   if longest > cfg.model.max_len:
     print(f'jaxarch: warning: {longest} positions exceed model.max_len={cfg.model.max_len}; '
@@ -215,7 +223,7 @@ def _generate(args, overrides):
   for i, (text, ids, new) in enumerate(zip(args.prompt, prompts, outputs)):
     if i:
       print('-' * 40)
-    print(text + decode_continuation(tokenizer, ids[1:], new))  # ids[0]: the BOS
+    print(text + decode_continuation(tokenizer, ids[len(start):], new))
   print(f'jaxarch: {stats["new_tokens"]} new tokens in {stats["prefill_s"] + stats["decode_s"]:.2f}s, '
         f'{stats["tokens_per_s"]:.1f} tokens/s ({stats["decode_step_s"] * 1e3:.1f} ms per '
         f'decode step, batch {stats["batch"]}; compiled in {stats["compile_s"]:.1f}s)',

@@ -543,6 +543,10 @@ def _check_megabyte(cfg: ConfigDict) -> None:
   if not cfg.model.tie_embeddings:
     raise ConfigError('model.tie_embeddings=False: a MEGABYTE head is always tied to its '
                       'local byte embedding; set it True')
+  if not cfg.data.get('add_bos', True):
+    raise ConfigError("data.add_bos=False: MEGABYTE never reads a document's first input "
+                      '(the pad patch stands in before it), which without a BOS is its first '
+                      'byte; keep data.add_bos=True')
   pad = _number(cfg, 'model.megabyte.pad_id', int)
   if not 0 <= pad < cfg.model.vocab_size:
     raise ConfigError(f'model.megabyte.pad_id={pad} must be in [0, model.vocab_size='
@@ -590,13 +594,15 @@ def _bita_from_base_run(cfg: ConfigDict) -> ConfigDict:
   elif tree['data']['tokenizer'] != base.data.tokenizer:
     raise ConfigError(f'data.tokenizer={tree["data"]["tokenizer"]!r} differs from the base '
                       f'run\'s {base.data.tokenizer!r}; leave it unset')
-  # BiTA's prompts start as the base run's documents did (an imported Llama's `<s>`).
-  bos = base.data.get('bos_id')
-  if tree['data'].get('bos_id') is None:
-    tree['data']['bos_id'] = bos
-  elif tree['data']['bos_id'] != bos:
-    raise ConfigError(f'data.bos_id={tree["data"]["bos_id"]!r} differs from the base run\'s '
-                      f'{bos!r}; leave it unset')
+  # BiTA's prompts start as the base run's documents did (an imported Llama's `<s>`, an
+  # imported Qwen's no BOS at all).
+  for key in ('bos_id', 'add_bos'):
+    value = base.data.get(key)
+    if tree['data'].get(key) is None:
+      tree['data'][key] = value
+    elif tree['data'][key] != value:
+      raise ConfigError(f'data.{key}={tree["data"][key]!r} differs from the base run\'s '
+                        f'{value!r}; leave it unset')
   # And its generation stops where the base's does (an imported instruct model's end of turn).
   stops = tuple(base.data.get('stop_ids', ()))
   if not tree['data'].get('stop_ids'):
@@ -777,6 +783,13 @@ def _check_data(cfg: ConfigDict) -> None:
   if bos is not None and not is_token_id(bos, vocab):
     raise ConfigError(f'data.bos_id={bos!r} must be a token id in [0, model.vocab_size='
                       f"{vocab}), or None (the tokenizer's end-of-document id)")
+  add_bos = cfg.data.get('add_bos', True)
+  if not isinstance(add_bos, bool):
+    raise ConfigError(f'data.add_bos={add_bos!r} must be True or False (False: documents and '
+                      'prompts start with no BOS)')
+  if not add_bos and bos is not None:
+    raise ConfigError(f'data.bos_id={bos} names a BOS, but data.add_bos=False adds none; '
+                      'unset data.bos_id or set data.add_bos=True')
   stops = cfg.data.get('stop_ids', ())
   if not isinstance(stops, (tuple, list)) or not all(is_token_id(t, vocab) for t in stops):
     raise ConfigError(f'data.stop_ids={stops!r} must be a tuple of token ids in [0, '
@@ -1159,10 +1172,11 @@ RUN_MODEL_KEYS = (('moe', 'matmul_impl'), ('moe', 'kernel_tiling'), ('moe', 'mos
                   ('ultramem', 'heads_per_query'))
 # Model keys that only shape the initial weights (a saved run's are in its checkpoints),
 # and model and data keys that jaxarch gained with a default that is what older runs did
-# (no rope scaling, no q/k/v biases, no QK-norm, generation stopping at the end-of-document id alone).
+# (no rope scaling, no q/k/v biases, no QK-norm, generation stopping at the end-of-document
+# id alone, documents and prompts starting with a BOS).
 FILLED_KEYS = (('model', 'init_truncation'), ('model', 'residual_init_scale'),
                ('model', 'rope_scaling'), ('model', 'qkv_bias'), ('model', 'qk_norm'),
-               ('data', 'stop_ids'))
+               ('data', 'stop_ids'), ('data', 'add_bos'))
 
 
 def _with_new_run_keys(tree: dict) -> dict:

@@ -542,6 +542,44 @@ def test_a_bita_config_takes_the_base_runs_bos(tmp_path):
       "config error: data.bos_id=1 differs from the base run's 65; leave it unset")
 
 
+def test_data_add_bos_defaults_to_true_and_a_run_saved_without_it_loads(tmp_path):
+  """True: documents and prompts start with a BOS, as before the key; False (an imported
+  Qwen's) with a data.bos_id, or not a bool, is one line."""
+  assert tiny().data.add_bos is True and tiny('data.add_bos=False').data.add_bos is False
+  path = tmp_path / 'config.json'
+  config_lib.save(tiny('data.add_bos=False'), path)
+  assert config_lib.load_json(path).data.add_bos is False
+  old = json.loads(path.read_text())
+  del old['data']['add_bos']
+  path.write_text(json.dumps(old))
+  assert config_lib.load_json(path).data.add_bos is True
+  assert error_of(tiny, 'data.add_bos=False', 'data.bos_id=1') == (
+      'config error: data.bos_id=1 names a BOS, but data.add_bos=False adds none; unset '
+      'data.bos_id or set data.add_bos=True')
+  path.write_text(json.dumps({**old, 'data': {**old['data'], 'add_bos': 'no'}}))
+  assert error_of(config_lib.load_json, path) == (
+      "config error: data.add_bos='no' must be True or False (False: documents and prompts "
+      'start with no BOS)')
+  assert error_of(config_lib.load, 'configs/megabyte.py:tiny', ['data.add_bos=False']) == (
+      "config error: data.add_bos=False: MEGABYTE never reads a document's first input (the "
+      'pad patch stands in before it), which without a BOS is its first byte; keep '
+      'data.add_bos=True')
+
+
+def test_a_bita_config_takes_the_base_runs_add_bos(tmp_path):
+  """BiTA's prompts start as its base run's documents did: with no BOS for a Qwen's."""
+  (tmp_path / 'base').mkdir()
+  config_lib.save(tiny('data.add_bos=False'), tmp_path / 'base' / 'config.json')
+  load = lambda *overrides: config_lib.load('configs/bita.py:tiny', [
+      f'model.bita.base_workdir={tmp_path / "base"}', 'data.source=distilled:/data',
+      *overrides])
+  assert load().data.add_bos is False and load('data.add_bos=False').data.add_bos is False
+  config_lib.save(load(), tmp_path / 'bita.json')  # what `generate` of the BiTA run reads
+  assert config_lib.load_json(tmp_path / 'bita.json').data.add_bos is False
+  assert error_of(load, 'data.add_bos=True') == (
+      "config error: data.add_bos=True differs from the base run's False; leave it unset")
+
+
 def test_data_stop_ids_default_to_empty_and_a_run_saved_without_them_loads(tmp_path):
   """(): generation stops at the eod alone, as before the key (an imported instruct model
   sets its end of turn); an older saved config lacks the key and loads with the default."""

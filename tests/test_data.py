@@ -986,6 +986,58 @@ def test_a_train_position_holds_under_another_bos(tmp_path):
     assert starts.any()
 
 
+def test_documents_without_a_bos_are_their_ids_and_empty_ones_are_left_out(tmp_path):
+  """data.add_bos=False (an imported Qwen's tokenizer adds none): inputs ids, targets
+  ids[1:] + [eod], as transformers reads the text; an empty document has nothing to
+  predict from and no segment of its own."""
+  cfg, tokenizer = _llama_corpus(tmp_path, add_bos=False)
+  source = data.open_source(cfg, 'validation')
+  documents = [tokenizer.encode(source[i]) for i in range(len(source))]
+  assert [] in documents and any(documents)
+  batches = list(data.make_eval_dataset(cfg, batch_size=2, num_batches=100))
+  kept = [ids for ids in documents if ids]
+  np.testing.assert_array_equal(_stream(batches, 'inputs'), np.concatenate(kept))
+  np.testing.assert_array_equal(_stream(batches, 'targets'),
+                                np.concatenate([ids[1:] + [2] for ids in kept]))
+  for b in batches:  # segments 1, 2, ... of each row: none skipped for an empty document
+    for row, positions in zip(b['segment_ids'], b['positions']):
+      used = row[row > 0]
+      np.testing.assert_array_equal(np.unique(used), np.arange(1, len(np.unique(used)) + 1))
+      assert (positions[row > 0][np.flatnonzero(np.diff(used)) + 1] == 0).all()
+
+
+def test_aligned_documents_without_a_bos_keep_their_padding_apart(tmp_path):
+  """MEGABYTE's alignment (data.pack_align) with no BOS: a document of n bytes fills n
+  positions, then pad up to the patch, which alone is padding."""
+  cfg, tokenizer = _half_empty_corpus(tmp_path, 'bytes', 'doc {} text', add_bos=False,
+                                      pack_align=4)
+  source = data.open_source(cfg, 'validation')
+  kept = [tokenizer.encode(source[i]) for i in range(len(source)) if source[i]]
+  batches = list(data.make_eval_dataset(cfg, batch_size=2, num_batches=100))
+  np.testing.assert_array_equal(_stream(batches, 'inputs'), np.concatenate(kept))
+  np.testing.assert_array_equal(_stream(batches, 'targets'),
+                                np.concatenate([ids[1:] + [257] for ids in kept]))
+  starts = np.flatnonzero((batches[0]['positions'][0] == 0) & (batches[0]['segment_ids'][0] > 0))
+  assert len(starts) > 1 and (starts % 4 == 0).all()
+
+
+def test_a_train_position_is_refused_under_another_add_bos(tmp_path, caplog):
+  """Without a BOS a document is one token shorter: a position's slice of the document
+  being packed would be off by one, so it is of another layout and the data start afresh."""
+  cfg, _ = _llama_corpus(tmp_path, validation_fraction=0.0)
+  iterator = iter(data.make_train_dataset(cfg, seed=0, global_batch_size=2))
+  _take(iterator, 3)
+  state = json.loads(json.dumps(iterator.get_state()))
+  cfg.add_bos = False
+  fresh = _take(iter(data.make_train_dataset(cfg, seed=0, global_batch_size=2)), 2)
+  resumed = iter(data.make_train_dataset(cfg, seed=0, global_batch_size=2))
+  with caplog.at_level('WARNING'):
+    resumed.set_state(state)
+  assert 'add_bos True -> False' in caplog.text
+  for want, got in zip(fresh, _take(resumed, 2)):
+    np.testing.assert_array_equal(got['inputs'], want['inputs'])
+
+
 @pytest.mark.parametrize('bos', [258, -1, True])
 def test_a_bos_id_outside_the_tokenizer_is_one_line(bos):
   cfg = _dense_data_config()  # model.vocab_size 384 takes 258; the byte tokenizer has 258

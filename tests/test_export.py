@@ -1060,6 +1060,129 @@ def test_an_hf_checkpoint_imports_with_its_own_bos_and_exports_it_again(tmp_path
   assert err.count('\n') == 1 and not (tmp_path / 'bad').exists()
 
 
+def _hf_with_tokenizer_files(tmp_path, settings: dict | None, post_processor):
+  """A Llama-style checkpoint (<s> 1, </s> 2; config.json's bos_token_id 1) in tmp_path/hf
+  whose tokenizer_config.json is `settings` (None: no such file) and whose
+  tokenizer.json's post-processor is `post_processor` ('bos': one that adds <s>)."""
+  from test_data import _llama_style_tokenizer  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'tok').mkdir(exist_ok=True)
+  cfg = family_config('dense')
+  with cfg.unlocked():
+    cfg.data.tokenizer = _llama_style_tokenizer(tmp_path / 'tok' / 'tokenizer.json')
+    cfg.data.bos_id = 1
+  hf_dir = tmp_path / 'hf'
+  write_hf(_model(cfg), cfg, hf_dir)
+  tree = json.loads((hf_dir / 'tokenizer.json').read_text())
+  assert tree['post_processor']['type'] == 'TemplateProcessing'  # the export adds <s>
+  if post_processor != 'bos':
+    (hf_dir / 'tokenizer.json').write_text(json.dumps({**tree, 'post_processor': post_processor}))
+  (hf_dir / 'tokenizer_config.json').unlink()
+  if settings is not None:
+    (hf_dir / 'tokenizer_config.json').write_text(json.dumps(settings))
+  return hf_dir
+
+
+# A Qwen's tokenizer.json post-processor: offsets only, no token added.
+BYTE_LEVEL = {'type': 'ByteLevel', 'add_prefix_space': False, 'trim_offsets': False,
+              'use_regex': False}
+
+
+@pytest.mark.parametrize('settings, post_processor, adds', [
+    # Qwen2.5 and Qwen3: add_bos_token false, bos_token null.
+    ({'add_bos_token': False, 'bos_token': None, 'eos_token': '</s>'}, BYTE_LEVEL, False),
+    ({'bos_token': None, 'eos_token': '</s>'}, BYTE_LEVEL, False),  # Qwen2: bos_token null
+    ({'eos_token': '</s>'}, None, False),  # no config says: the tokenizer.json adds nothing
+    ({'add_bos_token': False, 'bos_token': '<s>'}, 'bos', False),  # its setting wins
+    # Llama 2, Mistral, Mixtral: add_bos_token true.
+    ({'add_bos_token': True, 'bos_token': '<s>', 'eos_token': '</s>'}, 'bos', True),
+    ({'bos_token': '<s>', 'eos_token': '</s>'}, 'bos', True),  # Llama 3: its post-processor
+    (None, 'bos', True),
+], ids=['qwen3', 'qwen2', 'post_processor', 'add_bos_token_first', 'llama2', 'llama3',
+        'no_tokenizer_config'])
+def test_import_reads_whether_the_checkpoints_tokenizer_adds_a_bos(tmp_path, settings,
+                                                                   post_processor, adds):
+  """A Qwen's tokenizer adds no BOS, though its config.json names one (<|endoftext|>):
+  import sets data.add_bos=False, so its documents and prompts are transformers' ids; a
+  Llama's adds its <s> (data.bos_id=1). A directory that does not say keeps that too."""
+  hf_dir = _hf_with_tokenizer_files(tmp_path, settings, post_processor)
+  assert huggingface._adds_bos(hf_dir) is adds  # pylint: disable=protected-access
+  assert cli.main(['import', f'--hf={hf_dir}', f'--workdir={tmp_path / "run"}']) == 0
+  data_cfg = config_lib.load_json(tmp_path / 'run' / 'config.json').data
+  assert (data_cfg.add_bos, data_cfg.bos_id) == ((True, 1) if adds else (False, None))
+
+
+def test_import_without_tokenizer_files_that_say_keeps_config_jsons_bos(tmp_path):
+  """Only a tokenizer.model beside config.json (an older Llama 2 directory): as before,
+  config.json's bos_token_id."""
+  from test_data import _llama_style_tokenizer  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'hf').mkdir()
+  tokenizer = get_tokenizer(_llama_style_tokenizer(tmp_path / 'tokenizer.json'))
+  assert huggingface._adds_bos(tmp_path / 'hf') is None  # pylint: disable=protected-access
+  setting = huggingface._bos_setting(  # pylint: disable=protected-access
+      tmp_path / 'hf', {'bos_token_id': 1}, tokenizer, tmp_path / 'hf' / 'tokenizer.model')
+  assert setting == ['data.bos_id=1']
+
+
+def test_a_run_without_a_bos_exports_a_tokenizer_that_adds_none_and_imports_back(tmp_path):
+  """An imported Qwen (data.add_bos=False) exported again: transformers' tokenizer gives
+  the text's ids alone, as jaxarch reads them (no BOS in config.json, tokenizer_config.json
+  or the tokenizer.json post-processor), and it imports back without one; the safetensors
+  and StableHLO exports name no BOS either."""
+  hf = pytest.importorskip('tokenizers')
+  hf_dir = _hf_with_tokenizer_files(
+      tmp_path, {'add_bos_token': False, 'bos_token': None, 'eos_token': '</s>'}, BYTE_LEVEL)
+  config = json.loads((hf_dir / 'config.json').read_text())
+  (hf_dir / 'config.json').write_text(json.dumps({**config, 'bos_token_id': 2}))  # as Qwen's
+  assert cli.main(['import', f'--hf={hf_dir}', f'--workdir={tmp_path / "run"}']) == 0
+  cfg, model = load_model(tmp_path / 'run')
+  assert (cfg.data.add_bos, cfg.data.bos_id) == (False, None)
+  write_hf(model, cfg, tmp_path / 'again')
+  read = lambda name: json.loads((tmp_path / 'again' / name).read_text())
+  assert read('config.json')['bos_token_id'] is None
+  assert read('generation_config.json')['bos_token_id'] is None
+  assert (read('tokenizer_config.json')['bos_token'],
+          read('tokenizer_config.json')['add_bos_token']) == (None, False)
+  assert 'bos_token' not in read('special_tokens_map.json')
+  tokenizer = hf.Tokenizer.from_file(str(tmp_path / 'again' / 'tokenizer.json'))
+  ours = get_tokenizer(cfg.data.tokenizer)
+  assert tokenizer.encode('the café').ids == ours.encode('the café')
+  assert cli.main(['import', f'--hf={tmp_path / "again"}', f'--workdir={tmp_path / "run2"}']) == 0
+  assert config_lib.load_json(tmp_path / 'run2' / 'config.json').data.add_bos is False
+
+  write_model(model, cfg, tmp_path / 'weights')
+  assert json.loads((tmp_path / 'weights' / 'tokenizer.json').read_text())['bos_id'] is None
+
+
+def test_hf_export_of_the_byte_tokenizer_without_a_bos_adds_none(tmp_path):
+  hf = pytest.importorskip('tokenizers')
+  cfg = family_config('dense')
+  with cfg.unlocked():
+    cfg.data.add_bos = False
+  write_hf(_model(cfg), cfg, tmp_path / 'out')
+  tokenizer = hf.Tokenizer.from_file(str(tmp_path / 'out' / 'tokenizer.json'))
+  text = 'déf main():'
+  assert tokenizer.encode(text).ids == list(text.encode())
+  assert huggingface._adds_bos(tmp_path / 'out') is False  # pylint: disable=protected-access
+
+
+def test_stablehlo_export_of_a_run_without_a_bos_names_none(tmp_path, monkeypatch, capsys):
+  """stablehlo.json's bos_id is null and run_stablehlo.py's prompts are the text's ids:
+  the README's example has no BOS, an empty prompt's message says so."""
+  cfg = family_config('dense')
+  with cfg.unlocked():
+    cfg.data.add_bos = False
+  model = _model(cfg, seed=1)
+  out = export_stablehlo(model, cfg, tmp_path / 'out', batch_size=1, prompt_len=8, max_len=16)
+  exported = StableHLOModel(out)
+  assert exported.spec['bos_id'] is None and exported.bos_id is None
+  assert f'run_stablehlo.py {out} 100,101,102 --max_new_tokens' in (out / 'README.md').read_text()
+  want, _ = infer.generate(model, [[100, 101, 102]], max_new_tokens=6, stop_ids=(257,),
+                           vocab_limit=258)
+  assert exported.generate([[100, 101, 102]], max_new_tokens=6) == want
+  with pytest.raises(ValueError, match=r"one or more token ids \(the model reads no BOS"):
+    exported.generate([[]], max_new_tokens=4)
+
+
 def _instruct_tokenizer(path) -> tuple[str, int]:
   """A Llama-style tokenizer.json with an end-of-turn token after its pieces (as Llama 3
   Instruct's `<|eot_id|>` 128009 beside `<|end_of_text|>`): its path and that id."""

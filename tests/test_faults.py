@@ -267,6 +267,20 @@ def test_a_runs_own_tokenizer_is_named_in_it_so_a_moved_run_keeps_its_data_layou
   assert saved()['data']['tokenizer'] == str(tmp_path / 'tokenizer.json')
 
 
+def test_a_run_saved_before_add_bos_keeps_its_data_position_unless_it_changes(tmp_path):
+  """Without a BOS a document is one token shorter, so data.add_bos is of the data
+  layout; a run saved before the key added a BOS, and resumes with its position."""
+  cfg = tiny_config()
+  config_lib.save(cfg, tmp_path / 'config.json')
+  old = json.loads((tmp_path / 'config.json').read_text())
+  del old['data']['add_bos']
+  (tmp_path / 'config.json').write_text(json.dumps(old))
+  assert trainer.data_changes(tmp_path, cfg) is None
+  with cfg.unlocked():
+    cfg.data.add_bos = False
+  assert trainer.data_changes(tmp_path, cfg) == 'data.add_bos True -> False'
+
+
 def test_metrics_that_cannot_be_written_are_one_line(tmp_path):
   writer = MetricsWriter(tmp_path, tensorboard=False)
   (tmp_path / 'metrics.jsonl').mkdir()  # as a full disk or a lost permission would fail

@@ -295,10 +295,15 @@ def test_generate_command_continues_prompts_from_the_latest_checkpoint(tmp_path,
   assert 'temperature=-1.0 must be > 0' in capsys.readouterr().err
 
 
-@pytest.mark.parametrize('bos, first', [('none', 257), ('65', 65)])
-def test_generate_command_starts_prompts_with_the_runs_bos(tmp_path, monkeypatch, bos, first):
-  """data.bos_id (an imported Llama's <s>), else the tokenizer's eod, as documents start."""
-  cfg = mesh_config(config_lib.load('configs/dense.py:tiny', [f'data.bos_id={bos}']), data=8)
+@pytest.mark.parametrize('setting, first', [('data.bos_id=none', [257]),
+                                            ('data.bos_id=65', [65]),
+                                            ('data.add_bos=False', [])])
+def test_generate_command_starts_prompts_with_the_runs_bos(tmp_path, monkeypatch, capsys,
+                                                           setting, first):
+  """data.bos_id (an imported Llama's <s>), else the tokenizer's eod, as documents start;
+  with data.add_bos=False (an imported Qwen's) the text alone, and an empty prompt, which
+  is then no tokens, is one line."""
+  cfg = mesh_config(config_lib.load('configs/dense.py:tiny', [setting]), data=8)
   config_lib.save(cfg, tmp_path / 'config.json')
   checkpointer = Checkpointer(tmp_path, async_save=False)
   checkpointer.save(0, init_state(cfg, make_setup(cfg, make_mesh(cfg))))
@@ -312,7 +317,16 @@ def test_generate_command_starts_prompts_with_the_runs_bos(tmp_path, monkeypatch
   monkeypatch.setattr(infer.Generator, '__call__', spy)
   assert cli.main(['generate', '--workdir', str(tmp_path), '--prompt', 'hi',
                    '--max_new_tokens', '2']) == 0
-  assert prompts == [[first, *b'hi']]
+  assert prompts == [[*first, *b'hi']]
+  assert capsys.readouterr().out.startswith('hi')
+  code = cli.main(['generate', '--workdir', str(tmp_path), '--prompt', '',
+                   '--max_new_tokens', '2'])
+  err = capsys.readouterr().err
+  if first:
+    assert code == 0 and prompts[-1] == first
+  else:
+    assert code == 2 and len(prompts) == 1 and err.count('\n') == 1, err
+    assert "--prompt '' (prompt 0) is no tokens and the run starts prompts with no BOS" in err
 
 
 def test_generate_command_stops_at_the_runs_stop_ids_too(tmp_path, monkeypatch, capsys):
@@ -358,6 +372,10 @@ def test_distill_prompts_start_with_the_runs_bos(tmp_path):
   # Prompts longer than every document: each is a whole document, from its start.
   prompts = sample_prompts(cfg, 'train', 6, 64, 0, ByteTokenizer())
   assert len(prompts) == 6 and all(p[0] == 65 and 257 not in p for p in prompts)
+  # With no BOS (an imported Qwen's), the same documents' text alone.
+  cfg.bos_id, cfg.add_bos = None, False
+  assert sample_prompts(cfg, 'train', 6, 64, 0, ByteTokenizer()) == [
+      p[1:] for p in prompts if p[1:]]
 
 
 def test_distill_stops_where_generate_does(tmp_path, monkeypatch):

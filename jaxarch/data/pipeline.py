@@ -3,7 +3,9 @@
 Each document becomes `inputs = [bos] + ids` and `targets = ids + [eod]`: the BOS is the
 tokenizer's eod unless `data.bos_id` names another (an imported Llama's `<s>`: Llama's
 `<s> doc </s>`), and the last target of a document is its eod, so no target ever belongs
-to another document. Concat-then-split packing fills every row completely; a document longer
+to another document. With `data.add_bos=False` (an imported Qwen's, whose tokenizer adds
+no BOS) a document is `inputs = ids`, `targets = ids[1:] + [eod]`, and an empty one is
+left out. Concat-then-split packing fills every row completely; a document longer
 than a row continues in the next one instead of being cut off. A batch is a dict of int32
 arrays `[local_batch, seq_len]`:
 
@@ -53,25 +55,33 @@ log = logging.getLogger(__name__)
 _FEATURES = ('inputs', 'targets', 'segment_ids', 'positions')
 # The `data` keys that decide which documents go into which rows, with the batch size,
 # seed and streams: a saved train position is a position under these values only. Not
-# `bos_id`: a document is one token longer under any BOS, so its position holds.
+# `bos_id`: a document is one token longer under any BOS, so its position holds; but
+# `add_bos`: without a BOS it is one token shorter, and the slice of a document being
+# packed that a position holds would be off by one.
 LAYOUT_KEYS = ('source', 'text_key', 'tokenizer', 'seq_len', 'pack_align',
-               'validation_fraction')
+               'validation_fraction', 'add_bos')
 
 
 class _Tokenize(grain.transforms.Map):
   """Document text -> `{inputs: [bos] + ids, targets: ids + [eod]}`, padded with pad_id to
-  a multiple of `align` tokens (so that every document starts on a multiple of `align`)."""
+  a multiple of `align` tokens (so that every document starts on a multiple of `align`).
+  With no BOS (`bos` None): `{inputs: ids, targets: ids[1:] + [eod]}`, one token shorter;
+  an empty document is then no tokens at all (nothing to predict the eod from), which
+  `_packed_rows` leaves out."""
 
-  def __init__(self, tokenizer, align: int = 1, bos: int | None = None):
+  def __init__(self, tokenizer, align: int, bos: int | None):
     self._tokenizer = tokenizer
     self._align = align
-    self._bos = tokenizer.eod_id if bos is None else bos
+    self._bos = bos
 
   def map(self, text: bytes) -> dict[str, np.ndarray]:
     ids = np.asarray(self._tokenizer.encode(text), np.int32)
-    bos = np.array([self._bos], np.int32)
     eod = np.array([self._tokenizer.eod_id], np.int32)
-    inputs, targets = np.concatenate([bos, ids]), np.concatenate([ids, eod])
+    if self._bos is None:
+      inputs, targets = ids, np.concatenate([ids, eod])[1:len(ids) + 1]
+    else:
+      inputs = np.concatenate([np.array([self._bos], np.int32), ids])
+      targets = np.concatenate([ids, eod])
     pad = -len(inputs) % self._align
     if pad:
       fill = np.full(pad, self._tokenizer.pad_id, np.int32)
@@ -87,7 +97,9 @@ class _Finalize(grain.transforms.Map):
   target and, by default, its first input, its BOS; and an empty document is the single
   input BOS with the target eod, which is why only aligned documents, whose tokenizer must
   have a pad token, look for alignment padding. A `data.bos_id` that is the pad id is
-  never padding either: its target is the document's first id or its eod.)"""
+  never padding either: its target is the document's first id or its eod. With no BOS a
+  document's inputs are its text's ids (the spelling of a special token in a text is
+  text), and an empty document has no tokens at all.)"""
 
   def __init__(self, pad_id: int, aligned: bool = True):
     self._pad_id = pad_id
@@ -147,8 +159,10 @@ def _packed_rows(docs: grain.MapDataset, tokenizer, data_cfg,
                       'with eod')
   # Tokenizing runs in the read threads; the iterator state stays a document index.
   read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * num_threads)
-  ds = docs.map(_Tokenize(tokenizer, align, tokenizers.bos_id(data_cfg, tokenizer)))
-  ds = ds.to_iter_dataset(read)
+  bos = tokenizers.bos_id(data_cfg, tokenizer)
+  ds = docs.map(_Tokenize(tokenizer, align, bos)).to_iter_dataset(read)
+  if bos is None:  # an empty document is no tokens: packing would skip a segment id for it
+    ds = ds.filter(lambda doc: len(doc['inputs']) > 0)
   return _JsonStatePacking(ds, data_cfg.seq_len).map(_Finalize(tokenizer.pad_id, align > 1))
 
 

@@ -2,10 +2,10 @@
 
 Every tokenizer exposes the same small surface the pipeline and trainer need: `encode`
 (of `str`, or of a document's stored `bytes`), `decode`, `vocab_size`, `pad_id`, `eod_id`
-(end of document, also the BOS unless `data.bos_id` names another: `bos_id`; generation
-stops at it and at `data.stop_ids`: `stop_ids`) and `byte_lengths[id]`, the number of
-UTF-8 bytes a token stands for, so that the trainer can report bits per byte =
-total_nats / ln 2 / total_bytes for any tokenizer.
+(end of document, also the BOS unless `data.bos_id` names another or `data.add_bos` is
+False: `bos_id`; generation stops at it and at `data.stop_ids`: `stop_ids`) and
+`byte_lengths[id]`, the number of UTF-8 bytes a token stands for, so that the trainer can
+report bits per byte = total_nats / ln 2 / total_bytes for any tokenizer.
 """
 
 import functools
@@ -209,10 +209,14 @@ def decode_continuation(tokenizer, prompt_ids, new_ids) -> str:
   return tokenizer.decode(new_ids)  # the prompt's end merged with the continuation
 
 
-def bos_id(data_cfg, tokenizer) -> int:
+def bos_id(data_cfg, tokenizer) -> int | None:
   """The id every document and prompt starts with: `data.bos_id`, or (None, the default)
   the tokenizer's eod id, which jaxarch's own models train with. An imported Llama reads
-  its own BOS (`<s>`, `<|begin_of_text|>`), which `jaxarch import` sets."""
+  its own BOS (`<s>`, `<|begin_of_text|>`), which `jaxarch import` sets. None under
+  `data.add_bos=False`: no BOS, documents and prompts are the text's ids alone (an
+  imported Qwen's, as its tokenizer encodes)."""
+  if not data_cfg.get('add_bos', True):
+    return None
   bos = data_cfg.get('bos_id')
   if bos is None:
     return tokenizer.eod_id

@@ -6,7 +6,9 @@ in jaxarch), a `tokenizer.json` as it is, a SentencePiece model as a `tokenizer.
 converted from it (and the `.model` beside it as `tokenizer.model`, for llama.cpp's
 converter). Every text
 starts with the BOS the model trained with (`data.bos_id`, by default the end-of-document
-id): the tokenizer adds it.
+id): the tokenizer adds it. A run with no BOS (`data.add_bos=False`, an imported Qwen's)
+gets a tokenizer that adds nothing (`bos_token` null, `add_bos_token` false), so
+`AutoTokenizer` gives the text's ids alone, as jaxarch does.
 
 transformers' LlamaTokenizer reads a `.model` without its normaliser, so runs of spaces,
 tabs, newlines and NFKC text got other ids than `sp.encode`. The conversion
@@ -50,10 +52,11 @@ def _byte_token(i: int) -> str:
   return {ByteTokenizer.pad_id: PAD, ByteTokenizer.eod_id: EOD}.get(i) or gpt2_byte_chars()[i]
 
 
-def byte_tokenizer_json(bos: int = ByteTokenizer.eod_id) -> dict:
+def byte_tokenizer_json(bos: int | None = ByteTokenizer.eod_id) -> dict:
   """jaxarch's byte tokenizer in `tokenizers`' format: byte-level BPE with no merges, so
   each byte is one token whose id is the byte (ids in byte order, not GPT-2's); 256 is
-  <pad> and 257 <|endoftext|>, which starts every text unless `bos` is another id."""
+  <pad> and 257 <|endoftext|>, which starts every text unless `bos` is another id (None:
+  nothing starts it)."""
   char = gpt2_byte_chars()
   return {
       'version': '1.0', 'truncation': None, 'padding': None,
@@ -61,7 +64,7 @@ def byte_tokenizer_json(bos: int = ByteTokenizer.eod_id) -> dict:
       'normalizer': None,
       'pre_tokenizer': {'type': 'ByteLevel', 'add_prefix_space': False, 'trim_offsets': False,
                         'use_regex': False},
-      'post_processor': _bos_template(_byte_token(bos), bos),
+      'post_processor': None if bos is None else _bos_template(_byte_token(bos), bos),
       'decoder': {'type': 'ByteLevel', 'add_prefix_space': False, 'trim_offsets': False,
                   'use_regex': False},
       'model': {'type': 'BPE', 'dropout': None, 'unk_token': None,
@@ -239,18 +242,18 @@ def _bos_template(token: str, token_id: int) -> dict:
           'special_tokens': {token: {'id': token, 'ids': [token_id], 'tokens': [token]}}}
 
 
-def write_tokenizer(spec: str, tokenizer, out: Path, max_len: int,
-                    bos: int | None = None) -> None:
+def write_tokenizer(spec: str, tokenizer, out: Path, max_len: int, bos: int | None) -> None:
   """tokenizer.json (+ tokenizer.model) and tokenizer_config.json in Hugging Face's form;
-  texts start with `bos` (the run's `data.bos_id`; None: the eod id)."""
-  bos = tokenizer.eod_id if bos is None else bos
+  texts start with `bos` (the run's `data.bos_id`: `jaxarch.data.bos_id`), or with nothing
+  where it is None (`data.add_bos=False`)."""
   if spec == 'bytes':
     (out / 'tokenizer.json').write_text(json.dumps(byte_tokenizer_json(bos), indent=1) + '\n')
-    names = {'bos_token': _byte_token(bos), 'eos_token': EOD, 'pad_token': PAD}
+    names = {'bos_token': None if bos is None else _byte_token(bos), 'eos_token': EOD,
+             'pad_token': PAD}
     extra = {'tokenizer_class': 'PreTrainedTokenizerFast'}
   else:  # a tokenizer file
     eod = tokenizer.token(tokenizer.eod_id)
-    names = {'bos_token': tokenizer.token(bos), 'eos_token': eod,
+    names = {'bos_token': None if bos is None else tokenizer.token(bos), 'eos_token': eod,
              'pad_token': tokenizer.token(tokenizer.pad_id)}
     extra = {'tokenizer_class': 'PreTrainedTokenizerFast'}
     tree = None
@@ -262,18 +265,21 @@ def write_tokenizer(spec: str, tokenizer, out: Path, max_len: int,
             'export: %s goes as tokenizer.model alone, for transformers\' LlamaTokenizer, '
             'which may give other ids than jaxarch\'s for some texts: no tokenizer.json '
             'encodes as it does, since %s', spec, why)
-        extra = {'tokenizer_class': 'LlamaTokenizer', 'add_bos_token': True,
+        extra = {'tokenizer_class': 'LlamaTokenizer', 'add_bos_token': bos is not None,
                  'add_eos_token': False, 'legacy': False}
       else:
         tree = sentencepiece_tokenizer_json(proto)
     else:  # a tokenizer.json: as it is
       tree = json.loads(Path(spec).expanduser().read_text())
-    if tree is not None:
-      tree['post_processor'] = _bos_template(names['bos_token'], bos)  # before every text
+    if tree is not None:  # the BOS before every text, or nothing
+      tree['post_processor'] = None if bos is None else _bos_template(names['bos_token'], bos)
       (out / 'tokenizer.json').write_text(json.dumps(tree, ensure_ascii=False) + '\n')
+  if bos is None:  # as a Qwen's: no BOS, said twice, for transformers and for import
+    extra.setdefault('add_bos_token', False)
   # Text that spells a special token is text, as jaxarch trained on it ('<pad>' in a file).
   (out / 'tokenizer_config.json').write_text(json.dumps(
       {**names, **extra, 'model_max_length': max_len, 'clean_up_tokenization_spaces': False,
        'split_special_tokens': True}, indent=2) + '\n')
-  (out / 'special_tokens_map.json').write_text(json.dumps(names, indent=2) + '\n')
+  (out / 'special_tokens_map.json').write_text(json.dumps(
+      {k: v for k, v in names.items() if v is not None}, indent=2) + '\n')
 

@@ -37,7 +37,10 @@ Qwen2, Qwen3, Mixtral or Qwen3-MoE checkpoint becomes a jaxarch run at step 0, w
 checkpoint's own BOS (config.json's `bos_token_id`, as `data.bos_id`), its generation
 stopping at its own end-of-turn ids too (generation_config.json's and config.json's
 `eos_token_id`s besides the tokenizer's end of document, as `data.stop_ids`: Llama 3's
-`<|eot_id|>`). A Mistral
+`<|eot_id|>`). Where the checkpoint's tokenizer adds no BOS (a Qwen2's, Qwen2.5's,
+Qwen3's: tokenizer_config.json's `add_bos_token` false or `bos_token` null, or else a
+tokenizer.json post-processor that puts nothing first), documents and prompts start with
+none (`data.add_bos=False`): the ids transformers gives the same text. A Mistral
 is a Llama's names and layouts (an explicit `head_dim`, as Mistral-Nemo's 128 for 5120 /
 32 heads, becomes model.head_dim). A Qwen2 (model_type qwen2: Qwen2, Qwen2.5) is a Llama
 with biases on q_proj, k_proj and v_proj (model.qkv_bias; one on o_proj is refused). A
@@ -58,7 +61,9 @@ The weights are stored in their training dtype (float32); `torch_dtype` names th
 dtype the model trained in. The tokenizer comes along in Hugging Face's form
 (`hf_tokenizer`): every text starts with the BOS the model trained with (`data.bos_id`:
 by default the end-of-document id; an imported Llama's own `<s>`, which import reads from
-config.json's `bos_token_id`), and the tokenizer adds it. generation_config.json's
+config.json's `bos_token_id`), and the tokenizer adds it; a run with no BOS
+(`data.add_bos=False`) gets a tokenizer that adds nothing and config.json's
+`bos_token_id` null. generation_config.json's
 `eos_token_id` lists the end-of-document id and `data.stop_ids` (when there are any),
 at all of which transformers' `generate` stops; config.json's is the end of document.
 """
@@ -431,10 +436,37 @@ def read_hf(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
   return hf_config, {k: np.asarray(v, np.float32) for k, v in arrays.items()}
 
 
-def _bos_setting(hf_config: dict, tokenizer, path: Path) -> list[str]:
-  """`data.bos_id=N` when config.json's `bos_token_id` is not the tokenizer's eod: the
-  token the checkpoint was pretrained to read first (Llama 2's and Mistral's `<s>`, 1;
-  Llama 3's `<|begin_of_text|>`, 128000). None named: the default, the eod id."""
+def _adds_bos(directory: Path) -> bool | None:
+  """Whether the checkpoint's own tokenizer starts every text with a BOS, as its files
+  say: tokenizer_config.json's `add_bos_token` (Llama 2, Mistral, Mixtral: true; Qwen2.5,
+  Qwen3: false), else its `bos_token: null` (Qwen2), else whether tokenizer.json's
+  post-processor puts a token before a text (Llama 3's `<|begin_of_text|>`; a Qwen's,
+  ByteLevel, puts none). None: the files do not say."""
+  config = directory / 'tokenizer_config.json'
+  settings = _read_json(config) if config.is_file() else {}
+  if isinstance(settings.get('add_bos_token'), bool):
+    return settings['add_bos_token']
+  if 'bos_token' in settings and settings['bos_token'] is None:
+    return False
+  if not (directory / 'tokenizer.json').is_file():
+    return None
+  try:  # as transformers encodes: with the special tokens, then without
+    import tokenizers  # pylint: disable=g-import-not-at-top
+    tok = tokenizers.Tokenizer.from_file(str(directory / 'tokenizer.json'))
+    plain, special = (tok.encode('a', add_special_tokens=add).ids for add in (False, True))
+  except Exception:  # pylint: disable=broad-except  (not installed, unreadable: unsaid)
+    return None
+  return special[:1] != plain[:1]
+
+
+def _bos_setting(directory: Path, hf_config: dict, tokenizer, path: Path) -> list[str]:
+  """`data.add_bos=False` when the checkpoint's tokenizer adds no BOS (`_adds_bos`: a
+  Qwen's, whose config.json names `<|endoftext|>` all the same); else `data.bos_id=N` when
+  config.json's `bos_token_id` is not the tokenizer's eod: the token the checkpoint was
+  pretrained to read first (Llama 2's and Mistral's `<s>`, 1; Llama 3's
+  `<|begin_of_text|>`, 128000). None named: the default, the eod id."""
+  if _adds_bos(directory) is False:
+    return ['data.add_bos=False']
   bos = hf_config.get('bos_token_id')
   if bos is None or bos == tokenizer.eod_id:
     return []
@@ -466,9 +498,10 @@ def _stop_setting(directory: Path, hf_config: dict, tokenizer, path: Path) -> li
 
 def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
   """A jaxarch run at step 0 in a new `workdir` from a Hugging Face Llama, Mistral, Qwen2
-  or Mixtral checkpoint: config.json (with the checkpoint's BOS as data.bos_id and its
-  end-of-turn ids as data.stop_ids), the tokenizer (copied into workdir/tokenizer/) and a
-  checkpoint holding its weights (with a fresh optimizer state)."""
+  or Mixtral checkpoint: config.json (with the checkpoint's BOS as data.bos_id, or
+  data.add_bos=False where its tokenizer adds none, and its end-of-turn ids as
+  data.stop_ids), the tokenizer (copied into workdir/tokenizer/) and a checkpoint holding
+  its weights (with a fresh optimizer state)."""
   # pylint: disable=g-import-not-at-top  (the trainer's modules, for this command only)
   from jaxarch.train.checkpoint import Checkpointer
   from jaxarch.train.pretrained import mesh_here
@@ -486,7 +519,7 @@ def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
   reader = get_tokenizer(str(tokenizer))
   ids = reader.vocab_size
   cfg = run_config(hf_config, str(tokenizer),
-                   [*_bos_setting(hf_config, reader, tokenizer),
+                   [*_bos_setting(directory, hf_config, reader, tokenizer),
                     *_stop_setting(directory, hf_config, reader, tokenizer), *overrides])
   if ids > cfg.model.vocab_size:
     raise ExportError(f'import: {tokenizer} has {ids} ids, more than the model\'s '
@@ -549,7 +582,7 @@ Exported from {source}: {count:,} numbers (float32), `{architecture}`.
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained('{out}')
 tokenizer = AutoTokenizer.from_pretrained('{out}')
-ids = tokenizer('def main(', return_tensors='pt').input_ids  # starts with the BOS it trained with
+ids = tokenizer('def main(', return_tensors='pt').input_ids  # with the BOS it trained with, if any
 out = model.generate(ids, max_new_tokens=64, do_sample=False)
 print(tokenizer.decode(out[0], skip_special_tokens=True))
 ```

@@ -6,7 +6,8 @@ code. This file is copied into every such directory.
   python run_stablehlo.py DIR 257,100,101 [257,50 ...] [--max_new_tokens=32] [--ignore_eod]
 
 Prompts are token ids (the tokenizer is described in DIR/tokenizer.json; prompts start
-with its bos_id, the eod id unless the run set another). Generation stops at the
+with its bos_id, the eod id unless the run set another, or with the text's first id where
+bos_id is null: a model that reads no BOS). Generation stops at the
 stop_ids of DIR/stablehlo.json (the eod id, and an instruct model's end of turn) unless
 --ignore_eod. Prints one line of new ids per prompt.
 """
@@ -37,7 +38,8 @@ class StableHLOModel:
     except Exception as e:  # pylint: disable=broad-except  # a file missing, cut short, garbled
       raise ValueError(f'{directory} is not a whole `jaxarch export --format=stablehlo` '
                        f'directory ({type(e).__name__}: {e}); export it again') from None
-    # The id prompts start with (exports before 2026-12-05 name none: their eod id).
+    # The id prompts start with (exports before 2026-12-05 name none: their eod id); None:
+    # no BOS, a prompt is its text's ids alone.
     self.bos_id = self.spec.get('bos_id', self.spec['eod_id'])
     # Where generation stops (older exports name none: their eod id alone).
     self.stop_ids = list(self.spec.get('stop_ids', [self.spec['eod_id']]))
@@ -47,8 +49,9 @@ class StableHLOModel:
     (default: the export's stop_ids, the eod id first), greedy."""
     batch, prompt_len = self.spec['batch_size'], self.spec['prompt_len']
     if not prompts or not all(prompts):
-      raise ValueError('give one or more prompts, each of one or more token ids (start '
-                       f'with the BOS id, {self.bos_id})')
+      raise ValueError('give one or more prompts, each of one or more token ids ' + (
+          f'(start with the BOS id, {self.bos_id})' if self.bos_id is not None else
+          '(the model reads no BOS: the text\'s ids alone)'))
     vocab = self.spec['vocab_size']
     bad = [t for p in prompts for t in p if not 0 <= t < vocab]
     if bad:  # the exported gather would read garbage for them, silently

@@ -126,10 +126,12 @@ def export_stablehlo(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str
       'platforms': list(exported_prefill.platforms),
   }, indent=2) + '\n')
   shutil.copy(run_stablehlo.__file__, out / 'run_stablehlo.py')
+  bos = tokenizer['bos_id']  # None: the model reads no BOS
+  prompt = ([] if bos is None else [bos]) + [100, 101, 102]
   with open(out / 'README.md', 'a') as readme:
     readme.write(_README.format(batch=batch_size, prompt_len=prompt_len, max_len=max_len,
                                 platforms=', '.join(exported_prefill.platforms),
-                                out=final or out, bos=tokenizer['bos_id']))
+                                out=final or out, prompt=','.join(map(str, prompt))))
   return out
 
 
@@ -142,6 +144,6 @@ serialized with `jax.export` for {platforms}: batch {batch}, prompts right-padde
 using only jax, numpy and safetensors (no jaxarch):
 
 ```bash
-python {out}/run_stablehlo.py {out} {bos},100,101,102 --max_new_tokens=32
+python {out}/run_stablehlo.py {out} {prompt} --max_new_tokens=32
 ```
 """

@@ -8,7 +8,8 @@
                           'mask_embed'
   OUT/config.json         the run's resolved config (`jaxarch.config.load_json` reads it)
   OUT/tokenizer.json      how text becomes ids: the tokenizer spec and its special ids
-                          (bos_id, and stop_ids: where generation stops);
+                          (bos_id, null when the model reads no BOS, and
+                          stop_ids: where generation stops);
                           a SentencePiece or tokenizer.json file is copied into
                           OUT/tokenizer/ (so an HF `tokenizer.json` keeps its name)
   OUT/README.md           what the directory holds and how to load it
@@ -108,12 +109,15 @@ def write_model(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Pa
   cfg = copy_tokenizer(cfg, out)
   config_lib.save(cfg, out / 'config.json')
   tokenizer = get_tokenizer(cfg.data.tokenizer)
+  bos = bos_id(cfg.data, tokenizer)
   (out / 'tokenizer.json').write_text(json.dumps({
       'spec': config_lib.run_file_name(cfg.data.tokenizer, out),
       'vocab_size': tokenizer.vocab_size,
       'eod_id': tokenizer.eod_id, 'pad_id': tokenizer.pad_id,
-      'bos_id': bos_id(cfg.data, tokenizer), 'stop_ids': list(stop_ids(cfg.data, tokenizer)),
-      'bos': 'prompts start with bos_id, which the model was trained to read as BOS',
+      'bos_id': bos, 'stop_ids': list(stop_ids(cfg.data, tokenizer)),
+      'bos': ('prompts start with bos_id, which the model was trained to read as BOS'
+              if bos is not None else 'bos_id null: prompts are the text\'s ids alone, '
+              'with no BOS, as the model was trained'),
       'stop': 'generation stops at any of stop_ids: the eod_id, then an end of turn'},
       indent=2) + '\n')
   count = sum(int(np.prod(a.shape)) for a in arrays.values())
@@ -182,8 +186,9 @@ Exported from {source}: {arrays} arrays, {count:,} numbers.
   (`blocks.3.attn.q_proj`); read them with any safetensors library.
 - `config.json`: the run's config; `model` describes the architecture.
 - `tokenizer.json`: the tokenizer (`spec`) and its special ids. Prompts start with
-  `bos_id`, which the model reads as the beginning of a document; generation stops at
-  any of `stop_ids` (`eod_id`, and an instruct model's end of turn).
+  `bos_id`, which the model reads as the beginning of a document (null: with no BOS, the
+  text's ids alone); generation stops at any of `stop_ids` (`eod_id`, and an instruct
+  model's end of turn).
 
 Load it back with jaxarch:
 

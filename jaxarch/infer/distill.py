@@ -30,7 +30,8 @@ from jaxarch.train.pretrained import load_checkpoint
 def sample_prompts(data_cfg, split: str, num_prompts: int, prompt_len: int, seed: int,
                    tokenizer) -> list[list[int]]:
   """`num_prompts` windows of `prompt_len` tokens of `[bos] + document` (shorter when the
-  document is), each from a random document and start."""
+  document is), each from a random document and start. With no BOS (data.add_bos=False)
+  of the document alone, and an empty document gives no prompt: there may be fewer."""
   documents = sources.open_source(data_cfg, split)
   if not len(documents):  # pylint: disable=g-explicit-length-test
     return []
@@ -38,9 +39,10 @@ def sample_prompts(data_cfg, split: str, num_prompts: int, prompt_len: int, seed
   bos = data.bos_id(data_cfg, tokenizer)  # as the run's documents start
   prompts = []
   for index in rng.integers(0, len(documents), num_prompts):
-    tokens = [bos] + tokenizer.encode(documents[int(index)])
+    tokens = ([] if bos is None else [bos]) + tokenizer.encode(documents[int(index)])
     start = int(rng.integers(0, max(len(tokens) - prompt_len, 0) + 1))
-    prompts.append(tokens[start:start + prompt_len])
+    if tokens:
+      prompts.append(tokens[start:start + prompt_len])
   return prompts
 
 

@@ -177,7 +177,8 @@ class Generator:
     for i, p in enumerate(prompts):
       if not p:
         raise GenerateError(f'generate: prompt {i} is empty; start prompts with the '
-                         "run's BOS (data.bos_id; by default the tokenizer's eod id)")
+                         "run's BOS (data.bos_id; by default the tokenizer's eod id; none "
+                         'under data.add_bos=False: give some text)')
       bad = [t for t in p if not 0 <= t < self.vocab_size]
       if bad:
         raise GenerateError(f'generate: prompt {i} has token ids {bad[:5]} outside the '

@@ -23,10 +23,11 @@ document gets the pad patch instead of the previous document's bytes.
 
 A row's first input u[0] is never read: the model sees only the stream x it predicts,
 and the pad patch and pad byte stand in before x[0]. At a document's start u[0] is the
-BOS (by default the eod), so nothing is lost; a row that continues a document from the
-previous row starts with a real byte, the previous row's last target, which a byte
-transformer reads and MEGABYTE does not: one byte less context per continuation row (its
-first prediction has none), most rows when documents are longer than `data.seq_len`.
+BOS (by default the eod; so `data.add_bos=False` is refused), so nothing is lost; a row
+that continues a document from the previous row starts with a real byte, the previous
+row's last target, which a byte transformer reads and MEGABYTE does not: one byte less
+context per continuation row (its first prediction has none), most rows when documents
+are longer than `data.seq_len`.
 
 Generation (`jaxarch.infer`) keeps two KV caches: the global model steps once per patch,
 when a sequence reaches a patch boundary, and the local model once per byte.

@@ -63,6 +63,8 @@ def eval_batches(cfg: ml_collections.ConfigDict, setup: TrainSetup):
 # means other documents (e.g. another batch size, another number of packing streams).
 _DATA_LAYOUT = ('train.batch_size', 'train.seed',
                 *(f'data.{k}' for k in data.pipeline.LAYOUT_KEYS))
+# What a run saved before a key of the layout read as it (documents started with a BOS).
+_LAYOUT_BEFORE = {'data.add_bos': True}
 
 
 def data_changes(workdir: Path, cfg: ml_collections.ConfigDict) -> str | None:
@@ -85,7 +87,7 @@ def data_changes(workdir: Path, cfg: ml_collections.ConfigDict) -> str | None:
   def get(tree, key):
     section, name = key.split('.')
     values = tree.get(section)
-    return values.get(name) if isinstance(values, dict) else None
+    return values.get(name, _LAYOUT_BEFORE.get(key)) if isinstance(values, dict) else None
 
   changes = [f'{k} {get(old, k)} -> {get(new, k)}' for k in _DATA_LAYOUT
              if get(old, k) != get(new, k)]
