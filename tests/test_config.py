@@ -566,20 +566,6 @@ def test_data_add_bos_defaults_to_true_and_a_run_saved_without_it_loads(tmp_path
       'data.add_bos=True')
 
 
-def test_a_bita_config_takes_the_base_runs_add_bos(tmp_path):
-  """BiTA's prompts start as its base run's documents did: with no BOS for a Qwen's."""
-  (tmp_path / 'base').mkdir()
-  config_lib.save(tiny('data.add_bos=False'), tmp_path / 'base' / 'config.json')
-  load = lambda *overrides: config_lib.load('configs/bita.py:tiny', [
-      f'model.bita.base_workdir={tmp_path / "base"}', 'data.source=distilled:/data',
-      *overrides])
-  assert load().data.add_bos is False and load('data.add_bos=False').data.add_bos is False
-  config_lib.save(load(), tmp_path / 'bita.json')  # what `generate` of the BiTA run reads
-  assert config_lib.load_json(tmp_path / 'bita.json').data.add_bos is False
-  assert error_of(load, 'data.add_bos=True') == (
-      "config error: data.add_bos=True differs from the base run's False; leave it unset")
-
-
 def test_data_stop_ids_default_to_empty_and_a_run_saved_without_them_loads(tmp_path):
   """(): generation stops at the eod alone, as before the key (an imported instruct model
   sets its end of turn); an older saved config lacks the key and loads with the default."""
@@ -598,23 +584,29 @@ def test_data_stop_ids_default_to_empty_and_a_run_saved_without_them_loads(tmp_p
       "config error: data.stop_ids=(7, 'x') must be a tuple of token ids")
 
 
-def test_a_bita_config_takes_the_base_runs_stop_ids(tmp_path):
-  """BiTA's generation stops where its base run's does (an imported model's end of turn)."""
+def test_a_bita_config_takes_the_base_runs_bos_setting_and_stop_ids(tmp_path):
+  """BiTA's prompts start as its base run's documents did (with no BOS for a Qwen's), and
+  its generation stops where the base's does (an imported model's end of turn)."""
   (tmp_path / 'base').mkdir()
-  config_lib.save(tiny('data.stop_ids=(65, 66)'), tmp_path / 'base' / 'config.json')
+  config_lib.save(tiny('data.stop_ids=(65, 66)', 'data.add_bos=False'),
+                  tmp_path / 'base' / 'config.json')
   load = lambda *overrides: config_lib.load('configs/bita.py:tiny', [
       f'model.bita.base_workdir={tmp_path / "base"}', 'data.source=distilled:/data',
       *overrides])
   assert load().data.stop_ids == (65, 66) == load('data.stop_ids=(65, 66)').data.stop_ids
+  assert load().data.add_bos is False and load('data.add_bos=False').data.add_bos is False
   config_lib.save(load(), tmp_path / 'bita.json')  # what `generate` of the BiTA run reads
-  assert config_lib.load_json(tmp_path / 'bita.json').data.stop_ids == (65, 66)
+  saved = config_lib.load_json(tmp_path / 'bita.json').data
+  assert (saved.stop_ids, saved.add_bos) == ((65, 66), False)
+  assert error_of(load, 'data.add_bos=True') == (
+      "config error: data.add_bos=True differs from the base run's False; leave it unset")
   assert error_of(load, 'data.stop_ids=(1,)') == (
       "config error: data.stop_ids=(1,) differs from the base run's (65, 66); leave it unset")
-  # A base saved before the key stops at the eod alone, as its BiTA run.
+  # A base saved before the keys starts with a BOS and stops at the eod alone, as its BiTA.
   base = json.loads((tmp_path / 'base' / 'config.json').read_text())
-  del base['data']['stop_ids']
+  del base['data']['stop_ids'], base['data']['add_bos']
   (tmp_path / 'base' / 'config.json').write_text(json.dumps(base))
-  assert load().data.stop_ids == ()
+  assert (load().data.stop_ids, load().data.add_bos) == ((), True)
 
 
 def test_a_moe_run_saved_before_the_kernel_choice_resumes_with_auto(tmp_path):
