@@ -83,6 +83,11 @@ def get_config(arg=None):
   # An RMSNorm over each head's query and key before the rotation, as Qwen3's (`jaxarch
   # import` sets it).
   c.model.qk_norm = False
+  # Sliding-window attention, Mistral's: a query sees the keys less than `sliding_window`
+  # positions before it (None: every earlier key), in the blocks `attention_pattern` marks
+  # 'local', cycled over them as block_pattern is (Gemma 3's: 5 'local', then 'global').
+  c.model.sliding_window = ml_collections.config_dict.placeholder(int)
+  c.model.attention_pattern = ('local',)
   c.model.norm_eps = 1e-6
   c.model.init_std = 0.02
   c.model.init_truncation = 0.0  # > 0: the normal init cut at ±this many std (MEGABYTE: 2)

@@ -741,6 +741,7 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
   _choice(cfg, 'model.residual_init_scale', (True, False))
   _choice(cfg, 'model.qkv_bias', (True, False))
   _choice(cfg, 'model.qk_norm', (True, False))
+  _check_sliding_window(cfg)
   if not _number(cfg, 'model.init_truncation') >= 0:
     raise ConfigError(f'model.init_truncation={cfg.model.init_truncation} must be >= 0 '
                       '(0: no truncation; else in standard deviations, e.g. 2)')
@@ -748,6 +749,24 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
   _check_data(cfg)
   _check_mesh(cfg, num_devices)
   return cfg
+
+
+def _check_sliding_window(cfg: ConfigDict) -> None:
+  """model.sliding_window (None or positions) over the blocks model.attention_pattern marks
+  'local'; MEGABYTE's patches and BiTA's draft layouts attend otherwise."""
+  pattern = _get(cfg, 'model.attention_pattern')
+  if (not isinstance(pattern, (tuple, list)) or not pattern
+      or any(kind not in ('local', 'global') for kind in pattern)):
+    raise ConfigError(f"model.attention_pattern={pattern!r} must be a non-empty tuple of "
+                      "'local' (sliding-window) and 'global' blocks, cycled over the blocks")
+  window = _get(cfg, 'model.sliding_window')
+  if window is None:
+    return
+  _positive_int(cfg, 'model.sliding_window')
+  why = {'megabyte': "MEGABYTE's global model attends over patches; unset it",
+         'bita': "BiTA's draft trees attend without one; take a base run without it"}
+  if cfg.model.family in why:
+    raise ConfigError(f'model.sliding_window={window}: {why[cfg.model.family]}')
 
 
 def _check_rope_scaling(cfg: ConfigDict) -> None:
@@ -1172,10 +1191,11 @@ RUN_MODEL_KEYS = (('moe', 'matmul_impl'), ('moe', 'kernel_tiling'), ('moe', 'mos
                   ('ultramem', 'heads_per_query'))
 # Model keys that only shape the initial weights (a saved run's are in its checkpoints),
 # and model and data keys that jaxarch gained with a default that is what older runs did
-# (no rope scaling, no q/k/v biases, no QK-norm, generation stopping at the end-of-document
+# (no rope scaling, no q/k/v biases, no QK-norm, no sliding window, generation stopping at the end-of-document
 # id alone, documents and prompts starting with a BOS).
 FILLED_KEYS = (('model', 'init_truncation'), ('model', 'residual_init_scale'),
                ('model', 'rope_scaling'), ('model', 'qkv_bias'), ('model', 'qk_norm'),
+               ('model', 'sliding_window'), ('model', 'attention_pattern'),
                ('data', 'stop_ids'), ('data', 'add_bos'))
 
 

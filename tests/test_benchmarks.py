@@ -627,6 +627,22 @@ def test_bita_refuses_batches_above_the_eval_prompts_before_training(tmp_path, m
   assert '--batches=1,8' in capsys.readouterr().err
 
 
+def test_attention_flops_count_the_keys_a_sliding_window_leaves():
+  from jaxarch.train import flops  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.load('configs/dense.py:tiny').model  # 4 layers, 4 heads x 32
+  full = flops.attention_flops_per_token(cfg, 128)
+  assert full == 6 * 4 * 128 * 4 * 32
+  with cfg.unlocked():
+    cfg.sliding_window = 32  # 32 - 32²/256 = 28 keys per query, not 64
+  assert flops.attention_flops_per_token(cfg, 128) == 12 * 4 * 28 * 4 * 32
+  with cfg.unlocked():
+    cfg.attention_pattern = ('local', 'global')
+  assert flops.attention_flops_per_token(cfg, 128) == 12 * 2 * (28 + 64) * 4 * 32
+  with cfg.unlocked():
+    cfg.sliding_window = 128  # as wide as the row: no saving
+  assert flops.attention_flops_per_token(cfg, 128) == full
+
+
 def test_peak_flops_tell_h100_and_h200_variants_apart():
   from jaxarch.train import flops  # pylint: disable=g-import-not-at-top
   assert flops.peak_flops('NVIDIA H100 80GB HBM3') == 989.4e12  # SXM

@@ -748,3 +748,23 @@ def test_a_config_file_rewritten_within_a_second_is_read_anew(tmp_path, monkeypa
     module = config_lib._import_file(path)  # pylint: disable=protected-access
     assert module.get_sweep() == [float(budget)]
   assert not (tmp_path / '__pycache__').exists()
+
+
+def test_sliding_window_settings_are_checked_in_one_line(tmp_path):
+  assert tiny().model.sliding_window is None and tiny().model.attention_pattern == ('local',)
+  for overrides, message in [
+      (['model.sliding_window=0'], 'model.sliding_window=0 must be'),
+      (["model.attention_pattern=('local', 'near')"],
+       "model.attention_pattern=('local', 'near') must be a non-empty tuple of 'local'"),
+      (['model.attention_pattern=()'], 'model.attention_pattern=() must be')]:
+    assert error_of(tiny, *overrides).startswith(f'config error: {message}'), overrides
+  assert error_of(config_lib.load, 'configs/megabyte.py:tiny', ['model.sliding_window=64']) == (
+      "config error: model.sliding_window=64: MEGABYTE's global model attends over patches; "
+      'unset it')
+  path = tmp_path / 'config.json'  # a run saved before the keys: no window
+  config_lib.save(tiny('model.sliding_window=8'), path)
+  old = json.loads(path.read_text())
+  del old['model']['sliding_window'], old['model']['attention_pattern']
+  path.write_text(json.dumps(old))
+  cfg = config_lib.load_json(path)
+  assert (cfg.model.sliding_window, cfg.model.attention_pattern) == (None, ('local',))

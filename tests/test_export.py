@@ -371,8 +371,16 @@ def _llama_logits(arrays: dict, config: dict, ids: list[int]) -> np.ndarray:
   cos, sin = (f(np.concatenate([angles, angles], -1))[:, None] for f in (np.cos, np.sin))
   rope = lambda x: x * cos + np.concatenate([-x[..., h // 2:], x[..., :h // 2]], -1) * sin
   causal = np.tril(np.ones((t, t), bool))
+  # A query sees the keys less than the window before it, in the layers that have one.
+  kind, window = config['model_type'], config.get('sliding_window')
+  if kind.startswith('qwen') and not config.get('use_sliding_window'):
+    window = None
+  layer_types = config.get('layer_types') if kind in ('qwen2', 'qwen3') else None
+  near = np.subtract.outer(np.arange(t), np.arange(t)) < (window or t)
   x = w('model.embed_tokens.weight')[ids]
   for i in range(config['num_hidden_layers']):
+    sliding = window and (layer_types is None or layer_types[i] == 'sliding_attention')
+    visible = causal & near if sliding else causal
     at = lambda name: w(f'model.layers.{i}.{name}.weight')  # pylint: disable=cell-var-from-loop
     a = norm(x, at('input_layernorm'))
     # pylint: disable=cell-var-from-loop
@@ -384,7 +392,7 @@ def _llama_logits(arrays: dict, config: dict, ids: list[int]) -> np.ndarray:
     q = rope(qk_norm(proj('q_proj').reshape(t, n, h), 'q_norm'))
     k = np.repeat(rope(qk_norm(proj('k_proj').reshape(t, kv, h), 'k_norm')), n // kv, axis=1)
     v = np.repeat(proj('v_proj').reshape(t, kv, h), n // kv, axis=1)
-    scores = np.where(causal, np.einsum('qnh,knh->nqk', q, k) / np.sqrt(h), -np.inf)
+    scores = np.where(visible, np.einsum('qnh,knh->nqk', q, k) / np.sqrt(h), -np.inf)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     x = x + np.einsum('nqk,knh->qnh', probs, v).reshape(t, n * h) @ at('self_attn.o_proj').T
@@ -627,13 +635,15 @@ def test_an_imported_run_works_moved_or_copied_with_its_original_deleted(tmp_pat
         'tokenizer/tokenizer.json')
 
 
-def test_a_mistral_imports_as_a_llama_unless_its_window_is_narrower_than_the_run(
-    tmp_path, capsys):
+def test_a_mistral_imports_as_a_llama_with_its_window_unless_the_window_masks_nothing(
+    tmp_path):
   """MistralForCausalLM has Llama's names and layout; its config.json may give head_dim
   (Mistral-Nemo: 128, not 5120 / 32) and a sliding_window. A window of at least
-  max_position_embeddings (the run's model.max_len) masks nothing the run reaches. Checked
-  once against transformers 5.25's own tiny Mistrals (window null or 256 of 256 positions,
-  head_dim 32 of 64 / 4 heads; float32 and bfloat16 safetensors): logits within 5e-6."""
+  max_position_embeddings (the run's model.max_len) masks nothing the run reaches; a
+  narrower one is model.sliding_window. Checked once against transformers 5.25's own tiny
+  Mistrals (window null or 256 of 256 positions, head_dim 32 of 64 / 4 heads; float32 and
+  bfloat16 safetensors): logits within 5e-6; one with a window of 8: logits on 60
+  positions within 4.2e-5 (of logits up to 10.4), its 40 greedy tokens, re-export exact."""
   cfg = family_config('dense')
   with cfg.unlocked():
     cfg.model.head_dim = 48  # d_model=128 / 4 heads would be 32
@@ -651,13 +661,60 @@ def test_a_mistral_imports_as_a_llama_unless_its_window_is_narrower_than_the_run
     assert (imported_cfg.model.head_dim, imported_cfg.model.max_len) == (48, max_len)
     np.testing.assert_array_equal(np.asarray(logits(imported, TOKENS)),
                                   np.asarray(logits(model, TOKENS)))
-  capsys.readouterr()
-  (tmp_path / 'hf' / 'config.json').write_text(json.dumps({**config, 'sliding_window': 128}))
-  assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "narrow"}']) == 2
-  err = capsys.readouterr().err
-  assert (f'sliding_window=128, narrower than the max_position_embeddings={max_len} positions'
-          in err and 'max_position_embeddings <= 128 in config.json' in err), err
-  assert err.count('\n') == 1 and not (tmp_path / 'narrow').exists()
+    assert imported_cfg.model.sliding_window is None
+  (tmp_path / 'hf' / 'config.json').write_text(json.dumps({**config, 'sliding_window': 3}))
+  assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "narrow"}']) == 0
+  imported_cfg, imported = load_model(tmp_path / 'narrow')
+  assert (imported_cfg.model.sliding_window, imported_cfg.model.attention_pattern) == (
+      3, ('local',))
+  arrays = safetensors.numpy.load_file(tmp_path / 'hf' / 'model.safetensors')
+  got = np.asarray(logits(imported, TOKENS))[0]
+  np.testing.assert_allclose(_llama_logits(arrays, {**config, 'sliding_window': 3},
+                                           TOKENS[0]), got, atol=2e-5, rtol=1e-5)
+  assert np.abs(got - np.asarray(logits(model, TOKENS))[0]).max() > 0.1  # it masks
+
+
+@pytest.mark.parametrize('family, overrides, kind', [
+    ('dense', [], 'mistral'), ('moe', [], 'mixtral'),
+    ('dense', ['model.qk_norm=True', "model.attention_pattern=('global', 'local', 'local', "
+               "'local')"], 'qwen3')])
+def test_a_sliding_window_exports_as_a_mistral_mixtral_or_qwen_and_imports_back(
+    tmp_path, family, overrides, kind):
+  """Checked once with transformers 5.25: a tiny windowed Mistral and a Qwen3 with windows
+  from its second layer on (max_window_layers 1), imported and exported again, give its
+  logits exactly."""
+  cfg = family_config(family)
+  for override in ['model.sliding_window=3', *overrides]:
+    config_lib.apply_override(cfg, override)
+  model = _model(config_lib.validate(cfg))
+  write_hf(model, cfg, tmp_path / 'hf')
+  config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+  assert (config['model_type'], config['sliding_window']) == (kind, 3)
+  if kind == 'qwen3':
+    assert config['use_sliding_window'] and config['max_window_layers'] == 1
+    assert config['layer_types'] == ['full_attention'] + ['sliding_attention'] * 3
+  arrays = safetensors.numpy.load_file(tmp_path / 'hf' / 'model.safetensors')
+  want = np.asarray(logits(model, TOKENS))[0]
+  np.testing.assert_allclose(_llama_logits(arrays, config, TOKENS[0]), want, atol=2e-5,
+                             rtol=1e-5)
+  assert np.abs(_llama_logits(arrays, {**config, 'sliding_window': None}, TOKENS[0])
+                - want).max() > 0.1
+  assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "run"}']) == 0
+  imported_cfg, imported = load_model(tmp_path / 'run')
+  assert imported_cfg.model.sliding_window == 3
+  assert imported_cfg.model.attention_pattern == tuple(cfg.model.attention_pattern)
+  np.testing.assert_array_equal(np.asarray(logits(imported, TOKENS)), want[None])
+
+
+@pytest.mark.parametrize('overrides', [
+    ["model.attention_pattern=('local', 'global')"],  # a Mistral's window is every layer's
+    ['model.qk_norm=True', "model.attention_pattern=('local', 'global')"]])  # not a suffix
+def test_windows_of_some_layers_only_export_as_a_qwen_s_suffix_only(tmp_path, overrides):
+  cfg = family_config('dense')
+  for override in ['model.sliding_window=3', *overrides]:
+    config_lib.apply_override(cfg, override)
+  with pytest.raises(ExportError, match=r"leaves blocks without the sliding window"):
+    write_hf(_model(config_lib.validate(cfg)), cfg, tmp_path / 'out')
 
 
 def test_an_hf_checkpoint_of_another_kind_or_a_used_workdir_is_one_line(tmp_path, capsys):
@@ -669,8 +726,8 @@ def test_an_hf_checkpoint_of_another_kind_or_a_used_workdir_is_one_line(tmp_path
   for change, message in [
       ({'model_type': 'gemma2'}, "model_type='gemma2' (jaxarch reads 'llama', 'mistral', "
                                  "'mixtral', 'qwen2', 'qwen3', 'qwen3_moe')"),
-      ({'model_type': 'mixtral', 'sliding_window': 4096, 'max_position_embeddings': 32768},
-       'sliding_window=4096, narrower than the max_position_embeddings=32768 positions'),
+      ({'model_type': 'mistral', 'sliding_window': 0}, 'sliding_window=0; expected a '
+       'positive integer or null'),
       ({'rope_scaling': {'rope_type': 'dynamic', 'factor': 8.0}}, "rope scaling {'rope_type'"),
       ({'rope_scaling': None, 'rope_parameters': {'rope_type': 'yarn', 'factor': 4.0}},
        "rope scaling {'rope_type': 'yarn'"),
@@ -761,12 +818,27 @@ def test_a_qwen2_config_imports_as_a_dense_model_with_qkv_biases(spelling):
   assert (model.rope_theta, model.max_len, model.dtype) == (1e6, 32768, 'bfloat16')
 
 
-def test_a_used_narrow_qwen2_window_and_other_biases_are_refused_in_one_line():
+def test_a_used_qwen2_window_covers_the_layers_from_max_window_layers_on():
+  """transformers 4 named no layer_types: the layers from max_window_layers on slide;
+  5 lists them, in any order; use_sliding_window is a Qwen's key only."""
+  window = lambda **change: (lambda m: (m.sliding_window, m.attention_pattern))(
+      huggingface.run_config({**QWEN25, **change}, 'bytes').model)
+  assert window(use_sliding_window=True) == (None, ('local',))  # max_window_layers 21 of 2
+  assert window(use_sliding_window=True, max_window_layers=1) == (4096, ('global', 'local'))
+  assert window(use_sliding_window=True, layer_types=['sliding_attention', 'full_attention']
+                ) == (4096, ('local', 'global'))
+  assert window(use_sliding_window=True, max_window_layers=0) == (4096, ('local',))
+  assert window(model_type='mistral', use_sliding_window=False) == (4096, ('local',))
+  moe = huggingface.run_config({**QWEN3_MOE, 'use_sliding_window': True,  # every layer
+                                'sliding_window': 4096, 'max_window_layers': 48}, 'bytes')
+  assert (moe.model.sliding_window, moe.model.attention_pattern) == (4096, ('local',))
+
+
+def test_bad_qwen2_layer_types_and_other_biases_are_refused_in_one_line():
   for change, message in [
-      ({'use_sliding_window': True}, 'sliding_window=4096, narrower than the '
-       'max_position_embeddings=32768 positions'),
-      ({'model_type': 'mistral', 'use_sliding_window': False},  # a Qwen2 key only
-       'sliding_window=4096, narrower'),
+      ({'use_sliding_window': True, 'layer_types': ['sliding_attention']},
+       "layer_types=['sliding_attention']; expected one of 'sliding_attention', "
+       "'full_attention' per layer (2)"),
       ({'mlp_bias': True}, 'mlp_bias=true')]:
     with pytest.raises(ExportError) as e:
       huggingface.run_config({**QWEN25, **change}, 'bytes')
@@ -882,12 +954,10 @@ def test_a_qwen3_moe_config_imports_as_a_moe_model_with_qk_norm(spelling):
   assert (dense.family, dense.qk_norm, dense.d_ff) == ('dense', True, 192)
 
 
-def test_qwen3_moe_dense_blocks_and_a_used_narrow_window_are_refused_in_one_line():
+def test_qwen3_moe_dense_blocks_are_refused_in_one_line():
   for change, message in [
       ({'decoder_sparse_step': 2}, 'decoder_sparse_step=2 (dense blocks between the MoE ones)'),
       ({'mlp_only_layers': [1]}, 'mlp_only_layers=[1] (dense blocks among the MoE ones)'),
-      ({'use_sliding_window': True, 'sliding_window': 4096},
-       'sliding_window=4096, narrower than the max_position_embeddings=40960 positions'),
       ({'num_experts': None}, 'no integer num_experts'),
       ({'attention_bias': True}, 'attention_bias=true')]:
     with pytest.raises(ExportError) as e:

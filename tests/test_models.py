@@ -363,3 +363,47 @@ def test_qk_norm_normalises_each_heads_query_and_key_before_the_rotation():
     attn.k_proj[...] *= 10.0
     change = np.abs(attn(x, positions, segments) - before).max()
     assert (change < 1e-4) if attn is layer else (change > 0.1), change
+
+
+@pytest.mark.parametrize('pattern, windows', [
+    (('local',), [3, 3, 3, 3]), (('local', 'global'), [3, None, 3, None]),
+    (('global', 'local', 'local'), [None, 3, 3, None])])
+def test_sliding_windows_go_to_the_blocks_the_attention_pattern_marks_local(pattern, windows):
+  _, model = _model(**{'model.sliding_window': 3, 'model.attention_pattern': pattern,
+                       'model.n_layers': 4})
+  assert [block.attn.window for block in model.blocks] == windows
+  _, plain = _model(**{'model.attention_pattern': pattern, 'model.n_layers': 4})  # no window
+  assert all(block.attn.window is None for block in plain.blocks)
+
+
+def test_a_sliding_window_limits_what_a_token_reaches_to_the_layers_windows():
+  """With windows of w in all L layers a token reaches the L·(w − 1) positions after it
+  and no further; with one global layer, every later position; a document starts anew."""
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 24)), jnp.int32)
+  changed = tokens.at[:, 2].set((tokens[:, 2] + 1) % 256)
+
+  def reached(**overrides):
+    _, model = _model(**{'model.sliding_window': 3, 'model.n_layers': 4, **overrides})
+    diff = np.abs(np.asarray(model(tokens) - model(changed))).max(axis=(0, 2))
+    return np.nonzero(diff > 1e-6)[0].tolist()
+
+  assert reached() == list(range(2, 2 + 4 * 2 + 1))  # 4 layers of windows of 3
+  assert reached(**{'model.attention_pattern': ('local', 'global')}) == list(range(2, 24))
+  assert reached(**{'model.sliding_window': 100}) == list(range(2, 24))
+
+
+def test_a_sliding_window_lowers_into_cudnn_attention_for_cuda(traced_as_on_gpu):
+  """On a GPU the window is cuDNN flash attention's own (forward and gradient), not a mask
+  XLA builds: what `model.attention_impl=auto` runs there."""
+  del traced_as_on_gpu
+  layer = Attention(64, 4, 2, 16, impl='auto', window=5, dtype=jnp.bfloat16,
+                    rngs=nnx.Rngs(0))
+  assert layer.impl == 'cudnn'
+  graphdef, params = nnx.split(layer)
+  x = jnp.zeros((2, 32, 64), jnp.bfloat16)
+  positions = jnp.broadcast_to(jnp.arange(32), (2, 32))
+  segments = jnp.ones((2, 32), jnp.int32)
+  loss = lambda params: jnp.sum(nnx.merge(graphdef, params)(x, positions, segments))
+  hlo = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=('cuda',)).as_text()
+  assert hlo.count('sliding_window_length\\22: 5,') == 2  # forward and backward
+  assert 'fmhaScaleBiasSoftmaxBackward' in hlo

@@ -46,15 +46,14 @@ is a Llama's names and layouts (an explicit `head_dim`, as Mistral-Nemo's 128 fo
 with biases on q_proj, k_proj and v_proj (model.qkv_bias; one on o_proj is refused). A
 Qwen3 is a Llama with q_norm and k_norm (model.qk_norm), a Qwen3-MoE a Mixtral with them,
 its experts `moe_intermediate_size` wide; one with dense blocks among the MoE ones
-(decoder_sparse_step > 1, mlp_only_layers) is refused. A Qwen's `sliding_window` is
-unused unless `use_sliding_window` is true (Qwen2.5 writes false
-beside a window of 131072); a used one, a Mistral's and a Mixtral's, is read only when
-null or at least `max_position_embeddings`, the run's model.max_len (data.seq_len is at
-most it, `generate` warns past it): such a window masks nothing (transformers lets a
-query see the keys less than the window before it). A narrower one (Mistral 7B v0.1: 4096
-of 32768) is refused, as are other biases (attention_bias, mlp_bias), other architectures
-and rope scalings other than Llama 3.1's `llama3` (model.rope_scaling), which the export
-writes back.
+(decoder_sparse_step > 1, mlp_only_layers) is refused. A sliding window is
+model.sliding_window (`_window_settings`: a Mistral's and a Mixtral's in every layer, a
+Qwen's only with `use_sliding_window` and in the layers `layer_types` names, as
+model.attention_pattern); one of at least `max_position_embeddings` masks nothing and is
+left out. The export writes it back: a dense model with a window and no biases or
+QK-norm is a `MistralForCausalLM`. Other biases (attention_bias, mlp_bias), other
+architectures and rope scalings other than Llama 3.1's `llama3` (model.rope_scaling),
+which the export writes back, are refused.
 
 The vocabulary keeps its padding to a multiple of 128 (the tokenizer's ids come first).
 The weights are stored in their training dtype (float32); `torch_dtype` names the compute
@@ -109,6 +108,8 @@ def architecture(m: ml_collections.ConfigDict) -> tuple[str, str]:
   if m.qk_norm:
     return {'dense': ('Qwen3ForCausalLM', 'qwen3'),
             'moe': ('Qwen3MoeForCausalLM', 'qwen3_moe')}.get(m.family, ('', ''))
+  if m.family == 'dense' and m.sliding_window is not None:  # a Llama with a window
+    return 'MistralForCausalLM', 'mistral'
   return ARCHITECTURES[m.family], MODEL_TYPES[m.family]
 
 
@@ -125,6 +126,10 @@ def check_exportable(cfg: ml_collections.ConfigDict) -> None:
     why = f'its blocks {tuple(m.block_pattern)} mix dense and moe layers'
   elif m.qkv_bias and m.qk_norm:
     why = 'a Qwen2 has no QK-norm and a Qwen3 no q/k/v biases (model.qkv_bias)'
+  elif m.sliding_window is not None and not _windows_exportable(m):
+    why = (f'model.attention_pattern={tuple(m.attention_pattern)!r} leaves blocks without '
+           'the sliding window, which a Mistral, a Mixtral and a Qwen3-MoE give every '
+           'layer, and a Qwen2 or Qwen3 the layers from max_window_layers on')
   elif m.family == 'moe':
     moe = m.moe
     why = ('a Mixtral has no shared experts' if moe.num_shared_experts else
@@ -141,6 +146,20 @@ def check_exportable(cfg: ml_collections.ConfigDict) -> None:
                       f'softmax gates renormalised over the top k and no shared experts as '
                       f'MixtralForCausalLM (with model.qk_norm as Qwen3MoeForCausalLM); '
                       f'{why}: use --format=safetensors or stablehlo')
+
+
+def _layer_kinds(m: ml_collections.ConfigDict) -> list[str]:
+  """'local' (with the sliding window) or 'global', per layer."""
+  pattern = tuple(m.attention_pattern)
+  return [pattern[i % len(pattern)] for i in range(m.n_layers)]
+
+
+def _windows_exportable(m: ml_collections.ConfigDict) -> bool:
+  """Every layer has the window, or (a Qwen2's or Qwen3's) the layers from some index on."""
+  kinds = _layer_kinds(m)
+  if architecture(m)[1] in ('qwen2', 'qwen3'):
+    return kinds == sorted(kinds)  # 'global' < 'local': all the global ones first
+  return 'global' not in kinds
 
 
 def hf_config(cfg: ml_collections.ConfigDict, tokenizer) -> dict:
@@ -179,11 +198,16 @@ def hf_config(cfg: ml_collections.ConfigDict, tokenizer) -> dict:
     del config['mlp_bias']
   if model_type == 'qwen2':  # its biases are fixed (q, k, v)
     del config['attention_bias']
-  if model_type in WINDOW_SWITCHED:  # the window off, as transformers 5.25 writes it
-    config.update({'use_sliding_window': False, 'sliding_window': None,
-                   'max_window_layers': m.n_layers})
+  window = m.sliding_window  # every layer's, or a Qwen's from some layer on
+  kinds = _layer_kinds(m) if window is not None else ['global'] * m.n_layers
+  if model_type in ('mistral', 'mixtral'):
+    config['sliding_window'] = window
+  if model_type in WINDOW_SWITCHED:  # as transformers 5.25 writes it
+    config.update({'use_sliding_window': window is not None, 'sliding_window': window,
+                   'max_window_layers': kinds.count('global')})
     if model_type != 'qwen3_moe':  # whose attention reads no layer types
-      config['layer_types'] = ['full_attention'] * m.n_layers
+      config['layer_types'] = [{'global': 'full_attention', 'local': 'sliding_attention'}[k]
+                               for k in kinds]
   return config
 
 
@@ -291,16 +315,6 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
   kind = hf_config.get('model_type')
   family = IMPORTS.get(kind)
   max_len = hf_config.get('max_position_embeddings', 2048)  # the run's model.max_len
-  # Mistral's window: a query at q sees keys at q - window < k <= q (transformers'
-  # `sliding_window_overlay`), so one of at least max_len positions masks nothing within
-  # the run's model.max_len (data.seq_len <= it; import takes no model.* override).
-  window = hf_config.get('sliding_window')
-  if kind in WINDOW_SWITCHED and not hf_config.get('use_sliding_window', False):
-    window = None  # off: transformers drops it (Qwen2.5's 131072 of 32768 positions)
-  full = window is None or (isinstance(window, int) and isinstance(max_len, int)
-                            and window >= max_len)
-  narrow = None if full else (f'sliding_window={window!r}, narrower than the '
-                              f'max_position_embeddings={max_len!r} positions the run takes')
   # transformers 5 writes `rope_parameters` and `dtype` where 4 wrote `rope_theta`,
   # `rope_scaling` and `torch_dtype`.
   # A scaling of type 'default' (transformers 4.4x wrote {'rope_type': 'default'}) is none.
@@ -324,15 +338,10 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
       f"decoder_sparse_step={hf_config['decoder_sparse_step']!r} (dense blocks between "
       'the MoE ones)' if hf_config.get('decoder_sparse_step', 1) != 1 else
       f"mlp_only_layers={hf_config['mlp_only_layers']!r} (dense blocks among the MoE ones)"
-      if hf_config.get('mlp_only_layers') else
-      narrow)
+      if hf_config.get('mlp_only_layers') else None)
   if unsupported:
-    # Within its window a Mistral is a Llama: a run of that many positions computes it.
-    hint = (f'; with max_position_embeddings <= {window} in config.json it imports as a run '
-            'of that many positions' if unsupported == narrow and isinstance(window, int)
-            else '')
     raise ExportError(f'import: the checkpoint has {unsupported}, which jaxarch\'s models do '
-                      f'not compute{hint}')
+                      'not compute')
   required = ['hidden_size', 'num_hidden_layers', 'num_attention_heads',
               'intermediate_size', 'vocab_size']
   experts = 'num_local_experts'  # Qwen3-MoE's checkpoints name it num_experts
@@ -361,6 +370,7 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
                 == 'float32' else 'bfloat16')}
   if scaling:  # llama3
     model.update(_llama3_settings(hf_config, scaling, max_len))
+  model.update(_window_settings(hf_config, max_len))
   if family == 'moe':
     model.update({'moe.num_experts': hf_config[experts],
                   'moe.top_k': hf_config['num_experts_per_tok'],
@@ -375,6 +385,42 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
   for setting in settings:
     config_lib.apply_override(cfg, setting)
   return config_lib.validate(cfg)
+
+
+def _window_settings(hf_config: dict, max_len) -> dict:
+  """model.sliding_window and model.attention_pattern of the checkpoint's windows. A
+  Mistral's and a Mixtral's is every layer's, a Qwen's is used only with
+  `use_sliding_window` (Qwen2.5 writes false beside 131072) in the layers `layer_types`
+  names 'sliding_attention' (transformers 4: those from `max_window_layers` on), a
+  Qwen3-MoE's in every layer. A query sees the keys less than the window before it, as in
+  transformers; a window of at least max_len positions (the run's model.max_len) masks
+  nothing and is left out."""
+  kind, n = hf_config.get('model_type'), hf_config['num_hidden_layers']
+  window = hf_config.get('sliding_window')
+  if window is None or (kind in WINDOW_SWITCHED
+                        and not hf_config.get('use_sliding_window', False)):
+    return {}
+  if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+    raise ExportError(f'import: config.json has sliding_window={window!r}; expected a '
+                      'positive integer or null')
+  if isinstance(max_len, int) and window >= max_len:
+    return {}
+  local = [True] * n
+  if kind in ('qwen2', 'qwen3'):
+    first = hf_config.get('max_window_layers', 28)  # Qwen2Config's default
+    types = hf_config.get('layer_types') or [
+        'sliding_attention' if i >= first else 'full_attention' for i in range(n)]
+    if (not isinstance(types, list) or len(types) != n
+        or not set(types) <= {'sliding_attention', 'full_attention'}):
+      raise ExportError(f'import: config.json has layer_types={types!r}; expected one of '
+                        f"'sliding_attention', 'full_attention' per layer ({n})")
+    local = [t == 'sliding_attention' for t in types]
+  if not any(local):
+    return {}
+  kinds = ['local' if x else 'global' for x in local]
+  period = next(p for p in range(1, n + 1)  # the shortest pattern that cycles to them
+                if all(kinds[i] == kinds[i % p] for i in range(n)))
+  return {'sliding_window': window, 'attention_pattern': tuple(kinds[:period])}
 
 
 def _llama3_settings(hf_config: dict, scaling: dict, max_len) -> dict:

@@ -13,6 +13,10 @@ one-token `Layout`, below).
 Slots past a sequence's own position may hold a longer neighbour's padding from the
 prefill; they are never read before being overwritten.
 
+A sliding `window` (Mistral's) lets a query see only the keys less than `window`
+positions before it, in training, prefill and decode alike (the caches still hold every
+position).
+
 A `Layout` (BiTA's mask groups and draft trees, `layers.layout`) replaces the causal and
 document masks by its own visibility; with a cache, the call is written after each
 sequence's cached slots and `keep_path` keeps the accepted tokens. A `prefix` of learned
@@ -72,8 +76,10 @@ class Attention(nnx.Module):
                init_std: float = 0.02,
                out_std: float | None = None, init_truncation: float = 0.0, impl: str = 'xla',
                qkv_bias: bool = False, qk_norm: bool = False, norm_eps: float = 1e-6,
-               dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               window: int | None = None, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     self.rope_theta, self.rope_scaling = rope_theta, rope_scaling
+    self.window = window
     self.impl = _implementation(impl, dtype)
     self.dtype = dtype
     init = normal(init_std, init_truncation)
@@ -133,19 +139,27 @@ class Attention(nnx.Module):
     if layout is None and self.cache_k is not None and x.shape[1] == 1:
       layout = layout_lib.one_token(positions[:, 0])  # a decode step
     if layout is not None:
-      out = self._with_layout(q, k, v, layout, prefix)
+      out = self._with_layout(q, k, v, layout, prefix, positions)
     else:
       if self.cache_k is not None:  # prefill from position 0
         self.cache_k[...] = jax.lax.dynamic_update_slice_in_dim(self.cache_k[...], k, 0, 1)
         self.cache_v[...] = jax.lax.dynamic_update_slice_in_dim(self.cache_v[...], v, 0, 1)
+      # A document's positions run with the row's indices, so a window over indices is
+      # one over positions (and the document mask keeps other documents out).
+      window = None if self.window is None else (self.window - 1, 0)
       out = jax.nn.dot_product_attention(q, k, v, mask=document_mask(segment_ids),
-                                         is_causal=True, implementation=self.impl)  # btnh
+                                         is_causal=True, local_window_size=window,
+                                         implementation=self.impl)  # btnh
     out = checkpoint_name(out, remat.ATTENTION)
     return jnp.einsum('btnh,nhd->btd', out, cast(self.o_proj))
 
-  def _with_layout(self, q, k, v, layout, prefix):
+  def _with_layout(self, q, k, v, layout, prefix, positions):
     """q, k, v [b, t, ., h] of a call laid out by `layout` -> [b, t, n, h]."""
     b = q.shape[0]
+    if self.window is not None and (layout.cached is None or layout.context is not None
+                                    or prefix is not None):
+      raise ValueError('a sliding window is for training and decoding one token at a '
+                       "time, not BiTA's layouts")
     if layout.context is not None:  # the caches hold whole rows, which the call reads
       return self._groups_after_context(q, k, v, layout, prefix)
     if layout.cached is None:  # the call is the whole context
@@ -156,6 +170,8 @@ class Attention(nnx.Module):
       values = layout_lib.write_call(self.cache_v[...], v, layout.cached)
       self.cache_k[...], self.cache_v[...] = keys, values
       mask = layout_lib.cache_mask(layout, keys.shape[1])
+      if self.window is not None:  # slot s holds position s
+        mask &= positions[:, :, None] - jnp.arange(keys.shape[1]) < self.window
     keys, values, mask = self._with_prefix(keys, values, mask, layout, prefix)
     return jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None])
 

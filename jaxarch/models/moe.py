@@ -22,7 +22,6 @@ class MoEBlock(DenseBlock):
 
 @register_block('moe')
 def moe_block(cfg: ml_collections.ConfigDict, layer: int, rngs: nnx.Rngs) -> MoEBlock:
-  del layer  # every MoE block is alike
   m = cfg.moe
   dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
   experts = MoE(cfg.d_model, num_experts=m.num_experts, top_k=m.top_k,
@@ -35,5 +34,5 @@ def moe_block(cfg: ml_collections.ConfigDict, layer: int, rngs: nnx.Rngs) -> MoE
                 init_std=cfg.init_std, out_std=residual_init_std(cfg),
                 init_truncation=cfg.init_truncation, dtype=dtype,
                 param_dtype=param_dtype, rngs=rngs)
-  return MoEBlock(make_attention(cfg, rngs), experts, cfg.d_model, eps=cfg.norm_eps,
+  return MoEBlock(make_attention(cfg, layer, rngs), experts, cfg.d_model, eps=cfg.norm_eps,
                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -82,13 +82,17 @@ class DenseBlock(nnx.Module):
     return x + self.mlp(normed)
 
 
-def make_attention(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Attention:
+def make_attention(cfg: ml_collections.ConfigDict, layer: int, rngs: nnx.Rngs) -> Attention:
+  """Block `layer`'s attention: with `model.sliding_window` where `model.attention_pattern`
+  (cycled over the blocks) marks it 'local'."""
+  pattern = tuple(cfg.attention_pattern)
+  local = pattern[layer % len(pattern)] == 'local'
   return Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, head_dim(cfg),
                    rope_theta=cfg.rope_theta, rope_scaling=rope_scaling(cfg),
                    init_std=cfg.init_std,
                    out_std=residual_init_std(cfg), init_truncation=cfg.init_truncation,
                    impl=cfg.attention_impl, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm,
-                   norm_eps=cfg.norm_eps,
+                   norm_eps=cfg.norm_eps, window=cfg.sliding_window if local else None,
                    dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype], rngs=rngs)
 
 
@@ -109,12 +113,11 @@ def residual_init_std(cfg: ml_collections.ConfigDict) -> float:
 
 @register_block('dense')
 def dense_block(cfg: ml_collections.ConfigDict, layer: int, rngs: nnx.Rngs) -> DenseBlock:
-  del layer  # every dense block is alike
   dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
   mlp = SwiGLU(cfg.d_model, cfg.d_ff, init_std=cfg.init_std, out_std=residual_init_std(cfg),
                init_truncation=cfg.init_truncation,
                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-  return DenseBlock(make_attention(cfg, rngs), mlp, cfg.d_model, eps=cfg.norm_eps,
+  return DenseBlock(make_attention(cfg, layer, rngs), mlp, cfg.d_model, eps=cfg.norm_eps,
                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 

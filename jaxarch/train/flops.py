@@ -11,6 +11,8 @@ Convention (PaLM appendix B / Chinchilla): a training step costs, per token,
 - Attention scores and the weighted sum of values cost 2·2·T·n_heads·head_dim per token
   and layer in the forward pass for full attention; causal attention is counted at half
   (only the lower triangle is useful work), hence 2·T·n·h forward and 6·T·n·h per step.
+  A sliding window of w < T positions leaves each query w − w²/2T keys on average
+  (`model.sliding_window`, in the blocks `model.attention_pattern` marks 'local').
 - Not counted: norms, activations, softmax, RoPE, optimizer update (all O(N) or O(T·d)).
 - MEGABYTE counts per byte (`megabyte_flops_per_byte`): its global model per patch.
 - BiTA counts per sequence token (`bita_flops_per_token`): the frozen model runs forward
@@ -68,8 +70,16 @@ def matmul_params(model_cfg: ml_collections.ConfigDict, counts: dict[str, int]) 
 
 
 def attention_flops_per_token(model_cfg: ml_collections.ConfigDict, seq_len: int) -> int:
+  """6 · T · n · h per layer: 12 · n · h per key a query sees, T/2 on average when it
+  sees every earlier one; w − w²/2T under a sliding window of w < T positions."""
   head_dim = model_cfg.head_dim or model_cfg.d_model // model_cfg.n_heads
-  return 6 * model_cfg.n_layers * seq_len * model_cfg.n_heads * head_dim
+  window = model_cfg.get('sliding_window')
+  pattern = tuple(model_cfg.get('attention_pattern', ('local',)))
+  keys = 0.0  # keys seen per query, summed over the layers
+  for layer in range(model_cfg.n_layers):
+    w = window if pattern[layer % len(pattern)] == 'local' else None
+    keys += seq_len / 2 if w is None or w >= seq_len else w - w * w / (2 * seq_len)
+  return round(12 * keys * model_cfg.n_heads * head_dim)
 
 
 def train_flops_per_token(model_cfg: ml_collections.ConfigDict, counts: dict[str, int],
