@@ -115,6 +115,9 @@ def get_config(arg=None):
   # Ids besides the end-of-document id at which generation stops: an instruct model's end
   # of turn (`jaxarch import` sets Llama 3's `<|eot_id|>` 128009, Qwen2.5's `<|im_end|>`).
   c.data.stop_ids = ()
+  # An instruct model's Jinja chat template, for `jaxarch generate --chat` (`jaxarch import`
+  # keeps the checkpoint's as the run's tokenizer/chat_template.jinja); None: no template.
+  c.data.chat_template = ml_collections.config_dict.placeholder(str)
   # tfds: the feature of each example to read (None: `text`, or the only text feature);
   # other sources are plain text and warn that it is unread
   c.data.text_key = ml_collections.config_dict.placeholder(str)

@@ -5,6 +5,7 @@
   jaxarch bench train --config=configs/dense.py:151m --workdir=/tmp/bench [--profile]
   jaxarch bench memory --config=configs/moe.py:680m --workdir=/tmp/bench [--state_only]
   jaxarch generate --workdir=/tmp/run --prompt="def " [--max_new_tokens=200 --top_p=0.9]
+  jaxarch generate --workdir=/tmp/qwen --chat --prompt="What is 2+2?"   (an instruct model)
   jaxarch distill --workdir=/tmp/run --out=/tmp/run-distilled   (BiTA's training data)
   jaxarch export --workdir=/tmp/run --out=/tmp/run-export [--format=hf|stablehlo]
   jaxarch import --hf=/models/llama --workdir=/tmp/llama   (a Hugging Face Llama as a run)
@@ -190,17 +191,25 @@ def _generate(args, overrides):
   from jaxarch import infer
   from jaxarch.data import bos_id, get_tokenizer, stop_ids
   from jaxarch.data.tokenizers import decode_continuation
+  from jaxarch.infer.chat import chat_prompts
   from jaxarch.parallel import make_mesh
   from jaxarch.train.pretrained import load_model
   _no_overrides('generate', overrides)
+  if args.system is not None and not args.chat:
+    raise GenerateError('generate: --system is the system message of a --chat conversation; '
+                        'add --chat')
   _check_backend()
   cfg, model = load_model(args.workdir, step=args.step)
   tokenizer = get_tokenizer(cfg.data.tokenizer)
   # Documents were trained as [bos] + text (bos: data.bos_id, by default the eod id), or
-  # as the text alone (data.add_bos=False: an imported Qwen's).
+  # as the text alone (data.add_bos=False: an imported Qwen's). A chat prompt is the
+  # template's text, which writes the BOS itself where the model wants one.
   bos = bos_id(cfg.data, tokenizer)
   start = [] if bos is None else [bos]
-  prompts = [start + tokenizer.encode(p) for p in args.prompt]
+  if args.chat:
+    prompts = chat_prompts(cfg.data, tokenizer, args.prompt, system=args.system)
+  else:
+    prompts = [start + tokenizer.encode(p) for p in args.prompt]
   for i, prompt in enumerate(prompts):
     if not prompt:  # nothing to continue: no BOS is made up for it
       raise GenerateError(f'generate: --prompt {args.prompt[i]!r} (prompt {i}) is no tokens '
@@ -223,7 +232,10 @@ def _generate(args, overrides):
   for i, (text, ids, new) in enumerate(zip(args.prompt, prompts, outputs)):
     if i:
       print('-' * 40)
-    print(text + decode_continuation(tokenizer, ids[len(start):], new))
+    if args.chat:  # the assistant's reply alone
+      print(tokenizer.decode(new))
+    else:
+      print(text + decode_continuation(tokenizer, ids[len(start):], new))
   print(f'jaxarch: {stats["new_tokens"]} new tokens in {stats["prefill_s"] + stats["decode_s"]:.2f}s, '
         f'{stats["tokens_per_s"]:.1f} tokens/s ({stats["decode_step_s"] * 1e3:.1f} ms per '
         f'decode step, batch {stats["batch"]}; compiled in {stats["compile_s"]:.1f}s)',
@@ -383,10 +395,17 @@ def _parser() -> argparse.ArgumentParser:
                      "device's allocator limit; unknown on CPU)")
   gen = commands.add_parser('generate', help='continue prompts with the latest checkpoint',
                             description='Continue prompts with a trained model (KV-cached '
-                            'decoding); greedy unless a sampling option is given.')
+                            'decoding), or with --chat answer them as an instruct model; '
+                            'greedy unless a sampling option is given.')
   gen.add_argument('--workdir', required=True, help='the run to load (config and checkpoint)')
   gen.add_argument('--prompt', action='append', required=True,
-                   help='text to continue; repeat for a batch of prompts')
+                   help='text to continue (with --chat, the user\'s message); repeat for a '
+                   'batch of prompts')
+  gen.add_argument('--chat', action='store_true',
+                   help="an instruct model's answer: each prompt is the user's message of a "
+                   "conversation in the run's chat template (data.chat_template, which import "
+                   "keeps), and only the assistant's reply is printed")
+  gen.add_argument('--system', help='with --chat: a system message before each prompt')
   gen.add_argument('--max_new_tokens', type=int, default=128)
   gen.add_argument('--method', choices=('greedy', 'sample', 'bita'),
                    help='default: sample if --temperature/--top_k/--top_p is given')

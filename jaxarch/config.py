@@ -610,6 +610,9 @@ def _bita_from_base_run(cfg: ConfigDict) -> ConfigDict:
   elif tuple(tree['data']['stop_ids']) != stops:
     raise ConfigError(f'data.stop_ids={tuple(tree["data"]["stop_ids"])!r} differs from the '
                       f'base run\'s {stops!r}; leave it unset')
+  # And it chats as the base does (`generate --chat`: an imported instruct model's template).
+  if tree['data'].get('chat_template') is None:
+    tree['data']['chat_template'] = base.data.get('chat_template')
   return ConfigDict(tree)
 
 
@@ -814,6 +817,12 @@ def _check_data(cfg: ConfigDict) -> None:
     raise ConfigError(f'data.stop_ids={stops!r} must be a tuple of token ids in [0, '
                       f'model.vocab_size={vocab}), e.g. (128009,): where generation stops '
                       'besides the end-of-document id')
+  template = cfg.data.get('chat_template')
+  if template is not None and not (isinstance(template, str)
+                                   and os.path.isfile(os.path.expanduser(template))):
+    raise ConfigError(f'data.chat_template={template!r}: no such file (a Jinja chat '
+                      "template, as `jaxarch import` keeps in the run's tokenizer/; None: "
+                      'no template)')
   # Packing aligns documents within a row; rows of another length shift the next row's.
   if cfg.data.seq_len % cfg.data.pack_align:
     raise ConfigError(f'data.seq_len={cfg.data.seq_len} must be a multiple of '
@@ -1099,9 +1108,10 @@ def tree_hash(tree: dict[str, Any]) -> str:
 
 
 # Keys that may name a file of the run itself (an import's or an export's copy of its
-# tokenizer, DIR/tokenizer/NAME): its config.json names such a file relative to the run's
-# directory, so that the directory keeps working when it is moved or copied.
-RUN_FILES = ('data.tokenizer',)
+# tokenizer, DIR/tokenizer/NAME, and of its chat template): its config.json names such a
+# file relative to the run's directory, so that the directory keeps working when it is
+# moved or copied.
+RUN_FILES = ('data.tokenizer', 'data.chat_template')
 
 
 def run_file_path(spec, run_dir: str | os.PathLike):
@@ -1191,12 +1201,12 @@ RUN_MODEL_KEYS = (('moe', 'matmul_impl'), ('moe', 'kernel_tiling'), ('moe', 'mos
                   ('ultramem', 'heads_per_query'))
 # Model keys that only shape the initial weights (a saved run's are in its checkpoints),
 # and model and data keys that jaxarch gained with a default that is what older runs did
-# (no rope scaling, no q/k/v biases, no QK-norm, no sliding window, generation stopping at the end-of-document
-# id alone, documents and prompts starting with a BOS).
+# (no rope scaling, no q/k/v biases, no QK-norm, no sliding window, generation stopping at
+# the end-of-document id alone, documents and prompts starting with a BOS, no chat template).
 FILLED_KEYS = (('model', 'init_truncation'), ('model', 'residual_init_scale'),
                ('model', 'rope_scaling'), ('model', 'qkv_bias'), ('model', 'qk_norm'),
                ('model', 'sliding_window'), ('model', 'attention_pattern'),
-               ('data', 'stop_ids'), ('data', 'add_bos'))
+               ('data', 'stop_ids'), ('data', 'add_bos'), ('data', 'chat_template'))
 
 
 def _with_new_run_keys(tree: dict) -> dict:

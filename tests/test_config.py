@@ -584,6 +584,35 @@ def test_data_stop_ids_default_to_empty_and_a_run_saved_without_them_loads(tmp_p
       "config error: data.stop_ids=(7, 'x') must be a tuple of token ids")
 
 
+def test_data_chat_template_names_a_file_of_the_run_and_defaults_to_none(tmp_path):
+  """None: no template, as before the key (an older saved run loads with it); a file that
+  is not there is one line; one in the run is named relative to it (`RUN_FILES`), so a
+  moved run keeps it; a BiTA run over the base chats with the base's."""
+  assert tiny().data.chat_template is None
+  template = tmp_path / 'run' / 'tokenizer' / 'chat_template.jinja'
+  assert error_of(tiny, f'data.chat_template={template}') == (
+      f"config error: data.chat_template='{template}': no such file (a Jinja chat template, "
+      "as `jaxarch import` keeps in the run's tokenizer/; None: no template)")
+  template.parent.mkdir(parents=True)
+  template.write_text('{{ messages }}')
+  config_lib.save(tiny(f'data.chat_template={template}'), tmp_path / 'run' / 'config.json')
+  saved = json.loads((tmp_path / 'run' / 'config.json').read_text())
+  assert saved['data']['chat_template'] == 'tokenizer/chat_template.jinja'
+  (tmp_path / 'run').rename(tmp_path / 'moved')
+  moved = tmp_path / 'moved' / 'tokenizer' / 'chat_template.jinja'
+  assert config_lib.load_json(tmp_path / 'moved' / 'config.json').data.chat_template == (
+      str(moved))
+  bita = config_lib.load('configs/bita.py:tiny', [
+      f'model.bita.base_workdir={tmp_path / "moved"}', 'data.source=distilled:/data'])
+  assert bita.data.chat_template == str(moved)
+  del saved['data']['chat_template']
+  (tmp_path / 'old.json').write_text(json.dumps(saved))
+  assert config_lib.load_json(tmp_path / 'old.json').data.chat_template is None
+  moved.unlink()
+  assert error_of(config_lib.load_json, tmp_path / 'moved' / 'config.json').startswith(
+      "config error: data.chat_template='tokenizer/chat_template.jinja': no such file")
+
+
 def test_a_bita_config_takes_the_base_runs_bos_setting_and_stop_ids(tmp_path):
   """BiTA's prompts start as its base run's documents did (with no BOS for a Qwen's), and
   its generation stops where the base's does (an imported model's end of turn)."""

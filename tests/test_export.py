@@ -1334,3 +1334,77 @@ def test_an_hf_config_with_default_rope_scaling_imports(tmp_path):
     _, imported = load_model(tmp_path / str(i))
     np.testing.assert_array_equal(np.asarray(logits(imported, TOKENS)),
                                   np.asarray(logits(model, TOKENS)))
+
+
+@pytest.mark.parametrize('form', ['string', 'named_list', 'jinja_file'])
+def test_import_keeps_the_chat_template_and_the_hf_export_writes_it_back(tmp_path, form):
+  """An instruct checkpoint's template (tokenizer_config.json's string, the 'default' of
+  its list, or chat_template.jinja, which wins as in transformers) becomes the run's
+  tokenizer/chat_template.jinja, named relative to the run (a moved run keeps it), the
+  safetensors export copies it, and the HF export writes it back into
+  tokenizer_config.json with special tokens read as tokens (as `apply_chat_template`
+  needs), so the export imports with it again."""
+  from test_chat import QWEN, chat_tokenizer  # pylint: disable=g-import-not-at-top
+  cfg = family_config('dense')
+  with cfg.unlocked():
+    cfg.data.tokenizer = chat_tokenizer(tmp_path / 'tokenizer.json')
+    cfg.data.add_bos = False
+  hf_dir = tmp_path / 'hf'
+  write_hf(_model(cfg), cfg, hf_dir)
+  settings = json.loads((hf_dir / 'tokenizer_config.json').read_text())
+  assert 'chat_template' not in settings and settings['split_special_tokens'] is True
+  settings['eos_token'] = '<|im_end|>'  # as a Qwen's
+  if form == 'string':
+    settings['chat_template'] = QWEN
+  elif form == 'named_list':
+    settings['chat_template'] = [{'name': 'tool_use', 'template': 'tools'},
+                                 {'name': 'default', 'template': QWEN}]
+  else:
+    settings['chat_template'] = 'an older one'
+    (hf_dir / 'chat_template.jinja').write_text(QWEN)
+  (hf_dir / 'tokenizer_config.json').write_text(json.dumps(settings))
+  run = tmp_path / 'run'
+  assert cli.main(['import', f'--hf={hf_dir}', f'--workdir={run}']) == 0
+  assert json.loads((run / 'config.json').read_text())['data']['chat_template'] == (
+      'tokenizer/chat_template.jinja')
+  assert (run / 'tokenizer' / 'chat_template.jinja').read_text() == QWEN
+  assert json.loads((run / 'tokenizer' / 'tokenizer_config.json').read_text())[
+      'eos_token'] == '<|im_end|>'  # the names the template may write
+  run = run.rename(tmp_path / 'moved')
+  cfg, model = load_model(run)
+  assert cfg.data.chat_template == str(run / 'tokenizer' / 'chat_template.jinja')
+
+  write_model(model, cfg, tmp_path / 'weights')
+  exported = config_lib.load_json(tmp_path / 'weights' / 'config.json').data.chat_template
+  assert exported == str(tmp_path / 'weights' / 'tokenizer' / 'chat_template.jinja')
+  assert Path(exported).read_text() == QWEN
+  assert (tmp_path / 'weights' / 'tokenizer' / 'tokenizer_config.json').is_file()
+
+  write_hf(model, cfg, tmp_path / 'again')
+  again = json.loads((tmp_path / 'again' / 'tokenizer_config.json').read_text())
+  assert again['chat_template'] == QWEN and again['split_special_tokens'] is False
+  assert cli.main(['import', f'--hf={tmp_path / "again"}', f'--workdir={tmp_path / "run2"}']) == 0
+  assert (tmp_path / 'run2' / 'tokenizer' / 'chat_template.jinja').read_text() == QWEN
+
+
+def test_a_chat_template_of_another_type_is_one_line_and_a_list_without_default_none(
+    tmp_path, capsys, caplog):
+  """A list of named templates with no 'default' imports with none (transformers would
+  ask which), with a warning; a template that is no string is refused in one line."""
+  hf_dir = tmp_path / 'hf'
+  write_hf(_model(family_config('dense')), family_config('dense'), hf_dir)
+  settings = json.loads((hf_dir / 'tokenizer_config.json').read_text())
+  (hf_dir / 'tokenizer_config.json').write_text(json.dumps(
+      {**settings, 'chat_template': [{'name': 'tool_use', 'template': 'x'}]}))
+  assert cli.main(['import', f'--hf={hf_dir}', f'--workdir={tmp_path / "run"}']) == 0
+  assert config_lib.load_json(tmp_path / 'run' / 'config.json').data.chat_template is None
+  assert "chat templates ['tool_use'] have none named 'default'" in caplog.text
+  assert not (tmp_path / 'run' / 'tokenizer' / 'chat_template.jinja').exists()
+  capsys.readouterr()
+  for template in (7, [{'name': 'default', 'template': 7}]):
+    (hf_dir / 'tokenizer_config.json').write_text(json.dumps(
+        {**settings, 'chat_template': template}))
+    assert cli.main(['import', f'--hf={hf_dir}', f'--workdir={tmp_path / "bad"}']) == 2
+    err = capsys.readouterr().err
+    assert 'has chat_template=7; expected a Jinja template string' in err, err
+    assert err.count('\n') == 1 and not (tmp_path / 'bad').exists()

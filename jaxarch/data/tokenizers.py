@@ -194,6 +194,19 @@ class HFTokenizer:
   def encode(self, text: str | bytes) -> list[int]:
     return self._tok.encode(as_text(text), add_special_tokens=False).ids
 
+  @functools.cached_property
+  def _reading_specials(self):
+    """A copy of the tokenizer that reads a special token's spelling as that token."""
+    tok = type(self._tok).from_str(self._tok.to_str())
+    tok.encode_special_tokens = False
+    return tok
+
+  def encode_chat(self, text: str) -> list[int]:
+    """The ids of a rendered chat template, whose special tokens' spellings
+    ('<|im_start|>', '<|begin_of_text|>') are those tokens; nothing added (no BOS), as
+    transformers' `apply_chat_template` tokenizes. `encode` reads them as text."""
+    return self._reading_specials.encode(text, add_special_tokens=False).ids
+
   def decode(self, ids) -> str:
     return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)],
                             skip_special_tokens=True)

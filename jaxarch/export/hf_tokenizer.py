@@ -242,10 +242,14 @@ def _bos_template(token: str, token_id: int) -> dict:
           'special_tokens': {token: {'id': token, 'ids': [token_id], 'tokens': [token]}}}
 
 
-def write_tokenizer(spec: str, tokenizer, out: Path, max_len: int, bos: int | None) -> None:
+def write_tokenizer(spec: str, tokenizer, out: Path, max_len: int, bos: int | None,
+                    chat_template: str | None = None) -> None:
   """tokenizer.json (+ tokenizer.model) and tokenizer_config.json in Hugging Face's form;
   texts start with `bos` (the run's `data.bos_id`: `jaxarch.data.bos_id`), or with nothing
-  where it is None (`data.add_bos=False`)."""
+  where it is None (`data.add_bos=False`). An instruct model's `chat_template` goes into
+  tokenizer_config.json, whose tokenizer then reads special tokens' spellings as those
+  tokens, as the checkpoint's did: `apply_chat_template` tokenizes the rendered template
+  so, and would read '<|im_start|>' as text under `split_special_tokens`."""
   if spec == 'bytes':
     (out / 'tokenizer.json').write_text(json.dumps(byte_tokenizer_json(bos), indent=1) + '\n')
     names = {'bos_token': None if bos is None else _byte_token(bos), 'eos_token': EOD,
@@ -276,10 +280,13 @@ def write_tokenizer(spec: str, tokenizer, out: Path, max_len: int, bos: int | No
       (out / 'tokenizer.json').write_text(json.dumps(tree, ensure_ascii=False) + '\n')
   if bos is None:  # as a Qwen's: no BOS, said twice, for transformers and for import
     extra.setdefault('add_bos_token', False)
-  # Text that spells a special token is text, as jaxarch trained on it ('<pad>' in a file).
+  if chat_template is not None:
+    extra['chat_template'] = chat_template
+  # Text that spells a special token is text, as jaxarch trained on it ('<pad>' in a file);
+  # but a chat template's special tokens are tokens.
   (out / 'tokenizer_config.json').write_text(json.dumps(
       {**names, **extra, 'model_max_length': max_len, 'clean_up_tokenization_spaces': False,
-       'split_special_tokens': True}, indent=2) + '\n')
+       'split_special_tokens': chat_template is None}, indent=2) + '\n')
   (out / 'special_tokens_map.json').write_text(json.dumps(
       {k: v for k, v in names.items() if v is not None}, indent=2) + '\n')
 

@@ -40,7 +40,12 @@ stopping at its own end-of-turn ids too (generation_config.json's and config.jso
 `<|eot_id|>`). Where the checkpoint's tokenizer adds no BOS (a Qwen2's, Qwen2.5's,
 Qwen3's: tokenizer_config.json's `add_bos_token` false or `bos_token` null, or else a
 tokenizer.json post-processor that puts nothing first), documents and prompts start with
-none (`data.add_bos=False`): the ids transformers gives the same text. A Mistral
+none (`data.add_bos=False`): the ids transformers gives the same text. An instruct
+model's chat template (chat_template.jinja, else tokenizer_config.json's `chat_template`:
+a string, or a list whose 'default' one it is) goes into the run as
+tokenizer/chat_template.jinja (`data.chat_template`, for `generate --chat`), with the
+checkpoint's tokenizer_config.json beside it (the special tokens' names the template
+writes); the export writes it back into tokenizer_config.json. A Mistral
 is a Llama's names and layouts (an explicit `head_dim`, as Mistral-Nemo's 128 for 5120 /
 32 heads, becomes model.head_dim). A Qwen2 (model_type qwen2: Qwen2, Qwen2.5) is a Llama
 with biases on q_proj, k_proj and v_proj (model.qkv_bias; one on o_proj is refused). A
@@ -68,6 +73,7 @@ at all of which transformers' `generate` stops; config.json's is the end of docu
 """
 
 import json
+import logging
 from pathlib import Path
 
 import jax
@@ -80,7 +86,7 @@ from jaxarch import config as config_lib
 from jaxarch.data import bos_id, get_tokenizer, stop_ids
 from jaxarch.export.hf_tokenizer import write_tokenizer
 from jaxarch.export.weights import (ExportError, all_or_nothing, copy_tokenizer, flat_arrays,
-                                    free_out, readable)
+                                    free_out, keep_chat_template, readable)
 from jaxarch.models import named_variables
 from jaxarch.models.transformer import head_dim
 
@@ -542,12 +548,40 @@ def _stop_setting(directory: Path, hf_config: dict, tokenizer, path: Path) -> li
   return [f'data.stop_ids={tuple(found)!r}'] if found else []
 
 
+def _chat_template(directory: Path) -> str | None:
+  """An instruct checkpoint's chat template: chat_template.jinja (transformers >= 4.50
+  saves it there; it wins, as in transformers), else tokenizer_config.json's
+  `chat_template`, a string or a list of {name, template} of which the 'default' one is
+  the template. None: a base model's, which has none."""
+  jinja = directory / 'chat_template.jinja'
+  if jinja.is_file():
+    try:
+      return jinja.read_text(encoding='utf-8')
+    except UnicodeDecodeError as e:
+      raise ExportError(f'import: {jinja} is not UTF-8 text: {e}') from None
+  config = directory / 'tokenizer_config.json'
+  template = _read_json(config).get('chat_template') if config.is_file() else None
+  if isinstance(template, list) and all(isinstance(t, dict) for t in template):
+    named = {t.get('name'): t.get('template') for t in template}
+    if 'default' not in named:
+      logging.getLogger(__name__).warning(
+          "import: %s's chat templates %s have none named 'default'; the run keeps none "
+          "(`generate --chat` needs one)", config, sorted(map(str, named)))
+      return None
+    template = named['default']
+  if template is not None and not isinstance(template, str):
+    raise ExportError(f"import: {config} has chat_template={template!r:.60}; expected a Jinja "
+                      "template string or a list of {name, template} with a 'default' one")
+  return template
+
+
 def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
   """A jaxarch run at step 0 in a new `workdir` from a Hugging Face Llama, Mistral, Qwen2
   or Mixtral checkpoint: config.json (with the checkpoint's BOS as data.bos_id, or
   data.add_bos=False where its tokenizer adds none, and its end-of-turn ids as
-  data.stop_ids), the tokenizer (copied into workdir/tokenizer/) and a checkpoint holding
-  its weights (with a fresh optimizer state)."""
+  data.stop_ids), the tokenizer (copied into workdir/tokenizer/, with an instruct model's
+  chat template as data.chat_template, its tokenizer_config.json beside it) and a
+  checkpoint holding its weights (with a fresh optimizer state)."""
   # pylint: disable=g-import-not-at-top  (the trainer's modules, for this command only)
   from jaxarch.train.checkpoint import Checkpointer
   from jaxarch.train.pretrained import mesh_here
@@ -570,6 +604,7 @@ def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
   if ids > cfg.model.vocab_size:
     raise ExportError(f'import: {tokenizer} has {ids} ids, more than the model\'s '
                       f'vocab_size={cfg.model.vocab_size}')
+  template = _chat_template(directory)
   arrays = our_arrays(hf, cfg)
   del hf  # its arrays are now arrays' (views or copies): host memory for one model
   cfg, mesh = mesh_here(cfg)
@@ -585,7 +620,11 @@ def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
   del arrays
   with all_or_nothing(workdir) as partial:  # a failed import leaves no half-made run
     # Named relative to the run in its config.json: the run can be moved or copied.
-    config_lib.save(copy_tokenizer(cfg, partial), partial / 'config.json')
+    run_cfg = copy_tokenizer(cfg, partial)
+    if template is not None:
+      run_cfg = keep_chat_template(run_cfg, partial, template,
+                                   directory / 'tokenizer_config.json')
+    config_lib.save(run_cfg, partial / 'config.json')
     checkpointer = Checkpointer(partial, async_save=False)
     checkpointer.save(0, state, force=True)
     checkpointer.close()
@@ -611,7 +650,9 @@ def write_hf(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path,
   (out / 'generation_config.json').write_text(json.dumps(
       {'bos_token_id': bos, 'eos_token_id': stops if len(stops) > 1 else stops[0],
        'pad_token_id': tokenizer.pad_id}, indent=2) + '\n')
-  write_tokenizer(cfg.data.tokenizer, tokenizer, out, cfg.model.max_len, bos)
+  template = cfg.data.get('chat_template')
+  write_tokenizer(cfg.data.tokenizer, tokenizer, out, cfg.model.max_len, bos,
+                  None if template is None else Path(template).read_text(encoding='utf-8'))
   count = sum(int(a.size) for a in arrays.values())
   (out / 'README.md').write_text(_README.format(
       source=source or 'a jaxarch run', count=count, out=final or out,

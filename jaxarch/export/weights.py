@@ -11,7 +11,8 @@
                           (bos_id, null when the model reads no BOS, and
                           stop_ids: where generation stops);
                           a SentencePiece or tokenizer.json file is copied into
-                          OUT/tokenizer/ (so an HF `tokenizer.json` keeps its name)
+                          OUT/tokenizer/ (so an HF `tokenizer.json` keeps its name),
+                          an instruct model's chat template (data.chat_template) too
   OUT/README.md           what the directory holds and how to load it
 
 Names are the module attribute paths joined by dots, so they change only when a module's
@@ -128,17 +129,37 @@ def write_model(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Pa
 
 
 def copy_tokenizer(cfg, out: Path):
-  """`cfg` naming a copy of its tokenizer file in OUT/tokenizer/, which OUT's config.json
-  names relative to OUT (`config_lib.save`), so that OUT can be moved or copied; a folder
-  of its own, since an export's OUT/tokenizer.json is its own."""
+  """`cfg` naming a copy of its tokenizer file (and of its chat template: `keep_chat_template`)
+  in OUT/tokenizer/, which OUT's config.json names relative to OUT (`config_lib.save`), so
+  that OUT can be moved or copied; a folder of its own, since an export's
+  OUT/tokenizer.json is its own."""
   spec = cfg.data.tokenizer
-  if spec == 'bytes' or not Path(spec).expanduser().is_file():
-    return cfg
-  source = Path(spec).expanduser()
-  (out / 'tokenizer').mkdir()
-  shutil.copy(source, out / 'tokenizer' / source.name)
+  if spec != 'bytes' and Path(spec).expanduser().is_file():
+    source = Path(spec).expanduser()
+    (out / 'tokenizer').mkdir()
+    shutil.copy(source, out / 'tokenizer' / source.name)
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.data.tokenizer = str(out / 'tokenizer' / source.name)
+  if cfg.data.get('chat_template') is not None:
+    template = Path(cfg.data.chat_template).expanduser()
+    cfg = keep_chat_template(cfg, out, template.read_text(encoding='utf-8'),
+                             template.with_name('tokenizer_config.json'))
+  return cfg
+
+
+CHAT_TEMPLATE = 'chat_template.jinja'  # the name transformers >= 4.50 saves a template as
+
+
+def keep_chat_template(cfg, out: Path, template: str, settings: Path):
+  """`cfg` naming OUT/tokenizer/chat_template.jinja, which holds `template`, with the
+  tokenizer_config.json `settings` (if there is one) beside it: the special tokens'
+  names the template writes (`bos_token`, `eos_token`: `jaxarch.infer.chat`)."""
+  (out / 'tokenizer').mkdir(exist_ok=True)
+  (out / 'tokenizer' / CHAT_TEMPLATE).write_text(template, encoding='utf-8')
+  if settings.is_file():
+    shutil.copy(settings, out / 'tokenizer' / 'tokenizer_config.json')
   cfg = ml_collections.ConfigDict(cfg.to_dict())
-  cfg.data.tokenizer = str(out / 'tokenizer' / source.name)
+  cfg.data.chat_template = str(out / 'tokenizer' / CHAT_TEMPLATE)
   return cfg
 
 
