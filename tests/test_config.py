@@ -790,6 +790,12 @@ def test_sliding_window_settings_are_checked_in_one_line(tmp_path):
   assert error_of(config_lib.load, 'configs/megabyte.py:tiny', ['model.sliding_window=64']) == (
       "config error: model.sliding_window=64: MEGABYTE's global model attends over patches; "
       'unset it')
+  (tmp_path / 'base').mkdir()  # BiTA's draft trees attend without one: its base neither
+  config_lib.save(tiny('model.sliding_window=8'), tmp_path / 'base' / 'config.json')
+  assert error_of(config_lib.load, 'configs/bita.py:tiny', [
+      f'model.bita.base_workdir={tmp_path / "base"}', 'data.source=distilled:/data']) == (
+      "config error: model.sliding_window=8: BiTA's draft trees attend without one; take a "
+      'base run without it')
   path = tmp_path / 'config.json'  # a run saved before the keys: no window
   config_lib.save(tiny('model.sliding_window=8'), path)
   old = json.loads(path.read_text())
