@@ -131,6 +131,39 @@ def test_templates_render_with_transformers_filters_and_globals():
     chat.render("{{ raise_exception('no tools') }}", messages)
 
 
+def test_a_generation_block_renders_its_text_as_transformers_does():
+  """`{% generation %}` (transformers marks an assistant's reply with it for training
+  masks) is its text; the strings are what transformers 5.25 renders."""
+  messages = [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'yo'},
+              {'role': 'user', 'content': 'q'}]
+  assert chat.render("{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}"
+                     '{{ m.content }}{% endgeneration %}{% else %}<|im_start|>{{ m.content }}'
+                     '<|im_end|>{% endif %}{% endfor %}', messages) == (
+                         '<|im_start|>hi<|im_end|>yo<|im_start|>q<|im_end|>')
+  assert chat.render('{% for m in messages %}{{ m.role }}\n{% generation %}\n{{ m.content }}\n'
+                     '{% endgeneration %}\n{% endfor %}', messages) == (
+                         'user\nhi\nassistant\nyo\nuser\nq\n')  # blocks trimmed
+
+
+def test_a_chat_template_under_home_is_read_where_the_config_check_found_it(tmp_path,
+                                                                           monkeypatch):
+  """data.chat_template='~/...' passes the config's check, which expands '~': generate
+  --chat reads that template and the tokenizer_config.json beside it, and the HF export
+  writes it, as with its full path."""
+  monkeypatch.setenv('HOME', str(tmp_path))
+  (tmp_path / 'tokenizer_config.json').write_text(json.dumps({'eos_token': '<|im_end|>'}))
+  full, tokenizer = data_config(tmp_path, QWEN, 'data.add_bos=False')
+  cfg = config_lib.load('configs/dense.py:tiny', [
+      f'data.tokenizer={full.tokenizer}', 'data.chat_template=~/chat_template.jinja',
+      'data.add_bos=False'])
+  assert chat.chat_prompts(cfg.data, tokenizer, ['hi']) == chat.chat_prompts(
+      full, tokenizer, ['hi'])
+  assert chat.template_variables(cfg.data, tokenizer)['eos_token'] == '<|im_end|>'
+  write_hf(models.build(cfg.model, rngs=nnx.Rngs(0)), cfg, tmp_path / 'hf')
+  settings = json.loads((tmp_path / 'hf' / 'tokenizer_config.json').read_text())
+  assert settings['chat_template'] == QWEN
+
+
 def test_rendering_without_jinja2_says_how_to_install_it(monkeypatch):
   monkeypatch.setitem(sys.modules, 'jinja2', None)
   with pytest.raises(ImportError, match='^generate --chat renders data.chat_template with '

@@ -710,6 +710,12 @@ def test_a_sliding_window_exports_as_a_mistral_mixtral_or_qwen_and_imports_back(
     ["model.attention_pattern=('local', 'global')"],  # a Mistral's window is every layer's
     ['model.qk_norm=True', "model.attention_pattern=('local', 'global')"]])  # not a suffix
 def test_windows_of_some_layers_only_export_as_a_qwen_s_suffix_only(tmp_path, overrides):
+  cfg = family_config('dense')  # a window in no block is none: a Llama
+  for override in ['model.sliding_window=3', "model.attention_pattern=('global',)"]:
+    config_lib.apply_override(cfg, override)
+  write_hf(_model(config_lib.validate(cfg)), cfg, tmp_path / 'llama')
+  config = json.loads((tmp_path / 'llama' / 'config.json').read_text())
+  assert config['model_type'] == 'llama' and 'sliding_window' not in config
   cfg = family_config('dense')
   for override in ['model.sliding_window=3', *overrides]:
     config_lib.apply_override(cfg, override)

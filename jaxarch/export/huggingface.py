@@ -114,7 +114,7 @@ def architecture(m: ml_collections.ConfigDict) -> tuple[str, str]:
   if m.qk_norm:
     return {'dense': ('Qwen3ForCausalLM', 'qwen3'),
             'moe': ('Qwen3MoeForCausalLM', 'qwen3_moe')}.get(m.family, ('', ''))
-  if m.family == 'dense' and m.sliding_window is not None:  # a Llama with a window
+  if m.family == 'dense' and _window(m) is not None:  # a Llama with a window
     return 'MistralForCausalLM', 'mistral'
   return ARCHITECTURES[m.family], MODEL_TYPES[m.family]
 
@@ -132,7 +132,7 @@ def check_exportable(cfg: ml_collections.ConfigDict) -> None:
     why = f'its blocks {tuple(m.block_pattern)} mix dense and moe layers'
   elif m.qkv_bias and m.qk_norm:
     why = 'a Qwen2 has no QK-norm and a Qwen3 no q/k/v biases (model.qkv_bias)'
-  elif m.sliding_window is not None and not _windows_exportable(m):
+  elif _window(m) is not None and not _windows_exportable(m):
     why = (f'model.attention_pattern={tuple(m.attention_pattern)!r} leaves blocks without '
            'the sliding window, which a Mistral, a Mixtral and a Qwen3-MoE give every '
            'layer, and a Qwen2 or Qwen3 the layers from max_window_layers on')
@@ -158,6 +158,11 @@ def _layer_kinds(m: ml_collections.ConfigDict) -> list[str]:
   """'local' (with the sliding window) or 'global', per layer."""
   pattern = tuple(m.attention_pattern)
   return [pattern[i % len(pattern)] for i in range(m.n_layers)]
+
+
+def _window(m: ml_collections.ConfigDict) -> int | None:
+  """The sliding window some layer has: None without one, or with every block 'global'."""
+  return m.sliding_window if 'local' in _layer_kinds(m) else None
 
 
 def _windows_exportable(m: ml_collections.ConfigDict) -> bool:
@@ -204,7 +209,7 @@ def hf_config(cfg: ml_collections.ConfigDict, tokenizer) -> dict:
     del config['mlp_bias']
   if model_type == 'qwen2':  # its biases are fixed (q, k, v)
     del config['attention_bias']
-  window = m.sliding_window  # every layer's, or a Qwen's from some layer on
+  window = _window(m)  # every layer's, or a Qwen's from some layer on
   kinds = _layer_kinds(m) if window is not None else ['global'] * m.n_layers
   if model_type in ('mistral', 'mixtral'):
     config['sliding_window'] = window
@@ -652,7 +657,8 @@ def write_hf(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path,
        'pad_token_id': tokenizer.pad_id}, indent=2) + '\n')
   template = cfg.data.get('chat_template')
   write_tokenizer(cfg.data.tokenizer, tokenizer, out, cfg.model.max_len, bos,
-                  None if template is None else Path(template).read_text(encoding='utf-8'))
+                  None if template is None else
+                  Path(template).expanduser().read_text(encoding='utf-8'))
   count = sum(int(a.size) for a in arrays.values())
   (out / 'README.md').write_text(_README.format(
       source=source or 'a jaxarch run', count=count, out=final or out,

@@ -42,7 +42,8 @@ def render(template: str, messages: list[dict], **variables) -> str:
   """The text of `messages` in a chat template, rendered as transformers renders it: in
   Jinja's immutable sandbox (a template is code from the checkpoint), blocks trimmed,
   loop controls on, with `raise_exception`, `strftime_now` (Llama 3.1 dates its system
-  message) and a `tojson` that leaves HTML characters alone. No tools, no documents."""
+  message), a `tojson` that leaves HTML characters alone and the `generation` block. No
+  tools, no documents."""
   jinja2 = _jinja()
 
   def raise_exception(message):
@@ -52,8 +53,18 @@ def render(template: str, messages: list[dict], **variables) -> str:
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
                       separators=separators, sort_keys=sort_keys)
 
+  class Generation(jinja2.ext.Extension):
+    """transformers' `{% generation %}...{% endgeneration %}`, which marks an assistant's
+    reply for its training masks: the text between, as it renders it."""
+    tags = {'generation'}
+
+    def parse(self, parser):
+      next(parser.stream)
+      return parser.parse_statements(('name:endgeneration',), drop_needle=True)
+
   env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-      trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+      trim_blocks=True, lstrip_blocks=True,
+      extensions=[jinja2.ext.loopcontrols, Generation])
   env.filters['tojson'] = tojson
   env.globals['raise_exception'] = raise_exception
   env.globals['strftime_now'] = lambda fmt: datetime.datetime.now().strftime(fmt)
@@ -69,7 +80,7 @@ def template_variables(data_cfg, tokenizer) -> dict[str, str]:
   names = {'eos_token': tokenizer.token(tokenizer.eod_id)}
   if (bos := bos_id(data_cfg, tokenizer)) is not None:
     names['bos_token'] = tokenizer.token(bos)
-  settings = Path(data_cfg.chat_template).with_name('tokenizer_config.json')
+  settings = Path(data_cfg.chat_template).expanduser().with_name('tokenizer_config.json')
   if settings.is_file():
     try:
       tree = json.loads(settings.read_text(encoding='utf-8'))
@@ -108,7 +119,7 @@ def chat_prompts(data_cfg, tokenizer, prompts: list[str], system: str | None = N
         f'only, and data.tokenizer={data_cfg.tokenizer!r} is {kind} (text between special '
         "tokens splits as transformers' legacy or current Llama tokenizer does, which the "
         'run does not say)')
-  template = Path(path).read_text(encoding='utf-8')
+  template = Path(path).expanduser().read_text(encoding='utf-8')  # '~/' as config checks it
   variables = template_variables(data_cfg, tokenizer)
   ids = []
   for prompt in prompts:
