@@ -365,16 +365,20 @@ def test_sigterm_to_the_sweep_goes_on_to_its_trainers():
 def test_a_stopped_sweep_starts_no_more_runs(tmp_path, data_dir, signum):
   """SIGTERM (or Ctrl-C) stopped the running trainers, and the sweep then started every
   run still queued; after Ctrl-C they trained unrecorded, the sweep blocked until the last.
-  The sweep runs in a process of its own, as `jaxarch sweep` does: deep into a long test
-  session (2026-12-05, the whole suite in one process) a SIGINT sent to the process no
-  longer raised KeyboardInterrupt in it, though it did in a fresh one, file by file."""
+  The sweep runs in a process of its own, as `jaxarch sweep` does, with SIGINT as at a
+  terminal: deep into a run of the whole suite (2026-12-05) a SIGINT sent to the pytest
+  process, or to a process it started, raised no KeyboardInterrupt (file by file it did)."""
   trainer = ('import json, os, sys, time, pathlib; d = pathlib.Path(sys.argv[1])\n'
              '(d / "started").write_text("")\n'
              f'if d.name == "d32": os.kill(os.getppid(), {int(signum)})\n'
              'time.sleep(2)\n'
              '(d / "metrics.jsonl").write_text(json.dumps(dict(step=6, loss=2.0)) + "\\n")\n')
   spec, workdir = _sweep_file(tmp_path, data_dir), tmp_path / 'sweep'
-  sweep = ('import sys\n'
+  # Ctrl-C as at a terminal: a process inherits an ignored or blocked SIGINT (found deep
+  # into a run of the whole suite under pytest-xdist), and Python then raises nothing.
+  sweep = ('import signal, sys\n'
+           'signal.signal(signal.SIGINT, signal.default_int_handler)\n'
+           'signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})\n'
            'from jaxarch.sweep import runner\n'
            f'runner.train_command = lambda run, run_dir: [sys.executable, "-c", {trainer!r}, '
            'str(run_dir)]\n'
