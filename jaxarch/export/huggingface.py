@@ -454,6 +454,12 @@ def _llama3_settings(hf_config: dict, scaling: dict, max_len) -> dict:
           **{f'rope_scaling.{key}': scaling[key] for key in factors}}
 
 
+def _read_json_if_any(path: Path) -> dict:
+  """A checkpoint's optional JSON file (tokenizer_config.json, generation_config.json):
+  {} when it has none."""
+  return _read_json(path) if path.is_file() else {}
+
+
 def _read_json(path: Path) -> dict:
   try:
     tree = json.loads(path.read_text())
@@ -499,8 +505,7 @@ def _adds_bos(directory: Path) -> bool | None:
   Qwen3: false), else its `bos_token: null` (Qwen2), else whether tokenizer.json's
   post-processor puts a token before a text (Llama 3's `<|begin_of_text|>`; a Qwen's,
   ByteLevel, puts none). None: the files do not say."""
-  config = directory / 'tokenizer_config.json'
-  settings = _read_json(config) if config.is_file() else {}
+  settings = _read_json_if_any(directory / 'tokenizer_config.json')
   if isinstance(settings.get('add_bos_token'), bool):
     return settings['add_bos_token']
   if 'bos_token' in settings and settings['bos_token'] is None:
@@ -539,9 +544,8 @@ def _stop_setting(directory: Path, hf_config: dict, tokenizer, path: Path) -> li
   model ends its turn (Llama 3's `<|eot_id|>` 128009 beside `<|end_of_text|>`, Qwen2.5's
   `<|im_end|>` 151645 beside `<|endoftext|>`), at which its generation stops."""
   found = []
-  generation = directory / 'generation_config.json'
   for name, config in (('generation_config.json',
-                        _read_json(generation) if generation.is_file() else {}),
+                        _read_json_if_any(directory / 'generation_config.json')),
                        ('config.json', hf_config)):
     eos = config.get('eos_token_id')
     for i in eos if isinstance(eos, list) else [] if eos is None else [eos]:
@@ -565,7 +569,7 @@ def _chat_template(directory: Path) -> str | None:
     except UnicodeDecodeError as e:
       raise ExportError(f'import: {jinja} is not UTF-8 text: {e}') from None
   config = directory / 'tokenizer_config.json'
-  template = _read_json(config).get('chat_template') if config.is_file() else None
+  template = _read_json_if_any(config).get('chat_template')
   if isinstance(template, list) and all(isinstance(t, dict) for t in template):
     named = {t.get('name'): t.get('template') for t in template}
     if 'default' not in named:
