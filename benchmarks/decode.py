@@ -22,7 +22,7 @@ Bytes read per step, for a batch of b new tokens: every parameter once, except t
 embedding table (b rows), MoE experts (an expert is read if a token chose it: expected
 E·(1 - (1 - k/E)^b) of E experts, uniform routing) and UltraMem values (expected
 N·(1 - (1 - H·k/N)^b) of N rows, uniform retrieval); KV cache: keys and values of every
-layer at the mean context length of the decode.
+layer at the mean context length of the decode (a windowed layer's window at most).
 """
 
 import sys
@@ -73,10 +73,11 @@ def param_bytes_per_step(model: nnx.Module, batch: int) -> float:
 
 
 def kv_bytes_per_step(model: nnx.Module, batch: int, context: float, itemsize: int) -> float:
-  """Keys and values of every attention layer at `context` positions, `batch` sequences."""
-  per_position = sum(2 * m.k_proj.shape[1] * m.k_proj.shape[2]
-                     for _, m in nnx.iter_graph(model) if isinstance(m, Attention))
-  return batch * context * per_position * itemsize
+  """Keys and values of every attention layer at `context` positions (a windowed layer's
+  window at most), `batch` sequences."""
+  return batch * itemsize * sum(
+      2 * m.k_proj.shape[1] * m.k_proj.shape[2] * min(context, m.window or context)
+      for _, m in nnx.iter_graph(model) if isinstance(m, Attention))
 
 
 def time_decode(generator, batch: int, prompt: int, new_tokens: int, repeats: int) -> dict:
@@ -87,7 +88,7 @@ def time_decode(generator, batch: int, prompt: int, new_tokens: int, repeats: in
   assert all(r['forward_passes'] == new_tokens for r in runs)
   return {'step_s': min(r['decode_step_s'] for r in runs),
           'prefill_s': min(r['prefill_s'] for r in runs),
-          'compile_s': runs[0]['compile_s']}
+          'compile_s': runs[0]['compile_s'], 'cache_bytes': runs[0]['cache_bytes']}
 
 
 def main(argv=None):

@@ -28,6 +28,7 @@ import moe  # pylint: disable=g-import-not-at-top,wrong-import-position
 import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 import sparse_lookup  # pylint: disable=g-import-not-at-top,wrong-import-position
 import table_split  # pylint: disable=g-import-not-at-top,wrong-import-position
+import window_decode  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 import ultramem_aux  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -80,6 +81,7 @@ def test_train_step_benchmark_says_a_bad_flag_in_one_line(argv, says, tmp_path, 
     (sparse_lookup, ['--iters=0'], 'argument --iters: 0 must be >= 1'),
     (decode, ['--repeats=0'], 'argument --repeats: 0 must be >= 1'),
     (decode, ['--new_tokens=0'], 'argument --new_tokens: 0 must be >= 1'),
+    (window_decode, ['--window=0'], 'argument --window: 0 must be >= 1'),
     (megabyte, ['--train_steps=0'], 'argument --train_steps: 0 must be >= 1'),
     (megabyte, ['--gen_context=64', '--new_tokens=64'], '--gen_context=64 must exceed'),
     (table_split, ['--steps=0'], 'argument --steps: 0 must be >= 1'),
@@ -470,6 +472,21 @@ def test_decode_benchmark_times_each_family_and_moe_path(tmp_path):
         4 * (r['params_active'] - (vocab - 1) * d_model))
     assert r['kv_bytes_per_step'] == 4 * (8 + 1.5) * 4 * 2 * 2 * 32  # 4 layers, 2 kv heads
   assert records[0]['moe_over_ultramem'] > 0
+
+
+def test_window_decode_benchmark_measures_the_rings_cache_bytes(tmp_path):
+  out = tmp_path / 'window_decode.json'
+  window_decode.main(['--preset=tiny', '--window=8', '--batch=2', '--prompts=32',
+                      '--new_tokens=3', '--repeats=1', f'--out={out}'])
+  records = json.loads(out.read_text())['records']
+  assert [r['pattern'] for r in records] == ['global', 'window', 'window 3:1 global']
+  # Caches of 32 + 64 positions (the prompt bucket and the new tokens' room) in every
+  # global layer, of 8 in a windowed one; tiny: 4 layers, 2 kv heads of 32, fp32, k and v.
+  per_slot = 2 * 2 * 2 * 32 * 4
+  assert [r['cache_bytes'] for r in records] == [
+      4 * 96 * per_slot, 4 * 8 * per_slot, (3 * 8 + 96) * per_slot]
+  assert records[1]['cache_over_global'] == pytest.approx(8 / 96)
+  assert all(r['decode_step_ms'] > 0 and r['step_over_global'] > 0 for r in records)
 
 
 def test_dense_baseline_is_widened_to_the_sparse_active_count():

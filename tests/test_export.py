@@ -93,9 +93,13 @@ def test_loading_weights_of_another_shape_names_the_array(tmp_path):
     write_model(_model(cfg), cfg, tmp_path / 'out')
 
 
-@pytest.mark.parametrize('family', ['dense', pytest.param('megabyte', marks=pytest.mark.slow)])
+@pytest.mark.parametrize('family', ['dense', 'dense_windowed',
+                                    pytest.param('megabyte', marks=pytest.mark.slow)])
 def test_stablehlo_generates_the_tokens_of_jaxarch_generate(tmp_path, family):
-  cfg = _config(family)
+  cfg = _config(family.removesuffix('_windowed'))
+  if family.endswith('_windowed'):  # its caches of the local layers: rings of 3 slots
+    config_lib.apply_override(cfg, 'model.sliding_window=3')
+    config_lib.apply_override(cfg, "model.attention_pattern=('local', 'global')")
   model = _model(cfg, seed=1)
   prompts = [[257, 100, 101, 102], [257, 50]]
   export_stablehlo(model, cfg, tmp_path / 'out', batch_size=2, prompt_len=None, max_len=20)

@@ -54,6 +54,11 @@ def test_cached_decoding_gives_the_full_forward_logits_at_every_position(family,
   decoder = infer.for_inference(model)
   full = _forward(decoder, tokens)  # b t v
   infer.add_caches(decoder, batch=2, length=32)
+  # A windowed layer keeps a ring of its window's slots, which the 11-token prompt and the
+  # decode steps wrap around (and the prefill's padding must not overwrite).
+  if cfg.model.sliding_window:
+    assert [block.attn.cache_k.shape[1] for block in decoder.blocks] == [
+        block.attn.window or 32 for block in decoder.blocks]
   lengths = jnp.array([5, 11])
   rows = jnp.arange(2)
   logits = jitted(infer.prefill)(decoder, tokens[:, :16], lengths)
@@ -82,6 +87,21 @@ def test_sharded_greedy_generation_equals_uncached_greedy_alone_or_in_a_batch(fa
   assert alone[0] == batched[1]
   for prompt, out in zip(prompts, batched):
     assert out == _greedy_without_cache(model, prompt, 8)
+
+
+def test_sharded_greedy_generation_with_windowed_ring_caches_equals_uncached_greedy():
+  """Local layers of window 3 keep rings of 3 slots, global ones the whole context;
+  prompts shorter and longer than the window, padded together, then 10 steps."""
+  cfg = family_config('dense', **MESHES['dense'])
+  for override in ('model.sliding_window=3', "model.attention_pattern=('local', 'global')"):
+    config_lib.apply_override(cfg, override)
+  model = models.build(config_lib.validate(cfg).model, rngs=nnx.Rngs(0))
+  mesh, sharded = sharded_copy(model, cfg)
+  generator = infer.Generator(sharded, mesh=mesh, rules=cfg.mesh.rules)
+  prompts = [[257, 10], [257] + list(range(40, 53)), [257, 7, 8, 9, 3]]
+  batched, _ = generator(prompts, max_new_tokens=10)
+  for prompt, out in zip(prompts, batched):
+    assert out == _greedy_without_cache(model, prompt, 10)
 
 
 def test_inference_mode_leaves_the_model_as_it_was():

@@ -124,6 +124,7 @@ class Generator:
     start = time.perf_counter()
     start_tokens, caches = jax.block_until_ready(run_prefill(self.state, tokens, *given))
     prefill_s = time.perf_counter() - start
+    cache_bytes = sum(x.nbytes for x in jax.tree.leaves(caches))  # donated to the loop
     start = time.perf_counter()
     out, steps, accepted, _ = run_decode(self.state, caches, start_tokens, *given)
     out, steps = np.asarray(out), int(steps)
@@ -139,7 +140,7 @@ class Generator:
         'forward_passes': steps, 'tokens_per_pass': new_tokens / max(passes, 1),
         'compile_s': compile_s, 'prefill_s': prefill_s, 'decode_s': decode_s,
         'tokens_per_s': new_tokens / max(prefill_s + decode_s, 1e-9),
-        'decode_step_s': decode_s / max(steps - 1, 1),
+        'decode_step_s': decode_s / max(steps - 1, 1), 'cache_bytes': cache_bytes,
     }
     if tree is not None:  # tokens per tree pass and sequence, the bonus token included
       stats['accepted_per_pass'] = float(accepted[0] / max(accepted[1], 1))

@@ -14,8 +14,9 @@ Slots past a sequence's own position may hold a longer neighbour's padding from 
 prefill; they are never read before being overwritten.
 
 A sliding `window` (Mistral's) lets a query see only the keys less than `window`
-positions before it, in training, prefill and decode alike (the caches still hold every
-position).
+positions before it, in training, prefill and decode alike. Its cache is a ring of
+min(length, window) slots: position p lives in slot p mod slots, so a decode step reads
+and keeps the window, not the whole context (Mistral 7B's 4096 of 32k positions).
 
 A `Layout` (BiTA's mask groups and draft trees, `layers.layout`) replaces the causal and
 document masks by its own visibility; with a cache, the call is written after each
@@ -109,8 +110,10 @@ class Attention(nnx.Module):
     self.drop_cache()
 
   def init_cache(self, batch: int, length: int):
-    """Zeroed keys and values [batch, length, kv_heads, head_dim] for cached decoding."""
-    shape = (batch, length) + tuple(self.k_proj.shape[1:])
+    """Zeroed keys and values [batch, slots, kv_heads, head_dim] for cached decoding:
+    `length` slots, or a windowed layer's ring of at most `window`."""
+    slots = length if self.window is None else min(length, self.window)
+    shape = (batch, slots) + tuple(self.k_proj.shape[1:])
     cache = lambda: nnx.Cache(jnp.zeros(shape, self.dtype), eager_sharding=False,
                               out_sharding=('batch', 'length', 'kv_heads', 'head_dim'))
     self.cache_k, self.cache_v = cache(), cache()
@@ -142,8 +145,7 @@ class Attention(nnx.Module):
       out = self._with_layout(q, k, v, layout, prefix, positions)
     else:
       if self.cache_k is not None:  # prefill from position 0
-        self.cache_k[...] = jax.lax.dynamic_update_slice_in_dim(self.cache_k[...], k, 0, 1)
-        self.cache_v[...] = jax.lax.dynamic_update_slice_in_dim(self.cache_v[...], v, 0, 1)
+        self._prefill_cache(k, v, segment_ids)
       # A document's positions run with the row's indices, so a window over indices is
       # one over positions (and the document mask keeps other documents out).
       window = None if self.window is None else (self.window - 1, 0)
@@ -153,13 +155,44 @@ class Attention(nnx.Module):
     out = checkpoint_name(out, remat.ATTENTION)
     return jnp.einsum('btnh,nhd->btd', out, cast(self.o_proj))
 
+  def _prefill_cache(self, k, v, segment_ids):
+    """Writes a prefill's keys and values k, v [b, t, kv, h] from slot 0; a windowed
+    layer's ring takes each slot's last position before the prompt's padding
+    (`segment_ids` 0), which would otherwise overwrite positions still in the window."""
+    if self.window is None:
+      self.cache_k[...] = jax.lax.dynamic_update_slice_in_dim(self.cache_k[...], k, 0, 1)
+      self.cache_v[...] = jax.lax.dynamic_update_slice_in_dim(self.cache_v[...], v, 0, 1)
+      return
+    slots = self.cache_k.shape[1]
+    lengths = (segment_ids != 0).sum(axis=1)  # b: a prompt is right-padded
+    behind = lengths[:, None] - 1 - jnp.arange(slots)  # b S: last position - slot
+    written = behind >= 0
+    source = jnp.where(written, jnp.arange(slots) + behind // slots * slots, 0)[..., None, None]
+    for cache, x in ((self.cache_k, k), (self.cache_v, v)):
+      kept = jnp.take_along_axis(x, source, axis=1)
+      cache[...] = jnp.where(written[..., None, None], kept.astype(cache.dtype), cache[...])
+
+  def _decode_ring(self, q, k, v, positions):
+    """A windowed layer's decode step, q, k, v [b, 1, ., h] at `positions` [b, 1], on its
+    ring of S slots (S <= window) -> [b, 1, n, h]. Slot s holds position
+    p - ((p - s) mod S), within the window by construction; it is seen once written (>= 0)."""
+    slots = self.cache_k.shape[1]
+    slot = positions[:, 0] % slots
+    self.cache_k[...] = layout_lib.write_call(self.cache_k[...], k, slot)
+    self.cache_v[...] = layout_lib.write_call(self.cache_v[...], v, slot)
+    held = positions[:, :, None] - (positions[:, :, None] - jnp.arange(slots)) % slots  # b 1 S
+    return jax.nn.dot_product_attention(q, self.cache_k[...], self.cache_v[...],
+                                        mask=(held >= 0)[:, None])
+
   def _with_layout(self, q, k, v, layout, prefix, positions):
     """q, k, v [b, t, ., h] of a call laid out by `layout` -> [b, t, n, h]."""
     b = q.shape[0]
-    if self.window is not None and (layout.cached is None or layout.context is not None
-                                    or prefix is not None):
-      raise ValueError('a sliding window is for training and decoding one token at a '
-                       "time, not BiTA's layouts")
+    if self.window is not None:
+      if layout.cached is None or layout.context is not None or prefix is not None or (
+          q.shape[1] != 1):
+        raise ValueError('a sliding window is for training and decoding one token at a '
+                         "time, not BiTA's layouts")
+      return self._decode_ring(q, k, v, positions)
     if layout.context is not None:  # the caches hold whole rows, which the call reads
       return self._groups_after_context(q, k, v, layout, prefix)
     if layout.cached is None:  # the call is the whole context
@@ -170,8 +203,6 @@ class Attention(nnx.Module):
       values = layout_lib.write_call(self.cache_v[...], v, layout.cached)
       self.cache_k[...], self.cache_v[...] = keys, values
       mask = layout_lib.cache_mask(layout, keys.shape[1])
-      if self.window is not None:  # slot s holds position s
-        mask &= positions[:, :, None] - jnp.arange(keys.shape[1]) < self.window
     keys, values, mask = self._with_prefix(keys, values, mask, layout, prefix)
     return jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None])
 
