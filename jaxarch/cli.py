@@ -455,11 +455,11 @@ def _parser() -> argparse.ArgumentParser:
   exp.add_argument('--platforms', help='stablehlo: e.g. cpu,cuda,tpu (default: this one)')
   exp.set_defaults(func=_export)
   imp = commands.add_parser(
-      'import', help='make a run of a Hugging Face Llama, Mistral, Qwen2, Qwen3, Mixtral or '
-      'Qwen3-MoE checkpoint',
+      'import', help='make a run of a Hugging Face Llama, Mistral, Ministral, Qwen2, Qwen3, '
+      'Mixtral or Qwen3-MoE checkpoint',
       description='Write a new workdir holding a Hugging Face LlamaForCausalLM, '
-      'MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MixtralForCausalLM or '
-      'Qwen3MoeForCausalLM checkpoint '
+      'MistralForCausalLM, MinistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, '
+      'MixtralForCausalLM or Qwen3MoeForCausalLM checkpoint '
       '(safetensors) as a jaxarch run at step 0: its config (train, data and mesh keys '
       'from the 151m preset and --config.KEY=VALUE), tokenizer and weights, for generate, '
       'eval, distill, BiTA, or train to go on from.')

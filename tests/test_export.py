@@ -351,6 +351,8 @@ def test_export_options_of_the_other_format_or_out_of_range_are_one_line(tmp_pat
 
 # Hugging Face's Llama format (--format=hf).
 
+LAYER_TYPED = ('qwen2', 'qwen3', 'ministral', 'mistral')
+
 
 def _llama_logits(arrays: dict, config: dict, ids: list[int]) -> np.ndarray:
   """LlamaForCausalLM's forward as transformers computes it, in float64 numpy from the
@@ -379,7 +381,9 @@ def _llama_logits(arrays: dict, config: dict, ids: list[int]) -> np.ndarray:
   kind, window = config['model_type'], config.get('sliding_window')
   if kind.startswith('qwen') and not config.get('use_sliding_window'):
     window = None
-  layer_types = config.get('layer_types') if kind in ('qwen2', 'qwen3') else None
+  # The layers config.json's layer_types names (a Qwen2's, a Qwen3's, a Ministral's; a
+  # Mistral's too, which AutoConfig reads as a Ministral's), else every one.
+  layer_types = config.get('layer_types') if kind in LAYER_TYPED else None
   near = np.subtract.outer(np.arange(t), np.arange(t)) < (window or t)
   x = w('model.embed_tokens.weight')[ids]
   for i in range(config['num_hidden_layers']):
@@ -678,15 +682,23 @@ def test_a_mistral_imports_as_a_llama_with_its_window_unless_the_window_masks_no
   assert np.abs(got - np.asarray(logits(model, TOKENS))[0]).max() > 0.1  # it masks
 
 
-@pytest.mark.parametrize('family, overrides, kind', [
-    ('dense', [], 'mistral'), ('moe', [], 'mixtral'),
+@pytest.mark.parametrize('family, overrides, kind, layer_types', [
+    ('dense', [], 'mistral', None), ('moe', [], 'mixtral', None),
     ('dense', ['model.qk_norm=True', "model.attention_pattern=('global', 'local', 'local', "
-               "'local')"], 'qwen3')])
+               "'local')"], 'qwen3', 'FSSS'),
+    ('dense', ['model.qk_norm=True', "model.attention_pattern=('local', 'local', 'global')"],
+     'qwen3', 'SSFS'),
+    ('dense', ['model.qkv_bias=True', "model.attention_pattern=('local', 'global')"], 'qwen2',
+     'SFSF'),
+    ('dense', ["model.attention_pattern=('global', 'local')"], 'ministral', 'FSFS')])
 def test_a_sliding_window_exports_as_a_mistral_mixtral_or_qwen_and_imports_back(
-    tmp_path, family, overrides, kind):
-  """Checked once with transformers 5.25: a tiny windowed Mistral and a Qwen3 with windows
+    tmp_path, family, overrides, kind, layer_types):
+  """A window in some layers only is config.json's layer_types (S: sliding_attention, F:
+  full_attention), which transformers 5 reads for a Qwen2, a Qwen3 and a Ministral.
+  Checked once with transformers 5.25: a tiny windowed Mistral and a Qwen3 with windows
   from its second layer on (max_window_layers 1), imported and exported again, give its
-  logits exactly."""
+  logits exactly; so do Qwen3s, a Qwen2 and a Ministral with windows in the layers of
+  ('local', 'local', 'global') or ('local', 'global') (README)."""
   cfg = family_config(family)
   for override in ['model.sliding_window=3', *overrides]:
     config_lib.apply_override(cfg, override)
@@ -694,37 +706,48 @@ def test_a_sliding_window_exports_as_a_mistral_mixtral_or_qwen_and_imports_back(
   write_hf(model, cfg, tmp_path / 'hf')
   config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
   assert (config['model_type'], config['sliding_window']) == (kind, 3)
-  if kind == 'qwen3':
-    assert config['use_sliding_window'] and config['max_window_layers'] == 1
-    assert config['layer_types'] == ['full_attention'] + ['sliding_attention'] * 3
+  names = {'S': 'sliding_attention', 'F': 'full_attention'}
+  assert config.get('layer_types') == (layer_types and [names[c] for c in layer_types])
+  if kind.startswith('qwen'):
+    assert config['use_sliding_window']
+  if kind.startswith('qwen') and layer_types == ''.join(sorted(layer_types)):  # a suffix
+    assert config['max_window_layers'] == layer_types.count('F')  # as transformers 4 reads
   arrays = safetensors.numpy.load_file(tmp_path / 'hf' / 'model.safetensors')
   want = np.asarray(logits(model, TOKENS))[0]
   np.testing.assert_allclose(_llama_logits(arrays, config, TOKENS[0]), want, atol=2e-5,
                              rtol=1e-5)
-  assert np.abs(_llama_logits(arrays, {**config, 'sliding_window': None}, TOKENS[0])
-                - want).max() > 0.1
+  off = lambda **change: np.abs(_llama_logits(arrays, {**config, **change}, TOKENS[0])
+                                - want).max()
+  assert off(sliding_window=None) > 0.1  # the window masks
+  if layer_types:
+    assert off(layer_types=None) > 0.1  # in the layers layer_types names only
   assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "run"}']) == 0
   imported_cfg, imported = load_model(tmp_path / 'run')
   assert imported_cfg.model.sliding_window == 3
   assert imported_cfg.model.attention_pattern == tuple(cfg.model.attention_pattern)
   np.testing.assert_array_equal(np.asarray(logits(imported, TOKENS)), want[None])
+  write_hf(imported, imported_cfg, tmp_path / 'again')
+  again = json.loads((tmp_path / 'again' / 'config.json').read_text())
+  assert (again['model_type'], again.get('layer_types')) == (kind, config.get('layer_types'))
 
 
-@pytest.mark.parametrize('overrides', [
-    ["model.attention_pattern=('local', 'global')"],  # a Mistral's window is every layer's
-    ['model.qk_norm=True', "model.attention_pattern=('local', 'global')"]])  # not a suffix
-def test_windows_of_some_layers_only_export_as_a_qwen_s_suffix_only(tmp_path, overrides):
+def test_windows_of_some_moe_layers_only_are_refused_in_one_line(tmp_path):
+  """A Mixtral's and a Qwen3-MoE's attention give every layer the window."""
   cfg = family_config('dense')  # a window in no block is none: a Llama
   for override in ['model.sliding_window=3', "model.attention_pattern=('global',)"]:
     config_lib.apply_override(cfg, override)
   write_hf(_model(config_lib.validate(cfg)), cfg, tmp_path / 'llama')
   config = json.loads((tmp_path / 'llama' / 'config.json').read_text())
   assert config['model_type'] == 'llama' and 'sliding_window' not in config
-  cfg = family_config('dense')
-  for override in ['model.sliding_window=3', *overrides]:
-    config_lib.apply_override(cfg, override)
-  with pytest.raises(ExportError, match=r"leaves blocks without the sliding window"):
-    write_hf(_model(config_lib.validate(cfg)), cfg, tmp_path / 'out')
+  for qk_norm in (False, True):
+    cfg = family_config('moe')
+    for override in ['model.sliding_window=3', "model.attention_pattern=('local', 'global')",
+                     f'model.qk_norm={qk_norm}']:
+      config_lib.apply_override(cfg, override)
+    with pytest.raises(ExportError, match=r"leaves blocks without the sliding window, which "
+                       r"a Mixtral and a Qwen3-MoE give every layer: use") as e:
+      write_hf(_model(config_lib.validate(cfg)), cfg, tmp_path / 'out')
+    assert '\n' not in str(e.value)
 
 
 def test_an_hf_checkpoint_of_another_kind_or_a_used_workdir_is_one_line(tmp_path, capsys):
@@ -735,7 +758,7 @@ def test_an_hf_checkpoint_of_another_kind_or_a_used_workdir_is_one_line(tmp_path
   (tmp_path / 'used' / 'file').write_text('x')
   for change, message in [
       ({'model_type': 'gemma2'}, "model_type='gemma2' (jaxarch reads 'llama', 'mistral', "
-                                 "'mixtral', 'qwen2', 'qwen3', 'qwen3_moe')"),
+                                 "'ministral', 'mixtral', 'qwen2', 'qwen3', 'qwen3_moe')"),
       ({'model_type': 'mistral', 'sliding_window': 0}, 'sliding_window=0; expected a '
        'positive integer or null'),
       ({'rope_scaling': {'rope_type': 'dynamic', 'factor': 8.0}}, "rope scaling {'rope_type'"),
@@ -839,6 +862,11 @@ def test_a_used_qwen2_window_covers_the_layers_from_max_window_layers_on():
                 ) == (4096, ('local', 'global'))
   assert window(use_sliding_window=True, max_window_layers=0) == (4096, ('local',))
   assert window(model_type='mistral', use_sliding_window=False) == (4096, ('local',))
+  # transformers 5.25's AutoConfig reads a Mistral with layer_types as a Ministral.
+  for kind in ('mistral', 'ministral'):
+    assert window(model_type=kind, layer_types=['full_attention', 'sliding_attention']
+                  ) == (4096, ('global', 'local'))
+    assert window(model_type=kind, layer_types=None) == (4096, ('local',))
   moe = huggingface.run_config({**QWEN3_MOE, 'use_sliding_window': True,  # every layer
                                 'sliding_window': 4096, 'max_window_layers': 48}, 'bytes')
   assert (moe.model.sliding_window, moe.model.attention_pattern) == (4096, ('local',))

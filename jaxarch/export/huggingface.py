@@ -52,11 +52,17 @@ with biases on q_proj, k_proj and v_proj (model.qkv_bias; one on o_proj is refus
 Qwen3 is a Llama with q_norm and k_norm (model.qk_norm), a Qwen3-MoE a Mixtral with them,
 its experts `moe_intermediate_size` wide; one with dense blocks among the MoE ones
 (decoder_sparse_step > 1, mlp_only_layers) is refused. A sliding window is
-model.sliding_window (`_window_settings`: a Mistral's and a Mixtral's in every layer, a
-Qwen's only with `use_sliding_window` and in the layers `layer_types` names, as
-model.attention_pattern); one of at least `max_position_embeddings` masks nothing and is
-left out. The export writes it back: a dense model with a window and no biases or
-QK-norm is a `MistralForCausalLM`. Other biases (attention_bias, mlp_bias), other
+model.sliding_window (`_window_settings`: a Mixtral's and a Qwen3-MoE's in every layer, a
+Mistral's and a Ministral's in the layers `layer_types` names (every layer without it), a
+Qwen2's and a Qwen3's only with `use_sliding_window` and in the layers `layer_types`
+names, as model.attention_pattern); one of at least `max_position_embeddings` masks
+nothing and is left out. The export writes it back, a window in some layers only as
+`layer_types`, which transformers 5 reads (a transformers 4 that reads only
+`max_window_layers`, the layers from it on, reads a Qwen's right only where the windowed
+layers are the last ones): a dense model with a window and no biases or QK-norm is a
+`MistralForCausalLM`, a `MinistralForCausalLM` where some layers have none (Mistral's
+attention gives every layer the window); a MoE model's window must be every layer's
+(Mixtral's and Qwen3-MoE's attention). Other biases (attention_bias, mlp_bias), other
 architectures and rope scalings other than Llama 3.1's `llama3` (model.rope_scaling),
 which the export writes back, are refused.
 
@@ -92,29 +98,36 @@ from jaxarch.models.transformer import head_dim
 
 ARCHITECTURES = {'dense': 'LlamaForCausalLM', 'moe': 'MixtralForCausalLM'}
 MODEL_TYPES = {'dense': 'llama', 'moe': 'mixtral'}  # config.json's `model_type`
-# What import reads: a Mistral is a Llama's names and layout with a sliding window, a
-# Qwen2 a Llama with biases on q, k and v (model.qkv_bias), a Qwen3 one with QK-norm
-# (model.qk_norm), a Qwen3-MoE a Mixtral with QK-norm and its own names.
-IMPORTS = {'llama': 'dense', 'mistral': 'dense', 'mixtral': 'moe', 'qwen2': 'dense',
-           'qwen3': 'dense', 'qwen3_moe': 'moe'}
+# What import reads: a Mistral is a Llama's names and layout with a sliding window (a
+# Ministral one whose window is in the layers `layer_types` names), a Qwen2 a Llama with
+# biases on q, k and v (model.qkv_bias), a Qwen3 one with QK-norm (model.qk_norm), a
+# Qwen3-MoE a Mixtral with QK-norm and its own names.
+IMPORTS = {'llama': 'dense', 'mistral': 'dense', 'ministral': 'dense', 'mixtral': 'moe',
+           'qwen2': 'dense', 'qwen3': 'dense', 'qwen3_moe': 'moe'}
 # Where a MoE block's router and experts are: (module, {ours: theirs}).
 MOE_NAMES = {'mixtral': ('block_sparse_moe', {'w_gate': 'w1', 'w_down': 'w2', 'w_up': 'w3'}),
              'qwen3_moe': ('mlp', {'w_gate': 'gate_proj', 'w_down': 'down_proj',
                                    'w_up': 'up_proj'})}
 # Model types whose `sliding_window` is used only with `use_sliding_window: true`.
 WINDOW_SWITCHED = ('qwen2', 'qwen3', 'qwen3_moe')
+# Model types whose attention slides in the layers `layer_types` names (transformers 5;
+# Mistral's and Mixtral's modeling give every layer the window, Qwen3-MoE's too).
+LAYER_TYPED = ('qwen2', 'qwen3', 'ministral')
 
 
 def architecture(m: ml_collections.ConfigDict) -> tuple[str, str]:
   """config.json's (architecture, model_type) of a model section: a dense model with
-  q/k/v biases is a Qwen2, one with QK-norm a Qwen3, a MoE model with QK-norm a
-  Qwen3-MoE."""
+  q/k/v biases is a Qwen2, one with QK-norm a Qwen3, one with neither and a sliding window
+  a Mistral (a Ministral, whose attention reads layer_types, with the window in some
+  layers only), a MoE model with QK-norm a Qwen3-MoE."""
   if m.family == 'dense' and m.qkv_bias:
     return 'Qwen2ForCausalLM', 'qwen2'
   if m.qk_norm:
     return {'dense': ('Qwen3ForCausalLM', 'qwen3'),
             'moe': ('Qwen3MoeForCausalLM', 'qwen3_moe')}.get(m.family, ('', ''))
   if m.family == 'dense' and _window(m) is not None:  # a Llama with a window
+    if 'global' in _layer_kinds(m):  # in some layers: a Mistral would slide in all
+      return 'MinistralForCausalLM', 'ministral'
     return 'MistralForCausalLM', 'mistral'
   return ARCHITECTURES[m.family], MODEL_TYPES[m.family]
 
@@ -132,10 +145,9 @@ def check_exportable(cfg: ml_collections.ConfigDict) -> None:
     why = f'its blocks {tuple(m.block_pattern)} mix dense and moe layers'
   elif m.qkv_bias and m.qk_norm:
     why = 'a Qwen2 has no QK-norm and a Qwen3 no q/k/v biases (model.qkv_bias)'
-  elif _window(m) is not None and not _windows_exportable(m):
+  elif m.family == 'moe' and _window(m) is not None and 'global' in _layer_kinds(m):
     why = (f'model.attention_pattern={tuple(m.attention_pattern)!r} leaves blocks without '
-           'the sliding window, which a Mistral, a Mixtral and a Qwen3-MoE give every '
-           'layer, and a Qwen2 or Qwen3 the layers from max_window_layers on')
+           'the sliding window, which a Mixtral and a Qwen3-MoE give every layer')
   elif m.family == 'moe':
     moe = m.moe
     why = ('a Mixtral has no shared experts' if moe.num_shared_experts else
@@ -165,17 +177,9 @@ def _window(m: ml_collections.ConfigDict) -> int | None:
   return m.sliding_window if 'local' in _layer_kinds(m) else None
 
 
-def _windows_exportable(m: ml_collections.ConfigDict) -> bool:
-  """Every layer has the window, or (a Qwen2's or Qwen3's) the layers from some index on."""
-  kinds = _layer_kinds(m)
-  if architecture(m)[1] in ('qwen2', 'qwen3'):
-    return kinds == sorted(kinds)  # 'global' < 'local': all the global ones first
-  return 'global' not in kinds
-
-
 def hf_config(cfg: ml_collections.ConfigDict, tokenizer) -> dict:
-  """config.json of `transformers.LlamaConfig`, `Qwen2Config`, `Qwen3Config`,
-  `MixtralConfig` or `Qwen3MoeConfig` for the run's model."""
+  """config.json of `transformers.LlamaConfig`, `MistralConfig`, `MinistralConfig`,
+  `Qwen2Config`, `Qwen3Config`, `MixtralConfig` or `Qwen3MoeConfig` for the run's model."""
   m = cfg.model
   name, model_type = architecture(m)
   config = {
@@ -209,16 +213,19 @@ def hf_config(cfg: ml_collections.ConfigDict, tokenizer) -> dict:
     del config['mlp_bias']
   if model_type == 'qwen2':  # its biases are fixed (q, k, v)
     del config['attention_bias']
-  window = _window(m)  # every layer's, or a Qwen's from some layer on
+  # The window is every layer's (a Mistral's, a Mixtral's, a Qwen3-MoE's), or in the
+  # layers layer_types names: transformers 5 reads them, 4 read a Qwen's max_window_layers
+  # (the layers from it on), right only where the windowed layers are the last ones.
+  window = _window(m)
   kinds = _layer_kinds(m) if window is not None else ['global'] * m.n_layers
-  if model_type in ('mistral', 'mixtral'):
+  if model_type in ('mistral', 'ministral', 'mixtral'):
     config['sliding_window'] = window
   if model_type in WINDOW_SWITCHED:  # as transformers 5.25 writes it
     config.update({'use_sliding_window': window is not None, 'sliding_window': window,
                    'max_window_layers': kinds.count('global')})
-    if model_type != 'qwen3_moe':  # whose attention reads no layer types
-      config['layer_types'] = [{'global': 'full_attention', 'local': 'sliding_attention'}[k]
-                               for k in kinds]
+  if model_type in LAYER_TYPED:
+    config['layer_types'] = [{'global': 'full_attention', 'local': 'sliding_attention'}[k]
+                             for k in kinds]
   return config
 
 
@@ -320,7 +327,7 @@ def our_arrays(hf: dict[str, np.ndarray], cfg: ml_collections.ConfigDict
 
 
 def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.ConfigDict:
-  """The jaxarch config of a Llama, Mistral, Qwen2, Qwen3, Mixtral or Qwen3-MoE
+  """The jaxarch config of a Llama, Mistral, Ministral, Qwen2, Qwen3, Mixtral or Qwen3-MoE
   `config.json` (train, data and mesh keys: the preset's, then `overrides`); refuses what
   jaxarch's models do not compute."""
   kind = hf_config.get('model_type')
@@ -400,12 +407,14 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
 
 def _window_settings(hf_config: dict, max_len) -> dict:
   """model.sliding_window and model.attention_pattern of the checkpoint's windows. A
-  Mistral's and a Mixtral's is every layer's, a Qwen's is used only with
+  Mixtral's is every layer's, a Mistral's and a Ministral's is in the layers `layer_types`
+  names 'sliding_attention' (every layer without one; transformers 5's AutoConfig reads a
+  Mistral with layer_types as a Ministral), a Qwen's is used only with
   `use_sliding_window` (Qwen2.5 writes false beside 131072) in the layers `layer_types`
-  names 'sliding_attention' (transformers 4: those from `max_window_layers` on), a
-  Qwen3-MoE's in every layer. A query sees the keys less than the window before it, as in
-  transformers; a window of at least max_len positions (the run's model.max_len) masks
-  nothing and is left out."""
+  names (transformers 4: those from `max_window_layers` on), a Qwen3-MoE's in every
+  layer. A query sees the keys less than the window before it, as in transformers; a
+  window of at least max_len positions (the run's model.max_len) masks nothing and is
+  left out."""
   kind, n = hf_config.get('model_type'), hf_config['num_hidden_layers']
   window = hf_config.get('sliding_window')
   if window is None or (kind in WINDOW_SWITCHED
@@ -417,10 +426,11 @@ def _window_settings(hf_config: dict, max_len) -> dict:
   if isinstance(max_len, int) and window >= max_len:
     return {}
   local = [True] * n
-  if kind in ('qwen2', 'qwen3'):
+  types = hf_config.get('layer_types') if kind in (*LAYER_TYPED, 'mistral') else None
+  if kind in ('qwen2', 'qwen3') and not types:  # transformers 4's
     first = hf_config.get('max_window_layers', 28)  # Qwen2Config's default
-    types = hf_config.get('layer_types') or [
-        'sliding_attention' if i >= first else 'full_attention' for i in range(n)]
+    types = ['sliding_attention' if i >= first else 'full_attention' for i in range(n)]
+  if types is not None:
     if (not isinstance(types, list) or len(types) != n
         or not set(types) <= {'sliding_attention', 'full_attention'}):
       raise ExportError(f'import: config.json has layer_types={types!r}; expected one of '
