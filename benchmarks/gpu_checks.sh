@@ -22,7 +22,8 @@
 # MEGABYTE 151m, profiled with XLA's command buffers (CUDA graphs) off, since the trace does
 # not attribute their kernels to instructions. Part 2 is decode at batch 64 (MoE against
 # UltraMem where the weights read differ), MEGABYTE, and the grouped matmul at 8 and 64
-# experts.
+# experts, after a compile-only count of the collectives of gradient accumulation and a
+# first run of cuDNN's sliding-window attention.
 # Each benchmark gets its share of the part's SECONDS and writes its JSON (with the device
 # name) to $OUT, which the device tool brings back; a benchmark that runs out of time is cut
 # off and the next one starts, so one slow case never costs the others (each writes its
@@ -107,6 +108,12 @@ ultramem:680m:16:dots:model.ultramem.num_values=262144,megabyte:151m:8:none
 # grids, MEGABYTE's equal-compute quality run and BiTA's whole recipe (a trained 151m base,
 # distillation, BiTA training: `python benchmarks/bita.py --workdir=DIR`, resumable by
 # stage) need calls of their own.
-run 2 decode 20 python3 benchmarks/decode.py --batches=64 --prompts=2048 --repeats=1
-run 2 megabyte 16 python3 benchmarks/megabyte.py --seq_lens=8192 --gen_batches=1 --bpb_steps=0
-run 2 grouped_matmul_8_64 12 python3 benchmarks/moe.py --tables=matmul --experts=8,64
+# Whether XLA's GPU compiler all-reduces accumulated gradients once per step (the CPU one
+# does it per microbatch): compiled only, the one GPU posing as 8 (jax_mock_gpu_topology).
+JAX_MOCK_GPU_TOPOLOGY=1x8x1 \
+  run 2 accum_collectives 6 python3 benchmarks/accum_collectives.py --meshes=data8,data2_fsdp4
+# cuDNN's sliding window (with the document mask), so far only lowered: against XLA's.
+run 2 attention 4 python3 benchmarks/attention.py
+run 2 decode 18 python3 benchmarks/decode.py --batches=64 --prompts=2048 --repeats=1
+run 2 megabyte 12 python3 benchmarks/megabyte.py --seq_lens=8192 --gen_batches=1 --bpb_steps=0
+run 2 grouped_matmul_8_64 8 python3 benchmarks/moe.py --tables=matmul --experts=8,64

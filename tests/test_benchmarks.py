@@ -8,17 +8,22 @@ import sys
 import tarfile
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxarch import cli
 from jaxarch import config as config_lib
+from jaxarch import models
 from jaxarch.sweep import plan
 from jaxarch.train import profile, throughput
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'benchmarks'))
 
+import accum_collectives  # pylint: disable=g-import-not-at-top,wrong-import-position
+import attention  # pylint: disable=g-import-not-at-top,wrong-import-position
 import bita  # pylint: disable=g-import-not-at-top,wrong-import-position
 import compare_families  # pylint: disable=g-import-not-at-top,wrong-import-position
 import decode  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -82,6 +87,9 @@ def test_train_step_benchmark_says_a_bad_flag_in_one_line(argv, says, tmp_path, 
     (decode, ['--repeats=0'], 'argument --repeats: 0 must be >= 1'),
     (decode, ['--new_tokens=0'], 'argument --new_tokens: 0 must be >= 1'),
     (window_decode, ['--window=0'], 'argument --window: 0 must be >= 1'),
+    (attention, ['--seq_len=0'], 'argument --seq_len: 0 must be >= 1'),
+    (accum_collectives, ['--meshes=data9'], "--meshes: unknown ['data9']"),
+    (accum_collectives, ['--batch_size=36'], '--batch_size=36 must split into --accum=4'),
     (megabyte, ['--train_steps=0'], 'argument --train_steps: 0 must be >= 1'),
     (megabyte, ['--gen_context=64', '--new_tokens=64'], '--gen_context=64 must exceed'),
     (table_split, ['--steps=0'], 'argument --steps: 0 must be >= 1'),
@@ -489,6 +497,31 @@ def test_window_decode_benchmark_measures_the_rings_cache_bytes(tmp_path):
   assert all(r['decode_step_ms'] > 0 and r['step_over_global'] > 0 for r in records)
 
 
+def test_attention_benchmark_times_each_implementation_with_and_without_a_window(tmp_path):
+  out = tmp_path / 'attention.json'
+  attention.main(['--batch=1', '--seq_len=32', '--window=8', '--iters=1', f'--out={out}'])
+  records = json.loads(out.read_text())['records']
+  assert [(r['impl'], r['window']) for r in records] == [('xla', None), ('xla', 8)]
+  assert records[1]['over_no_window'] == pytest.approx(records[1]['ms'] / records[0]['ms'])
+  assert 'max_rel_error_vs_xla' not in records[1]  # cuDNN runs on GPUs only
+
+
+def test_accum_collectives_counts_the_gradient_reductions_per_step(tmp_path):
+  out = tmp_path / 'accum.json'
+  accum_collectives.main(['--meshes=data8', '--accum=2', '--batch_size=16', f'--out={out}'])
+  record, = json.loads(out.read_text())['records']
+  reduced = record['all-reduce']
+  # Replicated weights: the whole fp32 gradient is all-reduced (plus a few scalars), and
+  # with 2 microbatches once per microbatch (XLA's CPU compiler keeps it in the loop; a
+  # GPU's moves it out, x1) or once per step.
+  model = models.build(config_lib.load('configs/dense.py:tiny').model, rngs=nnx.Rngs(0))
+  grad_bytes = 4 * sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert grad_bytes <= reduced['bytes_accum_1'] < 1.01 * grad_bytes
+  assert reduced['ratio'] == pytest.approx(2, rel=0.01) or reduced['ratio'] == pytest.approx(
+      1, rel=0.01)
+  assert record['temp_bytes_accum_a'] < record['temp_bytes_accum_1']  # half the activations
+
+
 def test_dense_baseline_is_widened_to_the_sparse_active_count():
   target = compare_families.counts(
       compare_families.config_lib.load('configs/ultramem.py:tiny'))['active']
@@ -737,7 +770,7 @@ class _Parsed(Exception):
 
 @pytest.mark.parametrize('part, budget, benchmarks', [
     ('1', 270, ['moe', 'mfu']),
-    ('2', 250, ['decode', 'megabyte', 'moe']),
+    ('2', 250, ['accum_collectives', 'attention', 'decode', 'megabyte', 'moe']),
 ])
 def test_each_gpu_checks_call_runs_its_benchmarks_with_flags_they_accept(
     part, budget, benchmarks, tmp_path, monkeypatch):
@@ -750,8 +783,8 @@ def test_each_gpu_checks_call_runs_its_benchmarks_with_flags_they_accept(
   calls = tmp_path / 'calls.jsonl'
   (bin_dir / 'python3').write_text(
       f'#!/bin/sh\nexec {sys.executable} -c "import json, os, sys; '
-      f"open('{calls}', 'a').write(json.dumps([os.environ.get('XLA_FLAGS', '')] "
-      f"+ sys.argv[1:]) + '\\n')\" \"$@\"\n")
+      f"open('{calls}', 'a').write(json.dumps([{{k: os.environ.get(k, '') for k in "
+      f"('XLA_FLAGS', 'JAX_MOCK_GPU_TOPOLOGY')}}] + sys.argv[1:]) + '\\n')\" \"$@\"\n")
   (bin_dir / 'nvidia-smi').write_text('#!/bin/sh\necho "Test GPU, 1 MiB"\n')
   for stub in bin_dir.iterdir():
     stub.chmod(0o755)
@@ -765,12 +798,16 @@ def test_each_gpu_checks_call_runs_its_benchmarks_with_flags_they_accept(
   with tarfile.open(out / 'gpu_checks.tgz') as packed:
     assert './summary.txt' in packed.getnames()
   runs = [json.loads(line) for line in calls.read_text().splitlines()]
-  flags = {argv[0]: xla_flags for xla_flags, *argv in runs}
+  env_of = {argv[0]: env for env, *argv in runs}
+  flags = {script: env['XLA_FLAGS'] for script, env in env_of.items()}
   runs = [argv for _, *argv in runs if argv[0].startswith('benchmarks/')]
   assert [Path(argv[0]).stem for argv in runs] == benchmarks
   # MFU's profile names instructions only with XLA's command buffers (CUDA graphs) off
   assert ('--xla_gpu_enable_command_buffer=' in flags.get('benchmarks/mfu.py', '')
           ) == ('mfu' in benchmarks)
+  # The accumulation count compiles for the one GPU posing as the 8 its meshes need.
+  assert ({s: e['JAX_MOCK_GPU_TOPOLOGY'] for s, e in env_of.items() if e['JAX_MOCK_GPU_TOPOLOGY']}
+          == ({'benchmarks/accum_collectives.py': '1x8x1'} if part == '2' else {}))
   if 'mfu' in benchmarks:  # the grouped-matmul table wrote nothing: the H200's record
     assert '--moe_kernels_from=benchmarks/records/grouped_matmul_h200.json' in runs[-1]
   real_parse = argparse.ArgumentParser.parse_args
@@ -778,7 +815,8 @@ def test_each_gpu_checks_call_runs_its_benchmarks_with_flags_they_accept(
     raise _Parsed(real_parse(self, args, namespace))
   monkeypatch.setattr(argparse.ArgumentParser, 'parse_args', parse_only)
   scripts = {'moe': moe, 'mfu': mfu, 'decode': decode, 'sparse_lookup': sparse_lookup,
-             'megabyte': megabyte}
+             'megabyte': megabyte, 'accum_collectives': accum_collectives,
+             'attention': attention}
   for script, *argv in runs:
     with pytest.raises(_Parsed) as parsed:
       scripts[Path(script).stem].main(argv)
