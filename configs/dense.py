@@ -88,6 +88,15 @@ def get_config(arg=None):
   # 'local', cycled over them as block_pattern is (Gemma 3's: 5 'local', then 'global').
   c.model.sliding_window = ml_collections.config_dict.placeholder(int)
   c.model.attention_pattern = ('local',)
+  # Gemma 3's (`jaxarch import` sets them): the sliding-window blocks' RoPE theta, unscaled
+  # (None: rope_theta and rope_scaling, as the other blocks); the token embeddings times
+  # sqrt(d_model) (the tied head unscaled); an RMSNorm on the attention's and the MLP's
+  # outputs before they are added ("sandwich" norms); the MLP gate's activation, silu
+  # (SwiGLU) or gelu_tanh (GeGLU; dense blocks only).
+  c.model.local_rope_theta = ml_collections.config_dict.placeholder(float)
+  c.model.embed_scale = False
+  c.model.post_norms = False
+  c.model.mlp_activation = 'silu'
   c.model.norm_eps = 1e-6
   c.model.init_std = 0.02
   c.model.init_truncation = 0.0  # > 0: the normal init cut at ±this many std (MEGABYTE: 2)

@@ -436,15 +436,15 @@ def _parser() -> argparse.ArgumentParser:
       "Face's format or StableHLO",
       description="Export the latest (or --step) checkpoint of a run: safetensors weights "
       'with config.json and tokenizer.json; for --format=hf a dense or MoE model in '
-      "Hugging Face's Llama (Qwen2 with q/k/v biases, Qwen3 with QK-norm) or Mixtral "
-      "(Qwen3-MoE with QK-norm) format; for "
+      "Hugging Face's Llama (Qwen2 with q/k/v biases, Qwen3 with QK-norm, Gemma 3 with "
+      "Gemma 3's keys) or Mixtral (Qwen3-MoE with QK-norm) format; for "
       '--format=stablehlo also the prefill and decode step serialized with jax.export and '
       'a loader that needs no jaxarch.')
   exp.add_argument('--workdir', required=True, help='the trained run')
   exp.add_argument('--out', required=True, help='a new directory')
   exp.add_argument('--format', choices=('safetensors', 'hf', 'stablehlo'), default='safetensors',
                    help="hf: a dense or MoE model as Hugging Face's Llama, Qwen2, Qwen3, "
-                   'Mixtral or Qwen3-MoE (transformers, vLLM)')
+                   'Gemma 3, Mixtral or Qwen3-MoE (transformers, vLLM)')
   exp.add_argument('--step', type=int, help='checkpoint step (default: latest)')
   exp.add_argument('--batch_size', type=at_least_one,
                    help='stablehlo: sequences per call (default: 1)')
@@ -456,10 +456,10 @@ def _parser() -> argparse.ArgumentParser:
   exp.set_defaults(func=_export)
   imp = commands.add_parser(
       'import', help='make a run of a Hugging Face Llama, Mistral, Ministral, Qwen2, Qwen3, '
-      'Mixtral or Qwen3-MoE checkpoint',
+      'Gemma 3 (text), Mixtral or Qwen3-MoE checkpoint',
       description='Write a new workdir holding a Hugging Face LlamaForCausalLM, '
       'MistralForCausalLM, MinistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, '
-      'MixtralForCausalLM or Qwen3MoeForCausalLM checkpoint '
+      'Gemma3ForCausalLM, MixtralForCausalLM or Qwen3MoeForCausalLM checkpoint '
       '(safetensors) as a jaxarch run at step 0: its config (train, data and mesh keys '
       'from the 151m preset and --config.KEY=VALUE), tokenizer and weights, for generate, '
       'eval, distill, BiTA, or train to go on from.')

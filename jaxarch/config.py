@@ -745,6 +745,7 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
   _choice(cfg, 'model.qkv_bias', (True, False))
   _choice(cfg, 'model.qk_norm', (True, False))
   _check_sliding_window(cfg)
+  _check_gemma_keys(cfg)
   if not _number(cfg, 'model.init_truncation') >= 0:
     raise ConfigError(f'model.init_truncation={cfg.model.init_truncation} must be >= 0 '
                       '(0: no truncation; else in standard deviations, e.g. 2)')
@@ -770,6 +771,27 @@ def _check_sliding_window(cfg: ConfigDict) -> None:
          'bita': "BiTA's draft trees attend without one; take a base run without it"}
   if cfg.model.family in why:
     raise ConfigError(f'model.sliding_window={window}: {why[cfg.model.family]}')
+
+
+def _check_gemma_keys(cfg: ConfigDict) -> None:
+  """Gemma 3's model keys: post_norms in every family's blocks; embed_scale but for
+  MEGABYTE's patch embeddings; gelu_tanh in dense blocks (not MoE experts); a local RoPE
+  theta for the blocks with the sliding window."""
+  _choice(cfg, 'model.post_norms', (True, False))
+  if _choice(cfg, 'model.embed_scale', (True, False)) and cfg.model.family == 'megabyte':
+    raise ConfigError("model.embed_scale=True: MEGABYTE embeds patches of bytes; unset it")
+  if (_choice(cfg, 'model.mlp_activation', ('silu', 'gelu_tanh')) != 'silu'
+      and 'moe' in cfg.model.block_pattern):
+    raise ConfigError(f'model.mlp_activation={cfg.model.mlp_activation!r}: MoE experts are '
+                      "SwiGLUs; use 'silu' with 'moe' blocks")
+  theta = _get(cfg, 'model.local_rope_theta')
+  if theta is None:
+    return
+  if not 0 < _number(cfg, 'model.local_rope_theta') < math.inf:
+    raise ConfigError(f'model.local_rope_theta={theta} must be > 0 and finite, or None')
+  if _get(cfg, 'model.sliding_window') is None:
+    raise ConfigError(f'model.local_rope_theta={theta} turns the sliding-window blocks, and '
+                      'model.sliding_window is unset; set it or unset local_rope_theta')
 
 
 def _check_rope_scaling(cfg: ConfigDict) -> None:
@@ -1201,11 +1223,14 @@ RUN_MODEL_KEYS = (('moe', 'matmul_impl'), ('moe', 'kernel_tiling'), ('moe', 'mos
                   ('ultramem', 'heads_per_query'))
 # Model keys that only shape the initial weights (a saved run's are in its checkpoints),
 # and model and data keys that jaxarch gained with a default that is what older runs did
-# (no rope scaling, no q/k/v biases, no QK-norm, no sliding window, generation stopping at
-# the end-of-document id alone, documents and prompts starting with a BOS, no chat template).
+# (no rope scaling, no q/k/v biases, no QK-norm, no sliding window, none of Gemma 3's keys,
+# generation stopping at the end-of-document id alone, documents and prompts starting with
+# a BOS, no chat template).
 FILLED_KEYS = (('model', 'init_truncation'), ('model', 'residual_init_scale'),
                ('model', 'rope_scaling'), ('model', 'qkv_bias'), ('model', 'qk_norm'),
                ('model', 'sliding_window'), ('model', 'attention_pattern'),
+               ('model', 'local_rope_theta'), ('model', 'embed_scale'),
+               ('model', 'post_norms'), ('model', 'mlp_activation'),
                ('data', 'stop_ids'), ('data', 'add_bos'), ('data', 'chat_template'))
 
 

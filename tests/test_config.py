@@ -803,3 +803,32 @@ def test_sliding_window_settings_are_checked_in_one_line(tmp_path):
   path.write_text(json.dumps(old))
   cfg = config_lib.load_json(path)
   assert (cfg.model.sliding_window, cfg.model.attention_pattern) == (None, ('local',))
+
+
+def test_gemma_keys_are_checked_in_one_line_and_runs_saved_before_them_load(tmp_path):
+  assert error_of(tiny, 'model.mlp_activation=relu') == (
+      "config error: model.mlp_activation='relu' must be one of silu, gelu_tanh")
+  assert error_of(tiny, 'model.local_rope_theta=100.0') == (
+      'config error: model.local_rope_theta=100.0 turns the sliding-window blocks, and '
+      'model.sliding_window is unset; set it or unset local_rope_theta')
+  assert error_of(tiny, 'model.sliding_window=4', 'model.local_rope_theta=-1.0').startswith(
+      'config error: model.local_rope_theta=-1.0 must be > 0')
+  assert error_of(config_lib.load, 'configs/moe.py:tiny', ['model.mlp_activation=gelu_tanh']) == (
+      "config error: model.mlp_activation='gelu_tanh': MoE experts are SwiGLUs; use 'silu' "
+      "with 'moe' blocks")
+  assert error_of(config_lib.load, 'configs/megabyte.py:tiny', ['model.embed_scale=True']) == (
+      'config error: model.embed_scale=True: MEGABYTE embeds patches of bytes; unset it')
+  keys = ('post_norms', 'embed_scale', 'mlp_activation', 'local_rope_theta')
+  for spec in ('configs/dense.py:tiny', 'configs/moe.py:tiny', 'configs/megabyte.py:tiny'):
+    path = tmp_path / 'config.json'
+    config_lib.save(config_lib.load(spec), path)
+    old = json.loads(path.read_text())
+    for key in keys:
+      del old['model'][key]
+    path.write_text(json.dumps(old))
+    cfg = config_lib.load_json(path)
+    assert tuple(cfg.model[key] for key in keys) == (False, False, 'silu', None), spec
+    old['model']['post_norms'] = 'yes'  # hand-edited
+    path.write_text(json.dumps(old))
+    assert error_of(config_lib.load_json, path) == (
+        "config error: model.post_norms='yes' must be one of True, False")

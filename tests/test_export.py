@@ -351,7 +351,7 @@ def test_export_options_of_the_other_format_or_out_of_range_are_one_line(tmp_pat
 
 # Hugging Face's Llama format (--format=hf).
 
-LAYER_TYPED = ('qwen2', 'qwen3', 'ministral', 'mistral')
+LAYER_TYPED = ('qwen2', 'qwen3', 'ministral', 'mistral', 'gemma3_text')
 
 
 def _llama_logits(arrays: dict, config: dict, ids: list[int]) -> np.ndarray:
@@ -361,21 +361,34 @@ def _llama_logits(arrays: dict, config: dict, ids: list[int]) -> np.ndarray:
   [out, in] weights; Qwen2's q, k and v biases, when there are some, added before the
   rotation, and Qwen3's RMSNorm of each head's query and key (q_norm, k_norm) before it
   too. MoE blocks are Mixtral's or, under Qwen3-MoE's names, with its gates renormalised
-  over the top k only when norm_topk_prob says so."""
+  over the top k only when norm_topk_prob says so. A Gemma 3 (gemma3_text) is a Qwen3
+  whose RMSNorms scale by 1 + weight, whose embeddings are scaled by sqrt(hidden_size),
+  queries by query_pre_attn_scalar**-0.5, whose sliding layers turn at their own theta,
+  whose attention and MLP outputs are normed again before they are added, with a tanh
+  GELU gate."""
   w = lambda name: arrays[name].astype(np.float64)
   h, n, kv = (config[k] for k in ('head_dim', 'num_attention_heads', 'num_key_value_heads'))
+  gemma = config['model_type'] == 'gemma3_text'
   norm = lambda x, weight: x / np.sqrt((x * x).mean(-1, keepdims=True)
-                                       + config['rms_norm_eps']) * weight
+                                       + config['rms_norm_eps']) * (gemma + weight)
   t = len(ids)
-  freqs = 1 / config['rope_theta'] ** (np.arange(0, h, 2) / h)
-  rope = config['rope_parameters']
-  if rope['rope_type'] == 'llama3':
-    freqs = llama3_frequencies(freqs, rope['factor'], rope['low_freq_factor'],
-                               rope['high_freq_factor'],
-                               rope['original_max_position_embeddings'])
-  angles = np.arange(t)[:, None] * freqs
-  cos, sin = (f(np.concatenate([angles, angles], -1))[:, None] for f in (np.cos, np.sin))
-  rope = lambda x: x * cos + np.concatenate([-x[..., h // 2:], x[..., :h // 2]], -1) * sin
+
+  def rotation(rope):  # rope_parameters -> x [t, heads, h] rotated
+    freqs = 1 / rope['rope_theta'] ** (np.arange(0, h, 2) / h)
+    if rope['rope_type'] == 'llama3':
+      freqs = llama3_frequencies(freqs, rope['factor'], rope['low_freq_factor'],
+                                 rope['high_freq_factor'],
+                                 rope['original_max_position_embeddings'])
+    angles = np.arange(t)[:, None] * freqs
+    cos, sin = (f(np.concatenate([angles, angles], -1))[:, None] for f in (np.cos, np.sin))
+    return lambda x: x * cos + np.concatenate([-x[..., h // 2:], x[..., :h // 2]], -1) * sin
+
+  ropes = config['rope_parameters']
+  global_rope, local_rope = ((rotation(ropes['full_attention']),
+                              rotation(ropes['sliding_attention'])) if gemma else
+                             (rotation({**ropes, 'rope_theta': config['rope_theta']}),) * 2)
+  gelu = lambda u: 0.5 * u * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u ** 3)))
+  act = gelu if gemma else lambda u: u / (1 + np.exp(-u))
   causal = np.tril(np.ones((t, t), bool))
   # A query sees the keys less than the window before it, in the layers that have one.
   kind, window = config['model_type'], config.get('sliding_window')
@@ -385,10 +398,11 @@ def _llama_logits(arrays: dict, config: dict, ids: list[int]) -> np.ndarray:
   # Mistral's too, which AutoConfig reads as a Ministral's), else every one.
   layer_types = config.get('layer_types') if kind in LAYER_TYPED else None
   near = np.subtract.outer(np.arange(t), np.arange(t)) < (window or t)
-  x = w('model.embed_tokens.weight')[ids]
+  x = w('model.embed_tokens.weight')[ids] * (np.sqrt(config['hidden_size']) if gemma else 1)
   for i in range(config['num_hidden_layers']):
     sliding = window and (layer_types is None or layer_types[i] == 'sliding_attention')
     visible = causal & near if sliding else causal
+    rope = local_rope if sliding else global_rope
     at = lambda name: w(f'model.layers.{i}.{name}.weight')  # pylint: disable=cell-var-from-loop
     a = norm(x, at('input_layernorm'))
     # pylint: disable=cell-var-from-loop
@@ -400,14 +414,19 @@ def _llama_logits(arrays: dict, config: dict, ids: list[int]) -> np.ndarray:
     q = rope(qk_norm(proj('q_proj').reshape(t, n, h), 'q_norm'))
     k = np.repeat(rope(qk_norm(proj('k_proj').reshape(t, kv, h), 'k_norm')), n // kv, axis=1)
     v = np.repeat(proj('v_proj').reshape(t, kv, h), n // kv, axis=1)
-    scores = np.where(visible, np.einsum('qnh,knh->nqk', q, k) / np.sqrt(h), -np.inf)
+    scale = config.get('query_pre_attn_scalar', h) ** -0.5
+    scores = np.where(visible, np.einsum('qnh,knh->nqk', q, k) * scale, -np.inf)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    x = x + np.einsum('nqk,knh->qnh', probs, v).reshape(t, n * h) @ at('self_attn.o_proj').T
-    m = norm(x, at('post_attention_layernorm'))
-    swiglu = lambda m, gate, up, down: (gate * (m @ up.T) / (1 + np.exp(-gate))) @ down.T
+    out = np.einsum('nqk,knh->qnh', probs, v).reshape(t, n * h) @ at('self_attn.o_proj').T
+    if gemma:  # normed again before it is added, and the MLP's input normed by another
+      out = norm(out, at('post_attention_layernorm'))
+    x = x + out
+    m = norm(x, at('pre_feedforward_layernorm' if gemma else 'post_attention_layernorm'))
+    swiglu = lambda m, gate, up, down: (act(gate) * (m @ up.T)) @ down.T
     if f'model.layers.{i}.mlp.gate_proj.weight' in arrays:  # Llama
-      x = x + swiglu(m, m @ at('mlp.gate_proj').T, at('mlp.up_proj'), at('mlp.down_proj'))
+      out = swiglu(m, m @ at('mlp.gate_proj').T, at('mlp.up_proj'), at('mlp.down_proj'))
+      x = x + (norm(out, at('post_feedforward_layernorm')) if gemma else out)
       continue
     # Mixtral: softmax over the experts, the top k renormalised, their SwiGLUs summed.
     qwen = config['model_type'] == 'qwen3_moe'
@@ -758,7 +777,8 @@ def test_an_hf_checkpoint_of_another_kind_or_a_used_workdir_is_one_line(tmp_path
   (tmp_path / 'used' / 'file').write_text('x')
   for change, message in [
       ({'model_type': 'gemma2'}, "model_type='gemma2' (jaxarch reads 'llama', 'mistral', "
-                                 "'ministral', 'mixtral', 'qwen2', 'qwen3', 'qwen3_moe')"),
+                                 "'ministral', 'mixtral', 'qwen2', 'qwen3', 'qwen3_moe', "
+                                 "'gemma3_text')"),
       ({'model_type': 'mistral', 'sliding_window': 0}, 'sliding_window=0; expected a '
        'positive integer or null'),
       ({'rope_scaling': {'rope_type': 'dynamic', 'factor': 8.0}}, "rope scaling {'rope_type'"),
@@ -1446,3 +1466,151 @@ def test_a_chat_template_of_another_type_is_one_line_and_a_list_without_default_
     err = capsys.readouterr().err
     assert 'has chat_template=7; expected a Jinja template string' in err, err
     assert err.count('\n') == 1 and not (tmp_path / 'bad').exists()
+
+
+# Gemma 3 (Gemma3ForCausalLM, model_type gemma3_text).
+
+GEMMA = ['model.qk_norm=True', 'model.post_norms=True', 'model.embed_scale=True',
+         'model.mlp_activation=gelu_tanh', 'model.sliding_window=3',
+         "model.attention_pattern=('local', 'local', 'global')", 'model.n_layers=4',
+         'model.local_rope_theta=100.0', 'model.rope_theta=1000000.0']
+
+
+def _gemma(tied=True, overrides=()):
+  """A tiny model with Gemma 3's keys, all its RMSNorm scales random in [0.5, 2): there
+  a Gemma's weight, scale - 1, and back are exact in float32 (Sterbenz)."""
+  cfg = family_config('dense')
+  for override in [*GEMMA, f'model.tie_embeddings={tied}', *overrides]:
+    config_lib.apply_override(cfg, override)
+  model = _model(config_lib.validate(cfg))
+  rng = np.random.default_rng(0)
+  for path, scale in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    if path[-1] == 'scale':
+      scale.set_value(rng.uniform(0.5, 2, scale.get_value().shape).astype(np.float32))
+  return cfg, model
+
+
+@pytest.mark.parametrize('tied', [True, False])
+def test_gemma_keys_export_as_a_gemma3_and_import_back_with_the_same_logits(tmp_path, tied):
+  """Checked once with transformers 5.25: tiny Gemma3ForCausalLMs it wrote (random norms,
+  windows in 3 of 4 layers, query_pre_attn_scalar 32 and 48 beside head_dim 32, tied and
+  not, both config spellings) give its logits within 6.7e-6, its 40 greedy tokens, and
+  exported again, its logits (README)."""
+  cfg, model = _gemma(tied)
+  write_hf(model, cfg, tmp_path / 'hf')
+  config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+  assert (config['architectures'], config['model_type']) == (['Gemma3ForCausalLM'],
+                                                             'gemma3_text')
+  assert config['layer_types'] == ['sliding_attention'] * 2 + ['full_attention'] + [
+      'sliding_attention']
+  assert config['sliding_window_pattern'] == 3  # transformers 4.50's: F where (i + 1) % 3 = 0
+  assert (config['sliding_window'], config['query_pre_attn_scalar'], config['head_dim'],
+          config['hidden_activation'], config['rope_local_base_freq']) == (
+              3, 32, 32, 'gelu_pytorch_tanh', 100.0)
+  assert config['rope_parameters'] == {
+      'full_attention': {'rope_type': 'default', 'rope_theta': 1e6},
+      'sliding_attention': {'rope_type': 'default', 'rope_theta': 100.0}}
+  assert 'hidden_act' not in config and 'rope_scaling' not in config
+  arrays = safetensors.numpy.load_file(tmp_path / 'hf' / 'model.safetensors')
+  np.testing.assert_array_equal(arrays['model.layers.1.pre_feedforward_layernorm.weight'],
+                                np.asarray(model.blocks[1].mlp_norm.scale[...]) - 1)
+  want = np.asarray(logits(model, TOKENS))[0]
+  np.testing.assert_allclose(_llama_logits(arrays, config, TOKENS[0]), want, atol=2e-5,
+                             rtol=1e-5)
+  off = lambda **change: np.abs(_llama_logits(arrays, {**config, **change}, TOKENS[0])
+                                - want).max()
+  assert off(rope_parameters={k: {'rope_type': 'default', 'rope_theta': 1e6}
+                              for k in ('full_attention', 'sliding_attention')}) > 0.1
+  assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "run"}']) == 0
+  imported_cfg, imported = load_model(tmp_path / 'run')
+  for key in ('qk_norm', 'post_norms', 'embed_scale', 'mlp_activation', 'sliding_window',
+              'attention_pattern', 'local_rope_theta', 'rope_theta', 'tie_embeddings'):
+    assert imported_cfg.model[key] == cfg.model[key], key
+  np.testing.assert_array_equal(np.asarray(logits(imported, TOKENS))[0], want)
+  write_hf(imported, imported_cfg, tmp_path / 'again')
+  assert json.loads((tmp_path / 'again' / 'config.json').read_text()) == config
+
+
+def test_a_gemma3_query_pre_attn_scalar_is_folded_into_the_query_norm(tmp_path):
+  """Gemma 3 27B scales its queries by 168**-0.5 beside head_dim 128: its q_norm scales,
+  times sqrt(head_dim / 168), give our head_dim**-0.5 the same logits."""
+  cfg, model = _gemma(overrides=["model.attention_pattern=('local', 'local', 'local', "
+                                 "'global')"])
+  write_hf(model, cfg, tmp_path / 'hf')
+  config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+  assert config['sliding_window_pattern'] == 4  # transformers 4.50's spelling too
+  config['query_pre_attn_scalar'] = 7
+  (tmp_path / 'hf' / 'config.json').write_text(json.dumps(config))
+  arrays = safetensors.numpy.load_file(tmp_path / 'hf' / 'model.safetensors')
+  want = _llama_logits(arrays, config, TOKENS[0])
+  assert np.abs(want - np.asarray(logits(model, TOKENS))[0]).max() > 0.1
+  assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "run"}']) == 0
+  _, imported = load_model(tmp_path / 'run')
+  np.testing.assert_allclose(np.asarray(logits(imported, TOKENS))[0], want, atol=2e-5,
+                             rtol=1e-5)
+
+
+# Gemma 3 1B's config.json (transformers 4.50), shrunk: its rope_theta, rope_local_base_freq
+# and sliding_window_pattern where transformers 5 writes rope_parameters and layer_types.
+GEMMA3_1B = {'architectures': ['Gemma3ForCausalLM'], 'model_type': 'gemma3_text',
+             'attention_bias': False, 'attn_logit_softcapping': None, 'bos_token_id': 2,
+             'eos_token_id': [1, 106], 'final_logit_softcapping': None, 'head_dim': 32,
+             'hidden_activation': 'gelu_pytorch_tanh', 'hidden_size': 64,
+             'intermediate_size': 128, 'max_position_embeddings': 256,
+             'num_attention_heads': 4, 'num_hidden_layers': 7, 'num_key_value_heads': 1,
+             'pad_token_id': 0, 'query_pre_attn_scalar': 32, 'rms_norm_eps': 1e-06,
+             'rope_local_base_freq': 10000, 'rope_scaling': None, 'rope_theta': 1000000,
+             'sliding_window': 512, 'sliding_window_pattern': 6, 'torch_dtype': 'bfloat16',
+             'vocab_size': 384}
+
+
+def test_a_gemma3_config_of_transformers_4_or_left_to_defaults_imports():
+  """Its window, even of more than max_len positions, is kept: the sliding layers turn at
+  their own theta. What config.json leaves out is Gemma3TextConfig's default (tied, a
+  window of 4096 in all but every 6th layer, head_dim 256)."""
+  model = huggingface.run_config(GEMMA3_1B, 'bytes').model
+  assert (model.sliding_window, model.attention_pattern) == (512, ('local',) * 5 + ('global',))
+  assert (model.local_rope_theta, model.rope_theta, model.tie_embeddings) == (1e4, 1e6, True)
+  assert (model.qk_norm, model.post_norms, model.embed_scale, model.mlp_activation,
+          model.head_dim) == (True, True, True, 'gelu_tanh', 32)
+  bare = {k: v for k, v in GEMMA3_1B.items() if k not in (
+      'sliding_window', 'sliding_window_pattern', 'head_dim', 'rope_theta',
+      'rope_local_base_freq', 'max_position_embeddings')}
+  model = huggingface.run_config(bare, 'bytes').model
+  assert (model.sliding_window, model.attention_pattern, model.head_dim, model.rope_theta,
+          model.local_rope_theta) == (4096, ('local',) * 5 + ('global',), 256, 1e6, 1e4)
+
+
+@pytest.mark.parametrize('change, message', [
+    ({'final_logit_softcapping': 30.0}, "final_logit_softcapping=30.0 (Gemma 2's)"),
+    ({'attn_logit_softcapping': 50.0}, "attn_logit_softcapping=50.0 (Gemma 2's)"),
+    ({'rope_scaling': {'rope_type': 'linear', 'factor': 8.0}},
+     "rope scaling {'rope_type': 'linear', 'factor': 8.0}"),
+    ({'hidden_activation': 'gelu'}, "hidden_activation='gelu'"),
+    ({'use_bidirectional_attention': True}, 'use_bidirectional_attention=true'),
+    ({'model_type': 'gemma3'}, "model_type='gemma3' (Gemma 3's multimodal model; save its "
+     'language model as a Gemma3ForCausalLM, model_type gemma3_text, and import that)'),
+    ({'sliding_window': None}, "config.json has sliding_window=null; a Gemma 3's sliding "
+     'layers need a positive integer')])
+def test_what_gemma3_has_and_jaxarch_does_not_compute_is_refused_in_one_line(change, message):
+  with pytest.raises(ExportError) as e:
+    huggingface.run_config({**GEMMA3_1B, **change}, 'bytes')
+  assert message in str(e.value) and '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('family, overrides, why', [
+    ('dense', ['model.post_norms=True'], "a Gemma 3 has all of Gemma 3's keys, and this "
+     "model lacks model.embed_scale=True, model.mlp_activation='gelu_tanh', "
+     'model.qk_norm=True'),
+    ('dense', [*GEMMA, 'model.rope_scaling.type=llama3'],
+     "a Gemma 3's RoPE is not scaled 'llama3'"),
+    ('dense', ['model.qk_norm=True', 'model.sliding_window=3', 'model.local_rope_theta=10.0'],
+     "this model lacks model.embed_scale=True"),
+    ('moe', ['model.post_norms=True'], 'a Gemma 3 is dense, and this is a moe model')])
+def test_hf_export_refuses_some_of_gemma3s_keys_in_one_line(tmp_path, family, overrides, why):
+  cfg = family_config(family)
+  for override in overrides:
+    config_lib.apply_override(cfg, override)
+  with pytest.raises(ExportError) as e:
+    write_hf(_model(config_lib.validate(cfg)), cfg, tmp_path / 'out')
+  assert why in str(e.value) and '\n' not in str(e.value)

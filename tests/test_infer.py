@@ -40,7 +40,11 @@ def _greedy_without_cache(model, prompt, steps):
     *((family, ()) for family in sorted(FAMILIES)),
     ('dense', ('model.qkv_bias=True', 'model.qk_norm=True')),  # a Qwen2's and a Qwen3's
     ('dense', ('model.sliding_window=4', "model.attention_pattern=('local', 'global')")),
-    ('moe', ('model.sliding_window=3',)), ('ultramem', ('model.sliding_window=3',))])
+    ('moe', ('model.sliding_window=3',)), ('ultramem', ('model.sliding_window=3',)),
+    ('dense', ('model.sliding_window=4', "model.attention_pattern=('local', 'global')",  # a
+               'model.local_rope_theta=100.0', 'model.qk_norm=True',  # Gemma 3's
+               'model.post_norms=True', 'model.embed_scale=True',
+               'model.mlp_activation=gelu_tanh'))])
 def test_cached_decoding_gives_the_full_forward_logits_at_every_position(family, overrides):
   # Two prompts of lengths 5 and 11 prefilled together (bucket 16), then fed their
   # continuation one token per step up to position 23 (for MEGABYTE, the two sequences

@@ -407,3 +407,104 @@ def test_a_sliding_window_lowers_into_cudnn_attention_for_cuda(traced_as_on_gpu)
   hlo = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=('cuda',)).as_text()
   assert hlo.count('sliding_window_length\\22: 5,') == 2  # forward and backward
   assert 'fmhaScaleBiasSoftmaxBackward' in hlo
+
+
+# Gemma 3's keys: model.post_norms, model.embed_scale, model.mlp_activation,
+# model.local_rope_theta (`jaxarch import` of a Gemma3ForCausalLM sets them).
+
+def _param_names(model):
+  return {'.'.join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def test_gemma_keys_off_leave_the_params_and_logits_as_before():
+  """Their defaults add no parameter and build the blocks as before; each one set changes
+  the logits of the same weights."""
+  cfg, plain = _model()
+  assert (cfg.model.post_norms, cfg.model.embed_scale, cfg.model.mlp_activation,
+          cfg.model.local_rope_theta) == (False, False, 'silu', None)
+  assert not any('post_norm' in name for name in _param_names(plain))
+  assert plain.embed.scale is None and plain.blocks[0].mlp.activation == 'silu'
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 24)), jnp.int32)
+  windowed = {'model.sliding_window': 4, 'model.attention_pattern': ('local', 'global')}
+  for base, key in [({}, {'model.post_norms': True}), ({}, {'model.embed_scale': True}),
+                    ({}, {'model.mlp_activation': 'gelu_tanh'}),
+                    (windowed, {'model.local_rope_theta': 100.0})]:
+    _, without = _model(**base)
+    _, model = _model(**base, **key)
+    if 'model.post_norms' in key:  # post-norms of random scales
+      for block in model.blocks:
+        for norm in (block.attn_post_norm, block.mlp_post_norm):
+          norm.scale[...] = 1 + jax.random.normal(jax.random.key(1), norm.scale.shape)
+    else:
+      assert _param_names(model) == _param_names(without)
+    assert np.abs(np.asarray(model(tokens)) - np.asarray(without(tokens))).max() > 1e-3, key
+
+
+def test_post_norms_norm_each_sublayers_output_before_it_is_added():
+  cfg, model = _model(**{'model.post_norms': True})
+  assert _param_names(model) - _param_names(_model()[1]) == {
+      f'blocks.{i}.{name}.scale' for i in range(cfg.model.n_layers)
+      for name in ('attn_post_norm', 'mlp_post_norm')}
+  block = model.blocks[0]
+  assert block.mlp_post_norm.scale.get_metadata()['weight_decay'] is False
+  for norm in (block.attn_post_norm, block.mlp_post_norm):
+    norm.scale[...] = 1 + jax.random.normal(jax.random.key(2), norm.scale.shape)
+  x = jax.random.normal(jax.random.key(3), (2, 6, cfg.model.d_model))
+  positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
+  segments = jnp.ones((2, 6), jnp.int32)
+  w = lambda norm: np.asarray(norm.scale[...], np.float64)
+  rms = lambda u, norm: u / np.sqrt((u * u).mean(-1, keepdims=True) + 1e-6) * w(norm)
+  attn = np.asarray(block.attn(block.attn_norm(x), positions, segments), np.float64)
+  mid = np.asarray(x, np.float64) + rms(attn, block.attn_post_norm)
+  mlp = np.asarray(block.mlp(block.mlp_norm(jnp.asarray(mid, jnp.float32))), np.float64)
+  want = mid + rms(mlp, block.mlp_post_norm)
+  np.testing.assert_allclose(np.asarray(block(x, positions, segments)), want, atol=2e-5)
+
+
+def test_embed_scale_multiplies_the_inputs_by_sqrt_d_model_not_the_tied_head():
+  _, plain = _model(**{'model.tie_embeddings': True})
+  cfg, scaled = _model(**{'model.tie_embeddings': True, 'model.embed_scale': True})
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 12)), jnp.int32)
+  np.testing.assert_allclose(np.asarray(scaled.embed(tokens)),
+                             np.asarray(plain.embed(tokens)) * np.sqrt(cfg.model.d_model),
+                             rtol=1e-6)
+  x = jax.random.normal(jax.random.key(0), (2, 3, cfg.model.d_model))
+  np.testing.assert_array_equal(np.asarray(scaled.logits(x)), np.asarray(plain.logits(x)))
+  bf16 = models.build(config_lib.load('configs/dense.py:tiny', [
+      'model.embed_scale=True', 'model.dtype=bfloat16']).model, rngs=nnx.Rngs(0))
+  table = bf16.embed.embedding[...].astype(jnp.bfloat16)  # rounded as transformers rounds:
+  want = table[tokens] * jnp.bfloat16(np.sqrt(128))  # both factors in the compute dtype
+  np.testing.assert_array_equal(np.asarray(bf16.embed(tokens)), np.asarray(want))
+
+
+def test_gelu_tanh_gate_is_the_tanh_approximation_of_gelu():
+  """transformers' gelu_pytorch_tanh: 0.5·u·(1 + tanh(sqrt(2/π)·(u + 0.044715·u³)))."""
+  _, model = _model(**{'model.mlp_activation': 'gelu_tanh'})
+  mlp = model.blocks[1].mlp
+  x = jax.random.normal(jax.random.key(0), (2, 5, 64))
+  w = lambda p: np.asarray(p[...], np.float64)
+  xs = np.asarray(x, np.float64)
+  u = xs @ w(mlp.gate)
+  gelu = 0.5 * u * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u ** 3)))
+  np.testing.assert_allclose(np.asarray(mlp(x)), (gelu * (xs @ w(mlp.up))) @ w(mlp.down),
+                             atol=1e-5)
+
+
+def test_local_rope_theta_turns_the_sliding_window_blocks_only_and_unscaled():
+  cfg, model = _model(**{'model.sliding_window': 4, 'model.n_layers': 4,
+                         'model.attention_pattern': ('local', 'local', 'global'),
+                         'model.local_rope_theta': 100.0, 'model.rope_theta': 1e6,
+                         'model.rope_scaling.type': 'llama3'})
+  got = [(b.attn.window, b.attn.rope_theta, b.attn.rope_scaling is None) for b in model.blocks]
+  assert got == [(4, 100.0, True), (4, 100.0, True), (None, 1e6, False), (4, 100.0, True)]
+
+
+@pytest.mark.parametrize('spec', ['configs/dense.py:tiny', 'configs/moe.py:tiny',
+                                  'configs/megabyte.py:tiny', 'configs/ultramem.py:tiny'])
+def test_every_familys_blocks_take_the_post_norms(spec):
+  cfg = config_lib.load(spec, ['model.post_norms=True'])
+  model = nnx.eval_shape(lambda: models.build(cfg.model, rngs=nnx.Rngs(0)))
+  blocks = [m for _, m in nnx.iter_graph(model) if hasattr(m, 'mlp_post_norm')]
+  assert len(blocks) == cfg.model.n_layers + cfg.model.get('megabyte', {}).get(
+      'local', {}).get('n_layers', 0)
+  assert all(b.attn_post_norm is not None and b.mlp_post_norm is not None for b in blocks)

@@ -30,6 +30,17 @@ keeps [out, in]):
   blocks.i.attn_norm, mlp_norm      -> ...input_layernorm, post_attention_layernorm
   final_norm, head       [d, V]     -> model.norm.weight, lm_head.weight [V, d]
 
+A dense model with Gemma 3's keys (model.embed_scale, model.post_norms,
+model.mlp_activation='gelu_tanh', with model.qk_norm; model.local_rope_theta for its
+sliding layers) is a Gemma3ForCausalLM (model_type gemma3_text), whose block norms are
+
+  blocks.i.attn_norm, attn_post_norm -> ...input_layernorm, post_attention_layernorm
+  blocks.i.mlp_norm, mlp_post_norm   -> ...pre_feedforward_layernorm, post_feedforward_layernorm
+
+and whose RMSNorms (all of them) scale by 1 + weight: theirs = ours - 1. Its queries are
+scaled by query_pre_attn_scalar**-0.5, ours by head_dim**-0.5: import folds the ratio into
+the query norm's scale, export writes head_dim.
+
 `import_hf` goes the other way (`jaxarch import --hf=DIR --workdir=NEW`): a Llama, Mistral,
 Qwen2, Qwen3, Mixtral or Qwen3-MoE checkpoint becomes a jaxarch run at step 0, which
 `generate`, `eval`, `distill` and BiTA read as any run, and `jaxarch train` continues
@@ -80,6 +91,7 @@ at all of which transformers' `generate` stops; config.json's is the end of docu
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import jax
@@ -103,7 +115,7 @@ MODEL_TYPES = {'dense': 'llama', 'moe': 'mixtral'}  # config.json's `model_type`
 # biases on q, k and v (model.qkv_bias), a Qwen3 one with QK-norm (model.qk_norm), a
 # Qwen3-MoE a Mixtral with QK-norm and its own names.
 IMPORTS = {'llama': 'dense', 'mistral': 'dense', 'ministral': 'dense', 'mixtral': 'moe',
-           'qwen2': 'dense', 'qwen3': 'dense', 'qwen3_moe': 'moe'}
+           'qwen2': 'dense', 'qwen3': 'dense', 'qwen3_moe': 'moe', 'gemma3_text': 'dense'}
 # Where a MoE block's router and experts are: (module, {ours: theirs}).
 MOE_NAMES = {'mixtral': ('block_sparse_moe', {'w_gate': 'w1', 'w_down': 'w2', 'w_up': 'w3'}),
              'qwen3_moe': ('mlp', {'w_gate': 'gate_proj', 'w_down': 'down_proj',
@@ -112,14 +124,29 @@ MOE_NAMES = {'mixtral': ('block_sparse_moe', {'w_gate': 'w1', 'w_down': 'w2', 'w
 WINDOW_SWITCHED = ('qwen2', 'qwen3', 'qwen3_moe')
 # Model types whose attention slides in the layers `layer_types` names (transformers 5;
 # Mistral's and Mixtral's modeling give every layer the window, Qwen3-MoE's too).
-LAYER_TYPED = ('qwen2', 'qwen3', 'ministral')
+LAYER_TYPED = ('qwen2', 'qwen3', 'ministral', 'gemma3_text')
+# Gemma 3's model keys: all four make a dense model a Gemma3ForCausalLM (with model.qk_norm
+# and model.local_rope_theta for its sliding layers' RoPE).
+GEMMA_KEYS = {'embed_scale': True, 'post_norms': True, 'mlp_activation': 'gelu_tanh'}
+# Our block norms -> theirs: Llama's pre-norms, Gemma 3's pre- and post-norms.
+BLOCK_NORMS = {'attn_norm': 'input_layernorm', 'mlp_norm': 'post_attention_layernorm'}
+GEMMA_NORMS = {'attn_norm': 'input_layernorm', 'attn_post_norm': 'post_attention_layernorm',
+               'mlp_norm': 'pre_feedforward_layernorm',
+               'mlp_post_norm': 'post_feedforward_layernorm'}
+
+
+def _is_gemma(m: ml_collections.ConfigDict) -> bool:
+  """Whether a model section has any of Gemma 3's keys (it must have all to export)."""
+  return any(m[key] == value for key, value in GEMMA_KEYS.items())
 
 
 def architecture(m: ml_collections.ConfigDict) -> tuple[str, str]:
   """config.json's (architecture, model_type) of a model section: a dense model with
   q/k/v biases is a Qwen2, one with QK-norm a Qwen3, one with neither and a sliding window
   a Mistral (a Ministral, whose attention reads layer_types, with the window in some
-  layers only), a MoE model with QK-norm a Qwen3-MoE."""
+  layers only), a MoE model with QK-norm a Qwen3-MoE; one with Gemma 3's keys a Gemma 3."""
+  if m.family == 'dense' and _is_gemma(m):
+    return 'Gemma3ForCausalLM', 'gemma3_text'
   if m.family == 'dense' and m.qkv_bias:
     return 'Qwen2ForCausalLM', 'qwen2'
   if m.qk_norm:
@@ -145,6 +172,8 @@ def check_exportable(cfg: ml_collections.ConfigDict) -> None:
     why = f'its blocks {tuple(m.block_pattern)} mix dense and moe layers'
   elif m.qkv_bias and m.qk_norm:
     why = 'a Qwen2 has no QK-norm and a Qwen3 no q/k/v biases (model.qkv_bias)'
+  elif _is_gemma(m) or m.local_rope_theta is not None:
+    why = _gemma_mismatch(m)
   elif m.family == 'moe' and _window(m) is not None and 'global' in _layer_kinds(m):
     why = (f'model.attention_pattern={tuple(m.attention_pattern)!r} leaves blocks without '
            'the sliding window, which a Mixtral and a Qwen3-MoE give every layer')
@@ -160,10 +189,26 @@ def check_exportable(cfg: ml_collections.ConfigDict) -> None:
   if why is not None:
     raise ExportError(f'export: --format=hf writes dense models as LlamaForCausalLM (with '
                       f'model.qkv_bias as Qwen2ForCausalLM, with model.qk_norm as '
-                      f'Qwen3ForCausalLM) and MoE models with experts in every block, '
+                      f"Qwen3ForCausalLM, with Gemma 3's keys as Gemma3ForCausalLM) and MoE "
+                      f'models with experts in every block, '
                       f'softmax gates renormalised over the top k and no shared experts as '
                       f'MixtralForCausalLM (with model.qk_norm as Qwen3MoeForCausalLM); '
                       f'{why}: use --format=safetensors or stablehlo')
+
+
+def _gemma_mismatch(m: ml_collections.ConfigDict) -> str | None:
+  """Why a model with some of Gemma 3's keys is no Gemma3ForCausalLM (None: it is one)."""
+  want = {**GEMMA_KEYS, 'qk_norm': True}
+  missing = [f'model.{k}={v!r}' for k, v in want.items() if m[k] != v]
+  if m.family != 'dense':
+    return f"a Gemma 3 is dense, and this is a {m.family} model with some of Gemma 3's keys"
+  if missing:
+    return f"a Gemma 3 has all of Gemma 3's keys, and this model lacks {', '.join(missing)}"
+  if m.qkv_bias:
+    return 'a Gemma 3 has no q/k/v biases (model.qkv_bias)'
+  if m.rope_scaling.type != 'none':
+    return f"a Gemma 3's RoPE is not scaled {m.rope_scaling.type!r} (model.rope_scaling)"
+  return None
 
 
 def _layer_kinds(m: ml_collections.ConfigDict) -> list[str]:
@@ -226,6 +271,33 @@ def hf_config(cfg: ml_collections.ConfigDict, tokenizer) -> dict:
   if model_type in LAYER_TYPED:
     config['layer_types'] = [{'global': 'full_attention', 'local': 'sliding_attention'}[k]
                              for k in kinds]
+  if model_type == 'gemma3_text':
+    config.update(_gemma_config(m, window, kinds))
+    del config['hidden_act'], config['rope_scaling']  # hidden_activation, rope_parameters
+  return config
+
+
+def _gemma_config(m: ml_collections.ConfigDict, window: int | None, kinds: list[str]
+                  ) -> dict:
+  """A Gemma 3's own config.json keys: its queries scaled by head_dim**-0.5 as ours (its
+  query_pre_attn_scalar), the sliding layers' RoPE as transformers 5 (rope_parameters per
+  layer type) and 4 (rope_local_base_freq) read it, and the windowed layers as layer_types
+  and, where they are every p-th layer's complement, transformers 4.50's
+  sliding_window_pattern p."""
+  local = m.local_rope_theta or m.rope_theta
+  config = {'hidden_activation': 'gelu_pytorch_tanh', 'query_pre_attn_scalar': head_dim(m),
+            'attn_logit_softcapping': None, 'final_logit_softcapping': None,
+            'use_bidirectional_attention': False,
+            'sliding_window': window or m.max_len,  # no layer has it: any
+            'rope_local_base_freq': local,
+            'rope_parameters': {
+                'full_attention': {'rope_type': 'default', 'rope_theta': m.rope_theta},
+                'sliding_attention': {'rope_type': 'default', 'rope_theta': local}}}
+  period = next((p for p in range(1, len(kinds) + 2)
+                 if kinds == ['local' if (i + 1) % p else 'global'
+                              for i in range(len(kinds))]), None)
+  if period is not None:
+    config['sliding_window_pattern'] = period
   return config
 
 
@@ -245,7 +317,10 @@ def hf_arrays(model: nnx.Module, cfg: ml_collections.ConfigDict) -> dict[str, np
   docstring)."""
   ours = {k: np.asarray(jax.device_get(v)) for k, v in flat_arrays(model).items()}
   d = cfg.model.d_model
-  moe_module, expert_names = MOE_NAMES.get(architecture(cfg.model)[1], (None, {}))
+  kind = architecture(cfg.model)[1]
+  moe_module, expert_names = MOE_NAMES.get(kind, (None, {}))
+  if kind == 'gemma3_text':  # a Gemma's RMSNorm scales by 1 + its weight
+    ours = {k: v - 1 if k.endswith('norm.scale') else v for k, v in ours.items()}
   out = {'model.embed_tokens.weight': ours.pop('embed.embedding'),
          'model.norm.weight': ours.pop('final_norm.scale')}
   if 'head' in ours:
@@ -272,20 +347,25 @@ def hf_arrays(model: nnx.Module, cfg: ml_collections.ConfigDict) -> dict[str, np
       for name, hf in expert_names.items():
         for j, weight in enumerate(ours_i(f'mlp.{name}')):  # [d, f] or [f, d] per expert
           out[f'{at}{moe_module}.experts.{j}.{hf}.weight'] = weight.T
-    out[f'{at}input_layernorm.weight'] = ours_i('attn_norm.scale')
-    out[f'{at}post_attention_layernorm.weight'] = ours_i('mlp_norm.scale')
+    for name, hf in (GEMMA_NORMS if kind == 'gemma3_text' else BLOCK_NORMS).items():
+      out[f'{at}{hf}.weight'] = ours_i(f'{name}.scale')
   if ours:  # weights these architectures lack: refuse rather than drop them
     raise ExportError(f'export: --format=hf has no Hugging Face name for {sorted(ours)[:3]}')
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def our_arrays(hf: dict[str, np.ndarray], cfg: ml_collections.ConfigDict
-               ) -> dict[str, np.ndarray]:
-  """`hf_arrays` undone: Hugging Face's names and layouts -> jaxarch's."""
+def our_arrays(hf: dict[str, np.ndarray], cfg: ml_collections.ConfigDict,
+               query_scale: float = 1.0) -> dict[str, np.ndarray]:
+  """`hf_arrays` undone: Hugging Face's names and layouts -> jaxarch's. `query_scale`
+  multiplies the QK-norm's query scales: a Gemma 3's query_pre_attn_scalar**-0.5 over our
+  head_dim**-0.5 (the same logits: the rotation and the dot product are linear in q)."""
   m = cfg.model
   n, kv, h = m.n_heads, m.n_kv_heads, head_dim(m)
-  moe_module, expert_names = MOE_NAMES.get(architecture(m)[1], (None, {}))
+  kind = architecture(m)[1]
+  moe_module, expert_names = MOE_NAMES.get(kind, (None, {}))
   hf = dict(hf)
+  if kind == 'gemma3_text':  # a Gemma's RMSNorm scales by 1 + its weight
+    hf = {k: v + 1 if k.endswith('norm.weight') else v for k, v in hf.items()}
 
   def take(name):
     if name not in hf:
@@ -307,6 +387,8 @@ def our_arrays(hf: dict[str, np.ndarray], cfg: ml_collections.ConfigDict
     if m.qk_norm:
       for name in ('q_norm', 'k_norm'):
         ours[f'{to}attn.{name}.scale'] = take(f'{at}self_attn.{name}.weight')
+      if query_scale != 1.0:
+        ours[f'{to}attn.q_norm.scale'] = ours[f'{to}attn.q_norm.scale'] * np.float32(query_scale)
     if m.family == 'dense':
       for name, hf_name in (('gate', 'gate_proj'), ('up', 'up_proj'), ('down', 'down_proj')):
         ours[f'{to}mlp.{name}'] = take(f'{at}mlp.{hf_name}.weight').T
@@ -317,8 +399,8 @@ def our_arrays(hf: dict[str, np.ndarray], cfg: ml_collections.ConfigDict
         ours[f'{to}mlp.{name}'] = np.stack([
             take(f'{at}{moe_module}.experts.{j}.{hf_name}.weight').T
             for j in range(m.moe.num_experts)])
-    ours[f'{to}attn_norm.scale'] = take(f'{at}input_layernorm.weight')
-    ours[f'{to}mlp_norm.scale'] = take(f'{at}post_attention_layernorm.weight')
+    for name, hf_name in (GEMMA_NORMS if kind == 'gemma3_text' else BLOCK_NORMS).items():
+      ours[f'{to}{name}.scale'] = take(f'{at}{hf_name}.weight')
   hf.pop('lm_head.weight', None)  # a tied head saved anyway
   if hf:
     raise ExportError(f'import: {len(hf)} arrays have no place in a {m.family} model, e.g. '
@@ -327,9 +409,9 @@ def our_arrays(hf: dict[str, np.ndarray], cfg: ml_collections.ConfigDict
 
 
 def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.ConfigDict:
-  """The jaxarch config of a Llama, Mistral, Ministral, Qwen2, Qwen3, Mixtral or Qwen3-MoE
-  `config.json` (train, data and mesh keys: the preset's, then `overrides`); refuses what
-  jaxarch's models do not compute."""
+  """The jaxarch config of a Llama, Mistral, Ministral, Qwen2, Qwen3, Gemma 3, Mixtral or
+  Qwen3-MoE `config.json` (train, data and mesh keys: the preset's, then `overrides`);
+  refuses what jaxarch's models do not compute."""
   kind = hf_config.get('model_type')
   family = IMPORTS.get(kind)
   max_len = hf_config.get('max_position_embeddings', 2048)  # the run's model.max_len
@@ -337,26 +419,40 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
   # `rope_scaling` and `torch_dtype`.
   # A scaling of type 'default' (transformers 4.4x wrote {'rope_type': 'default'}) is none.
   # Llama 3.1's and 3.2's `llama3` is model.rope_scaling; the other types are refused.
-  for key in ('rope_scaling', 'rope_parameters'):
-    if not isinstance(hf_config.get(key) or {}, dict):
-      raise ExportError(f'import: config.json has {key}={hf_config[key]!r}; expected an '
-                        'object such as {"rope_type": "llama3", "factor": 8.0, ...} or null')
+  # A Gemma 3's (transformers 5) is one per layer type: its sliding layers' own theta.
   rope = hf_config.get('rope_parameters') or {}
+  gemma = kind == 'gemma3_text'
+  per_type = gemma and isinstance(rope, dict) and 'full_attention' in rope
+  ropes = {'rope_scaling': hf_config.get('rope_scaling'),
+           **({f'rope_parameters.{k}': v for k, v in rope.items()} if per_type else
+              {'rope_parameters': rope})}
+  for key, value in ropes.items():
+    if not isinstance(value or {}, dict):
+      raise ExportError(f'import: config.json has {key}={value!r}; expected an '
+                        'object such as {"rope_type": "llama3", "factor": 8.0, ...} or null')
+  local_rope = (rope.get('sliding_attention') or {}) if per_type else {}
+  rope = (rope.get('full_attention') or {}) if per_type else rope
   rope_type = lambda r: r.get('rope_type', r.get('type', 'default'))
-  scaling = next((r for r in (hf_config.get('rope_scaling') or {}, rope)
+  scaling = next((r for r in (hf_config.get('rope_scaling') or {}, rope, local_rope)
                   if rope_type(r) != 'default'), None)
+  activation = ('hidden_activation', 'gelu_pytorch_tanh') if gemma else ('hidden_act', 'silu')
+  gemma_only = _gemma_unsupported(hf_config) if gemma else None
   unsupported = (
       f"model_type={kind!r} (jaxarch reads {', '.join(map(repr, IMPORTS))})"
       if family is None else
-      f'rope scaling {scaling!r}' if scaling and rope_type(scaling) != 'llama3' else
+      f'rope scaling {scaling!r}' if scaling and (gemma or rope_type(scaling) != 'llama3') else
       'attention_bias=true' if hf_config.get('attention_bias') else
       'mlp_bias=true' if hf_config.get('mlp_bias') else
-      f"hidden_act={hf_config.get('hidden_act')!r}"
-      if hf_config.get('hidden_act', 'silu') != 'silu' else
+      f'{activation[0]}={hf_config.get(activation[0])!r}'
+      if hf_config.get(activation[0], activation[1]) != activation[1] else
+      gemma_only if gemma_only else
       f"decoder_sparse_step={hf_config['decoder_sparse_step']!r} (dense blocks between "
       'the MoE ones)' if hf_config.get('decoder_sparse_step', 1) != 1 else
       f"mlp_only_layers={hf_config['mlp_only_layers']!r} (dense blocks among the MoE ones)"
       if hf_config.get('mlp_only_layers') else None)
+  if kind == 'gemma3':
+    unsupported = ("model_type='gemma3' (Gemma 3's multimodal model; save its language model "
+                   'as a Gemma3ForCausalLM, model_type gemma3_text, and import that)')
   if unsupported:
     raise ExportError(f'import: the checkpoint has {unsupported}, which jaxarch\'s models do '
                       'not compute')
@@ -377,18 +473,25 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
   model = {
       'd_model': hf_config['hidden_size'], 'n_layers': hf_config['num_hidden_layers'],
       'n_heads': n, 'n_kv_heads': hf_config.get('num_key_value_heads') or n,
-      'head_dim': hf_config.get('head_dim') or hf_config['hidden_size'] // n,
+      'head_dim': hf_config.get('head_dim') or (256 if gemma  # Gemma3TextConfig's default
+                                                else hf_config['hidden_size'] // n),
       'd_ff': hf_config['intermediate_size'], 'vocab_size': hf_config['vocab_size'],
       'max_len': max_len,
-      'tie_embeddings': bool(hf_config.get('tie_word_embeddings', False)),
-      'qkv_bias': kind == 'qwen2', 'qk_norm': kind in ('qwen3', 'qwen3_moe'),
-      'rope_theta': float(hf_config.get('rope_theta') or rope.get('rope_theta', 10_000.0)),
+      'tie_embeddings': bool(hf_config.get('tie_word_embeddings', gemma)),
+      'qkv_bias': kind == 'qwen2', 'qk_norm': kind in ('qwen3', 'qwen3_moe', 'gemma3_text'),
+      'rope_theta': float(hf_config.get('rope_theta') or rope.get('rope_theta')
+                          or (1e6 if gemma else 10_000.0)),
       'norm_eps': float(hf_config.get('rms_norm_eps', 1e-6)),
       'dtype': ('float32' if (hf_config.get('dtype') or hf_config.get('torch_dtype'))
                 == 'float32' else 'bfloat16')}
   if scaling:  # llama3
     model.update(_llama3_settings(hf_config, scaling, max_len))
   model.update(_window_settings(hf_config, max_len))
+  if gemma:  # Gemma3TextConfig's defaults where its config.json leaves them out
+    model.update(GEMMA_KEYS)
+    if 'sliding_window' in model:
+      model['local_rope_theta'] = float(local_rope.get('rope_theta')
+                                        or hf_config.get('rope_local_base_freq') or 10_000.0)
   if family == 'moe':
     model.update({'moe.num_experts': hf_config[experts],
                   'moe.top_k': hf_config['num_experts_per_tok'],
@@ -405,6 +508,29 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
   return config_lib.validate(cfg)
 
 
+def _query_scale(hf_config: dict, m: ml_collections.ConfigDict) -> float:
+  """A Gemma 3 scales its queries by query_pre_attn_scalar**-0.5 (256 by default; Gemma 3
+  27B's 168 beside head_dim 128), ours by head_dim**-0.5: the ratio, for `our_arrays`."""
+  if hf_config.get('model_type') != 'gemma3_text':
+    return 1.0
+  scalar = hf_config.get('query_pre_attn_scalar', 256)
+  if isinstance(scalar, bool) or not isinstance(scalar, (int, float)) or not scalar > 0:
+    raise ExportError(f'import: config.json has query_pre_attn_scalar={scalar!r}; expected '
+                      'a positive number')
+  return math.sqrt(head_dim(m) / scalar)
+
+
+def _gemma_unsupported(hf_config: dict) -> str | None:
+  """What of a Gemma 3's config.json jaxarch does not compute: Gemma 2's soft-capping, the
+  embedding models' bidirectional attention."""
+  for key in ('attn_logit_softcapping', 'final_logit_softcapping'):
+    if hf_config.get(key) is not None:
+      return f"{key}={hf_config[key]!r} (Gemma 2's)"
+  if hf_config.get('use_bidirectional_attention'):
+    return 'use_bidirectional_attention=true'
+  return None
+
+
 def _window_settings(hf_config: dict, max_len) -> dict:
   """model.sliding_window and model.attention_pattern of the checkpoint's windows. A
   Mixtral's is every layer's, a Mistral's and a Ministral's is in the layers `layer_types`
@@ -412,24 +538,35 @@ def _window_settings(hf_config: dict, max_len) -> dict:
   Mistral with layer_types as a Ministral), a Qwen's is used only with
   `use_sliding_window` (Qwen2.5 writes false beside 131072) in the layers `layer_types`
   names (transformers 4: those from `max_window_layers` on), a Qwen3-MoE's in every
-  layer. A query sees the keys less than the window before it, as in transformers; a
-  window of at least max_len positions (the run's model.max_len) masks nothing and is
-  left out."""
+  layer, a Gemma 3's in the layers `layer_types` names (transformers 4.50: all but every
+  `sliding_window_pattern`-th). A query sees the keys less than the window before it, as
+  in transformers; a window of at least max_len positions (the run's model.max_len) masks
+  nothing and is left out, but a Gemma 3's, whose layers also turn at their own theta."""
   kind, n = hf_config.get('model_type'), hf_config['num_hidden_layers']
-  window = hf_config.get('sliding_window')
+  gemma = kind == 'gemma3_text'
+  window = hf_config.get('sliding_window', 4096 if gemma else None)  # Gemma3TextConfig's
   if window is None or (kind in WINDOW_SWITCHED
                         and not hf_config.get('use_sliding_window', False)):
+    if gemma:
+      raise ExportError("import: config.json has sliding_window=null; a Gemma 3's sliding "
+                        'layers need a positive integer')
     return {}
   if isinstance(window, bool) or not isinstance(window, int) or window < 1:
     raise ExportError(f'import: config.json has sliding_window={window!r}; expected a '
                       'positive integer or null')
-  if isinstance(max_len, int) and window >= max_len:
+  if isinstance(max_len, int) and window >= max_len and not gemma:
     return {}
   local = [True] * n
   types = hf_config.get('layer_types') if kind in (*LAYER_TYPED, 'mistral') else None
   if kind in ('qwen2', 'qwen3') and not types:  # transformers 4's
     first = hf_config.get('max_window_layers', 28)  # Qwen2Config's default
     types = ['sliding_attention' if i >= first else 'full_attention' for i in range(n)]
+  if gemma and not types:  # transformers 4.50's
+    every = hf_config.get('sliding_window_pattern', 6)  # Gemma3TextConfig's default
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+      raise ExportError(f'import: config.json has sliding_window_pattern={every!r}; '
+                        'expected a positive integer')
+    types = ['sliding_attention' if (i + 1) % every else 'full_attention' for i in range(n)]
   if types is not None:
     if (not isinstance(types, list) or len(types) != n
         or not set(types) <= {'sliding_attention', 'full_attention'}):
@@ -595,10 +732,10 @@ def _chat_template(directory: Path) -> str | None:
 
 
 def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
-  """A jaxarch run at step 0 in a new `workdir` from a Hugging Face Llama, Mistral, Qwen2
-  or Mixtral checkpoint: config.json (with the checkpoint's BOS as data.bos_id, or
-  data.add_bos=False where its tokenizer adds none, and its end-of-turn ids as
-  data.stop_ids), the tokenizer (copied into workdir/tokenizer/, with an instruct model's
+  """A jaxarch run at step 0 in a new `workdir` from a Hugging Face Llama, Mistral, Qwen2,
+  Qwen3, Gemma 3, Mixtral or Qwen3-MoE checkpoint: config.json (with the checkpoint's BOS
+  as data.bos_id, or data.add_bos=False where its tokenizer adds none, and its end-of-turn
+  ids as data.stop_ids), the tokenizer (copied into workdir/tokenizer/, with an instruct model's
   chat template as data.chat_template, its tokenizer_config.json beside it) and a
   checkpoint holding its weights (with a fresh optimizer state)."""
   # pylint: disable=g-import-not-at-top  (the trainer's modules, for this command only)
@@ -624,7 +761,7 @@ def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
     raise ExportError(f'import: {tokenizer} has {ids} ids, more than the model\'s '
                       f'vocab_size={cfg.model.vocab_size}')
   template = _chat_template(directory)
-  arrays = our_arrays(hf, cfg)
+  arrays = our_arrays(hf, cfg, _query_scale(hf_config, cfg.model))
   del hf  # its arrays are now arrays' (views or copies): host memory for one model
   cfg, mesh = mesh_here(cfg)
   setup = make_setup(cfg, mesh)

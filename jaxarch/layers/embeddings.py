@@ -11,9 +11,12 @@ from jaxarch.parallel import context
 class Embed(nnx.Module):
 
   def __init__(self, vocab_size: int, dim: int, *, init_std: float = 0.02,
-               init_truncation: float = 0.0, dtype=jnp.bfloat16, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               init_truncation: float = 0.0, scale: float | None = None, dtype=jnp.bfloat16,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.dtype = dtype
+    # Gemma's: the looked-up rows times `scale` (sqrt(dim)), rounded to the compute dtype
+    # as transformers rounds it; the tied head (`attend`) reads the table unscaled.
+    self.scale = scale
     self.embedding = param(rngs, normal(init_std, init_truncation), (vocab_size, dim),
                            ('vocab', 'embed'), param_dtype, weight_decay=False)
 
@@ -24,6 +27,8 @@ class Embed(nnx.Module):
     # a full gather of the activations ("involuntary full rematerialization").
     table = context.constrain(self.embedding[...], ('vocab', None))
     x = jnp.take(table, tokens, axis=0).astype(self.dtype)  # b... -> b...d
+    if self.scale is not None:
+      x = x * jnp.asarray(self.scale, self.dtype)
     return context.constrain(x, ('batch',) + (None,) * tokens.ndim)
 
   def attend(self, x: jax.Array) -> jax.Array:

@@ -9,15 +9,16 @@ import ml_collections
 from flax import nnx
 
 from jaxarch.layers.moe import MoE
-from jaxarch.models.transformer import (DTYPES, DenseBlock, make_attention, register_block,
-                                        residual_init_std)
+from jaxarch.models.transformer import (DTYPES, DenseBlock, make_attention, post_norm,
+                                        register_block, residual_init_std)
 
 
 class MoEBlock(DenseBlock):
   """A `DenseBlock` whose FFN is a `layers.moe.MoE`, told which tokens are padding."""
 
   def ffn(self, x, normed, segment_ids):
-    return x + self.mlp(normed, real=segment_ids > 0)  # padding: segment 0
+    return x + post_norm(self.mlp_post_norm,
+                         self.mlp(normed, real=segment_ids > 0))  # padding: segment 0
 
 
 @register_block('moe')
@@ -35,4 +36,4 @@ def moe_block(cfg: ml_collections.ConfigDict, layer: int, rngs: nnx.Rngs) -> MoE
                 init_truncation=cfg.init_truncation, dtype=dtype,
                 param_dtype=param_dtype, rngs=rngs)
   return MoEBlock(make_attention(cfg, layer, rngs), experts, cfg.d_model, eps=cfg.norm_eps,
-                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                  post_norms=cfg.post_norms, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -59,14 +59,18 @@ def head_dim(cfg: ml_collections.ConfigDict) -> int:
 
 
 class DenseBlock(nnx.Module):
-  """Pre-norm attention + SwiGLU, each added to the residual stream."""
+  """Pre-norm attention + SwiGLU, each added to the residual stream; with `post_norms`
+  (Gemma 2's and 3's "sandwich"), each one's output normed again before it is added."""
 
   def __init__(self, attention: Attention, mlp: nnx.Module, d_model: int, *, eps: float,
-               dtype, param_dtype, rngs: nnx.Rngs):
-    self.attn_norm = RMSNorm(d_model, eps=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+               post_norms: bool = False, dtype, param_dtype, rngs: nnx.Rngs):
+    norm = lambda: RMSNorm(d_model, eps=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.attn_norm = norm()
     self.attn = attention
-    self.mlp_norm = RMSNorm(d_model, eps=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.mlp_norm = norm()
     self.mlp = mlp
+    self.attn_post_norm = norm() if post_norms else None
+    self.mlp_post_norm = norm() if post_norms else None
 
   def __call__(self, x, positions, segment_ids, layout=None, prefix=None):
     return self.ffn(*self.ffn_input(x, positions, segment_ids, layout, prefix), segment_ids)
@@ -74,21 +78,30 @@ class DenseBlock(nnx.Module):
   def ffn_input(self, x, positions, segment_ids, layout=None, prefix=None):
     """-> (residual stream after attention, its normed copy: the FFN's input, which
     side layers placed at this block read too)."""
-    x = x + self.attn(self.attn_norm(x), positions, segment_ids, layout, prefix)
+    x = x + post_norm(self.attn_post_norm,
+                      self.attn(self.attn_norm(x), positions, segment_ids, layout, prefix))
     return x, self.mlp_norm(x)
 
   def ffn(self, x, normed, segment_ids):
     del segment_ids  # which tokens are padding: for FFNs that route (`models.moe`)
-    return x + self.mlp(normed)
+    return x + post_norm(self.mlp_post_norm, self.mlp(normed))
+
+
+def post_norm(norm: RMSNorm | None, x: jax.Array) -> jax.Array:
+  """A sublayer's output x [b, t, d] through its post-norm, if the block has them."""
+  return x if norm is None else norm(x)
 
 
 def make_attention(cfg: ml_collections.ConfigDict, layer: int, rngs: nnx.Rngs) -> Attention:
   """Block `layer`'s attention: with `model.sliding_window` where `model.attention_pattern`
-  (cycled over the blocks) marks it 'local'."""
+  (cycled over the blocks) marks it 'local', and there with RoPE at
+  `model.local_rope_theta`, unscaled, if set (Gemma 3's)."""
   pattern = tuple(cfg.attention_pattern)
-  local = pattern[layer % len(pattern)] == 'local'
+  local = pattern[layer % len(pattern)] == 'local' and cfg.sliding_window is not None
+  theta, scaling = ((cfg.local_rope_theta, None) if local and cfg.local_rope_theta
+                    else (cfg.rope_theta, rope_scaling(cfg)))
   return Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, head_dim(cfg),
-                   rope_theta=cfg.rope_theta, rope_scaling=rope_scaling(cfg),
+                   rope_theta=theta, rope_scaling=scaling,
                    init_std=cfg.init_std,
                    out_std=residual_init_std(cfg), init_truncation=cfg.init_truncation,
                    impl=cfg.attention_impl, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm,
@@ -115,10 +128,11 @@ def residual_init_std(cfg: ml_collections.ConfigDict) -> float:
 def dense_block(cfg: ml_collections.ConfigDict, layer: int, rngs: nnx.Rngs) -> DenseBlock:
   dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
   mlp = SwiGLU(cfg.d_model, cfg.d_ff, init_std=cfg.init_std, out_std=residual_init_std(cfg),
-               init_truncation=cfg.init_truncation,
+               init_truncation=cfg.init_truncation, activation=cfg.mlp_activation,
                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
   return DenseBlock(make_attention(cfg, layer, rngs), mlp, cfg.d_model, eps=cfg.norm_eps,
-                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                    post_norms=cfg.post_norms, dtype=dtype, param_dtype=param_dtype,
+                    rngs=rngs)
 
 
 def block_plan(cfg: ml_collections.ConfigDict) -> list[str]:
@@ -206,8 +220,9 @@ class Transformer(Stack):
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     self.embed = Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std,
-                       init_truncation=cfg.init_truncation, dtype=dtype,
-                       param_dtype=param_dtype, rngs=rngs)
+                       init_truncation=cfg.init_truncation,
+                       scale=math.sqrt(cfg.d_model) if cfg.embed_scale else None,
+                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     super().__init__(cfg, rngs=rngs)
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype,
                               param_dtype=param_dtype, rngs=rngs)
