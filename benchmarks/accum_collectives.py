@@ -7,8 +7,9 @@ With `train.grad_accum_steps=A` the train step sums A microbatches' gradients in
 (`train/step.py`). Where the weights are replicated over `data`, each microbatch's
 gradient is all-reduced over it unless the compiler moves that all-reduce after the loop
 (XLA's while-loop all-reduce code motion, which its GPU pipeline runs and its CPU one does
-not); under FSDP a reduce-scatter per microbatch is the usual cost, and a compiler may
-hoist the weights' all-gathers out of the loop, holding them whole for the step.
+not); under FSDP a reduce-scatter per microbatch is the usual cost, and so are the
+weights' all-gathers (x A: the step keeps XLA from hoisting them out of the loop, which
+held every weight whole for the step).
 
 For each mesh of 8 devices this compiles (never runs) the trainer's step of `--config` at
 A=1 and A=`--accum`, the same global batch, and reports the bytes each device's

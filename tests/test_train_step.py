@@ -11,6 +11,7 @@ import pytest
 from conftest import make_batch, mesh_config, tiny_config
 from jaxarch import config as config_lib
 from jaxarch.parallel import global_batch, make_mesh
+from jaxarch.train import profile
 from jaxarch.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxarch.train.state import init_state, make_setup
 from jaxarch.train.step import make_train_step
@@ -80,6 +81,26 @@ def test_accumulated_microbatches_give_the_full_batch_step():
   np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                params, want_params)
+
+
+def test_fsdp_weights_are_gathered_in_each_microbatch_not_held_whole_through_the_step():
+  """XLA's while-loop invariant code motion moved FSDP's weight all-gathers out of the
+  microbatch loop: every weight was held whole, gathered, through the whole step (dense
+  680m, fsdp=8, batch 32 x 128 on CPU: 10.5 GiB of step temporaries per device at A=4,
+  4.1 GiB at A=1; now 5.5 GiB)."""
+  gathered, temp = {}, {}
+  for accum in (1, 2):
+    cfg = mesh_config(tiny_config(**{'train.batch_size': 16, 'train.grad_accum_steps': accum}),
+                      fsdp=8)
+    setup = make_setup(cfg, make_mesh(cfg))
+    batch = {k: jax.ShapeDtypeStruct((16, cfg.data.seq_len), np.int32,
+                                     sharding=setup.batch_sharding) for k in make_batch(1, 1)}
+    compiled = make_train_step(setup).lower(setup.abstract_state, batch).compile()
+    gathered[accum] = profile.collective_bytes(compiled.as_text())['all-gather']
+    temp[accum] = compiled.memory_analysis().temp_size_in_bytes
+  assert gathered[2] == 2 * gathered[1]  # once per microbatch, as PyTorch's FSDP does
+  # Half the activations; the hoisted whole weights took that back (0.99x, now 0.68x).
+  assert temp[2] < 0.8 * temp[1], temp
 
 
 @pytest.mark.slow

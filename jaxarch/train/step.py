@@ -200,7 +200,8 @@ def make_train_step(setup: TrainSetup):
 
     def body(carry, microbatch):
       grads, sums, model_state = carry
-      g, out = microbatch_grads(params, model_state, microbatch)
+      weights, microbatch = _per_microbatch(params, microbatch)
+      g, out = microbatch_grads(weights, model_state, microbatch)
       grads = jax.tree.map(jnp.add, grads, g)
       sums = jax.tree.map(jnp.add, sums, {k: out[k] for k in sums})
       # A window count's metric already counts the microbatches before: its last value.
@@ -267,6 +268,15 @@ def _is_count(path) -> bool:
   """Whether an optimizer-state leaf is an optax step count (`ScaleByAdamState.count`,
   `ScaleByScheduleState.count`, ...)."""
   return bool(path) and getattr(path[-1], 'name', None) == 'count'
+
+
+def _per_microbatch(params, microbatch):
+  """(params, microbatch) as values of one microbatch loop iteration (an optimization
+  barrier ties the weights to the microbatch), so that XLA's while-loop invariant code
+  motion cannot hoist what is computed from the weights alone out of the loop: the FSDP
+  all-gathers (and layout copies, casts), which would then hold every weight whole,
+  gathered, through the whole step. Each is gathered for each microbatch, as at A=1."""
+  return jax.lax.optimization_barrier((params, microbatch))
 
 
 def _microbatches(setup: TrainSetup, batch: dict) -> dict:
