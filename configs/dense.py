@@ -72,9 +72,10 @@ def get_config(arg=None):
   c.model.block_pattern = ('dense',)  # repeated over the layers; later: 'moe', 'ultramem'
   c.model.tie_embeddings = False
   c.model.rope_theta = 10_000.0
-  # RoPE frequency scaling: type 'none', or Llama 3.1's 'llama3' (`jaxarch import` sets it):
-  # wavelengths over original_max_len / low_freq_factor turn `factor` times longer, those
-  # under original_max_len / high_freq_factor stay, those between are interpolated.
+  # RoPE frequency scaling: type 'none', Llama 3.1's 'llama3' or 'linear' (`jaxarch import`
+  # sets it). llama3: wavelengths over original_max_len / low_freq_factor turn `factor` times
+  # longer, those under original_max_len / high_freq_factor stay, those between are
+  # interpolated. linear (Gemma 3's global layers): all turn `factor` times longer.
   c.model.rope_scaling = ml_collections.ConfigDict(dict(
       type='none', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
       original_max_len=8192))

@@ -30,7 +30,7 @@ MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
 DTYPES = ('float32', 'bfloat16', 'float16')
 REMAT = ('none', 'full', 'dots')
 ATTENTION_IMPLS = ('auto', 'xla', 'cudnn')
-ROPE_SCALINGS = ('none', 'llama3')  # model.rope_scaling.type (layers.rope)
+ROPE_SCALINGS = ('none', 'llama3', 'linear')  # model.rope_scaling.type (layers.rope)
 # kernels.sparse_lookup: which kernels run the value lookup, and how its backward sums.
 LOOKUP_IMPLS = ('auto', 'xla', 'pallas', 'interpret', 'interpret_tpu')
 LOOKUP_SCATTERS = ('sorted', 'atomic')
@@ -795,10 +795,17 @@ def _check_gemma_keys(cfg: ConfigDict) -> None:
 
 
 def _check_rope_scaling(cfg: ConfigDict) -> None:
-  """model.rope_scaling: Llama 3.1's bands (transformers' checks, as errors)."""
-  if _choice(cfg, 'model.rope_scaling.type', ROPE_SCALINGS) == 'none':
+  """model.rope_scaling: Llama 3.1's bands (transformers' checks, as errors), or linear's
+  factor."""
+  kind = _choice(cfg, 'model.rope_scaling.type', ROPE_SCALINGS)
+  if kind == 'none':
     return
   key = 'model.rope_scaling.'
+  if kind == 'linear':
+    if not 0 < _number(cfg, key + 'factor') < math.inf:
+      raise ConfigError(f'{key}factor={cfg.model.rope_scaling.factor} must be > 0 and finite '
+                        '(positions are divided by it; Gemma 3: 8)')
+    return
   if not 1 <= _number(cfg, key + 'factor') < math.inf:
     raise ConfigError(f'{key}factor={cfg.model.rope_scaling.factor} must be >= 1 and finite '
                       '(how many times longer the slow wavelengths turn, e.g. 8)')

@@ -234,6 +234,10 @@ def test_rope_needs_an_even_head_dimension():
      'model.rope_scaling.low_freq_factor=0.0 and high_freq_factor=4.0 must be 0 <'),
     (['model.rope_scaling.type=llama3', 'model.rope_scaling.original_max_len=0'],
      'model.rope_scaling.original_max_len=0 must be a positive int'),
+    (['model.rope_scaling.type=linear', 'model.rope_scaling.factor=0.0'],
+     'model.rope_scaling.factor=0.0 must be > 0 and finite (positions are divided by it'),
+    (['model.rope_scaling.type=linear', 'model.rope_scaling.factor=inf'],
+     'model.rope_scaling.factor=inf must be > 0 and finite'),
     (['model.norm_eps=-1.0'], 'model.norm_eps=-1.0 must be >= 0'),
     (['train.b2=1.0'], 'train.b2=1.0 must be in [0, 1)'),
     (['train.steps=30'], 'train.warmup_steps=50 must be in [0, train.steps=30]; for a short '

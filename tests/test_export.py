@@ -2,6 +2,7 @@
 tokens as jaxarch without jaxarch, and the command line."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -356,8 +357,8 @@ LAYER_TYPED = ('qwen2', 'qwen3', 'ministral', 'mistral', 'gemma3_text')
 
 def _llama_logits(arrays: dict, config: dict, ids: list[int]) -> np.ndarray:
   """LlamaForCausalLM's forward as transformers computes it, in float64 numpy from the
-  exported names and config.json: rotate_half rotary embeddings (with Llama 3.1's scaling
-  when rope_parameters name it), key/value heads repeated for their query heads, torch's
+  exported names and config.json: rotate_half rotary embeddings (with Llama 3.1's or linear
+  scaling when rope_parameters name it), key/value heads repeated for their query heads, torch's
   [out, in] weights; Qwen2's q, k and v biases, when there are some, added before the
   rotation, and Qwen3's RMSNorm of each head's query and key (q_norm, k_norm) before it
   too. MoE blocks are Mixtral's or, under Qwen3-MoE's names, with its gates renormalised
@@ -379,6 +380,8 @@ def _llama_logits(arrays: dict, config: dict, ids: list[int]) -> np.ndarray:
       freqs = llama3_frequencies(freqs, rope['factor'], rope['low_freq_factor'],
                                  rope['high_freq_factor'],
                                  rope['original_max_position_embeddings'])
+    if rope['rope_type'] == 'linear':  # positions over the factor
+      freqs = freqs / rope['factor']
     angles = np.arange(t)[:, None] * freqs
     cos, sin = (f(np.concatenate([angles, angles], -1))[:, None] for f in (np.cos, np.sin))
     return lambda x: x * cos + np.concatenate([-x[..., h // 2:], x[..., :h // 2]], -1) * sin
@@ -778,7 +781,7 @@ def test_an_hf_checkpoint_of_another_kind_or_a_used_workdir_is_one_line(tmp_path
   for change, message in [
       ({'model_type': 'gemma2'}, "model_type='gemma2' (jaxarch reads 'llama', 'mistral', "
                                  "'ministral', 'mixtral', 'qwen2', 'qwen3', 'qwen3_moe', "
-                                 "'gemma3_text')"),
+                                 "'gemma3_text', 'gemma3')"),
       ({'model_type': 'mistral', 'sliding_window': 0}, 'sliding_window=0; expected a '
        'positive integer or null'),
       ({'rope_scaling': {'rope_type': 'dynamic', 'factor': 8.0}}, "rope scaling {'rope_type'"),
@@ -1052,6 +1055,34 @@ def test_llama3_rope_scaling_exports_in_both_spellings_and_imports_back(tmp_path
                                 np.asarray(logits(model, tokens)))
 
 
+def test_linear_rope_scaling_exports_in_both_spellings_and_imports_back(tmp_path):
+  """transformers' `linear` on a Llama: rope_scaling and rope_parameters {rope_type, factor},
+  logits those of a numpy Llama turning positions over the factor, imported back the same.
+  Checked once with transformers 5.25: this export read back by it gives the model's
+  logits (README)."""
+  cfg = family_config('dense')
+  config_lib.apply_override(cfg, 'model.rope_scaling.type=linear')
+  config_lib.apply_override(cfg, 'model.rope_scaling.factor=4.0')
+  model = _model(config_lib.validate(cfg))
+  write_hf(model, cfg, tmp_path / 'hf')
+  config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+  assert config['rope_scaling'] == {'rope_type': 'linear', 'factor': 4.0}
+  assert config['rope_parameters'] == {'rope_type': 'linear', 'factor': 4.0,
+                                       'rope_theta': 10_000.0}
+  tokens = np.random.default_rng(0).integers(0, 256, (1, 40)).astype(np.int32)
+  arrays = safetensors.numpy.load_file(tmp_path / 'hf' / 'model.safetensors')
+  want = np.asarray(logits(model, tokens))[0]
+  np.testing.assert_allclose(_llama_logits(arrays, config, tokens[0]), want, atol=2e-5,
+                             rtol=1e-5)
+  unscaled = {**config, 'rope_parameters': {'rope_type': 'default'}}
+  assert np.abs(_llama_logits(arrays, unscaled, tokens[0]) - want).max() > 0.01
+  assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "run"}']) == 0
+  imported_cfg, imported = load_model(tmp_path / 'run')
+  assert (imported_cfg.model.rope_scaling.type, imported_cfg.model.rope_scaling.factor) == (
+      'linear', 4.0)
+  np.testing.assert_array_equal(np.asarray(logits(imported, tokens))[0], want)
+
+
 # Llama 3.1 8B's config.json as transformers 4.43 wrote it, shrunk.
 LLAMA31 = {'model_type': 'llama', 'hidden_size': 64, 'num_hidden_layers': 2,
            'num_attention_heads': 4, 'num_key_value_heads': 2, 'intermediate_size': 128,
@@ -1087,8 +1118,11 @@ def test_an_hf_config_with_llama3_rope_scaling_sets_model_rope_scaling(spelling)
 
 @pytest.mark.parametrize('scaling, message', [
     *(({'rope_type': kind, 'factor': 4.0}, f"rope scaling {{'rope_type': '{kind}'")
-      for kind in ('yarn', 'linear', 'dynamic', 'longrope')),
+      for kind in ('yarn', 'dynamic', 'longrope')),
     ({'type': 'yarn', 'factor': 4.0}, "rope scaling {'type': 'yarn'"),
+    ({'rope_type': 'linear', 'factor': 0}, "rope scaling {'rope_type': 'linear', 'factor': 0} "
+     'has no positive number factor'),
+    ({'rope_type': 'linear', 'factor': math.inf}, 'model.rope_scaling.factor=inf must be > 0'),
     ({**LLAMA3, 'low_freq_factor': None}, 'has no number low_freq_factor, which rope_type '
      'llama3 needs'),
     ({**LLAMA3, 'original_max_position_embeddings': 64.5},
@@ -1550,6 +1584,116 @@ def test_a_gemma3_query_pre_attn_scalar_is_folded_into_the_query_norm(tmp_path):
                              rtol=1e-5)
 
 
+LINEAR = ['model.rope_scaling.type=linear', 'model.rope_scaling.factor=8.0']
+
+
+def test_a_gemma3_with_linear_rope_scaling_in_its_global_layers_exports_and_imports(tmp_path):
+  """Gemma 3 4B's, 12B's and 27B's global layers turn positions over 8, its sliding layers
+  unscaled: written as transformers 5's rope_parameters and 4.50's rope_scaling, read back
+  from either. Checked once with transformers 5.25: a tiny Gemma3ForCausalLM with factor 8
+  it wrote gives its logits within 6.7e-6 and its 40 greedy tokens (README)."""
+  cfg, model = _gemma(False, LINEAR)
+  write_hf(model, cfg, tmp_path / 'hf')
+  config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+  assert config['rope_parameters'] == {
+      'full_attention': {'rope_type': 'linear', 'factor': 8.0, 'rope_theta': 1e6},
+      'sliding_attention': {'rope_type': 'default', 'rope_theta': 100.0}}
+  assert config['rope_scaling'] == {'rope_type': 'linear', 'factor': 8.0}
+  tokens = np.random.default_rng(0).integers(0, 256, (1, 24)).astype(np.int32)
+  arrays = safetensors.numpy.load_file(tmp_path / 'hf' / 'model.safetensors')
+  want = np.asarray(logits(model, tokens))[0]
+  np.testing.assert_allclose(_llama_logits(arrays, config, tokens[0]), want, atol=2e-5,
+                             rtol=1e-5)
+  ropes = config['rope_parameters']
+  for changed in ({**ropes, 'full_attention': {'rope_type': 'default', 'rope_theta': 1e6}},
+                  {**ropes, 'sliding_attention': {**ropes['full_attention'],
+                                                  'rope_theta': 100.0}}):
+    assert np.abs(_llama_logits(arrays, {**config, 'rope_parameters': changed}, tokens[0])
+                  - want).max() > 0.01
+  assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "run"}']) == 0
+  imported_cfg, imported = load_model(tmp_path / 'run')
+  assert imported_cfg.model.rope_scaling == cfg.model.rope_scaling
+  np.testing.assert_array_equal(np.asarray(logits(imported, tokens))[0], want)
+  write_hf(imported, imported_cfg, tmp_path / 'again')
+  assert json.loads((tmp_path / 'again' / 'config.json').read_text()) == config
+  for key in ('rope_parameters', 'layer_types'):  # transformers 4.50's spelling alone
+    del config[key]
+  (tmp_path / 'hf' / 'config.json').write_text(json.dumps(config))
+  assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "t4"}']) == 0
+  np.testing.assert_array_equal(np.asarray(logits(load_model(tmp_path / 't4')[1], tokens))[0],
+                                want)
+
+
+@pytest.mark.parametrize('names, tied', [('transformers', True), ('modules', False)])
+def test_a_gemma3_multimodal_checkpoint_imports_as_its_language_model(tmp_path, caplog, names,
+                                                                      tied):
+  """A Gemma3ForConditionalGeneration (Gemma 3 4B, 12B, 27B): text_config, the wrapper's
+  dtype and tying, the language model's weights under language_model.model.* (as
+  transformers 4.50 to 5.25 save them; lm_head under language_model.lm_head) or its
+  modules' model.language_model.*; the vision tower and projector left out, said in a
+  line. The run exports as a Gemma3ForCausalLM. Checked once with transformers 5.25: a
+  tiny one it wrote gives its logits on text ids within 8.3e-6 (README)."""
+  cfg, model = _gemma(tied, LINEAR)
+  write_hf(model, cfg, tmp_path / 'text')
+  text = json.loads((tmp_path / 'text' / 'config.json').read_text())
+  top = ('architectures', 'dtype', 'torch_dtype', 'tie_word_embeddings', 'eos_token_id')
+  (tmp_path / 'hf').mkdir()
+  for name in ('tokenizer.json', 'tokenizer_config.json', 'generation_config.json'):
+    shutil.copy(tmp_path / 'text' / name, tmp_path / 'hf' / name)
+  (tmp_path / 'hf' / 'config.json').write_text(json.dumps({
+      **{k: text[k] for k in top}, 'architectures': ['Gemma3ForConditionalGeneration'],
+      'model_type': 'gemma3', 'mm_tokens_per_image': 4, 'image_token_index': 300,
+      'text_config': {k: v for k, v in text.items() if k not in top},
+      'vision_config': {'model_type': 'siglip_vision_model', 'hidden_size': 8}}))
+  prefix = {'transformers': {'model.': 'language_model.model.',
+                             'lm_head.': 'language_model.lm_head.', '': ''},
+            'modules': {'model.': 'model.language_model.', 'lm_head.': 'lm_head.',
+                        '': 'model.'}}[names]
+  arrays = safetensors.numpy.load_file(tmp_path / 'text' / 'model.safetensors')
+  arrays = {prefix[k.split('.')[0] + '.'] + k.split('.', 1)[1]: v for k, v in arrays.items()}
+  arrays.update({prefix[''] + 'vision_tower.encoder.layers.0.mlp.fc1.weight':
+                 np.ones((16, 8), np.float32),
+                 prefix[''] + 'multi_modal_projector.mm_input_projection_weight':
+                 np.ones((8, 64), np.float32)})
+  safetensors.numpy.save_file(arrays, tmp_path / 'hf' / 'model.safetensors')
+  assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "run"}']) == 0
+  assert ('its vision tower and multimodal projector (2 arrays, 640 numbers) are left out'
+          in caplog.text)
+  imported_cfg, imported = load_model(tmp_path / 'run')
+  for key in ('tie_embeddings', 'rope_scaling', 'dtype', 'vocab_size', 'max_len',
+              'local_rope_theta', 'attention_pattern', 'embed_scale'):
+    assert imported_cfg.model[key] == cfg.model[key], key
+  np.testing.assert_array_equal(np.asarray(logits(imported, TOKENS)),
+                                np.asarray(logits(model, TOKENS)))
+  write_hf(imported, imported_cfg, tmp_path / 'again')
+  assert json.loads((tmp_path / 'again' / 'config.json').read_text()) == text
+
+
+# Gemma 3 4B's config.json as the Hub has it (transformers 4.50 wrote text_config's keys that
+# differ from Gemma3TextConfig's defaults only), its vision_config left out.
+GEMMA3_4B = {'architectures': ['Gemma3ForConditionalGeneration'], 'boi_token_index': 255999,
+             'eoi_token_index': 256000, 'eos_token_id': [1, 106],
+             'image_token_index': 262144, 'initializer_range': 0.02,
+             'mm_tokens_per_image': 256, 'model_type': 'gemma3',
+             'text_config': {'hidden_size': 2560, 'intermediate_size': 10240,
+                             'model_type': 'gemma3_text', 'num_hidden_layers': 34,
+                             'rope_scaling': {'factor': 8.0, 'rope_type': 'linear'},
+                             'sliding_window': 1024},
+             'torch_dtype': 'bfloat16', 'transformers_version': '4.50.0.dev0'}
+
+
+def test_a_gemma3_multimodal_config_of_the_hub_is_its_text_config_with_the_defaults():
+  model = huggingface.run_config(GEMMA3_4B, 'bytes').model
+  assert (model.d_model, model.d_ff, model.n_layers, model.n_heads, model.n_kv_heads,
+          model.head_dim, model.vocab_size, model.max_len) == (
+              2560, 10240, 34, 8, 4, 256, 262208, 131072)
+  assert (model.rope_scaling.type, model.rope_scaling.factor, model.rope_theta,
+          model.local_rope_theta) == ('linear', 8.0, 1e6, 1e4)
+  assert (model.sliding_window, model.attention_pattern) == (1024, ('local',) * 5 + ('global',))
+  assert (model.tie_embeddings, model.dtype, model.embed_scale, model.qk_norm) == (
+      True, 'bfloat16', True, True)
+
+
 # Gemma 3 1B's config.json (transformers 4.50), shrunk: its rope_theta, rope_local_base_freq
 # and sliding_window_pattern where transformers 5 writes rope_parameters and layer_types.
 GEMMA3_1B = {'architectures': ['Gemma3ForCausalLM'], 'model_type': 'gemma3_text',
@@ -1584,12 +1728,20 @@ def test_a_gemma3_config_of_transformers_4_or_left_to_defaults_imports():
 @pytest.mark.parametrize('change, message', [
     ({'final_logit_softcapping': 30.0}, "final_logit_softcapping=30.0 (Gemma 2's)"),
     ({'attn_logit_softcapping': 50.0}, "attn_logit_softcapping=50.0 (Gemma 2's)"),
-    ({'rope_scaling': {'rope_type': 'linear', 'factor': 8.0}},
-     "rope scaling {'rope_type': 'linear', 'factor': 8.0}"),
+    ({'rope_scaling': {'rope_type': 'llama3', 'factor': 8.0}},
+     "rope scaling {'rope_type': 'llama3', 'factor': 8.0}"),
+    ({'rope_scaling': {'rope_type': 'linear'}}, "rope scaling {'rope_type': 'linear'} has no "
+     'positive number factor, which rope_type linear needs'),
+    ({'rope_scaling': None, 'rope_parameters': {
+        'full_attention': {'rope_type': 'default'},
+        'sliding_attention': {'rope_type': 'linear', 'factor': 2.0}}},
+     "rope scaling {'rope_type': 'linear', 'factor': 2.0} in its sliding layers"),
     ({'hidden_activation': 'gelu'}, "hidden_activation='gelu'"),
     ({'use_bidirectional_attention': True}, 'use_bidirectional_attention=true'),
-    ({'model_type': 'gemma3'}, "model_type='gemma3' (Gemma 3's multimodal model; save its "
-     'language model as a Gemma3ForCausalLM, model_type gemma3_text, and import that)'),
+    ({'model_type': 'gemma3', 'text_config': 7}, 'config.json has text_config=7; a Gemma 3 '
+     'multimodal model (model_type gemma3) needs a gemma3_text one'),
+    ({'model_type': 'gemma3', 'text_config': {'model_type': 'llama'}},
+     "text_config={'model_type': 'llama'}; a Gemma 3 multimodal model"),
     ({'sliding_window': None}, "config.json has sliding_window=null; a Gemma 3's sliding "
      'layers need a positive integer')])
 def test_what_gemma3_has_and_jaxarch_does_not_compute_is_refused_in_one_line(change, message):
@@ -1604,6 +1756,8 @@ def test_what_gemma3_has_and_jaxarch_does_not_compute_is_refused_in_one_line(cha
      'model.qk_norm=True'),
     ('dense', [*GEMMA, 'model.rope_scaling.type=llama3'],
      "a Gemma 3's RoPE is not scaled 'llama3'"),
+    ('dense', [*GEMMA[:7], *GEMMA[8:], *LINEAR], "a Gemma 3's sliding layers turn unscaled, "
+     'and model.rope_scaling scales them while model.local_rope_theta is unset'),
     ('dense', ['model.qk_norm=True', 'model.sliding_window=3', 'model.local_rope_theta=10.0'],
      "this model lacks model.embed_scale=True"),
     ('moe', ['model.post_norms=True'], 'a Gemma 3 is dense, and this is a moe model')])

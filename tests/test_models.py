@@ -12,7 +12,7 @@ from jaxarch import models
 from jaxarch.config import ConfigError
 from jaxarch.layers.attention import Attention
 from jaxarch.layers.embeddings import head_logits
-from jaxarch.layers.rope import Llama3Scaling, rope_frequencies
+from jaxarch.layers.rope import LinearScaling, Llama3Scaling, apply_rope, rope_frequencies
 
 
 def _model(**overrides):
@@ -212,6 +212,21 @@ def test_llama3_rope_frequencies_follow_meta_s_formula_in_each_band():
   np.testing.assert_allclose(want[5:], plain[5:] / 32)
   assert all(p / 32 < w < p for p, w in zip(plain[2:5], want[2:5]))
   np.testing.assert_allclose(rope_frequencies(16, 10_000.0), plain, rtol=1e-6)  # none
+
+
+def test_linear_rope_turns_position_p_as_the_unscaled_rope_turns_p_over_factor():
+  """transformers' `linear` (Gemma 3 4B's global layers, factor 8): against a numpy
+  rotate_half rotation of the fractional positions p / factor."""
+  x = np.random.default_rng(0).normal(size=(2, 5, 3, 16)).astype(np.float32)  # [b, t, n, h]
+  positions = np.array([[0, 1, 7, 8, 100], [3, 17, 40, 1000, 4095]])
+  angles = (positions / 8.0)[..., None, None] * 500.0 ** (-np.arange(8) / 8)  # [b, t, 1, 8]
+  cos, sin = np.cos(angles), np.sin(angles)
+  want = np.concatenate([x[..., :8] * cos - x[..., 8:] * sin,
+                         x[..., 8:] * cos + x[..., :8] * sin], -1)
+  got = apply_rope(jnp.asarray(x), jnp.asarray(positions), 500.0, LinearScaling(8.0))
+  np.testing.assert_allclose(got, want, atol=2e-5)
+  assert np.abs(np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(positions), 500.0))
+                - want).max() > 0.5  # unscaled: another rotation
 
 
 def test_llama3_rope_scaling_changes_the_model_only_past_its_kept_band():

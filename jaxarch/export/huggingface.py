@@ -39,10 +39,13 @@ sliding layers) is a Gemma3ForCausalLM (model_type gemma3_text), whose block nor
 
 and whose RMSNorms (all of them) scale by 1 + weight: theirs = ours - 1. Its queries are
 scaled by query_pre_attn_scalar**-0.5, ours by head_dim**-0.5: import folds the ratio into
-the query norm's scale, export writes head_dim.
+the query norm's scale, export writes head_dim. Gemma 3 4B's, 12B's and 27B's global layers
+scale RoPE linearly (model.rope_scaling type 'linear'); its sliding layers are unscaled. A
+multimodal Gemma3ForConditionalGeneration (model_type gemma3) imports as its language model
+(`_text_config`, `_language_model`), which exports as a Gemma3ForCausalLM.
 
 `import_hf` goes the other way (`jaxarch import --hf=DIR --workdir=NEW`): a Llama, Mistral,
-Qwen2, Qwen3, Mixtral or Qwen3-MoE checkpoint becomes a jaxarch run at step 0, which
+Qwen2, Qwen3, Gemma 3, Mixtral or Qwen3-MoE checkpoint becomes a jaxarch run at step 0, which
 `generate`, `eval`, `distill` and BiTA read as any run, and `jaxarch train` continues
 (fine-tuning, continued pretraining), its documents and prompts starting with the
 checkpoint's own BOS (config.json's `bos_token_id`, as `data.bos_id`), its generation
@@ -74,8 +77,8 @@ layers are the last ones): a dense model with a window and no biases or QK-norm 
 `MistralForCausalLM`, a `MinistralForCausalLM` where some layers have none (Mistral's
 attention gives every layer the window); a MoE model's window must be every layer's
 (Mixtral's and Qwen3-MoE's attention). Other biases (attention_bias, mlp_bias), other
-architectures and rope scalings other than Llama 3.1's `llama3` (model.rope_scaling),
-which the export writes back, are refused.
+architectures and rope scalings other than Llama 3.1's `llama3` and `linear`
+(model.rope_scaling), which the export writes back, are refused.
 
 The vocabulary keeps its padding to a multiple of 128 (the tokenizer's ids come first).
 The weights are stored in their training dtype (float32); `torch_dtype` names the compute
@@ -113,9 +116,11 @@ MODEL_TYPES = {'dense': 'llama', 'moe': 'mixtral'}  # config.json's `model_type`
 # What import reads: a Mistral is a Llama's names and layout with a sliding window (a
 # Ministral one whose window is in the layers `layer_types` names), a Qwen2 a Llama with
 # biases on q, k and v (model.qkv_bias), a Qwen3 one with QK-norm (model.qk_norm), a
-# Qwen3-MoE a Mixtral with QK-norm and its own names.
+# Qwen3-MoE a Mixtral with QK-norm and its own names; of a Gemma 3 multimodal model (gemma3)
+# its language model, a gemma3_text.
 IMPORTS = {'llama': 'dense', 'mistral': 'dense', 'ministral': 'dense', 'mixtral': 'moe',
-           'qwen2': 'dense', 'qwen3': 'dense', 'qwen3_moe': 'moe', 'gemma3_text': 'dense'}
+           'qwen2': 'dense', 'qwen3': 'dense', 'qwen3_moe': 'moe', 'gemma3_text': 'dense',
+           'gemma3': 'dense'}
 # Where a MoE block's router and experts are: (module, {ours: theirs}).
 MOE_NAMES = {'mixtral': ('block_sparse_moe', {'w_gate': 'w1', 'w_down': 'w2', 'w_up': 'w3'}),
              'qwen3_moe': ('mlp', {'w_gate': 'gate_proj', 'w_down': 'down_proj',
@@ -133,6 +138,22 @@ BLOCK_NORMS = {'attn_norm': 'input_layernorm', 'mlp_norm': 'post_attention_layer
 GEMMA_NORMS = {'attn_norm': 'input_layernorm', 'attn_post_norm': 'post_attention_layernorm',
                'mlp_norm': 'pre_feedforward_layernorm',
                'mlp_post_norm': 'post_feedforward_layernorm'}
+# Gemma3TextConfig's defaults (transformers 5.25) of the keys that `run_config` reads:
+# transformers 4.50 wrote a Gemma3ForConditionalGeneration's text_config (Gemma 3 4B's, 12B's,
+# 27B's) with only the keys that differ from them (4B's has no num_attention_heads).
+GEMMA3_TEXT_DEFAULTS = {'vocab_size': 262_208, 'hidden_size': 2304, 'intermediate_size': 9216,
+                        'num_hidden_layers': 26, 'num_attention_heads': 8,
+                        'num_key_value_heads': 4, 'head_dim': 256,
+                        'max_position_embeddings': 131_072, 'rms_norm_eps': 1e-6,
+                        'bos_token_id': 2, 'eos_token_id': 1, 'pad_token_id': 0,
+                        'tie_word_embeddings': True}
+# A Gemma3ForConditionalGeneration's language model's weights -> a Gemma3ForCausalLM's names
+# (transformers 4.50 to 5.25 save them under the first two, its modules are named as the
+# last two); its vision tower's and multimodal projector's are left out.
+GEMMA3_PREFIXES = {'language_model.model.': 'model.', 'language_model.lm_head.': 'lm_head.',
+                   'model.language_model.': 'model.', 'lm_head.': 'lm_head.'}
+GEMMA3_VISION = ('vision_tower.', 'multi_modal_projector.', 'model.vision_tower.',
+                 'model.multi_modal_projector.')
 
 
 def _is_gemma(m: ml_collections.ConfigDict) -> bool:
@@ -206,8 +227,12 @@ def _gemma_mismatch(m: ml_collections.ConfigDict) -> str | None:
     return f"a Gemma 3 has all of Gemma 3's keys, and this model lacks {', '.join(missing)}"
   if m.qkv_bias:
     return 'a Gemma 3 has no q/k/v biases (model.qkv_bias)'
-  if m.rope_scaling.type != 'none':
+  if m.rope_scaling.type not in ('none', 'linear'):
     return f"a Gemma 3's RoPE is not scaled {m.rope_scaling.type!r} (model.rope_scaling)"
+  if (m.rope_scaling.type != 'none' and _window(m) is not None
+      and m.local_rope_theta is None):
+    return ("a Gemma 3's sliding layers turn unscaled, and model.rope_scaling scales them "
+            'while model.local_rope_theta is unset; set it (e.g. to model.rope_theta)')
   return None
 
 
@@ -273,7 +298,9 @@ def hf_config(cfg: ml_collections.ConfigDict, tokenizer) -> dict:
                              for k in kinds]
   if model_type == 'gemma3_text':
     config.update(_gemma_config(m, window, kinds))
-    del config['hidden_act'], config['rope_scaling']  # hidden_activation, rope_parameters
+    del config['hidden_act']  # hidden_activation
+    if config['rope_scaling'] is None:  # transformers 4.50's spelling of a scaled one
+      del config['rope_scaling']
   return config
 
 
@@ -281,7 +308,8 @@ def _gemma_config(m: ml_collections.ConfigDict, window: int | None, kinds: list[
                   ) -> dict:
   """A Gemma 3's own config.json keys: its queries scaled by head_dim**-0.5 as ours (its
   query_pre_attn_scalar), the sliding layers' RoPE as transformers 5 (rope_parameters per
-  layer type) and 4 (rope_local_base_freq) read it, and the windowed layers as layer_types
+  layer type, the global layers' scaling too) and 4 (rope_local_base_freq; the scaling is
+  rope_scaling) read it, and the windowed layers as layer_types
   and, where they are every p-th layer's complement, transformers 4.50's
   sliding_window_pattern p."""
   local = m.local_rope_theta or m.rope_theta
@@ -291,7 +319,8 @@ def _gemma_config(m: ml_collections.ConfigDict, window: int | None, kinds: list[
             'sliding_window': window or m.max_len,  # no layer has it: any
             'rope_local_base_freq': local,
             'rope_parameters': {
-                'full_attention': {'rope_type': 'default', 'rope_theta': m.rope_theta},
+                'full_attention': {**(hf_rope_scaling(m) or {'rope_type': 'default'}),
+                                   'rope_theta': m.rope_theta},
                 'sliding_attention': {'rope_type': 'default', 'rope_theta': local}}}
   period = next((p for p in range(1, len(kinds) + 2)
                  if kinds == ['local' if (i + 1) % p else 'global'
@@ -307,6 +336,8 @@ def hf_rope_scaling(m: ml_collections.ConfigDict) -> dict | None:
   s = m.rope_scaling
   if s.type == 'none':
     return None
+  if s.type == 'linear':
+    return {'rope_type': 'linear', 'factor': s.factor}
   return {'rope_type': s.type, 'factor': s.factor, 'low_freq_factor': s.low_freq_factor,
           'high_freq_factor': s.high_freq_factor,
           'original_max_position_embeddings': s.original_max_len}
@@ -410,16 +441,18 @@ def our_arrays(hf: dict[str, np.ndarray], cfg: ml_collections.ConfigDict,
 
 def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.ConfigDict:
   """The jaxarch config of a Llama, Mistral, Ministral, Qwen2, Qwen3, Gemma 3, Mixtral or
-  Qwen3-MoE `config.json` (train, data and mesh keys: the preset's, then `overrides`);
-  refuses what jaxarch's models do not compute."""
+  Qwen3-MoE `config.json` (train, data and mesh keys: the preset's, then `overrides`), a
+  Gemma 3 multimodal one's language model's; refuses what jaxarch's models do not compute."""
+  hf_config = _text_config(hf_config)
   kind = hf_config.get('model_type')
   family = IMPORTS.get(kind)
   max_len = hf_config.get('max_position_embeddings', 2048)  # the run's model.max_len
   # transformers 5 writes `rope_parameters` and `dtype` where 4 wrote `rope_theta`,
   # `rope_scaling` and `torch_dtype`.
   # A scaling of type 'default' (transformers 4.4x wrote {'rope_type': 'default'}) is none.
-  # Llama 3.1's and 3.2's `llama3` is model.rope_scaling; the other types are refused.
-  # A Gemma 3's (transformers 5) is one per layer type: its sliding layers' own theta.
+  # Llama 3.1's and 3.2's `llama3` and `linear` are model.rope_scaling; the other types are
+  # refused. A Gemma 3's (transformers 5) is one per layer type: its sliding layers' own
+  # theta, unscaled; the global layers' (transformers 4.50: rope_scaling) linear or none.
   rope = hf_config.get('rope_parameters') or {}
   gemma = kind == 'gemma3_text'
   per_type = gemma and isinstance(rope, dict) and 'full_attention' in rope
@@ -433,14 +466,17 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
   local_rope = (rope.get('sliding_attention') or {}) if per_type else {}
   rope = (rope.get('full_attention') or {}) if per_type else rope
   rope_type = lambda r: r.get('rope_type', r.get('type', 'default'))
-  scaling = next((r for r in (hf_config.get('rope_scaling') or {}, rope, local_rope)
+  scaling = next((r for r in (hf_config.get('rope_scaling') or {}, rope)
                   if rope_type(r) != 'default'), None)
   activation = ('hidden_activation', 'gelu_pytorch_tanh') if gemma else ('hidden_act', 'silu')
   gemma_only = _gemma_unsupported(hf_config) if gemma else None
   unsupported = (
       f"model_type={kind!r} (jaxarch reads {', '.join(map(repr, IMPORTS))})"
       if family is None else
-      f'rope scaling {scaling!r}' if scaling and (gemma or rope_type(scaling) != 'llama3') else
+      f'rope scaling {scaling!r}' if scaling and rope_type(scaling) not in (
+          ('linear',) if gemma else ('llama3', 'linear')) else
+      f'rope scaling {local_rope!r} in its sliding layers'
+      if rope_type(local_rope) != 'default' else
       'attention_bias=true' if hf_config.get('attention_bias') else
       'mlp_bias=true' if hf_config.get('mlp_bias') else
       f'{activation[0]}={hf_config.get(activation[0])!r}'
@@ -450,9 +486,6 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
       'the MoE ones)' if hf_config.get('decoder_sparse_step', 1) != 1 else
       f"mlp_only_layers={hf_config['mlp_only_layers']!r} (dense blocks among the MoE ones)"
       if hf_config.get('mlp_only_layers') else None)
-  if kind == 'gemma3':
-    unsupported = ("model_type='gemma3' (Gemma 3's multimodal model; save its language model "
-                   'as a Gemma3ForCausalLM, model_type gemma3_text, and import that)')
   if unsupported:
     raise ExportError(f'import: the checkpoint has {unsupported}, which jaxarch\'s models do '
                       'not compute')
@@ -484,8 +517,9 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
       'norm_eps': float(hf_config.get('rms_norm_eps', 1e-6)),
       'dtype': ('float32' if (hf_config.get('dtype') or hf_config.get('torch_dtype'))
                 == 'float32' else 'bfloat16')}
-  if scaling:  # llama3
-    model.update(_llama3_settings(hf_config, scaling, max_len))
+  if scaling:
+    model.update(_llama3_settings(hf_config, scaling, max_len)
+                 if rope_type(scaling) == 'llama3' else _linear_settings(scaling))
   model.update(_window_settings(hf_config, max_len))
   if gemma:  # Gemma3TextConfig's defaults where its config.json leaves them out
     model.update(GEMMA_KEYS)
@@ -506,6 +540,47 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
   for setting in settings:
     config_lib.apply_override(cfg, setting)
   return config_lib.validate(cfg)
+
+
+def _text_config(hf_config: dict) -> dict:
+  """The language model's config.json: a Gemma3ForConditionalGeneration's (model_type
+  gemma3) text_config as a gemma3_text's, with the wrapper's dtype and tying (its head is
+  tied as the wrapper says) and its token ids where text_config has none; a Gemma 3's with
+  Gemma3TextConfig's defaults where it leaves keys out. Any other as it is."""
+  kind = hf_config.get('model_type')
+  if kind == 'gemma3':
+    text = hf_config.get('text_config') or {}  # none: Gemma3TextConfig's defaults
+    if not isinstance(text, dict) or text.get('model_type', 'gemma3_text') != 'gemma3_text':
+      raise ExportError(f'import: config.json has text_config={text!r:.60}; a Gemma 3 '
+                        'multimodal model (model_type gemma3) needs a gemma3_text one')
+    ids = {k: hf_config[k] for k in ('bos_token_id', 'eos_token_id', 'pad_token_id')
+           if k in hf_config}
+    wrapper = {k: hf_config[k] for k in ('dtype', 'torch_dtype') if k in hf_config}
+    hf_config = {**ids, **text, **wrapper, 'model_type': 'gemma3_text',
+                 'tie_word_embeddings': hf_config.get('tie_word_embeddings', True)}
+  if hf_config.get('model_type') == 'gemma3_text':
+    return {**GEMMA3_TEXT_DEFAULTS, **hf_config}
+  return hf_config
+
+
+def _language_model(hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A Gemma3ForConditionalGeneration's language model's arrays under a Gemma3ForCausalLM's
+  names (GEMMA3_PREFIXES); those of its vision tower and projector are left out, in a
+  logged line. Others keep their name, for `our_arrays` to refuse."""
+  out, skipped = {}, []
+  for name, array in hf.items():
+    prefix = next((p for p in GEMMA3_PREFIXES if name.startswith(p)), None)
+    if prefix is not None:
+      out[GEMMA3_PREFIXES[prefix] + name[len(prefix):]] = array
+    elif name.startswith(GEMMA3_VISION):
+      skipped.append(array.size)
+    else:
+      out[name] = array
+  logging.getLogger(__name__).warning(
+      'import: a Gemma 3 multimodal model: its language model is the run, its vision tower '
+      'and multimodal projector (%d arrays, %d numbers) are left out', len(skipped),
+      sum(skipped))
+  return out
 
 
 def _query_scale(hf_config: dict, m: ml_collections.ConfigDict) -> float:
@@ -579,6 +654,16 @@ def _window_settings(hf_config: dict, max_len) -> dict:
   period = next(p for p in range(1, n + 1)  # the shortest pattern that cycles to them
                 if all(kinds[i] == kinds[i % p] for i in range(n)))
   return {'sliding_window': window, 'attention_pattern': tuple(kinds[:period])}
+
+
+def _linear_settings(scaling: dict) -> dict:
+  """model.rope_scaling.* of a `rope_type: linear` scaling (Gemma 3 4B's, 12B's and 27B's
+  global layers: factor 8)."""
+  factor = scaling.get('factor')
+  if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+    raise ExportError(f"import: config.json's rope scaling {scaling!r} has no positive "
+                      'number factor, which rope_type linear needs')
+  return {'rope_scaling.type': 'linear', 'rope_scaling.factor': float(factor)}
 
 
 def _llama3_settings(hf_config: dict, scaling: dict, max_len) -> dict:
@@ -745,6 +830,9 @@ def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
   directory, workdir = Path(directory).expanduser(), Path(workdir).expanduser().absolute()
   free_out(workdir)
   hf_config, hf = read_hf(directory)
+  if hf_config.get('model_type') == 'gemma3':  # multimodal: its language model
+    hf = _language_model(hf)
+  hf_config = _text_config(hf_config)
   # A SentencePiece model before a tokenizer.json converted from it (Llama 2 has both).
   tokenizer = next((directory / f for f in ('tokenizer.model', 'tokenizer.json')
                     if (directory / f).is_file()), None)

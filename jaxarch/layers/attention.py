@@ -36,7 +36,7 @@ from jaxarch.layers import layout as layout_lib
 from jaxarch.layers import remat
 from jaxarch.layers.norms import RMSNorm
 from jaxarch.layers.params import normal, param
-from jaxarch.layers.rope import Llama3Scaling, apply_rope
+from jaxarch.layers.rope import RopeScaling, apply_rope
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def _implementation(impl: str, dtype) -> str | None:
 class Attention(nnx.Module):
 
   def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
-               rope_theta: float = 10_000.0, rope_scaling: Llama3Scaling | None = None,
+               rope_theta: float = 10_000.0, rope_scaling: RopeScaling | None = None,
                init_std: float = 0.02,
                out_std: float | None = None, init_truncation: float = 0.0, impl: str = 'xla',
                qkv_bias: bool = False, qk_norm: bool = False, norm_eps: float = 1e-6,

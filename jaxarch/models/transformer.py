@@ -23,7 +23,7 @@ import ml_collections
 from jaxarch.layers import Attention, Embed, RMSNorm, SwiGLU, remat
 from jaxarch.layers.embeddings import head_logits
 from jaxarch.layers.params import normal, param
-from jaxarch.layers.rope import Llama3Scaling
+from jaxarch.layers.rope import LinearScaling, Llama3Scaling, RopeScaling
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -109,11 +109,13 @@ def make_attention(cfg: ml_collections.ConfigDict, layer: int, rngs: nnx.Rngs) -
                    dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype], rngs=rngs)
 
 
-def rope_scaling(cfg: ml_collections.ConfigDict) -> Llama3Scaling | None:
+def rope_scaling(cfg: ml_collections.ConfigDict) -> RopeScaling | None:
   """`model.rope_scaling` as the attention layers take it: None for type 'none'."""
   s = cfg.rope_scaling
   if s.type == 'none':
     return None
+  if s.type == 'linear':
+    return LinearScaling(s.factor)
   return Llama3Scaling(s.factor, s.low_freq_factor, s.high_freq_factor, s.original_max_len)
 
 
