@@ -1565,6 +1565,23 @@ def test_gemma_keys_export_as_a_gemma3_and_import_back_with_the_same_logits(tmp_
   assert json.loads((tmp_path / 'again' / 'config.json').read_text()) == config
 
 
+def test_a_gemma3_imports_with_its_tokenizer_json_before_its_sentencepiece_model(tmp_path):
+  """transformers reads a Gemma's text with tokenizer.json (GemmaTokenizerFast), and
+  `generate --chat` needs one; a Llama 2 directory's tokenizer.model stays first (above)."""
+  from test_data import _sentencepiece_model  # pylint: disable=g-import-not-at-top
+  pytest.importorskip('tokenizers')
+  lines = Path(hf_tokenizer.__file__).read_text().splitlines()[:300]
+  sp = _sentencepiece_model(tmp_path / 'sp.model', lines=lines, vocab_size=400, **LLAMA_BPE)
+  cfg, model = _gemma(overrides=[f'data.tokenizer={sp}', 'model.vocab_size=512'])
+  write_hf(model, cfg, tmp_path / 'hf')
+  assert {'tokenizer.model', 'tokenizer.json'} <= {f.name for f in (tmp_path / 'hf').iterdir()}
+  assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "run"}']) == 0
+  imported = config_lib.load_json(tmp_path / 'run' / 'config.json').data
+  assert imported.tokenizer == str(tmp_path / 'run' / 'tokenizer' / 'tokenizer.json')
+  text = 'def gemma(x):\n  return x  # ok'
+  assert get_tokenizer(imported.tokenizer).encode(text) == get_tokenizer(sp).encode(text)
+
+
 def test_a_gemma3_query_pre_attn_scalar_is_folded_into_the_query_norm(tmp_path):
   """Gemma 3 27B scales its queries by 168**-0.5 beside head_dim 128: its q_norm scales,
   times sqrt(head_dim / 168), give our head_dim**-0.5 the same logits."""

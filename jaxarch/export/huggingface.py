@@ -833,9 +833,14 @@ def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
   if hf_config.get('model_type') == 'gemma3':  # multimodal: its language model
     hf = _language_model(hf)
   hf_config = _text_config(hf_config)
-  # A SentencePiece model before a tokenizer.json converted from it (Llama 2 has both).
-  tokenizer = next((directory / f for f in ('tokenizer.model', 'tokenizer.json')
-                    if (directory / f).is_file()), None)
+  # A SentencePiece model before a tokenizer.json converted from it (Llama 2 has both),
+  # but a Gemma's tokenizer.json first: transformers reads a Gemma through it
+  # (GemmaTokenizerFast), and only through one does `generate --chat` read its turns'
+  # special tokens in text.
+  order = ('tokenizer.model', 'tokenizer.json')
+  if hf_config.get('model_type') == 'gemma3_text':
+    order = order[::-1]
+  tokenizer = next((directory / f for f in order if (directory / f).is_file()), None)
   if tokenizer is None:
     raise ExportError(f'import: {directory} holds no tokenizer.json or tokenizer.model')
   # Read now, as the run will read it: an unreadable tokenizer, or one without an
