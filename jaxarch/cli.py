@@ -254,7 +254,7 @@ def _distill(args, overrides):
 
 
 def _import(args, overrides):
-  from jaxarch.export.huggingface import import_hf  # pylint: disable=g-import-not-at-top
+  from jaxarch.export.hf_import import import_hf  # pylint: disable=g-import-not-at-top
   for override in overrides:  # the model's keys are the checkpoint's
     if override.startswith('--config.model.'):
       raise config_lib.ConfigError(f'config error: {override.split("=")[0]} is set by the '

@@ -24,7 +24,7 @@ from jaxarch import infer, models
 from jaxarch.export import (ExportError, all_or_nothing, export_stablehlo, load_safetensors,
                             write_hf, write_model)
 from jaxarch.data import get_tokenizer
-from jaxarch.export import hf_tokenizer, huggingface, run_stablehlo
+from jaxarch.export import hf_import, hf_tokenizer, run_stablehlo
 from jaxarch.export.run_stablehlo import StableHLOModel
 from jaxarch.layers.attention import Attention
 from jaxarch.layers.signals import WindowCounter
@@ -869,7 +869,7 @@ def test_a_qwen2_config_imports_as_a_dense_model_with_qkv_biases(spelling):
     del config['use_sliding_window']
   elif spelling == 'window_used_but_wide':
     config.update(use_sliding_window=True, sliding_window=32768)
-  model = huggingface.run_config(config, 'bytes').model
+  model = hf_import.run_config(config, 'bytes').model
   assert (model.family, model.qkv_bias, model.tie_embeddings) == ('dense', True, True)
   assert (model.rope_theta, model.max_len, model.dtype) == (1e6, 32768, 'bfloat16')
 
@@ -878,7 +878,7 @@ def test_a_used_qwen2_window_covers_the_layers_from_max_window_layers_on():
   """transformers 4 named no layer_types: the layers from max_window_layers on slide;
   5 lists them, in any order; use_sliding_window is a Qwen's key only."""
   window = lambda **change: (lambda m: (m.sliding_window, m.attention_pattern))(
-      huggingface.run_config({**QWEN25, **change}, 'bytes').model)
+      hf_import.run_config({**QWEN25, **change}, 'bytes').model)
   assert window(use_sliding_window=True) == (None, ('local',))  # max_window_layers 21 of 2
   assert window(use_sliding_window=True, max_window_layers=1) == (4096, ('global', 'local'))
   assert window(use_sliding_window=True, layer_types=['sliding_attention', 'full_attention']
@@ -890,7 +890,7 @@ def test_a_used_qwen2_window_covers_the_layers_from_max_window_layers_on():
     assert window(model_type=kind, layer_types=['full_attention', 'sliding_attention']
                   ) == (4096, ('global', 'local'))
     assert window(model_type=kind, layer_types=None) == (4096, ('local',))
-  moe = huggingface.run_config({**QWEN3_MOE, 'use_sliding_window': True,  # every layer
+  moe = hf_import.run_config({**QWEN3_MOE, 'use_sliding_window': True,  # every layer
                                 'sliding_window': 4096, 'max_window_layers': 48}, 'bytes')
   assert (moe.model.sliding_window, moe.model.attention_pattern) == (4096, ('local',))
 
@@ -902,7 +902,7 @@ def test_bad_qwen2_layer_types_and_other_biases_are_refused_in_one_line():
        "'full_attention' per layer (2)"),
       ({'mlp_bias': True}, 'mlp_bias=true')]:
     with pytest.raises(ExportError) as e:
-      huggingface.run_config({**QWEN25, **change}, 'bytes')
+      hf_import.run_config({**QWEN25, **change}, 'bytes')
     assert message in str(e.value) and '\n' not in str(e.value), str(e.value)
 
 
@@ -1005,12 +1005,12 @@ def test_a_qwen3_moe_config_imports_as_a_moe_model_with_qk_norm(spelling):
     config['num_local_experts'] = config.pop('num_experts')
   elif spelling == 'no_norm_key':
     del config['norm_topk_prob']
-  model = huggingface.run_config(config, 'bytes').model
+  model = hf_import.run_config(config, 'bytes').model
   assert (model.family, model.qk_norm, model.qkv_bias) == ('moe', True, False)
   assert (model.moe.num_experts, model.moe.top_k, model.moe.expert_d_ff) == (8, 2, 48)
   assert (model.d_ff, model.head_dim, model.max_len) == (192, 32, 40960)
   assert model.moe.renormalize == (spelling != 'no_norm_key')
-  dense = huggingface.run_config({**QWEN3_MOE, 'model_type': 'qwen3',
+  dense = hf_import.run_config({**QWEN3_MOE, 'model_type': 'qwen3',
                                   'architectures': ['Qwen3ForCausalLM']}, 'bytes').model
   assert (dense.family, dense.qk_norm, dense.d_ff) == ('dense', True, 192)
 
@@ -1022,7 +1022,7 @@ def test_qwen3_moe_dense_blocks_are_refused_in_one_line():
       ({'num_experts': None}, 'no integer num_experts'),
       ({'attention_bias': True}, 'attention_bias=true')]:
     with pytest.raises(ExportError) as e:
-      huggingface.run_config({**QWEN3_MOE, **change}, 'bytes')
+      hf_import.run_config({**QWEN3_MOE, **change}, 'bytes')
     assert message in str(e.value) and '\n' not in str(e.value), str(e.value)
 
 
@@ -1109,7 +1109,7 @@ def test_an_hf_config_with_llama3_rope_scaling_sets_model_rope_scaling(spelling)
     config['rope_parameters'] = {**scaling, 'factor': 8, 'rope_theta': 500000.0}
   else:
     config['rope_scaling'] = scaling
-  model = huggingface.run_config(config, 'bytes').model
+  model = hf_import.run_config(config, 'bytes').model
   assert model.rope_theta == 500000.0
   assert model.rope_scaling.to_dict() == {
       'type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
@@ -1137,7 +1137,7 @@ def test_other_or_bad_rope_scalings_are_refused_in_one_line(scaling, message):
   for spelling in ('rope_scaling', 'rope_parameters'):
     config = {**{k: v for k, v in LLAMA31.items() if k != 'rope_scaling'}, spelling: scaling}
     with pytest.raises((ExportError, config_lib.ConfigError)) as e:
-      huggingface.run_config(config, 'bytes')
+      hf_import.run_config(config, 'bytes')
     assert message in str(e.value) and '\n' not in str(e.value), str(e.value)
 
 
@@ -1267,7 +1267,7 @@ def test_import_reads_whether_the_checkpoints_tokenizer_adds_a_bos(tmp_path, set
   import sets data.add_bos=False, so its documents and prompts are transformers' ids; a
   Llama's adds its <s> (data.bos_id=1). A directory that does not say keeps that too."""
   hf_dir = _hf_with_tokenizer_files(tmp_path, settings, post_processor)
-  assert huggingface._adds_bos(hf_dir) is adds  # pylint: disable=protected-access
+  assert hf_import._adds_bos(hf_dir) is adds  # pylint: disable=protected-access
   assert cli.main(['import', f'--hf={hf_dir}', f'--workdir={tmp_path / "run"}']) == 0
   data_cfg = config_lib.load_json(tmp_path / 'run' / 'config.json').data
   assert (data_cfg.add_bos, data_cfg.bos_id) == ((True, 1) if adds else (False, None))
@@ -1279,8 +1279,8 @@ def test_import_without_tokenizer_files_that_say_keeps_config_jsons_bos(tmp_path
   from test_data import _llama_style_tokenizer  # pylint: disable=g-import-not-at-top
   (tmp_path / 'hf').mkdir()
   tokenizer = get_tokenizer(_llama_style_tokenizer(tmp_path / 'tokenizer.json'))
-  assert huggingface._adds_bos(tmp_path / 'hf') is None  # pylint: disable=protected-access
-  setting = huggingface._bos_setting(  # pylint: disable=protected-access
+  assert hf_import._adds_bos(tmp_path / 'hf') is None  # pylint: disable=protected-access
+  setting = hf_import._bos_setting(  # pylint: disable=protected-access
       tmp_path / 'hf', {'bos_token_id': 1}, tokenizer, tmp_path / 'hf' / 'tokenizer.model')
   assert setting == ['data.bos_id=1']
 
@@ -1324,7 +1324,7 @@ def test_hf_export_of_the_byte_tokenizer_without_a_bos_adds_none(tmp_path):
   tokenizer = hf.Tokenizer.from_file(str(tmp_path / 'out' / 'tokenizer.json'))
   text = 'déf main():'
   assert tokenizer.encode(text).ids == list(text.encode())
-  assert huggingface._adds_bos(tmp_path / 'out') is False  # pylint: disable=protected-access
+  assert hf_import._adds_bos(tmp_path / 'out') is False  # pylint: disable=protected-access
 
 
 def test_stablehlo_export_of_a_run_without_a_bos_names_none(tmp_path, monkeypatch, capsys):
@@ -1383,7 +1383,7 @@ def test_an_hf_checkpoint_imports_its_end_of_turn_as_stop_ids_and_exports_it_aga
     if generation is not None:
       (hf_dir / 'generation_config.json').write_text(json.dumps({'eos_token_id': generation}))
     # pylint: disable-next=protected-access
-    setting = huggingface._stop_setting(hf_dir, {**config, 'eos_token_id': eos},
+    setting = hf_import._stop_setting(hf_dir, {**config, 'eos_token_id': eos},
                                         get_tokenizer(path), Path(path))
     return config_lib.load('configs/dense.py:tiny', setting).data.stop_ids
 
@@ -1700,7 +1700,7 @@ GEMMA3_4B = {'architectures': ['Gemma3ForConditionalGeneration'], 'boi_token_ind
 
 
 def test_a_gemma3_multimodal_config_of_the_hub_is_its_text_config_with_the_defaults():
-  model = huggingface.run_config(GEMMA3_4B, 'bytes').model
+  model = hf_import.run_config(GEMMA3_4B, 'bytes').model
   assert (model.d_model, model.d_ff, model.n_layers, model.n_heads, model.n_kv_heads,
           model.head_dim, model.vocab_size, model.max_len) == (
               2560, 10240, 34, 8, 4, 256, 262208, 131072)
@@ -1729,7 +1729,7 @@ def test_a_gemma3_config_of_transformers_4_or_left_to_defaults_imports():
   """Its window, even of more than max_len positions, is kept: the sliding layers turn at
   their own theta. What config.json leaves out is Gemma3TextConfig's default (tied, a
   window of 4096 in all but every 6th layer, head_dim 256)."""
-  model = huggingface.run_config(GEMMA3_1B, 'bytes').model
+  model = hf_import.run_config(GEMMA3_1B, 'bytes').model
   assert (model.sliding_window, model.attention_pattern) == (512, ('local',) * 5 + ('global',))
   assert (model.local_rope_theta, model.rope_theta, model.tie_embeddings) == (1e4, 1e6, True)
   assert (model.qk_norm, model.post_norms, model.embed_scale, model.mlp_activation,
@@ -1737,7 +1737,7 @@ def test_a_gemma3_config_of_transformers_4_or_left_to_defaults_imports():
   bare = {k: v for k, v in GEMMA3_1B.items() if k not in (
       'sliding_window', 'sliding_window_pattern', 'head_dim', 'rope_theta',
       'rope_local_base_freq', 'max_position_embeddings')}
-  model = huggingface.run_config(bare, 'bytes').model
+  model = hf_import.run_config(bare, 'bytes').model
   assert (model.sliding_window, model.attention_pattern, model.head_dim, model.rope_theta,
           model.local_rope_theta) == (4096, ('local',) * 5 + ('global',), 256, 1e6, 1e4)
 
@@ -1763,7 +1763,7 @@ def test_a_gemma3_config_of_transformers_4_or_left_to_defaults_imports():
      'layers need a positive integer')])
 def test_what_gemma3_has_and_jaxarch_does_not_compute_is_refused_in_one_line(change, message):
   with pytest.raises(ExportError) as e:
-    huggingface.run_config({**GEMMA3_1B, **change}, 'bytes')
+    hf_import.run_config({**GEMMA3_1B, **change}, 'bytes')
   assert message in str(e.value) and '\n' not in str(e.value)
 
 
