@@ -238,7 +238,8 @@ def _generate(args, overrides):
       print(text + decode_continuation(tokenizer, ids[len(start):], new))
   print(f'jaxarch: {stats["new_tokens"]} new tokens in {stats["prefill_s"] + stats["decode_s"]:.2f}s, '
         f'{stats["tokens_per_s"]:.1f} tokens/s ({stats["decode_step_s"] * 1e3:.1f} ms per '
-        f'decode step, batch {stats["batch"]}; compiled in {stats["compile_s"]:.1f}s)',
+        f'decode step, batch {stats["batch"]}, KV caches {stats["cache_bytes"] / 2**20:,.1f} '
+        f'MiB; compiled in {stats["compile_s"]:.1f}s)',
         file=sys.stderr)
 
 

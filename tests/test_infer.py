@@ -313,6 +313,9 @@ def test_generate_command_continues_prompts_from_the_latest_checkpoint(tmp_path,
   first, second = out.split('-' * 40 + '\n')
   assert first.startswith('import os') and second.startswith('def f(')
   assert 'tokens/s' in err and '12 new tokens' in err
+  # The caches the call allocated (tiny: 4 layers of 2 kv heads of 32, k and v, fp32; the
+  # 2 prompts filled out to the 8 data shards; the 16-token bucket + 64 new tokens' room).
+  assert f'KV caches {4 * 2 * 2 * 32 * 4 * 8 * (16 + 64) / 2**20:,.1f} MiB' in err
 
   assert cli.main(['generate', '--workdir', str(tmp_path / 'missing'), '--prompt', 'x']) == 2
   assert 'config.json not found' in capsys.readouterr().err
