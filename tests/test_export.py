@@ -1582,6 +1582,38 @@ def test_a_gemma3_imports_with_its_tokenizer_json_before_its_sentencepiece_model
   assert get_tokenizer(imported.tokenizer).encode(text) == get_tokenizer(sp).encode(text)
 
 
+@pytest.mark.parametrize('special', [True, False])
+def test_a_special_token_past_the_models_rows_imports_and_passes_the_trainers_check(tmp_path, special):
+  """Gemma 3's tokenizers hold <image_soft_token> at id 262144, one past the 262144 rows
+  of its text models (1B, 270M): text never encodes to a special token, so the run takes
+  it, as transformers does; an ordinary token there is still refused."""
+  from jaxarch.train import trainer  # pylint: disable=g-import-not-at-top
+  pytest.importorskip('tokenizers')
+  cfg, model = _gemma()
+  write_hf(model, cfg, tmp_path / 'hf')
+  path = tmp_path / 'hf' / 'tokenizer.json'
+  tree = json.loads(path.read_text())
+  rows = cfg.model.vocab_size
+  tree['added_tokens'].append({'id': rows, 'content': '<image_soft_token>', 'single_word': False,
+                               'lstrip': False, 'rstrip': False, 'normalized': False,
+                               'special': special})
+  tree['model']['vocab']['<image_soft_token>'] = rows  # as Gemma's: in the BPE's vocab too
+  path.write_text(json.dumps(tree))
+  argv = ['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "run"}']
+  if not special:
+    with pytest.raises(ExportError, match=f'more than the model.s vocab_size={rows} '
+                       fr'\(e.g. id {rows}\)'):
+      hf_import.import_hf(tmp_path / 'hf', tmp_path / 'run')
+    return
+  assert cli.main(argv) == 0
+  imported_cfg, imported = load_model(tmp_path / 'run')
+  assert get_tokenizer(imported_cfg.data.tokenizer).vocab_size == rows + 1
+  assert trainer._tokenizer(imported_cfg)  # pylint: disable=protected-access
+  setup = make_setup(imported_cfg, make_mesh(imported_cfg))
+  assert trainer._eval_step(imported_cfg, setup)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(logits(imported, TOKENS), logits(model, TOKENS))
+
+
 def test_a_gemma3_query_pre_attn_scalar_is_folded_into_the_query_norm(tmp_path):
   """Gemma 3 27B scales its queries by 168**-0.5 beside head_dim 128: its q_norm scales,
   times sqrt(head_dim / 168), give our head_dim**-0.5 the same logits."""

@@ -8,4 +8,5 @@ from jaxarch.data.sources import resolve_data_dir
 from jaxarch.data.tokenizers import ByteTokenizer
 from jaxarch.data.tokenizers import bos_id
 from jaxarch.data.tokenizers import get_tokenizer
+from jaxarch.data.tokenizers import ids_past_model
 from jaxarch.data.tokenizers import stop_ids

@@ -28,6 +28,16 @@ def as_text(text: str | bytes) -> str:
   return text.decode('utf-8', errors='replace') if isinstance(text, bytes) else text
 
 
+def ids_past_model(tokenizer, vocab_size: int) -> list[int]:
+  """The tokenizer's ids at or past a model's `vocab_size` that a run would feed it. Special
+  tokens are left out, but for the end of document and padding: text never encodes to them
+  (`encode` reads their spellings as text), as to Gemma 3's `<image_soft_token>`, id 262144,
+  one past its text models' 262144 rows."""
+  special = getattr(tokenizer, 'special_ids', frozenset())
+  named = {tokenizer.eod_id, tokenizer.pad_id}
+  return [i for i in range(vocab_size, tokenizer.vocab_size) if i not in special or i in named]
+
+
 class ByteTokenizer:
   """UTF-8 bytes as ids 0..255; byte 0 is real text, so the specials come after 255."""
 
@@ -141,6 +151,7 @@ class HFTokenizer:
     # the end of a document.
     self._tok.encode_special_tokens = True
     special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+    self.special_ids = frozenset(special)
     self.byte_lengths = np.asarray([0 if i in special else self._piece_bytes(i)
                                     for i in range(self.vocab_size)], np.int32)
 

@@ -47,7 +47,7 @@ import numpy as np
 import safetensors.numpy
 
 from jaxarch import config as config_lib
-from jaxarch.data import get_tokenizer
+from jaxarch.data import get_tokenizer, ids_past_model
 from jaxarch.export.huggingface import (BLOCK_NORMS, GEMMA_KEYS, GEMMA_NORMS, LAYER_TYPED,
                                         MOE_NAMES, WINDOW_SWITCHED, architecture)
 from jaxarch.export.weights import (ExportError, all_or_nothing, copy_tokenizer, free_out,
@@ -542,13 +542,13 @@ def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
   # Read now, as the run will read it: an unreadable tokenizer, or one without an
   # end-of-document token, is refused before a run that cannot train or generate is made.
   reader = get_tokenizer(str(tokenizer))
-  ids = reader.vocab_size
   cfg = run_config(hf_config, str(tokenizer),
                    [*_bos_setting(directory, hf_config, reader, tokenizer),
                     *_stop_setting(directory, hf_config, reader, tokenizer), *overrides])
-  if ids > cfg.model.vocab_size:
-    raise ExportError(f'import: {tokenizer} has {ids} ids, more than the model\'s '
-                      f'vocab_size={cfg.model.vocab_size}')
+  # Special tokens past the model's rows (Gemma 3's <image_soft_token>) are never fed to it.
+  if past := ids_past_model(reader, cfg.model.vocab_size):
+    raise ExportError(f'import: {tokenizer} has {reader.vocab_size} ids, more than the '
+                      f"model's vocab_size={cfg.model.vocab_size} (e.g. id {past[0]})")
   template = _chat_template(directory)
   arrays = our_arrays(hf, cfg, _query_scale(hf_config, cfg.model))
   del hf  # its arrays are now arrays' (views or copies): host memory for one model

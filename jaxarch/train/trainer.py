@@ -35,7 +35,7 @@ from jaxarch.train.workdir import (check_workdir, local_workdir, only_trainer_in
 
 def _tokenizer(cfg: ml_collections.ConfigDict):
   tokenizer = data.get_tokenizer(cfg.data.tokenizer)
-  if tokenizer.vocab_size > cfg.model.vocab_size:
+  if data.ids_past_model(tokenizer, cfg.model.vocab_size):
     raise config_lib.ConfigError(
         f'config error: model.vocab_size={cfg.model.vocab_size} is smaller than the '
         f'vocabulary of data.tokenizer={cfg.data.tokenizer!r} ({tokenizer.vocab_size})')
@@ -46,7 +46,8 @@ def _eval_step(cfg: ml_collections.ConfigDict, setup: TrainSetup):
   """Eval step counting each target's bytes, for bits per byte under any tokenizer."""
   lengths = np.zeros(cfg.model.vocab_size, np.float32)
   tokenizer = _tokenizer(cfg)
-  lengths[:tokenizer.vocab_size] = tokenizer.byte_lengths
+  n = min(tokenizer.vocab_size, cfg.model.vocab_size)  # special ids past the rows: no text
+  lengths[:n] = tokenizer.byte_lengths[:n]
   return make_eval_step(setup, lengths)
 
 
