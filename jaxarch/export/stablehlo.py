@@ -140,7 +140,8 @@ _README = """
 
 `prefill.stablehlo` and `decode.stablehlo` are the model's prefill and decode step
 serialized with `jax.export` for {platforms}: batch {batch}, prompts right-padded to
-{prompt_len} tokens, caches of {max_len} positions. `run_stablehlo.py` generates with them
+{prompt_len} tokens, room for {max_len} positions (a sliding-window layer's cache holds its
+window alone). `run_stablehlo.py` generates with them
 using only jax, numpy and safetensors (no jaxarch):
 
 ```bash

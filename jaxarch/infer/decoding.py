@@ -62,7 +62,7 @@ def decode_step(model: nnx.Module, tokens: jax.Array, positions: jax.Array) -> j
   """One new token per sequence, `tokens` [b] at `positions` [b] -> logits [b, vocab].
 
   Positions must be below the caches' `length` (`add_caches`): a token at or past it is
-  not written, and its logits are wrong, unchecked inside jit. `Generator` sizes the
-  caches for its calls.
+  not written (a sliding-window layer's ring wraps instead), and its logits are wrong,
+  unchecked inside jit. `Generator` sizes the caches for its calls.
   """
   return model.decode_step(tokens, positions)
