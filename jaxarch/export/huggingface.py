@@ -77,7 +77,7 @@ from flax import nnx
 from jaxarch.data import bos_id, get_tokenizer, stop_ids
 from jaxarch.export.hf_tokenizer import write_tokenizer
 from jaxarch.export.weights import ExportError, flat_arrays, readable
-from jaxarch.models.transformer import head_dim
+from jaxarch.models.transformer import head_dim, layer_windows
 
 ARCHITECTURES = {'dense': 'LlamaForCausalLM', 'moe': 'MixtralForCausalLM'}
 MODEL_TYPES = {'dense': 'llama', 'moe': 'mixtral'}  # config.json's `model_type`
@@ -182,13 +182,12 @@ def _gemma_mismatch(m: ml_collections.ConfigDict) -> str | None:
 
 def _layer_kinds(m: ml_collections.ConfigDict) -> list[str]:
   """'local' (with the sliding window) or 'global', per layer."""
-  pattern = tuple(m.attention_pattern)
-  return [pattern[i % len(pattern)] for i in range(m.n_layers)]
+  return ['global' if w is None else 'local' for w in layer_windows(m)]
 
 
 def _window(m: ml_collections.ConfigDict) -> int | None:
   """The sliding window some layer has: None without one, or with every block 'global'."""
-  return m.sliding_window if 'local' in _layer_kinds(m) else None
+  return next((w for w in layer_windows(m) if w is not None), None)
 
 
 def hf_config(cfg: ml_collections.ConfigDict, tokenizer) -> dict:
@@ -231,7 +230,7 @@ def hf_config(cfg: ml_collections.ConfigDict, tokenizer) -> dict:
   # layers layer_types names: transformers 5 reads them, 4 read a Qwen's max_window_layers
   # (the layers from it on), right only where the windowed layers are the last ones.
   window = _window(m)
-  kinds = _layer_kinds(m) if window is not None else ['global'] * m.n_layers
+  kinds = _layer_kinds(m)
   if model_type in ('mistral', 'ministral', 'mixtral'):
     config['sliding_window'] = window
   if model_type in WINDOW_SWITCHED:  # as transformers 5.25 writes it

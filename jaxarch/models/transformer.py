@@ -96,16 +96,15 @@ def make_attention(cfg: ml_collections.ConfigDict, layer: int, rngs: nnx.Rngs) -
   """Block `layer`'s attention: with `model.sliding_window` where `model.attention_pattern`
   (cycled over the blocks) marks it 'local', and there with RoPE at
   `model.local_rope_theta`, unscaled, if set (Gemma 3's)."""
-  pattern = tuple(cfg.attention_pattern)
-  local = pattern[layer % len(pattern)] == 'local' and cfg.sliding_window is not None
-  theta, scaling = ((cfg.local_rope_theta, None) if local and cfg.local_rope_theta
+  window = layer_windows(cfg)[layer]
+  theta, scaling = ((cfg.local_rope_theta, None) if window and cfg.local_rope_theta
                     else (cfg.rope_theta, rope_scaling(cfg)))
   return Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, head_dim(cfg),
                    rope_theta=theta, rope_scaling=scaling,
                    init_std=cfg.init_std,
                    out_std=residual_init_std(cfg), init_truncation=cfg.init_truncation,
                    impl=cfg.attention_impl, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm,
-                   norm_eps=cfg.norm_eps, window=cfg.sliding_window if local else None,
+                   norm_eps=cfg.norm_eps, window=window,
                    dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype], rngs=rngs)
 
 
@@ -137,9 +136,23 @@ def dense_block(cfg: ml_collections.ConfigDict, layer: int, rngs: nnx.Rngs) -> D
                     rngs=rngs)
 
 
+def cycled(pattern, n_layers: int) -> list:
+  """A per-block pattern (model.block_pattern, model.attention_pattern) repeated over
+  `n_layers` blocks."""
+  pattern = tuple(pattern)
+  return [pattern[i % len(pattern)] for i in range(n_layers)]
+
+
 def block_plan(cfg: ml_collections.ConfigDict) -> list[str]:
-  pattern = tuple(cfg.block_pattern)
-  return [pattern[i % len(pattern)] for i in range(cfg.n_layers)]
+  return cycled(cfg.block_pattern, cfg.n_layers)
+
+
+def layer_windows(cfg: ml_collections.ConfigDict) -> list[int | None]:
+  """Each block's sliding window: `model.sliding_window` in the blocks
+  `model.attention_pattern` (cycled) marks 'local', None in the others or without one."""
+  window = cfg.get('sliding_window')
+  return [window if kind == 'local' else None
+          for kind in cycled(cfg.get('attention_pattern', ('local',)), cfg.n_layers)]
 
 
 def side_placement(cfg: ml_collections.ConfigDict) -> list[tuple[str, int, int]]:

@@ -32,7 +32,8 @@ import ml_collections
 
 from jaxarch import models
 from jaxarch.models.bita import base_config, mask_groups
-from jaxarch.models.transformer import BLOCKS, SIDE_LAYERS, block_plan, side_placement
+from jaxarch.models.transformer import (BLOCKS, SIDE_LAYERS, block_plan, layer_windows,
+                                        side_placement)
 
 # Peak dense bf16 FLOP/s per device, from the vendors' datasheets (half the sparse figure:
 # 1,978.9 TFLOP/s on an H100 or H200 SXM). The longest name found in the device kind wins.
@@ -73,11 +74,8 @@ def attention_flops_per_token(model_cfg: ml_collections.ConfigDict, seq_len: int
   """6 · T · n · h per layer: 12 · n · h per key a query sees, T/2 on average when it
   sees every earlier one; w − w²/2T under a sliding window of w < T positions."""
   head_dim = model_cfg.head_dim or model_cfg.d_model // model_cfg.n_heads
-  window = model_cfg.get('sliding_window')
-  pattern = tuple(model_cfg.get('attention_pattern', ('local',)))
   keys = 0.0  # keys seen per query, summed over the layers
-  for layer in range(model_cfg.n_layers):
-    w = window if pattern[layer % len(pattern)] == 'local' else None
+  for w in layer_windows(model_cfg):
     keys += seq_len / 2 if w is None or w >= seq_len else w - w * w / (2 * seq_len)
   return round(12 * keys * model_cfg.n_heads * head_dim)
 
