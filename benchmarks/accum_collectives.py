@@ -24,16 +24,13 @@ import argparse
 import sys
 
 import jax
-import numpy as np
 
 from report import device_info, emit, save
 
 from jaxarch import config as config_lib
 from jaxarch.cli import at_least_one
-from jaxarch.parallel import make_mesh
 from jaxarch.train import profile
-from jaxarch.train.state import make_setup
-from jaxarch.train.step import make_train_step
+from jaxarch.train.memory import compiled_train_step
 
 MESHES = {  # 8 devices: pure data parallelism, FSDP, both
     'data8': dict(data=8),
@@ -48,12 +45,7 @@ def compiled_step(spec: str, mesh: dict, accum: int, batch_size: int, seq_len: i
   overrides = [f'mesh.ici.{axis}={size}' for axis, size in mesh.items()] + [
       f'train.grad_accum_steps={accum}', f'train.batch_size={batch_size}',
       f'data.seq_len={seq_len}']
-  cfg = config_lib.load(spec, overrides)
-  setup = make_setup(cfg, make_mesh(cfg))
-  batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), np.int32,
-                                   sharding=setup.batch_sharding)
-           for k in ('inputs', 'targets', 'segment_ids', 'positions')}
-  return make_train_step(setup).lower(setup.abstract_state, batch).compile()
+  return compiled_train_step(config_lib.load(spec, overrides))
 
 
 def measure(compiled) -> dict:

@@ -12,6 +12,7 @@ from conftest import make_batch, mesh_config, tiny_config
 from jaxarch import config as config_lib
 from jaxarch.parallel import global_batch, make_mesh
 from jaxarch.train import profile
+from jaxarch.train.memory import compiled_train_step
 from jaxarch.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxarch.train.state import init_state, make_setup
 from jaxarch.train.step import make_train_step
@@ -92,10 +93,7 @@ def test_fsdp_weights_are_gathered_in_each_microbatch_not_held_whole_through_the
   for accum in (1, 2):
     cfg = mesh_config(tiny_config(**{'train.batch_size': 16, 'train.grad_accum_steps': accum}),
                       fsdp=8)
-    setup = make_setup(cfg, make_mesh(cfg))
-    batch = {k: jax.ShapeDtypeStruct((16, cfg.data.seq_len), np.int32,
-                                     sharding=setup.batch_sharding) for k in make_batch(1, 1)}
-    compiled = make_train_step(setup).lower(setup.abstract_state, batch).compile()
+    compiled = compiled_train_step(cfg)
     gathered[accum] = profile.collective_bytes(compiled.as_text())['all-gather']
     temp[accum] = compiled.memory_analysis().temp_size_in_bytes
   assert gathered[2] == 2 * gathered[1]  # once per microbatch, as PyTorch's FSDP does

@@ -96,6 +96,16 @@ def _sharding_hint(cfg: ml_collections.ConfigDict, setup: TrainSetup, need: int,
           'mesh.ici.fsdp')
 
 
+def compiled_train_step(cfg: ml_collections.ConfigDict, setup=None):
+  """The train step of `cfg` compiled for its mesh from the abstract state and batch, so
+  that nothing is allocated: for its memory analysis and HLO (its collectives)."""
+  setup = setup or make_setup(cfg, make_mesh(cfg))
+  batch = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=setup.batch_sharding),
+      synthetic_batch(cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size, 0))
+  return make_train_step(setup).lower(setup.abstract_state, batch).compile()
+
+
 def plan(cfg: ml_collections.ConfigDict, *, compile_step: bool = True,
          device_memory: int | None = None) -> dict:
   """Bytes per device of the train state and, with `compile_step`, of the compiled step
@@ -109,11 +119,7 @@ def plan(cfg: ml_collections.ConfigDict, *, compile_step: bool = True,
   limit = device_memory or device_memory_bytes()
   result = {**describe(cfg, setup), 'state_bytes': state, 'device_memory_bytes': limit}
   if compile_step:
-    batch = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=setup.batch_sharding),
-        synthetic_batch(cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size, 0))
-    step = make_train_step(setup)
-    stats = step.lower(setup.abstract_state, batch).compile().memory_analysis()
+    stats = compiled_train_step(cfg, setup).memory_analysis()
     compiled = {k: int(getattr(stats, f'{k}_size_in_bytes'))
                 for k in ('argument', 'output', 'alias', 'temp')}
     # The donated state is updated in place (aliased): it is not counted twice.
