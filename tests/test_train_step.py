@@ -101,6 +101,25 @@ def test_fsdp_weights_are_gathered_in_each_microbatch_not_held_whole_through_the
   assert temp[2] < 0.8 * temp[1], temp
 
 
+def test_fsdp_weights_are_gathered_in_each_microbatch_of_an_evaluation_too():
+  """The eval step's microbatch scan let XLA hoist the gathers as the train step's did:
+  every weight whole through the evaluation, which then fit only where the whole model
+  fits a device (the train step gathers per microbatch)."""
+  from jaxarch.train.step import make_eval_step  # pylint: disable=g-import-not-at-top
+  gathered = {}
+  for accum in (1, 2):
+    cfg = mesh_config(tiny_config(**{'train.batch_size': 16, 'train.grad_accum_steps': accum}),
+                      fsdp=8)
+    setup = make_setup(cfg, make_mesh(cfg))
+    batch = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=setup.batch_sharding),
+        make_batch(cfg.train.batch_size, cfg.data.seq_len))
+    step = make_eval_step(setup, np.ones(cfg.model.vocab_size, np.float32))
+    compiled = step.lower(setup.abstract_state, batch).compile()
+    gathered[accum] = profile.collective_bytes(compiled.as_text())['all-gather']
+  assert gathered[2] == 2 * gathered[1], gathered
+
+
 @pytest.mark.slow
 def test_accumulated_moe_steps_report_the_batch_s_tokens_and_aux_losses():
   cfg = config_lib.load('configs/moe.py:tiny', [

@@ -297,7 +297,10 @@ def make_eval_step(setup: TrainSetup, byte_lengths):
   """Summed NLL, token and byte counts of a batch; bits per byte = nll / ln2 / bytes. With
   `train.grad_accum_steps=A` the batch runs as A microbatches, as in training, so that an
   evaluation fits wherever the train step does. The model's state is read as `generate`
-  reads it, not updated (`_forward(deterministic=True)`)."""
+  reads it, not updated (`_forward(deterministic=True)`). Weights are gathered in each
+  microbatch, as in training (`_per_microbatch`): hoisted out of the loop, every weight
+  would be held whole through the evaluation, which then fits where the train step does
+  only while the whole model fits a device."""
   byte_lengths = jnp.asarray(byte_lengths, jnp.float32)
 
   def sums(state, batch):
@@ -310,8 +313,11 @@ def make_eval_step(setup: TrainSetup, byte_lengths):
   def eval_step(state, batch):
     if setup.grad_accum_steps == 1:
       return sums(state, batch)
-    add = lambda total, microbatch: (jax.tree.map(jnp.add, total, sums(state, microbatch)),
-                                     None)
+
+    def add(total, microbatch):
+      params, microbatch = _per_microbatch(state['params'], microbatch)
+      return jax.tree.map(jnp.add, total, sums({**state, 'params': params}, microbatch)), None
+
     zero = {k: jnp.zeros((), jnp.float32) for k in ('nll', 'tokens', 'bytes')}
     return jax.lax.scan(add, zero, _microbatches(setup, batch))[0]
 
