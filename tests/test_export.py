@@ -1582,6 +1582,36 @@ def test_a_gemma3_imports_with_its_tokenizer_json_before_its_sentencepiece_model
   assert get_tokenizer(imported.tokenizer).encode(text) == get_tokenizer(sp).encode(text)
 
 
+def test_an_instruct_llama_imports_with_its_tokenizer_json_so_that_it_chats(tmp_path):
+  """Llama 2 chat and Mistral Instruct hold a tokenizer.model and a tokenizer.json: with a
+  chat template the run reads the tokenizer.json, as transformers does, so that
+  `generate --chat` reads the template's `<s>` as the BOS token (a SentencePiece run
+  refuses --chat); the text between encodes as the SentencePiece model does."""
+  from jaxarch.infer import chat  # pylint: disable=g-import-not-at-top
+  from test_data import _sentencepiece_model  # pylint: disable=g-import-not-at-top
+  pytest.importorskip('tokenizers')
+  pytest.importorskip('jinja2')
+  lines = Path(hf_tokenizer.__file__).read_text().splitlines()[:300]
+  sp = _sentencepiece_model(tmp_path / 'sp.model', lines=lines, vocab_size=400, **LLAMA_BPE)
+  cfg = family_config('dense')
+  with cfg.unlocked():
+    cfg.data.tokenizer, cfg.model.vocab_size = sp, 512
+  write_hf(_model(cfg), cfg, tmp_path / 'hf')
+  settings = json.loads((tmp_path / 'hf' / 'tokenizer_config.json').read_text())
+  settings['chat_template'] = ("{% for m in messages %}{{ bos_token + '[INST] ' + "
+                               "m['content'] + ' [/INST]' }}{% endfor %}")
+  (tmp_path / 'hf' / 'tokenizer_config.json').write_text(json.dumps(settings))
+  assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "run"}']) == 0
+  imported = config_lib.load_json(tmp_path / 'run' / 'config.json').data
+  assert imported.tokenizer == str(tmp_path / 'run' / 'tokenizer' / 'tokenizer.json')
+  ours, theirs = get_tokenizer(sp), get_tokenizer(imported.tokenizer)
+  text = 'def llama(x):\n  return x  # ok'
+  assert theirs.encode(text) == ours.encode(text)
+  ids = chat.chat_prompts(imported, theirs, ['return x'])[0]
+  assert ids[0] == chat.bos_id(imported, theirs) != ours.encode('<s>')[0]
+  assert ids[1:] == ours.encode('[INST] return x [/INST]')
+
+
 @pytest.mark.parametrize('special', [True, False])
 def test_a_special_token_past_the_models_rows_imports_and_passes_the_trainers_check(tmp_path, special):
   """Gemma 3's tokenizers hold <image_soft_token> at id 262144, one past the 262144 rows

@@ -530,11 +530,13 @@ def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
     hf = _language_model(hf)
   hf_config = _text_config(hf_config)
   # A SentencePiece model before a tokenizer.json converted from it (Llama 2 has both),
-  # but a Gemma's tokenizer.json first: transformers reads a Gemma through it
-  # (GemmaTokenizerFast), and only through one does `generate --chat` read its turns'
-  # special tokens in text.
+  # but a Gemma's or an instruct model's tokenizer.json first: transformers reads text
+  # through it (GemmaTokenizerFast, LlamaTokenizerFast), and only through one does
+  # `generate --chat` read the turns' special tokens in text (Llama 2 chat's <s>,
+  # Mistral Instruct v0.3's [INST]).
+  template = _chat_template(directory)
   order = ('tokenizer.model', 'tokenizer.json')
-  if hf_config.get('model_type') == 'gemma3_text':
+  if hf_config.get('model_type') == 'gemma3_text' or template is not None:
     order = order[::-1]
   tokenizer = next((directory / f for f in order if (directory / f).is_file()), None)
   if tokenizer is None:
@@ -549,7 +551,6 @@ def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
   if past := ids_past_model(reader, cfg.model.vocab_size):
     raise ExportError(f'import: {tokenizer} has {reader.vocab_size} ids, more than the '
                       f"model's vocab_size={cfg.model.vocab_size} (e.g. id {past[0]})")
-  template = _chat_template(directory)
   arrays = our_arrays(hf, cfg, _query_scale(hf_config, cfg.model))
   del hf  # its arrays are now arrays' (views or copies): host memory for one model
   cfg, mesh = mesh_here(cfg)

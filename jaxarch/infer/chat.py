@@ -118,7 +118,7 @@ def chat_prompts(data_cfg, tokenizer, prompts: list[str], system: str | None = N
         "generate: --chat reads the template's special tokens with a HF tokenizer.json "
         f'only, and data.tokenizer={data_cfg.tokenizer!r} is {kind} (text between special '
         "tokens splits as transformers' legacy or current Llama tokenizer does, which the "
-        'run does not say)')
+        "run does not say); `jaxarch import` reads an instruct checkpoint's tokenizer.json")
   template = Path(path).expanduser().read_text(encoding='utf-8')  # '~/' as config checks it
   variables = template_variables(data_cfg, tokenizer)
   ids = []
