@@ -228,6 +228,24 @@ def test_sweep_records_finished_runs_once_and_reports_failed_and_stopped_ones(
       d48['tokens'] * plan.flops_per_token(runner.load_sweep(spec)[1].config()))
 
 
+def test_a_run_killed_by_a_signal_is_named_so_and_resumed(tmp_path, data_dir, monkeypatch):
+  # 'failed (exit -9): (an empty log)' before, for a trainer the OOM killer stopped.
+  script = ('import os, signal, sys, pathlib; d = pathlib.Path(sys.argv[1])\n'
+            'if not (d / "retry").exists(): os.kill(os.getpid(), signal.SIGKILL)\n'
+            '(d / "metrics.jsonl").write_text(\'{"step": 6, "loss": 2.0}\\n\')\n')
+  monkeypatch.setattr(runner, 'train_command',
+                      lambda run, run_dir: [sys.executable, '-c', script, str(run_dir)])
+  spec, workdir = _sweep_file(tmp_path, data_dir), tmp_path / 'sweep'
+  messages = []
+  with pytest.raises(runner.SweepError, match='3 runs failed or stopped'):
+    runner.run_sweep(spec, workdir, echo=messages.append)
+  assert 'sweep: d32 failed (killed by SIGKILL): (an empty log); see' in ' '.join(messages)
+  (workdir / 'runs' / 'd32' / 'retry').write_text('')
+  with pytest.raises(runner.SweepError, match='2 runs failed or stopped: d48, d64'):
+    runner.run_sweep(spec, workdir, echo=lambda _: None)
+  assert [r['name'] for r in runner.read_results(workdir)] == ['d32']
+
+
 def test_sweep_moves_aside_a_run_trained_under_an_edited_config(tmp_path, data_dir,
                                                                 monkeypatch):
   _stand_in_training(monkeypatch)
@@ -474,7 +492,8 @@ def test_report_writes_plots_and_tables(tmp_path, capsys):
       lines.append(dict(name=f'{family}-{i}', family=family, budget=r['budget'],
                         params_total=r['params'], params_active=r['params'],
                         tokens=r['tokens'], flops=6 * r['params'] * r['tokens'],
-                        final_loss=r['loss'], eval_loss=r['loss'] + shift, bpb=1.0))
+                        final_loss=r['loss'], eval_loss=r['loss'] + shift,
+                        bpb=(r['loss'] + shift) / math.log(2)))  # byte-level
   for i in range(3):  # a family whose every run diverged
     lines.append(dict(lines[i], name=f'ultramem-{i}', family='ultramem', eval_loss=math.nan))
   lines.append(dict(lines[-4], name='moe-no-validation', budget=1e21, eval_loss=None))
@@ -495,7 +514,8 @@ def test_report_writes_plots_and_tables(tmp_path, capsys):
   assert '| ultramem | 0 of 3 with a finite loss |' in text
   assert 'moe: 1 runs had no validation data' in text
   # MoE is 0.05 better at every budget in this made-up sweep.
-  rows = text.split('## Families at equal compute')[1].strip().splitlines()[2:]
+  rows = [row for row in text.split('## Families at equal compute')[1].splitlines()
+          if row.startswith('| 1e+')]
   assert len(rows) == 3 and all(row.endswith('| moe |') for row in rows)
   fits = json.loads((out / 'fits.json').read_text())
   assert fits['dense']['law']['alpha'] == pytest.approx(0.34, abs=0.05)
@@ -506,6 +526,31 @@ def test_report_writes_plots_and_tables(tmp_path, capsys):
       json.dumps(dict(l, eval_loss=math.nan, final_loss=math.nan)) + '\n' for l in lines))
   assert cli.main(['fit', f'--workdir={workdir}', '--out=' + str(tmp_path / 'nan')]) == 0
   assert '| dense | 0 of 15 with a finite loss |' in (tmp_path / 'nan' / 'report.md').read_text()
+
+
+def test_families_of_other_tokenizers_are_compared_per_byte(tmp_path):
+  """A BPE dense model (3.0 nats per token of about 4 bytes: 0.75 per byte) against a
+  byte-level MEGABYTE (1.0 per byte): the report named MEGABYTE the better at equal
+  compute, comparing nats per token with nats per byte."""
+  lines = []
+  for family, loss, bytes_per_token in (('dense', 3.0, 4.0), ('megabyte', 1.0, 1.0)):
+    for i, n in enumerate((1e6, 2e6, 4e6)):
+      eval_loss = loss + 0.01 * i
+      lines.append(dict(name=f'{family}-{i}', family=family, budget=1e17, params_active=n,
+                        tokens=1e17 / (6 * n), flops=1e17, eval_loss=eval_loss,
+                        bpb=eval_loss / bytes_per_token / math.log(2)))
+  (tmp_path / 'results.jsonl').write_text(''.join(json.dumps(l) + '\n' for l in lines))
+  report.write_report(tmp_path, bootstrap=0)
+  table = (tmp_path / 'report' / 'report.md').read_text().split('at equal compute')[1]
+  assert 'Best validation nats per byte per family' in table
+  assert '| 1e+17 | 0.7500 (N=1e+06) | 1.0000 (N=1e+06) | dense |' in table
+  # A run without validation bits per byte: losses as they are, and said so.
+  lines[0]['bpb'] = None
+  (tmp_path / 'results.jsonl').write_text(''.join(json.dumps(l) + '\n' for l in lines))
+  report.write_report(tmp_path, bootstrap=0)
+  table = (tmp_path / 'report' / 'report.md').read_text().split('at equal compute')[1]
+  assert 'compare only between families of one tokenizer' in table
+  assert '| 1e+17 | 3.0000 (N=1e+06) | 1.0000 (N=1e+06) | megabyte |' in table
 
 
 def test_report_reads_records_without_flops_and_skips_bad_sizes(tmp_path, capsys):

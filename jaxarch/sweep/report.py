@@ -7,7 +7,7 @@ the N*(C), D*(C) power laws through them, and L(N, D) = E + A/N^α + B/D^β (see
 `sweep.fit`). N is the active parameter count by default (what a token's FLOPs scale
 with; for MoE and UltraMem `--params=total` fits against all stored parameters), and the
 loss is the validation loss. Writes `loss_vs_compute.png`, `isoflop.png`, `frontier.png`
-and `report.md`, which compares the families at equal compute.
+and `report.md`, which compares the families at equal compute in nats per byte.
 """
 
 import json
@@ -30,8 +30,9 @@ COLORS = {'dense': 'tab:blue', 'moe': 'tab:orange', 'ultramem': 'tab:green',
 
 
 def fit_points(records, params: str = 'active') -> list[dict]:
-  """Records as fit inputs: {params, tokens, loss, budget, flops, validation} (loss: the
-  validation loss, or the final training loss of a run without validation data); runs
+  """Records as fit inputs: {params, tokens, loss, budget, flops, validation, per_byte}
+  (loss: the validation loss, or the final training loss of a run without validation
+  data; per_byte: the validation loss in nats per byte, None where not known); runs
   without a finite loss (diverged) are left out."""
   points = []
   for r in records:
@@ -40,9 +41,12 @@ def fit_points(records, params: str = 'active') -> list[dict]:
     if loss is None or not math.isfinite(loss):
       continue
     budget = r.get('budget') or r['flops']
+    bpb = r.get('bpb')
+    known = validation and isinstance(bpb, (int, float)) and math.isfinite(bpb) and bpb > 0
     points.append(dict(params=r[f'params_{params}'], tokens=r['tokens'], loss=loss,
                        budget=budget, flops=r.get('flops') or budget,  # planned, if not run
-                       name=r['name'], validation=validation))
+                       name=r['name'], validation=validation,
+                       per_byte=bpb * math.log(2) if known else None))
   return points
 
 
@@ -97,15 +101,26 @@ def fit_families(records, *, params: str = 'active', bootstrap: int = 100) -> di
   return fits
 
 
+def compared_loss(fits) -> tuple[str, str]:
+  """The points' key the families are compared on, and its name: nats per byte where every
+  run has it (bpb · ln 2), as nats per token compare only between runs of one tokenizer (a
+  BPE token holds about 4 bytes, a MEGABYTE position one); else each run's own loss."""
+  points = [p for entry in fits.values() for p in entry['points']]
+  if points and all(p['per_byte'] is not None for p in points):
+    return 'per_byte', 'validation nats per byte'
+  return 'loss', 'loss'
+
+
 def _plot_loss_vs_compute(fits, path: Path):
+  key, name = compared_loss(fits)
   fig, ax = plt.subplots(figsize=(6, 4))
   for family, entry in fits.items():
     pts = entry['points']
-    ax.scatter([p['flops'] for p in pts], [p['loss'] for p in pts], s=14, alpha=0.6,
+    ax.scatter([p['flops'] for p in pts], [p[key] for p in pts], s=14, alpha=0.6,
                color=COLORS.get(family), label=family)
-    best = _best_per_budget(pts)
-    ax.plot([b['flops'] for b in best], [b['loss'] for b in best], color=COLORS.get(family))
-  ax.set(xlabel='training FLOPs', ylabel='validation loss',
+    best = _best_per_budget(pts, key)
+    ax.plot([b['flops'] for b in best], [b[key] for b in best], color=COLORS.get(family))
+  ax.set(xlabel='training FLOPs', ylabel=name,
          title='Loss against compute (line: best run per budget)')
   if any(entry['points'] for entry in fits.values()):
     ax.set_xscale('log')
@@ -117,10 +132,10 @@ def _plot_loss_vs_compute(fits, path: Path):
   plt.close(fig)
 
 
-def _best_per_budget(points):
+def _best_per_budget(points, key='loss'):
   best = {}
   for p in points:
-    if p['budget'] not in best or p['loss'] < best[p['budget']]['loss']:
+    if p['budget'] not in best or p[key] < best[p['budget']][key]:
       best[p['budget']] = p
   return [best[b] for b in sorted(best)]
 
@@ -189,8 +204,9 @@ def _fmt(x, digits=3):
 def markdown(fits, params: str, workdir: Path) -> str:
   lines = [f'# Scaling-law report for {workdir}', '',
            f'N = {params} parameters, D = training tokens, loss = validation loss (nats per '
-           "token of the runs' tokenizer: per byte for byte-level models), C = training FLOPs "
-           'by the convention of `jaxarch.train.flops`.', '',
+           "token of the runs' tokenizer: per byte for byte-level models; the families are "
+           'compared in nats per byte), C = training FLOPs by the convention of '
+           '`jaxarch.train.flops`.', '',
            '![loss against compute](loss_vs_compute.png)', '', '![IsoFLOP profiles](isoflop.png)',
            '', '![compute-optimal size](frontier.png)', '', '## Runs per family', '',
            '| family | runs | budgets | N range | D range | best loss |', '|---|---|---|---|---|---|']
@@ -261,17 +277,22 @@ def markdown(fits, params: str, workdir: Path) -> str:
 
 
 def _equal_compute_table(fits) -> str:
-  """Best validation loss per family at each budget that every family ran."""
-  best = {f: {p['budget']: p for p in _best_per_budget(e['points'])}
+  """Best loss per family at each budget that every family ran, in nats per byte where
+  known (`compared_loss`)."""
+  key, name = compared_loss(fits)
+  best = {f: {p['budget']: p for p in _best_per_budget(e['points'], key)}
           for f, e in fits.items() if e['points']}
   budgets = sorted(set.intersection(*(set(b) for b in best.values()))) if best else []
   if not budgets:
     return 'No budget was run by every family.'
   families = list(best)
-  rows = ['| budget C | ' + ' | '.join(families) + ' | best |',
+  rows = [f'Best {name} per family' + (
+              '' if key == 'per_byte' else ' (not every run has validation bits per byte: '
+              'these compare only between families of one tokenizer)') + ':', '',
+          '| budget C | ' + ' | '.join(families) + ' | best |',
           '|---' * (len(families) + 2) + '|']
   for budget in budgets:
-    losses = {f: best[f][budget]['loss'] for f in families}
+    losses = {f: best[f][budget][key] for f in families}
     winner = min(losses, key=losses.get)
     rows.append(f'| {budget:.3g} | ' + ' | '.join(
         f'{losses[f]:.4f} (N={best[f][budget]["params"]:.3g})' for f in families) +

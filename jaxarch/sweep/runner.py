@@ -323,7 +323,7 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
           changed = None if code or step != steps else config_changes(run, run_dir)
           if code or step != steps or changed:
             failed.append(run.name)
-            why = (f'failed (exit {code}): {_last_line(run_dir / "train.log")}' if code else
+            why = (f'failed ({_exit(code)}): {_last_line(run_dir / "train.log")}' if code else
                    f'stopped at step {step} of {steps}' if step != steps else
                    f'trained under a config that has changed since it started ({changed})')
             echo(f'sweep: {run.name} {why}; see {run_dir / "train.log"}')
@@ -345,6 +345,17 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
         + (f'; {len(not_started)} not started, as the sweep was stopped' if not_started
            else '') + '; run the sweep again to resume them')
   return read_results(workdir)
+
+
+def _exit(code: int) -> str:
+  """'exit 1', or the signal that killed the run (Popen's -9: 'killed by SIGKILL', which
+  the out-of-memory killer sends), which its log cannot say."""
+  if code >= 0:
+    return f'exit {code}'
+  try:
+    return f'killed by {signal.Signals(-code).name}'
+  except ValueError:
+    return f'killed by signal {-code}'
 
 
 def _last_line(log: Path) -> str:
