@@ -520,6 +520,14 @@ def test_report_writes_plots_and_tables(tmp_path, capsys):
   fits = json.loads((out / 'fits.json').read_text())
   assert fits['dense']['law']['alpha'] == pytest.approx(0.34, abs=0.05)
   assert fits['dense']['law']['at_bound'] == [] and 'held at a bound' not in text
+  assert 'one budget' not in text
+
+  # The runs of one budget: a law the report fits, but says the runs barely determine.
+  (workdir / 'results.jsonl').write_text(''.join(
+      json.dumps(l) + '\n' for l in lines if l['budget'] == 1e19))
+  assert cli.main(['fit', f'--workdir={workdir}', '--out=' + str(tmp_path / 'one')]) == 0
+  text = (tmp_path / 'one' / 'report.md').read_text()
+  assert 'dense: every run has one budget' in text and 'moe: every run has one budget' in text
 
   # Every run diverged, in two families: a report that says so, not a matplotlib traceback.
   (workdir / 'results.jsonl').write_text(''.join(

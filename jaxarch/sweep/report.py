@@ -266,6 +266,10 @@ def markdown(fits, params: str, workdir: Path) -> str:
     lines.append(f'| {family} | {law["E"]:.3f} | {law["A"]:.3g} | {law["alpha"]:.3f}'
                  f'{interval("alpha")} | {law["B"]:.3g} | {law["beta"]:.3f}{interval("beta")} '
                  f'| {law["num_runs"]} |')
+    if len({pt['budget'] for pt in entry['points']}) == 1:
+      bound_notes.append(f'{family}: every run has one budget, so N and D fall together '
+                         '(D ∝ C/N) and the runs hardly tell A/N^α from B/D^β: α and β '
+                         'are weakly determined; runs at two or more budgets fix them.')
     if law.get('at_bound'):
       held = law['at_bound']
       bound_notes.append(f'{family}: {", ".join(held)} held at a bound of the fit\'s search '
