@@ -699,7 +699,9 @@ def test_isoflop_grid_per_budget_trains_each_budget_near_its_optimum():
 @pytest.mark.slow
 def test_the_gpu_isoflop_grids_bracket_each_budgets_likely_optimum():
   """Each budget's sizes lie on both sides of the optimum it is centred on (the earlier
-  grid's largest size was about the optimum at 3e18), in bf16, with lr falling as 1/width."""
+  grid's largest size was about the optimum at 3e18; 80 bytes per parameter, as every
+  family reads bytes: dense's grid took Chinchilla's 20 BPE tokens), in bf16, with lr
+  falling as 1/width."""
   runs = runner.load_sweep('configs/sweeps/isoflop.py:cross_family')
   by_budget = {}
   for run in runs:
@@ -707,10 +709,12 @@ def test_the_gpu_isoflop_grids_bracket_each_budgets_likely_optimum():
     by_budget.setdefault((cfg.model.family, run.budget), []).append(cfg)
   assert len(by_budget) == 16 and all(len(c) == 5 for c in by_budget.values())
   for (family, budget), configs in by_budget.items():
-    per_param = 80 if family == 'megabyte' else 20
+    per_param = 80
     optimum = math.sqrt(6 * budget / per_param)
     per_token = sorted(plan.flops_per_token(c) for c in configs)
     assert per_token[0] < optimum < per_token[-1], (family, budget)
+    nearest = min(per_token, key=lambda f: abs(math.log(f / optimum)))
+    assert nearest in per_token[1:4], (family, budget)  # centred on it, not just around it
     for c in configs:
       assert c.model.dtype == 'bfloat16' and c.data.seq_len == 1024
       assert c.train.lr == pytest.approx(2e-3 * 256 / c.model.d_model)

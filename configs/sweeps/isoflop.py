@@ -21,13 +21,14 @@ and MEGABYTE's local model is half the global width. Tokens follow from each bud
 size by the FLOPs convention of `jaxarch.train.flops` (`sweep.plan.isoflop_grid`).
 
 At GPU scale a budget trains only the sizes around its likely optimum (Chinchilla's 20
-tokens per parameter; 80 bytes per parameter for MEGABYTE, as a BPE token holds about 4
-bytes of English), so that each IsoFLOP profile has sizes on both sides of its minimum
+tokens per parameter are BPE tokens of about 4 bytes of English: 80 per parameter where a
+token is a byte, as in every family's preset, MEGABYTE's and the byte tokenizer's), so that each IsoFLOP profile has sizes on both sides of its minimum
 and no budget is spent on a model far from it. The runs are bf16 on sequences of 1024,
 and the learning rate falls as 1/width from 2e-3 at width 256 (as GPT-3's table does
 with model size).
 """
 
+from jaxarch import config as config_lib
 from jaxarch.sweep.plan import TOKENS_PER_PARAM, isoflop_grid
 
 FAMILIES = ('dense', 'moe', 'ultramem', 'megabyte')
@@ -72,7 +73,15 @@ BUDGETS = (1e17, 3e17, 1e18, 3e18)
 PER_BUDGET = 5
 COMMON = {'train.batch_size': 64, 'data.seq_len': 1024, 'model.dtype': 'bfloat16'}
 LR_AT_256 = 2e-3  # the `small` presets' rate, at their width
-BYTES_PER_PARAM = 4 * TOKENS_PER_PARAM  # MEGABYTE's tokens are bytes, about 4 a BPE token
+BYTES_PER_PARAM = 4 * TOKENS_PER_PARAM  # a BPE token holds about 4 bytes
+
+
+def _tokens_per_param(spec: str) -> float:
+  """The compute-optimal tokens per parameter of a preset's tokens: bytes (MEGABYTE, the
+  byte tokenizer) carry less each than Chinchilla's BPE tokens."""
+  cfg = config_lib.load(spec)
+  byte_level = cfg.model.family == 'megabyte' or cfg.data.tokenizer == 'bytes'
+  return BYTES_PER_PARAM if byte_level else TOKENS_PER_PARAM
 
 
 def _family(family: str, tiny: bool) -> list[dict]:
@@ -86,7 +95,7 @@ def _family(family: str, tiny: bool) -> list[dict]:
   sizes = {k: {**size(family, d, n), 'train.lr': LR_AT_256 * 256 / d}
            for k, (d, n) in SHAPES.items()}
   return isoflop_grid(family, spec, sizes, BUDGETS, COMMON, per_budget=PER_BUDGET,
-                      tokens_per_param=BYTES_PER_PARAM if family == 'megabyte' else TOKENS_PER_PARAM)
+                      tokens_per_param=_tokens_per_param(spec))
 
 
 def get_sweep(arg=None):
