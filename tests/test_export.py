@@ -25,6 +25,7 @@ from jaxarch.export import (ExportError, all_or_nothing, export_stablehlo, load_
                             write_hf, write_model)
 from jaxarch.data import get_tokenizer
 from jaxarch.export import hf_import, hf_tokenizer, run_stablehlo
+from jaxarch.export import huggingface as hf_export
 from jaxarch.export.run_stablehlo import StableHLOModel
 from jaxarch.layers.attention import Attention
 from jaxarch.layers.signals import WindowCounter
@@ -1847,3 +1848,115 @@ def test_hf_export_refuses_some_of_gemma3s_keys_in_one_line(tmp_path, family, ov
   with pytest.raises(ExportError) as e:
     write_hf(_model(config_lib.validate(cfg)), cfg, tmp_path / 'out')
   assert why in str(e.value) and '\n' not in str(e.value)
+
+
+# Mixtral-8x7B's config.json (transformers 4.36), shrunk.
+MIXTRAL = {'architectures': ['MixtralForCausalLM'], 'model_type': 'mixtral',
+           'hidden_size': 64, 'intermediate_size': 128, 'num_hidden_layers': 4,
+           'num_attention_heads': 8, 'num_key_value_heads': 2, 'num_local_experts': 8,
+           'num_experts_per_tok': 2, 'vocab_size': 384, 'max_position_embeddings': 32768,
+           'rms_norm_eps': 1e-05, 'rope_theta': 1000000.0, 'sliding_window': None,
+           'output_router_logits': False, 'router_aux_loss_coef': 0.02,
+           'tie_word_embeddings': False, 'torch_dtype': 'bfloat16', 'hidden_act': 'silu'}
+
+
+def test_what_config_json_leaves_out_is_its_config_classs_default():
+  """As transformers reads it: a Mixtral without rms_norm_eps or rope_theta is 1e-5 and 1e6
+  (checked once with transformers 5.25: a tiny Mixtral without them imported with logits
+  1.3 off, now within 3e-6), a Mistral without a sliding_window slides over 4096 (logits on
+  4200 positions 0.46 off, now within 1e-5), a Qwen3 without head_dim has 128 (refused
+  before as a shape mismatch, now within 3e-6)."""
+  bare = lambda config, *keys: {k: v for k, v in config.items() if k not in keys}
+  moe = hf_import.run_config(bare(MIXTRAL, 'rms_norm_eps', 'rope_theta', 'num_key_value_heads',
+                                  'max_position_embeddings'), 'bytes').model
+  assert (moe.norm_eps, moe.rope_theta, moe.n_kv_heads, moe.max_len) == (1e-5, 1e6, 8, 131072)
+  mistral = hf_import.run_config({**bare(MIXTRAL, 'sliding_window'), 'model_type': 'mistral'},
+                                 'bytes').model
+  assert (mistral.family, mistral.sliding_window, mistral.norm_eps, mistral.rope_theta) == (
+      'dense', 4096, 1e-5, 1e6)
+  qwen3 = hf_import.run_config({**bare(QWEN3_MOE, 'head_dim'), 'model_type': 'qwen3'},
+                               'bytes').model
+  assert qwen3.head_dim == 128
+  llama = hf_import.run_config(bare(LLAMA31, 'max_position_embeddings', 'rope_theta',
+                                    'rope_scaling'), 'bytes').model
+  assert (llama.rope_theta, llama.max_len, llama.n_kv_heads, llama.head_dim) == (
+      10_000.0, 2048, 2, 16)
+
+
+def test_a_llamas_sliding_window_is_unread_as_in_transformers():
+  """LlamaForCausalLM's attention reads no sliding_window (checked once with transformers
+  5.25: a tiny Llama with sliding_window 3 imported with a window, logits 3.7 off; now
+  within 3e-6); a Mistral's, the same config.json else, slides."""
+  config = {**LLAMA31, 'sliding_window': 3, 'layer_types': ['sliding_attention'] * 2}
+  assert hf_import.run_config(config, 'bytes').model.sliding_window is None
+  mistral = hf_import.run_config({**config, 'model_type': 'mistral'}, 'bytes').model
+  assert (mistral.sliding_window, mistral.attention_pattern) == (3, ('local',))
+
+
+def test_swish_is_silu_and_other_activations_are_refused():
+  assert hf_import.run_config({**LLAMA31, 'hidden_act': 'swish'}, 'bytes').model.family == (
+      'dense')
+  with pytest.raises(ExportError) as e:
+    hf_import.run_config({**LLAMA31, 'hidden_act': 'gelu'}, 'bytes')
+  assert "the checkpoint has hidden_act='gelu'" in str(e.value)
+
+
+@pytest.mark.parametrize('config, message', [
+    ({**LLAMA31, 'rope_scaling': None, 'rope_theta': 1e6,
+      'rope_parameters': {'rope_type': 'default', 'rope_theta': 10000.0}},
+     'config.json has rope_theta=1000000.0 and rope_parameters.rope_theta=10000.0; '
+     'transformers 5 reads the second, 4 the first'),
+    ({**GEMMA3_1B, 'rope_parameters': {'full_attention': {'rope_type': 'default'},
+                                       'sliding_attention': {'rope_type': 'default',
+                                                             'rope_theta': 100.0}}},
+     'rope_local_base_freq=10000 and rope_parameters.sliding_attention.rope_theta=100.0'),
+    ({**GEMMA3_1B, 'rope_theta': 'many'}, "config.json has rope_theta='many'; expected a "
+     'positive number')], ids=['llama', 'gemma_sliding', 'not_a_number'])
+def test_a_rope_theta_named_twice_and_differently_is_refused_in_one_line(config, message):
+  """transformers 5.25 reads rope_parameters' theta, 4 the top-level one (checked once: a
+  tiny Llama with rope_theta 1e6 beside rope_parameters' 1e4 imported at 1e6, logits 0.92
+  off transformers 5.25's)."""
+  with pytest.raises(ExportError) as e:
+    hf_import.run_config(config, 'bytes')
+  assert message in str(e.value) and '\n' not in str(e.value), str(e.value)
+
+
+def test_moe_losses_are_the_checkpoints_training_objective_and_export_back():
+  """router_aux_loss_coef weighs one balance loss pooled over the layers (top_k at a
+  balanced load), and transformers has no z-loss; jaxarch one per layer (1 at a balanced
+  load): coef · top_k / n_layers. Import left jaxarch's preset weights (0.01, 0.001)."""
+  moe = lambda **change: hf_import.run_config({**MIXTRAL, **change}, 'bytes').model.moe
+  assert moe().aux_loss_weight == pytest.approx(0.02 * 2 / 4) and moe().z_loss_weight == 0
+  qwen = hf_import.run_config(QWEN3_MOE, 'bytes').model.moe
+  assert qwen.aux_loss_weight == pytest.approx(0.001 * 2 / 2)  # Qwen3MoeConfig's default
+  with pytest.raises(ExportError) as e:
+    moe(router_aux_loss_coef=-1)
+  assert 'router_aux_loss_coef=-1; expected a number >= 0' in str(e.value)
+  assert '\n' not in str(e.value)
+  cfg = family_config('moe')
+  tokenizer = get_tokenizer(cfg.data.tokenizer)
+  for weight in (0.01, 0.0):
+    with cfg.unlocked():
+      cfg.model.moe.aux_loss_weight = weight
+    config = hf_export.hf_config(cfg, tokenizer)
+    assert config['output_router_logits'] is False  # as Mixtral's own config
+    assert config['router_aux_loss_coef'] == pytest.approx(
+        weight * cfg.model.n_layers / cfg.model.moe.top_k)
+    assert moe(**{k: config[k] for k in ('router_aux_loss_coef', 'num_hidden_layers',
+                                         'num_experts_per_tok')}
+               ).aux_loss_weight == pytest.approx(weight)
+
+
+@pytest.mark.parametrize('family, overrides', [
+    ('dense', []), ('moe', []), ('dense', ['model.qk_norm=True']),
+    ('moe', ['model.qk_norm=True']), ('dense', ['model.qkv_bias=True']), ('dense', GEMMA)])
+def test_rms_norm_eps_and_rope_theta_export_and_import_back(family, overrides):
+  """Each architecture's config.json, other than its config class's defaults."""
+  cfg = family_config(family)
+  for override in [*overrides, 'model.norm_eps=3e-5', 'model.rope_theta=123456.0']:
+    config_lib.apply_override(cfg, override)
+  cfg = config_lib.validate(cfg)
+  config = hf_export.hf_config(cfg, get_tokenizer(cfg.data.tokenizer))
+  model = hf_import.run_config(config, 'bytes').model
+  assert (model.norm_eps, model.rope_theta, model.local_rope_theta) == (
+      3e-5, 123456.0, cfg.model.local_rope_theta)

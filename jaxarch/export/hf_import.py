@@ -35,6 +35,14 @@ attention gives every layer the window); a MoE model's window must be every laye
 (Mixtral's and Qwen3-MoE's attention). Other biases (attention_bias, mlp_bias), other
 architectures and rope scalings other than Llama 3.1's `llama3` and `linear`
 (model.rope_scaling), which the export writes back, are refused.
+
+What config.json leaves out is its config class's default (HF_DEFAULTS: a Mixtral's
+rms_norm_eps 1e-5 and rope_theta 1e6, a Mistral's window of 4096, a Qwen3's head_dim 128),
+as transformers reads it. A theta both at the top (transformers 4) and in rope_parameters
+(5) is refused where they differ. A Mixtral's and a Qwen3-MoE's balance loss is its
+`router_aux_loss_coef` scaled to jaxarch's per-layer one (`_moe_losses`), with no z-loss;
+`--config.model.moe.*` overrides set others. `router_jitter_noise` and `attention_dropout`, which change training
+only, are not read.
 """
 
 import json
@@ -63,15 +71,31 @@ from jaxarch.models.transformer import head_dim
 IMPORTS = {'llama': 'dense', 'mistral': 'dense', 'ministral': 'dense', 'mixtral': 'moe',
            'qwen2': 'dense', 'qwen3': 'dense', 'qwen3_moe': 'moe', 'gemma3_text': 'dense',
            'gemma3': 'dense'}
-# Gemma3TextConfig's defaults (transformers 5.25) of the keys that `run_config` reads:
-# transformers 4.50 wrote a Gemma3ForConditionalGeneration's text_config (Gemma 3 4B's, 12B's,
-# 27B's) with only the keys that differ from them (4B's has no num_attention_heads).
-GEMMA3_TEXT_DEFAULTS = {'vocab_size': 262_208, 'hidden_size': 2304, 'intermediate_size': 9216,
-                        'num_hidden_layers': 26, 'num_attention_heads': 8,
-                        'num_key_value_heads': 4, 'head_dim': 256,
-                        'max_position_embeddings': 131_072, 'rms_norm_eps': 1e-6,
-                        'bos_token_id': 2, 'eos_token_id': 1, 'pad_token_id': 0,
-                        'tie_word_embeddings': True}
+# The config classes' defaults (transformers 5.25; 4's alike) of the keys `run_config`
+# reads, where config.json leaves a key out and they are not run_config's own fallbacks (an
+# eps of 1e-6, max_position_embeddings 2048, a key/value head per query head, head_dim
+# hidden_size / heads, no window): a Mixtral's eps of 1e-5, a Mistral's window of 4096, a
+# Qwen3's head_dim of 128. transformers 4.50 wrote a Gemma3ForConditionalGeneration's
+# text_config (Gemma 3 4B's, 12B's, 27B's) with only the keys that differ from
+# Gemma3TextConfig's (4B's has no num_attention_heads).
+MISTRAL_DEFAULTS = {'max_position_embeddings': 131_072, 'num_key_value_heads': 8,
+                    'sliding_window': 4096}
+QWEN_DEFAULTS = {'max_position_embeddings': 32_768, 'num_key_value_heads': 32,
+                 'sliding_window': 4096}
+HF_DEFAULTS = {
+    'mistral': MISTRAL_DEFAULTS, 'ministral': MISTRAL_DEFAULTS,
+    'mixtral': {**MISTRAL_DEFAULTS, 'sliding_window': None, 'rms_norm_eps': 1e-5},
+    'qwen2': QWEN_DEFAULTS, 'qwen3': {**QWEN_DEFAULTS, 'head_dim': 128},
+    'qwen3_moe': {**QWEN_DEFAULTS, 'num_key_value_heads': 4},
+    'gemma3_text': {'vocab_size': 262_208, 'hidden_size': 2304, 'intermediate_size': 9216,
+                    'num_hidden_layers': 26, 'num_attention_heads': 8,
+                    'num_key_value_heads': 4, 'head_dim': 256,
+                    'max_position_embeddings': 131_072, 'rms_norm_eps': 1e-6,
+                    'sliding_window': 4096, 'bos_token_id': 2, 'eos_token_id': 1,
+                    'pad_token_id': 0, 'tie_word_embeddings': True}}
+# Their `default_theta`, where config.json names no rope_theta (10000 for the others); a
+# Gemma 3's global layers' (its sliding ones': 10000).
+DEFAULT_THETA = {'mixtral': 1e6, 'gemma3_text': 1e6}
 # A Gemma3ForConditionalGeneration's language model's weights -> a Gemma3ForCausalLM's names
 # (transformers 4.50 to 5.25 save them under the first two, its modules are named as the
 # last two); its vision tower's and multimodal projector's are left out.
@@ -164,7 +188,9 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
   rope_type = lambda r: r.get('rope_type', r.get('type', 'default'))
   scaling = next((r for r in (hf_config.get('rope_scaling') or {}, rope)
                   if rope_type(r) != 'default'), None)
-  activation = ('hidden_activation', 'gelu_pytorch_tanh') if gemma else ('hidden_act', 'silu')
+  # transformers' 'swish' is its 'silu'.
+  activation = (('hidden_activation', ('gelu_pytorch_tanh',)) if gemma else
+                ('hidden_act', ('silu', 'swish')))
   gemma_only = _gemma_unsupported(hf_config) if gemma else None
   unsupported = (
       f"model_type={kind!r} (jaxarch reads {', '.join(map(repr, IMPORTS))})"
@@ -176,7 +202,7 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
       'attention_bias=true' if hf_config.get('attention_bias') else
       'mlp_bias=true' if hf_config.get('mlp_bias') else
       f'{activation[0]}={hf_config.get(activation[0])!r}'
-      if hf_config.get(activation[0], activation[1]) != activation[1] else
+      if hf_config.get(activation[0], activation[1][0]) not in activation[1] else
       gemma_only if gemma_only else
       f"decoder_sparse_step={hf_config['decoder_sparse_step']!r} (dense blocks between "
       'the MoE ones)' if hf_config.get('decoder_sparse_step', 1) != 1 else
@@ -208,8 +234,9 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
       'max_len': max_len,
       'tie_embeddings': bool(hf_config.get('tie_word_embeddings', gemma)),
       'qkv_bias': kind == 'qwen2', 'qk_norm': kind in ('qwen3', 'qwen3_moe', 'gemma3_text'),
-      'rope_theta': float(hf_config.get('rope_theta') or rope.get('rope_theta')
-                          or (1e6 if gemma else 10_000.0)),
+      'rope_theta': _rope_theta(hf_config, 'rope_theta', rope,
+                                'rope_parameters.full_attention' if per_type else
+                                'rope_parameters', DEFAULT_THETA.get(kind, 10_000.0)),
       'norm_eps': float(hf_config.get('rms_norm_eps', 1e-6)),
       'dtype': ('float32' if (hf_config.get('dtype') or hf_config.get('torch_dtype'))
                 == 'float32' else 'bfloat16')}
@@ -220,8 +247,8 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
   if gemma:  # Gemma3TextConfig's defaults where its config.json leaves them out
     model.update(GEMMA_KEYS)
     if 'sliding_window' in model:
-      model['local_rope_theta'] = float(local_rope.get('rope_theta')
-                                        or hf_config.get('rope_local_base_freq') or 10_000.0)
+      model['local_rope_theta'] = _rope_theta(hf_config, 'rope_local_base_freq', local_rope,
+                                              'rope_parameters.sliding_attention', 10_000.0)
   if family == 'moe':
     model.update({'moe.num_experts': hf_config[experts],
                   'moe.top_k': hf_config['num_experts_per_tok'],
@@ -229,7 +256,8 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
                                                    hf_config['intermediate_size']),
                   # Qwen3-MoE's gates are renormalised over the top k only when asked.
                   'moe.renormalize': kind != 'qwen3_moe' or
-                                     bool(hf_config.get('norm_topk_prob', False))})
+                                     bool(hf_config.get('norm_topk_prob', False)),
+                  **_moe_losses(hf_config)})
   settings = [f'model.{k}={v}' for k, v in model.items()]
   settings += [f'data.tokenizer={tokenizer}',
                f'data.seq_len={min(cfg.data.seq_len, model["max_len"])}', *overrides]
@@ -241,8 +269,8 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
 def _text_config(hf_config: dict) -> dict:
   """The language model's config.json: a Gemma3ForConditionalGeneration's (model_type
   gemma3) text_config as a gemma3_text's, with the wrapper's dtype and tying (its head is
-  tied as the wrapper says) and its token ids where text_config has none; a Gemma 3's with
-  Gemma3TextConfig's defaults where it leaves keys out. Any other as it is."""
+  tied as the wrapper says) and its token ids where text_config has none; with its config
+  class's defaults (HF_DEFAULTS) where it leaves keys out."""
   kind = hf_config.get('model_type')
   if kind == 'gemma3':
     text = hf_config.get('text_config') or {}  # none: Gemma3TextConfig's defaults
@@ -254,9 +282,7 @@ def _text_config(hf_config: dict) -> dict:
     wrapper = {k: hf_config[k] for k in ('dtype', 'torch_dtype') if k in hf_config}
     hf_config = {**ids, **text, **wrapper, 'model_type': 'gemma3_text',
                  'tie_word_embeddings': hf_config.get('tie_word_embeddings', True)}
-  if hf_config.get('model_type') == 'gemma3_text':
-    return {**GEMMA3_TEXT_DEFAULTS, **hf_config}
-  return hf_config
+  return {**HF_DEFAULTS.get(hf_config.get('model_type'), {}), **hf_config}
 
 
 def _language_model(hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -277,6 +303,38 @@ def _language_model(hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
       'and multimodal projector (%d arrays, %d numbers) are left out', len(skipped),
       sum(skipped))
   return out
+
+
+def _rope_theta(hf_config: dict, key: str, rope: dict, where: str, default: float) -> float:
+  """A RoPE theta: transformers 5 reads the one in `rope` (config.json's `where`), 4 the
+  top-level `key`; refused where both are there and differ (the same checkpoint would turn
+  at one theta in one version and at another in the other)."""
+  top, nested = hf_config.get(key), rope.get('rope_theta')
+  if top is not None and nested is not None and top != nested:
+    raise ExportError(f'import: config.json has {key}={top!r} and {where}.rope_theta='
+                      f'{nested!r}; transformers 5 reads the second, 4 the first: make them '
+                      'agree')
+  theta = next((t for t in (nested, top) if t is not None), default)
+  if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+    raise ExportError(f'import: config.json has {key}={theta!r}; expected a positive number')
+  return float(theta)
+
+
+def _moe_losses(hf_config: dict) -> dict:
+  """model.moe's loss weights of a Mixtral's or a Qwen3-MoE's training objective:
+  `router_aux_loss_coef` (the coefficient the checkpoint was trained with; transformers
+  applies it only with `output_router_logits`, an inference-time default of false, which
+  is not read), and no z-loss, as transformers has none. transformers' coefficient weighs
+  one balance loss of the statistics pooled over the layers, whose value at a balanced
+  load is top_k; jaxarch sums one per layer, each 1 at a balanced load: coef · top_k /
+  n_layers gives each router the same gradient (where its layer's load is the pooled
+  one). `huggingface.hf_config` writes it back."""
+  coef = hf_config.get('router_aux_loss_coef', 0.001)  # MixtralConfig's, Qwen3MoeConfig's
+  if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not 0 <= coef < math.inf:
+    raise ExportError(f'import: config.json has router_aux_loss_coef={coef!r}; expected a '
+                      'number >= 0')
+  weight = coef * hf_config['num_experts_per_tok'] / hf_config['num_hidden_layers']
+  return {'moe.aux_loss_weight': float(weight), 'moe.z_loss_weight': 0.0}
 
 
 def _query_scale(hf_config: dict, m: ml_collections.ConfigDict) -> float:
@@ -309,13 +367,16 @@ def _window_settings(hf_config: dict, max_len) -> dict:
   Mistral with layer_types as a Ministral), a Qwen's is used only with
   `use_sliding_window` (Qwen2.5 writes false beside 131072) in the layers `layer_types`
   names (transformers 4: those from `max_window_layers` on), a Qwen3-MoE's in every
-  layer, a Gemma 3's in the layers `layer_types` names (transformers 4.50: all but every
-  `sliding_window_pattern`-th). A query sees the keys less than the window before it, as
-  in transformers; a window of at least max_len positions (the run's model.max_len) masks
-  nothing and is left out, but a Gemma 3's, whose layers also turn at their own theta."""
+  layer, a Llama's in none (LlamaForCausalLM reads no sliding_window), a Gemma 3's in the
+  layers `layer_types` names (transformers 4.50: all but every `sliding_window_pattern`-th).
+  A query sees the keys less than the window before it, as in transformers; a window of
+  at least max_len positions (the run's model.max_len) masks nothing and is left out, but
+  a Gemma 3's, whose layers also turn at their own theta."""
   kind, n = hf_config.get('model_type'), hf_config['num_hidden_layers']
   gemma = kind == 'gemma3_text'
-  window = hf_config.get('sliding_window', 4096 if gemma else None)  # Gemma3TextConfig's
+  if kind == 'llama':  # LlamaForCausalLM's attention reads no sliding_window
+    return {}
+  window = hf_config.get('sliding_window')
   if window is None or (kind in WINDOW_SWITCHED
                         and not hf_config.get('use_sliding_window', False)):
     if gemma:

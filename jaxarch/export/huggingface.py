@@ -51,7 +51,10 @@ where the windowed layers are the last ones): a dense model with a window and no
 or QK-norm is a `MistralForCausalLM`, a `MinistralForCausalLM` where some layers have none
 (Mistral's attention gives every layer the window); a MoE model's window must be every
 layer's (Mixtral's and Qwen3-MoE's attention). Rope scalings are Llama 3.1's `llama3` and
-`linear` (model.rope_scaling).
+`linear` (model.rope_scaling). A MoE model's balance loss (model.moe.aux_loss_weight, one
+per layer) is transformers' `router_aux_loss_coef` (one over the layers' pooled statistics)
+times n_layers / top_k; `output_router_logits` is false, as in Mixtral's own config
+(transformers then returns no router logits and adds the loss only where asked).
 
 The vocabulary keeps its padding to a multiple of 128 (the tokenizer's ids come first).
 The weights are stored in their training dtype (float32); `torch_dtype` names the compute
@@ -215,8 +218,9 @@ def hf_config(cfg: ml_collections.ConfigDict, tokenizer) -> dict:
     config.update({'intermediate_size': m.moe.expert_d_ff,
                    'num_local_experts': m.moe.num_experts,
                    'num_experts_per_tok': m.moe.top_k, 'sliding_window': None,
+                   # transformers' balance loss, pooled over the layers (`hf_import._moe_losses`)
                    'output_router_logits': False,
-                   'router_aux_loss_coef': m.moe.aux_loss_weight})
+                   'router_aux_loss_coef': m.moe.aux_loss_weight * m.n_layers / m.moe.top_k})
   if model_type == 'qwen3_moe':  # Qwen3MoeConfig's names; d_ff is its dense layers' width
     del config['num_local_experts']
     config.update({'intermediate_size': m.d_ff, 'moe_intermediate_size': m.moe.expert_d_ff,
