@@ -298,7 +298,7 @@ def test_a_damaged_checkpoint_does_not_leave_its_data_position_for_the_previous_
 
 
 @pytest.mark.parametrize('damage', ['garbled array bytes', 'data position lost',
-                                    'data item lost', 'checksums lost'])
+                                    'data item lost', 'checksums lost', 'array index lost'])
 def test_a_damaged_latest_checkpoint_is_detected_and_the_previous_one_used(
     tmp_path, data_dir, damage, caplog):
   cfg = mesh_config(tiny_config(data_dir), data=8)
@@ -320,6 +320,8 @@ def test_a_damaged_latest_checkpoint_is_detected_and_the_previous_one_used(
   elif damage == 'data position lost':  # a copy cut short
     for f in (latest / 'data').glob('process_*'):
       f.unlink()
+  elif damage == 'array index lost':  # said as such, not as Orbax's AttributeError
+    (latest / 'state' / '_METADATA').unlink()
   else:  # a copy that left out a whole item (its arrays could not be verified)
     shutil.rmtree(latest / damage.split()[0])
   try:
@@ -327,6 +329,8 @@ def test_a_damaged_latest_checkpoint_is_detected_and_the_previous_one_used(
   finally:
     it.close()
   assert at == 1 and 'checkpoint' in caplog.text and 'unreadable' in caplog.text
+  if damage == 'array index lost':
+    assert 'its state/_METADATA (what arrays it holds) went missing' in caplog.text
   _assert_trees_equal(restored, state)
   assert [p.name.split('-')[0] for p in (tmp_path / 'corrupt_checkpoints').iterdir()] == ['2']
   if damage == 'checksums lost':  # with the metadata that listed them: not silent either
@@ -458,9 +462,12 @@ def test_readers_say_whether_there_is_no_checkpoint_or_none_restores_and_write_n
   assert (tmp_path / 'checkpoints' / '1').is_dir()  # left where it was
 
 
-def test_a_data_position_lost_with_the_metadata_is_not_silent(tmp_path, data_dir, caplog):
+@pytest.mark.parametrize('metadata', ['lost', 'garbled'])
+def test_a_data_position_lost_with_the_metadata_is_not_silent(tmp_path, data_dir, caplog,
+                                                              metadata):
   # A partial copy that lost the data item and the metadata that listed it: the state
-  # cannot come with its data position, and that must not pass unnoticed.
+  # cannot come with its data position, and that must not pass unnoticed (nor when the
+  # metadata is there but unreadable: it listed nothing either).
   cfg = mesh_config(tiny_config(data_dir), data=8)
   setup = make_setup(cfg, make_mesh(cfg))
   state = init_state(cfg, setup)
@@ -474,7 +481,10 @@ def test_a_data_position_lost_with_the_metadata_is_not_silent(tmp_path, data_dir
   it.close()
   latest = tmp_path / 'checkpoints' / '2'
   shutil.rmtree(latest / 'data')
-  (latest / '_CHECKPOINT_METADATA').unlink()
+  if metadata == 'lost':
+    (latest / '_CHECKPOINT_METADATA').unlink()
+  else:
+    (latest / '_CHECKPOINT_METADATA').write_bytes(b'\x00' * 64)  # a copy's unwritten blocks
   it = iter(data.make_train_dataset(cfg.data, seed=0, global_batch_size=8))
   try:
     restored, at = Checkpointer(tmp_path).restore(setup.abstract_state, it, move_aside=True)
@@ -504,3 +514,21 @@ def test_a_garbled_eval_loss_is_a_damaged_checkpoint_not_a_crash(tmp_path, caplo
   trainer.close()
   assert at == 1 and (restored['w'] == state['w']).all()
   assert [p.name.split('-')[0] for p in (tmp_path / 'corrupt_checkpoints').iterdir()] == ['2']
+
+
+def test_a_run_state_lost_with_the_metadata_is_none_not_empty(tmp_path):
+  # Orbax's reader passes a missing or unreadable _CHECKPOINT_METADATA off as one without
+  # custom metadata, so the trainer took a lost run state for a fresh one.
+  state = {'w': np.arange(4, dtype=np.float32)}
+  ckpt = Checkpointer(tmp_path, keep=4, async_save=False)
+  ckpt.save(1, state)  # saved without a run state (as before 2026-12-04)
+  for step in (2, 3, 4):
+    ckpt.save(step, state, run_state={'nonfinite_steps_in_a_row': 2})
+  ckpt.close()
+  metadata = lambda step: tmp_path / 'checkpoints' / str(step) / '_CHECKPOINT_METADATA'
+  metadata(3).write_text(metadata(3).read_text()[:-20])  # cut short
+  metadata(4).unlink()
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  assert ckpt.run_state(1) == {} and ckpt.run_state(2) == {'nonfinite_steps_in_a_row': 2}
+  assert ckpt.run_state(3) is None and ckpt.run_state(4) is None
+  ckpt.close()

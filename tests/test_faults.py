@@ -110,8 +110,8 @@ def test_skip_policy_counts_bad_steps_and_stops_after_too_many_in_a_row(
     train(cfg, tmp_path / 'diverging')
 
 
-def test_a_resumed_run_goes_on_counting_the_nonfinite_steps_in_a_row(tmp_path, data_dir,
-                                                                     monkeypatch):
+def test_a_resumed_run_goes_on_counting_the_nonfinite_steps_in_a_row_or_says_it_cannot(
+    tmp_path, data_dir, monkeypatch, capsys):
   # Steps 3 and 4 are skipped and the run stops with checkpoint 4; resumed, its first step
   # is the third bad one in a row, past train.max_consecutive_skips=2.
   cfg = lambda steps: _cfg(data_dir, **{'train.nonfinite': 'skip', 'train.steps': steps,
@@ -122,6 +122,17 @@ def test_a_resumed_run_goes_on_counting_the_nonfinite_steps_in_a_row(tmp_path, d
   _poison(monkeypatch, steps={1})  # the resumed iterator's first batch: step 5
   with pytest.raises(NonFiniteError, match=r'step 5: .*3 non-finite steps in a row'):
     train(cfg(10), tmp_path)
+  # The count is kept in Orbax's _CHECKPOINT_METADATA, whose reader passes a damaged one
+  # off as empty: the run went on from a count of 0, and nothing said so.
+  metadata = tmp_path / 'checkpoints' / '4' / '_CHECKPOINT_METADATA'
+  metadata.write_text(metadata.read_text()[:100])  # a copy cut short
+  capsys.readouterr()
+  result = train(cfg(6), tmp_path)
+  out = ''.join(capsys.readouterr())
+  assert f'resumed from {metadata.parent}' in out and result['step'] == 6
+  assert (f'checkpoint {metadata.parent}: its _CHECKPOINT_METADATA is missing or unreadable, '
+          'and with it the count of non-finite steps in a row') in out
+  assert 'counting them from 0' in out
 
 
 def test_weights_that_would_overflow_are_named_and_a_run_without_checkpoints_says_so(

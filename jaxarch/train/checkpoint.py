@@ -8,12 +8,15 @@ restore (a file truncated or garbled on disk, a data position or the checksums m
 an array that does not match its checksum) is reported and the previous one is tried, so
 a run loses at most the work since its last good checkpoint; the resuming trainer also
 moves it to workdir/corrupt_checkpoints, so that it can write that step again (readers
-such as `evaluate` leave the workdir as it is). Running out of memory while restoring is
-an error, not a sign of corruption, and so is a read that the filesystem refuses (EIO,
-EACCES, a stale network mount): the checkpoints stay where they are. A checkpoint whose
-arrays do not fit the model (another model's workdir) is an error, never skipped:
-training from scratch over it would lose it. What an interrupted save leaves (a temporary
-directory, up to a checkpoint in size) is deleted by the next trainer.
+such as `evaluate` leave the workdir as it is). A checkpoint whose Orbax metadata alone
+(_CHECKPOINT_METADATA) is damaged is restored, its arrays verified: only the trainer's run
+state kept there is lost, which `run_state` says (None) for the trainer to warn of.
+Running out of memory while restoring is an error, not a sign of corruption, and so is a
+read that the filesystem refuses (EIO, EACCES, a stale network mount): the checkpoints
+stay where they are. A checkpoint whose arrays do not fit the model (another model's
+workdir) is an error, never skipped: training from scratch over it would lose it. What an
+interrupted save leaves (a temporary directory, up to a checkpoint in size) is deleted by
+the next trainer.
 Restoring into the abstract state of the current mesh reshards, whatever mesh the
 checkpoint was written on. Each process saves its data iterator's position; resumed on
 another number of processes (a pod restarted on fewer or more hosts), the iterators share
@@ -182,10 +185,14 @@ class Checkpointer:
     self._saving = step
     return saved
 
-  def run_state(self, step: int) -> dict:
+  def run_state(self, step: int) -> dict | None:
     """The `run_state` saved with checkpoint `step`; {} where none was (written before
-    2026-12-04, or by a reader)."""
-    return dict(self.manager.metadata(step).custom_metadata or {})
+    2026-12-04, or by a reader); None where it is lost: the _CHECKPOINT_METADATA that
+    holds it is missing or unreadable (a damaged copy), which Orbax's own reader would
+    pass off as {}, so that the run state silently started again."""
+    metadata = _checkpoint_metadata(self.directory / str(step))
+    saved = None if metadata is None else metadata.get('custom_metadata') or {}
+    return dict(saved) if isinstance(saved, dict) else None
 
   @classmethod
   def read(cls, workdir: str | Path, abstract_state: dict, *, step: int | None = None):
@@ -258,7 +265,10 @@ class Checkpointer:
         # Items written and since lost (a partial copy): unverifiable, or no data position.
         if lost := _lost_items(where) - (set() if data_iterator is not None else {'data'}):
           raise FileNotFoundError(f'its {" and ".join(sorted(lost))} went missing')
-        saved = _shapes(self.manager.item_metadata(s)['state'].tree)
+        state_metadata = self.manager.item_metadata(s).get('state')
+        if state_metadata is None:  # else an AttributeError or KeyError said nothing
+          raise FileNotFoundError('its state/_METADATA (what arrays it holds) went missing')
+        saved = _shapes(state_metadata.tree)
         if (why := mismatch(saved, wanted)) is not None:
           raise CheckpointError(f'checkpoint {self.directory / str(s)} {why}. Use a new '
                                 '--workdir, or the config the checkpoint was trained with.')
@@ -312,7 +322,7 @@ class Checkpointer:
     `_deal_data_position`); None where there is none to use (says why)."""
     data = self.directory / str(step) / 'data'
     if not data.is_dir():  # saved without a data iterator, or lost with the metadata
-      if not (self.directory / str(step) / '_CHECKPOINT_METADATA').is_file():
+      if _checkpoint_metadata(self.directory / str(step)) is None:
         log.warning('checkpoint %s has no data position (nor the metadata that would list '
                     'it): the state is restored, the data iterators start afresh',
                     self.directory / str(step))
@@ -387,14 +397,25 @@ class Checkpointer:
         self.manager.close()
 
 
+_CHECKPOINT_METADATA = '_CHECKPOINT_METADATA'  # Orbax's, of each step: its items, run_state
+
+
+def _checkpoint_metadata(step_dir: Path) -> dict | None:
+  """A checkpoint's _CHECKPOINT_METADATA, or None where it is missing or unreadable."""
+  try:
+    metadata = json.loads((step_dir / _CHECKPOINT_METADATA).read_text())
+  except (OSError, ValueError):  # ValueError: JSON or UTF-8
+    return None
+  return metadata if isinstance(metadata, dict) else None
+
+
 def _lost_items(step_dir: Path) -> set[str]:
   """The items that Orbax recorded writing into a checkpoint and that are not there (a
   partial copy); none when it recorded none."""
-  try:
-    listed = json.loads((step_dir / '_CHECKPOINT_METADATA').read_text())['item_handlers']
-    return {name for name in listed if not (step_dir / name).is_dir()}
-  except (OSError, ValueError, KeyError, TypeError):
+  listed = (_checkpoint_metadata(step_dir) or {}).get('item_handlers')
+  if not isinstance(listed, dict):
     return set()
+  return {name for name in listed if not (step_dir / name).is_dir()}
 
 
 def _bits(x: jax.Array) -> jax.Array:

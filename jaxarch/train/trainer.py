@@ -208,6 +208,33 @@ _IN_A_ROW = 'nonfinite_steps_in_a_row'
 _UNLOGGED = ('tokens', 'nonfinite', 'layer_grad_norms', 'layer_param_norms')
 
 
+def _nonfinite_in_a_row(cfg, checkpointer: Checkpointer, step: int, bar) -> int:
+  """The non-finite steps in a row that ended checkpoint `step` (a new run's: 0).
+
+  Where the checkpoint's run state is lost (its _CHECKPOINT_METADATA is damaged; its
+  arrays, verified by their checksums, and its data position are still restored), the
+  count is unknown: it starts again from 0, and under train.nonfinite=skip, where it
+  counts, the user is told. That is the safe choice: a skipped step leaves the weights as
+  they were, so a diverging run skips at most train.max_consecutive_skips more steps
+  before it stops; the previous checkpoint would lose every step since it, and assuming
+  the worst count would stop a run whose next step is bad at each resume, for good.
+  (Under `stop` the count saved is always 0: a non-finite step ends the run unsaved.)
+  """
+  if not step:
+    return 0
+  run_state = checkpointer.run_state(step)
+  count = None if run_state is None else run_state.get(_IN_A_ROW, 0)
+  if isinstance(count, int) and count >= 0:
+    return count
+  if cfg.train.nonfinite == 'skip':
+    bar.alert(f'checkpoint {checkpointer.directory / str(step)}: its _CHECKPOINT_METADATA is '
+              'missing or unreadable, and with it the count of non-finite steps in a row '
+              'before it; counting them from 0 (a diverging run may skip up to '
+              f'train.max_consecutive_skips={cfg.train.max_consecutive_skips} more steps '
+              'before it stops)')
+  return 0
+
+
 def _window_metrics(pending: list[dict]) -> dict:
   """Step metrics of a logging window: averaged over its finite steps, except `window_*`
   counts (last value).
@@ -259,7 +286,7 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
   monitor = NonFiniteMonitor(
       cfg.train.nonfinite, cfg.train.max_consecutive_skips,
       leaf_names(setup.abstract_state['params']), workdir, checkpointer=checkpointer,
-      consecutive=checkpointer.run_state(start).get(_IN_A_ROW, 0) if start else 0)
+      consecutive=_nonfinite_in_a_row(cfg, checkpointer, start, bar))
   final, pending, watch = {}, [], None
   config_unsaved = start > 0  # resumed: `_save_config` with its first save
   for step in range(start + 1, cfg.train.steps + 1):
