@@ -18,7 +18,8 @@ from jaxarch.train.metrics import read_metrics
 
 
 def test_flags_come_first_then_jax_variables_then_the_cluster():
-  slurm = {'SLURM_NTASKS': '4', 'SLURM_PROCID': '2', 'SLURM_JOB_ID': '7'}
+  slurm = {'SLURM_NTASKS': '4', 'SLURM_PROCID': '2', 'SLURM_JOB_ID': '7',  # a task of srun
+           'SLURM_STEP_NODELIST': 'node[01-03,07]', 'SLURM_LOCALID': '0'}
   assert detect('h:1', 2, 1, environ=slurm) == Launch('flags', 'h:1', 2, 1)
   jax_env = {'JAX_COORDINATOR_ADDRESS': 'h0:1234', 'JAX_NUM_PROCESSES': '8',
              'JAX_PROCESS_ID': '3'}
@@ -62,6 +63,48 @@ def test_mpirun_of_open_mpi_5_takes_the_coordinator_from_jax_coordinator_address
       'ompi', 'node0:1234', 4, 3, (1,))
   assert detect(environ={**ompi5, 'JAX_COORDINATOR_ADDRESS': 'node0:1234',
                          'OMPI_COMM_WORLD_LOCAL_SIZE': '1'}).local_device_ids == (0, 1)
+
+
+# What a multi-node batch script's own shell has (sbatch --nodes=2 --ntasks-per-node=1):
+# the job's task count and SLURM_PROCID=0, but no job step (SLURM_STEP_*).
+SBATCH_SHELL = {'SLURM_JOB_ID': '77', 'SLURM_NTASKS': '2', 'SLURM_NTASKS_PER_NODE': '1',
+                'SLURM_TASKS_PER_NODE': '1(x2)', 'SLURM_PROCID': '0', 'SLURM_LOCALID': '0',
+                'SLURM_NODEID': '0', 'SLURM_JOB_NODELIST': 'node[01-02]',
+                'SLURM_GPUS_ON_NODE': '8'}
+
+
+def test_the_batch_script_without_srun_is_a_one_line_error(tmp_path):
+  """`jaxarch train` run in the sbatch script itself, not under srun, was taken for task 0
+  of 2; jax.distributed found no SLURM step and ended in a `ValueError: coordinator_address
+  should be defined` traceback (or, where it found one, waited for a task that never came)."""
+  with pytest.raises(ConfigError, match='SLURM_NTASKS=2 with no SLURM_STEP_NODELIST: .*'
+                     'start it with `srun`'):
+    detect(environ=SBATCH_SHELL)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', **SBATCH_SHELL)
+  result = subprocess.run([sys.executable, '-m', 'jaxarch.cli', 'train',
+                           '--config=configs/dense.py:tiny', f'--workdir={tmp_path}'],
+                          env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert 'start it with `srun`' in result.stderr and 'Traceback' not in result.stderr
+  # The same variables under srun, with its step: task 0 of 2, all GPUs of its node.
+  step = {**SBATCH_SHELL, 'SLURM_STEP_NODELIST': 'node[01-02]', 'SLURM_STEP_ID': '0'}
+  assert detect(environ=step) == Launch('slurm', num_processes=2, process_id=0,
+                                        local_device_ids=tuple(range(8)))
+
+
+def test_mpirun_inside_a_slurm_job_is_placed_by_mpirun():
+  """mpirun's ranks inherit the SLURM variables of the batch script (or of the srun step
+  that starts mpirun's daemons, one per node), which count nodes, not ranks: they were read
+  as SLURM tasks, and with a task per node each of a node's 8 ranks claimed all 8 GPUs."""
+  ompi = {'OMPI_COMM_WORLD_SIZE': '16', 'OMPI_COMM_WORLD_RANK': '9',
+          'OMPI_COMM_WORLD_LOCAL_RANK': '1', 'OMPI_COMM_WORLD_LOCAL_SIZE': '8',
+          'OMPI_MCA_orte_hnp_uri': '1531576320.0;tcp://10.96.0.1:34911',
+          'CUDA_VISIBLE_DEVICES': '0,1,2,3,4,5,6,7'}
+  daemon_step = {**SBATCH_SHELL, 'SLURM_PROCID': '1', 'SLURM_NODEID': '1',
+                 'SLURM_STEP_NODELIST': 'node[01-02]', 'SLURM_STEP_ID': '0'}
+  for slurm in (SBATCH_SHELL, daemon_step):
+    assert detect(environ={**slurm, **ompi}) == Launch('ompi', num_processes=16,
+                                                       process_id=9)
 
 
 @pytest.mark.parametrize('args, environ, message', [

@@ -5,10 +5,12 @@ Where the processes learn who they are, first match wins:
   flags     --coordinator_address=HOST:PORT --num_processes=N --process_id=I
   JAX_*     JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID (what the GKE
             JobSet and Ray templates of `launch/` set, from the pod's completion index)
-  cluster   SLURM (srun with more than one task), Open MPI (mpirun -n N), a multi-host TPU
-            slice (TPU_WORKER_HOSTNAMES), or JAXARCH_DISTRIBUTED=1 for any other
-            environment `jax.distributed.initialize()` detects by itself (a GCE TPU VM
-            pod); JAX reads the addresses from the environment
+  cluster   Open MPI (mpirun -n N; inside a SLURM job too, whose variables its ranks
+            inherit), SLURM (srun with more than one task; the batch script itself is
+            refused), a multi-host TPU slice (TPU_WORKER_HOSTNAMES), or
+            JAXARCH_DISTRIBUTED=1 for any other environment `jax.distributed.initialize()`
+            detects by itself (a GCE TPU VM pod); JAX reads the addresses from the
+            environment
   none      a single process
 
 On CPU the processes exchange collectives through gloo, so a multi-process job can be run
@@ -36,6 +38,8 @@ class Launch:
 
 
 _ORTE_URI = 'OMPI_MCA_orte_hnp_uri'  # set by mpirun of Open MPI 4, read by JAX
+# What JAX reads of a SLURM task; an srun step sets them, the batch script has no step.
+_SLURM_STEP = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_LOCALID')
 
 
 def _int(environ: Mapping[str, str], key: str, default: int = 1) -> int:
@@ -66,10 +70,6 @@ def detect(coordinator_address: str | None = None, num_processes: int | None = N
                         'set all three for a multi-process job')
     return _checked(Launch('env', environ['JAX_COORDINATOR_ADDRESS'],
                            _int(environ, 'JAX_NUM_PROCESSES'), _int(environ, 'JAX_PROCESS_ID')))
-  if _int(environ, 'SLURM_NTASKS') > 1 and 'SLURM_PROCID' in environ:
-    return Launch('slurm', num_processes=_int(environ, 'SLURM_NTASKS'),
-                  process_id=_int(environ, 'SLURM_PROCID'),
-                  local_device_ids=_slurm_node_devices(environ))
   if _int(environ, 'OMPI_COMM_WORLD_SIZE') > 1:
     gpus = _visible_gpus(environ)
     launch = Launch('ompi', num_processes=_int(environ, 'OMPI_COMM_WORLD_SIZE'),
@@ -89,6 +89,16 @@ def detect(coordinator_address: str | None = None, num_processes: int | None = N
     return _checked(dataclasses.replace(
         launch, coordinator_address=environ['JAX_COORDINATOR_ADDRESS'],
         local_device_ids=local))
+  if _int(environ, 'SLURM_NTASKS') > 1 and 'SLURM_PROCID' in environ:
+    missing = [k for k in _SLURM_STEP if k not in environ]
+    if missing:  # the batch script's own shell: SLURM_NTASKS counts the job's tasks
+      raise ConfigError(f'SLURM_NTASKS={environ["SLURM_NTASKS"]} with no {", ".join(missing)}'
+                        ': this process runs in the batch script, not as a task '
+                        'of a job step; start it with `srun` (one task per node, as '
+                        'launch/slurm/train.sbatch does)')
+    return Launch('slurm', num_processes=_int(environ, 'SLURM_NTASKS'),
+                  process_id=_int(environ, 'SLURM_PROCID'),
+                  local_device_ids=_slurm_node_devices(environ))
   if len(environ.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1:
     return Launch('tpu')
   if environ.get('JAXARCH_DISTRIBUTED') == '1':
