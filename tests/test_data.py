@@ -1,5 +1,6 @@
 """Tests of the data package: tokenizer, TFDS sources and cache, Grain packing pipeline."""
 
+import gzip
 import importlib.util
 import io
 import itertools
@@ -341,6 +342,57 @@ def test_a_byte_model_reads_files_that_are_not_utf8_as_they_are(tmp_path):
   assert sorted(read) == sorted(raw.values())
   tokenizer = data.get_tokenizer('bytes')
   assert tokenizer.encode(raw['latin1.txt']) == list(raw['latin1.txt'])  # 0xe9 is one id
+
+
+def _read_all(cfg):
+  """The documents of both splits, split by split."""
+  return {split: [s[i] for i in range(len(s))]
+          for split in ('train', 'validation') for s in [data.open_source(cfg, split)]}
+
+
+@pytest.mark.parametrize('text_key', [None, 'body'])
+def test_json_lines_are_a_document_a_line_of_their_text_key(tmp_path, caplog, text_key):
+  # Levanter's and Dolma's corpora: read as text, they would train on the JSON syntax.
+  (tmp_path / 'docs').mkdir()
+  records = [{'text': f'doc {i} é', 'body': f'body {i}', 'id': i} for i in range(40)]
+  lines = [json.dumps(r) for r in records]
+  (tmp_path / 'docs' / 'a.jsonl').write_text('\n'.join(lines[:20]) + '\n\n')  # a blank line
+  with gzip.open(tmp_path / 'docs' / 'b.jsonl.gz', 'wt') as f:
+    f.write('\n'.join(lines[20:]))
+  cfg = _data_config(tmp_path, f'files:{tmp_path}/docs/*', text_key=text_key)
+  with caplog.at_level('WARNING'):
+    read = _read_all(cfg)
+  want = [r[text_key or 'text'].encode() for r in records]
+  assert sorted(read['train'] + read['validation']) == sorted(want)
+  assert read['train'] and read['validation']  # split by line, not by file
+  assert 'is not read' not in caplog.text
+
+
+@pytest.mark.parametrize('line, why', [
+    ('{"txt": "a"}', r"line 2 has no key 'text' \(it has \['txt'\]\).*data.text_key"),
+    ('{"text": 5}', "line 2: 'text' is a int, not a string"),
+    ('{"text": "a"', 'line 2 is not JSON'),
+    ('["a"]', 'line 2 is a JSON list, not an object'),
+    (b'{"text": "\xff"}', 'line 2 is not JSON .*utf-8'),
+])
+def test_a_bad_json_line_is_one_line_naming_its_file_and_line(tmp_path, line, why):
+  (tmp_path / 'docs').mkdir()
+  line = line if isinstance(line, bytes) else line.encode()
+  (tmp_path / 'docs' / 'x.jsonl').write_bytes(b'{"text": "ok"}\n' + line + b'\n')
+  cfg = _data_config(tmp_path, f'files:{tmp_path}/docs/*')
+  with pytest.raises(ConfigError, match=f"file '{tmp_path}/docs/x.jsonl', {why}") as e:
+    data.open_source(cfg, 'train')
+  assert '\n' not in str(e.value)
+
+
+def test_compressed_files_that_are_not_json_lines_are_refused(tmp_path):
+  (tmp_path / 'docs').mkdir()
+  (tmp_path / 'docs' / 'a.txt').write_text('text')
+  with gzip.open(tmp_path / 'docs' / 'b.txt.gz', 'wt') as f:
+    f.write('text')  # read as it is, a byte model would train on gzip's bytes
+  cfg = _data_config(tmp_path, f'files:{tmp_path}/docs/*')
+  with pytest.raises(ConfigError, match=r"1 of the files are compressed, e.g. '.*b.txt.gz'"):
+    data.open_source(cfg, 'train')
 
 
 def test_cache_is_built_once(corpus, monkeypatch):

@@ -249,7 +249,8 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
   parallel, shared out over the streams (0: inline, enough for local array_record files);
   `prefetch` batches are prepared ahead in a background thread. `run_dir`: the run that
   saves the positions, whose own files (its tokenizer) the layout names relative to it,
-  so that a position holds in the run moved or copied.
+  so that a position holds in the run moved or copied. Close the iterator when done with
+  it (`it.close()`): one left open at exit aborts the interpreter (Grain's read threads).
   """
   local_batch = _local_batch_size(global_batch_size, process_count, 'train.batch_size')
   num_streams = global_batch_size if packing_streams is None else packing_streams

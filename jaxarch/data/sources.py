@@ -4,7 +4,8 @@
 
   default          the `.py` files of the running interpreter's standard library, so
                    that training works with no download (about 30 MB of real text);
-  files:<glob>     local text files;
+  files:<glob>     local text files; a `.jsonl` (or `.jsonl.gz`) file is one document a
+                   line, the line's `data.text_key` (default `text`);
   tfds:<name>      any TFDS dataset already prepared (as array_record) in the data dir;
                    `tfds:huggingface:<owner>__<repo>` is read from its files offline;
   distilled:<dir>  token sequences (a prompt and a model's greedy continuation) written
@@ -14,14 +15,15 @@ The first two are `GeneratorBasedBuilder`s that TFDS prepares without TensorFlow
 data directory (`data.data_dir`, else $JAXARCH_DATA_DIR, else the user's cache dir). TFDS
 writes into an `incomplete.*` directory and renames it when done, so an interrupted build
 leaves nothing that looks finished, and a finished one is never built again. A file is one
-document; a file over `DOCUMENT_BYTES` is several, cut just after a newline, so that a
-corpus of one big file (enwik8, a book) shuffles, gives the rows of a batch different
-text, has a validation split, and is never held in memory whole. Documents are split into
-train and validation by a hash of the file's relative path (with the piece's index for a
-big file's pieces), so the split is stable across machines and runs. The builder config
-name carries everything the content depends on (interpreter version, or a hash of the
-glob and the files' sizes and mtimes, and the validation fraction), so a change gets a
-fresh cache entry.
+document (a JSON lines file, one a line); a file over `DOCUMENT_BYTES` is several, cut
+just after a newline, so that a corpus of one big file (enwik8, a book) shuffles, gives
+the rows of a batch different text, has a validation split, and is never held in memory
+whole. Documents are split into train and validation by a hash of the file's relative
+path (with `#i` for piece i of a big file, `:n` for line n of a JSON lines file), so the
+split is stable across machines and runs. Other compressed files are refused: their bytes
+are not text. The builder config name carries everything the content depends on
+(interpreter version, or a hash of the glob and the files' sizes and mtimes, and the
+validation fraction), so a change gets a fresh cache entry.
 """
 
 import contextlib
@@ -30,7 +32,9 @@ import difflib
 import fcntl
 import functools
 import glob as globlib
+import gzip
 import hashlib
+import json
 import logging
 import os
 import pathlib
@@ -54,6 +58,10 @@ DOCUMENT_BYTES = 1 << 20
 _NEWLINE_SEARCH = 1 << 16
 DISTILLED = 'distilled:'
 HUGGINGFACE = 'huggingface:'  # a TFDS namespace: tfds:huggingface:<owner>__<repo>
+# JSON lines (Levanter's, Dolma's corpora): a document a line, the line's `data.text_key`.
+JSONL = ('.jsonl', '.jsonl.gz')
+# Compressed files that are not JSON lines: read as text, they would train on their bytes.
+_COMPRESSED = ('.gz', '.bz2', '.xz', '.zst', '.zip', '.lz4', '.7z', '.tgz')
 
 
 
@@ -107,14 +115,43 @@ class FilesConfig(tfds.core.BuilderConfig):
   root: str = ''
   files: tuple[str, ...] = ()
   validation_fraction: float = 0.05
+  text_key: str = 'text'  # of a JSON lines file's records
 
   def __repr__(self) -> str:  # TFDS logs it on every open; keep thousands of paths out.
     return f'FilesConfig({self.name!r}, root={self.root!r})'
 
 
+def _json_lines(path: pathlib.Path, name: str, text_key: str):
+  """(line number, text) of each non-blank line of a JSON lines file (gzip'd if `.gz`); a
+  line that is not an object with a string `text_key` is a config error naming it."""
+  where = lambda n: f'config error: data.source file {str(path)!r}, line {n}'
+  n = 0
+  try:
+    with gzip.open(path, 'rb') if name.endswith('.gz') else open(path, 'rb') as f:
+      for n, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          record = json.loads(line)
+        except ValueError as e:  # a UnicodeDecodeError is one too
+          raise ConfigError(f'{where(n)} is not JSON ({str(e).splitlines()[0]})') from None
+        if not isinstance(record, dict):
+          raise ConfigError(f'{where(n)} is a JSON {type(record).__name__}, not an object')
+        if text_key not in record:
+          raise ConfigError(f'{where(n)} has no key {text_key!r} (it has {list(record)[:8]}); '
+                            'name the key of the text with --config.data.text_key=KEY')
+        if not isinstance(record[text_key], str):
+          raise ConfigError(f'{where(n)}: {text_key!r} is a {type(record[text_key]).__name__}'
+                            ', not a string')
+        yield n, record[text_key]
+  except (OSError, EOFError) as e:  # a damaged gzip file
+    raise ConfigError(f'{where(n + 1)} cannot be read ({e})') from None
+
+
 class _TextFilesBuilder(tfds.core.GeneratorBasedBuilder):
-  """One example per file, or per piece of a file over `DOCUMENT_BYTES`: `{'text': raw
-  bytes}`, split into train/validation by name (`is_validation`)."""
+  """One example per file, per piece of a file over `DOCUMENT_BYTES` or per line of a JSON
+  lines file: `{'text': raw bytes}`, split into train/validation by name
+  (`is_validation`)."""
 
   VERSION = tfds.core.Version('1.1.0')
   RELEASE_NOTES = {'1.0.0': 'One document per file.',
@@ -137,13 +174,21 @@ class _TextFilesBuilder(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # Everything is local.
     fraction = self.builder_config.validation_fraction
     root = pathlib.Path(self.builder_config.root)
-    documents = []  # (name, file, its size, piece index)
+    documents = []  # (name, file, its size, piece index); of a JSON lines file, its lines:
+    lines = {}  # file -> (line numbers [n], validation [n]), read through once here
     for f in self._files():
+      if f.endswith(JSONL):
+        numbers = [n for n, _ in _json_lines(root / f, f, self.builder_config.text_key)]
+        lines[f] = (np.array(numbers, np.int64),
+                    np.array([is_validation(f'{f}:{n}', fraction) for n in numbers], bool))
+        continue
       size = (root / f).stat().st_size
       pieces = num_pieces(size)
       documents += [(f if pieces == 1 else f'{f}#{i}', f, size, i) for i in range(pieces)]
     val = [d for d in documents if is_validation(d[0], fraction)]
     train = [d for d in documents if not is_validation(d[0], fraction)]
+    val += [(None, f, None, n[held]) for f, (n, held) in lines.items() if held.any()]
+    train += [(None, f, None, n[~held]) for f, (n, held) in lines.items() if (~held).any()]
     if not train:  # A corpus of one or two small files must still be trainable.
       train, val = val, []
     # TFDS refuses to write an empty split; open_source reads a missing one as empty.
@@ -153,6 +198,12 @@ class _TextFilesBuilder(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, documents):
     root = pathlib.Path(self.builder_config.root)
     for name, f, size, index in documents:
+      if name is None:  # these lines of a JSON lines file
+        wanted = set(index.tolist())
+        for n, text in _json_lines(root / f, f, self.builder_config.text_key):
+          if n in wanted:
+            yield f'{f}:{n}', {'text': text.encode('utf-8')}
+        continue
       with open(root / f, 'rb') as file:
         start = _piece_start(file, index, size)
         end = size if index + 1 == num_pieces(size) else _piece_start(file, index + 1, size)
@@ -185,7 +236,8 @@ def _stdlib_config(validation_fraction: float) -> FilesConfig:
                      validation_fraction=validation_fraction)
 
 
-def _files_config(source: str, pattern: str, validation_fraction: float) -> FilesConfig:
+def _files_config(source: str, pattern: str, validation_fraction: float,
+                  text_key: str | None = None) -> FilesConfig:
   # A set: a symlink into the glob, or a second `**`, lists a file again.
   paths = sorted({pathlib.Path(p).resolve()
                   for p in globlib.glob(os.path.expanduser(pattern), recursive=True)})
@@ -208,6 +260,13 @@ def _files_config(source: str, pattern: str, validation_fraction: float) -> File
       raise ConfigError(f'config error: data.source={source!r}: the file name {str(p)!r} is '
                         'not UTF-8 (documents are named by their paths); rename it or '
                         'narrow the glob') from None
+  compressed = [p for p in paths if p.name.endswith(_COMPRESSED) and
+                not p.name.endswith(JSONL)]
+  if compressed:
+    raise ConfigError(f'config error: data.source={source!r}: {len(compressed)} of the files '
+                      f'are compressed, e.g. {str(compressed[0])!r}, and would be read as '
+                      'their compressed bytes; decompress them (JSON lines may stay gzip\'d '
+                      'as .jsonl.gz) or narrow the glob')
   stats = [p.stat() for p in paths]  # once: a corpus may be a million files
   if not any(st.st_size for st in stats):
     raise ConfigError(f'config error: data.source={source!r}: the {len(paths)} files '
@@ -219,8 +278,11 @@ def _files_config(source: str, pattern: str, validation_fraction: float) -> File
                              'root')).encode())
   for p, st in zip(paths, stats):
     key.update(f'{p}\0{st.st_size}\0{st.st_mtime_ns}\0'.encode())
+  text_key = text_key or 'text'
+  if any(f.endswith(JSONL) for f in files):  # (a corpus without them keeps its name)
+    key.update(f'text_key\0{text_key}'.encode())
   return FilesConfig(name=f'files-{key.hexdigest()[:16]}', root=str(root), files=files,
-                     validation_fraction=validation_fraction)
+                     validation_fraction=validation_fraction, text_key=text_key)
 
 
 def _check_piece_names(source: str, sizes: dict[str, int]) -> None:
@@ -571,10 +633,12 @@ def open_source(data_cfg, split: str) -> TextSource:
   if source == 'default':
     builder_cls, config = PythonStdlib, _stdlib_config(fraction)
   elif source.startswith('files:') and source[len('files:'):]:
-    builder_cls, config = TextFiles, _files_config(source, source[len('files:'):], fraction)
+    builder_cls, config = TextFiles, _files_config(source, source[len('files:'):], fraction,
+                                                   data_cfg.get('text_key'))
   else:
     raise ConfigError('config error: ' + DATA_SOURCE_ERROR.format(source))
-  if data_cfg.get('text_key') is not None:
+  if data_cfg.get('text_key') is not None and not any(f.endswith(JSONL)
+                                                      for f in config.files):
     _warn_text_key_unread(source, data_cfg.text_key)
   builder = _prepared(builder_cls, config, data_dir, source)
   if split not in builder.info.splits:
@@ -587,8 +651,9 @@ def open_source(data_cfg, split: str) -> TextSource:
 @functools.cache  # once, not for every split opened
 def _warn_text_key_unread(source: str, text_key: str) -> None:
   # A warning, not an error: a run saved with the key resumes with its data position.
-  log.warning('data.text_key=%r is not read: it names a feature of a tfds: source, and '
-              'data.source=%r is read as plain text files; drop the key', text_key, source)
+  log.warning('data.text_key=%r is not read: it names a feature of a tfds: source or the '
+              'text of .jsonl records, and data.source=%r is read as plain text files; drop '
+              'the key', text_key, source)
 
 
 def _prepared(builder_cls, config, data_dir: pathlib.Path, source: str):
