@@ -532,3 +532,98 @@ def test_a_run_state_lost_with_the_metadata_is_none_not_empty(tmp_path):
   assert ckpt.run_state(1) == {} and ckpt.run_state(2) == {'nonfinite_steps_in_a_row': 2}
   assert ckpt.run_state(3) is None and ckpt.run_state(4) is None
   ckpt.close()
+
+
+def _flip_a_digit(path, key):
+  """`path` with the first digit after `"key": ` raised by one (a flipped bit, 0x30 -> 0x31,
+  that leaves valid JSON)."""
+  text = path.read_text()
+  at = text.index(f'"{key}": ') + len(f'"{key}": ')
+  path.write_text(text[:at] + str(int(text[at]) + 1) + text[at + 1:])
+
+
+@pytest.mark.parametrize('iterator', ['packing streams', 'plain', 'dealt from 2 processes'])
+def test_a_flipped_digit_in_a_data_position_is_a_damaged_checkpoint(tmp_path, data_dir,
+                                                                     caplog, iterator):
+  # Valid JSON still: the run resumed from checkpoint 2 with its data skipping ahead.
+  cfg = tiny_config(data_dir)
+  fresh = {'plain': lambda **kw: iter(grain.MapDataset.range(100).to_iter_dataset()),
+           }.get(iterator, lambda **kw: iter(data.make_train_dataset(
+               cfg.data, seed=0, **{'global_batch_size': 8, **kw})))
+  state = {'w': np.arange(4, dtype=np.float32)}
+  target = jax.tree.map(np.zeros_like, state)
+  it = fresh()
+  batches = [next(it)]
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  ckpt.save(1, state, it)
+  batches += [next(it), next(it)]
+  ckpt.save(2, state, it)
+  batches.append(next(it))
+  ckpt.close()
+  it.close()
+  same = lambda a, b: np.array_equal(a['inputs'], b['inputs']) if isinstance(a, dict) else (
+      a == b)
+  where = tmp_path / 'checkpoints' / '2' / 'data'
+  damaged = where / 'process_0-of-1.json'
+  if iterator == 'dealt from 2 processes':  # positions of 2 processes, sealed as they save
+    two = [fresh(process_index=p, process_count=2) for p in range(2)]
+    for other in two:
+      for _ in range(3):
+        next(other)
+    damaged.unlink()
+    for p, other in enumerate(two):
+      (where / f'process_{p}-of-2.json').write_text(
+          json.dumps(checkpoint._seal(other.get_state()), indent=4))  # pylint: disable=protected-access
+    it = fresh()
+    assert Checkpointer(tmp_path).restore(target, it)[1] == 2  # dealt out, checked
+    assert same(next(it), batches[3])
+    it.close()
+    damaged = where / 'process_1-of-2.json'
+  _flip_a_digit(damaged, 'next_index')
+  it = fresh()
+  try:
+    restored, at = Checkpointer(tmp_path).restore(target, it, move_aside=True)
+    assert at == 1 and same(next(it), batches[1])
+  finally:
+    it.close()
+  assert f'{damaged.name} does not match its sha256' in caplog.text
+  assert 'unreadable' in caplog.text and 'trying the previous one' in caplog.text
+
+
+def test_a_flipped_digit_in_the_run_state_loses_it(tmp_path, caplog):
+  # The trainer resumed counting non-finite steps in a row from 3, not 2, silently.
+  state = {'w': np.arange(4, dtype=np.float32)}
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  for step in (1, 2):
+    ckpt.save(step, state, run_state={'nonfinite_steps_in_a_row': 2})
+  ckpt.close()
+  metadata = tmp_path / 'checkpoints' / '2' / '_CHECKPOINT_METADATA'
+  _flip_a_digit(metadata, 'nonfinite_steps_in_a_row')
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  assert ckpt.run_state(1) == {'nonfinite_steps_in_a_row': 2} and ckpt.run_state(2) is None
+  ckpt.close()
+  assert 'its run state (_CHECKPOINT_METADATA custom_metadata) does not match' in caplog.text
+
+
+def test_side_files_saved_without_their_sha256_restore_as_before(tmp_path, caplog):
+  # Checkpoints written before the data position and the run state held a sha256.
+  state = {'w': np.arange(4, dtype=np.float32)}
+  it = iter(grain.MapDataset.range(100).to_iter_dataset())
+  next(it)
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  ckpt.save(1, state, it, run_state={'nonfinite_steps_in_a_row': 2})
+  ckpt.close()
+  step = tmp_path / 'checkpoints' / '1'
+  for path, key in [(step / 'data' / 'process_0-of-1.json', None),
+                    (step / '_CHECKPOINT_METADATA', 'custom_metadata')]:
+    saved = json.loads(path.read_text())
+    inner = saved[key] if key else saved
+    del inner['sha256']
+    path.write_text(json.dumps(saved, indent=4))
+  it = iter(grain.MapDataset.range(100).to_iter_dataset())
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  restored, at = ckpt.restore(jax.tree.map(np.zeros_like, state), it)
+  assert at == 1 and next(it) == 1 and (restored['w'] == state['w']).all()
+  assert ckpt.run_state(1) == {'nonfinite_steps_in_a_row': 2}
+  ckpt.close()
+  assert 'unreadable' not in caplog.text and 'sha256' not in caplog.text

@@ -11,6 +11,12 @@ moves it to workdir/corrupt_checkpoints, so that it can write that step again (r
 such as `evaluate` leave the workdir as it is). A checkpoint whose Orbax metadata alone
 (_CHECKPOINT_METADATA) is damaged is restored, its arrays verified: only the trainer's run
 state kept there is lost, which `run_state` says (None) for the trainer to warn of.
+The JSON side files, each process's data position and that run state, each hold a sha256
+of their own content (`_seal`): a flipped bit that leaves valid JSON (a digit 2 -> 3) would
+otherwise resume silently wrong, skipping or repeating data. A data position that fails it
+is garbled, as one that is not JSON: the checkpoint is unreadable and the previous one
+tried; a run state that fails it is lost. Side files written before 2026-12-05 (no sha256)
+are read as they are.
 Running out of memory while restoring is an error, not a sign of corruption, and so is a
 read that the filesystem refuses (EIO, EACCES, a stale network mount): the checkpoints
 stay where they are. A checkpoint whose arrays do not fit the model (another model's
@@ -27,6 +33,7 @@ leave the iterators to start afresh, with a warning.
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -175,7 +182,9 @@ class Checkpointer:
     items = {'state': ocp.args.StandardSave(state),
              'checksums': ocp.args.JsonSave(checksums(state))}
     if data_iterator is not None:
-      items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+      items['data'] = grain.checkpoint.CheckpointSave(_sealing(data_iterator))
+    if run_state is not None:
+      run_state = _seal(run_state)
     self.wait()  # a failed asynchronous write is named by its own step
     with self._write_errors(step):
       finite = eval_loss is not None and np.isfinite(eval_loss)
@@ -189,10 +198,17 @@ class Checkpointer:
     """The `run_state` saved with checkpoint `step`; {} where none was (written before
     2026-12-04, or by a reader); None where it is lost: the _CHECKPOINT_METADATA that
     holds it is missing or unreadable (a damaged copy), which Orbax's own reader would
-    pass off as {}, so that the run state silently started again."""
+    pass off as {}, so that the run state silently started again, or it fails its
+    sha256 (a flipped digit: a count 2 read as 3)."""
     metadata = _checkpoint_metadata(self.directory / str(step))
     saved = None if metadata is None else metadata.get('custom_metadata') or {}
-    return dict(saved) if isinstance(saved, dict) else None
+    if not isinstance(saved, dict):
+      return None
+    try:
+      return dict(_unseal(saved, f'its run state ({_CHECKPOINT_METADATA} custom_metadata)'))
+    except ValueError as e:
+      log.warning('checkpoint %s: %s', self.directory / str(step), e)
+      return None
 
   @classmethod
   def read(cls, workdir: str | Path, abstract_state: dict, *, step: int | None = None):
@@ -281,7 +297,7 @@ class Checkpointer:
         position = (self._data_position(s, data_iterator) if data_iterator is not None
                     else None)
         if position == _OWN_POSITION:
-          items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+          items['data'] = grain.checkpoint.CheckpointRestore(_sealing(data_iterator))
         restored = self.manager.restore(s, args=ocp.args.Composite(**items))
         if 'checksums' in items:
           _verify(restored['state'], restored['checksums'], where)
@@ -331,7 +347,7 @@ class Checkpointer:
     own = data / f'process_{index}-of-{count}.json'
     dealing = hasattr(data_iterator, 'set_state_of_processes')
     if own.exists():
-      if not dealing or data_iterator.reads_streams_of(json.loads(own.read_text())):
+      if not dealing or data_iterator.reads_streams_of(_read_position(own)):
         return _OWN_POSITION
     found = sorted(p.name for p in data.glob('process_*'))  # one listing (on GCS: a call)
     saved = {}
@@ -345,7 +361,7 @@ class Checkpointer:
       raise FileNotFoundError(f'{data} holds an incomplete set of data positions ({names})')
     ((saved_count, files),) = saved.items()
     if dealing:
-      return [json.loads(files[i].read_text()) for i in range(saved_count)]
+      return [_read_position(files[i]) for i in range(saved_count)]
     log.warning('checkpoint %s holds the data positions of other processes (%s), not of '
                 'process %d of %d: the state is restored, the data iterators start afresh',
                 self.directory / str(step), names, index, count)
@@ -407,6 +423,65 @@ def _checkpoint_metadata(step_dir: Path) -> dict | None:
   except (OSError, ValueError):  # ValueError: JSON or UTF-8
     return None
   return metadata if isinstance(metadata, dict) else None
+
+
+_SHA256 = 'sha256'  # the key of a side file's checksum, over the file's other keys
+
+
+def _sha256(payload: dict) -> str:
+  """sha256 of `payload`'s canonical JSON, the same before it is written as after it is
+  read back (the round trip makes int keys str and tuples lists first)."""
+  canonical = json.dumps(json.loads(json.dumps(payload)), sort_keys=True,
+                         separators=(',', ':'))
+  return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _seal(payload: dict) -> dict:
+  """`payload` with the sha256 of its content, to be written as a self-verifying JSON
+  file: each process writes its own, so nothing is collected across processes."""
+  return {**payload, _SHA256: _sha256(payload)}
+
+
+def _unseal(saved, what: str):
+  """The payload of a `_seal`ed dict read back; raises ValueError naming `what` if it does
+  not match its sha256. Saved before 2026-12-05 (no sha256): as it is."""
+  if not isinstance(saved, dict) or _SHA256 not in saved:
+    return saved
+  payload = {k: v for k, v in saved.items() if k != _SHA256}
+  if saved[_SHA256] != _sha256(payload):
+    raise ValueError(f'{what} does not match its sha256: the file is damaged')
+  return payload
+
+
+def _read_position(path: Path):
+  """The data position saved in `path` (a process's), checked against its sha256."""
+  return _unseal(json.loads(path.read_text()), str(path))
+
+
+class _SealedPosition:
+  """A data iterator as grain's checkpoint handler sees it, whose saved position holds its
+  sha256 (`_seal`). It hands the handler the position as JSON text (as grain's
+  DataLoaderIterator does), which the handler writes and reads back as it is, within
+  Orbax's save of the whole step (written in a temporary directory, then renamed)."""
+
+  def __init__(self, iterator: grain.DatasetIterator):
+    self._iterator = iterator
+
+  def get_state(self) -> bytes:
+    return json.dumps(_seal(self._iterator.get_state()), indent=4).encode()
+
+  def set_state(self, text: bytes):
+    name = f'data/process_{jax.process_index()}-of-{jax.process_count()}.json'
+    self._iterator.set_state(_unseal(json.loads(text), name))
+
+  def start_prefetch(self):
+    self._iterator.start_prefetch()
+
+
+def _sealing(iterator):
+  """`iterator` saved and restored with a checked position (`_SealedPosition`); another
+  kind than a DatasetIterator (grain's DataLoaderIterator: its position is bytes) as is."""
+  return _SealedPosition(iterator) if isinstance(iterator, grain.DatasetIterator) else iterator
 
 
 def _lost_items(step_dir: Path) -> set[str]:
