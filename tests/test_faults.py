@@ -130,7 +130,7 @@ def test_a_resumed_run_goes_on_counting_the_nonfinite_steps_in_a_row_or_says_it_
   result = train(cfg(6), tmp_path)
   out = ''.join(capsys.readouterr())
   assert f'resumed from {metadata.parent}' in out and result['step'] == 6
-  assert (f'checkpoint {metadata.parent}: its _CHECKPOINT_METADATA is missing or unreadable, '
+  assert (f'checkpoint {metadata.parent}: its _CHECKPOINT_METADATA is missing, unreadable or damaged, '
           'and with it the count of non-finite steps in a row') in out
   assert 'counting them from 0' in out
 

@@ -228,7 +228,7 @@ def _nonfinite_in_a_row(cfg, checkpointer: Checkpointer, step: int, bar) -> int:
     return count
   if cfg.train.nonfinite == 'skip':
     bar.alert(f'checkpoint {checkpointer.directory / str(step)}: its _CHECKPOINT_METADATA is '
-              'missing or unreadable, and with it the count of non-finite steps in a row '
+              'missing, unreadable or damaged, and with it the count of non-finite steps in a row '
               'before it; counting them from 0 (a diverging run may skip up to '
               f'train.max_consecutive_skips={cfg.train.max_consecutive_skips} more steps '
               'before it stops)')
