@@ -385,6 +385,42 @@ def test_a_bad_json_line_is_one_line_naming_its_file_and_line(tmp_path, line, wh
   assert '\n' not in str(e.value)
 
 
+def test_parquet_files_are_a_document_a_row_of_their_text_column(tmp_path, caplog):
+  # Hugging Face datasets' files (FineWeb's): read as text, they trained on Parquet's bytes.
+  pq = pytest.importorskip('pyarrow.parquet')
+  import pyarrow  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'docs').mkdir()
+  texts = [f'row {i} é' * (i % 3 + 1) for i in range(50)]
+  table = pyarrow.table({'id': list(range(50)), 'content': texts})
+  pq.write_table(table.slice(0, 30), tmp_path / 'docs' / 'a.parquet', row_group_size=7)
+  pq.write_table(table.slice(30), tmp_path / 'docs' / 'b.parquet')
+  cfg = _data_config(tmp_path, f'files:{tmp_path}/docs/*', text_key='content')
+  with caplog.at_level('WARNING'):
+    read = _read_all(cfg)
+  assert sorted(read['train'] + read['validation']) == sorted(t.encode() for t in texts)
+  assert read['train'] and read['validation']  # split by row, not by file
+  assert 'is not read' not in caplog.text
+
+
+@pytest.mark.parametrize('columns, why', [
+    ({'body': ['a', 'b']}, r"has no column 'text' \(it has \['body'\]\).*data.text_key"),
+    ({'text': [1, 2]}, "column 'text' is int64, not a string"),
+    ({'text': ['a', None]}, "row 2: 'text' is null, not a string"),
+])
+def test_a_parquet_file_without_its_text_is_one_line_naming_it(tmp_path, columns, why):
+  pq = pytest.importorskip('pyarrow.parquet')
+  import pyarrow  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'docs').mkdir()
+  pq.write_table(pyarrow.table(columns), tmp_path / 'docs' / 'x.parquet')
+  cfg = _data_config(tmp_path, f'files:{tmp_path}/docs/*')
+  with pytest.raises(ConfigError, match=f"file '{tmp_path}/docs/x.parquet'.*{why}") as e:
+    data.open_source(cfg, 'train')
+  assert '\n' not in str(e.value)
+  (tmp_path / 'docs' / 'x.parquet').write_bytes(b'not parquet at all')
+  with pytest.raises(ConfigError, match='cannot be read as Parquet'):
+    data.open_source(_data_config(tmp_path, f'files:{tmp_path}/docs/*'), 'train')
+
+
 def test_compressed_files_that_are_not_json_lines_are_refused(tmp_path):
   (tmp_path / 'docs').mkdir()
   (tmp_path / 'docs' / 'a.txt').write_text('text')

@@ -5,7 +5,8 @@
   default          the `.py` files of the running interpreter's standard library, so
                    that training works with no download (about 30 MB of real text);
   files:<glob>     local text files; a `.jsonl` (or `.jsonl.gz`) file is one document a
-                   line, the line's `data.text_key` (default `text`);
+                   line, the line's `data.text_key` (default `text`), a `.parquet` file
+                   (a Hugging Face dataset's) one a row, its `data.text_key` column;
   tfds:<name>      any TFDS dataset already prepared (as array_record) in the data dir;
                    `tfds:huggingface:<owner>__<repo>` is read from its files offline;
   distilled:<dir>  token sequences (a prompt and a model's greedy continuation) written
@@ -15,11 +16,12 @@ The first two are `GeneratorBasedBuilder`s that TFDS prepares without TensorFlow
 data directory (`data.data_dir`, else $JAXARCH_DATA_DIR, else the user's cache dir). TFDS
 writes into an `incomplete.*` directory and renames it when done, so an interrupted build
 leaves nothing that looks finished, and a finished one is never built again. A file is one
-document (a JSON lines file, one a line); a file over `DOCUMENT_BYTES` is several, cut
+document (a JSON lines file one a line, a Parquet file one a row); a file over `DOCUMENT_BYTES` is several, cut
 just after a newline, so that a corpus of one big file (enwik8, a book) shuffles, gives
 the rows of a batch different text, has a validation split, and is never held in memory
 whole. Documents are split into train and validation by a hash of the file's relative
-path (with `#i` for piece i of a big file, `:n` for line n of a JSON lines file), so the
+path (with `#i` for piece i of a big file, `:n` for line or row n of a JSON lines or
+Parquet file), so the
 split is stable across machines and runs. Other compressed files are refused: their bytes
 are not text. The builder config name carries everything the content depends on
 (interpreter version, or a hash of the glob and the files' sizes and mtimes, and the
@@ -58,8 +60,11 @@ DOCUMENT_BYTES = 1 << 20
 _NEWLINE_SEARCH = 1 << 16
 DISTILLED = 'distilled:'
 HUGGINGFACE = 'huggingface:'  # a TFDS namespace: tfds:huggingface:<owner>__<repo>
-# JSON lines (Levanter's, Dolma's corpora): a document a line, the line's `data.text_key`.
+# JSON lines (Levanter's, Dolma's corpora): a document a line, the line's `data.text_key`;
+# Parquet (Hugging Face datasets': FineWeb's, ...): a document a row, that column.
 JSONL = ('.jsonl', '.jsonl.gz')
+PARQUET = ('.parquet',)
+RECORDS = JSONL + PARQUET
 # Compressed files that are not JSON lines: read as text, they would train on their bytes.
 _COMPRESSED = ('.gz', '.bz2', '.xz', '.zst', '.zip', '.lz4', '.7z', '.tgz')
 
@@ -115,7 +120,7 @@ class FilesConfig(tfds.core.BuilderConfig):
   root: str = ''
   files: tuple[str, ...] = ()
   validation_fraction: float = 0.05
-  text_key: str = 'text'  # of a JSON lines file's records
+  text_key: str = 'text'  # of a JSON lines file's records, a Parquet file's column
 
   def __repr__(self) -> str:  # TFDS logs it on every open; keep thousands of paths out.
     return f'FilesConfig({self.name!r}, root={self.root!r})'
@@ -148,9 +153,44 @@ def _json_lines(path: pathlib.Path, name: str, text_key: str):
     raise ConfigError(f'{where(n + 1)} cannot be read ({e})') from None
 
 
+def _parquet_rows(path: pathlib.Path, text_key: str):
+  """(row number, text) of each row of a Parquet file, read a batch of rows at a time; a
+  file without a string column `text_key`, or a row whose text is null, is a config error
+  naming it."""
+  import pyarrow  # pylint: disable=g-import-not-at-top  (tensorflow-datasets needs it too)
+  import pyarrow.parquet  # pylint: disable=g-import-not-at-top
+  where = f'config error: data.source file {str(path)!r}'
+  try:
+    table = pyarrow.parquet.ParquetFile(path)
+    schema = table.schema_arrow
+    if text_key not in schema.names:
+      raise ConfigError(f'{where} has no column {text_key!r} (it has {schema.names[:8]}); '
+                        'name the column of the text with --config.data.text_key=KEY')
+    kind = schema.field(text_key).type
+    if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind)):
+      raise ConfigError(f'{where}: column {text_key!r} is {kind}, not a string')
+    n = 0
+    for batch in table.iter_batches(batch_size=1024, columns=[text_key]):
+      for text in batch.column(0).to_pylist():
+        n += 1
+        if text is None:
+          raise ConfigError(f'{where}, row {n}: {text_key!r} is null, not a string')
+        yield n, text
+  except (OSError, pyarrow.ArrowException) as e:  # not Parquet, or damaged
+    raise ConfigError(f'{where} cannot be read as Parquet ({str(e).splitlines()[0]})'
+                      ) from None
+
+
+def _records(path: pathlib.Path, name: str, text_key: str):
+  """(number, text) of each record of a JSON lines or Parquet file (`RECORDS`)."""
+  if name.endswith(PARQUET):
+    return _parquet_rows(path, text_key)
+  return _json_lines(path, name, text_key)
+
+
 class _TextFilesBuilder(tfds.core.GeneratorBasedBuilder):
-  """One example per file, per piece of a file over `DOCUMENT_BYTES` or per line of a JSON
-  lines file: `{'text': raw bytes}`, split into train/validation by name
+  """One example per file, per piece of a file over `DOCUMENT_BYTES`, per line of a JSON
+  lines file or per row of a Parquet file: `{'text': raw bytes}`, split into train/validation by name
   (`is_validation`)."""
 
   VERSION = tfds.core.Version('1.1.0')
@@ -174,11 +214,11 @@ class _TextFilesBuilder(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # Everything is local.
     fraction = self.builder_config.validation_fraction
     root = pathlib.Path(self.builder_config.root)
-    documents = []  # (name, file, its size, piece index); of a JSON lines file, its lines:
-    lines = {}  # file -> (line numbers [n], validation [n]), read through once here
+    documents = []  # (name, file, its size, piece index); of a JSON lines or Parquet file,
+    lines = {}  # its records: file -> (numbers [n], validation [n]), read through once here
     for f in self._files():
-      if f.endswith(JSONL):
-        numbers = [n for n, _ in _json_lines(root / f, f, self.builder_config.text_key)]
+      if f.endswith(RECORDS):
+        numbers = [n for n, _ in _records(root / f, f, self.builder_config.text_key)]
         lines[f] = (np.array(numbers, np.int64),
                     np.array([is_validation(f'{f}:{n}', fraction) for n in numbers], bool))
         continue
@@ -198,9 +238,9 @@ class _TextFilesBuilder(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, documents):
     root = pathlib.Path(self.builder_config.root)
     for name, f, size, index in documents:
-      if name is None:  # these lines of a JSON lines file
+      if name is None:  # these records of a JSON lines or Parquet file
         wanted = set(index.tolist())
-        for n, text in _json_lines(root / f, f, self.builder_config.text_key):
+        for n, text in _records(root / f, f, self.builder_config.text_key):
           if n in wanted:
             yield f'{f}:{n}', {'text': text.encode('utf-8')}
         continue
@@ -261,7 +301,7 @@ def _files_config(source: str, pattern: str, validation_fraction: float,
                         'not UTF-8 (documents are named by their paths); rename it or '
                         'narrow the glob') from None
   compressed = [p for p in paths if p.name.endswith(_COMPRESSED) and
-                not p.name.endswith(JSONL)]
+                not p.name.endswith(RECORDS)]
   if compressed:
     raise ConfigError(f'config error: data.source={source!r}: {len(compressed)} of the files '
                       f'are compressed, e.g. {str(compressed[0])!r}, and would be read as '
@@ -279,7 +319,7 @@ def _files_config(source: str, pattern: str, validation_fraction: float,
   for p, st in zip(paths, stats):
     key.update(f'{p}\0{st.st_size}\0{st.st_mtime_ns}\0'.encode())
   text_key = text_key or 'text'
-  if any(f.endswith(JSONL) for f in files):  # (a corpus without them keeps its name)
+  if any(f.endswith(RECORDS) for f in files):  # (a corpus without them keeps its name)
     key.update(f'text_key\0{text_key}'.encode())
   return FilesConfig(name=f'files-{key.hexdigest()[:16]}', root=str(root), files=files,
                      validation_fraction=validation_fraction, text_key=text_key)
@@ -637,7 +677,7 @@ def open_source(data_cfg, split: str) -> TextSource:
                                                    data_cfg.get('text_key'))
   else:
     raise ConfigError('config error: ' + DATA_SOURCE_ERROR.format(source))
-  if data_cfg.get('text_key') is not None and not any(f.endswith(JSONL)
+  if data_cfg.get('text_key') is not None and not any(f.endswith(RECORDS)
                                                       for f in config.files):
     _warn_text_key_unread(source, data_cfg.text_key)
   builder = _prepared(builder_cls, config, data_dir, source)
@@ -652,7 +692,7 @@ def open_source(data_cfg, split: str) -> TextSource:
 def _warn_text_key_unread(source: str, text_key: str) -> None:
   # A warning, not an error: a run saved with the key resumes with its data position.
   log.warning('data.text_key=%r is not read: it names a feature of a tfds: source or the '
-              'text of .jsonl records, and data.source=%r is read as plain text files; drop '
+              'text of .jsonl records and .parquet rows, and data.source=%r is read as plain text files; drop '
               'the key', text_key, source)
 
 
