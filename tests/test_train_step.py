@@ -173,6 +173,17 @@ def test_padding_tokens_carry_no_loss():
   assert loss(padded) == pytest.approx(loss(other), rel=1e-6)
 
 
+def test_logged_grad_norm_is_the_gradient_s_before_clipping():
+  """`grad_norm` says how large the gradient was, not what clipping left of it."""
+  def grad_norm(clip):
+    cfg = mesh_config(tiny_config(**{'train.grad_clip': clip}), data=8)
+    setup = make_setup(cfg, make_mesh(cfg))
+    batch = global_batch(make_batch(8, cfg.data.seq_len), setup.batch_sharding)
+    return float(make_train_step(setup)(init_state(cfg, setup), batch)[1]['grad_norm'])
+  clipped = grad_norm(1e-3)
+  assert clipped > 0.1 and clipped == pytest.approx(grad_norm(0.0), rel=1e-6)
+
+
 def test_no_weight_decay_on_norms_embeddings_and_biases():
   cfg = tiny_config(**{'train.lr': 1e-2, 'train.weight_decay': 0.5, 'model.qkv_bias': True,
                        'model.qk_norm': True})

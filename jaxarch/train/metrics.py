@@ -1,6 +1,7 @@
 """Where training metrics go: workdir/metrics.jsonl, TensorBoard events, a progress bar."""
 
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -123,7 +124,7 @@ def final_metrics(workdir: str | Path) -> dict:
 
 
 class ProgressBar:
-  """Step, loss, tokens/s, MFU and ETA on the terminal; plain log lines elsewhere."""
+  """Step, loss, steps/s, tokens/s, MFU and ETA on the terminal; plain log lines elsewhere."""
 
   def __init__(self, total_steps: int, start_step: int, *, enabled: bool = True):
     self.console = Console(stderr=True)
@@ -135,6 +136,7 @@ class ProgressBar:
         TimeRemainingColumn(), console=self.console, disable=not self.live)
     self.task = self.progress.add_task('train', total=total_steps, completed=start_step,
                                        info='compiling…')
+    self.total_steps = total_steps
     self.last_print = 0.0
 
   def __enter__(self):
@@ -149,6 +151,11 @@ class ProgressBar:
     info = format_metrics(metrics)
     self.progress.update(self.task, completed=step, info=info)
     if self.enabled and (keep or not self.live):
+      # A plain line has no ETA column: it comes from the window's step time (training
+      # only; evaluations and saves are left out, as in tokens/s).
+      if metrics.get('step_time_s'):
+        left = round(metrics['step_time_s'] * max(self.total_steps - step, 0))
+        info += f' | eta {datetime.timedelta(seconds=left)}'
       self.progress.console.print(f'step {step}: {info}', highlight=False)
 
   def print(self, message: str):
@@ -169,6 +176,8 @@ def format_metrics(m: dict) -> str:
     parts.append(f'eval {m["eval_loss"]:.4f} ({m["eval_bpb"]:.3f} bpb)')
   if 'epoch' in m:
     parts.append(f'epoch {m["epoch"]:.2f}')
+  if m.get('step_time_s'):
+    parts.append(f'{1 / m["step_time_s"]:.2f} steps/s')
   if 'tokens_per_s' in m:
     parts.append(f'{m["tokens_per_s"]:,.0f} tok/s')
   if m.get('mfu') is not None:

@@ -160,8 +160,9 @@ def make_train_step(setup: TrainSetup):
   `PerStepState` (the MoE router's bias) stays put through the microbatches and moves
   once at the end, by the statistics of the whole batch.
 
-  Its metrics include `nonfinite` (1 when the loss or a gradient was NaN or Inf, and the
-  update was not applied) and the norms of every parameter's gradient and value
+  Its metrics include `grad_norm` (the global norm of the accumulated gradient before
+  `train.grad_clip` clips it), `nonfinite` (1 when the loss or a gradient was NaN or Inf,
+  and the update was not applied) and the norms of every parameter's gradient and value
   (`layer_grad_norms`, `layer_param_norms`, in `leaf_names` order) for the trainer's
   report on such a step.
   """
