@@ -13,7 +13,9 @@ Convention (PaLM appendix B / Chinchilla): a training step costs, per token,
   (only the lower triangle is useful work), hence 2·T·n·h forward and 6·T·n·h per step.
   A sliding window of w < T positions leaves each query w − w²/2T keys on average
   (`model.sliding_window`, in the blocks `model.attention_pattern` marks 'local').
-- Not counted: norms, activations, softmax, RoPE, optimizer update (all O(N) or O(T·d)).
+- Not counted: activations, softmax, RoPE, the norms' arithmetic, optimizer update (all
+  O(N) or O(T·d)). The norms' scales are parameters and sit in N_matmul (2·n_layers + 1
+  vectors of d_model: 0.13% of the dense `tiny`'s count, less at scale).
 - MEGABYTE counts per byte (`megabyte_flops_per_byte`): its global model per patch.
 - BiTA counts per sequence token (`bita_flops_per_token`): the frozen model runs forward
   over the T tokens of a row only to fill its caches (nothing trainable lies behind them,
