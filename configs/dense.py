@@ -129,7 +129,7 @@ def get_config(arg=None):
   # keeps the checkpoint's as the run's tokenizer/chat_template.jinja); None: no template.
   c.data.chat_template = ml_collections.config_dict.placeholder(str)
   # tfds: the feature of each example to read (None: `text`, or the only text feature);
-  # files: the key of each .jsonl record's text and the .parquet files' text column
+  # files: the key of each .jsonl record's text and the .parquet/.arrow files' column
   # (None: `text`); plain text files do not read it
   c.data.text_key = ml_collections.config_dict.placeholder(str)
 

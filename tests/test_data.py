@@ -385,7 +385,7 @@ def test_a_bad_json_line_is_one_line_naming_its_file_and_line(tmp_path, line, wh
   assert '\n' not in str(e.value)
 
 
-def test_parquet_files_are_a_document_a_row_of_their_text_column(tmp_path, caplog):
+def test_parquet_and_arrow_files_are_a_document_a_row_of_their_text_column(tmp_path, caplog):
   # Hugging Face datasets' files (FineWeb's): read as text, they trained on Parquet's bytes.
   pq = pytest.importorskip('pyarrow.parquet')
   import pyarrow  # pylint: disable=g-import-not-at-top
@@ -393,7 +393,11 @@ def test_parquet_files_are_a_document_a_row_of_their_text_column(tmp_path, caplo
   texts = [f'row {i} é' * (i % 3 + 1) for i in range(50)]
   table = pyarrow.table({'id': list(range(50)), 'content': texts})
   pq.write_table(table.slice(0, 30), tmp_path / 'docs' / 'a.parquet', row_group_size=7)
-  pq.write_table(table.slice(30), tmp_path / 'docs' / 'b.parquet')
+  pq.write_table(table.slice(30, 10), tmp_path / 'docs' / 'b.parquet')
+  with pyarrow.OSFile(str(tmp_path / 'docs' / 'c.arrow'), 'wb') as sink:  # save_to_disk's
+    with pyarrow.ipc.new_stream(sink, table.schema) as writer:
+      for batch in table.slice(40).to_batches(max_chunksize=4):
+        writer.write_batch(batch)
   cfg = _data_config(tmp_path, f'files:{tmp_path}/docs/*', text_key='content')
   with caplog.at_level('WARNING'):
     read = _read_all(cfg)
@@ -418,6 +422,13 @@ def test_a_parquet_file_without_its_text_is_one_line_naming_it(tmp_path, columns
   assert '\n' not in str(e.value)
   (tmp_path / 'docs' / 'x.parquet').write_bytes(b'not parquet at all')
   with pytest.raises(ConfigError, match='cannot be read as Parquet'):
+    data.open_source(_data_config(tmp_path, f'files:{tmp_path}/docs/*'), 'train')
+  (tmp_path / 'docs' / 'x.parquet').unlink()
+  table = pyarrow.table(columns)
+  with pyarrow.OSFile(str(tmp_path / 'docs' / 'x.arrow'), 'wb') as sink:
+    with pyarrow.ipc.new_stream(sink, table.schema) as writer:
+      writer.write_table(table)
+  with pytest.raises(ConfigError, match=f"file '{tmp_path}/docs/x.arrow'.*{why}"):
     data.open_source(_data_config(tmp_path, f'files:{tmp_path}/docs/*'), 'train')
 
 

@@ -5,8 +5,9 @@
   default          the `.py` files of the running interpreter's standard library, so
                    that training works with no download (about 30 MB of real text);
   files:<glob>     local text files; a `.jsonl` (or `.jsonl.gz`) file is one document a
-                   line, the line's `data.text_key` (default `text`), a `.parquet` file
-                   (a Hugging Face dataset's) one a row, its `data.text_key` column;
+                   line, the line's `data.text_key` (default `text`), a `.parquet` or
+                   `.arrow` file (a Hugging Face dataset's) one a row, its `data.text_key`
+                   column;
   tfds:<name>      any TFDS dataset already prepared (as array_record) in the data dir;
                    `tfds:huggingface:<owner>__<repo>` is read from its files offline;
   distilled:<dir>  token sequences (a prompt and a model's greedy continuation) written
@@ -16,16 +17,16 @@ The first two are `GeneratorBasedBuilder`s that TFDS prepares without TensorFlow
 data directory (`data.data_dir`, else $JAXARCH_DATA_DIR, else the user's cache dir). TFDS
 writes into an `incomplete.*` directory and renames it when done, so an interrupted build
 leaves nothing that looks finished, and a finished one is never built again. A file is one
-document (a JSON lines file one a line, a Parquet file one a row); a file over `DOCUMENT_BYTES` is several, cut
-just after a newline, so that a corpus of one big file (enwik8, a book) shuffles, gives
-the rows of a batch different text, has a validation split, and is never held in memory
-whole. Documents are split into train and validation by a hash of the file's relative
-path (with `#i` for piece i of a big file, `:n` for line or row n of a JSON lines or
-Parquet file), so the
-split is stable across machines and runs. Other compressed files are refused: their bytes
-are not text. The builder config name carries everything the content depends on
-(interpreter version, or a hash of the glob and the files' sizes and mtimes, and the
-validation fraction), so a change gets a fresh cache entry.
+document (a JSON lines file one a line, a Parquet or Arrow file one a row); a file over
+`DOCUMENT_BYTES` is several, cut just after a newline, so that a corpus of one big file
+(enwik8, a book) shuffles, gives the rows of a batch different text, has a validation
+split, and is never held in memory whole. Documents are split into train and validation by
+a hash of the file's relative path (with `#i` for piece i of a big file, `:n` for record n
+of a JSON lines, Parquet or Arrow file), so the split is stable across machines and runs.
+Other compressed files are refused: their bytes are not text. The builder config name
+carries everything the content depends on (interpreter version, or a hash of the glob and
+the files' sizes and mtimes, and the validation fraction), so a change gets a fresh cache
+entry.
 """
 
 import contextlib
@@ -61,10 +62,11 @@ _NEWLINE_SEARCH = 1 << 16
 DISTILLED = 'distilled:'
 HUGGINGFACE = 'huggingface:'  # a TFDS namespace: tfds:huggingface:<owner>__<repo>
 # JSON lines (Levanter's, Dolma's corpora): a document a line, the line's `data.text_key`;
-# Parquet (Hugging Face datasets': FineWeb's, ...): a document a row, that column.
+# Parquet and Arrow (Hugging Face datasets': FineWeb's, ...): a document a row, that column.
 JSONL = ('.jsonl', '.jsonl.gz')
 PARQUET = ('.parquet',)
-RECORDS = JSONL + PARQUET
+TABLES = PARQUET + ('.arrow',)  # and Arrow stream files (`datasets`' save_to_disk, cache)
+RECORDS = JSONL + TABLES
 # Compressed files that are not JSON lines: read as text, they would train on their bytes.
 _COMPRESSED = ('.gz', '.bz2', '.xz', '.zst', '.zip', '.lz4', '.7z', '.tgz')
 
@@ -120,7 +122,7 @@ class FilesConfig(tfds.core.BuilderConfig):
   root: str = ''
   files: tuple[str, ...] = ()
   validation_fraction: float = 0.05
-  text_key: str = 'text'  # of a JSON lines file's records, a Parquet file's column
+  text_key: str = 'text'  # of a JSON lines file's records, a Parquet or Arrow file's column
 
   def __repr__(self) -> str:  # TFDS logs it on every open; keep thousands of paths out.
     return f'FilesConfig({self.name!r}, root={self.root!r})'
@@ -153,45 +155,56 @@ def _json_lines(path: pathlib.Path, name: str, text_key: str):
     raise ConfigError(f'{where(n + 1)} cannot be read ({e})') from None
 
 
-def _parquet_rows(path: pathlib.Path, text_key: str):
-  """(row number, text) of each row of a Parquet file, read a batch of rows at a time; a
-  file without a string column `text_key`, or a row whose text is null, is a config error
+def _table_rows(path: pathlib.Path, text_key: str):
+  """(row number, text) of each row of a Parquet file or an Arrow stream file (what
+  `datasets`' save_to_disk and cache write), read a batch of rows at a time; a file
+  without a string column `text_key`, or a row whose text is null, is a config error
   naming it."""
   import pyarrow  # pylint: disable=g-import-not-at-top  (tensorflow-datasets needs it too)
+  import pyarrow.ipc  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet  # pylint: disable=g-import-not-at-top
+  kind = 'Parquet' if path.name.endswith(PARQUET) else 'an Arrow stream'
   where = f'config error: data.source file {str(path)!r}'
   try:
-    table = pyarrow.parquet.ParquetFile(path)
-    schema = table.schema_arrow
-    if text_key not in schema.names:
-      raise ConfigError(f'{where} has no column {text_key!r} (it has {schema.names[:8]}); '
-                        'name the column of the text with --config.data.text_key=KEY')
-    kind = schema.field(text_key).type
-    if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind)):
-      raise ConfigError(f'{where}: column {text_key!r} is {kind}, not a string')
-    n = 0
-    for batch in table.iter_batches(batch_size=1024, columns=[text_key]):
-      for text in batch.column(0).to_pylist():
-        n += 1
-        if text is None:
-          raise ConfigError(f'{where}, row {n}: {text_key!r} is null, not a string')
-        yield n, text
-  except (OSError, pyarrow.ArrowException) as e:  # not Parquet, or damaged
-    raise ConfigError(f'{where} cannot be read as Parquet ({str(e).splitlines()[0]})'
+    with contextlib.ExitStack() as stack:
+      if kind == 'Parquet':
+        table = pyarrow.parquet.ParquetFile(path)
+        schema = table.schema_arrow
+        batches = lambda: table.iter_batches(batch_size=1024, columns=[text_key])
+      else:
+        reader = stack.enter_context(pyarrow.ipc.open_stream(stack.enter_context(
+            pyarrow.memory_map(str(path)))))
+        schema = reader.schema
+        batches = lambda: (batch.select([text_key]) for batch in reader)
+      if text_key not in schema.names:
+        raise ConfigError(f'{where} has no column {text_key!r} (it has {schema.names[:8]}); '
+                          'name the column of the text with --config.data.text_key=KEY')
+      column = schema.field(text_key).type
+      if not (pyarrow.types.is_string(column) or pyarrow.types.is_large_string(column)):
+        raise ConfigError(f'{where}: column {text_key!r} is {column}, not a string')
+      n = 0
+      for batch in batches():
+        for text in batch.column(0).to_pylist():
+          n += 1
+          if text is None:
+            raise ConfigError(f'{where}, row {n}: {text_key!r} is null, not a string')
+          yield n, text
+  except (OSError, pyarrow.ArrowException) as e:  # not that format, or damaged
+    raise ConfigError(f'{where} cannot be read as {kind} ({str(e).splitlines()[0]})'
                       ) from None
 
 
 def _records(path: pathlib.Path, name: str, text_key: str):
-  """(number, text) of each record of a JSON lines or Parquet file (`RECORDS`)."""
-  if name.endswith(PARQUET):
-    return _parquet_rows(path, text_key)
+  """(number, text) of each record of a JSON lines, Parquet or Arrow file (`RECORDS`)."""
+  if name.endswith(TABLES):
+    return _table_rows(path, text_key)
   return _json_lines(path, name, text_key)
 
 
 class _TextFilesBuilder(tfds.core.GeneratorBasedBuilder):
   """One example per file, per piece of a file over `DOCUMENT_BYTES`, per line of a JSON
-  lines file or per row of a Parquet file: `{'text': raw bytes}`, split into train/validation by name
-  (`is_validation`)."""
+  lines file or per row of a Parquet or Arrow file: `{'text': raw bytes}`, split into
+  train/validation by name (`is_validation`)."""
 
   VERSION = tfds.core.Version('1.1.0')
   RELEASE_NOTES = {'1.0.0': 'One document per file.',
@@ -214,7 +227,7 @@ class _TextFilesBuilder(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # Everything is local.
     fraction = self.builder_config.validation_fraction
     root = pathlib.Path(self.builder_config.root)
-    documents = []  # (name, file, its size, piece index); of a JSON lines or Parquet file,
+    documents = []  # (name, file, its size, piece index); of a file of records (RECORDS),
     lines = {}  # its records: file -> (numbers [n], validation [n]), read through once here
     for f in self._files():
       if f.endswith(RECORDS):
@@ -238,7 +251,7 @@ class _TextFilesBuilder(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, documents):
     root = pathlib.Path(self.builder_config.root)
     for name, f, size, index in documents:
-      if name is None:  # these records of a JSON lines or Parquet file
+      if name is None:  # these records of a JSON lines, Parquet or Arrow file
         wanted = set(index.tolist())
         for n, text in _records(root / f, f, self.builder_config.text_key):
           if n in wanted:
@@ -692,7 +705,7 @@ def open_source(data_cfg, split: str) -> TextSource:
 def _warn_text_key_unread(source: str, text_key: str) -> None:
   # A warning, not an error: a run saved with the key resumes with its data position.
   log.warning('data.text_key=%r is not read: it names a feature of a tfds: source or the '
-              'text of .jsonl records and .parquet rows, and data.source=%r is read as plain text files; drop '
+              'text of .jsonl records and .parquet or .arrow rows, and data.source=%r is read as plain text files; drop '
               'the key', text_key, source)
 
 
