@@ -119,8 +119,18 @@ def test_stablehlo_generates_the_tokens_of_jaxarch_generate(tmp_path, family):
   most = 20 + 1 - len(prompts[0])
   want, _ = infer.generate(model, prompts, max_new_tokens=most, stop_ids=(), vocab_limit=258)
   assert exported.generate(prompts, max_new_tokens=most, stop_ids=()) == want
-  with pytest.raises(ValueError, match='do not fit the export'):
+  with pytest.raises(ValueError, match=f'does not fit {most + 1} new tokens after a prompt of '
+                     f'4: its 20 cache positions hold {most}; .* larger --max_len'):
     exported.generate(prompts, max_new_tokens=most + 1)
+  # A prompt longer than the exported one, or more prompts than its batch: the flag to raise.
+  longest = exported.spec['prompt_len']
+  with pytest.raises(ValueError, match=f'does not fit a prompt of {longest + 1} tokens: it takes '
+                     f'up to {longest}; ask for less or export the run again with a larger '
+                     '--prompt_len'):
+    exported.generate([[257] * (longest + 1), [257]], max_new_tokens=2)
+  with pytest.raises(ValueError, match='does not fit 3 prompts: it takes 2 at once; .* '
+                     'larger --batch_size'):
+    exported.generate([[257]] * 3, max_new_tokens=2)
   with pytest.raises(ValueError, match='one or more token ids'):
     exported.generate([[257], []], max_new_tokens=4)
 
@@ -204,7 +214,7 @@ def test_stablehlo_loader_refuses_bad_ids_lengths_and_folders_in_one_line(
   with pytest.raises(ValueError, match=r'token ids \[300\] are outside the vocabulary'):
     StableHLOModel(out).generate([[257, 300]], max_new_tokens=2)
   for argv, message in (([str(out), '257,x'], "'257,x' is not comma-separated token ids"),
-                        ([str(out), '257,1', '--max_new_tokens=99'], 'do not fit the export'),
+                        ([str(out), '257,1', '--max_new_tokens=99'], 'larger --max_len'),
                         ([str(out), '257,1', '--max_new_tokens=0'], 'must be >= 1'),
                         ([str(tmp_path), '257'], 'has no stablehlo.json')):
     monkeypatch.setattr(sys, 'argv', ['run_stablehlo.py', *argv])
@@ -285,6 +295,10 @@ def test_export_checks_out_and_platforms_before_reading_the_checkpoint(tmp_path,
   assert 'exists and is not empty' in capsys.readouterr().err
   assert cli.main([*run, f'--out={tmp_path}/out/weights']) == 2
   assert f'--out={tmp_path}/out/weights is a file' in capsys.readouterr().err
+  # A file where a folder above --out should be: one line, not [Errno 17] after the read.
+  assert cli.main([*run, f'--out={tmp_path}/out/weights/new']) == 2
+  assert (f'export: --out={tmp_path}/out/weights/new is under {tmp_path}/out/weights, a file'
+          in capsys.readouterr().err)
   assert cli.main([*run, f'--out={tmp_path}/new', '--format=stablehlo', '--platforms=gpu']) == 2
   assert "platform 'gpu' is not one of" in capsys.readouterr().err
 
@@ -550,7 +564,8 @@ def test_hf_export_of_a_sentencepiece_model_no_tokenizer_json_reads_alike(tmp_pa
 
 
 @pytest.mark.parametrize('family, overrides, why', [
-    ('ultramem', [], 'this run is a ultramem model'),
+    ('ultramem', [], 'this run is an ultramem model, whose memory layers transformers has no '
+     'layer for'),
     ('moe', ["model.block_pattern=('dense', 'moe')"], 'mix dense and moe layers'),
     ('moe', ['model.moe.num_shared_experts=1'], 'a Mixtral has no shared experts'),
     ('moe', ['model.moe.renormalize=False'], 'renormalised over the top k'),
@@ -566,6 +581,26 @@ def test_hf_export_refuses_what_llama_and_mixtral_are_not(tmp_path, family, over
   with pytest.raises(ExportError, match=f'--format=hf writes dense models as LlamaForCausalLM '
                      f'.*; .*{why}.*: use --format=safetensors or stablehlo'):
     write_hf(_model(config_lib.validate(cfg)), cfg, tmp_path / 'out')
+
+
+def test_hf_export_of_a_bita_model_names_its_base_run(tmp_path):
+  cfg = _bita_config()  # on a dense base: a Llama
+  with pytest.raises(ExportError, match='this run is a bita model, whose prompt and mask '
+                     r'tokens .*: use --format=safetensors or stablehlo, or export its base '
+                     r'run \(model.bita.base_workdir\) with --format=hf$'):
+    write_hf(_model(cfg), cfg, tmp_path / 'out')
+  assert not (tmp_path / 'out').exists()
+
+
+def test_an_export_interrupted_midway_leaves_no_out_directory(tmp_path, capsys, monkeypatch):
+  workdir = _workdir(tmp_path, 'dense')
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(safetensors.flax, 'save_file', interrupted)  # once config.json is read
+  assert cli.main(['export', f'--workdir={workdir}', f'--out={tmp_path / "out"}']) == 130
+  assert 'interrupted' in capsys.readouterr().err
+  assert not (tmp_path / 'out').exists()
+  assert not [p for p in tmp_path.iterdir() if 'partial' in p.name]
 
 
 def test_hf_export_command_refuses_before_it_writes(tmp_path, capsys):
@@ -794,7 +829,11 @@ def test_an_hf_checkpoint_of_another_kind_or_a_used_workdir_is_one_line(tmp_path
     assert f'{message}' in capsys.readouterr().err
   (tmp_path / 'hf' / 'config.json').write_text(json.dumps(config))
   assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "used"}']) == 2
-  assert 'exists and is not empty' in capsys.readouterr().err
+  assert 'import: ' + str(tmp_path / 'used') + ' exists and is not empty; choose a new ' \
+      '--workdir' in capsys.readouterr().err  # not export's --out
+  assert cli.main(['import', f'--hf={tmp_path / "hf"}',
+                   f'--workdir={tmp_path / "used" / "file"}']) == 2
+  assert 'import: --workdir=' in capsys.readouterr().err
   assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "b"}',
                    '--config.model.d_model=64']) == 2
   assert 'model.d_model is set by the checkpoint' in capsys.readouterr().err

@@ -585,7 +585,7 @@ def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
   from jaxarch.train.pretrained import mesh_here
   from jaxarch.train.state import init_state, make_setup
   directory, workdir = Path(directory).expanduser(), Path(workdir).expanduser().absolute()
-  free_out(workdir)
+  free_out(workdir, command='import', flag='--workdir')
   hf_config, hf = read_hf(directory)
   if hf_config.get('model_type') == 'gemma3':  # multimodal: its language model
     hf = _language_model(hf)
@@ -625,7 +625,8 @@ def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
                         f'config expects {list(expected[name])}')
   state = init_state(cfg, setup, given=arrays)  # no random weights made to be replaced
   del arrays
-  with all_or_nothing(workdir) as partial:  # a failed import leaves no half-made run
+  # A failed import leaves no half-made run.
+  with all_or_nothing(workdir, command='import', flag='--workdir') as partial:
     # Named relative to the run in its config.json: the run can be moved or copied.
     run_cfg = copy_tokenizer(cfg, partial)
     if template is not None:

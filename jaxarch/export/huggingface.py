@@ -135,7 +135,7 @@ def check_exportable(cfg: ml_collections.ConfigDict) -> None:
   kinds = set(m.block_pattern)
   why = None
   if m.family not in ARCHITECTURES:
-    why = f'this run is a {m.family} model'
+    why = f'this run is {_NO_HF[m.family]}'
   elif kinds != ({'dense'} if m.family == 'dense' else {'moe'}):
     why = f'its blocks {tuple(m.block_pattern)} mix dense and moe layers'
   elif m.qkv_bias and m.qk_norm:
@@ -155,13 +155,25 @@ def check_exportable(cfg: ml_collections.ConfigDict) -> None:
            if moe.bias_update_rate else
            'a Mixtral has no attention biases (model.qkv_bias)' if m.qkv_bias else None)
   if why is not None:
+    # A BiTA's base run (dense or MoE) may be one: its tokens are the BiTA's.
+    base = (m.family == 'bita' and m.bita.base_family in ARCHITECTURES)
     raise ExportError(f'export: --format=hf writes dense models as LlamaForCausalLM (with '
                       f'model.qkv_bias as Qwen2ForCausalLM, with model.qk_norm as '
                       f"Qwen3ForCausalLM, with Gemma 3's keys as Gemma3ForCausalLM) and MoE "
                       f'models with experts in every block, '
                       f'softmax gates renormalised over the top k and no shared experts as '
                       f'MixtralForCausalLM (with model.qk_norm as Qwen3MoeForCausalLM); '
-                      f'{why}: use --format=safetensors or stablehlo')
+                      f'{why}: use --format=safetensors or stablehlo'
+                      + (', or export its base run (model.bita.base_workdir) with '
+                         '--format=hf' if base else ''))
+
+
+# The families transformers has no model for, and why.
+_NO_HF = {'ultramem': 'an ultramem model, whose memory layers transformers has no layer for',
+          'megabyte': 'a megabyte model, whose global and local models over patches '
+                      'transformers has no model for',
+          'bita': 'a bita model, whose prompt and mask tokens (its drafts) transformers has '
+                  'no place for'}
 
 
 def _gemma_mismatch(m: ml_collections.ConfigDict) -> str | None:

@@ -58,12 +58,18 @@ class StableHLOModel:
       raise ValueError(f'token ids {bad[:5]} are outside the vocabulary [0, {vocab})')
     if max_new_tokens < 1:
       raise ValueError(f'max_new_tokens={max_new_tokens} must be >= 1')
-    # The last new token is never written to the caches: up to max_len + 1 - n of them.
-    room = self.spec['max_len'] + 1 - max(map(len, prompts))
-    if len(prompts) > batch or max(map(len, prompts)) > prompt_len or max_new_tokens > room:
-      raise ValueError(f'{len(prompts)} prompts of up to {max(map(len, prompts))} tokens and '
-                       f'{max_new_tokens} new tokens do not fit the export: batch {batch}, '
-                       f'prompts of up to {prompt_len}, {self.spec["max_len"]} positions')
+    # jax.export baked the shapes in: what does not fit needs another export.
+    longest, max_len = max(map(len, prompts)), self.spec['max_len']
+    room = max_len + 1 - longest  # the last new token is never written to the caches
+    misfit = (('batch_size', f'{len(prompts)} prompts: it takes {batch} at once')
+              if len(prompts) > batch else
+              ('prompt_len', f'a prompt of {longest} tokens: it takes up to {prompt_len}')
+              if longest > prompt_len else
+              ('max_len', f'{max_new_tokens} new tokens after a prompt of {longest}: its '
+               f'{max_len} cache positions hold {room}') if max_new_tokens > room else None)
+    if misfit:
+      raise ValueError(f'the export does not fit {misfit[1]}; ask for less or export the '
+                       f'run again with a larger --{misfit[0]}')
     stops = set(self.stop_ids if stop_ids is None else stop_ids)
     tokens = np.zeros((batch, prompt_len), np.int32)
     lengths = np.ones(batch, np.int32)  # unused rows: one-token dummy prompts

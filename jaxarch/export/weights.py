@@ -60,13 +60,20 @@ def flat_arrays(model: nnx.Module) -> dict[str, jax.Array]:
           for name, (_, variable) in named_variables(_exported_state(model)).items()}
 
 
-def free_out(out: str | Path) -> Path:
-  """`out`, refused if something is there already (an empty directory is free)."""
+def free_out(out: str | Path, *, command: str = 'export', flag: str = '--out') -> Path:
+  """`out`, refused if something is there already (an empty directory is free) or if it
+  cannot be made (a file where a folder above it should be): checked before a checkpoint
+  is read, which takes minutes for a big model. `command`, `flag`: how the error names it."""
   out = Path(out)
   if out.exists() and not out.is_dir():
-    raise ExportError(f'export: --out={out} is a file; give a new directory for the export')
+    raise ExportError(f'{command}: {flag}={out} is a file; give a new directory for the '
+                      f'{command}')
   if out.exists() and any(out.iterdir()):
-    raise ExportError(f'export: {out} exists and is not empty; choose a new --out')
+    raise ExportError(f'{command}: {out} exists and is not empty; choose a new {flag}')
+  above = next((p for p in out.absolute().parents if p.exists()), None)
+  if above is not None and not above.is_dir():
+    raise ExportError(f'{command}: {flag}={out} is under {above}, a file; give a new '
+                      'directory under a directory')
   return out
 
 
@@ -78,11 +85,11 @@ def readable(path: Path, mode: int = 0o666) -> None:
 
 
 @contextlib.contextmanager
-def all_or_nothing(out: str | Path):
+def all_or_nothing(out: str | Path, **names):
   """Yields a fresh directory beside `out` to write an export into; it becomes `out` once
   the writing succeeded, and is removed if it failed, so a failed export leaves nothing
-  that blocks the next try."""
-  out = free_out(out)
+  that blocks the next try. `names`: `free_out`'s."""
+  out = free_out(out, **names)
   out.parent.mkdir(parents=True, exist_ok=True)
   partial = Path(tempfile.mkdtemp(prefix=f'.{out.name}.partial-', dir=out.parent))
   try:
