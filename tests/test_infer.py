@@ -248,6 +248,20 @@ def test_sampling_keeps_only_the_top_k_and_nucleus_tokens():
   np.testing.assert_array_equal(greedy, [0, 0])
 
 
+def test_sampling_takes_typed_keys_as_legacy_ones():
+  # jax.random.key(0) (a typed key, shape []) was taken for a key per row and failed in
+  # vmap; a typed key per row [b] failed in split.
+  logits = jax.random.normal(jax.random.PRNGKey(1), (64, 10))
+  sampling = infer.Sampling('sample', temperature=1.5)
+  legacy = np.asarray(infer.next_tokens(logits, jax.random.PRNGKey(0), sampling))
+  assert len(set(legacy.tolist())) > 1
+  np.testing.assert_array_equal(infer.next_tokens(logits, jax.random.key(0), sampling), legacy)
+  np.testing.assert_array_equal(
+      infer.next_tokens(logits, jax.random.split(jax.random.key(0), 64), sampling), legacy)
+  with pytest.raises(infer.GenerateError, match="^next_tokens: method='sample' draws with"):
+    infer.next_tokens(logits, None, sampling)
+
+
 def test_sampling_values_below_float32s_range_keep_the_most_likely_token():
   # top_p=1e-46 and temperature=1e-46 round to 0 in float32: top-p then kept no token,
   # and 0/0 at the most likely one sorted it last; both drew token 0, not the argmax.

@@ -66,9 +66,15 @@ def within_vocab(logits: jax.Array, limit: int | None) -> jax.Array:
   return jnp.where(jnp.arange(logits.shape[-1]) < limit, logits, -jnp.inf)
 
 
-def next_tokens(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-  """logits [b, V] -> token ids [b] int32; `key` one for all rows, or one per row [b]."""
-  if key is not None and jnp.ndim(key) == 1:
+def next_tokens(logits: jax.Array, key: jax.Array | None, sampling: Sampling) -> jax.Array:
+  """logits [b, V] -> token ids [b] int32; `key` one for all rows (`jax.random.key(seed)`,
+  or a legacy `PRNGKey(seed)`), or one per row [b]; None for greedy."""
+  if key is None and sampling.method == 'sample':
+    raise GenerateError("next_tokens: method='sample' draws with a key; pass "
+                        'jax.random.key(seed)')
+  # One key: [] typed, or [2] legacy uint32 (whose rows are [b, 2]).
+  typed = key is not None and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+  if key is not None and jnp.ndim(key) == (0 if typed else 1):
     key = jax.random.split(key, logits.shape[0])
   return choose(logits, key, sampling.method, sampling.filtered, sampling.values())
 
