@@ -498,6 +498,10 @@ def test_hf_export_of_the_byte_tokenizer_reads_text_as_jaxarch_does(tmp_path):
   assert (config['bos_token'], config['eos_token'], config['pad_token']) == (
       '<|endoftext|>', '<|endoftext|>', '<pad>')
   assert config['split_special_tokens']
+  # transformers' generate draws none of the vocabulary's padding rows, as jaxarch's.
+  generation = json.loads((tmp_path / 'out' / 'generation_config.json').read_text())
+  assert generation['suppress_tokens'] == list(range(tokenizer.get_vocab_size(),
+                                                     cfg.model.vocab_size))
   # jaxarch reads it as a tokenizer.json too: the same ids, pad and end of document.
   again = get_tokenizer(str(tmp_path / 'out' / 'tokenizer.json'))
   assert (again.encode(text), again.eod_id, again.pad_id) == (list(text.encode()), 257, 256)

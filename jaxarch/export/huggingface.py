@@ -56,7 +56,9 @@ per layer) is transformers' `router_aux_loss_coef` (one over the layers' pooled 
 times n_layers / top_k; `output_router_logits` is false, as in Mixtral's own config
 (transformers then returns no router logits and adds the loss only where asked).
 
-The vocabulary keeps its padding to a multiple of 128 (the tokenizer's ids come first).
+The vocabulary keeps its padding to a multiple of 128 (the tokenizer's ids come first);
+generation_config.json's `suppress_tokens` lists the padding ids, which transformers'
+`generate` then never draws, as jaxarch's does not.
 The weights are stored in their training dtype (float32); `torch_dtype` names the compute
 dtype the model trained in. The tokenizer comes along in Hugging Face's form
 (`hf_tokenizer`): every text starts with the BOS the model trained with (`data.bos_id`:
@@ -360,9 +362,12 @@ def write_hf(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path,
   bos, stops = bos_id(cfg.data, tokenizer), list(stop_ids(cfg.data, tokenizer))
   # transformers' generate stops at any of a list (an instruct model's end of turn too);
   # config.json's eos_token_id stays the end of document.
-  (out / 'generation_config.json').write_text(json.dumps(
-      {'bos_token_id': bos, 'eos_token_id': stops if len(stops) > 1 else stops[0],
-       'pad_token_id': tokenizer.pad_id}, indent=2) + '\n')
+  generation = {'bos_token_id': bos, 'eos_token_id': stops if len(stops) > 1 else stops[0],
+                'pad_token_id': tokenizer.pad_id}
+  if tokenizer.vocab_size < cfg.model.vocab_size:  # the padding rows: never generated, as
+    generation['suppress_tokens'] = list(range(tokenizer.vocab_size,  # in jaxarch's generate
+                                               cfg.model.vocab_size))
+  (out / 'generation_config.json').write_text(json.dumps(generation, indent=2) + '\n')
   template = cfg.data.get('chat_template')
   write_tokenizer(cfg.data.tokenizer, tokenizer, out, cfg.model.max_len, bos,
                   None if template is None else
@@ -389,6 +394,7 @@ print(tokenizer.decode(out[0], skip_special_tokens=True))
 ```
 
 or serve it with vLLM (`vllm serve {out}`). The vocabulary is padded past the tokenizer's
-{vocab} ids. No text holds the padding ids, so training made them unlikely, but a sampler
-may still draw one (jaxarch's `generate` never offers them); decoding skips them.
+{vocab} ids. transformers' `generate` never draws the padding ids (generation_config.json
+suppresses them, as jaxarch's `generate` does); no text holds them, so training made them
+unlikely, but another sampler may still draw one; decoding skips them.
 """
