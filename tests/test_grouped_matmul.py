@@ -235,3 +235,15 @@ def test_output_has_the_dtype_of_x_whatever_the_weights(impl):
   assert out.dtype == jnp.bfloat16
   want = jax.lax.ragged_dot(x, w, sizes, preferred_element_type=jnp.float32)
   np.testing.assert_allclose(np.asarray(out, np.float32), want, rtol=2e-2, atol=0.2)
+
+
+@pytest.mark.parametrize('impl', ['xla', 'interpret'])
+def test_empty_shapes_give_empty_or_zero_outputs_and_float_group_sizes_are_an_error(impl):
+  for m, g, k, n in [(0, 2, 4, 3), (5, 0, 4, 3), (5, 2, 4, 0), (5, 2, 0, 3)]:
+    x, w = jnp.ones((m, k)), jnp.ones((g, k, n))
+    sizes = [m] + [0] * (g - 1) if g else jnp.zeros((0,), jnp.int32)  # (a list is taken)
+    out = grouped_matmul(x, w, sizes, impl=impl, tiling=SMALL_BLOCKS['tiling'])
+    assert out.shape == (m, n) and out.dtype == jnp.float32 and not np.any(out)
+  x, w, sizes, _ = case(GROUPS['ragged'])
+  with pytest.raises(ValueError, match='group_sizes must be integers, got float32'):
+    grouped_matmul(x, w, sizes.astype(jnp.float32), impl=impl)

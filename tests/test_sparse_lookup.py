@@ -216,6 +216,35 @@ def test_out_of_range_indices_never_leave_the_table(impl):
   assert got[1].shape == (8, 64)
 
 
+@pytest.mark.parametrize('impl', ('xla',) + KERNEL_IMPLS)
+def test_empty_lookups_are_zeros_and_a_table_of_no_rows_is_a_clear_error(impl):
+  values = jnp.ones((5, 3))
+  for t, k, d in [(0, 2, 3), (4, 0, 3), (4, 2, 0)]:
+    indices, weights = jnp.zeros((t, k), jnp.int32), jnp.ones((t, k))
+    lookup = lambda v, w: sparse_lookup(v, indices, w, impl=impl)
+    out = lookup(values[:, :d], weights)
+    assert out.shape == (t, d) and out.dtype == jnp.float32 and not np.any(out)
+    grads = jax.grad(lambda v, w: lookup(v, w).sum(), (0, 1))(values[:, :d], weights)
+    assert [g.shape for g in grads] == [(5, d), (t, k)] and not any(np.any(g) for g in grads)
+  bagged = sparse_lookup(values, jnp.zeros((0, 2), jnp.int32), jnp.ones((0, 2)),
+                         bags=jnp.zeros((0, 2), jnp.int32), num_bags=3, impl=impl)
+  assert bagged.shape == (0, 3, 3)
+  with pytest.raises(ValueError, match=r'the table values \[0, 3\] has no rows'):
+    sparse_lookup(values[:0], jnp.zeros((4, 2), jnp.int32), jnp.ones((4, 2)), impl=impl)
+
+
+def test_64_bit_host_indices_are_clamped_not_wrapped():
+  """Without x64, jax keeps the low 32 bits of int64 numpy indices: 2^32 + 1 read row 1."""
+  values, _, _, _ = kernel_case(8, 64, 2, 3, jnp.float32)
+  indices = np.array([[2**32 + 1, 2**31, -2**32 + 2], [3, 2**40, 0]], np.int64)
+  weights = jnp.ones((2, 3))
+  np.testing.assert_allclose(sparse_lookup(values, indices, weights),
+                             reference(values, np.clip(indices, 0, 7), weights), rtol=1e-6)
+  check = checkify.checkify(lambda i: sparse_lookup(values, i, weights, checked=True))
+  with pytest.raises(checkify.JaxRuntimeError, match='outside the table'):
+    check(indices)[0].throw()
+
+
 def test_checked_mode_reports_out_of_range_indices():
   values, indices, weights, _ = kernel_case(8, 64, 6, 3, jnp.float32)
   checked = jax.jit(checkify.checkify(

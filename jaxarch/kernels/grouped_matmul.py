@@ -46,16 +46,21 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
   gradient's); `mosaic_tiling`: the Mosaic GPU kernels'; `mosaic_weight_grad`: with
   `impl='mosaic'`, which kernel computes the weight gradient ('triton' or 'mosaic'; other
   impls ignore it, so a model trained with it exports and evaluates on any path)."""
+  group_sizes = jnp.asarray(group_sizes)
   if x.ndim != 2 or w.ndim != 3 or group_sizes.shape != w.shape[:1] or x.shape[1] != w.shape[1]:
     raise ValueError(f'grouped_matmul: expected x [M, K], w [G, K, N], group_sizes [G]; got '
                      f'{x.shape}, {w.shape}, {group_sizes.shape}')
+  if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+    raise ValueError(f'grouped_matmul: group_sizes must be integers, got {group_sizes.dtype}')
   kernels = kernels_for(impl)
   if mosaic_weight_grad not in WEIGHT_GRADS or (mosaic_weight_grad == 'mosaic'
                                                 and kernels == 'mosaic_interpret'):
     raise ValueError(f'grouped_matmul: mosaic_weight_grad={mosaic_weight_grad!r} must be one '
                      f"of {WEIGHT_GRADS}, and 'mosaic' runs on a GPU only (no interpreter runs "
                      f'that kernel); got impl={impl!r}')
-  if kernels == 'xla':  # ragged_dot would promote to a wider w's dtype: out in x's, as documented
+  # ragged_dot would promote to a wider w's dtype: out in x's, as documented. It also takes
+  # empty shapes, where the kernels' grids would be empty.
+  if kernels == 'xla' or 0 in x.shape + w.shape:
     return jax.lax.ragged_dot(x, w, group_sizes).astype(x.dtype)
   return _gmm(x, w.astype(x.dtype), group_sizes.astype(jnp.int32),
               _Kernels(kernels, tiling, mosaic_tiling,

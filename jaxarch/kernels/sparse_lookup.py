@@ -28,8 +28,12 @@ on the XLA path); the output has `values`' dtype. Pallas kernels need D to be a 
 of 64: other widths are zero-padded (a copy of the table: choose D accordingly).
 
 **Out-of-range indices** are clamped to `[0, N)`, so nothing outside the table is ever
-read or written. `checked=True` also reports them through `jax.experimental.checkify`
-(a no-op unless the caller runs under `checkify.checkify`).
+read or written (64-bit numpy indices too: they are clamped before jax, which keeps their
+low 32 bits without x64, would wrap them into the table). `checked=True` also reports
+them through `jax.experimental.checkify` (a no-op unless the caller runs under
+`checkify.checkify`).
+
+**Empty lookups** (T, K or D of 0) are zeros; a table of no rows is an error.
 
 **Sharded tables** (`kernels.sharded_lookup`): the table split by rows or along its
 width over the mesh axes of the logical axis `values`.
@@ -40,6 +44,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import checkify
 from jax.experimental.pallas import tpu as pltpu
 
@@ -64,13 +69,26 @@ def sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Array, *,
   Device-local semantics: under `jit` with a sharded table XLA may gather the table; use
   `kernels.sharded_lookup` for a table sharded over the logical axis `values`.
   """
-  values, indices, weights = map(jnp.asarray, (values, indices, weights))
+  values, weights = jnp.asarray(values), jnp.asarray(weights)
+  indices = indices if isinstance(indices, np.ndarray) else jnp.asarray(indices)
   if values.ndim != 2 or indices.ndim != 2 or indices.shape != weights.shape:
     raise ValueError(f'sparse_lookup: expected values [N, D], indices and weights [T, K]; '
                      f'got {values.shape}, {indices.shape}, {weights.shape}')
+  indices = jnp.asarray(_host_clamped(indices, values.shape[0]))
   kernels, indices, bags = prepare(values, indices, bags, num_bags, values.shape[0], impl,
                                     scatter, checked)
+  (t, k), d = indices.shape, values.shape[1]
+  if 0 in (t, k, d):  # nothing to sum (and the kernels' grids would be empty)
+    return jnp.zeros((t, d) if bags is None else (t, num_bags, d), values.dtype)
   return bagged_lookup(values, indices, weights, bags, num_bags, kernels, scatter)
+
+
+def _host_clamped(indices, num_rows: int):
+  """Numpy indices clamped to [-1, N] (still out of range for `checked`) while they may be
+  64-bit: jax without x64 keeps their low 32 bits, so 2^32 + 1 would read row 1."""
+  if not (isinstance(indices, np.ndarray) and np.issubdtype(indices.dtype, np.integer)):
+    return indices
+  return np.clip(indices, -1 if np.issubdtype(indices.dtype, np.signedinteger) else 0, num_rows)
 
 
 def prepare(values, indices, bags, num_bags, num_rows, impl, scatter, checked):
@@ -81,6 +99,9 @@ def prepare(values, indices, bags, num_bags, num_rows, impl, scatter, checked):
     raise ValueError(f'sparse_lookup: scatter={scatter!r}; expected one of {SCATTERS}')
   if not jnp.issubdtype(indices.dtype, jnp.integer):
     raise ValueError(f'sparse_lookup: indices must be integers, got {indices.dtype}')
+  if num_rows < 1:
+    raise ValueError(f'sparse_lookup: the table values {list(values.shape)} has no rows to '
+                     'look up')
   if bags is None:
     if num_bags != 1:
       raise ValueError(f'sparse_lookup: num_bags={num_bags!r} needs bags (which bag each '
