@@ -353,11 +353,14 @@ def _check_heads(prefix: str, section: ConfigDict, hint: str = '') -> None:
   if section.n_heads % section.n_kv_heads:
     raise ConfigError(f'{prefix}.n_heads={section.n_heads} must be divisible by '
                       f'{prefix}.n_kv_heads={section.n_kv_heads} (grouped-query attention)')
-  head_dim = section.get('head_dim') or section.d_model // section.n_heads
-  if head_dim % 2:
-    raise ConfigError(f'{prefix}: the head dimension {head_dim} (d_model={section.d_model} / '
-                      f'n_heads={section.n_heads}) must be even for rotary position '
-                      'embeddings; change the heads or the width')
+  if section.get('head_dim') is not None:  # set: name it, not d_model / n_heads
+    if section.head_dim % 2:
+      raise ConfigError(f'{prefix}.head_dim={section.head_dim} must be even for rotary '
+                        'position embeddings')
+  elif (section.d_model // section.n_heads) % 2:
+    raise ConfigError(f'{prefix}: the head dimension {section.d_model // section.n_heads} '
+                      f'(d_model={section.d_model} / n_heads={section.n_heads}) must be even '
+                      'for rotary position embeddings; change the heads or the width')
 
 
 def _check_transformer(cfg: ConfigDict) -> None:
@@ -381,6 +384,12 @@ _ULTRAMEM_MAX_VIRTUAL = 1 << 30  # int32 arithmetic of the IVE permutation
 
 def default_top_m(top_k: int, keys_per_side: int) -> int:
   return min(top_k, keys_per_side)
+
+
+def _finite_at_least(value, low: float) -> bool:
+  """Whether `value` is a number (not a bool) in [low, inf): NaN and inf are not."""
+  return (isinstance(value, (int, float, np.integer, np.floating))
+          and not isinstance(value, bool) and low <= value < math.inf)
 
 
 def _isqrt_exact(x: int) -> int | None:
@@ -422,10 +431,9 @@ def check_ultramem(num_values, top_k, value_dim, key_dim, tucker_rank, num_cores
     fail('top_k', top_k, f'must be <= top_m² = {m * m} (the candidate grid)')
   if top_k > num_values:
     fail('top_k', top_k, f'must be <= num_values={num_values}')
-  if aux_loss_weight < 0:
-    fail('aux_loss_weight', aux_loss_weight, 'must be >= 0')
-  if aux_tau < 0:
-    fail('aux_tau', aux_tau, 'must be >= 0')
+  for key, value in (('aux_loss_weight', aux_loss_weight), ('aux_tau', aux_tau)):
+    if not _finite_at_least(value, 0):  # NaN and inf passed `< 0`: every loss NaN
+      fail(key, value, 'must be a number >= 0 and finite')
   if not isinstance(query_conv, (int, np.integer)) or query_conv < 0:
     fail('query_conv', query_conv, 'must be an integer >= 0 (0 = no convolution)')
   if (not isinstance(heads_per_query, (int, np.integer)) or heads_per_query < 1
@@ -502,13 +510,16 @@ def _check_moe(cfg: ConfigDict) -> None:
     raise ConfigError("model.moe.mosaic_weight_grad='mosaic' runs on a GPU only (no "
                       "interpreter runs it): with model.moe.matmul_impl='interpret_mosaic' "
                       "set it to 'triton'")
+  # NaN and inf passed `<= 0` and `< 0`: the capacities raised deep in the layer, the
+  # weights made every loss NaN.
   for key in ('model.moe.capacity_factor', 'model.moe.ep_capacity_factor'):
-    if _get(cfg, key) is not None and _number(cfg, key) <= 0:
-      raise ConfigError(f'{key}={_get(cfg, key)!r} must be > 0 (or None: dropless)')
+    if _get(cfg, key) is not None and not 0 < _number(cfg, key) < math.inf:
+      raise ConfigError(f'{key}={_get(cfg, key)!r} must be > 0 and finite (or None: '
+                        'dropless)')
   for key in ('model.moe.aux_loss_weight', 'model.moe.z_loss_weight',
               'model.moe.bias_update_rate'):
-    if _number(cfg, key) < 0:
-      raise ConfigError(f'{key}={_get(cfg, key)!r} must be >= 0')
+    if not 0 <= _number(cfg, key) < math.inf:
+      raise ConfigError(f'{key}={_get(cfg, key)!r} must be >= 0 and finite')
   ici, dcn = _mesh_sizes(cfg)  # checked first: a hand-edited config.json may hold anything
   expert = ici['expert'] * dcn['expert']
   if expert > 1 and e % expert:
@@ -670,8 +681,8 @@ def _check_bita(cfg: ConfigDict) -> None:
   if groups < 0:
     raise ConfigError(f'model.bita.train_groups={groups} must be >= 0 (0: a mask group '
                       'after every token)')
-  if not _number(cfg, 'model.bita.init_std') > 0:
-    raise ConfigError(f'model.bita.init_std={cfg.model.bita.init_std} must be > 0')
+  if not 0 < _number(cfg, 'model.bita.init_std') < math.inf:
+    raise ConfigError(f'model.bita.init_std={cfg.model.bita.init_std} must be > 0 and finite')
   source = _get(cfg, 'data.source')
   if not (isinstance(source, str) and source.startswith('distilled:')):
     raise ConfigError(f'data.source={source!r}: BiTA trains on the base model\'s own '

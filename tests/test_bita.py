@@ -483,6 +483,9 @@ def test_bita_config_errors_name_the_key(tmp_path):
       error_of(load, 'model.bita.base_workdr=/a/run'))  # not 'base_workdir is required'
   assert "data.tokenizer='x.model' differs" in error_of(_bita_load, base,
                                                         'data.tokenizer=x.model')
+  # Accepted (inf passed `> 0`): the prompt and mask tokens started as infinities.
+  assert 'model.bita.init_std=inf must be > 0 and finite' in error_of(
+      _bita_load, base, 'model.bita.init_std=inf')
 
 
 def test_bita_data_must_be_distilled_from_its_own_base(tmp_path):

@@ -214,8 +214,10 @@ def test_n_heads_must_divide_by_n_kv_heads():
 def test_rope_needs_an_even_head_dimension():
   assert error_of(tiny, 'model.d_model=12').startswith(
       'config error: model: the head dimension 3 (d_model=12 / n_heads=4) must be even')
-  assert error_of(tiny, 'model.head_dim=5').startswith(
-      'config error: model: the head dimension 5')
+  # A head_dim that is set is named (it said 'the head dimension 5 (d_model=128 /
+  # n_heads=4)', a division that is 32, and named no key).
+  assert error_of(tiny, 'model.head_dim=5') == (
+      'config error: model.head_dim=5 must be even for rotary position embeddings')
 
 
 @pytest.mark.parametrize('overrides, message', [
@@ -355,6 +357,25 @@ def test_block_pattern_must_name_known_blocks():
 ])
 def test_train_values_out_of_range_are_refused(overrides, key):
   assert error_of(tiny, *overrides).startswith(f'config error: {key}=')
+
+
+@pytest.mark.parametrize('spec, override', [
+    # Each was accepted (NaN and inf passed `<= 0` and `< 0`): the capacities then raised
+    # ValueError or OverflowError deep in the MoE layer, the weights made every loss NaN.
+    ('configs/moe.py:tiny', 'model.moe.capacity_factor=nan'),
+    ('configs/moe.py:tiny', 'model.moe.capacity_factor=inf'),
+    ('configs/moe.py:tiny', 'model.moe.ep_capacity_factor=nan'),
+    ('configs/moe.py:tiny', 'model.moe.ep_capacity_factor=inf'),
+    ('configs/moe.py:tiny', 'model.moe.aux_loss_weight=nan'),
+    ('configs/moe.py:tiny', 'model.moe.z_loss_weight=inf'),
+    ('configs/moe.py:tiny', 'model.moe.bias_update_rate=nan'),
+    ('configs/ultramem.py:tiny', 'model.ultramem.aux_loss_weight=inf'),
+    ('configs/ultramem.py:tiny', 'model.ultramem.aux_tau=nan'),
+])
+def test_nan_or_inf_loss_weights_and_capacities_are_refused(spec, override):
+  message = error_of(config_lib.load, spec, [override])
+  assert message.startswith(f'config error: {override.split("=")[0]}=')
+  assert 'finite' in message
 
 
 def test_every_family_shares_the_transformer_checks():
