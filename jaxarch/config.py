@@ -270,7 +270,15 @@ def _missing_section(cfg: ConfigDict, key: str) -> tuple[ConfigDict, int, bool]:
 
 
 def _unknown_key_message(cfg: ConfigDict, key: str) -> str:
-  """Names the closest key, or without one the sections that exist."""
+  """Names the closest key, or without one the sections that exist; a section of another
+  family's config (model.moe on a dense one), that family's config."""
+  parts = key.split('.')
+  own = (*FAMILY_SECTIONS, *(kind for kind in BLOCK_CHECKS if kind != 'dense'))
+  if (len(parts) > 2 and parts[0] == 'model' and parts[1] in own
+      and parts[1] not in cfg.get('model', {})):
+    return (f'unknown key {key!r}: model.{parts[1]} belongs to the {parts[1]} family\'s '
+            f'config (configs/{parts[1]}.py), and this one is model.family='
+            f'{cfg.model.get("family")!r}')
   match = closest_key(cfg, key)
   if match:
     name = key.split('.')[-1]

@@ -162,8 +162,15 @@ def test_unknown_key_names_ours_for_maxtexts_and_a_key_without_its_section():
 
 def test_unknown_section_is_named_not_matched_to_a_key_of_another_depth():
   # Before: "unknown key 'model.moe.top_k' (did you mean 'model.d_model'?)".
+  # Another family's section names that family's config (model.moe.capacity_factor
+  # suggested 'model.rope_scaling.factor').
   assert error_of(tiny, 'model.moe.top_k=2') == (
-      "config error: unknown key 'model.moe.top_k': model has no section 'moe' (its "
+      "config error: unknown key 'model.moe.top_k': model.moe belongs to the moe family's "
+      "config (configs/moe.py), and this one is model.family='dense'")
+  assert 'configs/moe.py' in error_of(tiny, 'model.moe.capacity_factor=1.0')
+  assert 'configs/ultramem.py' in error_of(tiny, 'model.ultramem.top_k=2')
+  assert error_of(tiny, 'model.qqq.www=1') == (
+      "config error: unknown key 'model.qqq.www': model has no section 'qqq' (its "
       'sections: rope_scaling)')
   assert error_of(tiny, 'nosection.x=1') == (
       "config error: unknown key 'nosection.x': the config has no section 'nosection' (its "
