@@ -385,6 +385,45 @@ def test_a_bad_json_line_is_one_line_naming_its_file_and_line(tmp_path, line, wh
   assert '\n' not in str(e.value)
 
 
+def test_a_damaged_gzip_json_lines_file_is_one_line_naming_it(tmp_path):
+  (tmp_path / 'docs').mkdir()
+  lines = b''.join(json.dumps({'text': f'document {i}'}).encode() + b'\n' for i in range(200))
+  raw = bytearray(gzip.compress(lines, mtime=0))
+  raw[12] ^= 0xFF  # its Huffman table: zlib's error, neither OSError nor EOFError
+  (tmp_path / 'docs' / 'x.jsonl.gz').write_bytes(bytes(raw))
+  cfg = _data_config(tmp_path, f'files:{tmp_path}/docs/*')
+  with pytest.raises(ConfigError, match=f"file '{tmp_path}/docs/x.jsonl.gz', line 1 cannot "
+                     'be read .*decompressing'):
+    data.open_source(cfg, 'train')
+
+
+def test_a_json_lines_text_with_a_lone_surrogate_is_read(tmp_path):
+  # json.dumps writes a str holding half a surrogate pair as its escape; not UTF-8 text.
+  (tmp_path / 'docs').mkdir()
+  (tmp_path / 'docs' / 'x.jsonl').write_text(
+      json.dumps({'text': 'half \ud83d pair'}) + '\n' + json.dumps({'text': 'fine'}) + '\n')
+  read = _read_all(_data_config(tmp_path, f'files:{tmp_path}/docs/*'))
+  assert sorted(read['train'] + read['validation']) == [b'fine', b'half ? pair']
+
+
+def test_a_file_named_as_a_record_of_another_is_refused(tmp_path):
+  # Both would be the document x.jsonl:1 (TFDS: a duplicate key, then a traceback).
+  (tmp_path / 'docs').mkdir()
+  (tmp_path / 'docs' / 'x.jsonl').write_text(json.dumps({'text': 'a'}) + '\n')
+  (tmp_path / 'docs' / 'x.jsonl:1').write_text('b')
+  cfg = _data_config(tmp_path, f'files:{tmp_path}/docs/*')
+  with pytest.raises(ConfigError, match="the records of 'x.jsonl' are named .*the file "
+                     'x.jsonl:1 has one of those names'):
+    data.open_source(cfg, 'train')
+  # A big file of records is read by record, not cut into pieces: x.jsonl#0 is no piece.
+  (tmp_path / 'docs' / 'x.jsonl:1').unlink()
+  (tmp_path / 'docs' / 'x.jsonl').write_text(''.join(  # over DOCUMENT_BYTES
+      json.dumps({'text': f'{i} ' + 'a' * 1000}) + '\n' for i in range(1100)))
+  (tmp_path / 'docs' / 'x.jsonl#0').write_text('b')
+  read = _read_all(cfg)
+  assert len(read['train'] + read['validation']) == 1101
+
+
 def test_parquet_and_arrow_files_are_a_document_a_row_of_their_text_column(tmp_path, caplog):
   # Hugging Face datasets' files (FineWeb's): read as text, they trained on Parquet's bytes.
   pq = pytest.importorskip('pyarrow.parquet')

@@ -151,7 +151,7 @@ def _json_lines(path: pathlib.Path, name: str, text_key: str):
           raise ConfigError(f'{where(n)}: {text_key!r} is a {type(record[text_key]).__name__}'
                             ', not a string')
         yield n, record[text_key]
-  except (OSError, EOFError) as e:  # a damaged gzip file
+  except (OSError, EOFError, zlib.error) as e:  # a damaged gzip file
     raise ConfigError(f'{where(n + 1)} cannot be read ({e})') from None
 
 
@@ -254,8 +254,8 @@ class _TextFilesBuilder(tfds.core.GeneratorBasedBuilder):
       if name is None:  # these records of a JSON lines, Parquet or Arrow file
         wanted = set(index.tolist())
         for n, text in _records(root / f, f, self.builder_config.text_key):
-          if n in wanted:
-            yield f'{f}:{n}', {'text': text.encode('utf-8')}
+          if n in wanted:  # a lone surrogate (JSON's "\ud800") is no character: '?'
+            yield f'{f}:{n}', {'text': text.encode('utf-8', errors='replace')}
         continue
       with open(root / f, 'rb') as file:
         start = _piece_start(file, index, size)
@@ -339,10 +339,17 @@ def _files_config(source: str, pattern: str, validation_fraction: float,
 
 
 def _check_piece_names(source: str, sizes: dict[str, int]) -> None:
-  """Refuses a corpus where a piece of a big file (`name#i`) is named like another file:
-  both would be one document name (TFDS refuses duplicate keys with a traceback)."""
+  """Refuses a corpus where a piece of a big file (`name#i`) or a record of a JSON lines,
+  Parquet or Arrow file (`name:n`) is named like another file: both would be one document
+  name (TFDS refuses duplicate keys with a traceback)."""
+  for name in sizes:
+    if (m := re.fullmatch(r'(.*):\d+', name)) and m[1] in sizes and m[1].endswith(RECORDS):
+      raise ConfigError(f'config error: data.source={source!r}: the records of {m[1]!r} are '
+                        f'named {m[1]}:1, {m[1]}:2, ...; the file {name} has one of those '
+                        'names: rename it or narrow the glob')
   for name, size in sizes.items():
-    for i in range(num_pieces(size) if size > DOCUMENT_BYTES else 0):
+    for i in range(num_pieces(size) if size > DOCUMENT_BYTES and not name.endswith(RECORDS)
+                   else 0):  # (a file of records is not cut into pieces)
       if f'{name}#{i}' in sizes:
         raise ConfigError(f'config error: data.source={source!r}: the file {name!r} is over '
                           f'{DOCUMENT_BYTES} bytes, so its pieces are named {name}#0, '
