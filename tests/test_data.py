@@ -435,7 +435,11 @@ def test_parquet_and_arrow_files_are_a_document_a_row_of_their_text_column(tmp_p
   pq.write_table(table.slice(30, 10), tmp_path / 'docs' / 'b.parquet')
   with pyarrow.OSFile(str(tmp_path / 'docs' / 'c.arrow'), 'wb') as sink:  # save_to_disk's
     with pyarrow.ipc.new_stream(sink, table.schema) as writer:
-      for batch in table.slice(40).to_batches(max_chunksize=4):
+      for batch in table.slice(40, 5).to_batches(max_chunksize=4):
+        writer.write_batch(batch)
+  with pyarrow.OSFile(str(tmp_path / 'docs' / 'd.arrow'), 'wb') as sink:  # Feather v2's
+    with pyarrow.ipc.new_file(sink, table.schema) as writer:
+      for batch in table.slice(45).to_batches(max_chunksize=2):
         writer.write_batch(batch)
   cfg = _data_config(tmp_path, f'files:{tmp_path}/docs/*', text_key='content')
   with caplog.at_level('WARNING'):

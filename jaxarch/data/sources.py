@@ -156,14 +156,14 @@ def _json_lines(path: pathlib.Path, name: str, text_key: str):
 
 
 def _table_rows(path: pathlib.Path, text_key: str):
-  """(row number, text) of each row of a Parquet file or an Arrow stream file (what
-  `datasets`' save_to_disk and cache write), read a batch of rows at a time; a file
-  without a string column `text_key`, or a row whose text is null, is a config error
-  naming it."""
+  """(row number, text) of each row of a Parquet file or an Arrow file (the stream
+  format `datasets`' save_to_disk and cache write, or the file format, Feather v2, that
+  begins with ARROW1), read a batch of rows at a time; a file without a string column
+  `text_key`, or a row whose text is null, is a config error naming it."""
   import pyarrow  # pylint: disable=g-import-not-at-top  (tensorflow-datasets needs it too)
   import pyarrow.ipc  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet  # pylint: disable=g-import-not-at-top
-  kind = 'Parquet' if path.name.endswith(PARQUET) else 'an Arrow stream'
+  kind = 'Parquet' if path.name.endswith(PARQUET) else 'Arrow'
   where = f'config error: data.source file {str(path)!r}'
   try:
     with contextlib.ExitStack() as stack:
@@ -172,10 +172,16 @@ def _table_rows(path: pathlib.Path, text_key: str):
         schema = table.schema_arrow
         batches = lambda: table.iter_batches(batch_size=1024, columns=[text_key])
       else:
-        reader = stack.enter_context(pyarrow.ipc.open_stream(stack.enter_context(
-            pyarrow.memory_map(str(path)))))
+        source = stack.enter_context(pyarrow.memory_map(str(path)))
+        if source.read(6) == b'ARROW1':  # the file format's magic; a stream has none
+          reader = pyarrow.ipc.open_file(source)
+          stream = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        else:
+          source.seek(0)
+          reader = stack.enter_context(pyarrow.ipc.open_stream(source))
+          stream = iter(reader)
         schema = reader.schema
-        batches = lambda: (batch.select([text_key]) for batch in reader)
+        batches = lambda: (batch.select([text_key]) for batch in stream)
       if text_key not in schema.names:
         raise ConfigError(f'{where} has no column {text_key!r} (it has {schema.names[:8]}); '
                           'name the column of the text with --config.data.text_key=KEY')
