@@ -48,7 +48,7 @@ from report import emit, on_accelerator, save, scaled_parser, timed
 
 from jaxarch import config as config_lib
 from jaxarch.cli import at_least_one
-from jaxarch.train import profile
+from jaxarch.train import flops, profile
 from jaxarch.train.memory import OutOfMemoryError
 from jaxarch.train.throughput import measure
 
@@ -174,6 +174,8 @@ def main(argv=None):
       config_lib.load(f'configs/{family}.py:{preset}', overrides)
     except ValueError as e:  # config_lib.ConfigError too
       parser.error(f'--cases: {case}: {e}')
+  if args.profile_dir and not args.profile:
+    parser.error('--profile_dir is where --profile writes its traces; add --profile')
   profile_dir = None
   if args.profile:
     profile_dir = Path(args.profile_dir or tempfile.mkdtemp(prefix='jaxarch_mfu_'))
@@ -207,7 +209,9 @@ def main(argv=None):
                  device_time(r.get('profile'))])
   emit(f'train-step MFU on {jax.device_count()} × {device.device_kind} (a {size}³ {dtype} '
        f'matmul runs at {ceiling / 1e12:,.1f} TFLOP/s here; *: XLA\'s count leaves out '
-       'the kernels it calls: cuBLAS, cuDNN, Pallas)',
+       'the kernels it calls: cuBLAS, cuDNN, Pallas'
+       + ('' if flops.peak_flops(device.device_kind) is not None else
+          f'; MFU –: no peak bf16 FLOP/s known for {device.device_kind!r}') + ')',
        ('case', 'params active / total', 'step', 'tokens/s', 'TFLOP/s/device', 'MFU',
         'of matmul', 'XLA / model FLOPs', 'device time'), rows, {**info, 'results': results},
        args.out)

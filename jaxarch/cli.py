@@ -174,7 +174,7 @@ def _bench(args, overrides):
     summary = memory.summary
   else:
     with _step_memory(cfg):
-      result = throughput.measure(cfg, steps=args.steps, warmup=args.warmup,
+      result = throughput.measure(cfg, steps=args.steps or 10, warmup=args.warmup or 2,
                                   profile_dir=workdir / 'profile' if args.profile else None)
     summary = throughput.summary
   result = {'config': args.config, 'overrides': overrides, 'jax': jax.__version__, **result}
@@ -383,11 +383,12 @@ def _parser() -> argparse.ArgumentParser:
   bench.add_argument('what', choices=('train', 'memory'),
                      help='train: time the train step; memory: bytes per device of the '
                      'train state and the compiled step, without allocating them')
-  bench.add_argument('--steps', type=at_least_one, default=10, help='timed steps')
-  bench.add_argument('--warmup', type=at_least_one, default=2,
-                     help='untimed steps (the first compiles)')
+  bench.add_argument('--steps', type=at_least_one, help='train: timed steps (default 10)')
+  bench.add_argument('--warmup', type=at_least_one,
+                     help='train: untimed steps, the first compiles (default 2)')
   bench.add_argument('--profile', action='store_true',
-                     help='also write a jax.profiler trace of 3 steps to WORKDIR/profile')
+                     help='train: also write a jax.profiler trace of 3 steps to '
+                     'WORKDIR/profile')
   bench.add_argument('--state_only', action='store_true',
                      help='memory: only the train state (exact, instant), not the compiled '
                      'step')
@@ -537,6 +538,22 @@ def _expand_home(args) -> None:
       setattr(args, name, os.path.expanduser(getattr(args, name)))
 
 
+# The flags of one `bench` subcommand, which the other one would silently ignore.
+_BENCH_FLAGS = {'train': ('steps', 'warmup', 'profile'),
+                'memory': ('state_only', 'device_memory_gib')}
+
+
+def _other_bench_flag(args) -> str | None:
+  """`bench memory --profile` would write no trace, `bench train --state_only` time the
+  whole step: a flag of the other subcommand is an error, not ignored."""
+  for what, names in _BENCH_FLAGS.items():
+    for name in names:
+      if args.command == 'bench' and args.what != what and getattr(args, name) not in (
+          None, False):
+        return f'--{name} is a flag of `jaxarch bench {what}`, not of `bench {args.what}`'
+  return None
+
+
 def _empty_path(args) -> str | None:
   """`--workdir=$RUN` with RUN unset passes an empty path, which would be the current
   directory: a run's checkpoints written into it, or a run resumed from its config.json."""
@@ -582,7 +599,7 @@ def main(argv=None):
       parser.error(f'unrecognized arguments: {" ".join(unknown)}')
     print(f'jaxarch: {hint}', file=sys.stderr)
     return 2
-  if (problem := _empty_path(args)) is not None:
+  if (problem := _empty_path(args) or _other_bench_flag(args)) is not None:
     print(f'jaxarch: {problem}', file=sys.stderr)
     return 2
   _expand_home(args)

@@ -18,7 +18,8 @@ from jaxarch import cli
 from jaxarch import config as config_lib
 from jaxarch import models
 from jaxarch.sweep import plan
-from jaxarch.train import profile, throughput
+from jaxarch.train import flops, profile, throughput
+from jaxarch.train.memory import OutOfMemoryError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'benchmarks'))
 
@@ -153,6 +154,36 @@ def test_bench_command_times_the_train_step_and_writes_a_profile(tmp_path, capsy
   assert 'tokens/s' in out and 'device time' in out
 
 
+@pytest.mark.parametrize('kind, tflops', [  # device kinds as jax reports them
+    ('NVIDIA H100 80GB HBM3', 989.4), ('NVIDIA H100 PCIe', 756), ('NVIDIA H200', 989.4),
+    ('NVIDIA GH200 480GB', 989.4), ('NVIDIA A100-SXM4-80GB', 312),
+    ('NVIDIA A100-SXM4-40GB', 312), ('TPU v4', 275), ('TPU v5 lite', 197), ('TPU v5e', 197),
+    ('TPU v5', 459), ('TPU v5p', 459), ('TPU v6 lite', 918), ('TPU v6e', 918),
+    # Unknown: no MFU rather than another part's peak ('A100' is in 'RTX A1000').
+    ('NVIDIA B200', None), ('NVIDIA RTX A1000', None), ('cpu', None)])
+def test_peak_flops_is_the_datasheet_bf16_dense_peak_of_the_device_kind(kind, tflops):
+  peak = flops.peak_flops(kind)
+  if tflops is None:
+    assert peak is None and flops.mfu(1e15, 4, kind) is None
+  else:
+    assert peak == pytest.approx(tflops * 1e12)
+    assert flops.mfu(2 * peak, 4, kind) == pytest.approx(0.5)  # over all 4 devices' peaks
+
+
+@pytest.mark.parametrize('argv', [
+    ['memory', '--profile', '--state_only'], ['memory', '--steps=5', '--state_only'],
+    ['train', '--state_only', '--steps=1', '--warmup=1'],
+    ['train', '--device_memory_gib=80', '--steps=1', '--warmup=1']])
+def test_bench_says_a_flag_of_its_other_subcommand_in_one_line(argv, tmp_path, capsys):
+  # `bench memory --profile` planned the memory and wrote no trace, said nothing.
+  code = cli.main(['bench', *argv, '--config=configs/dense.py:tiny', f'--workdir={tmp_path}',
+                   '--config.model.n_layers=1', '--config.data.seq_len=32'])
+  err = capsys.readouterr().err
+  flag, other = argv[1].split('=')[0], 'memory' if argv[0] == 'train' else 'train'
+  assert code == 2 and f'{flag} is a flag of `jaxarch bench {other}`' in err
+  assert len(err.strip().splitlines()) == 1 and not list(tmp_path.glob('bench_*.json'))
+
+
 @pytest.mark.slow
 def test_a_trace_the_digest_cannot_read_costs_the_digest_only(tmp_path, monkeypatch):
   def digest(*_):  # as a GPU trace in a format the digest does not know
@@ -203,6 +234,21 @@ def test_mfu_benchmark_refuses_a_bad_case_before_measuring_any(cases, tmp_path, 
   with pytest.raises(SystemExit):
     mfu.main([f'--cases={cases}', f'--out={tmp_path / "mfu.json"}'])
   assert f'--cases: {cases.split(",")[-1]}: ' in capsys.readouterr().err
+
+
+def test_mfu_benchmark_says_why_it_has_no_mfu_on_a_device_without_a_peak(tmp_path,
+                                                                          monkeypatch, capsys):
+  def measure(cfg, **_):  # the row of a case whose state does not fit: no step to run
+    raise OutOfMemoryError(f'{cfg.model.family} does not fit')
+  monkeypatch.setattr(mfu, 'measure', measure)
+  mfu.main(['--cases=dense:tiny:8:none', '--steps=1', f'--out={tmp_path / "mfu.json"}'])
+  # The MFU column is '–' on a CPU: the table says why (it said nothing).
+  out = ' '.join(capsys.readouterr().out.split())  # the title, wrapped to the table
+  assert "MFU –: no peak bf16 FLOP/s known for 'cpu'" in out
+  with pytest.raises(SystemExit):  # it traced nothing, with no word
+    mfu.main(['--cases=dense:tiny:8:none', f'--profile_dir={tmp_path / "traces"}',
+              f'--out={tmp_path / "mfu.json"}'])
+  assert '--profile_dir is where --profile writes its traces' in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -29,6 +29,8 @@ MFU = achieved model FLOPs per second / peak dense bf16 FLOPs of the devices; re
 recomputation is *not* counted as model FLOPs (that would be hardware FLOPs utilisation).
 """
 
+import re
+
 from flax import nnx
 import ml_collections
 
@@ -38,13 +40,15 @@ from jaxarch.models.transformer import (BLOCKS, SIDE_LAYERS, block_plan, layer_w
                                         side_placement)
 
 # Peak dense bf16 FLOP/s per device, from the vendors' datasheets (half the sparse figure:
-# 1,978.9 TFLOP/s on an H100 or H200 SXM). The longest name found in the device kind wins.
+# 1,978.9 TFLOP/s on an H100 or H200 SXM). The longest name found in the device kind as
+# whole words wins ('NVIDIA H100 80GB HBM3' is an H100, 'NVIDIA RTX A1000' no A100).
 PEAK_BF16_FLOPS = {
     'H100': 989.4e12,  # SXM
     'H100 PCIe': 756e12,
     'H100 NVL': 835e12,
     'H200': 989.4e12,  # SXM
     'H200 NVL': 835e12,  # not the SXM part's peak
+    'GH200': 989.4e12,  # Grace Hopper: an H100 SXM's GPU
     'A100': 312e12,
     'TPU v4': 275e12,
     'TPU v4 lite': 138e12,  # v4i, the inference part
@@ -60,7 +64,7 @@ PEAK_BF16_FLOPS = {
 def peak_flops(device_kind: str) -> float | None:
   """Peak bf16 FLOP/s for a `jax.Device.device_kind`, or None when unknown (e.g. CPU)."""
   for name in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
-    if name.lower() in device_kind.lower():
+    if re.search(rf'(?<!\w){re.escape(name)}(?!\w)', device_kind, re.IGNORECASE):
       return PEAK_BF16_FLOPS[name]
   return None
 
