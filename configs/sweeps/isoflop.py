@@ -22,10 +22,10 @@ size by the FLOPs convention of `jaxarch.train.flops` (`sweep.plan.isoflop_grid`
 
 At GPU scale a budget trains only the sizes around its likely optimum (Chinchilla's 20
 tokens per parameter are BPE tokens of about 4 bytes of English: 80 per parameter where a
-token is a byte, as in every family's preset, MEGABYTE's and the byte tokenizer's), so that each IsoFLOP profile has sizes on both sides of its minimum
-and no budget is spent on a model far from it. The runs are bf16 on sequences of 1024,
-and the learning rate falls as 1/width from 2e-3 at width 256 (as GPT-3's table does
-with model size).
+token is a byte, as in every family's preset, MEGABYTE's and the byte tokenizer's), so
+that each IsoFLOP profile has sizes on both sides of its minimum and no budget is spent on
+a model far from it. The runs are bf16 on sequences of 1024, and the learning rate falls
+as 1/width from 2e-3 at width 256 (as GPT-3's table does with model size).
 """
 
 from jaxarch import config as config_lib

@@ -718,8 +718,8 @@ def open_source(data_cfg, split: str) -> TextSource:
 def _warn_text_key_unread(source: str, text_key: str) -> None:
   # A warning, not an error: a run saved with the key resumes with its data position.
   log.warning('data.text_key=%r is not read: it names a feature of a tfds: source or the '
-              'text of .jsonl records and .parquet or .arrow rows, and data.source=%r is read as plain text files; drop '
-              'the key', text_key, source)
+              'text of .jsonl records and .parquet or .arrow rows, and data.source=%r is '
+              'read as plain text files; drop the key', text_key, source)
 
 
 def _prepared(builder_cls, config, data_dir: pathlib.Path, source: str):

@@ -41,8 +41,8 @@ rms_norm_eps 1e-5 and rope_theta 1e6, a Mistral's window of 4096, a Qwen3's head
 as transformers reads it. A theta both at the top (transformers 4) and in rope_parameters
 (5) is refused where they differ. A Mixtral's and a Qwen3-MoE's balance loss is its
 `router_aux_loss_coef` scaled to jaxarch's per-layer one (`_moe_losses`), with no z-loss;
-`--config.model.moe.*` overrides set others. `router_jitter_noise` and `attention_dropout`, which change training
-only, are not read.
+`--config.model.moe.*` overrides set others. `router_jitter_noise` and `attention_dropout`,
+which change training only, are not read.
 """
 
 import json
