@@ -845,6 +845,10 @@ def _check_data(cfg: ConfigDict) -> None:
   if isinstance(source, str) and not (source == 'default' or any(
       source.startswith(kind) and source[len(kind):] for kind in DATA_SOURCE_KINDS)):
     raise ConfigError(DATA_SOURCE_ERROR.format(source))
+  threads = cfg.data.get('num_threads', 0)  # (a run saved before the key read inline)
+  if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+    raise ConfigError(f'data.num_threads={threads!r} must be an int >= 0: threads that read '
+                      'and tokenize the training documents (0: in the prefetch thread alone)')
   if not 0 <= _number(cfg, 'data.validation_fraction') < 1:
     raise ConfigError(f'data.validation_fraction={cfg.data.validation_fraction} must be in '
                       '[0, 1): the share of files held out for validation')

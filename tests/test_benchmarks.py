@@ -27,6 +27,7 @@ import accum_collectives  # pylint: disable=g-import-not-at-top,wrong-import-pos
 import attention  # pylint: disable=g-import-not-at-top,wrong-import-position
 import bita  # pylint: disable=g-import-not-at-top,wrong-import-position
 import compare_families  # pylint: disable=g-import-not-at-top,wrong-import-position
+import data_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 import decode  # pylint: disable=g-import-not-at-top,wrong-import-position
 import megabyte  # pylint: disable=g-import-not-at-top,wrong-import-position
 import mfu  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -95,6 +96,7 @@ def test_train_step_benchmark_says_a_bad_flag_in_one_line(argv, says, tmp_path, 
     (megabyte, ['--gen_context=64', '--new_tokens=64'], '--gen_context=64 must exceed'),
     (table_split, ['--steps=0'], 'argument --steps: 0 must be >= 1'),
     (compare_families, ['--steps=0'], 'argument --steps: 0 must be >= 1'),
+    (data_pipeline, ['--tokenizers=bytes,wordpiece'], "--tokenizers: ['wordpiece'] not among"),
 ])
 def test_benchmarks_say_a_bad_count_in_one_line(script, argv, says, tmp_path, capsys):
   # They used to fail every case after compiling it (mfu: a table of `failed` rows),
@@ -526,6 +528,23 @@ def test_decode_benchmark_times_each_family_and_moe_path(tmp_path):
         4 * (r['params_active'] - (vocab - 1) * d_model))
     assert r['kv_bytes_per_step'] == 4 * (8 + 1.5) * 4 * 2 * 2 * 32  # 4 layers, 2 kv heads
   assert records[0]['moe_over_ultramem'] > 0
+
+
+def test_data_pipeline_benchmark_reads_each_tokenizer_with_and_without_threads(tmp_path,
+                                                                              data_dir):
+  out = tmp_path / 'data_pipeline.json'
+  data_pipeline.main(['--tokenizers=bytes,bpe', '--threads=0,2,9999', '--batch=4',
+                      '--seq_len=64', '--seconds=0.2', '--sample_documents=40',
+                      f'--data_dir={data_dir}', f'--out={out}'])
+  results = json.loads(out.read_text())
+  threads = [0, 2] if results['cpu_cores'] >= 2 else [0]  # more than the cores: left out
+  assert [(r['tokenizer'], r['threads']) for r in results['records']] == [
+      ('bytes', 0)] + [('bpe', n) for n in threads]
+  for r in results['records']:
+    assert r['tokens_per_s'] == pytest.approx(r['batches'] * 4 * 64 / r['seconds'])
+    assert r['h100s_fed_151m'] == pytest.approx(
+        r['tokens_per_s'] / results['h100_151m_tokens_per_s'])
+  assert results['records'][0]['over_no_threads'] == 1
 
 
 def test_window_decode_benchmark_measures_the_rings_cache_bytes(tmp_path):

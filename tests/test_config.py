@@ -254,6 +254,8 @@ def test_rope_needs_an_even_head_dimension():
     (['train.eps=0.0'], 'train.eps=0.0 must be > 0'),
     (['train.weight_decay=-0.1'], 'train.weight_decay=-0.1 must be >= 0'),
     (['data.validation_fraction=2.0'], 'data.validation_fraction=2.0 must be in [0, 1)'),
+    (['data.num_threads=-1'], 'data.num_threads=-1 must be an int >= 0: threads that read '
+     'and tokenize the training documents'),
     (['data.pack_align=5'], 'data.seq_len=128 must be a multiple of data.pack_align=5'),
     (['data.bos_id=-1'], "data.bos_id=-1 must be a token id in [0, model.vocab_size=384), "
      "or None (the tokenizer's end-of-document id)"),

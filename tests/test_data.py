@@ -11,6 +11,7 @@ import platform
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import types
 
@@ -848,6 +849,59 @@ def test_iterator_state_resumes_exactly(corpus, skip, through_json):
       np.testing.assert_array_equal(got[key], want[key])
 
 
+def test_threads_make_the_same_batches_and_positions(tmp_path):
+  """`num_threads` make the streams' rows at once: the batches and the saved positions are
+  those of one stream after another, and a position of either resumes the other."""
+  _write_corpus(tmp_path / 'corpus', num_docs=60, max_len=200)
+  cfg = _data_config(tmp_path, f'files:{tmp_path}/corpus/*.txt',
+                     tokenizer=_gpt2_style_tokenizer(tmp_path / 'tokenizer.json'))
+  make = lambda threads: iter(data.make_train_dataset(cfg, seed=0, global_batch_size=8,
+                                                      num_threads=threads))
+  inline, threaded = make(0), make(3)
+  for _ in range(6):
+    want, got = next(inline), next(threaded)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+  assert threaded.get_state() == inline.get_state()
+  resumed = make(0)
+  resumed.set_state(json.loads(json.dumps(threaded.get_state())))
+  for want, got in zip(_take(threaded, 3), _take(resumed, 3)):
+    np.testing.assert_array_equal(got['inputs'], want['inputs'])
+  for it in (inline, threaded, resumed):
+    it.close()
+
+
+def test_threads_tokenize_the_streams_documents_at_once(corpus, tmp_path, monkeypatch):
+  """Up to `num_threads` documents are tokenized at once (as many as the cores allow);
+  the byte tokenizer, which holds the GIL, tokenizes one after another."""
+  cfg, _ = corpus
+  byte_cfg = cfg.copy_and_resolve_references()
+  cfg.tokenizer = _gpt2_style_tokenizer(tmp_path / 'tokenizer.json')
+  lock = threading.Lock()
+  running, most = [0], [0]
+
+  def slow(encode):
+    def slow_encode(self, text):  # as if tokenizing took a while, the GIL released
+      with lock:
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+      time.sleep(0.02)
+      with lock:
+        running[0] -= 1
+      return encode(self, text)
+    return slow_encode
+
+  for kind in (tokenizers.HFTokenizer, tokenizers.ByteTokenizer):
+    monkeypatch.setattr(kind, 'encode', slow(kind.encode))
+  for data_cfg, threads, expected in ((cfg, 0, 1), (cfg, 1, 1), (cfg, 4, 4), (byte_cfg, 4, 1)):
+    most[0] = 0
+    it = iter(data.make_train_dataset(data_cfg, seed=0, global_batch_size=8,
+                                      num_threads=threads, prefetch=0))
+    _take(it, 2)
+    it.close()
+    assert most[0] == min(expected, data.cpu_cores()), (data_cfg.tokenizer, threads)
+
+
 def test_a_position_saved_under_another_layout_is_refused(corpus, caplog):
   # Batch 4 saved a position; restored into batch 8 (4 -> 8 streams) it would name other
   # documents: the iterator warns and starts afresh instead.
@@ -1258,6 +1312,17 @@ def test_hf_tokenizer_counts_the_bytes_of_its_tokens(tmp_path, style):
     expected = len(text.encode()) + (style == 'llama')
     assert int(tokenizer.byte_lengths[ids].sum()) == expected, (text, ids)
     assert tokenizer.decode(ids) == text
+
+
+def test_hf_tokenizer_encodes_as_tokenizers_encode(tmp_path):
+  """`encode` goes through `encode_batch` (which releases the GIL): the same ids."""
+  hf = pytest.importorskip('tokenizers')
+  path = _llama_style_tokenizer(tmp_path / 'tokenizer.json')
+  reference = hf.Tokenizer.from_file(path)
+  reference.encode_special_tokens = True
+  tokenizer = data.get_tokenizer(path)
+  for text in ['the café the', '', 'a</s>b <s> the\x00', 'é' * 50]:
+    assert tokenizer.encode(text) == reference.encode(text, add_special_tokens=False).ids
 
 
 def test_wordpiece_pieces_count_the_text_they_stand_for(tmp_path):

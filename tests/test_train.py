@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import time
 import types
 
 import jax
@@ -239,6 +240,28 @@ def test_tiny_moe_trains_with_its_experts_split_over_four_devices(tmp_path, data
   assert np.isfinite(result['eval_bpb'])
 
 
+def test_a_run_held_back_by_its_data_says_so(tmp_path, data_dir, monkeypatch, capsys):
+  """`data_wait`: the share of each window the loop waited for batches; past 10% the run
+  says once that the input pipeline limits it and which key to raise."""
+  from jaxarch import data  # pylint: disable=g-import-not-at-top
+  make = data.make_train_dataset
+
+  def slow(*args, **kwargs):
+    def wait(batch):
+      time.sleep(0.3)
+      return batch
+    return make(*args, **kwargs).map(wait)
+
+  monkeypatch.setattr(data, 'make_train_dataset', slow)
+  train(_cfg(data_dir, **{'train.steps': 8, 'log.every_steps': 2,
+                          'log.eval_every_steps': 100}), tmp_path)
+  waits = [r['data_wait'] for r in read_metrics(tmp_path) if 'data_wait' in r]
+  # Windows end at steps 2, 4, 5 (a checkpoint), 6 and 8; the first, compiling, is untimed.
+  assert len(waits) == 4 and all(0.5 < w <= 1 for w in waits), waits
+  err = capsys.readouterr().err
+  assert err.count('the input pipeline limits training: ') == 1
+
+
 def test_the_stopwatch_leaves_out_paused_time(monkeypatch):
   """Evaluations and checkpoint saves run paused: throughput and MFU count training only."""
   from jaxarch.train import metrics  # pylint: disable=g-import-not-at-top
@@ -258,8 +281,11 @@ def test_progress_lines_show_steps_per_second_and_eta(capsys):
   goes and when it ends: steps/s from the window's step time, ETA for the steps left."""
   from jaxarch.train.metrics import ProgressBar  # pylint: disable=g-import-not-at-top
   with ProgressBar(1000, 0) as bar:
-    bar.update(100, {'loss': 2.5, 'step_time_s': 0.25, 'tokens_per_s': 4096.0, 'mfu': 0.4})
-  line = capsys.readouterr().err
+    bar.update(100, {'loss': 2.5, 'step_time_s': 0.25, 'tokens_per_s': 4096.0, 'mfu': 0.4,
+                     'data_wait': 0.01})
+    bar.update(200, {'loss': 2.5, 'step_time_s': 0.25, 'data_wait': 0.3})
+  line, waiting = capsys.readouterr().err.splitlines()
+  assert 'data wait' not in line and 'data wait 30%' in waiting  # shown once it matters
   assert 'step 100: loss 2.5000' in line
   assert '4.00 steps/s' in line and '4,096 tok/s' in line and 'MFU 40.0%' in line
   assert 'eta 0:03:45' in line  # 900 steps x 0.25 s

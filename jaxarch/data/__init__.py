@@ -1,5 +1,6 @@
 """Data: document sources (TFDS array_record builders), tokenizers and the Grain pipeline."""
 
+from jaxarch.data.pipeline import cpu_cores
 from jaxarch.data.pipeline import make_eval_dataset
 from jaxarch.data.pipeline import make_train_dataset
 from jaxarch.data.pipeline import synthetic_batch

@@ -21,7 +21,8 @@ global batch does not depend on the number of processes. With one stream, a long
 (the stdlib averages ~140 rows of 128 bytes) fills whole batches by itself: their rows are
 highly correlated and the loss jumps from step to step. With fewer documents than
 streams, streams start on the same document (a warning says so). The streams are zipped
-with `ZipIterDataset`, whose state is just the list of the stream states;
+as `ZipIterDataset` zips, whose state is just the list of the stream states, the rows of
+the streams made in `data.num_threads` threads at once (`_ZipStreams`);
 `InterleaveIterDataset` would add a prefetch thread per stream and bookkeeping for finite
 inputs, and a window shuffle of rows only mixes documents that are close in the sequence,
 so it would need thousands of rows in memory to do the same.
@@ -38,10 +39,12 @@ processes' positions together are those of all the streams, so a job resumed on 
 number of processes shares them out again (`set_state_of_processes`).
 """
 
+import concurrent.futures
 import functools
 import itertools
 import json
 import logging
+import os
 
 import grain
 import numpy as np
@@ -148,8 +151,7 @@ class _JsonStateIterator(grain.DatasetIterator):
     self._parent.set_state(dict(state, remainder_slices=slices))
 
 
-def _packed_rows(docs: grain.MapDataset, tokenizer, data_cfg,
-                 num_threads: int) -> grain.IterDataset:
+def _packed_rows(docs: grain.MapDataset, tokenizer, data_cfg) -> grain.IterDataset:
   """Rows of `data.seq_len` tokens; with `data.pack_align = n` every document starts at a
   multiple of n (MEGABYTE: on a patch boundary), the gaps being padding."""
   align = data_cfg.get('pack_align', 1)
@@ -157,10 +159,11 @@ def _packed_rows(docs: grain.MapDataset, tokenizer, data_cfg,
     raise ConfigError(f'config error: data.pack_align={align} needs a tokenizer whose pad id '
                       f'differs from its eod id; data.tokenizer={data_cfg.tokenizer!r} pads '
                       'with eod')
-  # Tokenizing runs in the read threads; the iterator state stays a document index.
-  read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * num_threads)
+  # Read and tokenized where the row is made (`_ZipStreams`' threads); the iterator state
+  # stays a document index.
+  inline = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
   bos = tokenizers.bos_id(data_cfg, tokenizer)
-  ds = docs.map(_Tokenize(tokenizer, align, bos)).to_iter_dataset(read)
+  ds = docs.map(_Tokenize(tokenizer, align, bos)).to_iter_dataset(inline)
   if bos is None:  # an empty document is no tokens: packing would skip a segment id for it
     ds = ds.filter(lambda doc: len(doc['inputs']) > 0)
   return _JsonStatePacking(ds, data_cfg.seq_len).map(_Finalize(tokenizer.pad_id, align > 1))
@@ -204,6 +207,13 @@ class _Unzip(grain.experimental.FlatMapTransform):
     return rows
 
 
+def cpu_cores() -> int:
+  """The CPU cores this process may run on (a SLURM or container limit, not the host's)."""
+  if hasattr(os, 'sched_getaffinity'):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
 def _local_batch_size(batch_size: int, process_count: int, key: str) -> int:
   if batch_size % process_count:
     raise ConfigError(f'config error: {key}={batch_size} must be divisible by the number of '
@@ -220,9 +230,52 @@ def _process_streams(num_streams: int, process_index: int, process_count: int) -
   return range(process_index * share, (process_index + 1) * share)
 
 
-def _zip_rows(streams: list[grain.IterDataset]) -> grain.IterDataset:
+class _ZipStreams(grain.IterDataset):
+  """One row from each stream, as `ZipIterDataset` gives them and with its state (the list
+  of the stream states), the streams' next rows made by `num_threads` threads at once
+  (0 or 1: one stream after another, in the calling thread). Making a row tokenizes documents,
+  which HF tokenizers and SentencePiece do with the GIL released, so the threads multiply
+  a host's tokens/s where one core alone would starve a GPU. The rows are the same
+  whatever the number of threads."""
+
+  def __init__(self, streams: list[grain.IterDataset], num_threads: int):
+    super().__init__(streams)
+    self._num_threads = min(num_threads, len(streams))
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _ZipStreamsIterator([s.__iter__() for s in self._parents], self._num_threads)
+
+
+class _ZipStreamsIterator(grain.DatasetIterator):
+
+  def __init__(self, streams: list[grain.DatasetIterator], num_threads: int):
+    super().__init__(streams)
+    # One thread would only hand the rows over from the prefetch thread to itself.
+    self._pool = (concurrent.futures.ThreadPoolExecutor(num_threads, 'jaxarch-data')
+                  if num_threads > 1 else None)
+
+  def __next__(self) -> tuple:
+    if self._pool is None:
+      return tuple([next(s) for s in self._parents])
+    rows = [self._pool.submit(next, s) for s in self._parents]
+    return tuple([row.result() for row in rows])  # (a list: StopIteration passes through)
+
+  def get_state(self):
+    return {'parents': [s.get_state() for s in self._parents]}
+
+  def set_state(self, state):
+    for stream, place in zip(self._parents, state['parents']):
+      stream.set_state(place)
+
+  def close(self):
+    if self._pool is not None:
+      self._pool.shutdown(cancel_futures=True)
+    super().close()
+
+
+def _zip_rows(streams: list[grain.IterDataset], num_threads: int = 0) -> grain.IterDataset:
   """Rows from the streams in turn (the state is just the list of the stream states)."""
-  return grain.experimental.FlatMapIterDataset(grain.experimental.ZipIterDataset(streams),
+  return grain.experimental.FlatMapIterDataset(_ZipStreams(streams, num_threads),
                                                _Unzip(len(streams)))
 
 
@@ -245,8 +298,10 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
   and process `p` of `P` reads streams `p·S/P … (p+1)·S/P − 1` only. So each process
   reads its own documents, and with the default the global batch (the processes' rows in
   process order) is the same batch that one process would read: a run gives the same
-  losses on any number of processes. `num_threads` read and tokenize documents in
-  parallel, shared out over the streams (0: inline, enough for local array_record files);
+  losses on any number of processes. `num_threads` make the streams' rows in parallel,
+  reading and tokenizing their documents (0 or 1: one stream after another in the prefetch
+  thread, as always with the byte tokenizer and distilled sequences, which hold the GIL);
+  the batches are the same for any number.
   `prefetch` batches are prepared ahead in a background thread. `run_dir`: the run that
   saves the positions, whose own files (its tokenizer) the layout names relative to it,
   so that a position holds in the run moved or copied. Close the iterator when done with
@@ -257,6 +312,7 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
   if num_streams < 1:
     raise ValueError(f'packing_streams={packing_streams} must be positive')
   mine = _process_streams(num_streams, process_index, process_count)
+  num_threads = min(num_threads, cpu_cores())
   if data_cfg.source.startswith(sources.DISTILLED):
     sequences, to_row = _sequence_rows(data_cfg, 'train')
     if not len(sequences):  # pylint: disable=g-explicit-length-test
@@ -280,9 +336,11 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
     # others, so an epoch's worth of tokens holds some documents of the next epoch and
     # misses some of this one (with one stream, `packing_streams=1`, none).
     docs = docs.shuffle(seed=seed % 2**32).repeat()
-    threads = -(-num_threads // len(mine))
-    rows = _zip_rows([_packed_rows(docs[i::num_streams], tokenizer, data_cfg, threads)
-                      for i in mine])
+    # Bytes are split in Python, holding the GIL: threads would only hand rows over (2 on 2
+    # cores read 8.3M tokens/s, none 10.1M; benchmarks/data_pipeline.py).
+    threads = 0 if isinstance(tokenizer, tokenizers.ByteTokenizer) else num_threads
+    rows = _zip_rows([_packed_rows(docs[i::num_streams], tokenizer, data_cfg)
+                      for i in mine], threads)
   batches = rows.batch(local_batch, drop_remainder=True)
   # A background thread prepares the next batches while the device runs a step; the state
   # it reports is still that of the last batch handed out.
@@ -460,7 +518,7 @@ def make_eval_dataset(data_cfg, *, batch_size: int, num_batches: int,
     rows = sequences.map(to_row).to_iter_dataset()
   else:
     docs = grain.MapDataset.source(sources.open_source(data_cfg, 'validation'))
-    rows = _packed_rows(docs, tokenizer, data_cfg, num_threads=0)
+    rows = _packed_rows(docs, tokenizer, data_cfg)
   batches = rows.batch(batch_size, batch_fn=functools.partial(
       _pad_batch, batch_size=batch_size, pad_id=tokenizer.pad_id))
   mine = slice(process_index * local_batch, (process_index + 1) * local_batch)

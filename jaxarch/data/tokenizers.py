@@ -203,7 +203,9 @@ class HFTokenizer:
     return self._tok.id_to_token(i)
 
   def encode(self, text: str | bytes) -> list[int]:
-    return self._tok.encode(as_text(text), add_special_tokens=False).ids
+    # `encode_batch` releases the GIL where `encode` holds it: the training pipeline's
+    # threads (`data.num_threads`) then tokenize in parallel. The ids are the same.
+    return self._tok.encode_batch([as_text(text)], add_special_tokens=False)[0].ids
 
   @functools.cached_property
   def _reading_specials(self):

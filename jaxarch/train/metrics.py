@@ -182,6 +182,8 @@ def format_metrics(m: dict) -> str:
     parts.append(f'{m["tokens_per_s"]:,.0f} tok/s')
   if m.get('mfu') is not None:
     parts.append(f'MFU {100 * m["mfu"]:.1f}%')
+  if m.get('data_wait', 0) >= 0.05:  # the input pipeline holds the device back
+    parts.append(f'data wait {100 * m["data_wait"]:.0f}%')
   return ' | '.join(parts)
 
 

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 from pathlib import Path
+import time
 
 import jax
 import ml_collections
@@ -154,7 +155,8 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, stop: StopRequests) ->
     cleanup.enter_context(only_trainer_in(workdir))
     data_iter = iter(data.make_train_dataset(
         cfg.data, seed=cfg.train.seed, global_batch_size=cfg.train.batch_size,
-        process_index=index, process_count=count, run_dir=workdir))
+        process_index=index, process_count=count, run_dir=workdir,
+        num_threads=cfg.data.get('num_threads', 0)))
     cleanup.callback(data_iter.close)
     checkpointer = Checkpointer(workdir, keep=cfg.checkpoint.keep,
                                 keep_best=cfg.checkpoint.keep_best,
@@ -261,6 +263,19 @@ def _save_config(cfg: ml_collections.ConfigDict, workdir: Path) -> None:
     raise unwritable(str(workdir / 'config.json'), e) from None
 
 
+# The share of a logging window's time the loop may wait for batches before it says so.
+_INPUT_BOUND = 0.1
+
+
+def _input_bound_message(cfg: ml_collections.ConfigDict, step: int, wait: float) -> str:
+  threads, cores = cfg.data.get('num_threads', 0), data.cpu_cores()
+  remedy = (f'raise data.num_threads (now {threads}; {cores} CPU cores here)' if threads < cores
+            else f'give each process more CPU cores (data.num_threads={threads} threads '
+            f'share the {cores} here)')
+  return (f'step {step}: the loop waited {wait:.0%} of the time for batches, so the input '
+          f'pipeline limits training: {remedy}')
+
+
 def _paused(watch: Stopwatch | None):
   return contextlib.nullcontext() if watch is None else watch.paused()
 
@@ -288,9 +303,16 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
       leaf_names(setup.abstract_state['params']), workdir, checkpointer=checkpointer,
       consecutive=_nonfinite_in_a_row(cfg, checkpointer, start, bar))
   final, pending, watch = {}, [], None
+  data_wait = 0.0  # seconds of this logging window spent waiting for batches
+  input_bound_told = False
   config_unsaved = start > 0  # resumed: `_save_config` with its first save
   for step in range(start + 1, cfg.train.steps + 1):
-    state, metrics = train_step(state, global_batch(next(data_iter), setup.batch_sharding))
+    # Steps are dispatched asynchronously: while the device keeps up with the data the loop
+    # runs ahead and waits at the window's device_get, not here.
+    waited = time.perf_counter()
+    batch = next(data_iter)
+    data_wait += time.perf_counter() - waited
+    state, metrics = train_step(state, global_batch(batch, setup.batch_sharding))
     pending.append(metrics)
     stopping = stop.should_stop(step)  # no evaluation then: the grace period is short
     last = step == cfg.train.steps
@@ -317,6 +339,11 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
         logged['tokens_per_s'] = tokens_per_step * len(pending) / seconds
         logged['mfu'] = flops.mfu(logged['tokens_per_s'] * flops_per_token,
                                   jax.device_count(), device_kind)
+        logged['data_wait'] = min(data_wait / seconds, 1.0)
+        if logged['data_wait'] > _INPUT_BOUND and not input_bound_told:
+          bar.alert(_input_bound_message(cfg, step, logged['data_wait']))
+          input_bound_told = True
+      data_wait = 0.0
       logged['lr'] = float(schedule(step - 1))  # optax counts updates from 0
       if hasattr(data_iter, 'epoch'):  # not on a wrapped iterator (e.g. a `.map` over it)
         logged['epoch'] = data_iter.epoch()
