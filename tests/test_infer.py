@@ -238,12 +238,15 @@ def test_sampling_keeps_only_the_top_k_and_nucleus_tokens():
       'sample', temperature=1e-39))).tolist()) == {0}
   assert set(np.asarray(infer.next_tokens(shifted[:, ::-1], jax.random.PRNGKey(0),
                                           infer.Sampling('sample', temperature=1e-39)))) == {3}
-  # Ties at the edge: of four equally likely tokens, top_p=0.3 keeps two, top_k=3 three.
+  # Ties at the edge: of four equally likely tokens, top_p=0.3 keeps two (by rank, as
+  # transformers and vLLM do), top_k=3 all four (tied with the third, as theirs keep them).
   tied = jnp.zeros((4000, 4))
-  draw = lambda **kw: set(np.asarray(infer.next_tokens(
-      tied, jax.random.PRNGKey(0), infer.Sampling('sample', **kw))).tolist())
-  assert len(draw(top_p=0.3)) == 2 and len(draw(top_k=3)) == 3
-  assert len(draw(top_k=3, top_p=0.3)) == 1  # top-p of the three (1/3 each)
+  draw = lambda logits=tied, **kw: set(np.asarray(infer.next_tokens(
+      logits, jax.random.PRNGKey(0), infer.Sampling('sample', **kw))).tolist())
+  assert len(draw(top_p=0.3)) == 2 and len(draw(top_k=3)) == 4
+  assert len(draw(top_k=3, top_p=0.3)) == 2  # top-p of the four (1/4 each)
+  edge = jnp.broadcast_to(jnp.array([2.0, 1.0, 1.0, 0.0]), (4000, 4))
+  assert draw(edge, top_k=1) == {0} and draw(edge, top_k=2) == draw(edge, top_k=3) == {0, 1, 2}
   greedy = infer.next_tokens(logits[:2], None, infer.Sampling())
   np.testing.assert_array_equal(greedy, [0, 0])
 

@@ -97,13 +97,15 @@ def choose(logits: jax.Array, keys: jax.Array, method: str, filtered: bool,
 
 
 def _keep_most_likely(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-  """Keeps the `top_k` most likely tokens (0: all), then the fewest of those whose
-  probability reaches `top_p`, by rank: of tokens tied at the edge, only as many as fit."""
+  """Keeps the `top_k` most likely tokens (0: all) and those tied with the k-th, as
+  transformers' and vLLM's top-k do, then the fewest of those whose probability reaches
+  `top_p`, by rank: of tokens tied at the top-p edge, only as many as fit (theirs too)."""
   rows = jnp.arange(logits.shape[0])[:, None]
   order = jnp.argsort(-logits, axis=-1, stable=True)  # b V: most likely first
   ordered = jnp.take_along_axis(logits, order, axis=-1)
   rank = jnp.arange(logits.shape[-1])
-  ordered = jnp.where((top_k <= 0) | (rank < top_k), ordered, -jnp.inf)
+  kth = ordered[:, jnp.clip(top_k.astype(jnp.int32) - 1, 0, logits.shape[-1] - 1)]  # b
+  ordered = jnp.where((top_k <= 0) | (ordered >= kth[:, None]), ordered, -jnp.inf)
   probs = jax.nn.softmax(ordered, axis=-1)
   before = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ahead of each
   # The first is always kept (also when top_p rounds to 0 in float32); top_p=1 keeps all,
