@@ -248,7 +248,7 @@ def test_a_run_held_back_by_its_data_says_so(tmp_path, data_dir, monkeypatch, ca
 
   def slow(*args, **kwargs):
     def wait(batch):
-      time.sleep(0.3)
+      time.sleep(0.5)  # the tiny steps are done long before
       return batch
     return make(*args, **kwargs).map(wait)
 
@@ -260,6 +260,33 @@ def test_a_run_held_back_by_its_data_says_so(tmp_path, data_dir, monkeypatch, ca
   assert len(waits) == 4 and all(0.5 < w <= 1 for w in waits), waits
   err = capsys.readouterr().err
   assert err.count('the input pipeline limits training: ') == 1
+  assert 'these batches are read without threads' in err  # bytes: no data.num_threads
+
+
+def test_a_wait_for_data_counts_once_the_device_has_run_out_of_steps():
+  """The loop runs ahead of the device: waiting for a batch while the step dispatched
+  before still runs costs nothing (counted, a pipeline that keeps up with the device
+  read as one that limits it)."""
+  from jaxarch.train.metrics import InputWait  # pylint: disable=g-import-not-at-top
+
+  def batches():
+    while True:
+      time.sleep(0.05)
+      yield {}
+
+  class Step:  # a dispatched step's output, finished or not
+    def __init__(self, ready):
+      self.ready = ready
+
+    def is_ready(self):
+      return self.ready
+
+  wait, it = InputWait(), batches()
+  wait.next(it, {'loss': Step(False), 'grad_norm': Step(True)})  # the device is busy
+  assert wait.take() == 0
+  wait.next(it, {'loss': Step(True), 'grad_norm': Step(True)})  # the device is idle
+  wait.next(it)  # no step dispatched before
+  assert 0.09 < wait.take() < 1 and wait.take() == 0
 
 
 def test_the_stopwatch_leaves_out_paused_time(monkeypatch):

@@ -205,3 +205,30 @@ class Stopwatch:
       yield
     finally:
       self.start += time.perf_counter() - start
+
+
+class InputWait:
+  """Seconds the device sat idle for want of a batch, in a logging window.
+
+  Steps are dispatched asynchronously, so the loop runs ahead of the device: waiting for
+  a batch while the device still runs the steps dispatched before costs nothing. A wait
+  counts when the last step dispatched (its `previous` outputs) had finished by the time
+  the batch came, in full: the device idled for part of it at least, so an input-bound
+  run reads slightly high, one that the device limits reads 0.
+  """
+
+  def __init__(self):
+    self.seconds = 0.0
+
+  def next(self, batches, previous=None):
+    """The next of `batches`, timed."""
+    start = time.perf_counter()
+    batch = next(batches)
+    if previous is None or all(x.is_ready() for x in jax.tree.leaves(previous)):
+      self.seconds += time.perf_counter() - start
+    return batch
+
+  def take(self) -> float:
+    """The window's seconds; the next window starts at 0."""
+    seconds, self.seconds = self.seconds, 0.0
+    return seconds

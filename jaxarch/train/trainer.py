@@ -8,7 +8,6 @@ import contextlib
 import json
 import logging
 from pathlib import Path
-import time
 
 import jax
 import ml_collections
@@ -21,8 +20,8 @@ from jaxarch.parallel import data_shard, global_batch, make_mesh
 from jaxarch.train import flops
 from jaxarch.train.checkpoint import Checkpointer, CheckpointError
 from jaxarch.train.memory import check_state_fits
-from jaxarch.train.metrics import (MetricsWriter, ProgressBar, Stopwatch, final_metrics,
-                                   standard_json)
+from jaxarch.train.metrics import (InputWait, MetricsWriter, ProgressBar, Stopwatch,
+                                   final_metrics, standard_json)
 from jaxarch.train.nonfinite import NonFiniteMonitor
 from jaxarch.train.optimizer import learning_rate_schedule
 from jaxarch.train.preemption import StopRequests
@@ -269,9 +268,14 @@ _INPUT_BOUND = 0.1
 
 def _input_bound_message(cfg: ml_collections.ConfigDict, step: int, wait: float) -> str:
   threads, cores = cfg.data.get('num_threads', 0), data.cpu_cores()
-  remedy = (f'raise data.num_threads (now {threads}; {cores} CPU cores here)' if threads < cores
-            else f'give each process more CPU cores (data.num_threads={threads} threads '
-            f'share the {cores} here)')
+  if cfg.data.tokenizer == 'bytes' or cfg.data.source.startswith(data.sources.DISTILLED):
+    remedy = ('these batches are read without threads; put data.data_dir on a faster disk '
+              'or give each process more CPU cores')
+  elif threads < cores:
+    remedy = f'raise data.num_threads (now {threads}; {cores} CPU cores here)'
+  else:
+    remedy = (f'give each process more CPU cores (data.num_threads={threads} threads share '
+              f'the {cores} here)')
   return (f'step {step}: the loop waited {wait:.0%} of the time for batches, so the input '
           f'pipeline limits training: {remedy}')
 
@@ -303,15 +307,10 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
       leaf_names(setup.abstract_state['params']), workdir, checkpointer=checkpointer,
       consecutive=_nonfinite_in_a_row(cfg, checkpointer, start, bar))
   final, pending, watch = {}, [], None
-  data_wait = 0.0  # seconds of this logging window spent waiting for batches
-  input_bound_told = False
+  data_wait, input_bound_told = InputWait(), False
   config_unsaved = start > 0  # resumed: `_save_config` with its first save
   for step in range(start + 1, cfg.train.steps + 1):
-    # Steps are dispatched asynchronously: while the device keeps up with the data the loop
-    # runs ahead and waits at the window's device_get, not here.
-    waited = time.perf_counter()
-    batch = next(data_iter)
-    data_wait += time.perf_counter() - waited
+    batch = data_wait.next(data_iter, pending[-1] if pending else None)
     state, metrics = train_step(state, global_batch(batch, setup.batch_sharding))
     pending.append(metrics)
     stopping = stop.should_stop(step)  # no evaluation then: the grace period is short
@@ -339,11 +338,11 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
         logged['tokens_per_s'] = tokens_per_step * len(pending) / seconds
         logged['mfu'] = flops.mfu(logged['tokens_per_s'] * flops_per_token,
                                   jax.device_count(), device_kind)
-        logged['data_wait'] = min(data_wait / seconds, 1.0)
+        logged['data_wait'] = min(data_wait.take() / seconds, 1.0)
         if logged['data_wait'] > _INPUT_BOUND and not input_bound_told:
           bar.alert(_input_bound_message(cfg, step, logged['data_wait']))
           input_bound_told = True
-      data_wait = 0.0
+      data_wait.take()  # (the first window's, compiling, is not logged)
       logged['lr'] = float(schedule(step - 1))  # optax counts updates from 0
       if hasattr(data_iter, 'epoch'):  # not on a wrapped iterator (e.g. a `.map` over it)
         logged['epoch'] = data_iter.epoch()
