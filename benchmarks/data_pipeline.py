@@ -45,14 +45,13 @@ def _sample(data_cfg, count: int) -> list[str]:
 
 def _train_bpe(texts: list[str], directory: Path) -> str:
   """A GPT-2-style byte-level BPE tokenizer.json of 32,000 pieces."""
-  import tokenizers  # pylint: disable=g-import-not-at-top
-  from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
-  tok = tokenizers.Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  tok.train_from_iterator(texts, trainers.BpeTrainer(
+  import tokenizers as hf  # pylint: disable=g-import-not-at-top
+  tok = hf.Tokenizer(hf.models.BPE())
+  tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = hf.decoders.ByteLevel()
+  tok.train_from_iterator(texts, hf.trainers.BpeTrainer(
       vocab_size=32000, special_tokens=['<|endoftext|>'],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+      initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet()))
   path = directory / 'tokenizer.json'
   tok.save(str(path))
   return str(path)

@@ -117,8 +117,8 @@ def get_config(arg=None):
   c.data.validation_fraction = 0.05  # split by document; of tfds: without validation/test
   c.data.pack_align = 1  # documents start at multiples of this (MEGABYTE: the patch size)
   # Threads per process that read and tokenize the training documents (at most its CPU
-  # cores; 0: in the prefetch thread alone). One core tokenizes ~1M BPE tokens/s, a GPU
-  # trains a 151m model at ~0.4M: a host of 8 needs many (benchmarks/data_pipeline.py).
+  # cores; 0: in the prefetch thread alone). One core tokenizes ~0.8M BPE tokens/s, an H100
+  # trains the 151m at ~0.4M: a node of 8 needs several (benchmarks/data_pipeline.py).
   c.data.num_threads = 16
   # The id each document and prompt starts with; None: the tokenizer's end-of-document id.
   # `jaxarch import` sets a Llama's own (`<s>`: 1, Llama 3's `<|begin_of_text|>`: 128000).
