@@ -198,6 +198,12 @@ def _generate(args, overrides):
   if args.system is not None and not args.chat:
     raise GenerateError('generate: --system is the system message of a --chat conversation; '
                         'add --chat')
+  sampled = (args.temperature, args.top_k, args.top_p) != (None, None, None)
+  method = args.method or ('sample' if sampled else 'greedy')
+  if args.seed is not None and method != 'sample':  # it would be ignored
+    raise GenerateError(f'generate: --seed draws sampled tokens; --method={method} takes the '
+                        'most likely ones: add --method=sample (or a --temperature, --top_k '
+                        'or --top_p), or drop --seed')
   _check_backend()
   cfg, model = load_model(args.workdir, step=args.step)
   tokenizer = get_tokenizer(cfg.data.tokenizer)
@@ -219,8 +225,6 @@ def _generate(args, overrides):
   if longest > cfg.model.max_len:
     print(f'jaxarch: warning: {longest} positions exceed model.max_len={cfg.model.max_len}; '
           'quality past the trained length is not guaranteed', file=sys.stderr)
-  sampled = (args.temperature, args.top_k, args.top_p) != (None, None, None)
-  method = args.method or ('sample' if sampled else 'greedy')
   generator = infer.Generator(model, mesh=make_mesh(cfg), rules=cfg.mesh.rules,
                               vocab_limit=tokenizer.vocab_size)
   outputs, stats = generator(
@@ -228,7 +232,8 @@ def _generate(args, overrides):
       temperature=1.0 if args.temperature is None else args.temperature,
       top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p,
       # The eod, and an imported instruct model's end of turn (data.stop_ids).
-      stop_ids=() if args.ignore_eod else stop_ids(cfg.data, tokenizer), seed=args.seed)
+      stop_ids=() if args.ignore_eod else stop_ids(cfg.data, tokenizer),
+      seed=args.seed or 0)
   for i, (text, ids, new) in enumerate(zip(args.prompt, prompts, outputs)):
     if i:
       print('-' * 40)
@@ -414,7 +419,7 @@ def _parser() -> argparse.ArgumentParser:
   gen.add_argument('--temperature', type=float)
   gen.add_argument('--top_k', type=int, help='sample from the k most likely tokens')
   gen.add_argument('--top_p', type=float, help='nucleus: the most likely tokens up to p')
-  gen.add_argument('--seed', type=int, default=0)
+  gen.add_argument('--seed', type=int, help='with sampling (default 0)')
   gen.add_argument('--ignore_eod', action='store_true',
                    help='keep generating past the end-of-document token and the '
                    'data.stop_ids (an instruct model\'s end of turn), up to --max_new_tokens')

@@ -315,6 +315,29 @@ def test_bad_generation_arguments_are_one_line_errors(dense_generator, kwargs, m
   assert message in str(error.value) and '\n' not in str(error.value)
 
 
+def test_a_huge_max_new_tokens_is_one_line_not_an_xla_traceback(dense_generator,
+                                                                monkeypatch):
+  """Its room in the caches is allocated up front: past int32 positions it was an
+  OverflowError, and caches past the memory a RESOURCE_EXHAUSTED traceback from XLA."""
+  with pytest.raises(infer.GenerateError, match='^generate: max_new_tokens=2,147,483,648 '
+                     'makes caches of 2,147,483,656 positions, past the 2[*][*]31'):
+    dense_generator([[257, 1]], max_new_tokens=2**31)
+
+  def out_of_memory(*args):
+    raise jax.errors.JaxRuntimeError(
+        'RESOURCE_EXHAUSTED: Out of memory allocating 1099511627776 bytes.\nmore')
+
+  # (Allocated for real, a TiB of caches could meet an overcommitting host's OOM killer.)
+  with monkeypatch.context() as patch:
+    patch.setattr(dense_generator, '_compile', lambda *args: (out_of_memory, out_of_memory))
+    with pytest.raises(infer.GenerateError, match='^generate: out of device memory [(]Out of '
+                       'memory allocating 1099511627776 bytes[)] for caches') as error:
+      dense_generator([[257, 1]], max_new_tokens=2**31 - 2**10)
+  assert 'max_new_tokens=2,147,482,624): lower max_new_tokens' in str(error.value)
+  assert '\n' not in str(error.value)
+  assert dense_generator([[257, 1]], max_new_tokens=3)[0][0]  # still generates after it
+
+
 def test_generate_command_continues_prompts_from_the_latest_checkpoint(tmp_path, capsys):
   cfg = mesh_config(config_lib.load('configs/dense.py:tiny'), data=8)
   mesh = make_mesh(cfg)
@@ -339,6 +362,11 @@ def test_generate_command_continues_prompts_from_the_latest_checkpoint(tmp_path,
   assert cli.main(['generate', '--workdir', str(tmp_path), '--prompt', 'x',
                    '--temperature', '-1']) == 2
   assert 'temperature=-1.0 must be > 0' in capsys.readouterr().err
+  # A seed draws nothing for greedy decoding: refused, not ignored (with sampling, taken).
+  assert cli.main(['generate', '--workdir', str(tmp_path), '--prompt', 'x',
+                   '--seed', '3']) == 2
+  assert ('--seed draws sampled tokens; --method=greedy takes the most likely ones'
+          in capsys.readouterr().err)
 
 
 @pytest.mark.parametrize('setting, first', [('data.bos_id=none', [257]),

@@ -115,20 +115,25 @@ class Generator:
     stops[:len(stop_ids)] = stop_ids
     shape = _Shape(batch, prompt_len, prompt_len + new_room + tree_room, new_room,
                    sampling.method, sampling.filtered, len(stops), tree)
+    if shape.cache_len >= 2**31:  # positions and max_new_tokens are int32 in the loop
+      raise GenerateError(f'generate: max_new_tokens={max_new_tokens:,} makes caches of '
+                          f'{shape.cache_len:,} positions, past the 2**31 that int32 '
+                          'positions reach; lower max_new_tokens')
     given = (lengths, live, np.int32(max_new_tokens), sampling.values(), stops,
              _row_keys(seed, n, batch))
 
-    start = time.perf_counter()
-    run_prefill, run_decode = self._compile(shape, tokens, given)
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    start_tokens, caches = jax.block_until_ready(run_prefill(self.state, tokens, *given))
-    prefill_s = time.perf_counter() - start
-    cache_bytes = sum(x.nbytes for x in jax.tree.leaves(caches))  # donated to the loop
-    start = time.perf_counter()
-    out, steps, accepted, _ = run_decode(self.state, caches, start_tokens, *given)
-    out, steps = np.asarray(out), int(steps)
-    decode_s = time.perf_counter() - start
+    with _cache_memory(shape, max_new_tokens):
+      start = time.perf_counter()
+      run_prefill, run_decode = self._compile(shape, tokens, given)
+      compile_s = time.perf_counter() - start
+      start = time.perf_counter()
+      start_tokens, caches = jax.block_until_ready(run_prefill(self.state, tokens, *given))
+      prefill_s = time.perf_counter() - start
+      cache_bytes = sum(x.nbytes for x in jax.tree.leaves(caches))  # donated to the loop
+      start = time.perf_counter()
+      out, steps, accepted, _ = run_decode(self.state, caches, start_tokens, *given)
+      out, steps = np.asarray(out), int(steps)
+      decode_s = time.perf_counter() - start
 
     results = [_until_stop(row, stop_ids) for row in out[:n, :max_new_tokens]]
     new_tokens = sum(map(len, results))
@@ -339,6 +344,23 @@ def generate(model: nnx.Module, prompt_tokens, *, max_new_tokens: int,
   """
   return Generator(model, mesh=mesh, rules=rules, vocab_limit=vocab_limit)(
       prompt_tokens, max_new_tokens=max_new_tokens, method=method, **options)
+
+
+@contextlib.contextmanager
+def _cache_memory(shape: _Shape, max_new_tokens: int):
+  """Caches too big for the device (a huge max_new_tokens: its room is allocated up front)
+  end in a traceback from deep inside XLA; this says which argument to lower."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    detail = str(e).split('RESOURCE_EXHAUSTED: ', 1)[-1].splitlines()[0].rstrip('.')
+    raise GenerateError(
+        f'generate: out of device memory ({detail}) for caches of {shape.batch} sequences x '
+        f'{shape.cache_len:,} positions (prompts padded to {shape.prompt_len} + room for '
+        f'max_new_tokens={max_new_tokens:,}): lower max_new_tokens, or give fewer prompts '
+        'at a time') from None
 
 
 def _drafts(mask_logits: jax.Array, tree: DraftTree) -> jax.Array:
