@@ -289,6 +289,20 @@ def test_a_wait_for_data_counts_once_the_device_has_run_out_of_steps():
   assert 0.09 < wait.take() < 1 and wait.take() == 0
 
 
+def test_a_vocab_size_too_small_for_the_tokenizer_says_what_to_set(tmp_path, data_dir):
+  """A run with its own tokenizer.json must raise model.vocab_size (384 holds the bytes):
+  one line that names the value to set, before any data is prepared."""
+  from test_data import _gpt2_style_tokenizer  # pylint: disable=g-import-not-at-top
+  cfg = _cfg(data_dir, **{'model.vocab_size': 256})
+  cfg.data.tokenizer = _gpt2_style_tokenizer(tmp_path / 'tokenizer.json')  # 257 ids
+  with pytest.raises(config_lib.ConfigError) as error:
+    train(cfg, tmp_path / 'run')
+  assert str(error.value) == (
+      f"config error: model.vocab_size=256 is smaller than the vocabulary of "
+      f"data.tokenizer='{tmp_path}/tokenizer.json' (257); set "
+      f"--config.model.vocab_size=384 (a multiple of 128 shards over `tensor`)")
+
+
 def test_the_stopwatch_leaves_out_paused_time(monkeypatch):
   """Evaluations and checkpoint saves run paused: throughput and MFU count training only."""
   from jaxarch.train import metrics  # pylint: disable=g-import-not-at-top
@@ -316,3 +330,20 @@ def test_progress_lines_show_steps_per_second_and_eta(capsys):
   assert 'step 100: loss 2.5000' in line
   assert '4.00 steps/s' in line and '4,096 tok/s' in line and 'MFU 40.0%' in line
   assert 'eta 0:03:45' in line  # 900 steps x 0.25 s
+
+
+def test_progress_lines_are_not_wrapped_in_a_log_file(capsys, monkeypatch):
+  """A batch job's log keeps one line per step (grep 'step 100:' finds all of it), however
+  narrow the console rich assumes there (80 columns)."""
+  from jaxarch.train.metrics import ProgressBar  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('COLUMNS', '80')
+  with ProgressBar(1000, 0) as bar:
+    bar.print('dense model: 1,836,416 parameters (1,836,416 active per token), mesh '
+              "{'data': 1, 'fsdp': 1, 'tensor': 1, 'expert': 1}, 1 x cpu")
+    bar.update(100, {'loss': 4.5604, 'eval_loss': 4.9282, 'eval_bpb': 2.515, 'epoch': 0.08,
+                     'step_time_s': 0.68, 'tokens_per_s': 2993.0, 'mfu': 0.4,
+                     'data_wait': 0.3}, keep=True)
+  model, step = capsys.readouterr().err.splitlines()
+  assert model.endswith('1 x cpu') and len(model) > 80
+  assert step.startswith('step 100: loss 4.5604 | eval 4.9282 (2.515 bpb)')
+  assert step.endswith('data wait 30% | eta 0:10:12')  # 900 steps x 0.68 s

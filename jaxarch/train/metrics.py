@@ -156,11 +156,12 @@ class ProgressBar:
       if metrics.get('step_time_s'):
         left = round(metrics['step_time_s'] * max(self.total_steps - step, 0))
         info += f' | eta {datetime.timedelta(seconds=left)}'
-      self.progress.console.print(f'step {step}: {info}', highlight=False)
+      # soft_wrap: one line per step in a log file too (rich wraps at 80 columns there).
+      self.progress.console.print(f'step {step}: {info}', highlight=False, soft_wrap=True)
 
   def print(self, message: str):
     if self.enabled:
-      self.progress.console.print(message, highlight=False)
+      self.progress.console.print(message, highlight=False, soft_wrap=True)
 
   def alert(self, message: str):
     """Printed even with the progress display off: what the user must know."""

@@ -35,10 +35,12 @@ from jaxarch.train.workdir import (check_workdir, local_workdir, only_trainer_in
 
 def _tokenizer(cfg: ml_collections.ConfigDict):
   tokenizer = data.get_tokenizer(cfg.data.tokenizer)
-  if data.ids_past_model(tokenizer, cfg.model.vocab_size):
+  if past := data.ids_past_model(tokenizer, cfg.model.vocab_size):
+    need = -(-(max(past) + 1) // 128) * 128  # the ids it feeds, padded as the presets are
     raise config_lib.ConfigError(
         f'config error: model.vocab_size={cfg.model.vocab_size} is smaller than the '
-        f'vocabulary of data.tokenizer={cfg.data.tokenizer!r} ({tokenizer.vocab_size})')
+        f'vocabulary of data.tokenizer={cfg.data.tokenizer!r} ({tokenizer.vocab_size}); '
+        f'set --config.model.vocab_size={need} (a multiple of 128 shards over `tensor`)')
   return tokenizer
 
 
