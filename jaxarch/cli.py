@@ -200,6 +200,14 @@ def _generate(args, overrides):
                         'add --chat')
   sampled = (args.temperature, args.top_k, args.top_p) != (None, None, None)
   method = args.method or ('sample' if sampled else 'greedy')
+  # Greedy and BiTA take the most likely token: a sampling flag would be ignored, even one
+  # whose value keeps every token (--temperature=1). A temperature of 0 is greedy (vLLM's).
+  given = [f'--{name}' for name in ('temperature', 'top_k', 'top_p')
+           if getattr(args, name) is not None]
+  if method != 'sample' and given and args.temperature != 0:
+    raise GenerateError(f'generate: {", ".join(given)} choose among tokens for '
+                        f'--method=sample; --method={method} takes the most likely ones: '
+                        f'drop {", ".join(given)} or use --method=sample')
   if args.seed is not None and method != 'sample':  # it would be ignored
     raise GenerateError(f'generate: --seed draws sampled tokens; --method={method} takes the '
                         'most likely ones: add --method=sample (or a --temperature, --top_k '
@@ -244,8 +252,9 @@ def _generate(args, overrides):
   print(f'jaxarch: {stats["new_tokens"]} new tokens in {stats["prefill_s"] + stats["decode_s"]:.2f}s, '
         f'{stats["tokens_per_s"]:.1f} tokens/s ({stats["decode_step_s"] * 1e3:.1f} ms per '
         f'decode step, batch {stats["batch"]}, KV caches {stats["cache_bytes"] / 2**20:,.1f} '
-        f'MiB; compiled in {stats["compile_s"]:.1f}s)',
-        file=sys.stderr)
+        f'MiB; compiled in {stats["compile_s"]:.1f}s)'
+        + (f'; BiTA accepted {stats["accepted_per_pass"]:.2f} tokens per tree pass'
+           if 'accepted_per_pass' in stats else ''), file=sys.stderr)
 
 
 def _distill(args, overrides):

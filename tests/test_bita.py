@@ -12,7 +12,7 @@ from flax import nnx
 from conftest import (FAMILIES, family_config, make_batch, sharded_copy, tiny_config,
                       with_random_query_convs)
 from jaxarch import config as config_lib
-from jaxarch import data, infer, models
+from jaxarch import cli, data, infer, models
 from jaxarch.data.sources import write_distilled
 from jaxarch.infer.distill import distill
 from jaxarch.infer.tree import DraftTree
@@ -171,6 +171,32 @@ def test_bita_needs_a_bita_model_and_a_tree_within_its_masks():
     generator([[257, 1]], max_new_tokens=2, draft_tree=(2,))
   with pytest.raises(infer.GenerateError, match='draft_tree=2; give candidates per level'):
     generator([[257, 1]], max_new_tokens=2, method='bita', draft_tree=2)  # was a TypeError
+
+
+def test_generate_command_reports_bita_acceptance_and_refuses_sampling_flags(tmp_path,
+                                                                              capsys):
+  # A BiTA run at step 0: its config (model from the base run's) and a fresh checkpoint.
+  base = _base_workdir(tmp_path / 'base')
+  cfg = _bita_load(base)
+  config_lib.save(cfg, tmp_path / 'bita' / 'config.json')
+  checkpointer = Checkpointer(tmp_path / 'bita', async_save=False)
+  checkpointer.save(0, init_state(cfg, make_setup(cfg, make_mesh(cfg))))
+  checkpointer.close()
+  generate = lambda *flags: cli.main(['generate', f'--workdir={tmp_path / "bita"}',
+                                      '--prompt=def ', '--max_new_tokens=8', *flags])
+  assert generate('--method=bita', '--ignore_eod') == 0
+  # Was the speed alone: the drafts' acceptance, what BiTA is for, was not shown.
+  assert 'BiTA accepted ' in capsys.readouterr().err
+  # Was greedy decoding, the flag ignored: --temperature=1 keeps every token, so it passed.
+  for flags in [('--temperature=1',), ('--top_k=0', '--top_p=1')]:
+    for method in ('bita', 'greedy'):
+      assert generate(f'--method={method}', *flags) == 2
+      err = capsys.readouterr().err
+      assert err.count('\n') == 1, err
+      assert (f'{", ".join(f.split("=")[0] for f in flags)} choose among tokens for '
+              f'--method=sample; --method={method} takes the most likely ones') in err
+  assert generate('--method=bita', '--temperature=0') == 0  # 0 is greedy, as in vLLM
+  assert 'BiTA accepted ' in capsys.readouterr().err
 
 
 # Training rows: mask groups hang after tokens of each row's own labelled part.
