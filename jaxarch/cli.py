@@ -193,7 +193,6 @@ def _generate(args, overrides):
   from jaxarch.data.tokenizers import decode_continuation
   from jaxarch.infer.chat import chat_prompts
   from jaxarch.parallel import make_mesh
-  from jaxarch.train.pretrained import load_model
   _no_overrides('generate', overrides)
   if args.system is not None and not args.chat:
     raise GenerateError('generate: --system is the system message of a --chat conversation; '
@@ -213,7 +212,7 @@ def _generate(args, overrides):
                         'most likely ones: add --method=sample (or a --temperature, --top_k '
                         'or --top_p), or drop --seed')
   _check_backend()
-  cfg, model = load_model(args.workdir, step=args.step)
+  cfg, model = _run_or_export(args.workdir, args.step)
   tokenizer = get_tokenizer(cfg.data.tokenizer)
   # Documents were trained as [bos] + text (bos: data.bos_id, by default the eod id), or
   # as the text alone (data.add_bos=False: an imported Qwen's). A chat prompt is the
@@ -255,6 +254,20 @@ def _generate(args, overrides):
         f'MiB; compiled in {stats["compile_s"]:.1f}s)'
         + (f'; BiTA accepted {stats["accepted_per_pass"]:.2f} tokens per tree pass'
            if 'accepted_per_pass' in stats else ''), file=sys.stderr)
+
+
+def _run_or_export(workdir: str, step: int | None):
+  """(config, model) of a run's checkpoint (the latest, or `step`), or of the weights of a
+  `jaxarch export` directory (safetensors or stablehlo), on a mesh of the devices here."""
+  # pylint: disable=g-import-not-at-top
+  from jaxarch.export.weights import WEIGHTS, load_safetensors
+  from jaxarch.train.checkpoint import Checkpointer
+  from jaxarch.train.pretrained import load_model, mesh_here
+  path = Path(workdir).expanduser()
+  if step is None and not Checkpointer.exists(path) and (path / WEIGHTS).is_file():
+    cfg, model = load_safetensors(path)
+    return mesh_here(cfg)[0], model
+  return load_model(path, step=step)
 
 
 def _distill(args, overrides):

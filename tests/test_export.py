@@ -249,6 +249,24 @@ def test_jaxarch_load_takes_a_run_or_its_export_directory(tmp_path):
     jaxarch.load(tmp_path / 'missing')
 
 
+def test_generate_reads_an_export_directory_and_eval_says_it_needs_the_run(tmp_path, capsys):
+  """`generate` takes an export's weights as `jaxarch.load` does (it said to train inside
+  the export); a command that needs the run says so."""
+  workdir = _workdir(tmp_path, 'dense')
+  _, model = jaxarch.load(workdir)
+  cfg = config_lib.load_json(workdir / 'config.json')
+  write_model(model, cfg, tmp_path / 'export')
+  generate = lambda path: cli.main(['generate', f'--workdir={path}', '--prompt=ab',
+                                    '--max_new_tokens=6', '--ignore_eod'])
+  assert generate(workdir) == 0
+  from_run = capsys.readouterr().out
+  assert generate(tmp_path / 'export') == 0
+  assert capsys.readouterr().out == from_run
+  assert cli.main(['eval', f'--workdir={tmp_path / "export"}']) == 2
+  assert ('export, which `jaxarch generate` and `jaxarch.load` read; this command needs the '
+          'run it was exported from') in capsys.readouterr().err
+
+
 @pytest.mark.slow  # the command; the formats themselves are tested through the API above
 @pytest.mark.parametrize('fmt', ['safetensors', 'stablehlo'])
 def test_export_command_writes_the_run_s_latest_checkpoint(tmp_path, capsys, fmt):

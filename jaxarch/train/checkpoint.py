@@ -229,8 +229,12 @@ class Checkpointer:
   def require(cls, workdir: str | Path) -> None:
     """Raises, saying how to make one, if `workdir` has no checkpoints."""
     if not cls.exists(workdir):
-      raise FileNotFoundError(f'no checkpoint in {Path(workdir).absolute() / CHECKPOINTS}; '
-                              f'train first with `jaxarch train --workdir={workdir}`')
+      where = f'no checkpoint in {Path(workdir).absolute() / CHECKPOINTS}'
+      if (Path(workdir) / 'model.safetensors').is_file():  # `jaxarch export`'s weights
+        raise FileNotFoundError(f'{where}: {workdir} is an export, which `jaxarch generate` '
+                                'and `jaxarch.load` read; this command needs the run it was '
+                                'exported from')
+      raise FileNotFoundError(f'{where}; train first with `jaxarch train --workdir={workdir}`')
 
   @contextlib.contextmanager
   def _write_errors(self, step: int | None):
