@@ -265,6 +265,11 @@ def test_generate_reads_an_export_directory_and_eval_says_it_needs_the_run(tmp_p
   assert cli.main(['eval', f'--workdir={tmp_path / "export"}']) == 2
   assert ('export, which `jaxarch generate` and `jaxarch.load` read; this command needs the '
           'run it was exported from') in capsys.readouterr().err
+  config_lib.save(cfg, tmp_path / 'dense.json')
+  assert cli.main(['train', f'--config={tmp_path / "dense.json"}',
+                   f'--workdir={tmp_path / "export"}']) == 2  # it started a run in it
+  assert 'is a `jaxarch export` directory, not a run' in capsys.readouterr().err
+  assert not (tmp_path / 'export' / 'checkpoints').exists()
 
 
 @pytest.mark.slow  # the command; the formats themselves are tested through the API above

@@ -69,6 +69,9 @@ def state_bytes(abstract_state) -> int:
 def check_workdir(workdir: Path, cfg: ml_collections.ConfigDict, checkpoint_bytes: int,
                   has_checkpoints: bool) -> None:
   """Raises `WorkdirError` if training in `workdir` would fail or overwrite another run."""
+  if not has_checkpoints and (workdir / 'model.safetensors').is_file():  # `jaxarch export`'s
+    raise WorkdirError(f'{workdir} is a `jaxarch export` directory, not a run (its config.json '
+                       'would be overwritten); choose another --workdir')
   _check_writable(workdir)
   _check_shared(workdir)
   checkpoints = workdir / CHECKPOINTS  # found now, not at the first save hours later
