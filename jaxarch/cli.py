@@ -112,12 +112,12 @@ def _step_memory(cfg):
   """XLA running out of device memory in a step (on CPU, or past the trainer's check of
   the state) is a traceback from deep inside jax; this says what to change."""
   import jax  # pylint: disable=g-import-not-at-top
+  from jaxarch.train.memory import out_of_memory_detail  # pylint: disable=g-import-not-at-top
   try:
     yield
   except jax.errors.JaxRuntimeError as e:
-    if 'RESOURCE_EXHAUSTED' not in str(e):
+    if (detail := out_of_memory_detail(e)) is None:
       raise
-    detail = str(e).split('RESOURCE_EXHAUSTED: ', 1)[-1].splitlines()[0].rstrip('.')
     raise DeviceError(
         f'out of device memory ({detail}) with train.batch_size={cfg.train.batch_size} x '
         f'data.seq_len={cfg.data.seq_len} on {jax.device_count()} '

@@ -31,6 +31,7 @@ from jaxarch.infer.decoding import add_caches, decode_step, for_inference, prefi
 from jaxarch.infer.sampling import GenerateError, Sampling, choose, within_vocab
 from jaxarch.infer.tree import DraftTree
 from jaxarch.parallel import context
+from jaxarch.train.memory import out_of_memory_detail
 
 _MIN_BUCKET = 8
 _NEW_TOKENS_BUCKET = 64  # output and cache room for new tokens: a multiple of this
@@ -353,9 +354,8 @@ def _cache_memory(shape: _Shape, max_new_tokens: int):
   try:
     yield
   except jax.errors.JaxRuntimeError as e:
-    if 'RESOURCE_EXHAUSTED' not in str(e):
+    if (detail := out_of_memory_detail(e)) is None:
       raise
-    detail = str(e).split('RESOURCE_EXHAUSTED: ', 1)[-1].splitlines()[0].rstrip('.')
     raise GenerateError(
         f'generate: out of device memory ({detail}) for caches of {shape.batch} sequences x '
         f'{shape.cache_len:,} positions (prompts padded to {shape.prompt_len} + room for '

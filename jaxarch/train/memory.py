@@ -30,6 +30,14 @@ class OutOfMemoryError(RuntimeError):
   """The train state does not fit the devices; one line saying how to shard it."""
 
 
+def out_of_memory_detail(error: Exception) -> str | None:
+  """XLA's first line after RESOURCE_EXHAUSTED when `error` is a device (or host) out of
+  memory, e.g. 'Out of memory allocating 256000002048 bytes'; None for any other error."""
+  if not isinstance(error, jax.errors.JaxRuntimeError) or 'RESOURCE_EXHAUSTED' not in str(error):
+    return None
+  return str(error).split('RESOURCE_EXHAUSTED: ', 1)[-1].splitlines()[0].rstrip('.')
+
+
 def shard_bytes(tree) -> int:
   """Bytes that one device holds of a tree of sharded `ShapeDtypeStruct`s (the largest
   share: replicated arrays count whole on every device)."""
