@@ -871,6 +871,25 @@ def test_threads_make_the_same_batches_and_positions(tmp_path):
     it.close()
 
 
+def test_eval_batches_are_the_same_with_read_threads(tmp_path):
+  """Evaluation's one stream tokenizes its next documents in `num_threads` threads, in
+  order: the same batches on every pass, and a pass leaves no read threads behind."""
+  _write_corpus(tmp_path / 'corpus', num_docs=80, max_len=200)
+  cfg = _data_config(tmp_path, f'files:{tmp_path}/corpus/*.txt', validation_fraction=0.5,
+                     tokenizer=_gpt2_style_tokenizer(tmp_path / 'tokenizer.json'))
+  make = lambda threads: data.make_eval_dataset(cfg, batch_size=4, num_batches=5,
+                                                num_threads=threads)
+  inline, threaded = list(make(0)), make(3)
+  assert len(inline) == 5
+  before = threading.active_count()
+  for _ in range(4):  # every pass the same
+    for want, got in zip(inline, threaded, strict=True):
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+  time.sleep(0.5)
+  assert threading.active_count() <= before + 2  # not 3 more per pass
+
+
 def test_threads_tokenize_the_streams_documents_at_once(corpus, tmp_path, monkeypatch):
   """Up to `num_threads` documents are tokenized at once (as many as the cores allow);
   the byte tokenizer, which holds the GIL, tokenizes one after another."""

@@ -151,19 +151,22 @@ class _JsonStateIterator(grain.DatasetIterator):
     self._parent.set_state(dict(state, remainder_slices=slices))
 
 
-def _packed_rows(docs: grain.MapDataset, tokenizer, data_cfg) -> grain.IterDataset:
+def _packed_rows(docs: grain.MapDataset, tokenizer, data_cfg,
+                 read_threads: int = 0) -> grain.IterDataset:
   """Rows of `data.seq_len` tokens; with `data.pack_align = n` every document starts at a
-  multiple of n (MEGABYTE: on a patch boundary), the gaps being padding."""
+  multiple of n (MEGABYTE: on a patch boundary), the gaps being padding. `read_threads`
+  read and tokenize the next documents in order (0: where the row is made)."""
   align = data_cfg.get('pack_align', 1)
   if align > 1 and tokenizer.pad_id == tokenizer.eod_id:
     raise ConfigError(f'config error: data.pack_align={align} needs a tokenizer whose pad id '
                       f'differs from its eod id; data.tokenizer={data_cfg.tokenizer!r} pads '
                       'with eod')
-  # Read and tokenized where the row is made (`_ZipStreams`' threads); the iterator state
-  # stays a document index.
-  inline = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  # Training's streams are read and tokenized where the row is made (`_ZipStreams`'
+  # threads), evaluation's one stream in read threads; the iterator state stays a document
+  # index.
+  read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * read_threads)
   bos = tokenizers.bos_id(data_cfg, tokenizer)
-  ds = docs.map(_Tokenize(tokenizer, align, bos)).to_iter_dataset(inline)
+  ds = docs.map(_Tokenize(tokenizer, align, bos)).to_iter_dataset(read)
   if bos is None:  # an empty document is no tokens: packing would skip a segment id for it
     ds = ds.filter(lambda doc: len(doc['inputs']) > 0)
   return _JsonStatePacking(ds, data_cfg.seq_len).map(_Finalize(tokenizer.pad_id, align > 1))
@@ -504,13 +507,20 @@ class EvalBatches:
     self._rows = rows
 
   def __iter__(self):
-    for batch in itertools.islice(self._batches, self._num_batches):
-      yield {k: v[self._rows] for k, v in batch.items()}
+    batches = iter(self._batches)
+    try:
+      for batch in itertools.islice(batches, self._num_batches):
+        yield {k: v[self._rows] for k, v in batch.items()}
+    finally:  # its read threads, when it has some
+      batches.close()
 
 
 def make_eval_dataset(data_cfg, *, batch_size: int, num_batches: int,
-                      process_index: int = 0, process_count: int = 1) -> EvalBatches:
-  """Validation batches in stored order, packed like training; the last may end in padding."""
+                      process_index: int = 0, process_count: int = 1,
+                      num_threads: int = 0) -> EvalBatches:
+  """Validation batches in stored order, packed like training; the last may end in padding.
+  `num_threads` (at most the CPU cores here; none with the byte tokenizer, which holds
+  the GIL) tokenize the next documents while a batch is packed: the same batches."""
   local_batch = _local_batch_size(batch_size, process_count, 'eval batch size')
   tokenizer = tokenizers.get_tokenizer(data_cfg.tokenizer)
   if data_cfg.source.startswith(sources.DISTILLED):
@@ -518,7 +528,9 @@ def make_eval_dataset(data_cfg, *, batch_size: int, num_batches: int,
     rows = sequences.map(to_row).to_iter_dataset()
   else:
     docs = grain.MapDataset.source(sources.open_source(data_cfg, 'validation'))
-    rows = _packed_rows(docs, tokenizer, data_cfg)
+    threads = (0 if isinstance(tokenizer, tokenizers.ByteTokenizer)
+               else min(num_threads, cpu_cores()))
+    rows = _packed_rows(docs, tokenizer, data_cfg, threads)
   batches = rows.batch(batch_size, batch_fn=functools.partial(
       _pad_batch, batch_size=batch_size, pad_id=tokenizer.pad_id))
   mine = slice(process_index * local_batch, (process_index + 1) * local_batch)

@@ -59,7 +59,7 @@ def eval_batches(cfg: ml_collections.ConfigDict, setup: TrainSetup):
   index, count = data_shard(setup.batch_sharding, cfg.train.batch_size)
   return data.make_eval_dataset(
       cfg.data, batch_size=cfg.train.batch_size, num_batches=cfg.log.eval_batches,
-      process_index=index, process_count=count)
+      process_index=index, process_count=count, num_threads=cfg.data.get('num_threads', 0))
 
 
 # What decides which documents go into which rows: if one changes, a saved data position
