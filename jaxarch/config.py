@@ -1255,13 +1255,14 @@ RUN_MODEL_KEYS = (('moe', 'matmul_impl'), ('moe', 'kernel_tiling'), ('moe', 'mos
 # and model and data keys that jaxarch gained with a default that is what older runs did
 # (no rope scaling, no q/k/v biases, no QK-norm, no sliding window, none of Gemma 3's keys,
 # generation stopping at the end-of-document id alone, documents and prompts starting with
-# a BOS, no chat template).
+# a BOS, no chat template), or that say how to read the same batches (data.num_threads).
 FILLED_KEYS = (('model', 'init_truncation'), ('model', 'residual_init_scale'),
                ('model', 'rope_scaling'), ('model', 'qkv_bias'), ('model', 'qk_norm'),
                ('model', 'sliding_window'), ('model', 'attention_pattern'),
                ('model', 'local_rope_theta'), ('model', 'embed_scale'),
                ('model', 'post_norms'), ('model', 'mlp_activation'),
-               ('data', 'stop_ids'), ('data', 'add_bos'), ('data', 'chat_template'))
+               ('data', 'stop_ids'), ('data', 'add_bos'), ('data', 'chat_template'),
+               ('data', 'num_threads'))
 
 
 def _with_new_run_keys(tree: dict) -> dict:

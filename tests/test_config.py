@@ -576,6 +576,19 @@ def test_a_bita_config_takes_the_base_runs_bos(tmp_path):
       "config error: data.bos_id=1 differs from the base run's 65; leave it unset")
 
 
+def test_a_run_saved_before_data_num_threads_reads_with_threads_and_takes_the_override(
+    tmp_path):
+  """The threads only say how to read the same batches: a run saved before the key gets
+  the shipped default, and `--config.data.num_threads` is a key it knows."""
+  path = tmp_path / 'config.json'
+  config_lib.save(tiny(), path)
+  old = json.loads(path.read_text())
+  del old['data']['num_threads']
+  path.write_text(json.dumps(old))
+  assert config_lib.load_json(path).data.num_threads == 16
+  assert config_lib.load_json(path, ['data.num_threads=4']).data.num_threads == 4
+
+
 def test_data_add_bos_defaults_to_true_and_a_run_saved_without_it_loads(tmp_path):
   """True: documents and prompts start with a BOS, as before the key; False (an imported
   Qwen's) with a data.bos_id, or not a bool, is one line."""
