@@ -217,6 +217,19 @@ def cpu_cores() -> int:
   return os.cpu_count() or 1
 
 
+def tokenizes_in_threads(data_cfg) -> bool:
+  """Whether `data.num_threads` speed up reading this data: HF tokenizers and SentencePiece
+  release the GIL while they work. Bytes are split in Python, holding it (2 threads on 2
+  cores read 8.3M tokens/s, none 10.1M; benchmarks/data_pipeline.py), and distilled
+  sequences are not tokenized at all."""
+  return data_cfg.tokenizer != 'bytes' and not data_cfg.source.startswith(sources.DISTILLED)
+
+
+def _read_threads(data_cfg, num_threads: int) -> int:
+  """The threads to read `data_cfg`'s documents with: `num_threads`, at most the cores."""
+  return min(num_threads, cpu_cores()) if tokenizes_in_threads(data_cfg) else 0
+
+
 def _local_batch_size(batch_size: int, process_count: int, key: str) -> int:
   if batch_size % process_count:
     raise ConfigError(f'config error: {key}={batch_size} must be divisible by the number of '
@@ -315,7 +328,6 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
   if num_streams < 1:
     raise ValueError(f'packing_streams={packing_streams} must be positive')
   mine = _process_streams(num_streams, process_index, process_count)
-  num_threads = min(num_threads, cpu_cores())
   if data_cfg.source.startswith(sources.DISTILLED):
     sequences, to_row = _sequence_rows(data_cfg, 'train')
     if not len(sequences):  # pylint: disable=g-explicit-length-test
@@ -339,11 +351,8 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
     # others, so an epoch's worth of tokens holds some documents of the next epoch and
     # misses some of this one (with one stream, `packing_streams=1`, none).
     docs = docs.shuffle(seed=seed % 2**32).repeat()
-    # Bytes are split in Python, holding the GIL: threads would only hand rows over (2 on 2
-    # cores read 8.3M tokens/s, none 10.1M; benchmarks/data_pipeline.py).
-    threads = 0 if isinstance(tokenizer, tokenizers.ByteTokenizer) else num_threads
     rows = _zip_rows([_packed_rows(docs[i::num_streams], tokenizer, data_cfg)
-                      for i in mine], threads)
+                      for i in mine], _read_threads(data_cfg, num_threads))
   batches = rows.batch(local_batch, drop_remainder=True)
   # A background thread prepares the next batches while the device runs a step; the state
   # it reports is still that of the last batch handed out.
@@ -528,9 +537,7 @@ def make_eval_dataset(data_cfg, *, batch_size: int, num_batches: int,
     rows = sequences.map(to_row).to_iter_dataset()
   else:
     docs = grain.MapDataset.source(sources.open_source(data_cfg, 'validation'))
-    threads = (0 if isinstance(tokenizer, tokenizers.ByteTokenizer)
-               else min(num_threads, cpu_cores()))
-    rows = _packed_rows(docs, tokenizer, data_cfg, threads)
+    rows = _packed_rows(docs, tokenizer, data_cfg, _read_threads(data_cfg, num_threads))
   batches = rows.batch(batch_size, batch_fn=functools.partial(
       _pad_batch, batch_size=batch_size, pad_id=tokenizer.pad_id))
   mine = slice(process_index * local_batch, (process_index + 1) * local_batch)

@@ -270,7 +270,7 @@ _INPUT_BOUND = 0.1
 
 def _input_bound_message(cfg: ml_collections.ConfigDict, step: int, wait: float) -> str:
   threads, cores = cfg.data.get('num_threads', 0), data.cpu_cores()
-  if cfg.data.tokenizer == 'bytes' or cfg.data.source.startswith(data.sources.DISTILLED):
+  if not data.tokenizes_in_threads(cfg.data):
     remedy = ('these batches are read without threads; put data.data_dir on a faster disk '
               'or give each process more CPU cores')
   elif threads < cores:
@@ -332,6 +332,7 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
         bar.alert(f'step {step}: skipped {skipped} non-finite steps ({monitor.skipped} in '
                   'this run); the weights were not updated on them')
       state = reset_windows(state)
+      waited = data_wait.take()  # (the first window's, compiling, is not logged)
       if watch is None:  # the first interval includes compilation: not timed
         watch = Stopwatch()
       else:
@@ -340,11 +341,10 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
         logged['tokens_per_s'] = tokens_per_step * len(pending) / seconds
         logged['mfu'] = flops.mfu(logged['tokens_per_s'] * flops_per_token,
                                   jax.device_count(), device_kind)
-        logged['data_wait'] = min(data_wait.take() / seconds, 1.0)
+        logged['data_wait'] = min(waited / seconds, 1.0)
         if logged['data_wait'] > _INPUT_BOUND and not input_bound_told:
           bar.alert(_input_bound_message(cfg, step, logged['data_wait']))
           input_bound_told = True
-      data_wait.take()  # (the first window's, compiling, is not logged)
       logged['lr'] = float(schedule(step - 1))  # optax counts updates from 0
       if hasattr(data_iter, 'epoch'):  # not on a wrapped iterator (e.g. a `.map` over it)
         logged['epoch'] = data_iter.epoch()
