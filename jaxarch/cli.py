@@ -107,23 +107,17 @@ def _check_backend() -> None:
         f'jax could not start a device backend ({reason})') from None
 
 
-@contextlib.contextmanager
 def _step_memory(cfg):
   """XLA running out of device memory in a step (on CPU, or past the trainer's check of
   the state) is a traceback from deep inside jax; this says what to change."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxarch.train.memory import out_of_memory_detail  # pylint: disable=g-import-not-at-top
-  try:
-    yield
-  except jax.errors.JaxRuntimeError as e:
-    if (detail := out_of_memory_detail(e)) is None:
-      raise
-    raise DeviceError(
-        f'out of device memory ({detail}) with train.batch_size={cfg.train.batch_size} x '
-        f'data.seq_len={cfg.data.seq_len} on {jax.device_count()} '
-        f'{jax.devices()[0].platform} devices: lower --config.train.batch_size (or raise '
-        '--config.train.grad_accum_steps), set --config.model.remat=full, or shard with '
-        '--config.mesh.ici.fsdp; `jaxarch bench memory` plans it without allocating') from None
+  from jaxarch.train.memory import explained_out_of_memory  # pylint: disable=g-import-not-at-top
+  return explained_out_of_memory(lambda detail: DeviceError(
+      f'out of device memory ({detail}) with train.batch_size={cfg.train.batch_size} x '
+      f'data.seq_len={cfg.data.seq_len} on {jax.device_count()} '
+      f'{jax.devices()[0].platform} devices: lower --config.train.batch_size (or raise '
+      '--config.train.grad_accum_steps), set --config.model.remat=full, or shard with '
+      '--config.mesh.ici.fsdp; `jaxarch bench memory` plans it without allocating'))
 
 
 def _join_job(args) -> bool:

@@ -31,7 +31,7 @@ from jaxarch.infer.decoding import add_caches, decode_step, for_inference, prefi
 from jaxarch.infer.sampling import GenerateError, Sampling, choose, within_vocab
 from jaxarch.infer.tree import DraftTree
 from jaxarch.parallel import context
-from jaxarch.train.memory import out_of_memory_detail
+from jaxarch.train.memory import explained_out_of_memory
 
 _MIN_BUCKET = 8
 _NEW_TOKENS_BUCKET = 64  # output and cache room for new tokens: a multiple of this
@@ -347,20 +347,14 @@ def generate(model: nnx.Module, prompt_tokens, *, max_new_tokens: int,
       prompt_tokens, max_new_tokens=max_new_tokens, method=method, **options)
 
 
-@contextlib.contextmanager
 def _cache_memory(shape: _Shape, max_new_tokens: int):
   """Caches too big for the device (a huge max_new_tokens: its room is allocated up front)
   end in a traceback from deep inside XLA; this says which argument to lower."""
-  try:
-    yield
-  except jax.errors.JaxRuntimeError as e:
-    if (detail := out_of_memory_detail(e)) is None:
-      raise
-    raise GenerateError(
-        f'generate: out of device memory ({detail}) for caches of {shape.batch} sequences x '
-        f'{shape.cache_len:,} positions (prompts padded to {shape.prompt_len} + room for '
-        f'max_new_tokens={max_new_tokens:,}): lower max_new_tokens, or give fewer prompts '
-        'at a time') from None
+  return explained_out_of_memory(lambda detail: GenerateError(
+      f'generate: out of device memory ({detail}) for caches of {shape.batch} sequences x '
+      f'{shape.cache_len:,} positions (prompts padded to {shape.prompt_len} + room for '
+      f'max_new_tokens={max_new_tokens:,}): lower max_new_tokens, or give fewer prompts '
+      'at a time'))
 
 
 def _drafts(mask_logits: jax.Array, tree: DraftTree) -> jax.Array:

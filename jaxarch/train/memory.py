@@ -11,6 +11,7 @@ allocate; on CPU only indicative, as the CPU compiler neither fuses attention no
 for memory as the GPU compiler does.
 """
 
+import contextlib
 import copy
 
 import jax
@@ -30,12 +31,18 @@ class OutOfMemoryError(RuntimeError):
   """The train state does not fit the devices; one line saying how to shard it."""
 
 
-def out_of_memory_detail(error: Exception) -> str | None:
-  """XLA's first line after RESOURCE_EXHAUSTED when `error` is a device (or host) out of
-  memory, e.g. 'Out of memory allocating 256000002048 bytes'; None for any other error."""
-  if not isinstance(error, jax.errors.JaxRuntimeError) or 'RESOURCE_EXHAUSTED' not in str(error):
-    return None
-  return str(error).split('RESOURCE_EXHAUSTED: ', 1)[-1].splitlines()[0].rstrip('.')
+@contextlib.contextmanager
+def explained_out_of_memory(explain):
+  """XLA running out of device (or host) memory is a traceback from deep inside jax; inside
+  this it raises `explain(detail)` instead, `detail` being XLA's own first line, e.g.
+  'Out of memory allocating 256000002048 bytes': one line saying what to change."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    detail = str(e).split('RESOURCE_EXHAUSTED: ', 1)[-1].splitlines()[0].rstrip('.')
+    raise explain(detail) from None
 
 
 def shard_bytes(tree) -> int:
