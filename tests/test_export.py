@@ -95,6 +95,17 @@ def test_loading_weights_of_another_shape_names_the_array(tmp_path):
     write_model(_model(cfg), cfg, tmp_path / 'out')
 
 
+def test_the_same_model_exports_to_the_same_bytes(tmp_path):
+  cfg = family_config('dense')
+  model = _model(cfg)
+  files = set()
+  for i in range(6):  # a header written in a random key order differed 1 time in 2
+    write_model(model, cfg, tmp_path / str(i))
+    files.add(tuple((p.name, p.read_bytes()) for p in sorted((tmp_path / str(i)).iterdir())
+                    if p.name != 'README.md'))  # which names the folder
+  assert len(files) == 1
+
+
 @pytest.mark.parametrize('family', ['dense', 'dense_windowed',
                                     pytest.param('megabyte', marks=pytest.mark.slow)])
 def test_stablehlo_generates_the_tokens_of_jaxarch_generate(tmp_path, family):

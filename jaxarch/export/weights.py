@@ -111,8 +111,9 @@ def write_model(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Pa
   out = free_out(out)
   out.mkdir(parents=True, exist_ok=True)
   arrays = {k: jax.device_get(v) for k, v in flat_arrays(model).items()}
-  safetensors.flax.save_file(arrays, out / WEIGHTS,
-                             metadata={'format': 'jaxarch', 'family': cfg.model.family})
+  # One metadata key: safetensors writes a header's keys in a random order, and the same
+  # model should export to the same bytes (config.json names the family).
+  safetensors.flax.save_file(arrays, out / WEIGHTS, metadata={'format': 'jaxarch'})
   readable(out / WEIGHTS)  # as the other files (it is written 0600)
   cfg = copy_tokenizer(cfg, out)
   config_lib.save(cfg, out / 'config.json')
