@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -639,6 +640,25 @@ def test_an_export_interrupted_midway_leaves_no_out_directory(tmp_path, capsys, 
   assert 'interrupted' in capsys.readouterr().err
   assert not (tmp_path / 'out').exists()
   assert not [p for p in tmp_path.iterdir() if 'partial' in p.name]
+
+
+def test_a_retry_removes_what_a_killed_export_left_and_nothing_else(tmp_path, caplog):
+  ended = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
+                         capture_output=True, text=True, check=True)
+  host = socket.gethostname()
+  left = {name: tmp_path / f'.out.partial-{name}-abc' for name in (
+      f'{host}-{ended.stdout.strip()}',  # killed: its process is gone
+      f'{host}-{os.getppid()}',  # still writing
+      f'other-host-{ended.stdout.strip()}')}  # cannot be told from here
+  for path in left.values():
+    (path / 'model.safetensors').parent.mkdir()
+    (path / 'model.safetensors').write_bytes(b'half')
+  cfg = family_config('dense')
+  with all_or_nothing(tmp_path / 'out') as partial:
+    write_model(_model(cfg), cfg, partial)
+  assert load_safetensors(tmp_path / 'out')[0].model.to_dict() == cfg.model.to_dict()
+  assert [p.exists() for p in left.values()] == [False, True, True]
+  assert 'left by an earlier try that was killed' in caplog.text
 
 
 def test_hf_export_command_refuses_before_it_writes(tmp_path, capsys):

@@ -22,8 +22,11 @@ shapes and fills in the arrays, checking that every name and shape matches.
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -84,14 +87,44 @@ def readable(path: Path, mode: int = 0o666) -> None:
   os.chmod(path, mode & ~umask)
 
 
+def _partial_prefix(out: Path) -> str:
+  """Names the host, then the process, so that a retry knows which ones were killed."""
+  return f'.{out.name}.partial-{socket.gethostname()}-'
+
+
+def _remove_killed_partials(out: Path) -> None:
+  """Removes the hidden directories that exports to `out` killed on this host (SIGKILL, a
+  lost node: no `finally` ran) left beside it, each as large as the model."""
+  pattern = re.compile(re.escape(_partial_prefix(out)) + r'(\d+)-')
+  for path in out.parent.iterdir():
+    pid = pattern.match(path.name)
+    if pid is None or _running(int(pid[1])):
+      continue  # another host's, or an export still writing
+    shutil.rmtree(path, ignore_errors=True)
+    logging.getLogger(__name__).warning('removed %s, left by an earlier try that was killed',
+                                        path)
+
+
+def _running(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)  # signal 0 only asks whether the process is there
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    pass  # another user's
+  return True
+
+
 @contextlib.contextmanager
 def all_or_nothing(out: str | Path, **names):
   """Yields a fresh directory beside `out` to write an export into; it becomes `out` once
   the writing succeeded, and is removed if it failed, so a failed export leaves nothing
-  that blocks the next try. `names`: `free_out`'s."""
+  that blocks the next try (nor, once retried, when it was killed). `names`: `free_out`'s."""
   out = free_out(out, **names)
   out.parent.mkdir(parents=True, exist_ok=True)
-  partial = Path(tempfile.mkdtemp(prefix=f'.{out.name}.partial-', dir=out.parent))
+  _remove_killed_partials(out)
+  partial = Path(tempfile.mkdtemp(prefix=f'{_partial_prefix(out)}{os.getpid()}-',
+                                  dir=out.parent))
   try:
     yield partial
     readable(partial, 0o777)  # made 0700, as a temporary directory is
