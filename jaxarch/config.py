@@ -1079,6 +1079,8 @@ def _positive_int(cfg: ConfigDict, key: str) -> int:
   value = _get(cfg, key)
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
     raise ConfigError(f'{key}={value!r} must be a positive int')
+  if value >= 2**31:  # a typo's extra zeros, which int32 counters would wrap
+    raise ConfigError(f'{key}={value} must be below 2^31: jax counts steps and sizes in int32')
   return value
 
 

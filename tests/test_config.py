@@ -204,6 +204,8 @@ def test_override_of_a_whole_section_is_refused():
 @pytest.mark.parametrize('key', config_lib.POSITIVE_INTS)
 def test_non_positive_int_is_refused(key):
   assert error_of(tiny, f'{key}=0') == f'config error: {key}=0 must be a positive int'
+  assert error_of(tiny, f'{key}={2**40}') == (f'config error: {key}={2**40} must be below '
+                                              '2^31: jax counts steps and sizes in int32')
 
 
 def test_d_model_must_divide_by_n_heads_unless_head_dim_is_set():
