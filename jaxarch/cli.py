@@ -38,7 +38,16 @@ from jaxarch.train.workdir import WorkdirError, local_workdir
 
 def _config(args, overrides):
   if args.config:
-    cfg = config_lib.load(args.config, overrides)
+    try:
+      cfg = config_lib.load(args.config, overrides)
+    except config_lib.ConfigError as e:
+      if not (Path(args.workdir) / 'config.json').is_file():
+        raise
+      # A rerun of the first command line, after something it named moved (a BiTA run's
+      # base): the run's own config.json still holds all it needs.
+      raise config_lib.ConfigError(
+          f'{e} ({args.workdir} holds a run: `jaxarch {args.command} '
+          f'--workdir={args.workdir}` without --config reads its config.json)') from None
   else:
     saved = Path(args.workdir) / 'config.json'
     if not saved.exists():

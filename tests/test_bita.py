@@ -514,6 +514,21 @@ def test_bita_config_errors_name_the_key(tmp_path):
       _bita_load, base, 'model.bita.init_std=inf')
 
 
+def test_rerunning_a_bita_command_line_after_its_base_moved_points_to_the_resume(tmp_path,
+                                                                               capsys):
+  run = tmp_path / 'bita'
+  argv = ['train', '--config=configs/bita.py:tiny', f'--workdir={run}',
+          f'--config.model.bita.base_workdir={tmp_path / "moved"}',
+          '--config.data.source=distilled:/d']
+  assert cli.main(argv) == 2
+  assert capsys.readouterr().err.strip().endswith('has no config.json: is it a jaxarch workdir?')
+  run.mkdir()
+  config_lib.save(family_config('dense'), run / 'config.json')  # the run it started
+  assert cli.main(argv) == 2
+  assert (f'has no config.json: is it a jaxarch workdir? ({run} holds a run: `jaxarch train '
+          f'--workdir={run}` without --config reads its config.json)') in capsys.readouterr().err
+
+
 def test_bita_data_must_be_distilled_from_its_own_base(tmp_path):
   # Continuations of another run would train drafts that this base rejects, silently.
   base, other = _base_workdir(tmp_path / 'base'), _base_workdir(tmp_path / 'other')
