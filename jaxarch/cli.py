@@ -145,11 +145,33 @@ def _join_job(args) -> bool:
 def _train(args, overrides):
   cfg = _config(args, overrides)
   reports = _join_job(args)
+  _check_saved_mesh(cfg, args, overrides)
   from jaxarch.train import train  # pylint: disable=g-import-not-at-top
   with _step_memory(cfg):
     result = train(cfg, args.workdir)
   if reports:
     print(standard_json(result, indent=2))
+
+
+def _check_saved_mesh(cfg, args, overrides) -> None:
+  """A run resumed as saved keeps config.json's mesh, which may be of other devices (a pool
+  come back smaller, one GPU): the error then says which overrides fit these."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from jaxarch.train.pretrained import data_parallel_mesh
+  if args.config or any(o.startswith('--config.mesh.') for o in overrides):
+    return
+  n = jax.device_count()
+  try:
+    config_lib.mesh_shape(cfg, n)
+  except config_lib.ConfigError as e:
+    sizes = data_parallel_mesh(cfg, n)
+    flags = [f'--config.mesh.ici.{a}={s}' for a, s in sizes.items()]
+    flags += [f'--config.mesh.dcn.{a}=1' for a in sizes if cfg.mesh.dcn[a] != 1]
+    raise config_lib.ConfigError(
+        f'{e} (the mesh of {Path(args.workdir) / "config.json"}); to resume on these {n} '
+        f'devices, pass e.g. {" ".join(flags)} (the checkpoint is resharded onto them and '
+        'the data position carries over)') from None
 
 
 def _eval(args, overrides):

@@ -182,6 +182,25 @@ def test_a_run_whose_mesh_does_not_fit_the_devices_here_gets_one_that_does():
   assert dict(mesh_here(pod)[1].shape) == dict(data=4, fsdp=1, tensor=2, expert=1)
 
 
+def test_a_run_resumed_on_fewer_devices_than_its_mesh_says_which_overrides_fit(
+    tmp_path, data_dir, capsys):
+  """A pod run resumed as saved on the devices left (here 8 of its 16) keeps config.json's
+  mesh: one line names that file and the flags of a mesh that fits, and those resume it."""
+  train(_cfg(data_dir, **{'train.steps': 2, 'checkpoint.every_steps': 2}), tmp_path)
+  saved = tmp_path / 'config.json'
+  config_lib.save(mesh_config(config_lib.load_json(saved), data=2, fsdp=4, tensor=2), saved)
+  capsys.readouterr()
+  assert cli.main(['train', f'--workdir={tmp_path}', '--config.train.steps=3']) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and f'the mesh of {saved}' in err, err
+  flags = err.split('pass e.g. ')[1].split(' (')[0].split()
+  assert flags == ['--config.mesh.ici.data=8', '--config.mesh.ici.fsdp=1',
+                   '--config.mesh.ici.tensor=1', '--config.mesh.ici.expert=1']
+  assert cli.main(['train', f'--workdir={tmp_path}', '--config.train.steps=3', *flags]) == 0
+  assert 'resumed from' in ''.join(capsys.readouterr())
+  assert set(_losses(tmp_path)) == {1, 2, 3}
+
+
 def test_tiny_training_lowers_validation_bits_per_byte(tmp_path, data_dir):
   # From ~8.6 bpb at initialisation (log2 of the vocab) to under 4.5 in 60 steps.
   cfg = _cfg(data_dir, **{'train.steps': 60, 'train.batch_size': 16, 'data.seq_len': 64,

@@ -29,12 +29,17 @@ def mesh_here(cfg: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict
     return cfg, make_mesh(cfg)
   except config_lib.ConfigError:
     cfg = copy.deepcopy(cfg)
-    n = jax.device_count()
-    data = math.gcd(cfg.train.batch_size // cfg.train.grad_accum_steps, n)
-    for axis, size in dict(data=data, fsdp=1, tensor=n // data, expert=1).items():
+    for axis, size in data_parallel_mesh(cfg, jax.device_count()).items():
       config_lib.apply_override(cfg, f'mesh.ici.{axis}={size}')
       config_lib.apply_override(cfg, f'mesh.dcn.{axis}=1')
     return cfg, make_mesh(config_lib.validate(cfg))
+
+
+def data_parallel_mesh(cfg: ml_collections.ConfigDict, n: int) -> dict[str, int]:
+  """`mesh_here`'s mesh.ici sizes on `n` devices (mesh.dcn all 1): data-parallel as far as
+  the batch divides, the rest on `tensor`."""
+  data = math.gcd(cfg.train.batch_size // cfg.train.grad_accum_steps, n)
+  return dict(data=data, fsdp=1, tensor=n // data, expert=1)
 
 
 def load_model(workdir: str | Path, *, step: int | None = None, mesh_overrides=()):
