@@ -1124,6 +1124,21 @@ def test_qwen3_moe_dense_blocks_are_refused_in_one_line():
     assert message in str(e.value) and '\n' not in str(e.value), str(e.value)
 
 
+def test_a_top_1_mixtral_is_refused_in_one_line_and_an_unnormalised_top_1_imports():
+  """A Mixtral's top-1 gate renormalised is 1, which model.moe.renormalize refuses at
+  top_k=1 (its advice, renormalize=False, is a key import does not set and another model);
+  a Qwen3-MoE's without norm_topk_prob is the softmax gate, which jaxarch computes."""
+  for config in ({**MIXTRAL, 'num_experts_per_tok': 1},
+                 {**QWEN3_MOE, 'num_experts_per_tok': 1, 'norm_topk_prob': True}):
+    with pytest.raises(ExportError) as e:
+      hf_import.run_config(config, 'bytes')
+    assert 'num_experts_per_tok=1 with the gate renormalised to 1' in str(e.value), str(e.value)
+    assert '\n' not in str(e.value)
+  model = hf_import.run_config({**QWEN3_MOE, 'num_experts_per_tok': 1, 'norm_topk_prob': False},
+                               'bytes').model
+  assert (model.moe.top_k, model.moe.renormalize) == (1, False)
+
+
 LLAMA3 = {'rope_type': 'llama3', 'factor': 32.0, 'low_freq_factor': 1.0,
           'high_freq_factor': 4.0, 'original_max_position_embeddings': 64}
 

@@ -192,6 +192,8 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
   activation = (('hidden_activation', ('gelu_pytorch_tanh',)) if gemma else
                 ('hidden_act', ('silu', 'swish')))
   gemma_only = _gemma_unsupported(hf_config) if gemma else None
+  # Qwen3-MoE's gates are renormalised over the top k only when asked.
+  renormalize = kind != 'qwen3_moe' or bool(hf_config.get('norm_topk_prob', False))
   unsupported = (
       f"model_type={kind!r} (jaxarch reads {', '.join(map(repr, IMPORTS))})"
       if family is None else
@@ -207,7 +209,11 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
       f"decoder_sparse_step={hf_config['decoder_sparse_step']!r} (dense blocks between "
       'the MoE ones)' if hf_config.get('decoder_sparse_step', 1) != 1 else
       f"mlp_only_layers={hf_config['mlp_only_layers']!r} (dense blocks among the MoE ones)"
-      if hf_config.get('mlp_only_layers') else None)
+      if hf_config.get('mlp_only_layers') else
+      # A top-1 gate renormalised is 1 (model.moe.renormalize refuses it at top_k=1).
+      'num_experts_per_tok=1 with the gate renormalised to 1'
+      if family == 'moe' and hf_config.get('num_experts_per_tok') == 1 and renormalize else
+      None)
   if unsupported:
     raise ExportError(f'import: the checkpoint has {unsupported}, which jaxarch\'s models do '
                       'not compute')
@@ -254,9 +260,7 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
                   'moe.top_k': hf_config['num_experts_per_tok'],
                   'moe.expert_d_ff': hf_config.get('moe_intermediate_size',
                                                    hf_config['intermediate_size']),
-                  # Qwen3-MoE's gates are renormalised over the top k only when asked.
-                  'moe.renormalize': kind != 'qwen3_moe' or
-                                     bool(hf_config.get('norm_topk_prob', False)),
+                  'moe.renormalize': renormalize,
                   **_moe_losses(hf_config)})
   settings = [f'model.{k}={v}' for k, v in model.items()]
   settings += [f'data.tokenizer={tokenizer}',
