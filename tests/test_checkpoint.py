@@ -11,6 +11,7 @@ import grain
 import jax
 import numpy as np
 import pytest
+from orbax.checkpoint._src.multihost import multihost
 
 from conftest import devices, make_batch, mesh_config, tiny_config
 from jaxarch import data
@@ -421,9 +422,32 @@ def test_a_full_disk_is_a_one_line_error_naming_the_intact_checkpoint(tmp_path, 
   # Closing on the same full disk (the trainer's cleanup) says so in one line, too.
   close = ckpt.manager.close
   monkeypatch.setattr(ckpt.manager, 'close', no_space)
-  with pytest.raises(CheckpointError, match='no space left.*checkpoint 1 is intact'):
+  with pytest.raises(CheckpointError, match='could not write checkpoint 2 in .*no space left.*'
+                     'checkpoint 1 is intact'):  # the same failed write: named as the first
     ckpt.close()
   close()
+
+
+def test_a_read_only_checkpoints_directory_fails_an_asynchronous_save_at_once_saying_so(
+    tmp_path, monkeypatch):
+  # Orbax made the step's directories in a thread, whose failure left the save waiting for
+  # them (5 minutes), then saying "Timeout waiting for key '.../step_directory_creation'".
+  monkeypatch.setattr(multihost, 'coordination_timeout', lambda: 3)  # that wait, shorter
+  state = {'w': np.arange(4, dtype=np.float32), 'step': np.int32(0)}
+  ckpt = Checkpointer(tmp_path, async_save=True)
+  ckpt.save(1, state)
+  ckpt.wait()
+  makedirs = os.makedirs
+  def read_only(path, *args, **kwargs):
+    if 'orbax-checkpoint-tmp' in str(path):
+      raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+    return makedirs(path, *args, **kwargs)
+  monkeypatch.setattr(os, 'makedirs', read_only)
+  with pytest.raises(CheckpointError, match='could not write checkpoint 2 in .*: Read-only '
+                     'file system; checkpoint 1 is intact'):
+    ckpt.save(2, state)
+  monkeypatch.undo()
+  ckpt.close()
 
 
 def test_a_failed_asynchronous_write_is_named_by_its_own_step(tmp_path, monkeypatch):

@@ -634,6 +634,23 @@ def test_a_prepared_corpus_is_read_where_nothing_can_be_written(corpus):
     data.open_source(cfg, 'train')
 
 
+def test_preparing_a_corpus_onto_a_full_disk_is_a_config_error_and_can_be_retried(
+    corpus, monkeypatch):
+  # array_record says so in a RuntimeError's text alone, which was a traceback from TFDS.
+  cfg, _ = corpus
+  write = tfds.core.writer.ExampleWriter.write
+  def full(self, path, examples):
+    raise RuntimeError(f'write() failed: No space left on device; writing {path}; at byte '
+                       '3145728; Failed to close chunk_writer')
+  monkeypatch.setattr(tfds.core.writer.ExampleWriter, 'write', full)
+  with pytest.raises(ConfigError, match=r"^config error: data.source='files:.*' could not be "
+                     r'prepared in the data directory .* \(no space left on device\); free '
+                     'space there, or set data.data_dir'):
+    data.open_source(cfg, 'train')
+  monkeypatch.setattr(tfds.core.writer.ExampleWriter, 'write', write)  # space freed
+  assert len(data.open_source(cfg, 'train')) > 0
+
+
 def test_unprepared_tfds_source_says_how_to_prepare(tmp_path, monkeypatch):
   monkeypatch.setattr(tfds.core.constants, 'DATA_DIR', str(tmp_path / 'tfds'))  # not a home's
   cfg = _data_config(tmp_path, 'tfds:mnist')

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+import tensorflow_datasets as tfds
 import safetensors.flax
 import safetensors.numpy
 from flax import nnx
@@ -659,6 +661,73 @@ def test_a_retry_removes_what_a_killed_export_left_and_nothing_else(tmp_path, ca
   assert load_safetensors(tmp_path / 'out')[0].model.to_dict() == cfg.model.to_dict()
   assert [p.exists() for p in left.values()] == [False, True, True]
   assert 'left by an earlier try that was killed' in caplog.text
+
+
+def test_an_export_or_import_onto_a_full_disk_is_one_line_and_can_be_retried(
+    tmp_path, capsys, monkeypatch):
+  # safetensors (Rust) says "(os error 28)", TensorStore "[os_error_code='28']" inside
+  # Orbax's errors: both were tracebacks, and an import's named its temporary directory.
+  workdir = _workdir(tmp_path, 'dense')
+  save_file = safetensors.numpy.save_file  # under both formats' writers
+  def full(*args, **kwargs):
+    raise safetensors.SafetensorError('Error while serializing: I/O error: No space left on '
+                                      'device (os error 28)')
+  monkeypatch.setattr(safetensors.numpy, 'save_file', full)
+  for fmt in ('safetensors', 'hf'):
+    out = tmp_path / fmt
+    assert cli.main(['export', f'--workdir={workdir}', f'--out={out}', f'--format={fmt}']) == 2
+    err = capsys.readouterr().err
+    assert err == (f'jaxarch: export: could not write {out} (no space left on device); '
+                   'nothing was left there: free space (or fix permissions) and rerun\n')
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['run']
+  monkeypatch.setattr(safetensors.numpy, 'save_file', save_file)  # space freed
+  assert cli.main(['export', f'--workdir={workdir}', f'--out={tmp_path / "hf"}',
+                   '--format=hf']) == 0
+  capsys.readouterr()
+
+  def full_checkpoint(*args, **kwargs):
+    raise ValueError('RESOURCE_EXHAUSTED: Error writing "params.x/0" in OCDBT database: '
+                     "No space left on device [os_error_code='28']")
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', full_checkpoint)
+  run = tmp_path / 'imported'
+  assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={run}']) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'jaxarch: import: could not write {run} (no space left on device); '
+                        'nothing was left there') and err.count('\n') == 1
+  assert not run.exists() and not [p for p in tmp_path.iterdir() if 'partial' in p.name]
+
+
+def test_a_distill_onto_a_full_disk_is_one_line_and_can_be_retried(tmp_path, capsys,
+                                                                  monkeypatch):
+  (tmp_path / 'corpus').mkdir()
+  for i in range(8):
+    (tmp_path / 'corpus' / f'{i}.txt').write_text(f'document {i} ' * 20)
+  cfg = family_config('dense', data=8)
+  with cfg.unlocked():
+    cfg.data.source = f'files:{tmp_path}/corpus/*.txt'
+    cfg.data.data_dir = str(tmp_path / 'data')
+    cfg.data.validation_fraction = 0.25
+  setup = make_setup(cfg, make_mesh(cfg))
+  checkpointer = Checkpointer(tmp_path / 'run', async_save=False)
+  checkpointer.save(1, init_state(cfg, setup))
+  checkpointer.close()
+  config_lib.save(cfg, tmp_path / 'run' / 'config.json')
+  # array_record says so in a RuntimeError's text alone: a traceback from deep inside TFDS.
+  write = tfds.core.writer.ExampleWriter.write
+  def full(self, path, examples):
+    raise RuntimeError(f'write() failed: No space left on device; writing {path}')
+  out = tmp_path / 'distilled'
+  args = ['distill', f'--workdir={tmp_path / "run"}', f'--out={out}', '--num_prompts=2',
+          '--validation_prompts=1', '--prompt_len=4', '--max_new_tokens=2']
+  cli.main(['eval', f'--workdir={tmp_path / "run"}'])  # the corpus prepared: room for it
+  capsys.readouterr()
+  monkeypatch.setattr(tfds.core.writer.ExampleWriter, 'write', full)
+  assert cli.main(args) == 2
+  err = capsys.readouterr().err
+  assert f'jaxarch: distill: could not write {out} (no space left on device)' in err
+  assert 'Traceback' not in err
+  monkeypatch.setattr(tfds.core.writer.ExampleWriter, 'write', write)  # space freed
+  assert cli.main(args) == 0
 
 
 def test_hf_export_command_refuses_before_it_writes(tmp_path, capsys):

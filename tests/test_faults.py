@@ -2,6 +2,7 @@
 bad inputs. Each ends in a resumed run or a one-line message, never in lost work."""
 
 import collections
+import errno
 import fcntl
 import json
 import os
@@ -297,6 +298,36 @@ def test_metrics_that_cannot_be_written_are_one_line(tmp_path):
   (tmp_path / 'metrics.jsonl').mkdir()  # as a full disk or a lost permission would fail
   with pytest.raises(WorkdirError, match='could not write the metrics of step 5 to .*resume'):
     writer.write(5, {'loss': 1.0})
+
+
+def test_tensorboard_events_that_cannot_be_written_at_the_end_are_a_warning(tmp_path,
+                                                                             monkeypatch):
+  # The disk filled: closing raised the OSError over the run's one-line error (a traceback),
+  # and tensorboardX's exit handler failed on the same events again, with another.
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  writer = MetricsWriter(tmp_path, tensorboard=True)
+  writer.write(1, {'loss': 1.0})
+  tb = writer.tb
+  def full(self):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  monkeypatch.setattr(record_writer.RecordWriter, 'flush', full)
+  writer.close()
+  tb.file_writer.event_writer.close()  # what its exit handler does: nothing left to write
+  assert (tmp_path / 'metrics.jsonl').is_file()
+
+
+def test_free_space_counts_the_saves_that_a_full_disk_cut_short(tmp_path, monkeypatch):
+  # Deleted before the run saves again: counted as used, a run stopped by a full disk could
+  # not resume once the space for a checkpoint was freed.
+  cut_short = tmp_path / 'run' / 'checkpoints' / '6.orbax-checkpoint-tmp' / 'state'
+  cut_short.mkdir(parents=True)
+  (cut_short / 'd').write_bytes(b'0' * 3_000_000)
+  usage = collections.namedtuple('usage', 'total used free')
+  monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage(10**9, 10**9, 16 << 20))
+  check_workdir(tmp_path / 'run', tiny_config(), 2_000_000, has_checkpoints=False)
+  shutil.rmtree(cut_short.parent)
+  with pytest.raises(WorkdirError, match='GiB free, but one checkpoint'):
+    check_workdir(tmp_path / 'run', tiny_config(), 2_000_000, has_checkpoints=False)
 
 
 @pytest.mark.parametrize('section,key,value', [

@@ -50,6 +50,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxarch.config import DATA_SOURCE_ERROR, ConfigError, distill_summary
+from jaxarch.oserrors import explained_write_errors
 
 log = logging.getLogger(__name__)
 
@@ -738,7 +739,11 @@ def _prepared(builder_cls, config, data_dir: pathlib.Path, source: str):
                       f'written to ({e.strerror or e}), where data.source={source!r} is '
                       'prepared once; set data.data_dir (or --data_dir, or $JAXARCH_DATA_DIR) '
                       'to a writable folder') from None
-  with lock:
+  full = lambda reason: ConfigError(
+      f'config error: data.source={source!r} could not be prepared in the data directory '
+      f'{data_dir} ({reason}); free space there, or set data.data_dir (or --data_dir, or '
+      '$JAXARCH_DATA_DIR) to a folder with room')
+  with lock, explained_write_errors(full):
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
       make().download_and_prepare()  # a no-op once the version directory exists

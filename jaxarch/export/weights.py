@@ -43,6 +43,7 @@ from jaxarch import models
 from jaxarch.data import bos_id, get_tokenizer, stop_ids
 from jaxarch.layers.signals import WindowCounter
 from jaxarch.models import named_variables
+from jaxarch.oserrors import explained_write_errors
 
 WEIGHTS = 'model.safetensors'
 
@@ -119,18 +120,23 @@ def _running(pid: int) -> bool:
 def all_or_nothing(out: str | Path, **names):
   """Yields a fresh directory beside `out` to write an export into; it becomes `out` once
   the writing succeeded, and is removed if it failed, so a failed export leaves nothing
-  that blocks the next try (nor, once retried, when it was killed). `names`: `free_out`'s."""
+  that blocks the next try (nor, once retried, when it was killed); one that the
+  filesystem refused (disk full) says so in one line. `names`: `free_out`'s."""
   out = free_out(out, **names)
   out.parent.mkdir(parents=True, exist_ok=True)
   _remove_killed_partials(out)
   partial = Path(tempfile.mkdtemp(prefix=f'{_partial_prefix(out)}{os.getpid()}-',
                                   dir=out.parent))
+  command = names.get('command', 'export')
   try:
-    yield partial
-    readable(partial, 0o777)  # made 0700, as a temporary directory is
-    if out.exists():
-      out.rmdir()  # empty, as checked
-    partial.rename(out)
+    with explained_write_errors(lambda reason: ExportError(
+        f'{command}: could not write {out} ({reason}); nothing was left there: free space '
+        '(or fix permissions) and rerun')):
+      yield partial
+      readable(partial, 0o777)  # made 0700, as a temporary directory is
+      if out.exists():
+        out.rmdir()  # empty, as checked
+      partial.rename(out)
   finally:
     shutil.rmtree(partial, ignore_errors=True)
 

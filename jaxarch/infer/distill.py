@@ -23,6 +23,7 @@ from jaxarch import data
 from jaxarch.data import sources
 from jaxarch.infer.generate import Generator
 from jaxarch.infer.sampling import GenerateError
+from jaxarch.oserrors import explained_write_errors
 from jaxarch.parallel import make_mesh
 from jaxarch.train.pretrained import load_checkpoint
 
@@ -88,7 +89,10 @@ def distill(workdir: str | Path, out: str | Path, *, num_prompts: int = 2048,
                                    stop_ids=stops)
       splits[split] += [(p + c, len(p)) for p, c in zip(batch, continuations)]
       new_tokens += sum(map(len, continuations))
-  written = sources.write_distilled(out, splits)
+  with explained_write_errors(lambda reason: GenerateError(
+      f'distill: could not write {out} ({reason}); free space (or fix permissions) and '
+      'rerun, or give another --out')):
+    written = sources.write_distilled(out, splits)
   summary = {
       'base_workdir': str(Path(workdir).absolute()), 'base_step': base_step,
       'dataset': str(written), 'tokenizer': cfg.data.tokenizer, 'prompt_len': prompt_len,

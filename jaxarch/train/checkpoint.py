@@ -51,8 +51,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as preservation
 
+from jaxarch.oserrors import caused_by_os_error, chain, reason
 from jaxarch.train.step import tree_path
-from jaxarch.train.workdir import CHECKPOINTS
+from jaxarch.train.workdir import CHECKPOINTS, interrupted_saves
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class Checkpointer:
     another step); only for the run that writes, as a reader's could be a save in progress."""
     self.directory = Path(workdir).absolute() / CHECKPOINTS
     self._saving = None  # the step of the last save, which may still be being written
+    self._failed = None  # the step whose write failed: closing fails on it again
     if remove_interrupted:
       self._remove_interrupted_saves()
     garbled = self._garbled_metrics(move_aside=remove_interrupted)
@@ -111,10 +113,14 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=preservation.AnyPreservationPolicy(policies), create=True,
         enable_async_checkpointing=async_save,
+        # A step's directories are made before save returns: made in Orbax's threads, one
+        # that fails (a read-only or full disk) left the others waiting for it, 5 minutes.
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         # Orbax writes a checkpoint's metrics (read back by BestN) only when it has a best_fn.
         best_fn=eval_loss if keep_best else None, best_mode='min',
         lightweight_initialize=bool(garbled))  # a reader's: opened without reading metrics
     _shorten_write_error_reports()
+    _quiet_closed_loop_reports()  # before a read or write can fail
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
@@ -125,8 +131,8 @@ class Checkpointer:
     """Deletes what saves cut short by a kill left: Orbax's temporary directories (its own
     `cleanup_tmp_directories` runs in a thread, which a run that ends at once, e.g. on a
     config error, leaves to fail at interpreter exit)."""
-    if jax.process_index() == 0 and self.directory.is_dir():
-      for path in self.directory.glob(f'*{ocp.path.atomicity_types.TMP_DIR_SUFFIX}*'):
+    if jax.process_index() == 0:
+      for path in interrupted_saves(self.directory):
         log.warning('removing %s, a save that was interrupted', path)
         shutil.rmtree(path, ignore_errors=True)  # garbage: never a reason to stop
     _sync('jaxarch_remove_interrupted_saves')
@@ -243,17 +249,16 @@ class Checkpointer:
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except
-      os_error = _caused_by_os_error(e)
+      os_error = caused_by_os_error(e)
       if os_error is None:
         raise
-      reason = ('no space left on device' if os_error.errno == errno.ENOSPC
-                else os_error.strerror or str(os_error))
+      step = self._failed if step is None else step
       earlier = [s for s in self.manager.all_steps() if s != step]
       intact = (f'checkpoint {max(earlier)} is intact' if earlier
                 else 'there is no earlier checkpoint')
       what = 'the checkpoints' if step is None else f'checkpoint {step}'
-      self._saving = None
-      raise CheckpointError(f'could not write {what} in {self.directory}: {reason}; '
+      self._saving, self._failed = None, step
+      raise CheckpointError(f'could not write {what} in {self.directory}: {reason(os_error)}; '
                             f'{intact}. Free space (or fix permissions) and rerun to '
                             'resume.') from e
 
@@ -268,7 +273,6 @@ class Checkpointer:
     write again) moved to workdir/corrupt_checkpoints.
     """
     wanted = _shapes(abstract_state)
-    _quiet_closed_loop_reports()  # before a read can fail
     steps = sorted(self.manager.all_steps(), reverse=True)
     if step is not None and step not in steps:
       raise CheckpointError(f'no checkpoint of step {step} in {self.directory}; its steps: '
@@ -542,9 +546,10 @@ def _verify(state, saved: dict[str, int], where: Path) -> None:
 
 
 def _quiet_closed_loop_reports() -> None:
-  """After a restore fails, TensorStore reads still in flight call back into Orbax's
-  closed event loop, and Python reports each as an unraisable 'Event loop is closed'
-  traceback (hundreds of lines). Those reports are dropped; every other passes through."""
+  """After a restore or a save fails, TensorStore reads or writes still in flight call
+  back into Orbax's closed event loop, and Python reports each as an unraisable 'Event
+  loop is closed' traceback (hundreds of lines). Those reports are dropped; every other
+  passes through."""
   previous = sys.unraisablehook
   if getattr(previous, 'drops_closed_loop_reports', False):
     return
@@ -567,7 +572,7 @@ def _shorten_write_error_reports() -> None:
     return
 
   def shorten(record: logging.LogRecord) -> bool:
-    if record.exc_info and _caused_by_os_error(record.exc_info[1]) is not None:
+    if record.exc_info and caused_by_os_error(record.exc_info[1]) is not None:
       record.exc_info = record.exc_text = None
     return True
 
@@ -575,29 +580,11 @@ def _shorten_write_error_reports() -> None:
   absl_logger.addFilter(shorten)
 
 
-def _chain(error):
-  """The error and the errors it was raised from or while handling."""
-  while error is not None:
-    yield error
-    error = error.__cause__ or error.__context__
-
-
-def _caused_by_os_error(error) -> OSError | None:
-  """The OSError behind `error`: raised as one, or reported in the text of TensorStore's
-  errors ("... No space left on device [os_error_code='28']")."""
-  for e in _chain(error):
-    if isinstance(e, OSError):
-      return e
-    if code := re.search(r"os_error_code='?(\d+)", str(e)):
-      return OSError(int(code[1]), os.strerror(int(code[1])))
-  return None
-
-
 def _out_of_memory(error) -> bool:
-  if (os_error := _caused_by_os_error(error)) is not None and os_error.errno == errno.ENOSPC:
+  if (os_error := caused_by_os_error(error)) is not None and os_error.errno == errno.ENOSPC:
     return False  # TensorStore's RESOURCE_EXHAUSTED for a full disk
   return any('RESOURCE_EXHAUSTED' in str(e) or 'out of memory' in str(e).lower()
-             for e in _chain(error))
+             for e in chain(error))
 
 
 # What a failed restore says: worse outcomes have larger codes (`_worst_everywhere`).
@@ -613,7 +600,7 @@ def _outcome(error: Exception | None) -> int:
     return _RESTORED
   if _out_of_memory(error):
     return _OUT_OF_MEMORY
-  os_error = _caused_by_os_error(error)
+  os_error = caused_by_os_error(error)
   if os_error is not None and os_error.errno in _REFUSING_ERRNOS:
     return _REFUSED
   return _UNREADABLE

@@ -68,8 +68,25 @@ class MetricsWriter:
       tmp.replace(self.path)
 
   def close(self):
-    if self.tb is not None:
-      self.tb.close()
+    """A disk that is full (or read-only) by now loses the events TensorBoard still holds:
+    a warning, not an error over the one that ended the run (metrics.jsonl has them)."""
+    if self.tb is None:
+      return
+    tb, self.tb = self.tb, None
+    try:
+      tb.close()
+    except OSError as e:
+      logging.warning('jaxarch: could not write the last TensorBoard events to %s (%s)',
+                      self.path.parent / 'tensorboard', e.strerror or e)
+      _drop_events(tb)
+
+
+def _drop_events(tb) -> None:
+  """Stops a tensorboardX writer whose close failed without the events it holds: else its
+  exit handler and thread write them again, each failing with a traceback."""
+  for writer in (tb.all_writers or {}).values():
+    writer.event_writer._worker.stop()  # pylint: disable=protected-access
+    writer.event_writer._closed = True  # pylint: disable=protected-access
 
 
 def _line(record: dict) -> str:

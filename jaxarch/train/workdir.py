@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 
 
 # Where a run's checkpoints go, inside its workdir.
@@ -77,7 +78,10 @@ def check_workdir(workdir: Path, cfg: ml_collections.ConfigDict, checkpoint_byte
   checkpoints = workdir / CHECKPOINTS  # found now, not at the first save hours later
   # Where the checkpoints are written: their folder may be a link to another disk.
   measured = checkpoints if checkpoints.is_dir() else workdir
-  free = shutil.disk_usage(measured).free
+  # The saves that a full disk (or a kill) cut short are deleted before this run saves.
+  free = shutil.disk_usage(measured).free + sum(
+      f.stat().st_size for save in interrupted_saves(checkpoints) for f in save.rglob('*')
+      if f.is_file())
   needed = int(checkpoint_bytes * 1.1) + (16 << 20)  # arrays, metadata, data state
   if free < needed:
     where = f'workdir {workdir}' if measured == workdir else f'{checkpoints.resolve()}'
@@ -89,6 +93,13 @@ def check_workdir(workdir: Path, cfg: ml_collections.ConfigDict, checkpoint_byte
     _check_same_model(saved, cfg)
   if checkpoints.exists() or checkpoints.is_symlink():  # else made in the writable workdir
     _check_writable(checkpoints)
+
+
+def interrupted_saves(checkpoints: Path) -> list[Path]:
+  """Orbax's temporary directories of the saves in `checkpoints` that were cut short (a
+  kill, a full disk), each up to a checkpoint in size."""
+  suffix = ocp.path.atomicity_types.TMP_DIR_SUFFIX
+  return list(checkpoints.glob(f'*{suffix}*')) if checkpoints.is_dir() else []
 
 
 def _check_writable(directory: Path) -> None:

@@ -1,0 +1,54 @@
+"""What the filesystem refused, read from the errors of whichever library wrote or read:
+Python's OSError, TensorStore's and Rust's error texts, array_record's words. Checkpoints,
+exports, data preparation and distillation all turn such an error into one line."""
+
+import contextlib
+import errno
+import os
+import re
+
+# Refused writes that libraries report in their errors' text alone, by errno's words
+# (array_record's "write() failed: No space left on device").
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
+def chain(error):
+  """The error and the errors it was raised from or while handling."""
+  while error is not None:
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def caused_by_os_error(error) -> OSError | None:
+  """The OSError behind `error`: raised as one, or reported in the text of TensorStore's
+  errors ("... No space left on device [os_error_code='28']"), Rust's (safetensors: "(os
+  error 28)") or by its words alone (`_WRITE_ERRNOS`)."""
+  for e in chain(error):
+    if isinstance(e, OSError):
+      return e
+    text = str(e)
+    code = re.search(r"os_error_code='?(\d+)|\(os error (\d+)\)", text)
+    code = int(code[1] or code[2]) if code else next(
+        (c for c in _WRITE_ERRNOS if os.strerror(c) in text), None)
+    if code is not None:
+      return OSError(code, os.strerror(code))
+  return None
+
+
+def reason(os_error: OSError) -> str:
+  """The error's words for a message: 'no space left on device', 'Read-only file system'."""
+  return ('no space left on device' if os_error.errno == errno.ENOSPC
+          else os_error.strerror or str(os_error))
+
+
+@contextlib.contextmanager
+def explained_write_errors(explain):
+  """A write that the filesystem refuses (disk full, read-only, permissions), however the
+  library that wrote reports it, raises `explain(reason)` instead: one line, where it was
+  a traceback from deep inside TFDS or safetensors."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    if (os_error := caused_by_os_error(e)) is None:
+      raise
+    raise explain(reason(os_error)) from None
