@@ -287,11 +287,10 @@ def _run_or_export(workdir: str, step: int | None):
   # pylint: disable=g-import-not-at-top
   from jaxarch.export.weights import WEIGHTS, load_safetensors
   from jaxarch.train.checkpoint import Checkpointer
-  from jaxarch.train.pretrained import load_model, mesh_here
+  from jaxarch.train.pretrained import load_model
   path = Path(workdir).expanduser()
   if step is None and not Checkpointer.exists(path) and (path / WEIGHTS).is_file():
-    cfg, model = load_safetensors(path)
-    return mesh_here(cfg)[0], model
+    return load_safetensors(path)
   return load_model(path, step=step)
 
 

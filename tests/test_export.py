@@ -98,6 +98,27 @@ def test_loading_weights_of_another_shape_names_the_array(tmp_path):
     write_model(_model(cfg), cfg, tmp_path / 'out')
 
 
+def test_an_export_loads_sharded_over_the_run_s_mesh_or_one_that_fits(tmp_path):
+  # It loaded onto one device (safetensors.flax): a model larger than a device's memory
+  # could not be loaded at all, where the run's checkpoint loads sharded.
+  cfg = family_config('dense', fsdp=4, tensor=2)
+  model = _model(cfg)
+  write_model(model, cfg, tmp_path / 'out')
+  loaded_cfg, loaded = load_safetensors(tmp_path / 'out')
+  q_proj = loaded.blocks[0].attn.q_proj.get_value()
+  assert len(q_proj.sharding.device_set) == 8 and not q_proj.sharding.is_fully_replicated
+  assert q_proj.addressable_shards[0].data.size == q_proj.size // 8  # fsdp × tensor
+  np.testing.assert_allclose(np.asarray(logits(loaded, TOKENS)),
+                             np.asarray(logits(model, TOKENS)), rtol=2e-5, atol=2e-5)
+  saved = json.loads((tmp_path / 'out' / 'config.json').read_text())
+  saved['mesh']['ici'].update(data=1, fsdp=16, tensor=1)  # a pod's, on the 8 devices here
+  (tmp_path / 'out' / 'config.json').write_text(json.dumps(saved))
+  loaded_cfg, loaded = load_safetensors(tmp_path / 'out')
+  assert dict(loaded_cfg.mesh.ici) == dict(data=8, fsdp=1, tensor=1, expert=1)
+  np.testing.assert_allclose(np.asarray(logits(loaded, TOKENS)),
+                             np.asarray(logits(model, TOKENS)), rtol=2e-5, atol=2e-5)
+
+
 def test_the_same_model_exports_to_the_same_bytes(tmp_path):
   cfg = family_config('dense')
   model = _model(cfg)

@@ -31,11 +31,11 @@ import tempfile
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import safetensors
 import safetensors.flax
+import safetensors.numpy
 from flax import nnx
 
 from jaxarch import config as config_lib
@@ -44,6 +44,8 @@ from jaxarch.data import bos_id, get_tokenizer, stop_ids
 from jaxarch.layers.signals import WindowCounter
 from jaxarch.models import named_variables
 from jaxarch.oserrors import explained_write_errors
+from jaxarch.parallel.sharding import tree_shardings
+from jaxarch.train.pretrained import mesh_here
 
 WEIGHTS = 'model.safetensors'
 
@@ -211,17 +213,24 @@ def keep_chat_template(cfg, out: Path, template: str, settings: Path):
 
 
 def load_safetensors(out: str | Path) -> tuple[ml_collections.ConfigDict, nnx.Module]:
-  """(config, model) from an export directory; the model's logits equal the run's."""
+  """(config, model) from an export directory; the model's logits equal the run's.
+
+  Sharded as `jaxarch.load` shards a run's checkpoint: over the run's mesh where it fits
+  the devices here, else a data-parallel one (`mesh_here`, whose config is returned), each
+  array read from the file straight into its shards, so no device holds the whole model.
+  """
   out = Path(out)
   for name in ('config.json', WEIGHTS):
     if not (out / name).is_file():
       raise ExportError(f'export: {out / name} not found; is {out} a `jaxarch export` '
                         'directory?')
-  cfg = config_lib.load_json(out / 'config.json')  # its tokenizer the copy in OUT
+  # its tokenizer the copy in OUT
+  cfg, mesh = mesh_here(config_lib.load_json(out / 'config.json'))
   abstract = nnx.eval_shape(lambda: models.build(cfg.model, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
+  shardings = dict(nnx.to_flat_state(tree_shardings(state, mesh, cfg.mesh.rules)))
   try:
-    arrays = safetensors.flax.load_file(out / WEIGHTS)
+    arrays = safetensors.numpy.load_file(out / WEIGHTS)  # in host memory
   except safetensors.SafetensorError as e:  # cut short or garbled
     raise ExportError(f'export: {out / WEIGHTS} cannot be read ({e}); export the run '
                       'again') from None
@@ -240,9 +249,11 @@ def load_safetensors(out: str | Path) -> tuple[ml_collections.ConfigDict, nnx.Mo
     if (tuple(want.shape), want.dtype) != (tuple(got.shape), got.dtype):
       raise ExportError(f'export: {name} is {got.dtype}{list(got.shape)} in {out / WEIGHTS}, '
                         f'the config expects {want.dtype}{list(want.shape)}')
-    flat[path].set_value(got)
+    flat[path].set_value(jax.device_put(got, shardings[path].get_value()))
   for _, (path, counter) in counters.items():
-    flat[path].set_value(jnp.zeros(counter.get_value().shape, counter.get_value().dtype))
+    flat[path].set_value(jax.device_put(
+        np.zeros(counter.get_value().shape, counter.get_value().dtype),
+        shardings[path].get_value()))
   return cfg, nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
