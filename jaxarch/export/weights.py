@@ -35,7 +35,6 @@ import ml_collections
 import numpy as np
 import safetensors
 import safetensors.flax
-import safetensors.numpy
 from flax import nnx
 
 from jaxarch import config as config_lib
@@ -217,7 +216,8 @@ def load_safetensors(out: str | Path) -> tuple[ml_collections.ConfigDict, nnx.Mo
 
   Sharded as `jaxarch.load` shards a run's checkpoint: over the run's mesh where it fits
   the devices here, else a data-parallel one (`mesh_here`, whose config is returned), each
-  array read from the file straight into its shards, so no device holds the whole model.
+  array read from the file (one at a time) into its shards: no device holds the whole
+  model, nor does host memory.
   """
   out = Path(out)
   for name in ('config.json', WEIGHTS):
@@ -229,27 +229,28 @@ def load_safetensors(out: str | Path) -> tuple[ml_collections.ConfigDict, nnx.Mo
   abstract = nnx.eval_shape(lambda: models.build(cfg.model, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   shardings = dict(nnx.to_flat_state(tree_shardings(state, mesh, cfg.mesh.rules)))
-  try:
-    arrays = safetensors.numpy.load_file(out / WEIGHTS)  # in host memory
-  except safetensors.SafetensorError as e:  # cut short or garbled
-    raise ExportError(f'export: {out / WEIGHTS} cannot be read ({e}); export the run '
-                      'again') from None
   names = {name: path
            for name, (path, _) in named_variables(_exported_state(abstract)).items()}
   counters = named_variables(nnx.state(abstract, WindowCounter))
-  arrays = {k: v for k, v in arrays.items() if k not in counters}  # exports before 2026-12
-  missing, extra = sorted(set(names) - set(arrays)), sorted(set(arrays) - set(names))
-  if missing or extra:
-    raise ExportError(f'export: {out / WEIGHTS} does not fit {cfg.model.family} config.json: '
-                      f'{len(missing)} names missing (e.g. {missing[:1]}), {len(extra)} '
-                      f'unknown (e.g. {extra[:1]})')
   flat = dict(nnx.to_flat_state(state))
-  for name, path in names.items():
-    want, got = flat[path].get_value(), arrays[name]
-    if (tuple(want.shape), want.dtype) != (tuple(got.shape), got.dtype):
-      raise ExportError(f'export: {name} is {got.dtype}{list(got.shape)} in {out / WEIGHTS}, '
-                        f'the config expects {want.dtype}{list(want.shape)}')
-    flat[path].set_value(jax.device_put(got, shardings[path].get_value()))
+  try:
+    with safetensors.safe_open(out / WEIGHTS, framework='numpy') as weights:
+      stored = set(weights.keys()) - set(counters)  # exports before 2026-12 held counters
+      missing, extra = sorted(set(names) - stored), sorted(stored - set(names))
+      if missing or extra:
+        raise ExportError(f'export: {out / WEIGHTS} does not fit {cfg.model.family} '
+                          f'config.json: {len(missing)} names missing (e.g. {missing[:1]}), '
+                          f'{len(extra)} unknown (e.g. {extra[:1]})')
+      for name, path in names.items():
+        want, got = flat[path].get_value(), weights.get_tensor(name)  # one in host memory
+        if (tuple(want.shape), want.dtype) != (tuple(got.shape), got.dtype):
+          raise ExportError(f'export: {name} is {got.dtype}{list(got.shape)} in '
+                            f'{out / WEIGHTS}, the config expects '
+                            f'{want.dtype}{list(want.shape)}')
+        flat[path].set_value(jax.device_put(got, shardings[path].get_value()))
+  except safetensors.SafetensorError as e:  # cut short or garbled
+    raise ExportError(f'export: {out / WEIGHTS} cannot be read ({e}); export the run '
+                      'again') from None
   for _, (path, counter) in counters.items():
     flat[path].set_value(jax.device_put(
         np.zeros(counter.get_value().shape, counter.get_value().dtype),
