@@ -83,6 +83,7 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
 
   A run's saved `config.json` loads too (`load_json`), so a run can be trained again.
   """
+  _check_overrides(overrides)
   path, arg = _split_spec(spec)
   if path.endswith('.json'):
     if arg:
@@ -112,6 +113,13 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
     for override in deferred:
       apply_override(cfg, override)
   return validate(cfg)
+
+
+def _check_overrides(overrides) -> None:
+  """One override given as a string would be read as overrides of one character each."""
+  if isinstance(overrides, (str, bytes)):
+    raise ConfigError(f'overrides={overrides!r} is one string; give a list of overrides, '
+                      f'e.g. [{overrides!r}]')
 
 
 def _split_spec(spec: str) -> tuple[str, str | None]:
@@ -728,6 +736,7 @@ BLOCK_CHECKS: dict[str, tuple[Check, ...]] = {
 
 def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
   """Raises ConfigError on the first inconsistency; with `num_devices`, checks the mesh too."""
+  _check_completed(cfg)
   for key in POSITIVE_INTS:
     _positive_int(cfg, key)
   family = _choice(cfg, 'model.family', tuple(FAMILY_CHECKS))
@@ -772,6 +781,19 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
   _check_data(cfg)
   _check_mesh(cfg, num_devices)
   return cfg
+
+
+def _check_completed(cfg: ConfigDict) -> None:
+  """A BiTA config straight from `get_config()` (not through `load`) lacks the model that
+  `load` takes from its base run: say so, not that model.d_model is missing."""
+  model = cfg.get('model') or {}
+  bita = model.get('bita')
+  if (model.get('family') == 'bita' and isinstance(bita, ConfigDict)
+      and 'base_family' not in bita):
+    raise ConfigError("model.family='bita' takes its model from the base run "
+                      '(model.bita.base_workdir), which jaxarch.config.load fills in; load '
+                      "the config with config.load('configs/bita.py:<preset>', "
+                      "['model.bita.base_workdir=DIR', 'data.source=distilled:DIR'])")
 
 
 def _check_sliding_window(cfg: ConfigDict) -> None:
@@ -1220,6 +1242,7 @@ def load_json(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ConfigD
   that jaxarch gained after the run was saved take their defaults. The run's own files
   (`RUN_FILES`, named relative to the directory of `path`) come back as their paths.
   """
+  _check_overrides(overrides)
   path = Path(path)
   if not path.is_file():
     raise ConfigError(f'config file {str(path)!r} not found')

@@ -494,6 +494,25 @@ def test_error_is_one_line_starting_with_config_error_and_naming_the_key(spec, o
   assert message.startswith('config error: ') and '\n' not in message and key in message
 
 
+def test_overrides_given_as_one_string_are_one_line_not_one_per_character(tmp_path):
+  message = error_of(config_lib.load, f'{DENSE}:tiny', 'train.steps=5')
+  assert message == ("config error: overrides='train.steps=5' is one string; give a list of "
+                     "overrides, e.g. ['train.steps=5']")
+  config_lib.save(tiny(), tmp_path / 'config.json')
+  assert 'is one string' in error_of(config_lib.load_json, tmp_path / 'config.json',
+                                     'train.steps=5')
+
+
+def test_a_bita_config_that_did_not_come_through_load_says_to_load_it():
+  """configs/bita.py's get_config() alone has no model: `load` takes it from the base run."""
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=protected-access
+  cfg = config_lib._import_file(Path('configs/bita.py')).get_config('tiny')
+  message = error_of(config_lib.validate, cfg)
+  assert message.startswith("config error: model.family='bita' takes its model from the "
+                            'base run') and 'config.load(' in message and '\n' not in message
+
+
 def test_config_error_is_a_value_error():
   assert issubclass(config_lib.ConfigError, ValueError)
 

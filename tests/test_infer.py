@@ -1,5 +1,7 @@
 """Generation: cached decoding equals the full forward pass, batching, sampling, stops, CLI."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -186,6 +188,15 @@ def test_one_stop_id_or_none_and_prompts_as_an_array(dense_generator):
   assert dense_generator(prompts, max_new_tokens=6, stop_ids=None)[0] == free
   assert dense_generator(np.array(prompts), max_new_tokens=np.int64(6))[0] == free
   assert dense_generator(jnp.array(prompts), max_new_tokens=6)[0] == free
+  for one in (np.array(stop), jnp.int32(stop)):  # was: "must be token ids (ints)"
+    assert dense_generator(prompts, max_new_tokens=6, stop_ids=one)[0] == dense_generator(
+        prompts, max_new_tokens=6, stop_ids=[stop])[0]
+
+
+def test_every_stat_is_documented(dense_generator):
+  _, stats = dense_generator([[257, 30, 31]], max_new_tokens=3)
+  documented = set(re.findall(r'`(\w+)`', infer.Generator.__call__.__doc__))
+  assert set(stats) <= documented, set(stats) - documented
 
 
 def test_temperature_zero_samples_the_most_likely_token(dense_generator):

@@ -185,6 +185,24 @@ def test_gradients_match_finite_differences(impl):
                             atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize('impl', KERNEL_IMPLS)
+def test_kernels_run_under_x64(impl):
+  """A notebook with `jax_enable_x64` on (for float64 `check_grads`) still runs the Pallas
+  kernels on float32 tables: their int loop counters and aranges stay int32."""
+  values, indices, weights, cot = kernel_case(5, 64, 3, 4, jnp.float32, seed=3)
+  indices = indices.at[0].set(2)
+  loss = lambda f: lambda v, w: jnp.sum(f(v, indices, w) * cot)
+  want = jax.grad(loss(reference), (0, 1))(values, weights)
+  with jax.enable_x64(True):
+    lookup = lambda v, i, w: sparse_lookup(v, i, w, impl=impl)
+    out = lookup(values, indices, weights)
+    got = jax.grad(loss(lookup), (0, 1))(values, weights)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, reference(values, indices, weights), rtol=1e-5, atol=1e-5)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize('impl', ['xla', pytest.param('interpret', marks=pytest.mark.slow),
                                   pytest.param('interpret_tpu', marks=pytest.mark.slow)])
 def test_jit_and_vmap(impl):

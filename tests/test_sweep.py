@@ -589,6 +589,17 @@ def test_report_reads_records_without_flops_and_skips_bad_sizes(tmp_path, capsys
   assert cli.main(['fit', f'--workdir={tmp_path / "run"}']) == 2
   assert f"{tmp_path / 'run'} is a training run's workdir" in capsys.readouterr().err
 
+def test_fits_take_records_from_a_generator_and_name_records_that_are_not_dicts():
+  records = _law_records(CHINCHILLA, [1e17, 1e18, 1e19], np.geomspace(1e7, 1e10, 5), noise=0.0)
+  assert fit_scaling_law(r for r in records)['alpha'] == pytest.approx(
+      fit_scaling_law(records)['alpha'])
+  assert len(isoflop_fits(r for r in records)['profiles']) == 3
+  with pytest.raises(FitError, match='records must be a list of dicts'):
+    fit_scaling_law(records[0])
+  with pytest.raises(FitError, match='records must be dicts .* one is list'):
+    fit_scaling_law([list(r.values()) for r in records])
+
+
 def test_fits_refuse_losses_that_are_not_finite_numbers():
   records = _law_records(CHINCHILLA, [1e18, 1e19], np.geomspace(1e7, 1e10, 4), noise=0.0)
   for bad in (math.nan, None, math.inf):

@@ -88,6 +88,13 @@ class Generator:
     of a prompt draw differently), or one per prompt (a prompt then draws the same tokens
     with its seed in any call, wherever it stands among any others: a request's seed).
     `draft_tree`: candidates per level for method='bita' (default: the model's).
+
+    stats: `batch` (prompts), `prompt_tokens`, `new_tokens` (their sums), `forward_passes`
+    (of the decode loop, the prefill included), `tokens_per_pass` (new tokens per pass of
+    a sequence: 1 but with BiTA), `compile_s`, `prefill_s`, `decode_s` (seconds),
+    `tokens_per_s` (new tokens over prefill and decode), `decode_step_s`, `cache_bytes`
+    (the caches' device bytes) and, for method='bita', `accepted_per_pass` (tokens a tree
+    pass gives a sequence, the bonus token included).
     """
     if method == 'sample' and temperature == 0:  # as in vLLM and HF: the most likely
       method, top_k, top_p = 'greedy', 0, 1.0
@@ -339,9 +346,9 @@ def generate(model: nnx.Module, prompt_tokens, *, max_new_tokens: int,
   `method`: 'greedy' or 'sample' (with `temperature`, `top_k`, `top_p`, `seed`);
   `stop_ids` (ids, or one id) end a sequence (the stop id is kept as its last token).
   Returns the new tokens of each prompt and statistics (tokens/s, forward passes,
-  timings). Compiles on every call; keep a `Generator` to generate repeatedly with one
-  model. `vocab_limit`: the tokenizer's vocabulary, below the model's padded one (ids past
-  it are never chosen).
+  timings: the keys are listed in `Generator.__call__`). Compiles on every call; keep a
+  `Generator` to generate repeatedly with one model. `vocab_limit`: the tokenizer's
+  vocabulary, below the model's padded one (ids past it are never chosen).
   """
   return Generator(model, mesh=mesh, rules=rules, vocab_limit=vocab_limit)(
       prompt_tokens, max_new_tokens=max_new_tokens, method=method, **options)
@@ -433,8 +440,8 @@ def _stop_ids(stop_ids) -> list[int]:
   """`stop_ids` as a list: one id or None (no stop) are taken as well."""
   if stop_ids is None:
     return []
-  if isinstance(stop_ids, (int, np.integer)):
-    return [int(stop_ids)]
+  if isinstance(stop_ids, (int, np.integer)) or getattr(stop_ids, 'ndim', None) == 0:
+    return [_whole('stop_ids', stop_ids)]  # also a 0-d numpy or jax array
   try:
     return [operator.index(t) for t in stop_ids]
   except TypeError:

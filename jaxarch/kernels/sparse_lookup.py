@@ -182,11 +182,13 @@ def _forward(values, indices, weights, bags, kernels, num_bags):
   if kernels == 'xla':
     out = lookup_xla.forward(values, indices, weights, bags, num_bags)
   elif kernels.startswith('triton'):
-    out = lookup_triton.forward(_padded(values), indices, weights, bags=bags,
-                                num_bags=num_bags, interpret=_interpret(kernels))
+    with _x32():
+      out = lookup_triton.forward(_padded(values), indices, weights, bags=bags,
+                                  num_bags=num_bags, interpret=_interpret(kernels))
   else:
-    out = lookup_tpu.forward(_padded(values), indices, weights,
-                             interpret=_interpret(kernels))
+    with _x32():
+      out = lookup_tpu.forward(_padded(values), indices, weights,
+                               interpret=_interpret(kernels))
   return out[..., :d].astype(values.dtype)
 
 
@@ -207,16 +209,25 @@ def _lookup_bwd(kernels, scatter, num_bags, residuals, g):
   else:
     padded = _padded(values)
     g = jnp.pad(g, [(0, 0)] * (g.ndim - 1) + [(0, padded.shape[1] - d)])
-    if kernels.startswith('triton'):
-      grad_values, grad_w = lookup_triton.backward(padded, indices, w, g, bags=bags,
-                                                   scatter=scatter,
-                                                   interpret=_interpret(kernels))
-    else:
-      grad_values, grad_w = lookup_tpu.backward(padded, indices, w, g,
-                                                interpret=_interpret(kernels))
+    with _x32():
+      grad_values, grad_w = _pallas_backward(kernels, scatter, padded, indices, w, g, bags)
   int_zero = lambda a: None if a is None else jnp.zeros(a.shape, jax.dtypes.float0)
   return (grad_values[:n, :d].astype(values.dtype), int_zero(indices),
           grad_w.astype(weights.dtype), int_zero(bags))
+
+
+def _pallas_backward(kernels, scatter, padded, indices, w, g, bags):
+  if kernels.startswith('triton'):
+    return lookup_triton.backward(padded, indices, w, g, bags=bags, scatter=scatter,
+                                  interpret=_interpret(kernels))
+  return lookup_tpu.backward(padded, indices, w, g, interpret=_interpret(kernels))
+
+
+def _x32():
+  """The Pallas kernels are traced with x64 off, whatever the caller's `jax_enable_x64`:
+  their loop counters, `arange`s and Python ints are int32, as their int32 indices are (with
+  x64 on they would be int64, which their index arithmetic refuses)."""
+  return jax.enable_x64(False)
 
 
 _lookup.defvjp(_lookup_fwd, _lookup_bwd)

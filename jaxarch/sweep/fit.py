@@ -15,6 +15,7 @@ profiles, `budget` (the compute C the run was planned for, in FLOPs).
 import itertools
 import math
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 from scipy import optimize, special
@@ -38,7 +39,20 @@ class FitError(ValueError):
   """Too few or unusable records for a fit."""
 
 
+def _records(records) -> list:
+  """`records` as a list of dicts: a generator is read once, not once per column."""
+  if isinstance(records, Mapping) or not isinstance(records, Iterable):
+    raise FitError('fit: records must be a list of dicts with params, tokens and loss; got '
+                   f'{type(records).__name__}')
+  records = list(records)
+  if (bad := next((r for r in records if not isinstance(r, Mapping)), None)) is not None:
+    raise FitError(f'fit: records must be dicts with params, tokens and loss; one is '
+                   f'{type(bad).__name__} {str(bad)[:60]}')
+  return records
+
+
 def _columns(records, *keys):
+  records = _records(records)
   try:
     columns = [np.array([float(r[k]) for r in records]) for k in keys]
   except KeyError as e:
@@ -218,6 +232,7 @@ def isoflop_fits(records) -> dict:
   (N* = params_coefficient · C^params_exponent, through the vertices that lie inside the
   sizes run at their budget; the laws need two or more of them).
   """
+  records = _records(records)
   (budgets,) = _columns(records, 'budget')
   if np.any(budgets <= 0):
     raise FitError('fit: budget must be positive FLOPs')
