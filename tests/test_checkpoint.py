@@ -369,6 +369,9 @@ def test_the_last_checkpoints_and_the_best_evaluated_one_are_kept(tmp_path):
   again.save(7, state, eval_loss=0.5)
   again.save(8, state)
   assert kept() == [7, 8]
+  again.save(9, state, eval_loss=0.5)  # a tie: the newer one is kept (README)
+  again.save(10, state)
+  assert kept() == [9, 10]
   again.close()
 
 

@@ -280,6 +280,18 @@ def test_a_run_held_back_by_its_data_says_so(tmp_path, data_dir, monkeypatch, ca
   err = capsys.readouterr().err
   assert err.count('the input pipeline limits training: ') == 1
   assert 'these batches are read without threads' in err  # bytes: no data.num_threads
+  assert 'keep_best' not in err  # every eval step (100) is a checkpoint step (every 5)
+
+
+def test_keep_best_with_evaluations_between_checkpoints_says_so(tmp_path, data_dir, capsys):
+  """keep_best compares the checkpoints saved with an eval_loss, those of eval steps:
+  evaluations every 2 steps and checkpoints every 3 meet every 6 steps, and the run says
+  so rather than keep a 'best' of next to none."""
+  train(_cfg(data_dir, **{'train.steps': 4, 'checkpoint.every_steps': 3,
+                          'log.eval_every_steps': 2}), tmp_path)
+  assert ('checkpoint.keep_best keeps the best of the checkpoints written at an eval step: '
+          'with log.eval_every_steps=2 and checkpoint.every_steps=3, those of every 6 steps '
+          'and the last; set one to a multiple of the other') in capsys.readouterr().err
 
 
 def test_a_wait_for_data_counts_once_the_device_has_run_out_of_steps():

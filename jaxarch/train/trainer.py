@@ -7,6 +7,7 @@ values, its parameter metadata), never through branches on `model.family`.
 import contextlib
 import json
 import logging
+import math
 from pathlib import Path
 
 import jax
@@ -282,6 +283,19 @@ def _input_bound_message(cfg: ml_collections.ConfigDict, step: int, wait: float)
           f'pipeline limits training: {remedy}')
 
 
+def _best_seldom_known(cfg: ml_collections.ConfigDict) -> str | None:
+  """Why `checkpoint.keep_best` compares few checkpoints, or None: only a checkpoint written
+  at an eval step has an eval_loss, and where neither interval is a multiple of the other,
+  most evaluations have no checkpoint and most checkpoints no evaluation."""
+  every, evals = cfg.checkpoint.every_steps, cfg.log.eval_every_steps
+  if every % evals == 0 or evals % every == 0:
+    return None
+  return (f'checkpoint.keep_best keeps the best of the checkpoints written at an eval step: '
+          f'with log.eval_every_steps={evals} and checkpoint.every_steps={every}, those of '
+          f'every {math.lcm(every, evals)} steps and the last; set one to a multiple of the '
+          'other')
+
+
 def _paused(watch: Stopwatch | None):
   return contextlib.nullcontext() if watch is None else watch.paused()
 
@@ -296,6 +310,8 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
   if (missing := no_validation_data(cfg, validation)) is not None:
     bar.alert(f'{missing}: the run reports no eval_loss')
     validation = None
+  elif cfg.checkpoint.keep_best and (unaligned := _best_seldom_known(cfg)):
+    bar.alert(unaligned)
   train_step = make_train_step(setup)
   reset_windows = make_window_reset(setup)
   schedule = learning_rate_schedule(cfg.train)
