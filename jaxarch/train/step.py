@@ -156,7 +156,9 @@ def make_train_step(setup: TrainSetup):
   With `setup.grad_accum_steps=A` the batch runs as A microbatches in a `lax.scan` (each
   spread over all devices), summing gradients, so the global batch outgrows what one
   step's activations leave room for. The loss is the same token mean over the whole batch; aux
-  losses (MoE balance) are the token-weighted mean of the microbatches' values. A layer's
+  losses (MoE balance) are the token-weighted mean of the microbatches' values, and the
+  layers' metrics the mean weighted by their real tokens: a mean over the real tokens (an
+  expert's load, the dropped fraction) is then the whole batch's. A layer's
   `PerStepState` (the MoE router's bias) stays put through the microbatches and moves
   once at the end, by the statistics of the whole batch.
 
@@ -204,7 +206,12 @@ def make_train_step(setup: TrainSetup):
       weights, microbatch = _per_microbatch(params, microbatch)
       g, out = microbatch_grads(weights, model_state, microbatch)
       grads = jax.tree.map(jnp.add, grads, g)
-      sums = jax.tree.map(jnp.add, sums, {k: out[k] for k in sums})
+      # Layers' metrics are means over a microbatch's real tokens (`signals.real_mean`):
+      # weighted by that count, their step value is the whole batch's, as at A=1 (a plain
+      # mean over microbatches of unequal padding is not).
+      real = jnp.sum(microbatch['segment_ids'] > 0).astype(jnp.float32)
+      weighted = dict(out, real=real, metrics={k: v * real for k, v in out['metrics'].items()})
+      sums = jax.tree.map(jnp.add, sums, {k: weighted[k] for k in sums})
       # A window count's metric already counts the microbatches before: its last value.
       sums['metrics'] = {k: out['metrics'][k] if is_window_metric(k) else v
                          for k, v in sums['metrics'].items()}
@@ -215,9 +222,11 @@ def make_train_step(setup: TrainSetup):
     zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(
         microbatch_grads, params, model_state, first))
     sums = {k: zero[1][k] for k in ('nll', 'total', 'tokens', 'aux', 'metrics', 'statistics')}
+    sums['real'] = jnp.zeros((), jnp.float32)
     (grads, sums, model_state), _ = jax.lax.scan(body, (zero[0], sums, model_state),
                                                  microbatches)
-    sums['metrics'] = {k: v if is_window_metric(k) else v / grad_accum_steps
+    real = jnp.maximum(sums.pop('real'), 1.0)
+    sums['metrics'] = {k: v if is_window_metric(k) else v / real
                        for k, v in sums['metrics'].items()}
     return grads, {**sums, 'model_state': model_state}
 
