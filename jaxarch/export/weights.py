@@ -224,8 +224,7 @@ def load_safetensors(out: str | Path) -> tuple[ml_collections.ConfigDict, nnx.Mo
     if not (out / name).is_file():
       raise ExportError(f'export: {out / name} not found; is {out} a `jaxarch export` '
                         'directory?')
-  # its tokenizer the copy in OUT
-  cfg, mesh = mesh_here(config_lib.load_json(out / 'config.json'))
+  cfg, mesh = mesh_here(config_lib.load_json(out / 'config.json'))  # tokenizer: OUT's copy
   abstract = nnx.eval_shape(lambda: models.build(cfg.model, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   shardings = dict(nnx.to_flat_state(tree_shardings(state, mesh, cfg.mesh.rules)))
