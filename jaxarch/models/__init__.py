@@ -33,7 +33,10 @@ PRETRAINED_PARTS: dict[str, Callable[[ml_collections.ConfigDict], dict[str, str]
 
 
 def build(model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
-  """The language model of `model_cfg.family`: `model(tokens) -> logits [b, t, vocab]`."""
+  """The language model of `model_cfg.family`: `model(tokens, segment_ids=None,
+  positions=None) -> logits [b, t, vocab]`, tokens int32 [b, t]; for packed rows,
+  segment_ids [b, t] (0: padding; attention stays within a segment) and positions [b, t]
+  (each document's from 0)."""
   if model_cfg.family not in FAMILIES:
     raise ValueError(f'config error: model.family={model_cfg.family!r} is not built yet; '
                      f'available: {sorted(FAMILIES)}')
