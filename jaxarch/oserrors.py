@@ -7,8 +7,8 @@ import errno
 import os
 import re
 
-# Refused writes that libraries report in their errors' text alone, by errno's words
-# (array_record's "write() failed: No space left on device").
+# Refused writes, which some libraries report in their errors' text alone, by errno's
+# words (array_record's "write() failed: No space left on device").
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 
@@ -45,10 +45,12 @@ def reason(os_error: OSError) -> str:
 def explained_write_errors(explain):
   """A write that the filesystem refuses (disk full, read-only, permissions), however the
   library that wrote reports it, raises `explain(reason)` instead: one line, where it was
-  a traceback from deep inside TFDS or safetensors."""
+  a traceback from deep inside TFDS or safetensors. Other OS errors pass through (a source
+  file that is not gzip, or gone: the error of its reader names it)."""
   try:
     yield
   except Exception as e:  # pylint: disable=broad-except
-    if (os_error := caused_by_os_error(e)) is None:
+    os_error = caused_by_os_error(e)
+    if os_error is None or os_error.errno not in _WRITE_ERRNOS:
       raise
     raise explain(reason(os_error)) from None

@@ -396,6 +396,11 @@ def test_a_damaged_gzip_json_lines_file_is_one_line_naming_it(tmp_path):
   with pytest.raises(ConfigError, match=f"file '{tmp_path}/docs/x.jsonl.gz', line 1 cannot "
                      'be read .*decompressing'):
     data.open_source(cfg, 'train')
+  # gzip's BadGzipFile is an OSError, one of no refused write: not "free space there".
+  (tmp_path / 'docs' / 'x.jsonl.gz').write_bytes(b'not gzip at all')
+  with pytest.raises(ConfigError, match=f"file '{tmp_path}/docs/x.jsonl.gz', line 1 cannot "
+                     r'be read \(Not a gzipped file'):
+    data.open_source(cfg, 'train')
 
 
 def test_a_json_lines_text_with_a_lone_surrogate_is_read(tmp_path):
