@@ -7,16 +7,20 @@ import errno
 import os
 import re
 
+from jaxarch.config import ConfigError
+
 # Refused writes, which some libraries report in their errors' text alone, by errno's
 # words (array_record's "write() failed: No space left on device").
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 
 def chain(error):
-  """The error and the errors it was raised from or while handling."""
+  """The error and the errors it was raised from or while handling; not past a `raise ...
+  from None`, which says the error it replaced is explained (a reader's ConfigError that
+  names the file it could not read is no refused write)."""
   while error is not None:
     yield error
-    error = error.__cause__ or error.__context__
+    error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
 
 
 def caused_by_os_error(error) -> OSError | None:
@@ -46,9 +50,12 @@ def explained_write_errors(explain):
   """A write that the filesystem refuses (disk full, read-only, permissions), however the
   library that wrote reports it, raises `explain(reason)` instead: one line, where it was
   a traceback from deep inside TFDS or safetensors. Other OS errors pass through (a source
-  file that is not gzip, or gone: the error of its reader names it)."""
+  file that is not gzip, or gone: the error of its reader names it), and so do config
+  errors, which are one line already."""
   try:
     yield
+  except ConfigError:
+    raise  # explained already: a reader's error naming the file it could not read
   except Exception as e:  # pylint: disable=broad-except
     os_error = caused_by_os_error(e)
     if os_error is None or os_error.errno not in _WRITE_ERRNOS:

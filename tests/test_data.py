@@ -1,5 +1,6 @@
 """Tests of the data package: tokenizer, TFDS sources and cache, Grain packing pipeline."""
 
+import errno
 import gzip
 import importlib.util
 import io
@@ -401,6 +402,27 @@ def test_a_damaged_gzip_json_lines_file_is_one_line_naming_it(tmp_path):
   with pytest.raises(ConfigError, match=f"file '{tmp_path}/docs/x.jsonl.gz', line 1 cannot "
                      r'be read \(Not a gzipped file'):
     data.open_source(cfg, 'train')
+
+
+@pytest.mark.parametrize('name', ['x.jsonl', 'x.txt'])
+def test_a_file_unreadable_since_listed_is_its_read_error_not_a_full_data_dir(
+    tmp_path, monkeypatch, name):
+  """Made unreadable between the listing (which checks permissions) and its reading: the
+  reader's error, not "could not be prepared in the data directory ... free space there"."""
+  (tmp_path / 'docs').mkdir()
+  (tmp_path / 'docs' / name).write_text(json.dumps({'text': 'some text'}) + '\n')
+  (tmp_path / 'docs' / 'y.txt').write_text('another document\n' * 50)
+  real_open = open
+  def refusing_open(path, *args, **kwargs):
+    if str(path).endswith(name):
+      raise PermissionError(errno.EACCES, 'Permission denied', str(path))
+    return real_open(path, *args, **kwargs)
+  monkeypatch.setattr(sources, 'open', refusing_open, raising=False)
+  cfg = _data_config(tmp_path, f'files:{tmp_path}/docs/*')
+  with pytest.raises(ConfigError, match=f"file '{tmp_path}/docs/{name}'.* cannot be read "
+                     r'.*Permission denied') as e:
+    data.open_source(cfg, 'train')
+  assert 'free space' not in str(e.value)
 
 
 def test_a_json_lines_text_with_a_lone_surrogate_is_read(tmp_path):

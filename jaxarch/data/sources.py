@@ -264,11 +264,16 @@ class _TextFilesBuilder(tfds.core.GeneratorBasedBuilder):
           if n in wanted:  # a lone surrogate (JSON's "\ud800") is no character: '?'
             yield f'{f}:{n}', {'text': text.encode('utf-8', errors='replace')}
         continue
-      with open(root / f, 'rb') as file:
-        start = _piece_start(file, index, size)
-        end = size if index + 1 == num_pieces(size) else _piece_start(file, index + 1, size)
-        file.seek(start)
-        yield name, {'text': file.read(end - start)}
+      try:
+        with open(root / f, 'rb') as file:
+          start = _piece_start(file, index, size)
+          end = size if index + 1 == num_pieces(size) else _piece_start(file, index + 1, size)
+          file.seek(start)
+          text = file.read(end - start)
+      except OSError as e:  # made unreadable, or removed, since the corpus was listed
+        raise ConfigError(f'config error: data.source file {str(root / f)!r} cannot be read '
+                          f'({e.strerror or e})') from None
+      yield name, {'text': text}
 
 
 class PythonStdlib(_TextFilesBuilder):
