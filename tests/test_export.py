@@ -1,6 +1,7 @@
 """Export: safetensors round trips for every family, StableHLO that generates the same
 tokens as jaxarch without jaxarch, and the command line."""
 
+import errno
 import json
 import math
 import os
@@ -748,7 +749,21 @@ def test_a_distill_onto_a_full_disk_is_one_line_and_can_be_retried(tmp_path, cap
   assert f'jaxarch: distill: could not write {out} (no space left on device)' in err
   assert 'Traceback' not in err
   monkeypatch.setattr(tfds.core.writer.ExampleWriter, 'write', write)  # space freed
+  # The disk fills again after the sequences, on their summary: neither stays.
+  write_text = Path.write_text
+  def full_for_summary(path, *a, **kw):
+    if path.name.startswith('distill.json'):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return write_text(path, *a, **kw)
+  monkeypatch.setattr(Path, 'write_text', full_for_summary)
+  assert cli.main(args) == 2
+  err = capsys.readouterr().err
+  assert f'jaxarch: distill: could not write {out} (no space left on device)' in err
+  assert 'Traceback' not in err and not (out / 'distill.json').exists()
+  monkeypatch.setattr(Path, 'write_text', write_text)
   assert cli.main(args) == 0
+  assert json.loads((out / 'distill.json').read_text())['sequences'] == {
+      'train': 2, 'validation': 1}
 
 
 def test_hf_export_command_refuses_before_it_writes(tmp_path, capsys):

@@ -13,6 +13,7 @@ validation split for validation), continues them greedily in batches, and writes
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -93,12 +94,19 @@ def distill(workdir: str | Path, out: str | Path, *, num_prompts: int = 2048,
       f'distill: could not write {out} ({reason}); free space (or fix permissions) and '
       'rerun, or give another --out')):
     written = sources.write_distilled(out, splits)
-  summary = {
-      'base_workdir': str(Path(workdir).absolute()), 'base_step': base_step,
-      'dataset': str(written), 'tokenizer': cfg.data.tokenizer, 'prompt_len': prompt_len,
-      'max_new_tokens': max_new_tokens, 'seed': seed,
-      'sequences': {k: len(v) for k, v in splits.items()}, 'new_tokens': new_tokens,
-      'seconds': round(time.perf_counter() - start, 1),
-  }
-  (Path(out) / 'distill.json').write_text(json.dumps(summary, indent=2) + '\n')
+    summary = {
+        'base_workdir': str(Path(workdir).absolute()), 'base_step': base_step,
+        'dataset': str(written), 'tokenizer': cfg.data.tokenizer, 'prompt_len': prompt_len,
+        'max_new_tokens': max_new_tokens, 'seed': seed,
+        'sequences': {k: len(v) for k, v in splits.items()}, 'new_tokens': new_tokens,
+        'seconds': round(time.perf_counter() - start, 1),
+    }
+    tmp = Path(out) / 'distill.json.tmp'
+    try:  # the dataset and its summary together, or neither: a rerun is not refused
+      tmp.write_text(json.dumps(summary, indent=2) + '\n')
+      tmp.replace(Path(out) / 'distill.json')
+    except BaseException:
+      tmp.unlink(missing_ok=True)
+      shutil.rmtree(written, ignore_errors=True)
+      raise
   return summary
