@@ -6,6 +6,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 
 import grain
@@ -326,7 +327,7 @@ def test_free_space_counts_the_saves_that_a_full_disk_cut_short(tmp_path, monkey
   monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage(10**9, 10**9, 16 << 20))
   check_workdir(tmp_path / 'run', tiny_config(), 2_000_000, has_checkpoints=False)
   shutil.rmtree(cut_short.parent)
-  with pytest.raises(WorkdirError, match='GiB free, but one checkpoint'):
+  with pytest.raises(WorkdirError, match='MiB free, but one checkpoint'):
     check_workdir(tmp_path / 'run', tiny_config(), 2_000_000, has_checkpoints=False)
 
 
@@ -431,7 +432,9 @@ def test_full_disk_is_found_before_training(tmp_path, data_dir, capsys, monkeypa
   monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage(10**9, 10**9, 1000))
   code, err = _run_cli(['train', *TINY, f'--workdir={tmp_path}/run',
                         f'--data_dir={data_dir}'], capsys)
-  assert code == 2 and 'GiB free' in err and 'checkpoint of this run takes' in err
+  # A tiny run's checkpoint in MiB, where GiB said "takes about 0.02 GiB".
+  assert code == 2 and 'has 0.0 MiB free, but one checkpoint of this run takes about ' in err
+  assert re.search(r'takes about \d+\.\d MiB;', err)
   assert not (tmp_path / 'run' / 'checkpoints').exists()
 
 
@@ -522,7 +525,7 @@ def test_free_space_is_counted_where_the_checkpoints_go(tmp_path, monkeypatch):
   usage = collections.namedtuple('usage', 'total used free')
   free = lambda path: 1000 if os.path.realpath(path).startswith(str(full_disk)) else 10**12
   monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage(10**12, 0, free(path)))
-  with pytest.raises(WorkdirError, match='GiB free, but one checkpoint'):
+  with pytest.raises(WorkdirError, match='MiB free, but one checkpoint'):
     check_workdir(tmp_path / 'run', tiny_config(), 10**6, has_checkpoints=False)
 
 

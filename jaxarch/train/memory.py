@@ -23,8 +23,7 @@ from jaxarch.data import synthetic_batch
 from jaxarch.parallel import make_mesh
 from jaxarch.train.state import TrainSetup, describe, make_setup
 from jaxarch.train.step import make_train_step
-
-GiB = 2**30
+from jaxarch.train.workdir import readable_size
 
 
 class OutOfMemoryError(RuntimeError):
@@ -80,10 +79,10 @@ def check_state_fits(cfg: ml_collections.ConfigDict, setup: TrainSetup) -> None:
   mu = ('' if cfg.train.mu_dtype == 'bfloat16' else
         ', or keep the first Adam moment in bf16 (--config.train.mu_dtype=bfloat16)')
   raise OutOfMemoryError(
-      f'the train state takes {_size(need["total"])} per device (weights '
-      f'{_size(need["params"])}, optimizer {_size(need["opt_state"])}) under mesh '
-      f'{dict(setup.mesh.shape)}, and a {jax.devices()[0].device_kind} has '
-      f'{_size(limit)}: {_sharding_hint(cfg, setup, need["total"], limit)}{mu}')
+      f'the train state takes {readable_size(need["total"])} per device (weights '
+      f'{readable_size(need["params"])}, optimizer {readable_size(need["opt_state"])}) under '
+      f'mesh {dict(setup.mesh.shape)}, and a {jax.devices()[0].device_kind} has '
+      f'{readable_size(limit)}: {_sharding_hint(cfg, setup, need["total"], limit)}{mu}')
 
 
 def _sharding_hint(cfg: ml_collections.ConfigDict, setup: TrainSetup, need: int,
@@ -146,25 +145,22 @@ def plan(cfg: ml_collections.ConfigDict, *, compile_step: bool = True,
   return result
 
 
-def _size(num_bytes: int) -> str:
-  return (f'{num_bytes / GiB:,.2f} GiB' if num_bytes >= GiB / 10 else
-          f'{num_bytes / 2**20:,.1f} MiB')
-
-
 def summary(result: dict) -> str:
   """A few lines for the terminal."""
   state = result['state_bytes']
   lines = [f'{result["family"]} ({result["params_total"] / 1e6:,.1f}M parameters), batch '
            f'{result["batch_size"]} x {result["seq_len"]}, mesh {result["mesh"]} on '
            f'{result["num_devices"]} x {result["device_kind"]}; per device:',
-           f'  train state   {_size(state["total"])} (weights {_size(state["params"])}, '
-           f'optimizer {_size(state["opt_state"])}, other {_size(state["other"])})']
+           f'  train state   {readable_size(state["total"])} (weights '
+           f'{readable_size(state["params"])}, optimizer {readable_size(state["opt_state"])}, '
+           f'other {readable_size(state["other"])})']
   if 'compiled_bytes' in result:
     c = result['compiled_bytes']
-    lines.append(f'  compiled step {_size(c["peak"])} at peak ({_size(c["temp"])} '
-                 f'temporaries, as the {result["platform"]} compiler assigns them)')
+    lines.append(f'  compiled step {readable_size(c["peak"])} at peak '
+                 f'({readable_size(c["temp"])} temporaries, as the {result["platform"]} '
+                 'compiler assigns them)')
   limit = result['device_memory_bytes']
   lines.append('  device memory unknown on this backend' if limit is None else
-               f'  device memory {_size(limit)}: ' + ('fits' if result['fits'] else
-                                                     'DOES NOT FIT'))
+               f'  device memory {readable_size(limit)}: ' +
+               ('fits' if result['fits'] else 'DOES NOT FIT'))
   return '\n'.join(lines)

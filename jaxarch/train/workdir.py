@@ -62,6 +62,12 @@ def only_trainer_in(workdir: Path):
       'another --workdir'))
 
 
+def readable_size(num_bytes: int) -> str:
+  """'1.25 GiB', or '12.0 MiB' below a tenth of a GiB (a small run's '0.01 GiB' says nothing)."""
+  return (f'{num_bytes / 2**30:,.2f} GiB' if num_bytes >= 2**30 / 10 else
+          f'{num_bytes / 2**20:,.1f} MiB')
+
+
 def state_bytes(abstract_state) -> int:
   """Bytes of one checkpoint of the train state (all shards together)."""
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
@@ -85,9 +91,9 @@ def check_workdir(workdir: Path, cfg: ml_collections.ConfigDict, checkpoint_byte
   needed = int(checkpoint_bytes * 1.1) + (16 << 20)  # arrays, metadata, data state
   if free < needed:
     where = f'workdir {workdir}' if measured == workdir else f'{checkpoints.resolve()}'
-    raise WorkdirError(f'{where} has {free / 2**30:.2f} GiB free, but one '
-                       f'checkpoint of this run takes about {needed / 2**30:.2f} GiB; free '
-                       'space or choose another --workdir')
+    raise WorkdirError(f'{where} has {readable_size(free)} free, but one checkpoint of '
+                       f'this run takes about {readable_size(needed)}; free space or choose '
+                       'another --workdir')
   saved = workdir / 'config.json'
   if has_checkpoints and saved.exists():
     _check_same_model(saved, cfg)
