@@ -25,6 +25,7 @@ from pathlib import Path
 
 from jaxarch import config as config_lib
 from jaxarch import launch as launch_lib
+from jaxarch import oserrors
 from jaxarch.export.weights import ExportError
 from jaxarch.infer.sampling import GenerateError
 from jaxarch.sweep.fit import FitError
@@ -129,6 +130,19 @@ def _step_memory(cfg):
       '--config.mesh.ici.fsdp; `jaxarch bench memory` plans it without allocating'))
 
 
+class _StdoutRefused(Exception):
+  """stdout took no more text; the OSError is its cause."""
+
+
+def _say(text: str) -> None:
+  """print to stdout, flushed now: a refused write stops the command with one line (main),
+  where it was a traceback, or Python's "Exception ignored" at exit."""
+  try:
+    print(text, flush=True)
+  except OSError as e:
+    raise _StdoutRefused() from e
+
+
 def _join_job(args) -> bool:
   """Joins a multi-process job if this process is one (flags or cluster environment);
   True on the process that reports."""
@@ -150,7 +164,7 @@ def _train(args, overrides):
   with _step_memory(cfg):
     result = train(cfg, args.workdir)
   if reports:
-    print(standard_json(result, indent=2))
+    _say(standard_json(result, indent=2))
 
 
 def _check_saved_mesh(cfg, args, overrides) -> None:
@@ -181,7 +195,7 @@ def _eval(args, overrides):
   with _step_memory(cfg):
     result = evaluate(cfg, args.workdir, step=args.step)
   if reports:
-    print(standard_json(result, indent=2))
+    _say(standard_json(result, indent=2))
 
 
 def _bench(args, overrides):
@@ -206,7 +220,7 @@ def _bench(args, overrides):
   if reports:
     out = workdir / f'bench_{args.what}.json'
     out.write_text(standard_json(result, indent=2) + '\n')
-    print(summary(result))
+    _say(summary(result))
     print(f'jaxarch: wrote {out}' + (f' and a profile trace in {result["profile_dir"]}'
                                     if 'profile_dir' in result else ''), file=sys.stderr)
 
@@ -268,11 +282,11 @@ def _generate(args, overrides):
       seed=args.seed or 0)
   for i, (text, ids, new) in enumerate(zip(args.prompt, prompts, outputs)):
     if i:
-      print('-' * 40)
+      _say('-' * 40)
     if args.chat:  # the assistant's reply alone
-      print(tokenizer.decode(new))
+      _say(tokenizer.decode(new))
     else:
-      print(text + decode_continuation(tokenizer, ids[len(start):], new))
+      _say(text + decode_continuation(tokenizer, ids[len(start):], new))
   print(f'jaxarch: {stats["new_tokens"]} new tokens in {stats["prefill_s"] + stats["decode_s"]:.2f}s, '
         f'{stats["tokens_per_s"]:.1f} tokens/s ({stats["decode_step_s"] * 1e3:.1f} ms per '
         f'decode step, batch {stats["batch"]}, KV caches {stats["cache_bytes"] / 2**20:,.1f} '
@@ -302,7 +316,7 @@ def _distill(args, overrides):
                     validation_prompts=args.validation_prompts, prompt_len=args.prompt_len,
                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                     seed=args.seed)
-  print(json.dumps(summary, indent=2))
+  _say(json.dumps(summary, indent=2))
 
 
 def _import(args, overrides):
@@ -383,7 +397,7 @@ def _fit(args, overrides):
     law = entry['law']
     text = law.get('error') or (f'L = {law["E"]:.3f} + {law["A"]:.3g}/N^{law["alpha"]:.3f} + '
                                 f'{law["B"]:.3g}/D^{law["beta"]:.3f}')
-    print(f'{family}: {text}')
+    _say(f'{family}: {text}')
   print(f'jaxarch: wrote {out / "report.md"} and its plots', file=sys.stderr)
 
 
@@ -395,12 +409,12 @@ def _launch(args, overrides):
                           overrides=overrides, out=out)
   if args.dry_run:
     for path, text in job.files.items():
-      print(f'==> {path} <==\n{text}')
+      _say(f'==> {path} <==\n{text}')
     print(f'jaxarch: dry run, nothing written; submit with: {job.submit}', file=sys.stderr)
   else:
     launch_lib.write(job)
     print(f'jaxarch: wrote {", ".join(map(str, job.files))}; submit with:', file=sys.stderr)
-    print(job.submit)
+    _say(job.submit)
   for alternative in job.alternatives:
     print(f'jaxarch: or: {alternative}', file=sys.stderr)
 
@@ -668,6 +682,13 @@ def main(argv=None):
   except KeyboardInterrupt:
     print('jaxarch: interrupted', file=sys.stderr)
     return 130
+  except _StdoutRefused as e:  # a full disk under `> file`; a closed pipe (`... | head`)
+    with contextlib.suppress(OSError, ValueError):  # what is left in its buffer, at exit
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if not isinstance(e.__cause__, BrokenPipeError):  # quiet, as other tools are
+      print(f'jaxarch: could not write to stdout ({oserrors.reason(e.__cause__)})',
+            file=sys.stderr)
+    return 1
   return 0
 
 

@@ -8,6 +8,9 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
+import types
 
 import grain
 import jax
@@ -350,6 +353,27 @@ def test_a_config_that_cannot_be_saved_is_one_line(tmp_path):
   (tmp_path / 'config.json' / 'x').touch()
   with pytest.raises(WorkdirError, match='could not write .*config.json.*resume'):
     trainer._save_config(tiny_config(), tmp_path)  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize('stdout', ['full disk', 'closed pipe'])
+def test_stdout_that_takes_no_more_is_one_line_or_quiet(tmp_path, stdout):
+  """`jaxarch ... > file` on a full disk, or `jaxarch ... | head` whose reader has gone: a
+  traceback, then Python's "Exception ignored" at exit (rc 120), before."""
+  command = [sys.executable, '-m', 'jaxarch.cli', 'launch', *TINY, '--target=slurm',
+             '--dry-run', f'--workdir={tmp_path / "run"}']
+  if stdout == 'full disk':
+    with open('/dev/full', 'w') as full:
+      done = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True)
+    assert done.stderr.strip().endswith(
+        'jaxarch: could not write to stdout (no space left on device)')
+  else:
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    process.stdout.close()  # before it writes: the reader of `| head` gone
+    done = types.SimpleNamespace(returncode=process.wait(), stderr=process.stderr.read())
+    assert 'jaxarch: could not write' not in done.stderr  # quiet, as other tools are
+  assert done.returncode == 1
+  assert 'Traceback' not in done.stderr and 'Exception ignored' not in done.stderr
 
 
 @pytest.mark.parametrize('command', [
