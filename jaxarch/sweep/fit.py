@@ -124,12 +124,17 @@ def fit_scaling_law(records, *, delta: float = HUBER_DELTA, bootstrap: int = 0,
   log_n, log_d, log_l = np.log(n), np.log(d), np.log(loss)
   best = _fit(log_n, log_d, log_l, delta, _grid_starts(log_n, log_d, log_l, delta, _STARTS))
   a, b, e, alpha, beta = best.x
-  for key, exponent, column in (('alpha', alpha, 'params'), ('beta', beta, 'tokens')):
-    # At 0, A/N^alpha is a constant that E absorbs: E and A (or B) could be anything.
-    if exponent <= _BOUNDS[3][0] + 1e-6:
-      raise FitError(f'fit: the loss does not fall with {column} in these runs ({key} = 0 '
-                     'fits best), so L(N, D) does not determine E; check the runs, or add '
-                     f'runs over a wider range of {column}')
+  for key, log_coefficient, exponent, logs, column in (
+      ('alpha', a, alpha, log_n, 'params'), ('beta', b, beta, log_d, 'tokens')):
+    # A term that does not change over the runs, at alpha = 0 a constant that E absorbs
+    # or at a large alpha one too small to see (which of the two the search ends in
+    # depends on scipy's version), leaves E and A (or B) anything.
+    term = np.exp(log_coefficient - exponent * logs)
+    if term.max() - term.min() <= 1e-6 * loss.mean():
+      raise FitError(f'fit: the loss does not fall with {column} in these runs ({key} = '
+                     f'{exponent:.2g} fits best, a term that is constant over them), so '
+                     'L(N, D) does not determine E; check the runs, or add runs over a wider '
+                     f'range of {column}')
   result = dict(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=float(alpha),
                 beta=float(beta), huber_loss=float(best.fun), num_runs=len(n),
                 # Held by the search's bounds, not by the runs: e.g. E = e^-5 = 0.0067 is
