@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use('Agg')  # files only; no display
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+from matplotlib import ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from jaxarch.sweep import fit as fit_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -124,12 +125,22 @@ def _plot_loss_vs_compute(fits, path: Path):
          title='Loss against compute (line: best run per budget)')
   if any(entry['points'] for entry in fits.values()):
     ax.set_xscale('log')
+    _log_labels(ax.xaxis)
     ax.legend()
   else:  # a log axis with no data fails to lay out
     ax.text(0.5, 0.5, 'no run with a finite loss', ha='center', transform=ax.transAxes)
   fig.tight_layout()
   fig.savefig(path, dpi=90)
   plt.close(fig)
+
+
+def _log_labels(axis) -> None:
+  """A log axis labelled at 1, 2 and 5 of each decade with SI prefixes ('50k', '250G'):
+  matplotlib labels the minor ticks of an axis spanning less than a decade, and its
+  '2×10^5 3×10^5 4×10^5' run into each other."""
+  axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+  axis.set_major_formatter(ticker.EngFormatter(sep=''))
+  axis.set_minor_formatter(ticker.NullFormatter())
 
 
 def _best_per_budget(points, key='loss'):
@@ -153,7 +164,7 @@ def _plot_isoflop(fits, path: Path):
     for i, budget in enumerate(sorted(by_budget)):
       pts = sorted(by_budget[budget], key=lambda p: p['params'])
       ax.scatter([p['params'] for p in pts], [p['loss'] for p in pts], color=cmap(i), s=14,
-                 label=f'{budget:.1e}')
+                 label=ticker.EngFormatter(sep='')(budget))
       if 'coefficients' in profiles.get(budget, {}):
         c2, c1, c0 = profiles[budget]['coefficients']
         x = np.linspace(math.log(pts[0]['params']), math.log(pts[-1]['params']), 50)
@@ -162,6 +173,7 @@ def _plot_isoflop(fits, path: Path):
         ax.scatter([profiles[budget]['params']], [profiles[budget]['loss']], color=cmap(i),
                    marker='*', s=90, edgecolor='k')
     ax.set(xscale='log', xlabel='parameters N', ylabel='validation loss', title=family)
+    _log_labels(ax.xaxis)
     if by_budget:  # a family whose every run diverged has no points to name
       ax.legend(title='FLOPs', fontsize=7)
   fig.tight_layout()
@@ -187,6 +199,8 @@ def _plot_frontier(fits, path: Path):
               label=f'{family}: N* ∝ C^{iso["params_exponent"]:.2f}')
   ax.set(xscale='log', yscale='log', xlabel='compute C (FLOPs)',
          ylabel='compute-optimal N*', title='Compute-optimal model size')
+  _log_labels(ax.xaxis)
+  _log_labels(ax.yaxis)
   if drawn:
     ax.legend(fontsize=7)
   else:
