@@ -28,6 +28,7 @@ from jaxarch import launch as launch_lib
 from jaxarch import oserrors
 from jaxarch.export.weights import ExportError
 from jaxarch.infer.sampling import GenerateError
+from jaxarch.plugins import load_plugins
 from jaxarch.sweep.fit import FitError
 from jaxarch.sweep.runner import SweepError
 from jaxarch.train.checkpoint import CheckpointError
@@ -673,6 +674,7 @@ def main(argv=None):
   # warnings (e.g. an unreadable checkpoint skipped) use their module loggers.
   logging.getLogger('absl').setLevel(logging.ERROR)
   try:
+    load_plugins()  # the user's blocks and families, before any config is read
     args.func(args, overrides)
   except (config_lib.ConfigError, FileNotFoundError, FileExistsError, ImportError,
           GenerateError, FitError, SweepError, WorkdirError, CheckpointError,

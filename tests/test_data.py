@@ -1406,6 +1406,14 @@ def test_wordpiece_pieces_count_the_text_they_stand_for(tmp_path):
     assert int(tokenizer.byte_lengths[ids].sum()) == len(text.encode()) + 1, (text, ids)
 
 
+def test_a_tokenizers_file_of_any_json_name_is_a_hf_tokenizer(tmp_path):
+  """`Tokenizer.save` takes any name (the tokenizers quicktour's tokenizer-wiki.json)."""
+  path = _gpt2_style_tokenizer(tmp_path / 'bpe-32k.json')
+  tokenizer = data.get_tokenizer(path)
+  assert tokenizer.decode(tokenizer.encode('def f():')) == 'def f():'
+  assert tokenizer.eod_id == 256  # '<|endoftext|>', after the 256 byte characters
+
+
 def test_hf_vocab_size_covers_its_largest_id_and_a_home_path_is_expanded(tmp_path,
                                                                          monkeypatch):
   hf = pytest.importorskip('tokenizers')

@@ -19,7 +19,7 @@ import numpy as np
 from jaxarch.config import ConfigError, is_token_id
 
 _SPEC_ERROR = ("config error: data.tokenizer={!r} must be 'bytes' or a path to a "
-               "SentencePiece .model or HF tokenizer.json file")
+               "SentencePiece .model or a Hugging Face tokenizers .json file (tokenizer.json)")
 
 
 def as_text(text: str | bytes) -> str:
@@ -276,6 +276,6 @@ def get_tokenizer(spec: str):
   spec = os.path.expanduser(spec)
   if spec.endswith('.model'):
     return SentencePieceTokenizer(spec)
-  if spec.endswith('tokenizer.json'):
+  if spec.endswith('.json'):  # tokenizers' `Tokenizer.save` takes any name (bpe-32k.json)
     return HFTokenizer(spec)
   raise ConfigError(_SPEC_ERROR.format(spec))

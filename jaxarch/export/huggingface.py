@@ -136,8 +136,12 @@ def check_exportable(cfg: ml_collections.ConfigDict) -> None:
   m = cfg.model
   kinds = set(m.block_pattern)
   why = None
+  own = sorted(kinds - {'dense', 'moe'})  # blocks registered by the user's code
   if m.family not in ARCHITECTURES:
-    why = f'this run is {_NO_HF[m.family]}'
+    why = 'this run is ' + _NO_HF.get(
+        m.family, f'a {m.family} model, a family of your own that transformers has no model for')
+  elif own:
+    why = f'its {own[0]!r} blocks are of your own, which transformers has no layer for'
   elif kinds != ({'dense'} if m.family == 'dense' else {'moe'}):
     why = f'its blocks {tuple(m.block_pattern)} mix dense and moe layers'
   elif m.qkv_bias and m.qk_norm:

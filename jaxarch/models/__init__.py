@@ -1,11 +1,12 @@
 """Language models built from `jaxarch.layers`; `build` is the one constructor users call."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from flax import nnx
 import jax
 import ml_collections
 
+from jaxarch import config as config_lib
 from jaxarch.config import ConfigError
 from jaxarch.kernels.grouped_matmul import kernels_for as matmul_kernels
 from jaxarch.kernels.sparse_lookup import kernels_for as lookup_kernels
@@ -16,7 +17,7 @@ from jaxarch.models import ultramem  # registers the memory side layer
 from jaxarch.layers import Embed
 from jaxarch.models.transformer import BLOCKS, SIDE_LAYERS, Transformer, register_block
 
-# model.family -> constructor(model_cfg, rngs=...). Later families register here.
+# model.family -> constructor(model_cfg, rngs=...); `register_family` adds one.
 FAMILIES: dict[str, Callable[..., nnx.Module]] = {
     'dense': Transformer,
     'ultramem': Transformer,  # with model.ultramem.placement memory layers
@@ -30,6 +31,16 @@ FAMILIES: dict[str, Callable[..., nnx.Module]] = {
 PRETRAINED_PARTS: dict[str, Callable[[ml_collections.ConfigDict], dict[str, str]]] = {
     'bita': lambda model_cfg: {'base': model_cfg.bita.base_workdir},
 }
+
+
+def register_family(name: str, constructor: Callable[..., nnx.Module],
+                    checks: Sequence[config_lib.Check] | None = None) -> None:
+  """Makes `model.family=name` build `constructor(model_cfg, rngs=...)` and the config
+  accept it; `checks` validate its config (raising `config.ConfigError`), by default those
+  of the dense family (the decoder stack's shape)."""
+  FAMILIES[name] = constructor
+  config_lib.FAMILY_CHECKS[name] = tuple(
+      config_lib.FAMILY_CHECKS['dense'] if checks is None else checks)
 
 
 def build(model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:

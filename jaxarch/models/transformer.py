@@ -12,7 +12,7 @@ so its lookup can overlap with the blocks in between. Kinds live in the `SIDE_LA
 registry. Layers report aux losses and metrics through `jaxarch.layers.signals`.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 import math
 
 import jax
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 import ml_collections
 
+from jaxarch import config as config_lib
 from jaxarch.layers import Attention, Embed, RMSNorm, SwiGLU, remat
 from jaxarch.layers.embeddings import head_logits
 from jaxarch.layers.params import normal, param
@@ -40,9 +41,14 @@ BLOCKS: dict[str, Callable[..., nnx.Module]] = {}
 SIDE_LAYERS: dict[str, Callable[..., nnx.Module]] = {}
 
 
-def register_block(name: str):
+def register_block(name: str, checks: Sequence[config_lib.Check] = ()):
+  """Decorator: `factory` builds the blocks `model.block_pattern` names `name`, and the
+  config accepts that name. `checks` validate the block's own section (`model.<name>`,
+  which the config must then have) whenever the pattern uses it, raising
+  `config.ConfigError`; none by default."""
   def register(factory):
     BLOCKS[name] = factory
+    config_lib.BLOCK_CHECKS[name] = tuple(checks) or config_lib.BLOCK_CHECKS.get(name, ())
     return factory
   return register
 
@@ -170,11 +176,17 @@ class Stack(nnx.Module):
     self.remat = cfg.remat
     self.blocks = nnx.List([BLOCKS[kind](cfg, i, rngs) for i, kind in enumerate(block_plan(cfg))])
     self.placement = tuple(side_placement(cfg))
-    for kind, read, _ in self.placement:
+    for kind, read, write in self.placement:
+      # Checked here for every kind, a side layer of the user's own too (`SIDE_LAYERS`):
+      # a write past the last block would drop the layer's output unseen.
+      if not 0 <= read <= write < len(self.blocks):
+        raise config_lib.ConfigError(
+            f'model.{kind}.placement holds ({read}, {write}), which must be (read, write) '
+            f'with 0 <= read <= write < model.n_layers={len(self.blocks)}')
       if not hasattr(self.blocks[read], 'ffn_input'):
-        raise ValueError(f'model.{kind}.placement reads block {read}, a '
-                         f'{block_plan(cfg)[read]!r} block, which has no FFN input to read '
-                         '(`ffn_input`); place the layer at another block')
+        raise config_lib.ConfigError(
+            f'model.{kind}.placement reads block {read}, a {block_plan(cfg)[read]!r} block, '
+            'which has no FFN input to read (`ffn_input`); place the layer at another block')
     self.side_layers = nnx.List([SIDE_LAYERS[kind](cfg, i, rngs)
                                  for i, (kind, _, _) in enumerate(self.placement)])
 

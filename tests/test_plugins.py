@@ -1,0 +1,177 @@
+"""Blocks and families of the user's own, registered from outside jaxarch: the config
+accepts them, the model builds them, and the `jaxarch` command imports them as plugins."""
+
+import json
+import sys
+
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from conftest import tiny_config
+from jaxarch import cli, models
+from jaxarch import config as config_lib
+from jaxarch.export.huggingface import check_exportable
+from jaxarch.export.weights import ExportError
+from jaxarch.models.transformer import (BLOCKS, SIDE_LAYERS, DenseBlock, Transformer,
+                                        dense_block)
+
+
+@pytest.fixture(autouse=True)
+def registries():
+  """Each test's registrations are undone after it."""
+  saved = [(r, dict(r)) for r in (BLOCKS, SIDE_LAYERS, models.FAMILIES,
+                                  config_lib.BLOCK_CHECKS, config_lib.FAMILY_CHECKS)]
+  yield
+  for registry, before in saved:
+    registry.clear()
+    registry.update(before)
+
+
+class ScaledMLPBlock(DenseBlock):
+  """A dense block whose MLP output is halved: another block, the same weights."""
+
+  def ffn(self, x, normed, segment_ids):
+    return x + 0.5 * self.mlp(normed)
+
+
+def scaled_mlp_block(cfg, layer, rngs):
+  block = dense_block(cfg, layer, rngs)
+  return ScaledMLPBlock(block.attn, block.mlp, cfg.d_model, eps=cfg.norm_eps,
+                        dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+
+
+def positive_halving(cfg):
+  if cfg.model.halved.factor <= 0:
+    raise config_lib.ConfigError(f'model.halved.factor={cfg.model.halved.factor} must be > 0')
+
+
+def test_a_registered_block_is_accepted_by_the_config_and_built():
+  models.register_block('halved')(scaled_mlp_block)
+  cfg = config_lib.load('configs/dense.py:tiny', ["model.block_pattern=('halved', 'dense')",
+                                                  'model.dtype=float32'])
+  model = models.build(cfg.model, rngs=nnx.Rngs(0))
+  assert [type(b) for b in model.blocks][:2] == [ScaledMLPBlock, DenseBlock]
+  assert model(jnp.ones((1, 8), jnp.int32)).shape == (1, 8, cfg.model.vocab_size)
+
+
+def test_a_registered_block_s_checks_run_on_its_own_section():
+  models.register_block('halved', checks=(positive_halving,))(scaled_mlp_block)
+  cfg = tiny_config()
+  with cfg.unlocked():
+    cfg.model.block_pattern = ('halved',)
+  with pytest.raises(config_lib.ConfigError, match=r'has .halved. blocks, whose settings '
+                     r'\(model.halved\) this config lacks'):
+    config_lib.validate(cfg)
+  with cfg.unlocked():
+    cfg.model.halved = config_lib.ConfigDict({'factor': 0.0})
+  with pytest.raises(config_lib.ConfigError, match=r'model.halved.factor=0.0 must be > 0'):
+    config_lib.validate(cfg)
+  cfg.model.halved.factor = 0.5
+  config_lib.validate(cfg)
+
+
+class Adapter(nnx.Module):
+  """A side layer of one's own: x [b, t, d] -> a rank-2 update [b, t, d]."""
+
+  def __init__(self, d, *, rngs):
+    self.down = nnx.Param(jnp.full((d, 2), 0.1))
+    self.up = nnx.Param(jnp.full((2, d), 0.1))
+
+  def __call__(self, x, positions, segment_ids, layout=None):
+    return x @ self.down[...] @ self.up[...]
+
+
+@pytest.mark.parametrize('pair', [(1, 0), (0, 2)])
+def test_a_side_layer_of_one_s_own_placed_outside_the_stack_is_one_line(pair):
+  SIDE_LAYERS['adapter'] = lambda cfg, index, rngs: Adapter(cfg.d_model, rngs=rngs)
+  cfg = tiny_config()  # 2 blocks
+  with cfg.unlocked():
+    cfg.model.adapter = config_lib.ConfigDict({'placement': ((0, 1),)})
+  model = models.build(cfg.model, rngs=nnx.Rngs(0))
+  assert model.placement == (('adapter', 0, 1),)
+  cfg.model.adapter.placement = (pair,)
+  with pytest.raises(config_lib.ConfigError, match=rf'model.adapter.placement holds '
+                     rf'\({pair[0]}, {pair[1]}\), which must be \(read, write\) with 0 <= read '
+                     r'<= write < model.n_layers=2'):
+    models.build(cfg.model, rngs=nnx.Rngs(0))
+
+
+class Tempered(Transformer):
+  """A family of one's own: the transformer with a learned logit temperature."""
+
+  def __init__(self, cfg, *, rngs):
+    super().__init__(cfg, rngs=rngs)
+    self.temperature = nnx.Param(jnp.full((), 2.0))
+
+  def logits(self, x):
+    return super().logits(x) * self.temperature[...]
+
+
+def test_a_registered_family_is_accepted_by_the_config_and_built():
+  models.register_family('tempered', Tempered)
+  cfg = config_lib.load('configs/dense.py:tiny', ['model.family=tempered',
+                                                  'model.dtype=float32'])
+  model = models.build(cfg.model, rngs=nnx.Rngs(0))
+  assert isinstance(model, Tempered)
+  # The dense family's checks by default: the decoder stack's shape.
+  with pytest.raises(config_lib.ConfigError, match='head dimension 25 .* must be even'):
+    config_lib.load('configs/dense.py:tiny', ['model.family=tempered', 'model.d_model=100'])
+
+
+def test_an_unknown_block_or_family_says_how_to_register_one():
+  for override, call in (("model.block_pattern=('halved',)", 'register_block'),
+                         ('model.family=tempered', 'register_family')):
+    with pytest.raises(config_lib.ConfigError) as e:
+      config_lib.load('configs/dense.py:tiny', [override])
+    assert f'jaxarch.models.{call}' in str(e.value) and 'jaxarch.plugins' in str(e.value)
+    assert '\n' not in str(e.value)
+
+
+def test_hf_export_refuses_blocks_and_families_of_one_s_own_in_one_line():
+  for key, value in (('block_pattern', ('halved', 'dense')), ('family', 'tempered')):
+    cfg = tiny_config()
+    with cfg.unlocked():
+      cfg.model[key] = value
+    with pytest.raises(ExportError, match='of your own.*use --format=safetensors'):
+      check_exportable(cfg)
+
+
+def _installed_plugin(root, module: str, source: str):
+  """`root` as a site directory holding `module` and a distribution whose
+  `jaxarch.plugins` entry point names it, as `pip install` of the user's package leaves."""
+  (root / f'{module}.py').write_text(source)
+  info = root / f'{module}-0.1.dist-info'
+  info.mkdir()
+  (info / 'METADATA').write_text(f'Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n')
+  (info / 'entry_points.txt').write_text(f'[jaxarch.plugins]\n{module} = {module}\n')
+
+
+def test_the_command_imports_plugins_before_it_reads_a_config(tmp_path, monkeypatch, capsys):
+  cfg = tiny_config()
+  with cfg.unlocked():
+    cfg.model.block_pattern = ('plugged',)
+  config_lib.save(cfg, tmp_path / 'config.json')
+  bench = ['bench', 'memory', f'--config={tmp_path / "config.json"}',
+           f'--workdir={tmp_path / "bench"}', '--state_only']
+  site = tmp_path / 'site'
+  site.mkdir()
+  _installed_plugin(site, 'jaxarch_test_plugin', (
+      'from jaxarch.models import register_block\n'
+      'from jaxarch.models.transformer import dense_block\n'
+      "register_block('plugged')(dense_block)\n"))
+  monkeypatch.syspath_prepend(str(site))
+  monkeypatch.delitem(sys.modules, 'jaxarch_test_plugin', raising=False)
+  assert cli.main(bench) == 0, capsys.readouterr().err
+  assert json.loads((tmp_path / 'bench' / 'bench_memory.json').read_text())['params_total'] > 0
+
+
+def test_a_plugin_that_fails_to_import_is_one_line(tmp_path, monkeypatch, capsys):
+  _installed_plugin(tmp_path, 'jaxarch_broken_plugin', 'raise RuntimeError("no GPU here")\n')
+  monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.delitem(sys.modules, 'jaxarch_broken_plugin', raising=False)
+  assert cli.main(['eval', f'--workdir={tmp_path / "run"}']) == 2
+  err = capsys.readouterr().err
+  assert err == ("jaxarch: plugin jaxarch_broken_plugin = 'jaxarch_broken_plugin' (entry point "
+                 'group jaxarch.plugins of jaxarch_broken_plugin) failed to import: '
+                 'RuntimeError: no GPU here\n')
