@@ -268,10 +268,7 @@ def _generate(args, overrides):
       raise GenerateError(f'generate: --prompt {args.prompt[i]!r} (prompt {i}) is no tokens '
                           'and the run starts prompts with no BOS (data.add_bos=False); '
                           'give some text')
-  longest = max(map(len, prompts)) + args.max_new_tokens
-  if longest > cfg.model.max_len:
-    print(f'jaxarch: warning: {longest} positions exceed model.max_len={cfg.model.max_len}; '
-          'quality past the trained length is not guaranteed', file=sys.stderr)
+  # Past model.max_len the Generator warns (before compiling), as in Python.
   generator = infer.Generator(model, mesh=make_mesh(cfg), rules=cfg.mesh.rules,
                               vocab_limit=tokenizer.vocab_size)
   outputs, stats = generator(

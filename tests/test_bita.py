@@ -2,6 +2,7 @@
 config, distilled data and training with the base frozen."""
 
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -126,6 +127,32 @@ def test_accepted_tokens_per_pass_on_a_hand_made_oracle(family, levels_right):
   drafted, stats = infer.Generator(oracle)(prompts, max_new_tokens=new - 1, method='bita')
   assert drafted == [g[:new - 1] for g in greedy] and stats['forward_passes'] == 6
   assert stats['accepted_per_pass'] == pytest.approx((new - 2) / 5)
+
+
+def test_bita_past_its_base_max_len_is_greedy_and_warned_as_greedy_is(caplog):
+  """A tree pass reads positions past the tokens it returns (candidates, mask tokens):
+  around and past the base's max_len the output is still greedy's, with the base's warning
+  (the oracle accepts 4 tokens per pass, so the last pass writes near the caches' end)."""
+  cfg = _bita_config('dense')
+  with cfg.unlocked():
+    cfg.max_len = 16
+  prompts = [[257, 5, 6, 7], [257] + list(range(40, 49))]  # 4 and 10 tokens
+  base = models.build(cfg, rngs=nnx.Rngs(0))
+  greedy, _ = infer.Generator(base)(prompts, max_new_tokens=20)
+  reference = np.zeros((2, 40), np.int32)
+  for i, (p, g) in enumerate(zip(prompts, greedy)):
+    reference[i, :len(p) + len(g)] = p + g
+  generator = infer.Generator(OracleBita(cfg, reference, 3, rngs=nnx.Rngs(0)))
+  caplog.clear()  # the base generator's warning
+  with caplog.at_level(logging.WARNING, logger='jaxarch.infer.generate'):
+    assert generator(prompts, max_new_tokens=7, method='bita')[0] == [g[:7] for g in greedy]
+    assert not caplog.records  # 10 + 7 - 1 = 16 positions returned; the drafts read more
+    drafted, _ = generator(prompts, max_new_tokens=12, method='bita')
+  assert drafted == [g[:12] for g in greedy]
+  assert [r.getMessage() for r in caplog.records] == [
+      'generate: prompt 1 of 10 tokens + max_new_tokens=12 reads 21 positions, more than '
+      'model.max_len=16; it goes on past them, which the model was not built for (tokens '
+      'of unknown quality): lower max_new_tokens to 7']
 
 
 def test_the_tree_mask_lets_each_node_see_exactly_its_ancestors():

@@ -1,5 +1,6 @@
 """Generation: cached decoding equals the full forward pass, batching, sampling, stops, CLI."""
 
+import logging
 import re
 
 import jax
@@ -108,6 +109,63 @@ def test_sharded_greedy_generation_with_windowed_ring_caches_equals_uncached_gre
   batched, _ = generator(prompts, max_new_tokens=10)
   for prompt, out in zip(prompts, batched):
     assert out == _greedy_without_cache(model, prompt, 10)
+
+
+def _short_context(family, max_len=16):
+  """FAMILIES[family] built for `max_len` positions (its training rows no longer)."""
+  cfg = family_config(family)
+  for override in (f'data.seq_len={max_len}', f'model.max_len={max_len}'):
+    config_lib.apply_override(cfg, override)
+  return models.build(config_lib.validate(cfg).model, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('family', ['dense', 'megabyte'])
+def test_generation_past_max_len_is_the_full_forwards_and_warned_once(family, caplog):
+  """Past model.max_len nothing runs out (caches sized for the call, rotary positions):
+  the tokens are uncached greedy's there, and the Generator says so once, before
+  compiling. A prompt of n tokens continues by max_len + 1 - n tokens unwarned: the last
+  new token is never read (for MEGABYTE, 10 and 17 tokens end inside a patch of 4)."""
+  model = _short_context(family)
+  generator = infer.Generator(model)
+  prompts = [[257, 5], [257] + list(range(40, 49)), [257] + list(range(60, 76))]
+  with caplog.at_level(logging.WARNING, logger='jaxarch.infer.generate'):
+    assert generator(prompts[:2], max_new_tokens=7)[0][1] == _greedy_without_cache(
+        model, prompts[1], 7)  # 10 + 7 - 1 = 16 positions read
+    assert not caplog.records
+    out, _ = generator(prompts[:2], max_new_tokens=12)  # 21
+    assert [r.getMessage() for r in caplog.records] == [
+        'generate: prompt 1 of 10 tokens + max_new_tokens=12 reads 21 positions, more than '
+        'model.max_len=16; it goes on past them, which the model was not built for (tokens '
+        'of unknown quality): lower max_new_tokens to 7']
+    assert out == [_greedy_without_cache(model, p, 12) for p in prompts[:2]]
+    out, _ = generator(prompts[2:], max_new_tokens=3)  # a prompt past it: not warned again
+    assert len(caplog.records) == 1 and out[0] == _greedy_without_cache(model, prompts[2], 3)
+    infer.Generator(model)(prompts, max_new_tokens=3)
+  assert caplog.records[1].getMessage().startswith(
+      'generate: prompt 2 of 17 tokens + max_new_tokens=3 reads 19 positions')
+  assert caplog.records[1].getMessage().endswith(': shorten the prompt to at most 14 tokens')
+
+
+def test_prefill_and_decode_step_refuse_what_their_caches_cannot_hold():
+  """Without caches a decode step attended to its own token alone (logits 0.63 off, no
+  error); past the caches its keys were dropped (0.09 off); a prompt longer than them was
+  a shape error from inside jax. Inside jit a decode step's positions are not known."""
+  model = infer.for_inference(models.build(family_config('dense').model, rngs=nnx.Rngs(0)))
+  tokens = jnp.arange(8, dtype=jnp.int32)[None]
+  for call, args in (('prefill', (tokens, jnp.array([8]))),
+                     ('decode_step', (tokens[:, 0], jnp.array([0])))):
+    with pytest.raises(infer.GenerateError, match=f'^{call}: the model has no decode caches; '
+                       r'allocate them first with add_caches\(model, batch, length\)$'):
+      getattr(infer, call)(model, *args)
+  infer.add_caches(model, batch=1, length=6)
+  with pytest.raises(infer.GenerateError, match='^prefill: prompts of 8 tokens do not fit '
+                     'caches of 6 positions; add_caches with a length of at least 8'):
+    infer.prefill(model, tokens, jnp.array([5]))
+  infer.prefill(model, tokens[:, :5], jnp.array([5]))
+  infer.decode_step(model, tokens[:, 5], jnp.array([5]))  # the last slot
+  with pytest.raises(infer.GenerateError, match=r"^decode_step: positions \[6\] outside the "
+                     r"caches' 6 positions \[0, 6\); add_caches with a length of at least 7$"):
+    infer.decode_step(model, tokens[:, 6], jnp.array([6]))
 
 
 def test_inference_mode_leaves_the_model_as_it_was():
@@ -448,6 +506,28 @@ def test_generate_command_stops_at_the_runs_stop_ids_too(tmp_path, monkeypatch, 
   assert calls.pop() == ((), free)
 
 
+def test_generate_command_warns_past_max_len_as_python_does(tmp_path, capsys, caplog):
+  """It warned from its own count, prompt + max_new_tokens, one position more than the
+  model reads (the last new token is never fed back): now the Generator's warning."""
+  cfg = mesh_config(config_lib.load('configs/dense.py:tiny', ['data.seq_len=16',
+                                                              'model.max_len=16']), data=8)
+  config_lib.save(cfg, tmp_path / 'config.json')
+  checkpointer = Checkpointer(tmp_path, async_save=False)
+  checkpointer.save(0, init_state(cfg, make_setup(cfg, make_mesh(cfg))))
+  checkpointer.close()
+  run = lambda new: cli.main(['generate', '--workdir', str(tmp_path), '--prompt', 'import os',
+                              '--max_new_tokens', str(new), '--ignore_eod'])  # 10 tokens
+  with caplog.at_level(logging.WARNING, logger='jaxarch.infer.generate'):
+    assert run(7) == 0
+    assert not caplog.records and 'max_len' not in capsys.readouterr().err
+    assert run(8) == 0
+  assert [r.getMessage() for r in caplog.records] == [
+      'generate: prompt 0 of 10 tokens + max_new_tokens=8 reads 17 positions, more than '
+      'model.max_len=16; it goes on past them, which the model was not built for (tokens '
+      'of unknown quality): lower max_new_tokens to 7']
+  assert '8 new tokens' in capsys.readouterr().err
+
+
 def test_distill_prompts_start_with_the_runs_bos(tmp_path):
   from test_data import _data_config, _write_corpus  # pylint: disable=g-import-not-at-top
   from jaxarch.data import ByteTokenizer  # pylint: disable=g-import-not-at-top
@@ -485,6 +565,31 @@ def test_distill_stops_where_generate_does(tmp_path, monkeypatch):
   distill(tmp_path / 'run', tmp_path / 'out', num_prompts=2, validation_prompts=1,
           prompt_len=4, max_new_tokens=2, batch_size=2)
   assert stops == {(257, 65, 66)}
+
+
+def test_distill_warns_past_max_len_where_generate_does(tmp_path, caplog):
+  """It warned from prompt_len + max_new_tokens, one position more than the model reads,
+  where `generate` did not: now the Generator's warning, once for all its batches."""
+  from test_data import _write_corpus  # pylint: disable=g-import-not-at-top
+  from jaxarch.infer.distill import distill  # pylint: disable=g-import-not-at-top
+  _write_corpus(tmp_path / 'corpus', num_docs=8, max_len=20)
+  cfg = mesh_config(config_lib.load('configs/dense.py:tiny', [
+      f'data.source=files:{tmp_path}/corpus/*.txt', f'data.data_dir={tmp_path / "data"}',
+      'data.seq_len=5', 'model.max_len=5']), data=8)
+  config_lib.save(cfg, tmp_path / 'run' / 'config.json')
+  checkpointer = Checkpointer(tmp_path / 'run', async_save=False)
+  checkpointer.save(0, init_state(cfg, make_setup(cfg, make_mesh(cfg))))
+  checkpointer.close()
+  with caplog.at_level(logging.WARNING):
+    distill(tmp_path / 'run', tmp_path / 'out', num_prompts=4, validation_prompts=2,
+            prompt_len=4, max_new_tokens=2, batch_size=2)  # 4 + 2 - 1 = 5 positions read
+    assert not [r for r in caplog.records if 'max_len' in r.getMessage()]
+    distill(tmp_path / 'run', tmp_path / 'out2', num_prompts=4, validation_prompts=2,
+            prompt_len=4, max_new_tokens=3, batch_size=2)
+  warned = [r.getMessage() for r in caplog.records if 'max_len' in r.getMessage()]
+  assert len(warned) == 1 and re.match(
+      r'generate: prompt \d of 4 tokens \+ max_new_tokens=3 reads 6 positions, more than '
+      r'model.max_len=5( [(]2 of the 2 prompts read past it[)])?; .*: lower max_new_tokens to 2$', warned[0]), warned
 
 
 @pytest.mark.slow

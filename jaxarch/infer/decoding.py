@@ -9,11 +9,16 @@ only the last position of each prompt onto the vocabulary; MEGABYTE steps its gl
 model once per patch and its local model once per byte.
 
 These functions run eagerly or inside `jax.jit`; `generate.Generator` compiles them.
+They refuse a model without caches and a prompt longer than its caches; a decode step's
+positions past them are refused when the positions are concrete (eagerly), unchecked
+inside jit.
 """
 
 import jax
+import numpy as np
 from flax import nnx
 
+from jaxarch.infer.sampling import GenerateError
 from jaxarch.parallel import tree_shardings
 
 
@@ -44,6 +49,7 @@ def add_caches(model: nnx.Module, batch: int, length: int, mesh=None, rules=None
   axes (batch over the data axes, kv heads over `tensor`), like the weights.
   """
   model.init_cache(batch, length)
+  model.cache_length = length  # what prefill and decode_step check against
   if mesh is not None:
     caches = nnx.state(model, nnx.Cache)
     shardings = tree_shardings(caches, mesh, rules)
@@ -53,8 +59,13 @@ def add_caches(model: nnx.Module, batch: int, length: int, mesh=None, rules=None
 def prefill(model: nnx.Module, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
   """Prompts [b, t] right-padded to t, `lengths` [b] -> next-token logits [b, vocab].
 
-  Fills the caches with what the prompts leave for the decode steps.
+  Fills the caches with what the prompts leave for the decode steps, slots 0..t-1.
   """
+  length = _cache_length(model, 'prefill')
+  if length is not None and tokens.shape[1] > length:  # else a shape error deep inside, or a ring that lost keys
+    raise GenerateError(f'prefill: prompts of {tokens.shape[1]} tokens do not fit caches of '
+                        f'{length} positions; add_caches with a length of at least '
+                        f'{tokens.shape[1]} (the prompts plus the new tokens)')
   return model.prefill(tokens, lengths)
 
 
@@ -62,7 +73,26 @@ def decode_step(model: nnx.Module, tokens: jax.Array, positions: jax.Array) -> j
   """One new token per sequence, `tokens` [b] at `positions` [b] -> logits [b, vocab].
 
   Positions must be below the caches' `length` (`add_caches`): a token at or past it is
-  not written (a sliding-window layer's ring wraps instead), and its logits are wrong,
-  unchecked inside jit. `Generator` sizes the caches for its calls.
+  not written (a sliding-window layer's ring wraps instead), and its logits are wrong;
+  refused when `positions` are concrete, unchecked inside jit. `Generator` sizes the
+  caches for its calls.
   """
+  length = _cache_length(model, 'decode_step')
+  if length is not None and not isinstance(positions, jax.core.Tracer):
+    bad = np.asarray(positions)
+    bad = bad[(bad < 0) | (bad >= length)]
+    if bad.size:
+      raise GenerateError(f'decode_step: positions {bad[:5].tolist()} outside the caches\' '
+                          f'{length} positions [0, {length}); add_caches with a length of '
+                          f'at least {int(bad.max()) + 1}')
   return model.decode_step(tokens, positions)
+
+
+def _cache_length(model: nnx.Module, call: str) -> int | None:
+  """The positions `add_caches` allocated (None: caches of `model.init_cache` itself,
+  unchecked). Without caches a prefill fails deep inside and a decode step attends to
+  its own token alone: wrong logits, silently."""
+  if not jax.tree.leaves(nnx.state(model, nnx.Cache)):
+    raise GenerateError(f'{call}: the model has no decode caches; allocate them first with '
+                        'add_caches(model, batch, length)')
+  return getattr(model, 'cache_length', None)

@@ -12,7 +12,6 @@ validation split for validation), continues them greedily in batches, and writes
 """
 
 import json
-import logging
 import shutil
 import time
 from pathlib import Path
@@ -70,11 +69,6 @@ def distill(workdir: str | Path, out: str | Path, *, num_prompts: int = 2048,
                           "on 'default', 'files:<glob>' or 'tfds:<name>'")
   start = time.perf_counter()
   cfg, model, base_step = load_checkpoint(workdir)
-  if prompt_len + max_new_tokens > cfg.model.max_len:
-    logging.getLogger(__name__).warning(
-        'distill: prompt_len=%d + max_new_tokens=%d positions exceed model.max_len=%d; the '
-        'continuations past the trained length may be poor', prompt_len, max_new_tokens,
-        cfg.model.max_len)
   tokenizer = data.get_tokenizer(cfg.data.tokenizer)
   stops = data.stop_ids(cfg.data, tokenizer)  # the eod, and an instruct model's end of turn
   generator = Generator(model, mesh=make_mesh(cfg), rules=cfg.mesh.rules,

@@ -12,10 +12,17 @@ arguments, so changing them does not compile again.
 (`infer.tree`): each pass verifies the previous pass's candidates (the prefill's, for the
 first) and drafts the next ones, and the caches keep only the accepted tokens; the output
 equals greedy decoding.
+
+Past `model.max_len` (a prompt of n tokens continued by more than max_len + 1 - n tokens:
+the last new token is never read) generation goes on, with a warning: the caches are sized
+for the call and rotary positions have no table, so the tokens are those the full forward
+gives at those positions, which the model was not built for. BiTA's drafts may reach past
+it sooner; they change no token.
 """
 
 import contextlib
 import dataclasses
+import logging
 import math
 import operator
 import time
@@ -32,6 +39,8 @@ from jaxarch.infer.sampling import GenerateError, Sampling, choose, within_vocab
 from jaxarch.infer.tree import DraftTree
 from jaxarch.parallel import context
 from jaxarch.train.memory import explained_out_of_memory
+
+log = logging.getLogger(__name__)
 
 _MIN_BUCKET = 8
 _NEW_TOKENS_BUCKET = 64  # output and cache room for new tokens: a multiple of this
@@ -58,6 +67,7 @@ class Generator:
   weights' shardings. `moe_capacity_factor`: see `decoding.for_inference`.
   `vocab_limit`: the tokenizer's vocabulary size; the ids of the model's vocabulary
   padding beyond it are never generated (None: any id of the model's vocabulary).
+  A call that runs past the model's `max_len` is warned about once per Generator.
   """
 
   def __init__(self, model: nnx.Module, *, mesh: Mesh | None = None, rules=None,
@@ -75,6 +85,8 @@ class Generator:
     self.patch_size = getattr(model, 'patch_size', 1)  # MEGABYTE prefills whole patches
     self.num_mask_tokens = getattr(model, 'num_mask_tokens', None)  # BiTA
     self.default_tree = getattr(model, 'draft_tree', None)
+    self.max_len = getattr(getattr(model, 'base', model), 'max_len', None)  # BiTA: its base's
+    self._warned_max_len = False
     self._compiled: dict[_Shape, tuple] = {}
 
   def __call__(self, prompts: Sequence[Sequence[int]] | np.ndarray, *, max_new_tokens: int,
@@ -104,6 +116,7 @@ class Generator:
     max_new_tokens = _whole('max_new_tokens', max_new_tokens)
     stop_ids = _stop_ids(stop_ids)
     self._check(prompts, max_new_tokens, stop_ids)
+    self._warn_past_max_len(prompts, max_new_tokens)
     if draft_tree is not None and method != 'bita':
       raise GenerateError(f"generate: draft_tree is for method='bita', not {method!r}")
     tree = self._draft_tree(draft_tree) if method == 'bita' else None
@@ -200,6 +213,28 @@ class Generator:
     bad = [t for t in stop_ids if not 0 <= t < self.vocab_size]
     if bad:
       raise GenerateError(f'generate: stop_ids {bad} outside the vocabulary [0, {self.vocab_size})')
+
+  def _warn_past_max_len(self, prompts, max_new_tokens):
+    """Says, once, before compiling, which prompt reads positions past model.max_len."""
+    if self.max_len is None or self._warned_max_len:
+      return
+    # The last new token is never read: a prompt of n tokens reads n + max_new_tokens - 1.
+    past = [i for i, p in enumerate(prompts) if len(p) + max_new_tokens - 1 > self.max_len]
+    if not past:
+      return
+    self._warned_max_len = True
+    n = len(prompts[past[0]])
+    more = f' ({len(past)} of the {len(prompts)} prompts read past it)' if len(past) > 1 else ''
+    if n <= self.max_len:
+      fix = f'lower max_new_tokens to {self.max_len + 1 - n}'
+    elif max_new_tokens <= self.max_len:
+      fix = f'shorten the prompt to at most {self.max_len + 1 - max_new_tokens} tokens'
+    else:
+      fix = f'shorten the prompt and lower max_new_tokens (to at most {self.max_len})'
+    log.warning('generate: prompt %d of %d tokens + max_new_tokens=%d reads %d positions, '
+                'more than model.max_len=%d%s; it goes on past them, which the model was not '
+                'built for (tokens of unknown quality): %s', past[0], n, max_new_tokens,
+                n + max_new_tokens - 1, self.max_len, more, fix)
 
   def _batch_shards(self) -> int:
     with self._context():

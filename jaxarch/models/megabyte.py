@@ -72,6 +72,7 @@ class Megabyte(nnx.Module):
     dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
     local = local_config(cfg)
     p = self.patch_size = cfg.megabyte.patch_size
+    self.max_len = cfg.max_len  # bytes it is built for: `generate` warns past them
     d_g, d_l = cfg.d_model // p, local.d_model
     self.dtype, self.pad_id = dtype, cfg.megabyte.pad_id
     init = normal(cfg.init_std, cfg.init_truncation)

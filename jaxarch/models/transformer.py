@@ -246,6 +246,7 @@ class Transformer(Stack):
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    self.max_len = cfg.max_len  # positions it is built for: `generate` warns past them
     self.embed = Embed(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std,
                        init_truncation=cfg.init_truncation,
                        scale=math.sqrt(cfg.d_model) if cfg.embed_scale else None,
