@@ -2,8 +2,9 @@
 
   python benchmarks/compare_families.py [--steps=500] [--out=benchmarks/results/compare_families.json]
 
-Trains each family's `tiny` preset for the same steps on the same data (the default
-corpus, same seed and batch order) and evaluates it on the same validation batches. The
+Trains the dense, MoE and UltraMem `tiny` presets (MEGABYTE has its own comparison,
+`benchmarks/megabyte.py`) for the same steps on the same data (the default corpus, same
+seed and batch order) and evaluates them on the same validation batches. The
 dense baseline's d_ff is widened until its activated parameters per token match the
 largest activated count among the sparse families, so the comparison is at equal
 compute per token; sparse families keep their extra (inactive) parameters. Writes JSON

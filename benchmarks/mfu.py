@@ -64,7 +64,8 @@ SCALES = {
 }
 # The matmul whose rate is the device's achievable ceiling, measured in the same run:
 # (size, dtype). A datasheet peak is above what any matmul reaches (on this workplace's
-# H200, 8192³ bf16 on random data ran at 769-798 of the 989 TFLOP/s).
+# H200, 8192³ bf16 on random data ran at 769-798 of the 989 TFLOP/s in one call, 600 and
+# 675 in the two of benchmarks/records/mfu_h200_*.json).
 CEILING = {'gpu': (8192, 'bfloat16'), 'cpu': (512, 'float32')}
 # A family's Pallas kernels off: how a case whose kernels fail is measured again.
 XLA_PATHS = {'moe': 'model.moe.matmul_impl=xla', 'ultramem': 'model.ultramem.lookup_impl=xla'}

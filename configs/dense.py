@@ -11,8 +11,8 @@ paper's name (SwiGLU with d_ff ≈ 8/3·d keeps 3·d·d_ff ≈ 8·d², attention
   preset  d_model  layers  heads x head_dim  d_ff   non-embedding params
   small   256      4       4 x 64             688    3.16M (CPU benchmarks and sweeps)
   151m    1024     12      8 x 128           2752   151.8M
-  680m    1536     24      12 x 128          4096   679.5M
-  1.6b    2048     32      16 x 128          5504   1.61B
+  680m    1536     24      12 x 128          4096   679.6M
+  1.6b    2048     32      16 x 128          5504   1.62B
 
   jaxarch train --config=configs/dense.py:151m --workdir=/gcs/BUCKET/dense-151m
 

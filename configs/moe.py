@@ -12,7 +12,7 @@ is as close as 64 experts allow (E/k = 16 where UltraMem's total/active FFN rati
   preset  experts x d_ff  top-k  MoE total / active       UltraMem total / active
   tiny    8 x 192         2      2.66M / 0.89M            (CPU quick test)
   small   16 x 508        2      26.23M / 4.39M           26.18M / 4.37M (CPU benchmarks)
-  151m    64 x 848        4      2.05B / 177.0M           2.05B / 175.9M
+  151m    64 x 848        4      2.05B / 177.0M           2.05B / 175.8M
   680m    64 x 1200       4      8.72B / 760.9M           8.95B / 761.6M
   1.6b    64 x 1616       4      20.88B / 1.81B           21.46B / 1.80B
 

@@ -17,7 +17,7 @@ that the total parameter count matches the paper's:
   small   3.36M  0:2 1:3 (2)                     292   85,264        128   26.18M (-)     4.37M
   151m    151M   2:5 6:9 10:11 (3)               1104  1,218,816     512   2.05B (2.03B)  176M
   680m    680M   2:5 6:9 10:13 14:17 18:21 (5)   1460  2,131,600     768   8.95B (8.93B)  762M
-  1.6b    1.61B  2:5 6:9 ... 26:29 (7)           1656  2,742,336     1024  21.46B (21.41B) 1.80B
+  1.6b    1.62B  2:5 6:9 ... 26:29 (7)           1656  2,742,336     1024  21.46B (21.41B) 1.80B
 
 Active parameters per token (what a token multiplies or reads) stay close to the dense
 model: each memory layer adds its query, keys, output projection and the heads·k·d_v

@@ -1,5 +1,8 @@
 """The transformer: shapes, causality, packing isolation, tied heads, remat."""
 
+import ast
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -523,3 +526,36 @@ def test_every_familys_blocks_take_the_post_norms(spec):
   assert len(blocks) == cfg.model.n_layers + cfg.model.get('megabyte', {}).get(
       'local', {}).get('n_layers', 0)
   assert all(b.attn_post_norm is not None and b.mlp_post_norm is not None for b in blocks)
+
+
+def _stated_counts(spec: str, preset: str) -> list[tuple[str, float, float]]:
+  """The parameter counts `spec`'s docstring table states on `preset`'s row: (text, value,
+  half a unit of its last digit)."""
+  with open(spec) as f:
+    doc = ast.get_docstring(ast.parse(f.read()))
+  row = next(line for line in doc.splitlines() if line.split()[:1] == [preset])
+  counts = []
+  for text, digits in re.findall(r'(\d+\.(\d+)[MB])\b', row):
+    scale = {'M': 1e6, 'B': 1e9}[text[-1]]
+    counts.append((text, float(text[:-1]) * scale, 0.5 * scale / 10 ** len(digits)))
+  return counts
+
+
+@pytest.mark.parametrize('preset', ['small', '151m', '680m', '1.6b'])
+def test_the_dense_and_moe_configs_state_their_presets_parameter_counts(preset):
+  """configs/dense.py's non-embedding count and configs/moe.py's MoE and UltraMem totals
+  and active counts hold to the digits they print: a reader sizes runs by them."""
+  def counts(family):
+    cfg = config_lib.load(f'configs/{family}.py:{preset}')
+    return cfg, models.param_counts(nnx.eval_shape(
+        lambda: models.build(cfg.model, rngs=nnx.Rngs(0))))
+  cfg, dense = counts('dense')
+  head = 0 if cfg.model.tie_embeddings else dense['embedding']
+  (text, stated, tolerance), = _stated_counts('configs/dense.py', preset)
+  assert abs(dense['total'] - dense['embedding'] - head - stated) <= tolerance, text
+  (_, moe), (_, ultramem) = counts('moe'), counts('ultramem')
+  actual = [moe['total'], moe['active'], ultramem['total'], ultramem['active']]
+  stated = _stated_counts('configs/moe.py', preset)
+  assert len(stated) == 4
+  for (text, value, tolerance), count in zip(stated, actual):
+    assert abs(count - value) <= tolerance, f'{text}: {count:,}'
