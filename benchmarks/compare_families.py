@@ -69,7 +69,9 @@ def main(argv=None):
                     'wall_s': time.perf_counter() - start})
 
   rows = [[r['family'], f'{r["params_total"]:,}', f'{r["params_active"]:,}',
-           f'{r["eval_bpb"]:.3f}', f'{r["tokens_per_s"] or 0:,.0f}', f'{r["wall_s"]:.0f} s']
+           f'{r["eval_bpb"]:.3f}',
+           '—' if r['tokens_per_s'] is None else f'{r["tokens_per_s"]:,.0f}',
+           f'{r["wall_s"]:.0f} s']
           for r in results]
   emit(f'tiny presets, {args.steps} steps, default corpus, equal active params',
        ('family', 'total params', 'active params', 'val bpb', 'tokens/s', 'wall'), rows,
