@@ -131,6 +131,17 @@ def _step_memory(cfg):
       '--config.mesh.ici.fsdp; `jaxarch bench memory` plans it without allocating'))
 
 
+def _log_to_stderr() -> None:
+  """'WARNING jaxarch.infer.generate: ...' on stderr. Orbax logs through absl at import,
+  whose first line gave the root logger Python's default handler ('WARNING:name:...'),
+  and `basicConfig` leaves a configured logger as it is: that handler gets the format."""
+  form = '%(levelname)s %(name)s: %(message)s'
+  logging.basicConfig(level=logging.WARNING, format=form)
+  for handler in logging.root.handlers:
+    if type(handler) is logging.StreamHandler:  # pylint: disable=unidiomatic-typecheck
+      handler.setFormatter(logging.Formatter(form))  # not a test runner's capture handler
+
+
 class _StdoutRefused(Exception):
   """stdout took no more text; the OSError is its cause."""
 
@@ -666,7 +677,7 @@ def main(argv=None):
     print(f'jaxarch: {problem}', file=sys.stderr)
     return 2
   _expand_home(args)
-  logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
+  _log_to_stderr()
   # TFDS and Orbax chat through absl at WARNING about routine things; jaxarch's own
   # warnings (e.g. an unreadable checkpoint skipped) use their module loggers.
   logging.getLogger('absl').setLevel(logging.ERROR)

@@ -376,6 +376,16 @@ def test_stdout_that_takes_no_more_is_one_line_or_quiet(tmp_path, stdout):
   assert 'Traceback' not in done.stderr and 'Exception ignored' not in done.stderr
 
 
+def test_the_command_s_warnings_name_their_logger_in_its_format(tmp_path):
+  """'WARNING jaxarch.x: message', not Python's default 'WARNING:jaxarch.x:message' that
+  absl's first log line (Orbax's, at import) had set up before the command's own."""
+  probe = ('import logging\nfrom jaxarch import cli\n'
+           f'cli.main(["fit", "--workdir={tmp_path}/none"])\n'
+           'logging.getLogger("jaxarch.probe").warning("past model.max_len")\n')
+  done = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True)
+  assert done.stderr.splitlines()[-1] == 'WARNING jaxarch.probe: past model.max_len', done.stderr
+
+
 @pytest.mark.parametrize('command', [
     ['train', *TINY], ['sweep', '--config=configs/sweeps/isoflop.py:tiny'],
     ['launch', *TINY, '--target=slurm', '--dry-run']])
