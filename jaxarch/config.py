@@ -53,9 +53,13 @@ POSITIVE_INTS = (
     'data.pack_align',
 )
 
-# Relative config paths that are not found from the working directory are looked up in
-# the checkout this package runs from (absent for an installed wheel).
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+# Where the shipped configs/ and launch/ are: the root of the checkout this package runs
+# from (a clone, an editable install), or jaxarch/_repo in an installed wheel, which
+# pyproject.toml fills with the same two folders. Relative config paths that are not found
+# from the working directory are looked up there.
+_PACKAGE = Path(__file__).resolve().parent
+_REPO_ROOT = _PACKAGE / '_repo' if (_PACKAGE / '_repo' / 'configs').is_dir() else _PACKAGE.parent
+SHIPPED_CONFIGS = _REPO_ROOT / 'configs'  # jaxarch's own, whatever folder a command runs in
 
 
 class ConfigError(ValueError):
@@ -1332,9 +1336,9 @@ def _with_new_run_keys(tree: dict) -> dict:
 @functools.cache
 def _shipped(family: str, arg: str | None = 'tiny') -> ConfigDict | None:
   """The shipped `configs/<family>.py[:arg]` (of the package, not ./configs), loaded once;
-  None in an installed package without configs/. Read it only: it is shared."""
+  None in an install without configs/. Read it only: it is shared."""
   try:
-    return load(str(_REPO_ROOT / 'configs' / f'{family}.py') + (f':{arg}' if arg else ''))
+    return load(str(SHIPPED_CONFIGS / f'{family}.py') + (f':{arg}' if arg else ''))
   except ConfigError:
     return None
 

@@ -37,7 +37,7 @@ from jaxarch.train.workdir import local_workdir
 
 ConfigError = config_lib.ConfigError
 
-TEMPLATES = Path(__file__).resolve().parent.parent / 'launch'
+TEMPLATES = config_lib._REPO_ROOT / 'launch'  # pylint: disable=protected-access
 TARGETS = ('slurm', 'gke', 'tpu-vm', 'ray')
 # Targets and the accelerators they run on: GKE and its xpk command take both kinds.
 GPU_TARGETS = ('slurm', 'gke', 'ray')
@@ -269,8 +269,8 @@ def _template(template: str, /, **values) -> str:
   """launch/TEMPLATE with ${key} filled in; a line that is only an empty ${key} goes."""
   path = TEMPLATES / template
   if not path.is_file():
-    raise FileNotFoundError(f'launch template {path} not found; `jaxarch launch` renders '
-                            'from a checkout of the repository (launch/)')
+    raise FileNotFoundError(f'launch template {path} not found (launch/ of the checkout, '
+                            'or jaxarch/_repo/launch of an installed wheel)')
   text = path.read_text()
   for key, value in values.items():
     if value == '':

@@ -1077,6 +1077,15 @@ def test_a_qwen2_config_imports_as_a_dense_model_with_qkv_biases(spelling):
   assert (model.rope_theta, model.max_len, model.dtype) == (1e6, 32768, 'bfloat16')
 
 
+def test_import_builds_on_jaxarch_s_preset_not_a_configs_folder_where_it_runs(
+    tmp_path, monkeypatch):
+  (tmp_path / 'configs').mkdir()  # a user's own, in the folder the command runs in
+  (tmp_path / 'configs' / 'dense.py').write_text('raise RuntimeError("not jaxarch\'s")\n')
+  monkeypatch.chdir(tmp_path)
+  model = hf_import.run_config(dict(QWEN25), 'bytes').model
+  assert (model.family, model.d_model) == ('dense', QWEN25['hidden_size'])
+
+
 def test_a_used_qwen2_window_covers_the_layers_from_max_window_layers_on():
   """transformers 4 named no layer_types: the layers from max_window_layers on slide;
   5 lists them, in any order; use_sliding_window is a Qwen's key only."""

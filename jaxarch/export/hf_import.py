@@ -229,7 +229,8 @@ def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.
   if missing:
     raise ExportError(f'import: config.json has no integer {missing[0]}, which a '
                       f'{kind} checkpoint\'s config.json holds')
-  cfg = config_lib.load(f'configs/{family}.py:151m')
+  # jaxarch's preset, not a ./configs/ of the user's in the folder the command runs in.
+  cfg = config_lib.load(f'{config_lib.SHIPPED_CONFIGS / family}.py:151m')
   n = hf_config['num_attention_heads']
   model = {
       'd_model': hf_config['hidden_size'], 'n_layers': hf_config['num_hidden_layers'],
