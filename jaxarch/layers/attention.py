@@ -133,8 +133,9 @@ class Attention(nnx.Module):
     q = jnp.einsum('btd,dnh->btnh', x, cast(self.q_proj))
     k = jnp.einsum('btd,dkh->btkh', x, cast(self.k_proj))
     v = jnp.einsum('btd,dkh->btkh', x, cast(self.v_proj))
-    if self.q_bias is not None:
-      q, k, v = q + cast(self.q_bias), k + cast(self.k_bias), v + cast(self.v_bias)
+    if self.q_bias is not None:  # added in fp32: the biases' gradients sum in fp32 (params.py)
+      q, k, v = ((a + bias[...]).astype(self.dtype)
+                 for a, bias in ((q, self.q_bias), (k, self.k_bias), (v, self.v_bias)))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q = apply_rope(q, positions, self.rope_theta, self.rope_scaling)
@@ -212,7 +213,8 @@ class Attention(nnx.Module):
     if prefix is None:
       return keys, values, mask
     b, t = mask.shape[:2]
-    prefix_k, prefix_v = (jnp.broadcast_to(p.astype(self.dtype), (b, *p.shape))
+    # Broadcast, then cast: the prefix's gradient sums over the rows in fp32 (params.py).
+    prefix_k, prefix_v = (jnp.broadcast_to(p, (b, *p.shape)).astype(self.dtype)
                           for p in prefix)
     sees = jnp.broadcast_to(layout.sees_prefix[None, :, None], (b, t, prefix_k.shape[1]))
     return (jnp.concatenate([prefix_k, keys], axis=1),

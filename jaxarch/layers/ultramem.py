@@ -268,7 +268,9 @@ class UltraMem(nnx.Module):
     """
     x = x.astype(self.dtype)
     if self.query_conv is not None:
-      kernel = self.query_conv[...].astype(self.dtype)
+      # The conv runs in fp32 and its output is cast: the kernel's gradient sums over the
+      # tokens in fp32 (layers/params.py).
+      kernel = self.query_conv[...]
       if layout is None and self.history is not None and x.shape[1] == 1:
         layout = layout_lib.one_token(positions[:, 0])  # a decode step
       if layout is not None:
@@ -277,6 +279,7 @@ class UltraMem(nnx.Module):
         if self.history is not None:
           self.history[...] = jax.lax.dynamic_update_slice_in_dim(self.history[...], x, 0, 1)
         x = _causal_depthwise_conv(x, kernel, segment_ids)
+      x = x.astype(self.dtype)
     q = jnp.einsum('bsd,dhpk->bshpk', x, self.query_proj[...].astype(self.dtype))
     q = _layer_norm(q) * self.query_scale[...] + self.query_bias[...]
     return jnp.repeat(q, self.heads_per_query, axis=2)  # heads sharing a query: adjacent

@@ -167,8 +167,11 @@ class Bita(nnx.Module):
     group, offset = jnp.arange(g * m) // m, jnp.arange(g * m) % m
     anchor = jnp.broadcast_to(anchors, (b, g))[:, group]  # b gM: each mask token's anchor
     own_group = (group[:, None] == group[None, :]) & (offset[None, :] <= offset[:, None])
-    inputs = jnp.broadcast_to(self.mask_embed[...].astype(self.dtype)[None, None],
-                              (b, g, m, self.mask_embed.shape[-1])).reshape(b, g * m, -1)
+    # Broadcast, then cast: the embeddings' gradient sums over the groups in fp32
+    # (layers/params.py).
+    inputs = jnp.broadcast_to(self.mask_embed[...][None, None],
+                              (b, g, m, self.mask_embed.shape[-1])).astype(self.dtype)
+    inputs = inputs.reshape(b, g * m, -1)
     return _Groups(
         anchor=anchor, inputs=inputs,
         positions=(positions[jnp.arange(b)[:, None], anchor] + 1 + offset).astype(

@@ -126,11 +126,15 @@ class Megabyte(nnx.Module):
     first = segment_ids[:, ::p]
     starts = jnp.concatenate([jnp.ones_like(first[:, :1], bool), first[:, 1:] != first[:, :-1]], 1)
     shifted = jnp.concatenate([patches[:, :1], patches[:, :-1]], axis=1)
-    return jnp.where(starts[..., None], self.pad_patch[...].astype(self.dtype), shifted)
+    # Selected in fp32, then cast: the pad's gradient sums over the patches in fp32
+    # (layers/params.py); `shifted` passes through unchanged.
+    return jnp.where(starts[..., None], self.pad_patch[...], shifted).astype(self.dtype)
 
   def embed_patch(self, x):
     """Bytes [..., P] -> the concatenation of their global embeddings [..., P·D_G]."""
-    e = self.global_embed(x) + self.slot_embed[...].astype(self.dtype)
+    # Added in fp32, then cast: the slot embeddings' gradient sums over the patches in
+    # fp32 (layers/params.py).
+    e = (self.global_embed(x) + self.slot_embed[...]).astype(self.dtype)
     return e.reshape(*x.shape[:-1], -1)
 
   def global_outputs(self, patches, positions, segment_ids):
@@ -142,7 +146,8 @@ class Megabyte(nnx.Module):
   def local_inputs(self, tokens):
     """u as patches [b, K, P] -> local embeddings of the previous byte [b, K, P, D_L]."""
     e = self.local_embed(tokens)
-    pad = jnp.broadcast_to(self.local_pad[...].astype(self.dtype), e[:, :, :1].shape)
+    # Broadcast, then cast: the pad's gradient sums over the patches in fp32 (params.py).
+    pad = jnp.broadcast_to(self.local_pad[...], e[:, :, :1].shape).astype(self.dtype)
     return jnp.concatenate([pad, e[:, :, 1:]], axis=2)
 
   def logits(self, x):
