@@ -37,7 +37,7 @@ from jaxarch.train.workdir import local_workdir
 
 ConfigError = config_lib.ConfigError
 
-TEMPLATES = config_lib._REPO_ROOT / 'launch'  # pylint: disable=protected-access
+TEMPLATES = config_lib.SHIPPED_CONFIGS.parent / 'launch'  # beside configs/, in a wheel too
 TARGETS = ('slurm', 'gke', 'tpu-vm', 'ray')
 # Targets and the accelerators they run on: GKE and its xpk command take both kinds.
 GPU_TARGETS = ('slurm', 'gke', 'ray')

@@ -62,7 +62,8 @@ def prefill(model: nnx.Module, tokens: jax.Array, lengths: jax.Array) -> jax.Arr
   Fills the caches with what the prompts leave for the decode steps, slots 0..t-1.
   """
   length = _cache_length(model, 'prefill')
-  if length is not None and tokens.shape[1] > length:  # else a shape error deep inside, or a ring that lost keys
+  # Else a shape error deep inside, or a sliding window's ring that lost keys.
+  if length is not None and tokens.shape[1] > length:
     raise GenerateError(f'prefill: prompts of {tokens.shape[1]} tokens do not fit caches of '
                         f'{length} positions; add_caches with a length of at least '
                         f'{tokens.shape[1]} (the prompts plus the new tokens)')
