@@ -3,6 +3,7 @@ config, distilled data and training with the base frozen."""
 
 import json
 import logging
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -354,9 +355,14 @@ def test_distilled_sequences_become_rows_with_loss_on_the_continuation(tmp_path,
   np.testing.assert_array_equal(batch['loss_mask'][long], [0, 0, 1, 1, 1, 1, 1, 1])
   assert not batch['segment_ids'][3].any() and not batch['loss_mask'][3].any()  # filler
 
+  threads = threading.active_count()
   with caplog.at_level('WARNING', logger='jaxarch.data.pipeline'):
-    next(iter(data.make_train_dataset(cfg.data, seed=0, global_batch_size=8)))
+    batches = iter(data.make_train_dataset(cfg.data, seed=0, global_batch_size=8))
+    next(batches)
   assert '4 training sequences for 8 packing streams' in caplog.text
+  # The prefetch thread only: each stream started grain's 16 read threads (15 s on 2 cores).
+  assert threading.active_count() <= threads + 1
+  batches.close()
   train = iter(data.make_train_dataset(cfg.data, seed=0, global_batch_size=2))
   next(train)
   state = train.get_state()
@@ -655,16 +661,19 @@ def test_bita_trains_only_its_tokens_and_decodes_losslessly(tmp_path, data_dir):
 
 def _reference_mask_logits(model, tokens, positions, start, anchor):
   """An independent dense forward of one sequence tokens[start..anchor] then the M mask
-  tokens, causal, the masks (only) also seeing each layer's prompt keys and values."""
-  base, m = model.base, model.num_mask_tokens
+  tokens, causal, the masks (only) also seeing each layer's prompt keys and values. The
+  sequence is padded to len(tokens) with keys nobody sees, so that every call has the
+  same shapes (each new shape compiles every op again)."""
+  base, m, t = model.base, model.num_mask_tokens, len(tokens)
   n = anchor + 1 - start
-  x = jnp.concatenate([base.embed(jnp.asarray(tokens[start:anchor + 1])[None]),
+  sequence, pos = np.zeros(t, np.int32), np.zeros(t, np.int32)
+  sequence[:n], pos[:n] = tokens[start:anchor + 1], positions[start:anchor + 1]
+  x = jnp.concatenate([base.embed(jnp.asarray(sequence)[None]),
                        model.mask_embed[...][None]], 1)
-  pos = jnp.concatenate([jnp.asarray(positions[start:anchor + 1]),
-                         positions[anchor] + 1 + jnp.arange(m)])[None]
-  sees = jnp.concatenate([jnp.broadcast_to((jnp.arange(n + m) >= n)[:, None],
-                                           (n + m, model.prompt_k.shape[1])),
-                          jnp.tril(jnp.ones((n + m, n + m), bool))], 1)
+  pos = jnp.concatenate([jnp.asarray(pos), positions[anchor] + 1 + jnp.arange(m)])[None]
+  is_mask, real = jnp.arange(t + m) >= t, (jnp.arange(t + m) < n) | (jnp.arange(t + m) >= t)
+  sees = jnp.concatenate([jnp.broadcast_to(is_mask[:, None], (t + m, model.prompt_k.shape[1])),
+                          jnp.tril(jnp.ones((t + m, t + m), bool)) & real[None]], 1)
   for layer, block in enumerate(base.blocks):
     attn, h = block.attn, block.attn_norm(x)
     rope = lambda y: apply_rope(y, pos, attn.rope_theta)
@@ -679,7 +688,7 @@ def _reference_mask_logits(model, tokens, positions, start, anchor):
     x = x + jnp.einsum('bqnh,nhd->bqd', jnp.einsum('bnqk,bknh->bqnh', probs, v),
                        attn.o_proj[...])
     x = x + block.mlp(block.mlp_norm(x))
-  return np.asarray(base.logits(base.final_norm(x))[0, n:])
+  return np.asarray(base.logits(base.final_norm(x))[0, t:])
 
 
 def test_training_mask_logits_targets_and_loss_mask_match_an_independent_reference():
