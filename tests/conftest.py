@@ -5,8 +5,13 @@ import os
 import shutil
 import tempfile
 
+# Compiling is most of the suite's time, and its programs are tiny: XLA:CPU's LLVM
+# backend without its optimisations compiles them about a third faster. XLA's own passes
+# (fusion, sharding, layout) run as always; the generated loops are simply not tuned.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+                           ' --xla_force_host_platform_device_count=8'
+                           ' --xla_backend_optimization_level=0'
+                           ' --xla_llvm_disable_expensive_passes=true').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
