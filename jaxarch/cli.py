@@ -663,6 +663,19 @@ def _misplaced(command: str, config: str | None, unknown: list[str]) -> str | No
   return None
 
 
+def _compilation_cache() -> None:
+  """Keeps what XLA compiles in ($XDG_CACHE_HOME or ~/.cache)/jaxarch/jit, unless
+  $JAX_COMPILATION_CACHE_DIR names another place: a resumed or repeated run then loads its
+  init and train step instead of compiling them again (dense tiny on 2 CPU cores: 4.5 s
+  each; its resume's first step came 5.1 s after the restore, now 1.5 s)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.config.jax_compilation_cache_dir:  # the user's own
+    return
+  cache = os.environ.get('XDG_CACHE_HOME') or os.path.join('~', '.cache')
+  jax.config.update('jax_compilation_cache_dir',
+                    str(Path(cache).expanduser() / 'jaxarch' / 'jit'))
+
+
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   overrides, rest = split_overrides(list(argv))
@@ -681,6 +694,7 @@ def main(argv=None):
   # TFDS and Orbax chat through absl at WARNING about routine things; jaxarch's own
   # warnings (e.g. an unreadable checkpoint skipped) use their module loggers.
   logging.getLogger('absl').setLevel(logging.ERROR)
+  _compilation_cache()
   try:
     load_plugins()  # the user's blocks and families, before any config is read
     args.func(args, overrides)

@@ -378,3 +378,20 @@ def test_progress_lines_are_not_wrapped_in_a_log_file(capsys, monkeypatch):
   assert model.endswith('1 x cpu') and len(model) > 80
   assert step.startswith('step 100: loss 4.5604 | eval 4.9282 (2.515 bpb)')
   assert step.endswith('data wait 30% | eta 0:10:12')  # 900 steps x 0.68 s
+
+
+def test_the_commands_keep_compiled_programs_for_the_next_run(tmp_path, monkeypatch, capsys):
+  """A resumed or repeated run loads its init and train step from the compilation cache
+  (($XDG_CACHE_HOME or ~/.cache)/jaxarch/jit, or the user's own) rather than compiling
+  them again: set by every command, before it reads its arguments' files."""
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  suite_cache = jax.config.jax_compilation_cache_dir
+  try:
+    for own, expected in ((None, tmp_path / 'cache' / 'jaxarch' / 'jit'),
+                          (str(tmp_path / 'own'), tmp_path / 'own')):
+      jax.config.update('jax_compilation_cache_dir', own)
+      assert cli.main(['eval', f'--workdir={tmp_path / "none"}']) == 2
+      assert jax.config.jax_compilation_cache_dir == str(expected)
+  finally:
+    jax.config.update('jax_compilation_cache_dir', suite_cache)
+  assert 'jaxarch: ' in capsys.readouterr().err
