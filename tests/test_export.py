@@ -38,9 +38,18 @@ from jaxarch.train.checkpoint import Checkpointer
 from jaxarch.train import pretrained
 from jaxarch.train.pretrained import load_model
 from jaxarch.train.state import init_state, make_setup
+from jaxarch.train.workdir import CHECKPOINTS
 
 TOKENS = np.array([[257, 100, 101, 102, 103, 104, 105, 106]], np.int32)
-logits = jitted(lambda model, tokens: model(tokens))  # eager UltraMem takes 10 s on CPU
+sharded_logits = jitted(lambda model, tokens: model(tokens))  # eager UltraMem: 10 s on CPU
+
+
+def logits(model, tokens):
+  """The model's logits on one device. A copy loaded back lies replicated or sharded over
+  the 8 devices, which would compile a program of its own; gathered, it runs the model's.
+  test_an_export_loads_sharded_over_the_run_s_mesh_or_one_that_fits computes sharded."""
+  graphdef, state = nnx.split(model)
+  return sharded_logits(nnx.merge(graphdef, jax.device_put(state, jax.devices()[0])), tokens)
 
 
 def _bita_config():
@@ -109,14 +118,14 @@ def test_an_export_loads_sharded_over_the_run_s_mesh_or_one_that_fits(tmp_path):
   q_proj = loaded.blocks[0].attn.q_proj.get_value()
   assert len(q_proj.sharding.device_set) == 8 and not q_proj.sharding.is_fully_replicated
   assert q_proj.addressable_shards[0].data.size == q_proj.size // 8  # fsdp × tensor
-  np.testing.assert_allclose(np.asarray(logits(loaded, TOKENS)),
+  np.testing.assert_allclose(np.asarray(sharded_logits(loaded, TOKENS)),
                              np.asarray(logits(model, TOKENS)), rtol=2e-5, atol=2e-5)
   saved = json.loads((tmp_path / 'out' / 'config.json').read_text())
   saved['mesh']['ici'].update(data=1, fsdp=16, tensor=1)  # a pod's, on the 8 devices here
   (tmp_path / 'out' / 'config.json').write_text(json.dumps(saved))
   loaded_cfg, loaded = load_safetensors(tmp_path / 'out')
   assert dict(loaded_cfg.mesh.ici) == dict(data=8, fsdp=1, tensor=1, expert=1)
-  np.testing.assert_allclose(np.asarray(logits(loaded, TOKENS)),
+  np.testing.assert_allclose(np.asarray(sharded_logits(loaded, TOKENS)),
                              np.asarray(logits(model, TOKENS)), rtol=2e-5, atol=2e-5)
 
 
@@ -131,7 +140,11 @@ def test_the_same_model_exports_to_the_same_bytes(tmp_path):
   assert len(files) == 1
 
 
-@pytest.mark.parametrize('family', ['dense', 'dense_windowed',
+# Every check of 'dense' is made on 'dense_windowed' too (ring caches in its local layers,
+# whole ones in its global layers), and the other StableHLO tests export plain dense
+# models: 'dense' runs in the slow suite.
+@pytest.mark.parametrize('family', [pytest.param('dense', marks=pytest.mark.slow),
+                                    'dense_windowed',
                                     pytest.param('megabyte', marks=pytest.mark.slow)])
 def test_stablehlo_generates_the_tokens_of_jaxarch_generate(tmp_path, family):
   cfg = _config(family.removesuffix('_windowed'))
@@ -271,10 +284,22 @@ def _workdir(tmp_path, family):
   return tmp_path / 'run'
 
 
-def test_jaxarch_load_takes_a_run_or_its_export_directory(tmp_path):
+@pytest.fixture(scope='module')
+def dense_run(tmp_path_factory):
+  """`_workdir` of the dense model, made once (an initial state takes seconds to compile)
+  for the tests that only read it; a test that changes it takes `_copy` of it."""
+  return _workdir(tmp_path_factory.mktemp('dense'), 'dense')
+
+
+def _copy(run, tmp_path):
+  """tmp_path/run, a copy of `run` for a test that changes it (or lists tmp_path)."""
+  return Path(shutil.copytree(run, tmp_path / 'run'))
+
+
+def test_jaxarch_load_takes_a_run_or_its_export_directory(tmp_path, dense_run):
   """`jaxarch.load` is the from_pretrained of jaxarch: an export directory (no checkpoints)
   loads with the run's logits, instead of saying to train in it."""
-  workdir = _workdir(tmp_path, 'dense')
+  workdir = dense_run
   _, model = jaxarch.load(workdir)
   write_model(model, config_lib.load_json(workdir / 'config.json'), tmp_path / 'export')
   cfg, exported = jaxarch.load(tmp_path / 'export')
@@ -285,10 +310,11 @@ def test_jaxarch_load_takes_a_run_or_its_export_directory(tmp_path):
     jaxarch.load(tmp_path / 'missing')
 
 
-def test_generate_reads_an_export_directory_and_eval_says_it_needs_the_run(tmp_path, capsys):
+def test_generate_reads_an_export_directory_and_eval_says_it_needs_the_run(tmp_path, capsys,
+                                                                           dense_run):
   """`generate` takes an export's weights as `jaxarch.load` does (it said to train inside
   the export); a command that needs the run says so."""
-  workdir = _workdir(tmp_path, 'dense')
+  workdir = dense_run
   _, model = jaxarch.load(workdir)
   cfg = config_lib.load_json(workdir / 'config.json')
   write_model(model, cfg, tmp_path / 'export')
@@ -362,8 +388,9 @@ def test_export_checks_out_and_platforms_before_reading_the_checkpoint(tmp_path,
   assert "platform 'gpu' is not one of" in capsys.readouterr().err
 
 
-def test_exported_config_is_the_run_s_own_when_exported_on_other_devices(tmp_path, capsys):
-  workdir = _workdir(tmp_path, 'dense')
+def test_exported_config_is_the_run_s_own_when_exported_on_other_devices(tmp_path, capsys,
+                                                                        dense_run):
+  workdir = _copy(dense_run, tmp_path)
   saved = json.loads((workdir / 'config.json').read_text())
   saved['mesh']['dcn']['data'] = 2  # trained on two hosts of 8: 16 devices, not the 8 here
   (workdir / 'config.json').write_text(json.dumps(saved))
@@ -391,12 +418,13 @@ def test_a_damaged_export_directory_is_one_line(tmp_path):
 
 def test_unexportable_shapes_are_one_line(tmp_path):
   cfg = family_config('megabyte')
+  # The sizes are checked before a weight is read: an abstract model will do (a real
+  # MEGABYTE takes seconds of eager compilations to build).
+  model = nnx.eval_shape(lambda: _model(cfg))
   with pytest.raises(ExportError, match='multiple of the patch size 4'):
-    export_stablehlo(_model(cfg), cfg, tmp_path / 'a', batch_size=1, prompt_len=6,
-                     max_len=20)
+    export_stablehlo(model, cfg, tmp_path / 'a', batch_size=1, prompt_len=6, max_len=20)
   with pytest.raises(ExportError, match='max_len=999 <= model.max_len'):
-    export_stablehlo(_model(cfg), cfg, tmp_path / 'b', batch_size=1, prompt_len=8,
-                     max_len=999)
+    export_stablehlo(model, cfg, tmp_path / 'b', batch_size=1, prompt_len=8, max_len=999)
 
 
 def test_an_hf_tokenizer_json_keeps_its_file_and_the_readme_names_the_final_folder(tmp_path):
@@ -655,8 +683,9 @@ def test_hf_export_of_a_bita_model_names_its_base_run(tmp_path):
   assert not (tmp_path / 'out').exists()
 
 
-def test_an_export_interrupted_midway_leaves_no_out_directory(tmp_path, capsys, monkeypatch):
-  workdir = _workdir(tmp_path, 'dense')
+def test_an_export_interrupted_midway_leaves_no_out_directory(tmp_path, capsys, monkeypatch,
+                                                              dense_run):
+  workdir = dense_run
   def interrupted(*args, **kwargs):
     raise KeyboardInterrupt
   monkeypatch.setattr(safetensors.flax, 'save_file', interrupted)  # once config.json is read
@@ -686,10 +715,10 @@ def test_a_retry_removes_what_a_killed_export_left_and_nothing_else(tmp_path, ca
 
 
 def test_an_export_or_import_onto_a_full_disk_is_one_line_and_can_be_retried(
-    tmp_path, capsys, monkeypatch):
+    tmp_path, capsys, monkeypatch, dense_run):
   # safetensors (Rust) says "(os error 28)", TensorStore "[os_error_code='28']" inside
   # Orbax's errors: both were tracebacks, and an import's named its temporary directory.
-  workdir = _workdir(tmp_path, 'dense')
+  workdir = _copy(dense_run, tmp_path)
   save_file = safetensors.numpy.save_file  # under both formats' writers
   def full(*args, **kwargs):
     raise safetensors.SafetensorError('Error while serializing: I/O error: No space left on '
@@ -720,7 +749,7 @@ def test_an_export_or_import_onto_a_full_disk_is_one_line_and_can_be_retried(
 
 
 def test_a_distill_onto_a_full_disk_is_one_line_and_can_be_retried(tmp_path, capsys,
-                                                                  monkeypatch):
+                                                                  monkeypatch, dense_run):
   (tmp_path / 'corpus').mkdir()
   for i in range(8):
     (tmp_path / 'corpus' / f'{i}.txt').write_text(f'document {i} ' * 20)
@@ -729,10 +758,7 @@ def test_a_distill_onto_a_full_disk_is_one_line_and_can_be_retried(tmp_path, cap
     cfg.data.source = f'files:{tmp_path}/corpus/*.txt'
     cfg.data.data_dir = str(tmp_path / 'data')
     cfg.data.validation_fraction = 0.25
-  setup = make_setup(cfg, make_mesh(cfg))
-  checkpointer = Checkpointer(tmp_path / 'run', async_save=False)
-  checkpointer.save(1, init_state(cfg, setup))
-  checkpointer.close()
+  shutil.copytree(dense_run / CHECKPOINTS, tmp_path / 'run' / CHECKPOINTS)  # its model's
   config_lib.save(cfg, tmp_path / 'run' / 'config.json')
   # array_record says so in a RuntimeError's text alone: a traceback from deep inside TFDS.
   write = tfds.core.writer.ExampleWriter.write
@@ -766,11 +792,21 @@ def test_a_distill_onto_a_full_disk_is_one_line_and_can_be_retried(tmp_path, cap
       'train': 2, 'validation': 1}
 
 
-def test_hf_export_command_refuses_before_it_writes(tmp_path, capsys):
-  assert cli.main(['export', f'--workdir={_workdir(tmp_path, "megabyte")}',
-                   f'--out={tmp_path / "out"}', '--format=hf']) == 2
-  assert 'this run is a megabyte model' in capsys.readouterr().err
+def test_hf_export_command_refuses_before_it_writes(tmp_path, capsys, dense_run):
+  """A run that transformers has no model for is refused in one line and leaves no --out:
+  here the dense run with one of Gemma 3's keys (which changes no weight) in its
+  config.json; a run of another family is refused by the same check of its config."""
+  workdir = _copy(dense_run, tmp_path)
+  saved = json.loads((workdir / 'config.json').read_text())
+  saved['model']['embed_scale'] = True
+  (workdir / 'config.json').write_text(json.dumps(saved))
+  assert cli.main(['export', f'--workdir={workdir}', f'--out={tmp_path / "out"}',
+                   '--format=hf']) == 2
+  assert "a Gemma 3 has all of Gemma 3's keys, and this model lacks" in (
+      capsys.readouterr().err)
   assert not (tmp_path / 'out').exists()
+  with pytest.raises(ExportError, match='this run is a megabyte model'):
+    hf_export.check_exportable(family_config('megabyte'))
 
 
 def test_an_export_directory_gets_the_permissions_of_the_umask(tmp_path):

@@ -2,6 +2,7 @@
 
 import logging
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,7 @@ from jaxarch import config as config_lib
 from jaxarch.parallel import make_mesh
 from jaxarch.train.checkpoint import Checkpointer
 from jaxarch.train.state import init_state, make_setup
+from jaxarch.train.workdir import CHECKPOINTS
 
 MESHES = {  # the 8 devices as each family is trained on them
     'dense': dict(data=2, fsdp=2, tensor=2),
@@ -30,20 +32,28 @@ _forward = jitted(lambda model, tokens: model(tokens))
 
 def _greedy_without_cache(model, prompt, steps):
   """The reference: the full forward pass over the whole sequence for every new token
-  (a fixed-length buffer; causal attention makes what follows position p irrelevant)."""
+  (a fixed-length buffer; causal attention makes what follows position p irrelevant). The
+  buffer is a multiple of 32 positions, so that one program serves every prompt and length
+  (each new shape would be another compilation)."""
   n = len(prompt)
-  tokens = np.zeros((1, n + steps), np.int32)
+  tokens = np.zeros((1, -(-(n + steps) // 32) * 32), np.int32)
   tokens[0, :n] = prompt
   for p in range(n, n + steps):
     tokens[0, p] = int(jnp.argmax(_forward(model, tokens)[0, p - 1]))
-  return tokens[0, n:].tolist()
+  return tokens[0, n:n + steps].tolist()
 
 
 @pytest.mark.parametrize('family, overrides', [
-    *((family, ()) for family in sorted(FAMILIES)),
+    # MEGABYTE's caches are test_megabyte.py's (prompts of every length mod the patch size),
+    # UltraMem's below: their composition runs in the slow run.
+    *((family, ()) if family != 'megabyte' else
+      pytest.param(family, (), marks=pytest.mark.slow) for family in sorted(FAMILIES)),
     ('dense', ('model.qkv_bias=True', 'model.qk_norm=True')),  # a Qwen2's and a Qwen3's
     ('dense', ('model.sliding_window=4', "model.attention_pattern=('local', 'global')")),
-    ('moe', ('model.sliding_window=3',)), ('ultramem', ('model.sliding_window=3',)),
+    # The window's ring caches are the attention layer's, checked here by the dense models;
+    # MoE and UltraMem blocks (checked above) around windowed attention in the slow run.
+    pytest.param('moe', ('model.sliding_window=3',), marks=pytest.mark.slow),
+    pytest.param('ultramem', ('model.sliding_window=3',), marks=pytest.mark.slow),
     ('dense', ('model.sliding_window=4', "model.attention_pattern=('local', 'global')",  # a
                'model.local_rope_theta=100.0', 'model.qk_norm=True',  # Gemma 3's
                'model.post_norms=True', 'model.embed_scale=True',
@@ -112,8 +122,11 @@ def test_sharded_greedy_generation_with_windowed_ring_caches_equals_uncached_gre
 
 
 def _short_context(family, max_len=16):
-  """FAMILIES[family] built for `max_len` positions (its training rows no longer)."""
-  cfg = family_config(family)
+  """FAMILIES[family] built for `max_len` positions (its training rows no longer); MEGABYTE
+  without the UltraMem layer of its global model, which reads no position (and whose
+  lookups take as long to compile as the rest of the model)."""
+  cfg = (family_config(family) if family != 'megabyte' else
+         config_lib.load('configs/megabyte.py:tiny', ['model.dtype=float32']))
   for override in (f'data.seq_len={max_len}', f'model.max_len={max_len}'):
     config_lib.apply_override(cfg, override)
   return models.build(config_lib.validate(cfg).model, rngs=nnx.Rngs(0))
@@ -128,19 +141,21 @@ def test_generation_past_max_len_is_the_full_forwards_and_warned_once(family, ca
   model = _short_context(family)
   generator = infer.Generator(model)
   prompts = [[257, 5], [257] + list(range(40, 49)), [257] + list(range(60, 76))]
+  # Uncached greedy's tokens, each prompt's longest continuation below (greedy's first
+  # tokens do not depend on later ones: shorter calls give prefixes of these).
+  want = [_greedy_without_cache(model, p, steps) for p, steps in zip(prompts, (12, 12, 3))]
   with caplog.at_level(logging.WARNING, logger='jaxarch.infer.generate'):
-    assert generator(prompts[:2], max_new_tokens=7)[0][1] == _greedy_without_cache(
-        model, prompts[1], 7)  # 10 + 7 - 1 = 16 positions read
+    assert generator(prompts[:2], max_new_tokens=7)[0][1] == want[1][:7]  # 10 + 7 - 1 = 16
     assert not caplog.records
     out, _ = generator(prompts[:2], max_new_tokens=12)  # 21
     assert [r.getMessage() for r in caplog.records] == [
         'generate: prompt 1 of 10 tokens + max_new_tokens=12 reads 21 positions, more than '
         'model.max_len=16; it goes on past them, which the model was not built for (tokens '
         'of unknown quality): lower max_new_tokens to 7']
-    assert out == [_greedy_without_cache(model, p, 12) for p in prompts[:2]]
-    out, _ = generator(prompts[2:], max_new_tokens=3)  # a prompt past it: not warned again
-    assert len(caplog.records) == 1 and out[0] == _greedy_without_cache(model, prompts[2], 3)
-    infer.Generator(model)(prompts, max_new_tokens=3)
+    assert out == want[:2]
+    out, _ = generator(prompts, max_new_tokens=3)  # a prompt past it: not warned again
+    assert len(caplog.records) == 1 and out == [w[:3] for w in want]
+    infer.Generator(model)(prompts, max_new_tokens=3)  # the same shapes: compiled once
   assert caplog.records[1].getMessage().startswith(
       'generate: prompt 2 of 17 tokens + max_new_tokens=3 reads 19 positions')
   assert caplog.records[1].getMessage().endswith(': shorten the prompt to at most 14 tokens')
@@ -407,14 +422,30 @@ def test_a_huge_max_new_tokens_is_one_line_not_an_xla_traceback(dense_generator,
   assert dense_generator([[257, 1]], max_new_tokens=3)[0][0]  # still generates after it
 
 
-def test_generate_command_continues_prompts_from_the_latest_checkpoint(tmp_path, capsys):
+@pytest.fixture(scope='module')
+def tiny_checkpoints(tmp_path_factory):
+  """The checkpoints of a run of configs/dense.py:tiny on the 8 devices, made once for
+  the commands' tests (an initial state takes seconds to compile): `_tiny_run` copies them
+  into each test's own run."""
   cfg = mesh_config(config_lib.load('configs/dense.py:tiny'), data=8)
-  mesh = make_mesh(cfg)
-  setup = make_setup(cfg, mesh)
-  config_lib.save(cfg, tmp_path / 'config.json')
-  checkpointer = Checkpointer(tmp_path, async_save=False)
-  checkpointer.save(7, init_state(cfg, setup))
+  path = tmp_path_factory.mktemp('tiny')
+  checkpointer = Checkpointer(path, async_save=False)
+  checkpointer.save(7, init_state(cfg, make_setup(cfg, make_mesh(cfg))))
   checkpointer.close()
+  return path / CHECKPOINTS
+
+
+def _tiny_run(workdir, checkpoints, cfg):
+  """A run of `cfg` in `workdir`: its config.json and a copy of `tiny_checkpoints` (data
+  keys, and max_len, which rotary embeddings give no weights, leave them as they are)."""
+  shutil.copytree(checkpoints, workdir / CHECKPOINTS)
+  config_lib.save(cfg, workdir / 'config.json')
+
+
+def test_generate_command_continues_prompts_from_the_latest_checkpoint(tmp_path, capsys,
+                                                                       tiny_checkpoints):
+  _tiny_run(tmp_path, tiny_checkpoints,
+            mesh_config(config_lib.load('configs/dense.py:tiny'), data=8))
 
   assert cli.main(['generate', '--workdir', str(tmp_path), '--prompt', 'import os',
                    '--prompt', 'def f(', '--max_new_tokens', '6', '--ignore_eod']) == 0
@@ -442,15 +473,12 @@ def test_generate_command_continues_prompts_from_the_latest_checkpoint(tmp_path,
                                             ('data.bos_id=65', [65]),
                                             ('data.add_bos=False', [])])
 def test_generate_command_starts_prompts_with_the_runs_bos(tmp_path, monkeypatch, capsys,
-                                                           setting, first):
+                                                           tiny_checkpoints, setting, first):
   """data.bos_id (an imported Llama's <s>), else the tokenizer's eod, as documents start;
   with data.add_bos=False (an imported Qwen's) the text alone, and an empty prompt, which
   is then no tokens, is one line."""
-  cfg = mesh_config(config_lib.load('configs/dense.py:tiny', [setting]), data=8)
-  config_lib.save(cfg, tmp_path / 'config.json')
-  checkpointer = Checkpointer(tmp_path, async_save=False)
-  checkpointer.save(0, init_state(cfg, make_setup(cfg, make_mesh(cfg))))
-  checkpointer.close()
+  _tiny_run(tmp_path, tiny_checkpoints,
+            mesh_config(config_lib.load('configs/dense.py:tiny', [setting]), data=8))
   prompts, generate = [], infer.Generator.__call__
 
   def spy(self, batch, **kwargs):
@@ -472,13 +500,12 @@ def test_generate_command_starts_prompts_with_the_runs_bos(tmp_path, monkeypatch
     assert "--prompt '' (prompt 0) is no tokens and the run starts prompts with no BOS" in err
 
 
-def test_generate_command_stops_at_the_runs_stop_ids_too(tmp_path, monkeypatch, capsys):
+def test_generate_command_stops_at_the_runs_stop_ids_too(tmp_path, monkeypatch, capsys,
+                                                        tiny_checkpoints):
   """An imported instruct model ends its turn with another token than the eod (Llama 3's
   <|eot_id|>): data.stop_ids stops `generate` there too; --ignore_eod stops at none."""
   cfg = mesh_config(config_lib.load('configs/dense.py:tiny'), data=8)
-  checkpointer = Checkpointer(tmp_path, async_save=False)
-  checkpointer.save(0, init_state(cfg, make_setup(cfg, make_mesh(cfg))))
-  checkpointer.close()
+  _tiny_run(tmp_path, tiny_checkpoints, cfg)
   calls, generate = [], infer.Generator.__call__
 
   def spy(self, batch, **kwargs):
@@ -489,7 +516,6 @@ def test_generate_command_stops_at_the_runs_stop_ids_too(tmp_path, monkeypatch, 
   monkeypatch.setattr(infer.Generator, '__call__', spy)
   run = lambda *flags: cli.main(['generate', '--workdir', str(tmp_path), '--prompt', 'hi',
                                  '--max_new_tokens', '8', *flags])
-  config_lib.save(cfg, tmp_path / 'config.json')
   assert run('--ignore_eod') == 0
   _, free = calls.pop()
   assert len(free) == 8 and 257 not in free[:3]
@@ -506,15 +532,12 @@ def test_generate_command_stops_at_the_runs_stop_ids_too(tmp_path, monkeypatch, 
   assert calls.pop() == ((), free)
 
 
-def test_generate_command_warns_past_max_len_as_python_does(tmp_path, capsys, caplog):
+def test_generate_command_warns_past_max_len_as_python_does(tmp_path, capsys, caplog,
+                                                           tiny_checkpoints):
   """It warned from its own count, prompt + max_new_tokens, one position more than the
   model reads (the last new token is never fed back): now the Generator's warning."""
-  cfg = mesh_config(config_lib.load('configs/dense.py:tiny', ['data.seq_len=16',
-                                                              'model.max_len=16']), data=8)
-  config_lib.save(cfg, tmp_path / 'config.json')
-  checkpointer = Checkpointer(tmp_path, async_save=False)
-  checkpointer.save(0, init_state(cfg, make_setup(cfg, make_mesh(cfg))))
-  checkpointer.close()
+  _tiny_run(tmp_path, tiny_checkpoints, mesh_config(config_lib.load(
+      'configs/dense.py:tiny', ['data.seq_len=16', 'model.max_len=16']), data=8))
   run = lambda new: cli.main(['generate', '--workdir', str(tmp_path), '--prompt', 'import os',
                               '--max_new_tokens', str(new), '--ignore_eod'])  # 10 tokens
   with caplog.at_level(logging.WARNING, logger='jaxarch.infer.generate'):
@@ -543,7 +566,7 @@ def test_distill_prompts_start_with_the_runs_bos(tmp_path):
       p[1:] for p in prompts if p[1:]]
 
 
-def test_distill_stops_where_generate_does(tmp_path, monkeypatch):
+def test_distill_stops_where_generate_does(tmp_path, monkeypatch, tiny_checkpoints):
   """Distilled continuations end at the eod or at data.stop_ids, as `generate`'s."""
   from test_data import _write_corpus  # pylint: disable=g-import-not-at-top
   from jaxarch.infer.distill import distill  # pylint: disable=g-import-not-at-top
@@ -551,10 +574,7 @@ def test_distill_stops_where_generate_does(tmp_path, monkeypatch):
   cfg = mesh_config(config_lib.load('configs/dense.py:tiny', [
       f'data.source=files:{tmp_path}/corpus/*.txt', f'data.data_dir={tmp_path / "data"}',
       'data.stop_ids=(65, 66)']), data=8)
-  config_lib.save(cfg, tmp_path / 'run' / 'config.json')
-  checkpointer = Checkpointer(tmp_path / 'run', async_save=False)
-  checkpointer.save(0, init_state(cfg, make_setup(cfg, make_mesh(cfg))))
-  checkpointer.close()
+  _tiny_run(tmp_path / 'run', tiny_checkpoints, cfg)
   stops, generate = set(), infer.Generator.__call__
 
   def spy(self, batch, **kwargs):
@@ -567,7 +587,7 @@ def test_distill_stops_where_generate_does(tmp_path, monkeypatch):
   assert stops == {(257, 65, 66)}
 
 
-def test_distill_warns_past_max_len_where_generate_does(tmp_path, caplog):
+def test_distill_warns_past_max_len_where_generate_does(tmp_path, caplog, tiny_checkpoints):
   """It warned from prompt_len + max_new_tokens, one position more than the model reads,
   where `generate` did not: now the Generator's warning, once for all its batches."""
   from test_data import _write_corpus  # pylint: disable=g-import-not-at-top
@@ -576,10 +596,7 @@ def test_distill_warns_past_max_len_where_generate_does(tmp_path, caplog):
   cfg = mesh_config(config_lib.load('configs/dense.py:tiny', [
       f'data.source=files:{tmp_path}/corpus/*.txt', f'data.data_dir={tmp_path / "data"}',
       'data.seq_len=5', 'model.max_len=5']), data=8)
-  config_lib.save(cfg, tmp_path / 'run' / 'config.json')
-  checkpointer = Checkpointer(tmp_path / 'run', async_save=False)
-  checkpointer.save(0, init_state(cfg, make_setup(cfg, make_mesh(cfg))))
-  checkpointer.close()
+  _tiny_run(tmp_path / 'run', tiny_checkpoints, cfg)
   with caplog.at_level(logging.WARNING):
     distill(tmp_path / 'run', tmp_path / 'out', num_prompts=4, validation_prompts=2,
             prompt_len=4, max_new_tokens=2, batch_size=2)  # 4 + 2 - 1 = 5 positions read
