@@ -360,12 +360,13 @@ def _export(args, overrides):
   platforms = tuple(args.platforms.split(',')) if args.platforms else None
   check_platforms(platforms)
   _check_backend()
-  _, model, step = load_checkpoint(args.workdir, step=args.step)
   # The run's config as saved: load_checkpoint's has the mesh of the devices here.
-  cfg = config_lib.load_json(Path(args.workdir) / 'config.json')
+  saved = Path(args.workdir) / 'config.json'
+  if args.format == 'hf' and saved.is_file():  # (else load_checkpoint says what is amiss)
+    check_exportable(config_lib.load_json(saved))
+  _, model, step = load_checkpoint(args.workdir, step=args.step)
+  cfg = config_lib.load_json(saved)
   source = f'{args.workdir} (checkpoint {step})'
-  if args.format == 'hf':
-    check_exportable(cfg)  # before a directory is made for it
   with all_or_nothing(args.out) as partial:
     if args.format == 'safetensors':
       write_model(model, cfg, partial, source=source, final=args.out)

@@ -792,14 +792,17 @@ def test_a_distill_onto_a_full_disk_is_one_line_and_can_be_retried(tmp_path, cap
       'train': 2, 'validation': 1}
 
 
-def test_hf_export_command_refuses_before_it_writes(tmp_path, capsys, dense_run):
-  """A run that transformers has no model for is refused in one line and leaves no --out:
-  here the dense run with one of Gemma 3's keys (which changes no weight) in its
-  config.json; a run of another family is refused by the same check of its config."""
+def test_hf_export_command_refuses_before_it_writes(tmp_path, capsys, dense_run,
+                                                    monkeypatch):
+  """A run that transformers has no model for is refused in one line and leaves no --out,
+  before its weights are read (minutes for a big one): here the dense run with one of
+  Gemma 3's keys (which changes no weight) in its config.json; a run of another family is
+  refused by the same check of its config."""
   workdir = _copy(dense_run, tmp_path)
   saved = json.loads((workdir / 'config.json').read_text())
   saved['model']['embed_scale'] = True
   (workdir / 'config.json').write_text(json.dumps(saved))
+  monkeypatch.setattr(pretrained, 'load_checkpoint', lambda *a, **k: pytest.fail('read'))
   assert cli.main(['export', f'--workdir={workdir}', f'--out={tmp_path / "out"}',
                    '--format=hf']) == 2
   assert "a Gemma 3 has all of Gemma 3's keys, and this model lacks" in (
