@@ -1414,6 +1414,17 @@ def test_a_tokenizers_file_of_any_json_name_is_a_hf_tokenizer(tmp_path):
   assert tokenizer.eod_id == 256  # '<|endoftext|>', after the 256 byte characters
 
 
+def test_a_tokenizer_file_is_read_once_while_it_is_unchanged(tmp_path):
+  """A run asks for its tokenizer for its training data, its evaluation data and bits per
+  byte; a 128k vocabulary takes about a second to read."""
+  path = _gpt2_style_tokenizer(tmp_path / 'tokenizer.json')
+  first = data.get_tokenizer(path)
+  assert data.get_tokenizer(path) is first
+  _llama_style_tokenizer(tmp_path / 'tokenizer.json')  # another tokenizer in its place
+  changed = data.get_tokenizer(path)
+  assert changed is not first and changed.vocab_size != first.vocab_size
+
+
 def test_hf_vocab_size_covers_its_largest_id_and_a_home_path_is_expanded(tmp_path,
                                                                          monkeypatch):
   hf = pytest.importorskip('tokenizers')

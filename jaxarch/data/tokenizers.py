@@ -270,12 +270,26 @@ def stop_ids(data_cfg, tokenizer) -> tuple[int, ...]:
 
 
 def get_tokenizer(spec: str):
-  """Returns the tokenizer named by `data.tokenizer`."""
+  """Returns the tokenizer named by `data.tokenizer`.
+
+  A run asks for it several times (training data, evaluation data, bits per byte); a file
+  is read once while it is unchanged, as building a large vocabulary's byte lengths takes
+  about a second (128k tokens)."""
   if spec == 'bytes':
     return ByteTokenizer()
   spec = os.path.expanduser(spec)
-  if spec.endswith('.model'):
-    return SentencePieceTokenizer(spec)
-  if spec.endswith('.json'):  # tokenizers' `Tokenizer.save` takes any name (bpe-32k.json)
-    return HFTokenizer(spec)
-  raise ConfigError(_SPEC_ERROR.format(spec))
+  if not spec.endswith(('.model', '.json')):
+    raise ConfigError(_SPEC_ERROR.format(spec))
+  try:
+    stat = os.stat(spec)
+  except OSError:
+    stat = None  # reading it says why
+  return _tokenizer_file(spec, stat and (stat.st_mtime_ns, stat.st_size, stat.st_ino))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_file(path: str, version):
+  del version  # the cache's key: a file changed in place is read again
+  if path.endswith('.model'):
+    return SentencePieceTokenizer(path)
+  return HFTokenizer(path)  # tokenizers' `Tokenizer.save` takes any name (bpe-32k.json)
