@@ -664,6 +664,9 @@ def _misplaced(command: str, config: str | None, unknown: list[str]) -> str | No
   return None
 
 
+_COMPILATION_CACHE_BYTES = 2 * 2**30
+
+
 def _compilation_cache() -> None:
   """Keeps what XLA compiles in ($XDG_CACHE_HOME or ~/.cache)/jaxarch/jit, unless
   $JAX_COMPILATION_CACHE_DIR names another place: a resumed or repeated run then loads its
@@ -675,6 +678,10 @@ def _compilation_cache() -> None:
   cache = os.environ.get('XDG_CACHE_HOME') or os.path.join('~', '.cache')
   jax.config.update('jax_compilation_cache_dir',
                     str(Path(cache).expanduser() / 'jaxarch' / 'jit'))
+  # Every config and mesh of a sweep adds its programs (tens of MB each for a large model
+  # on a GPU): the least recently used go past the cap, unless the user set one.
+  if 'JAX_COMPILATION_CACHE_MAX_SIZE' not in os.environ:
+    jax.config.update('jax_compilation_cache_max_size', _COMPILATION_CACHE_BYTES)
 
 
 def main(argv=None):

@@ -385,13 +385,18 @@ def test_the_commands_keep_compiled_programs_for_the_next_run(tmp_path, monkeypa
   (($XDG_CACHE_HOME or ~/.cache)/jaxarch/jit, or the user's own) rather than compiling
   them again: set by every command, before it reads its arguments' files."""
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+  monkeypatch.delenv('JAX_COMPILATION_CACHE_MAX_SIZE', raising=False)
   suite_cache = jax.config.jax_compilation_cache_dir
+  suite_cap = jax.config.jax_compilation_cache_max_size
   try:
-    for own, expected in ((None, tmp_path / 'cache' / 'jaxarch' / 'jit'),
-                          (str(tmp_path / 'own'), tmp_path / 'own')):
+    # jaxarch's own folder is capped (least recently used programs go); the user's is not.
+    for own, expected, cap in ((str(tmp_path / 'own'), tmp_path / 'own', -1),
+                               (None, tmp_path / 'cache' / 'jaxarch' / 'jit', 2 * 2**30)):
       jax.config.update('jax_compilation_cache_dir', own)
       assert cli.main(['eval', f'--workdir={tmp_path / "none"}']) == 2
       assert jax.config.jax_compilation_cache_dir == str(expected)
+      assert jax.config.jax_compilation_cache_max_size == cap
   finally:
     jax.config.update('jax_compilation_cache_dir', suite_cache)
+    jax.config.update('jax_compilation_cache_max_size', suite_cap)
   assert 'jaxarch: ' in capsys.readouterr().err
