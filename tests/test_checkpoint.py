@@ -10,11 +10,15 @@ import types
 import grain
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 from orbax.checkpoint._src.multihost import multihost
 
 from conftest import devices, make_batch, mesh_config, tiny_config
+from jaxarch import config as config_lib
 from jaxarch import data
+from jaxarch import load
 from jaxarch.parallel import global_batch, make_mesh
 from jaxarch.train import checkpoint
 from jaxarch.train.checkpoint import Checkpointer, CheckpointError
@@ -487,6 +491,45 @@ def test_readers_say_whether_there_is_no_checkpoint_or_none_restores_and_write_n
   with pytest.raises(CheckpointError, match='none of the checkpoints in .* could be restored'):
     Checkpointer.read(tmp_path, setup.abstract_state)
   assert (tmp_path / 'checkpoints' / '1').is_dir()  # left where it was
+
+
+def _counting_reads(monkeypatch) -> list:
+  """The arrays Orbax reads from now on, as it reads them."""
+  read = []
+  deserialize = ocp.type_handlers.ArrayHandler.deserialize
+
+  async def counting(self, infos, args=None):
+    arrays = await deserialize(self, infos, args)
+    read.extend(arrays)
+    return arrays
+
+  monkeypatch.setattr(ocp.type_handlers.ArrayHandler, 'deserialize', counting)
+  return read
+
+
+def test_readers_of_the_model_read_its_shards_and_not_the_optimizer_state(tmp_path,
+                                                                          monkeypatch):
+  """Evaluation, generation and export need the weights alone: reading the optimizer state
+  too (twice the weights under Adam) took three times the model's memory on the devices,
+  enough to fail a model that fits them. The trainer reads it all."""
+  cfg = mesh_config(tiny_config(), fsdp=4, tensor=2)
+  setup, _ = _setup(cfg)
+  state = init_state(cfg, setup)
+  config_lib.save(cfg, tmp_path / 'config.json')
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  ckpt.save(1, state)
+  ckpt.close()
+  nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
+  read = _counting_reads(monkeypatch)
+  _, model = load(tmp_path)
+  assert nbytes(read) == nbytes([state['params'], state['model_state']]) < nbytes(state) / 2
+  _assert_trees_equal(nnx.state(model, nnx.Param), state['params'])
+  gate = model.blocks[0].mlp.gate.get_value()
+  assert gate.sharding.spec == jax.sharding.PartitionSpec('fsdp', 'tensor')
+  read.clear()
+  restored, _ = Checkpointer(tmp_path).restore(setup.abstract_state)
+  assert nbytes(read) == nbytes(state)
+  _assert_trees_equal(restored, state)
 
 
 @pytest.mark.parametrize('metadata', ['lost', 'garbled'])

@@ -2,6 +2,7 @@
 tokens as jaxarch without jaxarch, and the command line."""
 
 import errno
+import functools
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import jax
@@ -28,7 +30,7 @@ from jaxarch import infer, models
 from jaxarch.export import (ExportError, all_or_nothing, export_stablehlo, load_safetensors,
                             write_hf, write_model)
 from jaxarch.data import get_tokenizer
-from jaxarch.export import hf_import, hf_tokenizer, run_stablehlo
+from jaxarch.export import hf_import, hf_tokenizer, run_stablehlo, weights
 from jaxarch.export import huggingface as hf_export
 from jaxarch.export.run_stablehlo import StableHLOModel
 from jaxarch.layers.attention import Attention
@@ -36,8 +38,10 @@ from jaxarch.layers.signals import WindowCounter
 from jaxarch.parallel import make_mesh
 from jaxarch.train.checkpoint import Checkpointer
 from jaxarch.train import pretrained
+from jaxarch.train import state as state_lib
 from jaxarch.train.pretrained import load_model
-from jaxarch.train.state import init_state, make_setup
+from jaxarch.export.weights import flat_arrays
+from jaxarch.train.state import init_state, make_setup, merge_model
 from jaxarch.train.workdir import CHECKPOINTS
 
 TOKENS = np.array([[257, 100, 101, 102, 103, 104, 105, 106]], np.int32)
@@ -94,6 +98,46 @@ def test_safetensors_round_trip_gives_identical_logits(tmp_path, family):
     assert 'blocks.0.attn.q_proj' in names or 'global_model.blocks.0.attn.q_proj' in names
   tokenizer = json.loads((tmp_path / 'out' / 'tokenizer.json').read_text())
   assert tokenizer == {**tokenizer, 'spec': 'bytes', 'vocab_size': 258, 'eod_id': 257}
+
+
+def test_safetensors_are_written_byte_for_byte_as_safetensors_writes_them(tmp_path):
+  arrays = {'b.weight': np.arange(6, dtype=np.float32).reshape(2, 3),
+            'a.weight': np.full((3, 2), 1.5, jax.numpy.bfloat16),
+            'ids': np.arange(5, dtype=np.int32), 'scale': np.array(3.0, np.float32),
+            'mask': np.array([True, False]), 'empty': np.zeros((0, 4), np.float32)}
+  safetensors.numpy.save_file(arrays, tmp_path / 'theirs', metadata={'format': 'pt'})
+  sharded = {k: jax.device_put(v) for k, v in arrays.items()}
+  weights.save_safetensors({k: weights.Deferred(v) for k, v in sharded.items()},
+                           tmp_path / 'ours', metadata={'format': 'pt'})
+  assert (tmp_path / 'ours').read_bytes() == (tmp_path / 'theirs').read_bytes()
+
+
+def _host_peak(fn) -> int:
+  """The most bytes that Python and numpy held at once while `fn` ran, over those held
+  before."""
+  tracemalloc.start()
+  try:
+    fn()
+    return tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+
+
+def test_an_export_fetches_one_tensor_at_a_time_to_the_host(tmp_path):
+  """A model's weights were fetched to the host all at once (in Hugging Face's layouts,
+  transposed beside them): host memory for the whole model, or twice that. They are
+  fetched and written one at a time, and jax keeps no host copy of them behind."""
+  cfg = family_config('dense', fsdp=8)
+  setup = make_setup(cfg, make_mesh(cfg))
+  model = merge_model(setup, init_state(cfg, setup))
+  arrays = flat_arrays(model)
+  total = sum(a.nbytes for a in arrays.values())
+  assert max(a.nbytes for a in arrays.values()) < total / 16
+  for fmt, write in (('safetensors', write_model), ('hf', hf_export.write_hf)):
+    assert _host_peak(functools.partial(write, model, cfg, tmp_path / fmt)) < total / 2, fmt
+  loaded = dict(nnx.to_flat_state(nnx.state(load_safetensors(tmp_path / 'safetensors')[1])))
+  for path, variable in nnx.to_flat_state(nnx.state(model)):
+    np.testing.assert_array_equal(loaded[path].get_value(), variable.get_value())
 
 
 def test_loading_weights_of_another_shape_names_the_array(tmp_path):
@@ -688,7 +732,7 @@ def test_an_export_interrupted_midway_leaves_no_out_directory(tmp_path, capsys, 
   workdir = dense_run
   def interrupted(*args, **kwargs):
     raise KeyboardInterrupt
-  monkeypatch.setattr(safetensors.flax, 'save_file', interrupted)  # once config.json is read
+  monkeypatch.setattr(weights, 'save_safetensors', interrupted)  # once config.json is read
   assert cli.main(['export', f'--workdir={workdir}', f'--out={tmp_path / "out"}']) == 130
   assert 'interrupted' in capsys.readouterr().err
   assert not (tmp_path / 'out').exists()
@@ -716,14 +760,13 @@ def test_a_retry_removes_what_a_killed_export_left_and_nothing_else(tmp_path, ca
 
 def test_an_export_or_import_onto_a_full_disk_is_one_line_and_can_be_retried(
     tmp_path, capsys, monkeypatch, dense_run):
-  # safetensors (Rust) says "(os error 28)", TensorStore "[os_error_code='28']" inside
+  # The export's writes fail with an OSError, TensorStore says "[os_error_code='28']" inside
   # Orbax's errors: both were tracebacks, and an import's named its temporary directory.
   workdir = _copy(dense_run, tmp_path)
-  save_file = safetensors.numpy.save_file  # under both formats' writers
-  def full(*args, **kwargs):
-    raise safetensors.SafetensorError('Error while serializing: I/O error: No space left on '
-                                      'device (os error 28)')
-  monkeypatch.setattr(safetensors.numpy, 'save_file', full)
+  def full(arrays, path, metadata):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+  for module in (weights, hf_export):  # under both formats' writers
+    monkeypatch.setattr(module, 'save_safetensors', full)
   for fmt in ('safetensors', 'hf'):
     out = tmp_path / fmt
     assert cli.main(['export', f'--workdir={workdir}', f'--out={out}', f'--format={fmt}']) == 2
@@ -731,7 +774,7 @@ def test_an_export_or_import_onto_a_full_disk_is_one_line_and_can_be_retried(
     assert err == (f'jaxarch: export: could not write {out} (no space left on device); '
                    'nothing was left there: free space (or fix permissions) and rerun\n')
   assert sorted(p.name for p in tmp_path.iterdir()) == ['run']
-  monkeypatch.setattr(safetensors.numpy, 'save_file', save_file)  # space freed
+  monkeypatch.undo()  # space freed
   assert cli.main(['export', f'--workdir={workdir}', f'--out={tmp_path / "hf"}',
                    '--format=hf']) == 0
   capsys.readouterr()
@@ -854,6 +897,29 @@ def test_an_hf_checkpoint_imports_as_a_run_with_its_logits(tmp_path, family, tie
                                 np.asarray(logits(model, TOKENS)))
   tokenizer = get_tokenizer(imported_cfg.data.tokenizer)  # the export's, copied into the run
   assert (tokenizer.eod_id, tokenizer.encode('hi')) == (257, [104, 105])
+
+
+def test_an_import_reads_one_tensor_at_a_time_into_its_shards(tmp_path, monkeypatch):
+  """Import read the whole checkpoint into host memory, made it float32 and laid it out in
+  copies: twice a model's float32 weights and more, before any went to the devices. Each
+  tensor is now read, laid out and put in its shards in turn."""
+  cfg = family_config('dense')
+  model = _model(cfg)
+  write_hf(model, cfg, tmp_path / 'hf')
+  total = sum(a.nbytes for a in flat_arrays(model).values())
+  seen = {}
+  def spied(cfg, setup, given=None):  # once every weight is read (and placed)
+    seen.update(given=given, peak=tracemalloc.get_traced_memory()[1])
+    return init_state(cfg, setup, given=given)
+  monkeypatch.setattr(state_lib, 'init_state', spied)
+  tracemalloc.start()
+  try:
+    hf_import.import_hf(tmp_path / 'hf', tmp_path / 'run', ['mesh.ici.fsdp=8'])
+  finally:
+    tracemalloc.stop()
+  assert seen['peak'] < total / 2
+  assert all(isinstance(a, jax.Array) and len(a.sharding.device_set) == 8
+             for a in seen['given'].values())
 
 
 def test_an_imported_run_works_moved_or_copied_with_its_original_deleted(tmp_path, capsys):

@@ -45,14 +45,16 @@ as transformers reads it. A theta both at the top (transformers 4) and in rope_p
 which change training only, are not read.
 """
 
+from collections.abc import Mapping
 import json
 import logging
 import math
 from pathlib import Path
 
+import jax
 import ml_collections
 import numpy as np
-import safetensors.numpy
+import safetensors
 
 from jaxarch import config as config_lib
 from jaxarch.data import get_tokenizer, ids_past_model
@@ -105,57 +107,66 @@ GEMMA3_VISION = ('vision_tower.', 'multi_modal_projector.', 'model.vision_tower.
                  'model.multi_modal_projector.')
 
 
-def our_arrays(hf: dict[str, np.ndarray], cfg: ml_collections.ConfigDict,
-               query_scale: float = 1.0) -> dict[str, np.ndarray]:
+def our_arrays(hf: Mapping[str, np.ndarray], cfg: ml_collections.ConfigDict,
+               query_scale: float = 1.0, place=lambda name, array: array) -> dict:
   """`huggingface.hf_arrays` undone: Hugging Face's names and layouts -> jaxarch's. `query_scale`
   multiplies the QK-norm's query scales: a Gemma 3's query_pre_attn_scalar**-0.5 over our
-  head_dim**-0.5 (the same logits: the rotation and the dot product are linear in q)."""
+  head_dim**-0.5 (the same logits: the rotation and the dot product are linear in q).
+  Each array is taken from `hf` when it is needed (`read_hf`'s are read from disk only
+  then), laid out and handed to `place` (which puts it on the devices) in turn, so that the
+  host holds about one at a time; the result holds what `place` returned."""
   m = cfg.model
   n, kv, h = m.n_heads, m.n_kv_heads, head_dim(m)
   kind = architecture(m)[1]
   moe_module, expert_names = MOE_NAMES.get(kind, (None, {}))
-  hf = dict(hf)
-  if kind == 'gemma3_text':  # a Gemma's RMSNorm scales by 1 + its weight
-    hf = {k: v + 1 if k.endswith('norm.weight') else v for k, v in hf.items()}
+  left = set(hf)
 
   def take(name):
-    if name not in hf:
+    if name not in left:
       raise ExportError(f'import: the checkpoint has no {name}, which a {m.family} model of '
                         'its config.json needs')
-    return hf.pop(name)
+    left.remove(name)
+    if kind == 'gemma3_text' and name.endswith('norm.weight'):
+      return hf[name] + 1  # a Gemma's RMSNorm scales by 1 + its weight
+    return hf[name]
 
-  ours = {'embed.embedding': take('model.embed_tokens.weight'),
-          'final_norm.scale': take('model.norm.weight')}
+  ours = {}
+  def put(name, array):
+    ours[name] = place(name, array)
+
+  put('embed.embedding', take('model.embed_tokens.weight'))
+  put('final_norm.scale', take('model.norm.weight'))
   if not m.tie_embeddings:
-    ours['head'] = take('lm_head.weight').T
+    put('head', take('lm_head.weight').T)
   for i in range(m.n_layers):
     at, to = f'model.layers.{i}.', f'blocks.{i}.'
     for name, heads in (('q_proj', n), ('k_proj', kv), ('v_proj', kv)):
-      ours[f'{to}attn.{name}'] = take(f'{at}self_attn.{name}.weight').T.reshape(-1, heads, h)
+      put(f'{to}attn.{name}', take(f'{at}self_attn.{name}.weight').T.reshape(-1, heads, h))
       if m.qkv_bias:
-        ours[f'{to}attn.{name[0]}_bias'] = take(f'{at}self_attn.{name}.bias').reshape(heads, h)
-    ours[f'{to}attn.o_proj'] = take(f'{at}self_attn.o_proj.weight').T.reshape(n, h, -1)
+        put(f'{to}attn.{name[0]}_bias', take(f'{at}self_attn.{name}.bias').reshape(heads, h))
+    put(f'{to}attn.o_proj', take(f'{at}self_attn.o_proj.weight').T.reshape(n, h, -1))
     if m.qk_norm:
       for name in ('q_norm', 'k_norm'):
-        ours[f'{to}attn.{name}.scale'] = take(f'{at}self_attn.{name}.weight')
-      if query_scale != 1.0:
-        ours[f'{to}attn.q_norm.scale'] = ours[f'{to}attn.q_norm.scale'] * np.float32(query_scale)
+        scale = take(f'{at}self_attn.{name}.weight')
+        if name == 'q_norm' and query_scale != 1.0:
+          scale = scale * np.float32(query_scale)
+        put(f'{to}attn.{name}.scale', scale)
     if m.family == 'dense':
       for name, hf_name in (('gate', 'gate_proj'), ('up', 'up_proj'), ('down', 'down_proj')):
-        ours[f'{to}mlp.{name}'] = take(f'{at}mlp.{hf_name}.weight').T
+        put(f'{to}mlp.{name}', take(f'{at}mlp.{hf_name}.weight').T)
     else:
-      ours[f'{to}mlp.router'] = take(f'{at}{moe_module}.gate.weight').T
-      ours[f'{to}mlp.bias'] = np.zeros((m.moe.num_experts,), np.float32)
+      put(f'{to}mlp.router', take(f'{at}{moe_module}.gate.weight').T)
+      put(f'{to}mlp.bias', np.zeros((m.moe.num_experts,), np.float32))
       for name, hf_name in expert_names.items():
-        ours[f'{to}mlp.{name}'] = np.stack([
+        put(f'{to}mlp.{name}', np.stack([
             take(f'{at}{moe_module}.experts.{j}.{hf_name}.weight').T
-            for j in range(m.moe.num_experts)])
+            for j in range(m.moe.num_experts)]))
     for name, hf_name in (GEMMA_NORMS if kind == 'gemma3_text' else BLOCK_NORMS).items():
-      ours[f'{to}{name}.scale'] = take(f'{at}{hf_name}.weight')
-  hf.pop('lm_head.weight', None)  # a tied head saved anyway
-  if hf:
-    raise ExportError(f'import: {len(hf)} arrays have no place in a {m.family} model, e.g. '
-                      f'{sorted(hf)[:2]}')
+      put(f'{to}{name}.scale', take(f'{at}{hf_name}.weight'))
+  left.discard('lm_head.weight')  # a tied head saved anyway
+  if left:
+    raise ExportError(f'import: {len(left)} arrays have no place in a {m.family} model, e.g. '
+                      f'{sorted(left)[:2]}')
   return ours
 
 
@@ -290,24 +301,24 @@ def _text_config(hf_config: dict) -> dict:
   return {**HF_DEFAULTS.get(hf_config.get('model_type'), {}), **hf_config}
 
 
-def _language_model(hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _language_model(hf: 'Tensors') -> 'Tensors':
   """A Gemma3ForConditionalGeneration's language model's arrays under a Gemma3ForCausalLM's
   names (GEMMA3_PREFIXES); those of its vision tower and projector are left out, in a
   logged line. Others keep their name, for `our_arrays` to refuse."""
   out, skipped = {}, []
-  for name, array in hf.items():
+  for name in hf:
     prefix = next((p for p in GEMMA3_PREFIXES if name.startswith(p)), None)
     if prefix is not None:
-      out[GEMMA3_PREFIXES[prefix] + name[len(prefix):]] = array
+      out[GEMMA3_PREFIXES[prefix] + name[len(prefix):]] = hf.where(name)
     elif name.startswith(GEMMA3_VISION):
-      skipped.append(array.size)
+      skipped.append(hf.size(name))
     else:
-      out[name] = array
+      out[name] = hf.where(name)
   logging.getLogger(__name__).warning(
       'import: a Gemma 3 multimodal model: its language model is the run, its vision tower '
       'and multimodal projector (%d arrays, %d numbers) are left out', len(skipped),
       sum(skipped))
-  return out
+  return Tensors(out)
 
 
 def _rope_theta(hf_config: dict, key: str, rope: dict, where: str, default: float) -> float:
@@ -464,9 +475,46 @@ def _read_json(path: Path) -> dict:
   return tree
 
 
-def read_hf(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+class Tensors(Mapping):
+  """A checkpoint's arrays by name, each read from its safetensors file (as float32) only
+  when it is asked for and not kept: host memory for the array at hand, not for the whole
+  checkpoint (and a bf16 one's float32 copy beside it)."""
+
+  def __init__(self, where: dict[str, tuple[Path, str]]):
+    self._where = where  # name -> (file, name in the file)
+
+  def where(self, name: str) -> tuple[Path, str]:
+    return self._where[name]
+
+  def _read(self, name: str, read):
+    path, stored = self._where[name]
+    try:
+      with safetensors.safe_open(path, framework='numpy') as f:
+        return read(f, stored)
+    except Exception as e:  # pylint: disable=broad-except  (SafetensorError, a bad dtype)
+      raise ExportError(f'import: {path} cannot be read as safetensors: '
+                        f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    return self._read(name, lambda f, key: np.asarray(f.get_tensor(key), np.float32))
+
+  def size(self, name: str) -> int:
+    """Its number of elements, without reading it."""
+    return self._read(name, lambda f, key: math.prod(f.get_slice(key).get_shape()))
+
+  def __contains__(self, name) -> bool:  # (Mapping's would read the array)
+    return name in self._where
+
+  def __iter__(self):
+    return iter(self._where)
+
+  def __len__(self):
+    return len(self._where)
+
+
+def read_hf(directory: str | Path) -> tuple[dict, Tensors]:
   """(config.json, arrays) of a Hugging Face checkpoint: one safetensors file, or the
-  shards its index names."""
+  shards its index names; the files' headers are read now, each array when it is used."""
   directory = Path(directory).expanduser()
   if not (directory / 'config.json').is_file():
     raise ExportError(f'import: {directory / "config.json"} not found; is {directory} a '
@@ -480,17 +528,18 @@ def read_hf(directory: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     files = sorted(set(map(str, weight_map.values())))
   else:
     files = ['model.safetensors']
-  arrays = {}
+  where = {}
   for name in files:
     if not (directory / name).is_file():
       raise ExportError(f'import: {directory / name} not found (only safetensors weights '
                         'are read; convert a pytorch_model.bin with save_pretrained)')
     try:
-      arrays.update(safetensors.numpy.load_file(directory / name))
-    except Exception as e:  # pylint: disable=broad-except  (SafetensorError, a bad dtype)
+      with safetensors.safe_open(directory / name, framework='numpy') as f:
+        where.update({key: (directory / name, key) for key in f.keys()})
+    except Exception as e:  # pylint: disable=broad-except  (SafetensorError)
       raise ExportError(f'import: {directory / name} cannot be read as safetensors: '
                         f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
-  return hf_config, {k: np.asarray(v, np.float32) for k, v in arrays.items()}
+  return hf_config, Tensors(where)
 
 
 def _adds_bos(directory: Path) -> bool | None:
@@ -617,17 +666,21 @@ def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
   if past := ids_past_model(reader, cfg.model.vocab_size):
     raise ExportError(f'import: {tokenizer} has {reader.vocab_size} ids, more than the '
                       f"model's vocab_size={cfg.model.vocab_size} (e.g. id {past[0]})")
-  arrays = our_arrays(hf, cfg, _query_scale(hf_config, cfg.model))
-  del hf  # its arrays are now arrays' (views or copies): host memory for one model
   cfg, mesh = mesh_here(cfg)
   setup = make_setup(cfg, mesh)
-  expected = {name: variable.get_value().shape for collection in ('params', 'model_state')
+  expected = {name: variable.get_value() for collection in ('params', 'model_state')
               for name, (_, variable) in named_variables(setup.abstract_state[collection]
                                                          ).items()}
-  for name, got in arrays.items():  # our_arrays names model variables; window counters
-    if tuple(expected[name]) != got.shape:  # and the like start at zero
-      raise ExportError(f'import: {name} is {list(got.shape)} in the checkpoint, the '
-                        f'config expects {list(expected[name])}')
+
+  def place(name, array):  # our_arrays names model variables; window counters and the
+    want = expected[name]  # like start at zero
+    if tuple(want.shape) != array.shape:
+      raise ExportError(f'import: {name} is {list(array.shape)} in the checkpoint, the '
+                        f'config expects {list(want.shape)}')
+    return jax.device_put(array, want.sharding)  # its host copy is dropped
+
+  # Each array read, laid out and put in its shards in turn: host memory for one.
+  arrays = our_arrays(hf, cfg, _query_scale(hf_config, cfg.model), place)
   state = init_state(cfg, setup, given=arrays)  # no random weights made to be replaced
   del arrays
   # A failed import leaves no half-made run.

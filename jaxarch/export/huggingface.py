@@ -71,17 +71,17 @@ at all of which transformers' `generate` stops; config.json's is the end of docu
 """
 
 import json
+import math
 from pathlib import Path
 
-import jax
 import ml_collections
 import numpy as np
-import safetensors.numpy
 from flax import nnx
 
 from jaxarch.data import bos_id, get_tokenizer, stop_ids
 from jaxarch.export.hf_tokenizer import write_tokenizer
-from jaxarch.export.weights import ExportError, flat_arrays, readable
+from jaxarch.export.weights import (Deferred, ExportError, flat_arrays, readable,
+                                    save_safetensors)
 from jaxarch.models.transformer import head_dim, layer_windows
 
 ARCHITECTURES = {'dense': 'LlamaForCausalLM', 'moe': 'MixtralForCausalLM'}
@@ -308,46 +308,53 @@ def hf_rope_scaling(m: ml_collections.ConfigDict) -> dict | None:
           'original_max_position_embeddings': s.original_max_len}
 
 
-def hf_arrays(model: nnx.Module, cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+def hf_arrays(model: nnx.Module, cfg: ml_collections.ConfigDict) -> dict[str, Deferred]:
   """The model's weights under Llama's, Mixtral's or the Qwens' names and layouts (module
-  docstring)."""
-  ours = {k: np.asarray(jax.device_get(v)) for k, v in flat_arrays(model).items()}
+  docstring), each laid out on the devices and fetched only when it is written
+  (`save_safetensors`)."""
+  ours = flat_arrays(model)
   d = cfg.model.d_model
   kind = architecture(cfg.model)[1]
   moe_module, expert_names = MOE_NAMES.get(kind, (None, {}))
   if kind == 'gemma3_text':  # a Gemma's RMSNorm scales by 1 + its weight
     ours = {k: v - 1 if k.endswith('norm.scale') else v for k, v in ours.items()}
-  out = {'model.embed_tokens.weight': ours.pop('embed.embedding'),
-         'model.norm.weight': ours.pop('final_norm.scale')}
+  transposed = lambda x: x.T
+  out = {'model.embed_tokens.weight': Deferred(ours.pop('embed.embedding')),
+         'model.norm.weight': Deferred(ours.pop('final_norm.scale'))}
   if 'head' in ours:
-    out['lm_head.weight'] = ours.pop('head').T
+    out['lm_head.weight'] = Deferred(ours.pop('head'), transposed)
   for i in range(cfg.model.n_layers):
-    ours_i = lambda name: ours.pop(f'blocks.{i}.{name}')  # pylint: disable=cell-var-from-loop
+    def ours_i(name, make=lambda x: x):
+      return Deferred(ours.pop(f'blocks.{i}.{name}'), make)  # pylint: disable=cell-var-from-loop
+
     at = f'model.layers.{i}.'
     for name in ('q_proj', 'k_proj', 'v_proj'):
-      out[f'{at}self_attn.{name}.weight'] = ours_i(f'attn.{name}').reshape(d, -1).T
+      out[f'{at}self_attn.{name}.weight'] = ours_i(f'attn.{name}', lambda x: x.reshape(d, -1).T)
       if cfg.model.qkv_bias:  # [heads, h] -> [heads·h]
-        out[f'{at}self_attn.{name}.bias'] = ours_i(f'attn.{name[0]}_bias').reshape(-1)
-    out[f'{at}self_attn.o_proj.weight'] = ours_i('attn.o_proj').reshape(-1, d).T
+        out[f'{at}self_attn.{name}.bias'] = ours_i(f'attn.{name[0]}_bias',
+                                                   lambda x: x.reshape(-1))
+    out[f'{at}self_attn.o_proj.weight'] = ours_i('attn.o_proj', lambda x: x.reshape(-1, d).T)
     if cfg.model.qk_norm:  # [head_dim], shared by the heads
       for name in ('q_norm', 'k_norm'):
         out[f'{at}self_attn.{name}.weight'] = ours_i(f'attn.{name}.scale')
     if cfg.model.family == 'dense':
-      out[f'{at}mlp.gate_proj.weight'] = ours_i('mlp.gate').T
-      out[f'{at}mlp.up_proj.weight'] = ours_i('mlp.up').T
-      out[f'{at}mlp.down_proj.weight'] = ours_i('mlp.down').T
+      out[f'{at}mlp.gate_proj.weight'] = ours_i('mlp.gate', transposed)
+      out[f'{at}mlp.up_proj.weight'] = ours_i('mlp.up', transposed)
+      out[f'{at}mlp.down_proj.weight'] = ours_i('mlp.down', transposed)
     else:
-      if ours_i('mlp.bias').any():  # selection bias: Mixtral and Qwen3-MoE have none
+      if np.asarray(ours_i('mlp.bias')).any():  # selection bias: Mixtral and Qwen3-MoE have none
         raise ExportError(f'export: block {i} routes with a bias, which a Mixtral lacks')
-      out[f'{at}{moe_module}.gate.weight'] = ours_i('mlp.router').T
+      out[f'{at}{moe_module}.gate.weight'] = ours_i('mlp.router', transposed)
       for name, hf in expert_names.items():
-        for j, weight in enumerate(ours_i(f'mlp.{name}')):  # [d, f] or [f, d] per expert
-          out[f'{at}{moe_module}.experts.{j}.{hf}.weight'] = weight.T
+        weights = ours.pop(f'blocks.{i}.mlp.{name}')  # [E, d, f] or [E, f, d]
+        for j in range(weights.shape[0]):
+          out[f'{at}{moe_module}.experts.{j}.{hf}.weight'] = Deferred(
+              weights, lambda x, j=j: x[j].T)
     for name, hf in (GEMMA_NORMS if kind == 'gemma3_text' else BLOCK_NORMS).items():
       out[f'{at}{hf}.weight'] = ours_i(f'{name}.scale')
   if ours:  # weights these architectures lack: refuse rather than drop them
     raise ExportError(f'export: --format=hf has no Hugging Face name for {sorted(ours)[:3]}')
-  return {k: np.ascontiguousarray(v) for k, v in out.items()}
+  return out
 
 
 def write_hf(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path, *,
@@ -360,7 +367,7 @@ def write_hf(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path,
   tokenizer = get_tokenizer(cfg.data.tokenizer)
   arrays = hf_arrays(model, cfg)
   # transformers reads a safetensors file only if it says it holds torch tensors.
-  safetensors.numpy.save_file(arrays, out / 'model.safetensors', metadata={'format': 'pt'})
+  save_safetensors(arrays, out / 'model.safetensors', metadata={'format': 'pt'})
   readable(out / 'model.safetensors')
   (out / 'config.json').write_text(json.dumps(hf_config(cfg, tokenizer), indent=2) + '\n')
   bos, stops = bos_id(cfg.data, tokenizer), list(stop_ids(cfg.data, tokenizer))
@@ -376,7 +383,7 @@ def write_hf(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path,
   write_tokenizer(cfg.data.tokenizer, tokenizer, out, cfg.model.max_len, bos,
                   None if template is None else
                   Path(template).expanduser().read_text(encoding='utf-8'))
-  count = sum(int(a.size) for a in arrays.values())
+  count = sum(math.prod(a.shape) for a in arrays.values())
   (out / 'README.md').write_text(_README.format(
       source=source or 'a jaxarch run', count=count, out=final or out,
       vocab=tokenizer.vocab_size, family=cfg.model.family,

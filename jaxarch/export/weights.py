@@ -23,18 +23,20 @@ shapes and fills in the arrays, checking that every name and shape matches.
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import socket
+import struct
 import tempfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import safetensors
-import safetensors.flax
 from flax import nnx
 
 from jaxarch import config as config_lib
@@ -63,6 +65,59 @@ def flat_arrays(model: nnx.Module) -> dict[str, jax.Array]:
   """'blocks.3.attn.q_proj' -> array, for every exported variable of `model`."""
   return {name: variable.get_value()
           for name, (_, variable) in named_variables(_exported_state(model)).items()}
+
+
+# safetensors' names of the dtypes, in the order its writer lays tensors out (then by name).
+_SAFETENSORS_DTYPES = {
+    'uint64': 'U64', 'int64': 'I64', 'float64': 'F64', 'float32': 'F32', 'uint32': 'U32',
+    'int32': 'I32', 'bfloat16': 'BF16', 'float16': 'F16', 'uint16': 'U16', 'int16': 'I16',
+    'float8_e4m3fn': 'F8_E4M3', 'float8_e5m2': 'F8_E5M2', 'int8': 'I8', 'uint8': 'U8',
+    'bool': 'BOOL'}
+
+
+def save_safetensors(arrays: dict, path: Path, metadata: dict[str, str]) -> None:
+  """Writes `arrays` (name -> anything with a shape and dtype that `np.asarray` makes an
+  array of, e.g. a `Deferred`) as safetensors' own writer does, byte for byte, each made
+  only when it is written: host memory for one tensor, where safetensors' `save_file`
+  takes them all in host memory at once (a model's size, twice that in Hugging Face's
+  layouts)."""
+  dtypes = {name: np.dtype(a.dtype).name for name, a in arrays.items()}
+  if unknown := sorted(n for n, d in dtypes.items() if d not in _SAFETENSORS_DTYPES):
+    raise ExportError(f'export: {unknown[0]} is {dtypes[unknown[0]]}, which safetensors '
+                      'cannot hold')
+  rank = list(_SAFETENSORS_DTYPES)
+  order = sorted(arrays, key=lambda name: (rank.index(dtypes[name]), name))
+  header, offset = {'__metadata__': metadata}, 0
+  for name in order:
+    shape = [int(n) for n in arrays[name].shape]
+    size = math.prod(shape) * np.dtype(arrays[name].dtype).itemsize
+    header[name] = {'dtype': _SAFETENSORS_DTYPES[dtypes[name]], 'shape': shape,
+                    'data_offsets': [offset, offset + size]}
+    offset += size
+  text = json.dumps(header, separators=(',', ':')).encode()
+  text += b' ' * (-len(text) % 8)  # the tensors start 8-byte aligned
+  with open(path, 'wb') as f:
+    f.write(struct.pack('<Q', len(text)) + text)
+    for name in order:
+      array = np.ascontiguousarray(arrays[name]).reshape(-1)  # little-endian, as the host
+      f.write(array.view(np.uint8).data)
+
+
+class Deferred:
+  """`make(source)` (by default `source`), made on the source's devices and fetched only
+  when `np.asarray` asks for it, and not kept: a tensor of an export. Its shape and dtype
+  are known before."""
+
+  def __init__(self, source: jax.Array, make=lambda x: x):
+    out = jax.eval_shape(make, source)
+    self.shape, self.dtype = out.shape, out.dtype
+    self._source, self._make = source, make
+
+  def __array__(self, dtype=None, copy=None):
+    made = self._make(self._source)
+    if made is self._source:  # jax keeps the host copy of an array it converted while the
+      made = jnp.copy(made)   # array lives: the weights' copies would add up to the model
+    return np.asarray(made, dtype)
 
 
 def free_out(out: str | Path, *, command: str = 'export', flag: str = '--out') -> Path:
@@ -150,10 +205,10 @@ def write_model(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Pa
   """
   out = free_out(out)
   out.mkdir(parents=True, exist_ok=True)
-  arrays = {k: jax.device_get(v) for k, v in flat_arrays(model).items()}
-  # One metadata key: safetensors writes a header's keys in a random order, and the same
+  arrays = {name: Deferred(array) for name, array in flat_arrays(model).items()}
+  # One metadata key: safetensors' own writer puts several in a random order, and the same
   # model should export to the same bytes (config.json names the family).
-  safetensors.flax.save_file(arrays, out / WEIGHTS, metadata={'format': 'jaxarch'})
+  save_safetensors(arrays, out / WEIGHTS, metadata={'format': 'jaxarch'})
   readable(out / WEIGHTS)  # as the other files (it is written 0600)
   cfg = copy_tokenizer(cfg, out)
   config_lib.save(cfg, out / 'config.json')

@@ -24,11 +24,14 @@ workdir) is an error, never skipped: training from scratch over it would lose it
 interrupted save leaves (a temporary directory, up to a checkpoint in size) is deleted by
 the next trainer.
 Restoring into the abstract state of the current mesh reshards, whatever mesh the
-checkpoint was written on. Each process saves its data iterator's position; resumed on
-another number of processes (a pod restarted on fewer or more hosts), the iterators share
-out the saved positions again (jaxarch's training data: their packing streams), so the
-data go on where they stopped; positions that cannot be shared out (another iterator)
-leave the iterators to start afresh, with a warning.
+checkpoint was written on; each array is read straight into its shards. Readers of the
+model (evaluation, generation, export) read its weights and state alone (`parts`), not the
+optimizer state, which would take twice the weights' memory on the devices besides.
+Each process saves its data iterator's position; resumed on another number of processes
+(a pod restarted on fewer or more hosts), the iterators share out the saved positions
+again (jaxarch's training data: their packing streams), so the data go on where they
+stopped; positions that cannot be shared out (another iterator) leave the iterators to
+start afresh, with a warning.
 """
 
 import contextlib
@@ -217,13 +220,15 @@ class Checkpointer:
       return None
 
   @classmethod
-  def read(cls, workdir: str | Path, abstract_state: dict, *, step: int | None = None):
+  def read(cls, workdir: str | Path, abstract_state: dict, *, step: int | None = None,
+           parts: tuple[str, ...] | None = None):
     """(state, step) of `workdir`'s newest restorable (or given) checkpoint, for readers
-    (evaluation, loading a model): writes nothing, and says why there is none."""
+    (evaluation, loading a model): writes nothing, and says why there is none. `parts`:
+    as for `restore`."""
     cls.require(workdir)  # before the manager, which would create the directory
     checkpointer = cls(workdir, async_save=False)
     try:
-      state, restored = checkpointer.restore(abstract_state, step=step)
+      state, restored = checkpointer.restore(abstract_state, step=step, parts=parts)
     finally:
       checkpointer.close()
     if state is None:
@@ -263,15 +268,20 @@ class Checkpointer:
                             'resume.') from e
 
   def restore(self, abstract_state: dict, data_iterator=None, *, step: int | None = None,
-              move_aside: bool = False):
+              move_aside: bool = False, parts: tuple[str, ...] | None = None):
     """The newest restorable (state, step), or (None, None) if there is no checkpoint.
 
     `abstract_state` holds ShapeDtypeStructs with the target shardings; the data
     iterator, if given, is set to its saved position in place. A checkpoint of another
     model raises `CheckpointError`; an unreadable one is skipped for the previous one
     (with `step` given: raises), and with `move_aside` (the run that resumes and will
-    write again) moved to workdir/corrupt_checkpoints.
+    write again) moved to workdir/corrupt_checkpoints. `parts` (keys of the state, e.g.
+    the model's `params` and `model_state`): only those are read and returned, so that a
+    reader of the model neither reads nor holds the optimizer state (twice the weights
+    under Adam); None: the whole state.
     """
+    if parts is not None:
+      abstract_state = {k: abstract_state[k] for k in parts}
     wanted = _shapes(abstract_state)
     steps = sorted(self.manager.all_steps(), reverse=True)
     if step is not None and step not in steps:
@@ -293,10 +303,12 @@ class Checkpointer:
         if state_metadata is None:  # else an AttributeError or KeyError said nothing
           raise FileNotFoundError('its state/_METADATA (what arrays it holds) went missing')
         saved = _shapes(state_metadata.tree)
+        if parts is not None:
+          saved = {k: v for k, v in saved.items() if k.split('/')[0] in parts}
         if (why := mismatch(saved, wanted)) is not None:
           raise CheckpointError(f'checkpoint {self.directory / str(s)} {why}. Use a new '
                                 '--workdir, or the config the checkpoint was trained with.')
-        items = {'state': ocp.args.StandardRestore(abstract_state)}
+        items = {'state': ocp.args.StandardRestore(abstract_state)} if parts is None else {}
         if (where / 'checksums').is_dir():
           items['checksums'] = ocp.args.JsonRestore()
         else:  # written before 2026-12, or lost with the metadata that listed them
@@ -306,9 +318,11 @@ class Checkpointer:
                     else None)
         if position == _OWN_POSITION:
           items['data'] = grain.checkpoint.CheckpointRestore(_sealing(data_iterator))
-        restored = self.manager.restore(s, args=ocp.args.Composite(**items))
+        restored = self.manager.restore(s, args=ocp.args.Composite(**items)) if items else {}
+        state = (restored['state'] if parts is None else
+                 _restore_parts(where / 'state', abstract_state))
         if 'checksums' in items:
-          _verify(restored['state'], restored['checksums'], where)
+          _verify(state, restored['checksums'], where)
         if isinstance(position, list):
           self._deal_data_position(s, data_iterator, position)
       except CheckpointError:
@@ -320,7 +334,7 @@ class Checkpointer:
       # Every process acts on the worst outcome of all: a read may fail on one host only.
       outcome = _worst_everywhere(_outcome(error))
       if outcome == _RESTORED:
-        return restored['state'], s
+        return state, s
       what = (f'{type(error).__name__}: {_first_line(error)}' if error is not None
               else 'it failed on another process')
       if outcome == _OUT_OF_MEMORY:
@@ -490,6 +504,19 @@ def _sealing(iterator):
   """`iterator` saved and restored with a checked position (`_SealedPosition`); another
   kind than a DatasetIterator (grain's DataLoaderIterator: its position is bytes) as is."""
   return _SealedPosition(iterator) if isinstance(iterator, grain.DatasetIterator) else iterator
+
+
+def _restore_parts(directory: Path, target: dict) -> dict:
+  """The arrays of `target`, part of the state saved in `directory`, each read into its
+  shards; the others are not read. (Orbax's StandardRestore reads whole states only; its
+  arrays are those of a PyTreeCheckpointHandler, which reads parts.)"""
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    return handler.restore(directory, args=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+  finally:
+    handler.close()
 
 
 def _lost_items(step_dir: Path) -> set[str]:

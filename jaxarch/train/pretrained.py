@@ -17,7 +17,7 @@ from jaxarch.layers.signals import WindowCounter
 from jaxarch.parallel import make_mesh
 from jaxarch.train.checkpoint import Checkpointer
 from jaxarch.models import named_variables
-from jaxarch.train.state import TrainSetup, init_state, make_setup, merge_model
+from jaxarch.train.state import MODEL, TrainSetup, init_state, make_setup, merge_model
 
 
 def mesh_here(cfg: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, Mesh]:
@@ -62,7 +62,7 @@ def load_checkpoint(workdir: str | Path, *, step: int | None = None, mesh_overri
     raise FileNotFoundError(f'{saved} not found: is {workdir} a jaxarch workdir?')
   cfg, mesh = mesh_here(config_lib.load_json(saved, mesh_overrides))
   setup = make_setup(cfg, mesh)
-  state, restored = Checkpointer.read(workdir, setup.abstract_state, step=step)
+  state, restored = Checkpointer.read(workdir, setup.abstract_state, step=step, parts=MODEL)
   return cfg, merge_model(setup, state), restored
 
 
@@ -74,7 +74,7 @@ def _restored_model(workdir: Path, mesh: Mesh,
   tree['mesh'] = mesh_cfg.to_dict()
   cfg = config_lib.validate(ml_collections.ConfigDict(tree))
   setup = make_setup(cfg, mesh)
-  return Checkpointer.read(workdir, setup.abstract_state)
+  return Checkpointer.read(workdir, setup.abstract_state, parts=MODEL)
 
 
 def _check_distilled_step(source: str, workdir: Path, step: int) -> None:

@@ -20,6 +20,11 @@ from jaxarch.parallel import batch_sharding, tree_shardings
 from jaxarch.train.optimizer import make_optimizer
 
 
+# The parts of the train state that make the model: what evaluation, generation and export
+# read back from a checkpoint (not the optimizer state, twice the weights under Adam).
+MODEL = ('params', 'model_state')
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSetup:
   """What the step functions close over: the model structure, optimizer, shardings, and

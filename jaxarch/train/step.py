@@ -331,7 +331,9 @@ def make_eval_step(setup: TrainSetup, byte_lengths):
     zero = {k: jnp.zeros((), jnp.float32) for k in ('nll', 'tokens', 'bytes')}
     return jax.lax.scan(add, zero, _microbatches(setup, batch))[0]
 
-  return jax.jit(eval_step, in_shardings=(setup.shardings, setup.batch_sharding))
+  # Laid out as its inputs are (`setup.shardings`, `setup.batch_sharding`), of a train
+  # state or of a reader's, which holds the model alone (`state.MODEL`).
+  return jax.jit(eval_step)
 
 
 def make_window_reset(setup: TrainSetup):

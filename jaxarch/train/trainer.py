@@ -27,7 +27,7 @@ from jaxarch.train.nonfinite import NonFiniteMonitor
 from jaxarch.train.optimizer import learning_rate_schedule
 from jaxarch.train.preemption import StopRequests
 from jaxarch.train.pretrained import initial_state, mesh_here
-from jaxarch.train.state import TrainSetup, make_setup
+from jaxarch.train.state import MODEL, TrainSetup, make_setup
 from jaxarch.train.step import (leaf_names, make_eval_step, make_train_step,
                                 make_window_reset, summarize_eval)
 from jaxarch.train.workdir import (check_workdir, local_workdir, only_trainer_in, state_bytes,
@@ -400,7 +400,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
   batches = eval_batches(cfg, setup)
   if (missing := no_validation_data(cfg, batches)) is not None:
     raise config_lib.ConfigError(f'config error: {missing}: nothing to evaluate on')
-  state, restored = Checkpointer.read(workdir, setup.abstract_state, step=step)
+  state, restored = Checkpointer.read(workdir, setup.abstract_state, step=step, parts=MODEL)
   result = {'step': restored,
             **run_eval(setup, state, _eval_step(cfg, setup), batches)}
   out = Path(workdir) / f'eval_{restored}.json'
