@@ -182,6 +182,22 @@ def test_a_run_whose_mesh_does_not_fit_the_devices_here_gets_one_that_does():
   assert dict(mesh_here(pod)[1].shape) == dict(data=4, fsdp=1, tensor=2, expert=1)
 
 
+def test_weights_too_large_to_replicate_on_the_devices_here_are_split_over_fsdp(monkeypatch):
+  """A pod checkpoint of a large model loaded on one host's GPUs was replicated over data:
+  a 70B model's weights whole on every GPU. Where they would take over half of a device,
+  the fallback mesh puts the same sizes on fsdp."""
+  from jaxarch.train import pretrained  # pylint: disable=g-import-not-at-top
+  pod = mesh_config(tiny_config(**{'train.batch_size': 12}), data=4, fsdp=4)
+  weights = pretrained._weight_bytes_per_device(pretrained.mesh_here(pod)[0])  # data=4
+  for limit, expected in ((None, dict(data=4, fsdp=1)), (3 * weights, dict(data=4, fsdp=1)),
+                          (weights, dict(data=1, fsdp=4))):
+    monkeypatch.setattr(pretrained, 'device_memory_bytes', lambda limit=limit: limit)
+    cfg, mesh = pretrained.mesh_here(pod)
+    assert dict(mesh.shape) == dict(**expected, tensor=2, expert=1)
+    assert dict(cfg.mesh.ici) == dict(**expected, tensor=2, expert=1)
+  assert pretrained._weight_bytes_per_device(cfg) <= weights / 3  # fsdp=4 of tensor=2's
+
+
 def test_a_run_resumed_on_fewer_devices_than_its_mesh_says_which_overrides_fit(
     tmp_path, data_dir, capsys):
   """A pod run resumed as saved on the devices left (here 8 of its 16) keeps config.json's

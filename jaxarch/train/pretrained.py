@@ -16,23 +16,50 @@ from jaxarch import models
 from jaxarch.layers.signals import WindowCounter
 from jaxarch.parallel import make_mesh
 from jaxarch.train.checkpoint import Checkpointer
+from jaxarch.train.memory import device_memory_bytes, shard_bytes
 from jaxarch.models import named_variables
 from jaxarch.train.state import MODEL, TrainSetup, init_state, make_setup, merge_model
+from jaxarch.train.workdir import readable_size
 
 
 def mesh_here(cfg: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, Mesh]:
   """(config, mesh) to run a trained model on these devices: the run's own mesh when it
   fits them, else a data-parallel one (e.g. a pod checkpoint evaluated on one GPU), with
   the devices the batch does not divide over on `tensor` (a batch of 12 on 8 devices:
-  data=4, tensor=2)."""
+  data=4, tensor=2). Where the weights, whole on each data-parallel device, would take
+  over half of one (a 70B model on a host's eight GPUs), the same sizes go on `fsdp`,
+  which splits them over the devices; decoding then gathers them at each step."""
   try:
     return cfg, make_mesh(cfg)
   except config_lib.ConfigError:
-    cfg = copy.deepcopy(cfg)
-    for axis, size in data_parallel_mesh(cfg, jax.device_count()).items():
-      config_lib.apply_override(cfg, f'mesh.ici.{axis}={size}')
-      config_lib.apply_override(cfg, f'mesh.dcn.{axis}=1')
-    return cfg, make_mesh(config_lib.validate(cfg))
+    sizes = data_parallel_mesh(cfg, jax.device_count())
+    here = _with_mesh(cfg, sizes)
+    limit = device_memory_bytes()
+    if limit is not None and sizes['data'] > 1:
+      weights = _weight_bytes_per_device(here)
+      if weights > limit / 2:
+        logging.getLogger(__name__).info(
+            'the weights take %s per device replicated over data=%d, over half of a '
+            "device's %s: split over fsdp instead", readable_size(weights), sizes['data'],
+            readable_size(limit))
+        here = _with_mesh(cfg, {**sizes, 'data': 1, 'fsdp': sizes['data']})
+    return here, make_mesh(here)
+
+
+def _with_mesh(cfg: ml_collections.ConfigDict, sizes: dict[str, int]
+               ) -> ml_collections.ConfigDict:
+  """`cfg` with mesh.ici `sizes` and mesh.dcn all 1."""
+  cfg = copy.deepcopy(cfg)
+  for axis, size in sizes.items():
+    config_lib.apply_override(cfg, f'mesh.ici.{axis}={size}')
+    config_lib.apply_override(cfg, f'mesh.dcn.{axis}=1')
+  return config_lib.validate(cfg)
+
+
+def _weight_bytes_per_device(cfg: ml_collections.ConfigDict) -> int:
+  """Bytes of the model's variables one device holds under `cfg`'s mesh."""
+  state = make_setup(cfg, make_mesh(cfg)).abstract_state
+  return sum(shard_bytes(state[part]) for part in MODEL)
 
 
 def data_parallel_mesh(cfg: ml_collections.ConfigDict, n: int) -> dict[str, int]:
