@@ -247,3 +247,27 @@ def test_tensor_parallel_attention_with_qkv_biases_and_qk_norm_equals_one_device
   assert np.abs(np.asarray(grads['v_bias'].get_value())).max() > 0
   assert grads['k_norm']['scale'].get_value().sharding.spec in (P(), P(None))
   assert np.abs(np.asarray(grads['q_norm']['scale'].get_value())).max() > 0
+
+
+def test_top_k_in_a_mesh_ranks_each_device_s_rows_without_gathering_them():
+  """XLA's SPMD partitioner replicates `lax.top_k`: every device gathered the whole batch's
+  rows and ranked all of them (the MoE router's gates, UltraMem's key scores: 24 of the
+  27 MiB its tiny step gathered per device at fsdp=8). Rows that do not divide over the
+  batch axes are ranked as before."""
+  from jaxarch.parallel import context  # pylint: disable=g-import-not-at-top
+  from jaxarch.train import profile  # pylint: disable=g-import-not-at-top
+  cfg = mesh_config(tiny_config(), data=2, fsdp=4)
+  mesh = make_mesh(cfg)
+  for rows in (64, 6):
+    x = jax.random.normal(jax.random.key(0), (rows, 3, 40))
+
+    def top_k(x):
+      with logical_mesh(mesh, cfg.mesh.rules):
+        return context.top_k(x, 5)
+    split = NamedSharding(mesh, P(('data', 'fsdp')) if rows % 8 == 0 else P())
+    placed = jax.device_put(x, split)
+    compiled = jax.jit(top_k).lower(placed).compile()
+    if rows % 8 == 0:
+      assert 'all-gather' not in profile.collective_bytes(compiled.as_text())
+    for got, want in zip(compiled(placed), jax.lax.top_k(x, 5)):
+      np.testing.assert_array_equal(got, want)

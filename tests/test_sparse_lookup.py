@@ -495,6 +495,35 @@ def test_table_split_by_width_equals_one_device_without_gathering_the_table(impl
   assert caplog.text.count('pad to a multiple of 64') == (impl == 'interpret')
 
 
+@pytest.mark.parametrize('table_split', ['rows', 'width'])
+def test_a_table_split_over_no_axis_is_read_on_each_device_s_own_tokens(table_split):
+  """Under pure data parallelism the table is whole on every device and the lookup runs on
+  each device's tokens; only the table's gradient is summed (an all-reduce of its size).
+  Left to XLA, the backward's sort of all T·K entries ran replicated: every device
+  gathered the whole batch's entries and all-reduced their rows."""
+  from jaxarch.train import profile  # pylint: disable=g-import-not-at-top
+  cfg = mesh_config(tiny_config(), data=8)
+  mesh = make_mesh(cfg)
+  values, indices, weights, bags, want = sliced_case(t=64)
+  cot = jax.random.normal(jax.random.key(2), want.shape)
+  loss = lambda f: lambda v, w: jnp.sum(f(v, w) * cot)
+  want_grads = jax.grad(loss(lambda v, w: sliced_sparse_lookup(
+      v, indices, w, bags=bags, num_bags=3)), (0, 1))(values, weights)
+  rows = NamedSharding(mesh, P('data'))
+  indices, weights, bags, cot = (jax.device_put(a, rows) for a in (indices, weights, bags, cot))
+
+  def lookup(v, w):
+    with logical_mesh(mesh, cfg.mesh.rules):
+      return sliced_sparse_lookup(v, indices, w, bags=bags, num_bags=3,
+                                  table_split=table_split)
+  backward = jax.jit(jax.grad(loss(lookup), (0, 1)))
+  for g, w in zip(backward(values, weights), want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+  found = profile.collective_bytes(backward.lower(values, weights).compile().as_text())
+  assert set(found) <= {'all-reduce'}, found
+  assert found.get('all-reduce', 0) <= values.size * values.dtype.itemsize, found
+
+
 def test_sliced_lookup_rejects_bad_shapes_and_splits():
   values, indices, weights, _, _ = sliced_case()
   with pytest.raises(ValueError, match=r"table_split='cols'; expected one of \('rows', 'width'\)"):

@@ -84,6 +84,22 @@ def test_accumulated_microbatches_give_the_full_batch_step():
                params, want_params)
 
 
+@pytest.mark.parametrize('spec', ['configs/moe.py:tiny', 'configs/ultramem.py:tiny'])
+def test_a_data_parallel_step_of_routed_families_all_reduces_its_gradients_and_no_more(spec):
+  """Under data=8 every weight is whole on every device and each device's rows are its
+  own: a step all-reduces the gradients once and gathers nothing. The MoE router's top-k
+  gathered the whole batch's gates; UltraMem's top-k its key scores and its lookup's
+  backward (one sort of the whole batch's entries) 36 MiB of all-reduce, for 6 MiB of
+  parameters."""
+  cfg = mesh_config(config_lib.load(spec, ['train.batch_size=8', 'data.seq_len=64']), data=8)
+  setup = make_setup(cfg, make_mesh(cfg))
+  param_bytes = sum(x.size * x.dtype.itemsize
+                    for x in jax.tree.leaves(setup.abstract_state['params']))
+  found = profile.collective_bytes(compiled_train_step(cfg, setup).as_text())
+  assert set(found) == {'all-reduce'}, found
+  assert found['all-reduce'] < 1.05 * param_bytes, (found, param_bytes)
+
+
 def test_fsdp_weights_are_gathered_in_each_microbatch_not_held_whole_through_the_step():
   """XLA's while-loop invariant code motion moved FSDP's weight all-gathers out of the
   microbatch loop: every weight was held whole, gathered, through the whole step (dense

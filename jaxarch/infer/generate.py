@@ -277,7 +277,8 @@ class Generator:
     logits = within_vocab(logits, self.vocab_limit)
     first = choose(logits, _at_step(keys, 0), shape.method, shape.filtered, values)
     if shape.tree is not None:
-      first = first, _drafts(within_vocab(mask_logits, self.vocab_limit), shape.tree)
+      with self._context():
+        first = first, _drafts(within_vocab(mask_logits, self.vocab_limit), shape.tree)
     return first, nnx.state(model, nnx.Cache)
 
   def _decode(self, shape: _Shape, state, caches, first, lengths, live, limit, values, stops,
@@ -345,6 +346,10 @@ class Generator:
         greedy = jnp.argmax(node_logits, axis=-1).astype(jnp.int32)
         last, path = tree.accept(nodes, greedy)
         model.keep_path(path, cached)
+        # The accepted node's masks [b, M, vocab], by a gather along the rows (indexed by
+        # a row iota, XLA sums every row's logits over the batch's devices).
+        accepted = jnp.take_along_axis(mask_logits, last[:, None, None, None], axis=1)[:, 0]
+        drafts = _drafts(accepted, tree)
       depth = jnp.asarray(tree.depth)[last]
       bonus = greedy[rows, last]
       new = jnp.where(slots < depth[:, None], nodes[rows[:, None], jnp.roll(path, -1, 1)],
@@ -362,7 +367,6 @@ class Generator:
       cached = cached + produced
       count = count + produced
       root = jnp.where(done, root, bonus)
-      drafts = _drafts(mask_logits[rows, last], tree)
       done = done | stopped | (count >= limit)
       return (i + 1, out, count, done, root, cached, drafts, tally,
               nnx.state(model, nnx.Cache))
@@ -400,8 +404,12 @@ def _cache_memory(shape: _Shape, max_new_tokens: int):
 
 
 def _drafts(mask_logits: jax.Array, tree: DraftTree) -> jax.Array:
-  """Mask logits [b, M, vocab] -> the most likely tokens of each mask [b, M, widest level]."""
-  return jax.lax.top_k(mask_logits, max(tree.widths))[1].astype(jnp.int32)
+  """Mask logits [b, M, vocab] -> the most likely tokens of each mask [b, M, widest level];
+  in a mesh context each device ranks its own rows (`context.top_k`), the logits split
+  over `vocab` as the head computes them until then (left free, XLA may gather the head's
+  weight whole instead of the rows' logits)."""
+  mask_logits = context.constrain(mask_logits, ('batch', None, 'vocab'))
+  return context.top_k(mask_logits, max(tree.widths))[1].astype(jnp.int32)
 
 
 def _vocab_size(model: nnx.Module) -> int:

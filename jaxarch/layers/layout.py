@@ -61,17 +61,20 @@ def keep_path(cache: jax.Array, path: jax.Array, cached: jax.Array) -> jax.Array
   """cache [b, S, ...] after a tree call written at slots `cached` [b] onwards -> the
   cache with the call's tokens `path` [b, A] (call indices, increasing) moved to slots
   cached .. cached+A-1, so that the cache holds only the accepted path."""
-  rows = jnp.arange(cache.shape[0])[:, None]
-  source = cached[:, None] + path
-  target = cached[:, None] + jnp.arange(path.shape[1])
-  return cache.at[rows, target].set(cache[rows, source], mode='drop')
+  def one(row, path, cached):  # per row (vmap): a batch dimension XLA keeps on its devices
+    target = cached + jnp.arange(path.shape[0])
+    return row.at[target].set(row[cached + path], mode='drop')
+  return jax.vmap(one)(cache, path, cached)
 
 
 def write_call(cache: jax.Array, x: jax.Array, cached: jax.Array) -> jax.Array:
   """cache [b, S, ...] with the call's x [b, t, ...] written at slots cached[b] + 0..t-1."""
-  rows = jnp.arange(x.shape[0])[:, None]
-  slots = cached[:, None] + jnp.arange(x.shape[1])
-  return cache.at[rows, slots].set(x.astype(cache.dtype), mode='drop')
+  def one(row, x, cached):
+    return row.at[cached + jnp.arange(x.shape[0])].set(x.astype(row.dtype), mode='drop')
+  # Per row (vmap), so that the scatter's rows are a batch dimension, which XLA keeps on
+  # the devices that hold them; indexed by a row iota, each device gathered the whole
+  # batch's new keys and values on every decode step.
+  return jax.vmap(one)(cache, x, cached)
 
 
 def cache_mask(layout: Layout, length: int) -> jax.Array:

@@ -206,7 +206,7 @@ class MoE(nnx.Module):
     e, k = self.num_experts, self.top_k
     logits = jnp.einsum('td,de->te', tokens.astype(jnp.float32), self.router[...])
     gates = jax.nn.softmax(logits) if self.gate == 'softmax' else jax.nn.sigmoid(logits)
-    _, experts = jax.lax.top_k(jax.lax.stop_gradient(gates + self.bias[...]), k)
+    _, experts = context.top_k(jax.lax.stop_gradient(gates + self.bias[...]), k)
     weights = jnp.take_along_axis(gates, experts, axis=1)
     if self.renormalize:
       weights = weights / jnp.sum(weights, axis=1, keepdims=True)
@@ -267,17 +267,23 @@ class MoE(nnx.Module):
       into = P(expert_axes or None, None, hidden_axes or None)  # gate, up: e d f
       out_of = P(expert_axes or None, hidden_axes or None, None)  # down: e f d
 
-      def local(*args):
-        out, dropped = self._local(*args, expert_axes=expert_axes, shards=shards,
+      # Pallas kernels declare no varying mesh axes for their outputs, so they run with
+      # shard_map's checks off (as sparse_lookup's do); its transpose then sums the
+      # gradients of the weights over the axes they are replicated on.
+      check_vma = self.capacity_factor is not None or kernels_for(self.matmul_impl) == 'xla'
+
+      def local(tokens, *args):
+        if hidden_axes and check_vma:
+          # The tokens' gradient is summed over the hidden axes once, as [T, d] here; left
+          # implicit, each projection that reads them sums its own, per assignment
+          # ([T·k, d] for gate and up: 2·k times the bytes; after an exchange, padded).
+          tokens = jax.lax.pcast(tokens, hidden_axes, to='varying')
+        out, dropped = self._local(tokens, *args, expert_axes=expert_axes, shards=shards,
                                    seq_len=seq_len)
         if hidden_axes:
           out = jax.lax.psum(out, hidden_axes)
         return out, jax.lax.psum(dropped, batch_axes) if batch_axes else dropped
 
-      # Pallas kernels declare no varying mesh axes for their outputs, so they run with
-      # shard_map's checks off (as sparse_lookup's do); its transpose then sums the
-      # gradients of the weights over the axes they are replicated on.
-      check_vma = self.capacity_factor is not None or kernels_for(self.matmul_impl) == 'xla'
       out, dropped = jax.shard_map(
           local, mesh=mesh, in_specs=(tok, tok, tok, per_token, into, into, out_of),
           out_specs=(tok, P()), check_vma=check_vma)(tokens, experts, weights, real, *params)

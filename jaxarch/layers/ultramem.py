@@ -71,6 +71,7 @@ from jaxarch.kernels import sliced_sparse_lookup
 from jaxarch.layers import layout as layout_lib
 from jaxarch.layers import signals
 from jaxarch.layers.params import normal, param
+from jaxarch.parallel import context
 
 class TuckerVectors(nnx.Variable):
   """Leading singular vectors of ΣC_i: refreshed by the forward pass, never trained."""
@@ -325,12 +326,12 @@ class UltraMem(nnx.Module):
     m, sg = self.top_m, jax.lax.stop_gradient
     u, v = sg(self.u[...]).astype(cores.dtype), sg(self.v[...]).astype(cores.dtype)
     proxy = jnp.abs if self.rank_by_magnitude else (lambda s: s)
-    _, rows = jax.lax.top_k(proxy(jnp.einsum('thjr,hr->thj', sg(rows_all), u)), m)  # t h m
-    _, cols = jax.lax.top_k(proxy(jnp.einsum('thjr,hr->thj', sg(cols_all), v)), m)
+    _, rows = context.top_k(proxy(jnp.einsum('thjr,hr->thj', sg(rows_all), u)), m)  # t h m
+    _, cols = context.top_k(proxy(jnp.einsum('thjr,hr->thj', sg(cols_all), v)), m)
     r_top = jnp.take_along_axis(rows_all, rows[..., None], axis=2)  # t h m r
     c_top = jnp.take_along_axis(cols_all, cols[..., None], axis=2)
     grid = jnp.einsum('thar,hrs,thbs->thab', sg(r_top), sg(cores.sum(1)), sg(c_top))
-    _, best = jax.lax.top_k(grid.reshape(*grid.shape[:2], m * m), self.top_k)  # t h k
+    _, best = context.top_k(grid.reshape(*grid.shape[:2], m * m), self.top_k)  # t h k
     a, b = best // m, best % m
     r_best = jnp.take_along_axis(r_top, a[..., None], axis=2)  # t h k r
     c_best = jnp.take_along_axis(c_top, b[..., None], axis=2)
