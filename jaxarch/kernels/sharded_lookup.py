@@ -40,7 +40,9 @@ data=8: 36 MiB all-reduced per step per device, for 6 MiB of parameters).
 **Slices** (UltraMem's multi-core scoring): a row of D columns is S equal slices and
 entry (t, k) weighs slice i by `weights[t, k, i]`. `sliced_sparse_lookup` takes weights
 `[T, K, S]` and runs either design: rows view the table as `[N·S, D/S]` (row `p·S + i` is
-slice i of row p); width cuts each device's columns at slice boundaries.
+slice i of row p), each device expanding the `[T, K]` indices and bags it gathered to the
+`[T·S, K]` slice rows (expanded before the gather, they were S times the bytes); width
+cuts each device's columns at slice boundaries.
 """
 
 import functools
@@ -69,35 +71,23 @@ def sliced_sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Arr
   if table_split not in TABLE_SPLITS:
     raise ValueError(f'sliced_sparse_lookup: table_split={table_split!r}; expected one of '
                      f'{TABLE_SPLITS}')
-  t, k, s = _check_sliced(values, indices, weights)
-  options = dict(num_bags=num_bags, impl=impl, scatter=scatter, checked=checked)
-  if table_split == 'width':
-    return width_sharded_sparse_lookup(values, indices, weights, bags=bags,
-                                       **options).reshape(t, num_bags, -1)
-  if checked:
-    report_out_of_range(indices, values.shape[0])
-  # Whole rows are clamped (as `width` and `sparse_lookup` do): clamping the slice rows
-  # below would read slice S-1 of row N-1 for every slice of an index past the table.
-  indices = jnp.clip(indices, 0, values.shape[0] - 1)
-  rows = indices[:, None] * s + jnp.arange(s)[None, :, None]  # t s k
-  if bags is not None:
-    bags = jnp.broadcast_to(bags[:, None], rows.shape).reshape(t * s, k)
-  out = sharded_sparse_lookup(
-      values, rows.reshape(t * s, k), weights.transpose(0, 2, 1).reshape(t * s, k),
-      bags=bags, split=s, **options)  # (t s) [b] d/s
-  return out.reshape(t, s, num_bags, -1).transpose(0, 2, 1, 3).reshape(t, num_bags, -1)
+  t = _check_sliced(values, indices, weights)[0]
+  lookup = width_sharded_sparse_lookup if table_split == 'width' else sharded_sparse_lookup
+  return lookup(values, indices, weights, bags=bags, num_bags=num_bags, impl=impl,
+                scatter=scatter, checked=checked).reshape(t, num_bags, -1)
 
 
 def sharded_sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Array, *,
-                          bags: jax.Array | None = None, num_bags: int = 1, split: int = 1,
+                          bags: jax.Array | None = None, num_bags: int = 1,
                           impl: str = 'auto', scatter: str = 'sorted',
                           checked: bool = False) -> jax.Array:
   """`sparse_lookup` with the table's rows split over the logical axis `values`.
 
-  `split` views each row of `values [N, D]` as `split` rows of width `D / split` (index
-  `p·split + i` is slice `i` of row `p`), so indices are in `[0, N·split)` and the output
-  is `[T, D / split]` (with bags `[T, num_bags, D / split]`); the view is taken on each
-  device's own rows.
+  Weights `[T, K, S]` (`sliced_sparse_lookup`) view each row of `values [N, D]` as S rows
+  of width `D / S` (row `p·S + i` is slice `i` of row `p`), taken on each device's own
+  rows; the indices stay rows in `[0, N)`, expanded to slice rows on each device after
+  the gather, and the output is `[T, D]` as with weights `[T, K]` (with bags
+  `[T, num_bags, D]`).
 
   Outside a `logical_mesh` context, or when neither `values` nor `batch` maps to a mesh
   axis of size > 1, this is `sparse_lookup`. Inside, `values` is expected to be placed
@@ -105,15 +95,21 @@ def sharded_sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Ar
   parameter) and the token dimension of `indices` / `weights` over the `batch` axes.
   """
   n, d = values.shape
-  if d % split:
-    raise ValueError(f'sharded_sparse_lookup: width {d} is not divisible by split={split}')
+  split = 1
+  if weights.ndim == 3:
+    _, _, split = _check_sliced(values, indices, weights)
+    if checked:
+      report_out_of_range(indices, n)
+    # Whole rows are clamped (as `width` and `sparse_lookup` do): clamping the slice rows
+    # would read slice S-1 of row N-1 for every slice of an index past the table.
+    indices = jnp.clip(indices, 0, n - 1)
   view = lambda v: v.reshape(v.shape[0] * split, d // split)
   value_axes = context.mesh_axes('values', n)
   if not value_axes and not context.mesh_axes('batch'):
-    return sparse_lookup(view(values), indices, weights, bags=bags, num_bags=num_bags,
-                         impl=impl, scatter=scatter, checked=checked)
-  kernels, indices, bags = prepare(values, indices, bags, num_bags, n * split, impl, scatter,
-                                   checked)
+    rows, weights, bags = _slice_rows(indices, weights, bags)
+    return _unslice(sparse_lookup(view(values), rows, weights, bags=bags, num_bags=num_bags,
+                                  impl=impl, scatter=scatter, checked=checked), split)
+  kernels, indices, bags = prepare(values, indices, bags, num_bags, n, impl, scatter, checked)
   mesh, batch_axes, shared, others = _axes(value_axes)
   rest = tuple(a for a in value_axes if a not in batch_axes)  # split rows only
   rows_per_shard = n * split // math.prod(mesh.shape[a] for a in value_axes)
@@ -122,7 +118,8 @@ def sharded_sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Ar
 
   def local(values, indices, weights, bags=None):
     values = view(values)
-    indices, weights, bags = _gather_tokens(shared, indices, weights, bags)
+    # Gathered as [T, K] and expanded here: S times fewer bytes of indices and bags.
+    indices, weights, bags = _slice_rows(*_gather_tokens(shared, indices, weights, bags))
     if others and check_vma:  # the table is replicated there: its gradient is summed
       values = jax.lax.pcast(values, others, to='varying')
     if value_axes:  # the rows this device owns; entries of the others' weigh 0
@@ -130,7 +127,8 @@ def sharded_sparse_lookup(values: jax.Array, indices: jax.Array, weights: jax.Ar
       mine = (indices >= lo) & (indices < lo + rows_per_shard)
       indices = jnp.where(mine, indices - lo, 0)
       weights = jnp.where(mine, weights, jnp.zeros_like(weights))
-    out = bagged_lookup(values, indices, weights, bags, num_bags, kernels, scatter)
+    out = _unslice(bagged_lookup(values, indices, weights, bags, num_bags, kernels, scatter),
+                   split)
     if shared:
       out = jax.lax.psum_scatter(out, shared, scatter_dimension=0, tiled=True)
     if rest:
@@ -259,6 +257,28 @@ def _gather_tokens(shared, *arrays):
     return arrays
   return tuple(None if a is None else jax.lax.all_gather(a, shared, axis=0, tiled=True)
                for a in arrays)
+
+
+def _slice_rows(indices, weights, bags):
+  """Indices [T, K] of rows of S slices and weights [T, K, S] -> the slices' rows (`p·S + i`
+  for slice i of row p), weights and bags, each [T·S, K] token-major; weights [T, K] (no
+  slices) pass through."""
+  if weights.ndim == 2:
+    return indices, weights, bags
+  t, k, s = weights.shape
+  rows = indices[:, None] * s + jnp.arange(s)[None, :, None]  # t s k
+  if bags is not None:
+    bags = jnp.broadcast_to(bags[:, None], rows.shape).reshape(t * s, k)
+  return rows.reshape(t * s, k), weights.transpose(0, 2, 1).reshape(t * s, k), bags
+
+
+def _unslice(out, split):
+  """The slices' outputs [T·S, (B,) D/S] -> [T, (B,) D]."""
+  if split == 1:
+    return out
+  t, bags, c = out.shape[0] // split, out.shape[1:-1], out.shape[-1]
+  out = out.reshape(t, split, math.prod(bags), c).transpose(0, 2, 1, 3)  # t b s c
+  return out.reshape(t, *bags, split * c)
 
 
 def _padded_tokens(mesh, axes, *arrays):
