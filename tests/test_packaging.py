@@ -2,6 +2,7 @@
 package, and jaxarch finds them there from any working directory."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -59,6 +60,15 @@ def test_pyproject_lists_every_package_and_maps_configs_and_launch_into_it():
   shipped = ['.'.join(('jaxarch', '_repo', *folder.parts)) for folder in _shipped('folders')]
   assert sorted(setuptools['packages']) == sorted(code + shipped)
   assert setuptools['package-dir'] == {f'jaxarch._repo.{name}': name for name in SHIPPED}
+
+
+def test_the_lock_jax_needs_for_the_capped_compile_cache_is_a_dependency():
+  """The commands cap jaxarch's compile cache (`cli._compilation_cache`); jax evicts from a
+  capped cache under a `filelock` lock, a package that neither jax nor jaxarch's other
+  dependencies require: without it (`pip install .`, no extras) the cache was off for the
+  whole run, with one warning ('Please install the `filelock` package ...')."""
+  dependencies = tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']['dependencies']
+  assert any(re.match(r'filelock\b', d) for d in dependencies), dependencies
 
 
 def test_an_installed_package_finds_its_configs_and_launch_templates(tmp_path):
