@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
 from conftest import make_batch, mesh_config, tiny_config
