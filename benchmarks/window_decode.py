@@ -56,8 +56,8 @@ def main(argv=None):
       overrides += [f'model.sliding_window={args.window}', f'model.attention_pattern={pattern!r}']
     cfg = config_lib.load(f'configs/dense.py:{args.preset}', overrides)
     if cfg.model.max_len < needed:
-      cfg = config_lib.load(f'configs/dense.py:{args.preset}',
-                            overrides + [f'model.max_len={needed}'])
+      config_lib.apply_override(cfg, f'model.max_len={needed}')
+      cfg = config_lib.validate(cfg)
     built[name] = infer.Generator(models.build(cfg.model, rngs=nnx.Rngs(0)))
 
   records, rows = [], []
