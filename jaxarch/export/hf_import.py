@@ -488,12 +488,7 @@ class Tensors(Mapping):
 
   def _read(self, name: str, read):
     path, stored = self._where[name]
-    try:
-      with safetensors.safe_open(path, framework='numpy') as f:
-        return read(f, stored)
-    except Exception as e:  # pylint: disable=broad-except  (SafetensorError, a bad dtype)
-      raise ExportError(f'import: {path} cannot be read as safetensors: '
-                        f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
+    return _read_safetensors(path, lambda f: read(f, stored))
 
   def __getitem__(self, name: str) -> np.ndarray:
     return self._read(name, lambda f, key: np.asarray(f.get_tensor(key), np.float32))
@@ -533,13 +528,20 @@ def read_hf(directory: str | Path) -> tuple[dict, Tensors]:
     if not (directory / name).is_file():
       raise ExportError(f'import: {directory / name} not found (only safetensors weights '
                         'are read; convert a pytorch_model.bin with save_pretrained)')
-    try:
-      with safetensors.safe_open(directory / name, framework='numpy') as f:
-        where.update({key: (directory / name, key) for key in f.keys()})
-    except Exception as e:  # pylint: disable=broad-except  (SafetensorError)
-      raise ExportError(f'import: {directory / name} cannot be read as safetensors: '
-                        f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
+    keys = _read_safetensors(directory / name, lambda f: list(f.keys()))
+    where.update({key: (directory / name, key) for key in keys})
   return hf_config, Tensors(where)
+
+
+def _read_safetensors(path: Path, read):
+  """`read(file)` of the safetensors file at `path`; a file it cannot read (cut short,
+  garbled, a dtype numpy lacks) is one ExportError line naming it."""
+  try:
+    with safetensors.safe_open(path, framework='numpy') as f:
+      return read(f)
+  except Exception as e:  # pylint: disable=broad-except  (SafetensorError, a bad dtype)
+    raise ExportError(f'import: {path} cannot be read as safetensors: '
+                      f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
 
 
 def _adds_bos(directory: Path) -> bool | None:
