@@ -405,8 +405,9 @@ def test_the_commands_keep_compiled_programs_for_the_next_run(tmp_path, monkeypa
   suite_cache = jax.config.jax_compilation_cache_dir
   suite_cap = jax.config.jax_compilation_cache_max_size
   try:
-    # jaxarch's own folder is capped (least recently used programs go); the user's is not.
-    for own, expected, cap in ((str(tmp_path / 'own'), tmp_path / 'own', -1),
+    # jaxarch's own folder is capped (least recently used programs go); the user's keeps
+    # the user's cap (none, -1, unless $JAX_COMPILATION_CACHE_MAX_SIZE set one).
+    for own, expected, cap in ((str(tmp_path / 'own'), tmp_path / 'own', suite_cap),
                                (None, tmp_path / 'cache' / 'jaxarch' / 'jit', 2 * 2**30)):
       jax.config.update('jax_compilation_cache_dir', own)
       assert cli.main(['eval', f'--workdir={tmp_path / "none"}']) == 2
