@@ -1,6 +1,7 @@
 """The transformer: shapes, causality, packing isolation, tied heads, remat."""
 
 import ast
+import contextlib
 import re
 
 import jax
@@ -16,6 +17,7 @@ from jaxarch import config as config_lib
 from jaxarch import models
 from jaxarch.config import ConfigError
 from jaxarch.layers.attention import Attention
+from jaxarch.layers import params as params_lib
 from jaxarch.layers.embeddings import head_logits
 from jaxarch.layers.rope import LinearScaling, Llama3Scaling, apply_rope, rope_frequencies
 from jaxarch.train import step as step_lib
@@ -614,3 +616,35 @@ def test_the_dense_and_moe_configs_state_their_presets_parameter_counts(preset):
   assert len(stated) == 4
   for (text, value, tolerance), count in zip(stated, actual):
     assert abs(count - value) <= tolerance, f'{text}: {count:,}'
+
+
+def _built_params(cfg, grouped: bool):
+  """The model's params from a jitted build, with the normal draws grouped or each alone."""
+  def build():
+    with params_lib.grouped_draws() if grouped else contextlib.nullcontext():
+      model = models.build(cfg.model, rngs=nnx.Rngs(jax.random.PRNGKey(3)))
+    return nnx.split(model, nnx.Param, ...)[1]
+  return jax.jit(build)
+
+
+@pytest.mark.parametrize('spec, overrides', [
+    ('configs/dense.py:tiny', {}),
+    ('configs/dense.py:tiny', {'model.init_truncation': 2.0, 'model.qkv_bias': True}),
+    ('configs/moe.py:tiny', {}),
+    ('configs/ultramem.py:tiny', {}),
+    ('configs/megabyte.py:tiny', {}),
+])
+def test_grouped_draws_give_every_weight_the_values_of_its_own_draw(spec, overrides):
+  cfg = config_lib.load(spec, [f'--config.{k}={v}' for k, v in overrides.items()])
+  alone, grouped = (jax.tree.leaves(_built_params(cfg, g)()) for g in (False, True))
+  assert len(alone) == len(grouped)
+  for a, b in zip(alone, grouped):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_initialiser_compiles_one_random_program_per_weight_shape_not_per_layer():
+  # threefry's rotations: one set per random-number program XLA kept
+  def rotations(n_layers):
+    cfg = tiny_config(**{'model.n_layers': n_layers})
+    return _built_params(cfg, True).lower().compile().as_text().count('shift-right-logical')
+  assert rotations(6) == rotations(2)

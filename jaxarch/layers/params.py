@@ -13,15 +13,28 @@ every position, which the transpose of a bf16 broadcast runs as a bf16 reduction
 accumulates a reduction in its operand's type; `jnp.sum` upcasts, a transpose does not).
 Such a sum of 262,144 terms lost 1.7% on CPU, against 5e-8 in fp32. A matmul's weight
 gradient needs nothing: its products are accumulated in fp32.
+
+Inside `grouped_draws()` (the jitted initialiser), the normal weights are drawn by one
+loop per (shape, dtype, truncation) over their keys: each weight gets the values its own
+draw would, and XLA compiles one random-number program per group, not one per weight.
 """
 
-from collections.abc import Callable, Sequence
+import collections
+from collections.abc import Callable, Iterator, Sequence
+import contextlib
+import contextvars
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 Initializer = Callable[..., jax.Array]
+
+# The normal draws `param` leaves to the enclosing `grouped_draws` (None outside one):
+# (variable, initializer, stream key, stream count) each.
+_PENDING: contextvars.ContextVar[list | None] = contextvars.ContextVar('pending_draws',
+                                                                       default=None)
 
 
 def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int],
@@ -30,15 +43,75 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int],
   """A trainable weight with logical `axes`; `weight_decay=False` for norms and embeddings."""
   if len(axes) != len(shape):
     raise ValueError(f'param of shape {tuple(shape)} needs {len(shape)} axis names, got {axes}')
-  value = init(rngs.params(), tuple(shape), dtype)
-  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False,
-                   weight_decay=weight_decay, **metadata)
+  pending = _PENDING.get()
+  if pending is None or not isinstance(init, Normal):
+    value = init(rngs.params(), tuple(shape), dtype)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False,
+                     weight_decay=weight_decay, **metadata)
+  # What `rngs.params()` does (its key folded with its count, then the count moved on),
+  # left to the grouped draw, which folds every key of a group in one program.
+  stream = rngs.params
+  variable = nnx.Param(jnp.zeros(tuple(shape), dtype), out_sharding=tuple(axes),
+                       eager_sharding=False, weight_decay=weight_decay, **metadata)
+  pending.append((variable, init, stream.key[...], stream.count[...]))
+  stream.count[...] += 1
+  return variable
+
+
+@dataclasses.dataclass(frozen=True)
+class Normal:
+  """N(0, std²), cut at ±truncation·std if `truncation` > 0: the values of jax's
+  (truncated_)normal initialisers, from an object `grouped_draws` can group by."""
+  std: float
+  truncation: float = 0.0
+
+  def __call__(self, key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+    return _draw(key, jnp.asarray(self.std, dtype), shape=tuple(shape), dtype=dtype,
+                 truncation=self.truncation)
+
+
+def _draw(key, std, *, shape, dtype, truncation):
+  """jax.nn.initializers' (truncated_)normal with `std` an argument, so that one loop
+  body draws a whole group."""
+  if truncation > 0:
+    return jax.random.truncated_normal(key, -truncation, truncation, shape, dtype) * std
+  return jax.random.normal(key, shape, dtype) * std
+
+
+@contextlib.contextmanager
+def grouped_draws() -> Iterator[None]:
+  """Builds the model's normal weights with one draw per (shape, dtype, truncation).
+
+  Drawn one by one, the weights of dense 680m (24 layers) make ~170 key derivations and
+  random-number programs, and the initialiser compiled in 12.8 s on CPU, about as long as
+  the train step (13.4 s); grouped, 4.6 s, with the same values. Each weight keeps the key
+  and count `rngs.params()` would have given it, in the same order, so its values are
+  those of drawing it alone. A module must not read a normal weight's value while it is
+  built inside the block (it holds zeros until the block ends).
+  """
+  pending = []
+  token = _PENDING.set(pending)
+  try:
+    yield
+  finally:
+    _PENDING.reset(token)
+  groups = collections.defaultdict(list)
+  for variable, init, key, count in pending:
+    value = variable.get_value()
+    groups[value.shape, value.dtype, init.truncation].append((variable, init.std, key, count))
+  for (shape, dtype, truncation), members in groups.items():
+    variables, stds, keys, counts = zip(*members)
+    def draw(args, shape=shape, dtype=dtype, truncation=truncation):
+      key, count, std = args
+      return _draw(jax.random.fold_in(key, count), std, shape=shape, dtype=dtype,
+                   truncation=truncation)
+    # A loop, not a vmap: XLA would fuse a vmapped draw into each weight's slice of it.
+    values = jax.lax.map(draw, (jnp.stack(keys), jnp.stack(counts), jnp.asarray(stds, dtype)))
+    for variable, value in zip(variables, values):
+      variable.set_value(value)
 
 
 def normal(std: float, truncation: float = 0.0) -> Initializer:
   """N(0, std²); with `truncation` > 0 cut at ±truncation·std (`model.init_truncation`;
   MEGABYTE's paper init cuts at 2σ), which leaves a std below `std` (0.88·std at 2σ)."""
-  if truncation > 0:
-    return jax.nn.initializers.truncated_normal(stddev=std, lower=-truncation,
-                                                upper=truncation)
-  return jax.nn.initializers.normal(stddev=std)
+  return Normal(std, truncation)

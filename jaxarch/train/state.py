@@ -15,6 +15,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxarch import models
+from jaxarch.layers.params import grouped_draws
 from jaxarch.models import named_variables
 from jaxarch.parallel import batch_sharding, tree_shardings
 from jaxarch.train.optimizer import make_optimizer
@@ -89,7 +90,9 @@ def _init_state(cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation
                 given: dict | None = None) -> dict:
   key = jax.random.PRNGKey(cfg.train.seed)
   init_key, train_key = jax.random.split(key)
-  _, params, model_state = _split(models.build(cfg.model, rngs=nnx.Rngs(init_key)))
+  with grouped_draws():
+    model = models.build(cfg.model, rngs=nnx.Rngs(init_key))
+  _, params, model_state = _split(model)
   if given:
     params, model_state = _with_values(params, given), _with_values(model_state, given)
   return {
