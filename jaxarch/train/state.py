@@ -112,7 +112,9 @@ def init_state(cfg: ml_collections.ConfigDict, setup: TrainSetup,
   imported checkpoint's weights) replaces those initial values before the optimizer state
   is made from them. Each given array goes straight to its own shards and becomes the
   state's (its device buffer is donated), and the random values it replaces are never
-  made (XLA drops what no output reads): a model is imported in its train state's memory.
+  made (XLA drops what no output reads; a group of `grouped_draws` is drawn whole unless
+  every weight in it is given, as in an import): a model is imported in its train
+  state's memory.
   """
   if not given:
     return jax.jit(lambda: _init_state(cfg, setup.tx), out_shardings=setup.shardings)()
