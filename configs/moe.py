@@ -59,10 +59,15 @@ def get_config(arg=None):
   # None: dropless (sort + grouped matmul); c: each expert takes ceil(c·s·k/E) tokens of
   # each sequence (of length s), first come first served.
   m.capacity_factor = ml_collections.config_dict.placeholder(float)
-  # Dropless across expert shards: None sends worst-case buffers (never drops); c bounds
-  # each sequence's rows in each shard's buffer to ceil(c·s·k/shards) and drops the
-  # overflow, first come first served.
+  # Dropless across expert shards: None never drops; c bounds each sequence's rows in
+  # each shard's padded buffer to ceil(c·s·k/shards) and drops the overflow, first come
+  # first served.
   m.ep_capacity_factor = ml_collections.config_dict.placeholder(float)
+  # How dropless expert parallelism exchanges rows: ragged sends only the real ones
+  # (jax.lax.ragged_all_to_all, GPU and TPU); padded sends each shard a worst-case
+  # buffer (any backend); auto = ragged where XLA has it, else padded;
+  # ragged_emulated = ragged through an all_gather (CPU tests).
+  m.ep_exchange = 'auto'  # auto | ragged | padded | ragged_emulated
   m.aux_loss_weight = 0.01  # Switch/GShard balance loss
   m.z_loss_weight = 0.001  # router z-loss
   m.bias_update_rate = 0.0  # auxiliary-loss-free balancing step (DeepSeek-V3: 0.001)

@@ -38,6 +38,7 @@ TABLE_SPLITS = ('rows', 'width')  # how a sharded memory table is split (kernels
 MOE_GATES = ('softmax', 'sigmoid')
 # kernels.grouped_matmul: which code runs dropless MoE's grouped matmuls.
 MOE_MATMUL_IMPLS = ('auto', 'xla', 'pallas', 'mosaic', 'interpret', 'interpret_mosaic')
+MOE_EP_EXCHANGES = ('auto', 'ragged', 'padded', 'ragged_emulated')
 MOE_WEIGHT_GRADS = ('triton', 'mosaic')  # which kernel takes the weight gradient with 'mosaic'
 SCHEDULES = ('cosine', 'wsd', 'constant')
 NONFINITE = ('stop', 'skip')
@@ -519,6 +520,11 @@ def _check_moe(cfg: ConfigDict) -> None:
     raise ConfigError(f'model.moe.num_shared_experts={shared} must be >= 0')
   _choice(cfg, 'model.moe.gate', MOE_GATES)
   _choice(cfg, 'model.moe.matmul_impl', MOE_MATMUL_IMPLS)
+  if (_choice(cfg, 'model.moe.ep_exchange', MOE_EP_EXCHANGES).startswith('ragged')
+      and _get(cfg, 'model.moe.ep_capacity_factor') is not None):
+    raise ConfigError(f'model.moe.ep_exchange={cfg.model.moe.ep_exchange!r} sends every row '
+                      'and never drops, and model.moe.ep_capacity_factor bounds padded '
+                      "buffers; set ep_exchange='padded' or ep_capacity_factor=None")
   if 'mosaic' in cfg.model.moe.matmul_impl and cfg.model.dtype == 'float32':
     raise ConfigError(f'model.moe.matmul_impl={cfg.model.moe.matmul_impl!r}: the Mosaic GPU '
                       'kernels multiply bfloat16 or float16 rows, and model.dtype=float32; '
@@ -1286,7 +1292,7 @@ RUN_SECTIONS = ('train', 'checkpoint', 'log', 'launch')
 # Model keys that pick kernels, which compute the same function, or that jaxarch gained
 # with a default that is what older runs did (heads_per_query=1): filled the same way.
 RUN_MODEL_KEYS = (('moe', 'matmul_impl'), ('moe', 'kernel_tiling'), ('moe', 'mosaic_tiling'),
-                  ('moe', 'mosaic_weight_grad'),
+                  ('moe', 'mosaic_weight_grad'), ('moe', 'ep_exchange'),
                   ('ultramem', 'lookup_impl'),
                   ('ultramem', 'lookup_scatter'), ('ultramem', 'table_split'),
                   ('ultramem', 'heads_per_query'))

@@ -243,24 +243,85 @@ def step_on_mesh(layer, x, cot, mesh=None, rules=None):
   return jax.jit(sharded)(jax.device_put(params, shardings), jax.device_put(x, batch))
 
 
-@pytest.mark.parametrize('axes,impl', [(dict(data=2, expert=4), 'xla'),
-                                       (dict(fsdp=2, tensor=2, expert=2), 'xla'),
-                                       (dict(data=2, expert=4), 'interpret'),
-                                       (dict(data=1, tensor=2, expert=4), 'interpret')],
-                         ids=['data2-expert4', 'fsdp2-tensor2-expert2', 'gpu-kernels',
-                              'gpu-kernels-tensor2'])
-def test_dropless_expert_parallel_on_eight_devices_equals_one_device(axes, impl):
-  # 'gpu-kernels': the Pallas grouped matmuls (in the interpreter) inside shard_map.
+@pytest.mark.parametrize('axes,impl,exchange', [
+    (dict(data=2, expert=4), 'xla', 'padded'),
+    (dict(fsdp=2, tensor=2, expert=2), 'xla', 'padded'),
+    (dict(data=2, expert=4), 'interpret', 'padded'),
+    (dict(data=1, tensor=2, expert=4), 'interpret', 'padded'),
+    (dict(data=2, expert=4), 'xla', 'ragged_emulated'),
+    (dict(fsdp=2, tensor=2, expert=2), 'xla', 'ragged_emulated'),
+    (dict(data=1, tensor=2, expert=4), 'interpret', 'ragged_emulated')],
+    ids=['data2-expert4', 'fsdp2-tensor2-expert2', 'gpu-kernels', 'gpu-kernels-tensor2',
+         'ragged-data2-expert4', 'ragged-fsdp2-tensor2-expert2', 'ragged-gpu-kernels-tensor2'])
+def test_dropless_expert_parallel_on_eight_devices_equals_one_device(axes, impl, exchange):
+  # 'gpu-kernels': the Pallas grouped matmuls (in the interpreter) inside shard_map;
+  # 'ragged': the exchange that sends only the real rows, its collective emulated on CPU.
   cfg = mesh_config(tiny_config(), **axes)
   mesh = make_mesh(cfg)
   x = jax.random.normal(jax.random.key(7), (8, 6, 16))
   cot = jax.random.normal(jax.random.key(8), (8, 6, 16))
   want = step_on_mesh(make_moe(num_experts=8, top_k=2), x, cot)
-  layer = make_moe(num_experts=8, top_k=2, matmul_impl=impl)
+  layer = make_moe(num_experts=8, top_k=2, matmul_impl=impl, ep_exchange=exchange)
   got = step_on_mesh(layer, x, cot, mesh, cfg.mesh.rules)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
   assert got[1]['w_gate'].get_value().sharding.spec[0] == 'expert'
+
+
+def test_ragged_exchange_with_every_token_on_one_shard_equals_one_device():
+  """The ragged plan's offsets at its edges: every assignment bound for shard 0's two
+  experts (the other shards receive nothing and send everything there), and shard 0's
+  buffer full to the worst case."""
+  cfg = mesh_config(tiny_config(), data=2, expert=4)
+  layers = [make_moe(num_experts=8, top_k=2, ep_exchange=exchange)
+            for exchange in ('padded', 'ragged_emulated')]
+  for layer in layers:
+    layer.bias[...] = jnp.array([9.0, 9.0, 0, 0, 0, 0, 0, 0])  # selection: experts 0, 1
+  x = jax.random.normal(jax.random.key(9), (8, 6, 16))
+  cot = jax.random.normal(jax.random.key(10), (8, 6, 16))
+  want = step_on_mesh(layers[0], x, cot)
+  got = step_on_mesh(layers[1], x, cot, make_mesh(cfg), cfg.mesh.rules)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_the_ragged_exchange_where_xla_lacks_it_is_an_error():
+  cfg = mesh_config(tiny_config(), data=2, expert=4)
+  x = jax.random.normal(jax.random.key(9), (8, 6, 16))
+  with pytest.raises(ValueError, match=r"ep_exchange='ragged': XLA implements "
+                                       r"ragged_all_to_all on GPU and TPU, .* runs on cpu"):
+    step_on_mesh(make_moe(ep_exchange='ragged'), x, x, make_mesh(cfg), cfg.mesh.rules)
+
+
+def _lowered_for_gpu(exchange: str) -> str:
+  """The StableHLO of a MoE layer's forward and gradients on data=2 x expert=4, lowered
+  for CUDA."""
+  cfg = mesh_config(tiny_config(), data=2, expert=4)
+  mesh = make_mesh(cfg)
+  graphdef, params, rest = nnx.split(make_moe(matmul_impl='xla', ep_exchange=exchange),
+                                     nnx.Param, ...)
+  x = jax.device_put(jnp.zeros((8, 6, 16)), NamedSharding(mesh, P(('data', 'expert'))))
+
+  def loss(params, x):
+    with logical_mesh(mesh, cfg.mesh.rules):
+      return jnp.sum(nnx.merge(graphdef, params, rest)(x))
+  placed = jax.device_put(params, tree_shardings(params, mesh, cfg.mesh.rules))
+  return jax.jit(jax.grad(loss, argnums=(0, 1))).trace(placed, x).lower(
+      lowering_platforms=('cuda',)).as_text()
+
+
+def test_on_a_gpu_expert_parallelism_sends_only_the_real_rows(traced_as_on_gpu):
+  """`ep_exchange='auto'` on a GPU: the rows and their results cross by
+  `ragged_all_to_all` (twice forward, twice backward); no padded buffer of rows is sent
+  with `all_to_all`, only the plans' integer offsets (in the collective's transpose)."""
+  del traced_as_on_gpu
+  sent_rows = lambda hlo: [line for line in hlo.split('\n') if 'stablehlo.all_to_all' in line
+                           and 'xf32>' in line]
+  ragged = _lowered_for_gpu('auto')
+  assert ragged.count('custom_call @ragged_all_to_all') == 4
+  assert not sent_rows(ragged)
+  padded = _lowered_for_gpu('padded')
+  assert 'ragged_all_to_all' not in padded and len(sent_rows(padded)) == 4
 
 
 def test_the_mosaic_interpreter_on_several_devices_is_an_error_not_a_hang():
@@ -373,6 +434,11 @@ def test_invalid_moe_configs_are_one_line_errors():
   with pytest.raises(config_lib.ConfigError, match=r'divisible by the expert mesh axis'):
     config_lib.validate(config_lib.load('configs/moe.py:tiny', [
         'model.moe.num_experts=6', 'mesh.ici.expert=4', 'mesh.ici.data=2']), 8)
+  with pytest.raises(config_lib.ConfigError, match=r"ep_exchange='ragged' sends every row "):
+    config_lib.load('configs/moe.py:tiny', ['model.moe.ep_exchange=ragged',
+                                            'model.moe.ep_capacity_factor=1.0'])
+  with pytest.raises(config_lib.ConfigError, match=r'model\.moe\.ep_exchange'):
+    config_lib.load('configs/moe.py:tiny', ['model.moe.ep_exchange=sparse'])
   with pytest.raises(config_lib.ConfigError, match=r'model\.moe\.gate'):
     config_lib.load('configs/moe.py:tiny', ['model.moe.gate=relu'])
   with pytest.raises(config_lib.ConfigError, match=r'model\.moe\.renormalize=True with '):

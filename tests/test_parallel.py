@@ -271,3 +271,27 @@ def test_top_k_in_a_mesh_ranks_each_device_s_rows_without_gathering_them():
       assert 'all-gather' not in profile.collective_bytes(compiled.as_text())
     for got, want in zip(compiled(placed), jax.lax.top_k(x, 5)):
       np.testing.assert_array_equal(got, want)
+
+
+def test_emulated_ragged_all_to_all_gives_what_jax_documents():
+  """`parallel.ragged` on CPU (no XLA:CPU collective): the example of
+  `jax.lax.ragged_all_to_all`'s docstring, on an axis of 2 devices, and its gradient: each
+  sent row's cotangent comes back from where it landed."""
+  from jaxarch.parallel.ragged import ragged_all_to_all  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((2,), ('x',), devices=jax.devices()[:2])
+  rows = NamedSharding(mesh, P('x'))
+  operand = jax.device_put(jnp.array([[1., 2, 2], [3, 4, 0]]), rows)
+  plan = [jax.device_put(jnp.array(a), rows) for a in (
+      [[0, 1], [0, 1]], [[1, 2], [1, 1]], [[0, 0], [1, 2]], [[1, 1], [2, 1]])]
+
+  def exchange(operand, *plan):
+    squeeze = lambda a: a[0]
+    return ragged_all_to_all(squeeze(operand), jnp.zeros(4), *map(squeeze, plan),
+                             axis_name='x', emulated=True)[None]
+  run = jax.shard_map(exchange, mesh=mesh, in_specs=P('x'), out_specs=P('x'))
+  np.testing.assert_array_equal(jax.jit(run)(operand, *plan), [[1, 3, 0, 0], [2, 2, 4, 0]])
+  weights = jnp.array([[10., 20, 30, 40], [50, 60, 70, 80]])
+  grad = jax.jit(jax.grad(lambda o: jnp.sum(run(o, *plan) * weights)))(operand)
+  # Device 0 sent 1 to its slot 0 and 2, 2 to device 1's slots 0, 1; device 1 sent 3 to
+  # device 0's slot 1 and 4 to its own slot 2; device 1's last row went nowhere.
+  np.testing.assert_array_equal(grad, [[10, 50, 60], [20, 70, 0]])

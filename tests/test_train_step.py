@@ -389,7 +389,7 @@ def test_gpu_train_step_lowers_for_cuda_on_a_mesh(spec, traced_as_on_gpu):
   """The train step as `auto` builds it on a GPU (cuDNN attention, the Pallas kernels of
   MoE and UltraMem), on 8 devices with experts split 4 ways, lowers for CUDA: running it
   needs a GPU, lowering does not. (It found the kernels failing inside MoE's shard_map.)
-  `:mosaic`: MoE with `matmul_impl=mosaic` (jax's Mosaic GPU ragged dot)."""
+  MoE's experts exchange their rows by `ragged_all_to_all`. `:mosaic`: MoE with `matmul_impl=mosaic` (jax's Mosaic GPU ragged dot)."""
   del traced_as_on_gpu
   spec, mosaic = spec.removesuffix(':mosaic'), spec.endswith(':mosaic')
   cfg = config_lib.load(spec, ['model.dtype=bfloat16', 'model.remat=dots', 'data.seq_len=64',
@@ -403,6 +403,7 @@ def test_gpu_train_step_lowers_for_cuda_on_a_mesh(spec, traced_as_on_gpu):
   assert 'xla.gpu.triton' in hlo  # the grouped matmuls / the value lookup
   assert 'CustomSPMDPartitioning' in hlo  # cuDNN attention, partitioned when compiled
   assert ('custom_call @mosaic_gpu' in hlo) == mosaic
+  assert ('custom_call @ragged_all_to_all' in hlo) == ('moe' in spec)  # `ep_exchange=auto`
 
 
 @pytest.mark.slow  # 20 s

@@ -36,14 +36,21 @@ each device computes its hidden units of every assignment and the outputs are su
 over those axes (one `psum` of `[T, d]`), so no two devices compute the same product.
 
 **Expert parallelism.** With the experts split over n devices, the capacity path sends
-its `[E, C, d]` buffers with one `all_to_all` there and back. The dropless path sends
-padded per-shard buffers: each device sends every shard `S` rows per sequence (`S = s·k`,
-the worst case, so nothing is ever dropped; or `ceil(ep_capacity_factor · s·k / n)` to
-bound the memory, in which case a sequence's overflow is dropped first come first served,
-as in the capacity path, so the model stays causal, and counted), with their local expert
-ids, and the receiver runs the sort + grouped matmul on what arrived. `jax.lax.ragged_all_to_all`
-would send only the real rows, but XLA:CPU does not implement it (so it could not be
-tested here); the padded exchange works on every backend.
+its `[E, C, d]` buffers with one `all_to_all` there and back. The dropless path sorts each
+device's assignments by expert and sends each shard only the rows for its experts, with
+`jax.lax.ragged_all_to_all` (`model.moe.ep_exchange='ragged'`): the devices first share
+how many rows each sends each expert (an `all_gather` of [n, E] counts), from which every
+device computes where its slices go and what it receives; the receiver sorts what arrived
+by its local experts, runs the grouped matmul, and sends the results back the same way.
+Its receive buffer holds the worst case (every device's every assignment), so nothing is
+ever dropped, but only the real rows cross the links: n times fewer bytes than a padded
+exchange. XLA implements that collective on GPU and TPU, not on CPU, where `'auto'` takes
+the padded exchange (`'padded'`): each device sends every shard `S` rows per sequence
+(`S = s·k`, the worst case; or `ceil(ep_capacity_factor · s·k / n)` to bound the memory,
+in which case a sequence's overflow is dropped first come first served, as in the
+capacity path, so the model stays causal, and counted), with their local expert ids.
+`'ragged_emulated'` runs the ragged path with an `all_gather` in place of the collective
+(`parallel.ragged`; any backend, n times the memory): the CPU tests check its offsets so.
 """
 
 import math
@@ -54,6 +61,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
+from jaxarch.config import MOE_EP_EXCHANGES as EP_EXCHANGES
 from jaxarch.config import MOE_GATES as GATES
 from jaxarch.kernels.gmm_mosaic import MosaicTiling
 from jaxarch.kernels.gmm_triton import Tiling
@@ -62,6 +70,7 @@ from jaxarch.layers import remat, signals
 from jaxarch.layers.mlp import SwiGLU
 from jaxarch.layers.params import normal, param
 from jaxarch.parallel import context
+from jaxarch.parallel.ragged import ragged_all_to_all
 
 
 class RouterBias(signals.PerStepState):
@@ -122,6 +131,28 @@ def gather_rows(buffer: jax.Array, slot: jax.Array) -> jax.Array:
   return jnp.concatenate([buffer, jnp.zeros((1, buffer.shape[1]), buffer.dtype)])[slot]
 
 
+def ragged_plan(counts: jax.Array, me: jax.Array, rows: int):
+  """counts [n, E]: device i's assignments to each expert (the experts split into n
+  shards of E/n in order); `me`: this device's index; `rows`: its receive buffer's ->
+  (there, back, received): the offsets and sizes of `parallel.ragged.ragged_all_to_all`
+  that send this device's rows (sorted by expert) to their shards and the results back,
+  and the local expert of each row it receives [rows] (E/n past the real ones)."""
+  n, e = counts.shape
+  local_e = e // n
+  sends = jnp.sum(counts.reshape(n, n, local_e), axis=2)  # [sender, shard] rows
+  before = lambda x, axis: jnp.cumsum(x, axis=axis) - x  # exclusive prefix sums
+  mine, to_me = sends[me], sends[:, me]
+  # Where sender i's rows for shard j start in i's sorted rows, and land in j's buffer.
+  in_sender, in_receiver = before(sends, 1), before(sends, 0)
+  there = (in_sender[me], mine, in_receiver[me], to_me)
+  back = (in_receiver[:, me], to_me, in_sender[:, me], mine)
+  # What arrives: sender by sender, each one's rows for this shard's experts in order.
+  segments = jax.lax.dynamic_slice_in_dim(counts, me * local_e, local_e, axis=1).reshape(-1)
+  segment = jnp.searchsorted(jnp.cumsum(segments), jnp.arange(rows), side='right')
+  received = jnp.where(segment < segments.size, segment % local_e, local_e)
+  return there, back, received
+
+
 def grouped_swiglu(x, group_sizes, gate, up, down, **kernels):
   """Rows of x [m, d] in contiguous groups, one expert each -> [m, d]; rows past the
   groups give 0. `kernels`: `grouped_matmul`'s choice of kernels and their settings."""
@@ -149,7 +180,7 @@ class MoE(nnx.Module):
                z_loss_weight: float = 0.0, bias_update_rate: float = 0.0,
                matmul_impl: str = 'auto', kernel_tiling: tuple[int, ...] = tuple(Tiling()),
                mosaic_tiling: tuple[int, ...] = tuple(MosaicTiling()),
-               mosaic_weight_grad: str = 'triton',
+               mosaic_weight_grad: str = 'triton', ep_exchange: str = 'auto',
                init_std: float = 0.02, out_std: float | None = None,
                init_truncation: float = 0.0, dtype=jnp.bfloat16, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
@@ -165,6 +196,7 @@ class MoE(nnx.Module):
     self.bias_update_rate, self.dtype = bias_update_rate, dtype
     self.matmul_impl, self.kernel_tiling = matmul_impl, Tiling(*kernel_tiling)
     self.mosaic_tiling, self.mosaic_weight_grad = MosaicTiling(*mosaic_tiling), mosaic_weight_grad
+    self.ep_exchange = ep_exchange
     self.deterministic = False  # True: no bias update (evaluation)
     e, d, f = num_experts, d_model, expert_d_ff
     init, out = normal(init_std, init_truncation), normal(out_std or init_std, init_truncation)
@@ -299,6 +331,8 @@ class MoE(nnx.Module):
     k = self.top_k
     if self.capacity_factor is None and shards == 1 and t * k <= self.num_experts:
       y, dropped = self._gathered(tokens, experts, gate, up, down), jnp.zeros(t * k, bool)
+    elif self.capacity_factor is None and shards > 1 and self._exchange() != 'padded':
+      y, dropped = self._dropless_ragged(tokens, experts, gate, up, down, expert_axes, shards)
     elif self.capacity_factor is None:
       y, dropped = self._dropless(tokens, experts, gate, up, down, expert_axes, shards,
                                   seq_len)
@@ -312,6 +346,23 @@ class MoE(nnx.Module):
     """`grouped_matmul`'s kernel settings, as configured."""
     return dict(impl=self.matmul_impl, tiling=self.kernel_tiling,
                 mosaic_tiling=self.mosaic_tiling, mosaic_weight_grad=self.mosaic_weight_grad)
+
+  def _exchange(self) -> str:
+    """How expert parallelism's dropless path exchanges rows: 'ragged', 'ragged_emulated'
+    or 'padded' (`model.moe.ep_exchange`)."""
+    if self.ep_exchange not in EP_EXCHANGES:
+      raise ValueError(f'model.moe.ep_exchange={self.ep_exchange!r}; expected one of '
+                       f'{EP_EXCHANGES}')
+    ragged_here = jax.default_backend() in ('gpu', 'tpu')
+    if self.ep_exchange == 'ragged' and not ragged_here:
+      raise ValueError(f"model.moe.ep_exchange='ragged': XLA implements ragged_all_to_all on "
+                       f"GPU and TPU, and this process runs on {jax.default_backend()}; use "
+                       "'padded', or 'ragged_emulated' (the same rows through an all_gather)")
+    if self.ep_capacity_factor is not None:  # bounded buffers are padded ones
+      return 'padded'
+    if self.ep_exchange == 'auto':
+      return 'ragged' if ragged_here else 'padded'
+    return self.ep_exchange
 
   def _gathered(self, tokens, experts, gate, up, down):
     """Few tokens (T·k <= E, a decode step): each assignment's expert weights gathered,
@@ -352,6 +403,29 @@ class MoE(nnx.Module):
                         **self._kernels())
     back = exchange(permute(ys, inverse, order).reshape(shards, -1, d)).reshape(rows, d)
     return gather_rows(back, slot).astype(tokens.dtype), ~kept
+
+  def _dropless_ragged(self, tokens, experts, gate, up, down, expert_axes, shards):
+    """Expert parallelism sending only the real rows -> (y [T·k, d] per assignment in
+    token-major order, dropped [T·k]: none)."""
+    t, d = tokens.shape
+    e, k = self.num_experts, self.top_k
+    flat = experts.reshape(-1)
+    order, inverse = sort_by(flat)  # by expert, so by shard
+    xs = permute(jnp.repeat(tokens, k, axis=0), order, inverse)
+    counts = jax.lax.all_gather(jnp.bincount(flat, length=e), expert_axes)  # n E
+    me = jax.lax.axis_index(expert_axes)
+    there, back, received = ragged_plan(counts, me, shards * t * k)
+    local_e = e // shards
+    exchange = lambda rows, out, plan: ragged_all_to_all(
+        rows, jnp.zeros((out, d), rows.dtype), *plan, axis_name=expert_axes,
+        emulated=self._exchange() == 'ragged_emulated')
+    recv_x = exchange(xs, shards * t * k, there)  # worst case: every device's every row
+    recv_order, recv_inverse = sort_by(received)  # by local expert; empty rows last
+    ys = grouped_swiglu(permute(recv_x, recv_order, recv_inverse),
+                        jnp.bincount(received, length=local_e), gate, up, down,
+                        **self._kernels())
+    ys = exchange(permute(ys, recv_inverse, recv_order), t * k, back)
+    return permute(ys, inverse, order).astype(tokens.dtype), jnp.zeros(t * k, bool)
 
   def _capacity(self, tokens, experts, gate, up, down, expert_axes, shards, seq_len):
     """-> (y [T·k, d] per assignment in token-major order, dropped [T·k]).

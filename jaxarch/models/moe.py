@@ -32,6 +32,7 @@ def moe_block(cfg: ml_collections.ConfigDict, layer: int, rngs: nnx.Rngs) -> MoE
                 z_loss_weight=m.z_loss_weight, bias_update_rate=m.bias_update_rate,
                 matmul_impl=m.matmul_impl, kernel_tiling=m.kernel_tiling,
                 mosaic_tiling=m.mosaic_tiling, mosaic_weight_grad=m.mosaic_weight_grad,
+                ep_exchange=m.ep_exchange,
                 init_std=cfg.init_std, out_std=residual_init_std(cfg),
                 init_truncation=cfg.init_truncation, dtype=dtype,
                 param_dtype=param_dtype, rngs=rngs)
