@@ -14,6 +14,7 @@ from jaxarch import config as config_lib
 from jaxarch.layers.attention import Attention
 from jaxarch.parallel import data_shard, logical_to_spec, make_mesh, tree_shardings
 from jaxarch.parallel.context import logical_mesh
+from jaxarch.parallel.ragged import ragged_all_to_all
 from jaxarch.train.state import init_state, make_setup
 
 
@@ -277,7 +278,6 @@ def test_emulated_ragged_all_to_all_gives_what_jax_documents():
   """`parallel.ragged` on CPU (no XLA:CPU collective): the example of
   `jax.lax.ragged_all_to_all`'s docstring, on an axis of 2 devices, and its gradient: each
   sent row's cotangent comes back from where it landed."""
-  from jaxarch.parallel.ragged import ragged_all_to_all  # pylint: disable=g-import-not-at-top
   mesh = jax.make_mesh((2,), ('x',), devices=jax.devices()[:2])
   rows = NamedSharding(mesh, P('x'))
   operand = jax.device_put(jnp.array([[1., 2, 2], [3, 4, 0]]), rows)
