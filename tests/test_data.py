@@ -370,6 +370,26 @@ def test_json_lines_are_a_document_a_line_of_their_text_key(tmp_path, caplog, te
   assert 'is not read' not in caplog.text
 
 
+def test_preparing_json_lines_parses_each_record_once(tmp_path, monkeypatch):
+  """Listing a corpus's records reads their numbers, not their JSON; each split then
+  parses its own (it parsed every line three times: the listing and both splits)."""
+  (tmp_path / 'docs').mkdir()
+  (tmp_path / 'docs' / 'a.jsonl').write_text(''.join(
+      json.dumps({'text': f'record {i}'}) + '\n' for i in range(60)))
+  parsed = []
+  real_loads = json.loads
+  def counting_loads(text, *args, **kwargs):
+    if isinstance(text, bytes) and text.startswith(b'{"text": "record '):
+      parsed.append(text)
+    return real_loads(text, *args, **kwargs)
+  monkeypatch.setattr(json, 'loads', counting_loads)
+  read = _read_all(_data_config(tmp_path, f'files:{tmp_path}/docs/*'))
+  assert sorted(read['train'] + read['validation']) == sorted(
+      f'record {i}'.encode() for i in range(60))
+  assert read['train'] and read['validation']
+  assert len(parsed) == 60
+
+
 @pytest.mark.parametrize('line, why', [
     ('{"txt": "a"}', r"line 2 has no key 'text' \(it has \['txt'\]\).*data.text_key"),
     ('{"text": 5}', "line 2: 'text' is a int, not a string"),

@@ -129,38 +129,44 @@ class FilesConfig(tfds.core.BuilderConfig):
     return f'FilesConfig({self.name!r}, root={self.root!r})'
 
 
-def _json_lines(path: pathlib.Path, name: str, text_key: str):
-  """(line number, text) of each non-blank line of a JSON lines file (gzip'd if `.gz`); a
-  line that is not an object with a string `text_key` is a config error naming it."""
-  where = lambda n: f'config error: data.source file {str(path)!r}, line {n}'
+def _json_lines(path: pathlib.Path, name: str):
+  """(line number, bytes) of each non-blank line of a JSON lines file (gzip'd if `.gz`);
+  a file that cannot be read (a damaged gzip) is a config error naming the line."""
   n = 0
   try:
     with gzip.open(path, 'rb') if name.endswith('.gz') else open(path, 'rb') as f:
       for n, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          record = json.loads(line)
-        except ValueError as e:  # a UnicodeDecodeError is one too
-          raise ConfigError(f'{where(n)} is not JSON ({str(e).splitlines()[0]})') from None
-        if not isinstance(record, dict):
-          raise ConfigError(f'{where(n)} is a JSON {type(record).__name__}, not an object')
-        if text_key not in record:
-          raise ConfigError(f'{where(n)} has no key {text_key!r} (it has {list(record)[:8]}); '
-                            'name the key of the text with --config.data.text_key=KEY')
-        if not isinstance(record[text_key], str):
-          raise ConfigError(f'{where(n)}: {text_key!r} is a {type(record[text_key]).__name__}'
-                            ', not a string')
-        yield n, record[text_key]
+        if line.strip():
+          yield n, line
   except (OSError, EOFError, zlib.error) as e:  # a damaged gzip file
-    raise ConfigError(f'{where(n + 1)} cannot be read ({e})') from None
+    raise ConfigError(f'config error: data.source file {str(path)!r}, line {n + 1} cannot be '
+                      f'read ({e})') from None
 
 
-def _table_rows(path: pathlib.Path, text_key: str):
-  """(row number, text) of each row of a Parquet file or an Arrow file (the stream
-  format `datasets`' save_to_disk and cache write, or the file format, Feather v2, that
-  begins with ARROW1), read a batch of rows at a time; a file without a string column
-  `text_key`, or a row whose text is null, is a config error naming it."""
+def _json_text(path: pathlib.Path, n: int, line: bytes, text_key: str) -> str:
+  """Line n's `text_key`; a line that is not an object with a string there is a config
+  error naming it."""
+  where = f'config error: data.source file {str(path)!r}, line {n}'
+  try:
+    record = json.loads(line)
+  except ValueError as e:  # a UnicodeDecodeError is one too
+    raise ConfigError(f'{where} is not JSON ({str(e).splitlines()[0]})') from None
+  if not isinstance(record, dict):
+    raise ConfigError(f'{where} is a JSON {type(record).__name__}, not an object')
+  if text_key not in record:
+    raise ConfigError(f'{where} has no key {text_key!r} (it has {list(record)[:8]}); '
+                      'name the key of the text with --config.data.text_key=KEY')
+  if not isinstance(record[text_key], str):
+    raise ConfigError(f'{where}: {text_key!r} is a {type(record[text_key]).__name__}, not a '
+                      'string')
+  return record[text_key]
+
+
+def _table_batches(path: pathlib.Path, text_key: str):
+  """The record batches of a Parquet file or an Arrow file (the stream format `datasets`'
+  save_to_disk and cache write, or the file format, Feather v2, that begins with ARROW1),
+  a batch of rows of the column `text_key` at a time; a file without that string column
+  is a config error naming it."""
   import pyarrow  # pylint: disable=g-import-not-at-top  (tensorflow-datasets needs it too)
   import pyarrow.ipc  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet  # pylint: disable=g-import-not-at-top
@@ -189,23 +195,42 @@ def _table_rows(path: pathlib.Path, text_key: str):
       column = schema.field(text_key).type
       if not (pyarrow.types.is_string(column) or pyarrow.types.is_large_string(column)):
         raise ConfigError(f'{where}: column {text_key!r} is {column}, not a string')
-      n = 0
-      for batch in batches():
-        for text in batch.column(0).to_pylist():
-          n += 1
-          if text is None:
-            raise ConfigError(f'{where}, row {n}: {text_key!r} is null, not a string')
-          yield n, text
+      yield from batches()
   except (OSError, pyarrow.ArrowException) as e:  # not that format, or damaged
     raise ConfigError(f'{where} cannot be read as {kind} ({str(e).splitlines()[0]})'
                       ) from None
 
 
-def _records(path: pathlib.Path, name: str, text_key: str):
-  """(number, text) of each record of a JSON lines, Parquet or Arrow file (`RECORDS`)."""
+def _record_numbers(path: pathlib.Path, name: str, text_key: str) -> np.ndarray:
+  """The numbers of a JSON lines, Parquet or Arrow file's records (`RECORDS`): its
+  non-blank lines, or its rows 1..n; their text is not read."""
   if name.endswith(TABLES):
-    return _table_rows(path, text_key)
-  return _json_lines(path, name, text_key)
+    return np.arange(1, sum(b.num_rows for b in _table_batches(path, text_key)) + 1)
+  return np.fromiter((n for n, _ in _json_lines(path, name)), np.int64)
+
+
+def _records(path: pathlib.Path, name: str, text_key: str, wanted: np.ndarray):
+  """(number, text) of the records of a JSON lines, Parquet or Arrow file numbered
+  `wanted` (`_record_numbers`, sorted): each split reads only its own, so preparing a
+  corpus parses each record once. A null row, or a line without a string `text_key`, is
+  a config error naming it."""
+  if name.endswith(TABLES):
+    n = 0
+    for batch in _table_batches(path, text_key):
+      numbers = np.arange(n + 1, n + batch.num_rows + 1)
+      rows = np.flatnonzero(np.isin(numbers, wanted, assume_unique=True))
+      n += batch.num_rows
+      if rows.size:
+        for number, text in zip(numbers[rows].tolist(), batch.column(0).take(rows).to_pylist()):
+          if text is None:
+            raise ConfigError(f'config error: data.source file {str(path)!r}, row {number}: '
+                              f'{text_key!r} is null, not a string')
+          yield number, text
+    return
+  wanted = set(wanted.tolist())
+  for n, line in _json_lines(path, name):
+    if n in wanted:
+      yield n, _json_text(path, n, line, text_key)
 
 
 class _TextFilesBuilder(tfds.core.GeneratorBasedBuilder):
@@ -235,12 +260,12 @@ class _TextFilesBuilder(tfds.core.GeneratorBasedBuilder):
     fraction = self.builder_config.validation_fraction
     root = pathlib.Path(self.builder_config.root)
     documents = []  # (name, file, its size, piece index); of a file of records (RECORDS),
-    lines = {}  # its records: file -> (numbers [n], validation [n]), read through once here
+    lines = {}  # its records: file -> (numbers [n], validation [n]), listed unparsed here
     for f in self._files():
       if f.endswith(RECORDS):
-        numbers = [n for n, _ in _records(root / f, f, self.builder_config.text_key)]
-        lines[f] = (np.array(numbers, np.int64),
-                    np.array([is_validation(f'{f}:{n}', fraction) for n in numbers], bool))
+        numbers = _record_numbers(root / f, f, self.builder_config.text_key)
+        lines[f] = (numbers, np.array([is_validation(f'{f}:{n}', fraction)
+                                       for n in numbers.tolist()], bool))
         continue
       size = (root / f).stat().st_size
       pieces = num_pieces(size)
@@ -259,10 +284,9 @@ class _TextFilesBuilder(tfds.core.GeneratorBasedBuilder):
     root = pathlib.Path(self.builder_config.root)
     for name, f, size, index in documents:
       if name is None:  # these records of a JSON lines, Parquet or Arrow file
-        wanted = set(index.tolist())
-        for n, text in _records(root / f, f, self.builder_config.text_key):
-          if n in wanted:  # a lone surrogate (JSON's "\ud800") is no character: '?'
-            yield f'{f}:{n}', {'text': text.encode('utf-8', errors='replace')}
+        for n, text in _records(root / f, f, self.builder_config.text_key, index):
+          # A lone surrogate (JSON's "\ud800") is no character: '?'.
+          yield f'{f}:{n}', {'text': text.encode('utf-8', errors='replace')}
         continue
       try:
         with open(root / f, 'rb') as file:
