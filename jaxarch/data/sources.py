@@ -218,7 +218,8 @@ def _records(path: pathlib.Path, name: str, text_key: str, wanted: np.ndarray):
     n = 0
     for batch in _table_batches(path, text_key):
       numbers = np.arange(n + 1, n + batch.num_rows + 1)
-      rows = np.flatnonzero(np.isin(numbers, wanted, assume_unique=True))
+      at = np.minimum(np.searchsorted(wanted, numbers), max(wanted.size - 1, 0))
+      rows = np.flatnonzero(wanted[at] == numbers) if wanted.size else numbers[:0]
       n += batch.num_rows
       if rows.size:
         for number, text in zip(numbers[rows].tolist(), batch.column(0).take(rows).to_pylist()):
@@ -227,9 +228,10 @@ def _records(path: pathlib.Path, name: str, text_key: str, wanted: np.ndarray):
                               f'{text_key!r} is null, not a string')
           yield number, text
     return
-  wanted = set(wanted.tolist())
+  i = 0  # the next wanted number's place in `wanted`
   for n, line in _json_lines(path, name):
-    if n in wanted:
+    if i < wanted.size and n == wanted[i]:
+      i += 1
       yield n, _json_text(path, n, line, text_key)
 
 
