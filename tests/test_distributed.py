@@ -1,6 +1,7 @@
 """Multi-process jobs: where a process learns its place, and two CPU processes on
 localhost training together onto the losses of one process with the same global batch."""
 
+import json
 import os
 import shutil
 import socket
@@ -13,7 +14,7 @@ import pytest
 from jaxarch import config as config_lib
 from jaxarch.config import ConfigError
 from jaxarch.parallel.distributed import Launch, detect
-from jaxarch.train import train
+from jaxarch.train import evaluate, train
 from jaxarch.train.metrics import read_metrics
 
 
@@ -133,14 +134,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _train_in_two_processes(workdir, data_dir, environ_of, *, expect_code=0):
-  """`jaxarch train` as processes 0 and 1 of a job, 4 CPU devices each; `workdir` may be
-  one per process."""
+def _in_two_processes(args, workdir, environ_of, *, expect_code=0):
+  """`jaxarch ARGS` as processes 0 and 1 of a job, 4 CPU devices each, -> (stdout, stderr)
+  of each; `workdir` may be one per process."""
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
              JAX_PLATFORMS='cpu')
   workdirs = workdir if isinstance(workdir, list) else [workdir] * 2
-  command = [sys.executable, '-m', 'jaxarch.cli', 'train', '--config=configs/dense.py:tiny',
-             f'--data_dir={data_dir}', *[f'--config.{o}' for o in OVERRIDES]]
+  command = [sys.executable, '-m', 'jaxarch.cli', *args]
   processes = [subprocess.Popen(command + [f'--workdir={workdirs[i]}'] + extra,
                                 env={**env, **variables},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -148,7 +148,15 @@ def _train_in_two_processes(workdir, data_dir, environ_of, *, expect_code=0):
   outputs = [p.communicate(timeout=300) for p in processes]
   for p, (_, err) in zip(processes, outputs):
     assert p.returncode == expect_code, err[-3000:]
-  return [err for _, err in outputs]
+  return outputs
+
+
+def _train_in_two_processes(workdir, data_dir, environ_of, *, expect_code=0):
+  """`jaxarch train` as processes 0 and 1 of a job; -> the stderr of each."""
+  args = ['train', '--config=configs/dense.py:tiny', f'--data_dir={data_dir}',
+          *[f'--config.{o}' for o in OVERRIDES]]
+  return [err for _, err in _in_two_processes(args, workdir, environ_of,
+                                              expect_code=expect_code)]
 
 
 def _flags(port):
@@ -181,6 +189,17 @@ def test_two_processes_train_together_onto_the_one_process_losses(tmp_path, data
   assert 'process 1 of 2 (flags)' in errs[1]
   _assert_same_run(want, tmp_path / 'two')
   assert not list((tmp_path / 'two').glob('.shared_check.*'))
+  # Evaluated by both processes, each restoring only the weights' shards it holds (the
+  # partial restore), the checkpoint gives what one process evaluates.
+  (out, _), (quiet, _) = _in_two_processes(['eval', f'--data_dir={data_dir}'],
+                                           tmp_path / 'two', _flags(_free_port()))
+  got = json.loads(out[out.index('{'):])  # after Gloo's lines (the CPU's collectives)
+  assert '{' not in quiet  # process 1 reports nothing
+  cfg = config_lib.load('configs/dense.py:tiny', OVERRIDES + [f'data.data_dir={data_dir}'])
+  one = evaluate(cfg, tmp_path / 'two')
+  assert got['step'] == one['step'] == 6
+  np.testing.assert_allclose(got['eval_bpb'], one['eval_bpb'], rtol=1e-5)
+  np.testing.assert_allclose(got['eval_loss'], want[6]['eval_loss'], rtol=1e-5)
   # Resumed from step 3 in one process, the two processes' data positions are shared out
   # again: steps 4-6 read the batches they would have read, onto the same losses.
   shutil.copytree(tmp_path / 'two', tmp_path / 'resumed')
