@@ -1,7 +1,7 @@
 """MoE layer throughput: dropless vs capacity vs the dense layer of the same active width.
 
-  python benchmarks/moe.py [--grid=gpu|cpu] [--tables=matmul,layers] [--experts=8,16]
-      [--out=benchmarks/results/moe.json]
+  python benchmarks/moe.py [--grid=gpu|cpu] [--tables=matmul,layers,exchange]
+      [--experts=8,16] [--out=benchmarks/results/moe.json]
 
 Times forward + backward of one layer on `tokens × d_model` inputs, for each expert count
 and batch of the grid: the dropless path (sort + grouped matmul, `matmul_impl=auto`), the
@@ -25,7 +25,13 @@ and matched it. TFLOP/s
 count the real rows' FLOPs; `XLA FLOPs / real` is what XLA's cost analysis counts for
 `ragged_dot` over that, E where it computes every expert for every row. Writes JSON with
 the device.
-Single device (expert parallelism is exercised by the tests).
+The `exchange` table (not run by default) splits the experts over every device and
+times the dropless layer with each `model.moe.ep_exchange`: `padded` (every shard gets a
+worst-case buffer) and `ragged` (`jax.lax.ragged_all_to_all`, only the routed rows; on
+CPU `ragged_emulated`, its offsets through an all_gather, slower by design), with the
+bytes per device XLA counts in the compiled layer's collectives and the routed rows' bytes
+(what the ragged exchange sends: T·k·d each way, forward and backward). It needs several
+devices: several GPUs, or `XLA_FLAGS=--xla_force_host_platform_device_count=8` on CPU.
 """
 
 import argparse
@@ -37,7 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from report import device_info, emit, max_rel_error, save, timed_or_error
+from report import device_info, emit, max_rel_error, on_accelerator, save, timed_or_error
+
+from jaxarch import config as config_lib
 
 from jaxarch.cli import at_least_one
 from jaxarch.kernels import gmm_mosaic, gmm_triton
@@ -46,7 +54,9 @@ from jaxarch.kernels.gmm_triton import Tiling
 from jaxarch.kernels.grouped_matmul import grouped_matmul
 from jaxarch.layers import SwiGLU
 from jaxarch.layers.moe import MoE
-from jaxarch.train import flops
+from jaxarch.parallel import make_mesh, tree_shardings
+from jaxarch.parallel.context import logical_mesh
+from jaxarch.train import flops, profile
 
 GRIDS = {
     # d_model, expert_d_ff, top_k, experts, tokens (and tokens of the grouped-matmul table).
@@ -201,9 +211,9 @@ def tiling_name(t: dict) -> str:
 def table_names(text: str) -> list[str]:
   """`--tables`, checked as it is parsed: a typo would otherwise run nothing, silently."""
   tables = text.split(',')
-  if unknown := set(tables) - {'matmul', 'layers'}:
-    raise argparse.ArgumentTypeError(f'unknown {sorted(unknown)}; expected matmul, layers '
-                                     'or both')
+  if unknown := set(tables) - {'matmul', 'layers', 'exchange'}:
+    raise argparse.ArgumentTypeError(f'unknown {sorted(unknown)}; expected some of matmul, '
+                                     'layers, exchange')
   return tables
 
 
@@ -223,7 +233,8 @@ def main(argv=None):
   parser.add_argument('--grid', choices=tuple(GRIDS), default='gpu' if on_accelerator else 'cpu')
   parser.add_argument('--iters', type=at_least_one, default=10 if on_accelerator else 3)
   parser.add_argument('--tables', type=table_names, default='matmul,layers',
-                      help='which tables: matmul (the grouped matmul per impl), layers')
+                      help='which tables: matmul (the grouped matmul per impl), layers, '
+                      'exchange (expert parallelism over every device)')
   parser.add_argument('--experts', type=expert_counts,
                       help="expert counts instead of the grid's, e.g. 16 (comma-separated)")
   parser.add_argument('--out', default='benchmarks/results/moe.json')
@@ -235,7 +246,65 @@ def main(argv=None):
     data.update(matmul_table(g, args.iters, data, args.out))
   if 'layers' in tables:
     data['records'] = layer_table(g, args.iters, data, args.out)
+  if 'exchange' in tables:
+    data['exchange'] = exchange_table(g, args.iters, data, args.out)
   return data
+
+
+def exchange_table(g: dict, iters: int, data: dict, out: str) -> list[dict]:
+  """The dropless layer's forward + backward with its experts split over every device,
+  per `model.moe.ep_exchange`, expert count and tokens per device."""
+  n = jax.device_count()
+  if n < 2:
+    print('exchange: one device here, so no expert parallelism to time')
+    return []
+  dtype = jnp.dtype(g['dtype'])
+  d, f, k = g['d_model'], g['expert_d_ff'], g['top_k']
+  ragged = 'ragged' if on_accelerator() else 'ragged_emulated'
+  cfg = config_lib.load('configs/moe.py:tiny', [f'mesh.ici.expert={n}', 'mesh.ici.data=1'])
+  mesh, rules = make_mesh(cfg), cfg.mesh.rules
+  records, rows = [], []
+  for experts in (e for e in g['experts'] if e % n == 0):
+    for tokens in g['tokens']:  # per device
+      seq = min(tokens, 1024)
+      x = jax.device_put(jax.random.normal(jax.random.key(tokens), (n * tokens // seq, seq, d),
+                                           dtype), jax.NamedSharding(mesh, jax.P('expert')))
+      record = dict(devices=n, experts=experts, top_k=k, d_model=d, expert_d_ff=f,
+                    tokens_per_device=tokens, dtype=g['dtype'],
+                    routed_row_bytes=4 * tokens * k * d * dtype.itemsize)
+      for exchange in ('padded', ragged):
+        layer = MoE(d, num_experts=experts, top_k=k, expert_d_ff=f, ep_exchange=exchange,
+                    dtype=dtype, rngs=nnx.Rngs(0))
+        step = _sharded_train_fn(layer, mesh, rules)
+        record[f'{exchange}_s'] = timed_or_error(step, x, iters=iters)
+        hlo = step.lower(x).compile().as_text()
+        record[f'{exchange}_collective_bytes'] = sum(profile.collective_bytes(hlo).values())
+      records.append(record)
+      save({**data, 'exchange': records}, out)
+      cell = lambda v: f'{v * 1e3:.2f}' if isinstance(v, float) else '–'
+      mib = lambda b: f'{b / 2**20:.2f}'
+      rows.append([str(experts), str(tokens), cell(record['padded_s']),
+                   cell(record[f'{ragged}_s']), mib(record['padded_collective_bytes']),
+                   mib(record[f'{ragged}_collective_bytes']), mib(record['routed_row_bytes'])])
+  emit(f'MoE layer forward+backward, experts split over {n} × {data["device_kind"]} '
+       f'(d_model {d}, top-{k}, expert d_ff {f})',
+       ['experts', 'tokens/device', 'padded ms', f'{ragged} ms', 'padded collectives MiB',
+        f'{ragged} collectives MiB', 'routed rows MiB'], rows,
+       {**data, 'exchange': records}, out)
+  return records
+
+
+def _sharded_train_fn(layer: nnx.Module, mesh, rules):
+  """A jitted x -> grads of sum(layer(x)²), its weights placed over `mesh` as the
+  trainer places them; `.lower(x)` for the compiled program."""
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+  params = jax.device_put(params, tree_shardings(params, mesh, rules))
+
+  def loss(params, x):
+    with logical_mesh(mesh, rules):
+      return jnp.sum(nnx.merge(graphdef, params, rest)(x).astype(jnp.float32) ** 2)
+  step = jax.jit(lambda x: jax.grad(loss, argnums=(0, 1))(params, x))
+  return step
 
 
 def layer_table(g: dict, iters: int, data: dict, out: str) -> list[dict]:
