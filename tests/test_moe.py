@@ -297,6 +297,23 @@ def test_ragged_exchange_with_every_token_on_one_shard_equals_one_device():
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('exchange', ['padded', 'ragged_emulated'])
+def test_one_expert_per_device_buffers_hold_each_token_once(exchange):
+  """8 experts over 8 devices with top-2: a token's two experts differ, so a device gets
+  at most one row per token, the buffers' size; here every token picks experts 0 and 1,
+  which fills device 0's and device 1's buffers exactly."""
+  cfg = mesh_config(tiny_config(), expert=8)
+  layers = [make_moe(num_experts=8, top_k=2, ep_exchange=exchange) for _ in range(2)]
+  for layer in layers:
+    layer.bias[...] = jnp.array([9.0, 9.0, 0, 0, 0, 0, 0, 0])
+  x = jax.random.normal(jax.random.key(11), (8, 6, 16))
+  cot = jax.random.normal(jax.random.key(12), (8, 6, 16))
+  want = step_on_mesh(layers[0], x, cot)
+  got = step_on_mesh(layers[1], x, cot, make_mesh(cfg), cfg.mesh.rules)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
 def test_the_ragged_exchange_where_xla_lacks_it_is_an_error():
   cfg = mesh_config(tiny_config(), data=2, expert=4)
   x = jax.random.normal(jax.random.key(9), (8, 6, 16))

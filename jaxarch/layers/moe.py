@@ -42,11 +42,11 @@ device's assignments by expert and sends each shard only the rows for its expert
 how many rows each sends each expert (an `all_gather` of [n, E] counts), from which every
 device computes where its slices go and what it receives; the receiver sorts what arrived
 by its local experts, runs the grouped matmul, and sends the results back the same way.
-Its receive buffer holds the worst case (every device's every assignment), so nothing is
-ever dropped, but only the real rows cross the links: n times fewer bytes than a padded
+Its receive buffer holds the worst case (every device's every token, each with as many of
+its k experts as the shard holds: min(k, E/n) rows), so nothing is ever dropped, but only the real rows cross the links: n times fewer bytes than a padded
 exchange. XLA implements that collective on GPU and TPU, not on CPU, where `'auto'` takes
 the padded exchange (`'padded'`): each device sends every shard `S` rows per sequence
-(`S = s·k`, the worst case; or `ceil(ep_capacity_factor · s·k / n)` to bound the memory,
+(`S = s·min(k, E/n)`, the worst case, as a token's k experts differ; or `ceil(ep_capacity_factor · s·k / n)` to bound the memory,
 in which case a sequence's overflow is dropped first come first served, as in the
 capacity path, so the model stays causal, and counted), with their local expert ids.
 `'ragged_emulated'` runs the ragged path with an `all_gather` in place of the collective
@@ -409,8 +409,9 @@ class MoE(nnx.Module):
     local_e = e // shards
     s = seq_len if t % seq_len == 0 else t  # (a device holding part of a sequence: one group)
     g = t // s
-    per_seq = s * k if self.ep_capacity_factor is None else max(
-        1, min(s * k, math.ceil(self.ep_capacity_factor * s * k / shards)))
+    most = s * min(k, local_e)  # a token's k experts differ: at most local_e on one shard
+    per_seq = most if self.ep_capacity_factor is None else max(
+        1, min(most, math.ceil(self.ep_capacity_factor * s * k / shards)))
     slot, kept = first_come_slots((flat // local_e).reshape(g, s * k), shards, per_seq)
     rows = shards * g * per_seq
     send_x = scatter_rows(repeat_rows(tokens, k), slot, rows)
@@ -435,12 +436,15 @@ class MoE(nnx.Module):
     xs = permute(repeat_rows(tokens, k), order, inverse)
     counts = jax.lax.all_gather(jnp.bincount(flat, length=e), expert_axes)  # n E
     me = jax.lax.axis_index(expert_axes)
-    there, back, received = ragged_plan(counts, me, shards * t * k)
     local_e = e // shards
+    # The worst case: every device's tokens all bound here, each with min(k, local_e) of
+    # its k (different) experts.
+    most = shards * t * min(k, local_e)
+    there, back, received = ragged_plan(counts, me, most)
     exchange = lambda rows, out, plan: ragged_all_to_all(
         rows, jnp.zeros((out, d), rows.dtype), *plan, axis_name=expert_axes,
         emulated=self._exchange() == 'ragged_emulated')
-    recv_x = exchange(xs, shards * t * k, there)  # worst case: every device's every row
+    recv_x = exchange(xs, most, there)
     recv_order, recv_inverse = sort_by(received)  # by local expert; empty rows last
     ys = grouped_swiglu(permute(recv_x, recv_order, recv_inverse),
                         jnp.bincount(received, length=local_e), gate, up, down,
