@@ -280,34 +280,22 @@ def test_dropless_expert_parallel_on_eight_devices_equals_one_device(axes, impl,
   assert got[1]['w_gate'].get_value().sharding.spec[0] == 'expert'
 
 
-def test_ragged_exchange_with_every_token_on_one_shard_equals_one_device():
-  """The ragged plan's offsets at its edges: every assignment bound for shard 0's two
-  experts (the other shards receive nothing and send everything there), and shard 0's
-  buffer full to the worst case."""
-  cfg = mesh_config(tiny_config(), data=2, expert=4)
-  layers = [make_moe(num_experts=8, top_k=2, ep_exchange=exchange)
-            for exchange in ('padded', 'ragged_emulated')]
+@pytest.mark.parametrize('axes,exchange', [(dict(data=2, expert=4), 'ragged_emulated'),
+                                           (dict(expert=8), 'padded'),
+                                           (dict(expert=8), 'ragged_emulated')],
+                         ids=['ragged-two-per-device', 'padded-one-per-device',
+                              'ragged-one-per-device'])
+def test_every_token_on_experts_0_and_1_fills_their_buffers_exactly(axes, exchange):
+  """The exchanges at their edges, equal to one device: every assignment bound for
+  experts 0 and 1. With two experts per device (expert=4) the ragged plan sends all rows
+  to device 0, the others receive none; with one (expert=8) a token's two experts differ,
+  so each of devices 0 and 1 gets one row per token, the buffers' size (min(k, E/n))."""
+  cfg = mesh_config(tiny_config(), **axes)
+  layers = [make_moe(num_experts=8, top_k=2, ep_exchange=exchange) for _ in range(2)]
   for layer in layers:
     layer.bias[...] = jnp.array([9.0, 9.0, 0, 0, 0, 0, 0, 0])  # selection: experts 0, 1
   x = jax.random.normal(jax.random.key(9), (8, 6, 16))
   cot = jax.random.normal(jax.random.key(10), (8, 6, 16))
-  want = step_on_mesh(layers[0], x, cot)
-  got = step_on_mesh(layers[1], x, cot, make_mesh(cfg), cfg.mesh.rules)
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize('exchange', ['padded', 'ragged_emulated'])
-def test_one_expert_per_device_buffers_hold_each_token_once(exchange):
-  """8 experts over 8 devices with top-2: a token's two experts differ, so a device gets
-  at most one row per token, the buffers' size; here every token picks experts 0 and 1,
-  which fills device 0's and device 1's buffers exactly."""
-  cfg = mesh_config(tiny_config(), expert=8)
-  layers = [make_moe(num_experts=8, top_k=2, ep_exchange=exchange) for _ in range(2)]
-  for layer in layers:
-    layer.bias[...] = jnp.array([9.0, 9.0, 0, 0, 0, 0, 0, 0])
-  x = jax.random.normal(jax.random.key(11), (8, 6, 16))
-  cot = jax.random.normal(jax.random.key(12), (8, 6, 16))
   want = step_on_mesh(layers[0], x, cot)
   got = step_on_mesh(layers[1], x, cot, make_mesh(cfg), cfg.mesh.rules)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
