@@ -337,9 +337,12 @@ def _import(args, overrides):
   _check_backend()
   workdir = import_hf(args.hf, args.workdir,
                       [o.removeprefix('--config.') for o in overrides])
+  source = config_lib.load_json(Path(workdir) / 'config.json').data.source
+  corpus = (' (the Python standard library; import again with --config.data.source=... for '
+            'your corpus)' if source == 'default' else '')
   print(f'jaxarch: {args.hf} is the run {workdir} at step 0; continue it with `jaxarch train '
-        f'--workdir={workdir}` (raise --config.train.steps), or generate from it',
-        file=sys.stderr)
+        f'--workdir={workdir}` (raise --config.train.steps), which reads data.source='
+        f'{source!r}{corpus}, or generate from it', file=sys.stderr)
 
 
 def _export(args, overrides):

@@ -647,7 +647,8 @@ DEFAULT_UNIGRAM = dict(model_type='unigram', byte_fallback=False)
 
 
 @pytest.mark.parametrize('options', [LLAMA_BPE, DEFAULT_UNIGRAM], ids=['bpe', 'unigram'])
-def test_hf_export_of_a_sentencepiece_model_reads_text_as_jaxarch_does(tmp_path, options):
+def test_hf_export_of_a_sentencepiece_model_reads_text_as_jaxarch_does(tmp_path, options,
+                                                                      capsys):
   """transformers' LlamaTokenizer read the copied .model without its normaliser: spaces,
   tabs and NFKC text got other ids. Checked by hand with transformers 5.25's AutoTokenizer
   too."""
@@ -675,7 +676,11 @@ def test_hf_export_of_a_sentencepiece_model_reads_text_as_jaxarch_does(tmp_path,
     if options is LLAMA_BPE and '▁' not in text:  # every character kept, unknown as bytes
       assert ours.decode(ids) == text
   # Imported back, the run reads the SentencePiece model, not the conversion of it.
+  capsys.readouterr()
   assert cli.main(['import', f'--hf={tmp_path / "out"}', f'--workdir={tmp_path / "run"}']) == 0
+  # Its data is the preset's: said, so a continued run does not train on it unawares.
+  assert ("which reads data.source='default' (the Python standard library; import again "
+          'with --config.data.source=') in capsys.readouterr().err
   imported = config_lib.load_json(tmp_path / 'run' / 'config.json').data.tokenizer
   assert imported == str(tmp_path / 'run' / 'tokenizer' / 'tokenizer.model')
 
@@ -937,6 +942,9 @@ def test_an_imported_run_works_moved_or_copied_with_its_original_deleted(tmp_pat
                    '--config.data.validation_fraction=0.25', '--config.data.seq_len=16',
                    f'--config.data.data_dir={tmp_path / "data"}', '--config.train.batch_size=8',
                    '--config.log.eval_batches=1']) == 0
+  said = capsys.readouterr().err
+  assert f"`jaxarch train --workdir={run}`" in said and 'standard library' not in said
+  assert f"which reads data.source='files:{tmp_path}/corpus/*.txt'" in said
   shutil.copytree(run, tmp_path / 'copied')
   run.rename(tmp_path / 'moved')  # gone for both
   for name in ('moved', 'copied'):
