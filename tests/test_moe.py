@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from conftest import make_batch, mesh_config, tiny_config
 from jaxarch import config as config_lib
 from jaxarch import models
-from jaxarch.layers.moe import MoE, repeat_rows
+from jaxarch.layers.moe import MoE, ragged_plan, repeat_rows
 from jaxarch.parallel import global_batch, make_mesh, tree_shardings
 from jaxarch.parallel.context import logical_mesh
 from jaxarch.train.state import init_state, make_setup
@@ -308,6 +308,48 @@ def test_the_ragged_exchange_where_xla_lacks_it_is_an_error():
   with pytest.raises(ValueError, match=r"ep_exchange='ragged': XLA implements "
                                        r"ragged_all_to_all on GPU and TPU, .* runs on cpu"):
     step_on_mesh(make_moe(ep_exchange='ragged'), x, x, make_mesh(cfg), cfg.mesh.rules)
+
+
+def _exchange(plans, rows_of, size: int):
+  """What `ragged_all_to_all` does with every device's (input offsets, send sizes, output
+  offsets, receive sizes): device j's buffer of `size` rows (-1 where none landed)."""
+  n = len(plans)
+  buffers = [np.full(size, -1) for _ in range(n)]
+  for i, (start, sizes, at, _) in enumerate(plans):
+    for j in range(n):
+      rows = rows_of[i][start[j]:start[j] + sizes[j]]
+      assert len(rows) == sizes[j] == plans[j][3][i]  # sent as the receiver expects
+      buffers[j][at[j]:at[j] + sizes[j]] = rows
+  return buffers
+
+
+@pytest.mark.parametrize('seed', range(12))
+def test_the_ragged_plan_delivers_every_row_to_its_expert_and_back(seed):
+  """`ragged_plan` on random loads (empty experts, empty devices): the rows each device
+  receives are those of its experts, labelled with their local expert, and sent back,
+  each device gets its own rows in their order."""
+  rng = np.random.default_rng(seed)
+  n, local_e = int(rng.choice([2, 4])), int(rng.integers(1, 4))
+  counts = rng.integers(0, 4, (n, n * local_e)) * (rng.random((n, n * local_e)) < 0.7)
+  counts[rng.integers(n)] = 0  # a device that routes nothing
+  size = int(counts.sum())  # room for everything (the layer sizes it for the worst case)
+  plans = [jax.tree.map(np.asarray, ragged_plan(jnp.asarray(counts), jnp.int32(me), size))
+           for me in range(n)]
+  # Each device's rows, sorted by expert, named (device, place) to follow them.
+  rows_of = [np.arange(counts[i].sum()) + 1000 * i for i in range(n)]
+  expert_of = {r: e for i in range(n)
+               for r, e in zip(rows_of[i], np.repeat(np.arange(n * local_e), counts[i]))}
+  received = _exchange([p[0] for p in plans], rows_of, size)
+  for j, (buffer, (_, _, local)) in enumerate(zip(received, plans)):
+    real = buffer >= 0
+    assert real.sum() == counts[:, j * local_e:(j + 1) * local_e].sum()
+    assert not real[real.sum():].any()  # the real rows first, then the empty ones
+    np.testing.assert_array_equal(local[~real], local_e)
+    np.testing.assert_array_equal([expert_of[r] for r in buffer[real]],
+                                  j * local_e + local[real])
+  returned = _exchange([p[1] for p in plans], [b[b >= 0] for b in received], size)
+  for i in range(n):
+    np.testing.assert_array_equal(returned[i][:counts[i].sum()], rows_of[i])
 
 
 def _lowered_for_gpu(exchange: str) -> str:
