@@ -65,8 +65,8 @@ def get_config(arg=None):
   m.ep_capacity_factor = ml_collections.config_dict.placeholder(float)
   # How dropless expert parallelism exchanges rows: ragged sends only the real ones
   # (jax.lax.ragged_all_to_all, GPU and TPU); padded sends each shard a worst-case
-  # buffer (any backend); auto = ragged where XLA has it, else padded;
-  # ragged_emulated = ragged through an all_gather (CPU tests).
+  # buffer (any backend); auto = ragged on TPU, padded on GPU (where ragged is unproven:
+  # layers/moe.py) and CPU; ragged_emulated = ragged through an all_gather (CPU tests).
   m.ep_exchange = 'auto'  # auto | ragged | padded | ragged_emulated
   m.aux_loss_weight = 0.01  # Switch/GShard balance loss
   m.z_loss_weight = 0.001  # router z-loss

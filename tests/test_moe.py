@@ -369,17 +369,18 @@ def _lowered_for_gpu(exchange: str) -> str:
       lowering_platforms=('cuda',)).as_text()
 
 
-def test_on_a_gpu_expert_parallelism_sends_only_the_real_rows(traced_as_on_gpu):
-  """`ep_exchange='auto'` on a GPU: the rows and their results cross by
+def test_on_a_gpu_the_ragged_exchange_sends_only_the_real_rows(traced_as_on_gpu):
+  """`ep_exchange='ragged'` lowered for CUDA: the rows and their results cross by
   `ragged_all_to_all` (twice forward, twice backward); no padded buffer of rows is sent
-  with `all_to_all`, only the plans' integer offsets (in the collective's transpose)."""
+  with `all_to_all`, only the plans' integer offsets (in the collective's transpose).
+  `'auto'` on a GPU is the padded exchange (see `layers.moe` for why)."""
   del traced_as_on_gpu
   sent_rows = lambda hlo: [line for line in hlo.split('\n') if 'stablehlo.all_to_all' in line
                            and 'xf32>' in line]
-  ragged = _lowered_for_gpu('auto')
+  ragged = _lowered_for_gpu('ragged')
   assert ragged.count('custom_call @ragged_all_to_all') == 4
   assert not sent_rows(ragged)
-  padded = _lowered_for_gpu('padded')
+  padded = _lowered_for_gpu('auto')
   assert 'ragged_all_to_all' not in padded and len(sent_rows(padded)) == 4
 
 

@@ -389,12 +389,13 @@ def test_gpu_train_step_lowers_for_cuda_on_a_mesh(spec, traced_as_on_gpu):
   """The train step as `auto` builds it on a GPU (cuDNN attention, the Pallas kernels of
   MoE and UltraMem), on 8 devices with experts split 4 ways, lowers for CUDA: running it
   needs a GPU, lowering does not. (It found the kernels failing inside MoE's shard_map.)
-  MoE's experts exchange their rows by `ragged_all_to_all`. `:mosaic`: MoE with `matmul_impl=mosaic` (jax's Mosaic GPU ragged dot)."""
+  MoE's experts exchange their rows by `ragged_all_to_all` (`ep_exchange=ragged`). `:mosaic`: MoE with `matmul_impl=mosaic` (jax's Mosaic GPU ragged dot)."""
   del traced_as_on_gpu
   spec, mosaic = spec.removesuffix(':mosaic'), spec.endswith(':mosaic')
   cfg = config_lib.load(spec, ['model.dtype=bfloat16', 'model.remat=dots', 'data.seq_len=64',
                                'train.batch_size=8', 'mesh.ici.data=2', 'mesh.ici.expert=4',
-                               *(['model.moe.matmul_impl=mosaic'] if mosaic else [])])
+                               *(['model.moe.matmul_impl=mosaic'] if mosaic else []),
+                               *(['model.moe.ep_exchange=ragged'] if 'moe' in spec else [])])
   setup = make_setup(cfg, make_mesh(cfg))
   batch = global_batch(make_batch(8, 64), setup.batch_sharding)
   lowered = make_train_step(setup).trace(init_state(cfg, setup), batch).lower(
@@ -403,7 +404,7 @@ def test_gpu_train_step_lowers_for_cuda_on_a_mesh(spec, traced_as_on_gpu):
   assert 'xla.gpu.triton' in hlo  # the grouped matmuls / the value lookup
   assert 'CustomSPMDPartitioning' in hlo  # cuDNN attention, partitioned when compiled
   assert ('custom_call @mosaic_gpu' in hlo) == mosaic
-  assert ('custom_call @ragged_all_to_all' in hlo) == ('moe' in spec)  # `ep_exchange=auto`
+  assert ('custom_call @ragged_all_to_all' in hlo) == ('moe' in spec)  # ep_exchange=ragged
 
 
 @pytest.mark.slow  # 20 s

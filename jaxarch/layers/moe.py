@@ -36,21 +36,32 @@ each device computes its hidden units of every assignment and the outputs are su
 over those axes (one `psum` of `[T, d]`), so no two devices compute the same product.
 
 **Expert parallelism.** With the experts split over n devices, the capacity path sends
-its `[E, C, d]` buffers with one `all_to_all` there and back. The dropless path sorts each
-device's assignments by expert and sends each shard only the rows for its experts, with
-`jax.lax.ragged_all_to_all` (`model.moe.ep_exchange='ragged'`): the devices first share
-how many rows each sends each expert (an `all_gather` of [n, E] counts), from which every
-device computes where its slices go and what it receives; the receiver sorts what arrived
-by its local experts, runs the grouped matmul, and sends the results back the same way.
-Its receive buffer holds the worst case (every device's every token, each with as many of
-its k experts as the shard holds: min(k, E/n) rows), so nothing is ever dropped, but only the real rows cross the links: n times fewer bytes than a padded
-exchange. XLA implements that collective on GPU and TPU, not on CPU, where `'auto'` takes
-the padded exchange (`'padded'`): each device sends every shard `S` rows per sequence
-(`S = s·min(k, E/n)`, the worst case, as a token's k experts differ; or `ceil(ep_capacity_factor · s·k / n)` to bound the memory,
-in which case a sequence's overflow is dropped first come first served, as in the
-capacity path, so the model stays causal, and counted), with their local expert ids.
-`'ragged_emulated'` runs the ragged path with an `all_gather` in place of the collective
-(`parallel.ragged`; any backend, n times the memory): the CPU tests check its offsets so.
+its `[E, C, d]` buffers with one `all_to_all` there and back. The dropless path has two
+exchanges (`model.moe.ep_exchange`):
+
+- `'ragged'` sorts each device's assignments by expert and sends each shard only the
+  rows for its experts with `jax.lax.ragged_all_to_all`: the devices first share how many
+  rows each sends each expert (an `all_gather` of [n, E] counts), from which every device
+  computes where its slices go and what it receives; the receiver sorts what arrived by
+  its local experts, runs the grouped matmul and sends the results back the same way.
+  Only the real rows cross the links, n times fewer bytes than padded buffers.
+- `'padded'`: each device sends every shard `S` rows per sequence with `all_to_all`,
+  with their local expert ids (`S = s·min(k, E/n)`, the worst case; or
+  `ceil(ep_capacity_factor · s·k / n)` to bound the memory, in which case a sequence's
+  overflow is dropped first come first served, as in the capacity path, so the model
+  stays causal, and counted).
+
+Either receive buffer holds the worst case, every device's every token with as many of
+its k (different) experts as the shard holds, min(k, E/n) rows, so nothing is dropped
+unless `ep_capacity_factor` says so. XLA implements `ragged_all_to_all` on GPU and TPU,
+not on CPU. `'auto'` takes it on TPU only: on GPUs it has been reported at about 2% of
+NVLink's bandwidth within a node (openxla/xla#33386) and, in jax 0.11's one-shot
+lowering, to corrupt gradients at some expert-parallel shapes
+(marin-community/marin#8077), and no GPU has run it here; there, as on CPU, `'auto'`
+takes the padded exchange, NCCL's own all-to-all. `benchmarks/moe.py --tables=exchange`
+times both. `'ragged_emulated'` runs the ragged path with an `all_gather` in place of
+the collective (`parallel.ragged`; any backend, n times the memory): the CPU tests check
+its offsets so.
 """
 
 import functools
@@ -381,8 +392,8 @@ class MoE(nnx.Module):
                        "'padded', or 'ragged_emulated' (the same rows through an all_gather)")
     if self.ep_capacity_factor is not None:  # bounded buffers are padded ones
       return 'padded'
-    if self.ep_exchange == 'auto':
-      return 'ragged' if ragged_here else 'padded'
+    if self.ep_exchange == 'auto':  # see the module's docstring for why not on GPU
+      return 'ragged' if jax.default_backend() == 'tpu' else 'padded'
     return self.ep_exchange
 
   def _gathered(self, tokens, experts, gate, up, down):
