@@ -30,8 +30,10 @@ times the dropless layer with each `model.moe.ep_exchange`: `padded` (every shar
 worst-case buffer) and `ragged` (`jax.lax.ragged_all_to_all`, only the routed rows; on
 CPU `ragged_emulated`, its offsets through an all_gather, slower by design), with the
 bytes per device XLA counts in the compiled layer's collectives and the routed rows' bytes
-(what the ragged exchange sends: T·k·d each way, forward and backward). It needs several
-devices: several GPUs, or `XLA_FLAGS=--xla_force_host_platform_device_count=8` on CPU.
+(what the ragged exchange sends: T·k·d each way, forward and backward; XLA's count of a
+`ragged-all-to-all` is its worst-case result buffer, so the ragged column leaves it out).
+It needs several devices: several GPUs, or
+`XLA_FLAGS=--xla_force_host_platform_device_count=8` on CPU.
 """
 
 import argparse
@@ -43,10 +45,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from report import device_info, emit, max_rel_error, on_accelerator, save, timed_or_error
+from report import (device_info, emit, max_rel_error, on_accelerator, or_error, save,
+                    timed_or_error)
 
 from jaxarch import config as config_lib
-
 from jaxarch.cli import at_least_one
 from jaxarch.kernels import gmm_mosaic, gmm_triton
 from jaxarch.kernels.gmm_mosaic import MosaicTiling
@@ -277,15 +279,21 @@ def exchange_table(g: dict, iters: int, data: dict, out: str) -> list[dict]:
                     dtype=dtype, rngs=nnx.Rngs(0))
         step = _sharded_train_fn(layer, mesh, rules)
         record[f'{exchange}_s'] = timed_or_error(step, x, iters=iters)
-        hlo = step.lower(x).compile().as_text()
-        record[f'{exchange}_collective_bytes'] = sum(profile.collective_bytes(hlo).values())
+        hlo = or_error(lambda step=step: step.lower(x).compile().as_text())
+        if not hlo.startswith('HloModule'):  # what failed is in the time's cell
+          continue
+        moved = profile.collective_bytes(hlo)
+        record[f'{exchange}_collectives'] = moved
+        record[f'{exchange}_collective_bytes'] = sum(
+            v for op, v in moved.items() if op != 'ragged-all-to-all')
       records.append(record)
       save({**data, 'exchange': records}, out)
       cell = lambda v: f'{v * 1e3:.2f}' if isinstance(v, float) else '–'
-      mib = lambda b: f'{b / 2**20:.2f}'
+      mib = lambda b: '–' if b is None else f'{b / 2**20:.2f}'
       rows.append([str(experts), str(tokens), cell(record['padded_s']),
-                   cell(record[f'{ragged}_s']), mib(record['padded_collective_bytes']),
-                   mib(record[f'{ragged}_collective_bytes']), mib(record['routed_row_bytes'])])
+                   cell(record[f'{ragged}_s']), mib(record.get('padded_collective_bytes')),
+                   mib(record.get(f'{ragged}_collective_bytes')),
+                   mib(record['routed_row_bytes'])])
   emit(f'MoE layer forward+backward, experts split over {n} × {data["device_kind"]} '
        f'(d_model {d}, top-{k}, expert d_ff {f})',
        ['experts', 'tokens/device', 'padded ms', f'{ragged} ms', 'padded collectives MiB',
@@ -303,8 +311,7 @@ def _sharded_train_fn(layer: nnx.Module, mesh, rules):
   def loss(params, x):
     with logical_mesh(mesh, rules):
       return jnp.sum(nnx.merge(graphdef, params, rest)(x).astype(jnp.float32) ** 2)
-  step = jax.jit(lambda x: jax.grad(loss, argnums=(0, 1))(params, x))
-  return step
+  return jax.jit(lambda x: jax.grad(loss, argnums=(0, 1))(params, x))
 
 
 def layer_table(g: dict, iters: int, data: dict, out: str) -> list[dict]:
