@@ -37,6 +37,7 @@ It needs several devices: several GPUs, or
 """
 
 import argparse
+import contextlib
 import math
 import sys
 
@@ -92,17 +93,24 @@ TILINGS = {'pallas': (Tiling, 'kernel_tiling'), 'interpret': (Tiling, 'kernel_ti
 MAX_KERNEL_ERROR = 0.05
 
 
-def train_fn(layer: nnx.Module):
-  """jitted (x -> grads of sum(layer(x)²) for the weights and x)."""
+def train_fn(layer: nnx.Module, mesh=None, rules=None):
+  """jitted (x -> grads of sum(layer(x)²) for the weights and x); `.lower(x)` lowers it.
+  With a mesh, the weights are placed over it as the trainer places them, and the layer
+  runs in its logical context."""
   graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+  if mesh is not None:
+    params = jax.device_put(params, tree_shardings(params, mesh, rules))
 
   @jax.jit
   def step(params, x):
     def loss(params, x):
-      return jnp.sum(nnx.merge(graphdef, params, rest)(x).astype(jnp.float32) ** 2)
+      with logical_mesh(mesh, rules) if mesh is not None else contextlib.nullcontext():
+        return jnp.sum(nnx.merge(graphdef, params, rest)(x).astype(jnp.float32) ** 2)
     return jax.grad(loss, argnums=(0, 1))(params, x)
 
-  return lambda x: step(params, x)
+  run = lambda x: step(params, x)
+  run.lower = lambda x: step.lower(params, x)
+  return run
 
 
 def grouped_matmul_case(experts: int, rows: int, d: int, f: int, dtype, impls, iters: int,
@@ -277,7 +285,7 @@ def exchange_table(g: dict, iters: int, data: dict, out: str) -> list[dict]:
       for exchange in ('padded', ragged):
         layer = MoE(d, num_experts=experts, top_k=k, expert_d_ff=f, ep_exchange=exchange,
                     dtype=dtype, rngs=nnx.Rngs(0))
-        step = _sharded_train_fn(layer, mesh, rules)
+        step = train_fn(layer, mesh, rules)
         record[f'{exchange}_s'] = timed_or_error(step, x, iters=iters)
         hlo = or_error(lambda step=step: step.lower(x).compile().as_text())
         if not hlo.startswith('HloModule'):  # what failed is in the time's cell
@@ -300,18 +308,6 @@ def exchange_table(g: dict, iters: int, data: dict, out: str) -> list[dict]:
         f'{ragged} collectives MiB', 'routed rows MiB'], rows,
        {**data, 'exchange': records}, out)
   return records
-
-
-def _sharded_train_fn(layer: nnx.Module, mesh, rules):
-  """A jitted x -> grads of sum(layer(x)²), its weights placed over `mesh` as the
-  trainer places them; `.lower(x)` for the compiled program."""
-  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
-  params = jax.device_put(params, tree_shardings(params, mesh, rules))
-
-  def loss(params, x):
-    with logical_mesh(mesh, rules):
-      return jnp.sum(nnx.merge(graphdef, params, rest)(x).astype(jnp.float32) ** 2)
-  return jax.jit(lambda x: jax.grad(loss, argnums=(0, 1))(params, x))
 
 
 def layer_table(g: dict, iters: int, data: dict, out: str) -> list[dict]:

@@ -215,14 +215,14 @@ def _records(path: pathlib.Path, name: str, text_key: str, wanted: np.ndarray):
   corpus parses each record once. A null row, or a line without a string `text_key`, is
   a config error naming it."""
   if name.endswith(TABLES):
-    n = 0
+    n = 0  # rows before this batch
     for batch in _table_batches(path, text_key):
-      numbers = np.arange(n + 1, n + batch.num_rows + 1)
-      at = np.minimum(np.searchsorted(wanted, numbers), max(wanted.size - 1, 0))
-      rows = np.flatnonzero(wanted[at] == numbers) if wanted.size else numbers[:0]
+      lo, hi = np.searchsorted(wanted, [n + 1, n + batch.num_rows + 1])
+      numbers = wanted[lo:hi]  # this batch's wanted rows
+      rows = numbers - (n + 1)
       n += batch.num_rows
       if rows.size:
-        for number, text in zip(numbers[rows].tolist(), batch.column(0).take(rows).to_pylist()):
+        for number, text in zip(numbers.tolist(), batch.column(0).take(rows).to_pylist()):
           if text is None:
             raise ConfigError(f'config error: data.source file {str(path)!r}, row {number}: '
                               f'{text_key!r} is null, not a string')

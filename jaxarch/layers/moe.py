@@ -363,8 +363,10 @@ class MoE(nnx.Module):
     k = self.top_k
     if self.capacity_factor is None and shards == 1 and t * k <= self.num_experts:
       y, dropped = self._gathered(tokens, experts, gate, up, down), jnp.zeros(t * k, bool)
-    elif self.capacity_factor is None and shards > 1 and self._exchange() != 'padded':
-      y, dropped = self._dropless_ragged(tokens, experts, gate, up, down, expert_axes, shards)
+    elif self.capacity_factor is None and shards > 1 and (
+        exchange := self._exchange()) != 'padded':
+      y, dropped = self._dropless_ragged(tokens, experts, gate, up, down, expert_axes, shards,
+                                         emulated=exchange == 'ragged_emulated')
     elif self.capacity_factor is None:
       y, dropped = self._dropless(tokens, experts, gate, up, down, expert_axes, shards,
                                   seq_len)
@@ -437,9 +439,10 @@ class MoE(nnx.Module):
     back = exchange(permute(ys, inverse, order).reshape(shards, -1, d)).reshape(rows, d)
     return gather_rows(back, slot).astype(tokens.dtype), ~kept
 
-  def _dropless_ragged(self, tokens, experts, gate, up, down, expert_axes, shards):
-    """Expert parallelism sending only the real rows -> (y [T·k, d] per assignment in
-    token-major order, dropped [T·k]: none)."""
+  def _dropless_ragged(self, tokens, experts, gate, up, down, expert_axes, shards, *,
+                       emulated: bool):
+    """Expert parallelism sending only the real rows (`emulated`: through an all_gather)
+    -> (y [T·k, d] per assignment in token-major order, dropped [T·k]: none)."""
     t, d = tokens.shape
     e, k = self.num_experts, self.top_k
     flat = experts.reshape(-1)
@@ -453,8 +456,7 @@ class MoE(nnx.Module):
     most = shards * t * min(k, local_e)
     there, back, received = ragged_plan(counts, me, most)
     exchange = lambda rows, out, plan: ragged_all_to_all(
-        rows, jnp.zeros((out, d), rows.dtype), *plan, axis_name=expert_axes,
-        emulated=self._exchange() == 'ragged_emulated')
+        rows, jnp.zeros((out, d), rows.dtype), *plan, axis_name=expert_axes, emulated=emulated)
     recv_x = exchange(xs, most, there)
     recv_order, recv_inverse = sort_by(received)  # by local expert; empty rows last
     ys = grouped_swiglu(permute(recv_x, recv_order, recv_inverse),
