@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import make_batch, mesh_config, tiny_config
 from jaxarch import config as config_lib
+from jaxarch import models
 from jaxarch.layers import signals
 from jaxarch.config import check_ultramem_config as check_config
 from jaxarch.layers import ultramem
@@ -431,3 +432,21 @@ def test_heads_may_share_one_query_in_pairs():
   assert not np.allclose(q[:, 1], q[:, 2])
   with pytest.raises(config_lib.ConfigError, match='heads_per_query=3 must be an integer'):
     make_layer(num_heads=4, heads_per_query=3)
+
+
+def test_the_memory_layers_share_one_lowering_of_the_lookup_kernels(traced_as_on_gpu):
+  """The memory layers look up at the same shapes, so lowering the model for CUDA lowers
+  the Triton kernels (forward, and the backward's two) once, not once per layer."""
+  del traced_as_on_gpu
+  cfg = config_lib.load('configs/ultramem.py:tiny', ['model.dtype=bfloat16'])
+  assert len(cfg.model.ultramem.placement) == 2
+  graphdef, params, rest = nnx.split(models.build(cfg.model, rngs=nnx.Rngs(0)), nnx.Param,
+                                     ...)
+
+  def loss(params, tokens):
+    model = nnx.merge(graphdef, params, nnx.clone(rest))  # its Tucker vectors change
+    return jnp.sum(model(tokens))
+
+  hlo = jax.jit(jax.grad(loss)).trace(params, jnp.zeros((2, 16), jnp.int32)).lower(
+      lowering_platforms=('cuda',)).as_text()
+  assert hlo.count('xla.gpu.triton') == 3

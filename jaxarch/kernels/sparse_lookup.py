@@ -165,9 +165,9 @@ def bagged_lookup(values, indices, weights, bags, num_bags, kernels, scatter):
 
   The TPU kernels take no bags: there, they run `one_lookup_per_bag`."""
   if bags is None or not kernels.startswith('tpu'):
-    return _lookup(values, indices, weights, bags, kernels, scatter, num_bags)
-  out = _lookup(values, *one_lookup_per_bag(indices, weights, bags, num_bags), None, kernels,
-                scatter, 1)
+    return _lookup_lowered_once(values, indices, weights, bags, kernels, scatter, num_bags)
+  out = _lookup_lowered_once(values, *one_lookup_per_bag(indices, weights, bags, num_bags),
+                             None, kernels, scatter, 1)
   return out.reshape(indices.shape[0], num_bags, -1)
 
 
@@ -231,3 +231,6 @@ def _x32():
 
 
 _lookup.defvjp(_lookup_fwd, _lookup_bwd)
+# The memory layers look up at the same shapes: jitted, their calls (and gradients) share
+# one lowering of the kernels instead of one per layer (XLA inlines the calls).
+_lookup_lowered_once = jax.jit(_lookup, static_argnums=(4, 5, 6))
