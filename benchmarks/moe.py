@@ -68,11 +68,13 @@ GRIDS = {
     'gpu': dict(d_model=1536, expert_d_ff=1200, top_k=4, experts=(8, 16, 64),
                 tokens=(4096, 16384, 65536), matmul_tokens=(16384,), dtype='bfloat16',
                 impls=('xla', 'pallas', 'mosaic'), tiling_experts=16, tilings={
-                    # Triton's (block_m, block_n, block_k, warps, stages), besides the
-                    # default: around the fastest on an H200 (128, 128, 64, 8, 3: 246
-                    # TFLOP/s; 128 x 256 x 64 with 3 stages asked for more shared memory
-                    # than a block may use)
-                    'pallas': ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4),
+                    # Triton's (block_m, block_n, block_k, warps, stages, order), besides
+                    # the default: the two fastest on an H200 (128, 128, 64, 8, 3: 246
+                    # TFLOP/s; the default, 241) launched columns first (order 1: x read
+                    # once), then around the fastest rows first (128 x 256 x 64 with 3
+                    # stages asked for more shared memory than a block may use)
+                    'pallas': ((128, 128, 64, 8, 3, 1), (64, 128, 64, 4, 3, 1),
+                               (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4),
                                (128, 256, 64, 8, 2), (256, 128, 64, 8, 2), (128, 128, 128, 8, 2)),
                     # Mosaic's (block_m, block_n, block_k, steps in flight, grid_block_n),
                     # besides the default (128, 128, 64, 4, 8): jax's sweep of its kernel
@@ -210,11 +212,12 @@ def weight_gradients(x, dy, sizes, flops: int, iters: int, reference) -> dict:
 
 
 def tiling_name(t: dict) -> str:
-  """'128x128x64 w8 s3' (Triton: warps, stages) or '128x128x64 c4 g8' (Mosaic: copies
-  in flight, grid_block_n)."""
+  """'128x128x64 w8 s3' (Triton: warps, stages; ' cols' launched columns first) or
+  '128x128x64 c4 g8' (Mosaic: copies in flight, grid_block_n)."""
   blocks = f'{t["block_m"]}x{t["block_n"]}x{t["block_k"]}'
   if 'num_warps' in t:
-    return f'{blocks} w{t["num_warps"]} s{t["num_stages"]}'
+    return (f'{blocks} w{t["num_warps"]} s{t["num_stages"]}'
+            + (' cols' if t.get('order') == 1 else ''))
   return f'{blocks} c{t["max_concurrent_steps"]} g{t["grid_block_n"]}'
 
 

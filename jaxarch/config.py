@@ -1133,22 +1133,26 @@ def _number(cfg: ConfigDict, key: str, kind: type | tuple[type, ...] = (int, flo
   return value
 
 
-def _five_ints(value) -> bool:
-  """Whether a kernel tiling is a tuple (or a list, from JSON) of five ints."""
-  return (isinstance(value, (tuple, list)) and len(value) == 5
+def _ints(value, lengths=(5,)) -> bool:
+  """Whether a kernel tiling is a tuple (or a list, from JSON) of ints, as many as one of
+  `lengths`."""
+  return (isinstance(value, (tuple, list)) and len(value) in lengths
           and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
 
 
 def _kernel_tiling(cfg: ConfigDict, key: str) -> None:
   """Triton's rules: power-of-two blocks of at least 16 (its dot's minimum), warps a
-  power of two up to 32, at least one pipeline stage."""
+  power of two up to 32, at least one pipeline stage; then the launch order, 0 or 1 (a
+  run configured before it existed has five values: order 0)."""
   value = _get(cfg, key)
   power_of_two = lambda v, low, high: low <= v <= high and not v & (v - 1)
-  if not (_five_ints(value) and all(power_of_two(v, 16, 1024) for v in value[:3])
-          and power_of_two(value[3], 1, 32) and value[4] >= 1):
+  if not (_ints(value, (5, 6)) and all(power_of_two(v, 16, 1024) for v in value[:3])
+          and power_of_two(value[3], 1, 32) and value[4] >= 1
+          and tuple(value[5:]) in ((), (0,), (1,))):
     raise ConfigError(f'{key}={value!r} must be (block_m, block_n, block_k, num_warps, '
-                      'num_stages): blocks powers of two from 16 to 1024, warps a power of '
-                      'two up to 32, stages >= 1; e.g. (64, 128, 64, 4, 3)')
+                      'num_stages, order): blocks powers of two from 16 to 1024, warps a '
+                      'power of two up to 32, stages >= 1, order 0 (rows first) or 1 '
+                      '(columns first); e.g. (64, 128, 64, 4, 3, 0)')
 
 
 def _mosaic_tiling(cfg: ConfigDict, key: str) -> None:
@@ -1157,7 +1161,7 @@ def _mosaic_tiling(cfg: ConfigDict, key: str) -> None:
   contraction block whose bf16 rows fill a shared-memory swizzle (32 to 128 elements), at
   least two copies in flight (the pipeline releases each a step late)."""
   value = _get(cfg, key)
-  if not (_five_ints(value) and all(v in (64, 128, 192) for v in value[:2])
+  if not (_ints(value) and all(v in (64, 128, 192) for v in value[:2])
           and value[2] in (32, 64, 128) and 2 <= value[3] <= 8 and value[4] >= 1):
     raise ConfigError(f'{key}={value!r} must be (block_m, block_n, block_k, '
                       'max_concurrent_steps, grid_block_n): blocks m and n of 64, 128 or '

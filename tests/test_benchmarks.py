@@ -416,7 +416,7 @@ def test_mfu_runs_moe_with_the_fastest_kernel_family_that_matches_ragged_dot():
   overrides = moe.mfu_overrides([record], ['pallas', 'mosaic'])
   assert overrides == ['model.moe.matmul_impl=mosaic',
                        'model.moe.mosaic_tiling=(192, 128, 64, 3, 8)',
-                       'model.moe.kernel_tiling=(128, 128, 64, 8, 3)']
+                       'model.moe.kernel_tiling=(128, 128, 64, 8, 3, 0)']
   moe_cfg = config_lib.load('configs/moe.py:tiny', ['model.dtype=bfloat16', *overrides]).model.moe
   assert (moe_cfg.matmul_impl, moe_cfg.mosaic_tiling) == ('mosaic', (192, 128, 64, 3, 8))
   # jax's transposed Mosaic kernel: right and faster than Triton's weight gradient
@@ -429,13 +429,15 @@ def test_mfu_runs_moe_with_the_fastest_kernel_family_that_matches_ragged_dot():
     assert moe.mfu_overrides([{**record, **grads, **worse}], ['pallas', 'mosaic']) == overrides
   wrong = dict(record, mosaic_max_rel_error=0.3)
   assert moe.mfu_overrides([wrong], ['pallas', 'mosaic']) == [
-      'model.moe.kernel_tiling=(128, 128, 64, 8, 3)']
+      'model.moe.kernel_tiling=(128, 128, 64, 8, 3, 0)']
   slower = dict(record, mosaic_best_tiling=dict(mosaic, tflops=100.0))
   assert moe.mfu_overrides([slower], ['pallas', 'mosaic']) == [
-      'model.moe.kernel_tiling=(128, 128, 64, 8, 3)']
+      'model.moe.kernel_tiling=(128, 128, 64, 8, 3, 0)']
   failed = dict(wrong, pallas_error='RuntimeError: no Triton here')
   assert moe.mfu_overrides([failed], ['pallas', 'mosaic']) == ['model.moe.matmul_impl=xla']
   assert moe.tiling_name(mosaic) == '192x128x64 c3 g8'
+  assert moe.tiling_name(triton) == '128x128x64 w8 s3'
+  assert moe.tiling_name(dict(triton, order=1)) == '128x128x64 w8 s3 cols'
 
 
 def test_weight_gradient_kernels_that_cannot_run_here_are_cells_with_their_error():

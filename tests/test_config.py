@@ -718,7 +718,7 @@ def test_a_moe_run_saved_before_the_kernel_choice_resumes_with_auto(tmp_path):
   path.write_text(json.dumps(old))
   restored = config_lib.load_json(path)
   assert (restored.model.moe.matmul_impl, restored.model.moe.top_k) == ('auto', 3)
-  assert restored.model.moe.kernel_tiling == (64, 128, 64, 4, 3)
+  assert restored.model.moe.kernel_tiling == (64, 128, 64, 4, 3, 0)
   assert restored.model.moe.mosaic_tiling == (128, 128, 64, 4, 8)
   assert restored.model.moe.mosaic_weight_grad == 'triton'
   del old['model']['init_truncation']  # shapes only the initial weights

@@ -5,6 +5,8 @@ The kernels run in Pallas' interpreters on CPU (`impl='interpret'`, `'interpret_
 against `jax.lax.ragged_dot`; small blocks make groups start and end inside tiles.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,29 +34,33 @@ def case(sizes, m=100, k=40, n=72, dtype=jnp.float32, seed=0):
   return x, w, jnp.asarray(sizes, jnp.int32), dy
 
 
+@pytest.mark.parametrize('order', [0, 1])  # rows first, columns first
 @pytest.mark.parametrize('groups', list(GROUPS))
 @pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-def test_kernels_equal_ragged_dot(groups, dtype, tol):
+def test_kernels_equal_ragged_dot(groups, dtype, tol, order):
   x, w, sizes, dy = case(GROUPS[groups], dtype=dtype)
   f32 = lambda a: np.asarray(a, np.float32)
+  blocks = dict(SMALL_BLOCKS, tiling=SMALL_BLOCKS['tiling']._replace(order=order))
   want = jax.lax.ragged_dot(x, w, sizes, preferred_element_type=jnp.float32)
-  np.testing.assert_allclose(f32(gmm_triton.gmm(x, w, sizes, **SMALL_BLOCKS)), want,
+  np.testing.assert_allclose(f32(gmm_triton.gmm(x, w, sizes, **blocks)), want,
                              rtol=tol, atol=tol * 10)
   want_t = jax.lax.ragged_dot(dy, jnp.swapaxes(w, 1, 2), sizes,
                               preferred_element_type=jnp.float32)
   np.testing.assert_allclose(
-      f32(gmm_triton.gmm(dy, w, sizes, transpose_rhs=True, **SMALL_BLOCKS)), want_t,
+      f32(gmm_triton.gmm(dy, w, sizes, transpose_rhs=True, **blocks)), want_t,
       rtol=tol, atol=tol * 10)
   want_w = jax.grad(lambda w: jnp.sum(jax.lax.ragged_dot(
       x.astype(jnp.float32), w, sizes) * dy.astype(jnp.float32)))(w.astype(jnp.float32))
-  np.testing.assert_allclose(f32(gmm_triton.tgmm(x, dy, sizes, **SMALL_BLOCKS)), want_w,
+  np.testing.assert_allclose(f32(gmm_triton.tgmm(x, dy, sizes, **blocks)), want_w,
                              rtol=tol, atol=tol * 10)
 
 
-def test_rows_past_the_groups_are_zero_and_empty_groups_get_zero_gradient():
+@pytest.mark.parametrize('order', [0, 1])
+def test_rows_past_the_groups_are_zero_and_empty_groups_get_zero_gradient(order):
   x, w, sizes, dy = case(GROUPS['ragged'])
-  assert not np.any(np.asarray(gmm_triton.gmm(x, w, sizes, **SMALL_BLOCKS))[93:])
-  assert not np.any(np.asarray(gmm_triton.tgmm(x, dy, sizes, **SMALL_BLOCKS))[1])
+  blocks = dict(SMALL_BLOCKS, tiling=SMALL_BLOCKS['tiling']._replace(order=order))
+  assert not np.any(np.asarray(gmm_triton.gmm(x, w, sizes, **blocks))[93:])
+  assert not np.any(np.asarray(gmm_triton.tgmm(x, dy, sizes, **blocks))[1])
 
 
 def test_schedule_lists_each_tile_once_per_group_it_holds():
@@ -126,6 +132,28 @@ def test_kernels_lower_for_cuda():
 
   hlo = jax.jit(fn).trace(*shapes).lower(lowering_platforms=('cuda',)).as_text()
   assert hlo.count('xla.gpu.triton') == 3  # forward, input gradient, weight gradient
+
+
+@pytest.mark.usefixtures('triton_builds_for_an_h100')
+def test_columns_first_launches_a_row_tiles_column_blocks_together():
+  """A GPU launches the grid's x axis fastest: rows first, x is the (tile, expert) pairs
+  (1087 at the 680m shape) and y the 10 column blocks; columns first, the other way
+  round. The weight gradient puts the experts last."""
+  x = jax.ShapeDtypeStruct((65536, 1536), jnp.bfloat16)
+  w = jax.ShapeDtypeStruct((64, 1536, 1200), jnp.bfloat16)
+  sizes = jax.ShapeDtypeStruct((64,), jnp.int32)
+  dy = jax.ShapeDtypeStruct((65536, 1200), jnp.bfloat16)
+
+  def grid(fn, *args):
+    hlo = jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',)).as_text()
+    return tuple(int(v) for v in re.findall(r'grid_[xyz] = (\d+)', hlo))
+
+  for order, want, want_t in ((0, (1087, 10, 1), (64, 24, 10)),
+                              (1, (10, 1087, 1), (24, 10, 64))):
+    tiling = gmm_triton.Tiling(order=order)
+    assert grid(lambda x, w, s: gmm_triton.gmm(x, w, s, tiling=tiling), x, w, sizes) == want
+    assert grid(lambda x, dy, s: gmm_triton.tgmm(x, dy, s, tiling=tiling), x, dy,
+                sizes) == want_t
 
 
 @pytest.mark.parametrize('groups', list(GROUPS))

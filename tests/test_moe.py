@@ -505,10 +505,13 @@ def test_invalid_moe_configs_are_one_line_errors():
     config_lib.load('configs/moe.py:tiny', ['model.moe.top_k=1'])
   config_lib.load('configs/moe.py:tiny', ['model.moe.top_k=1', 'model.moe.renormalize=False'])
   for tiling in ('(64, 128, 64, 4)', '(48, 128, 64, 4, 3)', '(64, 128, 8, 4, 3)',
-                 '(64, 128, 64, 64, 3)', '(64, 128, 64, 4, 0)'):
+                 '(64, 128, 64, 64, 3)', '(64, 128, 64, 4, 0)', '(64, 128, 64, 4, 3, 2)',
+                 '(64, 128, 64, 4, 3, 1, 1)'):
     with pytest.raises(config_lib.ConfigError,
                        match=r'model\.moe\.kernel_tiling=.* must be \(block_m, block_n, '):
       config_lib.load('configs/moe.py:tiny', [f'model.moe.kernel_tiling={tiling}'])
+  for tiling in ('(64, 128, 64, 4, 3)', '(64, 128, 64, 4, 3, 1)'):  # order 0 if unsaid
+    config_lib.load('configs/moe.py:tiny', [f'model.moe.kernel_tiling={tiling}'])
   for tiling in ('(128, 128, 64, 4)', '(96, 128, 64, 4, 8)', '(128, 256, 64, 4, 8)',
                  '(128, 128, 16, 4, 8)',
                  '(128, 128, 64, 1, 8)', '(128, 128, 64, 4, 0)'):

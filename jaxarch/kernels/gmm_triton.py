@@ -9,12 +9,14 @@ shared boundary tiles), where XLA's ragged-dot expansion computes every expert f
 row.
 
 - `gmm`: `out[rows of g] = x[rows of g] @ w[g]` (or `@ w[g].T` with `transpose_rhs`, the
-  input gradient). Grid (pairs, column blocks); each program loops over K in blocks of
-  `block_k` with an fp32 accumulator. Rows past the last group are zero (the output
-  buffer is a zeroed input aliased to it).
+  input gradient). Grid (pairs, column blocks), or (column blocks, pairs) with
+  `Tiling.order=1`; each program loops over K in blocks of `block_k` with an fp32
+  accumulator. Rows past the last group are zero (the output buffer is a zeroed input
+  aliased to it).
 - `tgmm`: `out[g] = x[rows of g].T @ dy[rows of g]` (the weight gradient `[G, K, N]`).
-  Grid (groups, K blocks, N blocks); each program loops over its group's tiles only
-  (dynamic bounds), so an empty expert costs one store of zeros.
+  Grid (groups, K blocks, N blocks), or (K blocks, N blocks, groups) with `order=1`; each
+  program loops over its group's tiles only (dynamic bounds), so an empty expert costs
+  one store of zeros.
 
 Triton blocks have power-of-two sizes; K and N need not be multiples of them (columns past
 the edge are masked, e.g. an expert width of 1200 runs as 9 blocks of 128 and a masked
@@ -32,14 +34,28 @@ from jax.experimental.pallas import triton as plt
 
 
 class Tiling(NamedTuple):
-  """Block sizes (powers of two: Triton's) and Triton's warps and pipeline stages.
-  The default is a common Hopper choice, not tuned here: `benchmarks/moe.py` times
-  others on a GPU."""
+  """Block sizes (powers of two: Triton's), Triton's warps and pipeline stages, and the
+  order the programs launch in. The default is a common Hopper choice, not tuned here:
+  `benchmarks/moe.py` times others on a GPU.
+
+  `order` (a GPU starts programs in grid order, the first axis fastest): 0, rows first,
+  launches every row tile of a column block before the next block, so x is read from
+  memory once per column block (at the 680m shape x is 65,536 rows x 1536 in bf16, 201 MB,
+  four times an H100's L2, and 1200 columns are 10 blocks); 1, columns first, launches a
+  row tile's column blocks together, so x is read once while the expert's weights (3.7
+  MB) stay in L2, and the weight gradient runs one expert's blocks together, sharing its
+  rows. 0 is what the H200 timed (241-246 TFLOP/s); 1 is what L2 reuse favours, untimed
+  until a GPU runs `benchmarks/moe.py`'s table, which times both."""
   block_m: int = 64
   block_n: int = 128
   block_k: int = 64
   num_warps: int = 4
   num_stages: int = 3
+  order: int = 0
+
+  @property
+  def columns_first(self) -> bool:
+    return self.order == 1
 
 
 def _params(tiling: Tiling):
@@ -81,11 +97,24 @@ def _rows(tile, block_m: int, start, end):
   return pl.ds(row0, block_m), (row_ids >= start) & (row_ids < end)
 
 
+def _grid(sizes: tuple[int, ...], columns_first: bool) -> tuple[int, ...]:
+  """The launch grid of `sizes` (rows or groups first): with `columns_first` the first
+  axis moves to the end, the slowest (a GPU launches the first axis fastest)."""
+  return (*sizes[1:], sizes[0]) if columns_first else sizes
+
+
+def _program_ids(rank: int, columns_first: bool) -> tuple:
+  """This program's index along each axis of `_grid`'s `sizes`, in their order."""
+  ids = tuple(pl.program_id(i) for i in range(rank))
+  return (ids[-1], *ids[:-1]) if columns_first else ids
+
+
 def _gmm_kernel(tile_ref, group_ref, starts_ref, ends_ref, x_ref, w_ref, zeros_ref, out_ref,
                 *, k: int, n: int, num_groups: int, block_m: int, block_n: int,
-                block_k: int, transpose_rhs: bool):
+                block_k: int, transpose_rhs: bool, columns_first: bool):
   del zeros_ref  # aliased to out_ref: rows that no pair writes stay zero
-  pair, col_block = pl.program_id(0), pl.program_id(1)  # (read outside `when`: interpret)
+  # (read outside `when`: interpret)
+  pair, col_block = _program_ids(2, columns_first)
   group = group_ref[pair]
 
   @pl.when(group < num_groups)
@@ -120,9 +149,11 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bo
   starts, ends = group_bounds(group_sizes, m)
   kernel = functools.partial(_gmm_kernel, k=k, n=n, num_groups=num_groups,
                              block_m=tiling.block_m, block_n=tiling.block_n,
-                             block_k=tiling.block_k, transpose_rhs=transpose_rhs)
+                             block_k=tiling.block_k, transpose_rhs=transpose_rhs,
+                             columns_first=tiling.columns_first)
+  grid = _grid((tile.shape[0], pl.cdiv(n, tiling.block_n)), tiling.columns_first)
   return pl.pallas_call(
-      kernel, grid=(tile.shape[0], pl.cdiv(n, tiling.block_n)),
+      kernel, grid=grid,
       out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
       input_output_aliases={6: 0}, compiler_params=_params(tiling), interpret=interpret,
       name='grouped_matmul',
@@ -130,11 +161,11 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bo
 
 
 def _tgmm_kernel(starts_ref, ends_ref, x_ref, dy_ref, out_ref, *, k: int, n: int,
-                 block_m: int, block_n: int, block_k: int):
-  group = pl.program_id(0)
+                 block_m: int, block_n: int, block_k: int, columns_first: bool):
+  group, inner_block, col_block = _program_ids(3, columns_first)
   start, end = starts_ref[group], ends_ref[group]
-  inner, inner_ok = _span(pl.program_id(1) * block_k, block_k, k)
-  cols, col_ok = _span(pl.program_id(2) * block_n, block_n, n)
+  inner, inner_ok = _span(inner_block * block_k, block_k, k)
+  cols, col_ok = _span(col_block * block_n, block_n, n)
 
   def step(t, acc):
     rows, live = _rows(t, block_m, start, end)
@@ -157,9 +188,12 @@ def tgmm(x: jax.Array, dy: jax.Array, group_sizes: jax.Array, *, out_dtype=None,
   num_groups = group_sizes.shape[0]
   starts, ends = group_bounds(group_sizes, m)
   kernel = functools.partial(_tgmm_kernel, k=k, n=n, block_m=tiling.block_m,
-                             block_n=tiling.block_n, block_k=tiling.block_k)
+                             block_n=tiling.block_n, block_k=tiling.block_k,
+                             columns_first=tiling.columns_first)
+  grid = _grid((num_groups, pl.cdiv(k, tiling.block_k), pl.cdiv(n, tiling.block_n)),
+               tiling.columns_first)
   return pl.pallas_call(
-      kernel, grid=(num_groups, pl.cdiv(k, tiling.block_k), pl.cdiv(n, tiling.block_n)),
+      kernel, grid=grid,
       out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype or x.dtype),
       compiler_params=_params(tiling), interpret=interpret,
       name='grouped_matmul_weight_grad',
