@@ -94,13 +94,16 @@ plan() {
       --profile_dir=/tmp/jaxarch_traces --moe_kernels_from="$kernels_from" \
       --cases=moe:680m:16:dots:model.moe.num_experts=16
   XLA_FLAGS="--xla_gpu_enable_command_buffer= ${XLA_FLAGS:-}" \
-    run 2 mfu_ultramem 150 python3 benchmarks/mfu.py --steps=5 --profile \
+    run 2 mfu_ultramem 140 python3 benchmarks/mfu.py --steps=5 --profile \
       --profile_dir=/tmp/jaxarch_traces --cases=ultramem:680m:16:dots:model.ultramem.num_values=262144
+  # MEGABYTE's local model attends over patches of 8 bytes with XLA by default; the second
+  # case gives it cuDNN's flash attention, whose tiles are 64-128 rows.
   XLA_FLAGS="--xla_gpu_enable_command_buffer= ${XLA_FLAGS:-}" \
-    run 2 mfu_megabyte 60 python3 benchmarks/mfu.py --steps=5 --profile \
-      --profile_dir=/tmp/jaxarch_traces --cases=megabyte:151m:8:none
+    run 2 mfu_megabyte 75 python3 benchmarks/mfu.py --steps=5 --profile \
+      --profile_dir=/tmp/jaxarch_traces \
+      --cases=megabyte:151m:8:none,megabyte:151m:8:none:model.megabyte.local.attention_impl=cudnn
   # cuDNN's sliding window (with the document mask), so far only lowered: against XLA's.
-  run 2 attention 20 python3 benchmarks/attention.py
+  run 2 attention 15 python3 benchmarks/attention.py
   # Whether XLA's GPU compiler all-reduces accumulated gradients once per step (the CPU one
   # does it per microbatch): compiled only, the one GPU posing as 8 (jax_mock_gpu_topology).
   JAX_MOCK_GPU_TOPOLOGY=1x8x1 \

@@ -29,6 +29,12 @@ the one compared with a byte transformer at equal compute. The paper's init (nor
 0.006 for every weight, residual writes included, truncated at 2σ) and Adam (0.9, 0.98,
 no weight decay) are used at paper scale; the small presets keep the project's defaults,
 which train faster at their width.
+
+`model.megabyte.local.attention_impl` is the local model's attention, `xla` by default
+whatever `model.attention_impl` says: its sequences are patches of P bytes, and cuDNN's
+flash attention computes tiles of 64-128 query and key rows (at P = 8, about 64-256 times
+the products the patch needs; not yet timed on a GPU, where `benchmarks/mfu.py` runs
+MEGABYTE with both). `auto` or `cudnn` give it cuDNN's on a GPU.
 """
 
 from pathlib import Path
@@ -81,6 +87,7 @@ def get_config(arg=None):
   mb.patch_size = p['patch_size']
   mb.pad_id = 256  # the byte tokenizer's pad: fills a partial last patch
   mb.local = ml_collections.ConfigDict(p['local'])
+  mb.local.attention_impl = 'xla'  # patches of P bytes: see above
   c.model.megabyte = mb
 
   if p.get('paper_init'):

@@ -591,6 +591,7 @@ def _check_megabyte(cfg: ConfigDict) -> None:
   for key in ('d_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff'):
     _positive_int(cfg, f'model.megabyte.local.{key}')
   _check_heads('model.megabyte.local', cfg.model.megabyte.local)
+  _choice(cfg, 'model.megabyte.local.attention_impl', ATTENTION_IMPLS)
   if 'ultramem' in cfg.model:  # memory layers in the global model
     _check_ultramem(cfg)
 
@@ -1340,6 +1341,9 @@ def _with_new_run_keys(tree: dict) -> dict:
     saved = model.get(section) if isinstance(model, dict) else None
     if isinstance(saved, dict) and key not in saved:
       saved[key] = to_dict(_shipped(section))['model'][section][key]
+  local = (model.get('megabyte') or {}).get('local') if isinstance(model, dict) else None
+  if isinstance(local, dict) and 'attention_impl' not in local:  # a kernel choice too
+    local['attention_impl'] = _shipped('megabyte').model.megabyte.local.attention_impl
   return tree
 
 

@@ -1,5 +1,7 @@
 """MEGABYTE: byte-level causality, partial patches, packed documents, sharding, training."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -220,3 +222,30 @@ def test_prefill_of_a_prompt_buffer_not_in_whole_patches_says_so(model):
   infer.add_caches(decoder, batch=1, length=4 * P)
   with pytest.raises(ValueError, match=rf'whole patches of {P} bytes, not {P + 1}: pad them'):
     infer.prefill(decoder, jnp.zeros((1, P + 1), jnp.int32), jnp.array([P]))
+
+
+def test_the_local_model_attends_with_xla_unless_told_otherwise(traced_as_on_gpu, tmp_path):
+  """On a GPU the global model's attention is cuDNN's (`model.attention_impl=auto`) and the
+  local model's, over patches of P bytes, XLA's (`model.megabyte.local.attention_impl`):
+  lowered for CUDA, cuDNN's flash attention appears once per global layer, or per layer
+  of both models with the local key `auto`. A run saved before the key gets its default."""
+  del traced_as_on_gpu
+
+  def cudnn_calls(*overrides):
+    cfg = config_lib.load('configs/megabyte.py:tiny', ['model.dtype=bfloat16', *overrides])
+    graphdef, state = nnx.split(models.build(cfg.model, rngs=nnx.Rngs(0)))
+    loss = lambda state, tokens: jnp.sum(nnx.merge(graphdef, state)(tokens))
+    hlo = jax.jit(loss).trace(state, jnp.zeros((2, 32), jnp.int32)).lower(
+        lowering_platforms=('cuda',)).as_text()
+    return hlo.count('__cudnn$fmha')
+
+  cfg = config_lib.load('configs/megabyte.py:tiny')
+  assert (cfg.model.n_layers, cfg.model.megabyte.local.n_layers) == (2, 2)
+  assert cudnn_calls() == 2
+  assert cudnn_calls('model.megabyte.local.attention_impl=auto') == 4
+  config_lib.save(cfg, tmp_path / 'config.json')
+  saved = json.loads((tmp_path / 'config.json').read_text())
+  del saved['model']['megabyte']['local']['attention_impl']
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  restored = config_lib.load_json(tmp_path / 'config.json')
+  assert restored.model.megabyte.local.attention_impl == 'xla'

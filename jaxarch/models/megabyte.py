@@ -49,7 +49,7 @@ def local_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   local = ml_collections.ConfigDict({k: v for k, v in cfg.items()
                                      if not isinstance(v, ml_collections.ConfigDict)
                                      or k == 'rope_scaling'})
-  local.update(cfg.megabyte.local.to_dict())
+  local.update(cfg.megabyte.local.to_dict())  # with its own attention_impl
   local.block_pattern = ('dense',)
   local.head_dim = None
   return local
