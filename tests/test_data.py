@@ -472,10 +472,14 @@ def test_a_file_named_as_a_record_of_another_is_refused(tmp_path):
   assert len(read['train'] + read['validation']) == 1101
 
 
-def test_parquet_and_arrow_files_are_a_document_a_row_of_their_text_column(tmp_path, caplog):
+def test_parquet_and_arrow_files_are_a_document_a_row_of_their_text_column(tmp_path, caplog,
+                                                                           monkeypatch):
   # Hugging Face datasets' files (FineWeb's): read as text, they trained on Parquet's bytes.
   pq = pytest.importorskip('pyarrow.parquet')
   import pyarrow  # pylint: disable=g-import-not-at-top
+  read_columns, iter_batches = [], pq.ParquetFile.iter_batches
+  monkeypatch.setattr(pq.ParquetFile, 'iter_batches', lambda self, *a, **kw: (
+      read_columns.append(kw['columns']) or iter_batches(self, *a, **kw)))
   (tmp_path / 'docs').mkdir()
   texts = [f'row {i} é' * (i % 3 + 1) for i in range(50)]
   table = pyarrow.table({'id': list(range(50)), 'content': texts})
@@ -495,6 +499,9 @@ def test_parquet_and_arrow_files_are_a_document_a_row_of_their_text_column(tmp_p
   assert sorted(read['train'] + read['validation']) == sorted(t.encode() for t in texts)
   assert read['train'] and read['validation']  # split by row, not by file
   assert 'is not read' not in caplog.text
+  # Listing a Parquet file counts its rows without decompressing its text; each split
+  # then reads the text column once (a and b each hold both splits' rows).
+  assert sorted(map(tuple, read_columns)) == [()] * 2 + [('content',)] * 4
 
 
 @pytest.mark.parametrize('columns, why', [

@@ -162,11 +162,12 @@ def _json_text(path: pathlib.Path, n: int, line: bytes, text_key: str) -> str:
   return record[text_key]
 
 
-def _table_batches(path: pathlib.Path, text_key: str):
+def _table_batches(path: pathlib.Path, text_key: str, text: bool = True):
   """The record batches of a Parquet file or an Arrow file (the stream format `datasets`'
   save_to_disk and cache write, or the file format, Feather v2, that begins with ARROW1),
-  a batch of rows of the column `text_key` at a time; a file without that string column
-  is a config error naming it."""
+  a batch of rows of the column `text_key` at a time (without `text`, of no column: a
+  Parquet file then decompresses nothing); a file without that string column is a config
+  error naming it."""
   import pyarrow  # pylint: disable=g-import-not-at-top  (tensorflow-datasets needs it too)
   import pyarrow.ipc  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet  # pylint: disable=g-import-not-at-top
@@ -177,7 +178,8 @@ def _table_batches(path: pathlib.Path, text_key: str):
       if kind == 'Parquet':
         table = pyarrow.parquet.ParquetFile(path)
         schema = table.schema_arrow
-        batches = lambda: table.iter_batches(batch_size=1024, columns=[text_key])
+        batches = lambda: table.iter_batches(batch_size=1024,
+                                             columns=[text_key] if text else [])
       else:
         source = stack.enter_context(pyarrow.memory_map(str(path)))
         if source.read(6) == b'ARROW1':  # the file format's magic; a stream has none
@@ -188,7 +190,7 @@ def _table_batches(path: pathlib.Path, text_key: str):
           reader = stack.enter_context(pyarrow.ipc.open_stream(source))
           stream = iter(reader)
         schema = reader.schema
-        batches = lambda: (batch.select([text_key]) for batch in stream)
+        batches = lambda: (batch.select([text_key] if text else []) for batch in stream)
       if text_key not in schema.names:
         raise ConfigError(f'{where} has no column {text_key!r} (it has {schema.names[:8]}); '
                           'name the column of the text with --config.data.text_key=KEY')
@@ -205,7 +207,8 @@ def _record_numbers(path: pathlib.Path, name: str, text_key: str) -> np.ndarray:
   """The numbers of a JSON lines, Parquet or Arrow file's records (`RECORDS`): its
   non-blank lines, or its rows 1..n; their text is not read."""
   if name.endswith(TABLES):
-    return np.arange(1, sum(b.num_rows for b in _table_batches(path, text_key)) + 1)
+    return np.arange(1, sum(b.num_rows for b in _table_batches(path, text_key, text=False))
+                     + 1)
   return np.fromiter((n for n, _ in _json_lines(path, name)), np.int64)
 
 
