@@ -7,6 +7,7 @@
 #   device run, carry [".device-wheels"], timeout_s 330:  bash benchmarks/gpu_checks.sh 1
 #   device run, at once (warm), same carry and limit:     bash benchmarks/gpu_checks.sh 2
 #   only with device time left, the same:                 bash benchmarks/gpu_checks.sh 3
+#   by hand on a GPU machine, everything (770 s):          bash benchmarks/gpu_checks.sh all
 #
 # The script installs the wheels itself, with `python3 -m pip` (the image's `pip` belongs to
 # another Python), and stops at once if jaxarch does not import. A session's 15 minutes of
@@ -95,7 +96,8 @@ plan() {
       --cases=moe:680m:16:dots:model.moe.num_experts=16
   XLA_FLAGS="--xla_gpu_enable_command_buffer= ${XLA_FLAGS:-}" \
     run 2 mfu_ultramem 140 python3 benchmarks/mfu.py --steps=5 --profile \
-      --profile_dir=/tmp/jaxarch_traces --cases=ultramem:680m:16:dots:model.ultramem.num_values=262144
+      --profile_dir=/tmp/jaxarch_traces \
+      --cases=ultramem:680m:16:dots:model.ultramem.num_values=262144
   # MEGABYTE's local model attends over patches of 8 bytes with XLA by default; the second
   # case gives it cuDNN's flash attention, whose tiles are 64-128 rows.
   XLA_FLAGS="--xla_gpu_enable_command_buffer= ${XLA_FLAGS:-}" \
@@ -124,7 +126,7 @@ run() {  # first pass: add up the chosen part's seconds
 }
 total=0
 plan
-budget=${2:-$total}
+budget=${2:-$total}  # `all`: 770 s, more than a device call holds; it is for a run by hand
 summary "part $part: $budget s"
 
 run() {  # PART NAME SECONDS COMMAND...

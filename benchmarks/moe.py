@@ -420,9 +420,10 @@ def mfu_overrides(records: list[dict], kernels: list[str]) -> list[str]:
           for impl in good}
   fastest = max(good, key=lambda i: best[i][-1]['tflops'] if best[i] else 0.0)
 
-  def tiling(impl):
+  def tiling(impl):  # a field a record predates (Triton's order) has its default
     tiling_type, key = TILINGS[impl]
-    return f'model.moe.{key}={tuple(best[impl][-1][f] for f in tiling_type._fields)}'
+    values = tiling_type(**{f: v for f, v in best[impl][-1].items() if f in tiling_type._fields})
+    return f'model.moe.{key}={tuple(values)}'
 
   overrides = [tiling(fastest)] if best[fastest] else []
   if TILINGS[fastest][1] == 'mosaic_tiling':  # not what `auto` runs

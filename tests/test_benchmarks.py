@@ -359,7 +359,7 @@ def test_moe_benchmark_times_three_layers_per_case(tmp_path, monkeypatch):
   assert best['tflops'] == max(tiled['tflops'], matmul['interpret_tflops'])
   cfg = config_lib.load('configs/moe.py:tiny', mfu.moe_kernel_overrides(out))
   assert cfg.model.moe.kernel_tiling == (best['block_m'], best['block_n'], best['block_k'],
-                                         best['num_warps'], best['num_stages'])
+                                         best['num_warps'], best['num_stages'], best['order'])
   assert mfu.moe_kernel_overrides(tmp_path / 'missing.json') == []  # said, not raised
   wrong = [{**matmul, 'interpret_max_rel_error': 0.3}]  # wrong kernels: ragged_dot
   assert moe.mfu_overrides(wrong, ['interpret']) == ['model.moe.matmul_impl=xla']
@@ -436,6 +436,10 @@ def test_mfu_runs_moe_with_the_fastest_kernel_family_that_matches_ragged_dot():
   failed = dict(wrong, pallas_error='RuntimeError: no Triton here')
   assert moe.mfu_overrides([failed], ['pallas', 'mosaic']) == ['model.moe.matmul_impl=xla']
   assert moe.tiling_name(mosaic) == '192x128x64 c3 g8'
+  # A record of the H200's table (before the launch order): the order it ran, 0.
+  old = {**record, 'pallas_best_tiling': {k: v for k, v in triton.items() if k != 'order'}}
+  assert moe.mfu_overrides([old], ['pallas']) == [
+      'model.moe.kernel_tiling=(128, 128, 64, 8, 3, 0)']
   assert moe.tiling_name(triton) == '128x128x64 w8 s3'
   assert moe.tiling_name(dict(triton, order=1)) == '128x128x64 w8 s3 cols'
 
