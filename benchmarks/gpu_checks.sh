@@ -21,8 +21,9 @@
 # jax's Mosaic GPU ragged dot (`matmul_impl=mosaic`, never run on a GPU yet), each over its
 # tilings, and the two weight-gradient kernels alone; then MoE 680m's MFU with the fastest
 # kernels that table found (or the H200's recorded Triton tiling if it found none). Part 2
-# is the MFU of UltraMem 680m (target 35%, never measured) and MEGABYTE 151m, a first run
-# of cuDNN's sliding-window attention, and a compile-only count of the collectives of
+# is the MFU of UltraMem 680m (target 35%, never measured) and MEGABYTE 151m (its local
+# attention on XLA and on cuDNN), UltraMem's key ranking (one top-k against chunks), a
+# first run of cuDNN's sliding-window attention, and a compile-only count of the collectives of
 # gradient accumulation. MFU runs with XLA's command buffers (CUDA graphs) off, since the
 # trace does not attribute their kernels to instructions. Part 3 is decode at batch 64 (MoE
 # against UltraMem where the weights read differ), MEGABYTE's benchmark, and the grouped
@@ -101,15 +102,18 @@ plan() {
   # MEGABYTE's local model attends over patches of 8 bytes with XLA by default; the second
   # case gives it cuDNN's flash attention, whose tiles are 64-128 rows.
   XLA_FLAGS="--xla_gpu_enable_command_buffer= ${XLA_FLAGS:-}" \
-    run 2 mfu_megabyte 75 python3 benchmarks/mfu.py --steps=5 --profile \
+    run 2 mfu_megabyte 70 python3 benchmarks/mfu.py --steps=5 --profile \
       --profile_dir=/tmp/jaxarch_traces \
       --cases=megabyte:151m:8:none,megabyte:151m:8:none:model.megabyte.local.attention_impl=cudnn
+  # UltraMem's key ranking (k = 80: a sort of each whole row on a GPU) against the same
+  # ranked in chunks (model.ultramem.top_k_chunk).
+  run 2 top_k 15 python3 benchmarks/top_k.py
   # cuDNN's sliding window (with the document mask), so far only lowered: against XLA's.
   run 2 attention 15 python3 benchmarks/attention.py
   # Whether XLA's GPU compiler all-reduces accumulated gradients once per step (the CPU one
   # does it per microbatch): compiled only, the one GPU posing as 8 (jax_mock_gpu_topology).
   JAX_MOCK_GPU_TOPOLOGY=1x8x1 \
-    run 2 accum_collectives 20 python3 benchmarks/accum_collectives.py --meshes=data8,data2_fsdp4
+    run 2 accum_collectives 10 python3 benchmarks/accum_collectives.py --meshes=data8,data2_fsdp4
   # Part 3, for a session with device time left after the first two: the rest at the sizes
   # that fit their shares (each saves after every case). Their full grids, MEGABYTE's
   # equal-compute quality run and BiTA's whole recipe (a trained 151m base, distillation,

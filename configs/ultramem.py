@@ -90,6 +90,10 @@ def get_config(arg=None):
   # The table gradient is summed 'sorted' (deterministic) or 'atomic' (GPU fp32 atomics).
   u.lookup_impl = 'auto'
   u.lookup_scatter = 'sorted'
+  # Ranking keys: 0 is one jax.lax.top_k per ranking; N ranks rows longer than N in chunks
+  # of N scores and then the chunks' best (the same result; kernels/top_k.py: on a GPU a
+  # top-k of k > 16 is a sort of the whole row, which shared memory holds in chunks).
+  u.top_k_chunk = 0
   # A sharded table is split by 'rows' over the mesh axes of `values` (each device sums
   # the reads of its rows) or along its 'width' (every device reads its columns of
   # every row: balanced whatever rows are popular). kernels/sharded_lookup.py.

@@ -491,6 +491,9 @@ def _check_ultramem(cfg: ConfigDict) -> None:
   _choice(cfg, 'model.ultramem.lookup_impl', LOOKUP_IMPLS)
   _choice(cfg, 'model.ultramem.lookup_scatter', LOOKUP_SCATTERS)
   _choice(cfg, 'model.ultramem.table_split', TABLE_SPLITS)
+  if _number(cfg, 'model.ultramem.top_k_chunk', int) < 0:
+    raise ConfigError(f'model.ultramem.top_k_chunk={cfg.model.ultramem.top_k_chunk} must be 0 '
+                      '(one top-k per ranking) or the chunk length, e.g. 1024')
   placement = _get(cfg, 'model.ultramem.placement')
   if not placement:
     raise ConfigError('model.ultramem.placement must hold at least one (read, write) pair')
@@ -1300,6 +1303,7 @@ RUN_MODEL_KEYS = (('moe', 'matmul_impl'), ('moe', 'kernel_tiling'), ('moe', 'mos
                   ('moe', 'mosaic_weight_grad'), ('moe', 'ep_exchange'),
                   ('ultramem', 'lookup_impl'),
                   ('ultramem', 'lookup_scatter'), ('ultramem', 'table_split'),
+                  ('ultramem', 'top_k_chunk'),
                   ('ultramem', 'heads_per_query'))
 # Model keys that only shape the initial weights (a saved run's are in its checkpoints),
 # and model and data keys that jaxarch gained with a default that is what older runs did

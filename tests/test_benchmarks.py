@@ -35,6 +35,7 @@ import moe  # pylint: disable=g-import-not-at-top,wrong-import-position
 import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 import sparse_lookup  # pylint: disable=g-import-not-at-top,wrong-import-position
 import table_split  # pylint: disable=g-import-not-at-top,wrong-import-position
+import top_k  # pylint: disable=g-import-not-at-top,wrong-import-position
 import window_decode  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 import ultramem_aux  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -594,6 +595,18 @@ def test_attention_benchmark_times_each_implementation_with_and_without_a_window
   assert 'max_rel_error_vs_xla' not in records[1]  # cuDNN runs on GPUs only
 
 
+def test_top_k_benchmark_times_one_top_k_against_chunks_and_checks_they_agree(tmp_path):
+  out = tmp_path / 'top_k.json'
+  top_k.main(['--rows=8', '--lengths=64,300', '--k=16', '--chunks=32,128', '--iters=1',
+              f'--out={out}'])
+  records = json.loads(out.read_text())['records']
+  assert [(r['length'], r['chunk']) for r in records] == [
+      (64, 0), (64, 32), (64, 128), (300, 0), (300, 32), (300, 128)]
+  assert all(r['equal'] for r in records)
+  assert records[4]['over_one_top_k'] == pytest.approx(records[4]['ms'] / records[3]['ms'])
+  assert 'over_one_top_k' not in records[3]
+
+
 def test_accum_collectives_counts_the_gradient_reductions_per_step(tmp_path):
   out = tmp_path / 'accum.json'
   accum_collectives.main(['--meshes=data8', '--accum=2', '--batch_size=16', f'--out={out}'])
@@ -858,7 +871,7 @@ class _Parsed(Exception):
 
 @pytest.mark.parametrize('part, budget, benchmarks', [
     ('1', 270, ['moe', 'mfu']),
-    ('2', 250, ['mfu', 'mfu', 'attention', 'accum_collectives']),
+    ('2', 250, ['mfu', 'mfu', 'top_k', 'attention', 'accum_collectives']),
     ('3', 250, ['decode', 'megabyte', 'moe']),
 ])
 def test_each_gpu_checks_call_runs_its_benchmarks_with_flags_they_accept(
@@ -913,7 +926,7 @@ def test_each_gpu_checks_call_runs_its_benchmarks_with_flags_they_accept(
   monkeypatch.setattr(argparse.ArgumentParser, 'parse_args', parse_only)
   scripts = {'moe': moe, 'mfu': mfu, 'decode': decode, 'sparse_lookup': sparse_lookup,
              'megabyte': megabyte, 'accum_collectives': accum_collectives,
-             'attention': attention}
+             'attention': attention, 'top_k': top_k}
   for script, *argv in runs:
     with pytest.raises(_Parsed) as parsed:
       scripts[Path(script).stem].main(argv)

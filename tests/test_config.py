@@ -756,12 +756,13 @@ def test_an_ultramem_run_saved_before_its_kernel_and_query_keys_resumes(tmp_path
   path = tmp_path / 'config.json'
   config_lib.save(config_lib.load('configs/ultramem.py:tiny'), path)
   old = json.loads(path.read_text())
-  for key in ('lookup_impl', 'lookup_scatter', 'table_split', 'heads_per_query'):
+  for key in ('lookup_impl', 'lookup_scatter', 'table_split', 'heads_per_query',
+              'top_k_chunk'):
     del old['model']['ultramem'][key]  # added after the first UltraMem runs
   path.write_text(json.dumps(old))
   u = config_lib.load_json(path).model.ultramem
-  assert (u.lookup_impl, u.lookup_scatter, u.table_split, u.heads_per_query) == (
-      'auto', 'sorted', 'rows', 1)
+  assert (u.lookup_impl, u.lookup_scatter, u.table_split, u.heads_per_query,
+          u.top_k_chunk) == ('auto', 'sorted', 'rows', 1, 0)
 
 
 @pytest.mark.parametrize('spec, section, key', [

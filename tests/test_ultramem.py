@@ -450,3 +450,28 @@ def test_the_memory_layers_share_one_lowering_of_the_lookup_kernels(traced_as_on
   hlo = jax.jit(jax.grad(loss)).trace(params, jnp.zeros((2, 16), jnp.int32)).lower(
       lowering_platforms=('cuda',)).as_text()
   assert hlo.count('xla.gpu.triton') == 3
+
+
+def test_keys_ranked_in_chunks_train_as_one_top_k():
+  """`model.ultramem.top_k_chunk` ranks the 64-key sides and the 16 x 16 grid in chunks
+  of 16 (kernels/top_k.py): two train steps on 4 devices, each ranking its own rows, give
+  the same losses and weights as one top-k per ranking, bit for bit."""
+  batch = make_batch(8, 32)
+  runs = []
+  for chunk in (0, 16):
+    cfg = config_lib.load('configs/ultramem.py:tiny', [
+        f'model.ultramem.top_k_chunk={chunk}', 'model.dtype=float32', 'mesh.ici.data=4',
+        'train.batch_size=8', 'data.seq_len=32'])
+    assert cfg.model.ultramem.top_k < 16 * 16 < cfg.model.ultramem.num_values
+    setup = make_setup(cfg, make_mesh(cfg, devices=jax.devices()[:4]))
+    state, step = init_state(cfg, setup), make_train_step(setup)
+    losses = []
+    for _ in range(2):
+      state, metrics = step(state, global_batch(batch, setup.batch_sharding))
+      losses.append(float(metrics['loss']))
+    runs.append((losses, jax.tree.leaves(state['params'])))
+  assert runs[0][0] == runs[1][0]
+  for a, b in zip(runs[0][1], runs[1][1]):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(config_lib.ConfigError, match=r'model\.ultramem\.top_k_chunk=-1'):
+    config_lib.load('configs/ultramem.py:tiny', ['model.ultramem.top_k_chunk=-1'])

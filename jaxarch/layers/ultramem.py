@@ -58,6 +58,7 @@ from the `WindowCounter` `hits [N]`); both count only the tokens that are not pa
 """
 
 import dataclasses
+import functools
 import math
 import statistics
 
@@ -68,6 +69,7 @@ from flax import nnx
 
 from jaxarch.config import TABLE_SPLITS, check_ultramem, default_top_m
 from jaxarch.kernels import sliced_sparse_lookup
+from jaxarch.kernels.top_k import chunked_top_k
 from jaxarch.layers import layout as layout_lib
 from jaxarch.layers import signals
 from jaxarch.layers.params import normal, param
@@ -169,8 +171,8 @@ class UltraMem(nnx.Module):
                aux_loss_weight: float = 0.0, aux_tau: float = 0.15, query_conv: int = 0,
                heads_per_query: int = 1, rank_by_magnitude: bool = True, permutation_seed: int = 0,
                lookup_impl: str = 'auto', lookup_scatter: str = 'sorted',
-               table_split: str = 'rows', dtype=jnp.bfloat16, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               table_split: str = 'rows', top_k_chunk: int = 0, dtype=jnp.bfloat16,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.top_m = check_ultramem(num_values, top_k, value_dim, key_dim, tucker_rank, num_cores,
                         ive_expansion, num_heads, top_m, aux_loss_weight, aux_tau,
                         query_conv, heads_per_query)
@@ -180,6 +182,7 @@ class UltraMem(nnx.Module):
     self.keys_per_side = math.isqrt(num_values) * math.isqrt(ive_expansion)
     self.aux_loss_weight, self.aux_tau = aux_loss_weight, aux_tau
     self.lookup_impl, self.lookup_scatter, self.dtype = lookup_impl, lookup_scatter, dtype
+    self.top_k_chunk = top_k_chunk  # keys ranked in chunks (the same result; kernels/top_k.py)
     if table_split not in TABLE_SPLITS:
       raise ValueError(f'UltraMem: table_split={table_split!r}; expected one of {TABLE_SPLITS}')
     self.table_split = table_split
@@ -326,12 +329,14 @@ class UltraMem(nnx.Module):
     m, sg = self.top_m, jax.lax.stop_gradient
     u, v = sg(self.u[...]).astype(cores.dtype), sg(self.v[...]).astype(cores.dtype)
     proxy = jnp.abs if self.rank_by_magnitude else (lambda s: s)
-    _, rows = context.top_k(proxy(jnp.einsum('thjr,hr->thj', sg(rows_all), u)), m)  # t h m
-    _, cols = context.top_k(proxy(jnp.einsum('thjr,hr->thj', sg(cols_all), v)), m)
+    rank = functools.partial(context.top_k,
+                             rank=functools.partial(chunked_top_k, chunk=self.top_k_chunk))
+    _, rows = rank(proxy(jnp.einsum('thjr,hr->thj', sg(rows_all), u)), m)  # t h m
+    _, cols = rank(proxy(jnp.einsum('thjr,hr->thj', sg(cols_all), v)), m)
     r_top = jnp.take_along_axis(rows_all, rows[..., None], axis=2)  # t h m r
     c_top = jnp.take_along_axis(cols_all, cols[..., None], axis=2)
     grid = jnp.einsum('thar,hrs,thbs->thab', sg(r_top), sg(cores.sum(1)), sg(c_top))
-    _, best = context.top_k(grid.reshape(*grid.shape[:2], m * m), self.top_k)  # t h k
+    _, best = rank(grid.reshape(*grid.shape[:2], m * m), self.top_k)  # t h k
     a, b = best // m, best % m
     r_best = jnp.take_along_axis(r_top, a[..., None], axis=2)  # t h k r
     c_best = jnp.take_along_axis(c_top, b[..., None], axis=2)

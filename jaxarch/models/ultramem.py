@@ -34,7 +34,7 @@ def memory_layer(cfg: ml_collections.ConfigDict, index: int, rngs: nnx.Rngs) -> 
       aux_loss_weight=u.aux_loss_weight, aux_tau=u.aux_tau, query_conv=u.query_conv,
       heads_per_query=u.heads_per_query,
       rank_by_magnitude=u.rank_by_magnitude, lookup_impl=u.lookup_impl,
-      lookup_scatter=u.lookup_scatter, table_split=u.table_split,
+      lookup_scatter=u.lookup_scatter, table_split=u.table_split, top_k_chunk=u.top_k_chunk,
       permutation_seed=index, dtype=dtype,
       param_dtype=param_dtype, rngs=rngs)
   return MemoryLayer(memory)

@@ -59,16 +59,16 @@ def constrain(x: jax.Array, logical_axes) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """`jax.lax.top_k` of x [rows, ..., n], each device ranking its own rows: the rows split
-  over the `batch` axes (those that divide them) in the current context. XLA's SPMD
-  partitioner replicates a top-k: left to it, every device gathers the whole batch's rows
-  and ranks all of them (the MoE router's gates; UltraMem's key scores, 90% of the bytes
-  its fsdp=8 step gathered)."""
+def top_k(x: jax.Array, k: int, rank=jax.lax.top_k) -> tuple[jax.Array, jax.Array]:
+  """`rank(x, k)` (`jax.lax.top_k` or an equal) of x [rows, ..., n], each device ranking
+  its own rows: the rows split over the `batch` axes (those that divide them) in the
+  current context. XLA's SPMD partitioner replicates a top-k: left to it, every device
+  gathers the whole batch's rows and ranks all of them (the MoE router's gates; UltraMem's
+  key scores, 90% of the bytes its fsdp=8 step gathered)."""
   axes = mesh_axes('batch', x.shape[0])
   if not axes:
-    return jax.lax.top_k(x, k)
+    return rank(x, k)
   mesh, _ = current()
   spec = P(axes, *[None] * (x.ndim - 1))
-  return jax.shard_map(lambda rows: tuple(jax.lax.top_k(rows, k)), mesh=mesh, in_specs=spec,
+  return jax.shard_map(lambda rows: tuple(rank(rows, k)), mesh=mesh, in_specs=spec,
                        out_specs=(spec, spec))(x)
