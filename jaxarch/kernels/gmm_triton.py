@@ -113,8 +113,7 @@ def _gmm_kernel(tile_ref, group_ref, starts_ref, ends_ref, x_ref, w_ref, zeros_r
                 *, k: int, n: int, num_groups: int, block_m: int, block_n: int,
                 block_k: int, transpose_rhs: bool, columns_first: bool):
   del zeros_ref  # aliased to out_ref: rows that no pair writes stay zero
-  # (read outside `when`: interpret)
-  pair, col_block = _program_ids(2, columns_first)
+  pair, col_block = _program_ids(2, columns_first)  # (read outside `when`: interpret)
   group = group_ref[pair]
 
   @pl.when(group < num_groups)
