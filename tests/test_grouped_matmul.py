@@ -136,9 +136,10 @@ def test_kernels_lower_for_cuda():
 
 @pytest.mark.usefixtures('triton_builds_for_an_h100')
 def test_columns_first_launches_a_row_tiles_column_blocks_together():
-  """A GPU launches the grid's x axis fastest: rows first, x is the (tile, expert) pairs
-  (1087 at the 680m shape) and y the 10 column blocks; columns first, the other way
-  round. The weight gradient puts the experts last."""
+  """A GPU launches the grid's x axis fastest: rows first, x is the (tile, group) pairs
+  (at most 1024 tiles + 65 groups - 1 at the 680m shape: the 64 experts and the rows past
+  them) and y the 10 column blocks; columns first, the other way round. The weight
+  gradient puts the experts last."""
   x = jax.ShapeDtypeStruct((65536, 1536), jnp.bfloat16)
   w = jax.ShapeDtypeStruct((64, 1536, 1200), jnp.bfloat16)
   sizes = jax.ShapeDtypeStruct((64,), jnp.int32)
@@ -148,8 +149,8 @@ def test_columns_first_launches_a_row_tiles_column_blocks_together():
     hlo = jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',)).as_text()
     return tuple(int(v) for v in re.findall(r'grid_[xyz] = (\d+)', hlo))
 
-  for order, want, want_t in ((0, (1087, 10, 1), (64, 24, 10)),
-                              (1, (10, 1087, 1), (24, 10, 64))):
+  for order, want, want_t in ((0, (1088, 10, 1), (64, 24, 10)),
+                              (1, (10, 1088, 1), (24, 10, 64))):
     tiling = gmm_triton.Tiling(order=order)
     assert grid(lambda x, w, s: gmm_triton.gmm(x, w, s, tiling=tiling), x, w, sizes) == want
     assert grid(lambda x, dy, s: gmm_triton.tgmm(x, dy, s, tiling=tiling), x, dy,

@@ -11,8 +11,8 @@ row.
 - `gmm`: `out[rows of g] = x[rows of g] @ w[g]` (or `@ w[g].T` with `transpose_rhs`, the
   input gradient). Grid (pairs, column blocks), or (column blocks, pairs) with
   `Tiling.order=1`; each program loops over K in blocks of `block_k` with an fp32
-  accumulator. Rows past the last group are zero (the output buffer is a zeroed input
-  aliased to it).
+  accumulator. Rows past the last group are zero: they are one more group, whose pairs
+  store zeros (so no zeroed buffer is filled first).
 - `tgmm`: `out[g] = x[rows of g].T @ dy[rows of g]` (the weight gradient `[G, K, N]`).
   Grid (groups, K blocks, N blocks), or (K blocks, N blocks, groups) with `order=1`; each
   program loops over its group's tiles only (dynamic bounds), so an empty expert costs
@@ -109,18 +109,22 @@ def _program_ids(rank: int, columns_first: bool) -> tuple:
   return (ids[-1], *ids[:-1]) if columns_first else ids
 
 
-def _gmm_kernel(tile_ref, group_ref, starts_ref, ends_ref, x_ref, w_ref, zeros_ref, out_ref,
-                *, k: int, n: int, num_groups: int, block_m: int, block_n: int,
-                block_k: int, transpose_rhs: bool, columns_first: bool):
-  del zeros_ref  # aliased to out_ref: rows that no pair writes stay zero
+def _gmm_kernel(tile_ref, group_ref, starts_ref, ends_ref, x_ref, w_ref, out_ref, *, k: int,
+                n: int, num_groups: int, block_m: int, block_n: int, block_k: int,
+                transpose_rhs: bool, columns_first: bool):
   pair, col_block = _program_ids(2, columns_first)  # (read outside `when`: interpret)
-  group = group_ref[pair]
+  group = group_ref[pair]  # num_groups + 1: a padding pair, which writes nothing
+  bounds = jnp.minimum(group, num_groups)  # (starts and ends hold num_groups + 1 groups)
+  rows, live = _rows(tile_ref[pair], block_m, starts_ref[bounds], ends_ref[bounds])
+  cols, col_ok = _span(col_block * block_n, block_n, n)
+
+  @pl.when(group == num_groups)  # rows past the last group: zeros
+  def _():
+    plt.store(out_ref.at[rows, cols], jnp.zeros((block_m, block_n), out_ref.dtype),
+              mask=live[:, None] & col_ok[None, :])
 
   @pl.when(group < num_groups)
   def _():
-    rows, live = _rows(tile_ref[pair], block_m, starts_ref[group], ends_ref[group])
-    cols, col_ok = _span(col_block * block_n, block_n, n)
-
     def step(i, acc):
       inner, inner_ok = _span(i * block_k, block_k, k)
       a = plt.load(x_ref.at[rows, inner], mask=live[:, None] & inner_ok[None, :], other=0)
@@ -144,8 +148,12 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bo
   m, k = x.shape
   num_groups = w.shape[0]
   n = w.shape[1] if transpose_rhs else w.shape[2]
-  tile, group = schedule(group_sizes, m, tiling.block_m)
-  starts, ends = group_bounds(group_sizes, m)
+  # The rows past the last group are one more group, G, whose pairs write zeros: every row
+  # is written once, so the output needs no zeroed [M, N] buffer filled before each call.
+  sizes = group_sizes.astype(jnp.int32)
+  sizes = jnp.concatenate([sizes, jnp.maximum(m - jnp.sum(sizes), 0)[None]])
+  tile, group = schedule(sizes, m, tiling.block_m)
+  starts, ends = group_bounds(sizes, m)
   kernel = functools.partial(_gmm_kernel, k=k, n=n, num_groups=num_groups,
                              block_m=tiling.block_m, block_n=tiling.block_n,
                              block_k=tiling.block_k, transpose_rhs=transpose_rhs,
@@ -153,10 +161,9 @@ def gmm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bo
   grid = _grid((tile.shape[0], pl.cdiv(n, tiling.block_n)), tiling.columns_first)
   return pl.pallas_call(
       kernel, grid=grid,
-      out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
-      input_output_aliases={6: 0}, compiler_params=_params(tiling), interpret=interpret,
-      name='grouped_matmul',
-  )(tile, group, starts, ends, x, w, jnp.zeros((m, n), x.dtype))
+      out_shape=jax.ShapeDtypeStruct((m, n), x.dtype), compiler_params=_params(tiling),
+      interpret=interpret, name='grouped_matmul',
+  )(tile, group, starts, ends, x, w)
 
 
 def _tgmm_kernel(starts_ref, ends_ref, x_ref, dy_ref, out_ref, *, k: int, n: int,
