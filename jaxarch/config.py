@@ -1298,13 +1298,15 @@ def load_json(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ConfigD
 # the run resumes. A missing key of the model or data is still an error.
 RUN_SECTIONS = ('train', 'checkpoint', 'log', 'launch')
 # Model keys that pick kernels, which compute the same function, or that jaxarch gained
-# with a default that is what older runs did (heads_per_query=1): filled the same way.
+# with a default that is what older runs did (heads_per_query=1): filled the same way,
+# from the shipped config of the family that names the key's section.
 RUN_MODEL_KEYS = (('moe', 'matmul_impl'), ('moe', 'kernel_tiling'), ('moe', 'mosaic_tiling'),
                   ('moe', 'mosaic_weight_grad'), ('moe', 'ep_exchange'),
                   ('ultramem', 'lookup_impl'),
                   ('ultramem', 'lookup_scatter'), ('ultramem', 'table_split'),
                   ('ultramem', 'top_k_chunk'),
-                  ('ultramem', 'heads_per_query'))
+                  ('ultramem', 'heads_per_query'),
+                  ('megabyte', 'local', 'attention_impl'))
 # Model keys that only shape the initial weights (a saved run's are in its checkpoints),
 # and model and data keys that jaxarch gained with a default that is what older runs did
 # (no rope scaling, no q/k/v biases, no QK-norm, no sliding window, none of Gemma 3's keys,
@@ -1341,13 +1343,15 @@ def _with_new_run_keys(tree: dict) -> dict:
     saved = tree.get(section)
     if isinstance(saved, dict) and key not in saved:
       saved[key] = defaults[section][key]
-  for section, key in RUN_MODEL_KEYS:
-    saved = model.get(section) if isinstance(model, dict) else None
+  for *sections, key in RUN_MODEL_KEYS:
+    saved = model
+    for section in sections:
+      saved = saved.get(section) if isinstance(saved, dict) else None
     if isinstance(saved, dict) and key not in saved:
-      saved[key] = to_dict(_shipped(section))['model'][section][key]
-  local = (model.get('megabyte') or {}).get('local') if isinstance(model, dict) else None
-  if isinstance(local, dict) and 'attention_impl' not in local:  # a kernel choice too
-    local['attention_impl'] = _shipped('megabyte').model.megabyte.local.attention_impl
+      default = to_dict(_shipped(sections[0]))['model']
+      for section in sections:
+        default = default[section]
+      saved[key] = default[key]
   return tree
 
 
