@@ -387,15 +387,15 @@ class MoE(nnx.Module):
     if self.ep_exchange not in EP_EXCHANGES:
       raise ValueError(f'model.moe.ep_exchange={self.ep_exchange!r}; expected one of '
                        f'{EP_EXCHANGES}')
-    ragged_here = jax.default_backend() in ('gpu', 'tpu')
-    if self.ep_exchange == 'ragged' and not ragged_here:
+    backend = jax.default_backend()
+    if self.ep_exchange == 'ragged' and backend not in ('gpu', 'tpu'):
       raise ValueError(f"model.moe.ep_exchange='ragged': XLA implements ragged_all_to_all on "
-                       f"GPU and TPU, and this process runs on {jax.default_backend()}; use "
+                       f"GPU and TPU, and this process runs on {backend}; use "
                        "'padded', or 'ragged_emulated' (the same rows through an all_gather)")
     if self.ep_capacity_factor is not None:  # bounded buffers are padded ones
       return 'padded'
     if self.ep_exchange == 'auto':  # see the module's docstring for why not on GPU
-      return 'ragged' if jax.default_backend() == 'tpu' else 'padded'
+      return 'ragged' if backend == 'tpu' else 'padded'
     return self.ep_exchange
 
   def _gathered(self, tokens, experts, gate, up, down):
