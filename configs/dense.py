@@ -110,7 +110,7 @@ def get_config(arg=None):
 
   # Data section.
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'default'  # default | files:<glob> | tfds:<name>
+  c.data.source = 'default'  # default | files:<glob> | tfds:<name> | SRC,W;SRC,W (mixture)
   c.data.seq_len = 1024
   c.data.tokenizer = 'bytes'  # bytes | path to a SentencePiece .model or HF tokenizer.json
   c.data.data_dir = ml_collections.config_dict.placeholder(str)  # None: $JAXARCH_DATA_DIR or ~/.cache/jaxarch

@@ -9,6 +9,7 @@ with a one-line message naming the key and what was expected.
 
 import ast
 from collections.abc import Callable, Sequence
+import dataclasses
 import difflib
 import functools
 import hashlib
@@ -16,6 +17,7 @@ import json
 import math
 import os
 from pathlib import Path
+import re
 import sys
 import traceback
 import types
@@ -44,8 +46,8 @@ SCHEDULES = ('cosine', 'wsd', 'constant')
 NONFINITE = ('stop', 'skip')
 GROUP_DECAYS = ('none', 'linear')  # train.groups.<name>.multiplier_decay
 DATA_SOURCE_KINDS = ('files:', 'tfds:', 'distilled:')  # each with its argument after it
-DATA_SOURCE_ERROR = ("data.source={!r} must be 'default', 'files:<glob>', 'tfds:<name>' or "
-                     "'distilled:<dir>'")
+DATA_SOURCE_ERROR = ("data.source={!r} must be 'default', 'files:<glob>', 'tfds:<name>', "
+                     "'distilled:<dir>' or a mixture 'SOURCE,WEIGHT;SOURCE,WEIGHT'")
 POSITIVE_INTS = (
     'model.d_model', 'model.n_layers', 'model.n_heads', 'model.n_kv_heads', 'model.d_ff',
     'model.vocab_size', 'model.max_len', 'data.seq_len', 'train.steps', 'train.batch_size',
@@ -882,14 +884,79 @@ def _check_rope_scaling(cfg: ConfigDict) -> None:
   _positive_int(cfg, key + 'original_max_len')
 
 
+def _is_one_source(source: str) -> bool:
+  return source == 'default' or any(source.startswith(kind) and source[len(kind):]
+                                    for kind in DATA_SOURCE_KINDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureComponent:
+  """One source of a data mixture; `weight` is its share of the training rows (of
+  tokens), normalised over the mixture."""
+  name: str
+  source: str
+  weight: float
+
+
+_MIXTURE_NAME = re.compile(r'([A-Za-z_][\w.-]*)=(?=default$|files:|tfds:)')
+
+
+def data_mixture(source: str) -> tuple[MixtureComponent, ...] | None:
+  """The components of a mixture `data.source`, None for a single source.
+
+  A mixture is `[NAME=]SOURCE,WEIGHT` components joined by `;` (MaxText's grain
+  `path,weight;path,weight`, with optional names), e.g.
+  `web=files:/data/web/*.jsonl.gz,0.7;code=tfds:the_stack,0.3`. A component without a
+  name is named by its place, '0', '1', ...; the names label its eval metrics
+  (`eval_bpb/web`). Raises `ConfigError` naming the component that is wrong."""
+  if ';' not in source:
+    return None
+  components, names = [], set()
+  for i, part in enumerate(p.strip() for p in source.split(';')):
+    where = f'data.source component {i + 1} ({part!r}) of {source!r}'
+    spec, comma, weight = part.rpartition(',')
+    try:
+      weight = float(weight) if comma else math.nan
+    except ValueError:
+      weight = math.nan
+    if not 0 < weight < math.inf:
+      raise ConfigError(f'{where} must end in ",WEIGHT", a positive number: its share of '
+                        "the training tokens, e.g. 'files:/data/web/*.jsonl,0.7'")
+    named = _MIXTURE_NAME.match(spec)
+    name, spec = (named.group(1), spec[named.end():]) if named else (str(i), spec)
+    if not _is_one_source(spec) or spec.startswith('distilled:'):
+      raise ConfigError(f"{where}: {spec!r} must be 'default', 'files:<glob>' or "
+                        "'tfds:<name>', optionally named as 'NAME=SOURCE'")
+    if name in names:
+      raise ConfigError(f'{where}: the name {name!r} is taken by another component')
+    names.add(name)
+    components.append(MixtureComponent(name, spec, weight))
+  if len(components) < 2:
+    raise ConfigError(f'data.source={source!r} is a mixture of one source; give two or more '
+                      "'SOURCE,WEIGHT' joined by ';', or the source alone")
+  total = sum(c.weight for c in components)
+  return tuple(dataclasses.replace(c, weight=c.weight / total) for c in components)
+
+
+def reweighted(old_source, new_source) -> bool:
+  """Whether `new_source` mixes the same sources as `old_source`, in the same order, with
+  other weights or names: a data position of the one holds in the other (each source
+  goes on from its own place), as when a run anneals on another mixture."""
+  try:
+    old, new = data_mixture(old_source), data_mixture(new_source)
+  except (ConfigError, TypeError):  # (a hand-edited config.json)
+    return False
+  return (old is not None and new is not None and old != new
+          and [c.source for c in old] == [c.source for c in new])
+
+
 def _check_data(cfg: ConfigDict) -> None:
   for key, example in (('data.source', 'default'), ('data.tokenizer', 'bytes')):
     if not isinstance(_get(cfg, key), (str, type(None))):  # a hand-edited config.json
       raise ConfigError(f'{key}={_get(cfg, key)!r} must be a string, e.g. {example!r}')
   source = _get(cfg, 'data.source')
   # Checked here too, not only when the data opens: a sweep's runs fail before they start.
-  if isinstance(source, str) and not (source == 'default' or any(
-      source.startswith(kind) and source[len(kind):] for kind in DATA_SOURCE_KINDS)):
+  if isinstance(source, str) and data_mixture(source) is None and not _is_one_source(source):
     raise ConfigError(DATA_SOURCE_ERROR.format(source))
   threads = cfg.data.get('num_threads', 0)  # (a run saved before the key read inline)
   if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:

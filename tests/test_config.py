@@ -278,7 +278,7 @@ def test_a_data_source_of_no_known_form_is_refused_at_load(source):
   # Found before a sweep's runs start, not in each run's train.log (or cluster job).
   assert error_of(tiny, f'data.source={source}') == (
       f"config error: data.source='{source}' must be 'default', 'files:<glob>', "
-      "'tfds:<name>' or 'distilled:<dir>'")
+      "'tfds:<name>', 'distilled:<dir>' or a mixture 'SOURCE,WEIGHT;SOURCE,WEIGHT'")
   for good in ('default', 'files:/corpus/*.txt', 'tfds:lm1b'):
     assert tiny(f'data.source={good}').data.source == good
 

@@ -150,7 +150,7 @@ def test_bad_source_spec_is_config_error(tmp_path, source):
   cfg = _data_config(tmp_path, source)
   with pytest.raises(ValueError, match=(
       rf"config error: data.source='{source}' must be 'default', 'files:<glob>', "
-      r"'tfds:<name>' or 'distilled:<dir>'")):
+      r"'tfds:<name>', 'distilled:<dir>' or a mixture 'SOURCE,WEIGHT;SOURCE,WEIGHT'")):
     data.open_source(cfg, 'train')
 
 

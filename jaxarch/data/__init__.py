@@ -3,6 +3,7 @@
 from jaxarch.data.pipeline import cpu_cores
 from jaxarch.data.pipeline import make_eval_dataset
 from jaxarch.data.pipeline import make_train_dataset
+from jaxarch.data.pipeline import MixtureEvalBatches
 from jaxarch.data.pipeline import synthetic_batch
 from jaxarch.data.pipeline import tokenizes_in_threads
 from jaxarch.data.sources import open_source

@@ -27,6 +27,12 @@ the streams made in `data.num_threads` threads at once (`_ZipStreams`);
 inputs, and a window shuffle of rows only mixes documents that are close in the sequence,
 so it would need thousands of rows in memory to do the same.
 
+A mixture (`data.source='SOURCE,WEIGHT;SOURCE,WEIGHT'`, `config.data_mixture`) packs each
+source's documents into rows of its own in every stream, with its own shuffle, and mixes
+whole rows (`_MixedRows`): a weight is a share of the tokens, and a stream's state is its
+row count and its sources' packing states. Evaluation keeps the sources apart
+(`MixtureEvalBatches`).
+
 A `distilled:<dir>` source (prompts and a model's greedy continuations, for BiTA) is not
 packed: each sequence becomes one right-padded row, cut at `seq_len`, and the batch gains
 `loss_mask` (1 on the targets of the continuation, which alone carry loss).
@@ -49,7 +55,7 @@ import os
 import grain
 import numpy as np
 
-from jaxarch.config import ConfigError, run_file_name
+from jaxarch.config import ConfigError, reweighted, run_file_name
 from jaxarch.data import sources
 from jaxarch.data import tokenizers
 
@@ -346,20 +352,19 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
                       for i in mine])
   else:
     tokenizer = tokenizers.get_tokenizer(data_cfg.tokenizer)
-    docs = grain.MapDataset.source(sources.open_source(data_cfg, 'train'))
-    if not len(docs):  # pylint: disable=g-explicit-length-test
-      raise ConfigError(f'config error: data.source={data_cfg.source!r} has no training '
-                        'documents')
-    num_documents = len(docs)
-    _warn_if_fewer_than_streams(data_cfg, num_documents, num_streams, 'documents')
-    # Repeat reseeds the shuffle each epoch; slicing the endless sequence (not the epoch)
-    # keeps every stream endless. Each stream reads its share of every epoch once, at the
-    # pace of its documents' lengths: at a given step some streams are further on than
-    # others, so an epoch's worth of tokens holds some documents of the next epoch and
-    # misses some of this one (with one stream, `packing_streams=1`, none).
-    docs = docs.shuffle(seed=seed % 2**32).repeat()
-    rows = _zip_rows([_packed_rows(docs[i::num_streams], tokenizer, data_cfg)
-                      for i in mine], _read_threads(data_cfg, num_threads))
+    parts = sources.mixture_configs(data_cfg)
+    # Each source's documents, shuffled and endlessly repeated (its own seed in a mixture).
+    num_documents, docs = map(list, zip(*[_train_documents(cfg, seed + k, num_streams)
+                                          for k, (_, cfg) in enumerate(parts)]))
+    packed = lambda d, i: _packed_rows(d[i::num_streams], tokenizer, data_cfg)
+    if len(parts) == 1:
+      num_documents, = num_documents  # pylint: disable=unbalanced-tuple-unpacking
+      streams = [packed(docs[0], i) for i in mine]
+    else:
+      weights = [component.weight for component, _ in parts]
+      streams = [_MixedRows([packed(d, i) for d in docs], weights, i, num_streams, seed)
+                 for i in mine]
+    rows = _zip_rows(streams, _read_threads(data_cfg, num_threads))
   batches = rows.batch(local_batch, drop_remainder=True)
   # A background thread prepares the next batches while the device runs a step; the state
   # it reports is still that of the last batch handed out.
@@ -368,8 +373,94 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
   layout = {**{k: data_cfg.get(k) for k in LAYOUT_KEYS}, 'batch_size': global_batch_size,
             'seed': seed, 'streams': num_streams, 'documents': num_documents}
   # This process's streams read at the pace of all of them: they stand for the whole.
-  documents_per_epoch = num_documents * len(mine) / num_streams
+  documents_per_epoch = (np.asarray(num_documents) * len(mine) / num_streams).tolist()
   return _WithLayout(batches, _in_run(layout, run_dir), documents_per_epoch, mine, run_dir)
+
+
+def _train_documents(data_cfg, seed: int, num_streams: int) -> tuple[int, grain.MapDataset]:
+  """The number of training documents of one source, and the documents shuffled and
+  endlessly repeated.
+
+  Repeat reseeds the shuffle each epoch; slicing the endless sequence (not the epoch)
+  keeps every stream endless. Each stream reads its share of every epoch once, at the
+  pace of its documents' lengths: at a given step some streams are further on than
+  others, so an epoch's worth of tokens holds some documents of the next epoch and misses
+  some of this one (with one stream, `packing_streams=1`, none)."""
+  docs = grain.MapDataset.source(sources.open_source(data_cfg, 'train'))
+  if not len(docs):  # pylint: disable=g-explicit-length-test
+    raise ConfigError(f'config error: data.source={data_cfg.source!r} has no training '
+                      'documents')
+  _warn_if_fewer_than_streams(data_cfg, len(docs), num_streams, 'documents')
+  return len(docs), docs.shuffle(seed=seed % 2**32).repeat()
+
+
+# The mixture's pick of global row g is the Weyl sequence frac(g / golden ratio): any run
+# of n rows holds each source's share of them to within O(log n) rows, so every batch has
+# about its share of each source, and no source comes in bursts.
+_WEYL = 0x9E3779B97F4A7C15  # 2**64 / golden ratio, odd
+
+
+def mixture_pick(row: int, cumulative_weights, seed: int) -> int:
+  """The source of global row `row` (`step · rows per batch + row in the batch`):
+  `cumulative_weights` are the sources' shares summed, the last 1."""
+  u = ((row + seed) * _WEYL % 2**64) / 2**64
+  return min(int(np.searchsorted(cumulative_weights, u, side='right')),
+             len(cumulative_weights) - 1)
+
+
+class _MixedRows(grain.IterDataset):
+  """Packing stream `stream` of `num_streams` over a mixture: each source packs its own
+  rows (its documents `stream, stream + S, ...`), and the stream's row t is the next row
+  of the source `mixture_pick` gives global row t·S + stream. Whole rows are mixed, so
+  the weights are shares of the training tokens, whatever the sources' document lengths,
+  and the global batches do not depend on the number of processes. The state is the row
+  count and the sources' packing states."""
+
+  def __init__(self, sources_rows: list[grain.IterDataset], weights: list[float],
+               stream: int, num_streams: int, seed: int):
+    super().__init__(sources_rows)
+    self._cumulative = np.cumsum(weights) / sum(weights)
+    self._stream, self._num_streams, self._seed = stream, num_streams, seed
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _MixedRowsIterator([p.__iter__() for p in self._parents], self._cumulative,
+                              self._stream, self._num_streams, self._seed)
+
+
+class _MixedRowsIterator(grain.DatasetIterator):
+  """The state holds the weights each row was picked by, as (first row, cumulative
+  weights) pairs: a position saved under other weights of the same sources goes on with
+  the new ones from the first row it had not made (`config.reweighted`). Restoring
+  remakes the rows of the last zip of the streams (`_zip_rows`'s flat map); they are
+  picked by the weights they were made with, so no source skips a row."""
+
+  def __init__(self, sources_rows: list[grain.DatasetIterator], cumulative, stream: int,
+               num_streams: int, seed: int):
+    super().__init__(sources_rows)
+    self._cumulative = cumulative
+    self._weights = [(0, cumulative)]  # (first row, cumulative weights), in row order
+    self._stream, self._num_streams, self._seed = stream, num_streams, seed
+    self._row = 0  # rows handed out
+
+  def __next__(self):
+    cumulative = next(c for first, c in reversed(self._weights) if first <= self._row)
+    source = mixture_pick(self._row * self._num_streams + self._stream, cumulative,
+                          self._seed)
+    row = next(self._parents[source])
+    self._row += 1
+    return row
+
+  def get_state(self):
+    return {'row': self._row, 'sources': [p.get_state() for p in self._parents],
+            'weights': [[first, c.tolist()] for first, c in self._weights]}
+
+  def set_state(self, state):
+    self._row = state['row']
+    for parent, place in zip(self._parents, state['sources']):
+      parent.set_state(place)
+    self._weights = [(first, np.asarray(c)) for first, c in state['weights']]
+    if not np.array_equal(self._weights[-1][1], self._cumulative):
+      self._weights.append((self._row + 1, self._cumulative))
 
 
 def _in_run(layout: dict, run_dir) -> dict:
@@ -383,8 +474,8 @@ def _in_run(layout: dict, run_dir) -> dict:
 class _WithLayout(grain.IterDataset):
   """Batches whose saved position names the layout it is a position in (`_LayoutIterator`)."""
 
-  def __init__(self, parent: grain.IterDataset, layout: dict, documents_per_epoch: float,
-               streams: range, run_dir=None):
+  def __init__(self, parent: grain.IterDataset, layout: dict,
+               documents_per_epoch: float | list[float], streams: range, run_dir=None):
     super().__init__(parent)
     self._layout = layout
     self._documents_per_epoch = documents_per_epoch
@@ -412,8 +503,8 @@ class _LayoutIterator(grain.DatasetIterator):
   repeat or skip documents silently, so such a position is refused with a warning and
   reading starts afresh."""
 
-  def __init__(self, parent: grain.DatasetIterator, layout: dict, documents_per_epoch: float,
-               streams: range, run_dir=None):
+  def __init__(self, parent: grain.DatasetIterator, layout: dict,
+               documents_per_epoch: float | list[float], streams: range, run_dir=None):
     super().__init__(parent)
     self._layout = layout
     self._documents_per_epoch = documents_per_epoch
@@ -425,8 +516,14 @@ class _LayoutIterator(grain.DatasetIterator):
 
   def epoch(self) -> float:
     """Epochs of the training documents read so far (0.5: half of them), as the position
-    counts them: it lags the batches by the few documents per stream the packing holds."""
-    return _documents_started(self._parent.get_state()) / self._documents_per_epoch
+    counts them: it lags the batches by the few documents per stream the packing holds.
+    Of a mixture, those of the source read furthest (the first to repeat documents)."""
+    position = self._parent.get_state()
+    if not isinstance(self._documents_per_epoch, list):
+      return _documents_started(position) / self._documents_per_epoch
+    streams = position['parent']['parents']  # `_MixedRows` states (see `_zip_rows`)
+    return max(sum(_documents_started(s['sources'][k]) for s in streams) / documents
+               for k, documents in enumerate(self._documents_per_epoch))
 
   def get_state(self):
     return {'layout': self._layout, 'streams': [self._streams.start, self._streams.stop],
@@ -439,6 +536,10 @@ class _LayoutIterator(grain.DatasetIterator):
     saved = _in_run(state['layout'], self._run_dir)
     changed = [f'{k} {saved[k]} -> {v}' for k, v in self._layout.items()
                if k in saved and saved[k] != v]  # (keys added since are not compared)
+    if reweighted(saved.get('source'), self._layout['source']):
+      log.info('data.source mixes its sources by new weights (%s -> %s): each goes on from '
+               'its saved position', saved['source'], self._layout['source'])
+      changed = [c for c in changed if not c.startswith('source ')]
     if changed:
       log.warning('the saved data position is of another data layout (%s): the data start '
                   'afresh', ', '.join(changed))
@@ -533,22 +634,51 @@ class EvalBatches:
 
 def make_eval_dataset(data_cfg, *, batch_size: int, num_batches: int,
                       process_index: int = 0, process_count: int = 1,
-                      num_threads: int = 0) -> EvalBatches:
+                      num_threads: int = 0) -> 'EvalBatches | MixtureEvalBatches':
   """Validation batches in stored order, packed like training; the last may end in padding.
+  A mixture's are each source's (`MixtureEvalBatches`), `num_batches` of each.
   `num_threads` (at most the CPU cores here; none with the byte tokenizer, which holds
   the GIL) tokenize the next documents while a batch is packed: the same batches."""
   local_batch = _local_batch_size(batch_size, process_count, 'eval batch size')
   tokenizer = tokenizers.get_tokenizer(data_cfg.tokenizer)
+  mine = slice(process_index * local_batch, (process_index + 1) * local_batch)
+  batched = lambda rows: EvalBatches(rows.batch(batch_size, batch_fn=functools.partial(
+      _pad_batch, batch_size=batch_size, pad_id=tokenizer.pad_id)), num_batches, mine)
   if data_cfg.source.startswith(sources.DISTILLED):
     sequences, to_row = _sequence_rows(data_cfg, 'validation')
-    rows = sequences.map(to_row).to_iter_dataset(_reading(0))
-  else:
-    docs = grain.MapDataset.source(sources.open_source(data_cfg, 'validation'))
-    rows = _packed_rows(docs, tokenizer, data_cfg, _read_threads(data_cfg, num_threads))
-  batches = rows.batch(batch_size, batch_fn=functools.partial(
-      _pad_batch, batch_size=batch_size, pad_id=tokenizer.pad_id))
-  mine = slice(process_index * local_batch, (process_index + 1) * local_batch)
-  return EvalBatches(batches, num_batches, mine)
+    return batched(sequences.map(to_row).to_iter_dataset(_reading(0)))
+  configs, parts = sources.mixture_configs(data_cfg), {}
+  for component, cfg in configs:
+    docs = grain.MapDataset.source(sources.open_source(cfg, 'validation'))
+    parts[component.name] = (component.weight, batched(_packed_rows(
+        docs, tokenizer, data_cfg, _read_threads(data_cfg, num_threads))))
+    if len(configs) > 1 and not len(docs):  # pylint: disable=g-explicit-length-test
+      _warn_no_validation(component)
+  if len(parts) == 1:
+    return next(iter(parts.values()))[1]
+  return MixtureEvalBatches({name: b for name, (_, b) in parts.items()},
+                            {name: w for name, (w, _) in parts.items()})
+
+
+@functools.cache  # once, not for every evaluation
+def _warn_no_validation(component) -> None:
+  log.warning('data.source component %r (%s) has no validation documents: the mixture\'s '
+              'eval_loss leaves it out; raise data.validation_fraction to evaluate it',
+              component.name, component.source)
+
+
+class MixtureEvalBatches:
+  """The eval batches of each source of a mixture (`components`: name -> `EvalBatches`)
+  and the sources' `weights` (name -> share of the training tokens), which weigh each
+  source's loss in the mixture's (`train.step.summarize_mixture_eval`). Iterating it
+  gives all the batches, source after source."""
+
+  def __init__(self, components: dict[str, EvalBatches], weights: dict[str, float]):
+    self.components = components
+    self.weights = weights
+
+  def __iter__(self):
+    return itertools.chain.from_iterable(self.components.values())
 
 
 def synthetic_batch(batch_size: int, seq_len: int, vocab: int, seed: int) -> dict:

@@ -13,6 +13,9 @@
   distilled:<dir>  token sequences (a prompt and a model's greedy continuation) written
                    by `jaxarch distill` into <dir> (`Distilled`); BiTA trains on them.
 
+A mixture of the first three (`SOURCE,WEIGHT;SOURCE,WEIGHT`) opens each source on its own
+(`mixture_configs`); the pipeline mixes them.
+
 The first two are `GeneratorBasedBuilder`s that TFDS prepares without TensorFlow into the
 data directory (`data.data_dir`, else $JAXARCH_DATA_DIR, else the user's cache dir). TFDS
 writes into an `incomplete.*` directory and renames it when done, so an interrupted build
@@ -49,7 +52,8 @@ import zlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxarch.config import DATA_SOURCE_ERROR, ConfigError, distill_summary
+from jaxarch.config import (DATA_SOURCE_ERROR, ConfigError, MixtureComponent, data_mixture,
+                            distill_summary)
 from jaxarch.oserrors import explained_write_errors
 
 log = logging.getLogger(__name__)
@@ -723,9 +727,26 @@ def _log_held_out(source: str, fraction: float) -> None:
            'its train records (by index) validate, the rest train', source, fraction)
 
 
+def mixture_configs(data_cfg) -> list[tuple[MixtureComponent, object]]:
+  """Each source that `data.source` mixes (`config.data_mixture`), with the data config
+  that reads it alone (the other `data` keys, the text key among them, are shared); a
+  single source is one component of weight 1."""
+  components = data_mixture(data_cfg.source) or (MixtureComponent('', data_cfg.source, 1.0),)
+  configs = []
+  for component in components:
+    cfg = data_cfg.copy_and_resolve_references()
+    cfg.source = component.source
+    configs.append((component, cfg))
+  return configs
+
+
 def open_source(data_cfg, split: str) -> TextSource:
-  """Opens `split` ('train' or 'validation') of `data.source`, building it once if needed."""
+  """Opens `split` ('train' or 'validation') of `data.source`, building it once if needed;
+  a mixture's sources open one by one (`mixture_configs`)."""
   source = data_cfg.source
+  if data_mixture(source) is not None:
+    raise ValueError(f'data.source={source!r} is a mixture: open each of its sources '
+                     '(sources.mixture_configs)')
   data_dir = resolve_data_dir(data_cfg.get('data_dir'))
   fraction = float(data_cfg.get('validation_fraction', 0.05))
   if source.startswith('tfds:') and source[len('tfds:'):]:

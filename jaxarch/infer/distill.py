@@ -31,15 +31,24 @@ from jaxarch.train.pretrained import load_checkpoint
 def sample_prompts(data_cfg, split: str, num_prompts: int, prompt_len: int, seed: int,
                    tokenizer) -> list[list[int]]:
   """`num_prompts` windows of `prompt_len` tokens of `[bos] + document` (shorter when the
-  document is), each from a random document and start. With no BOS (data.add_bos=False)
+  document is), each from a random document (of a mixture: of a source drawn by weight)
+  and start. With no BOS (data.add_bos=False)
   of the document alone, and an empty document gives no prompt: there may be fewer."""
-  documents = sources.open_source(data_cfg, split)
-  if not len(documents):  # pylint: disable=g-explicit-length-test
+  parts = [(component.weight, sources.open_source(cfg, split))
+           for component, cfg in sources.mixture_configs(data_cfg)]
+  parts = [(weight, documents) for weight, documents in parts if len(documents)]
+  if not parts:
     return []
   rng = np.random.default_rng(seed)
   bos = data.bos_id(data_cfg, tokenizer)  # as the run's documents start
+  if len(parts) == 1:
+    drawn = [(parts[0][1], index) for index in rng.integers(0, len(parts[0][1]), num_prompts)]
+  else:  # a mixture's: from each source in its share of the training tokens
+    weights = np.array([weight for weight, _ in parts])
+    drawn = [(parts[k][1], rng.integers(0, len(parts[k][1])))
+             for k in rng.choice(len(parts), num_prompts, p=weights / weights.sum())]
   prompts = []
-  for index in rng.integers(0, len(documents), num_prompts):
+  for documents, index in drawn:
     tokens = ([] if bos is None else [bos]) + tokenizer.encode(documents[int(index)])
     start = int(rng.integers(0, max(len(tokens) - prompt_len, 0) + 1))
     if tokens:

@@ -357,3 +357,21 @@ def make_window_reset(setup: TrainSetup):
 def summarize_eval(totals: dict) -> dict:
   return {'eval_loss': totals['nll'] / max(totals['tokens'], 1.0),
           'eval_bpb': totals['nll'] / math.log(2) / max(totals['bytes'], 1.0)}
+
+
+def summarize_mixture_eval(totals: dict[str, dict], weights: dict[str, float]) -> dict:
+  """Each source's eval_loss and eval_bpb (`eval_loss/<name>`), and the mixture's: the
+  loss per token and bytes per token of each source weighted by its share of the
+  training tokens, as the training batches mix them. A source without validation tokens
+  is left out, and the others' weights renormalised."""
+  summary, nll, num_bytes, weight = {}, 0.0, 0.0, 0.0
+  for name, source in totals.items():
+    if source['tokens'] > 0:
+      summary.update({f'{k}/{name}': v for k, v in summarize_eval(source).items()})
+      nll += weights[name] * source['nll'] / source['tokens']
+      num_bytes += weights[name] * source['bytes'] / source['tokens']
+      weight += weights[name]
+  if weight:
+    summary['eval_loss'] = nll / weight
+    summary['eval_bpb'] = nll / math.log(2) / max(num_bytes, 1e-30)
+  return summary

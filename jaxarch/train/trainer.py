@@ -29,7 +29,7 @@ from jaxarch.train.preemption import StopRequests
 from jaxarch.train.pretrained import initial_state, mesh_here
 from jaxarch.train.state import MODEL, TrainSetup, make_setup
 from jaxarch.train.step import (leaf_names, make_eval_step, make_train_step,
-                                make_window_reset, summarize_eval)
+                                make_window_reset, summarize_eval, summarize_mixture_eval)
 from jaxarch.train.workdir import (check_workdir, local_workdir, only_trainer_in, state_bytes,
                                    unwritable)
 
@@ -74,7 +74,8 @@ _LAYOUT_BEFORE = {'data.add_bos': True}
 def data_changes(workdir: Path, cfg: ml_collections.ConfigDict) -> str | None:
   """What of `_DATA_LAYOUT` changed since the run in `workdir` was saved, e.g.
   'train.batch_size 32 -> 64', or None (same, or no saved run). The run's own files are
-  compared by their names in the run (`config_lib.RUN_FILES`), which a move keeps."""
+  compared by their names in the run (`config_lib.RUN_FILES`), which a move keeps. A
+  mixture of the same sources with new weights is no change (`config.reweighted`)."""
   saved = workdir / 'config.json'
   if not saved.exists():
     return None
@@ -94,7 +95,8 @@ def data_changes(workdir: Path, cfg: ml_collections.ConfigDict) -> str | None:
     return values.get(name, _LAYOUT_BEFORE.get(key)) if isinstance(values, dict) else None
 
   changes = [f'{k} {get(old, k)} -> {get(new, k)}' for k in _DATA_LAYOUT
-             if get(old, k) != get(new, k)]
+             if get(old, k) != get(new, k) and not (
+                 k == 'data.source' and config_lib.reweighted(get(old, k), get(new, k)))]
   return ', '.join(changes) or None
 
 
@@ -107,7 +109,11 @@ def no_validation_data(cfg: ml_collections.ConfigDict, batches) -> str | None:
   if next(iter(batches), None) is not None:
     return None
   source = cfg.data.source
-  if source.startswith('tfds:'):
+  if config_lib.data_mixture(source):
+    why = ('none of its sources has any: data.validation_fraction='
+           f'{cfg.data.get("validation_fraction")} of their files or records is none; raise '
+           'the fraction')
+  elif source.startswith('tfds:'):
     why = ("its TFDS splits include no 'validation' or 'test', and data.validation_fraction="
            f"{cfg.data.get('validation_fraction')} of its train records is none; raise the "
            'fraction')
@@ -120,12 +126,21 @@ def no_validation_data(cfg: ml_collections.ConfigDict, batches) -> str | None:
 
 
 def run_eval(setup: TrainSetup, state: dict, eval_step, batches) -> dict:
-  """Loss and bits per byte over the validation batches."""
+  """Loss and bits per byte over the validation batches; of a mixture's, those of each
+  source and of the mixture (`summarize_mixture_eval`)."""
+  if isinstance(batches, data.MixtureEvalBatches):
+    return summarize_mixture_eval(
+        {name: _eval_totals(setup, state, eval_step, source)
+         for name, source in batches.components.items()}, batches.weights)
+  return summarize_eval(_eval_totals(setup, state, eval_step, batches))
+
+
+def _eval_totals(setup: TrainSetup, state: dict, eval_step, batches) -> dict:
   totals = {'nll': 0.0, 'tokens': 0.0, 'bytes': 0.0}
   for batch in batches:
     out = jax.device_get(eval_step(state, global_batch(batch, setup.batch_sharding)))
     totals = {k: totals[k] + float(out[k]) for k in totals}
-  return summarize_eval(totals)
+  return totals
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:

@@ -1,0 +1,254 @@
+"""Data mixtures: `data.source='NAME=SOURCE,WEIGHT;...'` mixes whole packed rows by weight."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conftest import mesh_config, tiny_config
+from jaxarch import config as config_lib
+from jaxarch import data
+from jaxarch.config import ConfigError, data_mixture
+from jaxarch.data import pipeline
+from jaxarch.infer import distill
+from jaxarch.train import evaluate, train
+from jaxarch.train import trainer
+from jaxarch.train.metrics import read_metrics
+from jaxarch.train.step import summarize_eval, summarize_mixture_eval
+
+A, B = ord('A'), ord('B')
+
+
+def _letter_corpus(directory, letter, lengths):
+  """Documents of one marker letter: every row a source packs is of that letter alone."""
+  directory.mkdir(parents=True)
+  for i, n in enumerate(lengths):
+    (directory / f'{i:02d}.txt').write_text(letter * n)
+
+
+@pytest.fixture
+def mixture(tmp_path):
+  """A data config mixing short 'A' documents (a quarter of the tokens) with long 'B'
+  ones: by documents, A would be most of the mixture."""
+  rng = np.random.default_rng(0)
+  _letter_corpus(tmp_path / 'a', 'A', rng.integers(5, 60, 40))
+  _letter_corpus(tmp_path / 'b', 'B', rng.integers(200, 900, 40))
+  cfg = tiny_config(str(tmp_path / 'data')).data
+  cfg.source = f'a=files:{tmp_path}/a/*.txt,1;b=files:{tmp_path}/b/*.txt,3'
+  cfg.seq_len = 16
+  cfg.validation_fraction = 0.25
+  return cfg
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def _rows_of_a(batch):
+  """Per row: True if it packs 'A' documents, False if 'B' ones (never both)."""
+  has_a = (batch['inputs'] == A).any(1)
+  assert not (has_a & (batch['inputs'] == B).any(1)).any()
+  return has_a
+
+
+# The data.source syntax.
+
+
+def test_a_mixture_names_its_sources_and_normalises_their_weights():
+  mix = data_mixture('web=files:/d/year=2024/*.jsonl,3; default,1')
+  assert [(c.name, c.source, c.weight) for c in mix] == [
+      ('web', 'files:/d/year=2024/*.jsonl', 0.75), ('1', 'default', 0.25)]
+  # The weight is after the last comma: a path may hold commas.
+  assert [c.source for c in data_mixture('files:a,b/*.txt,1;tfds:x,1')] == [
+      'files:a,b/*.txt', 'tfds:x']
+  assert data_mixture('files:/data/*.txt') is None
+
+
+@pytest.mark.parametrize('source, why', [
+    ('default;files:/x/*.txt,1', r'component 1 .* must end in ",WEIGHT"'),
+    ('default,1;files:/x/*.txt,0', r'component 2 .* must end in ",WEIGHT"'),
+    ('default,1;files:/x/*.txt,nan', r'component 2 .* must end in ",WEIGHT"'),
+    ('default,1;', r'component 2 .* must end in ",WEIGHT"'),
+    ('default,1;distilled:/d,1', r"component 2 .*'distilled:/d' must be 'default'"),
+    ('default,1;wiki,1', r"component 2 .*'wiki' must be 'default'"),
+    ('x=default,1;x=tfds:wiki,1', r"component 2 .*the name 'x' is taken"),
+])
+def test_a_wrong_mixture_is_one_line_naming_its_component(source, why):
+  with pytest.raises(ConfigError, match=why):
+    data_mixture(source)
+  # At load time too: a sweep's runs fail before any starts.
+  with pytest.raises(ConfigError, match=why):
+    config_lib.load('configs/dense.py:tiny', [f'data.source={source}'])
+
+
+# Training batches.
+
+
+def test_a_mixture_gives_each_source_its_share_of_the_tokens_in_every_batch(mixture):
+  batches = _take(iter(data.make_train_dataset(mixture, seed=0, global_batch_size=8)), 300)
+  tokens = np.array([[(b['inputs'] == letter).sum() for letter in (A, B)] for b in batches])
+  share = tokens[:, 0].sum() / tokens.sum()
+  assert share == pytest.approx(0.25, abs=0.005)  # of tokens, not of documents
+  rows = np.array([_rows_of_a(b).sum() for b in batches])
+  assert set(rows) <= {1, 2, 3} and np.mean(rows == 2) > 0.6  # 2 of 8 rows, give or take one
+  assert all(b['segment_ids'].all() for b in batches)  # whole rows, packed full
+
+
+def _single(cfg, name):
+  """The data config of the mixture's source `name` alone."""
+  return {c.name: single for c, single in data.sources.mixture_configs(cfg)}[name]
+
+
+def test_the_mixtures_pick_of_rows_is_a_low_discrepancy_sequence():
+  cumulative = np.cumsum([0.1, 0.6, 0.3])
+  picks = np.array([pipeline.mixture_pick(g, cumulative, seed=5) for g in range(20_000)])
+  for window in (100, 1000, 20_000):  # every window, not only the whole
+    counts = np.array([np.bincount(picks[i:i + window], minlength=3)
+                       for i in range(0, len(picks) - window + 1, window)])
+    assert np.abs(counts - window * np.array([0.1, 0.6, 0.3])).max() <= 3
+  other = [pipeline.mixture_pick(g, cumulative, seed=6) for g in range(100)]
+  assert other != picks[:100].tolist()  # the seed moves the sequence
+
+
+@pytest.mark.parametrize('saved_by, resumed_on', [(1, 1), (2, 1), (1, 4)])
+def test_a_mixture_position_resumes_exactly_on_any_number_of_processes(mixture, saved_by,
+                                                                       resumed_on):
+  make = lambda index, count: iter(data.make_train_dataset(
+      mixture, seed=0, global_batch_size=8, process_index=index, process_count=count))
+  want = _global_batches([make(0, 1)], 8)
+  before = [make(p, saved_by) for p in range(saved_by)]
+  got = _global_batches(before, 4)
+  states = [json.loads(json.dumps(it.get_state())) for it in before]  # as Orbax saves them
+  after = [make(p, resumed_on) for p in range(resumed_on)]
+  for it in after:
+    if resumed_on == 1 and saved_by == 1:
+      it.set_state(states[0])
+    else:
+      it.set_state_of_processes(states)
+  got += _global_batches(after, 4)
+  for expected, batch in zip(want, got):
+    for key in expected:
+      np.testing.assert_array_equal(batch[key], expected[key])
+
+
+def _global_batches(iterators, n):
+  return [{k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+          for parts in zip(*[_take(it, n) for it in iterators])]
+
+
+def _source_rows(batches, letter):
+  """Per stream (batch row), the rows it packed of the source of `letter`, in order."""
+  return [[b['inputs'][i].tobytes() for b in batches if (b['inputs'][i] == letter).any()]
+          for i in range(len(batches[0]['inputs']))]
+
+
+def test_new_weights_keep_each_sources_position_and_new_sources_start_afresh(mixture, caplog):
+  it = iter(data.make_train_dataset(mixture, seed=0, global_batch_size=8))
+  _take(it, 5)
+  state = json.loads(json.dumps(it.get_state()))
+  old_weights = _take(it, 30)  # how the run would have gone on
+  annealed = mixture.copy_and_resolve_references()
+  a, b = (c.source for c in data_mixture(mixture.source))
+  annealed.source = f'short={a},3;{b},1'  # renamed too
+  assert config_lib.reweighted(mixture.source, annealed.source)
+  resumed = iter(data.make_train_dataset(annealed, seed=0, global_batch_size=8))
+  resumed.set_state(state)
+  new_weights = _take(resumed, 30)
+  assert 'another data layout' not in caplog.text
+  rows_of_a = np.mean([_rows_of_a(b).mean() for b in new_weights])
+  assert 0.65 < rows_of_a < 0.85  # now 3:1 of the rows
+  # Each stream's rows of each source go on from where they were, as under the old
+  # weights, only interleaved otherwise.
+  for letter in (A, B):
+    for before, after in zip(_source_rows(old_weights, letter),
+                             _source_rows(new_weights, letter)):
+      n = min(len(before), len(after))
+      assert n > 0 and before[:n] == after[:n]
+  # Other sources (here one more) are another data layout: the data start afresh.
+  other = mixture.copy_and_resolve_references()
+  other.source = mixture.source + f';{mixture.source.split(";")[0][2:]}'
+  assert not config_lib.reweighted(mixture.source, other.source)
+  fresh = iter(data.make_train_dataset(other, seed=0, global_batch_size=8))
+  first = next(iter(data.make_train_dataset(other, seed=0, global_batch_size=8)))
+  fresh.set_state(state)
+  assert 'another data layout (source' in caplog.text
+  np.testing.assert_array_equal(next(fresh)['inputs'], first['inputs'])
+
+
+def test_a_mixtures_epoch_is_that_of_its_source_read_furthest(mixture):
+  it = iter(data.make_train_dataset(mixture, seed=0, global_batch_size=8))
+  num_a = len(data.open_source(_single(mixture, 'a'), 'train'))
+  started = 0
+  for _ in range(60):
+    batch = next(it)
+    started += int(((batch['inputs'] == data.ByteTokenizer.eod_id)
+                    & _rows_of_a(batch)[:, None]).sum())  # each A document starts with eod
+    # The short A documents repeat first; the count lags by a few documents a stream.
+    assert abs(it.epoch() * num_a - started) <= 3 * 8
+  assert it.epoch() > 1
+
+
+# Evaluation.
+
+
+def test_mixture_eval_batches_are_each_sources_own(mixture, caplog):
+  batches = data.make_eval_dataset(mixture, batch_size=4, num_batches=50)
+  assert isinstance(batches, data.MixtureEvalBatches)
+  assert batches.weights == {'a': 0.25, 'b': 0.75}
+  for name, letter in (('a', A), ('b', B)):
+    alone = list(data.make_eval_dataset(_single(mixture, name), batch_size=4, num_batches=50))
+    mine = list(batches.components[name])
+    assert len(mine) == len(alone) > 0 and (mine[0]['inputs'] == letter).any()
+    for want, got in zip(alone, mine):
+      np.testing.assert_array_equal(got['inputs'], want['inputs'])
+  assert len(list(batches)) == sum(len(list(b)) for b in batches.components.values())
+  # A source with no validation documents is left out, and said once.
+  none_held = mixture.copy_and_resolve_references()
+  none_held.validation_fraction = 0.0
+  assert not list(data.make_eval_dataset(none_held, batch_size=4, num_batches=5))
+  assert "component 'a'" in caplog.text and "component 'b'" in caplog.text
+
+
+def test_the_mixtures_eval_loss_weighs_each_sources_per_token_loss_by_its_share():
+  totals = {'a': {'nll': 30.0, 'tokens': 10.0, 'bytes': 20.0},
+            'b': {'nll': 200.0, 'tokens': 100.0, 'bytes': 100.0},
+            'c': {'nll': 0.0, 'tokens': 0.0, 'bytes': 0.0}}  # no validation tokens
+  summary = summarize_mixture_eval(totals, {'a': 0.2, 'b': 0.6, 'c': 0.2})
+  assert summary['eval_loss/a'] == summarize_eval(totals['a'])['eval_loss'] == 3.0
+  assert summary['eval_bpb/b'] == pytest.approx(2 / math.log(2))
+  assert 'eval_loss/c' not in summary
+  # Per token: 0.25·3 + 0.75·2 nats over 0.25·2 + 0.75·1 bytes (c left out, renormalised).
+  assert summary['eval_loss'] == pytest.approx(2.25)
+  assert summary['eval_bpb'] == pytest.approx(2.25 / math.log(2) / 1.25)
+
+
+def test_training_on_a_mixture_logs_each_sources_eval_and_evaluates_alike(tmp_path, mixture):
+  cfg = mesh_config(tiny_config(mixture.data_dir, **{
+      'data.source': mixture.source, 'data.validation_fraction': 0.25, 'train.steps': 6,
+      'train.warmup_steps': 1,
+      'log.every_steps': 3, 'log.eval_every_steps': 3, 'log.eval_batches': 2,
+      'checkpoint.every_steps': 3}), data=2, fsdp=2, tensor=2)
+  result = train(cfg, tmp_path / 'run')
+  logged = [m for m in read_metrics(tmp_path / 'run') if 'eval_loss' in m]
+  assert [m['step'] for m in logged] == [3, 6]
+  for m in logged:
+    assert {'eval_loss/a', 'eval_loss/b', 'eval_bpb/a', 'eval_bpb/b'} <= set(m)
+    # Bytes per token are 1 in both sources: the bpb is the loss weighted 1:3, in bits.
+    assert m['eval_loss'] == pytest.approx(0.25 * m['eval_loss/a'] + 0.75 * m['eval_loss/b'])
+  again = evaluate(cfg, tmp_path / 'run')
+  for key in ('eval_loss', 'eval_bpb/a', 'eval_bpb/b'):
+    assert again[key] == pytest.approx(result[key], rel=1e-5)
+  # Resumed with new weights, its data position holds; with other sources, it does not.
+  with cfg.unlocked():
+    cfg.data.source = mixture.source.replace(',3', ',1')
+    assert trainer.data_changes(tmp_path / 'run', cfg) is None
+    cfg.data.source = mixture.source.split(';')[1][2:]
+    assert trainer.data_changes(tmp_path / 'run', cfg).startswith('data.source a=files:')
+
+
+def test_distilled_prompts_come_from_each_source_by_weight(mixture):
+  tokenizer = data.get_tokenizer('bytes')
+  prompts = distill.sample_prompts(mixture, 'train', 400, 8, seed=0, tokenizer=tokenizer)
+  letters = [A if A in p else B for p in prompts]
+  assert len(prompts) == 400 and 0.2 < letters.count(A) / 400 < 0.3
