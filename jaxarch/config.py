@@ -898,7 +898,8 @@ class MixtureComponent:
   weight: float
 
 
-_MIXTURE_NAME = re.compile(r'([A-Za-z_][\w.-]*)=(?=default$|files:|tfds:)')
+_MIXTURE_NAME = re.compile(r'[A-Za-z_][\w.-]*')
+_SOURCE_START = re.compile(r'default$|files:|tfds:|distilled:')
 
 
 def data_mixture(source: str) -> tuple[MixtureComponent, ...] | None:
@@ -906,15 +907,16 @@ def data_mixture(source: str) -> tuple[MixtureComponent, ...] | None:
 
   A mixture is `[NAME=]SOURCE,WEIGHT` components joined by `;` (MaxText's grain
   `path,weight;path,weight`, with optional names), e.g.
-  `web=files:/data/web/*.jsonl.gz,0.7;code=tfds:the_stack,0.3`. A component without a
-  name is named by its place, '0', '1', ...; the names label its eval metrics
-  (`eval_bpb/web`). Raises `ConfigError` naming the component that is wrong."""
+  `web=files:/data/web/*.jsonl.gz,0.7;code=tfds:the_stack,0.3`; spaces around each part
+  are dropped. A component without a name is named by its place, '0', '1', ...; the
+  names label its eval metrics (`eval_bpb/web`). Raises `ConfigError` naming the
+  component that is wrong."""
   if ';' not in source:
     return None
   components, names = [], set()
   for i, part in enumerate(p.strip() for p in source.split(';')):
     where = f'data.source component {i + 1} ({part!r}) of {source!r}'
-    spec, comma, weight = part.rpartition(',')
+    spec, comma, weight = (p.strip() for p in part.rpartition(','))
     try:
       weight = float(weight) if comma else math.nan
     except ValueError:
@@ -922,8 +924,14 @@ def data_mixture(source: str) -> tuple[MixtureComponent, ...] | None:
     if not 0 < weight < math.inf:
       raise ConfigError(f'{where} must end in ",WEIGHT", a positive number: its share of '
                         "the training tokens, e.g. 'files:/data/web/*.jsonl,0.7'")
-    named = _MIXTURE_NAME.match(spec)
-    name, spec = (named.group(1), spec[named.end():]) if named else (str(i), spec)
+    name, equals, rest = (p.strip() for p in spec.partition('='))
+    if equals and not _SOURCE_START.match(spec) and _SOURCE_START.match(rest):
+      if not _MIXTURE_NAME.fullmatch(name):
+        raise ConfigError(f'{where}: the name {name!r} must start with a letter or _ and '
+                          'hold only letters, digits, _, . and -')
+      spec = rest
+    else:
+      name = str(i)
     if not _is_one_source(spec) or spec.startswith('distilled:'):
       raise ConfigError(f"{where}: {spec!r} must be 'default', 'files:<glob>' or "
                         "'tfds:<name>', optionally named as 'NAME=SOURCE'")
@@ -931,22 +939,21 @@ def data_mixture(source: str) -> tuple[MixtureComponent, ...] | None:
       raise ConfigError(f'{where}: the name {name!r} is taken by another component')
     names.add(name)
     components.append(MixtureComponent(name, spec, weight))
-  if len(components) < 2:
-    raise ConfigError(f'data.source={source!r} is a mixture of one source; give two or more '
-                      "'SOURCE,WEIGHT' joined by ';', or the source alone")
-  total = sum(c.weight for c in components)
-  return tuple(dataclasses.replace(c, weight=c.weight / total) for c in components)
+  largest = max(c.weight for c in components)  # (dividing first: a sum may overflow)
+  total = sum(c.weight / largest for c in components)
+  return tuple(dataclasses.replace(c, weight=c.weight / largest / total)
+               for c in components)
 
 
 def reweighted(old_source, new_source) -> bool:
-  """Whether `new_source` mixes the same sources as `old_source`, in the same order, with
-  other weights or names: a data position of the one holds in the other (each source
-  goes on from its own place), as when a run anneals on another mixture."""
+  """Whether `new_source` mixes the same sources as `old_source`, in the same order (with
+  any weights and names): a data position of the one holds in the other, each source
+  going on from its own place, as when a run anneals on another mixture."""
   try:
     old, new = data_mixture(old_source), data_mixture(new_source)
-  except (ConfigError, TypeError):  # (a hand-edited config.json)
+  except (ConfigError, TypeError, AttributeError):  # (a hand-edited config.json)
     return False
-  return (old is not None and new is not None and old != new
+  return (old is not None and new is not None
           and [c.source for c in old] == [c.source for c in new])
 
 

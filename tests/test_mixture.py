@@ -65,6 +65,16 @@ def test_a_mixture_names_its_sources_and_normalises_their_weights():
   assert data_mixture('files:/data/*.txt') is None
 
 
+def test_a_mixture_drops_spaces_and_takes_any_finite_weights():
+  mix = data_mixture(' web = files:/x/*.txt , 1e308 ; tfds:lm1b ,1e308 ')
+  assert [(c.name, c.source, c.weight) for c in mix] == [
+      ('web', 'files:/x/*.txt', 0.5), ('1', 'tfds:lm1b', 0.5)]
+  # The same mixture spelled otherwise, or other weights or names: a position holds.
+  assert config_lib.reweighted('a=default,1;tfds:x,3', 'a=default , 2; b=tfds:x,6')
+  assert not config_lib.reweighted('default,1;tfds:x,1', 'tfds:x,1;default,1')
+  assert not config_lib.reweighted('default', 'default')
+
+
 @pytest.mark.parametrize('source, why', [
     ('default;files:/x/*.txt,1', r'component 1 .* must end in ",WEIGHT"'),
     ('default,1;files:/x/*.txt,0', r'component 2 .* must end in ",WEIGHT"'),
@@ -73,6 +83,8 @@ def test_a_mixture_names_its_sources_and_normalises_their_weights():
     ('default,1;distilled:/d,1', r"component 2 .*'distilled:/d' must be 'default'"),
     ('default,1;wiki,1', r"component 2 .*'wiki' must be 'default'"),
     ('x=default,1;x=tfds:wiki,1', r"component 2 .*the name 'x' is taken"),
+    ('0=default,1;tfds:wiki,1', r"component 1 .*the name '0' must start with a letter"),
+    ('my web=default,1;tfds:wiki,1', r"the name 'my web' must start with a letter"),
 ])
 def test_a_wrong_mixture_is_one_line_naming_its_component(source, why):
   with pytest.raises(ConfigError, match=why):
@@ -239,10 +251,17 @@ def test_training_on_a_mixture_logs_each_sources_eval_and_evaluates_alike(tmp_pa
   again = evaluate(cfg, tmp_path / 'run')
   for key in ('eval_loss', 'eval_bpb/a', 'eval_bpb/b'):
     assert again[key] == pytest.approx(result[key], rel=1e-5)
-  # Resumed with new weights, its data position holds; with other sources, it does not.
+  # Resumed with new weights, its data position holds (keeping the best checkpoint is
+  # said to rank across the change); with other sources, it does not.
   with cfg.unlocked():
+    cfg.data.source = mixture.source.replace(',1', ',2').replace(',3', ',6')  # the same
+    assert trainer.data_changes(tmp_path / 'run', cfg) is None
+    cfg.checkpoint.keep_best = True
+    assert trainer._best_across_weights(tmp_path / 'run', cfg) is None
     cfg.data.source = mixture.source.replace(',3', ',1')
     assert trainer.data_changes(tmp_path / 'run', cfg) is None
+    assert 'keep_best ranks it with the evaluations before' in (
+        trainer._best_across_weights(tmp_path / 'run', cfg))
     cfg.data.source = mixture.source.split(';')[1][2:]
     assert trainer.data_changes(tmp_path / 'run', cfg).startswith('data.source a=files:')
 

@@ -401,7 +401,8 @@ _WEYL = 0x9E3779B97F4A7C15  # 2**64 / golden ratio, odd
 
 
 def mixture_pick(row: int, cumulative_weights, seed: int) -> int:
-  """The source of global row `row` (`step · rows per batch + row in the batch`):
+  """The source of global row `row` (`t · streams + stream` for a stream's row t: with
+  the default stream per batch row, `step · rows per batch + row in the batch`):
   `cumulative_weights` are the sources' shares summed, the last 1."""
   u = ((row + seed) * _WEYL % 2**64) / 2**64
   return min(int(np.searchsorted(cumulative_weights, u, side='right')),
@@ -536,10 +537,11 @@ class _LayoutIterator(grain.DatasetIterator):
     saved = _in_run(state['layout'], self._run_dir)
     changed = [f'{k} {saved[k]} -> {v}' for k, v in self._layout.items()
                if k in saved and saved[k] != v]  # (keys added since are not compared)
-    if reweighted(saved.get('source'), self._layout['source']):
-      log.info('data.source mixes its sources by new weights (%s -> %s): each goes on from '
-               'its saved position', saved['source'], self._layout['source'])
-      changed = [c for c in changed if not c.startswith('source ')]
+    source = [c for c in changed if c.startswith('source ')]
+    if source and reweighted(saved.get('source'), self._layout['source']):
+      log.info('data.source mixes the same sources anew (%s): each goes on from its saved '
+               'position', source[0][len('source '):])
+      changed.remove(source[0])
     if changed:
       log.warning('the saved data position is of another data layout (%s): the data start '
                   'afresh', ', '.join(changed))

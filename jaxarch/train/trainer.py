@@ -100,6 +100,24 @@ def data_changes(workdir: Path, cfg: ml_collections.ConfigDict) -> str | None:
   return ', '.join(changes) or None
 
 
+def _best_across_weights(workdir: Path, cfg: ml_collections.ConfigDict) -> str | None:
+  """What keeping the best checkpoint means if the run resumes on its mixture's sources
+  with new weights (`config.reweighted`), or None: the mixture's eval_loss weighs the
+  sources by the weights of the day."""
+  try:
+    saved = json.loads((workdir / 'config.json').read_text())['data']['source']
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+  weights = lambda source: [c.weight for c in config_lib.data_mixture(source)]
+  if not config_lib.reweighted(saved, cfg.data.source) or (
+      weights(saved) == weights(cfg.data.source)):
+    return None
+  return (f'data.source mixes its sources by new weights ({saved!r} -> '
+          f'{cfg.data.source!r}): eval_loss now weighs their losses by the new shares, and '
+          'checkpoint.keep_best ranks it with the evaluations before the change; compare '
+          'the eval_loss/NAME of each source instead')
+
+
 def no_validation_data(cfg: ml_collections.ConfigDict, batches) -> str | None:
   """Why the run has nothing to evaluate on, or None: its validation `batches`
   (`eval_batches`) are none (a corpus of few files, split by file, may put none in
@@ -210,6 +228,8 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, stop: StopRequests) ->
         if changed:
           bar.alert(f'{changed} since the checkpoint: its data position does not apply; '
                     'the data iterators start afresh')
+        elif cfg.checkpoint.keep_best and (reweighted := _best_across_weights(workdir, cfg)):
+          bar.alert(reweighted)
       if stop.should_stop(0):  # a signal while starting: nothing trained, nothing to save
         kept = (f'checkpoint {checkpointer.directory / str(restored_step)} is unchanged'
                 if restored_step is not None else 'no checkpoint was written yet')
