@@ -908,7 +908,8 @@ def data_mixture(source: str) -> tuple[MixtureComponent, ...] | None:
   A mixture is `[NAME=]SOURCE,WEIGHT` components joined by `;` (MaxText's grain
   `path,weight;path,weight`, with optional names), e.g.
   `web=files:/data/web/*.jsonl.gz,0.7;code=tfds:the_stack,0.3`; spaces around each part
-  are dropped. A component without a name is named by its place, '0', '1', ...; the
+  are dropped. A weight of 0 evaluates a source without training on it (Levanter's
+  convention). A component without a name is named by its place, '0', '1', ...; the
   names label its eval metrics (`eval_bpb/web`). Raises `ConfigError` naming the
   component that is wrong."""
   if ';' not in source:
@@ -921,9 +922,9 @@ def data_mixture(source: str) -> tuple[MixtureComponent, ...] | None:
       weight = float(weight) if comma else math.nan
     except ValueError:
       weight = math.nan
-    if not 0 < weight < math.inf:
-      raise ConfigError(f'{where} must end in ",WEIGHT", a positive number: its share of '
-                        "the training tokens, e.g. 'files:/data/web/*.jsonl,0.7'")
+    if not 0 <= weight < math.inf:
+      raise ConfigError(f'{where} must end in ",WEIGHT", a number >= 0: its share of the '
+                        "training tokens (0: evaluated only), e.g. 'files:/data/web/*.jsonl,0.7'")
     name, equals, rest = (p.strip() for p in spec.partition('='))
     if equals and not _SOURCE_START.match(spec) and _SOURCE_START.match(rest):
       if not _MIXTURE_NAME.fullmatch(name):
@@ -940,21 +941,30 @@ def data_mixture(source: str) -> tuple[MixtureComponent, ...] | None:
     names.add(name)
     components.append(MixtureComponent(name, spec, weight))
   largest = max(c.weight for c in components)  # (dividing first: a sum may overflow)
+  if not largest:
+    raise ConfigError(f'data.source={source!r} trains on none of its sources: give one a '
+                      'weight above 0 (a weight of 0 evaluates a source only)')
   total = sum(c.weight / largest for c in components)
   return tuple(dataclasses.replace(c, weight=c.weight / largest / total)
                for c in components)
 
 
+def trained_sources(source: str) -> list[str]:
+  """The sources `data.source` trains on, in order: itself, or a mixture's sources of
+  weight above 0."""
+  mixture = data_mixture(source)
+  return [source] if mixture is None else [c.source for c in mixture if c.weight > 0]
+
+
 def reweighted(old_source, new_source) -> bool:
-  """Whether `new_source` mixes the same sources as `old_source`, in the same order (with
-  any weights and names): a data position of the one holds in the other, each source
-  going on from its own place, as when a run anneals on another mixture."""
+  """Whether `new_source` trains on the same sources as `old_source`, in the same order
+  (with any weights and names, and any sources evaluated only): a data position of the
+  one holds in the other, each source going on from its own place, as when a run anneals
+  on another mixture or gains an eval set."""
   try:
-    old, new = data_mixture(old_source), data_mixture(new_source)
+    return trained_sources(old_source) == trained_sources(new_source)
   except (ConfigError, TypeError, AttributeError):  # (a hand-edited config.json)
     return False
-  return (old is not None and new is not None
-          and [c.source for c in old] == [c.source for c in new])
 
 
 def _check_data(cfg: ConfigDict) -> None:

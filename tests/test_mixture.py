@@ -72,12 +72,16 @@ def test_a_mixture_drops_spaces_and_takes_any_finite_weights():
   # The same mixture spelled otherwise, or other weights or names: a position holds.
   assert config_lib.reweighted('a=default,1;tfds:x,3', 'a=default , 2; b=tfds:x,6')
   assert not config_lib.reweighted('default,1;tfds:x,1', 'tfds:x,1;default,1')
-  assert not config_lib.reweighted('default', 'default')
+  # Eval sets (weight 0) added or dropped: the same sources are trained on.
+  assert config_lib.reweighted('default', 'default,1;wiki=tfds:x,0')
+  assert config_lib.reweighted('a=default,1;tfds:x,1', 'tfds:y,0;a=default,1;tfds:x,1')
+  assert not config_lib.reweighted('default,1;tfds:x,0', 'default,1;tfds:x,1')
 
 
 @pytest.mark.parametrize('source, why', [
     ('default;files:/x/*.txt,1', r'component 1 .* must end in ",WEIGHT"'),
-    ('default,1;files:/x/*.txt,0', r'component 2 .* must end in ",WEIGHT"'),
+    ('default,1;files:/x/*.txt,-1', r'component 2 .* must end in ",WEIGHT"'),
+    ('default,0;files:/x/*.txt,0', r'trains on none of its sources'),
     ('default,1;files:/x/*.txt,nan', r'component 2 .* must end in ",WEIGHT"'),
     ('default,1;', r'component 2 .* must end in ",WEIGHT"'),
     ('default,1;distilled:/d,1', r"component 2 .*'distilled:/d' must be 'default'"),
@@ -188,6 +192,35 @@ def test_new_weights_keep_each_sources_position_and_new_sources_start_afresh(mix
   np.testing.assert_array_equal(next(fresh)['inputs'], first['inputs'])
 
 
+def test_a_source_of_weight_zero_is_evaluated_only(mixture):
+  a, b = (c.source for c in data_mixture(mixture.source))
+  with_eval = mixture.copy_and_resolve_references()
+  with_eval.source = f'b={b},0;a={a},1'
+  alone = _single(mixture, 'a')
+  make = lambda cfg: iter(data.make_train_dataset(cfg, seed=0, global_batch_size=8))
+  # Trained on exactly the batches of its one trained source, and positions of either
+  # resume the other: an eval set can be added to a run, or dropped.
+  want, got = make(alone), make(with_eval)
+  for expected, batch in zip(_take(want, 12), _take(got, 12)):
+    for key in expected:
+      np.testing.assert_array_equal(batch[key], expected[key])
+  for saved, resumed in ((want, make(with_eval)), (got, make(alone))):
+    resumed.set_state(json.loads(json.dumps(saved.get_state())))
+    np.testing.assert_array_equal(next(resumed)['inputs'], next(saved)['inputs'])
+  # Evaluated on both; the mixture's eval_loss is the trained source's.
+  batches = data.make_eval_dataset(with_eval, batch_size=4, num_batches=3)
+  assert batches.weights == {'b': 0.0, 'a': 1.0} and len(list(batches.components['b'])) == 3
+  totals = {'a': {'nll': 30.0, 'tokens': 10.0, 'bytes': 20.0},
+            'b': {'nll': 200.0, 'tokens': 100.0, 'bytes': 100.0}}
+  summary = summarize_mixture_eval(totals, batches.weights)
+  assert summary['eval_loss'] == summary['eval_loss/a'] == 3.0
+  assert summary['eval_loss/b'] == 2.0
+  # Distilled prompts come from the trained source only.
+  prompts = distill.sample_prompts(with_eval, 'train', 50, 8, seed=0,
+                                   tokenizer=data.get_tokenizer('bytes'))
+  assert prompts and all(B not in p for p in prompts)
+
+
 def test_a_mixtures_epoch_is_that_of_its_source_read_furthest(mixture):
   it = iter(data.make_train_dataset(mixture, seed=0, global_batch_size=8))
   num_a = len(data.open_source(_single(mixture, 'a'), 'train'))
@@ -257,6 +290,10 @@ def test_training_on_a_mixture_logs_each_sources_eval_and_evaluates_alike(tmp_pa
     cfg.data.source = mixture.source.replace(',1', ',2').replace(',3', ',6')  # the same
     assert trainer.data_changes(tmp_path / 'run', cfg) is None
     cfg.checkpoint.keep_best = True
+    assert trainer._best_across_weights(tmp_path / 'run', cfg) is None
+    b = data_mixture(mixture.source)[1].source
+    cfg.data.source = f'{mixture.source};eval_b={b},0'  # an eval set added
+    assert trainer.data_changes(tmp_path / 'run', cfg) is None
     assert trainer._best_across_weights(tmp_path / 'run', cfg) is None
     cfg.data.source = mixture.source.replace(',3', ',1')
     assert trainer.data_changes(tmp_path / 'run', cfg) is None

@@ -352,8 +352,10 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
                       for i in mine])
   else:
     tokenizer = tokenizers.get_tokenizer(data_cfg.tokenizer)
-    parts = sources.mixture_configs(data_cfg)
-    # Each source's documents, shuffled and endlessly repeated (its own seed in a mixture).
+    parts = [(c, cfg) for c, cfg in sources.mixture_configs(data_cfg) if c.weight > 0]
+    # Each source's documents, shuffled and endlessly repeated (its own seed in a mixture;
+    # a mixture's sources of weight 0 are evaluated only, and one trained source reads as
+    # that source alone, so that adding eval sets to a run keeps its batches).
     num_documents, docs = map(list, zip(*[_train_documents(cfg, seed + k, num_streams)
                                           for k, (_, cfg) in enumerate(parts)]))
     packed = lambda d, i: _packed_rows(d[i::num_streams], tokenizer, data_cfg)
@@ -539,7 +541,7 @@ class _LayoutIterator(grain.DatasetIterator):
                if k in saved and saved[k] != v]  # (keys added since are not compared)
     source = [c for c in changed if c.startswith('source ')]
     if source and reweighted(saved.get('source'), self._layout['source']):
-      log.info('data.source mixes the same sources anew (%s): each goes on from its saved '
+      log.info('data.source trains on the same sources (%s): each goes on from its saved '
                'position', source[0][len('source '):])
       changed.remove(source[0])
     if changed:

@@ -35,7 +35,7 @@ def sample_prompts(data_cfg, split: str, num_prompts: int, prompt_len: int, seed
   and start. With no BOS (data.add_bos=False)
   of the document alone, and an empty document gives no prompt: there may be fewer."""
   parts = [(component.weight, sources.open_source(cfg, split))
-           for component, cfg in sources.mixture_configs(data_cfg)]
+           for component, cfg in sources.mixture_configs(data_cfg) if component.weight > 0]
   parts = [(weight, documents) for weight, documents in parts if len(documents)]
   if not parts:
     return []

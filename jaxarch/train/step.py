@@ -363,7 +363,8 @@ def summarize_mixture_eval(totals: dict[str, dict], weights: dict[str, float]) -
   """Each source's eval_loss and eval_bpb (`eval_loss/<name>`), and the mixture's: the
   loss per token and bytes per token of each source weighted by its share of the
   training tokens, as the training batches mix them. A source without validation tokens
-  is left out, and the others' weights renormalised."""
+  is left out, and the others' weights renormalised; one of weight 0 (evaluated only)
+  has its own metrics alone."""
   summary, nll, num_bytes, weight = {}, 0.0, 0.0, 0.0
   for name, source in totals.items():
     if source['tokens'] > 0:

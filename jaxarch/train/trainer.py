@@ -108,7 +108,8 @@ def _best_across_weights(workdir: Path, cfg: ml_collections.ConfigDict) -> str |
     saved = json.loads((workdir / 'config.json').read_text())['data']['source']
   except (OSError, ValueError, KeyError, TypeError):
     return None
-  weights = lambda source: [c.weight for c in config_lib.data_mixture(source)]
+  weights = lambda source: [c.weight for c in config_lib.data_mixture(source) or ()
+                            if c.weight > 0] or [1.0]  # of the sources trained on
   if not config_lib.reweighted(saved, cfg.data.source) or (
       weights(saved) == weights(cfg.data.source)):
     return None
