@@ -7,6 +7,7 @@
   jaxarch generate --workdir=/tmp/run --prompt="def " [--max_new_tokens=200 --top_p=0.9]
   jaxarch generate --workdir=/tmp/qwen --chat --prompt="What is 2+2?"   (an instruct model)
   jaxarch distill --workdir=/tmp/run --out=/tmp/run-distilled   (BiTA's training data)
+  jaxarch prepare --config=configs/dense.py:151m   (the data, ahead of a job; epochs read)
   jaxarch export --workdir=/tmp/run --out=/tmp/run-export [--format=hf|stablehlo]
   jaxarch import --hf=/models/llama --workdir=/tmp/llama   (a Hugging Face Llama as a run)
   jaxarch sweep --config=configs/sweeps/isoflop.py:tiny --workdir=/tmp/sweep [--parallel=2]
@@ -328,6 +329,26 @@ def _distill(args, overrides):
   _say(json.dumps(summary, indent=2))
 
 
+def _prepare(args, overrides):
+  from jaxarch.data import summary  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.load(args.config, overrides)
+  if args.data_dir:
+    with cfg.unlocked():
+      cfg.data.data_dir = args.data_dir
+  try:
+    rows = summary.summarize(cfg, sample_documents=args.sample_documents)
+  except ValueError as e:
+    raise config_lib.ConfigError(f'config error: {e}') from None
+  _say(summary.table(rows))
+  if args.out:
+    try:
+      Path(args.out).write_text(standard_json(rows, indent=2) + '\n')
+    except OSError as e:
+      raise FileNotFoundError(f'--out={args.out} could not be written '
+                              f'({oserrors.reason(e)})') from None
+    print(f'jaxarch: wrote {args.out}', file=sys.stderr)
+
+
 def _import(args, overrides):
   from jaxarch.export.hf_import import import_hf  # pylint: disable=g-import-not-at-top
   for override in overrides:  # the model's keys are the checkpoint's
@@ -546,6 +567,21 @@ def _parser() -> argparse.ArgumentParser:
   imp.add_argument('--hf', required=True, help='the Hugging Face checkpoint directory')
   imp.add_argument('--workdir', required=True, help='a new directory for the run')
   imp.set_defaults(func=_import)
+  prep = commands.add_parser(
+      'prepare', help="prepare a config's data ahead of a job; each source's documents, "
+      'bytes, tokens and the epochs the run reads of it',
+      description='Prepare every source of data.source into the data directory (as '
+      'training would at its start), then print for each its documents and bytes (exact), '
+      'tokens (estimated with the run\'s tokenizer on a sample of documents) and, for the '
+      'sources trained on, the tokens the run reads of it (train.steps x batch x seq_len x '
+      'its weight) and the epochs they make. Run it on a CPU box before a pod job.')
+  prep.add_argument('--config', required=True, help='e.g. configs/dense.py:151m')
+  prep.add_argument('--data_dir', help='prepared-data cache (default: data.data_dir, '
+                    '$JAXARCH_DATA_DIR or ~/.cache/jaxarch/data)')
+  prep.add_argument('--sample_documents', type=at_least_one, default=1000,
+                    help='documents per split whose tokens estimate tokens per byte')
+  prep.add_argument('--out', help='also write the summary as JSON to this file')
+  prep.set_defaults(func=_prepare)
   sweep = commands.add_parser(
       'sweep', help='run every run of a sweep config (resumable), recording results.jsonl',
       description='Train each run of a sweep file in WORKDIR/runs/NAME, N at a time; '

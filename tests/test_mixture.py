@@ -1,4 +1,5 @@
-"""Data mixtures: `data.source='NAME=SOURCE,WEIGHT;...'` mixes whole packed rows by weight."""
+"""Data mixtures (`data.source='NAME=SOURCE,WEIGHT;...'` mixes whole packed rows by weight),
+and `jaxarch prepare`, which says what each source holds and how much of it a run reads."""
 
 import json
 import math
@@ -7,10 +8,12 @@ import numpy as np
 import pytest
 
 from conftest import mesh_config, tiny_config
+from jaxarch import cli
 from jaxarch import config as config_lib
 from jaxarch import data
 from jaxarch.config import ConfigError, data_mixture
 from jaxarch.data import pipeline
+from jaxarch.data import summary
 from jaxarch.infer import distill
 from jaxarch.train import evaluate, train
 from jaxarch.train import trainer
@@ -308,3 +311,41 @@ def test_distilled_prompts_come_from_each_source_by_weight(mixture):
   prompts = distill.sample_prompts(mixture, 'train', 400, 8, seed=0, tokenizer=tokenizer)
   letters = [A if A in p else B for p in prompts]
   assert len(prompts) == 400 and 0.2 < letters.count(A) / 400 < 0.3
+
+
+# `jaxarch prepare`: each source's size, and the epochs the run reads of it.
+
+
+def test_prepare_counts_each_source_and_the_epochs_the_run_reads(tmp_path, mixture, capsys,
+                                                                monkeypatch):
+  monkeypatch.setattr(summary, '_READ', 7)  # documents read a few at a time
+  a, b = (c.source for c in data_mixture(mixture.source))
+  total = {name: sum(p.stat().st_size for p in (tmp_path / name).glob('*.txt'))
+           for name in 'ab'}
+  cfg = tiny_config(mixture.data_dir, **{
+      'data.source': f'a={a},1;b={b},3;held={a},0', 'data.validation_fraction': 0.25,
+      'train.steps': 100})
+  rows = summary.summarize(cfg)
+  assert [(r['name'], r['weight']) for r in rows] == [('a', 0.25), ('b', 0.75), ('held', 0.0)]
+  run_tokens = 100 * cfg.train.batch_size * cfg.data.seq_len
+  for row, letter in zip(rows, 'aba'):
+    splits = row['train'], row['validation']
+    assert sum(s['bytes'] for s in splits) == total[letter]  # every byte, once
+    assert sum(s['documents'] for s in splits) == 40
+    for split in splits:  # bytes: a token a byte, and a BOS a document
+      assert split['tokens'] == split['bytes'] + split['documents']
+  assert rows[1]['train_tokens_read'] == round(0.75 * run_tokens)
+  assert rows[1]['epochs'] == pytest.approx(0.75 * run_tokens / rows[1]['train']['tokens'])
+  assert 'epochs' not in rows[2]
+  # From the command line: the table, and the JSON.
+  out = tmp_path / 'summary.json'
+  assert cli.main(['prepare', '--config=configs/dense.py:tiny', f'--out={out}',
+                   f'--data_dir={mixture.data_dir}',
+                   f'--config.data.source=a={a},1;b={b},3;held={a},0',
+                   '--config.data.validation_fraction=0.25']) == 0
+  printed = capsys.readouterr().out
+  assert 'held: files:' in printed and 'eval only' in printed
+  assert [r['name'] for r in json.loads(out.read_text())] == ['a', 'b', 'held']
+  assert cli.main(['prepare', '--config=configs/dense.py:tiny',
+                   f'--config.data.source=distilled:{tmp_path}']) == 2
+  assert 'written by `jaxarch distill`' in capsys.readouterr().err
