@@ -335,14 +335,16 @@ def _prepare(args, overrides):
   if args.data_dir:
     with cfg.unlocked():
       cfg.data.data_dir = args.data_dir
-  try:
-    rows = summary.summarize(cfg, sample_documents=args.sample_documents)
-  except ValueError as e:
-    raise config_lib.ConfigError(f'config error: {e}') from None
+  out = Path(args.out) if args.out else None
+  if out is not None and (out.is_dir() or not os.access(out.parent, os.W_OK)):
+    # Said now, not after preparing the data (hours for a large corpus).
+    raise FileNotFoundError(f'--out={args.out} cannot be written: give a file in a '
+                            'folder that exists and is writable')
+  rows = summary.summarize(cfg, sample_documents=args.sample_documents)
   _say(summary.table(rows))
-  if args.out:
+  if out is not None:
     try:
-      Path(args.out).write_text(standard_json(rows, indent=2) + '\n')
+      out.write_text(standard_json(rows, indent=2) + '\n')
     except OSError as e:
       raise FileNotFoundError(f'--out={args.out} could not be written '
                               f'({oserrors.reason(e)})') from None

@@ -3,6 +3,7 @@ and `jaxarch prepare`, which says what each source holds and how much of it a ru
 
 import json
 import math
+import types
 
 import numpy as np
 import pytest
@@ -328,7 +329,7 @@ def test_prepare_counts_each_source_and_the_epochs_the_run_reads(tmp_path, mixtu
   rows = summary.summarize(cfg)
   assert [(r['name'], r['weight']) for r in rows] == [('a', 0.25), ('b', 0.75), ('held', 0.0)]
   run_tokens = 100 * cfg.train.batch_size * cfg.data.seq_len
-  for row, letter in zip(rows, 'aba'):
+  for row, letter in zip(rows[:2], 'ab'):
     splits = row['train'], row['validation']
     assert sum(s['bytes'] for s in splits) == total[letter]  # every byte, once
     assert sum(s['documents'] for s in splits) == 40
@@ -336,7 +337,19 @@ def test_prepare_counts_each_source_and_the_epochs_the_run_reads(tmp_path, mixtu
       assert split['tokens'] == split['bytes'] + split['documents']
   assert rows[1]['train_tokens_read'] == round(0.75 * run_tokens)
   assert rows[1]['epochs'] == pytest.approx(0.75 * run_tokens / rows[1]['train']['tokens'])
-  assert 'epochs' not in rows[2]
+  # Evaluated only: its validation split alone (a TFDS eval set may have no train split).
+  assert 'train' not in rows[2] and 'epochs' not in rows[2]
+  assert rows[2]['validation'] == rows[0]['validation']
+  # Tokens as training packs the documents: without a BOS, or padded to a patch size.
+  for overrides in ({'data.add_bos': False}, {'data.pack_align': 8}):
+    packed = tiny_config(mixture.data_dir, **{
+        'data.source': f'a={a},1;b={b},3', 'data.validation_fraction': 0.25, **overrides})
+    tokenize = pipeline.tokenize(packed.data, data.get_tokenizer('bytes'))
+    for row, (_, single) in zip(summary.summarize(packed),
+                                data.sources.mixture_configs(packed.data)):
+      documents = data.open_source(single, 'train')
+      assert row['train']['tokens'] == sum(  # every document is in the sample here
+          len(tokenize.map(documents[i])['inputs']) for i in range(len(documents)))
   # From the command line: the table, and the JSON.
   out = tmp_path / 'summary.json'
   assert cli.main(['prepare', '--config=configs/dense.py:tiny', f'--out={out}',
@@ -349,3 +362,25 @@ def test_prepare_counts_each_source_and_the_epochs_the_run_reads(tmp_path, mixtu
   assert cli.main(['prepare', '--config=configs/dense.py:tiny',
                    f'--config.data.source=distilled:{tmp_path}']) == 2
   assert 'written by `jaxarch distill`' in capsys.readouterr().err
+  # Errors are one line, and a bad --out is said before anything is prepared.
+  assert cli.main(['prepare', '--config=configs/dense.py:tiny',
+                   f'--config.data.source=files:{tmp_path}/none/*.txt']) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('jaxarch: config error: ') and err.count('config error') == 1
+  assert cli.main(['prepare', '--config=configs/dense.py:tiny', f'--out={tmp_path}/no/x.json',
+                   f'--data_dir={tmp_path}/unmade']) == 2
+  assert 'cannot be written' in capsys.readouterr().err
+  assert not (tmp_path / 'unmade').exists()
+
+
+def test_a_mixture_whose_trained_sources_have_no_validation_says_so(tmp_path, mixture):
+  _letter_corpus(tmp_path / 'one', 'C', [300])  # one file: it trains, none validates
+  b = data_mixture(mixture.source)[1].source
+  only_eval = mixture.copy_and_resolve_references()
+  only_eval.source = f'c=files:{tmp_path}/one/*.txt,1;b={b},0'
+  batches = data.make_eval_dataset(only_eval, batch_size=4, num_batches=2)
+  assert trainer.no_validation_data(types.SimpleNamespace(data=only_eval), batches) is None
+  assert 'none of the sources data.source trains on (c) has validation data' in (
+      trainer.no_trained_validation(batches))
+  assert trainer.no_trained_validation(
+      data.make_eval_dataset(mixture, batch_size=4, num_batches=2)) is None

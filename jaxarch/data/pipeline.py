@@ -157,6 +157,13 @@ class _JsonStateIterator(grain.DatasetIterator):
     self._parent.set_state(dict(state, remainder_slices=slices))
 
 
+def tokenize(data_cfg, tokenizer) -> _Tokenize:
+  """The map from a document's text to the tokens it packs into rows (`_Tokenize`): its
+  BOS (`data.bos_id`, `data.add_bos`) and eod, padded to `data.pack_align`."""
+  return _Tokenize(tokenizer, data_cfg.get('pack_align', 1),
+                   tokenizers.bos_id(data_cfg, tokenizer))
+
+
 def _packed_rows(docs: grain.MapDataset, tokenizer, data_cfg,
                  read_threads: int = 0) -> grain.IterDataset:
   """Rows of `data.seq_len` tokens; with `data.pack_align = n` every document starts at a
@@ -170,9 +177,9 @@ def _packed_rows(docs: grain.MapDataset, tokenizer, data_cfg,
   # Training's streams are read and tokenized where the row is made (`_ZipStreams`'
   # threads), evaluation's one stream in read threads; the iterator state stays a document
   # index.
-  bos = tokenizers.bos_id(data_cfg, tokenizer)
-  ds = docs.map(_Tokenize(tokenizer, align, bos)).to_iter_dataset(_reading(read_threads))
-  if bos is None:  # an empty document is no tokens: packing would skip a segment id for it
+  ds = docs.map(tokenize(data_cfg, tokenizer)).to_iter_dataset(_reading(read_threads))
+  if tokenizers.bos_id(data_cfg, tokenizer) is None:
+    # An empty document is no tokens: packing would skip a segment id for it.
     ds = ds.filter(lambda doc: len(doc['inputs']) > 0)
   return _JsonStatePacking(ds, data_cfg.seq_len).map(_Finalize(tokenizer.pad_id, align > 1))
 
@@ -666,9 +673,10 @@ def make_eval_dataset(data_cfg, *, batch_size: int, num_batches: int,
 
 @functools.cache  # once, not for every evaluation
 def _warn_no_validation(component) -> None:
-  log.warning('data.source component %r (%s) has no validation documents: the mixture\'s '
-              'eval_loss leaves it out; raise data.validation_fraction to evaluate it',
-              component.name, component.source)
+  log.warning('data.source component %r (%s) has no validation documents, so it is not '
+              'evaluated%s; raise data.validation_fraction to evaluate it', component.name,
+              component.source, " (the mixture's eval_loss leaves it out)"
+              if component.weight > 0 else '')
 
 
 class MixtureEvalBatches:

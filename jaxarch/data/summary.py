@@ -10,6 +10,8 @@ the run's tokenizer, and sets them against the tokens the run trains on.
 
 import numpy as np
 
+from jaxarch.config import ConfigError
+from jaxarch.data import pipeline
 from jaxarch.data import sources
 from jaxarch.data import tokenizers
 
@@ -21,41 +23,51 @@ def _bytes(documents: sources.TextSource) -> int:
              for d in documents.__getitems__(range(lo, min(lo + _READ, len(documents)))))
 
 
-def _tokens_per_byte(documents, tokenizer, sample: int) -> float | None:
-  """Tokens per byte of up to `sample` documents spread over the split (None: no bytes)."""
+def _tokens(documents, num_bytes: int, tokenizer, tokenize, sample: int) -> int:
+  """The row positions a split's documents take as training packs them: their ids, and
+  each document's BOS, eod and `data.pack_align` padding (`pipeline.tokenize`); ids per
+  byte and positions per document besides its ids are measured on up to `sample`
+  documents spread over the split."""
   if not len(documents):  # pylint: disable=g-explicit-length-test
-    return None
+    return 0
   picks = np.unique(np.linspace(0, len(documents) - 1, min(sample, len(documents))).astype(int))
   texts = documents.__getitems__(picks.tolist())
+  ids = [len(tokenizer.encode(t)) for t in texts]
+  extra = sum(len(tokenize.map(t)['inputs']) - n for t, n in zip(texts, ids)) / len(texts)
   size = sum(len(t) for t in texts)
-  return sum(len(tokenizer.encode(t)) for t in texts) / size if size else None
+  return round(num_bytes * sum(ids) / size if size else 0) + round(len(documents) * extra)
 
 
 def summarize(cfg, *, sample_documents: int = 1000) -> list[dict]:
   """One dict per source of `cfg.data.source` (a mixture's each; one for a single source):
-  name, source, weight, and per split (`train`, `validation`) its documents, bytes and
-  estimated tokens (a BOS or eod per document included); for the sources trained on,
-  `train_tokens_read` (the run's tokens times the source's share) and `epochs` (those
-  over its training tokens). Prepares each source that is not prepared yet."""
+  name, source, weight, and per split its documents, bytes and estimated tokens (`_tokens`):
+  `train` and `validation` of a source trained on, `validation` alone of one evaluated
+  only (weight 0). A source trained on also has `train_tokens_read` (the run's tokens
+  times its share) and `epochs` (those over its training tokens; None without any).
+  Prepares each `default` and `files:` source that is not prepared yet (a `tfds:` one
+  must be prepared already, as for training)."""
   data_cfg = cfg.data
   if data_cfg.source.startswith(sources.DISTILLED):
-    raise ValueError(f'data.source={data_cfg.source!r} is written by `jaxarch distill`, '
-                     'ready as it is; prepare the base run\'s data instead')
+    raise ConfigError(f'config error: data.source={data_cfg.source!r} is written by '
+                      "`jaxarch distill`, ready as it is; prepare the base run's data instead")
   tokenizer = tokenizers.get_tokenizer(data_cfg.tokenizer)
+  tokenize = pipeline.tokenize(data_cfg, tokenizer)
   run_tokens = cfg.train.steps * cfg.train.batch_size * data_cfg.seq_len
   rows = []
   for component, source_cfg in sources.mixture_configs(data_cfg):
+    trained = component.weight > 0
     row = {'name': component.name or 'data', 'source': component.source,
            'weight': component.weight}
-    for split in ('train', 'validation'):
+    for split in ('train', 'validation') if trained else ('validation',):
       documents = sources.open_source(source_cfg, split)
       num_bytes = _bytes(documents)
-      per_byte = _tokens_per_byte(documents, tokenizer, sample_documents)
       row[split] = {'documents': len(documents), 'bytes': num_bytes,
-                    'tokens': round(num_bytes * (per_byte or 0)) + len(documents)}
-    if component.weight > 0:
+                    'tokens': _tokens(documents, num_bytes, tokenizer, tokenize,
+                                      sample_documents)}
+    if trained:
       row['train_tokens_read'] = round(run_tokens * component.weight)
-      row['epochs'] = row['train_tokens_read'] / max(row['train']['tokens'], 1)
+      tokens = row['train']['tokens']
+      row['epochs'] = row['train_tokens_read'] / tokens if tokens else None
     rows.append(row)
   return rows
 
@@ -64,12 +76,15 @@ def table(rows: list[dict]) -> str:
   """`summarize`'s rows as a plain-text table, one line a source."""
   head = ('source', 'weight', 'train docs', 'train bytes', 'train tokens', 'val docs',
           'val tokens', 'run reads', 'epochs')
-  cells = [head] + [(
-      f'{r["name"]}: {r["source"]}', f'{r["weight"]:.3g}', f'{r["train"]["documents"]:,}',
-      f'{r["train"]["bytes"]:,}', f'~{r["train"]["tokens"]:,}',
-      f'{r["validation"]["documents"]:,}', f'~{r["validation"]["tokens"]:,}',
-      f'{r["train_tokens_read"]:,}' if 'epochs' in r else 'eval only',
-      f'{r["epochs"]:.3g}' if 'epochs' in r else '-') for r in rows]
+  def cells_of(r):
+    train = r.get('train')
+    return (f'{r["name"]}: {r["source"]}', f'{r["weight"]:.3g}',
+            *((f'{train["documents"]:,}', f'{train["bytes"]:,}', f'~{train["tokens"]:,}')
+              if train else ('-', '-', '-')),
+            f'{r["validation"]["documents"]:,}', f'~{r["validation"]["tokens"]:,}',
+            f'{r["train_tokens_read"]:,}' if train else 'eval only',
+            '-' if not train else 'no data' if r['epochs'] is None else f'{r["epochs"]:.3g}')
+  cells = [head] + [cells_of(r) for r in rows]
   widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
   line = lambda c: '  '.join(v.ljust(w) if i == 0 else v.rjust(w)
                              for i, (v, w) in enumerate(zip(c, widths)))

@@ -144,6 +144,20 @@ def no_validation_data(cfg: ml_collections.ConfigDict, batches) -> str | None:
   return f'data.source={source!r} has no validation data ({why})'
 
 
+def no_trained_validation(batches) -> str | None:
+  """Why a mixture's evaluation gives no eval_loss although it evaluates some source, or
+  None: none of the sources it trains on has validation data, only sources of weight 0."""
+  if not isinstance(batches, data.MixtureEvalBatches):
+    return None
+  trained = [name for name, weight in batches.weights.items() if weight > 0]
+  if any(next(iter(batches.components[name]), None) is not None for name in trained):
+    return None
+  return (f'none of the sources data.source trains on ({", ".join(trained)}) has validation '
+          'data: the run reports the eval_loss/NAME of the sources it evaluates only, and no '
+          'eval_loss (checkpoint.keep_best keeps no best, sweeps fit the training loss); '
+          'raise data.validation_fraction')
+
+
 def run_eval(setup: TrainSetup, state: dict, eval_step, batches) -> dict:
   """Loss and bits per byte over the validation batches; of a mixture's, those of each
   source and of the mixture (`summarize_mixture_eval`)."""
@@ -346,6 +360,8 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
   if (missing := no_validation_data(cfg, validation)) is not None:
     bar.alert(f'{missing}: the run reports no eval_loss')
     validation = None
+  elif (untrained := no_trained_validation(validation)) is not None:
+    bar.alert(untrained)
   elif cfg.checkpoint.keep_best and (unaligned := _best_seldom_known(cfg)):
     bar.alert(unaligned)
   train_step = make_train_step(setup)
