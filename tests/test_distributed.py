@@ -151,10 +151,10 @@ def _in_two_processes(args, workdir, environ_of, *, expect_code=0):
   return outputs
 
 
-def _train_in_two_processes(workdir, data_dir, environ_of, *, expect_code=0):
+def _train_in_two_processes(workdir, data_dir, environ_of, *, expect_code=0, extra=()):
   """`jaxarch train` as processes 0 and 1 of a job; -> the stderr of each."""
   args = ['train', '--config=configs/dense.py:tiny', f'--data_dir={data_dir}',
-          *[f'--config.{o}' for o in OVERRIDES]]
+          *[f'--config.{o}' for o in OVERRIDES + list(extra)]]
   return [err for _, err in _in_two_processes(args, workdir, environ_of,
                                               expect_code=expect_code)]
 
@@ -164,10 +164,11 @@ def _flags(port):
                      f'--process_id={i}'], {})
 
 
-def _one_process(tmp_path, data_dir, workdir='one') -> dict:
+def _one_process(tmp_path, data_dir, workdir='one', extra=()) -> dict:
   """Metrics by step of the run in one process with 8 devices, the same mesh (this also
   prepares the data, which the two processes then only read)."""
-  cfg = config_lib.load('configs/dense.py:tiny', OVERRIDES + [f'data.data_dir={data_dir}'])
+  cfg = config_lib.load('configs/dense.py:tiny',
+                        OVERRIDES + list(extra) + [f'data.data_dir={data_dir}'])
   train(cfg, tmp_path / workdir)
   return {r['step']: r for r in read_metrics(tmp_path / workdir)}
 
@@ -212,6 +213,19 @@ def test_two_processes_train_together_onto_the_one_process_losses(tmp_path, data
   assert sorted(resumed) == [4, 5, 6]
   np.testing.assert_allclose([resumed[s]['loss'] for s in (4, 5, 6)],
                              [want[s]['loss'] for s in (4, 5, 6)], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_train_on_a_mixture_onto_the_one_process_losses(tmp_path, data_dir):
+  # Each process packs its own streams of each source; the global batches, and so the
+  # losses and each source's evaluation, are those of one process.
+  mixture = ['data.source=py=default,1;again=default,3']
+  want = _one_process(tmp_path, data_dir, extra=mixture)
+  _train_in_two_processes(tmp_path / 'two', data_dir, _flags(_free_port()), extra=mixture)
+  _assert_same_run(want, tmp_path / 'two')
+  got = {r['step']: r for r in read_metrics(tmp_path / 'two')}
+  for key in ('eval_loss/py', 'eval_bpb/again'):
+    np.testing.assert_allclose(got[6][key], want[6][key], rtol=1e-5)
 
 
 @pytest.mark.slow
