@@ -225,6 +225,23 @@ def test_a_source_of_weight_zero_is_evaluated_only(mixture):
   assert prompts and all(B not in p for p in prompts)
 
 
+def test_threads_make_a_mixtures_batches_and_positions_as_one_thread_does(tmp_path, mixture):
+  from test_data import _gpt2_style_tokenizer  # pylint: disable=g-import-not-at-top
+  mixture.tokenizer = _gpt2_style_tokenizer(tmp_path / 'tokenizer.json')  # threads tokenize
+  make = lambda threads: iter(data.make_train_dataset(mixture, seed=0, global_batch_size=8,
+                                                      num_threads=threads))
+  inline, threaded = make(0), make(3)
+  for want, got in zip(_take(inline, 6), _take(threaded, 6)):
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+  assert threaded.get_state() == inline.get_state()
+  resumed = make(0)
+  resumed.set_state(json.loads(json.dumps(threaded.get_state())))
+  np.testing.assert_array_equal(next(resumed)['inputs'], next(threaded)['inputs'])
+  for it in (inline, threaded, resumed):
+    it.close()
+
+
 def test_a_mixtures_epoch_is_that_of_its_source_read_furthest(mixture):
   it = iter(data.make_train_dataset(mixture, seed=0, global_batch_size=8))
   num_a = len(data.open_source(_single(mixture, 'a'), 'train'))
@@ -288,6 +305,12 @@ def test_training_on_a_mixture_logs_each_sources_eval_and_evaluates_alike(tmp_pa
   again = evaluate(cfg, tmp_path / 'run')
   for key in ('eval_loss', 'eval_bpb/a', 'eval_bpb/b'):
     assert again[key] == pytest.approx(result[key], rel=1e-5)
+  # Evaluated on one more set after training: its metrics join, the mixture's stay.
+  more = cfg.copy_and_resolve_references()
+  more.data.source = f'{mixture.source};more={data_mixture(mixture.source)[0].source},0'
+  extended = evaluate(more, tmp_path / 'run')
+  assert extended['eval_loss/more'] == pytest.approx(again['eval_loss/a'], rel=1e-6)
+  assert extended['eval_loss'] == pytest.approx(again['eval_loss'], rel=1e-6)
   # Resumed with new weights, its data position holds (keeping the best checkpoint is
   # said to rank across the change); with other sources, it does not.
   with cfg.unlocked():
