@@ -892,10 +892,11 @@ def _is_one_source(source: str) -> bool:
 @dataclasses.dataclass(frozen=True)
 class MixtureComponent:
   """One source of a data mixture; `weight` is its share of the training rows (of
-  tokens), normalised over the mixture."""
+  tokens), normalised over the mixture; `text_key` its own `data.text_key`, if given."""
   name: str
   source: str
   weight: float
+  text_key: str | None = None
 
 
 _MIXTURE_NAME = re.compile(r'[A-Za-z_][\w.-]*')
@@ -905,12 +906,13 @@ _SOURCE_START = re.compile(r'default$|files:|tfds:|distilled:')
 def data_mixture(source: str) -> tuple[MixtureComponent, ...] | None:
   """The components of a mixture `data.source`, None for a single source.
 
-  A mixture is `[NAME=]SOURCE,WEIGHT` components joined by `;` (MaxText's grain
-  `path,weight;path,weight`, with optional names), e.g.
-  `web=files:/data/web/*.jsonl.gz,0.7;code=tfds:the_stack,0.3`; spaces around each part
-  are dropped. A weight of 0 evaluates a source without training on it (Levanter's
-  convention). A component without a name is named by its place, '0', '1', ...; the
-  names label its eval metrics (`eval_bpb/web`). Raises `ConfigError` naming the
+  A mixture is `[NAME=]SOURCE,WEIGHT[,TEXT_KEY]` components joined by `;` (MaxText's
+  grain `path,weight;path,weight`, with optional names), e.g.
+  `web=files:/data/web/*.jsonl.gz,0.7;code=files:/data/stack/*.parquet,0.3,content`;
+  spaces around each part are dropped. A weight of 0 evaluates a source without training
+  on it (Levanter's convention). A component without a name is named by its place, '0',
+  '1', ...; the names label its eval metrics (`eval_bpb/web`). TEXT_KEY is the source's
+  own `data.text_key` (The Stack's code is in `content`). Raises `ConfigError` naming the
   component that is wrong."""
   if ';' not in source:
     return None
@@ -918,13 +920,18 @@ def data_mixture(source: str) -> tuple[MixtureComponent, ...] | None:
   for i, part in enumerate(p.strip() for p in source.split(';')):
     where = f'data.source component {i + 1} ({part!r}) of {source!r}'
     spec, comma, weight = (p.strip() for p in part.rpartition(','))
+    text_key = None
+    if _MIXTURE_NAME.fullmatch(weight) and ',' in spec:  # SOURCE,WEIGHT,TEXT_KEY
+      text_key = weight
+      spec, comma, weight = (p.strip() for p in spec.rpartition(','))
     try:
       weight = float(weight) if comma else math.nan
     except ValueError:
       weight = math.nan
     if not 0 <= weight < math.inf:
-      raise ConfigError(f'{where} must end in ",WEIGHT", a number >= 0: its share of the '
-                        "training tokens (0: evaluated only), e.g. 'files:/data/web/*.jsonl,0.7'")
+      raise ConfigError(f'{where} must end in ",WEIGHT", a number >= 0 (its share of the '
+                        'training tokens; 0: evaluated only), or ",WEIGHT,TEXT_KEY", e.g. '
+                        "'files:/data/web/*.jsonl,0.7'")
     name, equals, rest = (p.strip() for p in spec.partition('='))
     if equals and not _SOURCE_START.match(spec) and _SOURCE_START.match(rest):
       if not _MIXTURE_NAME.fullmatch(name):
@@ -939,7 +946,7 @@ def data_mixture(source: str) -> tuple[MixtureComponent, ...] | None:
     if name in names:
       raise ConfigError(f'{where}: the name {name!r} is taken by another component')
     names.add(name)
-    components.append(MixtureComponent(name, spec, weight))
+    components.append(MixtureComponent(name, spec, weight, text_key))
   largest = max(c.weight for c in components)  # (dividing first: a sum may overflow)
   if not largest:
     raise ConfigError(f'data.source={source!r} trains on none of its sources: give one a '

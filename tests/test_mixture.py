@@ -82,6 +82,20 @@ def test_a_mixture_drops_spaces_and_takes_any_finite_weights():
   assert not config_lib.reweighted('default,1;tfds:x,0', 'default,1;tfds:x,1')
 
 
+def test_a_source_of_a_mixture_may_name_its_own_text_key(tmp_path, mixture):
+  (tmp_path / 'code').mkdir()
+  (tmp_path / 'code' / 'stack.jsonl').write_text(''.join(
+      json.dumps({'content': 'C' * (20 + i), 'text': 'never read'}) + '\n' for i in range(40)))
+  a = data_mixture(mixture.source)[0].source
+  code = mixture.copy_and_resolve_references()
+  code.source = f'a={a},1;code=files:{tmp_path}/code/*.jsonl,1,content'
+  assert data_mixture(code.source)[1].text_key == 'content'
+  batches = _take(iter(data.make_train_dataset(code, seed=0, global_batch_size=8)), 20)
+  inputs = np.concatenate([b['inputs'] for b in batches])
+  assert (inputs == ord('C')).any() and not (inputs == ord('v')).any()
+  assert (inputs == A).any()  # the other source keeps data.text_key (unread by .txt files)
+
+
 @pytest.mark.parametrize('source, why', [
     ('default;files:/x/*.txt,1', r'component 1 .* must end in ",WEIGHT"'),
     ('default,1;files:/x/*.txt,-1', r'component 2 .* must end in ",WEIGHT"'),

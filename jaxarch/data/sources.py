@@ -729,13 +729,15 @@ def _log_held_out(source: str, fraction: float) -> None:
 
 def mixture_configs(data_cfg) -> list[tuple[MixtureComponent, object]]:
   """Each source that `data.source` mixes (`config.data_mixture`), with the data config
-  that reads it alone (the other `data` keys, the text key among them, are shared); a
-  single source is one component of weight 1."""
+  that reads it alone (the other `data` keys are shared; the text key unless the source
+  names its own); a single source is one component of weight 1."""
   components = data_mixture(data_cfg.source) or (MixtureComponent('', data_cfg.source, 1.0),)
   configs = []
   for component in components:
     cfg = data_cfg.copy_and_resolve_references()
     cfg.source = component.source
+    if component.text_key is not None:
+      cfg.text_key = component.text_key
     configs.append((component, cfg))
   return configs
 
