@@ -74,8 +74,9 @@ _LAYOUT_BEFORE = {'data.add_bos': True}
 def data_changes(workdir: Path, cfg: ml_collections.ConfigDict) -> str | None:
   """What of `_DATA_LAYOUT` changed since the run in `workdir` was saved, e.g.
   'train.batch_size 32 -> 64', or None (same, or no saved run). The run's own files are
-  compared by their names in the run (`config_lib.RUN_FILES`), which a move keeps. A
-  mixture of the same sources with new weights is no change (`config.reweighted`)."""
+  compared by their names in the run (`config_lib.RUN_FILES`), which a move keeps. The
+  same trained sources with new weights, or with eval sets added or dropped, are no
+  change (`config.reweighted`)."""
   saved = workdir / 'config.json'
   if not saved.exists():
     return None
