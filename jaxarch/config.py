@@ -918,42 +918,48 @@ def data_mixture(source: str) -> tuple[MixtureComponent, ...] | None:
     return None
   components, names = [], set()
   for i, part in enumerate(p.strip() for p in source.split(';')):
-    where = f'data.source component {i + 1} ({part!r}) of {source!r}'
-    spec, comma, weight = (p.strip() for p in part.rpartition(','))
-    text_key = None
-    if _MIXTURE_NAME.fullmatch(weight) and ',' in spec:  # SOURCE,WEIGHT,TEXT_KEY
-      text_key = weight
-      spec, comma, weight = (p.strip() for p in spec.rpartition(','))
-    try:
-      weight = float(weight) if comma else math.nan
-    except ValueError:
-      weight = math.nan
-    if not 0 <= weight < math.inf:
-      raise ConfigError(f'{where} must end in ",WEIGHT", a number >= 0 (its share of the '
-                        'training tokens; 0: evaluated only), or ",WEIGHT,TEXT_KEY", e.g. '
-                        "'files:/data/web/*.jsonl,0.7'")
-    name, equals, rest = (p.strip() for p in spec.partition('='))
-    if equals and not _SOURCE_START.match(spec) and _SOURCE_START.match(rest):
-      if not _MIXTURE_NAME.fullmatch(name):
-        raise ConfigError(f'{where}: the name {name!r} must start with a letter or _ and '
-                          'hold only letters, digits, _, . and -')
-      spec = rest
-    else:
-      name = str(i)
-    if not _is_one_source(spec) or spec.startswith('distilled:'):
-      raise ConfigError(f"{where}: {spec!r} must be 'default', 'files:<glob>' or "
-                        "'tfds:<name>', optionally named as 'NAME=SOURCE'")
-    if name in names:
-      raise ConfigError(f'{where}: the name {name!r} is taken by another component')
-    names.add(name)
-    components.append(MixtureComponent(name, spec, weight, text_key))
+    component = _mixture_component(i, part, source)
+    if component.name in names:
+      raise ConfigError(f'data.source component {i + 1} ({part!r}) of {source!r}: the name '
+                        f'{component.name!r} is taken by another component')
+    names.add(component.name)
+    components.append(component)
   largest = max(c.weight for c in components)  # (dividing first: a sum may overflow)
-  if not largest:
-    raise ConfigError(f'data.source={source!r} trains on none of its sources: give one a '
-                      'weight above 0 (a weight of 0 evaluates a source only)')
+  if not largest:  # evaluated only (`jaxarch eval`); training refuses it
+    return tuple(components)
   total = sum(c.weight / largest for c in components)
   return tuple(dataclasses.replace(c, weight=c.weight / largest / total)
                for c in components)
+
+
+def _mixture_component(i: int, part: str, source: str) -> MixtureComponent:
+  """Component `i` of the mixture `source`, `[NAME=]SOURCE,WEIGHT[,TEXT_KEY]`."""
+  where = f'data.source component {i + 1} ({part!r}) of {source!r}'
+  spec, comma, weight = (p.strip() for p in part.rpartition(','))
+  text_key = None
+  if _MIXTURE_NAME.fullmatch(weight) and ',' in spec:  # SOURCE,WEIGHT,TEXT_KEY
+    text_key = weight
+    spec, comma, weight = (p.strip() for p in spec.rpartition(','))
+  try:
+    weight = float(weight) if comma else math.nan
+  except ValueError:
+    weight = math.nan
+  if not 0 <= weight < math.inf:
+    raise ConfigError(f'{where} must end in ",WEIGHT", a number >= 0 (its share of the '
+                      'training tokens; 0: evaluated only), or ",WEIGHT,TEXT_KEY", e.g. '
+                      "'files:/data/web/*.jsonl,0.7'")
+  name, equals, rest = (p.strip() for p in spec.partition('='))
+  if equals and not _SOURCE_START.match(spec) and _SOURCE_START.match(rest):
+    if not _MIXTURE_NAME.fullmatch(name):
+      raise ConfigError(f'{where}: the name {name!r} must start with a letter or _ and '
+                        'hold only letters, digits, _, . and -')
+    spec = rest
+  else:
+    name = str(i)
+  if not _is_one_source(spec) or spec.startswith('distilled:'):
+    raise ConfigError(f"{where}: {spec!r} must be 'default', 'files:<glob>' or "
+                      "'tfds:<name>', optionally named as 'NAME=SOURCE'")
+  return MixtureComponent(name, spec, weight, text_key)
 
 
 def trained_sources(source: str) -> list[str]:
@@ -981,7 +987,14 @@ def _check_data(cfg: ConfigDict) -> None:
   source = _get(cfg, 'data.source')
   # Checked here too, not only when the data opens: a sweep's runs fail before they start.
   if isinstance(source, str) and data_mixture(source) is None and not _is_one_source(source):
-    raise ConfigError(DATA_SOURCE_ERROR.format(source))
+    try:
+      alone = _mixture_component(0, source.strip(), source)
+    except ConfigError:
+      raise ConfigError(DATA_SOURCE_ERROR.format(source)) from None
+    key = '' if alone.text_key is None else f' and --config.data.text_key={alone.text_key}'
+    raise ConfigError(f'data.source={source!r} is one source with a weight or a name, which '
+                      "belong to a mixture of two or more 'SOURCE,WEIGHT' joined by ';': give "
+                      f'the source alone, {alone.source!r}{key}')
   threads = cfg.data.get('num_threads', 0)  # (a run saved before the key read inline)
   if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
     raise ConfigError(f'data.num_threads={threads!r} must be an int >= 0: threads that read '

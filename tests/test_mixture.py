@@ -3,6 +3,7 @@ and `jaxarch prepare`, which says what each source holds and how much of it a ru
 
 import json
 import math
+import re
 import types
 
 import numpy as np
@@ -82,6 +83,36 @@ def test_a_mixture_drops_spaces_and_takes_any_finite_weights():
   assert not config_lib.reweighted('default,1;tfds:x,0', 'default,1;tfds:x,1')
 
 
+@pytest.mark.parametrize('source, alone', [
+    ('default,1', "give the source alone, 'default'"),
+    ('a=files:/x/*.jsonl,1,body', "alone, 'files:/x/*.jsonl' and --config.data.text_key=body"),
+])
+def test_one_source_with_a_weight_says_to_give_it_alone(source, alone):
+  with pytest.raises(ConfigError, match='is one source with a weight or a name.*' +
+                     re.escape(alone)):
+    config_lib.load('configs/dense.py:tiny', [f'data.source={source}'])
+
+
+def test_a_glob_ending_in_a_weight_says_that_weights_are_for_mixtures(tmp_path):
+  cfg = tiny_config(str(tmp_path / 'data')).data
+  cfg.source = f'files:{tmp_path}/*.jsonl,1'
+  with pytest.raises(ConfigError, match="no files match .*a weight belongs to a mixture"):
+    data.open_source(cfg, 'train')
+
+
+def test_a_mixture_of_weights_zero_is_evaluated_but_not_trained_on(mixture):
+  untrained = mixture.copy_and_resolve_references()
+  untrained.source = mixture.source.replace(',1;', ',0;').replace(',3', ',0')
+  assert [c.weight for c in data_mixture(untrained.source)] == [0.0, 0.0]
+  with pytest.raises(ConfigError, match='trains on none of its sources: give one a weight'):
+    data.make_train_dataset(untrained, seed=0, global_batch_size=8)
+  batches = data.make_eval_dataset(untrained, batch_size=4, num_batches=2)
+  assert set(batches.components) == {'a', 'b'} and len(list(batches)) == 4
+  totals = {'a': {'nll': 3.0, 'tokens': 1.0, 'bytes': 1.0}}
+  assert summarize_mixture_eval(totals, {'a': 0.0}) == {  # no mixture's eval_loss
+      'eval_loss/a': 3.0, 'eval_bpb/a': pytest.approx(3 / math.log(2))}
+
+
 def test_a_source_of_a_mixture_may_name_its_own_text_key(tmp_path, mixture):
   (tmp_path / 'code').mkdir()
   (tmp_path / 'code' / 'stack.jsonl').write_text(''.join(
@@ -94,12 +125,19 @@ def test_a_source_of_a_mixture_may_name_its_own_text_key(tmp_path, mixture):
   inputs = np.concatenate([b['inputs'] for b in batches])
   assert (inputs == ord('C')).any() and not (inputs == ord('v')).any()
   assert (inputs == A).any()  # the other source keeps data.text_key (unread by .txt files)
+  # A key the file lacks: the error names the source and how to give it its own key, not
+  # data.text_key, which the other sources share.
+  wrong = code.copy_and_resolve_references()
+  wrong.source = code.source.replace(',content', ',body')
+  with pytest.raises(ConfigError, match=(
+      r"has no key 'body' .*give data.source component 'code' its own key after its "
+      r"weight: 'code=SOURCE,WEIGHT,KEY'")):
+    data.make_train_dataset(wrong, seed=0, global_batch_size=8)
 
 
 @pytest.mark.parametrize('source, why', [
     ('default;files:/x/*.txt,1', r'component 1 .* must end in ",WEIGHT"'),
     ('default,1;files:/x/*.txt,-1', r'component 2 .* must end in ",WEIGHT"'),
-    ('default,0;files:/x/*.txt,0', r'trains on none of its sources'),
     ('default,1;files:/x/*.txt,nan', r'component 2 .* must end in ",WEIGHT"'),
     ('default,1;', r'component 2 .* must end in ",WEIGHT"'),
     ('default,1;distilled:/d,1', r"component 2 .*'distilled:/d' must be 'default'"),
@@ -342,6 +380,8 @@ def test_training_on_a_mixture_logs_each_sources_eval_and_evaluates_alike(tmp_pa
         trainer._best_across_weights(tmp_path / 'run', cfg))
     cfg.data.source = mixture.source.split(';')[1][2:]
     assert trainer.data_changes(tmp_path / 'run', cfg).startswith('data.source a=files:')
+    cfg.data.source = ';'.join(reversed(mixture.source.split(';')))
+    assert 'in another order: keep their order' in trainer.data_changes(tmp_path / 'run', cfg)
 
 
 def test_distilled_prompts_come_from_each_source_by_weight(mixture):
@@ -410,7 +450,8 @@ def test_prepare_counts_each_source_and_the_epochs_the_run_reads(tmp_path, mixtu
   assert not (tmp_path / 'unmade').exists()
 
 
-def test_a_mixture_whose_trained_sources_have_no_validation_says_so(tmp_path, mixture):
+def test_a_mixture_whose_trained_sources_have_no_validation_says_so(tmp_path, mixture,
+                                                                    caplog):
   _letter_corpus(tmp_path / 'one', 'C', [300])  # one file: it trains, none validates
   b = data_mixture(mixture.source)[1].source
   only_eval = mixture.copy_and_resolve_references()
@@ -421,3 +462,7 @@ def test_a_mixture_whose_trained_sources_have_no_validation_says_so(tmp_path, mi
       trainer.no_trained_validation(batches))
   assert trainer.no_trained_validation(
       data.make_eval_dataset(mixture, batch_size=4, num_batches=2)) is None
+  # `jaxarch prepare` says so too.
+  summary.summarize(tiny_config(mixture.data_dir, **{'data.source': only_eval.source,
+                                                     'data.validation_fraction': 0.25}))
+  assert "component 'c' files:" in caplog.text and 'has no validation documents' in caplog.text

@@ -363,8 +363,12 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
     # Each source's documents, shuffled and endlessly repeated (its own seed in a mixture;
     # a mixture's sources of weight 0 are evaluated only, and one trained source reads as
     # that source alone, so that adding eval sets to a run keeps its batches).
-    num_documents, docs = map(list, zip(*[_train_documents(cfg, seed + k, num_streams)
-                                          for k, (_, cfg) in enumerate(parts)]))
+    if not parts:
+      raise ConfigError(f'config error: data.source={data_cfg.source!r} trains on none of '
+                        'its sources: give one a weight above 0 (a weight of 0 evaluates a '
+                        'source only)')
+    num_documents, docs = map(list, zip(*[_train_documents(*part, seed + k, num_streams)
+                                          for k, part in enumerate(parts)]))
     packed = lambda d, i: _packed_rows(d[i::num_streams], tokenizer, data_cfg)
     if len(parts) == 1:
       num_documents, = num_documents  # pylint: disable=unbalanced-tuple-unpacking
@@ -386,7 +390,8 @@ def make_train_dataset(data_cfg, *, seed: int, global_batch_size: int,
   return _WithLayout(batches, _in_run(layout, run_dir), documents_per_epoch, mine, run_dir)
 
 
-def _train_documents(data_cfg, seed: int, num_streams: int) -> tuple[int, grain.MapDataset]:
+def _train_documents(component, data_cfg, seed: int,
+                     num_streams: int) -> tuple[int, grain.MapDataset]:
   """The number of training documents of one source, and the documents shuffled and
   endlessly repeated.
 
@@ -395,7 +400,7 @@ def _train_documents(data_cfg, seed: int, num_streams: int) -> tuple[int, grain.
   pace of its documents' lengths: at a given step some streams are further on than
   others, so an epoch's worth of tokens holds some documents of the next epoch and misses
   some of this one (with one stream, `packing_streams=1`, none)."""
-  docs = grain.MapDataset.source(sources.open_source(data_cfg, 'train'))
+  docs = grain.MapDataset.source(sources.open_component(component, data_cfg, 'train'))
   if not len(docs):  # pylint: disable=g-explicit-length-test
     raise ConfigError(f'config error: data.source={data_cfg.source!r} has no training '
                       'documents')
@@ -660,7 +665,7 @@ def make_eval_dataset(data_cfg, *, batch_size: int, num_batches: int,
     return batched(sequences.map(to_row).to_iter_dataset(_reading(0)))
   configs, parts = sources.mixture_configs(data_cfg), {}
   for component, cfg in configs:
-    docs = grain.MapDataset.source(sources.open_source(cfg, 'validation'))
+    docs = grain.MapDataset.source(sources.open_component(component, cfg, 'validation'))
     parts[component.name] = (component.weight, batched(_packed_rows(
         docs, tokenizer, data_cfg, _read_threads(data_cfg, num_threads))))
     if len(configs) > 1 and not len(docs):  # pylint: disable=g-explicit-length-test
@@ -674,9 +679,9 @@ def make_eval_dataset(data_cfg, *, batch_size: int, num_batches: int,
 @functools.cache  # once, not for every evaluation
 def _warn_no_validation(component) -> None:
   log.warning('data.source component %r (%s) has no validation documents, so it is not '
-              'evaluated%s; raise data.validation_fraction to evaluate it', component.name,
-              component.source, " (the mixture's eval_loss leaves it out)"
-              if component.weight > 0 else '')
+              'evaluated%s; raise data.validation_fraction to evaluate it (all sources '
+              'share it: their splits move too)', component.name, component.source,
+              " (the mixture's eval_loss leaves it out)" if component.weight > 0 else '')
 
 
 class MixtureEvalBatches:

@@ -344,6 +344,9 @@ def _files_config(source: str, pattern: str, validation_fraction: float,
     hint = ''
     if os.path.isdir(os.path.expanduser(pattern)):
       hint = f"; for the files under that directory use 'files:{pattern.rstrip('/')}/**/*'"
+    elif re.search(r',\s*[\d.]+\s*(,\s*\w+\s*)?$', pattern):
+      hint = ("; a weight belongs to a mixture of two or more sources joined by ';' "
+              "('SOURCE,WEIGHT;SOURCE,WEIGHT'): give one source alone, without it")
     raise ConfigError(f'config error: data.source={source!r}: no files match the glob '
                      f'{pattern!r}{hint}')
   unreadable = [p for p in paths if not os.access(p, os.R_OK)]
@@ -742,9 +745,25 @@ def mixture_configs(data_cfg) -> list[tuple[MixtureComponent, object]]:
   return configs
 
 
+def open_component(component: MixtureComponent, data_cfg, split: str) -> TextSource:
+  """`open_source` of one source of `mixture_configs`. An error of a mixture's source that
+  names `data.text_key`, which its other sources share, names the source's own key and
+  how to give it one instead."""
+  try:
+    return open_source(data_cfg, split)
+  except ConfigError as e:
+    if not component.name or 'data.text_key' not in str(e):
+      raise
+    own = (f"give data.source component {component.name!r} its own key after its weight: "
+           f"'{component.name}=SOURCE,WEIGHT,KEY'")
+    message = re.sub(r'with --config\.data\.text_key=(KEY|NAME)', own, str(e))
+    message = message.replace('data.text_key=', f'the text key of {component.name!r}, ')
+    raise ConfigError(message) from None
+
+
 def open_source(data_cfg, split: str) -> TextSource:
   """Opens `split` ('train' or 'validation') of `data.source`, building it once if needed;
-  a mixture's sources open one by one (`mixture_configs`)."""
+  a mixture's sources open one by one (`mixture_configs`, `open_component`)."""
   source = data_cfg.source
   if data_mixture(source) is not None:
     raise ValueError(f'data.source={source!r} is a mixture: open each of its sources '

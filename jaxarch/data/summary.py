@@ -8,12 +8,16 @@ documents and bytes exactly, estimates its tokens from a sample of documents run
 the run's tokenizer, and sets them against the tokens the run trains on.
 """
 
+import logging
+
 import numpy as np
 
 from jaxarch.config import ConfigError
 from jaxarch.data import pipeline
 from jaxarch.data import sources
 from jaxarch.data import tokenizers
+
+log = logging.getLogger(__name__)
 
 _READ = 1024  # documents read at once when counting bytes
 
@@ -57,13 +61,18 @@ def summarize(cfg, *, sample_documents: int = 1000) -> list[dict]:
   for component, source_cfg in sources.mixture_configs(data_cfg):
     trained = component.weight > 0
     row = {'name': component.name or 'data', 'source': component.source,
-           'weight': component.weight}
+           'weight': component.weight, 'text_key': source_cfg.get('text_key')}
     for split in ('train', 'validation') if trained else ('validation',):
-      documents = sources.open_source(source_cfg, split)
+      documents = sources.open_component(component, source_cfg, split)
       num_bytes = _bytes(documents)
       row[split] = {'documents': len(documents), 'bytes': num_bytes,
                     'tokens': _tokens(documents, num_bytes, tokenizer, tokenize,
                                       sample_documents)}
+    if not row['validation']['documents']:
+      log.warning('data.source%s %s has no validation documents: it is not evaluated; '
+                  'raise data.validation_fraction to evaluate it (all sources share it)',
+                  f' component {component.name!r}' if component.name else '',
+                  component.source)
     if trained:
       row['train_tokens_read'] = round(run_tokens * component.weight)
       tokens = row['train']['tokens']

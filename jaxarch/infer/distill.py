@@ -34,7 +34,7 @@ def sample_prompts(data_cfg, split: str, num_prompts: int, prompt_len: int, seed
   document is), each from a random document (of a mixture: of a trained source drawn by
   weight) and start. With no BOS (data.add_bos=False) of the document alone, and an empty
   document gives no prompt: there may be fewer."""
-  parts = [(component.weight, sources.open_source(cfg, split))
+  parts = [(component.weight, sources.open_component(component, cfg, split))
            for component, cfg in sources.mixture_configs(data_cfg) if component.weight > 0]
   parts = [(weight, documents) for weight, documents in parts if len(documents)]
   if not parts:

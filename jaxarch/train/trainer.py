@@ -98,7 +98,18 @@ def data_changes(workdir: Path, cfg: ml_collections.ConfigDict) -> str | None:
   changes = [f'{k} {get(old, k)} -> {get(new, k)}' for k in _DATA_LAYOUT
              if get(old, k) != get(new, k) and not (
                  k == 'data.source' and config_lib.reweighted(get(old, k), get(new, k)))]
+  if changes and _reordered(get(old, 'data.source'), get(new, 'data.source')):
+    changes.append('(the same sources trained on, in another order: keep their order to '
+                   'keep the position)')
   return ', '.join(changes) or None
+
+
+def _reordered(old_source, new_source) -> bool:
+  try:
+    old, new = (config_lib.trained_sources(s) for s in (old_source, new_source))
+  except (config_lib.ConfigError, TypeError, AttributeError):
+    return False
+  return old != new and sorted(old) == sorted(new)
 
 
 def _best_across_weights(workdir: Path, cfg: ml_collections.ConfigDict) -> str | None:
