@@ -540,6 +540,15 @@ def test_compressed_files_that_are_not_json_lines_are_refused(tmp_path):
     data.open_source(cfg, 'train')
 
 
+def test_preparing_writes_nothing_to_stdout_and_no_progress_bars_to_a_log(corpus, capfd):
+  # stdout holds a command's result (`jaxarch prepare`'s table, `train`'s metrics); TFDS
+  # prints its preparing lines there, and its bars would fill a log file with \r.
+  cfg, _ = corpus
+  data.open_source(cfg, 'train')
+  out, err = capfd.readouterr()
+  assert out == '' and 'prepared to' in err and '\r' not in err
+
+
 def test_cache_is_built_once(corpus, monkeypatch):
   cfg, _ = corpus
   first = data.open_source(cfg, 'train')

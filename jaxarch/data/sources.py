@@ -46,6 +46,7 @@ import os
 import pathlib
 import platform
 import re
+import sys
 import sysconfig
 import zlib
 
@@ -799,6 +800,19 @@ def _warn_text_key_unread(source: str, text_key: str) -> None:
               'read as plain text files; drop the key', text_key, source)
 
 
+@contextlib.contextmanager
+def _tfds_output_on_stderr():
+  """TFDS prints its preparing lines to stdout, where a command's result goes (`jaxarch
+  prepare`'s table, `train`'s final metrics), and its progress bars would fill a log file
+  with carriage returns: the lines go to stderr, and the bars to a terminal only."""
+  tfds.display_progress_bar(sys.stderr.isatty())
+  try:
+    with contextlib.redirect_stdout(sys.stderr):
+      yield
+  finally:
+    tfds.display_progress_bar(True)  # TFDS's default
+
+
 def _prepared(builder_cls, config, data_dir: pathlib.Path, source: str):
   """The builder of `config`, its dataset written once: the processes of a run that start
   together wait for the one that writes it (a lock file in the data dir), and one that
@@ -822,7 +836,8 @@ def _prepared(builder_cls, config, data_dir: pathlib.Path, source: str):
   with lock, explained_write_errors(full):
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-      make().download_and_prepare()  # a no-op once the version directory exists
+      with _tfds_output_on_stderr():
+        make().download_and_prepare()  # a no-op once the version directory exists
     except FileExistsError:  # TFDS's final rename found the version directory written
       if not make().is_prepared():
         raise
