@@ -152,6 +152,19 @@ def test_a_moved_or_copied_run_resumes_from_its_checkpoint_and_data_position(
   resume(tmp_path / 'moved_again', 6)
 
 
+def test_resuming_with_more_steps_says_where_the_learning_rate_moves(tmp_path, data_dir):
+  cfg = _cfg(data_dir, **{'train.steps': 4, 'log.eval_every_steps': 4})
+  train(cfg, tmp_path)
+  assert trainer._schedule_moved(tmp_path, cfg, 4) is None  # resumed as it was
+  longer = _cfg(data_dir, **{'train.steps': 8, 'log.eval_every_steps': 4})
+  moved = trainer._schedule_moved(tmp_path, longer, 4)
+  before = float(trainer.learning_rate_schedule(cfg.train)(4))
+  after = float(trainer.learning_rate_schedule(longer.train)(4))
+  assert after > 2 * before  # the cosine climbs back up
+  assert moved.startswith('train.steps 4 -> 8 since the checkpoint: step 5 trains at a '
+                          f'learning rate of {after:.3g} where the run was at {before:.3g}')
+
+
 def test_evaluate_and_load_use_the_latest_checkpoint(tmp_path, data_dir):
   cfg = _cfg(data_dir, **{'train.steps': 10})
   result = train(cfg, tmp_path)

@@ -131,6 +131,27 @@ def _best_across_weights(workdir: Path, cfg: ml_collections.ConfigDict) -> str |
           'the eval_loss/NAME of each source instead')
 
 
+def _schedule_moved(workdir: Path, cfg: ml_collections.ConfigDict, step: int) -> str | None:
+  """What resuming with other `train` keys does to the learning rate of the next step, or
+  None (the same rate): a schedule spans `train.steps`, so a cosine run given more steps
+  climbs back up its curve, which a user extending a run may not expect."""
+  try:
+    saved = config_lib.load_json(workdir / 'config.json')
+  except (config_lib.ConfigError, OSError, ValueError):
+    return None
+  # optax counts updates from 0: the next step's rate is the schedule's at `step`.
+  before, after = (float(learning_rate_schedule(c.train)(step)) for c in (saved, cfg))
+  if math.isclose(before, after, rel_tol=1e-3, abs_tol=1e-12):
+    return None
+  keys = [f'train.{k} {saved.train.get(k)} -> {cfg.train.get(k)}' for k in cfg.train
+          if not isinstance(cfg.train[k], ml_collections.ConfigDict)
+          and saved.train.get(k) != cfg.train.get(k)]
+  return (f'{", ".join(keys) or "the train keys"} since the checkpoint: step {step + 1} trains '
+          f'at a learning rate of {after:.3g} where the run was at {before:.3g} (the schedule '
+          'spans train.steps; a cosine run given more steps climbs back up its curve, while '
+          "train.schedule='wsd' is made to be extended)")
+
+
 def no_validation_data(cfg: ml_collections.ConfigDict, batches) -> str | None:
   """Why the run has nothing to evaluate on, or None: its validation `batches`
   (`eval_batches`) are none (a corpus of few files, split by file, may put none in
@@ -257,6 +278,8 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, stop: StopRequests) ->
                     'the data iterators start afresh')
         elif cfg.checkpoint.keep_best and (reweighted := _best_across_weights(workdir, cfg)):
           bar.alert(reweighted)
+        if restored_step and (moved := _schedule_moved(workdir, cfg, restored_step)):
+          bar.alert(moved)
       if stop.should_stop(0):  # a signal while starting: nothing trained, nothing to save
         kept = (f'checkpoint {checkpointer.directory / str(restored_step)} is unchanged'
                 if restored_step is not None else 'no checkpoint was written yet')
