@@ -133,6 +133,13 @@ def test_a_source_of_a_mixture_may_name_its_own_text_key(tmp_path, mixture):
       r"has no key 'body' .*give data.source component 'code' its own key after its "
       r"weight: 'code=SOURCE,WEIGHT,KEY'")):
     data.make_train_dataset(wrong, seed=0, global_batch_size=8)
+  # A key given to plain text files, which have none, is a slip: one line naming it.
+  keyed = code.copy_and_resolve_references()
+  keyed.source = f'a={a},1,content;code=files:{tmp_path}/code/*.jsonl,1,content'
+  with pytest.raises(ConfigError, match=(
+      r"the text key of 'a', 'content' is not read: .* plain text files, which have no keys; "
+      r'drop ",content" after its weight')):
+    data.make_train_dataset(keyed, seed=0, global_batch_size=8)
 
 
 @pytest.mark.parametrize('source, why', [

@@ -751,7 +751,7 @@ def open_component(component: MixtureComponent, data_cfg, split: str) -> TextSou
   names `data.text_key`, which its other sources share, names the source's own key and
   how to give it one instead."""
   try:
-    return open_source(data_cfg, split)
+    return open_source(data_cfg, split, own_text_key=component.text_key is not None)
   except ConfigError as e:
     if not component.name or 'data.text_key' not in str(e):
       raise
@@ -762,9 +762,11 @@ def open_component(component: MixtureComponent, data_cfg, split: str) -> TextSou
     raise ConfigError(message) from None
 
 
-def open_source(data_cfg, split: str) -> TextSource:
+def open_source(data_cfg, split: str, own_text_key: bool = False) -> TextSource:
   """Opens `split` ('train' or 'validation') of `data.source`, building it once if needed;
-  a mixture's sources open one by one (`mixture_configs`, `open_component`)."""
+  a mixture's sources open one by one (`mixture_configs`, `open_component`). A text key
+  that plain text files do not read is a warning (a saved run's config may hold one),
+  unless it is a mixture's source's `own_text_key`."""
   source = data_cfg.source
   if data_mixture(source) is not None:
     raise ValueError(f'data.source={source!r} is a mixture: open each of its sources '
@@ -783,6 +785,10 @@ def open_source(data_cfg, split: str) -> TextSource:
     raise ConfigError('config error: ' + DATA_SOURCE_ERROR.format(source))
   if data_cfg.get('text_key') is not None and not any(f.endswith(RECORDS)
                                                       for f in config.files):
+    if own_text_key:  # a mixture's source given its own key: a slip, not an old run's key
+      raise ConfigError(f'config error: data.text_key={data_cfg.text_key!r} is not read: '
+                        f'data.source={source!r} is read as plain text files, which have no '
+                        f'keys; drop ",{data_cfg.text_key}" after its weight')
     _warn_text_key_unread(source, data_cfg.text_key)
   builder = _prepared(builder_cls, config, data_dir, source)
   if split not in builder.info.splits:
