@@ -669,7 +669,7 @@ def make_eval_dataset(data_cfg, *, batch_size: int, num_batches: int,
     parts[component.name] = (component.weight, batched(_packed_rows(
         docs, tokenizer, data_cfg, _read_threads(data_cfg, num_threads))))
     if len(configs) > 1 and not len(docs):  # pylint: disable=g-explicit-length-test
-      _warn_no_validation(component)
+      warn_no_validation(component)
   if len(parts) == 1:
     return next(iter(parts.values()))[1]
   return MixtureEvalBatches({name: b for name, (_, b) in parts.items()},
@@ -677,11 +677,15 @@ def make_eval_dataset(data_cfg, *, batch_size: int, num_batches: int,
 
 
 @functools.cache  # once, not for every evaluation
-def _warn_no_validation(component) -> None:
-  log.warning('data.source component %r (%s) has no validation documents, so it is not '
-              'evaluated%s; raise data.validation_fraction to evaluate it (all sources '
-              'share it: their splits move too)', component.name, component.source,
-              " (the mixture's eval_loss leaves it out)" if component.weight > 0 else '')
+def warn_no_validation(component) -> None:
+  """Says that a source of `sources.mixture_configs` (a mixture's, or the one source) has
+  no validation documents, and what would give it some."""
+  name = f'data.source component {component.name!r} ' if component.name else 'data.source '
+  log.warning('%s(%s) has no validation documents, so it is not evaluated%s; raise '
+              'data.validation_fraction to evaluate it (all sources share it: their splits '
+              'move too)', name, component.source,
+              " (the mixture's eval_loss leaves it out)"
+              if component.name and component.weight > 0 else '')
 
 
 class MixtureEvalBatches:

@@ -8,16 +8,12 @@ documents and bytes exactly, estimates its tokens from a sample of documents run
 the run's tokenizer, and sets them against the tokens the run trains on.
 """
 
-import logging
-
 import numpy as np
 
 from jaxarch.config import ConfigError
 from jaxarch.data import pipeline
 from jaxarch.data import sources
 from jaxarch.data import tokenizers
-
-log = logging.getLogger(__name__)
 
 _READ = 1024  # documents read at once when counting bytes
 
@@ -69,10 +65,7 @@ def summarize(cfg, *, sample_documents: int = 1000) -> list[dict]:
                     'tokens': _tokens(documents, num_bytes, tokenizer, tokenize,
                                       sample_documents)}
     if not row['validation']['documents']:
-      log.warning('data.source%s %s has no validation documents: it is not evaluated; '
-                  'raise data.validation_fraction to evaluate it (all sources share it)',
-                  f' component {component.name!r}' if component.name else '',
-                  component.source)
+      pipeline.warn_no_validation(component)
     if trained:
       row['train_tokens_read'] = round(run_tokens * component.weight)
       tokens = row['train']['tokens']
