@@ -112,14 +112,22 @@ def _reordered(old_source, new_source) -> bool:
   return old != new and sorted(old) == sorted(new)
 
 
+def _saved_config(workdir: Path) -> ml_collections.ConfigDict | None:
+  """The config the run in `workdir` was saved with, or None where it cannot be read
+  (`data_changes` says so)."""
+  try:
+    return config_lib.load_json(workdir / 'config.json')
+  except (config_lib.ConfigError, OSError, ValueError):
+    return None
+
+
 def _best_across_weights(workdir: Path, cfg: ml_collections.ConfigDict) -> str | None:
   """What keeping the best checkpoint means if the run resumes on its mixture's sources
   with new weights (`config.reweighted`), or None: the mixture's eval_loss weighs the
   sources by the weights of the day."""
-  try:
-    saved = json.loads((workdir / 'config.json').read_text())['data']['source']
-  except (OSError, ValueError, KeyError, TypeError):
+  if (saved_cfg := _saved_config(workdir)) is None:
     return None
+  saved = saved_cfg.data.source
   weights = lambda source: [c.weight for c in config_lib.data_mixture(source) or ()
                             if c.weight > 0] or [1.0]  # of the sources trained on
   if not config_lib.reweighted(saved, cfg.data.source) or (
@@ -135,9 +143,7 @@ def _schedule_moved(workdir: Path, cfg: ml_collections.ConfigDict, step: int) ->
   """What resuming with other `train` keys does to the learning rate of the next step, or
   None (the same rate): a schedule spans `train.steps`, so a cosine run given more steps
   climbs back up its curve, which a user extending a run may not expect."""
-  try:
-    saved = config_lib.load_json(workdir / 'config.json')
-  except (config_lib.ConfigError, OSError, ValueError):
+  if (saved := _saved_config(workdir)) is None:
     return None
   # optax counts updates from 0: the next step's rate is the schedule's at `step`.
   before, after = (float(learning_rate_schedule(c.train)(step)) for c in (saved, cfg))
