@@ -106,6 +106,9 @@ def get_config(arg=None):
   c.model.dtype = 'bfloat16'  # compute; parameters stay in param_dtype
   c.model.param_dtype = 'float32'
   c.model.remat = 'none'  # none | full | dots (save matmul outputs)
+  # True: the blocks' weights stacked by layer and run by one lax.scan (MaxText's
+  # scan_layers): the step compiles one period of blocks, not every layer.
+  c.model.scan_layers = False
   c.model.attention_impl = 'auto'  # auto (cuDNN flash on GPU in bf16, else XLA) | xla | cudnn
 
   # Data section.

@@ -397,6 +397,7 @@ def _check_transformer(cfg: ConfigDict) -> None:
   _choice(cfg, 'model.dtype', DTYPES)
   _choice(cfg, 'model.param_dtype', DTYPES)
   _choice(cfg, 'model.remat', REMAT)
+  _choice(cfg, 'model.scan_layers', (True, False))
   _choice(cfg, 'model.attention_impl', ATTENTION_IMPLS)
   _choice(cfg, 'model.tie_embeddings', (True, False))
 
@@ -1414,13 +1415,14 @@ RUN_MODEL_KEYS = (('moe', 'matmul_impl'), ('moe', 'kernel_tiling'), ('moe', 'mos
 # Model keys that only shape the initial weights (a saved run's are in its checkpoints),
 # and model and data keys that jaxarch gained with a default that is what older runs did
 # (no rope scaling, no q/k/v biases, no QK-norm, no sliding window, none of Gemma 3's keys,
+# unscanned layers,
 # generation stopping at the end-of-document id alone, documents and prompts starting with
 # a BOS, no chat template), or that say how to read the same batches (data.num_threads).
 FILLED_KEYS = (('model', 'init_truncation'), ('model', 'residual_init_scale'),
                ('model', 'rope_scaling'), ('model', 'qkv_bias'), ('model', 'qk_norm'),
                ('model', 'sliding_window'), ('model', 'attention_pattern'),
                ('model', 'local_rope_theta'), ('model', 'embed_scale'),
-               ('model', 'post_norms'), ('model', 'mlp_activation'),
+               ('model', 'post_norms'), ('model', 'mlp_activation'), ('model', 'scan_layers'),
                ('data', 'stop_ids'), ('data', 'add_bos'), ('data', 'chat_template'),
                ('data', 'num_threads'))
 

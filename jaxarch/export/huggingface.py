@@ -82,6 +82,7 @@ from jaxarch.data import bos_id, get_tokenizer, stop_ids
 from jaxarch.export.hf_tokenizer import write_tokenizer
 from jaxarch.export.weights import (Deferred, ExportError, flat_arrays, readable,
                                     save_safetensors)
+from jaxarch.models import unscanned
 from jaxarch.models.transformer import head_dim, layer_windows
 
 ARCHITECTURES = {'dense': 'LlamaForCausalLM', 'moe': 'MixtralForCausalLM'}
@@ -362,6 +363,7 @@ def write_hf(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path,
   """Writes `model` as OUT/{config.json, model.safetensors, tokenizer files,
   generation_config.json, README.md}, for `AutoModelForCausalLM.from_pretrained(OUT)`."""
   check_exportable(cfg)
+  cfg, model = unscanned(cfg, model)  # transformers' layers are unrolled
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
   tokenizer = get_tokenizer(cfg.data.tokenizer)

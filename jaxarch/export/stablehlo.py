@@ -32,7 +32,7 @@ from jaxarch.export.weights import ExportError, flat_arrays, write_model
 from jaxarch.infer.decoding import for_inference
 from jaxarch.infer.sampling import within_vocab
 from jaxarch.layers.signals import WindowCounter
-from jaxarch.models import named_variables
+from jaxarch.models import named_variables, unscanned
 
 
 def _state(template: dict[str, tuple], arrays: dict[str, jax.Array]) -> nnx.State:
@@ -69,6 +69,7 @@ def export_stablehlo(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str
     raise ExportError(f'export: need prompt_len={prompt_len} < max_len={max_len} <= '
                       f'model.max_len={cfg.model.max_len}')
   check_platforms(platforms)
+  cfg, model = unscanned(cfg, model)  # serving compiles once: no scan to save it
   out = write_model(model, cfg, out, source=source, final=final)
   model = for_inference(model)
   targets = {_BACKENDS[p] for p in platforms} if platforms else {jax.default_backend()}

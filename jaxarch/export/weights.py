@@ -203,6 +203,7 @@ def write_model(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Pa
 
   `final`: where OUT will be once written (`all_or_nothing`), named in its README.
   """
+  cfg, model = models.unscanned(cfg, model)  # each layer under its own name
   out = free_out(out)
   out.mkdir(parents=True, exist_ok=True)
   arrays = {name: Deferred(array) for name, array in flat_arrays(model).items()}

@@ -247,8 +247,9 @@ class MoE(nnx.Module):
                          ) if num_shared_experts else None
 
   def inactive_params(self) -> int:
-    """The routed experts a token does not use."""
-    return (self.num_experts - self.top_k) * 3 * self.w_gate.shape[1] * self.expert_d_ff
+    """The routed experts a token does not use, in one layer (in a scanned stack, the
+    weights are stacked [layers, E, d, f]: d is read from the end)."""
+    return (self.num_experts - self.top_k) * 3 * self.w_gate.shape[-2] * self.expert_d_ff
 
   def __call__(self, x: jax.Array, real: jax.Array | None = None) -> jax.Array:
     """x [b, s, d]; `real` [b, s]: the tokens that are not padding (None: all), the only

@@ -32,7 +32,8 @@ from flax import nnx
 Initializer = Callable[..., jax.Array]
 
 # The normal draws `param` leaves to the enclosing `grouped_draws` (None outside one):
-# (variable, initializer, stream key, stream count) each.
+# (variable, initializer, stream keys, stream counts, stacked) each: one key and count for
+# a weight; one per layer for a weight `stack_layers` stacked (its value [layers, ...]).
 _PENDING: contextvars.ContextVar[list | None] = contextvars.ContextVar('pending_draws',
                                                                        default=None)
 
@@ -53,7 +54,7 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int],
   stream = rngs.params
   variable = nnx.Param(jnp.zeros(tuple(shape), dtype), out_sharding=tuple(axes),
                        eager_sharding=False, weight_decay=weight_decay, **metadata)
-  pending.append((variable, init, stream.key[...], stream.count[...]))
+  pending.append((variable, init, (stream.key[...],), (stream.count[...],), False))
   stream.count[...] += 1
   return variable
 
@@ -96,19 +97,50 @@ def grouped_draws() -> Iterator[None]:
   finally:
     _PENDING.reset(token)
   groups = collections.defaultdict(list)
-  for variable, init, key, count in pending:
+  for variable, init, keys, counts, stacked in pending:
     value = variable.get_value()
-    groups[value.shape, value.dtype, init.truncation].append((variable, init.std, key, count))
+    shape = value.shape[1:] if stacked else value.shape
+    groups[shape, value.dtype, init.truncation].append((variable, init.std, keys, counts,
+                                                         stacked))
   for (shape, dtype, truncation), members in groups.items():
-    variables, stds, keys, counts = zip(*members)
     def draw(args, shape=shape, dtype=dtype, truncation=truncation):
       key, count, std = args
       return _draw(jax.random.fold_in(key, count), std, shape=shape, dtype=dtype,
                    truncation=truncation)
+    keys = [k for _, _, ks, _, _ in members for k in ks]
+    counts = [c for _, _, _, cs, _ in members for c in cs]
+    stds = [std for _, std, ks, _, _ in members for _ in ks]
     # A loop, not a vmap: XLA would fuse a vmapped draw into each weight's slice of it.
     values = jax.lax.map(draw, (jnp.stack(keys), jnp.stack(counts), jnp.asarray(stds, dtype)))
-    for variable, value in zip(variables, values):
-      variable.set_value(value)
+    start = 0
+    for variable, _, ks, _, stacked in members:
+      variable.set_value(values[start:start + len(ks)] if stacked else values[start])
+      start += len(ks)
+
+
+def stack_layers(variables: Sequence[nnx.Variable]) -> nnx.Variable:
+  """`variables[0]`, made to hold every one of `variables` (one per layer, alike in
+  shape and kind) stacked [layers, ...], its axis names led by None: a scanned stack's
+  layers are not split over devices. Inside `grouped_draws`, weights still to be drawn
+  stay so, each layer's slice with its own key and count: the stacked weights get the
+  values the layers' weights would have had."""
+  first, n = variables[0], len(variables)
+  pending = _PENDING.get() or []
+  ids = {id(v) for v in variables}
+  draws = {id(entry[0]): entry for entry in pending if id(entry[0]) in ids}
+  if draws:
+    entries = [draws[id(v)] for v in variables]
+    pending[:] = [entry for entry in pending if id(entry[0]) not in ids]
+    pending.append((first, entries[0][1], tuple(e[2][0] for e in entries),
+                    tuple(e[3][0] for e in entries), True))
+    value = first.get_value()
+    first.set_value(jnp.zeros((n, *value.shape), value.dtype))
+  else:
+    first.set_value(jnp.stack([v.get_value() for v in variables]))
+  axes = first.get_metadata().get('out_sharding')
+  if axes is not None:
+    first.set_metadata('out_sharding', (None, *axes))
+  return first
 
 
 def normal(std: float, truncation: float = 0.0) -> Initializer:

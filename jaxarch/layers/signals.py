@@ -29,13 +29,33 @@ class PerStepState(nnx.Variable):
   on the whole batch at once, also where the move is not linear in the sums (a sign)."""
 
 
+def capturing(module: nnx.Module) -> bool:
+  """Whether signals sown on `module` are read. Only the train step reads them, through
+  `nnx.capture` (which gives every submodule its `__captures__`). Elsewhere (generation,
+  export) they are dropped, not attached to the module, which flax >= 0.12 deprecates.
+  Older flax has no capture: `run_model` pops them."""
+  return not hasattr(nnx, 'capture') or hasattr(module, '__captures__')
+
+
 def _sow(module: nnx.Module, name: str, value: jax.Array):
-  # Only the train step reads signals, through `nnx.capture` (which gives every submodule
-  # its `__captures__`). Elsewhere (generation, export) they are dropped, not attached to
-  # the module, which flax >= 0.12 deprecates. Older flax has no capture: `run_model` pops.
-  if hasattr(nnx, 'capture') and not hasattr(module, '__captures__'):
-    return
-  module.sow(nnx.Intermediate, name, value)
+  if capturing(module):
+    module.sow(nnx.Intermediate, name, value)
+
+
+def sow_layers(stack: nnx.Module, sown, period: int):
+  """Sows on `stack` what the blocks of its scan sowed (`sown`: stacked [repeats, ...],
+  keyed by the block's place in the period, `j/...`) as if each layer had: losses and
+  metrics under `blocks/<layer>/...`, the layer's name unscanned; step statistics under
+  the stacked block's own path (`layers/j/...`), still stacked, for its `end_step` run on
+  each layer."""
+  for path, variable in nnx.to_flat_state(sown):
+    j, *inner = [str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path]
+    for value in jax.tree.leaves(variable):
+      if inner[-1].startswith('step_'):
+        _sow(stack, '/'.join(['layers', j, *inner]), value)
+        continue
+      for repeat, layer_value in enumerate(value):
+        _sow(stack, '/'.join(['blocks', str(repeat * period + int(j)), *inner]), layer_value)
 
 
 def add_aux_loss(module: nnx.Module, value: jax.Array):

@@ -15,7 +15,8 @@ from jaxarch.models.bita import Bita
 from jaxarch.models.megabyte import Megabyte
 from jaxarch.models import ultramem  # registers the memory side layer
 from jaxarch.layers import Embed
-from jaxarch.models.transformer import BLOCKS, SIDE_LAYERS, Transformer, register_block
+from jaxarch.models.transformer import (BLOCKS, SIDE_LAYERS, Transformer, register_block,
+                                        stacked_modules, unstacked_arrays)
 
 # model.family -> constructor(model_cfg, rngs=...); `register_family` adds one.
 FAMILIES: dict[str, Callable[..., nnx.Module]] = {
@@ -74,6 +75,25 @@ def _check_runs_here(model_cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(str(e)) from None
 
 
+def unscanned(cfg: ml_collections.ConfigDict, model: nnx.Module
+              ) -> tuple[ml_collections.ConfigDict, nnx.Module]:
+  """(cfg, model) with `model.scan_layers` off: the same model with each layer's weights
+  its own (`blocks.i.*`), as exports hold them whatever the run's layout. Each layer's
+  slice is a copy, so the blocks' weights are held twice until the scanned model is
+  dropped. A model without scanned stacks is returned as it is."""
+  if not stacked_modules(model):
+    return cfg, model
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  cfg.model.scan_layers = False
+  abstract = nnx.eval_shape(lambda: build(cfg.model, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  arrays = unstacked_arrays(model)
+  flat = nnx.to_flat_state(state)
+  for path, variable in flat:
+    variable.set_value(arrays[path])
+  return cfg, nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
 def param_counts(model: nnx.Module) -> dict[str, int]:
   """Total, active-per-token, embedding-table and trained parameter counts.
 
@@ -85,7 +105,8 @@ def param_counts(model: nnx.Module) -> dict[str, int]:
   total = sum(x.size for x in jax.tree.leaves(params))
   frozen = sum(v.size for v in jax.tree.leaves(params, is_leaf=lambda x: isinstance(
       x, nnx.Variable)) if v.get_metadata().get('frozen', False))
-  inactive = sum(m.inactive_params() for _, m in nnx.iter_graph(model)
+  stacked = stacked_modules(model)  # a scanned stack's block counts once per layer
+  inactive = sum(m.inactive_params() * stacked.get(id(m), 1) for _, m in nnx.iter_graph(model)
                  if hasattr(m, 'inactive_params'))
   embedding = sum(m.embedding.get_value().size for _, m in nnx.iter_graph(model)
                   if isinstance(m, Embed))

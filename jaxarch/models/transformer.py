@@ -23,7 +23,8 @@ import ml_collections
 from jaxarch import config as config_lib
 from jaxarch.layers import Attention, Embed, RMSNorm, SwiGLU, remat
 from jaxarch.layers.embeddings import head_logits
-from jaxarch.layers.params import normal, param
+from jaxarch.layers import signals
+from jaxarch.layers.params import normal, param, stack_layers
 from jaxarch.layers.rope import LinearScaling, Llama3Scaling, RopeScaling
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -167,6 +168,73 @@ def side_placement(cfg: ml_collections.ConfigDict) -> list[tuple[str, int, int]]
           for read, write in cfg[kind].placement]
 
 
+def scan_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(period, repeats) of a scanned stack (`model.scan_layers`): the blocks repeat every
+  `period` (the block and attention patterns' common period), `repeats` times; (n_layers,
+  0) unscanned."""
+  if not cfg.get('scan_layers'):
+    return cfg.n_layers, 0
+  period = math.lcm(len(tuple(cfg.block_pattern)),
+                    len(tuple(cfg.get('attention_pattern', ('local',)))))
+  if cfg.n_layers % period:
+    raise config_lib.ConfigError(
+        f'model.scan_layers stacks the blocks by the period of model.block_pattern and '
+        f'model.attention_pattern ({period} blocks), which must divide model.n_layers='
+        f'{cfg.n_layers}; change the layers or set model.scan_layers=False')
+  if side_placement(cfg):
+    kinds = sorted({kind for kind, _, _ in side_placement(cfg)})
+    raise config_lib.ConfigError(
+        f'model.scan_layers runs the blocks as one scan, which has no place for the side '
+        f'layers model.{kinds[0]}.placement puts between them; set model.scan_layers=False')
+  return period, cfg.n_layers // period
+
+
+def stacked_blocks(blocks: Sequence[nnx.Module], period: int) -> list[nnx.Module]:
+  """The first `period` blocks, each holding its own and the blocks `period`, 2·`period`,
+  ... after it, stacked (`params.stack_layers`): the same weights, in the scanned layout."""
+  for i in range(period, len(blocks)):
+    if nnx.graphdef(blocks[i]) != nnx.graphdef(blocks[i % period]):
+      raise config_lib.ConfigError(
+          f'model.scan_layers: block {i} is built unlike block {i % period}, {i - i % period}'
+          f' blocks before it (its factory, `register_block`, depends on more than the '
+          f'patterns), so the blocks do not stack; set model.scan_layers=False')
+  for j in range(period):
+    same = [dict(nnx.iter_graph(block)) for block in blocks[j::period]]
+    for path, node in same[0].items():
+      if isinstance(node, nnx.Variable):
+        stack_layers([nodes[path] for nodes in same])
+  return list(blocks[:period])
+
+
+def stacked_modules(model: nnx.Module) -> dict[int, int]:
+  """id -> repeats of the modules in `model`'s scanned stacks, whose variables hold all
+  of a stack's repeats [repeats, ...]: their methods run on each layer (`each_layer`)."""
+  return {id(m): stack.repeats for _, stack in nnx.iter_graph(model)
+          if isinstance(stack, Stack) and stack.layers is not None
+          for _, m in nnx.iter_graph(stack.layers) if isinstance(m, nnx.Module)}
+
+
+def each_layer(fn: Callable) -> Callable:
+  """fn(module, *args) of a stacked module run on each of its layers: a vmap over its
+  variables' leading axis, and over the args' (`in_axes`); variables it creates are
+  stacked, their axis names led by None as `stack_layers` leads them."""
+  return nnx.vmap(fn, transform_metadata={nnx.PARTITION_NAME: None})
+
+
+def unstacked_arrays(model: nnx.Module) -> dict[tuple, jax.Array]:
+  """path -> array of every variable of `model` as the unscanned model holds it: a
+  scanned stack's `layers/j/...` [repeats, ...] split into its layers' `blocks/i/...`."""
+  arrays = {path: variable.get_value() for path, variable in nnx.to_flat_state(nnx.state(model))}
+  for where, stack in nnx.iter_graph(model):
+    if isinstance(stack, Stack) and stack.layers is not None:
+      for path, variable in nnx.to_flat_state(nnx.state(stack.layers)):
+        stacked = arrays.pop((*where, 'layers', *path))
+        j, *inner = path
+        for repeat in range(stack.repeats):
+          arrays[(*where, 'blocks', repeat * stack.period + j, *inner)] = stacked[repeat]
+  return arrays
+
+
 class Stack(nnx.Module):
   """The blocks of `model.block_pattern` and the side layers placed between them,
   x [b, t, d] -> x [b, t, d] (residual stream, not normed). The transformer runs one over
@@ -174,27 +242,37 @@ class Stack(nnx.Module):
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     self.remat = cfg.remat
-    self.blocks = nnx.List([BLOCKS[kind](cfg, i, rngs) for i, kind in enumerate(block_plan(cfg))])
+    blocks = [BLOCKS[kind](cfg, i, rngs) for i, kind in enumerate(block_plan(cfg))]
     self.placement = tuple(side_placement(cfg))
     for kind, read, write in self.placement:
       # Checked here for every kind, a side layer of the user's own too (`SIDE_LAYERS`):
       # a write past the last block would drop the layer's output unseen.
-      if not 0 <= read <= write < len(self.blocks):
+      if not 0 <= read <= write < len(blocks):
         raise config_lib.ConfigError(
             f'model.{kind}.placement holds ({read}, {write}), which must be (read, write) '
-            f'with 0 <= read <= write < model.n_layers={len(self.blocks)}')
-      if not hasattr(self.blocks[read], 'ffn_input'):
+            f'with 0 <= read <= write < model.n_layers={len(blocks)}')
+      if not hasattr(blocks[read], 'ffn_input'):
         raise config_lib.ConfigError(
             f'model.{kind}.placement reads block {read}, a {block_plan(cfg)[read]!r} block, '
             'which has no FFN input to read (`ffn_input`); place the layer at another block')
     self.side_layers = nnx.List([SIDE_LAYERS[kind](cfg, i, rngs)
                                  for i, (kind, _, _) in enumerate(self.placement)])
+    # Unrolled: `blocks` [n_layers]. Scanned (`model.scan_layers`): `layers` [period], the
+    # blocks of one period of the patterns, each variable holding its block in every
+    # period stacked [repeats, ...], run by one `lax.scan` over the repeats.
+    self.period, self.repeats = scan_shape(cfg)
+    if self.repeats:
+      self.blocks, self.layers = nnx.List([]), nnx.List(stacked_blocks(blocks, self.period))
+    else:
+      self.blocks, self.layers = nnx.List(blocks), None
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     return self.run_blocks(x, positions, segment_ids)
 
   def run_blocks(self, x, positions, segment_ids, layout=None, prefixes=None):
     """`layout` (`layers.layout`) and per-block attention `prefixes`: BiTA's calls."""
+    if self.layers is not None:
+      return self._scan_blocks(x, positions, segment_ids, layout, prefixes)
     extra = lambda i: () if layout is None else (layout, None if prefixes is None else prefixes[i])
     pending = {}  # side layer index -> its output, waiting for its write block
     for i, block in enumerate(self.blocks):
@@ -212,22 +290,65 @@ class Stack(nnx.Module):
           x = x + pending.pop(j)
     return x
 
+  def _scan_blocks(self, x, positions, segment_ids, layout, prefixes):
+    """The stacked blocks as one `lax.scan` over their repeats: each step runs one period
+    of blocks on its slice of the weights (and caches), so the step's program holds one
+    period, not every layer. What the blocks sow comes back stacked and is sown again
+    under each layer's own name (`signals.sow_layers`)."""
+    for _, module in nnx.iter_graph(self.layers):
+      if isinstance(module, nnx.Module) and hasattr(module, '__captures__'):
+        # An outer `nnx.capture`'s, empty: the blocks sow through their own, below. Its str
+        # keys beside the list's int keys would make the state unsortable.
+        delattr(module, '__captures__')
+    graphdef, state = nnx.split(self.layers)
+    capturing = signals.capturing(self)
+    if prefixes is not None:  # one per layer -> each leaf [repeats, period, ...]
+      prefixes = jax.tree.map(lambda *layers: jnp.stack(layers).reshape(
+          self.repeats, self.period, *layers[0].shape), *prefixes)
+
+    def run(unit, x, prefix):
+      for j, block in enumerate(unit):
+        extra = () if layout is None else (
+            layout, None if prefix is None else jax.tree.map(lambda x: x[j], prefix))
+        x = self._remat(type(block).__call__, block, x, positions, segment_ids, *extra)
+      return x
+
+    def body(x, xs):
+      state, prefix = xs
+      unit = nnx.merge(graphdef, state)
+      if capturing:
+        x, sown = nnx.capture(run, nnx.Intermediate)(unit, x, prefix)
+      else:
+        x, sown = run(unit, x, prefix), None
+      changed = nnx.state(unit, nnx.Not(nnx.Any(nnx.Param, nnx.Intermediate)))
+      return x, (changed, sown)
+
+    x, (changed, sown) = jax.lax.scan(body, x, (state, prefixes))
+    nnx.update(self.layers, changed)  # decode caches
+    if sown is not None:
+      signals.sow_layers(self, sown, self.period)
+    return x
+
   def init_cache(self, batch: int, length: int):
     """Decode caches of `length` positions in every layer that keeps some (`jaxarch.infer`)."""
-    for layer in self._layers_with('init_cache'):
-      layer.init_cache(batch, length)
+    for layer, per_layer in self._layers_with('init_cache'):
+      per_layer(lambda m: m.init_cache(batch, length))(layer)
 
   def drop_cache(self):
-    for layer in self._layers_with('drop_cache'):
+    for layer, _ in self._layers_with('drop_cache'):
       layer.drop_cache()
 
   def keep_path(self, path: jax.Array, cached: jax.Array):
     """After a tree call (`layers.layout`): every cache keeps only the accepted path."""
-    for layer in self._layers_with('keep_path'):
-      layer.keep_path(path, cached)
+    for layer, per_layer in self._layers_with('keep_path'):
+      per_layer(lambda m: m.keep_path(path, cached))(layer)
 
-  def _layers_with(self, method: str) -> list[nnx.Module]:
-    return [m for _, m in nnx.iter_graph(self)
+  def _layers_with(self, method: str) -> list[tuple[nnx.Module, Callable]]:
+    """(layer, how to run a function of it on each of its layers) for every layer that has
+    `method`: a function of a stacked block runs per layer (`each_layer`)."""
+    stacked = stacked_modules(self)
+    return [(m, each_layer if id(m) in stacked else (lambda fn: fn))
+            for _, m in nnx.iter_graph(self)
             if m is not self and isinstance(m, nnx.Module) and hasattr(m, method)]
 
   def _remat(self, method, block, *args):

@@ -13,6 +13,7 @@ import optax
 from flax import nnx
 
 from jaxarch.layers.signals import WindowCounter, is_window_metric
+from jaxarch.models.transformer import each_layer, stacked_modules
 from jaxarch.parallel.context import logical_mesh
 from jaxarch.train.optimizer import frozen
 from jaxarch.train.state import TrainSetup
@@ -67,8 +68,8 @@ def signals(sown) -> tuple[dict[str, jax.Array], dict[str, jax.Array],
   """
   losses, metrics, statistics = {}, {}, {}
   for path, variable in nnx.to_flat_state(sown):
-    names = [_key_name(k) for k in path]
-    where, leaf = '/'.join(names[:-1]), names[-1]
+    # A name may hold a path of its own (`signals.sow_layers`): the leaf is its last part.
+    where, _, leaf = tree_path(path).rpartition('/')
     values = [jnp.asarray(v, jnp.float32) for v in jax.tree.leaves(variable)]
     if leaf == 'aux_loss':
       losses[where] = sum(jnp.sum(v) for v in values)
@@ -106,9 +107,13 @@ def _end_step(setup: TrainSetup, params, model_state, statistics):
   if not statistics:
     return model_state
   model = nnx.merge(setup.graphdef, params, jax.tree.map(lambda x: x, model_state))
+  stacked = stacked_modules(model)
   for path, node in nnx.iter_graph(model):
     if isinstance(node, nnx.Module) and (where := tree_path(path)) in statistics:
-      node.end_step(**statistics[where])
+      if id(node) in stacked:  # a scanned stack's block: its statistics are stacked too
+        each_layer(lambda layer, sums: layer.end_step(**sums))(node, statistics[where])
+      else:
+        node.end_step(**statistics[where])
   return nnx.state(model, nnx.Not(nnx.Param))
 
 

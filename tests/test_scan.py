@@ -1,0 +1,185 @@
+"""model.scan_layers: the blocks' weights stacked by layer and run by one lax.scan give the
+unrolled model's weights, steps, metrics, generations and exports."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import family_config, jitted, make_batch, mesh_config, sharded_copy, tiny_config
+from jaxarch import config as config_lib
+from jaxarch import infer, models
+from jaxarch.export import load_safetensors, write_model
+from jaxarch.layers.params import grouped_draws
+from jaxarch.models import transformer
+from jaxarch.parallel import global_batch, make_mesh
+from jaxarch.train.state import init_state, make_setup
+from jaxarch.train.step import make_train_step
+
+# Local and global attention layers alternating: the stack repeats every 2 blocks.
+WINDOWED = ('model.sliding_window=4', "model.attention_pattern=('local', 'global')")
+CASES = {  # name -> (config spec, overrides, mesh)
+    'dense': ('configs/dense.py:tiny', ('model.n_layers=4', *WINDOWED, 'model.remat=dots'),
+              dict(data=2, fsdp=2, tensor=2)),
+    # Experts every other layer, the router bias moved once per step from the step's
+    # statistics (`end_step`, per layer), over two microbatches, experts split 4 ways.
+    'moe': ('configs/moe.py:tiny', ('model.n_layers=4', "model.block_pattern=('dense', 'moe')",
+                                    'model.moe.bias_update_rate=0.01',
+                                    'train.grad_accum_steps=2'), dict(data=2, expert=4)),
+    'megabyte': ('configs/megabyte.py:tiny', (), dict(data=2, fsdp=2, tensor=2)),
+}
+
+
+def _config(case, scan, *more):
+  spec, overrides, mesh = CASES[case]
+  cfg = config_lib.load(spec, ['model.dtype=float32', *overrides, *more,
+                               f'model.scan_layers={scan}'])
+  return config_lib.validate(mesh_config(cfg, **mesh))
+
+
+def _model(cfg):
+  """The model of `cfg` as the trainer's initialiser draws it: jitted, normal weights grouped."""
+  def build():
+    with grouped_draws():
+      return models.build(cfg.model, rngs=nnx.Rngs(0))
+  return nnx.jit(build)()
+
+
+def _arrays(model) -> dict:
+  """path -> array of the unrolled model's variables (a scanned stack's layers split)."""
+  return {path: np.asarray(x) for path, x in transformer.unstacked_arrays(model).items()}
+
+
+@pytest.mark.parametrize('case', ['dense', 'moe'])
+def test_a_scanned_stack_holds_the_unrolled_weights_stacked_by_layer(case):
+  unrolled, scanned = (_model(_config(case, scan))
+                       for scan in (False, True))
+  assert not hasattr(scanned, 'blocks') or not len(scanned.blocks)
+  q_proj = scanned.layers[0].attn.q_proj
+  assert q_proj.shape[0] == 2 and q_proj.get_metadata()['out_sharding'][0] is None
+  want, got = _arrays(unrolled), _arrays(scanned)
+  assert want.keys() == got.keys()
+  for path in want:  # the same draws, bit for bit
+    np.testing.assert_array_equal(got[path], want[path], err_msg=str(path))
+  assert models.param_counts(scanned) == models.param_counts(unrolled)
+
+
+def _steps(cfg, n=3):
+  setup = make_setup(cfg, make_mesh(cfg))
+  state = init_state(cfg, setup)
+  step = make_train_step(setup)
+  history = []
+  for i in range(n):
+    batch = make_batch(cfg.train.batch_size, cfg.data.seq_len, seed=i)
+    batch['segment_ids'][:3, 20:] = 0
+    state, metrics = step(state, global_batch(batch, setup.batch_sharding))
+    history.append({k: float(v) for k, v in jax.device_get(metrics).items()
+                    if np.ndim(v) == 0})
+  model = nnx.merge(setup.graphdef, state['params'], state['model_state'])
+  return history, _arrays(model)
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_scanned_train_steps_equal_the_unrolled_ones_on_a_mesh(case):
+  want_history, want = _steps(_config(case, False))
+  history, got = _steps(_config(case, True))
+  for want_metrics, metrics in zip(want_history, history):
+    # The same metrics under the same names (each layer's `blocks/<i>/...`), equal to
+    # float precision: the scan adds nothing up in another order.
+    assert metrics.keys() == want_metrics.keys()
+    for key, value in want_metrics.items():
+      if key not in ('step_time', 'tokens_per_second'):
+        np.testing.assert_allclose(metrics[key], value, rtol=2e-5, atol=1e-6, err_msg=key)
+  assert got.keys() == want.keys()
+  for path in want:  # weights and the state the steps moved (the router bias)
+    np.testing.assert_allclose(got[path], want[path], rtol=1e-4, atol=1e-5, err_msg=str(path))
+  if case == 'moe':  # 3 moves of ±rate each: never back at 0
+    bias = [path for path in want if path[-1] == 'bias' and 'mlp' in path]
+    assert bias and all(np.all(want[path] != 0) for path in bias)
+
+
+def test_scanned_generation_with_ring_caches_equals_the_unrolled_one():
+  """The caches are stacked by layer as the weights are (a local layer's ring of 3 slots
+  beside a global layer's whole context), and written back through the scan."""
+  greedy = {}
+  for scan in (False, True):
+    cfg = family_config('dense', data=2, fsdp=2, tensor=2)
+    for override in ('model.sliding_window=3', "model.attention_pattern=('local', 'global')",
+                     f'model.scan_layers={scan}'):
+      config_lib.apply_override(cfg, override)
+    model = models.build(config_lib.validate(cfg).model, rngs=nnx.Rngs(0))
+    mesh, sharded = sharded_copy(model, cfg)
+    generator = infer.Generator(sharded, mesh=mesh, rules=cfg.mesh.rules)
+    prompts = [[257, 10], [257] + list(range(40, 53)), [257, 7, 8, 9, 3]]
+    greedy[scan], _ = generator(prompts, max_new_tokens=10)
+    if scan:
+      decoder = infer.for_inference(model)
+      infer.add_caches(decoder, batch=2, length=32)
+      caches = [layer.attn.cache_k.shape[:3] for layer in decoder.layers]
+      assert caches == [(2, 2, 3), (2, 2, 32)]  # [repeats, batch, slots, ...]
+  assert greedy[True] == greedy[False]
+
+
+def test_a_scanned_model_exports_as_the_unrolled_one(tmp_path):
+  """Exports hold each layer under its own name (`blocks.i.*`) whatever the layout: the
+  same bytes, and a config that loads the unrolled model."""
+  written = {}
+  for scan in (False, True):
+    cfg = _config('dense', scan)
+    model = _model(cfg)
+    written[scan] = write_model(model, cfg, tmp_path / str(scan))
+  for scan in (False, True):
+    assert (written[scan] / 'model.safetensors').read_bytes() == (
+        written[False] / 'model.safetensors').read_bytes()
+  cfg, loaded = load_safetensors(written[True])
+  assert cfg.model.scan_layers is False and len(loaded.blocks) == 4
+
+
+def test_bita_over_a_scanned_base_predicts_as_over_the_unrolled_one():
+  """BiTA's per-layer prompt keys and values go through the scan with their layers."""
+  outputs = []
+  for scan in (False, True):  # (BiTA's layouts have no sliding window: experts repeat)
+    base = family_config('moe')
+    for override in ('model.n_layers=4', "model.block_pattern=('dense', 'moe')",
+                     f'model.scan_layers={scan}'):
+      config_lib.apply_override(base, override)
+    model_cfg = config_lib.bita_model(base.model, dict(
+        num_prompt_tokens=4, num_mask_tokens=3, draft_tree=(5, 4, 3), train_groups=0,
+        init_std=0.02))
+    model = nnx.jit(lambda: models.build(model_cfg, rngs=nnx.Rngs(0)))()
+    batch = {k: jnp.asarray(v) for k, v in make_batch(2, 24).items()}
+    outputs.append(nnx.jit(type(model).predictions)(model, batch))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *outputs)
+
+
+@pytest.mark.parametrize('overrides, error', [
+    (('model.n_layers=3', *WINDOWED),
+     r'period of model.block_pattern and model.attention_pattern \(2 blocks\), which must '
+     r'divide model.n_layers=3'),
+    (('model.scan_layers=yes',), r"model.scan_layers='yes' must be a bool"),
+])
+def test_a_stack_that_cannot_scan_is_a_config_error(overrides, error):
+  cfg = tiny_config()
+  with pytest.raises(config_lib.ConfigError, match=error):
+    for override in ('model.scan_layers=True', *overrides):
+      config_lib.apply_override(cfg, override)
+    models.build(config_lib.validate(cfg).model, rngs=nnx.Rngs(0))
+
+
+def test_side_layers_between_blocks_cannot_be_scanned():
+  cfg = config_lib.load('configs/ultramem.py:tiny', ['model.scan_layers=True'])
+  with pytest.raises(config_lib.ConfigError, match=r'model.ultramem.placement .*'
+                     'set model.scan_layers=False'):
+    models.build(config_lib.validate(cfg).model, rngs=nnx.Rngs(0))
+
+
+def test_blocks_built_unlike_their_period_cannot_be_stacked(monkeypatch):
+  def uneven(cfg, layer, rngs):  # a block of the user's own, wider in its last layer
+    block = transformer.dense_block(cfg, layer, rngs)
+    block.extra = nnx.Param(jnp.zeros(1)) if layer == cfg.n_layers - 1 else None
+    return block
+  monkeypatch.setitem(transformer.BLOCKS, 'dense', uneven)
+  cfg = tiny_config(**{'model.n_layers': 4, 'model.scan_layers': True})
+  with pytest.raises(config_lib.ConfigError, match='block 3 is built unlike block 0'):
+    models.build(cfg.model, rngs=nnx.Rngs(0))
