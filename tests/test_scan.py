@@ -136,9 +136,21 @@ def test_a_scanned_model_exports_as_the_unrolled_one(tmp_path):
   assert cfg.model.scan_layers is False and len(loaded.blocks) == 4
 
 
-def test_bita_over_a_scanned_base_predicts_as_over_the_unrolled_one():
-  """BiTA's per-layer prompt keys and values go through the scan with their layers."""
-  outputs = []
+def test_scanned_megabyte_generates_as_the_unrolled_one():
+  """Both of MEGABYTE's stacks scanned: the global one's caches over patches, the local
+  one's inside the patch."""
+  greedy = []
+  for scan in (False, True):
+    cfg = _config('megabyte', scan)
+    generator = infer.Generator(models.build(cfg.model, rngs=nnx.Rngs(0)))
+    greedy.append(generator([[257, 10, 11], [257] + list(range(40, 50))], max_new_tokens=9)[0])
+  assert greedy[0] == greedy[1]
+
+
+def test_bita_over_a_scanned_base_predicts_and_drafts_as_over_the_unrolled_one():
+  """BiTA's per-layer prompt keys and values go through the scan with their layers, and
+  a tree decode keeps each layer's accepted path (`keep_path`, per layer)."""
+  outputs, drafted = [], []
   for scan in (False, True):  # (BiTA's layouts have no sliding window: experts repeat)
     base = family_config('moe')
     for override in ('model.n_layers=4', "model.block_pattern=('dense', 'moe')",
@@ -150,7 +162,10 @@ def test_bita_over_a_scanned_base_predicts_as_over_the_unrolled_one():
     model = nnx.jit(lambda: models.build(model_cfg, rngs=nnx.Rngs(0)))()
     batch = {k: jnp.asarray(v) for k, v in make_batch(2, 24).items()}
     outputs.append(nnx.jit(type(model).predictions)(model, batch))
+    tokens, stats = infer.Generator(model)([[257, 5, 6, 7], [257, 9]], max_new_tokens=12)
+    drafted.append((tokens, stats['forward_passes']))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *outputs)
+  assert drafted[0] == drafted[1]
 
 
 @pytest.mark.parametrize('overrides, error', [

@@ -300,7 +300,9 @@ class Stack(nnx.Module):
         # An outer `nnx.capture`'s, empty: the blocks sow through their own, below. Its str
         # keys beside the list's int keys would make the state unsortable.
         delattr(module, '__captures__')
-    graphdef, state = nnx.split(self.layers)
+    # Decode caches ride in the carry, each layer's written in place (read from and
+    # returned as the scan's outputs, every call would copy all of them).
+    graphdef, caches, state = nnx.split(self.layers, nnx.Cache, ...)
     capturing = signals.capturing(self)
     if prefixes is not None:  # one per layer -> each leaf [repeats, period, ...]
       prefixes = jax.tree.map(lambda *layers: jnp.stack(layers).reshape(
@@ -313,18 +315,21 @@ class Stack(nnx.Module):
         x = self._remat(type(block).__call__, block, x, positions, segment_ids, *extra)
       return x
 
-    def body(x, xs):
+    def body(carry, xs):
+      x, caches, repeat = carry
       state, prefix = xs
-      unit = nnx.merge(graphdef, state)
+      unit = nnx.merge(graphdef, jax.tree.map(lambda c: c[repeat], caches), state)
       if capturing:
         x, sown = nnx.capture(run, nnx.Intermediate)(unit, x, prefix)
       else:
         x, sown = run(unit, x, prefix), None
-      changed = nnx.state(unit, nnx.Not(nnx.Any(nnx.Param, nnx.Intermediate)))
-      return x, (changed, sown)
+      caches = jax.tree.map(lambda c, new: c.at[repeat].set(new), caches,
+                            nnx.state(unit, nnx.Cache))
+      changed = nnx.state(unit, nnx.Not(nnx.Any(nnx.Param, nnx.Cache, nnx.Intermediate)))
+      return (x, caches, repeat + 1), (changed, sown)
 
-    x, (changed, sown) = jax.lax.scan(body, x, (state, prefixes))
-    nnx.update(self.layers, changed)  # decode caches
+    (x, caches, _), (changed, sown) = jax.lax.scan(body, (x, caches, 0), (state, prefixes))
+    nnx.update(self.layers, caches, changed)
     if sown is not None:
       signals.sow_layers(self, sown, self.period)
     return x
