@@ -14,6 +14,7 @@ from jaxarch.export import load_safetensors, write_model
 from jaxarch.layers.params import grouped_draws
 from jaxarch.models import transformer
 from jaxarch.parallel import global_batch, make_mesh
+from jaxarch.train import checkpoint
 from jaxarch.train.state import init_state, make_setup
 from jaxarch.train.step import make_train_step
 
@@ -198,3 +199,13 @@ def test_blocks_built_unlike_their_period_cannot_be_stacked(monkeypatch):
   cfg = tiny_config(**{'model.n_layers': 4, 'model.scan_layers': True})
   with pytest.raises(config_lib.ConfigError, match='block 3 is built unlike block 0'):
     models.build(cfg.model, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('saved_scan', [False, True])
+def test_a_checkpoint_of_the_other_layout_says_which_to_resume_with(saved_scan):
+  shapes = {scan: checkpoint._shapes(make_setup(cfg, make_mesh(cfg)).abstract_state)
+            for scan in (False, True) for cfg in [tiny_config(**{'model.scan_layers': scan})]}
+  assert checkpoint.mismatch(shapes[saved_scan], shapes[not saved_scan]) == (
+      f'holds its layers {"scanned" if saved_scan else "unrolled"} (model.scan_layers='
+      f'{saved_scan}) where this config has model.scan_layers={not saved_scan}: a run '
+      f'keeps its layout; resume with --config.model.scan_layers={saved_scan}')

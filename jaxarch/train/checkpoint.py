@@ -79,6 +79,11 @@ def mismatch(saved: dict, wanted: dict) -> str | None:
   params_first = lambda keys: sorted(keys, key=lambda k: not k.startswith('params/'))
   missing = params_first(k for k in wanted if k not in saved)
   extra = params_first(k for k in saved if k not in wanted)
+  if missing and extra and {_stack_part(k) for k in missing + extra} == {'blocks', 'layers'}:
+    saved_scan = _stack_part(extra[0]) == 'layers'
+    return (f'holds its layers {"scanned" if saved_scan else "unrolled"} (model.scan_layers='
+            f'{saved_scan}) where this config has model.scan_layers={not saved_scan}: a '
+            f'run keeps its layout; resume with --config.model.scan_layers={saved_scan}')
   if missing or extra:
     parts = [f'{len(missing)} arrays missing (e.g. {missing[0]})' if missing else '',
              f'{len(extra)} arrays the model lacks (e.g. {extra[0]})' if extra else '']
@@ -91,6 +96,12 @@ def mismatch(saved: dict, wanted: dict) -> str | None:
     return (f'{what}: {len(differ)} arrays differ in shape or dtype, e.g. {k}: saved '
             f'{saved[k][0]} {saved[k][1]}, model {wanted[k][0]} {wanted[k][1]}')
   return None
+
+
+def _stack_part(key: str) -> str | None:
+  """Which of a stack's layouts an array's path is in: 'blocks' (unrolled), 'layers'
+  (scanned, `models.transformer.Stack`), or None (outside the blocks)."""
+  return next((part for part in key.split('/') if part in ('blocks', 'layers')), None)
 
 
 class Checkpointer:
