@@ -353,10 +353,12 @@ def _prepare(args, overrides):
 
 def _import(args, overrides):
   from jaxarch.export.hf_import import import_hf  # pylint: disable=g-import-not-at-top
-  for override in overrides:  # the model's keys are the checkpoint's
-    if override.startswith('--config.model.'):
+  for override in overrides:  # the model's keys are the checkpoint's, but its layout
+    if override.startswith('--config.model.') and not override.startswith(
+        '--config.model.scan_layers='):
       raise config_lib.ConfigError(f'config error: {override.split("=")[0]} is set by the '
-                                   'checkpoint; import sets train, data and mesh keys only')
+                                   'checkpoint; import sets train, data and mesh keys only '
+                                   '(and model.scan_layers)')
   _check_backend()
   workdir = import_hf(args.hf, args.workdir,
                       [o.removeprefix('--config.') for o in overrides])

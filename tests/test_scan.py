@@ -9,12 +9,13 @@ from flax import nnx
 
 from conftest import family_config, jitted, make_batch, mesh_config, sharded_copy, tiny_config
 from jaxarch import config as config_lib
-from jaxarch import infer, models
-from jaxarch.export import load_safetensors, write_model
+from jaxarch import cli, infer, models
+from jaxarch.export import load_safetensors, write_hf, write_model
 from jaxarch.layers.params import grouped_draws
 from jaxarch.models import transformer
 from jaxarch.parallel import global_batch, make_mesh
 from jaxarch.train import checkpoint
+from jaxarch.train.pretrained import load_model
 from jaxarch.train.state import init_state, make_setup
 from jaxarch.train.step import make_train_step
 
@@ -209,3 +210,19 @@ def test_a_checkpoint_of_the_other_layout_says_which_to_resume_with(saved_scan):
       f'holds its layers {"scanned" if saved_scan else "unrolled"} (model.scan_layers='
       f'{saved_scan}) where this config has model.scan_layers={not saved_scan}: a run '
       f'keeps its layout; resume with --config.model.scan_layers={saved_scan}')
+
+
+def test_an_hf_checkpoint_imports_into_scanned_layers_with_its_logits(tmp_path):
+  """`jaxarch import --config.model.scan_layers=True`: each layer read in turn into its
+  slice of the stacked weights, in their shards; the run's logits are the checkpoint's."""
+  cfg = family_config('moe')  # a Mixtral
+  model = models.build(cfg.model, rngs=nnx.Rngs(0))
+  write_hf(model, cfg, tmp_path / 'hf')
+  assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "run"}',
+                   '--config.model.scan_layers=True', '--config.mesh.ici.fsdp=4']) == 0
+  imported_cfg, imported = load_model(tmp_path / 'run')
+  assert imported_cfg.model.scan_layers is True
+  assert imported.layers[0].mlp.w_gate.shape[0] == cfg.model.n_layers > 1
+  tokens = jnp.asarray([[257, 100, 101, 102, 103, 104, 105, 106]], jnp.int32)
+  forward = jitted(lambda m, t: m(t))
+  np.testing.assert_allclose(forward(imported, tokens), forward(model, tokens), atol=1e-5)

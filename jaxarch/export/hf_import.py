@@ -46,15 +46,18 @@ which change training only, are not read.
 """
 
 from collections.abc import Mapping
+import functools
 import json
 import logging
 import math
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import safetensors
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxarch import config as config_lib
 from jaxarch.data import get_tokenizer, ids_past_model
@@ -63,7 +66,7 @@ from jaxarch.export.huggingface import (BLOCK_NORMS, GEMMA_KEYS, GEMMA_NORMS, LA
 from jaxarch.export.weights import (ExportError, all_or_nothing, copy_tokenizer, free_out,
                                     keep_chat_template)
 from jaxarch.models import named_variables
-from jaxarch.models.transformer import head_dim
+from jaxarch.models.transformer import head_dim, layer_slot, scan_shape
 
 # What import reads: a Mistral is a Llama's names and layout with a sliding window (a
 # Ministral one whose window is in the layers `layer_types` names), a Qwen2 a Llama with
@@ -168,6 +171,12 @@ def our_arrays(hf: Mapping[str, np.ndarray], cfg: ml_collections.ConfigDict,
     raise ExportError(f'import: {len(left)} arrays have no place in a {m.family} model, e.g. '
                       f'{sorted(left)[:2]}')
   return ours
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked: jax.Array, layer: jax.Array, index) -> jax.Array:
+  """stacked [layers, ...] with `layer` [...] at `index`, written in place."""
+  return stacked.at[index].set(layer.astype(stacked.dtype))
 
 
 def run_config(hf_config: dict, tokenizer: str, overrides=()) -> ml_collections.ConfigDict:
@@ -674,15 +683,29 @@ def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
               for name, (_, variable) in named_variables(setup.abstract_state[collection]
                                                          ).items()}
 
+  period, repeats = scan_shape(cfg.model)
+  stacked = {}  # with model.scan_layers: stacked name -> its layers placed so far
+
   def place(name, array):  # our_arrays names model variables; window counters and the
-    want = expected[name]  # like start at zero
-    if tuple(want.shape) != array.shape:
+    slot = layer_slot(name, period) if repeats else None  # like start at zero
+    want = expected[name if slot is None else slot[0]]
+    shape = tuple(want.shape) if slot is None else tuple(want.shape[1:])
+    if shape != array.shape:
       raise ExportError(f'import: {name} is {list(array.shape)} in the checkpoint, the '
-                        f'config expects {list(want.shape)}')
-    return jax.device_put(array, want.sharding)  # its host copy is dropped
+                        f'config expects {list(shape)}')
+    if slot is None:
+      return jax.device_put(array, want.sharding)  # its host copy is dropped
+    # A layer of a stacked weight: put in its shards, then into its slice, in place.
+    sharding = want.sharding
+    layer = jax.device_put(array, NamedSharding(sharding.mesh, P(*sharding.spec[1:])))
+    if slot[0] not in stacked:
+      stacked[slot[0]] = jnp.zeros(want.shape, want.dtype, device=sharding)
+    stacked[slot[0]] = _set_layer(stacked[slot[0]], layer, slot[1])
+    return None
 
   # Each array read, laid out and put in its shards in turn: host memory for one.
   arrays = our_arrays(hf, cfg, _query_scale(hf_config, cfg.model), place)
+  arrays = {**{k: v for k, v in arrays.items() if v is not None}, **stacked}
   state = init_state(cfg, setup, given=arrays)  # no random weights made to be replaced
   del arrays
   # A failed import leaves no half-made run.

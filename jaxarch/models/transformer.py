@@ -235,6 +235,18 @@ def unstacked_arrays(model: nnx.Module) -> dict[tuple, jax.Array]:
   return arrays
 
 
+def layer_slot(name: str, period: int) -> tuple[str, int] | None:
+  """Where an unrolled layer's variable lies in a scanned stack of `period` at the model's
+  root: 'blocks.5.attn.q_proj' -> ('layers.1.attn.q_proj', 2) for period 2, the stacked
+  variable's name (as exports name them) and the layer's index in it; None outside the
+  blocks."""
+  part, _, rest = name.partition('.')
+  layer, _, inner = rest.partition('.')
+  if part != 'blocks' or not layer.isdigit():
+    return None
+  return f'layers.{int(layer) % period}.{inner}', int(layer) // period
+
+
 class Stack(nnx.Module):
   """The blocks of `model.block_pattern` and the side layers placed between them,
   x [b, t, d] -> x [b, t, d] (residual stream, not normed). The transformer runs one over
