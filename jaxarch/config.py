@@ -1415,9 +1415,9 @@ RUN_MODEL_KEYS = (('moe', 'matmul_impl'), ('moe', 'kernel_tiling'), ('moe', 'mos
 # Model keys that only shape the initial weights (a saved run's are in its checkpoints),
 # and model and data keys that jaxarch gained with a default that is what older runs did
 # (no rope scaling, no q/k/v biases, no QK-norm, no sliding window, none of Gemma 3's keys,
-# unscanned layers,
-# generation stopping at the end-of-document id alone, documents and prompts starting with
-# a BOS, no chat template), or that say how to read the same batches (data.num_threads).
+# unscanned layers, generation stopping at the end-of-document id alone, documents and
+# prompts starting with a BOS, no chat template), or that say how to read the same batches
+# (data.num_threads).
 FILLED_KEYS = (('model', 'init_truncation'), ('model', 'residual_init_scale'),
                ('model', 'rope_scaling'), ('model', 'qkv_bias'), ('model', 'qk_norm'),
                ('model', 'sliding_window'), ('model', 'attention_pattern'),

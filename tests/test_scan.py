@@ -3,6 +3,7 @@ unrolled model's weights, steps, metrics, generations and exports."""
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -65,6 +66,22 @@ def test_a_scanned_stack_holds_the_unrolled_weights_stacked_by_layer(case):
   for path in want:  # the same draws, bit for bit
     np.testing.assert_array_equal(got[path], want[path], err_msg=str(path))
   assert models.param_counts(scanned) == models.param_counts(unrolled)
+
+
+def test_layers_drawn_with_their_own_std_stack_their_own_draws(monkeypatch):
+  """A block of the user's own whose init depends on its depth keeps each layer's
+  initialiser when stacked (one program per group of draws: `grouped_draws`)."""
+  def deeper_is_smaller(cfg, layer, rngs):
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.init_std = 0.02 / (layer + 1)
+    return transformer.dense_block(cfg, layer, rngs)
+  monkeypatch.setitem(transformer.BLOCKS, 'dense', deeper_is_smaller)
+  want, got = (_arrays(_model(tiny_config(**{'model.n_layers': 4, 'model.scan_layers': scan})))
+               for scan in (False, True))
+  for path in want:
+    np.testing.assert_array_equal(got[path], want[path], err_msg=str(path))
+  q_proj = [float(np.std(want['blocks', i, 'attn', 'q_proj'])) for i in range(4)]
+  np.testing.assert_allclose(q_proj, [0.02 / (i + 1) for i in range(4)], rtol=0.1)
 
 
 def _steps(cfg, n=3):

@@ -32,8 +32,8 @@ from flax import nnx
 Initializer = Callable[..., jax.Array]
 
 # The normal draws `param` leaves to the enclosing `grouped_draws` (None outside one):
-# (variable, initializer, stream keys, stream counts, stacked) each: one key and count for
-# a weight; one per layer for a weight `stack_layers` stacked (its value [layers, ...]).
+# (variable, initializers, stream keys, stream counts, stacked) each: one of each for a
+# weight; one per layer for a weight `stack_layers` stacked (its value [layers, ...]).
 _PENDING: contextvars.ContextVar[list | None] = contextvars.ContextVar('pending_draws',
                                                                        default=None)
 
@@ -54,7 +54,7 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int],
   stream = rngs.params
   variable = nnx.Param(jnp.zeros(tuple(shape), dtype), out_sharding=tuple(axes),
                        eager_sharding=False, weight_decay=weight_decay, **metadata)
-  pending.append((variable, init, (stream.key[...],), (stream.count[...],), False))
+  pending.append((variable, (init,), (stream.key[...],), (stream.count[...],), False))
   stream.count[...] += 1
   return variable
 
@@ -96,26 +96,29 @@ def grouped_draws() -> Iterator[None]:
     yield
   finally:
     _PENDING.reset(token)
-  groups = collections.defaultdict(list)
-  for variable, init, keys, counts, stacked in pending:
+  groups = collections.defaultdict(list)  # -> (variable, layer or None, std, key, count)
+  for variable, inits, keys, counts, stacked in pending:
     value = variable.get_value()
     shape = value.shape[1:] if stacked else value.shape
-    groups[shape, value.dtype, init.truncation].append((variable, init.std, keys, counts,
-                                                         stacked))
+    for layer, (init, key, count) in enumerate(zip(inits, keys, counts)):
+      groups[shape, value.dtype, init.truncation].append(
+          (variable, layer if stacked else None, init.std, key, count))
+  layers = {}  # id of a stacked variable -> (it, {layer: its slice})
   for (shape, dtype, truncation), members in groups.items():
     def draw(args, shape=shape, dtype=dtype, truncation=truncation):
       key, count, std = args
       return _draw(jax.random.fold_in(key, count), std, shape=shape, dtype=dtype,
                    truncation=truncation)
-    keys = [k for _, _, ks, _, _ in members for k in ks]
-    counts = [c for _, _, _, cs, _ in members for c in cs]
-    stds = [std for _, std, ks, _, _ in members for _ in ks]
+    _, _, stds, keys, counts = zip(*members)
     # A loop, not a vmap: XLA would fuse a vmapped draw into each weight's slice of it.
     values = jax.lax.map(draw, (jnp.stack(keys), jnp.stack(counts), jnp.asarray(stds, dtype)))
-    start = 0
-    for variable, _, ks, _, stacked in members:
-      variable.set_value(values[start:start + len(ks)] if stacked else values[start])
-      start += len(ks)
+    for (variable, layer, *_), value in zip(members, values):
+      if layer is None:
+        variable.set_value(value)
+      else:
+        layers.setdefault(id(variable), (variable, {}))[1][layer] = value
+  for variable, slices in layers.values():
+    variable.set_value(jnp.stack([slices[layer] for layer in range(len(slices))]))
 
 
 def stack_layers(variables: Sequence[nnx.Variable]) -> nnx.Variable:
@@ -128,11 +131,13 @@ def stack_layers(variables: Sequence[nnx.Variable]) -> nnx.Variable:
   pending = _PENDING.get() or []
   ids = {id(v) for v in variables}
   draws = {id(entry[0]): entry for entry in pending if id(entry[0]) in ids}
+  if 0 < len(draws) < n:
+    raise ValueError(f'stack_layers: {len(draws)} of the {n} layers draw this weight from '
+                     'a normal distribution, the others otherwise; stack alike weights')
   if draws:
     entries = [draws[id(v)] for v in variables]
     pending[:] = [entry for entry in pending if id(entry[0]) not in ids]
-    pending.append((first, entries[0][1], tuple(e[2][0] for e in entries),
-                    tuple(e[3][0] for e in entries), True))
+    pending.append((first, *(tuple(e[i][0] for e in entries) for i in (1, 2, 3)), True))
     value = first.get_value()
     first.set_value(jnp.zeros((n, *value.shape), value.dtype))
   else:
