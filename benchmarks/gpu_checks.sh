@@ -26,8 +26,8 @@
 # first run of cuDNN's sliding-window attention, and a compile-only count of the collectives of
 # gradient accumulation. MFU runs with XLA's command buffers (CUDA graphs) off, since the
 # trace does not attribute their kernels to instructions. Part 3 is decode at batch 64 (MoE
-# against UltraMem where the weights read differ), MEGABYTE's benchmark, and the grouped
-# matmul at 8 and 64 experts.
+# against UltraMem where the weights read differ), the compile of scanned against unrolled
+# layers, MEGABYTE's benchmark, and the grouped matmul at 8 and 64 experts.
 # Each benchmark gets its share of the part's SECONDS and writes its JSON (with the device
 # name) to $OUT, which the device tool brings back; a benchmark that runs out of time is cut
 # off and the next one starts, so one slow case never costs the others (each writes its
@@ -119,9 +119,13 @@ plan() {
   # equal-compute quality run and BiTA's whole recipe (a trained 151m base, distillation,
   # BiTA training: `python benchmarks/bita.py --workdir=DIR`, resumable by stage) need calls
   # of their own.
-  run 3 decode 100 python3 benchmarks/decode.py --batches=64 --prompts=2048 --repeats=1
-  run 3 megabyte 70 python3 benchmarks/megabyte.py --seq_lens=8192 --gen_batches=1 --bpb_steps=0
-  run 3 grouped_matmul_8_64 80 python3 benchmarks/moe.py --tables=matmul --experts=8,64
+  run 3 decode 70 python3 benchmarks/decode.py --batches=64 --prompts=2048 --repeats=1
+  # The train step's compile with the layers scanned against unrolled (CPU: 0.21x, dense
+  # 680m); a GPU's compile (PTX, autotuning) is longer per instruction.
+  run 3 scan_layers 80 python3 benchmarks/scan_layers.py --config=configs/dense.py:680m \
+    --steps=3 --config.train.batch_size=16 --config.data.seq_len=1024
+  run 3 megabyte 50 python3 benchmarks/megabyte.py --seq_lens=8192 --gen_batches=1 --bpb_steps=0
+  run 3 grouped_matmul_8_64 50 python3 benchmarks/moe.py --tables=matmul --experts=8,64
 }
 
 run() {  # first pass: add up the chosen part's seconds

@@ -33,6 +33,7 @@ import megabyte  # pylint: disable=g-import-not-at-top,wrong-import-position
 import mfu  # pylint: disable=g-import-not-at-top,wrong-import-position
 import moe  # pylint: disable=g-import-not-at-top,wrong-import-position
 import report  # pylint: disable=g-import-not-at-top,wrong-import-position
+import scan_layers  # pylint: disable=g-import-not-at-top,wrong-import-position
 import sparse_lookup  # pylint: disable=g-import-not-at-top,wrong-import-position
 import table_split  # pylint: disable=g-import-not-at-top,wrong-import-position
 import top_k  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -623,6 +624,20 @@ def test_accum_collectives_counts_the_gradient_reductions_per_step(tmp_path):
   assert record['temp_bytes_accum_a'] < record['temp_bytes_accum_1']  # half the activations
 
 
+def test_scan_layers_benchmark_compiles_and_runs_both_layouts(tmp_path):
+  out = tmp_path / 'scan.json'
+  scan_layers.main(['--config=configs/dense.py:tiny', '--steps=1', f'--out={out}',
+                    '--config.train.batch_size=8', '--config.data.seq_len=32',
+                    '--config.model.dtype=float32'])
+  data = json.loads(out.read_text())
+  unrolled, scanned = data['records']['unrolled'], data['records']['scanned']
+  assert scanned['hlo_instructions'] < unrolled['hlo_instructions']  # one block, not every one
+  assert scanned['loss'] == pytest.approx(unrolled['loss'], rel=1e-5)  # the same step
+  assert data['ratios']['compile_s'] == pytest.approx(
+      scanned['compile_s'] / unrolled['compile_s'])
+  assert data['device_kind']
+
+
 def test_dense_baseline_is_widened_to_the_sparse_active_count():
   target = compare_families.counts(
       compare_families.config_lib.load('configs/ultramem.py:tiny'))['active']
@@ -872,7 +887,7 @@ class _Parsed(Exception):
 @pytest.mark.parametrize('part, budget, benchmarks', [
     ('1', 270, ['moe', 'mfu']),
     ('2', 250, ['mfu', 'mfu', 'top_k', 'attention', 'accum_collectives']),
-    ('3', 250, ['decode', 'megabyte', 'moe']),
+    ('3', 250, ['decode', 'scan_layers', 'megabyte', 'moe']),
 ])
 def test_each_gpu_checks_call_runs_its_benchmarks_with_flags_they_accept(
     part, budget, benchmarks, tmp_path, monkeypatch):
@@ -926,7 +941,7 @@ def test_each_gpu_checks_call_runs_its_benchmarks_with_flags_they_accept(
   monkeypatch.setattr(argparse.ArgumentParser, 'parse_args', parse_only)
   scripts = {'moe': moe, 'mfu': mfu, 'decode': decode, 'sparse_lookup': sparse_lookup,
              'megabyte': megabyte, 'accum_collectives': accum_collectives,
-             'attention': attention, 'top_k': top_k}
+             'attention': attention, 'top_k': top_k, 'scan_layers': scan_layers}
   for script, *argv in runs:
     with pytest.raises(_Parsed) as parsed:
       scripts[Path(script).stem].main(argv)

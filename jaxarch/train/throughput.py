@@ -13,7 +13,9 @@ cost analysis of the compiled step gives the FLOPs it executes per device, over 
 FLOPs: above 1 by rematerialisation, elementwise work and any expansion (e.g.
 `ragged_dot` computing every expert). It counts a loop's body once: with
 `train.grad_accum_steps=A` its figure is taken A times, as the microbatch loop runs
-(the update after the loop, a few FLOPs per parameter, then counts A times too).
+(the update after the loop, a few FLOPs per parameter, then counts A times too). Of a
+step whose layers are scanned (`model.scan_layers`) it would count one period of blocks:
+there it is left out (None).
 Collective bytes count each collective as often as it runs, in a loop too. The analysis
 does not see inside kernels that XLA calls opaquely (Pallas' Triton or Mosaic kernels,
 cuDNN attention, and on a GPU cuBLAS's matmuls too): `opaque_kernels` counts them, and
@@ -89,6 +91,8 @@ def measure(cfg: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
   xla_flops = flops.compiled_flops(compiled)
   if xla_flops is not None:  # the analysis counts the microbatch loop's body once
     xla_flops *= cfg.train.grad_accum_steps
+  if cfg.model.get('scan_layers'):  # and a scanned stack's body once: no figure, not a
+    xla_flops = None                # fraction of one
   return {
       **describe(cfg, setup), 'warmup_s': warmup_s, 'step_time_s': step_s,
       'step_time_waited_min_s': min(times), 'step_time_waited_max_s': max(times),
