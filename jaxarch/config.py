@@ -386,6 +386,25 @@ def _check_heads(prefix: str, section: ConfigDict, hint: str = '') -> None:
                       'for rotary position embeddings; change the heads or the width')
 
 
+def scan_period(model: ConfigDict, where: str = 'model') -> int:
+  """The period of a scanned stack (`model.scan_layers`) of the `model` section (or one
+  shaped like it at `where`): its blocks repeat with the block and attention patterns'
+  common period, which must divide its layers; side layers (`<kind>.placement`) sit
+  between blocks and cannot be scanned."""
+  period = math.lcm(len(tuple(model.block_pattern)),
+                    len(tuple(model.get('attention_pattern', ('local',)))))
+  if model.n_layers % period:
+    raise ConfigError(f'model.scan_layers stacks the blocks by the period of '
+                      f'model.block_pattern and model.attention_pattern ({period} blocks), '
+                      f'which must divide {where}.n_layers={model.n_layers}; change the '
+                      'layers or set model.scan_layers=False')
+  if placed := [k for k, v in model.items() if isinstance(v, ConfigDict) and v.get('placement')]:
+    raise ConfigError(f'model.scan_layers runs the blocks as one scan, which has no place for '
+                      f'the side layers {where}.{placed[0]}.placement puts between them; set '
+                      'model.scan_layers=False')
+  return period
+
+
 def _check_transformer(cfg: ConfigDict) -> None:
   """The decoder-stack shape that every family builds on."""
   m = cfg.model
@@ -397,7 +416,8 @@ def _check_transformer(cfg: ConfigDict) -> None:
   _choice(cfg, 'model.dtype', DTYPES)
   _choice(cfg, 'model.param_dtype', DTYPES)
   _choice(cfg, 'model.remat', REMAT)
-  _choice(cfg, 'model.scan_layers', (True, False))
+  if _choice(cfg, 'model.scan_layers', (True, False)):
+    scan_period(m)
   _choice(cfg, 'model.attention_impl', ATTENTION_IMPLS)
   _choice(cfg, 'model.tie_embeddings', (True, False))
 
@@ -598,6 +618,12 @@ def _check_megabyte(cfg: ConfigDict) -> None:
     _positive_int(cfg, f'model.megabyte.local.{key}')
   _check_heads('model.megabyte.local', cfg.model.megabyte.local)
   _choice(cfg, 'model.megabyte.local.attention_impl', ATTENTION_IMPLS)
+  if cfg.model.get('scan_layers'):  # the local model scans too, with the attention pattern
+    scan_period(ConfigDict({'n_layers': cfg.model.megabyte.local.n_layers,
+                            'block_pattern': ('dense',),
+                            'attention_pattern': cfg.model.get('attention_pattern',
+                                                               ('local',))}),
+                'model.megabyte.local')
   if 'ultramem' in cfg.model:  # memory layers in the global model
     _check_ultramem(cfg)
 

@@ -18,6 +18,7 @@ from jaxarch.parallel import global_batch, make_mesh
 from jaxarch.train import checkpoint, throughput
 from jaxarch.train.pretrained import load_model
 from jaxarch.train.state import init_state, make_setup
+from jaxarch.train import step as step_lib
 from jaxarch.train.step import make_train_step
 
 # Local and global attention layers alternating: the stack repeats every 2 blocks.
@@ -187,25 +188,60 @@ def test_bita_over_a_scanned_base_predicts_and_drafts_as_over_the_unrolled_one()
   assert drafted[0] == drafted[1]
 
 
-@pytest.mark.parametrize('overrides, error', [
-    (('model.n_layers=3', *WINDOWED),
+@pytest.mark.parametrize('spec, overrides, error', [
+    ('configs/dense.py:tiny', ('model.n_layers=3', *WINDOWED),
      r'period of model.block_pattern and model.attention_pattern \(2 blocks\), which must '
      r'divide model.n_layers=3'),
-    (('model.scan_layers=yes',), r"model.scan_layers='yes' must be a bool"),
+    ('configs/megabyte.py:tiny', ("model.attention_pattern=('local', 'global')",
+                                  'model.sliding_window=8', 'model.megabyte.local.n_layers=3'),
+     r'\(2 blocks\), which must divide model.megabyte.local.n_layers=3'),
+    ('configs/ultramem.py:tiny', (), r'the side layers model.ultramem.placement puts between '
+     'them; set model.scan_layers=False'),
+    ('configs/dense.py:tiny', ('model.scan_layers=yes',), r"model.scan_layers='yes' must be a bool"),
 ])
-def test_a_stack_that_cannot_scan_is_a_config_error(overrides, error):
-  cfg = tiny_config()
+def test_a_stack_that_cannot_scan_is_refused_with_the_config(spec, overrides, error):
+  """By `config.validate`, before a job is launched (`jaxarch launch` validates only)."""
   with pytest.raises(config_lib.ConfigError, match=error):
-    for override in ('model.scan_layers=True', *overrides):
-      config_lib.apply_override(cfg, override)
-    models.build(config_lib.validate(cfg).model, rngs=nnx.Rngs(0))
+    config_lib.validate(config_lib.load(spec, ['model.scan_layers=True', *overrides]))
 
 
-def test_side_layers_between_blocks_cannot_be_scanned():
-  cfg = config_lib.load('configs/ultramem.py:tiny', ['model.scan_layers=True'])
-  with pytest.raises(config_lib.ConfigError, match=r'model.ultramem.placement .*'
-                     'set model.scan_layers=False'):
-    models.build(config_lib.validate(cfg).model, rngs=nnx.Rngs(0))
+def test_a_block_s_state_derived_from_its_weights_is_refreshed_per_layer(monkeypatch):
+  class Derived(nnx.Module):  # state derived from the weights, as UltraMem's Tucker vectors
+    def __init__(self, rngs):
+      self.w = nnx.Param(jax.random.normal(rngs.params(), (4,)))
+      self.norm = nnx.Variable(jnp.zeros(()))
+    def refresh_state(self):
+      self.norm[...] = jnp.sqrt(jnp.sum(jnp.square(self.w[...])))
+  def block(cfg, layer, rngs):
+    block = transformer.dense_block(cfg, layer, rngs)
+    block.derived = Derived(rngs)
+    return block
+  monkeypatch.setitem(transformer.BLOCKS, 'dense', block)
+  norms = []
+  for scan in (False, True):
+    cfg = tiny_config(**{'model.n_layers': 4, 'model.scan_layers': scan})
+    setup = make_setup(cfg, make_mesh(cfg))
+    state = init_state(cfg, setup)
+    model_state = step_lib._refresh_state(setup, state['params'], state['model_state'])
+    model = nnx.merge(setup.graphdef, state['params'], model_state)  # as after a step
+    norms.append({path: x for path, x in _arrays(model).items() if path[-1] == 'norm'})
+  assert norms[0].keys() == norms[1].keys() and len(norms[0]) == 4
+  for path, norm in norms[0].items():
+    np.testing.assert_allclose(norms[1][path], norm, rtol=1e-6)
+    assert norm > 0
+
+
+def test_layers_of_other_shapes_cannot_be_stacked(monkeypatch):
+  def wider_deeper(cfg, layer, rngs):  # a FFN twice as wide from layer 2 on
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.d_ff *= 2 if layer >= 2 else 1
+    return transformer.dense_block(cfg, layer, rngs)
+  monkeypatch.setitem(transformer.BLOCKS, 'dense', wider_deeper)
+  cfg = tiny_config(**{'model.n_layers': 4, 'model.scan_layers': True})
+  with pytest.raises(config_lib.ConfigError,
+                     match=r'mlp/down of block 2 is float32\[256, 64\], of block 0 '
+                     r'float32\[128, 64\]: layers of other shapes do not stack'):
+    _model(cfg)
 
 
 def test_blocks_built_unlike_their_period_cannot_be_stacked(monkeypatch):
@@ -252,3 +288,18 @@ def test_bench_leaves_out_xla_flops_it_would_count_one_period_of_a_scanned_stack
   result = throughput.measure(cfg, steps=1, warmup=1)
   assert result['xla_flops_per_device'] is None and result['xla_flops_over_model'] is None
   assert result['tokens_per_s'] > 0 and result['flops_per_token'] > 0
+  assert result['scan_layers'] is True  # the record says which layout it measured
+
+
+def test_per_parameter_norms_name_each_layer_of_a_scanned_stack():
+  """The non-finite report's statistics (`layer_grad_norms`) are per layer in either
+  layout, under the unscanned names."""
+  norms = []
+  for scan in (False, True):
+    params = nnx.state(_model(_config('dense', scan)), nnx.Param)
+    names, values = step_lib.leaf_names(params), np.asarray(step_lib.leaf_norms(params))
+    assert len(names) == len(values) == len(set(names))
+    norms.append(dict(zip(names, values)))
+  assert norms[0].keys() == norms[1].keys() and 'blocks/3/attn/q_proj' in norms[1]
+  for name, norm in norms[0].items():
+    np.testing.assert_allclose(norms[1][name], norm, rtol=1e-6, err_msg=name)

@@ -15,6 +15,7 @@ registry. Layers report aux losses and metrics through `jaxarch.layers.signals`.
 from collections.abc import Callable, Sequence
 import math
 
+import flax
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -170,22 +171,13 @@ def side_placement(cfg: ml_collections.ConfigDict) -> list[tuple[str, int, int]]
 
 def scan_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
   """(period, repeats) of a scanned stack (`model.scan_layers`): the blocks repeat every
-  `period` (the block and attention patterns' common period), `repeats` times; (n_layers,
-  0) unscanned."""
+  `period` (`config.scan_period`), `repeats` times; (n_layers, 0) unscanned."""
   if not cfg.get('scan_layers'):
     return cfg.n_layers, 0
-  period = math.lcm(len(tuple(cfg.block_pattern)),
-                    len(tuple(cfg.get('attention_pattern', ('local',)))))
-  if cfg.n_layers % period:
-    raise config_lib.ConfigError(
-        f'model.scan_layers stacks the blocks by the period of model.block_pattern and '
-        f'model.attention_pattern ({period} blocks), which must divide model.n_layers='
-        f'{cfg.n_layers}; change the layers or set model.scan_layers=False')
-  if side_placement(cfg):
-    kinds = sorted({kind for kind, _, _ in side_placement(cfg)})
-    raise config_lib.ConfigError(
-        f'model.scan_layers runs the blocks as one scan, which has no place for the side '
-        f'layers model.{kinds[0]}.placement puts between them; set model.scan_layers=False')
+  if not hasattr(nnx, 'capture'):  # the scan's blocks sow through a capture of their own
+    raise config_lib.ConfigError(f'model.scan_layers needs nnx.capture, which flax '
+                                 f'{flax.__version__} lacks; upgrade flax')
+  period = config_lib.scan_period(cfg)
   return period, cfg.n_layers // period
 
 
@@ -202,7 +194,15 @@ def stacked_blocks(blocks: Sequence[nnx.Module], period: int) -> list[nnx.Module
     same = [dict(nnx.iter_graph(block)) for block in blocks[j::period]]
     for path, node in same[0].items():
       if isinstance(node, nnx.Variable):
-        stack_layers([nodes[path] for nodes in same])
+        layers = [nodes[path] for nodes in same]
+        shapes = [(v.get_value().shape, v.get_value().dtype) for v in layers]
+        if (i := next((i for i, s in enumerate(shapes) if s != shapes[0]), None)) is not None:
+          raise config_lib.ConfigError(
+              f'model.scan_layers: {"/".join(map(str, path))} of block {j + i * period} is '
+              f'{shapes[i][1]}{list(shapes[i][0])}, of block {j} {shapes[0][1]}'
+              f'{list(shapes[0][0])}: layers of other shapes do not stack; set '
+              'model.scan_layers=False')
+        stack_layers(layers)
   return list(blocks[:period])
 
 

@@ -73,7 +73,7 @@ def describe(cfg: ml_collections.ConfigDict, setup: TrainSetup) -> dict:
           'batch_size': cfg.train.batch_size, 'seq_len': cfg.data.seq_len,
           'grad_accum_steps': setup.grad_accum_steps, 'dtype': cfg.model.dtype,
           'remat': cfg.model.remat, 'attention_impl': cfg.model.attention_impl,
-          'mu_dtype': cfg.train.mu_dtype}
+          'scan_layers': bool(cfg.model.get('scan_layers')), 'mu_dtype': cfg.train.mu_dtype}
 
 
 def _with_values(state: nnx.State, values: dict) -> nnx.State:

@@ -122,18 +122,27 @@ def _refresh_state(setup: TrainSetup, params, model_state):
   Tucker vectors) recomputed it from the updated ones (`refresh_state`): a checkpoint's
   state is then its weights', which evaluation and serving read without refreshing."""
   model = nnx.merge(setup.graphdef, params, jax.tree.map(lambda x: x, model_state))
-  refreshed = False
+  refreshed, stacked = False, stacked_modules(model)
   for _, node in nnx.iter_graph(model):
     if isinstance(node, nnx.Module) and hasattr(node, 'refresh_state'):
-      node.refresh_state()
+      if id(node) in stacked:  # a scanned stack's block: each layer from its own weights
+        each_layer(lambda layer: layer.refresh_state())(node)
+      else:
+        node.refresh_state()
       refreshed = True
   return nnx.state(model, nnx.Not(nnx.Param)) if refreshed else model_state
 
 
 def leaf_norms(tree) -> jax.Array:
-  """[n_leaves] L2 norm of each array of `tree`, in `leaf_names` order."""
-  return jnp.stack([jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32))))
-                    for x in jax.tree.leaves(tree)])
+  """L2 norm of each array of `tree`, of each layer of a scanned stack's stacked arrays,
+  in `leaf_names` order."""
+  norms = []
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    squares = jnp.square(x.astype(jnp.float32))
+    norms.append(jnp.sqrt(jnp.sum(squares, axis=tuple(range(1, x.ndim))))
+                 if _layers_at(path) is not None
+                 else jnp.sqrt(jnp.sum(squares))[None])
+  return jnp.concatenate(norms)
 
 
 def _global_norm(norms: jax.Array) -> jax.Array:
@@ -142,9 +151,33 @@ def _global_norm(norms: jax.Array) -> jax.Array:
 
 
 def leaf_names(tree) -> list[str]:
-  """'blocks/0/mlp/gate'-style names of the arrays of `tree`, in `jax.tree.leaves` order."""
-  return [tree_path(path).removesuffix('/value')
-          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  """'blocks/0/mlp/gate'-style names of the arrays of `tree`, in `jax.tree.leaves` order;
+  a scanned stack's stacked array (`layers/j/...`) has one per layer, its unscanned name."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  periods = {}  # a stack's path -> its period (the blocks it stacks)
+  for path, _ in leaves:
+    if (at := _layers_at(path)) is not None:
+      stack = tree_path(path[:at])
+      periods[stack] = max(periods.get(stack, 0), int(_key_name(path[at + 1])) + 1)
+  names = []
+  for path, x in leaves:
+    name = tree_path(path).removesuffix('/value')
+    if (at := _layers_at(path)) is None:
+      names.append(name)
+      continue
+    stack, j = tree_path(path[:at]), int(_key_name(path[at + 1]))
+    inner = tree_path(path[at + 2:]).removesuffix('/value')
+    names += ['/'.join(filter(None, [stack, 'blocks', str(r * periods[stack] + j), inner]))
+              for r in range(x.shape[0])]
+  return names
+
+
+def _layers_at(path) -> int | None:
+  """Where in `path` a scanned stack's `layers/<j>` starts (`models.transformer.Stack`),
+  whose arrays hold every repeat of block j stacked; None outside one."""
+  keys = [_key_name(k) for k in path]
+  return next((i for i, (a, b) in enumerate(zip(keys, keys[1:]))
+               if a == 'layers' and b.isdigit()), None)
 
 
 def _is_variable(x) -> bool:
