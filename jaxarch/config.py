@@ -391,13 +391,14 @@ def scan_period(model: ConfigDict, where: str = 'model') -> int:
   shaped like it at `where`): its blocks repeat with the block and attention patterns'
   common period, which must divide its layers; side layers (`<kind>.placement`) sit
   between blocks and cannot be scanned."""
-  period = math.lcm(len(tuple(model.block_pattern)),
-                    len(tuple(model.get('attention_pattern', ('local',)))))
+  patterns = {'model.block_pattern': len(tuple(model.block_pattern)),
+              'model.attention_pattern': len(tuple(model.get('attention_pattern', ('local',))))}
+  period = math.lcm(*patterns.values())
   if model.n_layers % period:
-    raise ConfigError(f'model.scan_layers stacks the blocks by the period of '
-                      f'model.block_pattern and model.attention_pattern ({period} blocks), '
-                      f'which must divide {where}.n_layers={model.n_layers}; change the '
-                      'layers or set model.scan_layers=False')
+    which = ' and '.join(key for key, n in patterns.items() if n > 1)
+    raise ConfigError(f'model.scan_layers stacks the blocks by the period of {which} '
+                      f'({period} blocks), which must divide {where}.n_layers='
+                      f'{model.n_layers}; change the layers or set model.scan_layers=False')
   if placed := [k for k, v in model.items() if isinstance(v, ConfigDict) and v.get('placement')]:
     raise ConfigError(f'model.scan_layers runs the blocks as one scan, which has no place for '
                       f'the side layers {where}.{placed[0]}.placement puts between them; set '

@@ -190,11 +190,15 @@ def test_bita_over_a_scanned_base_predicts_and_drafts_as_over_the_unrolled_one()
 
 @pytest.mark.parametrize('spec, overrides, error', [
     ('configs/dense.py:tiny', ('model.n_layers=3', *WINDOWED),
-     r'period of model.block_pattern and model.attention_pattern \(2 blocks\), which must '
-     r'divide model.n_layers=3'),
+     r'period of model.attention_pattern \(2 blocks\), which must divide model.n_layers=3'),
+    ('configs/moe.py:tiny', ('model.n_layers=4', "model.block_pattern=('dense', 'moe')",
+                             *WINDOWED, "model.attention_pattern=('local', 'local', 'global')"),
+     r'period of model.block_pattern and model.attention_pattern \(6 blocks\), which must '
+     r'divide model.n_layers=4'),
     ('configs/megabyte.py:tiny', ("model.attention_pattern=('local', 'global')",
                                   'model.sliding_window=8', 'model.megabyte.local.n_layers=3'),
-     r'\(2 blocks\), which must divide model.megabyte.local.n_layers=3'),
+     r'period of model.attention_pattern \(2 blocks\), which must divide '
+     r'model.megabyte.local.n_layers=3'),
     ('configs/ultramem.py:tiny', (), r'the side layers model.ultramem.placement puts between '
      'them; set model.scan_layers=False'),
     ('configs/dense.py:tiny', ('model.scan_layers=yes',), r"model.scan_layers='yes' must be a bool"),
@@ -255,6 +259,15 @@ def test_blocks_built_unlike_their_period_cannot_be_stacked(monkeypatch):
     models.build(cfg.model, rngs=nnx.Rngs(0))
 
 
+def test_a_checkpoint_of_scanned_layers_of_another_period_says_so():
+  shapes = [checkpoint._shapes(make_setup(cfg, make_mesh(cfg)).abstract_state)
+            for pattern in (('global',), ('local', 'global'))
+            for cfg in [tiny_config(**{'model.n_layers': 4, 'model.scan_layers': True,
+                                       'model.sliding_window': 8,
+                                       'model.attention_pattern': pattern})]]
+  assert checkpoint.mismatch(*shapes).startswith('holds scanned layers of another period')
+
+
 @pytest.mark.parametrize('saved_scan', [False, True])
 def test_a_checkpoint_of_the_other_layout_says_which_to_resume_with(saved_scan):
   shapes = {scan: checkpoint._shapes(make_setup(cfg, make_mesh(cfg)).abstract_state)
@@ -303,3 +316,17 @@ def test_per_parameter_norms_name_each_layer_of_a_scanned_stack():
   assert norms[0].keys() == norms[1].keys() and 'blocks/3/attn/q_proj' in norms[1]
   for name, norm in norms[0].items():
     np.testing.assert_allclose(norms[1][name], norm, rtol=1e-6, err_msg=name)
+
+
+def test_the_logged_param_norm_is_the_whole_model_s_in_either_layout():
+  """`param_norm` picks the trained parameters' norms out of the per-layer ones."""
+  norms = []
+  for scan in (False, True):
+    cfg = tiny_config(**{'model.n_layers': 4, 'model.scan_layers': scan,
+                         'model.dtype': 'float32'})
+    setup = make_setup(cfg, make_mesh(cfg))
+    batch = make_batch(cfg.train.batch_size, cfg.data.seq_len)
+    _, metrics = make_train_step(setup)(init_state(cfg, setup),
+                                        global_batch(batch, setup.batch_sharding))
+    norms.append(float(metrics['param_norm']))
+  np.testing.assert_allclose(norms[1], norms[0], rtol=1e-5)

@@ -79,8 +79,8 @@ def unscanned(cfg: ml_collections.ConfigDict, model: nnx.Module
               ) -> tuple[ml_collections.ConfigDict, nnx.Module]:
   """(cfg, model) with `model.scan_layers` off: the same model with each layer's weights
   its own (`blocks.i.*`), as exports hold them whatever the run's layout. Each layer's
-  slice is a copy, so the blocks' weights are held twice until the scanned model is
-  dropped. A model without scanned stacks is returned as it is."""
+  slice is a copy: while the caller keeps the scanned model (an export does), the blocks'
+  weights are held twice. A model without scanned stacks is returned as it is."""
   if not stacked_modules(model):
     return cfg, model
   cfg = ml_collections.ConfigDict(cfg.to_dict())

@@ -84,6 +84,9 @@ def mismatch(saved: dict, wanted: dict) -> str | None:
     return (f'holds its layers {"scanned" if saved_scan else "unrolled"} (model.scan_layers='
             f'{saved_scan}) where this config has model.scan_layers={not saved_scan}: a '
             f'run keeps its layout; resume with --config.model.scan_layers={saved_scan}')
+  if {_stack_part(k) for k in missing + extra} == {'layers'}:
+    return ('holds scanned layers of another period: a run keeps the period of its '
+            'model.block_pattern and model.attention_pattern (and its model.n_layers)')
   if missing or extra:
     parts = [f'{len(missing)} arrays missing (e.g. {missing[0]})' if missing else '',
              f'{len(extra)} arrays the model lacks (e.g. {extra[0]})' if extra else '']

@@ -172,6 +172,12 @@ def leaf_names(tree) -> list[str]:
   return names
 
 
+def norm_counts(tree) -> list[int]:
+  """How many of `leaf_norms` each array of `tree` has: its layers' for a scanned stack's."""
+  return [1 if _layers_at(path) is None else x.shape[0]
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
 def _layers_at(path) -> int | None:
   """Where in `path` a scanned stack's `layers/<j>` starts (`models.transformer.Stack`),
   whose arrays hold every repeat of block j stacked; None outside one."""
@@ -208,7 +214,8 @@ def make_train_step(setup: TrainSetup):
   """
   is_frozen = frozen(setup.abstract_state['params'])
   # `param_norm` is of the weights that train (BiTA's frozen base would swamp its tokens').
-  trained = np.flatnonzero([not f for f in jax.tree.leaves(is_frozen)])
+  trained = np.flatnonzero(np.repeat([not f for f in jax.tree.leaves(is_frozen)],
+                                     norm_counts(setup.abstract_state['params'])))
   grad_accum_steps = setup.grad_accum_steps
 
   def microbatch_grads(params, model_state, batch):
