@@ -266,6 +266,11 @@ def test_a_checkpoint_of_scanned_layers_of_another_period_says_so():
                                        'model.sliding_window': 8,
                                        'model.attention_pattern': pattern})]]
   assert checkpoint.mismatch(*shapes).startswith('holds scanned layers of another period')
+  qk_norm = tiny_config(**{'model.n_layers': 4, 'model.scan_layers': True,  # a new weight
+                           'model.qk_norm': True})
+  assert checkpoint.mismatch(shapes[0], checkpoint._shapes(
+      make_setup(qk_norm, make_mesh(qk_norm)).abstract_state)).startswith(
+          'is not of this model: 6 arrays missing')
 
 
 @pytest.mark.parametrize('saved_scan', [False, True])

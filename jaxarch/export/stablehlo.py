@@ -69,7 +69,7 @@ def export_stablehlo(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str
     raise ExportError(f'export: need prompt_len={prompt_len} < max_len={max_len} <= '
                       f'model.max_len={cfg.model.max_len}')
   check_platforms(platforms)
-  cfg, model = unscanned(cfg, model)  # serving compiles once: no scan to save it
+  cfg, model = unscanned(cfg, model)  # the program reads the weights as written, unrolled
   out = write_model(model, cfg, out, source=source, final=final)
   model = for_inference(model)
   targets = {_BACKENDS[p] for p in platforms} if platforms else {jax.default_backend()}

@@ -84,7 +84,8 @@ def mismatch(saved: dict, wanted: dict) -> str | None:
     return (f'holds its layers {"scanned" if saved_scan else "unrolled"} (model.scan_layers='
             f'{saved_scan}) where this config has model.scan_layers={not saved_scan}: a '
             f'run keeps its layout; resume with --config.model.scan_layers={saved_scan}')
-  if {_stack_part(k) for k in missing + extra} == {'layers'}:
+  if _scanned_blocks(saved) and _scanned_blocks(wanted) and (
+      _scanned_blocks(saved) != _scanned_blocks(wanted)):
     return ('holds scanned layers of another period: a run keeps the period of its '
             'model.block_pattern and model.attention_pattern (and its model.n_layers)')
   if missing or extra:
@@ -99,6 +100,12 @@ def mismatch(saved: dict, wanted: dict) -> str | None:
     return (f'{what}: {len(differ)} arrays differ in shape or dtype, e.g. {k}: saved '
             f'{saved[k][0]} {saved[k][1]}, model {wanted[k][0]} {wanted[k][1]}')
   return None
+
+
+def _scanned_blocks(keys) -> set[str]:
+  """The `layers/<j>` of scanned stacks that arrays' paths name: one per block of a period."""
+  return {f'{a}/{b}' for key in keys
+          for a, b in zip(key.split('/'), key.split('/')[1:]) if a == 'layers' and b.isdigit()}
 
 
 def _stack_part(key: str) -> str | None:
