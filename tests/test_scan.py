@@ -35,10 +35,9 @@ CASES = {  # name -> (config spec, overrides, mesh)
 }
 
 
-def _config(case, scan, *more):
+def _config(case, scan):
   spec, overrides, mesh = CASES[case]
-  cfg = config_lib.load(spec, ['model.dtype=float32', *overrides, *more,
-                               f'model.scan_layers={scan}'])
+  cfg = config_lib.load(spec, ['model.dtype=float32', *overrides, f'model.scan_layers={scan}'])
   return config_lib.validate(mesh_config(cfg, **mesh))
 
 
