@@ -82,9 +82,11 @@ def test_non_finite_metrics_are_written_as_null(tmp_path):
 
 
 @pytest.mark.slow
-def test_interrupted_run_resumes_on_the_same_loss_curve(tmp_path, data_dir, monkeypatch):
+@pytest.mark.parametrize('scan', [False, True])  # the layers one per block, or stacked
+def test_interrupted_run_resumes_on_the_same_loss_curve(tmp_path, data_dir, monkeypatch, scan):
+  layout = {'model.scan_layers': scan}
   reference = tmp_path / 'reference'
-  train(_cfg(data_dir), reference)
+  train(_cfg(data_dir, **layout), reference)
 
   interrupted = tmp_path / 'interrupted'
   real_make_step = trainer.make_train_step
@@ -99,16 +101,16 @@ def test_interrupted_run_resumes_on_the_same_loss_curve(tmp_path, data_dir, monk
 
   monkeypatch.setattr(trainer, 'make_train_step', crashing_make_step)
   with pytest.raises(KeyboardInterrupt):
-    train(_cfg(data_dir), interrupted)
+    train(_cfg(data_dir, **layout), interrupted)
   monkeypatch.setattr(trainer, 'make_train_step', real_make_step)
   assert max(_losses(interrupted)) == 12
-  train(_cfg(data_dir), interrupted)  # resumes from the step-10 checkpoint
+  train(_cfg(data_dir, **layout), interrupted)  # resumes from the step-10 checkpoint
 
   want, got = _losses(reference), _losses(interrupted)
   assert sorted(got) == list(range(1, 21))
   # Bit for bit (async saves, the data iterator mid-epoch): the same losses and final state.
   assert [got[s] for s in range(11, 21)] == [want[s] for s in range(11, 21)]
-  setup = make_setup(_cfg(data_dir), make_mesh(_cfg(data_dir)))
+  setup = make_setup(_cfg(data_dir, **layout), make_mesh(_cfg(data_dir, **layout)))
   (ours, _), (theirs, _) = (Checkpointer.read(w, setup.abstract_state)
                             for w in (interrupted, reference))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(ours), jax.device_get(theirs))
