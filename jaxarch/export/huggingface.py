@@ -165,6 +165,8 @@ def check_exportable(cfg: ml_collections.ConfigDict) -> None:
     # A BiTA's base run (dense or MoE) may be one: its tokens are the BiTA's.
     base = (m.family == 'bita' and m.bita.base_family in ARCHITECTURES)
     raise ExportError(f'export: --format=hf writes dense models as LlamaForCausalLM (with '
+                      f'a sliding window as MistralForCausalLM, or MinistralForCausalLM where '
+                      f'some layers have none, with '
                       f'model.qkv_bias as Qwen2ForCausalLM, with model.qk_norm as '
                       f"Qwen3ForCausalLM, with Gemma 3's keys as Gemma3ForCausalLM) and MoE "
                       f'models with experts in every block, '
