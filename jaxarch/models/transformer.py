@@ -206,11 +206,23 @@ def stacked_blocks(blocks: Sequence[nnx.Module], period: int) -> list[nnx.Module
   return list(blocks[:period])
 
 
+def scanned_stacks(model: nnx.Module) -> list[tuple[tuple, 'Stack']]:
+  """(path, stack) of every scanned stack in `model`."""
+  return [(path, stack) for path, stack in nnx.iter_graph(model)
+          if isinstance(stack, Stack) and stack.layers is not None]
+
+
+def scanned_at(keys: Sequence[str]) -> int | None:
+  """Where a variable's path (its keys) enters a scanned stack's `layers/<j>`, whose
+  variables hold every repeat of block j stacked; None outside one."""
+  return next((i for i, (a, b) in enumerate(zip(keys, keys[1:]))
+               if a == 'layers' and b.isdigit()), None)
+
+
 def stacked_modules(model: nnx.Module) -> dict[int, int]:
   """id -> repeats of the modules in `model`'s scanned stacks, whose variables hold all
-  of a stack's repeats [repeats, ...]: their methods run on each layer (`each_layer`)."""
-  return {id(m): stack.repeats for _, stack in nnx.iter_graph(model)
-          if isinstance(stack, Stack) and stack.layers is not None
+  of a stack's repeats [repeats, ...]: their methods run on each layer (`per_layer`)."""
+  return {id(m): stack.repeats for _, stack in scanned_stacks(model)
           for _, m in nnx.iter_graph(stack.layers) if isinstance(m, nnx.Module)}
 
 
@@ -221,17 +233,22 @@ def each_layer(fn: Callable) -> Callable:
   return nnx.vmap(fn, transform_metadata={nnx.PARTITION_NAME: None})
 
 
+def per_layer(module: nnx.Module, stacked: dict[int, int]) -> Callable:
+  """How to run fn(module, *args) per layer: `each_layer` for a module of a scanned stack
+  (`stacked`: `stacked_modules`), else as it is."""
+  return each_layer if id(module) in stacked else (lambda fn: fn)
+
+
 def unstacked_arrays(model: nnx.Module) -> dict[tuple, jax.Array]:
   """path -> array of every variable of `model` as the unscanned model holds it: a
   scanned stack's `layers/j/...` [repeats, ...] split into its layers' `blocks/i/...`."""
   arrays = {path: variable.get_value() for path, variable in nnx.to_flat_state(nnx.state(model))}
-  for where, stack in nnx.iter_graph(model):
-    if isinstance(stack, Stack) and stack.layers is not None:
-      for path, variable in nnx.to_flat_state(nnx.state(stack.layers)):
-        stacked = arrays.pop((*where, 'layers', *path))
-        j, *inner = path
-        for repeat in range(stack.repeats):
-          arrays[(*where, 'blocks', repeat * stack.period + j, *inner)] = stacked[repeat]
+  for where, stack in scanned_stacks(model):
+    for path, variable in nnx.to_flat_state(nnx.state(stack.layers)):
+      stacked = arrays.pop((*where, 'layers', *path))
+      j, *inner = path
+      for repeat in range(stack.repeats):
+        arrays[(*where, 'blocks', repeat * stack.period + j, *inner)] = stacked[repeat]
   return arrays
 
 
@@ -362,11 +379,10 @@ class Stack(nnx.Module):
       per_layer(lambda m: m.keep_path(path, cached))(layer)
 
   def _layers_with(self, method: str) -> list[tuple[nnx.Module, Callable]]:
-    """(layer, how to run a function of it on each of its layers) for every layer that has
-    `method`: a function of a stacked block runs per layer (`each_layer`)."""
+    """(layer, how to run a function of it on each of its layers: `per_layer`) for every
+    layer that has `method`."""
     stacked = stacked_modules(self)
-    return [(m, each_layer if id(m) in stacked else (lambda fn: fn))
-            for _, m in nnx.iter_graph(self)
+    return [(m, per_layer(m, stacked)) for _, m in nnx.iter_graph(self)
             if m is not self and isinstance(m, nnx.Module) and hasattr(m, method)]
 
   def _remat(self, method, block, *args):

@@ -54,6 +54,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as preservation
 
+from jaxarch.models.transformer import scanned_at
 from jaxarch.oserrors import caused_by_os_error, chain, reason
 from jaxarch.train.step import tree_path
 from jaxarch.train.workdir import CHECKPOINTS, interrupted_saves
@@ -103,9 +104,10 @@ def mismatch(saved: dict, wanted: dict) -> str | None:
 
 
 def _scanned_blocks(keys) -> set[str]:
-  """The `layers/<j>` of scanned stacks that arrays' paths name: one per block of a period."""
-  return {f'{a}/{b}' for key in keys
-          for a, b in zip(key.split('/'), key.split('/')[1:]) if a == 'layers' and b.isdigit()}
+  """The `.../layers/<j>` of scanned stacks that arrays' paths name: one per block of a
+  period."""
+  return {'/'.join(parts[:at + 2]) for parts in (key.split('/') for key in keys)
+          if (at := scanned_at(parts)) is not None}
 
 
 def _stack_part(key: str) -> str | None:

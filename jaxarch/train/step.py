@@ -13,7 +13,7 @@ import optax
 from flax import nnx
 
 from jaxarch.layers.signals import WindowCounter, is_window_metric
-from jaxarch.models.transformer import each_layer, stacked_modules
+from jaxarch.models.transformer import per_layer, scanned_at, stacked_modules
 from jaxarch.parallel.context import logical_mesh
 from jaxarch.train.optimizer import frozen
 from jaxarch.train.state import TrainSetup
@@ -110,10 +110,9 @@ def _end_step(setup: TrainSetup, params, model_state, statistics):
   stacked = stacked_modules(model)
   for path, node in nnx.iter_graph(model):
     if isinstance(node, nnx.Module) and (where := tree_path(path)) in statistics:
-      if id(node) in stacked:  # a scanned stack's block: its statistics are stacked too
-        each_layer(lambda layer, sums: layer.end_step(**sums))(node, statistics[where])
-      else:
-        node.end_step(**statistics[where])
+      # A scanned stack's block: its statistics are stacked too.
+      per_layer(node, stacked)(lambda layer, sums: layer.end_step(**sums))(
+          node, statistics[where])
   return nnx.state(model, nnx.Not(nnx.Param))
 
 
@@ -125,10 +124,8 @@ def _refresh_state(setup: TrainSetup, params, model_state):
   refreshed, stacked = False, stacked_modules(model)
   for _, node in nnx.iter_graph(model):
     if isinstance(node, nnx.Module) and hasattr(node, 'refresh_state'):
-      if id(node) in stacked:  # a scanned stack's block: each layer from its own weights
-        each_layer(lambda layer: layer.refresh_state())(node)
-      else:
-        node.refresh_state()
+      # A scanned stack's block: each layer from its own weights.
+      per_layer(node, stacked)(lambda layer: layer.refresh_state())(node)
       refreshed = True
   return nnx.state(model, nnx.Not(nnx.Param)) if refreshed else model_state
 
@@ -179,11 +176,8 @@ def norm_counts(tree) -> list[int]:
 
 
 def _layers_at(path) -> int | None:
-  """Where in `path` a scanned stack's `layers/<j>` starts (`models.transformer.Stack`),
-  whose arrays hold every repeat of block j stacked; None outside one."""
-  keys = [_key_name(k) for k in path]
-  return next((i for i, (a, b) in enumerate(zip(keys, keys[1:]))
-               if a == 'layers' and b.isdigit()), None)
+  """Where a key path enters a scanned stack's `layers/<j>` (`transformer.scanned_at`)."""
+  return scanned_at([_key_name(k) for k in path])
 
 
 def _is_variable(x) -> bool:
