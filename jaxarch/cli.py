@@ -315,7 +315,7 @@ def _run_or_export(workdir: str, step: int | None):
   path = Path(workdir).expanduser()
   if step is None and not Checkpointer.exists(path) and (path / WEIGHTS).is_file():
     return load_safetensors(path)
-  return load_model(path, step=step)
+  return load_model(path, step=step, scan_layers=False)  # decoding runs unrolled
 
 
 def _distill(args, overrides):
@@ -392,7 +392,8 @@ def _export(args, overrides):
   saved = Path(args.workdir) / 'config.json'
   if args.format == 'hf' and saved.is_file():  # (else load_checkpoint says what is amiss)
     check_exportable(config_lib.load_json(saved))
-  _, model, step = load_checkpoint(args.workdir, step=args.step)
+  _, model, step = load_checkpoint(args.workdir, step=args.step,
+                                   scan_layers=False)  # exports hold each layer's own
   cfg = config_lib.load_json(saved)
   source = f'{args.workdir} (checkpoint {step})'
   with all_or_nothing(args.out) as partial:

@@ -15,7 +15,7 @@ from jaxarch.export import load_safetensors, write_hf, write_model
 from jaxarch.layers.params import grouped_draws
 from jaxarch.models import transformer
 from jaxarch.parallel import global_batch, make_mesh
-from jaxarch.train import checkpoint, throughput
+from jaxarch.train import throughput
 from jaxarch.train.pretrained import load_model
 from jaxarch.train.state import init_state, make_setup
 from jaxarch.train import step as step_lib
@@ -256,30 +256,6 @@ def test_blocks_built_unlike_their_period_cannot_be_stacked(monkeypatch):
   cfg = tiny_config(**{'model.n_layers': 4, 'model.scan_layers': True})
   with pytest.raises(config_lib.ConfigError, match='block 3 is built unlike block 0'):
     models.build(cfg.model, rngs=nnx.Rngs(0))
-
-
-def test_a_checkpoint_of_scanned_layers_of_another_period_says_so():
-  shapes = [checkpoint._shapes(make_setup(cfg, make_mesh(cfg)).abstract_state)
-            for pattern in (('global',), ('local', 'global'))
-            for cfg in [tiny_config(**{'model.n_layers': 4, 'model.scan_layers': True,
-                                       'model.sliding_window': 8,
-                                       'model.attention_pattern': pattern})]]
-  assert checkpoint.mismatch(*shapes).startswith('holds scanned layers of another period')
-  qk_norm = tiny_config(**{'model.n_layers': 4, 'model.scan_layers': True,  # a new weight
-                           'model.qk_norm': True})
-  assert checkpoint.mismatch(shapes[0], checkpoint._shapes(
-      make_setup(qk_norm, make_mesh(qk_norm)).abstract_state)).startswith(
-          'is not of this model: 6 arrays missing')
-
-
-@pytest.mark.parametrize('saved_scan', [False, True])
-def test_a_checkpoint_of_the_other_layout_says_which_to_resume_with(saved_scan):
-  shapes = {scan: checkpoint._shapes(make_setup(cfg, make_mesh(cfg)).abstract_state)
-            for scan in (False, True) for cfg in [tiny_config(**{'model.scan_layers': scan})]}
-  assert checkpoint.mismatch(shapes[saved_scan], shapes[not saved_scan]) == (
-      f'holds its layers {"scanned" if saved_scan else "unrolled"} (model.scan_layers='
-      f'{saved_scan}) where this config has model.scan_layers={not saved_scan}: a run '
-      f'keeps its layout; resume with --config.model.scan_layers={saved_scan}')
 
 
 def test_an_hf_checkpoint_imports_into_scanned_layers_with_its_logits(tmp_path):

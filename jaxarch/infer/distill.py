@@ -77,7 +77,7 @@ def distill(workdir: str | Path, out: str | Path, *, num_prompts: int = 2048,
                           'has no text to draw prompts from; distill the base run, trained '
                           "on 'default', 'files:<glob>' or 'tfds:<name>'")
   start = time.perf_counter()
-  cfg, model, base_step = load_checkpoint(workdir)
+  cfg, model, base_step = load_checkpoint(workdir, scan_layers=False)  # decoding: unrolled
   tokenizer = data.get_tokenizer(cfg.data.tokenizer)
   stops = data.stop_ids(cfg.data, tokenizer)  # the eod, and an instruct model's end of turn
   generator = Generator(model, mesh=make_mesh(cfg), rules=cfg.mesh.rules,

@@ -80,11 +80,13 @@ def unscanned(cfg: ml_collections.ConfigDict, model: nnx.Module
   """(cfg, model) with `model.scan_layers` off: the same model with each layer's weights
   its own (`blocks.i.*`), as exports hold them whatever the run's layout. Each layer's
   slice is a copy: while the caller keeps the scanned model (an export does), the blocks'
-  weights are held twice. A model without scanned stacks is returned as it is."""
+  weights are held twice (`jaxarch export` reads the run's layers unrolled instead). A
+  model without scanned stacks is returned as it is, with the config that says so."""
+  if cfg.model.get('scan_layers'):
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.model.scan_layers = False
   if not stacked_modules(model):
     return cfg, model
-  cfg = ml_collections.ConfigDict(cfg.to_dict())
-  cfg.model.scan_layers = False
   abstract = nnx.eval_shape(lambda: build(cfg.model, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   arrays = unstacked_arrays(model)

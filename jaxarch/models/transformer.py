@@ -212,11 +212,19 @@ def scanned_stacks(model: nnx.Module) -> list[tuple[tuple, 'Stack']]:
           if isinstance(stack, Stack) and stack.layers is not None]
 
 
+def stack_at(keys: Sequence[str]) -> tuple[int, str] | None:
+  """Where a variable's path (its keys) enters a stack's blocks, and in which layout:
+  (index, 'blocks') for an unrolled stack's `blocks/<i>` (layer i); (index, 'layers') for
+  a scanned stack's `layers/<j>`, whose variables hold every repeat of block j stacked;
+  None outside the blocks."""
+  return next(((i, a) for i, (a, b) in enumerate(zip(keys, keys[1:]))
+               if a in ('blocks', 'layers') and b.isdigit()), None)
+
+
 def scanned_at(keys: Sequence[str]) -> int | None:
-  """Where a variable's path (its keys) enters a scanned stack's `layers/<j>`, whose
-  variables hold every repeat of block j stacked; None outside one."""
-  return next((i for i, (a, b) in enumerate(zip(keys, keys[1:]))
-               if a == 'layers' and b.isdigit()), None)
+  """Where a variable's path enters a scanned stack's `layers/<j>`; None outside one."""
+  at = stack_at(keys)
+  return at[0] if at is not None and at[1] == 'layers' else None
 
 
 def stacked_modules(model: nnx.Module) -> dict[int, int]:

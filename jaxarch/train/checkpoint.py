@@ -24,7 +24,10 @@ workdir) is an error, never skipped: training from scratch over it would lose it
 interrupted save leaves (a temporary directory, up to a checkpoint in size) is deleted by
 the next trainer.
 Restoring into the abstract state of the current mesh reshards, whatever mesh the
-checkpoint was written on; each array is read straight into its shards. Readers of the
+checkpoint was written on; each array is read straight into its shards. One whose layers
+are laid out otherwise than the model's (scanned or unrolled, `model.scan_layers`, or
+scanned by another period) is read as saved and verified, then its arrays are gathered
+into the model's layout (`relayout`): a run resumes in either layout. Readers of the
 model (evaluation, generation, export) read its weights and state alone (`parts`), not the
 optimizer state, which would take twice the weights' memory on the devices besides.
 Each process saves its data iterator's position; resumed on another number of processes
@@ -54,8 +57,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as preservation
 
-from jaxarch.models.transformer import scanned_at
 from jaxarch.oserrors import caused_by_os_error, chain, reason
+from jaxarch.train import relayout as relayout_lib
 from jaxarch.train.step import tree_path
 from jaxarch.train.workdir import CHECKPOINTS, interrupted_saves
 
@@ -80,15 +83,6 @@ def mismatch(saved: dict, wanted: dict) -> str | None:
   params_first = lambda keys: sorted(keys, key=lambda k: not k.startswith('params/'))
   missing = params_first(k for k in wanted if k not in saved)
   extra = params_first(k for k in saved if k not in wanted)
-  if missing and extra and {_stack_part(k) for k in missing + extra} == {'blocks', 'layers'}:
-    saved_scan = _stack_part(extra[0]) == 'layers'
-    return (f'holds its layers {"scanned" if saved_scan else "unrolled"} (model.scan_layers='
-            f'{saved_scan}) where this config has model.scan_layers={not saved_scan}: a '
-            f'run keeps its layout; resume with --config.model.scan_layers={saved_scan}')
-  if _scanned_blocks(saved) and _scanned_blocks(wanted) and (
-      _scanned_blocks(saved) != _scanned_blocks(wanted)):
-    return ('holds scanned layers of another period: a run keeps the period of its '
-            'model.block_pattern and model.attention_pattern (and its model.n_layers)')
   if missing or extra:
     parts = [f'{len(missing)} arrays missing (e.g. {missing[0]})' if missing else '',
              f'{len(extra)} arrays the model lacks (e.g. {extra[0]})' if extra else '']
@@ -101,19 +95,6 @@ def mismatch(saved: dict, wanted: dict) -> str | None:
     return (f'{what}: {len(differ)} arrays differ in shape or dtype, e.g. {k}: saved '
             f'{saved[k][0]} {saved[k][1]}, model {wanted[k][0]} {wanted[k][1]}')
   return None
-
-
-def _scanned_blocks(keys) -> set[str]:
-  """The `.../layers/<j>` of scanned stacks that arrays' paths name: one per block of a
-  period."""
-  return {'/'.join(parts[:at + 2]) for parts in (key.split('/') for key in keys)
-          if (at := scanned_at(parts)) is not None}
-
-
-def _stack_part(key: str) -> str | None:
-  """Which of a stack's layouts an array's path is in: 'blocks' (unrolled), 'layers'
-  (scanned, `models.transformer.Stack`), or None (outside the blocks)."""
-  return next((part for part in key.split('/') if part in ('blocks', 'layers')), None)
 
 
 class Checkpointer:
@@ -325,13 +306,19 @@ class Checkpointer:
         state_metadata = self.manager.item_metadata(s).get('state')
         if state_metadata is None:  # else an AttributeError or KeyError said nothing
           raise FileNotFoundError('its state/_METADATA (what arrays it holds) went missing')
-        saved = _shapes(state_metadata.tree)
+        saved_tree = state_metadata.tree
         if parts is not None:
-          saved = {k: v for k, v in saved.items() if k.split('/')[0] in parts}
-        if (why := mismatch(saved, wanted)) is not None:
+          saved_tree = {k: v for k, v in saved_tree.items() if k in parts}
+        saved = _shapes(saved_tree)
+        relayout = relayout_lib.plan(saved, wanted)  # the layers laid out otherwise
+        why = relayout if isinstance(relayout, str) else (
+            mismatch(saved, wanted) if relayout is None else None)
+        if why is not None:
           raise CheckpointError(f'checkpoint {self.directory / str(s)} {why}. Use a new '
                                 '--workdir, or the config the checkpoint was trained with.')
-        items = {'state': ocp.args.StandardRestore(abstract_state)} if parts is None else {}
+        target = (abstract_state if relayout is None else
+                  relayout_lib.target(relayout, saved_tree, abstract_state))
+        items = {'state': ocp.args.StandardRestore(target)} if parts is None else {}
         if (where / 'checksums').is_dir():
           items['checksums'] = ocp.args.JsonRestore()
         else:  # written before 2026-12, or lost with the metadata that listed them
@@ -343,9 +330,14 @@ class Checkpointer:
           items['data'] = grain.checkpoint.CheckpointRestore(_sealing(data_iterator))
         restored = self.manager.restore(s, args=ocp.args.Composite(**items)) if items else {}
         state = (restored['state'] if parts is None else
-                 _restore_parts(where / 'state', abstract_state))
+                 _restore_parts(where / 'state', target))
         if 'checksums' in items:
           _verify(state, restored['checksums'], where)
+        del restored  # `gather` drops each saved array once read
+        if relayout is not None:
+          log.info('checkpoint %s holds its layers %s: read into the model\'s, %s', where,
+                   relayout.saved, relayout.wanted)
+          state = relayout_lib.gather(relayout, state, abstract_state)
         if isinstance(position, list):
           self._deal_data_position(s, data_iterator, position)
       except CheckpointError:

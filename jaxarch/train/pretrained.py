@@ -69,36 +69,43 @@ def data_parallel_mesh(cfg: ml_collections.ConfigDict, n: int) -> dict[str, int]
   return dict(data=data, fsdp=1, tensor=n // data, expert=1)
 
 
-def load_model(workdir: str | Path, *, step: int | None = None, mesh_overrides=()):
+def load_model(workdir: str | Path, *, step: int | None = None, mesh_overrides=(),
+               scan_layers: bool | None = None):
   """(config, model) restored from `workdir`.
 
   The run's own mesh is used when it fits the devices here; otherwise the weights are
   resharded onto a data-parallel mesh of the local devices (e.g. a pod checkpoint
-  loaded on one GPU).
+  loaded on one GPU). `scan_layers`: the layout to read the layers into
+  (`model.scan_layers`; None: the run's own). Decoding reads them unrolled: a scanned
+  stack copies its caches at every step.
   """
-  cfg, model, _ = load_checkpoint(workdir, step=step, mesh_overrides=mesh_overrides)
+  cfg, model, _ = load_checkpoint(workdir, step=step, mesh_overrides=mesh_overrides,
+                                  scan_layers=scan_layers)
   return cfg, model
 
 
-def load_checkpoint(workdir: str | Path, *, step: int | None = None, mesh_overrides=()):
+def load_checkpoint(workdir: str | Path, *, step: int | None = None, mesh_overrides=(),
+                    scan_layers: bool | None = None):
   """`load_model`, and the step of the checkpoint restored: the latest readable one (an
   unreadable newer one is skipped, with a warning) when `step` is None."""
   workdir = Path(workdir).expanduser()
   saved = workdir / 'config.json'
   if not saved.exists():
     raise FileNotFoundError(f'{saved} not found: is {workdir} a jaxarch workdir?')
-  cfg, mesh = mesh_here(config_lib.load_json(saved, mesh_overrides))
+  layout = () if scan_layers is None else (f'model.scan_layers={scan_layers}',)
+  cfg, mesh = mesh_here(config_lib.load_json(saved, (*mesh_overrides, *layout)))
   setup = make_setup(cfg, mesh)
   state, restored = Checkpointer.read(workdir, setup.abstract_state, step=step, parts=MODEL)
   return cfg, merge_model(setup, state), restored
 
 
-def _restored_model(workdir: Path, mesh: Mesh,
-                    mesh_cfg: ml_collections.ConfigDict) -> tuple[dict, int]:
+def _restored_model(workdir: Path, mesh: Mesh, mesh_cfg: ml_collections.ConfigDict,
+                    scan_layers: bool) -> tuple[dict, int]:
   """The params and model state of `workdir`'s latest checkpoint, sharded over `mesh` as
-  `mesh_cfg` says, and its step."""
+  `mesh_cfg` says, its layers laid out as `scan_layers` says, and its step."""
   tree = config_lib.load_json(workdir / 'config.json').to_dict()
   tree['mesh'] = mesh_cfg.to_dict()
+  tree['model']['scan_layers'] = scan_layers
   cfg = config_lib.validate(ml_collections.ConfigDict(tree))
   setup = make_setup(cfg, mesh)
   return Checkpointer.read(workdir, setup.abstract_state, parts=MODEL)
@@ -137,7 +144,8 @@ def initial_state(cfg: ml_collections.ConfigDict, setup: TrainSetup) -> dict:
   is_variable = lambda x: isinstance(x, nnx.Variable)
   given = {}
   for name, workdir in parts.items():
-    restored, step = _restored_model(Path(workdir).expanduser(), setup.mesh, cfg.mesh)
+    restored, step = _restored_model(Path(workdir).expanduser(), setup.mesh, cfg.mesh,
+                                     bool(cfg.model.get('scan_layers')))
     _check_distilled_step(cfg.data.source, workdir, step)
     for collection in ('params', 'model_state'):
       if name not in setup.abstract_state[collection]:  # e.g. a dense model keeps no state

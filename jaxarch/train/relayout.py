@@ -1,0 +1,216 @@
+"""Reading a checkpoint whose layers are laid out otherwise than the model's.
+
+A stack's blocks are saved unrolled (`model.scan_layers=False`: `blocks/<i>/...`, one
+array per layer) or scanned (`layers/<j>/...`: layer i = repeat * period + j, stacked
+[repeats, ...]), of the period of the run's block and attention patterns. The
+checkpoint's arrays are read as saved (and verified against their checksums), then each
+of the model's arrays is gathered from them, so that a run resumes in the other layout
+and a scanned run's model is read unrolled to decode. The optimizer's arrays repeat the
+parameters' paths, and follow them. The gathering holds one array's sources twice at a
+time, not the state: each saved array is dropped after its last use.
+"""
+
+import dataclasses
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxarch.models.transformer import stack_at
+from jaxarch.train.step import tree_path
+
+log = logging.getLogger(__name__)
+
+Read = tuple[str, int | None]  # a saved array's key, and the layer's index in it if stacked
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stack:
+  """A stack's layout in one state: `period` blocks stacked `layers // period` times
+  (scanned), or every layer its own (unrolled, period = layers)."""
+  scanned: bool
+  period: int
+  layers: int
+
+  def read(self, prefix: str, layer: int, inner: str) -> Read:
+    if self.scanned:
+      return f'{prefix}/layers/{layer % self.period}/{inner}', layer // self.period
+    return f'{prefix}/blocks/{layer}/{inner}', None
+
+  @property
+  def layout(self) -> tuple[bool, int | None]:
+    return self.scanned, self.period if self.scanned else None
+
+  def __str__(self):
+    return f'scanned (period {self.period})' if self.scanned else 'unrolled'
+
+
+@dataclasses.dataclass(frozen=True)
+class Relayout:
+  """How each of the model's arrays (by key) is read from a checkpoint of another layout:
+  its reads, stacked into one array [repeats, ...] or, one read, taken as it is."""
+  reads: dict[str, tuple[tuple[Read, ...], bool]]
+  saved: str  # the layouts, for messages
+  wanted: str
+
+  def sources(self) -> dict[str, int]:
+    """Saved key -> the number of the model's arrays that read it."""
+    uses = {}
+    for reads, _ in self.reads.values():
+      for key in {key for key, _ in reads}:
+        uses[key] = uses.get(key, 0) + 1
+    return uses
+
+
+def _split(key: str) -> tuple[str, bool, int, str] | None:
+  """'params/stack/layers/1/mlp/up/value' -> ('params/stack', True, 1, 'mlp/up/value'):
+  the stack's path, whether scanned, the index (layer or block of a period) and the path
+  inside the block; None outside the blocks."""
+  parts = key.split('/')
+  if (found := stack_at(parts)) is None:
+    return None
+  at, kind = found
+  return '/'.join(parts[:at]), kind == 'layers', int(parts[at + 1]), '/'.join(parts[at + 2:])
+
+
+def _stacks(shapes: dict[str, tuple]) -> dict[str, _Stack]:
+  """The layout of each stack that the parameters' keys name, by the stack's path in the
+  model ('' at its root), from a state's `checkpoint._shapes` map: every block of a period
+  has parameters, where the optimizer's or model state's arrays may leave some out."""
+  found = {}  # where -> (scanned, the highest index, repeats)
+  for key, (shape, _) in shapes.items():
+    if key.split('/')[0] == 'params' and (split := _split(key)) is not None:
+      prefix, scanned, index, _ = split
+      where = prefix.removeprefix('params').removeprefix('/')
+      top = found.get(where, (scanned, -1, 1))[1]
+      found[where] = (scanned, max(top, index), shape[0] if scanned else 1)
+  return {where: _Stack(scanned, top + 1, (top + 1) * repeats)
+          for where, (scanned, top, repeats) in found.items()}
+
+
+def _stack_of(prefix: str, stacks: dict[str, _Stack]) -> str | None:
+  """The stack whose path ends `prefix`: a parameter's, an optimizer moment's
+  ('opt_state/1/0/mu/global_model'), the model state's."""
+  ends = [where for where in stacks if not where or prefix.endswith(f'/{where}')]
+  return max(ends, key=len, default=None)
+
+
+def plan(saved: dict[str, tuple], wanted: dict[str, tuple]) -> Relayout | str | None:
+  """How the model's arrays (`wanted`, `checkpoint._shapes` maps) are read from a
+  checkpoint's (`saved`) whose stacks are laid out otherwise; None where the layouts are
+  the same (or the stacks are another model's: `checkpoint.mismatch` says how); a string
+  saying why where the layouts differ and the arrays do not fit."""
+  saved_stacks, wanted_stacks = _stacks(saved), _stacks(wanted)
+  layouts = lambda stacks: {where: s.layout for where, s in stacks.items()}
+  if layouts(saved_stacks) == layouts(wanted_stacks) or set(saved_stacks) != set(
+      wanted_stacks):
+    return None
+  describe = lambda stacks: ', '.join(sorted({str(s) for s in stacks.values()}))
+  reads = _reads(saved, wanted, saved_stacks, wanted_stacks)
+  if isinstance(reads, str):
+    return (f'holds its layers {describe(saved_stacks)}, which do not fit the model\'s '
+            f'({describe(wanted_stacks)}): {reads}')
+  return Relayout(reads, describe(saved_stacks), describe(wanted_stacks))
+
+
+def _reads(saved: dict[str, tuple], wanted: dict[str, tuple], saved_stacks: dict[str, _Stack],
+           wanted_stacks: dict[str, _Stack]) -> dict | str:
+  """`Relayout.reads`, or why the arrays do not fit."""
+  for where, stack in wanted_stacks.items():
+    if saved_stacks[where].layers != stack.layers:
+      return (f'it holds {saved_stacks[where].layers} layers in {where or "its stack"}, '
+              f'the model {stack.layers}')
+  reads = {}
+  for key in sorted(wanted, key=lambda k: not k.startswith('params/')):  # named first
+    shape, dtype = wanted[key]
+    split = _split(key)
+    if split is None:  # outside the stacks: the same array
+      reads[key] = ((key, None),), False
+      element = shape
+    else:
+      prefix, scanned, index, inner = split
+      where = _stack_of(prefix, wanted_stacks)
+      stack = wanted_stacks[where]
+      layers = range(index, stack.layers, stack.period) if scanned else [index]
+      reads[key] = tuple(saved_stacks[where].read(prefix, i, inner) for i in layers), scanned
+      element = shape[1:] if scanned else shape
+    for source, index in reads[key][0]:
+      if source not in saved:
+        return f"it lacks {source}, which the model's {key} reads"
+      saved_shape, saved_dtype = saved[source]
+      saved_shape = tuple(saved_shape if index is None else saved_shape[1:])
+      if (saved_shape, saved_dtype) != (tuple(element), dtype):
+        return (f'it holds {source} as {saved_shape} {saved_dtype} per layer, where the '
+                f"model's {key} needs {tuple(element)} {dtype}")
+  read = {source for layers, _ in reads.values() for source, _ in layers}
+  if unread := sorted(set(saved) - read):
+    return f'it holds {len(unread)} arrays the model lacks (e.g. {unread[0]})'
+  return reads
+
+
+def _source_sharding(sharding, stacked_model: bool, stacked_saved: bool):
+  """The sharding to read a saved array with, from the model's array it feeds: a layer's
+  own spec, led by None where stacked."""
+  if not isinstance(sharding, NamedSharding):
+    return sharding
+  spec = tuple(sharding.spec)
+  element = spec[1:] if stacked_model else spec
+  return NamedSharding(sharding.mesh, PartitionSpec(*((None,) if stacked_saved else ()),
+                                                    *element))
+
+
+def target(relayout: Relayout, saved_tree, abstract_state):
+  """The saved tree (Orbax's metadata tree of the checkpoint's state, or the part of it
+  read) as ShapeDtypeStructs with the shardings to read it in: each array led by the
+  sharding of the model's array that reads it."""
+  model = {tree_path(path): x for path, x
+           in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+  read_by = {}
+  for key, (reads, stacked) in relayout.reads.items():
+    for source, index in reads:
+      read_by.setdefault(source, (key, stacked, index is not None))
+
+  def leaf(path, metadata):
+    key, stacked, stacked_saved = read_by[tree_path(path)]
+    if relayout.reads[key] == (((key, None),), False):  # outside the stacks: as the model's
+      return model[key]
+    return jax.ShapeDtypeStruct(metadata.shape, model[key].dtype, sharding=_source_sharding(
+        model[key].sharding, stacked, stacked_saved))
+
+  return jax.tree_util.tree_map_with_path(leaf, saved_tree)
+
+
+def gather(relayout: Relayout, saved_state, abstract_state):
+  """The state of the model's layout (`abstract_state`'s tree) gathered from the saved
+  state read with `target`."""
+  arrays = {tree_path(path): x for path, x
+            in jax.tree_util.tree_flatten_with_path(saved_state)[0]}
+  uses = relayout.sources()
+  del saved_state  # each saved array is held by `arrays` alone, and dropped once read
+
+  def leaf(path, abstract):
+    reads, stacked = relayout.reads[tree_path(path)]
+    sources = sorted({key for key, _ in reads})
+    order = tuple((sources.index(key), index) for key, index in reads)
+    value = _gatherer(order, stacked, abstract.sharding)(*(arrays[k] for k in sources))
+    for key in sources:
+      uses[key] -= 1
+      if not uses[key]:
+        del arrays[key]
+    return value
+
+  return jax.tree_util.tree_map_with_path(leaf, abstract_state)
+
+
+@functools.cache
+def _gatherer(order: tuple[tuple[int, int | None], ...], stacked: bool, sharding):
+  """sources -> one array of the model: the reads `order` (source, index) stacked, or the
+  one read, in the model array's `sharding`."""
+
+  def gather_one(*sources):
+    layers = [sources[k] if index is None else sources[k][index] for k, index in order]
+    return jnp.stack(layers) if stacked else layers[0]
+
+  return jax.jit(gather_one, out_shardings=sharding)

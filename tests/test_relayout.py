@@ -1,0 +1,173 @@
+"""A checkpoint read into the other layout of its layers (`train.relayout`): a run resumes
+scanned or unrolled, whatever it was saved in, and decodes, exports and serves as a BiTA
+base unrolled."""
+
+import re
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import mesh_config, tiny_config
+from jaxarch import cli, load
+from jaxarch import config as config_lib
+from jaxarch.export import load_safetensors
+from jaxarch.models import transformer
+from jaxarch.parallel import make_mesh
+from jaxarch.train import checkpoint, relayout, train
+from jaxarch.train.checkpoint import Checkpointer, CheckpointError
+from jaxarch.train.metrics import read_metrics
+from jaxarch.train.pretrained import initial_state, load_model
+from jaxarch.train.state import MODEL, init_state, make_setup
+from jaxarch.train.step import tree_path
+
+
+def _layout(scan, pattern=('global',), **overrides):
+  """4 layers whose local and global attention layers alternate (`pattern` of 2: scanned
+  in pairs) or are all global (period 1); the weights are the same."""
+  return mesh_config(tiny_config(**{
+      'model.n_layers': 4, 'model.sliding_window': 8, 'model.attention_pattern': pattern,
+      'model.scan_layers': scan, **overrides}), data=2, fsdp=2, tensor=2)
+
+
+def _by_layer(state, period: int) -> dict[str, np.ndarray]:
+  """key -> array of a state, a scanned stack's `layers/<j>` [repeats, ...] named as its
+  layers `blocks/<repeat * period + j>`: the test's own reading of the layout."""
+  named = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+    key, x = tree_path(path), np.asarray(x)
+    if (m := re.fullmatch(r'(.*)/layers/(\d+)/(.*)', key)) is None:
+      named[key] = x
+    else:
+      named.update({f'{m[1]}/blocks/{r * period + int(m[2])}/{m[3]}': x[r]
+                    for r in range(x.shape[0])})
+  return named
+
+
+def _save(workdir, state):
+  writer = Checkpointer(workdir, async_save=False)
+  writer.save(1, state)
+  writer.close()
+
+
+def _read(workdir, cfg, parts=None):
+  abstract = make_setup(cfg, make_mesh(cfg)).abstract_state
+  state, _ = Checkpointer.read(workdir, abstract, parts=parts)
+  shardings = lambda tree: [x.sharding for x in jax.tree.leaves(tree)]
+  wanted = {k: abstract[k] for k in parts} if parts else abstract
+  assert shardings(state) == shardings(wanted)  # each array read into the model's shards
+  return state
+
+
+def test_a_checkpoint_is_read_into_the_other_layout_and_another_period(tmp_path):
+  cfg = _layout(False)
+  setup = make_setup(cfg, make_mesh(cfg))
+  state = init_state(cfg, setup)
+  noise = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(state))))
+  state = jax.tree.map(lambda x: x + jax.random.normal(next(noise), x.shape, x.dtype) if (
+      jnp.issubdtype(x.dtype, jnp.floating)) else x + 1, state)  # every array its own
+  unrolled = _by_layer(state, 4)
+  _save(tmp_path / 'unrolled', state)
+
+  scanned = _read(tmp_path / 'unrolled', _layout(True))  # the optimizer's moments too
+  assert _by_layer(scanned, 1).keys() == unrolled.keys()
+  jax.tree.map(np.testing.assert_array_equal, _by_layer(scanned, 1), unrolled)
+  _save(tmp_path / 'scanned', scanned)
+  pairs = _read(tmp_path / 'scanned', _layout(True, ('local', 'global')))  # period 1 -> 2
+  assert pairs['params']['layers'][1]['mlp']['up'].shape[0] == 2
+  jax.tree.map(np.testing.assert_array_equal, _by_layer(pairs, 2), unrolled)
+  _save(tmp_path / 'pairs', pairs)
+  back = _read(tmp_path / 'pairs', _layout(False))
+  jax.tree.map(np.testing.assert_array_equal, _by_layer(back, 4), unrolled)
+  model = _read(tmp_path / 'pairs', _layout(False), parts=MODEL)  # what readers read
+  assert set(model) == set(MODEL)
+  jax.tree.map(np.testing.assert_array_equal, _by_layer(model, 4),
+               {k: v for k, v in unrolled.items() if k.split('/')[0] in MODEL})
+
+
+def test_a_checkpoint_of_the_other_layout_and_another_model_says_what_differs(tmp_path):
+  shapes = lambda cfg: checkpoint._shapes(make_setup(cfg, make_mesh(cfg)).abstract_state)
+  unrolled = shapes(_layout(False))
+  intro = "holds its layers unrolled, which do not fit the model's (scanned (period 2)): "
+  assert relayout.plan(unrolled, shapes(_layout(True, ('local', 'global'), **{
+      'model.n_layers': 2}))) == intro + 'it holds 4 layers in its stack, the model 2'
+  assert relayout.plan(unrolled, shapes(_layout(True, ('local', 'global'), **{
+      'model.qk_norm': True}))) == intro + (
+          "it lacks params/blocks/0/attn/k_norm/scale/value, which the model's "
+          'params/layers/0/attn/k_norm/scale/value reads')
+  assert relayout.plan(unrolled, shapes(_layout(True, **{'model.d_ff': 64}))) == (
+      "holds its layers unrolled, which do not fit the model's (scanned (period 1)): it "
+      'holds params/blocks/0/mlp/down/value as (128, 64) float32 per layer, where the '
+      "model's params/layers/0/mlp/down/value needs (64, 64) float32")
+  # In the same layout, another model is no layout's business: `mismatch` says what.
+  other = shapes(_layout(False, **{'model.qk_norm': True}))
+  assert relayout.plan(unrolled, other) is None
+  assert checkpoint.mismatch(unrolled, other).startswith('is not of this model: 24 arrays missing')
+  # Where the layouts differ, the reader says it in one line.
+  cfg = _layout(False)
+  _save(tmp_path, init_state(cfg, make_setup(cfg, make_mesh(cfg))))
+  with pytest.raises(CheckpointError, match=r'checkpoints/1 holds its layers unrolled, which '
+                     r'do not fit .* it holds 4 layers in its stack, the model 2\. Use a new'):
+    _read(tmp_path, _layout(True, **{'model.n_layers': 2}))
+
+
+def _run(data_dir, steps, scan):
+  return mesh_config(tiny_config(data_dir, **{
+      'train.steps': steps, 'train.warmup_steps': 1, 'train.schedule': 'constant',
+      'checkpoint.every_steps': 3, 'log.every_steps': 1, 'log.eval_every_steps': 3,
+      'log.eval_batches': 1, 'model.dtype': 'float32', 'model.scan_layers': scan}),
+      data=2, fsdp=2, tensor=2)
+
+
+def test_a_run_resumes_in_the_other_layout_and_decodes_and_exports_unrolled(
+    tmp_path, data_dir):
+  """An unrolled run resumed scanned goes on as the unrolled run does (its weights and
+  Adam's moments gathered into stacks); the scanned run is then read unrolled to decode
+  and export, with the config that says so."""
+  train(_run(data_dir, 3, False), tmp_path / 'unrolled')
+  shutil.copytree(tmp_path / 'unrolled', tmp_path / 'scanned')
+  train(_run(data_dir, 6, False), tmp_path / 'unrolled')
+  train(_run(data_dir, 6, True), tmp_path / 'scanned')
+  losses = [{m['step']: m['loss'] for m in read_metrics(tmp_path / run) if 'loss' in m}
+            for run in ('unrolled', 'scanned')]
+  assert sorted(losses[1]) == list(range(1, 7))
+  np.testing.assert_allclose([losses[1][s] for s in (4, 5, 6)],
+                             [losses[0][s] for s in (4, 5, 6)], rtol=1e-5)
+  assert config_lib.load_json(tmp_path / 'scanned' / 'config.json').model.scan_layers
+
+  _, as_saved = load_model(tmp_path / 'scanned')
+  assert transformer.scanned_stacks(as_saved)
+  cfg, model = load(tmp_path / 'scanned', scan_layers=False)  # as `jaxarch generate` reads
+  assert cfg.model.scan_layers is False and not transformer.scanned_stacks(model)
+  _, reference = load_model(tmp_path / 'unrolled')
+  weights = lambda m: nnx.to_flat_state(nnx.state(m, nnx.Param))
+  for (path, ours), (_, theirs) in zip(weights(model), weights(reference)):
+    np.testing.assert_allclose(ours.get_value(), theirs.get_value(), rtol=1e-4, atol=1e-6,
+                               err_msg=str(path))
+  assert cli.main(['export', f'--workdir={tmp_path / "scanned"}', '--format=safetensors',
+                   f'--out={tmp_path / "export"}']) == 0
+  exported_cfg, exported = load_safetensors(tmp_path / 'export')
+  assert exported_cfg.model.scan_layers is False
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(exported), nnx.state(model))
+  with pytest.raises(ValueError, match='is an export, whose layers are unrolled'):
+    load(tmp_path / 'export', scan_layers=True)
+
+
+def test_bita_reads_a_scanned_base_into_its_own_layout(tmp_path, data_dir):
+  base = tmp_path / 'base'
+  train(_run(data_dir, 1, True), base)
+  cfg = config_lib.load('configs/bita.py:tiny', [
+      f'model.bita.base_workdir={base}', 'data.source=distilled:/data', 'data.seq_len=64',
+      'model.scan_layers=False'])
+  setup = make_setup(cfg, make_mesh(cfg))
+  state = initial_state(cfg, setup)
+  _, unrolled = load_model(base, scan_layers=False)
+  ours = {k.removeprefix('params/base/'): v for k, v in _by_layer(state, 1).items()
+          if k.startswith('params/base/')}
+  theirs = _by_layer({'params': nnx.state(unrolled, nnx.Param)}, 1)
+  assert ours.keys() == {k.removeprefix('params/') for k in theirs}
+  for key, value in theirs.items():
+    np.testing.assert_array_equal(ours[key.removeprefix('params/')], value, err_msg=key)
