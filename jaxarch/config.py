@@ -389,16 +389,17 @@ def _check_heads(prefix: str, section: ConfigDict, hint: str = '') -> None:
 def scan_period(model: ConfigDict, where: str = 'model') -> int:
   """The period of a scanned stack (`model.scan_layers`) of the `model` section (or one
   shaped like it at `where`): its blocks repeat with the block and attention patterns'
-  common period, which must divide its layers; side layers (`<kind>.placement`) sit
-  between blocks and cannot be scanned."""
+  common period, as often as it fits in the layers (the layers after the last whole
+  period run unrolled: Gemma 3's 26 are 4 periods of 6 and 2); side layers
+  (`<kind>.placement`) sit between blocks and cannot be scanned."""
   patterns = {'model.block_pattern': len(tuple(model.block_pattern)),
               'model.attention_pattern': len(tuple(model.get('attention_pattern', ('local',))))}
   period = math.lcm(*patterns.values())
-  if model.n_layers % period:
+  if model.n_layers < period:
     which = ' and '.join(key for key, n in patterns.items() if n > 1)
     raise ConfigError(f'model.scan_layers stacks the blocks by the period of {which} '
-                      f'({period} blocks), which must divide {where}.n_layers='
-                      f'{model.n_layers}; change the layers or set model.scan_layers=False')
+                      f'({period} blocks), more than {where}.n_layers={model.n_layers}: no '
+                      'period repeats; set model.scan_layers=False')
   if placed := [k for k, v in model.items() if isinstance(v, ConfigDict) and v.get('placement')]:
     raise ConfigError(f'model.scan_layers runs the blocks as one scan, which has no place for '
                       f'the side layers {where}.{placed[0]}.placement puts between them; set '

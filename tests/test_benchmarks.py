@@ -32,6 +32,7 @@ import decode  # pylint: disable=g-import-not-at-top,wrong-import-position
 import megabyte  # pylint: disable=g-import-not-at-top,wrong-import-position
 import mfu  # pylint: disable=g-import-not-at-top,wrong-import-position
 import moe  # pylint: disable=g-import-not-at-top,wrong-import-position
+import relayout  # pylint: disable=g-import-not-at-top,wrong-import-position
 import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 import scan_layers  # pylint: disable=g-import-not-at-top,wrong-import-position
 import sparse_lookup  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -636,6 +637,20 @@ def test_scan_layers_benchmark_compiles_and_runs_both_layouts(tmp_path):
   assert data['ratios']['compile_s'] == pytest.approx(
       scanned['compile_s'] / unrolled['compile_s'])
   assert data['device_kind']
+
+
+def test_relayout_benchmark_restores_both_ways_and_cleans_up(tmp_path):
+  out = tmp_path / 'relayout.json'
+  relayout.main(['--config=configs/dense.py:tiny', '--saved=scanned', f'--out={out}',
+                 f'--dir={tmp_path / "run"}', '--config.model.n_layers=3'])
+  data = json.loads(out.read_text())
+  assert set(data['records']) == {'state:scanned', 'state:unrolled', 'model:scanned',
+                                  'model:unrolled'}
+  assert data['state_bytes'] > 0 and data['device_kind']
+  assert data['ratios']['model']['restore_s'] == pytest.approx(
+      data['records']['model:unrolled']['restore_s'] /
+      data['records']['model:scanned']['restore_s'])
+  assert not (tmp_path / 'run').exists()  # the checkpoint, gigabytes at 680m: deleted
 
 
 def test_dense_baseline_is_widened_to_the_sparse_active_count():

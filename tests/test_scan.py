@@ -23,12 +23,12 @@ from jaxarch.train.step import make_train_step
 
 # Local and global attention layers alternating: the stack repeats every 2 blocks.
 WINDOWED = ('model.sliding_window=4', "model.attention_pattern=('local', 'global')")
-CASES = {  # name -> (config spec, overrides, mesh)
-    'dense': ('configs/dense.py:tiny', ('model.n_layers=4', *WINDOWED, 'model.remat=dots'),
+CASES = {  # name -> (config spec, overrides, mesh); 5 layers: 2 periods and one unrolled
+    'dense': ('configs/dense.py:tiny', ('model.n_layers=5', *WINDOWED, 'model.remat=dots'),
               dict(data=2, fsdp=2, tensor=2)),
     # Experts every other layer, the router bias moved once per step from the step's
     # statistics (`end_step`, per layer), over two microbatches, experts split 4 ways.
-    'moe': ('configs/moe.py:tiny', ('model.n_layers=4', "model.block_pattern=('dense', 'moe')",
+    'moe': ('configs/moe.py:tiny', ('model.n_layers=5', "model.block_pattern=('dense', 'moe')",
                                     'model.moe.bias_update_rate=0.01',
                                     'train.grad_accum_steps=2'), dict(data=2, expert=4)),
     'megabyte': ('configs/megabyte.py:tiny', (), dict(data=2, fsdp=2, tensor=2)),
@@ -58,7 +58,7 @@ def _arrays(model) -> dict:
 def test_a_scanned_stack_holds_the_unrolled_weights_stacked_by_layer(case):
   unrolled, scanned = (_model(_config(case, scan))
                        for scan in (False, True))
-  assert not hasattr(scanned, 'blocks') or not len(scanned.blocks)
+  assert [block is None for block in scanned.blocks] == [True] * 4 + [False]  # after 2 periods
   q_proj = scanned.layers[0].attn.q_proj
   assert q_proj.shape[0] == 2 and q_proj.get_metadata()['out_sharding'][0] is None
   want, got = _arrays(unrolled), _arrays(scanned)
@@ -125,7 +125,7 @@ def test_scanned_generation_with_ring_caches_equals_the_unrolled_one():
   for scan in (False, True):
     cfg = family_config('dense', data=2, fsdp=2, tensor=2)
     for override in ('model.sliding_window=3', "model.attention_pattern=('local', 'global')",
-                     f'model.scan_layers={scan}'):
+                     'model.n_layers=5', f'model.scan_layers={scan}'):
       config_lib.apply_override(cfg, override)
     model = models.build(config_lib.validate(cfg).model, rngs=nnx.Rngs(0))
     mesh, sharded = sharded_copy(model, cfg)
@@ -137,6 +137,7 @@ def test_scanned_generation_with_ring_caches_equals_the_unrolled_one():
       infer.add_caches(decoder, batch=2, length=32)
       caches = [layer.attn.cache_k.shape[:3] for layer in decoder.layers]
       assert caches == [(2, 2, 3), (2, 2, 32)]  # [repeats, batch, slots, ...]
+      assert decoder.blocks[4].attn.cache_k.shape[:2] == (2, 3)  # the local layer after them
   assert greedy[True] == greedy[False]
 
 
@@ -152,7 +153,7 @@ def test_a_scanned_model_exports_as_the_unrolled_one(tmp_path):
     assert (written[scan] / 'model.safetensors').read_bytes() == (
         written[False] / 'model.safetensors').read_bytes()
   cfg, loaded = load_safetensors(written[True])
-  assert cfg.model.scan_layers is False and len(loaded.blocks) == 4
+  assert cfg.model.scan_layers is False and len(loaded.blocks) == 5
 
 
 def test_scanned_megabyte_generates_as_the_unrolled_one():
@@ -172,7 +173,7 @@ def test_bita_over_a_scanned_base_predicts_and_drafts_as_over_the_unrolled_one()
   outputs, drafted = [], []
   for scan in (False, True):  # (BiTA's layouts have no sliding window: experts repeat)
     base = family_config('moe')
-    for override in ('model.n_layers=4', "model.block_pattern=('dense', 'moe')",
+    for override in ('model.n_layers=5', "model.block_pattern=('dense', 'moe')",
                      f'model.scan_layers={scan}'):
       config_lib.apply_override(base, override)
     model_cfg = config_lib.bita_model(base.model, dict(
@@ -188,16 +189,17 @@ def test_bita_over_a_scanned_base_predicts_and_drafts_as_over_the_unrolled_one()
 
 
 @pytest.mark.parametrize('spec, overrides, error', [
-    ('configs/dense.py:tiny', ('model.n_layers=3', *WINDOWED),
-     r'period of model.attention_pattern \(2 blocks\), which must divide model.n_layers=3'),
+    ('configs/dense.py:tiny', ('model.n_layers=1', *WINDOWED),
+     r'period of model.attention_pattern \(2 blocks\), more than model.n_layers=1: no period '
+     r'repeats; set model.scan_layers=False'),
     ('configs/moe.py:tiny', ('model.n_layers=4', "model.block_pattern=('dense', 'moe')",
                              *WINDOWED, "model.attention_pattern=('local', 'local', 'global')"),
-     r'period of model.block_pattern and model.attention_pattern \(6 blocks\), which must '
-     r'divide model.n_layers=4'),
+     r'period of model.block_pattern and model.attention_pattern \(6 blocks\), more than '
+     r'model.n_layers=4'),
     ('configs/megabyte.py:tiny', ("model.attention_pattern=('local', 'global')",
-                                  'model.sliding_window=8', 'model.megabyte.local.n_layers=3'),
-     r'period of model.attention_pattern \(2 blocks\), which must divide '
-     r'model.megabyte.local.n_layers=3'),
+                                  'model.sliding_window=8', 'model.megabyte.local.n_layers=1'),
+     r'period of model.attention_pattern \(2 blocks\), more than '
+     r'model.megabyte.local.n_layers=1'),
     ('configs/ultramem.py:tiny', (), r'the side layers model.ultramem.placement puts between '
      'them; set model.scan_layers=False'),
     ('configs/dense.py:tiny', ('model.scan_layers=yes',), r"model.scan_layers='yes' must be a bool"),
@@ -270,6 +272,26 @@ def test_an_hf_checkpoint_imports_into_scanned_layers_with_its_logits(tmp_path):
   assert imported_cfg.model.scan_layers is True
   assert imported.layers[0].mlp.w_gate.shape[0] == cfg.model.n_layers > 1
   tokens = jnp.asarray([[257, 100, 101, 102, 103, 104, 105, 106]], jnp.int32)
+  forward = jitted(lambda m, t: m(t))
+  np.testing.assert_allclose(forward(imported, tokens), forward(model, tokens), atol=1e-5)
+
+
+def test_a_checkpoint_whose_layers_overrun_the_period_imports_scanned_with_the_rest_unrolled(
+    tmp_path):
+  """Gemma 3's layers are periods of 6 and a rest (26 = 4 x 6 + 2): here 5 = 3 + 2. The
+  rest stay unrolled, each under its own name, and run after the scan."""
+  cfg = family_config('dense')
+  for override in ('model.n_layers=5', 'model.sliding_window=4',
+                   "model.attention_pattern=('local', 'local', 'global')"):
+    config_lib.apply_override(cfg, override)
+  model = models.build(config_lib.validate(cfg).model, rngs=nnx.Rngs(0))
+  write_hf(model, cfg, tmp_path / 'hf')
+  assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "run"}',
+                   '--config.model.scan_layers=True']) == 0
+  _, imported = load_model(tmp_path / 'run')
+  assert imported.layers[2].attn.q_proj.shape[0] == 1  # one period of 3, then 2 layers
+  assert [block is None for block in imported.blocks] == [True] * 3 + [False] * 2
+  tokens = jnp.asarray([[257] + list(range(100, 111))], jnp.int32)
   forward = jitted(lambda m, t: m(t))
   np.testing.assert_allclose(forward(imported, tokens), forward(model, tokens), atol=1e-5)
 

@@ -687,7 +687,7 @@ def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
   stacked = {}  # with model.scan_layers: stacked name -> its layers placed so far
 
   def place(name, array):  # our_arrays names model variables; window counters and the
-    slot = layer_slot(name, period) if repeats else None  # like start at zero
+    slot = layer_slot(name, period, repeats)  # like start at zero
     want = expected[name if slot is None else slot[0]]
     shape = tuple(want.shape) if slot is None else tuple(want.shape[1:])
     if shape != array.shape:

@@ -171,7 +171,8 @@ def side_placement(cfg: ml_collections.ConfigDict) -> list[tuple[str, int, int]]
 
 def scan_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
   """(period, repeats) of a scanned stack (`model.scan_layers`): the blocks repeat every
-  `period` (`config.scan_period`), `repeats` times; (n_layers, 0) unscanned."""
+  `period` (`config.scan_period`), `repeats` times, and the layers after them
+  (n_layers - period * repeats) run unrolled; (n_layers, 0) unscanned."""
   if not cfg.get('scan_layers'):
     return cfg.n_layers, 0
   if not hasattr(nnx, 'capture'):  # the scan's blocks sow through a capture of their own
@@ -183,7 +184,8 @@ def scan_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
 
 def stacked_blocks(blocks: Sequence[nnx.Module], period: int) -> list[nnx.Module]:
   """The first `period` blocks, each holding its own and the blocks `period`, 2·`period`,
-  ... after it, stacked (`params.stack_layers`): the same weights, in the scanned layout."""
+  ... after it, stacked (`params.stack_layers`): the same weights, in the scanned layout.
+  `blocks`: whole periods."""
   for i in range(period, len(blocks)):
     if nnx.graphdef(blocks[i]) != nnx.graphdef(blocks[i % period]):
       raise config_lib.ConfigError(
@@ -260,14 +262,14 @@ def unstacked_arrays(model: nnx.Module) -> dict[tuple, jax.Array]:
   return arrays
 
 
-def layer_slot(name: str, period: int) -> tuple[str, int] | None:
-  """Where an unrolled layer's variable lies in a scanned stack of `period` at the model's
-  root: 'blocks.5.attn.q_proj' -> ('layers.1.attn.q_proj', 2) for period 2, the stacked
-  variable's name (as exports name them) and the layer's index in it; None outside the
-  blocks."""
+def layer_slot(name: str, period: int, repeats: int) -> tuple[str, int] | None:
+  """Where an unrolled layer's variable lies in a scanned stack of `period` and `repeats`
+  at the model's root: 'blocks.5.attn.q_proj' -> ('layers.1.attn.q_proj', 2) for period
+  2, the stacked variable's name (as exports name them) and the layer's index in it; None
+  outside the blocks and in the unrolled layers after the last period."""
   part, _, rest = name.partition('.')
   layer, _, inner = rest.partition('.')
-  if part != 'blocks' or not layer.isdigit():
+  if part != 'blocks' or not layer.isdigit() or int(layer) >= period * repeats:
     return None
   return f'layers.{int(layer) % period}.{inner}', int(layer) // period
 
@@ -296,10 +298,14 @@ class Stack(nnx.Module):
                                  for i, (kind, _, _) in enumerate(self.placement)])
     # Unrolled: `blocks` [n_layers]. Scanned (`model.scan_layers`): `layers` [period], the
     # blocks of one period of the patterns, each variable holding its block in every
-    # period stacked [repeats, ...], run by one `lax.scan` over the repeats.
+    # period stacked [repeats, ...], run by one `lax.scan` over the repeats; the layers
+    # after the last whole period stay in `blocks`, under their own indices (None before).
     self.period, self.repeats = scan_shape(cfg)
     if self.repeats:
-      self.blocks, self.layers = nnx.List([]), nnx.List(stacked_blocks(blocks, self.period))
+      scanned = self.period * self.repeats
+      self.layers = nnx.List(stacked_blocks(blocks[:scanned], self.period))
+      tail = blocks[scanned:]
+      self.blocks = nnx.List([None] * scanned + tail if tail else [])
     else:
       self.blocks, self.layers = nnx.List(blocks), None
 
@@ -309,10 +315,12 @@ class Stack(nnx.Module):
   def run_blocks(self, x, positions, segment_ids, layout=None, prefixes=None):
     """`layout` (`layers.layout`) and per-block attention `prefixes`: BiTA's calls."""
     if self.layers is not None:
-      return self._scan_blocks(x, positions, segment_ids, layout, prefixes)
+      x = self._scan_blocks(x, positions, segment_ids, layout, prefixes)
     extra = lambda i: () if layout is None else (layout, None if prefixes is None else prefixes[i])
     pending = {}  # side layer index -> its output, waiting for its write block
     for i, block in enumerate(self.blocks):
+      if block is None:  # one of the scanned layers
+        continue
       readers = [j for j, (_, read, _) in enumerate(self.placement) if read == i]
       if readers:
         x, normed = self._remat(type(block).ffn_input, block, x, positions, segment_ids,
@@ -342,9 +350,10 @@ class Stack(nnx.Module):
     # (docs/performance.md).
     graphdef, caches, state = nnx.split(self.layers, nnx.Cache, ...)
     capturing = signals.capturing(self)
-    if prefixes is not None:  # one per layer -> each leaf [repeats, period, ...]
+    if prefixes is not None:  # one per scanned layer -> each leaf [repeats, period, ...]
       prefixes = jax.tree.map(lambda *layers: jnp.stack(layers).reshape(
-          self.repeats, self.period, *layers[0].shape), *prefixes)
+          self.repeats, self.period, *layers[0].shape),
+          *prefixes[:self.repeats * self.period])
 
     def run(unit, x, prefix):
       for j, block in enumerate(unit):

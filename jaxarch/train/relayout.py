@@ -2,12 +2,13 @@
 
 A stack's blocks are saved unrolled (`model.scan_layers=False`: `blocks/<i>/...`, one
 array per layer) or scanned (`layers/<j>/...`: layer i = repeat * period + j, stacked
-[repeats, ...]), of the period of the run's block and attention patterns. The
-checkpoint's arrays are read as saved (and verified against their checksums), then each
-of the model's arrays is gathered from them, so that a run resumes in the other layout
-and a scanned run's model is read unrolled to decode. The optimizer's arrays repeat the
-parameters' paths, and follow them. The gathering holds one array's sources twice at a
-time, not the state: each saved array is dropped after its last use.
+[repeats, ...], of the period of the run's block and attention patterns; the layers after
+the last whole period unrolled). The checkpoint's arrays are read as saved (and verified
+against their checksums), then each of the model's arrays is gathered from them, so that
+a run resumes in the other layout and a scanned run's model is read unrolled to decode.
+The optimizer's arrays repeat the parameters' paths, and follow them. The gathering holds
+one array's sources twice at a time, not the state: each saved array is dropped after its
+last use.
 """
 
 import dataclasses
@@ -16,6 +17,7 @@ import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxarch.models.transformer import stack_at
@@ -28,20 +30,21 @@ Read = tuple[str, int | None]  # a saved array's key, and the layer's index in i
 
 @dataclasses.dataclass(frozen=True)
 class _Stack:
-  """A stack's layout in one state: `period` blocks stacked `layers // period` times
-  (scanned), or every layer its own (unrolled, period = layers)."""
-  scanned: bool
+  """A stack's layout in one state: its first `scanned` layers stacked by `period`
+  [scanned // period, ...] (`layers/<j>`), the rest of its `layers` unrolled
+  (`blocks/<i>`); unrolled, `scanned` is 0 and `period` its layers."""
+  scanned: int
   period: int
   layers: int
 
   def read(self, prefix: str, layer: int, inner: str) -> Read:
-    if self.scanned:
+    if layer < self.scanned:
       return f'{prefix}/layers/{layer % self.period}/{inner}', layer // self.period
     return f'{prefix}/blocks/{layer}/{inner}', None
 
   @property
   def layout(self) -> tuple[bool, int | None]:
-    return self.scanned, self.period if self.scanned else None
+    return bool(self.scanned), self.period if self.scanned else None
 
   def __str__(self):
     return f'scanned (period {self.period})' if self.scanned else 'unrolled'
@@ -79,15 +82,20 @@ def _stacks(shapes: dict[str, tuple]) -> dict[str, _Stack]:
   """The layout of each stack that the parameters' keys name, by the stack's path in the
   model ('' at its root), from a state's `checkpoint._shapes` map: every block of a period
   has parameters, where the optimizer's or model state's arrays may leave some out."""
-  found = {}  # where -> (scanned, the highest index, repeats)
+  found = {}  # where -> [periods' highest block, repeats, highest unrolled layer]
   for key, (shape, _) in shapes.items():
     if key.split('/')[0] == 'params' and (split := _split(key)) is not None:
       prefix, scanned, index, _ = split
-      where = prefix.removeprefix('params').removeprefix('/')
-      top = found.get(where, (scanned, -1, 1))[1]
-      found[where] = (scanned, max(top, index), shape[0] if scanned else 1)
-  return {where: _Stack(scanned, top + 1, (top + 1) * repeats)
-          for where, (scanned, top, repeats) in found.items()}
+      where = found.setdefault(prefix.removeprefix('params').removeprefix('/'), [-1, 0, -1])
+      if scanned:
+        where[0], where[1] = max(where[0], index), shape[0]
+      else:
+        where[2] = max(where[2], index)
+  stacks = {}
+  for where, (top, repeats, last) in found.items():
+    scanned = (top + 1) * repeats
+    stacks[where] = _Stack(scanned, top + 1 if scanned else last + 1, max(scanned, last + 1))
+  return stacks
 
 
 def _stack_of(prefix: str, stacks: dict[str, _Stack]) -> str | None:
@@ -133,7 +141,7 @@ def _reads(saved: dict[str, tuple], wanted: dict[str, tuple], saved_stacks: dict
       prefix, scanned, index, inner = split
       where = _stack_of(prefix, wanted_stacks)
       stack = wanted_stacks[where]
-      layers = range(index, stack.layers, stack.period) if scanned else [index]
+      layers = range(index, stack.scanned, stack.period) if scanned else [index]
       reads[key] = tuple(saved_stacks[where].read(prefix, i, inner) for i in layers), scanned
       element = shape[1:] if scanned else shape
     for source, index in reads[key][0]:
@@ -193,8 +201,9 @@ def gather(relayout: Relayout, saved_state, abstract_state):
   def leaf(path, abstract):
     reads, stacked = relayout.reads[tree_path(path)]
     sources = sorted({key for key, _ in reads})
-    order = tuple((sources.index(key), index) for key, index in reads)
-    value = _gatherer(order, stacked, abstract.sharding)(*(arrays[k] for k in sources))
+    order = tuple((sources.index(key), index is not None) for key, index in reads)
+    indices = np.asarray([index or 0 for _, index in reads], np.int32)
+    value = _gatherer(order, stacked, abstract.sharding)(indices, *(arrays[k] for k in sources))
     for key in sources:
       uses[key] -= 1
       if not uses[key]:
@@ -205,12 +214,14 @@ def gather(relayout: Relayout, saved_state, abstract_state):
 
 
 @functools.cache
-def _gatherer(order: tuple[tuple[int, int | None], ...], stacked: bool, sharding):
-  """sources -> one array of the model: the reads `order` (source, index) stacked, or the
-  one read, in the model array's `sharding`."""
+def _gatherer(order: tuple[tuple[int, bool], ...], stacked: bool, sharding):
+  """(indices, *sources) -> one array of the model: its reads, `order`'s (source, whether
+  it is a layer of a stacked source, at `indices`' entry), stacked, or the one read, in
+  the model array's `sharding`. The indices are arguments: one program reads any layer."""
 
-  def gather_one(*sources):
-    layers = [sources[k] if index is None else sources[k][index] for k, index in order]
+  def gather_one(indices, *sources):
+    layers = [sources[k][indices[n]] if indexed else sources[k]
+              for n, (k, indexed) in enumerate(order)]
     return jnp.stack(layers) if stacked else layers[0]
 
   return jax.jit(gather_one, out_shardings=sharding)
