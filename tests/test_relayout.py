@@ -26,10 +26,11 @@ from jaxarch.train.step import tree_path
 
 
 def _layout(scan, pattern=('global',), **overrides):
-  """4 layers whose local and global attention layers alternate (`pattern` of 2: scanned
-  in pairs) or are all global (period 1); the weights are the same."""
+  """5 layers whose local and global attention layers alternate (`pattern` of 2: scanned
+  in 2 pairs and a last layer unrolled) or are all global (period 1); the weights are the
+  same."""
   return mesh_config(tiny_config(**{
-      'model.n_layers': 4, 'model.sliding_window': 8, 'model.attention_pattern': pattern,
+      'model.n_layers': 5, 'model.sliding_window': 8, 'model.attention_pattern': pattern,
       'model.scan_layers': scan, **overrides}), data=2, fsdp=2, tensor=2)
 
 
@@ -62,14 +63,17 @@ def _read(workdir, cfg, parts=None):
   return state
 
 
-def test_a_checkpoint_is_read_into_the_other_layout_and_another_period(tmp_path):
-  cfg = _layout(False)
-  setup = make_setup(cfg, make_mesh(cfg))
-  state = init_state(cfg, setup)
+def _noisy_state(cfg):
+  """A train state of `cfg` in which every array differs from every other."""
+  state = init_state(cfg, make_setup(cfg, make_mesh(cfg)))
   noise = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(state))))
-  state = jax.tree.map(lambda x: x + jax.random.normal(next(noise), x.shape, x.dtype) if (
-      jnp.issubdtype(x.dtype, jnp.floating)) else x + 1, state)  # every array its own
-  unrolled = _by_layer(state, 4)
+  return jax.tree.map(lambda x: x + jax.random.normal(next(noise), x.shape, x.dtype) if (
+      jnp.issubdtype(x.dtype, jnp.floating)) else x + 1, state)
+
+
+def test_a_checkpoint_is_read_into_the_other_layout_and_another_period(tmp_path):
+  state = _noisy_state(_layout(False))
+  unrolled = _by_layer(state, 5)
   _save(tmp_path / 'unrolled', state)
 
   scanned = _read(tmp_path / 'unrolled', _layout(True))  # the optimizer's moments too
@@ -78,14 +82,48 @@ def test_a_checkpoint_is_read_into_the_other_layout_and_another_period(tmp_path)
   _save(tmp_path / 'scanned', scanned)
   pairs = _read(tmp_path / 'scanned', _layout(True, ('local', 'global')))  # period 1 -> 2
   assert pairs['params']['layers'][1]['mlp']['up'].shape[0] == 2
+  assert pairs['params']['blocks'][4]['mlp']['up'].shape == (64, 128)  # the last, unrolled
   jax.tree.map(np.testing.assert_array_equal, _by_layer(pairs, 2), unrolled)
   _save(tmp_path / 'pairs', pairs)
   back = _read(tmp_path / 'pairs', _layout(False))
-  jax.tree.map(np.testing.assert_array_equal, _by_layer(back, 4), unrolled)
+  jax.tree.map(np.testing.assert_array_equal, _by_layer(back, 5), unrolled)
   model = _read(tmp_path / 'pairs', _layout(False), parts=MODEL)  # what readers read
   assert set(model) == set(MODEL)
-  jax.tree.map(np.testing.assert_array_equal, _by_layer(model, 4),
+  jax.tree.map(np.testing.assert_array_equal, _by_layer(model, 5),
                {k: v for k, v in unrolled.items() if k.split('/')[0] in MODEL})
+
+
+def test_megabyte_s_two_stacks_are_read_into_the_other_layout(tmp_path):
+  layout = lambda scan: mesh_config(config_lib.load('configs/megabyte.py:tiny', [
+      f'model.scan_layers={scan}']), data=2, fsdp=2, tensor=2)
+  state = _noisy_state(layout(True))
+  _save(tmp_path, state)
+  unrolled = _read(tmp_path, layout(False))
+  assert 'blocks' in unrolled['params']['global_model']
+  assert 'blocks' in unrolled['params']['local_model']
+  jax.tree.map(np.testing.assert_array_equal, _by_layer(unrolled, 1), _by_layer(state, 1))
+
+
+def test_the_gather_holds_one_array_s_layers_twice_not_the_state(tmp_path, monkeypatch):
+  """Each saved array is dropped once the model's arrays that read it are made: the live
+  arrays peak near one state during the gather, not two."""
+  _save(tmp_path, _noisy_state(_layout(False)))
+  live = lambda: sum(x.nbytes for x in jax.live_arrays())
+  peaks, make = [], relayout._gatherer
+
+  def watched(*args):
+    program = make(*args)
+    def run(*inputs):
+      out = program(*inputs)
+      peaks.append(live())
+      return out
+    return run
+
+  monkeypatch.setattr(relayout, '_gatherer', watched)
+  before = live()
+  state = _read(tmp_path, _layout(True))
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+  assert peaks and max(peaks) - before < 1.3 * state_bytes  # was 2x
 
 
 def test_a_checkpoint_of_the_other_layout_and_another_model_says_what_differs(tmp_path):
@@ -93,11 +131,11 @@ def test_a_checkpoint_of_the_other_layout_and_another_model_says_what_differs(tm
   unrolled = shapes(_layout(False))
   intro = "holds its layers unrolled, which do not fit the model's (scanned (period 2)): "
   assert relayout.plan(unrolled, shapes(_layout(True, ('local', 'global'), **{
-      'model.n_layers': 2}))) == intro + 'it holds 4 layers in its stack, the model 2'
+      'model.n_layers': 2}))) == intro + 'it holds 5 layers in its stack, the model 2'
   assert relayout.plan(unrolled, shapes(_layout(True, ('local', 'global'), **{
       'model.qk_norm': True}))) == intro + (
-          "it lacks params/blocks/0/attn/k_norm/scale/value, which the model's "
-          'params/layers/0/attn/k_norm/scale/value reads')
+          "it lacks params/blocks/4/attn/k_norm/scale/value, which the model's "
+          'params/blocks/4/attn/k_norm/scale/value reads')
   assert relayout.plan(unrolled, shapes(_layout(True, **{'model.d_ff': 64}))) == (
       "holds its layers unrolled, which do not fit the model's (scanned (period 1)): it "
       'holds params/blocks/0/mlp/down/value as (128, 64) float32 per layer, where the '
@@ -105,13 +143,17 @@ def test_a_checkpoint_of_the_other_layout_and_another_model_says_what_differs(tm
   # In the same layout, another model is no layout's business: `mismatch` says what.
   other = shapes(_layout(False, **{'model.qk_norm': True}))
   assert relayout.plan(unrolled, other) is None
-  assert checkpoint.mismatch(unrolled, other).startswith('is not of this model: 24 arrays missing')
+  assert checkpoint.mismatch(unrolled, other).startswith('is not of this model: 30 arrays missing')
   # Where the layouts differ, the reader says it in one line.
   cfg = _layout(False)
   _save(tmp_path, init_state(cfg, make_setup(cfg, make_mesh(cfg))))
   with pytest.raises(CheckpointError, match=r'checkpoints/1 holds its layers unrolled, which '
-                     r'do not fit .* it holds 4 layers in its stack, the model 2\. Use a new'):
+                     r'do not fit .* it holds 5 layers in its stack, the model 2\. Use a new'):
     _read(tmp_path, _layout(True, **{'model.n_layers': 2}))
+  # Arrays outside the stacks are checked first: another optimizer config says which.
+  with pytest.raises(CheckpointError, match=r'holds the optimizer state of another config '
+                     r'\(train.mu_dtype\?\)'):
+    _read(tmp_path, _layout(True, **{'train.mu_dtype': 'bfloat16'}))
 
 
 def _run(data_dir, steps, scan):
@@ -171,3 +213,24 @@ def test_bita_reads_a_scanned_base_into_its_own_layout(tmp_path, data_dir):
   assert ours.keys() == {k.removeprefix('params/') for k in theirs}
   for key, value in theirs.items():
     np.testing.assert_array_equal(ours[key.removeprefix('params/')], value, err_msg=key)
+
+
+def test_a_gather_that_fails_is_the_config_s_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+  """The saved arrays passed their checksums: a failure after them is not the checkpoint's,
+  which a resume must not move aside as unreadable."""
+  cfg = _layout(False)
+  _save(tmp_path, init_state(cfg, make_setup(cfg, make_mesh(cfg))))
+
+  def broken(*args):
+    raise RuntimeError('no program')
+
+  monkeypatch.setattr(relayout, '_gatherer', broken)
+  scanned = _layout(True)
+  resuming = Checkpointer(tmp_path, remove_interrupted=True)
+  with pytest.raises(CheckpointError, match=r"checkpoints/1 \(its layers unrolled\) could not "
+                     r"be read into this model's layout, scanned \(period 1\) \(RuntimeError: "
+                     r'no program\); the checkpoint is kept'):
+    resuming.restore(make_setup(scanned, make_mesh(scanned)).abstract_state, move_aside=True)
+  resuming.close()
+  assert (tmp_path / 'checkpoints' / '1').is_dir()
+  assert not (tmp_path / 'corrupt_checkpoints').exists()

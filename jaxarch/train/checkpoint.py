@@ -311,8 +311,11 @@ class Checkpointer:
           saved_tree = {k: v for k, v in saved_tree.items() if k in parts}
         saved = _shapes(saved_tree)
         relayout = relayout_lib.plan(saved, wanted)  # the layers laid out otherwise
-        why = relayout if isinstance(relayout, str) else (
-            mismatch(saved, wanted) if relayout is None else None)
+        if relayout is None:
+          why = mismatch(saved, wanted)
+        else:  # the arrays outside the stacks first: those of another config say which
+          why = mismatch(*map(relayout_lib.outside, (saved, wanted))) or (
+              relayout if isinstance(relayout, str) else None)
         if why is not None:
           raise CheckpointError(f'checkpoint {self.directory / str(s)} {why}. Use a new '
                                 '--workdir, or the config the checkpoint was trained with.')
@@ -333,11 +336,14 @@ class Checkpointer:
                  _restore_parts(where / 'state', target))
         if 'checksums' in items:
           _verify(state, restored['checksums'], where)
-        del restored  # `gather` drops each saved array once read
+        del restored
         if relayout is not None:
           log.info('checkpoint %s holds its layers %s: read into the model\'s, %s', where,
                    relayout.saved, relayout.wanted)
-          state = relayout_lib.gather(relayout, state, abstract_state)
+          # Handed over in a list that `gather` empties: it drops each saved array once
+          # read, which a name here would keep to the end (the state held twice).
+          saved_state, state = [state], None
+          state = self._gathered(relayout, saved_state, abstract_state, where)
         if isinstance(position, list):
           self._deal_data_position(s, data_iterator, position)
       except CheckpointError:
@@ -366,6 +372,22 @@ class Checkpointer:
       log.warning('checkpoint %s is unreadable (%s); %strying the previous one', where, what,
                   moved)
     return None, None
+
+  @staticmethod
+  def _gathered(relayout, saved: list, abstract_state: dict, where: Path) -> dict:
+    """`relayout.gather`; its failure is this config's, not the checkpoint's: it is kept
+    (the checksums passed), and is not moved aside as unreadable. Running out of memory
+    is said as for any restore."""
+    try:
+      return relayout_lib.gather(relayout, saved, abstract_state)
+    except Exception as e:  # pylint: disable=broad-except
+      if _out_of_memory(e):
+        raise
+      raise CheckpointError(f'checkpoint {where} (its layers {relayout.saved}) could not be '
+                            f"read into this model's layout, {relayout.wanted} "
+                            f'({type(e).__name__}: {_first_line(e)}); the checkpoint is '
+                            'kept. Resume with the layout it was saved in '
+                            '(model.scan_layers).') from e
 
   def _data_position(self, step: int, data_iterator) -> str | list[dict] | None:
     """The data position of checkpoint `step` for this process: `_OWN_POSITION` where grain

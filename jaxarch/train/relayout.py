@@ -12,7 +12,6 @@ last use.
 """
 
 import dataclasses
-import functools
 import logging
 
 import jax
@@ -76,6 +75,12 @@ def _split(key: str) -> tuple[str, bool, int, str] | None:
     return None
   at, kind = found
   return '/'.join(parts[:at]), kind == 'layers', int(parts[at + 1]), '/'.join(parts[at + 2:])
+
+
+def outside(shapes: dict[str, tuple]) -> dict[str, tuple]:
+  """The arrays of a `checkpoint._shapes` map outside the stacks' blocks: the same in
+  either layout."""
+  return {key: value for key, value in shapes.items() if _split(key) is None}
 
 
 def _stacks(shapes: dict[str, tuple]) -> dict[str, _Stack]:
@@ -190,30 +195,36 @@ def target(relayout: Relayout, saved_tree, abstract_state):
   return jax.tree_util.tree_map_with_path(leaf, saved_tree)
 
 
-def gather(relayout: Relayout, saved_state, abstract_state):
+def gather(relayout: Relayout, saved: list, abstract_state):
   """The state of the model's layout (`abstract_state`'s tree) gathered from the saved
-  state read with `target`."""
+  state read with `target`, handed over in the list `saved`, which this empties: the
+  caller holds no reference that would keep the saved arrays until the end."""
   arrays = {tree_path(path): x for path, x
-            in jax.tree_util.tree_flatten_with_path(saved_state)[0]}
+            in jax.tree_util.tree_flatten_with_path(saved.pop())[0]}
   uses = relayout.sources()
-  del saved_state  # each saved array is held by `arrays` alone, and dropped once read
+  programs = {}  # (its jit compiles one per shape: the layer indices are arguments)
 
   def leaf(path, abstract):
-    reads, stacked = relayout.reads[tree_path(path)]
-    sources = sorted({key for key, _ in reads})
-    order = tuple((sources.index(key), index is not None) for key, index in reads)
-    indices = np.asarray([index or 0 for _, index in reads], np.int32)
-    value = _gatherer(order, stacked, abstract.sharding)(indices, *(arrays[k] for k in sources))
-    for key in sources:
-      uses[key] -= 1
-      if not uses[key]:
-        del arrays[key]
+    key = tree_path(path)
+    reads, stacked = relayout.reads[key]
+    if reads == ((key, None),) and not stacked:  # outside the stacks: read in its shards
+      return arrays.pop(key)
+    sources = list(dict.fromkeys(source for source, _ in reads))
+    order = tuple((sources.index(source), index is not None) for source, index in reads)
+    signature = (order, stacked, abstract.sharding)
+    if signature not in programs:
+      programs[signature] = _gatherer(*signature)
+    value = programs[signature](np.asarray([i or 0 for _, i in reads], np.int32),
+                                *(arrays[source] for source in sources))
+    for source in sources:
+      uses[source] -= 1
+      if not uses[source]:
+        del arrays[source]
     return value
 
   return jax.tree_util.tree_map_with_path(leaf, abstract_state)
 
 
-@functools.cache
 def _gatherer(order: tuple[tuple[int, bool], ...], stacked: bool, sharding):
   """(indices, *sources) -> one array of the model: its reads, `order`'s (source, whether
   it is a layer of a stacked source, at `indices`' entry), stacked, or the one read, in
