@@ -1414,6 +1414,10 @@ def load_json(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ConfigD
   if not isinstance(tree, dict):
     raise ConfigError(f'{path} holds a JSON {type(tree).__name__}, not a config (an object '
                       'of sections: model, data, train, ...)')
+  if 'model' not in tree and ('model_type' in tree or 'architectures' in tree):
+    raise ConfigError(f'{path} is a Hugging Face config (model_type '
+                      f'{tree.get("model_type")!r}), not a jaxarch run\'s: make a run of its '
+                      f'checkpoint with `jaxarch import --hf={path.parent} --workdir=NEW_DIR`')
   tree = run_files(tree, path.parent, run_file_path)
   cfg = ConfigDict(_with_placeholders(_lists_to_tuples(_with_new_run_keys(tree)), path))
   cfg.lock()

@@ -901,3 +901,14 @@ def test_gemma_keys_are_checked_in_one_line_and_runs_saved_before_them_load(tmp_
     path.write_text(json.dumps(old))
     assert error_of(config_lib.load_json, path) == (
         "config error: model.post_norms='yes' must be one of True, False")
+
+
+def test_a_hugging_face_config_is_not_read_as_a_run_s(tmp_path):
+  """`jaxarch generate --workdir=` an `export --format=hf` directory: its config.json is
+  transformers'; the message says how to make a run of it."""
+  (tmp_path / 'config.json').write_text(json.dumps(
+      {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'hidden_size': 64}))
+  with pytest.raises(config_lib.ConfigError, match=(
+      rf"is a Hugging Face config \(model_type 'llama'\), not a jaxarch run's: make a run of "
+      rf'its checkpoint with `jaxarch import --hf={tmp_path} --workdir=NEW_DIR`')):
+    config_lib.load_json(tmp_path / 'config.json')

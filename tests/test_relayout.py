@@ -129,16 +129,17 @@ def test_the_gather_holds_one_array_s_layers_twice_not_the_state(tmp_path, monke
 def test_a_checkpoint_of_the_other_layout_and_another_model_says_what_differs(tmp_path):
   shapes = lambda cfg: checkpoint._shapes(make_setup(cfg, make_mesh(cfg)).abstract_state)
   unrolled = shapes(_layout(False))
-  intro = "holds its layers unrolled, which do not fit the model's (scanned (period 2)): "
+  intro = ('holds its layers unrolled and does not fit this model (its layers scanned '
+           '(period 2)): ')
   assert relayout.plan(unrolled, shapes(_layout(True, ('local', 'global'), **{
-      'model.n_layers': 2}))) == intro + 'it holds 5 layers in its stack, the model 2'
+      'model.n_layers': 2}))) == intro + 'it has 5 layers, the model 2 (model.n_layers?)'
   assert relayout.plan(unrolled, shapes(_layout(True, ('local', 'global'), **{
       'model.qk_norm': True}))) == intro + (
           "it lacks params/blocks/4/attn/k_norm/scale/value, which the model's "
           'params/blocks/4/attn/k_norm/scale/value reads')
   assert relayout.plan(unrolled, shapes(_layout(True, **{'model.d_ff': 64}))) == (
-      "holds its layers unrolled, which do not fit the model's (scanned (period 1)): it "
-      'holds params/blocks/0/mlp/down/value as (128, 64) float32 per layer, where the '
+      'holds its layers unrolled and does not fit this model (its layers scanned (period '
+      '1)): it holds params/blocks/0/mlp/down/value as (128, 64) float32 per layer, where the '
       "model's params/layers/0/mlp/down/value needs (64, 64) float32")
   # In the same layout, another model is no layout's business: `mismatch` says what.
   other = shapes(_layout(False, **{'model.qk_norm': True}))
@@ -147,8 +148,8 @@ def test_a_checkpoint_of_the_other_layout_and_another_model_says_what_differs(tm
   # Where the layouts differ, the reader says it in one line.
   cfg = _layout(False)
   _save(tmp_path, init_state(cfg, make_setup(cfg, make_mesh(cfg))))
-  with pytest.raises(CheckpointError, match=r'checkpoints/1 holds its layers unrolled, which '
-                     r'do not fit .* it holds 5 layers in its stack, the model 2\. Use a new'):
+  with pytest.raises(CheckpointError, match=r'checkpoints/1 holds its layers unrolled and '
+                     r'does not fit .* it has 5 layers, the model 2 \(model.n_layers\?\)\. Use'):
     _read(tmp_path, _layout(True, **{'model.n_layers': 2}))
   # Arrays outside the stacks are checked first: another optimizer config says which.
   with pytest.raises(CheckpointError, match=r'holds the optimizer state of another config '
@@ -165,14 +166,23 @@ def _run(data_dir, steps, scan):
 
 
 def test_a_run_resumes_in_the_other_layout_and_decodes_and_exports_unrolled(
-    tmp_path, data_dir):
+    tmp_path, data_dir, capsys):
   """An unrolled run resumed scanned goes on as the unrolled run does (its weights and
   Adam's moments gathered into stacks); the scanned run is then read unrolled to decode
   and export, with the config that says so."""
   train(_run(data_dir, 3, False), tmp_path / 'unrolled')
   shutil.copytree(tmp_path / 'unrolled', tmp_path / 'scanned')
   train(_run(data_dir, 6, False), tmp_path / 'unrolled')
+  capsys.readouterr()
   train(_run(data_dir, 6, True), tmp_path / 'scanned')
+  said = ''.join(capsys.readouterr())
+  # (The start line, with the progress display on, says: `scanned_layers`.)
+  assert transformer.scanned_layers(_run(data_dir, 6, True).model) == (
+      ', layers scanned: 2 periods of 1')
+  assert transformer.scanned_layers(_layout(True, ('local', 'global')).model) == (
+      ', layers scanned: 2 periods of 2 and 1 unrolled')
+  assert ('its layers were saved unrolled: read scanned (period 1), as model.scan_layers=True '
+          'says; the next checkpoints hold them scanned (period 1)') in said
   losses = [{m['step']: m['loss'] for m in read_metrics(tmp_path / run) if 'loss' in m}
             for run in ('unrolled', 'scanned')]
   assert sorted(losses[1]) == list(range(1, 7))

@@ -182,6 +182,17 @@ def scan_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
   return period, cfg.n_layers // period
 
 
+def scanned_layers(cfg: ml_collections.ConfigDict) -> str:
+  """', layers scanned: 4 periods of 6 and 2 unrolled' for a scanned stack of the model
+  section `cfg` (the start of a run says it), '' unscanned."""
+  period, repeats = scan_shape(cfg)
+  if not repeats:
+    return ''
+  rest = cfg.n_layers - period * repeats
+  return (f', layers scanned: {repeats} period{"s" * (repeats > 1)} of {period}'
+          + (f' and {rest} unrolled' if rest else ''))
+
+
 def stacked_blocks(blocks: Sequence[nnx.Module], period: int) -> list[nnx.Module]:
   """The first `period` blocks, each holding its own and the blocks `period`, 2·`period`,
   ... after it, stacked (`params.stack_layers`): the same weights, in the scanned layout.

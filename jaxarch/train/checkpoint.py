@@ -108,6 +108,7 @@ class Checkpointer:
     another step); only for the run that writes, as a reader's could be a save in progress."""
     self.directory = Path(workdir).absolute() / CHECKPOINTS
     self._saving = None  # the step of the last save, which may still be being written
+    self.relaid = None  # (saved, model's) layouts of the layers the last restore read
     self._failed = None  # the step whose write failed: closing fails on it again
     if remove_interrupted:
       self._remove_interrupted_saves()
@@ -344,6 +345,7 @@ class Checkpointer:
           # read, which a name here would keep to the end (the state held twice).
           saved_state, state = [state], None
           state = self._gathered(relayout, saved_state, abstract_state, where)
+          self.relaid = relayout.saved, relayout.wanted
         if isinstance(position, list):
           self._deal_data_position(s, data_iterator, position)
       except CheckpointError:

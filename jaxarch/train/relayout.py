@@ -123,8 +123,8 @@ def plan(saved: dict[str, tuple], wanted: dict[str, tuple]) -> Relayout | str | 
   describe = lambda stacks: ', '.join(sorted({str(s) for s in stacks.values()}))
   reads = _reads(saved, wanted, saved_stacks, wanted_stacks)
   if isinstance(reads, str):
-    return (f'holds its layers {describe(saved_stacks)}, which do not fit the model\'s '
-            f'({describe(wanted_stacks)}): {reads}')
+    return (f'holds its layers {describe(saved_stacks)} and does not fit this model (its '
+            f'layers {describe(wanted_stacks)}): {reads}')
   return Relayout(reads, describe(saved_stacks), describe(wanted_stacks))
 
 
@@ -133,8 +133,8 @@ def _reads(saved: dict[str, tuple], wanted: dict[str, tuple], saved_stacks: dict
   """`Relayout.reads`, or why the arrays do not fit."""
   for where, stack in wanted_stacks.items():
     if saved_stacks[where].layers != stack.layers:
-      return (f'it holds {saved_stacks[where].layers} layers in {where or "its stack"}, '
-              f'the model {stack.layers}')
+      return (f'it has {saved_stacks[where].layers} layers{f" in {where}" if where else ""}, '
+              f'the model {stack.layers} (model.n_layers?)')
   reads = {}
   for key in sorted(wanted, key=lambda k: not k.startswith('params/')):  # named first
     shape, dtype = wanted[key]

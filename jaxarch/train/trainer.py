@@ -17,6 +17,7 @@ import numpy as np
 from jaxarch import config as config_lib
 from jaxarch import data
 from jaxarch.layers.signals import is_window_metric
+from jaxarch.models.transformer import scanned_layers
 from jaxarch.parallel import data_shard, global_batch, make_mesh
 from jaxarch.train import flops
 from jaxarch.train.checkpoint import Checkpointer, CheckpointError
@@ -275,10 +276,16 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, stop: StopRequests) ->
       trained = ('' if c['trained'] == c['total'] else
                  f', {c["trained"]:,} trained ({c["trained"] / c["total"]:.3%})')
       bar.print(f'{cfg.model.family} model: {c["total"]:,} parameters ({c["active"]:,} '
-                f'active per token{trained}), mesh {dict(setup.mesh.shape)}, '
-                f'{jax.device_count()} × {jax.devices()[0].device_kind}')
+                f'active per token{trained}{scanned_layers(cfg.model)}), mesh '
+                f'{dict(setup.mesh.shape)}, {jax.device_count()} × '
+                f'{jax.devices()[0].device_kind}')
       if restored_step is not None:
         bar.alert(f'resumed from {checkpointer.directory / str(restored_step)}')
+        if checkpointer.relaid:
+          saved, wanted = checkpointer.relaid
+          bar.alert(f'its layers were saved {saved}: read {wanted}, as model.scan_layers='
+                    f'{bool(cfg.model.get("scan_layers"))} says; the next checkpoints hold '
+                    f'them {wanted}')
         if changed:
           bar.alert(f'{changed} since the checkpoint: its data position does not apply; '
                     'the data iterators start afresh')
