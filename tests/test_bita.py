@@ -421,6 +421,17 @@ def test_distill_refuses_a_negative_seed_and_a_run_trained_on_distilled_data(tmp
     distill(tmp_path / 'bita', tmp_path / 'new')
 
 
+def test_distill_warns_before_generating_that_bita_refuses_a_windowed_base(tmp_path, caplog):
+  """Was said by the BiTA config only, after the distillation had run."""
+  (tmp_path / 'windowed').mkdir()
+  config_lib.save(tiny_config(**{'model.sliding_window': 8}),
+                  tmp_path / 'windowed' / 'config.json')
+  with caplog.at_level('WARNING', logger='jaxarch.infer.distill'):
+    with pytest.raises(FileNotFoundError, match='no checkpoint'):  # warned before loading
+      distill(tmp_path / 'windowed', tmp_path / 'new')
+  assert 'model.sliding_window=8), which BiTA cannot train over' in caplog.text
+
+
 # The BiTA config: its model section and tokenizer come from the base run.
 
 def _base_workdir(path, family='dense'):

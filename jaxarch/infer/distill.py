@@ -12,6 +12,7 @@ validation split for validation), continues them greedily in batches, and writes
 """
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -71,11 +72,17 @@ def distill(workdir: str | Path, out: str | Path, *, num_prompts: int = 2048,
   sources.check_no_distilled(out)
   saved = Path(workdir) / 'config.json'
   if saved.is_file():  # before the model is loaded: prompts come from the run's text
-    source = config_lib.load_json(saved).data.source
+    saved_cfg = config_lib.load_json(saved)
+    source = saved_cfg.data.source
     if source.startswith(sources.DISTILLED):
       raise GenerateError(f'distill: {workdir} was trained on data.source={source!r}, which '
                           'has no text to draw prompts from; distill the base run, trained '
                           "on 'default', 'files:<glob>' or 'tfds:<name>'")
+    if (window := saved_cfg.model.get('sliding_window')) is not None:
+      logging.getLogger(__name__).warning(
+          'distill: %s attends through a sliding window (model.sliding_window=%s), which '
+          "BiTA cannot train over (its draft trees attend without one): the continuations "
+          'are written, but a BiTA run over this base is refused', workdir, window)
   start = time.perf_counter()
   cfg, model, base_step = load_checkpoint(workdir, scan_layers=False)  # decoding: unrolled
   tokenizer = data.get_tokenizer(cfg.data.tokenizer)
