@@ -12,7 +12,6 @@ last use.
 """
 
 import dataclasses
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +20,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxarch.models.transformer import stack_at
 from jaxarch.train.step import tree_path
-
-log = logging.getLogger(__name__)
 
 Read = tuple[str, int | None]  # a saved array's key, and the layer's index in it if stacked
 
@@ -56,6 +53,11 @@ class Relayout:
   reads: dict[str, tuple[tuple[Read, ...], bool]]
   saved: str  # the layouts, for messages
   wanted: str
+
+  def passes(self, key: str) -> bool:
+    """Whether the model's array `key` is the saved one of its name, as it is (outside
+    the stacks): read straight into the model's shards."""
+    return self.reads[key] == (((key, None),), False)
 
   def sources(self) -> dict[str, int]:
     """Saved key -> the number of the model's arrays that read it."""
@@ -187,7 +189,7 @@ def target(relayout: Relayout, saved_tree, abstract_state):
 
   def leaf(path, metadata):
     key, stacked, stacked_saved = read_by[tree_path(path)]
-    if relayout.reads[key] == (((key, None),), False):  # outside the stacks: as the model's
+    if relayout.passes(key):
       return model[key]
     return jax.ShapeDtypeStruct(metadata.shape, model[key].dtype, sharding=_source_sharding(
         model[key].sharding, stacked, stacked_saved))
@@ -206,9 +208,9 @@ def gather(relayout: Relayout, saved: list, abstract_state):
 
   def leaf(path, abstract):
     key = tree_path(path)
-    reads, stacked = relayout.reads[key]
-    if reads == ((key, None),) and not stacked:  # outside the stacks: read in its shards
+    if relayout.passes(key):
       return arrays.pop(key)
+    reads, stacked = relayout.reads[key]
     sources = list(dict.fromkeys(source for source, _ in reads))
     order = tuple((sources.index(source), index is not None) for source, index in reads)
     signature = (order, stacked, abstract.sharding)
