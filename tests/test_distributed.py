@@ -216,6 +216,24 @@ def test_two_processes_train_together_onto_the_one_process_losses(tmp_path, data
 
 
 @pytest.mark.slow
+def test_two_processes_resume_a_one_process_run_in_the_other_layout(tmp_path, data_dir):
+  """Each process reads its shards of the unrolled checkpoint and gathers them into the
+  scanned layout (`train.relayout`, jitted over the global arrays): steps 4-6 go on as
+  the unrolled run's."""
+  want = _one_process(tmp_path, data_dir)
+  shutil.copytree(tmp_path / 'one', tmp_path / 'two')
+  shutil.rmtree(tmp_path / 'two' / 'checkpoints' / '6')
+  (tmp_path / 'two' / 'metrics.jsonl').unlink()
+  errs = _train_in_two_processes(tmp_path / 'two', data_dir, _flags(_free_port()),
+                                 extra=['model.scan_layers=True'])
+  assert 'its layers were saved unrolled: read scanned (period 1)' in errs[0] + errs[1]
+  got = {r['step']: r for r in read_metrics(tmp_path / 'two')}
+  assert sorted(got) == [4, 5, 6]
+  np.testing.assert_allclose([got[s]['loss'] for s in (4, 5, 6)],
+                             [want[s]['loss'] for s in (4, 5, 6)], rtol=1e-5)
+
+
+@pytest.mark.slow
 def test_two_processes_train_on_a_mixture_onto_the_one_process_losses(tmp_path, data_dir):
   # Each process packs its own streams of each source; the global batches, and so the
   # losses and each source's evaluation, are those of one process.
