@@ -63,6 +63,18 @@ def test_metrics_checkpoints_and_config_are_written(tmp_path, data_dir):
   assert (tmp_path / 'metrics.jsonl').read_text().endswith('}\n')
 
 
+def test_a_start_that_fails_leaves_no_empty_run_behind(tmp_path, data_dir):
+  """Was a workdir holding only a hidden lock file (and an empty checkpoints folder)."""
+  missing = {'data.source': f'files:{tmp_path}/nothing/*.py'}
+  with pytest.raises(ValueError, match='no files match the glob'):
+    train(_cfg(data_dir, **missing), tmp_path / 'new')
+  assert not (tmp_path / 'new').exists()
+  (tmp_path / 'mine').mkdir()  # a directory the user made is theirs
+  with pytest.raises(ValueError, match='no files match the glob'):
+    train(_cfg(data_dir, **missing), tmp_path / 'mine')
+  assert (tmp_path / 'mine').is_dir()
+
+
 def test_non_finite_metrics_are_written_as_null(tmp_path):
   writer = MetricsWriter(tmp_path, tensorboard=False)
   writer.write(3, {'loss': float('nan'), 'grad_norm': np.float32(np.inf), 'lr': 0.5})

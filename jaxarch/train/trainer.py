@@ -31,8 +31,8 @@ from jaxarch.train.pretrained import initial_state, mesh_here
 from jaxarch.train.state import MODEL, TrainSetup, make_setup
 from jaxarch.train.step import (leaf_names, make_eval_step, make_train_step,
                                 make_window_reset, summarize_eval, summarize_mixture_eval)
-from jaxarch.train.workdir import (check_workdir, local_workdir, only_trainer_in, state_bytes,
-                                   unwritable)
+from jaxarch.train.workdir import (check_workdir, local_workdir, only_trainer_in, remove_unused,
+                                   state_bytes, unwritable)
 
 
 def _tokenizer(cfg: ml_collections.ConfigDict):
@@ -223,10 +223,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
   has `stopped`: the signal); the same call resumes it.
   """
   workdir = local_workdir(workdir)
-  # From the start: a job preempted while it builds or restores its state (minutes for a
-  # large one) stops once that is done, saying so, instead of dying of the signal.
-  with StopRequests(sync_every=cfg.log.every_steps) as stop:
-    return _train(cfg, workdir, stop)
+  new = not workdir.exists()
+  try:
+    # From the start: a job preempted while it builds or restores its state (minutes for a
+    # large one) stops once that is done, saying so, instead of dying of the signal.
+    with StopRequests(sync_every=cfg.log.every_steps) as stop:
+      return _train(cfg, workdir, stop)
+  except BaseException:
+    if new:  # a start that failed (a missing corpus) leaves no empty run behind
+      remove_unused(workdir)
+    raise
 
 
 def _train(cfg: ml_collections.ConfigDict, workdir: Path, stop: StopRequests) -> dict:

@@ -62,6 +62,19 @@ def only_trainer_in(workdir: Path):
       'another --workdir'))
 
 
+def remove_unused(workdir: Path) -> None:
+  """Removes a workdir that a failed start made and left holding only what the start
+  made (its trainer's lock file, an empty checkpoints folder), so that it does not look
+  like a run; anything else in it keeps it."""
+  try:
+    (workdir / f'.train.lock.{jax.process_index()}').unlink(missing_ok=True)
+    if (workdir / CHECKPOINTS).is_dir():
+      (workdir / CHECKPOINTS).rmdir()  # only if empty
+    workdir.rmdir()
+  except OSError:
+    pass  # not empty (another process's lock, a file written), or already gone
+
+
 def readable_size(num_bytes: int) -> str:
   """'1.25 GiB', or '12.0 MiB' below a tenth of a GiB (a small run's '0.01 GiB' says nothing)."""
   return (f'{num_bytes / 2**30:,.2f} GiB' if num_bytes >= 2**30 / 10 else
