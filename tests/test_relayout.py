@@ -216,10 +216,12 @@ def test_bita_reads_a_scanned_base_into_its_own_layout(tmp_path, data_dir):
       'model.scan_layers=False'])
   setup = make_setup(cfg, make_mesh(cfg))
   state = initial_state(cfg, setup)
-  _, unrolled = load_model(base, scan_layers=False)
+  _, as_saved = load_model(base)  # scanned, read without a relayout: the test's own reading
+  assert transformer.scanned_stacks(as_saved)
   ours = {k.removeprefix('params/base/'): v for k, v in _by_layer(state, 1).items()
           if k.startswith('params/base/')}
-  theirs = _by_layer({'params': nnx.state(unrolled, nnx.Param)}, 1)
+  assert any(k.startswith('blocks/1/') for k in ours)  # unrolled
+  theirs = _by_layer({'params': nnx.state(as_saved, nnx.Param)}, 1)
   assert ours.keys() == {k.removeprefix('params/') for k in theirs}
   for key, value in theirs.items():
     np.testing.assert_array_equal(ours[key.removeprefix('params/')], value, err_msg=key)
