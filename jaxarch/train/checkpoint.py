@@ -285,6 +285,7 @@ class Checkpointer:
     reader of the model neither reads nor holds the optimizer state (twice the weights
     under Adam); None: the whole state.
     """
+    self.relaid = None  # of this restore, not an earlier one's
     if parts is not None:
       abstract_state = {k: abstract_state[k] for k in parts}
     wanted = _shapes(abstract_state)
