@@ -4,6 +4,8 @@ exports, data preparation and distillation all turn such an error into one line.
 
 import contextlib
 import errno
+import fcntl
+import logging
 import os
 import re
 
@@ -12,6 +14,10 @@ from jaxarch.config import ConfigError
 # Refused writes, which some libraries report in their errors' text alone, by errno's
 # words (array_record's "write() failed: No space left on device").
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+# flock's errors where the filesystem keeps no locks at all: NFS without its lock daemon
+# (ENOLCK), Lustre mounted with noflock (ENOSYS), some FUSE mounts (EOPNOTSUPP).
+_NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP)
+_unlocked_told = set()
 
 
 def chain(error):
@@ -61,3 +67,22 @@ def explained_write_errors(explain):
     if os_error is None or os_error.errno not in _WRITE_ERRNOS:
       raise
     raise explain(reason(os_error)) from None
+
+
+def lock(file, *, wait: bool, guards: str) -> None:
+  """An exclusive `flock` on the open `file`, waiting for it or raising BlockingIOError
+  where another process holds it. On a filesystem that keeps no locks, warns once per
+  file that `guards` ('two trainers in one workdir') goes unguarded, and carries on: the
+  lock only guards against a mistake, which should not stop every run on such a mount."""
+  try:
+    fcntl.flock(file, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+  except BlockingIOError:
+    raise
+  except OSError as e:
+    if e.errno not in _NO_LOCKS:
+      raise
+    if file.name not in _unlocked_told:
+      _unlocked_told.add(file.name)
+      logging.warning('jaxarch: %s cannot be locked (%s: the filesystem keeps no file '
+                      'locks); going on without the lock, so nothing stops %s', file.name,
+                      e.strerror or e, guards)

@@ -21,13 +21,14 @@ import jaxarch
 from conftest import mesh_config, tiny_config
 from jaxarch import cli
 from jaxarch import config as config_lib
+from jaxarch import oserrors
 from jaxarch.config import load_json
 from jaxarch.train import evaluate, train
 from jaxarch.train import trainer
 from jaxarch.train.checkpoint import CheckpointError
 from jaxarch.train.metrics import MetricsWriter, read_metrics
 from jaxarch.train.nonfinite import NonFiniteError, NonFiniteMonitor
-from jaxarch.train.workdir import WorkdirError, check_workdir
+from jaxarch.train.workdir import WorkdirError, check_workdir, only_trainer_in
 
 TINY = ['--config=configs/dense.py:tiny', '--config.model.d_model=64',
         '--config.model.n_layers=2', '--config.model.d_ff=128', '--config.data.seq_len=32',
@@ -425,6 +426,38 @@ def test_a_second_trainer_in_a_workdir_is_one_line(tmp_path, data_dir, capsys):
                           f'--data_dir={data_dir}'], capsys)
   assert code == 2 and 'in use by another jaxarch train' in err
   assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+@pytest.mark.parametrize('code', [errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP])
+def test_a_workdir_on_a_filesystem_without_locks_trains_unguarded(tmp_path, monkeypatch,
+                                                                   caplog, code):
+  """NFS without its lock daemon (ENOLCK), Lustre mounted noflock (ENOSYS): the lock is
+  a guard, not a need. A busy lock still refuses, and other errors still raise."""
+  def flock(file, operation):
+    raise OSError(code, os.strerror(code))
+  monkeypatch.setattr(fcntl, 'flock', flock)
+  monkeypatch.setattr(oserrors, '_unlocked_told', set())
+  for _ in range(2):
+    with only_trainer_in(tmp_path):
+      pass
+  told = [r.getMessage() for r in caplog.records if 'cannot be locked' in r.getMessage()]
+  assert len(told) == 1, told  # once per lock file
+  assert '.train.lock.0' in told[0] and os.strerror(code) in told[0]
+  assert 'nothing stops a second jaxarch train in this workdir' in told[0]
+
+  def busy(file, operation):
+    raise BlockingIOError(errno.EWOULDBLOCK, 'held')
+  monkeypatch.setattr(fcntl, 'flock', busy)
+  with pytest.raises(WorkdirError, match='in use by another jaxarch train'):
+    with only_trainer_in(tmp_path):
+      pass
+
+  def bad(file, operation):
+    raise OSError(errno.EBADF, 'bad file descriptor')
+  monkeypatch.setattr(fcntl, 'flock', bad)
+  with pytest.raises(OSError, match='bad file descriptor'):
+    with only_trainer_in(tmp_path):
+      pass
 
 
 def test_counts_below_one_and_overrides_fit_does_not_take_are_one_line(tmp_path, capsys):

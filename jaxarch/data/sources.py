@@ -35,7 +35,6 @@ entry.
 import contextlib
 import dataclasses
 import difflib
-import fcntl
 import functools
 import glob as globlib
 import gzip
@@ -55,6 +54,7 @@ import tensorflow_datasets as tfds
 
 from jaxarch.config import (DATA_SOURCE_ERROR, ConfigError, MixtureComponent, data_mixture,
                             distill_summary)
+from jaxarch import oserrors
 from jaxarch.oserrors import explained_write_errors
 
 log = logging.getLogger(__name__)
@@ -840,7 +840,7 @@ def _prepared(builder_cls, config, data_dir: pathlib.Path, source: str):
       f'{data_dir} ({reason}); free space there, or set data.data_dir (or --data_dir, or '
       '$JAXARCH_DATA_DIR) to a folder with room')
   with lock, explained_write_errors(full):
-    fcntl.flock(lock, fcntl.LOCK_EX)
+    oserrors.lock(lock, wait=True, guards='two processes preparing it at once')
     try:
       with _tfds_output_on_stderr():
         make().download_and_prepare()  # a no-op once the version directory exists

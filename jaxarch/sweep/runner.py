@@ -401,7 +401,7 @@ def _only_sweep_in(workdir: Path):
   at once and record them twice."""
   return held_alone(workdir / '.sweep.lock', SweepError(
       f'sweep: another jaxarch sweep is running in {workdir}; wait for it or use another '
-      '--workdir'))
+      '--workdir'), guards='a second jaxarch sweep in this workdir')
 
 
 def render_jobs(runs, workdir: Path, launcher: str, echo=print) -> list[dict]:

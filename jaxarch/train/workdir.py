@@ -3,7 +3,6 @@ processes, room for a checkpoint, not holding another family's run, and no other
 in it."""
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -13,6 +12,8 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from jaxarch import oserrors
 
 
 # Where a run's checkpoints go, inside its workdir.
@@ -43,12 +44,13 @@ def local_workdir(workdir: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def held_alone(lock_file: Path, busy: Exception):
+def held_alone(lock_file: Path, busy: Exception, guards: str):
   """Holds an exclusive lock on `lock_file` for the block; raises `busy` if another
-  process holds it (the lock ends with the process, however it ends)."""
-  with open(lock_file, 'w') as lock:
+  process holds it (the lock ends with the process, however it ends). `guards`: what
+  goes unguarded on a filesystem without locks (`oserrors.lock`)."""
+  with open(lock_file, 'w') as file:
     try:
-      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      oserrors.lock(file, wait=False, guards=guards)
     except BlockingIOError:
       raise busy from None
     yield
@@ -59,7 +61,7 @@ def only_trainer_in(workdir: Path):
   started twice, or a sweep's orphan) would write each other's checkpoints and metrics."""
   return held_alone(workdir / f'.train.lock.{jax.process_index()}', WorkdirError(
       f'workdir {workdir} is in use by another jaxarch train; wait for it, stop it, or use '
-      'another --workdir'))
+      'another --workdir'), guards='a second jaxarch train in this workdir')
 
 
 def remove_unused(workdir: Path) -> None:
