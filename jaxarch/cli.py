@@ -36,6 +36,7 @@ from jaxarch.train.checkpoint import CheckpointError
 from jaxarch.train.memory import OutOfMemoryError
 from jaxarch.train.metrics import standard_json
 from jaxarch.train.nonfinite import NonFiniteError
+from jaxarch.train.preemption import exit_code
 from jaxarch.train.workdir import WorkdirError, local_workdir
 
 
@@ -178,6 +179,7 @@ def _train(args, overrides):
     result = train(cfg, args.workdir)
   if reports:
     _say(standard_json(result, indent=2))
+  return exit_code(result.get('stopped'))
 
 
 def _check_saved_mesh(cfg, args, overrides) -> None:
@@ -749,7 +751,7 @@ def main(argv=None):
   _compilation_cache()
   try:
     load_plugins()  # the user's blocks and families, before any config is read
-    args.func(args, overrides)
+    code = args.func(args, overrides) or 0
   except (config_lib.ConfigError, FileNotFoundError, FileExistsError, ImportError,
           GenerateError, FitError, SweepError, WorkdirError, CheckpointError,
           NonFiniteError, ExportError, OutOfMemoryError, DeviceError) as e:
@@ -765,7 +767,7 @@ def main(argv=None):
       print(f'jaxarch: could not write to stdout ({oserrors.reason(e.__cause__)})',
             file=sys.stderr)
     return 1
-  return 0
+  return code
 
 
 if __name__ == '__main__':

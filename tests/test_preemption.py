@@ -62,13 +62,16 @@ def _finish(workdir, data_dir):
   return err
 
 
-def test_sigterm_saves_a_checkpoint_exits_0_and_resumes_exactly(tmp_path, data_dir):
+def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_exactly(tmp_path, data_dir):
+  """143 (128 + SIGTERM): a scheduler counts the run unfinished (a GKE pod that exited 0
+  on its node's drain counted as Succeeded, and its JobSet completed)."""
   workdir = tmp_path / 'run'
   process = _start(workdir, data_dir)
   _wait_for_step(process, workdir, 13)
   process.send_signal(signal.SIGTERM)
   _, err = process.communicate(timeout=120)
-  assert process.returncode == 0, err
+  assert process.returncode == 143, err
+  assert 'jaxarch: SIGTERM: stopping after this step, with a checkpoint\n' in err
   stopped = int(err.split('stopped after step ')[1].split(',')[0])
   assert 13 <= stopped < 40 and 'run the same command to resume' in err
   assert (workdir / 'checkpoints' / str(stopped)).is_dir()
@@ -112,7 +115,7 @@ sys.exit(cli.main(sys.argv[1:]))
 '''
 
 
-def test_sigterm_before_the_first_step_exits_0_saying_so(tmp_path, data_dir):
+def test_sigterm_before_the_first_step_exits_143_saying_so(tmp_path, data_dir):
   workdir = tmp_path / 'run'
   train(config_lib.load('configs/dense.py:tiny', _overrides(data_dir) + ['train.steps=4']),
         workdir)
@@ -120,7 +123,7 @@ def test_sigterm_before_the_first_step_exits_0_saying_so(tmp_path, data_dir):
       [sys.executable, '-c', _SIGTERM_WHILE_RESTORING, 'train', '--config=configs/dense.py:tiny',
        f'--workdir={workdir}', *[f'--config.{o}' for o in _overrides(data_dir)]],
       capture_output=True, text=True, timeout=300, env=os.environ.copy())
-  assert process.returncode == 0, process.stderr
+  assert process.returncode == 143, process.stderr
   assert 'SIGTERM' in process.stderr and 'run the same command to resume' in process.stderr
   assert max(_losses(workdir)) == 4  # nothing trained, nothing lost
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['4']

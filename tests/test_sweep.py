@@ -195,7 +195,8 @@ def _stand_in_training(monkeypatch):
       'step = 3 if d.name == "d64" and not retry else 6\n'
       'line = dict(step=step, loss=2.0) if d.name == "d32" else dict(step=step, loss=2.0, '
       'eval_loss=2.5, eval_bpb=3.0)\n'
-      '(d / "metrics.jsonl").write_text(json.dumps(line) + "\\n")\n')
+      '(d / "metrics.jsonl").write_text(json.dumps(line) + "\\n")\n'
+      'sys.exit(143 if step == 3 else 0)\n')  # `jaxarch train` stopped by SIGTERM
   monkeypatch.setattr(runner, 'train_command',
                       lambda run, run_dir: [sys.executable, '-c', script, str(run_dir)])
 

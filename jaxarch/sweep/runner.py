@@ -38,6 +38,7 @@ from pathlib import Path
 from jaxarch import config as config_lib
 from jaxarch.sweep import plan
 from jaxarch.train.metrics import final_metrics
+from jaxarch.train.preemption import STOPPED_CODES
 from jaxarch.train.workdir import held_alone, local_workdir
 
 RESULTS = 'results.jsonl'
@@ -316,6 +317,8 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
           if code is None:
             not_started.append(run.name)
             continue
+          if code in STOPPED_CODES:  # by a signal, with its checkpoint: its step says so
+            code = 0
           run_dir = workdir / 'runs' / run.name
           step, steps = last_step(run_dir), run.config().train.steps
           # Its config file (a preset the sweep names) edited while it trained: the run is

@@ -1,5 +1,5 @@
 """SIGTERM and SIGINT end training cleanly: the step in flight finishes, a checkpoint is
-written, the process exits 0, and the same command resumes.
+written, the process exits 128 + the signal (`exit_code`), and the same command resumes.
 
 Schedulers (SLURM, Kubernetes, TPU maintenance) send SIGTERM some time before they kill
 a job. The handler only records the signal; the training loop asks `should_stop` between
@@ -8,6 +8,7 @@ all of them stop after the same step and write the same checkpoint. A second Ctr
 interrupts at once.
 """
 
+import os
 import signal
 import threading
 
@@ -16,6 +17,17 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# The exit codes of `jaxarch train` stopped by one of SIGNALS, with its checkpoint.
+STOPPED_CODES = tuple(128 + s for s in SIGNALS)
+
+
+def exit_code(stopped: str | None) -> int:
+  """The exit code of `jaxarch train` whose result's `stopped` (the signal's name, or
+  None: finished) is this: 128 + the signal, as a shell reports a process the signal ended
+  (143 for SIGTERM, 130 for Ctrl-C), so that a scheduler counts the run unfinished: a GKE
+  pod that exited 0 on its node's drain counted as Succeeded, and its JobSet completed
+  instead of restarting."""
+  return 0 if stopped is None else 128 + signal.Signals[stopped.split()[0]]
 
 
 class StopRequests:
@@ -41,6 +53,14 @@ class StopRequests:
     del frame
     if self.received is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt  # asked twice: stop now
+    if self.received is None:  # said at once: the stop may be a step and a save away
+      name = signal.Signals(signum).name
+      when = ('after this step' if jax.process_count() == 1 else
+              f'at the next logging step (a multiple of {self.sync_every})')
+      # os.write: a print here could re-enter the stream the loop is printing to.
+      os.write(2, f'\njaxarch: {name}: stopping {when}, with a checkpoint'
+               f'{"; Ctrl-C again stops at once, unsaved" if signum == signal.SIGINT else ""}'
+               '\n'.encode())
     self.received = signal.Signals(signum).name
 
   def should_stop(self, step: int) -> bool:
