@@ -458,6 +458,8 @@ def _launch(args, overrides):
     _say(job.submit)
   for alternative in job.alternatives:
     print(f'jaxarch: or: {alternative}', file=sys.stderr)
+  for warning in job.warnings:
+    print(f'jaxarch: warning: {warning}', file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:

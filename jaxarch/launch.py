@@ -60,6 +60,7 @@ class Job:
   files: dict[Path, str]  # path -> text, written by `write`
   submit: str  # the command that submits the job
   alternatives: tuple[str, ...] = ()  # other ways to submit the same job
+  warnings: tuple[str, ...] = ()  # what the job will likely trip on, said before it runs
 
 
 def train_command(spec: str, workdir: str | os.PathLike, overrides: Sequence[str]) -> list[str]:
@@ -85,7 +86,25 @@ def render(target: str, cfg, *, spec: str, workdir: str | os.PathLike,
   values = dict(name=launch.name, nodes=launch.nodes, coordinator_port=launch.coordinator_port,
                 description=f'{spec} on {where}, mesh {mesh}')
   command = train_command(spec, local_workdir(workdir), overrides)
-  return _RENDER[target](launch, command, Path(out), values)
+  job = _RENDER[target](launch, command, Path(out), values)
+  return dataclasses.replace(job, warnings=_warnings(target, cfg))
+
+
+def _warnings(target: str, cfg) -> tuple[str, ...]:
+  """What a job renders fine with and then trips on in the cluster."""
+  if target != 'gke':
+    return ()
+  said = []
+  if '/' not in cfg.launch.image:
+    said.append(f'launch.image={cfg.launch.image!r} names no registry, so the nodes would '
+                f'pull docker.io/library/{cfg.launch.image}: build launch/Dockerfile, push '
+                'it, and set --config.launch.image=REGISTRY/jaxarch:TAG')
+  if cfg.data.get('data_dir') is None:
+    said.append('data.data_dir is unset, so every pod prepares the data into its own '
+                'container, again after each restart: prepare it once where the pods share '
+                'it (jaxarch prepare --config=... --data_dir=DIR) and set '
+                '--config.data.data_dir=DIR')
+  return tuple(said)
 
 
 def write(job: Job) -> None:
@@ -312,6 +331,8 @@ def _slurm(launch, command, out, values) -> Job:
 
 
 def _gke(launch, command, out, values) -> Job:
+  _require_shared_workdir(command, "a pod writes a relative path into its own container, "
+                          'whose files go with the pod (a restart would begin at step 0)')
   tpu = _kind(launch.accelerator) == 'tpu'
   # Kubernetes expands $(VAR) in a container's command and reads $$ as $: each $ doubled
   # stays the $ it was (an override's path, say).

@@ -13,7 +13,6 @@ import yaml
 from jaxarch import cli
 from jaxarch import config as config_lib
 from jaxarch import launch
-from jaxarch import launch
 
 SPEC = 'configs/dense.py:151m'
 # 4 nodes x 8 H100s = 32 GPUs: FSDP inside a node, data parallel across the 4 nodes.
@@ -103,6 +102,24 @@ def test_gke_gpu_jobset_has_one_pod_per_node_and_their_gpus(tmp_path, capsys):
                          '--config.launch.devices_per_node=4', '--config.mesh.ici.fsdp=4',
                          '--config.mesh.dcn.data=8', '--config.launch.cluster=train')
   assert code == 2 and "'nvidia-h100-80gb' with launch.devices_per_node=4 is not an xpk" in err
+
+
+def test_gke_warns_of_an_image_without_registry_and_data_in_each_pod(tmp_path, capsys):
+  """The defaults render a job that the cluster then cannot pull, and whose pods each
+  prepare the data into their own container after every restart; a relative workdir would
+  be the container's, lost with the pod."""
+  _, _, err = _launch(capsys, 'gke', tmp_path, *H100_4x8)
+  assert ("warning: launch.image='jaxarch:latest' names no registry, so the nodes would pull "
+          'docker.io/library/jaxarch:latest') in err
+  assert 'warning: data.data_dir is unset, so every pod prepares the data' in err
+  code, _, err = _launch(capsys, 'gke', tmp_path, *H100_4x8,
+                         '--config.launch.image=us-docker.pkg.dev/p/jaxarch:gpu',
+                         '--config.data.data_dir=/gcs/bucket/data')
+  assert code == 0 and 'warning' not in err, err
+  code = cli.main(['launch', f'--config={SPEC}', '--target=gke', '--workdir=runs/151m',
+                   f'--out={tmp_path}', *H100_4x8])
+  assert code == 2 and ("--workdir='runs/151m': a pod writes a relative path into its own "
+                        'container') in capsys.readouterr().err
 
 
 def test_gke_tpu_jobset_and_xpk_command_have_the_slices_and_chips(tmp_path, capsys):
