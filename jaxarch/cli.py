@@ -468,10 +468,11 @@ def _parser() -> argparse.ArgumentParser:
       'files. Override any config key with --config.KEY=VALUE.')
   commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
-  def command(name, func, help_text):
+  def command(name, func, help_text, workdir='checkpoints, metrics and logs go here',
+              config='config file and preset, e.g. configs/dense.py:tiny'):
     sub = commands.add_parser(name, help=help_text, description=help_text)
-    sub.add_argument('--config', help='config file and preset, e.g. configs/dense.py:tiny')
-    sub.add_argument('--workdir', required=True, help='checkpoints, metrics and logs go here')
+    sub.add_argument('--config', help=config)
+    sub.add_argument('--workdir', required=True, help=workdir)
     sub.add_argument('--data_dir', help='prepared-data cache (default: $JAXARCH_DATA_DIR '
                      'or ~/.cache/jaxarch/data)')
     job = sub.add_argument_group('multi-process jobs (default: from SLURM, Open MPI, TPU '
@@ -484,8 +485,12 @@ def _parser() -> argparse.ArgumentParser:
     return sub
 
   command('train', _train, 'train a model, resuming from the workdir if it has checkpoints')
-  command('eval', _eval, 'validation loss and bits per byte of a checkpoint').add_argument(
-      '--step', type=int, help='checkpoint step (default: latest)')
+  command('eval', _eval, 'validation loss and bits per byte of a checkpoint',
+          workdir='the run to evaluate; the result is also written to WORKDIR/eval_STEP.json',
+          config="config file and preset (default: the run's config.json); "
+          '--config.KEY=VALUE overrides apply to either, e.g. --config.log.eval_batches=64'
+          ).add_argument(
+              '--step', type=int, help='checkpoint step (default: latest)')
   bench = command('bench', _bench, 'train-step throughput (tokens/s, step time, TFLOP/s '
                   'per device, MFU) or memory per device, on synthetic tokens')
   bench.add_argument('what', choices=('train', 'memory'),

@@ -1,6 +1,7 @@
 """End to end: `jaxarch.train.train` learns, logs, checkpoints and resumes exactly."""
 
 import json
+import logging
 import shutil
 import time
 import types
@@ -179,13 +180,19 @@ def test_resuming_with_more_steps_says_where_the_learning_rate_moves(tmp_path, d
                           f'learning rate of {after:.3g} where the run was at {before:.3g}')
 
 
-def test_evaluate_and_load_use_the_latest_checkpoint(tmp_path, data_dir):
+def test_evaluate_and_load_use_the_latest_checkpoint(tmp_path, data_dir, caplog):
   cfg = _cfg(data_dir, **{'train.steps': 10})
   result = train(cfg, tmp_path)
   ev = evaluate(cfg, tmp_path)
   assert ev['step'] == 10
   assert ev['eval_bpb'] == pytest.approx(result['eval_bpb'], rel=1e-5)
-  assert json.loads((tmp_path / 'eval_10.json').read_text())['step'] == 10
+  saved = json.loads((tmp_path / 'eval_10.json').read_text())
+  assert saved['step'] == 10 and saved['evaluated_on']['log.eval_batches'] == 2
+  fewer = _cfg(data_dir, **{'train.steps': 10, 'log.eval_batches': 1})
+  with caplog.at_level(logging.WARNING):
+    evaluate(fewer, tmp_path)  # another eval of step 10: said, as the file is replaced
+  assert 'held an evaluation of this step over other data (log.eval_batches 2 -> 1)' in (
+      caplog.text)
   with pytest.raises(CheckpointError, match=r'no checkpoint of step 42 in .*; its steps: .*10$'):
     evaluate(cfg, tmp_path, step=42)
   # A run whose mesh wants more devices than there are (a pod run evaluated on one host)

@@ -497,6 +497,29 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
   return final
 
 
+def _evaluated_on(cfg: ml_collections.ConfigDict) -> dict:
+  """The keys that choose what `evaluate` reads: its result file records them."""
+  return {'data.source': cfg.data.source,
+          'data.validation_fraction': cfg.data.validation_fraction,
+          'data.seq_len': cfg.data.seq_len, 'train.batch_size': cfg.train.batch_size,
+          'log.eval_batches': cfg.log.eval_batches}
+
+
+def _say_if_replaced(out: Path, evaluated_on: dict) -> None:
+  """An eval of the same step over other data (fewer batches, another source) is replaced
+  by this one: said, with what differs."""
+  try:
+    before = json.loads(out.read_text()).get('evaluated_on')
+  except (OSError, ValueError, AttributeError):
+    return  # none yet (or unreadable: replaced as it is)
+  if before is None or before == evaluated_on:
+    return
+  changed = ', '.join(f'{key} {before.get(key)} -> {value}' for key, value in
+                      evaluated_on.items() if before.get(key) != value)
+  logging.getLogger(__name__).warning('jaxarch: %s held an evaluation of this step over '
+                                      'other data (%s); replaced', out, changed)
+
+
 def evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
              step: int | None = None) -> dict:
   """Validation loss and bits per byte of the run's latest (or given) checkpoint."""
@@ -508,10 +531,12 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
     raise config_lib.ConfigError(f'config error: {missing}: nothing to evaluate on')
   state, restored = Checkpointer.read(workdir, setup.abstract_state, step=step, parts=MODEL)
   result = {'step': restored,
-            **run_eval(setup, state, _eval_step(cfg, setup), batches)}
+            **run_eval(setup, state, _eval_step(cfg, setup), batches),
+            'evaluated_on': _evaluated_on(cfg)}
   out = Path(workdir) / f'eval_{restored}.json'
   try:
     if jax.process_index() == 0:
+      _say_if_replaced(out, result['evaluated_on'])
       out.write_text(standard_json(result, indent=2))
   except OSError as e:  # a read-only run: the result is still returned (and printed)
     logging.getLogger(__name__).warning('could not write %s: %s', out, e.strerror or e)
