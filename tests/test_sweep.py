@@ -262,6 +262,9 @@ def test_sweep_moves_aside_a_run_trained_under_an_edited_config(tmp_path, data_d
   (d48,) = [r for r in runner.load_sweep(spec) if r.name == 'd48']
   saved = json.loads(json.dumps(config_lib.to_dict(d48.config())))
   del saved['train']['grad_accum_steps']
+  # ... and it logged and saved otherwise, which the weights do not see: resumed, not
+  # trained again (a sweep file's log.every_steps edit threw runs away).
+  saved['log']['every_steps'], saved['checkpoint']['keep'] = 1, 7
   (workdir / 'runs' / 'd48').mkdir()
   (workdir / 'runs' / 'd48' / 'config.json').write_text(json.dumps(saved))
   messages = []
@@ -269,6 +272,7 @@ def test_sweep_moves_aside_a_run_trained_under_an_edited_config(tmp_path, data_d
     runner.run_sweep(spec, workdir, echo=messages.append)
   assert any('d32: its config changed' in m and 'train.lr 0.3 -> ' in m for m in messages)
   assert not any('d48: its config changed' in m for m in messages)
+  assert not list(workdir.glob('runs/d48.replaced-*'))
   (moved,) = workdir.glob('runs/d32.replaced-*')
   assert json.loads((moved / 'metrics.jsonl').read_text())['loss'] == 9.0
   assert runner.read_results(workdir)[0]['final_loss'] == 2.0  # trained afresh
@@ -325,6 +329,15 @@ def test_a_run_recorded_before_jaxarch_gained_a_config_key_is_not_run_again(
   (again,) = [r for r in runner.read_results(workdir) if r['name'] == 'd32']
   assert again == {**record, 'config_hash': config_lib.config_hash(d32.config())}
   recorded_by_an_earlier_jaxarch(hashed=False)  # a line written by hand stands as well
+  with pytest.raises(runner.SweepError):
+    runner.run_sweep(spec, workdir, echo=lambda _: None)
+  assert 'd32' not in launched
+  # A record of d32 logging every step: the sweep file's log.every_steps since is not a
+  # reason to train it again.
+  saved = json.loads(json.dumps(config_lib.to_dict(d32.config())))
+  saved['log']['every_steps'] = 1
+  (workdir / 'runs' / 'd32' / 'config.json').write_text(json.dumps(saved))
+  runner.append_record(workdir, {**record, 'config_hash': config_lib.tree_hash(saved)})
   with pytest.raises(runner.SweepError):
     runner.run_sweep(spec, workdir, echo=lambda _: None)
   assert 'd32' not in launched

@@ -223,9 +223,19 @@ def _move_aside_if_changed(run: plan.Run, run_dir: Path, echo) -> None:
        f'the old run is now {stale.name}, and this one trains from step 0')
 
 
+# Keys that say how a run logs and saves, not what it trains: a sweep file edited in them
+# keeps its runs (resumed, or recorded as they are) instead of training them again. The
+# weights and eval_loss are the same; a record's final_loss, the mean of the last logging
+# window, follows log.every_steps.
+_BOOKKEEPING = ('log.every_steps', 'log.eval_every_steps', 'log.progress', 'log.tensorboard',
+                'checkpoint.every_steps', 'checkpoint.keep', 'checkpoint.keep_best',
+                'checkpoint.async_save')
+
+
 def config_changes(run: plan.Run, run_dir: Path) -> str | None:
   """How the config `run_dir` was trained under differs from the run's, e.g.
-  'train.lr 0.003 -> 0.3', or None (the same, or not trained yet)."""
+  'train.lr 0.003 -> 0.3', or None (the same, or not trained yet; or only in how it logs
+  and saves, `_BOOKKEEPING`)."""
   saved = run_dir / 'config.json'
   if not saved.exists():
     return None
@@ -239,7 +249,7 @@ def config_changes(run: plan.Run, run_dir: Path) -> str | None:
       return f'{saved.name} is not a config'
   new = as_json(run.config())
   changed = [f'{k} {old.get(k)} -> {new.get(k)}' for k in sorted(old.keys() | new.keys())
-             if old.get(k) != new.get(k)
+             if old.get(k) != new.get(k) and k not in _BOOKKEEPING
              and k.split('.')[0] not in config_lib.UNHASHED_SECTIONS]
   return (', '.join(changed[:3]) + (' ...' if len(changed) > 3 else '')) or None
 
