@@ -206,7 +206,10 @@ def test_sweep_records_finished_runs_once_and_reports_failed_and_stopped_ones(
   _stand_in_training(monkeypatch)
   spec, workdir = _sweep_file(tmp_path, data_dir), tmp_path / 'sweep'
   messages = []
-  with pytest.raises(runner.SweepError, match='2 runs failed or stopped: (d48, d64|d64, d48)'):
+  with pytest.raises(runner.SweepError, match=(
+      r"1 run failed: d48; 1 run unfinished: d64; see why in each failed run's train.log "
+      r'\(a config error fails again until mended\), then run the sweep again to resume '
+      'them all$')):
     runner.run_sweep(spec, workdir, parallel=2, echo=messages.append)
   assert 'sweep: d64 stopped at step 3 of 6' in ' '.join(messages)
   assert 'sweep: d48 failed (exit 1): jaxarch: config error: train.batch_size; see' in (
@@ -238,11 +241,12 @@ def test_a_run_killed_by_a_signal_is_named_so_and_resumed(tmp_path, data_dir, mo
                       lambda run, run_dir: [sys.executable, '-c', script, str(run_dir)])
   spec, workdir = _sweep_file(tmp_path, data_dir), tmp_path / 'sweep'
   messages = []
-  with pytest.raises(runner.SweepError, match='3 runs failed or stopped'):
+  with pytest.raises(runner.SweepError, match='3 runs failed: '):
     runner.run_sweep(spec, workdir, echo=messages.append)
   assert 'sweep: d32 failed (killed by SIGKILL): (an empty log); see' in ' '.join(messages)
   (workdir / 'runs' / 'd32' / 'retry').write_text('')
-  with pytest.raises(runner.SweepError, match='2 runs failed or stopped: d48, d64'):
+  with pytest.raises(runner.SweepError,
+                     match='2 runs failed: (d48, d64|d64, d48); see why .* sweep again$'):
     runner.run_sweep(spec, workdir, echo=lambda _: None)
   assert [r['name'] for r in runner.read_results(workdir)] == ['d32']
 
@@ -424,7 +428,7 @@ def test_a_stopped_sweep_starts_no_more_runs(tmp_path, data_dir, signum):
   assert done.stdout.startswith(expected), (done.stdout, done.stderr[-2000:])
   assert sorted(p.parent.name for p in workdir.glob('runs/*/started')) == ['d32']
   if signum == signal.SIGTERM:
-    assert '1 runs failed or stopped: d32; 2 not started' in done.stdout
+    assert '1 run failed: d32; 2 not started, as the sweep was stopped' in done.stdout
   assert runner.read_results(workdir) == []
 
 
@@ -455,7 +459,7 @@ def test_a_run_whose_preset_was_edited_while_it_trained_is_not_recorded(
       sys.executable, '-c', script, str(run_dir), run.spec, *run.overrides])
   workdir = tmp_path / 'w'
   messages = []
-  with pytest.raises(runner.SweepError, match='1 runs failed or stopped: a'):
+  with pytest.raises(runner.SweepError, match='1 run unfinished: a; run the sweep again to resume them'):
     runner.run_sweep(str(sweep), workdir, echo=messages.append)
   assert any('train.lr 0.001 -> 0.003' in m for m in messages)
   assert runner.read_results(workdir) == []

@@ -317,7 +317,8 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
     todo = [r for r in runs if r.name not in done]
     echo(f'sweep: {len(runs)} runs, {len(runs) - len(todo)} finished already, '
          f'{len(todo)} to run, {parallel} at a time')
-    failed, not_started, trainers, stop = [], [], set(), threading.Event()
+    failed, unfinished, not_started = [], [], []
+    trainers, stop = set(), threading.Event()
     with (_stopping_trainers_on_sigterm(trainers, stop),
           concurrent.futures.ThreadPoolExecutor(parallel) as pool):
       running = [pool.submit(_run_one, r, workdir, echo, trainers, stop) for r in todo]
@@ -335,7 +336,7 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
           # not the sweep's run now, and a record would stand for the new config.
           changed = None if code or step != steps else config_changes(run, run_dir)
           if code or step != steps or changed:
-            failed.append(run.name)
+            (failed if code else unfinished).append(run.name)
             why = (f'failed ({_exit(code)}): {_last_line(run_dir / "train.log")}' if code else
                    f'stopped at step {step} of {steps}' if step != steps else
                    f'trained under a config that has changed since it started ({changed})')
@@ -352,12 +353,20 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
         for trainer in list(trainers):
           trainer.send_signal(signal.SIGTERM)  # a second SIGINT would stop them unsaved
         raise
-  if failed or not_started:
-    raise SweepError(
-        f'sweep: {len(failed)} runs failed or stopped: {", ".join(failed) or "none"}'
-        + (f'; {len(not_started)} not started, as the sweep was stopped' if not_started
-           else '') + '; run the sweep again to resume them')
+  if failed or unfinished or not_started:
+    said = [f'{_runs(len(failed))} failed: {", ".join(failed)}'] if failed else []
+    said += [f'{_runs(len(unfinished))} unfinished: {", ".join(unfinished)}'] if unfinished else []
+    said += [f'{len(not_started)} not started, as the sweep was stopped'] if not_started else []
+    again = ('run the sweep again to resume them' if not failed else
+             "see why in each failed run's train.log (a config error fails again until "
+             'mended), then run the sweep again'
+             + (' to resume them all' if unfinished or not_started else ''))
+    raise SweepError(f'sweep: {"; ".join(said)}; {again}')
   return read_results(workdir)
+
+
+def _runs(n: int) -> str:
+  return f'{n} run{"s" * (n != 1)}'
 
 
 def _exit(code: int) -> str:
