@@ -17,6 +17,7 @@
 """
 
 import argparse
+from collections.abc import Sequence
 import contextlib
 import json
 import logging
@@ -700,21 +701,34 @@ def _closest_key(spec: str | None, key: str) -> str | None:
     return None
 
 
-def _misplaced(command: str, config: str | None, unknown: list[str]) -> str | None:
+def _misplaced(command: str, config: str | None, unknown: list[str],
+               options: Sequence[str] = ()) -> str | None:
   """What an argument argparse does not know was probably meant as: a config override
-  without its `--config.` (`steps=5`, MaxText's form, or `--train.steps=5`), the config
-  without `--config=`, or `--config` for a command that takes its workdir's."""
+  without its `--config.` (`steps=5`, MaxText's form, `--train.steps=5`, or
+  `-config.train.steps=5`), the config without `--config=`, `--config` for a command that
+  takes its workdir's, or one of the command's `options` spelled with '-' for '_'."""
   for arg in unknown:
     name, eq, value = arg.lstrip('-').partition('=')
     if name == 'config':
       return f'{command} takes the config of its --workdir; drop {arg}'
+    if (flag := '--' + name.replace('-', '_')) in options and '-' in name:
+      return f'{arg}: did you mean {flag}{eq}{value}?'
     if not eq and ('.py' in arg or arg.endswith('.json')):
       return f'{arg}: give the config as --config={arg}'
+    name = name.removeprefix('config.')
     if eq and name and all(part.isidentifier() for part in name.split('.')):
       key = _closest_key(config, name) or name
       return (f'{arg}: config overrides are --config.KEY=VALUE, e.g. '
               f'--config.{key}={value}')
   return None
+
+
+def _options(parser: argparse.ArgumentParser, command: str) -> list[str]:
+  """The option strings of `command`'s subparser ('--data_dir', ...)."""
+  for action in parser._subparsers._group_actions:  # pylint: disable=protected-access
+    if command in action.choices:
+      return list(action.choices[command]._option_string_actions)  # pylint: disable=protected-access
+  return []
 
 
 _COMPILATION_CACHE_BYTES = 2 * 2**30
@@ -743,7 +757,8 @@ def main(argv=None):
   parser = _parser()
   args, unknown = parser.parse_known_args(rest)
   if unknown:
-    if (hint := _misplaced(args.command, getattr(args, 'config', None), unknown)) is None:
+    if (hint := _misplaced(args.command, getattr(args, 'config', None), unknown,
+                           _options(parser, args.command))) is None:
       parser.error(f'unrecognized arguments: {" ".join(unknown)}')
     print(f'jaxarch: {hint}', file=sys.stderr)
     return 2

@@ -606,7 +606,14 @@ def test_free_space_is_counted_where_the_checkpoints_go(tmp_path, monkeypatch):
     (['train', 'configs/dense.py:tiny'],
      'configs/dense.py:tiny: give the config as --config=configs/dense.py:tiny'),
     (['generate', '--prompt=x', '--config=configs/dense.py:tiny'],
-     'generate takes the config of its --workdir; drop --config=configs/dense.py:tiny')])
+     'generate takes the config of its --workdir; drop --config=configs/dense.py:tiny'),
+    # One dash: '--config.config.train.steps=5' was the advice.
+    (['train', *TINY, '-config.train.steps=5'], '-config.train.steps=5: config overrides '
+     'are --config.KEY=VALUE, e.g. --config.train.steps=5'),
+    # A flag spelled with '-' for '_': argparse's usage, and no word of the flag.
+    (['train', *TINY, '--data-dir=/data'], '--data-dir=/data: did you mean --data_dir=/data?'),
+    (['generate', '--prompt=x', '--max-new-tokens=4'],
+     '--max-new-tokens=4: did you mean --max_new_tokens=4?')])
 def test_a_misplaced_argument_says_what_it_should_be(tmp_path, capsys, args, message):
   code, err = _run_cli([*args, f'--workdir={tmp_path}/run'], capsys)
   assert code == 2 and err == f'jaxarch: {message}'
