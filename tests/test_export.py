@@ -704,7 +704,7 @@ def test_hf_export_of_a_sentencepiece_model_no_tokenizer_json_reads_alike(tmp_pa
 
 
 @pytest.mark.parametrize('family, overrides, why', [
-    ('ultramem', [], 'this run is an ultramem model, whose memory layers transformers has no '
+    ('ultramem', [], 'it is an UltraMem model, whose memory layers transformers has no '
      'layer for'),
     ('moe', ["model.block_pattern=('dense', 'moe')"], 'mix dense and moe layers'),
     ('moe', ['model.moe.num_shared_experts=1'], 'a Mixtral has no shared experts'),
@@ -718,16 +718,17 @@ def test_hf_export_refuses_what_llama_and_mixtral_are_not(tmp_path, family, over
   cfg = family_config(family)
   for override in overrides:
     config_lib.apply_override(cfg, override)
-  with pytest.raises(ExportError, match=f'--format=hf writes dense models as LlamaForCausalLM '
-                     f'.*; .*{why}.*: use --format=safetensors or stablehlo'):
+  with pytest.raises(ExportError, match=f'^export: --format=hf cannot write this run: .*{why}'
+                     r'.*; use --format=safetensors or stablehlo\. \(--format=hf writes dense '
+                     'models as LlamaForCausalLM'):
     write_hf(_model(config_lib.validate(cfg)), cfg, tmp_path / 'out')
 
 
 def test_hf_export_of_a_bita_model_names_its_base_run(tmp_path):
   cfg = _bita_config()  # on a dense base: a Llama
-  with pytest.raises(ExportError, match='this run is a bita model, whose prompt and mask '
-                     r'tokens .*: use --format=safetensors or stablehlo, or export its base '
-                     r'run \(model.bita.base_workdir\) with --format=hf$'):
+  with pytest.raises(ExportError, match='cannot write this run: it is a BiTA model, whose '
+                     r'prompt and mask tokens .*; use --format=safetensors or stablehlo, or '
+                     r'export its base run \(model.bita.base_workdir\) with --format=hf\. \('):
     write_hf(_model(cfg), cfg, tmp_path / 'out')
   assert not (tmp_path / 'out').exists()
 
@@ -856,7 +857,7 @@ def test_hf_export_command_refuses_before_it_writes(tmp_path, capsys, dense_run,
   assert "a Gemma 3 has all of Gemma 3's keys, and this model lacks" in (
       capsys.readouterr().err)
   assert not (tmp_path / 'out').exists()
-  with pytest.raises(ExportError, match='this run is a megabyte model'):
+  with pytest.raises(ExportError, match='cannot write this run: it is a MEGABYTE model'):
     hf_export.check_exportable(family_config('megabyte'))
 
 
@@ -1079,7 +1080,7 @@ def test_windows_of_some_moe_layers_only_are_refused_in_one_line(tmp_path):
                      f'model.qk_norm={qk_norm}']:
       config_lib.apply_override(cfg, override)
     with pytest.raises(ExportError, match=r"leaves blocks without the sliding window, which "
-                       r"a Mixtral and a Qwen3-MoE give every layer: use") as e:
+                       r"a Mixtral and a Qwen3-MoE give every layer; use") as e:
       write_hf(_model(config_lib.validate(cfg)), cfg, tmp_path / 'out')
     assert '\n' not in str(e.value)
 

@@ -139,7 +139,7 @@ def check_exportable(cfg: ml_collections.ConfigDict) -> None:
   why = None
   own = sorted(kinds - {'dense', 'moe'})  # blocks registered by the user's code
   if m.family not in ARCHITECTURES:
-    why = 'this run is ' + _NO_HF.get(
+    why = 'it is ' + _NO_HF.get(
         m.family, f'a {m.family} model, a family of your own that transformers has no model for')
   elif own:
     why = f'its {own[0]!r} blocks are of your own, which transformers has no layer for'
@@ -164,24 +164,24 @@ def check_exportable(cfg: ml_collections.ConfigDict) -> None:
   if why is not None:
     # A BiTA's base run (dense or MoE) may be one: its tokens are the BiTA's.
     base = (m.family == 'bita' and m.bita.base_family in ARCHITECTURES)
-    raise ExportError(f'export: --format=hf writes dense models as LlamaForCausalLM (with '
-                      f'a sliding window as MistralForCausalLM, or MinistralForCausalLM where '
-                      f'some layers have none, with '
-                      f'model.qkv_bias as Qwen2ForCausalLM, with model.qk_norm as '
-                      f"Qwen3ForCausalLM, with Gemma 3's keys as Gemma3ForCausalLM) and MoE "
-                      f'models with experts in every block, '
-                      f'softmax gates renormalised over the top k and no shared experts as '
-                      f'MixtralForCausalLM (with model.qk_norm as Qwen3MoeForCausalLM); '
-                      f'{why}: use --format=safetensors or stablehlo'
+    raise ExportError(f'export: --format=hf cannot write this run: {why}; use '
+                      '--format=safetensors or stablehlo'
                       + (', or export its base run (model.bita.base_workdir) with '
-                         '--format=hf' if base else ''))
+                         '--format=hf' if base else '')
+                      + '. (--format=hf writes dense models as LlamaForCausalLM, with a '
+                      'sliding window as MistralForCausalLM, or MinistralForCausalLM where '
+                      'some layers have none, with model.qkv_bias as Qwen2ForCausalLM, with '
+                      "model.qk_norm as Qwen3ForCausalLM, with Gemma 3's keys as "
+                      'Gemma3ForCausalLM; and MoE models with experts in every block, softmax '
+                      'gates renormalised over the top k and no shared experts as '
+                      'MixtralForCausalLM, with model.qk_norm as Qwen3MoeForCausalLM.)')
 
 
 # The families transformers has no model for, and why.
-_NO_HF = {'ultramem': 'an ultramem model, whose memory layers transformers has no layer for',
-          'megabyte': 'a megabyte model, whose global and local models over patches '
-                      'transformers has no model for',
-          'bita': 'a bita model, whose prompt and mask tokens (its drafts) transformers has '
+_NO_HF = {'ultramem': 'an UltraMem model, whose memory layers transformers has no layer for',
+          'megabyte': 'a MEGABYTE model: transformers has no model of a global and a local '
+                      'transformer over patches of bytes',
+          'bita': 'a BiTA model, whose prompt and mask tokens (its drafts) transformers has '
                   'no place for'}
 
 
