@@ -38,7 +38,7 @@ from jaxarch.train.memory import OutOfMemoryError
 from jaxarch.train.metrics import standard_json
 from jaxarch.train.nonfinite import NonFiniteError
 from jaxarch.train.preemption import exit_code
-from jaxarch.train.workdir import WorkdirError, local_workdir
+from jaxarch.train.workdir import WorkdirError, local_workdir, sweep_runs_hint
 
 
 def _config(args, overrides):
@@ -58,7 +58,8 @@ def _config(args, overrides):
     if not saved.exists():
       raise config_lib.ConfigError(
           f'config error: no --config, and {args.workdir} holds no run to take it from '
-          f'(no {saved}): pass --config, or the --workdir of a training run')
+          f'(no {saved}): pass --config, or the --workdir of a training run'
+          f'{sweep_runs_hint(args.workdir)}')
     cfg = config_lib.load_json(saved, overrides)
   if args.data_dir:
     with cfg.unlocked():

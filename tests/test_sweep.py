@@ -764,3 +764,14 @@ def test_isoflop_grid_refuses_a_budget_its_step_rounding_misses():
   with pytest.raises(config_lib.ConfigError, match=r"size 's' at budget .*: 1 steps spend "
                      r'.*x the budget; raise the budget'):
     plan.isoflop_grid('dense', 'configs/dense.py:tiny', sizes, [one_step / 3])
+
+
+@pytest.mark.parametrize('command', [['generate', '--prompt=x'], ['eval']])
+def test_a_sweep_workdir_given_for_a_run_names_its_runs(tmp_path, capsys, command):
+  """'config.json not found: is DIR a jaxarch workdir?' before: it is, a sweep's."""
+  for name in ('d64', 'd32', 'd32.replaced-20261206-120000'):
+    (tmp_path / 'runs' / name).mkdir(parents=True)
+    (tmp_path / 'runs' / name / 'config.json').write_text('{}')
+  assert cli.main([*command, f'--workdir={tmp_path}']) == 2
+  assert (f"{tmp_path} holds a sweep's runs: give one, e.g. --workdir={tmp_path}/runs/d32 "
+          '(2: d32, d64)') in capsys.readouterr().err

@@ -19,7 +19,7 @@ from jaxarch.train.checkpoint import Checkpointer
 from jaxarch.train.memory import device_memory_bytes, shard_bytes
 from jaxarch.models import named_variables
 from jaxarch.train.state import MODEL, TrainSetup, init_state, make_setup, merge_model
-from jaxarch.train.workdir import readable_size
+from jaxarch.train.workdir import readable_size, sweep_runs_hint
 
 
 def mesh_here(cfg: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, Mesh]:
@@ -91,7 +91,8 @@ def load_checkpoint(workdir: str | Path, *, step: int | None = None, mesh_overri
   workdir = Path(workdir).expanduser()
   saved = workdir / 'config.json'
   if not saved.exists():
-    raise FileNotFoundError(f'{saved} not found: is {workdir} a jaxarch workdir?')
+    raise FileNotFoundError(f'{saved} not found' + (
+        sweep_runs_hint(workdir) or f': is {workdir} a jaxarch workdir?'))
   layout = () if scan_layers is None else (f'model.scan_layers={scan_layers}',)
   cfg, mesh = mesh_here(config_lib.load_json(saved, (*mesh_overrides, *layout)))
   setup = make_setup(cfg, mesh)

@@ -64,6 +64,18 @@ def only_trainer_in(workdir: Path):
       'another --workdir'), guards='a second jaxarch train in this workdir')
 
 
+def sweep_runs_hint(workdir: str | os.PathLike) -> str:
+  """'; DIR holds a sweep's runs: give one, e.g. --workdir=DIR/runs/d32 (...)' for a
+  sweep's workdir given where a run's is wanted; '' for any other."""
+  runs = sorted(p.parent.name for p in Path(workdir).glob('runs/*/config.json')
+                if '.replaced-' not in p.parent.name)  # a sweep's runs of an edited config
+  if not runs:
+    return ''
+  listed = ', '.join(runs[:4]) + (' ...' if len(runs) > 4 else '')
+  return (f"; {workdir} holds a sweep's runs: give one, e.g. "
+          f"--workdir={Path(workdir) / 'runs' / runs[0]} ({len(runs)}: {listed})")
+
+
 def remove_unused(workdir: Path) -> None:
   """Removes a workdir that a failed start made and left holding only what the start
   made (its trainer's lock file, an empty checkpoints folder), so that it does not look
