@@ -775,3 +775,18 @@ def test_a_sweep_workdir_given_for_a_run_names_its_runs(tmp_path, capsys, comman
   assert cli.main([*command, f'--workdir={tmp_path}']) == 2
   assert (f"{tmp_path} holds a sweep's runs: give one, e.g. --workdir={tmp_path}/runs/d32 "
           '(2: d32, d64)') in capsys.readouterr().err
+
+
+def test_a_sweep_and_a_run_do_not_share_a_workdir(tmp_path, data_dir, capsys):
+  """Each went ahead in the other's workdir, and `fit` then read a sweep with a run in it."""
+  spec = _sweep_file(tmp_path, data_dir)
+  (tmp_path / 'run').mkdir()
+  (tmp_path / 'run' / 'config.json').write_text('{}')
+  with pytest.raises(runner.SweepError, match=r"holds a run \(its config.json\), not a sweep"):
+    runner.run_sweep(spec, tmp_path / 'run', echo=lambda _: None)
+  (tmp_path / 'sweep').mkdir()
+  (tmp_path / 'sweep' / 'results.jsonl').write_text('')
+  assert cli.main(['train', '--config=configs/dense.py:tiny', f'--workdir={tmp_path}/sweep',
+                   f'--data_dir={data_dir}']) == 2
+  assert "sweep's workdir, not a run" in capsys.readouterr().err
+  assert sorted(p.name for p in (tmp_path / 'sweep').iterdir()) == ['results.jsonl']

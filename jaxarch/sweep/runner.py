@@ -302,6 +302,9 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
   the workdir, or renders every run as a cluster job, its `launch_overrides` (launch.k=v)
   applied to each; `collect_only` records the rendered jobs that have finished."""
   workdir = local_workdir(workdir)
+  if (workdir / 'config.json').is_file():  # `jaxarch train`'s, or an export's
+    raise SweepError(f'sweep: {workdir} holds a run (its config.json), not a sweep: a sweep '
+                     'keeps its runs in WORKDIR/runs/NAME; choose another --workdir')
   runs = load_sweep(spec)
   if parallel < 1:
     raise ValueError(f'sweep: parallel={parallel} must be >= 1')

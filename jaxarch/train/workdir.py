@@ -106,6 +106,10 @@ def check_workdir(workdir: Path, cfg: ml_collections.ConfigDict, checkpoint_byte
   if not has_checkpoints and (workdir / 'model.safetensors').is_file():  # `jaxarch export`'s
     raise WorkdirError(f'{workdir} is a `jaxarch export` directory, not a run (its config.json '
                        'would be overwritten); choose another --workdir')
+  if not has_checkpoints and (workdir / 'results.jsonl').is_file():  # `jaxarch sweep`'s
+    raise WorkdirError(f"{workdir} is a sweep's workdir, not a run (its runs are in "
+                       f'{workdir / "runs"}, and `jaxarch fit` would read this one among them); '
+                       'choose another --workdir')
   _check_writable(workdir)
   _check_shared(workdir)
   checkpoints = workdir / CHECKPOINTS  # found now, not at the first save hours later
