@@ -426,8 +426,11 @@ def _sweep(args, overrides):
   records = run_sweep(args.config, args.workdir, parallel=args.parallel,
                       launcher=args.launcher, launch_overrides=overrides,
                       collect_only=args.collect)
-  if not cluster:
-    print(f'jaxarch: {len(records)} runs recorded in {Path(args.workdir) / "results.jsonl"}; '
+  results = Path(args.workdir) / 'results.jsonl'
+  if not cluster and not records:
+    print(f'jaxarch: no runs recorded in {results} yet', file=sys.stderr)
+  elif not cluster:
+    print(f'jaxarch: {len(records)} run{"s" * (len(records) != 1)} recorded in {results}; '
           f'fit them with `jaxarch fit --workdir={args.workdir}`', file=sys.stderr)
 
 

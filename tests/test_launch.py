@@ -417,14 +417,18 @@ def test_sweep_collect_records_the_jobs_that_finished(tmp_path, capsys):
   (workdir / 'runs' / 'd64' / 'metrics.jsonl').write_text(json.dumps(dict(step=3)) + '\n')
   capsys.readouterr()
   assert cli.main(['sweep', f'--config={spec}', f'--workdir={workdir}', '--collect']) == 0
-  assert '1 runs collected, 1 not finished (d64)' in capsys.readouterr().out
+  captured = capsys.readouterr()
+  assert '1 run collected, 1 not finished (d64)' in captured.out
+  assert f'1 run recorded in {workdir / "results.jsonl"}; fit them' in captured.err
   (record,) = [json.loads(l) for l in (workdir / 'results.jsonl').read_text().splitlines()]
   assert record['name'] == 'd32' and record['eval_loss'] == 2.5 and record['wall_s'] is None
   cli.main(['sweep', f'--config={spec}', f'--workdir={workdir}', '--collect'])
   out = capsys.readouterr().out
   assert '0 runs collected, 1 not finished' in out and 'does not exist' not in out
   cli.main(['sweep', f'--config={spec}', f'--workdir={tmp_path}/fresh', '--collect'])
-  assert 'runs does not exist: --collect records the runs' in capsys.readouterr().out
+  captured = capsys.readouterr()
+  assert 'runs does not exist: --collect records the runs' in captured.out
+  assert f'no runs recorded in {tmp_path}/fresh/results.jsonl yet' in captured.err
 
 
 def test_sweep_launcher_errors_are_one_line(tmp_path, capsys):

@@ -99,7 +99,8 @@ def read_results(workdir: Path) -> list[dict]:
         latest.pop(record['name'], None)  # the latest record goes last
         latest[record['name']] = record
     except (ValueError, KeyError, TypeError):  # JSONDecodeError, UnicodeDecodeError
-      print(f'jaxarch: warning: {path}:{number} is not a run record; skipped', file=sys.stderr)
+      print(f'jaxarch: warning: {path}:{number} is not a run record; skipped (its run is '
+            'run or collected again; delete the line to end this warning)', file=sys.stderr)
   return list(latest.values())
 
 
@@ -285,7 +286,7 @@ def collect(runs: list[plan.Run], workdir: Path, echo=print) -> list[dict]:
       continue
     append_record(workdir, record(run, run_dir, None))
     collected.append(run.name)
-  echo(f'sweep: {len(collected)} runs collected, {len(waiting)} not finished'
+  echo(f'sweep: {_runs(len(collected))} collected, {len(waiting)} not finished'
        + (f' ({", ".join(waiting[:5])}{" ..." if len(waiting) > 5 else ""})' if waiting
           else ''))
   if not (workdir / 'runs').is_dir():
