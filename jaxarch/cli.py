@@ -38,7 +38,8 @@ from jaxarch.train.memory import OutOfMemoryError
 from jaxarch.train.metrics import standard_json
 from jaxarch.train.nonfinite import NonFiniteError
 from jaxarch.train.preemption import exit_code
-from jaxarch.train.workdir import WorkdirError, local_workdir, sweep_runs_hint
+from jaxarch.train.workdir import (WorkdirError, local_workdir, readable_size,
+                                   sweep_runs_hint)
 
 
 def _config(args, overrides):
@@ -303,8 +304,8 @@ def _generate(args, overrides):
       _say(text + decode_continuation(tokenizer, ids[len(start):], new))
   print(f'jaxarch: {stats["new_tokens"]} new tokens in {stats["prefill_s"] + stats["decode_s"]:.2f}s, '
         f'{stats["tokens_per_s"]:.1f} tokens/s ({stats["decode_step_s"] * 1e3:.1f} ms per '
-        f'decode step, batch {stats["batch"]}, KV caches {stats["cache_bytes"] / 2**20:,.1f} '
-        f'MiB; compiled in {stats["compile_s"]:.1f}s)'
+        f'decode step, batch {stats["batch"]}, KV caches {readable_size(stats["cache_bytes"])}'
+        f'; compiled in {stats["compile_s"]:.1f}s)'
         + (f'; BiTA accepted {stats["accepted_per_pass"]:.2f} tokens per tree pass'
            if 'accepted_per_pass' in stats else ''), file=sys.stderr)
 

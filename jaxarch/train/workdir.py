@@ -90,9 +90,11 @@ def remove_unused(workdir: Path) -> None:
 
 
 def readable_size(num_bytes: int) -> str:
-  """'1.25 GiB', or '12.0 MiB' below a tenth of a GiB (a small run's '0.01 GiB' says nothing)."""
+  """'1.25 GiB', '12.0 MiB' below a tenth of a GiB and '36.0 KiB' below a tenth of a MiB (a
+  small run's '0.01 GiB' or '0.0 MiB' says nothing)."""
   return (f'{num_bytes / 2**30:,.2f} GiB' if num_bytes >= 2**30 / 10 else
-          f'{num_bytes / 2**20:,.1f} MiB')
+          f'{num_bytes / 2**20:,.1f} MiB' if num_bytes >= 2**20 / 10 else
+          f'{num_bytes / 2**10:,.1f} KiB')
 
 
 def state_bytes(abstract_state) -> int:
