@@ -92,6 +92,10 @@ def render(target: str, cfg, *, spec: str, workdir: str | os.PathLike,
 
 def _warnings(target: str, cfg) -> tuple[str, ...]:
   """What a job renders fine with and then trips on in the cluster."""
+  if target in ('slurm', 'tpu-vm') and not cfg.launch.setup:
+    return ('launch.setup is empty, so each host runs the `jaxarch` its login shell finds; '
+            "set --config.launch.setup='source /PATH/TO/.venv/bin/activate' (or a module "
+            'load) unless jaxarch is installed there',)
   if target != 'gke':
     return ()
   said = []
@@ -323,7 +327,7 @@ def _slurm(launch, command, out, values) -> Job:
   text = _template(
       'slurm/train.sbatch', **values, gpus_per_node=launch.devices_per_node,
       time_limit=launch.time_limit, stop_grace_s=launch.stop_grace_s,
-      chdir=shlex.quote(os.getcwd()),
+      chdir=shlex.quote(os.getcwd()), log=shlex.quote(str(out / '%x-%j.out')),
       site_options='\n'.join(options), setup=launch.setup,
       gpu_env='\n'.join(f'export {k}={shlex.quote(v)}' for k, v in gpu_env().items()),
       command=shlex.join(command))

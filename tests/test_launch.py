@@ -53,7 +53,8 @@ def test_slurm_job_runs_one_process_per_node_and_is_valid_bash(tmp_path, capsys)
   text = path.read_text()
   for directive in ('--nodes=4', '--ntasks-per-node=1', '--gpus-per-node=8',
                     '--partition=gpu', '--signal=TERM@300',  # time to stop with a checkpoint
-                    '--requeue', '--open-mode=append'):  # preempted: resumed, log kept
+                    '--requeue', '--open-mode=append',  # preempted: resumed, log kept
+                    f'--output={tmp_path}/%x-%j.out'):  # beside the script, not in the cwd
     assert f'#SBATCH {directive}\n' in text
   assert '--xla_gpu_enable_latency_hiding_scheduler=true' in text
   assert 'export NCCL_DEBUG=WARN' in text
