@@ -296,12 +296,15 @@ def _generate(args, overrides):
       stop_ids=() if args.ignore_eod else stop_ids(cfg.data, tokenizer),
       seed=args.seed or 0)
   for i, (text, ids, new) in enumerate(zip(args.prompt, prompts, outputs)):
+    # The assistant's reply alone, or the prompt's continuation.
+    added = (tokenizer.decode(new) if args.chat else
+             decode_continuation(tokenizer, ids[len(start):], new))
+    if args.json:  # the ids too: text decoding loses what is not valid UTF-8 (a byte model's)
+      _say(json.dumps({'prompt': text, 'completion': added, 'ids': [int(t) for t in new]}))
+      continue
     if i:
       _say('-' * 40)
-    if args.chat:  # the assistant's reply alone
-      _say(tokenizer.decode(new))
-    else:
-      _say(text + decode_continuation(tokenizer, ids[len(start):], new))
+    _say(added if args.chat else text + added)
   print(f'jaxarch: {stats["new_tokens"]} new tokens in {stats["prefill_s"] + stats["decode_s"]:.2f}s, '
         f'{stats["tokens_per_s"]:.1f} tokens/s ({stats["decode_step_s"] * 1e3:.1f} ms per '
         f'decode step, batch {stats["batch"]}, KV caches {readable_size(stats["cache_bytes"])}'
@@ -538,6 +541,10 @@ def _parser() -> argparse.ArgumentParser:
                    help='keep generating past the end-of-document token and the '
                    'data.stop_ids (an instruct model\'s end of turn), up to --max_new_tokens')
   gen.add_argument('--step', type=int, help='checkpoint step (default: latest)')
+  gen.add_argument('--json', action='store_true',
+                   help='one JSON line per prompt on stdout: prompt, completion (its text) '
+                   'and ids (the new token ids, stop id included: a byte model\'s bytes, '
+                   'which the text cannot hold where they are not UTF-8)')
   gen.set_defaults(func=_generate)
   dis = commands.add_parser(
       'distill', help="write a run's greedy continuations of its data (BiTA training data)",

@@ -1,5 +1,6 @@
 """Generation: cached decoding equals the full forward pass, batching, sampling, stops, CLI."""
 
+import json
 import logging
 import re
 import shutil
@@ -456,6 +457,16 @@ def test_generate_command_continues_prompts_from_the_latest_checkpoint(tmp_path,
   # The caches the call allocated (tiny: 4 layers of 2 kv heads of 32, k and v, fp32; the
   # 2 prompts filled out to the 8 data shards; the 16-token bucket + 64 new tokens' room).
   assert f'KV caches {4 * 2 * 2 * 32 * 4 * 8 * (16 + 64) / 2**20:,.1f} MiB' in err
+  # --json: a line per prompt, with the ids that the text may not hold (a byte model's
+  # bytes that are not UTF-8); the same tokens, greedy.
+  assert cli.main(['generate', '--workdir', str(tmp_path), '--prompt', 'import os',
+                   '--prompt', 'def f(', '--max_new_tokens', '6', '--ignore_eod',
+                   '--json']) == 0
+  lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [line['prompt'] for line in lines] == ['import os', 'def f(']
+  assert [line['prompt'] + line['completion'] for line in lines] == [
+      first.rstrip('\n'), second.rstrip('\n')]
+  assert all(len(line['ids']) == 6 for line in lines)
 
   assert cli.main(['generate', '--workdir', str(tmp_path / 'missing'), '--prompt', 'x']) == 2
   assert 'config.json not found' in capsys.readouterr().err
