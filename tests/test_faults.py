@@ -499,8 +499,8 @@ def test_full_disk_is_found_before_training(tmp_path, data_dir, capsys, monkeypa
   monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage(10**9, 10**9, 1000))
   code, err = _run_cli(['train', *TINY, f'--workdir={tmp_path}/run',
                         f'--data_dir={data_dir}'], capsys)
-  # A tiny run's checkpoint in MiB, where GiB said "takes about 0.02 GiB".
-  assert code == 2 and 'has 0.0 MiB free, but one checkpoint of this run takes about ' in err
+  # A tiny run's checkpoint in MiB, where GiB said "takes about 0.02 GiB"; 1000 bytes in KiB.
+  assert code == 2 and 'has 1.0 KiB free, but one checkpoint of this run takes about ' in err
   assert re.search(r'takes about \d+\.\d MiB;', err)
   assert not (tmp_path / 'run' / 'checkpoints').exists()
 
@@ -592,7 +592,7 @@ def test_free_space_is_counted_where_the_checkpoints_go(tmp_path, monkeypatch):
   usage = collections.namedtuple('usage', 'total used free')
   free = lambda path: 1000 if os.path.realpath(path).startswith(str(full_disk)) else 10**12
   monkeypatch.setattr(shutil, 'disk_usage', lambda path: usage(10**12, 0, free(path)))
-  with pytest.raises(WorkdirError, match='MiB free, but one checkpoint'):
+  with pytest.raises(WorkdirError, match='has 1.0 KiB free, but one checkpoint'):
     check_workdir(tmp_path / 'run', tiny_config(), 10**6, has_checkpoints=False)
 
 
