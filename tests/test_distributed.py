@@ -4,9 +4,11 @@ localhost training together onto the losses of one process with the same global 
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -308,3 +310,35 @@ def test_bench_in_two_processes_steps_the_configured_global_batch():
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]
     assert 'global batch (8, 32)' in out, out + err[-3000:]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_after_one_step_with_one_checkpoint(tmp_path,
+                                                                              data_dir):
+  """A drained node's process is told first: both stop after the same step, write their
+  parts of one checkpoint and exit 143 (not 0: a scheduler would count the job finished),
+  the one told second only once the checkpoint is whole."""
+  _one_process(tmp_path, data_dir)  # prepares the data the two then only read
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu')
+  workdir = tmp_path / 'two'
+  port = _free_port()
+  command = [sys.executable, '-m', 'jaxarch.cli', 'train', '--config=configs/dense.py:tiny',
+             f'--data_dir={data_dir}', f'--workdir={workdir}',
+             *[f'--config.{o}' for o in OVERRIDES + ['train.steps=400', 'log.every_steps=2',
+                                                     'checkpoint.every_steps=400']]]
+  processes = [subprocess.Popen(command + flags, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+               for flags, _ in map(_flags(port), range(2))]
+  deadline = time.time() + 240
+  while not ((workdir / 'metrics.jsonl').exists() and read_metrics(workdir)):
+    assert time.time() < deadline and all(p.poll() is None for p in processes)
+    time.sleep(0.1)
+  processes[1].send_signal(signal.SIGTERM)
+  errs = [p.communicate(timeout=240)[1] for p in processes]
+  assert [p.returncode for p in processes] == [143, 143], [e[-2000:] for e in errs]
+  assert 'SIGTERM (another process): stopped after step' in errs[0], errs[0][-2000:]
+  assert 'jaxarch: SIGTERM: stopping at the next logging step' in errs[1], errs[1][-2000:]
+  step = int(errs[0].split('stopped after step ')[1].split(',')[0])
+  assert step % 2 == 0 and step < 400  # they agree at a logging step
+  assert sorted(os.listdir(workdir / 'checkpoints')) == [str(step)]

@@ -143,7 +143,7 @@ class Checkpointer:
       for path in interrupted_saves(self.directory):
         log.warning('removing %s, a save that was interrupted', path)
         shutil.rmtree(path, ignore_errors=True)  # garbage: never a reason to stop
-    _sync('jaxarch_remove_interrupted_saves')
+    sync_processes('jaxarch_remove_interrupted_saves')
 
   def _garbled_metrics(self, move_aside: bool) -> list[int]:
     """The steps whose saved eval_loss (`metrics/metrics`) is unreadable: Orbax reads every
@@ -460,7 +460,7 @@ class Checkpointer:
     if jax.process_index() == 0:
       target.parent.mkdir(parents=True, exist_ok=True)
       shutil.move(self.directory / str(step), target)
-    _sync(f'jaxarch_move_aside_{step}')
+    sync_processes(f'jaxarch_move_aside_{step}')
     return target
 
   def wait(self):
@@ -688,7 +688,8 @@ def _worst_everywhere(code: int) -> int:
   return int(np.max(multihost_utils.process_allgather(np.int32(code))))
 
 
-def _sync(name: str) -> None:
+def sync_processes(name: str) -> None:
+  """Every process of a job reaches this point (`name`) before any goes on."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)

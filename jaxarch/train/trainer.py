@@ -20,7 +20,7 @@ from jaxarch.layers.signals import is_window_metric
 from jaxarch.models.transformer import scanned_layers
 from jaxarch.parallel import data_shard, global_batch, make_mesh
 from jaxarch.train import flops
-from jaxarch.train.checkpoint import Checkpointer, CheckpointError
+from jaxarch.train.checkpoint import Checkpointer, CheckpointError, sync_processes
 from jaxarch.train.memory import check_state_fits
 from jaxarch.train.metrics import (InputWait, MetricsWriter, ProgressBar, Stopwatch,
                                    final_metrics, standard_json)
@@ -489,6 +489,9 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
           config_unsaved = False
     if stopping and not last:
       checkpointer.wait()
+      # Every process's part of the checkpoint is written before any exits 128 + the
+      # signal: `srun --kill-on-bad-exit` ends the other tasks at the first such exit.
+      sync_processes(f'jaxarch_stopped_{step}')
       bar.alert(f'jaxarch: {stop.received}: stopped after step {step}, checkpoint saved in '
                 f'{checkpointer.directory / str(step)}; run the same command to resume')
       final['stopped'] = stop.received
