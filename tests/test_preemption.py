@@ -127,3 +127,23 @@ def test_sigterm_before_the_first_step_exits_143_saying_so(tmp_path, data_dir):
   assert 'SIGTERM' in process.stderr and 'run the same command to resume' in process.stderr
   assert max(_losses(workdir)) == 4  # nothing trained, nothing lost
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['4']
+
+
+def test_the_stop_is_kept_when_its_message_cannot_be_written(monkeypatch):
+  """The handler said the stop before it kept it: with stderr a closed pipe (`| tee` gone)
+  the write's error left the loop at any point, unsaved, and the signal forgotten."""
+  from jaxarch.train import preemption  # pylint: disable=g-import-not-at-top
+  written = []
+  monkeypatch.setattr(preemption.os, 'write', lambda fd, data: written.append(data))
+  stop = preemption.StopRequests(sync_every=5)
+  stop._handle(signal.SIGINT, None)  # pylint: disable=protected-access
+  assert stop.received == 'SIGINT' and written == [
+      b'\njaxarch: SIGINT: stopping after this step, with a checkpoint; Ctrl-C again stops '
+      b'at once, unsaved\n']
+
+  def broken(fd, data):
+    raise BrokenPipeError(32, 'Broken pipe')
+  monkeypatch.setattr(preemption.os, 'write', broken)
+  stop = preemption.StopRequests(sync_every=5)
+  stop._handle(signal.SIGTERM, None)  # pylint: disable=protected-access
+  assert stop.received == 'SIGTERM' and stop.should_stop(3)

@@ -53,15 +53,19 @@ class StopRequests:
     del frame
     if self.received is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt  # asked twice: stop now
-    if self.received is None:  # said at once: the stop may be a step and a save away
-      name = signal.Signals(signum).name
-      when = ('after this step' if jax.process_count() == 1 else
-              f'at the next logging step (a multiple of {self.sync_every})')
-      # os.write: a print here could re-enter the stream the loop is printing to.
-      os.write(2, f'\njaxarch: {name}: stopping {when}, with a checkpoint'
-               f'{"; Ctrl-C again stops at once, unsaved" if signum == signal.SIGINT else ""}'
-               '\n'.encode())
+    first = self.received is None
     self.received = signal.Signals(signum).name
+    if first:  # said at once: the stop may be a step and a save away
+      # Nothing here may wait on a lock the interrupted code holds: is_initialized reads a
+      # flag where process_count would set up the backend under its lock.
+      when = ('at the next logging step (a multiple of '
+              f'{self.sync_every})' if jax.distributed.is_initialized() else 'after this step')
+      again = '; Ctrl-C again stops at once, unsaved' if signum == signal.SIGINT else ''
+      try:  # os.write: a print here could re-enter the stream the loop is printing to
+        os.write(2, f'\njaxarch: {self.received}: stopping {when}, with a checkpoint'
+                 f'{again}\n'.encode())
+      except OSError:  # stderr gone (a closed pipe): the stop goes on unsaid
+        pass
 
   def should_stop(self, step: int) -> bool:
     """Whether to stop after `step`; the same answer on every process."""
