@@ -428,7 +428,9 @@ def test_a_stopped_sweep_starts_no_more_runs(tmp_path, data_dir, signum):
   assert done.stdout.startswith(expected), (done.stdout, done.stderr[-2000:])
   assert sorted(p.parent.name for p in workdir.glob('runs/*/started')) == ['d32']
   if signum == signal.SIGTERM:
-    assert '1 run failed: d32; 2 not started, as the sweep was stopped' in done.stdout
+    # Killed by the sweep's SIGTERM (a trainer still starting, before its handler): not a
+    # failure that its train.log explains.
+    assert '1 run unfinished: d32; 2 not started, as the sweep was stopped' in done.stdout
   assert runner.read_results(workdir) == []
 
 
@@ -790,3 +792,16 @@ def test_a_sweep_and_a_run_do_not_share_a_workdir(tmp_path, data_dir, capsys):
                    f'--data_dir={data_dir}']) == 2
   assert "sweep's workdir, not a run" in capsys.readouterr().err
   assert sorted(p.name for p in (tmp_path / 'sweep').iterdir()) == ['results.jsonl']
+  # Before its first record, a sweep's workdir is its lock and its runs.
+  (tmp_path / 'sweep' / 'results.jsonl').unlink()
+  (tmp_path / 'sweep' / 'runs' / 'd32').mkdir(parents=True)
+  (tmp_path / 'sweep' / 'runs' / 'd32' / 'config.json').write_text('{}')
+  assert cli.main(['train', '--config=configs/dense.py:tiny', f'--workdir={tmp_path}/sweep',
+                   f'--data_dir={data_dir}']) == 2
+  assert "sweep's workdir, not a run" in capsys.readouterr().err
+  # A run trained into a sweep's workdir all the same (an earlier jaxarch): the sweep says
+  # to move it out, not to leave the sweep's runs for another workdir.
+  (tmp_path / 'sweep' / 'config.json').write_text('{}')
+  with pytest.raises(runner.SweepError, match="is this sweep's workdir, but a run was trained "
+                     "into it .*: move that run's files"):
+    runner.run_sweep(spec, tmp_path / 'sweep', echo=lambda _: None)

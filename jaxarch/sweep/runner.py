@@ -38,8 +38,8 @@ from pathlib import Path
 from jaxarch import config as config_lib
 from jaxarch.sweep import plan
 from jaxarch.train.metrics import final_metrics
-from jaxarch.train.preemption import STOPPED_CODES
-from jaxarch.train.workdir import held_alone, local_workdir
+from jaxarch.train.preemption import SIGNALS, STOPPED_CODES
+from jaxarch.train.workdir import held_alone, is_sweep_workdir, local_workdir
 
 RESULTS = 'results.jsonl'
 
@@ -304,6 +304,10 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
   applied to each; `collect_only` records the rendered jobs that have finished."""
   workdir = local_workdir(workdir)
   if (workdir / 'config.json').is_file():  # `jaxarch train`'s, or an export's
+    if is_sweep_workdir(workdir):  # a run trained into the sweep's own workdir
+      raise SweepError(f'sweep: {workdir} is this sweep\'s workdir, but a run was trained '
+                       'into it (its config.json): move that run\'s files (config.json, '
+                       'checkpoints, metrics.jsonl, tensorboard) out, then run the sweep again')
     raise SweepError(f'sweep: {workdir} holds a run (its config.json), not a sweep: a sweep '
                      'keeps its runs in WORKDIR/runs/NAME; choose another --workdir')
   runs = load_sweep(spec)
@@ -332,7 +336,9 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
           if code is None:
             not_started.append(run.name)
             continue
-          if code in STOPPED_CODES:  # by a signal, with its checkpoint: its step says so
+          # Stopped by a signal, with its checkpoint (or, by the sweep's own stop, before it
+          # had set up its handler: killed by the signal): unfinished, its step says so.
+          if code in STOPPED_CODES or (stop.is_set() and -code in SIGNALS):
             code = 0
           run_dir = workdir / 'runs' / run.name
           step, steps = last_step(run_dir), run.config().train.steps

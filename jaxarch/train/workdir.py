@@ -64,6 +64,13 @@ def only_trainer_in(workdir: Path):
       'another --workdir'), guards='a second jaxarch train in this workdir')
 
 
+def is_sweep_workdir(workdir: str | os.PathLike) -> bool:
+  """Whether `workdir` is a `jaxarch sweep`'s: its records, its lock, or its runs."""
+  workdir = Path(workdir)
+  return ((workdir / 'results.jsonl').is_file() or (workdir / '.sweep.lock').exists()
+          or any(workdir.glob('runs/*/config.json')))
+
+
 def sweep_runs_hint(workdir: str | os.PathLike) -> str:
   """'; DIR holds a sweep's runs: give one, e.g. --workdir=DIR/runs/d32 (...)' for a
   sweep's workdir given where a run's is wanted; '' for any other."""
@@ -108,7 +115,7 @@ def check_workdir(workdir: Path, cfg: ml_collections.ConfigDict, checkpoint_byte
   if not has_checkpoints and (workdir / 'model.safetensors').is_file():  # `jaxarch export`'s
     raise WorkdirError(f'{workdir} is a `jaxarch export` directory, not a run (its config.json '
                        'would be overwritten); choose another --workdir')
-  if not has_checkpoints and (workdir / 'results.jsonl').is_file():  # `jaxarch sweep`'s
+  if not has_checkpoints and is_sweep_workdir(workdir):
     raise WorkdirError(f"{workdir} is a sweep's workdir, not a run (its runs are in "
                        f'{workdir / "runs"}, and `jaxarch fit` would read this one among them); '
                        'choose another --workdir')
