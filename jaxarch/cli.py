@@ -722,9 +722,13 @@ def _misplaced(command: str, config: str | None, unknown: list[str],
   for arg in unknown:
     name, eq, value = arg.lstrip('-').partition('=')
     if name == 'config':
+      if '--config' in options:  # `-config=...`, `config=...`
+        return f'{arg}: give the config as --config={value}'
       return f'{command} takes the config of its --workdir; drop {arg}'
-    if (flag := '--' + name.replace('-', '_')) in options and '-' in name:
-      return f'{arg}: did you mean {flag}{eq}{value}?'
+    meant = [f for f in ('--' + name.replace('-', '_'), '--' + name.replace('_', '-'))
+             if f in options and f != '--' + name]
+    if meant:  # --data-dir for --data_dir, --dry_run for --dry-run
+      return f'{arg}: did you mean {meant[0]}{eq}{value}?'
     if not eq and ('.py' in arg or arg.endswith('.json')):
       return f'{arg}: give the config as --config={arg}'
     name = name.removeprefix('config.')

@@ -613,7 +613,11 @@ def test_free_space_is_counted_where_the_checkpoints_go(tmp_path, monkeypatch):
     # A flag spelled with '-' for '_': argparse's usage, and no word of the flag.
     (['train', *TINY, '--data-dir=/data'], '--data-dir=/data: did you mean --data_dir=/data?'),
     (['generate', '--prompt=x', '--max-new-tokens=4'],
-     '--max-new-tokens=4: did you mean --max_new_tokens=4?')])
+     '--max-new-tokens=4: did you mean --max_new_tokens=4?'),
+    (['launch', *TINY, '--target=slurm', '--dry_run'], '--dry_run: did you mean --dry-run?'),
+    # train takes --config: one dash, or none, is a misspelt --config, not one to drop.
+    (['train', '-config=configs/dense.py:tiny'],
+     '-config=configs/dense.py:tiny: give the config as --config=configs/dense.py:tiny')])
 def test_a_misplaced_argument_says_what_it_should_be(tmp_path, capsys, args, message):
   code, err = _run_cli([*args, f'--workdir={tmp_path}/run'], capsys)
   assert code == 2 and err == f'jaxarch: {message}'
