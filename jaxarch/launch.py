@@ -103,7 +103,7 @@ def _warnings(target: str, cfg) -> tuple[str, ...]:
     said.append(f'launch.image={cfg.launch.image!r} names no registry, so the nodes would '
                 f'pull docker.io/library/{cfg.launch.image}: build launch/Dockerfile, push '
                 'it, and set --config.launch.image=REGISTRY/jaxarch:TAG')
-  if cfg.data.get('data_dir') is None:
+  if cfg.data.get('data_dir') is None and not str(cfg.data.source).startswith('distilled:'):
     said.append('data.data_dir is unset, so every pod prepares the data into its own '
                 'container, again after each restart: prepare it once where the pods share '
                 'it (jaxarch prepare --config=... --data_dir=DIR) and set '

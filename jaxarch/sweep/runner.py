@@ -226,8 +226,10 @@ def _move_aside_if_changed(run: plan.Run, run_dir: Path, echo) -> None:
 
 # Keys that say how a run logs and saves, not what it trains: a sweep file edited in them
 # keeps its runs (resumed, or recorded as they are) instead of training them again. The
-# weights and eval_loss are the same; a record's final_loss, the mean of the last logging
-# window, follows log.every_steps.
+# weights and eval_loss are the same; a record's final_loss is the mean of the last
+# logging window, whose start these keys move (a window ends at each log, eval and
+# checkpoint step), so a fit of final_loss (`jaxarch fit` where runs have no eval_loss)
+# may mix windows of other lengths.
 _BOOKKEEPING = ('log.every_steps', 'log.eval_every_steps', 'log.progress', 'log.tensorboard',
                 'checkpoint.every_steps', 'checkpoint.keep', 'checkpoint.keep_best',
                 'checkpoint.async_save')

@@ -79,8 +79,8 @@ def main(argv=None) -> int:
       for i in range(args.nodes)])
   failed = {i: code for i, code in enumerate(codes) if code}
   if failed and set(failed.values()) <= {130, 143}:  # `jaxarch train`: 128 + the signal
-    print('entrypoint: stopped by a signal with a checkpoint (process: exit code): '
-          f'{failed}; submit the job again to resume', file=sys.stderr)
+    print('entrypoint: stopped by a signal (process: exit code): '
+          f'{failed}; submit the job again to resume from its last checkpoint', file=sys.stderr)
     return 143
   if failed:
     print(f'entrypoint: processes failed (process: exit code): {failed}', file=sys.stderr)
