@@ -87,11 +87,11 @@ def render(target: str, cfg, *, spec: str, workdir: str | os.PathLike,
                 description=f'{spec} on {where}, mesh {mesh}')
   command = train_command(spec, local_workdir(workdir), overrides)
   job = _RENDER[target](launch, command, Path(out), values)
-  return dataclasses.replace(job, warnings=_warnings(target, cfg))
+  return dataclasses.replace(job, warnings=job_warnings(target, cfg))
 
 
-def _warnings(target: str, cfg) -> tuple[str, ...]:
-  """What a job renders fine with and then trips on in the cluster."""
+def job_warnings(target: str, cfg) -> tuple[str, ...]:
+  """What a job of `target` renders fine with and then trips on in the cluster."""
   if target in ('slurm', 'tpu-vm') and not cfg.launch.setup:
     return ('launch.setup is empty, so each host runs the `jaxarch` its login shell finds; '
             "set --config.launch.setup='source /PATH/TO/.venv/bin/activate' (or a module "

@@ -379,6 +379,7 @@ def test_sweep_renders_one_slurm_job_per_run(tmp_path, capsys):
                    '--launcher=slurm', '--config.launch.partition=gpu'])
   out = capsys.readouterr().out
   assert code == 0
+  assert out.count('sweep: warning: launch.setup is empty') == 1  # once for all the jobs
   for width in (32, 64):
     run_dir = workdir / 'runs' / f'd{width}'
     path = run_dir / 'launch' / 'train.sbatch'

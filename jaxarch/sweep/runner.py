@@ -445,6 +445,8 @@ def render_jobs(runs, workdir: Path, launcher: str, echo=print) -> list[dict]:
     raise config_lib.ConfigError(f'config error: --launcher={launcher!r} is not available '
                                  f'(launchers: {", ".join(sorted(known))}, or local to run '
                                  'here)')
+  from jaxarch import launch  # pylint: disable=g-import-not-at-top
+  warned = set()
   for run in runs:
     _move_aside_if_changed(run, workdir / 'runs' / run.name, echo)
     try:
@@ -453,5 +455,10 @@ def render_jobs(runs, workdir: Path, launcher: str, echo=print) -> list[dict]:
       why = str(e).removeprefix('config error: ')  # said once, before the run's name
       raise config_lib.ConfigError(f'run {run.name!r}: {why}') from None
     echo(f'sweep: {run.name}: {submit}')
+    if launcher in launch.TARGETS:  # what the jobs would trip on, said once for all runs
+      for warning in launch.job_warnings(launcher, run.config()):
+        if warning not in warned:
+          warned.add(warning)
+          echo(f'sweep: warning: {warning}')
   echo(f'sweep: {len(runs)} {launcher} jobs written; nothing was submitted')
   return read_results(workdir)
