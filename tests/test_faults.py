@@ -433,9 +433,11 @@ def test_a_workdir_on_a_filesystem_without_locks_trains_unguarded(tmp_path, monk
                                                                    caplog, code):
   """NFS without its lock daemon (ENOLCK), Lustre mounted noflock (ENOSYS): the lock is
   a guard, not a need. A busy lock still refuses, and other errors still raise."""
-  def flock(file, operation):
-    raise OSError(code, os.strerror(code))
-  monkeypatch.setattr(fcntl, 'flock', flock)
+  def raising(error):
+    def flock(file, operation):
+      raise error
+    return flock
+  monkeypatch.setattr(fcntl, 'flock', raising(OSError(code, os.strerror(code))))
   monkeypatch.setattr(oserrors, '_unlocked_told', set())
   for _ in range(2):
     with only_trainer_in(tmp_path):
@@ -444,20 +446,12 @@ def test_a_workdir_on_a_filesystem_without_locks_trains_unguarded(tmp_path, monk
   assert len(told) == 1, told  # once per lock file
   assert '.train.lock.0' in told[0] and os.strerror(code) in told[0]
   assert 'nothing stops a second jaxarch train in this workdir' in told[0]
-
-  def busy(file, operation):
-    raise BlockingIOError(errno.EWOULDBLOCK, 'held')
-  monkeypatch.setattr(fcntl, 'flock', busy)
-  with pytest.raises(WorkdirError, match='in use by another jaxarch train'):
-    with only_trainer_in(tmp_path):
-      pass
-
-  def bad(file, operation):
-    raise OSError(errno.EBADF, 'bad file descriptor')
-  monkeypatch.setattr(fcntl, 'flock', bad)
-  with pytest.raises(OSError, match='bad file descriptor'):
-    with only_trainer_in(tmp_path):
-      pass
+  for error, raised in ((BlockingIOError(errno.EWOULDBLOCK, 'held'), WorkdirError),
+                        (OSError(errno.EBADF, 'bad file descriptor'), OSError)):
+    monkeypatch.setattr(fcntl, 'flock', raising(error))
+    with pytest.raises(raised, match='in use by another jaxarch train|bad file descriptor'):
+      with only_trainer_in(tmp_path):
+        pass
 
 
 def test_counts_below_one_and_overrides_fit_does_not_take_are_one_line(tmp_path, capsys):
