@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from jaxarch import config as config_lib
@@ -739,6 +740,19 @@ def _misplaced(command: str, config: str | None, unknown: list[str],
   return None
 
 
+def _raised_outside(error: Exception) -> str:
+  """' (raised at FILE:LINE; ...)' for an ImportError or FileNotFoundError that code
+  outside jaxarch raised (a plugin's block importing a module not installed), whose one
+  line would not say where; '' for jaxarch's own, which say what to do."""
+  if not isinstance(error, (ImportError, FileNotFoundError)) or error.__traceback__ is None:
+    return ''
+  frame = traceback.extract_tb(error.__traceback__)[-1]
+  if Path(frame.filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+    return ''
+  return (f' (raised at {frame.filename}:{frame.lineno}; JAXARCH_TRACEBACK=1 shows the '
+          'traceback)')
+
+
 def _options(parser: argparse.ArgumentParser, command: str) -> list[str]:
   """The option strings of `command`'s subparser ('--data_dir', ...)."""
   for action in parser._subparsers._group_actions:  # pylint: disable=protected-access
@@ -793,7 +807,9 @@ def main(argv=None):
   except (config_lib.ConfigError, FileNotFoundError, FileExistsError, ImportError,
           GenerateError, FitError, SweepError, WorkdirError, CheckpointError,
           NonFiniteError, ExportError, OutOfMemoryError, DeviceError) as e:
-    print(f'jaxarch: {e}', file=sys.stderr)
+    if os.environ.get('JAXARCH_TRACEBACK'):  # the whole story, for a bug in one's own code
+      raise
+    print(f'jaxarch: {e}{_raised_outside(e)}', file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print('jaxarch: interrupted', file=sys.stderr)

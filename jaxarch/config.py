@@ -291,6 +291,10 @@ def _unknown_key_message(cfg: ConfigDict, key: str) -> str:
   own = (*FAMILY_SECTIONS, *(kind for kind in BLOCK_CHECKS if kind != 'dense'))
   if (len(parts) > 2 and parts[0] == 'model' and parts[1] in own
       and parts[1] not in cfg.get('model', {})):
+    if not (SHIPPED_CONFIGS / f'{parts[1]}.py').is_file():  # a block of the user's own
+      return (f'unknown key {key!r}: this config has no model.{parts[1]} section, which '
+              f'{parts[1]!r} blocks read; add it in your config file (with c.unlocked(): '
+              f'c.model.{parts[1]} = ml_collections.ConfigDict(...))')
     return (f'unknown key {key!r}: model.{parts[1]} belongs to the {parts[1]} family\'s '
             f'config (configs/{parts[1]}.py), and this one is model.family='
             f'{cfg.model.get("family")!r}')
@@ -812,9 +816,12 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
     if BLOCK_CHECKS[block] and not isinstance(cfg.model.get(block), ConfigDict):
       start = (f'configs/megabyte.py:tiny_{block}' if family == 'megabyte'
                else f'configs/{block}.py:<preset>')
+      advice = (f'start from a config that has them (--config={start})'
+                if (SHIPPED_CONFIGS / f'{block}.py').is_file() else
+                f'add them in your config file (with c.unlocked(): c.model.{block} = '
+                'ml_collections.ConfigDict(...))')
       raise ConfigError(f'model.block_pattern={tuple(pattern)!r} has {block!r} blocks, whose '
-                        f'settings (model.{block}) this config lacks; start from a config '
-                        f'that has them (--config={start})')
+                        f'settings (model.{block}) this config lacks; {advice}')
     checks += BLOCK_CHECKS[block]
   for check in dict.fromkeys(checks):  # each once, in order
     check(cfg)

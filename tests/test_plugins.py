@@ -175,3 +175,101 @@ def test_a_plugin_that_fails_to_import_is_one_line(tmp_path, monkeypatch, capsys
   assert err == ("jaxarch: plugin jaxarch_broken_plugin = 'jaxarch_broken_plugin' (entry point "
                  'group jaxarch.plugins of jaxarch_broken_plugin) failed to import: '
                  'RuntimeError: no GPU here\n')
+
+
+def test_a_side_layer_section_that_no_code_registered_is_refused():
+  """Its layers were left out of the model without a word: a plugin not loaded, or a
+  misspelt section (model.adaptor), trained a plain dense model."""
+  cfg = tiny_config()
+  with cfg.unlocked():
+    cfg.model.adaptor = config_lib.ConfigDict({'placement': ((0, 1),)})
+  with pytest.raises(config_lib.ConfigError, match=r'model.adaptor.placement places side '
+                     r'layers of a kind no code registered \(side layers: ultramem\); the '
+                     'module that registers it .* or the section.s name is misspelt$'):
+    models.build(cfg.model, rngs=nnx.Rngs(0))
+
+  @models.register_side_layer('adaptor')
+  def adaptor(cfg, index, rngs):
+    return Adapter(cfg.d_model, rngs=rngs)
+  assert models.build(cfg.model, rngs=nnx.Rngs(0)).placement == (('adaptor', 0, 1),)
+
+
+def test_a_name_taken_by_other_code_is_refused_and_the_same_code_registers_again():
+  """The last plugin imported won, silently: a run then built other layers than it had
+  trained with (a built-in's name shadowed changed every run of the installation)."""
+  with pytest.raises(ValueError, match=r"block 'dense' is registered already, by "
+                     r'jaxarch.models.transformer.dense_block; give .*scaled_mlp_block '
+                     'another name'):
+    models.register_block('dense')(scaled_mlp_block)
+  with pytest.raises(ValueError, match="family 'dense' is registered already"):
+    models.register_family('dense', Tempered)
+  with pytest.raises(ValueError, match="side layer 'ultramem' is registered already"):
+    models.register_side_layer('ultramem')(scaled_mlp_block)
+  models.register_block('halved')(scaled_mlp_block)
+  models.register_block('halved')(scaled_mlp_block)  # a module reloaded: the same code
+  models.register_family('tempered', Tempered)
+  models.register_family('tempered', Tempered)
+  assert BLOCKS['halved'] is scaled_mlp_block and models.FAMILIES['tempered'] is Tempered
+
+
+class Scratch(nnx.Module):
+  """A family of one's own that trains but has none of the decoding methods."""
+
+  def __init__(self, cfg, *, rngs):
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs)
+
+  def __call__(self, tokens, segment_ids=None, positions=None):
+    return self.embed.attend(self.embed(tokens))
+
+
+def test_a_family_without_decoding_methods_is_refused_by_generate_and_stablehlo(tmp_path):
+  """A 30-line AttributeError traceback from inside generation before."""
+  from jaxarch import infer  # pylint: disable=g-import-not-at-top
+  from jaxarch.export.stablehlo import export_stablehlo  # pylint: disable=g-import-not-at-top
+  from jaxarch.infer.sampling import GenerateError  # pylint: disable=g-import-not-at-top
+  models.register_family('scratch', Scratch)
+  cfg = config_lib.load('configs/dense.py:tiny', ['model.family=scratch'])
+  model = models.build(cfg.model, rngs=nnx.Rngs(0))
+  with pytest.raises(GenerateError, match='^generate: Scratch has no init_cache, prefill, '
+                     'decode_step, which cached decoding calls .*subclass '
+                     r'jaxarch.models.transformer.Transformer'):
+    infer.Generator(model)
+  with pytest.raises(ExportError, match='^export: --format=stablehlo writes a cached '
+                     'decoder: Scratch has no init_cache'):
+    export_stablehlo(model, cfg, tmp_path / 'out', batch_size=1, prompt_len=4, max_len=8)
+  assert not (tmp_path / 'out').exists()
+
+
+def test_a_block_of_one_s_own_without_its_section_says_to_add_it_to_the_config_file():
+  """It pointed at configs/halved.py, which no one shipped."""
+  models.register_block('halved', checks=(positive_halving,))(scaled_mlp_block)
+  with pytest.raises(config_lib.ConfigError, match=r'\(model.halved\) this config lacks; add '
+                     r'them in your config file \(with c.unlocked\(\): c.model.halved = '):
+    config_lib.load('configs/dense.py:tiny', ["model.block_pattern=('halved',)"])
+  with pytest.raises(config_lib.ConfigError, match=r"unknown key 'model.halved.factor': this "
+                     'config has no model.halved section, which .halved. blocks read; add it '
+                     'in your config file'):
+    config_lib.load('configs/dense.py:tiny', ['model.halved.factor=2'])
+
+
+def test_an_import_error_in_one_s_own_code_says_where(tmp_path, monkeypatch, capsys):
+  """`jaxarch: No module named 'triton_not_here'`, and nowhere to look, before."""
+  site = tmp_path / 'site'
+  site.mkdir()
+  _installed_plugin(site, 'jaxarch_lazy_plugin', (
+      'from jaxarch.models import register_block\n'
+      "@register_block('lazy')\n"
+      'def lazy_block(cfg, layer, rngs):\n'
+      '  import triton_not_here\n'))
+  monkeypatch.syspath_prepend(str(site))
+  monkeypatch.delitem(sys.modules, 'jaxarch_lazy_plugin', raising=False)
+  assert cli.main(['bench', 'memory', '--config=configs/dense.py:tiny', '--state_only',
+                   f'--workdir={tmp_path / "bench"}',
+                   "--config.model.block_pattern=('lazy',)"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("jaxarch: No module named 'triton_not_here' (raised at "
+                        f"{site / 'jaxarch_lazy_plugin.py'}:4; JAXARCH_TRACEBACK=1 shows"), err
+  monkeypatch.setenv('JAXARCH_TRACEBACK', '1')
+  with pytest.raises(ModuleNotFoundError):
+    cli.main(['bench', 'memory', '--config=configs/dense.py:tiny', '--state_only',
+              f'--workdir={tmp_path / "bench"}', "--config.model.block_pattern=('lazy',)"])

@@ -29,7 +29,7 @@ from flax import nnx
 
 from jaxarch.export import run_stablehlo
 from jaxarch.export.weights import ExportError, flat_arrays, write_model
-from jaxarch.infer.decoding import for_inference
+from jaxarch.infer.decoding import cannot_decode, for_inference
 from jaxarch.infer.sampling import within_vocab
 from jaxarch.layers.signals import WindowCounter
 from jaxarch.models import named_variables, unscanned
@@ -69,6 +69,9 @@ def export_stablehlo(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str
     raise ExportError(f'export: need prompt_len={prompt_len} < max_len={max_len} <= '
                       f'model.max_len={cfg.model.max_len}')
   check_platforms(platforms)
+  if (why := cannot_decode(model)) is not None:  # before anything is written
+    raise ExportError(f'export: --format=stablehlo writes a cached decoder: {why}; use '
+                      '--format=safetensors')
   cfg, model = unscanned(cfg, model)  # the program reads the weights as written, unrolled
   out = write_model(model, cfg, out, source=source, final=final)
   model = for_inference(model)

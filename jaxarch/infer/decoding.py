@@ -42,6 +42,24 @@ def for_inference(model: nnx.Module, *, moe_capacity_factor: float | None = None
   return model
 
 
+# What cached decoding calls on a model: `init_cache(batch, length)`, then
+# `prefill(tokens [b, t], lengths [b])` and `decode_step(tokens [b], positions [b])`, each
+# -> logits [b, vocab]. `models.transformer.Transformer` has them.
+DECODING_METHODS = ('init_cache', 'prefill', 'decode_step')
+
+
+def cannot_decode(model: nnx.Module) -> str | None:
+  """Why `model` cannot be decoded with caches (a family of the user's own without the
+  methods), or None."""
+  missing = [name for name in DECODING_METHODS if not callable(getattr(model, name, None))]
+  if not missing:
+    return None
+  return (f'{type(model).__name__} has no {", ".join(missing)}, which cached decoding calls '
+          '(init_cache(batch, length), then prefill(tokens, lengths) and '
+          'decode_step(tokens, positions), each -> next-token logits [b, vocab]); subclass '
+          'jaxarch.models.transformer.Transformer, which has them, or write them')
+
+
 def add_caches(model: nnx.Module, batch: int, length: int, mesh=None, rules=None):
   """Allocates the model's zeroed decode caches for `batch` sequences of `length` positions.
 

@@ -34,7 +34,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxarch.infer.decoding import add_caches, decode_step, for_inference, prefill
+from jaxarch.infer.decoding import (add_caches, cannot_decode, decode_step, for_inference,
+                                    prefill)
 from jaxarch.infer.sampling import GenerateError, Sampling, choose, within_vocab
 from jaxarch.infer.tree import DraftTree
 from jaxarch.parallel import context
@@ -77,6 +78,8 @@ class Generator:
     if vocab_limit is not None and _whole('vocab_limit', vocab_limit) < 1:
       raise GenerateError(f'generate: vocab_limit={vocab_limit} must be >= 1 (the '
                           "tokenizer's vocabulary size), or None for the model's")
+    if (why := cannot_decode(model)) is not None:
+      raise GenerateError(f'generate: {why}')
     model = for_inference(model, moe_capacity_factor=moe_capacity_factor)
     self.graphdef, self.state = nnx.split(model)
     self.mesh, self.rules = mesh, None if rules is None else tuple(map(tuple, rules))

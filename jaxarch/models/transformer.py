@@ -43,14 +43,38 @@ BLOCKS: dict[str, Callable[..., nnx.Module]] = {}
 SIDE_LAYERS: dict[str, Callable[..., nnx.Module]] = {}
 
 
+def check_new_name(registry: dict, what: str, name: str, entry) -> None:
+  """Refuses `name` for `entry` where another entry (a built-in, or another plugin's) has
+  it: the last import would win, silently, and a run would build other layers than it was
+  trained with. The same code registered again (a module reloaded) replaces it."""
+  old = registry.get(name)
+  same = lambda a, b: (getattr(a, '__module__', None), getattr(a, '__qualname__', None)) == (
+      getattr(b, '__module__', None), getattr(b, '__qualname__', None))
+  if old is not None and not same(old, entry):
+    raise ValueError(f'{what} {name!r} is registered already, by '
+                     f'{old.__module__}.{old.__qualname__}; give '
+                     f'{entry.__module__}.{entry.__qualname__} another name')
+
+
 def register_block(name: str, checks: Sequence[config_lib.Check] = ()):
   """Decorator: `factory` builds the blocks `model.block_pattern` names `name`, and the
   config accepts that name. `checks` validate the block's own section (`model.<name>`,
   which the config must then have) whenever the pattern uses it, raising
   `config.ConfigError`; none by default."""
   def register(factory):
+    check_new_name(BLOCKS, 'block', name, factory)
     BLOCKS[name] = factory
     config_lib.BLOCK_CHECKS[name] = tuple(checks) or config_lib.BLOCK_CHECKS.get(name, ())
+    return factory
+  return register
+
+
+def register_side_layer(name: str):
+  """Decorator: `factory(model_cfg, index, rngs)` builds the side layers that
+  `model.<name>.placement` places (`SIDE_LAYERS`)."""
+  def register(factory):
+    check_new_name(SIDE_LAYERS, 'side layer', name, factory)
+    SIDE_LAYERS[name] = factory
     return factory
   return register
 
@@ -152,6 +176,11 @@ def cycled(pattern, n_layers: int) -> list:
 
 
 def block_plan(cfg: ml_collections.ConfigDict) -> list[str]:
+  if unknown := [kind for kind in cfg.block_pattern if kind not in BLOCKS]:
+    raise config_lib.ConfigError(
+        f'model.block_pattern has {unknown[0]!r} blocks, which no code registered (blocks: '
+        f'{", ".join(BLOCKS)}); the module that registers them is imported first: in Python '
+        "by you, for the jaxarch command by its package's 'jaxarch.plugins' entry point")
   return cycled(cfg.block_pattern, cfg.n_layers)
 
 
@@ -164,7 +193,17 @@ def layer_windows(cfg: ml_collections.ConfigDict) -> list[int | None]:
 
 
 def side_placement(cfg: ml_collections.ConfigDict) -> list[tuple[str, int, int]]:
-  """(kind, read, write) of every side layer the config places."""
+  """(kind, read, write) of every side layer the config places. A section with a
+  `placement` that no registered side layer reads is refused: its layers would be left
+  out of the model without a word (a plugin not loaded, a misspelt section)."""
+  if unknown := [k for k, v in cfg.items() if isinstance(v, ml_collections.ConfigDict)
+                 and 'placement' in v and k not in SIDE_LAYERS]:
+    raise config_lib.ConfigError(
+        f'model.{unknown[0]}.placement places side layers of a kind no code registered '
+        f'(side layers: {", ".join(SIDE_LAYERS)}); the module that registers it '
+        '(`register_side_layer`) is imported first: in Python by you, for the jaxarch '
+        "command by its package's 'jaxarch.plugins' entry point; or the section's name is "
+        'misspelt')
   return [(kind, int(read), int(write)) for kind in SIDE_LAYERS if kind in cfg
           for read, write in cfg[kind].placement]
 

@@ -10,7 +10,7 @@ import ml_collections
 from flax import nnx
 
 from jaxarch.layers.ultramem import UltraMem
-from jaxarch.models.transformer import DTYPES, SIDE_LAYERS
+from jaxarch.models.transformer import DTYPES, register_side_layer
 
 
 class MemoryLayer(nnx.Module):
@@ -24,6 +24,7 @@ class MemoryLayer(nnx.Module):
     return self.memory(x, segment_ids, positions, layout)
 
 
+@register_side_layer('ultramem')
 def memory_layer(cfg: ml_collections.ConfigDict, index: int, rngs: nnx.Rngs) -> MemoryLayer:
   u = cfg.ultramem
   dtype, param_dtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
@@ -39,5 +40,3 @@ def memory_layer(cfg: ml_collections.ConfigDict, index: int, rngs: nnx.Rngs) -> 
       param_dtype=param_dtype, rngs=rngs)
   return MemoryLayer(memory)
 
-
-SIDE_LAYERS['ultramem'] = memory_layer
