@@ -273,3 +273,22 @@ def test_an_import_error_in_one_s_own_code_says_where(tmp_path, monkeypatch, cap
   with pytest.raises(ModuleNotFoundError):
     cli.main(['bench', 'memory', '--config=configs/dense.py:tiny', '--state_only',
               f'--workdir={tmp_path / "bench"}', "--config.model.block_pattern=('lazy',)"])
+
+
+def test_weights_without_logical_axes_are_said_to_be_whole_on_every_device(caplog):
+  """nnx.Embed's table carries no axes: replicated over the mesh without a word."""
+  from jaxarch.parallel import make_mesh  # pylint: disable=g-import-not-at-top
+  from jaxarch.train.state import make_setup  # pylint: disable=g-import-not-at-top
+  models.register_family('scratch', Scratch)
+  cfg = tiny_config()
+  with cfg.unlocked():
+    cfg.model.family = 'scratch'
+  with caplog.at_level('WARNING'):
+    make_setup(cfg, make_mesh(cfg))
+  assert (f'1 weight of this model has no logical axes (embed/embedding '
+          f'[{cfg.model.vocab_size}, {cfg.model.d_model}]) and is whole on each of the 8 '
+          'devices') in caplog.text
+  caplog.clear()
+  with caplog.at_level('WARNING'):
+    make_setup(tiny_config(), make_mesh(tiny_config()))  # jaxarch's own: every weight has axes
+  assert 'no logical axes' not in caplog.text

@@ -6,6 +6,7 @@ variable (buffers that families update outside the gradient). The model's struct
 """
 
 import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -47,11 +48,28 @@ def _split(model: nnx.Module):
   return graphdef, params, model_state
 
 
+def _warn_unsharded(params: nnx.State, devices: int) -> None:
+  """Weights made without logical axes (a family of the user's own built from nnx.Linear,
+  say) are replicated on every device, whatever the mesh: said, as they may not fit."""
+  bare = [('/'.join(map(str, path)), v.get_value().shape)
+          for path, v in nnx.to_flat_state(params)
+          if v.get_metadata().get('out_sharding') is None and v.get_value().ndim]
+  if bare:
+    named = ', '.join(f'{name} {list(shape)}' for name, shape in bare[:3])
+    logging.warning('jaxarch: %d weight%s of this model %s no logical axes (%s%s) and %s '
+                    'whole on each of the %d devices; make them with jaxarch.layers.param('
+                    'rngs, init, shape, axes) to shard them by mesh.rules', len(bare),
+                    's' * (len(bare) > 1), 'have' if len(bare) > 1 else 'has', named,
+                    ', ...' if len(bare) > 3 else '', 'are' if len(bare) > 1 else 'is', devices)
+
+
 def make_setup(cfg: ml_collections.ConfigDict, mesh: Mesh) -> TrainSetup:
   """Shapes, shardings and optimizer of the train state, without allocating it."""
   abstract_model = nnx.eval_shape(lambda: models.build(cfg.model, rngs=nnx.Rngs(0)))
   counts = models.param_counts(abstract_model)
   graphdef, abstract_params, _ = _split(abstract_model)
+  if mesh.size > 1:
+    _warn_unsharded(abstract_params, mesh.size)
   tx = make_optimizer(cfg.train, abstract_params)
   abstract = jax.eval_shape(lambda: _init_state(cfg, tx))
   shardings = tree_shardings(abstract, mesh, cfg.mesh.rules)
