@@ -785,8 +785,9 @@ BLOCK_CHECKS: dict[str, tuple[Check, ...]] = {
 
 # How a family or block of the user's own becomes known (README, Extending jaxarch).
 _OWN_CODE = (' (a {0} of your own is registered by jaxarch.models.{1} in a module imported '
-             "first: in Python by you, for the jaxarch command by a 'jaxarch.plugins' entry "
-             'point of an installed package)')
+             "first: in Python by you, or of installed packages' by "
+             "jaxarch.plugins.load_plugins(); for the jaxarch command by a 'jaxarch.plugins' "
+             'entry point of an installed package)')
 
 
 def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
