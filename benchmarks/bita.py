@@ -34,7 +34,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from report import emit, ints, on_accelerator, scaled_parser
+from report import emit, ints, on_accelerator, scaled_parser, trained
 
 from jaxarch import config as config_lib
 from jaxarch import data, infer
@@ -55,7 +55,7 @@ def stage_base(workdir: Path, preset: str, steps: int, batch: int, overrides) ->
   cfg = config_lib.load(f'configs/dense.py:{preset}', [
       f'train.steps={steps}', f'train.batch_size={batch}', f'train.warmup_steps={min(steps // 10, 2000)}',
       f'checkpoint.every_steps={min(steps, 1000)}', 'log.progress=false', *overrides])
-  return train(cfg, workdir / 'base')
+  return trained(train(cfg, workdir / 'base'))
 
 
 def stage_distill(workdir: Path, scale: dict, num_prompts: int) -> dict:
@@ -73,7 +73,7 @@ def stage_bita(workdir: Path, preset: str, steps: int, overrides) -> dict:
       f'data.source=distilled:{workdir / "distilled"}', f'train.steps={steps}',
       f'train.warmup_steps={min(steps // 20, 200)}', f'checkpoint.every_steps={steps}',
       f'log.eval_every_steps={steps}', 'log.progress=false', *overrides])
-  return train(cfg, workdir / 'bita')
+  return trained(train(cfg, workdir / 'bita'))
 
 
 def decode(workdir: Path, eval_prompts: int, prompt_len: int, batches, new_tokens: int,

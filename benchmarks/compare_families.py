@@ -19,7 +19,7 @@ from pathlib import Path
 
 from flax import nnx
 
-from report import device_info, emit
+from report import device_info, emit, trained
 
 from jaxarch import config as config_lib
 from jaxarch import models
@@ -61,7 +61,7 @@ def main(argv=None):
   for name, cfg in runs.items():
     c = counts(cfg)
     start = time.perf_counter()
-    metrics = train(cfg, root / name)
+    metrics = trained(train(cfg, root / name))
     results.append({'family': name, 'params_total': c['total'], 'params_active': c['active'],
                     'steps': args.steps, 'eval_bpb': metrics['eval_bpb'],
                     'eval_loss': metrics['eval_loss'], 'train_loss': metrics['loss'],

@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from compare_families import counts
-from report import device_info, emit, ints, on_accelerator, save, scaled_parser
+from report import device_info, emit, ints, on_accelerator, save, scaled_parser, trained
 
 from jaxarch import config as config_lib
 from jaxarch import infer, models
@@ -136,7 +136,7 @@ def equal_compute_quality(runs: dict, steps: int, workdir: Path) -> list[dict]:
     cfg = with_keys(cfg, **{'train.steps': n, 'train.warmup_steps': max(1, n // 10),
                             'log.eval_every_steps': n, 'checkpoint.every_steps': n,
                             'log.progress': False})
-    metrics = train(cfg, workdir / name)
+    metrics = trained(train(cfg, workdir / name))
     bytes_seen = n * cfg.train.batch_size * cfg.data.seq_len
     records.append(dict(model=name, steps=n, train_bytes=bytes_seen,
                         train_flops=bytes_seen * per_byte[name], eval_bpb=metrics['eval_bpb'],

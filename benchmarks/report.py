@@ -13,6 +13,16 @@ from rich.console import Console
 from rich.table import Table
 
 from jaxarch.train.metrics import standard_json
+from jaxarch.train.preemption import exit_code
+
+
+def trained(metrics: dict) -> dict:
+  """`jaxarch.train.train`'s result, which a signal may have cut short (Ctrl-C): the
+  benchmark ends there, with the train command's exit code, instead of tabling a partial
+  run (or failing on its missing eval)."""
+  if metrics.get('stopped'):
+    raise SystemExit(exit_code(metrics['stopped']))
+  return metrics
 
 
 def emit(title: str, columns, rows, data, out: str | Path):

@@ -967,3 +967,12 @@ def test_gpu_checks_names_its_parts_when_given_another():
   done = subprocess.run(['bash', 'benchmarks/gpu_checks.sh', '4'], capture_output=True,
                         text=True, cwd=Path(__file__).resolve().parent.parent, check=False)
   assert done.returncode == 2 and 'gpu_checks.sh [1|2|3|all]' in done.stderr
+
+
+def test_a_benchmark_whose_training_a_signal_stopped_ends_with_train_s_exit_code():
+  """Ctrl-C during a benchmark's training tabled the partial run, or failed on its
+  missing eval_bpb (compare_families: a KeyError)."""
+  assert report.trained({'step': 5, 'eval_bpb': 2.0}) == {'step': 5, 'eval_bpb': 2.0}
+  with pytest.raises(SystemExit) as stopped:
+    report.trained({'step': 3, 'stopped': 'SIGINT'})
+  assert stopped.value.code == 130
