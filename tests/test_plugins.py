@@ -292,3 +292,24 @@ def test_weights_without_logical_axes_are_said_to_be_whole_on_every_device(caplo
   with caplog.at_level('WARNING'):
     make_setup(tiny_config(), make_mesh(tiny_config()))  # jaxarch's own: every weight has axes
   assert 'no logical axes' not in caplog.text
+
+
+class Widening(DenseBlock):
+  """A block of one's own that returns [b, t, 2d]: the next block's norm failed on it."""
+
+  def __call__(self, x, positions, segment_ids, layout=None, prefix=None):
+    return jnp.concatenate([x, x], axis=-1)
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_a_block_that_changes_the_stream_s_shape_is_named_in_one_line(scan):
+  models.register_block('widening')(lambda cfg, layer, rngs: Widening(
+      *(lambda b: (b.attn, b.mlp))(dense_block(cfg, layer, rngs)), cfg.d_model,
+      eps=cfg.norm_eps, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs))
+  cfg = config_lib.load('configs/dense.py:tiny', ["model.block_pattern=('dense', 'widening')",
+                                                  f'model.scan_layers={scan}'])
+  model = models.build(cfg.model, rngs=nnx.Rngs(0))
+  d = cfg.model.d_model
+  with pytest.raises(config_lib.ConfigError, match=rf'block 1 (of the period )?\(Widening\) '
+                     rf'returned \[1, 8, {2 * d}\] for x \[1, 8, {d}\]: a block'):
+    model(jnp.ones((1, 8), jnp.int32))

@@ -324,6 +324,18 @@ def layer_slot(name: str, period: int, repeats: int) -> tuple[str, int] | None:
   return f'layers.{int(layer) % period}.{inner}', int(layer) // period
 
 
+def _kept_shape(layer: nnx.Module, x: jax.Array, out: jax.Array, which: str) -> jax.Array:
+  """`out`, which must be shaped as the residual stream `x` [b, t, d]: a block (or side
+  layer) of the user's own that returns another shape failed deep inside the next one's
+  norm, naming neither."""
+  if getattr(out, 'shape', None) != x.shape:
+    raise config_lib.ConfigError(
+        f'{which} ({type(layer).__name__}) returned {list(getattr(out, "shape", [type(out)]))} '
+        f'for x {list(x.shape)}: a block, or a side layer\'s update, is shaped as the '
+        'residual stream x [b, t, d]')
+  return out
+
+
 class Stack(nnx.Module):
   """The blocks of `model.block_pattern` and the side layers placed between them,
   x [b, t, d] -> x [b, t, d] (residual stream, not normed). The transformer runs one over
@@ -376,10 +388,13 @@ class Stack(nnx.Module):
         x, normed = self._remat(type(block).ffn_input, block, x, positions, segment_ids,
                                 *extra(i))
         for j in readers:
-          pending[j] = self.side_layers[j](normed, positions, segment_ids, *extra(i)[:1])
-        x = self._remat(type(block).ffn, block, x, normed, segment_ids)
+          pending[j] = _kept_shape(self.side_layers[j], x, self.side_layers[j](
+              normed, positions, segment_ids, *extra(i)[:1]), f'side layer {j}')
+        x = _kept_shape(block, x, self._remat(type(block).ffn, block, x, normed, segment_ids),
+                        f'block {i}')
       else:
-        x = self._remat(type(block).__call__, block, x, positions, segment_ids, *extra(i))
+        x = _kept_shape(block, x, self._remat(type(block).__call__, block, x, positions,
+                                              segment_ids, *extra(i)), f'block {i}')
       for j, (_, _, write) in enumerate(self.placement):
         if write == i:
           x = x + pending.pop(j)
@@ -409,7 +424,8 @@ class Stack(nnx.Module):
       for j, block in enumerate(unit):
         extra = () if layout is None else (
             layout, None if prefix is None else jax.tree.map(lambda x: x[j], prefix))
-        x = self._remat(type(block).__call__, block, x, positions, segment_ids, *extra)
+        x = _kept_shape(block, x, self._remat(type(block).__call__, block, x, positions,
+                                              segment_ids, *extra), f'block {j} of the period')
       return x
 
     def body(carry, xs):
