@@ -805,3 +805,16 @@ def test_a_sweep_and_a_run_do_not_share_a_workdir(tmp_path, data_dir, capsys):
   with pytest.raises(runner.SweepError, match="is this sweep's workdir, but a run was trained "
                      "into it .*: move that run's files"):
     runner.run_sweep(spec, tmp_path / 'sweep', echo=lambda _: None)
+
+
+def test_records_of_runs_dropped_from_the_sweep_file_are_said_to_be_fitted_still(
+    tmp_path, data_dir, monkeypatch):
+  _stand_in_training(monkeypatch)
+  spec, workdir = _sweep_file(tmp_path, data_dir), tmp_path / 'sweep'
+  workdir.mkdir()
+  runner.append_record(workdir, {'name': 'd16', 'final_loss': 3.0})  # a run since dropped
+  messages = []
+  with pytest.raises(runner.SweepError):  # d48 and d64 fail and stop, as above
+    runner.run_sweep(spec, workdir, echo=messages.append)
+  assert ('sweep: results.jsonl holds 1 run the sweep file no longer has (d16), which '
+          '`jaxarch fit` still reads; delete their lines to leave them out') in messages

@@ -315,6 +315,7 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
   runs = load_sweep(spec)
   if parallel < 1:
     raise ValueError(f'sweep: parallel={parallel} must be >= 1')
+  _say_removed_runs(runs, workdir, echo)
   if collect_only:
     return collect(runs, workdir, echo)
   if launcher not in (None, 'local'):
@@ -375,6 +376,16 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
              + (' to resume them all' if unfinished or not_started else ''))
     raise SweepError(f'sweep: {"; ".join(said)}; {again}')
   return read_results(workdir)
+
+
+def _say_removed_runs(runs: list[plan.Run], workdir: Path, echo) -> None:
+  """Records of runs that the sweep file no longer has stay in results.jsonl, and `jaxarch
+  fit` reads them: said, so that an edit meant to drop them does not fit them still."""
+  named = {run.name for run in runs}
+  if gone := sorted({r['name'] for r in read_results(workdir)} - named):
+    echo(f'sweep: results.jsonl holds {_runs(len(gone))} the sweep file no longer has '
+         f'({", ".join(gone[:5])}{" ..." if len(gone) > 5 else ""}), which `jaxarch fit` '
+         'still reads; delete their lines to leave them out')
 
 
 def _runs(n: int) -> str:
