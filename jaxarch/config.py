@@ -784,7 +784,7 @@ BLOCK_CHECKS: dict[str, tuple[Check, ...]] = {
 
 
 # How a family or block of the user's own becomes known (README, Extending jaxarch).
-_OWN_CODE = (' (a {0} of your own is registered by jaxarch.models.{1} in a module imported '
+OWN_CODE = (' (a {0} of your own is registered by jaxarch.models.{1} in a module imported '
              "first: in Python by you, or of installed packages' by "
              "jaxarch.plugins.load_plugins(); for the jaxarch command by a 'jaxarch.plugins' "
              'entry point of an installed package)')
@@ -798,7 +798,7 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
   family = _get(cfg, 'model.family')
   if family not in FAMILY_CHECKS:
     raise ConfigError(f'model.family={family!r} must be one of {", ".join(FAMILY_CHECKS)}'
-                      f'{_OWN_CODE.format("family", "register_family")}')
+                      f'{OWN_CODE.format("family", "register_family")}')
   if family in FAMILY_SECTIONS and not isinstance(cfg.model.get(family), ConfigDict):
     raise ConfigError(f'model.family={family!r} needs its settings (model.{family}), which '
                       f'this config lacks; start from a config that has them '
@@ -811,7 +811,7 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
     if block not in BLOCK_CHECKS:
       raise ConfigError(f'model.block_pattern[{i}]={block!r} must be one of '
                         f'{", ".join(BLOCK_CHECKS)}'
-                        f'{_OWN_CODE.format("block", "register_block")}')
+                        f'{OWN_CODE.format("block", "register_block")}')
   checks = list(FAMILY_CHECKS[family])
   for block in pattern:
     if BLOCK_CHECKS[block] and not isinstance(cfg.model.get(block), ConfigDict):

@@ -184,8 +184,9 @@ def test_a_side_layer_section_that_no_code_registered_is_refused():
   with cfg.unlocked():
     cfg.model.adaptor = config_lib.ConfigDict({'placement': ((0, 1),)})
   with pytest.raises(config_lib.ConfigError, match=r'model.adaptor.placement places side '
-                     r'layers of a kind no code registered \(side layers: ultramem\); the '
-                     'module that registers it .* or the section.s name is misspelt$'):
+                     r'layers of a kind no code registered \(side layers: ultramem\), or the '
+                     r'section.s name is misspelt \(a side layer of your own is registered by '
+                     r'jaxarch.models.register_side_layer in a module imported first: .*\)$'):
     models.build(cfg.model, rngs=nnx.Rngs(0))
 
   @models.register_side_layer('adaptor')

@@ -48,12 +48,10 @@ def check_new_name(registry: dict, what: str, name: str, entry) -> None:
   it: the last import would win, silently, and a run would build other layers than it was
   trained with. The same code registered again (a module reloaded) replaces it."""
   old = registry.get(name)
-  same = lambda a, b: (getattr(a, '__module__', None), getattr(a, '__qualname__', None)) == (
-      getattr(b, '__module__', None), getattr(b, '__qualname__', None))
-  if old is not None and not same(old, entry):
-    raise ValueError(f'{what} {name!r} is registered already, by '
-                     f'{old.__module__}.{old.__qualname__}; give '
-                     f'{entry.__module__}.{entry.__qualname__} another name')
+  code = lambda f: (f'{getattr(f, "__module__", "?")}.{getattr(f, "__qualname__", f)}')
+  if old is not None and code(old) != code(entry):
+    raise ValueError(f'{what} {name!r} is registered already, by {code(old)}; give '
+                     f'{code(entry)} another name')
 
 
 def register_block(name: str, checks: Sequence[config_lib.Check] = ()):
@@ -179,8 +177,7 @@ def block_plan(cfg: ml_collections.ConfigDict) -> list[str]:
   if unknown := [kind for kind in cfg.block_pattern if kind not in BLOCKS]:
     raise config_lib.ConfigError(
         f'model.block_pattern has {unknown[0]!r} blocks, which no code registered (blocks: '
-        f'{", ".join(BLOCKS)}); the module that registers them is imported first: in Python '
-        "by you, for the jaxarch command by its package's 'jaxarch.plugins' entry point")
+        f'{", ".join(BLOCKS)}){config_lib.OWN_CODE.format("block", "register_block")}')
   return cycled(cfg.block_pattern, cfg.n_layers)
 
 
@@ -200,10 +197,8 @@ def side_placement(cfg: ml_collections.ConfigDict) -> list[tuple[str, int, int]]
                  and 'placement' in v and k not in SIDE_LAYERS]:
     raise config_lib.ConfigError(
         f'model.{unknown[0]}.placement places side layers of a kind no code registered '
-        f'(side layers: {", ".join(SIDE_LAYERS)}); the module that registers it '
-        '(`register_side_layer`) is imported first: in Python by you, for the jaxarch '
-        "command by its package's 'jaxarch.plugins' entry point; or the section's name is "
-        'misspelt')
+        f'(side layers: {", ".join(SIDE_LAYERS)}), or the section\'s name is misspelt'
+        f'{config_lib.OWN_CODE.format("side layer", "register_side_layer")}')
   return [(kind, int(read), int(write)) for kind in SIDE_LAYERS if kind in cfg
           for read, write in cfg[kind].placement]
 
