@@ -314,3 +314,12 @@ def test_a_block_that_changes_the_stream_s_shape_is_named_in_one_line(scan):
   with pytest.raises(config_lib.ConfigError, match=rf'block 1 (of the period )?\(Widening\) '
                      rf'returned \[1, 8, {2 * d}\] for x \[1, 8, {d}\]: a block'):
     model(jnp.ones((1, 8), jnp.int32))
+
+
+def test_the_start_line_names_blocks_other_than_the_family_s_own():
+  """'dense model: ...' for a model of the user's parallel blocks."""
+  from jaxarch.train import trainer  # pylint: disable=g-import-not-at-top
+  models.register_block('halved')(scaled_mlp_block)
+  cfg = config_lib.load('configs/dense.py:tiny', ["model.block_pattern=('halved', 'dense')"])
+  assert trainer._blocks_of(cfg.model) == ' of halved/dense blocks'  # pylint: disable=protected-access
+  assert trainer._blocks_of(tiny_config().model) == ''  # pylint: disable=protected-access

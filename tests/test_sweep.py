@@ -461,7 +461,8 @@ def test_a_run_whose_preset_was_edited_while_it_trained_is_not_recorded(
       sys.executable, '-c', script, str(run_dir), run.spec, *run.overrides])
   workdir = tmp_path / 'w'
   messages = []
-  with pytest.raises(runner.SweepError, match='1 run unfinished: a; run the sweep again to resume them'):
+  with pytest.raises(runner.SweepError,
+                     match='1 run unfinished: a; run the sweep again to resume them'):
     runner.run_sweep(str(sweep), workdir, echo=messages.append)
   assert any('train.lr 0.001 -> 0.003' in m for m in messages)
   assert runner.read_results(workdir) == []

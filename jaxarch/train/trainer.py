@@ -281,9 +281,9 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, stop: StopRequests) ->
       c = setup.param_counts
       trained = ('' if c['trained'] == c['total'] else
                  f', {c["trained"]:,} trained ({c["trained"] / c["total"]:.3%})')
-      bar.print(f'{cfg.model.family} model: {c["total"]:,} parameters ({c["active"]:,} '
-                f'active per token{trained}{scanned_layers(cfg.model)}), mesh '
-                f'{dict(setup.mesh.shape)}, {jax.device_count()} × '
+      bar.print(f'{cfg.model.family} model{_blocks_of(cfg.model)}: {c["total"]:,} parameters '
+                f'({c["active"]:,} active per token{trained}{scanned_layers(cfg.model)}), '
+                f'mesh {dict(setup.mesh.shape)}, {jax.device_count()} × '
                 f'{jax.devices()[0].device_kind}')
       if restored_step is not None:
         bar.alert(f'resumed from {checkpointer.directory / str(restored_step)}')
@@ -498,6 +498,13 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
       break
   final['step'] = int(state['step'])
   return final
+
+
+def _blocks_of(model: ml_collections.ConfigDict) -> str:
+  """' of parallel/dense blocks' for the start line, where the blocks are not all the
+  family's own kind (the user's, or a mix); ''."""
+  kinds = tuple(dict.fromkeys(model.get('block_pattern', ())))
+  return '' if kinds in ((), ('dense',), ('moe',)) else f' of {"/".join(kinds)} blocks'
 
 
 def _evaluated_on(cfg: ml_collections.ConfigDict) -> dict:
