@@ -6,6 +6,7 @@ import importlib.util
 import io
 import itertools
 import json
+import logging
 import os
 import pathlib
 import platform
@@ -1545,3 +1546,14 @@ def test_processes_that_start_together_build_the_corpus_once(tmp_path):
   outputs = [run.communicate(timeout=300) for run in runs]
   assert [run.returncode for run in runs] == [0, 0, 0], [err[-500:] for _, err in outputs]
   assert len({out.split()[-1] for out, _ in outputs}) == 1  # the same documents
+
+
+def test_building_a_source_in_python_logs_no_custom_configuration_warning(corpus, caplog):
+  """TFDS's 'Using custom data configuration: FilesConfig(...)' came on every Python run;
+  the command keeps absl's lines to errors, a notebook saw it each time."""
+  cfg, _ = corpus
+  with caplog.at_level('WARNING'):
+    for _ in range(2):  # preparing, then reading what was prepared
+      next(iter(data.make_train_dataset(cfg, seed=0, global_batch_size=4)))
+  assert 'Using custom data configuration' not in caplog.text
+  assert not logging.getLogger('absl').filters  # the filter goes with the builder

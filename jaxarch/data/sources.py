@@ -819,12 +819,32 @@ def _tfds_output_on_stderr():
     tfds.display_progress_bar(True)  # TFDS's default
 
 
+class _CustomConfigNote(logging.Filter):
+  def filter(self, record):
+    return not record.getMessage().startswith('Using custom data configuration')
+
+
+@contextlib.contextmanager
+def _without_custom_config_note():
+  """TFDS warns 'Using custom data configuration: ...' for each builder made from a config,
+  which every jaxarch source is: a WARNING line on each run in Python (the command keeps
+  absl's to errors), with nothing to act on."""
+  note = _CustomConfigNote()
+  logging.getLogger('absl').addFilter(note)
+  try:
+    yield
+  finally:
+    logging.getLogger('absl').removeFilter(note)
+
+
 def _prepared(builder_cls, config, data_dir: pathlib.Path, source: str):
   """The builder of `config`, its dataset written once: the processes of a run that start
   together wait for the one that writes it (a lock file in the data dir), and one that
   lost a race on storage without locks reads what the winner wrote. A dataset written
   already is read without the lock: a shared data dir may be read-only."""
-  make = lambda: builder_cls(config=config, data_dir=str(data_dir), file_format='array_record')
+  def make():
+    with _without_custom_config_note():
+      return builder_cls(config=config, data_dir=str(data_dir), file_format='array_record')
   if (builder := make()).is_prepared():  # TFDS renames a finished dataset into place
     return builder
   try:
