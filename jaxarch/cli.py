@@ -755,9 +755,10 @@ def _raised_outside(error: Exception) -> str:
 
 def _options(parser: argparse.ArgumentParser, command: str) -> list[str]:
   """The option strings of `command`'s subparser ('--data_dir', ...)."""
-  for action in parser._subparsers._group_actions:  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  for action in parser._subparsers._group_actions:
     if command in action.choices:
-      return list(action.choices[command]._option_string_actions)  # pylint: disable=protected-access
+      return list(action.choices[command]._option_string_actions)
   return []
 
 

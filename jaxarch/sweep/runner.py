@@ -367,8 +367,8 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
           trainer.send_signal(signal.SIGTERM)  # a second SIGINT would stop them unsaved
         raise
   if failed or unfinished or not_started:
-    said = [f'{_runs(len(failed))} failed: {", ".join(failed)}'] if failed else []
-    said += [f'{_runs(len(unfinished))} unfinished: {", ".join(unfinished)}'] if unfinished else []
+    said = [f'{_runs(len(names))} {what}: {", ".join(names)}'
+            for what, names in (('failed', failed), ('unfinished', unfinished)) if names]
     said += [f'{len(not_started)} not started, as the sweep was stopped'] if not_started else []
     again = ('run the sweep again to resume them' if not failed else
              "see why in each failed run's train.log (a config error fails again until "
