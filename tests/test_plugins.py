@@ -323,3 +323,17 @@ def test_the_start_line_names_blocks_other_than_the_family_s_own():
   cfg = config_lib.load('configs/dense.py:tiny', ["model.block_pattern=('halved', 'dense')"])
   assert trainer._blocks_of(cfg.model) == ' of halved/dense blocks'  # pylint: disable=protected-access
   assert trainer._blocks_of(tiny_config().model) == ''  # pylint: disable=protected-access
+
+
+def test_an_export_s_readme_names_the_code_of_one_s_own_it_needs(tmp_path):
+  """Loading such an export fails until that code is registered; its README said nothing."""
+  from jaxarch.export.weights import write_model  # pylint: disable=g-import-not-at-top
+  models.register_block('halved')(scaled_mlp_block)
+  cfg = config_lib.load('configs/dense.py:tiny', ["model.block_pattern=('halved', 'dense')"])
+  write_model(models.build(cfg.model, rngs=nnx.Rngs(0)), cfg, tmp_path / 'own')
+  readme = (tmp_path / 'own' / 'README.md').read_text()
+  assert (f"code of its own, which must be registered first: block 'halved' (module "
+          f'{scaled_mlp_block.__module__}). Import that module') in readme
+  write_model(models.build(tiny_config().model, rngs=nnx.Rngs(0)), tiny_config(),
+              tmp_path / 'dense')
+  assert 'of its own' not in (tmp_path / 'dense' / 'README.md').read_text()

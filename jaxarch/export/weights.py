@@ -228,8 +228,26 @@ def write_model(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Pa
   count = sum(int(np.prod(a.shape)) for a in arrays.values())
   (out / 'README.md').write_text(_README.format(
       family=cfg.model.family, source=source or 'a jaxarch run', arrays=len(arrays),
-      count=count, out=final or out))
+      count=count, out=final or out, needs=_needs_own_code(cfg.model)))
   return out
+
+
+def _needs_own_code(model_cfg: ml_collections.ConfigDict) -> str:
+  """The README's word on the family, blocks and side layers of the user's own code that
+  the model is built of (without it, loading fails), or ''."""
+  parts = [('family', model_cfg.family, models.FAMILIES.get(model_cfg.family))]
+  parts += [('block', kind, models.BLOCKS.get(kind))
+            for kind in dict.fromkeys(model_cfg.get('block_pattern', ()))]
+  parts += [('side layer', kind, models.SIDE_LAYERS.get(kind)) for kind, section in
+            model_cfg.items() if isinstance(section, ml_collections.ConfigDict)
+            and 'placement' in section]
+  own = [f"{what} '{name}' (module {code.__module__})" for what, name, code in parts
+         if code is not None and not code.__module__.startswith('jaxarch.')]
+  if not own:
+    return ''
+  return ('\nIt is built of code of its own, which must be registered first: '
+          f'{", ".join(own)}. Import that module (or, for an installed package, call '
+          '`jaxarch.plugins.load_plugins()`) before loading it.\n')
 
 
 def copy_tokenizer(cfg, out: Path):
@@ -326,7 +344,7 @@ Exported from {source}: {arrays} arrays, {count:,} numbers.
   model's end of turn).
 
 Load it back with jaxarch:
-
+{needs}
 ```python
 from jaxarch.export import load_safetensors
 cfg, model = load_safetensors('{out}')
