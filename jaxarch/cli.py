@@ -33,7 +33,7 @@ from jaxarch.export.weights import ExportError
 from jaxarch.infer.sampling import GenerateError
 from jaxarch.plugins import load_plugins
 from jaxarch.sweep.fit import FitError
-from jaxarch.sweep.runner import SweepError
+from jaxarch.sweep.runner import SweepError, runs_counted
 from jaxarch.train.checkpoint import CheckpointError
 from jaxarch.train.memory import OutOfMemoryError
 from jaxarch.train.metrics import standard_json
@@ -435,7 +435,7 @@ def _sweep(args, overrides):
   if not cluster and not records:
     print(f'jaxarch: no runs recorded in {results} yet', file=sys.stderr)
   elif not cluster:
-    print(f'jaxarch: {len(records)} run{"s" * (len(records) != 1)} recorded in {results}; '
+    print(f'jaxarch: {runs_counted(len(records))} recorded in {results}; '
           f'fit them with `jaxarch fit --workdir={args.workdir}`', file=sys.stderr)
 
 

@@ -288,7 +288,7 @@ def collect(runs: list[plan.Run], workdir: Path, echo=print) -> list[dict]:
       continue
     append_record(workdir, record(run, run_dir, None))
     collected.append(run.name)
-  echo(f'sweep: {_runs(len(collected))} collected, {len(waiting)} not finished'
+  echo(f'sweep: {runs_counted(len(collected))} collected, {len(waiting)} not finished'
        + (f' ({", ".join(waiting[:5])}{" ..." if len(waiting) > 5 else ""})' if waiting
           else ''))
   if not (workdir / 'runs').is_dir():
@@ -367,7 +367,7 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
           trainer.send_signal(signal.SIGTERM)  # a second SIGINT would stop them unsaved
         raise
   if failed or unfinished or not_started:
-    said = [f'{_runs(len(names))} {what}: {", ".join(names)}'
+    said = [f'{runs_counted(len(names))} {what}: {", ".join(names)}'
             for what, names in (('failed', failed), ('unfinished', unfinished)) if names]
     said += [f'{len(not_started)} not started, as the sweep was stopped'] if not_started else []
     again = ('run the sweep again to resume them' if not failed else
@@ -383,12 +383,13 @@ def _say_removed_runs(runs: list[plan.Run], workdir: Path, echo) -> None:
   fit` reads them: said, so that an edit meant to drop them does not fit them still."""
   named = {run.name for run in runs}
   if gone := sorted({r['name'] for r in read_results(workdir)} - named):
-    echo(f'sweep: results.jsonl holds {_runs(len(gone))} the sweep file no longer has '
+    echo(f'sweep: results.jsonl holds {runs_counted(len(gone))} the sweep file no longer has '
          f'({", ".join(gone[:5])}{" ..." if len(gone) > 5 else ""}), which `jaxarch fit` '
          'still reads; delete their lines to leave them out')
 
 
-def _runs(n: int) -> str:
+def runs_counted(n: int) -> str:
+  """'1 run', '2 runs'."""
   return f'{n} run{"s" * (n != 1)}'
 
 
