@@ -99,6 +99,10 @@ def get_config(arg=None):
   # every row: balanced whatever rows are popular). kernels/sharded_lookup.py.
   u.table_split = 'rows'
   u.placement = ((2, 5), (6, 9), (10, 13), (14, 17))
+  # The IVE permutation: one for every memory layer ('shared'), so that the layers stack
+  # into a scan (`model.scan_layers`), or each layer's own ('per_layer', older runs). Each
+  # layer's keys and values are its own either way.
+  u.permutation = 'shared'
   u.update(PRESETS[arg])
   c.model.ultramem = u
 

@@ -36,6 +36,9 @@ ROPE_SCALINGS = ('none', 'llama3', 'linear')  # model.rope_scaling.type (layers.
 # kernels.sparse_lookup: which kernels run the value lookup, and how its backward sums.
 LOOKUP_IMPLS = ('auto', 'xla', 'pallas', 'interpret', 'interpret_tpu')
 LOOKUP_SCATTERS = ('sorted', 'atomic')
+# model.ultramem.permutation: one IVE permutation for every memory layer, or each layer's
+# own (drawn from its index: older runs), which cannot be scanned.
+ULTRAMEM_PERMUTATIONS = ('shared', 'per_layer')
 TABLE_SPLITS = ('rows', 'width')  # how a sharded memory table is split (kernels.sharded_lookup)
 MOE_GATES = ('softmax', 'sigmoid')
 # kernels.grouped_matmul: which code runs dropless MoE's grouped matmuls.
@@ -390,25 +393,118 @@ def _check_heads(prefix: str, section: ConfigDict, hint: str = '') -> None:
                       'for rotary position embeddings; change the heads or the width')
 
 
-def scan_period(model: ConfigDict, where: str = 'model') -> int:
-  """The period of a scanned stack (`model.scan_layers`) of the `model` section (or one
-  shaped like it at `where`): its blocks repeat with the block and attention patterns'
-  common period, as often as it fits in the layers (the layers after the last whole
-  period run unrolled: Gemma 3's 26 are 4 periods of 6 and 2); side layers
-  (`<kind>.placement`) sit between blocks and cannot be scanned."""
+@dataclasses.dataclass(frozen=True)
+class Numbering:
+  """How one sequence of a stack's layers (its blocks, or its side layers) is laid out:
+  `count` layers, of which `start` to `end - 1` are scanned, layer `start + r·period + j`
+  held as repeat r of the stacked layer j; the others unrolled, each under its own index.
+  Unscanned: no repeats."""
+  count: int
+  start: int = 0
+  period: int = 0
+  repeats: int = 0
+
+  @property
+  def end(self) -> int:
+    return self.start + self.period * self.repeats
+
+  def slot(self, layer: int) -> tuple[int, int] | None:
+    """(stacked layer j, repeat) of `layer`; None where it runs unrolled."""
+    if not self.start <= layer < self.end:
+      return None
+    return (layer - self.start) % self.period, (layer - self.start) // self.period
+
+  def layer(self, j: int, repeat: int) -> int:
+    """The index of repeat `repeat` of the stacked layer `j`."""
+    return self.start + repeat * self.period + j
+
+  def unrolled(self) -> list[int]:
+    return [i for i in range(self.count) if self.slot(i) is None]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanLayout:
+  """Where a stack's layers run (`model.scan_layers`): the blocks by `blocks`, the side
+  layers placed between them (`<kind>.placement`) by `side_layers`, whose repeats are the
+  blocks': a unit of the scan is `blocks.period` blocks with the side layers that read and
+  write inside them. Unscanned, both have no repeats."""
+  blocks: Numbering
+  side_layers: Numbering
+
+  @property
+  def repeats(self) -> int:
+    return self.blocks.repeats
+
+
+def placements(model: ConfigDict) -> list[tuple[str, int, int]]:
+  """(kind, read, write) of every side layer that `model` places, in the order of its
+  sections (`model.<kind>.placement`) and pairs: the side layers' indices."""
+  placed = []
+  for kind, section in model.items():
+    if not isinstance(section, ConfigDict) or 'placement' not in section:
+      continue
+    for i, pair in enumerate(section.placement or ()):
+      if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(
+          isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in pair)):
+        raise ConfigError(f'model.{kind}.placement[{i}]={pair!r} must be (read, write), two '
+                          'block indices, e.g. placement=((1, 2),)')
+      placed.append((kind, int(pair[0]), int(pair[1])))
+  return placed
+
+
+def scan_layout(model: ConfigDict, where: str = 'model') -> ScanLayout:
+  """How the `model` section's stack (or one shaped like it at `where`) runs. Scanned, its
+  blocks repeat with the block and attention patterns' common period or a multiple of it,
+  from a first block on, as often as the side layers allow: each unit of the scan must
+  hold the same side layers at the same places, none reading in one unit and writing in
+  another (UltraMem 680m's (2, 5), (6, 9), ..., (18, 21) in 24 blocks scan as 5 units of 4
+  blocks from block 2, each with its memory layer; blocks 0, 1, 22 and 23 run unrolled).
+  Of the layouts that fit, the one that leaves the fewest blocks to trace wins (the
+  program holds one unit and the unrolled blocks); ties go to the earliest start."""
+  n, placed = model.n_layers, placements(model)
+  if not model.get('scan_layers'):
+    return ScanLayout(Numbering(n), Numbering(len(placed)))
   patterns = {'model.block_pattern': len(tuple(model.block_pattern)),
               'model.attention_pattern': len(tuple(model.get('attention_pattern', ('local',))))}
   period = math.lcm(*patterns.values())
-  if model.n_layers < period:
-    which = ' and '.join(key for key, n in patterns.items() if n > 1)
+  if n < period:
+    which = ' and '.join(key for key, size in patterns.items() if size > 1)
     raise ConfigError(f'model.scan_layers stacks the blocks by the period of {which} '
-                      f'({period} blocks), more than {where}.n_layers={model.n_layers}: no '
-                      'period repeats; set model.scan_layers=False')
-  if placed := [k for k, v in model.items() if isinstance(v, ConfigDict) and v.get('placement')]:
-    raise ConfigError(f'model.scan_layers runs the blocks as one scan, which has no place for '
-                      f'the side layers {where}.{placed[0]}.placement puts between them; set '
-                      'model.scan_layers=False')
-  return period
+                      f'({period} blocks), more than {where}.n_layers={n}: no period '
+                      'repeats; set model.scan_layers=False')
+  pairs = [(read, write) for _, read, write in placed]
+  if not pairs:  # the search's answer, at once
+    return ScanLayout(Numbering(n, 0, period, n // period), Numbering(0))
+  fits = [layout for unit in range(period, n + 1, period) for start in range(n - unit + 1)
+          if (layout := _scan_from(pairs, n, start, unit)) is not None]
+  if not fits:
+    raise ConfigError(f'model.scan_layers: no unit of the scan fits the side layers '
+                      f'{where}.{placed[0][0]}.placement puts between the blocks (a unit of '
+                      f'a multiple of {period} blocks, holding the same side layers at the '
+                      'same places, each reading and writing inside one unit); place them so, '
+                      'or set model.scan_layers=False')
+  traced = lambda blocks: (n - blocks.period * (blocks.repeats - 1), blocks.start, blocks.period)
+  return min(fits, key=lambda layout: traced(layout.blocks))
+
+
+def _scan_from(pairs: list[tuple[int, int]], n: int, start: int, unit: int) -> ScanLayout | None:
+  """The layout scanning units of `unit` blocks from block `start`, as many as fit, with
+  the side layers (`pairs`: (read, write)) they hold; None if not one unit fits."""
+  for repeats in range((n - start) // unit, 0, -1):
+    end = start + unit * repeats
+    inside = [i for i, (read, write) in enumerate(pairs) if write >= start and read < end]
+    sides = len(inside) // repeats
+    if inside and (len(inside) % repeats
+                   or inside != list(range(inside[0], inside[0] + len(inside)))):
+      continue  # the side layers of the units must follow each other, unit by unit
+    relative = [(pairs[i][0] - start - unit * (k // sides), pairs[i][1] - start - unit * (
+        k // sides)) for k, i in enumerate(inside)] if sides else []
+    if all(0 <= read <= write < unit for read, write in relative) and all(
+        relative[k] == relative[k % sides] for k in range(len(relative))):
+      first = inside[0] if inside else 0
+      return ScanLayout(Numbering(n, start, unit, repeats),
+                        Numbering(len(pairs), first, sides, repeats if sides else 0))
+  return None
 
 
 def _check_transformer(cfg: ConfigDict) -> None:
@@ -423,7 +519,7 @@ def _check_transformer(cfg: ConfigDict) -> None:
   _choice(cfg, 'model.param_dtype', DTYPES)
   _choice(cfg, 'model.remat', REMAT)
   if _choice(cfg, 'model.scan_layers', (True, False)):
-    scan_period(m)
+    scan_layout(m)
   _choice(cfg, 'model.attention_impl', ATTENTION_IMPLS)
   _choice(cfg, 'model.tie_embeddings', (True, False))
 
@@ -520,6 +616,7 @@ def _check_ultramem(cfg: ConfigDict) -> None:
   _choice(cfg, 'model.ultramem.lookup_impl', LOOKUP_IMPLS)
   _choice(cfg, 'model.ultramem.lookup_scatter', LOOKUP_SCATTERS)
   _choice(cfg, 'model.ultramem.table_split', TABLE_SPLITS)
+  _choice(cfg, 'model.ultramem.permutation', ULTRAMEM_PERMUTATIONS)
   if _number(cfg, 'model.ultramem.top_k_chunk', int) < 0:
     raise ConfigError(f'model.ultramem.top_k_chunk={cfg.model.ultramem.top_k_chunk} must be 0 '
                       '(one top-k per ranking) or the chunk length, e.g. 1024')
@@ -533,6 +630,12 @@ def _check_ultramem(cfg: ConfigDict) -> None:
       raise ConfigError(f'model.ultramem.placement[{i}]={pair!r} must be (read, write) with '
                         f'0 <= read <= write < model.n_layers={cfg.model.n_layers}, e.g. '
                         'placement=((1, 2),)')
+  if (cfg.model.ultramem.permutation == 'per_layer' and cfg.model.get('scan_layers')
+      and scan_layout(cfg.model).side_layers.repeats):
+    raise ConfigError("model.ultramem.permutation='per_layer' (the runs of jaxarch before "
+                      '2026-12-07) draws each memory layer its own IVE permutation, so the '
+                      'memory layers do not stack into a scan: keep model.scan_layers=False '
+                      "for this run (a new run's 'shared' permutation scans)")
 
 
 def _check_moe(cfg: ConfigDict) -> None:
@@ -625,7 +728,7 @@ def _check_megabyte(cfg: ConfigDict) -> None:
   _check_heads('model.megabyte.local', cfg.model.megabyte.local)
   _choice(cfg, 'model.megabyte.local.attention_impl', ATTENTION_IMPLS)
   if cfg.model.get('scan_layers'):  # the local model scans too, with the attention pattern
-    scan_period(ConfigDict({'n_layers': cfg.model.megabyte.local.n_layers,
+    scan_layout(ConfigDict({'n_layers': cfg.model.megabyte.local.n_layers, 'scan_layers': True,
                             'block_pattern': ('dense',),
                             'attention_pattern': cfg.model.get('attention_pattern',
                                                                ('local',))}),
@@ -1471,6 +1574,9 @@ def _with_new_run_keys(tree: dict) -> dict:
   model = tree.get('model')
   if isinstance(model, dict) and model.get('family') == 'megabyte':
     model['tie_embeddings'] = True  # always tied; saved as False before 2026-12-03
+  if isinstance(model, dict) and isinstance(model.get('ultramem'), dict):
+    # Each memory layer drew its own IVE permutation before 2026-12-07.
+    model['ultramem'].setdefault('permutation', 'per_layer')
   if (dense := _shipped('dense', None)) is None:  # nothing to fill from
     return tree
   defaults = to_dict(dense)

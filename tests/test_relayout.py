@@ -104,6 +104,30 @@ def test_megabyte_s_two_stacks_are_read_into_the_other_layout(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, _by_layer(unrolled, 1), _by_layer(state, 1))
 
 
+def test_ultramem_s_memory_layers_are_read_into_the_scan_s_units_and_back(tmp_path):
+  """Blocks 2-5 scan as two units of two, each with its memory layer; blocks 0, 1 and 6
+  stay unrolled. Every array (weights, Adam's moments, Tucker vectors, hit counters)
+  reaches its layer's place and comes back as it was."""
+  unrolled_cfg, scanned_cfg = (mesh_config(config_lib.load('configs/ultramem.py:tiny', [
+      'model.n_layers=7', 'model.ultramem.placement=((2, 3), (4, 5))',
+      f'model.scan_layers={scan}']), data=2, fsdp=2, tensor=2) for scan in (False, True))
+  state = _noisy_state(unrolled_cfg)
+  _save(tmp_path / 'unrolled', state)
+  scanned = _read(tmp_path / 'unrolled', scanned_cfg)
+  model = lambda cfg, state: nnx.merge(make_setup(cfg, make_mesh(cfg)).graphdef,
+                                       state['params'], state['model_state'])
+  as_scanned = model(scanned_cfg, scanned)
+  assert as_scanned.scanned_side_layers[0].memory.values.shape[0] == 2
+  want = transformer.unstacked_arrays(model(unrolled_cfg, state))
+  got = transformer.unstacked_arrays(as_scanned)
+  assert want.keys() == got.keys()
+  for path in want:
+    np.testing.assert_array_equal(got[path], want[path], err_msg=str(path))
+  _save(tmp_path / 'scanned', scanned)
+  back = _read(tmp_path / 'scanned', unrolled_cfg)
+  jax.tree.map(np.testing.assert_array_equal, back, state)
+
+
 def test_the_gather_holds_one_array_s_layers_twice_not_the_state(tmp_path, monkeypatch):
   """Each saved array is dropped once the model's arrays that read it are made: the live
   arrays peak near one state during the gather, not two."""
@@ -178,9 +202,9 @@ def test_a_run_resumes_in_the_other_layout_and_decodes_and_exports_unrolled(
   said = ''.join(capsys.readouterr())
   # (The start line, with the progress display on, says: `scanned_layers`.)
   assert transformer.scanned_layers(_run(data_dir, 6, True).model) == (
-      ', layers scanned: 2 periods of 1')
+      ', layers scanned: 2 periods of 1 block')
   assert transformer.scanned_layers(_layout(True, ('local', 'global')).model) == (
-      ', layers scanned: 2 periods of 2 and 1 unrolled')
+      ', layers scanned: 2 periods of 2 blocks, 1 block unrolled')
   assert ('its layers were saved unrolled: read scanned (period 1), as model.scan_layers=True '
           'says; the next checkpoints hold them scanned (period 1)') in said
   losses = [{m['step']: m['loss'] for m in read_metrics(tmp_path / run) if 'loss' in m}

@@ -32,6 +32,12 @@ CASES = {  # name -> (config spec, overrides, mesh); 5 layers: 2 periods and one
                                     'model.moe.bias_update_rate=0.01',
                                     'train.grad_accum_steps=2'), dict(data=2, expert=4)),
     'megabyte': ('configs/megabyte.py:tiny', (), dict(data=2, fsdp=2, tensor=2)),
+    # Two blocks unrolled, two units of two blocks each with its memory layer (read in the
+    # unit's first block, written after its second), one block unrolled; the value tables
+    # split over fsdp.
+    'ultramem': ('configs/ultramem.py:tiny', ('model.n_layers=7',
+                                              'model.ultramem.placement=((2, 3), (4, 5))'),
+                 dict(data=2, fsdp=2, tensor=2)),
 }
 
 
@@ -66,6 +72,40 @@ def test_a_scanned_stack_holds_the_unrolled_weights_stacked_by_layer(case):
   for path in want:  # the same draws, bit for bit
     np.testing.assert_array_equal(got[path], want[path], err_msg=str(path))
   assert models.param_counts(scanned) == models.param_counts(unrolled)
+
+
+def test_ultramem_scans_its_memory_layers_in_the_units_between_unrolled_blocks():
+  """Placed (2, 3) and (4, 5) in 7 blocks: blocks 0-1 unrolled, then 2 units of 2 blocks
+  each with its memory layer, then block 6; the weights are the unrolled model's."""
+  unrolled, scanned = (_model(_config('ultramem', scan)) for scan in (False, True))
+  assert transformer.scanned_layers(_config('ultramem', True).model) == (
+      ', layers scanned: 2 periods of 2 blocks and 1 side layer, 3 blocks unrolled')
+  assert [block is None for block in scanned.blocks] == [False] * 2 + [True] * 4 + [False]
+  assert len(scanned.layers) == 2 and len(scanned.side_layers) == 0
+  values = scanned.scanned_side_layers[0].memory.values
+  assert values.shape == (2, 4096, 64)
+  assert values.get_metadata()['out_sharding'] == (None, 'values', None)
+  want, got = _arrays(unrolled), _arrays(scanned)
+  assert want.keys() == got.keys()
+  for path in want:  # the same draws, bit for bit
+    np.testing.assert_array_equal(got[path], want[path], err_msg=str(path))
+  assert models.param_counts(scanned) == models.param_counts(unrolled)
+
+
+def test_the_scan_layout_leaves_fewest_blocks_to_trace():
+  """UltraMem 680m's memory layers read every 4 blocks from block 2 and write 3 after:
+  5 units of 4 from block 2. A layer outside any unit's pattern runs unrolled before."""
+  layout = lambda spec, *overrides: config_lib.scan_layout(
+      config_lib.load(spec, ['model.scan_layers=True', *overrides]).model)
+  big = layout('configs/ultramem.py:680m')
+  assert big.blocks == config_lib.Numbering(24, start=2, period=4, repeats=5)
+  assert big.side_layers == config_lib.Numbering(5, start=0, period=1, repeats=5)
+  odd = layout('configs/ultramem.py:tiny', 'model.n_layers=12',
+               'model.ultramem.placement=((0, 1), (4, 6), (8, 10))')
+  assert odd.blocks == config_lib.Numbering(12, start=3, period=4, repeats=2)
+  assert odd.side_layers == config_lib.Numbering(3, start=1, period=1, repeats=2)
+  assert layout('configs/dense.py:tiny', 'model.n_layers=5').blocks == (
+      config_lib.Numbering(5, start=0, period=1, repeats=5))
 
 
 def test_layers_drawn_with_their_own_std_stack_their_own_draws(monkeypatch):
@@ -200,8 +240,14 @@ def test_bita_over_a_scanned_base_predicts_and_drafts_as_over_the_unrolled_one()
                                   'model.sliding_window=8', 'model.megabyte.local.n_layers=1'),
      r'period of model.attention_pattern \(2 blocks\), more than '
      r'model.megabyte.local.n_layers=1'),
-    ('configs/ultramem.py:tiny', (), r'the side layers model.ultramem.placement puts between '
-     'them; set model.scan_layers=False'),
+    # Windows of 2 or 4 blocks: in each, a memory layer reads in one and writes in another.
+    ('configs/ultramem.py:tiny', ('model.n_layers=5', *WINDOWED,
+                                  'model.ultramem.placement=((0, 1), (1, 2), (2, 3), (3, 4))'),
+     r'no unit of the scan fits the side layers model.ultramem.placement puts between the '
+     r'blocks \(a unit of a multiple of 2 blocks'),
+    # A run from before 2026-12-07: each memory layer its own IVE permutation.
+    ('configs/ultramem.py:tiny', ('model.ultramem.permutation=per_layer',),
+     r"model.ultramem.permutation='per_layer' .* keep model.scan_layers=False for this run"),
     ('configs/dense.py:tiny', ('model.scan_layers=yes',), r"model.scan_layers='yes' must be a bool"),
 ])
 def test_a_stack_that_cannot_scan_is_refused_with_the_config(spec, overrides, error):
@@ -306,16 +352,19 @@ def test_bench_leaves_out_xla_flops_it_would_count_one_period_of_a_scanned_stack
   assert result['scan_layers'] is True  # the record says which layout it measured
 
 
-def test_per_parameter_norms_name_each_layer_of_a_scanned_stack():
+@pytest.mark.parametrize('case, name', [('dense', 'blocks/3/attn/q_proj'),
+                                        ('ultramem', 'side_layers/1/memory/values')])
+def test_per_parameter_norms_name_each_layer_of_a_scanned_stack(case, name):
   """The non-finite report's statistics (`layer_grad_norms`) are per layer in either
-  layout, under the unscanned names."""
+  layout, under the unscanned names (UltraMem's: blocks and memory layers before, in and
+  after the scan)."""
   norms = []
   for scan in (False, True):
-    params = nnx.state(_model(_config('dense', scan)), nnx.Param)
+    params = nnx.state(_model(_config(case, scan)), nnx.Param)
     names, values = step_lib.leaf_names(params), np.asarray(step_lib.leaf_norms(params))
     assert len(names) == len(values) == len(set(names))
     norms.append(dict(zip(names, values)))
-  assert norms[0].keys() == norms[1].keys() and 'blocks/3/attn/q_proj' in norms[1]
+  assert norms[0].keys() == norms[1].keys() and name in norms[1]
   for name, norm in norms[0].items():
     np.testing.assert_allclose(norms[1][name], norm, rtol=1e-6, err_msg=name)
 

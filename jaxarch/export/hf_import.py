@@ -66,7 +66,7 @@ from jaxarch.export.huggingface import (BLOCK_NORMS, GEMMA_KEYS, GEMMA_NORMS, LA
 from jaxarch.export.weights import (ExportError, all_or_nothing, copy_tokenizer, free_out,
                                     keep_chat_template)
 from jaxarch.models import named_variables
-from jaxarch.models.transformer import head_dim, layer_slot, scan_shape
+from jaxarch.models.transformer import head_dim, layer_slot, scan_layout
 
 # What import reads: a Mistral is a Llama's names and layout with a sliding window (a
 # Ministral one whose window is in the layers `layer_types` names), a Qwen2 a Llama with
@@ -683,11 +683,11 @@ def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
               for name, (_, variable) in named_variables(setup.abstract_state[collection]
                                                          ).items()}
 
-  period, repeats = scan_shape(cfg.model)
+  blocks = scan_layout(cfg.model).blocks
   stacked = {}  # with model.scan_layers: stacked name -> its layers placed so far
 
   def place(name, array):  # our_arrays names model variables; window counters and the
-    slot = layer_slot(name, period, repeats)  # like start at zero
+    slot = layer_slot(name, blocks)  # like start at zero
     want = expected[name if slot is None else slot[0]]
     shape = tuple(want.shape) if slot is None else tuple(want.shape[1:])
     if shape != array.shape:

@@ -42,20 +42,22 @@ def _sow(module: nnx.Module, name: str, value: jax.Array):
     module.sow(nnx.Intermediate, name, value)
 
 
-def sow_layers(stack: nnx.Module, sown, period: int):
-  """Sows on `stack` what the blocks of its scan sowed (`sown`: stacked [repeats, ...],
-  keyed by the block's place in the period, `j/...`) as if each layer had: losses and
-  metrics under `blocks/<layer>/...`, the layer's name unscanned; step statistics under
-  the stacked block's own path (`layers/j/...`), still stacked, for its `end_step` run on
-  each layer."""
+def sow_layers(stack: nnx.Module, sown, sequences):
+  """Sows on `stack` what the layers of its scan sowed (`sown`: stacked [repeats, ...],
+  keyed by the sequence's place in the unit and the layer's in its sequence, `0/j/...`)
+  as if each layer had: losses and metrics under the layer's unscanned name
+  (`blocks/<layer>/...`); step statistics under the stacked layer's own path
+  (`layers/j/...`), still stacked, for its `end_step` run on each layer. `sequences`:
+  (scanned name, unrolled name, layer(j, repeat) -> index) of each sequence of the unit."""
   for path, variable in nnx.to_flat_state(sown):
-    j, *inner = [str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path]
+    sequence, j, *inner = [str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path]
+    scanned, unrolled, layer = sequences[int(sequence)]
     for value in jax.tree.leaves(variable):
       if inner[-1].startswith('step_'):
-        _sow(stack, '/'.join(['layers', j, *inner]), value)
+        _sow(stack, '/'.join([scanned, j, *inner]), value)
         continue
       for repeat, layer_value in enumerate(value):
-        _sow(stack, '/'.join(['blocks', str(repeat * period + int(j)), *inner]), layer_value)
+        _sow(stack, '/'.join([unrolled, str(layer(int(j), repeat)), *inner]), layer_value)
 
 
 def add_aux_loss(module: nnx.Module, value: jax.Array):

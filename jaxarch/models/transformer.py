@@ -12,7 +12,7 @@ so its lookup can overlap with the blocks in between. Kinds live in the `SIDE_LA
 registry. Layers report aux losses and metrics through `jaxarch.layers.signals`.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 import math
 
 import flax
@@ -39,7 +39,8 @@ BLOCKS: dict[str, Callable[..., nnx.Module]] = {}
 
 # Config section name -> factory(model_cfg, index, rngs) -> side layer mapping
 # (x [b,t,d], positions [b,t], segment_ids [b,t], optional layout) to an update [b,t,d]
-# for the residual stream, placed by `model.<name>.placement`; `index` counts the side layers of that kind.
+# for the residual stream, placed by `model.<name>.placement`; `index` is the layer's place
+# among all the side layers placed (`config.placements`).
 SIDE_LAYERS: dict[str, Callable[..., nnx.Module]] = {}
 
 
@@ -190,67 +191,84 @@ def layer_windows(cfg: ml_collections.ConfigDict) -> list[int | None]:
 
 
 def side_placement(cfg: ml_collections.ConfigDict) -> list[tuple[str, int, int]]:
-  """(kind, read, write) of every side layer the config places. A section with a
-  `placement` that no registered side layer reads is refused: its layers would be left
-  out of the model without a word (a plugin not loaded, a misspelt section)."""
-  if unknown := [k for k, v in cfg.items() if isinstance(v, ml_collections.ConfigDict)
-                 and 'placement' in v and k not in SIDE_LAYERS]:
+  """(kind, read, write) of every side layer the config places, in the config's order
+  (`config.placements`): the side layers' indices. A section with a `placement` that no
+  registered side layer reads is refused: its layers would be left out of the model
+  without a word (a plugin not loaded, a misspelt section)."""
+  placed = config_lib.placements(cfg)
+  if unknown := [kind for kind, _, _ in placed if kind not in SIDE_LAYERS]:
     raise config_lib.ConfigError(
         f'model.{unknown[0]}.placement places side layers of a kind no code registered '
         f'(side layers: {", ".join(SIDE_LAYERS)}), or the section\'s name is misspelt'
         f'{config_lib.OWN_CODE.format("side layer", "register_side_layer")}')
-  return [(kind, int(read), int(write)) for kind in SIDE_LAYERS if kind in cfg
-          for read, write in cfg[kind].placement]
+  return placed
 
 
-def scan_shape(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
-  """(period, repeats) of a scanned stack (`model.scan_layers`): the blocks repeat every
-  `period` (`config.scan_period`), `repeats` times, and the layers after them
-  (n_layers - period * repeats) run unrolled; (n_layers, 0) unscanned."""
-  if not cfg.get('scan_layers'):
-    return cfg.n_layers, 0
-  if not hasattr(nnx, 'capture'):  # the scan's blocks sow through a capture of their own
+def scan_layout(cfg: ml_collections.ConfigDict) -> config_lib.ScanLayout:
+  """Which blocks and side layers of a stack run in one scan (`model.scan_layers`,
+  `config.scan_layout`); none unscanned."""
+  if cfg.get('scan_layers') and not hasattr(nnx, 'capture'):
+    # the scan's blocks sow through a capture of their own
     raise config_lib.ConfigError(f'model.scan_layers needs nnx.capture, which flax '
                                  f'{flax.__version__} lacks; upgrade flax')
-  period = config_lib.scan_period(cfg)
-  return period, cfg.n_layers // period
+  return config_lib.scan_layout(cfg)
 
 
 def scanned_layers(cfg: ml_collections.ConfigDict) -> str:
-  """', layers scanned: 4 periods of 6 and 2 unrolled' for a scanned stack of the model
-  section `cfg` (the start of a run says it), '' unscanned."""
-  period, repeats = scan_shape(cfg)
-  if not repeats:
+  """', layers scanned: 5 periods of 4 blocks and 1 side layer, 4 blocks unrolled' for a
+  scanned stack of the model section `cfg` (the start of a run says it), '' unscanned."""
+  layout = scan_layout(cfg)
+  blocks, sides = layout.blocks, layout.side_layers
+  if not blocks.repeats:
     return ''
-  rest = cfg.n_layers - period * repeats
-  return (f', layers scanned: {repeats} period{"s" * (repeats > 1)} of {period}'
-          + (f' and {rest} unrolled' if rest else ''))
+  plural = lambda n, what: f'{n} {what}{"s" * (n != 1)}'
+  unit = plural(blocks.period, 'block') + (f' and {plural(sides.period, "side layer")}'
+                                           if sides.repeats else '')
+  rest = len(blocks.unrolled())
+  return (f', layers scanned: {plural(blocks.repeats, "period")} of {unit}'
+          + (f', {plural(rest, "block")} unrolled' if rest else ''))
 
 
-def stacked_blocks(blocks: Sequence[nnx.Module], period: int) -> list[nnx.Module]:
-  """The first `period` blocks, each holding its own and the blocks `period`, 2·`period`,
-  ... after it, stacked (`params.stack_layers`): the same weights, in the scanned layout.
-  `blocks`: whole periods."""
-  for i in range(period, len(blocks)):
-    if nnx.graphdef(blocks[i]) != nnx.graphdef(blocks[i % period]):
+def stacked_layers(layers: Sequence[nnx.Module], numbering: config_lib.Numbering,
+                   what: str = 'block') -> list[nnx.Module]:
+  """The scanned layers of `layers` (all of a sequence: `numbering` says which), each
+  stacked layer j holding repeat 0's and its repeats' (`params.stack_layers`): the same
+  weights, in the scanned layout."""
+  first = lambda i: numbering.layer(numbering.slot(i)[0], 0)
+  scanned = [i for i in range(len(layers)) if numbering.slot(i) is not None]
+  for i in scanned:
+    if nnx.graphdef(layers[i]) != nnx.graphdef(layers[first(i)]):
       raise config_lib.ConfigError(
-          f'model.scan_layers: block {i} is built unlike block {i % period}, {i - i % period}'
-          f' blocks before it (its factory, `register_block`, depends on more than the '
-          f'patterns), so the blocks do not stack; set model.scan_layers=False')
-  for j in range(period):
-    same = [dict(nnx.iter_graph(block)) for block in blocks[j::period]]
+          f'model.scan_layers: {what} {i} is built unlike {what} {first(i)}, '
+          f'{i - first(i)} {what}s before it (its factory depends on more than the '
+          f'patterns), so the {what}s do not stack; set model.scan_layers=False')
+  for j in range(numbering.period):
+    same = [dict(nnx.iter_graph(layers[numbering.layer(j, r)]))
+            for r in range(numbering.repeats)]
     for path, node in same[0].items():
       if isinstance(node, nnx.Variable):
-        layers = [nodes[path] for nodes in same]
-        shapes = [(v.get_value().shape, v.get_value().dtype) for v in layers]
-        if (i := next((i for i, s in enumerate(shapes) if s != shapes[0]), None)) is not None:
+        stacked = [nodes[path] for nodes in same]
+        shapes = [(v.get_value().shape, v.get_value().dtype) for v in stacked]
+        if (r := next((r for r, s in enumerate(shapes) if s != shapes[0]), None)) is not None:
           raise config_lib.ConfigError(
-              f'model.scan_layers: {"/".join(map(str, path))} of block {j + i * period} is '
-              f'{shapes[i][1]}{list(shapes[i][0])}, of block {j} {shapes[0][1]}'
-              f'{list(shapes[0][0])}: layers of other shapes do not stack; set '
-              'model.scan_layers=False')
-        stack_layers(layers)
-  return list(blocks[:period])
+              f'model.scan_layers: {"/".join(map(str, path))} of {what} '
+              f'{numbering.layer(j, r)} is {shapes[r][1]}{list(shapes[r][0])}, of {what} '
+              f'{numbering.layer(j, 0)} {shapes[0][1]}{list(shapes[0][0])}: layers of other '
+              'shapes do not stack; set model.scan_layers=False')
+        stack_layers(stacked)
+  return [layers[numbering.layer(j, 0)] for j in range(numbering.period)]
+
+
+def unrolled_only(layers: Sequence[nnx.Module], numbering: config_lib.Numbering) -> list:
+  """`layers` with None for each scanned one, under their own indices; [] if all are."""
+  kept = [None if numbering.slot(i) is not None else layer for i, layer in enumerate(layers)]
+  return kept if any(layer is not None for layer in kept) else []
+
+
+# A stack's two sequences of layers: each one's name unrolled (one module per layer) and
+# scanned (one module per layer of a unit, its variables stacked [repeats, ...]).
+SEQUENCES = {'blocks': 'layers', 'side_layers': 'scanned_side_layers'}
+UNROLLED_NAME = {scanned: unrolled for unrolled, scanned in SEQUENCES.items()}
 
 
 def scanned_stacks(model: nnx.Module) -> list[tuple[tuple, 'Stack']]:
@@ -260,25 +278,54 @@ def scanned_stacks(model: nnx.Module) -> list[tuple[tuple, 'Stack']]:
 
 
 def stack_at(keys: Sequence[str]) -> tuple[int, str] | None:
-  """Where a variable's path (its keys) enters a stack's blocks, and in which layout:
-  (index, 'blocks') for an unrolled stack's `blocks/<i>` (layer i); (index, 'layers') for
-  a scanned stack's `layers/<j>`, whose variables hold every repeat of block j stacked;
-  None outside the blocks."""
+  """Where a variable's path (its keys) enters one of a stack's sequences, and under
+  which name (`SEQUENCES`): (index, 'blocks') for an unrolled stack's `blocks/<i>` (layer
+  i); (index, 'layers') for a scanned stack's `layers/<j>`, whose variables hold every
+  repeat of block j stacked; likewise 'side_layers' and 'scanned_side_layers'. None
+  outside the sequences."""
+  names = {*SEQUENCES, *UNROLLED_NAME}
   return next(((i, a) for i, (a, b) in enumerate(zip(keys, keys[1:]))
-               if a in ('blocks', 'layers') and b.isdigit()), None)
+               if a in names and b.isdigit()), None)
 
 
 def scanned_at(keys: Sequence[str]) -> int | None:
-  """Where a variable's path enters a scanned stack's `layers/<j>`; None outside one."""
+  """Where a variable's path enters a scanned sequence's stacked layer (`layers/<j>`,
+  `scanned_side_layers/<k>`); None outside them."""
   at = stack_at(keys)
-  return at[0] if at is not None and at[1] == 'layers' else None
+  return at[0] if at is not None and at[1] in UNROLLED_NAME else None
+
+
+def numberings(paths: Iterable[tuple[Sequence[str], Sequence[int]]]
+               ) -> dict[tuple[tuple[str, ...], str], config_lib.Numbering]:
+  """(stack's path, sequence's unrolled name) -> how its layers are laid out, read off a
+  state's variables (`paths`: each one's keys and shape; a checkpoint's or a tree's): a
+  scanned sequence's layers before and after its scan are those unrolled under their own
+  indices, so its scan starts at the first index none has. A state must name every layer:
+  the parameters do, where an optimizer's state may leave some out."""
+  found = {}  # -> [unrolled indices, stacked layers per unit, repeats]
+  for keys, shape in paths:
+    if (at := stack_at(keys)) is None:
+      continue
+    i, name = at
+    sequence = UNROLLED_NAME.get(name, name)
+    where = found.setdefault((tuple(keys[:i]), sequence), [set(), 0, 0])
+    if name in UNROLLED_NAME:
+      where[1], where[2] = max(where[1], int(keys[i + 1]) + 1), shape[0]
+    else:
+      where[0].add(int(keys[i + 1]))
+  layouts = {}
+  for key, (unrolled, period, repeats) in found.items():
+    start = min(set(range(len(unrolled) + 1)) - unrolled) if repeats else 0
+    layouts[key] = config_lib.Numbering(len(unrolled) + period * repeats, start, period,
+                                        repeats)
+  return layouts
 
 
 def stacked_modules(model: nnx.Module) -> dict[int, int]:
   """id -> repeats of the modules in `model`'s scanned stacks, whose variables hold all
   of a stack's repeats [repeats, ...]: their methods run on each layer (`per_layer`)."""
-  return {id(m): stack.repeats for _, stack in scanned_stacks(model)
-          for _, m in nnx.iter_graph(stack.layers) if isinstance(m, nnx.Module)}
+  return {id(m): stack.scan.repeats for _, stack in scanned_stacks(model)
+          for _, m in nnx.iter_graph(stack.scanned()) if isinstance(m, nnx.Module)}
 
 
 def each_layer(fn: Callable) -> Callable:
@@ -296,27 +343,32 @@ def per_layer(module: nnx.Module, stacked: dict[int, int]) -> Callable:
 
 def unstacked_arrays(model: nnx.Module) -> dict[tuple, jax.Array]:
   """path -> array of every variable of `model` as the unscanned model holds it: a
-  scanned stack's `layers/j/...` [repeats, ...] split into its layers' `blocks/i/...`."""
+  scanned stack's `layers/j/...` [repeats, ...] split into its layers' `blocks/i/...`,
+  and its `scanned_side_layers/k/...` into `side_layers/s/...`."""
   arrays = {path: variable.get_value() for path, variable in nnx.to_flat_state(nnx.state(model))}
   for where, stack in scanned_stacks(model):
-    for path, variable in nnx.to_flat_state(nnx.state(stack.layers)):
-      stacked = arrays.pop((*where, 'layers', *path))
-      j, *inner = path
-      for repeat in range(stack.repeats):
-        arrays[(*where, 'blocks', repeat * stack.period + j, *inner)] = stacked[repeat]
+    for sequence, numbering in stack.scan_sequences():
+      scanned = getattr(stack, SEQUENCES[sequence])
+      if scanned is None:
+        continue
+      for path, variable in nnx.to_flat_state(nnx.state(scanned)):
+        stacked = arrays.pop((*where, SEQUENCES[sequence], *path))
+        j, *inner = path
+        for repeat in range(numbering.repeats):
+          arrays[(*where, sequence, numbering.layer(j, repeat), *inner)] = stacked[repeat]
   return arrays
 
 
-def layer_slot(name: str, period: int, repeats: int) -> tuple[str, int] | None:
-  """Where an unrolled layer's variable lies in a scanned stack of `period` and `repeats`
-  at the model's root: 'blocks.5.attn.q_proj' -> ('layers.1.attn.q_proj', 2) for period
-  2, the stacked variable's name (as exports name them) and the layer's index in it; None
-  outside the blocks and in the unrolled layers after the last period."""
+def layer_slot(name: str, numbering: config_lib.Numbering) -> tuple[str, int] | None:
+  """Where an unrolled layer's variable lies in a scanned stack at the model's root whose
+  blocks `numbering` lays out: 'blocks.5.attn.q_proj' -> ('layers.1.attn.q_proj', 2) for
+  period 2 from block 0, the stacked variable's name (as exports name them) and the
+  layer's index in it; None outside the blocks and in the unrolled ones."""
   part, _, rest = name.partition('.')
   layer, _, inner = rest.partition('.')
-  if part != 'blocks' or not layer.isdigit() or int(layer) >= period * repeats:
+  if part != 'blocks' or not layer.isdigit() or (slot := numbering.slot(int(layer))) is None:
     return None
-  return f'layers.{int(layer) % period}.{inner}', int(layer) // period
+  return f'layers.{slot[0]}.{inner}', slot[1]
 
 
 def _kept_shape(layer: nnx.Module, x: jax.Array, out: jax.Array, which: str) -> jax.Array:
@@ -351,77 +403,113 @@ class Stack(nnx.Module):
         raise config_lib.ConfigError(
             f'model.{kind}.placement reads block {read}, a {block_plan(cfg)[read]!r} block, '
             'which has no FFN input to read (`ffn_input`); place the layer at another block')
-    self.side_layers = nnx.List([SIDE_LAYERS[kind](cfg, i, rngs)
-                                 for i, (kind, _, _) in enumerate(self.placement)])
-    # Unrolled: `blocks` [n_layers]. Scanned (`model.scan_layers`): `layers` [period], the
-    # blocks of one period of the patterns, each variable holding its block in every
-    # period stacked [repeats, ...], run by one `lax.scan` over the repeats; the layers
-    # after the last whole period stay in `blocks`, under their own indices (None before).
-    self.period, self.repeats = scan_shape(cfg)
-    if self.repeats:
-      scanned = self.period * self.repeats
-      self.layers = nnx.List(stacked_blocks(blocks[:scanned], self.period))
-      tail = blocks[scanned:]
-      self.blocks = nnx.List([None] * scanned + tail if tail else [])
-    else:
-      self.blocks, self.layers = nnx.List(blocks), None
+    side_layers = [SIDE_LAYERS[kind](cfg, i, rngs)
+                   for i, (kind, _, _) in enumerate(self.placement)]
+    # Unrolled: `blocks` [n_layers] and `side_layers` [placed]. Scanned
+    # (`model.scan_layers`, `scan_layout`): `layers` [period], the blocks of one unit of the
+    # scan, each variable holding its block in every unit stacked [repeats, ...], and
+    # `scanned_side_layers` the side layers of a unit alike, run by one `lax.scan` over the
+    # repeats; the blocks and side layers before and after the scan stay in `blocks` and
+    # `side_layers`, under their own indices (None in the scan's places).
+    self.scan = scan_layout(cfg)
+    layers = scanned_side_layers = None
+    if self.scan.repeats:
+      blocks_at, sides_at = self.scan.blocks, self.scan.side_layers
+      layers = nnx.List(stacked_layers(blocks, blocks_at))
+      if sides_at.repeats:
+        scanned_side_layers = nnx.List(stacked_layers(side_layers, sides_at, 'side layer'))
+      blocks = unrolled_only(blocks, blocks_at)
+      side_layers = unrolled_only(side_layers, sides_at)
+    self.blocks, self.layers = nnx.List(blocks), layers
+    self.side_layers, self.scanned_side_layers = nnx.List(side_layers), scanned_side_layers
+
+  def scan_sequences(self) -> list[tuple[str, config_lib.Numbering]]:
+    """(unrolled name, layout) of the blocks and of the side layers (`SEQUENCES`)."""
+    return [('blocks', self.scan.blocks), ('side_layers', self.scan.side_layers)]
+
+  def scanned(self) -> tuple:
+    """The modules one unit of the scan runs: (its blocks, its side layers)."""
+    return self.layers, self.scanned_side_layers or nnx.List([])
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     return self.run_blocks(x, positions, segment_ids)
 
   def run_blocks(self, x, positions, segment_ids, layout=None, prefixes=None):
     """`layout` (`layers.layout`) and per-block attention `prefixes`: BiTA's calls."""
-    if self.layers is not None:
-      x = self._scan_blocks(x, positions, segment_ids, layout, prefixes)
     extra = lambda i: () if layout is None else (layout, None if prefixes is None else prefixes[i])
-    pending = {}  # side layer index -> its output, waiting for its write block
-    for i, block in enumerate(self.blocks):
-      if block is None:  # one of the scanned layers
-        continue
-      readers = [j for j, (_, read, _) in enumerate(self.placement) if read == i]
+    blocks = self.scan.blocks
+    if not blocks.repeats:
+      return self._run_unrolled(range(blocks.count), x, positions, segment_ids, extra)
+    x = self._run_unrolled(range(blocks.start), x, positions, segment_ids, extra)
+    x = self._scan_blocks(x, positions, segment_ids, layout, prefixes)
+    return self._run_unrolled(range(blocks.end, blocks.count), x, positions, segment_ids,
+                              extra)
+
+  def _run_unrolled(self, span: range, x, positions, segment_ids, extra):
+    """The blocks of `span` (unrolled) and the side layers placed in it, as they come."""
+    sides = [(self.side_layers[j], read - span.start, write - span.start, f'side layer {j}')
+             for j, (_, read, write) in enumerate(self.placement) if read in span]
+    return self._run_with_sides([(self.blocks[i], f'block {i}', extra(i)) for i in span],
+                                sides, x, positions, segment_ids)
+
+  def _run_with_sides(self, blocks, sides, x, positions, segment_ids):
+    """x through `blocks` ((block, name for messages, its extra arguments) each), with
+    `sides` ((side layer, read, write, name) each; read and write index `blocks`): a side
+    layer reads the FFN input of its read block, and its output waits for its write."""
+    pending = {}  # side layer's place in `sides` -> its output, waiting for its write block
+    for at, (block, name, extra) in enumerate(blocks):
+      readers = [k for k, (_, read, _, _) in enumerate(sides) if read == at]
       if readers:
         x, normed = self._remat(type(block).ffn_input, block, x, positions, segment_ids,
-                                *extra(i))
-        for j in readers:
-          pending[j] = _kept_shape(self.side_layers[j], x, self.side_layers[j](
-              normed, positions, segment_ids, *extra(i)[:1]), f'side layer {j}')
+                                *extra)
+        for k in readers:
+          side, _, _, side_name = sides[k]
+          pending[k] = _kept_shape(side, x, side(normed, positions, segment_ids, *extra[:1]),
+                                   side_name)
         x = _kept_shape(block, x, self._remat(type(block).ffn, block, x, normed, segment_ids),
-                        f'block {i}')
+                        name)
       else:
         x = _kept_shape(block, x, self._remat(type(block).__call__, block, x, positions,
-                                              segment_ids, *extra(i)), f'block {i}')
-      for j, (_, _, write) in enumerate(self.placement):
-        if write == i:
-          x = x + pending.pop(j)
+                                              segment_ids, *extra), name)
+      for k, (_, _, write, _) in enumerate(sides):
+        if write == at:
+          x = x + pending.pop(k)
     return x
 
   def _scan_blocks(self, x, positions, segment_ids, layout, prefixes):
-    """The stacked blocks as one `lax.scan` over their repeats: each step runs one period
-    of blocks on its slice of the weights (and caches), so the step's program holds one
-    period, not every layer. What the blocks sow comes back stacked and is sown again
+    """The scanned blocks and side layers as one `lax.scan` over their repeats: each step
+    runs one unit on its slice of the weights (and caches), so the step's program holds
+    one unit, not every layer. What the layers sow comes back stacked and is sown again
     under each layer's own name (`signals.sow_layers`)."""
-    for _, module in nnx.iter_graph(self.layers):
+    blocks_at, sides_at = self.scan.blocks, self.scan.side_layers
+    unit = self.scanned()
+    for _, module in nnx.iter_graph(unit):
       if isinstance(module, nnx.Module) and hasattr(module, '__captures__'):
-        # An outer `nnx.capture`'s, empty: the blocks sow through their own, below. Its str
-        # keys beside the list's int keys would make the state unsortable.
+        # An outer `nnx.capture`'s, empty: the layers sow through their own, below. Its
+        # str keys beside the list's int keys would make the state unsortable.
         delattr(module, '__captures__')
     # Decode caches ride in the carry, each layer's slice written back into it: as the
     # scan's input and output, a decode step took 2.2x the unrolled one's, 1.3x so
     # (docs/performance.md).
-    graphdef, caches, state = nnx.split(self.layers, nnx.Cache, ...)
+    graphdef, caches, state = nnx.split(unit, nnx.Cache, ...)
     capturing = signals.capturing(self)
-    if prefixes is not None:  # one per scanned layer -> each leaf [repeats, period, ...]
+    if prefixes is not None:  # one per scanned block -> each leaf [repeats, period, ...]
       prefixes = jax.tree.map(lambda *layers: jnp.stack(layers).reshape(
-          self.repeats, self.period, *layers[0].shape),
-          *prefixes[:self.repeats * self.period])
+          blocks_at.repeats, blocks_at.period, *layers[0].shape),
+          *prefixes[blocks_at.start:blocks_at.end])
+    # The unit's side layers, read and write counted from its first block.
+    placed = [self.placement[sides_at.layer(k, 0)] for k in range(sides_at.period)]
 
     def run(unit, x, prefix):
-      for j, block in enumerate(unit):
-        extra = () if layout is None else (
-            layout, None if prefix is None else jax.tree.map(lambda x: x[j], prefix))
-        x = _kept_shape(block, x, self._remat(type(block).__call__, block, x, positions,
-                                              segment_ids, *extra), f'block {j} of the period')
-      return x
+      blocks, sides = unit
+      extra = lambda j: () if layout is None else (
+          layout, None if prefix is None else jax.tree.map(lambda x: x[j], prefix))
+      return self._run_with_sides(
+          [(block, f'block {j} of the period', extra(j)) for j, block in enumerate(blocks)],
+          [(side, read - blocks_at.start, write - blocks_at.start,
+            f'side layer {k} of the period')
+           for k, (side, (_, read, write)) in enumerate(zip(sides, placed))],
+          x, positions, segment_ids)
 
     def body(carry, xs):
       x, caches, repeat = carry
@@ -437,9 +525,10 @@ class Stack(nnx.Module):
       return (x, caches, repeat + 1), (changed, sown)
 
     (x, caches, _), (changed, sown) = jax.lax.scan(body, (x, caches, 0), (state, prefixes))
-    nnx.update(self.layers, caches, changed)
+    nnx.update(unit, caches, changed)
     if sown is not None:
-      signals.sow_layers(self, sown, self.period)
+      signals.sow_layers(self, sown, [(SEQUENCES[name], name, numbering.layer)
+                                      for name, numbering in self.scan_sequences()])
     return x
 
   def init_cache(self, batch: int, length: int):

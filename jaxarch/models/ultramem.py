@@ -36,7 +36,7 @@ def memory_layer(cfg: ml_collections.ConfigDict, index: int, rngs: nnx.Rngs) -> 
       heads_per_query=u.heads_per_query,
       rank_by_magnitude=u.rank_by_magnitude, lookup_impl=u.lookup_impl,
       lookup_scatter=u.lookup_scatter, table_split=u.table_split, top_k_chunk=u.top_k_chunk,
-      permutation_seed=index, dtype=dtype,
+      permutation_seed=index if u.permutation == 'per_layer' else 0, dtype=dtype,
       param_dtype=param_dtype, rngs=rngs)
   return MemoryLayer(memory)
 

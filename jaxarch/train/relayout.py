@@ -1,14 +1,15 @@
 """Reading a checkpoint whose layers are laid out otherwise than the model's.
 
 A stack's blocks are saved unrolled (`model.scan_layers=False`: `blocks/<i>/...`, one
-array per layer) or scanned (`layers/<j>/...`: layer i = repeat * period + j, stacked
-[repeats, ...], of the period of the run's block and attention patterns; the layers after
-the last whole period unrolled). The checkpoint's arrays are read as saved (and verified
-against their checksums), then each of the model's arrays is gathered from them, so that
-a run resumes in the other layout and a scanned run's model is read unrolled to decode.
-The optimizer's arrays repeat the parameters' paths, and follow them. The gathering holds
-one array's sources twice at a time, not the state: each saved array is dropped after its
-last use.
+array per layer) or scanned (`layers/<j>/...`: layer i = start + repeat * period + j,
+stacked [repeats, ...], of a unit of the scan (`config.scan_layout`); the layers before
+and after the scan unrolled); its side layers likewise (`side_layers/<s>/...`, or
+`scanned_side_layers/<k>/...` for those inside the scan's units). The checkpoint's arrays
+are read as saved (and verified against their checksums), then each of the model's arrays
+is gathered from them, so that a run resumes in the other layout and a scanned run's
+model is read unrolled to decode. The optimizer's arrays repeat the parameters' paths,
+and follow them. The gathering holds one array's sources twice at a time, not the state:
+each saved array is dropped after its last use.
 """
 
 import dataclasses
@@ -18,32 +19,31 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxarch.models.transformer import stack_at
+from jaxarch.config import Numbering
+from jaxarch.models.transformer import SEQUENCES, UNROLLED_NAME, numberings, stack_at
 from jaxarch.train.step import tree_path
 
 Read = tuple[str, int | None]  # a saved array's key, and the layer's index in it if stacked
 
 
-@dataclasses.dataclass(frozen=True)
-class _Stack:
-  """A stack's layout in one state: its first `scanned` layers stacked by `period`
-  [scanned // period, ...] (`layers/<j>`), the rest of its `layers` unrolled
-  (`blocks/<i>`); unrolled, `scanned` is 0 and `period` its layers."""
-  scanned: int
-  period: int
-  layers: int
+def _read(numbering: Numbering, prefix: str, sequence: str, layer: int, inner: str) -> Read:
+  """Where layer `layer` of a stack's sequence (`prefix`: the stack's path) lies in a
+  state that lays it out by `numbering`."""
+  if (slot := numbering.slot(layer)) is not None:
+    return f'{prefix}/{SEQUENCES[sequence]}/{slot[0]}/{inner}', slot[1]
+  return f'{prefix}/{sequence}/{layer}/{inner}', None
 
-  def read(self, prefix: str, layer: int, inner: str) -> Read:
-    if layer < self.scanned:
-      return f'{prefix}/layers/{layer % self.period}/{inner}', layer // self.period
-    return f'{prefix}/blocks/{layer}/{inner}', None
 
-  @property
-  def layout(self) -> tuple[bool, int | None]:
-    return bool(self.scanned), self.period if self.scanned else None
+def _layout(numbering: Numbering) -> tuple:
+  return ((numbering.start, numbering.period, numbering.repeats) if numbering.repeats
+          else ())
 
-  def __str__(self):
-    return f'scanned (period {self.period})' if self.scanned else 'unrolled'
+
+def _describe(numbering: Numbering) -> str:
+  if not numbering.repeats:
+    return 'unrolled'
+  return f'scanned (period {numbering.period}' + (
+      f' from block {numbering.start})' if numbering.start else ')')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,48 +68,45 @@ class Relayout:
     return uses
 
 
-def _split(key: str) -> tuple[str, bool, int, str] | None:
-  """'params/stack/layers/1/mlp/up/value' -> ('params/stack', True, 1, 'mlp/up/value'):
-  the stack's path, whether scanned, the index (layer or block of a period) and the path
-  inside the block; None outside the blocks."""
+def _split(key: str) -> tuple[str, str, bool, int, str] | None:
+  """'params/stack/layers/1/mlp/up/value' -> ('params/stack', 'blocks', True, 1,
+  'mlp/up/value'): the stack's path, the sequence (`SEQUENCES`, by its unrolled name),
+  whether scanned, the index (layer, or stacked layer of a unit) and the path inside the
+  layer; None outside the stacks' sequences."""
   parts = key.split('/')
   if (found := stack_at(parts)) is None:
     return None
-  at, kind = found
-  return '/'.join(parts[:at]), kind == 'layers', int(parts[at + 1]), '/'.join(parts[at + 2:])
+  at, name = found
+  return ('/'.join(parts[:at]), UNROLLED_NAME.get(name, name), name in UNROLLED_NAME,
+          int(parts[at + 1]), '/'.join(parts[at + 2:]))
 
 
 def outside(shapes: dict[str, tuple]) -> dict[str, tuple]:
-  """The arrays of a `checkpoint._shapes` map outside the stacks' blocks: the same in
+  """The arrays of a `checkpoint._shapes` map outside the stacks' layers: the same in
   either layout."""
   return {key: value for key, value in shapes.items() if _split(key) is None}
 
 
-def _stacks(shapes: dict[str, tuple]) -> dict[str, _Stack]:
-  """The layout of each stack that the parameters' keys name, by the stack's path in the
-  model ('' at its root), from a state's `checkpoint._shapes` map: every block of a period
-  has parameters, where the optimizer's or model state's arrays may leave some out."""
-  found = {}  # where -> [periods' highest block, repeats, highest unrolled layer]
-  for key, (shape, _) in shapes.items():
-    if key.split('/')[0] == 'params' and (split := _split(key)) is not None:
-      prefix, scanned, index, _ = split
-      where = found.setdefault(prefix.removeprefix('params').removeprefix('/'), [-1, 0, -1])
-      if scanned:
-        where[0], where[1] = max(where[0], index), shape[0]
-      else:
-        where[2] = max(where[2], index)
-  stacks = {}
-  for where, (top, repeats, last) in found.items():
-    scanned = (top + 1) * repeats
-    stacks[where] = _Stack(scanned, top + 1 if scanned else last + 1, max(scanned, last + 1))
-  return stacks
+Stacks = dict[tuple[str, str], Numbering]  # (stack's path in the model, sequence) -> layout
 
 
-def _stack_of(prefix: str, stacks: dict[str, _Stack]) -> str | None:
+def _stacks(shapes: dict[str, tuple]) -> Stacks:
+  """The layout of each stack's sequences that the parameters' keys name, by the stack's
+  path in the model ('' at its root), from a state's `checkpoint._shapes` map: the
+  parameters name every layer, where the optimizer's or model state's arrays may leave
+  some out."""
+  params = [(key.split('/')[1:], shape) for key, (shape, _) in shapes.items()
+            if key.split('/')[0] == 'params']
+  return {('/'.join(where), sequence): numbering
+          for (where, sequence), numbering in numberings(params).items()}
+
+
+def _stack_of(prefix: str, sequence: str, stacks: Stacks) -> tuple[str, str] | None:
   """The stack whose path ends `prefix`: a parameter's, an optimizer moment's
   ('opt_state/1/0/mu/global_model'), the model state's."""
-  ends = [where for where in stacks if not where or prefix.endswith(f'/{where}')]
-  return max(ends, key=len, default=None)
+  ends = [(where, kind) for where, kind in stacks
+          if kind == sequence and (not where or prefix.endswith(f'/{where}'))]
+  return max(ends, key=lambda stack: len(stack[0]), default=None)
 
 
 def plan(saved: dict[str, tuple], wanted: dict[str, tuple]) -> Relayout | str | None:
@@ -118,11 +115,12 @@ def plan(saved: dict[str, tuple], wanted: dict[str, tuple]) -> Relayout | str | 
   the same (or the stacks are another model's: `checkpoint.mismatch` says how); a string
   saying why where the layouts differ and the arrays do not fit."""
   saved_stacks, wanted_stacks = _stacks(saved), _stacks(wanted)
-  layouts = lambda stacks: {where: s.layout for where, s in stacks.items()}
+  layouts = lambda stacks: {where: _layout(numbering) for where, numbering in stacks.items()}
   if layouts(saved_stacks) == layouts(wanted_stacks) or set(saved_stacks) != set(
       wanted_stacks):
     return None
-  describe = lambda stacks: ', '.join(sorted({str(s) for s in stacks.values()}))
+  describe = lambda stacks: ', '.join(sorted({_describe(numbering) for (_, sequence), numbering
+                                              in stacks.items() if sequence == 'blocks'}))
   reads = _reads(saved, wanted, saved_stacks, wanted_stacks)
   if isinstance(reads, str):
     return (f'holds its layers {describe(saved_stacks)} and does not fit this model (its '
@@ -130,13 +128,14 @@ def plan(saved: dict[str, tuple], wanted: dict[str, tuple]) -> Relayout | str | 
   return Relayout(reads, describe(saved_stacks), describe(wanted_stacks))
 
 
-def _reads(saved: dict[str, tuple], wanted: dict[str, tuple], saved_stacks: dict[str, _Stack],
-           wanted_stacks: dict[str, _Stack]) -> dict | str:
+def _reads(saved: dict[str, tuple], wanted: dict[str, tuple], saved_stacks: Stacks,
+           wanted_stacks: Stacks) -> dict | str:
   """`Relayout.reads`, or why the arrays do not fit."""
-  for where, stack in wanted_stacks.items():
-    if saved_stacks[where].layers != stack.layers:
-      return (f'it has {saved_stacks[where].layers} layers{f" in {where}" if where else ""}, '
-              f'the model {stack.layers} (model.n_layers?)')
+  for (where, sequence), numbering in wanted_stacks.items():
+    if (count := saved_stacks[where, sequence].count) != numbering.count:
+      what = 'layers' if sequence == 'blocks' else sequence.replace('_', ' ')
+      return (f'it has {count} {what}{f" in {where}" if where else ""}, the model '
+              f'{numbering.count} (model.n_layers?)')
   reads = {}
   for key in sorted(wanted, key=lambda k: not k.startswith('params/')):  # named first
     shape, dtype = wanted[key]
@@ -145,11 +144,13 @@ def _reads(saved: dict[str, tuple], wanted: dict[str, tuple], saved_stacks: dict
       reads[key] = ((key, None),), False
       element = shape
     else:
-      prefix, scanned, index, inner = split
-      where = _stack_of(prefix, wanted_stacks)
-      stack = wanted_stacks[where]
-      layers = range(index, stack.scanned, stack.period) if scanned else [index]
-      reads[key] = tuple(saved_stacks[where].read(prefix, i, inner) for i in layers), scanned
+      prefix, sequence, scanned, index, inner = split
+      stack = _stack_of(prefix, sequence, wanted_stacks)
+      numbering = wanted_stacks[stack]
+      layers = ([numbering.layer(index, r) for r in range(numbering.repeats)] if scanned
+                else [index])
+      reads[key] = tuple(_read(saved_stacks[stack], prefix, sequence, i, inner)
+                         for i in layers), scanned
       element = shape[1:] if scanned else shape
     for source, index in reads[key][0]:
       if source not in saved:

@@ -13,7 +13,8 @@ import optax
 from flax import nnx
 
 from jaxarch.layers.signals import WindowCounter, is_window_metric
-from jaxarch.models.transformer import per_layer, scanned_at, stacked_modules
+from jaxarch.models.transformer import (UNROLLED_NAME, numberings, per_layer, scanned_at,
+                                        stacked_modules)
 from jaxarch.parallel.context import logical_mesh
 from jaxarch.train.optimizer import frozen
 from jaxarch.train.state import TrainSetup
@@ -148,23 +149,22 @@ def _global_norm(norms: jax.Array) -> jax.Array:
 
 
 def leaf_names(tree) -> list[str]:
-  """'blocks/0/mlp/gate'-style names of the arrays of `tree`, in `jax.tree.leaves` order;
-  a scanned stack's stacked array (`layers/j/...`) has one per layer, its unscanned name."""
+  """'blocks/0/mlp/gate'-style names of the arrays of `tree` (every parameter: a scanned
+  stack's layout is read off its arrays, `transformer.numberings`), in `jax.tree.leaves`
+  order; a scanned stack's stacked array (`layers/j/...`) has one per layer, its
+  unscanned name."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  periods = {}  # a stack's path -> its period (the blocks it stacks)
-  for path, _ in leaves:
-    if (at := _layers_at(path)) is not None:
-      stack = tree_path(path[:at])
-      periods[stack] = max(periods.get(stack, 0), int(_key_name(path[at + 1])) + 1)
+  keys = [[_key_name(k) for k in path] for path, _ in leaves]
+  layouts = numberings(zip(keys, (x.shape for _, x in leaves)))
   names = []
-  for path, x in leaves:
-    name = tree_path(path).removesuffix('/value')
-    if (at := _layers_at(path)) is None:
-      names.append(name)
+  for parts, (_, x) in zip(keys, leaves):
+    if (at := scanned_at(parts)) is None:
+      names.append('/'.join(parts).removesuffix('/value'))
       continue
-    stack, j = tree_path(path[:at]), int(_key_name(path[at + 1]))
-    inner = tree_path(path[at + 2:]).removesuffix('/value')
-    names += ['/'.join(filter(None, [stack, 'blocks', str(r * periods[stack] + j), inner]))
+    sequence = UNROLLED_NAME[parts[at]]
+    numbering, j = layouts[tuple(parts[:at]), sequence], int(parts[at + 1])
+    inner = '/'.join(parts[at + 2:]).removesuffix('/value')
+    names += ['/'.join(filter(None, [*parts[:at], sequence, str(numbering.layer(j, r)), inner]))
               for r in range(x.shape[0])]
   return names
 
