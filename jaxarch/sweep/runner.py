@@ -142,8 +142,9 @@ def record(run: plan.Run, run_dir: Path, wall_s: float | None) -> dict:
   }
 
 
-def recorded_runs(runs: list[plan.Run], workdir: Path) -> set[str]:
-  """Names of the runs whose record in DIR/results.jsonl stands.
+def recorded_runs(runs: list[plan.Run], workdir: Path, echo=print) -> set[str]:
+  """Names of the runs whose record in DIR/results.jsonl stands; records of runs the
+  sweep no longer has are said (`_say_removed_runs`).
 
   A record stands when it was made under the run's present config hash, or under (or,
   without a hash, beside) the config its directory's config.json holds when that config
@@ -153,6 +154,7 @@ def recorded_runs(runs: list[plan.Run], workdir: Path) -> set[str]:
   finished; and with the run's present `budget`, which may have been relabelled.
   """
   records = {r['name']: r for r in read_results(workdir)}
+  _say_removed_runs(runs, records, echo)
   standing = set()
   for run in runs:
     old = records.get(run.name)
@@ -270,7 +272,7 @@ def _flat(tree: dict, prefix: str = '') -> dict:
 def collect(runs: list[plan.Run], workdir: Path, echo=print) -> list[dict]:
   """Records the runs that finished elsewhere (the jobs `--launcher` wrote): those whose
   metrics reached their last step; the others are left for a later collect."""
-  done = recorded_runs(runs, workdir)
+  done = recorded_runs(runs, workdir, echo)
   collected, waiting = [], []
   for run in runs:
     cfg = run.config()
@@ -315,7 +317,6 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
   runs = load_sweep(spec)
   if parallel < 1:
     raise ValueError(f'sweep: parallel={parallel} must be >= 1')
-  _say_removed_runs(runs, workdir, echo)
   if collect_only:
     return collect(runs, workdir, echo)
   if launcher not in (None, 'local'):
@@ -324,7 +325,7 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
     return render_jobs(runs, workdir, launcher, echo)
   workdir.mkdir(parents=True, exist_ok=True)
   with _only_sweep_in(workdir):
-    done = recorded_runs(runs, workdir)
+    done = recorded_runs(runs, workdir, echo)
     todo = [r for r in runs if r.name not in done]
     echo(f'sweep: {len(runs)} runs, {len(runs) - len(todo)} finished already, '
          f'{len(todo)} to run, {parallel} at a time')
@@ -378,11 +379,10 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
   return read_results(workdir)
 
 
-def _say_removed_runs(runs: list[plan.Run], workdir: Path, echo) -> None:
+def _say_removed_runs(runs: list[plan.Run], records: dict[str, dict], echo) -> None:
   """Records of runs that the sweep file no longer has stay in results.jsonl, and `jaxarch
   fit` reads them: said, so that an edit meant to drop them does not fit them still."""
-  named = {run.name for run in runs}
-  if gone := sorted({r['name'] for r in read_results(workdir)} - named):
+  if gone := sorted(set(records) - {run.name for run in runs}):
     echo(f'sweep: results.jsonl holds {runs_counted(len(gone))} the sweep file no longer has '
          f'({", ".join(gone[:5])}{" ..." if len(gone) > 5 else ""}), which `jaxarch fit` '
          'still reads; delete their lines to leave them out')
