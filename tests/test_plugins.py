@@ -213,6 +213,25 @@ def test_a_name_taken_by_other_code_is_refused_and_the_same_code_registers_again
   assert BLOCKS['halved'] is scaled_mlp_block and models.FAMILIES['tempered'] is Tempered
 
 
+def test_a_factory_that_cannot_be_called_as_jaxarch_calls_it_is_refused_when_registered():
+  """Before, it registered, and the build failed with a TypeError traceback from inside
+  the stack."""
+  with pytest.raises(config_lib.ConfigError, match=(
+      r"block 'narrow': \S*narrow\(cfg, layer\) cannot be called as jaxarch calls a block "
+      r'factory, factory\(model_cfg, layer, rngs\) \(too many positional arguments\)')):
+    @models.register_block('narrow')
+    def narrow(cfg, layer):
+      return scaled_mlp_block(cfg, layer, nnx.Rngs(0))
+  with pytest.raises(config_lib.ConfigError, match=r"side layer 'probe': .* factory\(model_cfg, "
+                     r'index, rngs\)'):
+    models.register_side_layer('probe')(lambda cfg, rngs: None)
+  with pytest.raises(config_lib.ConfigError, match=r"family 'bare': .* constructor\(model_cfg, "
+                     r"rngs=rngs\) \(got an unexpected keyword argument 'rngs'\)"):
+    models.register_family('bare', lambda cfg: None)
+  assert 'narrow' not in BLOCKS and 'probe' not in SIDE_LAYERS
+  assert 'bare' not in models.FAMILIES
+
+
 class Scratch(nnx.Module):
   """A family of one's own that trains but has none of the decoding methods."""
 

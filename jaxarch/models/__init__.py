@@ -15,8 +15,8 @@ from jaxarch.models.bita import Bita
 from jaxarch.models.megabyte import Megabyte
 from jaxarch.models import ultramem  # registers the memory side layer
 from jaxarch.layers import Embed
-from jaxarch.models.transformer import (BLOCKS, SIDE_LAYERS, Transformer, check_new_name,
-                                        register_block, register_side_layer,
+from jaxarch.models.transformer import (BLOCKS, SIDE_LAYERS, Transformer, check_called_as,
+                                        check_new_name, register_block, register_side_layer,
                                         stacked_modules, unstacked_arrays)
 
 # model.family -> constructor(model_cfg, rngs=...); `register_family` adds one.
@@ -41,6 +41,8 @@ def register_family(name: str, constructor: Callable[..., nnx.Module],
   accept it; `checks` validate its config (raising `config.ConfigError`), by default those
   of the dense family (the decoder stack's shape)."""
   check_new_name(FAMILIES, 'family', name, constructor)
+  check_called_as('family', name, constructor, 'constructor(model_cfg, rngs=rngs)', None,
+                  rngs=None)
   FAMILIES[name] = constructor
   config_lib.FAMILY_CHECKS[name] = tuple(
       config_lib.FAMILY_CHECKS['dense'] if checks is None else checks)

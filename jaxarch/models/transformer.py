@@ -13,6 +13,7 @@ registry. Layers report aux losses and metrics through `jaxarch.layers.signals`.
 """
 
 from collections.abc import Callable, Iterable, Sequence
+import inspect
 import math
 
 import flax
@@ -55,6 +56,22 @@ def check_new_name(registry: dict, what: str, name: str, entry) -> None:
                      f'{code(entry)} another name')
 
 
+def check_called_as(what: str, name: str, entry, call: str, *args, **kwargs) -> None:
+  """Refuses a factory that cannot be called as jaxarch calls it (`call`, e.g.
+  'factory(model_cfg, layer, rngs)'), when it is registered: called, it would fail with a
+  TypeError deep inside the model's build."""
+  try:
+    signature = inspect.signature(entry)
+  except (TypeError, ValueError):  # no signature to read (a builtin): left to the call
+    return
+  try:
+    signature.bind(*args, **kwargs)
+  except TypeError as e:
+    raise config_lib.ConfigError(
+        f'{what} {name!r}: {getattr(entry, "__qualname__", entry)}{signature} cannot be '
+        f'called as jaxarch calls a {what} factory, {call} ({e})') from None
+
+
 def register_block(name: str, checks: Sequence[config_lib.Check] = ()):
   """Decorator: `factory` builds the blocks `model.block_pattern` names `name`, and the
   config accepts that name. `checks` validate the block's own section (`model.<name>`,
@@ -62,6 +79,7 @@ def register_block(name: str, checks: Sequence[config_lib.Check] = ()):
   `config.ConfigError`; none by default."""
   def register(factory):
     check_new_name(BLOCKS, 'block', name, factory)
+    check_called_as('block', name, factory, 'factory(model_cfg, layer, rngs)', None, 0, None)
     BLOCKS[name] = factory
     config_lib.BLOCK_CHECKS[name] = tuple(checks) or config_lib.BLOCK_CHECKS.get(name, ())
     return factory
@@ -73,6 +91,8 @@ def register_side_layer(name: str):
   `model.<name>.placement` places (`SIDE_LAYERS`)."""
   def register(factory):
     check_new_name(SIDE_LAYERS, 'side layer', name, factory)
+    check_called_as('side layer', name, factory, 'factory(model_cfg, index, rngs)', None, 0,
+                    None)
     SIDE_LAYERS[name] = factory
     return factory
   return register
