@@ -5,8 +5,10 @@ import sys
 
 import ml_collections
 import pytest
+from flax import nnx
 
 from jaxarch import config as config_lib
+from jaxarch import models
 
 DENSE = 'configs/dense.py'
 
@@ -763,6 +765,22 @@ def test_an_ultramem_run_saved_before_its_kernel_and_query_keys_resumes(tmp_path
   u = config_lib.load_json(path).model.ultramem
   assert (u.lookup_impl, u.lookup_scatter, u.table_split, u.heads_per_query,
           u.top_k_chunk) == ('auto', 'sorted', 'rows', 1, 0)
+
+
+def test_an_ultramem_run_saved_before_the_shared_permutation_keeps_each_layer_s_own(tmp_path):
+  """Its memory layers were trained through permutations drawn from their indices: a new
+  run's shared one would read other values for the same keys."""
+  path = tmp_path / 'config.json'
+  config_lib.save(config_lib.load('configs/ultramem.py:tiny'), path)
+  old = json.loads(path.read_text())
+  del old['model']['ultramem']['permutation']
+  path.write_text(json.dumps(old))
+  cfg = config_lib.load_json(path)
+  assert cfg.model.ultramem.permutation == 'per_layer'
+  permutations = lambda cfg: [side.memory.permutation for side in models.build(
+      cfg.model, rngs=nnx.Rngs(0)).side_layers]
+  first, second = permutations(cfg)
+  assert first != second and first == permutations(config_lib.load('configs/ultramem.py:tiny'))[1]
 
 
 @pytest.mark.parametrize('spec, section, key', [

@@ -4,6 +4,9 @@
 UltraMem is the `model.ultramem` section, whose `placement` puts one memory layer per
 pair: it reads the normalised FFN input of block `read` (what that block's FFN reads,
 arXiv 2411.12364) and adds its output to the residual stream after block `write`.
+The memory layers share one IVE permutation (`model.ultramem.permutation='shared'`), so
+that they stack into a scan with the blocks (`model.scan_layers`); runs from before
+2026-12-07 drew each its own from its index ('per_layer'), and keep it.
 """
 
 import ml_collections
