@@ -60,6 +60,15 @@ def _arrays(model) -> dict:
   return {path: np.asarray(x) for path, x in transformer.unstacked_arrays(model).items()}
 
 
+def _same_weights(scanned, unrolled):
+  """The scanned model's layers hold the unrolled one's draws, bit for bit."""
+  want, got = _arrays(unrolled), _arrays(scanned)
+  assert want.keys() == got.keys()
+  for path in want:
+    np.testing.assert_array_equal(got[path], want[path], err_msg=str(path))
+  assert models.param_counts(scanned) == models.param_counts(unrolled)
+
+
 @pytest.mark.parametrize('case', ['dense', 'moe'])
 def test_a_scanned_stack_holds_the_unrolled_weights_stacked_by_layer(case):
   unrolled, scanned = (_model(_config(case, scan))
@@ -67,11 +76,7 @@ def test_a_scanned_stack_holds_the_unrolled_weights_stacked_by_layer(case):
   assert [block is None for block in scanned.blocks] == [True] * 4 + [False]  # after 2 periods
   q_proj = scanned.layers[0].attn.q_proj
   assert q_proj.shape[0] == 2 and q_proj.get_metadata()['out_sharding'][0] is None
-  want, got = _arrays(unrolled), _arrays(scanned)
-  assert want.keys() == got.keys()
-  for path in want:  # the same draws, bit for bit
-    np.testing.assert_array_equal(got[path], want[path], err_msg=str(path))
-  assert models.param_counts(scanned) == models.param_counts(unrolled)
+  _same_weights(scanned, unrolled)
 
 
 def test_ultramem_scans_its_memory_layers_in_the_units_between_unrolled_blocks():
@@ -85,11 +90,7 @@ def test_ultramem_scans_its_memory_layers_in_the_units_between_unrolled_blocks()
   values = scanned.scanned_side_layers[0].memory.values
   assert values.shape == (2, 4096, 64)
   assert values.get_metadata()['out_sharding'] == (None, 'values', None)
-  want, got = _arrays(unrolled), _arrays(scanned)
-  assert want.keys() == got.keys()
-  for path in want:  # the same draws, bit for bit
-    np.testing.assert_array_equal(got[path], want[path], err_msg=str(path))
-  assert models.param_counts(scanned) == models.param_counts(unrolled)
+  _same_weights(scanned, unrolled)
 
 
 def test_the_scan_layout_leaves_fewest_blocks_to_trace():
