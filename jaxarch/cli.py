@@ -430,7 +430,7 @@ def _sweep(args, overrides):
                                    f'file; drop {override.split("=")[0]}')
   records = run_sweep(args.config, args.workdir, parallel=args.parallel,
                       launcher=args.launcher, launch_overrides=overrides,
-                      collect_only=args.collect)
+                      collect_only=args.collect, only=args.only)
   results = Path(args.workdir) / 'results.jsonl'
   if not cluster and not records:
     print(f'jaxarch: no runs recorded in {results} yet', file=sys.stderr)
@@ -622,6 +622,9 @@ def _parser() -> argparse.ArgumentParser:
                      f'{", ".join(launch_lib.TARGETS)} (their keys: --config.launch.KEY=VALUE)')
   sweep.add_argument('--collect', action='store_true',
                      help='record the runs whose cluster jobs have finished, run nothing')
+  sweep.add_argument('--only', type=lambda s: [p for p in s.split(',') if p], default=[],
+                     help='run (or render, or collect) only these runs, the others left as '
+                     'they are: names or shell patterns, comma-separated, e.g. d32,d6*')
   sweep.set_defaults(func=_sweep)
   fit = commands.add_parser(
       'fit', help="fit scaling laws to a sweep's results; plots and a markdown report",

@@ -12,6 +12,7 @@ import yaml
 
 from jaxarch import cli
 from jaxarch import config as config_lib
+from jaxarch.sweep import runner
 from jaxarch import launch
 
 SPEC = 'configs/dense.py:151m'
@@ -394,6 +395,22 @@ def test_sweep_renders_one_slurm_job_per_run(tmp_path, capsys):
         f'--config.model.d_model={width}', f'--config.model.d_ff={2 * width}',
         '--config.model.n_layers=2']
   assert sorted(p.name for p in (workdir / 'runs').iterdir()) == ['d32', 'd64']
+
+
+def test_sweep_renders_and_collects_only_the_runs_named(tmp_path, capsys):
+  spec, workdir = _sweep_file(tmp_path), tmp_path / 'sweep'
+  assert cli.main(['sweep', f'--config={spec}', f'--workdir={workdir}', '--launcher=slurm',
+                   '--only=d64']) == 0
+  assert sorted(p.name for p in (workdir / 'runs').iterdir()) == ['d64']
+  assert 'sweep: 1 slurm job written; nothing was submitted' in capsys.readouterr().out
+  steps = config_lib.load('configs/dense.py:tiny').train.steps
+  for name in ('d32', 'd64'):  # both finished, d32 by a job rendered before
+    (workdir / 'runs' / name).mkdir(exist_ok=True)
+    (workdir / 'runs' / name / 'metrics.jsonl').write_text(
+        json.dumps(dict(step=steps, loss=2.0, eval_loss=2.5, eval_bpb=3.0)) + '\n')
+  assert cli.main(['sweep', f'--config={spec}', f'--workdir={workdir}', '--collect',
+                   '--only=d64']) == 0
+  assert [r['name'] for r in runner.read_results(workdir)] == ['d64']
 
 
 def test_sweep_tpu_vm_jobs_run_on_the_named_vm(tmp_path, capsys):

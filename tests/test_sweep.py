@@ -201,6 +201,22 @@ def _stand_in_training(monkeypatch):
                       lambda run, run_dir: [sys.executable, '-c', script, str(run_dir)])
 
 
+def test_only_runs_the_runs_it_names_and_leaves_the_others(tmp_path, data_dir, monkeypatch):
+  _stand_in_training(monkeypatch)
+  spec, workdir = _sweep_file(tmp_path, data_dir), tmp_path / 'sweep'
+  messages = []
+  records = runner.run_sweep(spec, workdir, only=['d3*'], echo=messages.append)
+  assert [r['name'] for r in records] == ['d32']
+  assert messages[0] == ('sweep: 3 runs, 2 finished already or left out by --only, 1 to run, '
+                         '1 at a time')
+  assert sorted(p.name for p in (workdir / 'runs').iterdir()) == ['d32']
+  with pytest.raises(runner.SweepError, match=r'--only d96 names no run of the sweep file '
+                     r'\(runs: d32, d48, d64\)'):
+    runner.run_sweep(spec, workdir, only=['d32', 'd96'], echo=messages.append)
+  assert cli.main(['sweep', f'--config={spec}', f'--workdir={workdir}', '--only=d32,d6*']) == 2
+  assert not (workdir / 'runs' / 'd48').exists()  # d64 stopped at step 3: unfinished
+
+
 def test_sweep_records_finished_runs_once_and_reports_failed_and_stopped_ones(
     tmp_path, data_dir, monkeypatch, capsys):
   _stand_in_training(monkeypatch)

@@ -23,6 +23,7 @@ run's present config).
 import concurrent.futures
 import contextlib
 import dataclasses
+import fnmatch
 import functools
 import inspect
 import json
@@ -269,14 +270,32 @@ def _flat(tree: dict, prefix: str = '') -> dict:
   return out
 
 
-def collect(runs: list[plan.Run], workdir: Path, echo=print) -> list[dict]:
+def selected(runs: list[plan.Run], only: Sequence[str]) -> set[str]:
+  """The names of `runs` that `only` (names or shell patterns, e.g. 'd6*') picks; all
+  of them if it is empty. A pattern that picks none is refused (a misspelt name would
+  otherwise run nothing, and say so only in a count)."""
+  names = [run.name for run in runs]
+  if not only:
+    return set(names)
+  chosen = set()
+  for pattern in only:
+    if not (matched := fnmatch.filter(names, pattern)):
+      raise SweepError(f'sweep: --only {pattern} names no run of the sweep file (runs: '
+                       f'{", ".join(names[:8])}{" ..." if len(names) > 8 else ""})')
+    chosen.update(matched)
+  return chosen
+
+
+def collect(runs: list[plan.Run], workdir: Path, echo=print,
+            chosen: set[str] | None = None) -> list[dict]:
   """Records the runs that finished elsewhere (the jobs `--launcher` wrote): those whose
-  metrics reached their last step; the others are left for a later collect."""
+  metrics reached their last step; the others are left for a later collect. `chosen`:
+  the names of the runs to look at (`selected`), all if None."""
   done = recorded_runs(runs, workdir, echo)
   collected, waiting = [], []
   for run in runs:
     cfg = run.config()
-    if run.name in done:
+    if run.name in done or (chosen is not None and run.name not in chosen):
       continue
     run_dir = workdir / 'runs' / run.name
     if last_step(run_dir) != cfg.train.steps:
@@ -302,10 +321,12 @@ def collect(runs: list[plan.Run], workdir: Path, echo=print) -> list[dict]:
 
 def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
               launcher: str | None = None, launch_overrides: Sequence[str] = (),
-              collect_only: bool = False, echo=print) -> list[dict]:
+              collect_only: bool = False, only: Sequence[str] = (),
+              echo=print) -> list[dict]:
   """Runs the sweep's unfinished runs (launcher None or 'local') and returns all records of
   the workdir, or renders every run as a cluster job, its `launch_overrides` (launch.k=v)
-  applied to each; `collect_only` records the rendered jobs that have finished."""
+  applied to each; `collect_only` records the rendered jobs that have finished. `only`:
+  names or shell patterns of the runs to run, render or collect (all if empty)."""
   workdir = local_workdir(workdir)
   if (workdir / 'config.json').is_file():  # `jaxarch train`'s, or an export's
     if is_sweep_workdir(workdir):  # a run trained into the sweep's own workdir
@@ -317,18 +338,21 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
   runs = load_sweep(spec)
   if parallel < 1:
     raise ValueError(f'sweep: parallel={parallel} must be >= 1')
+  chosen = selected(runs, only)
   if collect_only:
-    return collect(runs, workdir, echo)
+    return collect(runs, workdir, echo, chosen)
   if launcher not in (None, 'local'):
     extra = tuple(o.removeprefix('--').removeprefix('config.') for o in launch_overrides)
-    runs = [dataclasses.replace(r, overrides=r.overrides + extra) for r in runs]
+    runs = [dataclasses.replace(r, overrides=r.overrides + extra)
+            for r in runs if r.name in chosen]
     return render_jobs(runs, workdir, launcher, echo)
   workdir.mkdir(parents=True, exist_ok=True)
   with _only_sweep_in(workdir):
     done = recorded_runs(runs, workdir, echo)
-    todo = [r for r in runs if r.name not in done]
-    echo(f'sweep: {len(runs)} runs, {len(runs) - len(todo)} finished already, '
-         f'{len(todo)} to run, {parallel} at a time')
+    todo = [r for r in runs if r.name not in done and r.name in chosen]
+    echo(f'sweep: {len(runs)} runs, {len(runs) - len(todo)} finished already'
+         f'{" or left out by --only" if len(chosen) < len(runs) else ""}, {len(todo)} to '
+         f'run, {parallel} at a time')
     failed, unfinished, not_started = [], [], []
     trainers, stop = set(), threading.Event()
     with (_stopping_trainers_on_sigterm(trainers, stop),
@@ -472,5 +496,6 @@ def render_jobs(runs, workdir: Path, launcher: str, echo=print) -> list[dict]:
         if warning not in warned:
           warned.add(warning)
           echo(f'sweep: warning: {warning}')
-  echo(f'sweep: {len(runs)} {launcher} jobs written; nothing was submitted')
+  echo(f'sweep: {len(runs)} {launcher} job{"s" * (len(runs) != 1)} written; nothing was '
+       'submitted')
   return read_results(workdir)
