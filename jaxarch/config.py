@@ -437,12 +437,15 @@ class ScanLayout:
 
 
 def placements(model: ConfigDict) -> list[tuple[str, int, int]]:
-  """(kind, read, write) of every side layer that `model` places, in the order of its
-  sections (`model.<kind>.placement`) and pairs: the side layers' indices."""
+  """(kind, read, write) of every side layer that `model` places (`model.<kind>.placement`),
+  the kinds in the order their code registered them (`SIDE_LAYER_KINDS`; others last, by
+  name), each kind's pairs in order: the side layers' indices."""
+  sections = [(kind, section) for kind, section in model.items()
+              if isinstance(section, ConfigDict) and 'placement' in section]
+  registered = lambda kind: (SIDE_LAYER_KINDS.index(kind) if kind in SIDE_LAYER_KINDS
+                             else len(SIDE_LAYER_KINDS))
   placed = []
-  for kind, section in model.items():
-    if not isinstance(section, ConfigDict) or 'placement' not in section:
-      continue
+  for kind, section in sorted(sections, key=lambda item: registered(item[0])):
     for i, pair in enumerate(section.placement or ()):
       if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(
           isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in pair)):
@@ -631,7 +634,7 @@ def _check_ultramem(cfg: ConfigDict) -> None:
                         f'0 <= read <= write < model.n_layers={cfg.model.n_layers}, e.g. '
                         'placement=((1, 2),)')
   if (cfg.model.ultramem.permutation == 'per_layer' and cfg.model.get('scan_layers')
-      and scan_layout(cfg.model).side_layers.repeats):
+      and scan_layout(cfg.model).side_layers.repeats > 1):
     raise ConfigError("model.ultramem.permutation='per_layer' (the runs of jaxarch before "
                       '2026-12-07) draws each memory layer its own IVE permutation, so the '
                       'memory layers do not stack into a scan: keep model.scan_layers=False '
@@ -877,6 +880,10 @@ FAMILY_CHECKS: dict[str, tuple[Check, ...]] = {
     'megabyte': (_check_transformer, _check_megabyte),
     'bita': (_check_bita,),
 }
+
+# Side-layer kinds (`model.<kind>.placement`) in the order their code registered them
+# (`models.register_side_layer`): the order of the side layers' indices (`placements`).
+SIDE_LAYER_KINDS: list[str] = []
 
 # Block kind in model.block_pattern -> checks of its section (e.g. 'moe': (_check_moe,)
 # for model.moe), run whenever the pattern uses the block, whatever the family.

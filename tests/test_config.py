@@ -9,6 +9,7 @@ from flax import nnx
 
 from jaxarch import config as config_lib
 from jaxarch import models
+from jaxarch.train.workdir import WorkdirError, check_same_model
 
 DENSE = 'configs/dense.py'
 
@@ -781,6 +782,15 @@ def test_an_ultramem_run_saved_before_the_shared_permutation_keeps_each_layer_s_
       cfg.model, rngs=nnx.Rngs(0)).side_layers]
   first, second = permutations(cfg)
   assert first != second and first == permutations(config_lib.load('configs/ultramem.py:tiny'))[1]
+  # Resumed or evaluated with a config that says otherwise (the shipped preset's 'shared'):
+  # refused, since no checkpoint array holds the permutation to catch it.
+  with pytest.raises(WorkdirError, match=(
+      r"trained with model.ultramem.permutation='per_layer', and this config says 'shared', "
+      r'which would look their values up elsewhere; add '
+      r'--config.model.ultramem.permutation=per_layer')):
+    check_same_model(path, config_lib.load('configs/ultramem.py:tiny'))
+  check_same_model(path, config_lib.load('configs/ultramem.py:tiny',
+                                         ['model.ultramem.permutation=per_layer']))
 
 
 @pytest.mark.parametrize('spec, section, key', [

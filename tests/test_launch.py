@@ -403,6 +403,11 @@ def test_sweep_renders_and_collects_only_the_runs_named(tmp_path, capsys):
                    '--only=d64']) == 0
   assert sorted(p.name for p in (workdir / 'runs').iterdir()) == ['d64']
   assert 'sweep: 1 slurm job written; nothing was submitted' in capsys.readouterr().out
+  runner.append_record(workdir, {'name': 'd16', 'final_loss': 3.0})  # a run since dropped
+  assert cli.main(['sweep', f'--config={spec}', f'--workdir={workdir}', '--launcher=slurm',
+                   '--only=d64']) == 0
+  assert 'results.jsonl holds 1 run the sweep file no longer has (d16)' in (
+      capsys.readouterr().out)
   steps = config_lib.load('configs/dense.py:tiny').train.steps
   for name in ('d32', 'd64'):  # both finished, d32 by a job rendered before
     (workdir / 'runs' / name).mkdir(exist_ok=True)
@@ -410,7 +415,7 @@ def test_sweep_renders_and_collects_only_the_runs_named(tmp_path, capsys):
         json.dumps(dict(step=steps, loss=2.0, eval_loss=2.5, eval_bpb=3.0)) + '\n')
   assert cli.main(['sweep', f'--config={spec}', f'--workdir={workdir}', '--collect',
                    '--only=d64']) == 0
-  assert [r['name'] for r in runner.read_results(workdir)] == ['d64']
+  assert [r['name'] for r in runner.read_results(workdir)] == ['d16', 'd64']  # not d32
 
 
 def test_sweep_tpu_vm_jobs_run_on_the_named_vm(tmp_path, capsys):

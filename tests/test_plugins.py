@@ -22,10 +22,12 @@ def registries():
   """Each test's registrations are undone after it."""
   saved = [(r, dict(r)) for r in (BLOCKS, SIDE_LAYERS, models.FAMILIES,
                                   config_lib.BLOCK_CHECKS, config_lib.FAMILY_CHECKS)]
+  kinds = list(config_lib.SIDE_LAYER_KINDS)
   yield
   for registry, before in saved:
     registry.clear()
     registry.update(before)
+  config_lib.SIDE_LAYER_KINDS[:] = kinds
 
 
 class ScaledMLPBlock(DenseBlock):
@@ -193,6 +195,20 @@ def test_a_side_layer_section_that_no_code_registered_is_refused():
   def adaptor(cfg, index, rngs):
     return Adapter(cfg.d_model, rngs=rngs)
   assert models.build(cfg.model, rngs=nnx.Rngs(0)).placement == (('adaptor', 0, 1),)
+
+
+def test_side_layers_are_numbered_by_the_order_their_kinds_registered():
+  """Not by the sections' names (a ConfigDict lists them sorted): a plugin's layers come
+  after UltraMem's, as before the scan's layouts read placements from the config, so that
+  a run's `side_layers/<i>` (and an old run's permutation seeds) stay where they were."""
+  @models.register_side_layer('adapter')
+  def adapter(cfg, index, rngs):
+    return Adapter(cfg.d_model, rngs=rngs)
+  cfg = config_lib.load('configs/ultramem.py:tiny')
+  with cfg.unlocked():
+    cfg.model.adapter = config_lib.ConfigDict({'placement': ((3, 3),)})
+  assert models.build(cfg.model, rngs=nnx.Rngs(0)).placement == (
+      ('ultramem', 0, 2), ('ultramem', 1, 3), ('adapter', 3, 3))
 
 
 def test_a_name_taken_by_other_code_is_refused_and_the_same_code_registers_again():

@@ -247,7 +247,8 @@ def test_bita_over_a_scanned_base_predicts_and_drafts_as_over_the_unrolled_one()
      r'no unit of the scan fits the side layers model.ultramem.placement puts between the '
      r'blocks \(a unit of a multiple of 2 blocks'),
     # A run from before 2026-12-07: each memory layer its own IVE permutation.
-    ('configs/ultramem.py:tiny', ('model.ultramem.permutation=per_layer',),
+    ('configs/ultramem.py:tiny', ('model.n_layers=7', 'model.ultramem.placement=((2, 3), (4, 5))',
+                                  'model.ultramem.permutation=per_layer'),
      r"model.ultramem.permutation='per_layer' .* keep model.scan_layers=False for this run"),
     ('configs/dense.py:tiny', ('model.scan_layers=yes',), r"model.scan_layers='yes' must be a bool"),
 ])

@@ -94,6 +94,8 @@ def register_side_layer(name: str):
     check_called_as('side layer', name, factory, 'factory(model_cfg, index, rngs)', None, 0,
                     None)
     SIDE_LAYERS[name] = factory
+    if name not in config_lib.SIDE_LAYER_KINDS:
+      config_lib.SIDE_LAYER_KINDS.append(name)
     return factory
   return register
 

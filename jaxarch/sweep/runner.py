@@ -342,6 +342,7 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
   if collect_only:
     return collect(runs, workdir, echo, chosen)
   if launcher not in (None, 'local'):
+    _say_removed_runs(runs, {r['name']: r for r in read_results(workdir)}, echo)
     extra = tuple(o.removeprefix('--').removeprefix('config.') for o in launch_overrides)
     runs = [dataclasses.replace(r, overrides=r.overrides + extra)
             for r in runs if r.name in chosen]

@@ -31,8 +31,8 @@ from jaxarch.train.pretrained import initial_state, mesh_here
 from jaxarch.train.state import MODEL, TrainSetup, make_setup
 from jaxarch.train.step import (leaf_names, make_eval_step, make_train_step,
                                 make_window_reset, summarize_eval, summarize_mixture_eval)
-from jaxarch.train.workdir import (check_workdir, local_workdir, only_trainer_in, remove_unused,
-                                   state_bytes, unwritable)
+from jaxarch.train.workdir import (check_same_model, check_workdir, local_workdir,
+                                   only_trainer_in, remove_unused, state_bytes, unwritable)
 
 
 def _tokenizer(cfg: ml_collections.ConfigDict):
@@ -534,6 +534,8 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
              step: int | None = None) -> dict:
   """Validation loss and bits per byte of the run's latest (or given) checkpoint."""
   Checkpointer.require(workdir)  # before building anything
+  if (saved := Path(workdir) / 'config.json').is_file():  # a --config given with the run
+    check_same_model(saved, cfg)
   cfg, mesh = mesh_here(cfg)
   setup = make_setup(cfg, mesh)
   batches = eval_batches(cfg, setup)

@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxarch import config as config_lib
 from jaxarch import oserrors
 
 
@@ -136,7 +137,7 @@ def check_workdir(workdir: Path, cfg: ml_collections.ConfigDict, checkpoint_byte
                        'another --workdir')
   saved = workdir / 'config.json'
   if has_checkpoints and saved.exists():
-    _check_same_model(saved, cfg)
+    check_same_model(saved, cfg)
   if checkpoints.exists() or checkpoints.is_symlink():  # else made in the writable workdir
     _check_writable(checkpoints)
 
@@ -189,9 +190,12 @@ def _check_shared(workdir: Path) -> None:
         'bucket')
 
 
-def _check_same_model(saved: Path, cfg: ml_collections.ConfigDict) -> None:
-  """Another family is an error here; a same-family model of other shapes is caught when
-  its checkpoint is restored (settings such as `model.remat` may change on resume)."""
+def check_same_model(saved: Path, cfg: ml_collections.ConfigDict) -> None:
+  """Refuses a config that would read the run saved in `saved` (its config.json) as another
+  model without its checkpoints saying so: another family, or UltraMem memory layers
+  through other IVE permutations than they were trained with (which no array holds). A
+  same-family model of other shapes is caught when its checkpoint is restored (settings
+  such as `model.remat` may change on resume)."""
   try:
     old = json.loads(saved.read_text()).get('model', {}).get('family')
   except (OSError, json.JSONDecodeError, AttributeError):
@@ -200,3 +204,14 @@ def _check_same_model(saved: Path, cfg: ml_collections.ConfigDict) -> None:
     raise WorkdirError(f'workdir {saved.parent} holds checkpoints of a {old} model, and '
                        f'this config is {cfg.model.family}; use a new --workdir, or omit '
                        '--config to resume the saved run')
+  permutation = lambda model: model.get('ultramem', {}).get('permutation')
+  try:
+    before = permutation(config_lib.load_json(saved).model)
+  except (config_lib.ConfigError, OSError, ValueError, AttributeError):
+    return  # a config.json that does not load is said where the run reads it
+  if None not in (before, now := permutation(cfg.model)) and before != now:
+    raise WorkdirError(
+        f"workdir {saved.parent} holds checkpoints whose memory layers were trained with "
+        f'model.ultramem.permutation={before!r}, and this config says {now!r}, which would '
+        f'look their values up elsewhere; add --config.model.ultramem.permutation={before} '
+        '(or omit --config to take the saved run\'s)')
