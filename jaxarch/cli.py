@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -150,6 +151,21 @@ def _log_to_stderr() -> None:
 
 class _StdoutRefused(Exception):
   """stdout took no more text; the OSError is its cause."""
+
+
+# Control characters but the newline and the tab (C0, DEL, C1): a byte model's output may
+# hold any byte, and an escape sequence sent to a terminal moves its cursor, clears it,
+# retitles the window or is read back as input.
+_CONTROL = re.compile('[\x00-\x08\x0b-\x1f\x7f-\x9f]')
+
+
+def _shown(text: str, terminal: bool | None = None) -> str:
+  """`text` to print: on a terminal (`terminal`, by default whether stdout is one), its
+  control characters written as escapes (`\\x1b`), not sent; into a pipe or a file, as it
+  is (`generate --json` keeps the ids too)."""
+  if terminal is None:
+    terminal = sys.stdout.isatty()
+  return _CONTROL.sub(lambda m: f'\\x{ord(m[0]):02x}', text) if terminal else text
 
 
 def _say(text: str) -> None:
@@ -305,7 +321,7 @@ def _generate(args, overrides):
       continue
     if i:
       _say('-' * 40)
-    _say(added if args.chat else text + added)
+    _say(_shown(added if args.chat else text + added))
   print(f'jaxarch: {stats["new_tokens"]} new tokens in {stats["prefill_s"] + stats["decode_s"]:.2f}s, '
         f'{stats["tokens_per_s"]:.1f} tokens/s ({stats["decode_step_s"] * 1e3:.1f} ms per '
         f'decode step, batch {stats["batch"]}, KV caches {readable_size(stats["cache_bytes"])}'

@@ -1,6 +1,7 @@
 """Generation: cached decoding equals the full forward pass, batching, sampling, stops, CLI."""
 
 import json
+import sys
 import logging
 import re
 import shutil
@@ -444,7 +445,8 @@ def _tiny_run(workdir, checkpoints, cfg):
 
 
 def test_generate_command_continues_prompts_from_the_latest_checkpoint(tmp_path, capsys,
-                                                                       tiny_checkpoints):
+                                                                       tiny_checkpoints,
+                                                                       monkeypatch):
   _tiny_run(tmp_path, tiny_checkpoints,
             mesh_config(config_lib.load('configs/dense.py:tiny'), data=8))
 
@@ -467,6 +469,15 @@ def test_generate_command_continues_prompts_from_the_latest_checkpoint(tmp_path,
   assert [line['prompt'] + line['completion'] for line in lines] == [
       first.rstrip('\n'), second.rstrip('\n')]
   assert all(len(line['ids']) == 6 for line in lines)
+  # On a terminal, control characters (a byte model may write any byte) are shown as
+  # escapes, not sent: ESC [2J would clear the screen. Into a pipe, the text as it is.
+  monkeypatch.setattr(sys.stdout, 'isatty', lambda: True)
+  assert cli.main(['generate', '--workdir', str(tmp_path), '--prompt', 'os\x1b[2J\tx',
+                   '--max_new_tokens', '2', '--ignore_eod']) == 0
+  assert capsys.readouterr().out.startswith('os\\x1b[2J\tx')
+  assert cli._shown('a\x07b\r\n\x9bc', terminal=False) == 'a\x07b\r\n\x9bc'
+  assert cli._shown('a\x07b\r\n\x9bc', terminal=True) == 'a\\x07b\\x0d\n\\x9bc'
+  monkeypatch.undo()
 
   assert cli.main(['generate', '--workdir', str(tmp_path / 'missing'), '--prompt', 'x']) == 2
   assert 'config.json not found' in capsys.readouterr().err
