@@ -685,6 +685,17 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
   return overrides, rest
 
 
+def _given_twice(overrides: list[str]) -> list[str]:
+  """What to say of each key given more than once with other values: the last is taken
+  (as absl takes it), which a long command line edited in place hides."""
+  values = {}
+  for override in overrides:
+    key, _, value = override.partition('=')
+    values.setdefault(key, []).append(value)
+  return [f'{key} is given {len(given)} times ({", ".join(given)}); the last, {given[-1]}, '
+          'is taken' for key, given in values.items() if len(set(given)) > 1]
+
+
 _PATH_FLAGS = ('workdir', 'out', 'data_dir', 'config', 'hf')  # the flags that name paths
 
 
@@ -816,6 +827,8 @@ def main(argv=None):
     print(f'jaxarch: {problem}', file=sys.stderr)
     return 2
   _expand_home(args)
+  for said in _given_twice(overrides):
+    print(f'jaxarch: warning: {said}', file=sys.stderr)
   _log_to_stderr()
   # TFDS and Orbax chat through absl at WARNING about routine things; jaxarch's own
   # warnings (e.g. an unreadable checkpoint skipped) use their module loggers.

@@ -618,6 +618,18 @@ def test_a_misplaced_argument_says_what_it_should_be(tmp_path, capsys, args, mes
   assert not (tmp_path / 'run').exists()
 
 
+def test_a_key_given_twice_says_which_value_is_taken(tmp_path, capsys):
+  """The last, as absl takes it; said, since an edited command line may hold the first
+  value further left, unseen."""
+  code, err = _run_cli(['launch', *TINY, '--target=slurm', f'--workdir={tmp_path}/run',
+                        '--dry-run', '--config.train.steps=4', '--config.train.steps=8',
+                        '--config.train.lr=0.001', '--config.train.lr=0.001'], capsys)
+  assert code == 0
+  assert ('jaxarch: warning: --config.train.steps is given 3 times (2, 4, 8); the last, 8, is '
+          'taken\n') in err
+  assert 'train.lr is given' not in err  # the same value twice changes nothing
+
+
 @pytest.mark.parametrize('args', [
     ['train', *TINY, '--workdir='], ['train', '--config=', '--workdir=RUN'],
     ['export', '--workdir=RUN', '--out= ']])
