@@ -85,6 +85,11 @@ def test_ultramem_scans_its_memory_layers_in_the_units_between_unrolled_blocks()
   unrolled, scanned = (_model(_config('ultramem', scan)) for scan in (False, True))
   assert transformer.scanned_layers(_config('ultramem', True).model) == (
       ', layers scanned: 2 periods of 2 blocks and 1 side layer, 3 blocks unrolled')
+  # The preset's (0, 2), (1, 3) in 4 blocks fit one unit of all 4 only.
+  assert transformer.scanned_layers(config_lib.load('configs/ultramem.py:tiny', [
+      'model.scan_layers=True']).model) == (
+      ', layers scanned: 1 period of 4 blocks and 2 side layers (a scan of one period '
+      'compiles no less than the layers unrolled)')
   assert [block is None for block in scanned.blocks] == [False] * 2 + [True] * 4 + [False]
   assert len(scanned.layers) == 2 and len(scanned.side_layers) == 0
   values = scanned.scanned_side_layers[0].memory.values

@@ -248,7 +248,9 @@ def scanned_layers(cfg: ml_collections.ConfigDict) -> str:
                                            if sides.repeats else '')
   rest = len(blocks.unrolled())
   return (f', layers scanned: {plural(blocks.repeats, "period")} of {unit}'
-          + (f', {plural(rest, "block")} unrolled' if rest else ''))
+          + (f', {plural(rest, "block")} unrolled' if rest else '')
+          + (' (a scan of one period compiles no less than the layers unrolled)'
+             if blocks.repeats == 1 else ''))
 
 
 def stacked_layers(layers: Sequence[nnx.Module], numbering: config_lib.Numbering,
