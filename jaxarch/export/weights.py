@@ -238,9 +238,8 @@ def _needs_own_code(model_cfg: ml_collections.ConfigDict) -> str:
   parts = [('family', model_cfg.family, models.FAMILIES.get(model_cfg.family))]
   parts += [('block', kind, models.BLOCKS.get(kind))
             for kind in dict.fromkeys(model_cfg.get('block_pattern', ()))]
-  parts += [('side layer', kind, models.SIDE_LAYERS.get(kind)) for kind, section in
-            model_cfg.items() if isinstance(section, ml_collections.ConfigDict)
-            and 'placement' in section]
+  parts += [('side layer', kind, models.SIDE_LAYERS.get(kind))
+            for kind in dict.fromkeys(kind for kind, _, _ in config_lib.placements(model_cfg))]
   own = [f"{what} '{name}' (module {code.__module__})" for what, name, code in parts
          if code is not None and not code.__module__.startswith('jaxarch.')]
   if not own:
