@@ -633,7 +633,9 @@ def _parser() -> argparse.ArgumentParser:
   sweep.add_argument('--config', required=True,
                      help='sweep file and argument, e.g. configs/sweeps/isoflop.py:tiny')
   sweep.add_argument('--workdir', required=True)
-  sweep.add_argument('--parallel', type=at_least_one, default=1, help='runs at a time')
+  sweep.add_argument('--parallel', type=at_least_one,
+                     help='runs at a time (default 1); with --launcher=slurm, tasks of its '
+                     'array jobs at a time (default: as the queue allows)')
   sweep.add_argument('--launcher', help='render one cluster job per run instead of running: '
                      f'{", ".join(launch_lib.TARGETS)} (their keys: --config.launch.KEY=VALUE)')
   sweep.add_argument('--collect', action='store_true',

@@ -334,6 +334,38 @@ def _slurm(launch, command, out, values) -> Job:
   return Job({path: text}, f'sbatch {shlex.quote(str(path))}')
 
 
+# A job script's #SBATCH lines that name it and its log, not what it runs on.
+_SBATCH_OWN = re.compile(r'#SBATCH --(job-name|output)=')
+
+
+def slurm_arrays(scripts: dict[str, Path], out: Path, name: str,
+                 at_once: int | None = None) -> list[tuple[list[str], Job]]:
+  """A sweep's SLURM jobs (run name -> its train.sbatch, as `render_run` wrote them) as
+  array jobs, one per set of runs whose scripts ask for the same nodes, time and queue:
+  task i runs the i-th run's own script, at most `at_once` at a time (None: as the queue
+  allows). One `sbatch` then queues a sweep, and the queue holds one job per shape, not
+  one per run. Returns (run names, job) for each array, its file in `out`."""
+  groups: dict[tuple[str, ...], list[str]] = {}
+  for run, script in scripts.items():
+    directives = tuple(line for line in script.read_text().splitlines()
+                       if line.startswith('#SBATCH ') and not _SBATCH_OWN.match(line))
+    groups.setdefault(directives, []).append(run)
+  arrays = []
+  for k, (directives, runs) in enumerate(groups.items(), start=1):
+    suffix = '' if len(groups) == 1 else f'-{k}'
+    path = out / f'sweep{suffix}.sbatch'
+    throttle = f'%{at_once}' if at_once and at_once < len(runs) else ''
+    text = _template(
+        'slurm/sweep.sbatch', name=_run_job_name(name, f'sweep{suffix}'),
+        description=f'{len(runs)} runs ({", ".join(runs[:5])}{", ..." * (len(runs) > 5)})',
+        array=f'0-{len(runs) - 1}{throttle}', directives='\n'.join(directives),
+        log=shlex.quote(str(out / '%x-%A_%a.out')),
+        scripts='\n'.join(f'  {shlex.quote(str(scripts[run]))}  # {i}: {run}'
+                          for i, run in enumerate(runs)))
+    arrays.append((runs, Job({path: text}, f'sbatch {shlex.quote(str(path))}')))
+  return arrays
+
+
 def _gke(launch, command, out, values) -> Job:
   _require_shared_workdir(command, "a pod writes a relative path into its own container, "
                           'whose files go with the pod (a restart would begin at step 0)')

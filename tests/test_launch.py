@@ -366,9 +366,11 @@ def test_gpu_recipe_flags_are_known_to_the_installed_jaxlib():
 
 # Sweeps render one job per run through the same targets.
 
-def _sweep_file(tmp_path):
+def _sweep_file(tmp_path, widths=(32, 64), **run_keys):
+  """A sweep of `widths`; run_keys: {width: {key: value}} for some runs."""
   members = [{'config': 'configs/dense.py:tiny', 'name': f'd{width}', 'model.d_model': width,
-              'model.d_ff': 2 * width, 'model.n_layers': 2} for width in (32, 64)]
+              'model.d_ff': 2 * width, 'model.n_layers': 2, **run_keys.get(f'd{width}', {})}
+             for width in widths]
   path = tmp_path / 'sweep.py'
   path.write_text(f'def get_sweep(arg=None):\n  return {members!r}\n')
   return str(path)
@@ -395,6 +397,56 @@ def test_sweep_renders_one_slurm_job_per_run(tmp_path, capsys):
         f'--config.model.d_model={width}', f'--config.model.d_ff={2 * width}',
         '--config.model.n_layers=2']
   assert sorted(p.name for p in (workdir / 'runs').iterdir()) == ['d32', 'd64']
+
+
+def test_sweep_slurm_jobs_are_also_array_jobs_whose_tasks_run_each_runs_script(tmp_path,
+                                                                                capsys):
+  """One array per nodes, time and queue; task i runs run i's own train.sbatch, its log
+  appended in that run's launch folder; --parallel throttles the tasks."""
+  workdir = tmp_path / 'sweep'
+  spec = _sweep_file(tmp_path, (32, 64, 96), d96={'launch.time_limit': '1:00:00'})
+  assert cli.main(['sweep', f'--config={spec}', f'--workdir={workdir}', '--launcher=slurm',
+                   '--parallel=1', '--config.launch.setup=echo setup ran']) == 0
+  out = capsys.readouterr().out
+  first, second = workdir / 'launch' / 'sweep-1.sbatch', workdir / 'launch' / 'sweep-2.sbatch'
+  assert f'sweep: d32, d64 as one array job: sbatch {first}\n' in out
+  assert f'sweep: d96 as one array job: sbatch {second}\n' in out
+  assert 'sweep: 3 slurm jobs and 2 array jobs of them (one for each nodes' in out
+  text = first.read_text()
+  _bash_syntax_ok(first)
+  for directive in ('--job-name=jaxarch-sweep-1', '--array=0-1%1', '--time=24:00:00',
+                    '--nodes=1', '--requeue', f'--output={workdir}/launch/%x-%A_%a.out'):
+    assert f'#SBATCH {directive}\n' in text
+  assert '#SBATCH --time=1:00:00\n' in second.read_text()
+  assert '#SBATCH --array=0-0\n' in second.read_text()  # --parallel=1 throttles no one task
+
+  (tmp_path / 'bin').mkdir()
+  srun = tmp_path / 'bin' / 'srun'
+  srun.write_text('#!/bin/sh\necho "srun $*"\n')
+  srun.chmod(0o755)
+  env = dict(os.environ, PATH=f'{tmp_path / "bin"}:{os.environ["PATH"]}',
+             SLURM_ARRAY_TASK_ID='1', SLURM_ARRAY_JOB_ID='77', SLURM_JOB_NAME='jaxarch-sweep-1')
+  done = subprocess.run(['bash', str(first)], env=env, capture_output=True, text=True)
+  log = workdir / 'runs' / 'd64' / 'launch' / 'jaxarch-sweep-1-77_1.out'
+  assert done.returncode == 0, done.stderr
+  assert done.stdout == (f'jaxarch sweep: array task 1 runs {log.parent}/train.sbatch; its '
+                         f'log is {log}\n')
+  setup, srun_line = log.read_text().splitlines()
+  assert setup == 'setup ran'
+  assert shlex.split(srun_line)[2:] == [
+      'jaxarch', 'train', '--config=configs/dense.py:tiny', f'--workdir={workdir}/runs/d64',
+      '--config.model.d_model=64', '--config.model.d_ff=128', '--config.model.n_layers=2']
+  del env['SLURM_ARRAY_TASK_ID']  # run by hand, not by sbatch
+  done = subprocess.run(['bash', str(first)], env=env, capture_output=True, text=True)
+  assert done.returncode != 0 and 'submit it with sbatch, not bash' in done.stderr
+
+  assert cli.main(['sweep', f'--config={spec}', f'--workdir={tmp_path}/one', '--only=d32',
+                   '--launcher=slurm']) == 0
+  assert 'array' not in capsys.readouterr().out and not (tmp_path / 'one' / 'launch').exists()
+  assert cli.main(['sweep', f'--config={spec}', f'--workdir={tmp_path}/gke', '--parallel=2',
+                   '--launcher=gke']) == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and 'gke jobs run as their cluster schedules them' in err
 
 
 def test_sweep_renders_and_collects_only_the_runs_named(tmp_path, capsys):

@@ -17,7 +17,9 @@ workdir (DIR/.sweep.lock).
 them here, and prints the command that submits each; the jobs run the same
 `jaxarch train --config=... --workdir=DIR/runs/<name> --config.k=v` command, and
 `jaxarch sweep --collect` then records the finished ones (those that ran under the
-run's present config).
+run's present config). SLURM's jobs are also written as array jobs in DIR/launch, one per
+shape of job (nodes, time, queue), so that one `sbatch` queues the sweep, at most
+`--parallel` tasks at a time.
 """
 
 import concurrent.futures
@@ -319,14 +321,15 @@ def collect(runs: list[plan.Run], workdir: Path, echo=print,
   return read_results(workdir)
 
 
-def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
+def run_sweep(spec: str, workdir: str | Path, *, parallel: int | None = None,
               launcher: str | None = None, launch_overrides: Sequence[str] = (),
               collect_only: bool = False, only: Sequence[str] = (),
               echo=print) -> list[dict]:
   """Runs the sweep's unfinished runs (launcher None or 'local') and returns all records of
   the workdir, or renders every run as a cluster job, its `launch_overrides` (launch.k=v)
   applied to each; `collect_only` records the rendered jobs that have finished. `only`:
-  names or shell patterns of the runs to run, render or collect (all if empty)."""
+  names or shell patterns of the runs to run, render or collect (all if empty); `parallel`:
+  runs at a time here (None: 1), or tasks of SLURM's array jobs (None: as the queue allows)."""
   workdir = local_workdir(workdir)
   if (workdir / 'config.json').is_file():  # `jaxarch train`'s, or an export's
     if is_sweep_workdir(workdir):  # a run trained into the sweep's own workdir
@@ -336,8 +339,13 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
     raise SweepError(f'sweep: {workdir} holds a run (its config.json), not a sweep: a sweep '
                      'keeps its runs in WORKDIR/runs/NAME; choose another --workdir')
   runs = load_sweep(spec)
-  if parallel < 1:
+  if parallel is not None and parallel < 1:
     raise ValueError(f'sweep: parallel={parallel} must be >= 1')
+  if parallel is not None and launcher not in (None, 'local', 'slurm') and not collect_only:
+    raise config_lib.ConfigError(
+        f'config error: --parallel={parallel} is how many runs train at a time here, or '
+        f'tasks of a SLURM array job; {launcher} jobs run as their cluster schedules them: '
+        'drop --parallel')
   chosen = selected(runs, only)
   if collect_only:
     return collect(runs, workdir, echo, chosen)
@@ -346,7 +354,8 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int = 1,
     extra = tuple(o.removeprefix('--').removeprefix('config.') for o in launch_overrides)
     runs = [dataclasses.replace(r, overrides=r.overrides + extra)
             for r in runs if r.name in chosen]
-    return render_jobs(runs, workdir, launcher, echo)
+    return render_jobs(runs, workdir, launcher, echo, at_once=parallel)
+  parallel = parallel or 1
   workdir.mkdir(parents=True, exist_ok=True)
   with _only_sweep_in(workdir):
     done = recorded_runs(runs, workdir, echo)
@@ -475,8 +484,11 @@ def _only_sweep_in(workdir: Path):
       '--workdir'), guards='a second jaxarch sweep in this workdir')
 
 
-def render_jobs(runs, workdir: Path, launcher: str, echo=print) -> list[dict]:
-  """Writes one job per run with LAUNCHERS[launcher]; echoes the commands that submit them."""
+def render_jobs(runs, workdir: Path, launcher: str, echo=print,
+                at_once: int | None = None) -> list[dict]:
+  """Writes one job per run with LAUNCHERS[launcher]; echoes the commands that submit them.
+  SLURM's are also written as array jobs in DIR/launch (`launch.slurm_arrays`), which queue
+  them all with one command, `at_once` at a time."""
   known = launchers()
   if launcher not in known:
     raise config_lib.ConfigError(f'config error: --launcher={launcher!r} is not available '
@@ -497,6 +509,19 @@ def render_jobs(runs, workdir: Path, launcher: str, echo=print) -> list[dict]:
         if warning not in warned:
           warned.add(warning)
           echo(f'sweep: warning: {warning}')
-  echo(f'sweep: {len(runs)} {launcher} job{"s" * (len(runs) != 1)} written; nothing was '
-       'submitted')
+  arrays = []
+  if launcher == 'slurm' and len(runs) > 1:
+    scripts = {run.name: workdir / 'runs' / run.name / 'launch' / 'train.sbatch' for run in runs}
+    arrays = launch.slurm_arrays(scripts, workdir / 'launch', runs[0].config().launch.name,
+                                 at_once)
+    for names, job in arrays:
+      launch.write(job)
+      which = f'all {len(names)} runs' if len(arrays) == 1 else ', '.join(names)
+      echo(f'sweep: {which} as one array job: {job.submit}')
+  written = f'{len(runs)} {launcher} job{"s" * (len(runs) != 1)}'
+  if arrays:
+    written += (' and 1 array job of them' if len(arrays) == 1 else
+                f' and {len(arrays)} array jobs of them (one for each nodes, time and queue '
+                'that the runs ask for)')
+  echo(f'sweep: {written} written; nothing was submitted')
   return read_results(workdir)
