@@ -225,6 +225,12 @@ def get_config(arg=None):
   c.launch.partition = ml_collections.config_dict.placeholder(str)  # SLURM; None: default
   c.launch.account = ml_collections.config_dict.placeholder(str)  # SLURM; None: default
   c.launch.time_limit = '24:00:00'  # SLURM --time
+  # SLURM: the nodes for the job alone (--exclusive); False shares them, e.g. for a sweep of
+  # one-GPU runs (then give their CPUs and memory in slurm_options).
+  c.launch.exclusive = True
+  # SLURM: more sbatch options, each --key=value, e.g. '--qos=high --constraint=h100
+  # --cpus-per-gpu=16 --mem-per-gpu=200G'.
+  c.launch.slurm_options = ''
   c.launch.max_restarts = 3  # GKE: JobSet restarts after a failure; training resumes
   # Seconds from SIGTERM to the kill that the job asks for: room for the processes to agree
   # at the next logging step (log.every_steps) and write a checkpoint. GKE pods get it

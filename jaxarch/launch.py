@@ -188,6 +188,8 @@ def check(cfg, target: str) -> dict[str, int]:
     raise ConfigError(f'launch.stop_grace_s={launch.stop_grace_s} must be shorter than '
                       f'launch.time_limit={launch.time_limit!r} ({limit} s): SLURM sends '
                       'SIGTERM that long before the limit, so the run would stop at once')
+  if target == 'slurm':
+    _check_slurm_options(cfg)
   if not isinstance(launch.max_restarts, int) or launch.max_restarts < 0:
     raise ConfigError(f'launch.max_restarts={launch.max_restarts!r} must be >= 0')
   if not NAME.fullmatch(launch.name):
@@ -214,6 +216,42 @@ def check(cfg, target: str) -> dict[str, int]:
                       f'multiply to {launch.nodes}, or to 1 (ici then spans the nodes)')
   config_lib.validate(cfg, num_devices=launch.nodes * launch.devices_per_node)  # the batch
   return shape
+
+
+# sbatch options that the job script sets from other keys, or that would change how it runs.
+_SLURM_SET = {'job-name': 'launch.name', 'nodes': 'launch.nodes',
+              'gpus-per-node': 'launch.devices_per_node', 'time': 'launch.time_limit',
+              'signal': 'launch.stop_grace_s', 'partition': 'launch.partition',
+              'account': 'launch.account', 'exclusive': 'launch.exclusive',
+              'ntasks-per-node': None, 'ntasks': None, 'chdir': None, 'output': None,
+              'error': None, 'array': None, 'open-mode': None, 'requeue': None,
+              'no-requeue': None}
+
+
+def _check_slurm_options(cfg) -> None:
+  config_lib._choice(cfg, 'launch.exclusive', (True, False))  # pylint: disable=protected-access
+  raw = config_lib._get(cfg, 'launch.slurm_options')  # pylint: disable=protected-access
+  try:
+    options = shlex.split(raw) if isinstance(raw, str) else None
+  except ValueError as e:  # an unclosed quote
+    raise ConfigError(f'launch.slurm_options={raw!r}: {e}') from None
+  if options is None:
+    raise ConfigError(f'launch.slurm_options={raw!r} must be a string of sbatch options, '
+                      "e.g. '--qos=high --constraint=h100'")
+  for option in options:
+    key = option.removeprefix('--').split('=')[0]
+    if any(c.isspace() or c in '\'"' for c in option):
+      raise ConfigError(f'launch.slurm_options: {option!r} holds a space or quote, which an '
+                        '#SBATCH line does not carry as a shell would; give values without')
+    if not option.startswith('--') or not key:
+      raise ConfigError(f'launch.slurm_options: {option!r} must be a long sbatch option, '
+                        '--key=value or --flag (e.g. --qos=high, not -q high)')
+    if key in _SLURM_SET:
+      where = _SLURM_SET[key]
+      raise ConfigError(f'launch.slurm_options: --{key} is '
+                        + (f'set from {where}; set that instead' if where else
+                           'set by the job script, which runs one task per node and '
+                           'resumes its run after a requeue; drop it'))
 
 
 def _kind(accelerator: str) -> str:
@@ -323,9 +361,11 @@ def _gcloud_flags(launch) -> list[str]:
 def _slurm(launch, command, out, values) -> Job:
   options = [f'#SBATCH --{key}={launch[key]}' for key in ('partition', 'account')
              if launch[key]]
+  options += [f'#SBATCH {option}' for option in shlex.split(launch.slurm_options)]
   path = out / 'train.sbatch'
   text = _template(
       'slurm/train.sbatch', **values, gpus_per_node=launch.devices_per_node,
+      exclusive='#SBATCH --exclusive' if launch.exclusive else '',
       time_limit=launch.time_limit, stop_grace_s=launch.stop_grace_s,
       chdir=shlex.quote(os.getcwd()), log=shlex.quote(str(out / '%x-%j.out')),
       site_options='\n'.join(options), setup=launch.setup,

@@ -52,7 +52,7 @@ def test_slurm_job_runs_one_process_per_node_and_is_valid_bash(tmp_path, capsys)
   _bash_syntax_ok(path)
   assert os.access(path, os.X_OK)
   text = path.read_text()
-  for directive in ('--nodes=4', '--ntasks-per-node=1', '--gpus-per-node=8',
+  for directive in ('--nodes=4', '--ntasks-per-node=1', '--gpus-per-node=8', '--exclusive',
                     '--partition=gpu', '--signal=TERM@300',  # time to stop with a checkpoint
                     '--requeue', '--open-mode=append',  # preempted: resumed, log kept
                     f'--output={tmp_path}/%x-%j.out'):  # beside the script, not in the cwd
@@ -63,6 +63,17 @@ def test_slurm_job_runs_one_process_per_node_and_is_valid_bash(tmp_path, capsys)
   assert shlex.split(srun)[2:] == [
       'jaxarch', 'train', f'--config={SPEC}', '--workdir=/gcs/bucket/runs/151m',
       '--config.mesh.ici.fsdp=8', '--config.mesh.dcn.data=4', '--config.train.steps=5000']
+
+
+def test_slurm_jobs_can_share_nodes_and_take_the_sites_options(tmp_path, capsys):
+  code, _, _ = _launch(capsys, 'slurm', tmp_path, '--config.launch.devices_per_node=1',
+                       '--config.launch.exclusive=False',
+                       '--config.launch.slurm_options=--qos=high --mem-per-gpu=200G --hold')
+  text = (tmp_path / 'train.sbatch').read_text()
+  assert code == 0 and '--exclusive' not in text
+  _bash_syntax_ok(tmp_path / 'train.sbatch')
+  for directive in ('--gpus-per-node=1', '--qos=high', '--mem-per-gpu=200G', '--hold'):
+    assert f'#SBATCH {directive}\n' in text
 
 
 def test_gke_gpu_jobset_has_one_pod_per_node_and_their_gpus(tmp_path, capsys):
@@ -284,6 +295,17 @@ def test_ray_and_multi_host_tpu_vm_jobs_refuse_a_workdir_their_nodes_do_not_shar
      "launch.stop_grace_s=600 must be shorter than launch.time_limit='10' (600 s)"),
     (['--config.launch.time_limit=UNLIMITED', '--config.launch.stop_grace_s=70000'],
      "launch.stop_grace_s=70000 is past the 65535 seconds that SLURM's --signal"),
+    (['--config.launch.exclusive=maybe'], "launch.exclusive='maybe' must be a bool"),
+    (['--config.launch.slurm_options=--qos=high --nodes=2'],
+     'launch.slurm_options: --nodes is set from launch.nodes; set that instead'),
+    (['--config.launch.slurm_options=--requeue'],
+     'launch.slurm_options: --requeue is set by the job script'),
+    (['--config.launch.slurm_options=-q high'],
+     "launch.slurm_options: '-q' must be a long sbatch option, --key=value or --flag"),
+    (['--config.launch.slurm_options=--comment="two words"'],
+     "launch.slurm_options: '--comment=two words' holds a space or quote"),
+    (['--config.launch.slurm_options=--comment="open'],
+     "launch.slurm_options='--comment=\"open': No closing quotation"),
 ])
 def test_a_cluster_that_does_not_fit_the_mesh_is_a_one_line_error(tmp_path, capsys, flags,
                                                                    words):
