@@ -7,6 +7,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -316,7 +317,31 @@ def test_a_run_directory_with_a_torn_config_json_or_wall_time_is_trained_again(
              for m in messages)
   assert len(list(workdir.glob('runs/d*.replaced-*'))) == 2
   assert [r['name'] for r in runner.read_results(workdir)] == ['d32']
-  assert float((workdir / 'runs' / 'd64' / 'sweep_wall_s').read_text()) < 60
+  wall = json.loads((workdir / 'runs' / 'd64' / 'sweep_wall_s').read_text())
+  assert wall['wall_s'] < 60 and wall['started'] is None
+
+
+def test_a_run_finished_by_an_orphaned_trainer_is_recorded_with_its_wall_time(
+    tmp_path, data_dir, monkeypatch):
+  """A sweep killed -9 never added the time of the attempt it had started; its trainer,
+  orphaned, went on training and writing train.log. That time counts up to the log's last
+  line, so the record's wall_s is the run's, not the few seconds of the next attempt."""
+  _stand_in_training(monkeypatch)
+  spec, workdir = _sweep_file(tmp_path, data_dir), tmp_path / 'sweep'
+  now = time.time()
+  for name, wall in (('d32', {'wall_s': 10.0, 'started': now - 1000}),
+                     ('d48', 25.0)):  # a bare number: an earlier jaxarch's, added up
+    run_dir = workdir / 'runs' / name
+    run_dir.mkdir(parents=True)
+    (run_dir / 'retry').touch()
+    (run_dir / 'sweep_wall_s').write_text(json.dumps(wall))
+    (run_dir / 'train.log').write_text('an attempt\n')
+  os.utime(workdir / 'runs' / 'd32' / 'train.log', (now - 400, now - 400))
+  with pytest.raises(runner.SweepError):  # d64 stops, as above
+    runner.run_sweep(spec, workdir, echo=lambda _: None)
+  walls = {r['name']: r['wall_s'] for r in runner.read_results(workdir)}
+  assert 610 <= walls['d32'] < 660  # 10 s, then 600 s to the orphan's last line, then this
+  assert 25 <= walls['d48'] < 75
 
 
 def test_a_run_recorded_before_jaxarch_gained_a_config_key_is_not_run_again(

@@ -197,11 +197,8 @@ def _run_one(run: plan.Run, workdir: Path, echo, trainers: set,
   run_dir = workdir / 'runs' / run.name
   _move_aside_if_changed(run, run_dir, echo)
   run_dir.mkdir(parents=True, exist_ok=True)
-  spent = run_dir / 'sweep_wall_s'  # wall time of earlier, interrupted attempts
-  try:
-    before = float(spent.read_text())
-  except (OSError, ValueError):  # none yet, or torn by a kill while it was written
-    before = 0.0
+  before = _wall_time_spent(run_dir)
+  _write_wall_time(run_dir, before, started=time.time())
   start = time.perf_counter()
   with (open(run_dir / 'train.log', 'a') as log,
         subprocess.Popen(train_command(run, run_dir), stdout=log,
@@ -212,8 +209,38 @@ def _run_one(run: plan.Run, workdir: Path, echo, trainers: set,
     code = trainer.wait()
     trainers.discard(trainer)
   total = before + time.perf_counter() - start
-  spent.write_text(f'{total:.1f}\n')
+  _write_wall_time(run_dir, total)
   return run, total, code
+
+
+# RUN_DIR/sweep_wall_s: {"wall_s": seconds of the attempts the sweep saw end, "started":
+# unix time of the attempt under way, or null}; a bare number before 2026-12-07.
+WALL_TIME = 'sweep_wall_s'
+
+
+def _wall_time_spent(run_dir: Path) -> float:
+  """Seconds the run has trained in earlier attempts. One whose sweep was killed (-9, a
+  lost machine) was never added: it counts until the last line its trainer wrote to
+  train.log, which an orphaned trainer goes on writing to until it ends."""
+  try:
+    saved = json.loads((run_dir / WALL_TIME).read_text())
+  except (OSError, ValueError):  # none yet, or torn by a kill while it was written
+    return 0.0
+  if not isinstance(saved, dict):
+    return float(saved) if isinstance(saved, (int, float)) else 0.0
+  spent, started = saved.get('wall_s') or 0.0, saved.get('started')
+  if isinstance(started, (int, float)):
+    try:
+      spent += max((run_dir / 'train.log').stat().st_mtime - started, 0.0)
+    except OSError:
+      pass
+  return spent
+
+
+def _write_wall_time(run_dir: Path, wall_s: float, started: float | None = None) -> None:
+  tmp = run_dir / f'{WALL_TIME}.tmp'
+  tmp.write_text(json.dumps({'wall_s': round(wall_s, 1), 'started': started}) + '\n')
+  tmp.replace(run_dir / WALL_TIME)
 
 
 def _move_aside_if_changed(run: plan.Run, run_dir: Path, echo) -> None:
