@@ -81,7 +81,8 @@ def render(target: str, cfg, *, spec: str, workdir: str | os.PathLike,
     where = (f'{launch.slices} x {launch.tpu_type} ({launch.nodes} hosts x '
              f'{launch.devices_per_node} chips)')
   else:
-    where = f'{launch.nodes} nodes x {launch.devices_per_node} {launch.accelerator}'
+    where = (f'{launch.nodes} node{"s" * (launch.nodes != 1)} x {launch.devices_per_node} '
+             f'{launch.accelerator}')
   mesh = ' '.join(f'{a}={s}' for a, s in shape.items())
   values = dict(name=launch.name, nodes=launch.nodes, coordinator_port=launch.coordinator_port,
                 description=f'{spec} on {where}, mesh {mesh}')

@@ -76,6 +76,19 @@ def test_slurm_jobs_can_share_nodes_and_take_the_sites_options(tmp_path, capsys)
     assert f'#SBATCH {directive}\n' in text
 
 
+def _disruptions_restart_without_counting(jobset, job):
+  """A pod that the cluster disrupted (preempted, drained) fails its job by the job's
+  podFailurePolicy, and the set restarts without using one of maxRestarts."""
+  policy = jobset['spec']['failurePolicy']
+  assert policy['maxRestarts'] == 3
+  assert policy['rules'] == [{'name': 'disruptedPods',
+                              'action': 'RestartJobSetAndIgnoreMaxRestarts',
+                              'onJobFailureReasons': ['PodFailurePolicy']}]
+  assert job['podFailurePolicy'] == {'rules': [{
+      'action': 'FailJob', 'onPodConditions': [{'type': 'DisruptionTarget', 'status': 'True'}]}]}
+  assert job['template']['spec']['restartPolicy'] == 'Never'  # as podFailurePolicy needs
+
+
 def test_gke_gpu_jobset_has_one_pod_per_node_and_their_gpus(tmp_path, capsys):
   code, out, err = _launch(capsys, 'gke', tmp_path, *H100_4x8, '--config.launch.name=dense',
                            '--config.launch.cluster=train', '--config.launch.zone=us-east5-a')
@@ -91,6 +104,7 @@ def test_gke_gpu_jobset_has_one_pod_per_node_and_their_gpus(tmp_path, capsys):
   assert gpus == 8 and workers['replicas'] * job['parallelism'] * gpus == 32
   assert pod['nodeSelector'] == {'cloud.google.com/gke-accelerator': 'nvidia-h100-80gb'}
   assert pod['terminationGracePeriodSeconds'] == 300  # Kubernetes' 30 s is too short to stop
+  _disruptions_restart_without_counting(jobset, job)
   assert container['command'][:4] == ['jaxarch', 'train', f'--config={SPEC}',
                                       '--workdir=/gcs/bucket/runs/151m']
   env = {e['name']: e for e in container['env']}
@@ -147,6 +161,7 @@ def test_gke_tpu_jobset_and_xpk_command_have_the_slices_and_chips(tmp_path, caps
   assert chips == 4 and slices['replicas'] * job['parallelism'] * chips == 32
   assert pod['nodeSelector'] == {'cloud.google.com/gke-tpu-accelerator': 'tpu-v5p-slice',
                                  'cloud.google.com/gke-tpu-topology': '2x2x4'}
+  _disruptions_restart_without_counting(jobset, job)
   xpk = tmp_path / 'xpk.sh'
   _bash_syntax_ok(xpk)
   flags = _flags(xpk.read_text())
