@@ -84,6 +84,10 @@ class MissingKeyError(ConfigError):
   """A key that validation needs and the config lacks (a saved config of an older jaxarch,
   or one edited by hand)."""
 
+  def __init__(self, key: str):
+    super().__init__(f'missing key {key!r}')
+    self.key = key
+
 
 # Loading.
 
@@ -516,7 +520,7 @@ def _check_transformer(cfg: ConfigDict) -> None:
   if _get(cfg, 'model.head_dim') is not None:
     _positive_int(cfg, 'model.head_dim')
   _check_heads('model', m, hint=' (or set model.head_dim)')
-  if cfg.data.seq_len > m.max_len:
+  if 'data' in cfg and cfg.data.seq_len > m.max_len:
     raise ConfigError(f'data.seq_len={cfg.data.seq_len} must be <= model.max_len={m.max_len}')
   _choice(cfg, 'model.dtype', DTYPES)
   _choice(cfg, 'model.param_dtype', DTYPES)
@@ -684,6 +688,8 @@ def _check_moe(cfg: ConfigDict) -> None:
               'model.moe.bias_update_rate'):
     if not 0 <= _number(cfg, key) < math.inf:
       raise ConfigError(f'{key}={_get(cfg, key)!r} must be >= 0 and finite')
+  if 'mesh' not in cfg:  # a model alone (`check_model`)
+    return
   ici, dcn = _mesh_sizes(cfg)  # checked first: a hand-edited config.json may hold anything
   expert = ici['expert'] * dcn['expert']
   if expert > 1 and e % expert:
@@ -706,6 +712,11 @@ def _check_megabyte(cfg: ConfigDict) -> None:
   if cfg.model.d_model % p:
     raise ConfigError(f'model.d_model={cfg.model.d_model} (the global width, patch_size x '
                       f'byte embedding) must be divisible by model.megabyte.patch_size={p}')
+  if not cfg.model.tie_embeddings:
+    raise ConfigError('model.tie_embeddings=False: a MEGABYTE head is always tied to its '
+                      'local byte embedding; set it True')
+  if 'data' not in cfg:  # a model alone (`check_model`)
+    return
   if cfg.data.seq_len % p:
     raise ConfigError(f'data.seq_len={cfg.data.seq_len} must be a multiple of '
                       f'model.megabyte.patch_size={p}')
@@ -715,9 +726,6 @@ def _check_megabyte(cfg: ConfigDict) -> None:
                       f'patch_size={p}, so that every document starts on a patch boundary')
   if _get(cfg, 'data.tokenizer') != 'bytes':
     raise ConfigError(f"data.tokenizer={cfg.data.tokenizer!r}: MEGABYTE models bytes; use 'bytes'")
-  if not cfg.model.tie_embeddings:
-    raise ConfigError('model.tie_embeddings=False: a MEGABYTE head is always tied to its '
-                      'local byte embedding; set it True')
   if not cfg.data.get('add_bos', True):
     raise ConfigError("data.add_bos=False: MEGABYTE never reads a document's first input "
                       '(the pad patch stands in before it), which without a BOS is its first '
@@ -854,7 +862,7 @@ def _check_bita(cfg: ConfigDict) -> None:
                       'after every token)')
   if not 0 < _number(cfg, 'model.bita.init_std') < math.inf:
     raise ConfigError(f'model.bita.init_std={cfg.model.bita.init_std} must be > 0 and finite')
-  source = _get(cfg, 'data.source')
+  source = _get(cfg, 'data.source') if 'data' in cfg else 'distilled:'
   if not (isinstance(source, str) and source.startswith('distilled:')):
     raise ConfigError(f'data.source={source!r}: BiTA trains on the base model\'s own '
                       "continuations, 'distilled:<dir>' written by `jaxarch distill "
@@ -905,6 +913,36 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
   _check_completed(cfg)
   for key in POSITIVE_INTS:
     _positive_int(cfg, key)
+  _check_model(cfg)
+  _check_train(cfg)
+  _check_data(cfg)
+  _check_mesh(cfg, num_devices)
+  return cfg
+
+
+def check_model(model: ConfigDict) -> None:
+  """`validate`'s checks of a model section alone, which `jaxarch.models.build` runs: a
+  model config changed after `load`, or written by hand, fails in one line rather than
+  deep inside a layer. What needs the other sections (data.seq_len <= model.max_len, the
+  experts over the mesh's expert axis) is left to `validate`, as are the keys of a
+  registered check that reads them."""
+  cfg = ConfigDict({'model': model}, convert_dict=False)
+  _check_completed(cfg)
+  for key in POSITIVE_INTS:
+    if key.startswith('model.'):
+      _positive_int(cfg, key)
+  try:
+    _check_model(cfg)
+  except MissingKeyError as e:
+    if e.key.startswith('model.'):
+      raise
+  except (AttributeError, KeyError):  # a registered check read cfg.data or cfg.mesh
+    pass
+
+
+def _check_model(cfg: ConfigDict) -> None:
+  """The model section's checks; those of its keys that relate it to another section run
+  when that section is there (`check_model` checks a model alone)."""
   family = _get(cfg, 'model.family')
   if family not in FAMILY_CHECKS:
     raise ConfigError(f'model.family={family!r} must be one of {", ".join(FAMILY_CHECKS)}'
@@ -950,10 +988,6 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
   if not _number(cfg, 'model.init_truncation') >= 0:
     raise ConfigError(f'model.init_truncation={cfg.model.init_truncation} must be >= 0 '
                       '(0: no truncation; else in standard deviations, e.g. 2)')
-  _check_train(cfg)
-  _check_data(cfg)
-  _check_mesh(cfg, num_devices)
-  return cfg
 
 
 def _check_completed(cfg: ConfigDict) -> None:
@@ -1363,7 +1397,7 @@ def _get(cfg: ConfigDict, key: str) -> Any:
     try:
       node = node[part]
     except (KeyError, AttributeError, TypeError):
-      raise MissingKeyError(f'missing key {key!r}') from None
+      raise MissingKeyError(key) from None
   return node
 
 

@@ -648,3 +648,50 @@ def test_the_initialiser_compiles_one_random_program_per_weight_shape_not_per_la
     cfg = tiny_config(**{'model.n_layers': n_layers})
     return _built_params(cfg, True).lower().compile().as_text().count('shift-right-logical')
   assert rotations(6) == rotations(2)
+
+
+@pytest.mark.parametrize('spec, key, value, words', [
+    ('configs/dense.py:tiny', 'n_kv_heads', 3, 'model.n_heads=4 must be divisible by '
+     'model.n_kv_heads=3'),
+    ('configs/dense.py:tiny', 'remat', 'bogus', "model.remat='bogus' must be one of"),
+    ('configs/dense.py:tiny', 'mlp_activation', 'relu', "model.mlp_activation='relu' must be"),
+    ('configs/dense.py:tiny', 'sliding_window', -4, 'model.sliding_window=-4 must be a '
+     'positive int'),
+    ('configs/moe.py:tiny', 'moe.num_experts', 0, 'model.moe.num_experts=0 must be a '
+     'positive int'),
+    ('configs/megabyte.py:tiny', 'megabyte.patch_size', 3, 'must be divisible by '
+     'model.megabyte.patch_size=3'),
+])
+def test_build_checks_a_model_config_changed_after_load(spec, key, value, words):
+  """KeyError 'bogus', jax's 'Incompatible shapes for broadcasting' and the like came from
+  deep in the layers: `build` runs the config's model checks (those that need no other
+  section) first."""
+  cfg = config_lib.load(spec)
+  *sections, name = key.split('.')
+  parent = cfg.model
+  for section in sections:
+    parent = parent[section]
+  parent[name] = value
+  with pytest.raises(ConfigError, match=re.escape(words)):
+    models.build(cfg.model, rngs=nnx.Rngs(0))
+
+
+def test_a_models_checks_leave_what_needs_other_sections_to_validate():
+  """data.seq_len over max_len, experts over the mesh: `config.check_model` has no data or
+  mesh to read; a registered check that reads them does not stop the build either."""
+  cfg = config_lib.load('configs/megabyte.py:tiny')
+  config_lib.check_model(cfg.model)
+  calls = []
+
+  def reads_the_data(c):
+    calls.append(c)
+    return c.data.seq_len  # a plugin's check: the whole config's keys
+
+  config_lib.FAMILY_CHECKS['reads_data'] = (reads_the_data,)
+  try:
+    with cfg.unlocked():
+      cfg.model.family = 'reads_data'
+    config_lib.check_model(cfg.model)
+    assert len(calls) == 1
+  finally:
+    del config_lib.FAMILY_CHECKS['reads_data']

@@ -52,7 +52,9 @@ def build(model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module
   """The language model of `model_cfg.family`: `model(tokens, segment_ids=None,
   positions=None) -> logits [b, t, vocab]`, tokens int32 [b, t]; for packed rows,
   segment_ids [b, t] (0: padding; attention stays within a segment) and positions [b, t]
-  (each document's from 0)."""
+  (each document's from 0). The config is checked first (`config.check_model`), so that
+  a key changed after `config.load` fails in one line."""
+  config_lib.check_model(model_cfg)
   if model_cfg.family not in FAMILIES:
     raise ValueError(f'config error: model.family={model_cfg.family!r} is not built yet; '
                      f'available: {sorted(FAMILIES)}')
