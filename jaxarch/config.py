@@ -1545,6 +1545,51 @@ def save(cfg: ConfigDict, path: str | os.PathLike) -> None:
   tmp = path.with_name(path.name + '.tmp')
   tmp.write_text(_to_json(run_files(to_dict(cfg), path.parent, run_file_name)) + '\n')
   tmp.replace(path)  # a reader never sees half a file
+  if (line := tokenizer_sum(cfg.data.tokenizer, path.parent)) is not None:
+    tmp = path.with_name(TOKENIZER_SUM + '.tmp')
+    tmp.write_text(line + '\n')
+    tmp.replace(path.with_name(TOKENIZER_SUM))
+
+
+# RUN_DIR/tokenizer.sha256: the tokenizer whose ids the run's embeddings learned, as
+# `sha256sum` writes it ('HEX  data.tokenizer'), or 'bytes'. A run's config names a file
+# that may be edited, replaced or swapped for another later; this says so.
+TOKENIZER_SUM = 'tokenizer.sha256'
+
+
+def tokenizer_sum(spec, run_dir: str | os.PathLike) -> str | None:
+  """`TOKENIZER_SUM`'s line for `data.tokenizer=spec` (None: no file to read)."""
+  path = run_file_path(spec, run_dir)
+  if path == 'bytes':
+    return 'bytes'
+  try:
+    digest = hashlib.sha256(Path(os.path.expanduser(path)).read_bytes()).hexdigest()
+  except (OSError, TypeError):
+    return None
+  return f'{digest}  {run_file_name(spec, run_dir)}'
+
+
+def check_tokenizer(cfg: ConfigDict, run_dir: str | os.PathLike) -> None:
+  """Refuses a `data.tokenizer` other than the one the run in `run_dir` trained with (its
+  `TOKENIZER_SUM`): another file, or the same file changed since, feeds the embeddings
+  ids that mean other tokens, and the losses and bits per byte read as if nothing had."""
+  try:
+    saved = (Path(run_dir) / TOKENIZER_SUM).read_text().strip()
+  except OSError:  # a run of jaxarch before 2026-12-07, or an export without it
+    return
+  now = tokenizer_sum(cfg.data.tokenizer, run_dir)
+  if now is None or now.split('  ')[0] == saved.split('  ')[0]:
+    return  # (a file that cannot be read says so where it is read)
+  old_name, new_name = (line.split('  ', 1)[-1] for line in (saved, now))
+  if old_name == new_name:
+    raise ConfigError(f'the tokenizer file data.tokenizer={new_name!r} has changed since the '
+                      f'run in {run_dir} trained with it (sha256 {saved[:12]}... -> '
+                      f"{now[:12]}...): the model's embeddings learned the old file's ids; "
+                      'put it back as it was, or point data.tokenizer at a copy of it')
+  raise ConfigError(f'data.tokenizer={new_name!r} is not the tokenizer that the run in '
+                    f'{run_dir} trained with ({old_name!r}, {TOKENIZER_SUM}): the model\'s '
+                    "embeddings learned that one's ids; use it (a --config without "
+                    'data.tokenizer, or a copy of that file)')
 
 
 def load_json(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ConfigDict:

@@ -256,8 +256,10 @@ def test_a_runs_own_tokenizer_is_named_in_it_so_a_moved_run_keeps_its_data_layou
   """config.json names a tokenizer in the run (an import's copy) relative to the run and
   reads it back as its path there: moved, the run has the same data layout (no data
   position dropped on resume); an older config.json naming its path reads as before, a
-  tokenizer outside the run stays as given, and another tokenizer is a layout change."""
-  from test_data import _gpt2_style_tokenizer  # pylint: disable=g-import-not-at-top
+  tokenizer outside the run stays as given (a copy of the run's is no layout change), and
+  another tokenizer is a layout change."""
+  from test_data import (  # pylint: disable=g-import-not-at-top
+      _gpt2_style_tokenizer, _llama_style_tokenizer)
   run, moved = tmp_path / 'run', tmp_path / 'moved'
   (run / 'tokenizer').mkdir(parents=True)
   cfg = tiny_config(**{'data.tokenizer': _gpt2_style_tokenizer(
@@ -276,8 +278,11 @@ def test_a_runs_own_tokenizer_is_named_in_it_so_a_moved_run_keeps_its_data_layou
   (moved / 'config.json').write_text(json.dumps(older))
   assert load_json(moved / 'config.json').data.tokenizer == moved_cfg.data.tokenizer
   assert trainer.data_changes(moved, moved_cfg) is None
+  with moved_cfg.unlocked():  # a copy outside the run: the same tokens
+    moved_cfg.data.tokenizer = _gpt2_style_tokenizer(tmp_path / 'copy.json')
+  assert trainer.data_changes(moved, moved_cfg) is None
   with moved_cfg.unlocked():
-    moved_cfg.data.tokenizer = _gpt2_style_tokenizer(tmp_path / 'tokenizer.json')
+    moved_cfg.data.tokenizer = _llama_style_tokenizer(tmp_path / 'tokenizer.json')
   assert trainer.data_changes(moved, moved_cfg) == (
       f'data.tokenizer tokenizer/tokenizer.json -> {tmp_path / "tokenizer.json"}')
   config_lib.save(moved_cfg, moved / 'config.json')

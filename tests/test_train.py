@@ -1,5 +1,6 @@
 """End to end: `jaxarch.train.train` learns, logs, checkpoints and resumes exactly."""
 
+import hashlib
 import json
 import logging
 import shutil
@@ -165,6 +166,44 @@ def test_a_moved_or_copied_run_resumes_from_its_checkpoint_and_data_position(
   resume(tmp_path / 'moved', 4)
   (tmp_path / 'moved').rename(tmp_path / 'moved_again')
   resume(tmp_path / 'moved_again', 6)
+
+
+def test_a_run_is_refused_another_tokenizer_or_its_file_changed_since(tmp_path, data_dir,
+                                                                        capsys):
+  """Evaluating a run with another tokenizer gave a loss and bits per byte over ids its
+  embeddings never learned, and a tokenizer file edited in place fed a resume (or a
+  generation) other ids without a word: the run keeps its tokenizer's sha256."""
+  from test_data import _gpt2_style_tokenizer  # pylint: disable=g-import-not-at-top
+  tokenizer = tmp_path / 'tok.json'
+  cfg = _cfg(data_dir, **{'train.steps': 2, 'log.eval_batches': 1,
+                          'data.tokenizer': _gpt2_style_tokenizer(tokenizer)})
+  run = tmp_path / 'run'
+  train(cfg, run)
+  digest = hashlib.sha256(tokenizer.read_bytes()).hexdigest()
+  assert (run / 'tokenizer.sha256').read_text() == f'{digest}  {tokenizer}\n'
+  capsys.readouterr()
+  assert cli.main(['eval', f'--workdir={run}', '--config.data.tokenizer=bytes']) == 2
+  err = capsys.readouterr().err
+  assert (f"data.tokenizer='bytes' is not the tokenizer that the run in {run} trained with "
+          f"('{tokenizer}', tokenizer.sha256)") in err and err.count('\n') == 1
+  original = tokenizer.read_bytes()
+  tokenizer.write_text(tokenizer.read_text().replace('<|endoftext|>', '<|end|>'))
+  for command in (['eval', f'--workdir={run}'],
+                  ['train', f'--workdir={run}', '--config.train.steps=4'],
+                  ['generate', f'--workdir={run}', '--prompt=a', '--max_new_tokens=1']):
+    assert cli.main(command) == 2, command
+    err = capsys.readouterr().err
+    assert f"the tokenizer file data.tokenizer='{tokenizer}' has changed since the run" in err
+  tokenizer.write_bytes(original)  # put back: the run is itself again
+  assert evaluate(cfg, run)['step'] == 2
+  copy = tmp_path / 'copy.json'  # the same file elsewhere: the same tokens, position kept
+  shutil.copy(tokenizer, copy)
+  with cfg.unlocked():
+    cfg.data.tokenizer = str(copy)
+  assert trainer.data_changes(run, cfg) is None
+  with cfg.unlocked():
+    cfg.train.batch_size *= 2
+  assert trainer.data_changes(run, cfg) == 'train.batch_size 8 -> 16'
 
 
 def test_resuming_with_more_steps_says_where_the_learning_rate_moves(tmp_path, data_dir):

@@ -95,6 +95,7 @@ def load_checkpoint(workdir: str | Path, *, step: int | None = None, mesh_overri
         sweep_runs_hint(workdir) or f': is {workdir} a jaxarch workdir?'))
   layout = () if scan_layers is None else (f'model.scan_layers={scan_layers}',)
   cfg, mesh = mesh_here(config_lib.load_json(saved, (*mesh_overrides, *layout)))
+  config_lib.check_tokenizer(cfg, workdir)  # its file edited since: the ids mean other text
   setup = make_setup(cfg, mesh)
   state, restored = Checkpointer.read(workdir, setup.abstract_state, step=step, parts=MODEL)
   return cfg, merge_model(setup, state), restored

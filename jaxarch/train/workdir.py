@@ -192,8 +192,9 @@ def _check_shared(workdir: Path) -> None:
 
 def check_same_model(saved: Path, cfg: ml_collections.ConfigDict) -> None:
   """Refuses a config that would read the run saved in `saved` (its config.json) as another
-  model without its checkpoints saying so: another family, or UltraMem memory layers
-  through other IVE permutations than they were trained with (which no array holds). A
+  model without its checkpoints saying so: another family, another tokenizer (or its file
+  changed since), or UltraMem memory layers through other IVE permutations than they
+  were trained with (which no array holds). A
   same-family model of other shapes is caught when its checkpoint is restored (settings
   such as `model.remat` may change on resume)."""
   try:
@@ -204,6 +205,7 @@ def check_same_model(saved: Path, cfg: ml_collections.ConfigDict) -> None:
     raise WorkdirError(f'workdir {saved.parent} holds checkpoints of a {old} model, and '
                        f'this config is {cfg.model.family}; use a new --workdir, or omit '
                        '--config to resume the saved run')
+  config_lib.check_tokenizer(cfg, saved.parent)
   permutation = lambda model: model.get('ultramem', {}).get('permutation')
   try:
     before = permutation(config_lib.load_json(saved).model)
