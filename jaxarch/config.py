@@ -1180,9 +1180,10 @@ def _check_data(cfg: ConfigDict) -> None:
   if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
     raise ConfigError(f'data.num_threads={threads!r} must be an int >= 0: threads that read '
                       'and tokenize the training documents (0: in the prefetch thread alone)')
-  if not 0 <= _number(cfg, 'data.validation_fraction') < 1:
+  if not 0 <= _number(cfg, 'data.validation_fraction') <= 1:
     raise ConfigError(f'data.validation_fraction={cfg.data.validation_fraction} must be in '
-                      '[0, 1): the share of files held out for validation')
+                      '[0, 1]: the share of files held out for validation (1: all, a corpus '
+                      'to evaluate on)')
   # Read with get: a run saved before the key starts documents with eod, as it trained.
   bos, vocab = cfg.data.get('bos_id'), cfg.model.vocab_size
   if bos is not None and not is_token_id(bos, vocab):

@@ -258,7 +258,7 @@ def test_rope_needs_an_even_head_dimension():
      'run set --config.train.warmup_steps=3'),
     (['train.eps=0.0'], 'train.eps=0.0 must be > 0'),
     (['train.weight_decay=-0.1'], 'train.weight_decay=-0.1 must be >= 0'),
-    (['data.validation_fraction=2.0'], 'data.validation_fraction=2.0 must be in [0, 1)'),
+    (['data.validation_fraction=2.0'], 'data.validation_fraction=2.0 must be in [0, 1]'),
     (['data.num_threads=-1'], 'data.num_threads=-1 must be an int >= 0: threads that read '
      'and tokenize the training documents'),
     (['data.pack_align=5'], 'data.seq_len=128 must be a multiple of data.pack_align=5'),

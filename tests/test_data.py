@@ -279,6 +279,27 @@ def test_a_file_keeps_its_split_when_the_corpus_gains_a_folder(tmp_path):
   assert validation() - {'new'} == before
 
 
+def test_a_fraction_above_half_that_draws_every_document_keeps_them_for_validation(
+    tmp_path):
+  """A corpus of a file or two drawn all into validation trains on them; above half, the
+  fraction asks for an eval set, which kept none of its documents (they were swapped into
+  training, and `eval` then said to raise the fraction)."""
+  lines = '\n'.join(json.dumps({'text': f'line {i}'}) for i in range(50))
+  (tmp_path / 'eval.jsonl').write_text(lines + '\n')
+  (tmp_path / 'one.txt').write_text('a single small file')
+  assert sources.is_validation('one.txt', 0.5)  # drawn at both fractions
+  for fraction, name, train, val in ((0.9999, 'eval.jsonl', 0, 50),
+                                     (0.9999, 'one.txt', 0, 1), (0.5, 'one.txt', 1, 0)):
+    cfg = _data_config(tmp_path, f'files:{tmp_path}/{name}', validation_fraction=fraction)
+    assert [len(data.open_source(cfg, split)) for split in ('train', 'validation')] == [
+        train, val], (fraction, name)
+  cfg = _data_config(tmp_path, f'files:{tmp_path}/*', validation_fraction=1.0)  # all held out
+  assert len(data.open_source(cfg, 'validation')) == 51
+  with pytest.raises(ConfigError, match=r'has no training documents \(data.validation_fraction'
+                     r'=1.0 holds them out: it makes an eval set; train with a lower one\)'):
+    next(iter(pipeline.make_train_dataset(cfg, seed=0, global_batch_size=4)))
+
+
 def test_a_big_file_is_read_as_pieces_cut_after_newlines(tmp_path, monkeypatch):
   """One file of ~11 pieces: they tile it in order, start after a newline (or, in a line
   longer than the search, on a UTF-8 character), fall in both splits, and fill the rows

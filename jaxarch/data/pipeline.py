@@ -402,8 +402,11 @@ def _train_documents(component, data_cfg, seed: int,
   some of this one (with one stream, `packing_streams=1`, none)."""
   docs = grain.MapDataset.source(sources.open_component(component, data_cfg, 'train'))
   if not len(docs):  # pylint: disable=g-explicit-length-test
+    held = data_cfg.get('validation_fraction', 0)
     raise ConfigError(f'config error: data.source={data_cfg.source!r} has no training '
-                      'documents')
+                      'documents' + (f' (data.validation_fraction={held} holds them out: it '
+                                     'makes an eval set; train with a lower one)'
+                                     if held > sources.EVAL_SET_FRACTION else ''))
   _warn_if_fewer_than_streams(data_cfg, len(docs), num_streams, 'documents')
   return len(docs), docs.shuffle(seed=seed % 2**32).repeat()
 

@@ -88,6 +88,11 @@ def resolve_data_dir(cfg_value: str | None) -> pathlib.Path:
   return pathlib.Path(cache).expanduser() / 'jaxarch' / 'data'
 
 
+# A `validation_fraction` above this that draws every document of a corpus leaves them all
+# in validation; at or below it, such a corpus (a file or two) trains on them instead.
+EVAL_SET_FRACTION = 0.5
+
+
 def is_validation(relative_path: str, validation_fraction: float) -> bool:
   """Whether a document belongs to the validation split; depends only on its name (the
   file's relative path, and `#i` for piece i of a file over `DOCUMENT_BYTES`)."""
@@ -284,7 +289,9 @@ class _TextFilesBuilder(tfds.core.GeneratorBasedBuilder):
     train = [d for d in documents if not is_validation(d[0], fraction)]
     val += [(None, f, None, n[held]) for f, (n, held) in lines.items() if held.any()]
     train += [(None, f, None, n[~held]) for f, (n, held) in lines.items() if (~held).any()]
-    if not train:  # A corpus of one or two small files must still be trainable.
+    # A corpus of one or two small files must still be trainable; above half, the fraction
+    # asks for an eval set (a source of weight 0), which keeps every document it drew.
+    if not train and fraction <= EVAL_SET_FRACTION:
       train, val = val, []
     # TFDS refuses to write an empty split; open_source reads a missing one as empty.
     splits = {'train': train, 'validation': val}
@@ -376,8 +383,10 @@ def _files_config(source: str, pattern: str, validation_fraction: float,
   root = _glob_root(pattern, paths)
   files = tuple(str(p.relative_to(root)) for p in paths)
   _check_piece_names(source, {f: st.st_size for f, st in zip(files, stats)})
-  key = hashlib.sha256(repr((pattern, validation_fraction, 'split by path from the glob\'s '
-                             'root')).encode())
+  rule = 'split by path from the glob\'s root'
+  if validation_fraction > EVAL_SET_FRACTION:  # (below, the names of before stand)
+    rule += ', a corpus all in validation kept so'
+  key = hashlib.sha256(repr((pattern, validation_fraction, rule)).encode())
   for p, st in zip(paths, stats):
     key.update(f'{p}\0{st.st_size}\0{st.st_mtime_ns}\0'.encode())
   text_key = text_key or 'text'
