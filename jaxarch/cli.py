@@ -355,7 +355,7 @@ def _distill(args, overrides):
 
 
 def _prepare(args, overrides):
-  from jaxarch.data import summary  # pylint: disable=g-import-not-at-top
+  from jaxarch.data import model_tokenizer, summary  # pylint: disable=g-import-not-at-top
   cfg = config_lib.load(args.config, overrides)
   if args.data_dir:
     with cfg.unlocked():
@@ -365,6 +365,7 @@ def _prepare(args, overrides):
     # Said now, not after preparing the data (hours for a large corpus).
     raise FileNotFoundError(f'--out={args.out} cannot be written: give a file in a '
                             'folder that exists and is writable')
+  model_tokenizer(cfg)  # a vocabulary the model cannot hold: said before preparing
   rows = summary.summarize(cfg, sample_documents=args.sample_documents)
   _say(summary.table(rows))
   if out is not None:

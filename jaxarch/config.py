@@ -1171,7 +1171,9 @@ def _check_data(cfg: ConfigDict) -> None:
     try:
       alone = _mixture_component(0, source.strip(), source)
     except ConfigError:
-      raise ConfigError(DATA_SOURCE_ERROR.format(source)) from None
+      files = ('/' in source or '*' in source) and ':' not in source.split('/')[0]
+      raise ConfigError(DATA_SOURCE_ERROR.format(source) + (
+          f"; your own files are 'files:{source}'" if files else '')) from None
     key = '' if alone.text_key is None else f' and --config.data.text_key={alone.text_key}'
     raise ConfigError(f'data.source={source!r} is one source with a weight or a name, which '
                       "belong to a mixture of two or more 'SOURCE,WEIGHT' joined by ';': give "

@@ -29,7 +29,7 @@ from jaxarch import config as config_lib
 from jaxarch import infer, models
 from jaxarch.export import (ExportError, all_or_nothing, export_stablehlo, load_safetensors,
                             write_hf, write_model)
-from jaxarch.data import get_tokenizer
+from jaxarch.data import get_tokenizer, model_tokenizer
 from jaxarch.export import hf_import, hf_tokenizer, run_stablehlo, weights
 from jaxarch.export import huggingface as hf_export
 from jaxarch.export.run_stablehlo import StableHLOModel
@@ -1979,7 +1979,7 @@ def test_a_special_token_past_the_models_rows_imports_and_passes_the_trainers_ch
   assert cli.main(argv) == 0
   imported_cfg, imported = load_model(tmp_path / 'run')
   assert get_tokenizer(imported_cfg.data.tokenizer).vocab_size == rows + 1
-  assert trainer._tokenizer(imported_cfg)  # pylint: disable=protected-access
+  assert model_tokenizer(imported_cfg)
   setup = make_setup(imported_cfg, make_mesh(imported_cfg))
   assert trainer._eval_step(imported_cfg, setup)  # pylint: disable=protected-access
   np.testing.assert_array_equal(logits(imported, TOKENS), logits(model, TOKENS))

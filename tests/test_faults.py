@@ -289,6 +289,20 @@ def test_a_runs_own_tokenizer_is_named_in_it_so_a_moved_run_keeps_its_data_layou
   assert saved()['data']['tokenizer'] == str(tmp_path / 'tokenizer.json')
 
 
+def test_a_trained_source_set_to_weight_zero_says_a_tiny_weight_keeps_the_position(tmp_path):
+  cfg = tiny_config(**{'data.source': 'a=default,1;b=files:/x/*.txt,1'})
+  config_lib.save(cfg, tmp_path / 'config.json')
+  with cfg.unlocked():
+    cfg.data.source = 'a=default,1;b=files:/x/*.txt,0'
+  assert trainer.data_changes(tmp_path, cfg) == (
+      'data.source a=default,1;b=files:/x/*.txt,1 -> a=default,1;b=files:/x/*.txt,0, (no '
+      'longer trained on: files:/x/*.txt; at a tiny weight such as 1e-6 instead, each source '
+      'would keep its position)')
+  with cfg.unlocked():
+    cfg.data.source = 'a=default,1;b=files:/x/*.txt,1e-6'
+  assert trainer.data_changes(tmp_path, cfg) is None
+
+
 def test_a_run_saved_before_add_bos_keeps_its_data_position_unless_it_changes(tmp_path):
   """Without a BOS a document is one token shorter, so data.add_bos is of the data
   layout; a run saved before the key added a BOS, and resumes with its position."""

@@ -455,6 +455,12 @@ def test_prepare_counts_each_source_and_the_epochs_the_run_reads(tmp_path, mixtu
                    f'--data_dir={tmp_path}/unmade']) == 2
   assert 'cannot be written' in capsys.readouterr().err
   assert not (tmp_path / 'unmade').exists()
+  from test_data import _gpt2_style_tokenizer  # pylint: disable=g-import-not-at-top
+  assert cli.main(['prepare', '--config=configs/dense.py:tiny', f'--data_dir={tmp_path}/unmade',
+                   f'--config.data.tokenizer={_gpt2_style_tokenizer(tmp_path / "t.json")}',
+                   '--config.model.vocab_size=128']) == 2  # what train would refuse
+  assert 'set --config.model.vocab_size=384' in capsys.readouterr().err
+  assert not (tmp_path / 'unmade').exists()
 
 
 def test_a_mixture_whose_trained_sources_have_no_validation_says_so(tmp_path, mixture,

@@ -12,4 +12,5 @@ from jaxarch.data.tokenizers import ByteTokenizer
 from jaxarch.data.tokenizers import bos_id
 from jaxarch.data.tokenizers import get_tokenizer
 from jaxarch.data.tokenizers import ids_past_model
+from jaxarch.data.tokenizers import model_tokenizer
 from jaxarch.data.tokenizers import stop_ids

@@ -153,6 +153,11 @@ def _json_lines(path: pathlib.Path, name: str):
                       f'read ({e})') from None
 
 
+def _a(noun: str) -> str:
+  """'an int', 'a float'."""
+  return f'{"an" if noun[:1] in "aeiou" else "a"} {noun}'
+
+
 def _json_text(path: pathlib.Path, n: int, line: bytes, text_key: str) -> str:
   """Line n's `text_key`; a line that is not an object with a string there is a config
   error naming it."""
@@ -167,8 +172,8 @@ def _json_text(path: pathlib.Path, n: int, line: bytes, text_key: str) -> str:
     raise ConfigError(f'{where} has no key {text_key!r} (it has {list(record)[:8]}); '
                       'name the key of the text with --config.data.text_key=KEY')
   if not isinstance(record[text_key], str):
-    raise ConfigError(f'{where}: {text_key!r} is a {type(record[text_key]).__name__}, not a '
-                      'string')
+    raise ConfigError(f'{where}: {text_key!r} is {_a(type(record[text_key]).__name__)}, not '
+                      'a string')
   return record[text_key]
 
 
@@ -373,13 +378,15 @@ def _files_config(source: str, pattern: str, validation_fraction: float,
                 not p.name.endswith(RECORDS)]
   if compressed:
     raise ConfigError(f'config error: data.source={source!r}: {len(compressed)} of the files '
-                      f'are compressed, e.g. {str(compressed[0])!r}, and would be read as '
+                      f'{"is" if len(compressed) == 1 else "are"} compressed, e.g. {str(compressed[0])!r}, and would be read as '
                       'their compressed bytes; decompress them (JSON lines may stay gzip\'d '
                       'as .jsonl.gz) or narrow the glob')
   stats = [p.stat() for p in paths]  # once: a corpus may be a million files
   if not any(st.st_size for st in stats):
-    raise ConfigError(f'config error: data.source={source!r}: the {len(paths)} files '
-                      f'matching {pattern!r} are all empty; there is nothing to train on')
+    raise ConfigError(f'config error: data.source={source!r}: '
+                      + (f'the file matching {pattern!r} is empty' if len(paths) == 1 else
+                         f'the {len(paths)} files matching {pattern!r} are all empty')
+                      + '; there is nothing to train on')
   root = _glob_root(pattern, paths)
   files = tuple(str(p.relative_to(root)) for p in paths)
   _check_piece_names(source, {f: st.st_size for f, st in zip(files, stats)})
@@ -766,7 +773,8 @@ def open_component(component: MixtureComponent, data_cfg, split: str) -> TextSou
       raise
     own = (f"give data.source component {component.name!r} its own key after its weight: "
            f"'{component.name}=SOURCE,WEIGHT,KEY'")
-    message = re.sub(r'with --config\.data\.text_key=(KEY|NAME)', own, str(e))
+    message = re.sub(r'name the (key|column|one)[a-z ]* with --config\.data\.text_key='
+                     r'(KEY|NAME)', own, str(e))
     message = message.replace('data.text_key=', f'the text key of {component.name!r}, ')
     raise ConfigError(message) from None
 

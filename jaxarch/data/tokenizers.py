@@ -38,6 +38,19 @@ def ids_past_model(tokenizer, vocab_size: int) -> list[int]:
   return [i for i in range(vocab_size, tokenizer.vocab_size) if i not in special or i in named]
 
 
+def model_tokenizer(cfg):
+  """`data.tokenizer` of a run's config, whose ids `model.vocab_size` must hold (checked
+  by `prepare` too, before hours of preparing data for a run that cannot start)."""
+  tokenizer = get_tokenizer(cfg.data.tokenizer)
+  if past := ids_past_model(tokenizer, cfg.model.vocab_size):
+    need = -(-(max(past) + 1) // 128) * 128  # the ids it feeds, padded as the presets are
+    raise ConfigError(
+        f'config error: model.vocab_size={cfg.model.vocab_size} is smaller than the '
+        f'vocabulary of data.tokenizer={cfg.data.tokenizer!r} ({tokenizer.vocab_size}); '
+        f'set --config.model.vocab_size={need} (a multiple of 128 shards over `tensor`)')
+  return tokenizer
+
+
 class ByteTokenizer:
   """UTF-8 bytes as ids 0..255; byte 0 is real text, so the specials come after 255."""
 
@@ -144,7 +157,9 @@ class HFTokenizer:
     self.eod_id = self._first_id(self._EOS_NAMES)
     if self.eod_id is None:
       raise ConfigError(f'config error: data.tokenizer={path!r} has none of the end-of-text '
-                       f'tokens {self._EOS_NAMES}')
+                        f'tokens {self._EOS_NAMES}, which end every document; add one when '
+                        "you build it (tokenizer.add_special_tokens(['<|endoftext|>']), or "
+                        "the trainer's special_tokens) and save it again")
     pad_id = self._first_id(self._PAD_NAMES)
     self.pad_id = self.eod_id if pad_id is None else pad_id
     # Text that spells a special token (e.g. "<|endoftext|>" in a code file) is text, not

@@ -35,21 +35,10 @@ from jaxarch.train.workdir import (check_same_model, check_workdir, local_workdi
                                    only_trainer_in, remove_unused, state_bytes, unwritable)
 
 
-def _tokenizer(cfg: ml_collections.ConfigDict):
-  tokenizer = data.get_tokenizer(cfg.data.tokenizer)
-  if past := data.ids_past_model(tokenizer, cfg.model.vocab_size):
-    need = -(-(max(past) + 1) // 128) * 128  # the ids it feeds, padded as the presets are
-    raise config_lib.ConfigError(
-        f'config error: model.vocab_size={cfg.model.vocab_size} is smaller than the '
-        f'vocabulary of data.tokenizer={cfg.data.tokenizer!r} ({tokenizer.vocab_size}); '
-        f'set --config.model.vocab_size={need} (a multiple of 128 shards over `tensor`)')
-  return tokenizer
-
-
 def _eval_step(cfg: ml_collections.ConfigDict, setup: TrainSetup):
   """Eval step counting each target's bytes, for bits per byte under any tokenizer."""
   lengths = np.zeros(cfg.model.vocab_size, np.float32)
-  tokenizer = _tokenizer(cfg)
+  tokenizer = data.model_tokenizer(cfg)
   n = min(tokenizer.vocab_size, cfg.model.vocab_size)  # special ids past the rows: no text
   lengths[:n] = tokenizer.byte_lengths[:n]
   return make_eval_step(setup, lengths)
@@ -103,7 +92,21 @@ def data_changes(workdir: Path, cfg: ml_collections.ConfigDict) -> str | None:
   if changes and _reordered(get(old, 'data.source'), get(new, 'data.source')):
     changes.append('(the same sources trained on, in another order: keep their order to '
                    'keep the position)')
+  elif changes and (gone := _untrained(get(old, 'data.source'), get(new, 'data.source'))):
+    changes.append(f'(no longer trained on: {", ".join(gone)}; at a tiny weight such as 1e-6 '
+                   'instead, each source would keep its position)')
   return ', '.join(changes) or None
+
+
+def _untrained(old_source, new_source) -> list[str]:
+  """The sources `old_source` trained on that `new_source` does not, when it trains on the
+  others in their order (their positions would hold at a tiny weight)."""
+  try:
+    old, new = (config_lib.trained_sources(s) for s in (old_source, new_source))
+  except (config_lib.ConfigError, TypeError, AttributeError):
+    return []
+  kept = [s for s in old if s in new]
+  return [s for s in old if s not in new] if new and kept == new else []
 
 
 def _same_tokenizer(workdir: Path, cfg: ml_collections.ConfigDict) -> bool:
