@@ -280,7 +280,7 @@ def test_a_file_keeps_its_split_when_the_corpus_gains_a_folder(tmp_path):
 
 
 def test_a_fraction_above_half_that_draws_every_document_keeps_them_for_validation(
-    tmp_path):
+    tmp_path, capsys):
   """A corpus of a file or two drawn all into validation trains on them; above half, the
   fraction asks for an eval set, which kept none of its documents (they were swapped into
   training, and `eval` then said to raise the fraction)."""
@@ -294,7 +294,11 @@ def test_a_fraction_above_half_that_draws_every_document_keeps_them_for_validati
     assert [len(data.open_source(cfg, split)) for split in ('train', 'validation')] == [
         train, val], (fraction, name)
   cfg = _data_config(tmp_path, f'files:{tmp_path}/*', validation_fraction=1.0)  # all held out
+  capsys.readouterr()
   assert len(data.open_source(cfg, 'validation')) == 51
+  err = capsys.readouterr().err  # (TFDS's 'Downloading ... Unknown size': nothing is)
+  assert f'jaxarch: preparing the documents under {tmp_path} into ' in err
+  assert 'Downloading' not in err
   with pytest.raises(ConfigError, match=r'has no training documents \(data.validation_fraction'
                      r'=1.0 holds them out: it makes an eval set; train with a lower one\)'):
     next(iter(pipeline.make_train_dataset(cfg, seed=0, global_batch_size=4)))
@@ -414,7 +418,7 @@ def test_preparing_json_lines_parses_each_record_once(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize('line, why', [
     ('{"txt": "a"}', r"line 2 has no key 'text' \(it has \['txt'\]\).*data.text_key"),
-    ('{"text": 5}', "line 2: 'text' is a int, not a string"),
+    ('{"text": 5}', "line 2: 'text' is an int, not a string"),
     ('{"text": "a"', 'line 2 is not JSON'),
     ('["a"]', 'line 2 is a JSON list, not an object'),
     (b'{"text": "\xff"}', 'line 2 is not JSON .*utf-8'),
@@ -427,6 +431,8 @@ def test_a_bad_json_line_is_one_line_naming_its_file_and_line(tmp_path, line, wh
   with pytest.raises(ConfigError, match=f"file '{tmp_path}/docs/x.jsonl', {why}") as e:
     data.open_source(cfg, 'train')
   assert '\n' not in str(e.value)
+  # No empty dataset folders left behind (TFDS's), only the hidden lock file.
+  assert [p.suffix for p in (tmp_path / 'data').iterdir()] == ['.lock']
 
 
 def test_a_damaged_gzip_json_lines_file_is_one_line_naming_it(tmp_path):
@@ -558,7 +564,7 @@ def test_compressed_files_that_are_not_json_lines_are_refused(tmp_path):
   with gzip.open(tmp_path / 'docs' / 'b.txt.gz', 'wt') as f:
     f.write('text')  # read as it is, a byte model would train on gzip's bytes
   cfg = _data_config(tmp_path, f'files:{tmp_path}/docs/*')
-  with pytest.raises(ConfigError, match=r"1 of the files are compressed, e.g. '.*b.txt.gz'"):
+  with pytest.raises(ConfigError, match=r"1 of the files is compressed, e.g. '.*b.txt.gz'"):
     data.open_source(cfg, 'train')
 
 
@@ -568,7 +574,7 @@ def test_preparing_writes_nothing_to_stdout_and_no_progress_bars_to_a_log(corpus
   cfg, _ = corpus
   data.open_source(cfg, 'train')
   out, err = capfd.readouterr()
-  assert out == '' and 'prepared to' in err and '\r' not in err
+  assert out == '' and 'jaxarch: prepared ' in err and '\r' not in err
 
 
 def test_cache_is_built_once(corpus, monkeypatch):

@@ -275,6 +275,16 @@ class _TextFilesBuilder(tfds.core.GeneratorBasedBuilder):
     """Paths relative to `builder_config.root` of the files to read."""
     return list(self.builder_config.files)
 
+  # TFDS's own lines say 'Downloading and preparing dataset Unknown size (download:
+  # Unknown size, ...)': nothing is downloaded here. (Its methods; a TFDS without them
+  # prints nothing.)
+  def _log_download_bytes(self) -> None:
+    print(f'jaxarch: preparing the documents under {self.builder_config.root} into '
+          f'{self.data_dir} (once; later runs read them there)')
+
+  def _log_download_done(self) -> None:
+    print(f'jaxarch: prepared {self.data_dir}')
+
   def _split_generators(self, dl_manager):
     del dl_manager  # Everything is local.
     fraction = self.builder_config.validation_fraction
@@ -884,4 +894,21 @@ def _prepared(builder_cls, config, data_dir: pathlib.Path, source: str):
     except FileExistsError:  # TFDS's final rename found the version directory written
       if not make().is_prepared():
         raise
+    except BaseException:  # a bad record, a full disk: no empty folders left to puzzle over
+      _remove_empty(pathlib.Path(make().data_dir).parent, data_dir)
+      raise
   return make()
+
+
+def _remove_empty(folder: pathlib.Path, data_dir: pathlib.Path) -> None:
+  """Removes `folder` and the folders above it up to `data_dir` while they are empty, and
+  TFDS's empty downloads folder (nothing is downloaded)."""
+  for path in (data_dir / 'downloads' / 'extracted', data_dir / 'downloads'):
+    with contextlib.suppress(OSError):
+      path.rmdir()
+  while folder != data_dir and folder.is_relative_to(data_dir):
+    try:
+      folder.rmdir()  # only if empty: another version, or another process's, stays
+    except OSError:
+      return
+    folder = folder.parent
