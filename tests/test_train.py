@@ -229,8 +229,15 @@ def test_evaluate_and_load_use_the_latest_checkpoint(tmp_path, data_dir, caplog)
   assert saved['step'] == 10 and saved['evaluated_on']['log.eval_batches'] == 2
   fewer = _cfg(data_dir, **{'train.steps': 10, 'log.eval_batches': 1})
   with caplog.at_level(logging.WARNING):
-    evaluate(fewer, tmp_path)  # another eval of step 10: said, as the file is replaced
-  assert 'held an evaluation of this step over other data (log.eval_batches 2 -> 1)' in (
+    evaluate(fewer, tmp_path)  # over other data: a file of its own, eval_10.json kept
+  (other,) = tmp_path.glob('eval_10_*.json')
+  assert json.loads(other.read_text())['evaluated_on']['log.eval_batches'] == 1
+  assert json.loads((tmp_path / 'eval_10.json').read_text()) == saved
+  saved['evaluated_on']['log.eval_batches'] = 3  # as an older jaxarch wrote it
+  (tmp_path / 'eval_10.json').write_text(json.dumps(saved))
+  with caplog.at_level(logging.WARNING):
+    evaluate(cfg, tmp_path)  # replaced: said
+  assert 'held an evaluation of this step over other data (log.eval_batches 3 -> 2)' in (
       caplog.text)
   with pytest.raises(CheckpointError, match=r'no checkpoint of step 42 in .*; its steps: .*10$'):
     evaluate(cfg, tmp_path, step=42)

@@ -5,6 +5,7 @@ values, its parameter metadata), never through branches on `model.family`.
 """
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -530,6 +531,20 @@ def _evaluated_on(cfg: ml_collections.ConfigDict) -> dict:
           'log.eval_batches': cfg.log.eval_batches}
 
 
+def _eval_file(workdir: Path, step: int, evaluated_on: dict) -> Path:
+  """WORKDIR/eval_STEP.json over the run's own validation data; over other data (another
+  source, more batches), eval_STEP_HASH.json, so that the evaluations of a step on
+  several held-out sets are all kept."""
+  try:
+    own = _evaluated_on(config_lib.load_json(workdir / 'config.json'))
+  except (config_lib.ConfigError, OSError, ValueError):
+    own = evaluated_on  # (no config.json: a run written by hand)
+  if evaluated_on == own:
+    return workdir / f'eval_{step}.json'
+  digest = hashlib.sha256(json.dumps(evaluated_on, sort_keys=True).encode()).hexdigest()
+  return workdir / f'eval_{step}_{digest[:8]}.json'
+
+
 def _say_if_replaced(out: Path, evaluated_on: dict) -> None:
   """An eval of the same step over other data (fewer batches, another source) is replaced
   by this one: said, with what differs."""
@@ -560,7 +575,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
   result = {'step': restored,
             **run_eval(setup, state, _eval_step(cfg, setup), batches),
             'evaluated_on': _evaluated_on(cfg)}
-  out = Path(workdir) / f'eval_{restored}.json'
+  out = _eval_file(Path(workdir), restored, result['evaluated_on'])
   try:
     if jax.process_index() == 0:
       _say_if_replaced(out, result['evaluated_on'])
