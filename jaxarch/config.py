@@ -1572,6 +1572,17 @@ def tokenizer_sum(spec, run_dir: str | os.PathLike) -> str | None:
   return f'{digest}  {run_file_name(spec, run_dir)}'
 
 
+def is_runs_tokenizer(spec, run_dir: str | os.PathLike) -> bool:
+  """Whether `data.tokenizer=spec` holds what the run in `run_dir` trained with (its
+  `TOKENIZER_SUM`): a copy at another path reads the documents alike."""
+  try:
+    saved = (Path(run_dir) / TOKENIZER_SUM).read_text().split()[0]
+  except (OSError, IndexError):
+    return False
+  now = tokenizer_sum(spec, run_dir)
+  return now is not None and now.split()[0] == saved
+
+
 def check_tokenizer(cfg: ConfigDict, run_dir: str | os.PathLike) -> None:
   """Refuses a `data.tokenizer` other than the one the run in `run_dir` trained with (its
   `TOKENIZER_SUM`): another file, or the same file changed since, feeds the embeddings

@@ -169,7 +169,7 @@ def test_a_moved_or_copied_run_resumes_from_its_checkpoint_and_data_position(
 
 
 def test_a_run_is_refused_another_tokenizer_or_its_file_changed_since(tmp_path, data_dir,
-                                                                        capsys):
+                                                                        capsys, caplog):
   """Evaluating a run with another tokenizer gave a loss and bits per byte over ids its
   embeddings never learned, and a tokenizer file edited in place fed a resume (or a
   generation) other ids without a word: the run keeps its tokenizer's sha256."""
@@ -204,6 +204,12 @@ def test_a_run_is_refused_another_tokenizer_or_its_file_changed_since(tmp_path, 
   with cfg.unlocked():
     cfg.train.batch_size *= 2
   assert trainer.data_changes(run, cfg) == 'train.batch_size 8 -> 16'
+  capsys.readouterr()
+  assert cli.main(['train', f'--workdir={run}', '--config.train.steps=4',
+                   f'--config.data.tokenizer={copy}']) == 0  # resumed, its data position too
+  out = ''.join(capsys.readouterr())
+  assert 'resumed from' in out and 'since the checkpoint' not in out, out
+  assert 'another data layout' not in caplog.text
 
 
 def test_resuming_with_more_steps_says_where_the_learning_rate_moves(tmp_path, data_dir):

@@ -55,7 +55,7 @@ import os
 import grain
 import numpy as np
 
-from jaxarch.config import ConfigError, reweighted, run_file_name
+from jaxarch.config import ConfigError, is_runs_tokenizer, reweighted, run_file_name
 from jaxarch.data import sources
 from jaxarch.data import tokenizers
 
@@ -559,6 +559,9 @@ class _LayoutIterator(grain.DatasetIterator):
       log.info('data.source trains on the same sources (%s): each goes on from its saved '
                'position', source[0][len('source '):])
       changed.remove(source[0])
+    if self._run_dir is not None and is_runs_tokenizer(self._layout['tokenizer'],
+                                                       self._run_dir):
+      changed = [c for c in changed if not c.startswith('tokenizer ')]  # a copy of it
     if changed:
       log.warning('the saved data position is of another data layout (%s): the data start '
                   'afresh', ', '.join(changed))

@@ -89,7 +89,8 @@ def data_changes(workdir: Path, cfg: ml_collections.ConfigDict) -> str | None:
   changes = [f'{k} {get(old, k)} -> {get(new, k)}' for k in _DATA_LAYOUT
              if get(old, k) != get(new, k) and not (
                  k == 'data.source' and config_lib.reweighted(get(old, k), get(new, k)))
-             and not (k == 'data.tokenizer' and _same_tokenizer(workdir, cfg))]
+             and not (k == 'data.tokenizer'
+                      and config_lib.is_runs_tokenizer(cfg.data.tokenizer, workdir))]
   if changes and _reordered(get(old, 'data.source'), get(new, 'data.source')):
     changes.append('(the same sources trained on, in another order: keep their order to '
                    'keep the position)')
@@ -108,17 +109,6 @@ def _untrained(old_source, new_source) -> list[str]:
     return []
   kept = [s for s in old if s in new]
   return [s for s in old if s not in new] if new and kept == new else []
-
-
-def _same_tokenizer(workdir: Path, cfg: ml_collections.ConfigDict) -> bool:
-  """Whether `cfg`'s tokenizer file holds what the run's did (`config.TOKENIZER_SUM`): a
-  copy elsewhere tokenizes the documents alike, so the data position holds."""
-  try:
-    saved = (workdir / config_lib.TOKENIZER_SUM).read_text().split()[0]
-  except (OSError, IndexError):
-    return False
-  now = config_lib.tokenizer_sum(cfg.data.tokenizer, workdir)
-  return now is not None and now.split()[0] == saved
 
 
 def _reordered(old_source, new_source) -> bool:
