@@ -1584,3 +1584,26 @@ def test_building_a_source_in_python_logs_no_custom_configuration_warning(corpus
       next(iter(data.make_train_dataset(cfg, seed=0, global_batch_size=4)))
   assert 'Using custom data configuration' not in caplog.text
   assert not logging.getLogger('absl').filters  # the filter goes with the builder
+
+
+def test_prepare_counts_the_documents_a_text_tokenizer_reads_with_replacement_characters(
+    tmp_path, caplog):
+  """A BPE or SentencePiece tokenizer reads stored bytes as UTF-8, each bad byte a U+FFFD:
+  `prepare` says how many documents that is (the byte tokenizer reads them as they are)."""
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from jaxarch.data import summary  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'docs').mkdir()
+  (tmp_path / 'docs' / 'latin1.txt').write_bytes('café au lait'.encode('latin-1'))
+  (tmp_path / 'docs' / 'utf8.txt').write_text('café au lait')
+  cfg = tiny_config(**{'data.source': f'files:{tmp_path}/docs/*',
+                       'data.data_dir': str(tmp_path / 'data'),
+                       'data.validation_fraction': 0.0,
+                       'data.tokenizer': _gpt2_style_tokenizer(tmp_path / 'bpe.json')})
+  (row,) = summary.summarize(cfg)
+  assert row['train']['not_utf8_documents'] == 1
+  assert '1 of its train documents is not UTF-8' in caplog.text
+  caplog.clear()
+  with cfg.unlocked():
+    cfg.data.tokenizer = 'bytes'
+  (row,) = summary.summarize(cfg)
+  assert 'not_utf8_documents' not in row['train'] and 'UTF-8' not in caplog.text

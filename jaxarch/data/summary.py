@@ -8,6 +8,8 @@ documents and bytes exactly, estimates its tokens from a sample of documents run
 the run's tokenizer, and sets them against the tokens the run trains on.
 """
 
+import logging
+
 import numpy as np
 
 from jaxarch.config import ConfigError
@@ -16,11 +18,21 @@ from jaxarch.data import sources
 from jaxarch.data import tokenizers
 
 _READ = 1024  # documents read at once when counting bytes
+log = logging.getLogger(__name__)
 
 
-def _bytes(documents: sources.TextSource) -> int:
-  return sum(len(d) for lo in range(0, len(documents), _READ)
-             for d in documents.__getitems__(range(lo, min(lo + _READ, len(documents)))))
+def _bytes(documents: sources.TextSource) -> tuple[int, int]:
+  """The documents' bytes, and how many of them are not UTF-8."""
+  num_bytes = not_text = 0
+  for lo in range(0, len(documents), _READ):
+    for d in documents.__getitems__(range(lo, min(lo + _READ, len(documents)))):
+      num_bytes += len(d)
+      if isinstance(d, bytes):
+        try:
+          d.decode('utf-8')
+        except UnicodeDecodeError:
+          not_text += 1
+  return num_bytes, not_text
 
 
 def _tokens(documents, num_bytes: int, tokenizer, tokenize, sample: int) -> int:
@@ -60,10 +72,17 @@ def summarize(cfg, *, sample_documents: int = 1000) -> list[dict]:
            'weight': component.weight, 'text_key': source_cfg.get('text_key')}
     for split in ('train', 'validation') if trained else ('validation',):
       documents = sources.open_component(component, source_cfg, split)
-      num_bytes = _bytes(documents)
+      num_bytes, not_text = _bytes(documents)
       row[split] = {'documents': len(documents), 'bytes': num_bytes,
                     'tokens': _tokens(documents, num_bytes, tokenizer, tokenize,
                                       sample_documents)}
+      if not_text and not isinstance(tokenizer, tokenizers.ByteTokenizer):
+        row[split]['not_utf8_documents'] = not_text
+        log.warning('%s (%s): %d of its %s documents %s not UTF-8, which data.tokenizer=%r '
+                    'reads with U+FFFD in place of each bad byte (the byte tokenizer reads '
+                    'them as they are)', f'data.source component {component.name!r}'
+                    if component.name else 'data.source', component.source, not_text, split,
+                    'is' if not_text == 1 else 'are', data_cfg.tokenizer)
     if not row['validation']['documents']:
       pipeline.warn_no_validation(component)
     if trained:
