@@ -1150,13 +1150,24 @@ def trained_sources(source: str) -> list[str]:
   return [source] if mixture is None else [c.source for c in mixture if c.weight > 0]
 
 
-def reweighted(old_source, new_source) -> bool:
-  """Whether `new_source` trains on the same sources as `old_source`, in the same order
-  (with any weights and names, and any sources evaluated only): a data position of the
-  one holds in the other, each source going on from its own place, as when a run anneals
-  on another mixture or gains an eval set."""
+def trained_reads(source: str, text_key: str | None = None) -> list[tuple[str, str | None]]:
+  """(source, the text key it reads: its own, else `data.text_key`) of each source that
+  `data.source` trains on, in order."""
+  mixture = data_mixture(source)
+  if mixture is None:
+    return [(source, text_key)]
+  return [(c.source, c.text_key or text_key) for c in mixture if c.weight > 0]
+
+
+def reweighted(old_source, new_source, old_text_key=None, new_text_key=None) -> bool:
+  """Whether `new_source` trains on the same sources as `old_source`, in the same order,
+  each read by the same text key (with any weights and names, any sources evaluated only,
+  and a key given to the source or to `data.text_key`): a data position of the one holds
+  in the other, each source going on from its own place, as when a run anneals on
+  another mixture or gains an eval set."""
   try:
-    return trained_sources(old_source) == trained_sources(new_source)
+    return (trained_reads(old_source, old_text_key)
+            == trained_reads(new_source, new_text_key))
   except (ConfigError, TypeError, AttributeError):  # (a hand-edited config.json)
     return False
 

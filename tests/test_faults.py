@@ -303,6 +303,25 @@ def test_a_trained_source_set_to_weight_zero_says_a_tiny_weight_keeps_the_positi
   assert trainer.data_changes(tmp_path, cfg) is None
 
 
+def test_a_text_key_given_to_the_source_instead_is_the_same_data_layout(tmp_path):
+  """data.text_key=content for one source, or that source given ',1,content' in a mixture
+  that adds an eval set, reads the same documents: the position holds. Another key on a
+  mixture's own source (which the sources' comparison alone missed) does not."""
+  cfg = tiny_config(**{'data.source': 'files:/x/*.jsonl', 'data.text_key': 'content'})
+  config_lib.save(cfg, tmp_path / 'config.json')
+  with cfg.unlocked():
+    cfg.data.source, cfg.data.text_key = 'a=files:/x/*.jsonl,1,content;ev=default,0', None
+  assert trainer.data_changes(tmp_path, cfg) is None
+  config_lib.save(cfg, tmp_path / 'config.json')
+  with cfg.unlocked():
+    cfg.data.source = 'a=files:/x/*.jsonl,1,body;ev=default,0'
+  assert trainer.data_changes(tmp_path, cfg) == (
+      'data.source a=files:/x/*.jsonl,1,content;ev=default,0 -> '
+      'a=files:/x/*.jsonl,1,body;ev=default,0')
+  assert config_lib.reweighted('files:/x/*.jsonl', 'a=files:/x/*.jsonl,1,content;default,0',
+                               'content', None)
+
+
 def test_a_run_saved_before_add_bos_keeps_its_data_position_unless_it_changes(tmp_path):
   """Without a BOS a document is one token shorter, so data.add_bos is of the data
   layout; a run saved before the key added a BOS, and resumes with its position."""

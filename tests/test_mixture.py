@@ -481,3 +481,28 @@ def test_a_mixture_whose_trained_sources_have_no_validation_says_so(tmp_path, mi
   summary.summarize(tiny_config(mixture.data_dir, **{'data.source': only_eval.source,
                                                      'data.validation_fraction': 0.25}))
   assert "component 'c' (files:" in caplog.text and 'has no validation documents' in caplog.text
+
+
+def test_a_text_key_given_to_the_source_keeps_the_position(tmp_path, caplog):
+  """One source read by data.text_key=content, then the same source with ',1,content' in a
+  mixture that adds an eval set: the same documents, so the position holds; another key
+  for it does not."""
+  (tmp_path / 'c').mkdir()
+  (tmp_path / 'c' / 'x.jsonl').write_text(''.join(
+      json.dumps({'content': 'C' * n}) + '\n' for n in range(5, 65)))
+  cfg = tiny_config(str(tmp_path / 'data')).data
+  cfg.source, cfg.text_key, cfg.seq_len = f'files:{tmp_path}/c/*.jsonl', 'content', 16
+  it = iter(data.make_train_dataset(cfg, seed=0, global_batch_size=4))
+  _take(it, 3)
+  state = json.loads(json.dumps(it.get_state()))
+  want = _take(it, 2)
+  it.close()
+  mixed = cfg.copy_and_resolve_references()
+  mixed.source, mixed.text_key = f'c=files:{tmp_path}/c/*.jsonl,1,content;ev=default,0', None
+  resumed = iter(data.make_train_dataset(mixed, seed=0, global_batch_size=4))
+  resumed.set_state(state)
+  got = _take(resumed, 2)
+  resumed.close()
+  assert 'another data layout' not in caplog.text
+  for w, g in zip(want, got):
+    np.testing.assert_array_equal(w['inputs'], g['inputs'])

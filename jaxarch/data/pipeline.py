@@ -555,10 +555,13 @@ class _LayoutIterator(grain.DatasetIterator):
     changed = [f'{k} {saved[k]} -> {v}' for k, v in self._layout.items()
                if k in saved and saved[k] != v]  # (keys added since are not compared)
     source = [c for c in changed if c.startswith('source ')]
-    if source and reweighted(saved.get('source'), self._layout['source']):
-      log.info('data.source trains on the same sources (%s): each goes on from its saved '
-               'position', source[0][len('source '):])
-      changed.remove(source[0])
+    key = self._layout.get('text_key')
+    if reweighted(saved.get('source'), self._layout['source'], saved.get('text_key', key),
+                  key):
+      if source:
+        log.info('data.source trains on the same sources (%s): each goes on from its saved '
+                 'position', source[0][len('source '):])
+      changed = [c for c in changed if not c.startswith(('source ', 'text_key '))]
     if self._run_dir is not None and is_runs_tokenizer(self._layout['tokenizer'],
                                                        self._run_dir):
       changed = [c for c in changed if not c.startswith('tokenizer ')]  # a copy of it

@@ -66,8 +66,8 @@ def data_changes(workdir: Path, cfg: ml_collections.ConfigDict) -> str | None:
   """What of `_DATA_LAYOUT` changed since the run in `workdir` was saved, e.g.
   'train.batch_size 32 -> 64', or None (same, or no saved run). The run's own files are
   compared by their names in the run (`config_lib.RUN_FILES`), which a move keeps. The
-  same trained sources with new weights, or with eval sets added or dropped, are no
-  change (`config.reweighted`)."""
+  same trained sources with new weights, or with eval sets added or dropped, or their text
+  key given otherwise, are no change (`config.reweighted`)."""
   saved = workdir / 'config.json'
   if not saved.exists():
     return None
@@ -86,9 +86,11 @@ def data_changes(workdir: Path, cfg: ml_collections.ConfigDict) -> str | None:
     values = tree.get(section)
     return values.get(name, _LAYOUT_BEFORE.get(key)) if isinstance(values, dict) else None
 
+  alike = config_lib.reweighted(get(old, 'data.source'), get(new, 'data.source'),
+                                get(old, 'data.text_key'), get(new, 'data.text_key'))
   changes = [f'{k} {get(old, k)} -> {get(new, k)}' for k in _DATA_LAYOUT
              if get(old, k) != get(new, k) and not (
-                 k == 'data.source' and config_lib.reweighted(get(old, k), get(new, k)))
+                 k in ('data.source', 'data.text_key') and alike)
              and not (k == 'data.tokenizer'
                       and config_lib.is_runs_tokenizer(cfg.data.tokenizer, workdir))]
   if changes and _reordered(get(old, 'data.source'), get(new, 'data.source')):
