@@ -635,8 +635,8 @@ def _parser() -> argparse.ArgumentParser:
                      help='sweep file and argument, e.g. configs/sweeps/isoflop.py:tiny')
   sweep.add_argument('--workdir', required=True)
   sweep.add_argument('--parallel', type=at_least_one,
-                     help='runs at a time (default 1); with --launcher=slurm, tasks of its '
-                     'array jobs at a time (default: as the queue allows)')
+                     help='runs at a time (default 1); with --launcher=slurm, tasks of each '
+                     'of its array jobs at a time (default: as the queue allows)')
   sweep.add_argument('--launcher', help='render one cluster job per run instead of running: '
                      f'{", ".join(launch_lib.TARGETS)} (their keys: --config.launch.KEY=VALUE)')
   sweep.add_argument('--collect', action='store_true',

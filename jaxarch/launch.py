@@ -224,9 +224,10 @@ _SLURM_SET = {'job-name': 'launch.name', 'nodes': 'launch.nodes',
               'gpus-per-node': 'launch.devices_per_node', 'time': 'launch.time_limit',
               'signal': 'launch.stop_grace_s', 'partition': 'launch.partition',
               'account': 'launch.account', 'exclusive': 'launch.exclusive',
-              'ntasks-per-node': None, 'ntasks': None, 'chdir': None, 'output': None,
-              'error': None, 'array': None, 'open-mode': None, 'requeue': None,
-              'no-requeue': None}
+              'gpus': 'launch.devices_per_node',
+              'ntasks-per-node': None, 'ntasks': None, 'chdir': None, 'workdir': None,
+              'output': None, 'error': None, 'array': None, 'open-mode': None,
+              'requeue': None, 'no-requeue': None}
 
 
 def _check_slurm_options(cfg) -> None:
@@ -241,14 +242,17 @@ def _check_slurm_options(cfg) -> None:
                       "e.g. '--qos=high --constraint=h100'")
   for option in options:
     key = option.removeprefix('--').split('=')[0]
-    if any(c.isspace() or c in '\'"' for c in option):
-      raise ConfigError(f'launch.slurm_options: {option!r} holds a space or quote, which an '
-                        '#SBATCH line does not carry as a shell would; give values without')
+    if any(c.isspace() or c in '\'"#\\' for c in option):
+      raise ConfigError(f'launch.slurm_options: {option!r} holds a space, a quote, a # or a '
+                        'backslash, which an #SBATCH line does not carry as a shell would; '
+                        'give values without')
     if not option.startswith('--') or not key:
       raise ConfigError(f'launch.slurm_options: {option!r} must be a long sbatch option, '
                         '--key=value or --flag (e.g. --qos=high, not -q high)')
-    if key in _SLURM_SET:
-      where = _SLURM_SET[key]
+    # sbatch takes any unambiguous start of a long option: --part is --partition.
+    if (name := key if key in _SLURM_SET else next(
+        (n for n in _SLURM_SET if n.startswith(key)), None)):
+      key, where = name, _SLURM_SET[name]
       raise ConfigError(f'launch.slurm_options: --{key} is '
                         + (f'set from {where}; set that instead' if where else
                            'set by the job script, which runs one task per node and '
@@ -368,11 +372,21 @@ def _slurm(launch, command, out, values) -> Job:
       'slurm/train.sbatch', **values, gpus_per_node=launch.devices_per_node,
       exclusive='#SBATCH --exclusive' if launch.exclusive else '',
       time_limit=launch.time_limit, stop_grace_s=launch.stop_grace_s,
-      chdir=shlex.quote(os.getcwd()), log=shlex.quote(str(out / '%x-%j.out')),
+      chdir=_sbatch_word(os.getcwd()), log=_sbatch_word(str(out / '%x-%j.out')),
       site_options='\n'.join(options), setup=launch.setup,
       gpu_env='\n'.join(f'export {k}={shlex.quote(v)}' for k, v in gpu_env().items()),
       command=shlex.join(command))
   return Job({path: text}, f'sbatch {shlex.quote(str(path))}')
+
+
+def _sbatch_word(text: str) -> str:
+  """`text` as one word of an #SBATCH line: sbatch reads double quotes there (a space, a
+  '#' inside them), not a shell's single quotes or escapes."""
+  if any(c in text for c in '"\\\n'):
+    raise ConfigError(f'{text!r} holds a double quote, a backslash or a newline, which an '
+                      '#SBATCH line cannot carry; run from (or write the workdir to) a folder '
+                      'without them')
+  return f'"{text}"' if any(c.isspace() or c in "'#" for c in text) else text
 
 
 # A job script's #SBATCH lines that name it and its log, not what it runs on.
@@ -400,7 +414,7 @@ def slurm_arrays(scripts: dict[str, Path], out: Path, name: str,
         'slurm/sweep.sbatch', name=_run_job_name(name, f'sweep{suffix}'),
         description=f'{len(runs)} runs ({", ".join(runs[:5])}{", ..." * (len(runs) > 5)})',
         array=f'0-{len(runs) - 1}{throttle}', directives='\n'.join(directives),
-        log=shlex.quote(str(out / '%x-%A_%a.out')),
+        log=_sbatch_word(str(out / '%x-%A_%a.out')),
         scripts='\n'.join(f'  {shlex.quote(str(scripts[run]))}  # {i}: {run}'
                           for i, run in enumerate(runs)))
     arrays.append((runs, Job({path: text}, f'sbatch {shlex.quote(str(path))}')))

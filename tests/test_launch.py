@@ -65,6 +65,20 @@ def test_slurm_job_runs_one_process_per_node_and_is_valid_bash(tmp_path, capsys)
       '--config.mesh.ici.fsdp=8', '--config.mesh.dcn.data=4', '--config.train.steps=5000']
 
 
+def test_slurm_paths_with_spaces_are_double_quoted_as_sbatch_reads_them(tmp_path, capsys,
+                                                                         monkeypatch):
+  """sbatch reads double quotes in an #SBATCH line, not a shell's single quotes: a folder
+  with a space became the path "'/a" and the option "b'"."""
+  out = tmp_path / 'my jobs'
+  monkeypatch.chdir(tmp_path)
+  assert _launch(capsys, 'slurm', out)[0] == 0
+  text = (out / 'train.sbatch').read_text()
+  assert f'#SBATCH --output="{out}/%x-%j.out"\n' in text
+  assert f'#SBATCH --chdir={tmp_path}\n' in text  # without a space: as it is
+  code, _, err = _launch(capsys, 'slurm', tmp_path / 'a"b')
+  assert code == 2 and 'holds a double quote, a backslash or a newline' in err
+
+
 def test_slurm_jobs_can_share_nodes_and_take_the_sites_options(tmp_path, capsys):
   code, _, _ = _launch(capsys, 'slurm', tmp_path, '--config.launch.devices_per_node=1',
                        '--config.launch.exclusive=False',
@@ -318,7 +332,12 @@ def test_ray_and_multi_host_tpu_vm_jobs_refuse_a_workdir_their_nodes_do_not_shar
     (['--config.launch.slurm_options=-q high'],
      "launch.slurm_options: '-q' must be a long sbatch option, --key=value or --flag"),
     (['--config.launch.slurm_options=--comment="two words"'],
-     "launch.slurm_options: '--comment=two words' holds a space or quote"),
+     "launch.slurm_options: '--comment=two words' holds a space, a quote, a # or a backslash"),
+    (['--config.launch.slurm_options=--comment=a#b'], "'--comment=a#b' holds a space, a quote"),
+    (['--config.launch.slurm_options=--part=x'],  # sbatch's abbreviation of --partition
+     'launch.slurm_options: --partition is set from launch.partition'),
+    (['--config.launch.slurm_options=--gpus=8'],
+     'launch.slurm_options: --gpus is set from launch.devices_per_node'),
     (['--config.launch.slurm_options=--comment="open'],
      "launch.slurm_options='--comment=\"open': No closing quotation"),
 ])
@@ -473,9 +492,20 @@ def test_sweep_slurm_jobs_are_also_array_jobs_whose_tasks_run_each_runs_script(t
   assert shlex.split(srun_line)[2:] == [
       'jaxarch', 'train', '--config=configs/dense.py:tiny', f'--workdir={workdir}/runs/d64',
       '--config.model.d_model=64', '--config.model.d_ff=128', '--config.model.n_layers=2']
+  env['SLURM_ARRAY_TASK_ID'] = '2'  # (`sbatch --array=0-5 FILE`)
+  done = subprocess.run(['bash', str(first)], env=env, capture_output=True, text=True)
+  assert done.returncode == 1 and 'array task 2, but this array holds 2 runs (0 to 1)' in (
+      done.stderr)
   del env['SLURM_ARRAY_TASK_ID']  # run by hand, not by sbatch
   done = subprocess.run(['bash', str(first)], env=env, capture_output=True, text=True)
   assert done.returncode != 0 and 'submit it with sbatch, not bash' in done.stderr
+
+  # Rendered again for two runs alike: one array replaces the two of before.
+  assert cli.main(['sweep', f'--config={spec}', f'--workdir={workdir}', '--launcher=slurm',
+                   '--only=d32,d64']) == 0
+  assert f'sweep: the 2 runs rendered as one array job: sbatch {workdir}/launch/sweep.sbatch' in (
+      capsys.readouterr().out)
+  assert sorted(p.name for p in (workdir / 'launch').iterdir()) == ['sweep.sbatch']
 
   assert cli.main(['sweep', f'--config={spec}', f'--workdir={tmp_path}/one', '--only=d32',
                    '--launcher=slurm']) == 0

@@ -381,7 +381,8 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int | None = None,
     extra = tuple(o.removeprefix('--').removeprefix('config.') for o in launch_overrides)
     runs = [dataclasses.replace(r, overrides=r.overrides + extra)
             for r in runs if r.name in chosen]
-    return render_jobs(runs, workdir, launcher, echo, at_once=parallel)
+    return render_jobs(runs, workdir, launcher, echo, at_once=parallel,
+                       only=bool(only))
   parallel = parallel or 1
   workdir.mkdir(parents=True, exist_ok=True)
   with _only_sweep_in(workdir):
@@ -512,10 +513,11 @@ def _only_sweep_in(workdir: Path):
 
 
 def render_jobs(runs, workdir: Path, launcher: str, echo=print,
-                at_once: int | None = None) -> list[dict]:
+                at_once: int | None = None, only: bool = False) -> list[dict]:
   """Writes one job per run with LAUNCHERS[launcher]; echoes the commands that submit them.
-  SLURM's are also written as array jobs in DIR/launch (`launch.slurm_arrays`), which queue
-  them all with one command, `at_once` at a time."""
+  SLURM's are also written as array jobs in DIR/launch (`launch.slurm_arrays`, replacing
+  those of a render before), which queue them all with one command, each array `at_once`
+  tasks at a time; `only`: some of the sweep's runs were chosen."""
   known = launchers()
   if launcher not in known:
     raise config_lib.ConfigError(f'config error: --launcher={launcher!r} is not available '
@@ -538,12 +540,15 @@ def render_jobs(runs, workdir: Path, launcher: str, echo=print,
           echo(f'sweep: warning: {warning}')
   arrays = []
   if launcher == 'slurm' and len(runs) > 1:
+    for stale in (workdir / 'launch').glob('sweep*.sbatch'):  # a render before: replaced
+      stale.unlink()
     scripts = {run.name: workdir / 'runs' / run.name / 'launch' / 'train.sbatch' for run in runs}
     arrays = launch.slurm_arrays(scripts, workdir / 'launch', runs[0].config().launch.name,
                                  at_once)
     for names, job in arrays:
       launch.write(job)
-      which = f'all {len(names)} runs' if len(arrays) == 1 else ', '.join(names)
+      which = (f'all {len(names)} runs' if len(arrays) == 1 and not only else
+               f'the {len(names)} runs rendered' if len(arrays) == 1 else ', '.join(names))
       echo(f'sweep: {which} as one array job: {job.submit}')
   written = f'{len(runs)} {launcher} job{"s" * (len(runs) != 1)}'
   if arrays:
