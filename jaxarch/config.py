@@ -920,6 +920,10 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
   return cfg
 
 
+# The sections of a run's config besides `model`, which `check_model` has not.
+_OTHER_SECTIONS = ('data', 'train', 'mesh', 'log', 'checkpoint', 'launch')
+
+
 def check_model(model: ConfigDict) -> None:
   """`validate`'s checks of a model section alone, which `jaxarch.models.build` runs: a
   model config changed after `load`, or written by hand, fails in one line rather than
@@ -936,8 +940,9 @@ def check_model(model: ConfigDict) -> None:
   except MissingKeyError as e:
     if e.key.startswith('model.'):
       raise
-  except (AttributeError, KeyError):  # a registered check read cfg.data or cfg.mesh
-    pass
+  except (AttributeError, KeyError) as e:  # a registered check read cfg.data or cfg.mesh
+    if not any(f"'{section}'" in str(e) for section in _OTHER_SECTIONS):
+      raise
 
 
 def _check_model(cfg: ConfigDict) -> None:

@@ -688,10 +688,15 @@ def test_a_models_checks_leave_what_needs_other_sections_to_validate():
     return c.data.seq_len  # a plugin's check: the whole config's keys
 
   config_lib.FAMILY_CHECKS['reads_data'] = (reads_the_data,)
+  config_lib.FAMILY_CHECKS['broken'] = (lambda c: {}['no such entry'],)  # its own bug: said
   try:
     with cfg.unlocked():
       cfg.model.family = 'reads_data'
     config_lib.check_model(cfg.model)
     assert len(calls) == 1
+    with cfg.unlocked():
+      cfg.model.family = 'broken'
+    with pytest.raises(KeyError, match='no such entry'):
+      config_lib.check_model(cfg.model)
   finally:
-    del config_lib.FAMILY_CHECKS['reads_data']
+    del config_lib.FAMILY_CHECKS['reads_data'], config_lib.FAMILY_CHECKS['broken']

@@ -897,15 +897,13 @@ def _prepared(builder_cls, config, data_dir: pathlib.Path, source: str):
     except BaseException:  # a bad record, a full disk: no empty folders left to puzzle over
       _remove_empty(pathlib.Path(make().data_dir).parent, data_dir)
       raise
+    finally:
+      _remove_empty(data_dir / 'downloads' / 'extracted', data_dir)  # nothing is downloaded
   return make()
 
 
 def _remove_empty(folder: pathlib.Path, data_dir: pathlib.Path) -> None:
-  """Removes `folder` and the folders above it up to `data_dir` while they are empty, and
-  TFDS's empty downloads folder (nothing is downloaded)."""
-  for path in (data_dir / 'downloads' / 'extracted', data_dir / 'downloads'):
-    with contextlib.suppress(OSError):
-      path.rmdir()
+  """Removes `folder` and the folders above it up to `data_dir` while they are empty."""
   while folder != data_dir and folder.is_relative_to(data_dir):
     try:
       folder.rmdir()  # only if empty: another version, or another process's, stays
