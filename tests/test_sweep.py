@@ -344,6 +344,28 @@ def test_a_run_finished_by_an_orphaned_trainer_is_recorded_with_its_wall_time(
   assert 25 <= walls['d48'] < 75
 
 
+def test_a_run_another_process_trains_is_left_to_it_and_its_time_still_counts(
+    tmp_path, data_dir, monkeypatch):
+  """The trainer of a killed sweep (an orphan) still holds its run: the next sweep's
+  attempt failed on the run's lock and wrote the wall time as if the orphan had ended."""
+  from jaxarch.train.workdir import held_alone  # pylint: disable=g-import-not-at-top
+  _stand_in_training(monkeypatch)
+  spec, workdir = _sweep_file(tmp_path, data_dir), tmp_path / 'sweep'
+  run_dir = workdir / 'runs' / 'd32'
+  run_dir.mkdir(parents=True)
+  wall = json.dumps({'wall_s': 10.0, 'started': time.time() - 100})
+  (run_dir / 'sweep_wall_s').write_text(wall)
+  messages = []
+  with held_alone(run_dir / '.train.lock.0', RuntimeError('held'), guards='the test'):
+    with pytest.raises(runner.SweepError, match='1 run trained by another process: d32'):
+      runner.run_sweep(spec, workdir, only=['d32'], echo=messages.append)
+  assert any('d32 is being trained by another process' in m for m in messages)
+  assert (run_dir / 'sweep_wall_s').read_text() == wall  # the orphan's attempt goes on
+  assert not (run_dir / 'metrics.jsonl').exists()
+  assert [r['name'] for r in runner.run_sweep(spec, workdir, only=['d32'],
+                                              echo=messages.append)] == ['d32']
+
+
 def test_a_run_recorded_before_jaxarch_gained_a_config_key_is_not_run_again(
     tmp_path, data_dir, monkeypatch):
   _stand_in_training(monkeypatch)

@@ -189,12 +189,19 @@ def _saved_hash(run_dir: Path) -> str | None:
     return None
 
 
+# `_run_one`'s exit code of a run that another process trains (an orphaned trainer).
+BUSY = 'busy'
+
+
 def _run_one(run: plan.Run, workdir: Path, echo, trainers: set,
-             stop: threading.Event) -> tuple[plan.Run, float, int | None]:
-  """Trains the run; exit code None: not started, as the sweep was told to stop."""
+             stop: threading.Event) -> tuple[plan.Run, float, int | str | None]:
+  """Trains the run; exit code None: not started, as the sweep was told to stop; `BUSY`:
+  not started, as another process trains it."""
   if stop.is_set():
     return run, 0.0, None
   run_dir = workdir / 'runs' / run.name
+  if _trained_elsewhere(run_dir):  # its time goes on counting for that attempt
+    return run, 0.0, BUSY
   _move_aside_if_changed(run, run_dir, echo)
   run_dir.mkdir(parents=True, exist_ok=True)
   before = _wall_time_spent(run_dir)
@@ -211,6 +218,19 @@ def _run_one(run: plan.Run, workdir: Path, echo, trainers: set,
   total = before + time.perf_counter() - start
   _write_wall_time(run_dir, total)
   return run, total, code
+
+
+def _trained_elsewhere(run_dir: Path) -> bool:
+  """Whether a trainer holds the run's lock: one a killed sweep left running (an orphan),
+  or a `jaxarch train` started by hand."""
+  lock = run_dir / '.train.lock.0'  # process 0's (`workdir.only_trainer_in`)
+  if not lock.is_file():
+    return False
+  try:
+    with held_alone(lock, BlockingIOError(), guards='a second jaxarch train in this run'):
+      return False
+  except BlockingIOError:
+    return True
 
 
 # RUN_DIR/sweep_wall_s: {"wall_s": seconds of the attempts the sweep saw end, "started":
@@ -391,7 +411,7 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int | None = None,
     echo(f'sweep: {len(runs)} runs, {len(runs) - len(todo)} finished already'
          f'{" or left out by --only" if len(chosen) < len(runs) else ""}, {len(todo)} to '
          f'run, {parallel} at a time')
-    failed, unfinished, not_started = [], [], []
+    failed, unfinished, not_started, busy = [], [], [], []
     trainers, stop = set(), threading.Event()
     with (_stopping_trainers_on_sigterm(trainers, stop),
           concurrent.futures.ThreadPoolExecutor(parallel) as pool):
@@ -401,6 +421,11 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int | None = None,
           run, wall_s, code = future.result()
           if code is None:
             not_started.append(run.name)
+            continue
+          if code == BUSY:
+            busy.append(run.name)
+            echo(f'sweep: {run.name} is being trained by another process (a trainer left '
+                 'running by a sweep that was killed, or a jaxarch train); left to it')
             continue
           # Stopped by a signal, with its checkpoint (or, by the sweep's own stop, before it
           # had set up its handler: killed by the signal): unfinished, its step says so.
@@ -429,14 +454,17 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int | None = None,
         for trainer in list(trainers):
           trainer.send_signal(signal.SIGTERM)  # a second SIGINT would stop them unsaved
         raise
-  if failed or unfinished or not_started:
+  if failed or unfinished or not_started or busy:
     said = [f'{runs_counted(len(names))} {what}: {", ".join(names)}'
-            for what, names in (('failed', failed), ('unfinished', unfinished)) if names]
+            for what, names in (('failed', failed), ('unfinished', unfinished),
+                                ('trained by another process', busy)) if names]
     said += [f'{len(not_started)} not started, as the sweep was stopped'] if not_started else []
     again = ('run the sweep again to resume them' if not failed else
              "see why in each failed run's train.log (a config error fails again until "
              'mended), then run the sweep again'
-             + (' to resume them all' if unfinished or not_started else ''))
+             + (' to resume them all' if unfinished or not_started or busy else ''))
+    if busy and not (failed or unfinished or not_started):
+      again = 'run the sweep again once that process ends, to record them'
     raise SweepError(f'sweep: {"; ".join(said)}; {again}')
   return read_results(workdir)
 
