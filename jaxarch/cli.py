@@ -227,10 +227,13 @@ def _eval(args, overrides):
   cfg = _config(args, overrides)
   reports = _join_job(args)
   from jaxarch.train import evaluate  # pylint: disable=g-import-not-at-top
+  from jaxarch.train.trainer import eval_file  # pylint: disable=g-import-not-at-top
   with _step_memory(cfg):
     result = evaluate(cfg, args.workdir, step=args.step)
   if reports:
     _say(standard_json(result, indent=2))
+    if (out := eval_file(Path(args.workdir), result['step'], result['evaluated_on'])).is_file():
+      print(f'jaxarch: wrote {out}', file=sys.stderr)
 
 
 def _bench(args, overrides):

@@ -196,6 +196,9 @@ def test_a_run_is_refused_another_tokenizer_or_its_file_changed_since(tmp_path, 
     assert f"the tokenizer file data.tokenizer='{tokenizer}' has changed since the run" in err
   tokenizer.write_bytes(original)  # put back: the run is itself again
   assert evaluate(cfg, run)['step'] == 2
+  assert cli.main(['eval', f'--workdir={run}', '--config.log.eval_batches=2']) == 0
+  (other,) = run.glob('eval_2_*.json')  # over other data than the run's own: its own file
+  assert f'jaxarch: wrote {other}\n' in capsys.readouterr().err
   copy = tmp_path / 'copy.json'  # the same file elsewhere: the same tokens, position kept
   shutil.copy(tokenizer, copy)
   with cfg.unlocked():

@@ -523,7 +523,7 @@ def _evaluated_on(cfg: ml_collections.ConfigDict) -> dict:
           'log.eval_batches': cfg.log.eval_batches}
 
 
-def _eval_file(workdir: Path, step: int, evaluated_on: dict) -> Path:
+def eval_file(workdir: Path, step: int, evaluated_on: dict) -> Path:
   """WORKDIR/eval_STEP.json over the run's own validation data; over other data (another
   source, more batches), eval_STEP_HASH.json, so that the evaluations of a step on
   several held-out sets are all kept."""
@@ -567,7 +567,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
   result = {'step': restored,
             **run_eval(setup, state, _eval_step(cfg, setup), batches),
             'evaluated_on': _evaluated_on(cfg)}
-  out = _eval_file(Path(workdir), restored, result['evaluated_on'])
+  out = eval_file(Path(workdir), restored, result['evaluated_on'])
   try:
     if jax.process_index() == 0:
       _say_if_replaced(out, result['evaluated_on'])
