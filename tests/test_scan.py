@@ -90,6 +90,11 @@ def test_ultramem_scans_its_memory_layers_in_the_units_between_unrolled_blocks()
       'model.scan_layers=True']).model) == (
       ', layers scanned: 1 period of 4 blocks and 2 side layers (a scan of one period '
       'compiles no less than the layers unrolled)')
+  # Listed out of block order, the memory layers' indices run backwards: not scanned, said.
+  assert transformer.scanned_layers(config_lib.load('configs/ultramem.py:151m', [
+      'model.scan_layers=True', 'model.ultramem.placement=((10, 11), (6, 9), (2, 5))']).model
+  ).endswith("(the side layers' placement lists its pairs out of block order, so they do "
+             'not scan: a new run that lists them by block scans them)')
   assert [block is None for block in scanned.blocks] == [False] * 2 + [True] * 4 + [False]
   assert len(scanned.layers) == 2 and len(scanned.side_layers) == 0
   values = scanned.scanned_side_layers[0].memory.values

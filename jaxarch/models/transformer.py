@@ -247,10 +247,14 @@ def scanned_layers(cfg: ml_collections.ConfigDict) -> str:
   unit = plural(blocks.period, 'block') + (f' and {plural(sides.period, "side layer")}'
                                            if sides.repeats else '')
   rest = len(blocks.unrolled())
+  pairs = [(read, write) for _, read, write in config_lib.placements(cfg)]
   return (f', layers scanned: {plural(blocks.repeats, "period")} of {unit}'
           + (f', {plural(rest, "block")} unrolled' if rest else '')
           + (' (a scan of one period compiles no less than the layers unrolled)'
-             if blocks.repeats == 1 else ''))
+             if blocks.repeats == 1 else '')
+          + (' (the side layers\' placement lists its pairs out of block order, so they do '
+             'not scan: a new run that lists them by block scans them)'
+             if pairs != sorted(pairs) and not sides.repeats else ''))
 
 
 def stacked_layers(layers: Sequence[nnx.Module], numbering: config_lib.Numbering,
