@@ -38,7 +38,7 @@ from jaxarch.sweep.runner import SweepError, runs_counted
 from jaxarch.train.checkpoint import CheckpointError
 from jaxarch.train.memory import OutOfMemoryError
 from jaxarch.train.metrics import standard_json
-from jaxarch.train.nonfinite import NonFiniteError
+from jaxarch.train.nonfinite import DIVERGED, NonFiniteError
 from jaxarch.train.preemption import exit_code
 from jaxarch.train.workdir import (WorkdirError, local_workdir, readable_size,
                                    sweep_runs_hint)
@@ -849,7 +849,7 @@ def main(argv=None):
     if os.environ.get('JAXARCH_TRACEBACK'):  # the whole story, for a bug in one's own code
       raise
     print(f'jaxarch: {e}{_raised_outside(e)}', file=sys.stderr)
-    return 2
+    return DIVERGED if isinstance(e, NonFiniteError) else 2
   except KeyboardInterrupt:
     print('jaxarch: interrupted', file=sys.stderr)
     return 130

@@ -27,6 +27,7 @@ from jaxarch.train import evaluate, train
 from jaxarch.train import trainer
 from jaxarch.train.checkpoint import CheckpointError
 from jaxarch.train.metrics import MetricsWriter, read_metrics
+from jaxarch.train import nonfinite
 from jaxarch.train.nonfinite import NonFiniteError, NonFiniteMonitor
 from jaxarch.train.workdir import WorkdirError, check_workdir, only_trainer_in
 
@@ -94,6 +95,21 @@ def test_nonfinite_step_stops_with_a_report_and_the_weights_untouched(tmp_path, 
   result = train(_cfg(data_dir), tmp_path)
   assert [r['step'] for r in read_metrics(tmp_path)] == [2, 4, 5, 6, 8, 10]
   assert result['step'] == 10 and np.isfinite(result['loss'])
+
+
+def test_a_run_stopped_on_nonfinite_training_exits_3(tmp_path, capsys, monkeypatch):
+  """Not 2, a config error's: a sweep records such a run as diverged (an LR sweep's
+  largest rates) and does not train it again."""
+  import jaxarch.train  # pylint: disable=g-import-not-at-top
+
+  def diverges(cfg, workdir):
+    raise NonFiniteError('non-finite training at step 3: loss nan')
+
+  monkeypatch.setattr(jaxarch.train, 'train', diverges)
+  code, err = _run_cli(['train', '--config=configs/dense.py:tiny',
+                        f'--workdir={tmp_path}/run'], capsys)
+  assert code == 3 == nonfinite.DIVERGED
+  assert err == 'jaxarch: non-finite training at step 3: loss nan'
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -364,6 +365,44 @@ def test_a_run_another_process_trains_is_left_to_it_and_its_time_still_counts(
   assert not (run_dir / 'metrics.jsonl').exists()
   assert [r['name'] for r in runner.run_sweep(spec, workdir, only=['d32'],
                                               echo=messages.append)] == ['d32']
+
+
+def test_a_run_that_diverges_is_recorded_without_a_loss_and_not_trained_again(
+    tmp_path, data_dir, monkeypatch):
+  """An LR sweep's largest rate may diverge: `jaxarch train` stops on non-finite training
+  with exit code 3, and the sweep records the run as diverged (the fits leave it out)
+  instead of failing it and training it again on every rerun."""
+  script = (
+      'import json, sys, pathlib; d = pathlib.Path(sys.argv[1])\n'
+      'if d.name == "d48":\n'
+      '  (d / "metrics.jsonl").write_text(json.dumps(dict(step=3, loss=9.0)) + "\\n")\n'
+      '  (d / "nonfinite_step_5.json").write_text("{}")\n'
+      '  sys.exit(3)\n'
+      '(d / "metrics.jsonl").write_text(json.dumps(dict(step=6, loss=2.0, eval_loss=2.5, '
+      'eval_bpb=3.0)) + "\\n")\n')
+  launched = []
+  monkeypatch.setattr(runner, 'train_command', lambda run, run_dir: (
+      launched.append(run.name), [sys.executable, '-c', script, str(run_dir)])[1])
+  spec, workdir = _sweep_file(tmp_path, data_dir), tmp_path / 'sweep'
+  messages = []
+  records = {r['name']: r for r in runner.run_sweep(spec, workdir, echo=messages.append)}
+  assert any('d48 diverged at step 5 (non-finite training' in m for m in messages)
+  assert records['d48']['diverged_at_step'] == 5 and records['d48']['eval_loss'] is None
+  assert records['d48']['steps'] == 3 and records['d32']['eval_loss'] == 2.5
+  assert len(report.fit_points(list(records.values()))) == 2  # d48 left out
+  launched.clear()
+  runner.run_sweep(spec, workdir, echo=messages.append)
+  assert launched == []  # all three recorded
+  # A cluster job that diverged is collected as such.
+  cluster = tmp_path / 'cluster'
+  runner.run_sweep(spec, cluster, launcher='slurm', echo=lambda _: None)
+  for name in ('d32', 'd48', 'd64'):
+    shutil.copy(workdir / 'runs' / name / 'metrics.jsonl', cluster / 'runs' / name)
+  (cluster / 'runs' / 'd48' / 'nonfinite_step_5.json').write_text('{}')
+  collected = {r['name']: r for r in runner.run_sweep(spec, cluster, collect_only=True,
+                                                        echo=lambda _: None)}
+  assert collected['d48']['diverged_at_step'] == 5 and collected['d48']['final_loss'] is None
+  assert collected['d64']['eval_loss'] == 2.5
 
 
 def test_a_run_recorded_before_jaxarch_gained_a_config_key_is_not_run_again(

@@ -41,6 +41,7 @@ from pathlib import Path
 from jaxarch import config as config_lib
 from jaxarch.sweep import plan
 from jaxarch.train.metrics import final_metrics
+from jaxarch.train.nonfinite import DIVERGED
 from jaxarch.train.preemption import SIGNALS, STOPPED_CODES
 from jaxarch.train.workdir import held_alone, is_sweep_workdir, local_workdir
 
@@ -132,7 +133,7 @@ def record(run: plan.Run, run_dir: Path, wall_s: float | None) -> dict:
   cfg = run.config()
   counts = plan.param_counts(cfg)
   last = final_metrics(run_dir).get
-  tokens = last('step') * cfg.train.batch_size * cfg.data.seq_len
+  tokens = (last('step') or 0) * cfg.train.batch_size * cfg.data.seq_len  # (0: diverged)
   return {
       'name': run.name, 'family': cfg.model.family, 'config': run.spec,
       'overrides': list(run.overrides), 'budget': run.budget,
@@ -143,6 +144,24 @@ def record(run: plan.Run, run_dir: Path, wall_s: float | None) -> dict:
       'wall_s': None if wall_s is None else round(wall_s, 1),
       'config_hash': config_lib.config_hash(cfg),
   }
+
+
+def diverged_record(run: plan.Run, run_dir: Path, wall_s: float | None) -> dict:
+  """The results line of a run that stopped on non-finite training: no loss (the fits
+  leave it out), and the step it diverged at (its `nonfinite_step_N.json`)."""
+  return {**record(run, run_dir, wall_s), 'final_loss': None, 'eval_loss': None,
+          'bpb': None, 'diverged_at_step': _diverged_at(run_dir)}
+
+
+def _diverged_at(run_dir: Path) -> int | None:
+  """The step at which the run in `run_dir` last stopped on non-finite training, when no
+  step was logged after it (a run resumed past it, e.g. with train.nonfinite=skip, has
+  not diverged); else None."""
+  steps = [int(p.stem.rpartition('_')[2]) for p in run_dir.glob('nonfinite_step_*.json')
+           if p.stem.rpartition('_')[2].isdigit()]
+  if not steps or max(steps) <= (last_step(run_dir) or 0):
+    return None
+  return max(steps)
 
 
 def recorded_runs(runs: list[plan.Run], workdir: Path, echo=print) -> set[str]:
@@ -347,7 +366,8 @@ def collect(runs: list[plan.Run], workdir: Path, echo=print,
     if run.name in done or (chosen is not None and run.name not in chosen):
       continue
     run_dir = workdir / 'runs' / run.name
-    if last_step(run_dir) != cfg.train.steps:
+    diverged = _diverged_at(run_dir)
+    if last_step(run_dir) != cfg.train.steps and diverged is None:
       waiting.append(run.name)
       continue
     changed = config_changes(run, run_dir)
@@ -356,7 +376,8 @@ def collect(runs: list[plan.Run], workdir: Path, echo=print,
       echo(f'sweep: {run.name}: {run_dir} was trained under another config ({changed}); '
            'render and submit its job again')
       continue
-    append_record(workdir, record(run, run_dir, None))
+    append_record(workdir, record(run, run_dir, None) if diverged is None else
+                  diverged_record(run, run_dir, None))
     collected.append(run.name)
   echo(f'sweep: {runs_counted(len(collected))} collected, {len(waiting)} not finished'
        + (f' ({", ".join(waiting[:5])}{" ..." if len(waiting) > 5 else ""})' if waiting
@@ -426,6 +447,13 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int | None = None,
             busy.append(run.name)
             echo(f'sweep: {run.name} is being trained by another process (a trainer left '
                  'running by a sweep that was killed, or a jaxarch train); left to it')
+            continue
+          if code == DIVERGED:  # an outcome, as an LR sweep's largest rates may have
+            line = diverged_record(run, workdir / 'runs' / run.name, wall_s)
+            append_record(workdir, line)
+            echo(f'sweep: {run.name} diverged at step {line["diverged_at_step"]} (non-finite '
+                 f'training, see {workdir / "runs" / run.name / "train.log"}): recorded '
+                 'without a loss, which `jaxarch fit` leaves out')
             continue
           # Stopped by a signal, with its checkpoint (or, by the sweep's own stop, before it
           # had set up its handler: killed by the signal): unfinished, its step says so.

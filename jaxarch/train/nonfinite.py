@@ -22,6 +22,11 @@ import numpy as np
 from jaxarch.train.checkpoint import Checkpointer
 
 
+# `jaxarch train`'s exit code when it stops on non-finite training (a config error is 2):
+# a sweep records such a run as diverged rather than training it again.
+DIVERGED = 3
+
+
 class NonFiniteError(RuntimeError):
   """Training met a NaN or Inf it was configured not to skip; the message is the report."""
 
