@@ -132,6 +132,25 @@ def test_a_law_with_an_exponent_at_zero_is_refused_not_reported():
                      for n, d in grid])
 
 
+def test_an_interval_that_reaches_a_bound_of_the_search_is_named():
+  """One budget with noise: E's bootstrap interval sits on the search's floor (e^-5), which
+  the runs do not set; the report says so beside the point estimate at a bound."""
+  records = _law_records(CHINCHILLA, [1e19], np.geomspace(1e7, 1e10, 6), noise=0.02, seed=1)
+  law = fit_scaling_law(records, bootstrap=20)
+  assert law['bootstrap'] == 20 and law['intervals_at_bound'] == ['E']
+  assert law['intervals']['E'][0] == pytest.approx(math.exp(-5))
+
+
+def test_the_fits_given_results_records_say_how_to_make_them_points():
+  record = {'name': 'd32', 'family': 'dense', 'params_active': 10**6, 'params_total': 10**6,
+            'tokens': 10**8, 'flops': 6e14, 'budget': 6e14, 'eval_loss': 2.0}
+  with pytest.raises(FitError, match=r"lacks 'params': the records of results.jsonl become "
+                     r'fit points by jaxarch.sweep.report.fit_points'):
+    fit_scaling_law([record] * 6)
+  (point,) = report.fit_points([record])
+  assert (point['params'], point['tokens'], point['loss']) == (10**6, 10**8, 2.0)
+
+
 def test_isoflop_fits_name_a_missing_or_bad_budget():
   runs = [dict(params=n, tokens=1e17 / (6 * n), loss=3.0 + (math.log(n) - 14) ** 2)
           for n in (1e5, 1e6, 1e7)]
@@ -209,7 +228,7 @@ def test_only_runs_the_runs_it_names_and_leaves_the_others(tmp_path, data_dir, m
   messages = []
   records = runner.run_sweep(spec, workdir, only=['d3*'], echo=messages.append)
   assert [r['name'] for r in records] == ['d32']
-  assert messages[0] == ('sweep: 3 runs, 2 finished already or left out by --only, 1 to run, '
+  assert messages[0] == ('sweep: 3 runs, 0 finished already, 2 left out by --only, 1 to run, '
                          '1 at a time')
   assert sorted(p.name for p in (workdir / 'runs').iterdir()) == ['d32']
   with pytest.raises(runner.SweepError, match=r'--only d96 names no run of the sweep file '
@@ -444,10 +463,13 @@ def test_a_run_recorded_before_jaxarch_gained_a_config_key_is_not_run_again(
   saved = json.loads(json.dumps(config_lib.to_dict(d32.config())))
   saved['log']['every_steps'] = 1
   (workdir / 'runs' / 'd32' / 'config.json').write_text(json.dumps(saved))
-  runner.append_record(workdir, {**record, 'config_hash': config_lib.tree_hash(saved)})
+  runner.append_record(workdir, {**record, 'config_hash': config_lib.tree_hash(saved),
+                                 'overrides': [*record['overrides'], 'log.every_steps=1']})
   with pytest.raises(runner.SweepError):
     runner.run_sweep(spec, workdir, echo=lambda _: None)
   assert 'd32' not in launched
+  (again,) = [r for r in runner.read_results(workdir) if r['name'] == 'd32']
+  assert again['overrides'] == record['overrides']  # those of the hash it is recorded under
   # Another config, not only a key gained: d32 trains again.
   recorded_by_an_earlier_jaxarch(lr=0.3)
   with pytest.raises(runner.SweepError):
@@ -482,6 +504,11 @@ def test_a_results_jsonl_with_bytes_that_are_not_text_is_read_past_them(tmp_path
   (tmp_path / 'other' / 'results.jsonl').mkdir(parents=True)  # not a file at all
   assert cli.main(['fit', f'--workdir={tmp_path / "other"}']) == 2
   assert 'results.jsonl cannot be read' in capsys.readouterr().err
+  for where, what in ((tmp_path / 'results.jsonl', 'is a file'),
+                      (tmp_path / 'typo', 'does not exist')):
+    assert cli.main(['fit', f'--workdir={where}']) == 2
+    assert f'fit: --workdir={where} {what}; give the workdir of a `jaxarch sweep`' in (
+        capsys.readouterr().err)
 
 
 def test_one_sweep_at_a_time_in_a_workdir(tmp_path, data_dir):
@@ -636,7 +663,7 @@ def test_report_writes_plots_and_tables(tmp_path, capsys):
   text = (out / 'report.md').read_text()
   assert '| dense |' in text and '| moe |' in text and 'N* ∝ C^a' in text
   assert '| ultramem | 0 of 3 with a finite loss |' in text
-  assert 'moe: 1 runs had no validation data' in text
+  assert 'moe: 1 run had no validation data; its loss is the final training loss' in text
   # MoE is 0.05 better at every budget in this made-up sweep.
   rows = [row for row in text.split('## Families at equal compute')[1].splitlines()
           if row.startswith('| 1e+')]
@@ -644,6 +671,10 @@ def test_report_writes_plots_and_tables(tmp_path, capsys):
   fits = json.loads((out / 'fits.json').read_text())
   assert fits['dense']['law']['alpha'] == pytest.approx(0.34, abs=0.05)
   assert fits['dense']['law']['at_bound'] == [] and 'held at a bound' not in text
+  assert 'over 5 bootstrap resamples of the runs' in text and fits['dense']['law']['bootstrap'] == 5
+  assert fits['dense']['law']['intervals_at_bound'] == []
+  assert '| dense | a = ' in text and text.split('| dense | a = ')[1].split('\n')[0].endswith(
+      '| 3 |')  # vertices
   assert 'one budget' not in text
 
   # The runs of one budget: a law the report fits, but says the runs barely determine.
@@ -652,6 +683,13 @@ def test_report_writes_plots_and_tables(tmp_path, capsys):
   assert cli.main(['fit', f'--workdir={workdir}', '--out=' + str(tmp_path / 'one')]) == 0
   text = (tmp_path / 'one' / 'report.md').read_text()
   assert 'dense: every run has one budget' in text and 'moe: every run has one budget' in text
+
+  # No run names its budget: one line, not an IsoFLOP profile of one size per run.
+  (workdir / 'results.jsonl').write_text(''.join(
+      json.dumps(dict(l, budget=None)) + '\n' for l in lines if l['family'] == 'dense'))
+  assert cli.main(['fit', f'--workdir={workdir}', '--out=' + str(tmp_path / 'unnamed')]) == 0
+  text = (tmp_path / 'unnamed' / 'report.md').read_text()
+  assert '| dense | no run names its `budget`' in text and 'got 1' not in text
 
   # Every run diverged, in two families: a report that says so, not a matplotlib traceback.
   (workdir / 'results.jsonl').write_text(''.join(

@@ -56,7 +56,10 @@ def _columns(records, *keys):
   try:
     columns = [np.array([float(r[k]) for r in records]) for k in keys]
   except KeyError as e:
-    raise FitError(f'fit: every record needs {", ".join(keys)}; one lacks {e}') from None
+    sweep = any('params_active' in r for r in records)  # results.jsonl's, not fit points
+    raise FitError(f'fit: every record needs {", ".join(keys)}; one lacks {e}' + (
+        ': the records of results.jsonl become fit points by jaxarch.sweep.report.'
+        "fit_points(records, params='active')" if sweep else '')) from None
   except (TypeError, ValueError) as e:  # None, or text
     raise FitError(f'fit: {", ".join(keys)} must be numbers ({e})') from None
   for key, column in zip(keys, columns):
@@ -108,7 +111,8 @@ def fit_scaling_law(records, *, delta: float = HUBER_DELTA, bootstrap: int = 0,
 
   -> {E, A, B, alpha, beta, huber_loss, num_runs, at_bound (those of E, A, B, alpha, beta
   that the search's bounds hold, not the runs)}, plus `intervals` {alpha, beta, E}
-  (5th and 95th percentiles over `bootstrap` resamples of the runs) when asked for.
+  (5th and 95th percentiles over `bootstrap` resamples of the runs), `bootstrap` and
+  `intervals_at_bound` (those whose interval reaches a bound of the search) when asked for.
   """
   n, d, loss = _columns(records, 'params', 'tokens', 'loss')
   if len(n) < 5:
@@ -153,6 +157,14 @@ def fit_scaling_law(records, *, delta: float = HUBER_DELTA, bootstrap: int = 0,
     result['intervals'] = {k: [float(np.percentile(samples[:, j], 5)),
                                float(np.percentile(samples[:, j], 95))]
                            for j, k in enumerate(('alpha', 'beta', 'E'))}
+    result['bootstrap'] = bootstrap
+    # An interval that reaches a bound of the search is bounded there by it, not the runs.
+    ranges = {'alpha': _BOUNDS[3], 'beta': _BOUNDS[4],
+              'E': tuple(math.exp(v) for v in _BOUNDS[2])}
+    result['intervals_at_bound'] = [
+        k for k, (lo, hi) in result['intervals'].items()
+        if np.isclose(lo, ranges[k][0], rtol=1e-3, atol=1e-6)
+        or np.isclose(hi, ranges[k][1], rtol=1e-3)]
   return result
 
 

@@ -31,8 +31,9 @@ COLORS = {'dense': 'tab:blue', 'moe': 'tab:orange', 'ultramem': 'tab:green',
 
 
 def fit_points(records, params: str = 'active') -> list[dict]:
-  """Records as fit inputs: {params, tokens, loss, budget, flops, validation, per_byte}
-  (loss: the validation loss, or the final training loss of a run without validation
+  """Records as fit inputs: {params, tokens, loss, budget, flops, named_budget, validation,
+  per_byte} (budget: the sweep's, else the run's FLOPs, named_budget saying which; loss:
+  the validation loss, or the final training loss of a run without validation
   data; per_byte: the validation loss in nats per byte, None where not known); runs
   without a finite loss (diverged) are left out."""
   points = []
@@ -46,6 +47,7 @@ def fit_points(records, params: str = 'active') -> list[dict]:
     known = validation and isinstance(bpb, (int, float)) and math.isfinite(bpb) and bpb > 0
     points.append(dict(params=r[f'params_{params}'], tokens=r['tokens'], loss=loss,
                        budget=budget, flops=r.get('flops') or budget,  # planned, if not run
+                       named_budget=r.get('budget') is not None,
                        name=r['name'], validation=validation,
                        per_byte=bpb * math.log(2) if known else None))
   return points
@@ -235,19 +237,23 @@ def markdown(fits, params: str, workdir: Path) -> str:
     lines.append(f'| {family} | {len(pts)} | {len({p["budget"] for p in pts})} | '
                  f'{min(n):.3g}–{max(n):.3g} | {min(d):.3g}–{max(d):.3g} | '
                  f'{min(p["loss"] for p in pts):.4f} |')
-    if len(pts) < entry['runs']:
-      notes.append(f'{family}: {entry["runs"] - len(pts)} runs without a finite loss '
-                   '(diverged) are left out.')
-    training = sum(not p['validation'] for p in pts)
-    if training:
-      notes.append(f'{family}: {training} runs had no validation data; their loss is the '
-                   'final training loss.')
+    if (left := entry['runs'] - len(pts)):
+      notes.append(f'{family}: {left} run{"s" * (left != 1)} without a finite loss (diverged) '
+                   f'{"is" if left == 1 else "are"} left out.')
+    if (training := sum(not p['validation'] for p in pts)):
+      notes.append(f'{family}: {training} run{"s" * (training != 1)} had no validation data; '
+                   f'{"its" if training == 1 else "their"} loss is the final training loss.')
   lines += [''] + notes if notes else []
   lines += ['', '## IsoFLOP profiles (approach 2)', '',
             '| family | budget C | N* | D* | loss at N* | N* inside the sizes run |',
             '|---|---|---|---|---|---|']
   for family, entry in fits.items():
     iso = entry['isoflop']
+    if entry['points'] and not any(p['named_budget'] for p in entry['points']):
+      lines.append(f'| {family} | no run names its `budget`, so each would be an IsoFLOP '
+                   'profile of one size: give the runs of one compute the same budget in the '
+                   'sweep file | | | | |')
+      continue
     if 'error' in iso:
       lines.append(f'| {family} | {iso["error"]} | | | | |')
     for p in iso.get('profiles', []):
@@ -261,15 +267,19 @@ def markdown(fits, params: str, workdir: Path) -> str:
         end = 'smallest' if p['side'] == 'below' else 'largest'
         lines.append(f'| {family} | {p["budget"]:.3g} | {side} | – | – | no: the {end} '
                      'size is best |')
-  lines += ['', 'Power laws through the vertices inside the sizes run (two or more needed):',
-            '', '| family | N* ∝ C^a | D* ∝ C^b |', '|---|---|---|']
+  lines += ['', 'Power laws through the vertices inside the sizes run (two or more needed; '
+            'through two, a line with no error estimate):', '',
+            '| family | N* ∝ C^a | D* ∝ C^b | vertices |', '|---|---|---|---|']
   for family, entry in fits.items():
     iso = entry['isoflop']
+    vertices = sum(bool(p.get('inside')) for p in iso.get('profiles', []))
     lines.append(f'| {family} | a = {_fmt(iso.get("params_exponent"))} | '
-                 f'b = {_fmt(iso.get("tokens_exponent"))} |')
+                 f'b = {_fmt(iso.get("tokens_exponent"))} | {vertices} |')
+  resamples = {law['bootstrap'] for law in (e['law'] for e in fits.values()) if 'bootstrap' in law}
   lines += ['', '## L(N, D) = E + A/N^α + B/D^β (approach 3)', '',
             '| family | E | A | α (5–95%) | B | β (5–95%) | runs |', '|---|---|---|---|---|---|---|']
-  bound_notes = []
+  bound_notes = [f'Intervals: 5th to 95th percentile over {", ".join(map(str, resamples))} '
+                 'bootstrap resamples of the runs.'] if resamples else []
   for family, entry in fits.items():
     law = entry['law']
     if 'error' in law:
@@ -289,6 +299,11 @@ def markdown(fits, params: str, workdir: Path) -> str:
       bound_notes.append(f'{family}: {", ".join(held)} held at a bound of the fit\'s search '
                          f'({fit_lib.SEARCH_BOUNDS}), not by the runs, which do not '
                          f'determine {"it" if len(held) == 1 else "them"}.')
+    if law.get('intervals_at_bound'):
+      held = law['intervals_at_bound']
+      bound_notes.append(f'{family}: the interval of {", ".join(held)} reaches a bound of '
+                         f'the search ({fit_lib.SEARCH_BOUNDS}): the runs bound '
+                         f'{"it" if len(held) == 1 else "them"} on one side only.')
   lines += [''] + bound_notes if bound_notes else []
   lines += ['', '## Families at equal compute', '', _equal_compute_table(fits), '']
   return '\n'.join(lines)
@@ -324,6 +339,10 @@ def write_report(workdir: str | Path, out: str | Path | None = None, *,
   workdir = Path(workdir)
   if params not in ('active', 'total'):
     raise ValueError(f"fit: params={params!r} must be 'active' or 'total'")
+  if not workdir.is_dir():
+    raise FileNotFoundError(f'fit: --workdir={workdir} ' + (
+        'is a file' if workdir.exists() else 'does not exist') + '; give the workdir of a '
+        '`jaxarch sweep` (the folder that holds results.jsonl)')
   out = Path(out) if out else workdir / 'report'
   if out.exists() and not out.is_dir():
     raise FileExistsError(f'fit: --out={out} is a file; give a directory for the report')

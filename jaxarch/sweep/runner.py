@@ -194,7 +194,8 @@ def recorded_runs(runs: list[plan.Run], workdir: Path, echo=print) -> set[str]:
         continue
     # The budget is the fits' label of the run, not part of its config: a new one is
     # recorded without training again.
-    if (now := {**old, 'config_hash': new_hash, 'budget': run.budget}) != old:
+    if (now := {**old, 'config_hash': new_hash, 'budget': run.budget,
+                'overrides': list(run.overrides)}) != old:
       append_record(workdir, now)
     standing.add(run.name)
   return standing
@@ -429,9 +430,10 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int | None = None,
   with _only_sweep_in(workdir):
     done = recorded_runs(runs, workdir, echo)
     todo = [r for r in runs if r.name not in done and r.name in chosen]
-    echo(f'sweep: {len(runs)} runs, {len(runs) - len(todo)} finished already'
-         f'{" or left out by --only" if len(chosen) < len(runs) else ""}, {len(todo)} to '
-         f'run, {parallel} at a time')
+    left_out = len(runs) - len(chosen)
+    echo(f'sweep: {len(runs)} runs, {len(done & chosen)} finished already, '
+         + (f'{left_out} left out by --only, ' if left_out else '')
+         + f'{len(todo)} to run, {parallel} at a time')
     failed, unfinished, not_started, busy = [], [], [], []
     trainers, stop = set(), threading.Event()
     with (_stopping_trainers_on_sigterm(trainers, stop),
@@ -467,6 +469,7 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int | None = None,
           if code or step != steps or changed:
             (failed if code else unfinished).append(run.name)
             why = (f'failed ({_exit(code)}): {_last_line(run_dir / "train.log")}' if code else
+                   f'stopped before its first logged step (of {steps})' if step is None else
                    f'stopped at step {step} of {steps}' if step != steps else
                    f'trained under a config that has changed since it started ({changed})')
             echo(f'sweep: {run.name} {why}; see {run_dir / "train.log"}')
