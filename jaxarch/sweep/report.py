@@ -346,7 +346,8 @@ def write_report(workdir: str | Path, out: str | Path | None = None, *,
   out = Path(out) if out else workdir / 'report'
   if out.exists() and not out.is_dir():
     raise FileExistsError(f'fit: --out={out} is a file; give a directory for the report')
-  found = read_results(workdir)
+  found = read_results(workdir, torn='its run is left out of the fits until a sweep records '
+                       'it again; ')
   records = usable_records(found, params, workdir / 'results.jsonl')
   if found and not records:  # not "run the sweep first": it ran
     raise fit_lib.FitError(f'fit: none of the {len(found)} runs in {workdir / "results.jsonl"} '

@@ -83,10 +83,10 @@ def train_command(run: plan.Run, run_dir: Path) -> list[str]:
           f'--workdir={run_dir}', *[f'--config.{o}' for o in run.overrides]]
 
 
-def read_results(workdir: Path) -> list[dict]:
+def read_results(workdir: Path, torn: str = 'its run is run or collected again; ') -> list[dict]:
   """The records of DIR/results.jsonl, the latest one of each run name (a run whose config
   changed is recorded again). A line that is not a record (a sweep killed while writing
-  it) is skipped with a warning: its run is run or collected again."""
+  it) is skipped with a warning, which `torn` ends: what becomes of its run."""
   path = Path(workdir) / RESULTS
   if not path.exists():
     return []
@@ -103,8 +103,8 @@ def read_results(workdir: Path) -> list[dict]:
         latest.pop(record['name'], None)  # the latest record goes last
         latest[record['name']] = record
     except (ValueError, KeyError, TypeError):  # JSONDecodeError, UnicodeDecodeError
-      print(f'jaxarch: warning: {path}:{number} is not a run record; skipped (its run is '
-            'run or collected again; delete the line to end this warning)', file=sys.stderr)
+      print(f'jaxarch: warning: {path}:{number} is not a run record; skipped ({torn}delete '
+            'the line to end this warning)', file=sys.stderr)
   return list(latest.values())
 
 
