@@ -463,7 +463,8 @@ def _fit(args, overrides):
   from jaxarch.sweep.report import write_report  # pylint: disable=g-import-not-at-top
   _no_overrides('fit', overrides)
   out = Path(args.out) if args.out else Path(args.workdir) / 'report'
-  fits = write_report(args.workdir, out, params=args.params, bootstrap=args.bootstrap)
+  fits = write_report(args.workdir, out, params=args.params, bootstrap=args.bootstrap,
+                      validation_only=args.validation_only)
   for family, entry in fits.items():
     law = entry['law']
     text = law.get('error') or (f'L = {law["E"]:.3f} + {law["A"]:.3g}/N^{law["alpha"]:.3f} + '
@@ -656,6 +657,9 @@ def _parser() -> argparse.ArgumentParser:
   fit.add_argument('--out', help='default: WORKDIR/report')
   fit.add_argument('--params', choices=('active', 'total'), default='active',
                    help='N in the fits: active (per token) or total parameters')
+  fit.add_argument('--validation_only', action='store_true',
+                   help='fit only the runs with a validation loss (the others are fitted on '
+                   'their final training loss, and said so)')
   fit.add_argument('--bootstrap', type=_count, default=100,
                    help='resamples for the intervals of the exponents (0: none)')
   fit.set_defaults(func=_fit)

@@ -677,6 +677,13 @@ def test_report_writes_plots_and_tables(tmp_path, capsys):
       '| 3 |')  # vertices
   assert 'one budget' not in text
 
+  # --validation_only: the run fitted on its training loss left out, and said so.
+  assert cli.main(['fit', f'--workdir={workdir}', '--validation_only', '--bootstrap=0',
+                   '--out=' + str(tmp_path / 'valonly')]) == 0
+  text = (tmp_path / 'valonly' / 'report.md').read_text()
+  assert 'moe: 1 run without validation data is left out (--validation_only)' in text
+  assert 'had no validation data' not in text and '| ultramem | 0 of 3 with a finite loss |' in text
+
   # The runs of one budget: a law the report fits, but says the runs barely determine.
   (workdir / 'results.jsonl').write_text(''.join(
       json.dumps(l) + '\n' for l in lines if l['budget'] == 1e19))

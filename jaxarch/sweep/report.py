@@ -85,15 +85,21 @@ def usable_records(records, params: str, path) -> list[dict]:
   return kept
 
 
-def fit_families(records, *, params: str = 'active', bootstrap: int = 100) -> dict:
-  """family -> {points, isoflop, law (or the reason it could not be fitted)}."""
+def fit_families(records, *, params: str = 'active', bootstrap: int = 100,
+                 validation_only: bool = False) -> dict:
+  """family -> {points, runs, unvalidated, isoflop, law (or the reason it could not be
+  fitted)}; `validation_only` leaves out the runs without a validation loss (their
+  number: `unvalidated`), which are otherwise fitted on their final training loss."""
   by_family = defaultdict(list)
   for r in records:
     by_family[r['family']].append(r)
   fits = {}
   for family, runs in sorted(by_family.items()):
     points = fit_points(runs, params)
-    entry = {'points': points, 'runs': len(runs)}
+    unvalidated = sum(not p['validation'] for p in points) if validation_only else 0
+    if validation_only:
+      points = [p for p in points if p['validation']]
+    entry = {'points': points, 'runs': len(runs), 'unvalidated': unvalidated}
     for key, fn in (('isoflop', lambda: fit_lib.isoflop_fits(points)),
                     ('law', lambda: fit_lib.fit_scaling_law(points, bootstrap=bootstrap))):
       try:
@@ -237,9 +243,12 @@ def markdown(fits, params: str, workdir: Path) -> str:
     lines.append(f'| {family} | {len(pts)} | {len({p["budget"] for p in pts})} | '
                  f'{min(n):.3g}–{max(n):.3g} | {min(d):.3g}–{max(d):.3g} | '
                  f'{min(p["loss"] for p in pts):.4f} |')
-    if (left := entry['runs'] - len(pts)):
+    if (left := entry['runs'] - len(pts) - entry.get('unvalidated', 0)):
       notes.append(f'{family}: {left} run{"s" * (left != 1)} without a finite loss (diverged) '
                    f'{"is" if left == 1 else "are"} left out.')
+    if (unvalidated := entry.get('unvalidated', 0)):
+      notes.append(f'{family}: {unvalidated} run{"s" * (unvalidated != 1)} without validation '
+                   f'data {"is" if unvalidated == 1 else "are"} left out (--validation_only).')
     if (training := sum(not p['validation'] for p in pts)):
       notes.append(f'{family}: {training} run{"s" * (training != 1)} had no validation data; '
                    f'{"its" if training == 1 else "their"} loss is the final training loss.')
@@ -334,8 +343,10 @@ def _equal_compute_table(fits) -> str:
 
 
 def write_report(workdir: str | Path, out: str | Path | None = None, *,
-                 params: str = 'active', bootstrap: int = 100) -> dict:
-  """Fits every family of DIR/results.jsonl; writes the plots, report.md and fits.json."""
+                 params: str = 'active', bootstrap: int = 100,
+                 validation_only: bool = False) -> dict:
+  """Fits every family of DIR/results.jsonl (`fit_families`); writes the plots, report.md
+  and fits.json."""
   workdir = Path(workdir)
   if params not in ('active', 'total'):
     raise ValueError(f"fit: params={params!r} must be 'active' or 'total'")
@@ -361,7 +372,8 @@ def write_report(workdir: str | Path, out: str | Path | None = None, *,
     raise FileNotFoundError(f'no runs in {workdir / "results.jsonl"}; run `jaxarch sweep '
                             f'--config=SWEEP_FILE.py[:ARG] --workdir={workdir}` first')
   out.mkdir(parents=True, exist_ok=True)
-  fits = fit_families(records, params=params, bootstrap=bootstrap)
+  fits = fit_families(records, params=params, bootstrap=bootstrap,
+                      validation_only=validation_only)
   _plot_loss_vs_compute(fits, out / 'loss_vs_compute.png')
   _plot_isoflop(fits, out / 'isoflop.png')
   _plot_frontier(fits, out / 'frontier.png')
