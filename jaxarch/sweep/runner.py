@@ -41,9 +41,10 @@ from pathlib import Path
 from jaxarch import config as config_lib
 from jaxarch.sweep import plan
 from jaxarch.train.metrics import final_metrics
-from jaxarch.train.nonfinite import DIVERGED
+from jaxarch.train.nonfinite import DIVERGED, reported_steps
 from jaxarch.train.preemption import SIGNALS, STOPPED_CODES
-from jaxarch.train.workdir import held_alone, is_sweep_workdir, local_workdir
+from jaxarch.train.workdir import (held_alone, is_sweep_workdir, local_workdir,
+                                   trained_elsewhere)
 
 RESULTS = 'results.jsonl'
 
@@ -146,22 +147,20 @@ def record(run: plan.Run, run_dir: Path, wall_s: float | None) -> dict:
   }
 
 
-def diverged_record(run: plan.Run, run_dir: Path, wall_s: float | None) -> dict:
-  """The results line of a run that stopped on non-finite training: no loss (the fits
-  leave it out), and the step it diverged at (its `nonfinite_step_N.json`)."""
+def diverged_record(run: plan.Run, run_dir: Path, wall_s: float | None,
+                    at_step: int | None) -> dict:
+  """The results line of a run that stopped on non-finite training at `at_step`
+  (`diverged_at`): no loss, which the fits leave out."""
   return {**record(run, run_dir, wall_s), 'final_loss': None, 'eval_loss': None,
-          'bpb': None, 'diverged_at_step': _diverged_at(run_dir)}
+          'bpb': None, 'diverged_at_step': at_step}
 
 
-def _diverged_at(run_dir: Path) -> int | None:
-  """The step at which the run in `run_dir` last stopped on non-finite training, when no
-  step was logged after it (a run resumed past it, e.g. with train.nonfinite=skip, has
-  not diverged); else None."""
-  steps = [int(p.stem.rpartition('_')[2]) for p in run_dir.glob('nonfinite_step_*.json')
-           if p.stem.rpartition('_')[2].isdigit()]
-  if not steps or max(steps) <= (last_step(run_dir) or 0):
-    return None
-  return max(steps)
+def diverged_at(run_dir: Path, logged: int | None) -> int | None:
+  """The step at which the run in `run_dir` last stopped on non-finite training (its
+  `nonfinite_step_N.json`), when no step was logged after it (`logged`: its last logged
+  step; a run resumed past it, e.g. with train.nonfinite=skip, has not diverged)."""
+  steps = reported_steps(run_dir)
+  return steps[-1] if steps and steps[-1] > (logged or 0) else None
 
 
 def recorded_runs(runs: list[plan.Run], workdir: Path, echo=print) -> set[str]:
@@ -220,7 +219,7 @@ def _run_one(run: plan.Run, workdir: Path, echo, trainers: set,
   if stop.is_set():
     return run, 0.0, None
   run_dir = workdir / 'runs' / run.name
-  if _trained_elsewhere(run_dir):  # its time goes on counting for that attempt
+  if trained_elsewhere(run_dir):  # its time goes on counting for that attempt
     return run, 0.0, BUSY
   _move_aside_if_changed(run, run_dir, echo)
   run_dir.mkdir(parents=True, exist_ok=True)
@@ -238,19 +237,6 @@ def _run_one(run: plan.Run, workdir: Path, echo, trainers: set,
   total = before + time.perf_counter() - start
   _write_wall_time(run_dir, total)
   return run, total, code
-
-
-def _trained_elsewhere(run_dir: Path) -> bool:
-  """Whether a trainer holds the run's lock: one a killed sweep left running (an orphan),
-  or a `jaxarch train` started by hand."""
-  lock = run_dir / '.train.lock.0'  # process 0's (`workdir.only_trainer_in`)
-  if not lock.is_file():
-    return False
-  try:
-    with held_alone(lock, BlockingIOError(), guards='a second jaxarch train in this run'):
-      return False
-  except BlockingIOError:
-    return True
 
 
 # RUN_DIR/sweep_wall_s: {"wall_s": seconds of the attempts the sweep saw end, "started":
@@ -367,8 +353,9 @@ def collect(runs: list[plan.Run], workdir: Path, echo=print,
     if run.name in done or (chosen is not None and run.name not in chosen):
       continue
     run_dir = workdir / 'runs' / run.name
-    diverged = _diverged_at(run_dir)
-    if last_step(run_dir) != cfg.train.steps and diverged is None:
+    logged = last_step(run_dir)
+    diverged = diverged_at(run_dir, logged)
+    if logged != cfg.train.steps and diverged is None:
       waiting.append(run.name)
       continue
     changed = config_changes(run, run_dir)
@@ -378,7 +365,7 @@ def collect(runs: list[plan.Run], workdir: Path, echo=print,
            'render and submit its job again')
       continue
     append_record(workdir, record(run, run_dir, None) if diverged is None else
-                  diverged_record(run, run_dir, None))
+                  diverged_record(run, run_dir, None, diverged))
     collected.append(run.name)
   echo(f'sweep: {runs_counted(len(collected))} collected, {len(waiting)} not finished'
        + (f' ({", ".join(waiting[:5])}{" ..." if len(waiting) > 5 else ""})' if waiting
@@ -451,7 +438,9 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int | None = None,
                  'running by a sweep that was killed, or a jaxarch train); left to it')
             continue
           if code == DIVERGED:  # an outcome, as an LR sweep's largest rates may have
-            line = diverged_record(run, workdir / 'runs' / run.name, wall_s)
+            run_dir = workdir / 'runs' / run.name
+            line = diverged_record(run, run_dir, wall_s,
+                                   diverged_at(run_dir, last_step(run_dir)))
             append_record(workdir, line)
             echo(f'sweep: {run.name} diverged at step {line["diverged_at_step"]} (non-finite '
                  f'training, see {workdir / "runs" / run.name / "train.log"}): recorded '

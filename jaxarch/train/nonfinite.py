@@ -27,6 +27,16 @@ from jaxarch.train.checkpoint import Checkpointer
 DIVERGED = 3
 
 
+# WORKDIR/nonfinite_step_<N>.json: the statistics of the step N that the run stopped on.
+_REPORT = 'nonfinite_step_{}.json'
+
+
+def reported_steps(workdir: str | Path) -> list[int]:
+  """The steps of the run's reports of non-finite training, in order."""
+  return sorted(int(p.stem.rpartition('_')[2]) for p in Path(workdir).glob(
+      _REPORT.format('*')) if p.stem.rpartition('_')[2].isdigit())
+
+
 class NonFiniteError(RuntimeError):
   """Training met a NaN or Inf it was configured not to skip; the message is the report."""
 
@@ -69,7 +79,7 @@ class NonFiniteMonitor:
     params = np.asarray(metrics['layer_param_norms'], np.float64)
     stats = [{'name': n, 'grad_norm': _json_float(g), 'param_norm': _json_float(p)}
              for n, g, p in zip(self.names, grads, params)]
-    path = self.workdir / f'nonfinite_step_{step}.json'
+    path = self.workdir / _REPORT.format(step)
     where = f'all parameter statistics are in {path}'
     if jax.process_index() == 0:
       try:

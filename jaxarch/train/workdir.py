@@ -57,12 +57,29 @@ def held_alone(lock_file: Path, busy: Exception, guards: str):
     yield
 
 
+def _trainer_lock(workdir: Path, process: int) -> Path:
+  return workdir / f'.train.lock.{process}'
+
+
 def only_trainer_in(workdir: Path):
   """Holds WORKDIR/.train.lock.<process> while training: two trainers in one workdir (a run
   started twice, or a sweep's orphan) would write each other's checkpoints and metrics."""
-  return held_alone(workdir / f'.train.lock.{jax.process_index()}', WorkdirError(
+  return held_alone(_trainer_lock(workdir, jax.process_index()), WorkdirError(
       f'workdir {workdir} is in use by another jaxarch train; wait for it, stop it, or use '
       'another --workdir'), guards='a second jaxarch train in this workdir')
+
+
+def trained_elsewhere(workdir: Path) -> bool:
+  """Whether a trainer holds the workdir's lock (`only_trainer_in`, process 0's): one that
+  a killed sweep left running (an orphan), or a `jaxarch train` started by hand."""
+  lock = _trainer_lock(workdir, 0)
+  if not lock.is_file():
+    return False
+  try:
+    with held_alone(lock, BlockingIOError(), guards='a second jaxarch train in this workdir'):
+      return False
+  except BlockingIOError:
+    return True
 
 
 def is_sweep_workdir(workdir: str | os.PathLike) -> bool:
@@ -89,7 +106,7 @@ def remove_unused(workdir: Path) -> None:
   made (its trainer's lock file, an empty checkpoints folder), so that it does not look
   like a run; anything else in it keeps it."""
   try:
-    (workdir / f'.train.lock.{jax.process_index()}').unlink(missing_ok=True)
+    _trainer_lock(workdir, jax.process_index()).unlink(missing_ok=True)
     if (workdir / CHECKPOINTS).is_dir():
       (workdir / CHECKPOINTS).rmdir()  # only if empty
     workdir.rmdir()
@@ -194,9 +211,8 @@ def check_same_model(saved: Path, cfg: ml_collections.ConfigDict) -> None:
   """Refuses a config that would read the run saved in `saved` (its config.json) as another
   model without its checkpoints saying so: another family, another tokenizer (or its file
   changed since), or UltraMem memory layers through other IVE permutations than they
-  were trained with (which no array holds). A
-  same-family model of other shapes is caught when its checkpoint is restored (settings
-  such as `model.remat` may change on resume)."""
+  were trained with (which no array holds). A same-family model of other shapes is caught
+  when its checkpoint is restored (settings such as `model.remat` may change on resume)."""
   try:
     old = json.loads(saved.read_text()).get('model', {}).get('family')
   except (OSError, json.JSONDecodeError, AttributeError):
