@@ -1561,13 +1561,16 @@ def save(cfg: ConfigDict, path: str | os.PathLike) -> None:
   the run's own files named relative to it (`RUN_FILES`)."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(_to_json(run_files(to_dict(cfg), path.parent, run_file_name)) + '\n')
-  tmp.replace(path)  # a reader never sees half a file
+  _write_whole(path, _to_json(run_files(to_dict(cfg), path.parent, run_file_name)) + '\n')
   if (line := tokenizer_sum(cfg.data.tokenizer, path.parent)) is not None:
-    tmp = path.with_name(TOKENIZER_SUM + '.tmp')
-    tmp.write_text(line + '\n')
-    tmp.replace(path.with_name(TOKENIZER_SUM))
+    _write_whole(path.with_name(TOKENIZER_SUM), line + '\n')
+
+
+def _write_whole(path: Path, text: str) -> None:
+  """`text` into `path` through a temporary file: a reader never sees half a file."""
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(text)
+  tmp.replace(path)
 
 
 # RUN_DIR/tokenizer.sha256: the tokenizer whose ids the run's embeddings learned, as
@@ -1588,28 +1591,37 @@ def tokenizer_sum(spec, run_dir: str | os.PathLike) -> str | None:
   return f'{digest}  {run_file_name(spec, run_dir)}'
 
 
+def _tokenizer_sums(spec, run_dir: str | os.PathLike) -> tuple[str, str] | None:
+  """(the run's `TOKENIZER_SUM` line, that of `spec`); None where either is not known: a
+  run of jaxarch before 2026-12-07 (or an export without it), or a file that cannot be
+  read (said where it is read)."""
+  try:
+    saved = (Path(run_dir) / TOKENIZER_SUM).read_text().strip()
+  except OSError:
+    return None
+  now = tokenizer_sum(spec, run_dir)
+  return None if now is None else (saved, now)
+
+
+def _digest(line: str) -> str:
+  return line.split('  ')[0]
+
+
 def is_runs_tokenizer(spec, run_dir: str | os.PathLike) -> bool:
   """Whether `data.tokenizer=spec` holds what the run in `run_dir` trained with (its
   `TOKENIZER_SUM`): a copy at another path reads the documents alike."""
-  try:
-    saved = (Path(run_dir) / TOKENIZER_SUM).read_text().split()[0]
-  except (OSError, IndexError):
-    return False
-  now = tokenizer_sum(spec, run_dir)
-  return now is not None and now.split()[0] == saved
+  sums = _tokenizer_sums(spec, run_dir)
+  return sums is not None and _digest(sums[0]) == _digest(sums[1])
 
 
 def check_tokenizer(cfg: ConfigDict, run_dir: str | os.PathLike) -> None:
   """Refuses a `data.tokenizer` other than the one the run in `run_dir` trained with (its
   `TOKENIZER_SUM`): another file, or the same file changed since, feeds the embeddings
   ids that mean other tokens, and the losses and bits per byte read as if nothing had."""
-  try:
-    saved = (Path(run_dir) / TOKENIZER_SUM).read_text().strip()
-  except OSError:  # a run of jaxarch before 2026-12-07, or an export without it
+  sums = _tokenizer_sums(cfg.data.tokenizer, run_dir)
+  if sums is None or _digest(sums[0]) == _digest(sums[1]):
     return
-  now = tokenizer_sum(cfg.data.tokenizer, run_dir)
-  if now is None or now.split('  ')[0] == saved.split('  ')[0]:
-    return  # (a file that cannot be read says so where it is read)
+  saved, now = sums
   old_name, new_name = (line.split('  ', 1)[-1] for line in (saved, now))
   if old_name == new_name:
     raise ConfigError(f'the tokenizer file data.tokenizer={new_name!r} has changed since the '
