@@ -388,9 +388,10 @@ def _files_config(source: str, pattern: str, validation_fraction: float,
                 not p.name.endswith(RECORDS)]
   if compressed:
     raise ConfigError(f'config error: data.source={source!r}: {len(compressed)} of the files '
-                      f'{"is" if len(compressed) == 1 else "are"} compressed, e.g. {str(compressed[0])!r}, and would be read as '
-                      'their compressed bytes; decompress them (JSON lines may stay gzip\'d '
-                      'as .jsonl.gz) or narrow the glob')
+                      f'{"is" if len(compressed) == 1 else "are"} compressed, e.g. '
+                      f'{str(compressed[0])!r}, and would be read as their compressed bytes; '
+                      "decompress them (JSON lines may stay gzip'd as .jsonl.gz) or narrow the "
+                      'glob')
   stats = [p.stat() for p in paths]  # once: a corpus may be a million files
   if not any(st.st_size for st in stats):
     raise ConfigError(f'config error: data.source={source!r}: '

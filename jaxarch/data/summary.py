@@ -21,13 +21,14 @@ _READ = 1024  # documents read at once when counting bytes
 log = logging.getLogger(__name__)
 
 
-def _bytes(documents: sources.TextSource) -> tuple[int, int]:
-  """The documents' bytes, and how many of them are not UTF-8."""
+def _bytes(documents: sources.TextSource, text: bool) -> tuple[int, int]:
+  """The documents' bytes, and (for a tokenizer of `text`, which decodes them) how many of
+  them are not UTF-8."""
   num_bytes = not_text = 0
   for lo in range(0, len(documents), _READ):
     for d in documents.__getitems__(range(lo, min(lo + _READ, len(documents)))):
       num_bytes += len(d)
-      if isinstance(d, bytes):
+      if text and isinstance(d, bytes):
         try:
           d.decode('utf-8')
         except UnicodeDecodeError:
@@ -64,6 +65,7 @@ def summarize(cfg, *, sample_documents: int = 1000) -> list[dict]:
                       "`jaxarch distill`, ready as it is; prepare the base run's data instead")
   tokenizer = tokenizers.get_tokenizer(data_cfg.tokenizer)
   tokenize = pipeline.tokenize(data_cfg, tokenizer)
+  text = not isinstance(tokenizer, tokenizers.ByteTokenizer)  # (bytes: read as they are)
   run_tokens = cfg.train.steps * cfg.train.batch_size * data_cfg.seq_len
   rows = []
   for component, source_cfg in sources.mixture_configs(data_cfg):
@@ -72,11 +74,11 @@ def summarize(cfg, *, sample_documents: int = 1000) -> list[dict]:
            'weight': component.weight, 'text_key': source_cfg.get('text_key')}
     for split in ('train', 'validation') if trained else ('validation',):
       documents = sources.open_component(component, source_cfg, split)
-      num_bytes, not_text = _bytes(documents)
+      num_bytes, not_text = _bytes(documents, text)
       row[split] = {'documents': len(documents), 'bytes': num_bytes,
                     'tokens': _tokens(documents, num_bytes, tokenizer, tokenize,
                                       sample_documents)}
-      if not_text and not isinstance(tokenizer, tokenizers.ByteTokenizer):
+      if not_text:
         row[split]['not_utf8_documents'] = not_text
         log.warning('%s (%s): %d of its %s documents %s not UTF-8, which data.tokenizer=%r '
                     'reads with U+FFFD in place of each bad byte (the byte tokenizer reads '

@@ -243,10 +243,10 @@ def markdown(fits, params: str, workdir: Path) -> str:
     lines.append(f'| {family} | {len(pts)} | {len({p["budget"] for p in pts})} | '
                  f'{min(n):.3g}–{max(n):.3g} | {min(d):.3g}–{max(d):.3g} | '
                  f'{min(p["loss"] for p in pts):.4f} |')
-    if (left := entry['runs'] - len(pts) - entry.get('unvalidated', 0)):
+    if (left := entry['runs'] - len(pts) - entry['unvalidated']):
       notes.append(f'{family}: {left} run{"s" * (left != 1)} without a finite loss (diverged) '
                    f'{"is" if left == 1 else "are"} left out.')
-    if (unvalidated := entry.get('unvalidated', 0)):
+    if (unvalidated := entry['unvalidated']):
       notes.append(f'{family}: {unvalidated} run{"s" * (unvalidated != 1)} without validation '
                    f'data {"is" if unvalidated == 1 else "are"} left out (--validation_only).')
     if (training := sum(not p['validation'] for p in pts)):
