@@ -93,32 +93,26 @@ def data_changes(workdir: Path, cfg: ml_collections.ConfigDict) -> str | None:
                  k in ('data.source', 'data.text_key') and alike)
              and not (k == 'data.tokenizer'
                       and config_lib.is_runs_tokenizer(cfg.data.tokenizer, workdir))]
-  if changes and _reordered(get(old, 'data.source'), get(new, 'data.source')):
-    changes.append('(the same sources trained on, in another order: keep their order to '
-                   'keep the position)')
-  elif changes and (gone := _untrained(get(old, 'data.source'), get(new, 'data.source'))):
-    changes.append(f'(no longer trained on: {", ".join(gone)}; at a tiny weight such as 1e-6 '
-                   'instead, each source would keep its position)')
+  if changes and (hint := _source_hint(get(old, 'data.source'), get(new, 'data.source'))):
+    changes.append(hint)
   return ', '.join(changes) or None
 
 
-def _untrained(old_source, new_source) -> list[str]:
-  """The sources `old_source` trained on that `new_source` does not, when it trains on the
-  others in their order (their positions would hold at a tiny weight)."""
+def _source_hint(old_source, new_source) -> str | None:
+  """How the data position would have held under a `data.source` that no longer keeps it:
+  the same trained sources in another order, or some of them no longer trained on."""
   try:
     old, new = (config_lib.trained_sources(s) for s in (old_source, new_source))
-  except (config_lib.ConfigError, TypeError, AttributeError):
-    return []
-  kept = [s for s in old if s in new]
-  return [s for s in old if s not in new] if new and kept == new else []
-
-
-def _reordered(old_source, new_source) -> bool:
-  try:
-    old, new = (config_lib.trained_sources(s) for s in (old_source, new_source))
-  except (config_lib.ConfigError, TypeError, AttributeError):
-    return False
-  return old != new and sorted(old) == sorted(new)
+  except (config_lib.ConfigError, TypeError, AttributeError):  # (a hand-edited config.json)
+    return None
+  if old != new and sorted(old) == sorted(new):
+    return ('(the same sources trained on, in another order: keep their order to keep the '
+            'position)')
+  gone = [s for s in old if s not in new]
+  if gone and new and [s for s in old if s in new] == new:  # the others, in their order
+    return (f'(no longer trained on: {", ".join(gone)}; at a tiny weight such as 1e-6 '
+            'instead, each source would keep its position)')
+  return None
 
 
 def _saved_config(workdir: Path) -> ml_collections.ConfigDict | None:
