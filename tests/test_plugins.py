@@ -372,3 +372,28 @@ def test_an_export_s_readme_names_the_code_of_one_s_own_it_needs(tmp_path):
   write_model(models.build(tiny_config().model, rngs=nnx.Rngs(0)), tiny_config(),
               tmp_path / 'dense')
   assert 'of its own' not in (tmp_path / 'dense' / 'README.md').read_text()
+
+
+class Halving(nnx.Module):
+  """A block without parameters: a scanned stack could not be laid out by them."""
+
+  def __init__(self, cfg, layer, rngs):
+    del cfg, layer, rngs
+
+  def __call__(self, x, positions, segment_ids, layout=None, prefix=None):
+    return 0.5 * x
+
+
+def test_a_block_without_parameters_builds_unrolled_and_is_refused_by_a_scan():
+  """Scanned, its unit was read as one block shorter: block 2's weights were named block 1
+  in the per-layer gradient norms, and a checkpoint read into the other layout was read
+  from the wrong layers."""
+  models.register_block('halving')(Halving)
+  pattern = "model.block_pattern=('dense', 'halving')"
+  cfg = config_lib.load('configs/dense.py:tiny', [pattern])
+  model = models.build(cfg.model, rngs=nnx.Rngs(0))
+  assert model(jnp.ones((1, 8), jnp.int32)).shape == (1, 8, cfg.model.vocab_size)
+  cfg = config_lib.load('configs/dense.py:tiny', [pattern, 'model.scan_layers=True'])
+  with pytest.raises(config_lib.ConfigError, match=r'model.scan_layers: block 1 \(Halving\) has '
+                     r'no parameters, .* set model.scan_layers=False'):
+    models.build(cfg.model, rngs=nnx.Rngs(0))

@@ -264,6 +264,13 @@ def stacked_layers(layers: Sequence[nnx.Module], numbering: config_lib.Numbering
   weights, in the scanned layout."""
   first = lambda i: numbering.layer(numbering.slot(i)[0], 0)
   scanned = [i for i in range(len(layers)) if numbering.slot(i) is not None]
+  if (bare := next((i for i, layer in enumerate(layers)
+                    if not jax.tree.leaves(nnx.state(layer, nnx.Param))), None)) is not None:
+    raise config_lib.ConfigError(
+        f'model.scan_layers: {what} {bare} ({type(layers[bare]).__name__}) has no '
+        f'parameters, and a scanned stack is laid out by its {what}s\' parameters (a '
+        f'checkpoint names each {what} by them); set model.scan_layers=False, or give the '
+        f'{what} a parameter')
   for i in scanned:
     if nnx.graphdef(layers[i]) != nnx.graphdef(layers[first(i)]):
       raise config_lib.ConfigError(
@@ -329,7 +336,8 @@ def numberings(paths: Iterable[tuple[Sequence[str], Sequence[int]]]
   state's variables (`paths`: each one's keys and shape; a checkpoint's or a tree's): a
   scanned sequence's layers before and after its scan are those unrolled under their own
   indices, so its scan starts at the first index none has. A state must name every layer:
-  the parameters do, where an optimizer's state may leave some out."""
+  the parameters do (a scanned stack refuses a layer without them, `stacked_layers`),
+  where an optimizer's state may leave some out."""
   found = {}  # -> [unrolled indices, stacked layers per unit, repeats]
   for keys, shape in paths:
     if (at := stack_at(keys)) is None:
