@@ -267,7 +267,7 @@ def _generate(args, overrides):
   # pylint: disable=g-import-not-at-top
   from jaxarch import infer
   from jaxarch.data import bos_id, get_tokenizer, stop_ids
-  from jaxarch.data.tokenizers import decode_continuation
+  from jaxarch.data.tokenizers import ByteTokenizer, as_text, decode_continuation
   from jaxarch.infer.chat import chat_prompts
   from jaxarch.parallel import make_mesh
   _no_overrides('generate', overrides)
@@ -296,10 +296,14 @@ def _generate(args, overrides):
   # template's text, which writes the BOS itself where the model wants one.
   bos = bos_id(cfg.data, tokenizer)
   start = [] if bos is None else [bos]
+  reads_bytes = isinstance(tokenizer, ByteTokenizer) and not args.chat
+  texts = [_prompt_text(p, '--prompt', cfg.data.tokenizer, reads_bytes, f' (prompt {i})')
+           for i, p in enumerate(args.prompt)]
   if args.chat:
-    prompts = chat_prompts(cfg.data, tokenizer, args.prompt, system=args.system)
+    system = args.system and _prompt_text(args.system, '--system', cfg.data.tokenizer, False)
+    prompts = chat_prompts(cfg.data, tokenizer, texts, system=system)
   else:
-    prompts = [start + tokenizer.encode(p) for p in args.prompt]
+    prompts = [start + tokenizer.encode(p) for p in texts]
   for i, prompt in enumerate(prompts):
     if not prompt:  # nothing to continue: no BOS is made up for it
       raise GenerateError(f'generate: --prompt {args.prompt[i]!r} (prompt {i}) is no tokens '
@@ -315,7 +319,7 @@ def _generate(args, overrides):
       # The eod, and an imported instruct model's end of turn (data.stop_ids).
       stop_ids=() if args.ignore_eod else stop_ids(cfg.data, tokenizer),
       seed=args.seed or 0)
-  for i, (text, ids, new) in enumerate(zip(args.prompt, prompts, outputs)):
+  for i, (text, ids, new) in enumerate(zip(map(as_text, texts), prompts, outputs)):
     # The assistant's reply alone, or the prompt's continuation.
     added = (tokenizer.decode(new) if args.chat else
              decode_continuation(tokenizer, ids[len(start):], new))
@@ -329,8 +333,39 @@ def _generate(args, overrides):
         f'{stats["tokens_per_s"]:.1f} tokens/s ({stats["decode_step_s"] * 1e3:.1f} ms per '
         f'decode step, batch {stats["batch"]}, KV caches {readable_size(stats["cache_bytes"])}'
         f'; compiled in {stats["compile_s"]:.1f}s)'
-        + (f'; BiTA accepted {stats["accepted_per_pass"]:.2f} tokens per tree pass'
-           if 'accepted_per_pass' in stats else ''), file=sys.stderr)
+        + _bita_acceptance(stats), file=sys.stderr)
+
+
+def _bita_acceptance(stats: dict) -> str:
+  if 'accepted_per_pass' not in stats:
+    return ''
+  if not stats['tree_passes']:
+    return '; BiTA ran no tree pass (each prompt stopped at its first token)'
+  return f'; BiTA accepted {stats["accepted_per_pass"]:.2f} tokens per tree pass'
+
+
+def _prompt_text(text: str, flag: str, tokenizer: str, reads_bytes: bool, which: str = ''
+                 ) -> str | bytes:
+  """A command-line text as the tokenizer reads it. Python keeps the bytes of an argument
+  that are not UTF-8 as lone surrogates, which no text tokenizer encodes: a byte model
+  (`reads_bytes`) reads the argument's bytes as given, the others are told."""
+  try:
+    text.encode('utf-8')
+    return text
+  except UnicodeEncodeError as e:
+    try:
+      raw = os.fsencode(text)  # the argument's bytes, as the command line gave them
+    except UnicodeEncodeError:  # a surrogate of no byte (given from Python)
+      raw = None
+    if reads_bytes and raw is not None:
+      return raw
+    shown = (raw or text.encode('utf-8', 'replace')).decode('utf-8', 'replace')
+    at = (f'byte 0x{raw[len(text[:e.start].encode()):][0]:02x}' if raw is not None
+          else repr(text[e.start]))
+    raise GenerateError(
+        f'generate: {flag} {shown!r}{which} is not UTF-8 ({at} at character {e.start}), '
+        f'and data.tokenizer={tokenizer!r} reads text; give it as UTF-8 '
+        '(iconv -t UTF-8)') from None
 
 
 def _run_or_export(workdir: str, step: int | None):

@@ -216,6 +216,10 @@ def test_generate_command_reports_bita_acceptance_and_refuses_sampling_flags(tmp
   assert generate('--method=bita', '--ignore_eod', '--temperature=0') == 0
   # Was the speed alone: the drafts' acceptance, what BiTA is for, was not shown.
   assert 'BiTA accepted ' in capsys.readouterr().err
+  # One new token is the prefill's: no tree pass ran (it said 0.00 tokens per pass).
+  assert generate('--method=bita', '--ignore_eod', '--max_new_tokens=1') == 0
+  assert 'BiTA ran no tree pass (each prompt stopped at its first token)' in (
+      capsys.readouterr().err)
   # Was greedy decoding, the flag ignored: --temperature=1 keeps every token, so it passed.
   for flags in [('--temperature=1',), ('--top_k=0', '--top_p=1')]:
     for method in ('bita', 'greedy'):

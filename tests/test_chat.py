@@ -255,6 +255,22 @@ def test_generate_chat_errors_are_one_line(tmp_path, capsys):
     assert generate('--chat') == 2
     err = capsys.readouterr().err
     assert message in err and err.count('\n') == 1, err
+  # Not UTF-8: a UnicodeDecodeError, or the tokenizer's TypeError, traceback before.
+  template.write_bytes(QWEN.encode() + b'\xe9\xff')
+  assert generate('--chat') == 2
+  err = capsys.readouterr().err
+  assert (f"generate: the chat template data.chat_template='{template}' cannot be read: it "
+          f'is not UTF-8 (byte 0xe9 at byte {len(QWEN.encode())})' in err
+          and err.count('\n') == 1), err
+  template.write_text(QWEN)
+  for flags, message in (
+      (['--chat', '--prompt=h\udcffi'], "--prompt 'h\ufffdi' (prompt 1) is not UTF-8 (byte 0xff "
+                                        'at character 1), and data.tokenizer='),
+      (['--chat', '--system=\udcfe'], "--system '\ufffd' is not UTF-8 (byte 0xfe at character 0)"),
+      (['--prompt=h\udcffi'], "--prompt 'h\ufffdi' (prompt 1) is not UTF-8")):
+    assert generate(*flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and 'reads text; give it as UTF-8' in err and err.count('\n') == 1, err
 
   data_cfg = config_lib.load('configs/dense.py:tiny',
                              [f'data.chat_template={template}']).data

@@ -193,6 +193,7 @@ def test_inference_mode_leaves_the_model_as_it_was():
   moe, copy = model.blocks[0].mlp, decoder.blocks[0].mlp
   assert (moe.capacity_factor, moe.deterministic, model.remat) == (1.25, False, 'full')
   assert (copy.capacity_factor, copy.deterministic, decoder.remat) == (None, True, 'none')
+  assert (moe.capacity_of_real, copy.capacity_of_real) == (False, True)
   assert copy.w_gate.get_value() is moe.w_gate.get_value()  # the weights are shared
 
 
@@ -279,6 +280,11 @@ def test_temperature_zero_samples_the_most_likely_token(dense_generator):
   greedy, _ = dense_generator(prompts, max_new_tokens=6)
   assert dense_generator(prompts, max_new_tokens=6, method='sample', temperature=0,
                          top_p=0.9)[0] == greedy
+  # The values it then leaves unused are still checked (they were reset and passed).
+  for value, message in (({'top_p': 5.0}, r'top_p=5.0 must be in \(0, 1\]'),
+                         ({'top_k': -7}, 'top_k=-7 must be >= 0')):
+    with pytest.raises(infer.GenerateError, match=message):
+      dense_generator(prompts, max_new_tokens=6, method='sample', temperature=0, **value)
 
 
 def test_rows_that_fill_the_batch_out_to_the_mesh_stop_at_once():
@@ -475,6 +481,12 @@ def test_generate_command_continues_prompts_from_the_latest_checkpoint(tmp_path,
   assert cli.main(['generate', '--workdir', str(tmp_path), '--prompt', 'os\x1b[2J\tx',
                    '--max_new_tokens', '2', '--ignore_eod']) == 0
   assert capsys.readouterr().out.startswith('os\\x1b[2J\tx')
+  # A prompt that is not UTF-8 (the command line's bytes, which Python keeps as lone
+  # surrogates): a byte model reads its bytes as given (a traceback before).
+  assert cli.main(['generate', '--workdir', str(tmp_path), '--prompt', 'a\udcffb',
+                   '--max_new_tokens', '2', '--ignore_eod', '--json']) == 0
+  line = json.loads(capsys.readouterr().out)
+  assert line['prompt'] == 'a\ufffdb' and len(line['ids']) == 2
   assert cli._shown('a\x07b\r\n\x9bc', terminal=False) == 'a\x07b\r\n\x9bc'
   assert cli._shown('a\x07b\r\n\x9bc', terminal=True) == 'a\\x07b\\x0d\n\\x9bc'
   monkeypatch.undo()
@@ -652,3 +664,22 @@ def test_gpu_prefill_and_decode_step_lower_for_cuda(family, traced_as_on_gpu):
       state, jnp.zeros((4, 32), jnp.int32), jnp.full((4,), 32)).lower(
           lowering_platforms=('cuda',)).as_text()
   assert 'xla.gpu.triton' in hlo and 'cudnn' in hlo  # the kernels; the prefill's attention
+
+
+def test_a_prompt_s_moe_capacity_does_not_depend_on_the_batch_it_is_padded_with():
+  """The capacity was the padded bucket's: a 7-token prompt kept 1 assignment per expert
+  alone (a bucket of 8) and every one beside a 61-token prompt (a bucket of 64), so its
+  continuation depended on the other prompts."""
+  cfg = config_lib.load('configs/moe.py:tiny', ['model.dtype=float32', 'model.n_layers=2'])
+  model = models.build(cfg.model, rngs=nnx.Rngs(0))
+  for path, v in nnx.iter_graph(model):  # experts that move the stream: drops show
+    if path and path[-1] == 'w_down':
+      v[...] = 30.0 * v[...]
+  rng = np.random.default_rng(1)
+  prompts = [[257, *rng.integers(1, 256, 6)], [257, *rng.integers(1, 256, 60)]]
+  generator = infer.Generator(model, moe_capacity_factor=0.5)
+  alone = [generator([p], max_new_tokens=10)[0][0] for p in prompts]
+  together = generator(prompts, max_new_tokens=10)[0]
+  assert together == alone
+  dropless = infer.Generator(model)([prompts[0]], max_new_tokens=10)[0][0]
+  assert dropless != alone[0]  # the short prompt drops assignments all the same

@@ -119,7 +119,13 @@ def chat_prompts(data_cfg, tokenizer, prompts: list[str], system: str | None = N
         f'only, and data.tokenizer={data_cfg.tokenizer!r} is {kind} (text between special '
         "tokens splits as transformers' legacy or current Llama tokenizer does, which the "
         "run does not say); `jaxarch import` reads an instruct checkpoint's tokenizer.json")
-  template = Path(path).expanduser().read_text(encoding='utf-8')  # '~/' as config checks it
+  try:
+    template = Path(path).expanduser().read_text(encoding='utf-8')  # '~/' as config checks it
+  except (OSError, UnicodeDecodeError) as e:
+    why = (f'it is not UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start})'
+           if isinstance(e, UnicodeDecodeError) else e.strerror or str(e))
+    raise GenerateError(f'generate: the chat template data.chat_template={path!r} cannot be '
+                        f'read: {why}') from None
   variables = template_variables(data_cfg, tokenizer)
   ids = []
   for prompt in prompts:

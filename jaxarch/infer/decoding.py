@@ -31,13 +31,14 @@ def for_inference(model: nnx.Module, *, moe_capacity_factor: float | None = None
   - MoE runs dropless by default (`moe_capacity_factor=None`): no token is dropped, and a
     sequence's output does not depend on the other sequences of the batch. A factor
     selects the capacity path instead (padded batched matmuls; a prompt's overflow is
-    dropped, as in training, while a decode step, one token per sequence, drops none);
+    dropped as in training, at the capacity of a sequence as long as the prompt, whatever
+    the batch pads it to, while a decode step, one token per sequence, drops none);
   - no rematerialisation (there is no backward pass).
   """
   model = nnx.merge(*nnx.split(model))  # new module objects sharing the arrays
   model.set_attributes(deterministic=True, raise_if_not_found=False)
   model.set_attributes(capacity_factor=moe_capacity_factor, ep_capacity_factor=None,
-                       raise_if_not_found=False)
+                       capacity_of_real=True, raise_if_not_found=False)
   model.set_attributes(remat='none', raise_if_not_found=False)
   return model
 

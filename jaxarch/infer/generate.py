@@ -109,9 +109,11 @@ class Generator:
     a sequence: 1 but with BiTA), `compile_s`, `prefill_s`, `decode_s` (seconds),
     `tokens_per_s` (new tokens over prefill and decode), `decode_step_s`, `cache_bytes`
     (the caches' device bytes) and, for method='bita', `accepted_per_pass` (tokens a tree
-    pass gives a sequence, the bonus token included).
+    pass gives a sequence, the bonus token included; 0 where `tree_passes`, the passes
+    of all sequences, is 0: each stopped at the prefill's token).
     """
     if method == 'sample' and temperature == 0:  # as in vLLM and HF: the most likely
+      Sampling(method, 1.0, _whole('top_k', top_k), _real('top_p', top_p))  # still checked
       method, top_k, top_p = 'greedy', 0, 1.0
     sampling = Sampling(method, _real('temperature', temperature), _whole('top_k', top_k),
                         _real('top_p', top_p))
@@ -173,6 +175,7 @@ class Generator:
     }
     if tree is not None:  # tokens per tree pass and sequence, the bonus token included
       stats['accepted_per_pass'] = float(accepted[0] / max(accepted[1], 1))
+      stats['tree_passes'] = int(accepted[1])
     return results, stats
 
   def _draft_tree(self, widths) -> DraftTree:

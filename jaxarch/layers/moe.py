@@ -24,7 +24,8 @@ with the experts split over the mesh axes of the logical axis `expert`:
   only, and are counted. So whether a token is dropped depends only on the tokens
   before it in its own sequence: the model stays causal and independent of the batch's
   other rows (ranking all top-1 choices of the batch first, as GShard does, lets a later
-  token or another row push an earlier token out).
+  token or another row push an earlier token out). Served (`capacity_of_real`), s is a
+  prompt's own length, not the bucket its batch is padded to.
 
 - dropless with few tokens on a device (`T·k <= E`, e.g. a decode step): each assignment
   multiplies its expert's weights gathered by index, so only the chosen experts are read
@@ -136,17 +137,18 @@ def sort_by(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
   return order, inverse
 
 
-def first_come_slots(buckets: jax.Array, num_buckets: int, per_group: int
-                     ) -> tuple[jax.Array, jax.Array]:
+def first_come_slots(buckets: jax.Array, num_buckets: int, per_group: int,
+                     limits: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """buckets [g, m]: the bucket of each of group g's m assignments, in token order ->
   (slot [g·m], kept [g·m]). Bucket b's rows in a buffer of `num_buckets · g · per_group`
-  hold `per_group` rows per group, row (g, p) its p-th assignment to b: first come first
-  served, so whether one is kept depends only on the assignments before it in its group.
-  A dropped assignment's slot is the buffer's size (one row past it)."""
+  hold `per_group` rows per group (or its `limits` [g] <= per_group), row (g, p) its
+  p-th assignment to b: first come first served, so whether one is kept depends only on
+  the assignments before it in its group. A dropped assignment's slot is the buffer's
+  size (one row past it)."""
   g = buckets.shape[0]
   one_hot = jax.nn.one_hot(buckets, num_buckets, dtype=jnp.int32)  # g m b
   position = jnp.sum((jnp.cumsum(one_hot, axis=1) - 1) * one_hot, axis=2)  # g m
-  kept = (position < per_group).reshape(-1)
+  kept = (position < (per_group if limits is None else limits[:, None])).reshape(-1)
   rows = g * per_group  # per bucket
   slot = (buckets * rows + jnp.arange(g)[:, None] * per_group + position).reshape(-1)
   return jnp.where(kept, slot, num_buckets * rows), kept
@@ -230,6 +232,9 @@ class MoE(nnx.Module):
     self.mosaic_tiling, self.mosaic_weight_grad = MosaicTiling(*mosaic_tiling), mosaic_weight_grad
     self.ep_exchange = ep_exchange
     self.deterministic = False  # True: no bias update (evaluation)
+    # True (serving, `infer.for_inference`): a sequence's capacity counts its real tokens,
+    # so that a prompt's drops do not depend on the bucket its batch is padded to.
+    self.capacity_of_real = False
     e, d, f = num_experts, d_model, expert_d_ff
     init, out = normal(init_std, init_truncation), normal(out_std or init_std, init_truncation)
     self.router = param(rngs, init, (d, e), ('embed', None), jnp.float32)
@@ -372,7 +377,7 @@ class MoE(nnx.Module):
       y, dropped = self._dropless(tokens, experts, gate, up, down, expert_axes, shards,
                                   seq_len)
     else:
-      y, dropped = self._capacity(tokens, experts, gate, up, down, expert_axes, shards,
+      y, dropped = self._capacity(tokens, experts, real, gate, up, down, expert_axes, shards,
                                   seq_len)
     out = jnp.einsum('tk,tkd->td', weights, y.reshape(t, k, d))
     return out, jnp.sum(dropped & jnp.repeat(real, k)).astype(jnp.float32)
@@ -466,17 +471,22 @@ class MoE(nnx.Module):
     ys = exchange(permute(ys, recv_inverse, recv_order), t * k, back)
     return permute(ys, inverse, order).astype(tokens.dtype), jnp.zeros(t * k, bool)
 
-  def _capacity(self, tokens, experts, gate, up, down, expert_axes, shards, seq_len):
+  def _capacity(self, tokens, experts, real, gate, up, down, expert_axes, shards, seq_len):
     """-> (y [T·k, d] per assignment in token-major order, dropped [T·k]).
 
     Expert e's buffer holds `capacity` rows per sequence: row (g, p) is the p-th of
-    sequence g's assignments to e in token-major order."""
+    sequence g's assignments to e in token-major order. With `capacity_of_real`, a
+    sequence of n real tokens keeps the capacity of a sequence of n."""
     t, d = tokens.shape
     e, k = self.num_experts, self.top_k
     s = seq_len if t % seq_len == 0 else t  # (a device holding part of a sequence: one group)
     g = t // s
-    capacity = max(1, math.ceil(self.capacity_factor * s * k / e))
-    slot, kept = first_come_slots(experts.reshape(g, s * k), e, capacity)
+    of_length = lambda n: max(1, math.ceil(self.capacity_factor * n * k / e))
+    capacity, limits = of_length(s), None
+    if self.capacity_of_real:  # by a table, so the rounding is the same as of_length's
+      table = jnp.array([of_length(n) for n in range(s + 1)], jnp.int32)
+      limits = table[jnp.sum(real.reshape(g, s), axis=1)]
+    slot, kept = first_come_slots(experts.reshape(g, s * k), e, capacity, limits)
     rows = g * capacity  # per expert
     buffer = scatter_rows(repeat_rows(tokens, k), slot, e * rows).reshape(e, rows, d)
     if shards == 1:
