@@ -322,6 +322,11 @@ def test_sampling_keeps_only_the_top_k_and_nucleus_tokens():
   assert set(draw(top_k=2)) == {0, 1}
   assert set(draw(top_p=0.7)) == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3
   assert set(draw(top_p=0.5)) == {0}
+  # A first token that reaches top_p exactly is kept alone: its sum less its own
+  # probability rounded below 0.4 and kept the second.
+  exact = jnp.broadcast_to(jnp.log(jnp.asarray([0.4, 0.25, 0.2, 0.15])), (400, 4))
+  assert set(np.asarray(infer.next_tokens(exact, jax.random.PRNGKey(0), infer.Sampling(
+      'sample', top_p=0.4))).tolist()) == {0}
   assert set(draw(temperature=0.05)) == {0}
   # Tiny temperatures tend to greedy: 1e-39 overflowed float32 to +inf for every token
   # above 0 (all of them here) and picked the first.

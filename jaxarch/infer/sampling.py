@@ -107,7 +107,11 @@ def _keep_most_likely(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> 
   kth = ordered[:, jnp.clip(top_k.astype(jnp.int32) - 1, 0, logits.shape[-1] - 1)]  # b
   ordered = jnp.where((top_k <= 0) | (ordered >= kth[:, None]), ordered, -jnp.inf)
   probs = jax.nn.softmax(ordered, axis=-1)
-  before = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ahead of each
+  # The probability of the tokens ahead of each: the sum up to the one before, not the sum
+  # less its own probability, whose rounding kept a second token where the first reached
+  # top_p exactly.
+  before = jnp.concatenate([jnp.zeros_like(probs[..., :1]),
+                            jnp.cumsum(probs, axis=-1)[..., :-1]], axis=-1)
   # The first is always kept (also when top_p rounds to 0 in float32); top_p=1 keeps all,
   # however the sum rounds.
   kept = ((before < top_p) | (rank == 0) | (top_p >= 1)) & (ordered > -jnp.inf)
