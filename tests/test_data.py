@@ -10,6 +10,7 @@ import logging
 import os
 import pathlib
 import platform
+import re
 import subprocess
 import sys
 import sysconfig
@@ -806,6 +807,19 @@ def test_a_tfds_version_or_config_it_lacks_is_one_line(tmp_path, name, why):
                             f"'{name}': {why}")
   assert message.endswith(' (the form is tfds:<dataset>[/<config>][:<version>])')
   assert '\n' not in message and 'Here are' not in message
+
+
+@pytest.mark.parametrize('name', ['c4/en', 'wikipedia/20230601.en', 'wiki40b/en'])
+def test_tfds_text_datasets_are_known_without_their_packages(tmp_path, monkeypatch, name):
+  """TFDS registered none of its datasets after one whose package is missing (h5py): the
+  text ones said "TFDS has no dataset 'c4/en'", prepared or not."""
+  monkeypatch.setattr(tfds.core.constants, 'DATA_DIR', str(tmp_path / 'tfds'))
+  with pytest.raises(ConfigError, match=f"data.source='tfds:{re.escape(name)}' is not "
+                     'prepared in .*download_and_prepare') as e:
+    data.open_source(_data_config(tmp_path, f'tfds:{name}'), 'train')
+  # Its command imports the builder's module, which a bare import of TFDS may not register.
+  module = f'tensorflow_datasets.text.{name.split("/")[0]}'
+  assert f'python -c "import tensorflow_datasets as tfds, {module}; tfds.builder(' in str(e.value)
 
 
 def test_an_unknown_tfds_dataset_is_one_line_with_close_names(tmp_path):

@@ -39,6 +39,7 @@ import functools
 import glob as globlib
 import gzip
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -625,6 +626,27 @@ def _prepared_in_tfds_dirs(name: str, data_dir: pathlib.Path) -> str | None:
   return None
 
 
+# TFDS imports its datasets' modules in one block when it is imported, which stops at the
+# first that fails: `nearest_neighbors` needs h5py, which TFDS does not install, so c4,
+# wikipedia, wiki40b and the other text datasets after it were never registered ("TFDS has
+# no dataset 'c4/en'"). Each is imported here on its own; one whose packages are missing
+# is left out.
+_TFDS_DATASET_MODULES = (
+    'audio', 'graphs', 'image', 'image_classification', 'object_detection',
+    'nearest_neighbors', 'question_answering', 'd4rl', 'ranking', 'recommendation',
+    'rl_unplugged', 'rlds.datasets', 'robotics', 'robomimic', 'structured', 'summarization',
+    'text', 'text_simplification', 'time_series', 'translate', 'video', 'vision_language')
+
+
+@functools.cache
+def _register_tfds_datasets() -> None:
+  for module in _TFDS_DATASET_MODULES:
+    try:
+      importlib.import_module(f'tensorflow_datasets.{module}')
+    except Exception:  # pylint: disable=broad-except  (its own packages missing)
+      continue
+
+
 def _builder(name: str, data_dir: pathlib.Path):
   """TFDS's builder of `name` in `data_dir`; for a `huggingface:` dataset, its prepared copy
   there, or None. TFDS's own builder of a Hugging Face dataset asks the Hub for the
@@ -632,6 +654,7 @@ def _builder(name: str, data_dir: pathlib.Path):
   where there is no network, as on most pods, it fails even for a copy prepared already.
   The copy is where that builder writes it: `<data_dir>/<name>[/<config>]/<version>`."""
   if not name.startswith(HUGGINGFACE):
+    _register_tfds_datasets()
     return tfds.builder(name, data_dir=str(data_dir))
   try:
     return tfds.core.read_only_builder.builder_from_files(name[len(HUGGINGFACE):],
@@ -640,8 +663,12 @@ def _builder(name: str, data_dir: pathlib.Path):
     return None
 
 
-def _how_to_prepare(name: str, data_dir: pathlib.Path) -> str:
-  command = (f"python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', "
+def _how_to_prepare(name: str, data_dir: pathlib.Path, builder=None) -> str:
+  """The command that prepares `name`; it imports the module of its builder (`builder`),
+  which a bare `import tensorflow_datasets` may not have registered (c4's, or a plugin's)."""
+  module = getattr(type(builder), '__module__', '__main__')
+  also = f', {module}' if module not in ('__main__', 'builtins') else ''
+  command = (f"python -c \"import tensorflow_datasets as tfds{also}; tfds.builder('{name}', "
              f"data_dir='{data_dir}', file_format='array_record').download_and_prepare()\"")
   if not name.startswith(HUGGINGFACE):
     return f'prepare it once as array_record with: {command}'
@@ -723,7 +750,7 @@ def _tfds_source(source: str, name: str, data_dir: pathlib.Path, split: str,
     raise ConfigError(f'config error: data.source={source!r}: TFDS cannot open {name!r}: '
                       f'{why.split(" Here are ")[0].strip()} (the form is '
                       'tfds:<dataset>[/<config>][:<version>])') from None
-  how = _how_to_prepare(name, data_dir)
+  how = _how_to_prepare(name, data_dir, builder)
   if builder is None or not builder.is_prepared():
     if (other := _prepared_in_tfds_dirs(name, data_dir)) is not None:
       how = f'it is prepared in TFDS\'s {other}: set --config.data.data_dir={other}'
