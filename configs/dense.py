@@ -116,7 +116,8 @@ def get_config(arg=None):
   c.data.source = 'default'  # default | files:<glob> | tfds:<name> | SRC,W;SRC,W (mixture)
   c.data.seq_len = 1024
   c.data.tokenizer = 'bytes'  # bytes | path to a SentencePiece .model or HF tokenizer.json
-  c.data.data_dir = ml_collections.config_dict.placeholder(str)  # None: $JAXARCH_DATA_DIR or ~/.cache/jaxarch
+  # None: $JAXARCH_DATA_DIR, else ~/.cache/jaxarch/data
+  c.data.data_dir = ml_collections.config_dict.placeholder(str)
   c.data.validation_fraction = 0.05  # split by document; of tfds: without validation/test
   c.data.pack_align = 1  # documents start at multiples of this (MEGABYTE: the patch size)
   # Threads per process that read and tokenize the training documents (at most its CPU
