@@ -50,6 +50,12 @@ TPU_ACCELERATORS = {'v4': ('tpu-v4-podslice',), 'v5p': ('tpu-v5p-slice',),
                     'v5litepod': ('tpu-v5-lite-podslice', 'tpu-v5-lite-device'),
                     'v5e': ('tpu-v5-lite-podslice', 'tpu-v5-lite-device'),
                     'v6e': ('tpu-v6e-slice',)}
+# Each generation's slice shapes: its topology's dimensions, the chips of a slice of one
+# host, and the chips of each host of a slice of several (GKE's and Cloud TPU's machine
+# types: ct5p-hightpu-4t, ct5lp-hightpu-1t/4t/8t, ct6e-standard-1t/4t/8t). A job of
+# another shape renders and then waits for nodes that no pool has.
+TPU_SHAPES = {'v4': (3, (4,), 4), 'v5p': (3, (4,), 4), 'v5litepod': (2, (1, 4, 8), 4),
+              'v5e': (2, (1, 4, 8), 4), 'v6e': (2, (1, 4, 8), 4)}
 # Kubernetes object names (JobSet pods add '-workers-0-0' and must stay within 63).
 NAME = re.compile(r'[a-z]([-a-z0-9]{0,38}[a-z0-9])?')
 SLURM_TIME = re.compile(r'(\d+-)?\d+(:\d+){0,2}|UNLIMITED|INFINITE', re.IGNORECASE)
@@ -294,6 +300,7 @@ def _check_tpu(launch, target: str) -> None:
   if not match:
     raise ConfigError(f'launch.tpu_type={launch.tpu_type!r} must look like v5p-32 '
                       '(generation-cores)')
+  _check_tpu_shape(launch, match[1], hosts)
   cores = TPU_CORES_PER_CHIP.get(match[1])
   if cores and int(match[2]) != chips * cores:
     raise ConfigError(f'launch.tpu_type={launch.tpu_type} has {int(match[2]) // cores} chips '
@@ -303,6 +310,26 @@ def _check_tpu(launch, target: str) -> None:
     raise ConfigError(f'launch.accelerator={launch.accelerator!r} does not label {match[1]} '
                       f'nodes, which launch.tpu_type={launch.tpu_type} asks for; set '
                       f'launch.accelerator={labels[0]!r}')
+
+
+def _check_tpu_shape(launch, generation: str, hosts: int) -> None:
+  """Refuses a topology or chips per host that `generation`'s slices do not come in."""
+  if generation not in TPU_SHAPES:  # not checked
+    return
+  dims, one_host, per_host = TPU_SHAPES[generation]
+  if (given := launch.tpu_topology.count('x') + 1) != dims:
+    example = '2x2x4' if dims == 3 else '4x4'
+    raise ConfigError(f'launch.tpu_topology={launch.tpu_topology} has {given} dimensions, '
+                      f'and {generation} slices have {dims} (e.g. {example})')
+  if hosts == 1 and launch.devices_per_node not in one_host:
+    raise ConfigError(f'launch.devices_per_node={launch.devices_per_node}: a {generation} '
+                      f'slice of one host has {" or ".join(map(str, one_host))} chips')
+  if hosts > 1 and launch.devices_per_node != per_host:
+    chips = hosts * launch.devices_per_node
+    raise ConfigError(f'launch.devices_per_node={launch.devices_per_node}: each host of a '
+                      f'{generation} slice of several has {per_host} chips; for '
+                      f'{chips} chips per slice set launch.devices_per_node={per_host} and '
+                      f'launch.nodes={chips // per_host * launch.slices}')
 
 
 def _check_mesh(cfg) -> tuple[dict[str, int], int]:

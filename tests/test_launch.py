@@ -370,6 +370,43 @@ def test_tpu_slices_must_match_their_type_and_topology(tmp_path, capsys):
                         "'tpu-v4-podslice'") in err
 
 
+V5E = ['--config.launch.accelerator=tpu-v5-lite-podslice', '--config.launch.slices=1',
+       '--config.mesh.dcn.data=1']
+
+
+@pytest.mark.parametrize('flags, words', [
+    # v5p hosts have 4 chips: 2 of 8 rendered `google.com/tpu: 8`, a node no pool has.
+    ([*V5P_2x32, '--config.launch.nodes=4', '--config.launch.devices_per_node=8'],
+     'launch.devices_per_node=8: each host of a v5p slice of several has 4 chips; for 16 '
+     'chips per slice set launch.devices_per_node=4 and launch.nodes=8'),
+    ([*V5P_2x32, '--config.launch.tpu_topology=4x4'],
+     'launch.tpu_topology=4x4 has 2 dimensions, and v5p slices have 3 (e.g. 2x2x4)'),
+    ([*V5E, '--config.launch.tpu_type=v5litepod-16', '--config.launch.tpu_topology=4x4',
+      '--config.launch.nodes=2', '--config.mesh.ici.fsdp=16'],
+     'each host of a v5litepod slice of several has 4 chips'),
+    ([*V5E, '--config.launch.tpu_type=v5litepod-8', '--config.launch.tpu_topology=2x2x2',
+      '--config.mesh.ici.fsdp=8'],
+     'launch.tpu_topology=2x2x2 has 3 dimensions, and v5litepod slices have 2 (e.g. 4x4)'),
+    ([*V5E, '--config.launch.tpu_type=v5litepod-2', '--config.launch.tpu_topology=1x2',
+      '--config.launch.devices_per_node=2', '--config.mesh.ici.fsdp=2'],
+     'launch.devices_per_node=2: a v5litepod slice of one host has 1 or 4 or 8 chips'),
+])
+def test_tpu_jobs_of_a_shape_no_node_pool_has_are_refused(tmp_path, capsys, flags, words):
+  code, out, err = _launch(capsys, 'gke', tmp_path / 'jobs', *flags)
+  error = err.splitlines()[-1]  # after the warnings that a flag of V5P_2x32 is given again
+  assert code == 2 and not out and error.startswith('jaxarch: config error: ') and words in error
+
+
+def test_tpu_slices_of_each_generation_s_shapes_render(tmp_path, capsys):
+  for flags in ([*V5E, '--config.launch.tpu_type=v5litepod-8', '--config.launch.tpu_topology=2x4',
+                 '--config.mesh.ici.fsdp=8'],
+                [*V5E, '--config.launch.tpu_type=v5litepod-16', '--config.launch.tpu_topology=4x4',
+                 '--config.launch.nodes=4', '--config.launch.devices_per_node=4',
+                 '--config.mesh.ici.fsdp=16']):
+    code, _, err = _launch(capsys, 'gke', tmp_path / 'jobs', *flags)
+    assert code == 0, err
+
+
 def test_dry_run_prints_the_job_and_writes_nothing(tmp_path, capsys):
   workdir = tmp_path / 'run'
   code = cli.main(['launch', f'--config={SPEC}', '--target=slurm', f'--workdir={workdir}',
