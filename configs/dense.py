@@ -238,7 +238,10 @@ def get_config(arg=None):
   # as their grace period (Kubernetes' default is 30 s); SLURM sends SIGTERM this long
   # before the time limit.
   c.launch.stop_grace_s = 300
-  c.launch.coordinator_port = 1234  # jax.distributed coordinator on process 0's host
+  # jax.distributed's coordinator port on process 0's host. None: SLURM's jobs take JAX's
+  # port of their job id (jobs that share a node do not collide), TPU jobs JAX's 8482,
+  # the GKE GPU JobSet and Ray 1234.
+  c.launch.coordinator_port = ml_collections.config_dict.placeholder(int)
   # Shell commands run on each host before training (SLURM, TPU VM), e.g.
   # 'source ~/jaxarch/.venv/bin/activate'; GKE and Ray use the image / cluster as they are.
   c.launch.setup = ''

@@ -58,6 +58,9 @@ TPU_SHAPES = {'v4': (3, (4,), 4), 'v5p': (3, (4,), 4), 'v5litepod': (2, (1, 4, 8
               'v5e': (2, (1, 4, 8), 4), 'v6e': (2, (1, 4, 8), 4)}
 # Kubernetes object names (JobSet pods add '-workers-0-0' and must stay within 63).
 NAME = re.compile(r'[a-z]([-a-z0-9]{0,38}[a-z0-9])?')
+# jax.distributed's coordinator port where the job names one and launch.coordinator_port
+# does not (GKE's GPU JobSet, Ray).
+DEFAULT_PORT = 1234
 SLURM_TIME = re.compile(r'(\d+-)?\d+(:\d+){0,2}|UNLIMITED|INFINITE', re.IGNORECASE)
 
 
@@ -90,8 +93,7 @@ def render(target: str, cfg, *, spec: str, workdir: str | os.PathLike,
     where = (f'{launch.nodes} node{"s" * (launch.nodes != 1)} x {launch.devices_per_node} '
              f'{launch.accelerator}')
   mesh = ' '.join(f'{a}={s}' for a, s in shape.items())
-  values = dict(name=launch.name, nodes=launch.nodes, coordinator_port=launch.coordinator_port,
-                description=f'{spec} on {where}, mesh {mesh}')
+  values = dict(name=launch.name, nodes=launch.nodes, description=f'{spec} on {where}, mesh {mesh}')
   command = train_command(spec, local_workdir(workdir), overrides)
   job = _RENDER[target](launch, command, Path(out), values)
   return dataclasses.replace(job, warnings=job_warnings(target, cfg))
@@ -175,9 +177,10 @@ def check(cfg, target: str) -> dict[str, int]:
   """Raises ConfigError unless the launch section fits the target and the mesh; returns
   the mesh's axis sizes on the cluster's devices."""
   launch = cfg.launch
-  for key in ('nodes', 'devices_per_node', 'slices', 'coordinator_port', 'stop_grace_s'):
+  for key in ('nodes', 'devices_per_node', 'slices', 'stop_grace_s'):
     config_lib._positive_int(cfg, f'launch.{key}')  # pylint: disable=protected-access
-  if launch.coordinator_port > 65535:
+  positive = config_lib._positive_int  # pylint: disable=protected-access
+  if launch.coordinator_port is not None and positive(cfg, 'launch.coordinator_port') > 65535:
     raise ConfigError(f'launch.coordinator_port={launch.coordinator_port} must be a TCP port '
                       '(1-65535)')
   for key, value in launch.items():  # each one lands on one line of a script or YAML file
@@ -395,8 +398,11 @@ def _slurm(launch, command, out, values) -> Job:
              if launch[key]]
   options += [f'#SBATCH {option}' for option in shlex.split(launch.slurm_options)]
   path = out / 'train.sbatch'
+  port = launch.coordinator_port
   text = _template(
       'slurm/train.sbatch', **values, gpus_per_node=launch.devices_per_node,
+      coordinator_port=(f'export JAX_COORDINATOR_PORT={port}' if port else
+                        "# (none set: JAX takes a port of the job's id, launch.coordinator_port)"),
       exclusive='#SBATCH --exclusive' if launch.exclusive else '',
       time_limit=launch.time_limit, stop_grace_s=launch.stop_grace_s,
       chdir=_sbatch_word(os.getcwd()), log=_sbatch_word(str(out / '%x-%j.out')),
@@ -458,16 +464,19 @@ def _gke(launch, command, out, values) -> Job:
                 max_restarts=launch.max_restarts, stop_grace_s=launch.stop_grace_s,
                 command=json.dumps([word.replace('$', '$$') for word in command]))
   path = out / 'jobset.yaml'
-  if tpu:
+  env = lambda names: ''.join(f'              - name: {k}\n                value: '
+                             f'{json.dumps(str(v))}\n' for k, v in names.items()).rstrip('\n')
+  if tpu:  # JAX finds the coordinator in the TPU metadata, on its own port unless given
+    port = {'JAX_COORDINATOR_PORT': launch.coordinator_port} if launch.coordinator_port else {}
     files = {path: _template(
         'gke/jobset-tpu.yaml', **common, slices=launch.slices,
         hosts_per_slice=launch.nodes // launch.slices, topology=launch.tpu_topology,
-        chips_per_host=launch.devices_per_node)}
+        chips_per_host=launch.devices_per_node,
+        port_env=f'              env:\n{env(port)}' if port else '')}
   else:
-    env = ''.join(f'              - name: {k}\n                value: {json.dumps(v)}\n'
-                  for k, v in gpu_env().items())
     files = {path: _template('gke/jobset-gpu.yaml', **common, gpus_per_node=
-                             launch.devices_per_node, gpu_env=env.rstrip('\n'))}
+                             launch.devices_per_node, gpu_env=env(gpu_env()),
+                             coordinator_port=launch.coordinator_port or DEFAULT_PORT)}
   job = Job(files, f'kubectl apply -f {shlex.quote(str(path))}')
   if launch.cluster:  # xpk needs to know the cluster; kubectl uses the current context
     xpk = out / 'xpk.sh'
@@ -527,7 +536,10 @@ def _tpu_vm(launch, command, out, values) -> Job:
                             'directory')
   steps = [launch.setup] if launch.setup else []
   # Several workers: every process joins jax.distributed, which reads the TPU metadata.
-  steps.append(('JAXARCH_DISTRIBUTED=1 ' if launch.nodes > 1 else '') + shlex.join(command))
+  port = (f'JAX_COORDINATOR_PORT={launch.coordinator_port} '
+          if launch.coordinator_port and launch.nodes > 1 else '')
+  steps.append(('JAXARCH_DISTRIBUTED=1 ' + port if launch.nodes > 1 else '')
+               + shlex.join(command))
   flags = ''.join(f'{shlex.quote(f)} ' for f in _gcloud_flags(launch))
   path = out / 'run.sh'
   text = _template('tpu_vm/run.sh', **values, gcloud_flags=flags,
@@ -541,7 +553,7 @@ def _ray(launch, command, out, values) -> Job:
   # node without quoting them (an override like block_pattern=('dense','moe') breaks).
   entrypoint = ['python', 'entrypoint.py', f'--nodes={launch.nodes}',
                 f'--gpus_per_node={launch.devices_per_node}',
-                f'--port={launch.coordinator_port}', '--env_file=gpu.env',
+                f'--port={launch.coordinator_port or DEFAULT_PORT}', '--env_file=gpu.env',
                 '--command_file=command.json']
   submit = shlex.join(['ray', 'job', 'submit', f'--working-dir={out}', '--', *entrypoint])
   in_script = 'ray job submit --working-dir="$(dirname "$0")" -- ' + shlex.join(entrypoint)

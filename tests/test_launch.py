@@ -59,6 +59,12 @@ def test_slurm_job_runs_one_process_per_node_and_is_valid_bash(tmp_path, capsys)
     assert f'#SBATCH {directive}\n' in text
   assert '--xla_gpu_enable_latency_hiding_scheduler=true' in text
   assert 'export NCCL_DEBUG=WARN' in text
+  # No port of its own: JAX takes one of the job's id, so two jobs whose first node is the
+  # same (launch.exclusive=False) do not both serve on 1234; a port given is exported.
+  assert 'JAX_COORDINATOR_PORT' not in text.replace('# (none set', '')
+  assert _launch(capsys, 'slurm', tmp_path, *H100_4x8,
+                 '--config.launch.coordinator_port=7000')[0] == 0
+  assert 'export JAX_COORDINATOR_PORT=7000\n' in path.read_text()
   (srun,) = [line for line in text.splitlines() if line.startswith('srun ')]
   assert shlex.split(srun)[2:] == [
       'jaxarch', 'train', f'--config={SPEC}', '--workdir=/gcs/bucket/runs/151m',
@@ -176,6 +182,12 @@ def test_gke_tpu_jobset_and_xpk_command_have_the_slices_and_chips(tmp_path, caps
   assert pod['nodeSelector'] == {'cloud.google.com/gke-tpu-accelerator': 'tpu-v5p-slice',
                                  'cloud.google.com/gke-tpu-topology': '2x2x4'}
   _disruptions_restart_without_counting(jobset, job)
+  assert 'env' not in pod['containers'][0]  # JAX's own coordinator port (8482)
+  assert _launch(capsys, 'gke', tmp_path, *V5P_2x32,
+                 '--config.launch.coordinator_port=7000')[0] == 0
+  (slices,) = yaml.safe_load((tmp_path / 'jobset.yaml').read_text())['spec']['replicatedJobs']
+  (container,) = slices['template']['spec']['template']['spec']['containers']
+  assert container['env'] == [{'name': 'JAX_COORDINATOR_PORT', 'value': '7000'}]
   xpk = tmp_path / 'xpk.sh'
   _bash_syntax_ok(xpk)
   flags = _flags(xpk.read_text())
@@ -231,9 +243,15 @@ def test_tpu_vm_script_runs_the_job_on_every_worker(tmp_path, capsys):
   assert words[6:9] == ['tpu-vm', 'ssh', 'pod'] and '--worker=all' in words
   flags = _flags(path.read_text())
   assert flags['zone'] == 'us-east5-a'
+  assert flags['batch-size'] == '4'  # every worker at once: gcloud's default is 64
   setup, train = flags['command'].split(' && JAXARCH_DISTRIBUTED=1 ')
   assert setup == 'cd ~/jaxarch && source .venv/bin/activate'
   assert shlex.split(train)[:3] == ['jaxarch', 'train', f'--config={SPEC}']
+  assert _launch(capsys, 'tpu-vm', tmp_path, *V5P_2x32[:3], '--config.launch.nodes=4',
+                 '--config.launch.devices_per_node=4', '--config.mesh.ici.fsdp=16',
+                 '--config.launch.coordinator_port=7000')[0] == 0
+  assert _flags(path.read_text())['command'].startswith(  # no setup this time
+      'JAXARCH_DISTRIBUTED=1 JAX_COORDINATOR_PORT=7000 jaxarch train ')
 
 
 def test_ray_entrypoint_compiles_and_the_submit_command_starts_it(tmp_path, capsys):

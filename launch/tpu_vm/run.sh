@@ -7,5 +7,5 @@
 # launch/tpu_vm/run.sh; run with `bash FILE`.
 set -euo pipefail
 
-gcloud compute tpus tpu-vm ssh ${name} ${gcloud_flags}--worker=all \
+gcloud compute tpus tpu-vm ssh ${name} ${gcloud_flags}--worker=all --batch-size=${nodes} \
   --command=${remote_command}
