@@ -33,6 +33,13 @@ def test_flags_come_first_then_jax_variables_then_the_cluster():
   assert detect(environ=per_node).local_device_ids == tuple(range(8))
   per_gpu = {**slurm, 'SLURM_NTASKS_PER_NODE': '8', 'SLURM_GPUS_ON_NODE': '8'}
   assert detect(environ=per_gpu).local_device_ids is None
+  # The step's tasks count, not the job's: `srun -n 16` in a job of one task per node runs
+  # 8 per node, each on its own GPU (each took all 8).
+  step = {**per_node, 'SLURM_STEP_TASKS_PER_NODE': '8(x2)'}
+  assert detect(environ=step).local_device_ids is None
+  # GPUs not given as such (no --gpus-per-node): the node's, not GPU SLURM_LOCALID alone.
+  no_gres = {**slurm, 'SLURM_STEP_TASKS_PER_NODE': '1(x4)', 'CUDA_VISIBLE_DEVICES': '0,1,2,3'}
+  assert detect(environ=no_gres).local_device_ids == (0, 1, 2, 3)
   ompi = {'OMPI_COMM_WORLD_SIZE': '2', 'OMPI_COMM_WORLD_RANK': '1',  # mpirun of Open MPI 4
           'OMPI_MCA_orte_hnp_uri': '1531576320.0;tcp://10.96.0.1:34911'}
   assert detect(environ={**ompi, 'CUDA_VISIBLE_DEVICES': ''}) == (

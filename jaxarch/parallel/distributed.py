@@ -107,10 +107,13 @@ def detect(coordinator_address: str | None = None, num_processes: int | None = N
 
 
 def _slurm_node_devices(environ: Mapping[str, str]) -> tuple[int, ...] | None:
-  """`_node_devices` of a SLURM task: its tasks per node, the GPUs SLURM gave the node."""
-  per_node = environ.get('SLURM_NTASKS_PER_NODE') or environ.get('SLURM_STEP_TASKS_PER_NODE')
+  """`_node_devices` of a SLURM task: its step's tasks per node (`srun -n` may run more
+  than the job's --ntasks-per-node), the GPUs SLURM gave the node, or where it gave none
+  as such (no --gpus-per-node), those the node has."""
+  per_node = environ.get('SLURM_STEP_TASKS_PER_NODE') or environ.get('SLURM_NTASKS_PER_NODE')
   gpus = environ.get('SLURM_GPUS_ON_NODE', '')
-  return _node_devices(per_node and per_node.split('(')[0], int(gpus) if gpus.isdigit() else 0)
+  return _node_devices(per_node and per_node.split('(')[0],
+                       int(gpus) if gpus.isdigit() else _visible_gpus(environ))
 
 
 def _node_devices(tasks_per_node: str | None, gpus: int) -> tuple[int, ...] | None:
