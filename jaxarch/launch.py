@@ -93,10 +93,11 @@ def render(target: str, cfg, *, spec: str, workdir: str | os.PathLike,
     where = (f'{launch.nodes} node{"s" * (launch.nodes != 1)} x {launch.devices_per_node} '
              f'{launch.accelerator}')
   mesh = ' '.join(f'{a}={s}' for a, s in shape.items())
-  values = dict(name=launch.name, nodes=launch.nodes, description=f'{spec} on {where}, mesh {mesh}')
+  values = dict(name=launch.name, nodes=launch.nodes, description=f'{spec} on {where}, mesh {mesh}',
+                data_dir=cfg.data.get('data_dir'))
   command = train_command(spec, local_workdir(workdir), overrides)
   job = _RENDER[target](launch, command, Path(out), values)
-  return dataclasses.replace(job, warnings=job_warnings(target, cfg))
+  return dataclasses.replace(job, warnings=job.warnings + job_warnings(target, cfg))
 
 
 def job_warnings(target: str, cfg) -> tuple[str, ...]:
@@ -454,6 +455,40 @@ def slurm_arrays(scripts: dict[str, Path], out: Path, name: str,
   return arrays
 
 
+# Where a GKE pod finds bucket BUCKET: the GCS FUSE CSI driver's mount at /gcs/BUCKET.
+GCS_MOUNTS = '/gcs/'
+
+
+def gcs_buckets(command: list[str], data_dir: str | None) -> list[str]:
+  """The buckets that the job's workdir and data directory lie in, by their paths under
+  `GCS_MOUNTS` (/gcs/BUCKET/...), in order."""
+  paths = [command[3].removeprefix('--workdir='), data_dir or '']
+  return list(dict.fromkeys(path[len(GCS_MOUNTS):].split('/')[0] for path in paths
+                            if path.startswith(GCS_MOUNTS) and path[len(GCS_MOUNTS):]))
+
+
+def _bucket_volumes(buckets: list[str], *, host_network: bool, listed: bool) -> dict:
+  """The pod template's lines that mount `buckets` with the GCS FUSE CSI driver (an
+  ephemeral volume each, at /gcs/BUCKET): its annotation, the container's volumeMounts
+  and the pod's volumes (`listed`: under headers the template has already). A pod on the
+  host's network (TPU) has the sidecar take its token from the pod's service account."""
+  if not buckets:
+    return dict(pod_metadata='', volume_mounts='', volumes='')
+  mounts = ''.join(f'              - name: gcs-{i}\n                mountPath: {GCS_MOUNTS}{b}\n'
+                   for i, b in enumerate(buckets))
+  ksa = '                  hostNetworkPodKSA: "true"\n' if host_network else ''
+  volumes = ''.join(f'            - name: gcs-{i}\n              csi:\n'
+                    '                driver: gcsfuse.csi.storage.gke.io\n'
+                    f'                volumeAttributes:\n                  bucketName: {b}\n'
+                    '                  mountOptions: implicit-dirs\n' + ksa
+                    for i, b in enumerate(buckets))
+  return dict(
+      pod_metadata='          metadata:\n            annotations:\n'
+                   '              gke-gcsfuse/volumes: "true"  # the GCS FUSE CSI sidecar',
+      volume_mounts=(mounts if listed else '              volumeMounts:\n' + mounts).rstrip('\n'),
+      volumes=(volumes if listed else '            volumes:\n' + volumes).rstrip('\n'))
+
+
 def _gke(launch, command, out, values) -> Job:
   _require_shared_workdir(command, "a pod writes a relative path into its own container, "
                           'whose files go with the pod (a restart would begin at step 0)')
@@ -462,7 +497,9 @@ def _gke(launch, command, out, values) -> Job:
   # stays the $ it was (an override's path, say).
   common = dict(values, image=launch.image, accelerator=launch.accelerator,
                 max_restarts=launch.max_restarts, stop_grace_s=launch.stop_grace_s,
-                command=json.dumps([word.replace('$', '$$') for word in command]))
+                command=json.dumps([word.replace('$', '$$') for word in command]),
+                **_bucket_volumes(gcs_buckets(command, values['data_dir']),
+                                  host_network=tpu, listed=not tpu))
   path = out / 'jobset.yaml'
   env = lambda names: ''.join(f'              - name: {k}\n                value: '
                              f'{json.dumps(str(v))}\n' for k, v in names.items()).rstrip('\n')
@@ -477,7 +514,14 @@ def _gke(launch, command, out, values) -> Job:
     files = {path: _template('gke/jobset-gpu.yaml', **common, gpus_per_node=
                              launch.devices_per_node, gpu_env=env(gpu_env()),
                              coordinator_port=launch.coordinator_port or DEFAULT_PORT)}
-  job = Job(files, f'kubectl apply -f {shlex.quote(str(path))}')
+  paths = (('--workdir', command[3].removeprefix('--workdir=')),
+           ('data.data_dir', values['data_dir']))
+  unmounted = [f'{key}={path}' for key, path in paths if path and not path.startswith(GCS_MOUNTS)]
+  warnings = (f'the JobSet mounts only buckets, at {GCS_MOUNTS}BUCKET, and not '
+              f'{" or ".join(unmounted)}: add its volume (Filestore, a PersistentVolumeClaim) '
+              f'to {path}, or each pod reads and writes its own container (a restart begins '
+              'at step 0)',) if unmounted else ()
+  job = Job(files, f'kubectl apply -f {shlex.quote(str(path))}', warnings=warnings)
   if launch.cluster:  # xpk needs to know the cluster; kubectl uses the current context
     xpk = out / 'xpk.sh'
     flags = [f'--cluster={launch.cluster}', f'--workload={launch.name}',

@@ -134,6 +134,7 @@ def test_gke_gpu_jobset_has_one_pod_per_node_and_their_gpus(tmp_path, capsys):
   assert env['JAX_PROCESS_ID']['valueFrom']['fieldRef']['fieldPath'] == (
       "metadata.annotations['batch.kubernetes.io/job-completion-index']")
   assert '--xla_gpu_enable_latency_hiding_scheduler=true' in env['XLA_FLAGS']['value']
+  _mounts_the_bucket(job['template'], host_network=False)
   # The same job through xpk.
   xpk = tmp_path / 'xpk.sh'
   _bash_syntax_ok(xpk)
@@ -149,6 +150,38 @@ def test_gke_gpu_jobset_has_one_pod_per_node_and_their_gpus(tmp_path, capsys):
                          '--config.launch.devices_per_node=4', '--config.mesh.ici.fsdp=4',
                          '--config.mesh.dcn.data=8', '--config.launch.cluster=train')
   assert code == 2 and "'nvidia-h100-80gb' with launch.devices_per_node=4 is not an xpk" in err
+
+
+def _mounts_the_bucket(pod_template, host_network):
+  """The workdir's bucket (/gcs/bucket/runs/151m) is mounted at /gcs/bucket by the GCS
+  FUSE CSI driver: it was in each pod's own container, lost with it (a single pod's job,
+  which the check that the processes share the workdir passes, lost all its work)."""
+  assert pod_template['metadata']['annotations'] == {'gke-gcsfuse/volumes': 'true'}
+  (container,) = pod_template['spec']['containers']
+  assert {'name': 'gcs-0', 'mountPath': '/gcs/bucket'} in container['volumeMounts']
+  (volume,) = [v for v in pod_template['spec']['volumes'] if v['name'] == 'gcs-0']
+  attributes = {'bucketName': 'bucket', 'mountOptions': 'implicit-dirs'}
+  if host_network:  # its sidecar takes the pod's service account's token
+    attributes['hostNetworkPodKSA'] = 'true'
+  assert volume['csi'] == {'driver': 'gcsfuse.csi.storage.gke.io',
+                           'volumeAttributes': attributes}
+
+
+def test_gke_mounts_the_buckets_of_workdir_and_data_and_warns_of_other_paths(tmp_path, capsys):
+  code, _, err = _launch(capsys, 'gke', tmp_path, *H100_4x8,
+                         '--config.data.data_dir=/gcs/corpora/prepared')
+  assert code == 0 and 'mounts only buckets' not in err
+  pod = yaml.safe_load((tmp_path / 'jobset.yaml').read_text())['spec']['replicatedJobs'][0][
+      'template']['spec']['template']['spec']
+  assert [m['mountPath'] for m in pod['containers'][0]['volumeMounts']] == [
+      '/dev/shm', '/gcs/bucket', '/gcs/corpora']
+  assert [v['csi']['volumeAttributes']['bucketName'] for v in pod['volumes'] if 'csi' in v] == [
+      'bucket', 'corpora']
+  code = cli.main(['launch', f'--config={SPEC}', '--target=gke', '--workdir=/mnt/fs/runs/a',
+                   f'--out={tmp_path}', *H100_4x8, '--config.data.data_dir=/gcs/corpora/p'])
+  err = capsys.readouterr().err
+  assert code == 0 and ('warning: the JobSet mounts only buckets, at /gcs/BUCKET, and not '
+                        '--workdir=/mnt/fs/runs/a: add its volume') in err, err
 
 
 def test_gke_warns_of_an_image_without_registry_and_data_in_each_pod(tmp_path, capsys):
@@ -182,6 +215,7 @@ def test_gke_tpu_jobset_and_xpk_command_have_the_slices_and_chips(tmp_path, caps
   assert pod['nodeSelector'] == {'cloud.google.com/gke-tpu-accelerator': 'tpu-v5p-slice',
                                  'cloud.google.com/gke-tpu-topology': '2x2x4'}
   _disruptions_restart_without_counting(jobset, job)
+  _mounts_the_bucket(job['template'], host_network=True)
   assert 'env' not in pod['containers'][0]  # JAX's own coordinator port (8482)
   assert _launch(capsys, 'gke', tmp_path, *V5P_2x32,
                  '--config.launch.coordinator_port=7000')[0] == 0
