@@ -87,7 +87,8 @@ def render(target: str, cfg, *, spec: str, workdir: str | os.PathLike,
   shape = check(cfg, target)
   launch = cfg.launch
   if _kind(launch.accelerator) == 'tpu':
-    where = (f'{launch.slices} x {launch.tpu_type} ({launch.nodes} hosts x '
+    where = (f'{launch.slices} x {launch.tpu_type} ({launch.nodes} '
+             f'host{"s" * (launch.nodes != 1)} x '
              f'{launch.devices_per_node} chips)')
   else:
     where = (f'{launch.nodes} node{"s" * (launch.nodes != 1)} x {launch.devices_per_node} '
@@ -212,6 +213,12 @@ def check(cfg, target: str) -> dict[str, int]:
     raise ConfigError(f'launch.accelerator={launch.accelerator!r} is a {kind.upper()}; '
                       f'--target={target} runs {"TPU" if kind == "gpu" else "GPU"} jobs '
                       f'(for {kind.upper()}s: {", ".join(targets)})')
+  most = GKE_GPUS_PER_NODE.get(launch.accelerator)
+  if target == 'gke' and most and launch.devices_per_node > most:  # no node would fit a pod
+    raise ConfigError(f'launch.devices_per_node={launch.devices_per_node}: a GKE node of '
+                      f'{launch.accelerator} has at most {most} GPUs; set '
+                      f'launch.devices_per_node={most} and launch.nodes to the nodes the job '
+                      'spans')
   if kind == 'gpu' and launch.slices != 1:
     raise ConfigError(f'launch.slices={launch.slices} is for TPU multislice; GPU jobs count '
                       'their hosts in launch.nodes')
@@ -544,6 +551,11 @@ def _gke(launch, command, out, values) -> Job:
     job.alternatives = (f'bash {shlex.quote(str(xpk))}',)
   return job
 
+
+# The most GPUs a GKE node of each accelerator has (A2 mega: 16 A100s; A3, A4: 8; A4X: 4).
+GKE_GPUS_PER_NODE = {'nvidia-tesla-a100': 16, 'nvidia-a100-80gb': 8, 'nvidia-l4': 8,
+                     'nvidia-h100-80gb': 8, 'nvidia-h100-mega-80gb': 8,
+                     'nvidia-h200-141gb': 8, 'nvidia-b200': 8, 'nvidia-gb200': 4}
 
 # xpk's GPU device types: (GKE accelerator, GPUs per node) -> its --device-type.
 XPK_GPU_DEVICE_TYPES = {

@@ -150,6 +150,12 @@ def test_gke_gpu_jobset_has_one_pod_per_node_and_their_gpus(tmp_path, capsys):
                          '--config.launch.devices_per_node=4', '--config.mesh.ici.fsdp=4',
                          '--config.mesh.dcn.data=8', '--config.launch.cluster=train')
   assert code == 2 and "'nvidia-h100-80gb' with launch.devices_per_node=4 is not an xpk" in err
+  # A pod of more GPUs than any node has would wait forever.
+  code, _, err = _launch(capsys, 'gke', tmp_path, '--config.launch.nodes=2',
+                         '--config.launch.devices_per_node=16', '--config.mesh.ici.fsdp=16',
+                         '--config.mesh.dcn.data=2')
+  assert code == 2 and ('launch.devices_per_node=16: a GKE node of nvidia-h100-80gb has at '
+                        'most 8 GPUs') in err, err
 
 
 def _mounts_the_bucket(pod_template, host_network):
