@@ -294,9 +294,6 @@ def _check_tpu(launch, target: str) -> None:
     raise ConfigError(f'launch.slices={launch.slices}: --target=tpu-vm runs on one TPU VM '
                       'slice; run several slices with --target=gke')
   hosts = launch.nodes // launch.slices
-  if target == 'gke' and launch.slices > 1 and hosts == 1:
-    raise ConfigError(f'launch.slices={launch.slices} slices of one host each: GKE joins '
-                      'multi-host slices only; use fewer, larger slices')
   chips = hosts * launch.devices_per_node
   per_slice = (f'launch.nodes={launch.nodes} / launch.slices={launch.slices} x '
                f'launch.devices_per_node={launch.devices_per_node} = {chips} chips per slice')

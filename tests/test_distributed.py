@@ -51,6 +51,10 @@ def test_flags_come_first_then_jax_variables_then_the_cluster():
   assert detect(environ={**ompi, **gpus, 'OMPI_COMM_WORLD_LOCAL_SIZE': '4'}
                 ).local_device_ids is None
   assert detect(environ={'TPU_WORKER_HOSTNAMES': 'a,b'}).source == 'tpu'
+  # JAX reads TPU_PROCESS_ADDRESSES first; slices of one host join over DCN all the same.
+  assert detect(environ={'TPU_PROCESS_ADDRESSES': 'a:8476,b:8476'}).source == 'tpu'
+  assert detect(environ={'TPU_WORKER_HOSTNAMES': 'a', 'MEGASCALE_NUM_SLICES': '2'}
+                ).source == 'tpu'
   assert detect(environ={'JAXARCH_DISTRIBUTED': '1'}).source == 'auto'
   # One task, one TPU host, nothing: a single process.
   for environ in ({'SLURM_NTASKS': '1', 'SLURM_PROCID': '0'}, {'TPU_WORKER_HOSTNAMES': 'a'},

@@ -460,7 +460,11 @@ def test_tpu_slices_of_each_generation_s_shapes_render(tmp_path, capsys):
                  '--config.mesh.ici.fsdp=8'],
                 [*V5E, '--config.launch.tpu_type=v5litepod-16', '--config.launch.tpu_topology=4x4',
                  '--config.launch.nodes=4', '--config.launch.devices_per_node=4',
-                 '--config.mesh.ici.fsdp=16']):
+                 '--config.mesh.ici.fsdp=16'],
+                # Slices of one host, joined over DCN (were refused).
+                [*V5E, '--config.launch.tpu_type=v5litepod-8', '--config.launch.tpu_topology=2x4',
+                 '--config.launch.slices=2', '--config.launch.nodes=2',
+                 '--config.mesh.dcn.data=2', '--config.mesh.ici.fsdp=8']):
     code, _, err = _launch(capsys, 'gke', tmp_path / 'jobs', *flags)
     assert code == 0, err
 

@@ -99,7 +99,10 @@ def detect(coordinator_address: str | None = None, num_processes: int | None = N
     return Launch('slurm', num_processes=_int(environ, 'SLURM_NTASKS'),
                   process_id=_int(environ, 'SLURM_PROCID'),
                   local_device_ids=_slurm_node_devices(environ))
-  if len(environ.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1:
+  # A GKE TPU pod: the hosts of its slice (JAX reads TPU_PROCESS_ADDRESSES first), and
+  # the slices of a multislice job, which may be of one host each.
+  hosts = environ.get('TPU_PROCESS_ADDRESSES') or environ.get('TPU_WORKER_HOSTNAMES', '')
+  if len(hosts.split(',')) > 1 or (hosts and _int(environ, 'MEGASCALE_NUM_SLICES') > 1):
     return Launch('tpu')
   if environ.get('JAXARCH_DISTRIBUTED') == '1':
     return Launch('auto')
