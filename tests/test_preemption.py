@@ -129,6 +129,39 @@ def test_sigterm_before_the_first_step_exits_143_saying_so(tmp_path, data_dir):
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['4']
 
 
+def test_a_terminal_gone_stops_with_a_checkpoint_past_its_closed_stderr(tmp_path, data_dir):
+  """SIGHUP (an ssh session dropped, as a TPU VM's `gcloud ... ssh` is) ended the process
+  unsaved, and a closed stderr (`2>&1 | head`) did at its next line: rich's Console raised
+  SystemExit(1) on the broken pipe."""
+  workdir = tmp_path / 'run'
+  process = _start(workdir, data_dir)
+  _wait_for_step(process, workdir, 3)
+  process.stderr.close()  # the reader gone: every later line the process writes fails
+  process.send_signal(signal.SIGHUP)
+  process.wait(timeout=120)
+  assert process.returncode == 128 + signal.SIGHUP
+  (saved,) = [int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()]
+  assert 3 <= saved < 40 and read_metrics(workdir)[-1]['step'] == saved
+
+
+def test_the_progress_display_gives_way_when_stderr_cannot_be_written(caplog):
+  """A closed pipe under stderr stopped training (rich's SystemExit(1)); the display now
+  stops, once, and says so in the log, and training goes on."""
+  from jaxarch.train.metrics import ProgressBar  # pylint: disable=g-import-not-at-top
+  read, write = os.pipe()
+  os.close(read)
+  bar = ProgressBar(10, 0)
+  bar.progress.console.file = os.fdopen(write, 'w')
+  with caplog.at_level('WARNING'):
+    for step in (1, 2):
+      bar.update(step, {'loss': 1.0})
+      bar.alert('what the user must know')
+  assert isinstance(bar.lost, BrokenPipeError) and not bar.enabled
+  assert [r.getMessage() for r in caplog.records] == [
+      'jaxarch: stderr cannot be written (the pipe stderr writes to is closed): training '
+      'goes on without the progress display; metrics.jsonl has the metrics']
+
+
 def test_the_stop_is_kept_when_its_message_cannot_be_written(monkeypatch):
   """The handler said the stop before it kept it: with stderr a closed pipe (`| tee` gone)
   the write's error left the loop at any point, unsaved, and the signal forgotten."""

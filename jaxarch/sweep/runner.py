@@ -532,9 +532,9 @@ def _fmt(loss: float | None) -> str:
 
 @contextlib.contextmanager
 def _stopping_trainers_on_sigterm(trainers: set, stopping: threading.Event | None = None):
-  """SIGTERM to the sweep goes on to its running trainers, which checkpoint and stop, and
-  sets `stopping`, so that no other run starts: the sweep ends with its runs unrecorded
-  and resumable. (Otherwise they would train on, orphaned, beside the trainers of the next
+  """SIGTERM (or SIGHUP) to the sweep goes on to its running trainers, which checkpoint and
+  stop, and sets `stopping`, so that no other run starts: the sweep ends with its runs
+  unrecorded and resumable. (Otherwise they would train on, orphaned, beside the trainers of the next
   sweep. Ctrl-C reaches them through the terminal's process group.)"""
   def stop(signum, frame):
     del frame
@@ -545,11 +545,13 @@ def _stopping_trainers_on_sigterm(trainers: set, stopping: threading.Event | Non
   if threading.current_thread() is not threading.main_thread():  # signals need it
     yield
     return
-  previous = signal.signal(signal.SIGTERM, stop)
+  # SIGHUP too: the terminal or ssh session the sweep ran in gone.
+  previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
   try:
     yield
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
 
 
 def _only_sweep_in(workdir: Path):

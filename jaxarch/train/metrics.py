@@ -140,11 +140,19 @@ def final_metrics(workdir: str | Path) -> dict:
   return final
 
 
+class _Console(Console):
+  """rich's Console, whose closed pipe is an OSError for the caller to handle: rich's own
+  answer is SystemExit(1), which ended a training run unsaved."""
+
+  def on_broken_pipe(self) -> None:
+    raise BrokenPipeError('the pipe stderr writes to is closed')
+
+
 class ProgressBar:
   """Step, loss, steps/s, tokens/s, MFU and ETA on the terminal; plain log lines elsewhere."""
 
   def __init__(self, total_steps: int, start_step: int, *, enabled: bool = True):
-    self.console = Console(stderr=True)
+    self.console = _Console(stderr=True)
     self.enabled = enabled and jax.process_index() == 0
     self.live = self.enabled and self.console.is_terminal
     self.progress = Progress(
@@ -155,13 +163,15 @@ class ProgressBar:
                                        info='compiling…')
     self.total_steps = total_steps
     self.last_print = 0.0
+    self.lost: OSError | None = None  # why stderr could not be written, once it could not
 
   def __enter__(self):
     self.progress.start()
     return self
 
   def __exit__(self, *exc):
-    self.progress.stop()
+    with contextlib.suppress(OSError):  # the terminal gone: its last refresh with it
+      self.progress.stop()
 
   def update(self, step: int, metrics: dict, *, keep: bool = False):
     """Shows the metrics; `keep` also leaves them on a line of their own (e.g. evals)."""
@@ -173,17 +183,31 @@ class ProgressBar:
       if metrics.get('step_time_s'):
         left = round(metrics['step_time_s'] * max(self.total_steps - step, 0))
         info += f' | eta {datetime.timedelta(seconds=left)}'
-      # soft_wrap: one line per step in a log file too (rich wraps at 80 columns there).
-      self.progress.console.print(f'step {step}: {info}', highlight=False, soft_wrap=True)
+      self._write(f'step {step}: {info}')
 
   def print(self, message: str):
     if self.enabled:
-      self.progress.console.print(message, highlight=False, soft_wrap=True)
+      self._write(message)
 
   def alert(self, message: str):
     """Printed even with the progress display off: what the user must know."""
     if jax.process_index() == 0:
+      self._write(message)
+
+  def _write(self, message: str):
+    """One line to stderr. Where it cannot be written (a closed pipe: `... 2>&1 | head`, a
+    terminal hung up, a full disk under `2> log`), training goes on without the display:
+    it was stopped by it, unsaved; metrics.jsonl and TensorBoard keep the metrics."""
+    if self.lost:
+      return
+    try:  # soft_wrap: one line per step in a log file too (rich wraps at 80 columns there)
       self.progress.console.print(message, highlight=False, soft_wrap=True)
+    except OSError as e:
+      self.lost, self.enabled, self.live = e, False, False
+      with contextlib.suppress(OSError):
+        self.progress.stop()
+      logging.warning('jaxarch: stderr cannot be written (%s): training goes on without the '
+                      'progress display; metrics.jsonl has the metrics', e)
 
 
 def format_metrics(m: dict) -> str:

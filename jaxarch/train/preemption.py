@@ -1,5 +1,7 @@
-"""SIGTERM and SIGINT end training cleanly: the step in flight finishes, a checkpoint is
-written, the process exits 128 + the signal (`exit_code`), and the same command resumes.
+"""SIGTERM, SIGINT and SIGHUP end training cleanly: the step in flight finishes, a
+checkpoint is written, the process exits 128 + the signal (`exit_code`), and the same
+command resumes. SIGHUP is a terminal or ssh session gone (a TPU VM's `gcloud ... ssh`
+dropped), whose default ends the process unsaved.
 
 Schedulers (SLURM, Kubernetes, TPU maintenance) send SIGTERM some time before they kill
 a job. The handler only records the signal; the training loop asks `should_stop` between
@@ -16,7 +18,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # The exit codes of `jaxarch train` stopped by one of SIGNALS, with its checkpoint.
 STOPPED_CODES = tuple(128 + s for s in SIGNALS)
 
@@ -31,7 +33,7 @@ def exit_code(stopped: str | None) -> int:
 
 
 class StopRequests:
-  """Context manager that turns SIGTERM / SIGINT into a stop request."""
+  """Context manager that turns SIGTERM / SIGINT / SIGHUP into a stop request."""
 
   def __init__(self, sync_every: int):
     self.sync_every = sync_every
