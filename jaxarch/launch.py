@@ -463,7 +463,7 @@ def slurm_arrays(scripts: dict[str, Path], out: Path, name: str,
 GCS_MOUNTS = '/gcs/'
 
 
-def gcs_buckets(command: list[str], data_dir: str | None) -> list[str]:
+def _gcs_buckets(command: list[str], data_dir: str | None) -> list[str]:
   """The buckets that the job's workdir and data directory lie in, by their paths under
   `GCS_MOUNTS` (/gcs/BUCKET/...), in order."""
   paths = [command[3].removeprefix('--workdir='), data_dir or '']
@@ -502,7 +502,7 @@ def _gke(launch, command, out, values) -> Job:
   common = dict(values, image=launch.image, accelerator=launch.accelerator,
                 max_restarts=launch.max_restarts, stop_grace_s=launch.stop_grace_s,
                 command=json.dumps([word.replace('$', '$$') for word in command]),
-                **_bucket_volumes(gcs_buckets(command, values['data_dir']),
+                **_bucket_volumes(_gcs_buckets(command, values['data_dir']),
                                   host_network=tpu, listed=not tpu))
   path = out / 'jobset.yaml'
   env = lambda names: ''.join(f'              - name: {k}\n                value: '
