@@ -16,8 +16,9 @@ paper's name (SwiGLU with d_ff ≈ 8/3·d keeps 3·d·d_ff ≈ 8·d², attention
 
   jaxarch train --config=configs/dense.py:151m --workdir=/gcs/BUCKET/dense-151m
 
-The byte tokenizer (vocab 256 + specials) is the default; `model.vocab_size` is padded
-to a multiple of 128 so the output head shards evenly over the `tensor` axis.
+The byte tokenizer (vocab 256 + specials) is the default; `model.vocab_size` is 384, its
+ids rounded up to a multiple of 128, so the output head shards evenly over the `tensor`
+axis (nothing rounds a size given: give a multiple of 128 for another tokenizer).
 """
 
 import ml_collections
@@ -60,6 +61,8 @@ def get_config(arg=None):
 
   # Model section.
   c.model = ml_collections.ConfigDict()
+  # Names the family for checks, messages and BiTA's base; dense, MoE and UltraMem build
+  # the same Transformer, whose blocks block_pattern and the side layers' sections choose.
   c.model.family = 'dense'
   c.model.d_model = 1024
   c.model.n_layers = 12
@@ -67,9 +70,11 @@ def get_config(arg=None):
   c.model.n_kv_heads = 8
   c.model.head_dim = ml_collections.config_dict.placeholder(int)  # None: d_model // n_heads
   c.model.d_ff = 2752
-  c.model.vocab_size = 384  # byte tokenizer: 256 bytes + specials, padded to 128
+  c.model.vocab_size = 384  # byte tokenizer: 256 bytes + specials, rounded up to 128
   c.model.max_len = 2048
-  c.model.block_pattern = ('dense',)  # repeated over the layers; later: 'moe', 'ultramem'
+  # Repeated over the layers: 'dense', 'moe' (configs/moe.py) or a registered block's name;
+  # UltraMem's memory layers sit beside the blocks (model.ultramem.placement).
+  c.model.block_pattern = ('dense',)
   c.model.tie_embeddings = False
   c.model.rope_theta = 10_000.0
   # RoPE frequency scaling: type 'none', Llama 3.1's 'llama3' or 'linear' (`jaxarch import`
@@ -122,7 +127,8 @@ def get_config(arg=None):
   c.data.pack_align = 1  # documents start at multiples of this (MEGABYTE: the patch size)
   # Threads per process that read and tokenize the training documents (at most its CPU
   # cores; 0: in the prefetch thread alone). One core tokenizes ~0.8M BPE tokens/s, an H100
-  # trains the 151m at ~0.4M: a node of 8 needs several (benchmarks/data_pipeline.py).
+  # trains the 151m at ~0.4M: a node of 8 needs several (benchmarks/data_pipeline.py). The
+  # byte tokenizer and distilled data have nothing to tokenize, and take none.
   c.data.num_threads = 16
   # The id each document and prompt starts with; None: the tokenizer's end-of-document id.
   # `jaxarch import` sets a Llama's own (`<s>`: 1, Llama 3's `<|begin_of_text|>`: 128000).
@@ -172,7 +178,7 @@ def get_config(arg=None):
   c.train.seed = 0
   c.train.schedule = 'cosine'  # cosine | wsd | constant
   c.train.warmup_steps = 2_000
-  c.train.min_lr_ratio = 0.1  # final lr = lr * min_lr_ratio
+  c.train.min_lr_ratio = 0.1  # cosine and wsd: final lr = lr * min_lr_ratio
   c.train.decay_fraction = 0.2  # wsd: fraction of steps spent decaying
   c.train.weight_decay = 0.1
   c.train.b1 = 0.9
@@ -187,7 +193,8 @@ def get_config(arg=None):
   # values=dict(lr_multiplier=4.0, multiplier_decay='linear'). See train/optimizer.py.
   c.train.groups = ml_collections.ConfigDict()
   # A NaN or Inf loss or gradient is never applied; then: stop (with a report naming the
-  # step and the layers) | skip (counted; stops after max_consecutive_skips in a row).
+  # step and the layers) | skip (counted; stops at the next non-finite step after
+  # max_consecutive_skips skipped in a row).
   c.train.nonfinite = 'stop'
   c.train.max_consecutive_skips = 10
 

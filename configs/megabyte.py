@@ -85,7 +85,6 @@ def get_config(arg=None):
 
   mb = ml_collections.ConfigDict()
   mb.patch_size = p['patch_size']
-  mb.pad_id = 256  # the byte tokenizer's pad: fills a partial last patch
   mb.local = ml_collections.ConfigDict(p['local'])
   mb.local.attention_impl = 'xla'  # patches of P bytes: see above
   c.model.megabyte = mb

@@ -730,10 +730,6 @@ def _check_megabyte(cfg: ConfigDict) -> None:
     raise ConfigError("data.add_bos=False: MEGABYTE never reads a document's first input "
                       '(the pad patch stands in before it), which without a BOS is its first '
                       'byte; keep data.add_bos=True')
-  pad = _number(cfg, 'model.megabyte.pad_id', int)
-  if not 0 <= pad < cfg.model.vocab_size:
-    raise ConfigError(f'model.megabyte.pad_id={pad} must be in [0, model.vocab_size='
-                      f'{cfg.model.vocab_size})')
   for key in ('d_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff'):
     _positive_int(cfg, f'model.megabyte.local.{key}')
   _check_heads('model.megabyte.local', cfg.model.megabyte.local)
@@ -1702,6 +1698,8 @@ def _with_new_run_keys(tree: dict) -> dict:
   model = tree.get('model')
   if isinstance(model, dict) and model.get('family') == 'megabyte':
     model['tie_embeddings'] = True  # always tied; saved as False before 2026-12-03
+    if isinstance(model.get('megabyte'), dict):  # what filled a partial last patch, which
+      model['megabyte'].pop('pad_id', None)      # changed no prediction: gone 2026-12-07
   if isinstance(model, dict) and isinstance(model.get('ultramem'), dict):
     # Each memory layer drew its own IVE permutation before 2026-12-07.
     model['ultramem'].setdefault('permutation', 'per_layer')

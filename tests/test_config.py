@@ -709,6 +709,21 @@ def test_a_bita_config_takes_the_base_runs_bos_setting_and_stop_ids(tmp_path):
   assert (load().data.stop_ids, load().data.add_bos) == ((), True)
 
 
+def test_a_megabyte_run_saved_with_the_retired_pad_id_loads_as_the_same_model(tmp_path):
+  """model.megabyte.pad_id filled a partial last patch, after every real byte: no
+  prediction ever read it, so it is gone, and a run that saved it loads without it."""
+  path = tmp_path / 'config.json'
+  config_lib.save(config_lib.load('configs/megabyte.py:tiny', []), path)
+  old = json.loads(path.read_text())
+  assert 'pad_id' not in old['model']['megabyte']
+  old['model']['megabyte']['pad_id'] = 256
+  path.write_text(json.dumps(old))
+  restored = config_lib.load_json(path)
+  assert 'pad_id' not in restored.model.megabyte
+  assert config_lib.config_hash(restored) == config_lib.config_hash(
+      config_lib.load('configs/megabyte.py:tiny', []))
+
+
 def test_a_moe_run_saved_before_the_kernel_choice_resumes_with_auto(tmp_path):
   path = tmp_path / 'config.json'
   config_lib.save(config_lib.load('configs/moe.py:tiny', []), path)

@@ -74,7 +74,7 @@ class Megabyte(nnx.Module):
     p = self.patch_size = cfg.megabyte.patch_size
     self.max_len = cfg.max_len  # bytes it is built for: `generate` warns past them
     d_g, d_l = cfg.d_model // p, local.d_model
-    self.dtype, self.pad_id = dtype, cfg.megabyte.pad_id
+    self.dtype = dtype
     init = normal(cfg.init_std, cfg.init_truncation)
     embed = lambda dim: Embed(cfg.vocab_size, dim, init_std=cfg.init_std,
                               init_truncation=cfg.init_truncation, dtype=dtype,
@@ -106,8 +106,8 @@ class Megabyte(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t), tokens.shape)
     pad = -t % p
-    if pad:  # a partial last patch: padding after it changes no earlier prediction
-      tokens = jnp.pad(tokens, ((0, 0), (0, pad)), constant_values=self.pad_id)
+    if pad:  # a partial last patch: padding after it (any id) changes no earlier prediction
+      tokens = jnp.pad(tokens, ((0, 0), (0, pad)))
       segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)))
       positions = jnp.pad(positions, ((0, 0), (0, pad)), mode='edge')
     k = tokens.shape[1] // p
