@@ -241,9 +241,9 @@ def get_config(arg=None):
   c.launch.slurm_options = ''
   c.launch.max_restarts = 3  # GKE: JobSet restarts after a failure; training resumes
   # Seconds from SIGTERM to the kill that the job asks for: room for the processes to agree
-  # at the next logging step (log.every_steps) and write a checkpoint. GKE pods get it
-  # as their grace period (Kubernetes' default is 30 s); SLURM sends SIGTERM this long
-  # before the time limit.
+  # on a step to stop after (every 5 s of training or so) and write a checkpoint. GKE pods
+  # get it as their grace period (Kubernetes' default is 30 s, as a Spot VM's notice);
+  # SLURM sends SIGTERM this long before the time limit.
   c.launch.stop_grace_s = 300
   # jax.distributed's coordinator port on process 0's host. None: SLURM's jobs take JAX's
   # port of their job id (jobs that share a node do not collide), TPU jobs JAX's 8482,

@@ -349,7 +349,8 @@ def test_sigterm_to_one_process_stops_both_after_one_step_with_one_checkpoint(tm
   errs = [p.communicate(timeout=240)[1] for p in processes]
   assert [p.returncode for p in processes] == [143, 143], [e[-2000:] for e in errs]
   assert 'SIGTERM (another process): stopped after step' in errs[0], errs[0][-2000:]
-  assert 'jaxarch: SIGTERM: stopping at the next logging step' in errs[1], errs[1][-2000:]
+  assert ('jaxarch: SIGTERM: stopping within about 5 s, after the step all processes agree '
+          'on') in errs[1], errs[1][-2000:]
   step = int(errs[0].split('stopped after step ')[1].split(',')[0])
-  assert step % 2 == 0 and step < 400  # they agree at a logging step
+  assert step < 400  # process 0 says it; both wrote their parts of that step's checkpoint
   assert sorted(os.listdir(workdir / 'checkpoints')) == [str(step)]

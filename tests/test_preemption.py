@@ -162,6 +162,32 @@ def test_the_progress_display_gives_way_when_stderr_cannot_be_written(caplog):
       'goes on without the progress display; metrics.jsonl has the metrics']
 
 
+def test_processes_agree_on_a_stop_every_few_seconds_not_every_logging_window(monkeypatch):
+  """They agreed at the logging steps alone (50 by default): a Spot VM's 30 s notice could
+  pass before the stop. Every process computes the same next step to agree at from what
+  all gathered (the slowest's seconds per step)."""
+  from jaxarch.train import preemption  # pylint: disable=g-import-not-at-top
+  clock, gathers, at = [100.0], [], [0]
+  monkeypatch.setattr(preemption.jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(preemption.time, 'monotonic', lambda: clock[0])
+
+  def allgather(x):  # this process's row, and another's 1.5 times slower
+    gathers.append(at[0])
+    return np.stack([x, x * np.array([1, 1.5], np.float32)])
+  monkeypatch.setattr(preemption.multihost_utils, 'process_allgather', allgather)
+  stop = preemption.StopRequests(sync_every=50)
+  assert not stop.should_stop(0)  # before training: they agree at once
+  for step in range(1, 120):
+    at[0] = step
+    clock[0] += 60.0 if step == 1 else 0.5  # the first step compiles
+    if step == 90:
+      stop.received = 'SIGTERM'
+    if stop.should_stop(step):
+      break
+  # After the compile, one step; then every 5 s of the slowest (0.75 s a step): 6 steps.
+  assert gathers[:5] == [0, 1, 2, 8, 14] and step - 6 <= 90 <= step == gathers[-1]
+
+
 def test_the_stop_is_kept_when_its_message_cannot_be_written(monkeypatch):
   """The handler said the stop before it kept it: with stderr a closed pipe (`| tee` gone)
   the write's error left the loop at any point, unsaved, and the signal forgotten."""

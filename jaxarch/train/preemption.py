@@ -4,21 +4,27 @@ command resumes. SIGHUP is a terminal or ssh session gone (a TPU VM's `gcloud ..
 dropped), whose default ends the process unsaved.
 
 Schedulers (SLURM, Kubernetes, TPU maintenance) send SIGTERM some time before they kill
-a job. The handler only records the signal; the training loop asks `should_stop` between
-steps. With several processes, they agree at the logging steps (one small all-gather), so
-all of them stop after the same step and write the same checkpoint. A second Ctrl-C
-interrupts at once.
+a job: Spot VMs 30 s. The handler only records the signal; the training loop asks
+`should_stop` between steps. With several processes, they agree every `AGREE_S` seconds
+of training or so (one small all-gather of the flags and each one's seconds per step, from
+which all of them compute the same next step to agree at), so all of them stop after the
+same step and write the same checkpoint, seconds after the signal, not a logging window
+later. A second Ctrl-C interrupts at once.
 """
 
 import os
 import signal
 import threading
+import time
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# Seconds of training between the processes' agreements on a stop: each drains the queue
+# of dispatched steps once (a few ms).
+AGREE_S = 5.0
 # The exit codes of `jaxarch train` stopped by one of SIGNALS, with its checkpoint.
 STOPPED_CODES = tuple(128 + s for s in SIGNALS)
 
@@ -36,9 +42,11 @@ class StopRequests:
   """Context manager that turns SIGTERM / SIGINT / SIGHUP into a stop request."""
 
   def __init__(self, sync_every: int):
-    self.sync_every = sync_every
+    self.sync_every = sync_every  # the most steps between agreements (the logging steps')
     self.received: str | None = None  # the signal's name, once one arrived
     self._previous = {}
+    self._next: int | None = None  # the step of the processes' next agreement
+    self._since: tuple[int, float] | None = None  # (step, time) of the last one
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():  # signals need the main thread
@@ -60,8 +68,8 @@ class StopRequests:
     if first:  # said at once: the stop may be a step and a save away
       # Nothing here may wait on a lock the interrupted code holds: is_initialized reads a
       # flag where process_count would set up the backend under its lock.
-      when = ('at the next logging step (a multiple of '
-              f'{self.sync_every})' if jax.distributed.is_initialized() else 'after this step')
+      when = (f'within about {AGREE_S:.0f} s, after the step all processes agree on'
+              if jax.distributed.is_initialized() else 'after this step')
       again = '; Ctrl-C again stops at once, unsaved' if signum == signal.SIGINT else ''
       try:  # os.write: a print here could re-enter the stream the loop is printing to
         os.write(2, f'\njaxarch: {self.received}: stopping {when}, with a checkpoint'
@@ -70,12 +78,24 @@ class StopRequests:
         pass
 
   def should_stop(self, step: int) -> bool:
-    """Whether to stop after `step`; the same answer on every process."""
+    """Whether to stop after `step`; the same answer on every process, which each asks
+    after every step from the same first one."""
     if jax.process_count() == 1:
       return self.received is not None
-    if step % self.sync_every:
+    if self._next is None:  # the first ask (before training: a signal while starting)
+      self._next, self._since = step, (step, time.monotonic())
+    if step < self._next:
       return False
-    flags = multihost_utils.process_allgather(np.int32(self.received is not None))
+    now = time.monotonic()
+    first = step == self._since[0]  # nothing timed yet: the next agreement after one step
+    per_step = (now - self._since[1]) / max(step - self._since[0], 1)
+    gathered = multihost_utils.process_allgather(
+        np.array([self.received is not None, per_step], np.float32))  # processes x 2
+    flags, slowest = gathered[:, 0] > 0, float(gathered[:, 1].max())
+    # The same on every process: computed from what all of them gathered.
+    self._next = step + (1 if first else max(
+        1, min(self.sync_every, int(AGREE_S / max(slowest, 1e-6)))))
+    self._since = (step, time.monotonic())
     if flags.any() and self.received is None:
       self.received = 'SIGTERM (another process)'
     return bool(flags.any())
