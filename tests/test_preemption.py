@@ -184,8 +184,32 @@ def test_processes_agree_on_a_stop_every_few_seconds_not_every_logging_window(mo
       stop.received = 'SIGTERM'
     if stop.should_stop(step):
       break
-  # After the compile, one step; then every 5 s of the slowest (0.75 s a step): 6 steps.
-  assert gathers[:5] == [0, 1, 2, 8, 14] and step - 6 <= 90 <= step == gathers[-1]
+  # A step apart until a window past the compile is timed (each gather shares the window
+  # before it); then every 5 s of the slowest (0.75 s a step): 6 steps.
+  assert gathers[:6] == [0, 1, 2, 3, 9, 15] and step - 6 <= 90 <= step == gathers[-1]
+  # Resumed at step 1000: the same, from there (the window was divided by 1000 before).
+  gathers.clear()
+  stop = preemption.StopRequests(sync_every=50)
+  for step in range(1000, 1020):
+    at[0] = step
+    clock[0] += 60.0 if step == 1001 else 0.5
+    stop.should_stop(step)
+  assert gathers == [1000, 1001, 1002, 1003, 1009, 1015]
+
+
+def test_nohup_keeps_its_hold_on_sighup():
+  """`nohup jaxarch train ... &`: the terminal's hangup was turned into a stop."""
+  from jaxarch.train import preemption  # pylint: disable=g-import-not-at-top
+  before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+  try:
+    assert signal.SIGHUP not in preemption.handled()
+    with preemption.StopRequests(sync_every=5):
+      assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    with preemption.StopRequests(sync_every=5) as stop:
+      assert signal.getsignal(signal.SIGHUP) == stop._handle  # pylint: disable=protected-access
+  finally:
+    signal.signal(signal.SIGHUP, before)
 
 
 def test_the_stop_is_kept_when_its_message_cannot_be_written(monkeypatch):

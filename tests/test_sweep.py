@@ -521,7 +521,7 @@ def test_one_sweep_at_a_time_in_a_workdir(tmp_path, data_dir):
 
 def test_sigterm_to_the_sweep_goes_on_to_its_trainers():
   trainers = {subprocess.Popen(['sleep', '60']) for _ in range(2)}
-  with runner._stopping_trainers_on_sigterm(trainers):  # pylint: disable=protected-access
+  with runner._stopping_trainers_on_signals(trainers):  # pylint: disable=protected-access
     os.kill(os.getpid(), signal.SIGTERM)
     codes = [t.wait(timeout=10) for t in trainers]
   assert codes == [-signal.SIGTERM] * 2  # and the sweep itself lives on to report them

@@ -42,7 +42,7 @@ from jaxarch import config as config_lib
 from jaxarch.sweep import plan
 from jaxarch.train.metrics import final_metrics
 from jaxarch.train.nonfinite import DIVERGED, reported_steps
-from jaxarch.train.preemption import SIGNALS, STOPPED_CODES
+from jaxarch.train.preemption import SIGNALS, STOPPED_CODES, handled
 from jaxarch.train.workdir import (held_alone, is_sweep_workdir, local_workdir,
                                    trained_elsewhere)
 
@@ -423,7 +423,7 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int | None = None,
          + f'{len(todo)} to run, {parallel} at a time')
     failed, unfinished, not_started, busy = [], [], [], []
     trainers, stop = set(), threading.Event()
-    with (_stopping_trainers_on_sigterm(trainers, stop),
+    with (_stopping_trainers_on_signals(trainers, stop),
           concurrent.futures.ThreadPoolExecutor(parallel) as pool):
       running = [pool.submit(_run_one, r, workdir, echo, trainers, stop) for r in todo]
       try:
@@ -531,7 +531,7 @@ def _fmt(loss: float | None) -> str:
 
 
 @contextlib.contextmanager
-def _stopping_trainers_on_sigterm(trainers: set, stopping: threading.Event | None = None):
+def _stopping_trainers_on_signals(trainers: set, stopping: threading.Event | None = None):
   """SIGTERM (or SIGHUP) to the sweep goes on to its running trainers, which checkpoint and
   stop, and sets `stopping`, so that no other run starts: the sweep ends with its runs
   unrecorded and resumable. (Otherwise they would train on, orphaned, beside the trainers of the next
@@ -545,8 +545,8 @@ def _stopping_trainers_on_sigterm(trainers: set, stopping: threading.Event | Non
   if threading.current_thread() is not threading.main_thread():  # signals need it
     yield
     return
-  # SIGHUP too: the terminal or ssh session the sweep ran in gone.
-  previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+  # SIGHUP too: the terminal or ssh session the sweep ran in gone (unless nohup ignores it).
+  previous = {sig: signal.signal(sig, stop) for sig in handled() if sig != signal.SIGINT}
   try:
     yield
   finally:

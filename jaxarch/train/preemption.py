@@ -38,6 +38,13 @@ def exit_code(stopped: str | None) -> int:
   return 0 if stopped is None else 128 + signal.Signals[stopped.split()[0]]
 
 
+def handled() -> tuple[signal.Signals, ...]:
+  """SIGNALS but SIGHUP where it is ignored: `nohup jaxarch train ... &` trains on after
+  the terminal is gone, as nohup is for."""
+  return tuple(s for s in SIGNALS
+               if s != signal.SIGHUP or signal.getsignal(s) is not signal.SIG_IGN)
+
+
 class StopRequests:
   """Context manager that turns SIGTERM / SIGINT / SIGHUP into a stop request."""
 
@@ -46,11 +53,12 @@ class StopRequests:
     self.received: str | None = None  # the signal's name, once one arrived
     self._previous = {}
     self._next: int | None = None  # the step of the processes' next agreement
-    self._since: tuple[int, float] | None = None  # (step, time) of the last one
+    self._last: tuple[int, float] | None = None  # (step, time) at the end of the last one
+    self._per_step = 0.0  # seconds a step took between the last two (0: not timed yet)
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():  # signals need the main thread
-      for sig in SIGNALS:
+      for sig in handled():
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
@@ -83,19 +91,22 @@ class StopRequests:
     if jax.process_count() == 1:
       return self.received is not None
     if self._next is None:  # the first ask (before training: a signal while starting)
-      self._next, self._since = step, (step, time.monotonic())
+      self._next = step
     if step < self._next:
       return False
-    now = time.monotonic()
-    first = step == self._since[0]  # nothing timed yet: the next agreement after one step
-    per_step = (now - self._since[1]) / max(step - self._since[0], 1)
     gathered = multihost_utils.process_allgather(
-        np.array([self.received is not None, per_step], np.float32))  # processes x 2
+        np.array([self.received is not None, self._per_step], np.float32))  # processes x 2
+    # The gather waits for every step dispatched before it: the time between the ends of
+    # two gathers is the steps' own, which the next gather shares (the first windows hold
+    # the compiles: their agreements come a step apart until one is timed past them).
+    now = time.monotonic()
+    if self._last is not None:
+      self._per_step = (now - self._last[1]) / max(step - self._last[0], 1)
+    self._last = (step, now)
     flags, slowest = gathered[:, 0] > 0, float(gathered[:, 1].max())
     # The same on every process: computed from what all of them gathered.
-    self._next = step + (1 if first else max(
-        1, min(self.sync_every, int(AGREE_S / max(slowest, 1e-6)))))
-    self._since = (step, time.monotonic())
+    self._next = step + (1 if slowest <= 0 else max(
+        1, min(self.sync_every, int(AGREE_S / slowest))))
     if flags.any() and self.received is None:
       self.received = 'SIGTERM (another process)'
     return bool(flags.any())

@@ -301,7 +301,9 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, stop: StopRequests) ->
           bar.alert(reweighted)
         if restored_step and (moved := _schedule_moved(workdir, cfg, restored_step)):
           bar.alert(moved)
-      if stop.should_stop(0):  # a signal while starting: nothing trained, nothing to save
+      # A signal while starting: nothing trained, nothing to save. Asked at the step training
+      # starts from, as the loop asks after each step from there.
+      if stop.should_stop(int(state['step'])):
         kept = (f'checkpoint {checkpointer.directory / str(restored_step)} is unchanged'
                 if restored_step is not None else 'no checkpoint was written yet')
         bar.alert(f'jaxarch: {stop.received}: stopped before training; {kept}; run the same '

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
                     'JAX_NUM_PROCESSES': str(args.nodes), 'JAX_PROCESS_ID': str(i)})
       for i in range(args.nodes)])
   failed = {i: code for i, code in enumerate(codes) if code}
-  if failed and set(failed.values()) <= {130, 143}:  # `jaxarch train`: 128 + the signal
+  if failed and set(failed.values()) <= {129, 130, 143}:  # `jaxarch train`: 128 + the signal
     print('entrypoint: stopped by a signal (process: exit code): '
           f'{failed}; submit the job again to resume from its last checkpoint', file=sys.stderr)
     return 143
