@@ -294,6 +294,10 @@ def _check_tpu(launch, target: str) -> None:
     raise ConfigError(f'launch.slices={launch.slices}: --target=tpu-vm runs on one TPU VM '
                       'slice; run several slices with --target=gke')
   hosts = launch.nodes // launch.slices
+  if target == 'gke' and launch.slices > 1 and hosts == 1:  # GKE's Multislice documentation
+    raise ConfigError(f'launch.slices={launch.slices} slices of one host each: GKE joins '
+                      'multi-host slices only (not a ct5lp-hightpu-4t of 2x2, say); use fewer, '
+                      'larger slices')
   chips = hosts * launch.devices_per_node
   per_slice = (f'launch.nodes={launch.nodes} / launch.slices={launch.slices} x '
                f'launch.devices_per_node={launch.devices_per_node} = {chips} chips per slice')
@@ -463,12 +467,27 @@ def slurm_arrays(scripts: dict[str, Path], out: Path, name: str,
 GCS_MOUNTS = '/gcs/'
 
 
+# Cloud Storage's bucket names (dots allowed, as in domain-named buckets).
+BUCKET = re.compile(r'[a-z0-9][-_.a-z0-9]{1,220}[a-z0-9]')
+
+
+def _workdir(command: list[str]) -> str:
+  """The --workdir of `train_command`'s command."""
+  return command[3].removeprefix('--workdir=')
+
+
 def _gcs_buckets(command: list[str], data_dir: str | None) -> list[str]:
   """The buckets that the job's workdir and data directory lie in, by their paths under
   `GCS_MOUNTS` (/gcs/BUCKET/...), in order."""
-  paths = [command[3].removeprefix('--workdir='), data_dir or '']
-  return list(dict.fromkeys(path[len(GCS_MOUNTS):].split('/')[0] for path in paths
-                            if path.startswith(GCS_MOUNTS) and path[len(GCS_MOUNTS):]))
+  buckets = {}
+  for key, path in (('--workdir', _workdir(command)), ('data.data_dir', data_dir or '')):
+    if path.startswith(GCS_MOUNTS) and (bucket := path[len(GCS_MOUNTS):].split('/')[0]):
+      if not BUCKET.fullmatch(bucket):
+        raise ConfigError(f'{key}={path}: {bucket!r} is no Cloud Storage bucket name (3-222 '
+                          "lowercase letters, digits, '-', '_' and '.'), which a path under "
+                          f'{GCS_MOUNTS} names for the pods to mount')
+      buckets[bucket] = None
+  return list(buckets)
 
 
 def _bucket_volumes(buckets: list[str], *, host_network: bool, listed: bool) -> dict:
@@ -483,7 +502,8 @@ def _bucket_volumes(buckets: list[str], *, host_network: bool, listed: bool) -> 
   ksa = '                  hostNetworkPodKSA: "true"\n' if host_network else ''
   volumes = ''.join(f'            - name: gcs-{i}\n              csi:\n'
                     '                driver: gcsfuse.csi.storage.gke.io\n'
-                    f'                volumeAttributes:\n                  bucketName: {b}\n'
+                    '                volumeAttributes:\n'
+                    f'                  bucketName: {json.dumps(b)}\n'  # '12345': a string
                     '                  mountOptions: implicit-dirs\n' + ksa
                     for i, b in enumerate(buckets))
   return dict(
@@ -518,8 +538,7 @@ def _gke(launch, command, out, values) -> Job:
     files = {path: _template('gke/jobset-gpu.yaml', **common, gpus_per_node=
                              launch.devices_per_node, gpu_env=env(gpu_env()),
                              coordinator_port=launch.coordinator_port or DEFAULT_PORT)}
-  paths = (('--workdir', command[3].removeprefix('--workdir=')),
-           ('data.data_dir', values['data_dir']))
+  paths = (('--workdir', _workdir(command)), ('data.data_dir', values['data_dir']))
   unmounted = [f'{key}={path}' for key, path in paths if path and not path.startswith(GCS_MOUNTS)]
   warnings = (f'the JobSet mounts only buckets, at {GCS_MOUNTS}BUCKET, and not '
               f'{" or ".join(unmounted)}: add its volume (Filestore, a PersistentVolumeClaim) '
@@ -577,7 +596,7 @@ def _xpk_device_type(launch) -> str:
 def _require_shared_workdir(command: list[str], why: str) -> None:
   """A relative --workdir of a job whose hosts do not start in one shared folder would
   be a different folder on each."""
-  workdir = command[3].removeprefix('--workdir=')
+  workdir = _workdir(command)
   if not workdir.startswith('/'):
     raise ConfigError(f'--workdir={workdir!r}: {why}; give an absolute path on storage that '
                       'every node shares')

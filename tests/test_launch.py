@@ -183,6 +183,14 @@ def test_gke_mounts_the_buckets_of_workdir_and_data_and_warns_of_other_paths(tmp
       '/dev/shm', '/gcs/bucket', '/gcs/corpora']
   assert [v['csi']['volumeAttributes']['bucketName'] for v in pod['volumes'] if 'csi' in v] == [
       'bucket', 'corpora']
+  # A bucket named by digits stays a string in the YAML; a path that names no bucket is told.
+  assert _launch(capsys, 'gke', tmp_path, *H100_4x8, '--config.data.data_dir=/gcs/12345/p')[0] == 0
+  pod = yaml.safe_load((tmp_path / 'jobset.yaml').read_text())['spec']['replicatedJobs'][0][
+      'template']['spec']['template']['spec']
+  assert pod['volumes'][-1]['csi']['volumeAttributes']['bucketName'] == '12345'
+  code, _, err = _launch(capsys, 'gke', tmp_path, *H100_4x8, '--config.data.data_dir=/gcs/A b/p')
+  assert code == 2 and ("data.data_dir=/gcs/A b/p: 'A b' is no Cloud Storage bucket name"
+                        in err), err
   code = cli.main(['launch', f'--config={SPEC}', '--target=gke', '--workdir=/mnt/fs/runs/a',
                    f'--out={tmp_path}', *H100_4x8, '--config.data.data_dir=/gcs/corpora/p'])
   err = capsys.readouterr().err
@@ -460,13 +468,15 @@ def test_tpu_slices_of_each_generation_s_shapes_render(tmp_path, capsys):
                  '--config.mesh.ici.fsdp=8'],
                 [*V5E, '--config.launch.tpu_type=v5litepod-16', '--config.launch.tpu_topology=4x4',
                  '--config.launch.nodes=4', '--config.launch.devices_per_node=4',
-                 '--config.mesh.ici.fsdp=16'],
-                # Slices of one host, joined over DCN (were refused).
-                [*V5E, '--config.launch.tpu_type=v5litepod-8', '--config.launch.tpu_topology=2x4',
-                 '--config.launch.slices=2', '--config.launch.nodes=2',
-                 '--config.mesh.dcn.data=2', '--config.mesh.ici.fsdp=8']):
+                 '--config.mesh.ici.fsdp=16']):
     code, _, err = _launch(capsys, 'gke', tmp_path / 'jobs', *flags)
     assert code == 0, err
+  # Slices of one host: GKE's Multislice joins multi-host slices only.
+  code, _, err = _launch(capsys, 'gke', tmp_path / 'jobs', *V5E, '--config.launch.slices=2',
+                         '--config.launch.tpu_type=v5litepod-8', '--config.launch.nodes=2',
+                         '--config.launch.tpu_topology=2x4', '--config.mesh.dcn.data=2',
+                         '--config.mesh.ici.fsdp=8')
+  assert code == 2 and 'slices of one host each: GKE joins multi-host slices only' in err
 
 
 def test_dry_run_prints_the_job_and_writes_nothing(tmp_path, capsys):
