@@ -190,7 +190,8 @@ class ProgressBar:
       self._write(message)
 
   def alert(self, message: str):
-    """Printed even with the progress display off: what the user must know."""
+    """Printed even with the progress display off: what the user must know (tried again
+    after stderr failed: a full disk may have room again)."""
     if jax.process_index() == 0:
       self._write(message)
 
@@ -198,11 +199,11 @@ class ProgressBar:
     """One line to stderr. Where it cannot be written (a closed pipe: `... 2>&1 | head`, a
     terminal hung up, a full disk under `2> log`), training goes on without the display:
     it was stopped by it, unsaved; metrics.jsonl and TensorBoard keep the metrics."""
-    if self.lost:
-      return
     try:  # soft_wrap: one line per step in a log file too (rich wraps at 80 columns there)
       self.progress.console.print(message, highlight=False, soft_wrap=True)
     except OSError as e:
+      if self.lost:
+        return
       self.lost, self.enabled, self.live = e, False, False
       with contextlib.suppress(OSError):
         self.progress.stop()
