@@ -506,3 +506,31 @@ def test_the_commands_keep_compiled_programs_for_the_next_run(tmp_path, monkeypa
     jax.config.update('jax_compilation_cache_dir', suite_cache)
     jax.config.update('jax_compilation_cache_max_size', suite_cap)
   assert 'jaxarch: ' in capsys.readouterr().err
+
+
+def test_an_eval_on_other_expert_shards_than_the_run_s_says_so_in_a_file_of_its_own(
+    tmp_path, data_dir, caplog):
+  """MoE's ep_capacity_factor drops assignments by the expert shards: an eval on a mesh of
+  other shards (one host's devices, a pod's run) gave another loss into the run's own
+  eval_STEP.json, silently."""
+  from jaxarch.train.state import init_state  # pylint: disable=g-import-not-at-top
+  moe = config_lib.load('configs/moe.py:tiny', [f'data.data_dir={data_dir}',
+                                                'model.moe.ep_capacity_factor=1.0',
+                                                'log.eval_batches=1'])
+  cfg = mesh_config(moe, data=4, expert=2)
+  checkpointer = Checkpointer(tmp_path, async_save=False)
+  checkpointer.save(0, init_state(cfg, make_setup(cfg, make_mesh(cfg))))
+  checkpointer.close()
+  config_lib.save(cfg, tmp_path / 'config.json')
+  with caplog.at_level(logging.WARNING):
+    evaluate(cfg, tmp_path)
+  assert 'ep_capacity_factor' not in caplog.text
+  assert json.loads((tmp_path / 'eval_0.json').read_text())['evaluated_on']['mesh.expert'] == (
+      'ici 2 x dcn 1')
+  with caplog.at_level(logging.WARNING):
+    evaluate(mesh_config(moe, data=8), tmp_path)
+  assert ('model.moe.ep_capacity_factor=1.0 drops assignments by the number of expert shards, '
+          'and this eval runs on a mesh of these 8 devices (expert: ici 1 x dcn 1), not the '
+          "run's (ici 2 x dcn 1)") in caplog.text
+  (other,) = tmp_path.glob('eval_0_*.json')
+  assert json.loads(other.read_text())['evaluated_on']['mesh.expert'] == 'ici 1 x dcn 1'

@@ -512,11 +512,20 @@ def _blocks_of(model: ml_collections.ConfigDict) -> str:
 
 
 def _evaluated_on(cfg: ml_collections.ConfigDict) -> dict:
-  """The keys that choose what `evaluate` reads: its result file records them."""
-  return {'data.source': cfg.data.source,
-          'data.validation_fraction': cfg.data.validation_fraction,
-          'data.seq_len': cfg.data.seq_len, 'train.batch_size': cfg.train.batch_size,
-          'log.eval_batches': cfg.log.eval_batches}
+  """The keys that choose what `evaluate` reads, and the expert shards where MoE's
+  `ep_capacity_factor` drops assignments by them: its result file records them."""
+  on = {'data.source': cfg.data.source,
+        'data.validation_fraction': cfg.data.validation_fraction,
+        'data.seq_len': cfg.data.seq_len, 'train.batch_size': cfg.train.batch_size,
+        'log.eval_batches': cfg.log.eval_batches}
+  if _drops_by_expert_shards(cfg):
+    on['mesh.expert'] = f'ici {cfg.mesh.ici.expert} x dcn {cfg.mesh.dcn.expert}'
+  return on
+
+
+def _drops_by_expert_shards(cfg: ml_collections.ConfigDict) -> bool:
+  moe = cfg.model.get('moe')
+  return moe is not None and moe.get('ep_capacity_factor') is not None
 
 
 def eval_file(workdir: Path, step: int, evaluated_on: dict) -> Path:
@@ -552,9 +561,18 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
              step: int | None = None) -> dict:
   """Validation loss and bits per byte of the run's latest (or given) checkpoint."""
   Checkpointer.require(workdir)  # before building anything
+  run_cfg = cfg
   if (saved := Path(workdir) / 'config.json').is_file():  # a --config given with the run
     check_same_model(saved, cfg)
+    run_cfg = config_lib.load_json(saved)
   cfg, mesh = mesh_here(cfg)
+  shards = lambda c: _evaluated_on(c).get('mesh.expert')
+  if _drops_by_expert_shards(cfg) and (here := shards(cfg)) != (run := shards(run_cfg)):
+    logging.getLogger(__name__).warning(
+        'jaxarch: model.moe.ep_capacity_factor=%s drops assignments by the number of expert '
+        'shards, and this eval runs on a mesh of these %d devices (expert: %s), not the '
+        "run's (%s): its loss is not the one the run's evals saw; give it the devices of the "
+        "run's mesh", cfg.model.moe.ep_capacity_factor, jax.device_count(), here, run)
   setup = make_setup(cfg, mesh)
   batches = eval_batches(cfg, setup)
   if (missing := no_validation_data(cfg, batches)) is not None:
