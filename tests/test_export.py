@@ -4,6 +4,7 @@ tokens as jaxarch without jaxarch, and the command line."""
 import errno
 import functools
 import json
+import logging
 import math
 import os
 import shutil
@@ -613,6 +614,23 @@ def test_hf_export_is_a_llama_or_mixtral_with_the_models_logits(tmp_path, family
   assert ('lm_head.weight' in arrays) != tied
   np.testing.assert_allclose(_llama_logits(arrays, config, TOKENS[0]),
                              np.asarray(logits(model, TOKENS))[0], atol=2e-5, rtol=1e-5)
+
+
+def test_hf_export_of_a_capacity_routed_moe_says_mixtral_routes_every_token(tmp_path, caplog):
+  """A Mixtral drops no assignment: the export of a run that trains and evaluates with a
+  capacity is the function `jaxarch generate` serves, not its eval's (0.35 off in logits,
+  found by a user's round trip), and said nothing."""
+  cfg = family_config('moe')
+  with caplog.at_level(logging.WARNING):
+    write_hf(_model(cfg), cfg, tmp_path / 'dropless')
+  assert 'capacity' not in caplog.text
+  with cfg.unlocked():
+    cfg.model.moe.capacity_factor = 1.25
+  with caplog.at_level(logging.WARNING):
+    write_hf(_model(cfg), cfg, tmp_path / 'out')
+  assert ('export: the run routes with model.moe.capacity_factor=1.25 in training and eval, '
+          "dropping assignments past an expert's capacity; a MixtralForCausalLM routes every "
+          'token to its experts, as `jaxarch generate` does') in caplog.text
 
 
 def test_hf_export_of_the_byte_tokenizer_reads_text_as_jaxarch_does(tmp_path):

@@ -71,6 +71,7 @@ at all of which transformers' `generate` stops; config.json's is the end of docu
 """
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -365,6 +366,14 @@ def write_hf(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path,
   """Writes `model` as OUT/{config.json, model.safetensors, tokenizer files,
   generation_config.json, README.md}, for `AutoModelForCausalLM.from_pretrained(OUT)`."""
   check_exportable(cfg)
+  if cfg.model.family == 'moe' and (dropping := [
+      f'model.moe.{key}={cfg.model.moe[key]}' for key in ('capacity_factor', 'ep_capacity_factor')
+      if cfg.model.moe.get(key) is not None]):
+    logging.getLogger(__name__).warning(
+        'export: the run routes with %s in training and eval, dropping assignments past an '
+        "expert's capacity; a %s routes every token to its experts, as `jaxarch generate` "
+        "does: its logits differ from the run's eval where the run dropped",
+        ' and '.join(dropping), architecture(cfg.model)[0])
   cfg, model = unscanned(cfg, model)  # transformers' layers are unrolled
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
