@@ -534,8 +534,8 @@ def _fmt(loss: float | None) -> str:
 def _stopping_trainers_on_signals(trainers: set, stopping: threading.Event | None = None):
   """SIGTERM (or SIGHUP) to the sweep goes on to its running trainers, which checkpoint and
   stop, and sets `stopping`, so that no other run starts: the sweep ends with its runs
-  unrecorded and resumable. (Otherwise they would train on, orphaned, beside the trainers of the next
-  sweep. Ctrl-C reaches them through the terminal's process group.)"""
+  unrecorded and resumable. (Otherwise they would train on, orphaned, beside the trainers
+  of the next sweep. Ctrl-C reaches them through the terminal's process group.)"""
   def stop(signum, frame):
     del frame
     if stopping is not None:
