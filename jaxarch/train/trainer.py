@@ -528,14 +528,22 @@ def _drops_by_expert_shards(cfg: ml_collections.ConfigDict) -> bool:
   return moe is not None and moe.get('ep_capacity_factor') is not None
 
 
-def eval_file(workdir: Path, step: int, evaluated_on: dict) -> Path:
+def _run_config(workdir: Path) -> ml_collections.ConfigDict | None:
+  """The run's own config (its config.json); None where there is none that loads (a run
+  written by hand)."""
+  try:
+    return config_lib.load_json(workdir / 'config.json')
+  except (config_lib.ConfigError, OSError, ValueError):
+    return None
+
+
+def eval_file(workdir: Path, step: int, evaluated_on: dict,
+              run_cfg: ml_collections.ConfigDict | None = None) -> Path:
   """WORKDIR/eval_STEP.json over the run's own validation data; over other data (another
   source, more batches), eval_STEP_HASH.json, so that the evaluations of a step on
-  several held-out sets are all kept."""
-  try:
-    own = _evaluated_on(config_lib.load_json(workdir / 'config.json'))
-  except (config_lib.ConfigError, OSError, ValueError):
-    own = evaluated_on  # (no config.json: a run written by hand)
+  several held-out sets are all kept. `run_cfg`: the run's config, where read already."""
+  run_cfg = _run_config(workdir) if run_cfg is None else run_cfg
+  own = evaluated_on if run_cfg is None else _evaluated_on(run_cfg)
   if evaluated_on == own:
     return workdir / f'eval_{step}.json'
   digest = hashlib.sha256(json.dumps(evaluated_on, sort_keys=True).encode()).hexdigest()
@@ -561,13 +569,13 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
              step: int | None = None) -> dict:
   """Validation loss and bits per byte of the run's latest (or given) checkpoint."""
   Checkpointer.require(workdir)  # before building anything
-  run_cfg = cfg
   if (saved := Path(workdir) / 'config.json').is_file():  # a --config given with the run
     check_same_model(saved, cfg)
-    run_cfg = config_lib.load_json(saved)
+  run_cfg = _run_config(Path(workdir))
   cfg, mesh = mesh_here(cfg)
   shards = lambda c: _evaluated_on(c).get('mesh.expert')
-  if _drops_by_expert_shards(cfg) and (here := shards(cfg)) != (run := shards(run_cfg)):
+  if _drops_by_expert_shards(cfg) and (here := shards(cfg)) != (
+      run := shards(cfg if run_cfg is None else run_cfg)):
     logging.getLogger(__name__).warning(
         'jaxarch: model.moe.ep_capacity_factor=%s drops assignments by the number of expert '
         'shards, and this eval runs on a mesh of these %d devices (expert: %s), not the '
@@ -581,7 +589,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
   result = {'step': restored,
             **run_eval(setup, state, _eval_step(cfg, setup), batches),
             'evaluated_on': _evaluated_on(cfg)}
-  out = eval_file(Path(workdir), restored, result['evaluated_on'])
+  out = eval_file(Path(workdir), restored, result['evaluated_on'], run_cfg)
   try:
     if jax.process_index() == 0:
       _say_if_replaced(out, result['evaluated_on'])
