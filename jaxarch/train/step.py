@@ -298,11 +298,12 @@ def make_train_step(setup: TrainSetup):
                'nonfinite': 1.0 - finite.astype(jnp.float32),
                'layer_grad_norms': grad_norms, 'layer_param_norms': param_norms,
                **{f'aux_loss/{k}': v for k, v in aux.items()}, **out['metrics']}
-    # The optimizer's step counts advance on a skipped step too: its schedules (the
-    # learning rate, UltraMem's value multiplier) stay on `step`, as the trainer logs them.
+    # The schedules' step counts advance on a skipped step too: the learning rate and
+    # UltraMem's value multiplier stay on `step`, as the trainer logs them. Adam's own
+    # count stays with its moments: its bias correction is for the steps they hold.
     opt_state = jax.tree_util.tree_map_with_path(
-        lambda path, n, o: n if _is_count(path) else jnp.where(finite, n, o),
-        opt_state, state['opt_state'])
+        lambda path, n, o: n if _is_schedule_count(path, n) else keep(n, o),
+        opt_state, state['opt_state'], is_leaf=_is_adam_state)
     model_state = _refresh_state(setup, params, keep(model_state, state['model_state']))
     new_state = dict(state, step=state['step'] + 1, params=params, opt_state=opt_state,
                      model_state=model_state)
@@ -313,10 +314,15 @@ def make_train_step(setup: TrainSetup):
                  out_shardings=(setup.shardings, replicated), donate_argnums=(0,))
 
 
-def _is_count(path) -> bool:
-  """Whether an optimizer-state leaf is an optax step count (`ScaleByAdamState.count`,
-  `ScaleByScheduleState.count`, ...)."""
-  return bool(path) and getattr(path[-1], 'name', None) == 'count'
+def _is_adam_state(x) -> bool:
+  return isinstance(x, optax.ScaleByAdamState)
+
+
+def _is_schedule_count(path, node) -> bool:
+  """Whether an optimizer-state leaf is a schedule's step count (`ScaleByScheduleState`'s,
+  the UltraMem value multiplier's), not Adam's (kept whole with `_is_adam_state`)."""
+  return (not _is_adam_state(node) and bool(path)
+          and getattr(path[-1], 'name', None) == 'count')
 
 
 def _per_microbatch(params, microbatch):
