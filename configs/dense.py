@@ -186,7 +186,8 @@ def get_config(arg=None):
   c.train.eps = 1e-8
   c.train.grad_clip = 1.0
   # The first Adam moment's dtype: bfloat16 saves 2 of the 12 bytes of state per parameter
-  # (the second moment stays float32: its small values underflow in bf16).
+  # (the second moment keeps the parameters' dtype, float32: its small values underflow in
+  # bf16).
   c.train.mu_dtype = 'float32'
   c.train.z_loss = 0.0  # weight of log(Z)^2, stabilises large runs
   # Parameter groups by their `optim_group` metadata, e.g. UltraMem's memory values:

@@ -20,6 +20,7 @@ from jaxarch.train import evaluate, train
 from jaxarch.train import trainer
 from jaxarch.train.checkpoint import Checkpointer, CheckpointError
 from jaxarch.train.metrics import MetricsWriter, read_metrics, standard_json
+from jaxarch.train.optimizer import check_precision
 from jaxarch.train.state import make_setup
 
 
@@ -437,6 +438,19 @@ def test_a_vocab_size_too_small_for_the_tokenizer_says_what_to_set(tmp_path, dat
       f"config error: model.vocab_size=256 is smaller than the vocabulary of "
       f"data.tokenizer='{tmp_path}/tokenizer.json' (257); set "
       f"--config.model.vocab_size=384 (a multiple of 128 shards over `tensor`)")
+
+
+def test_float16_training_is_refused_and_bfloat16_weights_are_warned_of(tmp_path, caplog):
+  """No loss scaling: float16 gradients underflow (each token's is divided by the batch's
+  tokens). bfloat16 weights train, without a float32 copy: said."""
+  with pytest.raises(config_lib.ConfigError, match='trains without loss scaling'):
+    train(tiny_config(**{'model.dtype': 'float16'}), tmp_path / 'run')
+  assert not (tmp_path / 'run').exists()
+  with caplog.at_level(logging.WARNING):
+    check_precision(tiny_config().model)
+    assert not caplog.records
+    check_precision(tiny_config(**{'model.param_dtype': 'bfloat16'}).model)
+  assert "model.param_dtype='bfloat16' keeps no float32 copy" in caplog.text
 
 
 def test_the_stopwatch_leaves_out_paused_time(monkeypatch):
