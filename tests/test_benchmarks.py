@@ -159,6 +159,18 @@ def test_bench_command_times_the_train_step_and_writes_a_profile(tmp_path, capsy
   assert 'tokens/s' in out and 'device time' in out
 
 
+def test_a_tied_head_costs_the_flops_of_an_untied_one():
+  """Tied, the head's matmul reads the embedding table, which the active parameters
+  count as an embedding: its d·V multiply-adds per token still count."""
+  per_token = {}
+  for tied in (False, True):
+    cfg = config_lib.load('configs/dense.py:tiny', [f'model.tie_embeddings={tied}'])
+    model = nnx.eval_shape(lambda: models.build(cfg.model, rngs=nnx.Rngs(0)))
+    per_token[tied] = flops.train_flops_per_token(cfg.model, models.param_counts(model),
+                                                  cfg.data.seq_len)
+  assert per_token[True] == per_token[False] > 0
+
+
 @pytest.mark.parametrize('kind, tflops', [  # device kinds as jax reports them
     ('NVIDIA H100 80GB HBM3', 989.4), ('NVIDIA H100 PCIe', 756), ('NVIDIA H200', 989.4),
     ('NVIDIA GH200 480GB', 989.4), ('NVIDIA A100-SXM4-80GB', 312),

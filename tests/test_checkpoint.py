@@ -9,6 +9,7 @@ import types
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -697,3 +698,11 @@ def test_side_files_saved_without_their_sha256_restore_as_before(tmp_path, caplo
   assert ckpt.run_state(1) == {'nonfinite_steps_in_a_row': 2}
   ckpt.close()
   assert 'unreadable' not in caplog.text and 'sha256' not in caplog.text
+
+
+def test_a_checksum_changes_with_a_flipped_bit_or_a_moved_block():
+  x = np.arange(12, dtype=np.float32).reshape(3, 4)
+  flipped = x.copy()
+  flipped.view(np.uint32)[1, 2] ^= 1 << 7
+  sums = [int(checkpoint._checksum(jnp.asarray(a))) for a in (x, x[::-1], flipped, x)]
+  assert len(set(sums[:3])) == 3 and sums[3] == sums[0]

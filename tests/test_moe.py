@@ -581,11 +581,18 @@ def test_moe_train_step_reports_load_losses_and_dropped_fraction():
   setup = make_setup(cfg, make_mesh(cfg))
   state = init_state(cfg, setup)
   step = make_train_step(setup)
+  batch = make_batch(8, 16, seed=0)
+  batch['segment_ids'][:3, 6:] = 0  # padding: the aux losses are means over real tokens
   losses = []
   for i in range(3):
-    state, metrics = step(state, global_batch(make_batch(8, 16, seed=0), setup.batch_sharding))
+    state, metrics = step(state, global_batch(batch, setup.batch_sharding))
     losses.append(float(metrics['loss']))
   assert losses[-1] < losses[0]
+  moe = cfg.model.moe
+  for layer in (0, 1):
+    assert float(metrics[f'aux_loss/blocks/{layer}/mlp']) == pytest.approx(
+        moe.aux_loss_weight * float(metrics[f'blocks/{layer}/mlp/balance_loss'])
+        + moe.z_loss_weight * float(metrics[f'blocks/{layer}/mlp/z_loss']), rel=1e-5)
   loads = [float(metrics[f'blocks/0/mlp/load_e{e}']) for e in range(8)]
   np.testing.assert_allclose(sum(loads), 1.0, rtol=1e-5)
   for name in ('balance_loss', 'z_loss', 'dropped_fraction'):

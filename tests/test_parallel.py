@@ -39,6 +39,16 @@ def test_rules_map_logical_axes_to_mesh_axes():
     logical_to_spec(('embed', 'mlp'), misspelt)
 
 
+def test_a_dimension_split_over_two_mesh_axes_must_divide_by_their_product():
+  """12 rows over data=2 x fsdp=4: 2 divides them, 8 does not; fsdp is dropped, said."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ('data', 'fsdp'))
+  dropped = []
+  spec = logical_to_spec(('embed',), [('embed', ('data', 'fsdp'))], (12,), mesh, dropped)
+  assert spec == P('data') and dropped == [('embed', 12, 'fsdp')]
+  assert logical_to_spec(('embed',), [('embed', ('data', 'fsdp'))], (16,), mesh) == P(
+      ('data', 'fsdp'))
+
+
 def test_mesh_axis_that_does_not_divide_a_dimension_is_dropped():
   mesh = make_mesh(mesh_config(tiny_config(), data=2, tensor=4))
   # 2 kv heads cannot be split 4 ways: replicated along that dimension instead.

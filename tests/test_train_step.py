@@ -244,6 +244,44 @@ def test_no_weight_decay_on_norms_embeddings_and_biases():
   assert moved(updates['blocks'][0]['mlp']['gate']) > 0.0
 
 
+def test_cross_entropy_sums_the_nll_and_the_z_loss_of_the_unmasked_tokens():
+  """Uniform logits over 8 ids: each token's NLL and log Z are ln 8; the z-loss is
+  w·log(Z)² per token (PaLM); the masked tokens add neither."""
+  from jaxarch.train.step import cross_entropy  # pylint: disable=g-import-not-at-top
+  nll, z = cross_entropy(jnp.zeros((1, 4, 8)), jnp.zeros((1, 4), jnp.int32),
+                         jnp.array([[1.0, 1.0, 0.0, 0.0]]), z_loss=1e-4)
+  assert float(nll) == pytest.approx(2 * np.log(8))
+  assert float(z) == pytest.approx(2e-4 * np.log(8) ** 2)
+
+
+def test_an_evaluation_counts_the_bytes_of_the_targets_that_carry_loss():
+  from jaxarch.train.step import make_eval_step  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config(**{'model.dtype': 'float32'})
+  setup = make_setup(cfg, make_mesh(cfg, devices=jax.devices()[:1]))
+  byte_lengths = np.arange(cfg.model.vocab_size, dtype=np.float32) % 3
+  batch = make_batch(cfg.train.batch_size, cfg.data.seq_len)
+  batch['loss_mask'] = np.ones_like(batch['segment_ids'])
+  batch['loss_mask'][:, :10] = 0  # a prompt's targets
+  out = make_eval_step(setup, byte_lengths)(init_state(cfg, setup),
+                                            global_batch(batch, setup.batch_sharding))
+  assert float(out['tokens']) == cfg.train.batch_size * (cfg.data.seq_len - 10)
+  assert float(out['bytes']) == byte_lengths[batch['targets'][:, 10:]].sum()
+
+
+def test_gradients_are_clipped_to_the_global_norm_before_adam():
+  """A gradient of norm 100, clipped to 1, then one of norm 1: Adam moves each step by
+  lr. Unclipped, the large one would dominate the second moment (0.69 lr)."""
+  cfg = tiny_config(**{'train.grad_clip': 1.0, 'train.warmup_steps': 0, 'train.lr': 1e-2,
+                       'train.schedule': 'constant', 'train.weight_decay': 0.0})
+  params = nnx.State({'w': nnx.Param(jnp.zeros(2))})
+  tx = make_optimizer(cfg.train, params)
+  opt_state = tx.init(params)
+  for g in (100.0, 1.0):
+    grads = nnx.State({'w': nnx.Param(jnp.array([g, 0.0]))})
+    updates, opt_state = tx.update(grads, opt_state, params)
+  np.testing.assert_allclose(updates['w'].get_value(), [-1e-2, 0.0], rtol=1e-5)
+
+
 @pytest.mark.parametrize('schedule', ['cosine', 'wsd', 'constant'])
 def test_schedules_warm_up_then_reach_their_final_rate(schedule):
   cfg = tiny_config(**{'train.schedule': schedule, 'train.steps': 100,
