@@ -425,15 +425,27 @@ def test_distill_refuses_a_negative_seed_and_a_run_trained_on_distilled_data(tmp
     distill(tmp_path / 'bita', tmp_path / 'new')
 
 
-def test_distill_warns_before_generating_that_bita_refuses_a_windowed_base(tmp_path, caplog):
+@pytest.mark.parametrize('base, prompt_len, said', [
+    ('configs/dense.py:tiny model.sliding_window=8', 32,
+     'model.sliding_window=8), which BiTA cannot train over'),
+    ('configs/megabyte.py:tiny', 32, "holds a 'megabyte' model, and BiTA wraps dense, moe"),
+    ('configs/dense.py:tiny', 255, '--prompt_len=255 leaves no continuation in its rows of '
+     'at most model.max_len=256 tokens (a mask needs the token two past its anchor); '
+     '--prompt_len=254 or less does'),
+    ('configs/dense.py:tiny', 254, None)])
+def test_distill_warns_before_generating_of_a_base_bita_refuses(tmp_path, caplog, base,
+                                                                 prompt_len, said):
   """Was said by the BiTA config only, after the distillation had run."""
-  (tmp_path / 'windowed').mkdir()
-  config_lib.save(tiny_config(**{'model.sliding_window': 8}),
-                  tmp_path / 'windowed' / 'config.json')
+  (tmp_path / 'base').mkdir()
+  spec, *overrides = base.split()
+  config_lib.save(config_lib.load(spec, overrides), tmp_path / 'base' / 'config.json')
   with caplog.at_level('WARNING', logger='jaxarch.infer.distill'):
     with pytest.raises(FileNotFoundError, match='no checkpoint'):  # warned before loading
-      distill(tmp_path / 'windowed', tmp_path / 'new')
-  assert 'model.sliding_window=8), which BiTA cannot train over' in caplog.text
+      distill(tmp_path / 'base', tmp_path / 'new', prompt_len=prompt_len)
+  if said is None:
+    assert not [r for r in caplog.records if r.name == 'jaxarch.infer.distill']
+  else:
+    assert said in caplog.text and 'a BiTA run over this base is refused' in caplog.text
 
 
 # The BiTA config: its model section and tokenizer come from the base run.

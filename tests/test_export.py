@@ -857,6 +857,11 @@ def test_a_distill_onto_a_full_disk_is_one_line_and_can_be_retried(tmp_path, cap
   assert cli.main(args) == 0
   assert json.loads((out / 'distill.json').read_text())['sequences'] == {
       'train': 2, 'validation': 1}
+  # stdout: the summary alone; TFDS's 'Downloading and preparing' said as what it is.
+  said = capsys.readouterr()
+  assert json.loads(said.out)['sequences'] == {'train': 2, 'validation': 1}
+  assert 'jaxarch: writing the distilled sequences into' in said.err
+  assert 'Downloading' not in said.out + said.err
 
 
 def test_hf_export_command_refuses_before_it_writes(tmp_path, capsys, dense_run,

@@ -554,19 +554,27 @@ class Distilled(tfds.core.GeneratorBasedBuilder):
     for i, (tokens, prompt_length) in enumerate(sequences):
       yield i, {'tokens': np.asarray(tokens, np.int32), 'prompt_length': prompt_length}
 
+  def _log_download_bytes(self) -> None:  # see _TextFilesBuilder
+    print(f'jaxarch: writing the distilled sequences into {self.data_dir}')
+
+  def _log_download_done(self) -> None:
+    pass  # `jaxarch distill` says what it wrote
+
 
 def write_distilled(directory: str | os.PathLike, splits: dict) -> pathlib.Path:
   """Writes `splits` (split -> [(tokens, prompt_length)]) as the array_record dataset that
   `data.source='distilled:<directory>'` reads; TFDS makes it appear only when complete."""
   check_no_distilled(directory)
   builder = _distilled_builder(directory, splits)
-  builder.download_and_prepare()
+  with _tfds_output_on_stderr():
+    builder.download_and_prepare()
   return pathlib.Path(builder.data_dir)
 
 
 def _distilled_builder(directory, splits: dict) -> 'Distilled':
-  return Distilled(config=SequencesConfig(name='greedy', splits=splits),
-                   data_dir=str(directory), file_format='array_record')
+  with _without_custom_config_note():
+    return Distilled(config=SequencesConfig(name='greedy', splits=splits),
+                     data_dir=str(directory), file_format='array_record')
 
 
 def check_no_distilled(directory: str | os.PathLike) -> None:

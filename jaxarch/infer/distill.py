@@ -57,6 +57,26 @@ def sample_prompts(data_cfg, split: str, num_prompts: int, prompt_len: int, seed
   return prompts
 
 
+def _warn_if_no_bita_trains_on(workdir, model_cfg, prompt_len: int) -> None:
+  """Said before generating (hours, for a large run): continuations that a BiTA run over
+  this base refuses (they still train other students, as any `distilled:` source does)."""
+  if model_cfg.family not in config_lib.BITA_BASES:
+    why = (f"it holds a {model_cfg.family!r} model, and BiTA wraps "
+           f"{', '.join(config_lib.BITA_BASES)} models")
+  elif (window := model_cfg.get('sliding_window')) is not None:
+    why = (f'it attends through a sliding window (model.sliding_window={window}), which BiTA '
+           'cannot train over (its draft trees attend without one)')
+  elif prompt_len + 2 > model_cfg.max_len:
+    why = (f'--prompt_len={prompt_len} leaves no continuation in its rows of at most '
+           f'model.max_len={model_cfg.max_len} tokens (a mask needs the token two past its '
+           f'anchor); --prompt_len={max(model_cfg.max_len - 2, 1)} or less does')
+  else:
+    return
+  logging.getLogger(__name__).warning(
+      'distill: %s: %s; the continuations are written, but a BiTA run over this base is '
+      'refused', workdir, why)
+
+
 def distill(workdir: str | Path, out: str | Path, *, num_prompts: int = 2048,
             validation_prompts: int = 64, prompt_len: int = 32, max_new_tokens: int = 96,
             batch_size: int = 64, seed: int = 0) -> dict:
@@ -78,11 +98,7 @@ def distill(workdir: str | Path, out: str | Path, *, num_prompts: int = 2048,
       raise GenerateError(f'distill: {workdir} was trained on data.source={source!r}, which '
                           'has no text to draw prompts from; distill the base run, trained '
                           "on 'default', 'files:<glob>' or 'tfds:<name>'")
-    if (window := saved_cfg.model.get('sliding_window')) is not None:
-      logging.getLogger(__name__).warning(
-          'distill: %s attends through a sliding window (model.sliding_window=%s), which '
-          "BiTA cannot train over (its draft trees attend without one): the continuations "
-          'are written, but a BiTA run over this base is refused', workdir, window)
+    _warn_if_no_bita_trains_on(workdir, saved_cfg.model, prompt_len)
   start = time.perf_counter()
   cfg, model, base_step = load_checkpoint(workdir, scan_layers=False)  # decoding: unrolled
   tokenizer = data.get_tokenizer(cfg.data.tokenizer)
