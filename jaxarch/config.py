@@ -1483,6 +1483,17 @@ def _choice(cfg: ConfigDict, key: str, options: Sequence) -> Any:
 # Saving the resolved config.
 
 
+def flat(tree: dict, prefix: str = '') -> dict:
+  """{'model': {'n_layers': 4}} -> {'model.n_layers': 4}."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flat(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
 def to_dict(cfg: ConfigDict | ml_collections.FrozenConfigDict) -> dict[str, Any]:
   """The config as plain nested dicts (tuples kept), placeholders resolved to their values."""
   return cfg.to_dict()

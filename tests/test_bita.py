@@ -531,6 +531,15 @@ def test_bita_warns_when_its_base_trained_on_since_the_distillation(tmp_path, ca
       initial_state(cfg, bita_setup)
     assert ('was distilled from step 1 of' in caplog.text) == warned, caplog.text
     assert ('latest checkpoint is now step 3; distill it again' in caplog.text) == warned
+  # A shape of the base overridden: the arrays that differ, and the key. (The lists were
+  # compared pairwise: every pair after the missing block differed, the first named.)
+  cfg = _bita_load(tmp_path / 'base', 'model.n_layers=3', source=f'distilled:{distilled}')
+  with pytest.raises(config_lib.ConfigError) as error:
+    initial_state(cfg, make_setup(cfg, make_mesh(cfg)))
+  assert str(error.value).endswith(
+      "(params: ['blocks'][3]['attn']['k_proj'] saved, not here (and 8 more)); an override "
+      'of a model key that sets its shapes cannot apply to a pretrained part '
+      '(model.n_layers=3, 4 there)'), str(error.value)
 
 
 @pytest.mark.slow  # 37 s

@@ -300,12 +300,12 @@ def config_changes(run: plan.Run, run_dir: Path) -> str | None:
   saved = run_dir / 'config.json'
   if not saved.exists():
     return None
-  as_json = lambda cfg: _flat(json.loads(json.dumps(config_lib.to_dict(cfg))))
+  as_json = lambda cfg: config_lib.flat(json.loads(json.dumps(config_lib.to_dict(cfg))))
   try:  # read as jaxarch reads it: keys added since then take their defaults
     old = as_json(config_lib.load_json(saved))
   except config_lib.ConfigError:  # no longer a valid config: compared as it is
     try:
-      old = _flat(json.loads(saved.read_text()))
+      old = config_lib.flat(json.loads(saved.read_text()))
     except (ValueError, AttributeError):  # torn or hand-edited: not a config at all
       return f'{saved.name} is not a config'
   new = as_json(run.config())
@@ -313,16 +313,6 @@ def config_changes(run: plan.Run, run_dir: Path) -> str | None:
              if old.get(k) != new.get(k) and k not in _BOOKKEEPING
              and k.split('.')[0] not in config_lib.UNHASHED_SECTIONS]
   return (', '.join(changed[:3]) + (' ...' if len(changed) > 3 else '')) or None
-
-
-def _flat(tree: dict, prefix: str = '') -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f'{prefix}{key}.'))
-    else:
-      out[f'{prefix}{key}'] = value
-  return out
 
 
 def selected(runs: list[plan.Run], only: Sequence[str]) -> set[str]:

@@ -125,15 +125,28 @@ def _check_distilled_step(source: str, workdir: Path, step: int) -> None:
 
 
 def _difference(fresh, old) -> str | None:
-  """The first difference of two flattened (path, variable) lists, or None."""
-  for (path, a), (old_path, b) in zip(fresh, old):
-    if path != old_path:
-      return f'{jax.tree_util.keystr(path)} here, {jax.tree_util.keystr(old_path)} saved'
-    if a.shape != b.shape:
-      return f'{jax.tree_util.keystr(path)} is {a.shape} here, {b.shape} saved'
-  if len(fresh) != len(old):
-    return f'{len(fresh)} arrays here, {len(old)} saved'
+  """The first difference of two flattened (path, variable) lists, or None: an array
+  saved and not here, one here and not saved, or one of another shape."""
+  here = {jax.tree_util.keystr(path): v.shape for path, v in fresh}
+  saved = {jax.tree_util.keystr(path): v.shape for path, v in old}
+  for name, side, others in ((saved, 'saved, not here', here), (here, 'here, not saved', saved)):
+    if missing := [path for path in name if path not in others]:
+      more = f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''
+      return f'{missing[0]} {side}{more}'
+  for path, shape in here.items():
+    if shape != saved[path]:
+      return f'{path} is {shape} here, {saved[path]} saved'
   return None
+
+
+def _keys_changed(model_cfg: ml_collections.ConfigDict, workdir: Path) -> str:
+  """The model keys of this config whose values differ from those of the run in `workdir`
+  (e.g. `n_layers=3, 4 there`), or ''."""
+  ours = config_lib.flat(model_cfg.to_dict())
+  theirs = config_lib.flat(config_lib.load_json(workdir / 'config.json').model.to_dict())
+  changed = [f'model.{k}={ours[k]!r}, {theirs[k]!r} there' for k in sorted(theirs)
+             if k != 'family' and k in ours and ours[k] != theirs[k]]
+  return f' ({"; ".join(changed)})' if changed else ''
 
 
 def initial_state(cfg: ml_collections.ConfigDict, setup: TrainSetup) -> dict:
@@ -159,7 +172,8 @@ def initial_state(cfg: ml_collections.ConfigDict, setup: TrainSetup) -> dict:
         raise config_lib.ConfigError(
             f'the checkpoint in {workdir} does not fit model part {name!r} of this config '
             f'({collection}: {why}); an override of a model key that sets its shapes '
-            'cannot apply to a pretrained part')
+            'cannot apply to a pretrained part'
+            f'{_keys_changed(cfg.model, Path(workdir).expanduser())}')
       # The read counts of the last logging window are the base run's metrics, not state.
       given.update({f'{name}.{key}': variable.get_value() for key, (_, variable)
                     in named_variables(restored[collection]).items()
