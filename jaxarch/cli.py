@@ -93,6 +93,15 @@ def at_least_one(text: str) -> int:
   return _count(text, least=1)
 
 
+def _widths(text: str) -> tuple[int, ...]:
+  """An argparse type: a draft tree's candidates per level, `5,4,3`."""
+  try:
+    return tuple(at_least_one(width) for width in text.split(','))
+  except argparse.ArgumentTypeError as e:
+    raise argparse.ArgumentTypeError(f'{text!r}: {e}; give candidates per level, e.g. '
+                                     '5,4,3') from None
+
+
 def _positive(text: str) -> float:
   """An argparse type: a finite number > 0."""
   try:
@@ -288,6 +297,9 @@ def _generate(args, overrides):
     raise GenerateError(f'generate: --seed draws sampled tokens; --method={method} takes the '
                         'most likely ones: add --method=sample (or a --temperature, --top_k '
                         'or --top_p), or drop --seed')
+  if args.draft_tree is not None and method != 'bita':
+    raise GenerateError(f"generate: --draft_tree is BiTA's; --method={method} drafts nothing: "
+                        'add --method=bita, or drop --draft_tree')
   _check_backend()
   cfg, model = _run_or_export(args.workdir, args.step)
   tokenizer = get_tokenizer(cfg.data.tokenizer)
@@ -318,7 +330,7 @@ def _generate(args, overrides):
       top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p,
       # The eod, and an imported instruct model's end of turn (data.stop_ids).
       stop_ids=() if args.ignore_eod else stop_ids(cfg.data, tokenizer),
-      seed=args.seed or 0)
+      seed=args.seed or 0, draft_tree=args.draft_tree)
   for i, (text, ids, new) in enumerate(zip(map(as_text, texts), prompts, outputs)):
     # The assistant's reply alone, or the prompt's continuation.
     added = (tokenizer.decode(new) if args.chat else
@@ -594,6 +606,9 @@ def _parser() -> argparse.ArgumentParser:
   gen.add_argument('--top_k', type=int, help='sample from the k most likely tokens')
   gen.add_argument('--top_p', type=float, help='nucleus: the most likely tokens up to p')
   gen.add_argument('--seed', type=int, help='with sampling (default 0)')
+  gen.add_argument('--draft_tree', type=_widths,
+                   help="with --method=bita: draft candidates per level, e.g. 5,4,3 (default: "
+                   "the run's model.bita.draft_tree)")
   gen.add_argument('--ignore_eod', action='store_true',
                    help='keep generating past the end-of-document token and the '
                    'data.stop_ids (an instruct model\'s end of turn), up to --max_new_tokens')

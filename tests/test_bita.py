@@ -1,6 +1,7 @@
 """BiTA: lossless tree decoding for every wrapped family, the tree, the statistics; its
 config, distilled data and training with the base frozen."""
 
+import contextlib
 import json
 import logging
 import threading
@@ -228,6 +229,22 @@ def test_generate_command_reports_bita_acceptance_and_refuses_sampling_flags(tmp
       assert err.count('\n') == 1, err
       assert (f'{", ".join(f.split("=")[0] for f in flags)} choose among tokens for '
               f'--method=sample; --method={method} takes the most likely ones') in err
+  # Another draft tree from the command line: the same tokens as greedy decoding.
+  ids = {}
+  for flags in (('--method=greedy',), ('--method=bita', '--draft_tree=1,1,1')):
+    assert generate('--ignore_eod', '--json', *flags) == 0
+    ids[flags[0]] = json.loads(capsys.readouterr().out)['ids']
+  assert ids['--method=bita'] == ids['--method=greedy'] and len(ids['--method=bita']) == 8
+  for flags, said in [(('--method=bita', '--draft_tree=1,1,1,1'), 'has 4 levels'),
+                      (('--method=greedy', '--draft_tree=2'),
+                       "--draft_tree is BiTA's; --method=greedy drafts nothing"),
+                      (('--method=bita', '--draft_tree=5,x'),
+                       "argument --draft_tree: '5,x': 'x' is not a whole number; give "
+                       'candidates per level, e.g. 5,4,3')]:
+    with pytest.raises(SystemExit) if 'x' in flags[1] else contextlib.nullcontext():
+      assert generate(*flags) == 2
+    err = capsys.readouterr().err
+    assert said in err and 'Traceback' not in err, err
 
 
 # Training rows: mask groups hang after tokens of each row's own labelled part.
