@@ -178,6 +178,7 @@ def _slurm_seconds(time: str) -> int | None:
 def check(cfg, target: str) -> dict[str, int]:
   """Raises ConfigError unless the launch section fits the target and the mesh; returns
   the mesh's axis sizes on the cluster's devices."""
+  config_lib.check_train_precision(cfg.model)  # said here, not by the job once it starts
   launch = cfg.launch
   for key in ('nodes', 'devices_per_node', 'slices', 'stop_grace_s'):
     config_lib._positive_int(cfg, f'launch.{key}')  # pylint: disable=protected-access

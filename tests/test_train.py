@@ -20,7 +20,6 @@ from jaxarch.train import evaluate, train
 from jaxarch.train import trainer
 from jaxarch.train.checkpoint import Checkpointer, CheckpointError
 from jaxarch.train.metrics import MetricsWriter, read_metrics, standard_json
-from jaxarch.train.optimizer import check_precision
 from jaxarch.train.state import make_setup
 
 
@@ -440,17 +439,29 @@ def test_a_vocab_size_too_small_for_the_tokenizer_says_what_to_set(tmp_path, dat
       f"--config.model.vocab_size=384 (a multiple of 128 shards over `tensor`)")
 
 
-def test_float16_training_is_refused_and_bfloat16_weights_are_warned_of(tmp_path, caplog):
+def test_float16_training_is_refused_and_bfloat16_weights_are_warned_of(tmp_path):
   """No loss scaling: float16 gradients underflow (each token's is divided by the batch's
-  tokens). bfloat16 weights train, without a float32 copy: said."""
-  with pytest.raises(config_lib.ConfigError, match='trains without loss scaling'):
-    train(tiny_config(**{'model.dtype': 'float16'}), tmp_path / 'run')
+  tokens), and float16 weights give Adam a second moment of zeros. Refused by whatever
+  trains or plans training, before a job starts. bfloat16 weights train, without a float32
+  copy: said."""
+  from jaxarch import launch  # pylint: disable=g-import-not-at-top
+  from jaxarch.sweep import plan  # pylint: disable=g-import-not-at-top
+  from jaxarch.train import memory, throughput  # pylint: disable=g-import-not-at-top
+  for key in ('dtype', 'param_dtype'):
+    cfg = tiny_config(**{f'model.{key}': 'float16'})
+    said = f"config error: model.{key}='float16' trains without loss scaling"
+    for trains in (lambda: train(cfg, tmp_path / 'run'), lambda: throughput.measure(cfg),
+                   lambda: memory.plan(cfg), lambda: launch.check(cfg, 'slurm')):
+      with pytest.raises(config_lib.ConfigError, match=said):
+        trains()
+    with pytest.raises(config_lib.ConfigError, match=f"run 'a': model.{key}='float16' trains"):
+      plan.runs_from([{'name': 'a', 'config': 'configs/dense.py:tiny',
+                       f'model.{key}': 'float16'}], 'sweep.py')
   assert not (tmp_path / 'run').exists()
-  with caplog.at_level(logging.WARNING):
-    check_precision(tiny_config().model)
-    assert not caplog.records
-    check_precision(tiny_config(**{'model.param_dtype': 'bfloat16'}).model)
-  assert "model.param_dtype='bfloat16' keeps no float32 copy" in caplog.text
+  assert config_lib.check_train_precision(tiny_config().model) is None
+  assert config_lib.check_train_precision(tiny_config(**{
+      'model.param_dtype': 'bfloat16'}).model).startswith(
+          "model.param_dtype='bfloat16' keeps no float32 copy of the weights")
 
 
 def test_the_stopwatch_leaves_out_paused_time(monkeypatch):

@@ -93,6 +93,7 @@ def runs_from(members: Sequence[dict], where: str) -> list[Run]:
     run = Run(name, str(member['config']), overrides, budget)
     try:
       cfg = run.config()
+      config_lib.check_train_precision(cfg.model)  # said now, not by each run as it starts
     except config_lib.ConfigError as e:
       why = str(e).removeprefix('config error: ')  # said once, before the sweep's name
       raise config_lib.ConfigError(f'{where}: run {name!r}: {why}') from None

@@ -128,6 +128,7 @@ def plan(cfg: ml_collections.ConfigDict, *, compile_step: bool = True,
   `device_memory` (bytes) plans for another device than the present one, e.g. an 80 GB
   GPU from a CPU with `--xla_force_host_platform_device_count` devices.
   """
+  config_lib.check_train_precision(cfg.model)  # a step `train` refuses is planned for none
   setup = make_setup(cfg, make_mesh(cfg))
   state = state_bytes_per_device(setup)
   limit = device_memory or device_memory_bytes()

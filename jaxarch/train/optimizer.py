@@ -11,8 +11,6 @@ learning-rate multiplier that `train.groups.NAME` configures:
                    release does: lr · (1 + (T−1)·max(0, 1 − step/steps))) or 'none'
 """
 
-import logging
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -20,23 +18,6 @@ import optax
 from flax import nnx
 
 from jaxarch.config import ConfigError
-
-
-def check_precision(model_cfg: ml_collections.ConfigDict) -> None:
-  """Refuses float16 training and warns of bfloat16 weights: this optimizer applies no loss
-  scaling and keeps no float32 copy of the weights."""
-  if model_cfg.dtype == 'float16':
-    # Each token's gradient is divided by the batch's tokens (overflow-safe), which at
-    # 256 x 1024 tokens puts the head's backward below float16's normal range.
-    raise ConfigError("config error: model.dtype='float16' trains without loss scaling, "
-                      "which jaxarch does not apply: the gradients underflow float16; "
-                      "train in bfloat16 (or float32); float16 serves (generate, eval) "
-                      'on GPUs')
-  if model_cfg.param_dtype == 'bfloat16':
-    logging.warning("jaxarch: model.param_dtype='bfloat16' keeps no float32 copy of the "
-                    'weights: an update below half a bfloat16 step is lost (a norm scale '
-                    'near 1 moves only at lr >= 4e-3), and Adam\'s second moment is '
-                    "bfloat16 too; model.param_dtype='float32' (the default) trains them")
 
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:

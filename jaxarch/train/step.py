@@ -216,8 +216,7 @@ def make_train_step(setup: TrainSetup):
     """Gradients of the summed NLL + z-loss, plus aux losses x tokens, of one microbatch,
     over its number of input tokens: sums that add up over microbatches, rescaled by that
     number / the batch's loss tokens at the end. (Divided by the constant, the backward
-    pass carries values of a mean's magnitude, which a float16 step needs: a sum over many
-    tokens overflows.)"""
+    pass carries values of a mean's magnitude, not of a sum over many tokens.)"""
 
     def objective(params):
       # Frozen parameters get no gradient, so XLA drops their weight-gradient matmuls.
@@ -301,9 +300,8 @@ def make_train_step(setup: TrainSetup):
     # The schedules' step counts advance on a skipped step too: the learning rate and
     # UltraMem's value multiplier stay on `step`, as the trainer logs them. Adam's own
     # count stays with its moments: its bias correction is for the steps they hold.
-    opt_state = jax.tree_util.tree_map_with_path(
-        lambda path, n, o: n if _is_schedule_count(path, n) else keep(n, o),
-        opt_state, state['opt_state'], is_leaf=_is_adam_state)
+    opt_state = jax.tree.map(lambda n, o: n if _is_schedule(n) else keep(n, o),
+                             opt_state, state['opt_state'], is_leaf=_is_schedule)
     model_state = _refresh_state(setup, params, keep(model_state, state['model_state']))
     new_state = dict(state, step=state['step'] + 1, params=params, opt_state=opt_state,
                      model_state=model_state)
@@ -314,15 +312,10 @@ def make_train_step(setup: TrainSetup):
                  out_shardings=(setup.shardings, replicated), donate_argnums=(0,))
 
 
-def _is_adam_state(x) -> bool:
-  return isinstance(x, optax.ScaleByAdamState)
-
-
-def _is_schedule_count(path, node) -> bool:
-  """Whether an optimizer-state leaf is a schedule's step count (`ScaleByScheduleState`'s,
-  the UltraMem value multiplier's), not Adam's (kept whole with `_is_adam_state`)."""
-  return (not _is_adam_state(node) and bool(path)
-          and getattr(path[-1], 'name', None) == 'count')
+def _is_schedule(x) -> bool:
+  """A schedule's state (the learning rate's, UltraMem's value multiplier's): its step
+  count, which moves on with `step`."""
+  return isinstance(x, optax.ScaleByScheduleState)
 
 
 def _per_microbatch(params, microbatch):

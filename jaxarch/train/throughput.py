@@ -33,6 +33,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
+from jaxarch import config as config_lib
 from jaxarch.data import synthetic_batch
 from jaxarch.parallel import data_shard, global_batch, make_mesh
 from jaxarch.train import flops, profile
@@ -47,6 +48,7 @@ def measure(cfg: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
   if steps < 1 or warmup < 1:
     raise ValueError(f'throughput: steps={steps} and warmup={warmup} must be >= 1 (the '
                      'first warm-up step compiles)')
+  config_lib.check_train_precision(cfg.model)  # a step `train` refuses is timed for none
   setup = make_setup(cfg, make_mesh(cfg))
   check_state_fits(cfg, setup)
   state = init_state(cfg, setup)

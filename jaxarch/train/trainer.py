@@ -26,7 +26,7 @@ from jaxarch.train.memory import check_state_fits
 from jaxarch.train.metrics import (InputWait, MetricsWriter, ProgressBar, Stopwatch,
                                    final_metrics, standard_json)
 from jaxarch.train.nonfinite import NonFiniteMonitor
-from jaxarch.train.optimizer import check_precision, learning_rate_schedule
+from jaxarch.train.optimizer import learning_rate_schedule
 from jaxarch.train.preemption import StopRequests
 from jaxarch.train.pretrained import initial_state, mesh_here
 from jaxarch.train.state import MODEL, TrainSetup, make_setup
@@ -238,7 +238,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
 
 
 def _train(cfg: ml_collections.ConfigDict, workdir: Path, stop: StopRequests) -> dict:
-  check_precision(cfg.model)
+  if warning := config_lib.check_train_precision(cfg.model):
+    logging.warning('jaxarch: %s', warning)
   setup = make_setup(cfg, make_mesh(cfg))
   had_checkpoints = Checkpointer.exists(workdir)
   check_workdir(workdir, cfg, state_bytes(setup.abstract_state),
