@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements that CPU-only sessions owe, in priority order, as device calls:
 #
-#   ../shared/tools/device-wheels.sh flatbuffers portpicker threadpoolctl  # here, once: wheels the device
+#   ../shared/tools/device-wheels.sh flatbuffers portpicker threadpoolctl  # here, once: what the device
 #   pip wheel --no-deps -w .device-wheels promise              # lacks (grain and tfds need
 #   pip download --no-deps -d .device-wheels/fallback flax==0.12.12  # the last two; see below)
 #   device run, carry [".device-wheels"], timeout_s 330:  bash benchmarks/gpu_checks.sh 1

@@ -166,9 +166,11 @@ def test_a_tied_head_costs_the_flops_of_an_untied_one():
   for tied in (False, True):
     cfg = config_lib.load('configs/dense.py:tiny', [f'model.tie_embeddings={tied}'])
     model = nnx.eval_shape(lambda: models.build(cfg.model, rngs=nnx.Rngs(0)))
-    per_token[tied] = flops.train_flops_per_token(cfg.model, models.param_counts(model),
-                                                  cfg.data.seq_len)
-  assert per_token[True] == per_token[False] > 0
+    counts = models.param_counts(model)
+    per_token[tied] = flops.train_flops_per_token(cfg.model, counts, cfg.data.seq_len)
+  d, v = cfg.model.d_model, cfg.model.vocab_size
+  assert flops.matmul_params(cfg.model, counts) == counts['active'] - counts['embedding'] + d * v
+  assert per_token[True] == per_token[False]
 
 
 @pytest.mark.parametrize('kind, tflops', [  # device kinds as jax reports them

@@ -235,13 +235,14 @@ def test_generate_command_reports_bita_acceptance_and_refuses_sampling_flags(tmp
     assert generate('--ignore_eod', '--json', *flags) == 0
     ids[flags[0]] = json.loads(capsys.readouterr().out)['ids']
   assert ids['--method=bita'] == ids['--method=greedy'] and len(ids['--method=bita']) == 8
-  for flags, said in [(('--method=bita', '--draft_tree=1,1,1,1'), 'has 4 levels'),
-                      (('--method=greedy', '--draft_tree=2'),
-                       "--draft_tree is BiTA's; --method=greedy drafts nothing"),
-                      (('--method=bita', '--draft_tree=5,x'),
-                       "argument --draft_tree: '5,x': 'x' is not a whole number; give "
-                       'candidates per level, e.g. 5,4,3')]:
-    with pytest.raises(SystemExit) if 'x' in flags[1] else contextlib.nullcontext():
+  for flags, parsed, said in [
+      (('--method=bita', '--draft_tree=1,1,1,1'), True, 'has 4 levels'),
+      (('--method=greedy', '--draft_tree=2'), True,
+       "--draft_tree is BiTA's; --method=greedy drafts nothing"),
+      (('--method=bita', '--draft_tree=5,x'), False,  # argparse's error: it exits
+       "argument --draft_tree: '5,x': 'x' is not a whole number; give candidates per level, "
+       'e.g. 5,4,3')]:
+    with contextlib.nullcontext() if parsed else pytest.raises(SystemExit):
       assert generate(*flags) == 2
     err = capsys.readouterr().err
     assert said in err and 'Traceback' not in err, err
@@ -448,7 +449,8 @@ def test_distill_refuses_a_negative_seed_and_a_run_trained_on_distilled_data(tmp
     ('configs/megabyte.py:tiny', 32, "holds a 'megabyte' model, and BiTA wraps dense, moe"),
     ('configs/dense.py:tiny', 255, '--prompt_len=255 leaves no continuation in its rows of '
      'at most model.max_len=256 tokens (a mask needs the token two past its anchor); '
-     '--prompt_len=254 or less does'),
+     'give --prompt_len=254 or less, and the BiTA run a data.seq_len of at least '
+     '--prompt_len + 2'),
     ('configs/dense.py:tiny', 254, None)])
 def test_distill_warns_before_generating_of_a_base_bita_refuses(tmp_path, caplog, base,
                                                                  prompt_len, said):
@@ -555,8 +557,8 @@ def test_bita_warns_when_its_base_trained_on_since_the_distillation(tmp_path, ca
     initial_state(cfg, make_setup(cfg, make_mesh(cfg)))
   assert str(error.value).endswith(
       "(params: ['blocks'][3]['attn']['k_proj'] saved, not here (and 8 more)); an override "
-      'of a model key that sets its shapes cannot apply to a pretrained part '
-      '(model.n_layers=3, 4 there)'), str(error.value)
+      'of a model key that sets its shapes cannot apply to a pretrained part; this '
+      "config's model keys that differ from that run's: n_layers=3 (4 there)"), str(error.value)
 
 
 @pytest.mark.slow  # 37 s

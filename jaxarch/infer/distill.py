@@ -69,7 +69,8 @@ def _warn_if_no_bita_trains_on(workdir, model_cfg, prompt_len: int) -> None:
   elif prompt_len + 2 > model_cfg.max_len:
     why = (f'--prompt_len={prompt_len} leaves no continuation in its rows of at most '
            f'model.max_len={model_cfg.max_len} tokens (a mask needs the token two past its '
-           f'anchor); --prompt_len={max(model_cfg.max_len - 2, 1)} or less does')
+           f'anchor); give --prompt_len={max(model_cfg.max_len - 2, 1)} or less, and the BiTA '
+           'run a data.seq_len of at least --prompt_len + 2')
   else:
     return
   logging.getLogger(__name__).warning(

@@ -18,7 +18,6 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
 import numpy as np
-import threadpoolctl
 from scipy import optimize, special
 
 HUBER_DELTA = 1e-3
@@ -97,15 +96,12 @@ def _grid_starts(log_n, log_d, log_l, delta, count):
 
 def _fit(log_n, log_d, log_l, delta, starts):
   best = None
-  # L-BFGS-B's BLAS calls on 5 numbers: OpenBLAS's threads only wait on each other
-  # (a fit took 10x as long on 2 busy cores).
-  with threadpoolctl.threadpool_limits(1, user_api='blas'):
-    for start in starts:
-      result = optimize.minimize(_objective, start, args=(log_n, log_d, log_l, delta),
-                                 jac=True, method='L-BFGS-B', bounds=_BOUNDS,
-                                 options=_TOLERANCES)
-      if best is None or result.fun < best.fun:
-        best = result
+  for start in starts:
+    result = optimize.minimize(_objective, start, args=(log_n, log_d, log_l, delta),
+                               jac=True, method='L-BFGS-B', bounds=_BOUNDS,
+                               options=_TOLERANCES)
+    if best is None or result.fun < best.fun:
+      best = result
   return best
 
 
@@ -118,6 +114,14 @@ def fit_scaling_law(records, *, delta: float = HUBER_DELTA, bootstrap: int = 0,
   (5th and 95th percentiles over `bootstrap` resamples of the runs), `bootstrap` and
   `intervals_at_bound` (those whose interval reaches a bound of the search) when asked for.
   """
+  # L-BFGS-B's BLAS calls on 5 numbers: OpenBLAS's threads only wait on each other (a fit
+  # took 10x as long on 2 busy cores). Imported here: every command imports this module.
+  import threadpoolctl  # pylint: disable=g-import-not-at-top
+  with threadpoolctl.threadpool_limits(1, user_api='blas'):
+    return _fit_scaling_law(records, delta, bootstrap, seed)
+
+
+def _fit_scaling_law(records, delta: float, bootstrap: int, seed: int) -> dict:
   n, d, loss = _columns(records, 'params', 'tokens', 'loss')
   if len(n) < 5:
     raise FitError(f'fit: L(N, D) has 5 parameters and needs at least 5 runs, got {len(n)}')

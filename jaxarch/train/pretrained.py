@@ -102,15 +102,15 @@ def load_checkpoint(workdir: str | Path, *, step: int | None = None, mesh_overri
 
 
 def _restored_model(workdir: Path, mesh: Mesh, mesh_cfg: ml_collections.ConfigDict,
-                    scan_layers: bool) -> tuple[dict, int]:
+                    scan_layers: bool) -> tuple[dict, int, ml_collections.ConfigDict]:
   """The params and model state of `workdir`'s latest checkpoint, sharded over `mesh` as
-  `mesh_cfg` says, its layers laid out as `scan_layers` says, and its step."""
+  `mesh_cfg` says, its layers laid out as `scan_layers` says; its step and model section."""
   tree = config_lib.load_json(workdir / 'config.json').to_dict()
   tree['mesh'] = mesh_cfg.to_dict()
   tree['model']['scan_layers'] = scan_layers
   cfg = config_lib.validate(ml_collections.ConfigDict(tree))
   setup = make_setup(cfg, mesh)
-  return Checkpointer.read(workdir, setup.abstract_state, parts=MODEL)
+  return *Checkpointer.read(workdir, setup.abstract_state, parts=MODEL), cfg.model
 
 
 def _check_distilled_step(source: str, workdir: Path, step: int) -> None:
@@ -139,14 +139,14 @@ def _difference(fresh, old) -> str | None:
   return None
 
 
-def _keys_changed(model_cfg: ml_collections.ConfigDict, workdir: Path) -> str:
-  """The model keys of this config whose values differ from those of the run in `workdir`
-  (e.g. `n_layers=3, 4 there`), or ''."""
-  ours = config_lib.flat(model_cfg.to_dict())
-  theirs = config_lib.flat(config_lib.load_json(workdir / 'config.json').model.to_dict())
-  changed = [f'model.{k}={ours[k]!r}, {theirs[k]!r} there' for k in sorted(theirs)
+def _keys_changed(ours: ml_collections.ConfigDict, theirs: ml_collections.ConfigDict) -> str:
+  """The model keys whose values differ between two model sections (`n_layers=3 (4
+  there)`), or ''."""
+  ours, theirs = config_lib.flat(ours.to_dict()), config_lib.flat(theirs.to_dict())
+  changed = [f'{k}={ours[k]!r} ({theirs[k]!r} there)' for k in sorted(theirs)
              if k != 'family' and k in ours and ours[k] != theirs[k]]
-  return f' ({"; ".join(changed)})' if changed else ''
+  return f"; this config's model keys that differ from that run's: {', '.join(changed)}" if (
+      changed) else ''
 
 
 def initial_state(cfg: ml_collections.ConfigDict, setup: TrainSetup) -> dict:
@@ -159,8 +159,8 @@ def initial_state(cfg: ml_collections.ConfigDict, setup: TrainSetup) -> dict:
   is_variable = lambda x: isinstance(x, nnx.Variable)
   given = {}
   for name, workdir in parts.items():
-    restored, step = _restored_model(Path(workdir).expanduser(), setup.mesh, cfg.mesh,
-                                     bool(cfg.model.get('scan_layers')))
+    restored, step, base = _restored_model(Path(workdir).expanduser(), setup.mesh, cfg.mesh,
+                                           bool(cfg.model.get('scan_layers')))
     _check_distilled_step(cfg.data.source, workdir, step)
     for collection in ('params', 'model_state'):
       if name not in setup.abstract_state[collection]:  # e.g. a dense model keeps no state
@@ -172,8 +172,7 @@ def initial_state(cfg: ml_collections.ConfigDict, setup: TrainSetup) -> dict:
         raise config_lib.ConfigError(
             f'the checkpoint in {workdir} does not fit model part {name!r} of this config '
             f'({collection}: {why}); an override of a model key that sets its shapes '
-            'cannot apply to a pretrained part'
-            f'{_keys_changed(cfg.model, Path(workdir).expanduser())}')
+            f'cannot apply to a pretrained part{_keys_changed(cfg.model, base)}')
       # The read counts of the last logging window are the base run's metrics, not state.
       given.update({f'{name}.{key}': variable.get_value() for key, (_, variable)
                     in named_variables(restored[collection]).items()
