@@ -1260,6 +1260,27 @@ def _check_train(cfg: ConfigDict) -> None:
     _check_group(f'train.groups.{name}', group)
 
 
+def check_train_precision(model_cfg: ConfigDict) -> str | None:
+  """Raises for float16 training (no loss scaling is applied); returns the warning that
+  bfloat16 weights call for (no float32 copy of them is kept), or None. Read by every
+  command that trains or plans training (`train`, `bench`, `sweep`, `launch`)."""
+  for key in ('dtype', 'param_dtype'):
+    if model_cfg[key] == 'float16':
+      # Each token's gradient is divided by the batch's tokens (overflow-safe), which at
+      # 256 x 1024 tokens puts the head's backward below float16's normal range; float16
+      # weights give Adam a float16 second moment, whose small values (and eps) are 0.
+      raise ConfigError(f"config error: model.{key}='float16' trains without loss scaling, "
+                        "which jaxarch does not apply: the gradients (or Adam's second "
+                        'moment) underflow float16; train in bfloat16 (or float32); '
+                        '`jaxarch eval --config.model.dtype=float16` evaluates on GPUs')
+  if model_cfg.param_dtype == 'bfloat16':
+    return ("model.param_dtype='bfloat16' keeps no float32 copy of the weights: an update "
+            'below half a bfloat16 step is lost (a norm scale near 1 moves only at lr >= '
+            "4e-3), and Adam's second moment is bfloat16 too; model.param_dtype='float32' "
+            '(the default) trains them')
+  return None
+
+
 def _check_group(key: str, group) -> None:
   """A parameter group's settings (`train.optimizer.group_multiplier`)."""
   if not isinstance(group, (dict, ConfigDict)):
@@ -1481,27 +1502,6 @@ def _choice(cfg: ConfigDict, key: str, options: Sequence) -> Any:
 
 
 # Saving the resolved config.
-
-
-def check_train_precision(model_cfg: ConfigDict) -> str | None:
-  """Raises for float16 training (no loss scaling is applied); returns the warning that
-  bfloat16 weights call for (no float32 copy of them is kept), or None. Read by every
-  command that trains or plans training (`train`, `bench`, `sweep`, `launch`)."""
-  for key in ('dtype', 'param_dtype'):
-    if model_cfg[key] == 'float16':
-      # Each token's gradient is divided by the batch's tokens (overflow-safe), which at
-      # 256 x 1024 tokens puts the head's backward below float16's normal range; float16
-      # weights give Adam a float16 second moment, whose small values (and eps) are 0.
-      raise ConfigError(f"config error: model.{key}='float16' trains without loss scaling, "
-                        "which jaxarch does not apply: the gradients (or Adam's second "
-                        'moment) underflow float16; train in bfloat16 (or float32); '
-                        '`jaxarch eval --config.model.dtype=float16` evaluates on GPUs')
-  if model_cfg.param_dtype == 'bfloat16':
-    return ("model.param_dtype='bfloat16' keeps no float32 copy of the weights: an update "
-            'below half a bfloat16 step is lost (a norm scale near 1 moves only at lr >= '
-            "4e-3), and Adam's second moment is bfloat16 too; model.param_dtype='float32' "
-            '(the default) trains them')
-  return None
 
 
 def flat(tree: dict, prefix: str = '') -> dict:
