@@ -17,6 +17,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+import threadpoolctl  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from jaxarch import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -32,6 +33,9 @@ _OWN_CACHE = pytest.StashKey[str]()
 
 
 def pytest_configure(config):
+  # The suite's workers share the cores (`-n 2` on 2): OpenBLAS's threads in each would only
+  # wait on each other (a scaling-law fit ran 10x slower beside a busy worker).
+  threadpoolctl.threadpool_limits(1, user_api='blas')
   if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
     os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='jaxarch-tests-jit-')
     os.environ.update(_CACHE_SETTINGS)

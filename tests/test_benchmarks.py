@@ -639,6 +639,7 @@ def test_accum_collectives_counts_the_gradient_reductions_per_step(tmp_path):
   assert record['temp_bytes_accum_a'] < record['temp_bytes_accum_1']  # half the activations
 
 
+@pytest.mark.slow  # 16 s; the layouts' equal steps: tests/test_scan.py
 def test_scan_layers_benchmark_compiles_and_runs_both_layouts(tmp_path):
   out = tmp_path / 'scan.json'
   scan_layers.main(['--config=configs/dense.py:tiny', '--steps=1', f'--out={out}',
@@ -653,6 +654,7 @@ def test_scan_layers_benchmark_compiles_and_runs_both_layouts(tmp_path):
   assert data['device_kind']
 
 
+@pytest.mark.slow  # 25 s; the reads into either layout: tests/test_relayout.py
 def test_relayout_benchmark_restores_both_ways_and_cleans_up(tmp_path):
   out = tmp_path / 'relayout.json'
   relayout.main(['--config=configs/dense.py:tiny', '--saved=scanned', f'--out={out}',
