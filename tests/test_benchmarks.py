@@ -535,6 +535,7 @@ def test_a_moe_layer_that_fails_costs_its_cells_only(tmp_path, monkeypatch):
   assert record['capacity_error'] == 'RuntimeError: not on this device'
 
 
+@pytest.mark.slow  # 14 s, a benchmark script's table
 def test_moe_exchange_table_counts_the_padded_buffers_bytes(tmp_path, monkeypatch):
   """Experts over 8 CPU devices: the padded exchange's collectives move 8x the routed
   rows (from XLA's compiled program), which the ragged exchange sends alone on a GPU;
@@ -587,6 +588,7 @@ def test_data_pipeline_benchmark_reads_each_tokenizer_with_and_without_threads(t
   assert results['records'][0]['over_no_threads'] == 1
 
 
+@pytest.mark.slow  # 9 s; the ring caches' decoding: tests/test_infer.py
 def test_window_decode_benchmark_measures_the_rings_cache_bytes(tmp_path):
   out = tmp_path / 'window_decode.json'
   window_decode.main(['--preset=tiny', '--window=8', '--batch=2', '--prompts=32',
@@ -623,6 +625,7 @@ def test_top_k_benchmark_times_one_top_k_against_chunks_and_checks_they_agree(tm
   assert 'over_one_top_k' not in records[3]
 
 
+@pytest.mark.slow  # 9 s; the gathers per microbatch: tests/test_train_step.py
 def test_accum_collectives_counts_the_gradient_reductions_per_step(tmp_path):
   out = tmp_path / 'accum.json'
   accum_collectives.main(['--meshes=data8', '--accum=2', '--batch_size=16', f'--out={out}'])
