@@ -477,11 +477,16 @@ def _workdir(command: list[str]) -> str:
   return command[3].removeprefix('--workdir=')
 
 
-def _gcs_buckets(command: list[str], data_dir: str | None) -> list[str]:
-  """The buckets that the job's workdir and data directory lie in, by their paths under
-  `GCS_MOUNTS` (/gcs/BUCKET/...), in order."""
+def _job_paths(command: list[str], data_dir: str | None) -> tuple[tuple[str, str], ...]:
+  """(key, path) of the folders a job reads and writes: its workdir and data directory."""
+  return ('--workdir', _workdir(command)), ('data.data_dir', data_dir or '')
+
+
+def _gcs_buckets(paths) -> list[str]:
+  """The buckets that `_job_paths` lie in, by their paths under `GCS_MOUNTS`
+  (/gcs/BUCKET/...), in order."""
   buckets = {}
-  for key, path in (('--workdir', _workdir(command)), ('data.data_dir', data_dir or '')):
+  for key, path in paths:
     if path.startswith(GCS_MOUNTS) and (bucket := path[len(GCS_MOUNTS):].split('/')[0]):
       if not BUCKET.fullmatch(bucket):
         raise ConfigError(f'{key}={path}: {bucket!r} is no Cloud Storage bucket name (3-222 '
@@ -518,12 +523,13 @@ def _gke(launch, command, out, values) -> Job:
   _require_shared_workdir(command, "a pod writes a relative path into its own container, "
                           'whose files go with the pod (a restart would begin at step 0)')
   tpu = _kind(launch.accelerator) == 'tpu'
+  paths = _job_paths(command, values['data_dir'])
   # Kubernetes expands $(VAR) in a container's command and reads $$ as $: each $ doubled
   # stays the $ it was (an override's path, say).
   common = dict(values, image=launch.image, accelerator=launch.accelerator,
                 max_restarts=launch.max_restarts, stop_grace_s=launch.stop_grace_s,
                 command=json.dumps([word.replace('$', '$$') for word in command]),
-                **_bucket_volumes(_gcs_buckets(command, values['data_dir']),
+                **_bucket_volumes(_gcs_buckets(paths),
                                   host_network=tpu, listed=not tpu))
   path = out / 'jobset.yaml'
   env = lambda names: ''.join(f'              - name: {k}\n                value: '
@@ -539,7 +545,6 @@ def _gke(launch, command, out, values) -> Job:
     files = {path: _template('gke/jobset-gpu.yaml', **common, gpus_per_node=
                              launch.devices_per_node, gpu_env=env(gpu_env()),
                              coordinator_port=launch.coordinator_port or DEFAULT_PORT)}
-  paths = (('--workdir', _workdir(command)), ('data.data_dir', values['data_dir']))
   unmounted = [f'{key}={path}' for key, path in paths if path and not path.startswith(GCS_MOUNTS)]
   warnings = (f'the JobSet mounts only buckets, at {GCS_MOUNTS}BUCKET, and not '
               f'{" or ".join(unmounted)}: add its volume (Filestore, a PersistentVolumeClaim) '
