@@ -284,7 +284,8 @@ def _generate(args, overrides):
     raise GenerateError('generate: --system is the system message of a --chat conversation; '
                         'add --chat')
   sampled = (args.temperature, args.top_k, args.top_p) != (None, None, None)
-  method = args.method or ('sample' if sampled else 'greedy')
+  method = args.method or ('sample' if sampled else
+                           'bita' if args.draft_tree is not None else 'greedy')
   # Greedy and BiTA take the most likely token: a sampling flag would be ignored, even one
   # whose value keeps every token (--temperature=1). A temperature of 0 is greedy (vLLM's).
   given = [f'--{name}' for name in ('temperature', 'top_k', 'top_p')
@@ -301,6 +302,8 @@ def _generate(args, overrides):
     raise GenerateError(f"generate: --draft_tree is BiTA's; --method={method} drafts nothing: "
                         'add --method=bita, or drop --draft_tree')
   _check_backend()
+  if method == 'bita':
+    _check_draft_tree_before_loading(args.workdir, args.draft_tree)
   cfg, model = _run_or_export(args.workdir, args.step)
   tokenizer = get_tokenizer(cfg.data.tokenizer)
   # Documents were trained as [bos] + text (bos: data.bos_id, by default the eod id), or
@@ -378,6 +381,19 @@ def _prompt_text(text: str, flag: str, tokenizer: str, reads_bytes: bool, which:
         f'generate: {flag} {shown!r}{which} is not UTF-8 ({at} at character {e.start}), '
         f'and data.tokenizer={tokenizer!r} reads text; give it as UTF-8 '
         '(iconv -t UTF-8)') from None
+
+
+def _check_draft_tree_before_loading(workdir: str, widths) -> None:
+  """A run that drafts no such tree (or none) is refused before its weights load (minutes,
+  for a large base); the Generator checks again against the tokenizer's vocabulary."""
+  from jaxarch.infer.generate import draft_tree  # pylint: disable=g-import-not-at-top
+  saved = Path(workdir).expanduser() / 'config.json'  # a run's, or an export's
+  if not saved.is_file():
+    return  # loading says what is missing
+  model = config_lib.load_json(saved).model
+  bita = model.bita if model.family == 'bita' else None
+  draft_tree(widths, default=bita and bita.draft_tree,
+             num_mask_tokens=bita and bita.num_mask_tokens, vocab=model.vocab_size)
 
 
 def _run_or_export(workdir: str, step: int | None):
@@ -607,8 +623,8 @@ def _parser() -> argparse.ArgumentParser:
   gen.add_argument('--top_p', type=float, help='nucleus: the most likely tokens up to p')
   gen.add_argument('--seed', type=int, help='with sampling (default 0)')
   gen.add_argument('--draft_tree', type=_widths,
-                   help="with --method=bita: draft candidates per level, e.g. 5,4,3 (default: "
-                   "the run's model.bita.draft_tree)")
+                   help="BiTA's draft candidates per level, e.g. 5,4,3 (implies --method=bita; "
+                   "default: the run's model.bita.draft_tree)")
   gen.add_argument('--ignore_eod', action='store_true',
                    help='keep generating past the end-of-document token and the '
                    'data.stop_ids (an instruct model\'s end of turn), up to --max_new_tokens')

@@ -758,6 +758,18 @@ def bita_model(base: ConfigDict, bita: ConfigDict | dict) -> ConfigDict:
   return cfg
 
 
+def bita_base_refusal(base_model: ConfigDict) -> str | None:
+  """Why BiTA cannot wrap a run's model section, or None: BiTA's config refuses that base,
+  and `jaxarch distill` says so before generating continuations for it (hours)."""
+  if base_model.family not in BITA_BASES:
+    return (f"it holds a {base_model.family!r} model, and BiTA wraps "
+            f"{', '.join(BITA_BASES)} models")
+  if (window := base_model.get('sliding_window')) is not None:
+    return (f'it attends through a sliding window (model.sliding_window={window}), which BiTA '
+            'cannot train over (its draft trees attend without one)')
+  return None
+
+
 def _bita_from_base_run(cfg: ConfigDict) -> ConfigDict:
   """configs/bita.py's `model.bita` section + the base run's model section and tokenizer."""
   workdir = _get(cfg, 'model.bita.base_workdir')
@@ -769,9 +781,8 @@ def _bita_from_base_run(cfg: ConfigDict) -> ConfigDict:
     raise ConfigError(f'model.bita.base_workdir={workdir!r} has no config.json: is it a '
                       'jaxarch workdir?')
   base = load_json(saved)
-  if base.model.family not in BITA_BASES:
-    raise ConfigError(f'model.bita.base_workdir={workdir!r} holds a {base.model.family!r} '
-                      f'model; BiTA wraps {", ".join(BITA_BASES)} models')
+  if why := bita_base_refusal(base.model):
+    raise ConfigError(f'model.bita.base_workdir={workdir!r}: {why}')
   _check_distilled_from(_get(cfg, 'data.source'), workdir)
   tree = cfg.to_dict()
   tree['model'] = bita_model(base.model, cfg.model.bita).to_dict()
@@ -1017,7 +1028,7 @@ def _check_sliding_window(cfg: ConfigDict) -> None:
     return
   _positive_int(cfg, 'model.sliding_window')
   why = {'megabyte': "MEGABYTE's global model attends over patches; unset it",
-         'bita': "BiTA's draft trees attend without one; take a base run without it"}
+         'bita': "BiTA's draft trees attend without one; unset it"}  # an override
   if cfg.model.family in why:
     raise ConfigError(f'model.sliding_window={window}: {why[cfg.model.family]}')
 

@@ -4,6 +4,7 @@ config, distilled data and training with the base frozen."""
 import contextlib
 import json
 import logging
+import shutil
 import threading
 
 import jax
@@ -229,12 +230,13 @@ def test_generate_command_reports_bita_acceptance_and_refuses_sampling_flags(tmp
       assert err.count('\n') == 1, err
       assert (f'{", ".join(f.split("=")[0] for f in flags)} choose among tokens for '
               f'--method=sample; --method={method} takes the most likely ones') in err
-  # Another draft tree from the command line: the same tokens as greedy decoding.
+  # Another draft tree from the command line (it implies --method=bita, as a --temperature
+  # implies sampling; it was refused without the flag): the same tokens as greedy decoding.
   ids = {}
-  for flags in (('--method=greedy',), ('--method=bita', '--draft_tree=1,1,1')):
+  for flags in (('--method=greedy',), ('--draft_tree=1,1,1',)):
     assert generate('--ignore_eod', '--json', *flags) == 0
     ids[flags[0]] = json.loads(capsys.readouterr().out)['ids']
-  assert ids['--method=bita'] == ids['--method=greedy'] and len(ids['--method=bita']) == 8
+  assert ids['--draft_tree=1,1,1'] == ids['--method=greedy'] and len(ids['--method=greedy']) == 8
   for flags, parsed, said in [
       (('--method=bita', '--draft_tree=1,1,1,1'), True, 'has 4 levels'),
       (('--method=greedy', '--draft_tree=2'), True,
@@ -246,6 +248,21 @@ def test_generate_command_reports_bita_acceptance_and_refuses_sampling_flags(tmp
       assert generate(*flags) == 2
     err = capsys.readouterr().err
     assert said in err and 'Traceback' not in err, err
+  # Before the weights load (minutes, for a large base): was said after, the tree too deep or
+  # the run no BiTA one. A config without a checkpoint shows which comes first.
+  (tmp_path / 'config_only').mkdir()
+  config_lib.save(cfg, tmp_path / 'config_only' / 'config.json')
+  (tmp_path / 'dense_only').mkdir()
+  shutil.copy(base / 'config.json', tmp_path / 'dense_only' / 'config.json')
+  for workdir, flags, said in [
+      ('config_only', ('--draft_tree=1,1,1,1',), 'draft_tree (1, 1, 1, 1) has 4 levels; the '
+       'model has 3 mask tokens'),
+      ('dense_only', ('--method=bita',), "method='bita' needs a BiTA model"),
+      ('config_only', ('--draft_tree=1,1',), 'no checkpoint')]:  # a good tree: loading
+    assert cli.main(['generate', f'--workdir={tmp_path / workdir}', '--prompt=def ',
+                     *flags]) == 2
+    err = capsys.readouterr().err
+    assert said in err and err.count('\n') == 1, err
 
 
 # Training rows: mask groups hang after tokens of each row's own labelled part.

@@ -906,8 +906,9 @@ def test_sliding_window_settings_are_checked_in_one_line(tmp_path):
   config_lib.save(tiny('model.sliding_window=8'), tmp_path / 'base' / 'config.json')
   assert error_of(config_lib.load, 'configs/bita.py:tiny', [
       f'model.bita.base_workdir={tmp_path / "base"}', 'data.source=distilled:/data']) == (
-      "config error: model.sliding_window=8: BiTA's draft trees attend without one; take a "
-      'base run without it')
+      f"config error: model.bita.base_workdir='{tmp_path / 'base'}': it attends through a "
+      'sliding window (model.sliding_window=8), which BiTA cannot train over (its draft trees '
+      'attend without one)')
   path = tmp_path / 'config.json'  # a run saved before the keys: no window
   config_lib.save(tiny('model.sliding_window=8'), path)
   old = json.loads(path.read_text())

@@ -60,18 +60,13 @@ def sample_prompts(data_cfg, split: str, num_prompts: int, prompt_len: int, seed
 def _warn_if_no_bita_trains_on(workdir, model_cfg, prompt_len: int) -> None:
   """Said before generating (hours, for a large run): continuations that a BiTA run over
   this base refuses (they still train other students, as any `distilled:` source does)."""
-  if model_cfg.family not in config_lib.BITA_BASES:
-    why = (f"it holds a {model_cfg.family!r} model, and BiTA wraps "
-           f"{', '.join(config_lib.BITA_BASES)} models")
-  elif (window := model_cfg.get('sliding_window')) is not None:
-    why = (f'it attends through a sliding window (model.sliding_window={window}), which BiTA '
-           'cannot train over (its draft trees attend without one)')
-  elif prompt_len + 2 > model_cfg.max_len:
+  why = config_lib.bita_base_refusal(model_cfg)
+  if why is None and prompt_len + 2 > model_cfg.max_len:
     why = (f'--prompt_len={prompt_len} leaves no continuation in its rows of at most '
            f'model.max_len={model_cfg.max_len} tokens (a mask needs the token two past its '
            f'anchor); give --prompt_len={max(model_cfg.max_len - 2, 1)} or less, and the BiTA '
            'run a data.seq_len of at least --prompt_len + 2')
-  else:
+  if why is None:
     return
   logging.getLogger(__name__).warning(
       'distill: %s: %s; the continuations are written, but a BiTA run over this base is '

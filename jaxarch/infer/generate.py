@@ -179,28 +179,8 @@ class Generator:
     return results, stats
 
   def _draft_tree(self, widths) -> DraftTree:
-    if self.num_mask_tokens is None:
-      raise GenerateError("generate: method='bita' needs a BiTA model (model.family='bita', "
-                          'trained with configs/bita.py on a base run)')
-    if widths is not None and (isinstance(widths, str) or not isinstance(
-        widths, (Sequence, np.ndarray))):
-      raise GenerateError(f'generate: draft_tree={widths!r}; give candidates per level, '
-                          'e.g. (5, 4, 3)')
-    if widths is not None and not len(widths):
-      raise GenerateError('generate: draft_tree=() has no levels; give one width per level, '
-                          'or None for the model\'s own tree')
-    try:
-      tree = DraftTree(tuple(int(w) for w in (self.default_tree if widths is None else widths)))
-    except (TypeError, ValueError) as e:
-      raise GenerateError(f'generate: {e}') from e
-    vocab = self.vocab_limit or self.vocab_size
-    if max(tree.widths) > vocab:
-      raise GenerateError(f'generate: draft_tree {tree.widths} asks for more candidates '
-                          f'than the {vocab} tokens of the vocabulary')
-    if tree.levels > self.num_mask_tokens:
-      raise GenerateError(f'generate: draft_tree {tree.widths} has {tree.levels} levels; '
-                          f'the model has {self.num_mask_tokens} mask tokens, one per level')
-    return tree
+    return draft_tree(widths, default=self.default_tree, num_mask_tokens=self.num_mask_tokens,
+                      vocab=self.vocab_limit or self.vocab_size)
 
   def _check(self, prompts, max_new_tokens, stop_ids):
     if not prompts:
@@ -397,6 +377,33 @@ def generate(model: nnx.Module, prompt_tokens, *, max_new_tokens: int,
   """
   return Generator(model, mesh=mesh, rules=rules, vocab_limit=vocab_limit)(
       prompt_tokens, max_new_tokens=max_new_tokens, method=method, **options)
+
+
+def draft_tree(widths: Sequence[int] | None, *, default: Sequence[int] | None,
+               num_mask_tokens: int | None, vocab: int) -> DraftTree:
+  """The tree a BiTA model with `num_mask_tokens` (None: not BiTA) drafts for `widths`
+  (None: its own, `default`); read from a run's config too, before its weights load."""
+  if num_mask_tokens is None:
+    raise GenerateError("generate: method='bita' needs a BiTA model (model.family='bita', "
+                        'trained with configs/bita.py on a base run)')
+  if widths is not None and (isinstance(widths, str) or not isinstance(
+      widths, (Sequence, np.ndarray))):
+    raise GenerateError(f'generate: draft_tree={widths!r}; give candidates per level, '
+                        'e.g. (5, 4, 3)')
+  if widths is not None and not len(widths):
+    raise GenerateError('generate: draft_tree=() has no levels; give one width per level, '
+                        'or None for the model\'s own tree')
+  try:
+    tree = DraftTree(tuple(int(w) for w in (default if widths is None else widths)))
+  except (TypeError, ValueError) as e:
+    raise GenerateError(f'generate: {e}') from e
+  if max(tree.widths) > vocab:
+    raise GenerateError(f'generate: draft_tree {tree.widths} asks for more candidates '
+                        f'than the {vocab} tokens of the vocabulary')
+  if tree.levels > num_mask_tokens:
+    raise GenerateError(f'generate: draft_tree {tree.widths} has {tree.levels} levels; '
+                        f'the model has {num_mask_tokens} mask tokens, one per level')
+  return tree
 
 
 def _cache_memory(shape: _Shape, max_new_tokens: int):
