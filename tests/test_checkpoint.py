@@ -105,6 +105,26 @@ def test_restore_on_fewer_devices_gives_the_same_next_loss(tmp_path):
                              rtol=1e-5)
 
 
+def test_a_save_on_cpu_writes_each_replicated_array_whole(tmp_path, monkeypatch):
+  """Orbax's replica-parallel save slices each replicated array among its replicas, with a
+  program compiled per shape: on CPU the replicas share one memory, so it gained nothing
+  (2.8 s of a tiny UltraMem state's 3.9 s first save on 8 devices)."""
+  sliced = []
+  slice_in_dim = jax.lax.slice_in_dim
+  monkeypatch.setattr(jax.lax, 'slice_in_dim',
+                      lambda *args, **kwargs: sliced.append(1) or slice_in_dim(*args, **kwargs))
+  mesh = jax.make_mesh((8,), ('data',), devices=jax.devices())
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state = {'w': jax.device_put(jnp.arange(64.0).reshape(16, 4), replicated)}
+  writer = Checkpointer(tmp_path, async_save=False)
+  writer.save(1, state)
+  writer.close()
+  assert not sliced
+  restored, _ = Checkpointer.read(tmp_path, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+  np.testing.assert_array_equal(restored['w'], state['w'])
+
+
 def test_checkpoint_of_another_model_is_an_error_not_skipped(tmp_path):
   cfg = mesh_config(tiny_config(), data=8)
   setup, _ = _setup(cfg)

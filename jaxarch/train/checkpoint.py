@@ -129,6 +129,7 @@ class Checkpointer:
         lightweight_initialize=bool(garbled))  # a reader's: opened without reading metrics
     _shorten_write_error_reports()
     _quiet_closed_loop_reports()  # before a read or write can fail
+    _whole_replicas_on_cpu()
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
@@ -628,6 +629,30 @@ def _quiet_closed_loop_reports() -> None:
 
   hook.drops_closed_loop_reports = True
   sys.unraisablehook = hook
+
+
+class _WholeReplicas(ocp.type_handlers.ArrayHandler):
+  """Orbax's array handler, each replicated shard written whole by its first replica."""
+
+  def __init__(self):
+    super().__init__(use_replica_parallel=False)
+
+
+def _whole_replicas_on_cpu() -> None:
+  """On CPU every device is this process's memory: Orbax's replica-parallel save (each
+  replica of a replicated array writes a slice of it) gains nothing there, and slices
+  every array with a small program compiled per shape: 2.8 s of the 3.9 s first save of a
+  tiny UltraMem state on 8 CPU devices. GPUs and TPUs keep Orbax's default."""
+  if (jax.default_backend() != 'cpu' or
+      isinstance(ocp.type_handlers.get_type_handler(jax.Array), _WholeReplicas)):
+    return
+  absl = logging.getLogger('absl')  # which says it overrides the default: as meant
+  level = absl.level
+  absl.setLevel(logging.ERROR)
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, _WholeReplicas(), override=True)
+  finally:
+    absl.setLevel(level)
 
 
 def _shorten_write_error_reports() -> None:
