@@ -19,6 +19,7 @@
 import argparse
 from collections.abc import Sequence
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -100,6 +101,14 @@ def _widths(text: str) -> tuple[int, ...]:
   except argparse.ArgumentTypeError as e:
     raise argparse.ArgumentTypeError(f'{text!r}: {e}; give candidates per level, e.g. '
                                      '5,4,3') from None
+
+
+def _stop_text(text: str) -> str:
+  """An argparse type: a `generate --stop` text, which an empty one would match at once."""
+  if not text:
+    raise argparse.ArgumentTypeError("'' would end every completion before its first "
+                                     "token; give the text to stop at (a newline: $'\\n')")
+  return text
 
 
 def _positive(text: str) -> float:
@@ -276,7 +285,8 @@ def _generate(args, overrides):
   # pylint: disable=g-import-not-at-top
   from jaxarch import infer
   from jaxarch.data import bos_id, get_tokenizer, stop_ids
-  from jaxarch.data.tokenizers import ByteTokenizer, as_text, decode_continuation
+  from jaxarch.data.tokenizers import (ByteTokenizer, as_text, cut_at_stop_text,
+                                       decode_continuation)
   from jaxarch.infer.chat import chat_prompts
   from jaxarch.parallel import make_mesh
   _no_overrides('generate', overrides)
@@ -336,8 +346,9 @@ def _generate(args, overrides):
       seed=args.seed or 0, draft_tree=args.draft_tree)
   for i, (text, ids, new) in enumerate(zip(map(as_text, texts), prompts, outputs)):
     # The assistant's reply alone, or the prompt's continuation.
-    added = (tokenizer.decode(new) if args.chat else
-             decode_continuation(tokenizer, ids[len(start):], new))
+    decode = (tokenizer.decode if args.chat else
+              functools.partial(decode_continuation, tokenizer, ids[len(start):]))
+    new, added = cut_at_stop_text(decode, new, args.stop or ())
     if args.json:  # the ids too: text decoding loses what is not valid UTF-8 (a byte model's)
       _say(json.dumps({'prompt': text, 'completion': added, 'ids': [int(t) for t in new]}))
       continue
@@ -628,6 +639,10 @@ def _parser() -> argparse.ArgumentParser:
   gen.add_argument('--ignore_eod', action='store_true',
                    help='keep generating past the end-of-document token and the '
                    'data.stop_ids (an instruct model\'s end of turn), up to --max_new_tokens')
+  gen.add_argument('--stop', action='append', type=_stop_text, metavar='TEXT',
+                   help='end each completion before the first of these texts to appear, '
+                   'as vLLM\'s stop does (repeat for several; the tokens generated past it, '
+                   'up to a stop id or --max_new_tokens, are dropped)')
   gen.add_argument('--step', type=int, help='checkpoint step (default: latest)')
   gen.add_argument('--json', action='store_true',
                    help='one JSON line per prompt on stdout: prompt, completion (its text) '

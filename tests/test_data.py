@@ -1,6 +1,7 @@
 """Tests of the data package: tokenizer, TFDS sources and cache, Grain packing pipeline."""
 
 import errno
+import functools
 import gzip
 import importlib.util
 import io
@@ -1556,6 +1557,26 @@ def test_sentencepiece_model_counts_bytes_and_decodes_continuations(tmp_path):
   new = tokenizer.encode('cat sat')
   assert tokenizer.decode(new) == 'cat sat'  # decoded alone, the first word loses its space
   assert tokenizers.decode_continuation(tokenizer, tokenizer.encode('the'), new) == ' cat sat'
+
+
+def test_a_continuation_ends_where_a_stop_text_is_first_complete(tmp_path):
+  """`generate --stop`, as vLLM's: the text before the stop, and the ids up to the one that
+  completes it (a stop text may end inside a token, or span tokens)."""
+  tokenizer = data.get_tokenizer(_sentencepiece_model(tmp_path / 'sp.model'))
+  prompt, new = tokenizer.encode('the'), tokenizer.encode('the cat sat on the mat')
+  decode = functools.partial(tokenizers.decode_continuation, tokenizer, prompt)
+  assert decode(new) == ' the cat sat on the mat'
+  for stops, text in [(['sat'], ' the cat '), ([' on', 'at'], ' the c'),
+                      # 'at s' is complete first, token by token, though it starts later
+                      (['cat sat on', 'at s'], ' the c'),
+                      (['dog'], ' the cat sat on the mat'), ([], ' the cat sat on the mat')]:
+    ids, got = tokenizers.cut_at_stop_text(decode, new, stops)
+    assert got == text, stops
+    if len(ids) < len(new):  # the fewest ids whose text holds the stop
+      assert any(stop in decode(ids) for stop in stops), stops
+      assert not any(stop in decode(ids[:-1]) for stop in stops), stops
+    else:
+      assert ids == new
 
 
 def test_missing_or_garbled_tokenizer_files_are_config_errors(tmp_path):

@@ -480,6 +480,18 @@ def test_generate_command_continues_prompts_from_the_latest_checkpoint(tmp_path,
   assert [line['prompt'] + line['completion'] for line in lines] == [
       first.rstrip('\n'), second.rstrip('\n')]
   assert all(len(line['ids']) == 6 for line in lines)
+  # --stop: a completion ends before the first stop text to appear in it (vLLM's), its ids
+  # at the one that completes it; a prompt whose completion holds none is whole.
+  whole = lines[0]['completion']
+  stop = whole[len(whole) // 2:len(whole) // 2 + 2]
+  assert cli.main(['generate', '--workdir', str(tmp_path), '--prompt', 'import os',
+                   '--prompt', 'def f(', '--max_new_tokens', '6', '--ignore_eod', '--json',
+                   '--stop', stop, '--stop', 'never there']) == 0
+  cut = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert cut[0]['completion'] == whole[:whole.index(stop)] and len(whole) >= 4
+  assert cut[0]['ids'] == lines[0]['ids'][:len(cut[0]['ids'])] and len(cut[0]['ids']) < 6
+  if stop not in lines[1]['completion']:
+    assert cut[1] == lines[1]
   # On a terminal, control characters (a byte model may write any byte) are shown as
   # escapes, not sent: ESC [2J would clear the screen. Into a pipe, the text as it is.
   monkeypatch.setattr(sys.stdout, 'isatty', lambda: True)

@@ -8,6 +8,7 @@ False: `bos_id`; generation stops at it and at `data.stop_ids`: `stop_ids`) and
 report bits per byte = total_nats / ln 2 / total_bytes for any tokenizer.
 """
 
+import bisect
 import functools
 import json
 import os
@@ -248,6 +249,22 @@ def decode_continuation(tokenizer, prompt_ids, new_ids) -> str:
   if whole.startswith(before):
     return whole[len(before):]
   return tokenizer.decode(new_ids)  # the prompt's end merged with the continuation
+
+
+def cut_at_stop_text(decode, new_ids, stops) -> tuple[list[int], str]:
+  """A continuation ended at the first of the `stops` texts to appear in it, as vLLM's
+  `stop` does: (the fewest of `new_ids` whose text completes that stop, the text before
+  it); all of them and their text where none appears. `decode(ids)`: the text ids add."""
+  new_ids = list(new_ids)
+  text = decode(new_ids)
+  found = [(start + len(stop), start) for stop in stops if (start := text.find(stop)) >= 0]
+  if not found:
+    return new_ids, text
+  end, start = min(found)  # the stop whose text is complete first, token by token
+  # A prefix of the ids decodes to a prefix of the text: the first one that reaches `end`.
+  n = bisect.bisect_left(range(len(new_ids) + 1), True,
+                         key=lambda n: len(decode(new_ids[:n])) >= end)
+  return new_ids[:n], text[:start]
 
 
 def bos_id(data_cfg, tokenizer) -> int | None:
