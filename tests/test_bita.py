@@ -28,7 +28,7 @@ from jaxarch.train import flops, train
 from jaxarch.train.checkpoint import Checkpointer
 from jaxarch.train.pretrained import initial_state, load_model
 from jaxarch.train.state import init_state, make_setup
-from jaxarch.train.step import make_train_step
+from jaxarch.train.step import make_eval_step, make_train_step, summarize_eval
 
 BASES = ('dense', 'moe', 'ultramem')  # the families BiTA wraps (conftest.FAMILIES)
 BITA = dict(num_prompt_tokens=4, num_mask_tokens=3, draft_tree=(5, 4, 3), train_groups=0,
@@ -707,6 +707,34 @@ def test_train_steps_leave_the_base_as_it_was_and_keep_no_optimizer_state_for_it
   assert 0 <= float(metrics['mask2_top1']) <= 1 and np.isfinite(float(metrics['loss']))
   ours_norm = np.sqrt(sum(np.sum(np.square(params[p].get_value())) for p in ours))
   np.testing.assert_allclose(float(metrics['param_norm']), ours_norm, rtol=1e-5)
+
+
+def test_an_evaluation_reports_each_masks_top1_as_training_does():
+  """Was a BiTA run's eval_loss alone, which does not say how many drafts a base accepts:
+  `eval_mask{m}_top1` is held-out mask m's top-1 accuracy, what acceptance follows. The
+  train step's `mask{m}_top1` (counted in models/bita.py) on the same batch and weights is
+  the same share (here over 2 microbatches, whose sums the eval step adds)."""
+  cfg = family_config('dense', data=2, fsdp=4)
+  with cfg.unlocked():
+    cfg.model = config_lib.bita_model(cfg.model, {**BITA, 'train_groups': 8})
+    cfg.data.source = 'distilled:/not/read'
+    cfg.data.seq_len, cfg.train.batch_size = 32, 16
+    cfg.train.grad_accum_steps = 2
+  setup = make_setup(cfg, make_mesh(cfg))
+  state = init_state(cfg, setup)
+  embed = state['params']['mask_embed']  # masks whose drafts differ from each other's
+  state['params']['mask_embed'] = embed.replace(embed.get_value() * 50)
+  batch = make_batch(16, 32, seed=3)
+  batch['loss_mask'] = (np.arange(32) >= 8).astype(np.int32)[None].repeat(16, 0)
+  batch = global_batch(batch, setup.batch_sharding)
+  evaluated = summarize_eval(jax.device_get(make_eval_step(setup, np.ones(512))(state, batch)))
+  _, trained = make_train_step(setup)(state, batch)
+  for m in range(BITA['num_mask_tokens']):
+    np.testing.assert_allclose(evaluated[f'eval_mask{m}_top1'],
+                               float(trained[f'mask{m}_top1']), rtol=1e-6, err_msg=str(m))
+  assert len({evaluated[f'eval_mask{m}_top1'] for m in range(3)}) > 1, evaluated
+  assert not any('mask' in key for key in summarize_eval(
+      {'nll': 1.0, 'tokens': 1.0, 'bytes': 1.0}))  # a language model's eval: none
 
 
 # The whole recipe: base run -> distill -> BiTA run -> lossless decoding.

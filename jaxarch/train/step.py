@@ -356,7 +356,11 @@ def make_eval_step(setup: TrainSetup, byte_lengths):
                                            batch, deterministic=True)
     nll, _ = cross_entropy(logits, targets, mask)
     num_bytes = (byte_lengths[targets] * mask).sum()
-    return {'nll': nll, 'tokens': mask.sum(), 'bytes': num_bytes}
+    out = {'nll': nll, 'tokens': mask.sum(), 'bytes': num_bytes}
+    if logits.ndim == 4:  # BiTA's [b, groups, masks, V]: each mask's top-1 (`mask_top1`)
+      hits = (jnp.argmax(logits, -1) == targets) * mask
+      out.update(mask_hits=hits.sum((0, 1)), mask_tokens=mask.sum((0, 1)))
+    return out
 
   def eval_step(state, batch):
     if setup.grad_accum_steps == 1:
@@ -366,8 +370,10 @@ def make_eval_step(setup: TrainSetup, byte_lengths):
       params, microbatch = _per_microbatch(state['params'], microbatch)
       return jax.tree.map(jnp.add, total, sums({**state, 'params': params}, microbatch)), None
 
-    zero = {k: jnp.zeros((), jnp.float32) for k in ('nll', 'tokens', 'bytes')}
-    return jax.lax.scan(add, zero, _microbatches(setup, batch))[0]
+    microbatches = _microbatches(setup, batch)
+    zero = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), jax.eval_shape(
+        sums, state, jax.tree.map(lambda x: x[0], microbatches)))
+    return jax.lax.scan(add, zero, microbatches)[0]
 
   # Laid out as its inputs are (`setup.shardings`, `setup.batch_sharding`), of a train
   # state or of a reader's, which holds the model alone (`state.MODEL`).
@@ -393,8 +399,14 @@ def make_window_reset(setup: TrainSetup):
 
 
 def summarize_eval(totals: dict) -> dict:
-  return {'eval_loss': totals['nll'] / max(totals['tokens'], 1.0),
-          'eval_bpb': totals['nll'] / math.log(2) / max(totals['bytes'], 1.0)}
+  """eval_loss and eval_bpb; of a BiTA run, each mask's top-1 accuracy too
+  (`eval_mask{m}_top1`: the share of held-out tokens m+2 ahead its drafts would get)."""
+  summary = {'eval_loss': totals['nll'] / max(totals['tokens'], 1.0),
+             'eval_bpb': totals['nll'] / math.log(2) / max(totals['bytes'], 1.0)}
+  for m, (hits, count) in enumerate(zip(totals.get('mask_hits', ()),
+                                        totals.get('mask_tokens', ()))):
+    summary[f'eval_mask{m}_top1'] = float(hits) / max(float(count), 1.0)
+  return summary
 
 
 def summarize_mixture_eval(totals: dict[str, dict], weights: dict[str, float]) -> dict:

@@ -211,11 +211,12 @@ def run_eval(setup: TrainSetup, state: dict, eval_step, batches) -> dict:
 
 
 def _eval_totals(setup: TrainSetup, state: dict, eval_step, batches) -> dict:
+  """The eval step's sums over the batches, in float64 (a BiTA run's per mask too)."""
   totals = {'nll': 0.0, 'tokens': 0.0, 'bytes': 0.0}
   for batch in batches:
     out = jax.device_get(eval_step(state, global_batch(batch, setup.batch_sharding)))
-    totals = {k: totals[k] + float(out[k]) for k in totals}
-  return totals
+    totals = {k: totals.get(k, 0.0) + np.asarray(v, np.float64) for k, v in out.items()}
+  return {k: float(v) if np.ndim(v) == 0 else v for k, v in totals.items()}
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
