@@ -413,13 +413,24 @@ def _slurm(launch, command, out, values) -> Job:
       'slurm/train.sbatch', **values, gpus_per_node=launch.devices_per_node,
       coordinator_port=(f'export JAX_COORDINATOR_PORT={port}' if port else
                         "# (none set: JAX takes a port of the job's id, launch.coordinator_port)"),
-      exclusive='#SBATCH --exclusive' if launch.exclusive else '',
+      exclusive=_exclusive(launch),
       time_limit=launch.time_limit, stop_grace_s=launch.stop_grace_s,
       chdir=_sbatch_word(os.getcwd()), log=_sbatch_word(str(out / '%x-%j.out')),
       site_options='\n'.join(options), setup=launch.setup,
       gpu_env='\n'.join(f'export {k}={shlex.quote(v)}' for k, v in gpu_env().items()),
       command=shlex.join(command))
   return Job({path: text}, f'sbatch {shlex.quote(str(path))}')
+
+
+def _exclusive(launch) -> str:
+  """--exclusive gives a job every CPU and GPU of its nodes but only the memory it asks for
+  (by default the site's per-CPU share, which a host-side data pipeline or checkpoint can
+  run out of): --mem=0 asks for all of it, unless launch.slurm_options says how much."""
+  if not launch.exclusive:
+    return ''
+  asked = any(option.removeprefix('--').startswith('mem')
+              for option in shlex.split(launch.slurm_options))
+  return '#SBATCH --exclusive' + ('' if asked else '\n#SBATCH --mem=0')
 
 
 def _sbatch_word(text: str) -> str:

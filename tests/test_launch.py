@@ -53,6 +53,7 @@ def test_slurm_job_runs_one_process_per_node_and_is_valid_bash(tmp_path, capsys)
   assert os.access(path, os.X_OK)
   text = path.read_text()
   for directive in ('--nodes=4', '--ntasks-per-node=1', '--gpus-per-node=8', '--exclusive',
+                    '--mem=0',  # all of each node's memory: --exclusive alone gives a share
                     '--partition=gpu', '--signal=TERM@300',  # time to stop with a checkpoint
                     '--requeue', '--open-mode=append',  # preempted: resumed, log kept
                     f'--output={tmp_path}/%x-%j.out'):  # beside the script, not in the cwd
@@ -94,6 +95,12 @@ def test_slurm_jobs_can_share_nodes_and_take_the_sites_options(tmp_path, capsys)
   _bash_syntax_ok(tmp_path / 'train.sbatch')
   for directive in ('--gpus-per-node=1', '--qos=high', '--mem-per-gpu=200G', '--hold'):
     assert f'#SBATCH {directive}\n' in text
+  assert '--mem=0' not in text
+  # Whole nodes take all their memory (--mem=0), unless the site's options say how much.
+  code, _, _ = _launch(capsys, 'slurm', tmp_path, '--config.launch.slurm_options=--mem=500G')
+  text = (tmp_path / 'train.sbatch').read_text()
+  assert code == 0 and '#SBATCH --exclusive\n' in text and '--mem=0' not in text
+  assert '#SBATCH --mem=500G\n' in text
 
 
 def _disruptions_restart_without_counting(jobset, job):
