@@ -20,6 +20,7 @@ import argparse
 from collections.abc import Sequence
 import contextlib
 import functools
+import glob
 import json
 import logging
 import os
@@ -536,15 +537,31 @@ def _sweep(args, overrides):
 def _fit(args, overrides):
   from jaxarch.sweep.report import write_report  # pylint: disable=g-import-not-at-top
   _no_overrides('fit', overrides)
+  if (args.workdir is None) == (not args.runs):
+    raise FitError("fit: give a sweep's --workdir, or training runs' workdirs as "
+                   '--runs DIR ... with --out=REPORT_DIR')
+  if args.runs and not args.out:
+    raise FitError('fit: --runs needs --out, the directory to write the report in')
   out = Path(args.out) if args.out else Path(args.workdir) / 'report'
-  fits = write_report(args.workdir, out, params=args.params, bootstrap=args.bootstrap,
-                      validation_only=args.validation_only)
+  fits = write_report(args.workdir, out, runs=_run_dirs(args.runs or ()), params=args.params,
+                      bootstrap=args.bootstrap, validation_only=args.validation_only)
   for family, entry in fits.items():
     law = entry['law']
     text = law.get('error') or (f'L = {law["E"]:.3f} + {law["A"]:.3g}/N^{law["alpha"]:.3f} + '
                                 f'{law["B"]:.3g}/D^{law["beta"]:.3f}')
     _say(f'{family}: {text}')
   print(f'jaxarch: wrote {out / "report.md"} and its plots', file=sys.stderr)
+
+
+def _run_dirs(patterns: Sequence[str]) -> list[Path]:
+  """`fit --runs`: each a workdir, or a glob of them (quoted, as the shell leaves it)."""
+  dirs = []
+  for pattern in patterns:
+    found = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern)))
+    if not found:
+      raise FileNotFoundError(f'fit: --runs {pattern}: no such workdir')
+    dirs += [d for d in found if d not in dirs]
+  return dirs
 
 
 def _launch(args, overrides):
@@ -734,8 +751,11 @@ def _parser() -> argparse.ArgumentParser:
       'fit', help="fit scaling laws to a sweep's results; plots and a markdown report",
       description="Fit each family of a sweep's results.jsonl (IsoFLOP parabolas and "
       'L(N, D) = E + A/N^alpha + B/D^beta), plot them and write report.md and fits.json.')
-  fit.add_argument('--workdir', required=True, help='the sweep workdir (results.jsonl)')
-  fit.add_argument('--out', help='default: WORKDIR/report')
+  fit.add_argument('--workdir', help='the sweep workdir (results.jsonl)')
+  fit.add_argument('--runs', nargs='+', metavar='DIR',
+                   help='or: the workdirs of training runs to fit (globs too, e.g. '
+                   "'runs/dense-*'), each at its last logged step")
+  fit.add_argument('--out', help='default: WORKDIR/report (with --runs: required)')
   fit.add_argument('--params', choices=('active', 'total'), default='active',
                    help='N in the fits: active (per token) or total parameters')
   fit.add_argument('--validation_only', action='store_true',

@@ -14,6 +14,7 @@ import json
 import math
 import sys
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -24,7 +25,7 @@ from matplotlib import ticker  # pylint: disable=g-import-not-at-top,wrong-impor
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from jaxarch.sweep import fit as fit_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from jaxarch.sweep.runner import read_results  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jaxarch.sweep.runner import read_results, records_of_runs  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 COLORS = {'dense': 'tab:blue', 'moe': 'tab:orange', 'ultramem': 'tab:green',
           'megabyte': 'tab:red', 'bita': 'tab:purple'}
@@ -223,8 +224,8 @@ def _fmt(x, digits=3):
   return '–' if x is None else f'{x:.{digits}g}'
 
 
-def markdown(fits, params: str, workdir: Path) -> str:
-  lines = [f'# Scaling-law report for {workdir}', '',
+def markdown(fits, params: str, title) -> str:
+  lines = [f'# Scaling-law report for {title}', '',
            f'N = {params} parameters, D = training tokens, loss = validation loss (nats per '
            "token of the runs' tokenizer: per byte for byte-level models; the families are "
            'compared in nats per byte), C = training FLOPs by the convention of '
@@ -342,21 +343,40 @@ def _equal_compute_table(fits) -> str:
   return '\n'.join(rows)
 
 
-def write_report(workdir: str | Path, out: str | Path | None = None, *,
-                 params: str = 'active', bootstrap: int = 100,
-                 validation_only: bool = False) -> dict:
-  """Fits every family of DIR/results.jsonl (`fit_families`); writes the plots, report.md
-  and fits.json."""
-  workdir = Path(workdir)
+def write_report(workdir: str | Path | None, out: str | Path | None = None, *,
+                 runs: Sequence[str | Path] = (), params: str = 'active',
+                 bootstrap: int = 100, validation_only: bool = False) -> dict:
+  """Fits every family of DIR/results.jsonl, or of the training runs in the workdirs `runs`
+  (`fit_families`); writes the plots, report.md and fits.json."""
   if params not in ('active', 'total'):
     raise ValueError(f"fit: params={params!r} must be 'active' or 'total'")
+  if runs:
+    if out is None:
+      raise ValueError('fit: --runs needs --out, the directory to write the report in')
+    records, title = _records_of_runs(runs, params), f'{len(runs)} training runs'
+  else:
+    records, title = _records_of_sweep(Path(workdir), params), workdir
+  out = Path(out) if out else Path(workdir) / 'report'
+  if out.exists() and not out.is_dir():
+    raise FileExistsError(f'fit: --out={out} is a file; give a directory for the report')
+  out.mkdir(parents=True, exist_ok=True)
+  fits = fit_families(records, params=params, bootstrap=bootstrap,
+                      validation_only=validation_only)
+  _plot_loss_vs_compute(fits, out / 'loss_vs_compute.png')
+  _plot_isoflop(fits, out / 'isoflop.png')
+  _plot_frontier(fits, out / 'frontier.png')
+  (out / 'report.md').write_text(markdown(fits, params, title))
+  (out / 'fits.json').write_text(json.dumps(
+      {f: {k: v for k, v in e.items() if k != 'points'} for f, e in fits.items()}, indent=2))
+  return fits
+
+
+def _records_of_sweep(workdir: Path, params: str) -> list[dict]:
+  """The fittable records of a sweep's results.jsonl, the others said and skipped."""
   if not workdir.is_dir():
     raise FileNotFoundError(f'fit: --workdir={workdir} ' + (
         'is a file' if workdir.exists() else 'does not exist') + '; give the workdir of a '
         '`jaxarch sweep` (the folder that holds results.jsonl)')
-  out = Path(out) if out else workdir / 'report'
-  if out.exists() and not out.is_dir():
-    raise FileExistsError(f'fit: --out={out} is a file; give a directory for the report')
   found = read_results(workdir, torn='its run is left out of the fits until a sweep records '
                        'it again; ')
   records = usable_records(found, params, workdir / 'results.jsonl')
@@ -368,16 +388,18 @@ def write_report(workdir: str | Path, out: str | Path | None = None, *,
     if (workdir / 'config.json').is_file():
       raise FileNotFoundError(f'no runs in {workdir / "results.jsonl"}: {workdir} is a '
                               'training run\'s workdir; give `jaxarch fit` the --workdir of '
-                              'a `jaxarch sweep`')
+                              'a `jaxarch sweep`, or training runs as --runs=DIR ... '
+                              '--out=REPORT_DIR')
     raise FileNotFoundError(f'no runs in {workdir / "results.jsonl"}; run `jaxarch sweep '
                             f'--config=SWEEP_FILE.py[:ARG] --workdir={workdir}` first')
-  out.mkdir(parents=True, exist_ok=True)
-  fits = fit_families(records, params=params, bootstrap=bootstrap,
-                      validation_only=validation_only)
-  _plot_loss_vs_compute(fits, out / 'loss_vs_compute.png')
-  _plot_isoflop(fits, out / 'isoflop.png')
-  _plot_frontier(fits, out / 'frontier.png')
-  (out / 'report.md').write_text(markdown(fits, params, workdir))
-  (out / 'fits.json').write_text(json.dumps(
-      {f: {k: v for k, v in e.items() if k != 'points'} for f, e in fits.items()}, indent=2))
-  return fits
+  return records
+
+
+def _records_of_runs(runs: Sequence[str | Path], params: str) -> list[dict]:
+  """The fittable records of training runs' workdirs, the others said and skipped."""
+  found = records_of_runs(runs)
+  records = usable_records(found, params, '--runs')
+  if not records:
+    raise fit_lib.FitError(f'fit: none of the {len(found)} runs given by --runs can be '
+                           f'fitted with --params={params} (see the warnings above)')
+  return records

@@ -131,13 +131,19 @@ def last_step(run_dir: Path) -> int | None:
 def record(run: plan.Run, run_dir: Path, wall_s: float | None) -> dict:
   """The results line of a finished run: sizes, tokens, FLOPs and its final metrics
   (`wall_s` None: not timed here, e.g. a cluster job)."""
-  cfg = run.config()
+  return run_record(run.config(), run_dir, name=run.name, spec=run.spec,
+                    overrides=run.overrides, budget=run.budget, wall_s=wall_s)
+
+
+def run_record(cfg, run_dir: Path, *, name: str, spec: str, overrides: Sequence[str] = (),
+               budget: float | None = None, wall_s: float | None = None) -> dict:
+  """The results line of the run of `cfg` trained in `run_dir`, a sweep's or any other."""
   counts = plan.param_counts(cfg)
   last = final_metrics(run_dir).get
   tokens = (last('step') or 0) * cfg.train.batch_size * cfg.data.seq_len  # (0: diverged)
   return {
-      'name': run.name, 'family': cfg.model.family, 'config': run.spec,
-      'overrides': list(run.overrides), 'budget': run.budget,
+      'name': name, 'family': cfg.model.family, 'config': spec,
+      'overrides': list(overrides), 'budget': budget,
       'params_total': counts['total'], 'params_active': counts['active'],
       'params_embedding': counts['embedding'], 'tokens': tokens,
       'flops': tokens * plan.flops_per_token(cfg), 'steps': last('step'),
@@ -151,8 +157,29 @@ def diverged_record(run: plan.Run, run_dir: Path, wall_s: float | None,
                     at_step: int | None) -> dict:
   """The results line of a run that stopped on non-finite training at `at_step`
   (`diverged_at`): no loss, which the fits leave out."""
-  return {**record(run, run_dir, wall_s), 'final_loss': None, 'eval_loss': None,
-          'bpb': None, 'diverged_at_step': at_step}
+  return _diverged(record(run, run_dir, wall_s), at_step)
+
+
+def _diverged(line: dict, at_step: int | None) -> dict:
+  return {**line, 'final_loss': None, 'eval_loss': None, 'bpb': None,
+          'diverged_at_step': at_step}
+
+
+def records_of_runs(run_dirs: Sequence[str | Path]) -> list[dict]:
+  """Results lines of training runs given by their workdirs (`jaxarch fit --runs`), named
+  by them, each of its saved config: runs trained one by one, on clusters or by hand, fit
+  as a sweep's do (each its own budget: its FLOPs)."""
+  lines = []
+  for run_dir in map(Path, run_dirs):
+    saved = run_dir / 'config.json'
+    if not saved.is_file():
+      raise FileNotFoundError(f'fit: {run_dir} has no config.json: give the workdirs of '
+                              '`jaxarch train` runs')
+    line = run_record(config_lib.load_json(saved), run_dir, name=str(run_dir),
+                      spec=str(saved))
+    at_step = diverged_at(run_dir, line['steps'])
+    lines.append(line if at_step is None else _diverged(line, at_step))
+  return lines
 
 
 def diverged_at(run_dir: Path, logged: int | None) -> int | None:
