@@ -190,6 +190,40 @@ def test_the_mixtures_pick_of_rows_is_a_low_discrepancy_sequence():
   assert other != picks[:100].tolist()  # the seed moves the sequence
 
 
+def test_row_r_of_step_t_is_of_the_source_mixture_pick_gives_global_row_t_b_plus_r(mixture):
+  """The batch is the pick sequence read in global row order: stream r's row t is global
+  row t·B + r. Numbering a stream's rows t + r instead keeps each batch's share but makes
+  step t+1 repeat step t's picks shifted by one row (and the sum of the low-discrepancy
+  windows no longer holds across steps)."""
+  batches = _take(iter(data.make_train_dataset(mixture, seed=3, global_batch_size=8)), 6)
+  cumulative = np.cumsum([0.25, 0.75])  # a: 1, b: 3
+  for t, batch in enumerate(batches):
+    picks = [pipeline.mixture_pick(t * 8 + r, cumulative, seed=3) for r in range(8)]
+    np.testing.assert_array_equal(_rows_of_a(batch), np.array(picks) == 0,
+                                  err_msg=f'step {t}')
+
+
+def test_each_source_of_a_mixture_is_shuffled_with_its_own_seed(tmp_path):
+  """Two sources of as many documents, of the same lengths, shuffled with one seed would
+  read their documents in the same order (their rows' segments would line up); each has
+  its own seed (the run's seed + its index), so their orders are independent."""
+  lengths = np.random.default_rng(1).integers(3, 40, 24)
+  _letter_corpus(tmp_path / 'a', 'A', lengths)
+  _letter_corpus(tmp_path / 'b', 'B', lengths)
+  cfg = tiny_config(str(tmp_path / 'data')).data
+  cfg.source = f'a=files:{tmp_path}/a/*.txt,1;b=files:{tmp_path}/b/*.txt,1'
+  cfg.seq_len = 16
+  cfg.validation_fraction = 0.0
+  it = iter(data.make_train_dataset(cfg, seed=0, global_batch_size=2, packing_streams=1))
+  rows = [{k: v[i] for k, v in batch.items()} for batch in _take(it, 16) for i in range(2)]
+  segments = {letter: np.concatenate([r['segment_ids'] for r in rows
+                                      if (r['inputs'] == letter).any()])
+              for letter in (A, B)}
+  n = min(len(s) for s in segments.values())
+  assert n >= 4 * 16
+  assert not np.array_equal(segments[A][:n], segments[B][:n])
+
+
 @pytest.mark.parametrize('saved_by, resumed_on', [(1, 1), (2, 1), (1, 4)])
 def test_a_mixture_position_resumes_exactly_on_any_number_of_processes(mixture, saved_by,
                                                                        resumed_on):
