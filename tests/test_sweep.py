@@ -16,7 +16,8 @@ import pytest
 from conftest import tiny_config
 from jaxarch import cli
 from jaxarch import config as config_lib
-from jaxarch.sweep import FitError, fit_scaling_law, isoflop_fits, isoflop_minimum
+from jaxarch.sweep import (FitError, fit_scaling_law, isoflop_fits, isoflop_minimum,
+                           predict_loss)
 from jaxarch.sweep import plan, report, runner
 from jaxarch.train import train
 
@@ -46,6 +47,20 @@ def test_parametric_fit_recovers_a_known_law_from_noisy_runs():
   assert low <= fit['alpha'] <= high
 
 
+def test_bootstrap_intervals_reach_out_on_both_sides_of_the_fit():
+  """`intervals` are the 5th and 95th percentiles of the bootstrap fits: on noisy runs the
+  fit lies well inside, with room on each side (an upper end at the median would sit on
+  the fit, and a 90% interval would claim a certainty it lacks)."""
+  records = _law_records(CHINCHILLA, [1e17, 1e18, 1e19], np.geomspace(1e7, 1e10, 6),
+                         noise=0.01, seed=1)
+  fit = fit_scaling_law(records, bootstrap=20, seed=2)
+  for key in ('alpha', 'beta'):
+    low, high = fit['intervals'][key]
+    width = high - low
+    assert width > 0.005
+    assert low + width / 5 < fit[key] < high - width / 5, (key, low, fit[key], high)
+
+
 def test_parametric_fit_runs_to_the_minimum_of_a_small_huber_loss():
   # A law whose A/N^alpha term is small: scipy's default tolerances stopped L-BFGS-B at
   # alpha = 1.03 on these noise-free runs (its Huber loss ~1e-4 looked converged).
@@ -63,6 +78,15 @@ def test_parametric_fit_runs_to_the_minimum_of_a_small_huber_loss():
   assert fit['E'] == pytest.approx(math.exp(-5)) and fit['at_bound'] == ['E']
 
 
+def test_predict_loss_is_the_law_with_each_exponent_on_its_own_term():
+  """L(N, D) = E + A/N^alpha + B/D^beta: Chinchilla's alpha and beta differ, so an
+  exponent on the wrong term shows (the two terms at 1e9 params, 2e10 tokens)."""
+  n, d = np.array([1e9, 7e7]), np.array([2e10, 1.4e9])
+  expected = 1.69 + 406.4 / n ** 0.34 + 410.7 / d ** 0.28
+  np.testing.assert_allclose(predict_loss(CHINCHILLA, n, d), expected, rtol=1e-12)
+  assert predict_loss(CHINCHILLA, 1e9, 2e10) == pytest.approx(expected[0], rel=1e-12)
+
+
 def test_isoflop_profiles_find_the_known_optimum():
   # A parabola in log N with its vertex at N = 3e8: found exactly, inside the sizes run.
   sizes = np.geomspace(1e7, 1e10, 9)
@@ -77,6 +101,23 @@ def test_isoflop_profiles_find_the_known_optimum():
   expected = CHINCHILLA['beta'] / (CHINCHILLA['alpha'] + CHINCHILLA['beta'])
   assert iso['params_exponent'] == pytest.approx(expected, abs=0.03)
   assert iso['params_exponent'] + iso['tokens_exponent'] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_budgets_optimal_tokens_are_read_off_the_least_squares_line_of_log_d_on_log_n():
+  """Runs' tokens scatter around C / 6N (whole steps, FLOPs per token beyond 6N): D* is the
+  least-squares prediction of log D from log N at N*. The line of log N on log D is
+  another one (the two agree only when the points lie on a line)."""
+  sizes = np.geomspace(1e7, 1e10, 7)
+  scatter = [1.2, 0.8, 1.1, 0.9, 1.15, 0.85, 1.0]
+  records = [dict(params=n, tokens=1e18 / (6 * n) * s, budget=1e18,
+                  loss=2.0 + 0.05 * (math.log(n) - math.log(3e8)) ** 2)
+             for n, s in zip(sizes, scatter)]
+  (profile,) = isoflop_fits(records)['profiles']
+  x, y = np.log(sizes), np.log([r['tokens'] for r in records])
+  slope = np.sum((x - x.mean()) * (y - y.mean())) / np.sum((x - x.mean()) ** 2)
+  assert profile['params'] == pytest.approx(3e8, rel=1e-6)
+  assert profile['tokens'] == pytest.approx(
+      math.exp(y.mean() + slope * (math.log(3e8) - x.mean())), rel=1e-6)
 
 
 def test_a_profile_whose_runs_bracket_the_optimum_is_not_called_a_bound():
@@ -904,6 +945,17 @@ def test_near_optimum_keeps_the_sizes_around_a_budgets_chinchilla_optimum():
   assert plan.near_optimum(flops, budget, 5) == list(flops)
   # 80 tokens per parameter halve the optimum's N: 'b' is then nearer than 'd'.
   assert plan.near_optimum(flops, budget, 2, tokens_per_param=80) == ['b', 'c']
+
+
+def test_near_optimum_is_6n_per_token_at_chinchillas_n_not_off_by_a_constant():
+  """Sizes a factor 2 apart in FLOPs per token: the optimum's 6·N = sqrt(6·C / 20) (C =
+  6·N·20·N) picks exactly one of them. A slip of sqrt(6) in it (sqrt(C / 20)) passes the
+  decade-spaced test above but picks the size below here."""
+  flops = {'a': 1.5e8, 'b': 3e8, 'c': 6e8, 'd': 1.2e9, 'e': 2.4e9}  # 6·N per token
+  budget = 120 * 1e8 ** 2  # N* = 1e8: 6·N* = 6e8 ('c')
+  assert plan.near_optimum(flops, budget, 1) == ['c']
+  assert plan.near_optimum(flops, budget * 4, 1) == ['d']  # N* doubles
+  assert plan.near_optimum(flops, budget / 4, 1) == ['b']
 
 
 def test_isoflop_grid_per_budget_trains_each_budget_near_its_optimum():
