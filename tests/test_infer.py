@@ -700,3 +700,23 @@ def test_a_prompt_s_moe_capacity_does_not_depend_on_the_batch_it_is_padded_with(
   assert together == alone
   dropless = infer.Generator(model)([prompts[0]], max_new_tokens=10)[0][0]
   assert dropless != alone[0]  # the short prompt drops assignments all the same
+
+
+def test_each_sampled_token_draws_with_its_own_key(dense_generator):
+  """At a huge temperature the distribution is all but uniform, so what decides a token is
+  the step's key: drawn with one key at every step, a row would repeat one token."""
+  out, _ = dense_generator([[257, 1, 2, 3], [257, 4]], max_new_tokens=12, method='sample',
+                           temperature=1e4, seed=7)
+  for row in out:
+    assert len(row) == 12 and len(set(row)) >= 8, row
+
+
+def test_a_stop_id_chosen_by_the_prefill_ends_the_row_with_no_decode_step(dense_generator):
+  """The prefill's token is checked against the stop ids too: rows that all stop there
+  run no decode step (the output would be cut at the stop anyway; the passes would not)."""
+  prompts = [[257, 30, 31, 32], [257, 40, 41]]
+  free, _ = dense_generator(prompts, max_new_tokens=10)
+  stopped, stats = dense_generator(prompts, max_new_tokens=10,
+                                   stop_ids=[free[0][0], free[1][0]])
+  assert stopped == [free[0][:1], free[1][:1]]
+  assert stats['forward_passes'] == 1 and stats['new_tokens'] == 2
