@@ -2246,6 +2246,18 @@ def test_what_config_json_leaves_out_is_its_config_classs_default():
       10_000.0, 2048, 2, 16)
 
 
+def test_a_config_json_without_rms_norm_eps_is_1e_6_but_a_mixtrals():
+  """LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config and Qwen3MoeConfig default
+  rms_norm_eps to 1e-6 (MixtralConfig alone to 1e-5, above): a Llama without the key
+  imported with 1e-5 would norm its activations otherwise than transformers does."""
+  bare = {k: v for k, v in QWEN3_MOE.items() if k != 'rms_norm_eps'}
+  for kind in ('llama', 'mistral', 'qwen2', 'qwen3', 'qwen3_moe'):
+    config = bare if kind == 'qwen3_moe' else {**LLAMA31, 'model_type': kind}
+    assert hf_import.run_config(config, 'bytes').model.norm_eps == 1e-6, kind
+  mixtral = {k: v for k, v in MIXTRAL.items() if k != 'rms_norm_eps'}
+  assert hf_import.run_config(mixtral, 'bytes').model.norm_eps == 1e-5
+
+
 def test_a_llamas_sliding_window_is_unread_as_in_transformers():
   """LlamaForCausalLM's attention reads no sliding_window (checked once with transformers
   5.25: a tiny Llama with sliding_window 3 imported with a window, logits 3.7 off; now
