@@ -947,6 +947,16 @@ def test_near_optimum_keeps_the_sizes_around_a_budgets_chinchilla_optimum():
   assert plan.near_optimum(flops, budget, 2, tokens_per_param=80) == ['b', 'c']
 
 
+def test_steps_for_budget_round_to_the_nearest_whole_step():
+  """A budget of 2.6 steps' FLOPs trains 3 steps: truncated to 2 it would spend 23% less
+  than the budget its IsoFLOP point is plotted at."""
+  cfg = config_lib.load('configs/dense.py:tiny')
+  per_step = plan.train_flops(cfg, 1)
+  assert plan.steps_for_budget(cfg, 2.6 * per_step) == 3
+  assert plan.steps_for_budget(cfg, 2.4 * per_step) == 2
+  assert plan.steps_for_budget(cfg, 0.3 * per_step) == 1  # at least one
+
+
 def test_near_optimum_is_6n_per_token_at_chinchillas_n_not_off_by_a_constant():
   """Sizes a factor 2 apart in FLOPs per token: the optimum's 6·N = sqrt(6·C / 20) (C =
   6·N·20·N) picks exactly one of them. A slip of sqrt(6) in it (sqrt(C / 20)) passes the
