@@ -3,11 +3,12 @@
   jaxarch train --config=configs/moe.py:tiny --workdir=/tmp/jaxarch/moe-tiny
   jaxarch train --config=configs/moe.py:151m --workdir=/gcs/BUCKET/moe-151m
 
-The paper presets are UltraMem's baselines (arXiv 2411.12364): the dense preset of the
-same name with every FFN replaced by 64 fine-grained experts, top-4, sized so that the
-activated parameters per token match the UltraMem preset of the same name and the total
-is as close as 64 experts allow (E/k = 16 where UltraMem's total/active FFN ratio is
-16.0-16.5):
+The paper presets are the MoE baselines of configs/ultramem.py's presets, not the
+paper's own: the UltraMem paper (arXiv 2411.12364) compares against top-2 MoEs
+(MoE-1.6B-2in34: 2 of 34 experts). Here the dense preset of the same name has every FFN
+replaced by 64 fine-grained experts, top-4, sized so that the activated parameters per
+token match the UltraMem preset of the same name and the total is as close as 64
+experts allow (E/k = 16 where UltraMem's total/active FFN ratio is 16.0-16.5):
 
   preset  experts x d_ff  top-k  MoE total / active       UltraMem total / active
   tiny    8 x 192         2      2.66M / 0.89M            (CPU quick test)
