@@ -342,6 +342,8 @@ def test_tiny_ultramem_trains_with_its_table_sharded(tmp_path, data_dir):
     assert 0 < records[-1][f'side_layers/{layer}/memory/window_values_hit'] <= 1
     assert f'side_layers/{layer}/memory/score_entropy' in records[-1]
     assert f'side_layers/{layer}/memory/tucker_aux' in records[-1]
+  # The value table's rate: 4x the schedule's, decaying linearly to 1x (configs/ultramem.py).
+  assert records[0]['lr/values'] == pytest.approx(records[0]['lr'] * (1 + 3 * (1 - 4 / 30)))
   assert np.isfinite(result['eval_bpb'])
 
 

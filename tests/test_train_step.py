@@ -13,7 +13,7 @@ from jaxarch import config as config_lib
 from jaxarch.parallel import global_batch, make_mesh
 from jaxarch.train import profile
 from jaxarch.train.memory import compiled_train_step
-from jaxarch.train.optimizer import learning_rate_schedule, make_optimizer
+from jaxarch.train.optimizer import group_learning_rates, learning_rate_schedule, make_optimizer
 from jaxarch.train.state import init_state, make_setup
 from jaxarch.train.step import make_train_step
 
@@ -317,6 +317,28 @@ def test_parameter_group_multiplier_decays_linearly_to_one():
   assert ratios[0] == pytest.approx(4.0)
   assert ratios[50] == pytest.approx(2.5)
   assert ratios[-1] == pytest.approx(1.03)
+
+
+def test_logged_group_learning_rate_is_the_rate_its_updates_take():
+  """`lr/values` (`group_learning_rates`) is the schedule's rate times the multiplier that
+  the optimizer applies at the same update count, through warmup and cosine decay."""
+  cfg = tiny_config(**{'train.steps': 40, 'train.warmup_steps': 5, 'train.lr': 1e-2,
+                       'train.schedule': 'cosine', 'train.grad_clip': 0.0,
+                       'train.weight_decay': 0.0})
+  with cfg.unlocked():
+    cfg.train.groups.values = dict(lr_multiplier=4.0, multiplier_decay='linear')
+  params = nnx.State({'v': nnx.Param(jnp.zeros(3), optim_group='values'),
+                      'w': nnx.Param(jnp.zeros(3))})
+  tx = make_optimizer(cfg.train, params)
+  opt_state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  schedule = learning_rate_schedule(cfg.train)
+  rate = group_learning_rates(cfg.train)['values']
+  for count in range(40):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    ratio = float(updates['v'].get_value()[0] / updates['w'].get_value()[0])
+    assert float(rate(count)) == pytest.approx(float(schedule(count)) * ratio, rel=1e-5)
+  assert float(rate(0)) == pytest.approx(4.0 * float(schedule(0)))
 
 
 def test_parameter_groups_and_frozen_parameters_together():

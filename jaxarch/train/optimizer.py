@@ -93,9 +93,22 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params) -> optax.GradientTran
 def group_multiplier(cfg: ml_collections.ConfigDict,
                      group: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Scales a group's AdamW updates, i.e. its learning rate, by the configured factor."""
+  return optax.scale_by_schedule(multiplier_schedule(cfg, group))
+
+
+def multiplier_schedule(cfg: ml_collections.ConfigDict,
+                        group: ml_collections.ConfigDict) -> optax.Schedule:
+  """A group's learning-rate multiplier at an update count (from 0, as optax counts)."""
   top = float(group.lr_multiplier)
   if group.get('multiplier_decay', 'none') == 'linear':
     steps = max(cfg.steps, 1)
-    return optax.scale_by_schedule(
-        lambda count: 1.0 + (top - 1.0) * jnp.maximum(0.0, 1.0 - count / steps))
-  return optax.scale(top)
+    return lambda count: 1.0 + (top - 1.0) * jnp.maximum(0.0, 1.0 - count / steps)
+  return lambda count: jnp.asarray(top)
+
+
+def group_learning_rates(cfg: ml_collections.ConfigDict) -> dict[str, optax.Schedule]:
+  """`train.groups.NAME` -> the group's learning rate at an update count: the schedule's
+  times its multiplier (the trainer logs it as `lr/NAME`)."""
+  schedule = learning_rate_schedule(cfg)
+  return {name: (lambda count, m=multiplier_schedule(cfg, group): schedule(count) * m(count))
+          for name, group in (cfg.get('groups') or {}).items()}

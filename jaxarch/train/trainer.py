@@ -26,7 +26,7 @@ from jaxarch.train.memory import check_state_fits
 from jaxarch.train.metrics import (InputWait, MetricsWriter, ProgressBar, Stopwatch,
                                    final_metrics, standard_json)
 from jaxarch.train.nonfinite import NonFiniteMonitor
-from jaxarch.train.optimizer import learning_rate_schedule
+from jaxarch.train.optimizer import group_learning_rates, learning_rate_schedule
 from jaxarch.train.preemption import StopRequests
 from jaxarch.train.pretrained import initial_state, mesh_here
 from jaxarch.train.state import MODEL, TrainSetup, make_setup
@@ -428,6 +428,7 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
   train_step = make_train_step(setup)
   reset_windows = make_window_reset(setup)
   schedule = learning_rate_schedule(cfg.train)
+  group_rates = group_learning_rates(cfg.train)  # logged as lr/NAME
   flops_per_token = flops.train_flops_per_token(cfg.model, setup.param_counts,
                                                 cfg.data.seq_len)
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
@@ -475,6 +476,7 @@ def _loop(cfg, workdir, setup, state, data_iter, eval_step, checkpointer, writer
           bar.alert(_input_bound_message(cfg, step, logged['data_wait']))
           input_bound_told = True
       logged['lr'] = float(schedule(step - 1))  # optax counts updates from 0
+      logged.update({f'lr/{name}': float(rate(step - 1)) for name, rate in group_rates.items()})
       if hasattr(data_iter, 'epoch'):  # not on a wrapped iterator (e.g. a `.map` over it)
         logged['epoch'] = data_iter.epoch()
       pending = []
