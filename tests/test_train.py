@@ -228,6 +228,23 @@ def test_resuming_with_more_steps_says_where_the_learning_rate_moves(tmp_path, d
                           f'learning rate of {after:.3g} where the run was at {before:.3g}')
 
 
+def test_resuming_with_more_steps_says_where_a_group_learning_rate_moves(tmp_path):
+  """An extended WSD run keeps its rate in the stable phase, but UltraMem's value-table
+  multiplier (4x decaying to 1x over train.steps) moves: resuming says so."""
+  wsd = ['train.schedule=wsd', 'train.warmup_steps=2']
+  cfg = config_lib.load('configs/ultramem.py:tiny', [*wsd, 'train.steps=30'])
+  config_lib.save(cfg, tmp_path / 'config.json')
+  assert trainer._schedule_moved(tmp_path, cfg, 10) is None
+  longer = config_lib.load('configs/ultramem.py:tiny', [*wsd, 'train.steps=40'])
+  assert float(trainer.learning_rate_schedule(longer.train)(10)) == pytest.approx(
+      float(trainer.learning_rate_schedule(cfg.train)(10)))  # both in the stable phase
+  lr = cfg.train.lr
+  assert trainer._schedule_moved(tmp_path, longer, 10) == (
+      'train.steps 30 -> 40 since the checkpoint: step 11 trains train.groups.values at a '
+      f'learning rate of {lr * 3.25:.3g} where the run was at {lr * 3:.3g} (its '
+      'lr_multiplier decays over train.steps, with any schedule)')
+
+
 def test_evaluate_and_load_use_the_latest_checkpoint(tmp_path, data_dir, caplog):
   cfg = _cfg(data_dir, **{'train.steps': 10})
   result = train(cfg, tmp_path)

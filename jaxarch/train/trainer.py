@@ -150,15 +150,25 @@ def _schedule_moved(workdir: Path, cfg: ml_collections.ConfigDict, step: int) ->
     return None
   # optax counts updates from 0: the next step's rate is the schedule's at `step`.
   before, after = (float(learning_rate_schedule(c.train)(step)) for c in (saved, cfg))
-  if math.isclose(before, after, rel_tol=1e-3, abs_tol=1e-12):
-    return None
   keys = [f'train.{k} {saved.train.get(k)} -> {cfg.train.get(k)}' for k in cfg.train
           if not isinstance(cfg.train[k], ml_collections.ConfigDict)
           and saved.train.get(k) != cfg.train.get(k)]
-  return (f'{", ".join(keys) or "the train keys"} since the checkpoint: step {step + 1} trains '
-          f'at a learning rate of {after:.3g} where the run was at {before:.3g} (the schedule '
-          'spans train.steps; a cosine run given more steps climbs back up its curve, while '
-          "train.schedule='wsd' is made to be extended)")
+  if not math.isclose(before, after, rel_tol=1e-3, abs_tol=1e-12):
+    return (f'{", ".join(keys) or "the train keys"} since the checkpoint: step {step + 1} '
+            f'trains at a learning rate of {after:.3g} where the run was at {before:.3g} (the '
+            'schedule spans train.steps; a cosine run given more steps climbs back up its '
+            "curve, while train.schedule='wsd' is made to be extended)")
+  # A group's multiplier (UltraMem's values: 4x decaying to 1x) spans train.steps too,
+  # whatever the schedule.
+  groups = [group_learning_rates(c.train) for c in (saved, cfg)]
+  for name in sorted(set(groups[0]) & set(groups[1])):
+    before, after = (float(g[name](step)) for g in groups)
+    if not math.isclose(before, after, rel_tol=1e-3, abs_tol=1e-12):
+      return (f'{", ".join(keys) or "the train keys"} since the checkpoint: step {step + 1} '
+              f'trains train.groups.{name} at a learning rate of {after:.3g} where the run '
+              f'was at {before:.3g} (its lr_multiplier decays over train.steps, with any '
+              'schedule)')
+  return None
 
 
 def no_validation_data(cfg: ml_collections.ConfigDict, batches) -> str | None:
