@@ -681,6 +681,19 @@ def test_dense_baseline_is_widened_to_the_sparse_active_count():
   assert abs(active - target) <= per_unit / 2
 
 
+def test_moe_is_widened_to_ultramem_active_count_and_small_stays_matched():
+  ultramem = compare_families.config_lib.load('configs/ultramem.py:tiny')
+  target = compare_families.counts(ultramem)['active']
+  moe = compare_families.matched_moe(target, [])
+  # top-2 of the 4 layers' experts: 3·d·2·4 active parameters per unit of expert_d_ff
+  per_unit = 3 * moe.model.d_model * moe.model.moe.top_k * moe.model.n_layers * 8
+  assert moe.model.moe.expert_d_ff > 192
+  assert abs(compare_families.counts(moe)['active'] - target) <= per_unit / 2
+  small = compare_families.config_lib.load('configs/ultramem.py:small')
+  target = compare_families.counts(small)['active']
+  assert compare_families.matched_moe(target, [], 'small').model.moe.expert_d_ff == 508
+
+
 @pytest.mark.slow
 def test_compare_families_benchmark_writes_one_record_per_family(tmp_path, data_dir,
                                                                 monkeypatch):
