@@ -92,8 +92,11 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params) -> optax.GradientTran
 
 def group_multiplier(cfg: ml_collections.ConfigDict,
                      group: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Scales a group's AdamW updates, i.e. its learning rate, by the configured factor."""
-  return optax.scale_by_schedule(multiplier_schedule(cfg, group))
+  """Scales a group's AdamW updates, i.e. its learning rate, by the configured factor (a
+  constant one keeps no count: the optimizer state of runs saved so stays as it was)."""
+  if group.get('multiplier_decay', 'none') == 'linear':
+    return optax.scale_by_schedule(multiplier_schedule(cfg, group))
+  return optax.scale(float(group.lr_multiplier))
 
 
 def multiplier_schedule(cfg: ml_collections.ConfigDict,
