@@ -350,15 +350,15 @@ def write_report(workdir: str | Path | None, out: str | Path | None = None, *,
   (`fit_families`); writes the plots, report.md and fits.json."""
   if params not in ('active', 'total'):
     raise ValueError(f"fit: params={params!r} must be 'active' or 'total'")
-  if runs:
-    if out is None:
-      raise ValueError('fit: --runs needs --out, the directory to write the report in')
-    records, title = _records_of_runs(runs, params), f'{len(runs)} training runs'
-  else:
-    records, title = _records_of_sweep(Path(workdir), params), workdir
+  if runs and out is None:
+    raise ValueError('fit: --runs needs --out, the directory to write the report in')
   out = Path(out) if out else Path(workdir) / 'report'
   if out.exists() and not out.is_dir():
     raise FileExistsError(f'fit: --out={out} is a file; give a directory for the report')
+  if runs:
+    records, title = _records_of_runs(runs, params), f'{len(runs)} training runs'
+  else:
+    records, title = _records_of_sweep(Path(workdir), params), workdir
   out.mkdir(parents=True, exist_ok=True)
   fits = fit_families(records, params=params, bootstrap=bootstrap,
                       validation_only=validation_only)
