@@ -120,6 +120,9 @@ def test_a_save_on_cpu_writes_each_replicated_array_whole(tmp_path, monkeypatch)
   writer.save(1, state)
   writer.close()
   assert not sliced
+  # Orbax's layout as its own handler writes it: each array's metadata too.
+  assert [p.name for p in (tmp_path / 'checkpoints' / '1' / 'state').iterdir()
+          if p.name == 'array_metadatas'] == ['array_metadatas']
   restored, _ = Checkpointer.read(tmp_path, jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
   np.testing.assert_array_equal(restored['w'], state['w'])

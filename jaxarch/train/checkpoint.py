@@ -632,10 +632,12 @@ def _quiet_closed_loop_reports() -> None:
 
 
 class _WholeReplicas(ocp.type_handlers.ArrayHandler):
-  """Orbax's array handler, each replicated shard written whole by its first replica."""
+  """Orbax's array handler, each replicated shard written whole by its first replica;
+  with the default handler's array metadata store, so checkpoints keep their layout."""
 
-  def __init__(self):
-    super().__init__(use_replica_parallel=False)
+  def __init__(self, default: ocp.type_handlers.ArrayHandler):
+    super().__init__(use_replica_parallel=False,
+                     array_metadata_store=getattr(default, '_array_metadata_store', None))
 
 
 def _whole_replicas_on_cpu() -> None:
@@ -643,14 +645,15 @@ def _whole_replicas_on_cpu() -> None:
   replica of a replicated array writes a slice of it) gains nothing there, and slices
   every array with a small program compiled per shape: 2.8 s of the 3.9 s first save of a
   tiny UltraMem state on 8 CPU devices. GPUs and TPUs keep Orbax's default."""
-  if (jax.default_backend() != 'cpu' or
-      isinstance(ocp.type_handlers.get_type_handler(jax.Array), _WholeReplicas)):
+  default = ocp.type_handlers.get_type_handler(jax.Array)
+  if jax.default_backend() != 'cpu' or isinstance(default, _WholeReplicas):
     return
   absl = logging.getLogger('absl')  # which says it overrides the default: as meant
   level = absl.level
   absl.setLevel(logging.ERROR)
   try:
-    ocp.type_handlers.register_type_handler(jax.Array, _WholeReplicas(), override=True)
+    ocp.type_handlers.register_type_handler(jax.Array, _WholeReplicas(default),
+                                            override=True)
   finally:
     absl.setLevel(level)
 
