@@ -1577,6 +1577,12 @@ def test_a_continuation_ends_where_a_stop_text_is_first_complete(tmp_path):
       assert not any(stop in decode(ids[:-1]) for stop in stops), stops
     else:
       assert ids == new
+  # A stop that ends in a character of several bytes ends at that character's last byte:
+  # its first decodes as U+FFFD, as long as the whole character (it was cut one id short).
+  byte_level = tokenizers.ByteTokenizer()
+  for text, stop, kept in (('xé', 'é', 3), ('a€b', '€', 4)):
+    ids, got = tokenizers.cut_at_stop_text(byte_level.decode, list(text.encode()), [stop])
+    assert (ids, got) == (list(text.encode())[:kept], text[:text.index(stop)]), text
 
 
 def test_missing_or_garbled_tokenizer_files_are_config_errors(tmp_path):

@@ -261,9 +261,11 @@ def cut_at_stop_text(decode, new_ids, stops) -> tuple[list[int], str]:
   if not found:
     return new_ids, text
   end, start = min(found)  # the stop whose text is complete first, token by token
-  # A prefix of the ids decodes to a prefix of the text: the first one that reaches `end`.
+  # The first prefix of the ids whose text holds it (by its length, a character cut
+  # between two tokens, decoded as U+FFFD, would count as complete).
+  stop = text[start:end]
   n = bisect.bisect_left(range(len(new_ids) + 1), True,
-                         key=lambda n: len(decode(new_ids[:n])) >= end)
+                         key=lambda n: stop in decode(new_ids[:n]))
   return new_ids[:n], text[:start]
 
 
