@@ -428,8 +428,8 @@ def _exclusive(launch) -> str:
   run out of): --mem=0 asks for all of it, unless launch.slurm_options says how much."""
   if not launch.exclusive:
     return ''
-  asked = any(option.removeprefix('--').startswith('mem')
-              for option in shlex.split(launch.slurm_options))
+  asked = any(option.removeprefix('--').split('=')[0] in ('mem', 'mem-per-cpu', 'mem-per-gpu')
+              for option in shlex.split(launch.slurm_options))  # not --mem-bind
   return '#SBATCH --exclusive' + ('' if asked else '\n#SBATCH --mem=0')
 
 

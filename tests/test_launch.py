@@ -101,6 +101,9 @@ def test_slurm_jobs_can_share_nodes_and_take_the_sites_options(tmp_path, capsys)
   text = (tmp_path / 'train.sbatch').read_text()
   assert code == 0 and '#SBATCH --exclusive\n' in text and '--mem=0' not in text
   assert '#SBATCH --mem=500G\n' in text
+  code, _, _ = _launch(capsys, 'slurm', tmp_path,  # --mem-bind asks for no memory
+                       '--config.launch.slurm_options=--mem-bind=local')
+  assert code == 0 and '#SBATCH --mem=0\n' in (tmp_path / 'train.sbatch').read_text()
 
 
 def _disruptions_restart_without_counting(jobset, job):
