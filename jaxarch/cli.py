@@ -540,11 +540,10 @@ def _fit(args, overrides):
   if (args.workdir is None) == (not args.runs):
     raise FitError("fit: give a sweep's --workdir, or training runs' workdirs as "
                    '--runs DIR ... with --out=REPORT_DIR')
-  if args.runs and not args.out:
-    raise FitError('fit: --runs needs --out, the directory to write the report in')
-  out = Path(args.out) if args.out else Path(args.workdir) / 'report'
-  fits = write_report(args.workdir, out, runs=_run_dirs(args.runs or ()), params=args.params,
-                      bootstrap=args.bootstrap, validation_only=args.validation_only)
+  fits = write_report(args.workdir, args.out, runs=_run_dirs(args.runs or ()),
+                      params=args.params, bootstrap=args.bootstrap,
+                      validation_only=args.validation_only)
+  out = Path(args.out) if args.out else Path(args.workdir) / 'report'  # (--runs: given)
   for family, entry in fits.items():
     law = entry['law']
     text = law.get('error') or (f'L = {law["E"]:.3f} + {law["A"]:.3g}/N^{law["alpha"]:.3f} + '
@@ -554,12 +553,15 @@ def _fit(args, overrides):
 
 
 def _run_dirs(patterns: Sequence[str]) -> list[Path]:
-  """`fit --runs`: each a workdir, or a glob of them (quoted, as the shell leaves it)."""
+  """`fit --runs`: each a workdir, or a glob (quoted, as the shell leaves it) of which the
+  training runs' workdirs count (those with a config.json: not a report beside them)."""
   dirs = []
   for pattern in patterns:
-    found = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern)))
+    path = Path(pattern).expanduser()
+    found = [path] if path.exists() else sorted(  # a name with [ ] is a path first
+        run for run in map(Path, glob.glob(str(path))) if (run / 'config.json').is_file())
     if not found:
-      raise FileNotFoundError(f'fit: --runs {pattern}: no such workdir')
+      raise FileNotFoundError(f'fit: --runs {pattern}: no such training run')
     dirs += [d for d in found if d not in dirs]
   return dirs
 

@@ -555,13 +555,15 @@ def test_a_results_jsonl_with_bytes_that_are_not_text_is_read_past_them(tmp_path
 def test_training_runs_fit_as_a_sweeps_do(tmp_path, capsys):
   """`fit --runs`: runs trained one by one (on clusters, by hand) rather than by a sweep.
   Each is read from its workdir (its config's sizes, its last logged step's tokens and
-  losses): here 12 dense runs whose validation losses follow a known law."""
+  losses): here 12 dense runs whose validation losses follow a known law, 4 sizes at each
+  of 3 computes (their steps rounded: FLOPs within 1%, which share a budget)."""
   law = dict(CHINCHILLA, A=40.0, B=40.0)
   for d_model in (32, 64, 128, 256):
-    for steps in (100, 1000, 10000):
+    for budget in (3e12, 3e13, 3e14):
       cfg = config_lib.load('configs/dense.py:tiny', [f'model.d_model={d_model}',
                                                       f'model.d_ff={4 * d_model}'])
-      run = tmp_path / 'runs' / f'd{d_model}-{steps}'
+      steps = round(budget / plan.train_flops(cfg, steps=1))
+      run = tmp_path / 'runs' / f'd{d_model}-{budget:.0e}'
       run.mkdir(parents=True)
       config_lib.save(cfg, run / 'config.json')
       n = plan.param_counts(cfg)['active']
@@ -570,27 +572,36 @@ def test_training_runs_fit_as_a_sweeps_do(tmp_path, capsys):
       (run / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in (
           {'step': steps // 2, 'loss': 9.0},
           {'step': steps, 'loss': loss + 0.1, 'eval_loss': loss, 'eval_bpb': 1.0})))
-  out = tmp_path / 'report'
+  out = tmp_path / 'runs' / 'report'  # beside the runs: a glob over them leaves it out
+  out.mkdir()
+  (tmp_path / 'runs' / 'lr[3]').mkdir()  # a name that is a glob: taken as the path it is
+  config_lib.save(cfg, tmp_path / 'runs' / 'lr[3]' / 'config.json')
+  shutil.copy(run / 'metrics.jsonl', tmp_path / 'runs' / 'lr[3]')
   assert cli.main(['fit', '--runs', str(tmp_path / 'runs' / 'd32-*'),
-                   str(tmp_path / 'runs' / 'd*'), f'--out={out}', '--bootstrap=0']) == 0
+                   str(tmp_path / 'runs' / '*'), str(tmp_path / 'runs' / 'lr[3]'),
+                   f'--out={out}', '--bootstrap=0']) == 0
   fits = json.loads((out / 'fits.json').read_text())
-  assert fits['dense']['runs'] == 12  # d32's runs matched twice, fitted once
+  assert fits['dense']['runs'] == 13  # d32's runs matched twice, fitted once
   assert fits['dense']['law']['alpha'] == pytest.approx(law['alpha'], abs=0.02)
   assert fits['dense']['law']['beta'] == pytest.approx(law['beta'], abs=0.02)
-  assert (out / 'report.md').read_text().startswith('# Scaling-law report for 12 training runs')
+  profiles = fits['dense']['isoflop']['profiles']
+  assert len(profiles) == 3 and all('error' not in p for p in profiles), profiles
+  assert (out / 'report.md').read_text().startswith('# Scaling-law report for 13 training runs')
   assert 'dense: L = ' in capsys.readouterr().out
   (tmp_path / 'not_a_run').mkdir()
   for flags, said in [
-      (['--runs', str(tmp_path / 'runs' / 'd32-100')], '--runs needs --out'),
-      ([f'--workdir={tmp_path}', '--runs', str(tmp_path / 'runs' / 'd32-100'), f'--out={out}'],
+      (['--runs', str(tmp_path / 'runs' / 'd32-3e+12')], '--runs needs --out'),
+      ([f'--workdir={tmp_path}', '--runs', str(tmp_path / 'runs' / 'd32-3e+12'),
+        f'--out={out}'],
        "give a sweep's --workdir, or training runs' workdirs"),
-      (['--runs', str(tmp_path / 'runs' / 'x*'), f'--out={out}'], 'no such workdir'),
+      (['--runs', str(tmp_path / 'runs' / 'x*'), f'--out={out}'], 'no such training run'),
+      (['--runs', str(tmp_path / 'not_a*'), f'--out={out}'], 'no such training run'),
       (['--runs', str(tmp_path / 'not_a_run'), f'--out={out}'], 'has no config.json')]:
     assert cli.main(['fit', *flags]) == 2
     err = capsys.readouterr().err
     assert said in err and err.count('\n') == 1, err
   # A run's own workdir given as a sweep's says how to fit it.
-  assert cli.main(['fit', f'--workdir={tmp_path / "runs" / "d32-100"}']) == 2
+  assert cli.main(['fit', f'--workdir={tmp_path / "runs" / "d32-3e+12"}']) == 2
   assert 'or training runs as --runs=DIR ... --out=REPORT_DIR' in capsys.readouterr().err
 
 

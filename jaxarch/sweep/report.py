@@ -351,7 +351,7 @@ def write_report(workdir: str | Path | None, out: str | Path | None = None, *,
   if params not in ('active', 'total'):
     raise ValueError(f"fit: params={params!r} must be 'active' or 'total'")
   if runs and out is None:
-    raise ValueError('fit: --runs needs --out, the directory to write the report in')
+    raise fit_lib.FitError('fit: --runs needs --out, the directory to write the report in')
   out = Path(out) if out else Path(workdir) / 'report'
   if out.exists() and not out.is_dir():
     raise FileExistsError(f'fit: --out={out} is a file; give a directory for the report')
@@ -396,10 +396,25 @@ def _records_of_sweep(workdir: Path, params: str) -> list[dict]:
 
 
 def _records_of_runs(runs: Sequence[str | Path], params: str) -> list[dict]:
-  """The fittable records of training runs' workdirs, the others said and skipped."""
+  """The fittable records of training runs' workdirs, the others said and skipped; runs
+  of one compute share a budget (`shared_budgets`)."""
   found = records_of_runs(runs)
   records = usable_records(found, params, '--runs')
   if not records:
     raise fit_lib.FitError(f'fit: none of the {len(found)} runs given by --runs can be '
                            f'fitted with --params={params} (see the warnings above)')
-  return records
+  return shared_budgets(records)
+
+
+BUDGET_TOLERANCE = 0.02  # runs planned at one compute differ by their rounded steps
+
+
+def shared_budgets(records: list[dict]) -> list[dict]:
+  """Records without a budget (runs of no sweep), those whose FLOPs lie within 2% of the
+  smallest of their group given one: its FLOPs, so that they make an IsoFLOP profile."""
+  out, first = [], None
+  for r in sorted(records, key=lambda r: r['flops']):
+    if first is None or r['flops'] > first * (1 + BUDGET_TOLERANCE):
+      first = r['flops']
+    out.append(r if r.get('budget') is not None else dict(r, budget=first))
+  return out
