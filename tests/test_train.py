@@ -243,6 +243,13 @@ def test_resuming_with_more_steps_says_where_a_group_learning_rate_moves(tmp_pat
       'train.steps 30 -> 40 since the checkpoint: step 11 trains train.groups.values at a '
       f'learning rate of {lr * 3.25:.3g} where the run was at {lr * 3:.3g} (its '
       'lr_multiplier decays over train.steps, with any schedule)')
+  # The group's own key changed: named (it was "the train keys"), without the decay's why.
+  halved = config_lib.load('configs/ultramem.py:tiny', [
+      *wsd, 'train.steps=30', 'train.groups.values.lr_multiplier=2.0'])
+  assert trainer._schedule_moved(tmp_path, halved, 10) == (
+      'train.groups.values.lr_multiplier 4.0 -> 2.0 since the checkpoint: step 11 trains '
+      f'train.groups.values at a learning rate of {lr * 2 * 2 / 3 + lr / 3:.3g} where the '
+      f'run was at {lr * 3:.3g}')
 
 
 def test_evaluate_and_load_use_the_latest_checkpoint(tmp_path, data_dir, caplog):

@@ -150,9 +150,9 @@ def _schedule_moved(workdir: Path, cfg: ml_collections.ConfigDict, step: int) ->
     return None
   # optax counts updates from 0: the next step's rate is the schedule's at `step`.
   before, after = (float(learning_rate_schedule(c.train)(step)) for c in (saved, cfg))
-  keys = [f'train.{k} {saved.train.get(k)} -> {cfg.train.get(k)}' for k in cfg.train
-          if not isinstance(cfg.train[k], ml_collections.ConfigDict)
-          and saved.train.get(k) != cfg.train.get(k)]
+  was, now = (config_lib.flat(c.train.to_dict(), 'train.') for c in (saved, cfg))
+  keys = [f'{k} {was.get(k)} -> {now.get(k)}' for k in sorted(set(was) | set(now))
+          if was.get(k) != now.get(k)]  # train.groups.values.lr_multiplier too
   if not math.isclose(before, after, rel_tol=1e-3, abs_tol=1e-12):
     return (f'{", ".join(keys) or "the train keys"} since the checkpoint: step {step + 1} '
             f'trains at a learning rate of {after:.3g} where the run was at {before:.3g} (the '
@@ -164,10 +164,11 @@ def _schedule_moved(workdir: Path, cfg: ml_collections.ConfigDict, step: int) ->
   for name in sorted(set(groups[0]) & set(groups[1])):
     before, after = (float(g[name](step)) for g in groups)
     if not math.isclose(before, after, rel_tol=1e-3, abs_tol=1e-12):
+      why = (' (its lr_multiplier decays over train.steps, with any schedule)'
+             if was.get('train.steps') != now.get('train.steps') else '')
       return (f'{", ".join(keys) or "the train keys"} since the checkpoint: step {step + 1} '
               f'trains train.groups.{name} at a learning rate of {after:.3g} where the run '
-              f'was at {before:.3g} (its lr_multiplier decays over train.steps, with any '
-              'schedule)')
+              f'was at {before:.3g}{why}')
   return None
 
 
