@@ -403,9 +403,13 @@ def _check_draft_tree_before_loading(workdir: str, widths) -> None:
   if not saved.is_file():
     return  # loading says what is missing
   model = config_lib.load_json(saved).model
-  bita = model.bita if model.family == 'bita' else None
-  draft_tree(widths, default=bita and bita.draft_tree,
-             num_mask_tokens=bita and bita.num_mask_tokens, vocab=model.vocab_size)
+  if model.family != 'bita':  # named by the flag given (--draft_tree implies the method)
+    flag = '--method=bita' if widths is None else '--draft_tree'
+    raise GenerateError(f'generate: {flag} drafts with a BiTA model, and {workdir} holds a '
+                        f'{model.family!r} one (train BiTA on it: configs/bita.py)')
+  bita = model.bita
+  draft_tree(widths, default=bita.draft_tree, num_mask_tokens=bita.num_mask_tokens,
+             vocab=model.vocab_size)
 
 
 def _run_or_export(workdir: str, step: int | None):

@@ -691,7 +691,8 @@ def test_moe_is_widened_to_ultramem_active_count_and_small_stays_matched():
   assert abs(compare_families.counts(moe)['active'] - target) <= per_unit / 2
   small = compare_families.config_lib.load('configs/ultramem.py:small')
   target = compare_families.counts(small)['active']
-  assert compare_families.matched_moe(target, [], 'small').model.moe.expert_d_ff == 508
+  preset = compare_families.config_lib.load('configs/moe.py:small').model.moe.expert_d_ff
+  assert compare_families.matched_moe(target, [], 'small').model.moe.expert_d_ff == preset
 
 
 @pytest.mark.slow

@@ -257,7 +257,8 @@ def test_generate_command_reports_bita_acceptance_and_refuses_sampling_flags(tmp
   for workdir, flags, said in [
       ('config_only', ('--draft_tree=1,1,1,1',), 'draft_tree (1, 1, 1, 1) has 4 levels; the '
        'model has 3 mask tokens'),
-      ('dense_only', ('--method=bita',), "method='bita' needs a BiTA model"),
+      ('dense_only', ('--method=bita',), "--method=bita drafts with a BiTA model, and "),
+      ('dense_only', ('--draft_tree=2',), "--draft_tree drafts with a BiTA model, and "),
       ('config_only', ('--draft_tree=1,1',), 'no checkpoint')]:  # a good tree: loading
     assert cli.main(['generate', f'--workdir={tmp_path / workdir}', '--prompt=def ',
                      *flags]) == 2
