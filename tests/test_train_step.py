@@ -299,9 +299,11 @@ def test_schedules_warm_up_then_reach_their_final_rate(schedule):
     assert float(late(100)) == pytest.approx(0.1, abs=1e-6)
 
 
-def test_parameter_group_multiplier_decays_linearly_to_one():
-  cfg = tiny_config(**{'train.steps': 100, 'train.warmup_steps': 0, 'train.lr': 1e-2,
-                       'train.schedule': 'constant', 'train.grad_clip': 0.0,
+def _values_group_ratios(schedule: str, warmup_steps: int, steps: int):
+  """(config, the ratio of a `values` group's updates (4x decaying to 1x) to the others' at
+  each update count), over AdamW steps on unit gradients."""
+  cfg = tiny_config(**{'train.steps': steps, 'train.warmup_steps': warmup_steps,
+                       'train.lr': 1e-2, 'train.schedule': schedule, 'train.grad_clip': 0.0,
                        'train.weight_decay': 0.0})
   with cfg.unlocked():
     cfg.train.groups.values = dict(lr_multiplier=4.0, multiplier_decay='linear')
@@ -311,9 +313,14 @@ def test_parameter_group_multiplier_decays_linearly_to_one():
   opt_state = tx.init(params)
   grads = jax.tree.map(jnp.ones_like, params)
   ratios = []
-  for _ in range(100):
+  for _ in range(steps):
     updates, opt_state = tx.update(grads, opt_state, params)
     ratios.append(float(updates['v'].get_value()[0] / updates['w'].get_value()[0]))
+  return cfg, ratios
+
+
+def test_parameter_group_multiplier_decays_linearly_to_one():
+  _, ratios = _values_group_ratios('constant', 0, 100)
   assert ratios[0] == pytest.approx(4.0)
   assert ratios[50] == pytest.approx(2.5)
   assert ratios[-1] == pytest.approx(1.03)
@@ -322,21 +329,10 @@ def test_parameter_group_multiplier_decays_linearly_to_one():
 def test_logged_group_learning_rate_is_the_rate_its_updates_take():
   """`lr/values` (`group_learning_rates`) is the schedule's rate times the multiplier that
   the optimizer applies at the same update count, through warmup and cosine decay."""
-  cfg = tiny_config(**{'train.steps': 40, 'train.warmup_steps': 5, 'train.lr': 1e-2,
-                       'train.schedule': 'cosine', 'train.grad_clip': 0.0,
-                       'train.weight_decay': 0.0})
-  with cfg.unlocked():
-    cfg.train.groups.values = dict(lr_multiplier=4.0, multiplier_decay='linear')
-  params = nnx.State({'v': nnx.Param(jnp.zeros(3), optim_group='values'),
-                      'w': nnx.Param(jnp.zeros(3))})
-  tx = make_optimizer(cfg.train, params)
-  opt_state = tx.init(params)
-  grads = jax.tree.map(jnp.ones_like, params)
+  cfg, ratios = _values_group_ratios('cosine', 5, 40)
   schedule = learning_rate_schedule(cfg.train)
   rate = group_learning_rates(cfg.train)['values']
-  for count in range(40):
-    updates, opt_state = tx.update(grads, opt_state, params)
-    ratio = float(updates['v'].get_value()[0] / updates['w'].get_value()[0])
+  for count, ratio in enumerate(ratios):
     assert float(rate(count)) == pytest.approx(float(schedule(count)) * ratio, rel=1e-5)
   assert float(rate(0)) == pytest.approx(4.0 * float(schedule(0)))
 
