@@ -12,6 +12,7 @@ families keep their extra (inactive) parameters. Writes JSON with the device.
 """
 
 import argparse
+import functools
 import sys
 import tempfile
 import time
@@ -33,25 +34,27 @@ def counts(cfg) -> dict:
 
 def matched_dense(target_active: int, overrides, preset: str = 'tiny'):
   """configs/dense.py:<preset> with d_ff widened so its active parameters reach the target."""
-  spec = f'configs/dense.py:{preset}'
-  cfg = config_lib.load(spec, overrides)
-  base = counts(cfg)['active']
-  per_unit = 3 * cfg.model.d_model * cfg.model.n_layers  # SwiGLU params per unit of d_ff
-  extra = max(0, round((target_active - base) / per_unit / 8)) * 8
-  return config_lib.load(spec, [*overrides, f'model.d_ff={cfg.model.d_ff + extra}'])
+  return _widened(f'configs/dense.py:{preset}', 'model.d_ff', target_active, overrides)
 
 
 def matched_moe(target_active: int, overrides, preset: str = 'tiny'):
   """configs/moe.py:<preset> with expert_d_ff widened so its active parameters reach the
   target; a preset at or above it (`small` and the paper presets, matched to UltraMem's
   already) stays as it is."""
-  spec = f'configs/moe.py:{preset}'
+  return _widened(f'configs/moe.py:{preset}', 'model.moe.expert_d_ff', target_active,
+                  overrides)
+
+
+def _widened(spec: str, key: str, target_active: int, overrides):
+  """The config of `spec` with the width `key` grown, in steps of 8, to the nearest
+  active parameter count to the target (never narrowed)."""
   cfg = config_lib.load(spec, overrides)
-  base, d_ff = counts(cfg)['active'], cfg.model.moe.expert_d_ff
-  per_8 = counts(config_lib.load(spec, [*overrides, f'model.moe.expert_d_ff={d_ff + 8}'
-                                        ]))['active'] - base  # per 8 units of expert_d_ff
+  width = functools.reduce(lambda node, name: node[name], key.split('.'), cfg)
+  with_width = lambda w: config_lib.load(spec, [*overrides, f'{key}={w}'])
+  base = counts(cfg)['active']
+  per_8 = counts(with_width(width + 8))['active'] - base
   extra = max(0, round((target_active - base) / per_8)) * 8 if per_8 > 0 else 0
-  return config_lib.load(spec, [*overrides, f'model.moe.expert_d_ff={d_ff + extra}'])
+  return with_width(width + extra)
 
 
 def main(argv=None):
