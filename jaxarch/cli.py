@@ -539,7 +539,7 @@ def _sweep(args, overrides):
 
 
 def _fit(args, overrides):
-  from jaxarch.sweep.report import write_report  # pylint: disable=g-import-not-at-top
+  from jaxarch.sweep.report import report_dir, write_report  # pylint: disable=g-import-not-at-top
   _no_overrides('fit', overrides)
   if (args.workdir is None) == (not args.runs):
     raise FitError("fit: give a sweep's --workdir, or training runs' workdirs as "
@@ -547,7 +547,7 @@ def _fit(args, overrides):
   fits = write_report(args.workdir, args.out, runs=_run_dirs(args.runs or ()),
                       params=args.params, bootstrap=args.bootstrap,
                       validation_only=args.validation_only)
-  out = Path(args.out) if args.out else Path(args.workdir) / 'report'  # (--runs: given)
+  out = report_dir(args.workdir, args.out)
   for family, entry in fits.items():
     law = entry['law']
     text = law.get('error') or (f'L = {law["E"]:.3f} + {law["A"]:.3g}/N^{law["alpha"]:.3f} + '

@@ -343,6 +343,11 @@ def _equal_compute_table(fits) -> str:
   return '\n'.join(rows)
 
 
+def report_dir(workdir: str | Path | None, out: str | Path | None) -> Path:
+  """Where `jaxarch fit` writes: `out`, by default the sweep's WORKDIR/report."""
+  return Path(out) if out else Path(workdir) / 'report'
+
+
 def write_report(workdir: str | Path | None, out: str | Path | None = None, *,
                  runs: Sequence[str | Path] = (), params: str = 'active',
                  bootstrap: int = 100, validation_only: bool = False) -> dict:
@@ -352,7 +357,7 @@ def write_report(workdir: str | Path | None, out: str | Path | None = None, *,
     raise ValueError(f"fit: params={params!r} must be 'active' or 'total'")
   if runs and out is None:
     raise fit_lib.FitError('fit: --runs needs --out, the directory to write the report in')
-  out = Path(out) if out else Path(workdir) / 'report'
+  out = report_dir(workdir, out)
   if out.exists() and not out.is_dir():
     raise FileExistsError(f'fit: --out={out} is a file; give a directory for the report')
   if runs:

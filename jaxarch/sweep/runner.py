@@ -168,7 +168,7 @@ def _diverged(line: dict, at_step: int | None) -> dict:
 def records_of_runs(run_dirs: Sequence[str | Path]) -> list[dict]:
   """Results lines of training runs given by their workdirs (`jaxarch fit --runs`), named
   by them, each of its saved config: runs trained one by one, on clusters or by hand, fit
-  as a sweep's do (each its own budget: its FLOPs)."""
+  as a sweep's do (with no budget: `report.shared_budgets` gives runs of one compute one)."""
   lines = []
   for run_dir in map(Path, run_dirs):
     saved = run_dir / 'config.json'

@@ -153,9 +153,9 @@ def _schedule_moved(workdir: Path, cfg: ml_collections.ConfigDict, step: int) ->
   was, now = (config_lib.flat(c.train.to_dict(), 'train.') for c in (saved, cfg))
   keys = [f'{k} {was.get(k)} -> {now.get(k)}' for k in sorted(set(was) | set(now))
           if was.get(k) != now.get(k)]  # train.groups.values.lr_multiplier too
+  since = f'{", ".join(keys) or "the train keys"} since the checkpoint: step {step + 1} trains'
   if not math.isclose(before, after, rel_tol=1e-3, abs_tol=1e-12):
-    return (f'{", ".join(keys) or "the train keys"} since the checkpoint: step {step + 1} '
-            f'trains at a learning rate of {after:.3g} where the run was at {before:.3g} (the '
+    return (f'{since} at a learning rate of {after:.3g} where the run was at {before:.3g} (the '
             'schedule spans train.steps; a cosine run given more steps climbs back up its '
             "curve, while train.schedule='wsd' is made to be extended)")
   # A group's multiplier (UltraMem's values: 4x decaying to 1x) spans train.steps too,
@@ -166,8 +166,7 @@ def _schedule_moved(workdir: Path, cfg: ml_collections.ConfigDict, step: int) ->
     if not math.isclose(before, after, rel_tol=1e-3, abs_tol=1e-12):
       why = (' (its lr_multiplier decays over train.steps, with any schedule)'
              if was.get('train.steps') != now.get('train.steps') else '')
-      return (f'{", ".join(keys) or "the train keys"} since the checkpoint: step {step + 1} '
-              f'trains train.groups.{name} at a learning rate of {after:.3g} where the run '
+      return (f'{since} train.groups.{name} at a learning rate of {after:.3g} where the run '
               f'was at {before:.3g}{why}')
   return None
 
