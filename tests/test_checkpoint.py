@@ -729,3 +729,24 @@ def test_a_checksum_changes_with_a_flipped_bit_or_a_moved_block():
   flipped.view(np.uint32)[1, 2] ^= 1 << 7
   sums = [int(checkpoint._checksum(jnp.asarray(a))) for a in (x, x[::-1], flipped, x)]
   assert len(set(sums[:3])) == 3 and sums[3] == sums[0]
+
+
+def test_the_host_checksum_is_the_devices_for_every_kind_of_array(monkeypatch):
+  """On a CPU backend numpy sums the arrays (`checksums`); the sums are the jitted ones, so
+  a checkpoint verifies on any backend, whichever wrote it."""
+  monkeypatch.setattr(checkpoint, '_HOST_CHUNK', 7)  # several chunks, a ragged last one
+  rng = np.random.default_rng(0)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ('a', 'b'))
+  state = {
+      'f32': rng.normal(size=(4, 6)).astype(np.float32),
+      'bf16': jnp.asarray(rng.normal(size=(3, 5)), jnp.bfloat16),
+      'int8': rng.integers(-128, 128, size=(2, 3, 4)).astype(np.int8),
+      'bool': rng.random(9) < 0.5,
+      'scalar': np.int32(-7),
+      'key': jax.random.key(3),
+      'sharded': jax.device_put(rng.normal(size=(8, 12)).astype(np.float32),
+                                jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+                                    'a', 'b'))),
+  }
+  on_devices = map(int, jax.device_get(checkpoint._checksums(state)))
+  assert checkpoint.checksums(state) == dict(zip(sorted(state), on_devices))  # tree order
