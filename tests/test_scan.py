@@ -150,14 +150,18 @@ def _steps(cfg, n=3):
   return history, _arrays(model)
 
 
-# MEGABYTE's (12 s) in the slow suite: its two stacks' reads into either layout are
-# tests/test_relayout.py's, and its scan is the dense blocks'. MoE's (36 s) too: its
-# scanned forward is test_bita_over_a_scanned_base's (a MoE base), its stacked weights
+# UltraMem's in the default suite: it scans dense blocks too, in units with memory layers
+# beside them. Dense's (23 s) in the slow suite: a scanned dense run's steps equal the
+# unrolled run's on the same mesh in tests/test_relayout.py's resume test, and the
+# local/global period of 2 scans in test_scanned_generation_with_ring_caches'. MEGABYTE's
+# (12 s) too: its two stacks' reads into either layout are tests/test_relayout.py's, and
+# its scan is the dense blocks'. MoE's (36 s) too: its scanned forward is
+# test_bita_over_a_scanned_base's (a MoE base), its stacked weights
 # test_a_scanned_stack_holds_the_unrolled_weights_stacked_by_layer's, and its router
 # bias moves per layer through `per_layer`, as the refreshed state of
 # test_a_block_s_state_derived_from_its_weights_is_refreshed_per_layer does.
 @pytest.mark.parametrize('case', [pytest.param(case, marks=pytest.mark.slow)
-                                  if case in ('megabyte', 'moe') else case for case in CASES])
+                                  if case != 'ultramem' else case for case in CASES])
 def test_scanned_train_steps_equal_the_unrolled_ones_on_a_mesh(case):
   want_history, want = _steps(_config(case, False))
   history, got = _steps(_config(case, True))
