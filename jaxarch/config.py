@@ -262,6 +262,18 @@ MAXTEXT_KEYS = {
     **{f'{level}_{axis}_parallelism': f'mesh.{level}.{axis}'
        for level in ('ici', 'dcn') for axis in ('data', 'fsdp', 'tensor', 'expert')},
 }
+# Names of the families' own releases, which their users bring: whose, and our key.
+RELEASE_KEYS = {
+    'knn': ("the UltraMem release's", 'model.ultramem.top_k'),
+    'mem_knn': ("XLM's product-key memory's", 'model.ultramem.top_k'),
+}
+
+
+def _foreign_name(name: str) -> tuple[str, str] | None:
+  """(whose name it is, our key) for another framework's or release's name of a key."""
+  if name in MAXTEXT_KEYS:
+    return "MaxText's", MAXTEXT_KEYS[name]
+  return RELEASE_KEYS.get(name)
 
 
 def closest_key(cfg: ConfigDict, key: str) -> str | None:
@@ -270,9 +282,9 @@ def closest_key(cfg: ConfigDict, key: str) -> str | None:
   Where a section of `key` is absent (`model.moe` in a dense config) only keys as deep are
   close."""
   keys = list(_all_keys(cfg))
-  name = key.split('.')[-1]
-  if MAXTEXT_KEYS.get(name) in keys:
-    return MAXTEXT_KEYS[name]
+  foreign = _foreign_name(key.split('.')[-1])
+  if foreign and foreign[1] in keys:
+    return foreign[1]
   ending = [k for k in keys if k.endswith('.' + key)]
   if len(ending) == 1:
     return ending[0]
@@ -308,10 +320,11 @@ def _unknown_key_message(cfg: ConfigDict, key: str) -> str:
   match = closest_key(cfg, key)
   if match:
     name = key.split('.')[-1]
-    if MAXTEXT_KEYS.get(name) != match:
+    whose, ours = _foreign_name(name) or (None, None)
+    if ours != match:
       return f'unknown key {key!r} (did you mean {match!r}?)'
     note = ', the global batch in sequences' if name == 'per_device_batch_size' else ''
-    return f"unknown key {key!r} (MaxText's {name} is {match!r} here{note})"
+    return f'unknown key {key!r} ({whose} {name} is {match!r} here{note})'
   *sections, _ = key.split('.')
   node, depth, no_section = _missing_section(cfg, key)
   if not no_section:

@@ -161,6 +161,12 @@ def test_unknown_key_names_ours_for_maxtexts_and_a_key_without_its_section():
       tiny, 'ici_fsdp_parallelism=4')
   assert 'the global batch in sequences' in error_of(tiny, 'per_device_batch_size=4')
   assert "did you mean 'train.warmup_steps'" in error_of(tiny, 'warmup_steps=0')
+  # The UltraMem release calls top_k knn: was "did you mean 'model.ultramem'?".
+  ultramem = lambda override: config_lib.load('configs/ultramem.py:tiny', [override])
+  assert error_of(ultramem, 'model.ultramem.knn=32') == (
+      "config error: unknown key 'model.ultramem.knn' (the UltraMem release's knn is "
+      "'model.ultramem.top_k' here)")
+  assert "mem_knn is 'model.ultramem.top_k'" in error_of(ultramem, 'mem_knn=32')
 
 
 def test_unknown_section_is_named_not_matched_to_a_key_of_another_depth():
