@@ -1305,6 +1305,19 @@ def check_train_precision(model_cfg: ConfigDict) -> str | None:
   return None
 
 
+def unused_settings(model_cfg: ConfigDict) -> tuple[str, ...]:
+  """What a valid model config sets that then does nothing: said when a run starts, not
+  refused (a run saved with it resumes)."""
+  moe = model_cfg.get('moe')
+  if (moe is not None and moe.get('capacity_factor') is not None
+      and moe.get('ep_capacity_factor') is not None):
+    return (f'model.moe.ep_capacity_factor={moe.ep_capacity_factor} does nothing beside '
+            f'model.moe.capacity_factor={moe.capacity_factor}: each expert keeps its '
+            'capacity, whose buffers are bounded already; ep_capacity_factor bounds the '
+            'buffers of dropless expert parallelism (capacity_factor=None)',)
+  return ()
+
+
 def _check_group(key: str, group) -> None:
   """A parameter group's settings (`train.optimizer.group_multiplier`)."""
   if not isinstance(group, (dict, ConfigDict)):

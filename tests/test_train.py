@@ -490,6 +490,22 @@ def test_float16_training_is_refused_and_bfloat16_weights_are_warned_of(tmp_path
           "model.param_dtype='bfloat16' keeps no float32 copy of the weights")
 
 
+def test_a_setting_that_does_nothing_in_its_config_is_said(tmp_path, caplog):
+  """Accepted (a run saved with it resumes), but said: ep_capacity_factor bounds dropless
+  expert parallelism's buffers, and a capacity run has none."""
+  moe = lambda *overrides: config_lib.load('configs/moe.py:tiny', list(overrides)).model
+  assert config_lib.unused_settings(moe()) == ()
+  assert config_lib.unused_settings(moe('model.moe.ep_capacity_factor=2.0')) == ()
+  assert config_lib.unused_settings(tiny_config().model) == ()
+  cfg = config_lib.load('configs/moe.py:tiny', [
+      'model.moe.capacity_factor=1.5', 'model.moe.ep_capacity_factor=2.0',
+      f'data.source=files:{tmp_path}/none/*.jsonl'])  # said before the data are looked for
+  with caplog.at_level('WARNING'), pytest.raises(config_lib.ConfigError, match='no files'):
+    train(cfg, tmp_path / 'run')
+  assert ('model.moe.ep_capacity_factor=2.0 does nothing beside model.moe.capacity_factor=1.5'
+          in caplog.text)
+
+
 def test_the_stopwatch_leaves_out_paused_time(monkeypatch):
   """Evaluations and checkpoint saves run paused: throughput and MFU count training only."""
   from jaxarch.train import metrics  # pylint: disable=g-import-not-at-top

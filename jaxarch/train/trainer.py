@@ -249,7 +249,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
 
 
 def _train(cfg: ml_collections.ConfigDict, workdir: Path, stop: StopRequests) -> dict:
-  if warning := config_lib.check_train_precision(cfg.model):
+  for warning in filter(None, [config_lib.check_train_precision(cfg.model),
+                               *config_lib.unused_settings(cfg.model)]):
     logging.warning('jaxarch: %s', warning)
   setup = make_setup(cfg, make_mesh(cfg))
   had_checkpoints = Checkpointer.exists(workdir)
