@@ -470,6 +470,23 @@ def test_the_memory_layers_share_one_lowering_of_the_lookup_kernels(traced_as_on
   assert hlo.count('xla.gpu.triton') == 3
 
 
+def test_keys_ranked_in_chunks_read_and_learn_as_one_top_k():
+  """`top_k_chunk=16` ranks the 64-key sides and the 8 x 8 grid in chunks of 16
+  (kernels/top_k.py): the layer's output and gradients are one top-k's, bit for bit."""
+  x = jax.random.normal(jax.random.key(1), (2, 6, 32))
+  results = []
+  for chunk in (0, 16):
+    layer = make_layer(num_values=1024, top_k=8, top_k_chunk=chunk)  # sides of 64 keys
+    params, apply = split_apply(layer)
+    loss = lambda p: jnp.sum(apply(p, x) ** 2)
+    results.append(jax.jit(jax.value_and_grad(loss))(params))
+  jax.tree.map(np.testing.assert_array_equal, *results)
+  with pytest.raises(config_lib.ConfigError, match=r'model\.ultramem\.top_k_chunk=-1'):
+    config_lib.load('configs/ultramem.py:tiny', ['model.ultramem.top_k_chunk=-1'])
+
+
+# The train steps' check in the slow suite (23 s): the ranking is the layer's, above.
+@pytest.mark.slow
 def test_keys_ranked_in_chunks_train_as_one_top_k():
   """`model.ultramem.top_k_chunk` ranks the 64-key sides and the 16 x 16 grid in chunks
   of 16 (kernels/top_k.py): two train steps on 4 devices, each ranking its own rows, give
@@ -491,5 +508,3 @@ def test_keys_ranked_in_chunks_train_as_one_top_k():
   assert runs[0][0] == runs[1][0]
   for a, b in zip(runs[0][1], runs[1][1]):
     np.testing.assert_array_equal(a, b)
-  with pytest.raises(config_lib.ConfigError, match=r'model\.ultramem\.top_k_chunk=-1'):
-    config_lib.load('configs/ultramem.py:tiny', ['model.ultramem.top_k_chunk=-1'])
