@@ -747,6 +747,15 @@ def test_the_host_checksum_is_the_devices_for_every_kind_of_array(monkeypatch):
       'sharded': jax.device_put(rng.normal(size=(8, 12)).astype(np.float32),
                                 jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
                                     'a', 'b'))),
+      'replicated_over_b': jax.device_put(  # 4 replicas of each shard: one counted
+          rng.normal(size=(6, 3, 5)).astype(np.float32),
+          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('a'))),
+      'sharded_key': jax.device_put(jax.random.split(jax.random.key(0), 8),
+                                    jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+                                        'b'))),
   }
   on_devices = map(int, jax.device_get(checkpoint._checksums(state)))
   assert checkpoint.checksums(state) == dict(zip(sorted(state), on_devices))  # tree order
+  # Read shard by shard: no host copy is left cached on an array (a second state's worth
+  # of memory for as long as the array lives).
+  assert state['sharded']._npy_value is None

@@ -43,6 +43,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -599,46 +600,71 @@ def _checksums(state) -> list[jax.Array]:
   return [_checksum(x) for x in jax.tree.leaves(state)]
 
 
-_HOST_CHUNK = 1 << 22  # elements: the host sum's scratch stays a few 16 MiB arrays
+_HOST_CHUNK = 1 << 22  # elements: the host sum's scratch stays a few 32 MiB arrays
 
 
-def _host_checksum(bits: np.ndarray) -> int:
-  """`_checksum` of an array's bits in host memory, summed by numpy in chunks."""
-  flat, total = bits.reshape(-1), 0
-  for start in range(0, flat.size, _HOST_CHUNK):
-    part = flat[start:start + _HOST_CHUNK].astype(np.uint32)
-    index = np.arange(start, start + part.size, dtype=np.uint64).astype(np.uint32)  # wraps
-    total += int(np.sum(part * (index * np.uint32(_POSITION_WEIGHT) + np.uint32(1)),
-                        dtype=np.uint32))
+def _words(block: np.ndarray) -> np.ndarray | None:
+  """A block's bit patterns as unsigned words (as `_bits`); None for 8-byte elements (x64:
+  they bitcast to pairs of words, which the devices' sum orders)."""
+  if block.dtype == np.bool_:
+    return block.astype(np.uint32)
+  words = {1: np.uint8, 2: np.uint16, 4: np.uint32}.get(block.dtype.itemsize)
+  return None if words is None else block.view(words)
+
+
+def _host_blocks(x) -> tuple[tuple[int, ...], list] | None:
+  """(the shape of x's bit patterns, [(the bit patterns of a block, its first element's
+  coordinates)] covering every element once): a CPU array's shards (one replica of each)
+  read where they lie, without gathering the array or leaving a host copy on it; None if
+  x is elsewhere."""
+  if not isinstance(x, jax.Array):
+    words = _words(np.asarray(x))
+    return None if words is None else (words.shape, [(words, (0,) * words.ndim)])
+  if not x.is_fully_addressable or any(d.platform != 'cpu' for d in x.sharding.device_set):
+    return None
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  blocks = []
+  for shard in x.addressable_shards:
+    if shard.replica_id == 0:
+      words = _words(np.asarray(shard.data))
+      if words is None:
+        return None
+      starts = tuple(index.indices(size)[0] for index, size in zip(shard.index, x.shape))
+      blocks.append((words, starts))
+  return x.shape, blocks
+
+
+def _host_checksum(shape: tuple[int, ...], blocks: list) -> int:
+  """`_checksum` of an array given as `_host_blocks` gives it, summed by numpy a few rows
+  at a time: the same uint32 sum (positions modulo 2**32)."""
+  strides = [math.prod(shape[axis + 1:]) for axis in range(len(shape))]
+  total = 0
+  for words, starts in blocks:
+    if words.ndim == 0:
+      words, starts, strides = words.reshape(1), (0,), [1]
+    rows = max(1, _HOST_CHUNK // max(1, math.prod(words.shape[1:])))
+    for first in range(0, words.shape[0], rows):
+      part = words[first:first + rows]
+      index = np.zeros(part.shape, np.uint64)
+      for axis, size in enumerate(part.shape):
+        coords = np.arange(size, dtype=np.uint64) + starts[axis] + (first if axis == 0 else 0)
+        index = index + (coords * np.uint64(strides[axis])).reshape(
+            [-1 if a == axis else 1 for a in range(part.ndim)])
+      weight = index.astype(np.uint32) * np.uint32(_POSITION_WEIGHT) + np.uint32(1)
+      total += int(np.sum(part.astype(np.uint32) * weight, dtype=np.uint32))
   return total % (1 << 32)
-
-
-def _host_bits(x) -> np.ndarray | None:
-  """x's bit patterns (as `_bits`) when x lies whole in this process's host memory with
-  elements of at most 4 bytes; else None (x64's 8-byte ones bitcast to pairs of words:
-  the devices' sum only)."""
-  if isinstance(x, jax.Array):
-    if not x.is_fully_addressable or any(d.platform != 'cpu' for d in x.sharding.device_set):
-      return None
-    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-      x = jax.random.key_data(x)
-  host = np.asarray(x)
-  if host.dtype == np.bool_:
-    return host.astype(np.uint32)
-  words = {1: np.uint8, 2: np.uint16, 4: np.uint32}.get(host.dtype.itemsize)
-  return None if words is None else host.view(words)
 
 
 def checksums(state) -> dict[str, int]:
   """'params/blocks/0/mlp/gate/value' -> the checksum of that array of a state tree.
   On a CPU backend the arrays are summed where they lie, by numpy: a jitted sum of every
-  array compiles for seconds per state's shape, which the tests' many small checkpoints
-  paid at each save and restore."""
+  array compiles for seconds per state's shape, which each save and restore paid."""
   flat = jax.tree_util.tree_flatten_with_path(state)[0]
   paths = [tree_path(path) for path, _ in flat]
-  bits = [_host_bits(x) for _, x in flat]
-  if all(b is not None for b in bits):
-    return dict(zip(paths, map(_host_checksum, bits)))
+  on_host = [_host_blocks(x) for _, x in flat]
+  if all(blocks is not None for blocks in on_host):
+    return {path: _host_checksum(*blocks) for path, blocks in zip(paths, on_host)}
   return dict(zip(paths, map(int, jax.device_get(_checksums(state)))))
 
 
