@@ -25,6 +25,7 @@ from jaxarch.layers.signals import WindowCounter
 from jaxarch.models.bita import Bita, spread_anchors
 from jaxarch.parallel import global_batch, make_mesh
 from jaxarch.train import flops, train
+from jaxarch.train import step as step_lib
 from jaxarch.train.checkpoint import Checkpointer
 from jaxarch.train.pretrained import initial_state, load_model
 from jaxarch.train.state import init_state, make_setup
@@ -713,8 +714,8 @@ def test_train_steps_leave_the_base_as_it_was_and_keep_no_optimizer_state_for_it
 def test_an_evaluation_reports_each_masks_top1_as_training_does():
   """Was a BiTA run's eval_loss alone, which does not say how many drafts a base accepts:
   `eval_mask{m}_top1` is held-out mask m's top-1 accuracy, what acceptance follows. The
-  train step's `mask{m}_top1` (counted in models/bita.py) on the same batch and weights is
-  the same share (here over 2 microbatches, whose sums the eval step adds)."""
+  training forward's `mask{m}_top1` (counted in models/bita.py) on the same batch and
+  weights is the same share (here over 2 microbatches, whose sums the eval step adds)."""
   cfg = family_config('dense', data=2, fsdp=4)
   with cfg.unlocked():
     cfg.model = config_lib.bita_model(cfg.model, {**BITA, 'train_groups': 8})
@@ -729,7 +730,8 @@ def test_an_evaluation_reports_each_masks_top1_as_training_does():
   batch['loss_mask'] = (np.arange(32) >= 8).astype(np.int32)[None].repeat(16, 0)
   batch = global_batch(batch, setup.batch_sharding)
   evaluated = summarize_eval(jax.device_get(make_eval_step(setup, np.ones(512))(state, batch)))
-  _, trained = make_train_step(setup)(state, batch)
+  trained = jax.jit(lambda state, batch: step_lib._forward(
+      setup, state['params'], state['model_state'], batch)[2])(state, batch)  # its metrics
   for m in range(BITA['num_mask_tokens']):
     np.testing.assert_allclose(evaluated[f'eval_mask{m}_top1'],
                                float(trained[f'mask{m}_top1']), rtol=1e-6, err_msg=str(m))
