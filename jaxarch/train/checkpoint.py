@@ -604,8 +604,8 @@ _HOST_CHUNK = 1 << 22  # elements: the host sum's scratch stays a few 32 MiB arr
 
 
 def _words(block: np.ndarray) -> np.ndarray | None:
-  """A block's bit patterns as unsigned words (as `_bits`); None for 8-byte elements (x64:
-  they bitcast to pairs of words, which the devices' sum orders)."""
+  """A block's bit patterns as unsigned words (as `_bits`); None for 8-byte elements (x64),
+  which `_bits` bitcasts to pairs of words: those are left to the devices' sum."""
   if block.dtype == np.bool_:
     return block.astype(np.uint32)
   words = {1: np.uint8, 2: np.uint16, 4: np.uint32}.get(block.dtype.itemsize)
