@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from conftest import make_batch, mesh_config, tiny_config
 from jaxarch import config as config_lib
 from jaxarch import models
-from jaxarch.layers.moe import MoE, ragged_plan, repeat_rows
+from jaxarch.layers.moe import MoE, load_violations, ragged_plan, repeat_rows
 from jaxarch.parallel import global_batch, make_mesh, tree_shardings
 from jaxarch.parallel.context import logical_mesh
 from jaxarch.train.state import init_state, make_setup
@@ -622,3 +622,19 @@ def test_the_router_bias_moves_once_per_step_by_the_whole_batch_with_microbatche
   one_step = bias_after_one_step(batch, accum=1)
   np.testing.assert_allclose(np.abs(one_step), 0.01)  # no expert at exactly the mean load
   np.testing.assert_allclose(bias_after_one_step(batch, accum=2), one_step, atol=1e-7)
+
+
+def test_a_logged_window_has_each_moe_layer_s_max_violation_per_step_averaged():
+  """64 `load_e<i>` keys per layer said little at a glance: `max_violation` (MaxVio) is
+  the busiest expert's share over the balanced one, less 1, of each step, then averaged
+  over the logging window like the other metrics."""
+  from jaxarch.train import trainer  # pylint: disable=g-import-not-at-top
+  step = lambda first, second, loss: {
+      'blocks/1/mlp/load_e0': first, 'blocks/1/mlp/load_e1': second,
+      'blocks/3/mlp/load_e0': 0.5, 'blocks/3/mlp/load_e1': 0.5, 'loss': loss,
+      'nonfinite': False}
+  logged = trainer._window_metrics([step(0.75, 0.25, 2.0), step(0.25, 0.75, 1.0)])
+  assert logged['blocks/1/mlp/max_violation'] == pytest.approx(0.5)  # not 0: the loads' mean
+  assert logged['blocks/3/mlp/max_violation'] == 0.0  # balanced
+  assert logged['loss'] == 1.5 and 'max_violation' not in logged
+  assert load_violations({'loss': 1.0, 'blocks/0/mlp/dropped_fraction': 0.0}) == {}

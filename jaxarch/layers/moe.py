@@ -204,6 +204,19 @@ def batched_swiglu(x, gate, up, down):
   return matmul('ecf,efd->ecd', h, down)
 
 
+def load_violations(metrics: dict) -> dict[str, float]:
+  """`<layer>/max_violation` of each MoE layer in a step's metrics (its `load_e<i>`): the
+  busiest expert's share of the assignments over the balanced share, less 1 (MaxVio, as
+  in auxiliary-loss-free balancing): 0 when balanced, E - 1 when one expert takes all."""
+  loads = {}
+  for key, value in metrics.items():
+    layer, _, name = key.rpartition('/')
+    if name.startswith('load_e') and name.removeprefix('load_e').isdigit():
+      loads.setdefault(layer, []).append(float(value))
+  return {f'{layer}/max_violation' if layer else 'max_violation': len(v) * max(v) - 1
+          for layer, v in loads.items()}
+
+
 class MoE(nnx.Module):
   """x [b, s, d] (already normed) -> [b, s, d]: routed experts (+ shared experts)."""
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxarch import config as config_lib
 from jaxarch import data
+from jaxarch.layers.moe import load_violations
 from jaxarch.layers.signals import is_window_metric
 from jaxarch.models.transformer import scanned_layers
 from jaxarch.parallel import data_shard, global_batch, make_mesh
@@ -363,15 +364,17 @@ def _nonfinite_in_a_row(cfg, checkpointer: Checkpointer, step: int, bar) -> int:
 
 def _window_metrics(pending: list[dict]) -> dict:
   """Step metrics of a logging window: averaged over its finite steps, except `window_*`
-  counts (last value).
+  counts (last value). Each MoE layer's `max_violation` is its steps' (`load_violations`),
+  averaged: a max of the window's averaged loads would smooth away the busiest steps.
 
   Fetching them only once per window keeps the device queue full.
   """
   finite = [m for m in pending if not m['nonfinite']] or pending
+  finite = [{**m, **load_violations(m)} for m in finite]
   def reduce(key):
     values = [m[key] for m in finite]
     return float(values[-1] if is_window_metric(key) else np.mean(values))
-  return {k: reduce(k) for k in pending[0] if k not in _UNLOGGED}
+  return {k: reduce(k) for k in finite[0] if k not in _UNLOGGED}
 
 
 def _save_config(cfg: ml_collections.ConfigDict, workdir: Path) -> None:
