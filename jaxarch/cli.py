@@ -105,10 +105,19 @@ def _widths(text: str) -> tuple[int, ...]:
 
 
 def _stop_text(text: str) -> str:
-  """An argparse type: a `generate --stop` text, which an empty one would match at once."""
+  """An argparse type: a `generate --stop` text, which an empty one would match at once
+  and one that is not UTF-8 never (Python keeps such bytes of an argument as lone
+  surrogates, which no decoded completion holds)."""
   if not text:
     raise argparse.ArgumentTypeError("'' would end every completion before its first "
                                      "token; give the text to stop at (a newline: $'\\n')")
+  try:
+    text.encode('utf-8')
+  except UnicodeEncodeError as e:
+    shown = text.encode('utf-8', 'backslashreplace').decode('utf-8')
+    raise argparse.ArgumentTypeError(
+        f"'{shown}' is not UTF-8 (at character {e.start}); completions are matched as "
+        'decoded text, where it never appears: give it as UTF-8 (iconv -t UTF-8)') from None
   return text
 
 

@@ -492,6 +492,13 @@ def test_generate_command_continues_prompts_from_the_latest_checkpoint(tmp_path,
   assert cut[0]['ids'] == lines[0]['ids'][:len(cut[0]['ids'])] and len(cut[0]['ids']) < 6
   if stop not in lines[1]['completion']:
     assert cut[1] == lines[1]
+  # A stop that cannot match, before the weights load: empty (it matched at once), or not
+  # UTF-8 (it never matched, silently).
+  for bad, said in [('', "'' would end every completion before its first token"),
+                    ('x\udcff', "'x\\udcff' is not UTF-8 (at character 1)")]:
+    with pytest.raises(SystemExit):
+      cli.main(['generate', '--workdir', str(tmp_path), '--prompt', 'a', '--stop', bad])
+    assert said in capsys.readouterr().err
   # On a terminal, control characters (a byte model may write any byte) are shown as
   # escapes, not sent: ESC [2J would clear the screen. Into a pipe, the text as it is.
   monkeypatch.setattr(sys.stdout, 'isatty', lambda: True)
