@@ -638,3 +638,36 @@ def test_a_logged_window_has_each_moe_layer_s_max_violation_per_step_averaged():
   assert logged['blocks/3/mlp/max_violation'] == 0.0  # balanced
   assert logged['loss'] == 1.5 and 'max_violation' not in logged
   assert load_violations({'loss': 1.0, 'blocks/0/mlp/dropped_fraction': 0.0}) == {}
+
+
+def test_an_evaluation_reports_each_moe_layer_s_balance_and_drops_on_the_held_out_tokens():
+  """`eval_max_violation/<layer>` (MaxVio of the loads over every evaluated token) and
+  `eval_dropped_fraction/<layer>`, the whole batch's however many microbatches it runs in
+  (padded rows left out): routing on held-out data was not reported at all."""
+  from jaxarch.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  batch = make_batch(8, 16, seed=0)
+  batch['segment_ids'][:3, 6:] = 0  # microbatches of 2 and 1 padded rows
+  summaries = {}
+  for accum in (1, 2):
+    cfg = config_lib.load('configs/moe.py:tiny', [
+        'model.d_model=32', 'model.n_heads=2', 'model.n_kv_heads=2', 'model.n_layers=2',
+        'model.moe.expert_d_ff=32', 'model.moe.capacity_factor=1.0', 'data.seq_len=16',
+        'model.dtype=float32', 'train.batch_size=8', f'train.grad_accum_steps={accum}'])
+    setup = make_setup(cfg, make_mesh(cfg, devices=jax.devices()[:1]))
+    state = init_state(cfg, setup)
+    sums = step_lib.make_eval_step(setup, np.ones(cfg.model.vocab_size))(
+        state, global_batch(batch, setup.batch_sharding))
+    summaries[accum] = step_lib.summarize_eval(jax.device_get(sums))
+  metrics = jax.jit(lambda state, batch: step_lib._forward(  # one forward, as served
+      setup, state['params'], state['model_state'], batch, deterministic=True)[2])(
+          state, global_batch(batch, setup.batch_sharding))
+  for layer in ('blocks/0/mlp', 'blocks/1/mlp'):
+    want = load_violations(jax.device_get(metrics))[f'{layer}/max_violation']
+    assert want > 0
+    for summary in summaries.values():
+      assert summary[f'eval_max_violation/{layer}'] == pytest.approx(want, rel=1e-5)
+      assert summary[f'eval_dropped_fraction/{layer}'] == pytest.approx(
+          float(metrics[f'{layer}/dropped_fraction']), rel=1e-5)
+  assert summaries[1][f'eval_dropped_fraction/blocks/0/mlp'] > 0
+  assert not any('violation' in key for key in step_lib.summarize_eval(
+      {'nll': 1.0, 'tokens': 1.0, 'bytes': 1.0}))  # a dense model's eval: none

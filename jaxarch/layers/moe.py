@@ -204,6 +204,10 @@ def batched_swiglu(x, gate, up, down):
   return matmul('ecf,efd->ecd', h, down)
 
 
+def _is_load(name: str) -> bool:
+  return name.startswith('load_e') and name.removeprefix('load_e').isdigit()
+
+
 def load_violations(metrics: dict) -> dict[str, float]:
   """`<layer>/max_violation` of each MoE layer in a step's metrics (its `load_e<i>`): the
   busiest expert's share of the assignments over the balanced share, less 1 (MaxVio, as
@@ -211,10 +215,29 @@ def load_violations(metrics: dict) -> dict[str, float]:
   loads = {}
   for key, value in metrics.items():
     layer, _, name = key.rpartition('/')
-    if name.startswith('load_e') and name.removeprefix('load_e').isdigit():
+    if _is_load(name):
       loads.setdefault(layer, []).append(float(value))
   return {f'{layer}/max_violation' if layer else 'max_violation': len(v) * max(v) - 1
           for layer, v in loads.items()}
+
+
+def routing_metrics(metrics: dict) -> dict:
+  """The layers' metrics that an evaluation sums: each MoE layer's loads and dropped
+  fraction (means over a batch's real tokens)."""
+  return {k: v for k, v in metrics.items()
+          if _is_load(k.rpartition('/')[2]) or k.endswith('/dropped_fraction')}
+
+
+def eval_routing_summary(means: dict) -> dict[str, float]:
+  """Of `routing_metrics` averaged over held-out tokens: each MoE layer's
+  `eval_max_violation/<layer>` (of the loads over all of them, MaxVio's global form) and
+  `eval_dropped_fraction/<layer>`."""
+  summary = {f'eval_max_violation/{key.removesuffix("/max_violation")}': value
+             for key, value in load_violations(means).items()}
+  summary.update({f'eval_dropped_fraction/{key.removesuffix("/dropped_fraction")}':
+                  float(value) for key, value in means.items()
+                  if key.endswith('/dropped_fraction')})
+  return summary
 
 
 class MoE(nnx.Module):

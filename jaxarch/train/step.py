@@ -12,6 +12,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxarch.layers.moe import eval_routing_summary, routing_metrics
 from jaxarch.layers.signals import WindowCounter, is_window_metric
 from jaxarch.models.transformer import (UNROLLED_NAME, numberings, per_layer, scanned_at,
                                         stacked_modules)
@@ -352,11 +353,14 @@ def make_eval_step(setup: TrainSetup, byte_lengths):
   byte_lengths = jnp.asarray(byte_lengths, jnp.float32)
 
   def sums(state, batch):
-    (logits, targets, mask), *_ = _forward(setup, state['params'], state['model_state'],
-                                           batch, deterministic=True)
+    (logits, targets, mask), _, metrics, *_ = _forward(
+        setup, state['params'], state['model_state'], batch, deterministic=True)
     nll, _ = cross_entropy(logits, targets, mask)
     num_bytes = (byte_lengths[targets] * mask).sum()
     out = {'nll': nll, 'tokens': mask.sum(), 'bytes': num_bytes}
+    if routing := routing_metrics(metrics):  # MoE layers' means over the real tokens
+      real = jnp.sum(batch['segment_ids'] > 0).astype(jnp.float32)
+      out.update({'real': real, **{f'routing/{k}': v * real for k, v in routing.items()}})
     if logits.ndim == 4:  # BiTA's [b, groups, masks, V]: each mask's top-1 (`mask_top1`)
       hits = (jnp.argmax(logits, -1) == targets) * mask
       out.update(mask_hits=hits.sum((0, 1)), mask_tokens=mask.sum((0, 1)))
@@ -400,13 +404,16 @@ def make_window_reset(setup: TrainSetup):
 
 def summarize_eval(totals: dict) -> dict:
   """eval_loss and eval_bpb; of a BiTA run, each mask's top-1 accuracy too
-  (`eval_mask{m}_top1`: the share of held-out tokens m+2 ahead its drafts would get)."""
+  (`eval_mask{m}_top1`: the share of held-out tokens m+2 ahead its drafts would get); of
+  MoE layers, their balance and drops on the held-out tokens (`eval_routing_summary`)."""
   summary = {'eval_loss': totals['nll'] / max(totals['tokens'], 1.0),
              'eval_bpb': totals['nll'] / math.log(2) / max(totals['bytes'], 1.0)}
   for m, (hits, count) in enumerate(zip(totals.get('mask_hits', ()),
                                         totals.get('mask_tokens', ()))):
     summary[f'eval_mask{m}_top1'] = float(hits) / max(float(count), 1.0)
-  return summary
+  routing = {k.removeprefix('routing/'): v / max(totals['real'], 1.0)
+             for k, v in totals.items() if k.startswith('routing/')}
+  return {**summary, **eval_routing_summary(routing)}
 
 
 def summarize_mixture_eval(totals: dict[str, dict], weights: dict[str, float]) -> dict:
