@@ -108,6 +108,24 @@ def make_batch(batch_size: int, seq_len: int, vocab: int = 258, seed: int = 0) -
           'positions': np.tile(np.arange(seq_len, dtype=np.int32), (batch_size, 1))}
 
 
+def tight_moe_config(grad_accum_steps: int, n_layers: int = 1):
+  """A 32-wide fp32 MoE whose experts drop (capacity 1.0), for 8 x 16-token batches on one
+  device in `grad_accum_steps` microbatches (see `padded_batch`)."""
+  return config_lib.load('configs/moe.py:tiny', [
+      'model.d_model=32', 'model.n_heads=2', 'model.n_kv_heads=2',
+      f'model.n_layers={n_layers}', 'model.moe.expert_d_ff=32',
+      'model.moe.capacity_factor=1.0', 'data.seq_len=16', 'model.dtype=float32',
+      'train.batch_size=8', f'train.grad_accum_steps={grad_accum_steps}'])
+
+
+def padded_batch() -> dict:
+  """8 x 16 tokens whose first 3 rows are padding from token 6: two microbatches of 2
+  and 1 padded rows, so a mean per microbatch differs from the whole batch's."""
+  batch = make_batch(8, 16, seed=0)
+  batch['segment_ids'][:3, 6:] = 0
+  return batch
+
+
 def mesh_config(cfg, data=1, fsdp=1, tensor=1, expert=1):
   with cfg.unlocked():
     cfg.mesh.ici.update(dict(data=data, fsdp=fsdp, tensor=tensor, expert=expert))

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import make_batch, mesh_config, tiny_config
+from conftest import make_batch, mesh_config, padded_batch, tight_moe_config, tiny_config
 from jaxarch import config as config_lib
 from jaxarch import models
 from jaxarch.layers.moe import MoE, load_violations, ragged_plan, repeat_rows
@@ -645,14 +645,10 @@ def test_an_evaluation_reports_each_moe_layer_s_balance_and_drops_on_the_held_ou
   `eval_dropped_fraction/<layer>`, the whole batch's however many microbatches it runs in
   (padded rows left out): routing on held-out data was not reported at all."""
   from jaxarch.train import step as step_lib  # pylint: disable=g-import-not-at-top
-  batch = make_batch(8, 16, seed=0)
-  batch['segment_ids'][:3, 6:] = 0  # microbatches of 2 and 1 padded rows
+  batch = padded_batch()
   summaries = {}
   for accum in (1, 2):
-    cfg = config_lib.load('configs/moe.py:tiny', [
-        'model.d_model=32', 'model.n_heads=2', 'model.n_kv_heads=2', 'model.n_layers=2',
-        'model.moe.expert_d_ff=32', 'model.moe.capacity_factor=1.0', 'data.seq_len=16',
-        'model.dtype=float32', 'train.batch_size=8', f'train.grad_accum_steps={accum}'])
+    cfg = tight_moe_config(accum, n_layers=2)
     setup = make_setup(cfg, make_mesh(cfg, devices=jax.devices()[:1]))
     state = init_state(cfg, setup)
     sums = step_lib.make_eval_step(setup, np.ones(cfg.model.vocab_size))(

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import make_batch, mesh_config, tiny_config
+from conftest import make_batch, mesh_config, padded_batch, tight_moe_config, tiny_config
 from jaxarch import config as config_lib
 from jaxarch.parallel import global_batch, make_mesh
 from jaxarch.train import profile
@@ -167,14 +167,10 @@ def test_accumulated_moe_metrics_are_the_whole_batch_s():
   batch's: each microbatch's mean over its real tokens weighted by their count (the plain
   mean of the microbatches' values was 2% off in the experts' loads). The balance loss
   multiplies two of them: close, not equal."""
-  batch = make_batch(8, 16, seed=0)
-  batch['segment_ids'][:3, 6:] = 0  # microbatches of 2 and 1 padded rows
+  batch = padded_batch()
   metrics = {}
   for accum in (1, 2):
-    cfg = config_lib.load('configs/moe.py:tiny', [
-        'model.d_model=32', 'model.n_heads=2', 'model.n_kv_heads=2', 'model.n_layers=1',
-        'model.moe.expert_d_ff=32', 'model.moe.capacity_factor=1.0', 'data.seq_len=16',
-        'model.dtype=float32', 'train.batch_size=8', f'train.grad_accum_steps={accum}'])
+    cfg = tight_moe_config(accum)
     setup = make_setup(cfg, make_mesh(cfg, devices=jax.devices()[:1]))
     _, out = make_train_step(setup)(init_state(cfg, setup),
                                     global_batch(batch, setup.batch_sharding))
