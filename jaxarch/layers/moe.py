@@ -208,17 +208,22 @@ def _is_load(name: str) -> bool:
   return name.startswith('load_e') and name.removeprefix('load_e').isdigit()
 
 
-def load_violations(metrics: dict) -> dict[str, float]:
-  """`<layer>/max_violation` of each MoE layer in a step's metrics (its `load_e<i>`): the
-  busiest expert's share of the assignments over the balanced share, less 1 (MaxVio, as
-  in auxiliary-loss-free balancing): 0 when balanced, E - 1 when one expert takes all."""
+def _max_violations(metrics: dict) -> dict[str, float]:
+  """layer -> MaxVio of its loads in `metrics` (`<layer>/load_e<i>`): the busiest expert's
+  share of the assignments over the balanced share, less 1 (as in auxiliary-loss-free
+  balancing): 0 when balanced, E - 1 when one expert takes all."""
   loads = {}
   for key, value in metrics.items():
     layer, _, name = key.rpartition('/')
     if _is_load(name):
       loads.setdefault(layer, []).append(float(value))
-  return {f'{layer}/max_violation' if layer else 'max_violation': len(v) * max(v) - 1
-          for layer, v in loads.items()}
+  return {layer: len(v) * max(v) - 1 for layer, v in loads.items()}
+
+
+def load_violations(metrics: dict) -> dict[str, float]:
+  """`<layer>/max_violation` of each MoE layer in a step's metrics (`_max_violations`)."""
+  return {f'{layer}/max_violation' if layer else 'max_violation': value
+          for layer, value in _max_violations(metrics).items()}
 
 
 def routing_metrics(metrics: dict) -> dict:
@@ -232,8 +237,8 @@ def eval_routing_summary(means: dict) -> dict[str, float]:
   """Of `routing_metrics` averaged over held-out tokens: each MoE layer's
   `eval_max_violation/<layer>` (of the loads over all of them, MaxVio's global form) and
   `eval_dropped_fraction/<layer>`."""
-  summary = {f'eval_max_violation/{key.removesuffix("/max_violation")}': value
-             for key, value in load_violations(means).items()}
+  summary = {f'eval_max_violation/{layer}': value
+             for layer, value in _max_violations(means).items()}
   summary.update({f'eval_dropped_fraction/{key.removesuffix("/dropped_fraction")}':
                   float(value) for key, value in means.items()
                   if key.endswith('/dropped_fraction')})

@@ -638,11 +638,11 @@ def _host_blocks(x) -> tuple[tuple[int, ...], list] | None:
 def _host_checksum(shape: tuple[int, ...], blocks: list) -> int:
   """`_checksum` of an array given as `_host_blocks` gives it, summed by numpy a few rows
   at a time: the same uint32 sum (positions modulo 2**32)."""
+  if not shape:  # a scalar: position 0 of a one-element row
+    shape, blocks = (1,), [(words.reshape(1), (0,)) for words, _ in blocks]
   strides = [math.prod(shape[axis + 1:]) for axis in range(len(shape))]
   total = 0
   for words, starts in blocks:
-    if words.ndim == 0:
-      words, starts, strides = words.reshape(1), (0,), [1]
     rows = max(1, _HOST_CHUNK // max(1, math.prod(words.shape[1:])))
     for first in range(0, words.shape[0], rows):
       part = words[first:first + rows]

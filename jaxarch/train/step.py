@@ -248,7 +248,7 @@ def make_train_step(setup: TrainSetup):
       # Layers' metrics are means over a microbatch's real tokens (`signals.real_mean`):
       # weighted by that count, their step value is the whole batch's, as at A=1 (a plain
       # mean over microbatches of unequal padding is not).
-      real = jnp.sum(microbatch['segment_ids'] > 0).astype(jnp.float32)
+      real = real_tokens(microbatch)
       weighted = dict(out, real=real, metrics={k: v * real for k, v in out['metrics'].items()})
       sums = jax.tree.map(jnp.add, sums, {k: weighted[k] for k in sums})
       # A window count's metric already counts the microbatches before: its last value.
@@ -342,6 +342,12 @@ def _microbatches(setup: TrainSetup, batch: dict) -> dict:
   return jax.tree.map(split, batch)
 
 
+def real_tokens(batch: dict) -> jax.Array:
+  """The batch's real (not padding) tokens, which the layers' metrics average over
+  (`signals.real_mean`): their weight when microbatches or batches are added up."""
+  return jnp.sum(batch['segment_ids'] > 0).astype(jnp.float32)
+
+
 def make_eval_step(setup: TrainSetup, byte_lengths):
   """Summed NLL, token and byte counts of a batch; bits per byte = nll / ln2 / bytes. With
   `train.grad_accum_steps=A` the batch runs as A microbatches, as in training, so that an
@@ -359,7 +365,7 @@ def make_eval_step(setup: TrainSetup, byte_lengths):
     num_bytes = (byte_lengths[targets] * mask).sum()
     out = {'nll': nll, 'tokens': mask.sum(), 'bytes': num_bytes}
     if routing := routing_metrics(metrics):  # MoE layers' means over the real tokens
-      real = jnp.sum(batch['segment_ids'] > 0).astype(jnp.float32)
+      real = real_tokens(batch)  # weighted as the train step weighs its microbatches'
       out.update({'real': real, **{f'routing/{k}': v * real for k, v in routing.items()}})
     if logits.ndim == 4:  # BiTA's [b, groups, masks, V]: each mask's top-1 (`mask_top1`)
       hits = (jnp.argmax(logits, -1) == targets) * mask
