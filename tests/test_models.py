@@ -12,7 +12,7 @@ from flax import nnx
 from jax.extend import core as jax_core
 from jax.extend import source_info_util
 
-from conftest import llama3_frequencies, make_batch, tiny_config
+from conftest import USER_CPU_COMPILE, llama3_frequencies, make_batch, tiny_config
 from jaxarch import config as config_lib
 from jaxarch import models
 from jaxarch.config import ConfigError
@@ -636,7 +636,10 @@ def _built_params(cfg, grouped: bool):
 ])
 def test_grouped_draws_give_every_weight_the_values_of_its_own_draw(spec, overrides):
   cfg = config_lib.load(spec, [f'--config.{k}={v}' for k, v in overrides.items()])
-  alone, grouped = (jax.tree.leaves(_built_params(cfg, g)()) for g in (False, True))
+  # Compiled as a user's CPU compiles them: the suite's quicker emitters round the normal's
+  # transform differently where it is fused differently (the last bit of a quarter of them).
+  alone, grouped = (jax.tree.leaves(_built_params(cfg, g).lower().compile(
+      compiler_options=USER_CPU_COMPILE)()) for g in (False, True))
   assert len(alone) == len(grouped)
   for a, b in zip(alone, grouped):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
