@@ -138,6 +138,7 @@ def test_byte_lengths_count_bytes_and_not_specials():
   assert tok.vocab_size == 258 and len(tok.byte_lengths) == tok.vocab_size
   assert tok.byte_lengths[ids].sum() == len(text.encode('utf-8'))
   assert tok.pad_id >= 256 and tok.eod_id >= 256
+  assert data.prefix_bytes(tok) == 0
 
 
 def test_unknown_tokenizer_spec_is_config_error():
@@ -1454,6 +1455,7 @@ def test_hf_tokenizer_counts_the_bytes_of_its_tokens(tmp_path, style):
     expected = len(text.encode()) + (style == 'llama')
     assert int(tokenizer.byte_lengths[ids].sum()) == expected, (text, ids)
     assert tokenizer.decode(ids) == text
+  assert tokenizers.prefix_bytes(tokenizer) == (style == 'llama')  # bits per byte's fix
 
 
 def test_hf_tokenizer_encodes_as_tokenizers_encode(tmp_path):
@@ -1483,6 +1485,7 @@ def test_wordpiece_pieces_count_the_text_they_stand_for(tmp_path):
   for text in ['the cafés, the cat.', 'cat', 'the café.']:
     ids = tokenizer.encode(text)
     assert int(tokenizer.byte_lengths[ids].sum()) == len(text.encode()) + 1, (text, ids)
+  assert tokenizers.prefix_bytes(tokenizer) == 1
 
 
 def test_a_tokenizers_file_of_any_json_name_is_a_hf_tokenizer(tmp_path):
@@ -1553,6 +1556,7 @@ def test_sentencepiece_model_counts_bytes_and_decodes_continuations(tmp_path):
     # The '▁' SentencePiece puts in front of the text is counted, as with Llama's files.
     assert int(tokenizer.byte_lengths[ids].sum()) == len(text.encode()) + 1, (text, ids)
     assert tokenizer.decode(ids) == text
+  assert tokenizers.prefix_bytes(tokenizer) == 1  # taken off per document in evaluations
   assert tokenizer.decode(tokenizer.encode('the cat') + [tokenizer.eod_id]) == 'the cat'
   new = tokenizer.encode('cat sat')
   assert tokenizer.decode(new) == 'cat sat'  # decoded alone, the first word loses its space

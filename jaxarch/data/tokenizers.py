@@ -5,7 +5,10 @@ Every tokenizer exposes the same small surface the pipeline and trainer need: `e
 (end of document, also the BOS unless `data.bos_id` names another or `data.add_bos` is
 False: `bos_id`; generation stops at it and at `data.stop_ids`: `stop_ids`) and
 `byte_lengths[id]`, the number of UTF-8 bytes a token stands for, so that the trainer can
-report bits per byte = total_nats / ln 2 / total_bytes for any tokenizer.
+report bits per byte = total_nats / ln 2 / total_bytes for any tokenizer. A token's bytes
+are counted as where it follows other text: SentencePiece's '▁the' is ' the', also as a
+document's first token, where the space is the one the tokenizer put in front of the text;
+`prefix_bytes` says how many bytes a document's first token counts that way.
 """
 
 import bisect
@@ -267,6 +270,18 @@ def cut_at_stop_text(decode, new_ids, stops) -> tuple[list[int], str]:
   n = bisect.bisect_left(range(len(new_ids) + 1), True,
                          key=lambda n: stop in decode(new_ids[:n]))
   return new_ids[:n], text[:start]
+
+
+def prefix_bytes(tokenizer) -> int:
+  """The bytes a document's first token counts that its text does not hold: the space
+  SentencePiece's dummy prefix puts in front of the text ('▁', as Llama-2's and Mistral's
+  tokenizer.json files do too), or a WordPiece word start's; 0 for raw bytes and GPT-2's
+  BPE. Bits per byte takes it off once per document (`make_eval_step`)."""
+  for text in ('a', 'the', 'e', 'x', '0'):  # a word its vocabulary holds, read back as it is
+    ids = np.asarray(tokenizer.encode(text), np.int32)
+    if len(ids) and np.all(tokenizer.byte_lengths[ids] > 0) and tokenizer.decode(ids) == text:
+      return max(int(np.sum(tokenizer.byte_lengths[ids])) - len(text), 0)
+  return 0
 
 
 def bos_id(data_cfg, tokenizer) -> int | None:

@@ -348,8 +348,12 @@ def real_tokens(batch: dict) -> jax.Array:
   return jnp.sum(batch['segment_ids'] > 0).astype(jnp.float32)
 
 
-def make_eval_step(setup: TrainSetup, byte_lengths):
-  """Summed NLL, token and byte counts of a batch; bits per byte = nll / ln2 / bytes. With
+def make_eval_step(setup: TrainSetup, byte_lengths, *, bos_id: int | None = None,
+                   prefix_bytes: int = 0):
+  """Summed NLL, token and byte counts of a batch; bits per byte = nll / ln2 / bytes. A
+  target's bytes are `byte_lengths[target]`, less `prefix_bytes` for a document's first
+  (the target whose input is the BOS, `bos_id`): the space a SentencePiece-style tokenizer
+  put in front of the document's text (`data.tokenizers.prefix_bytes`). With
   `train.grad_accum_steps=A` the batch runs as A microbatches, as in training, so that an
   evaluation fits wherever the train step does. The model's state is read as `generate`
   reads it, not updated (`_forward(deterministic=True)`). Weights are gathered in each
@@ -362,7 +366,11 @@ def make_eval_step(setup: TrainSetup, byte_lengths):
     (logits, targets, mask), _, metrics, *_ = _forward(
         setup, state['params'], state['model_state'], batch, deterministic=True)
     nll, _ = cross_entropy(logits, targets, mask)
-    num_bytes = (byte_lengths[targets] * mask).sum()
+    target_bytes = byte_lengths[targets]
+    if prefix_bytes and bos_id is not None and targets.shape == batch['inputs'].shape:
+      first = batch['inputs'] == bos_id  # a document's first target (an empty one's: eod)
+      target_bytes -= jnp.where(first, jnp.minimum(target_bytes, prefix_bytes), 0.0)
+    num_bytes = (target_bytes * mask).sum()
     out = {'nll': nll, 'tokens': mask.sum(), 'bytes': num_bytes}
     if routing := routing_metrics(metrics):  # MoE layers' means over the real tokens
       real = real_tokens(batch)  # weighted as the train step weighs its microbatches'
