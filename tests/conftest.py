@@ -3,6 +3,8 @@
 import math
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 # Compiling is most of the suite's time, and its programs are tiny: XLA:CPU's LLVM
@@ -11,16 +13,44 @@ import tempfile
 # emitters), a third faster again (a tiny train step: dense 2.4 -> 1.5 s, MoE 4.1 -> 2.9,
 # UltraMem 6.3 -> 4.0). XLA's own passes (sharding, layout) run as always; the generated
 # loops are simply not tuned (UltraMem's tiny step runs 0.9 -> 1.2 s).
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8'
-                           ' --xla_backend_optimization_level=0'
-                           ' --xla_llvm_disable_expensive_passes=true'
-                           ' --xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE'
-                           ' --xla_cpu_use_fusion_emitters=false').strip()
+_QUICK_COMPILE = {  # flag: (the suite's value, XLA:CPU's default)
+    'xla_backend_optimization_level': (0, 3),
+    'xla_llvm_disable_expensive_passes': (True, False),
+    'xla_cpu_opt_preset': ('CPU_OPT_PRESET_FAST_COMPILE', 'CPU_OPT_PRESET_DEFAULT'),
+    'xla_cpu_use_fusion_emitters': (False, True),
+}
+# Those whose loops round a float result by how a program fuses its ops (LLVM's level of
+# optimisation changes no result: no fast math).
+_ROUNDING_BY_FUSION = ('xla_cpu_opt_preset', 'xla_cpu_use_fusion_emitters')
+
+
+def _flag(name: str, value) -> str:
+  return f'--{name}={str(value).lower() if isinstance(value, bool) else value}'
+
+
+def _known_to_xla(flags: dict) -> dict:
+  """Those of `flags` the installed jaxlib knows (XLA aborts on a flag it does not know),
+  tried once per run in a process of their own; xdist's workers inherit the answer."""
+  if (known := os.environ.get('JAXARCH_TESTS_XLA_FLAGS')) is None:
+    def starts(names):
+      env = dict(os.environ, JAX_PLATFORMS='cpu',
+                 XLA_FLAGS=' '.join(_flag(name, flags[name][0]) for name in names))
+      return subprocess.run([sys.executable, '-c', 'import jax; jax.devices()'], env=env,
+                            capture_output=True, check=False).returncode == 0
+    known = ','.join(flags if starts(flags) else [name for name in flags if starts([name])])
+    os.environ['JAXARCH_TESTS_XLA_FLAGS'] = known
+  return {name: values for name, values in flags.items() if name in known.split(',')}
+
+
+_QUICK_COMPILE = _known_to_xla(_QUICK_COMPILE)
+os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''),
+                                    '--xla_force_host_platform_device_count=8',
+                                    *(_flag(name, quick) for name, (quick, _)
+                                      in _QUICK_COMPILE.items())]).strip()
 # For a test of exact float results where programs fuse the same ops differently: XLA:CPU's
-# defaults (`jit(f).lower(...).compile(compiler_options=USER_CPU_COMPILE)`).
-USER_CPU_COMPILE = {'xla_cpu_opt_preset': 'CPU_OPT_PRESET_DEFAULT',
-                    'xla_cpu_use_fusion_emitters': True}
+# default loops (`jit(f).lower(...).compile(compiler_options=USER_CPU_COMPILE)`).
+USER_CPU_COMPILE = {name: default for name, (_, default) in _QUICK_COMPILE.items()
+                    if name in _ROUNDING_BY_FUSION}
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
