@@ -93,7 +93,6 @@ def _two_checkpoints(tmp_path):
   return cfg, setup, state
 
 
-@pytest.mark.slow
 def test_restore_on_fewer_devices_gives_the_same_next_loss(tmp_path):
   expected = _saved_initial_state(tmp_path, data=2, fsdp=4)
   # Half the devices: what is left of a job after losing a host.

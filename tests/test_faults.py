@@ -112,7 +112,6 @@ def test_a_run_stopped_on_nonfinite_training_exits_3(tmp_path, capsys, monkeypat
   assert err == 'jaxarch: non-finite training at step 3: loss nan'
 
 
-@pytest.mark.slow
 def test_skip_policy_counts_bad_steps_and_stops_after_too_many_in_a_row(
     tmp_path, data_dir, monkeypatch):
   _poison(monkeypatch, steps={3, 4, 7})
@@ -196,7 +195,6 @@ def test_a_report_whose_statistics_cannot_be_written_still_reports(tmp_path):
 # Corrupt checkpoints.
 
 
-@pytest.mark.slow
 def test_training_resumes_past_a_corrupt_latest_checkpoint(tmp_path, data_dir, caplog):
   cfg = _cfg(data_dir, **{'log.every_steps': 1})
   train(cfg, tmp_path)

@@ -601,7 +601,6 @@ def test_moe_train_step_reports_load_losses_and_dropped_fraction():
   assert float(jnp.abs(bias).max()) > 0  # updated outside the gradient, kept in the state
 
 
-@pytest.mark.slow  # 29 s
 def test_the_router_bias_moves_once_per_step_by_the_whole_batch_with_microbatches():
   """Two microbatches both route with the step's bias, and the step moves it once, by the
   sign of the whole batch's load: as a step without microbatches does (not twice, nor by

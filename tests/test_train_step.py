@@ -74,7 +74,6 @@ def test_a_skipped_nonfinite_step_keeps_the_weights_and_moments_but_counts_the_s
   assert adam == [0] and schedule == [1]
 
 
-@pytest.mark.slow  # 36 s; by default accumulation runs in tests/test_memory.py
 def test_accumulated_microbatches_give_the_full_batch_step():
   # Dense: the same loss and update to float precision, whatever the microbatches' tokens.
   full = tiny_config(**{'model.dtype': 'float32', 'train.batch_size': 16})
@@ -496,7 +495,6 @@ def test_gpu_train_step_lowers_for_cuda_on_a_mesh(spec, traced_as_on_gpu):
   assert ('custom_call @ragged_all_to_all' in hlo) == ('moe' in spec)  # ep_exchange=ragged
 
 
-@pytest.mark.slow  # 20 s
 def test_evaluation_runs_in_the_train_steps_microbatches_with_the_same_sums():
   from jaxarch.train.step import make_eval_step  # pylint: disable=g-import-not-at-top
   batch = make_batch(8, 32, seed=2)
