@@ -6,7 +6,6 @@ import io
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name, print_saved_residuals
 
@@ -33,7 +32,6 @@ def _moe_grads(remat_mode: str):
   return compiled(state), compiled_flops(compiled)
 
 
-@pytest.mark.slow
 def test_dots_recomputes_no_expert_matmul():
   (plain, none), (dots, saved), (full, everything) = map(_moe_grads, ('none', 'dots', 'full'))
   # The grouped matmuls (ragged_dot here, 8 experts) are most of the FLOPs: run again in
