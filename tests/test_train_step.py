@@ -1,6 +1,7 @@
 """The jitted train step: same numbers on 1 device and on a (data=2, fsdp=2, tensor=2) mesh."""
 
 from flax import nnx
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -269,28 +270,18 @@ def test_bits_per_byte_counts_the_text_s_bytes_under_a_dummy_prefix(tmp_path):
   space). Over documents packed across rows, an evaluation counts the text's bytes."""
   from test_data import _sentencepiece_model  # pylint: disable=g-import-not-at-top
   from jaxarch import data  # pylint: disable=g-import-not-at-top
-  from jaxarch.data.pipeline import _Tokenize  # pylint: disable=g-import-not-at-top
+  from jaxarch.data.pipeline import _pad_batch, _packed_rows  # pylint: disable=g-import-not-at-top
   from jaxarch.train.trainer import _eval_step  # pylint: disable=g-import-not-at-top
   cfg = tiny_config(**{'model.dtype': 'float32',
                        'data.tokenizer': _sentencepiece_model(tmp_path / 'sp.model')})
   tokenizer = data.model_tokenizer(cfg)
   assert data.prefix_bytes(tokenizer) == 1
   texts = ['the café is open', '', 'a ∑ of bytes ü the cat', 'the cat sat on the mat'] * 3
-  tokenize = _Tokenize(tokenizer, align=1, bos=tokenizer.eod_id)
-  documents = [tokenize.map(text.encode()) for text in texts]
-  # One stream cut into rows, as the packer cuts it: a document goes on in the next row.
-  stream = {k: np.concatenate([d[k] for d in documents]) for k in ('inputs', 'targets')}
-  which = np.concatenate([np.full(len(d['inputs']), i + 1) for i, d in enumerate(documents)])
-  rows, length = cfg.train.batch_size, cfg.data.seq_len
-  assert rows * length > len(which) > length  # the last row is part padding
-  batch = {k: np.full((rows * length,), tokenizer.pad_id, np.int32) for k in stream}
-  segments = np.zeros(rows * length, np.int32)
-  for k in stream:
-    batch[k][:len(which)] = stream[k]
-  segments[:len(which)] = which
-  batch = {k: v.reshape(rows, length) for k, v in batch.items()}
-  batch['segment_ids'] = segments.reshape(rows, length)
-  batch['positions'] = np.zeros_like(batch['inputs'])  # (the bytes do not depend on them)
+  # Packed as training packs them: a document goes on in the next row, the last row pads.
+  rows = list(_packed_rows(grain.MapDataset.source([text.encode() for text in texts]),
+                           tokenizer, cfg.data))
+  assert 1 < len(rows) < cfg.train.batch_size
+  batch = _pad_batch(rows, batch_size=cfg.train.batch_size, pad_id=tokenizer.pad_id)
   setup = make_setup(cfg, make_mesh(cfg, devices=jax.devices()[:1]))
   out = _eval_step(cfg, setup)(init_state(cfg, setup), global_batch(batch, setup.batch_sharding))
   assert float(out['bytes']) == sum(len(text.encode()) for text in texts)
