@@ -193,6 +193,9 @@ def test_bias_balancing_raises_the_bias_of_under_loaded_experts():
   np.testing.assert_array_equal(layer.bias[...], jnp.zeros(4))  # moved by the step, once
   layer.end_step(**collect_signals(sown)[2][''])
   np.testing.assert_allclose(layer.bias[...], [-0.1, 0.1, 0.1, 0.1])
+  assert metric(sown, 'bias_spread') == 0.0  # the step routed with the bias before the move
+  _, sown = run_model(layer, x)
+  np.testing.assert_allclose(metric(sown, 'bias_spread'), 0.2)
 
 
 def test_padding_tokens_count_in_no_routing_statistic_nor_the_bias_move():
@@ -583,11 +586,16 @@ def test_moe_train_step_reports_load_losses_and_dropped_fraction():
   step = make_train_step(setup)
   batch = make_batch(8, 16, seed=0)
   batch['segment_ids'][:3, 6:] = 0  # padding: the aux losses are means over real tokens
-  losses = []
+  losses, spreads = [], []
   for i in range(3):
+    bias = state['model_state']['blocks'][1]['mlp']['bias'].get_value()
+    spread = float(bias.max() - bias.min())  # read before the step donates the state
     state, metrics = step(state, global_batch(batch, setup.batch_sharding))
     losses.append(float(metrics['loss']))
+    spreads.append((float(metrics['blocks/1/mlp/bias_spread']), spread))
   assert losses[-1] < losses[0]
+  assert spreads[0] == (0.0, 0.0) and spreads[1][0] > 0  # the bias each step routed with
+  np.testing.assert_allclose(*zip(*spreads), rtol=1e-6)
   moe = cfg.model.moe
   for layer in (0, 1):
     assert float(metrics[f'aux_loss/blocks/{layer}/mlp']) == pytest.approx(

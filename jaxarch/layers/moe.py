@@ -338,8 +338,10 @@ class MoE(nnx.Module):
     signals.add_metric(self, 'z_loss', z_loss)
     for i in range(e):
       signals.add_metric(self, f'load_e{i}', load[i])
-    if self.bias_update_rate and not self.deterministic:
-      signals.add_step_statistic(self, 'assignments', assignments)
+    if self.bias_update_rate:  # how far the balancing has pushed the experts apart
+      signals.add_metric(self, 'bias_spread', jnp.max(self.bias[...]) - jnp.min(self.bias[...]))
+      if not self.deterministic:
+        signals.add_step_statistic(self, 'assignments', assignments)
     return weights, experts.astype(jnp.int32)
 
   def end_step(self, assignments: jax.Array):
