@@ -138,7 +138,15 @@ def test_byte_lengths_count_bytes_and_not_specials():
   assert tok.vocab_size == 258 and len(tok.byte_lengths) == tok.vocab_size
   assert tok.byte_lengths[ids].sum() == len(text.encode('utf-8'))
   assert tok.pad_id >= 256 and tok.eod_id >= 256
-  assert data.prefix_bytes(tok) == 0
+  counts_the_text(tok, text)
+
+
+def counts_the_text(tokenizer, text: str):
+  """`encode_counting_bytes` gives `encode`'s ids, and the text's bytes among them (and
+  after the last: the text a normaliser dropped at the end), whatever the tokenizer did."""
+  ids, counted = tokenizer.encode_counting_bytes(text)
+  assert list(ids) == list(tokenizer.encode(text)) and len(counted) == len(ids) + 1
+  assert int(counted.sum()) == len(text.encode()) and counted.min() >= 0, (text, counted)
 
 
 def test_unknown_tokenizer_spec_is_config_error():
@@ -1455,7 +1463,8 @@ def test_hf_tokenizer_counts_the_bytes_of_its_tokens(tmp_path, style):
     expected = len(text.encode()) + (style == 'llama')
     assert int(tokenizer.byte_lengths[ids].sum()) == expected, (text, ids)
     assert tokenizer.decode(ids) == text
-  assert tokenizers.prefix_bytes(tokenizer) == (style == 'llama')  # bits per byte's fix
+  for text in ['the café the', '  the ∑  ☃\n\t', '', 'é<|endoftext|></s>']:
+    counts_the_text(tokenizer, text)  # bits per byte's count, the leading '▁' too
 
 
 def test_hf_tokenizer_encodes_as_tokenizers_encode(tmp_path):
@@ -1485,7 +1494,8 @@ def test_wordpiece_pieces_count_the_text_they_stand_for(tmp_path):
   for text in ['the cafés, the cat.', 'cat', 'the café.']:
     ids = tokenizer.encode(text)
     assert int(tokenizer.byte_lengths[ids].sum()) == len(text.encode()) + 1, (text, ids)
-  assert tokenizers.prefix_bytes(tokenizer) == 1
+  for text in ['the cafés, the cat.', ', the CAFÉ  dog', '']:  # lowercased, unknown, ','
+    counts_the_text(tokenizer, text)
 
 
 def test_a_tokenizers_file_of_any_json_name_is_a_hf_tokenizer(tmp_path):
@@ -1556,7 +1566,9 @@ def test_sentencepiece_model_counts_bytes_and_decodes_continuations(tmp_path):
     # The '▁' SentencePiece puts in front of the text is counted, as with Llama's files.
     assert int(tokenizer.byte_lengths[ids].sum()) == len(text.encode()) + 1, (text, ids)
     assert tokenizer.decode(ids) == text
-  assert tokenizers.prefix_bytes(tokenizer) == 1  # taken off per document in evaluations
+  # Its normaliser collapses runs of spaces and drops those at the ends: still counted.
+  for text in ['the café the', '  the   cat\n\tsat ☃  ', ' ', '']:
+    counts_the_text(tokenizer, text)
   assert tokenizer.decode(tokenizer.encode('the cat') + [tokenizer.eod_id]) == 'the cat'
   new = tokenizer.encode('cat sat')
   assert tokenizer.decode(new) == 'cat sat'  # decoded alone, the first word loses its space

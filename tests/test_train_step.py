@@ -264,27 +264,40 @@ def test_an_evaluation_counts_the_bytes_of_the_targets_that_carry_loss():
   assert float(out['bytes']) == byte_lengths[batch['targets'][:, 10:]].sum()
 
 
-def test_bits_per_byte_counts_the_text_s_bytes_under_a_dummy_prefix(tmp_path):
-  """SentencePiece puts '▁' in front of a document's text, so its first token ('▁the')
-  stands for ' the', a byte the text does not hold (a continuation's '▁the' holds its
-  space). Over documents packed across rows, an evaluation counts the text's bytes."""
-  from test_data import _sentencepiece_model  # pylint: disable=g-import-not-at-top
+@pytest.mark.parametrize('kind', ['sentencepiece', 'sentencepiece_unknowns', 'llama'])
+def test_bits_per_byte_counts_the_bytes_of_the_text(tmp_path, kind):
+  """Over documents packed across rows, an evaluation counts the bytes of their text,
+  whatever the tokenizer did to it: SentencePiece's normaliser collapses runs of spaces
+  and drops those at the ends, an unknown character is one `<unk>` (a model without byte
+  fallback), the '▁' in front of a document's text stands for no byte of it (while a
+  continuation's '▁the' holds its space). Counted by token, the 237 bytes would be 231
+  (SentencePiece: 12 prefixes, 18 spaces collapsed or dropped), 216 (also unknowns, of 0
+  bytes) and 249 (Llama-style: the 12 prefixes)."""
+  from test_data import _llama_style_tokenizer, _sentencepiece_model  # pylint: disable=g-import-not-at-top
   from jaxarch import data  # pylint: disable=g-import-not-at-top
   from jaxarch.data.pipeline import _pad_batch, _packed_rows  # pylint: disable=g-import-not-at-top
   from jaxarch.train.trainer import _eval_step  # pylint: disable=g-import-not-at-top
-  cfg = tiny_config(**{'model.dtype': 'float32',
-                       'data.tokenizer': _sentencepiece_model(tmp_path / 'sp.model')})
+  path = (_llama_style_tokenizer(tmp_path / 'tokenizer.json') if kind == 'llama' else
+          _sentencepiece_model(tmp_path / 'sp.model', **(
+              dict(vocab_size=40, byte_fallback=False, character_coverage=0.98)
+              if kind == 'sentencepiece_unknowns' else {})))
+  cfg = tiny_config(**{'model.dtype': 'float32', 'data.tokenizer': path})
   tokenizer = data.model_tokenizer(cfg)
-  assert data.prefix_bytes(tokenizer) == 1
-  texts = ['the café is open', '', 'a ∑ of bytes ü the cat', 'the cat sat on the mat'] * 3
+  texts = ['the café is open', '', '  a ∑ of\tbytes ü  the cat\n', 'the cat   sat on the mat',
+           '(the) cat'] * 3
   # Packed as training packs them: a document goes on in the next row, the last row pads.
   rows = list(_packed_rows(grain.MapDataset.source([text.encode() for text in texts]),
-                           tokenizer, cfg.data))
+                           tokenizer, cfg.data, count_bytes=True))
   assert 1 < len(rows) < cfg.train.batch_size
   batch = _pad_batch(rows, batch_size=cfg.train.batch_size, pad_id=tokenizer.pad_id)
   setup = make_setup(cfg, make_mesh(cfg, devices=jax.devices()[:1]))
-  out = _eval_step(cfg, setup)(init_state(cfg, setup), global_batch(batch, setup.batch_sharding))
-  assert float(out['bytes']) == sum(len(text.encode()) for text in texts)
+  eval_step = _eval_step(cfg, setup)
+  out = eval_step(init_state(cfg, setup), global_batch(batch, setup.batch_sharding))
+  assert float(out['bytes']) == sum(len(text.encode()) for text in texts) == 237
+  by_token = dict(batch, target_bytes=None)  # the batch without its text's counts
+  out = eval_step(init_state(cfg, setup), global_batch(by_token, setup.batch_sharding))
+  assert float(out['bytes']) == {'sentencepiece': 231, 'sentencepiece_unknowns': 216,
+                                 'llama': 249}[kind]
 
 
 def test_gradients_are_clipped_to_the_global_norm_before_adam():

@@ -13,5 +13,4 @@ from jaxarch.data.tokenizers import bos_id
 from jaxarch.data.tokenizers import get_tokenizer
 from jaxarch.data.tokenizers import ids_past_model
 from jaxarch.data.tokenizers import model_tokenizer
-from jaxarch.data.tokenizers import prefix_bytes
 from jaxarch.data.tokenizers import stop_ids

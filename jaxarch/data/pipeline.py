@@ -12,6 +12,9 @@ arrays `[local_batch, seq_len]`:
   inputs, targets   token ids; pad_id where segment_ids == 0
   segment_ids       1, 2, ... for the document pieces of a row; 0 for padding
   positions         0-based position within each piece, restarting at every segment
+  target_bytes      evaluation's only: the bytes of the document's text each target
+                    stands for (`tokenizers`' `encode_counting_bytes`; the eod, the
+                    text a normaliser dropped at its end), 0 on padding: bits per byte
 
 Training packs `S` streams side by side (default: one per row of the global batch).
 Stream `i` packs documents `i, i + S, i + 2S, ...` of the shuffled, endlessly repeated
@@ -76,26 +79,37 @@ class _Tokenize(grain.transforms.Map):
   a multiple of `align` tokens (so that every document starts on a multiple of `align`).
   With no BOS (`bos` None): `{inputs: ids, targets: ids[1:] + [eod]}`, one token shorter;
   an empty document is then no tokens at all (nothing to predict the eod from), which
-  `_packed_rows` leaves out."""
+  `_packed_rows` leaves out. `count_bytes`: also `target_bytes`, the text's bytes of each
+  target (with no BOS the first token's are no target's)."""
 
-  def __init__(self, tokenizer, align: int, bos: int | None):
+  def __init__(self, tokenizer, align: int, bos: int | None, count_bytes: bool = False):
     self._tokenizer = tokenizer
     self._align = align
     self._bos = bos
+    self._count_bytes = count_bytes
 
   def map(self, text: bytes) -> dict[str, np.ndarray]:
-    ids = np.asarray(self._tokenizer.encode(text), np.int32)
+    if self._count_bytes:
+      ids, token_bytes = self._tokenizer.encode_counting_bytes(text)  # [n], [n + 1]
+    else:
+      ids, token_bytes = self._tokenizer.encode(text), None
+    ids = np.asarray(ids, np.int32)
     eod = np.array([self._tokenizer.eod_id], np.int32)
     if self._bos is None:
       inputs, targets = ids, np.concatenate([ids, eod])[1:len(ids) + 1]
     else:
       inputs = np.concatenate([np.array([self._bos], np.int32), ids])
       targets = np.concatenate([ids, eod])
+    row = {'inputs': inputs, 'targets': targets}
+    if token_bytes is not None:
+      row['target_bytes'] = np.asarray(token_bytes, np.int32)[-len(targets):] if len(
+          targets) else np.zeros(0, np.int32)
     pad = -len(inputs) % self._align
     if pad:
-      fill = np.full(pad, self._tokenizer.pad_id, np.int32)
-      inputs, targets = np.concatenate([inputs, fill]), np.concatenate([targets, fill])
-    return {'inputs': inputs, 'targets': targets}
+      row = {k: np.concatenate([v, np.full(pad, 0 if k == 'target_bytes' else
+                                           self._tokenizer.pad_id, np.int32)])
+             for k, v in row.items()}
+    return row
 
 
 class _Finalize(grain.transforms.Map):
@@ -120,12 +134,15 @@ class _Finalize(grain.transforms.Map):
     if self._aligned:
       padding |= (row['inputs'] == self._pad_id) & (row['targets'] == self._pad_id)
     segment_ids = np.where(padding, 0, segment_ids)
-    return {
+    out = {
         'inputs': np.where(padding, self._pad_id, row['inputs']).astype(np.int32),
         'targets': np.where(padding, self._pad_id, row['targets']).astype(np.int32),
         'segment_ids': segment_ids,
         'positions': row['inputs_positions'].astype(np.int32),
     }
+    if 'target_bytes' in row:
+      out['target_bytes'] = np.where(padding, 0, row['target_bytes']).astype(np.int32)
+    return out
 
 
 class _JsonStatePacking(grain.IterDataset):
@@ -136,9 +153,9 @@ class _JsonStatePacking(grain.IterDataset):
   document. Turning the lists back into tuples restores exactly.
   """
 
-  def __init__(self, parent: grain.IterDataset, seq_len: int):
+  def __init__(self, parent: grain.IterDataset, seq_len: int, features=('inputs', 'targets')):
     super().__init__(grain.experimental.ConcatThenSplitIterDataset(
-        parent, length_struct={'inputs': seq_len, 'targets': seq_len}))
+        parent, length_struct={k: seq_len for k in features}))
 
   def __iter__(self) -> grain.DatasetIterator:
     return _JsonStateIterator(self._parent.__iter__())
@@ -157,18 +174,19 @@ class _JsonStateIterator(grain.DatasetIterator):
     self._parent.set_state(dict(state, remainder_slices=slices))
 
 
-def tokenize(data_cfg, tokenizer) -> _Tokenize:
+def tokenize(data_cfg, tokenizer, count_bytes: bool = False) -> _Tokenize:
   """The map from a document's text to the tokens it packs into rows (`_Tokenize`): its
   BOS (`data.bos_id`, `data.add_bos`) and eod, padded to `data.pack_align`."""
   return _Tokenize(tokenizer, data_cfg.get('pack_align', 1),
-                   tokenizers.bos_id(data_cfg, tokenizer))
+                   tokenizers.bos_id(data_cfg, tokenizer), count_bytes)
 
 
-def _packed_rows(docs: grain.MapDataset, tokenizer, data_cfg,
-                 read_threads: int = 0) -> grain.IterDataset:
+def _packed_rows(docs: grain.MapDataset, tokenizer, data_cfg, read_threads: int = 0,
+                 count_bytes: bool = False) -> grain.IterDataset:
   """Rows of `data.seq_len` tokens; with `data.pack_align = n` every document starts at a
   multiple of n (MEGABYTE: on a patch boundary), the gaps being padding. `read_threads`
-  read and tokenize the next documents in order (0: where the row is made)."""
+  read and tokenize the next documents in order (0: where the row is made).
+  `count_bytes`: rows with `target_bytes` too (evaluation's)."""
   align = data_cfg.get('pack_align', 1)
   if align > 1 and tokenizer.pad_id == tokenizer.eod_id:
     raise ConfigError(f'config error: data.pack_align={align} needs a tokenizer whose pad id '
@@ -177,11 +195,14 @@ def _packed_rows(docs: grain.MapDataset, tokenizer, data_cfg,
   # Training's streams are read and tokenized where the row is made (`_ZipStreams`'
   # threads), evaluation's one stream in read threads; the iterator state stays a document
   # index.
-  ds = docs.map(tokenize(data_cfg, tokenizer)).to_iter_dataset(_reading(read_threads))
+  ds = docs.map(tokenize(data_cfg, tokenizer, count_bytes)).to_iter_dataset(
+      _reading(read_threads))
   if tokenizers.bos_id(data_cfg, tokenizer) is None:
     # An empty document is no tokens: packing would skip a segment id for it.
     ds = ds.filter(lambda doc: len(doc['inputs']) > 0)
-  return _JsonStatePacking(ds, data_cfg.seq_len).map(_Finalize(tokenizer.pad_id, align > 1))
+  features = ('inputs', 'targets', 'target_bytes') if count_bytes else ('inputs', 'targets')
+  return _JsonStatePacking(ds, data_cfg.seq_len, features).map(
+      _Finalize(tokenizer.pad_id, align > 1))
 
 
 class _SequenceRow(grain.transforms.Map):
@@ -660,8 +681,8 @@ class EvalBatches:
 def make_eval_dataset(data_cfg, *, batch_size: int, num_batches: int,
                       process_index: int = 0, process_count: int = 1,
                       num_threads: int = 0) -> 'EvalBatches | MixtureEvalBatches':
-  """Validation batches in stored order, packed like training; the last may end in padding.
-  A mixture's are each source's (`MixtureEvalBatches`), `num_batches` of each.
+  """Validation batches in stored order, packed like training, with each target's bytes of
+  text (`target_bytes`); the last may end in padding. A mixture's are each source's (`MixtureEvalBatches`), `num_batches` of each.
   `num_threads` (at most the CPU cores here; none with the byte tokenizer, which holds
   the GIL) tokenize the next documents while a batch is packed: the same batches."""
   local_batch = _local_batch_size(batch_size, process_count, 'eval batch size')
@@ -676,7 +697,7 @@ def make_eval_dataset(data_cfg, *, batch_size: int, num_batches: int,
   for component, cfg in configs:
     docs = grain.MapDataset.source(sources.open_component(component, cfg, 'validation'))
     parts[component.name] = (component.weight, batched(_packed_rows(
-        docs, tokenizer, data_cfg, _read_threads(data_cfg, num_threads))))
+        docs, tokenizer, data_cfg, _read_threads(data_cfg, num_threads), count_bytes=True)))
     if len(configs) > 1 and not len(docs):  # pylint: disable=g-explicit-length-test
       warn_no_validation(component)
   if len(parts) == 1:

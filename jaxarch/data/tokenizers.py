@@ -3,12 +3,17 @@
 Every tokenizer exposes the same small surface the pipeline and trainer need: `encode`
 (of `str`, or of a document's stored `bytes`), `decode`, `vocab_size`, `pad_id`, `eod_id`
 (end of document, also the BOS unless `data.bos_id` names another or `data.add_bos` is
-False: `bos_id`; generation stops at it and at `data.stop_ids`: `stop_ids`) and
-`byte_lengths[id]`, the number of UTF-8 bytes a token stands for, so that the trainer can
-report bits per byte = total_nats / ln 2 / total_bytes for any tokenizer. A token's bytes
-are counted as where it follows other text: SentencePiece's '▁the' is ' the', also as a
-document's first token, where the space is the one the tokenizer put in front of the text;
-`prefix_bytes` says how many bytes a document's first token counts that way.
+False: `bos_id`; generation stops at it and at `data.stop_ids`: `stop_ids`), and for bits
+per byte = total_nats / ln 2 / total_bytes under any tokenizer:
+
+- `encode_counting_bytes(text)`: the ids and the bytes of the text each one stands for,
+  from the tokenizer's offsets into the text it was given. So they add up to the text's
+  UTF-8 bytes whatever the tokenizer did to it: whitespace SentencePiece's normaliser
+  collapsed, an unknown character read as one `<unk>`, the space put in front of the
+  text, a lowercased word. Evaluation batches carry them (`pipeline`).
+- `byte_lengths[id]`: the bytes a token stands for where it follows other text
+  (SentencePiece's '▁the' is ' the'): what a sequence without its text counts (BiTA's
+  distilled continuations), close but not exact.
 """
 
 import bisect
@@ -69,9 +74,23 @@ class ByteTokenizer:
   def encode(self, text: str | bytes) -> list[int]:
     return list(text if isinstance(text, bytes) else text.encode('utf-8'))
 
+  def encode_counting_bytes(self, text: str | bytes) -> tuple[list[int], np.ndarray]:
+    ids = self.encode(text)
+    return ids, np.append(np.ones(len(ids), np.int32), 0)
+
   def decode(self, ids) -> str:
     data = bytes(int(i) for i in np.asarray(ids).reshape(-1) if 0 <= i < 256)
     return data.decode('utf-8', errors='replace')
+
+
+def tiled_bytes(ends, text: str) -> np.ndarray:
+  """The bytes of `text` each token stands for, from the tokens' `ends` (byte offsets into
+  it, in token order): a token takes the text from the furthest end before it to its own
+  (so the text a normaliser dropped goes to the token after it), and the last entry, one
+  past the tokens, the rest (dropped at the end). They add up to the text's bytes."""
+  ends = np.maximum.accumulate(np.append(np.asarray(ends, np.int64),
+                                         len(text.encode('utf-8'))))
+  return np.diff(ends, prepend=0).astype(np.int32)
 
 
 def _load(path: str, load):
@@ -117,6 +136,14 @@ class SentencePieceTokenizer:
 
   def encode(self, text: str | bytes) -> list[int]:
     return self._sp.encode(as_text(text))
+
+  def encode_counting_bytes(self, text: str | bytes) -> tuple[list[int], np.ndarray]:
+    text = as_text(text)
+    try:  # the pieces with their byte offsets into the text
+      pieces = self._sp.encode(text, return_type='proto').pieces
+    except (TypeError, ValueError):  # sentencepiece 0.2.0
+      pieces = self._sp.encode(text, out_type='immutable_proto').pieces
+    return [p.id for p in pieces], tiled_bytes([p.end for p in pieces], text)
 
   def decode(self, ids) -> str:
     ids = [int(i) for i in np.asarray(ids).reshape(-1) if self.byte_lengths[i] > 0]
@@ -226,6 +253,16 @@ class HFTokenizer:
     # threads (`data.num_threads`) then tokenize in parallel. The ids are the same.
     return self._tok.encode_batch([as_text(text)], add_special_tokens=False)[0].ids
 
+  def encode_counting_bytes(self, text: str | bytes) -> tuple[list[int], np.ndarray]:
+    text = as_text(text)
+    encoding = self._tok.encode_batch([text], add_special_tokens=False)[0]
+    ends = np.asarray([end for _, end in encoding.offsets], np.int64)  # in characters
+    if not text.isascii():
+      points = np.frombuffer(text.encode('utf-32-le'), np.uint32)
+      widths = 1 + (points >= 0x80) + (points >= 0x800) + (points >= 0x10000)
+      ends = np.concatenate([[0], np.cumsum(widths)])[ends]
+    return encoding.ids, tiled_bytes(ends, text)
+
   @functools.cached_property
   def _reading_specials(self):
     """A copy of the tokenizer that reads a special token's spelling as that token."""
@@ -270,18 +307,6 @@ def cut_at_stop_text(decode, new_ids, stops) -> tuple[list[int], str]:
   n = bisect.bisect_left(range(len(new_ids) + 1), True,
                          key=lambda n: stop in decode(new_ids[:n]))
   return new_ids[:n], text[:start]
-
-
-def prefix_bytes(tokenizer) -> int:
-  """The bytes a document's first token counts that its text does not hold: the space
-  SentencePiece's dummy prefix puts in front of the text ('▁', as Llama-2's and Mistral's
-  tokenizer.json files do too), or a WordPiece word start's; 0 for raw bytes and GPT-2's
-  BPE. Bits per byte takes it off once per document (`make_eval_step`)."""
-  for text in ('a', 'the', 'e', 'x', '0'):  # a word its vocabulary holds, read back as it is
-    ids = np.asarray(tokenizer.encode(text), np.int32)
-    if len(ids) and np.all(tokenizer.byte_lengths[ids] > 0) and tokenizer.decode(ids) == text:
-      return max(int(np.sum(tokenizer.byte_lengths[ids])) - len(text), 0)
-  return 0
 
 
 def bos_id(data_cfg, tokenizer) -> int | None:

@@ -348,12 +348,11 @@ def real_tokens(batch: dict) -> jax.Array:
   return jnp.sum(batch['segment_ids'] > 0).astype(jnp.float32)
 
 
-def make_eval_step(setup: TrainSetup, byte_lengths, *, bos_id: int | None = None,
-                   prefix_bytes: int = 0):
+def make_eval_step(setup: TrainSetup, byte_lengths):
   """Summed NLL, token and byte counts of a batch; bits per byte = nll / ln2 / bytes. A
-  target's bytes are `byte_lengths[target]`, less `prefix_bytes` for a document's first
-  (the target whose input is the BOS, `bos_id`): the space a SentencePiece-style tokenizer
-  put in front of the document's text (`data.tokenizers.prefix_bytes`). With
+  target's bytes are the batch's `target_bytes`, the text's own (evaluation batches of
+  documents carry them: `data.pipeline`), else `byte_lengths[target]` (a distilled
+  sequence's, which has no text). With
   `train.grad_accum_steps=A` the batch runs as A microbatches, as in training, so that an
   evaluation fits wherever the train step does. The model's state is read as `generate`
   reads it, not updated (`_forward(deterministic=True)`). Weights are gathered in each
@@ -366,10 +365,10 @@ def make_eval_step(setup: TrainSetup, byte_lengths, *, bos_id: int | None = None
     (logits, targets, mask), _, metrics, *_ = _forward(
         setup, state['params'], state['model_state'], batch, deterministic=True)
     nll, _ = cross_entropy(logits, targets, mask)
-    target_bytes = byte_lengths[targets]
-    if prefix_bytes and bos_id is not None and targets.shape == batch['inputs'].shape:
-      first = batch['inputs'] == bos_id  # a document's first target (an empty one's: eod)
-      target_bytes -= jnp.where(first, jnp.minimum(target_bytes, prefix_bytes), 0.0)
+    if batch.get('target_bytes') is not None and batch['target_bytes'].shape == targets.shape:
+      target_bytes = batch['target_bytes'].astype(jnp.float32)
+    else:  # BiTA's mask targets have another shape: counted by token
+      target_bytes = byte_lengths[targets]
     num_bytes = (target_bytes * mask).sum()
     out = {'nll': nll, 'tokens': mask.sum(), 'bytes': num_bytes}
     if routing := routing_metrics(metrics):  # MoE layers' means over the real tokens

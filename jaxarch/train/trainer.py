@@ -43,8 +43,7 @@ def _eval_step(cfg: ml_collections.ConfigDict, setup: TrainSetup):
   tokenizer = data.model_tokenizer(cfg)
   n = min(tokenizer.vocab_size, cfg.model.vocab_size)  # special ids past the rows: no text
   lengths[:n] = tokenizer.byte_lengths[:n]
-  return make_eval_step(setup, lengths, bos_id=data.bos_id(cfg.data, tokenizer),
-                        prefix_bytes=data.prefix_bytes(tokenizer))
+  return make_eval_step(setup, lengths)
 
 
 def eval_batches(cfg: ml_collections.ConfigDict, setup: TrainSetup):
