@@ -198,6 +198,12 @@ def get_config(arg=None):
   # max_consecutive_skips skipped in a row).
   c.train.nonfinite = 'stop'
   c.train.max_consecutive_skips = 10
+  # A new run's initial model: that of another run's checkpoint (its workdir; the latest
+  # readable checkpoint, or init_from_step's), for continued pretraining or fine-tuning,
+  # with this config's model shapes. The step, optimizer state, schedule and data start
+  # afresh; a resumed run reads its own checkpoint.
+  c.train.init_from = ml_collections.config_dict.placeholder(str)
+  c.train.init_from_step = ml_collections.config_dict.placeholder(int)
 
   # Checkpoint section.
   c.checkpoint = ml_collections.ConfigDict()

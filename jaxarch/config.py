@@ -1253,6 +1253,10 @@ def _check_data(cfg: ConfigDict) -> None:
 
 def _check_train(cfg: ConfigDict) -> None:
   _choice(cfg, 'train.schedule', SCHEDULES)
+  step = cfg.train.get('init_from_step')
+  if step is not None and not (cfg.train.get('init_from') and step >= 0):
+    raise ConfigError(f'train.init_from_step={step} must be >= 0, the step of a checkpoint '
+                      'of the run train.init_from names (--config.train.init_from=DIR)')
   _choice(cfg, 'train.nonfinite', NONFINITE)
   _choice(cfg, 'checkpoint.keep_best', (True, False))
   _choice(cfg, 'checkpoint.async_save', (True, False))  # 'no' in a hand-edited config.json

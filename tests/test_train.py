@@ -286,6 +286,38 @@ def test_evaluate_and_load_use_the_latest_checkpoint(tmp_path, data_dir, caplog)
   assert model(np.zeros((1, 4), np.int32)).shape == (1, 4, cfg.model.vocab_size)
 
 
+def test_a_new_run_starts_from_another_run_s_model_with_a_fresh_optimizer(tmp_path, data_dir):
+  """`train.init_from` (MaxText's load_parameters_path): continued pretraining or
+  fine-tuning from a checkpoint of another run, resharded onto this run's mesh; the step,
+  the optimizer state and the data start afresh."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from jaxarch.train.pretrained import initial_state, load_model  # pylint: disable=g-import-not-at-top
+  train(_cfg(data_dir, **{'train.steps': 10}), tmp_path / 'first')
+  init = {'train.init_from': str(tmp_path / 'first'), 'train.init_from_step': 5,
+          'train.steps': 2, 'train.warmup_steps': 0, 'log.every_steps': 1}
+  second = mesh_config(tiny_config(data_dir, **init), data=4, tensor=2)
+  state = initial_state(second, make_setup(second, make_mesh(second)))
+  _, model = load_model(tmp_path / 'first', step=5)
+  for ours, theirs in zip(jax.tree.leaves(state['params']),
+                          jax.tree.leaves(nnx.state(model, nnx.Param)), strict=True):
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+  assert int(state['step']) == 0
+  assert all(not np.any(np.asarray(m)) for m in jax.tree.leaves(state['opt_state'])
+             if np.ndim(m))  # Adam's moments: none carried over
+  train(second, tmp_path / 'second')
+  first, started = _losses(tmp_path / 'first'), _losses(tmp_path / 'second')
+  assert abs(started[1] - first[6]) < abs(started[1] - first[1])  # step 6 ran from step 5's
+
+  grown = mesh_config(tiny_config(data_dir, **init, **{'model.n_layers': 3}), data=8)
+  with pytest.raises(config_lib.ConfigError, match=r"does not fit this config's model .*"
+                     r"\['blocks'\]\[2\].* here, not saved .*n_layers=3 \(2 there\)"):
+    initial_state(grown, make_setup(grown, make_mesh(grown)))
+  moe = mesh_config(config_lib.load('configs/moe.py:tiny', [
+      f'train.init_from={tmp_path / "first"}']), data=8)
+  with pytest.raises(config_lib.ConfigError, match='is a dense run; this config trains a moe'):
+    initial_state(moe, make_setup(moe, make_mesh(moe)))
+
+
 def test_a_run_whose_mesh_does_not_fit_the_devices_here_gets_one_that_does():
   from jaxarch.train.pretrained import mesh_here  # pylint: disable=g-import-not-at-top
   pod = mesh_config(tiny_config(**{'train.batch_size': 48}), data=4, fsdp=4)  # 16 devices

@@ -102,15 +102,17 @@ def load_checkpoint(workdir: str | Path, *, step: int | None = None, mesh_overri
 
 
 def _restored_model(workdir: Path, mesh: Mesh, mesh_cfg: ml_collections.ConfigDict,
-                    scan_layers: bool) -> tuple[dict, int, ml_collections.ConfigDict]:
-  """The params and model state of `workdir`'s latest checkpoint, sharded over `mesh` as
-  `mesh_cfg` says, its layers laid out as `scan_layers` says; its step and model section."""
+                    scan_layers: bool, step: int | None = None
+                    ) -> tuple[dict, int, ml_collections.ConfigDict]:
+  """The params and model state of `workdir`'s latest checkpoint (or `step`'s), sharded over
+  `mesh` as `mesh_cfg` says, its layers laid out as `scan_layers` says; its step and model
+  section."""
   tree = config_lib.load_json(workdir / 'config.json').to_dict()
   tree['mesh'] = mesh_cfg.to_dict()
   tree['model']['scan_layers'] = scan_layers
   cfg = config_lib.validate(ml_collections.ConfigDict(tree))
   setup = make_setup(cfg, mesh)
-  return *Checkpointer.read(workdir, setup.abstract_state, parts=MODEL), cfg.model
+  return *Checkpointer.read(workdir, setup.abstract_state, step=step, parts=MODEL), cfg.model
 
 
 def _check_distilled_step(source: str, workdir: Path, step: int) -> None:
@@ -150,31 +152,61 @@ def _keys_changed(ours: ml_collections.ConfigDict, theirs: ml_collections.Config
 
 
 def initial_state(cfg: ml_collections.ConfigDict, setup: TrainSetup) -> dict:
-  """A fresh train state whose sub-models (`models.PRETRAINED_PARTS`, e.g. BiTA's frozen
-  base) are the models of the runs they come from, resharded onto this run's mesh: their
-  weights and their other state, which the function depends on too (UltraMem's Tucker
-  vectors, the MoE router's bias). They go straight into the state (`init_state`'s
-  `given`): no random copy of a base model is made beside them."""
-  parts = models.PRETRAINED_PARTS.get(cfg.model.family, lambda _: {})(cfg.model)
+  """A fresh train state whose model is another run's (`train.init_from`), or whose
+  sub-models (`models.PRETRAINED_PARTS`, e.g. BiTA's frozen base) are the models of the
+  runs they come from, resharded onto this run's mesh: their weights and their other
+  state, which the function depends on too (UltraMem's Tucker vectors, the MoE router's
+  bias). They go straight into the state (`init_state`'s `given`): no random copy of them
+  is made beside them. The optimizer state is new."""
+  if cfg.train.get('init_from'):
+    parts = {'': cfg.train.init_from}  # '': the whole model
+  else:
+    parts = models.PRETRAINED_PARTS.get(cfg.model.family, lambda _: {})(cfg.model)
   is_variable = lambda x: isinstance(x, nnx.Variable)
   given = {}
   for name, workdir in parts.items():
-    restored, step, base = _restored_model(Path(workdir).expanduser(), setup.mesh, cfg.mesh,
-                                           bool(cfg.model.get('scan_layers')))
-    _check_distilled_step(cfg.data.source, workdir, step)
+    workdir = Path(workdir).expanduser()
+    step = None
+    if not name:
+      step = cfg.train.get('init_from_step')
+      _check_init_from(cfg, workdir)
+    restored, step, base = _restored_model(workdir, setup.mesh, cfg.mesh,
+                                           bool(cfg.model.get('scan_layers')), step)
+    if name:
+      _check_distilled_step(cfg.data.source, workdir, step)
+    else:
+      logging.getLogger(__name__).info('the model starts as step %d of %s', step, workdir)
     for collection in ('params', 'model_state'):
-      if name not in setup.abstract_state[collection]:  # e.g. a dense model keeps no state
+      ours = setup.abstract_state[collection]
+      if name and name not in ours:  # e.g. a dense model keeps no state
         continue
-      fresh = jax.tree_util.tree_flatten_with_path(
-          setup.abstract_state[collection][name], is_leaf=is_variable)[0]
+      fresh = jax.tree_util.tree_flatten_with_path(ours[name] if name else ours,
+                                                   is_leaf=is_variable)[0]
       old = jax.tree_util.tree_flatten_with_path(restored[collection], is_leaf=is_variable)[0]
       if why := _difference(fresh, old):
+        what, to = ((f'model part {name!r} of this config', 'a pretrained part') if name else
+                    ("this config's model", 'weights read from another run'))
         raise config_lib.ConfigError(
-            f'the checkpoint in {workdir} does not fit model part {name!r} of this config '
-            f'({collection}: {why}); an override of a model key that sets its shapes '
-            f'cannot apply to a pretrained part{_keys_changed(cfg.model, base)}')
+            f'the checkpoint in {workdir} does not fit {what} ({collection}: {why}); an '
+            f'override of a model key that sets its shapes cannot apply to {to}'
+            f'{_keys_changed(cfg.model, base)}')
       # The read counts of the last logging window are the base run's metrics, not state.
-      given.update({f'{name}.{key}': variable.get_value() for key, (_, variable)
-                    in named_variables(restored[collection]).items()
+      given.update({f'{name}.{key}' if name else key: variable.get_value()
+                    for key, (_, variable) in named_variables(restored[collection]).items()
                     if not isinstance(variable, WindowCounter)})
   return init_state(cfg, setup, given=given)
+
+
+def _check_init_from(cfg: ml_collections.ConfigDict, workdir: Path) -> None:
+  """`train.init_from` is a run of the same family and tokenizer."""
+  saved = workdir / 'config.json'
+  if not saved.is_file():
+    raise config_lib.ConfigError(
+        f'config error: train.init_from={str(cfg.train.init_from)!r} has no config.json: is '
+        'it the workdir of a jaxarch run?')
+  family = config_lib.load_json(saved).model.family
+  if family != cfg.model.family:
+    raise config_lib.ConfigError(
+        f'config error: train.init_from={str(cfg.train.init_from)!r} is a {family} run; this '
+        f'config trains a {cfg.model.family} model')
+  config_lib.check_tokenizer(cfg, workdir)  # its ids are the embeddings' rows
