@@ -832,20 +832,22 @@ def test_report_reads_records_without_flops_and_skips_bad_sizes(tmp_path, capsys
            for i, r in enumerate(_law_records(CHINCHILLA, [1e18, 1e19, 1e20],
                                               np.geomspace(1e7, 1e10, 5), noise=0.0))]
   lines += [dict(lines[0], name='minus', budget=-1.0), dict(lines[1], name='zero', tokens=0),
-            dict(lines[2], name='null', family=None)]  # a TypeError, sorting the families
+            dict(lines[2], name='null', family=None),  # a TypeError, sorting the families
+            dict(lines[3], name='drafts', family='bita')]  # a loss of no language model
   (tmp_path / 'results.jsonl').write_text(''.join(json.dumps(l) + '\n' for l in lines))
   assert cli.main(['fit', f'--workdir={tmp_path}', '--bootstrap=0']) == 0
   err = capsys.readouterr().err
+  assert "run 'drafts' is a BiTA run, whose eval_loss is its mask tokens'" in err
   assert "run 'minus' has budget=-1.0, not a positive finite number; skipped" in err
   assert "run 'zero' has tokens=0, not a positive finite number; skipped" in err
   assert "run 'null' has family=None, not a family name; skipped" in err
   fits = json.loads((tmp_path / 'report' / 'fits.json').read_text())
   assert fits['dense']['law']['alpha'] == pytest.approx(0.34, abs=1e-3)
-  assert fits['dense']['isoflop']['params_exponent'] > 0
+  assert fits['dense']['isoflop']['params_exponent'] > 0 and 'bita' not in fits
   # Every record unusable: not 'no runs ...; run `jaxarch sweep` first'.
   assert cli.main(['fit', f'--workdir={tmp_path}', '--params=total', '--bootstrap=0']) == 2
   err = capsys.readouterr().err
-  assert 'none of the 18 runs in' in err and 'run `jaxarch sweep' not in err
+  assert 'none of the 19 runs in' in err and 'run `jaxarch sweep' not in err
   # A training run's workdir given for a sweep's: said so, not "run the sweep first".
   (tmp_path / 'run').mkdir()
   (tmp_path / 'run' / 'config.json').write_text('{}')

@@ -28,7 +28,7 @@ from jaxarch.sweep import fit as fit_lib  # pylint: disable=g-import-not-at-top,
 from jaxarch.sweep.runner import read_results, records_of_runs  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 COLORS = {'dense': 'tab:blue', 'moe': 'tab:orange', 'ultramem': 'tab:green',
-          'megabyte': 'tab:red', 'bita': 'tab:purple'}
+          'megabyte': 'tab:red'}
 
 
 def fit_points(records, params: str = 'active') -> list[dict]:
@@ -61,6 +61,9 @@ def _problem(record: dict, params: str) -> str | None:
       return f'lacks {key!r}'
   if not isinstance(record['family'], str) or not record['family']:  # fits sort by it
     return f"has family={record['family']!r}, not a family name"
+  if record['family'] == 'bita':  # its loss, of drafts m+2 ahead, is no language model's
+    return ("is a BiTA run, whose eval_loss is its mask tokens' (drafts 2 or more tokens "
+            "ahead) and whose parameters count its frozen base: no language model's loss")
   if record.get('budget') is None and record.get('flops') is None:
     return "lacks 'budget' and 'flops'"
   logged = (f'params_{params}', 'tokens', 'budget', 'flops')  # the fits take their logs
