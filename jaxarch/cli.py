@@ -309,8 +309,9 @@ def _generate(args, overrides):
   # Greedy and BiTA take the most likely token: a sampling flag would be ignored, even one
   # whose value keeps every token (--temperature=1). A temperature of 0 is greedy (vLLM's).
   given = [f'--{name}' for name in ('temperature', 'top_k', 'top_p')
-           if getattr(args, name) is not None]
-  if method != 'sample' and given and args.temperature != 0:
+           if getattr(args, name) is not None and (name, getattr(args, name)) != (
+               'temperature', 0)]
+  if method != 'sample' and given:
     raise GenerateError(f'generate: {", ".join(given)} choose among tokens for '
                         f'--method=sample; --method={method} takes the most likely ones: '
                         f'drop {", ".join(given)} or use --method=sample')
@@ -414,8 +415,10 @@ def _check_draft_tree_before_loading(workdir: str, widths) -> None:
   model = config_lib.load_json(saved).model
   if model.family != 'bita':  # named by the flag given (--draft_tree implies the method)
     flag = '--method=bita' if widths is None else '--draft_tree'
+    hint = ('train BiTA on it: configs/bita.py' if model.family in config_lib.BITA_BASES else
+            f'BiTA wraps {", ".join(config_lib.BITA_BASES)} models')
     raise GenerateError(f'generate: {flag} drafts with a BiTA model, and {workdir} holds a '
-                        f'{model.family!r} one (train BiTA on it: configs/bita.py)')
+                        f'{model.family!r} one ({hint})')
   bita = model.bita
   draft_tree(widths, default=bita.draft_tree, num_mask_tokens=bita.num_mask_tokens,
              vocab=model.vocab_size)

@@ -224,12 +224,15 @@ def test_generate_command_reports_bita_acceptance_and_refuses_sampling_flags(tmp
   assert 'BiTA ran no tree pass (each prompt stopped at its first token)' in (
       capsys.readouterr().err)
   # Was greedy decoding, the flag ignored: --temperature=1 keeps every token, so it passed.
-  for flags in [('--temperature=1',), ('--top_k=0', '--top_p=1')]:
+  # With a temperature of 0 (greedy), another sampling flag was refused in Python's words.
+  for flags in [('--temperature=1',), ('--top_k=0', '--top_p=1'),
+                ('--temperature=0', '--top_k=3')]:
     for method in ('bita', 'greedy'):
       assert generate(f'--method={method}', *flags) == 2
       err = capsys.readouterr().err
       assert err.count('\n') == 1, err
-      assert (f'{", ".join(f.split("=")[0] for f in flags)} choose among tokens for '
+      named = [f.split('=')[0] for f in flags if f != '--temperature=0']
+      assert (f'{", ".join(named)} choose among tokens for '
               f'--method=sample; --method={method} takes the most likely ones') in err
   # Another draft tree from the command line (it implies --method=bita, as a --temperature
   # implies sampling; it was refused without the flag): the same tokens as greedy decoding.
@@ -255,10 +258,16 @@ def test_generate_command_reports_bita_acceptance_and_refuses_sampling_flags(tmp
   config_lib.save(cfg, tmp_path / 'config_only' / 'config.json')
   (tmp_path / 'dense_only').mkdir()
   shutil.copy(base / 'config.json', tmp_path / 'dense_only' / 'config.json')
+  (tmp_path / 'bytes_only').mkdir()
+  config_lib.save(config_lib.load('configs/megabyte.py:tiny'),
+                  tmp_path / 'bytes_only' / 'config.json')
   for workdir, flags, said in [
       ('config_only', ('--draft_tree=1,1,1,1',), 'draft_tree (1, 1, 1, 1) has 4 levels; the '
        'model has 3 mask tokens'),
       ('dense_only', ('--method=bita',), "--method=bita drafts with a BiTA model, and "),
+      ('dense_only', ('--method=bita',), "'dense' one (train BiTA on it: configs/bita.py)"),
+      ('bytes_only', ('--method=bita',), "'megabyte' one (BiTA wraps dense, moe, ultramem "
+       'models)'),
       ('dense_only', ('--draft_tree=2',), "--draft_tree drafts with a BiTA model, and "),
       ('config_only', ('--draft_tree=1,1',), 'no checkpoint')]:  # a good tree: loading
     assert cli.main(['generate', f'--workdir={tmp_path / workdir}', '--prompt=def ',

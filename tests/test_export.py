@@ -928,6 +928,41 @@ def test_an_hf_checkpoint_imports_as_a_run_with_its_logits(tmp_path, family, tie
   assert (tokenizer.eod_id, tokenizer.encode('hi')) == (257, [104, 105])
 
 
+def test_a_sharded_hf_checkpoint_imports_with_its_logits_and_a_missing_shard_is_named(
+    tmp_path, capsys, dense_run):
+  """Large checkpoints come as shards that model.safetensors.index.json lists; one that a
+  download left out is named as such. A jaxarch run or export given for one is said."""
+  cfg = family_config('dense')
+  model = _model(cfg)
+  write_hf(model, cfg, tmp_path / 'hf')
+  arrays = safetensors.numpy.load_file(tmp_path / 'hf' / 'model.safetensors')
+  (tmp_path / 'hf' / 'model.safetensors').unlink()
+  names = sorted(arrays)
+  shards = {f'model-0000{i + 1}-of-00002.safetensors': names[i::2] for i in range(2)}
+  for shard, keys in shards.items():
+    safetensors.numpy.save_file({k: arrays[k] for k in keys}, tmp_path / 'hf' / shard,
+                                metadata={'format': 'pt'})
+  (tmp_path / 'hf' / 'model.safetensors.index.json').write_text(json.dumps(
+      {'metadata': {}, 'weight_map': {k: shard for shard, keys in shards.items()
+                                      for k in keys}}))
+  assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "run"}']) == 0
+  np.testing.assert_array_equal(np.asarray(logits(load_model(tmp_path / 'run')[1], TOKENS)),
+                                np.asarray(logits(model, TOKENS)))
+  (tmp_path / 'hf' / 'model-00002-of-00002.safetensors').unlink()
+  assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "a"}']) == 2
+  assert ('model-00002-of-00002.safetensors, a shard that model.safetensors.index.json '
+          'lists, is missing (a download cut short?)') in capsys.readouterr().err
+  assert cli.main(['import', f'--hf={dense_run}', f'--workdir={tmp_path / "b"}']) == 2
+  assert (f'{dense_run} is a jaxarch run, not a Hugging Face checkpoint: every command reads '
+          f'it as it is (a new run starts from its model with --config.train.init_from='
+          f'{dense_run})') in capsys.readouterr().err
+  _, trained = jaxarch.load(dense_run)
+  write_model(trained, config_lib.load_json(dense_run / 'config.json'), tmp_path / 'export')
+  assert cli.main(['import', f'--hf={tmp_path / "export"}', f'--workdir={tmp_path / "c"}']) == 2
+  assert 'export is a jaxarch export, not a Hugging Face checkpoint' in capsys.readouterr().err
+  assert not any((tmp_path / name).exists() for name in 'abc')
+
+
 def test_an_import_reads_one_tensor_at_a_time_into_its_shards(tmp_path, monkeypatch):
   """Import read the whole checkpoint into host memory, made it float32 and laid it out in
   copies: twice a model's float32 weights and more, before any went to the devices. Each

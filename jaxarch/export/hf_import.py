@@ -524,6 +524,14 @@ def read_hf(directory: str | Path) -> tuple[dict, Tensors]:
     raise ExportError(f'import: {directory / "config.json"} not found; is {directory} a '
                       'Hugging Face checkpoint (save_pretrained)?')
   hf_config = _read_json(directory / 'config.json')
+  if 'model_type' not in hf_config and isinstance(hf_config.get('model'), dict):
+    if (directory / 'checkpoints').is_dir():
+      raise ExportError(f'import: {directory} is a jaxarch run, not a Hugging Face checkpoint: '
+                        'every command reads it as it is (a new run starts from its model '
+                        f'with --config.train.init_from={directory})')
+    raise ExportError(f'import: {directory} is a jaxarch export, not a Hugging Face '
+                      'checkpoint: `jaxarch generate --workdir=DIR` and `jaxarch.load` read it; '
+                      '`jaxarch export --format=hf` of its run writes one transformers reads')
   index = directory / 'model.safetensors.index.json'
   if index.is_file():
     weight_map = _read_json(index).get('weight_map')
@@ -534,6 +542,9 @@ def read_hf(directory: str | Path) -> tuple[dict, Tensors]:
     files = ['model.safetensors']
   where = {}
   for name in files:
+    if index.is_file() and not (directory / name).is_file():
+      raise ExportError(f'import: {directory / name}, a shard that {index.name} lists, is '
+                        'missing (a download cut short?)')
     if not (directory / name).is_file():
       raise ExportError(f'import: {directory / name} not found (only safetensors weights '
                         'are read; convert a pytorch_model.bin with save_pretrained)')
