@@ -598,6 +598,10 @@ def _launch(args, overrides):
     _say(job.submit)
   for alternative in job.alternatives:
     print(f'jaxarch: or: {alternative}', file=sys.stderr)
+  bucket = Path(*out.parts[:3])  # /gcs/BUCKET: mounted in the pods, maybe not here
+  if not args.out and str(out).startswith(launch_lib.GCS_MOUNTS) and not bucket.is_mount():
+    job.warnings += (f'the job files go to {out} on this machine\'s disk ({bucket} is no '
+                     'mounted bucket here); give --out=DIR to keep them elsewhere',)
   for warning in job.warnings:
     print(f'jaxarch: warning: {warning}', file=sys.stderr)
 

@@ -98,7 +98,31 @@ def render(target: str, cfg, *, spec: str, workdir: str | os.PathLike,
                 data_dir=cfg.data.get('data_dir'))
   command = train_command(spec, local_workdir(workdir), overrides)
   job = _RENDER[target](launch, command, Path(out), values)
-  return dataclasses.replace(job, warnings=job.warnings + job_warnings(target, cfg))
+  return dataclasses.replace(job, warnings=job.warnings + job_warnings(target, cfg)
+                             + _config_file_warnings(target, spec))
+
+
+def _config_file_warnings(target: str, spec: str) -> tuple[str, ...]:
+  """A config file that a GKE pod or a TPU VM worker will not find at the path given (Ray's
+  job carries it; SLURM's nodes share the login node's files). jaxarch's own configs are
+  found anywhere jaxarch is installed, as a relative configs/NAME.py."""
+  if target not in ('gke', 'tpu-vm'):
+    return ()
+  path, _ = config_lib._split_spec(spec)  # pylint: disable=protected-access
+  source = config_lib._resolve_path(path)  # pylint: disable=protected-access
+  shipped = config_lib.SHIPPED_CONFIGS.resolve()
+  if not Path(path).expanduser().is_absolute() and source.resolve().is_relative_to(shipped):
+    return ()
+  if target == 'gke':
+    if path.startswith(GCS_MOUNTS):
+      return ()
+    return (f'--config={spec} is not one of the configs jaxarch installs, and every pod runs '
+            f'`jaxarch train --config={spec}` in its container: put the file in a bucket the '
+            f'JobSet mounts and give that path (--config={GCS_MOUNTS}BUCKET/...), or add it '
+            'to the image (launch/Dockerfile)',)
+  return (f'--config={spec} is not one of the configs jaxarch installs, and every worker runs '
+          f'`jaxarch train --config={spec}`: copy it to that path on each (gcloud compute '
+          'tpus tpu-vm scp FILE NAME:PATH --worker=all) unless it lies on storage they share',)
 
 
 def job_warnings(target: str, cfg) -> tuple[str, ...]:

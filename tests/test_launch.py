@@ -226,6 +226,32 @@ def test_gke_warns_of_an_image_without_registry_and_data_in_each_pod(tmp_path, c
                         'container') in capsys.readouterr().err
 
 
+def test_a_config_file_the_pods_or_workers_lack_and_a_default_out_off_the_bucket_are_said(
+    tmp_path, capsys):
+  """Every pod or TPU VM worker runs `jaxarch train --config=SPEC`: a file of the user's is
+  not in the image nor on the workers (Ray's job carries it). A /gcs/ workdir unmounted
+  here put the job files on this machine's disk."""
+  mine = tmp_path / 'my.py'
+  mine.write_text((config_lib.SHIPPED_CONFIGS / 'dense.py').read_text())
+  for target, flags, said in [
+      ('gke', H100_4x8, 'put the file in a bucket the JobSet mounts'),
+      ('tpu-vm', [*V5P_2x32[:3], '--config.launch.nodes=4', '--config.launch.setup=true',
+                  '--config.launch.devices_per_node=4', '--config.mesh.ici.fsdp=16'],
+       'copy it to that path on each')]:
+    for spec, warned in ((f'{mine}:151m', True), (SPEC, False)):
+      assert cli.main(['launch', f'--config={spec}', f'--target={target}',
+                       '--workdir=/gcs/bucket/runs/x', f'--out={tmp_path / "job"}',
+                       '--config.launch.image=us-docker.pkg.dev/p/j:gpu', *flags,
+                       '--config.data.data_dir=/gcs/bucket/data']) == 0
+      err = capsys.readouterr().err
+      assert (f'warning: --config={spec} is not one of the configs jaxarch installs' in err
+              and said in err) == warned, err
+  assert cli.main(['launch', f'--config={SPEC}', '--target=slurm', '--workdir=/gcs/b/runs/x',
+                   *H100_4x8, '--config.launch.setup=true', '--dry-run']) == 0
+  assert ("warning: the job files go to /gcs/b/runs/x/launch on this machine's disk (/gcs/b "
+          'is no mounted bucket here); give --out=DIR') in capsys.readouterr().err
+
+
 def test_gke_tpu_jobset_and_xpk_command_have_the_slices_and_chips(tmp_path, capsys):
   code, _, _ = _launch(capsys, 'gke', tmp_path, *V5P_2x32, '--config.launch.cluster=train')
   assert code == 0
