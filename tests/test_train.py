@@ -14,6 +14,7 @@ import pytest
 from conftest import mesh_config, tiny_config
 from jaxarch import cli
 from jaxarch import config as config_lib
+from jaxarch import data
 from jaxarch import load
 from jaxarch.parallel import make_mesh
 from jaxarch.train import evaluate, train
@@ -75,6 +76,24 @@ def test_a_start_that_fails_leaves_no_empty_run_behind(tmp_path, data_dir):
   with pytest.raises(ValueError, match='no files match the glob'):
     train(_cfg(data_dir, **missing), tmp_path / 'mine')
   assert (tmp_path / 'mine').is_dir()
+
+
+def test_a_workdir_whose_files_the_data_glob_would_take_is_refused(tmp_path, data_dir):
+  """A workdir inside `files:DIR/**/*` (the glob a directory's error suggests): its config,
+  metrics and checkpoints became documents, and the resume failed on metrics.jsonl's
+  missing 'text' key. A glob that takes none of them leaves the workdir alone."""
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  (corpus / 'a.txt').write_text('some text ' * 50)
+  for glob, refused in [('**/*', True), ('**', True), ('*/*.json', True), ('**/*.txt', False),
+                        ('*', False), ('**/.cache/*', False)]:
+    cfg = _cfg(data_dir, **{'data.source': f'files:{corpus}/{glob}', 'train.steps': 1})
+    assert (data.files_taken_from(cfg.data, corpus / 'run') is not None) == refused, glob
+  with pytest.raises(config_lib.ConfigError, match=(
+      f"data.source 'files:{corpus}/\\*\\*/\\*' takes the files this run writes in its "
+      f'workdir \\(e.g. {corpus}/run/config.json\\): its metrics')):
+    train(_cfg(data_dir, **{'data.source': f'files:{corpus}/**/*'}), corpus / 'run')
+  assert not (corpus / 'run').exists()
 
 
 def test_non_finite_metrics_are_written_as_null(tmp_path):

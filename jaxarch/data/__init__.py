@@ -6,6 +6,7 @@ from jaxarch.data.pipeline import make_train_dataset
 from jaxarch.data.pipeline import MixtureEvalBatches
 from jaxarch.data.pipeline import synthetic_batch
 from jaxarch.data.pipeline import tokenizes_in_threads
+from jaxarch.data.sources import files_taken_from
 from jaxarch.data.sources import open_source
 from jaxarch.data.sources import resolve_data_dir
 from jaxarch.data.tokenizers import ByteTokenizer

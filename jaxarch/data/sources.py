@@ -35,11 +35,13 @@ entry.
 import contextlib
 import dataclasses
 import difflib
+import fnmatch
 import functools
 import glob as globlib
 import gzip
 import hashlib
 import importlib
+import itertools
 import json
 import logging
 import os
@@ -432,6 +434,42 @@ def _check_piece_names(source: str, sizes: dict[str, int]) -> None:
                           f'{DOCUMENT_BYTES} bytes, so its pieces are named {name}#0, '
                           f'{name}#1, ...; the file {name}#{i} has one of those names: '
                           'rename it or narrow the glob')
+
+
+# Files a run writes in its workdir (one of each kind), which a `files:` glob must not take.
+RUN_OWN_FILES = ('config.json', 'metrics.jsonl', 'tokenizer.sha256', 'eval_1.json',
+                 'checkpoints/1/state/manifest.ocdbt', 'tensorboard/events.out.tfevents.1')
+
+
+def files_taken_from(data_cfg, folder: str | os.PathLike, names=RUN_OWN_FILES
+                     ) -> tuple[str, pathlib.Path] | None:
+  """(a source, a path) where a `files:` glob of `data.source` takes one of `names` in
+  `folder`, as it would once they are written (a run's own files in its workdir); else
+  None."""
+  for component, _ in mixture_configs(data_cfg):
+    if not component.source.startswith('files:'):
+      continue
+    pattern = os.path.abspath(os.path.expanduser(component.source[len('files:'):]))
+    for name in names:
+      for path in {pathlib.Path(folder).absolute() / name,
+                   pathlib.Path(folder).resolve() / name}:  # as given, or its links followed
+        if _glob_matches(pathlib.PurePath(pattern).parts, path.parts):
+          return component.source, path
+  return None
+
+
+def _glob_matches(pattern: tuple[str, ...], path: tuple[str, ...]) -> bool:
+  """Whether `glob.glob(pattern, recursive=True)` lists `path` (both split in parts) once
+  it exists: `**` is any number of names, none hidden; another part matches one name,
+  which starts with '.' only where the part does."""
+  if not pattern:
+    return not path
+  if pattern[0] == '**':  # no hidden folder or file among the names it stands for
+    ends = itertools.takewhile(lambda i: i == 0 or not path[i - 1].startswith('.'),
+                               range(len(path) + 1))
+    return any(_glob_matches(pattern[1:], path[i:]) for i in ends)
+  return bool(path) and (not path[0].startswith('.') or pattern[0].startswith('.')) and (
+      fnmatch.fnmatchcase(path[0], pattern[0])) and _glob_matches(pattern[1:], path[1:])
 
 
 def _glob_root(pattern: str, paths: list[pathlib.Path]) -> pathlib.Path:

@@ -257,6 +257,11 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, stop: StopRequests) ->
   had_checkpoints = Checkpointer.exists(workdir)
   check_workdir(workdir, cfg, state_bytes(setup.abstract_state),
                 has_checkpoints=had_checkpoints)
+  if taken := data.files_taken_from(cfg.data, workdir):
+    raise config_lib.ConfigError(
+        f'config error: data.source {taken[0]!r} takes the files this run writes in its '
+        f'workdir (e.g. {taken[1]}): its metrics, config and checkpoints would become '
+        'training data; give a --workdir outside the glob, or narrow the glob')
   check_state_fits(cfg, setup)
   eval_step = _eval_step(cfg, setup)
 
