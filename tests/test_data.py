@@ -1667,3 +1667,23 @@ def test_prepare_counts_the_documents_a_text_tokenizer_reads_with_replacement_ch
     cfg.data.tokenizer = 'bytes'
   (row,) = summary.summarize(cfg)
   assert 'not_utf8_documents' not in row['train'] and 'UTF-8' not in caplog.text
+
+
+def test_the_glob_matcher_takes_what_glob_lists(tmp_path):
+  """`files_taken_from` asks of files not yet written whether a `files:` glob would list
+  them: the same answer as `glob.glob(recursive=True)` gives once they exist (hidden names
+  only where a part starts with '.', `**` through no hidden folder)."""
+  import glob  # pylint: disable=g-import-not-at-top
+  from jaxarch.data.sources import _glob_matches  # pylint: disable=g-import-not-at-top
+  files = ['a.txt', 'b.py', '.h.txt', 'sub/c.txt', 'sub/deep/d.json', 'sub/.hid/e.txt',
+           'run/config.json', 'run/checkpoints/1/state/m', '.hd/f.txt', 'sub/deep/.g']
+  for name in files:
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text('x')
+  for pattern in ['*', '*.txt', '**/*', '**/*.txt', '**', 'sub/*', 'sub/**/*.json', '*/*.json',
+                  '**/config.json', '.*', '**/.*/*', 's?b/*.txt', '[ab].*', '.hd/**', '**/.g',
+                  'sub/**', '**/**/*.txt']:
+    listed = {p for p in glob.glob(str(tmp_path / pattern), recursive=True)
+              if os.path.isfile(p)}
+    assert listed == {str(tmp_path / name) for name in files if _glob_matches(
+        (tmp_path / pattern).parts, (tmp_path / name).parts)}, pattern
