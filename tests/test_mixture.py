@@ -110,7 +110,7 @@ def test_a_mixture_of_weights_zero_is_evaluated_but_not_trained_on(mixture):
   assert set(batches.components) == {'a', 'b'} and len(list(batches)) == 4
   totals = {'a': {'nll': 3.0, 'tokens': 1.0, 'bytes': 1.0}}
   assert summarize_mixture_eval(totals, {'a': 0.0}) == {  # no mixture's eval_loss
-      'eval_loss/a': 3.0, 'eval_bpb/a': pytest.approx(3 / math.log(2))}
+      'eval_loss/a': 3.0, 'eval_bpb/a': pytest.approx(3 / math.log(2)), 'eval_tokens/a': 1}
 
 
 def test_a_source_of_a_mixture_may_name_its_own_text_key(tmp_path, mixture):

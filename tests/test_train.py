@@ -293,6 +293,18 @@ def test_evaluate_and_load_use_the_latest_checkpoint(tmp_path, data_dir, caplog)
       caplog.text)
   with pytest.raises(CheckpointError, match=r'no checkpoint of step 42 in .*; its steps: .*10$'):
     evaluate(cfg, tmp_path, step=42)
+  # An eval set smaller than log.eval_batches: all of it, said, and how much it was.
+  (tmp_path.parent / 'heldout.txt').write_text('held-out text\n' * 200)
+  heldout = _cfg(data_dir, **{'train.steps': 10, 'log.eval_batches': 50,
+                              'data.source': f'files:{tmp_path.parent / "heldout.txt"}',
+                              'data.validation_fraction': 1.0})
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    small = evaluate(heldout, tmp_path)
+  assert small['eval_tokens'] == 200 * len('held-out text\n') + 1  # its eod
+  assert (f"the validation data ended after 11 of log.eval_batches=50 batches: all of it was "
+          f"evaluated ({small['eval_tokens']:,} tokens)") in caplog.text
+  assert ev['eval_tokens'] == 2 * cfg.train.batch_size * cfg.data.seq_len  # 2 full batches
   # A run whose mesh wants more devices than there are (a pod run evaluated on one host)
   # is evaluated on a data-parallel mesh of the devices here.
   # Its result file cannot be written here (as in a read-only run): still evaluated.

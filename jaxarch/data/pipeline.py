@@ -666,13 +666,16 @@ class EvalBatches:
 
   def __init__(self, batches: grain.IterDataset, num_batches: int, rows: slice):
     self._batches = batches
-    self._num_batches = num_batches
+    self.num_batches = num_batches
     self._rows = rows
+    self.read = 0  # batches the last pass gave: fewer than num_batches where the data ended
 
   def __iter__(self):
     batches = iter(self._batches)
+    self.read = 0
     try:
-      for batch in itertools.islice(batches, self._num_batches):
+      for batch in itertools.islice(batches, self.num_batches):
+        self.read += 1
         yield {k: v[self._rows] for k, v in batch.items()}
     finally:  # its read threads, when it has some
       batches.close()

@@ -416,11 +416,12 @@ def make_window_reset(setup: TrainSetup):
 
 
 def summarize_eval(totals: dict) -> dict:
-  """eval_loss and eval_bpb; of a BiTA run, each mask's top-1 accuracy too
+  """eval_loss, eval_bpb and eval_tokens (the targets evaluated); of a BiTA run, each mask's top-1 accuracy too
   (`eval_mask{m}_top1`: the share of held-out tokens m+2 ahead its drafts would get); of
   MoE layers, their balance and drops on the held-out tokens (`eval_routing_summary`)."""
   summary = {'eval_loss': totals['nll'] / max(totals['tokens'], 1.0),
-             'eval_bpb': totals['nll'] / math.log(2) / max(totals['bytes'], 1.0)}
+             'eval_bpb': totals['nll'] / math.log(2) / max(totals['bytes'], 1.0),
+             'eval_tokens': int(totals['tokens'])}  # the targets evaluated
   for m, (hits, count) in enumerate(zip(totals.get('mask_hits', ()),
                                         totals.get('mask_tokens', ()))):
     summary[f'eval_mask{m}_top1'] = float(hits) / max(float(count), 1.0)
@@ -445,4 +446,5 @@ def summarize_mixture_eval(totals: dict[str, dict], weights: dict[str, float]) -
   if weight:
     summary['eval_loss'] = nll / weight
     summary['eval_bpb'] = nll / math.log(2) / max(num_bytes, 1e-30)
+    summary['eval_tokens'] = sum(int(t['tokens']) for t in totals.values())
   return summary

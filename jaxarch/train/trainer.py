@@ -613,6 +613,13 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path, *,
   result = {'step': restored,
             **run_eval(setup, state, _eval_step(cfg, setup), batches),
             'evaluated_on': _evaluated_on(cfg)}
+  parts = batches.components if isinstance(batches, data.MixtureEvalBatches) else {'': batches}
+  for name, part in parts.items():
+    if 0 < part.read < part.num_batches:  # (none: said by the mixture's warning)
+      logging.getLogger(__name__).warning(
+          'jaxarch: the validation data%s ended after %d of log.eval_batches=%d batches: '
+          'all of it was evaluated (%s tokens)', f' of {name!r}' if name else '', part.read,
+          part.num_batches, f"{result['eval_tokens' + (f'/{name}' if name else '')]:,}")
   out = eval_file(Path(workdir), restored, result['evaluated_on'], run_cfg)
   try:
     if jax.process_index() == 0:
