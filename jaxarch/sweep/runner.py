@@ -435,7 +435,7 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int | None = None,
     done = recorded_runs(runs, workdir, echo)
     todo = [r for r in runs if r.name not in done and r.name in chosen]
     left_out = len(runs) - len(chosen)
-    echo(f'sweep: {len(runs)} runs, {len(done & chosen)} finished already, '
+    echo(f'sweep: {runs_counted(len(runs))}, {len(done & chosen)} finished already, '
          + (f'{left_out} left out by --only, ' if left_out else '')
          + f'{len(todo)} to run, {parallel} at a time')
     failed, unfinished, not_started, busy = [], [], [], []
