@@ -331,6 +331,12 @@ def _unknown_key_message(cfg: ConfigDict, key: str) -> str:
     return f'unknown key {key!r}'
   where = '.'.join(sections[:depth]) or 'the config'
   subsections = [name for name in node if isinstance(node[name], ConfigDict)]
+  if where == 'train.groups':  # a group is a section of its own: made in a config file
+    return (f'unknown key {key!r}: train.groups has no group {sections[depth]!r}'
+            + (f' (its groups: {", ".join(subsections)})' if subsections else '')
+            + '; a new one is made in a config file (c.train.groups.'
+            f'{sections[depth]} = ml_collections.ConfigDict(dict(lr_multiplier=...))), '
+            'whose keys --config.train.groups.NAME.KEY then override')
   return (f'unknown key {key!r}: {where} has no section {sections[depth]!r}'
           + (f' (its sections: {", ".join(subsections)})' if subsections else ''))
 

@@ -184,6 +184,12 @@ def test_unknown_section_is_named_not_matched_to_a_key_of_another_depth():
   assert error_of(tiny, 'nosection.x=1') == (
       "config error: unknown key 'nosection.x': the config has no section 'nosection' (its "
       'sections: checkpoint, data, launch, log, mesh, model, train)')
+  # A parameter group is a section of its own, which an override cannot add.
+  assert error_of(tiny, 'train.groups.values.lr_multiplier=2') == (
+      "config error: unknown key 'train.groups.values.lr_multiplier': train.groups has no "
+      "group 'values'; a new one is made in a config file (c.train.groups.values = "
+      'ml_collections.ConfigDict(dict(lr_multiplier=...))), whose keys '
+      '--config.train.groups.NAME.KEY then override')
 
 
 def test_override_cannot_add_a_key_below_a_leaf():
