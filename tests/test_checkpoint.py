@@ -135,8 +135,11 @@ def test_checkpoint_of_another_model_is_an_error_not_skipped(tmp_path):
   ckpt.close()
   wider = mesh_config(tiny_config(**{'model.d_ff': 256}), data=8)
   with pytest.raises(CheckpointError, match=r'not of this model: .*differ in shape.*e\.g\. '
-                     r'params/.*mlp'):  # a parameter, not its optimizer moments
+                     r'params/.*mlp.*Use a new --workdir'):  # a parameter, not its moments
     Checkpointer(tmp_path).restore(_setup(wider)[0].abstract_state)
+  with pytest.raises(CheckpointError, match=r'differ in shape.*\. Read it with the config it '
+                     r'was trained with\.$'):  # a reader (generate, export): no new workdir
+    Checkpointer.read(tmp_path, _setup(wider)[0].abstract_state, parts=('params',))
   moments = mesh_config(tiny_config(**{'train.mu_dtype': 'bfloat16'}), data=8)
   with pytest.raises(CheckpointError, match=r'holds the optimizer state of another config '
                      r'\(train.mu_dtype\?\): .*saved .* float32, model .* bfloat16'):

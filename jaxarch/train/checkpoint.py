@@ -321,9 +321,10 @@ class Checkpointer:
         else:  # the arrays outside the stacks first: those of another config say which
           why = mismatch(*map(relayout_lib.outside, (saved, wanted))) or (
               relayout if isinstance(relayout, str) else None)
-        if why is not None:
-          raise CheckpointError(f'checkpoint {self.directory / str(s)} {why}. Use a new '
-                                '--workdir, or the config the checkpoint was trained with.')
+        if why is not None:  # a trainer may start elsewhere; a reader needs the config
+          raise CheckpointError(f'checkpoint {self.directory / str(s)} {why}. ' + (
+              'Use a new --workdir, or the config the checkpoint was trained with.'
+              if parts is None else 'Read it with the config it was trained with.'))
         target = (abstract_state if relayout is None else
                   relayout_lib.target(relayout, saved_tree, abstract_state))
         items = {'state': ocp.args.StandardRestore(target)} if parts is None else {}
