@@ -96,6 +96,22 @@ def test_a_workdir_whose_files_the_data_glob_would_take_is_refused(tmp_path, dat
   assert not (corpus / 'run').exists()
 
 
+def test_a_new_run_in_a_folder_of_other_files_is_warned_of(tmp_path, caplog):
+  from jaxarch.train.workdir import check_workdir  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config()
+  for name, said in [('launch', False), ('notes.txt', True)]:  # launch/: `jaxarch launch`'s
+    (tmp_path / name).touch()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      check_workdir(tmp_path, cfg, 0, has_checkpoints=False)
+    assert (f'--workdir={tmp_path} holds 1 entry of no jaxarch run (e.g. notes.txt)' in
+            caplog.text) == said, caplog.text
+  (tmp_path / 'config.json').write_text('{}')  # a run's
+  caplog.clear()
+  check_workdir(tmp_path, cfg, 0, has_checkpoints=False)
+  assert 'no jaxarch run' not in caplog.text
+
+
 def test_non_finite_metrics_are_written_as_null(tmp_path):
   writer = MetricsWriter(tmp_path, tensorboard=False)
   writer.write(3, {'loss': float('nan'), 'grad_norm': np.float32(np.inf), 'lr': 0.5})

@@ -4,6 +4,7 @@ in it."""
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -139,6 +140,16 @@ def check_workdir(workdir: Path, cfg: ml_collections.ConfigDict, checkpoint_byte
                        'choose another --workdir')
   _check_writable(workdir)
   _check_shared(workdir)
+  if not has_checkpoints and not (workdir / 'config.json').exists():
+    # `jaxarch launch` writes its job into WORKDIR/launch before the job starts.
+    others = sorted(p.name for p in workdir.iterdir()
+                    if not p.name.startswith('.') and p.name not in (CHECKPOINTS, 'launch'))
+    if others:
+      logging.getLogger(__name__).warning(
+          'jaxarch: --workdir=%s holds %s of no jaxarch run (e.g. %s): the run writes its '
+          'config, metrics and checkpoints among them; give a new --workdir to keep them '
+          'apart', workdir, f'{len(others)} entr{"y" if len(others) == 1 else "ies"}',
+          others[0])
   checkpoints = workdir / CHECKPOINTS  # found now, not at the first save hours later
   # Where the checkpoints are written: their folder may be a link to another disk.
   measured = checkpoints if checkpoints.is_dir() else workdir
