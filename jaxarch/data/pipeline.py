@@ -686,8 +686,9 @@ def make_eval_dataset(data_cfg, *, batch_size: int, num_batches: int,
                       num_threads: int = 0) -> 'EvalBatches | MixtureEvalBatches':
   """Validation batches in stored order, packed like training, with each target's bytes of
   text (`target_bytes`); the last may end in padding. A mixture's are each source's
-  (`MixtureEvalBatches`), `num_batches` of each. `num_threads` (at most the CPU cores here; none with the byte tokenizer, which holds
-  the GIL) tokenize the next documents while a batch is packed: the same batches."""
+  (`MixtureEvalBatches`), `num_batches` of each. `num_threads` (at most the CPU cores
+  here; none with the byte tokenizer, which holds the GIL) tokenize the next documents
+  while a batch is packed: the same batches."""
   local_batch = _local_batch_size(batch_size, process_count, 'eval batch size')
   tokenizer = tokenizers.get_tokenizer(data_cfg.tokenizer)
   mine = slice(process_index * local_batch, (process_index + 1) * local_batch)

@@ -416,9 +416,10 @@ def make_window_reset(setup: TrainSetup):
 
 
 def summarize_eval(totals: dict) -> dict:
-  """eval_loss, eval_bpb and eval_tokens (the targets evaluated); of a BiTA run, each mask's top-1 accuracy too
-  (`eval_mask{m}_top1`: the share of held-out tokens m+2 ahead its drafts would get); of
-  MoE layers, their balance and drops on the held-out tokens (`eval_routing_summary`)."""
+  """eval_loss, eval_bpb and eval_tokens (the targets evaluated); of a BiTA run, each
+  mask's top-1 accuracy too (`eval_mask{m}_top1`: the share of held-out tokens m+2 ahead
+  its drafts would get); of MoE layers, their balance and drops on the held-out tokens
+  (`eval_routing_summary`)."""
   summary = {'eval_loss': totals['nll'] / max(totals['tokens'], 1.0),
              'eval_bpb': totals['nll'] / math.log(2) / max(totals['bytes'], 1.0),
              'eval_tokens': int(totals['tokens'])}  # the targets evaluated
