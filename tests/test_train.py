@@ -99,7 +99,8 @@ def test_a_workdir_whose_files_the_data_glob_would_take_is_refused(tmp_path, dat
 def test_a_new_run_in_a_folder_of_other_files_is_warned_of(tmp_path, caplog):
   from jaxarch.train.workdir import check_workdir  # pylint: disable=g-import-not-at-top
   cfg = tiny_config()
-  for name, said in [('launch', False), ('notes.txt', True)]:  # launch/: `jaxarch launch`'s
+  for name, said in [('launch', False), ('train.log', False),  # `jaxarch launch`'s, a sweep's
+                     ('notes.txt', True)]:
     (tmp_path / name).touch()
     caplog.clear()
     with caplog.at_level(logging.WARNING):

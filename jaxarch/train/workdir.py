@@ -128,6 +128,11 @@ def state_bytes(abstract_state) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
 
 
+# What jaxarch writes into a run's workdir before its trainer starts: `jaxarch launch`'s
+# job, a sweep's log of the run and the wall time it has spent.
+WRITTEN_BEFORE_TRAINING = ('launch', 'train.log', 'sweep_wall_s')
+
+
 def check_workdir(workdir: Path, cfg: ml_collections.ConfigDict, checkpoint_bytes: int,
                   has_checkpoints: bool) -> None:
   """Raises `WorkdirError` if training in `workdir` would fail or overwrite another run."""
@@ -141,9 +146,8 @@ def check_workdir(workdir: Path, cfg: ml_collections.ConfigDict, checkpoint_byte
   _check_writable(workdir)
   _check_shared(workdir)
   if not has_checkpoints and not (workdir / 'config.json').exists():
-    # `jaxarch launch` writes its job into WORKDIR/launch before the job starts.
-    others = sorted(p.name for p in workdir.iterdir()
-                    if not p.name.startswith('.') and p.name not in (CHECKPOINTS, 'launch'))
+    others = sorted(p.name for p in workdir.iterdir() if not p.name.startswith('.')
+                    and p.name not in (CHECKPOINTS, *WRITTEN_BEFORE_TRAINING))
     if others:
       logging.getLogger(__name__).warning(
           'jaxarch: --workdir=%s holds %s of no jaxarch run (e.g. %s): the run writes its '
