@@ -88,8 +88,8 @@ def tiled_bytes(ends, text: str) -> np.ndarray:
   it, in token order): a token takes the text from the furthest end before it to its own
   (so the text a normaliser dropped goes to the token after it), and the last entry, one
   past the tokens, the rest (dropped at the end). They add up to the text's bytes."""
-  ends = np.maximum.accumulate(np.append(np.asarray(ends, np.int64),
-                                         len(text.encode('utf-8'))))
+  total = len(text.encode('utf-8'))
+  ends = np.maximum.accumulate(np.append(np.clip(np.asarray(ends, np.int64), 0, total), total))
   return np.diff(ends, prepend=0).astype(np.int32)
 
 
