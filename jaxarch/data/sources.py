@@ -451,8 +451,8 @@ def files_taken_from(data_cfg, folder: str | os.PathLike, names=RUN_OWN_FILES
       continue
     pattern = os.path.abspath(os.path.expanduser(component.source[len('files:'):]))
     for name in names:
-      for path in {pathlib.Path(folder).absolute() / name,
-                   pathlib.Path(folder).resolve() / name}:  # as given, or its links followed
+      for path in dict.fromkeys([pathlib.Path(folder).absolute() / name,  # as given, then
+                                 pathlib.Path(folder).resolve() / name]):  # links followed
         if _glob_matches(pathlib.PurePath(pattern).parts, path.parts):
           return component.source, path
   return None
