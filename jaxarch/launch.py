@@ -108,8 +108,7 @@ def _config_file_warnings(target: str, spec: str) -> tuple[str, ...]:
   found anywhere jaxarch is installed, as a relative configs/NAME.py."""
   if target not in ('gke', 'tpu-vm'):
     return ()
-  path, _ = config_lib._split_spec(spec)  # pylint: disable=protected-access
-  source = config_lib._resolve_path(path)  # pylint: disable=protected-access
+  path, source, _ = _config_file(spec)
   shipped = config_lib.SHIPPED_CONFIGS.resolve()
   if not Path(path).expanduser().is_absolute() and source.resolve().is_relative_to(shipped):
     return ()
@@ -686,9 +685,7 @@ def _ray_command(command: list[str], out: Path) -> tuple[list[str], dict[Path, s
   workdir must be a path that every node shares -> (the command, the config files)."""
   _require_shared_workdir(command, 'a Ray job runs in a temporary copy of its folder on '
                           'each node')
-  given = command[2].removeprefix('--config=')
-  path, arg = config_lib._split_spec(given)  # pylint: disable=protected-access
-  source = config_lib._resolve_path(path)  # pylint: disable=protected-access
+  _, source, arg = _config_file(command[2].removeprefix('--config='))
   # A run's saved config.json travels alone, naming the run's own files (its tokenizer) by
   # their paths; a .py config with the files it may load.
   neighbours = source.parent.glob('*.py') if source.suffix == '.py' else []
@@ -699,6 +696,12 @@ def _ray_command(command: list[str], out: Path) -> tuple[list[str], dict[Path, s
     files[out / 'configs' / source.name] = json.dumps(tree, sort_keys=True, indent=2) + '\n'
   spec = f'configs/{source.name}' + (f':{arg}' if arg else '')
   return [*command[:2], f'--config={spec}', *command[3:]], files
+
+
+def _config_file(spec: str) -> tuple[str, Path, str | None]:
+  """(the path as given, the file it names here, the preset) of a --config=SPEC."""
+  path, arg = config_lib._split_spec(spec)  # pylint: disable=protected-access
+  return path, config_lib._resolve_path(path), arg  # pylint: disable=protected-access
 
 
 _RENDER = {'slurm': _slurm, 'gke': _gke, 'tpu-vm': _tpu_vm, 'ray': _ray}

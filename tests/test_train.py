@@ -88,7 +88,8 @@ def test_a_workdir_whose_files_the_data_glob_would_take_is_refused(tmp_path, dat
   for glob, refused in [('**/*', True), ('**', True), ('*/*.json', True), ('**/*.txt', False),
                         ('*', False), ('**/.cache/*', False)]:
     cfg = _cfg(data_dir, **{'data.source': f'files:{corpus}/{glob}', 'train.steps': 1})
-    assert (data.files_taken_from(cfg.data, corpus / 'run') is not None) == refused, glob
+    assert (data.files_taken_from(cfg.data, corpus / 'run', trainer._RUN_FILES) is not None
+            ) == refused, glob
   with pytest.raises(config_lib.ConfigError, match=(
       f"data.source 'files:{corpus}/\\*\\*/\\*' takes the files this run writes in its "
       f'workdir \\(e.g. {corpus}/run/config.json\\): its metrics')):

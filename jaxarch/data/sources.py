@@ -51,6 +51,7 @@ import re
 import sys
 import sysconfig
 import zlib
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -436,12 +437,7 @@ def _check_piece_names(source: str, sizes: dict[str, int]) -> None:
                           'rename it or narrow the glob')
 
 
-# Files a run writes in its workdir (one of each kind), which a `files:` glob must not take.
-RUN_OWN_FILES = ('config.json', 'metrics.jsonl', 'tokenizer.sha256', 'eval_1.json',
-                 'checkpoints/1/state/manifest.ocdbt', 'tensorboard/events.out.tfevents.1')
-
-
-def files_taken_from(data_cfg, folder: str | os.PathLike, names=RUN_OWN_FILES
+def files_taken_from(data_cfg, folder: str | os.PathLike, names: Sequence[str]
                      ) -> tuple[str, pathlib.Path] | None:
   """(a source, a path) where a `files:` glob of `data.source` takes one of `names` in
   `folder`, as it would once they are written (a run's own files in its workdir); else

@@ -43,8 +43,8 @@ from jaxarch.sweep import plan
 from jaxarch.train.metrics import final_metrics
 from jaxarch.train.nonfinite import DIVERGED, reported_steps
 from jaxarch.train.preemption import SIGNALS, STOPPED_CODES, handled
-from jaxarch.train.workdir import (held_alone, is_sweep_workdir, local_workdir,
-                                   trained_elsewhere)
+from jaxarch.train.workdir import (RUN_LOG, WALL_TIME, held_alone, is_sweep_workdir,
+                                   local_workdir, trained_elsewhere)
 
 RESULTS = 'results.jsonl'
 
@@ -253,7 +253,7 @@ def _run_one(run: plan.Run, workdir: Path, echo, trainers: set,
   before = _wall_time_spent(run_dir)
   _write_wall_time(run_dir, before, started=time.time())
   start = time.perf_counter()
-  with (open(run_dir / 'train.log', 'a') as log,
+  with (open(run_dir / RUN_LOG, 'a') as log,
         subprocess.Popen(train_command(run, run_dir), stdout=log,
                          stderr=subprocess.STDOUT) as trainer):
     trainers.add(trainer)
@@ -266,9 +266,8 @@ def _run_one(run: plan.Run, workdir: Path, echo, trainers: set,
   return run, total, code
 
 
-# RUN_DIR/sweep_wall_s: {"wall_s": seconds of the attempts the sweep saw end, "started":
-# unix time of the attempt under way, or null}; a bare number before 2026-12-07.
-WALL_TIME = 'sweep_wall_s'
+# RUN_DIR/sweep_wall_s (`WALL_TIME`): {"wall_s": seconds of the attempts the sweep saw end,
+# "started": unix time of the attempt under way, or null}; a bare number before 2026-12-07.
 
 
 def _wall_time_spent(run_dir: Path) -> float:
@@ -284,7 +283,7 @@ def _wall_time_spent(run_dir: Path) -> float:
   spent, started = saved.get('wall_s') or 0.0, saved.get('started')
   if isinstance(started, (int, float)):
     try:
-      spent += max((run_dir / 'train.log').stat().st_mtime - started, 0.0)
+      spent += max((run_dir / RUN_LOG).stat().st_mtime - started, 0.0)
     except OSError:
       pass
   return spent
@@ -460,7 +459,7 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int | None = None,
                                    diverged_at(run_dir, last_step(run_dir)))
             append_record(workdir, line)
             echo(f'sweep: {run.name} diverged at step {line["diverged_at_step"]} (non-finite '
-                 f'training, see {workdir / "runs" / run.name / "train.log"}): recorded '
+                 f'training, see {workdir / "runs" / run.name / RUN_LOG}): recorded '
                  'without a loss, which `jaxarch fit` leaves out')
             continue
           # Stopped by a signal, with its checkpoint (or, by the sweep's own stop, before it
@@ -474,11 +473,11 @@ def run_sweep(spec: str, workdir: str | Path, *, parallel: int | None = None,
           changed = None if code or step != steps else config_changes(run, run_dir)
           if code or step != steps or changed:
             (failed if code else unfinished).append(run.name)
-            why = (f'failed ({_exit(code)}): {_last_line(run_dir / "train.log")}' if code else
+            why = (f'failed ({_exit(code)}): {_last_line(run_dir / RUN_LOG)}' if code else
                    f'stopped before its first logged step (of {steps})' if step is None else
                    f'stopped at step {step} of {steps}' if step != steps else
                    f'trained under a config that has changed since it started ({changed})')
-            echo(f'sweep: {run.name} {why}; see {run_dir / "train.log"}')
+            echo(f'sweep: {run.name} {why}; see {run_dir / RUN_LOG}')
             continue
           line = record(run, run_dir, wall_s)
           append_record(workdir, line)

@@ -166,12 +166,11 @@ def initial_state(cfg: ml_collections.ConfigDict, setup: TrainSetup) -> dict:
   given = {}
   for name, workdir in parts.items():
     workdir = Path(workdir).expanduser()
-    step = None
     if not name:
-      step = cfg.train.get('init_from_step')
       _check_init_from(cfg, workdir)
     restored, step, base = _restored_model(workdir, setup.mesh, cfg.mesh,
-                                           bool(cfg.model.get('scan_layers')), step)
+                                           bool(cfg.model.get('scan_layers')),
+                                           None if name else cfg.train.get('init_from_step'))
     if name:
       _check_distilled_step(cfg.data.source, workdir, step)
     else:

@@ -33,8 +33,9 @@ from jaxarch.train.pretrained import initial_state, mesh_here
 from jaxarch.train.state import MODEL, TrainSetup, make_setup
 from jaxarch.train.step import (leaf_names, make_eval_step, make_train_step,
                                 make_window_reset, summarize_eval, summarize_mixture_eval)
-from jaxarch.train.workdir import (check_same_model, check_workdir, local_workdir,
-                                   only_trainer_in, remove_unused, state_bytes, unwritable)
+from jaxarch.train.workdir import (CHECKPOINTS, check_same_model, check_workdir,
+                                   local_workdir, only_trainer_in, remove_unused, state_bytes,
+                                   unwritable)
 
 
 def _eval_step(cfg: ml_collections.ConfigDict, setup: TrainSetup):
@@ -44,6 +45,11 @@ def _eval_step(cfg: ml_collections.ConfigDict, setup: TrainSetup):
   n = min(tokenizer.vocab_size, cfg.model.vocab_size)  # special ids past the rows: no text
   lengths[:n] = tokenizer.byte_lengths[:n]
   return make_eval_step(setup, lengths)
+
+
+# One file of each kind a run writes in its workdir, which its data must not take.
+_RUN_FILES = ('config.json', 'metrics.jsonl', config_lib.TOKENIZER_SUM, 'eval_1.json',
+              f'{CHECKPOINTS}/1/state/manifest.ocdbt', 'tensorboard/events.out.tfevents.1')
 
 
 def eval_batches(cfg: ml_collections.ConfigDict, setup: TrainSetup):
@@ -257,7 +263,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: Path, stop: StopRequests) ->
   had_checkpoints = Checkpointer.exists(workdir)
   check_workdir(workdir, cfg, state_bytes(setup.abstract_state),
                 has_checkpoints=had_checkpoints)
-  if taken := data.files_taken_from(cfg.data, workdir):
+  if taken := data.files_taken_from(cfg.data, workdir, _RUN_FILES):
     raise config_lib.ConfigError(
         f'config error: data.source {taken[0]!r} takes the files this run writes in its '
         f'workdir (e.g. {taken[1]}): its metrics, config and checkpoints would become '

@@ -128,9 +128,11 @@ def state_bytes(abstract_state) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
 
 
-# What jaxarch writes into a run's workdir before its trainer starts: `jaxarch launch`'s
-# job, a sweep's log of the run and the wall time it has spent.
-WRITTEN_BEFORE_TRAINING = ('launch', 'train.log', 'sweep_wall_s')
+# What jaxarch writes into a run's workdir before its trainer starts: a sweep's log of the
+# run and the wall time it has spent (`sweep.runner`), `jaxarch launch`'s job.
+RUN_LOG = 'train.log'
+WALL_TIME = 'sweep_wall_s'
+WRITTEN_BEFORE_TRAINING = ('launch', RUN_LOG, WALL_TIME)
 
 
 def check_workdir(workdir: Path, cfg: ml_collections.ConfigDict, checkpoint_bytes: int,
