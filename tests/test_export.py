@@ -989,7 +989,8 @@ def test_an_import_reads_one_tensor_at_a_time_into_its_shards(tmp_path, monkeypa
 def test_an_imported_run_works_moved_or_copied_with_its_original_deleted(tmp_path, capsys):
   """Its config.json names its copy of the tokenizer relative to the run, which was its
   path at import: every command stopped on the run moved ('data.tokenizer=...: no such
-  file'). Each command that reads a run, on it moved and on a copy of it."""
+  file'). Each command that reads a run on it moved; on a copy of it, the reads by path
+  (`jaxarch.load`, generate and eval: each command finds the tokenizer as they do)."""
   from test_data import _write_corpus  # pylint: disable=g-import-not-at-top
   cfg = family_config('dense')
   model = _model(cfg)
@@ -1013,26 +1014,28 @@ def test_an_imported_run_works_moved_or_copied_with_its_original_deleted(tmp_pat
     np.testing.assert_array_equal(np.asarray(logits(loaded, TOKENS)),
                                   np.asarray(logits(model, TOKENS)))
     capsys.readouterr()
-    for command in (['generate', '--prompt=hi', '--max_new_tokens=2'], ['eval'],
-                    ['export', f'--out={tmp_path / name}-weights'],
-                    ['export', f'--out={tmp_path / name}-hf', '--format=hf'],
-                    ['distill', f'--out={tmp_path / name}-distilled', '--num_prompts=2',
-                     '--validation_prompts=1', '--prompt_len=4', '--max_new_tokens=2']):
+    for command in (['generate', '--prompt=hi', '--max_new_tokens=2'], ['eval']):
       assert cli.main([command[0], f'--workdir={workdir}', *command[1:]]) == 0, (
           command, capsys.readouterr().err)
-    _, exported = load_safetensors(tmp_path / f'{name}-weights')
-    np.testing.assert_array_equal(np.asarray(logits(exported, TOKENS)),
-                                  np.asarray(logits(model, TOKENS)))
-    assert (tmp_path / f'{name}-hf' / 'tokenizer.json').is_file()
-    # BiTA over the moved base: its tokenizer is the base's copy, named by its path.
-    bita = config_lib.load('configs/bita.py:tiny', [
-        f'model.bita.base_workdir={workdir}',
-        f'data.source=distilled:{tmp_path / name}-distilled'])
-    assert bita.data.tokenizer == loaded_cfg.data.tokenizer
-    config_lib.save(bita, tmp_path / f'{name}-bita' / 'config.json')
-    assert config_lib.load_json(tmp_path / f'{name}-bita' / 'config.json').to_dict() == (
-        bita.to_dict())
-    assert json.loads((workdir / 'config.json').read_text())['data']['tokenizer'] == (
+  workdir = tmp_path / 'moved'
+  for command in (['export', f'--out={tmp_path}/weights'],
+                  ['export', f'--out={tmp_path}/hf-export', '--format=hf'],
+                  ['distill', f'--out={tmp_path}/distilled', '--num_prompts=2',
+                   '--validation_prompts=1', '--prompt_len=4', '--max_new_tokens=2']):
+    assert cli.main([command[0], f'--workdir={workdir}', *command[1:]]) == 0, (
+        command, capsys.readouterr().err)
+  _, exported = load_safetensors(tmp_path / 'weights')
+  np.testing.assert_array_equal(np.asarray(logits(exported, TOKENS)),
+                                np.asarray(logits(model, TOKENS)))
+  assert (tmp_path / 'hf-export' / 'tokenizer.json').is_file()
+  # BiTA over the moved base: its tokenizer is the base's copy, named by its path.
+  bita = config_lib.load('configs/bita.py:tiny', [
+      f'model.bita.base_workdir={workdir}', f'data.source=distilled:{tmp_path}/distilled'])
+  assert bita.data.tokenizer == str(workdir / 'tokenizer' / 'tokenizer.json')
+  config_lib.save(bita, tmp_path / 'bita' / 'config.json')
+  assert config_lib.load_json(tmp_path / 'bita' / 'config.json').to_dict() == bita.to_dict()
+  for name in ('moved', 'copied'):
+    assert json.loads((tmp_path / name / 'config.json').read_text())['data']['tokenizer'] == (
         'tokenizer/tokenizer.json')
 
 

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import make_batch, mesh_config, padded_batch, tight_moe_config, tiny_config
+from conftest import jitted, make_batch, mesh_config, padded_batch, tight_moe_config, tiny_config
 from jaxarch import config as config_lib
 from jaxarch import models
 from jaxarch.layers.moe import MoE, load_violations, ragged_plan, repeat_rows
@@ -21,6 +21,11 @@ from jaxarch.train.step import signals as collect_signals
 def make_moe(num_experts=8, top_k=2, d_model=16, expert_d_ff=24, seed=0, **kw):
   return MoE(d_model, num_experts=num_experts, top_k=top_k, expert_d_ff=expert_d_ff,
              dtype=jnp.float32, rngs=nnx.Rngs(seed), **kw)
+
+
+# A layer's calls, compiled: run eagerly, each of its ops would compile a program of its own.
+forward = jitted(lambda layer, *args: layer(*args))
+run = jitted(run_model)
 
 
 def metric(sown, name: str) -> float:
@@ -44,7 +49,7 @@ def naive(layer: MoE, x):
 def test_dropless_equals_a_naive_loop_over_the_chosen_experts():
   layer = make_moe()
   x = jax.random.normal(jax.random.key(1), (3, 5, 16))
-  np.testing.assert_allclose(layer(x), naive(layer, x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(forward(layer, x), naive(layer, x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('gate,renormalize', [('softmax', True), ('sigmoid', True),
@@ -67,7 +72,7 @@ def test_routing_equals_a_numpy_top_k_of_gates_plus_bias(gate, renormalize):
     weights = gates[t, chosen] / (gates[t, chosen].sum() if renormalize else 1)
     for w, e in zip(weights, chosen):
       want[t] += w * (silu(x[t] @ gate_w[e]) * (x[t] @ up[e])) @ down[e]
-  got = layer(jnp.asarray(x).reshape(2, 5, 16)).reshape(-1, 16)
+  got = forward(layer, jnp.asarray(x).reshape(2, 5, 16)).reshape(-1, 16)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -75,7 +80,7 @@ def test_shared_experts_add_an_always_on_swiglu():
   layer = make_moe(num_shared_experts=2)
   x = jax.random.normal(jax.random.key(12), (2, 5, 16))
   assert layer.shared.up.shape == (16, 2 * 24)
-  np.testing.assert_allclose(layer(x), naive(layer, x) + layer.shared(x), rtol=1e-5,
+  np.testing.assert_allclose(forward(layer, x), naive(layer, x) + layer.shared(x), rtol=1e-5,
                              atol=1e-5)
 
 
@@ -84,15 +89,15 @@ def test_capacity_path_with_ample_capacity_equals_dropless(gate, renormalize):
   dropless = make_moe(gate=gate, renormalize=renormalize)
   capacity = make_moe(gate=gate, renormalize=renormalize, capacity_factor=8.0)  # C = T·k
   x = jax.random.normal(jax.random.key(2), (2, 6, 16))
-  (out, sown) = run_model(capacity, x)
-  np.testing.assert_allclose(out, dropless(x), rtol=1e-5, atol=1e-5)
+  (out, sown) = run(capacity, x)
+  np.testing.assert_allclose(out, forward(dropless, x), rtol=1e-5, atol=1e-5)
   assert metric(sown, 'dropped_fraction') == 0.0
 
 
 def test_tight_capacity_drops_and_reports_the_dropped_fraction():
   layer = make_moe(num_experts=4, top_k=1, capacity_factor=0.5)  # 2 of 4 slots per expert
   x = jax.random.normal(jax.random.key(3), (1, 16, 16))
-  out, sown = run_model(layer, x)
+  out, sown = run(layer, x)
   dropped = metric(sown, 'dropped_fraction')
   zero_rows = int(jnp.sum(jnp.all(out[0] == 0, axis=-1)))
   assert dropped == zero_rows / 16 and dropped >= 0.5  # dropped tokens add nothing
@@ -104,7 +109,7 @@ def test_capacity_is_first_come_first_served_per_sequence():
   layer = make_moe(num_experts=4, top_k=1, d_model=4, capacity_factor=1.0)  # 8·1/4 = 2
   layer.router[...] = 10.0 * jnp.eye(4)
   x = jnp.stack([jnp.eye(4)[jnp.zeros(8, int)], jnp.eye(4)[jnp.array([0, 1] * 4)]])
-  out, sown = run_model(layer, x)
+  out, sown = run(layer, x)
   kept = np.any(np.asarray(out) != 0, axis=-1)
   np.testing.assert_array_equal(kept, [[1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0]])
   assert metric(sown, 'dropped_fraction') == 10 / 16
@@ -119,7 +124,7 @@ def test_the_dropped_fraction_counts_only_the_real_tokens_assignments():
   layer.router[...] = 10.0 * jnp.eye(4)
   x = jnp.stack([jnp.eye(4)[jnp.zeros(8, int)], jnp.eye(4)[jnp.array([0, 1] * 4)]])
   real = jnp.arange(8)[None, :] < jnp.array([[3], [8]])
-  _, sown = run_model(layer, x, real)
+  _, sown = run(layer, x, real)
   assert metric(sown, 'dropped_fraction') == pytest.approx(5 / 11)
   cfg = mesh_config(tiny_config(), data=2, expert=4)
   mesh = make_mesh(cfg)
@@ -133,22 +138,23 @@ def test_tight_capacity_stays_causal_and_independent_of_the_other_rows():
   or in a batch (GShard's batch-wide top-1-first order breaks both)."""
   layer = make_moe(num_experts=4, top_k=2, capacity_factor=1.0)
   x = jax.random.normal(jax.random.key(5), (2, 24, 16))
-  out = np.asarray(layer(x))
+  out, sown = run(layer, x)
+  out = np.asarray(out)
   assert np.mean(np.all(out == 0, axis=-1)) < 0.5  # some, not all, are dropped
-  _, sown = run_model(layer, x)
   assert metric(sown, 'dropped_fraction') > 0
   for t in (3, 11, 23):
-    changed = np.asarray(layer(x.at[:, t].set(jax.random.normal(jax.random.key(t), (2, 16)))))
+    changed = np.asarray(run(layer, x.at[:, t].set(
+        jax.random.normal(jax.random.key(t), (2, 16))))[0])
     np.testing.assert_array_equal(changed[:, :t], out[:, :t])
     assert not np.allclose(changed[:, t], out[:, t])
-  np.testing.assert_array_equal(np.asarray(layer(x[1:])), out[1:])
+  np.testing.assert_array_equal(np.asarray(run(layer, x[1:])[0]), out[1:])
 
 
 def test_balance_loss_equals_its_formula_on_a_hand_made_routing():
   layer = make_moe(num_experts=4, top_k=1, d_model=4, aux_loss_weight=1.0, z_loss_weight=0.0)
   layer.router[...] = 10.0 * jnp.eye(4)  # token i -> expert argmax(x_i)
   x = jnp.eye(4)[jnp.array([0, 0, 0, 1])][None]  # experts 0, 0, 0, 1
-  _, sown = run_model(layer, x)
+  _, sown = run(layer, x)
   losses, _, _ = collect_signals(sown)
   probs = jax.nn.softmax(10.0 * x[0], axis=-1)
   f = jnp.array([0.75, 0.25, 0.0, 0.0])
@@ -168,7 +174,7 @@ def test_router_and_every_expert_weight_get_gradients():
     out, sown = run_model(nnx.merge(graphdef, params, rest), x)
     return jnp.sum(out ** 2) + sum(collect_signals(sown)[0].values())
 
-  grads = jax.grad(loss)(params)
+  grads = jax.jit(jax.grad(loss))(params)
   for name in ('router', 'w_gate', 'w_up', 'w_down'):
     assert float(jnp.abs(grads[name].get_value()).max()) > 0, name
 
@@ -189,12 +195,12 @@ def test_bias_balancing_raises_the_bias_of_under_loaded_experts():
   layer = make_moe(num_experts=4, top_k=1, bias_update_rate=0.1)
   layer.router[...] = jnp.zeros_like(layer.router[...]).at[:, 0].set(1.0)
   x = jnp.abs(jax.random.normal(jax.random.key(6), (1, 8, 16)))  # all prefer expert 0
-  _, sown = run_model(layer, x)
+  _, sown = run(layer, x)
   np.testing.assert_array_equal(layer.bias[...], jnp.zeros(4))  # moved by the step, once
   layer.end_step(**collect_signals(sown)[2][''])
   np.testing.assert_allclose(layer.bias[...], [-0.1, 0.1, 0.1, 0.1])
   assert metric(sown, 'bias_spread') == 0.0  # the step routed with the bias before the move
-  _, sown = run_model(layer, x)
+  _, sown = run(layer, x)
   np.testing.assert_allclose(metric(sown, 'bias_spread'), 0.2)
 
 
@@ -207,7 +213,7 @@ def test_padding_tokens_count_in_no_routing_statistic_nor_the_bias_move():
 
   def statistics(x, real):
     layer.bias[...] = jnp.zeros(4)
-    out, sown = run_model(layer, x, real)
+    out, sown = run(layer, x, real)
     losses, metrics, statistics = collect_signals(sown)
     layer.end_step(**statistics[''])
     return out, sum(losses.values()), metrics, layer.bias[...]

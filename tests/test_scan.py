@@ -151,15 +151,16 @@ def _steps(cfg, n=3):
   return history, _arrays(model)
 
 
-# UltraMem's and MoE's in the default suite: UltraMem's scans dense blocks too, in units
-# with memory layers beside them; MoE's moves each scanned layer's router bias from the
-# step's statistics over microbatches, its experts split. Dense's in the slow suite: a
-# scanned dense run's steps equal the unrolled run's on the same mesh in
-# tests/test_relayout.py's resume test, and the local/global period of 2 scans in
-# test_scanned_generation_with_ring_caches'. MEGABYTE's too: its two stacks' reads into
-# either layout are tests/test_relayout.py's, and its scan is the dense blocks'.
-@pytest.mark.parametrize('case', [pytest.param(case, marks=pytest.mark.slow)
-                                  if case in ('dense', 'megabyte') else case
+# UltraMem's in the default suite: it scans dense blocks too, in units with memory layers
+# beside them. The others in the slow suite. MoE's moves each scanned layer's router bias
+# from the step's statistics over microbatches, its experts split; its scanned experts'
+# forward equals the unrolled one's in the default suite's BiTA test below. A scanned dense
+# run's steps equal the unrolled run's on the same mesh in tests/test_relayout.py's resume
+# test, and the local/global period of 2 scans in test_scanned_generation_with_ring_caches'.
+# MEGABYTE's two stacks' reads into either layout are tests/test_relayout.py's, and its scan
+# is the dense blocks'.
+@pytest.mark.parametrize('case', [case if case == 'ultramem' else
+                                  pytest.param(case, marks=pytest.mark.slow)
                                   for case in CASES])
 def test_scanned_train_steps_equal_the_unrolled_ones_on_a_mesh(case):
   steps = 3 if case == 'moe' else 2  # the second runs on weights the first updated
