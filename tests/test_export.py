@@ -963,6 +963,33 @@ def test_a_sharded_hf_checkpoint_imports_with_its_logits_and_a_missing_shard_is_
   assert not any((tmp_path / name).exists() for name in 'abc')
 
 
+@pytest.mark.parametrize('family, change, said', [
+    ('dense', {'intermediate_size': 416}, "model.layers.0.mlp.gate_proj.weight [384, 128] "
+     'does not fit blocks.0.mlp.gate [128, 416]'),
+    ('dense', {'num_attention_heads': 8}, 'model.layers.0.self_attn.q_proj.weight [128, 128] '
+     'does not fit blocks.0.attn.q_proj [128, 8, 32]'),
+    # 128 does not split into heads of 32 three at a time: was numpy's reshape error.
+    ('dense', {'num_attention_heads': 3, 'num_key_value_heads': 3},
+     'model.layers.0.self_attn.q_proj.weight [128, 128] does not split into 3 heads of 32'),
+    ('moe', {'intermediate_size': 40}, "8 arrays, as model.layers.0.block_sparse_moe.experts.6"
+     ".w1.weight [192, 128] and model.layers.0.block_sparse_moe.experts.7.w1.weight "
+     "[192, 128], do not fit blocks.0.mlp.w_gate [8, 128, 40]")],
+    ids=['d_ff', 'heads', 'heads_that_do_not_split', 'experts'])
+def test_an_import_whose_config_json_is_not_its_weights_names_the_checkpoint_s_arrays(
+    tmp_path, capsys, family, change, said):
+  """Said in jaxarch's names and layouts ('blocks.0.attn.q_proj is [64, 8, 32] in the
+  checkpoint': a shape no file held), or a numpy error from inside the import."""
+  cfg = family_config(family)
+  write_hf(_model(cfg), cfg, tmp_path / 'hf')
+  hf_config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+  (tmp_path / 'hf' / 'config.json').write_text(json.dumps({**hf_config, **change}))
+  assert cli.main(['import', f'--hf={tmp_path / "hf"}', f'--workdir={tmp_path / "run"}']) == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and f"import: the checkpoint's {said} of the model its " \
+      'config.json describes: is config.json the one saved with these weights?' in err, err
+  assert not (tmp_path / 'run').exists()
+
+
 def test_an_import_reads_one_tensor_at_a_time_into_its_shards(tmp_path, monkeypatch):
   """Import read the whole checkpoint into host memory, made it float32 and laid it out in
   copies: twice a model's float32 weights and more, before any went to the devices. Each

@@ -123,19 +123,32 @@ def our_arrays(hf: Mapping[str, np.ndarray], cfg: ml_collections.ConfigDict,
   kind = architecture(m)[1]
   moe_module, expert_names = MOE_NAMES.get(kind, (None, {}))
   left = set(hf)
+  taken = []  # (name, shape) of the checkpoint's arrays read for the variable at hand
 
   def take(name):
     if name not in left:
       raise ExportError(f'import: the checkpoint has no {name}, which a {m.family} model of '
                         'its config.json needs')
     left.remove(name)
+    array = hf[name]
+    taken.append((name, array.shape))
     if kind == 'gemma3_text' and name.endswith('norm.weight'):
-      return hf[name] + 1  # a Gemma's RMSNorm scales by 1 + its weight
-    return hf[name]
+      return array + 1  # a Gemma's RMSNorm scales by 1 + its weight
+    return array
 
   ours = {}
   def put(name, array):
-    ours[name] = place(name, array)
+    try:
+      ours[name] = place(name, array)
+    except ShapeMismatch as e:
+      raise ExportError(_mismatch(taken, f'fit {name} {list(e.expected)}')) from None
+    taken.clear()
+
+  def heads(array, count, *shape):  # [..., count·h] -> [..., count, h]
+    try:
+      return array.reshape(*shape)
+    except ValueError:
+      raise ExportError(_mismatch(taken, f'split into {count} heads of {h}')) from None
 
   put('embed.embedding', take('model.embed_tokens.weight'))
   put('final_norm.scale', take('model.norm.weight'))
@@ -143,11 +156,11 @@ def our_arrays(hf: Mapping[str, np.ndarray], cfg: ml_collections.ConfigDict,
     put('head', take('lm_head.weight').T)
   for i in range(m.n_layers):
     at, to = f'model.layers.{i}.', f'blocks.{i}.'
-    for name, heads in (('q_proj', n), ('k_proj', kv), ('v_proj', kv)):
-      put(f'{to}attn.{name}', take(f'{at}self_attn.{name}.weight').T.reshape(-1, heads, h))
+    for name, count in (('q_proj', n), ('k_proj', kv), ('v_proj', kv)):
+      put(f'{to}attn.{name}', heads(take(f'{at}self_attn.{name}.weight').T, count, -1, count, h))
       if m.qkv_bias:
-        put(f'{to}attn.{name[0]}_bias', take(f'{at}self_attn.{name}.bias').reshape(heads, h))
-    put(f'{to}attn.o_proj', take(f'{at}self_attn.o_proj.weight').T.reshape(n, h, -1))
+        put(f'{to}attn.{name[0]}_bias', heads(take(f'{at}self_attn.{name}.bias'), count, count, h))
+    put(f'{to}attn.o_proj', heads(take(f'{at}self_attn.o_proj.weight').T, n, n, h, -1))
     if m.qk_norm:
       for name in ('q_norm', 'k_norm'):
         scale = take(f'{at}self_attn.{name}.weight')
@@ -171,6 +184,24 @@ def our_arrays(hf: Mapping[str, np.ndarray], cfg: ml_collections.ConfigDict,
     raise ExportError(f'import: {len(left)} arrays have no place in a {m.family} model, e.g. '
                       f'{sorted(left)[:2]}')
   return ours
+
+
+class ShapeMismatch(ExportError):
+  """A checkpoint array whose shape is not the config's (`our_arrays` names it)."""
+
+  def __init__(self, name: str, shape: tuple, expected: tuple):
+    super().__init__(f'import: {name} is {list(shape)}, the config expects {list(expected)}')
+    self.expected = expected
+
+
+def _mismatch(taken: list, fit: str) -> str:
+  """What `our_arrays` says of checkpoint arrays (`taken`: (name, shape)) that do not `fit`."""
+  arrays = ' and '.join(f'{name} {list(shape)}' for name, shape in taken[-2:])
+  if len(taken) > 2:  # a MoE layer's experts, stacked
+    arrays = f'{len(taken)} arrays, as {arrays},'
+  return (f"import: the checkpoint's {arrays} {'does' if len(taken) == 1 else 'do'} not "
+          f'{fit} of the model its config.json describes: is config.json the one saved with '
+          'these weights?')
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -702,8 +733,7 @@ def import_hf(directory: str | Path, workdir: str | Path, overrides=()) -> Path:
     want = expected[name if slot is None else slot[0]]
     shape = tuple(want.shape) if slot is None else tuple(want.shape[1:])
     if shape != array.shape:
-      raise ExportError(f'import: {name} is {list(array.shape)} in the checkpoint, the '
-                        f'config expects {list(shape)}')
+      raise ShapeMismatch(name, array.shape, shape)
     if slot is None:
       return jax.device_put(array, want.sharding)  # its host copy is dropped
     # A layer of a stacked weight: put in its shards, then into its slice, in place.
