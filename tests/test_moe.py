@@ -155,7 +155,7 @@ def test_balance_loss_equals_its_formula_on_a_hand_made_routing():
   layer.router[...] = 10.0 * jnp.eye(4)  # token i -> expert argmax(x_i)
   x = jnp.eye(4)[jnp.array([0, 0, 0, 1])][None]  # experts 0, 0, 0, 1
   _, sown = run(layer, x)
-  losses, _, _ = collect_signals(sown)
+  losses, *_ = collect_signals(sown)
   probs = jax.nn.softmax(10.0 * x[0], axis=-1)
   f = jnp.array([0.75, 0.25, 0.0, 0.0])
   want = 4 * jnp.sum(f * probs.mean(0))
@@ -214,7 +214,7 @@ def test_padding_tokens_count_in_no_routing_statistic_nor_the_bias_move():
   def statistics(x, real):
     layer.bias[...] = jnp.zeros(4)
     out, sown = run(layer, x, real)
-    losses, metrics, statistics = collect_signals(sown)
+    losses, metrics, statistics, _ = collect_signals(sown)
     layer.end_step(**statistics[''])
     return out, sum(losses.values()), metrics, layer.bias[...]
 
@@ -678,5 +678,8 @@ def test_an_evaluation_reports_each_moe_layer_s_balance_and_drops_on_the_held_ou
       assert summary[f'eval_dropped_fraction/{layer}'] == pytest.approx(
           float(metrics[f'{layer}/dropped_fraction']), rel=1e-5)
   assert summaries[1][f'eval_dropped_fraction/blocks/0/mlp'] > 0
+  assert set(summaries[2]) == {'eval_loss', 'eval_bpb', 'eval_tokens', *(
+      f'eval_{name}/blocks/{i}/mlp' for name in ('max_violation', 'dropped_fraction')
+      for i in (0, 1))}  # the loads summed up as the balance, not one by one
   assert not any('violation' in key for key in step_lib.summarize_eval(
       {'nll': 1.0, 'tokens': 1.0, 'bytes': 1.0}))  # a dense model's eval: none

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import USER_CPU_COMPILE, make_batch, mesh_config, tiny_config
+from conftest import USER_CPU_COMPILE, make_batch, mesh_config, padded_batch, tiny_config
 from jaxarch import config as config_lib
 from jaxarch import models
 from jaxarch.layers import signals
@@ -275,18 +275,56 @@ def test_aux_loss_is_zero_for_rank_one_core_sum_and_positive_otherwise():
   assert float(layer.tucker_aux_loss()) > 0.1
   # Reported to the trainer: weighted loss and the unweighted metric.
   _, sown = nnx.jit(run_model)(layer, jnp.ones((1, 2, 32)))
-  losses, metrics, _ = collect_signals(sown)
+  losses, metrics, *_ = collect_signals(sown)
   aux = float(layer.tucker_aux_loss())
   np.testing.assert_allclose(sum(losses.values()), 0.01 * aux, rtol=1e-5)
   assert any(k.endswith('tucker_aux') for k in metrics)
   assert {k.rsplit('/', 1)[-1] for k in metrics} >= {'score_entropy', 'window_values_hit'}
 
 
+def test_an_evaluation_reports_each_memory_layer_s_score_entropy_on_the_held_out_tokens():
+  """`eval_score_entropy/<layer>`: its mean over every real evaluated token, however many
+  microbatches the batch runs in (UltraMem's evaluation reported no memory statistic)."""
+  from jaxarch.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  batch = padded_batch()
+  summaries = {}
+  for accum in (1, 2):
+    cfg = config_lib.load('configs/ultramem.py:tiny', [
+        'model.dtype=float32', 'train.batch_size=8', 'data.seq_len=16',
+        f'train.grad_accum_steps={accum}'])
+    setup = make_setup(cfg, make_mesh(cfg, devices=jax.devices()[:1]))
+    state = init_state(cfg, setup)
+    # Random Tucker cores: each token's top scores far from alike, and unlike others'.
+    state['params'] = jax.tree.map_with_path(
+        lambda path, x: jax.random.normal(jax.random.key(1), x.shape) if 'cores' in
+        jax.tree_util.keystr(path) else x, state['params'])
+    sums = make_eval_step(setup, np.ones(cfg.model.vocab_size))(
+        state, global_batch(batch, setup.batch_sharding))
+    summaries[accum] = step_lib.summarize_eval(jax.device_get(sums))
+  forward = jax.jit(lambda state, batch: step_lib._forward(  # one forward, as served
+      setup, state['params'], state['model_state'], batch, deterministic=True)[2])
+  metrics = forward(state, batch)
+  layers = [key.removesuffix('/score_entropy') for key in metrics
+            if key.endswith('/score_entropy')]
+  assert len(layers) == 2  # the tiny preset's two memory layers
+  for summary in summaries.values():
+    assert set(summary) == {'eval_loss', 'eval_bpb', 'eval_tokens',
+                            *(f'eval_score_entropy/{layer}' for layer in layers)}
+    for layer in layers:
+      assert summary[f'eval_score_entropy/{layer}'] == pytest.approx(
+          float(metrics[f'{layer}/score_entropy']), rel=2e-6)
+  # The two microbatches' means differ (by 1.7e-4 of them): weighed alike, not by their 34
+  # and 64 real tokens, they would be 2.5e-5 off.
+  halves = [float(forward(state, {k: v[rows] for k, v in batch.items()})[
+      f'{layers[0]}/score_entropy']) for rows in (slice(0, 4), slice(4, 8))]
+  assert abs(halves[0] - halves[1]) > 1e-4 * halves[0], halves
+
+
 def test_window_counter_counts_every_read():
   layer = make_layer(num_values=256, top_k=8, num_heads=2)
   x = jax.random.normal(jax.random.key(1), (2, 3, 32))
   _, sown = nnx.jit(run_model)(layer, x)
-  _, metrics, _ = collect_signals(sown)
+  _, metrics, *_ = collect_signals(sown)
   hits = layer.hits[...]
   assert hits.dtype == jnp.int32 and int(hits.sum()) == 2 * 3 * 2 * 8
   hit = [v for k, v in metrics.items() if k.endswith('window_values_hit')][0]

@@ -204,7 +204,7 @@ def batched_swiglu(x, gate, up, down):
   return matmul('ecf,efd->ecd', h, down)
 
 
-def _is_load(name: str) -> bool:
+def is_load(name: str) -> bool:
   return name.startswith('load_e') and name.removeprefix('load_e').isdigit()
 
 
@@ -215,7 +215,7 @@ def _max_violations(metrics: dict) -> dict[str, float]:
   loads = {}
   for key, value in metrics.items():
     layer, _, name = key.rpartition('/')
-    if _is_load(name):
+    if is_load(name):
       loads.setdefault(layer, []).append(float(value))
   return {layer: len(v) * max(v) - 1 for layer, v in loads.items()}
 
@@ -226,23 +226,11 @@ def load_violations(metrics: dict) -> dict[str, float]:
           for layer, value in _max_violations(metrics).items()}
 
 
-def routing_metrics(metrics: dict) -> dict:
-  """The layers' metrics that an evaluation sums: each MoE layer's loads and dropped
-  fraction (means over a batch's real tokens)."""
-  return {k: v for k, v in metrics.items()
-          if _is_load(k.rpartition('/')[2]) or k.endswith('/dropped_fraction')}
-
-
-def eval_routing_summary(means: dict) -> dict[str, float]:
-  """Of `routing_metrics` averaged over held-out tokens: each MoE layer's
-  `eval_max_violation/<layer>` (of the loads over all of them, MaxVio's global form) and
-  `eval_dropped_fraction/<layer>`."""
-  summary = {f'eval_max_violation/{layer}': value
-             for layer, value in _max_violations(means).items()}
-  summary.update({f'eval_dropped_fraction/{key.removesuffix("/dropped_fraction")}':
-                  float(value) for key, value in means.items()
-                  if key.endswith('/dropped_fraction')})
-  return summary
+def eval_load_violations(means: dict) -> dict[str, float]:
+  """Of per-token metrics averaged over held-out tokens: each MoE layer's
+  `eval_max_violation/<layer>` (of its loads over all of them, MaxVio's global form)."""
+  return {f'eval_max_violation/{layer}': value
+          for layer, value in _max_violations(means).items()}
 
 
 class MoE(nnx.Module):
@@ -337,7 +325,7 @@ class MoE(nnx.Module):
     signals.add_metric(self, 'balance_loss', balance)
     signals.add_metric(self, 'z_loss', z_loss)
     for i in range(e):
-      signals.add_metric(self, f'load_e{i}', load[i])
+      signals.add_metric(self, f'load_e{i}', load[i], per_token=True)
     if self.bias_update_rate:  # how far the balancing has pushed the experts apart
       signals.add_metric(self, 'bias_spread', jnp.max(self.bias[...]) - jnp.min(self.bias[...]))
       if not self.deterministic:
@@ -401,7 +389,7 @@ class MoE(nnx.Module):
           local, mesh=mesh, in_specs=(tok, tok, tok, per_token, into, into, out_of),
           out_specs=(tok, P()), check_vma=check_vma)(tokens, experts, weights, real, *params)
     signals.add_metric(self, 'dropped_fraction',
-                       dropped / jnp.maximum(jnp.sum(real) * self.top_k, 1))
+                       dropped / jnp.maximum(jnp.sum(real) * self.top_k, 1), per_token=True)
     return out
 
   def _local(self, tokens, experts, weights, real, gate, up, down, *, expert_axes, shards,

@@ -2,7 +2,8 @@
 
 - `add_aux_loss(module, value)`: a scalar added to the training loss.
 - `add_metric(module, name, value)`: a scalar logged as `<module path>/<name>` (averaged
-  over the logging window).
+  over the logging window). With `per_token=True`, a mean over the batch's real tokens,
+  which an evaluation also reports over the held-out tokens (`eval_<name>/<module path>`).
 - `PerStepState` and `add_step_statistic(module, name, value)`: a non-trainable variable
   that the layer's `end_step` moves once per step from sums over the step's batch.
 - `WindowCounter`: a non-trainable variable that the trainer zeroes after every logged
@@ -64,8 +65,11 @@ def add_aux_loss(module: nnx.Module, value: jax.Array):
   _sow(module, 'aux_loss', value)
 
 
-def add_metric(module: nnx.Module, name: str, value: jax.Array):
-  _sow(module, f'metric_{name}', value)
+def add_metric(module: nnx.Module, name: str, value: jax.Array, *, per_token: bool = False):
+  _sow(module, f'{PER_TOKEN if per_token else "metric_"}{name}', value)
+
+
+PER_TOKEN = 'token_metric_'  # a sown metric that is a mean over the real tokens
 
 
 def add_step_statistic(module: nnx.Module, name: str, value: jax.Array):

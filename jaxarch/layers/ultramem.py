@@ -392,7 +392,8 @@ class UltraMem(nnx.Module):
     total = jnp.abs(jax.lax.stop_gradient(scores).sum(-1))  # t h k
     p = total / jnp.maximum(total.sum(-1, keepdims=True), 1e-9)
     entropy = -jnp.sum(p * jnp.log(jnp.maximum(p, 1e-9)), axis=-1)  # t h
-    signals.add_metric(self, 'score_entropy', jnp.mean(signals.real_mean(entropy, real)))
+    signals.add_metric(self, 'score_entropy', jnp.mean(signals.real_mean(entropy, real)),
+                       per_token=True)
     reads = 1 if real is None else jnp.broadcast_to(
         real[:, None, None], physical.shape).reshape(-1).astype(jnp.int32)
     hits = self.hits[...].at[physical.reshape(-1)].add(reads)

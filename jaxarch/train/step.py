@@ -12,8 +12,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxarch.layers.moe import eval_routing_summary, routing_metrics
-from jaxarch.layers.signals import WindowCounter, is_window_metric
+from jaxarch.layers.moe import eval_load_violations, is_load
+from jaxarch.layers.signals import PER_TOKEN, WindowCounter, is_window_metric
 from jaxarch.models.transformer import (UNROLLED_NAME, numberings, per_layer, scanned_at,
                                         stacked_modules)
 from jaxarch.parallel.context import logical_mesh
@@ -60,32 +60,35 @@ def predictions(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array, j
 
 
 def signals(sown) -> tuple[dict[str, jax.Array], dict[str, jax.Array],
-                           dict[str, dict[str, jax.Array]]]:
-  """(aux losses, metrics, step statistics) that layers sowed in a forward pass, keyed by
-  module path.
+                           dict[str, dict[str, jax.Array]], set[str]]:
+  """(aux losses, metrics, step statistics, the metrics that are means over the real
+  tokens) that layers sowed in a forward pass, keyed by module path.
 
   See `jaxarch.layers.signals`: a layer sows `aux_loss` (summed into the loss),
-  `metric_<name>` values (averaged when a layer ran several times) and `step_<name>` sums
-  (summed; statistics[path][name] is for that layer's `end_step`).
+  `metric_<name>` values (averaged when a layer ran several times), per-token ones likewise
+  and `step_<name>` sums (summed; statistics[path][name] is for that layer's `end_step`).
   """
-  losses, metrics, statistics = {}, {}, {}
+  losses, metrics, statistics, per_token = {}, {}, {}, set()
   for path, variable in nnx.to_flat_state(sown):
     # A name may hold a path of its own (`signals.sow_layers`): the leaf is its last part.
     where, _, leaf = tree_path(path).rpartition('/')
     values = [jnp.asarray(v, jnp.float32) for v in jax.tree.leaves(variable)]
     if leaf == 'aux_loss':
       losses[where] = sum(jnp.sum(v) for v in values)
-    elif leaf.startswith('metric_'):
-      name = leaf.removeprefix('metric_')
-      metrics[f'{where}/{name}' if where else name] = sum(values) / len(values)
+    elif leaf.startswith(('metric_', PER_TOKEN)):
+      name = leaf.removeprefix('metric_').removeprefix(PER_TOKEN)
+      key = f'{where}/{name}' if where else name
+      metrics[key] = sum(values) / len(values)
+      if leaf.startswith(PER_TOKEN):
+        per_token.add(key)
     elif leaf.startswith('step_'):
       statistics.setdefault(where, {})[leaf.removeprefix('step_')] = sum(values)
-  return losses, metrics, statistics
+  return losses, metrics, statistics, per_token
 
 
 def _forward(setup: TrainSetup, params, model_state, batch, *, deterministic: bool = False):
   """-> ((logits, targets, float loss mask), aux losses, metrics, step statistics, new
-  model state).
+  model state, the metrics that are means over the real tokens).
 
   `deterministic`: the model as it is served (`infer.for_inference`), its state read, not
   updated (UltraMem's Tucker vectors, the MoE router's bias)."""
@@ -98,9 +101,9 @@ def _forward(setup: TrainSetup, params, model_state, batch, *, deterministic: bo
     model.set_attributes(deterministic=True, raise_if_not_found=False)
   with logical_mesh(setup.mesh, setup.rules):
     (logits, targets, mask), sown = run_model(predictions, model, batch)
-  aux, metrics, statistics = signals(sown)
+  aux, metrics, statistics, per_token = signals(sown)
   return ((logits, targets, mask.astype(jnp.float32)), aux, metrics, statistics,
-          nnx.state(model, nnx.Not(nnx.Param)))
+          nnx.state(model, nnx.Not(nnx.Param)), per_token)
 
 
 def _end_step(setup: TrainSetup, params, model_state, statistics):
@@ -223,7 +226,7 @@ def make_train_step(setup: TrainSetup):
       # Frozen parameters get no gradient, so XLA drops their weight-gradient matmuls.
       params = jax.tree.map(lambda f, p: jax.lax.stop_gradient(p) if f else p,
                             is_frozen, params)
-      (logits, targets, mask), aux, layer_metrics, statistics, new_model_state = _forward(
+      (logits, targets, mask), aux, layer_metrics, statistics, new_model_state, _ = _forward(
           setup, params, model_state, batch)
       tokens = mask.sum()
       nll, z = cross_entropy(logits, targets, mask, setup.z_loss)
@@ -362,7 +365,7 @@ def make_eval_step(setup: TrainSetup, byte_lengths):
   byte_lengths = jnp.asarray(byte_lengths, jnp.float32)
 
   def sums(state, batch):
-    (logits, targets, mask), _, metrics, *_ = _forward(
+    (logits, targets, mask), _, metrics, _, _, per_token = _forward(
         setup, state['params'], state['model_state'], batch, deterministic=True)
     nll, _ = cross_entropy(logits, targets, mask)
     if batch.get('target_bytes') is not None and batch['target_bytes'].shape == targets.shape:
@@ -371,9 +374,9 @@ def make_eval_step(setup: TrainSetup, byte_lengths):
       target_bytes = byte_lengths[targets]
     num_bytes = (target_bytes * mask).sum()
     out = {'nll': nll, 'tokens': mask.sum(), 'bytes': num_bytes}
-    if routing := routing_metrics(metrics):  # MoE layers' means over the real tokens
+    if per_token:  # the layers' means over the real tokens (MoE's loads and drops)
       real = real_tokens(batch)  # weighted as the train step weighs its microbatches'
-      out.update({'real': real, **{f'routing/{k}': v * real for k, v in routing.items()}})
+      out.update({'real': real, **{f'per_token/{k}': metrics[k] * real for k in per_token}})
     if logits.ndim == 4:  # BiTA's [b, groups, masks, V]: each mask's top-1 (`mask_top1`)
       hits = (jnp.argmax(logits, -1) == targets) * mask
       out.update(mask_hits=hits.sum((0, 1)), mask_tokens=mask.sum((0, 1)))
@@ -418,17 +421,22 @@ def make_window_reset(setup: TrainSetup):
 def summarize_eval(totals: dict) -> dict:
   """eval_loss, eval_bpb and eval_tokens (the targets evaluated); of a BiTA run, each
   mask's top-1 accuracy too (`eval_mask{m}_top1`: the share of held-out tokens m+2 ahead
-  its drafts would get); of MoE layers, their balance and drops on the held-out tokens
-  (`eval_routing_summary`)."""
+  its drafts would get); of the layers' per-token metrics, their means over the held-out
+  tokens (`eval_<name>/<layer>`: UltraMem's score entropy, MoE's dropped fraction), MoE's
+  loads as each layer's balance (`eval_load_violations`), not one by one."""
   summary = {'eval_loss': totals['nll'] / max(totals['tokens'], 1.0),
              'eval_bpb': totals['nll'] / math.log(2) / max(totals['bytes'], 1.0),
              'eval_tokens': int(totals['tokens'])}  # the targets evaluated
   for m, (hits, count) in enumerate(zip(totals.get('mask_hits', ()),
                                         totals.get('mask_tokens', ()))):
     summary[f'eval_mask{m}_top1'] = float(hits) / max(float(count), 1.0)
-  routing = {k.removeprefix('routing/'): v / max(totals['real'], 1.0)
-             for k, v in totals.items() if k.startswith('routing/')}
-  return {**summary, **eval_routing_summary(routing)}
+  means = {k.removeprefix('per_token/'): v / max(totals['real'], 1.0)
+           for k, v in totals.items() if k.startswith('per_token/')}
+  for key, value in means.items():
+    layer, _, name = key.rpartition('/')
+    if not is_load(name):
+      summary[f'eval_{name}/{layer}' if layer else f'eval_{name}'] = float(value)
+  return {**summary, **eval_load_violations(means)}
 
 
 def summarize_mixture_eval(totals: dict[str, dict], weights: dict[str, float]) -> dict:
