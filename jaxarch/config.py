@@ -1562,6 +1562,14 @@ def flat(tree: dict, prefix: str = '') -> dict:
   return out
 
 
+def differences(old: dict, new: dict, prefix: str = '') -> list[tuple[str, Any, Any]]:
+  """(key, old value, new value) of each key of two nested dicts whose values differ, by
+  key (`flat`'s names, after `prefix`); a key one of them lacks has the value None."""
+  old, new = flat(old, prefix), flat(new, prefix)
+  return [(k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
+          if old.get(k) != new.get(k)]
+
+
 def to_dict(cfg: ConfigDict | ml_collections.FrozenConfigDict) -> dict[str, Any]:
   """The config as plain nested dicts (tuples kept), placeholders resolved to their values."""
   return cfg.to_dict()

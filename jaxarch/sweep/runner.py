@@ -326,17 +326,17 @@ def config_changes(run: plan.Run, run_dir: Path) -> str | None:
   saved = run_dir / 'config.json'
   if not saved.exists():
     return None
-  as_json = lambda cfg: config_lib.flat(json.loads(json.dumps(config_lib.to_dict(cfg))))
+  as_json = lambda cfg: json.loads(json.dumps(config_lib.to_dict(cfg)))
   try:  # read as jaxarch reads it: keys added since then take their defaults
     old = as_json(config_lib.load_json(saved))
   except config_lib.ConfigError:  # no longer a valid config: compared as it is
     try:
-      old = config_lib.flat(json.loads(saved.read_text()))
+      old = json.loads(saved.read_text())
+      config_lib.flat(old)
     except (ValueError, AttributeError):  # torn or hand-edited: not a config at all
       return f'{saved.name} is not a config'
-  new = as_json(run.config())
-  changed = [f'{k} {old.get(k)} -> {new.get(k)}' for k in sorted(old.keys() | new.keys())
-             if old.get(k) != new.get(k) and k not in _BOOKKEEPING
+  changed = [f'{k} {was} -> {now}' for k, was, now in config_lib.differences(
+      old, as_json(run.config())) if k not in _BOOKKEEPING
              and k.split('.')[0] not in config_lib.UNHASHED_SECTIONS]
   return (', '.join(changed[:3]) + (' ...' if len(changed) > 3 else '')) or None
 

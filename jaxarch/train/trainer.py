@@ -157,9 +157,8 @@ def _schedule_moved(workdir: Path, cfg: ml_collections.ConfigDict, step: int) ->
     return None
   # optax counts updates from 0: the next step's rate is the schedule's at `step`.
   before, after = (float(learning_rate_schedule(c.train)(step)) for c in (saved, cfg))
-  was, now = (config_lib.flat(c.train.to_dict(), 'train.') for c in (saved, cfg))
-  keys = [f'{k} {was.get(k)} -> {now.get(k)}' for k in sorted(set(was) | set(now))
-          if was.get(k) != now.get(k)]  # train.groups.values.lr_multiplier too
+  changed = config_lib.differences(saved.train.to_dict(), cfg.train.to_dict(), 'train.')
+  keys = [f'{k} {was} -> {now}' for k, was, now in changed]  # groups' lr_multiplier too
   since = f'{", ".join(keys) or "the train keys"} since the checkpoint: step {step + 1} trains'
   if not math.isclose(before, after, rel_tol=1e-3, abs_tol=1e-12):
     return (f'{since} at a learning rate of {after:.3g} where the run was at {before:.3g} (the '
@@ -172,7 +171,7 @@ def _schedule_moved(workdir: Path, cfg: ml_collections.ConfigDict, step: int) ->
     before, after = (float(g[name](step)) for g in groups)
     if not math.isclose(before, after, rel_tol=1e-3, abs_tol=1e-12):
       why = (' (its lr_multiplier decays over train.steps, with any schedule)'
-             if was.get('train.steps') != now.get('train.steps') else '')
+             if 'train.steps' in {k for k, *_ in changed} else '')
       return (f'{since} train.groups.{name} at a learning rate of {after:.3g} where the run '
               f'was at {before:.3g}{why}')
   return None
