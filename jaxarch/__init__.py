@@ -1,6 +1,21 @@
 """jaxarch: UltraMem, MoE, MEGABYTE and BiTA language models on JAX meshes, one trainer."""
 
+import importlib
+import pkgutil
+
 __version__ = '0.1.0'
+
+
+# Submodules are read on first use (`jaxarch.config.load(...)` after `import jaxarch`, as
+# DESIGN writes the API), so that `import jaxarch` stays light: jax loads with the first.
+def __getattr__(name: str):
+  if name in __dir__():
+    return importlib.import_module(f'{__name__}.{name}')
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__():
+  return sorted([*globals(), *(m.name for m in pkgutil.iter_modules(__path__))])
 
 
 def load(workdir, *, scan_layers=None):

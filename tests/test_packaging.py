@@ -96,3 +96,26 @@ def test_the_built_wheel_ships_configs_and_launch_and_runs_from_anywhere(tmp_pat
     assert {f'jaxarch/_repo/{p}' for p in _shipped('files')} <= set(archive.namelist())
     archive.extractall(tmp_path / 'site')  # what pip install puts in site-packages
   _run_from_elsewhere(tmp_path / 'site', tmp_path / 'elsewhere')
+
+
+def test_import_jaxarch_reads_its_submodules_on_first_use_and_loads_no_jax_before():
+  """DESIGN writes the API as `jaxarch.config.load`, `jaxarch.infer.generate`: after
+  `import jaxarch` alone each was an AttributeError."""
+  script = '''
+import sys
+import jaxarch
+assert 'jax' not in sys.modules and 'jaxarch.config' not in sys.modules
+assert {'config', 'data', 'export', 'infer', 'models', 'sweep', 'train'} <= set(dir(jaxarch))
+assert jaxarch.config.load('configs/dense.py:tiny').model.d_model == 128
+assert callable(jaxarch.infer.generate) and callable(jaxarch.export.write_hf)
+try:
+  jaxarch.infrence
+except AttributeError as e:
+  assert str(e) == "module 'jaxarch' has no attribute 'infrence'", e
+else:
+  raise AssertionError('no error')
+print('ok')
+'''
+  done = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert done.returncode == 0 and done.stdout.endswith('ok\n'), done.stderr[-3000:]
