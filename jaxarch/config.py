@@ -92,13 +92,13 @@ class MissingKeyError(ConfigError):
 # Loading.
 
 
-def load(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
+def load(spec: str | os.PathLike, overrides: Sequence[str] = ()) -> ConfigDict:
   """`configs/dense.py:tiny` plus `train.steps=50`-style overrides -> locked, valid config.
 
   A run's saved `config.json` loads too (`load_json`), so a run can be trained again.
   """
   _check_overrides(overrides)
-  path, arg = _split_spec(spec)
+  path, arg = _split_spec(os.fspath(spec))
   if path.endswith('.json'):
     if arg:
       raise ConfigError(f'config file {path!r} is a saved config: it takes no preset '
@@ -214,6 +214,7 @@ def apply_override(cfg: ConfigDict, override: str) -> None:
   """Sets one `--config.a.b=v`, `config.a.b=v` or `a.b=v`, parsing `v` by the field's type."""
   text = override.removeprefix('--').removeprefix('config.')
   key, sep, raw = text.partition('=')
+  key = key.strip()  # 'train.steps = 5', written in Python
   if not sep or not key:
     raise ConfigError(f'override {override!r} must look like --config.section.key=value')
   parent, name = _find_parent(cfg, key)

@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import ml_collections
 import pytest
@@ -140,9 +141,16 @@ def test_placeholder_override_can_be_reset_to_none():
 
 @pytest.mark.parametrize('override', [
     '--config.train.steps=50', 'config.train.steps=50', 'train.steps=50',
+    'train.steps = 50',  # written in Python: was unknown key 'train.steps '
 ])
 def test_override_accepts_all_three_prefix_forms(override):
   assert tiny(override).train.steps == 50
+
+
+def test_a_config_file_is_given_as_a_path_too():
+  """As `jaxarch.load` takes a Path: was an AttributeError ('endswith')."""
+  cfg = config_lib.load(Path('configs/dense.py'), ['train.warmup_steps=0', 'train.steps=5'])
+  assert cfg.model.family == 'dense' and cfg.train.steps == 5
 
 
 def test_unknown_key_suggests_the_closest():

@@ -198,7 +198,7 @@ def test_stablehlo_generates_the_tokens_of_jaxarch_generate(tmp_path, family):
     config_lib.apply_override(cfg, "model.attention_pattern=('local', 'global')")
   model = _model(cfg, seed=1)
   prompts = [[257, 100, 101, 102], [257, 50]]
-  export_stablehlo(model, cfg, tmp_path / 'out', batch_size=2, prompt_len=None, max_len=20)
+  export_stablehlo(model, cfg, tmp_path / 'out', batch_size=2, max_len=20)
   want, _ = infer.generate(model, prompts, max_new_tokens=12, stop_ids=(257,), vocab_limit=258)
   exported = StableHLOModel(tmp_path / 'out')
   # By default half the positions hold the prompt: whole patches of MEGABYTE's 4 bytes.
@@ -241,7 +241,7 @@ def test_stablehlo_stops_at_the_runs_stop_ids_by_default(tmp_path, monkeypatch, 
   stop = free[0][2]  # the model's third greedy token of the first prompt, as an end of turn
   with cfg.unlocked():
     cfg.data.stop_ids = (stop, 257)
-  export_stablehlo(model, cfg, tmp_path / 'out', batch_size=2, prompt_len=None, max_len=16)
+  export_stablehlo(model, cfg, tmp_path / 'out', batch_size=2, max_len=16)
   read = lambda name: json.loads((tmp_path / 'out' / name).read_text())
   assert read('tokenizer.json')['stop_ids'] == read('stablehlo.json')['stop_ids'] == [257, stop]
   want, _ = infer.generate(model, prompts, max_new_tokens=8, stop_ids=(257, stop),

@@ -709,3 +709,14 @@ def test_a_models_checks_leave_what_needs_other_sections_to_validate():
       config_lib.check_model(cfg.model)
   finally:
     del config_lib.FAMILY_CHECKS['reads_data'], config_lib.FAMILY_CHECKS['broken']
+
+
+def test_build_given_the_whole_config_or_no_rngs_says_what_it_takes():
+  """Were a 'missing key model.d_model' config error and AttributeErrors from inside."""
+  cfg = tiny_config()
+  for given, said in ((cfg, 'not the whole config'), (cfg.model.to_dict(), 'not a dict')):
+    with pytest.raises(ConfigError, match="models.build takes the config's model section "
+                       rf'\(cfg.model, a ConfigDict\), {said}$'):
+      models.build(given, rngs=nnx.Rngs(0))
+  with pytest.raises(ConfigError, match=r'models.build takes rngs=nnx.Rngs\(seed\), not 0$'):
+    models.build(cfg.model, rngs=0)

@@ -54,7 +54,7 @@ def check_platforms(platforms: tuple[str, ...] | None) -> None:
 
 
 def export_stablehlo(model: nnx.Module, cfg: ml_collections.ConfigDict, out: str | Path, *,
-                     batch_size: int, prompt_len: int | None, max_len: int,
+                     batch_size: int, max_len: int, prompt_len: int | None = None,
                      platforms: tuple[str, ...] | None = None, source: str = '',
                      final: str | Path | None = None) -> Path:
   """Writes OUT as above for `model` (built from `cfg`); `final`: as for `write_model`.

@@ -54,6 +54,13 @@ def build(model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module
   segment_ids [b, t] (0: padding; attention stays within a segment) and positions [b, t]
   (each document's from 0). The config is checked first (`config.check_model`), so that
   a key changed after `config.load` fails in one line."""
+  if not isinstance(model_cfg, ml_collections.ConfigDict) or 'model' in model_cfg:
+    given = 'the whole config' if isinstance(model_cfg, ml_collections.ConfigDict) else (
+        f'a {type(model_cfg).__name__}')
+    raise ConfigError(f'models.build takes the config\'s model section (cfg.model, a '
+                      f'ConfigDict), not {given}')
+  if not isinstance(rngs, nnx.Rngs):
+    raise ConfigError(f'models.build takes rngs=nnx.Rngs(seed), not {rngs!r}')
   config_lib.check_model(model_cfg)
   if model_cfg.family not in FAMILIES:
     raise ValueError(f'config error: model.family={model_cfg.family!r} is not built yet; '
