@@ -178,6 +178,15 @@ def test_prefill_and_decode_step_refuse_what_their_caches_cannot_hold():
   with pytest.raises(infer.GenerateError, match='^prefill: prompts of 8 tokens do not fit '
                      'caches of 6 positions; add_caches with a length of at least 8'):
     infer.prefill(model, tokens, jnp.array([5]))
+  # Shapes that are not the caches' rows: were an einsum's or a dynamic_update_slice's error.
+  for call, args, said in (
+      ('prefill', (jnp.tile(tokens[:, :5], (3, 1)), jnp.array([5] * 3)), r'tokens must be '
+       r'\[b, t\] with b=1 \(the rows add_caches made\), not \[3, 5\]'),
+      ('prefill', (tokens[:, :5], jnp.array(5)), r'lengths must be \[b\] with b=1'),
+      ('decode_step', (tokens[:, 5:6], jnp.array([5])), r'tokens must be \[b\] with b=1 '
+       r'\(the rows add_caches made\), not \[1, 1\]')):
+    with pytest.raises(infer.GenerateError, match=f'^{call}: {said}'):
+      getattr(infer, call)(model, *args)
   infer.prefill(model, tokens[:, :5], jnp.array([5]))
   infer.decode_step(model, tokens[:, 5], jnp.array([5]))  # the last slot
   with pytest.raises(infer.GenerateError, match=r"^decode_step: positions \[6\] outside the "
@@ -372,11 +381,18 @@ def test_sampling_values_below_float32s_range_keep_the_most_likely_token():
     assert np.asarray(draws).tolist() == [1, 0], kwargs
 
 
-def test_a_vocab_limit_below_one_is_refused_not_generating_token_0():
+def test_a_vocab_limit_below_one_or_past_the_model_s_ids_is_refused():
   model = models.build(family_config('dense').model, rngs=nnx.Rngs(1))
   for limit in (0, -5):  # every logit -inf: greedy drew id 0 at every step, silently
     with pytest.raises(infer.GenerateError, match=f'vocab_limit={limit} must be >= 1'):
       infer.Generator(model, vocab_limit=limit)
+  with pytest.raises(infer.GenerateError, match="vocab_limit=10000 is more than the model's "
+                     '384 ids: is it the tokenizer of another model'):
+    infer.Generator(model, vocab_limit=10000)  # was taken: it limited nothing
+  # A prompt's id in the padding past the tokenizer's is no token's: was generated from.
+  with pytest.raises(infer.GenerateError, match=r'prompt 0 has token ids \[300\] outside the '
+                     r'vocabulary \[0, 258\)'):
+    infer.Generator(model, vocab_limit=258)([[257, 300]], max_new_tokens=1)
 
 
 def test_one_seed_as_a_0d_array_is_one_seed(dense_generator):

@@ -720,3 +720,23 @@ def test_build_given_the_whole_config_or_no_rngs_says_what_it_takes():
       models.build(given, rngs=nnx.Rngs(0))
   with pytest.raises(ConfigError, match=r'models.build takes rngs=nnx.Rngs\(seed\), not 0$'):
     models.build(cfg.model, rngs=0)
+
+
+@pytest.mark.parametrize('spec', ['configs/dense.py:tiny', 'configs/megabyte.py:tiny'])
+def test_a_model_called_with_bad_inputs_says_what_it_takes(spec):
+  """Were errors from deep inside (`ones_like requires ndarray`, `tuple index out of
+  range`, an einsum's); an id past the vocabulary was NaN logits at every position of its
+  row, -1 the last id's. Inside jit ids are not known: checked where they are."""
+  model = models.build(config_lib.load(spec).model, rngs=nnx.Rngs(0))
+  vocab = model(jnp.array([[1, 2]])).shape[-1]
+  assert model([[1, 2]]).shape == (1, 2, vocab)  # a list is an array
+  for args, said in [
+      ((jnp.array([1, 2, 3]),), r'a model takes tokens as integers \[batch, length\], not '
+       r'int32 \[3\]'),
+      ((jnp.ones((1, 3)),), r'not float32 \[1, 3\]'),
+      ((jnp.array([[1, 2]]), jnp.array([1, 1])), r'segment_ids \[2\] are not the shape of '
+       r'the tokens \[1, 2\]'),
+      ((jnp.array([[1, vocab, 2, -1, vocab]]),), rf'token ids \[-1, {vocab}\] outside the '
+       rf'vocabulary \[0, {vocab}\)$')]:
+    with pytest.raises(ValueError, match=said):
+      model(*args)

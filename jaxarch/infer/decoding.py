@@ -69,6 +69,7 @@ def add_caches(model: nnx.Module, batch: int, length: int, mesh=None, rules=None
   """
   model.init_cache(batch, length)
   model.cache_length = length  # what prefill and decode_step check against
+  model.cache_batch = batch
   if mesh is not None:
     caches = nnx.state(model, nnx.Cache)
     shardings = tree_shardings(caches, mesh, rules)
@@ -81,6 +82,7 @@ def prefill(model: nnx.Module, tokens: jax.Array, lengths: jax.Array) -> jax.Arr
   Fills the caches with what the prompts leave for the decode steps, slots 0..t-1.
   """
   length = _cache_length(model, 'prefill')
+  _check_rows(model, 'prefill', ('tokens', tokens, '[b, t]'), ('lengths', lengths, '[b]'))
   # Else a shape error deep inside, or a sliding window's ring that lost keys.
   if length is not None and tokens.shape[1] > length:
     raise GenerateError(f'prefill: prompts of {tokens.shape[1]} tokens do not fit caches of '
@@ -98,6 +100,7 @@ def decode_step(model: nnx.Module, tokens: jax.Array, positions: jax.Array) -> j
   caches for its calls.
   """
   length = _cache_length(model, 'decode_step')
+  _check_rows(model, 'decode_step', ('tokens', tokens, '[b]'), ('positions', positions, '[b]'))
   if length is not None and not isinstance(positions, jax.core.Tracer):
     bad = np.asarray(positions)
     bad = bad[(bad < 0) | (bad >= length)]
@@ -106,6 +109,17 @@ def decode_step(model: nnx.Module, tokens: jax.Array, positions: jax.Array) -> j
                           f'{length} positions [0, {length}); add_caches with a length of '
                           f'at least {int(bad.max()) + 1}')
   return model.decode_step(tokens, positions)
+
+
+def _check_rows(model: nnx.Module, call: str, *inputs: tuple[str, jax.Array, str]) -> None:
+  """Each (name, array, '[b, ...]') of a call has that rank and the caches' b rows: else
+  an einsum's or a dynamic_update_slice's shape error from deep inside the model."""
+  rows = getattr(model, 'cache_batch', None)
+  for name, array, shape in inputs:
+    got = np.shape(array)
+    if len(got) != shape.count(',') + 1 or rows is not None and got[0] != rows:
+      rows_said = '' if rows is None else f' with b={rows} (the rows add_caches made)'
+      raise GenerateError(f'{call}: {name} must be {shape}{rows_said}, not {list(got)}')
 
 
 def _cache_length(model: nnx.Module, call: str) -> int | None:

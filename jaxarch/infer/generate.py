@@ -84,6 +84,9 @@ class Generator:
     self.graphdef, self.state = nnx.split(model)
     self.mesh, self.rules = mesh, None if rules is None else tuple(map(tuple, rules))
     self.vocab_size = _vocab_size(model)
+    if vocab_limit is not None and vocab_limit > self.vocab_size:
+      raise GenerateError(f"generate: vocab_limit={vocab_limit} is more than the model's "
+                          f'{self.vocab_size} ids: is it the tokenizer of another model?')
     self.vocab_limit = vocab_limit
     self.patch_size = getattr(model, 'patch_size', 1)  # MEGABYTE prefills whole patches
     self.num_mask_tokens = getattr(model, 'num_mask_tokens', None)  # BiTA
@@ -192,10 +195,11 @@ class Generator:
         raise GenerateError(f'generate: prompt {i} is empty; start prompts with the '
                          "run's BOS (data.bos_id; by default the tokenizer's eod id; none "
                          'under data.add_bos=False: give some text)')
-      bad = [t for t in p if not 0 <= t < self.vocab_size]
+      vocab = self.vocab_limit or self.vocab_size  # the padding's ids are no token's
+      bad = [t for t in p if not 0 <= t < vocab]
       if bad:
         raise GenerateError(f'generate: prompt {i} has token ids {bad[:5]} outside the '
-                         f'vocabulary [0, {self.vocab_size})')
+                         f'vocabulary [0, {vocab})')
     bad = [t for t in stop_ids if not 0 <= t < self.vocab_size]
     if bad:
       raise GenerateError(f'generate: stop_ids {bad} outside the vocabulary [0, {self.vocab_size})')

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxarch.layers.params import normal, param
@@ -21,6 +22,11 @@ class Embed(nnx.Module):
                            ('vocab', 'embed'), param_dtype, weight_decay=False)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
+    if not isinstance(tokens, jax.core.Tracer):  # known here: said, where jit reads NaN
+      ids, vocab = np.asarray(tokens), self.embedding.shape[0]  # (numpy: not traced)
+      if (bad := ids[(ids < 0) | (ids >= vocab)]).size:
+        raise ValueError(f'token ids {sorted(set(bad.tolist()))[:3]} outside the vocabulary '
+                         f'[0, {vocab})')
     # The table whole along `d` (FSDP gathers a weight before use), and the rows split by
     # batch like the tokens. Left to XLA, the rows take the table's split of `d` over
     # fsdp, and on a data x fsdp mesh their gradient cannot reach that layout but through

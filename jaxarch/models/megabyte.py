@@ -40,7 +40,7 @@ from flax import nnx
 
 from jaxarch.layers import Embed, RMSNorm
 from jaxarch.layers.params import normal, param
-from jaxarch.models.transformer import DTYPES, Stack, prompt_rows
+from jaxarch.models.transformer import DTYPES, Stack, model_inputs, prompt_rows
 
 
 def local_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -99,12 +99,9 @@ class Megabyte(nnx.Module):
 
   def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None) -> jax.Array:
+    tokens, segment_ids, positions = model_inputs(tokens, segment_ids, positions)
     b, t = tokens.shape
     p = self.patch_size
-    if segment_ids is None:
-      segment_ids = jnp.ones_like(tokens)
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(t), tokens.shape)
     pad = -t % p
     if pad:  # a partial last patch: padding after it (any id) changes no earlier prediction
       tokens = jnp.pad(tokens, ((0, 0), (0, pad)))

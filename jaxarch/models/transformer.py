@@ -100,6 +100,25 @@ def register_side_layer(name: str):
   return register
 
 
+def model_inputs(tokens, segment_ids=None, positions=None) -> tuple[jax.Array, ...]:
+  """A language model's inputs (tokens int [b, t]; segment ids and positions [b, t], by
+  default one document from 0), checked: a list, a vector or floats given to a model
+  were errors from deep inside its layers."""
+  tokens = jnp.asarray(tokens)
+  if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f'a model takes tokens as integers [batch, length], not '
+                     f'{tokens.dtype} {list(tokens.shape)}')
+  if segment_ids is None:
+    segment_ids = jnp.ones_like(tokens)
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+  for name, value in (('segment_ids', segment_ids), ('positions', positions)):
+    if jnp.shape(value) != tokens.shape:
+      raise ValueError(f'{name} {list(jnp.shape(value))} are not the shape of the tokens '
+                       f'{list(tokens.shape)}')
+  return tokens, jnp.asarray(segment_ids), jnp.asarray(positions)
+
+
 def prompt_rows(tokens: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Prompts [b, t] right-padded, `lengths` [b] -> (positions, segment ids) [b, t]: the
   slots 0..t-1 the prefill fills, and 1 on each prompt, 0 on its padding."""
@@ -624,10 +643,7 @@ class Transformer(Stack):
                positions: jax.Array | None = None) -> jax.Array:
     """tokens [b, t] -> final-normed hidden states [b, t, d]; `logits` maps them to the
     vocabulary (generation only needs the last position of each prompt)."""
-    if segment_ids is None:
-      segment_ids = jnp.ones_like(tokens)
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    tokens, segment_ids, positions = model_inputs(tokens, segment_ids, positions)
     return self.final_norm(self.run_blocks(self.embed(tokens), positions, segment_ids))
 
   def logits(self, x: jax.Array) -> jax.Array:
