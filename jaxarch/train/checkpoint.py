@@ -130,6 +130,7 @@ class Checkpointer:
         best_fn=eval_loss if keep_best else None, best_mode='min',
         lightweight_initialize=bool(garbled))  # a reader's: opened without reading metrics
     _shorten_write_error_reports()
+    _quiet_saves_without_metrics()
     _quiet_closed_loop_reports()  # before a read or write can fail
     _whole_replicas_on_cpu()
     self.manager = ocp.CheckpointManager(
@@ -742,6 +743,21 @@ def _shorten_write_error_reports() -> None:
 
   shorten.shortens_write_errors = True
   absl_logger.addFilter(shorten)
+
+
+def _quiet_saves_without_metrics() -> None:
+  """With `keep_best`, Orbax warns of every save that has no eval_loss ('Requested
+  `tracked_metric`; did not provide metrics.'): the saves between evaluations, which
+  the best-checkpoint policy leaves out by design. That warning alone is dropped."""
+  absl_logger = logging.getLogger('absl')
+  if any(getattr(f, 'drops_untracked_saves', False) for f in absl_logger.filters):
+    return
+
+  def drop(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith('Requested `tracked_metric`')
+
+  drop.drops_untracked_saves = True
+  absl_logger.addFilter(drop)
 
 
 def _out_of_memory(error) -> bool:
