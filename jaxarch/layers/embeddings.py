@@ -22,7 +22,8 @@ class Embed(nnx.Module):
                            ('vocab', 'embed'), param_dtype, weight_decay=False)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    if not isinstance(tokens, jax.core.Tracer):  # known here: said, where jit reads NaN
+    if not isinstance(tokens, jax.core.Tracer) and getattr(tokens, 'is_fully_addressable',
+                                                           True):  # said, where jit reads NaN
       ids, vocab = np.asarray(tokens), self.embedding.shape[0]  # (numpy: not traced)
       if (bad := ids[(ids < 0) | (ids >= vocab)]).size:
         raise ValueError(f'token ids {sorted(set(bad.tolist()))[:3]} outside the vocabulary '

@@ -65,11 +65,11 @@ def add_aux_loss(module: nnx.Module, value: jax.Array):
   _sow(module, 'aux_loss', value)
 
 
+PER_TOKEN = 'token_metric_'  # a sown metric that is a mean over the real tokens
+
+
 def add_metric(module: nnx.Module, name: str, value: jax.Array, *, per_token: bool = False):
   _sow(module, f'{PER_TOKEN if per_token else "metric_"}{name}', value)
-
-
-PER_TOKEN = 'token_metric_'  # a sown metric that is a mean over the real tokens
 
 
 def add_step_statistic(module: nnx.Module, name: str, value: jax.Array):
