@@ -332,8 +332,9 @@ def config_changes(run: plan.Run, run_dir: Path) -> str | None:
   except config_lib.ConfigError:  # no longer a valid config: compared as it is
     try:
       old = json.loads(saved.read_text())
-      config_lib.flat(old)
-    except (ValueError, AttributeError):  # torn or hand-edited: not a config at all
+    except ValueError:
+      old = None
+    if not isinstance(old, dict):  # torn or hand-edited: not a config at all
       return f'{saved.name} is not a config'
   changed = [f'{k} {was} -> {now}' for k, was, now in config_lib.differences(
       old, as_json(run.config())) if k not in _BOOKKEEPING
