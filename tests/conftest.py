@@ -244,6 +244,12 @@ def jitted(fn):
   return call
 
 
+# module(*args), compiled: called eagerly, each of a module's ops compiles a program of its
+# own (a test of a tiny layer made 150). One jit for every test: modules built alike share
+# their programs.
+compiled_call = jitted(lambda module, *args: module(*args))
+
+
 def sharded_copy(model, cfg):
   """(mesh, the model with its weights placed on the mesh as the trainer places them)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top

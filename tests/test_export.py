@@ -23,7 +23,7 @@ import safetensors.flax
 import safetensors.numpy
 from flax import nnx
 
-from conftest import FAMILIES, family_config, jitted, llama3_frequencies
+from conftest import FAMILIES, compiled_call, family_config, llama3_frequencies
 import jaxarch
 from jaxarch import cli
 from jaxarch import config as config_lib
@@ -46,7 +46,6 @@ from jaxarch.train.state import init_state, make_setup, merge_model
 from jaxarch.train.workdir import CHECKPOINTS
 
 TOKENS = np.array([[257, 100, 101, 102, 103, 104, 105, 106]], np.int32)
-sharded_logits = jitted(lambda model, tokens: model(tokens))  # eager UltraMem: 10 s on CPU
 
 
 def logits(model, tokens):
@@ -54,7 +53,7 @@ def logits(model, tokens):
   the 8 devices, which would compile a program of its own; gathered, it runs the model's.
   test_an_export_loads_sharded_over_the_run_s_mesh_or_one_that_fits computes sharded."""
   graphdef, state = nnx.split(model)
-  return sharded_logits(nnx.merge(graphdef, jax.device_put(state, jax.devices()[0])), tokens)
+  return compiled_call(nnx.merge(graphdef, jax.device_put(state, jax.devices()[0])), tokens)
 
 
 def _bita_config():
@@ -163,14 +162,14 @@ def test_an_export_loads_sharded_over_the_run_s_mesh_or_one_that_fits(tmp_path):
   q_proj = loaded.blocks[0].attn.q_proj.get_value()
   assert len(q_proj.sharding.device_set) == 8 and not q_proj.sharding.is_fully_replicated
   assert q_proj.addressable_shards[0].data.size == q_proj.size // 8  # fsdp × tensor
-  np.testing.assert_allclose(np.asarray(sharded_logits(loaded, TOKENS)),
+  np.testing.assert_allclose(np.asarray(compiled_call(loaded, TOKENS)),
                              np.asarray(logits(model, TOKENS)), rtol=2e-5, atol=2e-5)
   saved = json.loads((tmp_path / 'out' / 'config.json').read_text())
   saved['mesh']['ici'].update(data=1, fsdp=16, tensor=1)  # a pod's, on the 8 devices here
   (tmp_path / 'out' / 'config.json').write_text(json.dumps(saved))
   loaded_cfg, loaded = load_safetensors(tmp_path / 'out')
   assert dict(loaded_cfg.mesh.ici) == dict(data=8, fsdp=1, tensor=1, expert=1)
-  np.testing.assert_allclose(np.asarray(sharded_logits(loaded, TOKENS)),
+  np.testing.assert_allclose(np.asarray(compiled_call(loaded, TOKENS)),
                              np.asarray(logits(model, TOKENS)), rtol=2e-5, atol=2e-5)
 
 

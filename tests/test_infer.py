@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import (FAMILIES, family_config, jitted, mesh_config, sharded_copy,
-                      with_random_query_convs)
+from conftest import (FAMILIES, compiled_call, family_config, jitted, mesh_config,
+                      sharded_copy, with_random_query_convs)
 from jaxarch import cli, infer, models
 from jaxarch import config as config_lib
 from jaxarch.parallel import make_mesh
@@ -29,9 +29,6 @@ MESHES = {  # the 8 devices as each family is trained on them
 }
 
 
-_forward = jitted(lambda model, tokens: model(tokens))
-
-
 def _greedy_without_cache(model, prompt, steps):
   """The reference: the full forward pass over the whole sequence for every new token
   (a fixed-length buffer; causal attention makes what follows position p irrelevant). The
@@ -41,7 +38,7 @@ def _greedy_without_cache(model, prompt, steps):
   tokens = np.zeros((1, -(-(n + steps) // 32) * 32), np.int32)
   tokens[0, :n] = prompt
   for p in range(n, n + steps):
-    tokens[0, p] = int(jnp.argmax(_forward(model, tokens)[0, p - 1]))
+    tokens[0, p] = int(jnp.argmax(compiled_call(model, tokens)[0, p - 1]))
   return tokens[0, n:n + steps].tolist()
 
 
@@ -71,7 +68,7 @@ def test_cached_decoding_gives_the_full_forward_logits_at_every_position(family,
                                                rngs=nnx.Rngs(0)))
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 24)), jnp.int32)
   decoder = infer.for_inference(model)
-  full = _forward(decoder, tokens)  # b t v
+  full = compiled_call(decoder, tokens)  # b t v
   infer.add_caches(decoder, batch=2, length=32)
   # A windowed layer keeps a ring of its window's slots, which the 11-token prompt and the
   # decode steps wrap around (and the prefill's padding must not overwrite).

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import jitted, mesh_config, sharded_copy
+from conftest import compiled_call, jitted, mesh_config, sharded_copy
 from jaxarch import config as config_lib
 from jaxarch import infer, models
 from jaxarch.data import make_train_dataset
@@ -28,16 +28,12 @@ def model():
   return models.build(_cfg().model, rngs=nnx.Rngs(0))
 
 
-_run = jitted(lambda model, *inputs: model(*inputs))
-_forward = jitted(lambda model, tokens: model(tokens))
-
-
 def _logits(model, tokens, segment_ids=None, positions=None):
   tokens = jnp.asarray(tokens, jnp.int32)
   if segment_ids is None:
     segment_ids = jnp.ones_like(tokens)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-  return _run(model, tokens, jnp.asarray(segment_ids), jnp.asarray(positions))
+  return compiled_call(model, tokens, jnp.asarray(segment_ids), jnp.asarray(positions))
 
 
 def _reference_logits(model, x):
@@ -201,7 +197,7 @@ def test_cached_generation_equals_the_full_forward_for_prompts_of_every_length_m
   batch, width, total = len(lengths), 3 * P, 3 * P + 8
   tokens = jnp.asarray(rng.integers(0, 256, (batch, total)), jnp.int32)
   decoder = infer.for_inference(model)
-  full = np.asarray(_forward(decoder, tokens))
+  full = np.asarray(compiled_call(decoder, tokens))
   infer.add_caches(decoder, batch=batch, length=total)
   prompts = np.asarray(tokens[:, :width]).copy()
   for i, n in enumerate(lengths):

@@ -12,7 +12,7 @@ from flax import nnx
 from jax.extend import core as jax_core
 from jax.extend import source_info_util
 
-from conftest import USER_CPU_COMPILE, jitted, llama3_frequencies, make_batch, tiny_config
+from conftest import USER_CPU_COMPILE, compiled_call, llama3_frequencies, make_batch, tiny_config
 from jaxarch import config as config_lib
 from jaxarch import models
 from jaxarch.config import ConfigError
@@ -23,10 +23,6 @@ from jaxarch.layers.rope import LinearScaling, Llama3Scaling, apply_rope, rope_f
 from jaxarch.train import step as step_lib
 
 
-# A model's calls, compiled: run eagerly, each of its ops would compile a program of its own.
-forward = jitted(lambda model, *args: model(*args))
-
-
 def _model(**overrides):
   cfg = tiny_config(**{'model.dtype': 'float32', **overrides})
   return cfg, models.build(cfg.model, rngs=nnx.Rngs(0))
@@ -35,7 +31,7 @@ def _model(**overrides):
 def test_logits_have_batch_length_vocab_shape():
   cfg, model = _model()
   tokens = jnp.zeros((3, 17), jnp.int32)
-  logits = forward(model, tokens)
+  logits = compiled_call(model, tokens)
   assert logits.shape == (3, 17, cfg.model.vocab_size) and logits.dtype == jnp.float32
 
 
@@ -44,7 +40,7 @@ def test_changing_token_t_changes_no_logit_before_t():
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 24), 0, 256)
   t = 11
   changed = tokens.at[:, t].set((tokens[:, t] + 7) % 256)
-  a, b = forward(model, tokens), forward(model, changed)
+  a, b = compiled_call(model, tokens), compiled_call(model, changed)
   np.testing.assert_array_equal(np.asarray(a[:, :t]), np.asarray(b[:, :t]))
   assert not np.allclose(a[:, t:], b[:, t:])  # and the change is seen from t on
 
@@ -57,10 +53,9 @@ def test_packed_documents_do_not_attend_across_boundaries():
   packed = jnp.concatenate([doc_a, doc_b], axis=1)
   segments = jnp.array([[1] * 10 + [2] * 14])
   positions = jnp.array([list(range(10)) + list(range(14))])
-  call = jitted(lambda m, *a: m(*a))
-  out = call(model, packed, segments, positions)
-  np.testing.assert_allclose(out[:, :10], call(model, doc_a), atol=1e-5)
-  np.testing.assert_allclose(out[:, 10:], call(model, doc_b), atol=1e-5)
+  out = compiled_call(model, packed, segments, positions)
+  np.testing.assert_allclose(out[:, :10], compiled_call(model, doc_a), atol=1e-5)
+  np.testing.assert_allclose(out[:, 10:], compiled_call(model, doc_b), atol=1e-5)
 
 
 def test_tied_head_has_no_separate_output_matrix():
@@ -69,7 +64,7 @@ def test_tied_head_has_no_separate_output_matrix():
   assert tied.head is None
   count = lambda m: models.param_counts(m)['total']
   assert count(untied) - count(tied) == cfg.model.d_model * cfg.model.vocab_size
-  assert forward(tied, jnp.zeros((1, 5), jnp.int32)).shape[-1] == cfg.model.vocab_size
+  assert compiled_call(tied, jnp.zeros((1, 5), jnp.int32)).shape[-1] == cfg.model.vocab_size
 
 
 def test_remat_gives_the_same_loss_and_gradients():
@@ -90,7 +85,7 @@ def test_bfloat16_compute_keeps_float32_params():
   _, model = _model(**{'model.dtype': 'bfloat16'})
   params = nnx.state(model, nnx.Param)
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype('float32')}
-  out = forward(model, jnp.ones((1, 8), jnp.int32))
+  out = compiled_call(model, jnp.ones((1, 8), jnp.int32))
   assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
 
 
@@ -302,7 +297,8 @@ def test_llama3_rope_scaling_changes_the_model_only_past_its_kept_band():
   for original, same in ((10 ** 9, True), (64, False)):
     _, scaled = _model(**{'model.rope_scaling.type': 'llama3',
                           'model.rope_scaling.original_max_len': original})
-    assert np.array_equal(forward(scaled, tokens), forward(plain, tokens)) == same, original
+    same_logits = np.array_equal(compiled_call(scaled, tokens), compiled_call(plain, tokens))
+    assert same_logits == same, original
 
 
 @pytest.mark.parametrize('spec', ['configs/dense.py:tiny', 'configs/moe.py:tiny',
@@ -376,8 +372,8 @@ def test_qkv_biases_are_added_before_the_rotation():
   x = jax.random.normal(jax.random.PRNGKey(8), (2, 6, 32))
   positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
   segments = jnp.ones((2, 6), jnp.int32)
-  np.testing.assert_array_equal(forward(layer, x, positions, segments),
-                                forward(plain, x, positions, segments))
+  np.testing.assert_array_equal(compiled_call(layer, x, positions, segments),
+                                compiled_call(plain, x, positions, segments))
   keys = jax.random.split(jax.random.PRNGKey(9), 3)
   for key, bias in zip(keys, (layer.q_bias, layer.k_bias, layer.v_bias)):
     bias[...] = jax.random.normal(key, bias.shape)
@@ -385,9 +381,9 @@ def test_qkv_biases_are_added_before_the_rotation():
                                                      (layer.k_proj, layer.k_bias),
                                                      (layer.v_proj, layer.v_bias)))
   want = _written_out_attention(q, k, v, layer.o_proj)
-  got = forward(layer, x, positions, segments)
+  got = compiled_call(layer, x, positions, segments)
   np.testing.assert_allclose(got, want, atol=1e-5)
-  assert np.abs(got - forward(plain, x, positions, segments)).max() > 0.1
+  assert np.abs(got - compiled_call(plain, x, positions, segments)).max() > 0.1
 
 
 @pytest.mark.parametrize('key, part', [('qkv_bias', 'q_bias'), ('qk_norm', 'q_norm')])

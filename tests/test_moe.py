@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import jitted, make_batch, mesh_config, padded_batch, tight_moe_config, tiny_config
+from conftest import (compiled_call, jitted, make_batch, mesh_config, padded_batch,
+                      tight_moe_config, tiny_config)
 from jaxarch import config as config_lib
 from jaxarch import models
 from jaxarch.layers.moe import MoE, load_violations, ragged_plan, repeat_rows
@@ -23,9 +24,7 @@ def make_moe(num_experts=8, top_k=2, d_model=16, expert_d_ff=24, seed=0, **kw):
              dtype=jnp.float32, rngs=nnx.Rngs(seed), **kw)
 
 
-# A layer's calls, compiled: run eagerly, each of its ops would compile a program of its own.
-forward = jitted(lambda layer, *args: layer(*args))
-run = jitted(run_model)
+run = jitted(run_model)  # compiled, as `compiled_call`
 
 
 def metric(sown, name: str) -> float:
@@ -49,7 +48,8 @@ def naive(layer: MoE, x):
 def test_dropless_equals_a_naive_loop_over_the_chosen_experts():
   layer = make_moe()
   x = jax.random.normal(jax.random.key(1), (3, 5, 16))
-  np.testing.assert_allclose(forward(layer, x), naive(layer, x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(compiled_call(layer, x), naive(layer, x), rtol=1e-5,
+                             atol=1e-5)
 
 
 @pytest.mark.parametrize('gate,renormalize', [('softmax', True), ('sigmoid', True),
@@ -72,7 +72,7 @@ def test_routing_equals_a_numpy_top_k_of_gates_plus_bias(gate, renormalize):
     weights = gates[t, chosen] / (gates[t, chosen].sum() if renormalize else 1)
     for w, e in zip(weights, chosen):
       want[t] += w * (silu(x[t] @ gate_w[e]) * (x[t] @ up[e])) @ down[e]
-  got = forward(layer, jnp.asarray(x).reshape(2, 5, 16)).reshape(-1, 16)
+  got = compiled_call(layer, jnp.asarray(x).reshape(2, 5, 16)).reshape(-1, 16)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -80,8 +80,8 @@ def test_shared_experts_add_an_always_on_swiglu():
   layer = make_moe(num_shared_experts=2)
   x = jax.random.normal(jax.random.key(12), (2, 5, 16))
   assert layer.shared.up.shape == (16, 2 * 24)
-  np.testing.assert_allclose(forward(layer, x), naive(layer, x) + layer.shared(x), rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(compiled_call(layer, x), naive(layer, x) + layer.shared(x),
+                             rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('gate,renormalize', [('softmax', True), ('sigmoid', False)])
@@ -90,7 +90,7 @@ def test_capacity_path_with_ample_capacity_equals_dropless(gate, renormalize):
   capacity = make_moe(gate=gate, renormalize=renormalize, capacity_factor=8.0)  # C = T·k
   x = jax.random.normal(jax.random.key(2), (2, 6, 16))
   (out, sown) = run(capacity, x)
-  np.testing.assert_allclose(out, forward(dropless, x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out, compiled_call(dropless, x), rtol=1e-5, atol=1e-5)
   assert metric(sown, 'dropped_fraction') == 0.0
 
 
